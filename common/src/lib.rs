@@ -1,0 +1,50 @@
+//! Map types shared by the tapmesh BPF programs and the daemon.
+//!
+//! Every type here is `#[repr(C)]`, has no implicit padding (checked by the
+//! `assert_layout!` lines below) and is the only contract between the kernel
+//! and userspace halves. Changing a layout means bumping [`SCHEMA_VERSION`],
+//! which moves the pin directory.
+#![no_std]
+
+pub mod stats;
+
+pub use stats::*;
+
+/// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
+pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
+
+/// Names of the BPF programs in the object (at most 15 bytes: the kernel's limit).
+pub mod program_names {
+    pub const XDP_UPLINK: &str = "tm_xdp_uplink";
+    pub const TC_INGRESS: &str = "tm_tc_ingress";
+    pub const TC_EGRESS: &str = "tm_tc_egress";
+    /// An empty XDP program: the floor every benchmark is measured against.
+    pub const XDP_FLOOR: &str = "tm_xdp_floor";
+}
+
+/// Names of the BPF maps (also their pin file names).
+pub mod map_names {
+    pub const STATS: &str = "tm_stats";
+}
+
+/// Fails the build (kernel and user side) when a layout is not what was written down.
+#[macro_export]
+macro_rules! assert_layout {
+    ($ty:ty, size = $size:expr, align = $align:expr) => {
+        const _: () = assert!(core::mem::size_of::<$ty>() == $size);
+        const _: () = assert!(core::mem::align_of::<$ty>() == $align);
+    };
+}
+
+/// Marks types that userspace may read and write through aya maps.
+#[cfg(feature = "user")]
+macro_rules! impl_pod {
+    ($($ty:ty),* $(,)?) => {
+        $( unsafe impl aya::Pod for $ty {} )*
+    };
+}
+#[cfg(feature = "user")]
+pub(crate) use impl_pod;

@@ -1,0 +1,23 @@
+//! tapmesh kernel programs. Each program has one `try_` function returning a
+//! typed error; `xdp_outcome` / `tc_outcome` turn results into verdicts and
+//! counters in one place.
+#![no_std]
+#![no_main]
+
+mod headers;
+mod maps;
+mod packet;
+mod parse;
+mod stats;
+mod tc;
+mod xdp;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,67 @@
+//! TC programs on the host side of an interface: ingress sees packets the
+//! interface receives (from a pod), egress sees packets sent to it.
+
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
+use tapmesh_common::{DropReason, ProgramSlot, Verdict};
+
+use crate::{packet::Packet, parse::parse, stats::Stats};
+
+/// Bytes pulled into the linear area so the parser sees every header.
+const PULL_LEN: u32 = 128;
+
+#[classifier]
+pub fn tm_tc_ingress(ctx: TcContext) -> i32 {
+    let stats = Stats::of(ProgramSlot::TcIngress);
+    let result = try_tc(&ctx, &stats);
+    tc_outcome(&stats, ctx.len() as u64, result)
+}
+
+#[classifier]
+pub fn tm_tc_egress(ctx: TcContext) -> i32 {
+    let stats = Stats::of(ProgramSlot::TcEgress);
+    let result = try_tc(&ctx, &stats);
+    tc_outcome(&stats, ctx.len() as u64, result)
+}
+
+/// Makes the first `PULL_LEN` bytes (or the whole packet) directly readable.
+#[inline(always)]
+fn linear_packet(ctx: &TcContext) -> Result<Packet, DropReason> {
+    let wire_len = ctx.len();
+    let want = if wire_len < PULL_LEN { wire_len } else { PULL_LEN };
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        ctx.pull_data(want).map_err(|_| DropReason::PullFailed)?;
+    }
+    Ok(Packet::new(ctx.data(), ctx.data_end(), wire_len as usize))
+}
+
+#[inline(always)]
+fn try_tc(ctx: &TcContext, stats: &Stats) -> Result<i32, DropReason> {
+    let pkt = linear_packet(ctx)?;
+    let parsed = parse(&pkt)?;
+    stats.parsed(&parsed);
+    Ok(TC_ACT_OK)
+}
+
+/// The one place a TC result becomes a verdict and is counted.
+#[inline(always)]
+fn tc_outcome(stats: &Stats, bytes: u64, result: Result<i32, DropReason>) -> i32 {
+    let action = match result {
+        Ok(action) => action,
+        Err(reason) => {
+            stats.drop_reason(reason);
+            TC_ACT_SHOT
+        }
+    };
+    let verdict = match action {
+        TC_ACT_OK => Verdict::Pass,
+        TC_ACT_SHOT => Verdict::Drop,
+        TC_ACT_REDIRECT => Verdict::Redirect,
+        _ => Verdict::Aborted,
+    };
+    stats.verdict(verdict, bytes);
+    action
+}

@@ -1,0 +1,55 @@
+//! XDP programs: the node uplink, and the empty floor used by benchmarks.
+
+use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_xdp_get_buff_len, macros::xdp, programs::XdpContext};
+use tapmesh_common::{DropReason, ProgramSlot, Verdict};
+
+use crate::{packet::Packet, parse::parse, stats::Stats};
+
+#[xdp]
+pub fn tm_xdp_uplink(ctx: XdpContext) -> u32 {
+    let pkt = packet_of(&ctx);
+    let stats = Stats::of(ProgramSlot::XdpUplink);
+    let result = try_uplink(&pkt, &stats);
+    xdp_outcome(&stats, pkt.wire_len as u64, result)
+}
+
+/// Does nothing: what every benchmark subtracts.
+#[xdp]
+pub fn tm_xdp_floor(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn packet_of(ctx: &XdpContext) -> Packet {
+    // SAFETY: the helper only reads the context it is given.
+    let wire_len = unsafe { bpf_xdp_get_buff_len(ctx.ctx as *mut _) } as usize;
+    Packet::new(ctx.data(), ctx.data_end(), wire_len)
+}
+
+#[inline(always)]
+fn try_uplink(pkt: &Packet, stats: &Stats) -> Result<u32, DropReason> {
+    let parsed = parse(pkt)?;
+    stats.parsed(&parsed);
+    Ok(xdp_action::XDP_PASS)
+}
+
+/// The one place an XDP result becomes a verdict and is counted.
+#[inline(always)]
+fn xdp_outcome(stats: &Stats, bytes: u64, result: Result<u32, DropReason>) -> u32 {
+    let action = match result {
+        Ok(action) => action,
+        Err(reason) => {
+            stats.drop_reason(reason);
+            xdp_action::XDP_DROP
+        }
+    };
+    let verdict = match action {
+        xdp_action::XDP_PASS => Verdict::Pass,
+        xdp_action::XDP_DROP => Verdict::Drop,
+        xdp_action::XDP_TX => Verdict::Tx,
+        xdp_action::XDP_REDIRECT => Verdict::Redirect,
+        _ => Verdict::Aborted,
+    };
+    stats.verdict(verdict, bytes);
+    action
+}
