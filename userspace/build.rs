@@ -1,0 +1,25 @@
+//! Compiles the gRPC protos and embeds the BPF object built by `cargo xtask build-ebpf`.
+
+use std::{env, fs, path::PathBuf};
+
+fn main() {
+    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let protos = ["proto/tapmesh/admin/v1/admin.proto"];
+    tonic_prost_build::configure()
+        .compile_protos(&protos, &["proto"])
+        .unwrap_or_else(|e| panic!("compiling protos (is protoc installed? run `cargo xtask setup`): {e}"));
+    println!("cargo:rerun-if-changed=proto");
+
+    let object = env::var_os("TAPMESH_BPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
+        manifest.join("../ebpf/target/bpfel-unknown-none/release/tapmesh")
+    });
+    println!("cargo:rerun-if-env-changed=TAPMESH_BPF_OBJECT");
+    println!("cargo:rerun-if-changed={}", object.display());
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("tapmesh.bpf.o");
+    if let Err(e) = fs::copy(&object, &out) {
+        panic!(
+            "the BPF object {} is missing ({e}): build it first with `cargo xtask build-ebpf`",
+            object.display()
+        );
+    }
+}

@@ -1,0 +1,215 @@
+//! The admin API: gRPC on a unix socket only root may use.
+
+mod client;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Mutex,
+};
+
+use async_trait::async_trait;
+use tapmesh_common::{DropReason, Protocol, Verdict};
+use tokio::{net::UnixListener, task::JoinHandle};
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{transport::server::UdsConnectInfo, Request, Response, Status};
+
+pub use client::{connect, AdminClientError};
+
+use crate::{
+    config::Config,
+    core::{CoreView, Plugin, PluginError, PluginState},
+    dataplane::{DataplaneHandle, ProgramCounters},
+};
+
+pub mod proto {
+    tonic::include_proto!("tapmesh.admin.v1");
+}
+
+use proto::admin_server::{Admin, AdminServer};
+
+/// Answers admin calls from the core's and the dataplane's state.
+pub struct AdminService {
+    core: CoreView,
+    dataplane: DataplaneHandle,
+}
+
+fn state_of(state: PluginState) -> proto::PluginState {
+    match state {
+        PluginState::Registered => proto::PluginState::Registered,
+        PluginState::Configured => proto::PluginState::Configured,
+        PluginState::Starting => proto::PluginState::Starting,
+        PluginState::Running => proto::PluginState::Running,
+        PluginState::Stopping => proto::PluginState::Stopping,
+        PluginState::Stopped => proto::PluginState::Stopped,
+        PluginState::Failed => proto::PluginState::Failed,
+    }
+}
+
+pub fn counters_to_proto(c: &ProgramCounters) -> proto::ProgramCounters {
+    let count = |name: &str, packets: u64, bytes: u64| proto::Count {
+        name: name.into(),
+        packets,
+        bytes,
+    };
+    proto::ProgramCounters {
+        program: c.slot.name().into(),
+        verdicts: Verdict::ALL
+            .iter()
+            .map(|&v| {
+                let pc = c.stats.verdicts.get(v);
+                count(v.name(), pc.packets, pc.bytes)
+            })
+            .collect(),
+        drops: DropReason::ALL.iter().map(|&r| count(r.name(), c.stats.drops.get(r), 0)).collect(),
+        protocols: Protocol::ALL.iter().map(|&p| count(p.name(), c.stats.protocols.get(p), 0)).collect(),
+    }
+}
+
+/// Only root (uid 0) may call; the socket's mode already says so, this checks the peer.
+fn check_root<T>(request: &Request<T>) -> Result<(), Status> {
+    let uid = request
+        .extensions()
+        .get::<UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map(|cred| cred.uid());
+    match uid {
+        Some(0) => Ok(()),
+        Some(uid) => Err(Status::permission_denied(format!("the admin API is for root; caller uid is {uid}"))),
+        None => Err(Status::permission_denied("cannot identify the caller")),
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn status(&self, request: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
+        check_root(&request)?;
+        let plugins = self
+            .core
+            .statuses()
+            .into_iter()
+            .map(|s| proto::PluginStatus {
+                name: s.name.into(),
+                state: state_of(s.state) as i32,
+                detail: s.detail,
+            })
+            .collect();
+        let attachments = self
+            .dataplane
+            .attachments()
+            .await
+            .into_iter()
+            .map(|a| proto::Attachment {
+                interface: a.interface,
+                hook: a.hook.to_string(),
+                program: a.program.into(),
+                mode: a.mode,
+            })
+            .collect();
+        let programs = match self.dataplane.counters().await {
+            Ok(list) => list.iter().map(counters_to_proto).collect(),
+            Err(_) => Vec::new(),
+        };
+        Ok(Response::new(proto::StatusResponse {
+            version: env!("CARGO_PKG_VERSION").into(),
+            plugins,
+            attachments,
+            programs,
+            pin_directory: self.dataplane.pin_dir().await.map(|p| p.display().to_string()).unwrap_or_default(),
+        }))
+    }
+}
+
+/// Binds `path`, refusing to take over a socket another daemon still serves.
+fn bind(path: &Path) -> Result<UnixListener, PluginError> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(PluginError::new(format!(
+                "admin socket {} is in use (is another tapmesh daemon running?)",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path)
+            .map_err(|e| PluginError::new(format!("removing stale socket {}: {e}", path.display())))?;
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| PluginError::new(format!("creating {}: {e}", dir.display())))?;
+    }
+    let listener =
+        UnixListener::bind(path).map_err(|e| PluginError::new(format!("binding {}: {e}", path.display())))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| PluginError::new(format!("chmod {}: {e}", path.display())))?;
+    Ok(listener)
+}
+
+struct Serving {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+pub struct AdminPlugin {
+    core: CoreView,
+    dataplane: DataplaneHandle,
+    socket: Mutex<PathBuf>,
+    serving: tokio::sync::Mutex<Option<Serving>>,
+}
+
+impl AdminPlugin {
+    pub fn new(core: CoreView, dataplane: DataplaneHandle) -> Self {
+        Self {
+            core,
+            dataplane,
+            socket: Mutex::new(PathBuf::new()),
+            serving: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.socket.lock().expect("socket lock").clone()
+    }
+}
+
+#[async_trait]
+impl Plugin for AdminPlugin {
+    fn name(&self) -> &'static str {
+        "admin"
+    }
+
+    async fn configure(&self, _scope: CancellationToken, config: &Config) -> Result<(), PluginError> {
+        *self.socket.lock().expect("socket lock") = config.daemon.admin_socket.clone();
+        Ok(())
+    }
+
+    async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
+        let listener = bind(&self.socket())?;
+        let service = AdminService {
+            core: self.core.clone(),
+            dataplane: self.dataplane.clone(),
+        };
+        let stop = scope.child_token();
+        let shutdown = stop.clone();
+        let task = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(AdminServer::new(service))
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                    shutdown.cancelled().await
+                }),
+        );
+        *self.serving.lock().await = Some(Serving { stop, task });
+        Ok(())
+    }
+
+    async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+        if let Some(serving) = self.serving.lock().await.take() {
+            serving.stop.cancel();
+            let _ = serving.task.await;
+        }
+        let _ = std::fs::remove_file(self.socket());
+        Ok(())
+    }
+
+    fn status(&self) -> String {
+        format!("serving on {}", self.socket().display())
+    }
+}

@@ -1,0 +1,3 @@
+//! Command-line front ends that talk to the daemon.
+
+pub mod status;

@@ -1,0 +1,65 @@
+//! `tapmesh status`: every plugin's state and the dataplane counters.
+
+use std::fmt::Write as _;
+
+use crate::admin::proto::{PluginState, StatusResponse};
+
+fn state_name(state: i32) -> &'static str {
+    match PluginState::try_from(state).unwrap_or(PluginState::Unspecified) {
+        PluginState::Unspecified => "unknown",
+        PluginState::Registered => "registered",
+        PluginState::Configured => "configured",
+        PluginState::Starting => "starting",
+        PluginState::Running => "running",
+        PluginState::Stopping => "stopping",
+        PluginState::Stopped => "stopped",
+        PluginState::Failed => "failed",
+    }
+}
+
+/// Renders the status as readable text; zero counters are left out.
+pub fn render(status: &StatusResponse) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "tapmesh {}", status.version);
+    let _ = writeln!(out, "\nplugins:");
+    for p in &status.plugins {
+        let _ = writeln!(out, "  {:<12} {:<10} {}", p.name, state_name(p.state), p.detail);
+    }
+    let _ = writeln!(out, "\nattachments:");
+    if status.attachments.is_empty() {
+        let _ = writeln!(out, "  (none)");
+    }
+    for a in &status.attachments {
+        let mode = if a.mode.is_empty() { String::new() } else { format!(" ({})", a.mode) };
+        let _ = writeln!(out, "  {:<16} {:<11} {}{}", a.interface, a.hook, a.program, mode);
+    }
+    if !status.pin_directory.is_empty() {
+        let _ = writeln!(out, "\npins: {}", status.pin_directory);
+    }
+    let _ = writeln!(out, "\ncounters (all CPUs):");
+    for p in &status.programs {
+        let _ = writeln!(out, "  {}", p.program);
+        for v in &p.verdicts {
+            let _ = writeln!(out, "    {:<10} {:>12} packets {:>14} bytes", v.name, v.packets, v.bytes);
+        }
+        let seen: Vec<String> = p.protocols.iter().filter(|c| c.packets > 0).map(|c| format!("{}={}", c.name, c.packets)).collect();
+        if !seen.is_empty() {
+            let _ = writeln!(out, "    protocols  {}", seen.join(" "));
+        }
+        let drops: Vec<String> = p.drops.iter().filter(|c| c.packets > 0).map(|c| format!("{}={}", c.name, c.packets)).collect();
+        if !drops.is_empty() {
+            let _ = writeln!(out, "    drops      {}", drops.join(" "));
+        }
+    }
+    out
+}
+
+/// The count of one verdict of one program, 0 if absent.
+pub fn verdict_packets(status: &StatusResponse, program: &str, verdict: &str) -> u64 {
+    status
+        .programs
+        .iter()
+        .find(|p| p.program == program)
+        .and_then(|p| p.verdicts.iter().find(|v| v.name == verdict))
+        .map_or(0, |v| v.packets)
+}

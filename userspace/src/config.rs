@@ -1,0 +1,312 @@
+//! Daemon configuration: a TOML file, overridden by environment and flags.
+//!
+//! Precedence: flag > environment variable > file > default. Every problem is
+//! a [`ConfigError`] that names the setting and what to do about it.
+
+use std::{
+    ffi::CString,
+    path::{Path, PathBuf},
+};
+
+use serde::Deserialize;
+use thiserror::Error;
+
+pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tapmesh/admin.sock";
+pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/tapmesh";
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Unreadable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+    #[error("{setting}: interface {name:?} does not exist")]
+    UnknownInterface { setting: &'static str, name: String },
+    #[error("{setting}: {message}")]
+    BadValue {
+        setting: &'static str,
+        message: String,
+    },
+}
+
+/// How XDP is attached to an uplink.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum XdpMode {
+    /// Native (driver) mode where the driver allows it, generic otherwise.
+    #[default]
+    Auto,
+    /// Native mode only; fail if the driver cannot.
+    Native,
+    /// Generic (skb) mode.
+    Generic,
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// The admin gRPC socket (root only).
+    pub admin_socket: PathBuf,
+    /// A tracing filter such as "info" or "tapmesh=debug".
+    pub log_level: String,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            admin_socket: DEFAULT_ADMIN_SOCKET.into(),
+            log_level: "info".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataplaneConfig {
+    /// Maps and links are pinned under `<bpffs_root>/v<schema>/`.
+    pub bpffs_root: PathBuf,
+    /// Interfaces that get the uplink XDP program.
+    pub uplinks: Vec<String>,
+    pub xdp_mode: XdpMode,
+    /// Interfaces that get the TC ingress and egress programs.
+    pub tc_interfaces: Vec<String>,
+    /// Leave programs attached and maps pinned when the daemon stops.
+    pub keep_dataplane: bool,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        Self {
+            bpffs_root: DEFAULT_BPFFS_ROOT.into(),
+            uplinks: Vec::new(),
+            xdp_mode: XdpMode::Auto,
+            tc_interfaces: Vec::new(),
+            keep_dataplane: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub daemon: DaemonConfig,
+    pub dataplane: DataplaneConfig,
+}
+
+/// Values given on the command line or in the environment; `None` keeps the file's value.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Overrides {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "TAPMESH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Admin API socket.
+    #[arg(long, env = "TAPMESH_ADMIN_SOCKET")]
+    pub admin_socket: Option<PathBuf>,
+    /// Log filter (error, warn, info, debug, trace or a tracing directive).
+    #[arg(long, env = "TAPMESH_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// bpffs directory for pins (a schema subdirectory is added).
+    #[arg(long, env = "TAPMESH_BPFFS_ROOT")]
+    pub bpffs_root: Option<PathBuf>,
+    /// Uplink interface for XDP (repeat, or comma-separate in the environment).
+    #[arg(long = "uplink", env = "TAPMESH_UPLINKS", value_delimiter = ',')]
+    pub uplinks: Vec<String>,
+    /// XDP attach mode.
+    #[arg(long, env = "TAPMESH_XDP_MODE", value_enum)]
+    pub xdp_mode: Option<XdpMode>,
+    /// Interface for the TC programs (repeat, or comma-separate in the environment).
+    #[arg(long = "tc-interface", env = "TAPMESH_TC_INTERFACES", value_delimiter = ',')]
+    pub tc_interfaces: Vec<String>,
+    /// Leave the dataplane attached when the daemon stops.
+    #[arg(long, env = "TAPMESH_KEEP_DATAPLANE")]
+    pub keep_dataplane: bool,
+}
+
+impl Config {
+    /// Reads the file (if any), applies overrides and validates the result.
+    pub fn load(overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut config = match &overrides.config {
+            Some(path) => Self::from_file(path)?,
+            None => Self::default(),
+        };
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Unreadable {
+            path: path.into(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Invalid {
+            path: path.into(),
+            message,
+        })
+    }
+
+    /// Parses TOML; the error is one line naming the key and the problem.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().trim().replace('\n', " ");
+            match e.span() {
+                Some(span) => {
+                    let line = text[..span.start].lines().count().max(1);
+                    format!("line {line}: {message}")
+                }
+                None => message,
+            }
+        })
+    }
+
+    pub fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = &o.admin_socket {
+            self.daemon.admin_socket = v.clone();
+        }
+        if let Some(v) = &o.log_level {
+            self.daemon.log_level = v.clone();
+        }
+        if let Some(v) = &o.bpffs_root {
+            self.dataplane.bpffs_root = v.clone();
+        }
+        if !o.uplinks.is_empty() {
+            self.dataplane.uplinks = o.uplinks.clone();
+        }
+        if let Some(v) = o.xdp_mode {
+            self.dataplane.xdp_mode = v;
+        }
+        if !o.tc_interfaces.is_empty() {
+            self.dataplane.tc_interfaces = o.tc_interfaces.clone();
+        }
+        if o.keep_dataplane {
+            self.dataplane.keep_dataplane = true;
+        }
+    }
+
+    /// Checks what can be checked before anything is attached.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let dp = &self.dataplane;
+        if !dp.bpffs_root.is_absolute() {
+            return Err(ConfigError::BadValue {
+                setting: "dataplane.bpffs_root",
+                message: format!("{:?} must be an absolute path", dp.bpffs_root),
+            });
+        }
+        if !self.daemon.admin_socket.is_absolute() {
+            return Err(ConfigError::BadValue {
+                setting: "daemon.admin_socket",
+                message: format!("{:?} must be an absolute path", self.daemon.admin_socket),
+            });
+        }
+        for (setting, names) in [
+            ("dataplane.uplinks", &dp.uplinks),
+            ("dataplane.tc_interfaces", &dp.tc_interfaces),
+        ] {
+            let mut seen = std::collections::BTreeSet::new();
+            for name in names {
+                if !seen.insert(name) {
+                    return Err(ConfigError::BadValue {
+                        setting,
+                        message: format!("interface {name:?} is listed twice"),
+                    });
+                }
+                if interface_index(name).is_none() {
+                    return Err(ConfigError::UnknownInterface {
+                        setting,
+                        name: name.clone(),
+                    });
+                }
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.daemon.log_level).map_err(|e| {
+            ConfigError::BadValue {
+                setting: "daemon.log_level",
+                message: format!("{:?}: {e}", self.daemon.log_level),
+            }
+        })?;
+        Ok(())
+    }
+}
+
+/// The index of a network interface in the current namespace.
+pub fn interface_index(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    // SAFETY: a valid NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    (index != 0).then_some(index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_to_an_empty_file() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.dataplane.bpffs_root, PathBuf::from(DEFAULT_BPFFS_ROOT));
+    }
+
+    #[test]
+    fn reads_every_setting() {
+        let c = Config::from_toml(
+            r#"
+            [daemon]
+            admin_socket = "/tmp/a.sock"
+            log_level = "debug"
+            [dataplane]
+            bpffs_root = "/sys/fs/bpf/x"
+            uplinks = ["lo"]
+            xdp_mode = "generic"
+            tc_interfaces = ["lo"]
+            keep_dataplane = true
+            "#,
+        )
+        .unwrap();
+        assert_eq!(c.daemon.admin_socket, PathBuf::from("/tmp/a.sock"));
+        assert_eq!(c.dataplane.xdp_mode, XdpMode::Generic);
+        assert_eq!(c.dataplane.uplinks, vec!["lo".to_string()]);
+        assert!(c.dataplane.keep_dataplane);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_line() {
+        let e = Config::from_toml("[dataplane]\nuplinkz = [\"eth0\"]\n").unwrap_err();
+        assert!(e.starts_with("line 2:") && e.contains("uplinkz"), "{e}");
+        let e = Config::from_toml("[dataplane]\nxdp_mode = \"turbo\"\n").unwrap_err();
+        assert!(e.starts_with("line 2:") && e.contains("turbo"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let mut c = Config::from_toml("[dataplane]\nuplinks = [\"a\"]\nxdp_mode = \"native\"\n").unwrap();
+        c.apply(&Overrides {
+            uplinks: vec!["b".into()],
+            keep_dataplane: true,
+            ..Default::default()
+        });
+        assert_eq!(c.dataplane.uplinks, vec!["b".to_string()]);
+        assert_eq!(c.dataplane.xdp_mode, XdpMode::Native);
+        assert!(c.dataplane.keep_dataplane);
+    }
+
+    #[test]
+    fn validation_names_the_problem() {
+        let mut c = Config::default();
+        c.dataplane.uplinks = vec!["no-such-if0".into()];
+        let e = c.validate().unwrap_err().to_string();
+        assert_eq!(e, "dataplane.uplinks: interface \"no-such-if0\" does not exist");
+
+        let mut c = Config::default();
+        c.dataplane.tc_interfaces = vec!["lo".into(), "lo".into()];
+        assert!(c.validate().unwrap_err().to_string().contains("listed twice"));
+
+        let mut c = Config::default();
+        c.dataplane.bpffs_root = "relative".into();
+        assert!(c.validate().unwrap_err().to_string().starts_with("dataplane.bpffs_root"));
+    }
+}

@@ -1,0 +1,214 @@
+//! Attaching programs to interfaces: XDP by bpf_link, TC by netlink on clsact.
+
+use std::{fmt, path::Path};
+
+use aya::{
+    programs::{
+        links::{FdLink, PinnedLink},
+        tc::{self, NlOptions, TcAttachOptions},
+        tc::SchedClassifierLinkId,
+        xdp::XdpLinkId,
+        SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+    },
+    Ebpf,
+};
+use tapmesh_common::program_names;
+
+use super::DataplaneError;
+use crate::{config::XdpMode, netlink};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hook {
+    Xdp,
+    TcIngress,
+    TcEgress,
+}
+
+impl fmt::Display for Hook {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Hook::Xdp => "xdp",
+            Hook::TcIngress => "tc-ingress",
+            Hook::TcEgress => "tc-egress",
+        })
+    }
+}
+
+/// A program attached to an interface, as reported by `tapmesh status`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attachment {
+    pub interface: String,
+    pub hook: Hook,
+    pub program: &'static str,
+    /// XDP: "native" or "generic" (plus ", replaced" when a kept link was reused).
+    pub mode: String,
+    /// TC: the clsact qdisc was created by us and is removed on stop.
+    pub created_clsact: bool,
+}
+
+/// Links this daemon owns, by the interface they are on.
+#[derive(Default)]
+pub struct Links {
+    pub xdp: Vec<(String, XdpLinkId)>,
+    pub tc: Vec<(&'static str, SchedClassifierLinkId)>,
+}
+
+/// Loads every program of the object into the kernel (the verifier runs here).
+pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    for name in [program_names::XDP_UPLINK, program_names::XDP_FLOOR] {
+        xdp_program(ebpf, name)?.load().map_err(|source| DataplaneError::Program { name, source })?;
+    }
+    for name in [program_names::TC_INGRESS, program_names::TC_EGRESS] {
+        tc_program(ebpf, name)?.load().map_err(|source| DataplaneError::Program { name, source })?;
+    }
+    Ok(())
+}
+
+fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {
+    let program = ebpf.program_mut(name).ok_or(DataplaneError::Map {
+        name,
+        message: "program missing from the object".into(),
+    })?;
+    program.try_into().map_err(|source| DataplaneError::Program { name, source })
+}
+
+fn tc_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DataplaneError> {
+    let program = ebpf.program_mut(name).ok_or(DataplaneError::Map {
+        name,
+        message: "program missing from the object".into(),
+    })?;
+    program.try_into().map_err(|source| DataplaneError::Program { name, source })
+}
+
+fn link_pin(pin_dir: &Path, interface: &str) -> std::path::PathBuf {
+    pin_dir.join("links").join(format!("xdp_{interface}"))
+}
+
+/// Attaches the uplink program. A link kept by an earlier daemon is replaced
+/// atomically; otherwise native mode is tried first when `mode` is auto.
+pub fn xdp(
+    ebpf: &mut Ebpf,
+    links: &mut Links,
+    interface: &str,
+    mode: XdpMode,
+    pin_dir: &Path,
+) -> Result<Attachment, DataplaneError> {
+    let name = program_names::XDP_UPLINK;
+    let program = xdp_program(ebpf, name)?;
+    let fail = |message: String| DataplaneError::Attach {
+        hook: Hook::Xdp,
+        interface: interface.into(),
+        message,
+    };
+    let mut attachment = Attachment {
+        interface: interface.into(),
+        hook: Hook::Xdp,
+        program: name,
+        mode: String::new(),
+        created_clsact: false,
+    };
+
+    if let Ok(pinned) = PinnedLink::from_pin(link_pin(pin_dir, interface)) {
+        let link: FdLink = pinned.unpin().map_err(|e| fail(format!("unpinning the kept link: {e}")))?;
+        let link = link.try_into().map_err(|e| fail(format!("kept link: {e}")))?;
+        let id = program.attach_to_link(link).map_err(|e| fail(format!("replacing the kept program: {e}")))?;
+        links.xdp.push((interface.into(), id));
+        attachment.mode = "replaced kept link".into();
+        return Ok(attachment);
+    }
+
+    let tries: &[(AyaXdpMode, &str)] = match mode {
+        XdpMode::Auto => &[(AyaXdpMode::Driver, "native"), (AyaXdpMode::Skb, "generic")],
+        XdpMode::Native => &[(AyaXdpMode::Driver, "native")],
+        XdpMode::Generic => &[(AyaXdpMode::Skb, "generic")],
+    };
+    let mut errors = Vec::new();
+    for (aya_mode, label) in tries {
+        match program.attach(interface, *aya_mode) {
+            Ok(id) => {
+                links.xdp.push((interface.into(), id));
+                attachment.mode = (*label).into();
+                return Ok(attachment);
+            }
+            Err(e) => errors.push(format!("{label}: {e}")),
+        }
+    }
+    Err(fail(errors.join("; ")))
+}
+
+/// Attaches the TC ingress and egress programs (adding clsact if needed).
+pub fn tc(ebpf: &mut Ebpf, links: &mut Links, interface: &str) -> Result<Vec<Attachment>, DataplaneError> {
+    let created_clsact = match tc::qdisc_add_clsact(interface) {
+        Ok(()) => true,
+        Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+        Err(e) => {
+            return Err(DataplaneError::Attach {
+                hook: Hook::TcIngress,
+                interface: interface.into(),
+                message: format!("adding the clsact qdisc: {e}"),
+            })
+        }
+    };
+    let mut attached = Vec::new();
+    for (hook, kind, name) in [
+        (Hook::TcIngress, TcAttachType::Ingress, program_names::TC_INGRESS),
+        (Hook::TcEgress, TcAttachType::Egress, program_names::TC_EGRESS),
+    ] {
+        // A filter left by an earlier daemon (keep_dataplane) is replaced.
+        let _ = tc::qdisc_detach_program(interface, kind, name);
+        let program = tc_program(ebpf, name)?;
+        let id = program
+            .attach_with_options(interface, kind, TcAttachOptions::Netlink(NlOptions::default()))
+            .map_err(|e| DataplaneError::Attach {
+                hook,
+                interface: interface.into(),
+                message: e.to_string(),
+            })?;
+        links.tc.push((name, id));
+        attached.push(Attachment {
+            interface: interface.into(),
+            hook,
+            program: name,
+            mode: String::new(),
+            created_clsact: created_clsact && hook == Hook::TcIngress,
+        });
+    }
+    Ok(attached)
+}
+
+/// Leaves everything attached after the process exits: XDP links are pinned,
+/// TC filters (netlink) stay on their own.
+pub fn keep(ebpf: &mut Ebpf, links: Links, pin_dir: &Path) -> Result<(), DataplaneError> {
+    let links_dir = pin_dir.join("links");
+    std::fs::create_dir_all(&links_dir)
+        .map_err(|e| DataplaneError::Bpffs(format!("creating {}: {e}", links_dir.display())))?;
+    let program = xdp_program(ebpf, program_names::XDP_UPLINK)?;
+    for (interface, id) in links.xdp {
+        let fail = |message: String| DataplaneError::Attach {
+            hook: Hook::Xdp,
+            interface: interface.clone(),
+            message,
+        };
+        let link = program.take_link(id).map_err(|e| fail(e.to_string()))?;
+        let fd_link: FdLink = link.try_into().map_err(|e| fail(format!("not a bpf_link: {e}")))?;
+        fd_link
+            .pin(link_pin(pin_dir, &interface))
+            .map_err(|e| fail(format!("pinning the link: {e}")))?;
+    }
+    for (name, id) in links.tc {
+        if let Ok(link) = tc_program(ebpf, name)?.take_link(id) {
+            // A netlink filter outlives the process unless detached.
+            std::mem::forget(link);
+        }
+    }
+    Ok(())
+}
+
+/// Removes the clsact qdiscs this daemon added.
+pub fn cleanup(attachments: &[Attachment]) {
+    for a in attachments.iter().filter(|a| a.created_clsact) {
+        if let Err(e) = netlink::delete_clsact(&a.interface) {
+            tracing::warn!(interface = %a.interface, "removing clsact: {e}");
+        }
+    }
+}

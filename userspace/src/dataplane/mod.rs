@@ -1,0 +1,230 @@
+//! The dataplane plugin: the one owner of the BPF object, its maps and links.
+//!
+//! It loads the embedded object, pins maps under `<bpffs_root>/v<schema>/`,
+//! attaches XDP to the uplinks and TC to the configured interfaces, and
+//! detaches everything on stop unless told to keep it. Other plugins reach it
+//! through a [`DataplaneHandle`] and never touch map handles themselves.
+
+mod attach;
+mod pins;
+
+use std::{path::PathBuf, sync::Arc};
+
+use async_trait::async_trait;
+use aya::{maps::PerCpuArray, Ebpf};
+use tapmesh_common::{map_names, ProgramSlot, ProgramStats};
+use thiserror::Error;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+pub use attach::{Attachment, Hook};
+
+use crate::{
+    config::{Config, DataplaneConfig},
+    core::{Plugin, PluginError},
+};
+
+/// The BPF object built by `cargo xtask build-ebpf`, embedded at compile time.
+pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapmesh.bpf.o"));
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("bpffs: {0}")]
+    Bpffs(String),
+    #[error("loading the BPF object: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        source: aya::programs::ProgramError,
+    },
+    #[error("attaching {hook} to {interface}: {message}")]
+    Attach {
+        hook: Hook,
+        interface: String,
+        message: String,
+    },
+    #[error("map {name}: {message}")]
+    Map { name: &'static str, message: String },
+    #[error("the dataplane is not running")]
+    NotRunning,
+}
+
+/// Counters of one program, summed over CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProgramCounters {
+    pub slot: ProgramSlot,
+    pub stats: ProgramStats,
+}
+
+struct Running {
+    ebpf: Ebpf,
+    links: attach::Links,
+    attachments: Vec<Attachment>,
+    pin_dir: PathBuf,
+}
+
+/// Shared access to the running dataplane.
+#[derive(Clone, Default)]
+pub struct DataplaneHandle {
+    running: Arc<Mutex<Option<Running>>>,
+}
+
+impl DataplaneHandle {
+    /// Per-program counters summed over CPUs.
+    pub async fn counters(&self) -> Result<Vec<ProgramCounters>, DataplaneError> {
+        let guard = self.running.lock().await;
+        let running = guard.as_ref().ok_or(DataplaneError::NotRunning)?;
+        read_counters(&running.ebpf)
+    }
+
+    pub async fn attachments(&self) -> Vec<Attachment> {
+        self.running.lock().await.as_ref().map(|r| r.attachments.clone()).unwrap_or_default()
+    }
+
+    pub async fn pin_dir(&self) -> Option<PathBuf> {
+        self.running.lock().await.as_ref().map(|r| r.pin_dir.clone())
+    }
+}
+
+/// Reads `tm_stats` and sums each slot over CPUs.
+pub fn read_counters(ebpf: &Ebpf) -> Result<Vec<ProgramCounters>, DataplaneError> {
+    let map = ebpf.map(map_names::STATS).ok_or(DataplaneError::Map {
+        name: map_names::STATS,
+        message: "missing from the object".into(),
+    })?;
+    let stats: PerCpuArray<_, ProgramStats> = PerCpuArray::try_from(map).map_err(|e| DataplaneError::Map {
+        name: map_names::STATS,
+        message: e.to_string(),
+    })?;
+    ProgramSlot::ALL
+        .iter()
+        .map(|&slot| {
+            let per_cpu = stats.get(&(slot as u32), 0).map_err(|e| DataplaneError::Map {
+                name: map_names::STATS,
+                message: e.to_string(),
+            })?;
+            let mut total = ProgramStats::default();
+            for cpu in per_cpu.iter() {
+                total.merge(cpu);
+            }
+            Ok(ProgramCounters { slot, stats: total })
+        })
+        .collect()
+}
+
+pub struct DataplanePlugin {
+    handle: DataplaneHandle,
+    config: std::sync::Mutex<DataplaneConfig>,
+}
+
+impl DataplanePlugin {
+    pub fn new(handle: DataplaneHandle) -> Self {
+        Self {
+            handle,
+            config: std::sync::Mutex::new(DataplaneConfig::default()),
+        }
+    }
+
+    fn config(&self) -> DataplaneConfig {
+        self.config.lock().expect("config lock").clone()
+    }
+}
+
+#[async_trait]
+impl Plugin for DataplanePlugin {
+    fn name(&self) -> &'static str {
+        "dataplane"
+    }
+
+    async fn configure(&self, _scope: CancellationToken, config: &Config) -> Result<(), PluginError> {
+        *self.config.lock().expect("config lock") = config.dataplane.clone();
+        Ok(())
+    }
+
+    async fn start(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+        let config = self.config();
+        let running = tokio::task::spawn_blocking(move || start_dataplane(&config))
+            .await
+            .map_err(|e| PluginError::new(e.to_string()))?
+            .map_err(|e| PluginError::new(e.to_string()))?;
+        for a in &running.attachments {
+            tracing::info!(interface = %a.interface, hook = %a.hook, program = a.program, mode = a.mode, "attached");
+        }
+        *self.handle.running.lock().await = Some(running);
+        Ok(())
+    }
+
+    async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+        let config = self.config();
+        let Some(running) = self.handle.running.lock().await.take() else {
+            return Ok(());
+        };
+        tokio::task::spawn_blocking(move || stop_dataplane(running, &config))
+            .await
+            .map_err(|e| PluginError::new(e.to_string()))?
+            .map_err(|e| PluginError::new(e.to_string()))
+    }
+
+    fn status(&self) -> String {
+        match self.handle.running.try_lock() {
+            Ok(guard) => match guard.as_ref() {
+                Some(r) => {
+                    let list: Vec<String> = r
+                        .attachments
+                        .iter()
+                        .map(|a| format!("{} {}{}", a.interface, a.hook, if a.mode.is_empty() { String::new() } else { format!(" ({})", a.mode) }))
+                        .collect();
+                    format!("pins in {}; attached: {}", r.pin_dir.display(), if list.is_empty() { "nothing".into() } else { list.join(", ") })
+                }
+                None => "not loaded".into(),
+            },
+            Err(_) => "busy".into(),
+        }
+    }
+}
+
+/// Loads, pins and attaches; on any failure nothing stays attached.
+fn start_dataplane(config: &DataplaneConfig) -> Result<Running, DataplaneError> {
+    let pin_dir = pins::prepare(&config.bpffs_root)?;
+    let mut ebpf = pins::load(BPF_OBJECT, &pin_dir)?;
+    let mut attachments = Vec::new();
+    let mut links = attach::Links::default();
+    // `ebpf` owns every link: returning early drops it, which detaches them.
+    let attached = (|| {
+        for interface in &config.uplinks {
+            attachments.push(attach::xdp(&mut ebpf, &mut links, interface, config.xdp_mode, &pin_dir)?);
+        }
+        for interface in &config.tc_interfaces {
+            attachments.extend(attach::tc(&mut ebpf, &mut links, interface)?);
+        }
+        Ok(())
+    })();
+    if let Err(e) = attached {
+        drop(ebpf);
+        attach::cleanup(&attachments);
+        pins::remove(&pin_dir);
+        return Err(e);
+    }
+    Ok(Running {
+        ebpf,
+        links,
+        attachments,
+        pin_dir,
+    })
+}
+
+fn stop_dataplane(mut running: Running, config: &DataplaneConfig) -> Result<(), DataplaneError> {
+    if config.keep_dataplane {
+        let links = std::mem::take(&mut running.links);
+        attach::keep(&mut running.ebpf, links, &running.pin_dir)?;
+        tracing::info!(pins = %running.pin_dir.display(), "dataplane left attached (keep_dataplane)");
+        return Ok(());
+    }
+    let Running { ebpf, attachments, pin_dir, .. } = running;
+    drop(ebpf);
+    attach::cleanup(&attachments);
+    pins::remove(&pin_dir);
+    tracing::info!("dataplane detached");
+    Ok(())
+}

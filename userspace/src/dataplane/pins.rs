@@ -1,0 +1,120 @@
+//! The pin directory: bpffs checks, loading with pinned maps, removal.
+
+use std::{
+    ffi::CString,
+    mem::size_of,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
+
+use aya::{maps::MapInfo, Ebpf, EbpfLoader};
+use tapmesh_common::{map_names, ProgramSlot, ProgramStats, SCHEMA_VERSION};
+
+use super::DataplaneError;
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// What each pinned map must look like; a pin that differs is from another build.
+struct MapSpec {
+    name: &'static str,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+}
+
+const MAPS: &[MapSpec] = &[MapSpec {
+    name: map_names::STATS,
+    key_size: 4,
+    value_size: size_of::<ProgramStats>() as u32,
+    max_entries: ProgramSlot::COUNT,
+}];
+
+fn fs_type(path: &Path) -> Option<i64> {
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: valid path and out-pointer.
+    (unsafe { libc::statfs(c.as_ptr(), &mut st) } == 0).then_some(st.f_type as i64)
+}
+
+/// Makes sure `root` lies on a bpffs (mounting /sys/fs/bpf if nothing is
+/// mounted there) and returns `<root>/v<schema>`, created.
+pub fn prepare(root: &Path) -> Result<PathBuf, DataplaneError> {
+    let existing = root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    if fs_type(existing) != Some(BPF_FS_MAGIC) {
+        let sys_bpf = Path::new("/sys/fs/bpf");
+        if root.starts_with(sys_bpf) && fs_type(sys_bpf).is_some() && fs_type(sys_bpf) != Some(BPF_FS_MAGIC) {
+            mount_bpffs(sys_bpf)?;
+            tracing::info!("mounted bpffs on /sys/fs/bpf");
+        } else {
+            return Err(DataplaneError::Bpffs(format!(
+                "{} is not on a bpf filesystem: mount one (mount -t bpf bpf /sys/fs/bpf) or set dataplane.bpffs_root",
+                root.display()
+            )));
+        }
+    }
+    let dir = root.join(format!("v{SCHEMA_VERSION}"));
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| DataplaneError::Bpffs(format!("creating {}: {e}", dir.display())))?;
+    Ok(dir)
+}
+
+fn mount_bpffs(target: &Path) -> Result<(), DataplaneError> {
+    let src = CString::new("bpf").expect("no NUL");
+    let dst = CString::new(target.as_os_str().as_bytes()).expect("no NUL in path");
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+    if rc != 0 {
+        return Err(DataplaneError::Bpffs(format!(
+            "mounting bpffs on {}: {}",
+            target.display(),
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
+}
+
+/// Removes pins whose layout differs from this build's, so the loader
+/// creates fresh maps instead of reusing incompatible ones.
+fn drop_stale_pins(dir: &Path) {
+    for spec in MAPS {
+        let path = dir.join(spec.name);
+        let Ok(info) = MapInfo::from_pin(&path) else { continue };
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        let want = (spec.key_size, spec.value_size, spec.max_entries);
+        if found != want {
+            tracing::warn!(
+                map = spec.name,
+                ?found,
+                ?want,
+                "pinned map has another layout (key, value, entries); replacing it"
+            );
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// Loads the object, reusing maps pinned in `dir` or pinning new ones there,
+/// and loads every program into the kernel.
+pub fn load(object: &[u8], dir: &Path) -> Result<Ebpf, DataplaneError> {
+    drop_stale_pins(dir);
+    let mut loader = EbpfLoader::new();
+    for spec in MAPS {
+        loader.map_pin_path(spec.name, dir.join(spec.name));
+    }
+    let mut ebpf = loader.load(object)?;
+    super::attach::load_programs(&mut ebpf)?;
+    Ok(ebpf)
+}
+
+/// Removes the pin directory (maps and links); what is still attached by
+/// others keeps its own references.
+pub fn remove(dir: &Path) {
+    for spec in MAPS {
+        let _ = std::fs::remove_file(dir.join(spec.name));
+    }
+    let _ = std::fs::remove_dir_all(dir.join("links"));
+    let _ = std::fs::remove_dir(dir);
+    if let Some(root) = dir.parent() {
+        let _ = std::fs::remove_dir(root);
+    }
+}

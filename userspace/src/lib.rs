@@ -1,0 +1,9 @@
+//! tapmesh: a node dataplane in XDP and TC, driven by a plugin daemon.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod core;
+pub mod dataplane;
+pub mod netlink;
+pub mod netns;

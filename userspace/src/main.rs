@@ -1,0 +1,140 @@
+use std::{path::PathBuf, process::ExitCode, sync::Arc};
+
+use clap::{Parser, Subcommand};
+use tapmesh::{
+    admin::{self, AdminPlugin},
+    cli,
+    config::{Config, Overrides, DEFAULT_ADMIN_SOCKET},
+    core::Core,
+    dataplane::{DataplaneHandle, DataplanePlugin},
+    netns,
+};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "tapmesh", version, about = "A node dataplane in XDP and TC: VIP load balancing, service IPs, tunnels, mirroring")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node daemon (needs root).
+    Daemon {
+        #[command(flatten)]
+        overrides: Overrides,
+        /// Run inside this network namespace (a name under /run/netns or a path).
+        #[arg(long, env = "TAPMESH_NETNS")]
+        netns: Option<String>,
+    },
+    /// Show every plugin's state and the dataplane counters.
+    Status {
+        /// Admin API socket of the daemon.
+        #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        /// Print the raw response as JSON-like debug output.
+        #[arg(long)]
+        raw: bool,
+    },
+}
+
+/// Exit code for a configuration the daemon refuses.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Daemon { overrides, netns } => {
+            if let Some(name) = &netns {
+                if let Err(e) = netns::enter(name) {
+                    eprintln!("tapmesh: --netns: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+            let config = match Config::load(&overrides) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("tapmesh: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(&config.daemon.log_level))
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .init();
+            runtime().block_on(daemon(config))
+        }
+        Command::Status { admin_socket, raw } => runtime().block_on(status(admin_socket, raw)),
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime")
+}
+
+async fn daemon(config: Config) -> ExitCode {
+    let global = CancellationToken::new();
+    let mut core = Core::new(global.clone());
+    let dataplane = DataplaneHandle::default();
+    core.register(Arc::new(DataplanePlugin::new(dataplane.clone())));
+    core.register(Arc::new(AdminPlugin::new(core.view(), dataplane)));
+
+    if let Err(e) = core.configure(&config).await {
+        eprintln!("tapmesh: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if let Err(e) = core.start().await {
+        eprintln!("tapmesh: {e}");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!("tapmesh daemon running");
+
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("tapmesh: installing the SIGTERM handler: {e}");
+            core.stop().await;
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        _ = global.cancelled() => tracing::info!("cancelled: stopping"),
+    }
+    global.cancel();
+    core.stop().await;
+    tracing::info!("tapmesh daemon stopped");
+    ExitCode::SUCCESS
+}
+
+async fn status(socket: PathBuf, raw: bool) -> ExitCode {
+    let mut client = match admin::connect(&socket).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tapmesh: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match client.status(admin::proto::StatusRequest {}).await {
+        Ok(response) => {
+            let status = response.into_inner();
+            if raw {
+                println!("{status:#?}");
+            } else {
+                print!("{}", cli::status::render(&status));
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tapmesh: status: {}", e.message());
+            ExitCode::FAILURE
+        }
+    }
+}
