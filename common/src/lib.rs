@@ -23,6 +23,8 @@ pub mod program_names {
     pub const TC_EGRESS: &str = "tm_tc_egress";
     /// An empty XDP program: the floor every benchmark is measured against.
     pub const XDP_FLOOR: &str = "tm_xdp_floor";
+    /// An empty TC program: the floor of the TC benchmarks.
+    pub const TC_FLOOR: &str = "tm_tc_floor";
 }
 
 /// Names of the BPF maps (also their pin file names).

@@ -27,6 +27,12 @@ pub fn tm_tc_egress(ctx: TcContext) -> i32 {
     tc_outcome(&stats, ctx.len() as u64, result)
 }
 
+/// Does nothing: what TC benchmarks subtract.
+#[classifier]
+pub fn tm_tc_floor(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
 /// Makes the first `PULL_LEN` bytes (or the whole packet) directly readable.
 #[inline(always)]
 fn linear_packet(ctx: &TcContext) -> Result<Packet, DropReason> {

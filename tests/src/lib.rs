@@ -1,1 +1,200 @@
+//! Test harness: network namespaces joined by veth pairs, torn down on drop
+//! (also when a test panics), a daemon runner, raw frames and packet builders.
+//!
+//! Traffic stays inside the namespaces a test creates, on documentation
+//! address ranges (198.18.0.0/15, 2001:db8::/32).
 
+pub mod bpf;
+pub mod frames;
+pub mod daemon;
+
+use std::{
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+pub use daemon::Daemon;
+
+/// True when the kernel tests can run (root). Without root they are skipped,
+/// unless `TAPMESH_REQUIRE_KERNEL_TESTS` is set (CI), where that is a failure.
+pub fn kernel_tests_enabled() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        return true;
+    }
+    if std::env::var_os("TAPMESH_REQUIRE_KERNEL_TESTS").is_some() {
+        panic!("kernel tests must run here (TAPMESH_REQUIRE_KERNEL_TESTS is set) but we are not root");
+    }
+    eprintln!("skipping a kernel test: not root");
+    false
+}
+
+/// A name unique to this process and call, short enough for an interface (≤ 15).
+pub fn unique(prefix: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}{:x}{n:x}", std::process::id() & 0xfffff)
+}
+
+/// Runs a command and returns its output, panicking with stderr if it fails.
+pub fn sh(program: &str, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {program} {args:?}: {e}"));
+    if !out.status.success() {
+        panic!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    out
+}
+
+/// A network namespace that is deleted on drop.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(label: &str) -> Self {
+        let name = unique(&format!("tm{label}"));
+        sh("ip", &["netns", "add", &name]);
+        let ns = Netns { name };
+        ns.ip(&["link", "set", "lo", "up"]);
+        // No IPv6 chatter (DAD, router and MLD messages) unless a test asks for it.
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1"]);
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
+        ns
+    }
+
+    /// `ip -n <ns> …`
+    pub fn ip(&self, args: &[&str]) -> Output {
+        let mut all = vec!["-n", self.name.as_str()];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// Runs a command inside the namespace.
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut all = vec!["netns", "exec", self.name.as_str()];
+        all.extend_from_slice(args);
+        sh("ip", &all)
+    }
+
+    /// Like [`Netns::exec`], returning the output whatever the exit status.
+    pub fn try_exec(&self, args: &[&str]) -> Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(args)
+            .output()
+            .expect("running ip netns exec")
+    }
+
+    /// The MAC address of an interface in this namespace.
+    pub fn mac(&self, interface: &str) -> [u8; 6] {
+        let out = self.ip(&["-o", "link", "show", interface]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mac = text
+            .split_whitespace()
+            .skip_while(|w| *w != "link/ether")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no MAC for {interface}: {text}"));
+        let mut bytes = [0u8; 6];
+        for (b, part) in bytes.iter_mut().zip(mac.split(':')) {
+            *b = u8::from_str_radix(part, 16).expect("hex MAC");
+        }
+        bytes
+    }
+
+    pub fn interface_index(&self, interface: &str) -> u32 {
+        let out = self.ip(&["-o", "link", "show", interface]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.split(':').next().and_then(|n| n.trim().parse().ok()).expect("ifindex")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
+
+/// One end of a veth pair.
+#[derive(Clone, Debug)]
+pub struct End {
+    pub netns: String,
+    pub interface: String,
+    pub ipv4: String,
+}
+
+/// Joins two namespaces with a veth pair, addresses `a_ip`/`b_ip` (CIDR), and
+/// static neighbour entries both ways so no ARP is sent.
+pub fn link(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str) -> (End, End) {
+    let a_if = unique("va");
+    let b_if = unique("vb");
+    sh(
+        "ip",
+        &["link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if, "netns", &b.name],
+    );
+    for (ns, interface, ip) in [(a, &a_if, a_ip), (b, &b_if, b_ip)] {
+        ns.ip(&["addr", "add", ip, "dev", interface]);
+        ns.ip(&["link", "set", interface, "up"]);
+    }
+    let (a_mac, b_mac) = (a.mac(&a_if), b.mac(&b_if));
+    let host = |cidr: &str| cidr.split('/').next().unwrap().to_string();
+    a.ip(&["neigh", "replace", &host(b_ip), "lladdr", &fmt_mac(b_mac), "dev", &a_if, "nud", "permanent"]);
+    b.ip(&["neigh", "replace", &host(a_ip), "lladdr", &fmt_mac(a_mac), "dev", &b_if, "nud", "permanent"]);
+    (
+        End {
+            netns: a.name.clone(),
+            interface: a_if,
+            ipv4: host(a_ip),
+        },
+        End {
+            netns: b.name.clone(),
+            interface: b_if,
+            ipv4: host(b_ip),
+        },
+    )
+}
+
+pub fn fmt_mac(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+/// Sends raw Ethernet frames out of `interface` from inside namespace `netns`.
+pub fn send_frames(netns: &str, interface: &str, frames: &[Vec<u8>]) {
+    let netns = netns.to_string();
+    let interface = interface.to_string();
+    let frames = frames.to_vec();
+    std::thread::spawn(move || {
+        tapmesh::netns::enter(&netns).expect("entering the namespace");
+        let index = tapmesh::config::interface_index(&interface).expect("interface in namespace");
+        // SAFETY: plain socket calls with checked results.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
+            addr.sll_family = libc::AF_PACKET as u16;
+            addr.sll_ifindex = index as i32;
+            addr.sll_halen = 6;
+            for frame in &frames {
+                let sent = libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&addr as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                );
+                assert_eq!(sent, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            }
+            libc::close(fd);
+        }
+    })
+    .join()
+    .expect("sender thread");
+}

@@ -154,7 +154,7 @@ impl Config {
             let message = e.message().trim().replace('\n', " ");
             match e.span() {
                 Some(span) => {
-                    let line = text[..span.start].lines().count().max(1);
+                    let line = text[..span.start].matches('\n').count() + 1;
                     format!("line {line}: {message}")
                 }
                 None => message,

@@ -1,1 +1,158 @@
-fn main() {}
+//! `cargo xtask …`: set up the machine, build the BPF object and the daemon,
+//! run the tests, the demo and the benchmarks.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "tapmesh build and test tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what is missing (Debian packages, rust-src, bpf-linker) and mount bpffs.
+    Setup,
+    /// Build the BPF object (nightly, bpfel-unknown-none).
+    BuildEbpf {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build the BPF object and the workspace.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build, then run the daemon with the given arguments.
+    Run {
+        #[arg(long)]
+        release: bool,
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// Unit tests, golden-packet tests and namespace tests (root for the kernel ones).
+    Test {
+        /// Extra arguments for `cargo test` (a test name filter, for instance).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// A small lab of namespaces with the daemon running and real traffic.
+    Demo,
+    /// BPF_PROG_TEST_RUN ns/packet per program path; writes BENCHMARKS.md.
+    Bench,
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Runs a command, failing with its name when it fails.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn bpf_object(release: bool) -> PathBuf {
+    root()
+        .join("ebpf/target/bpfel-unknown-none")
+        .join(if release { "release" } else { "debug" })
+        .join("tapmesh")
+}
+
+fn build_ebpf(release: bool) -> Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root().join("ebpf"))
+        // Let ebpf/rust-toolchain.toml pick nightly, and keep host flags out.
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("RUSTC")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .args(["build", "--quiet"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd).context("building the BPF object")?;
+    Ok(bpf_object(release))
+}
+
+/// `cargo` for the host workspace, pointed at the BPF object just built.
+fn cargo(object: &Path) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(root()).env("TAPMESH_BPF_OBJECT", object);
+    cmd
+}
+
+fn build(release: bool) -> Result<PathBuf> {
+    let object = build_ebpf(true)?;
+    let mut cmd = cargo(&object);
+    cmd.args(["build", "--workspace", "--bins"]);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(object)
+}
+
+fn binary(release: bool) -> PathBuf {
+    root().join("target").join(if release { "release" } else { "debug" }).join("tapmesh")
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    if !matches!(cli.command, Task::Setup) {
+        setup::check_and_install(false)?;
+    }
+    match cli.command {
+        Task::Setup => setup::check_and_install(true)?,
+        Task::BuildEbpf { release } => {
+            let object = build_ebpf(release)?;
+            println!("BPF object: {}", object.display());
+        }
+        Task::Build { release } => {
+            build(release)?;
+            println!("built {}", binary(release).display());
+        }
+        Task::Run { release, args } => {
+            build(release)?;
+            run(Command::new(binary(release)).arg("daemon").args(args))?;
+        }
+        Task::Test { args } => {
+            let object = build(false)?;
+            let ci = std::env::var_os("CI").is_some_and(|v| !v.is_empty() && v != "false");
+            let mut cmd = cargo(&object);
+            cmd.args(["test", "--workspace", "--no-fail-fast"])
+                .env("TAPMESH_BIN", binary(false))
+                .args(&args);
+            if ci {
+                cmd.env("TAPMESH_REQUIRE_KERNEL_TESTS", "1");
+            }
+            run(&mut cmd)?;
+        }
+        Task::Demo => {
+            let object = build(true)?;
+            run(cargo(&object)
+                .args(["run", "--quiet", "--release", "-p", "tapmesh-tests", "--bin", "tapmesh-demo"])
+                .env("TAPMESH_BIN", binary(true)))?;
+        }
+        Task::Bench => {
+            let object = build_ebpf(true)?;
+            run(cargo(&object)
+                .args(["run", "--quiet", "--release", "-p", "tapmesh-tests", "--bin", "tapmesh-bench", "--"])
+                .arg(root().join("BENCHMARKS.md")))?;
+        }
+    }
+    Ok(())
+}

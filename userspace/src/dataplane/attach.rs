@@ -58,7 +58,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     for name in [program_names::XDP_UPLINK, program_names::XDP_FLOOR] {
         xdp_program(ebpf, name)?.load().map_err(|source| DataplaneError::Program { name, source })?;
     }
-    for name in [program_names::TC_INGRESS, program_names::TC_EGRESS] {
+    for name in [program_names::TC_INGRESS, program_names::TC_EGRESS, program_names::TC_FLOOR] {
         tc_program(ebpf, name)?.load().map_err(|source| DataplaneError::Program { name, source })?;
     }
     Ok(())

@@ -1,0 +1,78 @@
+//! The embedded BPF object loaded on its own (no pins, no attach) for
+//! BPF_PROG_TEST_RUN: golden-packet tests and benchmarks.
+
+use std::time::Duration;
+
+use aya::{
+    programs::{SchedClassifier, TestRun, TestRunOptions, Xdp},
+    Ebpf,
+};
+use tapmesh::dataplane::{read_counters, BPF_OBJECT};
+use tapmesh_common::{program_names, ProgramSlot, ProgramStats};
+
+/// A private copy of the object: its own maps, so tests run in parallel.
+pub struct Bpf {
+    pub ebpf: Ebpf,
+}
+
+/// What one test run returned.
+pub struct Run {
+    pub action: u32,
+    pub duration: Duration,
+    pub output: Vec<u8>,
+}
+
+impl Bpf {
+    pub fn load() -> Self {
+        let mut ebpf = Ebpf::load(BPF_OBJECT).expect("loading the BPF object");
+        for name in [program_names::XDP_UPLINK, program_names::XDP_FLOOR] {
+            let p: &mut Xdp = ebpf.program_mut(name).expect(name).try_into().expect("xdp");
+            p.load().unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
+        }
+        for name in [program_names::TC_INGRESS, program_names::TC_EGRESS, program_names::TC_FLOOR] {
+            let p: &mut SchedClassifier = ebpf.program_mut(name).expect(name).try_into().expect("tc");
+            p.load().unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
+        }
+        Bpf { ebpf }
+    }
+
+    /// Runs a program (XDP or TC by its name) once or `repeat` times on `frame`.
+    pub fn run(&mut self, program: &str, frame: &[u8], repeat: u32) -> Run {
+        self.try_run(program, frame, repeat)
+            .unwrap_or_else(|e| panic!("test_run {program} on {} bytes: {e}", frame.len()))
+    }
+
+    /// Like [`Bpf::run`], returning the kernel's refusal as an error.
+    pub fn try_run(&mut self, program: &str, frame: &[u8], repeat: u32) -> Result<Run, String> {
+        let mut out = vec![0u8; frame.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let p = self.ebpf.program_mut(program).expect(program);
+        let result = if let Ok(xdp) = <&mut Xdp>::try_from(&mut *p) {
+            xdp.test_run(opts)
+        } else {
+            <&mut SchedClassifier>::try_from(p).expect("xdp or tc").test_run(opts)
+        }
+        .map_err(|e| format!("{e:?}"))?;
+        out.truncate(result.data_size_out as usize);
+        Ok(Run {
+            action: result.return_value,
+            duration: result.duration,
+            output: out,
+        })
+    }
+
+    /// Counters of one program, summed over CPUs.
+    pub fn stats(&self, slot: ProgramSlot) -> ProgramStats {
+        read_counters(&self.ebpf)
+            .expect("reading tm_stats")
+            .into_iter()
+            .find(|c| c.slot == slot)
+            .expect("slot present")
+            .stats
+    }
+}

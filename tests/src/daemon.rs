@@ -1,0 +1,163 @@
+//! Running `tapmesh daemon` in a namespace with its own pins and admin socket.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use tapmesh::admin::proto::{StatusRequest, StatusResponse};
+
+/// The tapmesh binary under test (`TAPMESH_BIN`, set by `cargo xtask test`).
+pub fn tapmesh_bin() -> PathBuf {
+    std::env::var_os("TAPMESH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tapmesh"))
+}
+
+/// A running daemon; stopped with SIGTERM on drop.
+pub struct Daemon {
+    child: Option<Child>,
+    pub socket: PathBuf,
+    pub bpffs_root: PathBuf,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Pins and socket paths unique to this daemon.
+    pub fn paths() -> (PathBuf, PathBuf) {
+        let id = crate::unique("t");
+        (
+            PathBuf::from(format!("/sys/fs/bpf/tapmesh-test-{id}")),
+            std::env::temp_dir().join(format!("tapmesh-test-{id}.sock")),
+        )
+    }
+
+    /// Starts `tapmesh daemon --netns <netns> <args>` and waits until its admin API answers.
+    pub fn start(netns: &str, args: &[&str]) -> Self {
+        let (bpffs_root, _) = Self::paths();
+        Self::start_at(netns, &bpffs_root, args)
+    }
+
+    /// Like [`Daemon::start`], pinning under a given bpffs root (to restart on the same pins).
+    pub fn start_at(netns: &str, bpffs_root: &std::path::Path, args: &[&str]) -> Self {
+        let (_, socket) = Self::paths();
+        let bpffs_root = bpffs_root.to_path_buf();
+        let log = socket.with_extension("log");
+        let log_file = std::fs::File::create(&log).expect("daemon log file");
+        let child = Command::new(tapmesh_bin())
+            .arg("daemon")
+            .args(["--netns", netns])
+            .arg("--bpffs-root")
+            .arg(&bpffs_root)
+            .arg("--admin-socket")
+            .arg(&socket)
+            .args(args)
+            .env_remove("TAPMESH_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", tapmesh_bin().display()));
+        let mut daemon = Daemon {
+            child: Some(child),
+            socket,
+            bpffs_root,
+            log,
+        };
+        daemon.wait_ready();
+        daemon
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
+                panic!("daemon exited early ({status}): {}", self.log_text());
+            }
+            if self.socket.exists() && self.try_status().is_some() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("daemon not ready after 20 s: {}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn try_status(&self) -> Option<StatusResponse> {
+        let socket = self.socket.clone();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?
+            .block_on(async move {
+                let mut client = tapmesh::admin::connect(&socket).await.ok()?;
+                client.status(StatusRequest {}).await.ok().map(|r| r.into_inner())
+            })
+    }
+
+    /// The daemon's status through the admin API.
+    pub fn status(&self) -> StatusResponse {
+        self.try_status().unwrap_or_else(|| panic!("admin API did not answer: {}", self.log_text()))
+    }
+
+    /// SIGTERM, then waits; returns the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("daemon already stopped");
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("daemon ignored SIGTERM for 10 s: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.stop()));
+        }
+        let _ = std::fs::remove_file(&self.log);
+        let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_dir_all(&self.bpffs_root);
+    }
+}
+
+/// Packets of one verdict of one program in a status.
+pub fn packets(status: &StatusResponse, program: &str, verdict: &str) -> u64 {
+    tapmesh::cli::status::verdict_packets(status, program, verdict)
+}
+
+/// The count of a named drop reason or protocol of one program.
+pub fn named(status: &StatusResponse, program: &str, name: &str) -> u64 {
+    let p = status
+        .programs
+        .iter()
+        .find(|p| p.program == program)
+        .unwrap_or_else(|| panic!("no program {program} in status"));
+    p.drops
+        .iter()
+        .chain(p.protocols.iter())
+        .find(|c| c.name == name)
+        .map_or(0, |c| c.packets)
+}
+
+/// Bytes of one verdict of one program.
+pub fn bytes(status: &StatusResponse, program: &str, verdict: &str) -> u64 {
+    status
+        .programs
+        .iter()
+        .find(|p| p.program == program)
+        .and_then(|p| p.verdicts.iter().find(|v| v.name == verdict))
+        .map_or(0, |v| v.bytes)
+}

@@ -1,0 +1,151 @@
+//! Building test frames byte by byte (with correct checksums), and cutting them.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub const MAC_A: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0a];
+pub const MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0x0b];
+pub const V4_A: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
+pub const V4_B: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+pub const V6_A: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
+pub const V6_B: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 2);
+
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const ICMP: u8 = 1;
+pub const ICMPV6: u8 = 58;
+pub const SCTP: u8 = 132;
+
+fn checksum(chunks: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut odd: Option<u8> = None;
+    for chunk in chunks {
+        for &b in *chunk {
+            match odd.take() {
+                Some(hi) => sum += u32::from(u16::from_be_bytes([hi, b])),
+                None => odd = Some(b),
+            }
+        }
+    }
+    if let Some(hi) = odd {
+        sum += u32::from(u16::from_be_bytes([hi, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An Ethernet frame with optional VLAN tags (outer first).
+pub fn ethernet(dst: [u8; 6], src: [u8; 6], vlans: &[u16], ether_type: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(18 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    for (i, vlan) in vlans.iter().enumerate() {
+        let tpid: u16 = if i == 0 && vlans.len() > 1 { 0x88a8 } else { 0x8100 };
+        f.extend_from_slice(&tpid.to_be_bytes());
+        f.extend_from_slice(&vlan.to_be_bytes());
+    }
+    f.extend_from_slice(&ether_type.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An IPv4 packet; `options` must be a multiple of 4 bytes.
+pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, options: &[u8], payload: &[u8]) -> Vec<u8> {
+    assert_eq!(options.len() % 4, 0);
+    let header_len = 20 + options.len();
+    let total = (header_len + payload.len()) as u16;
+    let mut p = vec![0x40 | (header_len / 4) as u8, 0];
+    p.extend_from_slice(&total.to_be_bytes());
+    p.extend_from_slice(&[0x12, 0x34, 0x40, 0x00, 64, protocol, 0, 0]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(options);
+    let sum = checksum(&[&p]);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p.extend_from_slice(payload);
+    p
+}
+
+/// An IPv6 packet; `extensions` is the raw chain, `first_next` the type of its first header.
+pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, first_next: u8, extensions: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend_from_slice(&((extensions.len() + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[first_next, 64]);
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(extensions);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn pseudo_v4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, len: usize) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&src.octets());
+    p.extend_from_slice(&dst.octets());
+    p.extend_from_slice(&[0, protocol]);
+    p.extend_from_slice(&(len as u16).to_be_bytes());
+    p
+}
+
+/// A UDP datagram with its checksum over the IPv4 pseudo header.
+pub fn udp_v4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let len = 8 + data.len();
+    let mut u = Vec::with_capacity(len);
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&(len as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(data);
+    let sum = checksum(&[&pseudo_v4(src, dst, UDP, len), &u]);
+    u[6..8].copy_from_slice(&if sum == 0 { 0xffff } else { sum }.to_be_bytes());
+    u
+}
+
+/// A TCP SYN with `option_words` 4-byte words of NOP options.
+pub fn tcp_v4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, option_words: usize) -> Vec<u8> {
+    let len = 20 + 4 * option_words;
+    let mut t = Vec::with_capacity(len);
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
+    t.extend_from_slice(&[((len / 4) as u8) << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend(std::iter::repeat_n(1u8, 4 * option_words));
+    let sum = checksum(&[&pseudo_v4(src, dst, TCP, len), &t]);
+    t[16..18].copy_from_slice(&sum.to_be_bytes());
+    t
+}
+
+/// An ICMP echo request.
+pub fn icmp_echo(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+    let mut m = vec![8, 0, 0, 0];
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&seq.to_be_bytes());
+    m.extend_from_slice(data);
+    let sum = checksum(&[&m]);
+    m[2..4].copy_from_slice(&sum.to_be_bytes());
+    m
+}
+
+/// Frames of the common kinds between A and B.
+pub fn udp4_frame(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    ethernet(MAC_B, MAC_A, &[], 0x0800, &ipv4(V4_A, V4_B, UDP, &[], &udp_v4(V4_A, V4_B, sport, dport, data)))
+}
+
+pub fn tcp4_frame(sport: u16, dport: u16) -> Vec<u8> {
+    ethernet(MAC_B, MAC_A, &[], 0x0800, &ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, sport, dport, 0)))
+}
+
+/// Rewrites the IPv4 total length (and checksum) of a frame whose IPv4 header starts at `l3`.
+pub fn set_ipv4_total_length(frame: &mut [u8], l3: usize, total: u16) {
+    frame[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
+    frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+    let ihl = usize::from(frame[l3] & 0x0f) * 4;
+    let sum = checksum(&[&frame[l3..l3 + ihl]]);
+    frame[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Rewrites the IPv6 payload length of a frame whose IPv6 header starts at `l3`.
+pub fn set_ipv6_payload_length(frame: &mut [u8], l3: usize, len: u16) {
+    frame[l3 + 4..l3 + 6].copy_from_slice(&len.to_be_bytes());
+}

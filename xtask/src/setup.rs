@@ -1,0 +1,121 @@
+//! Installs only what is missing, and says what it does.
+
+use std::{path::Path, process::Command};
+
+use anyhow::{bail, Context, Result};
+
+use crate::run;
+
+/// Debian packages the build, the tests, the demo and the benchmarks use.
+const PACKAGES: &[&str] = &[
+    "llvm-22-dev",      // bpf-linker links against LLVM 22 (rustc's LLVM major)
+    "libpolly-22-dev",  // needed by llvm-22-dev's cmake/link line
+    "protobuf-compiler", // protoc for the gRPC protos
+    "bpftool",
+    "iproute2",
+    "iputils-ping",
+    "tcpdump",
+];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+fn missing_packages() -> Vec<&'static str> {
+    PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| {
+            let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
+            !matches!(out, Ok(o) if String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect()
+}
+
+fn has_rust_src() -> bool {
+    Command::new("rustup")
+        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .unwrap_or(false)
+}
+
+fn has_bpf_linker() -> bool {
+    Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn bpffs_mounted() -> bool {
+    std::fs::read_to_string("/proc/mounts")
+        .map(|m| m.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")))
+        .unwrap_or(false)
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc_geteuid() == 0 }
+}
+
+extern "C" {
+    #[link_name = "geteuid"]
+    fn libc_geteuid() -> u32;
+}
+
+/// Checks everything cheaply; installs what is missing. `verbose` also
+/// reports what is already there.
+pub fn check_and_install(verbose: bool) -> Result<()> {
+    let packages = missing_packages();
+    if !packages.is_empty() {
+        if !is_root() {
+            bail!("missing Debian packages {packages:?}: run `cargo xtask setup` as root");
+        }
+        println!("setup: installing Debian packages {}", packages.join(" "));
+        run(Command::new("apt-get").args(["update", "-q"]))?;
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q", "--no-install-recommends"])
+            .args(&packages)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+        .context("installing Debian packages")?;
+    } else if verbose {
+        println!("setup: Debian packages present ({})", PACKAGES.join(" "));
+    }
+
+    if !has_rust_src() {
+        println!("setup: adding rust-src to the nightly toolchain");
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    } else if verbose {
+        println!("setup: nightly rust-src present");
+    }
+
+    if !has_bpf_linker() {
+        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        run(Command::new("cargo")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .env("PATH", path)
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("CARGO_TARGET_DIR"))
+        .context("installing bpf-linker")?;
+    } else if verbose {
+        println!("setup: bpf-linker present");
+    }
+
+    if !bpffs_mounted() {
+        if is_root() {
+            println!("setup: mounting bpffs on /sys/fs/bpf");
+            std::fs::create_dir_all("/sys/fs/bpf").ok();
+            run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+        } else if verbose {
+            println!("setup: bpffs is not mounted (needs root: mount -t bpf bpf /sys/fs/bpf)");
+        }
+    } else if verbose {
+        println!("setup: bpffs mounted");
+    }
+    if verbose && !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        println!("setup: note: this kernel has no BTF (/sys/kernel/btf/vmlinux)");
+    }
+    Ok(())
+}
