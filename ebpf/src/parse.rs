@@ -178,6 +178,9 @@ fn parse_ipv6(pkt: &Packet, parsed: &mut Parsed) -> Result<(), DropReason> {
     let mut next = ip.next_header;
     let mut at = offset + size_of::<Ipv6Hdr>();
     for _ in 0..MAX_IPV6_EXTENSIONS {
+        if at + 2 > end {
+            break;
+        }
         match next {
             IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
                 let ext: *const Ipv6ExtHdr = pkt.header(at, DropReason::TruncatedIpv6Extension)?;
@@ -205,18 +208,26 @@ fn parse_ipv6(pkt: &Packet, parsed: &mut Parsed) -> Result<(), DropReason> {
                     Fragment::None
                 };
                 at += size_of::<Ipv6FragHdr>();
+                if parsed.fragment == Fragment::Later {
+                    // What follows is payload, not headers.
+                    break;
+                }
             }
             _ => break,
         }
     }
-    if matches!(
-        next,
-        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
-    ) {
-        return Err(DropReason::TooManyIpv6Extensions);
-    }
     if at > end {
         return Err(DropReason::TruncatedIpv6Extension);
+    }
+    let is_extension = matches!(
+        next,
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_AH | IPPROTO_FRAGMENT
+    );
+    if is_extension && parsed.fragment != Fragment::Later {
+        if at + 2 > end {
+            return Err(DropReason::TruncatedIpv6Extension);
+        }
+        return Err(DropReason::TooManyIpv6Extensions);
     }
     parsed.protocol = next;
     parsed.l4_offset = at;
@@ -246,7 +257,11 @@ fn parse_l4(pkt: &Packet, parsed: &mut Parsed) -> Result<(), DropReason> {
             }
             let udp: *const UdpHdr = pkt.header(at, DropReason::TruncatedUdp)?;
             let udp = unsafe { &*udp };
-            if (be16(udp.length) as usize) < size_of::<UdpHdr>() {
+            let udp_len = be16(udp.length) as usize;
+            if udp_len < size_of::<UdpHdr>() {
+                return Err(DropReason::BadUdpLength);
+            }
+            if parsed.fragment == Fragment::None && at + udp_len > parsed.l3_end {
                 return Err(DropReason::BadUdpLength);
             }
             parsed.src_port = be16(udp.src_port);

@@ -11,7 +11,7 @@ use tapmesh_common::{DropReason, ProgramSlot, Verdict};
 use crate::{packet::Packet, parse::parse, stats::Stats};
 
 /// Bytes pulled into the linear area so the parser sees every header.
-const PULL_LEN: u32 = 128;
+const PULL_LEN: u32 = 512;
 
 #[classifier]
 pub fn tm_tc_ingress(ctx: TcContext) -> i32 {
@@ -38,7 +38,8 @@ pub fn tm_tc_floor(_ctx: TcContext) -> i32 {
 fn linear_packet(ctx: &TcContext) -> Result<Packet, DropReason> {
     let wire_len = ctx.len();
     let want = if wire_len < PULL_LEN { wire_len } else { PULL_LEN };
-    if ((ctx.data_end() - ctx.data()) as u32) < want {
+    // Compared as pointers: subtracting them needs more than CAP_BPF.
+    if ctx.data() + want as usize > ctx.data_end() {
         ctx.pull_data(want).map_err(|_| DropReason::PullFailed)?;
     }
     Ok(Packet::new(ctx.data(), ctx.data_end(), wire_len as usize))

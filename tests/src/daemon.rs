@@ -98,6 +98,18 @@ impl Daemon {
             })
     }
 
+    /// Polls the status until `ready` holds (packets may still be in flight), or 5 s pass.
+    pub fn status_when(&self, ready: impl Fn(&StatusResponse) -> bool) -> StatusResponse {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let status = self.status();
+            if ready(&status) || Instant::now() > deadline {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The daemon's status through the admin API.
     pub fn status(&self) -> StatusResponse {
         self.try_status().unwrap_or_else(|| panic!("admin API did not answer: {}", self.log_text()))
@@ -133,9 +145,22 @@ impl Drop for Daemon {
     }
 }
 
+fn verdict(status: &StatusResponse, program: &str, verdict: &str) -> tapmesh::admin::proto::Count {
+    status
+        .programs
+        .iter()
+        .find(|p| p.program == program)
+        .unwrap_or_else(|| panic!("no program {program} in status"))
+        .verdicts
+        .iter()
+        .find(|v| v.name == verdict)
+        .unwrap_or_else(|| panic!("no verdict {verdict} for {program}"))
+        .clone()
+}
+
 /// Packets of one verdict of one program in a status.
-pub fn packets(status: &StatusResponse, program: &str, verdict: &str) -> u64 {
-    tapmesh::cli::status::verdict_packets(status, program, verdict)
+pub fn packets(status: &StatusResponse, program: &str, verdict_name: &str) -> u64 {
+    verdict(status, program, verdict_name).packets
 }
 
 /// The count of a named drop reason or protocol of one program.
@@ -149,15 +174,11 @@ pub fn named(status: &StatusResponse, program: &str, name: &str) -> u64 {
         .iter()
         .chain(p.protocols.iter())
         .find(|c| c.name == name)
-        .map_or(0, |c| c.packets)
+        .unwrap_or_else(|| panic!("no counter {name} for {program}"))
+        .packets
 }
 
 /// Bytes of one verdict of one program.
-pub fn bytes(status: &StatusResponse, program: &str, verdict: &str) -> u64 {
-    status
-        .programs
-        .iter()
-        .find(|p| p.program == program)
-        .and_then(|p| p.verdicts.iter().find(|v| v.name == verdict))
-        .map_or(0, |v| v.bytes)
+pub fn bytes(status: &StatusResponse, program: &str, verdict_name: &str) -> u64 {
+    verdict(status, program, verdict_name).bytes
 }

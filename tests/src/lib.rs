@@ -34,7 +34,7 @@ pub fn kernel_tests_enabled() -> bool {
 pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    format!("{prefix}{:x}{n:x}", std::process::id() & 0xfffff)
+    format!("{prefix}{:05x}{n:x}", std::process::id() & 0xfffff)
 }
 
 /// Runs a command and returns its output, panicking with stderr if it fails.

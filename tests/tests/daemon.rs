@@ -7,7 +7,7 @@ use std::process::Command;
 use tapmesh_tests::{
     daemon::{bytes, named, packets, tapmesh_bin, Daemon},
     frames::{self, ethernet, ipv4, set_ipv4_total_length, udp_v4},
-    kernel_tests_enabled, link, send_frames, Netns,
+    kernel_tests_enabled, link, send_frames, sh, Netns,
 };
 
 /// A node namespace and a peer namespace joined by one veth pair.
@@ -39,10 +39,7 @@ impl Lab {
     fn tc_filters(&self) -> String {
         let mut text = String::new();
         for dir in ["ingress", "egress"] {
-            let out = Command::new("tc")
-                .args(["-n", &self.node.name, "filter", "show", "dev", &self.node_if, dir])
-                .output()
-                .expect("tc");
+            let out = sh("tc", &["-n", &self.node.name, "filter", "show", "dev", &self.node_if, dir]);
             text.push_str(&String::from_utf8_lossy(&out.stdout));
         }
         text
@@ -92,7 +89,7 @@ fn real_packets_are_counted_exactly_and_sigterm_detaches_everything() {
     set_ipv4_total_length(&mut cut_udp, 14, 24);
     send_frames(&lab.peer.name, &lab.peer_if, &[bad_ihl.clone(), bad_ihl.clone(), bad_ihl, cut_udp.clone(), cut_udp]);
 
-    let s = daemon.status();
+    let s = daemon.status_when(|s| packets(s, "xdp_uplink", "drop") >= 5 && packets(s, "tc_egress", "pass") >= 5);
     assert_eq!(packets(&s, "xdp_uplink", "pass"), 5, "{s:#?}");
     assert_eq!(bytes(&s, "xdp_uplink", "pass"), 5 * 98);
     assert_eq!(packets(&s, "xdp_uplink", "drop"), 5);
@@ -147,7 +144,7 @@ fn keep_dataplane_survives_the_daemon_and_a_restart_reuses_the_pins() {
     lab.ping(3);
 
     let mut second = Daemon::start_at(&lab.node.name, &root, &["--uplink", &lab.node_if, "--tc-interface", &lab.node_if]);
-    let s = second.status();
+    let s = second.status_when(|s| packets(s, "tc_egress", "pass") >= 5);
     assert_eq!(s.attachments[0].mode, "replaced kept link");
     assert_eq!(packets(&s, "xdp_uplink", "pass"), 5, "counters continue in the pinned map");
     assert_eq!(packets(&s, "tc_egress", "pass"), 5);
@@ -170,9 +167,11 @@ fn bad_configurations_exit_with_one_line_and_attach_nothing() {
     }
     let lab = Lab::new();
     let (root, socket) = Daemon::paths();
+    let _cleanup = RemoveOnDrop(vec![root.clone()]);
     let base = ["--netns", lab.node.name.as_str(), "--bpffs-root", root.to_str().unwrap(), "--admin-socket", socket.to_str().unwrap()];
     let dir = std::env::temp_dir().join(tapmesh_tests::unique("tmcfg"));
     std::fs::create_dir_all(&dir).unwrap();
+    let _cleanup_dir = RemoveOnDrop(vec![dir.clone()]);
     let bad_value = dir.join("bad.toml");
     std::fs::write(&bad_value, "[dataplane]\nxdp_mode = \"turbo\"\n").unwrap();
     let unknown_key = dir.join("unknown.toml");
@@ -201,8 +200,17 @@ fn bad_configurations_exit_with_one_line_and_attach_nothing() {
         assert!(!root.join("v1").exists(), "{extra:?}: pins left behind");
         assert!(!socket.exists(), "{extra:?}: socket left behind");
     }
-    let _ = std::fs::remove_dir_all(&dir);
-    let _ = std::fs::remove_dir_all(&root);
+}
+
+/// Removes directories when dropped, also when the test panics.
+struct RemoveOnDrop(Vec<std::path::PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for dir in &self.0 {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 #[test]

@@ -130,6 +130,21 @@ fn well_formed() -> Vec<Case> {
             Expect::Pass(vec![P::Ipv6, P::Udp]),
         ),
         case(
+            "ipv6 later fragment whose next header is destination options",
+            eth6(ipv6(V6_A, V6_B, 44, &frag6(60, 8, true), &[0; 24])),
+            Expect::Pass(vec![P::Ipv6, P::Fragment]),
+        ),
+        case(
+            "ipv6 authentication header, udp",
+            eth6(ipv6(V6_A, V6_B, 51, &{
+                // AH: length in 4-byte units minus 2; 4 units = 16 bytes.
+                let mut ah = vec![UDP, 2];
+                ah.resize(16, 0);
+                ah
+            }, &udp6(1, 2, b"x"))),
+            Expect::Pass(vec![P::Ipv6, P::Udp]),
+        ),
+        case(
             "icmpv6 echo",
             eth6(ipv6(V6_A, V6_B, ICMPV6, &[], &[128, 0, 0, 0, 0, 1, 0, 1])),
             Expect::Pass(vec![P::Ipv6, P::Icmpv6]),
@@ -173,6 +188,9 @@ fn malformed() -> Vec<Case> {
     let mut f = udp_frame.clone();
     f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
     cases.push(case("udp length 4", f, Expect::Drop(D::BadUdpLength)));
+    let mut f = udp_frame.clone();
+    f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&100u16.to_be_bytes());
+    cases.push(case("udp length beyond the ip payload", f, Expect::Drop(D::BadUdpLength)));
 
     let mut f = eth6(ipv6(V6_A, V6_B, UDP, &[], &udp6(1, 2, b"x")));
     f[14] = 0x40;

@@ -120,9 +120,9 @@ pub struct Overrides {
     /// Interface for the TC programs (repeat, or comma-separate in the environment).
     #[arg(long = "tc-interface", env = "TAPMESH_TC_INTERFACES", value_delimiter = ',')]
     pub tc_interfaces: Vec<String>,
-    /// Leave the dataplane attached when the daemon stops.
-    #[arg(long, env = "TAPMESH_KEEP_DATAPLANE")]
-    pub keep_dataplane: bool,
+    /// Leave the dataplane attached when the daemon stops (`--keep-dataplane=false` overrides the file).
+    #[arg(long, env = "TAPMESH_KEEP_DATAPLANE", num_args = 0..=1, default_missing_value = "true")]
+    pub keep_dataplane: Option<bool>,
 }
 
 impl Config {
@@ -181,8 +181,8 @@ impl Config {
         if !o.tc_interfaces.is_empty() {
             self.dataplane.tc_interfaces = o.tc_interfaces.clone();
         }
-        if o.keep_dataplane {
-            self.dataplane.keep_dataplane = true;
+        if let Some(v) = o.keep_dataplane {
+            self.dataplane.keep_dataplane = v;
         }
     }
 
@@ -286,7 +286,7 @@ mod tests {
         let mut c = Config::from_toml("[dataplane]\nuplinks = [\"a\"]\nxdp_mode = \"native\"\n").unwrap();
         c.apply(&Overrides {
             uplinks: vec!["b".into()],
-            keep_dataplane: true,
+            keep_dataplane: Some(true),
             ..Default::default()
         });
         assert_eq!(c.dataplane.uplinks, vec!["b".to_string()]);

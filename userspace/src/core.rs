@@ -189,9 +189,10 @@ impl Core {
     }
 
     /// Stops the started plugins in reverse order. A failing stop is logged
-    /// and the others still stop.
-    pub async fn stop(&mut self) {
+    /// and the others still stop; returns false if any stop failed.
+    pub async fn stop(&mut self) -> bool {
         let entries = self.entries();
+        let mut all_stopped = true;
         while self.started > 0 {
             self.started -= 1;
             let entry = &entries[self.started];
@@ -202,9 +203,11 @@ impl Core {
                 Err(e) => {
                     tracing::error!(plugin = entry.plugin.name(), "stop failed: {e}");
                     Self::set(entry, PluginState::Failed, Some(e.to_string()));
+                    all_stopped = false;
                 }
             }
         }
+        all_stopped
     }
 }
 

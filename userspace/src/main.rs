@@ -9,6 +9,7 @@ use tapmesh::{
     dataplane::{DataplaneHandle, DataplanePlugin},
     netns,
 };
+use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -85,6 +86,14 @@ async fn daemon(config: Config) -> ExitCode {
     core.register(Arc::new(DataplanePlugin::new(dataplane.clone())));
     core.register(Arc::new(AdminPlugin::new(core.view(), dataplane)));
 
+    // Signals are caught from here on, so one that arrives during start still stops cleanly.
+    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("tapmesh: installing signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if let Err(e) = core.configure(&config).await {
         eprintln!("tapmesh: {e}");
         return ExitCode::from(EXIT_CONFIG);
@@ -94,22 +103,16 @@ async fn daemon(config: Config) -> ExitCode {
         return ExitCode::FAILURE;
     }
     tracing::info!("tapmesh daemon running");
-
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("tapmesh: installing the SIGTERM handler: {e}");
-            core.stop().await;
-            return ExitCode::FAILURE;
-        }
-    };
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
         _ = global.cancelled() => tracing::info!("cancelled: stopping"),
     }
     global.cancel();
-    core.stop().await;
+    if !core.stop().await {
+        eprintln!("tapmesh: some plugins failed to stop (see the log above)");
+        return ExitCode::FAILURE;
+    }
     tracing::info!("tapmesh daemon stopped");
     ExitCode::SUCCESS
 }

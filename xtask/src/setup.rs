@@ -15,6 +15,7 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "tcpdump",
+    "procps", // sysctl, used by the namespace tests
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

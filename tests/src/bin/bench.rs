@@ -3,7 +3,8 @@
 //!
 //! Paths that leave the packet as it is are timed with repeat = 1,000,000
 //! (median of 10 runs). Paths that rewrite the packet would need repeat = 1
-//! in a loop (see toolchain.md); none exists yet.
+//! in a loop, because a kernel-side repeat would rewrite its own output;
+//! none exists yet.
 
 use std::{fmt::Write as _, time::Duration};
 

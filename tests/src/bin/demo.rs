@@ -15,11 +15,21 @@ use tapmesh_tests::{
     link, send_frames, Netns,
 };
 
-fn main() {
+fn main() -> std::process::ExitCode {
+    // Namespaces and the daemon are dropped (cleaned up) before the exit code is returned.
+    if run() {
+        std::process::ExitCode::SUCCESS
+    } else {
+        eprintln!("demo: something did not work as expected");
+        std::process::ExitCode::FAILURE
+    }
+}
+
+fn run() -> bool {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("the demo builds network namespaces: run it as root");
-        std::process::exit(1);
+        return false;
     }
     let node1 = Netns::new("node1");
     let node2 = Netns::new("node2");
@@ -67,9 +77,5 @@ fn main() {
     let exit = daemon.stop();
     let attached = String::from_utf8_lossy(&node1.ip(&["link", "show", &uplink.interface]).stdout).contains("prog/xdp");
     println!("daemon stopped ({exit}); XDP still attached: {attached}");
-    drop(daemon);
-    if !ok || attached || !exit.success() {
-        eprintln!("demo: something did not work as expected");
-        std::process::exit(1);
-    }
+    ok && !attached && exit.success()
 }

@@ -123,7 +123,14 @@ impl Admin for AdminService {
 
 /// Binds `path`, refusing to take over a socket another daemon still serves.
 fn bind(path: &Path) -> Result<UnixListener, PluginError> {
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(PluginError::new(format!(
+                "admin socket path {} exists and is not a socket; choose another daemon.admin_socket",
+                path.display()
+            )));
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(PluginError::new(format!(
                 "admin socket {} is in use (is another tapmesh daemon running?)",

@@ -53,13 +53,3 @@ pub fn render(status: &StatusResponse) -> String {
     }
     out
 }
-
-/// The count of one verdict of one program, 0 if absent.
-pub fn verdict_packets(status: &StatusResponse, program: &str, verdict: &str) -> u64 {
-    status
-        .programs
-        .iter()
-        .find(|p| p.program == program)
-        .and_then(|p| p.verdicts.iter().find(|v| v.name == verdict))
-        .map_or(0, |v| v.packets)
-}

@@ -40,7 +40,7 @@ pub struct Attachment {
     pub interface: String,
     pub hook: Hook,
     pub program: &'static str,
-    /// XDP: "native" or "generic" (plus ", replaced" when a kept link was reused).
+    /// XDP: "native", "generic", or "replaced kept link" when a kept link was reused.
     pub mode: String,
     /// TC: the clsact qdisc was created by us and is removed on stop.
     pub created_clsact: bool,
@@ -108,13 +108,26 @@ pub fn xdp(
         created_clsact: false,
     };
 
-    if let Ok(pinned) = PinnedLink::from_pin(link_pin(pin_dir, interface)) {
-        let link: FdLink = pinned.unpin().map_err(|e| fail(format!("unpinning the kept link: {e}")))?;
-        let link = link.try_into().map_err(|e| fail(format!("kept link: {e}")))?;
-        let id = program.attach_to_link(link).map_err(|e| fail(format!("replacing the kept program: {e}")))?;
-        links.xdp.push((interface.into(), id));
-        attachment.mode = "replaced kept link".into();
-        return Ok(attachment);
+    let kept_pin = link_pin(pin_dir, interface);
+    if let Ok(pinned) = PinnedLink::from_pin(&kept_pin) {
+        // The pin stays until the replacement worked, so a failure keeps the old program.
+        let replaced = FdLink::from(pinned)
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| e.to_string())
+            .and_then(|link| program.attach_to_link(link).map_err(|e| e.to_string()));
+        match replaced {
+            Ok(id) => {
+                let _ = std::fs::remove_file(&kept_pin);
+                links.xdp.push((interface.into(), id));
+                attachment.mode = "replaced kept link".into();
+                return Ok(attachment);
+            }
+            Err(e) => {
+                // A link whose interface was deleted and re-created cannot be updated.
+                tracing::warn!(interface, "kept XDP link is stale ({e}); attaching afresh");
+                let _ = std::fs::remove_file(&kept_pin);
+            }
+        }
     }
 
     let tries: &[(AyaXdpMode, &str)] = match mode {
@@ -136,8 +149,14 @@ pub fn xdp(
     Err(fail(errors.join("; ")))
 }
 
-/// Attaches the TC ingress and egress programs (adding clsact if needed).
-pub fn tc(ebpf: &mut Ebpf, links: &mut Links, interface: &str) -> Result<Vec<Attachment>, DataplaneError> {
+/// Attaches the TC ingress and egress programs (adding clsact if needed),
+/// appending to `attachments` as it goes so a failure can be undone.
+pub fn tc(
+    ebpf: &mut Ebpf,
+    links: &mut Links,
+    attachments: &mut Vec<Attachment>,
+    interface: &str,
+) -> Result<(), DataplaneError> {
     let created_clsact = match tc::qdisc_add_clsact(interface) {
         Ok(()) => true,
         Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
@@ -149,31 +168,42 @@ pub fn tc(ebpf: &mut Ebpf, links: &mut Links, interface: &str) -> Result<Vec<Att
             })
         }
     };
-    let mut attached = Vec::new();
     for (hook, kind, name) in [
         (Hook::TcIngress, TcAttachType::Ingress, program_names::TC_INGRESS),
         (Hook::TcEgress, TcAttachType::Egress, program_names::TC_EGRESS),
     ] {
         // A filter left by an earlier daemon (keep_dataplane) is replaced.
         let _ = tc::qdisc_detach_program(interface, kind, name);
-        let program = tc_program(ebpf, name)?;
-        let id = program
-            .attach_with_options(interface, kind, TcAttachOptions::Netlink(NlOptions::default()))
-            .map_err(|e| DataplaneError::Attach {
-                hook,
-                interface: interface.into(),
-                message: e.to_string(),
-            })?;
-        links.tc.push((name, id));
-        attached.push(Attachment {
-            interface: interface.into(),
-            hook,
-            program: name,
-            mode: String::new(),
-            created_clsact: created_clsact && hook == Hook::TcIngress,
+        let attached = tc_program(ebpf, name).and_then(|program| {
+            program
+                .attach_with_options(interface, kind, TcAttachOptions::Netlink(NlOptions::default()))
+                .map_err(|e| DataplaneError::Attach {
+                    hook,
+                    interface: interface.into(),
+                    message: e.to_string(),
+                })
         });
+        match attached {
+            Ok(id) => {
+                links.tc.push((name, id));
+                attachments.push(Attachment {
+                    interface: interface.into(),
+                    hook,
+                    program: name,
+                    mode: String::new(),
+                    created_clsact: created_clsact && hook == Hook::TcIngress,
+                });
+            }
+            Err(e) => {
+                // Once ingress is attached, its attachment carries the clsact for cleanup.
+                if created_clsact && hook == Hook::TcIngress {
+                    let _ = netlink::delete_clsact(interface);
+                }
+                return Err(e);
+            }
+        }
     }
-    Ok(attached)
+    Ok(())
 }
 
 /// Leaves everything attached after the process exits: XDP links are pinned,

@@ -184,30 +184,35 @@ impl Plugin for DataplanePlugin {
     }
 }
 
-/// Loads, pins and attaches; on any failure nothing stays attached.
+/// Loads, pins and attaches; on any failure nothing this start attached stays
+/// attached, and pins stay only if an earlier (kept) dataplane owned them.
 fn start_dataplane(config: &DataplaneConfig) -> Result<Running, DataplaneError> {
     let pin_dir = pins::prepare(&config.bpffs_root)?;
-    let mut ebpf = pins::load(BPF_OBJECT, &pin_dir)?;
+    let kept = pins::has_pins(&pin_dir);
     let mut attachments = Vec::new();
     let mut links = attach::Links::default();
-    // `ebpf` owns every link: returning early drops it, which detaches them.
-    let attached = (|| {
+    let mut loaded = None;
+    let result = (|| {
+        let ebpf = loaded.insert(pins::load(BPF_OBJECT, &pin_dir)?);
+        // `ebpf` owns every link: dropping it detaches them.
         for interface in &config.uplinks {
-            attachments.push(attach::xdp(&mut ebpf, &mut links, interface, config.xdp_mode, &pin_dir)?);
+            attachments.push(attach::xdp(ebpf, &mut links, interface, config.xdp_mode, &pin_dir)?);
         }
         for interface in &config.tc_interfaces {
-            attachments.extend(attach::tc(&mut ebpf, &mut links, interface)?);
+            attach::tc(ebpf, &mut links, &mut attachments, interface)?;
         }
         Ok(())
     })();
-    if let Err(e) = attached {
-        drop(ebpf);
+    if let Err(e) = result {
+        drop(loaded);
         attach::cleanup(&attachments);
-        pins::remove(&pin_dir);
+        if !kept {
+            pins::remove(&pin_dir);
+        }
         return Err(e);
     }
     Ok(Running {
-        ebpf,
+        ebpf: loaded.expect("loaded when attaching succeeded"),
         links,
         attachments,
         pin_dir,

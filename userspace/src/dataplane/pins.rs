@@ -106,6 +106,11 @@ pub fn load(object: &[u8], dir: &Path) -> Result<Ebpf, DataplaneError> {
     Ok(ebpf)
 }
 
+/// True when maps of an earlier daemon are pinned in `dir` (kept dataplane).
+pub fn has_pins(dir: &Path) -> bool {
+    MAPS.iter().any(|spec| dir.join(spec.name).exists())
+}
+
 /// Removes the pin directory (maps and links); what is still attached by
 /// others keeps its own references.
 pub fn remove(dir: &Path) {
