@@ -5,5 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod dataplane;
+pub mod flows;
+pub mod lb;
 pub mod netlink;
 pub mod netns;

@@ -1,0 +1,3 @@
+//! VIP load balancing: flows, streams, Maglev.
+
+pub mod maglev;
