@@ -4,17 +4,10 @@ use std::fmt::Write as _;
 
 use crate::admin::proto::{PluginState, StatusResponse};
 
-fn state_name(state: i32) -> &'static str {
-    match PluginState::try_from(state).unwrap_or(PluginState::Unspecified) {
-        PluginState::Unspecified => "unknown",
-        PluginState::Registered => "registered",
-        PluginState::Configured => "configured",
-        PluginState::Starting => "starting",
-        PluginState::Running => "running",
-        PluginState::Stopping => "stopping",
-        PluginState::Stopped => "stopped",
-        PluginState::Failed => "failed",
-    }
+/// "running", "failed", … from the wire enum.
+fn state_name(state: i32) -> String {
+    let state = PluginState::try_from(state).unwrap_or(PluginState::Unspecified);
+    state.as_str_name().trim_start_matches("PLUGIN_STATE_").to_lowercase()
 }
 
 /// Renders the status as readable text; zero counters are left out.
