@@ -6,6 +6,7 @@
 //! which moves the pin directory.
 #![no_std]
 
+pub mod lb;
 pub mod stats;
 
 pub use stats::*;
@@ -30,6 +31,19 @@ pub mod program_names {
 /// Names of the BPF maps (also their pin file names).
 pub mod map_names {
     pub const STATS: &str = "tm_stats";
+    pub const VIPS: &str = "tm_vips";
+    pub const VIP_CONFIGS: &str = "tm_vip_configs";
+    pub const DST_PORTS: &str = "tm_dst_ports";
+    pub const SRC_PORTS: &str = "tm_src_ports";
+    pub const SOURCES: &str = "tm_sources";
+    pub const FLOWS: &str = "tm_flows";
+    pub const STREAMS: &str = "tm_streams";
+    pub const MAGLEV: &str = "tm_maglev";
+    pub const TARGETS: &str = "tm_targets";
+    pub const NODE: &str = "tm_node";
+    pub const VIP_STATS: &str = "tm_vip_stats";
+    pub const FLOW_STATS: &str = "tm_flow_stats";
+    pub const TARGET_STATS: &str = "tm_target_stats";
 }
 
 /// Fails the build (kernel and user side) when a layout is not what was written down.

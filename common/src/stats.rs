@@ -73,6 +73,13 @@ counter_set!(
         truncated_sctp => TruncatedSctp,
         truncated_icmp => TruncatedIcmp,
         pull_failed => PullFailed,
+        no_flow_match => NoFlowMatch,
+        too_many_candidates => TooManyCandidates,
+        no_target => NoTarget,
+        target_not_local => TargetNotLocal,
+        fib_lookup_failed => FibLookupFailed,
+        adjust_head_failed => AdjustHeadFailed,
+        bad_tunnel_packet => BadTunnelPacket,
     }
 );
 
@@ -236,4 +243,4 @@ crate::assert_layout!(
 );
 
 #[cfg(feature = "user")]
-crate::impl_pod!(ProgramStats);
+crate::impl_pod!(ProgramStats, PacketCounter);

@@ -5,6 +5,7 @@
 #![no_main]
 
 mod headers;
+mod lb;
 mod maps;
 mod packet;
 mod parse;

@@ -1,9 +1,67 @@
 //! Every map the programs use. Names match `tapmesh_common::map_names`.
+#![allow(non_upper_case_globals)]
 
-use aya_ebpf::{btf_maps::PerCpuArray, macros::btf_map};
-use tapmesh_common::{ProgramSlot, ProgramStats};
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    macros::btf_map,
+};
+use tapmesh_common::{
+    lb::{
+        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, TargetKey, VipAddr,
+        VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PREFIXES, MAX_STREAMS,
+        MAX_TARGETS, MAX_VIPS,
+    },
+    PacketCounter, ProgramSlot, ProgramStats,
+};
 
 /// Verdicts, drop reasons and protocols, one entry per [`ProgramSlot`].
 #[btf_map]
-#[allow(non_upper_case_globals)]
 pub static tm_stats: PerCpuArray<ProgramStats, { ProgramSlot::COUNT as usize }> = PerCpuArray::new();
+
+/// VIP address or prefix → its index and the configuration in force.
+#[btf_map]
+pub static tm_vips: LpmTrie<VipAddr, VipValue, { MAX_VIPS as usize }> = LpmTrie::new();
+
+/// Config id → protocol masks and flow count.
+#[btf_map]
+pub static tm_vip_configs: Array<VipConfig, { MAX_CONFIGS as usize }> = Array::new();
+
+/// (config id, destination port prefix) → flows.
+#[btf_map]
+pub static tm_dst_ports: LpmTrie<PortData, FlowMask, { MAX_PREFIXES as usize }> = LpmTrie::new();
+
+/// (config id, source port prefix) → flows.
+#[btf_map]
+pub static tm_src_ports: LpmTrie<PortData, FlowMask, { MAX_PREFIXES as usize }> = LpmTrie::new();
+
+/// (config id, source address prefix) → flows.
+#[btf_map]
+pub static tm_sources: LpmTrie<SourceData, FlowMask, { MAX_PREFIXES as usize }> = LpmTrie::new();
+
+/// config id × 64 + bit → the flow.
+#[btf_map]
+pub static tm_flows: Array<FlowEntry, { FLOW_SLOTS as usize }> = Array::new();
+
+/// Stream id → where its Maglev table is.
+#[btf_map]
+pub static tm_streams: Array<StreamValue, { MAX_STREAMS as usize }> = Array::new();
+
+/// Every stream's Maglev table: entries hold a slot (identifier − 1).
+#[btf_map]
+pub static tm_maglev: Array<u32, { MAGLEV_CAPACITY as usize }> = Array::new();
+
+/// (stream id, slot) → how to reach the target.
+#[btf_map]
+pub static tm_targets: HashMap<TargetKey, Target, { MAX_TARGETS as usize }> = HashMap::new();
+
+/// This node's tunnel endpoint (one entry).
+#[btf_map]
+pub static tm_node: Array<NodeConfig, 1> = Array::new();
+
+/// Packets and bytes per VIP, flow and target.
+#[btf_map]
+pub static tm_vip_stats: PerCpuArray<PacketCounter, { MAX_VIPS as usize }> = PerCpuArray::new();
+#[btf_map]
+pub static tm_flow_stats: PerCpuArray<PacketCounter, { MAX_FLOWS as usize }> = PerCpuArray::new();
+#[btf_map]
+pub static tm_target_stats: PerCpuArray<PacketCounter, { MAX_TARGETS as usize }> = PerCpuArray::new();

@@ -3,14 +3,14 @@
 use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_xdp_get_buff_len, macros::xdp, programs::XdpContext};
 use tapmesh_common::{DropReason, ProgramSlot, Verdict};
 
-use crate::{packet::Packet, parse::parse, stats::Stats};
+use crate::{lb, maps::tm_node, packet::Packet, parse::parse, stats::Stats};
 
 #[xdp]
 pub fn tm_xdp_uplink(ctx: XdpContext) -> u32 {
-    let pkt = packet_of(&ctx);
+    let wire_len = packet_of(&ctx).wire_len as u64;
     let stats = Stats::of(ProgramSlot::XdpUplink);
-    let result = try_uplink(&pkt, &stats);
-    xdp_outcome(&stats, pkt.wire_len as u64, result)
+    let result = try_uplink(&ctx, &stats);
+    xdp_outcome(&stats, wire_len, result)
 }
 
 /// Does nothing: what every benchmark subtracts.
@@ -26,11 +26,21 @@ fn packet_of(ctx: &XdpContext) -> Packet {
     Packet::new(ctx.data(), ctx.data_end(), wire_len)
 }
 
+/// Tunnel packets for this node are decapsulated first; then VIP traffic is
+/// load balanced and everything else passes.
 #[inline(always)]
-fn try_uplink(pkt: &Packet, stats: &Stats) -> Result<u32, DropReason> {
-    let parsed = parse(pkt)?;
+fn try_uplink(ctx: &XdpContext, stats: &Stats) -> Result<u32, DropReason> {
+    let node = tm_node.get(0);
+    let mut pkt = packet_of(ctx);
+    let mut parsed = parse(&pkt)?;
+    let tunneled = node.is_some_and(|n| lb::is_tunnel(&parsed, n));
+    if tunneled {
+        lb::decapsulate(ctx, &pkt, &parsed)?;
+        pkt = packet_of(ctx);
+        parsed = parse(&pkt)?;
+    }
     stats.parsed(&parsed);
-    Ok(xdp_action::XDP_PASS)
+    lb::balance(ctx, &pkt, &parsed, node, tunneled)
 }
 
 /// The one place an XDP result becomes a verdict and is counted.

@@ -43,3 +43,29 @@ pub fn delete_clsact(interface: &str) -> Result<(), NetlinkError> {
         Ok(result?)
     })
 }
+
+/// The index and MAC address of an interface in the daemon's namespace
+/// (asked over netlink: /sys may belong to another namespace).
+pub fn interface_mac(interface: &str) -> Result<(u32, [u8; 6]), NetlinkError> {
+    use futures::TryStreamExt;
+    use netlink_packet_route::link::LinkAttribute;
+
+    let index = interface_index(interface).ok_or_else(|| NetlinkError::NoInterface(interface.into()))?;
+    block_on(async move {
+        let (connection, handle, _) = rtnetlink::new_connection()?;
+        let task = tokio::spawn(connection);
+        let mut links = handle.link().get().match_index(index).execute();
+        let found = links.try_next().await;
+        task.abort();
+        let message = found?.ok_or_else(|| NetlinkError::NoInterface(interface.into()))?;
+        let mac = message.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Address(bytes) if bytes.len() == 6 => {
+                let mut mac = [0u8; 6];
+                mac.copy_from_slice(bytes);
+                Some(mac)
+            }
+            _ => None,
+        });
+        mac.map(|m| (index, m)).ok_or_else(|| NetlinkError::NoInterface(format!("{interface} (no Ethernet address)")))
+    })
+}

@@ -8,7 +8,14 @@ use std::{
 };
 
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
-use tapmesh_common::{map_names, ProgramSlot, ProgramStats, SCHEMA_VERSION};
+use tapmesh_common::{
+    lb::{
+        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, TargetKey, VipAddr, VipConfig,
+        VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS,
+        MAX_VIPS,
+    },
+    map_names as n, PacketCounter, ProgramSlot, ProgramStats, SCHEMA_VERSION,
+};
 
 use super::DataplaneError;
 
@@ -22,12 +29,34 @@ struct MapSpec {
     max_entries: u32,
 }
 
-const MAPS: &[MapSpec] = &[MapSpec {
-    name: map_names::STATS,
-    key_size: 4,
-    value_size: size_of::<ProgramStats>() as u32,
-    max_entries: ProgramSlot::COUNT,
-}];
+const fn spec(name: &'static str, key_size: usize, value_size: usize, max_entries: u32) -> MapSpec {
+    MapSpec {
+        name,
+        key_size: key_size as u32,
+        value_size: value_size as u32,
+        max_entries,
+    }
+}
+
+/// LPM keys carry a 4-byte prefix length before their data.
+const LPM: usize = 4;
+
+const MAPS: &[MapSpec] = &[
+    spec(n::STATS, 4, size_of::<ProgramStats>(), ProgramSlot::COUNT),
+    spec(n::VIPS, LPM + size_of::<VipAddr>(), size_of::<VipValue>(), MAX_VIPS),
+    spec(n::VIP_CONFIGS, 4, size_of::<VipConfig>(), MAX_CONFIGS),
+    spec(n::DST_PORTS, LPM + size_of::<PortData>(), size_of::<FlowMask>(), MAX_PREFIXES),
+    spec(n::SRC_PORTS, LPM + size_of::<PortData>(), size_of::<FlowMask>(), MAX_PREFIXES),
+    spec(n::SOURCES, LPM + size_of::<SourceData>(), size_of::<FlowMask>(), MAX_PREFIXES),
+    spec(n::FLOWS, 4, size_of::<FlowEntry>(), FLOW_SLOTS),
+    spec(n::STREAMS, 4, size_of::<StreamValue>(), MAX_STREAMS),
+    spec(n::MAGLEV, 4, 4, MAGLEV_CAPACITY),
+    spec(n::TARGETS, size_of::<TargetKey>(), size_of::<Target>(), MAX_TARGETS),
+    spec(n::NODE, 4, size_of::<NodeConfig>(), 1),
+    spec(n::VIP_STATS, 4, size_of::<PacketCounter>(), MAX_VIPS),
+    spec(n::FLOW_STATS, 4, size_of::<PacketCounter>(), MAX_FLOWS),
+    spec(n::TARGET_STATS, 4, size_of::<PacketCounter>(), MAX_TARGETS),
+];
 
 fn fs_type(path: &Path) -> Option<i64> {
     let c = CString::new(path.as_os_str().as_bytes()).ok()?;

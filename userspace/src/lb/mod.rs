@@ -1,3 +1,5 @@
 //! VIP load balancing: flows, streams, Maglev.
 
 pub mod maglev;
+pub mod model;
+pub mod tables;

@@ -1,0 +1,255 @@
+//! VIP load balancing tables: VIPs, compiled flows, streams, Maglev, targets.
+//!
+//! A VIP's flows are compiled in userspace into masks (one bit per flow, bit
+//! 0 the highest priority), so the XDP program finds the matching flow with a
+//! fixed number of lookups: protocol, destination port, source port and
+//! source prefix each give a mask; the lowest set bit of their AND whose byte
+//! matches pass wins. Everything a VIP's flows use hangs off a *config id*: a
+//! new configuration is written under the VIP's other config id and published
+//! by one update of the VIP entry, so no packet sees half of it. Maglev tables
+//! are published the same way (a new region, then one update of the stream).
+
+/// VIPs (their `vip_index` is below this).
+pub const MAX_VIPS: u32 = 256;
+/// Flows per VIP (bits of a [`FlowMask`]).
+pub const MAX_FLOWS_PER_VIP: u32 = 64;
+/// Config ids: two per VIP (`2 * vip_index` and `2 * vip_index + 1`).
+pub const MAX_CONFIGS: u32 = 2 * MAX_VIPS;
+/// Entries of `tm_flows`: `config_id * MAX_FLOWS_PER_VIP + bit`.
+pub const FLOW_SLOTS: u32 = MAX_CONFIGS * MAX_FLOWS_PER_VIP;
+/// Flows with counters (a stable index per flow name).
+pub const MAX_FLOWS: u32 = MAX_VIPS * MAX_FLOWS_PER_VIP;
+/// Streams (`stream_id` is below this).
+pub const MAX_STREAMS: u32 = 1024;
+/// Targets over all streams (entries of `tm_targets`, counters in `tm_target_stats`).
+pub const MAX_TARGETS: u32 = 16_384;
+/// Entries of `tm_maglev` shared by every stream's tables (u32 each).
+pub const MAGLEV_CAPACITY: u32 = 1 << 22;
+/// Entries of each port and source LPM trie.
+pub const MAX_PREFIXES: u32 = 65_536;
+/// Byte matches per flow.
+pub const MAX_BYTE_MATCHES: usize = 4;
+
+/// Protocol classes indexing [`VipConfig::protocol_masks`].
+pub const PROTO_TCP: u8 = 0;
+pub const PROTO_UDP: u8 = 1;
+pub const PROTO_SCTP: u8 = 2;
+/// ICMP for an IPv4 VIP, ICMPv6 for an IPv6 VIP.
+pub const PROTO_ICMP: u8 = 3;
+pub const PROTO_OTHER: u8 = 4;
+pub const PROTO_CLASSES: usize = 5;
+
+/// A Maglev entry with no target.
+pub const NO_TARGET: u32 = u32::MAX;
+
+/// Key of `tm_vips` (LPM trie over the 16-byte address; IPv4 is `::ffff:a.b.c.d`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VipKey {
+    pub prefix_len: u32,
+    pub addr: [u8; 16],
+}
+
+/// Value of `tm_vips`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VipValue {
+    /// Index of the VIP's counters in `tm_vip_stats`.
+    pub vip_index: u32,
+    /// The configuration in force (index of `tm_vip_configs`, key part of the flow tables).
+    pub config_id: u32,
+}
+
+/// Value of `tm_vip_configs`, indexed by config id.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VipConfig {
+    /// Flows accepting each protocol class.
+    pub protocol_masks: [u64; PROTO_CLASSES],
+    /// Flows in this configuration (bits `0..flow_count`).
+    pub flow_count: u32,
+    pub _pad: u32,
+}
+
+/// Key of `tm_dst_ports` and `tm_src_ports`: LPM over the config id (32 bits,
+/// big-endian) then the port (16 bits); `prefix_len` is 32 + the port prefix length.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortKey {
+    pub prefix_len: u32,
+    pub config_id: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Key of `tm_sources`: LPM over the config id then the source address;
+/// `prefix_len` is 32 + the address prefix length (0..=128).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceKey {
+    pub prefix_len: u32,
+    pub config_id: [u8; 4],
+    pub addr: [u8; 16],
+}
+
+/// Data part of the `tm_vips` LPM key (the kernel key is `{prefix_len, VipAddr}`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VipAddr {
+    pub addr: [u8; 16],
+}
+
+/// Data part of the port LPM keys (`{prefix_len, PortData}` is a [`PortKey`]).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortData {
+    pub config_id: [u8; 4],
+    pub port: [u8; 2],
+    pub _pad: [u8; 2],
+}
+
+/// Data part of the source LPM key; the tail pad (never inside a prefix)
+/// keeps the value 8-byte aligned in the trie.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceData {
+    pub config_id: [u8; 4],
+    pub addr: [u8; 16],
+    pub _pad: [u8; 4],
+}
+
+impl From<&VipKey> for VipAddr {
+    fn from(k: &VipKey) -> Self {
+        VipAddr { addr: k.addr }
+    }
+}
+
+impl From<&PortKey> for PortData {
+    fn from(k: &PortKey) -> Self {
+        PortData { config_id: k.config_id, port: k.port, _pad: [0; 2] }
+    }
+}
+
+impl From<&SourceKey> for SourceData {
+    fn from(k: &SourceKey) -> Self {
+        SourceData { config_id: k.config_id, addr: k.addr, _pad: [0; 4] }
+    }
+}
+
+/// Flows matching one port prefix or source prefix.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowMask {
+    pub mask: u64,
+}
+
+/// `l4[offset..offset + len] & mask == value` (big-endian, len 1, 2 or 4),
+/// only for packets of protocol class `protocol`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ByteMatch {
+    pub offset: u16,
+    pub len: u8,
+    pub protocol: u8,
+    pub mask: u32,
+    pub value: u32,
+}
+
+/// Value of `tm_flows`: a flow of a configuration and what it leads to.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct FlowEntry {
+    pub stream_id: u32,
+    /// Index of the flow's counters in `tm_flow_stats`.
+    pub stats_index: u32,
+    pub byte_match_count: u32,
+    pub _pad: u32,
+    pub byte_matches: [ByteMatch; MAX_BYTE_MATCHES],
+}
+
+/// Value of `tm_streams`, indexed by stream id: where its Maglev table is.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamValue {
+    /// First entry of the table in `tm_maglev`.
+    pub table_base: u32,
+    /// Entries (a prime); 0 = the stream has no table (no target).
+    pub table_size: u32,
+}
+
+/// Key of `tm_targets`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TargetKey {
+    pub stream_id: u32,
+    /// Maglev slot: identifier - 1.
+    pub slot: u32,
+}
+
+pub const TARGET_LOCAL: u32 = 1;
+pub const TARGET_REMOTE: u32 = 2;
+
+/// Value of `tm_targets`: how to reach a target.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Target {
+    /// [`TARGET_LOCAL`] or [`TARGET_REMOTE`].
+    pub kind: u32,
+    /// Local: the interface to redirect to.
+    pub ifindex: u32,
+    /// Index of the target's counters in `tm_target_stats`.
+    pub stats_index: u32,
+    pub _pad: u32,
+    /// Local: destination and source MAC written before the redirect.
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub _pad2: [u8; 4],
+    /// Remote: the node to tunnel to (IPv4 mapped `::ffff:a.b.c.d`).
+    pub node_addr: [u8; 16],
+}
+
+/// Value of `tm_node` (one entry): this node's tunnel endpoint.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// UDP port of the tunnel (0 = tunnel off).
+    pub tunnel_port: u16,
+    pub _pad: u16,
+    /// This node's IPv4 address on the underlay (outer source; decap destination).
+    pub addr_v4: [u8; 4],
+}
+
+crate::assert_layout!(VipKey, size = 20, align = 4);
+crate::assert_layout!(VipValue, size = 8, align = 4);
+crate::assert_layout!(VipConfig, size = 8 * PROTO_CLASSES + 8, align = 8);
+crate::assert_layout!(PortKey, size = 12, align = 4);
+crate::assert_layout!(SourceKey, size = 24, align = 4);
+crate::assert_layout!(FlowMask, size = 8, align = 8);
+crate::assert_layout!(VipAddr, size = 16, align = 1);
+crate::assert_layout!(PortData, size = 8, align = 1);
+crate::assert_layout!(SourceData, size = 24, align = 1);
+crate::assert_layout!(ByteMatch, size = 12, align = 4);
+crate::assert_layout!(FlowEntry, size = 16 + 12 * MAX_BYTE_MATCHES, align = 4);
+crate::assert_layout!(StreamValue, size = 8, align = 4);
+crate::assert_layout!(TargetKey, size = 8, align = 4);
+crate::assert_layout!(Target, size = 48, align = 4);
+crate::assert_layout!(NodeConfig, size = 8, align = 2);
+
+#[cfg(feature = "user")]
+crate::impl_pod!(
+    VipKey,
+    VipValue,
+    VipConfig,
+    PortKey,
+    SourceKey,
+    FlowMask,
+    VipAddr,
+    PortData,
+    SourceData,
+    ByteMatch,
+    FlowEntry,
+    StreamValue,
+    TargetKey,
+    Target,
+    NodeConfig
+);
