@@ -232,5 +232,6 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("is in use"), "{stderr}");
     // The first daemon is untouched.
-    assert_eq!(daemon.status().plugins.len(), 2);
+    let names: Vec<_> = daemon.status().plugins.into_iter().map(|p| p.name).collect();
+    assert_eq!(names, ["dataplane", "lb", "admin"]);
 }

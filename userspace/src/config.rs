@@ -89,11 +89,34 @@ impl Default for DataplaneConfig {
     }
 }
 
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LbConfig {
+    /// This node's IPv4 address on the underlay: the tunnel's outer source,
+    /// and where other nodes send tunnel traffic for this node's targets.
+    pub node_address: Option<std::net::Ipv4Addr>,
+    /// UDP port of the node-to-node tunnel.
+    pub tunnel_port: u16,
+    /// VIPs, streams, flows and targets to apply at start (TOML).
+    pub config_file: Option<PathBuf>,
+}
+
+impl Default for LbConfig {
+    fn default() -> Self {
+        Self {
+            node_address: None,
+            tunnel_port: tapmesh_common::DEFAULT_TUNNEL_PORT,
+            config_file: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub daemon: DaemonConfig,
     pub dataplane: DataplaneConfig,
+    pub lb: LbConfig,
 }
 
 /// Values given on the command line or in the environment; `None` keeps the file's value.
@@ -120,6 +143,15 @@ pub struct Overrides {
     /// Interface for the TC programs (repeat, or comma-separate in the environment).
     #[arg(long = "tc-interface", env = "TAPMESH_TC_INTERFACES", value_delimiter = ',')]
     pub tc_interfaces: Vec<String>,
+    /// This node's IPv4 underlay address (tunnel endpoint for VIP targets).
+    #[arg(long, env = "TAPMESH_NODE_ADDRESS")]
+    pub node_address: Option<std::net::Ipv4Addr>,
+    /// UDP port of the node-to-node tunnel.
+    #[arg(long, env = "TAPMESH_TUNNEL_PORT")]
+    pub tunnel_port: Option<u16>,
+    /// LB configuration (VIPs, streams, flows, targets) applied at start.
+    #[arg(long, env = "TAPMESH_LB_CONFIG")]
+    pub lb_config: Option<PathBuf>,
     /// Leave the dataplane attached when the daemon stops (`--keep-dataplane=false` overrides the file).
     #[arg(long, env = "TAPMESH_KEEP_DATAPLANE", num_args = 0..=1, default_missing_value = "true")]
     pub keep_dataplane: Option<bool>,
@@ -181,6 +213,15 @@ impl Config {
         if !o.tc_interfaces.is_empty() {
             self.dataplane.tc_interfaces = o.tc_interfaces.clone();
         }
+        if let Some(v) = o.node_address {
+            self.lb.node_address = Some(v);
+        }
+        if let Some(v) = o.tunnel_port {
+            self.lb.tunnel_port = v;
+        }
+        if let Some(v) = &o.lb_config {
+            self.lb.config_file = Some(v.clone());
+        }
         if let Some(v) = o.keep_dataplane {
             self.dataplane.keep_dataplane = v;
         }
@@ -220,6 +261,12 @@ impl Config {
                     });
                 }
             }
+        }
+        if self.lb.tunnel_port == 0 {
+            return Err(ConfigError::BadValue {
+                setting: "lb.tunnel_port",
+                message: "0 is not a port; use 1-65535 (default 50103)".into(),
+            });
         }
         tracing_subscriber::EnvFilter::try_new(&self.daemon.log_level).map_err(|e| {
             ConfigError::BadValue {

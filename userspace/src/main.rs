@@ -7,6 +7,7 @@ use tapmesh::{
     config::{Config, Overrides, DEFAULT_ADMIN_SOCKET},
     core::Core,
     dataplane::{DataplaneHandle, DataplanePlugin},
+    lb::service::{LbPlugin, LbService},
     netns,
 };
 use tokio::signal::unix::{signal, SignalKind};
@@ -29,6 +30,14 @@ enum Command {
         #[arg(long, env = "TAPMESH_NETNS")]
         netns: Option<String>,
     },
+    /// VIP load balancing: apply a configuration, list it, delete parts.
+    Lb {
+        /// Admin API socket of the daemon.
+        #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, global = true)]
+        admin_socket: PathBuf,
+        #[command(subcommand)]
+        command: LbCommand,
+    },
     /// Show every plugin's state and the dataplane counters.
     Status {
         /// Admin API socket of the daemon.
@@ -37,6 +46,21 @@ enum Command {
         /// Print the raw response as JSON-like debug output.
         #[arg(long)]
         raw: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum LbCommand {
+    /// Replace the whole configuration with a TOML file (vips, streams, flows, targets).
+    Apply { file: PathBuf },
+    /// Show the configuration and its counters.
+    List,
+    /// Delete a VIP, stream or flow by name, or a target by stream and identifier.
+    Delete {
+        #[arg(value_parser = ["vip", "stream", "flow", "target"])]
+        kind: String,
+        name: String,
+        identifier: Option<u32>,
     },
 }
 
@@ -68,6 +92,7 @@ fn main() -> ExitCode {
             runtime().block_on(daemon(config))
         }
         Command::Status { admin_socket, raw } => runtime().block_on(status(admin_socket, raw)),
+        Command::Lb { admin_socket, command } => runtime().block_on(lb(admin_socket, command)),
     }
 }
 
@@ -83,8 +108,10 @@ async fn daemon(config: Config) -> ExitCode {
     let global = CancellationToken::new();
     let mut core = Core::new(global.clone());
     let dataplane = DataplaneHandle::default();
+    let lb = Arc::new(LbService::new(dataplane.clone()));
     core.register(Arc::new(DataplanePlugin::new(dataplane.clone())));
-    core.register(Arc::new(AdminPlugin::new(core.view(), dataplane)));
+    core.register(Arc::new(LbPlugin::new(lb.clone())));
+    core.register(Arc::new(AdminPlugin::new(core.view(), dataplane, lb)));
 
     // Signals are caught from here on, so one that arrives during start still stops cleanly.
     let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
@@ -137,6 +164,59 @@ async fn status(socket: PathBuf, raw: bool) -> ExitCode {
         }
         Err(e) => {
             eprintln!("tapmesh: status: {}", e.message());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn lb(socket: PathBuf, command: LbCommand) -> ExitCode {
+    use admin::proto::{ListLbRequest, Name, TargetId};
+
+    let mut client = match admin::connect(&socket).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tapmesh: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match command {
+        LbCommand::Apply { file } => {
+            let spec = match tapmesh::lb::service::read_spec(&file) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("tapmesh: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            client.apply_lb(admin::lb_config(spec)).await.map(|_| String::new())
+        }
+        LbCommand::List => client
+            .list_lb(ListLbRequest {})
+            .await
+            .map(|r| cli::lb::render(&r.into_inner())),
+        LbCommand::Delete { kind, name, identifier } => match kind.as_str() {
+            "vip" => client.delete_vip(Name { name }).await.map(|_| String::new()),
+            "stream" => client.delete_stream(Name { name }).await.map(|_| String::new()),
+            "flow" => client.delete_flow(Name { name }).await.map(|_| String::new()),
+            _ => match identifier {
+                Some(identifier) => client
+                    .delete_target(TargetId { stream: name, identifier })
+                    .await
+                    .map(|_| String::new()),
+                None => {
+                    eprintln!("tapmesh: lb delete target needs the stream and the identifier");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            },
+        },
+    };
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tapmesh: {}", e.message());
             ExitCode::FAILURE
         }
     }

@@ -15,7 +15,8 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "tcpdump",
-    "procps", // sysctl, used by the namespace tests
+    "procps",  // sysctl, used by the namespace tests
+    "ethtool", // GRO on target veths (native XDP redirect needs the peer to run NAPI)
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -1,6 +1,7 @@
 //! The admin API: gRPC on a unix socket only root may use.
 
 mod client;
+mod lb;
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -16,8 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tonic::{transport::server::UdsConnectInfo, Request, Response, Status};
 
 pub use client::{connect, AdminClientError};
+pub use lb::config as lb_config;
+
+use std::sync::Arc;
 
 use crate::{
+    lb::service::LbService,
     config::Config,
     core::{CoreView, Plugin, PluginError, PluginState},
     dataplane::{DataplaneHandle, ProgramCounters},
@@ -29,10 +34,11 @@ pub mod proto {
 
 use proto::admin_server::{Admin, AdminServer};
 
-/// Answers admin calls from the core's and the dataplane's state.
+/// Answers admin calls from the core's, the dataplane's and the LB's state.
 pub struct AdminService {
     core: CoreView,
     dataplane: DataplaneHandle,
+    lb: Arc<LbService>,
 }
 
 fn state_of(state: PluginState) -> proto::PluginState {
@@ -111,12 +117,90 @@ impl Admin for AdminService {
             Ok(list) => list.iter().map(counters_to_proto).collect(),
             Err(_) => Vec::new(),
         };
+        let (vips, flows, targets) = match self.dataplane.lb_counters().await {
+            Ok(c) => lb::counters(c),
+            Err(_) => Default::default(),
+        };
         Ok(Response::new(proto::StatusResponse {
             version: env!("CARGO_PKG_VERSION").into(),
             plugins,
             attachments,
             programs,
             pin_directory: self.dataplane.pin_dir().await.map(|p| p.display().to_string()).unwrap_or_default(),
+            vips,
+            flows,
+            targets,
+        }))
+    }
+
+    async fn set_vip(&self, request: Request<proto::Vip>) -> Result<Response<proto::LbReply>, Status> {
+        check_root(&request)?;
+        self.lb.set_vip(lb::vip(request.into_inner())).await.map_err(lb::status_of)?;
+        Ok(Response::new(proto::LbReply {}))
+    }
+
+    async fn delete_vip(&self, request: Request<proto::Name>) -> Result<Response<proto::LbReply>, Status> {
+        check_root(&request)?;
+        self.lb.delete_vip(&request.into_inner().name).await.map_err(lb::status_of)?;
+        Ok(Response::new(proto::LbReply {}))
+    }
+
+    async fn set_stream(&self, request: Request<proto::Stream>) -> Result<Response<proto::LbReply>, Status> {
+        check_root(&request)?;
+        self.lb.set_stream(lb::stream(request.into_inner())).await.map_err(lb::status_of)?;
+        Ok(Response::new(proto::LbReply {}))
+    }
+
+    async fn delete_stream(&self, request: Request<proto::Name>) -> Result<Response<proto::LbReply>, Status> {
+        check_root(&request)?;
+        self.lb.delete_stream(&request.into_inner().name).await.map_err(lb::status_of)?;
+        Ok(Response::new(proto::LbReply {}))
+    }
+
+    async fn set_flow(&self, request: Request<proto::Flow>) -> Result<Response<proto::LbReply>, Status> {
+        check_root(&request)?;
+        self.lb.set_flow(lb::flow(request.into_inner())).await.map_err(lb::status_of)?;
+        Ok(Response::new(proto::LbReply {}))
+    }
+
+    async fn delete_flow(&self, request: Request<proto::Name>) -> Result<Response<proto::LbReply>, Status> {
+        check_root(&request)?;
+        self.lb.delete_flow(&request.into_inner().name).await.map_err(lb::status_of)?;
+        Ok(Response::new(proto::LbReply {}))
+    }
+
+    async fn set_target(&self, request: Request<proto::Target>) -> Result<Response<proto::LbReply>, Status> {
+        check_root(&request)?;
+        let target = lb::target(request.into_inner())?;
+        self.lb.set_target(target).await.map_err(lb::status_of)?;
+        Ok(Response::new(proto::LbReply {}))
+    }
+
+    async fn delete_target(&self, request: Request<proto::TargetId>) -> Result<Response<proto::LbReply>, Status> {
+        check_root(&request)?;
+        let id = request.into_inner();
+        self.lb.delete_target(&id.stream, id.identifier).await.map_err(lb::status_of)?;
+        Ok(Response::new(proto::LbReply {}))
+    }
+
+    async fn apply_lb(&self, request: Request<proto::LbConfig>) -> Result<Response<proto::LbReply>, Status> {
+        check_root(&request)?;
+        let spec = lb::spec(request.into_inner())?;
+        self.lb.apply(spec).await.map_err(lb::status_of)?;
+        Ok(Response::new(proto::LbReply {}))
+    }
+
+    async fn list_lb(&self, request: Request<proto::ListLbRequest>) -> Result<Response<proto::LbListing>, Status> {
+        check_root(&request)?;
+        let (vips, flows, targets) = match self.dataplane.lb_counters().await {
+            Ok(c) => lb::counters(c),
+            Err(_) => Default::default(),
+        };
+        Ok(Response::new(proto::LbListing {
+            config: Some(lb::config(self.lb.spec().await)),
+            vips,
+            flows,
+            targets,
         }))
     }
 }
@@ -158,15 +242,17 @@ struct Serving {
 pub struct AdminPlugin {
     core: CoreView,
     dataplane: DataplaneHandle,
+    lb: Arc<LbService>,
     socket: Mutex<PathBuf>,
     serving: tokio::sync::Mutex<Option<Serving>>,
 }
 
 impl AdminPlugin {
-    pub fn new(core: CoreView, dataplane: DataplaneHandle) -> Self {
+    pub fn new(core: CoreView, dataplane: DataplaneHandle, lb: Arc<LbService>) -> Self {
         Self {
             core,
             dataplane,
+            lb,
             socket: Mutex::new(PathBuf::new()),
             serving: tokio::sync::Mutex::new(None),
         }
@@ -193,6 +279,7 @@ impl Plugin for AdminPlugin {
         let service = AdminService {
             core: self.core.clone(),
             dataplane: self.dataplane.clone(),
+            lb: self.lb.clone(),
         };
         let stop = scope.child_token();
         let shutdown = stop.clone();

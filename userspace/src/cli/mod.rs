@@ -1,3 +1,4 @@
 //! Command-line front ends that talk to the daemon.
 
+pub mod lb;
 pub mod status;

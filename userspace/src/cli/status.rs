@@ -44,5 +44,9 @@ pub fn render(status: &StatusResponse) -> String {
             let _ = writeln!(out, "    drops      {}", drops.join(" "));
         }
     }
+    if !(status.vips.is_empty() && status.flows.is_empty() && status.targets.is_empty()) {
+        let _ = writeln!(out, "\nload balancing:");
+        super::lb::render_counters(&mut out, &status.vips, &status.flows, &status.targets);
+    }
     out
 }

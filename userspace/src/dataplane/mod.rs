@@ -6,6 +6,7 @@
 //! through a [`DataplaneHandle`] and never touch map handles themselves.
 
 mod attach;
+pub mod lb;
 mod pins;
 
 use std::{path::PathBuf, sync::Arc};
@@ -48,6 +49,10 @@ pub enum DataplaneError {
     Map { name: &'static str, message: String },
     #[error("the dataplane is not running")]
     NotRunning,
+    #[error("no room left for {0}")]
+    Full(&'static str),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// Counters of one program, summed over CPUs.
@@ -59,6 +64,7 @@ pub struct ProgramCounters {
 
 struct Running {
     ebpf: Ebpf,
+    lb: lb::LbWriter,
     links: attach::Links,
     attachments: Vec<Attachment>,
     pin_dir: PathBuf,
@@ -80,6 +86,25 @@ impl DataplaneHandle {
 
     pub async fn attachments(&self) -> Vec<Attachment> {
         self.running.lock().await.as_ref().map(|r| r.attachments.clone()).unwrap_or_default()
+    }
+
+    /// Makes the load-balancing maps hold `valid` (see [`lb::LbWriter::apply`]).
+    pub async fn apply_lb(
+        &self,
+        valid: &crate::lb::model::ValidLb,
+        tunnel: lb::TunnelSettings,
+    ) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let running = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        let resolve = |name: &str| crate::netlink::interface_mac(name).map_err(|e| e.to_string());
+        tokio::task::block_in_place(|| running.lb.apply(&mut running.ebpf, valid, tunnel, &resolve))
+    }
+
+    /// Per-VIP, per-flow and per-target counters.
+    pub async fn lb_counters(&self) -> Result<lb::LbCounters, DataplaneError> {
+        let guard = self.running.lock().await;
+        let running = guard.as_ref().ok_or(DataplaneError::NotRunning)?;
+        running.lb.counters(&running.ebpf)
     }
 
     pub async fn pin_dir(&self) -> Option<PathBuf> {
@@ -213,6 +238,7 @@ fn start_dataplane(config: &DataplaneConfig) -> Result<Running, DataplaneError> 
     }
     Ok(Running {
         ebpf: loaded.expect("loaded when attaching succeeded"),
+        lb: lb::LbWriter::default(),
         links,
         attachments,
         pin_dir,

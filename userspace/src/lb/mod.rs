@@ -3,3 +3,4 @@
 pub mod maglev;
 pub mod model;
 pub mod tables;
+pub mod service;

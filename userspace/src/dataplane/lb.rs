@@ -1,0 +1,436 @@
+//! Writes a validated LB configuration into the maps, publishing each VIP's
+//! flow tables and each stream's Maglev table with one update, and keeps the
+//! ids (VIP, config, stream, counters) stable across changes.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::{
+    maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray},
+    Ebpf,
+};
+use tapmesh_common::{
+    lb::{
+        FlowEntry, FlowMask, NodeConfig, PortData, PortKey, SourceData, SourceKey, StreamValue, Target, TargetKey,
+        VipAddr, VipConfig, VipKey, VipValue, MAGLEV_CAPACITY, MAX_FLOWS, MAX_FLOWS_PER_VIP, MAX_STREAMS,
+        MAX_TARGETS, MAX_VIPS,
+    },
+    map_names as n, PacketCounter,
+};
+
+use super::DataplaneError;
+use crate::lb::{
+    model::{ValidLb, ValidVia},
+    tables::{target_value, vip_key, vip_tables, VipTables},
+};
+
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |e| DataplaneError::Map {
+        name,
+        message: e.to_string(),
+    }
+}
+
+fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, DataplaneError> {
+    ebpf.map_mut(name).ok_or(DataplaneError::Map {
+        name,
+        message: "missing from the object".into(),
+    })
+}
+
+fn array<'a, V: aya::Pod>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Array<&'a mut MapData, V>, DataplaneError> {
+    Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))
+}
+
+fn trie<'a, K: aya::Pod, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<LpmTrie<&'a mut MapData, K, V>, DataplaneError> {
+    LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))
+}
+
+/// Hands out the lowest free index below a limit, and takes it back.
+#[derive(Debug, Default)]
+struct Ids {
+    used: BTreeSet<u32>,
+}
+
+impl Ids {
+    fn take(&mut self, limit: u32, what: &'static str) -> Result<u32, DataplaneError> {
+        let id = (0..limit).find(|i| !self.used.contains(i)).ok_or(DataplaneError::Full(what))?;
+        self.used.insert(id);
+        Ok(id)
+    }
+
+    fn give(&mut self, id: u32) {
+        self.used.remove(&id);
+    }
+}
+
+/// First-fit regions of `tm_maglev`.
+#[derive(Debug, Default)]
+struct Regions {
+    taken: BTreeMap<u32, u32>,
+}
+
+impl Regions {
+    fn take(&mut self, size: u32) -> Result<u32, DataplaneError> {
+        let mut at = 0u32;
+        for (&base, &len) in &self.taken {
+            if base - at >= size {
+                break;
+            }
+            at = base + len;
+        }
+        if at.checked_add(size).is_none_or(|end| end > MAGLEV_CAPACITY) {
+            return Err(DataplaneError::Full("Maglev table space"));
+        }
+        self.taken.insert(at, size);
+        Ok(at)
+    }
+
+    fn give(&mut self, base: u32) {
+        self.taken.remove(&base);
+    }
+}
+
+#[derive(Debug)]
+struct VipSlot {
+    index: u32,
+    key: VipKey,
+    config_id: u32,
+    tables: VipTables,
+}
+
+#[derive(Debug)]
+struct StreamSlot {
+    id: u32,
+    base: u32,
+    table: Vec<u32>,
+}
+
+/// This node's tunnel settings for remote targets and decapsulation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelSettings {
+    pub port: u16,
+    pub address: Option<std::net::Ipv4Addr>,
+}
+
+/// Finds a local interface's index and MAC.
+pub type Resolver<'a> = &'a dyn Fn(&str) -> Result<(u32, [u8; 6]), String>;
+
+/// Counters of one LB object, summed over CPUs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamedCounter {
+    pub name: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LbCounters {
+    pub vips: Vec<NamedCounter>,
+    pub flows: Vec<NamedCounter>,
+    /// Named `<stream>/<identifier>`.
+    pub targets: Vec<NamedCounter>,
+}
+
+/// The writer's memory of what is in the maps.
+#[derive(Debug, Default)]
+pub struct LbWriter {
+    vip_ids: Ids,
+    stream_ids: Ids,
+    flow_ids: Ids,
+    target_ids: Ids,
+    regions: Regions,
+    vips: BTreeMap<String, VipSlot>,
+    streams: BTreeMap<String, StreamSlot>,
+    flows: BTreeMap<String, u32>,
+    targets: BTreeMap<(String, u32), (TargetKey, Target)>,
+}
+
+fn zero_counter(ebpf: &mut Ebpf, name: &'static str, index: u32) -> Result<(), DataplaneError> {
+    let mut map: PerCpuArray<&mut MapData, PacketCounter> =
+        PerCpuArray::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {
+        name,
+        message: e.to_string(),
+    })?;
+    let zeros = aya::maps::PerCpuValues::try_from(vec![PacketCounter::default(); cpus]).map_err(|e| {
+        DataplaneError::Map {
+            name,
+            message: e.to_string(),
+        }
+    })?;
+    map.set(index, zeros, 0).map_err(map_err(name))
+}
+
+fn read_counter(ebpf: &Ebpf, name: &'static str, index: u32) -> Result<PacketCounter, DataplaneError> {
+    let map = ebpf.map(name).ok_or(DataplaneError::Map {
+        name,
+        message: "missing from the object".into(),
+    })?;
+    let map: PerCpuArray<&MapData, PacketCounter> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let mut total = PacketCounter::default();
+    for cpu in map.get(&index, 0).map_err(map_err(name))?.iter() {
+        total.merge(cpu);
+    }
+    Ok(total)
+}
+
+impl LbWriter {
+    /// Makes the maps hold `valid`. Everything was validated before; what can
+    /// still fail here is a full id space or a map write.
+    pub fn apply(
+        &mut self,
+        ebpf: &mut Ebpf,
+        valid: &ValidLb,
+        tunnel: TunnelSettings,
+        resolve: Resolver,
+    ) -> Result<(), DataplaneError> {
+        self.write_node(ebpf, tunnel)?;
+        // Resolve local interfaces before touching anything.
+        let mut targets = BTreeMap::new();
+        for t in &valid.targets {
+            let (ifindex, our_mac) = match &t.via {
+                ValidVia::Local { interface, .. } => resolve(interface).map_err(|message| DataplaneError::Attach {
+                    hook: super::Hook::Xdp,
+                    interface: interface.clone(),
+                    message,
+                })?,
+                ValidVia::Remote { .. } => {
+                    if tunnel.address.is_none() {
+                        return Err(DataplaneError::Config(format!(
+                            "target {} of stream {:?} is on another node, but this node has no tunnel address (set lb.node_address)",
+                            t.identifier, t.stream
+                        )));
+                    }
+                    (0, [0; 6])
+                }
+            };
+            targets.insert((t.stream.clone(), t.identifier), (t, ifindex, our_mac));
+        }
+
+        // Stream ids and flow counters first, so tables can name them.
+        for s in &valid.streams {
+            if !self.streams.contains_key(&s.name) {
+                let id = self.stream_ids.take(MAX_STREAMS, "stream ids")?;
+                self.streams.insert(s.name.clone(), StreamSlot { id, base: 0, table: Vec::new() });
+            }
+        }
+        for f in &valid.flows.flows {
+            if !self.flows.contains_key(&f.name) {
+                let id = self.flow_ids.take(MAX_FLOWS, "flow counters")?;
+                zero_counter(ebpf, n::FLOW_STATS, id)?;
+                self.flows.insert(f.name.clone(), id);
+            }
+        }
+
+        // Targets before the tables that point at them.
+        for (key, (t, ifindex, our_mac)) in &targets {
+            let stream_id = self.streams[&t.stream].id;
+            let stats = match self.targets.get(key) {
+                Some((_, old)) => old.stats_index,
+                None => {
+                    let id = self.target_ids.take(MAX_TARGETS, "target counters")?;
+                    zero_counter(ebpf, n::TARGET_STATS, id)?;
+                    id
+                }
+            };
+            let tkey = TargetKey { stream_id, slot: t.identifier - 1 };
+            let value = target_value(&t.via, *ifindex, *our_mac, stats);
+            if self.targets.get(key).map(|(_, v)| v) != Some(&value) {
+                let mut map: BpfHashMap<_, TargetKey, Target> =
+                    BpfHashMap::try_from(map_mut(ebpf, n::TARGETS)?).map_err(map_err(n::TARGETS))?;
+                map.insert(tkey, value, 0).map_err(map_err(n::TARGETS))?;
+            }
+            self.targets.insert(key.clone(), (tkey, value));
+        }
+
+        for s in &valid.streams {
+            self.write_stream(ebpf, &s.name, &s.table)?;
+        }
+        for vip in &valid.vips {
+            self.write_vip(ebpf, vip)?;
+        }
+
+        // Then remove what is gone, tables first, targets last.
+        let vips: BTreeSet<&str> = valid.vips.iter().map(|v| v.name.as_str()).collect();
+        for name in self.vips.keys().filter(|k| !vips.contains(k.as_str())).cloned().collect::<Vec<_>>() {
+            self.remove_vip(ebpf, &name)?;
+        }
+        let streams: BTreeSet<&str> = valid.streams.iter().map(|s| s.name.as_str()).collect();
+        for name in self.streams.keys().filter(|k| !streams.contains(k.as_str())).cloned().collect::<Vec<_>>() {
+            let slot = self.streams.remove(&name).expect("listed");
+            array::<StreamValue>(ebpf, n::STREAMS)?.set(slot.id, StreamValue::default(), 0).map_err(map_err(n::STREAMS))?;
+            if !slot.table.is_empty() {
+                self.regions.give(slot.base);
+            }
+            self.stream_ids.give(slot.id);
+        }
+        let gone: Vec<_> = self.targets.keys().filter(|k| !targets.contains_key(*k)).cloned().collect();
+        for key in gone {
+            let (tkey, value) = self.targets.remove(&key).expect("listed");
+            let mut map: BpfHashMap<_, TargetKey, Target> =
+                BpfHashMap::try_from(map_mut(ebpf, n::TARGETS)?).map_err(map_err(n::TARGETS))?;
+            map.remove(&tkey).map_err(map_err(n::TARGETS))?;
+            self.target_ids.give(value.stats_index);
+        }
+        let flows: BTreeSet<&str> = valid.flows.flows.iter().map(|f| f.name.as_str()).collect();
+        for name in self.flows.keys().filter(|k| !flows.contains(k.as_str())).cloned().collect::<Vec<_>>() {
+            let id = self.flows.remove(&name).expect("listed");
+            self.flow_ids.give(id);
+        }
+        Ok(())
+    }
+
+    fn write_node(&mut self, ebpf: &mut Ebpf, tunnel: TunnelSettings) -> Result<(), DataplaneError> {
+        let node = match tunnel.address {
+            Some(addr) => NodeConfig { tunnel_port: tunnel.port, _pad: 0, addr_v4: addr.octets() },
+            None => NodeConfig::default(),
+        };
+        array::<NodeConfig>(ebpf, n::NODE)?.set(0, node, 0).map_err(map_err(n::NODE))
+    }
+
+    /// A changed table goes to a new region; one write of the stream entry publishes it.
+    fn write_stream(&mut self, ebpf: &mut Ebpf, name: &str, table: &[u32]) -> Result<(), DataplaneError> {
+        let slot = self.streams.get(name).expect("stream id assigned");
+        if slot.table == table {
+            return Ok(());
+        }
+        let size = table.len() as u32;
+        let base = self.regions.take(size)?;
+        let mut maglev = array::<u32>(ebpf, n::MAGLEV)?;
+        for (i, entry) in table.iter().enumerate() {
+            maglev.set(base + i as u32, *entry, 0).map_err(map_err(n::MAGLEV))?;
+        }
+        let id = slot.id;
+        array::<StreamValue>(ebpf, n::STREAMS)?
+            .set(id, StreamValue { table_base: base, table_size: size }, 0)
+            .map_err(map_err(n::STREAMS))?;
+        let slot = self.streams.get_mut(name).expect("stream id assigned");
+        if !slot.table.is_empty() {
+            self.regions.give(slot.base);
+        }
+        slot.base = base;
+        slot.table = table.to_vec();
+        Ok(())
+    }
+
+    /// Writes the VIP's tables under its other config id, then flips the VIP entry.
+    fn write_vip(&mut self, ebpf: &mut Ebpf, vip: &crate::flows::CompiledVip) -> Result<(), DataplaneError> {
+        let key = vip_key(&vip.prefix);
+        let (index, config_id) = match self.vips.get(&vip.name) {
+            Some(slot) => (slot.index, slot.config_id ^ 1),
+            None => {
+                let index = self.vip_ids.take(MAX_VIPS, "VIP ids")?;
+                zero_counter(ebpf, n::VIP_STATS, index)?;
+                (index, 2 * index)
+            }
+        };
+        let streams = &self.streams;
+        let flows = &self.flows;
+        let tables = vip_tables(
+            vip,
+            config_id,
+            |s| streams.get(s).map_or(u32::MAX, |slot| slot.id),
+            |f| flows.get(f).copied().unwrap_or(0),
+        );
+        if let Some(slot) = self.vips.get(&vip.name) {
+            let mut old = slot.tables.clone();
+            retarget(&mut old, config_id);
+            if old == tables && slot.key == key {
+                return Ok(());
+            }
+        }
+        write_tables(ebpf, config_id, &tables)?;
+        let mut vips: LpmTrie<_, VipAddr, VipValue> = trie(ebpf, n::VIPS)?;
+        vips.insert(&Key::new(key.prefix_len, VipAddr::from(&key)), VipValue { vip_index: index, config_id }, 0)
+            .map_err(map_err(n::VIPS))?;
+        if let Some(old) = self.vips.remove(&vip.name) {
+            if old.key != key {
+                vips.remove(&Key::new(old.key.prefix_len, VipAddr::from(&old.key))).map_err(map_err(n::VIPS))?;
+            }
+            clear_tables(ebpf, &old.tables)?;
+        }
+        self.vips.insert(vip.name.clone(), VipSlot { index, key, config_id, tables });
+        Ok(())
+    }
+
+    fn remove_vip(&mut self, ebpf: &mut Ebpf, name: &str) -> Result<(), DataplaneError> {
+        let Some(slot) = self.vips.remove(name) else { return Ok(()) };
+        let mut vips: LpmTrie<_, VipAddr, VipValue> = trie(ebpf, n::VIPS)?;
+        vips.remove(&Key::new(slot.key.prefix_len, VipAddr::from(&slot.key))).map_err(map_err(n::VIPS))?;
+        clear_tables(ebpf, &slot.tables)?;
+        self.vip_ids.give(slot.index);
+        Ok(())
+    }
+
+    /// Per-VIP, per-flow and per-target counters, summed over CPUs.
+    pub fn counters(&self, ebpf: &Ebpf) -> Result<LbCounters, DataplaneError> {
+        let mut out = LbCounters::default();
+        let named = |name: String, c: PacketCounter| NamedCounter { name, packets: c.packets, bytes: c.bytes };
+        for (name, slot) in &self.vips {
+            out.vips.push(named(name.clone(), read_counter(ebpf, n::VIP_STATS, slot.index)?));
+        }
+        for (name, id) in &self.flows {
+            out.flows.push(named(name.clone(), read_counter(ebpf, n::FLOW_STATS, *id)?));
+        }
+        for ((stream, identifier), (_, target)) in &self.targets {
+            let c = read_counter(ebpf, n::TARGET_STATS, target.stats_index)?;
+            out.targets.push(named(format!("{stream}/{identifier}"), c));
+        }
+        Ok(out)
+    }
+}
+
+/// The same tables as if written under `config_id` (to compare configurations).
+fn retarget(t: &mut VipTables, config_id: u32) {
+    let id = config_id.to_be_bytes();
+    for (k, _) in t.dst_ports.iter_mut().chain(t.src_ports.iter_mut()) {
+        k.config_id = id;
+    }
+    for (k, _) in t.sources.iter_mut() {
+        k.config_id = id;
+    }
+}
+
+fn port_key(k: &PortKey) -> Key<PortData> {
+    Key::new(k.prefix_len, PortData::from(k))
+}
+
+fn source_key(k: &SourceKey) -> Key<SourceData> {
+    Key::new(k.prefix_len, SourceData::from(k))
+}
+
+fn write_tables(ebpf: &mut Ebpf, config_id: u32, t: &VipTables) -> Result<(), DataplaneError> {
+    for (name, entries) in [(n::DST_PORTS, &t.dst_ports), (n::SRC_PORTS, &t.src_ports)] {
+        let mut map: LpmTrie<_, PortData, FlowMask> = trie(ebpf, name)?;
+        for (k, v) in entries {
+            map.insert(&port_key(k), *v, 0).map_err(map_err(name))?;
+        }
+    }
+    let mut sources: LpmTrie<_, SourceData, FlowMask> = trie(ebpf, n::SOURCES)?;
+    for (k, v) in &t.sources {
+        sources.insert(&source_key(k), *v, 0).map_err(map_err(n::SOURCES))?;
+    }
+    let mut flows = array::<FlowEntry>(ebpf, n::FLOWS)?;
+    for (bit, f) in t.flows.iter().enumerate() {
+        flows.set(config_id * MAX_FLOWS_PER_VIP + bit as u32, *f, 0).map_err(map_err(n::FLOWS))?;
+    }
+    array::<VipConfig>(ebpf, n::VIP_CONFIGS)?.set(config_id, t.config, 0).map_err(map_err(n::VIP_CONFIGS))
+}
+
+/// Removes a configuration no VIP entry points at any more.
+fn clear_tables(ebpf: &mut Ebpf, t: &VipTables) -> Result<(), DataplaneError> {
+    for (name, entries) in [(n::DST_PORTS, &t.dst_ports), (n::SRC_PORTS, &t.src_ports)] {
+        let mut map: LpmTrie<_, PortData, FlowMask> = trie(ebpf, name)?;
+        for (k, _) in entries {
+            let _ = map.remove(&port_key(k));
+        }
+    }
+    let mut sources: LpmTrie<_, SourceData, FlowMask> = trie(ebpf, n::SOURCES)?;
+    for (k, _) in &t.sources {
+        let _ = sources.remove(&source_key(k));
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! The `lb` plugin: holds the VIP/stream/flow/target configuration, validates
+//! every change as a whole and hands it to the dataplane. A rejected change
+//! leaves the maps (and the held configuration) as they were.
+
+use std::path::Path;
+
+use async_trait::async_trait;
+use thiserror::Error;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::model::{validate, LbError, LbSpec, StreamSpec, TargetSpec};
+use crate::{
+    config::Config,
+    core::{Plugin, PluginError},
+    dataplane::{lb::TunnelSettings, DataplaneError, DataplaneHandle},
+    flows::{FlowSpec, VipSpec},
+};
+
+#[derive(Debug, Error)]
+pub enum LbServiceError {
+    #[error("{0}")]
+    Invalid(#[from] LbError),
+    #[error("{kind} {name:?} does not exist")]
+    NotFound { kind: &'static str, name: String },
+    #[error("writing the maps: {0}")]
+    Dataplane(#[from] DataplaneError),
+    #[error("LB config file {path}: {message}")]
+    File { path: String, message: String },
+}
+
+/// Reads an LB configuration file (TOML) and validates it.
+pub fn read_spec(path: &Path) -> Result<LbSpec, LbServiceError> {
+    let file = |message: String| LbServiceError::File {
+        path: path.display().to_string(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+    let spec: LbSpec = toml::from_str(&text).map_err(|e| file(e.message().replace('\n', " ")))?;
+    validate(&spec).map_err(|e| file(e.to_string()))?;
+    Ok(spec)
+}
+
+pub struct LbService {
+    dataplane: DataplaneHandle,
+    spec: Mutex<LbSpec>,
+    tunnel: std::sync::Mutex<TunnelSettings>,
+}
+
+impl LbService {
+    pub fn new(dataplane: DataplaneHandle) -> Self {
+        Self {
+            dataplane,
+            spec: Mutex::new(LbSpec::default()),
+            tunnel: std::sync::Mutex::new(TunnelSettings::default()),
+        }
+    }
+
+    fn tunnel(&self) -> TunnelSettings {
+        *self.tunnel.lock().expect("tunnel lock")
+    }
+
+    /// The configuration in force.
+    pub async fn spec(&self) -> LbSpec {
+        self.spec.lock().await.clone()
+    }
+
+    /// Replaces the whole configuration.
+    pub async fn apply(&self, new: LbSpec) -> Result<(), LbServiceError> {
+        let mut spec = self.spec.lock().await;
+        let valid = validate(&new)?;
+        self.dataplane.apply_lb(&valid, self.tunnel()).await?;
+        *spec = new;
+        Ok(())
+    }
+
+    /// Changes the configuration with `edit`, then validates and applies the result.
+    pub async fn update(
+        &self,
+        edit: impl FnOnce(&mut LbSpec) -> Result<(), LbServiceError>,
+    ) -> Result<(), LbServiceError> {
+        let mut spec = self.spec.lock().await;
+        let mut new = spec.clone();
+        edit(&mut new)?;
+        let valid = validate(&new)?;
+        self.dataplane.apply_lb(&valid, self.tunnel()).await?;
+        *spec = new;
+        Ok(())
+    }
+
+    pub async fn set_vip(&self, vip: VipSpec) -> Result<(), LbServiceError> {
+        self.update(|s| {
+            upsert(&mut s.vips, vip, |a, b| a.name == b.name);
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_stream(&self, stream: StreamSpec) -> Result<(), LbServiceError> {
+        self.update(|s| {
+            upsert(&mut s.streams, stream, |a, b| a.name == b.name);
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_flow(&self, flow: FlowSpec) -> Result<(), LbServiceError> {
+        self.update(|s| {
+            upsert(&mut s.flows, flow, |a, b| a.name == b.name);
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_target(&self, target: TargetSpec) -> Result<(), LbServiceError> {
+        self.update(|s| {
+            upsert(&mut s.targets, target, |a, b| a.stream == b.stream && a.identifier == b.identifier);
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn delete_vip(&self, name: &str) -> Result<(), LbServiceError> {
+        self.update(|s| remove(&mut s.vips, |v| v.name == name, "VIP", name)).await
+    }
+
+    pub async fn delete_stream(&self, name: &str) -> Result<(), LbServiceError> {
+        self.update(|s| remove(&mut s.streams, |v| v.name == name, "stream", name)).await
+    }
+
+    pub async fn delete_flow(&self, name: &str) -> Result<(), LbServiceError> {
+        self.update(|s| remove(&mut s.flows, |v| v.name == name, "flow", name)).await
+    }
+
+    pub async fn delete_target(&self, stream: &str, identifier: u32) -> Result<(), LbServiceError> {
+        let name = format!("{stream}/{identifier}");
+        self.update(|s| {
+            remove(&mut s.targets, |t| t.stream == stream && t.identifier == identifier, "target", &name)
+        })
+        .await
+    }
+}
+
+fn upsert<T>(list: &mut Vec<T>, item: T, same: impl Fn(&T, &T) -> bool) {
+    match list.iter_mut().find(|x| same(x, &item)) {
+        Some(slot) => *slot = item,
+        None => list.push(item),
+    }
+}
+
+fn remove<T>(
+    list: &mut Vec<T>,
+    matches: impl Fn(&T) -> bool,
+    kind: &'static str,
+    name: &str,
+) -> Result<(), LbServiceError> {
+    let before = list.len();
+    list.retain(|x| !matches(x));
+    if list.len() == before {
+        return Err(LbServiceError::NotFound {
+            kind,
+            name: name.into(),
+        });
+    }
+    Ok(())
+}
+
+/// The plugin around [`LbService`]: applies the configured file at start.
+pub struct LbPlugin {
+    service: std::sync::Arc<LbService>,
+    initial: std::sync::Mutex<Option<LbSpec>>,
+}
+
+impl LbPlugin {
+    pub fn new(service: std::sync::Arc<LbService>) -> Self {
+        Self {
+            service,
+            initial: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+#[async_trait]
+impl Plugin for LbPlugin {
+    fn name(&self) -> &'static str {
+        "lb"
+    }
+
+    async fn configure(&self, _scope: CancellationToken, config: &Config) -> Result<(), PluginError> {
+        *self.service.tunnel.lock().expect("tunnel lock") = TunnelSettings {
+            port: config.lb.tunnel_port,
+            address: config.lb.node_address,
+        };
+        let initial = match &config.lb.config_file {
+            Some(path) => Some(read_spec(path).map_err(|e| PluginError::new(e.to_string()))?),
+            None => None,
+        };
+        *self.initial.lock().expect("initial lock") = initial;
+        Ok(())
+    }
+
+    async fn start(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+        let initial = self.initial.lock().expect("initial lock").take().unwrap_or_default();
+        self.service.apply(initial).await.map_err(|e| PluginError::new(e.to_string()))
+    }
+
+    async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+        Ok(())
+    }
+
+    fn status(&self) -> String {
+        match self.service.spec.try_lock() {
+            Ok(s) => format!(
+                "{} VIPs, {} streams, {} flows, {} targets",
+                s.vips.len(),
+                s.streams.len(),
+                s.flows.len(),
+                s.targets.len()
+            ),
+            Err(_) => "busy".into(),
+        }
+    }
+}
