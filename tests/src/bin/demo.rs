@@ -1,19 +1,26 @@
-//! `cargo xtask demo`: a two-node lab of namespaces with the daemon on node 1,
-//! real traffic from node 2 to a pod behind node 1, and the counters.
+//! `cargo xtask demo`: a lab of namespaces with the daemon on node 1, real
+//! traffic from node 2, and the counters.
 //!
 //! ```text
-//!  node2 ──(uplink veth)── node1 ──(pod veth)── pod
-//!  198.18.0.2          198.18.0.1 | 198.18.1.1   198.18.1.2
-//!                      XDP uplink   TC ingress/egress
+//!                                   ┌── target1 ┐
+//!  node2 ──(uplink veth)── node1 ───┼── target2 ┼─ VIP 203.0.113.10 on each
+//!  198.18.0.2          198.18.0.1   └── target3 ┘
+//!                       XDP uplink ─── pod 198.18.1.2 (TC on its veth)
 //! ```
+//! node2 sends 300 UDP flows to the VIP (spread over the three targets by
+//! Maglev), pings the pod, and sends three broken frames (dropped by reason).
 
-use std::process::Command;
+use std::{net::UdpSocket, process::Command, time::Duration};
 
 use tapmesh_tests::{
     daemon::{named, packets, tapmesh_bin, Daemon},
+    fmt_mac,
     frames::{ethernet, ipv4, udp_v4, UDP},
     link, send_frames, Netns,
 };
+
+const VIP: &str = "203.0.113.10";
+const FLOWS: u16 = 300;
 
 fn main() -> std::process::ExitCode {
     // Namespaces and the daemon are dropped (cleaned up) before the exit code is returned.
@@ -23,6 +30,18 @@ fn main() -> std::process::ExitCode {
         eprintln!("demo: something did not work as expected");
         std::process::ExitCode::FAILURE
     }
+}
+
+fn tapmesh(args: &[&str], socket: &std::path::Path) -> String {
+    let out = Command::new(tapmesh_bin())
+        .args(args)
+        .arg("--admin-socket")
+        .arg(socket)
+        .output()
+        .expect("running tapmesh");
+    let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    text
 }
 
 fn run() -> bool {
@@ -38,42 +57,95 @@ fn run() -> bool {
     let (pod_host, pod_if) = link(&node1, "198.18.1.1/24", &pod, "198.18.1.2/24");
     node1.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
     node2.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.1"]);
+    node2.ip(&["route", "add", &format!("{VIP}/32"), "via", "198.18.0.1"]);
+    // A real sender computes checksums; veth would leave them to an offload XDP can't see.
+    node2.exec(&["ethtool", "-K", &remote.interface, "tx", "off"]);
     pod.ip(&["route", "add", "default", "via", "198.18.1.1"]);
 
-    println!("lab: node2 ({}) ── node1 ({} | {}) ── pod ({})", remote.ipv4, uplink.ipv4, pod_host.ipv4, pod_if.ipv4);
+    let mut targets = Vec::new();
+    let mut lb = format!(
+        "[[vips]]\nname = \"demo-vip\"\naddress = \"{VIP}\"\n[[streams]]\nname = \"demo\"\nmax_targets = 10\n\
+         [[flows]]\nname = \"udp-tcp\"\nvips = [\"demo-vip\"]\nstream = \"demo\"\nprotocols = [\"udp\", \"tcp\"]\n"
+    );
+    for i in 1..=3u8 {
+        let ns = Netns::new(&format!("t{i}"));
+        let (host, tif) = link(&node1, &format!("198.18.1{i}.1/24"), &ns, &format!("198.18.1{i}.2/24"));
+        ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+        ns.ip(&["route", "add", "default", "via", &format!("198.18.1{i}.1")]);
+        // Native XDP redirect into a veth needs NAPI on the receiving end.
+        ns.exec(&["ethtool", "-K", &tif.interface, "gro", "on"]);
+        lb.push_str(&format!(
+            "[[targets]]\nstream = \"demo\"\nidentifier = {i}\nvia = {{ local = {{ interface = \"{}\", mac = \"{}\" }} }}\n",
+            host.interface,
+            fmt_mac(ns.mac(&tif.interface))
+        ));
+        targets.push(ns);
+    }
+    let lb_file = std::env::temp_dir().join(tapmesh_tests::unique("tmdemo-lb"));
+    std::fs::write(&lb_file, &lb).expect("writing the LB file");
+
+    println!("lab: node2 ({}) ── node1 ({}) ── 3 targets holding VIP {VIP}, and a pod ({})", remote.ipv4, uplink.ipv4, pod_if.ipv4);
     println!("starting tapmesh on node1: XDP on {}, TC on {}", uplink.interface, pod_host.interface);
     let mut daemon = Daemon::start(&node1.name, &["--uplink", &uplink.interface, "--tc-interface", &pod_host.interface]);
+    println!("$ tapmesh lb apply {}", lb_file.display());
+    print!("{}", tapmesh(&["lb", "apply", lb_file.to_str().unwrap()], &daemon.socket));
+    let _ = std::fs::remove_file(&lb_file);
+
+    // 300 UDP flows from node2 to the VIP, from distinct source ports.
+    let node2_name = node2.name.clone();
+    std::thread::spawn(move || {
+        tapmesh::netns::enter(&node2_name).expect("entering node2");
+        for port in 0..FLOWS {
+            let socket = UdpSocket::bind(("198.18.0.2", 20000 + port)).expect("bind");
+            let _ = socket.send_to(b"demo", format!("{VIP}:9000"));
+        }
+    })
+    .join()
+    .expect("sender");
 
     let ping = node2.try_exec(&["ping", "-c", "10", "-i", "0.05", "-W", "2", "-q", "198.18.1.2"]);
     let ping_text = String::from_utf8_lossy(&ping.stdout);
     let summary = ping_text.lines().find(|l| l.contains("transmitted")).unwrap_or("ping printed nothing");
-    println!("node2 → pod ping: {summary}");
+    println!("node2 → VIP: {FLOWS} UDP flows sent; node2 → pod ping: {summary}");
 
     // Three frames with a broken IPv4 header from node2: dropped in XDP, counted by reason.
     let (a, b) = ("198.18.0.2".parse().unwrap(), "198.18.1.2".parse().unwrap());
     let mut bad = ethernet(node1.mac(&uplink.interface), node2.mac(&remote.interface), &[], 0x0800, &ipv4(a, b, UDP, &[], &udp_v4(a, b, 1, 2, b"x")));
     bad[14] = 0x42;
     send_frames(&node2.name, &remote.interface, &[bad.clone(), bad.clone(), bad]);
+    std::thread::sleep(Duration::from_millis(200));
 
     println!("\n$ tapmesh status");
-    let status = Command::new(tapmesh_bin())
-        .args(["status", "--admin-socket"])
-        .arg(&daemon.socket)
-        .output()
-        .expect("tapmesh status");
-    print!("{}", String::from_utf8_lossy(&status.stdout));
+    print!("{}", tapmesh(&["status"], &daemon.socket));
 
     let s = daemon.status();
+    let shares: Vec<u64> = (1..=3).map(|i| s.targets.iter().find(|t| t.name == format!("demo/{i}")).map_or(0, |t| t.packets)).collect();
+    let received: Vec<u64> = targets
+        .iter()
+        .map(|t| {
+            let out = t.try_exec(&["nstat", "-az", "UdpInDatagrams", "UdpNoPorts"]);
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum()
+        })
+        .collect();
     println!(
-        "\nsummary: uplink XDP passed {} and dropped {} ({} with a bad IPv4 header length); \
-         the pod's veth carried {} packets to the pod and {} from it",
+        "\nsummary: the VIP's {FLOWS} flows went to the targets as {shares:?} (Maglev, one slot per identifier); \
+         the targets' kernels saw {received:?} UDP datagrams; uplink XDP passed {}, redirected {} and dropped {} \
+         ({} with a bad IPv4 header length); the pod's veth carried {} packets to the pod and {} from it",
         packets(&s, "xdp_uplink", "pass"),
+        packets(&s, "xdp_uplink", "redirect"),
         packets(&s, "xdp_uplink", "drop"),
         named(&s, "xdp_uplink", "bad_ipv4_header_length"),
         packets(&s, "tc_egress", "pass"),
         packets(&s, "tc_ingress", "pass"),
     );
-    let ok = ping.status.success() && named(&s, "xdp_uplink", "bad_ipv4_header_length") == 3;
+    let ok = ping.status.success()
+        && named(&s, "xdp_uplink", "bad_ipv4_header_length") == 3
+        && shares.iter().sum::<u64>() == FLOWS as u64
+        && shares.iter().all(|&n| n > 0)
+        && received == shares;
     let exit = daemon.stop();
     let attached = String::from_utf8_lossy(&node1.ip(&["link", "show", &uplink.interface]).stdout).contains("prog/xdp");
     println!("daemon stopped ({exit}); XDP still attached: {attached}");
