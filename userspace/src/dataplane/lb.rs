@@ -238,10 +238,14 @@ impl LbWriter {
             };
             let tkey = TargetKey { stream_id, slot: t.identifier - 1 };
             let value = target_value(&t.via, *ifindex, *our_mac, stats);
-            if self.targets.get(key).map(|(_, v)| v) != Some(&value) {
+            if self.targets.get(key) != Some(&(tkey, value)) {
                 let mut map: BpfHashMap<_, TargetKey, Target> =
                     BpfHashMap::try_from(map_mut(ebpf, n::TARGETS)?).map_err(map_err(n::TARGETS))?;
                 map.insert(tkey, value, 0).map_err(map_err(n::TARGETS))?;
+                // A stream re-created under another id leaves its old key behind.
+                if let Some((old_key, _)) = self.targets.get(key).filter(|(k, _)| *k != tkey) {
+                    let _ = map.remove(old_key);
+                }
             }
             self.targets.insert(key.clone(), (tkey, value));
         }
