@@ -7,6 +7,7 @@
 pub mod bpf;
 pub mod frames;
 pub mod daemon;
+pub mod net;
 
 use std::{
     process::{Command, Output},
