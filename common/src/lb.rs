@@ -60,6 +60,12 @@ pub struct VipValue {
     pub config_id: u32,
 }
 
+/// [`VipConfig::lookups`]: which tables must be searched (the others hold a
+/// single entry covering everything, whose mask is in the config).
+pub const LOOKUP_DST_PORTS: u32 = 1;
+pub const LOOKUP_SRC_PORTS: u32 = 2;
+pub const LOOKUP_SOURCES: u32 = 4;
+
 /// Value of `tm_vip_configs`, indexed by config id.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -68,7 +74,12 @@ pub struct VipConfig {
     pub protocol_masks: [u64; PROTO_CLASSES],
     /// Flows in this configuration (bits `0..flow_count`).
     pub flow_count: u32,
-    pub _pad: u32,
+    /// `LOOKUP_*` bits.
+    pub lookups: u32,
+    /// The mask to use for a table that is not searched.
+    pub dst_ports_all: u64,
+    pub src_ports_all: u64,
+    pub sources_all: u64,
 }
 
 /// Key of `tm_dst_ports` and `tm_src_ports`: LPM over the config id (32 bits,
@@ -214,14 +225,15 @@ pub struct Target {
 pub struct NodeConfig {
     /// UDP port of the tunnel (0 = tunnel off).
     pub tunnel_port: u16,
-    pub _pad: u16,
+    /// VIPs given as prefixes (in `tm_vips`); host VIPs are in `tm_vip_hosts`.
+    pub vip_prefixes: u16,
     /// This node's IPv4 address on the underlay (outer source; decap destination).
     pub addr_v4: [u8; 4],
 }
 
 crate::assert_layout!(VipKey, size = 20, align = 4);
 crate::assert_layout!(VipValue, size = 8, align = 4);
-crate::assert_layout!(VipConfig, size = 8 * PROTO_CLASSES + 8, align = 8);
+crate::assert_layout!(VipConfig, size = 8 * PROTO_CLASSES + 8 + 24, align = 8);
 crate::assert_layout!(PortKey, size = 12, align = 4);
 crate::assert_layout!(SourceKey, size = 24, align = 4);
 crate::assert_layout!(FlowMask, size = 8, align = 8);

@@ -78,6 +78,7 @@ counter_set!(
         no_target => NoTarget,
         target_not_local => TargetNotLocal,
         fib_lookup_failed => FibLookupFailed,
+        no_neighbour => NoNeighbour,
         adjust_head_failed => AdjustHeadFailed,
         bad_tunnel_packet => BadTunnelPacket,
     }

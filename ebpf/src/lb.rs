@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        ByteMatch, FlowEntry, NodeConfig, PortData, SourceData, Target, TargetKey, VipAddr, MAX_BYTE_MATCHES,
+        ByteMatch, FlowEntry, NodeConfig, PortData, SourceData, Target, TargetKey, VipAddr, LOOKUP_DST_PORTS,
+        LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES,
         MAX_FLOWS_PER_VIP, NO_TARGET, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP, TARGET_LOCAL,
         TARGET_REMOTE,
     },
@@ -44,7 +45,7 @@ struct FlowTuple {
     src_port: u16,
     dst_port: u16,
     protocol: u8,
-    /// Ports were read (TCP, UDP, SCTP and not a later fragment).
+    /// Ports were read (TCP, UDP, SCTP, not a fragment); byte matches apply only then.
     ports_known: bool,
     /// Hash over ports too (false for every fragment, so a datagram's
     /// fragments stay together).
@@ -120,9 +121,12 @@ fn icmp_error_tuple(pkt: &Packet, parsed: &Parsed) -> Option<FlowTuple> {
     })
 }
 
+/// Fragments, first and later alike, are classified without ports and byte
+/// matches and hashed without ports, so every fragment of a datagram takes
+/// the same flow and target.
 #[inline(always)]
 fn tuple_of(pkt: &Parsed) -> FlowTuple {
-    let ports_known = pkt.has_l4 && has_ports(pkt.protocol);
+    let ports_known = pkt.has_l4 && has_ports(pkt.protocol) && pkt.fragment == Fragment::None;
     FlowTuple {
         src: pkt.src_addr,
         dst: pkt.dst_addr,
@@ -130,7 +134,7 @@ fn tuple_of(pkt: &Parsed) -> FlowTuple {
         dst_port: pkt.dst_port,
         protocol: pkt.protocol,
         ports_known,
-        hash_ports: ports_known && pkt.fragment == Fragment::None,
+        hash_ports: ports_known,
         l4_offset: pkt.l4_offset,
         l4_end: pkt.l3_end,
     }
@@ -172,7 +176,7 @@ fn lowest_bit(mask: u64) -> u32 {
 fn byte_match(ctx: &XdpContext, t: &FlowTuple, class: u8, m: &ByteMatch) -> bool {
     let offset = m.offset as usize;
     let len = m.len as usize;
-    if m.protocol != class || offset >= MAX_MATCH_OFFSET || !matches!(len, 1 | 2 | 4) {
+    if !t.ports_known || m.protocol != class || offset >= MAX_MATCH_OFFSET || !matches!(len, 1 | 2 | 4) {
         return false;
     }
     let at = t.l4_offset + offset;
@@ -205,16 +209,29 @@ fn classify(ctx: &XdpContext, t: &FlowTuple, l3: L3, config_id: u32) -> Result<&
         Some(m) => *m,
         None => 0,
     };
+    // A table with one entry covering everything is not searched: its mask is in the config.
     let id = config_id.to_be_bytes();
     if mask != 0 && t.ports_known {
-        let dst = PortData { config_id: id, port: t.dst_port.to_be_bytes(), _pad: [0; 2] };
-        mask &= mask_of(tm_dst_ports.get(&Key::new(48, dst)));
-        let src = PortData { config_id: id, port: t.src_port.to_be_bytes(), _pad: [0; 2] };
-        mask &= mask_of(tm_src_ports.get(&Key::new(48, src)));
+        mask &= if config.lookups & LOOKUP_DST_PORTS != 0 {
+            let dst = PortData { config_id: id, port: t.dst_port.to_be_bytes(), _pad: [0; 2] };
+            mask_of(tm_dst_ports.get(&Key::new(48, dst)))
+        } else {
+            config.dst_ports_all
+        };
+        mask &= if config.lookups & LOOKUP_SRC_PORTS != 0 {
+            let src = PortData { config_id: id, port: t.src_port.to_be_bytes(), _pad: [0; 2] };
+            mask_of(tm_src_ports.get(&Key::new(48, src)))
+        } else {
+            config.src_ports_all
+        };
     }
     if mask != 0 {
-        let source = SourceData { config_id: id, addr: t.src, _pad: [0; 4] };
-        mask &= mask_of(tm_sources.get(&Key::new(160, source)));
+        mask &= if config.lookups & LOOKUP_SOURCES != 0 {
+            let source = SourceData { config_id: id, addr: t.src, _pad: [0; 4] };
+            mask_of(tm_sources.get(&Key::new(160, source)))
+        } else {
+            config.sources_all
+        };
     }
     for _ in 0..MAX_CANDIDATES {
         if mask == 0 {
@@ -363,8 +380,6 @@ fn to_remote(
     hash: u32,
 ) -> Result<u32, DropReason> {
     let inner_len = parsed.l3_end - parsed.l3_offset;
-    let outer_eth: *const EthHdr = Packet::new(ctx.data(), ctx.data_end(), 0).header(0, DropReason::TruncatedEthernet)?;
-    let (old_dst, old_src) = unsafe { ((*outer_eth).dst, (*outer_eth).src) };
     adjust_head(ctx, parsed.l3_offset as i32 - OUTER_LEN as i32)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
     let outer: *mut Outer = pkt.header_mut(0, DropReason::AdjustHeadFailed)?;
@@ -417,12 +432,8 @@ fn to_remote(
                 Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as u32)
             }
         }
-        BPF_FIB_LKUP_RET_NO_NEIGH => {
-            // The kernel routes it and resolves the neighbour.
-            outer.eth.dst = old_dst;
-            outer.eth.src = old_src;
-            Ok(xdp_action::XDP_PASS)
-        }
+        // The daemon keeps remote nodes' neighbours resolved (managed entries).
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(DropReason::NoNeighbour),
         _ => Err(DropReason::FibLookupFailed),
     }
 }
@@ -472,8 +483,17 @@ pub fn balance(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed, node: Option<&No
         Some(t) => t,
         None => tuple_of(parsed),
     };
-    let Some(vip) = tm_vips.get(&Key::new(128, VipAddr { addr: tuple.dst })) else {
-        return Ok(xdp_action::XDP_PASS);
+    let addr = VipAddr { addr: tuple.dst };
+    // SAFETY: the value is read right away.
+    let vip = match unsafe { tm_vip_hosts.get(&addr) } {
+        Some(v) => v,
+        None => {
+            let prefixes = node.is_some_and(|n| n.vip_prefixes != 0);
+            match prefixes.then(|| tm_vips.get(&Key::new(128, addr))).flatten() {
+                Some(v) => v,
+                None => return Ok(xdp_action::XDP_PASS),
+            }
+        }
     };
     let bytes = pkt.wire_len as u64;
     count(tm_vip_stats.get_ptr_mut(vip.vip_index), bytes);

@@ -22,6 +22,11 @@ pub static tm_stats: PerCpuArray<ProgramStats, { ProgramSlot::COUNT as usize }> 
 #[btf_map]
 pub static tm_vips: LpmTrie<VipAddr, VipValue, { MAX_VIPS as usize }> = LpmTrie::new();
 
+/// Host VIPs (/128, IPv4 mapped) → its index and configuration: one hash
+/// lookup for the common case; prefixes go to `tm_vips`.
+#[btf_map]
+pub static tm_vip_hosts: HashMap<VipAddr, VipValue, { MAX_VIPS as usize }> = HashMap::new();
+
 /// Config id → protocol masks and flow count.
 #[btf_map]
 pub static tm_vip_configs: Array<VipConfig, { MAX_CONFIGS as usize }> = Array::new();

@@ -187,7 +187,8 @@ impl LbWriter {
         tunnel: TunnelSettings,
         resolve: Resolver,
     ) -> Result<(), DataplaneError> {
-        self.write_node(ebpf, tunnel)?;
+        let prefixes = valid.vips.iter().filter(|v| v.prefix.len < 128).count() as u16;
+        self.write_node(ebpf, tunnel, prefixes)?;
         // Resolve local interfaces before touching anything.
         let mut targets = BTreeMap::new();
         for t in &valid.targets {
@@ -287,10 +288,10 @@ impl LbWriter {
         Ok(())
     }
 
-    fn write_node(&mut self, ebpf: &mut Ebpf, tunnel: TunnelSettings) -> Result<(), DataplaneError> {
+    fn write_node(&mut self, ebpf: &mut Ebpf, tunnel: TunnelSettings, vip_prefixes: u16) -> Result<(), DataplaneError> {
         let node = match tunnel.address {
-            Some(addr) => NodeConfig { tunnel_port: tunnel.port, _pad: 0, addr_v4: addr.octets() },
-            None => NodeConfig::default(),
+            Some(addr) => NodeConfig { tunnel_port: tunnel.port, vip_prefixes, addr_v4: addr.octets() },
+            None => NodeConfig { vip_prefixes, ..NodeConfig::default() },
         };
         array::<NodeConfig>(ebpf, n::NODE)?.set(0, node, 0).map_err(map_err(n::NODE))
     }
@@ -347,12 +348,10 @@ impl LbWriter {
             }
         }
         write_tables(ebpf, config_id, &tables)?;
-        let mut vips: LpmTrie<_, VipAddr, VipValue> = trie(ebpf, n::VIPS)?;
-        vips.insert(&Key::new(key.prefix_len, VipAddr::from(&key)), VipValue { vip_index: index, config_id }, 0)
-            .map_err(map_err(n::VIPS))?;
+        set_vip(ebpf, &key, VipValue { vip_index: index, config_id })?;
         if let Some(old) = self.vips.remove(&vip.name) {
             if old.key != key {
-                vips.remove(&Key::new(old.key.prefix_len, VipAddr::from(&old.key))).map_err(map_err(n::VIPS))?;
+                remove_vip_key(ebpf, &old.key)?;
             }
             clear_tables(ebpf, &old.tables)?;
         }
@@ -362,8 +361,7 @@ impl LbWriter {
 
     fn remove_vip(&mut self, ebpf: &mut Ebpf, name: &str) -> Result<(), DataplaneError> {
         let Some(slot) = self.vips.remove(name) else { return Ok(()) };
-        let mut vips: LpmTrie<_, VipAddr, VipValue> = trie(ebpf, n::VIPS)?;
-        vips.remove(&Key::new(slot.key.prefix_len, VipAddr::from(&slot.key))).map_err(map_err(n::VIPS))?;
+        remove_vip_key(ebpf, &slot.key)?;
         clear_tables(ebpf, &slot.tables)?;
         self.vip_ids.give(slot.index);
         Ok(())
@@ -384,6 +382,29 @@ impl LbWriter {
             out.targets.push(named(format!("{stream}/{identifier}"), c));
         }
         Ok(out)
+    }
+}
+
+/// Host VIPs go to the hash map (one cheap lookup), prefixes to the LPM trie.
+fn set_vip(ebpf: &mut Ebpf, key: &VipKey, value: VipValue) -> Result<(), DataplaneError> {
+    if key.prefix_len == 128 {
+        let mut hosts: BpfHashMap<_, VipAddr, VipValue> =
+            BpfHashMap::try_from(map_mut(ebpf, n::VIP_HOSTS)?).map_err(map_err(n::VIP_HOSTS))?;
+        hosts.insert(VipAddr::from(key), value, 0).map_err(map_err(n::VIP_HOSTS))
+    } else {
+        let mut vips: LpmTrie<_, VipAddr, VipValue> = trie(ebpf, n::VIPS)?;
+        vips.insert(&Key::new(key.prefix_len, VipAddr::from(key)), value, 0).map_err(map_err(n::VIPS))
+    }
+}
+
+fn remove_vip_key(ebpf: &mut Ebpf, key: &VipKey) -> Result<(), DataplaneError> {
+    if key.prefix_len == 128 {
+        let mut hosts: BpfHashMap<_, VipAddr, VipValue> =
+            BpfHashMap::try_from(map_mut(ebpf, n::VIP_HOSTS)?).map_err(map_err(n::VIP_HOSTS))?;
+        hosts.remove(&VipAddr::from(key)).map_err(map_err(n::VIP_HOSTS))
+    } else {
+        let mut vips: LpmTrie<_, VipAddr, VipValue> = trie(ebpf, n::VIPS)?;
+        vips.remove(&Key::new(key.prefix_len, VipAddr::from(key))).map_err(map_err(n::VIPS))
     }
 }
 

@@ -70,6 +70,7 @@ impl LbService {
         let mut spec = self.spec.lock().await;
         let valid = validate(&new)?;
         self.dataplane.apply_lb(&valid, self.tunnel()).await?;
+        keep_neighbours_resolved(&valid);
         *spec = new;
         Ok(())
     }
@@ -84,6 +85,7 @@ impl LbService {
         edit(&mut new)?;
         let valid = validate(&new)?;
         self.dataplane.apply_lb(&valid, self.tunnel()).await?;
+        keep_neighbours_resolved(&valid);
         *spec = new;
         Ok(())
     }
@@ -138,6 +140,47 @@ impl LbService {
             remove(&mut s.targets, |t| t.stream == stream && t.identifier == identifier, "target", &name)
         })
         .await
+    }
+}
+
+/// XDP can only send to a node whose neighbour entry is resolved (it drops
+/// with `no_neighbour` otherwise), so every remote node gets a *managed*
+/// neighbour entry, which the kernel keeps resolved. Existing entries stay.
+fn keep_neighbours_resolved(valid: &super::model::ValidLb) {
+    let nodes: std::collections::BTreeSet<std::net::Ipv4Addr> = valid
+        .targets
+        .iter()
+        .filter_map(|t| match t.via {
+            super::model::ValidVia::Remote { node } => Some(node),
+            _ => None,
+        })
+        .collect();
+    for node in nodes {
+        tokio::spawn(async move {
+            let node = node.to_string();
+            let route = tokio::process::Command::new("ip").args(["-o", "route", "get", &node]).output().await;
+            let text = match route {
+                Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).to_string(),
+                _ => {
+                    tracing::warn!(%node, "no route to the remote node; its targets get no traffic");
+                    return;
+                }
+            };
+            let Some(dev) = text.split_whitespace().skip_while(|w| *w != "dev").nth(1).map(str::to_string) else {
+                return;
+            };
+            let gateway = text.split_whitespace().skip_while(|w| *w != "via").nth(1).map(str::to_string);
+            let hop = gateway.unwrap_or(node.clone());
+            let added = tokio::process::Command::new("ip")
+                .args(["neigh", "add", &hop, "dev", &dev, "managed"])
+                .output()
+                .await;
+            if let Ok(out) = added {
+                if out.status.success() {
+                    tracing::info!(%node, %hop, %dev, "managed neighbour entry added");
+                }
+            }
+        });
     }
 }
 

@@ -1,7 +1,8 @@
 //! BPF map entries for a validated configuration: pure functions, no maps.
 
 use tapmesh_common::lb::{
-    ByteMatch, FlowEntry, FlowMask, PortKey, SourceKey, Target, VipConfig, VipKey,
+    ByteMatch, FlowEntry, FlowMask, PortKey, SourceKey, Target, VipConfig, VipKey, LOOKUP_DST_PORTS,
+    LOOKUP_SOURCES, LOOKUP_SRC_PORTS,
     MAX_BYTE_MATCHES, PROTO_CLASSES, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     TARGET_LOCAL, TARGET_REMOTE,
 };
@@ -80,12 +81,34 @@ pub fn vip_tables(
         .iter()
         .map(|f| flow_entry(f, stream_id(&f.stream), flow_stats(&f.name)))
         .collect();
+    // A table whose one entry covers everything needs no lookup: its mask goes in the config.
+    let whole_ports = |t: &PortTable| match t.prefixes.as_slice() {
+        [only] if only.len == 0 => Some(only.mask),
+        _ => None,
+    };
+    let whole_sources = match vip.sources.entries.as_slice() {
+        [only] if only.prefix.len == 0 => Some(only.mask),
+        _ => None,
+    };
+    let mut lookups = 0;
+    for (whole, bit) in [
+        (whole_ports(&vip.dst_ports), LOOKUP_DST_PORTS),
+        (whole_ports(&vip.src_ports), LOOKUP_SRC_PORTS),
+        (whole_sources, LOOKUP_SOURCES),
+    ] {
+        if whole.is_none() {
+            lookups |= bit;
+        }
+    }
     VipTables {
         config: VipConfig {
             protocol_masks: vip.protocol_masks,
             // At most 64 flows (checked by the flow compiler).
             flow_count: vip.flows.len() as u32,
-            _pad: 0,
+            lookups,
+            dst_ports_all: whole_ports(&vip.dst_ports).unwrap_or(0),
+            src_ports_all: whole_ports(&vip.src_ports).unwrap_or(0),
+            sources_all: whole_sources.unwrap_or(0),
         },
         dst_ports: ports(&vip.dst_ports),
         src_ports: ports(&vip.src_ports),
@@ -231,7 +254,11 @@ mod tests {
             VipConfig {
                 protocol_masks: [1, 0, 0, 0, 0],
                 flow_count: 1,
-                _pad: 0
+                // Destination ports and sources are restricted; source ports are not.
+                lookups: LOOKUP_DST_PORTS | LOOKUP_SOURCES,
+                dst_ports_all: 0,
+                src_ports_all: 1,
+                sources_all: 0,
             }
         );
 
@@ -582,10 +609,17 @@ mod tests {
                 config_id: cid,
                 addr: p.src,
             };
+            let table = |bit: u32, all: u64, found: Option<FlowMask>| {
+                if cfg.lookups & bit != 0 {
+                    mask(found)
+                } else {
+                    all
+                }
+            };
             let mut m = cfg.protocol_masks[usize::from(class)]
-                & mask(self.dst_ports.lookup(&port_key(dp)))
-                & mask(self.src_ports.lookup(&port_key(sp)))
-                & mask(self.sources.lookup(&source));
+                & table(LOOKUP_DST_PORTS, cfg.dst_ports_all, self.dst_ports.lookup(&port_key(dp)))
+                & table(LOOKUP_SRC_PORTS, cfg.src_ports_all, self.src_ports.lookup(&port_key(sp)))
+                & table(LOOKUP_SOURCES, cfg.sources_all, self.sources.lookup(&source));
             if cfg.flow_count < 64 {
                 m &= (1u64 << cfg.flow_count) - 1;
             }
