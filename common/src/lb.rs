@@ -60,11 +60,37 @@ pub struct VipValue {
     pub config_id: u32,
 }
 
-/// [`VipConfig::lookups`]: which tables must be searched (the others hold a
-/// single entry covering everything, whose mask is in the config).
+/// [`VipConfig::lookups`]: which LPM tries must be searched. Port tables of
+/// at most [`PORT_INTERVALS`] intervals are kept in the config itself and
+/// binary searched; a source table that is only `/0` is its `sources_all`.
 pub const LOOKUP_DST_PORTS: u32 = 1;
 pub const LOOKUP_SRC_PORTS: u32 = 2;
 pub const LOOKUP_SOURCES: u32 = 4;
+
+/// Port intervals held inline in a [`VipConfig`].
+pub const PORT_INTERVALS: usize = 32;
+
+/// Disjoint port intervals covering 0..=65535: interval `i` starts at
+/// `starts[i]` (`starts[0] == 0`, ascending) and its flows are `masks[i]`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub struct PortIntervals {
+    pub masks: [u64; PORT_INTERVALS],
+    pub starts: [u16; PORT_INTERVALS],
+    pub count: u32,
+    pub _pad: u32,
+}
+
+impl Default for PortIntervals {
+    fn default() -> Self {
+        Self {
+            masks: [0; PORT_INTERVALS],
+            starts: [0; PORT_INTERVALS],
+            count: 0,
+            _pad: 0,
+        }
+    }
+}
 
 /// Value of `tm_vip_configs`, indexed by config id.
 #[repr(C)]
@@ -76,10 +102,10 @@ pub struct VipConfig {
     pub flow_count: u32,
     /// `LOOKUP_*` bits.
     pub lookups: u32,
-    /// The mask to use for a table that is not searched.
-    pub dst_ports_all: u64,
-    pub src_ports_all: u64,
+    /// The source mask when the source table is not searched.
     pub sources_all: u64,
+    pub dst_ports: PortIntervals,
+    pub src_ports: PortIntervals,
 }
 
 /// Key of `tm_dst_ports` and `tm_src_ports`: LPM over the config id (32 bits,
@@ -233,7 +259,8 @@ pub struct NodeConfig {
 
 crate::assert_layout!(VipKey, size = 20, align = 4);
 crate::assert_layout!(VipValue, size = 8, align = 4);
-crate::assert_layout!(VipConfig, size = 8 * PROTO_CLASSES + 8 + 24, align = 8);
+crate::assert_layout!(PortIntervals, size = 8 * PORT_INTERVALS + 2 * PORT_INTERVALS + 8, align = 8);
+crate::assert_layout!(VipConfig, size = 8 * PROTO_CLASSES + 16 + 2 * (10 * PORT_INTERVALS + 8), align = 8);
 crate::assert_layout!(PortKey, size = 12, align = 4);
 crate::assert_layout!(SourceKey, size = 24, align = 4);
 crate::assert_layout!(FlowMask, size = 8, align = 8);
@@ -252,6 +279,7 @@ crate::impl_pod!(
     VipKey,
     VipValue,
     VipConfig,
+    PortIntervals,
     PortKey,
     SourceKey,
     FlowMask,

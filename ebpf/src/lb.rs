@@ -12,7 +12,8 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        ByteMatch, FlowEntry, NodeConfig, PortData, SourceData, Target, TargetKey, VipAddr, LOOKUP_DST_PORTS,
+        ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData, Target, TargetKey, VipAddr,
+        LOOKUP_DST_PORTS, PORT_INTERVALS,
         LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES,
         MAX_FLOWS_PER_VIP, NO_TARGET, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP, TARGET_LOCAL,
         TARGET_REMOTE,
@@ -28,7 +29,7 @@ use crate::{
 };
 
 /// Candidate flows whose byte matches are tried before giving up.
-const MAX_CANDIDATES: usize = 8;
+const MAX_CANDIDATES: usize = 4;
 /// Byte matches may look this far into the L4 header.
 const MAX_MATCH_OFFSET: usize = 512;
 /// Outer headers of the tunnel: Ethernet, IPv4, UDP.
@@ -200,6 +201,27 @@ fn mask_of(found: Option<&tapmesh_common::lb::FlowMask>) -> u64 {
     found.map_or(0, |m| m.mask)
 }
 
+/// The flows of the interval holding `port`: the last start ≤ port, found by
+/// a branch-free binary search (no branches, so no extra verifier states).
+#[inline(always)]
+fn interval_mask(p: &PortIntervals, port: u16) -> u64 {
+    let mut lo = 0usize;
+    let mut n = p.count as usize;
+    if n > PORT_INTERVALS {
+        n = PORT_INTERVALS;
+    }
+    // 2^5 = PORT_INTERVALS: five halvings find it.
+    for _ in 0..5 {
+        let half = n >> 1;
+        let start = p.starts[(lo + half) & (PORT_INTERVALS - 1)] as u32;
+        // 1 when start <= port: the subtraction wraps and sets the top bit.
+        let take = (start.wrapping_sub(port as u32 + 1) >> 31) as usize;
+        lo += take * half;
+        n -= half;
+    }
+    p.masks[lo & (PORT_INTERVALS - 1)]
+}
+
 /// The highest-priority flow of the VIP's configuration that matches.
 #[inline(always)]
 fn classify(ctx: &XdpContext, t: &FlowTuple, l3: L3, config_id: u32) -> Result<&'static FlowEntry, DropReason> {
@@ -209,20 +231,20 @@ fn classify(ctx: &XdpContext, t: &FlowTuple, l3: L3, config_id: u32) -> Result<&
         Some(m) => *m,
         None => 0,
     };
-    // A table with one entry covering everything is not searched: its mask is in the config.
+    // Small port tables are in the config (binary search); big ones in LPM tries.
     let id = config_id.to_be_bytes();
     if mask != 0 && t.ports_known {
         mask &= if config.lookups & LOOKUP_DST_PORTS != 0 {
             let dst = PortData { config_id: id, port: t.dst_port.to_be_bytes(), _pad: [0; 2] };
             mask_of(tm_dst_ports.get(&Key::new(48, dst)))
         } else {
-            config.dst_ports_all
+            interval_mask(&config.dst_ports, t.dst_port)
         };
         mask &= if config.lookups & LOOKUP_SRC_PORTS != 0 {
             let src = PortData { config_id: id, port: t.src_port.to_be_bytes(), _pad: [0; 2] };
             mask_of(tm_src_ports.get(&Key::new(48, src)))
         } else {
-            config.src_ports_all
+            interval_mask(&config.src_ports, t.src_port)
         };
     }
     if mask != 0 {

@@ -428,15 +428,25 @@ fn source_key(k: &SourceKey) -> Key<SourceData> {
 }
 
 fn write_tables(ebpf: &mut Ebpf, config_id: u32, t: &VipTables) -> Result<(), DataplaneError> {
-    for (name, entries) in [(n::DST_PORTS, &t.dst_ports), (n::SRC_PORTS, &t.src_ports)] {
+    use tapmesh_common::lb::{LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS};
+    let searched = |bit: u32| t.config.lookups & bit != 0;
+    for (name, entries, bit) in [
+        (n::DST_PORTS, &t.dst_ports, LOOKUP_DST_PORTS),
+        (n::SRC_PORTS, &t.src_ports, LOOKUP_SRC_PORTS),
+    ] {
+        if !searched(bit) {
+            continue;
+        }
         let mut map: LpmTrie<_, PortData, FlowMask> = trie(ebpf, name)?;
         for (k, v) in entries {
             map.insert(&port_key(k), *v, 0).map_err(map_err(name))?;
         }
     }
-    let mut sources: LpmTrie<_, SourceData, FlowMask> = trie(ebpf, n::SOURCES)?;
-    for (k, v) in &t.sources {
-        sources.insert(&source_key(k), *v, 0).map_err(map_err(n::SOURCES))?;
+    if searched(LOOKUP_SOURCES) {
+        let mut sources: LpmTrie<_, SourceData, FlowMask> = trie(ebpf, n::SOURCES)?;
+        for (k, v) in &t.sources {
+            sources.insert(&source_key(k), *v, 0).map_err(map_err(n::SOURCES))?;
+        }
     }
     let mut flows = array::<FlowEntry>(ebpf, n::FLOWS)?;
     for (bit, f) in t.flows.iter().enumerate() {

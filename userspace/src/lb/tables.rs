@@ -1,8 +1,8 @@
 //! BPF map entries for a validated configuration: pure functions, no maps.
 
 use tapmesh_common::lb::{
-    ByteMatch, FlowEntry, FlowMask, PortKey, SourceKey, Target, VipConfig, VipKey, LOOKUP_DST_PORTS,
-    LOOKUP_SOURCES, LOOKUP_SRC_PORTS,
+    ByteMatch, FlowEntry, FlowMask, PortIntervals, PortKey, SourceKey, Target, VipConfig, VipKey,
+    LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, PORT_INTERVALS,
     MAX_BYTE_MATCHES, PROTO_CLASSES, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
     TARGET_LOCAL, TARGET_REMOTE,
 };
@@ -81,24 +81,33 @@ pub fn vip_tables(
         .iter()
         .map(|f| flow_entry(f, stream_id(&f.stream), flow_stats(&f.name)))
         .collect();
-    // A table whose one entry covers everything needs no lookup: its mask goes in the config.
-    let whole_ports = |t: &PortTable| match t.prefixes.as_slice() {
-        [only] if only.len == 0 => Some(only.mask),
-        _ => None,
+    // Port tables small enough live in the config (binary searched); a
+    // source table that is only /0 needs no lookup either.
+    let inline = |t: &PortTable| {
+        (t.intervals.len() <= PORT_INTERVALS).then(|| {
+            let mut p = PortIntervals::default();
+            for (i, interval) in t.intervals.iter().enumerate() {
+                p.starts[i] = interval.lo;
+                p.masks[i] = interval.mask;
+            }
+            p.count = t.intervals.len() as u32;
+            p
+        })
     };
     let whole_sources = match vip.sources.entries.as_slice() {
         [only] if only.prefix.len == 0 => Some(only.mask),
         _ => None,
     };
+    let (dst_inline, src_inline) = (inline(&vip.dst_ports), inline(&vip.src_ports));
     let mut lookups = 0;
-    for (whole, bit) in [
-        (whole_ports(&vip.dst_ports), LOOKUP_DST_PORTS),
-        (whole_ports(&vip.src_ports), LOOKUP_SRC_PORTS),
-        (whole_sources, LOOKUP_SOURCES),
-    ] {
-        if whole.is_none() {
-            lookups |= bit;
-        }
+    if dst_inline.is_none() {
+        lookups |= LOOKUP_DST_PORTS;
+    }
+    if src_inline.is_none() {
+        lookups |= LOOKUP_SRC_PORTS;
+    }
+    if whole_sources.is_none() {
+        lookups |= LOOKUP_SOURCES;
     }
     VipTables {
         config: VipConfig {
@@ -106,9 +115,9 @@ pub fn vip_tables(
             // At most 64 flows (checked by the flow compiler).
             flow_count: vip.flows.len() as u32,
             lookups,
-            dst_ports_all: whole_ports(&vip.dst_ports).unwrap_or(0),
-            src_ports_all: whole_ports(&vip.src_ports).unwrap_or(0),
             sources_all: whole_sources.unwrap_or(0),
+            dst_ports: dst_inline.unwrap_or_default(),
+            src_ports: src_inline.unwrap_or_default(),
         },
         dst_ports: ports(&vip.dst_ports),
         src_ports: ports(&vip.src_ports),
@@ -254,11 +263,22 @@ mod tests {
             VipConfig {
                 protocol_masks: [1, 0, 0, 0, 0],
                 flow_count: 1,
-                // Destination ports and sources are restricted; source ports are not.
-                lookups: LOOKUP_DST_PORTS | LOOKUP_SOURCES,
-                dst_ports_all: 0,
-                src_ports_all: 1,
+                // Sources are restricted; both port tables fit inline.
+                lookups: LOOKUP_SOURCES,
                 sources_all: 0,
+                dst_ports: {
+                    let mut p = PortIntervals::default();
+                    p.starts[..3].copy_from_slice(&[0, 80, 82]);
+                    p.masks[..3].copy_from_slice(&[0, 1, 0]);
+                    p.count = 3;
+                    p
+                },
+                src_ports: {
+                    let mut p = PortIntervals::default();
+                    p.masks[0] = 1;
+                    p.count = 1;
+                    p
+                },
             }
         );
 
@@ -609,16 +629,20 @@ mod tests {
                 config_id: cid,
                 addr: p.src,
             };
-            let table = |bit: u32, all: u64, found: Option<FlowMask>| {
+            let table = |bit: u32, inline: u64, found: Option<FlowMask>| {
                 if cfg.lookups & bit != 0 {
                     mask(found)
                 } else {
-                    all
+                    inline
                 }
             };
+            let interval = |p: &PortIntervals, port: u16| {
+                let n = p.count as usize;
+                (0..n).rev().find(|&i| p.starts[i] <= port).map_or(0, |i| p.masks[i])
+            };
             let mut m = cfg.protocol_masks[usize::from(class)]
-                & table(LOOKUP_DST_PORTS, cfg.dst_ports_all, self.dst_ports.lookup(&port_key(dp)))
-                & table(LOOKUP_SRC_PORTS, cfg.src_ports_all, self.src_ports.lookup(&port_key(sp)))
+                & table(LOOKUP_DST_PORTS, interval(&cfg.dst_ports, dp), self.dst_ports.lookup(&port_key(dp)))
+                & table(LOOKUP_SRC_PORTS, interval(&cfg.src_ports, sp), self.src_ports.lookup(&port_key(sp)))
                 & table(LOOKUP_SOURCES, cfg.sources_all, self.sources.lookup(&source));
             if cfg.flow_count < 64 {
                 m &= (1u64 << cfg.flow_count) - 1;
