@@ -39,6 +39,23 @@ pub const PROTO_ICMP: u8 = 3;
 pub const PROTO_OTHER: u8 = 4;
 pub const PROTO_CLASSES: usize = 5;
 
+/// Bits of the VIP pre-filter `tm_vip_filter` (an array of u64 words).
+pub const VIP_FILTER_BITS: u32 = 1 << 16;
+pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 64;
+
+/// The pre-filter bit of an address: its eight 16-bit words XORed. A clear
+/// bit means "not a host VIP", decided with one array read.
+#[inline(always)]
+pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
+    let mut x = 0u16;
+    let mut i = 0;
+    while i < 16 {
+        x ^= u16::from_be_bytes([addr[i], addr[i + 1]]);
+        i += 2;
+    }
+    x as u32
+}
+
 /// A Maglev entry with no target.
 pub const NO_TARGET: u32 = u32::MAX;
 

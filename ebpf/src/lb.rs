@@ -13,7 +13,7 @@ use aya_ebpf::{
 use tapmesh_common::{
     lb::{
         ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData, Target, TargetKey, VipAddr,
-        LOOKUP_DST_PORTS, PORT_INTERVALS,
+        LOOKUP_DST_PORTS, PORT_INTERVALS, vip_filter_bit,
         LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES,
         MAX_FLOWS_PER_VIP, NO_TARGET, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP, TARGET_LOCAL,
         TARGET_REMOTE,
@@ -505,12 +505,18 @@ pub fn balance(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed, node: Option<&No
         Some(t) => t,
         None => tuple_of(parsed),
     };
+    let prefixes = node.is_some_and(|n| n.vip_prefixes != 0);
+    let bit = vip_filter_bit(&tuple.dst);
+    let word = tm_vip_filter.get(bit / 64).map_or(0, |w| *w);
+    if word & (1 << (bit % 64)) == 0 && !prefixes {
+        // Not a host VIP, and there are no prefix VIPs: most traffic ends here.
+        return Ok(xdp_action::XDP_PASS);
+    }
     let addr = VipAddr { addr: tuple.dst };
     // SAFETY: the value is read right away.
     let vip = match unsafe { tm_vip_hosts.get(&addr) } {
         Some(v) => v,
         None => {
-            let prefixes = node.is_some_and(|n| n.vip_prefixes != 0);
             match prefixes.then(|| tm_vips.get(&Key::new(128, addr))).flatten() {
                 Some(v) => v,
                 None => return Ok(xdp_action::XDP_PASS),

@@ -9,7 +9,7 @@ use tapmesh_common::{
     lb::{
         FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, TargetKey, VipAddr,
         VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PREFIXES, MAX_STREAMS,
-        MAX_TARGETS, MAX_VIPS,
+        MAX_TARGETS, MAX_VIPS, VIP_FILTER_WORDS,
     },
     PacketCounter, ProgramSlot, ProgramStats,
 };
@@ -26,6 +26,10 @@ pub static tm_vips: LpmTrie<VipAddr, VipValue, { MAX_VIPS as usize }> = LpmTrie:
 /// lookup for the common case; prefixes go to `tm_vips`.
 #[btf_map]
 pub static tm_vip_hosts: HashMap<VipAddr, VipValue, { MAX_VIPS as usize }> = HashMap::new();
+
+/// One bit per `vip_filter_bit` value: set for every host VIP.
+#[btf_map]
+pub static tm_vip_filter: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
 
 /// Config id → protocol masks and flow count.
 #[btf_map]

@@ -146,6 +146,8 @@ pub struct LbWriter {
     streams: BTreeMap<String, StreamSlot>,
     flows: BTreeMap<String, u32>,
     targets: BTreeMap<(String, u32), (TargetKey, Target)>,
+    /// The pre-filter words as written.
+    filter: Vec<u64>,
 }
 
 fn zero_counter(ebpf: &mut Ebpf, name: &'static str, index: u32) -> Result<(), DataplaneError> {
@@ -258,6 +260,8 @@ impl LbWriter {
             self.write_vip(ebpf, vip)?;
         }
 
+        self.write_filter(ebpf, valid)?;
+
         // Then remove what is gone, tables first, targets last.
         let vips: BTreeSet<&str> = valid.vips.iter().map(|v| v.name.as_str()).collect();
         for name in self.vips.keys().filter(|k| !vips.contains(k.as_str())).cloned().collect::<Vec<_>>() {
@@ -294,6 +298,26 @@ impl LbWriter {
             None => NodeConfig { vip_prefixes, ..NodeConfig::default() },
         };
         array::<NodeConfig>(ebpf, n::NODE)?.set(0, node, 0).map_err(map_err(n::NODE))
+    }
+
+    /// Sets the pre-filter bits of every host VIP (and of the ones still
+    /// being removed, so they keep working until their entries are gone).
+    fn write_filter(&mut self, ebpf: &mut Ebpf, valid: &ValidLb) -> Result<(), DataplaneError> {
+        use tapmesh_common::lb::{vip_filter_bit, VIP_FILTER_WORDS};
+        let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
+        let hosts = valid.vips.iter().map(|v| vip_key(&v.prefix)).chain(self.vips.values().map(|s| s.key));
+        for key in hosts.filter(|k| k.prefix_len == 128) {
+            let bit = vip_filter_bit(&key.addr);
+            words[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        let mut filter = array::<u64>(ebpf, n::VIP_FILTER)?;
+        for (i, word) in words.iter().enumerate() {
+            if self.filter.get(i) != Some(word) {
+                filter.set(i as u32, *word, 0).map_err(map_err(n::VIP_FILTER))?;
+            }
+        }
+        self.filter = words;
+        Ok(())
     }
 
     /// A changed table goes to a new region; one write of the stream entry publishes it.

@@ -45,6 +45,7 @@ const MAPS: &[MapSpec] = &[
     spec(n::STATS, 4, size_of::<ProgramStats>(), ProgramSlot::COUNT),
     spec(n::VIPS, LPM + size_of::<VipAddr>(), size_of::<VipValue>(), MAX_VIPS),
     spec(n::VIP_HOSTS, size_of::<VipAddr>(), size_of::<VipValue>(), MAX_VIPS),
+    spec(n::VIP_FILTER, 4, 8, tapmesh_common::lb::VIP_FILTER_WORDS),
     spec(n::VIP_CONFIGS, 4, size_of::<VipConfig>(), MAX_CONFIGS),
     spec(n::DST_PORTS, LPM + size_of::<PortData>(), size_of::<FlowMask>(), MAX_PREFIXES),
     spec(n::SRC_PORTS, LPM + size_of::<PortData>(), size_of::<FlowMask>(), MAX_PREFIXES),
