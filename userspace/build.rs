@@ -7,16 +7,29 @@ fn main() {
     let protos = ["proto/tapmesh/admin/v1/admin.proto"];
     tonic_prost_build::configure()
         .compile_protos(&protos, &["proto"])
-        .unwrap_or_else(|e| panic!("compiling protos (is protoc installed? run `cargo xtask setup`): {e}"));
+        .unwrap_or_else(|e| {
+            panic!("compiling protos (is protoc installed? run `cargo xtask setup`): {e}")
+        });
     println!("cargo:rerun-if-changed=proto");
 
     // TAPMESH_BPF_OBJECT (set by xtask), else the newer of the release and debug builds.
-    let object = env::var_os("TAPMESH_BPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        let built = |profile: &str| manifest.join("../ebpf/target/bpfel-unknown-none").join(profile).join("tapmesh");
-        let modified = |p: &PathBuf| fs::metadata(p).and_then(|m| m.modified()).ok();
-        let (release, debug) = (built("release"), built("debug"));
-        if modified(&debug) > modified(&release) { debug } else { release }
-    });
+    let object = env::var_os("TAPMESH_BPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let built = |profile: &str| {
+                manifest
+                    .join("../ebpf/target/bpfel-unknown-none")
+                    .join(profile)
+                    .join("tapmesh")
+            };
+            let modified = |p: &PathBuf| fs::metadata(p).and_then(|m| m.modified()).ok();
+            let (release, debug) = (built("release"), built("debug"));
+            if modified(&debug) > modified(&release) {
+                debug
+            } else {
+                release
+            }
+        });
     println!("cargo:rerun-if-env-changed=TAPMESH_BPF_OBJECT");
     println!("cargo:rerun-if-changed={}", object.display());
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("tapmesh.bpf.o");

@@ -180,13 +180,21 @@ impl From<&VipKey> for VipAddr {
 
 impl From<&PortKey> for PortData {
     fn from(k: &PortKey) -> Self {
-        PortData { config_id: k.config_id, port: k.port, _pad: [0; 2] }
+        PortData {
+            config_id: k.config_id,
+            port: k.port,
+            _pad: [0; 2],
+        }
     }
 }
 
 impl From<&SourceKey> for SourceData {
     fn from(k: &SourceKey) -> Self {
-        SourceData { config_id: k.config_id, addr: k.addr, _pad: [0; 4] }
+        SourceData {
+            config_id: k.config_id,
+            addr: k.addr,
+            _pad: [0; 4],
+        }
     }
 }
 
@@ -276,8 +284,16 @@ pub struct NodeConfig {
 
 crate::assert_layout!(VipKey, size = 20, align = 4);
 crate::assert_layout!(VipValue, size = 8, align = 4);
-crate::assert_layout!(PortIntervals, size = 8 * PORT_INTERVALS + 2 * PORT_INTERVALS + 8, align = 8);
-crate::assert_layout!(VipConfig, size = 8 * PROTO_CLASSES + 16 + 2 * (10 * PORT_INTERVALS + 8), align = 8);
+crate::assert_layout!(
+    PortIntervals,
+    size = 8 * PORT_INTERVALS + 2 * PORT_INTERVALS + 8,
+    align = 8
+);
+crate::assert_layout!(
+    VipConfig,
+    size = 8 * PROTO_CLASSES + 16 + 2 * (10 * PORT_INTERVALS + 8),
+    align = 8
+);
 crate::assert_layout!(PortKey, size = 12, align = 4);
 crate::assert_layout!(SourceKey, size = 24, align = 4);
 crate::assert_layout!(FlowMask, size = 8, align = 8);

@@ -222,8 +222,11 @@ pub enum ProgramSlot {
 }
 
 impl ProgramSlot {
-    pub const ALL: &'static [ProgramSlot] =
-        &[ProgramSlot::XdpUplink, ProgramSlot::TcIngress, ProgramSlot::TcEgress];
+    pub const ALL: &'static [ProgramSlot] = &[
+        ProgramSlot::XdpUplink,
+        ProgramSlot::TcIngress,
+        ProgramSlot::TcEgress,
+    ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
     pub const fn name(self) -> &'static str {

@@ -12,11 +12,10 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData, Target, TargetKey, VipAddr,
-        LOOKUP_DST_PORTS, PORT_INTERVALS, vip_filter_bit,
-        LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES,
-        MAX_FLOWS_PER_VIP, NO_TARGET, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP, TARGET_LOCAL,
-        TARGET_REMOTE,
+        vip_filter_bit, ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData,
+        Target, TargetKey, VipAddr, LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS,
+        MAX_BYTE_MATCHES, MAX_FLOWS_PER_VIP, NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER,
+        PROTO_SCTP, PROTO_TCP, PROTO_UDP, TARGET_LOCAL, TARGET_REMOTE,
     },
     DropReason, PacketCounter,
 };
@@ -46,11 +45,9 @@ struct FlowTuple {
     src_port: u16,
     dst_port: u16,
     protocol: u8,
-    /// Ports were read (TCP, UDP, SCTP, not a fragment); byte matches apply only then.
+    /// Ports were read (TCP, UDP, SCTP, not a fragment): only then do port
+    /// tables, byte matches and the hash use them.
     ports_known: bool,
-    /// Hash over ports too (false for every fragment, so a datagram's
-    /// fragments stay together).
-    hash_ports: bool,
     l4_offset: usize,
     l4_end: usize,
 }
@@ -75,7 +72,10 @@ fn protocol_class(protocol: u8, l3: L3) -> u8 {
 fn read_ports(pkt: &Packet, at: usize) -> Option<(u16, u16)> {
     let p: *const [u8; 4] = pkt.header(at, DropReason::TruncatedIcmp).ok()?;
     let p = unsafe { *p };
-    Some((u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])))
+    Some((
+        u16::from_be_bytes([p[0], p[1]]),
+        u16::from_be_bytes([p[2], p[3]]),
+    ))
 }
 
 /// The flow an ICMP error is about, from its inner packet, swapped.
@@ -98,7 +98,11 @@ fn icmp_error_tuple(pkt: &Packet, parsed: &Parsed) -> Option<FlowTuple> {
             if ip.version_ihl >> 4 != 4 || header_len < size_of::<Ipv4Hdr>() {
                 return None;
             }
-            let map = |a: [u8; 4]| [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3]];
+            let map = |a: [u8; 4]| {
+                [
+                    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
+                ]
+            };
             (map(ip.src), map(ip.dst), ip.protocol, inner + header_len)
         }
         _ => {
@@ -107,7 +111,11 @@ fn icmp_error_tuple(pkt: &Packet, parsed: &Parsed) -> Option<FlowTuple> {
             (ip.src, ip.dst, ip.next_header, inner + size_of::<Ipv6Hdr>())
         }
     };
-    let ports = if has_ports(protocol) { read_ports(pkt, l4) } else { None };
+    let ports = if has_ports(protocol) {
+        read_ports(pkt, l4)
+    } else {
+        None
+    };
     let (inner_sport, inner_dport) = ports.unwrap_or((0, 0));
     Some(FlowTuple {
         src: dst,
@@ -116,7 +124,6 @@ fn icmp_error_tuple(pkt: &Packet, parsed: &Parsed) -> Option<FlowTuple> {
         dst_port: inner_sport,
         protocol,
         ports_known: ports.is_some(),
-        hash_ports: ports.is_some(),
         l4_offset: l4,
         l4_end: parsed.l3_end,
     })
@@ -135,7 +142,6 @@ fn tuple_of(pkt: &Parsed) -> FlowTuple {
         dst_port: pkt.dst_port,
         protocol: pkt.protocol,
         ports_known,
-        hash_ports: ports_known,
         l4_offset: pkt.l4_offset,
         l4_end: pkt.l3_end,
     }
@@ -177,7 +183,11 @@ fn lowest_bit(mask: u64) -> u32 {
 fn byte_match(ctx: &XdpContext, t: &FlowTuple, class: u8, m: &ByteMatch) -> bool {
     let offset = m.offset as usize;
     let len = m.len as usize;
-    if !t.ports_known || m.protocol != class || offset >= MAX_MATCH_OFFSET || !matches!(len, 1 | 2 | 4) {
+    if !t.ports_known
+        || m.protocol != class
+        || offset >= MAX_MATCH_OFFSET
+        || !matches!(len, 1 | 2 | 4)
+    {
         return false;
     }
     let at = t.l4_offset + offset;
@@ -188,11 +198,22 @@ fn byte_match(ctx: &XdpContext, t: &FlowTuple, class: u8, m: &ByteMatch) -> bool
     // sits after at least 20 bytes of IP, so they exist), then keep `len` of them.
     let mut buf = [0u8; 4];
     // SAFETY: `buf` has room for the 4 bytes copied.
-    let rc = unsafe { bpf_xdp_load_bytes(ctx.ctx as *mut xdp_md, (at + len - 4) as u32, buf.as_mut_ptr() as *mut _, 4) };
+    let rc = unsafe {
+        bpf_xdp_load_bytes(
+            ctx.ctx as *mut xdp_md,
+            (at + len - 4) as u32,
+            buf.as_mut_ptr() as *mut _,
+            4,
+        )
+    };
     if rc != 0 {
         return false;
     }
-    let keep = if len == 4 { u32::MAX } else { (1u32 << (8 * len)) - 1 };
+    let keep = if len == 4 {
+        u32::MAX
+    } else {
+        (1u32 << (8 * len)) - 1
+    };
     u32::from_be_bytes(buf) & keep & m.mask == m.value
 }
 
@@ -224,8 +245,15 @@ fn interval_mask(p: &PortIntervals, port: u16) -> u64 {
 
 /// The highest-priority flow of the VIP's configuration that matches.
 #[inline(always)]
-fn classify(ctx: &XdpContext, t: &FlowTuple, l3: L3, config_id: u32) -> Result<&'static FlowEntry, DropReason> {
-    let config = tm_vip_configs.get(config_id).ok_or(DropReason::NoFlowMatch)?;
+fn classify(
+    ctx: &XdpContext,
+    t: &FlowTuple,
+    l3: L3,
+    config_id: u32,
+) -> Result<&'static FlowEntry, DropReason> {
+    let config = tm_vip_configs
+        .get(config_id)
+        .ok_or(DropReason::NoFlowMatch)?;
     let class = protocol_class(t.protocol, l3);
     let mut mask = match config.protocol_masks.get(class as usize) {
         Some(m) => *m,
@@ -235,13 +263,21 @@ fn classify(ctx: &XdpContext, t: &FlowTuple, l3: L3, config_id: u32) -> Result<&
     let id = config_id.to_be_bytes();
     if mask != 0 && t.ports_known {
         mask &= if config.lookups & LOOKUP_DST_PORTS != 0 {
-            let dst = PortData { config_id: id, port: t.dst_port.to_be_bytes(), _pad: [0; 2] };
+            let dst = PortData {
+                config_id: id,
+                port: t.dst_port.to_be_bytes(),
+                _pad: [0; 2],
+            };
             mask_of(tm_dst_ports.get(&Key::new(48, dst)))
         } else {
             interval_mask(&config.dst_ports, t.dst_port)
         };
         mask &= if config.lookups & LOOKUP_SRC_PORTS != 0 {
-            let src = PortData { config_id: id, port: t.src_port.to_be_bytes(), _pad: [0; 2] };
+            let src = PortData {
+                config_id: id,
+                port: t.src_port.to_be_bytes(),
+                _pad: [0; 2],
+            };
             mask_of(tm_src_ports.get(&Key::new(48, src)))
         } else {
             interval_mask(&config.src_ports, t.src_port)
@@ -249,7 +285,11 @@ fn classify(ctx: &XdpContext, t: &FlowTuple, l3: L3, config_id: u32) -> Result<&
     }
     if mask != 0 {
         mask &= if config.lookups & LOOKUP_SOURCES != 0 {
-            let source = SourceData { config_id: id, addr: t.src, _pad: [0; 4] };
+            let source = SourceData {
+                config_id: id,
+                addr: t.src,
+                _pad: [0; 4],
+            };
             mask_of(tm_sources.get(&Key::new(160, source)))
         } else {
             config.sources_all
@@ -278,25 +318,36 @@ fn classify(ctx: &XdpContext, t: &FlowTuple, l3: L3, config_id: u32) -> Result<&
         }
         mask &= mask - 1;
     }
-    Err(if mask == 0 { DropReason::NoFlowMatch } else { DropReason::TooManyCandidates })
+    Err(if mask == 0 {
+        DropReason::NoFlowMatch
+    } else {
+        DropReason::TooManyCandidates
+    })
 }
 
 /// murmur3-style mixing; the same on every node, so replicas agree.
 #[inline(always)]
 fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 #[inline(always)]
 fn flow_hash(t: &FlowTuple) -> u32 {
     let mut h = 0x7461_706du32; // "tapm"
     for i in 0..4 {
-        let w = |a: &[u8; 16]| u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
+        let w =
+            |a: &[u8; 16]| u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
         h = mix(h, w(&t.src));
         h = mix(h, w(&t.dst));
     }
-    if t.hash_ports {
+    if t.ports_known {
         h = mix(h, (t.src_port as u32) << 16 | t.dst_port as u32);
     }
     h = mix(h, t.protocol as u32);
@@ -319,7 +370,10 @@ fn pick_target(flow: &FlowEntry, hash: u32) -> Result<&'static Target, DropReaso
     if slot == NO_TARGET {
         return Err(DropReason::NoTarget);
     }
-    let key = TargetKey { stream_id: flow.stream_id, slot };
+    let key = TargetKey {
+        stream_id: flow.stream_id,
+        slot,
+    };
     // SAFETY: the value is read once, right away.
     unsafe { tm_targets.get(key) }.ok_or(DropReason::NoTarget)
 }
@@ -351,7 +405,12 @@ fn ether_type_of(l3: L3) -> [u8; 2] {
 
 /// A target on this node: new MACs (VLAN tags dropped), redirect to its interface.
 #[inline(always)]
-fn to_local(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed, target: &Target) -> Result<u32, DropReason> {
+fn to_local(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    parsed: &Parsed,
+    target: &Target,
+) -> Result<u32, DropReason> {
     let at = parsed.l3_offset - size_of::<EthHdr>();
     let eth: *mut EthHdr = pkt.header_mut(at, DropReason::TruncatedEthernet)?;
     unsafe {
@@ -406,7 +465,12 @@ fn to_remote(
     let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
     let outer: *mut Outer = pkt.header_mut(0, DropReason::AdjustHeadFailed)?;
     let outer = unsafe { &mut *outer };
-    let node_dst = [target.node_addr[12], target.node_addr[13], target.node_addr[14], target.node_addr[15]];
+    let node_dst = [
+        target.node_addr[12],
+        target.node_addr[13],
+        target.node_addr[14],
+        target.node_addr[15],
+    ];
     let total = (20 + 8 + inner_len) as u16;
     outer.ip = Ipv4Hdr {
         version_ihl: 0x45,
@@ -441,7 +505,12 @@ fn to_remote(
     fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(node_dst);
     // SAFETY: params is a valid, sized bpf_fib_lookup.
     let rc = unsafe {
-        bpf_fib_lookup(ctx.ctx as *mut _, &mut fib, size_of::<FibParams>() as i32, 0)
+        bpf_fib_lookup(
+            ctx.ctx as *mut _,
+            &mut fib,
+            size_of::<FibParams>() as i32,
+            0,
+        )
     };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
@@ -485,7 +554,8 @@ pub fn decapsulate(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed) -> Result<()
     };
     let outer: *const EthHdr = pkt.header(0, DropReason::TruncatedEthernet)?;
     let (dst, src) = unsafe { ((*outer).dst, (*outer).src) };
-    let eth: *mut EthHdr = pkt.header_mut(inner - size_of::<EthHdr>(), DropReason::BadTunnelPacket)?;
+    let eth: *mut EthHdr =
+        pkt.header_mut(inner - size_of::<EthHdr>(), DropReason::BadTunnelPacket)?;
     unsafe {
         (*eth).dst = dst;
         (*eth).src = src;
@@ -497,7 +567,13 @@ pub fn decapsulate(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed) -> Result<()
 /// The load balancer for one parsed packet. `tunneled`: it came out of our
 /// tunnel, so only a local target may take it.
 #[inline(always)]
-pub fn balance(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed, node: Option<&NodeConfig>, tunneled: bool) -> Result<u32, DropReason> {
+pub fn balance(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    parsed: &Parsed,
+    node: Option<&NodeConfig>,
+    tunneled: bool,
+) -> Result<u32, DropReason> {
     if parsed.l3 == L3::None {
         return Ok(xdp_action::XDP_PASS);
     }
@@ -517,7 +593,10 @@ pub fn balance(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed, node: Option<&No
     let vip = match unsafe { tm_vip_hosts.get(&addr) } {
         Some(v) => v,
         None => {
-            match prefixes.then(|| tm_vips.get(&Key::new(128, addr))).flatten() {
+            match prefixes
+                .then(|| tm_vips.get(&Key::new(128, addr)))
+                .flatten()
+            {
                 Some(v) => v,
                 None => return Ok(xdp_action::XDP_PASS),
             }
@@ -535,7 +614,9 @@ pub fn balance(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed, node: Option<&No
             to_local(ctx, pkt, parsed, target)
         }
         TARGET_REMOTE if !tunneled => {
-            let node = node.filter(|n| n.tunnel_port != 0).ok_or(DropReason::NoTarget)?;
+            let node = node
+                .filter(|n| n.tunnel_port != 0)
+                .ok_or(DropReason::NoTarget)?;
             count(tm_target_stats.get_ptr_mut(target.stats_index), bytes);
             to_remote(ctx, parsed, target, node, hash)
         }

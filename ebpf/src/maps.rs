@@ -7,16 +7,17 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, TargetKey, VipAddr,
-        VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PREFIXES, MAX_STREAMS,
-        MAX_TARGETS, MAX_VIPS, VIP_FILTER_WORDS,
+        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, TargetKey,
+        VipAddr, VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
+        MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, VIP_FILTER_WORDS,
     },
     PacketCounter, ProgramSlot, ProgramStats,
 };
 
 /// Verdicts, drop reasons and protocols, one entry per [`ProgramSlot`].
 #[btf_map]
-pub static tm_stats: PerCpuArray<ProgramStats, { ProgramSlot::COUNT as usize }> = PerCpuArray::new();
+pub static tm_stats: PerCpuArray<ProgramStats, { ProgramSlot::COUNT as usize }> =
+    PerCpuArray::new();
 
 /// VIP address or prefix → its index and the configuration in force.
 #[btf_map]
@@ -73,4 +74,5 @@ pub static tm_vip_stats: PerCpuArray<PacketCounter, { MAX_VIPS as usize }> = Per
 #[btf_map]
 pub static tm_flow_stats: PerCpuArray<PacketCounter, { MAX_FLOWS as usize }> = PerCpuArray::new();
 #[btf_map]
-pub static tm_target_stats: PerCpuArray<PacketCounter, { MAX_TARGETS as usize }> = PerCpuArray::new();
+pub static tm_target_stats: PerCpuArray<PacketCounter, { MAX_TARGETS as usize }> =
+    PerCpuArray::new();

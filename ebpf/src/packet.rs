@@ -15,7 +15,11 @@ pub struct Packet {
 impl Packet {
     #[inline(always)]
     pub fn new(start: usize, end: usize, wire_len: usize) -> Self {
-        Self { start, end, wire_len }
+        Self {
+            start,
+            end,
+            wire_len,
+        }
     }
 
     /// A pointer to a `T` at `offset`, or `missing` when the packet is too short.

@@ -88,7 +88,9 @@ fn be16(bytes: [u8; 2]) -> u16 {
 
 #[inline(always)]
 fn mapped_v4(addr: [u8; 4]) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3]]
+    [
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, addr[0], addr[1], addr[2], addr[3],
+    ]
 }
 
 #[inline(always)]
@@ -195,7 +197,8 @@ fn parse_ipv6(pkt: &Packet, parsed: &mut Parsed) -> Result<(), DropReason> {
                 at += (ext.length as usize + 2) * 4;
             }
             IPPROTO_FRAGMENT => {
-                let frag: *const Ipv6FragHdr = pkt.header(at, DropReason::TruncatedIpv6Extension)?;
+                let frag: *const Ipv6FragHdr =
+                    pkt.header(at, DropReason::TruncatedIpv6Extension)?;
                 let frag = unsafe { &*frag };
                 next = frag.next_header;
                 let offset_flags = be16(frag.offset_flags);

@@ -3,9 +3,9 @@
 use tapmesh_common::{DropReason, ProgramSlot, ProgramStats, Protocol, Verdict};
 
 use crate::{
+    headers::*,
     maps::tm_stats,
     parse::{Fragment, Parsed, L3},
-    headers::*,
 };
 
 /// This CPU's counters of one program (nothing is counted if the lookup fails,

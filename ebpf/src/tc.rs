@@ -37,7 +37,11 @@ pub fn tm_tc_floor(_ctx: TcContext) -> i32 {
 #[inline(always)]
 fn linear_packet(ctx: &TcContext) -> Result<Packet, DropReason> {
     let wire_len = ctx.len();
-    let want = if wire_len < PULL_LEN { wire_len } else { PULL_LEN };
+    let want = if wire_len < PULL_LEN {
+        wire_len
+    } else {
+        PULL_LEN
+    };
     // Compared as pointers: subtracting them needs more than CAP_BPF.
     if ctx.data() + want as usize > ctx.data_end() {
         ctx.pull_data(want).map_err(|_| DropReason::PullFailed)?;

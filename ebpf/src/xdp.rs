@@ -1,6 +1,9 @@
 //! XDP programs: the node uplink, and the empty floor used by benchmarks.
 
-use aya_ebpf::{bindings::xdp_action, helpers::generated::bpf_xdp_get_buff_len, macros::xdp, programs::XdpContext};
+use aya_ebpf::{
+    bindings::xdp_action, helpers::generated::bpf_xdp_get_buff_len, macros::xdp,
+    programs::XdpContext,
+};
 use tapmesh_common::{DropReason, ProgramSlot, Verdict};
 
 use crate::{lb, maps::tm_node, packet::Packet, parse::parse, stats::Stats};

@@ -27,11 +27,18 @@ impl Bpf {
         let mut ebpf = Ebpf::load(BPF_OBJECT).expect("loading the BPF object");
         for name in [program_names::XDP_UPLINK, program_names::XDP_FLOOR] {
             let p: &mut Xdp = ebpf.program_mut(name).expect(name).try_into().expect("xdp");
-            p.load().unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
+            p.load()
+                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
         }
-        for name in [program_names::TC_INGRESS, program_names::TC_EGRESS, program_names::TC_FLOOR] {
-            let p: &mut SchedClassifier = ebpf.program_mut(name).expect(name).try_into().expect("tc");
-            p.load().unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
+        for name in [
+            program_names::TC_INGRESS,
+            program_names::TC_EGRESS,
+            program_names::TC_FLOOR,
+        ] {
+            let p: &mut SchedClassifier =
+                ebpf.program_mut(name).expect(name).try_into().expect("tc");
+            p.load()
+                .unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
         }
         Bpf { ebpf }
     }
@@ -55,7 +62,9 @@ impl Bpf {
         let result = if let Ok(xdp) = <&mut Xdp>::try_from(&mut *p) {
             xdp.test_run(opts)
         } else {
-            <&mut SchedClassifier>::try_from(p).expect("xdp or tc").test_run(opts)
+            <&mut SchedClassifier>::try_from(p)
+                .expect("xdp or tc")
+                .test_run(opts)
         }
         .map_err(|e| format!("{e:?}"))?;
         out.truncate(result.data_size_out as usize);

@@ -12,7 +12,9 @@ use tapmesh::admin::proto::{StatusRequest, StatusResponse};
 pub fn tapmesh_bin() -> PathBuf {
     std::env::var_os("TAPMESH_BIN")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tapmesh"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/tapmesh")
+        })
 }
 
 /// A running daemon; stopped with SIGTERM on drop.
@@ -94,7 +96,11 @@ impl Daemon {
             .ok()?
             .block_on(async move {
                 let mut client = tapmesh::admin::connect(&socket).await.ok()?;
-                client.status(StatusRequest {}).await.ok().map(|r| r.into_inner())
+                client
+                    .status(StatusRequest {})
+                    .await
+                    .ok()
+                    .map(|r| r.into_inner())
             })
     }
 
@@ -112,7 +118,8 @@ impl Daemon {
 
     /// The daemon's status through the admin API.
     pub fn status(&self) -> StatusResponse {
-        self.try_status().unwrap_or_else(|| panic!("admin API did not answer: {}", self.log_text()))
+        self.try_status()
+            .unwrap_or_else(|| panic!("admin API did not answer: {}", self.log_text()))
     }
 
     /// SIGTERM, then waits; returns the exit status.

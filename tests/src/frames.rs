@@ -36,12 +36,22 @@ fn checksum(chunks: &[&[u8]]) -> u16 {
 }
 
 /// An Ethernet frame with optional VLAN tags (outer first).
-pub fn ethernet(dst: [u8; 6], src: [u8; 6], vlans: &[u16], ether_type: u16, payload: &[u8]) -> Vec<u8> {
+pub fn ethernet(
+    dst: [u8; 6],
+    src: [u8; 6],
+    vlans: &[u16],
+    ether_type: u16,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut f = Vec::with_capacity(18 + payload.len());
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
     for (i, vlan) in vlans.iter().enumerate() {
-        let tpid: u16 = if i == 0 && vlans.len() > 1 { 0x88a8 } else { 0x8100 };
+        let tpid: u16 = if i == 0 && vlans.len() > 1 {
+            0x88a8
+        } else {
+            0x8100
+        };
         f.extend_from_slice(&tpid.to_be_bytes());
         f.extend_from_slice(&vlan.to_be_bytes());
     }
@@ -68,7 +78,13 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, options: &[u8], payload:
 }
 
 /// An IPv6 packet; `extensions` is the raw chain, `first_next` the type of its first header.
-pub fn ipv6(src: Ipv6Addr, dst: Ipv6Addr, first_next: u8, extensions: &[u8], payload: &[u8]) -> Vec<u8> {
+pub fn ipv6(
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    first_next: u8,
+    extensions: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
     let mut p = vec![0x60, 0, 0, 0];
     p.extend_from_slice(&((extensions.len() + payload.len()) as u16).to_be_bytes());
     p.extend_from_slice(&[first_next, 64]);
@@ -103,7 +119,13 @@ pub fn udp_v4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8])
 }
 
 /// A TCP SYN with `option_words` 4-byte words of NOP options.
-pub fn tcp_v4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, option_words: usize) -> Vec<u8> {
+pub fn tcp_v4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    option_words: usize,
+) -> Vec<u8> {
     let len = 20 + 4 * option_words;
     let mut t = Vec::with_capacity(len);
     t.extend_from_slice(&sport.to_be_bytes());
@@ -129,11 +151,29 @@ pub fn icmp_echo(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
 
 /// Frames of the common kinds between A and B.
 pub fn udp4_frame(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    ethernet(MAC_B, MAC_A, &[], 0x0800, &ipv4(V4_A, V4_B, UDP, &[], &udp_v4(V4_A, V4_B, sport, dport, data)))
+    ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            V4_A,
+            V4_B,
+            UDP,
+            &[],
+            &udp_v4(V4_A, V4_B, sport, dport, data),
+        ),
+    )
 }
 
 pub fn tcp4_frame(sport: u16, dport: u16) -> Vec<u8> {
-    ethernet(MAC_B, MAC_A, &[], 0x0800, &ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, sport, dport, 0)))
+    ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, sport, dport, 0)),
+    )
 }
 
 /// Rewrites the IPv4 total length (and checksum) of a frame whose IPv4 header starts at `l3`.

@@ -5,8 +5,8 @@
 //! address ranges (198.18.0.0/15, 2001:db8::/32).
 
 pub mod bpf;
-pub mod frames;
 pub mod daemon;
+pub mod frames;
 pub mod net;
 
 use std::{
@@ -25,7 +25,9 @@ pub fn kernel_tests_enabled() -> bool {
         return true;
     }
     if std::env::var_os("TAPMESH_REQUIRE_KERNEL_TESTS").is_some() {
-        panic!("kernel tests must run here (TAPMESH_REQUIRE_KERNEL_TESTS is set) but we are not root");
+        panic!(
+            "kernel tests must run here (TAPMESH_REQUIRE_KERNEL_TESTS is set) but we are not root"
+        );
     }
     eprintln!("skipping a kernel test: not root");
     false
@@ -113,13 +115,18 @@ impl Netns {
     pub fn interface_index(&self, interface: &str) -> u32 {
         let out = self.ip(&["-o", "link", "show", interface]);
         let text = String::from_utf8_lossy(&out.stdout);
-        text.split(':').next().and_then(|n| n.trim().parse().ok()).expect("ifindex")
+        text.split(':')
+            .next()
+            .and_then(|n| n.trim().parse().ok())
+            .expect("ifindex")
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
@@ -138,7 +145,10 @@ pub fn link(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str) -> (End, End) {
     let b_if = unique("vb");
     sh(
         "ip",
-        &["link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if, "netns", &b.name],
+        &[
+            "link", "add", &a_if, "netns", &a.name, "type", "veth", "peer", "name", &b_if, "netns",
+            &b.name,
+        ],
     );
     for (ns, interface, ip) in [(a, &a_if, a_ip), (b, &b_if, b_ip)] {
         ns.ip(&["addr", "add", ip, "dev", interface]);
@@ -146,8 +156,28 @@ pub fn link(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str) -> (End, End) {
     }
     let (a_mac, b_mac) = (a.mac(&a_if), b.mac(&b_if));
     let host = |cidr: &str| cidr.split('/').next().unwrap().to_string();
-    a.ip(&["neigh", "replace", &host(b_ip), "lladdr", &fmt_mac(b_mac), "dev", &a_if, "nud", "permanent"]);
-    b.ip(&["neigh", "replace", &host(a_ip), "lladdr", &fmt_mac(a_mac), "dev", &b_if, "nud", "permanent"]);
+    a.ip(&[
+        "neigh",
+        "replace",
+        &host(b_ip),
+        "lladdr",
+        &fmt_mac(b_mac),
+        "dev",
+        &a_if,
+        "nud",
+        "permanent",
+    ]);
+    b.ip(&[
+        "neigh",
+        "replace",
+        &host(a_ip),
+        "lladdr",
+        &fmt_mac(a_mac),
+        "dev",
+        &b_if,
+        "nud",
+        "permanent",
+    ]);
     (
         End {
             netns: a.name.clone(),
@@ -163,7 +193,10 @@ pub fn link(a: &Netns, a_ip: &str, b: &Netns, b_ip: &str) -> (End, End) {
 }
 
 pub fn fmt_mac(mac: [u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Sends raw Ethernet frames out of `interface` from inside namespace `netns`.
@@ -177,7 +210,11 @@ pub fn send_frames(netns: &str, interface: &str, frames: &[Vec<u8>]) {
         // SAFETY: plain socket calls with checked results.
         unsafe {
             let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
             let mut addr: libc::sockaddr_ll = std::mem::zeroed();
             addr.sll_family = libc::AF_PACKET as u16;
             addr.sll_ifindex = index as i32;
@@ -191,7 +228,12 @@ pub fn send_frames(netns: &str, interface: &str, frames: &[Vec<u8>]) {
                     (&addr as *const libc::sockaddr_ll).cast(),
                     std::mem::size_of::<libc::sockaddr_ll>() as u32,
                 );
-                assert_eq!(sent, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+                assert_eq!(
+                    sent,
+                    frame.len() as isize,
+                    "sendto: {}",
+                    std::io::Error::last_os_error()
+                );
             }
             libc::close(fd);
         }

@@ -25,7 +25,7 @@ use std::{
 };
 
 use tapmesh::{
-    admin::proto::{Count, ListLbRequest, LbListing, StatusResponse, TargetId},
+    admin::proto::{Count, LbListing, ListLbRequest, StatusResponse, TargetId},
     flows::{FlowSpec, VipSpec},
     lb::model::{LbSpec, StreamSpec, TargetSpec, TargetVia},
 };
@@ -42,12 +42,16 @@ pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 
 /// Runs `f` on a new thread that has entered namespace `netns` (the caller's
 /// thread never changes namespace).
-pub fn spawn_in<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+pub fn spawn_in<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> JoinHandle<T> {
     let netns = netns.to_string();
     std::thread::Builder::new()
         .name(format!("in-{netns}"))
         .spawn(move || {
-            tapmesh::netns::enter(&netns).unwrap_or_else(|e| panic!("entering namespace {netns}: {e}"));
+            tapmesh::netns::enter(&netns)
+                .unwrap_or_else(|e| panic!("entering namespace {netns}: {e}"));
             f()
         })
         .expect("spawning a thread")
@@ -147,7 +151,9 @@ impl UdpReceiver {
                     }
                 };
                 force_receive_buffer(std::os::fd::AsRawFd::as_raw_fd(&socket), 16 << 20);
-                socket.set_read_timeout(Some(Duration::from_millis(20))).expect("read timeout");
+                socket
+                    .set_read_timeout(Some(Duration::from_millis(20)))
+                    .expect("read timeout");
                 let _ = ready.send(Ok(()));
                 let mut buf = [0u8; 2048];
                 loop {
@@ -158,7 +164,9 @@ impl UdpReceiver {
                         }
                         Ok((_, from)) => panic!("UDP from {from} on {bind}"),
                         // Queued datagrams are read before a stop is noticed.
-                        Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                        Err(e)
+                            if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                        {
                             if stop.load(Ordering::SeqCst) {
                                 return;
                             }
@@ -236,7 +244,14 @@ pub fn bind_udp_reusable(addr: SocketAddrV4) -> std::io::Result<UdpSocket> {
         }
         let socket = UdpSocket::from_raw_fd(fd);
         let one: i32 = 1;
-        if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, (&one as *const i32).cast(), 4) != 0 {
+        if libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&one as *const i32).cast(),
+            4,
+        ) != 0
+        {
             return Err(std::io::Error::last_os_error());
         }
         let mut sa: libc::sockaddr_in = std::mem::zeroed();
@@ -255,7 +270,14 @@ pub fn bind_udp_reusable(addr: SocketAddrV4) -> std::io::Result<UdpSocket> {
 /// (one socket per flow, bound to that address and port) to `dst`: first one
 /// datagram on every flow, then the next round. Every 64 datagrams it pauses
 /// 1 ms so no queue on the way overflows. Returns the datagrams sent.
-pub fn send_udp_flows(netns: &str, src: Ipv4Addr, ports: &[u16], dst: SocketAddrV4, rounds: u32, payload: &[u8]) -> u64 {
+pub fn send_udp_flows(
+    netns: &str,
+    src: Ipv4Addr,
+    ports: &[u16],
+    dst: SocketAddrV4,
+    rounds: u32,
+    payload: &[u8],
+) -> u64 {
     let ports = ports.to_vec();
     let payload = payload.to_vec();
     run_in(netns, move || {
@@ -264,7 +286,9 @@ pub fn send_udp_flows(netns: &str, src: Ipv4Addr, ports: &[u16], dst: SocketAddr
             for &port in &ports {
                 let socket = bind_udp_reusable(SocketAddrV4::new(src, port))
                     .unwrap_or_else(|e| panic!("binding UDP {src}:{port}: {e}"));
-                let n = socket.send_to(&payload, dst).unwrap_or_else(|e| panic!("sending {src}:{port} -> {dst}: {e}"));
+                let n = socket
+                    .send_to(&payload, dst)
+                    .unwrap_or_else(|e| panic!("sending {src}:{port} -> {dst}: {e}"));
                 assert_eq!(n, payload.len());
                 sent += 1;
                 if sent.is_multiple_of(64) {
@@ -303,20 +327,27 @@ impl TcpEchoServer {
                         return;
                     }
                 };
-                listener.set_nonblocking(true).expect("non-blocking listener");
+                listener
+                    .set_nonblocking(true)
+                    .expect("non-blocking listener");
                 let _ = ready.send(Ok(()));
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((mut conn, _)) => {
                             conn.set_nonblocking(false).expect("blocking connection");
-                            conn.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
-                            conn.set_write_timeout(Some(Duration::from_secs(3))).expect("timeout");
+                            conn.set_read_timeout(Some(Duration::from_secs(3)))
+                                .expect("timeout");
+                            conn.set_write_timeout(Some(Duration::from_secs(3)))
+                                .expect("timeout");
                             let mut data = Vec::new();
-                            if conn.read_to_end(&mut data).is_ok() && conn.write_all(&data).is_ok() {
+                            if conn.read_to_end(&mut data).is_ok() && conn.write_all(&data).is_ok()
+                            {
                                 echoed.fetch_add(1, Ordering::SeqCst);
                             }
                         }
-                        Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+                        Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                            std::thread::sleep(Duration::from_millis(2))
+                        }
                         Err(e) => panic!("accepting on {bind}: {e}"),
                     }
                 }
@@ -361,7 +392,11 @@ impl Drop for TcpEchoServer {
 /// From namespace `netns`, one connection to `dst` per message, one after the
 /// other: connect, send the message, half-close, read until the server closes.
 /// Returns what each connection read back, or why it failed.
-pub fn tcp_echo(netns: &str, dst: SocketAddrV4, messages: &[Vec<u8>]) -> Vec<Result<Vec<u8>, String>> {
+pub fn tcp_echo(
+    netns: &str,
+    dst: SocketAddrV4,
+    messages: &[Vec<u8>],
+) -> Vec<Result<Vec<u8>, String>> {
     let messages = messages.to_vec();
     run_in(netns, move || {
         messages
@@ -369,12 +404,16 @@ pub fn tcp_echo(netns: &str, dst: SocketAddrV4, messages: &[Vec<u8>]) -> Vec<Res
             .map(|m| {
                 let mut conn = TcpStream::connect_timeout(&dst.into(), Duration::from_secs(3))
                     .map_err(|e| format!("connect {dst}: {e}"))?;
-                conn.set_read_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
-                conn.set_write_timeout(Some(Duration::from_secs(3))).map_err(|e| e.to_string())?;
+                conn.set_read_timeout(Some(Duration::from_secs(3)))
+                    .map_err(|e| e.to_string())?;
+                conn.set_write_timeout(Some(Duration::from_secs(3)))
+                    .map_err(|e| e.to_string())?;
                 conn.write_all(m).map_err(|e| format!("send: {e}"))?;
-                conn.shutdown(std::net::Shutdown::Write).map_err(|e| format!("shutdown: {e}"))?;
+                conn.shutdown(std::net::Shutdown::Write)
+                    .map_err(|e| format!("shutdown: {e}"))?;
                 let mut back = Vec::new();
-                conn.read_to_end(&mut back).map_err(|e| format!("read: {e}"))?;
+                conn.read_to_end(&mut back)
+                    .map_err(|e| format!("read: {e}"))?;
                 Ok(back)
             })
             .collect()
@@ -445,7 +484,10 @@ impl IcmpReceiver {
                         let _ = ready.send(Err(std::io::Error::last_os_error().to_string()));
                         return;
                     }
-                    let timeout = libc::timeval { tv_sec: 0, tv_usec: 20_000 };
+                    let timeout = libc::timeval {
+                        tv_sec: 0,
+                        tv_usec: 20_000,
+                    };
                     libc::setsockopt(
                         fd,
                         libc::SOL_SOCKET,
@@ -542,26 +584,50 @@ fn quote(s: &str) -> String {
 }
 
 fn list(items: &[String]) -> String {
-    format!("[{}]", items.iter().map(|s| quote(s)).collect::<Vec<_>>().join(", "))
+    format!(
+        "[{}]",
+        items
+            .iter()
+            .map(|s| quote(s))
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// The spec as the TOML `--lb-config` reads.
 pub fn lb_toml(spec: &LbSpec) -> String {
     let mut t = String::new();
     for v in &spec.vips {
-        t += &format!("[[vips]]\nname = {}\naddress = {}\n\n", quote(&v.name), quote(&v.address));
+        t += &format!(
+            "[[vips]]\nname = {}\naddress = {}\n\n",
+            quote(&v.name),
+            quote(&v.address)
+        );
     }
     for s in &spec.streams {
-        t += &format!("[[streams]]\nname = {}\nmax_targets = {}\n", quote(&s.name), s.max_targets);
+        t += &format!(
+            "[[streams]]\nname = {}\nmax_targets = {}\n",
+            quote(&s.name),
+            s.max_targets
+        );
         if let Some(size) = s.table_size {
             t += &format!("table_size = {size}\n");
         }
         t += "\n";
     }
     for f in &spec.flows {
-        t += &format!("[[flows]]\nname = {}\nvips = {}\nstream = {}\npriority = {}\n", quote(&f.name), list(&f.vips), quote(&f.stream), f.priority);
+        t += &format!(
+            "[[flows]]\nname = {}\nvips = {}\nstream = {}\npriority = {}\n",
+            quote(&f.name),
+            list(&f.vips),
+            quote(&f.stream),
+            f.priority
+        );
         t += &format!("protocols = {}\n", list(&f.protocols));
-        t += &format!("destination_port_ranges = {}\n", list(&f.destination_port_ranges));
+        t += &format!(
+            "destination_port_ranges = {}\n",
+            list(&f.destination_port_ranges)
+        );
         t += &format!("source_port_ranges = {}\n", list(&f.source_port_ranges));
         t += &format!("source_subnets = {}\n", list(&f.source_subnets));
         t += &format!("byte_matches = {}\n\n", list(&f.byte_matches));
@@ -569,18 +635,28 @@ pub fn lb_toml(spec: &LbSpec) -> String {
     for target in &spec.targets {
         let via = match &target.via {
             TargetVia::Local { interface, mac } => {
-                format!("{{ local = {{ interface = {}, mac = {} }} }}", quote(interface), quote(mac))
+                format!(
+                    "{{ local = {{ interface = {}, mac = {} }} }}",
+                    quote(interface),
+                    quote(mac)
+                )
             }
             TargetVia::Remote { node } => format!("{{ remote = {{ node = {} }} }}", quote(node)),
         };
-        t += &format!("[[targets]]\nstream = {}\nidentifier = {}\nvia = {via}\n\n", quote(&target.stream), target.identifier);
+        t += &format!(
+            "[[targets]]\nstream = {}\nidentifier = {}\nvia = {via}\n\n",
+            quote(&target.stream),
+            target.identifier
+        );
     }
     t
 }
 
 /// Packets of the named entry of a VIP, flow or target count list (0 if absent).
 pub fn lb_packets(list: &[Count], name: &str) -> u64 {
-    list.iter().find(|c| c.name == name).map_or(0, |c| c.packets)
+    list.iter()
+        .find(|c| c.name == name)
+        .map_or(0, |c| c.packets)
 }
 
 /// Bytes of the named entry of a count list (0 if absent).
@@ -590,7 +666,11 @@ pub fn lb_bytes(list: &[Count], name: &str) -> u64 {
 
 /// Packets of every target in a status, by name.
 pub fn target_packets(status: &StatusResponse) -> HashMap<String, u64> {
-    status.targets.iter().map(|c| (c.name.clone(), c.packets)).collect()
+    status
+        .targets
+        .iter()
+        .map(|c| (c.name.clone(), c.packets))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------
@@ -643,7 +723,9 @@ macro_rules! admin_call {
             .expect("tokio runtime")
             .block_on(async move {
                 #[allow(unused_mut)]
-                let mut $c = tapmesh::admin::connect(&socket).await.expect("connecting to the admin API");
+                let mut $c = tapmesh::admin::connect(&socket)
+                    .await
+                    .expect("connecting to the admin API");
                 $body
             })
     }};
@@ -670,7 +752,12 @@ impl LbLab {
         assert!(targets <= 100, "target addresses are 198.18.<10+i>.0/24");
         let client = Netns::new("c");
         let node = Netns::new("n");
-        let (c, n) = link(&client, &format!("{CLIENT}/24"), &node, &format!("{NODE}/24"));
+        let (c, n) = link(
+            &client,
+            &format!("{CLIENT}/24"),
+            &node,
+            &format!("{NODE}/24"),
+        );
         // Full checksums from the client, as on a wire: a veth otherwise sends
         // CHECKSUM_PARTIAL packets whose L4 checksum is only the pseudo-header
         // sum, and an XDP redirect (xdp_frame, no skb metadata) delivers them as
@@ -684,15 +771,28 @@ impl LbLab {
             ns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
             ns.exec(&["sysctl", "-qw", "net.ipv4.conf.default.rp_filter=0"]);
         }
-        node.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{}.rp_filter=0", n.interface)]);
+        node.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv4.conf.{}.rp_filter=0", n.interface),
+        ]);
         let mut lab_targets = Vec::new();
         for i in 0..targets {
             let netns = Netns::new(&format!("t{}", i + 1));
             netns.exec(&["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"]);
             netns.exec(&["sysctl", "-qw", "net.ipv4.conf.default.rp_filter=0"]);
             let node_ip = format!("198.18.{}.1", 10 + i);
-            let (node_end, target_end) = link(&node, &format!("{node_ip}/24"), &netns, &format!("198.18.{}.2/24", 10 + i));
-            node.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{}.rp_filter=0", node_end.interface)]);
+            let (node_end, target_end) = link(
+                &node,
+                &format!("{node_ip}/24"),
+                &netns,
+                &format!("198.18.{}.2/24", 10 + i),
+            );
+            node.exec(&[
+                "sysctl",
+                "-qw",
+                &format!("net.ipv4.conf.{}.rp_filter=0", node_end.interface),
+            ]);
             for v in vips {
                 netns.ip(&["addr", "add", &format!("{v}/32"), "dev", "lo"]);
             }
@@ -723,7 +823,12 @@ impl LbLab {
     /// written to a file and passed with `--lb-config`.
     pub fn start(&mut self, spec: Option<&LbSpec>) {
         assert!(self.daemon.is_none(), "the daemon is already running");
-        let mut args = vec!["--uplink".to_string(), self.uplink.clone(), "--xdp-mode".into(), "native".into()];
+        let mut args = vec![
+            "--uplink".to_string(),
+            self.uplink.clone(),
+            "--xdp-mode".into(),
+            "native".into(),
+        ];
         if let Some(spec) = spec {
             let path = std::env::temp_dir().join(format!("{}.toml", unique("tmlb")));
             std::fs::write(&path, lb_toml(spec)).expect("writing the LB config");
@@ -742,9 +847,20 @@ impl LbLab {
 
     /// Adds `ip` (/24) to the client's veth, with a static neighbour on the node.
     pub fn add_client_address(&self, ip: Ipv4Addr) {
-        self.client.ip(&["addr", "add", &format!("{ip}/24"), "dev", &self.client_if]);
+        self.client
+            .ip(&["addr", "add", &format!("{ip}/24"), "dev", &self.client_if]);
         let mac = fmt_mac(self.client.mac(&self.client_if));
-        self.node.ip(&["neigh", "replace", &ip.to_string(), "lladdr", &mac, "dev", &self.uplink, "nud", "permanent"]);
+        self.node.ip(&[
+            "neigh",
+            "replace",
+            &ip.to_string(),
+            "lladdr",
+            &mac,
+            "dev",
+            &self.uplink,
+            "nud",
+            "permanent",
+        ]);
     }
 
     /// The MAC of the node's uplink (where the client's frames go).
@@ -760,7 +876,11 @@ impl LbLab {
     /// Replaces the whole LB configuration through the admin API.
     pub fn apply(&self, spec: &LbSpec) -> Result<(), String> {
         let config = tapmesh::admin::lb_config(spec.clone());
-        admin_call!(self, |c| c.apply_lb(config).await.map(|_| ()).map_err(|e| e.to_string()))
+        admin_call!(self, |c| c
+            .apply_lb(config)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()))
     }
 
     /// Adds or replaces one target through the admin API.
@@ -771,7 +891,11 @@ impl LbLab {
         })
         .targets
         .remove(0);
-        admin_call!(self, |c| c.set_target(wire).await.map(|_| ()).map_err(|e| e.to_string()))
+        admin_call!(self, |c| c
+            .set_target(wire)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()))
     }
 
     /// Deletes one target through the admin API.
@@ -780,7 +904,11 @@ impl LbLab {
             stream: stream.into(),
             identifier,
         };
-        admin_call!(self, |c| c.delete_target(id).await.map(|_| ()).map_err(|e| e.to_string()))
+        admin_call!(self, |c| c
+            .delete_target(id)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()))
     }
 
     /// Adds or replaces one flow through the admin API.
@@ -791,12 +919,19 @@ impl LbLab {
         })
         .flows
         .remove(0);
-        admin_call!(self, |c| c.set_flow(wire).await.map(|_| ()).map_err(|e| e.to_string()))
+        admin_call!(self, |c| c
+            .set_flow(wire)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()))
     }
 
     /// The configuration in force and its counters.
     pub fn list(&self) -> LbListing {
-        admin_call!(self, |c| c.list_lb(ListLbRequest {}).await.expect("ListLb").into_inner())
+        admin_call!(self, |c| c
+            .list_lb(ListLbRequest {})
+            .await
+            .expect("ListLb")
+            .into_inner())
     }
 }
-

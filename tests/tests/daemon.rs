@@ -39,7 +39,18 @@ impl Lab {
     fn tc_filters(&self) -> String {
         let mut text = String::new();
         for dir in ["ingress", "egress"] {
-            let out = sh("tc", &["-n", &self.node.name, "filter", "show", "dev", &self.node_if, dir]);
+            let out = sh(
+                "tc",
+                &[
+                    "-n",
+                    &self.node.name,
+                    "filter",
+                    "show",
+                    "dev",
+                    &self.node_if,
+                    dir,
+                ],
+            );
             text.push_str(&String::from_utf8_lossy(&out.stdout));
         }
         text
@@ -47,7 +58,9 @@ impl Lab {
 
     fn ping(&self, count: u32) {
         let n = count.to_string();
-        let out = self.peer.try_exec(&["ping", "-c", &n, "-i", "0.1", "-W", "2", "-q", "198.18.0.1"]);
+        let out =
+            self.peer
+                .try_exec(&["ping", "-c", &n, "-i", "0.1", "-W", "2", "-q", "198.18.0.1"]);
         assert!(
             out.status.success(),
             "ping failed: {}",
@@ -60,7 +73,19 @@ impl Lab {
         let dst = self.node.mac(&self.node_if);
         let src = self.peer.mac(&self.peer_if);
         let (a, b) = ("198.18.0.2".parse().unwrap(), "198.18.0.1".parse().unwrap());
-        ethernet(dst, src, &[], 0x0800, &ipv4(a, b, frames::UDP, &[], &udp_v4(a, b, 5000, 9, b"0123456789")))
+        ethernet(
+            dst,
+            src,
+            &[],
+            0x0800,
+            &ipv4(
+                a,
+                b,
+                frames::UDP,
+                &[],
+                &udp_v4(a, b, 5000, 9, b"0123456789"),
+            ),
+        )
     }
 }
 
@@ -70,13 +95,34 @@ fn real_packets_are_counted_exactly_and_sigterm_detaches_everything() {
         return;
     }
     let lab = Lab::new();
-    let mut daemon = Daemon::start(&lab.node.name, &["--uplink", &lab.node_if, "--tc-interface", &lab.node_if]);
+    let mut daemon = Daemon::start(
+        &lab.node.name,
+        &["--uplink", &lab.node_if, "--tc-interface", &lab.node_if],
+    );
 
     let status = daemon.status();
-    let hooks: Vec<_> = status.attachments.iter().map(|a| (a.hook.as_str(), a.program.as_str())).collect();
-    assert_eq!(hooks, [("xdp", "tm_xdp_uplink"), ("tc-ingress", "tm_tc_ingress"), ("tc-egress", "tm_tc_egress")]);
-    assert_eq!(status.attachments[0].mode, "native", "veth takes native XDP");
-    assert!(status.plugins.iter().all(|p| p.state == 4), "all running: {:?}", status.plugins);
+    let hooks: Vec<_> = status
+        .attachments
+        .iter()
+        .map(|a| (a.hook.as_str(), a.program.as_str()))
+        .collect();
+    assert_eq!(
+        hooks,
+        [
+            ("xdp", "tm_xdp_uplink"),
+            ("tc-ingress", "tm_tc_ingress"),
+            ("tc-egress", "tm_tc_egress")
+        ]
+    );
+    assert_eq!(
+        status.attachments[0].mode, "native",
+        "veth takes native XDP"
+    );
+    assert!(
+        status.plugins.iter().all(|p| p.state == 4),
+        "all running: {:?}",
+        status.plugins
+    );
     assert!(lab.xdp_attached());
 
     // Five echo requests in, five replies out.
@@ -87,13 +133,28 @@ fn real_packets_are_counted_exactly_and_sigterm_detaches_everything() {
     bad_ihl[14] = 0x43;
     let mut cut_udp = good[..14 + 20 + 4].to_vec();
     set_ipv4_total_length(&mut cut_udp, 14, 24);
-    send_frames(&lab.peer.name, &lab.peer_if, &[bad_ihl.clone(), bad_ihl.clone(), bad_ihl, cut_udp.clone(), cut_udp]);
+    send_frames(
+        &lab.peer.name,
+        &lab.peer_if,
+        &[
+            bad_ihl.clone(),
+            bad_ihl.clone(),
+            bad_ihl,
+            cut_udp.clone(),
+            cut_udp,
+        ],
+    );
 
-    let s = daemon.status_when(|s| packets(s, "xdp_uplink", "drop") >= 5 && packets(s, "tc_egress", "pass") >= 5);
+    let s = daemon.status_when(|s| {
+        packets(s, "xdp_uplink", "drop") >= 5 && packets(s, "tc_egress", "pass") >= 5
+    });
     assert_eq!(packets(&s, "xdp_uplink", "pass"), 5, "{s:#?}");
     assert_eq!(bytes(&s, "xdp_uplink", "pass"), 5 * 98);
     assert_eq!(packets(&s, "xdp_uplink", "drop"), 5);
-    assert_eq!(bytes(&s, "xdp_uplink", "drop"), 3 * good.len() as u64 + 2 * 38);
+    assert_eq!(
+        bytes(&s, "xdp_uplink", "drop"),
+        3 * good.len() as u64 + 2 * 38
+    );
     assert_eq!(named(&s, "xdp_uplink", "bad_ipv4_header_length"), 3);
     assert_eq!(named(&s, "xdp_uplink", "truncated_udp"), 2);
     assert_eq!(named(&s, "xdp_uplink", "icmp"), 5);
@@ -109,22 +170,51 @@ fn real_packets_are_counted_exactly_and_sigterm_detaches_everything() {
     }
 
     // bpftool sees the programs by name and the counters with field names.
-    let progs = String::from_utf8_lossy(&Command::new("bpftool").args(["prog", "show"]).output().unwrap().stdout).to_string();
+    let progs = String::from_utf8_lossy(
+        &Command::new("bpftool")
+            .args(["prog", "show"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .to_string();
     for name in ["tm_xdp_uplink", "tm_tc_ingress", "tm_tc_egress"] {
-        assert!(progs.contains(&format!("name {name}")), "bpftool prog show lacks {name}");
+        assert!(
+            progs.contains(&format!("name {name}")),
+            "bpftool prog show lacks {name}"
+        );
     }
     let pinned = daemon.bpffs_root.join("v1/tm_stats");
-    let dump = Command::new("bpftool").arg("map").arg("dump").arg("pinned").arg(&pinned).output().unwrap();
+    let dump = Command::new("bpftool")
+        .arg("map")
+        .arg("dump")
+        .arg("pinned")
+        .arg(&pinned)
+        .output()
+        .unwrap();
     let dump = String::from_utf8_lossy(&dump.stdout);
-    for field in ["\"verdicts\"", "\"pass\"", "\"packets\"", "\"bad_ipv4_header_length\"", "\"icmp\""] {
-        assert!(dump.contains(field), "bpftool map dump lacks {field}: {dump}");
+    for field in [
+        "\"verdicts\"",
+        "\"pass\"",
+        "\"packets\"",
+        "\"bad_ipv4_header_length\"",
+        "\"icmp\"",
+    ] {
+        assert!(
+            dump.contains(field),
+            "bpftool map dump lacks {field}: {dump}"
+        );
     }
 
     let exit = daemon.stop();
     assert!(exit.success(), "daemon exit {exit}: {}", daemon.log_text());
     assert!(!lab.xdp_attached(), "XDP still attached after SIGTERM");
     assert_eq!(lab.tc_filters().trim(), "", "TC filters left after SIGTERM");
-    assert!(!daemon.bpffs_root.exists(), "pins left behind in {}", daemon.bpffs_root.display());
+    assert!(
+        !daemon.bpffs_root.exists(),
+        "pins left behind in {}",
+        daemon.bpffs_root.display()
+    );
     assert!(!daemon.socket.exists(), "admin socket left behind");
 }
 
@@ -135,18 +225,42 @@ fn keep_dataplane_survives_the_daemon_and_a_restart_reuses_the_pins() {
     }
     let lab = Lab::new();
     let (root, _) = Daemon::paths();
-    let mut first = Daemon::start_at(&lab.node.name, &root, &["--uplink", &lab.node_if, "--tc-interface", &lab.node_if, "--keep-dataplane"]);
+    let mut first = Daemon::start_at(
+        &lab.node.name,
+        &root,
+        &[
+            "--uplink",
+            &lab.node_if,
+            "--tc-interface",
+            &lab.node_if,
+            "--keep-dataplane",
+        ],
+    );
     lab.ping(2);
     assert!(first.stop().success(), "{}", first.log_text());
-    assert!(lab.xdp_attached(), "--keep-dataplane must leave XDP attached");
-    assert!(lab.tc_filters().contains("tm_tc_ingress"), "--keep-dataplane must leave TC attached");
+    assert!(
+        lab.xdp_attached(),
+        "--keep-dataplane must leave XDP attached"
+    );
+    assert!(
+        lab.tc_filters().contains("tm_tc_ingress"),
+        "--keep-dataplane must leave TC attached"
+    );
     // Traffic is still counted with no daemon running.
     lab.ping(3);
 
-    let mut second = Daemon::start_at(&lab.node.name, &root, &["--uplink", &lab.node_if, "--tc-interface", &lab.node_if]);
+    let mut second = Daemon::start_at(
+        &lab.node.name,
+        &root,
+        &["--uplink", &lab.node_if, "--tc-interface", &lab.node_if],
+    );
     let s = second.status_when(|s| packets(s, "tc_egress", "pass") >= 5);
     assert_eq!(s.attachments[0].mode, "replaced kept link");
-    assert_eq!(packets(&s, "xdp_uplink", "pass"), 5, "counters continue in the pinned map");
+    assert_eq!(
+        packets(&s, "xdp_uplink", "pass"),
+        5,
+        "counters continue in the pinned map"
+    );
     assert_eq!(packets(&s, "tc_egress", "pass"), 5);
     assert!(second.stop().success());
     assert!(!lab.xdp_attached());
@@ -156,8 +270,15 @@ fn keep_dataplane_survives_the_daemon_and_a_restart_reuses_the_pins() {
 
 /// Runs the daemon expecting it to refuse; returns (exit code, stderr).
 fn refused(args: &[&str]) -> (i32, String) {
-    let out = Command::new(tapmesh_bin()).arg("daemon").args(args).output().expect("running tapmesh");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).to_string())
+    let out = Command::new(tapmesh_bin())
+        .arg("daemon")
+        .args(args)
+        .output()
+        .expect("running tapmesh");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
 }
 
 #[test]
@@ -168,7 +289,14 @@ fn bad_configurations_exit_with_one_line_and_attach_nothing() {
     let lab = Lab::new();
     let (root, socket) = Daemon::paths();
     let _cleanup = RemoveOnDrop(vec![root.clone()]);
-    let base = ["--netns", lab.node.name.as_str(), "--bpffs-root", root.to_str().unwrap(), "--admin-socket", socket.to_str().unwrap()];
+    let base = [
+        "--netns",
+        lab.node.name.as_str(),
+        "--bpffs-root",
+        root.to_str().unwrap(),
+        "--admin-socket",
+        socket.to_str().unwrap(),
+    ];
     let dir = std::env::temp_dir().join(tapmesh_tests::unique("tmcfg"));
     std::fs::create_dir_all(&dir).unwrap();
     let _cleanup_dir = RemoveOnDrop(vec![dir.clone()]);
@@ -179,14 +307,45 @@ fn bad_configurations_exit_with_one_line_and_attach_nothing() {
     let missing = dir.join("missing.toml");
 
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
-        (vec!["--uplink", "nosuch0"], 2, "dataplane.uplinks: interface \"nosuch0\" does not exist"),
-        (vec!["--tc-interface", "nosuch1"], 2, "dataplane.tc_interfaces: interface \"nosuch1\" does not exist"),
-        (vec!["--config", missing.to_str().unwrap()], 2, "cannot read config file"),
-        (vec!["--config", bad_value.to_str().unwrap()], 2, "line 2: unknown variant `turbo`"),
-        (vec!["--config", unknown_key.to_str().unwrap()], 2, "unknown field `uplink`"),
+        (
+            vec!["--uplink", "nosuch0"],
+            2,
+            "dataplane.uplinks: interface \"nosuch0\" does not exist",
+        ),
+        (
+            vec!["--tc-interface", "nosuch1"],
+            2,
+            "dataplane.tc_interfaces: interface \"nosuch1\" does not exist",
+        ),
+        (
+            vec!["--config", missing.to_str().unwrap()],
+            2,
+            "cannot read config file",
+        ),
+        (
+            vec!["--config", bad_value.to_str().unwrap()],
+            2,
+            "line 2: unknown variant `turbo`",
+        ),
+        (
+            vec!["--config", unknown_key.to_str().unwrap()],
+            2,
+            "unknown field `uplink`",
+        ),
         (vec!["--log-level", "tapmesh=loud"], 2, "daemon.log_level"),
         // Native XDP on lo fails after the veth got its program: everything is rolled back.
-        (vec!["--uplink", &lab.node_if, "--uplink", "lo", "--xdp-mode", "native"], 1, "plugin dataplane: start failed: attaching xdp to lo"),
+        (
+            vec![
+                "--uplink",
+                &lab.node_if,
+                "--uplink",
+                "lo",
+                "--xdp-mode",
+                "native",
+            ],
+            1,
+            "plugin dataplane: start failed: attaching xdp to lo",
+        ),
     ];
     for (extra, code, message) in cases {
         let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
@@ -194,7 +353,10 @@ fn bad_configurations_exit_with_one_line_and_attach_nothing() {
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.contains(" INFO ")).collect();
         assert_eq!(got_code, code, "{extra:?}: {stderr}");
         assert_eq!(lines.len(), 1, "{extra:?}: want one line, got {stderr:?}");
-        assert!(lines[0].starts_with("tapmesh: ") && lines[0].contains(message), "{extra:?}: {stderr}");
+        assert!(
+            lines[0].starts_with("tapmesh: ") && lines[0].contains(message),
+            "{extra:?}: {stderr}"
+        );
         assert!(!lab.xdp_attached(), "{extra:?}: XDP left attached");
         assert_eq!(lab.tc_filters().trim(), "", "{extra:?}: TC left attached");
         assert!(!root.join("v1").exists(), "{extra:?}: pins left behind");
@@ -232,6 +394,11 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("is in use"), "{stderr}");
     // The first daemon is untouched.
-    let names: Vec<_> = daemon.status().plugins.into_iter().map(|p| p.name).collect();
+    let names: Vec<_> = daemon
+        .status()
+        .plugins
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
     assert_eq!(names, ["dataplane", "lb", "admin"]);
 }

@@ -69,8 +69,16 @@ fn well_formed() -> Vec<Case> {
     let mut arp = vec![0u8; 28];
     arp[..8].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
     vec![
-        case("udp over ipv4", eth4(ipv4(V4_A, V4_B, UDP, &[], &udp)), Expect::Pass(vec![P::Ipv4, P::Udp])),
-        case("tcp syn", tcp4_frame(40000, 80), Expect::Pass(vec![P::Ipv4, P::Tcp])),
+        case(
+            "udp over ipv4",
+            eth4(ipv4(V4_A, V4_B, UDP, &[], &udp)),
+            Expect::Pass(vec![P::Ipv4, P::Udp]),
+        ),
+        case(
+            "tcp syn",
+            tcp4_frame(40000, 80),
+            Expect::Pass(vec![P::Ipv4, P::Tcp]),
+        ),
         case(
             "tcp with options",
             eth4(ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 3))),
@@ -81,28 +89,74 @@ fn well_formed() -> Vec<Case> {
             eth4(ipv4(V4_A, V4_B, UDP, &[1, 1, 1, 0, 1, 1, 1, 0], &udp)),
             Expect::Pass(vec![P::Ipv4, P::Udp]),
         ),
-        case("icmp echo", eth4(ipv4(V4_A, V4_B, ICMP, &[], &icmp_echo(1, 1, b"ping"))), Expect::Pass(vec![P::Ipv4, P::Icmp])),
+        case(
+            "icmp echo",
+            eth4(ipv4(V4_A, V4_B, ICMP, &[], &icmp_echo(1, 1, b"ping"))),
+            Expect::Pass(vec![P::Ipv4, P::Icmp]),
+        ),
         case(
             "sctp",
-            eth4(ipv4(V4_A, V4_B, SCTP, &[], &[0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4])),
+            eth4(ipv4(
+                V4_A,
+                V4_B,
+                SCTP,
+                &[],
+                &[0, 1, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 1, 2, 3, 4],
+            )),
             Expect::Pass(vec![P::Ipv4, P::Sctp]),
         ),
-        case("gre (unknown l4)", eth4(ipv4(V4_A, V4_B, 47, &[], &[0; 8])), Expect::Pass(vec![P::Ipv4, P::OtherL4])),
+        case(
+            "gre (unknown l4)",
+            eth4(ipv4(V4_A, V4_B, 47, &[], &[0; 8])),
+            Expect::Pass(vec![P::Ipv4, P::OtherL4]),
+        ),
         case(
             "802.1q tagged udp",
-            ethernet(MAC_B, MAC_A, &[100], 0x0800, &ipv4(V4_A, V4_B, UDP, &[], &udp)),
+            ethernet(
+                MAC_B,
+                MAC_A,
+                &[100],
+                0x0800,
+                &ipv4(V4_A, V4_B, UDP, &[], &udp),
+            ),
             Expect::Pass(vec![P::VlanTagged, P::Ipv4, P::Udp]),
         ),
         case(
             "qinq tagged tcp",
-            ethernet(MAC_B, MAC_A, &[100, 200], 0x0800, &ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0))),
+            ethernet(
+                MAC_B,
+                MAC_A,
+                &[100, 200],
+                0x0800,
+                &ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0)),
+            ),
             Expect::Pass(vec![P::VlanTagged, P::Ipv4, P::Tcp]),
         ),
-        case("ipv4 first fragment", eth4(first_fragment), Expect::Pass(vec![P::Ipv4, P::Fragment, P::Udp])),
-        case("ipv4 later fragment", eth4(later_fragment), Expect::Pass(vec![P::Ipv4, P::Fragment])),
-        case("ethernet padding after a short packet", padded, Expect::Pass(vec![P::Ipv4, P::Udp])),
-        case("arp", ethernet([0xff; 6], MAC_A, &[], 0x0806, &arp), Expect::Pass(vec![P::NonIp])),
-        case("udp over ipv6", eth6(ipv6(V6_A, V6_B, UDP, &[], &udp6(1, 2, b"x"))), Expect::Pass(vec![P::Ipv6, P::Udp])),
+        case(
+            "ipv4 first fragment",
+            eth4(first_fragment),
+            Expect::Pass(vec![P::Ipv4, P::Fragment, P::Udp]),
+        ),
+        case(
+            "ipv4 later fragment",
+            eth4(later_fragment),
+            Expect::Pass(vec![P::Ipv4, P::Fragment]),
+        ),
+        case(
+            "ethernet padding after a short packet",
+            padded,
+            Expect::Pass(vec![P::Ipv4, P::Udp]),
+        ),
+        case(
+            "arp",
+            ethernet([0xff; 6], MAC_A, &[], 0x0806, &arp),
+            Expect::Pass(vec![P::NonIp]),
+        ),
+        case(
+            "udp over ipv6",
+            eth6(ipv6(V6_A, V6_B, UDP, &[], &udp6(1, 2, b"x"))),
+            Expect::Pass(vec![P::Ipv6, P::Udp]),
+        ),
         case(
             "ipv6 hop-by-hop, routing, destination options, tcp",
             eth6(ipv6(
@@ -116,7 +170,13 @@ fn well_formed() -> Vec<Case> {
         ),
         case(
             "ipv6 first fragment",
-            eth6(ipv6(V6_A, V6_B, 44, &frag6(UDP, 0, true), &udp6(1, 2, b"x"))),
+            eth6(ipv6(
+                V6_A,
+                V6_B,
+                44,
+                &frag6(UDP, 0, true),
+                &udp6(1, 2, b"x"),
+            )),
             Expect::Pass(vec![P::Ipv6, P::Fragment, P::Udp]),
         ),
         case(
@@ -126,7 +186,13 @@ fn well_formed() -> Vec<Case> {
         ),
         case(
             "ipv6 atomic fragment",
-            eth6(ipv6(V6_A, V6_B, 44, &frag6(UDP, 0, false), &udp6(1, 2, b"x"))),
+            eth6(ipv6(
+                V6_A,
+                V6_B,
+                44,
+                &frag6(UDP, 0, false),
+                &udp6(1, 2, b"x"),
+            )),
             Expect::Pass(vec![P::Ipv6, P::Udp]),
         ),
         case(
@@ -136,12 +202,18 @@ fn well_formed() -> Vec<Case> {
         ),
         case(
             "ipv6 authentication header, udp",
-            eth6(ipv6(V6_A, V6_B, 51, &{
-                // AH: length in 4-byte units minus 2; 4 units = 16 bytes.
-                let mut ah = vec![UDP, 2];
-                ah.resize(16, 0);
-                ah
-            }, &udp6(1, 2, b"x"))),
+            eth6(ipv6(
+                V6_A,
+                V6_B,
+                51,
+                &{
+                    // AH: length in 4-byte units minus 2; 4 units = 16 bytes.
+                    let mut ah = vec![UDP, 2];
+                    ah.resize(16, 0);
+                    ah
+                },
+                &udp6(1, 2, b"x"),
+            )),
             Expect::Pass(vec![P::Ipv6, P::Udp]),
         ),
         case(
@@ -158,47 +230,91 @@ fn well_formed() -> Vec<Case> {
 }
 
 fn malformed() -> Vec<Case> {
-    let udp_frame = eth4(ipv4(V4_A, V4_B, UDP, &[], &udp_v4(V4_A, V4_B, 1, 2, b"data")));
+    let udp_frame = eth4(ipv4(
+        V4_A,
+        V4_B,
+        UDP,
+        &[],
+        &udp_v4(V4_A, V4_B, 1, 2, b"data"),
+    ));
     let mut cases = Vec::new();
 
     let mut bad_version = udp_frame.clone();
     bad_version[14] = 0x55;
-    cases.push(case("ipv4 version 5", bad_version, Expect::Drop(D::BadIpv4Version)));
+    cases.push(case(
+        "ipv4 version 5",
+        bad_version,
+        Expect::Drop(D::BadIpv4Version),
+    ));
     for ihl in 0..5u8 {
         let mut f = udp_frame.clone();
         f[14] = 0x40 | ihl;
-        cases.push(case(format!("ipv4 ihl {ihl}"), f, Expect::Drop(D::BadIpv4HeaderLength)));
+        cases.push(case(
+            format!("ipv4 ihl {ihl}"),
+            f,
+            Expect::Drop(D::BadIpv4HeaderLength),
+        ));
     }
     let mut f = udp_frame.clone();
     f[14] = 0x4f; // 60-byte header, but the packet is 32 bytes long
-    cases.push(case("ipv4 ihl 15 in a short packet", f, Expect::Drop(D::BadIpv4TotalLength)));
+    cases.push(case(
+        "ipv4 ihl 15 in a short packet",
+        f,
+        Expect::Drop(D::BadIpv4TotalLength),
+    ));
     let mut f = udp_frame.clone();
     set_ipv4_total_length(&mut f, 14, 19);
-    cases.push(case("ipv4 total length below the header", f, Expect::Drop(D::BadIpv4TotalLength)));
+    cases.push(case(
+        "ipv4 total length below the header",
+        f,
+        Expect::Drop(D::BadIpv4TotalLength),
+    ));
     let mut f = udp_frame.clone();
     set_ipv4_total_length(&mut f, 14, 200);
-    cases.push(case("ipv4 total length beyond the frame", f, Expect::Drop(D::TruncatedIpv4)));
+    cases.push(case(
+        "ipv4 total length beyond the frame",
+        f,
+        Expect::Drop(D::TruncatedIpv4),
+    ));
 
     let mut f = eth4(ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0)));
     f[14 + 20 + 12] = 0x40;
-    cases.push(case("tcp data offset 4", f, Expect::Drop(D::BadTcpHeaderLength)));
+    cases.push(case(
+        "tcp data offset 4",
+        f,
+        Expect::Drop(D::BadTcpHeaderLength),
+    ));
     let mut f = eth4(ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0)));
     f[14 + 20 + 12] = 0xf0;
-    cases.push(case("tcp data offset beyond the packet", f, Expect::Drop(D::TruncatedTcp)));
+    cases.push(case(
+        "tcp data offset beyond the packet",
+        f,
+        Expect::Drop(D::TruncatedTcp),
+    ));
     let mut f = udp_frame.clone();
     f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&4u16.to_be_bytes());
     cases.push(case("udp length 4", f, Expect::Drop(D::BadUdpLength)));
     let mut f = udp_frame.clone();
     f[14 + 20 + 4..14 + 20 + 6].copy_from_slice(&100u16.to_be_bytes());
-    cases.push(case("udp length beyond the ip payload", f, Expect::Drop(D::BadUdpLength)));
+    cases.push(case(
+        "udp length beyond the ip payload",
+        f,
+        Expect::Drop(D::BadUdpLength),
+    ));
 
     let mut f = eth6(ipv6(V6_A, V6_B, UDP, &[], &udp6(1, 2, b"x")));
     f[14] = 0x40;
     cases.push(case("ipv6 version 4", f, Expect::Drop(D::BadIpv6Version)));
     let mut f = eth6(ipv6(V6_A, V6_B, UDP, &[], &udp6(1, 2, b"x")));
     set_ipv6_payload_length(&mut f, 14, 500);
-    cases.push(case("ipv6 payload length beyond the frame", f, Expect::Drop(D::TruncatedIpv6)));
-    let chain: Vec<u8> = (0..7).flat_map(|i| ext(if i == 6 { UDP } else { 60 }, 0)).collect();
+    cases.push(case(
+        "ipv6 payload length beyond the frame",
+        f,
+        Expect::Drop(D::TruncatedIpv6),
+    ));
+    let chain: Vec<u8> = (0..7)
+        .flat_map(|i| ext(if i == 6 { UDP } else { 60 }, 0))
+        .collect();
     cases.push(case(
         "seven ipv6 extension headers",
         eth6(ipv6(V6_A, V6_B, 60, &chain, &udp6(1, 2, b"x"))),
@@ -232,13 +348,30 @@ fn truncations() -> Vec<Case> {
     let bases = vec![
         Base {
             name: "qinq tcp",
-            frame: ethernet(MAC_B, MAC_A, &[10, 20], 0x0800, &ipv4(V4_A, V4_B, TCP, &[0; 4], &tcp)),
-            headers: vec![(14, D::TruncatedVlan), (18, D::TruncatedVlan), (22, D::TruncatedIpv4), (22 + 24, D::TruncatedTcp)],
+            frame: ethernet(
+                MAC_B,
+                MAC_A,
+                &[10, 20],
+                0x0800,
+                &ipv4(V4_A, V4_B, TCP, &[0; 4], &tcp),
+            ),
+            headers: vec![
+                (14, D::TruncatedVlan),
+                (18, D::TruncatedVlan),
+                (22, D::TruncatedIpv4),
+                (22 + 24, D::TruncatedTcp),
+            ],
             l3: (22, 4),
         },
         Base {
             name: "udp",
-            frame: eth4(ipv4(V4_A, V4_B, UDP, &[], &udp_v4(V4_A, V4_B, 1, 2, b"payload"))),
+            frame: eth4(ipv4(
+                V4_A,
+                V4_B,
+                UDP,
+                &[],
+                &udp_v4(V4_A, V4_B, 1, 2, b"payload"),
+            )),
             headers: vec![(14, D::TruncatedIpv4), (34, D::TruncatedUdp)],
             l3: (14, 4),
         },
@@ -257,24 +390,51 @@ fn truncations() -> Vec<Case> {
         Base {
             name: "ipv6 hop-by-hop udp",
             frame: eth6(ipv6(V6_A, V6_B, 0, &ext(UDP, 0), &udp6(1, 2, b"payload"))),
-            headers: vec![(14, D::TruncatedIpv6), (54, D::TruncatedIpv6Extension), (62, D::TruncatedUdp)],
+            headers: vec![
+                (14, D::TruncatedIpv6),
+                (54, D::TruncatedIpv6Extension),
+                (62, D::TruncatedUdp),
+            ],
             l3: (14, 6),
         },
     ];
     let mut cases = Vec::new();
     for base in bases {
         let full = base.frame.len();
-        let mut cuts: Vec<usize> = base.headers.iter().flat_map(|(at, _)| [*at, at + 1]).collect();
+        let mut cuts: Vec<usize> = base
+            .headers
+            .iter()
+            .flat_map(|(at, _)| [*at, at + 1])
+            .collect();
         cuts.retain(|&c| c >= 14 && c < full);
         for cut in cuts {
             // The innermost header starting at or before the cut is the one cut short.
-            let (_, inner) = *base.headers.iter().rev().find(|(at, _)| *at <= cut).unwrap();
+            let (_, inner) = *base
+                .headers
+                .iter()
+                .rev()
+                .find(|(at, _)| *at <= cut)
+                .unwrap();
             let (l3, version) = base.l3;
             let mut frame = base.frame[..cut].to_vec();
-            let ip_layer = if version == 4 { D::TruncatedIpv4 } else { D::TruncatedIpv6 };
+            let ip_layer = if version == 4 {
+                D::TruncatedIpv4
+            } else {
+                D::TruncatedIpv6
+            };
             let fixed_len_ok = cut >= l3 + if version == 4 { 20 } else { 40 };
-            let as_is = if cut <= l3 || matches!(inner, D::TruncatedVlan) { inner } else if fixed_len_ok { ip_layer } else { inner };
-            cases.push(case(format!("{} cut at {cut}", base.name), frame.clone(), Expect::Drop(as_is)));
+            let as_is = if cut <= l3 || matches!(inner, D::TruncatedVlan) {
+                inner
+            } else if fixed_len_ok {
+                ip_layer
+            } else {
+                inner
+            };
+            cases.push(case(
+                format!("{} cut at {cut}", base.name),
+                frame.clone(),
+                Expect::Drop(as_is),
+            ));
             if fixed_len_ok && !matches!(inner, D::TruncatedIpv4 | D::TruncatedIpv6) {
                 if version == 4 {
                     let ihl = usize::from(frame[l3] & 0x0f) * 4;
@@ -285,7 +445,11 @@ fn truncations() -> Vec<Case> {
                 } else {
                     set_ipv6_payload_length(&mut frame, l3, (cut - l3 - 40) as u16);
                 }
-                cases.push(case(format!("{} cut at {cut}, ip length fitted", base.name), frame, Expect::Drop(inner)));
+                cases.push(case(
+                    format!("{} cut at {cut}, ip length fitted", base.name),
+                    frame,
+                    Expect::Drop(inner),
+                ));
             }
         }
     }
@@ -328,7 +492,13 @@ fn check(bpf: &mut Bpf, program: &str, slot: ProgramSlot, pass: u32, drop: u32, 
             failures.push(format!("{program}: {}: the packet was modified", c.name));
         }
     }
-    assert!(failures.is_empty(), "{} of {} cases failed:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases failed:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 /// The kernel's skb test runner refuses frames of ETH_HLEN bytes or fewer and
@@ -379,7 +549,14 @@ fn xdp_uplink_golden_packets() {
     let mut bpf = Bpf::load();
     let cases = all_cases();
     assert!(cases.len() > 60, "the table shrank: {}", cases.len());
-    check(&mut bpf, "tm_xdp_uplink", ProgramSlot::XdpUplink, XDP_PASS, XDP_DROP, &cases);
+    check(
+        &mut bpf,
+        "tm_xdp_uplink",
+        ProgramSlot::XdpUplink,
+        XDP_PASS,
+        XDP_DROP,
+        &cases,
+    );
 }
 
 #[test]
@@ -388,7 +565,14 @@ fn tc_ingress_golden_packets() {
         return;
     }
     let mut bpf = Bpf::load();
-    check(&mut bpf, "tm_tc_ingress", ProgramSlot::TcIngress, TC_ACT_OK, TC_ACT_SHOT, &all_cases());
+    check(
+        &mut bpf,
+        "tm_tc_ingress",
+        ProgramSlot::TcIngress,
+        TC_ACT_OK,
+        TC_ACT_SHOT,
+        &all_cases(),
+    );
 }
 
 #[test]
@@ -397,7 +581,14 @@ fn tc_egress_golden_packets() {
         return;
     }
     let mut bpf = Bpf::load();
-    check(&mut bpf, "tm_tc_egress", ProgramSlot::TcEgress, TC_ACT_OK, TC_ACT_SHOT, &all_cases());
+    check(
+        &mut bpf,
+        "tm_tc_egress",
+        ProgramSlot::TcEgress,
+        TC_ACT_OK,
+        TC_ACT_SHOT,
+        &all_cases(),
+    );
 }
 
 #[test]

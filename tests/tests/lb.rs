@@ -16,8 +16,8 @@ use tapmesh_tests::{
     frames::{ethernet, ipv4, udp_v4, ICMP, UDP},
     kernel_tests_enabled,
     net::{
-        flow, icmp_frag_needed, lb_bytes, lb_packets, send_udp_flows, stream, tcp_echo, vip, wait_until, IcmpReceiver,
-        LbLab, Received, TcpEchoServer, UdpReceiver, CLIENT,
+        flow, icmp_frag_needed, lb_bytes, lb_packets, send_udp_flows, stream, tcp_echo, vip,
+        wait_until, IcmpReceiver, LbLab, Received, TcpEchoServer, UdpReceiver, CLIENT,
     },
     send_frames,
 };
@@ -42,9 +42,18 @@ fn flow_map(got: &[Received], per_flow: u64) -> HashMap<u16, usize> {
     let mut map = HashMap::new();
     for (i, r) in got.iter().enumerate() {
         for (port, n) in r.by_port() {
-            assert_eq!(n, per_flow, "flow from port {port}: {n} datagrams on target {}, want {per_flow}", i + 1);
+            assert_eq!(
+                n,
+                per_flow,
+                "flow from port {port}: {n} datagrams on target {}, want {per_flow}",
+                i + 1
+            );
             if let Some(other) = map.insert(port, i) {
-                panic!("flow from port {port} landed on targets {} and {}", other + 1, i + 1);
+                panic!(
+                    "flow from port {port} landed on targets {} and {}",
+                    other + 1,
+                    i + 1
+                );
             }
         }
     }
@@ -66,7 +75,12 @@ fn one_stream_spec(lab: &LbLab, max_targets: u32, protocols: &[&str]) -> LbSpec 
         vips: vec![vip("vip", &VIP.to_string())],
         streams: vec![stream("s", max_targets)],
         flows: vec![flow("all", &["vip"], "s", protocols)],
-        targets: lab.targets.iter().enumerate().map(|(i, t)| t.local("s", i as u32 + 1)).collect(),
+        targets: lab
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| t.local("s", i as u32 + 1))
+            .collect(),
     }
 }
 
@@ -87,7 +101,11 @@ fn udp_and_tcp_flows_spread_over_three_targets() {
 
     // 3000 UDP flows (distinct source ports), 2 datagrams each.
     let dst = SocketAddrV4::new(VIP, PORT);
-    let receivers: Vec<_> = lab.targets.iter().map(|t| UdpReceiver::start(&t.netns.name, dst)).collect();
+    let receivers: Vec<_> = lab
+        .targets
+        .iter()
+        .map(|t| UdpReceiver::start(&t.netns.name, dst))
+        .collect();
     let ports: Vec<u16> = (20_000..23_000).collect();
     let payload = [0x5a; 32];
     let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 2, &payload);
@@ -99,21 +117,45 @@ fn udp_and_tcp_flows_spread_over_three_targets() {
     let map = flow_map(&got, 2);
     assert_eq!(map.len(), ports.len(), "every flow arrived");
     let share = shares(&map, 3);
-    let percent: Vec<String> = share.iter().map(|&n| format!("{:.1} %", 100.0 * n as f64 / ports.len() as f64)).collect();
-    eprintln!("UDP flows per target: {share:?} of {} ({})", ports.len(), percent.join(" / "));
+    let percent: Vec<String> = share
+        .iter()
+        .map(|&n| format!("{:.1} %", 100.0 * n as f64 / ports.len() as f64))
+        .collect();
+    eprintln!(
+        "UDP flows per target: {share:?} of {} ({})",
+        ports.len(),
+        percent.join(" / ")
+    );
     for (i, &n) in share.iter().enumerate() {
         let fraction = n as f64 / ports.len() as f64;
-        assert!((fraction - 1.0 / 3.0).abs() <= 0.15 / 3.0, "target {} got {n} flows ({fraction:.3}), want 1/3 ± 15 %", i + 1);
+        assert!(
+            (fraction - 1.0 / 3.0).abs() <= 0.15 / 3.0,
+            "target {} got {n} flows ({fraction:.3}), want 1/3 ± 15 %",
+            i + 1
+        );
     }
 
     // The counters agree with the receivers, packet for packet.
     let frame_len = (14 + 20 + 8 + payload.len()) as u64;
     let s = daemon.status_when(|s| s.targets.iter().map(|c| c.packets).sum::<u64>() >= sent);
-    assert_eq!(s.targets.iter().map(|c| c.packets).sum::<u64>(), sent, "target counters add up to what was sent");
+    assert_eq!(
+        s.targets.iter().map(|c| c.packets).sum::<u64>(),
+        sent,
+        "target counters add up to what was sent"
+    );
     for (i, r) in got.iter().enumerate() {
         let name = format!("s/{}", i + 1);
-        assert_eq!(lb_packets(&s.targets, &name), r.total(), "{name} counter vs what target {} received", i + 1);
-        assert_eq!(lb_bytes(&s.targets, &name), r.total() * frame_len, "{name} bytes");
+        assert_eq!(
+            lb_packets(&s.targets, &name),
+            r.total(),
+            "{name} counter vs what target {} received",
+            i + 1
+        );
+        assert_eq!(
+            lb_bytes(&s.targets, &name),
+            r.total() * frame_len,
+            "{name} bytes"
+        );
     }
     assert_eq!(lb_packets(&s.vips, "vip"), sent);
     assert_eq!(lb_bytes(&s.vips, "vip"), sent * frame_len);
@@ -123,8 +165,14 @@ fn udp_and_tcp_flows_spread_over_three_targets() {
     assert_eq!(packets(&s, "xdp_uplink", "pass"), 0);
 
     // 30 TCP connections to the VIP, each echoed end to end by one target.
-    let servers: Vec<_> = lab.targets.iter().map(|t| TcpEchoServer::start(&t.netns.name, dst)).collect();
-    let messages: Vec<Vec<u8>> = (0..30).map(|i| format!("hello from connection {i}").repeat(20).into_bytes()).collect();
+    let servers: Vec<_> = lab
+        .targets
+        .iter()
+        .map(|t| TcpEchoServer::start(&t.netns.name, dst))
+        .collect();
+    let messages: Vec<Vec<u8>> = (0..30)
+        .map(|i| format!("hello from connection {i}").repeat(20).into_bytes())
+        .collect();
     let answers = tcp_echo(&lab.client.name, dst, &messages);
     for (i, (m, a)) in messages.iter().zip(&answers).enumerate() {
         match a {
@@ -132,16 +180,34 @@ fn udp_and_tcp_flows_spread_over_three_targets() {
             Err(e) => panic!("connection {i}: {e}"),
         }
     }
-    assert!(wait_until(Duration::from_secs(2), || servers.iter().map(TcpEchoServer::echoed).sum::<u64>() == 30));
+    assert!(wait_until(Duration::from_secs(2), || servers
+        .iter()
+        .map(TcpEchoServer::echoed)
+        .sum::<u64>()
+        == 30));
     let per_target: Vec<u64> = servers.iter().map(TcpEchoServer::echoed).collect();
     eprintln!("TCP connections per target: {per_target:?}");
     assert_eq!(per_target.iter().sum::<u64>(), 30);
     // Counters are read one map after the other: wait for a quiet moment where they agree.
-    let s = daemon.status_when(|s| lb_packets(&s.flows, "all") == packets(s, "xdp_uplink", "redirect"));
+    let s =
+        daemon.status_when(|s| lb_packets(&s.flows, "all") == packets(s, "xdp_uplink", "redirect"));
     assert_eq!(packets(&s, "xdp_uplink", "drop"), 0, "{s:#?}");
-    assert_eq!(packets(&s, "xdp_uplink", "pass"), 0, "every client packet is for the VIP");
-    assert_eq!(lb_packets(&s.flows, "all"), packets(&s, "xdp_uplink", "redirect"), "every TCP packet was redirected");
-    assert_eq!(lb_packets(&s.targets, "s/1") + lb_packets(&s.targets, "s/2") + lb_packets(&s.targets, "s/3"), lb_packets(&s.flows, "all"));
+    assert_eq!(
+        packets(&s, "xdp_uplink", "pass"),
+        0,
+        "every client packet is for the VIP"
+    );
+    assert_eq!(
+        lb_packets(&s.flows, "all"),
+        packets(&s, "xdp_uplink", "redirect"),
+        "every TCP packet was redirected"
+    );
+    assert_eq!(
+        lb_packets(&s.targets, "s/1")
+            + lb_packets(&s.targets, "s/2")
+            + lb_packets(&s.targets, "s/3"),
+        lb_packets(&s.flows, "all")
+    );
     eprintln!("run time {:.1} s", began.elapsed().as_secs_f64());
 }
 
@@ -192,7 +258,11 @@ fn priority_ports_sources_and_byte_matches_choose_the_flow() {
                 ..flow("a-any", &["vip"], "a", &["udp"])
             },
         ],
-        targets: vec![lab.targets[0].local("a", 1), lab.targets[1].local("b", 1), lab.targets[2].local("c", 1)],
+        targets: vec![
+            lab.targets[0].local("a", 1),
+            lab.targets[1].local("b", 1),
+            lab.targets[2].local("c", 1),
+        ],
     };
     lab.start(Some(&spec));
     let daemon = lab.daemon();
@@ -202,10 +272,23 @@ fn priority_ports_sources_and_byte_matches_choose_the_flow() {
     let receivers: Vec<Vec<UdpReceiver>> = lab
         .targets
         .iter()
-        .map(|t| dports.iter().map(|&p| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(VIP, p))).collect())
+        .map(|t| {
+            dports
+                .iter()
+                .map(|&p| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(VIP, p)))
+                .collect()
+        })
         .collect();
 
-    let case = |src, sport, dport, payload: &'static [u8], datagrams, target, flow| Case { src, sport, dport, payload, datagrams, target, flow };
+    let case = |src, sport, dport, payload: &'static [u8], datagrams, target, flow| Case {
+        src,
+        sport,
+        dport,
+        payload,
+        datagrams,
+        target,
+        flow,
+    };
     let cases = [
         case(CLIENT, 40_001, 5005, b"hello", 3, 1, "b-ports"),
         case(CLIENT, 40_002, 6000, b"hello", 4, 0, "a-any"),
@@ -222,12 +305,21 @@ fn priority_ports_sources_and_byte_matches_choose_the_flow() {
     ];
     let mut sent = 0;
     for c in &cases {
-        sent += send_udp_flows(&lab.client.name, c.src, &[c.sport], SocketAddrV4::new(VIP, c.dport), c.datagrams as u32, c.payload);
+        sent += send_udp_flows(
+            &lab.client.name,
+            c.src,
+            &[c.sport],
+            SocketAddrV4::new(VIP, c.dport),
+            c.datagrams as u32,
+            c.payload,
+        );
     }
     let all: Vec<UdpReceiver> = receivers.into_iter().flatten().collect();
     wait_received(&all, sent);
     let got: Vec<Received> = all.into_iter().map(UdpReceiver::stop).collect();
-    let got = |target: usize, dport: u16| &got[target * dports.len() + dports.iter().position(|&p| p == dport).unwrap()];
+    let got = |target: usize, dport: u16| {
+        &got[target * dports.len() + dports.iter().position(|&p| p == dport).unwrap()]
+    };
 
     let mut flow_want: HashMap<&str, u64> = HashMap::new();
     let mut target_want = [0u64; 3];
@@ -236,7 +328,14 @@ fn priority_ports_sources_and_byte_matches_choose_the_flow() {
         for t in 0..3 {
             let want = if t == c.target { c.datagrams } else { 0 };
             let payload = String::from_utf8_lossy(c.payload);
-            assert_eq!(got(t, c.dport).of(from), want, "{from} -> :{} {payload:?}: target {} ({})", c.dport, t + 1, c.flow);
+            assert_eq!(
+                got(t, c.dport).of(from),
+                want,
+                "{from} -> :{} {payload:?}: target {} ({})",
+                c.dport,
+                t + 1,
+                c.flow
+            );
         }
         *flow_want.entry(c.flow).or_default() += c.datagrams;
         target_want[c.target] += c.datagrams;
@@ -248,9 +347,18 @@ fn priority_ports_sources_and_byte_matches_choose_the_flow() {
 
     let s = daemon.status_when(|s| s.flows.iter().map(|c| c.packets).sum::<u64>() >= sent);
     for name in ["b-ports", "b-bytes", "c-source", "a-any"] {
-        assert_eq!(lb_packets(&s.flows, name), flow_want.get(name).copied().unwrap_or(0), "flow {name}: {:?}", s.flows);
+        assert_eq!(
+            lb_packets(&s.flows, name),
+            flow_want.get(name).copied().unwrap_or(0),
+            "flow {name}: {:?}",
+            s.flows
+        );
     }
-    for (name, want) in [("a/1", target_want[0]), ("b/1", target_want[1]), ("c/1", target_want[2])] {
+    for (name, want) in [
+        ("a/1", target_want[0]),
+        ("b/1", target_want[1]),
+        ("c/1", target_want[2]),
+    ] {
         assert_eq!(lb_packets(&s.targets, name), want, "target {name}");
     }
     assert_eq!(lb_packets(&s.vips, "vip"), sent);
@@ -267,9 +375,15 @@ fn no_flow_match_and_no_target_are_dropped_and_counted() {
     let vip_empty = Ipv4Addr::new(203, 0, 113, 11);
     let mut lab = LbLab::new(1, &[VIP, vip_empty]);
     let spec = LbSpec {
-        vips: vec![vip("vip-tcp", &VIP.to_string()), vip("vip-empty", &vip_empty.to_string())],
+        vips: vec![
+            vip("vip-tcp", &VIP.to_string()),
+            vip("vip-empty", &vip_empty.to_string()),
+        ],
         streams: vec![stream("s", 4), stream("empty", 4)],
-        flows: vec![flow("tcp-only", &["vip-tcp"], "s", &["tcp"]), flow("udp-any", &["vip-empty"], "empty", &["udp"])],
+        flows: vec![
+            flow("tcp-only", &["vip-tcp"], "s", &["tcp"]),
+            flow("udp-any", &["vip-empty"], "empty", &["udp"]),
+        ],
         targets: vec![lab.targets[0].local("s", 1)],
     };
     lab.start(Some(&spec));
@@ -281,27 +395,60 @@ fn no_flow_match_and_no_target_are_dropped_and_counted() {
     let plain = UdpReceiver::start(&target.netns.name, plain_dst);
 
     // UDP to a VIP with only a TCP flow: no flow matches.
-    send_udp_flows(&lab.client.name, CLIENT, &[41_000], SocketAddrV4::new(VIP, PORT), 5, b"udp to tcp-only");
+    send_udp_flows(
+        &lab.client.name,
+        CLIENT,
+        &[41_000],
+        SocketAddrV4::new(VIP, PORT),
+        5,
+        b"udp to tcp-only",
+    );
     let s = daemon.status_when(|s| named(s, "xdp_uplink", "no_flow_match") >= 5);
     assert_eq!(named(&s, "xdp_uplink", "no_flow_match"), 5, "{s:#?}");
     assert_eq!(named(&s, "xdp_uplink", "no_target"), 0);
     assert_eq!(packets(&s, "xdp_uplink", "drop"), 5);
-    assert_eq!(lb_packets(&s.vips, "vip-tcp"), 5, "the VIP counts what reaches it");
+    assert_eq!(
+        lb_packets(&s.vips, "vip-tcp"),
+        5,
+        "the VIP counts what reaches it"
+    );
     assert_eq!(lb_packets(&s.flows, "tcp-only"), 0);
     assert_eq!(lb_packets(&s.targets, "s/1"), 0);
 
     // A flow whose stream has no target.
-    send_udp_flows(&lab.client.name, CLIENT, &[41_001], SocketAddrV4::new(vip_empty, PORT), 4, b"to an empty stream");
+    send_udp_flows(
+        &lab.client.name,
+        CLIENT,
+        &[41_001],
+        SocketAddrV4::new(vip_empty, PORT),
+        4,
+        b"to an empty stream",
+    );
     let s = daemon.status_when(|s| named(s, "xdp_uplink", "no_target") >= 4);
     assert_eq!(named(&s, "xdp_uplink", "no_target"), 4, "{s:#?}");
     assert_eq!(named(&s, "xdp_uplink", "no_flow_match"), 5);
     assert_eq!(packets(&s, "xdp_uplink", "drop"), 9);
     assert_eq!(lb_packets(&s.vips, "vip-empty"), 4);
-    assert_eq!(lb_packets(&s.flows, "udp-any"), 4, "classified, then no target");
+    assert_eq!(
+        lb_packets(&s.flows, "udp-any"),
+        4,
+        "classified, then no target"
+    );
 
     // Not a VIP: passed to the node's stack, routed to the target's own address.
-    send_udp_flows(&lab.client.name, CLIENT, &[41_002], plain_dst, 3, b"not for a VIP");
-    assert!(wait_until(Duration::from_secs(5), || plain.count() >= 3), "routed datagrams: {}", plain.count());
+    send_udp_flows(
+        &lab.client.name,
+        CLIENT,
+        &[41_002],
+        plain_dst,
+        3,
+        b"not for a VIP",
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || plain.count() >= 3),
+        "routed datagrams: {}",
+        plain.count()
+    );
     let s = daemon.status_when(|s| packets(s, "xdp_uplink", "pass") >= 3);
     assert_eq!(packets(&s, "xdp_uplink", "pass"), 3, "{s:#?}");
     assert_eq!(packets(&s, "xdp_uplink", "drop"), 9);
@@ -315,13 +462,25 @@ fn no_flow_match_and_no_target_are_dropped_and_counted() {
 
     // The TCP flow of the same VIP does work.
     let server = TcpEchoServer::start(&target.netns.name, SocketAddrV4::new(VIP, PORT));
-    let answers = tcp_echo(&lab.client.name, SocketAddrV4::new(VIP, PORT), &[b"tcp is fine".to_vec()]);
+    let answers = tcp_echo(
+        &lab.client.name,
+        SocketAddrV4::new(VIP, PORT),
+        &[b"tcp is fine".to_vec()],
+    );
     assert_eq!(answers, [Ok(b"tcp is fine".to_vec())]);
     assert!(wait_until(Duration::from_secs(2), || server.echoed() == 1));
-    let s = daemon.status_when(|s| lb_packets(&s.targets, "s/1") == lb_packets(&s.flows, "tcp-only"));
-    assert_eq!(named(&s, "xdp_uplink", "no_flow_match"), 5, "TCP matched its flow");
+    let s =
+        daemon.status_when(|s| lb_packets(&s.targets, "s/1") == lb_packets(&s.flows, "tcp-only"));
+    assert_eq!(
+        named(&s, "xdp_uplink", "no_flow_match"),
+        5,
+        "TCP matched its flow"
+    );
     assert!(lb_packets(&s.flows, "tcp-only") > 0);
-    assert_eq!(lb_packets(&s.targets, "s/1"), lb_packets(&s.flows, "tcp-only"));
+    assert_eq!(
+        lb_packets(&s.targets, "s/1"),
+        lb_packets(&s.flows, "tcp-only")
+    );
 }
 
 #[test]
@@ -335,7 +494,11 @@ fn a_removed_target_only_moves_its_flows_and_comes_back() {
     lab.start(Some(&spec));
     let daemon = lab.daemon();
     let dst = SocketAddrV4::new(VIP, PORT);
-    let receivers: Vec<_> = lab.targets.iter().map(|t| UdpReceiver::start(&t.netns.name, dst)).collect();
+    let receivers: Vec<_> = lab
+        .targets
+        .iter()
+        .map(|t| UdpReceiver::start(&t.netns.name, dst))
+        .collect();
     let ports: Vec<u16> = (30_000..30_600).collect();
 
     let round = |expected_total: u64| -> HashMap<u16, usize> {
@@ -353,7 +516,12 @@ fn a_removed_target_only_moves_its_flows_and_comes_back() {
     assert!(share.iter().all(|&n| n > 100), "{share:?}");
 
     lab.delete_target("s", 2).expect("DeleteTarget s/2");
-    let names: Vec<_> = daemon.status().targets.into_iter().map(|c| c.name).collect();
+    let names: Vec<_> = daemon
+        .status()
+        .targets
+        .into_iter()
+        .map(|c| c.name)
+        .collect();
     assert_eq!(names, ["s/1", "s/3"]);
     let without = round(600);
     let mut moved = 0;
@@ -363,7 +531,13 @@ fn a_removed_target_only_moves_its_flows_and_comes_back() {
             assert_ne!(now, 1, "flow {port} still on the deleted target");
             moved += 1;
         } else {
-            assert_eq!(now, was, "flow {port} of target {} moved to target {}", was + 1, now + 1);
+            assert_eq!(
+                now,
+                was,
+                "flow {port} of target {} moved to target {}",
+                was + 1,
+                now + 1
+            );
         }
     }
     let after_delete = shares(&without, 3);
@@ -371,11 +545,19 @@ fn a_removed_target_only_moves_its_flows_and_comes_back() {
     assert_eq!(moved, share[1]);
     assert_eq!(after_delete[1], 0);
 
-    lab.set_target(&lab.targets[1].local("s", 2)).expect("SetTarget s/2");
+    lab.set_target(&lab.targets[1].local("s", 2))
+        .expect("SetTarget s/2");
     let again = round(1200);
-    assert_eq!(again, before, "re-adding identifier 2 restores the original mapping exactly");
+    assert_eq!(
+        again, before,
+        "re-adding identifier 2 restores the original mapping exactly"
+    );
     let s = daemon.status_when(|s| lb_packets(&s.targets, "s/2") >= share[1] as u64);
-    assert_eq!(lb_packets(&s.targets, "s/2"), share[1] as u64, "the re-added target's counter starts from 0");
+    assert_eq!(
+        lb_packets(&s.targets, "s/2"),
+        share[1] as u64,
+        "the re-added target's counter starts from 0"
+    );
     assert_eq!(lb_packets(&s.flows, "all"), 1800);
     assert_eq!(packets(&s, "xdp_uplink", "redirect"), 1800);
 }
@@ -391,8 +573,16 @@ fn icmp_fragmentation_needed_reaches_the_flows_target() {
     lab.start(Some(&spec));
     let daemon = lab.daemon();
     let dst = SocketAddrV4::new(VIP, PORT);
-    let receivers: Vec<_> = lab.targets.iter().map(|t| UdpReceiver::start(&t.netns.name, dst)).collect();
-    let icmp: Vec<_> = lab.targets.iter().map(|t| IcmpReceiver::start(&t.netns.name)).collect();
+    let receivers: Vec<_> = lab
+        .targets
+        .iter()
+        .map(|t| UdpReceiver::start(&t.netns.name, dst))
+        .collect();
+    let icmp: Vec<_> = lab
+        .targets
+        .iter()
+        .map(|t| IcmpReceiver::start(&t.netns.name))
+        .collect();
 
     // Which target each of 12 flows goes to.
     let ports: Vec<u16> = (42_000..42_012).collect();
@@ -408,16 +598,33 @@ fn icmp_fragmentation_needed_reaches_the_flows_target() {
         let target = map[&port];
         let before = daemon.status();
         // The reply direction of the flow, as a router on the way would quote it.
-        let reply = ipv4(VIP, CLIENT, UDP, &[], &udp_v4(VIP, CLIENT, PORT, port, &[0u8; 64]));
-        let frame = ethernet(uplink_mac, client_mac, &[], 0x0800, &ipv4(CLIENT, VIP, ICMP, &[], &icmp_frag_needed(1400, &reply)));
+        let reply = ipv4(
+            VIP,
+            CLIENT,
+            UDP,
+            &[],
+            &udp_v4(VIP, CLIENT, PORT, port, &[0u8; 64]),
+        );
+        let frame = ethernet(
+            uplink_mac,
+            client_mac,
+            &[],
+            0x0800,
+            &ipv4(CLIENT, VIP, ICMP, &[], &icmp_frag_needed(1400, &reply)),
+        );
         send_frames(&lab.client.name, &lab.client_if, &[frame]);
-        let s = daemon.status_when(|s| packets(s, "xdp_uplink", "redirect") > packets(&before, "xdp_uplink", "redirect"));
+        let s = daemon.status_when(|s| {
+            packets(s, "xdp_uplink", "redirect") > packets(&before, "xdp_uplink", "redirect")
+        });
         for t in 0..3 {
             let name = format!("s/{}", t + 1);
             let delta = lb_packets(&s.targets, &name) - lb_packets(&before.targets, &name);
             assert_eq!(delta, u64::from(t == target), "ICMP error for flow {port}: target {} counter moved {delta}, want the flow's target {}", t + 1, target + 1);
         }
-        assert_eq!(lb_packets(&s.flows, "all") - lb_packets(&before.flows, "all"), 1);
+        assert_eq!(
+            lb_packets(&s.flows, "all") - lb_packets(&before.flows, "all"),
+            1
+        );
         assert_eq!(packets(&s, "xdp_uplink", "drop"), 0, "{s:#?}");
         want_icmp[target] += 1;
     }
@@ -428,7 +635,9 @@ fn icmp_fragmentation_needed_reaches_the_flows_target() {
         p.len() >= ihl + 8 && p[ihl] == 3 && p[ihl + 1] == 4
     };
     let ok = wait_until(Duration::from_secs(5), || {
-        icmp.iter().zip(want_icmp).all(|(r, want)| r.packets().iter().filter(|p| frag_needed(p)).count() >= want)
+        icmp.iter()
+            .zip(want_icmp)
+            .all(|(r, want)| r.packets().iter().filter(|p| frag_needed(p)).count() >= want)
     });
     for (t, r) in icmp.iter().enumerate() {
         let quoted: Vec<u16> = r
@@ -445,8 +654,12 @@ fn icmp_fragmentation_needed_reaches_the_flows_target() {
         let mut quoted_sorted = quoted.clone();
         quoted_sorted.sort_unstable();
         want.sort_unstable();
-        assert_eq!(quoted_sorted, want, "target {} received ICMP errors for these flows (ok={ok})", t + 1);
+        assert_eq!(
+            quoted_sorted,
+            want,
+            "target {} received ICMP errors for these flows (ok={ok})",
+            t + 1
+        );
     }
     assert_eq!(received(&receivers), sent, "no ICMP reached a UDP socket");
 }
-

@@ -4,7 +4,8 @@
 use std::process::Command;
 
 use tapmesh::admin::proto::{
-    self, admin_client::AdminClient, target::Via, ListLbRequest, LocalTarget, Name, RemoteTarget, TargetId,
+    self, admin_client::AdminClient, target::Via, ListLbRequest, LocalTarget, Name, RemoteTarget,
+    TargetId,
 };
 use tapmesh_tests::{daemon::Daemon, kernel_tests_enabled, link, Netns};
 use tonic::{transport::Channel, Code};
@@ -24,7 +25,10 @@ fn local(stream: &str, identifier: u32, interface: &str) -> proto::Target {
     proto::Target {
         stream: stream.into(),
         identifier,
-        via: Some(Via::Local(LocalTarget { interface: interface.into(), mac: "02:00:00:00:00:07".into() })),
+        via: Some(Via::Local(LocalTarget {
+            interface: interface.into(),
+            mac: "02:00:00:00:00:07".into(),
+        })),
     }
 }
 
@@ -32,20 +36,37 @@ fn local(stream: &str, identifier: u32, interface: &str) -> proto::Target {
 fn dump_maps(daemon: &Daemon) -> String {
     let mut all = String::new();
     // (tm_flows and tm_maglev are large arrays; the entries pointing into them are compared.)
-    for map in ["tm_vips", "tm_vip_configs", "tm_dst_ports", "tm_sources", "tm_streams", "tm_targets"] {
+    for map in [
+        "tm_vips",
+        "tm_vip_configs",
+        "tm_dst_ports",
+        "tm_sources",
+        "tm_streams",
+        "tm_targets",
+    ] {
         let out = Command::new("bpftool")
             .args(["map", "dump", "pinned"])
             .arg(daemon.bpffs_root.join("v1").join(map))
             .output()
             .expect("bpftool");
-        assert!(out.status.success(), "bpftool map dump {map}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "bpftool map dump {map}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         all.push_str(&String::from_utf8_lossy(&out.stdout));
     }
     all
 }
 
 async fn listing(client: &mut AdminClient<Channel>) -> proto::LbConfig {
-    client.list_lb(ListLbRequest {}).await.expect("list").into_inner().config.expect("config")
+    client
+        .list_lb(ListLbRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .config
+        .expect("config")
 }
 
 #[test]
@@ -57,108 +78,204 @@ fn bad_changes_are_refused_with_a_clear_status_and_change_nothing() {
     let peer = Netns::new("p");
     let (up, _) = link(&node, "198.18.0.1/24", &peer, "198.18.0.2/24");
     let (tif, _) = link(&node, "198.18.9.1/24", &peer, "198.18.9.2/24");
-    let daemon = Daemon::start(&node.name, &["--uplink", &up.interface, "--node-address", "198.18.0.1"]);
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-        let mut c = tapmesh::admin::connect(&daemon.socket).await.expect("admin socket");
-        // A good configuration first.
-        c.set_vip(proto::Vip { name: "vip".into(), address: "203.0.113.30".into() }).await.unwrap();
-        c.set_stream(proto::Stream { name: "s".into(), max_targets: 10, table_size: 0 }).await.unwrap();
-        c.set_flow(flow("web", "s", &["80", "8000-8080"])).await.unwrap();
-        c.set_target(local("s", 1, &tif.interface)).await.unwrap();
-        c.set_target(proto::Target {
-            stream: "s".into(),
-            identifier: 2,
-            via: Some(Via::Remote(RemoteTarget { node: "198.18.0.9".into() })),
-        })
-        .await
-        .unwrap();
-        let before = listing(&mut c).await;
-        let maps = dump_maps(&daemon);
-        assert!(maps.contains("\"table_size\": 1009"), "the stream's Maglev table is published: {maps}");
-
-        type Call = std::pin::Pin<Box<dyn std::future::Future<Output = Result<tonic::Response<proto::LbReply>, tonic::Status>>>>;
-        let cases: Vec<(&str, Code, &str, Call)> = vec![
-            ("invalid prefix", Code::InvalidArgument, "300.0.0.1", {
-                let mut c = c.clone();
-                Box::pin(async move { c.set_vip(proto::Vip { name: "bad".into(), address: "300.0.0.1/33".into() }).await })
-            }),
-            ("port range a > b", Code::InvalidArgument, "9000-80", {
-                let mut c = c.clone();
-                Box::pin(async move { c.set_flow(flow("web", "s", &["9000-80"])).await })
-            }),
-            ("port beyond 65535", Code::InvalidArgument, "70000", {
-                let mut c = c.clone();
-                Box::pin(async move { c.set_flow(flow("web2", "s", &["70000"])).await })
-            }),
-            ("unknown stream", Code::InvalidArgument, "nosuch", {
-                let mut c = c.clone();
-                Box::pin(async move { c.set_flow(flow("web3", "nosuch", &["80"])).await })
-            }),
-            ("identifier outside 1..N", Code::InvalidArgument, "11", {
-                let mut c = c.clone();
-                Box::pin(async move { c.set_target(local("s", 11, "lo")).await })
-            }),
-            ("identifier 0", Code::InvalidArgument, "identifier", {
-                let mut c = c.clone();
-                Box::pin(async move { c.set_target(local("s", 0, "lo")).await })
-            }),
-            ("duplicate flow name", Code::InvalidArgument, "web", {
-                let mut c = c.clone();
-                let mut config = before.clone();
-                config.flows.push(flow("web", "s", &["443"]));
-                Box::pin(async move { c.apply_lb(config).await })
-            }),
-            ("max_targets 0", Code::InvalidArgument, "max_targets", {
-                let mut c = c.clone();
-                Box::pin(async move { c.set_stream(proto::Stream { name: "s".into(), max_targets: 0, table_size: 0 }).await })
-            }),
-            ("table size not prime", Code::InvalidArgument, "prime", {
-                let mut c = c.clone();
-                Box::pin(async move { c.set_stream(proto::Stream { name: "s".into(), max_targets: 10, table_size: 1010 }).await })
-            }),
-            ("a stream that flows still use", Code::InvalidArgument, "s", {
-                let mut c = c.clone();
-                Box::pin(async move { c.delete_stream(Name { name: "s".into() }).await })
-            }),
-            ("unknown VIP", Code::NotFound, "nope", {
-                let mut c = c.clone();
-                Box::pin(async move { c.delete_vip(Name { name: "nope".into() }).await })
-            }),
-            ("unknown target", Code::NotFound, "s/9", {
-                let mut c = c.clone();
-                Box::pin(async move { c.delete_target(TargetId { stream: "s".into(), identifier: 9 }).await })
-            }),
-            ("bad MAC", Code::InvalidArgument, "mac", {
-                let mut c = c.clone();
-                Box::pin(async move {
-                    c.set_target(proto::Target {
-                        stream: "s".into(),
-                        identifier: 3,
-                        via: Some(Via::Local(LocalTarget { interface: "lo".into(), mac: "01:00:5e:00:00:01".into() })),
-                    })
-                    .await
-                })
-            }),
-            ("target without a way to reach it", Code::InvalidArgument, "local or remote", {
-                let mut c = c.clone();
-                Box::pin(async move { c.set_target(proto::Target { stream: "s".into(), identifier: 3, via: None }).await })
-            }),
-        ];
-        for (what, code, needle, call) in cases {
-            let status = call.await.expect_err(what);
-            assert_eq!(status.code(), code, "{what}: {}", status.message());
+    let daemon = Daemon::start(
+        &node.name,
+        &["--uplink", &up.interface, "--node-address", "198.18.0.1"],
+    );
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut c = tapmesh::admin::connect(&daemon.socket)
+                .await
+                .expect("admin socket");
+            // A good configuration first.
+            c.set_vip(proto::Vip {
+                name: "vip".into(),
+                address: "203.0.113.30".into(),
+            })
+            .await
+            .unwrap();
+            c.set_stream(proto::Stream {
+                name: "s".into(),
+                max_targets: 10,
+                table_size: 0,
+            })
+            .await
+            .unwrap();
+            c.set_flow(flow("web", "s", &["80", "8000-8080"]))
+                .await
+                .unwrap();
+            c.set_target(local("s", 1, &tif.interface)).await.unwrap();
+            c.set_target(proto::Target {
+                stream: "s".into(),
+                identifier: 2,
+                via: Some(Via::Remote(RemoteTarget {
+                    node: "198.18.0.9".into(),
+                })),
+            })
+            .await
+            .unwrap();
+            let before = listing(&mut c).await;
+            let maps = dump_maps(&daemon);
             assert!(
-                status.message().to_lowercase().contains(&needle.to_lowercase()),
-                "{what}: the message should name {needle:?}: {}",
-                status.message()
+                maps.contains("\"table_size\": 1009"),
+                "the stream's Maglev table is published: {maps}"
             );
-            assert_eq!(listing(&mut c).await, before, "{what}: the configuration changed");
-            assert_eq!(dump_maps(&daemon), maps, "{what}: the maps changed");
-        }
 
-        // A good change still works afterwards and does change the maps.
-        c.delete_target(TargetId { stream: "s".into(), identifier: 2 }).await.unwrap();
-        assert_ne!(dump_maps(&daemon), maps);
-        assert_eq!(listing(&mut c).await.targets.len(), 1);
-    });
+            type Call = std::pin::Pin<
+                Box<
+                    dyn std::future::Future<
+                        Output = Result<tonic::Response<proto::LbReply>, tonic::Status>,
+                    >,
+                >,
+            >;
+            let cases: Vec<(&str, Code, &str, Call)> = vec![
+                ("invalid prefix", Code::InvalidArgument, "300.0.0.1", {
+                    let mut c = c.clone();
+                    Box::pin(async move {
+                        c.set_vip(proto::Vip {
+                            name: "bad".into(),
+                            address: "300.0.0.1/33".into(),
+                        })
+                        .await
+                    })
+                }),
+                ("port range a > b", Code::InvalidArgument, "9000-80", {
+                    let mut c = c.clone();
+                    Box::pin(async move { c.set_flow(flow("web", "s", &["9000-80"])).await })
+                }),
+                ("port beyond 65535", Code::InvalidArgument, "70000", {
+                    let mut c = c.clone();
+                    Box::pin(async move { c.set_flow(flow("web2", "s", &["70000"])).await })
+                }),
+                ("unknown stream", Code::InvalidArgument, "nosuch", {
+                    let mut c = c.clone();
+                    Box::pin(async move { c.set_flow(flow("web3", "nosuch", &["80"])).await })
+                }),
+                ("identifier outside 1..N", Code::InvalidArgument, "11", {
+                    let mut c = c.clone();
+                    Box::pin(async move { c.set_target(local("s", 11, "lo")).await })
+                }),
+                ("identifier 0", Code::InvalidArgument, "identifier", {
+                    let mut c = c.clone();
+                    Box::pin(async move { c.set_target(local("s", 0, "lo")).await })
+                }),
+                ("duplicate flow name", Code::InvalidArgument, "web", {
+                    let mut c = c.clone();
+                    let mut config = before.clone();
+                    config.flows.push(flow("web", "s", &["443"]));
+                    Box::pin(async move { c.apply_lb(config).await })
+                }),
+                ("max_targets 0", Code::InvalidArgument, "max_targets", {
+                    let mut c = c.clone();
+                    Box::pin(async move {
+                        c.set_stream(proto::Stream {
+                            name: "s".into(),
+                            max_targets: 0,
+                            table_size: 0,
+                        })
+                        .await
+                    })
+                }),
+                ("table size not prime", Code::InvalidArgument, "prime", {
+                    let mut c = c.clone();
+                    Box::pin(async move {
+                        c.set_stream(proto::Stream {
+                            name: "s".into(),
+                            max_targets: 10,
+                            table_size: 1010,
+                        })
+                        .await
+                    })
+                }),
+                (
+                    "a stream that flows still use",
+                    Code::InvalidArgument,
+                    "s",
+                    {
+                        let mut c = c.clone();
+                        Box::pin(async move { c.delete_stream(Name { name: "s".into() }).await })
+                    },
+                ),
+                ("unknown VIP", Code::NotFound, "nope", {
+                    let mut c = c.clone();
+                    Box::pin(async move {
+                        c.delete_vip(Name {
+                            name: "nope".into(),
+                        })
+                        .await
+                    })
+                }),
+                ("unknown target", Code::NotFound, "s/9", {
+                    let mut c = c.clone();
+                    Box::pin(async move {
+                        c.delete_target(TargetId {
+                            stream: "s".into(),
+                            identifier: 9,
+                        })
+                        .await
+                    })
+                }),
+                ("bad MAC", Code::InvalidArgument, "mac", {
+                    let mut c = c.clone();
+                    Box::pin(async move {
+                        c.set_target(proto::Target {
+                            stream: "s".into(),
+                            identifier: 3,
+                            via: Some(Via::Local(LocalTarget {
+                                interface: "lo".into(),
+                                mac: "01:00:5e:00:00:01".into(),
+                            })),
+                        })
+                        .await
+                    })
+                }),
+                (
+                    "target without a way to reach it",
+                    Code::InvalidArgument,
+                    "local or remote",
+                    {
+                        let mut c = c.clone();
+                        Box::pin(async move {
+                            c.set_target(proto::Target {
+                                stream: "s".into(),
+                                identifier: 3,
+                                via: None,
+                            })
+                            .await
+                        })
+                    },
+                ),
+            ];
+            for (what, code, needle, call) in cases {
+                let status = call.await.expect_err(what);
+                assert_eq!(status.code(), code, "{what}: {}", status.message());
+                assert!(
+                    status
+                        .message()
+                        .to_lowercase()
+                        .contains(&needle.to_lowercase()),
+                    "{what}: the message should name {needle:?}: {}",
+                    status.message()
+                );
+                assert_eq!(
+                    listing(&mut c).await,
+                    before,
+                    "{what}: the configuration changed"
+                );
+                assert_eq!(dump_maps(&daemon), maps, "{what}: the maps changed");
+            }
+
+            // A good change still works afterwards and does change the maps.
+            c.delete_target(TargetId {
+                stream: "s".into(),
+                identifier: 2,
+            })
+            .await
+            .unwrap();
+            assert_ne!(dump_maps(&daemon), maps);
+            assert_eq!(listing(&mut c).await.targets.len(), 1);
+        });
 }

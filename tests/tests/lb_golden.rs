@@ -107,18 +107,95 @@ const MULTI: &[(u32, u8)] = &[(1, 11), (2, 12), (3, 13)];
 fn spec() -> LbSpec {
     let flows = [
         // Byte match on the first 4 payload bytes (offsets count from the UDP header).
-        FlowDef { name: "bytes", priority: 90, stream: "s-bytes", protocols: &["udp"], dst: &["2000"], bytes: &["udp[8:4] = 0xcafebabe"], ..ANY },
-        FlowDef { name: "udp-2000", priority: 80, stream: "s-udp2000", protocols: &["udp"], dst: &["2000"], ..ANY },
-        FlowDef { name: "src-cidr", priority: 70, stream: "s-cidr", protocols: &["tcp"], sources: &["10.1.0.0/16"], ..ANY },
-        FlowDef { name: "prio-hi", priority: 60, stream: "s-hi", protocols: &["tcp"], dst: &["80"], ..ANY },
-        FlowDef { name: "prio-lo", priority: 50, stream: "s-lo", protocols: &["tcp"], dst: &["80-90"], ..ANY },
-        FlowDef { name: "dst-range", priority: 40, stream: "s-dst", protocols: &["udp"], dst: &["1000-1999"], ..ANY },
-        FlowDef { name: "src-range", priority: 30, stream: "s-src", protocols: &["udp"], src: &["5000-5099"], ..ANY },
-        FlowDef { name: "sctp-only", priority: 20, stream: "s-sctp", protocols: &["sctp"], ..ANY },
-        FlowDef { name: "icmp", priority: 10, stream: "s-icmp", protocols: &["icmp"], ..ANY },
-        FlowDef { name: "spread", vips: &["vip-multi", "vip6"], stream: "s-multi", ..ANY },
-        FlowDef { name: "to-remote", vips: &["vip-remote", "vip6-remote"], stream: "s-remote", ..ANY },
-        FlowDef { name: "to-empty", vips: &["vip-empty"], stream: "s-empty", ..ANY },
+        FlowDef {
+            name: "bytes",
+            priority: 90,
+            stream: "s-bytes",
+            protocols: &["udp"],
+            dst: &["2000"],
+            bytes: &["udp[8:4] = 0xcafebabe"],
+            ..ANY
+        },
+        FlowDef {
+            name: "udp-2000",
+            priority: 80,
+            stream: "s-udp2000",
+            protocols: &["udp"],
+            dst: &["2000"],
+            ..ANY
+        },
+        FlowDef {
+            name: "src-cidr",
+            priority: 70,
+            stream: "s-cidr",
+            protocols: &["tcp"],
+            sources: &["10.1.0.0/16"],
+            ..ANY
+        },
+        FlowDef {
+            name: "prio-hi",
+            priority: 60,
+            stream: "s-hi",
+            protocols: &["tcp"],
+            dst: &["80"],
+            ..ANY
+        },
+        FlowDef {
+            name: "prio-lo",
+            priority: 50,
+            stream: "s-lo",
+            protocols: &["tcp"],
+            dst: &["80-90"],
+            ..ANY
+        },
+        FlowDef {
+            name: "dst-range",
+            priority: 40,
+            stream: "s-dst",
+            protocols: &["udp"],
+            dst: &["1000-1999"],
+            ..ANY
+        },
+        FlowDef {
+            name: "src-range",
+            priority: 30,
+            stream: "s-src",
+            protocols: &["udp"],
+            src: &["5000-5099"],
+            ..ANY
+        },
+        FlowDef {
+            name: "sctp-only",
+            priority: 20,
+            stream: "s-sctp",
+            protocols: &["sctp"],
+            ..ANY
+        },
+        FlowDef {
+            name: "icmp",
+            priority: 10,
+            stream: "s-icmp",
+            protocols: &["icmp"],
+            ..ANY
+        },
+        FlowDef {
+            name: "spread",
+            vips: &["vip-multi", "vip6"],
+            stream: "s-multi",
+            ..ANY
+        },
+        FlowDef {
+            name: "to-remote",
+            vips: &["vip-remote", "vip6-remote"],
+            stream: "s-remote",
+            ..ANY
+        },
+        FlowDef {
+            name: "to-empty",
+            vips: &["vip-empty"],
+            stream: "s-empty",
+            ..ANY
+        },
     ];
     let vips = [
         ("vip4", VIP4.to_string()),
@@ -128,23 +205,42 @@ fn spec() -> LbSpec {
         ("vip6-remote", VIP6_REMOTE.to_string()),
         ("vip-empty", VIP_EMPTY.to_string()),
     ];
-    let stream = |name: &str, max_targets: u32| StreamSpec { name: name.into(), max_targets, table_size: None };
+    let stream = |name: &str, max_targets: u32| StreamSpec {
+        name: name.into(),
+        max_targets,
+        table_size: None,
+    };
     let local = |stream: &str, identifier: u32, n: u8| TargetSpec {
         stream: stream.into(),
         identifier,
-        via: TargetVia::Local { interface: format!("if{n}"), mac: fmt_mac(target_mac(n)) },
+        via: TargetVia::Local {
+            interface: format!("if{n}"),
+            mac: fmt_mac(target_mac(n)),
+        },
     };
     let mut streams: Vec<StreamSpec> = SINGLE.iter().map(|(s, _)| stream(s, 1)).collect();
-    streams.extend([stream("s-multi", 3), stream("s-remote", 1), stream("s-empty", 2)]);
+    streams.extend([
+        stream("s-multi", 3),
+        stream("s-remote", 1),
+        stream("s-empty", 2),
+    ]);
     let mut targets: Vec<TargetSpec> = SINGLE.iter().map(|(s, n)| local(s, 1, *n)).collect();
     targets.extend(MULTI.iter().map(|(id, n)| local("s-multi", *id, *n)));
     targets.push(TargetSpec {
         stream: "s-remote".into(),
         identifier: 1,
-        via: TargetVia::Remote { node: REMOTE_NODE.to_string() },
+        via: TargetVia::Remote {
+            node: REMOTE_NODE.to_string(),
+        },
     });
     LbSpec {
-        vips: vips.iter().map(|(n, a)| VipSpec { name: n.to_string(), address: a.clone() }).collect(),
+        vips: vips
+            .iter()
+            .map(|(n, a)| VipSpec {
+                name: n.to_string(),
+                address: a.clone(),
+            })
+            .collect(),
         streams,
         flows: flows
             .iter()
@@ -195,13 +291,20 @@ impl Lab {
         let valid = validate(&spec()).expect("the test configuration is valid");
         let mut bpf = Bpf::load();
         let mut writer = LbWriter::default();
-        let tunnel = TunnelSettings { port: TUNNEL_PORT, address: Some(NODE) };
-        writer.apply(&mut bpf.ebpf, &valid, tunnel, &resolve).expect("writing the LB maps");
+        let tunnel = TunnelSettings {
+            port: TUNNEL_PORT,
+            address: Some(NODE),
+        };
+        writer
+            .apply(&mut bpf.ebpf, &valid, tunnel, &resolve)
+            .expect("writing the LB maps");
         Lab { bpf, writer, valid }
     }
 
     fn counters(&self) -> LbCounters {
-        self.writer.counters(&self.bpf.ebpf).expect("reading the LB counters")
+        self.writer
+            .counters(&self.bpf.ebpf)
+            .expect("reading the LB counters")
     }
 
     /// Runs the uplink once and checks everything; returns what went wrong.
@@ -214,7 +317,10 @@ impl Lab {
 
         let mut failures = Vec::new();
         if run.action != want.action {
-            failures.push(format!("{name}: action {} (want {})", run.action, want.action));
+            failures.push(format!(
+                "{name}: action {} (want {})",
+                run.action, want.action
+            ));
         }
         if let Some(output) = &want.output {
             if run.output != *output {
@@ -233,7 +339,10 @@ impl Lab {
             XDP_REDIRECT => Verdict::Redirect,
             _ => Verdict::Aborted,
         };
-        expected.verdicts.counter_mut(verdict).count(frame.len() as u64);
+        expected
+            .verdicts
+            .counter_mut(verdict)
+            .count(frame.len() as u64);
         if let Some(reason) = want.drop {
             expected.drops.add(reason, 1);
         }
@@ -241,13 +350,21 @@ impl Lab {
             expected.protocols.add(p, 1);
         }
         if after != expected {
-            failures.push(format!("{name}: program counters: {}", describe(&before, &after)));
+            failures.push(format!(
+                "{name}: program counters: {}",
+                describe(&before, &after)
+            ));
         }
         let moved = lb_moved(&lb_before, &lb_after);
-        let wanted: BTreeMap<String, (u64, u64)> =
-            want.lb.iter().map(|c| (c.clone(), (1, want.lb_bytes))).collect();
+        let wanted: BTreeMap<String, (u64, u64)> = want
+            .lb
+            .iter()
+            .map(|c| (c.clone(), (1, want.lb_bytes)))
+            .collect();
         if moved != wanted {
-            failures.push(format!("{name}: LB counters moved {moved:?}, want {wanted:?}"));
+            failures.push(format!(
+                "{name}: LB counters moved {moved:?}, want {wanted:?}"
+            ));
         }
         failures
     }
@@ -257,7 +374,9 @@ impl Lab {
     fn local_target(&mut self, frame: &[u8]) -> String {
         let run = self.bpf.run(UPLINK, frame, 1);
         assert_eq!(run.action, XDP_REDIRECT, "not redirected: {}", hex(frame));
-        let name = self.target_by_mac(&run.output[..6]).unwrap_or_else(|| panic!("no target has the MAC of {}", hex(&run.output)));
+        let name = self
+            .target_by_mac(&run.output[..6])
+            .unwrap_or_else(|| panic!("no target has the MAC of {}", hex(&run.output)));
         let (dst, src) = local_macs(&name);
         assert_eq!(run.output, rewritten(frame, dst, src), "{name}: output");
         name
@@ -268,12 +387,21 @@ impl Lab {
         if let Some((s, _)) = SINGLE.iter().find(|(_, m)| *m == n) {
             return Some(format!("{s}/1"));
         }
-        MULTI.iter().find(|(_, m)| *m == n).map(|(id, _)| format!("s-multi/{id}"))
+        MULTI
+            .iter()
+            .find(|(_, m)| *m == n)
+            .map(|(id, _)| format!("s-multi/{id}"))
     }
 
     /// The target the reference model picks: the kernel's hash into the stream's Maglev table.
     fn reference_target(&self, stream: &str, hash: u32) -> String {
-        let table = &self.valid.streams.iter().find(|s| s.name == stream).expect("stream").table;
+        let table = &self
+            .valid
+            .streams
+            .iter()
+            .find(|s| s.name == stream)
+            .expect("stream")
+            .table;
         let slot = table[(hash % table.len() as u32) as usize];
         format!("{stream}/{}", slot + 1)
     }
@@ -284,9 +412,17 @@ fn local_macs(target: &str) -> ([u8; 6], [u8; 6]) {
     let (stream, id) = target.split_once('/').expect("stream/identifier");
     let n = if stream == "s-multi" {
         let id: u32 = id.parse().unwrap();
-        MULTI.iter().find(|(i, _)| *i == id).expect("multi target").1
+        MULTI
+            .iter()
+            .find(|(i, _)| *i == id)
+            .expect("multi target")
+            .1
     } else {
-        SINGLE.iter().find(|(s, _)| *s == stream).expect("single-target stream").1
+        SINGLE
+            .iter()
+            .find(|(s, _)| *s == stream)
+            .expect("single-target stream")
+            .1
     };
     (target_mac(n), our_mac(n))
 }
@@ -301,7 +437,10 @@ fn lb_moved(before: &LbCounters, after: &LbCounters) -> BTreeMap<String, (u64, u
     ];
     for (kind, b, a) in groups {
         for c in a.iter() {
-            let old = b.iter().find(|o| o.name == c.name).map_or((0, 0), |o| (o.packets, o.bytes));
+            let old = b
+                .iter()
+                .find(|o| o.name == c.name)
+                .map_or((0, 0), |o| (o.packets, o.bytes));
             let d = (c.packets - old.0, c.bytes - old.1);
             if d != (0, 0) {
                 moved.insert(format!("{kind}:{}", c.name), d);
@@ -316,7 +455,12 @@ fn describe(before: &ProgramStats, after: &ProgramStats) -> String {
     for &v in Verdict::ALL {
         let (a, b) = (after.verdicts.get(v), before.verdicts.get(v));
         if (a.packets, a.bytes) != (b.packets, b.bytes) {
-            moved.push(format!("{}+{}/{}B", v.name(), a.packets - b.packets, a.bytes - b.bytes));
+            moved.push(format!(
+                "{}+{}/{}B",
+                v.name(),
+                a.packets - b.packets,
+                a.bytes - b.bytes
+            ));
         }
     }
     for &r in D::ALL {
@@ -351,7 +495,14 @@ struct Expect {
 }
 
 fn pass(frame: &[u8], protocols: &[P]) -> Expect {
-    Expect { action: XDP_PASS, output: Some(frame.to_vec()), protocols: protocols.to_vec(), drop: None, lb: vec![], lb_bytes: 0 }
+    Expect {
+        action: XDP_PASS,
+        output: Some(frame.to_vec()),
+        protocols: protocols.to_vec(),
+        drop: None,
+        lb: vec![],
+        lb_bytes: 0,
+    }
 }
 
 fn drop(frame: &[u8], reason: D, protocols: &[P], lb: &[&str]) -> Expect {
@@ -373,13 +524,22 @@ fn to_local(frame: &[u8], vip: &str, flow: &str, target: &str, protocols: &[P]) 
         output: Some(rewritten(frame, dst, src)),
         protocols: protocols.to_vec(),
         drop: None,
-        lb: vec![format!("vip:{vip}"), format!("flow:{flow}"), format!("target:{target}")],
+        lb: vec![
+            format!("vip:{vip}"),
+            format!("flow:{flow}"),
+            format!("target:{target}"),
+        ],
         lb_bytes: frame.len() as u64,
     }
 }
 
 fn assert_all(failures: Vec<String>, cases: usize) {
-    assert!(failures.is_empty(), "{} failures in {cases} cases:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} failures in {cases} cases:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -388,7 +548,10 @@ fn assert_all(failures: Vec<String>, cases: usize) {
 /// Offset of the ether type after the VLAN tags.
 fn ether_type_at(frame: &[u8]) -> usize {
     let mut at = 12;
-    while matches!(u16::from_be_bytes([frame[at], frame[at + 1]]), 0x8100 | 0x88a8 | 0x9100) {
+    while matches!(
+        u16::from_be_bytes([frame[at], frame[at + 1]]),
+        0x8100 | 0x88a8 | 0x9100
+    ) {
         at += 4;
     }
     at
@@ -450,7 +613,15 @@ fn udp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, data: &[u8]) -> Ve
 }
 
 /// An IPv4 packet's fragment: `offset` in bytes, `more` fragments follow.
-fn fragment4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, id: u16, offset: u16, more: bool, payload: &[u8]) -> Vec<u8> {
+fn fragment4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    id: u16,
+    offset: u16,
+    more: bool,
+    payload: &[u8],
+) -> Vec<u8> {
     let mut p = ipv4(src, dst, protocol, &[], payload);
     p[4..6].copy_from_slice(&id.to_be_bytes());
     let field = (offset / 8) | if more { 0x2000 } else { 0 };
@@ -462,7 +633,10 @@ fn fragment4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, id: u16, offset: u16, m
 }
 
 fn ip_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -472,7 +646,7 @@ fn ip_checksum(header: &[u8]) -> u16 {
 /// ICMP destination unreachable, fragmentation needed (type 3 code 4) about `inner`.
 fn icmp4_frag_needed(from: Ipv4Addr, to: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
     let mut m = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc]; // next-hop MTU 1500
-    // The IP header and the first 8 bytes of its payload, as RFC 792 asks.
+                                                    // The IP header and the first 8 bytes of its payload, as RFC 792 asks.
     let ihl = usize::from(inner[0] & 0x0f) * 4;
     m.extend_from_slice(&inner[..(ihl + 8).min(inner.len())]);
     let sum = ip_checksum(&m);
@@ -496,15 +670,23 @@ fn tunnel(from: Ipv4Addr, to: Ipv4Addr, port: u16, inner: &[u8]) -> Vec<u8> {
 // Reference of the kernel's flow hash (murmur3-style, the same on every node)
 
 fn mix(h: u32, k: u32) -> u32 {
-    let k = k.wrapping_mul(0xcc9e_2d51).rotate_left(15).wrapping_mul(0x1b87_3593);
-    (h ^ k).rotate_left(13).wrapping_mul(5).wrapping_add(0xe654_6b64)
+    let k = k
+        .wrapping_mul(0xcc9e_2d51)
+        .rotate_left(15)
+        .wrapping_mul(0x1b87_3593);
+    (h ^ k)
+        .rotate_left(13)
+        .wrapping_mul(5)
+        .wrapping_add(0xe654_6b64)
 }
 
 /// `src`, `dst` as 16 bytes (IPv4 mapped); `ports` only when they are hashed.
 fn flow_hash(src: [u8; 16], dst: [u8; 16], ports: Option<(u16, u16)>, protocol: u8) -> u32 {
     let mut h = 0x7461_706du32;
     // The BPF target is little-endian: words are read in native order.
-    let w = |a: &[u8; 16], i: usize| u32::from_le_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
+    let w = |a: &[u8; 16], i: usize| {
+        u32::from_le_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
+    };
     for i in 0..4 {
         h = mix(h, w(&src, i));
         h = mix(h, w(&dst, i));
@@ -539,10 +721,26 @@ fn vip_miss_passes_unchanged() {
     let next_door = eth(&tcp4(CLIENT, Ipv4Addr::new(20, 0, 0, 2), 1000, 80));
     let tagged = eth_tagged(&[7], &udp4(CLIENT, V4_B, 1000, 80, b"x"));
     let cases = [
-        ("ipv4 udp to a non-VIP", v4.clone(), pass(&v4, &[P::Ipv4, P::Udp])),
-        ("ipv6 udp to a non-VIP", v6.clone(), pass(&v6, &[P::Ipv6, P::Udp])),
-        ("tcp to the address next to a VIP", next_door.clone(), pass(&next_door, &[P::Ipv4, P::Tcp])),
-        ("tagged udp to a non-VIP", tagged.clone(), pass(&tagged, &[P::VlanTagged, P::Ipv4, P::Udp])),
+        (
+            "ipv4 udp to a non-VIP",
+            v4.clone(),
+            pass(&v4, &[P::Ipv4, P::Udp]),
+        ),
+        (
+            "ipv6 udp to a non-VIP",
+            v6.clone(),
+            pass(&v6, &[P::Ipv6, P::Udp]),
+        ),
+        (
+            "tcp to the address next to a VIP",
+            next_door.clone(),
+            pass(&next_door, &[P::Ipv4, P::Tcp]),
+        ),
+        (
+            "tagged udp to a non-VIP",
+            tagged.clone(),
+            pass(&tagged, &[P::VlanTagged, P::Ipv4, P::Udp]),
+        ),
     ];
     let mut failures = Vec::new();
     for (name, frame, want) in &cases {
@@ -564,21 +762,41 @@ fn vip_hit_local_target_rewrites_macs_and_redirects() {
     let udp = [P::Ipv4, P::Udp];
     let tagged_udp = [P::VlanTagged, P::Ipv4, P::Udp];
     let cases = [
-        ("untagged", &plain, to_local(&plain, "vip4", "dst-range", "s-dst/1", &udp)),
-        ("802.1q tagged", &tagged, to_local(&tagged, "vip4", "dst-range", "s-dst/1", &tagged_udp)),
-        ("qinq tagged", &qinq, to_local(&qinq, "vip4", "dst-range", "s-dst/1", &tagged_udp)),
+        (
+            "untagged",
+            &plain,
+            to_local(&plain, "vip4", "dst-range", "s-dst/1", &udp),
+        ),
+        (
+            "802.1q tagged",
+            &tagged,
+            to_local(&tagged, "vip4", "dst-range", "s-dst/1", &tagged_udp),
+        ),
+        (
+            "qinq tagged",
+            &qinq,
+            to_local(&qinq, "vip4", "dst-range", "s-dst/1", &tagged_udp),
+        ),
     ];
     for (name, frame, want) in &cases {
         failures.extend(lab.check(name, frame, want));
     }
     // Spelled out once: exactly the frame with the target's MACs, tag gone.
     let run = lab.bpf.run(UPLINK, &tagged, 1);
-    assert_eq!(run.output.len(), tagged.len() - 4, "the 802.1Q tag is removed");
+    assert_eq!(
+        run.output.len(),
+        tagged.len() - 4,
+        "the 802.1Q tag is removed"
+    );
     assert_eq!(run.output[..6], target_mac(6));
     assert_eq!(run.output[6..12], our_mac(6));
     assert_eq!(run.output[12..14], [0x08, 0x00]);
     assert_eq!(run.output[14..], tagged[18..]);
-    assert_eq!(lab.bpf.run(UPLINK, &qinq, 1).output.len(), qinq.len() - 8, "both tags are removed");
+    assert_eq!(
+        lab.bpf.run(UPLINK, &qinq, 1).output.len(),
+        qinq.len() - 8,
+        "both tags are removed"
+    );
     assert_all(failures, cases.len());
 }
 
@@ -598,34 +816,158 @@ fn flows_select_their_stream() {
     type Hit<'a> = (&'a str, Vec<u8>, &'a str, &'a str, &'a [P]);
     let hits: Vec<Hit> = vec![
         // Priority: port 80 is in both prio-hi (60) and prio-lo (50, 80-90).
-        ("priority: tcp 80 takes the higher flow", eth(&tcp4(CLIENT, VIP4, 40000, 80)), "prio-hi", "s-hi/1", &tcp),
-        ("priority: tcp 81 only in the lower flow", eth(&tcp4(CLIENT, VIP4, 40000, 81)), "prio-lo", "s-lo/1", &tcp),
-        ("priority: tcp 90, top of the lower flow", eth(&tcp4(CLIENT, VIP4, 40000, 90)), "prio-lo", "s-lo/1", &tcp),
+        (
+            "priority: tcp 80 takes the higher flow",
+            eth(&tcp4(CLIENT, VIP4, 40000, 80)),
+            "prio-hi",
+            "s-hi/1",
+            &tcp,
+        ),
+        (
+            "priority: tcp 81 only in the lower flow",
+            eth(&tcp4(CLIENT, VIP4, 40000, 81)),
+            "prio-lo",
+            "s-lo/1",
+            &tcp,
+        ),
+        (
+            "priority: tcp 90, top of the lower flow",
+            eth(&tcp4(CLIENT, VIP4, 40000, 90)),
+            "prio-lo",
+            "s-lo/1",
+            &tcp,
+        ),
         // Source CIDR 10.1.0.0/16 (priority 70) beats prio-hi for port 80.
-        ("source cidr: 10.1.2.3 to tcp 80", eth(&tcp4(net10, VIP4, 40000, 80)), "src-cidr", "s-cidr/1", &tcp),
-        ("source cidr: 10.1.255.255 to tcp 22", eth(&tcp4(net10_edge, VIP4, 40000, 22)), "src-cidr", "s-cidr/1", &tcp),
-        ("source cidr: 10.2.0.1 to tcp 80 is outside", eth(&tcp4(outside, VIP4, 40000, 80)), "prio-hi", "s-hi/1", &tcp),
+        (
+            "source cidr: 10.1.2.3 to tcp 80",
+            eth(&tcp4(net10, VIP4, 40000, 80)),
+            "src-cidr",
+            "s-cidr/1",
+            &tcp,
+        ),
+        (
+            "source cidr: 10.1.255.255 to tcp 22",
+            eth(&tcp4(net10_edge, VIP4, 40000, 22)),
+            "src-cidr",
+            "s-cidr/1",
+            &tcp,
+        ),
+        (
+            "source cidr: 10.2.0.1 to tcp 80 is outside",
+            eth(&tcp4(outside, VIP4, 40000, 80)),
+            "prio-hi",
+            "s-hi/1",
+            &tcp,
+        ),
         // Destination port range 1000-1999, edges.
-        ("dst range: udp 1000", eth(&udp4(CLIENT, VIP4, 1, 1000, b"x")), "dst-range", "s-dst/1", &udp),
-        ("dst range: udp 1999", eth(&udp4(CLIENT, VIP4, 1, 1999, b"x")), "dst-range", "s-dst/1", &udp),
+        (
+            "dst range: udp 1000",
+            eth(&udp4(CLIENT, VIP4, 1, 1000, b"x")),
+            "dst-range",
+            "s-dst/1",
+            &udp,
+        ),
+        (
+            "dst range: udp 1999",
+            eth(&udp4(CLIENT, VIP4, 1, 1999, b"x")),
+            "dst-range",
+            "s-dst/1",
+            &udp,
+        ),
         // Source port range 5000-5099, edges; dst-range (40) beats src-range (30).
-        ("src range: udp from 5000", eth(&udp4(CLIENT, VIP4, 5000, 3000, b"x")), "src-range", "s-src/1", &udp),
-        ("src range: udp from 5099", eth(&udp4(CLIENT, VIP4, 5099, 3000, b"x")), "src-range", "s-src/1", &udp),
-        ("src and dst range: the dst flow is higher", eth(&udp4(CLIENT, VIP4, 5050, 1500, b"x")), "dst-range", "s-dst/1", &udp),
+        (
+            "src range: udp from 5000",
+            eth(&udp4(CLIENT, VIP4, 5000, 3000, b"x")),
+            "src-range",
+            "s-src/1",
+            &udp,
+        ),
+        (
+            "src range: udp from 5099",
+            eth(&udp4(CLIENT, VIP4, 5099, 3000, b"x")),
+            "src-range",
+            "s-src/1",
+            &udp,
+        ),
+        (
+            "src and dst range: the dst flow is higher",
+            eth(&udp4(CLIENT, VIP4, 5050, 1500, b"x")),
+            "dst-range",
+            "s-dst/1",
+            &udp,
+        ),
         // Protocol restriction: sctp to port 80 is not tcp's prio-hi.
-        ("protocol: sctp to 80", eth(&sctp4(CLIENT, VIP4, 40000, 80)), "sctp-only", "s-sctp/1", &sctp),
-        ("protocol: icmp echo", eth(&ipv4(CLIENT, VIP4, ICMP, &[], &icmp_echo(1, 1, b"ping"))), "icmp", "s-icmp/1", &[P::Ipv4, P::Icmp]),
+        (
+            "protocol: sctp to 80",
+            eth(&sctp4(CLIENT, VIP4, 40000, 80)),
+            "sctp-only",
+            "s-sctp/1",
+            &sctp,
+        ),
+        (
+            "protocol: icmp echo",
+            eth(&ipv4(CLIENT, VIP4, ICMP, &[], &icmp_echo(1, 1, b"ping"))),
+            "icmp",
+            "s-icmp/1",
+            &[P::Ipv4, P::Icmp],
+        ),
         // Byte match udp[8:4] = 0xcafebabe (the first payload bytes); else the next flow for port 2000.
-        ("byte match: cafebabe", eth(&udp4(CLIENT, VIP4, 40000, 2000, &[0xca, 0xfe, 0xba, 0xbe, 1, 2])), "bytes", "s-bytes/1", &udp),
-        ("byte match: cafebabe, nothing after", eth(&udp4(CLIENT, VIP4, 40000, 2000, &[0xca, 0xfe, 0xba, 0xbe])), "bytes", "s-bytes/1", &udp),
-        ("byte match: deadbeef falls through", eth(&udp4(CLIENT, VIP4, 40000, 2000, &[0xde, 0xad, 0xbe, 0xef])), "udp-2000", "s-udp2000/1", &udp),
-        ("byte match: cafeba, payload too short", eth(&udp4(CLIENT, VIP4, 40000, 2000, &[0xca, 0xfe, 0xba])), "udp-2000", "s-udp2000/1", &udp),
-        ("byte match: cafebabe one byte later", eth(&udp4(CLIENT, VIP4, 40000, 2000, &[0, 0xca, 0xfe, 0xba, 0xbe])), "udp-2000", "s-udp2000/1", &udp),
+        (
+            "byte match: cafebabe",
+            eth(&udp4(
+                CLIENT,
+                VIP4,
+                40000,
+                2000,
+                &[0xca, 0xfe, 0xba, 0xbe, 1, 2],
+            )),
+            "bytes",
+            "s-bytes/1",
+            &udp,
+        ),
+        (
+            "byte match: cafebabe, nothing after",
+            eth(&udp4(CLIENT, VIP4, 40000, 2000, &[0xca, 0xfe, 0xba, 0xbe])),
+            "bytes",
+            "s-bytes/1",
+            &udp,
+        ),
+        (
+            "byte match: deadbeef falls through",
+            eth(&udp4(CLIENT, VIP4, 40000, 2000, &[0xde, 0xad, 0xbe, 0xef])),
+            "udp-2000",
+            "s-udp2000/1",
+            &udp,
+        ),
+        (
+            "byte match: cafeba, payload too short",
+            eth(&udp4(CLIENT, VIP4, 40000, 2000, &[0xca, 0xfe, 0xba])),
+            "udp-2000",
+            "s-udp2000/1",
+            &udp,
+        ),
+        (
+            "byte match: cafebabe one byte later",
+            eth(&udp4(
+                CLIENT,
+                VIP4,
+                40000,
+                2000,
+                &[0, 0xca, 0xfe, 0xba, 0xbe],
+            )),
+            "udp-2000",
+            "s-udp2000/1",
+            &udp,
+        ),
     ];
     let mut failures = Vec::new();
     let count = hits.len();
     for (name, frame, flow, target, protocols) in hits {
-        failures.extend(lab.check(name, &frame, &to_local(&frame, "vip4", flow, target, protocols)));
+        failures.extend(lab.check(
+            name,
+            &frame,
+            &to_local(&frame, "vip4", flow, target, protocols),
+        ));
     }
     assert_all(failures, count);
 }
@@ -641,14 +983,62 @@ fn no_flow_and_no_target_drop() {
     // (case, frame, reason, protocols, LB counters)
     type Miss<'a> = (&'a str, Vec<u8>, D, &'a [P], &'a [&'a str]);
     let cases: Vec<Miss> = vec![
-        ("udp 999: below the dst range", eth(&udp4(CLIENT, VIP4, 1, 999, b"x")), D::NoFlowMatch, &udp, &["vip:vip4"]),
-        ("udp 2001 from 4999: outside both ranges", eth(&udp4(CLIENT, VIP4, 4999, 2001, b"x")), D::NoFlowMatch, &udp, &["vip:vip4"]),
-        ("udp from 5100: above the src range", eth(&udp4(CLIENT, VIP4, 5100, 3000, b"x")), D::NoFlowMatch, &udp, &["vip:vip4"]),
-        ("tcp 91 from outside 10.1/16", eth(&tcp4(CLIENT, VIP4, 40000, 91)), D::NoFlowMatch, &tcp, &["vip:vip4"]),
-        ("udp to 80: tcp-only flows", eth(&udp4(CLIENT, VIP4, 40000, 80, b"x")), D::NoFlowMatch, &udp, &["vip:vip4"]),
-        ("gre: no flow for other protocols", eth(&ipv4(CLIENT, VIP4, 47, &[], &[0; 8])), D::NoFlowMatch, &[P::Ipv4, P::OtherL4], &["vip:vip4"]),
-        ("stream without targets", eth(&udp4(CLIENT, VIP_EMPTY, 40000, 80, b"x")), D::NoTarget, &udp, &["vip:vip-empty", "flow:to-empty"]),
-        ("stream without targets, tcp", eth(&tcp4(CLIENT, VIP_EMPTY, 40000, 443)), D::NoTarget, &tcp, &["vip:vip-empty", "flow:to-empty"]),
+        (
+            "udp 999: below the dst range",
+            eth(&udp4(CLIENT, VIP4, 1, 999, b"x")),
+            D::NoFlowMatch,
+            &udp,
+            &["vip:vip4"],
+        ),
+        (
+            "udp 2001 from 4999: outside both ranges",
+            eth(&udp4(CLIENT, VIP4, 4999, 2001, b"x")),
+            D::NoFlowMatch,
+            &udp,
+            &["vip:vip4"],
+        ),
+        (
+            "udp from 5100: above the src range",
+            eth(&udp4(CLIENT, VIP4, 5100, 3000, b"x")),
+            D::NoFlowMatch,
+            &udp,
+            &["vip:vip4"],
+        ),
+        (
+            "tcp 91 from outside 10.1/16",
+            eth(&tcp4(CLIENT, VIP4, 40000, 91)),
+            D::NoFlowMatch,
+            &tcp,
+            &["vip:vip4"],
+        ),
+        (
+            "udp to 80: tcp-only flows",
+            eth(&udp4(CLIENT, VIP4, 40000, 80, b"x")),
+            D::NoFlowMatch,
+            &udp,
+            &["vip:vip4"],
+        ),
+        (
+            "gre: no flow for other protocols",
+            eth(&ipv4(CLIENT, VIP4, 47, &[], &[0; 8])),
+            D::NoFlowMatch,
+            &[P::Ipv4, P::OtherL4],
+            &["vip:vip4"],
+        ),
+        (
+            "stream without targets",
+            eth(&udp4(CLIENT, VIP_EMPTY, 40000, 80, b"x")),
+            D::NoTarget,
+            &udp,
+            &["vip:vip-empty", "flow:to-empty"],
+        ),
+        (
+            "stream without targets, tcp",
+            eth(&tcp4(CLIENT, VIP_EMPTY, 40000, 443)),
+            D::NoTarget,
+            &tcp,
+            &["vip:vip-empty", "flow:to-empty"],
+        ),
     ];
     let mut failures = Vec::new();
     let count = cases.len();
@@ -672,9 +1062,16 @@ fn maglev_pick_is_deterministic_and_spread() {
         let frame = eth(&udp4(CLIENT, VIP_MULTI, sport, 80, b"spread me"));
         let first = lab.local_target(&frame);
         for _ in 0..2 {
-            assert_eq!(lab.local_target(&frame), first, "the same frame went elsewhere (sport {sport})");
+            assert_eq!(
+                lab.local_target(&frame),
+                first,
+                "the same frame went elsewhere (sport {sport})"
+            );
         }
-        let reference = lab.reference_target("s-multi", flow_hash(m4(CLIENT), m4(VIP_MULTI), Some((sport, 80)), UDP));
+        let reference = lab.reference_target(
+            "s-multi",
+            flow_hash(m4(CLIENT), m4(VIP_MULTI), Some((sport, 80)), UDP),
+        );
         if first != reference {
             mismatches.push(format!("sport {sport}: {first}, reference {reference}"));
         }
@@ -683,15 +1080,29 @@ fn maglev_pick_is_deterministic_and_spread() {
     assert_eq!(per_target.len(), 3, "{per_target:?}");
     for (target, n) in &per_target {
         let share = *n as f64 / f64::from(frames);
-        assert!((0.20..=0.47).contains(&share), "{target} got {n} of {frames}: {per_target:?}");
+        assert!(
+            (0.20..=0.47).contains(&share),
+            "{target} got {n} of {frames}: {per_target:?}"
+        );
     }
     // Each frame ran 3 times; the target counters say the same.
     let moved = lb_moved(&before, &lab.counters());
     for (target, n) in &per_target {
-        assert_eq!(moved.get(&format!("target:{target}")).map(|c| c.0), Some(3 * n), "{moved:?}");
+        assert_eq!(
+            moved.get(&format!("target:{target}")).map(|c| c.0),
+            Some(3 * n),
+            "{moved:?}"
+        );
     }
-    assert_eq!(moved.get("flow:spread").map(|c| c.0), Some(3 * u64::from(frames)));
-    assert!(mismatches.is_empty(), "the pick differs from hash % Maglev table:\n{}", mismatches.join("\n"));
+    assert_eq!(
+        moved.get("flow:spread").map(|c| c.0),
+        Some(3 * u64::from(frames))
+    );
+    assert!(
+        mismatches.is_empty(),
+        "the pick differs from hash % Maglev table:\n{}",
+        mismatches.join("\n")
+    );
 }
 
 #[test]
@@ -707,42 +1118,81 @@ fn icmp_errors_follow_their_flow() {
         let cport = 30_000 + 7 * i as u16;
         // UDP: client:cport -> VIP:53; the error is about VIP:53 -> client:cport.
         let flow = eth(&udp4(client, VIP_MULTI, cport, 53, b"query"));
-        let reply = udp4(VIP_MULTI, client, 53, cport, b"a reply too big for the path");
+        let reply = udp4(
+            VIP_MULTI,
+            client,
+            53,
+            cport,
+            b"a reply too big for the path",
+        );
         let error = eth(&icmp4_frag_needed(ROUTER, VIP_MULTI, &reply));
         let want = lab.local_target(&flow);
         let got = lab.local_target(&error);
         if got != want {
-            failures.push(format!("udp {client}:{cport}: flow -> {want}, icmp error -> {got}"));
+            failures.push(format!(
+                "udp {client}:{cport}: flow -> {want}, icmp error -> {got}"
+            ));
         }
         // TCP the same way.
         let flow = eth(&tcp4(client, VIP_MULTI, cport, 443));
-        let error = eth(&icmp4_frag_needed(ROUTER, VIP_MULTI, &tcp4(VIP_MULTI, client, 443, cport)));
+        let error = eth(&icmp4_frag_needed(
+            ROUTER,
+            VIP_MULTI,
+            &tcp4(VIP_MULTI, client, 443, cport),
+        ));
         let (want_tcp, got_tcp) = (lab.local_target(&flow), lab.local_target(&error));
         if got_tcp != want_tcp {
-            failures.push(format!("tcp {client}:{cport}: flow -> {want_tcp}, icmp error -> {got_tcp}"));
+            failures.push(format!(
+                "tcp {client}:{cport}: flow -> {want_tcp}, icmp error -> {got_tcp}"
+            ));
         }
         *seen.entry(want).or_default() += 1;
         // IPv6: ICMPv6 packet too big.
         let client6 = Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 0x100 + i as u16);
         let flow = eth(&udp6(client6, VIP6, cport, 53, b"query"));
-        let error = eth(&icmp6_too_big(ROUTER6, VIP6, &udp6(VIP6, client6, 53, cport, b"a reply too big")));
+        let error = eth(&icmp6_too_big(
+            ROUTER6,
+            VIP6,
+            &udp6(VIP6, client6, 53, cport, b"a reply too big"),
+        ));
         let (want6, got6) = (lab.local_target(&flow), lab.local_target(&error));
         if got6 != want6 {
-            failures.push(format!("udp [{client6}]:{cport}: flow -> {want6}, icmpv6 error -> {got6}"));
+            failures.push(format!(
+                "udp [{client6}]:{cport}: flow -> {want6}, icmpv6 error -> {got6}"
+            ));
         }
     }
-    assert!(seen.len() >= 2, "the flows all went to one target, so the test proves little: {seen:?}");
+    assert!(
+        seen.len() >= 2,
+        "the flows all went to one target, so the test proves little: {seen:?}"
+    );
 
     // Counted once, exactly: an ICMP error counts as its flow's VIP, flow and target.
     let client = clients[0];
     let flow = eth(&udp4(client, VIP_MULTI, 30_000, 53, b"query"));
     let target = lab.local_target(&flow);
-    let error = eth(&icmp4_frag_needed(ROUTER, VIP_MULTI, &udp4(VIP_MULTI, client, 53, 30_000, b"reply")));
-    failures.extend(lab.check("icmp frag needed", &error, &to_local(&error, "vip-multi", "spread", &target, &[P::Ipv4, P::Icmp])));
+    let error = eth(&icmp4_frag_needed(
+        ROUTER,
+        VIP_MULTI,
+        &udp4(VIP_MULTI, client, 53, 30_000, b"reply"),
+    ));
+    failures.extend(lab.check(
+        "icmp frag needed",
+        &error,
+        &to_local(&error, "vip-multi", "spread", &target, &[P::Ipv4, P::Icmp]),
+    ));
     let client6 = Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 0x100);
     let target6 = lab.local_target(&eth(&udp6(client6, VIP6, 30_000, 53, b"query")));
-    let error6 = eth(&icmp6_too_big(ROUTER6, VIP6, &udp6(VIP6, client6, 53, 30_000, b"reply")));
-    failures.extend(lab.check("icmpv6 packet too big", &error6, &to_local(&error6, "vip6", "spread", &target6, &[P::Ipv6, P::Icmpv6])));
+    let error6 = eth(&icmp6_too_big(
+        ROUTER6,
+        VIP6,
+        &udp6(VIP6, client6, 53, 30_000, b"reply"),
+    ));
+    failures.extend(lab.check(
+        "icmpv6 packet too big",
+        &error6,
+        &to_local(&error6, "vip6", "spread", &target6, &[P::Ipv6, P::Icmpv6]),
+    ));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -757,25 +1207,81 @@ fn ipv4_fragments_of_a_datagram_stay_together() {
     for i in 1..=40u8 {
         let client = Ipv4Addr::new(198, 18, 8, i);
         let datagram = udp_v4(client, VIP_MULTI, 40_000 + u16::from(i), 4500, &[0x5a; 40]);
-        let first = eth(&fragment4(client, VIP_MULTI, UDP, 0x100 + u16::from(i), 0, true, &datagram[..24]));
-        let later = eth(&fragment4(client, VIP_MULTI, UDP, 0x100 + u16::from(i), 24, false, &datagram[24..]));
+        let first = eth(&fragment4(
+            client,
+            VIP_MULTI,
+            UDP,
+            0x100 + u16::from(i),
+            0,
+            true,
+            &datagram[..24],
+        ));
+        let later = eth(&fragment4(
+            client,
+            VIP_MULTI,
+            UDP,
+            0x100 + u16::from(i),
+            24,
+            false,
+            &datagram[24..],
+        ));
         let (a, b) = (lab.local_target(&first), lab.local_target(&later));
-        let reference = lab.reference_target("s-multi", flow_hash(m4(client), m4(VIP_MULTI), None, UDP));
+        let reference =
+            lab.reference_target("s-multi", flow_hash(m4(client), m4(VIP_MULTI), None, UDP));
         if a != b || a != reference {
             failures.push(format!("{client}: first fragment -> {a}, later fragment -> {b}, address hash -> {reference}"));
         }
         *seen.entry(a).or_default() += 1;
     }
-    assert!(seen.len() >= 2, "every datagram went to one target, so the test proves little: {seen:?}");
+    assert!(
+        seen.len() >= 2,
+        "every datagram went to one target, so the test proves little: {seen:?}"
+    );
 
     // Counters, exactly.
     let client = Ipv4Addr::new(198, 18, 8, 1);
     let datagram = udp_v4(client, VIP_MULTI, 40_001, 4500, &[0x5a; 40]);
-    let first = eth(&fragment4(client, VIP_MULTI, UDP, 0x101, 0, true, &datagram[..24]));
-    let later = eth(&fragment4(client, VIP_MULTI, UDP, 0x101, 24, false, &datagram[24..]));
+    let first = eth(&fragment4(
+        client,
+        VIP_MULTI,
+        UDP,
+        0x101,
+        0,
+        true,
+        &datagram[..24],
+    ));
+    let later = eth(&fragment4(
+        client,
+        VIP_MULTI,
+        UDP,
+        0x101,
+        24,
+        false,
+        &datagram[24..],
+    ));
     let target = lab.reference_target("s-multi", flow_hash(m4(client), m4(VIP_MULTI), None, UDP));
-    failures.extend(lab.check("first fragment", &first, &to_local(&first, "vip-multi", "spread", &target, &[P::Ipv4, P::Fragment, P::Udp])));
-    failures.extend(lab.check("later fragment", &later, &to_local(&later, "vip-multi", "spread", &target, &[P::Ipv4, P::Fragment])));
+    failures.extend(lab.check(
+        "first fragment",
+        &first,
+        &to_local(
+            &first,
+            "vip-multi",
+            "spread",
+            &target,
+            &[P::Ipv4, P::Fragment, P::Udp],
+        ),
+    ));
+    failures.extend(lab.check(
+        "later fragment",
+        &later,
+        &to_local(
+            &later,
+            "vip-multi",
+            "spread",
+            &target,
+            &[P::Ipv4, P::Fragment],
+        ),
+    ));
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -791,8 +1297,24 @@ fn ipv4_later_fragment_follows_the_first_fragments_flow() {
     // (source port, destination port) of datagrams to VIP4's port-selected UDP flows.
     for (sport, dport) in [(40_000, 1500), (5050, 3000), (40_000, 2000)] {
         let datagram = udp_v4(CLIENT, VIP4, sport, dport, &[0x5a; 40]);
-        let first = eth(&fragment4(CLIENT, VIP4, UDP, 0x77, 0, true, &datagram[..24]));
-        let later = eth(&fragment4(CLIENT, VIP4, UDP, 0x77, 24, false, &datagram[24..]));
+        let first = eth(&fragment4(
+            CLIENT,
+            VIP4,
+            UDP,
+            0x77,
+            0,
+            true,
+            &datagram[..24],
+        ));
+        let later = eth(&fragment4(
+            CLIENT,
+            VIP4,
+            UDP,
+            0x77,
+            24,
+            false,
+            &datagram[24..],
+        ));
         let (a, b) = (lab.local_target(&first), lab.local_target(&later));
         if a != b {
             failures.push(format!("udp {CLIENT}:{sport} -> {VIP4}:{dport}: first fragment -> {a}, later fragment -> {b}"));
@@ -815,14 +1337,26 @@ struct Underlay {
 impl Underlay {
     fn new(neighbour: bool) -> Self {
         let ns = Netns::new("lb");
-        ns.ip(&["link", "add", "name", "tma", "type", "veth", "peer", "name", "tmb"]);
+        ns.ip(&[
+            "link", "add", "name", "tma", "type", "veth", "peer", "name", "tmb",
+        ]);
         ns.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "tma"]);
         ns.ip(&["link", "set", "dev", "tma", "up"]);
         ns.ip(&["link", "set", "dev", "tmb", "up"]);
         // bpf_fib_lookup answers only where forwarding is on.
         ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         if neighbour {
-            ns.ip(&["neigh", "replace", &REMOTE_NODE.to_string(), "lladdr", &fmt_mac(REMOTE_MAC), "dev", "tma", "nud", "permanent"]);
+            ns.ip(&[
+                "neigh",
+                "replace",
+                &REMOTE_NODE.to_string(),
+                "lladdr",
+                &fmt_mac(REMOTE_MAC),
+                "dev",
+                "tma",
+                "nud",
+                "permanent",
+            ]);
         }
         let mac = ns.mac("tma");
         Underlay { ns, mac }
@@ -875,19 +1409,43 @@ fn check_outer(output: &[u8], frame: &[u8], dst_mac: [u8; 6], src_mac: [u8; 6]) 
     assert_eq!(output[12..14], [0x08, 0x00], "outer ether type");
     let ip = &output[14..34];
     assert_eq!(ip[0], 0x45, "version/IHL");
-    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, 28 + inner.len(), "total length");
+    assert_eq!(
+        u16::from_be_bytes([ip[2], ip[3]]) as usize,
+        28 + inner.len(),
+        "total length"
+    );
     assert_eq!(ip[6] & 0x40, 0x40, "DF");
-    assert_eq!(u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff, 0, "not a fragment");
+    assert_eq!(
+        u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff,
+        0,
+        "not a fragment"
+    );
     assert_eq!(ip[8], 64, "TTL");
     assert_eq!(ip[9], UDP, "protocol");
-    assert_eq!(ip_checksum(ip), 0, "the outer IPv4 header checksum is not valid: {}", hex(ip));
+    assert_eq!(
+        ip_checksum(ip),
+        0,
+        "the outer IPv4 header checksum is not valid: {}",
+        hex(ip)
+    );
     assert_eq!(ip[12..16], NODE.octets(), "outer source");
     assert_eq!(ip[16..20], REMOTE_NODE.octets(), "outer destination");
     let udp = &output[34..42];
     let sport = u16::from_be_bytes([udp[0], udp[1]]);
-    assert!((0xc000..=0xffff).contains(&sport), "UDP source port {sport:#x}");
-    assert_eq!(u16::from_be_bytes([udp[2], udp[3]]), TUNNEL_PORT, "UDP destination port");
-    assert_eq!(u16::from_be_bytes([udp[4], udp[5]]) as usize, 8 + inner.len(), "UDP length");
+    assert!(
+        (0xc000..=0xffff).contains(&sport),
+        "UDP source port {sport:#x}"
+    );
+    assert_eq!(
+        u16::from_be_bytes([udp[2], udp[3]]),
+        TUNNEL_PORT,
+        "UDP destination port"
+    );
+    assert_eq!(
+        u16::from_be_bytes([udp[4], udp[5]]) as usize,
+        8 + inner.len(),
+        "UDP length"
+    );
     assert_eq!(udp[6..8], [0, 0], "UDP checksum");
     assert_eq!(output[42..], *inner, "inner packet");
 }
@@ -898,7 +1456,11 @@ fn remote_expect(frame: &[u8], action: u32, output: Vec<u8>, protocols: &[P], vi
         output: Some(output),
         protocols: protocols.to_vec(),
         drop: None,
-        lb: vec![format!("vip:{vip}"), "flow:to-remote".into(), "target:s-remote/1".into()],
+        lb: vec![
+            format!("vip:{vip}"),
+            "flow:to-remote".into(),
+            "target:s-remote/1".into(),
+        ],
         lb_bytes: frame.len() as u64,
     }
 }
@@ -915,20 +1477,64 @@ fn remote_target_is_encapsulated_to_its_node() {
     let v6 = eth(&udp6(CLIENT6, VIP6_REMOTE, 40002, 53, b"v6 inside v4"));
     let sport = |h: u32| 0xc000 | (h as u16 & 0x3fff);
     let cases = [
-        ("ipv4 udp", &udp, sport(flow_hash(m4(CLIENT), m4(VIP_REMOTE), Some((40000, 80)), UDP)), vec![P::Ipv4, P::Udp], "vip-remote"),
-        ("802.1q tagged ipv4 tcp", &tagged, sport(flow_hash(m4(CLIENT), m4(VIP_REMOTE), Some((40001, 443)), TCP)), vec![P::VlanTagged, P::Ipv4, P::Tcp], "vip-remote"),
-        ("ipv6 udp", &v6, sport(flow_hash(CLIENT6.octets(), VIP6_REMOTE.octets(), Some((40002, 53)), UDP)), vec![P::Ipv6, P::Udp], "vip6-remote"),
+        (
+            "ipv4 udp",
+            &udp,
+            sport(flow_hash(
+                m4(CLIENT),
+                m4(VIP_REMOTE),
+                Some((40000, 80)),
+                UDP,
+            )),
+            vec![P::Ipv4, P::Udp],
+            "vip-remote",
+        ),
+        (
+            "802.1q tagged ipv4 tcp",
+            &tagged,
+            sport(flow_hash(
+                m4(CLIENT),
+                m4(VIP_REMOTE),
+                Some((40001, 443)),
+                TCP,
+            )),
+            vec![P::VlanTagged, P::Ipv4, P::Tcp],
+            "vip-remote",
+        ),
+        (
+            "ipv6 udp",
+            &v6,
+            sport(flow_hash(
+                CLIENT6.octets(),
+                VIP6_REMOTE.octets(),
+                Some((40002, 53)),
+                UDP,
+            )),
+            vec![P::Ipv6, P::Udp],
+            "vip6-remote",
+        ),
     ];
     let mac = underlay.mac;
     let failures = underlay.run(|| {
         // Field by field first (readable), then the whole frame and the counters.
         let run = lab.bpf.run(UPLINK, &udp, 1);
-        assert!(matches!(run.action, XDP_REDIRECT | XDP_TX), "action {}: {}", run.action, hex(&run.output));
+        assert!(
+            matches!(run.action, XDP_REDIRECT | XDP_TX),
+            "action {}: {}",
+            run.action,
+            hex(&run.output)
+        );
         check_outer(&run.output, &udp, REMOTE_MAC, mac);
         let action = run.action;
         let mut failures = Vec::new();
         for (name, frame, sport, protocols, vip) in &cases {
-            let want = remote_expect(frame, action, encapsulated(frame, REMOTE_MAC, mac, *sport), protocols, vip);
+            let want = remote_expect(
+                frame,
+                action,
+                encapsulated(frame, REMOTE_MAC, mac, *sport),
+                protocols,
+                vip,
+            );
             failures.extend(lab.check(name, frame, &want));
         }
         failures
@@ -947,7 +1553,13 @@ fn remote_target_without_neighbour_is_dropped_and_counted() {
     // Passing an encapsulated packet with our own source to the kernel gets it
     // dropped as a martian, so XDP drops it itself; the daemon keeps remote
     // nodes' neighbours resolved with managed entries.
-    let mut want = remote_expect(&frame, XDP_DROP, Vec::new(), &[P::Ipv4, P::Udp], "vip-remote");
+    let mut want = remote_expect(
+        &frame,
+        XDP_DROP,
+        Vec::new(),
+        &[P::Ipv4, P::Udp],
+        "vip-remote",
+    );
     want.output = None;
     want.drop = Some(D::NoNeighbour);
     let failures = underlay.run(|| lab.check("no neighbour", &frame, &want));
@@ -979,14 +1591,21 @@ fn tunnel_packets_are_decapsulated() {
     // IPv6 inside: the three-target stream, the target the hash picks.
     let inner6 = udp6(CLIENT6, VIP6, 40000, 53, b"v6 through the tunnel");
     let outer6 = tunnel(REMOTE_NODE, NODE, TUNNEL_PORT, &inner6);
-    let target = lab.reference_target("s-multi", flow_hash(CLIENT6.octets(), VIP6.octets(), Some((40000, 53)), UDP));
+    let target = lab.reference_target(
+        "s-multi",
+        flow_hash(CLIENT6.octets(), VIP6.octets(), Some((40000, 53)), UDP),
+    );
     let (dst, src) = local_macs(&target);
     let want = Expect {
         action: XDP_REDIRECT,
         output: Some(ethernet(dst, src, &[], 0x86dd, &inner6)),
         protocols: vec![P::Ipv6, P::Udp],
         drop: None,
-        lb: vec!["vip:vip6".into(), "flow:spread".into(), format!("target:{target}")],
+        lb: vec![
+            "vip:vip6".into(),
+            "flow:spread".into(),
+            format!("target:{target}"),
+        ],
         lb_bytes: (14 + inner6.len()) as u64,
     };
     failures.extend(lab.check("inner ipv6 to a local target", &outer6, &want));
@@ -1008,15 +1627,35 @@ fn tunnel_packets_are_decapsulated() {
     let mut bad = udp4(CLIENT, VIP4, 40000, 1500, b"x");
     bad[0] = 0x55;
     let outer = tunnel(REMOTE_NODE, NODE, TUNNEL_PORT, &bad);
-    let want = Expect { action: XDP_DROP, output: Some(outer.clone()), protocols: vec![], drop: Some(D::BadTunnelPacket), lb: vec![], lb_bytes: 0 };
+    let want = Expect {
+        action: XDP_DROP,
+        output: Some(outer.clone()),
+        protocols: vec![],
+        drop: Some(D::BadTunnelPacket),
+        lb: vec![],
+        lb_bytes: 0,
+    };
     failures.extend(lab.check("inner version 5", &outer, &want));
 
     // The tunnel port, but not our address: not for us, untouched.
     let inner = udp4(CLIENT, VIP4, 40000, 1500, b"not ours");
-    let other = tunnel(REMOTE_NODE, Ipv4Addr::new(198, 18, 5, 9), TUNNEL_PORT, &inner);
-    failures.extend(lab.check("tunnel port, another address", &other, &pass(&other, &[P::Ipv4, P::Udp])));
+    let other = tunnel(
+        REMOTE_NODE,
+        Ipv4Addr::new(198, 18, 5, 9),
+        TUNNEL_PORT,
+        &inner,
+    );
+    failures.extend(lab.check(
+        "tunnel port, another address",
+        &other,
+        &pass(&other, &[P::Ipv4, P::Udp]),
+    ));
     // Our address, another port: not the tunnel either.
     let other_port = tunnel(REMOTE_NODE, NODE, TUNNEL_PORT + 1, &inner);
-    failures.extend(lab.check("our address, another port", &other_port, &pass(&other_port, &[P::Ipv4, P::Udp])));
+    failures.extend(lab.check(
+        "our address, another port",
+        &other_port,
+        &pass(&other_port, &[P::Ipv4, P::Udp]),
+    ));
     assert_all(failures, 6);
 }

@@ -21,7 +21,10 @@ use tapmesh_tests::{
 const VIP: &str = "203.0.113.20";
 
 /// Runs `f` on a thread inside namespace `netns`.
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let netns = netns.to_string();
     std::thread::spawn(move || {
         tapmesh::netns::enter(&netns).expect("entering the namespace");
@@ -83,25 +86,52 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
     std::fs::create_dir_all(&dir).unwrap();
     let remote = lb_file(&dir, "node1.toml", "{ remote = { node = \"198.18.2.2\" } }");
     let target_mac = tapmesh_tests::fmt_mac(target.mac(&t_if.interface));
-    let local = lb_file(&dir, "node2.toml", &format!("{{ local = {{ interface = \"{}\", mac = \"{target_mac}\" }} }}", n2_down.interface));
+    let local = lb_file(
+        &dir,
+        "node2.toml",
+        &format!(
+            "{{ local = {{ interface = \"{}\", mac = \"{target_mac}\" }} }}",
+            n2_down.interface
+        ),
+    );
 
     let d1 = Daemon::start(
         &node1.name,
-        &["--uplink", &n1_down.interface, "--uplink", &n1_up.interface, "--node-address", "198.18.2.1", "--lb-config", remote.to_str().unwrap()],
+        &[
+            "--uplink",
+            &n1_down.interface,
+            "--uplink",
+            &n1_up.interface,
+            "--node-address",
+            "198.18.2.1",
+            "--lb-config",
+            remote.to_str().unwrap(),
+        ],
     );
     let d2 = Daemon::start(
         &node2.name,
-        &["--uplink", &n2_up.interface, "--node-address", "198.18.2.2", "--lb-config", local.to_str().unwrap()],
+        &[
+            "--uplink",
+            &n2_up.interface,
+            "--node-address",
+            "198.18.2.2",
+            "--lb-config",
+            local.to_str().unwrap(),
+        ],
     );
 
     // UDP: 20 datagrams from distinct ports, each echoed by the target.
     let echo = in_netns(&target.name, || {
         let socket = UdpSocket::bind(format!("{VIP}:7000")).expect("bind on the VIP");
-        socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let mut buf = [0u8; 1500];
         let mut seen = 0;
         while seen < 20 {
-            let Ok((n, from)) = socket.recv_from(&mut buf) else { break };
+            let Ok((n, from)) = socket.recv_from(&mut buf) else {
+                break;
+            };
             socket.send_to(&buf[..n], from).unwrap();
             seen += 1;
         }
@@ -112,11 +142,19 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
         let mut answered = 0;
         for i in 0..20u16 {
             let socket = UdpSocket::bind(("198.18.0.2", 41000 + i)).unwrap();
-            socket.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            socket.send_to(format!("hello {i}").as_bytes(), format!("{VIP}:7000")).unwrap();
+            socket
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            socket
+                .send_to(format!("hello {i}").as_bytes(), format!("{VIP}:7000"))
+                .unwrap();
             let mut buf = [0u8; 64];
             if let Ok((n, from)) = socket.recv_from(&mut buf) {
-                assert_eq!(from.to_string(), format!("{VIP}:7000"), "the answer comes from the VIP");
+                assert_eq!(
+                    from.to_string(),
+                    format!("{VIP}:7000"),
+                    "the answer comes from the VIP"
+                );
                 assert_eq!(&buf[..n], format!("hello {i}").as_bytes());
                 answered += 1;
             }
@@ -127,7 +165,11 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
     .unwrap();
     let got = echo.join().unwrap();
     if got != 20 {
-        eprintln!("node1:\n{}\nnode2:\n{}", tapmesh::cli::status::render(&d1.status()), tapmesh::cli::status::render(&d2.status()));
+        eprintln!(
+            "node1:\n{}\nnode2:\n{}",
+            tapmesh::cli::status::render(&d1.status()),
+            tapmesh::cli::status::render(&d2.status())
+        );
     }
     assert_eq!(got, 20, "the target got every datagram");
     assert_eq!(answers, 20, "every answer came back: {}", d1.log_text());
@@ -145,8 +187,11 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
     std::thread::sleep(Duration::from_millis(200));
     in_netns(&client.name, || {
         for i in 0..3 {
-            let mut s = TcpStream::connect_timeout(&format!("{VIP}:7001").parse().unwrap(), Duration::from_secs(3))
-                .expect("TCP connect through the tunnel");
+            let mut s = TcpStream::connect_timeout(
+                &format!("{VIP}:7001").parse().unwrap(),
+                Duration::from_secs(3),
+            )
+            .expect("TCP connect through the tunnel");
             s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
             s.write_all(format!("tcp {i}").as_bytes()).unwrap();
             let mut buf = [0u8; 64];
@@ -161,13 +206,37 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
     // Node 1 sent every VIP packet into the tunnel; node 2 delivered them all.
     let s1 = d1.status();
     let s2 = d2.status();
-    let sent = s1.targets.iter().find(|t| t.name == "web/1").expect("target counter on node 1").packets;
-    let delivered = s2.targets.iter().find(|t| t.name == "web/1").expect("target counter on node 2").packets;
+    let sent = s1
+        .targets
+        .iter()
+        .find(|t| t.name == "web/1")
+        .expect("target counter on node 1")
+        .packets;
+    let delivered = s2
+        .targets
+        .iter()
+        .find(|t| t.name == "web/1")
+        .expect("target counter on node 2")
+        .packets;
     assert!(sent >= 20 + 3 * 3, "node 1 tunnelled {sent}");
     assert_eq!(sent, delivered, "node 2 delivered what node 1 tunnelled");
-    assert_eq!(packets(&s1, "xdp_uplink", "redirect"), sent, "node 1 redirected into the tunnel");
-    assert_eq!(packets(&s2, "xdp_uplink", "redirect"), delivered, "node 2 redirected to the target");
-    for reason in ["no_target", "no_flow_match", "target_not_local", "bad_tunnel_packet", "fib_lookup_failed"] {
+    assert_eq!(
+        packets(&s1, "xdp_uplink", "redirect"),
+        sent,
+        "node 1 redirected into the tunnel"
+    );
+    assert_eq!(
+        packets(&s2, "xdp_uplink", "redirect"),
+        delivered,
+        "node 2 redirected to the target"
+    );
+    for reason in [
+        "no_target",
+        "no_flow_match",
+        "target_not_local",
+        "bad_tunnel_packet",
+        "fib_lookup_failed",
+    ] {
         assert_eq!(named(&s1, "xdp_uplink", reason), 0, "node 1 {reason}");
         assert_eq!(named(&s2, "xdp_uplink", reason), 0, "node 2 {reason}");
     }

@@ -141,7 +141,11 @@ pub struct Overrides {
     #[arg(long, env = "TAPMESH_XDP_MODE", value_enum)]
     pub xdp_mode: Option<XdpMode>,
     /// Interface for the TC programs (repeat, or comma-separate in the environment).
-    #[arg(long = "tc-interface", env = "TAPMESH_TC_INTERFACES", value_delimiter = ',')]
+    #[arg(
+        long = "tc-interface",
+        env = "TAPMESH_TC_INTERFACES",
+        value_delimiter = ','
+    )]
     pub tc_interfaces: Vec<String>,
     /// This node's IPv4 underlay address (tunnel endpoint for VIP targets).
     #[arg(long, env = "TAPMESH_NODE_ADDRESS")]
@@ -330,7 +334,8 @@ mod tests {
 
     #[test]
     fn overrides_win_over_the_file() {
-        let mut c = Config::from_toml("[dataplane]\nuplinks = [\"a\"]\nxdp_mode = \"native\"\n").unwrap();
+        let mut c =
+            Config::from_toml("[dataplane]\nuplinks = [\"a\"]\nxdp_mode = \"native\"\n").unwrap();
         c.apply(&Overrides {
             uplinks: vec!["b".into()],
             keep_dataplane: Some(true),
@@ -346,14 +351,25 @@ mod tests {
         let mut c = Config::default();
         c.dataplane.uplinks = vec!["no-such-if0".into()];
         let e = c.validate().unwrap_err().to_string();
-        assert_eq!(e, "dataplane.uplinks: interface \"no-such-if0\" does not exist");
+        assert_eq!(
+            e,
+            "dataplane.uplinks: interface \"no-such-if0\" does not exist"
+        );
 
         let mut c = Config::default();
         c.dataplane.tc_interfaces = vec!["lo".into(), "lo".into()];
-        assert!(c.validate().unwrap_err().to_string().contains("listed twice"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("listed twice"));
 
         let mut c = Config::default();
         c.dataplane.bpffs_root = "relative".into();
-        assert!(c.validate().unwrap_err().to_string().starts_with("dataplane.bpffs_root"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .starts_with("dataplane.bpffs_root"));
     }
 }

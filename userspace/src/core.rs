@@ -63,7 +63,8 @@ impl PluginState {
 #[async_trait]
 pub trait Plugin: Send + Sync {
     fn name(&self) -> &'static str;
-    async fn configure(&self, scope: CancellationToken, config: &Config) -> Result<(), PluginError>;
+    async fn configure(&self, scope: CancellationToken, config: &Config)
+        -> Result<(), PluginError>;
     async fn start(&self, scope: CancellationToken) -> Result<(), PluginError>;
     async fn stop(&self, scope: CancellationToken) -> Result<(), PluginError>;
     /// One line on what the plugin is doing.
@@ -122,10 +123,13 @@ impl Core {
 
     /// Adds a plugin; plugins start in the order they are registered.
     pub fn register(&mut self, plugin: Arc<dyn Plugin>) {
-        self.entries.write().expect("plugin list lock").push(Arc::new(Entry {
-            plugin,
-            state: RwLock::new((PluginState::Registered, None)),
-        }));
+        self.entries
+            .write()
+            .expect("plugin list lock")
+            .push(Arc::new(Entry {
+                plugin,
+                state: RwLock::new((PluginState::Registered, None)),
+            }));
     }
 
     pub fn view(&self) -> CoreView {
@@ -227,7 +231,10 @@ mod tests {
 
     impl Probe {
         fn step(&self, step: &'static str) -> Result<(), PluginError> {
-            self.log.lock().unwrap().push(format!("{}:{step}", self.name));
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{}:{step}", self.name));
             match self.fail_on {
                 Some(s) if s == step => Err(PluginError::new(format!("{step} refused"))),
                 _ => Ok(()),
@@ -259,7 +266,9 @@ mod tests {
         }
     }
 
-    fn core_with(fail: Option<(&'static str, &'static str)>) -> (Core, Arc<Mutex<Vec<String>>>, Arc<Mutex<bool>>) {
+    fn core_with(
+        fail: Option<(&'static str, &'static str)>,
+    ) -> (Core, Arc<Mutex<Vec<String>>>, Arc<Mutex<bool>>) {
         let log = Arc::new(Mutex::new(Vec::new()));
         let cancel = Arc::new(Mutex::new(false));
         let mut core = Core::new(CancellationToken::new());
@@ -285,7 +294,17 @@ mod tests {
         core.stop().await;
         assert_eq!(
             *log.lock().unwrap(),
-            ["a:configure", "b:configure", "c:configure", "a:start", "b:start", "c:start", "c:stop", "b:stop", "a:stop"]
+            [
+                "a:configure",
+                "b:configure",
+                "c:configure",
+                "a:start",
+                "b:start",
+                "c:start",
+                "c:stop",
+                "b:stop",
+                "a:stop"
+            ]
         );
         let states: Vec<_> = core.view().statuses().iter().map(|s| s.state).collect();
         assert_eq!(states, vec![PluginState::Stopped; 3]);

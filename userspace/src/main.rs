@@ -14,7 +14,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "tapmesh", version, about = "A node dataplane in XDP and TC: VIP load balancing, service IPs, tunnels, mirroring")]
+#[command(
+    name = "tapmesh",
+    version,
+    about = "A node dataplane in XDP and TC: VIP load balancing, service IPs, tunnels, mirroring"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -92,7 +96,10 @@ fn main() -> ExitCode {
             runtime().block_on(daemon(config))
         }
         Command::Status { admin_socket, raw } => runtime().block_on(status(admin_socket, raw)),
-        Command::Lb { admin_socket, command } => runtime().block_on(lb(admin_socket, command)),
+        Command::Lb {
+            admin_socket,
+            command,
+        } => runtime().block_on(lb(admin_socket, command)),
     }
 }
 
@@ -114,7 +121,10 @@ async fn daemon(config: Config) -> ExitCode {
     core.register(Arc::new(AdminPlugin::new(core.view(), dataplane, lb)));
 
     // Signals are caught from here on, so one that arrives during start still stops cleanly.
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("tapmesh: installing signal handlers: {e}");
@@ -188,19 +198,38 @@ async fn lb(socket: PathBuf, command: LbCommand) -> ExitCode {
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            client.apply_lb(admin::lb_config(spec)).await.map(|_| String::new())
+            client
+                .apply_lb(admin::lb_config(spec))
+                .await
+                .map(|_| String::new())
         }
         LbCommand::List => client
             .list_lb(ListLbRequest {})
             .await
             .map(|r| cli::lb::render(&r.into_inner())),
-        LbCommand::Delete { kind, name, identifier } => match kind.as_str() {
-            "vip" => client.delete_vip(Name { name }).await.map(|_| String::new()),
-            "stream" => client.delete_stream(Name { name }).await.map(|_| String::new()),
-            "flow" => client.delete_flow(Name { name }).await.map(|_| String::new()),
+        LbCommand::Delete {
+            kind,
+            name,
+            identifier,
+        } => match kind.as_str() {
+            "vip" => client
+                .delete_vip(Name { name })
+                .await
+                .map(|_| String::new()),
+            "stream" => client
+                .delete_stream(Name { name })
+                .await
+                .map(|_| String::new()),
+            "flow" => client
+                .delete_flow(Name { name })
+                .await
+                .map(|_| String::new()),
             _ => match identifier {
                 Some(identifier) => client
-                    .delete_target(TargetId { stream: name, identifier })
+                    .delete_target(TargetId {
+                        stream: name,
+                        identifier,
+                    })
                     .await
                     .map(|_| String::new()),
                 None => {

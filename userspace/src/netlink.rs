@@ -30,14 +30,18 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 
 /// Deletes the clsact qdisc of `interface` (and with it every TC filter on it).
 pub fn delete_clsact(interface: &str) -> Result<(), NetlinkError> {
-    let index = interface_index(interface).ok_or_else(|| NetlinkError::NoInterface(interface.into()))?;
+    let index =
+        interface_index(interface).ok_or_else(|| NetlinkError::NoInterface(interface.into()))?;
     block_on(async move {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         let task = tokio::spawn(connection);
         let mut request = handle.qdisc().del(index as i32);
         let header = &mut request.message_mut().header;
         header.parent = TcHandle::CLSACT;
-        header.handle = TcHandle { major: 0xffff, minor: 0 };
+        header.handle = TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
         let result = request.execute().await;
         task.abort();
         Ok(result?)
@@ -50,7 +54,8 @@ pub fn interface_mac(interface: &str) -> Result<(u32, [u8; 6]), NetlinkError> {
     use futures::TryStreamExt;
     use netlink_packet_route::link::LinkAttribute;
 
-    let index = interface_index(interface).ok_or_else(|| NetlinkError::NoInterface(interface.into()))?;
+    let index =
+        interface_index(interface).ok_or_else(|| NetlinkError::NoInterface(interface.into()))?;
     block_on(async move {
         let (connection, handle, _) = rtnetlink::new_connection()?;
         let task = tokio::spawn(connection);
@@ -66,6 +71,7 @@ pub fn interface_mac(interface: &str) -> Result<(u32, [u8; 6]), NetlinkError> {
             }
             _ => None,
         });
-        mac.map(|m| (index, m)).ok_or_else(|| NetlinkError::NoInterface(format!("{interface} (no Ethernet address)")))
+        mac.map(|m| (index, m))
+            .ok_or_else(|| NetlinkError::NoInterface(format!("{interface} (no Ethernet address)")))
     })
 }

@@ -10,11 +10,15 @@ pub fn enter(name: &str) -> std::io::Result<()> {
     } else {
         PathBuf::from("/run/netns").join(name)
     };
-    let file = File::open(&path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let file = File::open(&path)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
     // SAFETY: a valid namespace file descriptor.
     if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
         let e = std::io::Error::last_os_error();
-        return Err(std::io::Error::new(e.kind(), format!("entering {}: {e}", path.display())));
+        return Err(std::io::Error::new(
+            e.kind(),
+            format!("entering {}: {e}", path.display()),
+        ));
     }
     Ok(())
 }

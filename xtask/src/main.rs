@@ -52,7 +52,10 @@ enum Task {
 }
 
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
 }
 
 /// Runs a command, failing with its name when it fails.
@@ -107,7 +110,10 @@ fn build(release: bool) -> Result<PathBuf> {
 }
 
 fn binary(release: bool) -> PathBuf {
-    root().join("target").join(if release { "release" } else { "debug" }).join("tapmesh")
+    root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("tapmesh")
 }
 
 fn main() -> Result<()> {
@@ -144,13 +150,30 @@ fn main() -> Result<()> {
         Task::Demo => {
             let object = build(true)?;
             run(cargo(&object)
-                .args(["run", "--quiet", "--release", "-p", "tapmesh-tests", "--bin", "tapmesh-demo"])
+                .args([
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "tapmesh-tests",
+                    "--bin",
+                    "tapmesh-demo",
+                ])
                 .env("TAPMESH_BIN", binary(true)))?;
         }
         Task::Bench => {
             let object = build_ebpf(true)?;
             run(cargo(&object)
-                .args(["run", "--quiet", "--release", "-p", "tapmesh-tests", "--bin", "tapmesh-bench", "--"])
+                .args([
+                    "run",
+                    "--quiet",
+                    "--release",
+                    "-p",
+                    "tapmesh-tests",
+                    "--bin",
+                    "tapmesh-bench",
+                    "--",
+                ])
                 .arg(root().join("BENCHMARKS.md")))?;
         }
     }

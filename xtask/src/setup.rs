@@ -8,8 +8,8 @@ use crate::run;
 
 /// Debian packages the build, the tests, the demo and the benchmarks use.
 const PACKAGES: &[&str] = &[
-    "llvm-22-dev",      // bpf-linker links against LLVM 22 (rustc's LLVM major)
-    "libpolly-22-dev",  // needed by llvm-22-dev's cmake/link line
+    "llvm-22-dev",       // bpf-linker links against LLVM 22 (rustc's LLVM major)
+    "libpolly-22-dev",   // needed by llvm-22-dev's cmake/link line
     "protobuf-compiler", // protoc for the gRPC protos
     "bpftool",
     "iproute2",
@@ -36,7 +36,11 @@ fn has_rust_src() -> bool {
     Command::new("rustup")
         .args(["component", "list", "--toolchain", "nightly", "--installed"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        })
         .unwrap_or(false)
 }
 
@@ -50,7 +54,10 @@ fn has_bpf_linker() -> bool {
 
 fn bpffs_mounted() -> bool {
     std::fs::read_to_string("/proc/mounts")
-        .map(|m| m.lines().any(|l| l.split_whitespace().nth(2) == Some("bpf")))
+        .map(|m| {
+            m.lines()
+                .any(|l| l.split_whitespace().nth(2) == Some("bpf"))
+        })
         .unwrap_or(false)
 }
 
@@ -85,14 +92,25 @@ pub fn check_and_install(verbose: bool) -> Result<()> {
 
     if !has_rust_src() {
         println!("setup: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     } else if verbose {
         println!("setup: nightly rust-src present");
     }
 
     if !has_bpf_linker() {
-        println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
-        let path = format!("/usr/lib/llvm-22/bin:{}", std::env::var("PATH").unwrap_or_default());
+        println!(
+            "setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)"
+        );
+        let path = format!(
+            "/usr/lib/llvm-22/bin:{}",
+            std::env::var("PATH").unwrap_or_default()
+        );
         run(Command::new("cargo")
             .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
             .args(["--no-default-features", "--features", "llvm-22"])

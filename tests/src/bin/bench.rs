@@ -16,11 +16,7 @@
 //! deletes, also on panic) with the underlay veth, a route and a permanent
 //! neighbour for the remote node.
 
-use std::{
-    fmt::Write as _,
-    net::Ipv4Addr,
-    time::Duration,
-};
+use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use tapmesh::{
     dataplane::lb::{LbWriter, TunnelSettings},
@@ -80,7 +76,11 @@ fn median(mut v: Vec<Duration>) -> f64 {
 
 fn measure(bpf: &mut Bpf, program: &str, frame: &[u8]) -> f64 {
     bpf.run(program, frame, 10_000); // warm-up
-    median((0..RUNS).map(|_| bpf.run(program, frame, REPEAT).duration).collect())
+    median(
+        (0..RUNS)
+            .map(|_| bpf.run(program, frame, REPEAT).duration)
+            .collect(),
+    )
 }
 
 /// Median durations of `LOOP_CALLS` single runs of `program` and of the
@@ -103,9 +103,15 @@ fn measure_loop(bpf: &mut Bpf, program: &str, frame: &[u8]) -> (f64, f64) {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpu}, {cores} cores, kernel {}", kernel.trim())
 }
@@ -117,16 +123,23 @@ fn strings(v: &[&str]) -> Vec<String> {
 /// Two VIPs: `web` (tcp 80/443 and udp 53 flows, three local targets per
 /// stream) and `far` (one flow, its one target on another node).
 fn lb_spec() -> LbSpec {
-    let flow = |name: &str, priority: i32, vip: &str, stream: &str, protocols: &[&str], dst: &[&str]| FlowSpec {
+    let flow =
+        |name: &str, priority: i32, vip: &str, stream: &str, protocols: &[&str], dst: &[&str]| {
+            FlowSpec {
+                name: name.into(),
+                priority,
+                vips: strings(&[vip]),
+                stream: stream.into(),
+                protocols: strings(protocols),
+                destination_port_ranges: strings(dst),
+                ..Default::default()
+            }
+        };
+    let stream = |name: &str, max_targets: u32| StreamSpec {
         name: name.into(),
-        priority,
-        vips: strings(&[vip]),
-        stream: stream.into(),
-        protocols: strings(protocols),
-        destination_port_ranges: strings(dst),
-        ..Default::default()
+        max_targets,
+        table_size: None,
     };
-    let stream = |name: &str, max_targets: u32| StreamSpec { name: name.into(), max_targets, table_size: None };
     let mut targets = Vec::new();
     for (s, base) in [("http", 1u8), ("dns", 1)] {
         for id in 0..3u8 {
@@ -134,15 +147,30 @@ fn lb_spec() -> LbSpec {
                 stream: s.into(),
                 identifier: u32::from(id) + 1,
                 // Every local target has the same MACs: the first call's output is known.
-                via: TargetVia::Local { interface: format!("if{}", base + id), mac: fmt_mac(TARGET_MAC) },
+                via: TargetVia::Local {
+                    interface: format!("if{}", base + id),
+                    mac: fmt_mac(TARGET_MAC),
+                },
             });
         }
     }
-    targets.push(TargetSpec { stream: "far".into(), identifier: 1, via: TargetVia::Remote { node: REMOTE_NODE.to_string() } });
+    targets.push(TargetSpec {
+        stream: "far".into(),
+        identifier: 1,
+        via: TargetVia::Remote {
+            node: REMOTE_NODE.to_string(),
+        },
+    });
     LbSpec {
         vips: vec![
-            VipSpec { name: "web".into(), address: VIP_LOCAL.to_string() },
-            VipSpec { name: "far".into(), address: VIP_REMOTE.to_string() },
+            VipSpec {
+                name: "web".into(),
+                address: VIP_LOCAL.to_string(),
+            },
+            VipSpec {
+                name: "far".into(),
+                address: VIP_REMOTE.to_string(),
+            },
         ],
         streams: vec![stream("http", 3), stream("dns", 3), stream("far", 1)],
         flows: vec![
@@ -158,12 +186,23 @@ fn load_lb(bpf: &mut Bpf) {
     let valid = validate(&lb_spec()).expect("bench LB configuration");
     let resolve = |_: &str| -> Result<(u32, [u8; 6]), String> { Ok((101, OUR_MAC)) };
     LbWriter::default()
-        .apply(&mut bpf.ebpf, &valid, TunnelSettings { port: TUNNEL_PORT, address: Some(NODE) }, &resolve)
+        .apply(
+            &mut bpf.ebpf,
+            &valid,
+            TunnelSettings {
+                port: TUNNEL_PORT,
+                address: Some(NODE),
+            },
+            &resolve,
+        )
         .expect("writing the LB maps");
 }
 
 fn ip_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    let mut sum: u32 = header
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
@@ -173,7 +212,10 @@ fn ip_checksum(header: &[u8]) -> u16 {
 /// The expected output of the encapsulation of `frame` (untagged), with the
 /// UDP source port the kernel chose (its flow hash; checked for range here).
 fn encapsulated(frame: &[u8], src_mac: [u8; 6], sport: u16) -> Vec<u8> {
-    assert!((0xc000..=0xffff).contains(&sport), "tunnel source port {sport:#x}");
+    assert!(
+        (0xc000..=0xffff).contains(&sport),
+        "tunnel source port {sport:#x}"
+    );
     let inner = &frame[14..];
     let mut out = Vec::new();
     out.extend_from_slice(&REMOTE_MAC);
@@ -199,12 +241,24 @@ fn encapsulated(frame: &[u8], src_mac: [u8; 6], sport: u16) -> Vec<u8> {
 /// forwarding on (bpf_fib_lookup needs it), a permanent neighbour for the remote node.
 fn underlay() -> (Netns, [u8; 6]) {
     let ns = Netns::new("bench");
-    ns.ip(&["link", "add", "name", "tma", "type", "veth", "peer", "name", "tmb"]);
+    ns.ip(&[
+        "link", "add", "name", "tma", "type", "veth", "peer", "name", "tmb",
+    ]);
     ns.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "tma"]);
     ns.ip(&["link", "set", "dev", "tma", "up"]);
     ns.ip(&["link", "set", "dev", "tmb", "up"]);
     ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-    ns.ip(&["neigh", "replace", &REMOTE_NODE.to_string(), "lladdr", &fmt_mac(REMOTE_MAC), "dev", "tma", "nud", "permanent"]);
+    ns.ip(&[
+        "neigh",
+        "replace",
+        &REMOTE_NODE.to_string(),
+        "lladdr",
+        &fmt_mac(REMOTE_MAC),
+        "dev",
+        "tma",
+        "nud",
+        "permanent",
+    ]);
     let mac = ns.mac("tma");
     (ns, mac)
 }
@@ -221,31 +275,87 @@ fn pin_to_current_cpu() {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu as usize, &mut set);
         if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!("not pinned to CPU {cpu}: {}", std::io::Error::last_os_error());
+            eprintln!(
+                "not pinned to CPU {cpu}: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }
 
 fn row(table: &mut String, name: &str, method: &str, raw: f64, floor: f64) {
     let net = (raw - floor).max(0.0);
-    let mpps = if net > 0.0 { format!("{:.0}", 1000.0 / net) } else { "—".into() };
-    let _ = writeln!(table, "| {name} | {method} | {raw:.1} | {net:.1} | {mpps} |");
+    let mpps = if net > 0.0 {
+        format!("{:.0}", 1000.0 / net)
+    } else {
+        "—".into()
+    };
+    let _ = writeln!(
+        table,
+        "| {name} | {method} | {raw:.1} | {net:.1} | {mpps} |"
+    );
 }
 
 fn main() {
-    let out = std::env::args().nth(1).unwrap_or_else(|| "BENCHMARKS.md".into());
+    let out = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "BENCHMARKS.md".into());
     let mut bpf = Bpf::load();
     load_lb(&mut bpf);
-    let v6_tcp = ethernet(MAC_B, MAC_A, &[], 0x86dd, &ipv6(V6_A, V6_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0)));
+    let v6_tcp = ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x86dd,
+        &ipv6(V6_A, V6_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0)),
+    );
     let mut bad_ihl = udp4_frame(1, 2, b"x");
     bad_ihl[14] = 0x43;
     let next_to_vip = Ipv4Addr::new(20, 0, 0, 2);
-    let vip_miss = ethernet(MAC_B, MAC_A, &[], 0x0800, &ipv4(V4_A, next_to_vip, UDP, &[], &udp_v4(V4_A, next_to_vip, 1000, 53, &[0; 18])));
+    let vip_miss = ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            V4_A,
+            next_to_vip,
+            UDP,
+            &[],
+            &udp_v4(V4_A, next_to_vip, 1000, 53, &[0; 18]),
+        ),
+    );
     let payload = [0u8; 18];
-    let to_local = ethernet(MAC_B, MAC_A, &[], 0x0800, &ipv4(V4_A, VIP_LOCAL, UDP, &[], &udp_v4(V4_A, VIP_LOCAL, 1000, 53, &payload)));
+    let to_local = ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            V4_A,
+            VIP_LOCAL,
+            UDP,
+            &[],
+            &udp_v4(V4_A, VIP_LOCAL, 1000, 53, &payload),
+        ),
+    );
     // A VIP's address, a port no flow takes.
-    let no_flow = ethernet(MAC_B, MAC_A, &[], 0x0800, &ipv4(V4_A, VIP_LOCAL, UDP, &[], &udp_v4(V4_A, VIP_LOCAL, 1000, 54, &payload)));
-    let rewritten = |frame: &[u8], tags: usize| [&TARGET_MAC[..], &OUR_MAC[..], &frame[12 + 4 * tags..]].concat();
+    let no_flow = ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            V4_A,
+            VIP_LOCAL,
+            UDP,
+            &[],
+            &udp_v4(V4_A, VIP_LOCAL, 1000, 54, &payload),
+        ),
+    );
+    let rewritten = |frame: &[u8], tags: usize| {
+        [&TARGET_MAC[..], &OUR_MAC[..], &frame[12 + 4 * tags..]].concat()
+    };
     let paths = [
         Path { name: "XDP uplink: IPv4/UDP, parse + count, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: udp4_frame(1000, 53, &[0; 18]), action: XDP_PASS, output: None },
         Path { name: "XDP uplink: IPv6/TCP, parse + count, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: v6_tcp.clone(), action: XDP_PASS, output: None },
@@ -263,28 +373,86 @@ fn main() {
     let tc_floor = measure(&mut bpf, "tm_tc_floor", &floor_frame);
     let repeated = format!("median of {RUNS} × {REPEAT} repeats");
     let mut table = String::new();
-    let _ = writeln!(table, "| path | timed as | ns/packet | net of floor | Mpps (net) |");
+    let _ = writeln!(
+        table,
+        "| path | timed as | ns/packet | net of floor | Mpps (net) |"
+    );
     let _ = writeln!(table, "|---|---|---:|---:|---:|");
-    let _ = writeln!(table, "| XDP floor (empty program) | {repeated} | {xdp_floor:.1} | 0.0 | — |");
-    let _ = writeln!(table, "| TC floor (empty program) | {repeated} | {tc_floor:.1} | 0.0 | — |");
+    let _ = writeln!(
+        table,
+        "| XDP floor (empty program) | {repeated} | {xdp_floor:.1} | 0.0 | — |"
+    );
+    let _ = writeln!(
+        table,
+        "| TC floor (empty program) | {repeated} | {tc_floor:.1} | 0.0 | — |"
+    );
     for p in &paths {
         let first = bpf.run(p.program, &p.frame, 1);
         let want = p.output.as_ref().unwrap_or(&p.frame);
-        assert_eq!(first.action, p.action, "{}: unexpected return value", p.name);
+        assert_eq!(
+            first.action, p.action,
+            "{}: unexpected return value",
+            p.name
+        );
         assert_eq!(first.output, *want, "{}: unexpected output", p.name);
         let raw = measure(&mut bpf, p.program, &p.frame);
         let last = bpf.run(p.program, &p.frame, REPEAT);
-        assert_eq!((last.action, &last.output), (p.action, want), "{}: differs after {REPEAT} repeats", p.name);
-        let floor = if p.floor == "tm_xdp_floor" { xdp_floor } else { tc_floor };
+        assert_eq!(
+            (last.action, &last.output),
+            (p.action, want),
+            "{}: differs after {REPEAT} repeats",
+            p.name
+        );
+        let floor = if p.floor == "tm_xdp_floor" {
+            xdp_floor
+        } else {
+            tc_floor
+        };
         row(&mut table, p.name, &repeated, raw, floor);
     }
 
     // Rewriting paths: repeat = 1 in a loop, inside the underlay namespace.
     let (ns, tma_mac) = underlay();
-    let to_local_tagged = ethernet(MAC_B, MAC_A, &[100], 0x0800, &ipv4(V4_A, VIP_LOCAL, UDP, &[], &udp_v4(V4_A, VIP_LOCAL, 1000, 53, &payload)));
-    let to_remote = ethernet(MAC_B, MAC_A, &[], 0x0800, &ipv4(V4_A, VIP_REMOTE, UDP, &[], &udp_v4(V4_A, VIP_REMOTE, 1000, 53, &payload)));
+    let to_local_tagged = ethernet(
+        MAC_B,
+        MAC_A,
+        &[100],
+        0x0800,
+        &ipv4(
+            V4_A,
+            VIP_LOCAL,
+            UDP,
+            &[],
+            &udp_v4(V4_A, VIP_LOCAL, 1000, 53, &payload),
+        ),
+    );
+    let to_remote = ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            V4_A,
+            VIP_REMOTE,
+            UDP,
+            &[],
+            &udp_v4(V4_A, VIP_REMOTE, 1000, 53, &payload),
+        ),
+    );
     let inner = to_local[14..].to_vec();
-    let tunneled = ethernet(MAC_B, MAC_A, &[], 0x0800, &ipv4(REMOTE_NODE, NODE, UDP, &[], &udp_v4(REMOTE_NODE, NODE, 0xc123, TUNNEL_PORT, &inner)));
+    let tunneled = ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            REMOTE_NODE,
+            NODE,
+            UDP,
+            &[],
+            &udp_v4(REMOTE_NODE, NODE, 0xc123, TUNNEL_PORT, &inner),
+        ),
+    );
     let name = ns.name.clone();
     let loop_rows = std::thread::scope(|s| {
         s.spawn(|| {
@@ -314,7 +482,10 @@ fn main() {
     });
     drop(ns);
     let single = format!("median of {LOOP_CALLS} runs, repeat = 1");
-    let floors: Vec<String> = loop_rows.iter().map(|(_, _, floor)| format!("{floor:.0}")).collect();
+    let floors: Vec<String> = loop_rows
+        .iter()
+        .map(|(_, _, floor)| format!("{floor:.0}"))
+        .collect();
     let _ = writeln!(
         table,
         "| XDP floor (empty program), alternating with each row below | {single} | {} | 0.0 | — |",

@@ -69,7 +69,12 @@ fn run() -> bool {
     );
     for i in 1..=3u8 {
         let ns = Netns::new(&format!("t{i}"));
-        let (host, tif) = link(&node1, &format!("198.18.1{i}.1/24"), &ns, &format!("198.18.1{i}.2/24"));
+        let (host, tif) = link(
+            &node1,
+            &format!("198.18.1{i}.1/24"),
+            &ns,
+            &format!("198.18.1{i}.2/24"),
+        );
         ns.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
         ns.ip(&["route", "add", "default", "via", &format!("198.18.1{i}.1")]);
         // Native XDP redirect into a veth needs NAPI on the receiving end.
@@ -84,11 +89,28 @@ fn run() -> bool {
     let lb_file = std::env::temp_dir().join(tapmesh_tests::unique("tmdemo-lb"));
     std::fs::write(&lb_file, &lb).expect("writing the LB file");
 
-    println!("lab: node2 ({}) ── node1 ({}) ── 3 targets holding VIP {VIP}, and a pod ({})", remote.ipv4, uplink.ipv4, pod_if.ipv4);
-    println!("starting tapmesh on node1: XDP on {}, TC on {}", uplink.interface, pod_host.interface);
-    let mut daemon = Daemon::start(&node1.name, &["--uplink", &uplink.interface, "--tc-interface", &pod_host.interface]);
+    println!(
+        "lab: node2 ({}) ── node1 ({}) ── 3 targets holding VIP {VIP}, and a pod ({})",
+        remote.ipv4, uplink.ipv4, pod_if.ipv4
+    );
+    println!(
+        "starting tapmesh on node1: XDP on {}, TC on {}",
+        uplink.interface, pod_host.interface
+    );
+    let mut daemon = Daemon::start(
+        &node1.name,
+        &[
+            "--uplink",
+            &uplink.interface,
+            "--tc-interface",
+            &pod_host.interface,
+        ],
+    );
     println!("$ tapmesh lb apply {}", lb_file.display());
-    print!("{}", tapmesh(&["lb", "apply", lb_file.to_str().unwrap()], &daemon.socket));
+    print!(
+        "{}",
+        tapmesh(&["lb", "apply", lb_file.to_str().unwrap()], &daemon.socket)
+    );
     let _ = std::fs::remove_file(&lb_file);
 
     // 300 UDP flows from node2 to the VIP, from distinct source ports.
@@ -103,23 +125,53 @@ fn run() -> bool {
     .join()
     .expect("sender");
 
-    let ping = node2.try_exec(&["ping", "-c", "10", "-i", "0.05", "-W", "2", "-q", "198.18.1.2"]);
+    let ping = node2.try_exec(&[
+        "ping",
+        "-c",
+        "10",
+        "-i",
+        "0.05",
+        "-W",
+        "2",
+        "-q",
+        "198.18.1.2",
+    ]);
     let ping_text = String::from_utf8_lossy(&ping.stdout);
-    let summary = ping_text.lines().find(|l| l.contains("transmitted")).unwrap_or("ping printed nothing");
+    let summary = ping_text
+        .lines()
+        .find(|l| l.contains("transmitted"))
+        .unwrap_or("ping printed nothing");
     println!("node2 → VIP: {FLOWS} UDP flows sent; node2 → pod ping: {summary}");
 
     // Three frames with a broken IPv4 header from node2: dropped in XDP, counted by reason.
     let (a, b) = ("198.18.0.2".parse().unwrap(), "198.18.1.2".parse().unwrap());
-    let mut bad = ethernet(node1.mac(&uplink.interface), node2.mac(&remote.interface), &[], 0x0800, &ipv4(a, b, UDP, &[], &udp_v4(a, b, 1, 2, b"x")));
+    let mut bad = ethernet(
+        node1.mac(&uplink.interface),
+        node2.mac(&remote.interface),
+        &[],
+        0x0800,
+        &ipv4(a, b, UDP, &[], &udp_v4(a, b, 1, 2, b"x")),
+    );
     bad[14] = 0x42;
-    send_frames(&node2.name, &remote.interface, &[bad.clone(), bad.clone(), bad]);
+    send_frames(
+        &node2.name,
+        &remote.interface,
+        &[bad.clone(), bad.clone(), bad],
+    );
     std::thread::sleep(Duration::from_millis(200));
 
     println!("\n$ tapmesh status");
     print!("{}", tapmesh(&["status"], &daemon.socket));
 
     let s = daemon.status();
-    let shares: Vec<u64> = (1..=3).map(|i| s.targets.iter().find(|t| t.name == format!("demo/{i}")).map_or(0, |t| t.packets)).collect();
+    let shares: Vec<u64> = (1..=3)
+        .map(|i| {
+            s.targets
+                .iter()
+                .find(|t| t.name == format!("demo/{i}"))
+                .map_or(0, |t| t.packets)
+        })
+        .collect();
     let received: Vec<u64> = targets
         .iter()
         .map(|t| {
@@ -147,7 +199,8 @@ fn run() -> bool {
         && shares.iter().all(|&n| n > 0)
         && received == shares;
     let exit = daemon.stop();
-    let attached = String::from_utf8_lossy(&node1.ip(&["link", "show", &uplink.interface]).stdout).contains("prog/xdp");
+    let attached = String::from_utf8_lossy(&node1.ip(&["link", "show", &uplink.interface]).stdout)
+        .contains("prog/xdp");
     println!("daemon stopped ({exit}); XDP still attached: {attached}");
     ok && !attached && exit.success()
 }

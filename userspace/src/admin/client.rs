@@ -11,7 +11,9 @@ use super::proto::admin_client::AdminClient;
 
 #[derive(Debug, Error)]
 pub enum AdminClientError {
-    #[error("cannot reach the daemon at {path}: {source} (is `tapmesh daemon` running? are you root?)")]
+    #[error(
+        "cannot reach the daemon at {path}: {source} (is `tapmesh daemon` running? are you root?)"
+    )]
     Connect {
         path: PathBuf,
         source: tonic::transport::Error,

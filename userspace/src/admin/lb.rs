@@ -25,7 +25,10 @@ pub fn status_of(e: LbServiceError) -> Status {
 }
 
 pub fn vip(v: proto::Vip) -> VipSpec {
-    VipSpec { name: v.name, address: v.address }
+    VipSpec {
+        name: v.name,
+        address: v.address,
+    }
 }
 
 pub fn stream(s: proto::Stream) -> StreamSpec {
@@ -52,7 +55,10 @@ pub fn flow(f: proto::Flow) -> FlowSpec {
 
 pub fn target(t: proto::Target) -> Result<TargetSpec, Status> {
     let via = match t.via {
-        Some(proto::target::Via::Local(l)) => TargetVia::Local { interface: l.interface, mac: l.mac },
+        Some(proto::target::Via::Local(l)) => TargetVia::Local {
+            interface: l.interface,
+            mac: l.mac,
+        },
         Some(proto::target::Via::Remote(r)) => TargetVia::Remote { node: r.node },
         None => {
             return Err(Status::invalid_argument(format!(
@@ -61,7 +67,11 @@ pub fn target(t: proto::Target) -> Result<TargetSpec, Status> {
             )))
         }
     };
-    Ok(TargetSpec { stream: t.stream, identifier: t.identifier, via })
+    Ok(TargetSpec {
+        stream: t.stream,
+        identifier: t.identifier,
+        via,
+    })
 }
 
 pub fn spec(c: proto::LbConfig) -> Result<LbSpec, Status> {
@@ -69,17 +79,32 @@ pub fn spec(c: proto::LbConfig) -> Result<LbSpec, Status> {
         vips: c.vips.into_iter().map(vip).collect(),
         streams: c.streams.into_iter().map(stream).collect(),
         flows: c.flows.into_iter().map(flow).collect(),
-        targets: c.targets.into_iter().map(target).collect::<Result<_, _>>()?,
+        targets: c
+            .targets
+            .into_iter()
+            .map(target)
+            .collect::<Result<_, _>>()?,
     })
 }
 
 pub fn config(s: LbSpec) -> proto::LbConfig {
     proto::LbConfig {
-        vips: s.vips.into_iter().map(|v| proto::Vip { name: v.name, address: v.address }).collect(),
+        vips: s
+            .vips
+            .into_iter()
+            .map(|v| proto::Vip {
+                name: v.name,
+                address: v.address,
+            })
+            .collect(),
         streams: s
             .streams
             .into_iter()
-            .map(|s| proto::Stream { name: s.name, max_targets: s.max_targets, table_size: s.table_size.unwrap_or(0) })
+            .map(|s| proto::Stream {
+                name: s.name,
+                max_targets: s.max_targets,
+                table_size: s.table_size.unwrap_or(0),
+            })
             .collect(),
         flows: s
             .flows
@@ -103,8 +128,12 @@ pub fn config(s: LbSpec) -> proto::LbConfig {
                 stream: t.stream,
                 identifier: t.identifier,
                 via: Some(match t.via {
-                    TargetVia::Local { interface, mac } => proto::target::Via::Local(proto::LocalTarget { interface, mac }),
-                    TargetVia::Remote { node } => proto::target::Via::Remote(proto::RemoteTarget { node }),
+                    TargetVia::Local { interface, mac } => {
+                        proto::target::Via::Local(proto::LocalTarget { interface, mac })
+                    }
+                    TargetVia::Remote { node } => {
+                        proto::target::Via::Remote(proto::RemoteTarget { node })
+                    }
                 }),
             })
             .collect(),
@@ -113,7 +142,11 @@ pub fn config(s: LbSpec) -> proto::LbConfig {
 
 pub fn counts(list: Vec<NamedCounter>) -> Vec<proto::Count> {
     list.into_iter()
-        .map(|c| proto::Count { name: c.name, packets: c.packets, bytes: c.bytes })
+        .map(|c| proto::Count {
+            name: c.name,
+            packets: c.packets,
+            bytes: c.bytes,
+        })
         .collect()
 }
 

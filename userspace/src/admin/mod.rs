@@ -22,10 +22,10 @@ pub use lb::config as lb_config;
 use std::sync::Arc;
 
 use crate::{
-    lb::service::LbService,
     config::Config,
     core::{CoreView, Plugin, PluginError, PluginState},
     dataplane::{DataplaneHandle, ProgramCounters},
+    lb::service::LbService,
 };
 
 pub mod proto {
@@ -68,8 +68,14 @@ pub fn counters_to_proto(c: &ProgramCounters) -> proto::ProgramCounters {
                 count(v.name(), pc.packets, pc.bytes)
             })
             .collect(),
-        drops: DropReason::ALL.iter().map(|&r| count(r.name(), c.stats.drops.get(r), 0)).collect(),
-        protocols: Protocol::ALL.iter().map(|&p| count(p.name(), c.stats.protocols.get(p), 0)).collect(),
+        drops: DropReason::ALL
+            .iter()
+            .map(|&r| count(r.name(), c.stats.drops.get(r), 0))
+            .collect(),
+        protocols: Protocol::ALL
+            .iter()
+            .map(|&p| count(p.name(), c.stats.protocols.get(p), 0))
+            .collect(),
     }
 }
 
@@ -82,14 +88,19 @@ fn check_root<T>(request: &Request<T>) -> Result<(), Status> {
         .map(|cred| cred.uid());
     match uid {
         Some(0) => Ok(()),
-        Some(uid) => Err(Status::permission_denied(format!("the admin API is for root; caller uid is {uid}"))),
+        Some(uid) => Err(Status::permission_denied(format!(
+            "the admin API is for root; caller uid is {uid}"
+        ))),
         None => Err(Status::permission_denied("cannot identify the caller")),
     }
 }
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn status(&self, request: Request<proto::StatusRequest>) -> Result<Response<proto::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        request: Request<proto::StatusRequest>,
+    ) -> Result<Response<proto::StatusResponse>, Status> {
         check_root(&request)?;
         let plugins = self
             .core
@@ -126,71 +137,127 @@ impl Admin for AdminService {
             plugins,
             attachments,
             programs,
-            pin_directory: self.dataplane.pin_dir().await.map(|p| p.display().to_string()).unwrap_or_default(),
+            pin_directory: self
+                .dataplane
+                .pin_dir()
+                .await
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             vips,
             flows,
             targets,
         }))
     }
 
-    async fn set_vip(&self, request: Request<proto::Vip>) -> Result<Response<proto::LbReply>, Status> {
+    async fn set_vip(
+        &self,
+        request: Request<proto::Vip>,
+    ) -> Result<Response<proto::LbReply>, Status> {
         check_root(&request)?;
-        self.lb.set_vip(lb::vip(request.into_inner())).await.map_err(lb::status_of)?;
+        self.lb
+            .set_vip(lb::vip(request.into_inner()))
+            .await
+            .map_err(lb::status_of)?;
         Ok(Response::new(proto::LbReply {}))
     }
 
-    async fn delete_vip(&self, request: Request<proto::Name>) -> Result<Response<proto::LbReply>, Status> {
+    async fn delete_vip(
+        &self,
+        request: Request<proto::Name>,
+    ) -> Result<Response<proto::LbReply>, Status> {
         check_root(&request)?;
-        self.lb.delete_vip(&request.into_inner().name).await.map_err(lb::status_of)?;
+        self.lb
+            .delete_vip(&request.into_inner().name)
+            .await
+            .map_err(lb::status_of)?;
         Ok(Response::new(proto::LbReply {}))
     }
 
-    async fn set_stream(&self, request: Request<proto::Stream>) -> Result<Response<proto::LbReply>, Status> {
+    async fn set_stream(
+        &self,
+        request: Request<proto::Stream>,
+    ) -> Result<Response<proto::LbReply>, Status> {
         check_root(&request)?;
-        self.lb.set_stream(lb::stream(request.into_inner())).await.map_err(lb::status_of)?;
+        self.lb
+            .set_stream(lb::stream(request.into_inner()))
+            .await
+            .map_err(lb::status_of)?;
         Ok(Response::new(proto::LbReply {}))
     }
 
-    async fn delete_stream(&self, request: Request<proto::Name>) -> Result<Response<proto::LbReply>, Status> {
+    async fn delete_stream(
+        &self,
+        request: Request<proto::Name>,
+    ) -> Result<Response<proto::LbReply>, Status> {
         check_root(&request)?;
-        self.lb.delete_stream(&request.into_inner().name).await.map_err(lb::status_of)?;
+        self.lb
+            .delete_stream(&request.into_inner().name)
+            .await
+            .map_err(lb::status_of)?;
         Ok(Response::new(proto::LbReply {}))
     }
 
-    async fn set_flow(&self, request: Request<proto::Flow>) -> Result<Response<proto::LbReply>, Status> {
+    async fn set_flow(
+        &self,
+        request: Request<proto::Flow>,
+    ) -> Result<Response<proto::LbReply>, Status> {
         check_root(&request)?;
-        self.lb.set_flow(lb::flow(request.into_inner())).await.map_err(lb::status_of)?;
+        self.lb
+            .set_flow(lb::flow(request.into_inner()))
+            .await
+            .map_err(lb::status_of)?;
         Ok(Response::new(proto::LbReply {}))
     }
 
-    async fn delete_flow(&self, request: Request<proto::Name>) -> Result<Response<proto::LbReply>, Status> {
+    async fn delete_flow(
+        &self,
+        request: Request<proto::Name>,
+    ) -> Result<Response<proto::LbReply>, Status> {
         check_root(&request)?;
-        self.lb.delete_flow(&request.into_inner().name).await.map_err(lb::status_of)?;
+        self.lb
+            .delete_flow(&request.into_inner().name)
+            .await
+            .map_err(lb::status_of)?;
         Ok(Response::new(proto::LbReply {}))
     }
 
-    async fn set_target(&self, request: Request<proto::Target>) -> Result<Response<proto::LbReply>, Status> {
+    async fn set_target(
+        &self,
+        request: Request<proto::Target>,
+    ) -> Result<Response<proto::LbReply>, Status> {
         check_root(&request)?;
         let target = lb::target(request.into_inner())?;
         self.lb.set_target(target).await.map_err(lb::status_of)?;
         Ok(Response::new(proto::LbReply {}))
     }
 
-    async fn delete_target(&self, request: Request<proto::TargetId>) -> Result<Response<proto::LbReply>, Status> {
+    async fn delete_target(
+        &self,
+        request: Request<proto::TargetId>,
+    ) -> Result<Response<proto::LbReply>, Status> {
         check_root(&request)?;
         let id = request.into_inner();
-        self.lb.delete_target(&id.stream, id.identifier).await.map_err(lb::status_of)?;
+        self.lb
+            .delete_target(&id.stream, id.identifier)
+            .await
+            .map_err(lb::status_of)?;
         Ok(Response::new(proto::LbReply {}))
     }
 
-    async fn apply_lb(&self, request: Request<proto::LbConfig>) -> Result<Response<proto::LbReply>, Status> {
+    async fn apply_lb(
+        &self,
+        request: Request<proto::LbConfig>,
+    ) -> Result<Response<proto::LbReply>, Status> {
         check_root(&request)?;
         let spec = lb::spec(request.into_inner())?;
         self.lb.apply(spec).await.map_err(lb::status_of)?;
         Ok(Response::new(proto::LbReply {}))
     }
 
-    async fn list_lb(&self, request: Request<proto::ListLbRequest>) -> Result<Response<proto::LbListing>, Status> {
+    async fn list_lb(
+        &self,
+        request: Request<proto::ListLbRequest>,
+    ) -> Result<Response<proto::LbListing>, Status> {
         check_root(&request)?;
         let (vips, flows, targets) = match self.dataplane.lb_counters().await {
             Ok(c) => lb::counters(c),
@@ -221,14 +288,16 @@ fn bind(path: &Path) -> Result<UnixListener, PluginError> {
                 path.display()
             )));
         }
-        std::fs::remove_file(path)
-            .map_err(|e| PluginError::new(format!("removing stale socket {}: {e}", path.display())))?;
+        std::fs::remove_file(path).map_err(|e| {
+            PluginError::new(format!("removing stale socket {}: {e}", path.display()))
+        })?;
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| PluginError::new(format!("creating {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| PluginError::new(format!("creating {}: {e}", dir.display())))?;
     }
-    let listener =
-        UnixListener::bind(path).map_err(|e| PluginError::new(format!("binding {}: {e}", path.display())))?;
+    let listener = UnixListener::bind(path)
+        .map_err(|e| PluginError::new(format!("binding {}: {e}", path.display())))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| PluginError::new(format!("chmod {}: {e}", path.display())))?;
     Ok(listener)
@@ -269,7 +338,11 @@ impl Plugin for AdminPlugin {
         "admin"
     }
 
-    async fn configure(&self, _scope: CancellationToken, config: &Config) -> Result<(), PluginError> {
+    async fn configure(
+        &self,
+        _scope: CancellationToken,
+        config: &Config,
+    ) -> Result<(), PluginError> {
         *self.socket.lock().expect("socket lock") = config.daemon.admin_socket.clone();
         Ok(())
     }

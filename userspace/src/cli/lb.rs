@@ -10,7 +10,11 @@ fn counts(out: &mut String, title: &str, list: &[Count]) {
         let _ = writeln!(out, "  (none)");
     }
     for c in list {
-        let _ = writeln!(out, "  {:<24} {:>12} packets {:>14} bytes", c.name, c.packets, c.bytes);
+        let _ = writeln!(
+            out,
+            "  {:<24} {:>12} packets {:>14} bytes",
+            c.name, c.packets, c.bytes
+        );
     }
 }
 
@@ -26,8 +30,16 @@ pub fn render(listing: &LbListing) -> String {
     let mut out = String::new();
     if let Some(c) = &listing.config {
         for s in &c.streams {
-            let size = if s.table_size == 0 { "default".to_string() } else { s.table_size.to_string() };
-            let _ = writeln!(out, "stream {} max_targets={} table_size={size}", s.name, s.max_targets);
+            let size = if s.table_size == 0 {
+                "default".to_string()
+            } else {
+                s.table_size.to_string()
+            };
+            let _ = writeln!(
+                out,
+                "stream {} max_targets={} table_size={size}",
+                s.name, s.max_targets
+            );
         }
         for v in &c.vips {
             let _ = writeln!(out, "vip {} {}", v.name, v.address);
@@ -41,8 +53,12 @@ pub fn render(listing: &LbListing) -> String {
         }
         for t in &c.targets {
             let via = match &t.via {
-                Some(crate::admin::proto::target::Via::Local(l)) => format!("local {} {}", l.interface, l.mac),
-                Some(crate::admin::proto::target::Via::Remote(r)) => format!("remote node {}", r.node),
+                Some(crate::admin::proto::target::Via::Local(l)) => {
+                    format!("local {} {}", l.interface, l.mac)
+                }
+                Some(crate::admin::proto::target::Via::Remote(r)) => {
+                    format!("remote node {}", r.node)
+                }
                 None => "?".into(),
             };
             let _ = writeln!(out, "target {}/{} {via}", t.stream, t.identifier);

@@ -7,7 +7,10 @@ use crate::admin::proto::{PluginState, StatusResponse};
 /// "running", "failed", … from the wire enum.
 fn state_name(state: i32) -> String {
     let state = PluginState::try_from(state).unwrap_or(PluginState::Unspecified);
-    state.as_str_name().trim_start_matches("PLUGIN_STATE_").to_lowercase()
+    state
+        .as_str_name()
+        .trim_start_matches("PLUGIN_STATE_")
+        .to_lowercase()
 }
 
 /// Renders the status as readable text; zero counters are left out.
@@ -16,15 +19,29 @@ pub fn render(status: &StatusResponse) -> String {
     let _ = writeln!(out, "tapmesh {}", status.version);
     let _ = writeln!(out, "\nplugins:");
     for p in &status.plugins {
-        let _ = writeln!(out, "  {:<12} {:<10} {}", p.name, state_name(p.state), p.detail);
+        let _ = writeln!(
+            out,
+            "  {:<12} {:<10} {}",
+            p.name,
+            state_name(p.state),
+            p.detail
+        );
     }
     let _ = writeln!(out, "\nattachments:");
     if status.attachments.is_empty() {
         let _ = writeln!(out, "  (none)");
     }
     for a in &status.attachments {
-        let mode = if a.mode.is_empty() { String::new() } else { format!(" ({})", a.mode) };
-        let _ = writeln!(out, "  {:<16} {:<11} {}{}", a.interface, a.hook, a.program, mode);
+        let mode = if a.mode.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", a.mode)
+        };
+        let _ = writeln!(
+            out,
+            "  {:<16} {:<11} {}{}",
+            a.interface, a.hook, a.program, mode
+        );
     }
     if !status.pin_directory.is_empty() {
         let _ = writeln!(out, "\npins: {}", status.pin_directory);
@@ -33,13 +50,27 @@ pub fn render(status: &StatusResponse) -> String {
     for p in &status.programs {
         let _ = writeln!(out, "  {}", p.program);
         for v in &p.verdicts {
-            let _ = writeln!(out, "    {:<10} {:>12} packets {:>14} bytes", v.name, v.packets, v.bytes);
+            let _ = writeln!(
+                out,
+                "    {:<10} {:>12} packets {:>14} bytes",
+                v.name, v.packets, v.bytes
+            );
         }
-        let seen: Vec<String> = p.protocols.iter().filter(|c| c.packets > 0).map(|c| format!("{}={}", c.name, c.packets)).collect();
+        let seen: Vec<String> = p
+            .protocols
+            .iter()
+            .filter(|c| c.packets > 0)
+            .map(|c| format!("{}={}", c.name, c.packets))
+            .collect();
         if !seen.is_empty() {
             let _ = writeln!(out, "    protocols  {}", seen.join(" "));
         }
-        let drops: Vec<String> = p.drops.iter().filter(|c| c.packets > 0).map(|c| format!("{}={}", c.name, c.packets)).collect();
+        let drops: Vec<String> = p
+            .drops
+            .iter()
+            .filter(|c| c.packets > 0)
+            .map(|c| format!("{}={}", c.name, c.packets))
+            .collect();
         if !drops.is_empty() {
             let _ = writeln!(out, "    drops      {}", drops.join(" "));
         }

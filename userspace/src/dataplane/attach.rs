@@ -5,8 +5,8 @@ use std::{fmt, path::Path};
 use aya::{
     programs::{
         links::{FdLink, PinnedLink},
-        tc::{self, NlOptions, TcAttachOptions},
         tc::SchedClassifierLinkId,
+        tc::{self, NlOptions, TcAttachOptions},
         xdp::XdpLinkId,
         SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
     },
@@ -56,10 +56,18 @@ pub struct Links {
 /// Loads every program of the object into the kernel (the verifier runs here).
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     for name in [program_names::XDP_UPLINK, program_names::XDP_FLOOR] {
-        xdp_program(ebpf, name)?.load().map_err(|source| DataplaneError::Program { name, source })?;
+        xdp_program(ebpf, name)?
+            .load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
     }
-    for name in [program_names::TC_INGRESS, program_names::TC_EGRESS, program_names::TC_FLOOR] {
-        tc_program(ebpf, name)?.load().map_err(|source| DataplaneError::Program { name, source })?;
+    for name in [
+        program_names::TC_INGRESS,
+        program_names::TC_EGRESS,
+        program_names::TC_FLOOR,
+    ] {
+        tc_program(ebpf, name)?
+            .load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
     }
     Ok(())
 }
@@ -69,15 +77,22 @@ fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp
         name,
         message: "program missing from the object".into(),
     })?;
-    program.try_into().map_err(|source| DataplaneError::Program { name, source })
+    program
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
 }
 
-fn tc_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut SchedClassifier, DataplaneError> {
+fn tc_program<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut SchedClassifier, DataplaneError> {
     let program = ebpf.program_mut(name).ok_or(DataplaneError::Map {
         name,
         message: "program missing from the object".into(),
     })?;
-    program.try_into().map_err(|source| DataplaneError::Program { name, source })
+    program
+        .try_into()
+        .map_err(|source| DataplaneError::Program { name, source })
 }
 
 fn link_pin(pin_dir: &Path, interface: &str) -> std::path::PathBuf {
@@ -169,14 +184,26 @@ pub fn tc(
         }
     };
     for (hook, kind, name) in [
-        (Hook::TcIngress, TcAttachType::Ingress, program_names::TC_INGRESS),
-        (Hook::TcEgress, TcAttachType::Egress, program_names::TC_EGRESS),
+        (
+            Hook::TcIngress,
+            TcAttachType::Ingress,
+            program_names::TC_INGRESS,
+        ),
+        (
+            Hook::TcEgress,
+            TcAttachType::Egress,
+            program_names::TC_EGRESS,
+        ),
     ] {
         // A filter left by an earlier daemon (keep_dataplane) is replaced.
         let _ = tc::qdisc_detach_program(interface, kind, name);
         let attached = tc_program(ebpf, name).and_then(|program| {
             program
-                .attach_with_options(interface, kind, TcAttachOptions::Netlink(NlOptions::default()))
+                .attach_with_options(
+                    interface,
+                    kind,
+                    TcAttachOptions::Netlink(NlOptions::default()),
+                )
                 .map_err(|e| DataplaneError::Attach {
                     hook,
                     interface: interface.into(),
@@ -220,7 +247,9 @@ pub fn keep(ebpf: &mut Ebpf, links: Links, pin_dir: &Path) -> Result<(), Datapla
             message,
         };
         let link = program.take_link(id).map_err(|e| fail(e.to_string()))?;
-        let fd_link: FdLink = link.try_into().map_err(|e| fail(format!("not a bpf_link: {e}")))?;
+        let fd_link: FdLink = link
+            .try_into()
+            .map_err(|e| fail(format!("not a bpf_link: {e}")))?;
         fd_link
             .pin(link_pin(pin_dir, &interface))
             .map_err(|e| fail(format!("pinning the link: {e}")))?;

@@ -10,9 +10,9 @@ use aya::{
 };
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, NodeConfig, PortData, PortKey, SourceData, SourceKey, StreamValue, Target, TargetKey,
-        VipAddr, VipConfig, VipKey, VipValue, MAGLEV_CAPACITY, MAX_FLOWS, MAX_FLOWS_PER_VIP, MAX_STREAMS,
-        MAX_TARGETS, MAX_VIPS,
+        FlowEntry, FlowMask, NodeConfig, PortData, PortKey, SourceData, SourceKey, StreamValue,
+        Target, TargetKey, VipAddr, VipConfig, VipKey, VipValue, MAGLEV_CAPACITY, MAX_FLOWS,
+        MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
     },
     map_names as n, PacketCounter,
 };
@@ -30,14 +30,20 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError
     }
 }
 
-fn map_mut<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut aya::maps::Map, DataplaneError> {
+fn map_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, DataplaneError> {
     ebpf.map_mut(name).ok_or(DataplaneError::Map {
         name,
         message: "missing from the object".into(),
     })
 }
 
-fn array<'a, V: aya::Pod>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<Array<&'a mut MapData, V>, DataplaneError> {
+fn array<'a, V: aya::Pod>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<Array<&'a mut MapData, V>, DataplaneError> {
     Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))
 }
 
@@ -56,7 +62,9 @@ struct Ids {
 
 impl Ids {
     fn take(&mut self, limit: u32, what: &'static str) -> Result<u32, DataplaneError> {
-        let id = (0..limit).find(|i| !self.used.contains(i)).ok_or(DataplaneError::Full(what))?;
+        let id = (0..limit)
+            .find(|i| !self.used.contains(i))
+            .ok_or(DataplaneError::Full(what))?;
         self.used.insert(id);
         Ok(id)
     }
@@ -157,21 +165,27 @@ fn zero_counter(ebpf: &mut Ebpf, name: &'static str, index: u32) -> Result<(), D
         name,
         message: e.to_string(),
     })?;
-    let zeros = aya::maps::PerCpuValues::try_from(vec![PacketCounter::default(); cpus]).map_err(|e| {
-        DataplaneError::Map {
-            name,
-            message: e.to_string(),
-        }
-    })?;
+    let zeros =
+        aya::maps::PerCpuValues::try_from(vec![PacketCounter::default(); cpus]).map_err(|e| {
+            DataplaneError::Map {
+                name,
+                message: e.to_string(),
+            }
+        })?;
     map.set(index, zeros, 0).map_err(map_err(name))
 }
 
-fn read_counter(ebpf: &Ebpf, name: &'static str, index: u32) -> Result<PacketCounter, DataplaneError> {
+fn read_counter(
+    ebpf: &Ebpf,
+    name: &'static str,
+    index: u32,
+) -> Result<PacketCounter, DataplaneError> {
     let map = ebpf.map(name).ok_or(DataplaneError::Map {
         name,
         message: "missing from the object".into(),
     })?;
-    let map: PerCpuArray<&MapData, PacketCounter> = PerCpuArray::try_from(map).map_err(map_err(name))?;
+    let map: PerCpuArray<&MapData, PacketCounter> =
+        PerCpuArray::try_from(map).map_err(map_err(name))?;
     let mut total = PacketCounter::default();
     for cpu in map.get(&index, 0).map_err(map_err(name))?.iter() {
         total.merge(cpu);
@@ -195,11 +209,13 @@ impl LbWriter {
         let mut targets = BTreeMap::new();
         for t in &valid.targets {
             let (ifindex, our_mac) = match &t.via {
-                ValidVia::Local { interface, .. } => resolve(interface).map_err(|message| DataplaneError::Attach {
-                    hook: super::Hook::Xdp,
-                    interface: interface.clone(),
-                    message,
-                })?,
+                ValidVia::Local { interface, .. } => {
+                    resolve(interface).map_err(|message| DataplaneError::Attach {
+                        hook: super::Hook::Xdp,
+                        interface: interface.clone(),
+                        message,
+                    })?
+                }
                 ValidVia::Remote { .. } => {
                     if tunnel.address.is_none() {
                         return Err(DataplaneError::Config(format!(
@@ -217,7 +233,14 @@ impl LbWriter {
         for s in &valid.streams {
             if !self.streams.contains_key(&s.name) {
                 let id = self.stream_ids.take(MAX_STREAMS, "stream ids")?;
-                self.streams.insert(s.name.clone(), StreamSlot { id, base: 0, table: Vec::new() });
+                self.streams.insert(
+                    s.name.clone(),
+                    StreamSlot {
+                        id,
+                        base: 0,
+                        table: Vec::new(),
+                    },
+                );
             }
         }
         for f in &valid.flows.flows {
@@ -239,11 +262,15 @@ impl LbWriter {
                     id
                 }
             };
-            let tkey = TargetKey { stream_id, slot: t.identifier - 1 };
+            let tkey = TargetKey {
+                stream_id,
+                slot: t.identifier - 1,
+            };
             let value = target_value(&t.via, *ifindex, *our_mac, stats);
             if self.targets.get(key) != Some(&(tkey, value)) {
                 let mut map: BpfHashMap<_, TargetKey, Target> =
-                    BpfHashMap::try_from(map_mut(ebpf, n::TARGETS)?).map_err(map_err(n::TARGETS))?;
+                    BpfHashMap::try_from(map_mut(ebpf, n::TARGETS)?)
+                        .map_err(map_err(n::TARGETS))?;
                 map.insert(tkey, value, 0).map_err(map_err(n::TARGETS))?;
                 // A stream re-created under another id leaves its old key behind.
                 if let Some((old_key, _)) = self.targets.get(key).filter(|(k, _)| *k != tkey) {
@@ -264,19 +291,38 @@ impl LbWriter {
 
         // Then remove what is gone, tables first, targets last.
         let vips: BTreeSet<&str> = valid.vips.iter().map(|v| v.name.as_str()).collect();
-        for name in self.vips.keys().filter(|k| !vips.contains(k.as_str())).cloned().collect::<Vec<_>>() {
+        for name in self
+            .vips
+            .keys()
+            .filter(|k| !vips.contains(k.as_str()))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
             self.remove_vip(ebpf, &name)?;
         }
         let streams: BTreeSet<&str> = valid.streams.iter().map(|s| s.name.as_str()).collect();
-        for name in self.streams.keys().filter(|k| !streams.contains(k.as_str())).cloned().collect::<Vec<_>>() {
+        for name in self
+            .streams
+            .keys()
+            .filter(|k| !streams.contains(k.as_str()))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
             let slot = self.streams.remove(&name).expect("listed");
-            array::<StreamValue>(ebpf, n::STREAMS)?.set(slot.id, StreamValue::default(), 0).map_err(map_err(n::STREAMS))?;
+            array::<StreamValue>(ebpf, n::STREAMS)?
+                .set(slot.id, StreamValue::default(), 0)
+                .map_err(map_err(n::STREAMS))?;
             if !slot.table.is_empty() {
                 self.regions.give(slot.base);
             }
             self.stream_ids.give(slot.id);
         }
-        let gone: Vec<_> = self.targets.keys().filter(|k| !targets.contains_key(*k)).cloned().collect();
+        let gone: Vec<_> = self
+            .targets
+            .keys()
+            .filter(|k| !targets.contains_key(*k))
+            .cloned()
+            .collect();
         for key in gone {
             let (tkey, value) = self.targets.remove(&key).expect("listed");
             let mut map: BpfHashMap<_, TargetKey, Target> =
@@ -285,19 +331,39 @@ impl LbWriter {
             self.target_ids.give(value.stats_index);
         }
         let flows: BTreeSet<&str> = valid.flows.flows.iter().map(|f| f.name.as_str()).collect();
-        for name in self.flows.keys().filter(|k| !flows.contains(k.as_str())).cloned().collect::<Vec<_>>() {
+        for name in self
+            .flows
+            .keys()
+            .filter(|k| !flows.contains(k.as_str()))
+            .cloned()
+            .collect::<Vec<_>>()
+        {
             let id = self.flows.remove(&name).expect("listed");
             self.flow_ids.give(id);
         }
         Ok(())
     }
 
-    fn write_node(&mut self, ebpf: &mut Ebpf, tunnel: TunnelSettings, vip_prefixes: u16) -> Result<(), DataplaneError> {
+    fn write_node(
+        &mut self,
+        ebpf: &mut Ebpf,
+        tunnel: TunnelSettings,
+        vip_prefixes: u16,
+    ) -> Result<(), DataplaneError> {
         let node = match tunnel.address {
-            Some(addr) => NodeConfig { tunnel_port: tunnel.port, vip_prefixes, addr_v4: addr.octets() },
-            None => NodeConfig { vip_prefixes, ..NodeConfig::default() },
+            Some(addr) => NodeConfig {
+                tunnel_port: tunnel.port,
+                vip_prefixes,
+                addr_v4: addr.octets(),
+            },
+            None => NodeConfig {
+                vip_prefixes,
+                ..NodeConfig::default()
+            },
         };
-        array::<NodeConfig>(ebpf, n::NODE)?.set(0, node, 0).map_err(map_err(n::NODE))
+        array::<NodeConfig>(ebpf, n::NODE)?
+            .set(0, node, 0)
+            .map_err(map_err(n::NODE))
     }
 
     /// Sets the pre-filter bits of every host VIP (and of the ones still
@@ -305,7 +371,11 @@ impl LbWriter {
     fn write_filter(&mut self, ebpf: &mut Ebpf, valid: &ValidLb) -> Result<(), DataplaneError> {
         use tapmesh_common::lb::{vip_filter_bit, VIP_FILTER_WORDS};
         let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
-        let hosts = valid.vips.iter().map(|v| vip_key(&v.prefix)).chain(self.vips.values().map(|s| s.key));
+        let hosts = valid
+            .vips
+            .iter()
+            .map(|v| vip_key(&v.prefix))
+            .chain(self.vips.values().map(|s| s.key));
         for key in hosts.filter(|k| k.prefix_len == 128) {
             let bit = vip_filter_bit(&key.addr);
             words[(bit / 64) as usize] |= 1 << (bit % 64);
@@ -313,7 +383,9 @@ impl LbWriter {
         let mut filter = array::<u64>(ebpf, n::VIP_FILTER)?;
         for (i, word) in words.iter().enumerate() {
             if self.filter.get(i) != Some(word) {
-                filter.set(i as u32, *word, 0).map_err(map_err(n::VIP_FILTER))?;
+                filter
+                    .set(i as u32, *word, 0)
+                    .map_err(map_err(n::VIP_FILTER))?;
             }
         }
         self.filter = words;
@@ -321,7 +393,12 @@ impl LbWriter {
     }
 
     /// A changed table goes to a new region; one write of the stream entry publishes it.
-    fn write_stream(&mut self, ebpf: &mut Ebpf, name: &str, table: &[u32]) -> Result<(), DataplaneError> {
+    fn write_stream(
+        &mut self,
+        ebpf: &mut Ebpf,
+        name: &str,
+        table: &[u32],
+    ) -> Result<(), DataplaneError> {
         let slot = self.streams.get(name).expect("stream id assigned");
         if slot.table == table {
             return Ok(());
@@ -330,11 +407,20 @@ impl LbWriter {
         let base = self.regions.take(size)?;
         let mut maglev = array::<u32>(ebpf, n::MAGLEV)?;
         for (i, entry) in table.iter().enumerate() {
-            maglev.set(base + i as u32, *entry, 0).map_err(map_err(n::MAGLEV))?;
+            maglev
+                .set(base + i as u32, *entry, 0)
+                .map_err(map_err(n::MAGLEV))?;
         }
         let id = slot.id;
         array::<StreamValue>(ebpf, n::STREAMS)?
-            .set(id, StreamValue { table_base: base, table_size: size }, 0)
+            .set(
+                id,
+                StreamValue {
+                    table_base: base,
+                    table_size: size,
+                },
+                0,
+            )
             .map_err(map_err(n::STREAMS))?;
         let slot = self.streams.get_mut(name).expect("stream id assigned");
         if !slot.table.is_empty() {
@@ -346,7 +432,11 @@ impl LbWriter {
     }
 
     /// Writes the VIP's tables under its other config id, then flips the VIP entry.
-    fn write_vip(&mut self, ebpf: &mut Ebpf, vip: &crate::flows::CompiledVip) -> Result<(), DataplaneError> {
+    fn write_vip(
+        &mut self,
+        ebpf: &mut Ebpf,
+        vip: &crate::flows::CompiledVip,
+    ) -> Result<(), DataplaneError> {
         let key = vip_key(&vip.prefix);
         let (index, config_id) = match self.vips.get(&vip.name) {
             Some(slot) => (slot.index, slot.config_id ^ 1),
@@ -372,19 +462,36 @@ impl LbWriter {
             }
         }
         write_tables(ebpf, config_id, &tables)?;
-        set_vip(ebpf, &key, VipValue { vip_index: index, config_id })?;
+        set_vip(
+            ebpf,
+            &key,
+            VipValue {
+                vip_index: index,
+                config_id,
+            },
+        )?;
         if let Some(old) = self.vips.remove(&vip.name) {
             if old.key != key {
                 remove_vip_key(ebpf, &old.key)?;
             }
             clear_tables(ebpf, &old.tables)?;
         }
-        self.vips.insert(vip.name.clone(), VipSlot { index, key, config_id, tables });
+        self.vips.insert(
+            vip.name.clone(),
+            VipSlot {
+                index,
+                key,
+                config_id,
+                tables,
+            },
+        );
         Ok(())
     }
 
     fn remove_vip(&mut self, ebpf: &mut Ebpf, name: &str) -> Result<(), DataplaneError> {
-        let Some(slot) = self.vips.remove(name) else { return Ok(()) };
+        let Some(slot) = self.vips.remove(name) else {
+            return Ok(());
+        };
         remove_vip_key(ebpf, &slot.key)?;
         clear_tables(ebpf, &slot.tables)?;
         self.vip_ids.give(slot.index);
@@ -394,12 +501,20 @@ impl LbWriter {
     /// Per-VIP, per-flow and per-target counters, summed over CPUs.
     pub fn counters(&self, ebpf: &Ebpf) -> Result<LbCounters, DataplaneError> {
         let mut out = LbCounters::default();
-        let named = |name: String, c: PacketCounter| NamedCounter { name, packets: c.packets, bytes: c.bytes };
+        let named = |name: String, c: PacketCounter| NamedCounter {
+            name,
+            packets: c.packets,
+            bytes: c.bytes,
+        };
         for (name, slot) in &self.vips {
-            out.vips.push(named(name.clone(), read_counter(ebpf, n::VIP_STATS, slot.index)?));
+            out.vips.push(named(
+                name.clone(),
+                read_counter(ebpf, n::VIP_STATS, slot.index)?,
+            ));
         }
         for (name, id) in &self.flows {
-            out.flows.push(named(name.clone(), read_counter(ebpf, n::FLOW_STATS, *id)?));
+            out.flows
+                .push(named(name.clone(), read_counter(ebpf, n::FLOW_STATS, *id)?));
         }
         for ((stream, identifier), (_, target)) in &self.targets {
             let c = read_counter(ebpf, n::TARGET_STATS, target.stats_index)?;
@@ -414,10 +529,13 @@ fn set_vip(ebpf: &mut Ebpf, key: &VipKey, value: VipValue) -> Result<(), Datapla
     if key.prefix_len == 128 {
         let mut hosts: BpfHashMap<_, VipAddr, VipValue> =
             BpfHashMap::try_from(map_mut(ebpf, n::VIP_HOSTS)?).map_err(map_err(n::VIP_HOSTS))?;
-        hosts.insert(VipAddr::from(key), value, 0).map_err(map_err(n::VIP_HOSTS))
+        hosts
+            .insert(VipAddr::from(key), value, 0)
+            .map_err(map_err(n::VIP_HOSTS))
     } else {
         let mut vips: LpmTrie<_, VipAddr, VipValue> = trie(ebpf, n::VIPS)?;
-        vips.insert(&Key::new(key.prefix_len, VipAddr::from(key)), value, 0).map_err(map_err(n::VIPS))
+        vips.insert(&Key::new(key.prefix_len, VipAddr::from(key)), value, 0)
+            .map_err(map_err(n::VIPS))
     }
 }
 
@@ -425,10 +543,13 @@ fn remove_vip_key(ebpf: &mut Ebpf, key: &VipKey) -> Result<(), DataplaneError> {
     if key.prefix_len == 128 {
         let mut hosts: BpfHashMap<_, VipAddr, VipValue> =
             BpfHashMap::try_from(map_mut(ebpf, n::VIP_HOSTS)?).map_err(map_err(n::VIP_HOSTS))?;
-        hosts.remove(&VipAddr::from(key)).map_err(map_err(n::VIP_HOSTS))
+        hosts
+            .remove(&VipAddr::from(key))
+            .map_err(map_err(n::VIP_HOSTS))
     } else {
         let mut vips: LpmTrie<_, VipAddr, VipValue> = trie(ebpf, n::VIPS)?;
-        vips.remove(&Key::new(key.prefix_len, VipAddr::from(key))).map_err(map_err(n::VIPS))
+        vips.remove(&Key::new(key.prefix_len, VipAddr::from(key)))
+            .map_err(map_err(n::VIPS))
     }
 }
 
@@ -469,14 +590,20 @@ fn write_tables(ebpf: &mut Ebpf, config_id: u32, t: &VipTables) -> Result<(), Da
     if searched(LOOKUP_SOURCES) {
         let mut sources: LpmTrie<_, SourceData, FlowMask> = trie(ebpf, n::SOURCES)?;
         for (k, v) in &t.sources {
-            sources.insert(&source_key(k), *v, 0).map_err(map_err(n::SOURCES))?;
+            sources
+                .insert(&source_key(k), *v, 0)
+                .map_err(map_err(n::SOURCES))?;
         }
     }
     let mut flows = array::<FlowEntry>(ebpf, n::FLOWS)?;
     for (bit, f) in t.flows.iter().enumerate() {
-        flows.set(config_id * MAX_FLOWS_PER_VIP + bit as u32, *f, 0).map_err(map_err(n::FLOWS))?;
+        flows
+            .set(config_id * MAX_FLOWS_PER_VIP + bit as u32, *f, 0)
+            .map_err(map_err(n::FLOWS))?;
     }
-    array::<VipConfig>(ebpf, n::VIP_CONFIGS)?.set(config_id, t.config, 0).map_err(map_err(n::VIP_CONFIGS))
+    array::<VipConfig>(ebpf, n::VIP_CONFIGS)?
+        .set(config_id, t.config, 0)
+        .map_err(map_err(n::VIP_CONFIGS))
 }
 
 /// Removes a configuration no VIP entry points at any more.

@@ -26,7 +26,8 @@ use crate::{
 };
 
 /// The BPF object built by `cargo xtask build-ebpf`, embedded at compile time.
-pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapmesh.bpf.o"));
+pub static BPF_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tapmesh.bpf.o"));
 
 #[derive(Debug, Error)]
 pub enum DataplaneError {
@@ -85,7 +86,12 @@ impl DataplaneHandle {
     }
 
     pub async fn attachments(&self) -> Vec<Attachment> {
-        self.running.lock().await.as_ref().map(|r| r.attachments.clone()).unwrap_or_default()
+        self.running
+            .lock()
+            .await
+            .as_ref()
+            .map(|r| r.attachments.clone())
+            .unwrap_or_default()
     }
 
     /// Makes the load-balancing maps hold `valid` (see [`lb::LbWriter::apply`]).
@@ -108,7 +114,11 @@ impl DataplaneHandle {
     }
 
     pub async fn pin_dir(&self) -> Option<PathBuf> {
-        self.running.lock().await.as_ref().map(|r| r.pin_dir.clone())
+        self.running
+            .lock()
+            .await
+            .as_ref()
+            .map(|r| r.pin_dir.clone())
     }
 }
 
@@ -118,17 +128,20 @@ pub fn read_counters(ebpf: &Ebpf) -> Result<Vec<ProgramCounters>, DataplaneError
         name: map_names::STATS,
         message: "missing from the object".into(),
     })?;
-    let stats: PerCpuArray<_, ProgramStats> = PerCpuArray::try_from(map).map_err(|e| DataplaneError::Map {
-        name: map_names::STATS,
-        message: e.to_string(),
-    })?;
+    let stats: PerCpuArray<_, ProgramStats> =
+        PerCpuArray::try_from(map).map_err(|e| DataplaneError::Map {
+            name: map_names::STATS,
+            message: e.to_string(),
+        })?;
     ProgramSlot::ALL
         .iter()
         .map(|&slot| {
-            let per_cpu = stats.get(&(slot as u32), 0).map_err(|e| DataplaneError::Map {
-                name: map_names::STATS,
-                message: e.to_string(),
-            })?;
+            let per_cpu = stats
+                .get(&(slot as u32), 0)
+                .map_err(|e| DataplaneError::Map {
+                    name: map_names::STATS,
+                    message: e.to_string(),
+                })?;
             let mut total = ProgramStats::default();
             for cpu in per_cpu.iter() {
                 total.merge(cpu);
@@ -162,7 +175,11 @@ impl Plugin for DataplanePlugin {
         "dataplane"
     }
 
-    async fn configure(&self, _scope: CancellationToken, config: &Config) -> Result<(), PluginError> {
+    async fn configure(
+        &self,
+        _scope: CancellationToken,
+        config: &Config,
+    ) -> Result<(), PluginError> {
         *self.config.lock().expect("config lock") = config.dataplane.clone();
         Ok(())
     }
@@ -198,9 +215,28 @@ impl Plugin for DataplanePlugin {
                     let list: Vec<String> = r
                         .attachments
                         .iter()
-                        .map(|a| format!("{} {}{}", a.interface, a.hook, if a.mode.is_empty() { String::new() } else { format!(" ({})", a.mode) }))
+                        .map(|a| {
+                            format!(
+                                "{} {}{}",
+                                a.interface,
+                                a.hook,
+                                if a.mode.is_empty() {
+                                    String::new()
+                                } else {
+                                    format!(" ({})", a.mode)
+                                }
+                            )
+                        })
                         .collect();
-                    format!("pins in {}; attached: {}", r.pin_dir.display(), if list.is_empty() { "nothing".into() } else { list.join(", ") })
+                    format!(
+                        "pins in {}; attached: {}",
+                        r.pin_dir.display(),
+                        if list.is_empty() {
+                            "nothing".into()
+                        } else {
+                            list.join(", ")
+                        }
+                    )
                 }
                 None => "not loaded".into(),
             },
@@ -221,7 +257,13 @@ fn start_dataplane(config: &DataplaneConfig) -> Result<Running, DataplaneError> 
         let ebpf = loaded.insert(pins::load(BPF_OBJECT, &pin_dir)?);
         // `ebpf` owns every link: dropping it detaches them.
         for interface in &config.uplinks {
-            attachments.push(attach::xdp(ebpf, &mut links, interface, config.xdp_mode, &pin_dir)?);
+            attachments.push(attach::xdp(
+                ebpf,
+                &mut links,
+                interface,
+                config.xdp_mode,
+                &pin_dir,
+            )?);
         }
         for interface in &config.tc_interfaces {
             attach::tc(ebpf, &mut links, &mut attachments, interface)?;
@@ -252,7 +294,12 @@ fn stop_dataplane(mut running: Running, config: &DataplaneConfig) -> Result<(), 
         tracing::info!(pins = %running.pin_dir.display(), "dataplane left attached (keep_dataplane)");
         return Ok(());
     }
-    let Running { ebpf, attachments, pin_dir, .. } = running;
+    let Running {
+        ebpf,
+        attachments,
+        pin_dir,
+        ..
+    } = running;
     drop(ebpf);
     attach::cleanup(&attachments);
     pins::remove(&pin_dir);

@@ -10,9 +10,9 @@ use std::{
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, TargetKey, VipAddr, VipConfig,
-        VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS,
-        MAX_VIPS,
+        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, TargetKey,
+        VipAddr, VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
+        MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
     },
     map_names as n, PacketCounter, ProgramSlot, ProgramStats, SCHEMA_VERSION,
 };
@@ -43,17 +43,47 @@ const LPM: usize = 4;
 
 const MAPS: &[MapSpec] = &[
     spec(n::STATS, 4, size_of::<ProgramStats>(), ProgramSlot::COUNT),
-    spec(n::VIPS, LPM + size_of::<VipAddr>(), size_of::<VipValue>(), MAX_VIPS),
-    spec(n::VIP_HOSTS, size_of::<VipAddr>(), size_of::<VipValue>(), MAX_VIPS),
+    spec(
+        n::VIPS,
+        LPM + size_of::<VipAddr>(),
+        size_of::<VipValue>(),
+        MAX_VIPS,
+    ),
+    spec(
+        n::VIP_HOSTS,
+        size_of::<VipAddr>(),
+        size_of::<VipValue>(),
+        MAX_VIPS,
+    ),
     spec(n::VIP_FILTER, 4, 8, tapmesh_common::lb::VIP_FILTER_WORDS),
     spec(n::VIP_CONFIGS, 4, size_of::<VipConfig>(), MAX_CONFIGS),
-    spec(n::DST_PORTS, LPM + size_of::<PortData>(), size_of::<FlowMask>(), MAX_PREFIXES),
-    spec(n::SRC_PORTS, LPM + size_of::<PortData>(), size_of::<FlowMask>(), MAX_PREFIXES),
-    spec(n::SOURCES, LPM + size_of::<SourceData>(), size_of::<FlowMask>(), MAX_PREFIXES),
+    spec(
+        n::DST_PORTS,
+        LPM + size_of::<PortData>(),
+        size_of::<FlowMask>(),
+        MAX_PREFIXES,
+    ),
+    spec(
+        n::SRC_PORTS,
+        LPM + size_of::<PortData>(),
+        size_of::<FlowMask>(),
+        MAX_PREFIXES,
+    ),
+    spec(
+        n::SOURCES,
+        LPM + size_of::<SourceData>(),
+        size_of::<FlowMask>(),
+        MAX_PREFIXES,
+    ),
     spec(n::FLOWS, 4, size_of::<FlowEntry>(), FLOW_SLOTS),
     spec(n::STREAMS, 4, size_of::<StreamValue>(), MAX_STREAMS),
     spec(n::MAGLEV, 4, 4, MAGLEV_CAPACITY),
-    spec(n::TARGETS, size_of::<TargetKey>(), size_of::<Target>(), MAX_TARGETS),
+    spec(
+        n::TARGETS,
+        size_of::<TargetKey>(),
+        size_of::<Target>(),
+        MAX_TARGETS,
+    ),
     spec(n::NODE, 4, size_of::<NodeConfig>(), 1),
     spec(n::VIP_STATS, 4, size_of::<PacketCounter>(), MAX_VIPS),
     spec(n::FLOW_STATS, 4, size_of::<PacketCounter>(), MAX_FLOWS),
@@ -70,10 +100,16 @@ fn fs_type(path: &Path) -> Option<i64> {
 /// Makes sure `root` lies on a bpffs (mounting /sys/fs/bpf if nothing is
 /// mounted there) and returns `<root>/v<schema>`, created.
 pub fn prepare(root: &Path) -> Result<PathBuf, DataplaneError> {
-    let existing = root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let existing = root
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     if fs_type(existing) != Some(BPF_FS_MAGIC) {
         let sys_bpf = Path::new("/sys/fs/bpf");
-        if root.starts_with(sys_bpf) && fs_type(sys_bpf).is_some() && fs_type(sys_bpf) != Some(BPF_FS_MAGIC) {
+        if root.starts_with(sys_bpf)
+            && fs_type(sys_bpf).is_some()
+            && fs_type(sys_bpf) != Some(BPF_FS_MAGIC)
+        {
             mount_bpffs(sys_bpf)?;
             tracing::info!("mounted bpffs on /sys/fs/bpf");
         } else {
@@ -93,7 +129,15 @@ fn mount_bpffs(target: &Path) -> Result<(), DataplaneError> {
     let src = CString::new("bpf").expect("no NUL");
     let dst = CString::new(target.as_os_str().as_bytes()).expect("no NUL in path");
     // SAFETY: valid C strings; no data argument.
-    let rc = unsafe { libc::mount(src.as_ptr(), dst.as_ptr(), src.as_ptr(), 0, std::ptr::null()) };
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     if rc != 0 {
         return Err(DataplaneError::Bpffs(format!(
             "mounting bpffs on {}: {}",
@@ -109,7 +153,9 @@ fn mount_bpffs(target: &Path) -> Result<(), DataplaneError> {
 fn drop_stale_pins(dir: &Path) {
     for spec in MAPS {
         let path = dir.join(spec.name);
-        let Ok(info) = MapInfo::from_pin(&path) else { continue };
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            continue;
+        };
         let found = (info.key_size(), info.value_size(), info.max_entries());
         let want = (spec.key_size, spec.value_size, spec.max_entries);
         if found != want {

@@ -2,5 +2,5 @@
 
 pub mod maglev;
 pub mod model;
-pub mod tables;
 pub mod service;
+pub mod tables;

@@ -116,28 +116,38 @@ impl LbService {
 
     pub async fn set_target(&self, target: TargetSpec) -> Result<(), LbServiceError> {
         self.update(|s| {
-            upsert(&mut s.targets, target, |a, b| a.stream == b.stream && a.identifier == b.identifier);
+            upsert(&mut s.targets, target, |a, b| {
+                a.stream == b.stream && a.identifier == b.identifier
+            });
             Ok(())
         })
         .await
     }
 
     pub async fn delete_vip(&self, name: &str) -> Result<(), LbServiceError> {
-        self.update(|s| remove(&mut s.vips, |v| v.name == name, "VIP", name)).await
+        self.update(|s| remove(&mut s.vips, |v| v.name == name, "VIP", name))
+            .await
     }
 
     pub async fn delete_stream(&self, name: &str) -> Result<(), LbServiceError> {
-        self.update(|s| remove(&mut s.streams, |v| v.name == name, "stream", name)).await
+        self.update(|s| remove(&mut s.streams, |v| v.name == name, "stream", name))
+            .await
     }
 
     pub async fn delete_flow(&self, name: &str) -> Result<(), LbServiceError> {
-        self.update(|s| remove(&mut s.flows, |v| v.name == name, "flow", name)).await
+        self.update(|s| remove(&mut s.flows, |v| v.name == name, "flow", name))
+            .await
     }
 
     pub async fn delete_target(&self, stream: &str, identifier: u32) -> Result<(), LbServiceError> {
         let name = format!("{stream}/{identifier}");
         self.update(|s| {
-            remove(&mut s.targets, |t| t.stream == stream && t.identifier == identifier, "target", &name)
+            remove(
+                &mut s.targets,
+                |t| t.stream == stream && t.identifier == identifier,
+                "target",
+                &name,
+            )
         })
         .await
     }
@@ -158,7 +168,10 @@ fn keep_neighbours_resolved(valid: &super::model::ValidLb) {
     for node in nodes {
         tokio::spawn(async move {
             let node = node.to_string();
-            let route = tokio::process::Command::new("ip").args(["-o", "route", "get", &node]).output().await;
+            let route = tokio::process::Command::new("ip")
+                .args(["-o", "route", "get", &node])
+                .output()
+                .await;
             let text = match route {
                 Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).to_string(),
                 _ => {
@@ -166,10 +179,19 @@ fn keep_neighbours_resolved(valid: &super::model::ValidLb) {
                     return;
                 }
             };
-            let Some(dev) = text.split_whitespace().skip_while(|w| *w != "dev").nth(1).map(str::to_string) else {
+            let Some(dev) = text
+                .split_whitespace()
+                .skip_while(|w| *w != "dev")
+                .nth(1)
+                .map(str::to_string)
+            else {
                 return;
             };
-            let gateway = text.split_whitespace().skip_while(|w| *w != "via").nth(1).map(str::to_string);
+            let gateway = text
+                .split_whitespace()
+                .skip_while(|w| *w != "via")
+                .nth(1)
+                .map(str::to_string);
             let hop = gateway.unwrap_or(node.clone());
             let added = tokio::process::Command::new("ip")
                 .args(["neigh", "add", &hop, "dev", &dev, "managed"])
@@ -229,7 +251,11 @@ impl Plugin for LbPlugin {
         "lb"
     }
 
-    async fn configure(&self, _scope: CancellationToken, config: &Config) -> Result<(), PluginError> {
+    async fn configure(
+        &self,
+        _scope: CancellationToken,
+        config: &Config,
+    ) -> Result<(), PluginError> {
         *self.service.tunnel.lock().expect("tunnel lock") = TunnelSettings {
             port: config.lb.tunnel_port,
             address: config.lb.node_address,
@@ -243,8 +269,16 @@ impl Plugin for LbPlugin {
     }
 
     async fn start(&self, _scope: CancellationToken) -> Result<(), PluginError> {
-        let initial = self.initial.lock().expect("initial lock").take().unwrap_or_default();
-        self.service.apply(initial).await.map_err(|e| PluginError::new(e.to_string()))
+        let initial = self
+            .initial
+            .lock()
+            .expect("initial lock")
+            .take()
+            .unwrap_or_default();
+        self.service
+            .apply(initial)
+            .await
+            .map_err(|e| PluginError::new(e.to_string()))
     }
 
     async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {

@@ -2,9 +2,9 @@
 
 use tapmesh_common::lb::{
     ByteMatch, FlowEntry, FlowMask, PortIntervals, PortKey, SourceKey, Target, VipConfig, VipKey,
-    LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, PORT_INTERVALS,
-    MAX_BYTE_MATCHES, PROTO_CLASSES, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
-    TARGET_LOCAL, TARGET_REMOTE,
+    LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES, PORT_INTERVALS,
+    PROTO_CLASSES, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP, TARGET_LOCAL,
+    TARGET_REMOTE,
 };
 
 use super::model::ValidVia;
@@ -638,12 +638,27 @@ mod tests {
             };
             let interval = |p: &PortIntervals, port: u16| {
                 let n = p.count as usize;
-                (0..n).rev().find(|&i| p.starts[i] <= port).map_or(0, |i| p.masks[i])
+                (0..n)
+                    .rev()
+                    .find(|&i| p.starts[i] <= port)
+                    .map_or(0, |i| p.masks[i])
             };
             let mut m = cfg.protocol_masks[usize::from(class)]
-                & table(LOOKUP_DST_PORTS, interval(&cfg.dst_ports, dp), self.dst_ports.lookup(&port_key(dp)))
-                & table(LOOKUP_SRC_PORTS, interval(&cfg.src_ports, sp), self.src_ports.lookup(&port_key(sp)))
-                & table(LOOKUP_SOURCES, cfg.sources_all, self.sources.lookup(&source));
+                & table(
+                    LOOKUP_DST_PORTS,
+                    interval(&cfg.dst_ports, dp),
+                    self.dst_ports.lookup(&port_key(dp)),
+                )
+                & table(
+                    LOOKUP_SRC_PORTS,
+                    interval(&cfg.src_ports, sp),
+                    self.src_ports.lookup(&port_key(sp)),
+                )
+                & table(
+                    LOOKUP_SOURCES,
+                    cfg.sources_all,
+                    self.sources.lookup(&source),
+                );
             if cfg.flow_count < 64 {
                 m &= (1u64 << cfg.flow_count) - 1;
             }
