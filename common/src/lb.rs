@@ -56,7 +56,7 @@ pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
     x as u32
 }
 
-/// A Maglev entry with no target.
+/// A Maglev entry with no target (entries otherwise hold a target index).
 pub const NO_TARGET: u32 = u32::MAX;
 
 /// Key of `tm_vips` (LPM trie over the 16-byte address; IPv4 is `::ffff:a.b.c.d`).
@@ -239,19 +239,11 @@ pub struct StreamValue {
     pub table_size: u32,
 }
 
-/// Key of `tm_targets`.
-#[repr(C)]
-#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct TargetKey {
-    pub stream_id: u32,
-    /// Maglev slot: identifier - 1.
-    pub slot: u32,
-}
-
 pub const TARGET_LOCAL: u32 = 1;
 pub const TARGET_REMOTE: u32 = 2;
 
-/// Value of `tm_targets`: how to reach a target.
+/// Value of `tm_targets` (an array indexed by the target index that Maglev
+/// tables hold): how to reach a target; `kind` 0 is an empty entry.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Target {
@@ -303,7 +295,6 @@ crate::assert_layout!(SourceData, size = 24, align = 1);
 crate::assert_layout!(ByteMatch, size = 12, align = 4);
 crate::assert_layout!(FlowEntry, size = 16 + 12 * MAX_BYTE_MATCHES, align = 4);
 crate::assert_layout!(StreamValue, size = 8, align = 4);
-crate::assert_layout!(TargetKey, size = 8, align = 4);
 crate::assert_layout!(Target, size = 48, align = 4);
 crate::assert_layout!(NodeConfig, size = 8, align = 2);
 
@@ -322,7 +313,6 @@ crate::impl_pod!(
     ByteMatch,
     FlowEntry,
     StreamValue,
-    TargetKey,
     Target,
     NodeConfig
 );

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use tapmesh_common::{
     lb::{
         vip_filter_bit, ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData,
-        Target, TargetKey, VipAddr, LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS,
+        Target, VipAddr, LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS,
         MAX_BYTE_MATCHES, MAX_FLOWS_PER_VIP, NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER,
         PROTO_SCTP, PROTO_TCP, PROTO_UDP, TARGET_LOCAL, TARGET_REMOTE,
     },
@@ -364,18 +364,17 @@ fn pick_target(flow: &FlowEntry, hash: u32) -> Result<&'static Target, DropReaso
     if stream.table_size == 0 {
         return Err(DropReason::NoTarget);
     }
-    let slot = *tm_maglev
+    // Maglev entries hold target indices, so the target is one array read away.
+    let index = *tm_maglev
         .get(stream.table_base + hash % stream.table_size)
         .ok_or(DropReason::NoTarget)?;
-    if slot == NO_TARGET {
+    if index == NO_TARGET {
         return Err(DropReason::NoTarget);
     }
-    let key = TargetKey {
-        stream_id: flow.stream_id,
-        slot,
-    };
-    // SAFETY: the value is read once, right away.
-    unsafe { tm_targets.get(key) }.ok_or(DropReason::NoTarget)
+    match tm_targets.get(index) {
+        Some(target) if target.kind != 0 => Ok(target),
+        _ => Err(DropReason::NoTarget),
+    }
 }
 
 #[inline(always)]

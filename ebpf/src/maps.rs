@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, TargetKey,
+        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target,
         VipAddr, VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
         MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, VIP_FILTER_WORDS,
     },
@@ -60,9 +60,9 @@ pub static tm_streams: Array<StreamValue, { MAX_STREAMS as usize }> = Array::new
 #[btf_map]
 pub static tm_maglev: Array<u32, { MAGLEV_CAPACITY as usize }> = Array::new();
 
-/// (stream id, slot) → how to reach the target.
+/// Target index (what Maglev entries hold) → how to reach the target.
 #[btf_map]
-pub static tm_targets: HashMap<TargetKey, Target, { MAX_TARGETS as usize }> = HashMap::new();
+pub static tm_targets: Array<Target, { MAX_TARGETS as usize }> = Array::new();
 
 /// This node's tunnel endpoint (one entry).
 #[btf_map]

@@ -35,14 +35,15 @@ fn local(stream: &str, identifier: u32, interface: &str) -> proto::Target {
 /// Every pinned LB map, dumped by bpftool: what "the maps" hold.
 fn dump_maps(daemon: &Daemon) -> String {
     let mut all = String::new();
-    // (tm_flows and tm_maglev are large arrays; the entries pointing into them are compared.)
+    // (tm_flows, tm_maglev and tm_targets are large arrays; the entries
+    // pointing into them are compared.)
     for map in [
+        "tm_vip_hosts",
         "tm_vips",
         "tm_vip_configs",
         "tm_dst_ports",
         "tm_sources",
         "tm_streams",
-        "tm_targets",
     ] {
         let out = Command::new("bpftool")
             .args(["map", "dump", "pinned"])

@@ -11,7 +11,7 @@ use aya::{
 use tapmesh_common::{
     lb::{
         FlowEntry, FlowMask, NodeConfig, PortData, PortKey, SourceData, SourceKey, StreamValue,
-        Target, TargetKey, VipAddr, VipConfig, VipKey, VipValue, MAGLEV_CAPACITY, MAX_FLOWS,
+        Target, VipAddr, VipConfig, VipKey, VipValue, MAGLEV_CAPACITY, MAX_FLOWS, NO_TARGET,
         MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
     },
     map_names as n, PacketCounter,
@@ -153,7 +153,8 @@ pub struct LbWriter {
     vips: BTreeMap<String, VipSlot>,
     streams: BTreeMap<String, StreamSlot>,
     flows: BTreeMap<String, u32>,
-    targets: BTreeMap<(String, u32), (TargetKey, Target)>,
+    /// (stream, identifier) → the target as written at its index (`stats_index`).
+    targets: BTreeMap<(String, u32), Target>,
     /// The pre-filter words as written.
     filter: Vec<u64>,
 }
@@ -251,37 +252,40 @@ impl LbWriter {
             }
         }
 
-        // Targets before the tables that point at them.
+        // Targets before the tables that point at them; a target's index is
+        // also its counters' index and what Maglev entries hold.
         for (key, (t, ifindex, our_mac)) in &targets {
-            let stream_id = self.streams[&t.stream].id;
-            let stats = match self.targets.get(key) {
-                Some((_, old)) => old.stats_index,
+            let index = match self.targets.get(key) {
+                Some(old) => old.stats_index,
                 None => {
                     let id = self.target_ids.take(MAX_TARGETS, "target counters")?;
                     zero_counter(ebpf, n::TARGET_STATS, id)?;
                     id
                 }
             };
-            let tkey = TargetKey {
-                stream_id,
-                slot: t.identifier - 1,
-            };
-            let value = target_value(&t.via, *ifindex, *our_mac, stats);
-            if self.targets.get(key) != Some(&(tkey, value)) {
-                let mut map: BpfHashMap<_, TargetKey, Target> =
-                    BpfHashMap::try_from(map_mut(ebpf, n::TARGETS)?)
-                        .map_err(map_err(n::TARGETS))?;
-                map.insert(tkey, value, 0).map_err(map_err(n::TARGETS))?;
-                // A stream re-created under another id leaves its old key behind.
-                if let Some((old_key, _)) = self.targets.get(key).filter(|(k, _)| *k != tkey) {
-                    let _ = map.remove(old_key);
-                }
+            let value = target_value(&t.via, *ifindex, *our_mac, index);
+            if self.targets.get(key) != Some(&value) {
+                array::<Target>(ebpf, n::TARGETS)?
+                    .set(index, value, 0)
+                    .map_err(map_err(n::TARGETS))?;
             }
-            self.targets.insert(key.clone(), (tkey, value));
+            self.targets.insert(key.clone(), value);
         }
 
         for s in &valid.streams {
-            self.write_stream(ebpf, &s.name, &s.table)?;
+            // Slots (identifier − 1) become target indices.
+            let table: Vec<u32> = s
+                .table
+                .iter()
+                .map(|&slot| match slot {
+                    NO_TARGET => NO_TARGET,
+                    slot => self
+                        .targets
+                        .get(&(s.name.clone(), slot + 1))
+                        .map_or(NO_TARGET, |t| t.stats_index),
+                })
+                .collect();
+            self.write_stream(ebpf, &s.name, &table)?;
         }
         for vip in &valid.vips {
             self.write_vip(ebpf, vip)?;
@@ -324,10 +328,10 @@ impl LbWriter {
             .cloned()
             .collect();
         for key in gone {
-            let (tkey, value) = self.targets.remove(&key).expect("listed");
-            let mut map: BpfHashMap<_, TargetKey, Target> =
-                BpfHashMap::try_from(map_mut(ebpf, n::TARGETS)?).map_err(map_err(n::TARGETS))?;
-            map.remove(&tkey).map_err(map_err(n::TARGETS))?;
+            let value = self.targets.remove(&key).expect("listed");
+            array::<Target>(ebpf, n::TARGETS)?
+                .set(value.stats_index, Target::default(), 0)
+                .map_err(map_err(n::TARGETS))?;
             self.target_ids.give(value.stats_index);
         }
         let flows: BTreeSet<&str> = valid.flows.flows.iter().map(|f| f.name.as_str()).collect();
@@ -516,7 +520,7 @@ impl LbWriter {
             out.flows
                 .push(named(name.clone(), read_counter(ebpf, n::FLOW_STATS, *id)?));
         }
-        for ((stream, identifier), (_, target)) in &self.targets {
+        for ((stream, identifier), target) in &self.targets {
             let c = read_counter(ebpf, n::TARGET_STATS, target.stats_index)?;
             out.targets.push(named(format!("{stream}/{identifier}"), c));
         }

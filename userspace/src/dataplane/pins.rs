@@ -10,7 +10,7 @@ use std::{
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, TargetKey,
+        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target,
         VipAddr, VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
         MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
     },
@@ -80,7 +80,7 @@ const MAPS: &[MapSpec] = &[
     spec(n::MAGLEV, 4, 4, MAGLEV_CAPACITY),
     spec(
         n::TARGETS,
-        size_of::<TargetKey>(),
+        4,
         size_of::<Target>(),
         MAX_TARGETS,
     ),
