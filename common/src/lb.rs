@@ -39,14 +39,12 @@ pub const PROTO_ICMP: u8 = 3;
 pub const PROTO_OTHER: u8 = 4;
 pub const PROTO_CLASSES: usize = 5;
 
-/// Bits of the VIP pre-filter `tm_vip_filter` (an array of u64 words).
-pub const VIP_FILTER_BITS: u32 = 1 << 16;
-pub const VIP_FILTER_WORDS: u32 = VIP_FILTER_BITS / 64;
+/// Entries of `tm_vip_slots`, indexed by [`vip_slot`] of an address.
+pub const VIP_SLOTS: u32 = 1 << 16;
 
-/// The pre-filter bit of an address: its eight 16-bit words XORed. A clear
-/// bit means "not a host VIP", decided with one array read.
+/// The `tm_vip_slots` index of an address: its eight 16-bit words XORed.
 #[inline(always)]
-pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
+pub fn vip_slot(addr: &[u8; 16]) -> u32 {
     let mut x = 0u16;
     let mut i = 0;
     while i < 16 {
@@ -54,6 +52,24 @@ pub fn vip_filter_bit(addr: &[u8; 16]) -> u32 {
         i += 2;
     }
     x as u32
+}
+
+/// [`VipSlot::state`].
+pub const SLOT_EMPTY: u32 = 0;
+/// One host VIP has this slot: compare the address.
+pub const SLOT_ONE: u32 = 1;
+/// Several host VIPs share this slot: look the address up in `tm_vip_hosts`.
+pub const SLOT_SHARED: u32 = 2;
+
+/// Value of `tm_vip_slots`: most packets learn whether they go to a host VIP
+/// (and which) from one array read and an address compare.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct VipSlot {
+    pub addr: [u8; 16],
+    /// Index in `tm_vip_values`.
+    pub vip_index: u32,
+    pub state: u32,
 }
 
 /// A Maglev entry with no target (entries otherwise hold a target index).
@@ -290,6 +306,7 @@ crate::assert_layout!(PortKey, size = 12, align = 4);
 crate::assert_layout!(SourceKey, size = 24, align = 4);
 crate::assert_layout!(FlowMask, size = 8, align = 8);
 crate::assert_layout!(VipAddr, size = 16, align = 1);
+crate::assert_layout!(VipSlot, size = 24, align = 4);
 crate::assert_layout!(PortData, size = 8, align = 1);
 crate::assert_layout!(SourceData, size = 24, align = 1);
 crate::assert_layout!(ByteMatch, size = 12, align = 4);
@@ -308,6 +325,7 @@ crate::impl_pod!(
     SourceKey,
     FlowMask,
     VipAddr,
+    VipSlot,
     PortData,
     SourceData,
     ByteMatch,

@@ -33,7 +33,8 @@ pub mod map_names {
     pub const STATS: &str = "tm_stats";
     pub const VIPS: &str = "tm_vips";
     pub const VIP_HOSTS: &str = "tm_vip_hosts";
-    pub const VIP_FILTER: &str = "tm_vip_filter";
+    pub const VIP_SLOTS: &str = "tm_vip_slots";
+    pub const VIP_VALUES: &str = "tm_vip_values";
     pub const VIP_CONFIGS: &str = "tm_vip_configs";
     pub const DST_PORTS: &str = "tm_dst_ports";
     pub const SRC_PORTS: &str = "tm_src_ports";

@@ -12,10 +12,10 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        vip_filter_bit, ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData,
-        Target, VipAddr, LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS,
-        MAX_BYTE_MATCHES, MAX_FLOWS_PER_VIP, NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER,
-        PROTO_SCTP, PROTO_TCP, PROTO_UDP, TARGET_LOCAL, TARGET_REMOTE,
+        vip_slot, ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData, Target,
+        VipAddr, LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES,
+        MAX_FLOWS_PER_VIP, NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP,
+        PROTO_TCP, PROTO_UDP, SLOT_ONE, SLOT_SHARED, TARGET_LOCAL, TARGET_REMOTE,
     },
     DropReason, PacketCounter,
 };
@@ -145,6 +145,24 @@ fn tuple_of(pkt: &Parsed) -> FlowTuple {
         l4_offset: pkt.l4_offset,
         l4_end: pkt.l3_end,
     }
+}
+
+/// Two 16-byte addresses compared as two 8-byte words.
+#[inline(always)]
+fn same_address(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let word = |x: &[u8; 16], i: usize| {
+        u64::from_ne_bytes([
+            x[i],
+            x[i + 1],
+            x[i + 2],
+            x[i + 3],
+            x[i + 4],
+            x[i + 5],
+            x[i + 6],
+            x[i + 7],
+        ])
+    };
+    word(a, 0) == word(b, 0) && word(a, 8) == word(b, 8)
 }
 
 /// Index of the lowest set bit of a non-zero mask.
@@ -581,15 +599,16 @@ pub fn balance(
         None => tuple_of(parsed),
     };
     let prefixes = node.is_some_and(|n| n.vip_prefixes != 0);
-    let bit = vip_filter_bit(&tuple.dst);
-    let word = tm_vip_filter.get(bit / 64).map_or(0, |w| *w);
-    if word & (1 << (bit % 64)) == 0 && !prefixes {
-        // Not a host VIP, and there are no prefix VIPs: most traffic ends here.
-        return Ok(xdp_action::XDP_PASS);
-    }
     let addr = VipAddr { addr: tuple.dst };
-    // SAFETY: the value is read right away.
-    let vip = match unsafe { tm_vip_hosts.get(&addr) } {
+    let host = match tm_vip_slots.get(vip_slot(&tuple.dst)) {
+        Some(s) if s.state == SLOT_ONE && same_address(&s.addr, &tuple.dst) => {
+            tm_vip_values.get(s.vip_index)
+        }
+        // SAFETY: the value is read right away.
+        Some(s) if s.state == SLOT_SHARED => unsafe { tm_vip_hosts.get(&addr) },
+        _ => None,
+    };
+    let vip = match host {
         Some(v) => v,
         None => {
             match prefixes

@@ -7,9 +7,9 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target,
-        VipAddr, VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
-        MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, VIP_FILTER_WORDS,
+        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, VipAddr,
+        VipConfig, VipSlot, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
+        MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
     },
     PacketCounter, ProgramSlot, ProgramStats,
 };
@@ -28,9 +28,13 @@ pub static tm_vips: LpmTrie<VipAddr, VipValue, { MAX_VIPS as usize }> = LpmTrie:
 #[btf_map]
 pub static tm_vip_hosts: HashMap<VipAddr, VipValue, { MAX_VIPS as usize }> = HashMap::new();
 
-/// One bit per `vip_filter_bit` value: set for every host VIP.
+/// `vip_slot(address)` → the host VIP there, if any.
 #[btf_map]
-pub static tm_vip_filter: Array<u64, { VIP_FILTER_WORDS as usize }> = Array::new();
+pub static tm_vip_slots: Array<VipSlot, { VIP_SLOTS as usize }> = Array::new();
+
+/// VIP index → its index and the configuration in force (what a slot leads to).
+#[btf_map]
+pub static tm_vip_values: Array<VipValue, { MAX_VIPS as usize }> = Array::new();
 
 /// Config id → protocol masks and flow count.
 #[btf_map]

@@ -11,8 +11,8 @@ use aya::{
 use tapmesh_common::{
     lb::{
         FlowEntry, FlowMask, NodeConfig, PortData, PortKey, SourceData, SourceKey, StreamValue,
-        Target, VipAddr, VipConfig, VipKey, VipValue, MAGLEV_CAPACITY, MAX_FLOWS, NO_TARGET,
-        MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
+        Target, VipAddr, VipConfig, VipKey, VipValue, MAGLEV_CAPACITY, MAX_FLOWS,
+        MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, NO_TARGET,
     },
     map_names as n, PacketCounter,
 };
@@ -155,8 +155,8 @@ pub struct LbWriter {
     flows: BTreeMap<String, u32>,
     /// (stream, identifier) → the target as written at its index (`stats_index`).
     targets: BTreeMap<(String, u32), Target>,
-    /// The pre-filter words as written.
-    filter: Vec<u64>,
+    /// `tm_vip_slots` as written (non-empty slots only).
+    slots: BTreeMap<u32, tapmesh_common::lb::VipSlot>,
 }
 
 fn zero_counter(ebpf: &mut Ebpf, name: &'static str, index: u32) -> Result<(), DataplaneError> {
@@ -291,7 +291,7 @@ impl LbWriter {
             self.write_vip(ebpf, vip)?;
         }
 
-        self.write_filter(ebpf, valid)?;
+        self.write_slots(ebpf, valid)?;
 
         // Then remove what is gone, tables first, targets last.
         let vips: BTreeSet<&str> = valid.vips.iter().map(|v| v.name.as_str()).collect();
@@ -370,29 +370,37 @@ impl LbWriter {
             .map_err(map_err(n::NODE))
     }
 
-    /// Sets the pre-filter bits of every host VIP (and of the ones still
-    /// being removed, so they keep working until their entries are gone).
-    fn write_filter(&mut self, ebpf: &mut Ebpf, valid: &ValidLb) -> Result<(), DataplaneError> {
-        use tapmesh_common::lb::{vip_filter_bit, VIP_FILTER_WORDS};
-        let mut words = vec![0u64; VIP_FILTER_WORDS as usize];
-        let hosts = valid
-            .vips
-            .iter()
-            .map(|v| vip_key(&v.prefix))
-            .chain(self.vips.values().map(|s| s.key));
-        for key in hosts.filter(|k| k.prefix_len == 128) {
-            let bit = vip_filter_bit(&key.addr);
-            words[(bit / 64) as usize] |= 1 << (bit % 64);
+    /// Points each host VIP's slot at it (several in one slot: the hash map
+    /// decides). VIPs being removed lose their slot first.
+    fn write_slots(&mut self, ebpf: &mut Ebpf, valid: &ValidLb) -> Result<(), DataplaneError> {
+        use tapmesh_common::lb::{vip_slot, VipSlot, SLOT_ONE, SLOT_SHARED};
+        let mut slots: BTreeMap<u32, VipSlot> = BTreeMap::new();
+        for vip in &valid.vips {
+            let key = vip_key(&vip.prefix);
+            if key.prefix_len != 128 {
+                continue;
+            }
+            let index = self.vips[&vip.name].index;
+            slots
+                .entry(vip_slot(&key.addr))
+                .and_modify(|s| s.state = SLOT_SHARED)
+                .or_insert(VipSlot {
+                    addr: key.addr,
+                    vip_index: index,
+                    state: SLOT_ONE,
+                });
         }
-        let mut filter = array::<u64>(ebpf, n::VIP_FILTER)?;
-        for (i, word) in words.iter().enumerate() {
-            if self.filter.get(i) != Some(word) {
-                filter
-                    .set(i as u32, *word, 0)
-                    .map_err(map_err(n::VIP_FILTER))?;
+        let mut map = array::<VipSlot>(ebpf, n::VIP_SLOTS)?;
+        for (slot, value) in &slots {
+            if self.slots.get(slot) != Some(value) {
+                map.set(*slot, *value, 0).map_err(map_err(n::VIP_SLOTS))?;
             }
         }
-        self.filter = words;
+        for slot in self.slots.keys().filter(|k| !slots.contains_key(k)) {
+            map.set(*slot, VipSlot::default(), 0)
+                .map_err(map_err(n::VIP_SLOTS))?;
+        }
+        self.slots = slots;
         Ok(())
     }
 
@@ -528,9 +536,13 @@ impl LbWriter {
     }
 }
 
-/// Host VIPs go to the hash map (one cheap lookup), prefixes to the LPM trie.
+/// Host VIPs go to the hash map and `tm_vip_values` (where their slot leads),
+/// prefixes to the LPM trie; each is one write, so a new config is published at once.
 fn set_vip(ebpf: &mut Ebpf, key: &VipKey, value: VipValue) -> Result<(), DataplaneError> {
     if key.prefix_len == 128 {
+        array::<VipValue>(ebpf, n::VIP_VALUES)?
+            .set(value.vip_index, value, 0)
+            .map_err(map_err(n::VIP_VALUES))?;
         let mut hosts: BpfHashMap<_, VipAddr, VipValue> =
             BpfHashMap::try_from(map_mut(ebpf, n::VIP_HOSTS)?).map_err(map_err(n::VIP_HOSTS))?;
         hosts

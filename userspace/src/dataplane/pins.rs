@@ -10,9 +10,9 @@ use std::{
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target,
-        VipAddr, VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
-        MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
+        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, VipAddr,
+        VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PREFIXES,
+        MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
     },
     map_names as n, PacketCounter, ProgramSlot, ProgramStats, SCHEMA_VERSION,
 };
@@ -55,7 +55,13 @@ const MAPS: &[MapSpec] = &[
         size_of::<VipValue>(),
         MAX_VIPS,
     ),
-    spec(n::VIP_FILTER, 4, 8, tapmesh_common::lb::VIP_FILTER_WORDS),
+    spec(
+        n::VIP_SLOTS,
+        4,
+        size_of::<tapmesh_common::lb::VipSlot>(),
+        tapmesh_common::lb::VIP_SLOTS,
+    ),
+    spec(n::VIP_VALUES, 4, size_of::<VipValue>(), MAX_VIPS),
     spec(n::VIP_CONFIGS, 4, size_of::<VipConfig>(), MAX_CONFIGS),
     spec(
         n::DST_PORTS,
@@ -78,12 +84,7 @@ const MAPS: &[MapSpec] = &[
     spec(n::FLOWS, 4, size_of::<FlowEntry>(), FLOW_SLOTS),
     spec(n::STREAMS, 4, size_of::<StreamValue>(), MAX_STREAMS),
     spec(n::MAGLEV, 4, 4, MAGLEV_CAPACITY),
-    spec(
-        n::TARGETS,
-        4,
-        size_of::<Target>(),
-        MAX_TARGETS,
-    ),
+    spec(n::TARGETS, 4, size_of::<Target>(), MAX_TARGETS),
     spec(n::NODE, 4, size_of::<NodeConfig>(), 1),
     spec(n::VIP_STATS, 4, size_of::<PacketCounter>(), MAX_VIPS),
     spec(n::FLOW_STATS, 4, size_of::<PacketCounter>(), MAX_FLOWS),
