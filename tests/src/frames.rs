@@ -15,7 +15,8 @@ pub const ICMP: u8 = 1;
 pub const ICMPV6: u8 = 58;
 pub const SCTP: u8 = 132;
 
-fn checksum(chunks: &[&[u8]]) -> u16 {
+/// The Internet checksum (RFC 1071) over the concatenated chunks.
+pub fn internet_checksum(chunks: &[&[u8]]) -> u16 {
     let mut sum: u32 = 0;
     let mut odd: Option<u8> = None;
     for chunk in chunks {
@@ -71,7 +72,7 @@ pub fn ipv4(src: Ipv4Addr, dst: Ipv4Addr, protocol: u8, options: &[u8], payload:
     p.extend_from_slice(&src.octets());
     p.extend_from_slice(&dst.octets());
     p.extend_from_slice(options);
-    let sum = checksum(&[&p]);
+    let sum = internet_checksum(&[&p]);
     p[10..12].copy_from_slice(&sum.to_be_bytes());
     p.extend_from_slice(payload);
     p
@@ -113,7 +114,7 @@ pub fn udp_v4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8])
     u.extend_from_slice(&(len as u16).to_be_bytes());
     u.extend_from_slice(&[0, 0]);
     u.extend_from_slice(data);
-    let sum = checksum(&[&pseudo_v4(src, dst, UDP, len), &u]);
+    let sum = internet_checksum(&[&pseudo_v4(src, dst, UDP, len), &u]);
     u[6..8].copy_from_slice(&if sum == 0 { 0xffff } else { sum }.to_be_bytes());
     u
 }
@@ -133,7 +134,7 @@ pub fn tcp_v4(
     t.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]);
     t.extend_from_slice(&[((len / 4) as u8) << 4, 0x02, 0xff, 0xff, 0, 0, 0, 0]);
     t.extend(std::iter::repeat_n(1u8, 4 * option_words));
-    let sum = checksum(&[&pseudo_v4(src, dst, TCP, len), &t]);
+    let sum = internet_checksum(&[&pseudo_v4(src, dst, TCP, len), &t]);
     t[16..18].copy_from_slice(&sum.to_be_bytes());
     t
 }
@@ -144,7 +145,7 @@ pub fn icmp_echo(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
     m.extend_from_slice(&id.to_be_bytes());
     m.extend_from_slice(&seq.to_be_bytes());
     m.extend_from_slice(data);
-    let sum = checksum(&[&m]);
+    let sum = internet_checksum(&[&m]);
     m[2..4].copy_from_slice(&sum.to_be_bytes());
     m
 }
@@ -181,7 +182,7 @@ pub fn set_ipv4_total_length(frame: &mut [u8], l3: usize, total: u16) {
     frame[l3 + 2..l3 + 4].copy_from_slice(&total.to_be_bytes());
     frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
     let ihl = usize::from(frame[l3] & 0x0f) * 4;
-    let sum = checksum(&[&frame[l3..l3 + ihl]]);
+    let sum = internet_checksum(&[&frame[l3..l3 + ihl]]);
     frame[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
 }
 

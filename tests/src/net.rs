@@ -423,26 +423,7 @@ pub fn tcp_echo(
 // ---------------------------------------------------------------------------
 // ICMP
 
-/// The Internet checksum (RFC 1071) over the concatenated chunks.
-pub fn internet_checksum(chunks: &[&[u8]]) -> u16 {
-    let mut sum: u32 = 0;
-    let mut odd: Option<u8> = None;
-    for chunk in chunks {
-        for &b in *chunk {
-            match odd.take() {
-                Some(hi) => sum += u32::from(u16::from_be_bytes([hi, b])),
-                None => odd = Some(b),
-            }
-        }
-    }
-    if let Some(hi) = odd {
-        sum += u32::from(u16::from_be_bytes([hi, 0]));
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
+pub use crate::frames::internet_checksum;
 
 /// An ICMPv4 message: type, code, the 4 "rest of header" bytes, data; with its checksum.
 pub fn icmp_v4(icmp_type: u8, code: u8, rest: [u8; 4], data: &[u8]) -> Vec<u8> {

@@ -633,14 +633,7 @@ fn fragment4(
 }
 
 fn ip_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    internet_checksum(&[header])
 }
 
 /// ICMP destination unreachable, fragmentation needed (type 3 code 4) about `inner`.

@@ -199,14 +199,7 @@ fn load_lb(bpf: &mut Bpf) {
 }
 
 fn ip_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+    internet_checksum(&[header])
 }
 
 /// The expected output of the encapsulation of `frame` (untagged), with the
