@@ -265,12 +265,15 @@ pub const TARGET_REMOTE: u32 = 2;
 pub struct Target {
     /// [`TARGET_LOCAL`] or [`TARGET_REMOTE`].
     pub kind: u32,
-    /// Local: the interface to redirect to.
+    /// Local: the interface to redirect to. Remote: the egress interface of
+    /// the next hop to the node when the daemon has resolved it (0: ask
+    /// `bpf_fib_lookup` per packet).
     pub ifindex: u32,
     /// Index of the target's counters in `tm_target_stats`.
     pub stats_index: u32,
     pub _pad: u32,
-    /// Local: destination and source MAC written before the redirect.
+    /// Destination and source MAC written before the redirect (local: the
+    /// target's and ours; remote: the next hop's and the egress interface's).
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
     pub _pad2: [u8; 4],

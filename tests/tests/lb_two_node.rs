@@ -203,6 +203,32 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
     .unwrap();
     server.join().unwrap();
 
+    // Node 1's daemon resolved the next hop to node 2, so the XDP program
+    // writes the cached MACs instead of looking the FIB up per packet.
+    let hop_ifindex = || {
+        let out = std::process::Command::new("bpftool")
+            .args(["map", "lookup", "pinned"])
+            .arg(d1.bpffs_root.join("v1/tm_targets"))
+            .args(["key", "0", "0", "0", "0"])
+            .output()
+            .expect("bpftool");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.split("\"ifindex\": ")
+            .nth(1)
+            .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    while hop_ifindex() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        hop_ifindex(),
+        node1.interface_index(&n1_up.interface),
+        "the cached hop is node 1's link to node 2"
+    );
+
     // Node 1 sent every VIP packet into the tunnel; node 2 delivered them all.
     let s1 = d1.status();
     let s2 = d2.status();

@@ -19,7 +19,7 @@
 use std::{fmt::Write as _, net::Ipv4Addr, time::Duration};
 
 use tapmesh::{
-    dataplane::lb::{LbWriter, TunnelSettings},
+    dataplane::lb::{Hop, LbWriter, TunnelSettings},
     flows::{FlowSpec, VipSpec},
     lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia},
 };
@@ -182,10 +182,11 @@ fn lb_spec() -> LbSpec {
     }
 }
 
-fn load_lb(bpf: &mut Bpf) {
+fn load_lb(bpf: &mut Bpf) -> LbWriter {
     let valid = validate(&lb_spec()).expect("bench LB configuration");
     let resolve = |_: &str| -> Result<(u32, [u8; 6]), String> { Ok((101, OUR_MAC)) };
-    LbWriter::default()
+    let mut writer = LbWriter::default();
+    writer
         .apply(
             &mut bpf.ebpf,
             &valid,
@@ -196,6 +197,7 @@ fn load_lb(bpf: &mut Bpf) {
             &resolve,
         )
         .expect("writing the LB maps");
+    writer
 }
 
 fn ip_checksum(header: &[u8]) -> u16 {
@@ -294,7 +296,7 @@ fn main() {
         .nth(1)
         .unwrap_or_else(|| "BENCHMARKS.md".into());
     let mut bpf = Bpf::load();
-    load_lb(&mut bpf);
+    let mut writer = load_lb(&mut bpf);
     let v6_tcp = ethernet(
         MAC_B,
         MAC_A,
@@ -406,6 +408,7 @@ fn main() {
 
     // Rewriting paths: repeat = 1 in a loop, inside the underlay namespace.
     let (ns, tma_mac) = underlay();
+    let tma_index = ns.interface_index("tma");
     let to_local_tagged = ethernet(
         MAC_B,
         MAC_A,
@@ -468,6 +471,17 @@ fn main() {
                 let (raw, floor) = measure_loop(&mut bpf, "tm_xdp_uplink", &r.frame);
                 rows.push((r.name, raw, floor));
             }
+            // The same encapsulation with the next hop the daemon resolved (no FIB lookup).
+            let hop = Hop { ifindex: tma_index, dst_mac: REMOTE_MAC, src_mac: tma_mac };
+            writer
+                .set_hops(&mut bpf.ebpf, std::collections::BTreeMap::from([(REMOTE_NODE, hop)]))
+                .expect("writing the next hop");
+            let name = "XDP uplink: VIP hit → remote target (UDP encap, resolved next hop)";
+            let first = bpf.run("tm_xdp_uplink", &to_remote, 1);
+            assert_eq!(first.action, XDP_REDIRECT, "{name}: unexpected return value");
+            assert_eq!(first.output, encapsulated(&to_remote, tma_mac, sport), "{name}: unexpected output");
+            let (raw, floor) = measure_loop(&mut bpf, "tm_xdp_uplink", &to_remote);
+            rows.push((name, raw, floor));
             rows
         })
         .join()

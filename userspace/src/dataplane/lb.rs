@@ -123,6 +123,15 @@ pub struct TunnelSettings {
     pub address: Option<std::net::Ipv4Addr>,
 }
 
+/// The resolved next hop towards a remote node: egress interface, the next
+/// hop's MAC and the egress interface's MAC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hop {
+    pub ifindex: u32,
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+}
+
 /// Finds a local interface's index and MAC.
 pub type Resolver<'a> = &'a dyn Fn(&str) -> Result<(u32, [u8; 6]), String>;
 
@@ -155,6 +164,8 @@ pub struct LbWriter {
     flows: BTreeMap<String, u32>,
     /// (stream, identifier) → the target as written at its index (`stats_index`).
     targets: BTreeMap<(String, u32), Target>,
+    /// Resolved next hops of remote nodes (copied into their targets).
+    hops: BTreeMap<std::net::Ipv4Addr, Hop>,
     /// `tm_vip_slots` as written (non-empty slots only).
     slots: BTreeMap<u32, tapmesh_common::lb::VipSlot>,
 }
@@ -263,7 +274,10 @@ impl LbWriter {
                     id
                 }
             };
-            let value = target_value(&t.via, *ifindex, *our_mac, index);
+            let mut value = target_value(&t.via, *ifindex, *our_mac, index);
+            if let ValidVia::Remote { node } = &t.via {
+                self.with_hop(&mut value, *node);
+            }
             if self.targets.get(key) != Some(&value) {
                 array::<Target>(ebpf, n::TARGETS)?
                     .set(index, value, 0)
@@ -507,6 +521,40 @@ impl LbWriter {
         remove_vip_key(ebpf, &slot.key)?;
         clear_tables(ebpf, &slot.tables)?;
         self.vip_ids.give(slot.index);
+        Ok(())
+    }
+
+    fn with_hop(&self, target: &mut Target, node: std::net::Ipv4Addr) {
+        let hop = self.hops.get(&node);
+        target.ifindex = hop.map_or(0, |h| h.ifindex);
+        target.dst_mac = hop.map_or([0; 6], |h| h.dst_mac);
+        target.src_mac = hop.map_or([0; 6], |h| h.src_mac);
+    }
+
+    /// Replaces the known next hops and rewrites the remote targets whose hop
+    /// changed (a node without one goes back to a FIB lookup per packet).
+    pub fn set_hops(
+        &mut self,
+        ebpf: &mut Ebpf,
+        hops: BTreeMap<std::net::Ipv4Addr, Hop>,
+    ) -> Result<(), DataplaneError> {
+        self.hops = hops;
+        let keys: Vec<_> = self.targets.keys().cloned().collect();
+        for key in keys {
+            let mut value = self.targets[&key];
+            if value.kind != tapmesh_common::lb::TARGET_REMOTE {
+                continue;
+            }
+            let a = &value.node_addr;
+            let node = std::net::Ipv4Addr::new(a[12], a[13], a[14], a[15]);
+            self.with_hop(&mut value, node);
+            if self.targets[&key] != value {
+                array::<Target>(ebpf, n::TARGETS)?
+                    .set(value.stats_index, value, 0)
+                    .map_err(map_err(n::TARGETS))?;
+                self.targets.insert(key, value);
+            }
+        }
         Ok(())
     }
 

@@ -106,6 +106,16 @@ impl DataplaneHandle {
         tokio::task::block_in_place(|| running.lb.apply(&mut running.ebpf, valid, tunnel, &resolve))
     }
 
+    /// Replaces the resolved next hops of remote nodes.
+    pub async fn set_hops(
+        &self,
+        hops: std::collections::BTreeMap<std::net::Ipv4Addr, lb::Hop>,
+    ) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let running = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        running.lb.set_hops(&mut running.ebpf, hops)
+    }
+
     /// Per-VIP, per-flow and per-target counters.
     pub async fn lb_counters(&self) -> Result<lb::LbCounters, DataplaneError> {
         let guard = self.running.lock().await;

@@ -206,6 +206,100 @@ fn keep_neighbours_resolved(valid: &super::model::ValidLb) {
     }
 }
 
+/// Finds the egress interface and MACs towards `node` from the kernel's route
+/// and neighbour tables (only a resolved neighbour counts).
+async fn resolve_hop(node: std::net::Ipv4Addr) -> Option<crate::dataplane::lb::Hop> {
+    let run = |args: Vec<String>| async move {
+        let out = tokio::process::Command::new("ip")
+            .args(&args)
+            .output()
+            .await
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+    };
+    let word_after = |text: &str, key: &str| {
+        text.split_whitespace()
+            .skip_while(|w| *w != key)
+            .nth(1)
+            .map(str::to_string)
+    };
+    let route = run(vec![
+        "-o".into(),
+        "route".into(),
+        "get".into(),
+        node.to_string(),
+    ])
+    .await?;
+    let dev = word_after(&route, "dev")?;
+    let hop = word_after(&route, "via").unwrap_or(node.to_string());
+    let neigh = run(vec![
+        "neigh".into(),
+        "show".into(),
+        hop,
+        "dev".into(),
+        dev.clone(),
+    ])
+    .await?;
+    let resolved = ["REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"]
+        .iter()
+        .any(|s| neigh.contains(s));
+    let dst = word_after(&neigh, "lladdr").filter(|_| resolved)?;
+    let link = run(vec![
+        "-o".into(),
+        "link".into(),
+        "show".into(),
+        "dev".into(),
+        dev.clone(),
+    ])
+    .await?;
+    let src = word_after(&link, "link/ether")?;
+    let index: u32 = link.split(':').next()?.trim().parse().ok()?;
+    let mac = |text: &str| {
+        let mut m = [0u8; 6];
+        let parts: Vec<&str> = text.split(':').collect();
+        if parts.len() != 6 {
+            return None;
+        }
+        for (b, p) in m.iter_mut().zip(parts) {
+            *b = u8::from_str_radix(p, 16).ok()?;
+        }
+        Some(m)
+    };
+    Some(crate::dataplane::lb::Hop {
+        ifindex: index,
+        dst_mac: mac(&dst)?,
+        src_mac: mac(&src)?,
+    })
+}
+
+impl LbService {
+    /// Resolves the next hop of every remote node and hands them to the
+    /// dataplane (which then skips the per-packet FIB lookup for them).
+    pub async fn refresh_hops(&self) {
+        let nodes: std::collections::BTreeSet<std::net::Ipv4Addr> = self
+            .spec()
+            .await
+            .targets
+            .iter()
+            .filter_map(|t| match &t.via {
+                super::model::TargetVia::Remote { node } => node.parse().ok(),
+                _ => None,
+            })
+            .collect();
+        let mut hops = std::collections::BTreeMap::new();
+        for node in nodes {
+            if let Some(hop) = resolve_hop(node).await {
+                hops.insert(node, hop);
+            }
+        }
+        if let Err(e) = self.dataplane.set_hops(hops).await {
+            tracing::debug!("next hops not written: {e}");
+        }
+    }
+}
+
 fn upsert<T>(list: &mut Vec<T>, item: T, same: impl Fn(&T, &T) -> bool) {
     match list.iter_mut().find(|x| same(x, &item)) {
         Some(slot) => *slot = item,
@@ -234,6 +328,7 @@ fn remove<T>(
 pub struct LbPlugin {
     service: std::sync::Arc<LbService>,
     initial: std::sync::Mutex<Option<LbSpec>>,
+    refresher: std::sync::Mutex<Option<CancellationToken>>,
 }
 
 impl LbPlugin {
@@ -241,6 +336,7 @@ impl LbPlugin {
         Self {
             service,
             initial: std::sync::Mutex::new(None),
+            refresher: std::sync::Mutex::new(None),
         }
     }
 }
@@ -268,7 +364,7 @@ impl Plugin for LbPlugin {
         Ok(())
     }
 
-    async fn start(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+    async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
         let initial = self
             .initial
             .lock()
@@ -278,10 +374,27 @@ impl Plugin for LbPlugin {
         self.service
             .apply(initial)
             .await
-            .map_err(|e| PluginError::new(e.to_string()))
+            .map_err(|e| PluginError::new(e.to_string()))?;
+        // Keep remote nodes' next hops current (a neighbour can change its MAC).
+        let service = self.service.clone();
+        let stop = scope.child_token();
+        *self.refresher.lock().expect("refresher lock") = Some(stop.clone());
+        tokio::spawn(async move {
+            loop {
+                service.refresh_hops().await;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                }
+            }
+        });
+        Ok(())
     }
 
     async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+        if let Some(stop) = self.refresher.lock().expect("refresher lock").take() {
+            stop.cancel();
+        }
         Ok(())
     }
 
