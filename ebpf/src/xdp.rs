@@ -10,10 +10,10 @@ use crate::{lb, maps::tm_node, packet::Packet, parse::parse, stats::Stats};
 
 #[xdp]
 pub fn tm_xdp_uplink(ctx: XdpContext) -> u32 {
-    let wire_len = packet_of(&ctx).wire_len as u64;
+    let pkt = packet_of(&ctx);
     let stats = Stats::of(ProgramSlot::XdpUplink);
-    let result = try_uplink(&ctx, &stats);
-    xdp_outcome(&stats, wire_len, result)
+    let result = try_uplink(&ctx, pkt, &stats);
+    xdp_outcome(&stats, pkt.wire_len as u64, result)
 }
 
 /// Does nothing: what every benchmark subtracts.
@@ -32,9 +32,8 @@ fn packet_of(ctx: &XdpContext) -> Packet {
 /// Tunnel packets for this node are decapsulated first; then VIP traffic is
 /// load balanced and everything else passes.
 #[inline(always)]
-fn try_uplink(ctx: &XdpContext, stats: &Stats) -> Result<u32, DropReason> {
+fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, DropReason> {
     let node = tm_node.get(0);
-    let mut pkt = packet_of(ctx);
     let mut parsed = parse(&pkt)?;
     let tunneled = node.is_some_and(|n| lb::is_tunnel(&parsed, n));
     if tunneled {

@@ -190,3 +190,33 @@ pub fn set_ipv4_total_length(frame: &mut [u8], l3: usize, total: u16) {
 pub fn set_ipv6_payload_length(frame: &mut [u8], l3: usize, len: u16) {
     frame[l3 + 4..l3 + 6].copy_from_slice(&len.to_be_bytes());
 }
+
+/// What the uplink makes of an IP packet for a remote target: Ethernet, IPv4
+/// (DF, TTL 64, valid checksum) from `src` to `dst`, UDP `sport` → `dport`
+/// with checksum 0, then the packet unchanged.
+#[allow(clippy::too_many_arguments)]
+pub fn tunnel_frame(
+    dst_mac: [u8; 6],
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    inner: &[u8],
+) -> Vec<u8> {
+    let mut ip = vec![0x45, 0];
+    ip.extend_from_slice(&((20 + 8 + inner.len()) as u16).to_be_bytes());
+    ip.extend_from_slice(&[0, 0, 0x40, 0x00, 64, UDP, 0, 0]);
+    ip.extend_from_slice(&src.octets());
+    ip.extend_from_slice(&dst.octets());
+    let sum = internet_checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    let mut udp = Vec::with_capacity(8 + inner.len());
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(inner);
+    ip.extend_from_slice(&udp);
+    ethernet(dst_mac, src_mac, &[], 0x0800, &ip)
+}

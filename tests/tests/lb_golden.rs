@@ -1372,25 +1372,15 @@ impl Underlay {
 /// The frame a remote target gets: outer Ethernet, IPv4 (DF, TTL 64, valid
 /// checksum), UDP (checksum 0) to the tunnel port, then the input's IP packet.
 fn encapsulated(frame: &[u8], dst_mac: [u8; 6], src_mac: [u8; 6], sport: u16) -> Vec<u8> {
-    let inner = ip_packet(frame);
-    let mut out = Vec::new();
-    out.extend_from_slice(&dst_mac);
-    out.extend_from_slice(&src_mac);
-    out.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((20 + 8 + inner.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0x40, 0x00, 64, UDP, 0, 0]);
-    ip.extend_from_slice(&NODE.octets());
-    ip.extend_from_slice(&REMOTE_NODE.octets());
-    let sum = ip_checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    out.extend_from_slice(&ip);
-    out.extend_from_slice(&sport.to_be_bytes());
-    out.extend_from_slice(&TUNNEL_PORT.to_be_bytes());
-    out.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(inner);
-    out
+    tunnel_frame(
+        dst_mac,
+        src_mac,
+        NODE,
+        REMOTE_NODE,
+        sport,
+        TUNNEL_PORT,
+        ip_packet(frame),
+    )
 }
 
 /// Field-by-field checks of an encapsulated output, for readable failures.

@@ -200,10 +200,6 @@ fn load_lb(bpf: &mut Bpf) -> LbWriter {
     writer
 }
 
-fn ip_checksum(header: &[u8]) -> u16 {
-    internet_checksum(&[header])
-}
-
 /// The expected output of the encapsulation of `frame` (untagged), with the
 /// UDP source port the kernel chose (its flow hash; checked for range here).
 fn encapsulated(frame: &[u8], src_mac: [u8; 6], sport: u16) -> Vec<u8> {
@@ -211,25 +207,15 @@ fn encapsulated(frame: &[u8], src_mac: [u8; 6], sport: u16) -> Vec<u8> {
         (0xc000..=0xffff).contains(&sport),
         "tunnel source port {sport:#x}"
     );
-    let inner = &frame[14..];
-    let mut out = Vec::new();
-    out.extend_from_slice(&REMOTE_MAC);
-    out.extend_from_slice(&src_mac);
-    out.extend_from_slice(&[0x08, 0x00]);
-    let mut ip = vec![0x45, 0];
-    ip.extend_from_slice(&((28 + inner.len()) as u16).to_be_bytes());
-    ip.extend_from_slice(&[0, 0, 0x40, 0, 64, UDP, 0, 0]);
-    ip.extend_from_slice(&NODE.octets());
-    ip.extend_from_slice(&REMOTE_NODE.octets());
-    let sum = ip_checksum(&ip);
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    out.extend_from_slice(&ip);
-    out.extend_from_slice(&sport.to_be_bytes());
-    out.extend_from_slice(&TUNNEL_PORT.to_be_bytes());
-    out.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
-    out.extend_from_slice(&[0, 0]);
-    out.extend_from_slice(inner);
-    out
+    tunnel_frame(
+        REMOTE_MAC,
+        src_mac,
+        NODE,
+        REMOTE_NODE,
+        sport,
+        TUNNEL_PORT,
+        &frame[14..],
+    )
 }
 
 /// The underlay namespace: veth `tma` (this node, 198.18.5.1/24) and its peer,
