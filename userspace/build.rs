@@ -4,7 +4,14 @@ use std::{env, fs, path::PathBuf};
 
 fn main() {
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
-    let protos = ["proto/tapmesh/admin/v1/admin.proto"];
+    let protos = [
+        "proto/tapmesh/admin/v1/admin.proto",
+        "proto/tapmesh/node/v1/node.proto",
+        "proto/ambassador/v1/tap.proto",
+        "proto/api/nsp/v1/model.proto",
+        "proto/api/nsp/v1/targetregistry.proto",
+        "proto/api/nsp/v1/configurationmanager.proto",
+    ];
     tonic_prost_build::configure()
         .compile_protos(&protos, &["proto"])
         .unwrap_or_else(|e| {

@@ -8,6 +8,7 @@ pub mod bpf;
 pub mod daemon;
 pub mod frames;
 pub mod net;
+pub mod tapa;
 
 use std::{
     process::{Command, Output},

@@ -111,12 +111,49 @@ impl Default for LbConfig {
     }
 }
 
+pub const DEFAULT_NODE_SOCKET: &str = "/run/tapmesh/node.sock";
+
+/// The Meridio-compatible registry, configuration manager and conduits.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NspSettings {
+    /// Socket of the node API (registry, configuration, conduits); any local
+    /// user may call it, the daemon acts only on the caller's own namespace.
+    pub socket: PathBuf,
+    /// Trenches, conduits, streams, flows and VIPs (TOML); reloaded when it changes.
+    pub config_file: Option<PathBuf>,
+    /// A registered target not refreshed within this time is removed.
+    #[serde(with = "humantime_serde")]
+    pub entry_timeout: std::time::Duration,
+    /// Where the registry and conduit connections are kept across restarts.
+    pub state_dir: PathBuf,
+    /// Address pools of conduit interfaces ("" turns a family off).
+    pub conduit_prefix_v4: String,
+    pub conduit_prefix_v6: String,
+    pub conduit_mtu: u32,
+}
+
+impl Default for NspSettings {
+    fn default() -> Self {
+        Self {
+            socket: DEFAULT_NODE_SOCKET.into(),
+            config_file: None,
+            entry_timeout: std::time::Duration::from_secs(60),
+            state_dir: "/var/lib/tapmesh".into(),
+            conduit_prefix_v4: "169.254.100.0/22".into(),
+            conduit_prefix_v6: "fd74:6170:6d65::/64".into(),
+            conduit_mtu: 1500,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub daemon: DaemonConfig,
     pub dataplane: DataplaneConfig,
     pub lb: LbConfig,
+    pub nsp: NspSettings,
 }
 
 /// Values given on the command line or in the environment; `None` keeps the file's value.
@@ -156,6 +193,18 @@ pub struct Overrides {
     /// LB configuration (VIPs, streams, flows, targets) applied at start.
     #[arg(long, env = "TAPMESH_LB_CONFIG")]
     pub lb_config: Option<PathBuf>,
+    /// Node API socket (target registry, configuration manager, conduits).
+    #[arg(long, env = "TAPMESH_NODE_SOCKET")]
+    pub node_socket: Option<PathBuf>,
+    /// Meridio-style configuration: trenches, conduits, streams, flows, VIPs.
+    #[arg(long, env = "TAPMESH_NSP_CONFIG")]
+    pub nsp_config: Option<PathBuf>,
+    /// Registry keep-alive expiry, e.g. "60s".
+    #[arg(long, env = "TAPMESH_ENTRY_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub entry_timeout: Option<std::time::Duration>,
+    /// Directory for state kept across restarts (registry, conduits).
+    #[arg(long, env = "TAPMESH_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
     /// Leave the dataplane attached when the daemon stops (`--keep-dataplane=false` overrides the file).
     #[arg(long, env = "TAPMESH_KEEP_DATAPLANE", num_args = 0..=1, default_missing_value = "true")]
     pub keep_dataplane: Option<bool>,
@@ -229,6 +278,18 @@ impl Config {
         if let Some(v) = o.keep_dataplane {
             self.dataplane.keep_dataplane = v;
         }
+        if let Some(v) = &o.node_socket {
+            self.nsp.socket = v.clone();
+        }
+        if let Some(v) = &o.nsp_config {
+            self.nsp.config_file = Some(v.clone());
+        }
+        if let Some(v) = o.entry_timeout {
+            self.nsp.entry_timeout = v;
+        }
+        if let Some(v) = &o.state_dir {
+            self.nsp.state_dir = v.clone();
+        }
     }
 
     /// Checks what can be checked before anything is attached.
@@ -270,6 +331,45 @@ impl Config {
             return Err(ConfigError::BadValue {
                 setting: "lb.tunnel_port",
                 message: "0 is not a port; use 1-65535 (default 50103)".into(),
+            });
+        }
+        for (setting, path) in [
+            ("nsp.socket", &self.nsp.socket),
+            ("nsp.state_dir", &self.nsp.state_dir),
+        ] {
+            if !path.is_absolute() {
+                return Err(ConfigError::BadValue {
+                    setting,
+                    message: format!("{path:?} must be an absolute path"),
+                });
+            }
+        }
+        if self.nsp.entry_timeout < std::time::Duration::from_millis(100) {
+            return Err(ConfigError::BadValue {
+                setting: "nsp.entry_timeout",
+                message: "must be at least 100ms (default 60s)".into(),
+            });
+        }
+        for (setting, pool, v4) in [
+            ("nsp.conduit_prefix_v4", &self.nsp.conduit_prefix_v4, true),
+            ("nsp.conduit_prefix_v6", &self.nsp.conduit_prefix_v6, false),
+        ] {
+            if pool.is_empty() {
+                continue;
+            }
+            let cidr = crate::nsp::conduits::parse_pool(pool)
+                .map_err(|message| ConfigError::BadValue { setting, message })?;
+            if cidr.addr.is_ipv4() != v4 {
+                return Err(ConfigError::BadValue {
+                    setting,
+                    message: format!("{pool:?} is of the other address family"),
+                });
+            }
+        }
+        if !(1280..=65535).contains(&self.nsp.conduit_mtu) {
+            return Err(ConfigError::BadValue {
+                setting: "nsp.conduit_mtu",
+                message: "use 1280..=65535".into(),
             });
         }
         tracing_subscriber::EnvFilter::try_new(&self.daemon.log_level).map_err(|e| {

@@ -1,7 +1,9 @@
 //! tapmesh: a node dataplane in XDP and TC, driven by a plugin daemon.
 
 pub mod admin;
+pub mod ambassador;
 pub mod cli;
+pub mod conduit_net;
 pub mod config;
 pub mod core;
 pub mod dataplane;
@@ -9,3 +11,6 @@ pub mod flows;
 pub mod lb;
 pub mod netlink;
 pub mod netns;
+pub mod nsp;
+pub mod proto;
+pub mod uds;

@@ -4,11 +4,12 @@ use clap::{Parser, Subcommand};
 use tapmesh::{
     admin::{self, AdminPlugin},
     cli,
-    config::{Config, Overrides, DEFAULT_ADMIN_SOCKET},
+    config::{Config, Overrides, DEFAULT_ADMIN_SOCKET, DEFAULT_NODE_SOCKET},
     core::Core,
     dataplane::{DataplaneHandle, DataplanePlugin},
     lb::service::{LbPlugin, LbService},
     netns,
+    nsp::NspPlugin,
 };
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -42,6 +43,32 @@ enum Command {
         #[command(subcommand)]
         command: LbCommand,
     },
+    /// Meridio's TAPA: serve ambassador.v1.Tap in the application's namespace (no root needed).
+    Ambassador {
+        #[command(flatten)]
+        settings: tapmesh::ambassador::AmbassadorSettings,
+    },
+    /// Open, close or watch streams through an ambassador.
+    Stream {
+        /// The ambassador's socket.
+        #[arg(
+            long,
+            env = "MERIDIO_SOCKET",
+            default_value = "/ambassador.sock",
+            global = true
+        )]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: StreamCommand,
+    },
+    /// The target registry of the node daemon.
+    Registry {
+        /// The node daemon's socket.
+        #[arg(long, env = "TAPMESH_NODE_SOCKET", default_value = DEFAULT_NODE_SOCKET, global = true)]
+        node_socket: PathBuf,
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
     /// Show every plugin's state and the dataplane counters.
     Status {
         /// Admin API socket of the daemon.
@@ -66,6 +93,36 @@ enum LbCommand {
         name: String,
         identifier: Option<u32>,
     },
+}
+
+#[derive(Clone, Debug, clap::Args)]
+struct StreamName {
+    #[arg(long)]
+    trench: String,
+    #[arg(long)]
+    conduit: String,
+    /// The stream's name.
+    stream: String,
+}
+
+#[derive(Subcommand)]
+enum StreamCommand {
+    /// Open a stream (returns at once; `watch` tells when it is OPEN).
+    Open(StreamName),
+    /// Close a stream.
+    Close(StreamName),
+    /// Print the streams' states now and on every change.
+    Watch {
+        /// Exit after this many updates.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+enum RegistryCommand {
+    /// List the registered targets of every stream.
+    List,
 }
 
 /// Exit code for a configuration the daemon refuses.
@@ -95,6 +152,12 @@ fn main() -> ExitCode {
                 .init();
             runtime().block_on(daemon(config))
         }
+        Command::Ambassador { settings } => tapmesh::ambassador::run(settings),
+        Command::Stream { socket, command } => runtime().block_on(stream(socket, command)),
+        Command::Registry {
+            node_socket,
+            command: RegistryCommand::List,
+        } => runtime().block_on(registry_list(node_socket)),
         Command::Status { admin_socket, raw } => runtime().block_on(status(admin_socket, raw)),
         Command::Lb {
             admin_socket,
@@ -118,6 +181,7 @@ async fn daemon(config: Config) -> ExitCode {
     let lb = Arc::new(LbService::new(dataplane.clone()));
     core.register(Arc::new(DataplanePlugin::new(dataplane.clone())));
     core.register(Arc::new(LbPlugin::new(lb.clone())));
+    core.register(Arc::new(NspPlugin::new(lb.clone())));
     core.register(Arc::new(AdminPlugin::new(core.view(), dataplane, lb)));
 
     // Signals are caught from here on, so one that arrives during start still stops cleanly.
@@ -249,4 +313,73 @@ async fn lb(socket: PathBuf, command: LbCommand) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn stream(socket: PathBuf, command: StreamCommand) -> ExitCode {
+    use tapmesh::proto::ambassador::tap_client::TapClient;
+    let mut client = TapClient::new(tapmesh::uds::lazy_channel(&socket));
+    let request = |n: &StreamName| cli::nsp::stream_request(&n.trench, &n.conduit, &n.stream);
+    let result = match command {
+        StreamCommand::Open(n) => client.open(request(&n)).await.map(|_| ()),
+        StreamCommand::Close(n) => client.close(request(&n)).await.map(|_| ()),
+        StreamCommand::Watch { count } => {
+            let all = tapmesh::proto::ambassador::Stream::default();
+            match client.watch(all).await {
+                Ok(r) => {
+                    let mut updates = r.into_inner();
+                    let mut seen = 0;
+                    loop {
+                        match updates.message().await {
+                            Ok(Some(m)) => {
+                                print!("{}", cli::nsp::render_statuses(&m));
+                                println!("--");
+                                seen += 1;
+                                if count.is_some_and(|c| seen >= c) {
+                                    break Ok(());
+                                }
+                            }
+                            Ok(None) => break Ok(()),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "tapmesh: {} (ambassador at {})",
+                e.message(),
+                socket.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn registry_list(socket: PathBuf) -> ExitCode {
+    use tapmesh::proto::nsp::{target, target_registry_client::TargetRegistryClient, Target};
+    let mut client = TargetRegistryClient::new(tapmesh::uds::lazy_channel(&socket));
+    let mut all = tapmesh::proto::nsp::TargetResponse::default();
+    for kind in [target::Type::Default, target::Type::Frontend] {
+        let filter = Target {
+            status: target::Status::Any as i32,
+            r#type: kind as i32,
+            ..Default::default()
+        };
+        let first = async { client.watch(filter).await?.into_inner().message().await };
+        match first.await {
+            Ok(Some(list)) => all.targets.extend(list.targets),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("tapmesh: registry at {}: {}", socket.display(), e.message());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    print!("{}", cli::nsp::render_targets(&all));
+    ExitCode::SUCCESS
 }

@@ -1,4 +1,5 @@
 //! Command-line front ends that talk to the daemon.
 
 pub mod lb;
+pub mod nsp;
 pub mod status;

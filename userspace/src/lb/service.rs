@@ -41,9 +41,30 @@ pub fn read_spec(path: &Path) -> Result<LbSpec, LbServiceError> {
     Ok(spec)
 }
 
+/// The configuration set through the admin API or file (`own`) and the parts
+/// other plugins own (`others`, by plugin name); the maps get their union.
+#[derive(Default)]
+struct Sources {
+    own: LbSpec,
+    others: std::collections::BTreeMap<&'static str, LbSpec>,
+}
+
+impl Sources {
+    fn merged(&self, own: &LbSpec) -> LbSpec {
+        let mut all = own.clone();
+        for other in self.others.values() {
+            all.vips.extend(other.vips.iter().cloned());
+            all.streams.extend(other.streams.iter().cloned());
+            all.flows.extend(other.flows.iter().cloned());
+            all.targets.extend(other.targets.iter().cloned());
+        }
+        all
+    }
+}
+
 pub struct LbService {
     dataplane: DataplaneHandle,
-    spec: Mutex<LbSpec>,
+    spec: Mutex<Sources>,
     tunnel: std::sync::Mutex<TunnelSettings>,
 }
 
@@ -51,7 +72,7 @@ impl LbService {
     pub fn new(dataplane: DataplaneHandle) -> Self {
         Self {
             dataplane,
-            spec: Mutex::new(LbSpec::default()),
+            spec: Mutex::new(Sources::default()),
             tunnel: std::sync::Mutex::new(TunnelSettings::default()),
         }
     }
@@ -60,19 +81,46 @@ impl LbService {
         *self.tunnel.lock().expect("tunnel lock")
     }
 
-    /// The configuration in force.
+    /// The configuration in force, every source's part included.
     pub async fn spec(&self) -> LbSpec {
-        self.spec.lock().await.clone()
+        let sources = self.spec.lock().await;
+        sources.merged(&sources.own)
     }
 
-    /// Replaces the whole configuration.
+    /// Replaces the whole admin/file configuration.
     pub async fn apply(&self, new: LbSpec) -> Result<(), LbServiceError> {
-        let mut spec = self.spec.lock().await;
-        let valid = validate(&new)?;
-        self.dataplane.apply_lb(&valid, self.tunnel()).await?;
-        keep_neighbours_resolved(&valid);
-        *spec = new;
-        Ok(())
+        self.update(|s| {
+            *s = new;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Replaces the part plugin `source` owns; the union is validated and applied.
+    pub async fn set_source(
+        &self,
+        source: &'static str,
+        part: LbSpec,
+    ) -> Result<(), LbServiceError> {
+        let mut sources = self.spec.lock().await;
+        let previous = sources.others.insert(source, part);
+        let valid = validate(&sources.merged(&sources.own));
+        let result = match valid {
+            Ok(valid) => self
+                .dataplane
+                .apply_lb(&valid, self.tunnel())
+                .await
+                .map(|_| keep_neighbours_resolved(&valid))
+                .map_err(LbServiceError::from),
+            Err(e) => Err(e.into()),
+        };
+        if result.is_err() {
+            match previous {
+                Some(p) => sources.others.insert(source, p),
+                None => sources.others.remove(source),
+            };
+        }
+        result
     }
 
     /// Changes the configuration with `edit`, then validates and applies the result.
@@ -80,13 +128,13 @@ impl LbService {
         &self,
         edit: impl FnOnce(&mut LbSpec) -> Result<(), LbServiceError>,
     ) -> Result<(), LbServiceError> {
-        let mut spec = self.spec.lock().await;
-        let mut new = spec.clone();
+        let mut sources = self.spec.lock().await;
+        let mut new = sources.own.clone();
         edit(&mut new)?;
-        let valid = validate(&new)?;
+        let valid = validate(&sources.merged(&new))?;
         self.dataplane.apply_lb(&valid, self.tunnel()).await?;
         keep_neighbours_resolved(&valid);
-        *spec = new;
+        sources.own = new;
         Ok(())
     }
 
@@ -399,7 +447,7 @@ impl Plugin for LbPlugin {
     }
 
     fn status(&self) -> String {
-        match self.service.spec.try_lock() {
+        match self.service.spec.try_lock().map(|s| s.merged(&s.own)) {
             Ok(s) => format!(
                 "{} VIPs, {} streams, {} flows, {} targets",
                 s.vips.len(),

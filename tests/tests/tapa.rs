@@ -1,0 +1,366 @@
+//! The ambassador (TAPA) and the node's target registry with real traffic:
+//! an unprivileged ambassador in each application namespace, the daemon on
+//! the node, VIP traffic from a client namespace.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use tapmesh::proto::ambassador::stream_status::Status as S;
+use tapmesh_tests::{
+    daemon::named,
+    kernel_tests_enabled,
+    net::{send_udp_flows, tcp_echo, wait_until, TcpEchoServer, UdpReceiver, CLIENT},
+    tapa::{status_of, stream, TapCaller, TapaLab, NSP_CONFIG, VIP_A, VIP_B},
+};
+
+const OPEN_WITHIN: Duration = Duration::from_secs(10);
+const PORTS: std::ops::Range<u16> = 40000..40050;
+
+fn send(lab: &TapaLab, vip: Ipv4Addr, rounds: u32) -> u64 {
+    let ports: Vec<u16> = PORTS.collect();
+    send_udp_flows(
+        &lab.client.name,
+        CLIENT,
+        &ports,
+        SocketAddrV4::new(vip, 5000),
+        rounds,
+        b"tapa",
+    )
+}
+
+fn receiver(lab: &TapaLab, app: usize) -> UdpReceiver {
+    UdpReceiver::start(
+        &lab.apps[app].name,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 5000),
+    )
+}
+
+/// What to look at when traffic went missing: the LB listing and the uplink counters.
+fn diagnose(lab: &TapaLab) -> String {
+    let lb = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+        .args(["lb", "list", "--admin-socket"])
+        .arg(&lab.daemon().socket)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let status = lab.daemon().status();
+    let xdp = status.programs.iter().find(|p| p.program == "xdp_uplink");
+    format!("{lb}\n{xdp:?}\n{}", lab.registry_list())
+}
+
+fn links_in(lab: &TapaLab, app: usize) -> String {
+    String::from_utf8_lossy(&lab.apps[app].ip(&["-o", "addr", "show"]).stdout).into_owned()
+}
+
+#[test]
+fn an_opened_stream_gets_the_vip_traffic_and_close_stops_it() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(1, "60s");
+    let a = lab.start_ambassador(0, "30s");
+    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
+    tap.open(stream("stream-a", "conduit-a", "trench-a"))
+        .unwrap();
+    // Open again: idempotent.
+    tap.open(stream("stream-a", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(
+        tap.wait_status("stream-a", S::Open, OPEN_WITHIN),
+        "not OPEN: {}",
+        lab.ambassadors[a].log_text()
+    );
+    // The daemon put the conduit's VIPs on the application's interface.
+    let addrs = links_in(&lab, 0);
+    assert!(
+        addrs.contains("conduit0") && addrs.contains("203.0.113.10/32"),
+        "{addrs}"
+    );
+    assert!(
+        addrs.contains("203.0.113.11/32"),
+        "every VIP of the conduit's flows: {addrs}"
+    );
+    let registered = lab.registered("stream-a");
+    assert_eq!(registered.len(), 1, "{}", lab.registry_list());
+    assert_eq!(registered[0].1, "ENABLED");
+
+    let rx = receiver(&lab, 0);
+    let sent = send(&lab, VIP_A, 4);
+    assert!(
+        wait_until(Duration::from_secs(5), || rx.count() == sent),
+        "{} of {sent}: {}",
+        rx.count(),
+        diagnose(&lab)
+    );
+    // TCP connections complete end to end (the reply leaves from the VIP).
+    let echo = TcpEchoServer::start(
+        &lab.apps[0].name,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 7000),
+    );
+    let messages: Vec<Vec<u8>> = (0..5).map(|i| format!("hello {i}").into_bytes()).collect();
+    for (got, want) in tcp_echo(&lab.client.name, SocketAddrV4::new(VIP_A, 7000), &messages)
+        .into_iter()
+        .zip(&messages)
+    {
+        assert_eq!(&got.unwrap(), want);
+    }
+    drop(echo);
+
+    // Close: unregistered, the conduit interface removed, the VIP traffic dropped.
+    tap.close(stream("stream-a", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(tap
+        .watch_until(Duration::from_secs(1), |m| status_of(m, "stream-a")
+            .is_none())
+        .last()
+        .is_some_and(|m| m.stream_status.is_empty()));
+    assert!(
+        lab.registered("stream-a").is_empty(),
+        "{}",
+        lab.registry_list()
+    );
+    assert!(!links_in(&lab, 0).contains("conduit0"));
+    let before = named(&lab.daemon().status(), "xdp_uplink", "no_target");
+    let dropped = send(&lab, VIP_A, 2);
+    let s = lab
+        .daemon()
+        .status_when(|s| named(s, "xdp_uplink", "no_target") - before >= dropped);
+    assert_eq!(named(&s, "xdp_uplink", "no_target") - before, dropped);
+    assert_eq!(rx.count(), sent, "nothing more reached the application");
+}
+
+#[test]
+fn two_applications_on_two_streams_of_one_conduit_and_a_second_trench_refused() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(3, "60s");
+    let mut taps = Vec::new();
+    for app in 0..3 {
+        let a = lab.start_ambassador(app, "30s");
+        taps.push(TapCaller::new(&lab.ambassadors[a].socket));
+    }
+    taps[0]
+        .open(stream("stream-a", "conduit-a", "trench-a"))
+        .unwrap();
+    taps[1]
+        .open(stream("stream-b", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(taps[0].wait_status("stream-a", S::Open, OPEN_WITHIN));
+    assert!(taps[1].wait_status("stream-b", S::Open, OPEN_WITHIN));
+
+    let (rx0, rx1) = (receiver(&lab, 0), receiver(&lab, 1));
+    let to_a = send(&lab, VIP_A, 2);
+    let to_b = send(&lab, VIP_B, 3);
+    assert!(wait_until(Duration::from_secs(5), || rx0.count() == to_a
+        && rx1.count() == to_b));
+    assert_eq!(
+        (rx0.count(), rx1.count()),
+        (to_a, to_b),
+        "each VIP to its stream's application"
+    );
+
+    // One trench per application.
+    let e = taps[0]
+        .open(stream("stream-x", "conduit-x", "trench-b"))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        e.message().contains("another trench is already connected"),
+        "{e}"
+    );
+
+    // stream-b takes one target: a second application cannot get an identifier.
+    taps[2]
+        .open(stream("stream-b", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(
+        wait_until(OPEN_WITHIN, || lab.ambassadors[2]
+            .log_text()
+            .contains("no identifier available to register the target")),
+        "{}",
+        lab.ambassadors[2].log_text()
+    );
+    assert!(taps[2].wait_status("stream-b", S::Unavailable, Duration::from_secs(1)));
+    assert_eq!(
+        lab.registered("stream-b").len(),
+        1,
+        "{}",
+        lab.registry_list()
+    );
+
+    // A stream the configuration does not define is UNDEFINED.
+    taps[2]
+        .open(stream("stream-z", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(taps[2].wait_status("stream-z", S::Undefined, OPEN_WITHIN));
+
+    // Bad requests get a clear status and register nothing.
+    let mut nil_conduit = stream("stream-a", "conduit-a", "trench-a");
+    nil_conduit.conduit = None;
+    let e = taps[2].open(nil_conduit).unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (tonic::Code::InvalidArgument, "conduit cannot be nil")
+    );
+    let mut nil_trench = stream("stream-a", "conduit-a", "trench-a");
+    nil_trench.conduit.as_mut().unwrap().trench = None;
+    let e = taps[2].open(nil_trench).unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (tonic::Code::InvalidArgument, "trench cannot be nil")
+    );
+    let e = taps[2]
+        .open(stream("bad/name", "conduit-a", "trench-a"))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("invalid character"), "{e}");
+    let long = "s".repeat(254);
+    let e = taps[2]
+        .open(stream(&long, "conduit-a", "trench-a"))
+        .unwrap_err();
+    assert!(e.message().contains("longer than 253 bytes"), "{e}");
+    assert_eq!(lab.registered("stream-a").len(), 1);
+}
+
+#[test]
+fn identifiers_are_unique_per_stream_and_a_killed_ambassador_expires() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(3, "3s");
+    let mut taps = Vec::new();
+    for app in 0..3 {
+        let a = lab.start_ambassador(app, "1s");
+        let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
+        tap.open(stream("stream-a", "conduit-a", "trench-a"))
+            .unwrap();
+        taps.push(tap);
+    }
+    for tap in &mut taps {
+        assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
+    }
+    let mut ids: Vec<String> = lab
+        .registered("stream-a")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(
+        ids.len(),
+        3,
+        "three distinct identifiers: {}",
+        lab.registry_list()
+    );
+
+    let receivers: Vec<UdpReceiver> = (0..3).map(|i| receiver(&lab, i)).collect();
+    let sent = send(&lab, VIP_A, 4);
+    assert!(wait_until(Duration::from_secs(5), || receivers
+        .iter()
+        .map(UdpReceiver::count)
+        .sum::<u64>()
+        == sent));
+    assert!(
+        receivers.iter().all(|r| r.count() > 0),
+        "every target gets a share"
+    );
+
+    // Killed without Close: its entry expires (3 s) and the others keep all the traffic.
+    lab.ambassadors[0].kill();
+    assert!(wait_until(Duration::from_secs(10), || lab
+        .registered("stream-a")
+        .len()
+        == 2));
+    let before: Vec<u64> = receivers.iter().map(UdpReceiver::count).collect();
+    let sent = send(&lab, VIP_A, 4);
+    assert!(wait_until(Duration::from_secs(5), || {
+        receivers[1].count() + receivers[2].count() - before[1] - before[2] == sent
+    }));
+    assert_eq!(
+        receivers[0].count(),
+        before[0],
+        "the killed application gets nothing"
+    );
+}
+
+#[test]
+fn re_registration_after_expiry_keeps_the_identifier_and_a_restart_keeps_the_registry() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(1, "2s");
+    let a = lab.start_ambassador(0, "1s");
+    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
+    tap.open(stream("stream-a", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
+    let first = lab.registered("stream-a");
+    assert_eq!(first.len(), 1);
+
+    // Frozen past the expiry: the entry goes; thawed, it comes back with its identifier.
+    lab.ambassadors[a].signal(libc::SIGSTOP);
+    assert!(wait_until(Duration::from_secs(10), || lab
+        .registered("stream-a")
+        .is_empty()));
+    lab.ambassadors[a].signal(libc::SIGCONT);
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            lab.registered("stream-a") == vec![(first[0].0.clone(), "ENABLED".to_string())]
+        }),
+        "{}",
+        lab.registry_list()
+    );
+
+    // A daemon restart keeps the registration (persisted), and the traffic flows.
+    lab.stop_daemon();
+    lab.start_daemon();
+    assert_eq!(
+        lab.registered("stream-a"),
+        vec![(first[0].0.clone(), "ENABLED".to_string())]
+    );
+    let rx = receiver(&lab, 0);
+    let sent = send(&lab, VIP_A, 2);
+    assert!(wait_until(Duration::from_secs(5), || rx.count() == sent));
+}
+
+#[test]
+fn a_stream_removed_from_the_configuration_becomes_undefined_and_returns() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(1, "60s");
+    let a = lab.start_ambassador(0, "30s");
+    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
+    tap.open(stream("stream-a", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
+
+    // Only real changes reach a watcher: no repeated event while nothing changes.
+    let quiet = tap.watch_until(Duration::from_millis(1500), |_| false);
+    assert_eq!(quiet.len(), 1, "only the snapshot: {quiet:?}");
+
+    let without_a = NSP_CONFIG
+        .replace("stream = \"stream-a\"", "stream = \"stream-b\"")
+        .replace(
+            "name = \"stream-a\"\nconduit = \"conduit-a\"\nmax_targets = 4\n",
+            "name = \"stream-c\"\nconduit = \"conduit-a\"\nmax_targets = 4\n",
+        );
+    lab.write_config(&without_a);
+    assert!(tap.wait_status("stream-a", S::Undefined, OPEN_WITHIN));
+    assert!(
+        lab.registered("stream-a").is_empty(),
+        "{}",
+        lab.registry_list()
+    );
+
+    // A broken edit is refused and the previous configuration stays.
+    lab.write_config("[[streams]]\nname = \"x\"\n");
+    std::thread::sleep(Duration::from_secs(1));
+    let status = lab.daemon().status();
+    let nsp = status.plugins.iter().find(|p| p.name == "nsp").unwrap();
+    assert!(nsp.detail.contains("config not reloaded"), "{nsp:?}");
+
+    lab.write_config(NSP_CONFIG);
+    assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
+}

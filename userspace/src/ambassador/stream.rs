@@ -1,0 +1,249 @@
+//! One opened stream: registers this application as a target of the stream
+//! with a free identifier (DISABLED first, then ENABLED), refreshes the
+//! registration every entry timeout and re-registers after an expiry,
+//! keeping its identifier when it is still free.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::conduit::ConduitView;
+use super::tap::{StreamKey, StreamState};
+use crate::proto::nsp::{self as pb, target_registry_client::TargetRegistryClient};
+
+const RETRY: Duration = Duration::from_secs(1);
+const COLLISION_ATTEMPTS: usize = 10;
+
+pub struct Registration {
+    client: TargetRegistryClient<tonic::transport::Channel>,
+    key: StreamKey,
+    timeout: Duration,
+    ips: Vec<String>,
+    identifier: Option<u32>,
+    enabled: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    #[error("no identifier available to register the target")]
+    NoIdentifier,
+    #[error("registry: {0}")]
+    Registry(String),
+}
+
+fn call_error(e: impl std::fmt::Display) -> OpenError {
+    OpenError::Registry(e.to_string())
+}
+
+impl Registration {
+    fn target(&self, status: pb::target::Status) -> pb::Target {
+        let mut context = std::collections::HashMap::new();
+        if let Some(id) = self.identifier {
+            context.insert("identifier".to_string(), id.to_string());
+        }
+        pb::Target {
+            ips: self.ips.clone(),
+            context,
+            status: status as i32,
+            r#type: pb::target::Type::Default as i32,
+            stream: Some(self.key.to_nsp()),
+        }
+    }
+
+    async fn register(&mut self, status: pb::target::Status) -> Result<(), OpenError> {
+        let target = self.target(status);
+        tokio::time::timeout(self.timeout, self.client.register(target))
+            .await
+            .map_err(call_error)?
+            .map_err(|e| OpenError::Registry(e.message().to_string()))?;
+        Ok(())
+    }
+
+    pub async fn unregister(&mut self) {
+        if self.identifier.is_none() {
+            return;
+        }
+        let target = self.target(pb::target::Status::Disabled);
+        let _ = tokio::time::timeout(self.timeout, self.client.unregister(target)).await;
+        self.enabled = false;
+    }
+
+    /// The stream's targets: (ips, identifier, status) from the first Watch answer.
+    async fn targets(&mut self) -> Result<Vec<(Vec<String>, Option<u32>, i32)>, OpenError> {
+        let filter = pb::Target {
+            status: pb::target::Status::Any as i32,
+            r#type: pb::target::Type::Default as i32,
+            stream: Some(self.key.to_nsp()),
+            ..Default::default()
+        };
+        let first = async {
+            let mut updates = self.client.watch(filter).await?.into_inner();
+            updates.message().await
+        };
+        let list = tokio::time::timeout(self.timeout, first)
+            .await
+            .map_err(call_error)?
+            .map_err(|e| OpenError::Registry(e.message().to_string()))?
+            .unwrap_or_default();
+        Ok(list
+            .targets
+            .into_iter()
+            .map(|mut t| {
+                t.ips.sort();
+                let id = t.context.get("identifier").and_then(|v| v.parse().ok());
+                (t.ips, id, t.status)
+            })
+            .collect())
+    }
+
+    /// Identifiers other targets hold (entries with our own ips excluded).
+    async fn in_use(&mut self) -> Result<BTreeSet<u32>, OpenError> {
+        let mine = self.ips.clone();
+        Ok(self
+            .targets()
+            .await?
+            .into_iter()
+            .filter(|(ips, _, _)| *ips != mine)
+            .filter_map(|(_, id, _)| id)
+            .collect())
+    }
+
+    fn pick(&mut self, in_use: &BTreeSet<u32>, max: u32) {
+        let free: Vec<u32> = (1..=max).filter(|k| !in_use.contains(k)).collect();
+        self.identifier = Some(free[rand::rng().random_range(0..free.len())]);
+    }
+
+    /// Meridio's open: a free identifier, registered DISABLED, checked for
+    /// collisions, then ENABLED.
+    async fn open(&mut self, max: u32) -> Result<u32, OpenError> {
+        let mut in_use = self.in_use().await?;
+        if in_use.len() >= max as usize {
+            return Err(OpenError::NoIdentifier);
+        }
+        let keep = self
+            .identifier
+            .is_some_and(|k| k <= max && !in_use.contains(&k));
+        if !keep {
+            self.pick(&in_use, max);
+        }
+        self.register(pb::target::Status::Disabled).await?;
+        for _ in 0..COLLISION_ATTEMPTS {
+            in_use = self.in_use().await?;
+            if in_use.len() >= max as usize {
+                self.unregister().await;
+                return Err(OpenError::NoIdentifier);
+            }
+            let k = self.identifier.unwrap_or(0);
+            if !in_use.contains(&k) {
+                self.register(pb::target::Status::Enabled).await?;
+                self.enabled = true;
+                return Ok(k);
+            }
+            self.unregister().await;
+            self.pick(&in_use, max);
+            self.register(pb::target::Status::Disabled).await?;
+        }
+        Err(OpenError::NoIdentifier)
+    }
+
+    /// Refreshes the entry; false when the registry had dropped it (expiry).
+    async fn refresh(&mut self) -> Result<bool, OpenError> {
+        self.register(pb::target::Status::Enabled).await?;
+        let mine = self.ips.clone();
+        let enabled = pb::target::Status::Enabled as i32;
+        Ok(self
+            .targets()
+            .await?
+            .iter()
+            .any(|(ips, id, status)| *ips == mine && *id == self.identifier && *status == enabled))
+    }
+}
+
+/// Runs one stream until `cancel`; reports its state through `report`.
+pub async fn run(
+    channel: tonic::transport::Channel,
+    key: StreamKey,
+    timeout: Duration,
+    entry_timeout: Duration,
+    mut view: watch::Receiver<ConduitView>,
+    report: impl Fn(StreamState),
+    cancel: CancellationToken,
+) {
+    let mut reg = Registration {
+        client: TargetRegistryClient::new(channel),
+        key: key.clone(),
+        timeout,
+        ips: Vec::new(),
+        identifier: None,
+        enabled: false,
+    };
+    let mut next = Instant::now();
+    loop {
+        let current = view.borrow_and_update().clone();
+        let max = current
+            .streams
+            .as_ref()
+            .map(|s| s.get(&key.stream).copied());
+        match (&current.connection, max) {
+            (None, _) | (_, None) => {
+                reg.enabled = false;
+                report(StreamState::Unavailable);
+            }
+            (Some(_), Some(None)) => {
+                // Not (or no longer) in the configuration.
+                reg.unregister().await;
+                report(StreamState::Undefined);
+            }
+            (Some(c), Some(Some(max))) if Instant::now() >= next => {
+                let mut ips = c.local_ips.clone();
+                ips.sort();
+                if ips != reg.ips {
+                    reg.unregister().await;
+                    reg.ips = ips;
+                }
+                let result = if reg.enabled {
+                    match reg.refresh().await {
+                        Ok(true) => Ok(()),
+                        Ok(false) => {
+                            tracing::info!(stream = %key, "registration expired; registering again");
+                            reg.enabled = false;
+                            reg.open(max).await.map(|_| ())
+                        }
+                        Err(e) => Err(e),
+                    }
+                } else {
+                    report(StreamState::Pending);
+                    reg.open(max).await.map(|k| {
+                        tracing::info!(stream = %key, identifier = k, "stream open");
+                    })
+                };
+                match result {
+                    Ok(()) => {
+                        report(StreamState::Open);
+                        next = Instant::now() + entry_timeout;
+                    }
+                    Err(e) => {
+                        tracing::warn!(stream = %key, "open: {e}");
+                        reg.enabled = false;
+                        report(StreamState::Unavailable);
+                        next = Instant::now() + RETRY;
+                    }
+                }
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            changed = view.changed() => {
+                if changed.is_err() { break }
+                if !reg.enabled { next = Instant::now(); }
+            }
+            _ = tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(1))) => {}
+        }
+    }
+    reg.unregister().await;
+}

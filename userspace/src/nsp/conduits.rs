@@ -1,0 +1,192 @@
+//! Conduit connections: one veth per (application namespace, conduit), its
+//! addresses from the node's conduit pools and the conduit's VIPs on it.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::unix::fs::MetadataExt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::conduit_net::{Cidr, ConduitLink};
+
+/// A network namespace as the kernel names it (device and inode of its nsfs file).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NetnsId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl NetnsId {
+    pub fn of(file: &File) -> std::io::Result<Self> {
+        let meta = file.metadata()?;
+        Ok(Self {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+/// The network namespace of process `pid`, checked against `expect` if given.
+pub fn netns_of_pid(pid: i32, expect: Option<NetnsId>) -> std::io::Result<(File, NetnsId)> {
+    let file = File::open(format!("/proc/{pid}/ns/net"))?;
+    let id = NetnsId::of(&file)?;
+    if expect.is_some_and(|e| e != id) {
+        return Err(std::io::Error::other(format!(
+            "process {pid} is no longer in that network namespace"
+        )));
+    }
+    Ok((file, id))
+}
+
+/// One application namespace connected to one conduit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Connection {
+    pub netns: NetnsId,
+    /// The process that last connected (to find the namespace again).
+    pub pid: i32,
+    pub trench: String,
+    pub conduit: String,
+    pub block: u32,
+    pub link: ConduitLink,
+    pub local: Vec<Cidr>,
+    pub gateways: Vec<Cidr>,
+    pub vips: Vec<Cidr>,
+    /// Policy routing table in the application namespace for VIP-sourced traffic.
+    pub table: u32,
+}
+
+impl Connection {
+    pub fn local_ips(&self) -> Vec<String> {
+        let mut ips: Vec<String> = self.local.iter().map(Cidr::to_string).collect();
+        ips.sort();
+        ips
+    }
+
+    pub fn gateway_addrs(&self) -> Vec<IpAddr> {
+        self.gateways.iter().map(|c| c.addr).collect()
+    }
+}
+
+/// Address pools: each connection takes a block of four addresses (a /30 and
+/// a /126): the node side is the block's first host, the application the second.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pools {
+    pub v4: Option<(Ipv4Addr, u8)>,
+    pub v6: Option<(Ipv6Addr, u8)>,
+}
+
+impl Pools {
+    /// How many blocks the pools hold (the smaller pool decides).
+    pub fn blocks(&self) -> u32 {
+        let v4 = self.v4.map(|(_, p)| 1u64 << (32 - p.min(30)) >> 2);
+        let v6 = self.v6.map(|(_, p)| 1u64 << (128 - p.clamp(96, 126)) >> 2);
+        [v4, v6]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(0)
+            .min(u64::from(u32::MAX)) as u32
+    }
+
+    /// (gateways, local addresses) of block `n`.
+    pub fn block(&self, n: u32) -> (Vec<Cidr>, Vec<Cidr>) {
+        let (mut gateways, mut local) = (Vec::new(), Vec::new());
+        if let Some((base, _)) = self.v4 {
+            let at = |k: u32| IpAddr::V4(Ipv4Addr::from(u32::from(base) + 4 * n + k));
+            gateways.push(Cidr {
+                addr: at(1),
+                prefix: 30,
+            });
+            local.push(Cidr {
+                addr: at(2),
+                prefix: 30,
+            });
+        }
+        if let Some((base, _)) = self.v6 {
+            let at = |k: u32| {
+                IpAddr::V6(Ipv6Addr::from(
+                    u128::from(base) + 4 * u128::from(n) + u128::from(k),
+                ))
+            };
+            gateways.push(Cidr {
+                addr: at(1),
+                prefix: 126,
+            });
+            local.push(Cidr {
+                addr: at(2),
+                prefix: 126,
+            });
+        }
+        (gateways, local)
+    }
+
+    /// The lowest block no connection uses.
+    pub fn free_block(&self, used: impl Iterator<Item = u32>) -> Option<u32> {
+        let used: std::collections::BTreeSet<u32> = used.collect();
+        (0..self.blocks()).find(|b| !used.contains(b))
+    }
+}
+
+/// Parses a pool prefix: the network address and length (at most /30 or /126).
+pub fn parse_pool(text: &str) -> Result<Cidr, String> {
+    let cidr: Cidr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a prefix such as \"169.254.100.0/22\""))?;
+    let ok = match cidr.addr {
+        IpAddr::V4(a) => {
+            cidr.prefix <= 30
+                && u32::from(a)
+                    & !(u32::MAX
+                        .checked_shl(32 - u32::from(cidr.prefix))
+                        .unwrap_or(0))
+                    == 0
+        }
+        IpAddr::V6(a) => {
+            cidr.prefix <= 126
+                && u128::from(a)
+                    & !(u128::MAX
+                        .checked_shl(128 - u32::from(cidr.prefix))
+                        .unwrap_or(0))
+                    == 0
+        }
+    };
+    if ok {
+        Ok(cidr)
+    } else {
+        Err(format!(
+            "{text:?} must be a network address with a length up to /30 (IPv4) or /126 (IPv6)"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_hand_out_node_and_application_addresses() {
+        let pools = Pools {
+            v4: Some(("198.18.0.0".parse().unwrap(), 28)),
+            v6: Some(("2001:db8:1::".parse().unwrap(), 64)),
+        };
+        assert_eq!(pools.blocks(), 4);
+        let (gw, local) = pools.block(1);
+        assert_eq!(gw[0].to_string(), "198.18.0.5/30");
+        assert_eq!(local[0].to_string(), "198.18.0.6/30");
+        assert_eq!(gw[1].to_string(), "2001:db8:1::5/126");
+        assert_eq!(local[1].to_string(), "2001:db8:1::6/126");
+        assert_eq!(pools.free_block([0, 2].into_iter()), Some(1));
+        assert_eq!(pools.free_block([0, 1, 2, 3].into_iter()), None);
+    }
+
+    #[test]
+    fn pools_must_be_network_prefixes() {
+        assert!(parse_pool("198.18.0.0/24").is_ok());
+        assert!(parse_pool("198.18.0.1/24").is_err());
+        assert!(parse_pool("198.18.0.0/31").is_err());
+        assert!(parse_pool("2001:db8::/64").is_ok());
+        assert!(parse_pool("2001:db8::1/64").is_err());
+        assert!(parse_pool("2001:db8::/96").is_ok());
+        assert!(parse_pool("nonsense").is_err());
+    }
+}

@@ -1,0 +1,194 @@
+//! The `nsp` plugin: loads the persisted registry, applies the configuration
+//! file (and reloads it when it changes), expires targets, and serves the
+//! node API on a unix socket any local user may reach.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use super::conduits::{parse_pool, Pools};
+use super::config::NspConfig;
+use super::server::NodeApi;
+use super::state::{Nsp, Settings};
+use crate::config::{Config, NspSettings};
+use crate::core::{Plugin, PluginError};
+use crate::lb::service::LbService;
+use crate::proto::node::conduits_server::ConduitsServer;
+use crate::proto::nsp::{
+    configuration_manager_server::ConfigurationManagerServer,
+    target_registry_server::TargetRegistryServer,
+};
+
+pub struct NspPlugin {
+    lb: Arc<LbService>,
+    settings: Mutex<NspSettings>,
+    nsp: Mutex<Option<Arc<Nsp>>>,
+    stop: Mutex<Option<CancellationToken>>,
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl NspPlugin {
+    pub fn new(lb: Arc<LbService>) -> Self {
+        Self {
+            lb,
+            settings: Mutex::new(NspSettings::default()),
+            nsp: Mutex::new(None),
+            stop: Mutex::new(None),
+            last_error: Arc::default(),
+        }
+    }
+
+    fn settings(&self) -> NspSettings {
+        self.settings.lock().expect("settings lock").clone()
+    }
+}
+
+fn read_config(path: Option<&PathBuf>) -> Result<NspConfig, String> {
+    match path {
+        Some(p) => NspConfig::read(p).map_err(|e| e.to_string()),
+        None => Ok(NspConfig::default()),
+    }
+}
+
+fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn pool<T: std::str::FromStr>(text: &str) -> Option<(T, u8)> {
+    let cidr = parse_pool(text).ok()?;
+    Some((cidr.addr.to_string().parse().ok()?, cidr.prefix))
+}
+
+#[async_trait]
+impl Plugin for NspPlugin {
+    fn name(&self) -> &'static str {
+        "nsp"
+    }
+
+    async fn configure(
+        &self,
+        _scope: CancellationToken,
+        config: &Config,
+    ) -> Result<(), PluginError> {
+        // A bad file stops the daemon at start; later a bad edit is reported and skipped.
+        read_config(config.nsp.config_file.as_ref()).map_err(PluginError::new)?;
+        *self.settings.lock().expect("settings lock") = config.nsp.clone();
+        Ok(())
+    }
+
+    async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
+        let settings = self.settings();
+        let nsp = Arc::new(Nsp::new(
+            self.lb.clone(),
+            Settings {
+                state_file: settings.state_dir.join("nsp-state.json"),
+                pools: Pools {
+                    v4: pool(&settings.conduit_prefix_v4),
+                    v6: pool(&settings.conduit_prefix_v6),
+                },
+                mtu: settings.conduit_mtu,
+            },
+            settings.entry_timeout,
+        ));
+        let config = read_config(settings.config_file.as_ref()).map_err(PluginError::new)?;
+        nsp.start(config)
+            .await
+            .map_err(|e| PluginError::new(e.to_string()))?;
+
+        let listener = bind(&settings.socket)?;
+        let stop = scope.child_token();
+        let api = NodeApi(nsp.clone());
+        let shutdown = stop.clone();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(TargetRegistryServer::new(api.clone()))
+                .add_service(ConfigurationManagerServer::new(api.clone()))
+                .add_service(ConduitsServer::new(api))
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                    shutdown.cancelled().await
+                }),
+        );
+
+        // Expiry (a tenth of the timeout, at most 1 s), links every 2 s, config reload every 500 ms.
+        let tick = (settings.entry_timeout / 10).min(Duration::from_secs(1));
+        let (worker, done) = (nsp.clone(), stop.clone());
+        let file = settings.config_file.clone();
+        let last_error = self.last_error.clone();
+        tokio::spawn(async move {
+            let mut seen = file.as_ref().and_then(stamp);
+            let mut expiry = tokio::time::interval(tick);
+            let mut links = tokio::time::interval(Duration::from_secs(2));
+            let mut reload = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = done.cancelled() => break,
+                    _ = expiry.tick() => worker.housekeeping(false).await,
+                    _ = links.tick() => worker.housekeeping(true).await,
+                    _ = reload.tick() => {
+                        let Some(path) = &file else { continue };
+                        let now = stamp(path);
+                        if now == seen {
+                            continue;
+                        }
+                        seen = now;
+                        let result = match read_config(Some(path)) {
+                            Ok(c) => worker.set_config(c).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(e),
+                        };
+                        match &result {
+                            Ok(()) => tracing::info!("reloaded {}", path.display()),
+                            Err(e) => tracing::error!("not reloaded, keeping the previous configuration: {e}"),
+                        }
+                        *last_error.lock().expect("error lock") = result.err();
+                    }
+                }
+            }
+        });
+        *self.nsp.lock().expect("nsp lock") = Some(nsp);
+        *self.stop.lock().expect("stop lock") = Some(stop);
+        Ok(())
+    }
+
+    async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+        if let Some(stop) = self.stop.lock().expect("stop lock").take() {
+            stop.cancel();
+        }
+        let _ = std::fs::remove_file(self.settings().socket);
+        Ok(())
+    }
+
+    fn status(&self) -> String {
+        let nsp = self.nsp.lock().expect("nsp lock").clone();
+        let Some(nsp) = nsp else {
+            return "not started".into();
+        };
+        let s = nsp.snapshot();
+        let enabled = s
+            .targets
+            .iter()
+            .filter(|t| t.status == super::registry::Status::Enabled)
+            .count();
+        let mut text = format!(
+            "{} streams, {} targets ({} enabled), serving on {}",
+            s.config.streams.len(),
+            s.targets.len(),
+            enabled,
+            self.settings().socket.display()
+        );
+        if let Some(e) = self.last_error.lock().expect("error lock").as_ref() {
+            text.push_str(&format!("; config not reloaded: {e}"));
+        }
+        text
+    }
+}
+
+/// Binds the node socket (mode 0666: ambassadors run as any user).
+fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener, PluginError> {
+    crate::uds::bind(path, 0o666)
+        .map_err(|e| PluginError::new(format!("node socket {}: {e}", path.display())))
+}

@@ -1,0 +1,442 @@
+//! The NSP plugin's state: configuration, target registry and conduit
+//! connections, kept consistent under one lock. Every real change is
+//! persisted, published to watchers and written to the LB maps.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::sync::{watch, Mutex};
+
+use super::conduits::{netns_of_pid, Connection, NetnsId, Pools};
+use super::config::{NspConfig, NspConfigError, StreamPath};
+use super::registry::{Kind, Registry, RegistryError, Status, Target};
+use crate::conduit_net::{self, Cidr, ConduitNetError};
+use crate::lb::model::{TargetSpec, TargetVia};
+use crate::lb::service::LbService;
+
+/// What watchers see.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Snapshot {
+    pub config: Arc<NspConfig>,
+    pub targets: Vec<Target>,
+}
+
+#[derive(Debug, Error)]
+pub enum NspError {
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
+    #[error("{0}")]
+    Config(#[from] NspConfigError),
+    #[error("conduit {conduit:?} of trench {trench:?} is not configured")]
+    UnknownConduit { trench: String, conduit: String },
+    #[error(
+        "the conduit address pools are exhausted ({0} connections); widen nsp.conduit_prefix_v4/v6"
+    )]
+    PoolExhausted(u32),
+    #[error("cannot identify the caller's network namespace: {0}")]
+    Caller(String),
+    #[error(
+        "target ips {0:?} are not the addresses of a conduit of the calling network namespace"
+    )]
+    NotYours(Vec<String>),
+    #[error("conduit interface: {0}")]
+    Net(#[from] ConduitNetError),
+    #[error("writing the LB maps: {0}")]
+    Lb(String),
+}
+
+/// Who is calling: the peer of the node socket.
+#[derive(Clone, Copy, Debug)]
+pub struct Caller {
+    pub pid: i32,
+    pub uid: u32,
+}
+
+struct Inner {
+    config: Arc<NspConfig>,
+    registry: Registry,
+    connections: Vec<Connection>,
+    next_link: u32,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Persisted {
+    targets: Vec<Target>,
+    connections: Vec<Connection>,
+    next_link: u32,
+}
+
+pub struct Settings {
+    pub state_file: PathBuf,
+    pub pools: Pools,
+    pub mtu: u32,
+}
+
+pub struct Nsp {
+    inner: Mutex<Inner>,
+    published: watch::Sender<Snapshot>,
+    lb: Arc<LbService>,
+    settings: Settings,
+}
+
+pub const LB_SOURCE: &str = "nsp";
+
+impl Nsp {
+    pub fn new(lb: Arc<LbService>, settings: Settings, expiry: Duration) -> Self {
+        Self {
+            inner: Mutex::new(Inner {
+                config: Arc::default(),
+                registry: Registry::new(expiry),
+                connections: Vec::new(),
+                next_link: 0,
+            }),
+            published: watch::channel(Snapshot::default()).0,
+            lb,
+            settings,
+        }
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
+        self.published.subscribe()
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        self.published.borrow().clone()
+    }
+
+    /// Loads the persisted registry and connections (connections whose
+    /// interface is gone are dropped) and applies `config`.
+    pub async fn start(&self, config: NspConfig) -> Result<(), NspError> {
+        let persisted: Persisted = std::fs::read(&self.settings.state_file)
+            .ok()
+            .and_then(|b| {
+                serde_json::from_slice(&b)
+                    .map_err(|e| {
+                        tracing::warn!("ignoring {}: {e}", self.settings.state_file.display())
+                    })
+                    .ok()
+            })
+            .unwrap_or_default();
+        let mut inner = self.inner.lock().await;
+        for c in persisted.connections {
+            if conduit_net::exists(&c.link.host_ifname).await {
+                inner.connections.push(c);
+            }
+        }
+        inner.registry.restore(persisted.targets, Instant::now());
+        inner.next_link = persisted.next_link;
+        inner.config = Arc::new(config);
+        self.commit(&mut inner).await
+    }
+
+    /// Persists, publishes and writes the LB maps after a change.
+    async fn commit(&self, inner: &mut Inner) -> Result<(), NspError> {
+        let mut spec = inner.config.lb_spec();
+        spec.targets = lb_targets(inner);
+        self.lb
+            .set_source(LB_SOURCE, spec)
+            .await
+            .map_err(|e| NspError::Lb(e.to_string()))?;
+        let persisted = Persisted {
+            targets: inner.registry.targets(),
+            connections: inner.connections.clone(),
+            next_link: inner.next_link,
+        };
+        if let Err(e) = write_atomically(&self.settings.state_file, &persisted) {
+            tracing::error!(
+                "persisting the registry to {}: {e}",
+                self.settings.state_file.display()
+            );
+        }
+        let snapshot = Snapshot {
+            config: inner.config.clone(),
+            targets: persisted.targets,
+        };
+        self.published.send_if_modified(|old| {
+            let changed = *old != snapshot;
+            *old = snapshot;
+            changed
+        });
+        Ok(())
+    }
+
+    /// Replaces the configuration (a reload). On failure nothing changes.
+    pub async fn set_config(&self, config: NspConfig) -> Result<(), NspError> {
+        let mut inner = self.inner.lock().await;
+        let previous = std::mem::replace(&mut inner.config, Arc::new(config));
+        if let Err(e) = self.commit(&mut inner).await {
+            inner.config = previous;
+            return Err(e);
+        }
+        self.reconcile_vips(&mut inner).await;
+        Ok(())
+    }
+
+    pub async fn register(&self, caller: Caller, target: Target) -> Result<(), NspError> {
+        let mut inner = self.inner.lock().await;
+        check_owner(&inner, caller, &target)?;
+        let config = inner.config.clone();
+        if inner.registry.register(target, &config, Instant::now())? {
+            self.commit(&mut inner).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn unregister(&self, caller: Caller, target: Target) -> Result<(), NspError> {
+        let mut inner = self.inner.lock().await;
+        check_owner(&inner, caller, &target)?;
+        if inner.registry.unregister(target)? {
+            self.commit(&mut inner).await?;
+        }
+        Ok(())
+    }
+
+    /// Drops expired targets and connections whose interface disappeared
+    /// (their namespace was deleted).
+    pub async fn housekeeping(&self, check_links: bool) {
+        let mut inner = self.inner.lock().await;
+        let mut changed = inner.registry.expire(Instant::now());
+        if check_links {
+            let mut gone = Vec::new();
+            for c in &inner.connections {
+                if !conduit_net::exists(&c.link.host_ifname).await {
+                    gone.push(c.link.host_ifname.clone());
+                }
+            }
+            for name in gone {
+                tracing::info!("conduit interface {name} is gone; forgetting its connection");
+                if let Some(i) = inner
+                    .connections
+                    .iter()
+                    .position(|c| c.link.host_ifname == name)
+                {
+                    let c = inner.connections.remove(i);
+                    inner.registry.remove_ips(&c.local_ips());
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            if let Err(e) = self.commit(&mut inner).await {
+                tracing::error!("after expiry: {e}");
+            }
+        }
+    }
+
+    /// Gives the caller's namespace its interface on the conduit (idempotent).
+    pub async fn connect(
+        &self,
+        caller: Caller,
+        trench: &str,
+        conduit: &str,
+    ) -> Result<Connection, NspError> {
+        let (netns, id) =
+            netns_of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
+        let mut inner = self.inner.lock().await;
+        if !inner
+            .config
+            .conduits
+            .iter()
+            .any(|c| c.trench == trench && c.name == conduit)
+        {
+            return Err(NspError::UnknownConduit {
+                trench: trench.into(),
+                conduit: conduit.into(),
+            });
+        }
+        if let Some(c) = inner
+            .connections
+            .iter_mut()
+            .find(|c| c.netns == id && c.trench == trench && c.conduit == conduit)
+        {
+            c.pid = caller.pid;
+            let c = c.clone();
+            return Ok(c);
+        }
+        let pools = &self.settings.pools;
+        let block = pools
+            .free_block(inner.connections.iter().map(|c| c.block))
+            .ok_or(NspError::PoolExhausted(pools.blocks()))?;
+        let (gateways, local) = pools.block(block);
+        let index = (0..)
+            .find(|n| {
+                !inner
+                    .connections
+                    .iter()
+                    .any(|c| c.netns == id && c.table == 100 + n)
+            })
+            .unwrap_or(0);
+        let host = format!("tmc{:05x}", inner.next_link & 0xf_ffff);
+        inner.next_link = inner.next_link.wrapping_add(1);
+        let link = conduit_net::create(
+            &netns,
+            &host,
+            &format!("conduit{index}"),
+            &gateways,
+            &local,
+            self.settings.mtu,
+        )
+        .await?;
+        let connection = Connection {
+            netns: id,
+            pid: caller.pid,
+            trench: trench.into(),
+            conduit: conduit.into(),
+            block,
+            link,
+            local,
+            gateways,
+            vips: Vec::new(),
+            table: 100 + index,
+        };
+        inner.connections.push(connection);
+        self.reconcile_vips(&mut inner).await;
+        self.commit(&mut inner).await?;
+        Ok(inner.connections.last().cloned().expect("just pushed"))
+    }
+
+    pub async fn disconnect(
+        &self,
+        caller: Caller,
+        trench: &str,
+        conduit: &str,
+    ) -> Result<(), NspError> {
+        let (_, id) =
+            netns_of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
+        let mut inner = self.inner.lock().await;
+        let Some(i) = inner
+            .connections
+            .iter()
+            .position(|c| c.netns == id && c.trench == trench && c.conduit == conduit)
+        else {
+            return Ok(());
+        };
+        conduit_net::delete(&inner.connections[i].link.host_ifname).await?;
+        let c = inner.connections.remove(i);
+        inner.registry.remove_ips(&c.local_ips());
+        self.commit(&mut inner).await
+    }
+
+    /// Puts each connection's VIPs (those of its conduit's flows) on its interface.
+    async fn reconcile_vips(&self, inner: &mut Inner) {
+        let config = inner.config.clone();
+        for c in &mut inner.connections {
+            let vips: Vec<Cidr> = config
+                .conduit_vips(&c.trench, &c.conduit)
+                .iter()
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            if vips == c.vips {
+                continue;
+            }
+            let netns = match netns_of_pid(c.pid, Some(c.netns)) {
+                Ok((file, _)) => file,
+                Err(e) => {
+                    tracing::debug!(
+                        "VIPs of {} wait for its ambassador: {e}",
+                        c.link.host_ifname
+                    );
+                    continue;
+                }
+            };
+            match conduit_net::set_vips(
+                &netns,
+                &c.link.peer_ifname,
+                &c.local,
+                &vips,
+                &c.gateway_addrs(),
+                c.table,
+            )
+            .await
+            {
+                Ok(()) => c.vips = vips,
+                Err(e) => tracing::error!("VIPs on {}: {e}", c.link.host_ifname),
+            }
+        }
+    }
+
+    /// The connection of the caller's namespace whose addresses are `ips`.
+    pub async fn connections(&self) -> Vec<Connection> {
+        self.inner.lock().await.connections.clone()
+    }
+}
+
+/// Only a target's own namespace (or root) may register or unregister it.
+fn check_owner(inner: &Inner, caller: Caller, target: &Target) -> Result<(), NspError> {
+    if caller.uid == 0 {
+        return Ok(());
+    }
+    let (_, id) = netns_of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
+    let mut ips = target.ips.clone();
+    for ip in &mut ips {
+        if let Ok(c) = ip.parse::<Cidr>() {
+            *ip = c.to_string();
+        }
+    }
+    ips.sort();
+    if inner
+        .connections
+        .iter()
+        .any(|c| c.netns == id && c.local_ips() == ips)
+    {
+        Ok(())
+    } else {
+        Err(NspError::NotYours(target.ips.clone()))
+    }
+}
+
+/// Enabled DEFAULT targets with a valid identifier whose ips are a conduit
+/// connection on this node become local LB targets on that connection's veth.
+fn lb_targets(inner: &Inner) -> Vec<TargetSpec> {
+    let mut out = Vec::new();
+    for t in inner.registry.targets() {
+        let (Status::Enabled, Kind::Default, Some(path), Some(id)) =
+            (t.status, t.kind, &t.stream, t.identifier())
+        else {
+            continue;
+        };
+        if inner.config.stream(path).is_none() {
+            continue;
+        }
+        let Some(c) = inner.connections.iter().find(|c| c.local_ips() == t.ips) else {
+            tracing::debug!(ips = ?t.ips, "target is not on a conduit of this node; skipped");
+            continue;
+        };
+        out.push(TargetSpec {
+            stream: StreamPath::full_name(path),
+            identifier: id,
+            via: TargetVia::Local {
+                interface: c.link.host_ifname.clone(),
+                mac: format_mac(c.link.peer_mac),
+            },
+        });
+    }
+    out
+}
+
+fn format_mac(m: [u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+fn write_atomically(path: &std::path::Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(tmp, path)
+}
+
+impl NetnsId {
+    pub fn describe(&self) -> String {
+        format!("net:[{}]", self.ino)
+    }
+}

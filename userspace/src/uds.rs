@@ -1,0 +1,37 @@
+//! gRPC channels over unix sockets.
+
+use std::path::Path;
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// A channel that connects on first use and reconnects after a failure, so a
+/// restarted server is found again.
+pub fn lazy_channel(path: &Path) -> Channel {
+    let socket = path.to_path_buf();
+    Endpoint::from_static("http://tapmesh.local").connect_with_connector_lazy(tower::service_fn(
+        move |_| {
+            let socket = socket.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(socket).await?)) }
+        },
+    ))
+}
+
+/// Binds a unix socket with `mode`, replacing a stale socket file (not one in use).
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            format!("{} is in use by another process", path.display()),
+        ));
+    }
+    let _ = std::fs::remove_file(path);
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
