@@ -8,6 +8,7 @@ pub mod bpf;
 pub mod daemon;
 pub mod frames;
 pub mod net;
+pub mod python;
 pub mod tapa;
 
 use std::{

@@ -364,3 +364,90 @@ fn a_stream_removed_from_the_configuration_becomes_undefined_and_returns() {
     lab.write_config(NSP_CONFIG);
     assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
 }
+
+/// Meridio's tap.proto as a Meridio application would compile it: the same
+/// package, services, messages and field numbers, written here independently.
+const MERIDIO_TAP_PROTO: &str = r#"
+syntax = "proto3";
+package ambassador.v1;
+import "google/protobuf/empty.proto";
+service Tap {
+  rpc Open(Stream) returns (google.protobuf.Empty) {}
+  rpc Close(Stream) returns (google.protobuf.Empty) {}
+  rpc Watch(Stream) returns (stream StreamResponse) {}
+}
+message StreamResponse { repeated StreamStatus streamStatus = 1; }
+message StreamStatus {
+  enum Status { OPEN = 0; PENDING = 1; UNAVAILABLE = 2; UNDEFINED = 3; }
+  Status status = 1;
+  Stream stream = 2;
+}
+message Trench { string name = 1; }
+message Conduit { string name = 1; Trench trench = 2; }
+message Stream { string name = 1; Conduit conduit = 2; }
+"#;
+
+/// A grpcio client: `open` waits for OPEN and prints the milliseconds it
+/// took; `close` waits until the stream leaves the Watch list.
+const MERIDIO_CLIENT: &str = r#"
+import sys, time, grpc
+import tap_pb2, tap_pb2_grpc
+socket, mode, trench, conduit, name = sys.argv[1:6]
+# grpcio >= 1.57 sends the %-encoded socket path as :authority, which HTTP/2
+# servers built on h2 refuse (grpc/grpc#38142); Go clients send "localhost".
+channel = grpc.insecure_channel("unix:" + socket, options=[("grpc.default_authority", "localhost")])
+stub = tap_pb2_grpc.TapStub(channel)
+stream = tap_pb2.Stream(name=name, conduit=tap_pb2.Conduit(name=conduit, trench=tap_pb2.Trench(name=trench)))
+start = time.monotonic()
+if mode == "open":
+    stub.Open(stream)
+    for response in stub.Watch(stream, timeout=20):
+        if any(s.stream.name == name and s.status == tap_pb2.StreamStatus.OPEN for s in response.streamStatus):
+            print("OPEN %.1f" % ((time.monotonic() - start) * 1000))
+            sys.exit(0)
+else:
+    stub.Close(stream)
+    for response in stub.Watch(tap_pb2.Stream(), timeout=20):
+        if not any(s.stream.name == name for s in response.streamStatus):
+            print("CLOSED")
+            sys.exit(0)
+sys.exit("watch ended")
+"#;
+
+#[test]
+fn a_client_generated_from_meridios_tap_proto_opens_and_closes_a_stream() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let python = tapmesh_tests::python::python();
+    let mut lab = TapaLab::new(1, "60s");
+    let a = lab.start_ambassador(0, "30s");
+    let dir = lab.dir.0.join("python");
+    std::fs::create_dir_all(&dir).unwrap();
+    tapmesh_tests::python::generate(&python, &dir, "tap.proto", MERIDIO_TAP_PROTO);
+    let socket = lab.ambassadors[a].socket.display().to_string();
+    let call = |mode: &str| {
+        tapmesh_tests::python::script(
+            &python,
+            &dir,
+            MERIDIO_CLIENT,
+            &[&socket, mode, "trench-a", "conduit-a", "stream-a"],
+        )
+    };
+    let opened = call("open");
+    assert!(opened.starts_with("OPEN "), "{opened}");
+
+    let rx = receiver(&lab, 0);
+    let sent = send(&lab, VIP_A, 2);
+    assert!(
+        wait_until(Duration::from_secs(5), || rx.count() == sent),
+        "{}",
+        diagnose(&lab)
+    );
+
+    assert_eq!(call("close").trim(), "CLOSED");
+    assert!(lab.registered("stream-a").is_empty());
+    send(&lab, VIP_A, 2);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(rx.count(), sent, "after Close the application gets nothing");
+}
