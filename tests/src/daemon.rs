@@ -46,6 +46,16 @@ impl Daemon {
         let (_, socket) = Self::paths();
         let bpffs_root = bpffs_root.to_path_buf();
         let log = socket.with_extension("log");
+        // Its own node socket and state directory, unless the test names them.
+        let mut own = Vec::new();
+        if !args.contains(&"--node-socket") {
+            own.push("--node-socket".to_string());
+            own.push(socket.with_extension("node.sock").display().to_string());
+        }
+        if !args.contains(&"--state-dir") {
+            own.push("--state-dir".to_string());
+            own.push(socket.with_extension("state").display().to_string());
+        }
         let log_file = std::fs::File::create(&log).expect("daemon log file");
         let child = Command::new(tapmesh_bin())
             .arg("daemon")
@@ -55,6 +65,7 @@ impl Daemon {
             .arg("--admin-socket")
             .arg(&socket)
             .args(args)
+            .args(&own)
             .env_remove("TAPMESH_CONFIG")
             .stdout(Stdio::null())
             .stderr(log_file)
@@ -148,6 +159,8 @@ impl Drop for Daemon {
         }
         let _ = std::fs::remove_file(&self.log);
         let _ = std::fs::remove_file(&self.socket);
+        let _ = std::fs::remove_file(self.socket.with_extension("node.sock"));
+        let _ = std::fs::remove_dir_all(self.socket.with_extension("state"));
         let _ = std::fs::remove_dir_all(&self.bpffs_root);
     }
 }

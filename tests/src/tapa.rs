@@ -200,7 +200,13 @@ impl TapaLab {
     pub fn start_daemon(&mut self) {
         assert!(self.daemon.is_none());
         let config = self.daemon_config.display().to_string();
+        let socket = self.node_socket().display().to_string();
+        let state = self.dir.0.join("state").display().to_string();
         let args = [
+            "--node-socket",
+            &socket,
+            "--state-dir",
+            &state,
             "--config",
             &config,
             "--uplink",
@@ -370,6 +376,24 @@ impl TapCaller {
             })
             .await;
             seen
+        })
+    }
+
+    /// Opens `s` with a Watch already listening; returns the time from the
+    /// Open call to the Watch update that says OPEN.
+    pub fn time_open(&mut self, s: tapmesh::proto::ambassador::Stream) -> Duration {
+        let mut c = self.client.clone();
+        self.runtime.block_on(async move {
+            let mut updates = c.watch(s.clone()).await.expect("watch").into_inner();
+            updates.message().await.expect("snapshot");
+            let start = Instant::now();
+            c.open(s.clone()).await.expect("open");
+            while let Ok(Some(m)) = updates.message().await {
+                if status_of(&m, &s.name) == Some(StreamStatus::Open) {
+                    return start.elapsed();
+                }
+            }
+            panic!("watch ended before {} was OPEN", s.name);
         })
     }
 

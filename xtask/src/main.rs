@@ -162,8 +162,9 @@ fn main() -> Result<()> {
                 .env("TAPMESH_BIN", binary(true)))?;
         }
         Task::Bench => {
-            let object = build_ebpf(true)?;
+            let object = build(true)?;
             run(cargo(&object)
+                .env("TAPMESH_BIN", binary(true))
                 .args([
                     "run",
                     "--quiet",

@@ -202,5 +202,64 @@ fn run() -> bool {
     let attached = String::from_utf8_lossy(&node1.ip(&["link", "show", &uplink.interface]).stdout)
         .contains("prog/xdp");
     println!("daemon stopped ({exit}); XDP still attached: {attached}");
-    ok && !attached && exit.success()
+    let ok = ok && !attached && exit.success();
+    println!();
+    ok && ambassador_demo()
+}
+
+/// Part two: an application asks for its traffic the Meridio way, through
+/// `tapmesh ambassador` (unprivileged) and the daemon's target registry.
+fn ambassador_demo() -> bool {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+    use tapmesh::proto::ambassador::stream_status::Status;
+    use tapmesh_tests::net::{send_udp_flows, wait_until, UdpReceiver, CLIENT};
+    use tapmesh_tests::tapa::{stream, TapCaller, TapaLab, VIP_A};
+
+    println!("ambassador: a client, a node running the daemon, one application namespace");
+    let mut lab = TapaLab::new(1, "60s");
+    let a = lab.start_ambassador(0, "30s");
+    println!(
+        "the application's ambassador runs as uid 65534 on {}",
+        lab.ambassadors[a].socket.display()
+    );
+    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
+    let opened = tap.time_open(stream("stream-a", "conduit-a", "trench-a"));
+    println!(
+        "Open(stream-a.conduit-a.trench-a) → Watch said OPEN after {:.1} ms",
+        opened.as_secs_f64() * 1e3
+    );
+    println!("\n$ tapmesh registry list");
+    print!("{}", lab.registry_list());
+    let addrs = lab.apps[0].ip(&["-o", "-4", "addr", "show", "conduit0"]);
+    println!("the daemon gave the application conduit0 with:");
+    for line in String::from_utf8_lossy(&addrs.stdout).lines() {
+        println!("  {}", line.split_whitespace().nth(3).unwrap_or(""));
+    }
+    let rx = UdpReceiver::start(
+        &lab.apps[0].name,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 5000),
+    );
+    let ports: Vec<u16> = (30000..30100).collect();
+    let sent = send_udp_flows(
+        &lab.client.name,
+        CLIENT,
+        &ports,
+        SocketAddrV4::new(VIP_A, 5000),
+        1,
+        b"demo",
+    );
+    let delivered = wait_until(Duration::from_secs(5), || rx.count() == sent);
+    println!(
+        "client → {VIP_A}: {sent} UDP flows sent, the application received {}",
+        rx.count()
+    );
+    tap.close(stream("stream-a", "conduit-a", "trench-a"))
+        .expect("close");
+    let closed = tap.wait_status("stream-a", Status::Open, Duration::from_millis(100));
+    let left = lab.registered("stream-a").len();
+    println!(
+        "Close: {left} targets left in the registry; conduit0 removed: {}",
+        !String::from_utf8_lossy(&lab.apps[0].ip(&["-o", "link"]).stdout).contains("conduit0")
+    );
+    delivered && left == 0 && !closed
 }

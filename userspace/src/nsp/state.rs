@@ -59,6 +59,8 @@ struct Inner {
     registry: Registry,
     connections: Vec<Connection>,
     next_link: u32,
+    /// What the state file holds (nothing is written while it is unchanged).
+    persisted: Vec<u8>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Default)]
@@ -91,6 +93,7 @@ impl Nsp {
                 registry: Registry::new(expiry),
                 connections: Vec::new(),
                 next_link: 0,
+                persisted: Vec::new(),
             }),
             published: watch::channel(Snapshot::default()).0,
             lb,
@@ -109,8 +112,9 @@ impl Nsp {
     /// Loads the persisted registry and connections (connections whose
     /// interface is gone are dropped) and applies `config`.
     pub async fn start(&self, config: NspConfig) -> Result<(), NspError> {
-        let persisted: Persisted = std::fs::read(&self.settings.state_file)
-            .ok()
+        let bytes = std::fs::read(&self.settings.state_file).ok();
+        let persisted: Persisted = bytes
+            .as_ref()
             .and_then(|b| {
                 serde_json::from_slice(&b)
                     .map_err(|e| {
@@ -127,6 +131,10 @@ impl Nsp {
         }
         inner.registry.restore(persisted.targets, Instant::now());
         inner.next_link = persisted.next_link;
+        inner.persisted = match bytes {
+            Some(b) => b,
+            None => to_json(&Persisted::default()),
+        };
         inner.config = Arc::new(config);
         self.commit(&mut inner).await
     }
@@ -144,11 +152,15 @@ impl Nsp {
             connections: inner.connections.clone(),
             next_link: inner.next_link,
         };
-        if let Err(e) = write_atomically(&self.settings.state_file, &persisted) {
-            tracing::error!(
-                "persisting the registry to {}: {e}",
-                self.settings.state_file.display()
-            );
+        let bytes = to_json(&persisted);
+        if bytes != inner.persisted {
+            match write_atomically(&self.settings.state_file, &bytes) {
+                Ok(()) => inner.persisted = bytes,
+                Err(e) => tracing::error!(
+                    "persisting the registry to {}: {e}",
+                    self.settings.state_file.display()
+                ),
+            }
         }
         let snapshot = Snapshot {
             config: inner.config.clone(),
@@ -423,15 +435,16 @@ fn format_mac(m: [u8; 6]) -> String {
     )
 }
 
-fn write_atomically(path: &std::path::Path, value: &impl serde::Serialize) -> std::io::Result<()> {
+fn to_json(value: &Persisted) -> Vec<u8> {
+    serde_json::to_vec_pretty(value).unwrap_or_default()
+}
+
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?,
-    )?;
+    std::fs::write(&tmp, bytes)?;
     std::fs::rename(tmp, path)
 }
 
