@@ -336,6 +336,33 @@ fn a_stream_removed_from_the_configuration_becomes_undefined_and_returns() {
         .unwrap();
     assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
 
+    // The CLI is a client of the same ambassador.
+    let watch = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+        .args(["stream", "watch", "--count", "1", "--socket"])
+        .arg(&lab.ambassadors[a].socket)
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&watch.stdout),
+        "stream-a.conduit-a.trench-a OPEN\n--\n"
+    );
+    let open_b = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+        .args([
+            "stream",
+            "open",
+            "--trench",
+            "trench-b",
+            "--conduit",
+            "conduit-a",
+            "stream-b",
+            "--socket",
+        ])
+        .arg(&lab.ambassadors[a].socket)
+        .output()
+        .unwrap();
+    assert!(!open_b.status.success());
+    assert!(String::from_utf8_lossy(&open_b.stderr).contains("another trench is already connected"));
+
     // Only real changes reach a watcher: no repeated event while nothing changes.
     let quiet = tap.watch_until(Duration::from_millis(1500), |_| false);
     assert_eq!(quiet.len(), 1, "only the snapshot: {quiet:?}");
