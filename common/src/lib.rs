@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod lb;
+pub mod mirror;
 pub mod stats;
 
 pub use stats::*;
@@ -26,6 +27,8 @@ pub mod program_names {
     pub const XDP_FLOOR: &str = "tm_xdp_floor";
     /// An empty TC program: the floor of the TC benchmarks.
     pub const TC_FLOOR: &str = "tm_tc_floor";
+    /// On a mirror ring's interface: copies into its AF_XDP socket.
+    pub const XDP_MIRROR: &str = "tm_xdp_mirror";
 }
 
 /// Names of the BPF maps (also their pin file names).
@@ -47,6 +50,11 @@ pub mod map_names {
     pub const VIP_STATS: &str = "tm_vip_stats";
     pub const FLOW_STATS: &str = "tm_flow_stats";
     pub const TARGET_STATS: &str = "tm_target_stats";
+    pub const MIRROR_PORTS: &str = "tm_mirror_ports";
+    pub const MIRROR_VLANS: &str = "tm_mirror_vlans";
+    pub const MIRROR_STATS: &str = "tm_mirror_stats";
+    pub const MIRROR_RINGS: &str = "tm_mirror_rings";
+    pub const XSKS: &str = "tm_xsks";
 }
 
 /// Fails the build (kernel and user side) when a layout is not what was written down.

@@ -7,6 +7,7 @@
 mod headers;
 mod lb;
 mod maps;
+mod mirror;
 mod packet;
 mod parse;
 mod stats;

@@ -2,7 +2,7 @@
 #![allow(non_upper_case_globals)]
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, XskMap},
     macros::btf_map,
 };
 use tapmesh_common::{
@@ -10,6 +10,9 @@ use tapmesh_common::{
         FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, VipAddr,
         VipConfig, VipSlot, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
         MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
+    },
+    mirror::{
+        MirrorCounter, MirrorPort, VlanSet, MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS,
     },
     PacketCounter, ProgramSlot, ProgramStats,
 };
@@ -80,3 +83,20 @@ pub static tm_flow_stats: PerCpuArray<PacketCounter, { MAX_FLOWS as usize }> = P
 #[btf_map]
 pub static tm_target_stats: PerCpuArray<PacketCounter, { MAX_TARGETS as usize }> =
     PerCpuArray::new();
+
+// Port mirroring.
+/// Source interface index → its tap flows.
+#[btf_map]
+pub static tm_mirror_ports: HashMap<u32, MirrorPort, { MAX_MIRROR_PORTS as usize }> =
+    HashMap::new();
+/// Tap flow → the VLANs it passes (when filtered).
+#[btf_map]
+pub static tm_mirror_vlans: Array<VlanSet, { MAX_TAP_FLOWS as usize }> = Array::new();
+#[btf_map]
+pub static tm_mirror_stats: PerCpuArray<MirrorCounter, { MAX_TAP_FLOWS as usize }> =
+    PerCpuArray::new();
+/// Mirror ring interface index → its slot in `tm_xsks`.
+#[btf_map]
+pub static tm_mirror_rings: HashMap<u32, u32, { MAX_RINGS as usize }> = HashMap::new();
+#[btf_map]
+pub static tm_xsks: XskMap<{ MAX_RINGS as usize }> = XskMap::new();

@@ -6,15 +6,20 @@ use aya_ebpf::{
     macros::classifier,
     programs::TcContext,
 };
-use tapmesh_common::{DropReason, ProgramSlot, Verdict};
+use tapmesh_common::{
+    mirror::{DIRECTION_IN, DIRECTION_OUT},
+    DropReason, ProgramSlot, Verdict,
+};
 
-use crate::{packet::Packet, parse::parse, stats::Stats};
+use crate::{mirror, packet::Packet, parse::parse, stats::Stats};
 
 /// Bytes pulled into the linear area so the parser sees every header.
 const PULL_LEN: u32 = 512;
 
 #[classifier]
 pub fn tm_tc_ingress(ctx: TcContext) -> i32 {
+    // Received on the host side = sent by the port: TaaS OUT.
+    mirror::copy(&ctx, DIRECTION_OUT);
     let stats = Stats::of(ProgramSlot::TcIngress);
     let result = try_tc(&ctx, &stats);
     tc_outcome(&stats, ctx.len() as u64, result)
@@ -22,6 +27,8 @@ pub fn tm_tc_ingress(ctx: TcContext) -> i32 {
 
 #[classifier]
 pub fn tm_tc_egress(ctx: TcContext) -> i32 {
+    // Sent on the host side = to the port: TaaS IN.
+    mirror::copy(&ctx, DIRECTION_IN);
     let stats = Stats::of(ProgramSlot::TcEgress);
     let result = try_tc(&ctx, &stats);
     tc_outcome(&stats, ctx.len() as u64, result)

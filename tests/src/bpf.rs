@@ -25,7 +25,11 @@ pub struct Run {
 impl Bpf {
     pub fn load() -> Self {
         let mut ebpf = Ebpf::load(BPF_OBJECT).expect("loading the BPF object");
-        for name in [program_names::XDP_UPLINK, program_names::XDP_FLOOR] {
+        for name in [
+            program_names::XDP_UPLINK,
+            program_names::XDP_FLOOR,
+            program_names::XDP_MIRROR,
+        ] {
             let p: &mut Xdp = ebpf.program_mut(name).expect(name).try_into().expect("xdp");
             p.load()
                 .unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));

@@ -9,6 +9,7 @@ pub mod core;
 pub mod dataplane;
 pub mod flows;
 pub mod lb;
+pub mod mirror;
 pub mod netlink;
 pub mod netns;
 pub mod nsp;

@@ -15,8 +15,13 @@ const PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "tcpdump",
-    "procps",  // sysctl, used by the namespace tests
-    "ethtool", // GRO on target veths (native XDP redirect needs the peer to run NAPI)
+    "procps",      // sysctl, used by the namespace tests
+    "ethtool",     // GRO on target veths (native XDP redirect needs the peer to run NAPI)
+    "tshark",      // decodes the pcap files the mirror rings write
+    "etcd-server", // the networking-spp contract tests run a real etcd on loopback
+    "etcd-client", // etcdctl, to look at what the tests wrote
+    "iptables",    // TEE, the kernel's mirror baseline in the benchmarks
+    "nftables",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -55,7 +55,11 @@ pub struct Links {
 
 /// Loads every program of the object into the kernel (the verifier runs here).
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
-    for name in [program_names::XDP_UPLINK, program_names::XDP_FLOOR] {
+    for name in [
+        program_names::XDP_UPLINK,
+        program_names::XDP_FLOOR,
+        program_names::XDP_MIRROR,
+    ] {
         xdp_program(ebpf, name)?
             .load()
             .map_err(|source| DataplaneError::Program { name, source })?;

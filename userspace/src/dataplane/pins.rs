@@ -14,7 +14,9 @@ use tapmesh_common::{
         VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PREFIXES,
         MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
     },
-    map_names as n, PacketCounter, ProgramSlot, ProgramStats, SCHEMA_VERSION,
+    map_names as n,
+    mirror::{MirrorCounter, MirrorPort, VlanSet, MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS},
+    PacketCounter, ProgramSlot, ProgramStats, SCHEMA_VERSION,
 };
 
 use super::DataplaneError;
@@ -89,6 +91,21 @@ const MAPS: &[MapSpec] = &[
     spec(n::VIP_STATS, 4, size_of::<PacketCounter>(), MAX_VIPS),
     spec(n::FLOW_STATS, 4, size_of::<PacketCounter>(), MAX_FLOWS),
     spec(n::TARGET_STATS, 4, size_of::<PacketCounter>(), MAX_TARGETS),
+    spec(
+        n::MIRROR_PORTS,
+        4,
+        size_of::<MirrorPort>(),
+        MAX_MIRROR_PORTS,
+    ),
+    spec(n::MIRROR_VLANS, 4, size_of::<VlanSet>(), MAX_TAP_FLOWS),
+    spec(
+        n::MIRROR_STATS,
+        4,
+        size_of::<MirrorCounter>(),
+        MAX_TAP_FLOWS,
+    ),
+    spec(n::MIRROR_RINGS, 4, 4, MAX_RINGS),
+    spec(n::XSKS, 4, 4, MAX_RINGS),
 ];
 
 fn fs_type(path: &Path) -> Option<i64> {

@@ -1,0 +1,84 @@
+//! Port mirroring (tap flows): per source interface, the rules that copy its
+//! packets to a tap service's interface, VLAN filters and counters.
+
+use crate::assert_layout;
+
+/// Tap flows in all (indices of `tm_mirror_vlans` and `tm_mirror_stats`).
+pub const MAX_TAP_FLOWS: u32 = 1024;
+/// Source interfaces with tap flows.
+pub const MAX_MIRROR_PORTS: u32 = 1024;
+/// Tap flows one source interface can have.
+pub const RULES_PER_PORT: usize = 8;
+/// AF_XDP mirror rings.
+pub const MAX_RINGS: u32 = 64;
+
+/// Direction bits, TaaS's meaning relative to the source port: IN is traffic
+/// to the port (TC egress of its host-side interface), OUT traffic from it
+/// (TC ingress).
+pub const DIRECTION_IN: u8 = 1;
+pub const DIRECTION_OUT: u8 = 2;
+
+/// One tap flow on a source interface.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorRule {
+    /// The tap flow's index (VLAN set and counters).
+    pub flow: u32,
+    /// Where copies go (egress of this interface).
+    pub dest_ifindex: u32,
+    /// `DIRECTION_IN` | `DIRECTION_OUT`.
+    pub directions: u8,
+    /// Non-zero: only VLANs in `tm_mirror_vlans[flow]` (untagged counts as VLAN 0).
+    pub vlan_filtered: u8,
+    pub _pad: [u8; 2],
+}
+assert_layout!(MirrorRule, size = 12, align = 4);
+
+/// `tm_mirror_ports` value, keyed by the source interface's index.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorPort {
+    pub count: u32,
+    pub rules: [MirrorRule; RULES_PER_PORT],
+}
+assert_layout!(MirrorPort, size = 100, align = 4);
+
+/// A set of VLAN ids 0..=4095.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VlanSet {
+    pub bits: [u64; 64],
+}
+assert_layout!(VlanSet, size = 512, align = 8);
+
+impl Default for VlanSet {
+    fn default() -> Self {
+        Self { bits: [0; 64] }
+    }
+}
+
+impl VlanSet {
+    pub fn insert(&mut self, vlan: u16) {
+        let v = (vlan & 0xfff) as usize;
+        self.bits[v / 64] |= 1 << (v % 64);
+    }
+
+    pub fn contains(&self, vlan: u16) -> bool {
+        let v = (vlan & 0xfff) as usize;
+        self.bits[v / 64] & (1 << (v % 64)) != 0
+    }
+}
+
+/// Per tap flow, per CPU.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorCounter {
+    pub packets: u64,
+    pub bytes: u64,
+    /// `bpf_clone_redirect` failed (the production packet went on regardless).
+    pub failed: u64,
+}
+assert_layout!(MirrorCounter, size = 24, align = 8);
+
+#[cfg(feature = "user")]
+crate::impl_pod!(MirrorRule, MirrorPort, VlanSet, MirrorCounter);

@@ -1,0 +1,98 @@
+//! Port mirroring: copies of a source interface's packets, by direction and
+//! VLAN, cloned to each tap service's interface. The production packet is
+//! never changed, delayed or dropped here; a failed copy is only counted.
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::bpf_skb_load_bytes,
+    macros::xdp,
+    programs::{TcContext, XdpContext},
+};
+use tapmesh_common::mirror::{MirrorCounter, RULES_PER_PORT};
+
+use crate::maps::{tm_mirror_ports, tm_mirror_rings, tm_mirror_stats, tm_mirror_vlans, tm_xsks};
+
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+
+/// Copies the packet for every tap flow of this interface that takes `direction`.
+#[inline(always)]
+pub fn copy(ctx: &TcContext, direction: u8) {
+    // SAFETY: the context's __sk_buff is valid for the program's run.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    // SAFETY: a map value read under RCU; copied out at once.
+    let Some(port) = (unsafe { tm_mirror_ports.get(&ifindex) }) else {
+        return;
+    };
+    let port = *port;
+    let vlan = vlan_of(ctx);
+    let len = ctx.len() as u64;
+    for i in 0..RULES_PER_PORT {
+        if i as u32 >= port.count {
+            break;
+        }
+        let rule = port.rules[i];
+        if rule.directions & direction == 0 {
+            continue;
+        }
+        if rule.vlan_filtered != 0 {
+            match tm_mirror_vlans.get(rule.flow) {
+                Some(set) if set.contains(vlan) => {}
+                _ => continue,
+            }
+        }
+        let copied = ctx.clone_redirect(rule.dest_ifindex, 0);
+        if let Some(counter) = tm_mirror_stats.get_ptr_mut(rule.flow) {
+            // SAFETY: this CPU's slot.
+            let counter: &mut MirrorCounter = unsafe { &mut *counter };
+            match copied {
+                // > 0 means congestion on the way; the copy was still queued.
+                Err(e) if e < 0 => counter.failed += 1,
+                _ => {
+                    counter.packets += 1;
+                    counter.bytes += len;
+                }
+            }
+        }
+    }
+}
+
+/// The VLAN id of the packet: the offloaded tag, else an 802.1Q/802.1ad
+/// header in the frame, else 0 (untagged).
+#[inline(always)]
+fn vlan_of(ctx: &TcContext) -> u16 {
+    // SAFETY: fields of the valid __sk_buff.
+    let (present, tci) = unsafe { ((*ctx.skb.skb).vlan_present, (*ctx.skb.skb).vlan_tci) };
+    if present != 0 {
+        return (tci & 0xfff) as u16;
+    }
+    let mut tag = [0u8; 4];
+    // The raw helper with a constant length (aya's wrapper clamps the length
+    // to the packet, which the verifier sees as possibly zero).
+    // SAFETY: `tag` is 4 writable bytes on the stack.
+    let read = unsafe {
+        bpf_skb_load_bytes(ctx.skb.skb as *const _, 12, tag.as_mut_ptr() as *mut _, 4)
+    };
+    if read != 0 {
+        return 0;
+    }
+    let proto = u16::from_be_bytes([tag[0], tag[1]]);
+    if proto == ETH_P_8021Q || proto == ETH_P_8021AD {
+        u16::from_be_bytes([tag[2], tag[3]]) & 0xfff
+    } else {
+        0
+    }
+}
+
+/// On a mirror ring's interface: every frame goes to the ring's AF_XDP
+/// socket (no socket: dropped, the copy has nowhere else to go).
+#[xdp]
+pub fn tm_xdp_mirror(ctx: XdpContext) -> u32 {
+    // SAFETY: the context's xdp_md is valid for the program's run.
+    let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+    // SAFETY: a map value read under RCU.
+    let Some(&slot) = (unsafe { tm_mirror_rings.get(&ifindex) }) else {
+        return xdp_action::XDP_DROP;
+    };
+    tm_xsks.redirect(slot, 0).unwrap_or(xdp_action::XDP_DROP)
+}

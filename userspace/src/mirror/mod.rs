@@ -1,0 +1,8 @@
+//! Port mirroring (tap-as-a-service): tap services and tap flows, kernel
+//! copies in TC, AF_XDP mirror rings with userspace consumers, and the
+//! networking-spp etcd contract.
+
+pub mod model;
+pub mod pcap;
+pub mod ring;
+pub mod spp;

@@ -1,0 +1,1 @@
+//! pcap files (being written).

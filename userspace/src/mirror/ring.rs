@@ -1,0 +1,1 @@
+//! AF_XDP mirror rings (being written).

@@ -1,0 +1,1 @@
+//! The networking-spp etcd contract (being written).
