@@ -478,3 +478,68 @@ fn a_client_generated_from_meridios_tap_proto_opens_and_closes_a_stream() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(rx.count(), sent, "after Close the application gets nothing");
 }
+
+#[test]
+fn only_a_targets_own_namespace_may_register_it() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(2, "60s");
+    let a = lab.start_ambassador(0, "30s");
+    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
+    tap.open(stream("stream-a", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
+    let victim: Vec<String> = lab
+        .registry_list()
+        .lines()
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .split(',')
+        .map(String::from)
+        .collect();
+
+    // Root in another application's namespace is not root on the node.
+    let socket = lab.node_socket();
+    let attempt = tapmesh_tests::net::run_in(&lab.apps[1].name, move || {
+        use tapmesh::proto::nsp::{target, target_registry_client::TargetRegistryClient, Target};
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let mut client = TargetRegistryClient::new(tapmesh::uds::lazy_channel(&socket));
+                let t = Target {
+                    ips: victim,
+                    context: [("identifier".to_string(), "1".to_string())].into(),
+                    status: target::Status::Disabled as i32,
+                    r#type: target::Type::Default as i32,
+                    stream: Some(tapmesh::proto::nsp::Stream {
+                        name: "stream-a".into(),
+                        conduit: Some(tapmesh::proto::nsp::Conduit {
+                            name: "conduit-a".into(),
+                            trench: Some(tapmesh::proto::nsp::Trench {
+                                name: "trench-a".into(),
+                            }),
+                            destination_port_nats: vec![],
+                        }),
+                        max_targets: 0,
+                    }),
+                };
+                (client.unregister(t.clone()).await, client.register(t).await)
+            })
+    });
+    for result in [attempt.0.map(|_| ()), attempt.1.map(|_| ())] {
+        let e = result.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e}");
+    }
+    assert_eq!(
+        lab.registered("stream-a").len(),
+        1,
+        "{}",
+        lab.registry_list()
+    );
+}

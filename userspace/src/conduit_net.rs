@@ -701,17 +701,46 @@ pub async fn delete(host_ifname: &str) -> Result<(), ConduitNetError> {
     }
 }
 
-/// True when a link of that name exists in the current namespace.
-pub async fn exists(host_ifname: &str) -> bool {
-    if check_ifname(host_ifname).is_err() {
-        return false;
-    }
-    let Ok(handle) = netlink_here() else {
-        return false;
-    };
+/// Whether a link of that name exists in the current namespace; an error
+/// when netlink could not tell (callers must not take that as "gone").
+pub async fn exists(host_ifname: &str) -> Result<bool, ConduitNetError> {
+    check_ifname(host_ifname)?;
+    let handle = netlink_here()?;
     let at = At {
         ifname: host_ifname,
         netns: CURRENT,
     };
-    link_info(&handle, at).await.is_ok()
+    match link_info(&handle, at).await {
+        Ok(_) => Ok(true),
+        Err(ConduitNetError::NotFound { .. }) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Names of the links in the current namespace that start with `prefix`.
+pub async fn links_with_prefix(prefix: &str) -> Result<Vec<String>, ConduitNetError> {
+    let handle = netlink_here()?;
+    let mut links = handle.link().get().execute();
+    let mut names = Vec::new();
+    loop {
+        match links.try_next().await {
+            Ok(Some(message)) => {
+                for attribute in &message.attributes {
+                    if let LinkAttribute::IfName(name) = attribute {
+                        if name.starts_with(prefix) {
+                            names.push(name.clone());
+                        }
+                    }
+                }
+            }
+            Ok(None) => return Ok(names),
+            Err(e) => {
+                let at = At {
+                    ifname: prefix,
+                    netns: CURRENT,
+                };
+                return Err(at.nl("listing links")(e));
+            }
+        }
+    }
 }

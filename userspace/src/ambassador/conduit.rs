@@ -29,99 +29,130 @@ pub struct Conduit {
 const CONNECT_RETRY: Duration = Duration::from_secs(2);
 
 impl Conduit {
+    /// `refresh`: how often the connection is confirmed with the daemon (it
+    /// is idempotent; a daemon that lost it makes it again).
     pub fn start(
         channel: tonic::transport::Channel,
         trench: String,
         name: String,
         timeout: Duration,
+        refresh: Duration,
     ) -> Self {
         let (tx, view) = watch::channel(ConduitView::default());
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(run(channel, trench, name, timeout, tx, cancel.clone()));
+        let task = tokio::spawn(run(
+            channel,
+            ConduitRequest {
+                trench,
+                conduit: name,
+            },
+            timeout,
+            refresh,
+            tx,
+            cancel.clone(),
+        ));
         Self { view, cancel, task }
     }
 }
 
 async fn run(
     channel: tonic::transport::Channel,
-    trench: String,
-    name: String,
+    request: ConduitRequest,
     timeout: Duration,
+    refresh: Duration,
     tx: watch::Sender<ConduitView>,
     cancel: CancellationToken,
 ) {
-    let request = ConduitRequest {
-        trench: trench.clone(),
-        conduit: name.clone(),
-    };
+    let name = request.conduit.clone();
     let mut conduits = ConduitsClient::new(channel.clone());
-    // Connect until it works.
-    let connection = loop {
-        let call = tokio::time::timeout(timeout, conduits.connect_conduit(request.clone()));
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            result = call => match result {
-                Ok(Ok(c)) => break c.into_inner(),
-                Ok(Err(e)) => tracing::warn!(conduit = %name, "connect: {}", e.message()),
-                Err(_) => tracing::warn!(conduit = %name, "connect: timed out"),
-            }
-        }
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(CONNECT_RETRY) => {}
-        }
-    };
-    tracing::info!(conduit = %name, interface = %connection.interface, ips = ?connection.local_ips, "conduit connected");
-    tx.send_modify(|v| v.connection = Some(connection));
-
-    // Follow the conduit's streams; re-watch after an error.
     let mut config = ConfigurationManagerClient::new(channel);
     let filter = pb::Stream {
         name: String::new(),
         conduit: Some(pb::Conduit {
-            name: name.clone(),
+            name: request.conduit.clone(),
             trench: Some(pb::Trench {
-                name: trench.clone(),
+                name: request.trench.clone(),
             }),
             destination_port_nats: Vec::new(),
         }),
         max_targets: 0,
     };
-    loop {
-        if let Ok(response) = config.watch_stream(filter.clone()).await {
-            let mut updates = response.into_inner();
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => break,
-                    message = updates.message() => match message {
-                        Ok(Some(list)) => {
-                            let streams = list.streams.into_iter().map(|s| {
-                                // A registry that predates maxTargets means 100 (as Meridio).
-                                let max = if s.max_targets == 0 { 100 } else { s.max_targets };
-                                (s.name, max)
-                            }).collect();
-                            tx.send_if_modified(|v| {
-                                let new = Some(streams);
-                                let changed = v.streams != new;
-                                v.streams = new;
-                                changed
-                            });
+    let mut updates: Option<tonic::Streaming<pb::StreamResponse>> = None;
+    let mut confirm = tokio::time::Instant::now();
+    while !cancel.is_cancelled() {
+        // (Re)connect when due: at once, after a failure, and every `refresh`.
+        if tokio::time::Instant::now() >= confirm {
+            let call = tokio::time::timeout(timeout, conduits.connect_conduit(request.clone()));
+            let result = tokio::select! {
+                _ = cancel.cancelled() => break,
+                result = call => result,
+            };
+            match result {
+                Ok(Ok(c)) => {
+                    let c = c.into_inner();
+                    tx.send_if_modified(|v| {
+                        let new = Some(c.clone());
+                        let changed = v.connection != new;
+                        if changed {
+                            tracing::info!(conduit = %name, interface = %c.interface, ips = ?c.local_ips, "conduit connected");
                         }
-                        _ => break,
-                    }
+                        v.connection = new;
+                        changed
+                    });
+                    confirm = tokio::time::Instant::now() + refresh;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(conduit = %name, "connect: {}", e.message());
+                    confirm = tokio::time::Instant::now() + CONNECT_RETRY;
+                }
+                Err(_) => {
+                    tracing::warn!(conduit = %name, "connect: timed out");
+                    confirm = tokio::time::Instant::now() + CONNECT_RETRY;
                 }
             }
         }
-        if cancel.is_cancelled() {
-            break;
+        // Follow the conduit's streams (re-watch after an error).
+        if updates.is_none() && tx.borrow().connection.is_some() {
+            match config.watch_stream(filter.clone()).await {
+                Ok(r) => updates = Some(r.into_inner()),
+                Err(_) => {
+                    tx.send_if_modified(|v| v.streams.take().is_some());
+                    confirm = confirm.min(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            }
         }
-        tx.send_modify(|v| v.streams = None);
+        let next = async {
+            match updates.as_mut() {
+                Some(u) => u.message().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = tokio::time::sleep_until(confirm) => {}
+            message = next => match message {
+                Ok(Some(list)) => {
+                    let streams = list.streams.into_iter().map(|s| {
+                        // A registry that predates maxTargets means 100 (as Meridio).
+                        let max = if s.max_targets == 0 { 100 } else { s.max_targets };
+                        (s.name, max)
+                    }).collect();
+                    tx.send_if_modified(|v| {
+                        let new = Some(streams);
+                        let changed = v.streams != new;
+                        v.streams = new;
+                        changed
+                    });
+                }
+                _ => {
+                    updates = None;
+                    tx.send_if_modified(|v| v.streams.take().is_some());
+                    confirm = confirm.min(tokio::time::Instant::now() + Duration::from_secs(1));
+                }
+            }
         }
     }
-    // Closing: give the interface back.
+    // Closing: give the interface back (also after a connect cut short).
     match tokio::time::timeout(timeout, conduits.disconnect_conduit(request)).await {
         Ok(Ok(_)) => tracing::info!(conduit = %name, "conduit disconnected"),
         Ok(Err(e)) => tracing::warn!(conduit = %name, "disconnect: {}", e.message()),

@@ -100,8 +100,9 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
     }
     tracing::info!("stopping: closing every stream");
     tap.close_all().await;
+    tap.end_watches();
     stop.cancel();
-    let _ = server.await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     let _ = std::fs::remove_file(&settings.socket);
     ExitCode::SUCCESS
 }

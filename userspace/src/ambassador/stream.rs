@@ -109,6 +109,7 @@ impl Registration {
             .into_iter()
             .filter(|(ips, _, _)| *ips != mine)
             .filter_map(|(_, id, _)| id)
+            .filter(|&id| id >= 1)
             .collect())
     }
 
@@ -189,10 +190,13 @@ pub async fn run(
             .as_ref()
             .map(|s| s.get(&key.stream).copied());
         match (&current.connection, max) {
-            (None, _) | (_, None) => {
+            (None, _) => {
                 reg.enabled = false;
                 report(StreamState::Unavailable);
             }
+            // The configuration cannot be read (daemon restarting): keep the
+            // registration as it is; the next refresh tells whether it lived.
+            (_, None) => report(StreamState::Unavailable),
             (Some(_), Some(None)) => {
                 // Not (or no longer) in the configuration.
                 reg.unregister().await;
@@ -240,7 +244,7 @@ pub async fn run(
             _ = cancel.cancelled() => break,
             changed = view.changed() => {
                 if changed.is_err() { break }
-                if !reg.enabled { next = Instant::now(); }
+                next = Instant::now();
             }
             _ = tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(1))) => {}
         }

@@ -115,6 +115,8 @@ pub struct Tap {
     channel: tonic::transport::Channel,
     state: Arc<Mutex<State>>,
     statuses: Arc<watch::Sender<BTreeMap<StreamKey, StreamState>>>,
+    /// Ends every Watch (so a graceful shutdown does not wait for clients).
+    shutdown: CancellationToken,
 }
 
 impl Tap {
@@ -124,6 +126,7 @@ impl Tap {
             settings: Arc::new(settings),
             state: Arc::default(),
             statuses: Arc::new(watch::channel(BTreeMap::new()).0),
+            shutdown: CancellationToken::new(),
         }
     }
 
@@ -160,6 +163,7 @@ impl Tap {
                     key.trench.clone(),
                     key.conduit.clone(),
                     self.settings.timeout,
+                    self.settings.entry_timeout,
                 )
             })
             .view
@@ -190,21 +194,28 @@ impl Tap {
         if state.trench.as_deref() != Some(key.trench.as_str()) {
             return;
         }
+        // The tasks end on their own within their call timeouts; waiting for
+        // them means a later Open cannot race their last unregister.
         if let Some(s) = state.streams.remove(&key) {
             s.cancel.cancel();
-            let _ = tokio::time::timeout(self.settings.timeout, s.task).await;
+            let _ = s.task.await;
         }
         self.statuses
             .send_if_modified(|all| all.remove(&key).is_some());
         if !state.streams.keys().any(|k| k.conduit == key.conduit) {
             if let Some(c) = state.conduits.remove(&key.conduit) {
                 c.cancel.cancel();
-                let _ = tokio::time::timeout(self.settings.timeout, c.task).await;
+                let _ = c.task.await;
             }
         }
         if state.conduits.is_empty() {
             state.trench = None;
         }
+    }
+
+    /// Ends the Watch streams (at shutdown, after every stream is closed).
+    pub fn end_watches(&self) {
+        self.shutdown.cancel();
     }
 
     pub async fn close_all(&self) {
@@ -247,6 +258,7 @@ impl tap_server::Tap for Tap {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let filter = request.into_inner();
         let mut changes = self.statuses.subscribe();
+        let shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::spawn(async move {
             let mut last = None;
@@ -272,6 +284,7 @@ impl tap_server::Tap for Tap {
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => return,
                 }
             }
         });

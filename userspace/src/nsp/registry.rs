@@ -79,12 +79,14 @@ pub enum RegistryError {
     Collision { stream: String, identifier: u32 },
 }
 
+#[derive(Clone)]
 struct Entry {
     target: Target,
     expires: Instant,
 }
 
 /// Targets with their keep-alive deadlines.
+#[derive(Clone)]
 pub struct Registry {
     entries: BTreeMap<String, Entry>,
     expiry: Duration,

@@ -55,6 +55,17 @@ fn status_of(e: NspError) -> Status {
     }
 }
 
+/// Runs a change on its own task: a client that gives up (its call is
+/// dropped) cannot cut a veth creation or a map update in half.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, NspError>> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Status::internal(format!("the request's task failed: {e}")))?
+        .map_err(status_of)
+}
+
 /// Checks a Meridio name: 1-253 bytes from `[A-Za-z0-9-+_.]`.
 pub fn check_name(what: &str, name: &str) -> Result<(), Status> {
     crate::flows::spec::validate_name(what, name)
@@ -227,14 +238,16 @@ impl TargetRegistry for NodeApi {
     async fn register(&self, request: Request<pb::Target>) -> Result<Response<()>, Status> {
         let caller = caller(&request)?;
         let target = target_from(request.into_inner())?;
-        self.0.register(caller, target).await.map_err(status_of)?;
+        let nsp = self.0.clone();
+        detached(async move { nsp.register(caller, target).await }).await?;
         Ok(Response::new(()))
     }
 
     async fn unregister(&self, request: Request<pb::Target>) -> Result<Response<()>, Status> {
         let caller = caller(&request)?;
         let target = target_from(request.into_inner())?;
-        self.0.unregister(caller, target).await.map_err(status_of)?;
+        let nsp = self.0.clone();
+        detached(async move { nsp.unregister(caller, target).await }).await?;
         Ok(Response::new(()))
     }
 
@@ -435,11 +448,8 @@ impl Conduits for NodeApi {
         let r = request.into_inner();
         check_name("trench name", &r.trench)?;
         check_name("conduit name", &r.conduit)?;
-        let c = self
-            .0
-            .connect(caller, &r.trench, &r.conduit)
-            .await
-            .map_err(status_of)?;
+        let nsp = self.0.clone();
+        let c = detached(async move { nsp.connect(caller, &r.trench, &r.conduit).await }).await?;
         Ok(Response::new(ConduitConnection {
             interface: c.link.peer_ifname.clone(),
             local_ips: c.local_ips(),
@@ -456,10 +466,8 @@ impl Conduits for NodeApi {
         let r = request.into_inner();
         check_name("trench name", &r.trench)?;
         check_name("conduit name", &r.conduit)?;
-        self.0
-            .disconnect(caller, &r.trench, &r.conduit)
-            .await
-            .map_err(status_of)?;
+        let nsp = self.0.clone();
+        detached(async move { nsp.disconnect(caller, &r.trench, &r.conduit).await }).await?;
         Ok(Response::new(()))
     }
 }

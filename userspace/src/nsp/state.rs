@@ -84,6 +84,8 @@ pub struct Nsp {
 }
 
 pub const LB_SOURCE: &str = "nsp";
+/// Node-side conduit interfaces are `tmc<hex>`.
+const LINK_PREFIX: &str = "tmc";
 
 impl Nsp {
     pub fn new(lb: Arc<LbService>, settings: Settings, expiry: Duration) -> Self {
@@ -124,12 +126,29 @@ impl Nsp {
             })
             .unwrap_or_default();
         let mut inner = self.inner.lock().await;
+        inner.registry.restore(persisted.targets, Instant::now());
         for c in persisted.connections {
-            if conduit_net::exists(&c.link.host_ifname).await {
-                inner.connections.push(c);
+            match conduit_net::exists(&c.link.host_ifname).await {
+                Ok(false) => {
+                    // Its targets go with it: their addresses may be handed out again.
+                    inner.registry.remove_ips(&c.local_ips());
+                }
+                Ok(true) => inner.connections.push(c),
+                Err(e) => {
+                    tracing::warn!("cannot check {}: {e}; keeping it", c.link.host_ifname);
+                    inner.connections.push(c);
+                }
             }
         }
-        inner.registry.restore(persisted.targets, Instant::now());
+        // Conduit links no connection owns (a connect cut short) are removed.
+        if let Ok(links) = conduit_net::links_with_prefix(LINK_PREFIX).await {
+            for name in links {
+                if !inner.connections.iter().any(|c| c.link.host_ifname == name) {
+                    tracing::info!("removing {name}: no conduit connection owns it");
+                    let _ = conduit_net::delete(&name).await;
+                }
+            }
+        }
         inner.next_link = persisted.next_link;
         inner.persisted = match bytes {
             Some(b) => b,
@@ -190,8 +209,12 @@ impl Nsp {
         let mut inner = self.inner.lock().await;
         check_owner(&inner, caller, &target)?;
         let config = inner.config.clone();
+        let before = inner.registry.clone();
         if inner.registry.register(target, &config, Instant::now())? {
-            self.commit(&mut inner).await?;
+            if let Err(e) = self.commit(&mut inner).await {
+                inner.registry = before;
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -199,8 +222,12 @@ impl Nsp {
     pub async fn unregister(&self, caller: Caller, target: Target) -> Result<(), NspError> {
         let mut inner = self.inner.lock().await;
         check_owner(&inner, caller, &target)?;
+        let before = inner.registry.clone();
         if inner.registry.unregister(target)? {
-            self.commit(&mut inner).await?;
+            if let Err(e) = self.commit(&mut inner).await {
+                inner.registry = before;
+                return Err(e);
+            }
         }
         Ok(())
     }
@@ -213,8 +240,10 @@ impl Nsp {
         if check_links {
             let mut gone = Vec::new();
             for c in &inner.connections {
-                if !conduit_net::exists(&c.link.host_ifname).await {
-                    gone.push(c.link.host_ifname.clone());
+                match conduit_net::exists(&c.link.host_ifname).await {
+                    Ok(false) => gone.push(c.link.host_ifname.clone()),
+                    Ok(true) => {}
+                    Err(e) => tracing::debug!("cannot check {}: {e}", c.link.host_ifname),
                 }
             }
             for name in gone {
@@ -246,6 +275,11 @@ impl Nsp {
     ) -> Result<Connection, NspError> {
         let (netns, id) =
             netns_of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
+        if Some(id) == own_netns() {
+            return Err(NspError::Caller(
+                "the caller is in the node's own network namespace; run the ambassador in the application's".into(),
+            ));
+        }
         let mut inner = self.inner.lock().await;
         if !inner
             .config
@@ -264,8 +298,13 @@ impl Nsp {
             .find(|c| c.netns == id && c.trench == trench && c.conduit == conduit)
         {
             c.pid = caller.pid;
-            let c = c.clone();
-            return Ok(c);
+            let host = c.link.host_ifname.clone();
+            self.reconcile_vips(&mut inner).await;
+            let c = inner
+                .connections
+                .iter()
+                .find(|c| c.link.host_ifname == host);
+            return Ok(c.cloned().expect("found above"));
         }
         let pools = &self.settings.pools;
         let block = pools
@@ -305,7 +344,11 @@ impl Nsp {
         };
         inner.connections.push(connection);
         self.reconcile_vips(&mut inner).await;
-        self.commit(&mut inner).await?;
+        if let Err(e) = self.commit(&mut inner).await {
+            inner.connections.pop();
+            let _ = conduit_net::delete(&host).await;
+            return Err(e);
+        }
         Ok(inner.connections.last().cloned().expect("just pushed"))
     }
 
@@ -377,10 +420,11 @@ impl Nsp {
 
 /// Only a target's own namespace (or root) may register or unregister it.
 fn check_owner(inner: &Inner, caller: Caller, target: &Target) -> Result<(), NspError> {
-    if caller.uid == 0 {
+    let (_, id) = netns_of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
+    // Root on the node itself (an operator, a frontend) may register anything.
+    if caller.uid == 0 && Some(id) == own_netns() {
         return Ok(());
     }
-    let (_, id) = netns_of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
     let mut ips = target.ips.clone();
     for ip in &mut ips {
         if let Ok(c) = ip.parse::<Cidr>() {
@@ -388,10 +432,15 @@ fn check_owner(inner: &Inner, caller: Caller, target: &Target) -> Result<(), Nsp
         }
     }
     ips.sort();
+    // Its own conduit addresses, and a stream of that conduit.
+    let on_conduit = |c: &Connection| match &target.stream {
+        Some(p) => p.trench == c.trench && p.conduit == c.conduit,
+        None => true,
+    };
     if inner
         .connections
         .iter()
-        .any(|c| c.netns == id && c.local_ips() == ips)
+        .any(|c| c.netns == id && c.local_ips() == ips && on_conduit(c))
     {
         Ok(())
     } else {
@@ -409,8 +458,9 @@ fn lb_targets(inner: &Inner) -> Vec<TargetSpec> {
         else {
             continue;
         };
-        if inner.config.stream(path).is_none() {
-            continue;
+        match inner.config.stream(path) {
+            Some(s) if (1..=s.max_targets).contains(&id) => {}
+            _ => continue,
         }
         let Some(c) = inner.connections.iter().find(|c| c.local_ips() == t.ips) else {
             tracing::debug!(ips = ?t.ips, "target is not on a conduit of this node; skipped");
@@ -452,4 +502,10 @@ impl NetnsId {
     pub fn describe(&self) -> String {
         format!("net:[{}]", self.ino)
     }
+}
+
+/// The daemon's own network namespace.
+fn own_netns() -> Option<NetnsId> {
+    let file = std::fs::File::open("/proc/self/ns/net").ok()?;
+    NetnsId::of(&file).ok()
 }
