@@ -744,3 +744,33 @@ pub async fn links_with_prefix(prefix: &str) -> Result<Vec<String>, ConduitNetEr
         }
     }
 }
+
+/// A veth pair in the current namespace, both ends up (a mirror ring's
+/// interfaces). Returns their indices; on failure nothing is left.
+pub async fn create_local_pair(name: &str, peer: &str) -> Result<(u32, u32), ConduitNetError> {
+    check_ifname(name)?;
+    check_ifname(peer)?;
+    let handle = netlink_here()?;
+    let at = |ifname| At {
+        ifname,
+        netns: CURRENT,
+    };
+    handle
+        .link()
+        .add(LinkVeth::new(name, peer).build())
+        .execute()
+        .await
+        .map_err(at(name).nl(format!("creating veth (peer {peer})")))?;
+    let result = async {
+        set_up(&handle, at(name)).await?;
+        set_up(&handle, at(peer)).await?;
+        let (a, _) = link_info(&handle, at(name)).await?;
+        let (b, _) = link_info(&handle, at(peer)).await?;
+        Ok((a, b))
+    }
+    .await;
+    if result.is_err() {
+        let _ = delete(name).await;
+    }
+    result
+}

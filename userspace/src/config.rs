@@ -147,6 +147,33 @@ impl Default for NspSettings {
     }
 }
 
+/// Port mirroring; the networking-spp etcd agent runs when endpoints are given.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MirrorSettings {
+    /// etcd client URLs, e.g. ["http://127.0.0.1:2379"]; empty: no agent.
+    pub etcd_endpoints: Vec<String>,
+    /// The `<host>` of the networking-spp keys (default: this machine's hostname).
+    pub host: String,
+    pub etcd_prefix: String,
+}
+
+impl Default for MirrorSettings {
+    fn default() -> Self {
+        Self {
+            etcd_endpoints: Vec::new(),
+            host: hostname(),
+            etcd_prefix: "/spp/openstack".into(),
+        }
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -154,6 +181,7 @@ pub struct Config {
     pub dataplane: DataplaneConfig,
     pub lb: LbConfig,
     pub nsp: NspSettings,
+    pub mirror: MirrorSettings,
 }
 
 /// Values given on the command line or in the environment; `None` keeps the file's value.
@@ -205,6 +233,16 @@ pub struct Overrides {
     /// Directory for state kept across restarts (registry, conduits).
     #[arg(long, env = "TAPMESH_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// etcd endpoints of the networking-spp contract (repeat, or comma-separate).
+    #[arg(
+        long = "etcd-endpoint",
+        env = "TAPMESH_ETCD_ENDPOINTS",
+        value_delimiter = ','
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// The networking-spp host name (default: the hostname).
+    #[arg(long, env = "TAPMESH_SPP_HOST")]
+    pub spp_host: Option<String>,
     /// Leave the dataplane attached when the daemon stops (`--keep-dataplane=false` overrides the file).
     #[arg(long, env = "TAPMESH_KEEP_DATAPLANE", num_args = 0..=1, default_missing_value = "true")]
     pub keep_dataplane: Option<bool>,
@@ -289,6 +327,12 @@ impl Config {
         }
         if let Some(v) = &o.state_dir {
             self.nsp.state_dir = v.clone();
+        }
+        if !o.etcd_endpoints.is_empty() {
+            self.mirror.etcd_endpoints = o.etcd_endpoints.clone();
+        }
+        if let Some(v) = &o.spp_host {
+            self.mirror.host = v.clone();
         }
     }
 

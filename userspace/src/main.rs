@@ -8,6 +8,7 @@ use tapmesh::{
     core::Core,
     dataplane::{DataplaneHandle, DataplanePlugin},
     lb::service::{LbPlugin, LbService},
+    mirror::{MirrorPlugin, MirrorService},
     netns,
     nsp::NspPlugin,
 };
@@ -69,6 +70,22 @@ enum Command {
         #[command(subcommand)]
         command: RegistryCommand,
     },
+    /// Tap services: where mirrored copies go (an interface or an AF_XDP ring).
+    TapService {
+        /// Admin API socket of the daemon.
+        #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, global = true)]
+        admin_socket: PathBuf,
+        #[command(subcommand)]
+        command: TapServiceCommand,
+    },
+    /// Tap flows: which port's traffic is mirrored, in which direction, which VLANs.
+    TapFlow {
+        /// Admin API socket of the daemon.
+        #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, global = true)]
+        admin_socket: PathBuf,
+        #[command(subcommand)]
+        command: TapFlowCommand,
+    },
     /// Show every plugin's state and the dataplane counters.
     Status {
         /// Admin API socket of the daemon.
@@ -120,6 +137,54 @@ enum StreamCommand {
 }
 
 #[derive(Subcommand)]
+enum TapServiceCommand {
+    /// Create a tap service with an interface or a ring (pcap file and/or forward interface).
+    Create {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Send copies out of this interface.
+        #[arg(long, conflicts_with_all = ["pcap", "forward"])]
+        interface: Option<String>,
+        /// Ring: write copies to this pcap file.
+        #[arg(long)]
+        pcap: Option<String>,
+        /// Ring: send copies out of this interface.
+        #[arg(long)]
+        forward: Option<String>,
+    },
+    Delete {
+        id: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+enum TapFlowCommand {
+    /// Mirror a source port's traffic to a tap service.
+    Create {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        tap_service: String,
+        /// The source port's interface.
+        #[arg(long)]
+        source: String,
+        /// IN (to the port), OUT (from it) or BOTH.
+        #[arg(long)]
+        direction: String,
+        /// VLAN ids and ranges, e.g. "10,20-30".
+        #[arg(long)]
+        vlan_filter: Option<String>,
+    },
+    Delete {
+        id: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
 enum RegistryCommand {
     /// List the registered targets of every stream.
     List,
@@ -158,6 +223,14 @@ fn main() -> ExitCode {
             node_socket,
             command: RegistryCommand::List,
         } => runtime().block_on(registry_list(node_socket)),
+        Command::TapService {
+            admin_socket,
+            command,
+        } => runtime().block_on(tap_service(admin_socket, command)),
+        Command::TapFlow {
+            admin_socket,
+            command,
+        } => runtime().block_on(tap_flow(admin_socket, command)),
         Command::Status { admin_socket, raw } => runtime().block_on(status(admin_socket, raw)),
         Command::Lb {
             admin_socket,
@@ -182,7 +255,14 @@ async fn daemon(config: Config) -> ExitCode {
     core.register(Arc::new(DataplanePlugin::new(dataplane.clone())));
     core.register(Arc::new(LbPlugin::new(lb.clone())));
     core.register(Arc::new(NspPlugin::new(lb.clone())));
-    core.register(Arc::new(AdminPlugin::new(core.view(), dataplane, lb)));
+    let mirror = Arc::new(MirrorService::new(dataplane.clone()));
+    core.register(Arc::new(MirrorPlugin::new(mirror.clone())));
+    core.register(Arc::new(AdminPlugin::new(
+        core.view(),
+        dataplane,
+        lb,
+        mirror,
+    )));
 
     // Signals are caught from here on, so one that arrives during start still stops cleanly.
     let (mut term, mut int) = match (
@@ -382,4 +462,105 @@ async fn registry_list(socket: PathBuf) -> ExitCode {
     }
     print!("{}", cli::nsp::render_targets(&all));
     ExitCode::SUCCESS
+}
+
+async fn tap_service(socket: PathBuf, command: TapServiceCommand) -> ExitCode {
+    use admin::proto::{tap_service::Destination, ListTapsRequest, Ring, TapId, TapService};
+    let mut client = match admin::connect(&socket).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tapmesh: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match command {
+        TapServiceCommand::Create {
+            id,
+            name,
+            interface,
+            pcap,
+            forward,
+        } => {
+            let destination = match interface {
+                Some(i) => Some(Destination::Interface(i)),
+                None if pcap.is_some() || forward.is_some() => Some(Destination::Ring(Ring {
+                    pcap: pcap.unwrap_or_default(),
+                    forward: forward.unwrap_or_default(),
+                })),
+                None => None,
+            };
+            client
+                .create_tap_service(TapService {
+                    id,
+                    name: name.unwrap_or_default(),
+                    destination,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| String::new())
+        }
+        TapServiceCommand::Delete { id } => client
+            .delete_tap_service(TapId { id })
+            .await
+            .map(|_| String::new()),
+        TapServiceCommand::List => client
+            .list_taps(ListTapsRequest {})
+            .await
+            .map(|r| cli::mirror::render_services(&r.into_inner())),
+    };
+    print_result(result)
+}
+
+async fn tap_flow(socket: PathBuf, command: TapFlowCommand) -> ExitCode {
+    use admin::proto::{ListTapsRequest, TapFlow, TapId};
+    let mut client = match admin::connect(&socket).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tapmesh: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match command {
+        TapFlowCommand::Create {
+            id,
+            name,
+            tap_service,
+            source,
+            direction,
+            vlan_filter,
+        } => client
+            .create_tap_flow(TapFlow {
+                id,
+                name: name.unwrap_or_default(),
+                tap_service,
+                source,
+                direction,
+                vlan_filter: vlan_filter.unwrap_or_default(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| String::new()),
+        TapFlowCommand::Delete { id } => client
+            .delete_tap_flow(TapId { id })
+            .await
+            .map(|_| String::new()),
+        TapFlowCommand::List => client
+            .list_taps(ListTapsRequest {})
+            .await
+            .map(|r| cli::mirror::render_flows(&r.into_inner())),
+    };
+    print_result(result)
+}
+
+fn print_result(result: Result<String, tonic::Status>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tapmesh: {}", e.message());
+            ExitCode::FAILURE
+        }
+    }
 }

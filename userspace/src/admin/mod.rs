@@ -2,6 +2,7 @@
 
 mod client;
 mod lb;
+mod mirror;
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -26,6 +27,7 @@ use crate::{
     core::{CoreView, Plugin, PluginError, PluginState},
     dataplane::{DataplaneHandle, ProgramCounters},
     lb::service::LbService,
+    mirror::MirrorService,
 };
 
 pub mod proto {
@@ -39,6 +41,7 @@ pub struct AdminService {
     core: CoreView,
     dataplane: DataplaneHandle,
     lb: Arc<LbService>,
+    mirror: Arc<MirrorService>,
 }
 
 fn state_of(state: PluginState) -> proto::PluginState {
@@ -270,6 +273,65 @@ impl Admin for AdminService {
             targets,
         }))
     }
+
+    async fn create_tap_service(
+        &self,
+        request: Request<proto::TapService>,
+    ) -> Result<Response<proto::TapReply>, Status> {
+        check_root(&request)?;
+        let service = mirror::service(request.into_inner()).map_err(mirror::status_of)?;
+        self.mirror
+            .create_service(service)
+            .await
+            .map_err(mirror::status_of)?;
+        Ok(Response::new(proto::TapReply {}))
+    }
+
+    async fn delete_tap_service(
+        &self,
+        request: Request<proto::TapId>,
+    ) -> Result<Response<proto::TapReply>, Status> {
+        check_root(&request)?;
+        self.mirror
+            .delete_service(&request.into_inner().id)
+            .await
+            .map_err(mirror::status_of)?;
+        Ok(Response::new(proto::TapReply {}))
+    }
+
+    async fn create_tap_flow(
+        &self,
+        request: Request<proto::TapFlow>,
+    ) -> Result<Response<proto::TapReply>, Status> {
+        check_root(&request)?;
+        let flow = mirror::flow(request.into_inner()).map_err(mirror::status_of)?;
+        self.mirror
+            .create_flow(flow)
+            .await
+            .map_err(mirror::status_of)?;
+        Ok(Response::new(proto::TapReply {}))
+    }
+
+    async fn delete_tap_flow(
+        &self,
+        request: Request<proto::TapId>,
+    ) -> Result<Response<proto::TapReply>, Status> {
+        check_root(&request)?;
+        self.mirror
+            .delete_flow(&request.into_inner().id)
+            .await
+            .map_err(mirror::status_of)?;
+        Ok(Response::new(proto::TapReply {}))
+    }
+
+    async fn list_taps(
+        &self,
+        request: Request<proto::ListTapsRequest>,
+    ) -> Result<Response<proto::TapListing>, Status> {
+        check_root(&request)?;
+        let (services, flows) = self.mirror.list().await;
+        Ok(Response::new(mirror::listing(services, flows)))
+    }
 }
 
 /// Binds `path`, refusing to take over a socket another daemon still serves.
@@ -312,16 +374,23 @@ pub struct AdminPlugin {
     core: CoreView,
     dataplane: DataplaneHandle,
     lb: Arc<LbService>,
+    mirror: Arc<MirrorService>,
     socket: Mutex<PathBuf>,
     serving: tokio::sync::Mutex<Option<Serving>>,
 }
 
 impl AdminPlugin {
-    pub fn new(core: CoreView, dataplane: DataplaneHandle, lb: Arc<LbService>) -> Self {
+    pub fn new(
+        core: CoreView,
+        dataplane: DataplaneHandle,
+        lb: Arc<LbService>,
+        mirror: Arc<MirrorService>,
+    ) -> Self {
         Self {
             core,
             dataplane,
             lb,
+            mirror,
             socket: Mutex::new(PathBuf::new()),
             serving: tokio::sync::Mutex::new(None),
         }
@@ -353,6 +422,7 @@ impl Plugin for AdminPlugin {
             core: self.core.clone(),
             dataplane: self.dataplane.clone(),
             lb: self.lb.clone(),
+            mirror: self.mirror.clone(),
         };
         let stop = scope.child_token();
         let shutdown = stop.clone();

@@ -50,7 +50,9 @@ pub struct Attachment {
 #[derive(Default)]
 pub struct Links {
     pub xdp: Vec<(String, XdpLinkId)>,
-    pub tc: Vec<(&'static str, SchedClassifierLinkId)>,
+    pub tc: Vec<(String, &'static str, SchedClassifierLinkId)>,
+    /// `tm_xdp_mirror` on mirror ring interfaces (never kept: rings go with the daemon).
+    pub mirror: Vec<(String, XdpLinkId)>,
 }
 
 /// Loads every program of the object into the kernel (the verifier runs here).
@@ -216,7 +218,7 @@ pub fn tc(
         });
         match attached {
             Ok(id) => {
-                links.tc.push((name, id));
+                links.tc.push((interface.into(), name, id));
                 attachments.push(Attachment {
                     interface: interface.into(),
                     hook,
@@ -258,7 +260,7 @@ pub fn keep(ebpf: &mut Ebpf, links: Links, pin_dir: &Path) -> Result<(), Datapla
             .pin(link_pin(pin_dir, &interface))
             .map_err(|e| fail(format!("pinning the link: {e}")))?;
     }
-    for (name, id) in links.tc {
+    for (_, name, id) in links.tc {
         if let Ok(link) = tc_program(ebpf, name)?.take_link(id) {
             // A netlink filter outlives the process unless detached.
             std::mem::forget(link);
@@ -274,4 +276,86 @@ pub fn cleanup(attachments: &[Attachment]) {
             tracing::warn!(interface = %a.interface, "removing clsact: {e}");
         }
     }
+}
+
+/// Detaches the TC programs from `interface` (an interface that is gone is
+/// fine) and removes the clsact qdisc if we added it.
+pub fn detach_tc(
+    ebpf: &mut Ebpf,
+    links: &mut Links,
+    attachments: &mut Vec<Attachment>,
+    interface: &str,
+) -> Result<(), DataplaneError> {
+    let mut kept = Vec::new();
+    for (ifname, name, id) in std::mem::take(&mut links.tc) {
+        if ifname == interface {
+            // An error here means the interface (and the filter with it) is gone.
+            let _ = tc_program(ebpf, name)?.detach(id);
+        } else {
+            kept.push((ifname, name, id));
+        }
+    }
+    links.tc = kept;
+    let ours: Vec<Attachment> = attachments
+        .iter()
+        .filter(|a| a.interface == interface && matches!(a.hook, Hook::TcIngress | Hook::TcEgress))
+        .cloned()
+        .collect();
+    attachments.retain(|a| {
+        !(a.interface == interface && matches!(a.hook, Hook::TcIngress | Hook::TcEgress))
+    });
+    cleanup(&ours);
+    Ok(())
+}
+
+/// Attaches `tm_xdp_mirror` to a mirror ring's interface (native, else generic).
+pub fn xdp_mirror(
+    ebpf: &mut Ebpf,
+    links: &mut Links,
+    interface: &str,
+) -> Result<Attachment, DataplaneError> {
+    let name = program_names::XDP_MIRROR;
+    let program = xdp_program(ebpf, name)?;
+    let mut errors = Vec::new();
+    for (mode, label) in [(AyaXdpMode::Driver, "native"), (AyaXdpMode::Skb, "generic")] {
+        match program.attach(interface, mode) {
+            Ok(id) => {
+                links.mirror.push((interface.into(), id));
+                return Ok(Attachment {
+                    interface: interface.into(),
+                    hook: Hook::Xdp,
+                    program: name,
+                    mode: label.into(),
+                    created_clsact: false,
+                });
+            }
+            Err(e) => errors.push(format!("{label}: {e}")),
+        }
+    }
+    Err(DataplaneError::Attach {
+        hook: Hook::Xdp,
+        interface: interface.into(),
+        message: errors.join("; "),
+    })
+}
+
+/// Detaches `tm_xdp_mirror` from `interface`.
+pub fn detach_xdp_mirror(
+    ebpf: &mut Ebpf,
+    links: &mut Links,
+    attachments: &mut Vec<Attachment>,
+    interface: &str,
+) -> Result<(), DataplaneError> {
+    let program = xdp_program(ebpf, program_names::XDP_MIRROR)?;
+    let mut kept = Vec::new();
+    for (ifname, id) in std::mem::take(&mut links.mirror) {
+        if ifname == interface {
+            let _ = program.detach(id);
+        } else {
+            kept.push((ifname, id));
+        }
+    }
+    links.mirror = kept;
+    attachments.retain(|a| !(a.interface == interface && a.program == program_names::XDP_MIRROR));
+    Ok(())
 }

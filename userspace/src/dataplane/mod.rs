@@ -7,6 +7,7 @@
 
 mod attach;
 pub mod lb;
+pub mod mirror;
 mod pins;
 
 use std::{path::PathBuf, sync::Arc};
@@ -66,6 +67,7 @@ pub struct ProgramCounters {
 struct Running {
     ebpf: Ebpf,
     lb: lb::LbWriter,
+    mirror: mirror::MirrorWriter,
     links: attach::Links,
     attachments: Vec<Attachment>,
     pin_dir: PathBuf,
@@ -121,6 +123,75 @@ impl DataplaneHandle {
         let guard = self.running.lock().await;
         let running = guard.as_ref().ok_or(DataplaneError::NotRunning)?;
         running.lb.counters(&running.ebpf)
+    }
+
+    /// Attaches the TC programs to `interface` unless they are already there.
+    pub async fn attach_tc(&self, interface: &str) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        if r.attachments
+            .iter()
+            .any(|a| a.interface == interface && a.hook == Hook::TcIngress)
+        {
+            return Ok(());
+        }
+        let (ebpf, links, attachments) = (&mut r.ebpf, &mut r.links, &mut r.attachments);
+        tokio::task::block_in_place(|| attach::tc(ebpf, links, attachments, interface))
+    }
+
+    /// Detaches the TC programs from `interface` (gone interfaces are fine).
+    pub async fn detach_tc(&self, interface: &str) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        let (ebpf, links, attachments) = (&mut r.ebpf, &mut r.links, &mut r.attachments);
+        tokio::task::block_in_place(|| attach::detach_tc(ebpf, links, attachments, interface))
+    }
+
+    /// Makes the mirror maps hold `tables`.
+    pub async fn apply_mirror(&self, tables: &mirror::MirrorTables) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        r.mirror.apply(&mut r.ebpf, tables)
+    }
+
+    pub async fn reset_mirror_counter(&self, flow: u32) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        r.mirror.reset_counter(&mut r.ebpf, flow)
+    }
+
+    pub async fn mirror_counter(
+        &self,
+        flow: u32,
+    ) -> Result<tapmesh_common::mirror::MirrorCounter, DataplaneError> {
+        let guard = self.running.lock().await;
+        let r = guard.as_ref().ok_or(DataplaneError::NotRunning)?;
+        r.mirror.counter(&r.ebpf, flow)
+    }
+
+    /// Attaches `tm_xdp_mirror` to a ring interface and points it at socket `fd`.
+    pub async fn attach_ring(
+        &self,
+        interface: &str,
+        ifindex: u32,
+        slot: u32,
+        fd: std::os::fd::RawFd,
+    ) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        r.mirror.set_ring(&mut r.ebpf, ifindex, slot, fd)?;
+        let attachment = attach::xdp_mirror(&mut r.ebpf, &mut r.links, interface)?;
+        r.attachments.push(attachment);
+        Ok(())
+    }
+
+    pub async fn detach_ring(&self, interface: &str, ifindex: u32, slot: u32) {
+        let mut guard = self.running.lock().await;
+        if let Some(r) = guard.as_mut() {
+            let _ =
+                attach::detach_xdp_mirror(&mut r.ebpf, &mut r.links, &mut r.attachments, interface);
+            r.mirror.remove_ring(&mut r.ebpf, ifindex, slot);
+        }
     }
 
     pub async fn pin_dir(&self) -> Option<PathBuf> {
@@ -291,6 +362,7 @@ fn start_dataplane(config: &DataplaneConfig) -> Result<Running, DataplaneError> 
     Ok(Running {
         ebpf: loaded.expect("loaded when attaching succeeded"),
         lb: lb::LbWriter::default(),
+        mirror: mirror::MirrorWriter::default(),
         links,
         attachments,
         pin_dir,

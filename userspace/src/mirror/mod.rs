@@ -4,5 +4,10 @@
 
 pub mod model;
 pub mod pcap;
+pub mod plugin;
 pub mod ring;
+pub mod service;
 pub mod spp;
+
+pub use plugin::MirrorPlugin;
+pub use service::MirrorService;

@@ -1,0 +1,333 @@
+//! Port mirroring with real packets: two "VMs" routed through the node, a
+//! monitor namespace behind the tap service's interface, and the daemon's
+//! tap API; exact copy counts per direction and VLAN, and the AF_XDP ring's
+//! pcap read back by tshark.
+//!
+//! ```text
+//!  vm1 198.18.1.2 ──(src port, TC)── node (daemon) ──── vm2 198.18.2.2
+//!                                      └──(tap service interface)── monitor
+//! ```
+
+use std::time::Duration;
+
+use tapmesh::admin::proto::{
+    tap_service::Destination, ListTapsRequest, Ring, TapFlow, TapId, TapListing, TapService,
+};
+use tapmesh_tests::{
+    frames::{ethernet, ipv4, udp_v4, UDP},
+    kernel_tests_enabled, link,
+    net::wait_until,
+    send_frames, Daemon, End, Netns,
+};
+
+struct Lab {
+    // Drop order: the daemon before its namespace.
+    daemon: Daemon,
+    node: Netns,
+    vm1: Netns,
+    _vm2: Netns,
+    monitor: Netns,
+    /// vm1's port: the host side (source of the tap flows) and vm1's end.
+    port: End,
+    vm1_if: End,
+    /// The tap service's interface on the node, and the monitor's end.
+    tap_if: End,
+    mon_if: End,
+}
+
+impl Lab {
+    fn new() -> Self {
+        let node = Netns::new("n");
+        let vm1 = Netns::new("v1");
+        let vm2 = Netns::new("v2");
+        let monitor = Netns::new("m");
+        let (port, vm1_if) = link(&node, "198.18.1.1/24", &vm1, "198.18.1.2/24");
+        let (_, _) = link(&node, "198.18.2.1/24", &vm2, "198.18.2.2/24");
+        let (tap_if, mon_if) = link(&node, "198.18.3.1/24", &monitor, "198.18.3.2/24");
+        vm1.ip(&["route", "add", "default", "via", "198.18.1.1"]);
+        vm2.ip(&["route", "add", "default", "via", "198.18.2.1"]);
+        node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let daemon = Daemon::start(&node.name, &[]);
+        Lab {
+            daemon,
+            node,
+            vm1,
+            _vm2: vm2,
+            monitor,
+            port,
+            vm1_if,
+            tap_if,
+            mon_if,
+        }
+    }
+
+    fn call<T>(
+        &self,
+        f: impl AsyncFnOnce(
+            &mut tapmesh::admin::proto::admin_client::AdminClient<tonic::transport::Channel>,
+        ) -> T,
+    ) -> T {
+        let socket = self.daemon.socket.clone();
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async move {
+                let mut c = tapmesh::admin::connect(&socket).await.expect("admin API");
+                f(&mut c).await
+            })
+    }
+
+    fn service(&self, id: &str, destination: Destination) -> Result<(), tonic::Status> {
+        let s = TapService {
+            id: id.into(),
+            destination: Some(destination),
+            ..Default::default()
+        };
+        self.call(async |c| c.create_tap_service(s).await.map(|_| ()))
+    }
+
+    fn flow(
+        &self,
+        id: &str,
+        service: &str,
+        direction: &str,
+        vlans: &str,
+    ) -> Result<(), tonic::Status> {
+        let f = TapFlow {
+            id: id.into(),
+            tap_service: service.into(),
+            source: self.port.interface.clone(),
+            direction: direction.into(),
+            vlan_filter: vlans.into(),
+            ..Default::default()
+        };
+        self.call(async |c| c.create_tap_flow(f).await.map(|_| ()))
+    }
+
+    fn delete_flow(&self, id: &str) {
+        let id = TapId { id: id.into() };
+        self.call(async |c| c.delete_tap_flow(id).await)
+            .expect("delete flow");
+    }
+
+    fn list(&self) -> TapListing {
+        self.call(async |c| c.list_taps(ListTapsRequest {}).await)
+            .expect("list taps")
+            .into_inner()
+    }
+
+    /// Packets the monitor's interface received so far.
+    fn monitor_rx(&self) -> u64 {
+        let path = format!(
+            "/sys/class/net/{}/statistics/rx_packets",
+            self.mon_if.interface
+        );
+        let out = self.monitor.exec(&["cat", &path]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("rx_packets")
+    }
+
+    /// `count` pings vm1 → vm2: `count` packets from the port and `count` to it.
+    fn ping(&self, count: u32) {
+        let out = self.vm1.try_exec(&[
+            "ping",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.01",
+            "-W",
+            "1",
+            "-q",
+            "198.18.2.2",
+        ]);
+        assert!(
+            out.status.success(),
+            "ping: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+
+    fn expect_monitor(&self, before: u64, want: u64) {
+        assert!(
+            wait_until(Duration::from_secs(3), || self.monitor_rx() - before
+                >= want),
+            "monitor got {} of {want}",
+            self.monitor_rx() - before
+        );
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(self.monitor_rx() - before, want, "exactly {want} copies");
+    }
+}
+
+#[test]
+fn both_in_and_out_copy_exactly_their_sides() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.service("mon", Destination::Interface(lab.tap_if.interface.clone()))
+        .unwrap();
+
+    lab.flow("both", "mon", "BOTH", "").unwrap();
+    let before = lab.monitor_rx();
+    lab.ping(10);
+    lab.expect_monitor(before, 20);
+    let listing = lab.list();
+    let both = &listing.flows[0];
+    assert_eq!(
+        (both.status.as_str(), both.mirrored_packets, both.failed),
+        ("ACTIVE", 20, 0)
+    );
+    assert_eq!(both.mirrored_bytes, 20 * 98, "98-byte ping frames");
+    lab.delete_flow("both");
+
+    for (direction, id) in [("IN", "in"), ("OUT", "out")] {
+        lab.flow(id, "mon", direction, "").unwrap();
+        let before = lab.monitor_rx();
+        lab.ping(7);
+        lab.expect_monitor(before, 7);
+        lab.delete_flow(id);
+    }
+    // Nothing mirrors once the flows are gone, and the TC programs left the port.
+    let before = lab.monitor_rx();
+    lab.ping(5);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lab.monitor_rx(), before);
+    let filters = lab.node.ip(&["-d", "link", "show", &lab.port.interface]);
+    assert!(!String::from_utf8_lossy(&filters.stdout).contains("clsact"));
+}
+
+#[test]
+fn a_vlan_filter_passes_only_its_vlans() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.service("mon", Destination::Interface(lab.tap_if.interface.clone()))
+        .unwrap();
+    lab.flow("vlans", "mon", "OUT", "10,30-40").unwrap();
+    // Frames from vm1 tagged 10, 20, 35 and untagged: only 10 and 35 are copied.
+    let (src, dst) = ("198.18.1.2".parse().unwrap(), "198.18.2.2".parse().unwrap());
+    let payload = udp_v4(src, dst, 1000, 2000, b"vlan");
+    let frame = |tags: &[u16]| {
+        ethernet(
+            lab.node.mac(&lab.port.interface),
+            lab.vm1.mac(&lab.vm1_if.interface),
+            tags,
+            0x0800,
+            &ipv4(src, dst, UDP, &[], &payload),
+        )
+    };
+    let mut frames = Vec::new();
+    frames.extend(std::iter::repeat_n(frame(&[10]), 4));
+    frames.extend(std::iter::repeat_n(frame(&[20]), 5));
+    frames.extend(std::iter::repeat_n(frame(&[35]), 6));
+    frames.extend(std::iter::repeat_n(frame(&[]), 3));
+    let before = lab.monitor_rx();
+    send_frames(&lab.vm1.name, &lab.vm1_if.interface, &frames);
+    lab.expect_monitor(before, 10);
+    assert_eq!(lab.list().flows[0].mirrored_packets, 10);
+}
+
+#[test]
+fn bad_requests_are_refused_and_a_gone_port_takes_its_taps() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.service("mon", Destination::Interface(lab.tap_if.interface.clone()))
+        .unwrap();
+    for (vlans, why) in [
+        ("5000", "above 4095"),
+        ("20-10", "reversed"),
+        ("10,", "not a VLAN id"),
+    ] {
+        let e = lab.flow("f", "mon", "BOTH", vlans).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(why), "{vlans}: {}", e.message());
+    }
+    let e = lab.flow("f", "mon", "SIDEWAYS", "").unwrap_err();
+    assert!(e.message().contains("IN, OUT or BOTH"), "{}", e.message());
+    let e = lab.flow("f", "nope", "BOTH", "").unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = lab
+        .service("x", Destination::Interface("tmnosuchif0".into()))
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(lab.list().flows.is_empty());
+
+    // Several flows on one source port (TaaS on OVS allows one).
+    lab.flow("a", "mon", "IN", "").unwrap();
+    lab.flow("b", "mon", "OUT", "").unwrap();
+    let before = lab.monitor_rx();
+    lab.ping(4);
+    lab.expect_monitor(before, 8);
+
+    // Deleting the port's interface removes its tap flows.
+    lab.node.ip(&["link", "del", &lab.port.interface]);
+    assert!(wait_until(Duration::from_secs(5), || lab
+        .list()
+        .flows
+        .is_empty()));
+    assert_eq!(lab.list().services.len(), 1, "the tap service stays");
+    // Deleting the tap service's interface removes the service.
+    lab.node.ip(&["link", "del", &lab.tap_if.interface]);
+    assert!(wait_until(Duration::from_secs(5), || lab
+        .list()
+        .services
+        .is_empty()));
+}
+
+#[test]
+fn an_af_xdp_ring_writes_a_pcap_tshark_reads() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = std::env::temp_dir().join(tapmesh_tests::unique("tmpcap"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pcap = dir.join("mirror.pcap");
+    let ring = Ring {
+        pcap: pcap.display().to_string(),
+        forward: String::new(),
+    };
+    lab.service("ring", Destination::Ring(ring)).unwrap();
+    lab.flow("both", "ring", "BOTH", "").unwrap();
+    lab.ping(25);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            lab.list().services[0]
+                .ring_counters
+                .as_ref()
+                .is_some_and(|c| c.consumers.first().is_some_and(|p| p.delivered == 50))
+        }),
+        "{:?}",
+        lab.list().services
+    );
+    let counters = lab.list().services[0].ring_counters.clone().unwrap();
+    assert_eq!((counters.received, counters.consumers[0].lost), (50, 0));
+    let out = std::process::Command::new("tshark")
+        .args(["-r"])
+        .arg(&pcap)
+        .args(["-T", "fields", "-e", "icmp.type"])
+        .output()
+        .expect("tshark");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let types: Vec<&str> = text.lines().collect();
+    assert_eq!(types.len(), 50, "{text}");
+    assert_eq!(
+        types.iter().filter(|t| **t == "8").count(),
+        25,
+        "echo requests"
+    );
+    assert_eq!(
+        types.iter().filter(|t| **t == "0").count(),
+        25,
+        "echo replies"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(lab);
+}

@@ -1,0 +1,566 @@
+//! The mirror plugin's state: tap services and tap flows, their statuses, and
+//! what the kernel holds for them. Every change recomputes the kernel tables
+//! from the whole state and writes them through the dataplane.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use tapmesh_common::mirror::{
+    MirrorPort, MirrorRule, VlanSet, MAX_RINGS, MAX_TAP_FLOWS, RULES_PER_PORT,
+};
+use tokio::sync::Mutex;
+
+use super::model::{
+    parse_vlan_filter, Destination, MirrorError, Status, TapBackend, TapFlow, TapService,
+};
+use super::ring::{Consumer, MirrorRing, RingSocket, RingStats};
+use crate::config::interface_index;
+use crate::dataplane::mirror::MirrorTables;
+use crate::dataplane::DataplaneHandle;
+use crate::flows::spec::validate_name;
+
+/// A tap flow with what the daemon knows of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowState {
+    pub spec: TapFlow,
+    /// Index of its VLAN set and counters.
+    pub index: u32,
+    /// The source interface's index when it was created (a re-created
+    /// interface is another port).
+    pub source_ifindex: u32,
+    pub status: Status,
+    pub error: String,
+}
+
+pub struct ServiceState {
+    pub spec: TapService,
+    pub status: Status,
+    pub error: String,
+    /// The destination interface's index (the ring's own for a ring).
+    pub ifindex: u32,
+    ring: Option<Ring>,
+}
+
+struct Ring {
+    slot: u32,
+    host: String,
+    peer: String,
+    peer_ifindex: u32,
+    running: MirrorRing,
+}
+
+#[derive(Default)]
+struct State {
+    services: BTreeMap<String, ServiceState>,
+    flows: BTreeMap<String, FlowState>,
+    /// Interfaces whose TC programs this plugin attached.
+    tc: BTreeSet<String>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct Persisted {
+    services: Vec<TapService>,
+    flows: Vec<TapFlow>,
+}
+
+pub struct MirrorService {
+    dataplane: DataplaneHandle,
+    state: Mutex<State>,
+    /// Interfaces the dataplane attaches TC to from its configuration (never detached here).
+    configured_tc: std::sync::Mutex<BTreeSet<String>>,
+    state_file: std::sync::Mutex<Option<PathBuf>>,
+}
+
+/// A flow's listing with its counters.
+pub struct FlowListing {
+    pub state: FlowState,
+    pub packets: u64,
+    pub bytes: u64,
+    pub failed: u64,
+}
+
+pub struct ServiceListing {
+    pub spec: TapService,
+    pub status: Status,
+    pub error: String,
+    pub ring: Option<RingStats>,
+}
+
+fn check_id(field: &'static str, value: &str) -> Result<(), MirrorError> {
+    validate_name(field, value).map_err(|_| MirrorError::BadName {
+        field,
+        value: value.into(),
+    })
+}
+
+impl MirrorService {
+    pub fn new(dataplane: DataplaneHandle) -> Self {
+        Self {
+            dataplane,
+            state: Mutex::default(),
+            configured_tc: Default::default(),
+            state_file: Default::default(),
+        }
+    }
+
+    pub fn configure(&self, configured_tc: &[String], state_file: PathBuf) {
+        *self.configured_tc.lock().expect("lock") = configured_tc.iter().cloned().collect();
+        *self.state_file.lock().expect("lock") = Some(state_file);
+    }
+
+    /// Re-creates the persisted tap services and flows (those whose
+    /// interfaces are gone are dropped, as if deleted with them).
+    pub async fn restore(&self) {
+        let Some(path) = self.state_file.lock().expect("lock").clone() else {
+            return;
+        };
+        let Ok(bytes) = std::fs::read(&path) else {
+            return;
+        };
+        let persisted: Persisted = match serde_json::from_slice(&bytes) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!("ignoring {}: {e}", path.display());
+                return;
+            }
+        };
+        for s in persisted.services {
+            let id = s.id.clone();
+            if let Err(e) = self.create_service(s).await {
+                tracing::warn!("tap service {id} not restored: {e}");
+            }
+        }
+        for f in persisted.flows {
+            let id = f.id.clone();
+            if let Err(e) = self.create_flow(f).await {
+                tracing::warn!("tap flow {id} not restored: {e}");
+            }
+        }
+    }
+
+    fn persist(&self, state: &State) {
+        let Some(path) = self.state_file.lock().expect("lock").clone() else {
+            return;
+        };
+        let persisted = Persisted {
+            services: state.services.values().map(|s| s.spec.clone()).collect(),
+            flows: state.flows.values().map(|f| f.spec.clone()).collect(),
+        };
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(
+                &tmp,
+                serde_json::to_vec_pretty(&persisted).map_err(std::io::Error::other)?,
+            )?;
+            std::fs::rename(tmp, &path)
+        };
+        if let Err(e) = write() {
+            tracing::error!("persisting taps to {}: {e}", path.display());
+        }
+    }
+
+    pub async fn create_service(&self, spec: TapService) -> Result<(), MirrorError> {
+        check_id("tap service id", &spec.id)?;
+        let mut state = self.state.lock().await;
+        if let Some(existing) = state.services.get(&spec.id) {
+            return if existing.spec == spec {
+                Ok(())
+            } else {
+                Err(MirrorError::Exists {
+                    kind: "tap service",
+                    id: spec.id,
+                })
+            };
+        }
+        let (ifindex, ring) = match &spec.destination {
+            Destination::Interface(name) => (
+                interface_index(name).ok_or_else(|| MirrorError::NoInterface(name.clone()))?,
+                None,
+            ),
+            Destination::Ring(r) => {
+                if r.pcap.is_none() && r.forward.is_none() {
+                    return Err(MirrorError::Invalid(
+                        "a ring needs a consumer: a pcap file, an interface to forward to, or both"
+                            .into(),
+                    ));
+                }
+                if let Some(f) = &r.forward {
+                    interface_index(f).ok_or_else(|| MirrorError::NoInterface(f.clone()))?;
+                }
+                let used: BTreeSet<u32> = state
+                    .services
+                    .values()
+                    .filter_map(|s| s.ring.as_ref().map(|r| r.slot))
+                    .collect();
+                let slot = (0..MAX_RINGS).find(|s| !used.contains(s)).ok_or_else(|| {
+                    MirrorError::Invalid(format!("all {MAX_RINGS} mirror rings are in use"))
+                })?;
+                let ring = self.start_ring(slot, r).await?;
+                (ring.peer_ifindex_host(), Some(ring))
+            }
+        };
+        state.services.insert(
+            spec.id.clone(),
+            ServiceState {
+                spec,
+                status: Status::Active,
+                error: String::new(),
+                ifindex,
+                ring,
+            },
+        );
+        self.persist(&state);
+        Ok(())
+    }
+
+    async fn start_ring(
+        &self,
+        slot: u32,
+        spec: &super::model::RingSpec,
+    ) -> Result<Ring, MirrorError> {
+        let host = format!("tmr{slot}");
+        let peer = format!("tmr{slot}p");
+        let net = |e: crate::conduit_net::ConduitNetError| MirrorError::Dataplane(e.to_string());
+        let _ = crate::conduit_net::delete(&host).await;
+        let (_, peer_ifindex) = crate::conduit_net::create_local_pair(&host, &peer)
+            .await
+            .map_err(net)?;
+        let undo = |e: MirrorError| async {
+            let _ = crate::conduit_net::delete(&host).await;
+            e
+        };
+        let socket = match RingSocket::open(&peer) {
+            Ok(s) => s,
+            Err(e) => return Err(undo(MirrorError::Dataplane(e.to_string())).await),
+        };
+        if let Err(e) = self
+            .dataplane
+            .attach_ring(&peer, peer_ifindex, slot, socket.fd())
+            .await
+        {
+            return Err(undo(MirrorError::Dataplane(e.to_string())).await);
+        }
+        let mut consumers = Vec::new();
+        if let Some(p) = &spec.pcap {
+            consumers.push(Consumer::Pcap(p.into()));
+        }
+        if let Some(f) = &spec.forward {
+            consumers.push(Consumer::Forward(f.clone()));
+        }
+        match MirrorRing::start(socket, consumers) {
+            Ok(running) => Ok(Ring {
+                slot,
+                host,
+                peer,
+                peer_ifindex,
+                running,
+            }),
+            Err(e) => {
+                self.dataplane.detach_ring(&peer, peer_ifindex, slot).await;
+                Err(undo(MirrorError::Dataplane(e.to_string())).await)
+            }
+        }
+    }
+
+    async fn stop_ring(&self, ring: Ring) -> RingStats {
+        self.dataplane
+            .detach_ring(&ring.peer, ring.peer_ifindex, ring.slot)
+            .await;
+        let stats = tokio::task::spawn_blocking(move || ring.running.stop())
+            .await
+            .unwrap_or_default();
+        let _ = crate::conduit_net::delete(&ring.host).await;
+        stats
+    }
+
+    pub async fn delete_service(&self, id: &str) -> Result<(), MirrorError> {
+        let mut state = self.state.lock().await;
+        let Some(mut service) = state.services.remove(id) else {
+            return Err(MirrorError::NotFound {
+                kind: "tap service",
+                id: id.into(),
+            });
+        };
+        // Its flows go first (TaaS cascades).
+        state.flows.retain(|_, f| f.spec.tap_service != id);
+        let synced = self.sync(&mut state).await;
+        if let Some(ring) = service.ring.take() {
+            self.stop_ring(ring).await;
+        }
+        self.persist(&state);
+        synced
+    }
+
+    pub async fn create_flow(&self, spec: TapFlow) -> Result<(), MirrorError> {
+        check_id("tap flow id", &spec.id)?;
+        if let Some(filter) = &spec.vlan_filter {
+            parse_vlan_filter(filter)?;
+        }
+        let mut state = self.state.lock().await;
+        if let Some(existing) = state.flows.get(&spec.id) {
+            return if existing.spec == spec {
+                Ok(())
+            } else {
+                Err(MirrorError::Exists {
+                    kind: "tap flow",
+                    id: spec.id,
+                })
+            };
+        }
+        let service =
+            state
+                .services
+                .get(&spec.tap_service)
+                .ok_or_else(|| MirrorError::NotFound {
+                    kind: "tap service",
+                    id: spec.tap_service.clone(),
+                })?;
+        let source_ifindex = interface_index(&spec.source)
+            .ok_or_else(|| MirrorError::NoInterface(spec.source.clone()))?;
+        if service.ifindex == source_ifindex {
+            return Err(MirrorError::Invalid(format!(
+                "tap flow {:?}: the source {:?} is the tap service's own destination",
+                spec.id, spec.source
+            )));
+        }
+        let used: BTreeSet<u32> = state.flows.values().map(|f| f.index).collect();
+        let index = (0..MAX_TAP_FLOWS)
+            .find(|i| !used.contains(i))
+            .ok_or_else(|| {
+                MirrorError::Invalid(format!("all {MAX_TAP_FLOWS} tap flows are in use"))
+            })?;
+        let on_source = state
+            .flows
+            .values()
+            .filter(|f| f.source_ifindex == source_ifindex)
+            .count();
+        if on_source >= RULES_PER_PORT {
+            return Err(MirrorError::Invalid(format!(
+                "interface {:?} already has {RULES_PER_PORT} tap flows, the most one source port can have",
+                spec.source
+            )));
+        }
+        self.dataplane
+            .reset_mirror_counter(index)
+            .await
+            .map_err(|e| MirrorError::Dataplane(e.to_string()))?;
+        let id = spec.id.clone();
+        state.flows.insert(
+            id.clone(),
+            FlowState {
+                spec,
+                index,
+                source_ifindex,
+                status: Status::Down,
+                error: String::new(),
+            },
+        );
+        if let Err(e) = self.sync(&mut state).await {
+            state.flows.remove(&id);
+            let _ = self.sync(&mut state).await;
+            return Err(e);
+        }
+        self.persist(&state);
+        Ok(())
+    }
+
+    pub async fn delete_flow(&self, id: &str) -> Result<(), MirrorError> {
+        let mut state = self.state.lock().await;
+        if state.flows.remove(id).is_none() {
+            return Err(MirrorError::NotFound {
+                kind: "tap flow",
+                id: id.into(),
+            });
+        }
+        let synced = self.sync(&mut state).await;
+        self.persist(&state);
+        synced
+    }
+
+    /// Writes the kernel tables for every flow, attaches TC where a source
+    /// needs it and detaches it where none does any more. Flows become ACTIVE.
+    async fn sync(&self, state: &mut State) -> Result<(), MirrorError> {
+        let dp = |e: crate::dataplane::DataplaneError| MirrorError::Dataplane(e.to_string());
+        let mut tables = MirrorTables::default();
+        let mut sources = BTreeSet::new();
+        for f in state.flows.values() {
+            let Some(service) = state.services.get(&f.spec.tap_service) else {
+                continue;
+            };
+            let port = tables
+                .ports
+                .entry(f.source_ifindex)
+                .or_insert_with(MirrorPort::default);
+            let slot = port.count as usize;
+            if slot >= RULES_PER_PORT {
+                continue;
+            }
+            let filtered = f.spec.vlan_filter.is_some();
+            if let Some(filter) = &f.spec.vlan_filter {
+                let mut set = VlanSet::default();
+                for (a, b) in parse_vlan_filter(filter)? {
+                    for v in a..=b {
+                        set.insert(v);
+                    }
+                }
+                tables.vlans.insert(f.index, set);
+            }
+            port.rules[slot] = MirrorRule {
+                flow: f.index,
+                dest_ifindex: service.ifindex,
+                directions: f.spec.direction.bits(),
+                vlan_filtered: filtered as u8,
+                _pad: [0; 2],
+            };
+            port.count += 1;
+            sources.insert(f.spec.source.clone());
+        }
+        for source in &sources {
+            if !state.tc.contains(source) {
+                self.dataplane.attach_tc(source).await.map_err(dp)?;
+                state.tc.insert(source.clone());
+            }
+        }
+        self.dataplane.apply_mirror(&tables).await.map_err(dp)?;
+        let configured = self.configured_tc.lock().expect("lock").clone();
+        for gone in state.tc.difference(&sources).cloned().collect::<Vec<_>>() {
+            if !configured.contains(&gone) {
+                let _ = self.dataplane.detach_tc(&gone).await;
+            }
+            state.tc.remove(&gone);
+        }
+        for f in state.flows.values_mut() {
+            f.status = Status::Active;
+            f.error.clear();
+        }
+        Ok(())
+    }
+
+    /// Deletes the taps of interfaces that disappeared (TaaS deletes a port's
+    /// tap services and flows with the port).
+    pub async fn forget_gone_interfaces(&self) {
+        let mut state = self.state.lock().await;
+        let gone_flows: Vec<String> = state
+            .flows
+            .values()
+            .filter(|f| interface_index(&f.spec.source) != Some(f.source_ifindex))
+            .map(|f| f.spec.id.clone())
+            .collect();
+        let gone_services: Vec<String> = state
+            .services
+            .values()
+            .filter(|s| match &s.spec.destination {
+                Destination::Interface(name) => interface_index(name) != Some(s.ifindex),
+                Destination::Ring(_) => false,
+            })
+            .map(|s| s.spec.id.clone())
+            .collect();
+        if gone_flows.is_empty() && gone_services.is_empty() {
+            return;
+        }
+        for id in &gone_flows {
+            tracing::info!("tap flow {id}: its source interface is gone; deleted");
+            state.flows.remove(id);
+        }
+        for id in &gone_services {
+            tracing::info!(
+                "tap service {id}: its destination interface is gone; deleted with its flows"
+            );
+            state.services.remove(id);
+            state.flows.retain(|_, f| f.spec.tap_service != *id);
+        }
+        if let Err(e) = self.sync(&mut state).await {
+            tracing::error!("after removing taps of gone interfaces: {e}");
+        }
+        self.persist(&state);
+    }
+
+    /// Stops every ring (the daemon is stopping).
+    pub async fn stop(&self) {
+        let mut state = self.state.lock().await;
+        let rings: Vec<Ring> = state
+            .services
+            .values_mut()
+            .filter_map(|s| s.ring.take())
+            .collect();
+        for ring in rings {
+            self.stop_ring(ring).await;
+        }
+    }
+
+    pub async fn list(&self) -> (Vec<ServiceListing>, Vec<FlowListing>) {
+        let state = self.state.lock().await;
+        let services = state
+            .services
+            .values()
+            .map(|s| ServiceListing {
+                spec: s.spec.clone(),
+                status: s.status,
+                error: s.error.clone(),
+                ring: s.ring.as_ref().map(|r| r.running.stats()),
+            })
+            .collect();
+        let mut flows = Vec::new();
+        for f in state.flows.values() {
+            let c = self
+                .dataplane
+                .mirror_counter(f.index)
+                .await
+                .unwrap_or_default();
+            flows.push(FlowListing {
+                state: f.clone(),
+                packets: c.packets,
+                bytes: c.bytes,
+                failed: c.failed,
+            });
+        }
+        (services, flows)
+    }
+
+    pub fn summary(&self) -> String {
+        match self.state.try_lock() {
+            Ok(s) => format!(
+                "{} tap services ({} rings), {} tap flows",
+                s.services.len(),
+                s.services.values().filter(|s| s.ring.is_some()).count(),
+                s.flows.len()
+            ),
+            Err(_) => "busy".into(),
+        }
+    }
+}
+
+impl Ring {
+    /// Copies go to the host end; the ring's socket sits on the peer.
+    fn peer_ifindex_host(&self) -> u32 {
+        interface_index(&self.host).unwrap_or(0)
+    }
+}
+
+#[async_trait::async_trait]
+impl TapBackend for MirrorService {
+    async fn ensure_service(&self, service: TapService) -> Result<(), MirrorError> {
+        self.create_service(service).await
+    }
+
+    async fn ensure_flow(&self, flow: TapFlow) -> Result<(), MirrorError> {
+        self.create_flow(flow).await
+    }
+
+    async fn delete_flow(&self, id: &str) -> Result<(), MirrorError> {
+        match MirrorService::delete_flow(self, id).await {
+            Err(MirrorError::NotFound { .. }) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn delete_service(&self, id: &str) -> Result<(), MirrorError> {
+        match MirrorService::delete_service(self, id).await {
+            Err(MirrorError::NotFound { .. }) => Ok(()),
+            other => other,
+        }
+    }
+}
