@@ -494,6 +494,7 @@ fn main() {
     let verdict = if encap_net <= 60.0 { "met" } else { "NOT met" };
 
     let control = control_plane();
+    let mirroring = tapmesh_tests::mirror_bench::mirror_rates();
 
     let doc = format!(
         "# Benchmarks\n\n\
@@ -510,7 +511,7 @@ fn main() {
          The remote-target row runs in a network namespace with a route and a permanent \
          neighbour for the remote node (bpf_fib_lookup succeeds, redirect to the underlay veth).\n\n\
          Target: VIP hit with encapsulation ≤ 60 ns net — {verdict} ({encap_net:.1} ns).\n\n\
-         Machine: {}\n\n{table}\n{control}",
+         Machine: {}\n\n{table}\n{control}\n{mirroring}",
         machine()
     );
     print!("{doc}");

@@ -8,7 +8,9 @@
 //!                       XDP uplink ─── pod 198.18.1.2 (TC on its veth)
 //! ```
 //! node2 sends 300 UDP flows to the VIP (spread over the three targets by
-//! Maglev), pings the pod, and sends three broken frames (dropped by reason).
+//! Maglev), pings the pod (its traffic mirrored through an AF_XDP ring into a
+//! pcap that tshark reads back), and sends three broken frames (dropped by
+//! reason). Part two: an application opens a stream through its ambassador.
 
 use std::{net::UdpSocket, process::Command, time::Duration};
 
@@ -113,6 +115,29 @@ fn run() -> bool {
     );
     let _ = std::fs::remove_file(&lb_file);
 
+    // Mirror the pod's traffic (both directions) into a pcap through an AF_XDP ring.
+    let pcap_dir = std::env::temp_dir().join(tapmesh_tests::unique("tmdemo-pcap"));
+    std::fs::create_dir_all(&pcap_dir).expect("pcap dir");
+    let pcap = pcap_dir.join("pod.pcap");
+    let pcap_arg = pcap.display().to_string();
+    for args in [
+        vec!["tap-service", "create", "pod-capture", "--pcap", &pcap_arg],
+        vec![
+            "tap-flow",
+            "create",
+            "pod-both",
+            "--tap-service",
+            "pod-capture",
+            "--source",
+            &pod_host.interface,
+            "--direction",
+            "BOTH",
+        ],
+    ] {
+        println!("$ tapmesh {}", args.join(" "));
+        print!("{}", tapmesh(&args, &daemon.socket));
+    }
+
     // 300 UDP flows from node2 to the VIP, from distinct source ports.
     let node2_name = node2.name.clone();
     std::thread::spawn(move || {
@@ -160,6 +185,42 @@ fn run() -> bool {
     );
     std::thread::sleep(Duration::from_millis(200));
 
+    std::thread::sleep(Duration::from_millis(300));
+    println!("\n$ tapmesh tap-flow list");
+    print!("{}", tapmesh(&["tap-flow", "list"], &daemon.socket));
+    println!("$ tapmesh tap-service list");
+    print!("{}", tapmesh(&["tap-service", "list"], &daemon.socket));
+    let tshark = Command::new("tshark")
+        .args([
+            "-r",
+            &pcap_arg,
+            "-T",
+            "fields",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "icmp.type",
+        ])
+        .output();
+    let lines: Vec<String> = tshark
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let requests = lines.iter().filter(|l| l.ends_with("\t8")).count();
+    let replies = lines.iter().filter(|l| l.ends_with("\t0")).count();
+    println!(
+        "tshark -r {pcap_arg}: {} packets ({requests} echo requests node2 → pod, {replies} echo replies pod → node2)",
+        lines.len()
+    );
+    let _ = std::fs::remove_dir_all(&pcap_dir);
+    let mirrored_ok = requests == 10 && replies == 10 && lines.len() == 20;
+
     println!("\n$ tapmesh status");
     print!("{}", tapmesh(&["status"], &daemon.socket));
 
@@ -193,7 +254,8 @@ fn run() -> bool {
         packets(&s, "tc_egress", "pass"),
         packets(&s, "tc_ingress", "pass"),
     );
-    let ok = ping.status.success()
+    let ok = mirrored_ok
+        && ping.status.success()
         && named(&s, "xdp_uplink", "bad_ipv4_header_length") == 3
         && shares.iter().sum::<u64>() == FLOWS as u64
         && shares.iter().all(|&n| n > 0)

@@ -45,6 +45,11 @@ pub const MAX_FRAME: u32 = FRAME_SIZE - 256;
 pub const QUEUE_DEPTH: usize = 4096;
 /// How often a pcap consumer writes out what it buffered (at most this long).
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// How long [`RingSocket::open`] retries while the interface queue is still
+/// held by a socket that was just closed.
+pub const BUSY_WAIT: Duration = Duration::from_secs(1);
+/// How long a stop waits for the consumers to hand on what is queued.
+pub const STOP_GRACE: Duration = Duration::from_secs(1);
 /// How long the receive loop waits in poll(), i.e. how soon it notices a stop.
 const POLL_TIMEOUT_MS: libc::c_int = 50;
 /// Descriptors read from the rx ring at a time.
@@ -184,12 +189,33 @@ impl RingSocket {
         if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
             return Err(no_interface());
         }
-        let copy = SocketConfig::XDP_BIND_COPY;
-        match Self::open_with(interface, &name, copy | SocketConfig::XDP_BIND_NEED_WAKEUP) {
-            Ok(socket) => Ok(socket),
-            // Kernels before 5.4 refuse the need-wakeup flag at bind.
-            Err(RingError::Socket { step: "bind", .. }) => Self::open_with(interface, &name, copy),
-            Err(e) => Err(e),
+        let mut flags = SocketConfig::XDP_BIND_COPY | SocketConfig::XDP_BIND_NEED_WAKEUP;
+        let deadline = Instant::now() + BUSY_WAIT;
+        loop {
+            let error = match Self::open_with(interface, &name, flags) {
+                Ok(socket) => return Ok(socket),
+                Err(e) => e,
+            };
+            let bind_errno = match &error {
+                RingError::Socket {
+                    step: "bind",
+                    source,
+                    ..
+                } => source.raw_os_error(),
+                _ => None,
+            };
+            match bind_errno {
+                // The queue is released some time after a socket on it is
+                // closed (the kernel frees the old UMEM pool in a work item).
+                Some(libc::EBUSY) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                // Kernels before 5.4 refuse the need-wakeup flag.
+                Some(libc::EINVAL) if flags & SocketConfig::XDP_BIND_NEED_WAKEUP != 0 => {
+                    flags = SocketConfig::XDP_BIND_COPY
+                }
+                _ => return Err(error),
+            }
         }
     }
 
@@ -401,7 +427,7 @@ impl Sink {
     fn open(consumer: &Consumer) -> Result<Self, (&'static str, io::Error)> {
         match consumer {
             Consumer::Pcap(path) => Ok(Sink::Pcap {
-                writer: PcapWriter::create(path).map_err(|e| ("creating the pcap file", e))?,
+                writer: PcapWriter::create(path).map_err(|e| ("opening", e))?,
                 pending: 0,
             }),
             Consumer::Forward(interface) => {
@@ -696,7 +722,18 @@ impl MirrorRing {
     pub fn start(socket: RingSocket, consumers: Vec<Consumer>) -> Result<Self, RingError> {
         let interface = socket.interface.clone();
         let mut sinks = Vec::with_capacity(consumers.len());
-        for consumer in &consumers {
+        for (index, consumer) in consumers.iter().enumerate() {
+            if consumers[..index].contains(consumer) {
+                return Err(RingError::Consumer {
+                    interface,
+                    consumer: consumer.name(),
+                    step: "checking the consumers",
+                    source: io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "given twice (one consumer per file or interface)",
+                    ),
+                });
+            }
             let sink = Sink::open(consumer).map_err(|(step, source)| RingError::Consumer {
                 interface: interface.clone(),
                 consumer: consumer.name(),
@@ -770,9 +807,12 @@ impl MirrorRing {
         &self.shared.interface
     }
 
-    /// Stops the threads (the receive loop within [`POLL_TIMEOUT_MS`]; the
-    /// consumers after handing on what is queued), flushes pcap files, closes
-    /// the socket and returns the final counters.
+    /// Stops the threads and returns the final counters: the receive loop
+    /// stops within 50 ms (closing the socket); each consumer then hands on
+    /// what is still queued and flushes its pcap file. A consumer still busy
+    /// after [`STOP_GRACE`] (blocked in a write, e.g. to a FIFO nobody reads)
+    /// is left to finish on its own and its copies still queued are not
+    /// counted yet.
     pub fn stop(mut self) -> RingStats {
         self.halt();
         self.shared.stats()
@@ -780,14 +820,26 @@ impl MirrorRing {
 
     fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        let ring = &self.shared.interface;
         if let Some(receiver) = self.receiver.take() {
             if receiver.join().is_err() {
-                tracing::error!(ring = %self.shared.interface, "the receive thread panicked");
+                tracing::error!(ring = %ring, "the receive thread panicked");
             }
         }
-        for consumer in self.consumers.drain(..) {
-            if consumer.join().is_err() {
-                tracing::error!(ring = %self.shared.interface, "a consumer thread panicked");
+        let deadline = Instant::now() + STOP_GRACE;
+        for (index, consumer) in self.consumers.drain(..).enumerate() {
+            while !consumer.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            let name = &self.shared.names[index];
+            if !consumer.is_finished() {
+                tracing::warn!(
+                    ring = %ring,
+                    consumer = %name,
+                    "consumer still busy {STOP_GRACE:?} after the stop; leaving it to finish"
+                );
+            } else if consumer.join().is_err() {
+                tracing::error!(ring = %ring, consumer = %name, "the consumer thread panicked");
             }
         }
     }
