@@ -6,7 +6,9 @@
 
 pub mod bpf;
 pub mod daemon;
+pub mod etcd;
 pub mod frames;
+pub mod mirror_bench;
 pub mod net;
 pub mod python;
 pub mod tapa;

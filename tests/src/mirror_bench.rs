@@ -188,6 +188,7 @@ pub fn mirror_rates() -> String {
     let port = lab.port.interface.clone();
     lab.node
         .exec(&["tc", "qdisc", "add", "dev", &port, "clsact"]);
+    // u32 matching everything (this kernel has no matchall classifier).
     lab.node.exec(&[
         "tc",
         "filter",
@@ -195,7 +196,13 @@ pub fn mirror_rates() -> String {
         "dev",
         &port,
         "ingress",
-        "matchall",
+        "protocol",
+        "all",
+        "u32",
+        "match",
+        "u32",
+        "0",
+        "0",
         "action",
         "mirred",
         "egress",
@@ -203,7 +210,7 @@ pub fn mirror_rates() -> String {
         "dev",
         &lab.tap_if.interface,
     ]);
-    row("tc matchall + mirred egress mirror", lab.flood());
+    row("tc u32 + mirred egress mirror", lab.flood());
     lab.node
         .exec(&["tc", "qdisc", "del", "dev", &port, "clsact"]);
 

@@ -37,6 +37,11 @@ struct Lab {
 
 impl Lab {
     fn new() -> Self {
+        Self::with(|_| Vec::new())
+    }
+
+    /// `daemon_args` gets the node namespace (to start what the daemon needs there).
+    fn with(daemon_args: impl FnOnce(&Netns) -> Vec<String>) -> Self {
         let node = Netns::new("n");
         let vm1 = Netns::new("v1");
         let vm2 = Netns::new("v2");
@@ -47,7 +52,9 @@ impl Lab {
         vm1.ip(&["route", "add", "default", "via", "198.18.1.1"]);
         vm2.ip(&["route", "add", "default", "via", "198.18.2.1"]);
         node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        let daemon = Daemon::start(&node.name, &[]);
+        let args = daemon_args(&node);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let daemon = Daemon::start(&node.name, &args);
         Lab {
             daemon,
             node,
@@ -330,4 +337,92 @@ fn an_af_xdp_ring_writes_a_pcap_tshark_reads() {
     );
     let _ = std::fs::remove_dir_all(&dir);
     drop(lab);
+}
+
+#[test]
+fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const HOST: &str = "compute-1";
+    let mut etcd = None;
+    let lab = Lab::with(|node| {
+        let e = tapmesh_tests::etcd::Etcd::new_in(&node.name);
+        let args = vec![
+            "--etcd-endpoint".to_string(),
+            e.endpoint.clone(),
+            "--spp-host".into(),
+            HOST.into(),
+        ];
+        etcd = Some(e);
+        args
+    });
+    let etcd = etcd.unwrap();
+    let key = |kind: &str, id: &str| format!("/spp/openstack/{kind}/{HOST}/{id}");
+    let (service_port, source_port, tf) = (
+        "11111111-2222-3333-4444-555555555555",
+        "66666666-7777-8888-9999-000000000000",
+        "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee",
+    );
+    // What devstack and the mech driver left: free mirror slots and port bindings.
+    etcd.put(&key("mirror", "0"), "None");
+    etcd.put(&key("mirror", "1"), "None");
+    for (port, interface) in [
+        (service_port, &lab.tap_if.interface),
+        (source_port, &lab.port.interface),
+    ] {
+        etcd.put(
+            &key("bind_port", port),
+            &format!(r#"{{"mac_address": "fa:16:3e:00:00:01", "vhost_id": 0, "interface": "{interface}"}}"#),
+        );
+    }
+    // The driver: take a slot per direction (compare-and-swap), tap_info, then "plug".
+    etcd.put(&key("mirror", "0"), tf);
+    etcd.put(&key("mirror", "1"), tf);
+    etcd.put(
+        &key("tap_info", tf),
+        &format!(
+            r#"{{"service_port": "{service_port}", "source_port": "{source_port}", "mirror_in": 0, "mirror_out": 1}}"#
+        ),
+    );
+    etcd.put(&key("tap_action", tf), "plug");
+    assert!(
+        wait_until(Duration::from_secs(10), || etcd
+            .get(&key("tap_status", tf))
+            .as_deref()
+            == Some("up")),
+        "tap_status: {:?}\n{}",
+        etcd.get(&key("tap_status", tf)),
+        lab.daemon.log_text()
+    );
+    let listing = lab.list();
+    assert_eq!(listing.flows.len(), 1);
+    assert_eq!(
+        (
+            listing.flows[0].direction.as_str(),
+            listing.flows[0].status.as_str()
+        ),
+        ("BOTH", "ACTIVE")
+    );
+    let before = lab.monitor_rx();
+    lab.ping(6);
+    lab.expect_monitor(before, 12);
+
+    etcd.put(&key("tap_action", tf), "unplug");
+    assert!(wait_until(Duration::from_secs(10), || etcd
+        .get(&key("tap_info", tf))
+        .is_none()
+        && etcd.get(&key("tap_action", tf)).is_none()
+        && etcd.get(&key("tap_status", tf)).is_none()));
+    assert_eq!(etcd.get(&key("mirror", "0")).as_deref(), Some("None"));
+    assert_eq!(etcd.get(&key("mirror", "1")).as_deref(), Some("None"));
+    let listing = lab.list();
+    assert!(
+        listing.flows.is_empty() && listing.services.is_empty(),
+        "{listing:?}"
+    );
+    let before = lab.monitor_rx();
+    lab.ping(3);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lab.monitor_rx(), before, "no copies after unplug");
 }

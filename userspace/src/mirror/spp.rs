@@ -579,7 +579,10 @@ impl Session<'_> {
         action_revision: i64,
     ) -> Result<(), Lost> {
         let record = applied.remove(tf);
-        let mirrors = record.as_ref().map(|r| r.mirrors.clone());
+        let mirrors = record
+            .as_ref()
+            .map(|r| r.mirrors.clone())
+            .unwrap_or_default();
         let service = record.as_ref().map(|r| r.service.clone()).or_else(|| {
             raw_info
                 .as_deref()

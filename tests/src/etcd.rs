@@ -1,0 +1,271 @@
+//! A single-member etcd server on loopback for tests (no root needed), with
+//! `etcdctl` helpers to read and write keys the way another client would.
+//!
+//! Needs `/usr/bin/etcd` and `/usr/bin/etcdctl` (Debian `etcd-server` and
+//! `etcd-client`; `cargo xtask setup` installs them).
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub const ETCD: &str = "/usr/bin/etcd";
+pub const ETCDCTL: &str = "/usr/bin/etcdctl";
+
+/// How long a start may take before the test fails.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A running etcd; killed, and its directory removed, on drop.
+pub struct Etcd {
+    /// The client URL, e.g. `http://127.0.0.1:40123`. It stays the same across
+    /// [`Etcd::stop`] / [`Etcd::start`].
+    pub endpoint: String,
+    /// The client URL the running server answers on: `endpoint`, except
+    /// after [`Etcd::start_partitioned`].
+    active: String,
+    name: String,
+    peer_url: String,
+    dir: PathBuf,
+    child: Option<Child>,
+    /// How many times it was started (one log file per start).
+    starts: u32,
+    /// The network namespace it (and etcdctl) run in; `None`: the test's own.
+    netns: Option<String>,
+}
+
+/// A free loopback TCP port (bound to port 0, then released).
+fn free_ports<const N: usize>() -> [u16; N] {
+    // Hold every listener until all ports are known, so they differ.
+    let listeners: Vec<TcpListener> = (0..N)
+        .map(|_| TcpListener::bind("127.0.0.1:0").expect("binding a loopback port"))
+        .collect();
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&listeners) {
+        *port = listener.local_addr().expect("local address").port();
+    }
+    ports
+}
+
+fn require_binaries() {
+    for binary in [ETCD, ETCDCTL] {
+        if !Path::new(binary).exists() {
+            panic!(
+                "{binary} is missing: these tests need an etcd server and etcdctl \
+                 (Debian packages etcd-server and etcd-client; `cargo xtask setup` installs them)"
+            );
+        }
+    }
+}
+
+impl Etcd {
+    /// Starts etcd on free loopback ports with its data in a new temporary directory.
+    pub fn new() -> Self {
+        Self::start_in(None)
+    }
+
+    /// Starts etcd inside network namespace `netns` (on its loopback), for a
+    /// daemon that runs there.
+    pub fn new_in(netns: &str) -> Self {
+        Self::start_in(Some(netns.to_string()))
+    }
+
+    fn start_in(netns: Option<String>) -> Self {
+        require_binaries();
+        let name = crate::unique("etcd");
+        let dir = std::env::temp_dir().join(format!("tapmesh-{name}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("creating the etcd directory");
+        let [client, peer] = free_ports::<2>();
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let mut etcd = Etcd {
+            active: endpoint.clone(),
+            endpoint,
+            name,
+            peer_url: format!("http://127.0.0.1:{peer}"),
+            dir,
+            child: None,
+            starts: 0,
+            netns,
+        };
+        etcd.start();
+        etcd
+    }
+
+    /// `program`, inside the namespace if there is one (`ip netns exec` execs it, same pid).
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// The data and log directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// (Re)starts it on the same data directory and ports; waits until it answers.
+    pub fn start(&mut self) {
+        let endpoint = self.endpoint.clone();
+        self.launch(&endpoint);
+    }
+
+    /// Starts it on the same data directory but on another client port, as if
+    /// the network between `endpoint`'s clients and etcd were cut: the test
+    /// can change keys (with the helpers below) that those clients cannot see.
+    /// [`Etcd::stop`] then [`Etcd::start`] to heal.
+    pub fn start_partitioned(&mut self) {
+        let [port] = free_ports::<1>();
+        self.launch(&format!("http://127.0.0.1:{port}"));
+    }
+
+    /// Kills it (an outage); the data stays.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn launch(&mut self, client_url: &str) {
+        assert!(self.child.is_none(), "etcd is already running");
+        self.starts += 1;
+        let log_path = self.dir.join(format!("etcd-{}.log", self.starts));
+        let log = std::fs::File::create(&log_path).expect("etcd log file");
+        let state = if self.dir.join("data").exists() {
+            "existing"
+        } else {
+            "new"
+        };
+        let child = self
+            .command(ETCD)
+            .arg("--name")
+            .arg(&self.name)
+            .arg("--data-dir")
+            .arg(self.dir.join("data"))
+            .args(["--listen-client-urls", client_url])
+            .args(["--advertise-client-urls", client_url])
+            .args(["--listen-peer-urls", &self.peer_url])
+            .args(["--initial-advertise-peer-urls", &self.peer_url])
+            .arg("--initial-cluster")
+            .arg(format!("{}={}", self.name, self.peer_url))
+            .args(["--initial-cluster-token", &self.name])
+            .args(["--initial-cluster-state", state])
+            .args(["--logger", "zap", "--log-outputs", "stderr"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("etcd log file"))
+            .stderr(log)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {ETCD}: {e}"));
+        self.child = Some(child);
+        self.active = client_url.to_string();
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!(
+                    "etcd exited with {status} while starting; its log ({}):\n{}",
+                    log_path.display(),
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            let health = self.etcdctl(&["endpoint", "health"]);
+            if health.status.success() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "etcd on {client_url} did not answer within {START_TIMEOUT:?}; its log ({}):\n{}",
+                    log_path.display(),
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs `etcdctl --endpoints <the running server> <args>`.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        self.command(ETCDCTL)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.active))
+            .args(["--dial-timeout=1s", "--command-timeout=3s"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("running {ETCDCTL}: {e}"))
+    }
+
+    fn etcdctl_ok(&self, args: &[&str]) -> Output {
+        let out = self.etcdctl(args);
+        if !out.status.success() {
+            panic!(
+                "etcdctl {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        out
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        self.etcdctl_ok(&["put", "--", key, value]);
+    }
+
+    /// The value of `key`, `None` if it does not exist.
+    pub fn get(&self, key: &str) -> Option<String> {
+        let out = self.etcdctl_ok(&["get", "--", key]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        // "<key>\n<value>\n"; nothing when the key does not exist.
+        let (_, value) = text.split_once('\n')?;
+        Some(value.strip_suffix('\n').unwrap_or(value).to_string())
+    }
+
+    /// Every key under `prefix`, sorted by key.
+    pub fn get_prefix(&self, prefix: &str) -> Vec<String> {
+        let out = self.etcdctl_ok(&["get", "--prefix", "--keys-only", "--", prefix]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|line| !line.is_empty())
+            .map(String::from)
+            .collect()
+    }
+
+    /// Deletes `key`; true if it existed.
+    pub fn delete(&self, key: &str) -> bool {
+        let out = self.etcdctl_ok(&["del", "--", key]);
+        String::from_utf8_lossy(&out.stdout).trim() == "1"
+    }
+}
+
+impl Default for Etcd {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.stop();
+        if std::env::var_os("TAPMESH_KEEP_ETCD").is_some() {
+            eprintln!("keeping the etcd directory {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
