@@ -29,6 +29,9 @@ pub mod program_names {
     pub const TC_FLOOR: &str = "tm_tc_floor";
     /// On a mirror ring's interface: copies into its AF_XDP socket.
     pub const XDP_MIRROR: &str = "tm_xdp_mirror";
+    /// Mirror copies only, on source ports without the TC programs above.
+    pub const TC_TAP_OUT: &str = "tm_tc_tap_out";
+    pub const TC_TAP_IN: &str = "tm_tc_tap_in";
 }
 
 /// Names of the BPF maps (also their pin file names).

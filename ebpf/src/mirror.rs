@@ -3,16 +3,17 @@
 //! never changed, delayed or dropped here; a failed copy is only counted.
 
 use aya_ebpf::{
-    bindings::xdp_action,
+    bindings::{xdp_action, TC_ACT_OK},
     helpers::generated::bpf_skb_load_bytes,
-    macros::xdp,
+    macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use tapmesh_common::mirror::{MirrorCounter, RULES_PER_PORT};
+use tapmesh_common::mirror::{MirrorCounter, DIRECTION_IN, DIRECTION_OUT, RULES_PER_PORT};
 
 use crate::maps::{tm_mirror_ports, tm_mirror_rings, tm_mirror_stats, tm_mirror_vlans, tm_xsks};
 
 const ETH_P_8021Q: u16 = 0x8100;
+const NET_XMIT_DROP: i64 = 1;
 const ETH_P_8021AD: u16 = 0x88a8;
 
 /// Copies the packet for every tap flow of this interface that takes `direction`.
@@ -46,8 +47,9 @@ pub fn copy(ctx: &TcContext, direction: u8) {
             // SAFETY: this CPU's slot.
             let counter: &mut MirrorCounter = unsafe { &mut *counter };
             match copied {
-                // > 0 means congestion on the way; the copy was still queued.
-                Err(e) if e < 0 => counter.failed += 1,
+                // NET_XMIT_DROP (1): the copy was dropped on the way (a down
+                // peer, a full backlog); NET_XMIT_CN (2) still queued it.
+                Err(e) if e < 0 || e == NET_XMIT_DROP => counter.failed += 1,
                 _ => {
                     counter.packets += 1;
                     counter.bytes += len;
@@ -95,4 +97,18 @@ pub fn tm_xdp_mirror(ctx: XdpContext) -> u32 {
         return xdp_action::XDP_DROP;
     };
     tm_xsks.redirect(slot, 0).unwrap_or(xdp_action::XDP_DROP)
+}
+
+/// On a source port that has no TC programs of its own: only the copies;
+/// the packet always goes on (`TC_ACT_OK`), whatever it holds.
+#[classifier]
+pub fn tm_tc_tap_out(ctx: TcContext) -> i32 {
+    copy(&ctx, DIRECTION_OUT);
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn tm_tc_tap_in(ctx: TcContext) -> i32 {
+    copy(&ctx, DIRECTION_IN);
+    TC_ACT_OK
 }

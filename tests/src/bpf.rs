@@ -38,6 +38,8 @@ impl Bpf {
             program_names::TC_INGRESS,
             program_names::TC_EGRESS,
             program_names::TC_FLOOR,
+            program_names::TC_TAP_OUT,
+            program_names::TC_TAP_IN,
         ] {
             let p: &mut SchedClassifier =
                 ebpf.program_mut(name).expect(name).try_into().expect("tc");

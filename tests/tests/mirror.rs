@@ -179,6 +179,23 @@ fn both_in_and_out_copy_exactly_their_sides() {
         .unwrap();
 
     lab.flow("both", "mon", "BOTH", "").unwrap();
+    // A port without TC programs of its own gets the copy-only ones, which
+    // always let the packet go on.
+    let attached: Vec<(String, String)> = lab
+        .daemon
+        .status()
+        .attachments
+        .into_iter()
+        .filter(|a| a.interface == lab.port.interface)
+        .map(|a| (a.hook, a.program))
+        .collect();
+    assert_eq!(
+        attached,
+        [
+            ("tc-ingress".to_string(), "tm_tc_tap_out".to_string()),
+            ("tc-egress".to_string(), "tm_tc_tap_in".to_string())
+        ]
+    );
     let before = lab.monitor_rx();
     lab.ping(10);
     lab.expect_monitor(before, 20);
@@ -260,6 +277,18 @@ fn bad_requests_are_refused_and_a_gone_port_takes_its_taps() {
     assert!(e.message().contains("IN, OUT or BOTH"), "{}", e.message());
     let e = lab.flow("f", "nope", "BOTH", "").unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
+    // The service's own interface as a source would send copies in circles.
+    let looped = TapFlow {
+        id: "loop".into(),
+        tap_service: "mon".into(),
+        source: lab.tap_if.interface.clone(),
+        direction: "BOTH".into(),
+        ..Default::default()
+    };
+    let e = lab
+        .call(async |c| c.create_tap_flow(looped).await.map(|_| ()))
+        .unwrap_err();
+    assert!(e.message().contains("cannot be a source"), "{}", e.message());
     let e = lab
         .service("x", Destination::Interface("tmnosuchif0".into()))
         .unwrap_err();

@@ -280,10 +280,8 @@ impl Admin for AdminService {
     ) -> Result<Response<proto::TapReply>, Status> {
         check_root(&request)?;
         let service = mirror::service(request.into_inner()).map_err(mirror::status_of)?;
-        self.mirror
-            .create_service(service)
-            .await
-            .map_err(mirror::status_of)?;
+        let m = self.mirror.clone();
+        detached(async move { m.create_service(service).await }).await?;
         Ok(Response::new(proto::TapReply {}))
     }
 
@@ -292,10 +290,8 @@ impl Admin for AdminService {
         request: Request<proto::TapId>,
     ) -> Result<Response<proto::TapReply>, Status> {
         check_root(&request)?;
-        self.mirror
-            .delete_service(&request.into_inner().id)
-            .await
-            .map_err(mirror::status_of)?;
+        let (m, id) = (self.mirror.clone(), request.into_inner().id);
+        detached(async move { m.delete_service(&id).await }).await?;
         Ok(Response::new(proto::TapReply {}))
     }
 
@@ -305,10 +301,8 @@ impl Admin for AdminService {
     ) -> Result<Response<proto::TapReply>, Status> {
         check_root(&request)?;
         let flow = mirror::flow(request.into_inner()).map_err(mirror::status_of)?;
-        self.mirror
-            .create_flow(flow)
-            .await
-            .map_err(mirror::status_of)?;
+        let m = self.mirror.clone();
+        detached(async move { m.create_flow(flow).await }).await?;
         Ok(Response::new(proto::TapReply {}))
     }
 
@@ -317,10 +311,8 @@ impl Admin for AdminService {
         request: Request<proto::TapId>,
     ) -> Result<Response<proto::TapReply>, Status> {
         check_root(&request)?;
-        self.mirror
-            .delete_flow(&request.into_inner().id)
-            .await
-            .map_err(mirror::status_of)?;
+        let (m, id) = (self.mirror.clone(), request.into_inner().id);
+        detached(async move { m.delete_flow(&id).await }).await?;
         Ok(Response::new(proto::TapReply {}))
     }
 
@@ -332,6 +324,19 @@ impl Admin for AdminService {
         let (services, flows) = self.mirror.list().await;
         Ok(Response::new(mirror::listing(services, flows)))
     }
+}
+
+/// Runs a tap change on its own task: a client that gives up cannot cut a
+/// ring's set-up or a map update in half.
+async fn detached(
+    work: impl std::future::Future<Output = Result<(), crate::mirror::model::MirrorError>>
+        + Send
+        + 'static,
+) -> Result<(), Status> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Status::internal(format!("the request's task failed: {e}")))?
+        .map_err(mirror::status_of)
 }
 
 /// Binds `path`, refusing to take over a socket another daemon still serves.

@@ -44,6 +44,8 @@ pub struct Attachment {
     pub mode: String,
     /// TC: the clsact qdisc was created by us and is removed on stop.
     pub created_clsact: bool,
+    /// The interface's index when attached (a re-created interface has another).
+    pub ifindex: Option<u32>,
 }
 
 /// Links this daemon owns, by the interface they are on.
@@ -70,6 +72,8 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
         program_names::TC_INGRESS,
         program_names::TC_EGRESS,
         program_names::TC_FLOOR,
+        program_names::TC_TAP_OUT,
+        program_names::TC_TAP_IN,
     ] {
         tc_program(ebpf, name)?
             .load()
@@ -127,6 +131,7 @@ pub fn xdp(
         program: name,
         mode: String::new(),
         created_clsact: false,
+        ifindex: crate::config::interface_index(interface),
     };
 
     let kept_pin = link_pin(pin_dir, interface);
@@ -170,6 +175,11 @@ pub fn xdp(
     Err(fail(errors.join("; ")))
 }
 
+/// The full TC programs (parse, count, mirror).
+pub const TC_FULL: [&str; 2] = [program_names::TC_INGRESS, program_names::TC_EGRESS];
+/// Mirror copies only (a source port that is not one of ours).
+pub const TC_TAP: [&str; 2] = [program_names::TC_TAP_OUT, program_names::TC_TAP_IN];
+
 /// Attaches the TC ingress and egress programs (adding clsact if needed),
 /// appending to `attachments` as it goes so a failure can be undone.
 pub fn tc(
@@ -177,6 +187,17 @@ pub fn tc(
     links: &mut Links,
     attachments: &mut Vec<Attachment>,
     interface: &str,
+) -> Result<(), DataplaneError> {
+    tc_programs(ebpf, links, attachments, interface, TC_FULL)
+}
+
+/// Attaches `[ingress, egress]`; if egress fails, ingress is detached again.
+pub fn tc_programs(
+    ebpf: &mut Ebpf,
+    links: &mut Links,
+    attachments: &mut Vec<Attachment>,
+    interface: &str,
+    [ingress, egress]: [&'static str; 2],
 ) -> Result<(), DataplaneError> {
     let created_clsact = match tc::qdisc_add_clsact(interface) {
         Ok(()) => true,
@@ -190,16 +211,8 @@ pub fn tc(
         }
     };
     for (hook, kind, name) in [
-        (
-            Hook::TcIngress,
-            TcAttachType::Ingress,
-            program_names::TC_INGRESS,
-        ),
-        (
-            Hook::TcEgress,
-            TcAttachType::Egress,
-            program_names::TC_EGRESS,
-        ),
+        (Hook::TcIngress, TcAttachType::Ingress, ingress),
+        (Hook::TcEgress, TcAttachType::Egress, egress),
     ] {
         // A filter left by an earlier daemon (keep_dataplane) is replaced.
         let _ = tc::qdisc_detach_program(interface, kind, name);
@@ -225,11 +238,14 @@ pub fn tc(
                     program: name,
                     mode: String::new(),
                     created_clsact: created_clsact && hook == Hook::TcIngress,
+                    ifindex: crate::config::interface_index(interface),
                 });
             }
             Err(e) => {
-                // Once ingress is attached, its attachment carries the clsact for cleanup.
-                if created_clsact && hook == Hook::TcIngress {
+                if hook == Hook::TcEgress {
+                    // Undo ingress (and the clsact its attachment carries).
+                    let _ = detach_tc(ebpf, links, attachments, interface);
+                } else if created_clsact {
                     let _ = netlink::delete_clsact(interface);
                 }
                 return Err(e);
@@ -327,6 +343,7 @@ pub fn xdp_mirror(
                     program: name,
                     mode: label.into(),
                     created_clsact: false,
+                    ifindex: crate::config::interface_index(interface),
                 });
             }
             Err(e) => errors.push(format!("{label}: {e}")),

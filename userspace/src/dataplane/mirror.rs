@@ -41,6 +41,8 @@ pub struct MirrorTables {
 #[derive(Default)]
 pub struct MirrorWriter {
     ports: BTreeSet<u32>,
+    /// Whether `ports` holds what the (possibly kept) pinned map held at start.
+    seeded: bool,
 }
 
 impl MirrorWriter {
@@ -58,6 +60,11 @@ impl MirrorWriter {
         let mut ports: BpfHashMap<&mut MapData, u32, MirrorPort> =
             BpfHashMap::try_from(map_mut(ebpf, n::MIRROR_PORTS)?)
                 .map_err(map_err(n::MIRROR_PORTS))?;
+        if !self.seeded {
+            // Entries a kept dataplane left behind are ours to remove.
+            self.ports.extend(ports.keys().filter_map(Result::ok));
+            self.seeded = true;
+        }
         for (ifindex, port) in &tables.ports {
             ports
                 .insert(ifindex, port, 0)

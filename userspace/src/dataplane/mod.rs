@@ -125,24 +125,39 @@ impl DataplaneHandle {
         running.lb.counters(&running.ebpf)
     }
 
-    /// Attaches the TC programs to `interface` unless they are already there.
-    pub async fn attach_tc(&self, interface: &str) -> Result<(), DataplaneError> {
+    /// Makes `interface` copy packets for tap flows: nothing to do if it has
+    /// both TC hooks of this interface (the full programs copy too), else the
+    /// copy-only programs. Attachments of a re-created interface are replaced.
+    pub async fn attach_tap(&self, interface: &str) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
         let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
-        if r.attachments
-            .iter()
-            .any(|a| a.interface == interface && a.hook == Hook::TcIngress)
-        {
+        let ifindex = crate::config::interface_index(interface);
+        let has = |hook: Hook| {
+            r.attachments
+                .iter()
+                .any(|a| a.interface == interface && a.hook == hook && a.ifindex == ifindex)
+        };
+        if has(Hook::TcIngress) && has(Hook::TcEgress) {
             return Ok(());
         }
         let (ebpf, links, attachments) = (&mut r.ebpf, &mut r.links, &mut r.attachments);
-        tokio::task::block_in_place(|| attach::tc(ebpf, links, attachments, interface))
+        tokio::task::block_in_place(|| {
+            attach::detach_tc(ebpf, links, attachments, interface)?;
+            attach::tc_programs(ebpf, links, attachments, interface, attach::TC_TAP)
+        })
     }
 
-    /// Detaches the TC programs from `interface` (gone interfaces are fine).
-    pub async fn detach_tc(&self, interface: &str) -> Result<(), DataplaneError> {
+    /// Detaches the copy-only TC programs from `interface` (a gone interface is fine).
+    pub async fn detach_tap(&self, interface: &str) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
         let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        let ours = r
+            .attachments
+            .iter()
+            .any(|a| a.interface == interface && attach::TC_TAP.contains(&a.program));
+        if !ours {
+            return Ok(());
+        }
         let (ebpf, links, attachments) = (&mut r.ebpf, &mut r.links, &mut r.attachments);
         tokio::task::block_in_place(|| attach::detach_tc(ebpf, links, attachments, interface))
     }
@@ -180,9 +195,16 @@ impl DataplaneHandle {
         let mut guard = self.running.lock().await;
         let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
         r.mirror.set_ring(&mut r.ebpf, ifindex, slot, fd)?;
-        let attachment = attach::xdp_mirror(&mut r.ebpf, &mut r.links, interface)?;
-        r.attachments.push(attachment);
-        Ok(())
+        match attach::xdp_mirror(&mut r.ebpf, &mut r.links, interface) {
+            Ok(attachment) => {
+                r.attachments.push(attachment);
+                Ok(())
+            }
+            Err(e) => {
+                r.mirror.remove_ring(&mut r.ebpf, ifindex, slot);
+                Err(e)
+            }
+        }
     }
 
     pub async fn detach_ring(&self, interface: &str, ifindex: u32, slot: u32) {

@@ -40,10 +40,8 @@ impl Plugin for MirrorPlugin {
         _scope: CancellationToken,
         config: &Config,
     ) -> Result<(), PluginError> {
-        self.service.configure(
-            &config.dataplane.tc_interfaces,
-            config.nsp.state_dir.join("mirror-state.json"),
-        );
+        self.service
+            .configure(config.nsp.state_dir.join("mirror-state.json"));
         let m = &config.mirror;
         *self.spp.lock().expect("lock") = (!m.etcd_endpoints.is_empty()).then(|| {
             let mut s = SppSettings::new(m.etcd_endpoints.clone(), m.host.clone());

@@ -66,8 +66,6 @@ struct Persisted {
 pub struct MirrorService {
     dataplane: DataplaneHandle,
     state: Mutex<State>,
-    /// Interfaces the dataplane attaches TC to from its configuration (never detached here).
-    configured_tc: std::sync::Mutex<BTreeSet<String>>,
     state_file: std::sync::Mutex<Option<PathBuf>>,
 }
 
@@ -98,13 +96,11 @@ impl MirrorService {
         Self {
             dataplane,
             state: Mutex::default(),
-            configured_tc: Default::default(),
             state_file: Default::default(),
         }
     }
 
-    pub fn configure(&self, configured_tc: &[String], state_file: PathBuf) {
-        *self.configured_tc.lock().expect("lock") = configured_tc.iter().cloned().collect();
+    pub fn configure(&self, state_file: PathBuf) {
         *self.state_file.lock().expect("lock") = Some(state_file);
     }
 
@@ -165,6 +161,16 @@ impl MirrorService {
     pub async fn create_service(&self, spec: TapService) -> Result<(), MirrorError> {
         check_id("tap service id", &spec.id)?;
         let mut state = self.state.lock().await;
+        if let Some(f) = state
+            .flows
+            .values()
+            .find(|f| destinations(&spec).contains(&f.spec.source.as_str()))
+        {
+            return Err(MirrorError::Invalid(format!(
+                "tap service {:?}: {:?} is the source of tap flow {:?}; copies would circle",
+                spec.id, f.spec.source, f.spec.id
+            )));
+        }
         if let Some(existing) = state.services.get(&spec.id) {
             return if existing.spec == spec {
                 Ok(())
@@ -232,8 +238,13 @@ impl MirrorService {
             let _ = crate::conduit_net::delete(&host).await;
             e
         };
-        let socket = match RingSocket::open(&peer) {
-            Ok(s) => s,
+        let opened = {
+            let peer = peer.clone();
+            tokio::task::spawn_blocking(move || RingSocket::open(&peer)).await
+        };
+        let socket = match opened {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(undo(MirrorError::Dataplane(e.to_string())).await),
             Err(e) => return Err(undo(MirrorError::Dataplane(e.to_string())).await),
         };
         if let Err(e) = self
@@ -250,7 +261,14 @@ impl MirrorService {
         if let Some(f) = &spec.forward {
             consumers.push(Consumer::Forward(f.clone()));
         }
-        match MirrorRing::start(socket, consumers) {
+        let started = tokio::task::spawn_blocking(move || MirrorRing::start(socket, consumers))
+            .await
+            .unwrap_or_else(|e| {
+                Err(super::ring::RingError::NoInterface {
+                    interface: format!("(ring task failed: {e})"),
+                })
+            });
+        match started {
             Ok(running) => Ok(Ring {
                 slot,
                 host,
@@ -301,14 +319,31 @@ impl MirrorService {
         }
         let mut state = self.state.lock().await;
         if let Some(existing) = state.flows.get(&spec.id) {
-            return if existing.spec == spec {
-                Ok(())
-            } else {
-                Err(MirrorError::Exists {
-                    kind: "tap flow",
-                    id: spec.id,
-                })
-            };
+            let same_port = interface_index(&spec.source) == Some(existing.source_ifindex);
+            match (existing.spec == spec, same_port) {
+                (true, true) => return Ok(()),
+                // Its port was re-created: the old flow is gone with the old port.
+                (true, false) => {
+                    state.flows.remove(&spec.id);
+                }
+                (false, _) => {
+                    return Err(MirrorError::Exists {
+                        kind: "tap flow",
+                        id: spec.id,
+                    })
+                }
+            }
+        }
+        // A copy must never become a source again (copies would circle).
+        if let Some(s) = state
+            .services
+            .values()
+            .find(|s| destinations(&s.spec).contains(&spec.source.as_str()))
+        {
+            return Err(MirrorError::Invalid(format!(
+                "tap flow {:?}: {:?} receives the copies of tap service {:?}; it cannot be a source",
+                spec.id, spec.source, s.spec.id
+            )));
         }
         let service =
             state
@@ -419,17 +454,14 @@ impl MirrorService {
             sources.insert(f.spec.source.clone());
         }
         for source in &sources {
-            if !state.tc.contains(source) {
-                self.dataplane.attach_tc(source).await.map_err(dp)?;
-                state.tc.insert(source.clone());
-            }
+            // Idempotent; re-attaches to an interface that was re-created.
+            self.dataplane.attach_tap(source).await.map_err(dp)?;
+            state.tc.insert(source.clone());
         }
         self.dataplane.apply_mirror(&tables).await.map_err(dp)?;
-        let configured = self.configured_tc.lock().expect("lock").clone();
         for gone in state.tc.difference(&sources).cloned().collect::<Vec<_>>() {
-            if !configured.contains(&gone) {
-                let _ = self.dataplane.detach_tc(&gone).await;
-            }
+            // Only the copy-only programs are removed; a port's full programs stay.
+            let _ = self.dataplane.detach_tap(&gone).await;
             state.tc.remove(&gone);
         }
         for f in state.flows.values_mut() {
@@ -562,5 +594,13 @@ impl TapBackend for MirrorService {
             Err(MirrorError::NotFound { .. }) => Ok(()),
             other => other,
         }
+    }
+}
+
+/// The interfaces a tap service sends copies out of.
+fn destinations(spec: &TapService) -> Vec<&str> {
+    match &spec.destination {
+        Destination::Interface(i) => vec![i.as_str()],
+        Destination::Ring(r) => r.forward.iter().map(String::as_str).collect(),
     }
 }
