@@ -288,7 +288,11 @@ fn bad_requests_are_refused_and_a_gone_port_takes_its_taps() {
     let e = lab
         .call(async |c| c.create_tap_flow(looped).await.map(|_| ()))
         .unwrap_err();
-    assert!(e.message().contains("cannot be a source"), "{}", e.message());
+    assert!(
+        e.message().contains("cannot be a source"),
+        "{}",
+        e.message()
+    );
     let e = lab
         .service("x", Destination::Interface("tmnosuchif0".into()))
         .unwrap_err();
@@ -454,4 +458,28 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     lab.ping(3);
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(lab.monitor_rx(), before, "no copies after unplug");
+
+    // Plugged again, then the source port's interface is deleted: the tap
+    // goes, and so do its keys, as networking-spp's agent does on port unplug.
+    etcd.put(&key("mirror", "0"), tf);
+    etcd.put(
+        &key("tap_info", tf),
+        &format!(r#"{{"service_port": "{service_port}", "source_port": "{source_port}", "mirror_in": 0, "mirror_out": null}}"#),
+    );
+    etcd.put(&key("tap_action", tf), "plug");
+    assert!(wait_until(Duration::from_secs(10), || etcd
+        .get(&key("tap_status", tf))
+        .as_deref()
+        == Some("up")));
+    lab.node.ip(&["link", "del", &lab.port.interface]);
+    assert!(
+        wait_until(Duration::from_secs(10), || etcd
+            .get(&key("tap_info", tf))
+            .is_none()
+            && etcd.get(&key("mirror", "0")).as_deref() == Some("None")),
+        "keys left: {:?} {:?}",
+        etcd.get(&key("tap_info", tf)),
+        etcd.get(&key("mirror", "0"))
+    );
+    assert!(lab.list().flows.is_empty());
 }

@@ -155,6 +155,10 @@ pub trait TapBackend: Send + Sync {
     async fn delete_flow(&self, id: &str) -> Result<(), MirrorError>;
     /// Deletes a tap service and its flows; one that does not exist is Ok.
     async fn delete_service(&self, id: &str) -> Result<(), MirrorError>;
+    /// Ids of tap flows the backend removed on its own (their port went away).
+    fn removed_flows(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        None
+    }
 }
 
 #[cfg(test)]

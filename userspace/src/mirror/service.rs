@@ -67,6 +67,8 @@ pub struct MirrorService {
     dataplane: DataplaneHandle,
     state: Mutex<State>,
     state_file: std::sync::Mutex<Option<PathBuf>>,
+    /// Tap flows removed because their interface went away.
+    removed: tokio::sync::broadcast::Sender<String>,
 }
 
 /// A flow's listing with its counters.
@@ -97,6 +99,7 @@ impl MirrorService {
             dataplane,
             state: Mutex::default(),
             state_file: Default::default(),
+            removed: tokio::sync::broadcast::channel(256).0,
         }
     }
 
@@ -493,16 +496,30 @@ impl MirrorService {
         if gone_flows.is_empty() && gone_services.is_empty() {
             return;
         }
+        let mut removed = Vec::new();
         for id in &gone_flows {
             tracing::info!("tap flow {id}: its source interface is gone; deleted");
             state.flows.remove(id);
+            removed.push(id.clone());
         }
         for id in &gone_services {
             tracing::info!(
                 "tap service {id}: its destination interface is gone; deleted with its flows"
             );
             state.services.remove(id);
-            state.flows.retain(|_, f| f.spec.tap_service != *id);
+            let flows: Vec<String> = state
+                .flows
+                .values()
+                .filter(|f| f.spec.tap_service == *id)
+                .map(|f| f.spec.id.clone())
+                .collect();
+            for f in flows {
+                state.flows.remove(&f);
+                removed.push(f);
+            }
+        }
+        for id in removed {
+            let _ = self.removed.send(id);
         }
         if let Err(e) = self.sync(&mut state).await {
             tracing::error!("after removing taps of gone interfaces: {e}");
@@ -594,6 +611,10 @@ impl TapBackend for MirrorService {
             Err(MirrorError::NotFound { .. }) => Ok(()),
             other => other,
         }
+    }
+
+    fn removed_flows(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
+        Some(self.removed.subscribe())
     }
 }
 

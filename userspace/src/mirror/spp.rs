@@ -293,12 +293,28 @@ impl SppAgent {
             .with_prefix()
             .with_start_revision(revision + 1);
         let mut stream = timed(session.client.watch(dir.as_str(), Some(options))).await?;
+        let mut removed = self.backend.removed_flows();
         *watching = true;
         debug!("spp agent: watching {dir} from revision {}", revision + 1);
         loop {
+            let gone = async {
+                match removed.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let message = tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
                 message = stream.message() => message?,
+                gone = gone => {
+                    match gone {
+                        Ok(tf) => session.port_gone(&tf).await?,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => removed = None,
+                        // Missed some: the next replay reconciles.
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    }
+                    continue;
+                }
             };
             let Some(response) = message else {
                 return Err(Lost::Watch("the watch stream ended".into()));
@@ -418,6 +434,25 @@ impl Session<'_> {
 
     /// networking-spp's `_do_tap_plug_unplug`: reads tap_info and the newest
     /// tap_action, then plugs or unplugs. Only etcd failures are returned.
+    /// The backend removed `tf` because its port went away: as networking-spp's
+    /// agent does when a port is unplugged, the tap is torn down in etcd too
+    /// (slots freed, its keys deleted).
+    async fn port_gone(&mut self, tf: &str) -> Result<(), Lost> {
+        let agent = self.agent;
+        let mut applied = agent.applied.lock().await;
+        if !applied.contains_key(tf) {
+            return Ok(());
+        }
+        info!(tap_flow = tf, "spp agent: its port is gone, unplugging");
+        let info = self.get(&self.key("tap_info", tf)).await?;
+        let revision = self
+            .get(&self.key("tap_action", tf))
+            .await?
+            .map_or(0, |(_, revision)| revision);
+        self.unplug(&mut applied, tf, info.map(|(v, _)| v), revision)
+            .await
+    }
+
     async fn handle(&mut self, tf: &str) -> Result<(), Lost> {
         let agent = self.agent;
         let mut applied = agent.applied.lock().await;
