@@ -483,3 +483,53 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     );
     assert!(lab.list().flows.is_empty());
 }
+
+#[test]
+fn ring_copies_keep_their_vlan_tags() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = std::env::temp_dir().join(tapmesh_tests::unique("tmpcap"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pcap = dir.join("vlan.pcap");
+    let ring = Ring {
+        pcap: pcap.display().to_string(),
+        forward: String::new(),
+    };
+    lab.service("ring", Destination::Ring(ring)).unwrap();
+    lab.flow("vlans", "ring", "OUT", "10,30-40").unwrap();
+    let (src, dst) = ("198.18.1.2".parse().unwrap(), "198.18.2.2".parse().unwrap());
+    let payload = udp_v4(src, dst, 1000, 2000, b"vlan");
+    let frame = |tags: &[u16]| {
+        ethernet(
+            lab.node.mac(&lab.port.interface),
+            lab.vm1.mac(&lab.vm1_if.interface),
+            tags,
+            0x0800,
+            &ipv4(src, dst, UDP, &[], &payload),
+        )
+    };
+    let mut frames = vec![frame(&[10]); 2];
+    frames.extend(vec![frame(&[20]); 3]);
+    frames.extend(vec![frame(&[35]); 4]);
+    send_frames(&lab.vm1.name, &lab.vm1_if.interface, &frames);
+    assert!(wait_until(Duration::from_secs(5), || {
+        lab.list().services[0]
+            .ring_counters
+            .as_ref()
+            .is_some_and(|c| c.consumers.first().is_some_and(|p| p.delivered == 6))
+    }));
+    let out = std::process::Command::new("tshark")
+        .args(["-r"])
+        .arg(&pcap)
+        .args(["-T", "fields", "-e", "vlan.id"])
+        .output()
+        .expect("tshark");
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(ids, ["10", "10", "35", "35", "35", "35"]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

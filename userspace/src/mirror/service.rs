@@ -237,6 +237,11 @@ impl MirrorService {
         let (_, peer_ifindex) = crate::conduit_net::create_local_pair(&host, &peer)
             .await
             .map_err(net)?;
+        // Copies keep an offloaded VLAN tag only if it is written into the frame here.
+        if let Err(e) = crate::conduit_net::tx_vlan_offload_off(&host) {
+            let _ = crate::conduit_net::delete(&host).await;
+            return Err(net(e));
+        }
         let undo = |e: MirrorError| async {
             let _ = crate::conduit_net::delete(&host).await;
             e
