@@ -12,6 +12,7 @@ pub mod mirror_bench;
 pub mod net;
 pub mod python;
 pub mod tapa;
+pub mod xds_peer;
 
 use std::{
     process::{Command, Output},

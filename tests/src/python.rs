@@ -6,7 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// Pinned versions of the peers (toolchain.md).
-const PACKAGES: &[&str] = &["grpcio==1.85.1", "grpcio-tools==1.85.1"];
+const PACKAGES: &[&str] = &[
+    "grpcio==1.85.1",
+    "grpcio-tools==1.85.1",
+    "xds-protos==1.85.0",
+];
 
 fn venv_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tapmesh-pyvenv")
@@ -22,7 +26,8 @@ pub fn python() -> PathBuf {
     let lock = std::fs::File::create(dir.with_extension("lock")).expect("venv lock file");
     // SAFETY: flock on a file we hold open; released when it is closed.
     unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
-    if !ready.exists() {
+    // The marker holds the package list it was made with; another list remakes the venv.
+    if std::fs::read_to_string(&ready).ok().as_deref() != Some(PACKAGES.join("\n").as_str()) {
         let _ = std::fs::remove_dir_all(&dir);
         run(Command::new("python3").args(["-m", "venv"]).arg(&dir));
         run(Command::new(&python)

@@ -15,3 +15,4 @@ pub mod netns;
 pub mod nsp;
 pub mod proto;
 pub mod uds;
+pub mod xds;

@@ -1,0 +1,674 @@
+//! An independent xDS control plane for the client tests: a Python grpcio
+//! server built on PyPI `xds-protos` (Envoy's generated stubs), serving
+//! `EndpointDiscoveryService.StreamEndpoints` and
+//! `AggregatedDiscoveryService.StreamAggregatedResources` (SotW, EDS only) on
+//! loopback.
+//!
+//! Control channel: the harness writes one JSON command a line on the
+//! server's stdin (`set`, `replay`); the server writes one event a line on
+//! stdout, `kind key=value …` with percent-encoded values (`listening`,
+//! `request`, `response`, `closed`, `done`). Every request and response is
+//! recorded here.
+//!
+//! Server behaviour (like go-control-plane's SotW server): a request whose
+//! `response_nonce` is not the last nonce sent on its stream is stale and
+//! ignored; a NACK (`error_detail` set) is not answered; otherwise the server
+//! answers when the request's version differs from its own or names were
+//! added on the stream, with every known subscribed cluster. `set` pushes the
+//! new version to every stream subscribed to a changed cluster.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// Pinned like `python::PACKAGES` (installed here too when the shared venv
+/// predates it).
+const XDS_PROTOS: &str = "xds-protos==1.85.0";
+
+const SERVER: &str = r#"
+import json, queue, sys, threading, urllib.parse
+from concurrent import futures
+
+import grpc
+from envoy.config.core.v3 import health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.endpoint.v3 import eds_pb2_grpc
+
+TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+lock = threading.RLock()
+out_lock = threading.Lock()
+version = ""
+clusters = {}
+streams = {}
+next_stream = [0]
+
+
+def emit(kind, **fields):
+    parts = [kind]
+    for k, v in fields.items():
+        if v is None:
+            continue
+        parts.append("%s=%s" % (k, urllib.parse.quote(str(v), safe="")))
+    with out_lock:
+        sys.stdout.write(" ".join(parts) + "\n")
+        sys.stdout.flush()
+
+
+def build(name, spec):
+    cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=spec.get("name", name))
+    for loc in spec.get("localities", []):
+        lle = cla.endpoints.add()
+        lle.locality.zone = loc.get("zone", "")
+        lle.priority = loc.get("priority", 0)
+        if loc.get("weight") is not None:
+            lle.load_balancing_weight.value = loc["weight"]
+        for ep in loc.get("endpoints", []):
+            lbe = lle.lb_endpoints.add()
+            lbe.health_status = health_check_pb2.HealthStatus.Value(ep.get("health", "HEALTHY"))
+            if ep.get("weight") is not None:
+                lbe.load_balancing_weight.value = ep["weight"]
+            if ep.get("no_address"):
+                lbe.endpoint.hostname = "no-address"
+            else:
+                sa = lbe.endpoint.address.socket_address
+                sa.address = ep["ip"]
+                sa.port_value = ep["port"]
+    for d in spec.get("drops", []):
+        drop = cla.policy.drop_overloads.add()
+        drop.category = d["category"]
+        drop.drop_percentage.numerator = d["per_million"]
+        drop.drop_percentage.denominator = 2  # MILLION
+    return cla
+
+
+class Stream:
+    def __init__(self, method):
+        next_stream[0] += 1
+        self.id = next_stream[0]
+        self.method = method
+        self.q = queue.Queue()
+        self.names = []
+        self.nonce = 0
+        self.last_nonce = None
+        self.last = None
+
+    def send(self, only=None):
+        names = [n for n in self.names if n in clusters and (only is None or n in only)]
+        if not names:
+            return
+        self.nonce += 1
+        resp = discovery_pb2.DiscoveryResponse(version_info=version, type_url=TYPE, nonce=str(self.nonce))
+        for n in names:
+            resp.resources.add().Pack(clusters[n])
+        self.last_nonce = resp.nonce
+        self.last = resp
+        emit("response", stream=self.id, method=self.method, version=version, nonce=resp.nonce,
+             clusters=",".join(names))
+        self.q.put(resp)
+
+
+def on_request(st, req):
+    with lock:
+        nack = req.HasField("error_detail")
+        stale = bool(req.response_nonce) and req.response_nonce != st.last_nonce
+        node = req.node if req.HasField("node") else None
+        emit("request", stream=st.id, method=st.method, version=req.version_info,
+             nonce=req.response_nonce, type_url=req.type_url, names=",".join(req.resource_names),
+             node_id=node.id if node else None, node_cluster=node.cluster if node else None,
+             features=",".join(node.client_features) if node else None,
+             error=req.error_detail.message if nack else None, stale=int(stale))
+        if stale or req.type_url not in ("", TYPE):
+            return
+        added = set(req.resource_names) - set(st.names)
+        st.names = list(req.resource_names)
+        if nack:
+            return
+        if req.version_info != version or added:
+            st.send()
+
+
+def serve_stream(request_iterator, context, method):
+    with lock:
+        st = Stream(method)
+        streams[st.id] = st
+
+    def reader():
+        try:
+            for req in request_iterator:
+                on_request(st, req)
+        except Exception as e:  # the stream was cancelled
+            emit("reader", stream=st.id, error=repr(e))
+        finally:
+            st.q.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    try:
+        while True:
+            item = st.q.get()
+            if item is None:
+                break
+            yield item
+    finally:
+        with lock:
+            streams.pop(st.id, None)
+        emit("closed", stream=st.id)
+
+
+class Eds(eds_pb2_grpc.EndpointDiscoveryServiceServicer):
+    def StreamEndpoints(self, request_iterator, context):
+        return serve_stream(request_iterator, context, "eds")
+
+
+class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+    def StreamAggregatedResources(self, request_iterator, context):
+        return serve_stream(request_iterator, context, "ads")
+
+
+def main():
+    global version
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    eds_pb2_grpc.add_EndpointDiscoveryServiceServicer_to_server(Eds(), server)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(Ads(), server)
+    port = server.add_insecure_port("127.0.0.1:%d" % int(sys.argv[1]))
+    server.start()
+    emit("listening", port=port)
+    seq = 0
+    for line in sys.stdin:
+        line = line.strip()
+        if not line:
+            continue
+        cmd = json.loads(line)
+        seq += 1
+        with lock:
+            if cmd["cmd"] == "set":
+                version = cmd["version"]
+                changed = set()
+                for name, spec in cmd["clusters"].items():
+                    clusters[name] = build(name, spec)
+                    changed.add(name)
+                only = cmd.get("only")
+                for st in list(streams.values()):
+                    if changed & set(st.names):
+                        st.send(only=set(only) if only is not None else None)
+            elif cmd["cmd"] == "replay":
+                for st in list(streams.values()):
+                    if st.last is not None:
+                        emit("response", stream=st.id, method=st.method, version=st.last.version_info,
+                             nonce=st.last.nonce, replay=1)
+                        st.q.put(st.last)
+        emit("done", seq=seq)
+    server.stop(0)
+
+
+main()
+"#;
+
+/// An endpoint of a [`Cla`].
+#[derive(Clone, Debug)]
+pub struct Ep {
+    pub ip: String,
+    pub port: u32,
+    /// An `envoy.config.core.v3.HealthStatus` name.
+    pub health: String,
+    pub weight: Option<u32>,
+    /// Sends an `Endpoint` without an address (invalid).
+    pub no_address: bool,
+}
+
+impl Ep {
+    pub fn new(ip: &str, port: u32) -> Self {
+        Ep {
+            ip: ip.into(),
+            port,
+            health: "HEALTHY".into(),
+            weight: None,
+            no_address: false,
+        }
+    }
+    pub fn health(mut self, health: &str) -> Self {
+        self.health = health.into();
+        self
+    }
+    pub fn weight(mut self, weight: u32) -> Self {
+        self.weight = Some(weight);
+        self
+    }
+}
+
+/// A `LocalityLbEndpoints`.
+#[derive(Clone, Debug)]
+pub struct Loc {
+    pub zone: String,
+    pub priority: u32,
+    pub weight: Option<u32>,
+    pub endpoints: Vec<Ep>,
+}
+
+impl Loc {
+    pub fn new(zone: &str, priority: u32, endpoints: Vec<Ep>) -> Self {
+        Loc {
+            zone: zone.into(),
+            priority,
+            weight: None,
+            endpoints,
+        }
+    }
+}
+
+/// A `ClusterLoadAssignment` (the cluster name is the key it is set under).
+#[derive(Clone, Debug, Default)]
+pub struct Cla {
+    pub localities: Vec<Loc>,
+    /// (category, parts per million)
+    pub drops: Vec<(String, u32)>,
+}
+
+impl Cla {
+    /// One locality "z" at priority 0.
+    pub fn single(endpoints: Vec<Ep>) -> Self {
+        Cla {
+            localities: vec![Loc::new("z", 0, endpoints)],
+            drops: Vec::new(),
+        }
+    }
+
+    fn json(&self) -> String {
+        let eps = |l: &Loc| {
+            l.endpoints
+                .iter()
+                .map(|e| {
+                    format!(
+                        r#"{{"ip":{},"port":{},"health":{},"weight":{},"no_address":{}}}"#,
+                        json_str(&e.ip),
+                        e.port,
+                        json_str(&e.health),
+                        json_opt(e.weight),
+                        e.no_address
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let locs = self
+            .localities
+            .iter()
+            .map(|l| {
+                format!(
+                    r#"{{"zone":{},"priority":{},"weight":{},"endpoints":[{}]}}"#,
+                    json_str(&l.zone),
+                    l.priority,
+                    json_opt(l.weight),
+                    eps(l)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        let drops = self
+            .drops
+            .iter()
+            .map(|(c, ppm)| format!(r#"{{"category":{},"per_million":{ppm}}}"#, json_str(c)))
+            .collect::<Vec<_>>()
+            .join(",");
+        format!(r#"{{"localities":[{locs}],"drops":[{drops}]}}"#)
+    }
+}
+
+fn json_str(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn json_opt(v: Option<u32>) -> String {
+    v.map_or("null".into(), |v| v.to_string())
+}
+
+/// A `DiscoveryRequest` the server received.
+#[derive(Clone, Debug)]
+pub struct SeenRequest {
+    pub stream: u32,
+    /// "eds" or "ads"
+    pub method: String,
+    pub version_info: String,
+    pub response_nonce: String,
+    pub type_url: String,
+    pub resource_names: Vec<String>,
+    /// Set when the request carried a `Node`.
+    pub node_id: Option<String>,
+    pub node_cluster: Option<String>,
+    pub client_features: Vec<String>,
+    /// `error_detail.message` of a NACK.
+    pub error_detail: Option<String>,
+    /// The server judged the nonce stale and ignored the request.
+    pub stale: bool,
+    pub at: Instant,
+}
+
+/// A `DiscoveryResponse` the server sent.
+#[derive(Clone, Debug)]
+pub struct SentResponse {
+    pub stream: u32,
+    pub version_info: String,
+    pub nonce: String,
+    pub clusters: Vec<String>,
+    pub replay: bool,
+}
+
+#[derive(Default)]
+struct Log {
+    requests: Vec<SeenRequest>,
+    responses: Vec<SentResponse>,
+    port: Option<u16>,
+    done: u64,
+    exited: bool,
+}
+
+type Shared = Arc<(Mutex<Log>, Condvar)>;
+
+/// The running Python control plane; killed on drop.
+pub struct ControlPlane {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    log: Shared,
+    sent: u64,
+    pub port: u16,
+}
+
+/// The venv's python with `xds-protos` importable.
+pub fn python() -> PathBuf {
+    let python = crate::python::python();
+    let probe = |p: &PathBuf| {
+        Command::new(p)
+            .args(["-c", "import envoy.service.endpoint.v3.eds_pb2_grpc"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !probe(&python) {
+        // A venv made before xds-protos joined the package list.
+        let venv = python.parent().and_then(|b| b.parent()).expect("venv dir");
+        let lock = std::fs::File::create(venv.with_extension("lock")).expect("venv lock file");
+        // SAFETY: flock on a file we hold open; released when it is closed.
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
+        if !probe(&python) {
+            let out = Command::new(&python)
+                .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+                .arg(XDS_PROTOS)
+                .output()
+                .expect("running pip");
+            assert!(
+                out.status.success(),
+                "pip install {XDS_PROTOS}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    python
+}
+
+fn script() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tapmesh-xds-peer");
+    std::fs::create_dir_all(&dir).expect("script dir");
+    let path = dir.join(format!("xds_server_{}.py", std::process::id()));
+    // Once per process, and atomically: parallel tests start servers at once.
+    static WRITTEN: std::sync::Once = std::sync::Once::new();
+    WRITTEN.call_once(|| {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, SERVER).expect("writing the server script");
+        std::fs::rename(&tmp, &path).expect("placing the server script");
+    });
+    path
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 3 <= bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn list(s: Option<&String>) -> Vec<String> {
+    match s {
+        Some(s) if !s.is_empty() => s.split(',').map(String::from).collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn record(log: &mut Log, line: &str) {
+    let mut words = line.split(' ');
+    let kind = words.next().unwrap_or_default();
+    let f: HashMap<&str, String> = words
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k, decode(v)))
+        .collect();
+    let get = |k: &str| f.get(k).cloned().unwrap_or_default();
+    match kind {
+        "listening" => log.port = get("port").parse().ok(),
+        "done" => log.done = get("seq").parse().unwrap_or(0),
+        "request" => log.requests.push(SeenRequest {
+            stream: get("stream").parse().unwrap_or(0),
+            method: get("method"),
+            version_info: get("version"),
+            response_nonce: get("nonce"),
+            type_url: get("type_url"),
+            resource_names: list(f.get("names")),
+            node_id: f.get("node_id").cloned(),
+            node_cluster: f.get("node_cluster").cloned(),
+            client_features: list(f.get("features")),
+            error_detail: f.get("error").cloned(),
+            stale: get("stale") == "1",
+            at: Instant::now(),
+        }),
+        "response" => log.responses.push(SentResponse {
+            stream: get("stream").parse().unwrap_or(0),
+            version_info: get("version"),
+            nonce: get("nonce"),
+            clusters: list(f.get("clusters")),
+            replay: get("replay") == "1",
+        }),
+        _ => {}
+    }
+}
+
+impl ControlPlane {
+    /// Starts a server on a free loopback port.
+    pub fn start() -> Self {
+        Self::start_on(0)
+    }
+
+    /// Starts a server on `port` (0: any free port), retrying briefly while
+    /// the port is still held by a server just killed.
+    pub fn start_on(port: u16) -> Self {
+        let python = python();
+        let script = script();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Self::spawn(&python, &script, port) {
+                Ok(cp) => return cp,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("xds peer did not start ({e}); retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => panic!("the xds peer did not start: {e}"),
+            }
+        }
+    }
+
+    fn spawn(python: &PathBuf, script: &PathBuf, port: u16) -> Result<Self, String> {
+        let mut child = Command::new(python)
+            .arg("-u")
+            .arg(script)
+            .arg(port.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("spawning python: {e}"))?;
+        let stdout = child.stdout.take().expect("stdout");
+        let log: Shared = Arc::default();
+        let reader_log = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if std::env::var_os("TAPMESH_XDS_PEER_TRACE").is_some() {
+                    eprintln!("xds peer: {line}");
+                }
+                let (lock, cv) = &*reader_log;
+                record(&mut lock.lock().unwrap(), &line);
+                cv.notify_all();
+            }
+            let (lock, cv) = &*reader_log;
+            lock.lock().unwrap().exited = true;
+            cv.notify_all();
+        });
+        let stdin = child.stdin.take();
+        let mut cp = ControlPlane {
+            child,
+            stdin,
+            log,
+            sent: 0,
+            port: 0,
+        };
+        let started = cp.wait(Duration::from_secs(30), |l| l.port.is_some() || l.exited);
+        match started.and_then(|_| cp.log.0.lock().unwrap().port) {
+            Some(p) => {
+                cp.port = p;
+                Ok(cp)
+            }
+            None => {
+                let _ = cp.child.kill();
+                let _ = cp.child.wait();
+                Err("no listening port reported".into())
+            }
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`
+    pub fn address(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn wait(&self, timeout: Duration, mut done: impl FnMut(&Log) -> bool) -> Option<()> {
+        let (lock, cv) = &*self.log;
+        let deadline = Instant::now() + timeout;
+        let mut log = lock.lock().unwrap();
+        while !done(&log) {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            log = cv.wait_timeout(log, left).unwrap().0;
+        }
+        Some(())
+    }
+
+    fn command(&mut self, json: String) {
+        let stdin = self.stdin.as_mut().expect("server stdin");
+        writeln!(stdin, "{json}").expect("writing to the xds peer");
+        stdin.flush().expect("flushing the xds peer's stdin");
+        self.sent += 1;
+        let seq = self.sent;
+        self.wait(Duration::from_secs(10), |l| l.done >= seq)
+            .expect("the xds peer did not acknowledge the command");
+    }
+
+    /// Sets `clusters` and the server's version, and pushes to every stream
+    /// subscribed to one of them all the known clusters it subscribed to.
+    pub fn set(&mut self, version: &str, clusters: &[(&str, Cla)]) {
+        self.set_inner(version, clusters, None)
+    }
+
+    /// Like [`Self::set`], but the pushed responses carry only `only`.
+    pub fn set_only(&mut self, version: &str, clusters: &[(&str, Cla)], only: &[&str]) {
+        self.set_inner(version, clusters, Some(only))
+    }
+
+    fn set_inner(&mut self, version: &str, clusters: &[(&str, Cla)], only: Option<&[&str]>) {
+        let map = clusters
+            .iter()
+            .map(|(name, cla)| format!("{}:{}", json_str(name), cla.json()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let only = only.map_or(String::new(), |o| {
+            format!(
+                r#","only":[{}]"#,
+                o.iter().map(|n| json_str(n)).collect::<Vec<_>>().join(",")
+            )
+        });
+        self.command(format!(
+            r#"{{"cmd":"set","version":{},"clusters":{{{map}}}{only}}}"#,
+            json_str(version)
+        ));
+    }
+
+    /// Resends the last response of every stream unchanged (same nonce).
+    pub fn replay(&mut self) {
+        self.command(r#"{"cmd":"replay"}"#.into());
+    }
+
+    pub fn requests(&self) -> Vec<SeenRequest> {
+        self.log.0.lock().unwrap().requests.clone()
+    }
+
+    pub fn responses(&self) -> Vec<SentResponse> {
+        self.log.0.lock().unwrap().responses.clone()
+    }
+
+    /// The first request (in arrival order) matching `pred`, waiting for it.
+    pub fn wait_request(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&SeenRequest) -> bool,
+    ) -> SeenRequest {
+        let mut found = None;
+        self.wait(timeout, |l| {
+            found = l.requests.iter().find(|r| pred(r)).cloned();
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "no request {what} within {timeout:?}; got {:#?}",
+                self.requests()
+            )
+        })
+    }
+
+    /// Kills the server process (no goodbye on the streams).
+    pub fn kill(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.stdin = None;
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

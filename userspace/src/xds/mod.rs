@@ -1,0 +1,142 @@
+//! An xDS client for endpoint discovery: State-of-the-World EDS
+//! (`EndpointDiscoveryService.StreamEndpoints`) or the same over ADS
+//! (`AggregatedDiscoveryService.StreamAggregatedResources`), subscribing to
+//! an explicit list of clusters and handing each accepted
+//! `ClusterLoadAssignment`, after gRPC A27 endpoint selection ([`select`]),
+//! to an [`EndpointSink`]. Not wired into the daemon yet.
+//!
+//! Protocol behaviour (/work/shared/reference/xds.md §1.4):
+//! * The first request of every stream carries the `Node` (id, cluster,
+//!   user agent, client feature `envoy.lb.does_not_support_overprovisioning`),
+//!   the cluster names, the type URL and the last accepted `version_info`
+//!   (empty before the first one).
+//! * A response is validated as a whole (resource type, decoding, duplicate
+//!   names, [`select`]); when valid, every changed assignment is handed to the
+//!   sink and only then is the response ACKed (`version_info` and `nonce` of
+//!   the response). An invalid response, or a sink error, is NACKed: the
+//!   previous accepted version, the response's nonce and `error_detail`
+//!   (code INVALID_ARGUMENT, the reason as message). The sink is not called
+//!   for an invalid response.
+//! * A response repeating the nonce of the previous one on the stream is
+//!   ignored (not answered).
+//! * Clusters absent from a response keep their state (EDS responses may carry
+//!   only the changed assignments, §1.4 rule 6); names we did not subscribe
+//!   to are ignored.
+//! * A subscribed cluster that has not arrived `missing_after` after [`run`]
+//!   started is applied once as empty (no endpoints).
+//! * When the stream fails the client reconnects with jittered, capped
+//!   exponential backoff and resubscribes with the last accepted version;
+//!   nothing is removed from the sink meanwhile.
+
+mod client;
+mod select;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+pub use client::run;
+pub use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+pub use select::{select, InvalidAssignment, MAX_PRIORITY};
+/// The stop signal [`run`] takes (re-exported for callers without tokio-util).
+pub use tokio_util::sync::CancellationToken;
+
+/// The type URL of EDS resources.
+pub const EDS_TYPE_URL: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// Client feature sent in the `Node`: we do not apply Envoy's overprovisioning.
+pub const CLIENT_FEATURE_NO_OVERPROVISIONING: &str = "envoy.lb.does_not_support_overprovisioning";
+
+/// Where and how to subscribe.
+#[derive(Clone, Debug)]
+pub struct XdsSettings {
+    /// The management server, e.g. "http://127.0.0.1:18000".
+    pub server: String,
+    pub node_id: String,
+    pub node_cluster: String,
+    /// Cluster names (EDS service names) to subscribe to.
+    pub clusters: Vec<String>,
+    /// Use `StreamAggregatedResources` instead of `StreamEndpoints`.
+    pub ads: bool,
+    /// A cluster that never arrives is applied as empty after this.
+    pub missing_after: Duration,
+    /// Cap of the reconnect backoff.
+    pub max_backoff: Duration,
+}
+
+impl Default for XdsSettings {
+    fn default() -> Self {
+        XdsSettings {
+            server: "http://127.0.0.1:18000".into(),
+            node_id: String::new(),
+            node_cluster: String::new(),
+            clusters: Vec::new(),
+            ads: false,
+            missing_after: Duration::from_secs(15),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `envoy.config.core.v3.Locality`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Locality {
+    pub region: String,
+    pub zone: String,
+    pub sub_zone: String,
+}
+
+impl fmt::Display for Locality {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.region, self.zone, self.sub_zone)
+    }
+}
+
+/// One endpoint chosen by [`select`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SelectedEndpoint {
+    pub address: IpAddr,
+    pub port: u16,
+    /// Relative weight within the cluster (≥ 1): proportional to the
+    /// endpoint's share of traffic, locality weight × endpoint weight / the
+    /// locality's total endpoint weight, as the smallest exact integers.
+    pub weight: u32,
+    pub locality: Locality,
+    pub priority: u32,
+}
+
+/// A drop category of `ClusterLoadAssignment.policy.drop_overloads`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DropOverload {
+    pub category: String,
+    /// `drop_percentage` in parts per million (0..=1_000_000).
+    pub parts_per_million: u32,
+}
+
+/// A `ClusterLoadAssignment` after gRPC A27 endpoint selection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterEndpoints {
+    pub cluster: String,
+    /// Empty: the cluster has no usable backend (or does not exist).
+    pub endpoints: Vec<SelectedEndpoint>,
+    pub drop_overloads: Vec<DropOverload>,
+}
+
+impl ClusterEndpoints {
+    /// No backends (a cluster that never arrived).
+    pub fn empty(cluster: &str) -> Self {
+        ClusterEndpoints {
+            cluster: cluster.into(),
+            endpoints: Vec::new(),
+            drop_overloads: Vec::new(),
+        }
+    }
+}
+
+/// Where accepted assignments go. Called before the ACK; an `Err` makes the
+/// client NACK the response (`error_detail` = the message) and keep its last
+/// accepted version.
+#[async_trait::async_trait]
+pub trait EndpointSink: Send + Sync {
+    async fn apply(&self, update: ClusterEndpoints) -> Result<(), String>;
+}
