@@ -803,6 +803,11 @@ impl LbLab {
     /// Starts the daemon on the node with XDP on the uplink and, if given, `spec`
     /// written to a file and passed with `--lb-config`.
     pub fn start(&mut self, spec: Option<&LbSpec>) {
+        self.start_with(spec, &[]);
+    }
+
+    /// Like [`LbLab::start`] with more daemon arguments.
+    pub fn start_with(&mut self, spec: Option<&LbSpec>, extra: &[String]) {
         assert!(self.daemon.is_none(), "the daemon is already running");
         let mut args = vec![
             "--uplink".to_string(),
@@ -810,6 +815,7 @@ impl LbLab {
             "--xdp-mode".into(),
             "native".into(),
         ];
+        args.extend(extra.iter().cloned());
         if let Some(spec) = spec {
             let path = std::env::temp_dir().join(format!("{}.toml", unique("tmlb")));
             std::fs::write(&path, lb_toml(spec)).expect("writing the LB config");

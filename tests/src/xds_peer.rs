@@ -503,11 +503,21 @@ impl ControlPlane {
     /// Starts a server on `port` (0: any free port), retrying briefly while
     /// the port is still held by a server just killed.
     pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, None)
+    }
+
+    /// Starts a server on a free port of network namespace `netns`'s loopback
+    /// (for a daemon that runs there).
+    pub fn start_in(netns: &str) -> Self {
+        Self::start_with(0, Some(netns))
+    }
+
+    fn start_with(port: u16, netns: Option<&str>) -> Self {
         let python = python();
         let script = script();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match Self::spawn(&python, &script, port) {
+            match Self::spawn(&python, &script, port, netns) {
                 Ok(cp) => return cp,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("xds peer did not start ({e}); retrying");
@@ -518,8 +528,21 @@ impl ControlPlane {
         }
     }
 
-    fn spawn(python: &PathBuf, script: &PathBuf, port: u16) -> Result<Self, String> {
-        let mut child = Command::new(python)
+    fn spawn(
+        python: &PathBuf,
+        script: &PathBuf,
+        port: u16,
+        netns: Option<&str>,
+    ) -> Result<Self, String> {
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(python);
+                c
+            }
+            None => Command::new(python),
+        };
+        let mut child = command
             .arg("-u")
             .arg(script)
             .arg(port.to_string())

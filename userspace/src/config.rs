@@ -174,6 +174,36 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// The xDS client: EDS (or ADS) clusters that feed VIPs through the catalog.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct XdsConfig {
+    /// The management server, e.g. "http://127.0.0.1:18000"; empty: no client.
+    pub server: String,
+    /// The node id sent to the server (default: the hostname).
+    pub node_id: String,
+    pub node_cluster: String,
+    /// StreamAggregatedResources instead of StreamEndpoints.
+    pub ads: bool,
+    /// A cluster that never arrives is applied as empty after this.
+    #[serde(with = "humantime_serde")]
+    pub missing_after: std::time::Duration,
+    pub clusters: Vec<crate::catalog::ClusterBinding>,
+}
+
+impl Default for XdsConfig {
+    fn default() -> Self {
+        Self {
+            server: String::new(),
+            node_id: hostname(),
+            node_cluster: "tapmesh".into(),
+            ads: false,
+            missing_after: std::time::Duration::from_secs(15),
+            clusters: Vec::new(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -182,6 +212,7 @@ pub struct Config {
     pub lb: LbConfig,
     pub nsp: NspSettings,
     pub mirror: MirrorSettings,
+    pub xds: XdsConfig,
 }
 
 /// Values given on the command line or in the environment; `None` keeps the file's value.

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod ambassador;
+pub mod catalog;
 pub mod cli;
 pub mod conduit_net;
 pub mod config;

@@ -3,6 +3,7 @@ use std::{path::PathBuf, process::ExitCode, sync::Arc};
 use clap::{Parser, Subcommand};
 use tapmesh::{
     admin::{self, AdminPlugin},
+    catalog::{Catalog, CatalogPlugin},
     cli,
     config::{Config, Overrides, DEFAULT_ADMIN_SOCKET, DEFAULT_NODE_SOCKET},
     core::Core,
@@ -85,6 +86,14 @@ enum Command {
         admin_socket: PathBuf,
         #[command(subcommand)]
         command: TapFlowCommand,
+    },
+    /// The service catalog: services and backends of every endpoint source.
+    Catalog {
+        /// Admin API socket of the daemon.
+        #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, global = true)]
+        admin_socket: PathBuf,
+        #[command(subcommand)]
+        command: CatalogCommand,
     },
     /// Show every plugin's state and the dataplane counters.
     Status {
@@ -185,6 +194,12 @@ enum TapFlowCommand {
 }
 
 #[derive(Subcommand)]
+enum CatalogCommand {
+    /// Services, their backends and where each came from.
+    List,
+}
+
+#[derive(Subcommand)]
 enum RegistryCommand {
     /// List the registered targets of every stream.
     List,
@@ -231,6 +246,10 @@ fn main() -> ExitCode {
             admin_socket,
             command,
         } => runtime().block_on(tap_flow(admin_socket, command)),
+        Command::Catalog {
+            admin_socket,
+            command: CatalogCommand::List,
+        } => runtime().block_on(catalog_list(admin_socket)),
         Command::Status { admin_socket, raw } => runtime().block_on(status(admin_socket, raw)),
         Command::Lb {
             admin_socket,
@@ -257,11 +276,14 @@ async fn daemon(config: Config) -> ExitCode {
     core.register(Arc::new(NspPlugin::new(lb.clone())));
     let mirror = Arc::new(MirrorService::new(dataplane.clone()));
     core.register(Arc::new(MirrorPlugin::new(mirror.clone())));
+    let catalog = Catalog::new(lb.clone());
+    core.register(Arc::new(CatalogPlugin::new(catalog.clone())));
     core.register(Arc::new(AdminPlugin::new(
         core.view(),
         dataplane,
         lb,
         mirror,
+        catalog,
     )));
 
     // Signals are caught from here on, so one that arrives during start still stops cleanly.
@@ -563,4 +585,19 @@ fn print_result(result: Result<String, tonic::Status>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+async fn catalog_list(socket: PathBuf) -> ExitCode {
+    let mut client = match admin::connect(&socket).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tapmesh: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = client
+        .list_catalog(admin::proto::ListCatalogRequest {})
+        .await
+        .map(|r| cli::catalog::render(&r.into_inner()));
+    print_result(result)
 }

@@ -23,6 +23,7 @@ pub use lb::config as lb_config;
 use std::sync::Arc;
 
 use crate::{
+    catalog::Catalog,
     config::Config,
     core::{CoreView, Plugin, PluginError, PluginState},
     dataplane::{DataplaneHandle, ProgramCounters},
@@ -42,6 +43,7 @@ pub struct AdminService {
     dataplane: DataplaneHandle,
     lb: Arc<LbService>,
     mirror: Arc<MirrorService>,
+    catalog: Arc<Catalog>,
 }
 
 fn state_of(state: PluginState) -> proto::PluginState {
@@ -316,6 +318,38 @@ impl Admin for AdminService {
         Ok(Response::new(proto::TapReply {}))
     }
 
+    async fn list_catalog(
+        &self,
+        request: Request<proto::ListCatalogRequest>,
+    ) -> Result<Response<proto::CatalogListing>, Status> {
+        check_root(&request)?;
+        let services = self
+            .catalog
+            .services()
+            .await
+            .into_iter()
+            .map(|s| proto::CatalogService {
+                name: s.name,
+                source: s.source.into(),
+                vip: s.vip,
+                backends: s
+                    .backends
+                    .into_iter()
+                    .map(|b| proto::CatalogBackend {
+                        address: b.address.to_string(),
+                        port: b.port.into(),
+                        weight: b.weight,
+                        priority: b.priority,
+                        locality: b.locality,
+                        slots: b.slots,
+                        note: b.note,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(proto::CatalogListing { services }))
+    }
+
     async fn list_taps(
         &self,
         request: Request<proto::ListTapsRequest>,
@@ -380,6 +414,7 @@ pub struct AdminPlugin {
     dataplane: DataplaneHandle,
     lb: Arc<LbService>,
     mirror: Arc<MirrorService>,
+    catalog: Arc<Catalog>,
     socket: Mutex<PathBuf>,
     serving: tokio::sync::Mutex<Option<Serving>>,
 }
@@ -390,12 +425,14 @@ impl AdminPlugin {
         dataplane: DataplaneHandle,
         lb: Arc<LbService>,
         mirror: Arc<MirrorService>,
+        catalog: Arc<Catalog>,
     ) -> Self {
         Self {
             core,
             dataplane,
             lb,
             mirror,
+            catalog,
             socket: Mutex::new(PathBuf::new()),
             serving: tokio::sync::Mutex::new(None),
         }
@@ -428,6 +465,7 @@ impl Plugin for AdminPlugin {
             dataplane: self.dataplane.clone(),
             lb: self.lb.clone(),
             mirror: self.mirror.clone(),
+            catalog: self.catalog.clone(),
         };
         let stop = scope.child_token();
         let shutdown = stop.clone();

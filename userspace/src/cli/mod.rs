@@ -1,5 +1,6 @@
 //! Command-line front ends that talk to the daemon.
 
+pub mod catalog;
 pub mod lb;
 pub mod mirror;
 pub mod nsp;

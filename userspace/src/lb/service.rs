@@ -96,6 +96,14 @@ impl LbService {
         .await
     }
 
+    /// Every source's part (`lb` is the admin/file one).
+    pub async fn sources(&self) -> Vec<(&'static str, LbSpec)> {
+        let sources = self.spec.lock().await;
+        let mut all = vec![("lb", sources.own.clone())];
+        all.extend(sources.others.iter().map(|(k, v)| (*k, v.clone())));
+        all
+    }
+
     /// Replaces the part plugin `source` owns; the union is validated and applied.
     pub async fn set_source(
         &self,

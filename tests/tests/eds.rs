@@ -1,0 +1,148 @@
+//! EDS into the VIP maps: an independent control plane (Python grpcio +
+//! xds-protos) inside the node's namespace, the daemon's xDS client and
+//! catalog, and real packets whose split follows the endpoint weights.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::Duration;
+
+use tapmesh_tests::{
+    daemon::tapmesh_bin,
+    kernel_tests_enabled,
+    net::{send_udp_flows, wait_until, LbLab, UdpReceiver, CLIENT},
+    xds_peer::{Cla, ControlPlane, Ep},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
+const FLOWS: u16 = 2000;
+
+fn catalog(lab: &LbLab) -> String {
+    let out = std::process::Command::new(tapmesh_bin())
+        .args(["catalog", "list", "--admin-socket"])
+        .arg(&lab.daemon().socket)
+        .output()
+        .expect("tapmesh catalog list");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = LbLab::new(2, &[VIP]);
+    let mut cp = ControlPlane::start_in(&lab.node.name);
+    let config = std::env::temp_dir().join(tapmesh_tests::unique("tmeds.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"30s\"\n\
+             [[xds.clusters]]\nname = \"svc\"\nvip = \"{VIP}\"\nprotocols = [\"udp\"]\n",
+            cp.address()
+        ),
+    )
+    .unwrap();
+    lab.start_with(None, &["--config".into(), config.display().to_string()]);
+    let (a, b) = (
+        lab.targets[0].address.to_string(),
+        lab.targets[1].address.to_string(),
+    );
+    cp.set(
+        "1",
+        &[(
+            "svc",
+            Cla::single(vec![
+                Ep::new(&a, 5000).weight(3),
+                Ep::new(&b, 5000).weight(1),
+            ]),
+        )],
+    );
+    // The ACK comes once the maps hold the endpoints.
+    cp.wait_request(Duration::from_secs(20), "ACK of version 1", |r| {
+        r.version_info == "1" && r.error_detail.is_none() && !r.response_nonce.is_empty()
+    });
+    let listing = catalog(&lab);
+    assert!(
+        listing.contains("svc (from eds) vip 203.0.113.30"),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&format!("{a}:5000 weight 3 priority 0 slots 3")),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&format!("{b}:5000 weight 1 priority 0 slots 1")),
+        "{listing}"
+    );
+
+    let rx: Vec<UdpReceiver> = lab
+        .targets
+        .iter()
+        .map(|t| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(VIP, 7000)))
+        .collect();
+    let counts = || rx.iter().map(UdpReceiver::count).collect::<Vec<u64>>();
+    let total = |c: &[u64]| c.iter().sum::<u64>();
+    let ports: Vec<u16> = (20000..20000 + FLOWS).collect();
+    send_udp_flows(
+        &lab.client.name,
+        CLIENT,
+        &ports,
+        SocketAddrV4::new(VIP, 7000),
+        1,
+        b"eds",
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || total(&counts()) == FLOWS as u64),
+        "{:?}",
+        counts()
+    );
+    let split = counts();
+    assert_eq!(split.iter().sum::<u64>(), FLOWS as u64, "{split:?}");
+    let heavy = split[0] as f64 / FLOWS as f64;
+    assert!((0.68..=0.82).contains(&heavy), "weight 3:1 gave {split:?}");
+
+    // An invalid assignment is NACKed and the maps keep the last good endpoints.
+    cp.set(
+        "2",
+        &[("svc", Cla::single(vec![Ep::new("not-an-ip", 5000)]))],
+    );
+    let nack = cp.wait_request(Duration::from_secs(20), "NACK of version 2", |r| {
+        r.error_detail.is_some()
+    });
+    assert_eq!(nack.version_info, "1");
+    send_udp_flows(
+        &lab.client.name,
+        CLIENT,
+        &ports[..100],
+        SocketAddrV4::new(VIP, 7000),
+        1,
+        b"eds",
+    );
+    assert!(wait_until(Duration::from_secs(5), || total(&counts())
+        == FLOWS as u64 + 100));
+    let now = counts();
+    assert!(
+        now[0] > split[0] && now[1] >= split[1],
+        "still the old endpoints: {now:?}"
+    );
+
+    // An update to one endpoint moves everything to it.
+    cp.set("3", &[("svc", Cla::single(vec![Ep::new(&b, 5000)]))]);
+    cp.wait_request(Duration::from_secs(20), "ACK of version 3", |r| {
+        r.version_info == "3"
+    });
+    let before = counts();
+    send_udp_flows(
+        &lab.client.name,
+        CLIENT,
+        &ports[..200],
+        SocketAddrV4::new(VIP, 7000),
+        1,
+        b"eds",
+    );
+    assert!(wait_until(Duration::from_secs(5), || total(&counts())
+        == total(&before) + 200));
+    let after = counts();
+    assert_eq!(after[0], before[0], "the removed backend gets nothing");
+    assert_eq!(after[1], before[1] + 200);
+    let _ = std::fs::remove_file(&config);
+}

@@ -1,0 +1,340 @@
+//! The service catalog: endpoint providers (today the xDS client; the
+//! target registry and the VIP configuration are listed beside it) merged
+//! into per-service backend sets that the LB maps get through one writer.
+//!
+//! An EDS cluster feeds one VIP: the catalog makes it a VIP, a stream and a
+//! flow, and each backend reachable on this node a local target. Endpoint
+//! weights become Maglev slots (a backend of weight w holds w of the
+//! stream's identifiers, scaled to at most [`MAX_SLOTS`] in all), so real
+//! traffic splits in their proportion. Updates arriving within
+//! [`DEBOUNCE`] are written as one map update; the xDS client's ACK waits for it.
+
+mod resolve;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::{watch, Mutex};
+
+use crate::flows::{FlowSpec, VipSpec};
+use crate::lb::model::{LbSpec, StreamSpec, TargetSpec, TargetVia};
+use crate::lb::service::LbService;
+use crate::xds::{ClusterEndpoints, EndpointSink};
+
+pub use plugin::CatalogPlugin;
+
+mod plugin;
+
+pub const LB_SOURCE: &str = "eds";
+/// Maglev slots one EDS service's backends share.
+pub const MAX_SLOTS: u32 = 100;
+/// Updates closer together than this become one map write.
+pub const DEBOUNCE: Duration = Duration::from_millis(5);
+
+/// `[[xds.clusters]]`: which VIP a cluster's endpoints serve.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterBinding {
+    pub name: String,
+    /// The VIP (address or prefix) the cluster's endpoints are the targets of.
+    pub vip: String,
+    #[serde(default = "default_protocols")]
+    pub protocols: Vec<String>,
+    /// Destination ports ("80", "8000-8080"); empty: any.
+    #[serde(default)]
+    pub ports: Vec<String>,
+}
+
+fn default_protocols() -> Vec<String> {
+    vec!["tcp".into(), "udp".into()]
+}
+
+/// One backend of a service, as the catalog lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backend {
+    pub address: std::net::IpAddr,
+    pub port: u16,
+    pub weight: u32,
+    pub priority: u32,
+    pub locality: String,
+    /// Maglev slots it holds; 0 when it cannot be reached from this node.
+    pub slots: u32,
+    /// Why it has no slots.
+    pub note: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    pub name: String,
+    pub source: &'static str,
+    pub vip: String,
+    pub backends: Vec<Backend>,
+}
+
+struct State {
+    bindings: BTreeMap<String, ClusterBinding>,
+    /// The last accepted endpoints of each cluster.
+    clusters: BTreeMap<String, ClusterEndpoints>,
+    /// Bumped by every update; `written` follows once the maps hold it.
+    wanted: u64,
+}
+
+pub struct Catalog {
+    lb: Arc<LbService>,
+    state: Mutex<State>,
+    written: watch::Sender<(u64, Result<(), String>)>,
+    kick: tokio::sync::Notify,
+}
+
+impl Catalog {
+    pub fn new(lb: Arc<LbService>) -> Arc<Self> {
+        let catalog = Arc::new(Self {
+            lb,
+            state: Mutex::new(State {
+                bindings: BTreeMap::new(),
+                clusters: BTreeMap::new(),
+                wanted: 0,
+            }),
+            written: watch::channel((0, Ok(()))).0,
+            kick: tokio::sync::Notify::new(),
+        });
+        tokio::spawn(writer(catalog.clone()));
+        catalog
+    }
+
+    /// Which VIP each EDS cluster feeds (from the configuration).
+    pub async fn set_bindings(&self, bindings: Vec<ClusterBinding>) {
+        let mut state = self.state.lock().await;
+        state.bindings = bindings.into_iter().map(|b| (b.name.clone(), b)).collect();
+    }
+
+    /// The services of every provider: EDS clusters with their backends, and
+    /// the streams the target registry and the LB configuration feed.
+    pub async fn services(&self) -> Vec<Service> {
+        let built = {
+            let state = self.state.lock().await;
+            build(&state).1
+        };
+        let mut services = built;
+        for (source, spec) in self.lb.sources().await {
+            if source == LB_SOURCE {
+                continue;
+            }
+            for stream in &spec.streams {
+                let backends = spec
+                    .targets
+                    .iter()
+                    .filter(|t| t.stream == stream.name)
+                    .map(|t| Backend {
+                        address: std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                        port: 0,
+                        weight: 1,
+                        priority: 0,
+                        locality: String::new(),
+                        slots: 1,
+                        note: match &t.via {
+                            TargetVia::Local { interface, mac } => {
+                                format!("identifier {} on {interface} ({mac})", t.identifier)
+                            }
+                            TargetVia::Remote { node } => {
+                                format!("identifier {} on node {node}", t.identifier)
+                            }
+                        },
+                    })
+                    .collect();
+                services.push(Service {
+                    name: stream.name.clone(),
+                    source: if source == "nsp" { "registry" } else { source },
+                    vip: spec
+                        .flows
+                        .iter()
+                        .filter(|f| f.stream == stream.name)
+                        .flat_map(|f| f.vips.iter().cloned())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    backends,
+                });
+            }
+        }
+        services
+    }
+}
+
+#[async_trait::async_trait]
+impl EndpointSink for Catalog {
+    /// Returns once the maps hold this update (or a later one).
+    async fn apply(&self, update: ClusterEndpoints) -> Result<(), String> {
+        let cluster = update.cluster.clone();
+        let (mine, previous) = {
+            let mut state = self.state.lock().await;
+            if !state.bindings.contains_key(&cluster) {
+                return Err(format!("cluster {cluster:?} is not bound to a VIP"));
+            }
+            let previous = state.clusters.insert(cluster.clone(), update);
+            state.wanted += 1;
+            (state.wanted, previous)
+        };
+        self.kick.notify_one();
+        let mut written = self.written.subscribe();
+        let result = written
+            .wait_for(|(generation, _)| *generation >= mine)
+            .await
+            .map_err(|_| "the catalog writer stopped".to_string())?
+            .1
+            .clone();
+        if result.is_err() {
+            // Refused (NACK): the last good endpoints stay what the catalog holds.
+            let mut state = self.state.lock().await;
+            match previous {
+                Some(p) => state.clusters.insert(cluster, p),
+                None => state.clusters.remove(&cluster),
+            };
+        }
+        result
+    }
+}
+
+/// Writes the LB part "eds" whenever something changed, a burst at a time.
+async fn writer(catalog: Arc<Catalog>) {
+    loop {
+        catalog.kick.notified().await;
+        tokio::time::sleep(DEBOUNCE).await;
+        let (generation, spec) = {
+            let state = catalog.state.lock().await;
+            let (spec, _) = build(&state);
+            (state.wanted, spec)
+        };
+        let mut spec = spec;
+        resolve::targets(&mut spec).await;
+        let result = catalog
+            .lb
+            .set_source(LB_SOURCE, spec)
+            .await
+            .map_err(|e| e.to_string());
+        if let Err(e) = &result {
+            tracing::error!("EDS endpoints not written: {e}");
+        }
+        let _ = catalog.written.send_replace((generation, result));
+    }
+}
+
+/// The LB part for the EDS services (targets still unresolved: their
+/// `via` names the backend address) and the listing.
+fn build(state: &State) -> (LbSpec, Vec<Service>) {
+    let mut spec = LbSpec::default();
+    let mut services = Vec::new();
+    for (name, binding) in &state.bindings {
+        let lb_name = format!("eds.{name}");
+        let endpoints = state
+            .clusters
+            .get(name)
+            .map(|c| c.endpoints.clone())
+            .unwrap_or_default();
+        let slots = slots(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
+        let total: u32 = slots.iter().sum();
+        spec.vips.push(VipSpec {
+            name: lb_name.clone(),
+            address: binding.vip.clone(),
+        });
+        spec.streams.push(StreamSpec {
+            name: lb_name.clone(),
+            max_targets: total.max(1),
+            table_size: None,
+        });
+        spec.flows.push(FlowSpec {
+            name: lb_name.clone(),
+            protocols: binding.protocols.clone(),
+            destination_port_ranges: binding.ports.clone(),
+            stream: lb_name.clone(),
+            vips: vec![lb_name.clone()],
+            ..Default::default()
+        });
+        let mut identifier = 1;
+        let mut backends = Vec::new();
+        for (e, n) in endpoints.iter().zip(&slots) {
+            for _ in 0..*n {
+                spec.targets.push(TargetSpec {
+                    stream: lb_name.clone(),
+                    identifier,
+                    // Resolved to an interface and MAC by `resolve::targets`.
+                    via: TargetVia::Remote {
+                        node: e.address.to_string(),
+                    },
+                });
+                identifier += 1;
+            }
+            backends.push(Backend {
+                address: e.address,
+                port: e.port,
+                weight: e.weight,
+                priority: e.priority,
+                locality: [&e.locality.region, &e.locality.zone, &e.locality.sub_zone]
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join("/"),
+                slots: *n,
+                note: String::new(),
+            });
+        }
+        services.push(Service {
+            name: name.clone(),
+            source: "eds",
+            vip: binding.vip.clone(),
+            backends,
+        });
+    }
+    (spec, services)
+}
+
+/// Maglev slots per weight: proportional, at most [`MAX_SLOTS`] in all, at
+/// least one each (largest remainders get the rounding).
+pub fn slots(weights: &[u32]) -> Vec<u32> {
+    if weights.is_empty() {
+        return Vec::new();
+    }
+    let sum: u64 = weights.iter().map(|&w| u64::from(w.max(1))).sum();
+    if sum <= u64::from(MAX_SLOTS) {
+        return weights.iter().map(|&w| w.max(1)).collect();
+    }
+    let budget = u64::from(MAX_SLOTS).max(weights.len() as u64);
+    let exact: Vec<(u64, u64)> = weights
+        .iter()
+        .map(|&w| {
+            let scaled = u64::from(w.max(1)) * budget;
+            (scaled / sum, scaled % sum)
+        })
+        .collect();
+    let mut out: Vec<u32> = exact.iter().map(|(q, _)| (*q).max(1) as u32).collect();
+    let mut left = budget.saturating_sub(out.iter().map(|&n| u64::from(n)).sum());
+    let mut order: Vec<usize> = (0..exact.len()).collect();
+    order.sort_by(|&a, &b| exact[b].1.cmp(&exact[a].1));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        out[i] += 1;
+        left -= 1;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slots;
+
+    #[test]
+    fn weights_become_proportional_slots() {
+        assert_eq!(slots(&[3, 1]), vec![3, 1]);
+        assert_eq!(slots(&[1, 1, 1]), vec![1, 1, 1]);
+        let s = slots(&[300, 100]);
+        assert_eq!(s, vec![75, 25]);
+        let s = slots(&[1_000_000, 1]);
+        assert_eq!(s.iter().sum::<u32>(), 100);
+        assert_eq!(s[1], 1, "every backend keeps a slot");
+        assert!(slots(&[]).is_empty());
+    }
+}

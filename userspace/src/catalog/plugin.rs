@@ -1,0 +1,99 @@
+//! The `catalog` plugin: holds the catalog and, when `[xds] server` is set,
+//! runs the xDS client that feeds it.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use super::Catalog;
+use crate::config::{Config, XdsConfig};
+use crate::core::{Plugin, PluginError};
+use crate::xds::XdsSettings;
+
+pub struct CatalogPlugin {
+    catalog: Arc<Catalog>,
+    config: Mutex<XdsConfig>,
+    stop: Mutex<Option<CancellationToken>>,
+}
+
+impl CatalogPlugin {
+    pub fn new(catalog: Arc<Catalog>) -> Self {
+        Self {
+            catalog,
+            config: Mutex::new(XdsConfig::default()),
+            stop: Mutex::new(None),
+        }
+    }
+}
+
+#[async_trait]
+impl Plugin for CatalogPlugin {
+    fn name(&self) -> &'static str {
+        "catalog"
+    }
+
+    async fn configure(
+        &self,
+        _scope: CancellationToken,
+        config: &Config,
+    ) -> Result<(), PluginError> {
+        let x = &config.xds;
+        if x.server.is_empty() && !x.clusters.is_empty() {
+            return Err(PluginError::new(
+                "xds.clusters are set but xds.server is empty",
+            ));
+        }
+        for c in &x.clusters {
+            crate::flows::spec::validate_name("xds cluster name", &c.name)
+                .map_err(|e| PluginError::new(e.to_string()))?;
+        }
+        *self.config.lock().expect("lock") = x.clone();
+        self.catalog.set_bindings(x.clusters.clone()).await;
+        Ok(())
+    }
+
+    async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
+        let x = self.config.lock().expect("lock").clone();
+        if !x.server.is_empty() {
+            let stop = scope.child_token();
+            let settings = XdsSettings {
+                server: x.server.clone(),
+                node_id: x.node_id.clone(),
+                node_cluster: x.node_cluster.clone(),
+                clusters: x.clusters.iter().map(|c| c.name.clone()).collect(),
+                ads: x.ads,
+                missing_after: x.missing_after,
+                ..XdsSettings::default()
+            };
+            tracing::info!(server = %x.server, clusters = ?settings.clusters, ads = x.ads, "xDS client starting");
+            tokio::spawn(crate::xds::run(
+                settings,
+                self.catalog.clone(),
+                stop.clone(),
+            ));
+            *self.stop.lock().expect("lock") = Some(stop);
+        }
+        Ok(())
+    }
+
+    async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+        if let Some(stop) = self.stop.lock().expect("lock").take() {
+            stop.cancel();
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> String {
+        let x = self.config.lock().expect("lock");
+        if x.server.is_empty() {
+            "no xDS server configured".into()
+        } else {
+            format!(
+                "xDS client of {} for {} clusters",
+                x.server,
+                x.clusters.len()
+            )
+        }
+    }
+}

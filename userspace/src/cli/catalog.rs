@@ -1,0 +1,36 @@
+//! `tapmesh catalog list` output.
+
+use std::fmt::Write;
+
+use crate::admin::proto::CatalogListing;
+
+pub fn render(l: &CatalogListing) -> String {
+    let mut out = String::new();
+    if l.services.is_empty() {
+        return "(no services)\n".into();
+    }
+    for s in &l.services {
+        let _ = writeln!(out, "{} (from {}) vip {}", s.name, s.source, s.vip);
+        for b in &s.backends {
+            if s.source == "eds" {
+                let _ = writeln!(
+                    out,
+                    "  {}:{} weight {} priority {} slots {}{}",
+                    b.address,
+                    b.port,
+                    b.weight,
+                    b.priority,
+                    b.slots,
+                    if b.locality.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" locality {}", b.locality)
+                    }
+                );
+            } else {
+                let _ = writeln!(out, "  {}", b.note);
+            }
+        }
+    }
+    out
+}
