@@ -189,6 +189,10 @@ pub struct XdsConfig {
     #[serde(with = "humantime_serde")]
     pub missing_after: std::time::Duration,
     pub clusters: Vec<crate::catalog::ClusterBinding>,
+    /// Serve the catalog's EDS clusters to proxies on this node
+    /// (`EndpointDiscoveryService.StreamEndpoints` on this TCP address, e.g.
+    /// "127.0.0.1:18001"); empty: no server.
+    pub serve: String,
 }
 
 impl Default for XdsConfig {
@@ -200,6 +204,7 @@ impl Default for XdsConfig {
             ads: false,
             missing_after: std::time::Duration::from_secs(15),
             clusters: Vec::new(),
+            serve: String::new(),
         }
     }
 }

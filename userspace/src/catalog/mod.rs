@@ -86,6 +86,8 @@ pub struct Catalog {
     state: Mutex<State>,
     written: watch::Sender<(u64, Result<(), String>)>,
     kick: tokio::sync::Notify,
+    /// The assignments of the last successful write (what the EDS server serves).
+    served: watch::Sender<crate::xds::Assignments>,
 }
 
 impl Catalog {
@@ -99,6 +101,7 @@ impl Catalog {
             }),
             written: watch::channel((0, Ok(()))).0,
             kick: tokio::sync::Notify::new(),
+            served: watch::channel(crate::xds::Assignments::default()).0,
         });
         tokio::spawn(writer(catalog.clone()));
         catalog
@@ -160,6 +163,18 @@ impl Catalog {
         }
         services
     }
+
+    /// The EDS services as the EDS server serves them: one
+    /// `ClusterLoadAssignment` per cluster whose endpoints the maps hold
+    /// (updated after each successful write, never with refused endpoints).
+    pub fn cluster_loads(&self) -> Vec<crate::xds::ClusterLoadAssignment> {
+        self.served.borrow().values().cloned().collect()
+    }
+
+    /// Changes of [`Self::cluster_loads`], by cluster name.
+    pub fn watch_loads(&self) -> watch::Receiver<crate::xds::Assignments> {
+        self.served.subscribe()
+    }
 }
 
 #[async_trait::async_trait]
@@ -201,10 +216,10 @@ async fn writer(catalog: Arc<Catalog>) {
     loop {
         catalog.kick.notified().await;
         tokio::time::sleep(DEBOUNCE).await;
-        let (generation, spec) = {
+        let (generation, spec, clusters) = {
             let state = catalog.state.lock().await;
             let (spec, _) = build(&state);
-            (state.wanted, spec)
+            (state.wanted, spec, state.clusters.clone())
         };
         let mut spec = spec;
         resolve::targets(&mut spec).await;
@@ -215,6 +230,18 @@ async fn writer(catalog: Arc<Catalog>) {
             .map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!("EDS endpoints not written: {e}");
+        } else {
+            let loads: BTreeMap<_, _> = clusters
+                .values()
+                .map(|c| (c.cluster.clone(), crate::xds::assignment(c)))
+                .collect();
+            catalog.served.send_if_modified(|served| {
+                let changed = **served != loads;
+                if changed {
+                    *served = Arc::new(loads);
+                }
+                changed
+            });
         }
         let _ = catalog.written.send_replace((generation, result));
     }

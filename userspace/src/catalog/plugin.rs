@@ -1,5 +1,6 @@
 //! The `catalog` plugin: holds the catalog and, when `[xds] server` is set,
-//! runs the xDS client that feeds it.
+//! runs the xDS client that feeds it; when `[xds] serve` is set, serves its
+//! EDS clusters to the node's proxies ([`crate::xds::EdsServer`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -48,6 +49,12 @@ impl Plugin for CatalogPlugin {
             crate::flows::spec::validate_name("xds cluster name", &c.name)
                 .map_err(|e| PluginError::new(e.to_string()))?;
         }
+        if !x.serve.is_empty() && x.serve.parse::<std::net::SocketAddr>().is_err() {
+            return Err(PluginError::new(format!(
+                "xds.serve {:?} is not an address:port",
+                x.serve
+            )));
+        }
         *self.config.lock().expect("lock") = x.clone();
         self.catalog.set_bindings(x.clusters.clone()).await;
         Ok(())
@@ -55,8 +62,19 @@ impl Plugin for CatalogPlugin {
 
     async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
         let x = self.config.lock().expect("lock").clone();
+        let stop = scope.child_token();
+        if !x.serve.is_empty() {
+            let server = crate::xds::EdsServer::bind(&x.serve, self.catalog.watch_loads())
+                .await
+                .map_err(|e| PluginError::new(format!("EDS server on {}: {e}", x.serve)))?;
+            let cancel = stop.clone();
+            tokio::spawn(async move {
+                if let Err(e) = server.run(cancel).await {
+                    tracing::error!("EDS server failed: {e}");
+                }
+            });
+        }
         if !x.server.is_empty() {
-            let stop = scope.child_token();
             let settings = XdsSettings {
                 server: x.server.clone(),
                 node_id: x.node_id.clone(),
@@ -72,8 +90,8 @@ impl Plugin for CatalogPlugin {
                 self.catalog.clone(),
                 stop.clone(),
             ));
-            *self.stop.lock().expect("lock") = Some(stop);
         }
+        *self.stop.lock().expect("lock") = Some(stop);
         Ok(())
     }
 
@@ -86,14 +104,18 @@ impl Plugin for CatalogPlugin {
 
     fn status(&self) -> String {
         let x = self.config.lock().expect("lock");
-        if x.server.is_empty() {
-            "no xDS server configured".into()
+        let mut status = if x.server.is_empty() {
+            "no xDS server configured".to_string()
         } else {
             format!(
                 "xDS client of {} for {} clusters",
                 x.server,
                 x.clusters.len()
             )
+        };
+        if !x.serve.is_empty() {
+            status.push_str(&format!("; serving EDS on {}", x.serve));
         }
+        status
     }
 }

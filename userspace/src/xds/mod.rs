@@ -3,9 +3,10 @@
 //! (`AggregatedDiscoveryService.StreamAggregatedResources`), subscribing to
 //! an explicit list of clusters and handing each accepted
 //! `ClusterLoadAssignment`, after gRPC A27 endpoint selection ([`select`]),
-//! to an [`EndpointSink`]. Not wired into the daemon yet.
+//! to an [`EndpointSink`] (the daemon's is the service catalog); and an EDS
+//! server ([`server`]) serving what the catalog holds to Envoy proxies.
 //!
-//! Protocol behaviour (/work/shared/reference/xds.md §1.4):
+//! Protocol behaviour (the xDS protocol rules):
 //! * The first request of every stream carries the `Node` (id, cluster,
 //!   user agent, client feature `envoy.lb.does_not_support_overprovisioning`),
 //!   the cluster names, the type URL and the last accepted `version_info`
@@ -30,6 +31,7 @@
 
 mod client;
 mod select;
+pub mod server;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -38,6 +40,7 @@ use std::time::Duration;
 pub use client::run;
 pub use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 pub use select::{select, InvalidAssignment, MAX_PRIORITY};
+pub use server::{assignment, Assignments, EdsServer};
 /// The stop signal [`run`] takes (re-exported for callers without tokio-util).
 pub use tokio_util::sync::CancellationToken;
 

@@ -1,0 +1,275 @@
+//! The daemon's EDS server (`[xds] serve`): a Python control plane feeds the
+//! catalog (as in eds.rs), and an independent Python grpcio EDS client (a
+//! stand-in for an Envoy on the node) subscribes to the daemon on the
+//! node's loopback and must read the endpoints the catalog accepted, one
+//! new version per real change of what it subscribed to, and nothing else.
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tapmesh_tests::{
+    kernel_tests_enabled,
+    net::{wait_until, LbLab},
+    xds_peer::{python, Cla, ControlPlane, Ep},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
+const OTHER_VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 32);
+const SERVE: &str = "127.0.0.1:18001";
+
+/// A SotW EDS client: subscribes to argv[2] (comma-separated) on argv[1],
+/// prints every response on one line and ACKs it.
+const CLIENT: &str = r#"
+import sys, queue
+import grpc
+from envoy.config.core.v3 import health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.endpoint.v3 import eds_pb2_grpc
+
+TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+address, names = sys.argv[1], sys.argv[2].split(",")
+q = queue.Queue()
+
+
+def requests():
+    while True:
+        r = q.get()
+        if r is None:
+            return
+        yield r
+
+
+def describe(cla):
+    locs = []
+    for l in cla.endpoints:
+        eps = []
+        for e in l.lb_endpoints:
+            sa = e.endpoint.address.socket_address
+            w = e.load_balancing_weight.value if e.HasField("load_balancing_weight") else "-"
+            eps.append("%s:%d*%s:%s" % (sa.address, sa.port_value, w,
+                                        health_check_pb2.HealthStatus.Name(e.health_status)))
+        lw = l.load_balancing_weight.value if l.HasField("load_balancing_weight") else "-"
+        locs.append("%s/p%d/w%s[%s]" % (l.locality.zone, l.priority, lw, ",".join(eps)))
+    return "%s{%s}" % (cla.cluster_name, " ".join(locs))
+
+
+first = discovery_pb2.DiscoveryRequest(type_url=TYPE, resource_names=names)
+first.node.id = "python-proxy"
+first.node.cluster = "eds-server-test"
+q.put(first)
+channel = grpc.insecure_channel(address)
+stub = eds_pb2_grpc.EndpointDiscoveryServiceStub(channel)
+print("subscribed", flush=True)
+try:
+    for resp in stub.StreamEndpoints(requests()):
+        clas = []
+        for a in resp.resources:
+            cla = endpoint_pb2.ClusterLoadAssignment()
+            if a.type_url != TYPE or not a.Unpack(cla):
+                clas.append("BAD(%s)" % a.type_url)
+                continue
+            clas.append(describe(cla))
+        print("response version=%s nonce=%s type_ok=%s resources=%s" % (
+            resp.version_info, resp.nonce, resp.type_url == TYPE, ";".join(clas)), flush=True)
+        q.put(discovery_pb2.DiscoveryRequest(type_url=TYPE, resource_names=names,
+                                             version_info=resp.version_info,
+                                             response_nonce=resp.nonce))
+        print("ack version=%s nonce=%s" % (resp.version_info, resp.nonce), flush=True)
+except grpc.RpcError as e:
+    print("error %s" % e.code(), flush=True)
+"#;
+
+/// The Python EDS client inside the node's namespace; killed on drop.
+struct EdsClient {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl EdsClient {
+    fn start(netns: &str, address: &str, names: &[&str]) -> Self {
+        let python = python();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tapmesh-xds-peer");
+        std::fs::create_dir_all(&dir).expect("script dir");
+        let script = dir.join(format!("eds_client_{}.py", std::process::id()));
+        std::fs::write(&script, CLIENT).expect("writing the client script");
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", netns])
+            .arg(&python)
+            .arg("-u")
+            .arg(&script)
+            .arg(address)
+            .arg(names.join(","))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting the EDS client");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("eds client: {line}");
+                sink.lock().unwrap().push(line);
+            }
+        });
+        EdsClient { child, lines }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    fn responses(&self) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter(|l| l.starts_with("response "))
+            .collect()
+    }
+
+    /// Waits for the `n`th response (1-based) and returns it.
+    fn wait_response(&self, n: usize, timeout: Duration) -> String {
+        assert!(
+            wait_until(timeout, || self.responses().len() >= n),
+            "no response #{n} within {timeout:?}; the client printed {:#?}",
+            self.lines()
+        );
+        self.responses()[n - 1].clone()
+    }
+}
+
+impl Drop for EdsClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn eds_server_serves_the_catalog_to_a_proxy() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = LbLab::new(2, &[VIP, OTHER_VIP]);
+    let mut cp = ControlPlane::start_in(&lab.node.name);
+    let config = std::env::temp_dir().join(tapmesh_tests::unique("tmedss.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"30s\"\n\
+             serve = \"{SERVE}\"\n\
+             [[xds.clusters]]\nname = \"svc\"\nvip = \"{VIP}\"\nprotocols = [\"udp\"]\n\
+             [[xds.clusters]]\nname = \"other\"\nvip = \"{OTHER_VIP}\"\nprotocols = [\"udp\"]\n",
+            cp.address()
+        ),
+    )
+    .unwrap();
+    lab.start_with(None, &["--config".into(), config.display().to_string()]);
+    let (a, b) = (
+        lab.targets[0].address.to_string(),
+        lab.targets[1].address.to_string(),
+    );
+    cp.set(
+        "1",
+        &[
+            (
+                "svc",
+                Cla::single(vec![
+                    Ep::new(&a, 5000).weight(3),
+                    Ep::new(&b, 5000).weight(1),
+                ]),
+            ),
+            ("other", Cla::single(vec![Ep::new(&a, 6000)])),
+        ],
+    );
+    // The catalog accepted both clusters (the ACK follows the map write).
+    cp.wait_request(Duration::from_secs(20), "ACK of version 1", |r| {
+        r.version_info == "1" && r.error_detail.is_none() && !r.response_nonce.is_empty()
+    });
+
+    // A proxy subscribing to "svc" and a name nobody knows gets svc only,
+    // with the control plane's endpoints and weights.
+    let client = EdsClient::start(&lab.node.name, SERVE, &["svc", "nosuch"]);
+    let first = client.wait_response(1, Duration::from_secs(20));
+    assert_eq!(
+        first,
+        format!(
+            "response version=1 nonce=1 type_ok=True resources=\
+             svc{{z/p0/w4[{a}:5000*3:HEALTHY,{b}:5000*1:HEALTHY]}}"
+        )
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || client
+            .lines()
+            .contains(&"ack version=1 nonce=1".to_string())),
+        "{:#?}",
+        client.lines()
+    );
+
+    // A change to another cluster, and an update that leaves svc as it is:
+    // the daemon accepts both, the proxy is sent nothing.
+    cp.set("2", &[("other", Cla::single(vec![Ep::new(&b, 6000)]))]);
+    cp.wait_request(Duration::from_secs(20), "ACK of version 2", |r| {
+        r.version_info == "2" && r.error_detail.is_none()
+    });
+    cp.set(
+        "3",
+        &[(
+            "svc",
+            Cla::single(vec![
+                Ep::new(&a, 5000).weight(3),
+                Ep::new(&b, 5000).weight(1),
+            ]),
+        )],
+    );
+    cp.wait_request(Duration::from_secs(20), "ACK of version 3", |r| {
+        r.version_info == "3" && r.error_detail.is_none()
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(client.responses().len(), 1, "{:#?}", client.lines());
+
+    // A real change of svc: exactly one new version with the new set.
+    cp.set(
+        "4",
+        &[(
+            "svc",
+            Cla::single(vec![
+                Ep::new(&b, 5000).weight(2),
+                Ep::new(&a, 5001).weight(1),
+            ]),
+        )],
+    );
+    cp.wait_request(Duration::from_secs(20), "ACK of version 4", |r| {
+        r.version_info == "4" && r.error_detail.is_none()
+    });
+    let second = client.wait_response(2, Duration::from_secs(10));
+    assert_eq!(
+        second,
+        format!(
+            "response version=2 nonce=2 type_ok=True resources=\
+             svc{{z/p0/w3[{b}:5000*2:HEALTHY,{a}:5001*1:HEALTHY]}}"
+        )
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(client.responses().len(), 2, "{:#?}", client.lines());
+    assert!(
+        client
+            .lines()
+            .contains(&"ack version=2 nonce=2".to_string()),
+        "{:#?}",
+        client.lines()
+    );
+    assert!(
+        !client.lines().iter().any(|l| l.starts_with("error ")),
+        "{:#?}",
+        client.lines()
+    );
+    drop(client);
+    let _ = std::fs::remove_file(&config);
+}
