@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        vip_slot, ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData, Target,
+        ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData, Target,
         VipAddr, LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES,
         MAX_FLOWS_PER_VIP, NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP,
         PROTO_TCP, PROTO_UDP, SLOT_ONE, SLOT_SHARED, TARGET_LOCAL, TARGET_REMOTE,
@@ -23,8 +23,8 @@ use tapmesh_common::{
 use crate::{
     headers::*,
     maps::*,
-    packet::Packet,
-    parse::{Fragment, Parsed, L3},
+    packet::{load16, load32, store16, store32, Packet},
+    parse::{addr_v6, be16, mapped_v4, Addr, Fragment, Parsed, L3, MAPPED_V4_PREFIX},
 };
 
 /// Candidate flows whose byte matches are tried before giving up.
@@ -40,8 +40,8 @@ const AF_INET: u8 = 2;
 /// What the load balancer looks at; for an ICMP error, the flow it reports on
 /// (its inner packet with addresses and ports swapped).
 struct FlowTuple {
-    src: [u8; 16],
-    dst: [u8; 16],
+    src: Addr,
+    dst: Addr,
     src_port: u16,
     dst_port: u16,
     protocol: u8,
@@ -70,12 +70,10 @@ fn protocol_class(protocol: u8, l3: L3) -> u8 {
 
 #[inline(always)]
 fn read_ports(pkt: &Packet, at: usize) -> Option<(u16, u16)> {
-    let p: *const [u8; 4] = pkt.header(at, DropReason::TruncatedIcmp).ok()?;
-    let p = unsafe { *p };
-    Some((
-        u16::from_be_bytes([p[0], p[1]]),
-        u16::from_be_bytes([p[2], p[3]]),
-    ))
+    let p: *const [[u8; 2]; 2] = pkt.header(at, DropReason::TruncatedIcmp).ok()?;
+    let p = p as *const [u8; 2];
+    // SAFETY: both halves are inside the header just checked.
+    Some((be16(p), be16(unsafe { p.add(1) })))
 }
 
 /// The flow an ICMP error is about, from its inner packet, swapped.
@@ -93,22 +91,26 @@ fn icmp_error_tuple(pkt: &Packet, parsed: &Parsed) -> Option<FlowTuple> {
     let (src, dst, protocol, l4) = match parsed.l3 {
         L3::V4 => {
             let ip: *const Ipv4Hdr = pkt.header(inner, DropReason::TruncatedIcmp).ok()?;
-            let ip = unsafe { &*ip };
-            let header_len = ((ip.version_ihl & 0x0f) as usize) * 4;
-            if ip.version_ihl >> 4 != 4 || header_len < size_of::<Ipv4Hdr>() {
+            let version_ihl = unsafe { (*ip).version_ihl };
+            let header_len = ((version_ihl & 0x0f) as usize) * 4;
+            if version_ihl >> 4 != 4 || header_len < size_of::<Ipv4Hdr>() {
                 return None;
             }
-            let map = |a: [u8; 4]| {
-                [
-                    0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a[0], a[1], a[2], a[3],
-                ]
-            };
-            (map(ip.src), map(ip.dst), ip.protocol, inner + header_len)
+            (
+                mapped_v4(unsafe { &raw const (*ip).src }),
+                mapped_v4(unsafe { &raw const (*ip).dst }),
+                unsafe { (*ip).protocol },
+                inner + header_len,
+            )
         }
         _ => {
             let ip: *const Ipv6Hdr = pkt.header(inner, DropReason::TruncatedIcmp).ok()?;
-            let ip = unsafe { &*ip };
-            (ip.src, ip.dst, ip.next_header, inner + size_of::<Ipv6Hdr>())
+            (
+                addr_v6(unsafe { &raw const (*ip).src }),
+                addr_v6(unsafe { &raw const (*ip).dst }),
+                unsafe { (*ip).next_header },
+                inner + size_of::<Ipv6Hdr>(),
+            )
         }
     };
     let ports = if has_ports(protocol) {
@@ -147,22 +149,32 @@ fn tuple_of(pkt: &Parsed) -> FlowTuple {
     }
 }
 
-/// Two 16-byte addresses compared as two 8-byte words.
+/// The bytes of an address (for map keys).
 #[inline(always)]
-fn same_address(a: &[u8; 16], b: &[u8; 16]) -> bool {
-    let word = |x: &[u8; 16], i: usize| {
-        u64::from_ne_bytes([
-            x[i],
-            x[i + 1],
-            x[i + 2],
-            x[i + 3],
-            x[i + 4],
-            x[i + 5],
-            x[i + 6],
-            x[i + 7],
-        ])
-    };
-    word(a, 0) == word(b, 0) && word(a, 8) == word(b, 8)
+fn addr_bytes(a: &Addr) -> [u8; 16] {
+    // SAFETY: 16 bytes either way; words are in memory order.
+    unsafe { core::mem::transmute::<Addr, [u8; 16]>(*a) }
+}
+
+/// The words of an address held in a map value (4-byte aligned there).
+#[inline(always)]
+fn addr_words(a: &[u8; 16]) -> Addr {
+    let w = a.as_ptr() as *const [u8; 4];
+    // SAFETY: four words inside `a`.
+    unsafe { [load32(w), load32(w.add(1)), load32(w.add(2)), load32(w.add(3))] }
+}
+
+#[inline(always)]
+fn same_address(a: &Addr, b: &Addr) -> bool {
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+}
+
+/// [`tapmesh_common::lb::vip_slot`] computed on words: XOR the words, fold the halves, and swap
+/// the bytes of the result (the words are little-endian loads of big-endian data).
+#[inline(always)]
+fn vip_slot_of(a: &Addr) -> u32 {
+    let x = a[0] ^ a[1] ^ a[2] ^ a[3];
+    ((x ^ (x >> 16)) as u16).swap_bytes() as u32
 }
 
 /// Index of the lowest set bit of a non-zero mask.
@@ -249,8 +261,12 @@ fn interval_mask(p: &PortIntervals, port: u16) -> u64 {
     if n > PORT_INTERVALS {
         n = PORT_INTERVALS;
     }
-    // 2^5 = PORT_INTERVALS: five halvings find it.
+    // 2^5 = PORT_INTERVALS: at most five halvings find it; a table of one
+    // interval (ports unrestricted) needs none.
     for _ in 0..5 {
+        if n <= 1 {
+            break;
+        }
         let half = n >> 1;
         let start = p.starts[(lo + half) & (PORT_INTERVALS - 1)] as u32;
         // 1 when start <= port: the subtraction wraps and sets the top bit.
@@ -305,7 +321,7 @@ fn classify(
         mask &= if config.lookups & LOOKUP_SOURCES != 0 {
             let source = SourceData {
                 config_id: id,
-                addr: t.src,
+                addr: addr_bytes(&t.src),
                 _pad: [0; 4],
             };
             mask_of(tm_sources.get(&Key::new(160, source)))
@@ -343,9 +359,11 @@ fn classify(
     })
 }
 
+const HASH_SEED: u32 = 0x7461_706d; // "tapm"
+
 /// murmur3-style mixing; the same on every node, so replicas agree.
 #[inline(always)]
-fn mix(h: u32, k: u32) -> u32 {
+const fn mix(h: u32, k: u32) -> u32 {
     let k = k
         .wrapping_mul(0xcc9e_2d51)
         .rotate_left(15)
@@ -356,14 +374,27 @@ fn mix(h: u32, k: u32) -> u32 {
         .wrapping_add(0xe654_6b64)
 }
 
+/// The hash state after the first three words of an IPv4-mapped source and
+/// destination (`0`, `0`, `::ffff`), which are the same for every IPv4 packet.
+const HASH_V4_PREFIX: u32 = {
+    let mut h = HASH_SEED;
+    h = mix(mix(h, 0), 0);
+    h = mix(mix(h, 0), 0);
+    mix(mix(h, MAPPED_V4_PREFIX), MAPPED_V4_PREFIX)
+};
+
+/// Source and destination word by word, then ports, then protocol.
 #[inline(always)]
-fn flow_hash(t: &FlowTuple) -> u32 {
-    let mut h = 0x7461_706du32; // "tapm"
-    for i in 0..4 {
-        let w =
-            |a: &[u8; 16]| u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]);
-        h = mix(h, w(&t.src));
-        h = mix(h, w(&t.dst));
+fn flow_hash(t: &FlowTuple, l3: L3) -> u32 {
+    let mut h;
+    if l3 == L3::V4 {
+        h = mix(mix(HASH_V4_PREFIX, t.src[3]), t.dst[3]);
+    } else {
+        h = HASH_SEED;
+        for i in 0..4 {
+            h = mix(h, t.src[i]);
+            h = mix(h, t.dst[i]);
+        }
     }
     if t.ports_known {
         h = mix(h, (t.src_port as u32) << 16 | t.dst_port as u32);
@@ -420,6 +451,24 @@ fn ether_type_of(l3: L3) -> [u8; 2] {
     }
 }
 
+/// Writes an Ethernet header with the target's MACs, as 4- and 2-byte loads
+/// and stores instead of byte copies (`dst_mac` and `src_mac` sit at offsets
+/// 16 and 22 of the 4-byte aligned `Target`).
+#[inline(always)]
+fn write_eth(eth: *mut EthHdr, target: &Target, ether_type: [u8; 2]) {
+    let dst = target.dst_mac.as_ptr();
+    let src = target.src_mac.as_ptr();
+    let out = eth as *mut u8;
+    // SAFETY: `eth` is a whole header from `Packet::header_mut`; the reads are inside `target`.
+    unsafe {
+        store32(out as *mut _, load32(dst as *const _));
+        store16(out.add(4) as *mut _, load16(dst.add(4) as *const _));
+        store16(out.add(6) as *mut _, load16(src as *const _));
+        store32(out.add(8) as *mut _, load32(src.add(2) as *const _));
+        store16(out.add(12) as *mut _, u16::from_ne_bytes(ether_type));
+    }
+}
+
 /// A target on this node: new MACs (VLAN tags dropped), redirect to its interface.
 #[inline(always)]
 fn to_local(
@@ -430,11 +479,7 @@ fn to_local(
 ) -> Result<u32, DropReason> {
     let at = parsed.l3_offset - size_of::<EthHdr>();
     let eth: *mut EthHdr = pkt.header_mut(at, DropReason::TruncatedEthernet)?;
-    unsafe {
-        (*eth).dst = target.dst_mac;
-        (*eth).src = target.src_mac;
-        (*eth).ether_type = ether_type_of(parsed.l3);
-    }
+    write_eth(eth, target, ether_type_of(parsed.l3));
     if at != 0 {
         adjust_head(ctx, at as i32)?;
     }
@@ -449,21 +494,27 @@ struct Outer {
     udp: UdpHdr,
 }
 
+/// The outer IPv4 header as five words in memory order, checksum included.
+/// The one's-complement sum does not depend on byte order (RFC 1071), so it
+/// is summed over the words' 16-bit halves as they are and stored as it is.
 #[inline(always)]
-fn ipv4_checksum(ip: &Ipv4Hdr) -> [u8; 2] {
-    let w = |b: [u8; 2]| u16::from_be_bytes(b) as u32;
-    let mut sum = w([ip.version_ihl, ip.tos])
-        + w(ip.total_length)
-        + w(ip.id)
-        + w(ip.frag_off)
-        + w([ip.ttl, ip.protocol])
-        + w([ip.src[0], ip.src[1]])
-        + w([ip.src[2], ip.src[3]])
-        + w([ip.dst[0], ip.dst[1]])
-        + w([ip.dst[2], ip.dst[3]]);
+fn outer_ipv4(total: u16, src: u32, dst: u32) -> [u32; 5] {
+    let [t0, t1] = total.to_be_bytes();
+    let mut ip = [
+        u32::from_ne_bytes([0x45, 0, t0, t1]),
+        u32::from_ne_bytes([0, 0, 0x40, 0]), // id 0, don't fragment
+        u32::from_ne_bytes([64, IPPROTO_UDP, 0, 0]), // TTL, protocol, checksum 0
+        src,
+        dst,
+    ];
+    let mut sum = 0u32;
+    for w in ip {
+        sum += (w & 0xffff) + (w >> 16);
+    }
     sum = (sum & 0xffff) + (sum >> 16);
     sum = (sum & 0xffff) + (sum >> 16);
-    (!(sum as u16)).to_be_bytes()
+    ip[2] |= ((!sum) & 0xffff) << 16;
+    ip
 }
 
 /// A target on another node: the inner IP packet as the payload of UDP to
@@ -481,41 +532,36 @@ fn to_remote(
     adjust_head(ctx, parsed.l3_offset as i32 - OUTER_LEN as i32)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
     let outer: *mut Outer = pkt.header_mut(0, DropReason::AdjustHeadFailed)?;
-    let outer = unsafe { &mut *outer };
-    let node_dst = [
-        target.node_addr[12],
-        target.node_addr[13],
-        target.node_addr[14],
-        target.node_addr[15],
-    ];
+    // SAFETY: `node_addr` is the last 16 bytes of the 4-byte aligned `Target`,
+    // `addr_v4` bytes 4..8 of `NodeConfig` (a map value, 8-byte aligned).
+    let node_src = unsafe { load32(&node.addr_v4) };
+    let node_dst = addr_words(&target.node_addr)[3];
     let total = (20 + 8 + inner_len) as u16;
-    outer.ip = Ipv4Hdr {
-        version_ihl: 0x45,
-        tos: 0,
-        total_length: total.to_be_bytes(),
-        id: [0, 0],
-        frag_off: 0x4000u16.to_be_bytes(), // don't fragment
-        ttl: 64,
-        protocol: IPPROTO_UDP,
-        checksum: [0, 0],
-        src: node.addr_v4,
-        dst: node_dst,
-    };
-    outer.ip.checksum = ipv4_checksum(&outer.ip);
+    let ip = outer_ipv4(total, node_src, node_dst);
     let sport = 0xc000u16 | (hash as u16 & 0x3fff); // entropy for ECMP
-    outer.udp = UdpHdr {
-        src_port: sport.to_be_bytes(),
-        dst_port: node.tunnel_port.to_be_bytes(),
-        length: ((8 + inner_len) as u16).to_be_bytes(),
-        checksum: [0, 0],
-    };
-    outer.eth.ether_type = ETH_P_IP.to_be_bytes();
+    // SAFETY: every store is inside the `Outer` just checked.
+    unsafe {
+        let w = &raw mut (*outer).ip as *mut [u8; 4];
+        for (i, word) in ip.into_iter().enumerate() {
+            store32(w.add(i), word);
+        }
+        let udp = &raw mut (*outer).udp as *mut [u8; 4];
+        store32(
+            udp,
+            u32::from(sport.to_be()) | u32::from(node.tunnel_port.to_be()) << 16,
+        );
+        store32(udp.add(1), u32::from(((8 + inner_len) as u16).to_be())); // checksum 0
+        store16(&raw mut (*outer).eth.ether_type, ETH_P_IP.to_be());
+    }
 
     // A next hop the daemon resolved (kept current, Katran-style) saves the
     // FIB lookup, the most expensive step of this path.
     if target.ifindex != 0 {
-        outer.eth.dst = target.dst_mac;
-        outer.eth.src = target.src_mac;
+        write_eth(
+            unsafe { &raw mut (*outer).eth },
+            target,
+            ETH_P_IP.to_be_bytes(),
+        );
         if target.ifindex == ctx.ingress_ifindex() as u32 {
             return Ok(xdp_action::XDP_TX);
         }
@@ -529,8 +575,8 @@ fn to_remote(
     fib.dport = node.tunnel_port.to_be();
     fib.__bindgen_anon_1.tot_len = total;
     fib.ifindex = ctx.ingress_ifindex() as u32;
-    fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(node.addr_v4);
-    fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(node_dst);
+    fib.__bindgen_anon_3.ipv4_src = node_src;
+    fib.__bindgen_anon_4.ipv4_dst = node_dst;
     // SAFETY: params is a valid, sized bpf_fib_lookup.
     let rc = unsafe {
         bpf_fib_lookup(
@@ -542,8 +588,11 @@ fn to_remote(
     };
     match rc {
         BPF_FIB_LKUP_RET_SUCCESS => {
-            outer.eth.dst = fib.dmac;
-            outer.eth.src = fib.smac;
+            // SAFETY: inside the `Outer` checked above; `fib` is on the stack.
+            unsafe {
+                core::ptr::copy_nonoverlapping(&fib.dmac, &raw mut (*outer).eth.dst, 1);
+                core::ptr::copy_nonoverlapping(&fib.smac, &raw mut (*outer).eth.src, 1);
+            }
             if fib.ifindex == ctx.ingress_ifindex() as u32 {
                 Ok(xdp_action::XDP_TX)
             } else {
@@ -566,8 +615,8 @@ pub fn is_tunnel(parsed: &Parsed, node: &NodeConfig) -> bool {
         && parsed.has_l4
         && parsed.fragment == Fragment::None
         && parsed.dst_port == node.tunnel_port
-        && parsed.dst_addr[12..16] == node.addr_v4
-        && parsed.dst_addr[10] == 0xff
+        // SAFETY: bytes 4..8 of a map value.
+        && parsed.dst_addr[3] == unsafe { load32(&node.addr_v4) }
 }
 
 /// Removes the outer headers, leaving Ethernet + the inner IP packet.
@@ -580,14 +629,19 @@ pub fn decapsulate(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed) -> Result<()
         6 => ETH_P_IPV6,
         _ => return Err(DropReason::BadTunnelPacket),
     };
-    let outer: *const EthHdr = pkt.header(0, DropReason::TruncatedEthernet)?;
-    let (dst, src) = unsafe { ((*outer).dst, (*outer).src) };
+    let outer: *const [[u8; 4]; 3] = pkt.header(0, DropReason::TruncatedEthernet)?;
     let eth: *mut EthHdr =
         pkt.header_mut(inner - size_of::<EthHdr>(), DropReason::BadTunnelPacket)?;
+    // SAFETY: both headers were just checked (the inner one starts at least
+    // 42 bytes in, so they do not overlap); the MACs move as three words.
     unsafe {
-        (*eth).dst = dst;
-        (*eth).src = src;
-        (*eth).ether_type = ether_type.to_be_bytes();
+        let from = outer as *const [u8; 4];
+        let macs = [load32(from), load32(from.add(1)), load32(from.add(2))];
+        let to = eth as *mut [u8; 4];
+        for (i, word) in macs.into_iter().enumerate() {
+            store32(to.add(i), word);
+        }
+        store16(&raw mut (*eth).ether_type, ether_type.to_be());
     }
     adjust_head(ctx, (inner - size_of::<EthHdr>()) as i32)
 }
@@ -610,9 +664,11 @@ pub fn balance(
         None => tuple_of(parsed),
     };
     let prefixes = node.is_some_and(|n| n.vip_prefixes != 0);
-    let addr = VipAddr { addr: tuple.dst };
-    let host = match tm_vip_slots.get(vip_slot(&tuple.dst)) {
-        Some(s) if s.state == SLOT_ONE && same_address(&s.addr, &tuple.dst) => {
+    let addr = VipAddr {
+        addr: addr_bytes(&tuple.dst),
+    };
+    let host = match tm_vip_slots.get(vip_slot_of(&tuple.dst)) {
+        Some(s) if s.state == SLOT_ONE && same_address(&addr_words(&s.addr), &tuple.dst) => {
             tm_vip_values.get(s.vip_index)
         }
         // SAFETY: the value is read right away.
@@ -635,7 +691,7 @@ pub fn balance(
     count(tm_vip_stats.get_ptr_mut(vip.vip_index), bytes);
     let flow = classify(ctx, &tuple, parsed.l3, vip.config_id)?;
     count(tm_flow_stats.get_ptr_mut(flow.stats_index), bytes);
-    let hash = flow_hash(&tuple);
+    let hash = flow_hash(&tuple, parsed.l3);
     let target = pick_target(flow, hash)?;
     match target.kind {
         TARGET_LOCAL => {

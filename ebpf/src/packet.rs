@@ -1,4 +1,5 @@
-//! The one bounds check every header access goes through.
+//! The one bounds check every header access goes through, and the word
+//! loads and stores used on the bytes it hands out.
 
 use tapmesh_common::DropReason;
 
@@ -34,8 +35,53 @@ impl Packet {
 
     /// Like [`Packet::header`], for writing.
     #[inline(always)]
-    #[allow(dead_code)]
     pub fn header_mut<T>(&self, offset: usize, missing: DropReason) -> Result<*mut T, DropReason> {
         self.header::<T>(offset, missing).map(|p| p as *mut T)
     }
+}
+
+// Word access to header fields. Headers are byte arrays (alignment 1), which
+// LLVM's BPF target reads and writes byte by byte: four loads, shifts and ORs
+// for one address word. These helpers access the field as one word instead.
+// Packet fields are often not word aligned (the IP header starts at 14); the
+// verifier checks packet alignment only under BPF_F_STRICT_ALIGNMENT, which
+// the loader does not set, and the JITs of hosts with efficient unaligned
+// access (x86-64, arm64) emit plain loads and stores. Words are in memory
+// order (`from_ne_bytes` of the bytes), so comparing or hashing them is
+// comparing or hashing the bytes.
+
+/// The 4 bytes at `p` as one load.
+///
+/// # Safety
+/// `p` is inside a header [`Packet::header`] returned, or a map value.
+#[inline(always)]
+pub unsafe fn load32(p: *const [u8; 4]) -> u32 {
+    unsafe { core::ptr::read(p as *const u32) }
+}
+
+/// The 2 bytes at `p` as one load.
+///
+/// # Safety
+/// As [`load32`].
+#[inline(always)]
+pub unsafe fn load16(p: *const [u8; 2]) -> u16 {
+    unsafe { core::ptr::read(p as *const u16) }
+}
+
+/// Writes 4 bytes at `p` with one store.
+///
+/// # Safety
+/// `p` is inside a header [`Packet::header_mut`] returned.
+#[inline(always)]
+pub unsafe fn store32(p: *mut [u8; 4], v: u32) {
+    unsafe { core::ptr::write(p as *mut u32, v) }
+}
+
+/// Writes 2 bytes at `p` with one store.
+///
+/// # Safety
+/// As [`store32`].
+#[inline(always)]
+pub unsafe fn store16(p: *mut [u8; 2], v: u16) {
+    unsafe { core::ptr::write(p as *mut u16, v) }
 }
