@@ -6,6 +6,7 @@
 
 pub mod bpf;
 pub mod daemon;
+pub mod eds_bench;
 pub mod etcd;
 pub mod frames;
 pub mod mirror_bench;

@@ -400,5 +400,8 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
         .into_iter()
         .map(|p| p.name)
         .collect();
-    assert_eq!(names, ["dataplane", "lb", "nsp", "mirror", "catalog", "admin"]);
+    assert_eq!(
+        names,
+        ["dataplane", "lb", "nsp", "mirror", "catalog", "admin"]
+    );
 }

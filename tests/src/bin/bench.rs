@@ -495,6 +495,7 @@ fn main() {
 
     let control = control_plane();
     let mirroring = tapmesh_tests::mirror_bench::mirror_rates();
+    let eds = tapmesh_tests::eds_bench::eds_update_latency();
 
     let doc = format!(
         "# Benchmarks\n\n\
@@ -511,7 +512,7 @@ fn main() {
          The remote-target row runs in a network namespace with a route and a permanent \
          neighbour for the remote node (bpf_fib_lookup succeeds, redirect to the underlay veth).\n\n\
          Target: VIP hit with encapsulation ≤ 60 ns net — {verdict} ({encap_net:.1} ns).\n\n\
-         Machine: {}\n\n{table}\n{control}\n{mirroring}",
+         Machine: {}\n\n{table}\n{control}\n{mirroring}\n{eds}",
         machine()
     );
     print!("{doc}");

@@ -1,0 +1,236 @@
+//! EDS update latency for `cargo xtask bench`: the daemon's dataplane, LB
+//! service and catalog run in-process inside a namespace, and a
+//! `ClusterEndpoints` of 1000 endpoints is handed to the catalog the way the
+//! xDS client does (`EndpointSink::apply`, which returns once the LB maps
+//! hold the update). The endpoints sit on a directly connected /20 of a veth
+//! with permanent neighbour entries, so every one resolves to a local target.
+
+use std::fmt::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tapmesh::catalog::{Catalog, ClusterBinding};
+use tapmesh::config::Config;
+use tapmesh::core::Plugin;
+use tapmesh::dataplane::{DataplaneHandle, DataplanePlugin};
+use tapmesh::lb::service::LbService;
+use tapmesh::xds::{ClusterEndpoints, EndpointSink, Locality, SelectedEndpoint};
+
+use crate::{unique, Netns};
+
+const ENDPOINTS: usize = 1000;
+const UPDATES: usize = 50;
+const TARGET_MS: f64 = 10.0;
+const CLUSTER: &str = "bench";
+const VIP: &str = "203.0.113.40";
+/// The veth's network: 198.18.16.0/20, 4094 usable addresses.
+const NETWORK: Ipv4Addr = Ipv4Addr::new(198, 18, 16, 0);
+
+/// The `i`-th backend address of the /20 (past the veth's own .1).
+fn backend(i: usize) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(NETWORK) + 10 + i as u32)
+}
+
+fn endpoints(set: usize) -> ClusterEndpoints {
+    ClusterEndpoints {
+        cluster: CLUSTER.into(),
+        endpoints: (0..ENDPOINTS)
+            .map(|i| SelectedEndpoint {
+                address: IpAddr::V4(backend(set * ENDPOINTS + i)),
+                port: 8080,
+                weight: 1,
+                locality: Locality::default(),
+                priority: 0,
+            })
+            .collect(),
+        drop_overloads: Vec::new(),
+    }
+}
+
+/// Percentile `p` (0..=100) of sorted durations, in ms.
+fn percentile_ms(sorted: &[Duration], p: usize) -> f64 {
+    let i = ((sorted.len() * p).div_ceil(100)).clamp(1, sorted.len()) - 1;
+    sorted[i].as_secs_f64() * 1e3
+}
+
+/// A namespace with veth `eb0` (198.18.16.1/20) and permanent neighbours for
+/// the two endpoint sets.
+fn lab() -> Netns {
+    let ns = Netns::new("eb");
+    ns.ip(&["link", "add", "eb0", "type", "veth", "peer", "name", "eb1"]);
+    ns.ip(&["addr", "add", "198.18.16.1/20", "dev", "eb0"]);
+    ns.ip(&["link", "set", "eb1", "up"]);
+    ns.ip(&["link", "set", "eb0", "up"]);
+    let mut batch = String::new();
+    for i in 0..2 * ENDPOINTS {
+        let _ = writeln!(
+            batch,
+            "neigh replace {} lladdr 02:00:00:00:{:02x}:{:02x} dev eb0 nud permanent",
+            backend(i),
+            (i >> 8) & 0xff,
+            i & 0xff
+        );
+    }
+    let file = std::env::temp_dir().join(unique("tmebneigh"));
+    std::fs::write(&file, batch).expect("writing the neighbour batch");
+    let path = file.display().to_string();
+    let result = std::panic::catch_unwind(|| ns.ip(&["-batch", &path]));
+    let _ = std::fs::remove_file(&file);
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+    ns
+}
+
+/// Update times through the catalog, and of the LB write alone.
+struct Times {
+    catalog: Vec<Duration>,
+    lb_write: Vec<Duration>,
+}
+
+/// Times `UPDATES` catalog updates of `ENDPOINTS` endpoints (in the
+/// namespace the calling thread is in), then the same writes handed to the
+/// LB service directly, already resolved.
+async fn measure() -> Result<Times, String> {
+    let mut config = Config::default();
+    config.dataplane.bpffs_root = format!("/sys/fs/bpf/tapmesh-test-{}", unique("eds")).into();
+    let handle = DataplaneHandle::default();
+    let dataplane = DataplanePlugin::new(handle.clone());
+    dataplane
+        .configure(Default::default(), &config)
+        .await
+        .map_err(|e| format!("configuring the dataplane: {e}"))?;
+    dataplane
+        .start(Default::default())
+        .await
+        .map_err(|e| format!("starting the dataplane: {e}"))?;
+    let result = async {
+        let lb = Arc::new(LbService::new(handle.clone()));
+        let catalog = Catalog::new(lb.clone());
+        catalog
+            .set_bindings(vec![ClusterBinding {
+                name: CLUSTER.into(),
+                vip: VIP.into(),
+                protocols: vec!["tcp".into(), "udp".into()],
+                ports: Vec::new(),
+            }])
+            .await;
+        // Every endpoint must have become a target, or the maps got less than asked.
+        let check = async |set: usize| -> Result<(), String> {
+            let spec = lb.spec().await;
+            let n = spec.targets.len();
+            if n != ENDPOINTS {
+                return Err(format!(
+                    "endpoint set {set}: {n} targets in the maps, not {ENDPOINTS}"
+                ));
+            }
+            Ok(())
+        };
+        // Warm-up: the first write creates the VIP, stream and flow.
+        catalog.apply(endpoints(0)).await?;
+        check(0).await?;
+        let eds_part = async || {
+            lb.sources()
+                .await
+                .into_iter()
+                .find(|(source, _)| *source == tapmesh::catalog::LB_SOURCE)
+                .map(|(_, spec)| spec)
+                .ok_or_else(|| "no EDS part in the LB service".to_string())
+        };
+        let mut parts = vec![eds_part().await?];
+        let mut times = Vec::with_capacity(UPDATES);
+        for u in 0..UPDATES {
+            let set = (u + 1) % 2;
+            let update = endpoints(set);
+            let start = Instant::now();
+            catalog.apply(update).await?;
+            times.push(start.elapsed());
+            check(set).await?;
+            if u == 0 {
+                parts.push(eds_part().await?);
+            }
+        }
+        // The same writes without the catalog (no debounce, no resolving).
+        let mut lb_write = Vec::with_capacity(UPDATES);
+        for u in 0..UPDATES {
+            let part = parts[u % 2].clone();
+            let start = Instant::now();
+            lb.set_source(tapmesh::catalog::LB_SOURCE, part)
+                .await
+                .map_err(|e| format!("LB write: {e}"))?;
+            lb_write.push(start.elapsed());
+        }
+        Ok(Times {
+            catalog: times,
+            lb_write,
+        })
+    }
+    .await;
+    if let Err(e) = dataplane.stop(Default::default()).await {
+        eprintln!("stopping the bench dataplane: {e}");
+    }
+    result
+}
+
+/// The "EDS update → maps" section of BENCHMARKS.md.
+pub fn eds_update_latency() -> String {
+    let ns = lab();
+    let name = ns.name.clone();
+    let measured = std::thread::spawn(move || {
+        tapmesh::netns::enter(&name).map_err(|e| format!("entering {name}: {e}"))?;
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(|e| format!("runtime: {e}"))?
+            .block_on(measure())
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the bench thread panicked".into()));
+    drop(ns);
+
+    let mut out = String::new();
+    let _ = writeln!(out, "## EDS update → maps\n");
+    let (mut times, mut lb_write) = match measured {
+        Ok(t) => (t.catalog, t.lb_write),
+        Err(e) => {
+            let _ = writeln!(out, "Not measured: {e}\n");
+            return out;
+        }
+    };
+    times.sort();
+    lb_write.sort();
+    let (p50, p99, max) = (
+        percentile_ms(&times, 50),
+        percentile_ms(&times, 99),
+        percentile_ms(&times, 100),
+    );
+    let verdict = if p99 <= TARGET_MS { "met" } else { "NOT met" };
+    let _ = writeln!(
+        out,
+        "{UPDATES} updates of one cluster's `ClusterEndpoints` ({ENDPOINTS} endpoints, alternating \
+         between two disjoint sets, so every update replaces every target), handed in-process to \
+         the catalog as the xDS client does (`EndpointSink::apply`, which returns once the LB maps \
+         hold the update, the point where the client ACKs). Each endpoint is resolved to a local \
+         target (interface and neighbour MAC) on a directly connected /20 with permanent \
+         neighbour entries; the time includes the catalog's {} ms debounce. The second row \
+         hands the same two resolved LB parts to `LbService::set_source` directly: the map \
+         write alone. Target: p99 ≤ {TARGET_MS:.0} ms — {verdict} ({p99:.1} ms).\n",
+        tapmesh::catalog::DEBOUNCE.as_millis()
+    );
+    let _ = writeln!(out, "| case | p50 ms | p99 ms | max ms |");
+    let _ = writeln!(out, "|---|---:|---:|---:|");
+    let _ = writeln!(
+        out,
+        "| {ENDPOINTS} endpoints, all replaced (catalog: debounce, resolve, LB write) | {p50:.1} | {p99:.1} | {max:.1} |"
+    );
+    let _ = writeln!(
+        out,
+        "| the LB write alone (`LbService::set_source`) | {:.1} | {:.1} | {:.1} |",
+        percentile_ms(&lb_write, 50),
+        percentile_ms(&lb_write, 99),
+        percentile_ms(&lb_write, 100)
+    );
+    out
+}
