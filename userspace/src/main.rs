@@ -321,12 +321,9 @@ async fn daemon(config: Config) -> ExitCode {
 }
 
 async fn status(socket: PathBuf, raw: bool) -> ExitCode {
-    let mut client = match admin::connect(&socket).await {
+    let mut client = match admin_client(&socket).await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tapmesh: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     match client.status(admin::proto::StatusRequest {}).await {
         Ok(response) => {
@@ -348,12 +345,9 @@ async fn status(socket: PathBuf, raw: bool) -> ExitCode {
 async fn lb(socket: PathBuf, command: LbCommand) -> ExitCode {
     use admin::proto::{ListLbRequest, Name, TargetId};
 
-    let mut client = match admin::connect(&socket).await {
+    let mut client = match admin_client(&socket).await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tapmesh: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = match command {
         LbCommand::Apply { file } => {
@@ -488,12 +482,9 @@ async fn registry_list(socket: PathBuf) -> ExitCode {
 
 async fn tap_service(socket: PathBuf, command: TapServiceCommand) -> ExitCode {
     use admin::proto::{tap_service::Destination, ListTapsRequest, Ring, TapId, TapService};
-    let mut client = match admin::connect(&socket).await {
+    let mut client = match admin_client(&socket).await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tapmesh: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = match command {
         TapServiceCommand::Create {
@@ -535,12 +526,9 @@ async fn tap_service(socket: PathBuf, command: TapServiceCommand) -> ExitCode {
 
 async fn tap_flow(socket: PathBuf, command: TapFlowCommand) -> ExitCode {
     use admin::proto::{ListTapsRequest, TapFlow, TapId};
-    let mut client = match admin::connect(&socket).await {
+    let mut client = match admin_client(&socket).await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tapmesh: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = match command {
         TapFlowCommand::Create {
@@ -588,16 +576,23 @@ fn print_result(result: Result<String, tonic::Status>) -> ExitCode {
 }
 
 async fn catalog_list(socket: PathBuf) -> ExitCode {
-    let mut client = match admin::connect(&socket).await {
+    let mut client = match admin_client(&socket).await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tapmesh: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     let result = client
         .list_catalog(admin::proto::ListCatalogRequest {})
         .await
         .map(|r| cli::catalog::render(&r.into_inner()));
     print_result(result)
+}
+
+/// The daemon's admin client, or the exit code after saying why it is unreachable.
+async fn admin_client(
+    socket: &std::path::Path,
+) -> Result<admin::proto::admin_client::AdminClient<tonic::transport::Channel>, ExitCode> {
+    admin::connect(socket).await.map_err(|e| {
+        eprintln!("tapmesh: {e}");
+        ExitCode::FAILURE
+    })
 }
