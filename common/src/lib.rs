@@ -8,12 +8,13 @@
 
 pub mod lb;
 pub mod mirror;
+pub mod overlay;
 pub mod stats;
 
 pub use stats::*;
 
 /// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -32,6 +33,8 @@ pub mod program_names {
     /// Mirror copies only, on source ports without the TC programs above.
     pub const TC_TAP_OUT: &str = "tm_tc_tap_out";
     pub const TC_TAP_IN: &str = "tm_tc_tap_in";
+    /// On a container's host-side veth: service-IP translation and tunnel.
+    pub const TC_SERVICE: &str = "tm_tc_service";
 }
 
 /// Names of the BPF maps (also their pin file names).
@@ -58,6 +61,17 @@ pub mod map_names {
     pub const MIRROR_STATS: &str = "tm_mirror_stats";
     pub const MIRROR_RINGS: &str = "tm_mirror_rings";
     pub const XSKS: &str = "tm_xsks";
+    pub const OV_CONFIG: &str = "tm_ov_config";
+    pub const OV_SERVICES: &str = "tm_ov_services";
+    pub const OV_SLOTS: &str = "tm_ov_slots";
+    pub const OV_ROUND_ROBIN: &str = "tm_ov_rr";
+    pub const OV_INSTANCES: &str = "tm_ov_instances";
+    pub const OV_LOCALS: &str = "tm_ov_locals";
+    pub const OV_CONNTRACK: &str = "tm_ov_conntrack";
+    pub const OV_PENDING: &str = "tm_ov_pending";
+    pub const OV_MISSES: &str = "tm_ov_misses";
+    pub const OV_SERVICE_STATS: &str = "tm_ov_svc_stats";
+    pub const OV_INSTANCE_STATS: &str = "tm_ov_inst_stats";
 }
 
 /// Fails the build (kernel and user side) when a layout is not what was written down.

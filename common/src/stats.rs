@@ -81,6 +81,12 @@ counter_set!(
         no_neighbour => NoNeighbour,
         adjust_head_failed => AdjustHeadFailed,
         bad_tunnel_packet => BadTunnelPacket,
+        unknown_service => UnknownService,
+        no_instance => NoInstance,
+        sender_not_deployed => SenderNotDeployed,
+        too_big_for_tunnel => TooBigForTunnel,
+        unsupported_service_packet => UnsupportedServicePacket,
+        adjust_room_failed => AdjustRoomFailed,
     }
 );
 
@@ -219,6 +225,7 @@ pub enum ProgramSlot {
     XdpUplink,
     TcIngress,
     TcEgress,
+    TcService,
 }
 
 impl ProgramSlot {
@@ -226,6 +233,7 @@ impl ProgramSlot {
         ProgramSlot::XdpUplink,
         ProgramSlot::TcIngress,
         ProgramSlot::TcEgress,
+        ProgramSlot::TcService,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -234,6 +242,7 @@ impl ProgramSlot {
             ProgramSlot::XdpUplink => "xdp_uplink",
             ProgramSlot::TcIngress => "tc_ingress",
             ProgramSlot::TcEgress => "tc_egress",
+            ProgramSlot::TcService => "tc_service",
         }
     }
 }

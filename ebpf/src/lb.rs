@@ -435,7 +435,7 @@ fn count(counter: Option<*mut PacketCounter>, bytes: u64) {
 }
 
 #[inline(always)]
-fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), DropReason> {
+pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), DropReason> {
     // SAFETY: the helper checks the delta against the buffer.
     if unsafe { bpf_xdp_adjust_head(ctx.ctx as *mut xdp_md, delta) } != 0 {
         return Err(DropReason::AdjustHeadFailed);
@@ -456,8 +456,15 @@ fn ether_type_of(l3: L3) -> [u8; 2] {
 /// 16 and 22 of the 4-byte aligned `Target`).
 #[inline(always)]
 fn write_eth(eth: *mut EthHdr, target: &Target, ether_type: [u8; 2]) {
-    let dst = target.dst_mac.as_ptr();
-    let src = target.src_mac.as_ptr();
+    write_macs(eth, &target.dst_mac, &target.src_mac, ether_type)
+}
+
+/// Writes an Ethernet header from two MACs that sit like `Target`'s: the
+/// destination 4-byte aligned, the source 2 bytes past an aligned word.
+#[inline(always)]
+pub fn write_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6], ether_type: [u8; 2]) {
+    let dst = dst.as_ptr();
+    let src = src.as_ptr();
     let out = eth as *mut u8;
     // SAFETY: `eth` is a whole header from `Packet::header_mut`; the reads are inside `target`.
     unsafe {
@@ -498,7 +505,7 @@ struct Outer {
 /// The one's-complement sum does not depend on byte order (RFC 1071), so it
 /// is summed over the words' 16-bit halves as they are and stored as it is.
 #[inline(always)]
-fn outer_ipv4(total: u16, src: u32, dst: u32) -> [u32; 5] {
+pub fn outer_ipv4(total: u16, src: u32, dst: u32) -> [u32; 5] {
     let [t0, t1] = total.to_be_bytes();
     let mut ip = [
         u32::from_ne_bytes([0x45, 0, t0, t1]),
@@ -630,20 +637,25 @@ pub fn decapsulate(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed) -> Result<()
         _ => return Err(DropReason::BadTunnelPacket),
     };
     let outer: *const [[u8; 4]; 3] = pkt.header(0, DropReason::TruncatedEthernet)?;
-    let eth: *mut EthHdr =
-        pkt.header_mut(inner - size_of::<EthHdr>(), DropReason::BadTunnelPacket)?;
-    // SAFETY: both headers were just checked (the inner one starts at least
-    // 42 bytes in, so they do not overlap); the MACs move as three words.
-    unsafe {
+    // SAFETY: the header was just checked; the MACs move as three words.
+    let macs = unsafe {
         let from = outer as *const [u8; 4];
-        let macs = [load32(from), load32(from.add(1)), load32(from.add(2))];
+        [load32(from), load32(from.add(1)), load32(from.add(2))]
+    };
+    adjust_head(ctx, (inner - size_of::<EthHdr>()) as i32)?;
+    // Written at offset 0 of the new start: a fixed offset the verifier
+    // checks without reasoning about `inner`.
+    let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
+    let eth: *mut EthHdr = pkt.header_mut(0, DropReason::BadTunnelPacket)?;
+    // SAFETY: inside the header just checked.
+    unsafe {
         let to = eth as *mut [u8; 4];
         for (i, word) in macs.into_iter().enumerate() {
             store32(to.add(i), word);
         }
         store16(&raw mut (*eth).ether_type, ether_type.to_be());
     }
-    adjust_head(ctx, (inner - size_of::<EthHdr>()) as i32)
+    Ok(())
 }
 
 /// The load balancer for one parsed packet. `tunneled`: it came out of our

@@ -2,12 +2,16 @@
 //! typed error; `xdp_outcome` / `tc_outcome` turn results into verdicts and
 //! counters in one place.
 #![no_std]
+#![allow(internal_features)]
+#![feature(core_intrinsics, adt_const_params)]
 #![no_main]
 
+mod csum;
 mod headers;
 mod lb;
 mod maps;
 mod mirror;
+mod overlay;
 mod packet;
 mod parse;
 mod stats;

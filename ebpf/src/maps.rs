@@ -2,7 +2,7 @@
 #![allow(non_upper_case_globals)]
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, XskMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, XskMap},
     macros::btf_map,
 };
 use tapmesh_common::{
@@ -13,6 +13,9 @@ use tapmesh_common::{
     },
     mirror::{
         MirrorCounter, MirrorPort, VlanSet, MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS,
+    },
+    overlay::{
+        self as ov, ConntrackKey, ConntrackValue, Instance, Local, Miss, OverlayConfig, Service,
     },
     PacketCounter, ProgramSlot, ProgramStats,
 };
@@ -100,3 +103,36 @@ pub static tm_mirror_stats: PerCpuArray<MirrorCounter, { MAX_TAP_FLOWS as usize 
 pub static tm_mirror_rings: HashMap<u32, u32, { MAX_RINGS as usize }> = HashMap::new();
 #[btf_map]
 pub static tm_xsks: XskMap<{ MAX_RINGS as usize }> = XskMap::new();
+
+// Service-IP overlay.
+#[btf_map]
+pub static tm_ov_config: Array<OverlayConfig, 1> = Array::new();
+/// Service IP → its id, policy and slot count.
+#[btf_map]
+pub static tm_ov_services: HashMap<u32, Service, { ov::MAX_SERVICES as usize }> = HashMap::new();
+/// service id × SERVICE_SLOTS + slot → instance id.
+#[btf_map]
+pub static tm_ov_slots: Array<u32, { ov::SLOT_ENTRIES as usize }> = Array::new();
+/// Round-robin turn per service id (shared by every CPU).
+#[btf_map]
+pub static tm_ov_rr: Array<u32, { ov::MAX_SERVICES as usize }> = Array::new();
+#[btf_map]
+pub static tm_ov_instances: Array<Instance, { ov::MAX_INSTANCES as usize }> = Array::new();
+/// A container's namespace address → its veth and instance IP.
+#[btf_map]
+pub static tm_ov_locals: HashMap<u32, Local, { ov::MAX_LOCALS as usize }> = HashMap::new();
+#[btf_map]
+pub static tm_ov_conntrack: LruHashMap<ConntrackKey, ConntrackValue, { ov::CONNTRACK_ENTRIES as usize }> =
+    LruHashMap::new();
+/// Service IPs signalled as unknown and not answered yet → when.
+#[btf_map]
+pub static tm_ov_pending: LruHashMap<u32, u64, { ov::PENDING_ENTRIES as usize }> =
+    LruHashMap::new();
+#[btf_map]
+pub static tm_ov_misses: RingBuf<Miss, { ov::MISS_RING_BYTES as usize }> = RingBuf::new();
+#[btf_map]
+pub static tm_ov_svc_stats: PerCpuArray<PacketCounter, { ov::MAX_SERVICES as usize }> =
+    PerCpuArray::new();
+#[btf_map]
+pub static tm_ov_inst_stats: PerCpuArray<PacketCounter, { ov::MAX_INSTANCES as usize }> =
+    PerCpuArray::new();

@@ -11,7 +11,7 @@ use tapmesh_common::{
     DropReason, ProgramSlot, Verdict,
 };
 
-use crate::{mirror, packet::Packet, parse::parse, stats::Stats};
+use crate::{mirror, overlay, packet::Packet, parse::parse, stats::Stats};
 
 /// Bytes pulled into the linear area so the parser sees every header.
 const PULL_LEN: u32 = 512;
@@ -31,6 +31,16 @@ pub fn tm_tc_egress(ctx: TcContext) -> i32 {
     mirror::copy(&ctx, DIRECTION_IN);
     let stats = Stats::of(ProgramSlot::TcEgress);
     let result = try_tc(&ctx, &stats);
+    tc_outcome(&stats, ctx.len() as u64, result)
+}
+
+/// On a container's host-side veth (ingress: what the container sends):
+/// service-IP translation, local delivery and the tunnel.
+#[classifier]
+pub fn tm_tc_service(ctx: TcContext) -> i32 {
+    mirror::copy(&ctx, DIRECTION_OUT);
+    let stats = Stats::of(ProgramSlot::TcService);
+    let result = linear_packet(&ctx).and_then(|pkt| overlay::from_container(&ctx, pkt));
     tc_outcome(&stats, ctx.len() as u64, result)
 }
 

@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use tapmesh_common::{DropReason, ProgramSlot, Verdict};
 
-use crate::{lb, maps::tm_node, packet::Packet, parse::parse, stats::Stats};
+use crate::{lb, maps::tm_node, overlay, packet::Packet, parse::parse, stats::Stats};
 
 #[xdp]
 pub fn tm_xdp_uplink(ctx: XdpContext) -> u32 {
@@ -33,6 +33,9 @@ fn packet_of(ctx: &XdpContext) -> Packet {
 /// load balanced and everything else passes.
 #[inline(always)]
 fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, DropReason> {
+    if let Some(action) = overlay::from_tunnel(ctx, &pkt)? {
+        return Ok(action);
+    }
     let node = tm_node.get(0);
     let mut parsed = parse(&pkt)?;
     let tunneled = node.is_some_and(|n| lb::is_tunnel(&parsed, n));

@@ -796,3 +796,88 @@ pub async fn create_local_pair(name: &str, peer: &str) -> Result<(u32, u32), Con
     }
     result
 }
+
+/// Routes of a container behind a point-to-point veth: in `netns` each
+/// gateway on-link through `peer_ifname` and the default route of its family
+/// via it; in the current namespace each of `local` through `host_ifindex`.
+pub async fn add_container_routes(
+    netns: &File,
+    peer_ifname: &str,
+    host_ifindex: u32,
+    gateways: &[IpAddr],
+    local: &[IpAddr],
+) -> Result<(), ConduitNetError> {
+    use netlink_packet_route::route::RouteScope;
+
+    let ns_name = describe(netns);
+    let peer_at = At {
+        ifname: peer_ifname,
+        netns: &ns_name,
+    };
+    let peer = netlink_in(netns)?;
+    let (peer_index, _) = link_info(&peer, peer_at).await?;
+    for gw in gateways {
+        let (on_link, default) = match gw {
+            IpAddr::V4(a) => (
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(*a, 32)
+                    .output_interface(peer_index)
+                    .scope(RouteScope::Link)
+                    .build(),
+                RouteMessageBuilder::<Ipv4Addr>::new()
+                    .gateway(*a)
+                    .output_interface(peer_index)
+                    .build(),
+            ),
+            IpAddr::V6(a) => (
+                RouteMessageBuilder::<Ipv6Addr>::new()
+                    .destination_prefix(*a, 128)
+                    .output_interface(peer_index)
+                    .build(),
+                RouteMessageBuilder::<Ipv6Addr>::new()
+                    .gateway(*a)
+                    .output_interface(peer_index)
+                    .build(),
+            ),
+        };
+        peer.route()
+            .add(on_link)
+            .replace()
+            .execute()
+            .await
+            .map_err(peer_at.nl(format!("adding the route to {gw}")))?;
+        peer.route()
+            .add(default)
+            .replace()
+            .execute()
+            .await
+            .map_err(peer_at.nl(format!("adding the default route via {gw}")))?;
+    }
+    let host = netlink_here()?;
+    for addr in local {
+        let route = match addr {
+            IpAddr::V4(a) => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(*a, 32)
+                .output_interface(host_ifindex)
+                .scope(RouteScope::Link)
+                .build(),
+            IpAddr::V6(a) => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(*a, 128)
+                .output_interface(host_ifindex)
+                .build(),
+        };
+        host.route()
+            .add(route)
+            .replace()
+            .execute()
+            .await
+            .map_err(
+                At {
+                    ifname: "host side",
+                    netns: CURRENT,
+                }
+                .nl(format!("adding the route to {addr}")),
+            )?;
+    }
+    Ok(())
+}

@@ -209,6 +209,49 @@ impl Default for XdsConfig {
     }
 }
 
+/// The Oakestra-compatible NetManager: REST API, container networking and
+/// the service-IP overlay. Off unless `socket` or `listen` is set.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetManagerConfig {
+    /// Unix socket of the REST API (Oakestra: /etc/netmanager/netmanager.sock).
+    pub socket: Option<PathBuf>,
+    /// Also serve the API on this TCP address (keep it on loopback).
+    pub listen: Option<std::net::SocketAddr>,
+    /// Container subnet used when `/register` does not carry one.
+    pub subnetwork: Option<String>,
+    pub subnetwork_v6: Option<String>,
+    /// Destinations in this prefix that are not known service IPs are
+    /// reported to userspace once (Oakestra: 10.30.0.0/16).
+    pub service_prefix: String,
+    /// Containers' MTU and the largest packet the tunnel carries; 0: the
+    /// first uplink's MTU minus the 28 bytes of outer IPv4 + UDP.
+    pub mtu: u32,
+    /// Name of the veth end inside a container.
+    pub container_ifname: String,
+    /// Cost of reaching an instance on another node (by node address) for
+    /// Closest service IPs; instances on this node cost 0.
+    pub node_costs: std::collections::BTreeMap<std::net::Ipv4Addr, u32>,
+    /// Cost of a node missing from `node_costs`.
+    pub default_node_cost: u32,
+}
+
+impl Default for NetManagerConfig {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            listen: None,
+            subnetwork: None,
+            subnetwork_v6: None,
+            service_prefix: "10.30.0.0/16".into(),
+            mtu: 0,
+            container_ifname: "tmsvc0".into(),
+            node_costs: Default::default(),
+            default_node_cost: 100,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -218,6 +261,7 @@ pub struct Config {
     pub nsp: NspSettings,
     pub mirror: MirrorSettings,
     pub xds: XdsConfig,
+    pub netmanager: NetManagerConfig,
 }
 
 /// Values given on the command line or in the environment; `None` keeps the file's value.
@@ -279,6 +323,9 @@ pub struct Overrides {
     /// The networking-spp host name (default: the hostname).
     #[arg(long, env = "TAPMESH_SPP_HOST")]
     pub spp_host: Option<String>,
+    /// NetManager REST API socket (turns the NetManager on).
+    #[arg(long, env = "TAPMESH_NETMANAGER_SOCKET")]
+    pub netmanager_socket: Option<PathBuf>,
     /// Leave the dataplane attached when the daemon stops (`--keep-dataplane=false` overrides the file).
     #[arg(long, env = "TAPMESH_KEEP_DATAPLANE", num_args = 0..=1, default_missing_value = "true")]
     pub keep_dataplane: Option<bool>,
@@ -370,6 +417,42 @@ impl Config {
         if let Some(v) = &o.spp_host {
             self.mirror.host = v.clone();
         }
+        if let Some(v) = &o.netmanager_socket {
+            self.netmanager.socket = Some(v.clone());
+        }
+    }
+
+    fn validate_netmanager(&self) -> Result<(), ConfigError> {
+        let nm = &self.netmanager;
+        let bad = |setting: &'static str, message: String| ConfigError::BadValue { setting, message };
+        if let Some(socket) = &nm.socket {
+            if !socket.is_absolute() {
+                return Err(bad("netmanager.socket", format!("{socket:?} must be an absolute path")));
+            }
+        }
+        let v4 = |setting: &'static str, text: &str| -> Result<(), ConfigError> {
+            match text.parse::<crate::conduit_net::Cidr>() {
+                Ok(c) if c.addr.is_ipv4() => Ok(()),
+                _ => Err(bad(setting, format!("{text:?} is not an IPv4 prefix like 10.30.0.0/16"))),
+            }
+        };
+        v4("netmanager.service_prefix", &nm.service_prefix)?;
+        if let Some(s) = &nm.subnetwork {
+            v4("netmanager.subnetwork", s)?;
+        }
+        if let Some(s) = &nm.subnetwork_v6 {
+            match s.parse::<crate::conduit_net::Cidr>() {
+                Ok(c) if c.addr.is_ipv6() => {}
+                _ => return Err(bad("netmanager.subnetwork_v6", format!("{s:?} is not an IPv6 prefix like fc00::/120"))),
+            }
+        }
+        if nm.mtu != 0 && !(576..=9000).contains(&nm.mtu) {
+            return Err(bad("netmanager.mtu", format!("{} is outside 576-9000 (0: from the uplink)", nm.mtu)));
+        }
+        if nm.container_ifname.is_empty() || nm.container_ifname.len() > 15 {
+            return Err(bad("netmanager.container_ifname", format!("{:?} must be 1-15 bytes", nm.container_ifname)));
+        }
+        Ok(())
     }
 
     /// Checks what can be checked before anything is attached.
@@ -407,6 +490,7 @@ impl Config {
                 }
             }
         }
+        self.validate_netmanager()?;
         if self.lb.tunnel_port == 0 {
             return Err(ConfigError::BadValue {
                 setting: "lb.tunnel_port",

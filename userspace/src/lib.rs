@@ -14,6 +14,7 @@ pub mod mirror;
 pub mod netlink;
 pub mod netns;
 pub mod nsp;
+pub mod overlay;
 pub mod proto;
 pub mod uds;
 pub mod xds;

@@ -278,6 +278,9 @@ async fn daemon(config: Config) -> ExitCode {
     core.register(Arc::new(MirrorPlugin::new(mirror.clone())));
     let catalog = Catalog::new(lb.clone());
     core.register(Arc::new(CatalogPlugin::new(catalog.clone())));
+    core.register(Arc::new(tapmesh::overlay::NetManagerPlugin::new(
+        dataplane.clone(),
+    )));
     core.register(Arc::new(AdminPlugin::new(
         core.view(),
         dataplane,

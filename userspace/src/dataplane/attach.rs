@@ -73,6 +73,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
         program_names::TC_EGRESS,
         program_names::TC_FLOOR,
         program_names::TC_TAP_OUT,
+        program_names::TC_SERVICE,
         program_names::TC_TAP_IN,
     ] {
         tc_program(ebpf, name)?
@@ -177,6 +178,8 @@ pub fn xdp(
 
 /// The full TC programs (parse, count, mirror).
 pub const TC_FULL: [&str; 2] = [program_names::TC_INGRESS, program_names::TC_EGRESS];
+/// A container's host-side veth: service translation out, mirror copies in.
+pub const TC_CONTAINER: [&str; 2] = [program_names::TC_SERVICE, program_names::TC_TAP_IN];
 /// Mirror copies only (a source port that is not one of ours).
 pub const TC_TAP: [&str; 2] = [program_names::TC_TAP_OUT, program_names::TC_TAP_IN];
 

@@ -8,6 +8,7 @@
 mod attach;
 pub mod lb;
 pub mod mirror;
+pub mod overlay;
 mod pins;
 
 use std::{path::PathBuf, sync::Arc};
@@ -68,6 +69,7 @@ struct Running {
     ebpf: Ebpf,
     lb: lb::LbWriter,
     mirror: mirror::MirrorWriter,
+    overlay: overlay::OverlayWriter,
     links: attach::Links,
     attachments: Vec<Attachment>,
     pin_dir: PathBuf,
@@ -214,6 +216,72 @@ impl DataplaneHandle {
                 attach::detach_xdp_mirror(&mut r.ebpf, &mut r.links, &mut r.attachments, interface);
             r.mirror.remove_ring(&mut r.ebpf, ifindex, slot);
         }
+    }
+
+    /// Makes the overlay maps hold `tables`.
+    pub async fn apply_overlay(&self, tables: &overlay::OverlayTables) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        r.overlay.apply(&mut r.ebpf, tables)
+    }
+
+    /// Per-service and per-instance counters of the overlay.
+    pub async fn overlay_counters(
+        &self,
+    ) -> Result<
+        (
+            std::collections::BTreeMap<u32, tapmesh_common::PacketCounter>,
+            std::collections::BTreeMap<u32, tapmesh_common::PacketCounter>,
+        ),
+        DataplaneError,
+    > {
+        let guard = self.running.lock().await;
+        let r = guard.as_ref().ok_or(DataplaneError::NotRunning)?;
+        r.overlay.counters(&r.ebpf)
+    }
+
+    /// Lets the next packet to `service` signal a miss again.
+    pub async fn clear_overlay_pending(&self, service: std::net::Ipv4Addr) {
+        if let Some(r) = self.running.lock().await.as_mut() {
+            r.overlay.clear_pending(&mut r.ebpf, service);
+        }
+    }
+
+    /// The ring buffer of overlay misses (taken once: its reader owns it).
+    pub async fn take_overlay_misses(
+        &self,
+    ) -> Result<aya::maps::RingBuf<aya::maps::MapData>, DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        let map = r
+            .ebpf
+            .take_map(map_names::OV_MISSES)
+            .ok_or(DataplaneError::Map {
+                name: map_names::OV_MISSES,
+                message: "already taken or missing from the object".into(),
+            })?;
+        aya::maps::RingBuf::try_from(map).map_err(|e| DataplaneError::Map {
+            name: map_names::OV_MISSES,
+            message: e.to_string(),
+        })
+    }
+
+    /// Attaches the container programs to a container's host-side veth.
+    pub async fn attach_container(&self, interface: &str) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        let (ebpf, links, attachments) = (&mut r.ebpf, &mut r.links, &mut r.attachments);
+        tokio::task::block_in_place(|| {
+            attach::tc_programs(ebpf, links, attachments, interface, attach::TC_CONTAINER)
+        })
+    }
+
+    /// Detaches them (a gone interface is fine).
+    pub async fn detach_container(&self, interface: &str) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        let (ebpf, links, attachments) = (&mut r.ebpf, &mut r.links, &mut r.attachments);
+        tokio::task::block_in_place(|| attach::detach_tc(ebpf, links, attachments, interface))
     }
 
     pub async fn pin_dir(&self) -> Option<PathBuf> {
@@ -385,6 +453,7 @@ fn start_dataplane(config: &DataplaneConfig) -> Result<Running, DataplaneError> 
         ebpf: loaded.expect("loaded when attaching succeeded"),
         lb: lb::LbWriter::default(),
         mirror: mirror::MirrorWriter::default(),
+        overlay: overlay::OverlayWriter::default(),
         links,
         attachments,
         pin_dir,

@@ -16,6 +16,7 @@ use tapmesh_common::{
     },
     map_names as n,
     mirror::{MirrorCounter, MirrorPort, VlanSet, MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS},
+    overlay as ov,
     PacketCounter, ProgramSlot, ProgramStats, SCHEMA_VERSION,
 };
 
@@ -106,6 +107,32 @@ const MAPS: &[MapSpec] = &[
     ),
     spec(n::MIRROR_RINGS, 4, 4, MAX_RINGS),
     spec(n::XSKS, 4, 4, MAX_RINGS),
+    spec(n::OV_CONFIG, 4, size_of::<ov::OverlayConfig>(), 1),
+    spec(n::OV_SERVICES, 4, size_of::<ov::Service>(), ov::MAX_SERVICES),
+    spec(n::OV_SLOTS, 4, 4, ov::SLOT_ENTRIES),
+    spec(n::OV_ROUND_ROBIN, 4, 4, ov::MAX_SERVICES),
+    spec(n::OV_INSTANCES, 4, size_of::<ov::Instance>(), ov::MAX_INSTANCES),
+    spec(n::OV_LOCALS, 4, size_of::<ov::Local>(), ov::MAX_LOCALS),
+    spec(
+        n::OV_CONNTRACK,
+        size_of::<ov::ConntrackKey>(),
+        size_of::<ov::ConntrackValue>(),
+        ov::CONNTRACK_ENTRIES,
+    ),
+    spec(n::OV_PENDING, 4, 8, ov::PENDING_ENTRIES),
+    spec(n::OV_MISSES, 0, 0, ov::MISS_RING_BYTES),
+    spec(
+        n::OV_SERVICE_STATS,
+        4,
+        size_of::<PacketCounter>(),
+        ov::MAX_SERVICES,
+    ),
+    spec(
+        n::OV_INSTANCE_STATS,
+        4,
+        size_of::<PacketCounter>(),
+        ov::MAX_INSTANCES,
+    ),
 ];
 
 fn fs_type(path: &Path) -> Option<i64> {

@@ -1,0 +1,170 @@
+//! Service-IP overlay tables (Oakestra's NetManager in the kernel), IPv4.
+//!
+//! A container's packet to a service IP is translated on the host side of its
+//! veth: the destination becomes a chosen instance's namespace address and the
+//! source the sender's instance IP. Same node: redirected to the instance's
+//! veth. Other node: the translated IP packet is the payload of UDP to that
+//! node's tunnel port. Replies are translated back through the conntrack's
+//! reverse entries so the client sees the service IP it dialled.
+//!
+//! Addresses are IPv4 words in network order (`u32::from_ne_bytes(octets)`).
+
+/// Services (service IPs) with an id below this.
+pub const MAX_SERVICES: u32 = 4096;
+/// Instance slots per service: RR tables hold one slot per unit of weight.
+pub const SERVICE_SLOTS: u32 = 64;
+/// Entries of `tm_ov_slots`.
+pub const SLOT_ENTRIES: u32 = MAX_SERVICES * SERVICE_SLOTS;
+/// Instances, local and remote (`tm_ov_instances`).
+pub const MAX_INSTANCES: u32 = 16_384;
+/// Containers on this node (`tm_ov_locals`).
+pub const MAX_LOCALS: u32 = 1024;
+/// Connection tracking entries (two per connection: forward and reverse).
+pub const CONNTRACK_ENTRIES: u32 = 131_072;
+/// Service IPs whose miss was signalled and is not answered yet.
+pub const PENDING_ENTRIES: u32 = 1024;
+/// Bytes of the miss ring buffer.
+pub const MISS_RING_BYTES: u32 = 4096 * 16;
+
+/// [`Service::policy`]: a new flow takes the next slot, in turn.
+pub const POLICY_ROUND_ROBIN: u8 = 1;
+/// The first slot: userspace orders instances by cost.
+pub const POLICY_CLOSEST: u8 = 2;
+/// Exactly one instance (an instance IP).
+pub const POLICY_INSTANCE: u8 = 3;
+
+/// [`Instance::kind`].
+pub const INSTANCE_EMPTY: u8 = 0;
+pub const INSTANCE_LOCAL: u8 = 1;
+pub const INSTANCE_REMOTE: u8 = 2;
+
+/// [`ConntrackValue::kind`].
+pub const CT_FORWARD: u32 = 1;
+pub const CT_REVERSE: u32 = 2;
+
+/// Value of `tm_ov_services` (key: the service IP).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Service {
+    /// Row in `tm_ov_slots` and index of its counters.
+    pub id: u32,
+    pub policy: u8,
+    /// Slots in use (1..=SERVICE_SLOTS); 0: no instance.
+    pub slots: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `tm_ov_instances`: where an instance is and how to reach it.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Instance {
+    /// Its namespace address (the destination after translation).
+    pub ns_addr: u32,
+    /// The address its replies come from: its instance IP (or `ns_addr`).
+    pub reply_addr: u32,
+    /// Remote: the node's tunnel address; local: 0.
+    pub node_addr: u32,
+    /// Remote: the node's tunnel port, network order.
+    pub node_port: u16,
+    pub kind: u8,
+    pub _pad: u8,
+    /// Bumped when the slot is reused or removed: older conntrack entries
+    /// that name it pick again.
+    pub generation: u32,
+    /// Local: its host-side veth; remote: the uplink towards the node
+    /// (0: not resolved, the program asks the FIB).
+    pub ifindex: u32,
+    /// Local: the container's MAC; remote: the next hop's.
+    pub dst_mac: [u8; 6],
+    /// Local: the host side's MAC; remote: the uplink's.
+    pub src_mac: [u8; 6],
+}
+
+/// Value of `tm_ov_locals` (key: a container's namespace address).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Local {
+    /// Its host-side veth.
+    pub ifindex: u32,
+    /// The source its packets get after translation (its instance IP).
+    pub instance_addr: u32,
+    pub mac: [u8; 6],
+    pub host_mac: [u8; 6],
+}
+
+/// Key of `tm_ov_conntrack`. ICMP echo uses the identifier as `src_port`
+/// and 0 as `dst_port`, in both directions.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConntrackKey {
+    pub src: u32,
+    pub dst: u32,
+    /// Network order.
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `tm_ov_conntrack`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackValue {
+    pub kind: u32,
+    /// Forward: the instance chosen, valid while its generation matches.
+    pub instance: u32,
+    pub generation: u32,
+    /// Reverse: the service IP the client dialled (the reply's new source).
+    pub service_addr: u32,
+}
+
+/// The overlay's settings (one entry of `tm_ov_config`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct OverlayConfig {
+    /// This node's tunnel address (outer source; decapsulated when the destination).
+    pub node_addr: u32,
+    /// Network order; 0: the overlay is off.
+    pub tunnel_port: u16,
+    /// The largest inner IP packet the tunnel carries (bigger ones with DF
+    /// set get ICMP "fragmentation needed" with this MTU).
+    pub tunnel_mtu: u16,
+    /// Source of ICMP errors sent to containers (their gateway).
+    pub gateway: u32,
+    /// Destinations in this prefix that are not known service IPs are
+    /// signalled as misses (network order prefix, mask).
+    pub service_prefix: u32,
+    pub service_mask: u32,
+}
+
+/// What the kernel tells userspace about a service IP it does not know.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Miss {
+    pub service_addr: u32,
+    /// The container that asked (its namespace address).
+    pub client_addr: u32,
+    /// Destination port, network order, and protocol of the first packet.
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+crate::assert_layout!(Service, size = 8, align = 4);
+crate::assert_layout!(Instance, size = 36, align = 4);
+crate::assert_layout!(Local, size = 20, align = 4);
+crate::assert_layout!(ConntrackKey, size = 16, align = 4);
+crate::assert_layout!(ConntrackValue, size = 16, align = 4);
+crate::assert_layout!(OverlayConfig, size = 20, align = 4);
+crate::assert_layout!(Miss, size = 12, align = 4);
+
+#[cfg(feature = "user")]
+crate::impl_pod!(
+    Service,
+    Instance,
+    Local,
+    ConntrackKey,
+    ConntrackValue,
+    OverlayConfig,
+    Miss
+);

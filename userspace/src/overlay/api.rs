@@ -1,0 +1,282 @@
+//! The NetManager REST API (JSON over HTTP), with Oakestra's paths and field
+//! names. Errors are `{"message": ...}` with a status that says what kind.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use axum::{
+    extract::{rejection::JsonRejection, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use serde::Deserialize;
+
+use super::manager::{DeploySpec, NetManager, NetnsRef, NmError, RemoteSpec};
+use super::model::{IpType, ServiceIp};
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(serde_json::json!({ "message": self.1 }))).into_response()
+    }
+}
+
+impl From<NmError> for ApiError {
+    fn from(e: NmError) -> Self {
+        let status = match &e {
+            NmError::NotRegistered | NmError::Conflict(_) => StatusCode::CONFLICT,
+            NmError::AlreadyRegistered(_) | NmError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            NmError::NoNamespace(_) | NmError::NotDeployed(_) => StatusCode::NOT_FOUND,
+            NmError::Ipam(super::ipam::IpamError::Exhausted(_)) | NmError::Model(_) => {
+                StatusCode::INSUFFICIENT_STORAGE
+            }
+            NmError::Ipam(_) => StatusCode::BAD_REQUEST,
+            NmError::Network(_) | NmError::Dataplane(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(e: JsonRejection) -> Self {
+        ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {}", e.body_text()))
+    }
+}
+
+fn bad(message: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message.into())
+}
+
+#[derive(Deserialize)]
+struct RegisterRequest {
+    client_id: String,
+    #[serde(default)]
+    cluster_address: String,
+    /// The seed API's field; the node's container subnet.
+    subnetwork: Option<String>,
+    subnetwork_v6: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ServiceIpJson {
+    #[serde(rename = "IpType")]
+    ip_type: String,
+    #[serde(rename = "Address")]
+    address: String,
+    #[serde(rename = "Address_v6", default)]
+    address_v6: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct DeployRequest {
+    pid: Option<i64>,
+    /// A network namespace path (the seed's containerId, for /docker/deploy).
+    netns: Option<String>,
+    #[serde(rename = "serviceName", alias = "appName")]
+    service_name: String,
+    #[serde(rename = "instanceNumber")]
+    instance_number: i64,
+    #[serde(rename = "portMappings", default)]
+    port_mappings: String,
+    #[serde(rename = "serviceIp", alias = "serviceIP", default)]
+    service_ip: Vec<ServiceIpJson>,
+    #[serde(default)]
+    weight: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct UndeployRequest {
+    #[serde(rename = "serviceName", alias = "appName")]
+    service_name: String,
+    #[serde(rename = "instanceNumber", default)]
+    instance_number: i64,
+}
+
+#[derive(Deserialize)]
+struct TableInstance {
+    instance_number: i64,
+    namespace_ip: String,
+    #[serde(default)]
+    namespace_ip_v6: Option<String>,
+    host_ip: String,
+    host_port: serde_json::Value,
+    #[serde(default)]
+    service_ip: Vec<ServiceIpJson>,
+    #[serde(default)]
+    weight: Option<u32>,
+}
+
+/// The cluster's table-query result for one job (its MQTT payload).
+#[derive(Deserialize)]
+struct TableUpdate {
+    app_name: String,
+    #[serde(default)]
+    instance_list: Vec<TableInstance>,
+}
+
+fn job_name(name: &str) -> Result<String, ApiError> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if ok {
+        Ok(name.to_string())
+    } else {
+        Err(bad(format!(
+            "serviceName {name:?} must be 1-253 letters, digits, '.', '-' or '_' (like app.appns.svc.svcns)"
+        )))
+    }
+}
+
+fn instance_number(n: i64) -> Result<u32, ApiError> {
+    u32::try_from(n).map_err(|_| bad(format!("instanceNumber {n} must be 0 or more")))
+}
+
+fn service_ips(list: Vec<ServiceIpJson>) -> Result<Vec<ServiceIp>, ApiError> {
+    list.into_iter()
+        .map(|s| {
+            let ip_type = IpType::parse(&s.ip_type).ok_or_else(|| {
+                bad(format!(
+                    "IpType {:?} is not RR, Closest or InstanceNumber",
+                    s.ip_type
+                ))
+            })?;
+            let address: Ipv4Addr = s
+                .address
+                .parse()
+                .map_err(|_| bad(format!("Address {:?} is not an IPv4 address", s.address)))?;
+            let address_v6 = match s.address_v6.as_deref() {
+                None | Some("") => None,
+                Some(t) => Some(
+                    t.parse()
+                        .map_err(|_| bad(format!("Address_v6 {t:?} is not an IPv6 address")))?,
+                ),
+            };
+            Ok(ServiceIp {
+                ip_type,
+                address,
+                address_v6,
+            })
+        })
+        .collect()
+}
+
+/// Runs an operation to its end even if the client goes away (a dropped
+/// handler future must not cut a deploy in half).
+async fn detached<T: Send + 'static>(
+    f: impl std::future::Future<Output = Result<T, NmError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    match tokio::spawn(f).await {
+        Ok(result) => result.map_err(ApiError::from),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
+}
+
+async fn register(
+    State(nm): State<Arc<NetManager>>,
+    body: Result<Json<RegisterRequest>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(r) = body?;
+    detached(async move {
+        nm.register(r.client_id, r.cluster_address, r.subnetwork, r.subnetwork_v6)
+            .await
+    })
+    .await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn deploy(
+    State(nm): State<Arc<NetManager>>,
+    body: Result<Json<DeployRequest>, JsonRejection>,
+) -> Result<Json<super::manager::Deployed>, ApiError> {
+    let Json(r) = body?;
+    let netns = match (r.pid, r.netns) {
+        (Some(pid), None) if pid > 0 && pid <= i64::from(u32::MAX) => NetnsRef::Pid(pid as u32),
+        (Some(pid), None) => return Err(bad(format!("pid {pid} is not a process id"))),
+        (None, Some(path)) if path.starts_with('/') => NetnsRef::Path(path),
+        (None, Some(path)) => return Err(bad(format!("netns {path:?} must be an absolute path"))),
+        (Some(_), Some(_)) => return Err(bad("give pid or netns, not both")),
+        (None, None) => return Err(bad("pid (or netns) is missing")),
+    };
+    if !r.port_mappings.trim().is_empty() {
+        return Err(bad(
+            "portMappings are not supported by tapmesh: reach the container through a service IP",
+        ));
+    }
+    let spec = DeploySpec {
+        netns,
+        job: job_name(&r.service_name)?,
+        number: instance_number(r.instance_number)?,
+        service_ips: service_ips(r.service_ip)?,
+        weight: r.weight.unwrap_or(1).max(1),
+    };
+    Ok(Json(detached(async move { nm.deploy(spec).await }).await?))
+}
+
+async fn undeploy(
+    State(nm): State<Arc<NetManager>>,
+    body: Result<Json<UndeployRequest>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(r) = body?;
+    let job = job_name(&r.service_name)?;
+    let number = instance_number(r.instance_number)?;
+    detached(async move { nm.undeploy(&job, number).await }).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+fn port_of(value: &serde_json::Value) -> Result<u16, ApiError> {
+    let port = match value {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    };
+    port.and_then(|p| u16::try_from(p).ok())
+        .filter(|p| *p != 0)
+        .ok_or_else(|| bad(format!("host_port {value} is not a port")))
+}
+
+async fn table(
+    State(nm): State<Arc<NetManager>>,
+    body: Result<Json<TableUpdate>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(t) = body?;
+    let job = job_name(&t.app_name)?;
+    let mut instances = Vec::new();
+    for i in t.instance_list {
+        let ip = |text: &str, what: &str| {
+            text.parse::<Ipv4Addr>()
+                .map_err(|_| bad(format!("{what} {text:?} is not an IPv4 address")))
+        };
+        instances.push(RemoteSpec {
+            number: instance_number(i.instance_number)?,
+            ns_addr: ip(&i.namespace_ip, "namespace_ip")?,
+            ns_addr_v6: i.namespace_ip_v6.as_deref().and_then(|t| t.parse().ok()),
+            node: ip(&i.host_ip, "host_ip")?,
+            port: port_of(&i.host_port)?,
+            service_ips: service_ips(i.service_ip)?,
+            weight: i.weight.unwrap_or(1).max(1),
+        });
+    }
+    detached(async move { nm.update_table(job, instances).await }).await?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn status(State(nm): State<Arc<NetManager>>) -> Json<super::manager::Snapshot> {
+    Json(nm.snapshot().await)
+}
+
+pub fn router(nm: Arc<NetManager>) -> Router {
+    Router::new()
+        .route("/register", post(register))
+        .route("/container/deploy", post(deploy))
+        .route("/docker/deploy", post(deploy))
+        .route("/container/undeploy", post(undeploy))
+        .route("/docker/undeploy", post(undeploy))
+        .route("/tablequery/result", post(table))
+        .route("/status", get(status))
+        .with_state(nm)
+}

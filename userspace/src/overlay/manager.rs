@@ -1,0 +1,561 @@
+//! The NetManager's state and operations: registration, deploy and
+//! undeploy of containers, other nodes' table entries, misses. Every
+//! operation either completes or leaves nothing behind.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use super::ipam::{Ipam, IpamError, Lease};
+use super::model::{Ids, InstanceRecord, IpType, ModelError, Placement, ServiceIp, Settings};
+use crate::conduit_net::{self, Cidr};
+use crate::dataplane::DataplaneHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NmError {
+    #[error("not registered: POST /register first")]
+    NotRegistered,
+    #[error("already registered as {0:?}; a node registers once")]
+    AlreadyRegistered(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NoNamespace(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0} is not deployed on this node")]
+    NotDeployed(String),
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("container networking: {0}")]
+    Network(#[from] conduit_net::ConduitNetError),
+    #[error("dataplane: {0}")]
+    Dataplane(#[from] crate::dataplane::DataplaneError),
+}
+
+/// Settings fixed at start.
+#[derive(Clone, Debug)]
+pub struct ManagerSettings {
+    pub container_ifname: String,
+    pub mtu: u32,
+    pub node_addr: Option<Ipv4Addr>,
+    pub tunnel_port: u16,
+    pub service_prefix: (Ipv4Addr, u8),
+    pub subnetwork: Option<Cidr>,
+    pub subnetwork_v6: Option<Cidr>,
+    pub node_costs: BTreeMap<Ipv4Addr, u32>,
+    pub default_node_cost: u32,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Registration {
+    pub client_id: String,
+    pub cluster_address: String,
+    pub subnetwork: String,
+    pub subnetwork_v6: Option<String>,
+}
+
+struct LocalDeployment {
+    record: InstanceRecord,
+    lease: Lease,
+    netns: String,
+}
+
+#[derive(Default)]
+struct State {
+    registration: Option<Registration>,
+    ipam: Option<Ipam>,
+    local: BTreeMap<(String, u32), LocalDeployment>,
+    remote: BTreeMap<String, Vec<InstanceRecord>>,
+    ids: Ids,
+    /// Service IPs the kernel reported unknown → how many reports.
+    unresolved: BTreeMap<Ipv4Addr, u64>,
+    misses: u64,
+}
+
+/// What a deploy asks for, validated.
+pub struct DeploySpec {
+    pub netns: NetnsRef,
+    pub job: String,
+    pub number: u32,
+    pub service_ips: Vec<ServiceIp>,
+    pub weight: u32,
+}
+
+pub enum NetnsRef {
+    Pid(u32),
+    Path(String),
+}
+
+impl NetnsRef {
+    fn open(&self) -> Result<(File, String), NmError> {
+        let path = match self {
+            NetnsRef::Pid(pid) => format!("/proc/{pid}/ns/net"),
+            NetnsRef::Path(p) => p.clone(),
+        };
+        match File::open(&path) {
+            Ok(f) => Ok((f, path)),
+            Err(e) => Err(NmError::NoNamespace(match self {
+                NetnsRef::Pid(pid) => format!("no process {pid} with a network namespace ({e})"),
+                NetnsRef::Path(p) => format!("network namespace {p:?} cannot be opened ({e})"),
+            })),
+        }
+    }
+}
+
+/// Another node's instance, from a table update.
+pub struct RemoteSpec {
+    pub number: u32,
+    pub ns_addr: Ipv4Addr,
+    pub ns_addr_v6: Option<std::net::Ipv6Addr>,
+    pub node: Ipv4Addr,
+    pub port: u16,
+    pub service_ips: Vec<ServiceIp>,
+    pub weight: u32,
+}
+
+#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+pub struct Deployed {
+    #[serde(rename = "serviceName")]
+    pub service_name: String,
+    #[serde(rename = "nsAddress")]
+    pub ns_address: String,
+    #[serde(rename = "nsAddressv6")]
+    pub ns_address_v6: String,
+}
+
+/// One line of `tapmesh status` per service IP and instance.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Snapshot {
+    pub registration: Option<Registration>,
+    pub instances: Vec<InstanceView>,
+    pub services: Vec<ServiceView>,
+    pub unresolved: Vec<String>,
+    pub misses: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct InstanceView {
+    pub job: String,
+    pub number: u32,
+    pub ns_address: String,
+    pub location: String,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct ServiceView {
+    pub address: String,
+    pub ip_type: String,
+    pub instances: usize,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+pub struct NetManager {
+    dataplane: DataplaneHandle,
+    settings: ManagerSettings,
+    state: Mutex<State>,
+}
+
+fn host_ifname(job: &str, number: u32) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (job, number).hash(&mut h);
+    format!("tmo{:08x}", h.finish() as u32)
+}
+
+impl NetManager {
+    pub fn new(dataplane: DataplaneHandle, settings: ManagerSettings) -> Self {
+        Self {
+            dataplane,
+            settings,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    pub async fn register(
+        &self,
+        client_id: String,
+        cluster_address: String,
+        subnetwork: Option<String>,
+        subnetwork_v6: Option<String>,
+    ) -> Result<(), NmError> {
+        let mut state = self.state.lock().await;
+        if let Some(r) = &state.registration {
+            return if r.client_id == client_id {
+                Ok(())
+            } else {
+                Err(NmError::AlreadyRegistered(r.client_id.clone()))
+            };
+        }
+        if client_id.trim().is_empty() {
+            return Err(NmError::BadRequest("client_id is empty".into()));
+        }
+        let parse = |text: Option<String>, fallback: Option<Cidr>, v4: bool| -> Result<Option<Cidr>, NmError> {
+            match text {
+                Some(t) => match t.parse::<Cidr>() {
+                    Ok(c) if c.addr.is_ipv4() == v4 => Ok(Some(c)),
+                    _ => Err(NmError::BadRequest(format!(
+                        "subnetwork{} {t:?} is not an {} prefix",
+                        if v4 { "" } else { "_v6" },
+                        if v4 { "IPv4" } else { "IPv6" }
+                    ))),
+                },
+                None => Ok(fallback),
+            }
+        };
+        let subnet = parse(subnetwork, self.settings.subnetwork, true)?.ok_or_else(|| {
+            NmError::BadRequest(
+                "no subnetwork: send \"subnetwork\" (e.g. 10.18.0.0/26) or set netmanager.subnetwork".into(),
+            )
+        })?;
+        let subnet_v6 = parse(subnetwork_v6, self.settings.subnetwork_v6, false)?;
+        let ipam = Ipam::new(subnet, subnet_v6)?;
+        state.registration = Some(Registration {
+            client_id,
+            cluster_address,
+            subnetwork: subnet.to_string(),
+            subnetwork_v6: subnet_v6.map(|c| c.to_string()),
+        });
+        state.ipam = Some(ipam);
+        drop(state);
+        self.apply().await
+    }
+
+    fn settings_for(&self, state: &State) -> Settings {
+        Settings {
+            node_addr: self.settings.node_addr,
+            tunnel_port: self.settings.tunnel_port,
+            tunnel_mtu: self.settings.mtu.min(u32::from(u16::MAX)) as u16,
+            gateway: state
+                .ipam
+                .as_ref()
+                .map(|i| i.gateway())
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
+            service_prefix: self.settings.service_prefix,
+        }
+    }
+
+    /// Compiles the state and writes it; on failure the maps keep what they had.
+    async fn apply_locked(&self, state: &mut State) -> Result<(), NmError> {
+        let settings = self.settings_for(state);
+        let local_node = self.settings.node_addr;
+        let records: Vec<&InstanceRecord> = state
+            .local
+            .values()
+            .map(|d| &d.record)
+            .chain(state.remote.values().flatten().filter(|r| {
+                // Our own deployments come from the local table.
+                !matches!(r.placement, Placement::Remote { node, .. } if Some(node) == local_node)
+                    && !state.local.contains_key(&(r.job.clone(), r.number))
+            }))
+            .collect();
+        let costs = &self.settings.node_costs;
+        let default_cost = self.settings.default_node_cost;
+        let cost_of = |r: &InstanceRecord| match r.placement {
+            Placement::Local { .. } => 0,
+            Placement::Remote { node, .. } => costs.get(&node).copied().unwrap_or(default_cost),
+        };
+        let tables = state.ids.compile(&records, &settings, &cost_of)?;
+        self.dataplane.apply_overlay(&tables).await?;
+        let known: Vec<Ipv4Addr> = state
+            .unresolved
+            .keys()
+            .filter(|a| tables.services.contains_key(a))
+            .copied()
+            .collect();
+        for addr in known {
+            state.unresolved.remove(&addr);
+            self.dataplane.clear_overlay_pending(addr).await;
+        }
+        Ok(())
+    }
+
+    async fn apply(&self) -> Result<(), NmError> {
+        let mut state = self.state.lock().await;
+        self.apply_locked(&mut state).await
+    }
+
+    pub async fn deploy(&self, spec: DeploySpec) -> Result<Deployed, NmError> {
+        let mut state = self.state.lock().await;
+        if state.registration.is_none() {
+            return Err(NmError::NotRegistered);
+        }
+        let key = (spec.job.clone(), spec.number);
+        if state.local.contains_key(&key) {
+            return Err(NmError::Conflict(format!(
+                "{} instance {} is already deployed; undeploy it first",
+                spec.job, spec.number
+            )));
+        }
+        if let Some(ip) = spec
+            .service_ips
+            .iter()
+            .find(|s| s.ip_type == IpType::InstanceNumber)
+        {
+            let taken = state
+                .local
+                .values()
+                .map(|d| &d.record)
+                .chain(state.remote.values().flatten())
+                .find(|r| r.instance_ip() == Some(ip.address) && (r.job.clone(), r.number) != key);
+            if let Some(other) = taken {
+                return Err(NmError::Conflict(format!(
+                    "instance IP {} already belongs to {} instance {}",
+                    ip.address, other.job, other.number
+                )));
+            }
+        }
+        let (netns, netns_path) = spec.netns.open()?;
+        let ipam = state.ipam.as_mut().ok_or(NmError::NotRegistered)?;
+        let lease = ipam.allocate()?;
+        let (gateway, gateway_v6) = (ipam.gateway(), ipam.gateway_v6());
+        let host = host_ifname(&spec.job, spec.number);
+        let created = self
+            .create_link(&netns, &host, lease, gateway, gateway_v6)
+            .await;
+        let link = match created {
+            Ok(link) => link,
+            Err(e) => {
+                if let Some(ipam) = state.ipam.as_mut() {
+                    ipam.release(lease);
+                }
+                return Err(e);
+            }
+        };
+        let record = InstanceRecord {
+            job: spec.job.clone(),
+            number: spec.number,
+            ns_addr: lease.v4,
+            ns_addr_v6: lease.v6,
+            placement: Placement::Local {
+                host_ifname: host.clone(),
+                host_ifindex: link.host_ifindex,
+                host_mac: link.host_mac,
+                mac: link.peer_mac,
+            },
+            service_ips: spec.service_ips,
+            weight: spec.weight,
+        };
+        state.local.insert(
+            key.clone(),
+            LocalDeployment {
+                record,
+                lease,
+                netns: netns_path,
+            },
+        );
+        let attached = self.dataplane.attach_container(&host).await;
+        let applied = match attached {
+            Ok(()) => self.apply_locked(&mut state).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = applied {
+            state.local.remove(&key);
+            let _ = self.dataplane.detach_container(&host).await;
+            let _ = conduit_net::delete(&host).await;
+            if let Some(ipam) = state.ipam.as_mut() {
+                ipam.release(lease);
+            }
+            let _ = self.apply_locked(&mut state).await;
+            return Err(e);
+        }
+        tracing::info!(job = %spec.job, instance = spec.number, address = %lease.v4, interface = %host, "deployed");
+        Ok(Deployed {
+            service_name: spec.job,
+            ns_address: lease.v4.to_string(),
+            ns_address_v6: lease.v6.map(|a| a.to_string()).unwrap_or_default(),
+        })
+    }
+
+    async fn create_link(
+        &self,
+        netns: &File,
+        host: &str,
+        lease: Lease,
+        gateway: Ipv4Addr,
+        gateway_v6: Option<std::net::Ipv6Addr>,
+    ) -> Result<conduit_net::ConduitLink, NmError> {
+        let mut gateways = vec![Cidr {
+            addr: IpAddr::V4(gateway),
+            prefix: 32,
+        }];
+        let mut local = vec![Cidr {
+            addr: IpAddr::V4(lease.v4),
+            prefix: 32,
+        }];
+        if let (Some(gw6), Some(v6)) = (gateway_v6, lease.v6) {
+            gateways.push(Cidr {
+                addr: IpAddr::V6(gw6),
+                prefix: 128,
+            });
+            local.push(Cidr {
+                addr: IpAddr::V6(v6),
+                prefix: 128,
+            });
+        }
+        let link = conduit_net::create(
+            netns,
+            host,
+            &self.settings.container_ifname,
+            &gateways,
+            &local,
+            self.settings.mtu,
+        )
+        .await?;
+        let routed = conduit_net::add_container_routes(
+            netns,
+            &self.settings.container_ifname,
+            link.host_ifindex,
+            &gateways.iter().map(|c| c.addr).collect::<Vec<_>>(),
+            &local.iter().map(|c| c.addr).collect::<Vec<_>>(),
+        )
+        .await;
+        if let Err(e) = routed {
+            let _ = conduit_net::delete(host).await;
+            return Err(e.into());
+        }
+        Ok(link)
+    }
+
+    pub async fn undeploy(&self, job: &str, number: u32) -> Result<(), NmError> {
+        let mut state = self.state.lock().await;
+        if state.registration.is_none() {
+            return Err(NmError::NotRegistered);
+        }
+        let key = (job.to_string(), number);
+        let Some(deployment) = state.local.remove(&key) else {
+            return Err(NmError::NotDeployed(format!("{job} instance {number}")));
+        };
+        // Maps first: no packet is sent to the interface about to go.
+        if let Err(e) = self.apply_locked(&mut state).await {
+            state.local.insert(key, deployment);
+            return Err(e);
+        }
+        self.remove_link(&deployment).await;
+        if let Some(ipam) = state.ipam.as_mut() {
+            ipam.release(deployment.lease);
+        }
+        tracing::info!(job, instance = number, "undeployed");
+        Ok(())
+    }
+
+    async fn remove_link(&self, deployment: &LocalDeployment) {
+        if let Placement::Local { host_ifname, .. } = &deployment.record.placement {
+            let _ = self.dataplane.detach_container(host_ifname).await;
+            if let Err(e) = conduit_net::delete(host_ifname).await {
+                tracing::warn!(interface = %host_ifname, netns = %deployment.netns, "removing the container veth: {e}");
+            }
+        }
+    }
+
+    /// Replaces the instances of `job` on other nodes (an empty list removes them).
+    pub async fn update_table(&self, job: String, instances: Vec<RemoteSpec>) -> Result<(), NmError> {
+        let mut state = self.state.lock().await;
+        let records: Vec<InstanceRecord> = instances
+            .into_iter()
+            .map(|r| InstanceRecord {
+                job: job.clone(),
+                number: r.number,
+                ns_addr: r.ns_addr,
+                ns_addr_v6: r.ns_addr_v6,
+                placement: Placement::Remote {
+                    node: r.node,
+                    port: r.port,
+                },
+                service_ips: r.service_ips,
+                weight: r.weight,
+            })
+            .collect();
+        let before = if records.is_empty() {
+            state.remote.remove(&job)
+        } else {
+            state.remote.insert(job.clone(), records)
+        };
+        if let Err(e) = self.apply_locked(&mut state).await {
+            match before {
+                Some(old) => state.remote.insert(job, old),
+                None => state.remote.remove(&job),
+            };
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// The kernel met a destination in the service prefix it does not know.
+    pub async fn miss(&self, service: Ipv4Addr) {
+        let mut state = self.state.lock().await;
+        state.misses += 1;
+        *state.unresolved.entry(service).or_insert(0) += 1;
+        tracing::info!(%service, "unknown service IP (waiting for a table entry)");
+    }
+
+    pub async fn snapshot(&self) -> Snapshot {
+        let (services, instances) = self.dataplane.overlay_counters().await.unwrap_or_default();
+        let state = self.state.lock().await;
+        let mut snap = Snapshot {
+            registration: state.registration.clone(),
+            misses: state.misses,
+            unresolved: state.unresolved.keys().map(|a| a.to_string()).collect(),
+            ..Default::default()
+        };
+        let records = state
+            .local
+            .values()
+            .map(|d| &d.record)
+            .chain(state.remote.values().flatten());
+        let mut by_service: BTreeMap<Ipv4Addr, (IpType, usize)> = BTreeMap::new();
+        for r in records {
+            let Some(id) = state.ids.instance_id(&r.job, r.number) else {
+                continue;
+            };
+            let c = instances.get(&id).copied().unwrap_or_default();
+            snap.instances.push(InstanceView {
+                job: r.job.clone(),
+                number: r.number,
+                ns_address: r.ns_addr.to_string(),
+                location: match &r.placement {
+                    Placement::Local { host_ifname, .. } => format!("local ({host_ifname})"),
+                    Placement::Remote { node, port } => format!("{node}:{port}"),
+                },
+                packets: c.packets,
+                bytes: c.bytes,
+            });
+            for s in &r.service_ips {
+                by_service.entry(s.address).or_insert((s.ip_type, 0)).1 += 1;
+            }
+        }
+        for (addr, (ip_type, n)) in by_service {
+            let c = state
+                .ids
+                .service_id(addr)
+                .and_then(|id| services.get(&id).copied())
+                .unwrap_or_default();
+            snap.services.push(ServiceView {
+                address: addr.to_string(),
+                ip_type: ip_type.name().into(),
+                instances: n,
+                packets: c.packets,
+                bytes: c.bytes,
+            });
+        }
+        snap
+    }
+
+    /// Removes every container link (daemon stop).
+    pub async fn shutdown(&self) {
+        let mut state = self.state.lock().await;
+        let deployments: Vec<LocalDeployment> =
+            std::mem::take(&mut state.local).into_values().collect();
+        for d in &deployments {
+            self.remove_link(d).await;
+        }
+    }
+}

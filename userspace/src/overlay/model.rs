@@ -1,0 +1,422 @@
+//! What the NetManager knows: instances (local deployments and other nodes'
+//! table entries) and the service IPs they carry, compiled into map tables.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use tapmesh_common::overlay::{
+    Instance, Local, OverlayConfig, INSTANCE_LOCAL, INSTANCE_REMOTE, POLICY_CLOSEST,
+    POLICY_INSTANCE, POLICY_ROUND_ROBIN, SERVICE_SLOTS,
+};
+
+use crate::dataplane::overlay::{addr_word, OverlayTables, ServiceTable};
+
+/// How a service IP picks among the instances carrying it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub enum IpType {
+    RoundRobin,
+    Closest,
+    InstanceNumber,
+}
+
+impl IpType {
+    /// Oakestra's spellings: "RR", "Closest", "InstanceNumber" / "instance_ip".
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "RR" | "RoundRobin" => Some(IpType::RoundRobin),
+            "Closest" => Some(IpType::Closest),
+            "InstanceNumber" | "instance_ip" => Some(IpType::InstanceNumber),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            IpType::RoundRobin => "RR",
+            IpType::Closest => "Closest",
+            IpType::InstanceNumber => "InstanceNumber",
+        }
+    }
+
+    fn policy(self) -> u8 {
+        match self {
+            IpType::RoundRobin => POLICY_ROUND_ROBIN,
+            IpType::Closest => POLICY_CLOSEST,
+            IpType::InstanceNumber => POLICY_INSTANCE,
+        }
+    }
+}
+
+/// One service IP an instance carries.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceIp {
+    pub ip_type: IpType,
+    pub address: Ipv4Addr,
+    pub address_v6: Option<Ipv6Addr>,
+}
+
+/// Where an instance runs.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub enum Placement {
+    /// On this node, behind its host-side veth.
+    Local {
+        host_ifname: String,
+        host_ifindex: u32,
+        host_mac: [u8; 6],
+        mac: [u8; 6],
+    },
+    /// On another node, through the tunnel.
+    Remote { node: Ipv4Addr, port: u16 },
+}
+
+/// An instance of a job ("app.appns.service.servicens", instance number).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct InstanceRecord {
+    pub job: String,
+    pub number: u32,
+    pub ns_addr: Ipv4Addr,
+    pub ns_addr_v6: Option<Ipv6Addr>,
+    pub placement: Placement,
+    pub service_ips: Vec<ServiceIp>,
+    /// Share of round-robin turns (1 = one slot).
+    pub weight: u32,
+}
+
+impl InstanceRecord {
+    /// Its instance IP (the InstanceNumber service IP), if it has one.
+    pub fn instance_ip(&self) -> Option<Ipv4Addr> {
+        self.service_ips
+            .iter()
+            .find(|s| s.ip_type == IpType::InstanceNumber)
+            .map(|s| s.address)
+    }
+
+    pub fn is_local(&self) -> bool {
+        matches!(self.placement, Placement::Local { .. })
+    }
+}
+
+/// Stable ids for instances and services across compiles, and the
+/// generation of each instance slot.
+#[derive(Default)]
+pub struct Ids {
+    instances: BTreeMap<(String, u32), u32>,
+    services: BTreeMap<Ipv4Addr, u32>,
+    generations: BTreeMap<u32, u32>,
+    last: BTreeMap<u32, Instance>,
+}
+
+fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
+    (0..limit).find(|i| !used.contains(i))
+}
+
+/// Why the tables could not be compiled.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ModelError {
+    #[error("no room for more than {0} instances")]
+    TooManyInstances(u32),
+    #[error("no room for more than {0} service IPs")]
+    TooManyServices(u32),
+}
+
+/// The settings the compiled tables carry.
+#[derive(Clone, Copy, Debug)]
+pub struct Settings {
+    pub node_addr: Option<Ipv4Addr>,
+    pub tunnel_port: u16,
+    pub tunnel_mtu: u16,
+    pub gateway: Ipv4Addr,
+    pub service_prefix: (Ipv4Addr, u8),
+}
+
+impl Ids {
+    /// The id of each service IP in `tables` (for counters).
+    pub fn service_id(&self, addr: Ipv4Addr) -> Option<u32> {
+        self.services.get(&addr).copied()
+    }
+
+    pub fn instance_id(&self, job: &str, number: u32) -> Option<u32> {
+        self.instances.get(&(job.to_string(), number)).copied()
+    }
+
+    /// Compiles `records` into map tables. Ids of what is gone are freed;
+    /// an instance whose entry changed gets a new generation (its flows
+    /// pick again).
+    pub fn compile(
+        &mut self,
+        records: &[&InstanceRecord],
+        settings: &Settings,
+        cost_of: &dyn Fn(&InstanceRecord) -> u32,
+    ) -> Result<OverlayTables, ModelError> {
+        use tapmesh_common::overlay::{MAX_INSTANCES, MAX_SERVICES};
+
+        let keys: BTreeSet<(String, u32)> =
+            records.iter().map(|r| (r.job.clone(), r.number)).collect();
+        self.instances.retain(|k, _| keys.contains(k));
+        let mut tables = OverlayTables::default();
+        let mut record_of: BTreeMap<u32, &InstanceRecord> = BTreeMap::new();
+        for record in records {
+            let key = (record.job.clone(), record.number);
+            let id = match self.instances.get(&key) {
+                Some(&id) => id,
+                None => {
+                    let used: BTreeSet<u32> = self.instances.values().copied().collect();
+                    let id = lowest_free(&used, MAX_INSTANCES)
+                        .ok_or(ModelError::TooManyInstances(MAX_INSTANCES))?;
+                    self.instances.insert(key, id);
+                    id
+                }
+            };
+            let reply_addr = record.instance_ip().unwrap_or(record.ns_addr);
+            let mut inst = Instance {
+                ns_addr: addr_word(record.ns_addr),
+                reply_addr: addr_word(reply_addr),
+                ..Instance::default()
+            };
+            match &record.placement {
+                Placement::Local {
+                    host_ifindex,
+                    host_mac,
+                    mac,
+                    ..
+                } => {
+                    inst.kind = INSTANCE_LOCAL;
+                    inst.ifindex = *host_ifindex;
+                    inst.dst_mac = *mac;
+                    inst.src_mac = *host_mac;
+                    tables.locals.insert(
+                        record.ns_addr,
+                        Local {
+                            ifindex: *host_ifindex,
+                            instance_addr: addr_word(reply_addr),
+                            mac: *mac,
+                            host_mac: *host_mac,
+                        },
+                    );
+                }
+                Placement::Remote { node, port } => {
+                    inst.kind = INSTANCE_REMOTE;
+                    inst.node_addr = addr_word(*node);
+                    inst.node_port = port.to_be();
+                }
+            }
+            // A changed entry, or a slot that held another instance, starts a
+            // new generation.
+            let generation = self.generations.entry(id).or_insert(0);
+            let unchanged = self.last.get(&id).is_some_and(|old| {
+                Instance {
+                    generation: 0,
+                    ..*old
+                } == inst
+            });
+            if !unchanged {
+                *generation = generation.wrapping_add(1);
+            }
+            inst.generation = *generation;
+            tables.instances.insert(id, inst);
+            record_of.insert(id, record);
+        }
+        // Removed slots keep counting generations (the writer empties them
+        // with the next one).
+        for id in self.last.keys() {
+            if !tables.instances.contains_key(id) {
+                if let Some(g) = self.generations.get_mut(id) {
+                    *g = g.wrapping_add(1);
+                }
+            }
+        }
+        self.last = tables
+            .instances
+            .iter()
+            .map(|(&id, inst)| {
+                (
+                    id,
+                    Instance {
+                        generation: 0,
+                        ..*inst
+                    },
+                )
+            })
+            .collect();
+
+        // Service IPs: every instance carrying one; the first type seen wins.
+        let mut carriers: BTreeMap<Ipv4Addr, (IpType, Vec<u32>)> = BTreeMap::new();
+        for (&id, record) in &record_of {
+            for sip in &record.service_ips {
+                let entry = carriers
+                    .entry(sip.address)
+                    .or_insert((sip.ip_type, Vec::new()));
+                if entry.0 == sip.ip_type {
+                    entry.1.push(id);
+                }
+            }
+        }
+        self.services.retain(|addr, _| carriers.contains_key(addr));
+        for (addr, (ip_type, mut ids)) in carriers {
+            let id = match self.services.get(&addr) {
+                Some(&id) => id,
+                None => {
+                    let used: BTreeSet<u32> = self.services.values().copied().collect();
+                    let id = lowest_free(&used, MAX_SERVICES)
+                        .ok_or(ModelError::TooManyServices(MAX_SERVICES))?;
+                    self.services.insert(addr, id);
+                    id
+                }
+            };
+            let slots = match ip_type {
+                IpType::RoundRobin => weighted_slots(&ids, |id| record_of[id].weight),
+                IpType::Closest => {
+                    ids.sort_by_key(|id| (cost_of(record_of[id]), *id));
+                    ids.truncate(SERVICE_SLOTS as usize);
+                    ids
+                }
+                IpType::InstanceNumber => ids.into_iter().take(1).collect(),
+            };
+            tables.services.insert(
+                addr,
+                ServiceTable {
+                    id,
+                    policy: ip_type.policy(),
+                    slots,
+                },
+            );
+        }
+
+        let (prefix, len) = settings.service_prefix;
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        tables.config = OverlayConfig {
+            node_addr: settings.node_addr.map(addr_word).unwrap_or(0),
+            tunnel_port: if settings.node_addr.is_some() {
+                settings.tunnel_port.to_be()
+            } else {
+                0
+            },
+            tunnel_mtu: settings.tunnel_mtu,
+            gateway: addr_word(settings.gateway),
+            service_prefix: addr_word(Ipv4Addr::from(u32::from(prefix) & mask)),
+            service_mask: addr_word(Ipv4Addr::from(mask)),
+        };
+        Ok(tables)
+    }
+}
+
+/// Round-robin slots: each instance as many times as its weight, scaled
+/// down to fit SERVICE_SLOTS, interleaved so turns alternate.
+fn weighted_slots(ids: &[u32], weight: impl Fn(&u32) -> u32) -> Vec<u32> {
+    let total: u64 = ids.iter().map(|id| u64::from(weight(id).max(1))).sum();
+    let room = u64::from(SERVICE_SLOTS);
+    let mut counts: Vec<(u32, u64)> = ids
+        .iter()
+        .map(|id| {
+            let w = u64::from(weight(id).max(1));
+            let n = if total <= room {
+                w
+            } else {
+                (w * room / total).max(1)
+            };
+            (*id, n)
+        })
+        .collect();
+    while counts.iter().map(|c| c.1).sum::<u64>() > room {
+        if let Some(max) = counts.iter_mut().max_by_key(|c| c.1) {
+            max.1 -= 1;
+        }
+    }
+    let mut slots = Vec::new();
+    let rounds = counts.iter().map(|c| c.1).max().unwrap_or(0);
+    for round in 0..rounds {
+        for (id, n) in &counts {
+            if round < *n {
+                slots.push(*id);
+            }
+        }
+    }
+    slots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(job: &str, number: u32, ns: [u8; 4], local: bool, sips: &[(IpType, [u8; 4])]) -> InstanceRecord {
+        InstanceRecord {
+            job: job.into(),
+            number,
+            ns_addr: ns.into(),
+            ns_addr_v6: None,
+            placement: if local {
+                Placement::Local {
+                    host_ifname: "tmo1".into(),
+                    host_ifindex: 7,
+                    host_mac: [2, 0, 0, 0, 0, 1],
+                    mac: [2, 0, 0, 0, 0, 2],
+                }
+            } else {
+                Placement::Remote {
+                    node: [198, 51, 100, 2].into(),
+                    port: 50103,
+                }
+            },
+            service_ips: sips
+                .iter()
+                .map(|(t, a)| ServiceIp {
+                    ip_type: *t,
+                    address: (*a).into(),
+                    address_v6: None,
+                })
+                .collect(),
+            weight: 1,
+        }
+    }
+
+    fn settings() -> Settings {
+        Settings {
+            node_addr: Some([198, 51, 100, 1].into()),
+            tunnel_port: 50103,
+            tunnel_mtu: 1472,
+            gateway: [192, 0, 2, 1].into(),
+            service_prefix: ([203, 0, 113, 0].into(), 24),
+        }
+    }
+
+    #[test]
+    fn rr_closest_and_instance_ips_compile_to_slots() {
+        let rr = [203, 0, 113, 10];
+        let a = record("app.ns.web.ns", 0, [192, 0, 2, 2], true, &[(IpType::RoundRobin, rr), (IpType::InstanceNumber, [203, 0, 113, 20]), (IpType::Closest, [203, 0, 113, 11])]);
+        let b = record("app.ns.web.ns", 1, [192, 0, 2, 66], false, &[(IpType::RoundRobin, rr), (IpType::InstanceNumber, [203, 0, 113, 21]), (IpType::Closest, [203, 0, 113, 11])]);
+        let mut ids = Ids::default();
+        let cost = |r: &InstanceRecord| if r.is_local() { 0 } else { 100 };
+        // The remote one first, so that only cost puts the local one first.
+        let t = ids.compile(&[&b, &a], &settings(), &cost).unwrap();
+        let (ia, ib) = (ids.instance_id(&a.job, 0).unwrap(), ids.instance_id(&b.job, 1).unwrap());
+        assert_eq!(t.services[&rr.into()].slots, vec![ib, ia]);
+        assert_eq!(t.services[&Ipv4Addr::from([203, 0, 113, 11])].slots, vec![ia, ib]);
+        assert_eq!(t.services[&Ipv4Addr::from([203, 0, 113, 20])].slots, vec![ia]);
+        assert_eq!(t.instances[&ia].kind, INSTANCE_LOCAL);
+        assert_eq!(t.instances[&ib].node_port, 50103u16.to_be());
+        assert_eq!(t.locals[&Ipv4Addr::from([192, 0, 2, 2])].instance_addr, addr_word([203, 0, 113, 20].into()));
+        assert_eq!(t.config.service_mask, addr_word([255, 255, 255, 0].into()));
+
+        // Unchanged: same generations; the local one gone: the remote one
+        // keeps its id and generation, the freed slot is not in the tables.
+        let g = t.instances[&ib].generation;
+        let t2 = ids.compile(&[&b], &settings(), &cost).unwrap();
+        assert_eq!(t2.instances[&ib].generation, g);
+        assert!(!t2.instances.contains_key(&ia));
+        assert_eq!(t2.services[&Ipv4Addr::from([203, 0, 113, 11])].slots, vec![ib]);
+        // A new instance reusing the slot starts a newer generation.
+        let c = record("app.ns.db.ns", 0, [192, 0, 2, 3], true, &[]);
+        let t3 = ids.compile(&[&b, &c], &settings(), &cost).unwrap();
+        assert_eq!(ids.instance_id(&c.job, 0), Some(ia));
+        assert!(t3.instances[&ia].generation > t.instances[&ia].generation);
+    }
+
+    #[test]
+    fn weights_become_interleaved_slots_within_the_limit() {
+        let slots = weighted_slots(&[1, 2], |id| if *id == 1 { 3 } else { 1 });
+        assert_eq!(slots, vec![1, 2, 1, 1]);
+        let slots = weighted_slots(&[1, 2], |id| if *id == 1 { 1000 } else { 1 });
+        assert_eq!(slots.len(), SERVICE_SLOTS as usize);
+        assert_eq!(slots.iter().filter(|s| **s == 2).count(), 1);
+    }
+}

@@ -1,0 +1,277 @@
+//! The `netmanager` plugin: serves the REST API on a unix socket (and
+//! optionally TCP), reads the kernel's miss reports, keeps a status line
+//! with per-service and per-instance counters.
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use super::manager::{ManagerSettings, NetManager};
+use crate::conduit_net::Cidr;
+use crate::config::Config;
+use crate::core::{Plugin, PluginError};
+use crate::dataplane::DataplaneHandle;
+
+/// A miss is reported again after this long if it is still unknown.
+const MISS_RETRY: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct Settings {
+    socket: Option<std::path::PathBuf>,
+    listen: Option<std::net::SocketAddr>,
+    manager: Option<ManagerSettings>,
+}
+
+pub struct NetManagerPlugin {
+    dataplane: DataplaneHandle,
+    settings: Mutex<Settings>,
+    manager: Mutex<Option<Arc<NetManager>>>,
+    status: Arc<Mutex<String>>,
+}
+
+impl NetManagerPlugin {
+    pub fn new(dataplane: DataplaneHandle) -> Self {
+        Self {
+            dataplane,
+            settings: Mutex::new(Settings::default()),
+            manager: Mutex::new(None),
+            status: Arc::new(Mutex::new("off".into())),
+        }
+    }
+}
+
+fn read_mtu(interface: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// The first IPv4 address of an interface (the tunnel endpoint by default).
+fn first_ipv4(interface: &str) -> Option<Ipv4Addr> {
+    let out = std::process::Command::new("ip")
+        .args(["-o", "-4", "addr", "show", "dev", interface])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let word = text.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
+    word.split('/').next()?.parse().ok()
+}
+
+fn summary(snapshot: &super::manager::Snapshot) -> String {
+    let Some(r) = &snapshot.registration else {
+        return "waiting for /register".into();
+    };
+    let mut out = format!(
+        "registered as {} (subnet {}); {} instances, {} service IPs, {} misses",
+        r.client_id,
+        r.subnetwork,
+        snapshot.instances.len(),
+        snapshot.services.len(),
+        snapshot.misses
+    );
+    if !snapshot.unresolved.is_empty() {
+        out += &format!(" (unresolved: {})", snapshot.unresolved.join(", "));
+    }
+    for s in &snapshot.services {
+        out += &format!(
+            "\n    service {} {} ({} instances): {} packets, {} bytes",
+            s.address, s.ip_type, s.instances, s.packets, s.bytes
+        );
+    }
+    for i in &snapshot.instances {
+        out += &format!(
+            "\n    instance {}#{} {} at {}: {} packets, {} bytes",
+            i.job, i.number, i.ns_address, i.location, i.packets, i.bytes
+        );
+    }
+    out
+}
+
+#[async_trait]
+impl Plugin for NetManagerPlugin {
+    fn name(&self) -> &'static str {
+        "netmanager"
+    }
+
+    async fn configure(
+        &self,
+        _scope: CancellationToken,
+        config: &Config,
+    ) -> Result<(), PluginError> {
+        let nm = &config.netmanager;
+        let mut settings = self.settings.lock().expect("lock");
+        settings.socket = nm.socket.clone();
+        settings.listen = nm.listen;
+        if nm.socket.is_none() && nm.listen.is_none() {
+            settings.manager = None;
+            return Ok(());
+        }
+        let cidr = |text: &str| text.parse::<Cidr>().map_err(|e| PluginError::new(e.to_string()));
+        let prefix = cidr(&nm.service_prefix)?;
+        let std::net::IpAddr::V4(prefix_addr) = prefix.addr else {
+            return Err(PluginError::new("netmanager.service_prefix must be IPv4"));
+        };
+        let uplink = config.dataplane.uplinks.first();
+        let mtu = match nm.mtu {
+            0 => uplink
+                .and_then(|u| read_mtu(u))
+                .map(|m| m.saturating_sub(28))
+                .unwrap_or(1450),
+            m => m,
+        };
+        let node_addr = config
+            .lb
+            .node_address
+            .or_else(|| uplink.and_then(|u| first_ipv4(u)));
+        settings.manager = Some(ManagerSettings {
+            container_ifname: nm.container_ifname.clone(),
+            mtu,
+            node_addr,
+            tunnel_port: config.lb.tunnel_port,
+            service_prefix: (prefix_addr, prefix.prefix),
+            subnetwork: nm.subnetwork.as_deref().map(cidr).transpose()?,
+            subnetwork_v6: nm.subnetwork_v6.as_deref().map(cidr).transpose()?,
+            node_costs: nm.node_costs.clone(),
+            default_node_cost: nm.default_node_cost,
+        });
+        Ok(())
+    }
+
+    async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
+        let (socket, listen, settings) = {
+            let s = self.settings.lock().expect("lock");
+            (s.socket.clone(), s.listen, s.manager.clone())
+        };
+        let Some(settings) = settings else {
+            return Ok(());
+        };
+        if settings.node_addr.is_none() {
+            tracing::warn!("netmanager: no node address (set lb.node_address or an uplink with an IPv4 address): instances on other nodes are unreachable");
+        }
+        let manager = Arc::new(NetManager::new(self.dataplane.clone(), settings));
+        let router = super::api::router(manager.clone());
+        if let Some(path) = &socket {
+            let listener = crate::uds::bind(path, 0o660)
+                .map_err(|e| PluginError::new(format!("netmanager socket {}: {e}", path.display())))?;
+            let (router, stop) = (router.clone(), scope.clone());
+            tokio::spawn(async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!("netmanager API: {e}");
+                }
+            });
+        }
+        if let Some(addr) = listen {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| PluginError::new(format!("netmanager listen {addr}: {e}")))?;
+            let stop = scope.clone();
+            tokio::spawn(async move {
+                let served = axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!("netmanager API: {e}");
+                }
+            });
+        }
+        let misses = self
+            .dataplane
+            .take_overlay_misses()
+            .await
+            .map_err(|e| PluginError::new(e.to_string()))?;
+        tokio::spawn(read_misses(
+            misses,
+            manager.clone(),
+            self.dataplane.clone(),
+            scope.clone(),
+        ));
+        let (status, m, stop) = (self.status.clone(), manager.clone(), scope.clone());
+        tokio::spawn(async move {
+            loop {
+                let line = summary(&m.snapshot().await);
+                *status.lock().expect("lock") = line;
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        });
+        *self.manager.lock().expect("lock") = Some(manager);
+        Ok(())
+    }
+
+    async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+        let manager = self.manager.lock().expect("lock").take();
+        if let Some(m) = manager {
+            m.shutdown().await;
+        }
+        if let Some(path) = &self.settings.lock().expect("lock").socket {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> String {
+        self.status.lock().expect("lock").clone()
+    }
+}
+
+/// Reads the kernel's miss reports: each is recorded, and after
+/// [`MISS_RETRY`] the service IP may be reported again.
+async fn read_misses(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    manager: Arc<NetManager>,
+    dataplane: DataplaneHandle,
+    stop: CancellationToken,
+) {
+    use tapmesh_common::overlay::Miss;
+    use tokio::io::unix::AsyncFd;
+
+    // SAFETY: the ring owns its descriptor and stays inside the AsyncFd
+    // until both are dropped together.
+    let registered = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!("netmanager: watching the miss ring: {e}");
+            return;
+        }
+    };
+    loop {
+        let mut guard = tokio::select! {
+            _ = stop.cancelled() => return,
+            g = fd.readable_mut() => match g {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!("netmanager: miss ring: {e}");
+                    return;
+                }
+            },
+        };
+        let mut found = Vec::new();
+        while let Some(item) = guard.get_inner_mut().next() {
+            if item.len() >= std::mem::size_of::<Miss>() {
+                // SAFETY: the kernel wrote a `Miss` (size checked); read unaligned.
+                let miss: Miss = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss) };
+                found.push(Ipv4Addr::from(miss.service_addr.to_ne_bytes()));
+            }
+        }
+        guard.clear_ready();
+        for service in found {
+            manager.miss(service).await;
+            let dp = dataplane.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(MISS_RETRY).await;
+                dp.clear_overlay_pending(service).await;
+            });
+        }
+    }
+}
