@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod frames;
 pub mod mirror_bench;
 pub mod net;
+pub mod overlay;
 pub mod python;
 pub mod tapa;
 pub mod xds_peer;

@@ -184,7 +184,9 @@ fn real_packets_are_counted_exactly_and_sigterm_detaches_everything() {
             "bpftool prog show lacks {name}"
         );
     }
-    let pinned = daemon.bpffs_root.join(format!("v{}/tm_stats", tapmesh_common::SCHEMA_VERSION));
+    let pinned = daemon
+        .bpffs_root
+        .join(format!("v{}/tm_stats", tapmesh_common::SCHEMA_VERSION));
     let dump = Command::new("bpftool")
         .arg("map")
         .arg("dump")
@@ -402,6 +404,14 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
         .collect();
     assert_eq!(
         names,
-        ["dataplane", "lb", "nsp", "mirror", "catalog", "netmanager", "admin"]
+        [
+            "dataplane",
+            "lb",
+            "nsp",
+            "mirror",
+            "catalog",
+            "netmanager",
+            "admin"
+        ]
     );
 }

@@ -208,7 +208,10 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
     let hop_ifindex = || {
         let out = std::process::Command::new("bpftool")
             .args(["map", "lookup", "pinned"])
-            .arg(d1.bpffs_root.join(format!("v{}/tm_targets", tapmesh_common::SCHEMA_VERSION)))
+            .arg(
+                d1.bpffs_root
+                    .join(format!("v{}/tm_targets", tapmesh_common::SCHEMA_VERSION)),
+            )
             .args(["key", "0", "0", "0", "0"])
             .output()
             .expect("bpftool");

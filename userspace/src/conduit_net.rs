@@ -866,18 +866,29 @@ pub async fn add_container_routes(
                 .output_interface(host_ifindex)
                 .build(),
         };
-        host.route()
-            .add(route)
-            .replace()
-            .execute()
-            .await
-            .map_err(
-                At {
-                    ifname: "host side",
-                    netns: CURRENT,
-                }
-                .nl(format!("adding the route to {addr}")),
-            )?;
+        host.route().add(route).replace().execute().await.map_err(
+            At {
+                ifname: "host side",
+                netns: CURRENT,
+            }
+            .nl(format!("adding the route to {addr}")),
+        )?;
     }
     Ok(())
+}
+
+/// Sets the MTU of an interface in the current namespace.
+pub async fn set_mtu(ifname: &str, mtu: u32) -> Result<(), ConduitNetError> {
+    let at = At {
+        ifname,
+        netns: CURRENT,
+    };
+    let handle = netlink_here()?;
+    let message = LinkUnspec::new_with_name(ifname).mtu(mtu).build();
+    handle
+        .link()
+        .set(message)
+        .execute()
+        .await
+        .map_err(at.nl(format!("setting MTU {mtu}")))
 }

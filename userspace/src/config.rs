@@ -424,16 +424,23 @@ impl Config {
 
     fn validate_netmanager(&self) -> Result<(), ConfigError> {
         let nm = &self.netmanager;
-        let bad = |setting: &'static str, message: String| ConfigError::BadValue { setting, message };
+        let bad =
+            |setting: &'static str, message: String| ConfigError::BadValue { setting, message };
         if let Some(socket) = &nm.socket {
             if !socket.is_absolute() {
-                return Err(bad("netmanager.socket", format!("{socket:?} must be an absolute path")));
+                return Err(bad(
+                    "netmanager.socket",
+                    format!("{socket:?} must be an absolute path"),
+                ));
             }
         }
         let v4 = |setting: &'static str, text: &str| -> Result<(), ConfigError> {
             match text.parse::<crate::conduit_net::Cidr>() {
                 Ok(c) if c.addr.is_ipv4() => Ok(()),
-                _ => Err(bad(setting, format!("{text:?} is not an IPv4 prefix like 10.30.0.0/16"))),
+                _ => Err(bad(
+                    setting,
+                    format!("{text:?} is not an IPv4 prefix like 10.30.0.0/16"),
+                )),
             }
         };
         v4("netmanager.service_prefix", &nm.service_prefix)?;
@@ -443,14 +450,25 @@ impl Config {
         if let Some(s) = &nm.subnetwork_v6 {
             match s.parse::<crate::conduit_net::Cidr>() {
                 Ok(c) if c.addr.is_ipv6() => {}
-                _ => return Err(bad("netmanager.subnetwork_v6", format!("{s:?} is not an IPv6 prefix like fc00::/120"))),
+                _ => {
+                    return Err(bad(
+                        "netmanager.subnetwork_v6",
+                        format!("{s:?} is not an IPv6 prefix like fc00::/120"),
+                    ))
+                }
             }
         }
         if nm.mtu != 0 && !(576..=9000).contains(&nm.mtu) {
-            return Err(bad("netmanager.mtu", format!("{} is outside 576-9000 (0: from the uplink)", nm.mtu)));
+            return Err(bad(
+                "netmanager.mtu",
+                format!("{} is outside 576-9000 (0: from the uplink)", nm.mtu),
+            ));
         }
         if nm.container_ifname.is_empty() || nm.container_ifname.len() > 15 {
-            return Err(bad("netmanager.container_ifname", format!("{:?} must be 1-15 bytes", nm.container_ifname)));
+            return Err(bad(
+                "netmanager.container_ifname",
+                format!("{:?} must be 1-15 bytes", nm.container_ifname),
+            ));
         }
         Ok(())
     }

@@ -219,7 +219,10 @@ impl DataplaneHandle {
     }
 
     /// Makes the overlay maps hold `tables`.
-    pub async fn apply_overlay(&self, tables: &overlay::OverlayTables) -> Result<(), DataplaneError> {
+    pub async fn apply_overlay(
+        &self,
+        tables: &overlay::OverlayTables,
+    ) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
         let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
         r.overlay.apply(&mut r.ebpf, tables)

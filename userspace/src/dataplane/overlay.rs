@@ -73,19 +73,25 @@ impl OverlayWriter {
         }
         {
             let mut instances: Array<&mut MapData, Instance> =
-                Array::try_from(map_mut(ebpf, n::OV_INSTANCES)?).map_err(map_err(n::OV_INSTANCES))?;
+                Array::try_from(map_mut(ebpf, n::OV_INSTANCES)?)
+                    .map_err(map_err(n::OV_INSTANCES))?;
             for (&id, inst) in &wanted.instances {
                 if self.written.instances.get(&id) != Some(inst) {
-                    instances.set(id, *inst, 0).map_err(map_err(n::OV_INSTANCES))?;
+                    instances
+                        .set(id, *inst, 0)
+                        .map_err(map_err(n::OV_INSTANCES))?;
                 }
             }
         }
         {
             let mut locals: BpfHashMap<&mut MapData, u32, Local> =
-                BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS)?).map_err(map_err(n::OV_LOCALS))?;
+                BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS)?)
+                    .map_err(map_err(n::OV_LOCALS))?;
             for (addr, local) in &wanted.locals {
                 if self.written.locals.get(addr) != Some(local) {
-                    locals.insert(addr_word(*addr), *local, 0).map_err(map_err(n::OV_LOCALS))?;
+                    locals
+                        .insert(addr_word(*addr), *local, 0)
+                        .map_err(map_err(n::OV_LOCALS))?;
                 }
             }
         }
@@ -118,7 +124,9 @@ impl OverlayWriter {
                     slots: table.slots.len() as u8,
                     _pad: [0; 2],
                 };
-                services.insert(addr_word(*addr), value, 0).map_err(map_err(n::OV_SERVICES))?;
+                services
+                    .insert(addr_word(*addr), value, 0)
+                    .map_err(map_err(n::OV_SERVICES))?;
             }
             for addr in self.written.services.keys() {
                 if !wanted.services.contains_key(addr) {
@@ -128,7 +136,8 @@ impl OverlayWriter {
         }
         {
             let mut locals: BpfHashMap<&mut MapData, u32, Local> =
-                BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS)?).map_err(map_err(n::OV_LOCALS))?;
+                BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS)?)
+                    .map_err(map_err(n::OV_LOCALS))?;
             for addr in self.written.locals.keys() {
                 if !wanted.locals.contains_key(addr) {
                     let _ = locals.remove(&addr_word(*addr));
@@ -139,21 +148,26 @@ impl OverlayWriter {
             // Removed instances: their slot is emptied with a new generation,
             // so conntrack entries naming them pick again.
             let mut instances: Array<&mut MapData, Instance> =
-                Array::try_from(map_mut(ebpf, n::OV_INSTANCES)?).map_err(map_err(n::OV_INSTANCES))?;
+                Array::try_from(map_mut(ebpf, n::OV_INSTANCES)?)
+                    .map_err(map_err(n::OV_INSTANCES))?;
             for (&id, old) in &self.written.instances {
                 if !wanted.instances.contains_key(&id) {
                     let empty = Instance {
                         generation: old.generation.wrapping_add(1),
                         ..Instance::default()
                     };
-                    instances.set(id, empty, 0).map_err(map_err(n::OV_INSTANCES))?;
+                    instances
+                        .set(id, empty, 0)
+                        .map_err(map_err(n::OV_INSTANCES))?;
                 }
             }
         }
         if self.written.config != wanted.config {
             let mut config: Array<&mut MapData, OverlayConfig> =
                 Array::try_from(map_mut(ebpf, n::OV_CONFIG)?).map_err(map_err(n::OV_CONFIG))?;
-            config.set(0, wanted.config, 0).map_err(map_err(n::OV_CONFIG))?;
+            config
+                .set(0, wanted.config, 0)
+                .map_err(map_err(n::OV_CONFIG))?;
         }
         self.written = wanted.clone();
         Ok(())

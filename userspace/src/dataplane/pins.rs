@@ -16,8 +16,7 @@ use tapmesh_common::{
     },
     map_names as n,
     mirror::{MirrorCounter, MirrorPort, VlanSet, MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS},
-    overlay as ov,
-    PacketCounter, ProgramSlot, ProgramStats, SCHEMA_VERSION,
+    overlay as ov, PacketCounter, ProgramSlot, ProgramStats, SCHEMA_VERSION,
 };
 
 use super::DataplaneError;
@@ -108,10 +107,20 @@ const MAPS: &[MapSpec] = &[
     spec(n::MIRROR_RINGS, 4, 4, MAX_RINGS),
     spec(n::XSKS, 4, 4, MAX_RINGS),
     spec(n::OV_CONFIG, 4, size_of::<ov::OverlayConfig>(), 1),
-    spec(n::OV_SERVICES, 4, size_of::<ov::Service>(), ov::MAX_SERVICES),
+    spec(
+        n::OV_SERVICES,
+        4,
+        size_of::<ov::Service>(),
+        ov::MAX_SERVICES,
+    ),
     spec(n::OV_SLOTS, 4, 4, ov::SLOT_ENTRIES),
     spec(n::OV_ROUND_ROBIN, 4, 4, ov::MAX_SERVICES),
-    spec(n::OV_INSTANCES, 4, size_of::<ov::Instance>(), ov::MAX_INSTANCES),
+    spec(
+        n::OV_INSTANCES,
+        4,
+        size_of::<ov::Instance>(),
+        ov::MAX_INSTANCES,
+    ),
     spec(n::OV_LOCALS, 4, size_of::<ov::Local>(), ov::MAX_LOCALS),
     spec(
         n::OV_CONNTRACK,

@@ -42,7 +42,10 @@ impl From<NmError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
-        ApiError(StatusCode::BAD_REQUEST, format!("bad request body: {}", e.body_text()))
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("bad request body: {}", e.body_text()),
+        )
     }
 }
 
@@ -182,8 +185,13 @@ async fn register(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(r) = body?;
     detached(async move {
-        nm.register(r.client_id, r.cluster_address, r.subnetwork, r.subnetwork_v6)
-            .await
+        nm.register(
+            r.client_id,
+            r.cluster_address,
+            r.subnetwork,
+            r.subnetwork_v6,
+        )
+        .await
     })
     .await?;
     Ok(Json(serde_json::json!({})))

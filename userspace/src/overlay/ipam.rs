@@ -92,7 +92,9 @@ impl Ipam {
             self.next += 1;
             self.next - 1
         } else {
-            self.freed.pop_front().ok_or(IpamError::Exhausted(self.subnet))?
+            self.freed
+                .pop_front()
+                .ok_or(IpamError::Exhausted(self.subnet))?
         };
         self.used.insert(host);
         Ok(Lease {
@@ -119,7 +121,11 @@ mod tests {
 
     #[test]
     fn addresses_start_after_the_gateway_and_freed_ones_wait_their_turn() {
-        let mut ipam = Ipam::new("192.0.2.0/29".parse().unwrap(), Some("2001:db8::/120".parse().unwrap())).unwrap();
+        let mut ipam = Ipam::new(
+            "192.0.2.0/29".parse().unwrap(),
+            Some("2001:db8::/120".parse().unwrap()),
+        )
+        .unwrap();
         assert_eq!(ipam.gateway(), Ipv4Addr::new(192, 0, 2, 1));
         let a = ipam.allocate().unwrap();
         assert_eq!(a.v4, Ipv4Addr::new(192, 0, 2, 2));

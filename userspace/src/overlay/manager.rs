@@ -198,7 +198,10 @@ impl NetManager {
         if client_id.trim().is_empty() {
             return Err(NmError::BadRequest("client_id is empty".into()));
         }
-        let parse = |text: Option<String>, fallback: Option<Cidr>, v4: bool| -> Result<Option<Cidr>, NmError> {
+        let parse = |text: Option<String>,
+                     fallback: Option<Cidr>,
+                     v4: bool|
+         -> Result<Option<Cidr>, NmError> {
             match text {
                 Some(t) => match t.parse::<Cidr>() {
                     Ok(c) if c.addr.is_ipv4() == v4 => Ok(Some(c)),
@@ -418,7 +421,10 @@ impl NetManager {
             &local.iter().map(|c| c.addr).collect::<Vec<_>>(),
         )
         .await;
-        if let Err(e) = routed {
+        // The host side takes what the uplink takes: a container that raises
+        // its own MTU still reaches TC, which answers "fragmentation needed".
+        let host_mtu = conduit_net::set_mtu(host, self.settings.mtu + 28).await;
+        if let Err(e) = routed.and(host_mtu) {
             let _ = conduit_net::delete(host).await;
             return Err(e.into());
         }
@@ -457,7 +463,11 @@ impl NetManager {
     }
 
     /// Replaces the instances of `job` on other nodes (an empty list removes them).
-    pub async fn update_table(&self, job: String, instances: Vec<RemoteSpec>) -> Result<(), NmError> {
+    pub async fn update_table(
+        &self,
+        job: String,
+        instances: Vec<RemoteSpec>,
+    ) -> Result<(), NmError> {
         let mut state = self.state.lock().await;
         let records: Vec<InstanceRecord> = instances
             .into_iter()

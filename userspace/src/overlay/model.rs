@@ -338,7 +338,13 @@ fn weighted_slots(ids: &[u32], weight: impl Fn(&u32) -> u32) -> Vec<u32> {
 mod tests {
     use super::*;
 
-    fn record(job: &str, number: u32, ns: [u8; 4], local: bool, sips: &[(IpType, [u8; 4])]) -> InstanceRecord {
+    fn record(
+        job: &str,
+        number: u32,
+        ns: [u8; 4],
+        local: bool,
+        sips: &[(IpType, [u8; 4])],
+    ) -> InstanceRecord {
         InstanceRecord {
             job: job.into(),
             number,
@@ -382,19 +388,51 @@ mod tests {
     #[test]
     fn rr_closest_and_instance_ips_compile_to_slots() {
         let rr = [203, 0, 113, 10];
-        let a = record("app.ns.web.ns", 0, [192, 0, 2, 2], true, &[(IpType::RoundRobin, rr), (IpType::InstanceNumber, [203, 0, 113, 20]), (IpType::Closest, [203, 0, 113, 11])]);
-        let b = record("app.ns.web.ns", 1, [192, 0, 2, 66], false, &[(IpType::RoundRobin, rr), (IpType::InstanceNumber, [203, 0, 113, 21]), (IpType::Closest, [203, 0, 113, 11])]);
+        let a = record(
+            "app.ns.web.ns",
+            0,
+            [192, 0, 2, 2],
+            true,
+            &[
+                (IpType::RoundRobin, rr),
+                (IpType::InstanceNumber, [203, 0, 113, 20]),
+                (IpType::Closest, [203, 0, 113, 11]),
+            ],
+        );
+        let b = record(
+            "app.ns.web.ns",
+            1,
+            [192, 0, 2, 66],
+            false,
+            &[
+                (IpType::RoundRobin, rr),
+                (IpType::InstanceNumber, [203, 0, 113, 21]),
+                (IpType::Closest, [203, 0, 113, 11]),
+            ],
+        );
         let mut ids = Ids::default();
         let cost = |r: &InstanceRecord| if r.is_local() { 0 } else { 100 };
         // The remote one first, so that only cost puts the local one first.
         let t = ids.compile(&[&b, &a], &settings(), &cost).unwrap();
-        let (ia, ib) = (ids.instance_id(&a.job, 0).unwrap(), ids.instance_id(&b.job, 1).unwrap());
+        let (ia, ib) = (
+            ids.instance_id(&a.job, 0).unwrap(),
+            ids.instance_id(&b.job, 1).unwrap(),
+        );
         assert_eq!(t.services[&rr.into()].slots, vec![ib, ia]);
-        assert_eq!(t.services[&Ipv4Addr::from([203, 0, 113, 11])].slots, vec![ia, ib]);
-        assert_eq!(t.services[&Ipv4Addr::from([203, 0, 113, 20])].slots, vec![ia]);
+        assert_eq!(
+            t.services[&Ipv4Addr::from([203, 0, 113, 11])].slots,
+            vec![ia, ib]
+        );
+        assert_eq!(
+            t.services[&Ipv4Addr::from([203, 0, 113, 20])].slots,
+            vec![ia]
+        );
         assert_eq!(t.instances[&ia].kind, INSTANCE_LOCAL);
         assert_eq!(t.instances[&ib].node_port, 50103u16.to_be());
-        assert_eq!(t.locals[&Ipv4Addr::from([192, 0, 2, 2])].instance_addr, addr_word([203, 0, 113, 20].into()));
+        assert_eq!(
+            t.locals[&Ipv4Addr::from([192, 0, 2, 2])].instance_addr,
+            addr_word([203, 0, 113, 20].into())
+        );
         assert_eq!(t.config.service_mask, addr_word([255, 255, 255, 0].into()));
 
         // Unchanged: same generations; the local one gone: the remote one
@@ -403,7 +441,10 @@ mod tests {
         let t2 = ids.compile(&[&b], &settings(), &cost).unwrap();
         assert_eq!(t2.instances[&ib].generation, g);
         assert!(!t2.instances.contains_key(&ia));
-        assert_eq!(t2.services[&Ipv4Addr::from([203, 0, 113, 11])].slots, vec![ib]);
+        assert_eq!(
+            t2.services[&Ipv4Addr::from([203, 0, 113, 11])].slots,
+            vec![ib]
+        );
         // A new instance reusing the slot starts a newer generation.
         let c = record("app.ns.db.ns", 0, [192, 0, 2, 3], true, &[]);
         let t3 = ids.compile(&[&b, &c], &settings(), &cost).unwrap();

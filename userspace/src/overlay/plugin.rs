@@ -43,10 +43,16 @@ impl NetManagerPlugin {
     }
 }
 
+/// An interface's MTU (through `ip`: /sys shows the namespace it was mounted in).
 fn read_mtu(interface: &str) -> Option<u32> {
-    std::fs::read_to_string(format!("/sys/class/net/{interface}/mtu"))
-        .ok()?
-        .trim()
+    let out = std::process::Command::new("ip")
+        .args(["-o", "link", "show", "dev", interface])
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "mtu")
+        .nth(1)?
         .parse()
         .ok()
 }
@@ -58,7 +64,10 @@ fn first_ipv4(interface: &str) -> Option<Ipv4Addr> {
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let word = text.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
+    let word = text
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)?;
     word.split('/').next()?.parse().ok()
 }
 
@@ -111,7 +120,10 @@ impl Plugin for NetManagerPlugin {
             settings.manager = None;
             return Ok(());
         }
-        let cidr = |text: &str| text.parse::<Cidr>().map_err(|e| PluginError::new(e.to_string()));
+        let cidr = |text: &str| {
+            text.parse::<Cidr>()
+                .map_err(|e| PluginError::new(e.to_string()))
+        };
         let prefix = cidr(&nm.service_prefix)?;
         let std::net::IpAddr::V4(prefix_addr) = prefix.addr else {
             return Err(PluginError::new("netmanager.service_prefix must be IPv4"));
@@ -156,8 +168,9 @@ impl Plugin for NetManagerPlugin {
         let manager = Arc::new(NetManager::new(self.dataplane.clone(), settings));
         let router = super::api::router(manager.clone());
         if let Some(path) = &socket {
-            let listener = crate::uds::bind(path, 0o660)
-                .map_err(|e| PluginError::new(format!("netmanager socket {}: {e}", path.display())))?;
+            let listener = crate::uds::bind(path, 0o660).map_err(|e| {
+                PluginError::new(format!("netmanager socket {}: {e}", path.display()))
+            })?;
             let (router, stop) = (router.clone(), scope.clone());
             tokio::spawn(async move {
                 let served = axum::serve(listener, router)
@@ -237,7 +250,8 @@ async fn read_misses(
 
     // SAFETY: the ring owns its descriptor and stays inside the AsyncFd
     // until both are dropped together.
-    let registered = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
     let mut fd = match registered {
         Ok(fd) => fd,
         Err(e) => {

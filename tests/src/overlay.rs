@@ -1,0 +1,231 @@
+//! A two-node service-IP overlay lab: nodes are namespaces joined by one
+//! veth link (the underlay), each runs a daemon with the NetManager API on
+//! a unix socket, containers are namespaces deployed through that API.
+//!
+//! ```text
+//! containers ── node1 (198.18.2.1) ═══ node2 (198.18.2.2) ── containers
+//!   192.0.2.0/26                                          192.0.2.64/26
+//! ```
+
+use std::{
+    io::{Read, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::{daemon::Daemon, link, Netns};
+
+pub const NODE1: &str = "198.18.2.1";
+pub const NODE2: &str = "198.18.2.2";
+pub const SERVICE_PREFIX: &str = "203.0.113.0/24";
+
+/// One HTTP/1.1 request over a unix socket: (status, body).
+pub fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
+    let mut stream = UnixStream::connect(socket)
+        .unwrap_or_else(|e| panic!("connecting to {}: {e}", socket.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("sending");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("reading");
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A node: its namespace, uplink, daemon and API socket.
+pub struct Node {
+    pub netns: Netns,
+    pub uplink: String,
+    pub address: &'static str,
+    pub socket: PathBuf,
+    pub daemon: Option<Daemon>,
+    dir: PathBuf,
+}
+
+impl Node {
+    pub fn api(&self, path: &str, body: &str) -> (u16, String) {
+        http(&self.socket, "POST", path, body)
+    }
+
+    /// `POST` that must succeed; returns the JSON body.
+    pub fn post(&self, path: &str, body: &str) -> serde_json::Value {
+        let (status, text) = self.api(path, body);
+        assert_eq!(status, 200, "{path} {body} → {status} {text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: {e}: {text}"))
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (status, text) = http(&self.socket, "GET", "/status", "");
+        assert_eq!(status, 200, "{text}");
+        serde_json::from_str(&text).expect("status JSON")
+    }
+
+    pub fn register(&self, subnet: &str) {
+        self.post(
+            "/register",
+            &format!(
+                r#"{{"client_id": "{}", "cluster_address": "198.18.2.254", "subnetwork": "{subnet}"}}"#,
+                self.netns.name
+            ),
+        );
+    }
+
+    /// Deploys `container` as instance `number` of `job` with `service_ips`
+    /// (type, address) pairs; returns its namespace address.
+    pub fn deploy(
+        &self,
+        container: &Netns,
+        job: &str,
+        number: u32,
+        service_ips: &[(&str, &str)],
+    ) -> String {
+        let reply = self.post(
+            "/container/deploy",
+            &deploy_body(container, job, number, service_ips),
+        );
+        reply["nsAddress"].as_str().expect("nsAddress").to_string()
+    }
+
+    pub fn undeploy(&self, job: &str, number: u32) {
+        self.post(
+            "/container/undeploy",
+            &format!(r#"{{"serviceName": "{job}", "instanceNumber": {number}}}"#),
+        );
+    }
+
+    /// Tells this node about instances of `job` on `node` (the cluster's table update).
+    pub fn table(&self, job: &str, instances: &[(u32, &str, &str, &[(&str, &str)])]) {
+        let list: Vec<String> = instances
+            .iter()
+            .map(|(number, ns, node, sips)| {
+                format!(
+                    r#"{{"instance_number": {number}, "namespace_ip": "{ns}", "host_ip": "{node}", "host_port": 50103, "service_ip": [{}]}}"#,
+                    service_ips_json(sips)
+                )
+            })
+            .collect();
+        self.post(
+            "/tablequery/result",
+            &format!(
+                r#"{{"app_name": "{job}", "instance_list": [{}]}}"#,
+                list.join(",")
+            ),
+        );
+    }
+
+    /// Host-side interfaces the NetManager created.
+    pub fn container_links(&self) -> Vec<String> {
+        let out = self.netns.ip(&["-o", "link", "show"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.split(':').nth(1))
+            .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
+            .filter(|n| n.starts_with("tmo"))
+            .collect()
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        drop(self.daemon.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn service_ips_json(sips: &[(&str, &str)]) -> String {
+    sips.iter()
+        .map(|(t, a)| format!(r#"{{"IpType": "{t}", "Address": "{a}"}}"#))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn deploy_body(
+    container: &Netns,
+    job: &str,
+    number: u32,
+    service_ips: &[(&str, &str)],
+) -> String {
+    format!(
+        r#"{{"netns": "/run/netns/{}", "serviceName": "{job}", "instanceNumber": {number}, "portMappings": "", "serviceIp": [{}]}}"#,
+        container.name,
+        service_ips_json(service_ips)
+    )
+}
+
+/// Two nodes with daemons running (not yet registered).
+pub struct TwoNodes {
+    pub node1: Node,
+    pub node2: Node,
+}
+
+fn start_node(netns: Netns, uplink: String, address: &'static str) -> Node {
+    let dir = std::env::temp_dir().join(crate::unique("tmov"));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let socket = dir.join("netmanager.sock");
+    let config = dir.join("tapmesh.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[netmanager]\nsocket = \"{}\"\nservice_prefix = \"{SERVICE_PREFIX}\"\n",
+            socket.display()
+        ),
+    )
+    .expect("config");
+    netns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    // The lab's underlay is a veth: make it finish checksums as a NIC would
+    // (XDP on the other end does not carry "checksum pending" along).
+    netns.exec(&["ethtool", "-K", &uplink, "tx", "off"]);
+    let daemon = Daemon::start(
+        &netns.name,
+        &[
+            "--config",
+            config.to_str().expect("utf-8 path"),
+            "--uplink",
+            &uplink,
+            "--node-address",
+            address,
+        ],
+    );
+    Node {
+        netns,
+        uplink,
+        address,
+        socket,
+        daemon: Some(daemon),
+        dir,
+    }
+}
+
+impl TwoNodes {
+    pub fn start() -> Self {
+        let n1 = Netns::new("ovn1");
+        let n2 = Netns::new("ovn2");
+        let (up1, up2) = link(&n1, &format!("{NODE1}/24"), &n2, &format!("{NODE2}/24"));
+        TwoNodes {
+            node1: start_node(n1, up1.interface, NODE1),
+            node2: start_node(n2, up2.interface, NODE2),
+        }
+    }
+}
+
+/// Runs a shell command in a namespace and returns its stdout and stderr.
+pub fn run(netns: &Netns, args: &[&str]) -> (bool, String) {
+    let out = netns.try_exec(args);
+    let mut text = String::from_utf8_lossy(&out.stdout).to_string();
+    text += &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}

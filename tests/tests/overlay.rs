@@ -1,0 +1,559 @@
+//! The service-IP overlay on two nodes: containers deployed through the
+//! NetManager REST API reach service IPs; translation, the UDP 50103 tunnel
+//! and decapsulation all happen in TC and XDP.
+
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    time::Duration,
+};
+
+use tapmesh_tests::{
+    kernel_tests_enabled,
+    net::spawn_in,
+    overlay::{deploy_body, run, TwoNodes, NODE1, NODE2},
+    Netns,
+};
+
+const WEB: &str = "app.ns.web.ns";
+const CLIENT: &str = "app.ns.client.ns";
+const RR: &str = "203.0.113.10";
+const CLOSEST: &str = "203.0.113.11";
+const CLIENT_IP: &str = "203.0.113.100";
+const WEB0_IP: &str = "203.0.113.101";
+const WEB1_IP: &str = "203.0.113.102";
+const UDP_PORT: u16 = 7000;
+const TCP_PORT: u16 = 7001;
+
+/// Answers every UDP datagram and TCP connection with `name`, forever (the
+/// thread dies with the process; the namespace goes on drop).
+fn who_servers(container: &Netns, name: &'static str) {
+    let ns = container.name.clone();
+    let _ = spawn_in(&ns, move || {
+        let udp =
+            UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, UDP_PORT)).expect("udp bind");
+        let tcp = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, TCP_PORT))
+            .expect("tcp bind");
+        std::thread::spawn(move || {
+            for stream in tcp.incoming().flatten() {
+                let mut stream = stream;
+                let _ = stream.write_all(name.as_bytes());
+            }
+        });
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(name.as_bytes(), from);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// From inside `client`: one UDP flow (its own socket) per call; returns
+/// who answered and the address the answer came from.
+fn udp_ask(client: &Netns, to: &str, flows: usize) -> Vec<(String, String)> {
+    let to: Ipv4Addr = to.parse().unwrap();
+    spawn_in(&client.name, move || {
+        (0..flows)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(1500)))
+                    .unwrap();
+                for _ in 0..3 {
+                    s.send_to(b"hello", SocketAddrV4::new(to, UDP_PORT))
+                        .unwrap();
+                    let mut buf = [0u8; 64];
+                    if let Ok((n, from)) = s.recv_from(&mut buf) {
+                        return (
+                            String::from_utf8_lossy(&buf[..n]).to_string(),
+                            from.to_string(),
+                        );
+                    }
+                }
+                ("(no answer)".to_string(), String::new())
+            })
+            .collect()
+    })
+    .join()
+    .expect("client thread")
+}
+
+/// One TCP connection per call; returns who answered.
+fn tcp_ask(client: &Netns, to: &str, connections: usize) -> Vec<String> {
+    let to: Ipv4Addr = to.parse().unwrap();
+    spawn_in(&client.name, move || {
+        (0..connections)
+            .map(|_| {
+                let addr = SocketAddrV4::new(to, TCP_PORT).into();
+                match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+                    Ok(mut s) => {
+                        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                        let mut text = String::new();
+                        let _ = s.read_to_string(&mut text);
+                        text
+                    }
+                    Err(e) => format!("(connect failed: {e})"),
+                }
+            })
+            .collect()
+    })
+    .join()
+    .expect("client thread")
+}
+
+fn alternates(names: &[String]) -> bool {
+    names.windows(2).all(|w| w[0] != w[1])
+}
+
+/// The lab of most tests: client and web#0 on node 1, web#1 on node 2, each
+/// node told about the other's instances.
+struct Lab {
+    nodes: TwoNodes,
+    client: Netns,
+    web0: Netns,
+    web1: Netns,
+    web1_ns: String,
+}
+
+fn lab() -> Lab {
+    let nodes = TwoNodes::start();
+    nodes.node1.register("192.0.2.0/26");
+    nodes.node2.register("192.0.2.64/26");
+    let client = Netns::new("ovc");
+    let web0 = Netns::new("ovw0");
+    let web1 = Netns::new("ovw1");
+    let client_ns = nodes
+        .node1
+        .deploy(&client, CLIENT, 0, &[("InstanceNumber", CLIENT_IP)]);
+    let web_ips0: &[(&str, &str)] = &[
+        ("RR", RR),
+        ("Closest", CLOSEST),
+        ("InstanceNumber", WEB0_IP),
+    ];
+    let web_ips1: &[(&str, &str)] = &[
+        ("RR", RR),
+        ("Closest", CLOSEST),
+        ("InstanceNumber", WEB1_IP),
+    ];
+    let web0_ns = nodes.node1.deploy(&web0, WEB, 0, web_ips0);
+    let web1_ns = nodes.node2.deploy(&web1, WEB, 1, web_ips1);
+    assert!(client_ns.starts_with("192.0.2.") && web1_ns.starts_with("192.0.2."));
+    // What the cluster would push to each node.
+    nodes.node1.table(WEB, &[(1, &web1_ns, NODE2, web_ips1)]);
+    nodes.node2.table(WEB, &[(0, &web0_ns, NODE1, web_ips0)]);
+    nodes.node2.table(
+        CLIENT,
+        &[(0, &client_ns, NODE1, &[("InstanceNumber", CLIENT_IP)])],
+    );
+    who_servers(&web0, "web0");
+    who_servers(&web1, "web1");
+    Lab {
+        nodes,
+        client,
+        web0,
+        web1,
+        web1_ns,
+    }
+}
+
+/// Inner packets found in UDP 50103 datagrams of a pcap file: (src, dst).
+fn tunnelled_inner(pcap: &[u8]) -> Vec<(Ipv4Addr, Ipv4Addr)> {
+    let mut found = Vec::new();
+    let mut at = 24;
+    while at + 16 <= pcap.len() {
+        let caplen = u32::from_le_bytes(pcap[at + 8..at + 12].try_into().unwrap()) as usize;
+        let frame = &pcap[at + 16..(at + 16 + caplen).min(pcap.len())];
+        at += 16 + caplen;
+        if frame.len() < 14 + 20 + 8 + 20 || frame[12..14] != [8, 0] || frame[23] != 17 {
+            continue;
+        }
+        let udp = 14 + usize::from(frame[14] & 0xf) * 4;
+        if u16::from_be_bytes([frame[udp + 2], frame[udp + 3]]) != 50103 {
+            continue;
+        }
+        let inner = &frame[udp + 8..];
+        if inner[0] >> 4 == 4 {
+            let a = |o: usize| Ipv4Addr::new(inner[o], inner[o + 1], inner[o + 2], inner[o + 3]);
+            found.push((a(12), a(16)));
+        }
+    }
+    found
+}
+
+#[test]
+fn round_robin_and_instance_ips_reach_instances_on_both_nodes_through_the_tunnel() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    let n1 = &lab.nodes.node1;
+    // Requests leave node 1's uplink, replies node 2's (what arrives is taken
+    // by XDP before a capture could see it).
+    let capture = |node: &tapmesh_tests::overlay::Node| {
+        let pcap = std::env::temp_dir()
+            .join(tapmesh_tests::unique("ovcap"))
+            .with_extension("pcap");
+        let child = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node.netns.name,
+                "tcpdump",
+                "--immediate-mode",
+                "-U",
+                "-n",
+                "-s",
+                "200",
+                "-i",
+                &node.uplink,
+                "-w",
+            ])
+            .arg(&pcap)
+            .arg("udp port 50103")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tcpdump");
+        (child, pcap)
+    };
+    let captures = [capture(n1), capture(&lab.nodes.node2)];
+    // tcpdump writes the file header once it captures.
+    let started = tapmesh_tests::net::wait_until(Duration::from_secs(10), || {
+        captures
+            .iter()
+            .all(|(_, p)| std::fs::metadata(p).map(|m| m.len() >= 24).unwrap_or(false))
+    });
+    assert!(started, "tcpdump did not start");
+    std::thread::sleep(Duration::from_millis(200));
+
+    // UDP: every new flow takes the next instance; answers come from the service IP.
+    let udp = udp_ask(&lab.client, RR, 6);
+    let names: Vec<String> = udp.iter().map(|(n, _)| n.clone()).collect();
+    assert!(alternates(&names), "UDP flows did not alternate: {udp:?}");
+    assert!(names.iter().all(|n| n == "web0" || n == "web1"), "{udp:?}");
+    for (_, from) in &udp {
+        assert_eq!(
+            from,
+            &format!("{RR}:{UDP_PORT}"),
+            "answers come from the service IP"
+        );
+    }
+    // TCP: handshakes complete (so replies carry the service IP) and alternate.
+    let tcp = tcp_ask(&lab.client, RR, 4);
+    assert!(
+        alternates(&tcp),
+        "TCP connections did not alternate: {tcp:?}"
+    );
+    assert!(tcp.iter().all(|n| n == "web0" || n == "web1"), "{tcp:?}");
+
+    // Instance IPs reach exactly their instance.
+    let to0 = udp_ask(&lab.client, WEB0_IP, 3);
+    let to1 = udp_ask(&lab.client, WEB1_IP, 3);
+    assert!(
+        to0.iter()
+            .all(|(n, f)| n == "web0" && f == &format!("{WEB0_IP}:{UDP_PORT}")),
+        "{to0:?}"
+    );
+    assert!(
+        to1.iter()
+            .all(|(n, f)| n == "web1" && f == &format!("{WEB1_IP}:{UDP_PORT}")),
+        "{to1:?}"
+    );
+    assert_eq!(tcp_ask(&lab.client, WEB1_IP, 2), vec!["web1", "web1"]);
+
+    std::thread::sleep(Duration::from_millis(300));
+    let mut inner = Vec::new();
+    let mut bytes = Vec::new();
+    for (mut child, pcap) in captures {
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let _ = child.wait();
+        let file = std::fs::read(&pcap).expect("pcap");
+        bytes.push(file.len());
+        let _ = std::fs::remove_file(&pcap);
+        inner.extend(tunnelled_inner(&file));
+    }
+    let client_ip: Ipv4Addr = CLIENT_IP.parse().unwrap();
+    let web1_ns: Ipv4Addr = lab.web1_ns.parse().unwrap();
+    // Requests: sender's instance IP → the instance's namespace address.
+    assert!(
+        inner.contains(&(client_ip, web1_ns)),
+        "no request inside UDP 50103: {inner:?} (capture sizes {bytes:?})"
+    );
+    // Replies: web#1's instance IP → the client's namespace address.
+    assert!(
+        inner
+            .iter()
+            .any(|(s, _)| *s == WEB1_IP.parse::<Ipv4Addr>().unwrap()),
+        "no reply inside UDP 50103: {inner:?}"
+    );
+
+    // Counters: the RR service counted what the client sent to it.
+    let status = n1.status();
+    let rr = status["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["address"] == RR)
+        .expect("RR service");
+    assert!(rr["packets"].as_u64().unwrap() >= 6 + 4 * 3, "{rr}");
+    let _ = (&lab.web0, &lab.web1);
+}
+
+#[test]
+fn closest_prefers_the_local_instance_and_undeploy_removes_every_trace() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    let n1 = &lab.nodes.node1;
+    let first = udp_ask(&lab.client, CLOSEST, 4);
+    assert!(
+        first
+            .iter()
+            .all(|(n, f)| n == "web0" && f == &format!("{CLOSEST}:{UDP_PORT}")),
+        "{first:?}"
+    );
+
+    let before = n1.container_links();
+    assert_eq!(before.len(), 2, "{before:?}");
+    n1.undeploy(WEB, 0);
+    // Falls back to the next closest, on the other node.
+    let after = udp_ask(&lab.client, CLOSEST, 3);
+    assert!(
+        after
+            .iter()
+            .all(|(n, f)| n == "web1" && f == &format!("{CLOSEST}:{UDP_PORT}")),
+        "{after:?}"
+    );
+    // No trace: interface, container address, map entries.
+    assert_eq!(n1.container_links().len(), 1);
+    let (_, inside) = run(&lab.web0, &["ip", "-o", "addr", "show"]);
+    assert!(
+        !inside.contains("192.0.2."),
+        "address left in the container: {inside}"
+    );
+    let status = n1.status();
+    assert!(status["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["number"] != 0 || i["job"] != WEB));
+    let pins = n1
+        .daemon
+        .as_ref()
+        .unwrap()
+        .bpffs_root
+        .join(format!("v{}/tm_ov_locals", tapmesh_common::SCHEMA_VERSION));
+    let dump = String::from_utf8_lossy(
+        &tapmesh_tests::sh(
+            "bpftool",
+            &["-j", "map", "dump", "pinned", pins.to_str().unwrap()],
+        )
+        .stdout,
+    )
+    .to_string();
+    let locals: serde_json::Value = serde_json::from_str(&dump).expect("bpftool JSON");
+    assert_eq!(
+        locals.as_array().map(|a| a.len()),
+        Some(1),
+        "only the client is local now: {dump}"
+    );
+    // A redeploy takes a fresh address and works again.
+    let again = n1.deploy(
+        &lab.web0,
+        WEB,
+        0,
+        &[("Closest", CLOSEST), ("InstanceNumber", WEB0_IP)],
+    );
+    assert!(again.starts_with("192.0.2."));
+    who_servers(&lab.web0, "web0");
+    let back = udp_ask(&lab.client, CLOSEST, 2);
+    assert!(back.iter().all(|(n, _)| n == "web0"), "{back:?}");
+}
+
+#[test]
+fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    let n1 = &lab.nodes.node1;
+    let unknown = "203.0.113.99";
+    let target: Ipv4Addr = unknown.parse().unwrap();
+    spawn_in(&lab.client.name, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..50 {
+            s.send_to(b"x", SocketAddrV4::new(target, UDP_PORT))
+                .unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let status = n1.status();
+    assert_eq!(status["misses"], 1, "50 packets, one report: {status}");
+    assert_eq!(status["unresolved"], serde_json::json!([unknown]));
+    let counters = n1.daemon.as_ref().unwrap().status();
+    let tc = counters
+        .programs
+        .iter()
+        .find(|p| p.program == "tc_service")
+        .expect("tc_service counters");
+    let dropped = tc
+        .drops
+        .iter()
+        .find(|d| d.name == "unknown_service")
+        .map(|d| d.packets)
+        .unwrap_or(0);
+    assert_eq!(
+        dropped, 50,
+        "every packet to the unknown IP is dropped and counted"
+    );
+    // The table learns it: web#1 now also carries .99 (RR).
+    n1.table(
+        WEB,
+        &[(
+            1,
+            &lab.web1_ns,
+            NODE2,
+            &[("RR", unknown), ("InstanceNumber", WEB1_IP)],
+        )],
+    );
+    let answers = udp_ask(&lab.client, unknown, 2);
+    assert!(
+        answers
+            .iter()
+            .all(|(n, f)| n == "web1" && f == &format!("{unknown}:{UDP_PORT}")),
+        "{answers:?}"
+    );
+    assert_eq!(n1.status()["unresolved"], serde_json::json!([]));
+}
+
+#[test]
+fn a_packet_too_big_for_the_tunnel_gets_fragmentation_needed_and_ping_finds_the_mtu() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    // The container's interface is sized for the tunnel: 1500 − 28.
+    let (_, link) = run(&lab.client, &["ip", "-o", "link", "show", "tmsvc0"]);
+    assert!(link.contains("mtu 1472"), "{link}");
+    // Ping through the service IP works (ICMP echo is translated too).
+    let (ok, out) = run(&lab.client, &["ping", "-c", "2", "-W", "2", WEB1_IP]);
+    assert!(ok, "{out}");
+    // A container that sends 1500-byte packets (its own MTU) gets ICMP
+    // "fragmentation needed" with the tunnel's MTU ...
+    lab.client.ip(&["link", "set", "tmsvc0", "mtu", "1500"]);
+    let (ok, out) = run(
+        &lab.client,
+        &[
+            "ping", "-M", "do", "-s", "1472", "-c", "1", "-W", "2", WEB1_IP,
+        ],
+    );
+    assert!(
+        !ok && out.contains("mtu = 1472"),
+        "expected Frag needed (mtu = 1472): {out}"
+    );
+    // ... which the kernel keeps as the path MTU: the next try fails locally,
+    // and a packet of that size goes through.
+    let (ok, out) = run(
+        &lab.client,
+        &[
+            "ping", "-M", "do", "-s", "1472", "-c", "1", "-W", "2", WEB1_IP,
+        ],
+    );
+    assert!(
+        !ok && out.contains("mtu=1472"),
+        "expected the learnt path MTU: {out}"
+    );
+    let (ok, out) = run(
+        &lab.client,
+        &[
+            "ping", "-M", "do", "-s", "1444", "-c", "2", "-W", "2", WEB1_IP,
+        ],
+    );
+    assert!(ok, "1472-byte packets fit: {out}");
+    let counters = lab.nodes.node1.daemon.as_ref().unwrap().status();
+    let tc = counters
+        .programs
+        .iter()
+        .find(|p| p.program == "tc_service")
+        .unwrap();
+    let too_big = tc
+        .drops
+        .iter()
+        .find(|d| d.name == "too_big_for_tunnel")
+        .map(|d| d.packets)
+        .unwrap_or(0);
+    assert_eq!(too_big, 1);
+}
+
+#[test]
+fn api_errors_are_clear_and_leave_nothing_behind() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let nodes = TwoNodes::start();
+    let n1 = &nodes.node1;
+    let c = Netns::new("ove");
+    let body = deploy_body(&c, WEB, 0, &[("RR", RR)]);
+    let (status, text) = n1.api("/container/deploy", &body);
+    assert_eq!(
+        (status, text.contains("POST /register first")),
+        (409, true),
+        "{text}"
+    );
+    // A /30 has room for one container.
+    n1.register("192.0.2.0/30");
+    let (status, text) = n1.api("/register", r#"{"client_id": "someone-else"}"#);
+    assert_eq!(status, 400, "{text}");
+    let (status, text) = n1.api(
+        "/container/deploy",
+        r#"{"pid": 999999999, "serviceName": "a.b.c.d", "instanceNumber": 0}"#,
+    );
+    assert_eq!(
+        (status, text.contains("no process 999999999")),
+        (404, true),
+        "{text}"
+    );
+    let (status, text) = n1.api(
+        "/container/deploy",
+        r#"{"serviceName": "a.b.c.d", "instanceNumber": 0}"#,
+    );
+    assert_eq!((status, text.contains("pid")), (400, true), "{text}");
+    let (status, text) = n1.api("/container/deploy", &body.replace("RR", "Nearest"));
+    assert_eq!((status, text.contains("Nearest")), (400, true), "{text}");
+    let (status, text) = n1.api("/container/deploy", "{not json");
+    assert_eq!(status, 400, "{text}");
+    n1.post("/container/deploy", &body);
+    let (status, text) = n1.api("/container/deploy", &body);
+    assert_eq!(
+        (status, text.contains("already deployed")),
+        (409, true),
+        "{text}"
+    );
+    let other = Netns::new("ove2");
+    let (status, text) = n1.api(
+        "/docker/deploy",
+        &deploy_body(&other, WEB, 1, &[("RR", RR)]),
+    );
+    assert_eq!((status, text.contains("exhausted")), (507, true), "{text}");
+    let (status, text) = n1.api(
+        "/docker/undeploy",
+        r#"{"serviceName": "x.y.z.w", "instanceNumber": 3}"#,
+    );
+    assert_eq!(
+        (status, text.contains("not deployed")),
+        (404, true),
+        "{text}"
+    );
+    // Only the one good deploy left an interface; the failed one left none in `other`.
+    assert_eq!(n1.container_links().len(), 1);
+    let (_, inside) = run(&other, &["ip", "-o", "link", "show"]);
+    assert!(!inside.contains("tmsvc0"), "{inside}");
+    // Undeploy frees the address for the next container.
+    n1.undeploy(WEB, 0);
+    n1.post(
+        "/docker/deploy",
+        &deploy_body(&other, WEB, 1, &[("RR", RR)]),
+    );
+    assert_eq!(n1.container_links().len(), 1);
+}
