@@ -12,6 +12,7 @@ pub mod frames;
 pub mod mirror_bench;
 pub mod net;
 pub mod overlay;
+pub mod overlay_bench;
 pub mod python;
 pub mod tapa;
 pub mod xds_peer;

@@ -11,6 +11,7 @@
 //! Maglev), pings the pod (its traffic mirrored through an AF_XDP ring into a
 //! pcap that tshark reads back), and sends three broken frames (dropped by
 //! reason). Part two: an application opens a stream through its ambassador.
+//! Part three: the service-IP overlay on two nodes (Oakestra's NetManager).
 
 use std::{net::UdpSocket, process::Command, time::Duration};
 
@@ -266,7 +267,7 @@ fn run() -> bool {
     println!("daemon stopped ({exit}); XDP still attached: {attached}");
     let ok = ok && !attached && exit.success();
     println!();
-    ok && ambassador_demo()
+    ok && ambassador_demo() && overlay_demo()
 }
 
 /// Part two: an application asks for its traffic the Meridio way, through
@@ -324,4 +325,74 @@ fn ambassador_demo() -> bool {
         !String::from_utf8_lossy(&lab.apps[0].ip(&["-o", "link"]).stdout).contains("conduit0")
     );
     delivered && left == 0 && !closed
+}
+
+/// Part three: containers deployed through the NetManager REST API on two
+/// nodes; a client on node 1 dials a round-robin service IP and an instance
+/// IP on node 2: translated in TC, tunnelled in UDP 50103, decapsulated in XDP.
+fn overlay_demo() -> bool {
+    use std::net::{SocketAddrV4, UdpSocket};
+    use tapmesh_tests::overlay::{TwoNodes, NODE1, NODE2};
+
+    println!("overlay: two nodes (198.18.2.1, 198.18.2.2), containers deployed over REST");
+    let nodes = TwoNodes::start();
+    nodes.node1.register("192.0.2.0/26");
+    nodes.node2.register("192.0.2.64/26");
+    let client = Netns::new("oc");
+    let web0 = Netns::new("ow0");
+    let web1 = Netns::new("ow1");
+    let (rr, c_ip, w0_ip, w1_ip) = ("203.0.113.10", "203.0.113.100", "203.0.113.101", "203.0.113.102");
+    let c_ns = nodes.node1.deploy(&client, "demo.ns.client.ns", 0, &[("InstanceNumber", c_ip)]);
+    let w0: &[(&str, &str)] = &[("RR", rr), ("InstanceNumber", w0_ip)];
+    let w1: &[(&str, &str)] = &[("RR", rr), ("InstanceNumber", w1_ip)];
+    let w0_ns = nodes.node1.deploy(&web0, "demo.ns.web.ns", 0, w0);
+    let w1_ns = nodes.node2.deploy(&web1, "demo.ns.web.ns", 1, w1);
+    println!("POST /container/deploy → client {c_ns} (node1), web#0 {w0_ns} (node1), web#1 {w1_ns} (node2)");
+    nodes.node1.table("demo.ns.web.ns", &[(1, &w1_ns, NODE2, w1)]);
+    nodes.node2.table("demo.ns.web.ns", &[(0, &w0_ns, NODE1, w0)]);
+    nodes.node2.table("demo.ns.client.ns", &[(0, &c_ns, NODE1, &[("InstanceNumber", c_ip)])]);
+    println!("POST /tablequery/result → each node knows the other's instances");
+    for (ns, name) in [(&web0, "web#0 on node1"), (&web1, "web#1 on node2")] {
+        let _ = tapmesh_tests::net::spawn_in(&ns.name, move || {
+            let s = UdpSocket::bind("0.0.0.0:7000").expect("bind");
+            let mut buf = [0u8; 512];
+            while let Ok((_, from)) = s.recv_from(&mut buf) {
+                let _ = s.send_to(name.as_bytes(), from);
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let ask = |to: &'static str, flows: usize| -> Vec<String> {
+        tapmesh_tests::net::spawn_in(&client.name, move || {
+            (0..flows)
+                .map(|_| {
+                    let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                    let _ = s.send_to(b"hi", SocketAddrV4::new(to.parse().unwrap(), 7000));
+                    let mut buf = [0u8; 64];
+                    match s.recv_from(&mut buf) {
+                        Ok((n, from)) => format!("{} (from {from})", String::from_utf8_lossy(&buf[..n])),
+                        Err(_) => "no answer".into(),
+                    }
+                })
+                .collect()
+        })
+        .join()
+        .unwrap_or_default()
+    };
+    let answers = ask(rr, 4);
+    println!("client → {rr}:7000 (RR), 4 flows:");
+    for a in &answers {
+        println!("  {a}");
+    }
+    let remote = ask(w1_ip, 1);
+    println!("client → {w1_ip}:7000 (web#1's instance IP): {}", remote.join(""));
+    let status = tapmesh(&["status"], &nodes.node1.daemon.as_ref().unwrap().socket);
+    println!("\n$ tapmesh status   (node1, the netmanager plugin)");
+    for line in status.lines().skip_while(|l| !l.contains("netmanager")).take(8) {
+        println!("{line}");
+    }
+    let both = answers.iter().any(|a| a.starts_with("web#0")) && answers.iter().any(|a| a.starts_with("web#1"));
+    let from_service = answers.iter().all(|a| a.contains(&format!("from {rr}:7000")));
+    both && from_service && remote.iter().all(|a| a.starts_with("web#1"))
 }
