@@ -64,7 +64,10 @@ fn flood(client: &Netns, server: &Netns, to: &str) -> (f64, f64) {
     stop.store(true, Ordering::Relaxed);
     let _ = sink.join();
     let secs = FLOOD.as_secs_f64();
-    (sent as f64 / secs, received.load(Ordering::Relaxed) as f64 / secs)
+    (
+        sent as f64 / secs,
+        received.load(Ordering::Relaxed) as f64 / secs,
+    )
 }
 
 fn tapmesh_rate() -> (f64, f64) {
@@ -73,11 +76,21 @@ fn tapmesh_rate() -> (f64, f64) {
     nodes.node2.register("192.0.2.64/26");
     let client = Netns::new("obc");
     let server = Netns::new("obs");
-    let c_ns = nodes.node1.deploy(&client, "bench.ns.client.ns", 0, &[("InstanceNumber", "203.0.113.100")]);
+    let c_ns = nodes.node1.deploy(
+        &client,
+        "bench.ns.client.ns",
+        0,
+        &[("InstanceNumber", "203.0.113.100")],
+    );
     let sips: &[(&str, &str)] = &[("RR", SERVICE), ("InstanceNumber", "203.0.113.102")];
     let s_ns = nodes.node2.deploy(&server, "bench.ns.web.ns", 0, sips);
-    nodes.node1.table("bench.ns.web.ns", &[(0, &s_ns, NODE2, sips)]);
-    nodes.node2.table("bench.ns.client.ns", &[(0, &c_ns, NODE1, &[("InstanceNumber", "203.0.113.100")])]);
+    nodes
+        .node1
+        .table("bench.ns.web.ns", &[(0, &s_ns, NODE2, sips)]);
+    nodes.node2.table(
+        "bench.ns.client.ns",
+        &[(0, &c_ns, NODE1, &[("InstanceNumber", "203.0.113.100")])],
+    );
     flood(&client, &server, SERVICE)
 }
 
@@ -93,20 +106,54 @@ fn kernel_rate() -> (f64, f64) {
     let _ = link(&server, "192.0.2.66/26", &n2, "192.0.2.65/26");
     client.ip(&["route", "add", "default", "via", "192.0.2.1"]);
     server.ip(&["route", "add", "default", "via", "192.0.2.65"]);
-    for (n, local, remote, other) in [
-        (&n1, "198.18.3.1", "198.18.3.2", "192.0.2.64/26"),
-        (&n2, "198.18.3.2", "198.18.3.1", "192.0.2.0/26"),
+    // VXLAN 42 point to point, an address on each end, the other node's
+    // container subnet routed through it (flannel's vxlan backend, in short).
+    for (n, local, remote, vx, peer_vx, other) in [
+        (
+            &n1,
+            "198.18.3.1",
+            "198.18.3.2",
+            "198.18.4.1/30",
+            "198.18.4.2",
+            "192.0.2.64/26",
+        ),
+        (
+            &n2,
+            "198.18.3.2",
+            "198.18.3.1",
+            "198.18.4.2/30",
+            "198.18.4.1",
+            "192.0.2.0/26",
+        ),
     ] {
         n.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        let dev = if n.name == n1.name { u1.interface.clone() } else { u2.interface.clone() };
-        n.ip(&["link", "add", "vx42", "type", "vxlan", "id", "42", "local", local, "remote", remote, "dstport", "4789", "dev", &dev]);
+        let dev = if n.name == n1.name {
+            u1.interface.clone()
+        } else {
+            u2.interface.clone()
+        };
+        n.ip(&[
+            "link", "add", "vx42", "type", "vxlan", "id", "42", "local", local, "remote", remote,
+            "dstport", "4789", "dev", &dev,
+        ]);
+        n.ip(&["addr", "add", vx, "dev", "vx42"]);
         n.ip(&["link", "set", "vx42", "mtu", "1450", "up"]);
-        n.ip(&["route", "add", other, "dev", "vx42"]);
+        n.ip(&["route", "add", other, "via", peer_vx]);
     }
-    let rules = "table ip bench { chain pre { type nat hook prerouting priority dstnat; \
-                 ip daddr 203.0.113.10 udp dport 7000 dnat to 192.0.2.66 } }";
-    let out = n1.exec(&["nft", rules]);
-    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    let rules = std::env::temp_dir().join(crate::unique("obnft"));
+    std::fs::write(
+        &rules,
+        "table ip bench {\n  chain pre {\n    type nat hook prerouting priority dstnat; policy accept;\n    \
+         ip daddr 203.0.113.10 udp dport 7000 dnat to 192.0.2.66\n  }\n}\n",
+    )
+    .expect("nft rules file");
+    let out = n1.try_exec(&["nft", "-f", rules.to_str().expect("utf-8 path")]);
+    let _ = std::fs::remove_file(&rules);
+    assert!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     flood(&client, &server, SERVICE)
 }
 
@@ -130,7 +177,17 @@ pub fn overlay_rates() -> String {
     );
     let _ = writeln!(out, "| data path | sent kpps | delivered kpps |");
     let _ = writeln!(out, "|---|---:|---:|");
-    let _ = writeln!(out, "| tapmesh (TC + UDP tunnel + XDP) | {} | {} |", kpps(ours.0), kpps(ours.1));
-    let _ = writeln!(out, "| nftables DNAT + kernel VXLAN | {} | {} |", kpps(kernel.0), kpps(kernel.1));
+    let _ = writeln!(
+        out,
+        "| tapmesh (TC + UDP tunnel + XDP) | {} | {} |",
+        kpps(ours.0),
+        kpps(ours.1)
+    );
+    let _ = writeln!(
+        out,
+        "| nftables DNAT + kernel VXLAN | {} | {} |",
+        kpps(kernel.0),
+        kpps(kernel.1)
+    );
     out
 }

@@ -557,3 +557,100 @@ fn api_errors_are_clear_and_leave_nothing_behind() {
     );
     assert_eq!(n1.container_links().len(), 1);
 }
+
+#[test]
+fn containers_get_ipv6_addresses_and_a_default_route_too() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let nodes = TwoNodes::start();
+    let n1 = &nodes.node1;
+    let c = Netns::new("ov6");
+    for ns in [&n1.netns, &c] {
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"]);
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=0"]);
+    }
+    n1.post(
+        "/register",
+        r#"{"client_id": "v6", "subnetwork": "192.0.2.0/26", "subnetwork_v6": "2001:db8:5::/120"}"#,
+    );
+    let reply = n1.post("/container/deploy", &deploy_body(&c, WEB, 0, &[("RR", RR)]));
+    assert_eq!(reply["nsAddress"], "192.0.2.2");
+    assert_eq!(reply["nsAddressv6"], "2001:db8:5::2");
+    let (_, addrs) = run(&c, &["ip", "-6", "-o", "addr", "show", "dev", "tmsvc0"]);
+    assert!(addrs.contains("2001:db8:5::2/128"), "{addrs}");
+    let (_, routes) = run(&c, &["ip", "-6", "route", "show"]);
+    assert!(routes.contains("default via 2001:db8:5::1"), "{routes}");
+    let (ok, out) = run(&c, &["ping", "-6", "-c", "1", "-W", "2", "2001:db8:5::1"]);
+    assert!(ok, "the gateway answers over IPv6: {out}");
+    n1.undeploy(WEB, 0);
+    let (_, links) = run(&c, &["ip", "-o", "link", "show"]);
+    assert!(!links.contains("tmsvc0"), "{links}");
+}
+
+#[test]
+fn port_mappings_forward_node_ports_to_the_container_until_undeploy() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let nodes = TwoNodes::start();
+    let (n1, n2) = (&nodes.node1, &nodes.node2);
+    n1.register("192.0.2.0/26");
+    let web = Netns::new("ovp");
+    let body = deploy_body(&web, WEB, 0, &[("RR", RR)]).replace(
+        r#""portMappings": """#,
+        r#""portMappings": "8080:7000/udp;8081:7001""#,
+    );
+    n1.post("/container/deploy", &body);
+    who_servers(&web, "web0");
+    // A second container may not take the same node port.
+    let other = Netns::new("ovp2");
+    let clash = deploy_body(&other, WEB, 1, &[])
+        .replace(r#""portMappings": """#, r#""portMappings": "8080:9/udp""#);
+    let (status, text) = n1.api("/container/deploy", &clash);
+    assert_eq!((status, text.contains("8080")), (409, true), "{text}");
+    let (status, text) = n1.api(
+        "/container/deploy",
+        &clash.replace("8080:9/udp", "8080:9/sctp"),
+    );
+    assert_eq!(
+        (status, text.contains("HOST:CONTAINER")),
+        (400, true),
+        "{text}"
+    );
+
+    // From the other node, to node 1's address.
+    let (udp, tcp) = {
+        // The who-servers listen on 7000/7001; the node ports are 8080/8081.
+        let ns = n2.netns.name.clone();
+        spawn_in(&ns, move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send_to(b"hi", (NODE1, 8080)).unwrap();
+            let mut buf = [0u8; 64];
+            let udp = s
+                .recv_from(&mut buf)
+                .map(|(n, _)| String::from_utf8_lossy(&buf[..n]).to_string());
+            let mut tcp = String::new();
+            if let Ok(mut c) = TcpStream::connect((NODE1, 8081)) {
+                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let _ = c.read_to_string(&mut tcp);
+            }
+            (udp.unwrap_or_default(), tcp)
+        })
+        .join()
+        .unwrap()
+    };
+    assert_eq!((udp.as_str(), tcp.as_str()), ("web0", "web0"));
+    let (_, rules) = run(
+        &n1.netns,
+        &["nft", "list", "table", "ip", "tapmesh_netmanager"],
+    );
+    assert!(rules.contains("dnat to 192.0.2.2:7000"), "{rules}");
+    n1.undeploy(WEB, 0);
+    let (exists, _) = run(
+        &n1.netns,
+        &["nft", "list", "table", "ip", "tapmesh_netmanager"],
+    );
+    assert!(!exists, "the table goes with the last mapping");
+}

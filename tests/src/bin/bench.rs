@@ -286,6 +286,30 @@ fn main() {
     let out = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "BENCHMARKS.md".into());
+    // `tapmesh-bench overlay`: the overlay rows and rates only, printed.
+    if out == "overlay" {
+        let mut bpf = Bpf::load();
+        let (ns, tma_mac) = underlay();
+        let tma_index = ns.interface_index("tma");
+        let name = ns.name.clone();
+        let rows = std::thread::scope(|s| {
+            s.spawn(|| {
+                tapmesh::netns::enter(&name).expect("entering the bench namespace");
+                pin_to_current_cpu();
+                overlay_rows(&mut bpf, tma_index, tma_mac)
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        });
+        for (name, raw, floor) in rows {
+            println!(
+                "{name}: {raw:.1} ns, floor {floor:.1} ns, net {:.1} ns",
+                raw - floor
+            );
+        }
+        print!("{}", tapmesh_tests::overlay_bench::overlay_rates());
+        return;
+    }
     let mut bpf = Bpf::load();
     let mut writer = load_lb(&mut bpf);
     let v6_tcp = ethernet(
@@ -621,7 +645,14 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
         service_prefix: addr_word(Ipv4Addr::new(203, 0, 113, 0)),
         service_mask: addr_word(Ipv4Addr::new(255, 255, 255, 0)),
     };
-    tables.services.insert(service, ServiceTable { id: 0, policy: POLICY_ROUND_ROBIN, slots: vec![1] });
+    tables.services.insert(
+        service,
+        ServiceTable {
+            id: 0,
+            policy: POLICY_ROUND_ROBIN,
+            slots: vec![1],
+        },
+    );
     tables.instances.insert(
         1,
         Instance {
@@ -639,33 +670,125 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
     );
     tables.locals.insert(
         client,
-        Local { ifindex: 1, instance_addr: addr_word(client_ip), mac: MAC_A, host_mac: OUR_MAC },
+        Local {
+            ifindex: 1,
+            instance_addr: addr_word(client_ip),
+            mac: MAC_A,
+            host_mac: OUR_MAC,
+        },
     );
-    OverlayWriter::default().apply(&mut bpf.ebpf, &tables).expect("writing the overlay tables");
+    OverlayWriter::default()
+        .apply(&mut bpf.ebpf, &tables)
+        .expect("writing the overlay tables");
     let payload = [0u8; 18];
-    let request = ethernet(OUR_MAC, MAC_A, &[], 0x0800, &ipv4(client, service, UDP, &[], &udp_v4(client, service, 40000, 7000, &payload)));
-    let reply_inner = ipv4(instance_ip, client, UDP, &[], &udp_v4(instance_ip, client, 7000, 40000, &payload));
-    let reply = ethernet(MAC_B, MAC_A, &[], 0x0800, &ipv4(REMOTE_NODE, NODE, UDP, &[], &udp_v4(REMOTE_NODE, NODE, 0xc123, TUNNEL_PORT, &reply_inner)));
-    let other_inner = ipv4(Ipv4Addr::new(203, 0, 113, 7), client, UDP, &[], &udp_v4(Ipv4Addr::new(203, 0, 113, 7), client, 7000, 40001, &payload));
-    let request_in = ethernet(MAC_B, MAC_A, &[], 0x0800, &ipv4(REMOTE_NODE, NODE, UDP, &[], &udp_v4(REMOTE_NODE, NODE, 0xc124, TUNNEL_PORT, &other_inner)));
+    let request = ethernet(
+        OUR_MAC,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            client,
+            service,
+            UDP,
+            &[],
+            &udp_v4(client, service, 40000, 7000, &payload),
+        ),
+    );
+    let reply_inner = ipv4(
+        instance_ip,
+        client,
+        UDP,
+        &[],
+        &udp_v4(instance_ip, client, 7000, 40000, &payload),
+    );
+    let reply = ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            REMOTE_NODE,
+            NODE,
+            UDP,
+            &[],
+            &udp_v4(REMOTE_NODE, NODE, 0xc123, TUNNEL_PORT, &reply_inner),
+        ),
+    );
+    let other_inner = ipv4(
+        Ipv4Addr::new(203, 0, 113, 7),
+        client,
+        UDP,
+        &[],
+        &udp_v4(Ipv4Addr::new(203, 0, 113, 7), client, 7000, 40001, &payload),
+    );
+    let request_in = ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            REMOTE_NODE,
+            NODE,
+            UDP,
+            &[],
+            &udp_v4(REMOTE_NODE, NODE, 0xc124, TUNNEL_PORT, &other_inner),
+        ),
+    );
 
     let mut rows = Vec::new();
     let first = bpf.run("tm_tc_service", &request, 1);
-    assert_eq!(first.action, TC_ACT_REDIRECT, "TC service: unexpected return value");
+    assert_eq!(
+        first.action, TC_ACT_REDIRECT,
+        "TC service: unexpected return value"
+    );
     let out = &first.output;
-    assert_eq!(out.len(), request.len() + 28, "TC service: not encapsulated");
-    assert_eq!((&out[0..6], &out[30..34], &out[36..38]), (&REMOTE_MAC[..], &REMOTE_NODE.octets()[..], &TUNNEL_PORT.to_be_bytes()[..]));
-    assert_eq!((&out[42 + 12..42 + 16], &out[42 + 16..42 + 20]), (&client_ip.octets()[..], &instance_ns.octets()[..]), "inner addresses");
+    assert_eq!(
+        out.len(),
+        request.len() + 28,
+        "TC service: not encapsulated"
+    );
+    assert_eq!(
+        (&out[0..6], &out[30..34], &out[36..38]),
+        (
+            &REMOTE_MAC[..],
+            &REMOTE_NODE.octets()[..],
+            &TUNNEL_PORT.to_be_bytes()[..]
+        )
+    );
+    assert_eq!(
+        (&out[42 + 12..42 + 16], &out[42 + 16..42 + 20]),
+        (&client_ip.octets()[..], &instance_ns.octets()[..]),
+        "inner addresses"
+    );
     let (raw, floor) = measure_loop(bpf, "tm_tc_service", &request);
     rows.push(("TC service: UDP to an RR service IP → conntrack hit, translate, UDP encap, redirect (resolved next hop)", raw, floor));
     for (name, frame, source) in [
-        ("XDP uplink: tunnel reply → decap, reverse translation → container", &reply, service),
-        ("XDP uplink: tunnel request → decap → container (no translation)", &request_in, Ipv4Addr::new(203, 0, 113, 7)),
+        (
+            "XDP uplink: tunnel reply → decap, reverse translation → container",
+            &reply,
+            service,
+        ),
+        (
+            "XDP uplink: tunnel request → decap → container (no translation)",
+            &request_in,
+            Ipv4Addr::new(203, 0, 113, 7),
+        ),
     ] {
         let first = bpf.run("tm_xdp_uplink", frame, 1);
-        assert_eq!(first.action, XDP_REDIRECT, "{name}: unexpected return value");
-        assert_eq!(first.output.len(), frame.len() - 28, "{name}: not decapsulated");
-        assert_eq!((&first.output[0..6], &first.output[26..30]), (&MAC_A[..], &source.octets()[..]), "{name}: MAC or source");
+        assert_eq!(
+            first.action, XDP_REDIRECT,
+            "{name}: unexpected return value"
+        );
+        assert_eq!(
+            first.output.len(),
+            frame.len() - 28,
+            "{name}: not decapsulated"
+        );
+        assert_eq!(
+            (&first.output[0..6], &first.output[26..30]),
+            (&MAC_A[..], &source.octets()[..]),
+            "{name}: MAC or source"
+        );
         let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", frame);
         rows.push((name, raw, floor));
     }

@@ -341,16 +341,30 @@ fn overlay_demo() -> bool {
     let client = Netns::new("oc");
     let web0 = Netns::new("ow0");
     let web1 = Netns::new("ow1");
-    let (rr, c_ip, w0_ip, w1_ip) = ("203.0.113.10", "203.0.113.100", "203.0.113.101", "203.0.113.102");
-    let c_ns = nodes.node1.deploy(&client, "demo.ns.client.ns", 0, &[("InstanceNumber", c_ip)]);
+    let (rr, c_ip, w0_ip, w1_ip) = (
+        "203.0.113.10",
+        "203.0.113.100",
+        "203.0.113.101",
+        "203.0.113.102",
+    );
+    let c_ns = nodes
+        .node1
+        .deploy(&client, "demo.ns.client.ns", 0, &[("InstanceNumber", c_ip)]);
     let w0: &[(&str, &str)] = &[("RR", rr), ("InstanceNumber", w0_ip)];
     let w1: &[(&str, &str)] = &[("RR", rr), ("InstanceNumber", w1_ip)];
     let w0_ns = nodes.node1.deploy(&web0, "demo.ns.web.ns", 0, w0);
     let w1_ns = nodes.node2.deploy(&web1, "demo.ns.web.ns", 1, w1);
     println!("POST /container/deploy → client {c_ns} (node1), web#0 {w0_ns} (node1), web#1 {w1_ns} (node2)");
-    nodes.node1.table("demo.ns.web.ns", &[(1, &w1_ns, NODE2, w1)]);
-    nodes.node2.table("demo.ns.web.ns", &[(0, &w0_ns, NODE1, w0)]);
-    nodes.node2.table("demo.ns.client.ns", &[(0, &c_ns, NODE1, &[("InstanceNumber", c_ip)])]);
+    nodes
+        .node1
+        .table("demo.ns.web.ns", &[(1, &w1_ns, NODE2, w1)]);
+    nodes
+        .node2
+        .table("demo.ns.web.ns", &[(0, &w0_ns, NODE1, w0)]);
+    nodes.node2.table(
+        "demo.ns.client.ns",
+        &[(0, &c_ns, NODE1, &[("InstanceNumber", c_ip)])],
+    );
     println!("POST /tablequery/result → each node knows the other's instances");
     for (ns, name) in [(&web0, "web#0 on node1"), (&web1, "web#1 on node2")] {
         let _ = tapmesh_tests::net::spawn_in(&ns.name, move || {
@@ -371,7 +385,9 @@ fn overlay_demo() -> bool {
                     let _ = s.send_to(b"hi", SocketAddrV4::new(to.parse().unwrap(), 7000));
                     let mut buf = [0u8; 64];
                     match s.recv_from(&mut buf) {
-                        Ok((n, from)) => format!("{} (from {from})", String::from_utf8_lossy(&buf[..n])),
+                        Ok((n, from)) => {
+                            format!("{} (from {from})", String::from_utf8_lossy(&buf[..n]))
+                        }
                         Err(_) => "no answer".into(),
                     }
                 })
@@ -386,13 +402,23 @@ fn overlay_demo() -> bool {
         println!("  {a}");
     }
     let remote = ask(w1_ip, 1);
-    println!("client → {w1_ip}:7000 (web#1's instance IP): {}", remote.join(""));
+    println!(
+        "client → {w1_ip}:7000 (web#1's instance IP): {}",
+        remote.join("")
+    );
     let status = tapmesh(&["status"], &nodes.node1.daemon.as_ref().unwrap().socket);
     println!("\n$ tapmesh status   (node1, the netmanager plugin)");
-    for line in status.lines().skip_while(|l| !l.contains("netmanager")).take(8) {
+    for line in status
+        .lines()
+        .skip_while(|l| !l.contains("netmanager"))
+        .take(8)
+    {
         println!("{line}");
     }
-    let both = answers.iter().any(|a| a.starts_with("web#0")) && answers.iter().any(|a| a.starts_with("web#1"));
-    let from_service = answers.iter().all(|a| a.contains(&format!("from {rr}:7000")));
+    let both = answers.iter().any(|a| a.starts_with("web#0"))
+        && answers.iter().any(|a| a.starts_with("web#1"));
+    let from_service = answers
+        .iter()
+        .all(|a| a.contains(&format!("from {rr}:7000")));
     both && from_service && remote.iter().all(|a| a.starts_with("web#1"))
 }

@@ -34,7 +34,9 @@ impl From<NmError> for ApiError {
                 StatusCode::INSUFFICIENT_STORAGE
             }
             NmError::Ipam(_) => StatusCode::BAD_REQUEST,
-            NmError::Network(_) | NmError::Dataplane(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            NmError::Network(_) | NmError::Dataplane(_) | NmError::Ports(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         ApiError(status, e.to_string())
     }
@@ -210,17 +212,14 @@ async fn deploy(
         (Some(_), Some(_)) => return Err(bad("give pid or netns, not both")),
         (None, None) => return Err(bad("pid (or netns) is missing")),
     };
-    if !r.port_mappings.trim().is_empty() {
-        return Err(bad(
-            "portMappings are not supported by tapmesh: reach the container through a service IP",
-        ));
-    }
+    let ports = super::ports::parse(&r.port_mappings).map_err(|e| bad(e.to_string()))?;
     let spec = DeploySpec {
         netns,
         job: job_name(&r.service_name)?,
         number: instance_number(r.instance_number)?,
         service_ips: service_ips(r.service_ip)?,
         weight: r.weight.unwrap_or(1).max(1),
+        ports,
     };
     Ok(Json(detached(async move { nm.deploy(spec).await }).await?))
 }

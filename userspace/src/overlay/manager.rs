@@ -11,6 +11,7 @@ use tokio::sync::Mutex;
 
 use super::ipam::{Ipam, IpamError, Lease};
 use super::model::{Ids, InstanceRecord, IpType, ModelError, Placement, ServiceIp, Settings};
+use super::ports::{self, PortMapping};
 use crate::conduit_net::{self, Cidr};
 use crate::dataplane::DataplaneHandle;
 
@@ -36,6 +37,8 @@ pub enum NmError {
     Network(#[from] conduit_net::ConduitNetError),
     #[error("dataplane: {0}")]
     Dataplane(#[from] crate::dataplane::DataplaneError),
+    #[error("{0}")]
+    Ports(String),
 }
 
 /// Settings fixed at start.
@@ -64,6 +67,7 @@ struct LocalDeployment {
     record: InstanceRecord,
     lease: Lease,
     netns: String,
+    ports: Vec<PortMapping>,
 }
 
 #[derive(Default)]
@@ -76,6 +80,17 @@ struct State {
     /// Service IPs the kernel reported unknown → how many reports.
     unresolved: BTreeMap<Ipv4Addr, u64>,
     misses: u64,
+    /// The nftables table of port mappings exists.
+    ports_written: bool,
+}
+
+impl State {
+    fn port_table(&self) -> Vec<(Ipv4Addr, PortMapping)> {
+        self.local
+            .values()
+            .flat_map(|d| d.ports.iter().map(|p| (d.lease.v4, *p)))
+            .collect()
+    }
 }
 
 /// What a deploy asks for, validated.
@@ -85,6 +100,7 @@ pub struct DeploySpec {
     pub number: u32,
     pub service_ips: Vec<ServiceIp>,
     pub weight: u32,
+    pub ports: Vec<PortMapping>,
 }
 
 pub enum NetnsRef {
@@ -316,6 +332,18 @@ impl NetManager {
                 )));
             }
         }
+        for p in &spec.ports {
+            let taken = state
+                .port_table()
+                .into_iter()
+                .any(|(_, q)| q.protocol == p.protocol && q.host_port == p.host_port);
+            if taken {
+                return Err(NmError::Conflict(format!(
+                    "node port {} ({:?}) is already mapped to another container",
+                    p.host_port, p.protocol
+                )));
+            }
+        }
         let (netns, netns_path) = spec.netns.open()?;
         let ipam = state.ipam.as_mut().ok_or(NmError::NotRegistered)?;
         let lease = ipam.allocate()?;
@@ -353,11 +381,15 @@ impl NetManager {
                 record,
                 lease,
                 netns: netns_path,
+                ports: spec.ports,
             },
         );
         let attached = self.dataplane.attach_container(&host).await;
         let applied = match attached {
-            Ok(()) => self.apply_locked(&mut state).await,
+            Ok(()) => match self.apply_locked(&mut state).await {
+                Ok(()) => self.sync_ports(&mut state).await,
+                Err(e) => Err(e),
+            },
             Err(e) => Err(e.into()),
         };
         if let Err(e) = applied {
@@ -368,6 +400,7 @@ impl NetManager {
                 ipam.release(lease);
             }
             let _ = self.apply_locked(&mut state).await;
+            let _ = self.sync_ports(&mut state).await;
             return Err(e);
         }
         tracing::info!(job = %spec.job, instance = spec.number, address = %lease.v4, interface = %host, "deployed");
@@ -445,11 +478,26 @@ impl NetManager {
             state.local.insert(key, deployment);
             return Err(e);
         }
+        if let Err(e) = self.sync_ports(&mut state).await {
+            tracing::warn!("port mappings of {job} instance {number} not removed: {e}");
+        }
         self.remove_link(&deployment).await;
         if let Some(ipam) = state.ipam.as_mut() {
             ipam.release(deployment.lease);
         }
         tracing::info!(job, instance = number, "undeployed");
+        Ok(())
+    }
+
+    /// Makes the nftables port mappings match the deployments (nft is only
+    /// run when some deployment has, or had, mappings).
+    async fn sync_ports(&self, state: &mut State) -> Result<(), NmError> {
+        let table = state.port_table();
+        if table.is_empty() && !state.ports_written {
+            return Ok(());
+        }
+        ports::apply(&table).await.map_err(NmError::Ports)?;
+        state.ports_written = !table.is_empty();
         Ok(())
     }
 
@@ -566,6 +614,9 @@ impl NetManager {
             std::mem::take(&mut state.local).into_values().collect();
         for d in &deployments {
             self.remove_link(d).await;
+        }
+        if let Err(e) = self.sync_ports(&mut state).await {
+            tracing::warn!("removing the port mappings: {e}");
         }
     }
 }

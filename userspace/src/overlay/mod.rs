@@ -7,5 +7,6 @@ pub mod ipam;
 pub mod manager;
 pub mod model;
 pub mod plugin;
+pub mod ports;
 
 pub use plugin::NetManagerPlugin;
