@@ -406,6 +406,8 @@ fn overlay_demo() -> bool {
         "client → {w1_ip}:7000 (web#1's instance IP): {}",
         remote.join("")
     );
+    // The plugin's status line is refreshed twice a second.
+    std::thread::sleep(Duration::from_millis(700));
     let status = tapmesh(&["status"], &nodes.node1.daemon.as_ref().unwrap().socket);
     println!("\n$ tapmesh status   (node1, the netmanager plugin)");
     for line in status
