@@ -111,11 +111,19 @@ pub struct ConntrackKey {
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackValue {
     pub kind: u32,
-    /// Forward: the instance chosen, valid while its generation matches.
+    /// The instance chosen, valid while its generation matches (an
+    /// instance's generation changes with its entry or its service IPs).
     pub instance: u32,
     pub generation: u32,
+    /// Forward: the service's id (its counters).
+    pub service: u32,
     /// Reverse: the service IP the client dialled (the reply's new source).
     pub service_addr: u32,
+    /// Forward: the sender's instance IP (the new source).
+    pub new_src: u32,
+    /// Forward to a local instance: the source the packet then gets if it
+    /// is a reply to a flow that container dialled (0: none).
+    pub reply_src: u32,
 }
 
 /// The overlay's settings (one entry of `tm_ov_config`).
@@ -154,7 +162,7 @@ crate::assert_layout!(Service, size = 8, align = 4);
 crate::assert_layout!(Instance, size = 36, align = 4);
 crate::assert_layout!(Local, size = 20, align = 4);
 crate::assert_layout!(ConntrackKey, size = 16, align = 4);
-crate::assert_layout!(ConntrackValue, size = 16, align = 4);
+crate::assert_layout!(ConntrackValue, size = 28, align = 4);
 crate::assert_layout!(OverlayConfig, size = 20, align = 4);
 crate::assert_layout!(Miss, size = 12, align = 4);
 

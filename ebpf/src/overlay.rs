@@ -209,38 +209,78 @@ fn pick(service: &Service) -> Result<u32, DropReason> {
         .ok_or(DropReason::NoInstance)
 }
 
-/// The instance this flow is bound to, binding it (forward and reverse
-/// conntrack entries) when it is new or its instance went away.
+/// What a flow's packets get: the instance, the new source, and (to a
+/// local instance) the reverse translation of a reply.
+struct Binding {
+    id: u32,
+    instance: &'static Instance,
+    service: u32,
+    new_src: u32,
+    reply_src: u32,
+}
+
+/// The binding of an established flow: one conntrack lookup, valid while
+/// its instance keeps the generation it had.
 #[inline(always)]
-fn instance_for(ip: &Ip4, service: &Service) -> Result<(u32, &'static Instance), DropReason> {
-    let key = key_of(ip);
+fn established(key: &ConntrackKey) -> Option<Binding> {
     // SAFETY: the value is read right away.
-    if let Some(ct) = unsafe { tm_ov_conntrack.get(&key) } {
-        if ct.kind == CT_FORWARD {
-            if let Some(inst) = tm_ov_instances.get(ct.instance) {
-                if inst.generation == ct.generation && inst.kind != 0 {
-                    return Ok((ct.instance, inst));
-                }
-            }
-        }
+    let ct = unsafe { tm_ov_conntrack.get(key) }?;
+    if ct.kind != CT_FORWARD {
+        return None;
     }
+    let instance = tm_ov_instances.get(ct.instance)?;
+    if instance.generation != ct.generation || instance.kind == 0 {
+        return None;
+    }
+    Some(Binding {
+        id: ct.instance,
+        instance,
+        service: ct.service,
+        new_src: ct.new_src,
+        reply_src: ct.reply_src,
+    })
+}
+
+/// Binds a new flow to an instance of `service`: forward and reverse
+/// conntrack entries.
+#[inline(always)]
+fn bind(ip: &Ip4, key: &ConntrackKey, service: &Service, new_src: u32) -> Result<Binding, DropReason> {
     let id = pick(service)?;
     let inst = match tm_ov_instances.get(id) {
         Some(i) if i.kind != 0 => i,
         _ => return Err(DropReason::NoInstance),
     };
-    let forward = ConntrackValue {
-        kind: CT_FORWARD,
-        instance: id,
-        generation: inst.generation,
-        service_addr: ip.dst,
-    };
-    let _ = tm_ov_conntrack.insert(&key, &forward, 0);
     let (reply_src_port, reply_dst_port) = if ip.protocol == IPPROTO_ICMP {
         (ip.src_port, 0)
     } else {
         (ip.dst_port, ip.src_port)
     };
+    // To a local instance, the packet may be a reply to a flow that instance
+    // dialled: its reverse entry is found once, here, and kept.
+    let mut reply_src = 0;
+    if inst.kind == INSTANCE_LOCAL {
+        let translated = ConntrackKey {
+            src: new_src,
+            dst: inst.ns_addr,
+            ..*key
+        };
+        // SAFETY: the value is read right away.
+        if let Some(ct) = unsafe { tm_ov_conntrack.get(&translated) } {
+            if ct.kind == CT_REVERSE && ct.service_addr != new_src {
+                reply_src = ct.service_addr;
+            }
+        }
+    }
+    let forward = ConntrackValue {
+        kind: CT_FORWARD,
+        instance: id,
+        generation: inst.generation,
+        service: service.id,
+        service_addr: ip.dst,
+        new_src,
+        reply_src,
+    };
+    let _ = tm_ov_conntrack.insert(key, &forward, 0);
     let reverse_key = ConntrackKey {
         src: inst.reply_addr,
         dst: ip.src,
@@ -253,10 +293,19 @@ fn instance_for(ip: &Ip4, service: &Service) -> Result<(u32, &'static Instance),
         kind: CT_REVERSE,
         instance: id,
         generation: inst.generation,
+        service: service.id,
         service_addr: ip.dst,
+        new_src: 0,
+        reply_src: 0,
     };
     let _ = tm_ov_conntrack.insert(&reverse_key, &reverse, 0);
-    Ok((id, inst))
+    Ok(Binding {
+        id,
+        instance: inst,
+        service: service.id,
+        new_src,
+        reply_src,
+    })
 }
 
 #[inline(always)]
@@ -355,23 +404,31 @@ pub fn from_container(ctx: &TcContext, pkt: Packet) -> Result<i32, DropReason> {
     let Some(config) = tm_ov_config.get(0) else {
         return Ok(TC_ACT_OK);
     };
-    // SAFETY: the value is read right away.
-    let service = match unsafe { tm_ov_services.get(&ip.dst) } {
-        Some(s) => s,
-        None if in_prefix(config, ip.dst) => {
-            signal_miss(&ip);
-            return Err(DropReason::UnknownService);
+    let key = key_of(&ip);
+    let binding = match ip.tracked.then(|| established(&key)).flatten() {
+        Some(b) => b,
+        None => {
+            // SAFETY: the value is read right away.
+            let service = match unsafe { tm_ov_services.get(&ip.dst) } {
+                Some(s) => s,
+                None if in_prefix(config, ip.dst) => {
+                    signal_miss(&ip);
+                    return Err(DropReason::UnknownService);
+                }
+                None => return Ok(TC_ACT_OK),
+            };
+            if !ip.tracked {
+                return Err(DropReason::UnsupportedServicePacket);
+            }
+            // SAFETY: the value is read right away.
+            let sender =
+                unsafe { tm_ov_locals.get(&ip.src) }.ok_or(DropReason::SenderNotDeployed)?;
+            bind(&ip, &key, service, sender.instance_addr)?
         }
-        None => return Ok(TC_ACT_OK),
     };
-    if !ip.tracked {
-        return Err(DropReason::UnsupportedServicePacket);
-    }
-    // SAFETY: the value is read right away.
-    let sender = unsafe { tm_ov_locals.get(&ip.src) }.ok_or(DropReason::SenderNotDeployed)?;
-    let (id, inst) = instance_for(&ip, service)?;
+    let (id, inst) = (binding.id, binding.instance);
     let bytes = ctx.len() as u64;
-    count(service.id, false, bytes);
+    count(binding.service, false, bytes);
     count(id, true, bytes);
 
     if inst.kind == INSTANCE_REMOTE
@@ -385,21 +442,18 @@ pub fn from_container(ctx: &TcContext, pkt: Packet) -> Result<i32, DropReason> {
         return Err(DropReason::TooBigForTunnel);
     }
 
-    let (new_src, new_dst) = (sender.instance_addr, inst.ns_addr);
+    // A reply to a flow the local instance dialled gets that flow's service
+    // IP as its source at once.
+    let new_dst = inst.ns_addr;
+    let new_src = if inst.kind == INSTANCE_LOCAL && binding.reply_src != 0 {
+        binding.reply_src
+    } else {
+        binding.new_src
+    };
     let diff = rewrite_addresses(&pkt, &ip, new_src, new_dst)?;
     fix_l4_skb(ctx, &ip, diff);
 
     if inst.kind == INSTANCE_LOCAL {
-        let translated = Ip4 {
-            src: new_src,
-            dst: new_dst,
-            ..ip
-        };
-        if let Some(service_addr) = reverse_source(&translated) {
-            let pkt = Packet::new(ctx.data(), ctx.data_end(), pkt.wire_len);
-            let diff = rewrite_addresses(&pkt, &translated, service_addr, new_dst)?;
-            fix_l4_skb(ctx, &translated, diff);
-        }
         let pkt = Packet::new(ctx.data(), ctx.data_end(), pkt.wire_len);
         let eth: *mut EthHdr = pkt.header_mut(0, DropReason::TruncatedEthernet)?;
         write_macs(eth, &inst.dst_mac, &inst.src_mac, ETH_P_IP.to_be_bytes());

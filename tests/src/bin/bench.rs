@@ -677,6 +677,30 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
             host_mac: OUR_MAC,
         },
     );
+    // A second service IP whose instance is a container on this node.
+    let local_service = Ipv4Addr::new(203, 0, 113, 20);
+    let local_ns = Ipv4Addr::new(192, 0, 2, 3);
+    tables.services.insert(
+        local_service,
+        ServiceTable {
+            id: 1,
+            policy: POLICY_ROUND_ROBIN,
+            slots: vec![2],
+        },
+    );
+    tables.instances.insert(
+        2,
+        Instance {
+            ns_addr: addr_word(local_ns),
+            reply_addr: addr_word(Ipv4Addr::new(203, 0, 113, 103)),
+            kind: INSTANCE_LOCAL,
+            generation: 1,
+            ifindex: 1,
+            dst_mac: MAC_B,
+            src_mac: OUR_MAC,
+            ..Instance::default()
+        },
+    );
     OverlayWriter::default()
         .apply(&mut bpf.ebpf, &tables)
         .expect("writing the overlay tables");
@@ -736,6 +760,52 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
     );
 
     let mut rows = Vec::new();
+    let outside = Ipv4Addr::new(198, 51, 100, 9);
+    let to_outside = ethernet(
+        OUR_MAC,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            client,
+            outside,
+            UDP,
+            &[],
+            &udp_v4(client, outside, 40000, 53, &payload),
+        ),
+    );
+    let to_local = ethernet(
+        OUR_MAC,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            client,
+            local_service,
+            UDP,
+            &[],
+            &udp_v4(client, local_service, 40000, 7000, &payload),
+        ),
+    );
+    assert_eq!(
+        bpf.run("tm_tc_service", &to_outside, 1).action,
+        0,
+        "not a service IP: TC_ACT_OK"
+    );
+    let (raw, floor) = measure_loop(bpf, "tm_tc_service", &to_outside);
+    rows.push(("TC service: not a service IP, pass", raw, floor));
+    let first = bpf.run("tm_tc_service", &to_local, 1);
+    assert_eq!(
+        first.action, TC_ACT_REDIRECT,
+        "TC service → local: unexpected return value"
+    );
+    assert_eq!(
+        (&first.output[0..6], &first.output[30..34]),
+        (&MAC_B[..], &local_ns.octets()[..]),
+        "TC service → local: MAC or destination"
+    );
+    let (raw, floor) = measure_loop(bpf, "tm_tc_service", &to_local);
+    rows.push(("TC service: UDP to an RR service IP → conntrack hit, translate, redirect to a local container", raw, floor));
     let first = bpf.run("tm_tc_service", &request, 1);
     assert_eq!(
         first.action, TC_ACT_REDIRECT,

@@ -103,7 +103,8 @@ pub struct Ids {
     instances: BTreeMap<(String, u32), u32>,
     services: BTreeMap<Ipv4Addr, u32>,
     generations: BTreeMap<u32, u32>,
-    last: BTreeMap<u32, Instance>,
+    /// Each instance as last compiled (generation 0) with its service IPs.
+    last: BTreeMap<u32, (Instance, Vec<ServiceIp>)>,
 }
 
 fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
@@ -200,15 +201,14 @@ impl Ids {
                     inst.node_port = port.to_be();
                 }
             }
-            // A changed entry, or a slot that held another instance, starts a
-            // new generation.
+            // A changed entry or set of service IPs, or a slot that held
+            // another instance, starts a new generation: the flows bound to
+            // it pick again.
             let generation = self.generations.entry(id).or_insert(0);
-            let unchanged = self.last.get(&id).is_some_and(|old| {
-                Instance {
-                    generation: 0,
-                    ..*old
-                } == inst
-            });
+            let unchanged = self
+                .last
+                .get(&id)
+                .is_some_and(|(old, sips)| *old == inst && *sips == record.service_ips);
             if !unchanged {
                 *generation = generation.wrapping_add(1);
             }
@@ -229,13 +229,11 @@ impl Ids {
             .instances
             .iter()
             .map(|(&id, inst)| {
-                (
-                    id,
-                    Instance {
-                        generation: 0,
-                        ..*inst
-                    },
-                )
+                let bare = Instance {
+                    generation: 0,
+                    ..*inst
+                };
+                (id, (bare, record_of[&id].service_ips.clone()))
             })
             .collect();
 
@@ -445,6 +443,13 @@ mod tests {
             t2.services[&Ipv4Addr::from([203, 0, 113, 11])].slots,
             vec![ib]
         );
+        // Another set of service IPs on the same instance: a new generation.
+        let mut b2 = b.clone();
+        b2.service_ips.pop();
+        let t4 = ids.compile(&[&b2], &settings(), &cost).unwrap();
+        assert!(t4.instances[&ib].generation > g);
+        let t2 = ids.compile(&[&b], &settings(), &cost).unwrap();
+        let g = t2.instances[&ib].generation;
         // A new instance reusing the slot starts a newer generation.
         let c = record("app.ns.db.ns", 0, [192, 0, 2, 3], true, &[]);
         let t3 = ids.compile(&[&b, &c], &settings(), &cost).unwrap();
