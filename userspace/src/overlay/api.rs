@@ -165,6 +165,7 @@ fn service_ips(list: Vec<ServiceIpJson>) -> Result<Vec<ServiceIp>, ApiError> {
                 ip_type,
                 address,
                 address_v6,
+                weight: 0,
             })
         })
         .collect()

@@ -82,6 +82,31 @@ struct State {
     misses: u64,
     /// The nftables table of port mappings exists.
     ports_written: bool,
+    /// Service IPs whose members the catalog names (EDS).
+    feed: Feed,
+}
+
+/// Service IPs fed by the catalog: service IP → member instances (by
+/// namespace address) → weight.
+pub type Feed = BTreeMap<Ipv4Addr, BTreeMap<Ipv4Addr, u32>>;
+
+/// A service IP as `tapmesh catalog list` shows it.
+#[derive(Clone, Debug)]
+pub struct ListedService {
+    pub address: Ipv4Addr,
+    pub ip_type: IpType,
+    /// From the catalog's feed (EDS) rather than deployments and tables.
+    pub fed: bool,
+    pub members: Vec<ListedMember>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListedMember {
+    pub ns_addr: Ipv4Addr,
+    pub weight: u32,
+    /// "local (tmo…)" or "node:port"; for a fed member no instance has: why.
+    pub location: String,
+    pub known: bool,
 }
 
 impl State {
@@ -262,20 +287,100 @@ impl NetManager {
         }
     }
 
-    /// Compiles the state and writes it; on failure the maps keep what they had.
-    async fn apply_locked(&self, state: &mut State) -> Result<(), NmError> {
-        let settings = self.settings_for(state);
+    /// Every instance this node routes to: local deployments, then other
+    /// nodes' (own deployments echoed by the cluster are skipped), each with
+    /// the service IPs the catalog's feed gives it.
+    fn records(&self, state: &State) -> Vec<InstanceRecord> {
         let local_node = self.settings.node_addr;
-        let records: Vec<&InstanceRecord> = state
+        state
             .local
             .values()
             .map(|d| &d.record)
             .chain(state.remote.values().flatten().filter(|r| {
-                // Our own deployments come from the local table.
                 !matches!(r.placement, Placement::Remote { node, .. } if Some(node) == local_node)
                     && !state.local.contains_key(&(r.job.clone(), r.number))
             }))
-            .collect();
+            .map(|r| {
+                let mut r = r.clone();
+                for (sip, members) in &state.feed {
+                    if let Some(&weight) = members.get(&r.ns_addr) {
+                        r.service_ips.push(ServiceIp {
+                            ip_type: IpType::RoundRobin,
+                            address: *sip,
+                            address_v6: None,
+                            weight: weight.max(1),
+                        });
+                    }
+                }
+                r
+            })
+            .collect()
+    }
+
+    /// Replaces the catalog's service IPs; on failure the maps keep the last good ones.
+    pub async fn set_feed(&self, feed: Feed) -> Result<(), NmError> {
+        let mut state = self.state.lock().await;
+        let before = std::mem::replace(&mut state.feed, feed);
+        if state.registration.is_none() {
+            return Ok(());
+        }
+        if let Err(e) = self.apply_locked(&mut state).await {
+            state.feed = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Service IPs with their members, for the catalog's listing.
+    pub async fn listing(&self) -> Vec<ListedService> {
+        let state = self.state.lock().await;
+        let records = self.records(&state);
+        let mut out: BTreeMap<Ipv4Addr, ListedService> = BTreeMap::new();
+        for r in &records {
+            for sip in &r.service_ips {
+                let entry = out.entry(sip.address).or_insert_with(|| ListedService {
+                    address: sip.address,
+                    ip_type: sip.ip_type,
+                    fed: state.feed.contains_key(&sip.address),
+                    members: Vec::new(),
+                });
+                entry.members.push(ListedMember {
+                    ns_addr: r.ns_addr,
+                    weight: if sip.weight == 0 { r.weight } else { sip.weight },
+                    location: match &r.placement {
+                        Placement::Local { host_ifname, .. } => format!("local ({host_ifname})"),
+                        Placement::Remote { node, port } => format!("{node}:{port}"),
+                    },
+                    known: true,
+                });
+            }
+        }
+        for (sip, members) in &state.feed {
+            let entry = out.entry(*sip).or_insert_with(|| ListedService {
+                address: *sip,
+                ip_type: IpType::RoundRobin,
+                fed: true,
+                members: Vec::new(),
+            });
+            for (addr, weight) in members {
+                if !records.iter().any(|r| r.ns_addr == *addr) {
+                    entry.members.push(ListedMember {
+                        ns_addr: *addr,
+                        weight: *weight,
+                        location: "no deployed or known instance has this address".into(),
+                        known: false,
+                    });
+                }
+            }
+        }
+        out.into_values().collect()
+    }
+
+    /// Compiles the state and writes it; on failure the maps keep what they had.
+    async fn apply_locked(&self, state: &mut State) -> Result<(), NmError> {
+        let settings = self.settings_for(state);
+        let owned = self.records(state);
+        let records: Vec<&InstanceRecord> = owned.iter().collect();
         let costs = &self.settings.node_costs;
         let default_cost = self.settings.default_node_cost;
         let cost_of = |r: &InstanceRecord| match r.placement {
@@ -564,11 +669,8 @@ impl NetManager {
             unresolved: state.unresolved.keys().map(|a| a.to_string()).collect(),
             ..Default::default()
         };
-        let records = state
-            .local
-            .values()
-            .map(|d| &d.record)
-            .chain(state.remote.values().flatten());
+        let owned = self.records(&state);
+        let records = owned.iter();
         let mut by_service: BTreeMap<Ipv4Addr, (IpType, usize)> = BTreeMap::new();
         for r in records {
             let Some(id) = state.ids.instance_id(&r.job, r.number) else {

@@ -53,6 +53,8 @@ pub struct ServiceIp {
     pub ip_type: IpType,
     pub address: Ipv4Addr,
     pub address_v6: Option<Ipv6Addr>,
+    /// Round-robin share through this address; 0: the instance's weight.
+    pub weight: u32,
 }
 
 /// Where an instance runs.
@@ -239,6 +241,7 @@ impl Ids {
 
         // Service IPs: every instance carrying one; the first type seen wins.
         let mut carriers: BTreeMap<Ipv4Addr, (IpType, Vec<u32>)> = BTreeMap::new();
+        let mut weights: BTreeMap<(Ipv4Addr, u32), u32> = BTreeMap::new();
         for (&id, record) in &record_of {
             for sip in &record.service_ips {
                 let entry = carriers
@@ -246,6 +249,8 @@ impl Ids {
                     .or_insert((sip.ip_type, Vec::new()));
                 if entry.0 == sip.ip_type {
                     entry.1.push(id);
+                    let w = if sip.weight == 0 { record.weight } else { sip.weight };
+                    weights.insert((sip.address, id), w);
                 }
             }
         }
@@ -262,7 +267,9 @@ impl Ids {
                 }
             };
             let slots = match ip_type {
-                IpType::RoundRobin => weighted_slots(&ids, |id| record_of[id].weight),
+                IpType::RoundRobin => {
+                    weighted_slots(&ids, |id| weights.get(&(addr, *id)).copied().unwrap_or(1))
+                }
                 IpType::Closest => {
                     ids.sort_by_key(|id| (cost_of(record_of[id]), *id));
                     ids.truncate(SERVICE_SLOTS as usize);
@@ -367,6 +374,7 @@ mod tests {
                     ip_type: *t,
                     address: (*a).into(),
                     address_v6: None,
+                    weight: 0,
                 })
                 .collect(),
             weight: 1,
