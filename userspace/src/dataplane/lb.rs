@@ -2,7 +2,7 @@
 //! flow tables and each stream's Maglev table with one update, and keeps the
 //! ids (VIP, config, stream, counters) stable across changes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray},
@@ -207,7 +207,8 @@ fn read_counter(
 
 impl LbWriter {
     /// Makes the maps hold `valid`. Everything was validated before; what can
-    /// still fail here is a full id space or a map write.
+    /// still fail here is a full id space or a map write. Each local
+    /// interface is resolved once per call.
     pub fn apply(
         &mut self,
         ebpf: &mut Ebpf,
@@ -217,17 +218,24 @@ impl LbWriter {
     ) -> Result<(), DataplaneError> {
         let prefixes = valid.vips.iter().filter(|v| v.prefix.len < 128).count() as u16;
         self.write_node(ebpf, tunnel, prefixes)?;
-        // Resolve local interfaces before touching anything.
+        // Resolve local interfaces before touching anything, each once.
+        let mut interfaces: HashMap<&str, (u32, [u8; 6])> = HashMap::new();
         let mut targets = BTreeMap::new();
         for t in &valid.targets {
             let (ifindex, our_mac) = match &t.via {
-                ValidVia::Local { interface, .. } => {
-                    resolve(interface).map_err(|message| DataplaneError::Attach {
-                        hook: super::Hook::Xdp,
-                        interface: interface.clone(),
-                        message,
-                    })?
-                }
+                ValidVia::Local { interface, .. } => match interfaces.get(interface.as_str()) {
+                    Some(&found) => found,
+                    None => {
+                        let found =
+                            resolve(interface).map_err(|message| DataplaneError::Attach {
+                                hook: super::Hook::Xdp,
+                                interface: interface.clone(),
+                                message,
+                            })?;
+                        interfaces.insert(interface, found);
+                        found
+                    }
+                },
                 ValidVia::Remote { .. } => {
                     if tunnel.address.is_none() {
                         return Err(DataplaneError::Config(format!(
