@@ -296,16 +296,15 @@ impl LbWriter {
 
         for s in &valid.streams {
             // Slots (identifier − 1) become target indices.
+            let mut index = vec![NO_TARGET; s.max_targets as usize];
+            let range = (s.name.clone(), 1)..=(s.name.clone(), s.max_targets);
+            for ((_, identifier), t) in self.targets.range(range) {
+                index[*identifier as usize - 1] = t.stats_index;
+            }
             let table: Vec<u32> = s
                 .table
                 .iter()
-                .map(|&slot| match slot {
-                    NO_TARGET => NO_TARGET,
-                    slot => self
-                        .targets
-                        .get(&(s.name.clone(), slot + 1))
-                        .map_or(NO_TARGET, |t| t.stats_index),
-                })
+                .map(|&slot| index.get(slot as usize).copied().unwrap_or(NO_TARGET))
                 .collect();
             self.write_stream(ebpf, &s.name, &table)?;
         }
