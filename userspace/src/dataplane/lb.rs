@@ -17,7 +17,7 @@ use tapmesh_common::{
     map_names as n, PacketCounter,
 };
 
-use super::DataplaneError;
+use super::{batch, DataplaneError};
 use crate::lb::{
     model::{ValidLb, ValidVia},
     tables::{target_value, vip_key, vip_tables, VipTables},
@@ -273,6 +273,7 @@ impl LbWriter {
 
         // Targets before the tables that point at them; a target's index is
         // also its counters' index and what Maglev entries hold.
+        let mut changed = Vec::new();
         for (key, (t, ifindex, our_mac)) in &targets {
             let index = match self.targets.get(key) {
                 Some(old) => old.stats_index,
@@ -287,10 +288,24 @@ impl LbWriter {
                 self.with_hop(&mut value, *node);
             }
             if self.targets.get(key) != Some(&value) {
-                array::<Target>(ebpf, n::TARGETS)?
-                    .set(index, value, 0)
-                    .map_err(map_err(n::TARGETS))?;
+                changed.push((key, value));
             }
+        }
+        let (indices, values): (Vec<u32>, Vec<Target>) =
+            changed.iter().map(|(_, v)| (v.stats_index, *v)).unzip();
+        if let Err(e) = batch::set_many(&mut array::<Target>(ebpf, n::TARGETS)?, &indices, &values)
+        {
+            for (key, value) in &changed {
+                if !self.targets.contains_key(*key) {
+                    self.target_ids.give(value.stats_index);
+                }
+            }
+            return Err(DataplaneError::Map {
+                name: n::TARGETS,
+                message: e.to_string(),
+            });
+        }
+        for (key, value) in changed {
             self.targets.insert(key.clone(), value);
         }
 
@@ -438,11 +453,13 @@ impl LbWriter {
         }
         let size = table.len() as u32;
         let base = self.regions.take(size)?;
-        let mut maglev = array::<u32>(ebpf, n::MAGLEV)?;
-        for (i, entry) in table.iter().enumerate() {
-            maglev
-                .set(base + i as u32, *entry, 0)
-                .map_err(map_err(n::MAGLEV))?;
+        let indices: Vec<u32> = (base..base + size).collect();
+        if let Err(e) = batch::set_many(&mut array::<u32>(ebpf, n::MAGLEV)?, &indices, table) {
+            self.regions.give(base);
+            return Err(DataplaneError::Map {
+                name: n::MAGLEV,
+                message: e.to_string(),
+            });
         }
         let id = slot.id;
         array::<StreamValue>(ebpf, n::STREAMS)?
