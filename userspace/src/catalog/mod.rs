@@ -21,7 +21,7 @@ use tokio::sync::{watch, Mutex};
 use crate::flows::{FlowSpec, VipSpec};
 use crate::lb::model::{LbSpec, StreamSpec, TargetSpec, TargetVia};
 use crate::lb::service::LbService;
-use crate::xds::{ClusterEndpoints, EndpointSink};
+use crate::xds::{ClusterEndpoints, EndpointSink, SelectedEndpoint};
 
 pub use plugin::CatalogPlugin;
 
@@ -86,6 +86,8 @@ pub struct Catalog {
     state: Mutex<State>,
     written: watch::Sender<(u64, Result<(), String>)>,
     kick: tokio::sync::Notify,
+    /// The clusters of the last successful write, for [`serve`].
+    accepted: watch::Sender<Arc<BTreeMap<String, ClusterEndpoints>>>,
     /// The assignments of the last successful write (what the EDS server serves).
     served: watch::Sender<crate::xds::Assignments>,
 }
@@ -101,9 +103,11 @@ impl Catalog {
             }),
             written: watch::channel((0, Ok(()))).0,
             kick: tokio::sync::Notify::new(),
+            accepted: watch::channel(Arc::default()).0,
             served: watch::channel(crate::xds::Assignments::default()).0,
         });
         tokio::spawn(writer(catalog.clone()));
+        tokio::spawn(serve(catalog.clone()));
         catalog
     }
 
@@ -118,7 +122,7 @@ impl Catalog {
     pub async fn services(&self) -> Vec<Service> {
         let built = {
             let state = self.state.lock().await;
-            build(&state).1
+            listing(&state)
         };
         let mut services = built;
         for (source, spec) in self.lb.sources().await {
@@ -218,7 +222,7 @@ async fn writer(catalog: Arc<Catalog>) {
         tokio::time::sleep(DEBOUNCE).await;
         let (generation, spec, clusters) = {
             let state = catalog.state.lock().await;
-            let (spec, _) = build(&state);
+            let spec = lb_part(&state);
             (state.wanted, spec, state.clusters.clone())
         };
         let mut spec = spec;
@@ -228,38 +232,53 @@ async fn writer(catalog: Arc<Catalog>) {
             .set_source(LB_SOURCE, spec)
             .await
             .map_err(|e| e.to_string());
-        if let Err(e) = &result {
-            tracing::error!("EDS endpoints not written: {e}");
-        } else {
-            let loads: BTreeMap<_, _> = clusters
-                .values()
-                .map(|c| (c.cluster.clone(), crate::xds::assignment(c)))
-                .collect();
-            catalog.served.send_if_modified(|served| {
-                let changed = **served != loads;
-                if changed {
-                    *served = Arc::new(loads);
-                }
-                changed
-            });
+        match &result {
+            Ok(()) => {
+                catalog.accepted.send_replace(Arc::new(clusters));
+            }
+            Err(e) => tracing::error!("EDS endpoints not written: {e}"),
         }
         let _ = catalog.written.send_replace((generation, result));
     }
 }
 
+/// Turns the clusters the maps hold into what the EDS server serves, off
+/// the writer's path (encoding thousands of endpoints takes a while).
+async fn serve(catalog: Arc<Catalog>) {
+    let mut accepted = catalog.accepted.subscribe();
+    while accepted.changed().await.is_ok() {
+        let clusters = accepted.borrow_and_update().clone();
+        let loads: BTreeMap<_, _> = clusters
+            .values()
+            .map(|c| (c.cluster.clone(), crate::xds::assignment(c)))
+            .collect();
+        catalog.served.send_if_modified(|served| {
+            let changed = **served != loads;
+            if changed {
+                *served = Arc::new(loads);
+            }
+            changed
+        });
+    }
+}
+
+/// A cluster's last accepted endpoints and the Maglev slots each holds.
+fn endpoints<'a>(state: &'a State, cluster: &str) -> (&'a [SelectedEndpoint], Vec<u32>) {
+    let endpoints = state
+        .clusters
+        .get(cluster)
+        .map_or(&[][..], |c| c.endpoints.as_slice());
+    let slots = slots(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
+    (endpoints, slots)
+}
+
 /// The LB part for the EDS services (targets still unresolved: their
-/// `via` names the backend address) and the listing.
-fn build(state: &State) -> (LbSpec, Vec<Service>) {
+/// `via` names the backend address).
+fn lb_part(state: &State) -> LbSpec {
     let mut spec = LbSpec::default();
-    let mut services = Vec::new();
     for (name, binding) in &state.bindings {
         let lb_name = format!("eds.{name}");
-        let endpoints = state
-            .clusters
-            .get(name)
-            .map(|c| c.endpoints.clone())
-            .unwrap_or_default();
-        let slots = slots(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
+        let (endpoints, slots) = endpoints(state, name);
         let total: u32 = slots.iter().sum();
         spec.vips.push(VipSpec {
             name: lb_name.clone(),
@@ -279,20 +298,31 @@ fn build(state: &State) -> (LbSpec, Vec<Service>) {
             ..Default::default()
         });
         let mut identifier = 1;
-        let mut backends = Vec::new();
         for (e, n) in endpoints.iter().zip(&slots) {
+            let node = e.address.to_string();
             for _ in 0..*n {
                 spec.targets.push(TargetSpec {
                     stream: lb_name.clone(),
                     identifier,
                     // Resolved to an interface and MAC by `resolve::targets`.
-                    via: TargetVia::Remote {
-                        node: e.address.to_string(),
-                    },
+                    via: TargetVia::Remote { node: node.clone() },
                 });
                 identifier += 1;
             }
-            backends.push(Backend {
+        }
+    }
+    spec
+}
+
+/// The EDS services as the catalog lists them.
+fn listing(state: &State) -> Vec<Service> {
+    let mut services = Vec::new();
+    for (name, binding) in &state.bindings {
+        let (endpoints, slots) = endpoints(state, name);
+        let backends = endpoints
+            .iter()
+            .zip(&slots)
+            .map(|(e, n)| Backend {
                 address: e.address,
                 port: e.port,
                 weight: e.weight,
@@ -305,8 +335,8 @@ fn build(state: &State) -> (LbSpec, Vec<Service>) {
                     .join("/"),
                 slots: *n,
                 note: String::new(),
-            });
-        }
+            })
+            .collect();
         services.push(Service {
             name: name.clone(),
             source: "eds",
@@ -314,7 +344,7 @@ fn build(state: &State) -> (LbSpec, Vec<Service>) {
             backends,
         });
     }
-    (spec, services)
+    services
 }
 
 /// Maglev slots per weight: proportional, at most [`MAX_SLOTS`] in all, at
