@@ -30,8 +30,8 @@ mod plugin;
 pub const LB_SOURCE: &str = "eds";
 /// Maglev slots one EDS service's backends share.
 pub const MAX_SLOTS: u32 = 100;
-/// Updates closer together than this become one map write.
-pub const DEBOUNCE: Duration = Duration::from_millis(5);
+/// Updates within this of the first of a burst become one map write.
+pub const DEBOUNCE: Duration = Duration::from_millis(2);
 
 /// `[[xds.clusters]]`: which VIP a cluster's endpoints serve.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -175,6 +175,12 @@ impl Catalog {
         self.served.borrow().values().cloned().collect()
     }
 
+    /// The update count, the LB part (backends unresolved) and the clusters, as of now.
+    async fn snapshot(&self) -> (u64, LbSpec, BTreeMap<String, ClusterEndpoints>) {
+        let state = self.state.lock().await;
+        (state.wanted, lb_part(&state), state.clusters.clone())
+    }
+
     /// Changes of [`Self::cluster_loads`], by cluster name.
     pub fn watch_loads(&self) -> watch::Receiver<crate::xds::Assignments> {
         self.served.subscribe()
@@ -215,18 +221,24 @@ impl EndpointSink for Catalog {
     }
 }
 
-/// Writes the LB part "eds" whenever something changed, a burst at a time.
+/// Writes the LB part "eds" whenever something changed, a burst at a time:
+/// updates within [`DEBOUNCE`] of the first become one write. The backends
+/// are resolved while the window runs, and again at its end if more came.
 async fn writer(catalog: Arc<Catalog>) {
+    let mut last = 0;
     loop {
         catalog.kick.notified().await;
-        tokio::time::sleep(DEBOUNCE).await;
-        let (generation, spec, clusters) = {
-            let state = catalog.state.lock().await;
-            let spec = lb_part(&state);
-            (state.wanted, spec, state.clusters.clone())
-        };
-        let mut spec = spec;
-        resolve::targets(&mut spec).await;
+        let (mut generation, mut spec, mut clusters) = catalog.snapshot().await;
+        tokio::join!(tokio::time::sleep(DEBOUNCE), resolve::targets(&mut spec));
+        if catalog.state.lock().await.wanted != generation {
+            (generation, spec, clusters) = catalog.snapshot().await;
+            resolve::targets(&mut spec).await;
+        }
+        if generation == last {
+            // A kick for updates the last write already held.
+            continue;
+        }
+        last = generation;
         let result = catalog
             .lb
             .set_source(LB_SOURCE, spec)
