@@ -1,6 +1,7 @@
 //! What the LB writer leaves in the maps over successive updates of one
-//! large stream (tables and targets are written in batches): every entry of
-//! the published Maglev region leads to the target its slot names, with that
+//! large stream (tables and targets are written in batches, a table of the
+//! same size only where it differs from the spare region): every entry of the
+//! published Maglev region leads to the target its slot names, with that
 //! target's MACs and interface, and each interface is resolved once per update.
 
 use std::cell::RefCell;
@@ -19,9 +20,13 @@ use tapmesh_tests::{bpf::Bpf, kernel_tests_enabled};
 
 const MAX_TARGETS: u32 = 300;
 
-/// Targets `identifiers` of stream "s", on `if1` (odd) and `if2` (even), with
-/// MACs that depend on `generation`.
+/// Targets `identifiers` of stream "s" (`MAX_TARGETS` slots), on `if1`
+/// (odd) and `if2` (even), with MACs that depend on `generation`.
 fn spec(identifiers: impl Iterator<Item = u32>, generation: u8) -> LbSpec {
+    sized(MAX_TARGETS, identifiers, generation)
+}
+
+fn sized(max_targets: u32, identifiers: impl Iterator<Item = u32>, generation: u8) -> LbSpec {
     LbSpec {
         vips: vec![VipSpec {
             name: "v".into(),
@@ -29,7 +34,7 @@ fn spec(identifiers: impl Iterator<Item = u32>, generation: u8) -> LbSpec {
         }],
         streams: vec![StreamSpec {
             name: "s".into(),
-            max_targets: MAX_TARGETS,
+            max_targets,
             table_size: None,
         }],
         flows: vec![FlowSpec {
@@ -147,4 +152,13 @@ fn tables_and_targets_follow_updates_and_interfaces_resolve_once() {
     apply_and_check(&mut bpf, &mut writer, &spec(1..=MAX_TARGETS, 3));
     // No targets: the table holds no target.
     apply_and_check(&mut bpf, &mut writer, &spec(std::iter::empty(), 3));
+    // All but one: the spare region held the first table, so only the
+    // entries that differ from it are written.
+    apply_and_check(&mut bpf, &mut writer, &spec(2..=MAX_TARGETS, 3));
+    apply_and_check(&mut bpf, &mut writer, &spec(1..=MAX_TARGETS, 3));
+    // Another size: new regions, the spare of the old size given back.
+    let bigger = MAX_TARGETS + 7;
+    apply_and_check(&mut bpf, &mut writer, &sized(bigger, 1..=bigger, 4));
+    apply_and_check(&mut bpf, &mut writer, &sized(bigger, 2..=bigger, 4));
+    apply_and_check(&mut bpf, &mut writer, &sized(bigger, 1..=bigger, 5));
 }

@@ -114,6 +114,9 @@ struct StreamSlot {
     id: u32,
     base: u32,
     table: Vec<u32>,
+    /// The region published before `base` and what it holds: the next
+    /// table of its size goes there, written only where it differs.
+    spare: Option<(u32, Vec<u32>)>,
 }
 
 /// This node's tunnel settings for remote targets and decapsulation.
@@ -259,6 +262,7 @@ impl LbWriter {
                         id,
                         base: 0,
                         table: Vec::new(),
+                        spare: None,
                     },
                 );
             }
@@ -355,6 +359,9 @@ impl LbWriter {
             if !slot.table.is_empty() {
                 self.regions.give(slot.base);
             }
+            if let Some((base, _)) = slot.spare {
+                self.regions.give(base);
+            }
             self.stream_ids.give(slot.id);
         }
         let gone: Vec<_> = self
@@ -440,45 +447,79 @@ impl LbWriter {
         Ok(())
     }
 
-    /// A changed table goes to a new region; one write of the stream entry publishes it.
+    /// A changed table goes to the stream's spare region when that has its
+    /// size (only entries that differ are written), else to a new region;
+    /// one write of the stream entry publishes it, and the region it
+    /// replaces becomes the spare.
     fn write_stream(
         &mut self,
         ebpf: &mut Ebpf,
         name: &str,
         table: &[u32],
     ) -> Result<(), DataplaneError> {
-        let slot = self.streams.get(name).expect("stream id assigned");
+        let slot = self.streams.get_mut(name).expect("stream id assigned");
         if slot.table == table {
             return Ok(());
         }
+        let (id, spare) = (slot.id, slot.spare.take());
         let size = table.len() as u32;
-        let base = self.regions.take(size)?;
-        let indices: Vec<u32> = (base..base + size).collect();
-        if let Err(e) = batch::set_many(&mut array::<u32>(ebpf, n::MAGLEV)?, &indices, table) {
-            self.regions.give(base);
-            return Err(DataplaneError::Map {
+        let (base, held) = match spare {
+            Some((base, held)) if held.len() == table.len() => (base, Some(held)),
+            other => {
+                if let Some((base, _)) = other {
+                    self.regions.give(base);
+                }
+                (self.take_region(size)?, None)
+            }
+        };
+        let (indices, values): (Vec<u32>, Vec<u32>) = table
+            .iter()
+            .enumerate()
+            .filter(|&(i, entry)| held.as_ref().is_none_or(|h| h[i] != *entry))
+            .map(|(i, entry)| (base + i as u32, *entry))
+            .unzip();
+        let published = batch::set_many(&mut array::<u32>(ebpf, n::MAGLEV)?, &indices, &values)
+            .map_err(|e| DataplaneError::Map {
                 name: n::MAGLEV,
                 message: e.to_string(),
-            });
-        }
-        let id = slot.id;
-        array::<StreamValue>(ebpf, n::STREAMS)?
-            .set(
-                id,
-                StreamValue {
+            })
+            .and_then(|()| {
+                let value = StreamValue {
                     table_base: base,
                     table_size: size,
-                },
-                0,
-            )
-            .map_err(map_err(n::STREAMS))?;
+                };
+                array::<StreamValue>(ebpf, n::STREAMS)?
+                    .set(id, value, 0)
+                    .map_err(map_err(n::STREAMS))
+            });
+        if let Err(e) = published {
+            // What the region holds is no longer known.
+            self.regions.give(base);
+            return Err(e);
+        }
         let slot = self.streams.get_mut(name).expect("stream id assigned");
         if !slot.table.is_empty() {
-            self.regions.give(slot.base);
+            slot.spare = Some((slot.base, std::mem::take(&mut slot.table)));
         }
         slot.base = base;
         slot.table = table.to_vec();
         Ok(())
+    }
+
+    /// A region of `size` entries; when none is free, the spare regions are
+    /// given up first.
+    fn take_region(&mut self, size: u32) -> Result<u32, DataplaneError> {
+        match self.regions.take(size) {
+            Err(DataplaneError::Full(_)) => {
+                for slot in self.streams.values_mut() {
+                    if let Some((base, _)) = slot.spare.take() {
+                        self.regions.give(base);
+                    }
+                }
+                self.regions.take(size)
+            }
+            other => other,
+        }
     }
 
     /// Writes the VIP's tables under its other config id, then flips the VIP entry.
