@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tapmesh_common::lb::{
@@ -151,9 +152,10 @@ pub enum LbError {
     },
 }
 
-/// The Maglev tables of the last validation, by stream. A stream whose
-/// `max_targets`, `table_size` and active slots are the same again gets its
-/// table back instead of a new build (a few ms for 1000 targets).
+/// The Maglev tables of the last validation, by stream, with their builder.
+/// A stream whose `max_targets` and `table_size` are the same again reuses
+/// the builder (its base table is a full Maglev fill, a few ms for 1000
+/// targets); with the same active slots too, it gets its table back.
 #[derive(Debug, Default)]
 pub struct Tables {
     built: HashMap<String, Built>,
@@ -161,21 +163,21 @@ pub struct Tables {
 
 #[derive(Debug)]
 struct Built {
-    max_targets: u32,
     table_size: Option<u32>,
+    maglev: Arc<Maglev>,
     /// Sorted.
     active: Vec<u32>,
     table: Vec<u32>,
 }
 
 impl Tables {
-    fn table(&self, s: &StreamSpec, active: &[u32]) -> Option<&Vec<u32>> {
-        self.built
+    /// The builder and, when `active` is the same, the table of stream `s`.
+    fn get(&self, s: &StreamSpec, active: &[u32]) -> Option<(&Arc<Maglev>, Option<&Vec<u32>>)> {
+        let b = self
+            .built
             .get(&s.name)
-            .filter(|b| {
-                b.max_targets == s.max_targets && b.table_size == s.table_size && b.active == active
-            })
-            .map(|b| &b.table)
+            .filter(|b| b.maglev.max_targets() == s.max_targets && b.table_size == s.table_size)?;
+        Some((&b.maglev, (b.active == active).then_some(&b.table)))
     }
 }
 
@@ -313,14 +315,18 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
     let mut built = HashMap::with_capacity(spec.streams.len());
     for (s, mut active) in spec.streams.iter().zip(slots) {
         active.sort_unstable();
-        let table = match tables.table(s, &active) {
-            Some(table) => table.clone(),
-            None => Maglev::new(s.max_targets, s.table_size)
-                .and_then(|m| m.build(&active))
-                .map_err(|source| LbError::Maglev {
-                    stream: s.name.clone(),
-                    source,
-                })?,
+        let maglev_error = |source| LbError::Maglev {
+            stream: s.name.clone(),
+            source,
+        };
+        let (maglev, table) = match tables.get(s, &active) {
+            Some((maglev, Some(table))) => (maglev.clone(), table.clone()),
+            Some((maglev, None)) => (maglev.clone(), maglev.build(&active).map_err(maglev_error)?),
+            None => {
+                let maglev = Maglev::new(s.max_targets, s.table_size).map_err(maglev_error)?;
+                let table = maglev.build(&active).map_err(maglev_error)?;
+                (Arc::new(maglev), table)
+            }
         };
         streams.push(ValidStream {
             name: s.name.clone(),
@@ -330,8 +336,8 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
         built.insert(
             s.name.clone(),
             Built {
-                max_targets: s.max_targets,
                 table_size: s.table_size,
+                maglev,
                 active,
                 table,
             },
