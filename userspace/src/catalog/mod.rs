@@ -21,7 +21,7 @@ use tokio::sync::{watch, Mutex};
 use crate::flows::{FlowSpec, VipSpec};
 use crate::lb::model::{LbSpec, StreamSpec, TargetSpec, TargetVia};
 use crate::lb::service::LbService;
-use crate::xds::{ClusterEndpoints, EndpointSink};
+use crate::xds::{ClusterEndpoints, EndpointSink, SelectedEndpoint};
 
 pub use plugin::CatalogPlugin;
 
@@ -30,8 +30,8 @@ mod plugin;
 pub const LB_SOURCE: &str = "eds";
 /// Maglev slots one EDS service's backends share.
 pub const MAX_SLOTS: u32 = 100;
-/// Updates closer together than this become one map write.
-pub const DEBOUNCE: Duration = Duration::from_millis(5);
+/// Updates within this of the first of a burst become one map write.
+pub const DEBOUNCE: Duration = Duration::from_millis(2);
 
 /// `[[xds.clusters]]`: which VIP a cluster's endpoints serve.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
@@ -86,6 +86,8 @@ pub struct Catalog {
     state: Mutex<State>,
     written: watch::Sender<(u64, Result<(), String>)>,
     kick: tokio::sync::Notify,
+    /// The clusters of the last successful write, for [`serve`].
+    accepted: watch::Sender<Arc<BTreeMap<String, ClusterEndpoints>>>,
     /// The assignments of the last successful write (what the EDS server serves).
     served: watch::Sender<crate::xds::Assignments>,
 }
@@ -101,9 +103,11 @@ impl Catalog {
             }),
             written: watch::channel((0, Ok(()))).0,
             kick: tokio::sync::Notify::new(),
+            accepted: watch::channel(Arc::default()).0,
             served: watch::channel(crate::xds::Assignments::default()).0,
         });
         tokio::spawn(writer(catalog.clone()));
+        tokio::spawn(serve(catalog.clone()));
         catalog
     }
 
@@ -118,7 +122,7 @@ impl Catalog {
     pub async fn services(&self) -> Vec<Service> {
         let built = {
             let state = self.state.lock().await;
-            build(&state).1
+            listing(&state)
         };
         let mut services = built;
         for (source, spec) in self.lb.sources().await {
@@ -171,6 +175,12 @@ impl Catalog {
         self.served.borrow().values().cloned().collect()
     }
 
+    /// The update count, the LB part (backends unresolved) and the clusters, as of now.
+    async fn snapshot(&self) -> (u64, LbSpec, BTreeMap<String, ClusterEndpoints>) {
+        let state = self.state.lock().await;
+        (state.wanted, lb_part(&state), state.clusters.clone())
+    }
+
     /// Changes of [`Self::cluster_loads`], by cluster name.
     pub fn watch_loads(&self) -> watch::Receiver<crate::xds::Assignments> {
         self.served.subscribe()
@@ -211,55 +221,76 @@ impl EndpointSink for Catalog {
     }
 }
 
-/// Writes the LB part "eds" whenever something changed, a burst at a time.
+/// Writes the LB part "eds" whenever something changed, a burst at a time:
+/// updates within [`DEBOUNCE`] of the first become one write. The backends
+/// are resolved while the window runs, and again at its end if more came.
 async fn writer(catalog: Arc<Catalog>) {
+    let mut last = 0;
     loop {
         catalog.kick.notified().await;
-        tokio::time::sleep(DEBOUNCE).await;
-        let (generation, spec, clusters) = {
-            let state = catalog.state.lock().await;
-            let (spec, _) = build(&state);
-            (state.wanted, spec, state.clusters.clone())
-        };
-        let mut spec = spec;
-        resolve::targets(&mut spec).await;
+        let (mut generation, mut spec, mut clusters) = catalog.snapshot().await;
+        tokio::join!(tokio::time::sleep(DEBOUNCE), resolve::targets(&mut spec));
+        if catalog.state.lock().await.wanted != generation {
+            (generation, spec, clusters) = catalog.snapshot().await;
+            resolve::targets(&mut spec).await;
+        }
+        if generation == last {
+            // A kick for updates the last write already held.
+            continue;
+        }
+        last = generation;
         let result = catalog
             .lb
             .set_source(LB_SOURCE, spec)
             .await
             .map_err(|e| e.to_string());
-        if let Err(e) = &result {
-            tracing::error!("EDS endpoints not written: {e}");
-        } else {
-            let loads: BTreeMap<_, _> = clusters
-                .values()
-                .map(|c| (c.cluster.clone(), crate::xds::assignment(c)))
-                .collect();
-            catalog.served.send_if_modified(|served| {
-                let changed = **served != loads;
-                if changed {
-                    *served = Arc::new(loads);
-                }
-                changed
-            });
+        match &result {
+            Ok(()) => {
+                catalog.accepted.send_replace(Arc::new(clusters));
+            }
+            Err(e) => tracing::error!("EDS endpoints not written: {e}"),
         }
         let _ = catalog.written.send_replace((generation, result));
     }
 }
 
+/// Turns the clusters the maps hold into what the EDS server serves, off
+/// the writer's path (encoding thousands of endpoints takes a while).
+async fn serve(catalog: Arc<Catalog>) {
+    let mut accepted = catalog.accepted.subscribe();
+    while accepted.changed().await.is_ok() {
+        let clusters = accepted.borrow_and_update().clone();
+        let loads: BTreeMap<_, _> = clusters
+            .values()
+            .map(|c| (c.cluster.clone(), crate::xds::assignment(c)))
+            .collect();
+        catalog.served.send_if_modified(|served| {
+            let changed = **served != loads;
+            if changed {
+                *served = Arc::new(loads);
+            }
+            changed
+        });
+    }
+}
+
+/// A cluster's last accepted endpoints and the Maglev slots each holds.
+fn endpoints<'a>(state: &'a State, cluster: &str) -> (&'a [SelectedEndpoint], Vec<u32>) {
+    let endpoints = state
+        .clusters
+        .get(cluster)
+        .map_or(&[][..], |c| c.endpoints.as_slice());
+    let slots = slots(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
+    (endpoints, slots)
+}
+
 /// The LB part for the EDS services (targets still unresolved: their
-/// `via` names the backend address) and the listing.
-fn build(state: &State) -> (LbSpec, Vec<Service>) {
+/// `via` names the backend address).
+fn lb_part(state: &State) -> LbSpec {
     let mut spec = LbSpec::default();
-    let mut services = Vec::new();
     for (name, binding) in &state.bindings {
         let lb_name = format!("eds.{name}");
-        let endpoints = state
-            .clusters
-            .get(name)
-            .map(|c| c.endpoints.clone())
-            .unwrap_or_default();
-        let slots = slots(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
+        let (endpoints, slots) = endpoints(state, name);
         let total: u32 = slots.iter().sum();
         spec.vips.push(VipSpec {
             name: lb_name.clone(),
@@ -279,20 +310,31 @@ fn build(state: &State) -> (LbSpec, Vec<Service>) {
             ..Default::default()
         });
         let mut identifier = 1;
-        let mut backends = Vec::new();
         for (e, n) in endpoints.iter().zip(&slots) {
+            let node = e.address.to_string();
             for _ in 0..*n {
                 spec.targets.push(TargetSpec {
                     stream: lb_name.clone(),
                     identifier,
                     // Resolved to an interface and MAC by `resolve::targets`.
-                    via: TargetVia::Remote {
-                        node: e.address.to_string(),
-                    },
+                    via: TargetVia::Remote { node: node.clone() },
                 });
                 identifier += 1;
             }
-            backends.push(Backend {
+        }
+    }
+    spec
+}
+
+/// The EDS services as the catalog lists them.
+fn listing(state: &State) -> Vec<Service> {
+    let mut services = Vec::new();
+    for (name, binding) in &state.bindings {
+        let (endpoints, slots) = endpoints(state, name);
+        let backends = endpoints
+            .iter()
+            .zip(&slots)
+            .map(|(e, n)| Backend {
                 address: e.address,
                 port: e.port,
                 weight: e.weight,
@@ -305,8 +347,8 @@ fn build(state: &State) -> (LbSpec, Vec<Service>) {
                     .join("/"),
                 slots: *n,
                 note: String::new(),
-            });
-        }
+            })
+            .collect();
         services.push(Service {
             name: name.clone(),
             source: "eds",
@@ -314,7 +356,7 @@ fn build(state: &State) -> (LbSpec, Vec<Service>) {
             backends,
         });
     }
-    (spec, services)
+    services
 }
 
 /// Maglev slots per weight: proportional, at most [`MAX_SLOTS`] in all, at

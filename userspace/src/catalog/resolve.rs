@@ -18,7 +18,6 @@
 //! answers from unless rules send the lookup elsewhere).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fmt::Write as _;
 use std::net::IpAddr;
 
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -378,12 +377,14 @@ fn neighbours(
         };
         let lladdr = &bytes[..length];
         if let Some(slot) = wanted.get_mut(&(ifindex, address)) {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
             let mut mac = String::with_capacity(lladdr.len() * 3);
             for (i, b) in lladdr.iter().enumerate() {
                 if i > 0 {
                     mac.push(':');
                 }
-                let _ = write!(mac, "{b:02x}");
+                mac.push(char::from(HEX[usize::from(b >> 4)]));
+                mac.push(char::from(HEX[usize::from(b & 0xf)]));
             }
             *slot = Some(mac);
         }

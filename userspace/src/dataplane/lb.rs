@@ -2,7 +2,7 @@
 //! flow tables and each stream's Maglev table with one update, and keeps the
 //! ids (VIP, config, stream, counters) stable across changes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray},
@@ -17,7 +17,7 @@ use tapmesh_common::{
     map_names as n, PacketCounter,
 };
 
-use super::DataplaneError;
+use super::{batch, DataplaneError};
 use crate::lb::{
     model::{ValidLb, ValidVia},
     tables::{target_value, vip_key, vip_tables, VipTables},
@@ -114,6 +114,9 @@ struct StreamSlot {
     id: u32,
     base: u32,
     table: Vec<u32>,
+    /// The region published before `base` and what it holds: the next
+    /// table of its size goes there, written only where it differs.
+    spare: Option<(u32, Vec<u32>)>,
 }
 
 /// This node's tunnel settings for remote targets and decapsulation.
@@ -207,7 +210,8 @@ fn read_counter(
 
 impl LbWriter {
     /// Makes the maps hold `valid`. Everything was validated before; what can
-    /// still fail here is a full id space or a map write.
+    /// still fail here is a full id space or a map write. Each local
+    /// interface is resolved once per call.
     pub fn apply(
         &mut self,
         ebpf: &mut Ebpf,
@@ -217,17 +221,24 @@ impl LbWriter {
     ) -> Result<(), DataplaneError> {
         let prefixes = valid.vips.iter().filter(|v| v.prefix.len < 128).count() as u16;
         self.write_node(ebpf, tunnel, prefixes)?;
-        // Resolve local interfaces before touching anything.
+        // Resolve local interfaces before touching anything, each once.
+        let mut interfaces: HashMap<&str, (u32, [u8; 6])> = HashMap::new();
         let mut targets = BTreeMap::new();
         for t in &valid.targets {
             let (ifindex, our_mac) = match &t.via {
-                ValidVia::Local { interface, .. } => {
-                    resolve(interface).map_err(|message| DataplaneError::Attach {
-                        hook: super::Hook::Xdp,
-                        interface: interface.clone(),
-                        message,
-                    })?
-                }
+                ValidVia::Local { interface, .. } => match interfaces.get(interface.as_str()) {
+                    Some(&found) => found,
+                    None => {
+                        let found =
+                            resolve(interface).map_err(|message| DataplaneError::Attach {
+                                hook: super::Hook::Xdp,
+                                interface: interface.clone(),
+                                message,
+                            })?;
+                        interfaces.insert(interface, found);
+                        found
+                    }
+                },
                 ValidVia::Remote { .. } => {
                     if tunnel.address.is_none() {
                         return Err(DataplaneError::Config(format!(
@@ -251,6 +262,7 @@ impl LbWriter {
                         id,
                         base: 0,
                         table: Vec::new(),
+                        spare: None,
                     },
                 );
             }
@@ -265,6 +277,7 @@ impl LbWriter {
 
         // Targets before the tables that point at them; a target's index is
         // also its counters' index and what Maglev entries hold.
+        let mut changed = Vec::new();
         for (key, (t, ifindex, our_mac)) in &targets {
             let index = match self.targets.get(key) {
                 Some(old) => old.stats_index,
@@ -279,25 +292,38 @@ impl LbWriter {
                 self.with_hop(&mut value, *node);
             }
             if self.targets.get(key) != Some(&value) {
-                array::<Target>(ebpf, n::TARGETS)?
-                    .set(index, value, 0)
-                    .map_err(map_err(n::TARGETS))?;
+                changed.push((key, value));
             }
+        }
+        let (indices, values): (Vec<u32>, Vec<Target>) =
+            changed.iter().map(|(_, v)| (v.stats_index, *v)).unzip();
+        if let Err(e) = batch::set_many(&mut array::<Target>(ebpf, n::TARGETS)?, &indices, &values)
+        {
+            for (key, value) in &changed {
+                if !self.targets.contains_key(*key) {
+                    self.target_ids.give(value.stats_index);
+                }
+            }
+            return Err(DataplaneError::Map {
+                name: n::TARGETS,
+                message: e.to_string(),
+            });
+        }
+        for (key, value) in changed {
             self.targets.insert(key.clone(), value);
         }
 
         for s in &valid.streams {
             // Slots (identifier − 1) become target indices.
+            let mut index = vec![NO_TARGET; s.max_targets as usize];
+            let range = (s.name.clone(), 1)..=(s.name.clone(), s.max_targets);
+            for ((_, identifier), t) in self.targets.range(range) {
+                index[*identifier as usize - 1] = t.stats_index;
+            }
             let table: Vec<u32> = s
                 .table
                 .iter()
-                .map(|&slot| match slot {
-                    NO_TARGET => NO_TARGET,
-                    slot => self
-                        .targets
-                        .get(&(s.name.clone(), slot + 1))
-                        .map_or(NO_TARGET, |t| t.stats_index),
-                })
+                .map(|&slot| index.get(slot as usize).copied().unwrap_or(NO_TARGET))
                 .collect();
             self.write_stream(ebpf, &s.name, &table)?;
         }
@@ -332,6 +358,9 @@ impl LbWriter {
                 .map_err(map_err(n::STREAMS))?;
             if !slot.table.is_empty() {
                 self.regions.give(slot.base);
+            }
+            if let Some((base, _)) = slot.spare {
+                self.regions.give(base);
             }
             self.stream_ids.give(slot.id);
         }
@@ -418,43 +447,79 @@ impl LbWriter {
         Ok(())
     }
 
-    /// A changed table goes to a new region; one write of the stream entry publishes it.
+    /// A changed table goes to the stream's spare region when that has its
+    /// size (only entries that differ are written), else to a new region;
+    /// one write of the stream entry publishes it, and the region it
+    /// replaces becomes the spare.
     fn write_stream(
         &mut self,
         ebpf: &mut Ebpf,
         name: &str,
         table: &[u32],
     ) -> Result<(), DataplaneError> {
-        let slot = self.streams.get(name).expect("stream id assigned");
+        let slot = self.streams.get_mut(name).expect("stream id assigned");
         if slot.table == table {
             return Ok(());
         }
+        let (id, spare) = (slot.id, slot.spare.take());
         let size = table.len() as u32;
-        let base = self.regions.take(size)?;
-        let mut maglev = array::<u32>(ebpf, n::MAGLEV)?;
-        for (i, entry) in table.iter().enumerate() {
-            maglev
-                .set(base + i as u32, *entry, 0)
-                .map_err(map_err(n::MAGLEV))?;
-        }
-        let id = slot.id;
-        array::<StreamValue>(ebpf, n::STREAMS)?
-            .set(
-                id,
-                StreamValue {
+        let (base, held) = match spare {
+            Some((base, held)) if held.len() == table.len() => (base, Some(held)),
+            other => {
+                if let Some((base, _)) = other {
+                    self.regions.give(base);
+                }
+                (self.take_region(size)?, None)
+            }
+        };
+        let (indices, values): (Vec<u32>, Vec<u32>) = table
+            .iter()
+            .enumerate()
+            .filter(|&(i, entry)| held.as_ref().is_none_or(|h| h[i] != *entry))
+            .map(|(i, entry)| (base + i as u32, *entry))
+            .unzip();
+        let published = batch::set_many(&mut array::<u32>(ebpf, n::MAGLEV)?, &indices, &values)
+            .map_err(|e| DataplaneError::Map {
+                name: n::MAGLEV,
+                message: e.to_string(),
+            })
+            .and_then(|()| {
+                let value = StreamValue {
                     table_base: base,
                     table_size: size,
-                },
-                0,
-            )
-            .map_err(map_err(n::STREAMS))?;
+                };
+                array::<StreamValue>(ebpf, n::STREAMS)?
+                    .set(id, value, 0)
+                    .map_err(map_err(n::STREAMS))
+            });
+        if let Err(e) = published {
+            // What the region holds is no longer known.
+            self.regions.give(base);
+            return Err(e);
+        }
         let slot = self.streams.get_mut(name).expect("stream id assigned");
         if !slot.table.is_empty() {
-            self.regions.give(slot.base);
+            slot.spare = Some((slot.base, std::mem::take(&mut slot.table)));
         }
         slot.base = base;
         slot.table = table.to_vec();
         Ok(())
+    }
+
+    /// A region of `size` entries; when none is free, the spare regions are
+    /// given up first.
+    fn take_region(&mut self, size: u32) -> Result<u32, DataplaneError> {
+        match self.regions.take(size) {
+            Err(DataplaneError::Full(_)) => {
+                for slot in self.streams.values_mut() {
+                    if let Some((base, _)) = slot.spare.take() {
+                        self.regions.give(base);
+                    }
+                }
+                self.regions.take(size)
+            }
+            other => other,
+        }
     }
 
     /// Writes the VIP's tables under its other config id, then flips the VIP entry.

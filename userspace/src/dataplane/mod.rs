@@ -6,6 +6,7 @@
 //! through a [`DataplaneHandle`] and never touch map handles themselves.
 
 mod attach;
+mod batch;
 pub mod lb;
 pub mod mirror;
 pub mod overlay;

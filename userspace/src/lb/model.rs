@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tapmesh_common::lb::{
@@ -151,8 +152,43 @@ pub enum LbError {
     },
 }
 
+/// The Maglev tables of the last validation, by stream, with their builder.
+/// A stream whose `max_targets` and `table_size` are the same again reuses
+/// the builder (its base table is a full Maglev fill, a few ms for 1000
+/// targets); with the same active slots too, it gets its table back.
+#[derive(Debug, Default)]
+pub struct Tables {
+    built: HashMap<String, Built>,
+}
+
+#[derive(Debug)]
+struct Built {
+    table_size: Option<u32>,
+    maglev: Arc<Maglev>,
+    /// Sorted.
+    active: Vec<u32>,
+    table: Vec<u32>,
+}
+
+impl Tables {
+    /// The builder and, when `active` is the same, the table of stream `s`.
+    fn get(&self, s: &StreamSpec, active: &[u32]) -> Option<(&Arc<Maglev>, Option<&Vec<u32>>)> {
+        let b = self
+            .built
+            .get(&s.name)
+            .filter(|b| b.maglev.max_targets() == s.max_targets && b.table_size == s.table_size)?;
+        Some((&b.maglev, (b.active == active).then_some(&b.table)))
+    }
+}
+
 /// Validates a whole configuration; the first error found is returned.
 pub fn validate(spec: &LbSpec) -> Result<ValidLb, LbError> {
+    validate_with(spec, &mut Tables::default())
+}
+
+/// [`validate`], reusing the tables of `tables` that still fit and keeping
+/// this configuration's tables there.
+pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbError> {
     // Counts first: they bound the work below.
     let count = |n: usize, max: u32| (n > max as usize).then_some(n);
     if let Some(count) = count(spec.vips.len(), MAX_VIPS) {
@@ -276,19 +312,38 @@ pub fn validate(spec: &LbSpec) -> Result<ValidLb, LbError> {
     let vips = compile(&flows)?;
 
     let mut streams = Vec::with_capacity(spec.streams.len());
-    for (s, active) in spec.streams.iter().zip(&slots) {
-        let table = Maglev::new(s.max_targets, s.table_size)
-            .and_then(|m| m.build(active))
-            .map_err(|source| LbError::Maglev {
-                stream: s.name.clone(),
-                source,
-            })?;
+    let mut built = HashMap::with_capacity(spec.streams.len());
+    for (s, mut active) in spec.streams.iter().zip(slots) {
+        active.sort_unstable();
+        let maglev_error = |source| LbError::Maglev {
+            stream: s.name.clone(),
+            source,
+        };
+        let (maglev, table) = match tables.get(s, &active) {
+            Some((maglev, Some(table))) => (maglev.clone(), table.clone()),
+            Some((maglev, None)) => (maglev.clone(), maglev.build(&active).map_err(maglev_error)?),
+            None => {
+                let maglev = Maglev::new(s.max_targets, s.table_size).map_err(maglev_error)?;
+                let table = maglev.build(&active).map_err(maglev_error)?;
+                (Arc::new(maglev), table)
+            }
+        };
         streams.push(ValidStream {
             name: s.name.clone(),
             max_targets: s.max_targets,
-            table,
+            table: table.clone(),
         });
+        built.insert(
+            s.name.clone(),
+            Built {
+                table_size: s.table_size,
+                maglev,
+                active,
+                table,
+            },
+        );
     }
+    tables.built = built;
 
     Ok(ValidLb {
         flows,
@@ -455,6 +510,64 @@ mod tests {
         v.sort_unstable();
         v.dedup();
         v
+    }
+
+    #[test]
+    fn reused_tables_equal_fresh_builds() {
+        let mut tables = Tables::default();
+        let mut spec = realistic();
+        fn rename(s: &mut LbSpec, from: &str, to: &str) {
+            let names = s.streams.iter_mut().map(|x| &mut x.name);
+            let flows = s.flows.iter_mut().map(|f| &mut f.stream);
+            let targets = s.targets.iter_mut().map(|t| &mut t.stream);
+            for name in names.chain(flows).chain(targets) {
+                if name == from {
+                    *name = to.into();
+                }
+            }
+        }
+        let edits: [fn(&mut LbSpec); 8] = [
+            |_| {},
+            |s| {
+                s.targets
+                    .retain(|t| (t.stream.as_str(), t.identifier) != ("web", 2))
+            },
+            |s| {
+                s.targets.reverse();
+                s.targets
+                    .push(local("web", 2, "veth2", "02:00:00:00:00:02"));
+            },
+            |s| s.streams[0].max_targets = 5,
+            |s| s.streams[1].table_size = Some(311),
+            // Each stream takes the other's name (and cached table's key).
+            |s| {
+                rename(s, "web", "tmp");
+                rename(s, "dns", "web");
+                rename(s, "tmp", "dns");
+            },
+            |s| s.targets.retain(|t| t.stream != "web"),
+            |s| s.streams[0].max_targets = 0,
+        ];
+        for (step, edit) in edits.iter().enumerate() {
+            edit(&mut spec);
+            let reused = validate_with(&spec, &mut tables);
+            // (assert!, not assert_eq!: the tables would fill the screen.)
+            assert!(
+                reused == validate(&spec),
+                "step {step}: not what a fresh build gives"
+            );
+            if let Ok(lb) = reused {
+                let mut names: Vec<_> = tables.built.keys().cloned().collect();
+                names.sort();
+                let mut want: Vec<_> = lb.streams.iter().map(|s| s.name.clone()).collect();
+                want.sort();
+                assert_eq!(names, want, "step {step}: only this configuration's tables");
+            }
+        }
+        // The last edit was refused; the tables kept are still the good ones.
+        assert_eq!(tables.built.len(), 2);
+        spec.streams[0].max_targets = 4;
+        assert!(validate_with(&spec, &mut tables) == validate(&spec));
     }
 
     #[test]

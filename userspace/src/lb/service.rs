@@ -9,7 +9,7 @@ use thiserror::Error;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::model::{validate, LbError, LbSpec, StreamSpec, TargetSpec};
+use super::model::{validate, validate_with, LbError, LbSpec, StreamSpec, Tables, TargetSpec};
 use crate::{
     config::Config,
     core::{Plugin, PluginError},
@@ -47,6 +47,8 @@ pub fn read_spec(path: &Path) -> Result<LbSpec, LbServiceError> {
 struct Sources {
     own: LbSpec,
     others: std::collections::BTreeMap<&'static str, LbSpec>,
+    /// Maglev tables of the last validation, for streams that did not change.
+    tables: Tables,
 }
 
 impl Sources {
@@ -112,7 +114,8 @@ impl LbService {
     ) -> Result<(), LbServiceError> {
         let mut sources = self.spec.lock().await;
         let previous = sources.others.insert(source, part);
-        let valid = validate(&sources.merged(&sources.own));
+        let merged = sources.merged(&sources.own);
+        let valid = validate_with(&merged, &mut sources.tables);
         let result = match valid {
             Ok(valid) => self
                 .dataplane
@@ -139,7 +142,8 @@ impl LbService {
         let mut sources = self.spec.lock().await;
         let mut new = sources.own.clone();
         edit(&mut new)?;
-        let valid = validate(&sources.merged(&new))?;
+        let merged = sources.merged(&new);
+        let valid = validate_with(&merged, &mut sources.tables)?;
         self.dataplane.apply_lb(&valid, self.tunnel()).await?;
         keep_neighbours_resolved(&valid);
         sources.own = new;
