@@ -117,6 +117,7 @@ async fn measure() -> Result<Times, String> {
                 vip: VIP.into(),
                 protocols: vec!["tcp".into(), "udp".into()],
                 ports: Vec::new(),
+                service_ip: String::new(),
             }])
             .await;
         // Every endpoint must have become a target, or the maps got less than asked.

@@ -172,7 +172,7 @@ pub struct TwoNodes {
     pub node2: Node,
 }
 
-fn start_node(netns: Netns, uplink: String, address: &'static str) -> Node {
+fn start_node(netns: Netns, uplink: String, address: &'static str, extra: &str) -> Node {
     let dir = std::env::temp_dir().join(crate::unique("tmov"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let socket = dir.join("netmanager.sock");
@@ -180,7 +180,7 @@ fn start_node(netns: Netns, uplink: String, address: &'static str) -> Node {
     std::fs::write(
         &config,
         format!(
-            "[netmanager]\nsocket = \"{}\"\nservice_prefix = \"{SERVICE_PREFIX}\"\n",
+            "[netmanager]\nsocket = \"{}\"\nservice_prefix = \"{SERVICE_PREFIX}\"\n{extra}",
             socket.display()
         ),
     )
@@ -212,12 +212,20 @@ fn start_node(netns: Netns, uplink: String, address: &'static str) -> Node {
 
 impl TwoNodes {
     pub fn start() -> Self {
+        Self::start_with(|_| String::new())
+    }
+
+    /// Like [`TwoNodes::start`]; `node1_config(netns name)` is appended to
+    /// node 1's configuration file (e.g. an `[xds]` section whose server runs
+    /// in that namespace).
+    pub fn start_with(node1_config: impl FnOnce(&str) -> String) -> Self {
         let n1 = Netns::new("ovn1");
         let n2 = Netns::new("ovn2");
         let (up1, up2) = link(&n1, &format!("{NODE1}/24"), &n2, &format!("{NODE2}/24"));
+        let extra = node1_config(&n1.name);
         TwoNodes {
-            node1: start_node(n1, up1.interface, NODE1),
-            node2: start_node(n2, up2.interface, NODE2),
+            node1: start_node(n1, up1.interface, NODE1, &extra),
+            node2: start_node(n2, up2.interface, NODE2, ""),
         }
     }
 }

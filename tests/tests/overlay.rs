@@ -654,3 +654,99 @@ fn port_mappings_forward_node_ports_to_the_container_until_undeploy() {
     );
     assert!(!exists, "the table goes with the last mapping");
 }
+
+#[test]
+fn an_eds_cluster_bound_to_a_service_ip_picks_its_members_and_weights() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    use tapmesh_tests::xds_peer::{Cla, ControlPlane, Ep};
+    const FED: &str = "203.0.113.50";
+    let mut cp: Option<ControlPlane> = None;
+    let nodes = TwoNodes::start_with(|netns| {
+        let plane = ControlPlane::start_in(netns);
+        let text = format!(
+            "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"60s\"\n\
+             [[xds.clusters]]\nname = \"web\"\nservice_ip = \"{FED}\"\n",
+            plane.address()
+        );
+        cp = Some(plane);
+        text
+    });
+    let mut cp = cp.expect("control plane");
+    let (n1, n2) = (&nodes.node1, &nodes.node2);
+    n1.register("192.0.2.0/26");
+    n2.register("192.0.2.64/26");
+    let (client, web0, web1) = (Netns::new("ovxc"), Netns::new("ovx0"), Netns::new("ovx1"));
+    let c_ns = n1.deploy(&client, CLIENT, 0, &[("InstanceNumber", CLIENT_IP)]);
+    let w0 = n1.deploy(&web0, WEB, 0, &[("InstanceNumber", WEB0_IP)]);
+    let w1 = n2.deploy(&web1, WEB, 1, &[("InstanceNumber", WEB1_IP)]);
+    n1.table(WEB, &[(1, &w1, NODE2, &[("InstanceNumber", WEB1_IP)])]);
+    n2.table(
+        CLIENT,
+        &[(0, &c_ns, NODE1, &[("InstanceNumber", CLIENT_IP)])],
+    );
+    who_servers(&web0, "web0");
+    who_servers(&web1, "web1");
+
+    // Before EDS says anything, the service IP is unknown: reported once.
+    let early = udp_ask(&client, FED, 1);
+    assert_eq!(early[0].0, "(no answer)");
+    assert_eq!(n1.status()["unresolved"], serde_json::json!([FED]));
+
+    cp.set(
+        "1",
+        &[(
+            "web",
+            Cla::single(vec![
+                Ep::new(&w0, 7000).weight(3),
+                Ep::new(&w1, 7000).weight(1),
+            ]),
+        )],
+    );
+    cp.wait_request(Duration::from_secs(20), "ACK of version 1", |r| {
+        r.version_info == "1" && r.error_detail.is_none() && !r.response_nonce.is_empty()
+    });
+    // The ACK came after the maps were written: the miss is resolved.
+    assert_eq!(n1.status()["unresolved"], serde_json::json!([]));
+    let answers = udp_ask(&client, FED, 8);
+    let on = |name: &str| answers.iter().filter(|(n, _)| n == name).count();
+    assert_eq!(
+        (on("web0"), on("web1")),
+        (6, 2),
+        "weights 3:1 over 8 flows: {answers:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|(_, f)| f == &format!("{FED}:{UDP_PORT}")),
+        "{answers:?}"
+    );
+
+    let out = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+        .args(["catalog", "list", "--admin-socket"])
+        .arg(&n1.daemon.as_ref().unwrap().socket)
+        .output()
+        .expect("tapmesh catalog list");
+    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        listing.contains(&format!("web (from eds) vip service IP {FED}")),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&format!("{WEB1_IP} InstanceNumber (from netmanager)")),
+        "{listing}"
+    );
+    assert!(
+        listing.contains(&format!("{w1} weight 1 at {NODE2}:50103")),
+        "{listing}"
+    );
+
+    // Only web#1 now: new flows all go there.
+    cp.set("2", &[("web", Cla::single(vec![Ep::new(&w1, 7000)]))]);
+    cp.wait_request(Duration::from_secs(20), "ACK of version 2", |r| {
+        r.version_info == "2" && r.error_detail.is_none()
+    });
+    let answers = udp_ask(&client, FED, 3);
+    assert!(answers.iter().all(|(n, _)| n == "web1"), "{answers:?}");
+}

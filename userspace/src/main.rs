@@ -280,6 +280,7 @@ async fn daemon(config: Config) -> ExitCode {
     core.register(Arc::new(CatalogPlugin::new(catalog.clone())));
     core.register(Arc::new(tapmesh::overlay::NetManagerPlugin::new(
         dataplane.clone(),
+        catalog.clone(),
     )));
     core.register(Arc::new(AdminPlugin::new(
         core.view(),

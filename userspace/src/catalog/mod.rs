@@ -21,6 +21,7 @@ use tokio::sync::{watch, Mutex};
 use crate::flows::{FlowSpec, VipSpec};
 use crate::lb::model::{LbSpec, StreamSpec, TargetSpec, TargetVia};
 use crate::lb::service::LbService;
+use crate::overlay::manager::{Feed, NetManager};
 use crate::xds::{ClusterEndpoints, EndpointSink, SelectedEndpoint};
 
 pub use plugin::CatalogPlugin;
@@ -39,7 +40,12 @@ pub const DEBOUNCE: Duration = Duration::from_millis(2);
 pub struct ClusterBinding {
     pub name: String,
     /// The VIP (address or prefix) the cluster's endpoints are the targets of.
+    #[serde(default)]
     pub vip: String,
+    /// Or: the overlay service IP (NetManager) whose round-robin members
+    /// are the instances with the endpoints' addresses.
+    #[serde(default)]
+    pub service_ip: String,
     #[serde(default = "default_protocols")]
     pub protocols: Vec<String>,
     /// Destination ports ("80", "8000-8080"); empty: any.
@@ -83,6 +89,8 @@ struct State {
 
 pub struct Catalog {
     lb: Arc<LbService>,
+    /// The NetManager, once it runs: it gets the service-IP bindings' members.
+    overlay: std::sync::Mutex<Option<Arc<NetManager>>>,
     state: Mutex<State>,
     written: watch::Sender<(u64, Result<(), String>)>,
     kick: tokio::sync::Notify,
@@ -96,6 +104,7 @@ impl Catalog {
     pub fn new(lb: Arc<LbService>) -> Arc<Self> {
         let catalog = Arc::new(Self {
             lb,
+            overlay: std::sync::Mutex::new(None),
             state: Mutex::new(State {
                 bindings: BTreeMap::new(),
                 clusters: BTreeMap::new(),
@@ -117,14 +126,52 @@ impl Catalog {
         state.bindings = bindings.into_iter().map(|b| (b.name.clone(), b)).collect();
     }
 
-    /// The services of every provider: EDS clusters with their backends, and
-    /// the streams the target registry and the LB configuration feed.
+    /// Hands the service-IP bindings to the NetManager (now and after every
+    /// update), and lists its service IPs with the other providers'.
+    pub async fn set_overlay(&self, overlay: Option<Arc<NetManager>>) {
+        *self.overlay.lock().expect("lock") = overlay;
+        self.state.lock().await.wanted += 1;
+        self.kick.notify_one();
+    }
+
+    fn overlay(&self) -> Option<Arc<NetManager>> {
+        self.overlay.lock().expect("lock").clone()
+    }
+
+    /// The services of every provider: EDS clusters with their backends,
+    /// the streams the target registry and the LB configuration feed, and
+    /// the NetManager's service IPs (deployments and other nodes' tables).
     pub async fn services(&self) -> Vec<Service> {
         let built = {
             let state = self.state.lock().await;
             listing(&state)
         };
         let mut services = built;
+        if let Some(nm) = self.overlay() {
+            for s in nm.listing().await {
+                if s.fed {
+                    continue; // listed with its EDS cluster
+                }
+                services.push(Service {
+                    name: format!("{} {}", s.address, s.ip_type.name()),
+                    source: "netmanager",
+                    vip: s.address.to_string(),
+                    backends: s
+                        .members
+                        .iter()
+                        .map(|m| Backend {
+                            address: std::net::IpAddr::V4(m.ns_addr),
+                            port: 0,
+                            weight: m.weight,
+                            priority: 0,
+                            locality: m.location.clone(),
+                            slots: 0,
+                            note: String::new(),
+                        })
+                        .collect(),
+                });
+            }
+        }
         for (source, spec) in self.lb.sources().await {
             if source == LB_SOURCE {
                 continue;
@@ -195,7 +242,9 @@ impl EndpointSink for Catalog {
         let (mine, previous) = {
             let mut state = self.state.lock().await;
             if !state.bindings.contains_key(&cluster) {
-                return Err(format!("cluster {cluster:?} is not bound to a VIP"));
+                return Err(format!(
+                    "cluster {cluster:?} is not bound to a VIP or service IP"
+                ));
             }
             let previous = state.clusters.insert(cluster.clone(), update);
             state.wanted += 1;
@@ -239,11 +288,15 @@ async fn writer(catalog: Arc<Catalog>) {
             continue;
         }
         last = generation;
-        let result = catalog
+        let feed = overlay_part(&*catalog.state.lock().await);
+        let mut result = catalog
             .lb
             .set_source(LB_SOURCE, spec)
             .await
             .map_err(|e| e.to_string());
+        if let (Ok(()), Some(nm)) = (&result, catalog.overlay()) {
+            result = nm.set_feed(feed).await.map_err(|e| e.to_string());
+        }
         match &result {
             Ok(()) => {
                 catalog.accepted.send_replace(Arc::new(clusters));
@@ -288,7 +341,7 @@ fn endpoints<'a>(state: &'a State, cluster: &str) -> (&'a [SelectedEndpoint], Ve
 /// `via` names the backend address).
 fn lb_part(state: &State) -> LbSpec {
     let mut spec = LbSpec::default();
-    for (name, binding) in &state.bindings {
+    for (name, binding) in state.bindings.iter().filter(|(_, b)| !b.vip.is_empty()) {
         let lb_name = format!("eds.{name}");
         let (endpoints, slots) = endpoints(state, name);
         let total: u32 = slots.iter().sum();
@@ -326,6 +379,23 @@ fn lb_part(state: &State) -> LbSpec {
     spec
 }
 
+/// The NetManager's part: each service-IP binding's endpoints (IPv4) and weights.
+fn overlay_part(state: &State) -> Feed {
+    let mut feed = Feed::new();
+    for (name, binding) in &state.bindings {
+        let Ok(service_ip) = binding.service_ip.parse::<std::net::Ipv4Addr>() else {
+            continue;
+        };
+        let members = feed.entry(service_ip).or_default();
+        for e in endpoints(state, name).0 {
+            if let std::net::IpAddr::V4(a) = e.address {
+                members.insert(a, e.weight.max(1));
+            }
+        }
+    }
+    feed
+}
+
 /// The EDS services as the catalog lists them.
 fn listing(state: &State) -> Vec<Service> {
     let mut services = Vec::new();
@@ -352,7 +422,11 @@ fn listing(state: &State) -> Vec<Service> {
         services.push(Service {
             name: name.clone(),
             source: "eds",
-            vip: binding.vip.clone(),
+            vip: if binding.vip.is_empty() {
+                format!("service IP {}", binding.service_ip)
+            } else {
+                binding.vip.clone()
+            },
             backends,
         });
     }

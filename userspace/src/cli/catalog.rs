@@ -27,6 +27,8 @@ pub fn render(l: &CatalogListing) -> String {
                         format!(" locality {}", b.locality)
                     }
                 );
+            } else if s.source == "netmanager" {
+                let _ = writeln!(out, "  {} weight {} at {}", b.address, b.weight, b.locality);
             } else {
                 let _ = writeln!(out, "  {}", b.note);
             }

@@ -346,7 +346,11 @@ impl NetManager {
                 });
                 entry.members.push(ListedMember {
                     ns_addr: r.ns_addr,
-                    weight: if sip.weight == 0 { r.weight } else { sip.weight },
+                    weight: if sip.weight == 0 {
+                        r.weight
+                    } else {
+                        sip.weight
+                    },
                     location: match &r.placement {
                         Placement::Local { host_ifname, .. } => format!("local ({host_ifname})"),
                         Placement::Remote { node, port } => format!("{node}:{port}"),

@@ -249,7 +249,11 @@ impl Ids {
                     .or_insert((sip.ip_type, Vec::new()));
                 if entry.0 == sip.ip_type {
                     entry.1.push(id);
-                    let w = if sip.weight == 0 { record.weight } else { sip.weight };
+                    let w = if sip.weight == 0 {
+                        record.weight
+                    } else {
+                        sip.weight
+                    };
                     weights.insert((sip.address, id), w);
                 }
             }

@@ -27,15 +27,17 @@ struct Settings {
 
 pub struct NetManagerPlugin {
     dataplane: DataplaneHandle,
+    catalog: Arc<crate::catalog::Catalog>,
     settings: Mutex<Settings>,
     manager: Mutex<Option<Arc<NetManager>>>,
     status: Arc<Mutex<String>>,
 }
 
 impl NetManagerPlugin {
-    pub fn new(dataplane: DataplaneHandle) -> Self {
+    pub fn new(dataplane: DataplaneHandle, catalog: Arc<crate::catalog::Catalog>) -> Self {
         Self {
             dataplane,
+            catalog,
             settings: Mutex::new(Settings::default()),
             manager: Mutex::new(None),
             status: Arc::new(Mutex::new("off".into())),
@@ -217,6 +219,7 @@ impl Plugin for NetManagerPlugin {
                 }
             }
         });
+        self.catalog.set_overlay(Some(manager.clone())).await;
         *self.manager.lock().expect("lock") = Some(manager);
         Ok(())
     }
@@ -224,6 +227,7 @@ impl Plugin for NetManagerPlugin {
     async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {
         let manager = self.manager.lock().expect("lock").take();
         if let Some(m) = manager {
+            self.catalog.set_overlay(None).await;
             m.shutdown().await;
         }
         if let Some(path) = &self.settings.lock().expect("lock").socket {
