@@ -6,7 +6,8 @@
 //! flow, and each backend reachable on this node a local target. Endpoint
 //! weights become Maglev slots (a backend of weight w holds w of the
 //! stream's identifiers, scaled to at most [`MAX_SLOTS`] in all), so real
-//! traffic splits in their proportion. Updates arriving within
+//! traffic splits in their proportion; the stream has room for the next
+//! power of two of them ([`stream_size`]). Updates arriving within
 //! [`DEBOUNCE`] are written as one map update; the xDS client's ACK waits for it.
 
 mod resolve;
@@ -351,7 +352,7 @@ fn lb_part(state: &State) -> LbSpec {
         });
         spec.streams.push(StreamSpec {
             name: lb_name.clone(),
-            max_targets: total.max(1),
+            max_targets: stream_size(total),
             table_size: None,
         });
         spec.flows.push(FlowSpec {
@@ -433,6 +434,14 @@ fn listing(state: &State) -> Vec<Service> {
     services
 }
 
+/// The `max_targets` of an EDS stream whose backends hold `slots` slots:
+/// the next power of two (at most the Maglev limit), so a backend more or
+/// less rarely changes the table's size, which would rewrite all of it.
+pub fn stream_size(slots: u32) -> u32 {
+    let rounded = slots.max(1).checked_next_power_of_two().unwrap_or(u32::MAX);
+    rounded.min(crate::lb::maglev::MAX_TARGETS).max(slots)
+}
+
 /// Maglev slots per weight: proportional, at most [`MAX_SLOTS`] in all, at
 /// least one each (largest remainders get the rounding).
 pub fn slots(weights: &[u32]) -> Vec<u32> {
@@ -467,7 +476,19 @@ pub fn slots(weights: &[u32]) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::slots;
+    use super::{slots, stream_size};
+
+    #[test]
+    fn stream_sizes_are_powers_of_two_within_the_maglev_limit() {
+        assert_eq!(stream_size(0), 1);
+        assert_eq!(stream_size(1), 1);
+        assert_eq!(stream_size(3), 4);
+        assert_eq!((stream_size(999), stream_size(1000)), (1024, 1024));
+        assert_eq!(stream_size(1025), 2048);
+        assert_eq!(stream_size(9000), 10_000, "the Maglev limit");
+        assert_eq!(stream_size(20_000), 20_000, "left for validation to refuse");
+        assert_eq!(stream_size(u32::MAX), u32::MAX);
+    }
 
     #[test]
     fn weights_become_proportional_slots() {
