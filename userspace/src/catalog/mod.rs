@@ -32,8 +32,10 @@ mod plugin;
 pub const LB_SOURCE: &str = "eds";
 /// Maglev slots one EDS service's backends share.
 pub const MAX_SLOTS: u32 = 100;
-/// Updates within this of the first of a burst become one map write.
-pub const DEBOUNCE: Duration = Duration::from_millis(2);
+/// Updates within this of the first of a burst become one map write (the
+/// timer rounds it up to the next millisecond), and so do updates that come
+/// while the backends are being resolved.
+pub const DEBOUNCE: Duration = Duration::from_millis(1);
 
 /// `[[xds.clusters]]`: which VIP a cluster's endpoints serve.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
