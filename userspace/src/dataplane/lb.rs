@@ -498,10 +498,12 @@ impl LbWriter {
             .filter(|&(i, entry)| held.as_ref().is_none_or(|h| h[i] != *entry))
             .map(|(i, entry)| (base + i as u32, *entry))
             .unzip();
-        let published = batch::set_many(&mut array::<u32>(ebpf, n::MAGLEV)?, &indices, &values)
-            .map_err(|e| DataplaneError::Map {
-                name: n::MAGLEV,
-                message: e.to_string(),
+        let published = array::<u32>(ebpf, n::MAGLEV)
+            .and_then(|mut map| {
+                batch::set_many(&mut map, &indices, &values).map_err(|e| DataplaneError::Map {
+                    name: n::MAGLEV,
+                    message: e.to_string(),
+                })
             })
             .and_then(|()| {
                 let value = StreamValue {
