@@ -277,15 +277,20 @@ impl LbWriter {
 
         // Targets before the tables that point at them; a target's index is
         // also its counters' index and what Maglev entries hold.
+        // Changed and new targets are written in one batch; if anything
+        // fails, the new ones' ids are given back.
         let mut changed = Vec::new();
+        let mut failed = None;
         for (key, (t, ifindex, our_mac)) in &targets {
             let index = match self.targets.get(key) {
                 Some(old) => old.stats_index,
-                None => {
-                    let id = self.target_ids.take(MAX_TARGETS, "target counters")?;
-                    zero_counter(ebpf, n::TARGET_STATS, id)?;
-                    id
-                }
+                None => match self.new_target_id(ebpf) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        failed = Some(e);
+                        break;
+                    }
+                },
             };
             let mut value = target_value(&t.via, *ifindex, *our_mac, index);
             if let ValidVia::Remote { node } = &t.via {
@@ -297,17 +302,22 @@ impl LbWriter {
         }
         let (indices, values): (Vec<u32>, Vec<Target>) =
             changed.iter().map(|(_, v)| (v.stats_index, *v)).unzip();
-        if let Err(e) = batch::set_many(&mut array::<Target>(ebpf, n::TARGETS)?, &indices, &values)
-        {
+        let written = match failed {
+            Some(e) => Err(e),
+            None => array::<Target>(ebpf, n::TARGETS).and_then(|mut map| {
+                batch::set_many(&mut map, &indices, &values).map_err(|e| DataplaneError::Map {
+                    name: n::TARGETS,
+                    message: e.to_string(),
+                })
+            }),
+        };
+        if let Err(e) = written {
             for (key, value) in &changed {
                 if !self.targets.contains_key(*key) {
                     self.target_ids.give(value.stats_index);
                 }
             }
-            return Err(DataplaneError::Map {
-                name: n::TARGETS,
-                message: e.to_string(),
-            });
+            return Err(e);
         }
         for (key, value) in changed {
             self.targets.insert(key.clone(), value);
@@ -389,6 +399,16 @@ impl LbWriter {
             self.flow_ids.give(id);
         }
         Ok(())
+    }
+
+    /// A free target index, its counters zeroed.
+    fn new_target_id(&mut self, ebpf: &mut Ebpf) -> Result<u32, DataplaneError> {
+        let id = self.target_ids.take(MAX_TARGETS, "target counters")?;
+        if let Err(e) = zero_counter(ebpf, n::TARGET_STATS, id) {
+            self.target_ids.give(id);
+            return Err(e);
+        }
+        Ok(id)
     }
 
     fn write_node(
@@ -478,10 +498,12 @@ impl LbWriter {
             .filter(|&(i, entry)| held.as_ref().is_none_or(|h| h[i] != *entry))
             .map(|(i, entry)| (base + i as u32, *entry))
             .unzip();
-        let published = batch::set_many(&mut array::<u32>(ebpf, n::MAGLEV)?, &indices, &values)
-            .map_err(|e| DataplaneError::Map {
-                name: n::MAGLEV,
-                message: e.to_string(),
+        let published = array::<u32>(ebpf, n::MAGLEV)
+            .and_then(|mut map| {
+                batch::set_many(&mut map, &indices, &values).map_err(|e| DataplaneError::Map {
+                    name: n::MAGLEV,
+                    message: e.to_string(),
+                })
             })
             .and_then(|()| {
                 let value = StreamValue {
