@@ -361,7 +361,12 @@ fn bad_configurations_exit_with_one_line_and_attach_nothing() {
         );
         assert!(!lab.xdp_attached(), "{extra:?}: XDP left attached");
         assert_eq!(lab.tc_filters().trim(), "", "{extra:?}: TC left attached");
-        assert!(!root.join("v1").exists(), "{extra:?}: pins left behind");
+        assert!(
+            !root
+                .join(format!("v{}", tapmesh_common::SCHEMA_VERSION))
+                .exists(),
+            "{extra:?}: pins left behind"
+        );
         assert!(!socket.exists(), "{extra:?}: socket left behind");
     }
 }

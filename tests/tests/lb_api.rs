@@ -47,7 +47,12 @@ fn dump_maps(daemon: &Daemon) -> String {
     ] {
         let out = Command::new("bpftool")
             .args(["map", "dump", "pinned"])
-            .arg(daemon.bpffs_root.join("v1").join(map))
+            .arg(
+                daemon
+                    .bpffs_root
+                    .join(format!("v{}", tapmesh_common::SCHEMA_VERSION))
+                    .join(map),
+            )
             .output()
             .expect("bpftool");
         assert!(
