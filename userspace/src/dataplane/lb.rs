@@ -17,28 +17,11 @@ use tapmesh_common::{
     map_names as n, PacketCounter,
 };
 
-use super::{batch, DataplaneError};
+use super::{batch, map_err, map_mut, DataplaneError};
 use crate::lb::{
     model::{ValidLb, ValidVia},
     tables::{target_value, vip_key, vip_tables, VipTables},
 };
-
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |e| DataplaneError::Map {
-        name,
-        message: e.to_string(),
-    }
-}
-
-fn map_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut aya::maps::Map, DataplaneError> {
-    ebpf.map_mut(name).ok_or(DataplaneError::Map {
-        name,
-        message: "missing from the object".into(),
-    })
-}
 
 fn array<'a, V: aya::Pod>(
     ebpf: &'a mut Ebpf,

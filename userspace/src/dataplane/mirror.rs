@@ -9,24 +9,7 @@ use aya::Ebpf;
 use tapmesh_common::map_names as n;
 use tapmesh_common::mirror::{MirrorCounter, MirrorPort, VlanSet};
 
-use super::DataplaneError;
-
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |e| DataplaneError::Map {
-        name,
-        message: e.to_string(),
-    }
-}
-
-fn map_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut aya::maps::Map, DataplaneError> {
-    ebpf.map_mut(name).ok_or(DataplaneError::Map {
-        name,
-        message: "missing from the object".into(),
-    })
-}
+use super::{map_err, map_mut, DataplaneError};
 
 /// What the kernel holds for mirroring.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -59,6 +59,25 @@ pub enum DataplaneError {
     Config(String),
 }
 
+/// A map error as a dataplane error naming the map.
+fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
+    move |e| DataplaneError::Map {
+        name,
+        message: e.to_string(),
+    }
+}
+
+/// A map of the object by name, for writing.
+fn map_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    name: &'static str,
+) -> Result<&'a mut aya::maps::Map, DataplaneError> {
+    ebpf.map_mut(name).ok_or(DataplaneError::Map {
+        name,
+        message: "missing from the object".into(),
+    })
+}
+
 /// Counters of one program, summed over CPUs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ProgramCounters {

@@ -13,24 +13,7 @@ use tapmesh_common::{
     PacketCounter,
 };
 
-use super::DataplaneError;
-
-fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError {
-    move |e| DataplaneError::Map {
-        name,
-        message: e.to_string(),
-    }
-}
-
-fn map_mut<'a>(
-    ebpf: &'a mut Ebpf,
-    name: &'static str,
-) -> Result<&'a mut aya::maps::Map, DataplaneError> {
-    ebpf.map_mut(name).ok_or(DataplaneError::Map {
-        name,
-        message: "missing from the object".into(),
-    })
-}
+use super::{map_err, map_mut, DataplaneError};
 
 /// Key words of the maps: an IPv4 address as it lies in the packet.
 pub fn addr_word(addr: std::net::Ipv4Addr) -> u32 {

@@ -74,24 +74,21 @@ pub fn script(mappings: &[(Ipv4Addr, PortMapping)]) -> String {
         return s;
     }
     s += &format!("table ip {TABLE} {{\n");
+    let rules: String = mappings
+        .iter()
+        .map(|(addr, m)| {
+            format!(
+                "    fib daddr type local {} dport {} dnat to {addr}:{}\n",
+                m.protocol.name(),
+                m.host_port,
+                m.container_port
+            )
+        })
+        .collect();
     s += "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n";
-    for (addr, m) in mappings {
-        s += &format!(
-            "    fib daddr type local {} dport {} dnat to {addr}:{}\n",
-            m.protocol.name(),
-            m.host_port,
-            m.container_port
-        );
-    }
+    s += &rules;
     s += "  }\n  chain output {\n    type nat hook output priority -100; policy accept;\n";
-    for (addr, m) in mappings {
-        s += &format!(
-            "    fib daddr type local {} dport {} dnat to {addr}:{}\n",
-            m.protocol.name(),
-            m.host_port,
-            m.container_port
-        );
-    }
+    s += &rules;
     s += "  }\n}\n";
     s
 }
