@@ -12,10 +12,10 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData, Target,
-        VipAddr, LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES,
-        MAX_FLOWS_PER_VIP, NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP,
-        PROTO_TCP, PROTO_UDP, SLOT_ONE, SLOT_SHARED, TARGET_LOCAL, TARGET_REMOTE,
+        ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData, Target, VipAddr,
+        LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES, MAX_FLOWS_PER_VIP,
+        NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+        SLOT_ONE, SLOT_SHARED, TARGET_LOCAL, TARGET_REMOTE,
     },
     DropReason, PacketCounter,
 };
@@ -161,7 +161,14 @@ fn addr_bytes(a: &Addr) -> [u8; 16] {
 fn addr_words(a: &[u8; 16]) -> Addr {
     let w = a.as_ptr() as *const [u8; 4];
     // SAFETY: four words inside `a`.
-    unsafe { [load32(w), load32(w.add(1)), load32(w.add(2)), load32(w.add(3))] }
+    unsafe {
+        [
+            load32(w),
+            load32(w.add(1)),
+            load32(w.add(2)),
+            load32(w.add(3)),
+        ]
+    }
 }
 
 #[inline(always)]
@@ -546,7 +553,7 @@ fn to_remote(
     let total = (20 + 8 + inner_len) as u16;
     let ip = outer_ipv4(total, node_src, node_dst);
     let sport = 0xc000u16 | (hash as u16 & 0x3fff); // entropy for ECMP
-    // SAFETY: every store is inside the `Outer` just checked.
+                                                    // SAFETY: every store is inside the `Outer` just checked.
     unsafe {
         let w = &raw mut (*outer).ip as *mut [u8; 4];
         for (i, word) in ip.into_iter().enumerate() {

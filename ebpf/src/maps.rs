@@ -11,9 +11,7 @@ use tapmesh_common::{
         VipConfig, VipSlot, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
         MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
     },
-    mirror::{
-        MirrorCounter, MirrorPort, VlanSet, MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS,
-    },
+    mirror::{MirrorCounter, MirrorPort, VlanSet, MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS},
     overlay::{
         self as ov, ConntrackKey, ConntrackValue, Instance, Local, Miss, OverlayConfig, Service,
     },
@@ -122,8 +120,11 @@ pub static tm_ov_instances: Array<Instance, { ov::MAX_INSTANCES as usize }> = Ar
 #[btf_map]
 pub static tm_ov_locals: HashMap<u32, Local, { ov::MAX_LOCALS as usize }> = HashMap::new();
 #[btf_map]
-pub static tm_ov_conntrack: LruHashMap<ConntrackKey, ConntrackValue, { ov::CONNTRACK_ENTRIES as usize }> =
-    LruHashMap::new();
+pub static tm_ov_conntrack: LruHashMap<
+    ConntrackKey,
+    ConntrackValue,
+    { ov::CONNTRACK_ENTRIES as usize },
+> = LruHashMap::new();
 /// Service IPs signalled as unknown and not answered yet → when.
 #[btf_map]
 pub static tm_ov_pending: LruHashMap<u32, u64, { ov::PENDING_ENTRIES as usize }> =

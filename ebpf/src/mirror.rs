@@ -72,9 +72,8 @@ fn vlan_of(ctx: &TcContext) -> u16 {
     // The raw helper with a constant length (aya's wrapper clamps the length
     // to the packet, which the verifier sees as possibly zero).
     // SAFETY: `tag` is 4 writable bytes on the stack.
-    let read = unsafe {
-        bpf_skb_load_bytes(ctx.skb.skb as *const _, 12, tag.as_mut_ptr() as *mut _, 4)
-    };
+    let read =
+        unsafe { bpf_skb_load_bytes(ctx.skb.skb as *const _, 12, tag.as_mut_ptr() as *mut _, 4) };
     if read != 0 {
         return 0;
     }

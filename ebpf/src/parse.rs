@@ -104,7 +104,14 @@ pub fn mapped_v4(p: *const [u8; 4]) -> Addr {
 pub fn addr_v6(p: *const [u8; 16]) -> Addr {
     let w = p as *const [u8; 4];
     // SAFETY: callers pass fields of headers `Packet::header` returned.
-    unsafe { [load32(w), load32(w.add(1)), load32(w.add(2)), load32(w.add(3))] }
+    unsafe {
+        [
+            load32(w),
+            load32(w.add(1)),
+            load32(w.add(2)),
+            load32(w.add(3)),
+        ]
+    }
 }
 
 #[inline(always)]

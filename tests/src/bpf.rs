@@ -13,6 +13,9 @@ use tapmesh_common::{program_names, ProgramSlot, ProgramStats};
 /// A private copy of the object: its own maps, so tests run in parallel.
 pub struct Bpf {
     pub ebpf: Ebpf,
+    /// The interface XDP runs say the packet came in on (0: the default,
+    /// loopback). Must exist in the caller's network namespace.
+    pub ingress_ifindex: u32,
 }
 
 /// What one test run returned.
@@ -47,7 +50,10 @@ impl Bpf {
             p.load()
                 .unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
         }
-        Bpf { ebpf }
+        Bpf {
+            ebpf,
+            ingress_ifindex: 0,
+        }
     }
 
     /// Runs a program (XDP or TC by its name) once or `repeat` times on `frame`.
@@ -59,7 +65,12 @@ impl Bpf {
     /// Like [`Bpf::run`], returning the kernel's refusal as an error.
     pub fn try_run(&mut self, program: &str, frame: &[u8], repeat: u32) -> Result<Run, String> {
         let mut out = vec![0u8; frame.len() + 256];
-        let opts = TestRunOptions {
+        // xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let md: Vec<u8> = [0, frame.len() as u32, 0, self.ingress_ifindex, 0, 0]
+            .iter()
+            .flat_map(|w| w.to_ne_bytes())
+            .collect();
+        let mut opts = TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
             repeat,
@@ -67,6 +78,9 @@ impl Bpf {
         };
         let p = self.ebpf.program_mut(program).expect(program);
         let result = if let Ok(xdp) = <&mut Xdp>::try_from(&mut *p) {
+            if self.ingress_ifindex != 0 {
+                opts.ctx_in = Some(&md);
+            }
             xdp.test_run(opts)
         } else {
             <&mut SchedClassifier>::try_from(p)

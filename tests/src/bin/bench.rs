@@ -32,6 +32,7 @@ const LOOP_CALLS: usize = 200_000;
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
+const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
 const TUNNEL_PORT: u16 = tapmesh_common::DEFAULT_TUNNEL_PORT;
@@ -282,146 +283,34 @@ fn row(table: &mut String, name: &str, method: &str, raw: f64, floor: f64) {
     );
 }
 
-fn main() {
-    let out = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "BENCHMARKS.md".into());
-    // `tapmesh-bench overlay`: the overlay rows and rates only, printed.
-    if out == "overlay" {
-        let mut bpf = Bpf::load();
-        let (ns, tma_mac) = underlay();
-        let tma_index = ns.interface_index("tma");
-        let name = ns.name.clone();
-        let rows = std::thread::scope(|s| {
-            s.spawn(|| {
-                tapmesh::netns::enter(&name).expect("entering the bench namespace");
-                pin_to_current_cpu();
-                overlay_rows(&mut bpf, tma_index, tma_mac)
-            })
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e))
-        });
-        for (name, raw, floor) in rows {
-            println!(
-                "{name}: {raw:.1} ns, floor {floor:.1} ns, net {:.1} ns",
-                raw - floor
-            );
-        }
-        print!("{}", tapmesh_tests::overlay_bench::overlay_rates());
-        return;
-    }
-    let mut bpf = Bpf::load();
-    let mut writer = load_lb(&mut bpf);
-    let v6_tcp = ethernet(
-        MAC_B,
-        MAC_A,
-        &[],
-        0x86dd,
-        &ipv6(V6_A, V6_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0)),
-    );
-    let mut bad_ihl = udp4_frame(1, 2, b"x");
-    bad_ihl[14] = 0x43;
-    let next_to_vip = Ipv4Addr::new(20, 0, 0, 2);
-    let vip_miss = ethernet(
+/// UDP from the client (port 1000) to `dst`, 18 bytes of payload, untagged.
+fn vip_frame(dst: Ipv4Addr, port: u16) -> Vec<u8> {
+    ethernet(
         MAC_B,
         MAC_A,
         &[],
         0x0800,
         &ipv4(
             V4_A,
-            next_to_vip,
+            dst,
             UDP,
             &[],
-            &udp_v4(V4_A, next_to_vip, 1000, 53, &[0; 18]),
+            &udp_v4(V4_A, dst, 1000, port, &[0; 18]),
         ),
-    );
+    )
+}
+
+/// `frame` after a local target's MAC rewrite (VLAN tags dropped).
+fn rewritten(frame: &[u8], tags: usize) -> Vec<u8> {
+    [&TARGET_MAC[..], &OUR_MAC[..], &frame[12 + 4 * tags..]].concat()
+}
+
+/// The rows timed with repeat = 1 in a loop (LB and overlay), run on a thread
+/// inside the underlay namespace.
+fn single_run_rows(bpf: &mut Bpf, writer: &mut LbWriter) -> Vec<(&'static str, f64, f64)> {
     let payload = [0u8; 18];
-    let to_local = ethernet(
-        MAC_B,
-        MAC_A,
-        &[],
-        0x0800,
-        &ipv4(
-            V4_A,
-            VIP_LOCAL,
-            UDP,
-            &[],
-            &udp_v4(V4_A, VIP_LOCAL, 1000, 53, &payload),
-        ),
-    );
-    // A VIP's address, a port no flow takes.
-    let no_flow = ethernet(
-        MAC_B,
-        MAC_A,
-        &[],
-        0x0800,
-        &ipv4(
-            V4_A,
-            VIP_LOCAL,
-            UDP,
-            &[],
-            &udp_v4(V4_A, VIP_LOCAL, 1000, 54, &payload),
-        ),
-    );
-    let rewritten = |frame: &[u8], tags: usize| {
-        [&TARGET_MAC[..], &OUR_MAC[..], &frame[12 + 4 * tags..]].concat()
-    };
-    let paths = [
-        Path { name: "XDP uplink: IPv4/UDP, parse + count, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: udp4_frame(1000, 53, &[0; 18]), action: XDP_PASS, output: None },
-        Path { name: "XDP uplink: IPv6/TCP, parse + count, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: v6_tcp.clone(), action: XDP_PASS, output: None },
-        Path { name: "XDP uplink: QinQ IPv4/TCP, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: ethernet(MAC_B, MAC_A, &[1, 2], 0x0800, &ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0))), action: XDP_PASS, output: None },
-        Path { name: "XDP uplink: bad IHL, drop", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: bad_ihl, action: XDP_DROP, output: None },
-        Path { name: "XDP uplink: VIP miss, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: vip_miss.clone(), action: XDP_PASS, output: None },
-        Path { name: "XDP uplink: VIP hit, no flow matches, drop", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: no_flow.clone(), action: XDP_DROP, output: None },
-        Path { name: "XDP uplink: VIP hit → local target, untagged (cross-check: the rewrite is idempotent)", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: to_local.clone(), action: XDP_REDIRECT, output: Some(rewritten(&to_local, 0)) },
-        Path { name: "TC ingress: IPv4/UDP, pass", program: "tm_tc_ingress", floor: "tm_tc_floor", frame: udp4_frame(1000, 53, &[0; 18]), action: 0, output: None },
-        Path { name: "TC egress: IPv6/TCP, pass", program: "tm_tc_egress", floor: "tm_tc_floor", frame: v6_tcp, action: 0, output: None },
-    ];
-
-    let floor_frame = udp4_frame(1000, 53, &[0; 18]);
-    let xdp_floor = measure(&mut bpf, "tm_xdp_floor", &floor_frame);
-    let tc_floor = measure(&mut bpf, "tm_tc_floor", &floor_frame);
-    let repeated = format!("median of {RUNS} × {REPEAT} repeats");
-    let mut table = String::new();
-    let _ = writeln!(
-        table,
-        "| path | timed as | ns/packet | net of floor | Mpps (net) |"
-    );
-    let _ = writeln!(table, "|---|---|---:|---:|---:|");
-    let _ = writeln!(
-        table,
-        "| XDP floor (empty program) | {repeated} | {xdp_floor:.1} | 0.0 | — |"
-    );
-    let _ = writeln!(
-        table,
-        "| TC floor (empty program) | {repeated} | {tc_floor:.1} | 0.0 | — |"
-    );
-    for p in &paths {
-        let first = bpf.run(p.program, &p.frame, 1);
-        let want = p.output.as_ref().unwrap_or(&p.frame);
-        assert_eq!(
-            first.action, p.action,
-            "{}: unexpected return value",
-            p.name
-        );
-        assert_eq!(first.output, *want, "{}: unexpected output", p.name);
-        let raw = measure(&mut bpf, p.program, &p.frame);
-        let last = bpf.run(p.program, &p.frame, REPEAT);
-        assert_eq!(
-            (last.action, &last.output),
-            (p.action, want),
-            "{}: differs after {REPEAT} repeats",
-            p.name
-        );
-        let floor = if p.floor == "tm_xdp_floor" {
-            xdp_floor
-        } else {
-            tc_floor
-        };
-        row(&mut table, p.name, &repeated, raw, floor);
-    }
-
-    // Rewriting paths: repeat = 1 in a loop, inside the underlay namespace.
+    let to_local = vip_frame(VIP_LOCAL, 53);
+    let vip_miss = vip_frame(Ipv4Addr::new(20, 0, 0, 2), 53);
     let (ns, tma_mac) = underlay();
     let tma_index = ns.interface_index("tma");
     let to_local_tagged = ethernet(
@@ -483,7 +372,7 @@ fn main() {
                 let first = bpf.run("tm_xdp_uplink", &r.frame, 1);
                 assert_eq!(first.action, r.action, "{}: unexpected return value", r.name);
                 assert_eq!(first.output, r.output, "{}: unexpected output", r.name);
-                let (raw, floor) = measure_loop(&mut bpf, "tm_xdp_uplink", &r.frame);
+                let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", &r.frame);
                 rows.push((r.name, raw, floor));
             }
             // The same encapsulation with the next hop the daemon resolved (no FIB lookup).
@@ -495,15 +384,137 @@ fn main() {
             let first = bpf.run("tm_xdp_uplink", &to_remote, 1);
             assert_eq!(first.action, XDP_REDIRECT, "{name}: unexpected return value");
             assert_eq!(first.output, encapsulated(&to_remote, tma_mac, sport), "{name}: unexpected output");
-            let (raw, floor) = measure_loop(&mut bpf, "tm_xdp_uplink", &to_remote);
+            let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", &to_remote);
             rows.push((name, raw, floor));
-            rows.extend(overlay_rows(&mut bpf, tma_index, tma_mac));
+            // The usual case: in on the uplink, and out of it to the other node (XDP_TX).
+            bpf.ingress_ifindex = tma_index;
+            let name = "XDP uplink: VIP hit → remote target (UDP encap, resolved next hop, back out of the uplink: XDP_TX)";
+            let first = bpf.run("tm_xdp_uplink", &to_remote, 1);
+            assert_eq!(first.action, XDP_TX, "{name}: unexpected return value");
+            assert_eq!(first.output, encapsulated(&to_remote, tma_mac, sport), "{name}: unexpected output");
+            let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", &to_remote);
+            rows.push((name, raw, floor));
+            bpf.ingress_ifindex = 0;
+            rows.extend(overlay_rows(bpf, tma_index, tma_mac));
             rows
         })
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
     });
     drop(ns);
+    loop_rows
+}
+
+fn main() {
+    let out = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "BENCHMARKS.md".into());
+    // `tapmesh-bench rows`: the repeat = 1 rows only, printed (a quick check
+    // while working on a packet path).
+    if out == "rows" {
+        let mut bpf = Bpf::load();
+        let mut writer = load_lb(&mut bpf);
+        for (name, raw, floor) in single_run_rows(&mut bpf, &mut writer) {
+            println!("{:6.1} net ({raw:.0} − {floor:.0})  {name}", raw - floor);
+        }
+        return;
+    }
+    // `tapmesh-bench overlay`: the overlay rows and rates only, printed.
+    if out == "overlay" {
+        let mut bpf = Bpf::load();
+        let (ns, tma_mac) = underlay();
+        let tma_index = ns.interface_index("tma");
+        let name = ns.name.clone();
+        let rows = std::thread::scope(|s| {
+            s.spawn(|| {
+                tapmesh::netns::enter(&name).expect("entering the bench namespace");
+                pin_to_current_cpu();
+                overlay_rows(&mut bpf, tma_index, tma_mac)
+            })
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+        });
+        for (name, raw, floor) in rows {
+            println!(
+                "{name}: {raw:.1} ns, floor {floor:.1} ns, net {:.1} ns",
+                raw - floor
+            );
+        }
+        print!("{}", tapmesh_tests::overlay_bench::overlay_rates());
+        return;
+    }
+    let mut bpf = Bpf::load();
+    let mut writer = load_lb(&mut bpf);
+    let v6_tcp = ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x86dd,
+        &ipv6(V6_A, V6_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0)),
+    );
+    let mut bad_ihl = udp4_frame(1, 2, b"x");
+    bad_ihl[14] = 0x43;
+    let vip_miss = vip_frame(Ipv4Addr::new(20, 0, 0, 2), 53);
+    let to_local = vip_frame(VIP_LOCAL, 53);
+    // A VIP's address, a port no flow takes.
+    let no_flow = vip_frame(VIP_LOCAL, 54);
+    let paths = [
+        Path { name: "XDP uplink: IPv4/UDP, parse + count, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: udp4_frame(1000, 53, &[0; 18]), action: XDP_PASS, output: None },
+        Path { name: "XDP uplink: IPv6/TCP, parse + count, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: v6_tcp.clone(), action: XDP_PASS, output: None },
+        Path { name: "XDP uplink: QinQ IPv4/TCP, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: ethernet(MAC_B, MAC_A, &[1, 2], 0x0800, &ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0))), action: XDP_PASS, output: None },
+        Path { name: "XDP uplink: bad IHL, drop", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: bad_ihl, action: XDP_DROP, output: None },
+        Path { name: "XDP uplink: VIP miss, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: vip_miss.clone(), action: XDP_PASS, output: None },
+        Path { name: "XDP uplink: VIP hit, no flow matches, drop", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: no_flow.clone(), action: XDP_DROP, output: None },
+        Path { name: "XDP uplink: VIP hit → local target, untagged (cross-check: the rewrite is idempotent)", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: to_local.clone(), action: XDP_REDIRECT, output: Some(rewritten(&to_local, 0)) },
+        Path { name: "TC ingress: IPv4/UDP, pass", program: "tm_tc_ingress", floor: "tm_tc_floor", frame: udp4_frame(1000, 53, &[0; 18]), action: 0, output: None },
+        Path { name: "TC egress: IPv6/TCP, pass", program: "tm_tc_egress", floor: "tm_tc_floor", frame: v6_tcp, action: 0, output: None },
+    ];
+
+    let floor_frame = udp4_frame(1000, 53, &[0; 18]);
+    let xdp_floor = measure(&mut bpf, "tm_xdp_floor", &floor_frame);
+    let tc_floor = measure(&mut bpf, "tm_tc_floor", &floor_frame);
+    let repeated = format!("median of {RUNS} × {REPEAT} repeats");
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| path | timed as | ns/packet | net of floor | Mpps (net) |"
+    );
+    let _ = writeln!(table, "|---|---|---:|---:|---:|");
+    let _ = writeln!(
+        table,
+        "| XDP floor (empty program) | {repeated} | {xdp_floor:.1} | 0.0 | — |"
+    );
+    let _ = writeln!(
+        table,
+        "| TC floor (empty program) | {repeated} | {tc_floor:.1} | 0.0 | — |"
+    );
+    for p in &paths {
+        let first = bpf.run(p.program, &p.frame, 1);
+        let want = p.output.as_ref().unwrap_or(&p.frame);
+        assert_eq!(
+            first.action, p.action,
+            "{}: unexpected return value",
+            p.name
+        );
+        assert_eq!(first.output, *want, "{}: unexpected output", p.name);
+        let raw = measure(&mut bpf, p.program, &p.frame);
+        let last = bpf.run(p.program, &p.frame, REPEAT);
+        assert_eq!(
+            (last.action, &last.output),
+            (p.action, want),
+            "{}: differs after {REPEAT} repeats",
+            p.name
+        );
+        let floor = if p.floor == "tm_xdp_floor" {
+            xdp_floor
+        } else {
+            tc_floor
+        };
+        row(&mut table, p.name, &repeated, raw, floor);
+    }
+
+    // Rewriting paths: repeat = 1 in a loop, inside the underlay namespace.
+    let loop_rows = single_run_rows(&mut bpf, &mut writer);
     let single = format!("median of {LOOP_CALLS} runs, repeat = 1");
     let floors: Vec<String> = loop_rows
         .iter()
