@@ -14,7 +14,7 @@ pub mod stats;
 pub use stats::*;
 
 /// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 2;
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -57,6 +57,7 @@ pub mod map_names {
     pub const FLOW_STATS: &str = "tm_flow_stats";
     pub const TARGET_STATS: &str = "tm_target_stats";
     pub const MIRROR_PORTS: &str = "tm_mirror_ports";
+    pub const MIRROR_FILTER: &str = "tm_mirror_filter";
     pub const MIRROR_VLANS: &str = "tm_mirror_vlans";
     pub const MIRROR_STATS: &str = "tm_mirror_stats";
     pub const MIRROR_RINGS: &str = "tm_mirror_rings";

@@ -11,7 +11,10 @@ use tapmesh_common::{
         VipConfig, VipSlot, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
         MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
     },
-    mirror::{MirrorCounter, MirrorPort, VlanSet, MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS},
+    mirror::{
+        MirrorCounter, MirrorPort, VlanSet, FILTER_WORDS, MAX_MIRROR_PORTS, MAX_RINGS,
+        MAX_TAP_FLOWS,
+    },
     overlay::{
         self as ov, ConntrackKey, ConntrackValue, Instance, Local, Miss, OverlayConfig, Service,
     },
@@ -91,6 +94,8 @@ pub static tm_target_stats: PerCpuArray<PacketCounter, { MAX_TARGETS as usize }>
 pub static tm_mirror_ports: HashMap<u32, MirrorPort, { MAX_MIRROR_PORTS as usize }> =
     HashMap::new();
 /// Tap flow → the VLANs it passes (when filtered).
+#[btf_map]
+pub static tm_mirror_filter: Array<u64, { FILTER_WORDS as usize }> = Array::new();
 #[btf_map]
 pub static tm_mirror_vlans: Array<VlanSet, { MAX_TAP_FLOWS as usize }> = Array::new();
 #[btf_map]

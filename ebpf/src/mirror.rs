@@ -8,9 +8,13 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use tapmesh_common::mirror::{MirrorCounter, DIRECTION_IN, DIRECTION_OUT, RULES_PER_PORT};
+use tapmesh_common::mirror::{
+    filter_bit, MirrorCounter, DIRECTION_IN, DIRECTION_OUT, RULES_PER_PORT,
+};
 
-use crate::maps::{tm_mirror_ports, tm_mirror_rings, tm_mirror_stats, tm_mirror_vlans, tm_xsks};
+use crate::maps::{
+    tm_mirror_filter, tm_mirror_ports, tm_mirror_rings, tm_mirror_stats, tm_mirror_vlans, tm_xsks,
+};
 
 const ETH_P_8021Q: u16 = 0x8100;
 const NET_XMIT_DROP: i64 = 1;
@@ -21,6 +25,10 @@ const ETH_P_8021AD: u16 = 0x88a8;
 pub fn copy(ctx: &TcContext, direction: u8) {
     // SAFETY: the context's __sk_buff is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let (word, bit) = filter_bit(ifindex);
+    if tm_mirror_filter.get(word).is_none_or(|w| w & bit == 0) {
+        return;
+    }
     // SAFETY: a map value read under RCU; copied out at once.
     let Some(port) = (unsafe { tm_mirror_ports.get(&ifindex) }) else {
         return;

@@ -7,7 +7,7 @@ use std::os::fd::RawFd;
 use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuArray, XskMap};
 use aya::Ebpf;
 use tapmesh_common::map_names as n;
-use tapmesh_common::mirror::{MirrorCounter, MirrorPort, VlanSet};
+use tapmesh_common::mirror::{filter_bit, MirrorCounter, MirrorPort, VlanSet};
 
 use super::{map_err, map_mut, DataplaneError};
 
@@ -26,6 +26,18 @@ pub struct MirrorWriter {
     ports: BTreeSet<u32>,
     /// Whether `ports` holds what the (possibly kept) pinned map held at start.
     seeded: bool,
+    /// The `tm_mirror_filter` words written, by index.
+    filter: BTreeMap<u32, u64>,
+}
+
+/// The filter words that let the kernel find `ports`.
+fn filter_words(ports: impl IntoIterator<Item = u32>) -> BTreeMap<u32, u64> {
+    let mut words = BTreeMap::new();
+    for ifindex in ports {
+        let (word, bit) = filter_bit(ifindex);
+        *words.entry(word).or_insert(0) |= bit;
+    }
+    words
 }
 
 impl MirrorWriter {
@@ -53,6 +65,28 @@ impl MirrorWriter {
                 .insert(ifindex, port, 0)
                 .map_err(map_err(n::MIRROR_PORTS))?;
         }
+        // The filter lets the kernel see new ports and stops it looking at
+        // gone ones before their entries go.
+        let wanted = filter_words(tables.ports.keys().copied());
+        let mut stale: BTreeSet<u32> = self.filter.keys().copied().collect();
+        stale.extend(filter_words(self.ports.iter().copied()).into_keys());
+        {
+            let mut filter: aya::maps::Array<&mut MapData, u64> =
+                aya::maps::Array::try_from(map_mut(ebpf, n::MIRROR_FILTER)?)
+                    .map_err(map_err(n::MIRROR_FILTER))?;
+            for word in stale.iter().chain(wanted.keys()) {
+                let value = wanted.get(word).copied().unwrap_or(0);
+                if self.filter.get(word) != Some(&value) || !wanted.contains_key(word) {
+                    filter
+                        .set(*word, value, 0)
+                        .map_err(map_err(n::MIRROR_FILTER))?;
+                }
+            }
+        }
+        self.filter = wanted;
+        let mut ports: BpfHashMap<&mut MapData, u32, MirrorPort> =
+            BpfHashMap::try_from(map_mut(ebpf, n::MIRROR_PORTS)?)
+                .map_err(map_err(n::MIRROR_PORTS))?;
         for gone in self
             .ports
             .difference(&tables.ports.keys().copied().collect())

@@ -15,7 +15,10 @@ use tapmesh_common::{
         MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
     },
     map_names as n,
-    mirror::{MirrorCounter, MirrorPort, VlanSet, MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS},
+    mirror::{
+        MirrorCounter, MirrorPort, VlanSet, FILTER_WORDS, MAX_MIRROR_PORTS, MAX_RINGS,
+        MAX_TAP_FLOWS,
+    },
     overlay as ov, PacketCounter, ProgramSlot, ProgramStats, SCHEMA_VERSION,
 };
 
@@ -97,6 +100,7 @@ const MAPS: &[MapSpec] = &[
         size_of::<MirrorPort>(),
         MAX_MIRROR_PORTS,
     ),
+    spec(n::MIRROR_FILTER, 4, 8, FILTER_WORDS),
     spec(n::MIRROR_VLANS, 4, size_of::<VlanSet>(), MAX_TAP_FLOWS),
     spec(
         n::MIRROR_STATS,
