@@ -68,6 +68,7 @@ pub mod map_names {
     pub const OV_ROUND_ROBIN: &str = "tm_ov_rr";
     pub const OV_INSTANCES: &str = "tm_ov_instances";
     pub const OV_LOCALS: &str = "tm_ov_locals";
+    pub const OV_LOCAL_SLOTS: &str = "tm_ov_local_slots";
     pub const OV_CONNTRACK: &str = "tm_ov_conntrack";
     pub const OV_PENDING: &str = "tm_ov_pending";
     pub const OV_MISSES: &str = "tm_ov_misses";

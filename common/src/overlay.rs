@@ -143,6 +143,45 @@ pub struct OverlayConfig {
     /// signalled as misses (network order prefix, mask).
     pub service_prefix: u32,
     pub service_mask: u32,
+    /// [`CONFIG_SERVICES_OUTSIDE_PREFIX`]: some service IP lies outside the
+    /// prefix. Without it, a container's packet to an address outside the
+    /// prefix passes at once, with no conntrack or service lookup.
+    pub flags: u32,
+}
+
+/// [`OverlayConfig::flags`] bit.
+pub const CONFIG_SERVICES_OUTSIDE_PREFIX: u32 = 1;
+
+/// Entries of `tm_ov_local_slots`.
+pub const LOCAL_SLOTS: u32 = 1024;
+/// [`LocalSlot::state`].
+pub const LOCAL_SLOT_EMPTY: u32 = 0;
+/// The slot holds the one container whose address maps here.
+pub const LOCAL_SLOT_ONE: u32 = 1;
+/// Several containers map here: ask `tm_ov_locals`.
+pub const LOCAL_SLOT_SHARED: u32 = 2;
+
+/// The `tm_ov_local_slots` index of a container address (a network-order
+/// word): the low 10 bits of the address, so a node subnet of up to 1024
+/// addresses never shares a slot.
+#[inline(always)]
+pub const fn local_slot(addr: u32) -> u32 {
+    u32::from_be(addr) & (LOCAL_SLOTS - 1)
+}
+
+/// Value of `tm_ov_local_slots`: the decapsulation path's array copy of a
+/// `tm_ov_locals` entry, found without a hash lookup.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct LocalSlot {
+    pub addr: u32,
+    pub state: u32,
+    /// Non-zero once the container has dialled a service IP (set by the
+    /// kernel when it binds such a flow; the writer sets it when it rewrites
+    /// a slot it already held): only then can a tunnel packet to it be a
+    /// reply that needs the reverse translation (a conntrack lookup).
+    pub dialled: u32,
+    pub local: Local,
 }
 
 /// What the kernel tells userspace about a service IP it does not know.
@@ -163,7 +202,8 @@ crate::assert_layout!(Instance, size = 36, align = 4);
 crate::assert_layout!(Local, size = 20, align = 4);
 crate::assert_layout!(ConntrackKey, size = 16, align = 4);
 crate::assert_layout!(ConntrackValue, size = 28, align = 4);
-crate::assert_layout!(OverlayConfig, size = 20, align = 4);
+crate::assert_layout!(OverlayConfig, size = 24, align = 4);
+crate::assert_layout!(LocalSlot, size = 32, align = 4);
 crate::assert_layout!(Miss, size = 12, align = 4);
 
 #[cfg(feature = "user")]
@@ -174,5 +214,6 @@ crate::impl_pod!(
     ConntrackKey,
     ConntrackValue,
     OverlayConfig,
+    LocalSlot,
     Miss
 );

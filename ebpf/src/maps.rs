@@ -124,6 +124,9 @@ pub static tm_ov_instances: Array<Instance, { ov::MAX_INSTANCES as usize }> = Ar
 /// A container's namespace address → its veth and instance IP.
 #[btf_map]
 pub static tm_ov_locals: HashMap<u32, Local, { ov::MAX_LOCALS as usize }> = HashMap::new();
+/// The same, by `local_slot(address)`, for the per-packet paths.
+#[btf_map]
+pub static tm_ov_local_slots: Array<ov::LocalSlot, { ov::LOCAL_SLOTS as usize }> = Array::new();
 #[btf_map]
 pub static tm_ov_conntrack: LruHashMap<
     ConntrackKey,

@@ -21,8 +21,9 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     overlay::{
-        ConntrackKey, ConntrackValue, Instance, Miss, OverlayConfig, Service, CT_FORWARD,
-        CT_REVERSE, INSTANCE_LOCAL, INSTANCE_REMOTE, POLICY_ROUND_ROBIN, SERVICE_SLOTS,
+        local_slot, ConntrackKey, ConntrackValue, Instance, Local, LocalSlot, Miss, OverlayConfig,
+        Service, CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE, INSTANCE_LOCAL,
+        INSTANCE_REMOTE, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED, POLICY_ROUND_ROBIN, SERVICE_SLOTS,
     },
     DropReason,
 };
@@ -178,6 +179,22 @@ fn signal_miss(ip: &Ip4) {
 #[inline(always)]
 fn in_prefix(config: &OverlayConfig, addr: u32) -> bool {
     config.service_mask != 0 && addr & config.service_mask == config.service_prefix
+}
+
+/// A container of this node by its namespace address: from its array slot
+/// when it has the slot alone (the slot is returned too, for its `dialled`
+/// flag), else from `tm_ov_locals`. An empty slot answers without a lookup.
+#[inline(always)]
+fn local_at(addr: u32) -> Option<(&'static Local, Option<*mut LocalSlot>)> {
+    let slot = tm_ov_local_slots.get_ptr_mut(local_slot(addr))?;
+    // SAFETY: a map value, valid for the program's run.
+    unsafe {
+        match (*slot).state {
+            LOCAL_SLOT_ONE if (*slot).addr == addr => Some((&(*slot).local, Some(slot))),
+            LOCAL_SLOT_SHARED => tm_ov_locals.get(&addr).map(|l| (l, None)),
+            _ => None,
+        }
+    }
 }
 
 /// The instance a new flow of `service` takes.
@@ -408,6 +425,9 @@ pub fn from_container(ctx: &TcContext, pkt: Packet) -> Result<i32, DropReason> {
     let Some(config) = tm_ov_config.get(0) else {
         return Ok(TC_ACT_OK);
     };
+    if config.flags & CONFIG_SERVICES_OUTSIDE_PREFIX == 0 && !in_prefix(config, ip.dst) {
+        return Ok(TC_ACT_OK);
+    }
     let key = key_of(&ip);
     let binding = match ip.tracked.then(|| established(&key)).flatten() {
         Some(b) => b,
@@ -424,9 +444,15 @@ pub fn from_container(ctx: &TcContext, pkt: Packet) -> Result<i32, DropReason> {
             if !ip.tracked {
                 return Err(DropReason::UnsupportedServicePacket);
             }
-            // SAFETY: the value is read right away.
-            let sender =
-                unsafe { tm_ov_locals.get(&ip.src) }.ok_or(DropReason::SenderNotDeployed)?;
+            let (sender, slot) = local_at(ip.src).ok_or(DropReason::SenderNotDeployed)?;
+            if let Some(slot) = slot {
+                // SAFETY: a map value; written once, when it changes.
+                unsafe {
+                    if (*slot).dialled == 0 {
+                        core::ptr::write_volatile(&raw mut (*slot).dialled, 1);
+                    }
+                }
+            }
             bind(&ip, &key, service, sender.instance_addr)?
         }
     };
@@ -692,11 +718,13 @@ pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropRe
     if inner_at + ip.total_len as usize > pkt.wire_len {
         return Err(DropReason::BadTunnelPacket);
     }
-    // SAFETY: the value is read right away.
-    let Some(local) = (unsafe { tm_ov_locals.get(&ip.dst) }) else {
+    let Some((local, slot)) = local_at(ip.dst) else {
         return Ok(None);
     };
-    if let Some(service_addr) = reverse_source(&ip) {
+    // Only a container that dialled a service IP gets replies to translate.
+    // SAFETY: a map value.
+    let dialled = slot.is_none_or(|s| unsafe { core::ptr::read_volatile(&(*s).dialled) } != 0);
+    if let Some(service_addr) = dialled.then(|| reverse_source(&ip)).flatten() {
         let diff = rewrite_addresses(pkt, &ip, service_addr, ip.dst)?;
         fix_l4_full(pkt, &ip, diff)?;
     }

@@ -356,6 +356,22 @@ fn closest_prefers_the_local_instance_and_undeploy_removes_every_trace() {
         Some(1),
         "only the client is local now: {dump}"
     );
+    // Its array copy too: one slot in use.
+    let slots_pin = pins.with_file_name("tm_ov_local_slots");
+    let dump = tapmesh_tests::sh(
+        "bpftool",
+        &["-j", "map", "dump", "pinned", slots_pin.to_str().unwrap()],
+    )
+    .stdout;
+    let slots: serde_json::Value = serde_json::from_slice(&dump).expect("bpftool JSON");
+    let used: Vec<&serde_json::Value> = slots
+        .as_array()
+        .expect("slot entries")
+        .iter()
+        .map(|e| &e["formatted"]["value"])
+        .filter(|v| v["state"] != 0)
+        .collect();
+    assert_eq!(used.len(), 1, "slots in use: {used:?}");
     // A redeploy takes a fresh address and works again.
     let again = n1.deploy(
         &lab.web0,

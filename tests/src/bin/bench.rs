@@ -655,6 +655,7 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
         gateway: addr_word(Ipv4Addr::new(192, 0, 2, 1)),
         service_prefix: addr_word(Ipv4Addr::new(203, 0, 113, 0)),
         service_mask: addr_word(Ipv4Addr::new(255, 255, 255, 0)),
+        flags: 0,
     };
     tables.services.insert(
         service,

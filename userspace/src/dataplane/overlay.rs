@@ -1,7 +1,9 @@
 //! Writes the service-IP overlay maps and reads their counters. The caller
 //! hands over the whole wanted state; only differences reach the kernel, in
-//! an order no packet can trip over: instances, then slots, then services;
-//! removals last.
+//! an order no packet can trip over: instances, then locals and their array
+//! slots, then service slots, then services; removals last. The config's
+//! "services outside the prefix" flag is raised before such a service is
+//! written and lowered after the last one is removed.
 
 use std::collections::BTreeMap;
 
@@ -9,7 +11,10 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::Ebpf;
 use tapmesh_common::{
     map_names as n,
-    overlay::{Instance, Local, OverlayConfig, Service, SERVICE_SLOTS},
+    overlay::{
+        local_slot, Instance, Local, LocalSlot, OverlayConfig, Service,
+        CONFIG_SERVICES_OUTSIDE_PREFIX, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED, SERVICE_SLOTS,
+    },
     PacketCounter,
 };
 
@@ -41,6 +46,52 @@ pub struct OverlayTables {
 #[derive(Default)]
 pub struct OverlayWriter {
     written: OverlayTables,
+    /// `tm_ov_local_slots` as written (with `dialled` 0).
+    slots: BTreeMap<u32, LocalSlot>,
+    /// `tm_ov_config` as written.
+    config: Option<OverlayConfig>,
+}
+
+/// `tm_ov_local_slots` for `locals`: each container in the slot of its
+/// address, or the slot marked shared when several map to it.
+pub fn local_slots(locals: &BTreeMap<std::net::Ipv4Addr, Local>) -> BTreeMap<u32, LocalSlot> {
+    let mut slots = BTreeMap::new();
+    for (addr, local) in locals {
+        let addr = addr_word(*addr);
+        slots
+            .entry(local_slot(addr))
+            .and_modify(|s: &mut LocalSlot| {
+                *s = LocalSlot {
+                    state: LOCAL_SLOT_SHARED,
+                    ..LocalSlot::default()
+                }
+            })
+            .or_insert(LocalSlot {
+                addr,
+                state: LOCAL_SLOT_ONE,
+                dialled: 0,
+                local: *local,
+            });
+    }
+    slots
+}
+
+/// `config` with the flag set when a service IP of `services` lies outside its prefix.
+fn flagged<'a>(
+    config: &OverlayConfig,
+    services: impl IntoIterator<Item = &'a std::net::Ipv4Addr>,
+) -> OverlayConfig {
+    let outside = services.into_iter().any(|a| {
+        config.service_mask == 0 || addr_word(*a) & config.service_mask != config.service_prefix
+    });
+    OverlayConfig {
+        flags: if outside {
+            config.flags | CONFIG_SERVICES_OUTSIDE_PREFIX
+        } else {
+            config.flags & !CONFIG_SERVICES_OUTSIDE_PREFIX
+        },
+        ..*config
+    }
 }
 
 impl OverlayWriter {
@@ -77,6 +128,46 @@ impl OverlayWriter {
                         .map_err(map_err(n::OV_LOCALS))?;
                 }
             }
+        }
+        {
+            let wanted_slots = local_slots(&wanted.locals);
+            let mut slots: Array<&mut MapData, LocalSlot> =
+                Array::try_from(map_mut(ebpf, n::OV_LOCAL_SLOTS)?)
+                    .map_err(map_err(n::OV_LOCAL_SLOTS))?;
+            for (&index, slot) in &wanted_slots {
+                let before = self.slots.get(&index);
+                if before == Some(slot) {
+                    continue;
+                }
+                // The kernel may have marked the container as dialling: a
+                // rewrite of its own slot keeps that (conservatively).
+                let same = before.is_some_and(|b| b.state == LOCAL_SLOT_ONE && b.addr == slot.addr);
+                let value = LocalSlot {
+                    dialled: u32::from(same),
+                    ..*slot
+                };
+                slots
+                    .set(index, value, 0)
+                    .map_err(map_err(n::OV_LOCAL_SLOTS))?;
+            }
+            for &index in self.slots.keys() {
+                if !wanted_slots.contains_key(&index) {
+                    slots
+                        .set(index, LocalSlot::default(), 0)
+                        .map_err(map_err(n::OV_LOCAL_SLOTS))?;
+                }
+            }
+            self.slots = wanted_slots;
+        }
+        // Raised before a service outside the prefix is written (and kept
+        // until the last one is gone); the rest of the config is written last.
+        let during = flagged(
+            &wanted.config,
+            wanted.services.keys().chain(self.written.services.keys()),
+        );
+        let raised = |c: &OverlayConfig| c.flags & CONFIG_SERVICES_OUTSIDE_PREFIX != 0;
+        if raised(&during) && !self.config.as_ref().is_some_and(raised) {
+            self.write_config(ebpf, during)?;
         }
         {
             let mut slots: Array<&mut MapData, u32> =
@@ -145,14 +236,23 @@ impl OverlayWriter {
                 }
             }
         }
-        if self.written.config != wanted.config {
-            let mut config: Array<&mut MapData, OverlayConfig> =
-                Array::try_from(map_mut(ebpf, n::OV_CONFIG)?).map_err(map_err(n::OV_CONFIG))?;
-            config
-                .set(0, wanted.config, 0)
-                .map_err(map_err(n::OV_CONFIG))?;
-        }
+        self.write_config(ebpf, flagged(&wanted.config, wanted.services.keys()))?;
         self.written = wanted.clone();
+        Ok(())
+    }
+
+    fn write_config(
+        &mut self,
+        ebpf: &mut Ebpf,
+        value: OverlayConfig,
+    ) -> Result<(), DataplaneError> {
+        if self.config == Some(value) {
+            return Ok(());
+        }
+        let mut config: Array<&mut MapData, OverlayConfig> =
+            Array::try_from(map_mut(ebpf, n::OV_CONFIG)?).map_err(map_err(n::OV_CONFIG))?;
+        config.set(0, value, 0).map_err(map_err(n::OV_CONFIG))?;
+        self.config = Some(value);
         Ok(())
     }
 
@@ -197,5 +297,57 @@ impl OverlayWriter {
             self.written.instances.keys().copied().collect(),
         )?;
         Ok((services, instances))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn local(ifindex: u32) -> Local {
+        Local {
+            ifindex,
+            ..Local::default()
+        }
+    }
+
+    #[test]
+    fn a_container_has_its_slot_and_colliding_ones_share() {
+        let locals = BTreeMap::from([
+            (Ipv4Addr::new(10, 19, 0, 2), local(2)),
+            (Ipv4Addr::new(10, 19, 0, 3), local(3)),
+            // 1024 addresses further: the slot of 10.19.0.3.
+            (Ipv4Addr::new(10, 19, 4, 3), local(4)),
+        ]);
+        let slots = local_slots(&locals);
+        assert_eq!(slots.len(), 2);
+        let one = slots[&2];
+        assert_eq!(
+            (one.state, one.addr, one.local.ifindex, one.dialled),
+            (LOCAL_SLOT_ONE, addr_word(Ipv4Addr::new(10, 19, 0, 2)), 2, 0)
+        );
+        assert_eq!(slots[&3].state, LOCAL_SLOT_SHARED);
+        assert_eq!(slots[&3].addr, 0);
+    }
+
+    #[test]
+    fn the_config_flag_says_whether_a_service_lies_outside_the_prefix() {
+        let config = OverlayConfig {
+            service_prefix: addr_word(Ipv4Addr::new(10, 30, 0, 0)),
+            service_mask: addr_word(Ipv4Addr::new(255, 255, 0, 0)),
+            ..OverlayConfig::default()
+        };
+        let inside = [Ipv4Addr::new(10, 30, 1, 1)];
+        let outside = [Ipv4Addr::new(10, 30, 1, 1), Ipv4Addr::new(192, 0, 2, 9)];
+        assert_eq!(flagged(&config, &inside).flags, 0);
+        assert_eq!(
+            flagged(&config, &outside).flags,
+            CONFIG_SERVICES_OUTSIDE_PREFIX
+        );
+        // No prefix: every service is outside it.
+        let none = OverlayConfig::default();
+        assert_eq!(flagged(&none, &inside).flags, CONFIG_SERVICES_OUTSIDE_PREFIX);
+        assert_eq!(flagged(&none, &[]).flags, 0);
     }
 }

@@ -127,6 +127,12 @@ const MAPS: &[MapSpec] = &[
     ),
     spec(n::OV_LOCALS, 4, size_of::<ov::Local>(), ov::MAX_LOCALS),
     spec(
+        n::OV_LOCAL_SLOTS,
+        4,
+        size_of::<ov::LocalSlot>(),
+        ov::LOCAL_SLOTS,
+    ),
+    spec(
         n::OV_CONNTRACK,
         size_of::<ov::ConntrackKey>(),
         size_of::<ov::ConntrackValue>(),

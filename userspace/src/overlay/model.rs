@@ -304,6 +304,7 @@ impl Ids {
             gateway: addr_word(settings.gateway),
             service_prefix: addr_word(Ipv4Addr::from(u32::from(prefix) & mask)),
             service_mask: addr_word(Ipv4Addr::from(mask)),
+            flags: 0,
         };
         Ok(tables)
     }
