@@ -14,6 +14,7 @@ mod mirror;
 mod overlay;
 mod packet;
 mod parse;
+mod probes;
 mod stats;
 mod tc;
 mod xdp;

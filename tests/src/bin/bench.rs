@@ -35,6 +35,11 @@ const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 
+/// The row the LB target applies to: Katran's path (in and out of the uplink).
+const LB_ENCAP_ROW: &str = "XDP uplink: VIP hit → remote target (UDP encap, resolved next hop, back out of the uplink: XDP_TX)";
+/// Rows of single kernel operations start with this.
+const BLOCK: &str = "Building block: ";
+
 const TUNNEL_PORT: u16 = tapmesh_common::DEFAULT_TUNNEL_PORT;
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 1);
 const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 2);
@@ -88,7 +93,7 @@ fn measure(bpf: &mut Bpf, program: &str, frame: &[u8]) -> f64 {
 /// empty XDP program, called alternately so both see the same conditions
 /// (the other core's load, frequency, cache pressure) at the same time.
 fn measure_loop(bpf: &mut Bpf, program: &str, frame: &[u8]) -> (f64, f64) {
-    let floor_program = if program.starts_with("tm_tc") {
+    let floor_program = if program.starts_with("tm_tc") || program.starts_with("tm_probe_tc") {
         "tm_tc_floor"
     } else {
         "tm_xdp_floor"
@@ -388,7 +393,7 @@ fn single_run_rows(bpf: &mut Bpf, writer: &mut LbWriter) -> Vec<(&'static str, f
             rows.push((name, raw, floor));
             // The usual case: in on the uplink, and out of it to the other node (XDP_TX).
             bpf.ingress_ifindex = tma_index;
-            let name = "XDP uplink: VIP hit → remote target (UDP encap, resolved next hop, back out of the uplink: XDP_TX)";
+            let name = LB_ENCAP_ROW;
             let first = bpf.run("tm_xdp_uplink", &to_remote, 1);
             assert_eq!(first.action, XDP_TX, "{name}: unexpected return value");
             assert_eq!(first.output, encapsulated(&to_remote, tma_mac, sport), "{name}: unexpected output");
@@ -396,6 +401,8 @@ fn single_run_rows(bpf: &mut Bpf, writer: &mut LbWriter) -> Vec<(&'static str, f
             rows.push((name, raw, floor));
             bpf.ingress_ifindex = 0;
             rows.extend(overlay_rows(bpf, tma_index, tma_mac));
+            // After the overlay rows: the LRU probe finds their conntrack entry.
+            rows.extend(block_rows(bpf));
             rows
         })
         .join()
@@ -527,17 +534,30 @@ fn main() {
     );
     let mut encap_net = 0.0;
     let (mut service_net, mut decap_net) = (0.0, 0.0f64);
+    let (blocks, loop_rows): (Vec<_>, Vec<_>) = loop_rows
+        .into_iter()
+        .partition(|(name, _, _)| name.starts_with(BLOCK));
     for (name, raw, floor) in loop_rows {
         row(&mut table, name, &single, raw, floor);
-        if name.contains("remote target") {
+        if name == LB_ENCAP_ROW {
             encap_net = (raw - floor).max(0.0);
         }
-        if name.starts_with("TC service") {
+        if name.starts_with("TC service") && name.contains("UDP encap") {
             service_net = (raw - floor).max(0.0);
         }
         if name.contains("→ container") {
             decap_net = decap_net.max((raw - floor).max(0.0));
         }
+    }
+    let mut block_table = String::new();
+    for (name, raw, floor) in blocks {
+        row(
+            &mut block_table,
+            name.trim_start_matches(BLOCK),
+            &single,
+            raw,
+            floor,
+        );
     }
     let verdict = if encap_net <= 60.0 { "met" } else { "NOT met" };
     let overlay_verdict = format!(
@@ -568,7 +588,13 @@ fn main() {
          neighbour for the remote node (bpf_fib_lookup succeeds, redirect to the underlay veth).\n\n\
          Target: VIP hit with encapsulation ≤ 60 ns net — {verdict} ({encap_net:.1} ns).\n\n\
          {overlay_verdict}\n\n\
-         Machine: {}\n\n{table}\n{control}\n{mirroring}\n{eds}\n{overlay_rates}",
+         Machine: {}\n\n{table}\n\
+         ## Building blocks\n\n\
+         One kernel operation per program (`ebpf/src/probes.rs`), timed like the rows above \
+         (repeat = 1, net of the empty program): the least a path that needs them pays on this \
+         machine. A cold helper call costs tens of ns here, while an array lookup is nearly free.\n\n\
+         | operation | timed as | ns/packet | net of floor | Mpps (net) |\n|---|---|---:|---:|---:|\n\
+         {block_table}\n{control}\n{mirroring}\n{eds}\n{overlay_rates}",
         machine()
     );
     print!("{doc}");
@@ -872,6 +898,73 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
             "{name}: MAC or source"
         );
         let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", frame);
+        rows.push((name, raw, floor));
+    }
+    rows
+}
+
+/// Single kernel operations, each in a program of its own (`ebpf/src/probes.rs`),
+/// timed like the paths: what any packet path built from them pays here.
+fn block_rows(bpf: &mut Bpf) -> Vec<(&'static str, f64, f64)> {
+    use aya::programs::{SchedClassifier, Xdp};
+    let frame = vip_frame(VIP_LOCAL, 53);
+    // Program, row, the return value that says it did its operation.
+    let probes: [(&str, &'static str, u32); 8] = [
+        (
+            "tm_probe_xdp_array",
+            "Building block: XDP, one array map lookup",
+            XDP_PASS,
+        ),
+        (
+            "tm_probe_xdp_hash_miss",
+            "Building block: XDP, one hash map lookup (miss)",
+            XDP_PASS,
+        ),
+        (
+            "tm_probe_xdp_adjust_head",
+            "Building block: XDP, bpf_xdp_adjust_head",
+            XDP_PASS,
+        ),
+        (
+            "tm_probe_xdp_redirect",
+            "Building block: XDP, bpf_redirect",
+            XDP_REDIRECT,
+        ),
+        (
+            "tm_probe_tc_lru_hit",
+            "Building block: TC, one LRU hash lookup (hit)",
+            0,
+        ),
+        (
+            "tm_probe_tc_l4_csum",
+            "Building block: TC, bpf_l4_csum_replace",
+            0,
+        ),
+        (
+            "tm_probe_tc_adjust_room",
+            "Building block: TC, bpf_skb_adjust_room (IPv4 + UDP encap)",
+            0,
+        ),
+        (
+            "tm_probe_tc_redirect",
+            "Building block: TC, bpf_redirect",
+            7,
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (program, name, action) in probes {
+        let p = bpf.ebpf.program_mut(program).expect(program);
+        if let Ok(xdp) = <&mut Xdp>::try_from(&mut *p) {
+            xdp.load()
+        } else {
+            <&mut SchedClassifier>::try_from(p)
+                .expect("xdp or tc")
+                .load()
+        }
+        .unwrap_or_else(|e| panic!("loading {program}: {e}"));
+        let first = bpf.run(program, &frame, 1);
+        assert_eq!(first.action, action, "{program}: unexpected return value");
+        let (raw, floor) = measure_loop(bpf, program, &frame);
         rows.push((name, raw, floor));
     }
     rows

@@ -347,7 +347,10 @@ mod tests {
         );
         // No prefix: every service is outside it.
         let none = OverlayConfig::default();
-        assert_eq!(flagged(&none, &inside).flags, CONFIG_SERVICES_OUTSIDE_PREFIX);
+        assert_eq!(
+            flagged(&none, &inside).flags,
+            CONFIG_SERVICES_OUTSIDE_PREFIX
+        );
         assert_eq!(flagged(&none, &[]).flags, 0);
     }
 }
