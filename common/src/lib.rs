@@ -69,6 +69,11 @@ pub mod map_names {
     pub const OV_INSTANCES: &str = "tm_ov_instances";
     pub const OV_LOCALS: &str = "tm_ov_locals";
     pub const OV_LOCAL_SLOTS: &str = "tm_ov_local_slots";
+    pub const OV_CONFIG6: &str = "tm_ov_config6";
+    pub const OV_SERVICES6: &str = "tm_ov_services6";
+    pub const OV_INSTANCES6: &str = "tm_ov_instances6";
+    pub const OV_LOCALS6: &str = "tm_ov_locals6";
+    pub const OV_CONNTRACK6: &str = "tm_ov_conntrack6";
     pub const OV_CONNTRACK: &str = "tm_ov_conntrack";
     pub const OV_PENDING: &str = "tm_ov_pending";
     pub const OV_MISSES: &str = "tm_ov_misses";

@@ -21,6 +21,8 @@ pub const MAX_INSTANCES: u32 = 16_384;
 pub const MAX_LOCALS: u32 = 1024;
 /// Connection tracking entries (two per connection: forward and reverse).
 pub const CONNTRACK_ENTRIES: u32 = 131_072;
+/// IPv6 connection tracking entries.
+pub const CONNTRACK_ENTRIES6: u32 = 65_536;
 /// Service IPs whose miss was signalled and is not answered yet.
 pub const PENDING_ENTRIES: u32 = 1024;
 /// Bytes of the miss ring buffer.
@@ -184,6 +186,82 @@ pub struct LocalSlot {
     pub local: Local,
 }
 
+/// An IPv6 address as four words in memory order (network order bytes).
+pub type Addr6 = [u32; 4];
+
+/// The IPv6 overlay's settings (one entry of `tm_ov_config6`); the tunnel
+/// itself (node address, port, MTU) is `OverlayConfig`'s.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct OverlayConfig6 {
+    /// Source of ICMPv6 errors sent to containers (their gateway).
+    pub gateway: Addr6,
+    pub service_prefix: Addr6,
+    pub service_mask: Addr6,
+    /// [`CONFIG_SERVICES_OUTSIDE_PREFIX`] for IPv6 service IPs.
+    pub flags: u32,
+}
+
+/// Value of `tm_ov_instances6` (index: the instance id): an instance's IPv6
+/// addresses; the rest (kind, generation, where it is) is in `tm_ov_instances`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Instance6 {
+    /// Its namespace address (all zero: the instance has no IPv6).
+    pub ns_addr: Addr6,
+    /// The address its replies come from: its IPv6 instance IP (or `ns_addr`).
+    pub reply_addr: Addr6,
+}
+
+/// Value of `tm_ov_locals6` (key: a container's IPv6 namespace address).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Local6 {
+    pub ifindex: u32,
+    /// The source its packets get after translation (its IPv6 instance IP).
+    pub instance_addr: Addr6,
+    pub mac: [u8; 6],
+    pub host_mac: [u8; 6],
+}
+
+/// Key of `tm_ov_conntrack6`, as [`ConntrackKey`] (ICMPv6 echo: the identifier).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConntrackKey6 {
+    pub src: Addr6,
+    pub dst: Addr6,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `tm_ov_conntrack6`, as [`ConntrackValue`].
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConntrackValue6 {
+    pub kind: u32,
+    pub instance: u32,
+    pub generation: u32,
+    pub service: u32,
+    pub service_addr: Addr6,
+    pub new_src: Addr6,
+    pub reply_src: Addr6,
+}
+
+/// Per-CPU working space of the IPv6 paths (`tm_ov_scratch6`, not pinned):
+/// their keys and values are too big for the stack next to the IPv4 path's.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Scratch6 {
+    /// The packet's conntrack key (its addresses and ports as they arrived).
+    pub key: ConntrackKey6,
+    pub other: ConntrackKey6,
+    pub value: ConntrackValue6,
+    pub new_src: Addr6,
+    pub new_dst: Addr6,
+}
+
 /// What the kernel tells userspace about a service IP it does not know.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -205,6 +283,12 @@ crate::assert_layout!(ConntrackValue, size = 28, align = 4);
 crate::assert_layout!(OverlayConfig, size = 24, align = 4);
 crate::assert_layout!(LocalSlot, size = 32, align = 4);
 crate::assert_layout!(Miss, size = 12, align = 4);
+crate::assert_layout!(OverlayConfig6, size = 52, align = 4);
+crate::assert_layout!(Instance6, size = 32, align = 4);
+crate::assert_layout!(Local6, size = 32, align = 4);
+crate::assert_layout!(ConntrackKey6, size = 40, align = 4);
+crate::assert_layout!(ConntrackValue6, size = 64, align = 4);
+crate::assert_layout!(Scratch6, size = 176, align = 4);
 
 #[cfg(feature = "user")]
 crate::impl_pod!(
@@ -215,5 +299,10 @@ crate::impl_pod!(
     ConntrackValue,
     OverlayConfig,
     LocalSlot,
-    Miss
+    Miss,
+    OverlayConfig6,
+    Instance6,
+    Local6,
+    ConntrackKey6,
+    ConntrackValue6
 );

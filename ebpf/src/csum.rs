@@ -16,8 +16,11 @@ pub fn fold(mut sum: u64) -> u16 {
 /// The difference that turns a sum over `old` words into one over `new`
 /// (RFC 1624), as a 32-bit partial sum.
 #[inline(always)]
-pub fn diff(old: [u32; 2], new: [u32; 2]) -> u32 {
-    let sum = (!old[0]) as u64 + (!old[1]) as u64 + new[0] as u64 + new[1] as u64;
+pub fn diff<const N: usize>(old: [u32; N], new: [u32; N]) -> u32 {
+    let mut sum = 0u64;
+    for i in 0..N {
+        sum += (!old[i]) as u64 + new[i] as u64;
+    }
     let sum = (sum & 0xffff_ffff) + (sum >> 32);
     ((sum & 0xffff_ffff) + (sum >> 32)) as u32
 }

@@ -12,6 +12,7 @@ mod lb;
 mod maps;
 mod mirror;
 mod overlay;
+mod overlay6;
 mod packet;
 mod parse;
 mod probes;

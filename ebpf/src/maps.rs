@@ -139,6 +139,26 @@ pub static tm_ov_pending: LruHashMap<u32, u64, { ov::PENDING_ENTRIES as usize }>
     LruHashMap::new();
 #[btf_map]
 pub static tm_ov_misses: RingBuf<Miss, { ov::MISS_RING_BYTES as usize }> = RingBuf::new();
+// The same for IPv6 service IPs (ids, slots, RR turns, instances' kind and
+// generation, counters and the tunnel are shared with IPv4).
+#[btf_map]
+pub static tm_ov_config6: Array<ov::OverlayConfig6, 1> = Array::new();
+#[btf_map]
+pub static tm_ov_services6: HashMap<ov::Addr6, Service, { ov::MAX_SERVICES as usize }> =
+    HashMap::new();
+#[btf_map]
+pub static tm_ov_instances6: Array<ov::Instance6, { ov::MAX_INSTANCES as usize }> = Array::new();
+#[btf_map]
+pub static tm_ov_locals6: HashMap<ov::Addr6, ov::Local6, { ov::MAX_LOCALS as usize }> =
+    HashMap::new();
+#[btf_map]
+pub static tm_ov_conntrack6: LruHashMap<
+    ov::ConntrackKey6,
+    ov::ConntrackValue6,
+    { ov::CONNTRACK_ENTRIES6 as usize },
+> = LruHashMap::new();
+#[btf_map]
+pub static tm_ov_scratch6: PerCpuArray<ov::Scratch6, 1> = PerCpuArray::new();
 #[btf_map]
 pub static tm_ov_svc_stats: PerCpuArray<PacketCounter, { ov::MAX_SERVICES as usize }> =
     PerCpuArray::new();

@@ -199,7 +199,7 @@ fn local_at(addr: u32) -> Option<(&'static Local, Option<*mut LocalSlot>)> {
 
 /// The instance a new flow of `service` takes.
 #[inline(always)]
-fn pick(service: &Service) -> Result<u32, DropReason> {
+pub fn pick(service: &Service) -> Result<u32, DropReason> {
     if service.slots == 0 {
         return Err(DropReason::NoInstance);
     }
@@ -330,7 +330,7 @@ fn bind(
 }
 
 #[inline(always)]
-fn count(map_index: u32, per_instance: bool, bytes: u64) {
+pub fn count(map_index: u32, per_instance: bool, bytes: u64) {
     let counter = if per_instance {
         tm_ov_inst_stats.get_ptr_mut(map_index)
     } else {
@@ -416,7 +416,11 @@ pub fn from_container(ctx: &TcContext, pkt: Packet) -> Result<i32, DropReason> {
 
     let eth: *const EthHdr = pkt.header(0, DropReason::TruncatedEthernet)?;
     // SAFETY: inside the header just checked.
-    if unsafe { load16(&(*eth).ether_type) } != ETH_P_IP.to_be() {
+    let ether_type = unsafe { load16(&(*eth).ether_type) };
+    if ether_type == ETH_P_IPV6.to_be() {
+        return crate::overlay6::from_container(ctx, &pkt);
+    }
+    if ether_type != ETH_P_IP.to_be() {
         return Ok(TC_ACT_OK);
     }
     let Some(ip) = ip4_at(&pkt, ETH_LEN, DropReason::TruncatedIpv4)? else {
@@ -493,35 +497,36 @@ pub fn from_container(ctx: &TcContext, pkt: Packet) -> Result<i32, DropReason> {
     if inst.kind != INSTANCE_REMOTE || config.tunnel_port == 0 {
         return Err(DropReason::NoInstance);
     }
-    encapsulate(ctx, &ip, inst, config, id)?;
+    let hash = ip.src ^ ip.dst ^ (ip.src_port as u32) << 16 ^ ip.dst_port as u32 ^ id;
+    encapsulate(ctx, ip.total_len as usize, inst, config, hash)?;
     tunnel_out(ctx, inst, config)
 }
 
 /// Puts outer IPv4 + UDP to the instance's node in front of the IP packet.
 #[inline(always)]
-fn encapsulate(
+pub fn encapsulate(
     ctx: &TcContext,
-    ip: &Ip4,
+    inner_len: usize,
     inst: &Instance,
     config: &OverlayConfig,
-    entropy: u32,
+    hash: u32,
 ) -> Result<(), DropReason> {
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
     ctx.adjust_room(TUNNEL_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| DropReason::AdjustRoomFailed)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
-    let outer: *mut [[u8; 4]; 7] = pkt.header_mut(ETH_LEN, DropReason::AdjustRoomFailed)?;
-    let inner_len = ip.total_len as usize;
+    let outer: *mut [[u8; 2]; 21] = pkt.header_mut(0, DropReason::AdjustRoomFailed)?;
     let words = outer_ipv4(
         (TUNNEL_LEN + inner_len) as u16,
         config.node_addr,
         inst.node_addr,
     );
-    let hash = ip.src ^ ip.dst ^ (ip.src_port as u32) << 16 ^ ip.dst_port as u32 ^ entropy;
     let sport = 0xc000u16 | ((hash ^ hash >> 16) as u16 & 0x3fff);
-    // SAFETY: every store is inside the 28 bytes just checked.
+    // SAFETY: every store is inside the 42 bytes just checked.
     unsafe {
-        let w = outer as *mut [u8; 4];
+        // The outer packet is IPv4 whatever the inner one is.
+        store16(&raw mut (*outer)[6], ETH_P_IP.to_be());
+        let w = (outer as *mut u8).add(ETH_LEN) as *mut [u8; 4];
         for (i, word) in words.into_iter().enumerate() {
             store32(w.add(i), word);
         }
@@ -537,7 +542,11 @@ fn encapsulate(
 /// Sends an encapsulated packet to the next hop the daemon resolved, or the
 /// one the FIB gives.
 #[inline(always)]
-fn tunnel_out(ctx: &TcContext, inst: &Instance, config: &OverlayConfig) -> Result<i32, DropReason> {
+pub fn tunnel_out(
+    ctx: &TcContext,
+    inst: &Instance,
+    config: &OverlayConfig,
+) -> Result<i32, DropReason> {
     let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
     let eth: *mut EthHdr = pkt.header_mut(0, DropReason::AdjustRoomFailed)?;
     if inst.ifindex != 0 {
@@ -655,6 +664,16 @@ fn ctx_count_too_big() {
         .drop_reason(DropReason::TooBigForTunnel);
 }
 
+/// What [`from_tunnel`] did with a packet.
+pub enum Tunnel {
+    /// Delivered to a container: the XDP action.
+    Delivered(u32),
+    /// Tunnel traffic for this node carrying an IPv6 packet: `overlay6`'s.
+    Inner6,
+    /// Not for a container here; nothing was changed.
+    NotOurs,
+}
+
 /// Whether the packet may be overlay tunnel traffic (UDP to the tunnel
 /// port): only then is [`from_tunnel`] called, a subprogram call saved on
 /// every other packet.
@@ -675,16 +694,16 @@ pub fn maybe_tunnel(pkt: &Packet) -> bool {
 /// container's veth. `None`: not ours, nothing was changed. Not inlined: a
 /// subprogram keeps the load balancer's code after it as the verifier knew it.
 #[inline(never)]
-pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropReason> {
+pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Tunnel, DropReason> {
     let Some(config) = tm_ov_config.get(0) else {
-        return Ok(None);
+        return Ok(Tunnel::NotOurs);
     };
     if config.tunnel_port == 0 {
-        return Ok(None);
+        return Ok(Tunnel::NotOurs);
     }
     let outer: *const [[u8; 2]; 21] = match pkt.header(0, DropReason::TruncatedIpv4) {
         Ok(p) => p,
-        Err(_) => return Ok(None),
+        Err(_) => return Ok(Tunnel::NotOurs),
     };
     let outer = outer as *const [u8; 2];
     // SAFETY: every read is inside the 42 bytes just checked.
@@ -709,17 +728,17 @@ pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropRe
         || dst != config.node_addr
         || frag & IP_FRAGMENT != 0
     {
-        return Ok(None);
+        return Ok(Tunnel::NotOurs);
     }
     let inner_at = ETH_LEN + TUNNEL_LEN;
     let Some(ip) = ip4_at(pkt, inner_at, DropReason::BadTunnelPacket)? else {
-        return Ok(None);
+        return Ok(Tunnel::Inner6);
     };
     if inner_at + ip.total_len as usize > pkt.wire_len {
         return Err(DropReason::BadTunnelPacket);
     }
     let Some((local, slot)) = local_at(ip.dst) else {
-        return Ok(None);
+        return Ok(Tunnel::NotOurs);
     };
     // Only a container that dialled a service IP gets replies to translate.
     // SAFETY: a map value.
@@ -732,5 +751,7 @@ pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropRe
     write_macs(eth, &local.mac, &local.host_mac, ETH_P_IP.to_be_bytes());
     adjust_head(ctx, TUNNEL_LEN as i32)?;
     // SAFETY: a plain helper call.
-    Ok(Some(unsafe { bpf_redirect(local.ifindex, 0) } as u32))
+    Ok(Tunnel::Delivered(
+        unsafe { bpf_redirect(local.ifindex, 0) } as u32
+    ))
 }

@@ -3,7 +3,15 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use tapmesh_common::{DropReason, ProgramSlot, Verdict};
 
-use crate::{lb, maps::tm_node, overlay, packet::Packet, parse::parse, stats::Stats};
+use crate::{
+    lb,
+    maps::tm_node,
+    overlay::{self, Tunnel},
+    overlay6,
+    packet::Packet,
+    parse::parse,
+    stats::Stats,
+};
 
 #[xdp]
 pub fn tm_xdp_uplink(ctx: XdpContext) -> u32 {
@@ -40,8 +48,15 @@ fn packet_of(ctx: &XdpContext) -> Packet {
 #[inline(always)]
 fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, DropReason> {
     if overlay::maybe_tunnel(&pkt) {
-        if let Some(action) = overlay::from_tunnel(ctx, &pkt)? {
-            return Ok(action);
+        // Two calls, not nested: each subprogram's stack adds to this one's.
+        match overlay::from_tunnel(ctx, &pkt)? {
+            Tunnel::Delivered(action) => return Ok(action),
+            Tunnel::Inner6 => {
+                if let Some(action) = overlay6::from_tunnel(ctx, &pkt)? {
+                    return Ok(action);
+                }
+            }
+            Tunnel::NotOurs => {}
         }
     }
     let node = tm_node.get(0);

@@ -19,6 +19,8 @@ use crate::{daemon::Daemon, link, Netns};
 pub const NODE1: &str = "198.18.2.1";
 pub const NODE2: &str = "198.18.2.2";
 pub const SERVICE_PREFIX: &str = "203.0.113.0/24";
+/// IPv6 service IPs (instance IPs and RR) of the lab.
+pub const SERVICE_PREFIX_V6: &str = "2001:db8:ff::/48";
 
 /// One HTTP/1.1 request over a unix socket: (status, body).
 pub fn http(socket: &Path, method: &str, path: &str, body: &str) -> (u16, String) {
@@ -180,7 +182,8 @@ fn start_node(netns: Netns, uplink: String, address: &'static str, extra: &str) 
     std::fs::write(
         &config,
         format!(
-            "[netmanager]\nsocket = \"{}\"\nservice_prefix = \"{SERVICE_PREFIX}\"\n{extra}",
+            "[netmanager]\nsocket = \"{}\"\nservice_prefix = \"{SERVICE_PREFIX}\"\n\
+             service_prefix_v6 = \"{SERVICE_PREFIX_V6}\"\n{extra}",
             socket.display()
         ),
     )

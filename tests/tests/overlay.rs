@@ -766,3 +766,177 @@ fn an_eds_cluster_bound_to_a_service_ip_picks_its_members_and_weights() {
     let answers = udp_ask(&client, FED, 3);
     assert!(answers.iter().all(|(n, _)| n == "web1"), "{answers:?}");
 }
+
+/// Answers UDP datagrams over IPv6 (and IPv4) with `name`, forever.
+fn who_server6(container: &Netns, name: &'static str) {
+    let ns = container.name.clone();
+    let _ = spawn_in(&ns, move || {
+        let udp = UdpSocket::bind(format!("[::]:{UDP_PORT}")).expect("udp bind");
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(name.as_bytes(), from);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// One UDP flow per call to `[to]:UDP_PORT` over IPv6; who answered and from where.
+fn udp_ask6(client: &Netns, to: &str, flows: usize) -> Vec<(String, String)> {
+    let to: std::net::Ipv6Addr = to.parse().unwrap();
+    spawn_in(&client.name, move || {
+        (0..flows)
+            .map(|_| {
+                let s = UdpSocket::bind("[::]:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(1500)))
+                    .unwrap();
+                for _ in 0..3 {
+                    s.send_to(b"hello", (to, UDP_PORT)).unwrap();
+                    let mut buf = [0u8; 64];
+                    if let Ok((n, from)) = s.recv_from(&mut buf) {
+                        return (
+                            String::from_utf8_lossy(&buf[..n]).to_string(),
+                            from.to_string(),
+                        );
+                    }
+                }
+                ("(no answer)".to_string(), String::new())
+            })
+            .collect()
+    })
+    .join()
+    .expect("client thread")
+}
+
+#[test]
+fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const RR6: &str = "2001:db8:ff::10";
+    const CLIENT_IP6: &str = "2001:db8:ff::100";
+    const WEB0_IP6: &str = "2001:db8:ff::101";
+    const WEB1_IP6: &str = "2001:db8:ff::102";
+    let nodes = TwoNodes::start();
+    let client = Netns::new("ov6c");
+    let web0 = Netns::new("ov6w0");
+    let web1 = Netns::new("ov6w1");
+    for ns in [
+        &nodes.node1.netns,
+        &nodes.node2.netns,
+        &client,
+        &web0,
+        &web1,
+    ] {
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=0"]);
+        ns.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=0"]);
+    }
+    for (node, v4, v6) in [
+        (&nodes.node1, "192.0.2.0/26", "2001:db8:1::/120"),
+        (&nodes.node2, "192.0.2.64/26", "2001:db8:2::/120"),
+    ] {
+        node.post(
+            "/register",
+            &format!(
+                r#"{{"client_id": "{}", "subnetwork": "{v4}", "subnetwork_v6": "{v6}"}}"#,
+                node.netns.name
+            ),
+        );
+    }
+    let sips = |list: &[(&str, &str, &str)]| {
+        list.iter()
+            .map(|(t, a, a6)| {
+                format!(r#"{{"IpType": "{t}", "Address": "{a}", "Address_v6": "{a6}"}}"#)
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let deploy = |node: &tapmesh_tests::overlay::Node,
+                  c: &Netns,
+                  job: &str,
+                  n: u32,
+                  list: &[(&str, &str, &str)]| {
+        let reply = node.post(
+            "/container/deploy",
+            &format!(
+                r#"{{"netns": "/run/netns/{}", "serviceName": "{job}", "instanceNumber": {n}, "portMappings": "", "serviceIp": [{}]}}"#,
+                c.name,
+                sips(list)
+            ),
+        );
+        (
+            reply["nsAddress"].as_str().unwrap().to_string(),
+            reply["nsAddressv6"].as_str().unwrap().to_string(),
+        )
+    };
+    let client_ips = [("InstanceNumber", CLIENT_IP, CLIENT_IP6)];
+    let web0_ips = [("RR", RR, RR6), ("InstanceNumber", WEB0_IP, WEB0_IP6)];
+    let web1_ips = [("RR", RR, RR6), ("InstanceNumber", WEB1_IP, WEB1_IP6)];
+    let client_ns = deploy(&nodes.node1, &client, CLIENT, 0, &client_ips);
+    let web0_ns = deploy(&nodes.node1, &web0, WEB, 0, &web0_ips);
+    let web1_ns = deploy(&nodes.node2, &web1, WEB, 1, &web1_ips);
+    assert!(client_ns.1.starts_with("2001:db8:1::"), "{client_ns:?}");
+    assert!(web1_ns.1.starts_with("2001:db8:2::"), "{web1_ns:?}");
+    let table = |node: &tapmesh_tests::overlay::Node,
+                 job: &str,
+                 n: u32,
+                 ns: &(String, String),
+                 at: &str,
+                 list: &[(&str, &str, &str)]| {
+        node.post(
+            "/tablequery/result",
+            &format!(
+                r#"{{"app_name": "{job}", "instance_list": [{{"instance_number": {n}, "namespace_ip": "{}", "namespace_ip_v6": "{}", "host_ip": "{at}", "host_port": 50103, "service_ip": [{}]}}]}}"#,
+                ns.0,
+                ns.1,
+                sips(list)
+            ),
+        );
+    };
+    table(&nodes.node1, WEB, 1, &web1_ns, NODE2, &web1_ips);
+    table(&nodes.node2, WEB, 0, &web0_ns, NODE1, &web0_ips);
+    table(&nodes.node2, CLIENT, 0, &client_ns, NODE1, &client_ips);
+    who_server6(&web0, "web0");
+    who_server6(&web1, "web1");
+
+    // RR over IPv6: flows alternate between the nodes' instances, and every
+    // answer comes from the IPv6 service IP.
+    let answers = udp_ask6(&client, RR6, 6);
+    let names: Vec<String> = answers.iter().map(|(n, _)| n.clone()).collect();
+    assert!(
+        alternates(&names) && names.contains(&"web1".to_string()),
+        "{answers:?}"
+    );
+    let rr6_from = format!("[{RR6}]:{UDP_PORT}");
+    assert!(
+        answers.iter().all(|(_, from)| *from == rr6_from),
+        "{answers:?}"
+    );
+    // An IPv6 instance IP reaches exactly its instance, ICMPv6 echo included.
+    let only1 = udp_ask6(&client, WEB1_IP6, 3);
+    assert!(only1.iter().all(|(n, _)| n == "web1"), "{only1:?}");
+    let (ok, out) = run(&client, &["ping", "-6", "-c", "2", "-W", "2", WEB1_IP6]);
+    assert!(ok, "{out}");
+    // Too big for the tunnel: ICMPv6 "packet too big" with the tunnel's MTU,
+    // which the sender keeps as the path MTU.
+    client.ip(&["link", "set", "tmsvc0", "mtu", "1500"]);
+    let big = [
+        "ping", "-6", "-M", "do", "-s", "1452", "-c", "1", "-W", "2", WEB1_IP6,
+    ];
+    let (ok, out) = run(&client, &big);
+    assert!(
+        !ok && out.contains("1472"),
+        "expected packet too big (mtu 1472): {out}"
+    );
+    let (ok, out) = run(&client, &big);
+    assert!(
+        !ok && out.contains("1472"),
+        "expected the learnt path MTU: {out}"
+    );
+    let (ok, out) = run(
+        &client,
+        &[
+            "ping", "-6", "-M", "do", "-s", "1424", "-c", "2", "-W", "2", WEB1_IP6,
+        ],
+    );
+    assert!(ok, "1472-byte packets fit: {out}");
+}

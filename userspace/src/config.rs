@@ -224,6 +224,9 @@ pub struct NetManagerConfig {
     /// Destinations in this prefix that are not known service IPs are
     /// reported to userspace once (Oakestra: 10.30.0.0/16).
     pub service_prefix: String,
+    /// The IPv6 service IPs' prefix: an address in it that is not a known
+    /// service IP is dropped and counted (Oakestra: fdff::/16).
+    pub service_prefix_v6: String,
     /// Containers' MTU and the largest packet the tunnel carries; 0: the
     /// first uplink's MTU minus the 28 bytes of outer IPv4 + UDP.
     pub mtu: u32,
@@ -244,6 +247,7 @@ impl Default for NetManagerConfig {
             subnetwork: None,
             subnetwork_v6: None,
             service_prefix: "10.30.0.0/16".into(),
+            service_prefix_v6: "fdff::/16".into(),
             mtu: 0,
             container_ifname: "tmsvc0".into(),
             node_costs: Default::default(),
@@ -446,6 +450,18 @@ impl Config {
         v4("netmanager.service_prefix", &nm.service_prefix)?;
         if let Some(s) = &nm.subnetwork {
             v4("netmanager.subnetwork", s)?;
+        }
+        match nm.service_prefix_v6.parse::<crate::conduit_net::Cidr>() {
+            Ok(c) if c.addr.is_ipv6() => {}
+            _ => {
+                return Err(bad(
+                    "netmanager.service_prefix_v6",
+                    format!(
+                        "{:?} is not an IPv6 prefix like fdff::/16",
+                        nm.service_prefix_v6
+                    ),
+                ))
+            }
         }
         if let Some(s) = &nm.subnetwork_v6 {
             match s.parse::<crate::conduit_net::Cidr>() {

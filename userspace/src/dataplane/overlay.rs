@@ -12,8 +12,9 @@ use aya::Ebpf;
 use tapmesh_common::{
     map_names as n,
     overlay::{
-        local_slot, Instance, Local, LocalSlot, OverlayConfig, Service,
-        CONFIG_SERVICES_OUTSIDE_PREFIX, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED, SERVICE_SLOTS,
+        local_slot, Addr6, Instance, Instance6, Local, Local6, LocalSlot, OverlayConfig,
+        OverlayConfig6, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
+        SERVICE_SLOTS,
     },
     PacketCounter,
 };
@@ -23,6 +24,14 @@ use super::{map_err, map_mut, DataplaneError};
 /// Key words of the maps: an IPv4 address as it lies in the packet.
 pub fn addr_word(addr: std::net::Ipv4Addr) -> u32 {
     u32::from_ne_bytes(addr.octets())
+}
+
+/// An IPv6 address as the maps hold it: four words in memory order.
+pub fn addr6_words(addr: std::net::Ipv6Addr) -> Addr6 {
+    let o = addr.octets();
+    std::array::from_fn(|i| {
+        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
+    })
 }
 
 /// One service IP: its id, policy and instance ids in slot order.
@@ -40,6 +49,12 @@ pub struct OverlayTables {
     pub services: BTreeMap<std::net::Ipv4Addr, ServiceTable>,
     pub instances: BTreeMap<u32, Instance>,
     pub locals: BTreeMap<std::net::Ipv4Addr, Local>,
+    pub config6: OverlayConfig6,
+    /// An IPv6 service IP → the IPv4 service IP it is the twin of (same
+    /// service: id, policy, slots).
+    pub services6: BTreeMap<std::net::Ipv6Addr, std::net::Ipv4Addr>,
+    pub instances6: BTreeMap<u32, Instance6>,
+    pub locals6: BTreeMap<std::net::Ipv6Addr, Local6>,
 }
 
 /// Remembers what it wrote.
@@ -130,6 +145,44 @@ impl OverlayWriter {
             }
         }
         {
+            let mut instances6: Array<&mut MapData, Instance6> =
+                Array::try_from(map_mut(ebpf, n::OV_INSTANCES6)?)
+                    .map_err(map_err(n::OV_INSTANCES6))?;
+            for (&id, inst) in &wanted.instances6 {
+                if self.written.instances6.get(&id) != Some(inst) {
+                    instances6
+                        .set(id, *inst, 0)
+                        .map_err(map_err(n::OV_INSTANCES6))?;
+                }
+            }
+            for &id in self.written.instances6.keys() {
+                if !wanted.instances6.contains_key(&id) {
+                    instances6
+                        .set(id, Instance6::default(), 0)
+                        .map_err(map_err(n::OV_INSTANCES6))?;
+                }
+            }
+        }
+        {
+            let mut locals6: BpfHashMap<&mut MapData, Addr6, Local6> =
+                BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS6)?)
+                    .map_err(map_err(n::OV_LOCALS6))?;
+            for (addr, local) in &wanted.locals6 {
+                if self.written.locals6.get(addr) != Some(local) {
+                    locals6
+                        .insert(addr6_words(*addr), *local, 0)
+                        .map_err(map_err(n::OV_LOCALS6))?;
+                }
+            }
+        }
+        if self.written.config6 != wanted.config6 {
+            let mut config6: Array<&mut MapData, OverlayConfig6> =
+                Array::try_from(map_mut(ebpf, n::OV_CONFIG6)?).map_err(map_err(n::OV_CONFIG6))?;
+            config6
+                .set(0, wanted.config6, 0)
+                .map_err(map_err(n::OV_CONFIG6))?;
+        }
+        {
             let wanted_slots = local_slots(&wanted.locals);
             let mut slots: Array<&mut MapData, LocalSlot> =
                 Array::try_from(map_mut(ebpf, n::OV_LOCAL_SLOTS)?)
@@ -205,6 +258,49 @@ impl OverlayWriter {
             for addr in self.written.services.keys() {
                 if !wanted.services.contains_key(addr) {
                     let _ = services.remove(&addr_word(*addr));
+                }
+            }
+        }
+        {
+            // Each IPv6 service IP holds its IPv4 twin's service value.
+            let mut services6: BpfHashMap<&mut MapData, Addr6, Service> =
+                BpfHashMap::try_from(map_mut(ebpf, n::OV_SERVICES6)?)
+                    .map_err(map_err(n::OV_SERVICES6))?;
+            for (addr6, twin) in &wanted.services6 {
+                let Some(table) = wanted.services.get(twin) else {
+                    continue;
+                };
+                let before = self.written.services6.get(addr6);
+                if before == Some(twin) && self.written.services.get(twin) == Some(table) {
+                    continue;
+                }
+                let value = Service {
+                    id: table.id,
+                    policy: table.policy,
+                    slots: table.slots.len() as u8,
+                    _pad: [0; 2],
+                };
+                services6
+                    .insert(addr6_words(*addr6), value, 0)
+                    .map_err(map_err(n::OV_SERVICES6))?;
+            }
+            for addr6 in self.written.services6.keys() {
+                let kept = wanted
+                    .services6
+                    .get(addr6)
+                    .is_some_and(|twin| wanted.services.contains_key(twin));
+                if !kept {
+                    let _ = services6.remove(&addr6_words(*addr6));
+                }
+            }
+        }
+        {
+            let mut locals6: BpfHashMap<&mut MapData, Addr6, Local6> =
+                BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS6)?)
+                    .map_err(map_err(n::OV_LOCALS6))?;
+            for addr in self.written.locals6.keys() {
+                if !wanted.locals6.contains_key(addr) {
+                    let _ = locals6.remove(&addr6_words(*addr));
                 }
             }
         }

@@ -132,6 +132,26 @@ const MAPS: &[MapSpec] = &[
         size_of::<ov::LocalSlot>(),
         ov::LOCAL_SLOTS,
     ),
+    spec(n::OV_CONFIG6, 4, size_of::<ov::OverlayConfig6>(), 1),
+    spec(
+        n::OV_SERVICES6,
+        16,
+        size_of::<ov::Service>(),
+        ov::MAX_SERVICES,
+    ),
+    spec(
+        n::OV_INSTANCES6,
+        4,
+        size_of::<ov::Instance6>(),
+        ov::MAX_INSTANCES,
+    ),
+    spec(n::OV_LOCALS6, 16, size_of::<ov::Local6>(), ov::MAX_LOCALS),
+    spec(
+        n::OV_CONNTRACK6,
+        size_of::<ov::ConntrackKey6>(),
+        size_of::<ov::ConntrackValue6>(),
+        ov::CONNTRACK_ENTRIES6,
+    ),
     spec(
         n::OV_CONNTRACK,
         size_of::<ov::ConntrackKey>(),

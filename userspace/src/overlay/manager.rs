@@ -49,6 +49,7 @@ pub struct ManagerSettings {
     pub node_addr: Option<Ipv4Addr>,
     pub tunnel_port: u16,
     pub service_prefix: (Ipv4Addr, u8),
+    pub service_prefix_v6: (std::net::Ipv6Addr, u8),
     pub subnetwork: Option<Cidr>,
     pub subnetwork_v6: Option<Cidr>,
     pub node_costs: BTreeMap<Ipv4Addr, u32>,
@@ -284,6 +285,8 @@ impl NetManager {
                 .map(|i| i.gateway())
                 .unwrap_or(Ipv4Addr::UNSPECIFIED),
             service_prefix: self.settings.service_prefix,
+            gateway_v6: state.ipam.as_ref().and_then(|i| i.gateway_v6()),
+            service_prefix_v6: Some(self.settings.service_prefix_v6),
         }
     }
 

@@ -5,11 +5,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use tapmesh_common::overlay::{
-    Instance, Local, OverlayConfig, INSTANCE_LOCAL, INSTANCE_REMOTE, POLICY_CLOSEST,
-    POLICY_INSTANCE, POLICY_ROUND_ROBIN, SERVICE_SLOTS,
+    Instance, Instance6, Local, Local6, OverlayConfig, OverlayConfig6, INSTANCE_LOCAL,
+    INSTANCE_REMOTE, POLICY_CLOSEST, POLICY_INSTANCE, POLICY_ROUND_ROBIN, SERVICE_SLOTS,
 };
 
-use crate::dataplane::overlay::{addr_word, OverlayTables, ServiceTable};
+use crate::dataplane::overlay::{addr6_words, addr_word, OverlayTables, ServiceTable};
 
 /// How a service IP picks among the instances carrying it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
@@ -93,6 +93,14 @@ impl InstanceRecord {
             .map(|s| s.address)
     }
 
+    /// Its IPv6 instance IP, if it has one.
+    pub fn instance_ip_v6(&self) -> Option<Ipv6Addr> {
+        self.service_ips
+            .iter()
+            .find(|s| s.ip_type == IpType::InstanceNumber)
+            .and_then(|s| s.address_v6)
+    }
+
     pub fn is_local(&self) -> bool {
         matches!(self.placement, Placement::Local { .. })
     }
@@ -105,8 +113,9 @@ pub struct Ids {
     instances: BTreeMap<(String, u32), u32>,
     services: BTreeMap<Ipv4Addr, u32>,
     generations: BTreeMap<u32, u32>,
-    /// Each instance as last compiled (generation 0) with its service IPs.
-    last: BTreeMap<u32, (Instance, Vec<ServiceIp>)>,
+    /// Each instance as last compiled (generation 0) with its service IPs
+    /// and IPv6 address.
+    last: BTreeMap<u32, (Instance, Vec<ServiceIp>, Option<Ipv6Addr>)>,
 }
 
 fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
@@ -130,6 +139,9 @@ pub struct Settings {
     pub tunnel_mtu: u16,
     pub gateway: Ipv4Addr,
     pub service_prefix: (Ipv4Addr, u8),
+    /// The containers' IPv6 gateway (the source of "packet too big").
+    pub gateway_v6: Option<Ipv6Addr>,
+    pub service_prefix_v6: Option<(Ipv6Addr, u8)>,
 }
 
 impl Ids {
@@ -196,6 +208,17 @@ impl Ids {
                             host_mac: *host_mac,
                         },
                     );
+                    if let Some(ns6) = record.ns_addr_v6 {
+                        tables.locals6.insert(
+                            ns6,
+                            Local6 {
+                                ifindex: *host_ifindex,
+                                instance_addr: addr6_words(record.instance_ip_v6().unwrap_or(ns6)),
+                                mac: *mac,
+                                host_mac: *host_mac,
+                            },
+                        );
+                    }
                 }
                 Placement::Remote { node, port } => {
                     inst.kind = INSTANCE_REMOTE;
@@ -207,15 +230,23 @@ impl Ids {
             // another instance, starts a new generation: the flows bound to
             // it pick again.
             let generation = self.generations.entry(id).or_insert(0);
-            let unchanged = self
-                .last
-                .get(&id)
-                .is_some_and(|(old, sips)| *old == inst && *sips == record.service_ips);
+            let unchanged = self.last.get(&id).is_some_and(|(old, sips, v6)| {
+                *old == inst && *sips == record.service_ips && *v6 == record.ns_addr_v6
+            });
             if !unchanged {
                 *generation = generation.wrapping_add(1);
             }
             inst.generation = *generation;
             tables.instances.insert(id, inst);
+            if let Some(ns6) = record.ns_addr_v6 {
+                tables.instances6.insert(
+                    id,
+                    Instance6 {
+                        ns_addr: addr6_words(ns6),
+                        reply_addr: addr6_words(record.instance_ip_v6().unwrap_or(ns6)),
+                    },
+                );
+            }
             record_of.insert(id, record);
         }
         // Removed slots keep counting generations (the writer empties them
@@ -235,7 +266,8 @@ impl Ids {
                     generation: 0,
                     ..*inst
                 };
-                (id, (bare, record_of[&id].service_ips.clone()))
+                let record = record_of[&id];
+                (id, (bare, record.service_ips.clone(), record.ns_addr_v6))
             })
             .collect();
 
@@ -305,6 +337,41 @@ impl Ids {
             service_prefix: addr_word(Ipv4Addr::from(u32::from(prefix) & mask)),
             service_mask: addr_word(Ipv4Addr::from(mask)),
             flags: 0,
+        };
+
+        // IPv6 service IPs: the twin of an IPv4 one, the same service.
+        for record in record_of.values() {
+            for sip in &record.service_ips {
+                if let Some(v6) = sip.address_v6 {
+                    if tables.services.contains_key(&sip.address) {
+                        tables.services6.entry(v6).or_insert(sip.address);
+                    }
+                }
+            }
+        }
+        let (prefix6, mask6) = match settings.service_prefix_v6 {
+            Some((prefix, len)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                (
+                    addr6_words(Ipv6Addr::from(u128::from(prefix) & mask)),
+                    addr6_words(Ipv6Addr::from(mask)),
+                )
+            }
+            None => ([0; 4], [0; 4]),
+        };
+        let outside6 = tables.services6.keys().any(|a| {
+            let w = addr6_words(*a);
+            (0..4).any(|i| w[i] & mask6[i] != prefix6[i]) || mask6 == [0; 4]
+        });
+        tables.config6 = OverlayConfig6 {
+            gateway: settings.gateway_v6.map(addr6_words).unwrap_or([0; 4]),
+            service_prefix: prefix6,
+            service_mask: mask6,
+            flags: if outside6 {
+                tapmesh_common::overlay::CONFIG_SERVICES_OUTSIDE_PREFIX
+            } else {
+                0
+            },
         };
         Ok(tables)
     }
@@ -393,6 +460,8 @@ mod tests {
             tunnel_mtu: 1472,
             gateway: [192, 0, 2, 1].into(),
             service_prefix: ([203, 0, 113, 0].into(), 24),
+            gateway_v6: Some("2001:db8:1::1".parse().unwrap()),
+            service_prefix_v6: Some(("2001:db8:ff::".parse().unwrap(), 48)),
         }
     }
 
@@ -477,5 +546,58 @@ mod tests {
         let slots = weighted_slots(&[1, 2], |id| if *id == 1 { 1000 } else { 1 });
         assert_eq!(slots.len(), SERVICE_SLOTS as usize);
         assert_eq!(slots.iter().filter(|s| **s == 2).count(), 1);
+    }
+
+    #[test]
+    fn ipv6_service_ips_share_their_ipv4_twin_and_instances_get_v6_addresses() {
+        let v6 = |t: &str| -> Ipv6Addr { t.parse().unwrap() };
+        let mut a = record(
+            "app.ns.web.ns",
+            0,
+            [192, 0, 2, 2],
+            true,
+            &[
+                (IpType::RoundRobin, [203, 0, 113, 10]),
+                (IpType::InstanceNumber, [203, 0, 113, 20]),
+            ],
+        );
+        a.ns_addr_v6 = Some(v6("2001:db8:1::2"));
+        a.service_ips[0].address_v6 = Some(v6("2001:db8:ff::10"));
+        a.service_ips[1].address_v6 = Some(v6("2001:db8:ff::20"));
+        let b = record(
+            "app.ns.web.ns",
+            1,
+            [192, 0, 2, 66],
+            false,
+            &[(IpType::RoundRobin, [203, 0, 113, 10])],
+        );
+        let mut ids = Ids::default();
+        let t = ids.compile(&[&a, &b], &settings(), &|_| 0).unwrap();
+        let ia = ids.instance_id(&a.job, 0).unwrap();
+        assert_eq!(t.services6.len(), 2);
+        assert_eq!(
+            t.services6[&v6("2001:db8:ff::10")],
+            Ipv4Addr::new(203, 0, 113, 10)
+        );
+        assert_eq!(t.instances6.len(), 1, "only a has IPv6");
+        assert_eq!(
+            t.instances6[&ia],
+            Instance6 {
+                ns_addr: addr6_words(v6("2001:db8:1::2")),
+                reply_addr: addr6_words(v6("2001:db8:ff::20")),
+            }
+        );
+        let local = t.locals6[&v6("2001:db8:1::2")];
+        assert_eq!(local.instance_addr, addr6_words(v6("2001:db8:ff::20")));
+        assert_eq!(local.ifindex, 7);
+        assert_eq!(t.config6.service_prefix, addr6_words(v6("2001:db8:ff::")));
+        assert_eq!(t.config6.service_mask, addr6_words(v6("ffff:ffff:ffff::")));
+        assert_eq!(t.config6.gateway, addr6_words(v6("2001:db8:1::1")));
+        assert_eq!(t.config6.flags, 0);
+        // A new IPv6 address is a new entry: a new generation.
+        let g = t.instances[&ia].generation;
+        a.ns_addr_v6 = Some(v6("2001:db8:1::3"));
+        let t = ids.compile(&[&a, &b], &settings(), &|_| 0).unwrap();
+        assert_ne!(t.instances[&ia].generation, g);
     }
 }

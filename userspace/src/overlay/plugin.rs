@@ -130,6 +130,12 @@ impl Plugin for NetManagerPlugin {
         let std::net::IpAddr::V4(prefix_addr) = prefix.addr else {
             return Err(PluginError::new("netmanager.service_prefix must be IPv4"));
         };
+        let prefix6 = cidr(&nm.service_prefix_v6)?;
+        let std::net::IpAddr::V6(prefix6_addr) = prefix6.addr else {
+            return Err(PluginError::new(
+                "netmanager.service_prefix_v6 must be IPv6",
+            ));
+        };
         let uplink = config.dataplane.uplinks.first();
         let mtu = match nm.mtu {
             0 => uplink
@@ -148,6 +154,7 @@ impl Plugin for NetManagerPlugin {
             node_addr,
             tunnel_port: config.lb.tunnel_port,
             service_prefix: (prefix_addr, prefix.prefix),
+            service_prefix_v6: (prefix6_addr, prefix6.prefix),
             subnetwork: nm.subnetwork.as_deref().map(cidr).transpose()?,
             subnetwork_v6: nm.subnetwork_v6.as_deref().map(cidr).transpose()?,
             node_costs: nm.node_costs.clone(),

@@ -1,0 +1,461 @@
+//! Service-IP overlay for IPv6 packets (Oakestra's dual stack): the same
+//! translation, conntrack and tunnel as `overlay.rs`, with IPv6 addresses.
+//! The underlay stays IPv4: an IPv6 packet is the payload of the same UDP
+//! tunnel. Service ids, slots, RR turns, instances' kind and generation, and
+//! the counters are shared with IPv4; `tm_ov_*6` hold the addresses.
+
+use core::mem::size_of;
+
+use aya_ebpf::{
+    bindings::{
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
+    },
+    helpers::generated::{bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_tail},
+    programs::{TcContext, XdpContext},
+};
+use tapmesh_common::{
+    overlay::{
+        Addr6, ConntrackKey6, Instance, Instance6, OverlayConfig6, Scratch6,
+        CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE, INSTANCE_LOCAL, INSTANCE_REMOTE,
+    },
+    DropReason,
+};
+
+use crate::{
+    csum,
+    headers::*,
+    lb::{adjust_head, write_macs},
+    maps::*,
+    overlay::{count, encapsulate, pick, tunnel_out},
+    packet::{load16, load32, store16, store32, Packet},
+};
+
+const ETH_LEN: usize = size_of::<EthHdr>();
+const IP6_LEN: usize = size_of::<Ipv6Hdr>();
+/// Outer IPv4 + UDP.
+const TUNNEL_LEN: usize = 20 + 8;
+const ICMP6_ECHO_REQUEST: u8 = 128;
+const ICMP6_ECHO_REPLY: u8 = 129;
+const ICMP6_PACKET_TOO_BIG: u8 = 2;
+/// What a "packet too big" quotes: the offending IPv6 header and 8 bytes.
+const QUOTE_LEN: usize = IP6_LEN + 8;
+
+/// An IPv6 packet as the overlay sees it (no extension headers: a packet
+/// with one is not tracked). Its addresses and ports are in the scratch key.
+struct Ip6 {
+    l3: usize,
+    l4: usize,
+    protocol: u8,
+    tracked: bool,
+    /// Header and payload.
+    total_len: u16,
+}
+
+/// This CPU's working space.
+#[inline(always)]
+fn scratch() -> Result<&'static mut Scratch6, DropReason> {
+    // SAFETY: a per-CPU map value only this program run touches.
+    tm_ov_scratch6
+        .get_ptr_mut(0)
+        .map(|p| unsafe { &mut *p })
+        .ok_or(DropReason::NoInstance)
+}
+
+#[inline(always)]
+fn load_addr(p: *const [u8; 16]) -> Addr6 {
+    let w = p as *const [u8; 4];
+    // SAFETY: the caller hands a checked 16-byte field.
+    unsafe {
+        [
+            load32(w),
+            load32(w.add(1)),
+            load32(w.add(2)),
+            load32(w.add(3)),
+        ]
+    }
+}
+
+#[inline(always)]
+fn store_addr(p: *mut [u8; 16], a: &Addr6) {
+    let w = p as *mut [u8; 4];
+    // SAFETY: the caller hands a checked 16-byte field.
+    unsafe {
+        for i in 0..4 {
+            store32(w.add(i), a[i]);
+        }
+    }
+}
+
+/// Reads an IPv6 header at `l3` and the ports after it into `key`. `None`: not IPv6.
+#[inline(always)]
+fn ip6_at(
+    pkt: &Packet,
+    l3: usize,
+    bad: DropReason,
+    key: &mut ConntrackKey6,
+) -> Result<Option<Ip6>, DropReason> {
+    let ip: *const Ipv6Hdr = pkt.header(l3, bad)?;
+    // SAFETY: inside the header just checked.
+    let (version, protocol, payload_len) = unsafe {
+        (
+            (*ip).version_class_flow[0] >> 4,
+            (*ip).next_header,
+            u16::from_be(load16(&(*ip).payload_length)),
+        )
+    };
+    if version != 6 {
+        return Ok(None);
+    }
+    // SAFETY: inside the header just checked.
+    unsafe {
+        key.src = load_addr(&(*ip).src);
+        key.dst = load_addr(&(*ip).dst);
+    }
+    key.src_port = 0;
+    key.dst_port = 0;
+    key.protocol = protocol;
+    key._pad = [0; 3];
+    let l4 = l3 + IP6_LEN;
+    let mut tracked = false;
+    match protocol {
+        IPPROTO_TCP | IPPROTO_UDP => {
+            if let Ok(p) = pkt.header::<[[u8; 2]; 2]>(l4, bad) {
+                // SAFETY: both ports are inside the 4 bytes just checked.
+                unsafe {
+                    key.src_port = load16(&(*p)[0]);
+                    key.dst_port = load16(&(*p)[1]);
+                }
+                tracked = true;
+            }
+        }
+        IPPROTO_ICMPV6 => {
+            if let Ok(p) = pkt.header::<[u8; 6]>(l4, bad) {
+                // SAFETY: type and identifier are inside the 6 bytes just checked.
+                let kind = unsafe { (*p)[0] };
+                if kind == ICMP6_ECHO_REQUEST || kind == ICMP6_ECHO_REPLY {
+                    key.src_port = unsafe { load16((p as *const u8).add(4) as *const [u8; 2]) };
+                    tracked = true;
+                }
+            }
+        }
+        _ => {}
+    }
+    Ok(Some(Ip6 {
+        l3,
+        l4,
+        protocol,
+        tracked,
+        total_len: payload_len.saturating_add(IP6_LEN as u16),
+    }))
+}
+
+#[inline(always)]
+fn is_zero(a: &Addr6) -> bool {
+    a[0] | a[1] | a[2] | a[3] == 0
+}
+
+#[inline(always)]
+fn in_prefix(config: &OverlayConfig6, a: &Addr6) -> bool {
+    let (p, m) = (&config.service_prefix, &config.service_mask);
+    !is_zero(m)
+        && (a[0] & m[0]) ^ p[0] | (a[1] & m[1]) ^ p[1] | (a[2] & m[2]) ^ p[2] | (a[3] & m[3]) ^ p[3]
+            == 0
+}
+
+/// Offset of the L4 checksum (all three cover the pseudo header).
+#[inline(always)]
+fn l4_checksum(ip: &Ip6) -> Option<usize> {
+    match ip.protocol {
+        IPPROTO_TCP => Some(ip.l4 + 16),
+        IPPROTO_UDP => Some(ip.l4 + 6),
+        IPPROTO_ICMPV6 => Some(ip.l4 + 2),
+        _ => None,
+    }
+}
+
+/// The checksum difference of replacing `old` words by `new` ones (RFC 1624).
+#[inline(always)]
+fn add_diff(sum: &mut u64, old: &Addr6, new: &Addr6) {
+    for i in 0..4 {
+        *sum += (!old[i]) as u64 + new[i] as u64;
+    }
+}
+
+#[inline(always)]
+fn fold32(sum: u64) -> u32 {
+    let sum = (sum & 0xffff_ffff) + (sum >> 32);
+    ((sum & 0xffff_ffff) + (sum >> 32)) as u32
+}
+
+/// The instance's IPv6 addresses, if it has them.
+#[inline(always)]
+fn addresses(id: u32) -> Option<&'static Instance6> {
+    tm_ov_instances6.get(id).filter(|i| !is_zero(&i.ns_addr))
+}
+
+/// The flow's instance: from conntrack, or picked and recorded now (`None`:
+/// not a service IP, the packet passes). Leaves the new addresses in `s`.
+#[inline(always)]
+fn binding(
+    s: &mut Scratch6,
+    ip: &Ip6,
+    config: &OverlayConfig6,
+) -> Result<Option<(u32, u32, &'static Instance)>, DropReason> {
+    if ip.tracked {
+        // SAFETY: the value is read right away.
+        if let Some(ct) = unsafe { tm_ov_conntrack6.get(&s.key) } {
+            if ct.kind == CT_FORWARD {
+                if let (Some(inst), Some(inst6)) =
+                    (tm_ov_instances.get(ct.instance), addresses(ct.instance))
+                {
+                    if inst.generation == ct.generation && inst.kind != 0 {
+                        s.new_dst = inst6.ns_addr;
+                        s.new_src = if inst.kind == INSTANCE_LOCAL && !is_zero(&ct.reply_src) {
+                            ct.reply_src
+                        } else {
+                            ct.new_src
+                        };
+                        return Ok(Some((ct.instance, ct.service, inst)));
+                    }
+                }
+            }
+        }
+    }
+    // SAFETY: the value is read right away.
+    let service = match unsafe { tm_ov_services6.get(&s.key.dst) } {
+        Some(svc) => svc,
+        None if in_prefix(config, &s.key.dst) => return Err(DropReason::UnknownService),
+        None => return Ok(None),
+    };
+    if !ip.tracked {
+        return Err(DropReason::UnsupportedServicePacket);
+    }
+    // SAFETY: the value is read right away.
+    let sender = unsafe { tm_ov_locals6.get(&s.key.src) }.ok_or(DropReason::SenderNotDeployed)?;
+    let id = pick(service)?;
+    let inst = match tm_ov_instances.get(id) {
+        Some(i) if i.kind != 0 => i,
+        _ => return Err(DropReason::NoInstance),
+    };
+    let inst6 = addresses(id).ok_or(DropReason::NoInstance)?;
+    s.new_src = sender.instance_addr;
+    s.new_dst = inst6.ns_addr;
+    // To a local instance, the packet may be a reply to a flow that
+    // instance dialled: its reverse entry gives the source to show.
+    s.value.reply_src = [0; 4];
+    if inst.kind == INSTANCE_LOCAL {
+        s.other = s.key;
+        s.other.src = s.new_src;
+        s.other.dst = s.new_dst;
+        // SAFETY: the value is read right away.
+        if let Some(ct) = unsafe { tm_ov_conntrack6.get(&s.other) } {
+            if ct.kind == CT_REVERSE && ct.service_addr != s.new_src {
+                s.value.reply_src = ct.service_addr;
+            }
+        }
+    }
+    s.value.kind = CT_FORWARD;
+    s.value.instance = id;
+    s.value.generation = inst.generation;
+    s.value.service = service.id;
+    s.value.service_addr = s.key.dst;
+    s.value.new_src = s.new_src;
+    let _ = tm_ov_conntrack6.insert(&s.key, &s.value, 0);
+    if !is_zero(&s.value.reply_src) {
+        s.new_src = s.value.reply_src;
+    }
+    // The reply's entry: from the instance's reply address to the sender.
+    s.other.src = inst6.reply_addr;
+    s.other.dst = s.key.src;
+    if ip.protocol == IPPROTO_ICMPV6 {
+        s.other.src_port = s.key.src_port;
+        s.other.dst_port = 0;
+    } else {
+        s.other.src_port = s.key.dst_port;
+        s.other.dst_port = s.key.src_port;
+    }
+    s.other.protocol = ip.protocol;
+    s.other._pad = [0; 3];
+    s.value.kind = CT_REVERSE;
+    s.value.new_src = [0; 4];
+    s.value.reply_src = [0; 4];
+    let _ = tm_ov_conntrack6.insert(&s.other, &s.value, 0);
+    Ok(Some((id, service.id, inst)))
+}
+
+/// TC on a container's host-side veth, for its IPv6 packets. Not inlined:
+/// the IPv4 path stays as the verifier knew it.
+#[inline(never)]
+pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    let s = scratch()?;
+    let Some(ip) = ip6_at(pkt, ETH_LEN, DropReason::TruncatedIpv6, &mut s.key)? else {
+        return Err(DropReason::BadIpv6Version);
+    };
+    let (Some(config), Some(config6)) = (tm_ov_config.get(0), tm_ov_config6.get(0)) else {
+        return Ok(TC_ACT_OK);
+    };
+    if config6.flags & CONFIG_SERVICES_OUTSIDE_PREFIX == 0 && !in_prefix(config6, &s.key.dst) {
+        return Ok(TC_ACT_OK);
+    }
+    let Some((id, service, inst)) = binding(s, &ip, config6)? else {
+        return Ok(TC_ACT_OK);
+    };
+    let bytes = ctx.len() as u64;
+    count(service, false, bytes);
+    count(id, true, bytes);
+
+    if inst.kind == INSTANCE_REMOTE
+        && ip.total_len > config.tunnel_mtu
+        // SAFETY: reading a field of the context.
+        && unsafe { (*ctx.skb.skb).gso_size } == 0
+    {
+        return packet_too_big(ctx, pkt, &s.key.src, config.tunnel_mtu, config6);
+    }
+
+    let hdr: *mut Ipv6Hdr = pkt.header_mut(ip.l3, DropReason::TruncatedIpv6)?;
+    let mut sum = 0u64;
+    add_diff(&mut sum, &s.key.src, &s.new_src);
+    add_diff(&mut sum, &s.key.dst, &s.new_dst);
+    // SAFETY: both fields are inside the header just checked.
+    unsafe {
+        store_addr(&raw mut (*hdr).src, &s.new_src);
+        store_addr(&raw mut (*hdr).dst, &s.new_dst);
+    }
+    if let Some(at) = l4_checksum(&ip) {
+        let mut flags = BPF_F_PSEUDO_HDR as u64;
+        if ip.protocol == IPPROTO_UDP {
+            flags |= BPF_F_MARK_MANGLED_0 as u64;
+        }
+        // SAFETY: the helper checks the offset against the packet.
+        unsafe { bpf_l4_csum_replace(ctx.skb.skb, at as u32, 0, fold32(sum) as u64, flags) };
+    }
+
+    if inst.kind == INSTANCE_LOCAL {
+        let pkt = Packet::new(ctx.data(), ctx.data_end(), pkt.wire_len);
+        let eth: *mut EthHdr = pkt.header_mut(0, DropReason::TruncatedEthernet)?;
+        write_macs(eth, &inst.dst_mac, &inst.src_mac, ETH_P_IPV6.to_be_bytes());
+        // SAFETY: a plain helper call.
+        return Ok(unsafe { bpf_redirect(inst.ifindex, 0) } as i32);
+    }
+    if inst.kind != INSTANCE_REMOTE || config.tunnel_port == 0 {
+        return Err(DropReason::NoInstance);
+    }
+    let hash =
+        s.key.src[3] ^ s.key.dst[3] ^ (s.key.src_port as u32) << 16 ^ s.key.dst_port as u32 ^ id;
+    encapsulate(ctx, ip.total_len as usize, inst, config, hash)?;
+    tunnel_out(ctx, inst, config)
+}
+
+/// Answers a packet too big for the tunnel with ICMPv6 "packet too big"
+/// carrying the tunnel MTU, sent back to the container. It quotes the
+/// offending header and 8 bytes (enough for the sender to find its socket).
+#[inline(always)]
+fn packet_too_big(
+    ctx: &TcContext,
+    pkt: &Packet,
+    sender: &Addr6,
+    mtu: u16,
+    config6: &OverlayConfig6,
+) -> Result<i32, DropReason> {
+    if is_zero(&config6.gateway) {
+        return Err(DropReason::TooBigForTunnel);
+    }
+    let eth: *const [[u8; 2]; 6] = pkt.header(0, DropReason::TruncatedEthernet)?;
+    // SAFETY: the 12 MAC bytes are inside the header just checked.
+    let macs = unsafe { *eth };
+    // SAFETY: the helper checks the length.
+    if unsafe { bpf_skb_change_tail(ctx.skb.skb, (ETH_LEN + QUOTE_LEN) as u32, 0) } != 0 {
+        return Err(DropReason::AdjustRoomFailed);
+    }
+    ctx.adjust_room((IP6_LEN + 8) as i32, BPF_ADJ_ROOM_MAC, 0)
+        .map_err(|_| DropReason::AdjustRoomFailed)?;
+    const LEN: usize = ETH_LEN + IP6_LEN + 8 + QUOTE_LEN;
+    let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
+    let out: *mut [[u8; 2]; LEN / 2] = pkt.header_mut(0, DropReason::AdjustRoomFailed)?;
+    let out = out as *mut u8;
+    let [l0, l1] = ((8 + QUOTE_LEN) as u16).to_be_bytes();
+    let [m0, m1] = mtu.to_be_bytes();
+    // SAFETY: every access is inside the LEN bytes just checked.
+    unsafe {
+        // Back to the sender: the MACs swap.
+        let o = out as *mut [u8; 2];
+        for i in 0..3 {
+            store16(o.add(i), u16::from_ne_bytes(macs[i + 3]));
+            store16(o.add(i + 3), u16::from_ne_bytes(macs[i]));
+        }
+        let w = out.add(ETH_LEN) as *mut [u8; 4];
+        store32(w, u32::from_ne_bytes([0x60, 0, 0, 0]));
+        store32(w.add(1), u32::from_ne_bytes([l0, l1, IPPROTO_ICMPV6, 255]));
+        for i in 0..4 {
+            store32(w.add(2 + i), config6.gateway[i]);
+            store32(w.add(6 + i), sender[i]);
+        }
+        // ICMPv6: type 2, code 0, checksum 0 for now, then the MTU.
+        let icmp = w.add(10);
+        store32(icmp, u32::from_ne_bytes([ICMP6_PACKET_TOO_BIG, 0, 0, 0]));
+        store32(icmp.add(1), u32::from_ne_bytes([0, 0, m0, m1]));
+        // The pseudo header (addresses, length, next header), then the message.
+        let mut sum = u32::from_ne_bytes([0, 0, l0, l1]) as u64
+            + u32::from_ne_bytes([0, 0, 0, IPPROTO_ICMPV6]) as u64;
+        for i in 0..8 {
+            sum += load32(w.add(2 + i)) as u64;
+        }
+        for i in 0..(8 + QUOTE_LEN) / 4 {
+            sum += load32(icmp.add(i)) as u64;
+        }
+        store16((icmp as *mut u8).add(2) as *mut [u8; 2], !csum::fold(sum));
+    }
+    crate::stats::Stats::of(tapmesh_common::ProgramSlot::TcService)
+        .drop_reason(DropReason::TooBigForTunnel);
+    // SAFETY: reading a field of the context, then a plain helper call.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
+}
+
+/// XDP on the uplink: an IPv6 packet out of the tunnel (outer headers
+/// already checked by `overlay::from_tunnel`) for one of this node's
+/// containers: reverse translation if it is a reply, decapsulation, redirect.
+#[inline(never)]
+pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropReason> {
+    let inner_at = ETH_LEN + TUNNEL_LEN;
+    let s = scratch()?;
+    let Some(ip) = ip6_at(pkt, inner_at, DropReason::BadTunnelPacket, &mut s.key)? else {
+        return Ok(None);
+    };
+    if inner_at + ip.total_len as usize > pkt.wire_len {
+        return Err(DropReason::BadTunnelPacket);
+    }
+    // SAFETY: the value is read right away.
+    let Some(local) = (unsafe { tm_ov_locals6.get(&s.key.dst) }) else {
+        return Ok(None);
+    };
+    // SAFETY: the value is read right away.
+    let reverse = match ip.tracked {
+        true => unsafe { tm_ov_conntrack6.get(&s.key) },
+        false => None,
+    };
+    if let Some(ct) = reverse.filter(|ct| ct.kind == CT_REVERSE && ct.service_addr != s.key.src) {
+        // Only the source changes: it becomes the service IP the client dialled.
+        let hdr: *mut Ipv6Hdr = pkt.header_mut(ip.l3, DropReason::BadTunnelPacket)?;
+        let mut sum = 0u64;
+        add_diff(&mut sum, &s.key.src, &ct.service_addr);
+        // SAFETY: the field is inside the header just checked.
+        unsafe { store_addr(&raw mut (*hdr).src, &ct.service_addr) };
+        if let Some(at) = l4_checksum(&ip) {
+            let field: *mut [u8; 2] = pkt.header_mut(at, DropReason::BadTunnelPacket)?;
+            // SAFETY: inside the field just checked.
+            unsafe {
+                let mut new = csum::apply(load16(field), fold32(sum));
+                if ip.protocol == IPPROTO_UDP && new == 0 {
+                    new = 0xffff;
+                }
+                store16(field, new);
+            }
+        }
+    }
+    let eth: *mut EthHdr = pkt.header_mut(TUNNEL_LEN, DropReason::BadTunnelPacket)?;
+    write_macs(eth, &local.mac, &local.host_mac, ETH_P_IPV6.to_be_bytes());
+    adjust_head(ctx, TUNNEL_LEN as i32)?;
+    // SAFETY: a plain helper call.
+    Ok(Some(unsafe { bpf_redirect(local.ifindex, 0) } as u32))
+}
