@@ -33,11 +33,21 @@ macro_rules! counter_set {
                 match which { $($en::$variant => self.$field),* }
             }
 
-            /// Adds `n` to one counter; the index is bounded so the verifier accepts it
-            /// (read through a volatile local: LLVM would drop the check, knowing the
-            /// enum's range, which the verifier does not know for a subprogram's result).
+            /// Adds `n` to one counter; the index is bounded so the verifier accepts it.
             #[inline(always)]
             pub fn add(&mut self, which: $en, n: u64) {
+                let index = which as usize;
+                if index < $en::COUNT {
+                    // SAFETY: the struct is `repr(C)` and made only of `u64`s (asserted below).
+                    unsafe { *(self as *mut Self as *mut u64).add(index) += n };
+                }
+            }
+
+            /// Like `add`, for a value the verifier knows nothing of (a
+            /// subprogram's result): the index is read through a volatile
+            /// local, or LLVM would drop the check, knowing the enum's range.
+            #[inline(always)]
+            pub fn add_unknown(&mut self, which: $en, n: u64) {
                 let index = which as usize;
                 // SAFETY: a read of a local.
                 let index = unsafe { core::ptr::read_volatile(&index) };

@@ -33,7 +33,7 @@ impl Stats {
 
     #[inline(always)]
     pub fn drop_reason(&self, reason: DropReason) {
-        self.with(|s| s.drops.add(reason, 1))
+        self.with(|s| s.drops.add_unknown(reason, 1))
     }
 
     #[inline(always)]
