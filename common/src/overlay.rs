@@ -260,6 +260,18 @@ pub struct Scratch6 {
     pub value: ConntrackValue6,
     pub new_src: Addr6,
     pub new_dst: Addr6,
+    pub miss: Miss6,
+}
+
+/// [`Miss`] for an IPv6 service IP, on the same ring (told apart by length).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct Miss6 {
+    pub service_addr: Addr6,
+    pub client_addr: Addr6,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
 }
 
 /// What the kernel tells userspace about a service IP it does not know.
@@ -288,7 +300,8 @@ crate::assert_layout!(Instance6, size = 32, align = 4);
 crate::assert_layout!(Local6, size = 32, align = 4);
 crate::assert_layout!(ConntrackKey6, size = 40, align = 4);
 crate::assert_layout!(ConntrackValue6, size = 64, align = 4);
-crate::assert_layout!(Scratch6, size = 176, align = 4);
+crate::assert_layout!(Scratch6, size = 212, align = 4);
+crate::assert_layout!(Miss6, size = 36, align = 4);
 
 #[cfg(feature = "user")]
 crate::impl_pod!(
@@ -304,5 +317,6 @@ crate::impl_pod!(
     Instance6,
     Local6,
     ConntrackKey6,
-    ConntrackValue6
+    ConntrackValue6,
+    Miss6
 );

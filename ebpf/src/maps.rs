@@ -158,6 +158,9 @@ pub static tm_ov_conntrack6: LruHashMap<
     { ov::CONNTRACK_ENTRIES6 as usize },
 > = LruHashMap::new();
 #[btf_map]
+pub static tm_ov_pending6: LruHashMap<ov::Addr6, u64, { ov::PENDING_ENTRIES as usize }> =
+    LruHashMap::new();
+#[btf_map]
 pub static tm_ov_scratch6: PerCpuArray<ov::Scratch6, 1> = PerCpuArray::new();
 #[btf_map]
 pub static tm_ov_svc_stats: PerCpuArray<PacketCounter, { ov::MAX_SERVICES as usize }> =

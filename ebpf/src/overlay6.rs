@@ -8,14 +8,17 @@ use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
+        TC_ACT_OK,
     },
-    helpers::generated::{bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_tail},
+    helpers::generated::{
+        bpf_ktime_get_ns, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_tail,
+    },
     programs::{TcContext, XdpContext},
 };
 use tapmesh_common::{
     overlay::{
-        Addr6, ConntrackKey6, Instance, Instance6, OverlayConfig6, Scratch6,
+        Addr6, ConntrackKey6, Instance, Instance6, Miss6, OverlayConfig6, Scratch6,
         CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE, INSTANCE_LOCAL, INSTANCE_REMOTE,
     },
     DropReason,
@@ -187,6 +190,25 @@ fn fold32(sum: u64) -> u32 {
     ((sum & 0xffff_ffff) + (sum >> 32)) as u32
 }
 
+/// Tells userspace once about an unknown IPv6 service IP (`tm_ov_pending6`),
+/// on the IPv4 misses' ring.
+#[inline(always)]
+fn signal_miss(s: &mut Scratch6) {
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if tm_ov_pending6
+        .insert(&s.key.dst, &now, BPF_NOEXIST as u64)
+        .is_ok()
+    {
+        s.miss.service_addr = s.key.dst;
+        s.miss.client_addr = s.key.src;
+        s.miss.port = s.key.dst_port;
+        s.miss.protocol = s.key.protocol;
+        s.miss._pad = 0;
+        let _ = tm_ov_misses.output_untyped::<Miss6>(&s.miss, 0);
+    }
+}
+
 /// The instance's IPv6 addresses, if it has them.
 #[inline(always)]
 fn addresses(id: u32) -> Option<&'static Instance6> {
@@ -224,7 +246,10 @@ fn binding(
     // SAFETY: the value is read right away.
     let service = match unsafe { tm_ov_services6.get(&s.key.dst) } {
         Some(svc) => svc,
-        None if in_prefix(config, &s.key.dst) => return Err(DropReason::UnknownService),
+        None if in_prefix(config, &s.key.dst) => {
+            signal_miss(s);
+            return Err(DropReason::UnknownService);
+        }
         None => return Ok(None),
     };
     if !ip.tracked {

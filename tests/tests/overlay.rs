@@ -898,6 +898,24 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     who_server6(&web0, "web0");
     who_server6(&web1, "web1");
 
+    // An unknown IPv6 service IP: every packet dropped, one report.
+    let unknown: std::net::Ipv6Addr = "2001:db8:ff::99".parse().unwrap();
+    spawn_in(&client.name, move || {
+        let s = UdpSocket::bind("[::]:0").unwrap();
+        for _ in 0..20 {
+            s.send_to(b"x", (unknown, UDP_PORT)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let status = nodes.node1.status();
+    assert_eq!(status["misses"], 1, "20 packets, one report: {status}");
+    assert_eq!(
+        status["unresolved"],
+        serde_json::json!([unknown.to_string()])
+    );
+
     // RR over IPv6: flows alternate between the nodes' instances, and every
     // answer comes from the IPv6 service IP.
     let answers = udp_ask6(&client, RR6, 6);

@@ -264,7 +264,7 @@ impl DataplaneHandle {
     }
 
     /// Lets the next packet to `service` signal a miss again.
-    pub async fn clear_overlay_pending(&self, service: std::net::Ipv4Addr) {
+    pub async fn clear_overlay_pending(&self, service: std::net::IpAddr) {
         if let Some(r) = self.running.lock().await.as_mut() {
             r.overlay.clear_pending(&mut r.ebpf, service);
         }

@@ -353,10 +353,21 @@ impl OverlayWriter {
     }
 
     /// Forgets an unknown service IP's pending miss, so its next packet signals again.
-    pub fn clear_pending(&self, ebpf: &mut Ebpf, service: std::net::Ipv4Addr) {
-        if let Some(map) = ebpf.map_mut(n::OV_PENDING) {
-            if let Ok(mut pending) = BpfHashMap::<&mut MapData, u32, u64>::try_from(map) {
-                let _ = pending.remove(&addr_word(service));
+    pub fn clear_pending(&self, ebpf: &mut Ebpf, service: std::net::IpAddr) {
+        match service {
+            std::net::IpAddr::V4(v4) => {
+                if let Some(map) = ebpf.map_mut(n::OV_PENDING) {
+                    if let Ok(mut pending) = BpfHashMap::<&mut MapData, u32, u64>::try_from(map) {
+                        let _ = pending.remove(&addr_word(v4));
+                    }
+                }
+            }
+            std::net::IpAddr::V6(v6) => {
+                if let Some(map) = ebpf.map_mut(n::OV_PENDING6) {
+                    if let Ok(mut pending) = BpfHashMap::<&mut MapData, Addr6, u64>::try_from(map) {
+                        let _ = pending.remove(&addr6_words(v6));
+                    }
+                }
             }
         }
     }

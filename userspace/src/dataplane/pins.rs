@@ -133,6 +133,7 @@ const MAPS: &[MapSpec] = &[
         ov::LOCAL_SLOTS,
     ),
     spec(n::OV_CONFIG6, 4, size_of::<ov::OverlayConfig6>(), 1),
+    spec(n::OV_PENDING6, 16, 8, ov::PENDING_ENTRIES),
     spec(
         n::OV_SERVICES6,
         16,

@@ -79,7 +79,7 @@ struct State {
     remote: BTreeMap<String, Vec<InstanceRecord>>,
     ids: Ids,
     /// Service IPs the kernel reported unknown → how many reports.
-    unresolved: BTreeMap<Ipv4Addr, u64>,
+    unresolved: BTreeMap<std::net::IpAddr, u64>,
     misses: u64,
     /// The nftables table of port mappings exists.
     ports_written: bool,
@@ -396,10 +396,13 @@ impl NetManager {
         };
         let tables = state.ids.compile(&records, &settings, &cost_of)?;
         self.dataplane.apply_overlay(&tables).await?;
-        let known: Vec<Ipv4Addr> = state
+        let known: Vec<std::net::IpAddr> = state
             .unresolved
             .keys()
-            .filter(|a| tables.services.contains_key(a))
+            .filter(|a| match a {
+                std::net::IpAddr::V4(v4) => tables.services.contains_key(v4),
+                std::net::IpAddr::V6(v6) => tables.services6.contains_key(v6),
+            })
             .copied()
             .collect();
         for addr in known {
@@ -660,7 +663,7 @@ impl NetManager {
     }
 
     /// The kernel met a destination in the service prefix it does not know.
-    pub async fn miss(&self, service: Ipv4Addr) {
+    pub async fn miss(&self, service: std::net::IpAddr) {
         let mut state = self.state.lock().await;
         state.misses += 1;
         *state.unresolved.entry(service).or_insert(0) += 1;

@@ -530,8 +530,9 @@ mod tests {
         b2.service_ips.pop();
         let t4 = ids.compile(&[&b2], &settings(), &cost).unwrap();
         assert!(t4.instances[&ib].generation > g);
+        // Back to the first set: changed again, so newer still.
         let t2 = ids.compile(&[&b], &settings(), &cost).unwrap();
-        let g = t2.instances[&ib].generation;
+        assert!(t2.instances[&ib].generation > t4.instances[&ib].generation);
         // A new instance reusing the slot starts a newer generation.
         let c = record("app.ns.db.ns", 0, [192, 0, 2, 3], true, &[]);
         let t3 = ids.compile(&[&b, &c], &settings(), &cost).unwrap();

@@ -256,7 +256,7 @@ async fn read_misses(
     dataplane: DataplaneHandle,
     stop: CancellationToken,
 ) {
-    use tapmesh_common::overlay::Miss;
+    use tapmesh_common::overlay::{Miss, Miss6};
     use tokio::io::unix::AsyncFd;
 
     // SAFETY: the ring owns its descriptor and stays inside the AsyncFd
@@ -283,10 +283,22 @@ async fn read_misses(
         };
         let mut found = Vec::new();
         while let Some(item) = guard.get_inner_mut().next() {
-            if item.len() >= std::mem::size_of::<Miss>() {
+            // Told apart by length: an IPv6 report is the longer one.
+            if item.len() >= std::mem::size_of::<Miss6>() {
+                // SAFETY: the kernel wrote a `Miss6` (size checked); read unaligned.
+                let miss: Miss6 =
+                    unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss6) };
+                let bytes: Vec<u8> = miss
+                    .service_addr
+                    .iter()
+                    .flat_map(|w| w.to_ne_bytes())
+                    .collect();
+                let octets: [u8; 16] = bytes.try_into().expect("16 bytes");
+                found.push(std::net::IpAddr::from(octets));
+            } else if item.len() >= std::mem::size_of::<Miss>() {
                 // SAFETY: the kernel wrote a `Miss` (size checked); read unaligned.
                 let miss: Miss = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss) };
-                found.push(Ipv4Addr::from(miss.service_addr.to_ne_bytes()));
+                found.push(Ipv4Addr::from(miss.service_addr.to_ne_bytes()).into());
             }
         }
         guard.clear_ready();
