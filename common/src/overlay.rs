@@ -21,6 +21,8 @@ pub const MAX_INSTANCES: u32 = 16_384;
 pub const MAX_LOCALS: u32 = 1024;
 /// Connection tracking entries (two per connection: forward and reverse).
 pub const CONNTRACK_ENTRIES: u32 = 131_072;
+/// IPv4 datagrams in fragments being translated (`tm_ov_frags`).
+pub const FRAGMENT_ENTRIES: u32 = 8192;
 /// IPv6 connection tracking entries.
 pub const CONNTRACK_ENTRIES6: u32 = 65_536;
 /// Service IPs whose miss was signalled and is not answered yet.
@@ -106,6 +108,19 @@ pub struct ConntrackKey {
     pub dst_port: u16,
     pub protocol: u8,
     pub _pad: [u8; 3],
+}
+
+/// Key of `tm_ov_frags`: the fragments of one IPv4 datagram, as they
+/// arrive (before translation).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey {
+    pub src: u32,
+    pub dst: u32,
+    /// The IP identification field, network order.
+    pub id: u16,
+    pub protocol: u8,
+    pub _pad: u8,
 }
 
 /// Value of `tm_ov_conntrack`.
@@ -302,6 +317,7 @@ crate::assert_layout!(ConntrackKey6, size = 40, align = 4);
 crate::assert_layout!(ConntrackValue6, size = 64, align = 4);
 crate::assert_layout!(Scratch6, size = 212, align = 4);
 crate::assert_layout!(Miss6, size = 36, align = 4);
+crate::assert_layout!(FragmentKey, size = 12, align = 4);
 
 #[cfg(feature = "user")]
 crate::impl_pod!(
@@ -318,5 +334,6 @@ crate::impl_pod!(
     Local6,
     ConntrackKey6,
     ConntrackValue6,
-    Miss6
+    Miss6,
+    FragmentKey
 );

@@ -157,6 +157,15 @@ pub static tm_ov_conntrack6: LruHashMap<
     ov::ConntrackValue6,
     { ov::CONNTRACK_ENTRIES6 as usize },
 > = LruHashMap::new();
+/// The translation of a fragmented datagram, recorded at its first fragment
+/// for the later ones (which carry no ports): a forward entry on the
+/// sender's side, a reverse one (the dialled service IP) on the receiver's.
+#[btf_map]
+pub static tm_ov_frags: LruHashMap<
+    ov::FragmentKey,
+    ConntrackValue,
+    { ov::FRAGMENT_ENTRIES as usize },
+> = LruHashMap::new();
 #[btf_map]
 pub static tm_ov_pending6: LruHashMap<ov::Addr6, u64, { ov::PENDING_ENTRIES as usize }> =
     LruHashMap::new();

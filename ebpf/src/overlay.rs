@@ -21,9 +21,10 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     overlay::{
-        local_slot, ConntrackKey, ConntrackValue, Instance, Local, LocalSlot, Miss, OverlayConfig,
-        Service, CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE, INSTANCE_LOCAL,
-        INSTANCE_REMOTE, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED, POLICY_ROUND_ROBIN, SERVICE_SLOTS,
+        local_slot, ConntrackKey, ConntrackValue, FragmentKey, Instance, Local, LocalSlot, Miss,
+        OverlayConfig, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE,
+        INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED, POLICY_ROUND_ROBIN,
+        SERVICE_SLOTS,
     },
     DropReason,
 };
@@ -61,12 +62,23 @@ struct Ip4 {
     /// TCP/UDP ports; ICMP echo: identifier and 0.
     src_port: u16,
     dst_port: u16,
-    /// Ports were found (TCP, UDP, ICMP echo, first fragment excluded).
+    /// Ports were found (TCP, UDP, ICMP echo; a first fragment included).
     tracked: bool,
     total_len: u16,
     dont_fragment: bool,
     header_len: usize,
+    /// [`NOT_FRAGMENT`], [`FIRST_FRAGMENT`] or [`LATER_FRAGMENT`].
+    fragment: u8,
+    /// The identification field, network order (fragments of a datagram share it).
+    id: u16,
 }
+
+const NOT_FRAGMENT: u8 = 0;
+/// Offset 0, more fragments: the one with the ports.
+const FIRST_FRAGMENT: u8 = 1;
+/// No L4 header: translated as its first fragment was (`tm_ov_frags`).
+const LATER_FRAGMENT: u8 = 2;
+const IP_OFFSET: u16 = 0x1fff;
 
 /// Reads an IPv4 header at `l3` and what follows it, straight-line. `None`:
 /// not IPv4.
@@ -74,7 +86,7 @@ struct Ip4 {
 fn ip4_at(pkt: &Packet, l3: usize, bad: DropReason) -> Result<Option<Ip4>, DropReason> {
     let ip: *const Ipv4Hdr = pkt.header(l3, bad)?;
     // SAFETY: inside the header just checked.
-    let (version_ihl, protocol, frag, total_len, src, dst) = unsafe {
+    let (version_ihl, protocol, frag, total_len, src, dst, id) = unsafe {
         (
             (*ip).version_ihl,
             (*ip).protocol,
@@ -82,6 +94,7 @@ fn ip4_at(pkt: &Packet, l3: usize, bad: DropReason) -> Result<Option<Ip4>, DropR
             u16::from_be(load16(&(*ip).total_length)),
             load32(&(*ip).src),
             load32(&(*ip).dst),
+            load16(&(*ip).id),
         )
     };
     if version_ihl >> 4 != 4 {
@@ -104,9 +117,15 @@ fn ip4_at(pkt: &Packet, l3: usize, bad: DropReason) -> Result<Option<Ip4>, DropR
         total_len,
         dont_fragment: frag & IP_DF != 0,
         header_len,
+        fragment: NOT_FRAGMENT,
+        id,
     };
-    if frag & IP_FRAGMENT != 0 {
+    if frag & IP_OFFSET != 0 {
+        packet.fragment = LATER_FRAGMENT;
         return Ok(Some(packet));
+    }
+    if frag & IP_FRAGMENT != 0 {
+        packet.fragment = FIRST_FRAGMENT;
     }
     match protocol {
         IPPROTO_TCP | IPPROTO_UDP => {
@@ -240,7 +259,29 @@ struct Binding {
 #[inline(always)]
 fn established(key: &ConntrackKey) -> Option<Binding> {
     // SAFETY: the value is read right away.
-    let ct = unsafe { tm_ov_conntrack.get(key) }?;
+    binding_of(unsafe { tm_ov_conntrack.get(key) }?)
+}
+
+/// A later fragment's binding: the one its first fragment recorded.
+#[inline(always)]
+fn fragment_binding(ip: &Ip4) -> Option<Binding> {
+    // SAFETY: the value is read right away.
+    binding_of(unsafe { tm_ov_frags.get(&fragment_key(ip)) }?)
+}
+
+#[inline(always)]
+fn fragment_key(ip: &Ip4) -> FragmentKey {
+    FragmentKey {
+        src: ip.src,
+        dst: ip.dst,
+        id: ip.id,
+        protocol: ip.protocol,
+        _pad: 0,
+    }
+}
+
+#[inline(always)]
+fn binding_of(ct: &ConntrackValue) -> Option<Binding> {
     if ct.kind != CT_FORWARD {
         return None;
     }
@@ -399,28 +440,45 @@ fn fix_l4_skb(ctx: &TcContext, ip: &Ip4, diff: u32) {
 /// becomes the service IP the client dialled.
 #[inline(always)]
 fn reverse_source(ip: &Ip4) -> Option<u32> {
-    if !ip.tracked {
-        return None;
-    }
-    // SAFETY: the value is read right away.
-    match unsafe { tm_ov_conntrack.get(&key_of(ip)) } {
-        Some(ct) if ct.kind == CT_REVERSE && ct.service_addr != ip.src => Some(ct.service_addr),
+    // SAFETY: the values are read right away.
+    let ct = match (ip.fragment, ip.tracked) {
+        (LATER_FRAGMENT, _) => unsafe { tm_ov_frags.get(&fragment_key(ip)) },
+        (_, true) => unsafe { tm_ov_conntrack.get(&key_of(ip)) },
+        _ => None,
+    };
+    match ct {
+        Some(ct) if ct.kind == CT_REVERSE && ct.service_addr != ip.src => {
+            if ip.fragment == FIRST_FRAGMENT {
+                // For the later fragments, which carry no ports.
+                let _ = tm_ov_frags.insert(&fragment_key(ip), ct, 0);
+            }
+            Some(ct.service_addr)
+        }
         _ => None,
     }
 }
 
-/// TC on a container's host-side veth, for packets the container sends.
+/// Whether a frame is IPv6 (for `overlay6`).
 #[inline(always)]
-pub fn from_container(ctx: &TcContext, pkt: Packet) -> Result<i32, DropReason> {
+pub fn is_ipv6(pkt: &Packet) -> bool {
+    match pkt.header::<EthHdr>(0, DropReason::TruncatedEthernet) {
+        // SAFETY: inside the header just checked.
+        Ok(eth) => (unsafe { load16(&(*eth).ether_type) }) == ETH_P_IPV6.to_be(),
+        Err(_) => false,
+    }
+}
+
+/// TC on a container's host-side veth, for packets the container sends. Not
+/// inlined: the IPv4 and IPv6 paths each get their own stack frame (the
+/// program's and the deepest call's must fit in 512 bytes together).
+#[inline(never)]
+pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    let pkt = *pkt;
     use aya_ebpf::bindings::TC_ACT_OK;
 
     let eth: *const EthHdr = pkt.header(0, DropReason::TruncatedEthernet)?;
     // SAFETY: inside the header just checked.
-    let ether_type = unsafe { load16(&(*eth).ether_type) };
-    if ether_type == ETH_P_IPV6.to_be() {
-        return crate::overlay6::from_container(ctx, &pkt);
-    }
-    if ether_type != ETH_P_IP.to_be() {
+    if unsafe { load16(&(*eth).ether_type) } != ETH_P_IP.to_be() {
         return Ok(TC_ACT_OK);
     }
     let Some(ip) = ip4_at(&pkt, ETH_LEN, DropReason::TruncatedIpv4)? else {
@@ -433,7 +491,11 @@ pub fn from_container(ctx: &TcContext, pkt: Packet) -> Result<i32, DropReason> {
         return Ok(TC_ACT_OK);
     }
     let key = key_of(&ip);
-    let binding = match ip.tracked.then(|| established(&key)).flatten() {
+    let found = match ip.fragment {
+        LATER_FRAGMENT => fragment_binding(&ip),
+        _ => ip.tracked.then(|| established(&key)).flatten(),
+    };
+    let binding = match found {
         Some(b) => b,
         None => {
             // SAFETY: the value is read right away.
@@ -461,6 +523,19 @@ pub fn from_container(ctx: &TcContext, pkt: Packet) -> Result<i32, DropReason> {
         }
     };
     let (id, inst) = (binding.id, binding.instance);
+    if ip.fragment == FIRST_FRAGMENT {
+        // The later fragments carry no ports: they follow this one.
+        let value = ConntrackValue {
+            kind: CT_FORWARD,
+            instance: id,
+            generation: inst.generation,
+            service: binding.service,
+            service_addr: ip.dst,
+            new_src: binding.new_src,
+            reply_src: binding.reply_src,
+        };
+        let _ = tm_ov_frags.insert(&fragment_key(&ip), &value, 0);
+    }
     let bytes = ctx.len() as u64;
     count(binding.service, false, bytes);
     count(id, true, bytes);
@@ -485,7 +560,9 @@ pub fn from_container(ctx: &TcContext, pkt: Packet) -> Result<i32, DropReason> {
         binding.new_src
     };
     let diff = rewrite_addresses(&pkt, &ip, new_src, new_dst)?;
-    fix_l4_skb(ctx, &ip, diff);
+    if ip.fragment != LATER_FRAGMENT {
+        fix_l4_skb(ctx, &ip, diff);
+    }
 
     if inst.kind == INSTANCE_LOCAL {
         let pkt = Packet::new(ctx.data(), ctx.data_end(), pkt.wire_len);
@@ -497,7 +574,12 @@ pub fn from_container(ctx: &TcContext, pkt: Packet) -> Result<i32, DropReason> {
     if inst.kind != INSTANCE_REMOTE || config.tunnel_port == 0 {
         return Err(DropReason::NoInstance);
     }
-    let hash = ip.src ^ ip.dst ^ (ip.src_port as u32) << 16 ^ ip.dst_port as u32 ^ id;
+    // Every fragment of a datagram takes the same outer source port.
+    let ports = match ip.fragment {
+        NOT_FRAGMENT => (ip.src_port as u32) << 16 ^ ip.dst_port as u32,
+        _ => ip.id as u32,
+    };
+    let hash = ip.src ^ ip.dst ^ ports ^ id;
     encapsulate(ctx, ip.total_len as usize, inst, config, hash)?;
     tunnel_out(ctx, inst, config)
 }
@@ -745,7 +827,9 @@ pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Tunnel, DropReason>
     let dialled = slot.is_none_or(|s| unsafe { core::ptr::read_volatile(&(*s).dialled) } != 0);
     if let Some(service_addr) = dialled.then(|| reverse_source(&ip)).flatten() {
         let diff = rewrite_addresses(pkt, &ip, service_addr, ip.dst)?;
-        fix_l4_full(pkt, &ip, diff)?;
+        if ip.fragment != LATER_FRAGMENT {
+            fix_l4_full(pkt, &ip, diff)?;
+        }
     }
     let eth: *mut EthHdr = pkt.header_mut(TUNNEL_LEN, DropReason::BadTunnelPacket)?;
     write_macs(eth, &local.mac, &local.host_mac, ETH_P_IP.to_be_bytes());

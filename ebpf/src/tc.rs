@@ -11,7 +11,7 @@ use tapmesh_common::{
     DropReason, ProgramSlot, Verdict,
 };
 
-use crate::{mirror, overlay, packet::Packet, parse::parse, stats::Stats};
+use crate::{mirror, overlay, overlay6, packet::Packet, parse::parse, stats::Stats};
 
 /// Bytes pulled into the linear area so the parser sees every header.
 const PULL_LEN: u32 = 512;
@@ -40,7 +40,13 @@ pub fn tm_tc_egress(ctx: TcContext) -> i32 {
 pub fn tm_tc_service(ctx: TcContext) -> i32 {
     mirror::copy(&ctx, DIRECTION_OUT);
     let stats = Stats::of(ProgramSlot::TcService);
-    let result = linear_packet(&ctx).and_then(|pkt| overlay::from_container(&ctx, pkt));
+    let result = linear_packet(&ctx).and_then(|pkt| {
+        if overlay::is_ipv6(&pkt) {
+            overlay6::from_container(&ctx, &pkt)
+        } else {
+            overlay::from_container(&ctx, &pkt)
+        }
+    });
     tc_outcome(&stats, ctx.len() as u64, result)
 }
 

@@ -958,3 +958,63 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     );
     assert!(ok, "1472-byte packets fit: {out}");
 }
+
+#[test]
+fn fragmented_datagrams_reach_service_ips_and_come_back_whole() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const ECHO_PORT: u16 = 7003;
+    let lab = lab();
+    // Echo servers: the name, then the datagram they got.
+    for (c, name) in [(&lab.web0, "web0"), (&lab.web1, "web1")] {
+        let _ = spawn_in(&c.name, move || {
+            let udp = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, ECHO_PORT))
+                .expect("udp bind");
+            let mut buf = [0u8; 9000];
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                let reply = [name.as_bytes(), &buf[..n]].concat();
+                let _ = udp.send_to(&reply, from);
+            }
+        });
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    // 4000 bytes over a 1472-byte MTU: three fragments each way.
+    let to: Ipv4Addr = RR.parse().unwrap();
+    let answers = spawn_in(&lab.client.name, move || {
+        (0..4u8)
+            .map(|flow| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(1500)))
+                    .unwrap();
+                let datagram: Vec<u8> = (0..4000u32).map(|i| (i as u8) ^ flow).collect();
+                for _ in 0..3 {
+                    s.send_to(&datagram, SocketAddrV4::new(to, ECHO_PORT))
+                        .unwrap();
+                    let mut buf = [0u8; 9000];
+                    if let Ok((n, from)) = s.recv_from(&mut buf) {
+                        let whole = n == 4004 && buf[4..n] == datagram[..];
+                        return (
+                            String::from_utf8_lossy(&buf[..4]).to_string(),
+                            from.to_string(),
+                            whole,
+                        );
+                    }
+                }
+                ("(no answer)".to_string(), String::new(), false)
+            })
+            .collect::<Vec<_>>()
+    })
+    .join()
+    .expect("client thread");
+    let names: Vec<String> = answers.iter().map(|(n, _, _)| n.clone()).collect();
+    assert!(
+        alternates(&names) && names.contains(&"web1".to_string()),
+        "{answers:?}"
+    );
+    let from = format!("{RR}:{ECHO_PORT}");
+    assert!(
+        answers.iter().all(|(_, f, whole)| *f == from && *whole),
+        "every answer whole and from the service IP: {answers:?}"
+    );
+}

@@ -135,6 +135,12 @@ const MAPS: &[MapSpec] = &[
     spec(n::OV_CONFIG6, 4, size_of::<ov::OverlayConfig6>(), 1),
     spec(n::OV_PENDING6, 16, 8, ov::PENDING_ENTRIES),
     spec(
+        n::OV_FRAGMENTS,
+        size_of::<ov::FragmentKey>(),
+        size_of::<ov::ConntrackValue>(),
+        ov::FRAGMENT_ENTRIES,
+    ),
+    spec(
         n::OV_SERVICES6,
         16,
         size_of::<ov::Service>(),
