@@ -31,6 +31,7 @@ use crate::{
     maps::*,
     overlay::{count, encapsulate, pick, tunnel_out},
     packet::{load16, load32, store16, store32, Packet},
+    parse::addr_v6,
 };
 
 const ETH_LEN: usize = size_of::<EthHdr>();
@@ -62,20 +63,6 @@ fn scratch() -> Result<&'static mut Scratch6, DropReason> {
         .get_ptr_mut(0)
         .map(|p| unsafe { &mut *p })
         .ok_or(DropReason::NoInstance)
-}
-
-#[inline(always)]
-fn load_addr(p: *const [u8; 16]) -> Addr6 {
-    let w = p as *const [u8; 4];
-    // SAFETY: the caller hands a checked 16-byte field.
-    unsafe {
-        [
-            load32(w),
-            load32(w.add(1)),
-            load32(w.add(2)),
-            load32(w.add(3)),
-        ]
-    }
 }
 
 #[inline(always)]
@@ -111,8 +98,8 @@ fn ip6_at(
     }
     // SAFETY: inside the header just checked.
     unsafe {
-        key.src = load_addr(&(*ip).src);
-        key.dst = load_addr(&(*ip).dst);
+        key.src = addr_v6(&(*ip).src);
+        key.dst = addr_v6(&(*ip).dst);
     }
     key.src_port = 0;
     key.dst_port = 0;
