@@ -192,11 +192,13 @@ impl OverlayWriter {
                 if before == Some(slot) {
                     continue;
                 }
-                // The kernel may have marked the container as dialling: a
-                // rewrite of its own slot keeps that (conservatively).
-                let same = before.is_some_and(|b| b.state == LOCAL_SLOT_ONE && b.addr == slot.addr);
+                // Only a slot this writer saw empty holds a container that
+                // cannot have dialled yet. Any other (a rewrite, a slot that
+                // was shared, the first apply over kept pins) keeps the
+                // reverse lookup on: the kernel sets the flag on new flows only.
+                let fresh = self.config.is_some() && before.is_none();
                 let value = LocalSlot {
-                    dialled: u32::from(same),
+                    dialled: u32::from(!fresh),
                     ..*slot
                 };
                 slots
