@@ -370,7 +370,7 @@ const HASH_SEED: u32 = 0x7461_706d; // "tapm"
 
 /// murmur3-style mixing; the same on every node, so replicas agree.
 #[inline(always)]
-const fn mix(h: u32, k: u32) -> u32 {
+pub const fn mix(h: u32, k: u32) -> u32 {
     let k = k
         .wrapping_mul(0xcc9e_2d51)
         .rotate_left(15)

@@ -11,11 +11,16 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use tapmesh_common::overlay::ConntrackKey;
+use tapmesh_common::{overlay::ConntrackKey, DropReason, PacketCounter, Verdict};
 
 use crate::{
     lb::adjust_head,
-    maps::{tm_node, tm_ov_conntrack, tm_ov_locals},
+    maps::{
+        tm_flow_stats, tm_flows, tm_maglev, tm_node, tm_ov_conntrack, tm_ov_locals, tm_stats,
+        tm_streams, tm_target_stats, tm_targets, tm_vip_configs, tm_vip_slots, tm_vip_stats,
+        tm_vip_values,
+    },
+    packet::Packet,
 };
 
 /// One array map lookup.
@@ -94,4 +99,122 @@ pub fn tm_probe_tc_adjust_room(ctx: TcContext) -> i32 {
 pub fn tm_probe_tc_redirect(_ctx: TcContext) -> i32 {
     // SAFETY: a plain helper call.
     unsafe { bpf_redirect(1, 0) as i32 }
+}
+
+/// 32 conditional branches on packet bytes (none taken for the bench frame).
+#[xdp]
+pub fn tm_probe_xdp_branches(ctx: XdpContext) -> u32 {
+    let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
+    let Ok(p) = pkt.header::<[u8; 64]>(0, DropReason::TruncatedEthernet) else {
+        return xdp_action::XDP_PASS;
+    };
+    for i in 0..32 {
+        // SAFETY: inside the 64 bytes just checked.
+        if unsafe { core::ptr::read_volatile((p as *const u8).add(i)) } == 0xa5 {
+            return xdp_action::XDP_DROP;
+        }
+    }
+    xdp_action::XDP_PASS
+}
+
+/// About 200 ALU instructions with no branch: 16 rounds of the flow hash's mix.
+#[xdp]
+pub fn tm_probe_xdp_alu(ctx: XdpContext) -> u32 {
+    let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
+    let Ok(p) = pkt.header::<[[u8; 4]; 16]>(0, DropReason::TruncatedEthernet) else {
+        return xdp_action::XDP_PASS;
+    };
+    let mut h = 0u32;
+    for i in 0..16 {
+        // SAFETY: inside the 64 bytes just checked.
+        let w = unsafe { core::ptr::read_volatile((p as *const u32).add(i)) };
+        h = crate::lb::mix(h, w);
+    }
+    if h == 7 {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// The array map values the VIP path reads (slot, VIP, config, flow, stream,
+/// Maglev entry, target, node), one read from each.
+#[xdp]
+pub fn tm_probe_xdp_values(_ctx: XdpContext) -> u32 {
+    let mut x = 0u32;
+    if let Some(v) = tm_vip_slots.get(0) {
+        x ^= v.state
+    }
+    if let Some(v) = tm_vip_values.get(0) {
+        x ^= v.config_id
+    }
+    if let Some(v) = tm_vip_configs.get(0) {
+        x ^= v.lookups
+    }
+    if let Some(v) = tm_flows.get(0) {
+        x ^= v.stream_id
+    }
+    if let Some(v) = tm_streams.get(0) {
+        x ^= v.table_size
+    }
+    if let Some(v) = tm_maglev.get(0) {
+        x ^= *v
+    }
+    if let Some(v) = tm_targets.get(0) {
+        x ^= v.ifindex
+    }
+    if let Some(v) = tm_node.get(0) {
+        x ^= v.tunnel_port as u32
+    }
+    if x == 0x1234_5678 {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+/// The per-CPU counters the VIP path adds to (program, VIP, flow, target).
+#[xdp]
+pub fn tm_probe_xdp_counters(_ctx: XdpContext) -> u32 {
+    let count = |c: Option<*mut PacketCounter>| {
+        if let Some(c) = c {
+            // SAFETY: a per-CPU value only this CPU touches.
+            unsafe { (*c).count(60) }
+        }
+    };
+    if let Some(s) = tm_stats.get_ptr_mut(0) {
+        // SAFETY: as above.
+        count(Some(unsafe {
+            (*s).verdicts.counter_mut(Verdict::Pass) as *mut _
+        }));
+    }
+    count(tm_vip_stats.get_ptr_mut(0));
+    count(tm_flow_stats.get_ptr_mut(0));
+    count(tm_target_stats.get_ptr_mut(0));
+    xdp_action::XDP_PASS
+}
+
+/// The uplink program's code, never run for the bench frame (its first byte
+/// is not 0xa5): what the size of a program costs by itself.
+#[xdp]
+pub fn tm_probe_xdp_size(ctx: XdpContext) -> u32 {
+    let pkt = crate::xdp::packet_of(&ctx);
+    let Ok(p) = pkt.header::<[u8; 14]>(0, DropReason::TruncatedEthernet) else {
+        return xdp_action::XDP_PASS;
+    };
+    // SAFETY: inside the header just checked.
+    if unsafe { core::ptr::read_volatile(p as *const u8) } == 0xa5 {
+        return crate::xdp::uplink(&ctx);
+    }
+    xdp_action::XDP_PASS
+}
+
+/// The parser alone, on the bench frame (Ethernet, IPv4, UDP).
+#[xdp]
+pub fn tm_probe_xdp_parse(ctx: XdpContext) -> u32 {
+    let pkt = crate::xdp::packet_of(&ctx);
+    match crate::parse::parse(&pkt) {
+        Ok(p) if p.dst_port != 7 => xdp_action::XDP_PASS,
+        _ => xdp_action::XDP_DROP,
+    }
 }

@@ -15,9 +15,15 @@ use crate::{
 
 #[xdp]
 pub fn tm_xdp_uplink(ctx: XdpContext) -> u32 {
+    uplink(&ctx)
+}
+
+/// The uplink program's body (also inside a probe, unused, to time code size alone).
+#[inline(always)]
+pub fn uplink(ctx: &XdpContext) -> u32 {
     let pkt = packet_of(&ctx);
     let stats = Stats::of(ProgramSlot::XdpUplink);
-    let result = try_uplink(&ctx, pkt, &stats);
+    let result = try_uplink(ctx, pkt, &stats);
     xdp_outcome(&stats, pkt.wire_len as u64, result)
 }
 
@@ -35,7 +41,7 @@ pub fn tm_xdp_floor(_ctx: XdpContext) -> u32 {
 /// it equals `end - start`: otherwise LLVM drops pointer checks it can prove
 /// from length checks, which the verifier does not accept.
 #[inline(always)]
-fn packet_of(ctx: &XdpContext) -> Packet {
+pub fn packet_of(ctx: &XdpContext) -> Packet {
     let (start, end) = (ctx.data(), ctx.data_end());
     let len = end - start;
     // SAFETY: a read of a local.
