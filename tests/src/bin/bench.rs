@@ -873,6 +873,44 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
     );
     let (raw, floor) = measure_loop(bpf, "tm_tc_service", &request);
     rows.push(("TC service: UDP to an RR service IP → conntrack hit, translate, UDP encap, redirect (resolved next hop)", raw, floor));
+    // A datagram in two fragments (IP id 0x1234): the first carries the UDP
+    // header and binds the flow, the later one follows its binding.
+    let datagram = udp_v4(client, service, 40002, 7000, &[7u8; 48]);
+    let fragment = |offset: u16, more: bool, bytes: &[u8]| {
+        let mut ip = ipv4(client, service, UDP, &[], bytes);
+        ip[6..8].copy_from_slice(&(offset | if more { 0x2000 } else { 0 }).to_be_bytes());
+        let total = ip.len() as u16;
+        set_ipv4_total_length(&mut ip, 0, total);
+        ethernet(OUR_MAC, MAC_A, &[], 0x0800, &ip)
+    };
+    let first_fragment = fragment(0, true, &datagram[..32]);
+    let later_fragment = fragment(4, false, &datagram[32..]);
+    for (name, frame) in [
+        (
+            "TC service: first IPv4 fragment to an RR service IP → bind, record the datagram, translate, UDP encap, redirect",
+            &first_fragment,
+        ),
+        (
+            "TC service: later IPv4 fragment (no ports) → the datagram's binding, translate, UDP encap, redirect",
+            &later_fragment,
+        ),
+    ] {
+        let first = bpf.run("tm_tc_service", frame, 1);
+        assert_eq!(first.action, TC_ACT_REDIRECT, "{name}: unexpected return value");
+        let out = &first.output;
+        assert_eq!(out.len(), frame.len() + 28, "{name}: not encapsulated");
+        assert_eq!(
+            (&out[30..34], &out[42 + 12..42 + 16], &out[42 + 16..42 + 20]),
+            (
+                &REMOTE_NODE.octets()[..],
+                &client_ip.octets()[..],
+                &instance_ns.octets()[..]
+            ),
+            "{name}: outer destination or inner addresses"
+        );
+        let (raw, floor) = measure_loop(bpf, "tm_tc_service", frame);
+        rows.push((name, raw, floor));
+    }
     for (name, frame, source) in [
         (
             "XDP uplink: tunnel reply → decap, reverse translation → container",
