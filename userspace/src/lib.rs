@@ -16,5 +16,6 @@ pub mod netns;
 pub mod nsp;
 pub mod overlay;
 pub mod proto;
+pub mod statefile;
 pub mod uds;
 pub mod xds;

@@ -145,18 +145,7 @@ impl MirrorService {
             services: state.services.values().map(|s| s.spec.clone()).collect(),
             flows: state.flows.values().map(|f| f.spec.clone()).collect(),
         };
-        let write = || -> std::io::Result<()> {
-            if let Some(dir) = path.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = path.with_extension("tmp");
-            std::fs::write(
-                &tmp,
-                serde_json::to_vec_pretty(&persisted).map_err(std::io::Error::other)?,
-            )?;
-            std::fs::rename(tmp, &path)
-        };
-        if let Err(e) = write() {
+        if let Err(e) = crate::statefile::save(&path, &persisted) {
             tracing::error!("persisting taps to {}: {e}", path.display());
         }
     }

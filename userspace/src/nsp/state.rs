@@ -173,7 +173,7 @@ impl Nsp {
         };
         let bytes = to_json(&persisted);
         if bytes != inner.persisted {
-            match write_atomically(&self.settings.state_file, &bytes) {
+            match crate::statefile::write_atomically(&self.settings.state_file, &bytes) {
                 Ok(()) => inner.persisted = bytes,
                 Err(e) => tracing::error!(
                     "persisting the registry to {}: {e}",
@@ -487,15 +487,6 @@ fn format_mac(m: [u8; 6]) -> String {
 
 fn to_json(value: &Persisted) -> Vec<u8> {
     serde_json::to_vec_pretty(value).unwrap_or_default()
-}
-
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(tmp, path)
 }
 
 impl NetnsId {
