@@ -56,6 +56,10 @@ pub struct Node {
     pub socket: PathBuf,
     pub daemon: Option<Daemon>,
     dir: PathBuf,
+    /// The daemon's arguments (a restart uses them again).
+    args: Vec<String>,
+    /// Stopped daemons: dropping one removes the pins a restart reuses.
+    retired: Vec<Daemon>,
 }
 
 impl Node {
@@ -129,6 +133,20 @@ impl Node {
         );
     }
 
+    /// Stops the daemon, runs `meanwhile` with no daemon running, then starts
+    /// another on the same pins, configuration and state directory with
+    /// `extra` arguments.
+    pub fn restart(&mut self, extra: &[&str], meanwhile: impl FnOnce(&Node)) {
+        let mut old = self.daemon.take().expect("a running daemon");
+        assert!(old.stop().success(), "daemon stop: {}", old.log_text());
+        let root = old.bpffs_root.clone();
+        self.retired.push(old);
+        meanwhile(self);
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        args.extend_from_slice(extra);
+        self.daemon = Some(Daemon::start_at(&self.netns.name, &root, &args));
+    }
+
     /// Host-side interfaces the NetManager created.
     pub fn container_links(&self) -> Vec<String> {
         let out = self.netns.ip(&["-o", "link", "show"]);
@@ -144,6 +162,7 @@ impl Node {
 impl Drop for Node {
     fn drop(&mut self) {
         drop(self.daemon.take());
+        self.retired.clear();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
@@ -192,16 +211,21 @@ fn start_node(netns: Netns, uplink: String, address: &'static str, extra: &str) 
     // The lab's underlay is a veth: make it finish checksums as a NIC would
     // (XDP on the other end does not carry "checksum pending" along).
     netns.exec(&["ethtool", "-K", &uplink, "tx", "off"]);
+    let args: Vec<String> = [
+        "--config",
+        config.to_str().expect("utf-8 path"),
+        "--uplink",
+        &uplink,
+        "--node-address",
+        address,
+        "--state-dir",
+        dir.join("state").to_str().expect("utf-8 path"),
+    ]
+    .map(String::from)
+    .to_vec();
     let daemon = Daemon::start(
         &netns.name,
-        &[
-            "--config",
-            config.to_str().expect("utf-8 path"),
-            "--uplink",
-            &uplink,
-            "--node-address",
-            address,
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     Node {
         netns,
@@ -210,6 +234,8 @@ fn start_node(netns: Netns, uplink: String, address: &'static str, extra: &str) 
         socket,
         daemon: Some(daemon),
         dir,
+        args,
+        retired: Vec::new(),
     }
 }
 

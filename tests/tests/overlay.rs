@@ -115,7 +115,12 @@ struct Lab {
 }
 
 fn lab() -> Lab {
-    let nodes = TwoNodes::start();
+    lab_with("")
+}
+
+/// [`lab`] with `node1_config` appended to node 1's configuration file.
+fn lab_with(node1_config: &str) -> Lab {
+    let nodes = TwoNodes::start_with(|_| node1_config.to_string());
     nodes.node1.register("192.0.2.0/26");
     nodes.node2.register("192.0.2.64/26");
     let client = Netns::new("ovc");
@@ -1016,5 +1021,76 @@ fn fragmented_datagrams_reach_service_ips_and_come_back_whole() {
     assert!(
         answers.iter().all(|(_, f, whole)| *f == from && *whole),
         "every answer whole and from the service IP: {answers:?}"
+    );
+}
+
+#[test]
+fn a_restarted_daemon_takes_its_containers_back_whether_their_links_were_kept_or_not() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = lab_with("[dataplane]\nkeep_dataplane = true\n");
+    let links = lab.nodes.node1.container_links();
+    assert_eq!(links.len(), 2, "client and web0 on node 1: {links:?}");
+    let answered = |lab: &Lab, what: &str| {
+        let udp = udp_ask(&lab.client, RR, 4);
+        let names: Vec<String> = udp.iter().map(|(n, _)| n.clone()).collect();
+        assert!(
+            alternates(&names) && names.iter().all(|n| n == "web0" || n == "web1"),
+            "{what}: RR flows {udp:?}"
+        );
+        assert!(
+            udp.iter()
+                .all(|(_, from)| from == &format!("{RR}:{UDP_PORT}")),
+            "{what}: answers not from the service IP: {udp:?}"
+        );
+        assert_eq!(
+            tcp_ask(&lab.client, WEB1_IP, 2),
+            ["web1", "web1"],
+            "{what}: TCP to web#1's instance IP"
+        );
+    };
+    answered(&lab, "before any restart");
+
+    // Kept: the links stay and the kernel keeps forwarding with no daemon.
+    let client = &lab.client;
+    lab.nodes
+        .node1
+        .restart(&["--keep-dataplane=false"], |node| {
+            assert_eq!(node.container_links(), links, "kept links while stopped");
+            let (ok, text) = run(client, &["ping", "-c", "1", "-W", "2", WEB1_IP]);
+            assert!(
+                ok,
+                "no daemon, kept dataplane: ping web#1's instance IP: {text}"
+            );
+        });
+    assert_eq!(lab.nodes.node1.container_links(), links, "links adopted");
+    let status = lab.nodes.node1.status();
+    assert_eq!(
+        status["instances"].as_array().map(|a| a.len()),
+        Some(3),
+        "restored instances (2 local, 1 remote): {status}"
+    );
+    answered(&lab, "after a restart with kept links");
+
+    // Not kept: the stop removes the links, the next daemon makes new ones
+    // in the same namespaces with the same addresses.
+    lab.nodes.node1.restart(&[], |node| {
+        assert_eq!(
+            node.container_links(),
+            Vec::<String>::new(),
+            "links removed at stop"
+        );
+    });
+    assert_eq!(lab.nodes.node1.container_links(), links, "links made again");
+    answered(&lab, "after a restart that removed the links");
+
+    // What was restored undeploys like anything else.
+    lab.nodes.node1.undeploy(WEB, 0);
+    assert_eq!(lab.nodes.node1.container_links().len(), 1);
+    let udp = udp_ask(&lab.client, RR, 2);
+    assert!(
+        udp.iter().all(|(n, _)| n == "web1"),
+        "after undeploying web#0: {udp:?}"
     );
 }

@@ -13,6 +13,8 @@ use crate::conduit_net::Cidr;
 pub enum IpamError {
     #[error("{0} has no room for containers: use a prefix of /30 or shorter")]
     TooSmall(Cidr),
+    #[error("{addr} is not a container address of {subnet} or is already in use")]
+    NotAvailable { addr: Ipv4Addr, subnet: Cidr },
     #[error("subnet {0} is exhausted: every container address is in use (undeploy something or register a larger subnet)")]
     Exhausted(Cidr),
 }
@@ -104,6 +106,32 @@ impl Ipam {
         })
     }
 
+    /// Takes a given container address again (state restored at start).
+    pub fn reserve(&mut self, v4: Ipv4Addr) -> Result<Lease, IpamError> {
+        let std::net::IpAddr::V4(net) = self.subnet.network() else {
+            unreachable!("checked IPv4 at registration")
+        };
+        let host = u32::from(v4).wrapping_sub(u32::from(net));
+        if host < 2 || host > self.last || self.used.contains(&host) {
+            return Err(IpamError::NotAvailable {
+                addr: v4,
+                subnet: self.subnet,
+            });
+        }
+        self.used.insert(host);
+        self.freed.retain(|h| *h != host);
+        if host >= self.next {
+            // Host numbers skipped on the way are free, at the back of the queue.
+            self.freed.extend(self.next..host);
+            self.next = host + 1;
+        }
+        Ok(Lease {
+            v4,
+            v6: self.v6(host),
+            host,
+        })
+    }
+
     pub fn release(&mut self, lease: Lease) {
         if self.used.remove(&lease.host) {
             self.freed.push_back(lease.host);
@@ -139,5 +167,33 @@ mod tests {
         assert_eq!(ipam.allocate().unwrap().v4, Ipv4Addr::new(192, 0, 2, 3));
         assert_eq!(ipam.allocate().unwrap().v4, Ipv4Addr::new(192, 0, 2, 2));
         assert!(Ipam::new("192.0.2.0/31".parse().unwrap(), None).is_err());
+    }
+
+    #[test]
+    fn restored_addresses_are_taken_and_skipped_ones_stay_free() {
+        let mut ipam = Ipam::new("192.0.2.0/29".parse().unwrap(), None).unwrap();
+        let b = ipam.reserve(Ipv4Addr::new(192, 0, 2, 4)).unwrap();
+        assert_eq!((b.v4, b.v6), (Ipv4Addr::new(192, 0, 2, 4), None));
+        assert_eq!(
+            ipam.reserve(Ipv4Addr::new(192, 0, 2, 4)),
+            Err(IpamError::NotAvailable {
+                addr: Ipv4Addr::new(192, 0, 2, 4),
+                subnet: ipam.subnet()
+            })
+        );
+        for outside in [[192, 0, 2, 1], [192, 0, 2, 7], [198, 51, 100, 2]] {
+            assert!(
+                ipam.reserve(Ipv4Addr::from(outside)).is_err(),
+                "{outside:?}"
+            );
+        }
+        // Never-used addresses first (5, 6), then the ones skipped (2, 3).
+        let next: Vec<Ipv4Addr> = (0..4).map(|_| ipam.allocate().unwrap().v4).collect();
+        assert_eq!(
+            next,
+            [5, 6, 2, 3].map(|h| Ipv4Addr::new(192, 0, 2, h)).to_vec()
+        );
+        assert!(ipam.allocate().is_err());
+        assert_eq!(ipam.in_use(), 5);
     }
 }

@@ -12,7 +12,9 @@ use tapmesh_common::overlay::{
 use crate::dataplane::overlay::{addr6_words, addr_word, OverlayTables, ServiceTable};
 
 /// How a service IP picks among the instances carrying it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum IpType {
     RoundRobin,
     Closest,
@@ -48,7 +50,7 @@ impl IpType {
 }
 
 /// One service IP an instance carries.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceIp {
     pub ip_type: IpType,
     pub address: Ipv4Addr,
@@ -58,7 +60,7 @@ pub struct ServiceIp {
 }
 
 /// Where an instance runs.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Placement {
     /// On this node, behind its host-side veth.
     Local {
@@ -72,7 +74,7 @@ pub enum Placement {
 }
 
 /// An instance of a job ("app.appns.service.servicens", instance number).
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InstanceRecord {
     pub job: String,
     pub number: u32,

@@ -159,6 +159,8 @@ impl Plugin for NetManagerPlugin {
             subnetwork_v6: nm.subnetwork_v6.as_deref().map(cidr).transpose()?,
             node_costs: nm.node_costs.clone(),
             default_node_cost: nm.default_node_cost,
+            state_file: Some(config.nsp.state_dir.join("netmanager-state.json")),
+            keep_links: config.dataplane.keep_dataplane,
         });
         Ok(())
     }
@@ -175,6 +177,7 @@ impl Plugin for NetManagerPlugin {
             tracing::warn!("netmanager: no node address (set lb.node_address or an uplink with an IPv4 address): instances on other nodes are unreachable");
         }
         let manager = Arc::new(NetManager::new(self.dataplane.clone(), settings));
+        manager.restore().await;
         let router = super::api::router(manager.clone());
         if let Some(path) = &socket {
             let listener = crate::uds::bind(path, 0o660).map_err(|e| {

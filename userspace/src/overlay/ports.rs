@@ -6,7 +6,9 @@ use std::net::Ipv4Addr;
 
 pub const TABLE: &str = "tapmesh_netmanager";
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub enum Protocol {
     Tcp,
     Udp,
@@ -22,7 +24,9 @@ impl Protocol {
 }
 
 /// One mapping: node port → container port.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct PortMapping {
     pub protocol: Protocol,
     pub host_port: u16,
