@@ -218,3 +218,42 @@ pub fn tm_probe_xdp_parse(ctx: XdpContext) -> u32 {
         _ => xdp_action::XDP_DROP,
     }
 }
+
+/// 64 branches in straight-line code, each on another packet byte, taken
+/// or not as the bench frame's bytes say (a predictor that kept its state
+/// between calls predicts them all).
+#[xdp]
+pub fn tm_probe_xdp_mixed_branches(ctx: XdpContext) -> u32 {
+    let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
+    let Ok(p) = pkt.header::<[u8; 64]>(0, DropReason::TruncatedEthernet) else {
+        return xdp_action::XDP_PASS;
+    };
+    let p = p as *const u8;
+    // The branches write a map value: the verifier does not follow its
+    // contents, so both sides of each branch end in the same state.
+    let Some(acc) = tm_vip_slots.get_ptr_mut(0) else {
+        return xdp_action::XDP_PASS;
+    };
+    let acc = acc as *mut u32;
+    macro_rules! step {
+        ($($i:literal)*) => {$(
+            // SAFETY: inside the 64 bytes just checked; `acc` is a map value.
+            unsafe {
+                if core::ptr::read_volatile(p.add($i)) & 1 == 0 {
+                    core::ptr::write_volatile(acc, $i);
+                } else {
+                    core::ptr::write_volatile(acc.add(1), $i);
+                }
+            }
+        )*};
+    }
+    step!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31
+          32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63);
+    // SAFETY: as above.
+    let acc = unsafe { core::ptr::read_volatile(acc) };
+    if acc == 7 {
+        xdp_action::XDP_DROP
+    } else {
+        xdp_action::XDP_PASS
+    }
+}

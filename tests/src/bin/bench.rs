@@ -950,7 +950,12 @@ fn block_rows(bpf: &mut Bpf) -> Vec<(&'static str, f64, f64)> {
     use aya::programs::{SchedClassifier, Xdp};
     let frame = vip_frame(VIP_LOCAL, 53);
     // Program, row, the return value that says it did its operation.
-    let probes: [(&str, &'static str, u32); 14] = [
+    let probes: [(&str, &'static str, u32); 15] = [
+        (
+            "tm_probe_xdp_mixed_branches",
+            "Building block: XDP, 64 branches on packet bytes, taken or not",
+            XDP_PASS,
+        ),
         (
             "tm_probe_xdp_parse",
             "Building block: XDP, the parser (Ethernet, IPv4, UDP)",
