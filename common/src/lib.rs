@@ -76,6 +76,7 @@ pub mod map_names {
     pub const OV_CONNTRACK6: &str = "tm_ov_conntrack6";
     pub const OV_PENDING6: &str = "tm_ov_pending6";
     pub const OV_FRAGMENTS: &str = "tm_ov_frags";
+    pub const OV_FRAGMENTS6: &str = "tm_ov_frags6";
     pub const OV_CONNTRACK: &str = "tm_ov_conntrack";
     pub const OV_PENDING: &str = "tm_ov_pending";
     pub const OV_MISSES: &str = "tm_ov_misses";

@@ -123,6 +123,20 @@ pub struct FragmentKey {
     pub _pad: u8,
 }
 
+/// Key of `tm_ov_frags6`: the fragments of one IPv6 datagram (its
+/// Fragment header's identification), as they arrive.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragmentKey6 {
+    pub src: Addr6,
+    pub dst: Addr6,
+    /// The identification field, network order.
+    pub id: u32,
+    /// The header after the Fragment header.
+    pub protocol: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Value of `tm_ov_conntrack`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
@@ -276,6 +290,8 @@ pub struct Scratch6 {
     pub new_src: Addr6,
     pub new_dst: Addr6,
     pub miss: Miss6,
+    /// The datagram of a fragment.
+    pub fragment: FragmentKey6,
 }
 
 /// [`Miss`] for an IPv6 service IP, on the same ring (told apart by length).
@@ -315,9 +331,10 @@ crate::assert_layout!(Instance6, size = 32, align = 4);
 crate::assert_layout!(Local6, size = 32, align = 4);
 crate::assert_layout!(ConntrackKey6, size = 40, align = 4);
 crate::assert_layout!(ConntrackValue6, size = 64, align = 4);
-crate::assert_layout!(Scratch6, size = 212, align = 4);
+crate::assert_layout!(Scratch6, size = 252, align = 4);
 crate::assert_layout!(Miss6, size = 36, align = 4);
 crate::assert_layout!(FragmentKey, size = 12, align = 4);
+crate::assert_layout!(FragmentKey6, size = 40, align = 4);
 
 #[cfg(feature = "user")]
 crate::impl_pod!(
@@ -335,5 +352,6 @@ crate::impl_pod!(
     ConntrackKey6,
     ConntrackValue6,
     Miss6,
-    FragmentKey
+    FragmentKey,
+    FragmentKey6
 );

@@ -166,6 +166,13 @@ pub static tm_ov_frags: LruHashMap<
     ConntrackValue,
     { ov::FRAGMENT_ENTRIES as usize },
 > = LruHashMap::new();
+/// [`tm_ov_frags`] for IPv6 datagrams (Fragment header).
+#[btf_map]
+pub static tm_ov_frags6: LruHashMap<
+    ov::FragmentKey6,
+    ov::ConntrackValue6,
+    { ov::FRAGMENT_ENTRIES as usize },
+> = LruHashMap::new();
 #[btf_map]
 pub static tm_ov_pending6: LruHashMap<ov::Addr6, u64, { ov::PENDING_ENTRIES as usize }> =
     LruHashMap::new();

@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     overlay::{
-        Addr6, ConntrackKey6, Instance, Instance6, Miss6, OverlayConfig6, Scratch6,
+        Addr6, Instance, Instance6, Miss6, OverlayConfig6, Scratch6,
         CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE, INSTANCE_LOCAL, INSTANCE_REMOTE,
     },
     DropReason,
@@ -44,16 +44,31 @@ const ICMP6_PACKET_TOO_BIG: u8 = 2;
 /// What a "packet too big" quotes: the offending IPv6 header and 8 bytes.
 const QUOTE_LEN: usize = IP6_LEN + 8;
 
-/// An IPv6 packet as the overlay sees it (no extension headers: a packet
-/// with one is not tracked). Its addresses and ports are in the scratch key.
+/// An IPv6 packet as the overlay sees it: no extension header but a
+/// Fragment header (a packet with another one is not tracked). Its
+/// addresses and ports are in the scratch key, its datagram in the scratch
+/// fragment key.
 struct Ip6 {
     l3: usize,
     l4: usize,
+    /// The L4 protocol (after a Fragment header).
     protocol: u8,
     tracked: bool,
     /// Header and payload.
     total_len: u16,
+    /// [`NOT_FRAGMENT`], [`FIRST_FRAGMENT`] or [`LATER_FRAGMENT`].
+    fragment: u8,
 }
+
+const NOT_FRAGMENT: u8 = 0;
+/// Offset 0, more fragments: the one with the ports.
+const FIRST_FRAGMENT: u8 = 1;
+/// No L4 header: translated as its first fragment was (`tm_ov_frags6`).
+const LATER_FRAGMENT: u8 = 2;
+const FRAGMENT_HEADER_LEN: usize = 8;
+/// Offset bits of the Fragment header's second half-word (host order).
+const FRAGMENT_OFFSET: u16 = 0xfff8;
+const MORE_FRAGMENTS: u16 = 1;
 
 /// This CPU's working space.
 #[inline(always)]
@@ -76,17 +91,19 @@ fn store_addr(p: *mut [u8; 16], a: &Addr6) {
     }
 }
 
-/// Reads an IPv6 header at `l3` and the ports after it into `key`. `None`: not IPv6.
+/// Reads an IPv6 header at `l3` and the ports after it into `s.key` (and
+/// a Fragment header's datagram into `s.fragment`). `None`: not IPv6.
 #[inline(always)]
 fn ip6_at(
     pkt: &Packet,
     l3: usize,
     bad: DropReason,
-    key: &mut ConntrackKey6,
+    s: &mut Scratch6,
 ) -> Result<Option<Ip6>, DropReason> {
+    let key = &mut s.key;
     let ip: *const Ipv6Hdr = pkt.header(l3, bad)?;
     // SAFETY: inside the header just checked.
-    let (version, protocol, payload_len) = unsafe {
+    let (version, mut protocol, payload_len) = unsafe {
         (
             (*ip).version_class_flow[0] >> 4,
             (*ip).next_header,
@@ -103,10 +120,37 @@ fn ip6_at(
     }
     key.src_port = 0;
     key.dst_port = 0;
-    key.protocol = protocol;
     key._pad = [0; 3];
-    let l4 = l3 + IP6_LEN;
+    let mut l4 = l3 + IP6_LEN;
+    let mut fragment = NOT_FRAGMENT;
+    if protocol == IPPROTO_FRAGMENT {
+        let f: *const [u8; FRAGMENT_HEADER_LEN] = pkt.header(l4, bad)?;
+        // SAFETY: inside the header just checked.
+        let (next, offset, id) = unsafe {
+            (
+                (*f)[0],
+                u16::from_be(load16((f as *const u8).add(2) as *const [u8; 2])),
+                load32((f as *const u8).add(4) as *const [u8; 4]),
+            )
+        };
+        s.fragment.src = key.src;
+        s.fragment.dst = key.dst;
+        s.fragment.id = id;
+        s.fragment.protocol = next;
+        s.fragment._pad = [0; 3];
+        protocol = next;
+        l4 += FRAGMENT_HEADER_LEN;
+        if offset & FRAGMENT_OFFSET != 0 {
+            fragment = LATER_FRAGMENT;
+        } else if offset & MORE_FRAGMENTS != 0 {
+            fragment = FIRST_FRAGMENT;
+        }
+    }
+    key.protocol = protocol;
     let mut tracked = false;
+    if fragment == LATER_FRAGMENT {
+        protocol = 0; // no L4 header to read
+    }
     match protocol {
         IPPROTO_TCP | IPPROTO_UDP => {
             if let Ok(p) = pkt.header::<[[u8; 2]; 2]>(l4, bad) {
@@ -133,9 +177,10 @@ fn ip6_at(
     Ok(Some(Ip6 {
         l3,
         l4,
-        protocol,
+        protocol: key.protocol,
         tracked,
         total_len: payload_len.saturating_add(IP6_LEN as u16),
+        fragment,
     }))
 }
 
@@ -152,9 +197,13 @@ fn in_prefix(config: &OverlayConfig6, a: &Addr6) -> bool {
             == 0
 }
 
-/// Offset of the L4 checksum (all three cover the pseudo header).
+/// Offset of the L4 checksum (all three cover the pseudo header); a later
+/// fragment has none.
 #[inline(always)]
 fn l4_checksum(ip: &Ip6) -> Option<usize> {
+    if ip.fragment == LATER_FRAGMENT {
+        return None;
+    }
     match ip.protocol {
         IPPROTO_TCP => Some(ip.l4 + 16),
         IPPROTO_UDP => Some(ip.l4 + 6),
@@ -210,23 +259,28 @@ fn binding(
     ip: &Ip6,
     config: &OverlayConfig6,
 ) -> Result<Option<(u32, u32, &'static Instance)>, DropReason> {
-    if ip.tracked {
-        // SAFETY: the value is read right away.
-        if let Some(ct) = unsafe { tm_ov_conntrack6.get(&s.key) } {
-            if ct.kind == CT_FORWARD {
-                if let (Some(inst), Some(inst6)) =
-                    (tm_ov_instances.get(ct.instance), addresses(ct.instance))
-                {
-                    if inst.generation == ct.generation && inst.kind != 0 {
-                        s.new_dst = inst6.ns_addr;
-                        s.new_src = if inst.kind == INSTANCE_LOCAL && !is_zero(&ct.reply_src) {
-                            ct.reply_src
-                        } else {
-                            ct.new_src
-                        };
-                        return Ok(Some((ct.instance, ct.service, inst)));
-                    }
+    // SAFETY: the values are read right away.
+    let found = match (ip.fragment, ip.tracked) {
+        (LATER_FRAGMENT, _) => unsafe { tm_ov_frags6.get(&s.fragment) },
+        (_, true) => unsafe { tm_ov_conntrack6.get(&s.key) },
+        _ => None,
+    };
+    if let Some(ct) = found.filter(|ct| ct.kind == CT_FORWARD) {
+        if let (Some(inst), Some(inst6)) =
+            (tm_ov_instances.get(ct.instance), addresses(ct.instance))
+        {
+            if inst.generation == ct.generation && inst.kind != 0 {
+                s.new_dst = inst6.ns_addr;
+                s.new_src = if inst.kind == INSTANCE_LOCAL && !is_zero(&ct.reply_src) {
+                    ct.reply_src
+                } else {
+                    ct.new_src
+                };
+                if ip.fragment == FIRST_FRAGMENT {
+                    // The later fragments carry no ports: they follow this one.
+                    let _ = tm_ov_frags6.insert(&s.fragment, ct, 0);
                 }
+                return Ok(Some((ct.instance, ct.service, inst)));
             }
         }
     }
@@ -273,6 +327,9 @@ fn binding(
     s.value.service_addr = s.key.dst;
     s.value.new_src = s.new_src;
     let _ = tm_ov_conntrack6.insert(&s.key, &s.value, 0);
+    if ip.fragment == FIRST_FRAGMENT {
+        let _ = tm_ov_frags6.insert(&s.fragment, &s.value, 0);
+    }
     if !is_zero(&s.value.reply_src) {
         s.new_src = s.value.reply_src;
     }
@@ -300,7 +357,7 @@ fn binding(
 #[inline(never)]
 pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     let s = scratch()?;
-    let Some(ip) = ip6_at(pkt, ETH_LEN, DropReason::TruncatedIpv6, &mut s.key)? else {
+    let Some(ip) = ip6_at(pkt, ETH_LEN, DropReason::TruncatedIpv6, s)? else {
         return Err(DropReason::BadIpv6Version);
     };
     let (Some(config), Some(config6)) = (tm_ov_config.get(0), tm_ov_config6.get(0)) else {
@@ -352,8 +409,12 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     if inst.kind != INSTANCE_REMOTE || config.tunnel_port == 0 {
         return Err(DropReason::NoInstance);
     }
-    let hash =
-        s.key.src[3] ^ s.key.dst[3] ^ (s.key.src_port as u32) << 16 ^ s.key.dst_port as u32 ^ id;
+    // Every fragment of a datagram takes the same outer source port.
+    let flow = match ip.fragment {
+        NOT_FRAGMENT => (s.key.src_port as u32) << 16 ^ s.key.dst_port as u32,
+        _ => s.fragment.id,
+    };
+    let hash = s.key.src[3] ^ s.key.dst[3] ^ flow ^ id;
     encapsulate(ctx, ip.total_len as usize, inst, config, hash)?;
     tunnel_out(ctx, inst, config)
 }
@@ -431,7 +492,7 @@ fn packet_too_big(
 pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropReason> {
     let inner_at = ETH_LEN + TUNNEL_LEN;
     let s = scratch()?;
-    let Some(ip) = ip6_at(pkt, inner_at, DropReason::BadTunnelPacket, &mut s.key)? else {
+    let Some(ip) = ip6_at(pkt, inner_at, DropReason::BadTunnelPacket, s)? else {
         return Ok(None);
     };
     if inner_at + ip.total_len as usize > pkt.wire_len {
@@ -441,12 +502,17 @@ pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropRe
     let Some(local) = (unsafe { tm_ov_locals6.get(&s.key.dst) }) else {
         return Ok(None);
     };
-    // SAFETY: the value is read right away.
-    let reverse = match ip.tracked {
-        true => unsafe { tm_ov_conntrack6.get(&s.key) },
-        false => None,
+    // SAFETY: the values are read right away.
+    let reverse = match (ip.fragment, ip.tracked) {
+        (LATER_FRAGMENT, _) => unsafe { tm_ov_frags6.get(&s.fragment) },
+        (_, true) => unsafe { tm_ov_conntrack6.get(&s.key) },
+        _ => None,
     };
     if let Some(ct) = reverse.filter(|ct| ct.kind == CT_REVERSE && ct.service_addr != s.key.src) {
+        if ip.fragment == FIRST_FRAGMENT {
+            // For the later fragments, which carry no ports.
+            let _ = tm_ov_frags6.insert(&s.fragment, ct, 0);
+        }
         // Only the source changes: it becomes the service IP the client dialled.
         let hdr: *mut Ipv6Hdr = pkt.header_mut(ip.l3, DropReason::BadTunnelPacket)?;
         let mut sum = 0u64;

@@ -4,7 +4,7 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
@@ -939,6 +939,20 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     assert!(only1.iter().all(|(n, _)| n == "web1"), "{only1:?}");
     let (ok, out) = run(&client, &["ping", "-6", "-c", "2", "-W", "2", WEB1_IP6]);
     assert!(ok, "{out}");
+    // Fragmented IPv6 datagrams (Fragment header) follow their first
+    // fragment both ways and come back whole from the service IP.
+    echo_servers(&[(&web0, "web0"), (&web1, "web1")], true);
+    let big = ask_big(&client, SocketAddr::new(RR6.parse().unwrap(), ECHO_PORT), 4);
+    let names: Vec<String> = big.iter().map(|(n, _, _)| n.clone()).collect();
+    assert!(
+        alternates(&names) && names.contains(&"web1".to_string()),
+        "{big:?}"
+    );
+    let from = format!("[{RR6}]:{ECHO_PORT}");
+    assert!(
+        big.iter().all(|(_, f, whole)| *f == from && *whole),
+        "every IPv6 answer whole and from the service IP: {big:?}"
+    );
     // Too big for the tunnel: ICMPv6 "packet too big" with the tunnel's MTU,
     // which the sender keeps as the path MTU.
     client.ip(&["link", "set", "tmsvc0", "mtu", "1500"]);
@@ -964,18 +978,15 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     assert!(ok, "1472-byte packets fit: {out}");
 }
 
-#[test]
-fn fragmented_datagrams_reach_service_ips_and_come_back_whole() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    const ECHO_PORT: u16 = 7003;
-    let lab = lab();
-    // Echo servers: the name, then the datagram they got.
-    for (c, name) in [(&lab.web0, "web0"), (&lab.web1, "web1")] {
+const ECHO_PORT: u16 = 7003;
+
+/// Echo servers on [`ECHO_PORT`] (IPv4 or IPv6): the name, then the datagram they got.
+fn echo_servers(containers: &[(&Netns, &'static str)], v6: bool) {
+    for (c, name) in containers {
+        let name = *name;
+        let bind = if v6 { "[::]" } else { "0.0.0.0" };
         let _ = spawn_in(&c.name, move || {
-            let udp = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, ECHO_PORT))
-                .expect("udp bind");
+            let udp = UdpSocket::bind(format!("{bind}:{ECHO_PORT}")).expect("udp bind");
             let mut buf = [0u8; 9000];
             while let Ok((n, from)) = udp.recv_from(&mut buf) {
                 let reply = [name.as_bytes(), &buf[..n]].concat();
@@ -984,18 +995,22 @@ fn fragmented_datagrams_reach_service_ips_and_come_back_whole() {
         });
     }
     std::thread::sleep(Duration::from_millis(100));
-    // 4000 bytes over a 1472-byte MTU: three fragments each way.
-    let to: Ipv4Addr = RR.parse().unwrap();
-    let answers = spawn_in(&lab.client.name, move || {
-        (0..4u8)
+}
+
+/// One flow per call of a 4000-byte datagram (fragments over the 1472-byte
+/// MTU) to an echo server: (who answered, from where, the answer was the
+/// datagram whole).
+fn ask_big(client: &Netns, to: SocketAddr, flows: u8) -> Vec<(String, String, bool)> {
+    spawn_in(&client.name, move || {
+        (0..flows)
             .map(|flow| {
-                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+                let s = UdpSocket::bind(any).unwrap();
                 s.set_read_timeout(Some(Duration::from_millis(1500)))
                     .unwrap();
                 let datagram: Vec<u8> = (0..4000u32).map(|i| (i as u8) ^ flow).collect();
                 for _ in 0..3 {
-                    s.send_to(&datagram, SocketAddrV4::new(to, ECHO_PORT))
-                        .unwrap();
+                    s.send_to(&datagram, to).unwrap();
                     let mut buf = [0u8; 9000];
                     if let Ok((n, from)) = s.recv_from(&mut buf) {
                         let whole = n == 4004 && buf[4..n] == datagram[..];
@@ -1008,10 +1023,24 @@ fn fragmented_datagrams_reach_service_ips_and_come_back_whole() {
                 }
                 ("(no answer)".to_string(), String::new(), false)
             })
-            .collect::<Vec<_>>()
+            .collect()
     })
     .join()
-    .expect("client thread");
+    .expect("client thread")
+}
+
+#[test]
+fn fragmented_datagrams_reach_service_ips_and_come_back_whole() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    echo_servers(&[(&lab.web0, "web0"), (&lab.web1, "web1")], false);
+    let answers = ask_big(
+        &lab.client,
+        SocketAddr::new(RR.parse().unwrap(), ECHO_PORT),
+        4,
+    );
     let names: Vec<String> = answers.iter().map(|(n, _, _)| n.clone()).collect();
     assert!(
         alternates(&names) && names.contains(&"web1".to_string()),

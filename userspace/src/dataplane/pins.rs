@@ -141,6 +141,12 @@ const MAPS: &[MapSpec] = &[
         ov::FRAGMENT_ENTRIES,
     ),
     spec(
+        n::OV_FRAGMENTS6,
+        size_of::<ov::FragmentKey6>(),
+        size_of::<ov::ConntrackValue6>(),
+        ov::FRAGMENT_ENTRIES,
+    ),
+    spec(
         n::OV_SERVICES6,
         16,
         size_of::<ov::Service>(),
