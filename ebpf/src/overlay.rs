@@ -73,11 +73,11 @@ struct Ip4 {
     id: u16,
 }
 
-const NOT_FRAGMENT: u8 = 0;
+pub const NOT_FRAGMENT: u8 = 0;
 /// Offset 0, more fragments: the one with the ports.
-const FIRST_FRAGMENT: u8 = 1;
-/// No L4 header: translated as its first fragment was (`tm_ov_frags`).
-const LATER_FRAGMENT: u8 = 2;
+pub const FIRST_FRAGMENT: u8 = 1;
+/// No L4 header: translated as its first fragment was (`tm_ov_frags`, `tm_ov_frags6`).
+pub const LATER_FRAGMENT: u8 = 2;
 const IP_OFFSET: u16 = 0x1fff;
 
 /// Reads an IPv4 header at `l3` and what follows it, straight-line. `None`:

@@ -29,7 +29,7 @@ use crate::{
     headers::*,
     lb::{adjust_head, write_macs},
     maps::*,
-    overlay::{count, encapsulate, pick, tunnel_out},
+    overlay::{count, encapsulate, pick, tunnel_out, FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT},
     packet::{load16, load32, store16, store32, Packet},
     parse::addr_v6,
 };
@@ -60,11 +60,6 @@ struct Ip6 {
     fragment: u8,
 }
 
-const NOT_FRAGMENT: u8 = 0;
-/// Offset 0, more fragments: the one with the ports.
-const FIRST_FRAGMENT: u8 = 1;
-/// No L4 header: translated as its first fragment was (`tm_ov_frags6`).
-const LATER_FRAGMENT: u8 = 2;
 const FRAGMENT_HEADER_LEN: usize = 8;
 /// Offset bits of the Fragment header's second half-word (host order).
 const FRAGMENT_OFFSET: u16 = 0xfff8;
