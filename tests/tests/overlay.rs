@@ -942,17 +942,7 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     // Fragmented IPv6 datagrams (Fragment header) follow their first
     // fragment both ways and come back whole from the service IP.
     echo_servers(&[(&web0, "web0"), (&web1, "web1")], true);
-    let big = ask_big(&client, SocketAddr::new(RR6.parse().unwrap(), ECHO_PORT), 4);
-    let names: Vec<String> = big.iter().map(|(n, _, _)| n.clone()).collect();
-    assert!(
-        alternates(&names) && names.contains(&"web1".to_string()),
-        "{big:?}"
-    );
-    let from = format!("[{RR6}]:{ECHO_PORT}");
-    assert!(
-        big.iter().all(|(_, f, whole)| *f == from && *whole),
-        "every IPv6 answer whole and from the service IP: {big:?}"
-    );
+    big_datagrams_come_back_whole(&client, SocketAddr::new(RR6.parse().unwrap(), ECHO_PORT));
     // Too big for the tunnel: ICMPv6 "packet too big" with the tunnel's MTU,
     // which the sender keeps as the path MTU.
     client.ip(&["link", "set", "tmsvc0", "mtu", "1500"]);
@@ -1029,6 +1019,23 @@ fn ask_big(client: &Netns, to: SocketAddr, flows: u8) -> Vec<(String, String, bo
     .expect("client thread")
 }
 
+/// Four flows of 4000-byte datagrams to the RR service IP `to` (web0 and
+/// web1 echo): the flows alternate between the instances, and every answer
+/// is the datagram whole, from the service IP.
+fn big_datagrams_come_back_whole(client: &Netns, to: SocketAddr) {
+    let answers = ask_big(client, to, 4);
+    let names: Vec<String> = answers.iter().map(|(n, _, _)| n.clone()).collect();
+    assert!(
+        alternates(&names) && names.contains(&"web1".to_string()),
+        "{answers:?}"
+    );
+    let from = to.to_string();
+    assert!(
+        answers.iter().all(|(_, f, whole)| *f == from && *whole),
+        "every answer whole and from the service IP {from}: {answers:?}"
+    );
+}
+
 #[test]
 fn fragmented_datagrams_reach_service_ips_and_come_back_whole() {
     if !kernel_tests_enabled() {
@@ -1036,21 +1043,7 @@ fn fragmented_datagrams_reach_service_ips_and_come_back_whole() {
     }
     let lab = lab();
     echo_servers(&[(&lab.web0, "web0"), (&lab.web1, "web1")], false);
-    let answers = ask_big(
-        &lab.client,
-        SocketAddr::new(RR.parse().unwrap(), ECHO_PORT),
-        4,
-    );
-    let names: Vec<String> = answers.iter().map(|(n, _, _)| n.clone()).collect();
-    assert!(
-        alternates(&names) && names.contains(&"web1".to_string()),
-        "{answers:?}"
-    );
-    let from = format!("{RR}:{ECHO_PORT}");
-    assert!(
-        answers.iter().all(|(_, f, whole)| *f == from && *whole),
-        "every answer whole and from the service IP: {answers:?}"
-    );
+    big_datagrams_come_back_whole(&lab.client, SocketAddr::new(RR.parse().unwrap(), ECHO_PORT));
 }
 
 #[test]
