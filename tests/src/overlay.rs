@@ -149,12 +149,23 @@ impl Node {
 
     /// Host-side interfaces the NetManager created.
     pub fn container_links(&self) -> Vec<String> {
+        self.container_link_indexes()
+            .into_iter()
+            .map(|(_, name)| name)
+            .collect()
+    }
+
+    /// Host-side interfaces the NetManager created, with their indexes.
+    pub fn container_link_indexes(&self) -> Vec<(u32, String)> {
         let out = self.netns.ip(&["-o", "link", "show"]);
         String::from_utf8_lossy(&out.stdout)
             .lines()
-            .filter_map(|l| l.split(':').nth(1))
-            .map(|n| n.trim().split('@').next().unwrap_or("").to_string())
-            .filter(|n| n.starts_with("tmo"))
+            .filter_map(|l| {
+                let mut parts = l.split(':');
+                let index = parts.next()?.trim().parse().ok()?;
+                let name = parts.next()?.trim().split('@').next()?.to_string();
+                name.starts_with("tmo").then_some((index, name))
+            })
             .collect()
     }
 }

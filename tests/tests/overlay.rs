@@ -1054,6 +1054,7 @@ fn a_restarted_daemon_takes_its_containers_back_whether_their_links_were_kept_or
     let mut lab = lab_with("[dataplane]\nkeep_dataplane = true\n");
     let links = lab.nodes.node1.container_links();
     assert_eq!(links.len(), 2, "client and web0 on node 1: {links:?}");
+    let indexes = lab.nodes.node1.container_link_indexes();
     let answered = |lab: &Lab, what: &str| {
         let udp = udp_ask(&lab.client, RR, 4);
         let names: Vec<String> = udp.iter().map(|(n, _)| n.clone()).collect();
@@ -1086,7 +1087,11 @@ fn a_restarted_daemon_takes_its_containers_back_whether_their_links_were_kept_or
                 "no daemon, kept dataplane: ping web#1's instance IP: {text}"
             );
         });
-    assert_eq!(lab.nodes.node1.container_links(), links, "links adopted");
+    assert_eq!(
+        lab.nodes.node1.container_link_indexes(),
+        indexes,
+        "the kept links are adopted, not made again"
+    );
     let status = lab.nodes.node1.status();
     assert_eq!(
         status["instances"].as_array().map(|a| a.len()),
@@ -1105,6 +1110,11 @@ fn a_restarted_daemon_takes_its_containers_back_whether_their_links_were_kept_or
         );
     });
     assert_eq!(lab.nodes.node1.container_links(), links, "links made again");
+    let remade = lab.nodes.node1.container_link_indexes();
+    assert!(
+        remade.iter().all(|l| !indexes.contains(l)),
+        "new links (new indexes): {remade:?} after {indexes:?}"
+    );
     answered(&lab, "after a restart that removed the links");
 
     // What was restored undeploys like anything else.
