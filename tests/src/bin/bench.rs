@@ -668,7 +668,9 @@ fn control_plane() -> String {
 /// instance is on the remote node (next hop resolved); the replies come back
 /// through the tunnel.
 fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'static str, f64, f64)> {
-    use tapmesh::dataplane::overlay::{addr_word, OverlayTables, OverlayWriter, ServiceTable};
+    use tapmesh::dataplane::overlay::{
+        addr6_words, addr_word, OverlayTables, OverlayWriter, ServiceTable,
+    };
     use tapmesh_common::overlay::*;
     const TC_ACT_REDIRECT: u32 = 7;
     let client = Ipv4Addr::new(192, 0, 2, 2);
@@ -740,6 +742,38 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
             dst_mac: MAC_B,
             src_mac: OUR_MAC,
             ..Instance::default()
+        },
+    );
+    // IPv6 (dual stack): the RR service's IPv6 address, its remote
+    // instance's IPv6 addresses and the client's.
+    let v6 = |s: &str| -> std::net::Ipv6Addr { s.parse().expect("IPv6 address") };
+    let (service6, client6, client_ip6) = (
+        v6("2001:db8:ff::10"),
+        v6("2001:db8:1::2"),
+        v6("2001:db8:ff::100"),
+    );
+    let (instance_ns6, instance_ip6) = (v6("2001:db8:2::66"), v6("2001:db8:ff::102"));
+    tables.config6 = OverlayConfig6 {
+        gateway: addr6_words(v6("2001:db8:1::1")),
+        service_prefix: addr6_words(v6("2001:db8:ff::")),
+        service_mask: addr6_words(v6("ffff:ffff:ffff::")),
+        flags: 0,
+    };
+    tables.services6.insert(service6, service);
+    tables.instances6.insert(
+        1,
+        Instance6 {
+            ns_addr: addr6_words(instance_ns6),
+            reply_addr: addr6_words(instance_ip6),
+        },
+    );
+    tables.locals6.insert(
+        client6,
+        Local6 {
+            ifindex: 1,
+            instance_addr: addr6_words(client_ip6),
+            mac: MAC_A,
+            host_mac: OUR_MAC,
         },
     );
     OverlayWriter::default()
@@ -941,6 +975,110 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
         let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", frame);
         rows.push((name, raw, floor));
     }
+
+    // IPv6: a request (whole, then in two fragments) and the reply.
+    // UDP over IPv6; these paths never check the checksum (they adjust it).
+    let udp6 = |sport: u16, dport: u16, data: &[u8]| {
+        udp_v4(
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            sport,
+            dport,
+            data,
+        )
+    };
+    let request6 = ethernet(
+        OUR_MAC,
+        MAC_A,
+        &[],
+        0x86dd,
+        &ipv6(client6, service6, UDP, &[], &udp6(40000, 7000, &payload)),
+    );
+    let datagram6 = udp6(40002, 7000, &[7u8; 48]);
+    let fragment6 = |offset: u16, more: bool, bytes: &[u8]| {
+        let offset_flags = offset << 3 | u16::from(more);
+        let mut header = vec![UDP, 0];
+        header.extend_from_slice(&offset_flags.to_be_bytes());
+        header.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        ethernet(
+            OUR_MAC,
+            MAC_A,
+            &[],
+            0x86dd,
+            &ipv6(client6, service6, 44, &header, bytes),
+        )
+    };
+    let first6 = fragment6(0, true, &datagram6[..32]);
+    let later6 = fragment6(4, false, &datagram6[32..]);
+    for (name, frame) in [
+        (
+            "TC service: IPv6 UDP to an RR service IP → conntrack hit, translate, UDP encap, redirect (resolved next hop)",
+            &request6,
+        ),
+        (
+            "TC service: IPv6 first fragment to an RR service IP → bind, record the datagram, translate, UDP encap, redirect",
+            &first6,
+        ),
+        (
+            "TC service: IPv6 later fragment (no ports) → the datagram's binding, translate, UDP encap, redirect",
+            &later6,
+        ),
+    ] {
+        let first = bpf.run("tm_tc_service", frame, 1);
+        assert_eq!(first.action, TC_ACT_REDIRECT, "{name}: unexpected return value");
+        let out = &first.output;
+        assert_eq!(out.len(), frame.len() + 28, "{name}: not encapsulated");
+        let inner = 42;
+        assert_eq!(
+            (&out[30..34], &out[inner + 8..inner + 24], &out[inner + 24..inner + 40]),
+            (
+                &REMOTE_NODE.octets()[..],
+                &client_ip6.octets()[..],
+                &instance_ns6.octets()[..]
+            ),
+            "{name}: outer destination or inner addresses"
+        );
+        let (raw, floor) = measure_loop(bpf, "tm_tc_service", frame);
+        rows.push((name, raw, floor));
+    }
+    let reply6_inner = ipv6(
+        instance_ip6,
+        client6,
+        UDP,
+        &[],
+        &udp6(7000, 40000, &payload),
+    );
+    let reply6 = ethernet(
+        MAC_B,
+        MAC_A,
+        &[],
+        0x0800,
+        &ipv4(
+            REMOTE_NODE,
+            NODE,
+            UDP,
+            &[],
+            &udp_v4(REMOTE_NODE, NODE, 0xc125, TUNNEL_PORT, &reply6_inner),
+        ),
+    );
+    let name = "XDP uplink: IPv6 tunnel reply → decap, reverse translation → container";
+    let first = bpf.run("tm_xdp_uplink", &reply6, 1);
+    assert_eq!(
+        first.action, XDP_REDIRECT,
+        "{name}: unexpected return value"
+    );
+    assert_eq!(
+        first.output.len(),
+        reply6.len() - 28,
+        "{name}: not decapsulated"
+    );
+    assert_eq!(
+        (&first.output[0..6], &first.output[22..38]),
+        (&MAC_A[..], &service6.octets()[..]),
+        "{name}: MAC or source"
+    );
+    let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", &reply6);
+    rows.push((name, raw, floor));
     rows
 }
 
