@@ -772,6 +772,25 @@ fn an_eds_cluster_bound_to_a_service_ip_picks_its_members_and_weights() {
     assert!(answers.iter().all(|(n, _)| n == "web1"), "{answers:?}");
 }
 
+/// Node 1's table for `WEB` on node 2: web#1 (dual stack, `web1_ips`)
+/// and web#2 (IPv4 only, namespace 192.0.2.99, `web2_ips`).
+fn node1_post_web2(
+    node1: &tapmesh_tests::overlay::Node,
+    web1_ns: &(String, String),
+    web1_ips: &str,
+    web2_ips: &str,
+) {
+    node1.post(
+        "/tablequery/result",
+        &format!(
+            r#"{{"app_name": "{WEB}", "instance_list": [
+                {{"instance_number": 1, "namespace_ip": "{}", "namespace_ip_v6": "{}", "host_ip": "{NODE2}", "host_port": 50103, "service_ip": [{web1_ips}]}},
+                {{"instance_number": 2, "namespace_ip": "192.0.2.99", "host_ip": "{NODE2}", "host_port": 50103, "service_ip": [{web2_ips}]}}]}}"#,
+            web1_ns.0, web1_ns.1
+        ),
+    );
+}
+
 /// Answers UDP datagrams over IPv6 (and IPv4) with `name`, forever.
 fn who_server6(container: &Netns, name: &'static str) {
     let ns = container.name.clone();
@@ -898,6 +917,14 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
         );
     };
     table(&nodes.node1, WEB, 1, &web1_ns, NODE2, &web1_ips);
+    // Node 1 also learns of a web#2 with no IPv6 address: the IPv6 service
+    // IP must never pick it (its IPv4 twin may).
+    node1_post_web2(
+        &nodes.node1,
+        &web1_ns,
+        &sips(&web1_ips),
+        &sips(&[("RR", RR, RR6)]),
+    );
     table(&nodes.node2, WEB, 0, &web0_ns, NODE1, &web0_ips);
     table(&nodes.node2, CLIENT, 0, &client_ns, NODE1, &client_ips);
     who_server6(&web0, "web0");

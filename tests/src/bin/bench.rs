@@ -759,7 +759,14 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
         service_mask: addr6_words(v6("ffff:ffff:ffff::")),
         flags: 0,
     };
-    tables.services6.insert(service6, service);
+    tables.services6.insert(
+        service6,
+        ServiceTable {
+            id: 2,
+            policy: POLICY_ROUND_ROBIN,
+            slots: vec![1],
+        },
+    );
     tables.instances6.insert(
         1,
         Instance6 {

@@ -68,6 +68,13 @@ fn map_err(name: &'static str) -> impl Fn(aya::maps::MapError) -> DataplaneError
 }
 
 /// A map of the object by name, for writing.
+fn map_ref<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a aya::maps::Map, DataplaneError> {
+    ebpf.map(name).ok_or(DataplaneError::Map {
+        name,
+        message: "missing from the object".into(),
+    })
+}
+
 fn map_mut<'a>(
     ebpf: &'a mut Ebpf,
     name: &'static str,

@@ -1,9 +1,6 @@
 //! Writes the service-IP overlay maps and reads their counters. The caller
 //! hands over the whole wanted state; only differences reach the kernel, in
-//! an order no packet can trip over: instances, then locals and their array
-//! slots, then service slots, then services; removals last. The config's
-//! "services outside the prefix" flag is raised before such a service is
-//! written and lowered after the last one is removed.
+//! an order no packet can trip over (see [`OverlayWriter::apply`]).
 
 use std::collections::BTreeMap;
 
@@ -19,7 +16,7 @@ use tapmesh_common::{
     PacketCounter,
 };
 
-use super::{map_err, map_mut, DataplaneError};
+use super::{map_err, map_mut, map_ref, DataplaneError};
 
 /// Key words of the maps: an IPv4 address as it lies in the packet.
 pub fn addr_word(addr: std::net::Ipv4Addr) -> u32 {
@@ -32,6 +29,15 @@ pub fn addr6_words(addr: std::net::Ipv6Addr) -> Addr6 {
     std::array::from_fn(|i| {
         u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
     })
+}
+
+/// The address a map's four words hold.
+fn addr6_of(words: Addr6) -> std::net::Ipv6Addr {
+    let mut o = [0u8; 16];
+    for (i, w) in words.iter().enumerate() {
+        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
+    }
+    std::net::Ipv6Addr::from(o)
 }
 
 /// One service IP: its id, policy and instance ids in slot order.
@@ -50,9 +56,9 @@ pub struct OverlayTables {
     pub instances: BTreeMap<u32, Instance>,
     pub locals: BTreeMap<std::net::Ipv4Addr, Local>,
     pub config6: OverlayConfig6,
-    /// An IPv6 service IP → the IPv4 service IP it is the twin of (same
-    /// service: id, policy, slots).
-    pub services6: BTreeMap<std::net::Ipv6Addr, std::net::Ipv4Addr>,
+    /// IPv6 service IPs: services of their own (ids shared with IPv4's
+    /// space), whose slots hold only instances with IPv6 addresses.
+    pub services6: BTreeMap<std::net::Ipv6Addr, ServiceTable>,
     pub instances6: BTreeMap<u32, Instance6>,
     pub locals6: BTreeMap<std::net::Ipv6Addr, Local6>,
 }
@@ -65,6 +71,8 @@ pub struct OverlayWriter {
     slots: BTreeMap<u32, LocalSlot>,
     /// `tm_ov_config` as written.
     config: Option<OverlayConfig>,
+    /// The maps' contents were read once (pins an earlier daemon kept).
+    adopted: bool,
 }
 
 /// `tm_ov_local_slots` for `locals`: each container in the slot of its
@@ -91,27 +99,123 @@ pub fn local_slots(locals: &BTreeMap<std::net::Ipv4Addr, Local>) -> BTreeMap<u32
     slots
 }
 
+/// The values to write, in order, to take a local slot from `before` to
+/// `after` (`None`: empty) so that no packet reads a half-written slot it
+/// would use: a slot a packet uses is in state "one", and a write either
+/// changes the state word alone or happens while the state is not "one"
+/// (packets then look in `tm_ov_locals`, which holds every container
+/// during the change). `dialled` is that of the new container.
+pub fn slot_writes(
+    before: Option<LocalSlot>,
+    after: Option<LocalSlot>,
+    dialled: u32,
+) -> Vec<LocalSlot> {
+    let shared = |s: LocalSlot| LocalSlot {
+        state: LOCAL_SLOT_SHARED,
+        ..s
+    };
+    let mut out = Vec::new();
+    if let Some(b) = before.filter(|b| b.state == LOCAL_SLOT_ONE) {
+        // The kernel may have set `dialled`: 1 keeps its lookups on.
+        out.push(shared(LocalSlot { dialled: 1, ..b }));
+    }
+    match after {
+        Some(a) if a.state == LOCAL_SLOT_ONE => {
+            let a = LocalSlot { dialled, ..a };
+            out.push(shared(a));
+            out.push(a);
+        }
+        Some(a) => out.push(a),
+        None => out.push(LocalSlot::default()),
+    }
+    out
+}
+
+/// Whether an IPv4 service IP lies outside a config's prefix (no prefix: all do).
+fn outside(config: &OverlayConfig, a: std::net::Ipv4Addr) -> bool {
+    config.service_mask == 0 || addr_word(a) & config.service_mask != config.service_prefix
+}
+
+fn outside6(config: &OverlayConfig6, a: std::net::Ipv6Addr) -> bool {
+    let w = addr6_words(a);
+    config.service_mask == [0; 4]
+        || (0..4).any(|i| w[i] & config.service_mask[i] != config.service_prefix[i])
+}
+
+fn with_flag(flags: u32, raised: bool) -> u32 {
+    if raised {
+        flags | CONFIG_SERVICES_OUTSIDE_PREFIX
+    } else {
+        flags & !CONFIG_SERVICES_OUTSIDE_PREFIX
+    }
+}
+
 /// `config` with the flag set when a service IP of `services` lies outside its prefix.
 fn flagged<'a>(
     config: &OverlayConfig,
     services: impl IntoIterator<Item = &'a std::net::Ipv4Addr>,
 ) -> OverlayConfig {
-    let outside = services.into_iter().any(|a| {
-        config.service_mask == 0 || addr_word(*a) & config.service_mask != config.service_prefix
-    });
+    let raised = services.into_iter().any(|a| outside(config, *a));
     OverlayConfig {
-        flags: if outside {
-            config.flags | CONFIG_SERVICES_OUTSIDE_PREFIX
-        } else {
-            config.flags & !CONFIG_SERVICES_OUTSIDE_PREFIX
-        },
+        flags: with_flag(config.flags, raised),
         ..*config
     }
 }
 
+/// The config to hold while an apply goes from `current` (in the kernel)
+/// to `wanted`: `current` with the flag raised when a service IP of either
+/// side lies outside either prefix (so no service IP is passed by the
+/// prefix check in between); `None` when `current` already does.
+fn config_during<'a>(
+    current: &OverlayConfig,
+    wanted: &OverlayConfig,
+    services: impl IntoIterator<Item = &'a std::net::Ipv4Addr>,
+) -> Option<OverlayConfig> {
+    let raised = current.flags & CONFIG_SERVICES_OUTSIDE_PREFIX != 0;
+    let needed = services
+        .into_iter()
+        .any(|a| outside(current, *a) || outside(wanted, *a));
+    (needed && !raised).then(|| OverlayConfig {
+        flags: with_flag(current.flags, true),
+        ..*current
+    })
+}
+
+/// [`config_during`] for IPv6.
+fn config6_during<'a>(
+    current: &OverlayConfig6,
+    wanted: &OverlayConfig6,
+    services: impl IntoIterator<Item = &'a std::net::Ipv6Addr>,
+) -> Option<OverlayConfig6> {
+    let raised = current.flags & CONFIG_SERVICES_OUTSIDE_PREFIX != 0;
+    let needed = services
+        .into_iter()
+        .any(|a| outside6(current, *a) || outside6(wanted, *a));
+    (needed && !raised).then(|| OverlayConfig6 {
+        flags: with_flag(current.flags, true),
+        ..*current
+    })
+}
+
+fn service_value(table: &ServiceTable) -> Service {
+    Service {
+        id: table.id,
+        policy: table.policy,
+        slots: table.slots.len() as u8,
+        _pad: [0; 2],
+    }
+}
+
 impl OverlayWriter {
+    /// Writes `wanted`. Order (each step leaves a state packets can use):
+    /// the prefix flags are raised if either side needs them; instances and
+    /// locals are added or changed; local slots go through "shared" (see
+    /// [`slot_writes`]); service slot rows, then services; then removals
+    /// (services, locals, then instances, emptied with a new generation);
+    /// the final configs last. Ids freed here are not reused before the
+    /// next apply (the model cools them), so no row names a changed id.
     pub fn apply(&mut self, ebpf: &mut Ebpf, wanted: &OverlayTables) -> Result<(), DataplaneError> {
-        for service in wanted.services.values() {
+        for service in wanted.services.values().chain(wanted.services6.values()) {
             if service.slots.len() > SERVICE_SLOTS as usize {
                 return Err(DataplaneError::Config(format!(
                     "service {} has {} slots, at most {SERVICE_SLOTS}",
@@ -120,222 +224,341 @@ impl OverlayWriter {
                 )));
             }
         }
+        if !self.adopted {
+            self.adopt(ebpf)?;
+        }
+        let current = self.config.unwrap_or_default();
+        if let Some(during) = config_during(
+            &current,
+            &wanted.config,
+            wanted.services.keys().chain(self.written.services.keys()),
+        ) {
+            self.write_config(ebpf, during)?;
+        }
+        if let Some(during) = config6_during(
+            &self.written.config6,
+            &wanted.config6,
+            wanted.services6.keys().chain(self.written.services6.keys()),
+        ) {
+            self.write_config6(ebpf, during)?;
+        }
+        self.add_instances(ebpf, wanted)?;
+        self.add_locals(ebpf, wanted)?;
+        self.write_local_slots(ebpf, wanted)?;
+        self.add_services(ebpf, wanted)?;
+        self.remove_services(ebpf, wanted)?;
+        self.remove_locals(ebpf, wanted)?;
+        self.remove_instances(ebpf, wanted)?;
+        self.write_config6(ebpf, wanted.config6)?;
+        self.write_config(ebpf, flagged(&wanted.config, wanted.services.keys()))?;
+        self.written = wanted.clone();
+        Ok(())
+    }
+
+    /// Takes what the maps hold as written (pins an earlier daemon kept, or
+    /// empty maps): what is not wanted is then removed like anything else.
+    fn adopt(&mut self, ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+        let placeholder = ServiceTable {
+            id: u32::MAX,
+            policy: 0,
+            slots: Vec::new(),
+        };
         {
-            let mut instances: Array<&mut MapData, Instance> =
-                Array::try_from(map_mut(ebpf, n::OV_INSTANCES)?)
-                    .map_err(map_err(n::OV_INSTANCES))?;
-            for (&id, inst) in &wanted.instances {
-                if self.written.instances.get(&id) != Some(inst) {
-                    instances
-                        .set(id, *inst, 0)
-                        .map_err(map_err(n::OV_INSTANCES))?;
-                }
+            let map: BpfHashMap<&MapData, u32, Service> =
+                BpfHashMap::try_from(map_ref(ebpf, n::OV_SERVICES)?)
+                    .map_err(map_err(n::OV_SERVICES))?;
+            for addr in map.keys().flatten() {
+                let addr = std::net::Ipv4Addr::from(addr.to_ne_bytes());
+                self.written.services.insert(addr, placeholder.clone());
             }
         }
         {
-            let mut locals: BpfHashMap<&mut MapData, u32, Local> =
-                BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS)?)
+            let map: BpfHashMap<&MapData, Addr6, Service> =
+                BpfHashMap::try_from(map_ref(ebpf, n::OV_SERVICES6)?)
+                    .map_err(map_err(n::OV_SERVICES6))?;
+            for addr in map.keys().flatten() {
+                self.written
+                    .services6
+                    .insert(addr6_of(addr), placeholder.clone());
+            }
+        }
+        {
+            let map: BpfHashMap<&MapData, u32, Local> =
+                BpfHashMap::try_from(map_ref(ebpf, n::OV_LOCALS)?)
                     .map_err(map_err(n::OV_LOCALS))?;
-            for (addr, local) in &wanted.locals {
-                if self.written.locals.get(addr) != Some(local) {
-                    locals
-                        .insert(addr_word(*addr), *local, 0)
-                        .map_err(map_err(n::OV_LOCALS))?;
-                }
+            for (addr, local) in map.iter().flatten() {
+                self.written
+                    .locals
+                    .insert(std::net::Ipv4Addr::from(addr.to_ne_bytes()), local);
             }
         }
         {
-            let mut instances6: Array<&mut MapData, Instance6> =
-                Array::try_from(map_mut(ebpf, n::OV_INSTANCES6)?)
-                    .map_err(map_err(n::OV_INSTANCES6))?;
-            for (&id, inst) in &wanted.instances6 {
-                if self.written.instances6.get(&id) != Some(inst) {
-                    instances6
-                        .set(id, *inst, 0)
-                        .map_err(map_err(n::OV_INSTANCES6))?;
-                }
-            }
-            for &id in self.written.instances6.keys() {
-                if !wanted.instances6.contains_key(&id) {
-                    instances6
-                        .set(id, Instance6::default(), 0)
-                        .map_err(map_err(n::OV_INSTANCES6))?;
-                }
-            }
-        }
-        {
-            let mut locals6: BpfHashMap<&mut MapData, Addr6, Local6> =
-                BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS6)?)
+            let map: BpfHashMap<&MapData, Addr6, Local6> =
+                BpfHashMap::try_from(map_ref(ebpf, n::OV_LOCALS6)?)
                     .map_err(map_err(n::OV_LOCALS6))?;
-            for (addr, local) in &wanted.locals6 {
-                if self.written.locals6.get(addr) != Some(local) {
-                    locals6
-                        .insert(addr6_words(*addr), *local, 0)
-                        .map_err(map_err(n::OV_LOCALS6))?;
+            for (addr, local) in map.iter().flatten() {
+                self.written.locals6.insert(addr6_of(addr), local);
+            }
+        }
+        {
+            let map: Array<&MapData, Instance> = Array::try_from(map_ref(ebpf, n::OV_INSTANCES)?)
+                .map_err(map_err(n::OV_INSTANCES))?;
+            for (id, inst) in map.iter().enumerate() {
+                let inst = inst.map_err(map_err(n::OV_INSTANCES))?;
+                if inst.kind != 0 {
+                    self.written.instances.insert(id as u32, inst);
                 }
             }
         }
-        if self.written.config6 != wanted.config6 {
-            let mut config6: Array<&mut MapData, OverlayConfig6> =
-                Array::try_from(map_mut(ebpf, n::OV_CONFIG6)?).map_err(map_err(n::OV_CONFIG6))?;
-            config6
-                .set(0, wanted.config6, 0)
-                .map_err(map_err(n::OV_CONFIG6))?;
+        {
+            let map: Array<&MapData, Instance6> = Array::try_from(map_ref(ebpf, n::OV_INSTANCES6)?)
+                .map_err(map_err(n::OV_INSTANCES6))?;
+            for (id, inst) in map.iter().enumerate() {
+                let inst = inst.map_err(map_err(n::OV_INSTANCES6))?;
+                if inst != Instance6::default() {
+                    self.written.instances6.insert(id as u32, inst);
+                }
+            }
         }
         {
-            let wanted_slots = local_slots(&wanted.locals);
-            let mut slots: Array<&mut MapData, LocalSlot> =
-                Array::try_from(map_mut(ebpf, n::OV_LOCAL_SLOTS)?)
+            let map: Array<&MapData, LocalSlot> =
+                Array::try_from(map_ref(ebpf, n::OV_LOCAL_SLOTS)?)
                     .map_err(map_err(n::OV_LOCAL_SLOTS))?;
-            for (&index, slot) in &wanted_slots {
-                let before = self.slots.get(&index);
-                if before == Some(slot) {
-                    continue;
+            for (index, slot) in map.iter().enumerate() {
+                let slot = slot.map_err(map_err(n::OV_LOCAL_SLOTS))?;
+                if slot.state != 0 {
+                    self.slots
+                        .insert(index as u32, LocalSlot { dialled: 0, ..slot });
                 }
-                // Only a slot this writer saw empty holds a container that
-                // cannot have dialled yet. Any other (a rewrite, a slot that
-                // was shared, the first apply over kept pins) keeps the
-                // reverse lookup on: the kernel sets the flag on new flows only.
-                let fresh = self.config.is_some() && before.is_none();
-                let value = LocalSlot {
-                    dialled: u32::from(!fresh),
-                    ..*slot
-                };
+            }
+        }
+        {
+            let map: Array<&MapData, OverlayConfig> =
+                Array::try_from(map_ref(ebpf, n::OV_CONFIG)?).map_err(map_err(n::OV_CONFIG))?;
+            self.config = Some(map.get(&0, 0).map_err(map_err(n::OV_CONFIG))?);
+        }
+        {
+            let map: Array<&MapData, OverlayConfig6> =
+                Array::try_from(map_ref(ebpf, n::OV_CONFIG6)?).map_err(map_err(n::OV_CONFIG6))?;
+            self.written.config6 = map.get(&0, 0).map_err(map_err(n::OV_CONFIG6))?;
+        }
+        self.adopted = true;
+        Ok(())
+    }
+
+    fn add_instances(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &OverlayTables,
+    ) -> Result<(), DataplaneError> {
+        let mut instances: Array<&mut MapData, Instance> =
+            Array::try_from(map_mut(ebpf, n::OV_INSTANCES)?).map_err(map_err(n::OV_INSTANCES))?;
+        for (&id, inst) in &wanted.instances {
+            if self.written.instances.get(&id) != Some(inst) {
+                instances
+                    .set(id, *inst, 0)
+                    .map_err(map_err(n::OV_INSTANCES))?;
+            }
+        }
+        let mut instances6: Array<&mut MapData, Instance6> =
+            Array::try_from(map_mut(ebpf, n::OV_INSTANCES6)?).map_err(map_err(n::OV_INSTANCES6))?;
+        for (&id, inst) in &wanted.instances6 {
+            if self.written.instances6.get(&id) != Some(inst) {
+                instances6
+                    .set(id, *inst, 0)
+                    .map_err(map_err(n::OV_INSTANCES6))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn add_locals(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &OverlayTables,
+    ) -> Result<(), DataplaneError> {
+        let mut locals: BpfHashMap<&mut MapData, u32, Local> =
+            BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS)?).map_err(map_err(n::OV_LOCALS))?;
+        for (addr, local) in &wanted.locals {
+            if self.written.locals.get(addr) != Some(local) {
+                locals
+                    .insert(addr_word(*addr), *local, 0)
+                    .map_err(map_err(n::OV_LOCALS))?;
+            }
+        }
+        let mut locals6: BpfHashMap<&mut MapData, Addr6, Local6> =
+            BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS6)?).map_err(map_err(n::OV_LOCALS6))?;
+        for (addr, local) in &wanted.locals6 {
+            if self.written.locals6.get(addr) != Some(local) {
+                locals6
+                    .insert(addr6_words(*addr), *local, 0)
+                    .map_err(map_err(n::OV_LOCALS6))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn write_local_slots(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &OverlayTables,
+    ) -> Result<(), DataplaneError> {
+        let wanted_slots = local_slots(&wanted.locals);
+        let mut slots: Array<&mut MapData, LocalSlot> =
+            Array::try_from(map_mut(ebpf, n::OV_LOCAL_SLOTS)?)
+                .map_err(map_err(n::OV_LOCAL_SLOTS))?;
+        let indexes: std::collections::BTreeSet<u32> = wanted_slots
+            .keys()
+            .chain(self.slots.keys())
+            .copied()
+            .collect();
+        for index in indexes {
+            let (before, after) = (
+                self.slots.get(&index).copied(),
+                wanted_slots.get(&index).copied(),
+            );
+            if before == after {
+                continue;
+            }
+            // Only a slot that was empty holds a container that cannot have
+            // dialled yet; any other keeps the reverse lookup on (the kernel
+            // sets the flag on new flows only).
+            let dialled = u32::from(before.is_some());
+            for value in slot_writes(before, after, dialled) {
                 slots
                     .set(index, value, 0)
                     .map_err(map_err(n::OV_LOCAL_SLOTS))?;
             }
-            for &index in self.slots.keys() {
-                if !wanted_slots.contains_key(&index) {
-                    slots
-                        .set(index, LocalSlot::default(), 0)
-                        .map_err(map_err(n::OV_LOCAL_SLOTS))?;
-                }
-            }
-            self.slots = wanted_slots;
         }
-        // Raised before a service outside the prefix is written (and kept
-        // until the last one is gone); the rest of the config is written last.
-        let during = flagged(
-            &wanted.config,
-            wanted.services.keys().chain(self.written.services.keys()),
-        );
-        let raised = |c: &OverlayConfig| c.flags & CONFIG_SERVICES_OUTSIDE_PREFIX != 0;
-        if raised(&during) && !self.config.as_ref().is_some_and(raised) {
-            self.write_config(ebpf, during)?;
-        }
+        self.slots = wanted_slots;
+        Ok(())
+    }
+
+    /// Slot rows first (a service is found only after its row is whole), then the services.
+    fn add_services(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &OverlayTables,
+    ) -> Result<(), DataplaneError> {
+        let written: Vec<&ServiceTable> = self
+            .written
+            .services
+            .values()
+            .chain(self.written.services6.values())
+            .collect();
         {
-            let mut slots: Array<&mut MapData, u32> =
+            let mut rows: Array<&mut MapData, u32> =
                 Array::try_from(map_mut(ebpf, n::OV_SLOTS)?).map_err(map_err(n::OV_SLOTS))?;
-            for service in wanted.services.values() {
-                let before = self.written.services.values().find(|s| s.id == service.id);
+            for service in wanted.services.values().chain(wanted.services6.values()) {
+                let before = written.iter().find(|s| s.id == service.id);
                 if before.map(|b| &b.slots) == Some(&service.slots) {
                     continue;
                 }
                 for (i, &instance) in service.slots.iter().enumerate() {
-                    slots
-                        .set(service.id * SERVICE_SLOTS + i as u32, instance, 0)
+                    rows.set(service.id * SERVICE_SLOTS + i as u32, instance, 0)
                         .map_err(map_err(n::OV_SLOTS))?;
                 }
             }
         }
-        {
-            let mut services: BpfHashMap<&mut MapData, u32, Service> =
-                BpfHashMap::try_from(map_mut(ebpf, n::OV_SERVICES)?)
-                    .map_err(map_err(n::OV_SERVICES))?;
-            for (addr, table) in &wanted.services {
-                if self.written.services.get(addr) == Some(table) {
-                    continue;
-                }
-                let value = Service {
-                    id: table.id,
-                    policy: table.policy,
-                    slots: table.slots.len() as u8,
-                    _pad: [0; 2],
-                };
+        let mut services: BpfHashMap<&mut MapData, u32, Service> =
+            BpfHashMap::try_from(map_mut(ebpf, n::OV_SERVICES)?)
+                .map_err(map_err(n::OV_SERVICES))?;
+        for (addr, table) in &wanted.services {
+            if self.written.services.get(addr) != Some(table) {
                 services
-                    .insert(addr_word(*addr), value, 0)
+                    .insert(addr_word(*addr), service_value(table), 0)
                     .map_err(map_err(n::OV_SERVICES))?;
             }
-            for addr in self.written.services.keys() {
-                if !wanted.services.contains_key(addr) {
-                    let _ = services.remove(&addr_word(*addr));
-                }
-            }
         }
-        {
-            // Each IPv6 service IP holds its IPv4 twin's service value.
-            let mut services6: BpfHashMap<&mut MapData, Addr6, Service> =
-                BpfHashMap::try_from(map_mut(ebpf, n::OV_SERVICES6)?)
-                    .map_err(map_err(n::OV_SERVICES6))?;
-            for (addr6, twin) in &wanted.services6 {
-                let Some(table) = wanted.services.get(twin) else {
-                    continue;
-                };
-                let before = self.written.services6.get(addr6);
-                if before == Some(twin) && self.written.services.get(twin) == Some(table) {
-                    continue;
-                }
-                let value = Service {
-                    id: table.id,
-                    policy: table.policy,
-                    slots: table.slots.len() as u8,
-                    _pad: [0; 2],
-                };
+        let mut services6: BpfHashMap<&mut MapData, Addr6, Service> =
+            BpfHashMap::try_from(map_mut(ebpf, n::OV_SERVICES6)?)
+                .map_err(map_err(n::OV_SERVICES6))?;
+        for (addr, table) in &wanted.services6 {
+            if self.written.services6.get(addr) != Some(table) {
                 services6
-                    .insert(addr6_words(*addr6), value, 0)
+                    .insert(addr6_words(*addr), service_value(table), 0)
                     .map_err(map_err(n::OV_SERVICES6))?;
             }
-            for addr6 in self.written.services6.keys() {
-                let kept = wanted
-                    .services6
-                    .get(addr6)
-                    .is_some_and(|twin| wanted.services.contains_key(twin));
-                if !kept {
-                    let _ = services6.remove(&addr6_words(*addr6));
-                }
+        }
+        Ok(())
+    }
+
+    fn remove_services(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &OverlayTables,
+    ) -> Result<(), DataplaneError> {
+        let mut services: BpfHashMap<&mut MapData, u32, Service> =
+            BpfHashMap::try_from(map_mut(ebpf, n::OV_SERVICES)?)
+                .map_err(map_err(n::OV_SERVICES))?;
+        for addr in self.written.services.keys() {
+            if !wanted.services.contains_key(addr) {
+                let _ = services.remove(&addr_word(*addr));
             }
         }
-        {
-            let mut locals6: BpfHashMap<&mut MapData, Addr6, Local6> =
-                BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS6)?)
-                    .map_err(map_err(n::OV_LOCALS6))?;
-            for addr in self.written.locals6.keys() {
-                if !wanted.locals6.contains_key(addr) {
-                    let _ = locals6.remove(&addr6_words(*addr));
-                }
+        let mut services6: BpfHashMap<&mut MapData, Addr6, Service> =
+            BpfHashMap::try_from(map_mut(ebpf, n::OV_SERVICES6)?)
+                .map_err(map_err(n::OV_SERVICES6))?;
+        for addr in self.written.services6.keys() {
+            if !wanted.services6.contains_key(addr) {
+                let _ = services6.remove(&addr6_words(*addr));
             }
         }
-        {
-            let mut locals: BpfHashMap<&mut MapData, u32, Local> =
-                BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS)?)
-                    .map_err(map_err(n::OV_LOCALS))?;
-            for addr in self.written.locals.keys() {
-                if !wanted.locals.contains_key(addr) {
-                    let _ = locals.remove(&addr_word(*addr));
-                }
+        Ok(())
+    }
+
+    fn remove_locals(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &OverlayTables,
+    ) -> Result<(), DataplaneError> {
+        let mut locals6: BpfHashMap<&mut MapData, Addr6, Local6> =
+            BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS6)?).map_err(map_err(n::OV_LOCALS6))?;
+        for addr in self.written.locals6.keys() {
+            if !wanted.locals6.contains_key(addr) {
+                let _ = locals6.remove(&addr6_words(*addr));
             }
         }
-        {
-            // Removed instances: their slot is emptied with a new generation,
-            // so conntrack entries naming them pick again.
-            let mut instances: Array<&mut MapData, Instance> =
-                Array::try_from(map_mut(ebpf, n::OV_INSTANCES)?)
+        let mut locals: BpfHashMap<&mut MapData, u32, Local> =
+            BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS)?).map_err(map_err(n::OV_LOCALS))?;
+        for addr in self.written.locals.keys() {
+            if !wanted.locals.contains_key(addr) {
+                let _ = locals.remove(&addr_word(*addr));
+            }
+        }
+        Ok(())
+    }
+
+    /// Removed instances: their slot is emptied with a new generation, so
+    /// conntrack entries naming them pick again; their IPv6 addresses go
+    /// after (no row names them any more).
+    fn remove_instances(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &OverlayTables,
+    ) -> Result<(), DataplaneError> {
+        let mut instances: Array<&mut MapData, Instance> =
+            Array::try_from(map_mut(ebpf, n::OV_INSTANCES)?).map_err(map_err(n::OV_INSTANCES))?;
+        for (&id, old) in &self.written.instances {
+            if !wanted.instances.contains_key(&id) {
+                let empty = Instance {
+                    generation: old.generation.wrapping_add(1),
+                    ..Instance::default()
+                };
+                instances
+                    .set(id, empty, 0)
                     .map_err(map_err(n::OV_INSTANCES))?;
-            for (&id, old) in &self.written.instances {
-                if !wanted.instances.contains_key(&id) {
-                    let empty = Instance {
-                        generation: old.generation.wrapping_add(1),
-                        ..Instance::default()
-                    };
-                    instances
-                        .set(id, empty, 0)
-                        .map_err(map_err(n::OV_INSTANCES))?;
-                }
             }
         }
-        self.write_config(ebpf, flagged(&wanted.config, wanted.services.keys()))?;
-        self.written = wanted.clone();
+        let mut instances6: Array<&mut MapData, Instance6> =
+            Array::try_from(map_mut(ebpf, n::OV_INSTANCES6)?).map_err(map_err(n::OV_INSTANCES6))?;
+        for &id in self.written.instances6.keys() {
+            if !wanted.instances6.contains_key(&id) {
+                instances6
+                    .set(id, Instance6::default(), 0)
+                    .map_err(map_err(n::OV_INSTANCES6))?;
+            }
+        }
         Ok(())
     }
 
@@ -351,6 +574,21 @@ impl OverlayWriter {
             Array::try_from(map_mut(ebpf, n::OV_CONFIG)?).map_err(map_err(n::OV_CONFIG))?;
         config.set(0, value, 0).map_err(map_err(n::OV_CONFIG))?;
         self.config = Some(value);
+        Ok(())
+    }
+
+    fn write_config6(
+        &mut self,
+        ebpf: &mut Ebpf,
+        value: OverlayConfig6,
+    ) -> Result<(), DataplaneError> {
+        if self.written.config6 == value {
+            return Ok(());
+        }
+        let mut config6: Array<&mut MapData, OverlayConfig6> =
+            Array::try_from(map_mut(ebpf, n::OV_CONFIG6)?).map_err(map_err(n::OV_CONFIG6))?;
+        config6.set(0, value, 0).map_err(map_err(n::OV_CONFIG6))?;
+        self.written.config6 = value;
         Ok(())
     }
 
@@ -399,7 +637,13 @@ impl OverlayWriter {
         };
         let services = read(
             n::OV_SERVICE_STATS,
-            self.written.services.values().map(|s| s.id).collect(),
+            self.written
+                .services
+                .values()
+                .chain(self.written.services6.values())
+                .map(|s| s.id)
+                .filter(|id| *id != u32::MAX)
+                .collect(),
         )?;
         let instances = read(
             n::OV_INSTANCE_STATS,
@@ -461,5 +705,107 @@ mod tests {
             CONFIG_SERVICES_OUTSIDE_PREFIX
         );
         assert_eq!(flagged(&none, &[]).flags, 0);
+    }
+
+    /// A packet uses a slot in state "one" only: every write either changes
+    /// the state word alone (and may raise `dialled`, which only adds a
+    /// lookup), or is made while the state is not "one" before and after
+    /// (packets then look in the hash map).
+    fn no_packet_sees_a_half_written_slot(before: Option<LocalSlot>, writes: &[LocalSlot]) {
+        let mut current = before.unwrap_or_default();
+        for w in writes {
+            let only_state = w.dialled >= current.dialled
+                && LocalSlot {
+                    state: current.state,
+                    dialled: current.dialled,
+                    ..*w
+                } == current;
+            let never_one = current.state != LOCAL_SLOT_ONE && w.state != LOCAL_SLOT_ONE;
+            assert!(only_state || never_one, "{current:?} -> {w:?}");
+            current = *w;
+        }
+    }
+
+    #[test]
+    fn slots_change_through_shared_so_no_packet_reads_half_a_slot() {
+        let one = |addr: u32, ifindex: u32| LocalSlot {
+            addr,
+            state: LOCAL_SLOT_ONE,
+            dialled: 0,
+            local: local(ifindex),
+        };
+        let shared = LocalSlot {
+            state: LOCAL_SLOT_SHARED,
+            ..LocalSlot::default()
+        };
+        let cases = [
+            (None, Some(one(1, 2))),            // a new container
+            (Some(one(1, 2)), Some(one(9, 3))), // another container takes the slot
+            (Some(one(1, 2)), Some(one(1, 4))), // the same one, relinked
+            (Some(one(1, 2)), None),            // gone
+            (Some(one(1, 2)), Some(shared)),    // a second one collides
+            (Some(shared), Some(one(1, 2))),    // back to one
+            (Some(shared), None),
+        ];
+        for (before, after) in cases {
+            let writes = slot_writes(before, after, 1);
+            no_packet_sees_a_half_written_slot(before, &writes);
+            let last = *writes.last().unwrap();
+            let expected = match after {
+                Some(a) if a.state == LOCAL_SLOT_ONE => LocalSlot { dialled: 1, ..a },
+                Some(a) => a,
+                None => LocalSlot::default(),
+            };
+            assert_eq!(last, expected, "{before:?} -> {after:?}");
+        }
+        // A container in a slot that was empty has not dialled yet.
+        assert_eq!(
+            slot_writes(None, Some(one(1, 2)), 0)
+                .last()
+                .unwrap()
+                .dialled,
+            0
+        );
+    }
+
+    #[test]
+    fn the_flag_is_raised_for_the_apply_when_either_side_needs_it() {
+        let prefix = |a: [u8; 4]| OverlayConfig {
+            service_prefix: addr_word(Ipv4Addr::from(a)),
+            service_mask: addr_word(Ipv4Addr::new(255, 255, 255, 0)),
+            ..OverlayConfig::default()
+        };
+        let (old, new) = (prefix([10, 30, 1, 0]), prefix([10, 30, 2, 0]));
+        let in_old = Ipv4Addr::new(10, 30, 1, 5);
+        let in_new = Ipv4Addr::new(10, 30, 2, 5);
+        // The prefix moves: a service of the new one is outside the old, which
+        // is in the kernel until the end: raised meanwhile.
+        let during = config_during(&old, &new, &[in_new]).expect("raised");
+        assert_eq!(
+            (during.flags, during.service_prefix),
+            (CONFIG_SERVICES_OUTSIDE_PREFIX, old.service_prefix)
+        );
+        // A departing service outside the new prefix: raised until it is gone.
+        assert!(config_during(&old, &new, &[in_old]).is_some());
+        // Nothing outside either: no extra write; already raised: none either.
+        assert_eq!(config_during(&old, &old, &[in_old]), None);
+        let raised = OverlayConfig {
+            flags: CONFIG_SERVICES_OUTSIDE_PREFIX,
+            ..old
+        };
+        assert_eq!(config_during(&raised, &new, &[in_new]), None);
+        // IPv6 likewise.
+        let v6 = |p: &str| OverlayConfig6 {
+            service_prefix: addr6_words(p.parse().unwrap()),
+            service_mask: addr6_words("ffff:ffff:ffff::".parse().unwrap()),
+            ..OverlayConfig6::default()
+        };
+        let leaving: std::net::Ipv6Addr = "2001:db8:9::1".parse().unwrap();
+        assert!(config6_during(&v6("2001:db8:ff::"), &v6("2001:db8:ff::"), &[leaving]).is_some());
+        let inside: std::net::Ipv6Addr = "2001:db8:ff::1".parse().unwrap();
+        assert_eq!(
+            config6_during(&v6("2001:db8:ff::"), &v6("2001:db8:ff::"), &[inside]),
+            None
+        );
     }
 }

@@ -10,7 +10,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 use super::ipam::{Ipam, IpamError, Lease};
-use super::model::{Ids, InstanceRecord, IpType, ModelError, Placement, ServiceIp, Settings};
+use super::model::{
+    Ids, InstanceRecord, IpType, ModelError, Placement, SavedIds, ServiceIp, Settings,
+};
 use super::ports::{self, PortMapping};
 use crate::conduit_net::{self, Cidr};
 use crate::dataplane::DataplaneHandle;
@@ -86,6 +88,10 @@ struct Persisted {
     registration: Option<Registration>,
     local: Vec<PersistedDeployment>,
     remote: BTreeMap<String, Vec<InstanceRecord>>,
+    /// Instance and service ids with their generations: flows in kept
+    /// conntrack maps stay bound to the same instances.
+    #[serde(default)]
+    ids: SavedIds,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -709,7 +715,7 @@ impl NetManager {
         };
         let owned = self.records(&state);
         let records = owned.iter();
-        let mut by_service: BTreeMap<Ipv4Addr, (IpType, usize)> = BTreeMap::new();
+        let mut by_service: BTreeMap<IpAddr, (IpType, usize)> = BTreeMap::new();
         for r in records {
             let Some(id) = state.ids.instance_id(&r.job, r.number) else {
                 continue;
@@ -727,7 +733,13 @@ impl NetManager {
                 bytes: c.bytes,
             });
             for s in &r.service_ips {
-                by_service.entry(s.address).or_insert((s.ip_type, 0)).1 += 1;
+                by_service
+                    .entry(IpAddr::V4(s.address))
+                    .or_insert((s.ip_type, 0))
+                    .1 += 1;
+                if let Some(v6) = s.address_v6.filter(|_| r.ns_addr_v6.is_some()) {
+                    by_service.entry(IpAddr::V6(v6)).or_insert((s.ip_type, 0)).1 += 1;
+                }
             }
         }
         for (addr, (ip_type, n)) in by_service {
@@ -766,6 +778,7 @@ impl NetManager {
                 })
                 .collect(),
             remote: state.remote.clone(),
+            ids: state.ids.saved(),
         };
         if let Err(e) = crate::statefile::save(path, &persisted) {
             tracing::error!("persisting the NetManager state to {}: {e}", path.display());
@@ -830,6 +843,7 @@ impl NetManager {
         state.registration = Some(registration);
         state.ipam = Some(ipam);
         state.remote = persisted.remote;
+        state.ids = Ids::restore(persisted.ids);
         let (mut adopted, mut relinked) = (0, 0);
         for d in persisted.local {
             let (job, number) = (d.record.job.clone(), d.record.number);

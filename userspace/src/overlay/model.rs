@@ -2,7 +2,7 @@
 //! table entries) and the service IPs they carry, compiled into map tables.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use tapmesh_common::overlay::{
     Instance, Instance6, Local, Local6, OverlayConfig, OverlayConfig6, INSTANCE_LOCAL,
@@ -113,15 +113,32 @@ impl InstanceRecord {
 #[derive(Default)]
 pub struct Ids {
     instances: BTreeMap<(String, u32), u32>,
-    services: BTreeMap<Ipv4Addr, u32>,
+    /// IPv4 and IPv6 service IPs share one id space (slot rows, RR turns, counters).
+    services: BTreeMap<IpAddr, u32>,
     generations: BTreeMap<u32, u32>,
     /// Each instance as last compiled (generation 0) with its service IPs
     /// and IPv6 address.
     last: BTreeMap<u32, (Instance, Vec<ServiceIp>, Option<Ipv6Addr>)>,
+    /// Ids in use at the last compile: an id freed now is not handed out
+    /// again before the writer has emptied it (no packet sees a new
+    /// instance or service under an old one's id).
+    cooling_instances: BTreeSet<u32>,
+    cooling_services: BTreeSet<u32>,
+    /// Instances restored from a saved state keep their generation at the
+    /// first compile (flows in kept conntrack maps stay bound).
+    restored: BTreeSet<u32>,
 }
 
-fn lowest_free(used: &BTreeSet<u32>, limit: u32) -> Option<u32> {
-    (0..limit).find(|i| !used.contains(i))
+/// What of [`Ids`] a restart keeps.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedIds {
+    pub instances: Vec<(String, u32, u32)>,
+    pub services: Vec<(IpAddr, u32)>,
+    pub generations: Vec<(u32, u32)>,
+}
+
+fn lowest_free(used: &BTreeSet<u32>, cooling: &BTreeSet<u32>, limit: u32) -> Option<u32> {
+    (0..limit).find(|i| !used.contains(i) && !cooling.contains(i))
 }
 
 /// Why the tables could not be compiled.
@@ -147,9 +164,38 @@ pub struct Settings {
 }
 
 impl Ids {
-    /// The id of each service IP in `tables` (for counters).
-    pub fn service_id(&self, addr: Ipv4Addr) -> Option<u32> {
+    /// The id of a service IP (for counters).
+    pub fn service_id(&self, addr: IpAddr) -> Option<u32> {
         self.services.get(&addr).copied()
+    }
+
+    pub fn saved(&self) -> SavedIds {
+        SavedIds {
+            instances: self
+                .instances
+                .iter()
+                .map(|((job, number), id)| (job.clone(), *number, *id))
+                .collect(),
+            services: self.services.iter().map(|(a, id)| (*a, *id)).collect(),
+            generations: self.generations.iter().map(|(id, g)| (*id, *g)).collect(),
+        }
+    }
+
+    /// Ids as a saved state left them: the same instances and service IPs
+    /// get the same ids, and generations go on from where they were.
+    pub fn restore(saved: SavedIds) -> Self {
+        let instances: BTreeMap<(String, u32), u32> = saved
+            .instances
+            .into_iter()
+            .map(|(job, number, id)| ((job, number), id))
+            .collect();
+        Self {
+            restored: instances.values().copied().collect(),
+            instances,
+            services: saved.services.into_iter().collect(),
+            generations: saved.generations.into_iter().collect(),
+            ..Self::default()
+        }
     }
 
     pub fn instance_id(&self, job: &str, number: u32) -> Option<u32> {
@@ -178,7 +224,7 @@ impl Ids {
                 Some(&id) => id,
                 None => {
                     let used: BTreeSet<u32> = self.instances.values().copied().collect();
-                    let id = lowest_free(&used, MAX_INSTANCES)
+                    let id = lowest_free(&used, &self.cooling_instances, MAX_INSTANCES)
                         .ok_or(ModelError::TooManyInstances(MAX_INSTANCES))?;
                     self.instances.insert(key, id);
                     id
@@ -232,9 +278,10 @@ impl Ids {
             // another instance, starts a new generation: the flows bound to
             // it pick again.
             let generation = self.generations.entry(id).or_insert(0);
-            let unchanged = self.last.get(&id).is_some_and(|(old, sips, v6)| {
-                *old == inst && *sips == record.service_ips && *v6 == record.ns_addr_v6
-            });
+            let unchanged = self.restored.remove(&id)
+                || self.last.get(&id).is_some_and(|(old, sips, v6)| {
+                    *old == inst && *sips == record.service_ips && *v6 == record.ns_addr_v6
+                });
             if !unchanged {
                 *generation = generation.wrapping_add(1);
             }
@@ -273,22 +320,26 @@ impl Ids {
             })
             .collect();
 
-        // Service IPs: every instance carrying one; the first type seen wins.
-        let mut carriers: BTreeMap<Ipv4Addr, (IpType, Vec<u32>)> = BTreeMap::new();
-        let mut weights: BTreeMap<(Ipv4Addr, u32), u32> = BTreeMap::new();
+        // Service IPs: every instance carrying one; the first type seen
+        // wins. An IPv6 service IP (`Address_v6`) is a service of its own
+        // whose slots hold only the instances that have IPv6.
+        let mut carriers: BTreeMap<IpAddr, (IpType, Vec<u32>)> = BTreeMap::new();
+        let mut weights: BTreeMap<(IpAddr, u32), u32> = BTreeMap::new();
         for (&id, record) in &record_of {
             for sip in &record.service_ips {
-                let entry = carriers
-                    .entry(sip.address)
-                    .or_insert((sip.ip_type, Vec::new()));
-                if entry.0 == sip.ip_type {
-                    entry.1.push(id);
-                    let w = if sip.weight == 0 {
-                        record.weight
-                    } else {
-                        sip.weight
-                    };
-                    weights.insert((sip.address, id), w);
+                let v6 = sip.address_v6.filter(|_| record.ns_addr_v6.is_some());
+                let addresses = [Some(IpAddr::V4(sip.address)), v6.map(IpAddr::V6)];
+                for addr in addresses.into_iter().flatten() {
+                    let entry = carriers.entry(addr).or_insert((sip.ip_type, Vec::new()));
+                    if entry.0 == sip.ip_type && !entry.1.contains(&id) {
+                        entry.1.push(id);
+                        let w = if sip.weight == 0 {
+                            record.weight
+                        } else {
+                            sip.weight
+                        };
+                        weights.insert((addr, id), w);
+                    }
                 }
             }
         }
@@ -298,7 +349,7 @@ impl Ids {
                 Some(&id) => id,
                 None => {
                     let used: BTreeSet<u32> = self.services.values().copied().collect();
-                    let id = lowest_free(&used, MAX_SERVICES)
+                    let id = lowest_free(&used, &self.cooling_services, MAX_SERVICES)
                         .ok_or(ModelError::TooManyServices(MAX_SERVICES))?;
                     self.services.insert(addr, id);
                     id
@@ -315,15 +366,19 @@ impl Ids {
                 }
                 IpType::InstanceNumber => ids.into_iter().take(1).collect(),
             };
-            tables.services.insert(
-                addr,
-                ServiceTable {
-                    id,
-                    policy: ip_type.policy(),
-                    slots,
-                },
-            );
+            let table = ServiceTable {
+                id,
+                policy: ip_type.policy(),
+                slots,
+            };
+            match addr {
+                IpAddr::V4(v4) => tables.services.insert(v4, table),
+                IpAddr::V6(v6) => tables.services6.insert(v6, table),
+            };
         }
+        self.cooling_instances = tables.instances.keys().copied().collect();
+        self.cooling_services = self.services.values().copied().collect();
+        self.restored.clear();
 
         let (prefix, len) = settings.service_prefix;
         let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
@@ -341,16 +396,6 @@ impl Ids {
             flags: 0,
         };
 
-        // IPv6 service IPs: the twin of an IPv4 one, the same service.
-        for record in record_of.values() {
-            for sip in &record.service_ips {
-                if let Some(v6) = sip.address_v6 {
-                    if tables.services.contains_key(&sip.address) {
-                        tables.services6.entry(v6).or_insert(sip.address);
-                    }
-                }
-            }
-        }
         let (prefix6, mask6) = match settings.service_prefix_v6 {
             Some((prefix, len)) => {
                 let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
@@ -552,7 +597,7 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_service_ips_share_their_ipv4_twin_and_instances_get_v6_addresses() {
+    fn ipv6_service_ips_are_services_of_their_own_over_the_instances_with_ipv6() {
         let v6 = |t: &str| -> Ipv6Addr { t.parse().unwrap() };
         let mut a = record(
             "app.ns.web.ns",
@@ -578,10 +623,13 @@ mod tests {
         let t = ids.compile(&[&a, &b], &settings(), &|_| 0).unwrap();
         let ia = ids.instance_id(&a.job, 0).unwrap();
         assert_eq!(t.services6.len(), 2);
-        assert_eq!(
-            t.services6[&v6("2001:db8:ff::10")],
-            Ipv4Addr::new(203, 0, 113, 10)
-        );
+        let rr = &t.services[&Ipv4Addr::new(203, 0, 113, 10)];
+        let rr6 = &t.services6[&v6("2001:db8:ff::10")];
+        assert_eq!(rr.slots.len(), 2, "both instances over IPv4");
+        assert_eq!(rr6.slots, vec![ia], "only a has IPv6");
+        assert_eq!(rr6.policy, rr.policy);
+        assert_ne!(rr6.id, rr.id, "its own slot row, RR turn and counters");
+        assert_eq!(ids.service_id(v6("2001:db8:ff::10").into()), Some(rr6.id));
         assert_eq!(t.instances6.len(), 1, "only a has IPv6");
         assert_eq!(
             t.instances6[&ia],
@@ -602,5 +650,79 @@ mod tests {
         a.ns_addr_v6 = Some(v6("2001:db8:1::3"));
         let t = ids.compile(&[&a, &b], &settings(), &|_| 0).unwrap();
         assert_ne!(t.instances[&ia].generation, g);
+    }
+
+    #[test]
+    fn an_id_freed_by_a_compile_is_not_reused_by_it() {
+        let a = record(
+            "app.ns.a.ns",
+            0,
+            [192, 0, 2, 2],
+            true,
+            &[(IpType::RoundRobin, [203, 0, 113, 10])],
+        );
+        let b = record(
+            "app.ns.b.ns",
+            0,
+            [192, 0, 2, 3],
+            true,
+            &[(IpType::RoundRobin, [203, 0, 113, 11])],
+        );
+        let mut ids = Ids::default();
+        let t = ids.compile(&[&a], &settings(), &|_| 0).unwrap();
+        let (ia, sa) = (
+            ids.instance_id(&a.job, 0).unwrap(),
+            t.services[&Ipv4Addr::new(203, 0, 113, 10)].id,
+        );
+        // a goes and b comes in one compile: b takes other ids.
+        let t = ids.compile(&[&b], &settings(), &|_| 0).unwrap();
+        let ib = ids.instance_id(&b.job, 0).unwrap();
+        assert_ne!(ib, ia);
+        assert_ne!(t.services[&Ipv4Addr::new(203, 0, 113, 11)].id, sa);
+        // One compile later the freed ids are free again.
+        let t = ids.compile(&[&b, &a], &settings(), &|_| 0).unwrap();
+        assert_eq!(ids.instance_id(&a.job, 0), Some(ia));
+        assert_eq!(t.services[&Ipv4Addr::new(203, 0, 113, 10)].id, sa);
+    }
+
+    #[test]
+    fn saved_ids_give_the_same_ids_and_generations_after_a_restart() {
+        let a = record(
+            "app.ns.a.ns",
+            0,
+            [192, 0, 2, 2],
+            true,
+            &[(IpType::RoundRobin, [203, 0, 113, 10])],
+        );
+        let b = record(
+            "app.ns.b.ns",
+            0,
+            [192, 0, 2, 3],
+            false,
+            &[(IpType::RoundRobin, [203, 0, 113, 10])],
+        );
+        let mut ids = Ids::default();
+        // b first, then a: ids a fresh start would hand out the other way round.
+        ids.compile(&[&b], &settings(), &|_| 0).unwrap();
+        let mut b2 = b.clone();
+        b2.service_ips[0].weight = 2; // other service IPs: a new generation
+        ids.compile(&[&b2], &settings(), &|_| 0).unwrap();
+        let before = ids.compile(&[&a, &b2], &settings(), &|_| 0).unwrap();
+        let saved = ids.saved();
+        let json = serde_json::to_string(&saved).unwrap();
+        let mut restored = Ids::restore(serde_json::from_str(&json).unwrap());
+        let after = restored.compile(&[&a, &b2], &settings(), &|_| 0).unwrap();
+        assert_eq!(
+            after.instances, before.instances,
+            "same ids, same generations"
+        );
+        assert_eq!(after.services, before.services);
+        // Later changes count on from there.
+        let again = restored.compile(&[&a], &settings(), &|_| 0).unwrap();
+        let ia = restored.instance_id(&a.job, 0).unwrap();
+        assert_eq!(
+            again.instances[&ia].generation,
+            before.instances[&ia].generation
+        );
     }
 }
