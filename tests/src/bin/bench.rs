@@ -936,21 +936,7 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
             &later_fragment,
         ),
     ] {
-        let first = bpf.run("tm_tc_service", frame, 1);
-        assert_eq!(first.action, TC_ACT_REDIRECT, "{name}: unexpected return value");
-        let out = &first.output;
-        assert_eq!(out.len(), frame.len() + 28, "{name}: not encapsulated");
-        assert_eq!(
-            (&out[30..34], &out[42 + 12..42 + 16], &out[42 + 16..42 + 20]),
-            (
-                &REMOTE_NODE.octets()[..],
-                &client_ip.octets()[..],
-                &instance_ns.octets()[..]
-            ),
-            "{name}: outer destination or inner addresses"
-        );
-        let (raw, floor) = measure_loop(bpf, "tm_tc_service", frame);
-        rows.push((name, raw, floor));
+        rows.push(tc_encap_row(bpf, name, frame, &client_ip.octets(), &instance_ns.octets()));
     }
     for (name, frame, source) in [
         (
@@ -1031,22 +1017,7 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
             &later6,
         ),
     ] {
-        let first = bpf.run("tm_tc_service", frame, 1);
-        assert_eq!(first.action, TC_ACT_REDIRECT, "{name}: unexpected return value");
-        let out = &first.output;
-        assert_eq!(out.len(), frame.len() + 28, "{name}: not encapsulated");
-        let inner = 42;
-        assert_eq!(
-            (&out[30..34], &out[inner + 8..inner + 24], &out[inner + 24..inner + 40]),
-            (
-                &REMOTE_NODE.octets()[..],
-                &client_ip6.octets()[..],
-                &instance_ns6.octets()[..]
-            ),
-            "{name}: outer destination or inner addresses"
-        );
-        let (raw, floor) = measure_loop(bpf, "tm_tc_service", frame);
-        rows.push((name, raw, floor));
+        rows.push(tc_encap_row(bpf, name, frame, &client_ip6.octets(), &instance_ns6.octets()));
     }
     let reply6_inner = ipv6(
         instance_ip6,
@@ -1087,6 +1058,39 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
     let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", &reply6);
     rows.push((name, raw, floor));
     rows
+}
+
+/// A TC service row whose packet leaves encapsulated to the remote node with
+/// the inner source and destination `inner_src`, `inner_dst` (IPv4 or IPv6).
+fn tc_encap_row(
+    bpf: &mut Bpf,
+    name: &'static str,
+    frame: &[u8],
+    inner_src: &[u8],
+    inner_dst: &[u8],
+) -> (&'static str, f64, f64) {
+    const TC_ACT_REDIRECT: u32 = 7;
+    let first = bpf.run("tm_tc_service", frame, 1);
+    assert_eq!(
+        first.action, TC_ACT_REDIRECT,
+        "{name}: unexpected return value"
+    );
+    let out = &first.output;
+    assert_eq!(out.len(), frame.len() + 28, "{name}: not encapsulated");
+    // The inner header starts at 42; its source at 12 (IPv4) or 8 (IPv6).
+    let src = 42 + if inner_src.len() == 4 { 12 } else { 8 };
+    let dst = src + inner_src.len();
+    assert_eq!(
+        (
+            &out[30..34],
+            &out[src..dst],
+            &out[dst..dst + inner_dst.len()]
+        ),
+        (&REMOTE_NODE.octets()[..], inner_src, inner_dst),
+        "{name}: outer destination or inner addresses"
+    );
+    let (raw, floor) = measure_loop(bpf, "tm_tc_service", frame);
+    (name, raw, floor)
 }
 
 /// Single kernel operations, each in a program of its own (`ebpf/src/probes.rs`),

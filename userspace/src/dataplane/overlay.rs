@@ -131,15 +131,50 @@ pub fn slot_writes(
     out
 }
 
-/// Whether an IPv4 service IP lies outside a config's prefix (no prefix: all do).
-fn outside(config: &OverlayConfig, a: std::net::Ipv4Addr) -> bool {
-    config.service_mask == 0 || addr_word(a) & config.service_mask != config.service_prefix
+/// A config with a service prefix and the "services outside the prefix" flag.
+trait Prefixed: Copy {
+    type Addr;
+    /// Whether a service IP lies outside the prefix (no prefix: all do).
+    fn outside(&self, a: &Self::Addr) -> bool;
+    fn flags(&self) -> u32;
+    fn with_flags(&self, flags: u32) -> Self;
+
+    /// `self` with the flag set when a service IP of `services` lies outside its prefix.
+    fn flagged<'a>(&self, services: impl IntoIterator<Item = &'a Self::Addr>) -> Self
+    where
+        Self::Addr: 'a,
+    {
+        let raised = services.into_iter().any(|a| self.outside(a));
+        self.with_flags(with_flag(self.flags(), raised))
+    }
 }
 
-fn outside6(config: &OverlayConfig6, a: std::net::Ipv6Addr) -> bool {
-    let w = addr6_words(a);
-    config.service_mask == [0; 4]
-        || (0..4).any(|i| w[i] & config.service_mask[i] != config.service_prefix[i])
+impl Prefixed for OverlayConfig {
+    type Addr = std::net::Ipv4Addr;
+    fn outside(&self, a: &Self::Addr) -> bool {
+        self.service_mask == 0 || addr_word(*a) & self.service_mask != self.service_prefix
+    }
+    fn flags(&self) -> u32 {
+        self.flags
+    }
+    fn with_flags(&self, flags: u32) -> Self {
+        Self { flags, ..*self }
+    }
+}
+
+impl Prefixed for OverlayConfig6 {
+    type Addr = std::net::Ipv6Addr;
+    fn outside(&self, a: &Self::Addr) -> bool {
+        let w = addr6_words(*a);
+        self.service_mask == [0; 4]
+            || (0..4).any(|i| w[i] & self.service_mask[i] != self.service_prefix[i])
+    }
+    fn flags(&self) -> u32 {
+        self.flags
+    }
+    fn with_flags(&self, flags: u32) -> Self {
+        Self { flags, ..*self }
+    }
 }
 
 fn with_flag(flags: u32, raised: bool) -> u32 {
@@ -150,51 +185,23 @@ fn with_flag(flags: u32, raised: bool) -> u32 {
     }
 }
 
-/// `config` with the flag set when a service IP of `services` lies outside its prefix.
-fn flagged<'a>(
-    config: &OverlayConfig,
-    services: impl IntoIterator<Item = &'a std::net::Ipv4Addr>,
-) -> OverlayConfig {
-    let raised = services.into_iter().any(|a| outside(config, *a));
-    OverlayConfig {
-        flags: with_flag(config.flags, raised),
-        ..*config
-    }
-}
-
 /// The config to hold while an apply goes from `current` (in the kernel)
 /// to `wanted`: `current` with the flag raised when a service IP of either
 /// side lies outside either prefix (so no service IP is passed by the
 /// prefix check in between); `None` when `current` already does.
-fn config_during<'a>(
-    current: &OverlayConfig,
-    wanted: &OverlayConfig,
-    services: impl IntoIterator<Item = &'a std::net::Ipv4Addr>,
-) -> Option<OverlayConfig> {
-    let raised = current.flags & CONFIG_SERVICES_OUTSIDE_PREFIX != 0;
+fn config_during<'a, C: Prefixed>(
+    current: &C,
+    wanted: &C,
+    services: impl IntoIterator<Item = &'a C::Addr>,
+) -> Option<C>
+where
+    C::Addr: 'a,
+{
+    let raised = current.flags() & CONFIG_SERVICES_OUTSIDE_PREFIX != 0;
     let needed = services
         .into_iter()
-        .any(|a| outside(current, *a) || outside(wanted, *a));
-    (needed && !raised).then(|| OverlayConfig {
-        flags: with_flag(current.flags, true),
-        ..*current
-    })
-}
-
-/// [`config_during`] for IPv6.
-fn config6_during<'a>(
-    current: &OverlayConfig6,
-    wanted: &OverlayConfig6,
-    services: impl IntoIterator<Item = &'a std::net::Ipv6Addr>,
-) -> Option<OverlayConfig6> {
-    let raised = current.flags & CONFIG_SERVICES_OUTSIDE_PREFIX != 0;
-    let needed = services
-        .into_iter()
-        .any(|a| outside6(current, *a) || outside6(wanted, *a));
-    (needed && !raised).then(|| OverlayConfig6 {
-        flags: with_flag(current.flags, true),
-        ..*current
-    })
+        .any(|a| current.outside(a) || wanted.outside(a));
+    (needed && !raised).then(|| current.with_flags(with_flag(current.flags(), true)))
 }
 
 fn service_value(table: &ServiceTable) -> Service {
@@ -204,6 +211,44 @@ fn service_value(table: &ServiceTable) -> Service {
         slots: table.slots.len() as u8,
         _pad: [0; 2],
     }
+}
+
+/// Writes the entries of `wanted` that `written` does not hold as they are
+/// into the hash map `name`.
+fn insert_changed<A: Ord, T: PartialEq, K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    wanted: &BTreeMap<A, T>,
+    written: &BTreeMap<A, T>,
+    key: impl Fn(&A) -> K,
+    value: impl Fn(&T) -> V,
+) -> Result<(), DataplaneError> {
+    let mut map: BpfHashMap<&mut MapData, K, V> =
+        BpfHashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    for (a, t) in wanted {
+        if written.get(a) != Some(t) {
+            map.insert(key(a), value(t), 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes from the hash map `name` the keys of `written` that `wanted` lacks.
+fn remove_unwanted<A: Ord, T, V: aya::Pod, K: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    wanted: &BTreeMap<A, T>,
+    written: &BTreeMap<A, T>,
+    key: impl Fn(&A) -> K,
+) -> Result<(), DataplaneError> {
+    let mut map: BpfHashMap<&mut MapData, K, V> =
+        BpfHashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    for a in written.keys() {
+        if !wanted.contains_key(a) {
+            let _ = map.remove(&key(a));
+        }
+    }
+    Ok(())
 }
 
 impl OverlayWriter {
@@ -235,7 +280,7 @@ impl OverlayWriter {
         ) {
             self.write_config(ebpf, during)?;
         }
-        if let Some(during) = config6_during(
+        if let Some(during) = config_during(
             &self.written.config6,
             &wanted.config6,
             wanted.services6.keys().chain(self.written.services6.keys()),
@@ -250,7 +295,7 @@ impl OverlayWriter {
         self.remove_locals(ebpf, wanted)?;
         self.remove_instances(ebpf, wanted)?;
         self.write_config6(ebpf, wanted.config6)?;
-        self.write_config(ebpf, flagged(&wanted.config, wanted.services.keys()))?;
+        self.write_config(ebpf, wanted.config.flagged(wanted.services.keys()))?;
         self.written = wanted.clone();
         Ok(())
     }
@@ -372,30 +417,24 @@ impl OverlayWriter {
         Ok(())
     }
 
-    fn add_locals(
-        &mut self,
-        ebpf: &mut Ebpf,
-        wanted: &OverlayTables,
-    ) -> Result<(), DataplaneError> {
-        let mut locals: BpfHashMap<&mut MapData, u32, Local> =
-            BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS)?).map_err(map_err(n::OV_LOCALS))?;
-        for (addr, local) in &wanted.locals {
-            if self.written.locals.get(addr) != Some(local) {
-                locals
-                    .insert(addr_word(*addr), *local, 0)
-                    .map_err(map_err(n::OV_LOCALS))?;
-            }
-        }
-        let mut locals6: BpfHashMap<&mut MapData, Addr6, Local6> =
-            BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS6)?).map_err(map_err(n::OV_LOCALS6))?;
-        for (addr, local) in &wanted.locals6 {
-            if self.written.locals6.get(addr) != Some(local) {
-                locals6
-                    .insert(addr6_words(*addr), *local, 0)
-                    .map_err(map_err(n::OV_LOCALS6))?;
-            }
-        }
-        Ok(())
+    fn add_locals(&self, ebpf: &mut Ebpf, wanted: &OverlayTables) -> Result<(), DataplaneError> {
+        let (w, was) = (wanted, &self.written);
+        insert_changed(
+            ebpf,
+            n::OV_LOCALS,
+            &w.locals,
+            &was.locals,
+            |a| addr_word(*a),
+            |l| *l,
+        )?;
+        insert_changed(
+            ebpf,
+            n::OV_LOCALS6,
+            &w.locals6,
+            &was.locals6,
+            |a| addr6_words(*a),
+            |l| *l,
+        )
     }
 
     fn write_local_slots(
@@ -460,73 +499,55 @@ impl OverlayWriter {
                 }
             }
         }
-        let mut services: BpfHashMap<&mut MapData, u32, Service> =
-            BpfHashMap::try_from(map_mut(ebpf, n::OV_SERVICES)?)
-                .map_err(map_err(n::OV_SERVICES))?;
-        for (addr, table) in &wanted.services {
-            if self.written.services.get(addr) != Some(table) {
-                services
-                    .insert(addr_word(*addr), service_value(table), 0)
-                    .map_err(map_err(n::OV_SERVICES))?;
-            }
-        }
-        let mut services6: BpfHashMap<&mut MapData, Addr6, Service> =
-            BpfHashMap::try_from(map_mut(ebpf, n::OV_SERVICES6)?)
-                .map_err(map_err(n::OV_SERVICES6))?;
-        for (addr, table) in &wanted.services6 {
-            if self.written.services6.get(addr) != Some(table) {
-                services6
-                    .insert(addr6_words(*addr), service_value(table), 0)
-                    .map_err(map_err(n::OV_SERVICES6))?;
-            }
-        }
-        Ok(())
+        let (w, was) = (wanted, &self.written);
+        insert_changed(
+            ebpf,
+            n::OV_SERVICES,
+            &w.services,
+            &was.services,
+            |a| addr_word(*a),
+            service_value,
+        )?;
+        insert_changed(
+            ebpf,
+            n::OV_SERVICES6,
+            &w.services6,
+            &was.services6,
+            |a| addr6_words(*a),
+            service_value,
+        )
     }
 
     fn remove_services(
-        &mut self,
+        &self,
         ebpf: &mut Ebpf,
         wanted: &OverlayTables,
     ) -> Result<(), DataplaneError> {
-        let mut services: BpfHashMap<&mut MapData, u32, Service> =
-            BpfHashMap::try_from(map_mut(ebpf, n::OV_SERVICES)?)
-                .map_err(map_err(n::OV_SERVICES))?;
-        for addr in self.written.services.keys() {
-            if !wanted.services.contains_key(addr) {
-                let _ = services.remove(&addr_word(*addr));
-            }
-        }
-        let mut services6: BpfHashMap<&mut MapData, Addr6, Service> =
-            BpfHashMap::try_from(map_mut(ebpf, n::OV_SERVICES6)?)
-                .map_err(map_err(n::OV_SERVICES6))?;
-        for addr in self.written.services6.keys() {
-            if !wanted.services6.contains_key(addr) {
-                let _ = services6.remove(&addr6_words(*addr));
-            }
-        }
-        Ok(())
+        let (w, was) = (wanted, &self.written);
+        remove_unwanted::<_, _, Service, _>(
+            ebpf,
+            n::OV_SERVICES,
+            &w.services,
+            &was.services,
+            |a| addr_word(*a),
+        )?;
+        remove_unwanted::<_, _, Service, _>(
+            ebpf,
+            n::OV_SERVICES6,
+            &w.services6,
+            &was.services6,
+            |a| addr6_words(*a),
+        )
     }
 
-    fn remove_locals(
-        &mut self,
-        ebpf: &mut Ebpf,
-        wanted: &OverlayTables,
-    ) -> Result<(), DataplaneError> {
-        let mut locals6: BpfHashMap<&mut MapData, Addr6, Local6> =
-            BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS6)?).map_err(map_err(n::OV_LOCALS6))?;
-        for addr in self.written.locals6.keys() {
-            if !wanted.locals6.contains_key(addr) {
-                let _ = locals6.remove(&addr6_words(*addr));
-            }
-        }
-        let mut locals: BpfHashMap<&mut MapData, u32, Local> =
-            BpfHashMap::try_from(map_mut(ebpf, n::OV_LOCALS)?).map_err(map_err(n::OV_LOCALS))?;
-        for addr in self.written.locals.keys() {
-            if !wanted.locals.contains_key(addr) {
-                let _ = locals.remove(&addr_word(*addr));
-            }
-        }
-        Ok(())
+    fn remove_locals(&self, ebpf: &mut Ebpf, wanted: &OverlayTables) -> Result<(), DataplaneError> {
+        let (w, was) = (wanted, &self.written);
+        remove_unwanted::<_, _, Local6, _>(ebpf, n::OV_LOCALS6, &w.locals6, &was.locals6, |a| {
+            addr6_words(*a)
+        })?;
+        remove_unwanted::<_, _, Local, _>(ebpf, n::OV_LOCALS, &w.locals, &was.locals, |a| {
+            addr_word(*a)
+        })
     }
 
     /// Removed instances: their slot is emptied with a new generation, so
@@ -693,18 +714,15 @@ mod tests {
         };
         let inside = [Ipv4Addr::new(10, 30, 1, 1)];
         let outside = [Ipv4Addr::new(10, 30, 1, 1), Ipv4Addr::new(192, 0, 2, 9)];
-        assert_eq!(flagged(&config, &inside).flags, 0);
+        assert_eq!(config.flagged(&inside).flags, 0);
         assert_eq!(
-            flagged(&config, &outside).flags,
+            config.flagged(&outside).flags,
             CONFIG_SERVICES_OUTSIDE_PREFIX
         );
         // No prefix: every service is outside it.
         let none = OverlayConfig::default();
-        assert_eq!(
-            flagged(&none, &inside).flags,
-            CONFIG_SERVICES_OUTSIDE_PREFIX
-        );
-        assert_eq!(flagged(&none, &[]).flags, 0);
+        assert_eq!(none.flagged(&inside).flags, CONFIG_SERVICES_OUTSIDE_PREFIX);
+        assert_eq!(none.flagged(&[]).flags, 0);
     }
 
     /// A packet uses a slot in state "one" only: every write either changes
@@ -801,10 +819,10 @@ mod tests {
             ..OverlayConfig6::default()
         };
         let leaving: std::net::Ipv6Addr = "2001:db8:9::1".parse().unwrap();
-        assert!(config6_during(&v6("2001:db8:ff::"), &v6("2001:db8:ff::"), &[leaving]).is_some());
+        assert!(config_during(&v6("2001:db8:ff::"), &v6("2001:db8:ff::"), &[leaving]).is_some());
         let inside: std::net::Ipv6Addr = "2001:db8:ff::1".parse().unwrap();
         assert_eq!(
-            config6_during(&v6("2001:db8:ff::"), &v6("2001:db8:ff::"), &[inside]),
+            config_during(&v6("2001:db8:ff::"), &v6("2001:db8:ff::"), &[inside]),
             None
         );
     }
