@@ -950,23 +950,7 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
             Ipv4Addr::new(203, 0, 113, 7),
         ),
     ] {
-        let first = bpf.run("tm_xdp_uplink", frame, 1);
-        assert_eq!(
-            first.action, XDP_REDIRECT,
-            "{name}: unexpected return value"
-        );
-        assert_eq!(
-            first.output.len(),
-            frame.len() - 28,
-            "{name}: not decapsulated"
-        );
-        assert_eq!(
-            (&first.output[0..6], &first.output[26..30]),
-            (&MAC_A[..], &source.octets()[..]),
-            "{name}: MAC or source"
-        );
-        let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", frame);
-        rows.push((name, raw, floor));
+        rows.push(xdp_decap_row(bpf, name, frame, &source.octets()));
     }
 
     // IPv6: a request (whole, then in two fragments) and the reply.
@@ -1040,24 +1024,37 @@ fn overlay_rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<(&'stati
         ),
     );
     let name = "XDP uplink: IPv6 tunnel reply → decap, reverse translation → container";
-    let first = bpf.run("tm_xdp_uplink", &reply6, 1);
+    rows.push(xdp_decap_row(bpf, name, &reply6, &service6.octets()));
+    rows
+}
+
+/// An uplink row whose tunnel packet is decapsulated and redirected to the
+/// container (MAC_A) with the inner source `source` (IPv4 or IPv6).
+fn xdp_decap_row(
+    bpf: &mut Bpf,
+    name: &'static str,
+    frame: &[u8],
+    source: &[u8],
+) -> (&'static str, f64, f64) {
+    let first = bpf.run("tm_xdp_uplink", frame, 1);
     assert_eq!(
         first.action, XDP_REDIRECT,
         "{name}: unexpected return value"
     );
     assert_eq!(
         first.output.len(),
-        reply6.len() - 28,
+        frame.len() - 28,
         "{name}: not decapsulated"
     );
+    // The source sits at 14 + 12 (IPv4) or 14 + 8 (IPv6).
+    let at = if source.len() == 4 { 26 } else { 22 };
     assert_eq!(
-        (&first.output[0..6], &first.output[22..38]),
-        (&MAC_A[..], &service6.octets()[..]),
+        (&first.output[0..6], &first.output[at..at + source.len()]),
+        (&MAC_A[..], source),
         "{name}: MAC or source"
     );
-    let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", &reply6);
-    rows.push((name, raw, floor));
-    rows
+    let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", frame);
+    (name, raw, floor)
 }
 
 /// A TC service row whose packet leaves encapsulated to the remote node with
