@@ -11,6 +11,7 @@ const PACKAGES: &[&str] = &[
     "llvm-22-dev",       // bpf-linker links against LLVM 22 (rustc's LLVM major)
     "libpolly-22-dev",   // needed by llvm-22-dev's cmake/link line
     "protobuf-compiler", // protoc for the gRPC protos
+    "libprotobuf-dev",   // google/protobuf/*.proto, which etcd-client's build script imports
     "bpftool",
     "iproute2",
     "iputils-ping",
