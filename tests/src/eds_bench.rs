@@ -192,7 +192,7 @@ pub fn eds_update_latency() -> String {
     let ns = lab();
     let name = ns.name.clone();
     let measured = std::thread::spawn(move || {
-        tapmesh::netns::enter(&name).map_err(|e| format!("entering {name}: {e}"))?;
+        tapmesh::net::netns::enter(&name).map_err(|e| format!("entering {name}: {e}"))?;
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

@@ -213,8 +213,8 @@ pub fn send_frames(netns: &str, interface: &str, frames: &[Vec<u8>]) {
     let interface = interface.to_string();
     let frames = frames.to_vec();
     std::thread::spawn(move || {
-        tapmesh::netns::enter(&netns).expect("entering the namespace");
-        let index = tapmesh::config::interface_index(&interface).expect("interface in namespace");
+        tapmesh::net::netns::enter(&netns).expect("entering the namespace");
+        let index = tapmesh::net::link::index(&interface).expect("interface in namespace");
         // SAFETY: plain socket calls with checked results.
         unsafe {
             let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);

@@ -93,7 +93,7 @@ impl Lab {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let sink_stop = stop.clone();
         let sink = std::thread::spawn(move || {
-            tapmesh::netns::enter(&sink).expect("sink namespace");
+            tapmesh::net::netns::enter(&sink).expect("sink namespace");
             let s = UdpSocket::bind("198.18.2.2:9").expect("sink socket");
             s.set_read_timeout(Some(Duration::from_millis(50))).ok();
             let mut buf = [0u8; 2048];

@@ -50,7 +50,7 @@ pub fn spawn_in<T: Send + 'static>(
     std::thread::Builder::new()
         .name(format!("in-{netns}"))
         .spawn(move || {
-            tapmesh::netns::enter(&netns)
+            tapmesh::net::netns::enter(&netns)
                 .unwrap_or_else(|e| panic!("entering namespace {netns}: {e}"));
             f()
         })

@@ -1,17 +1,17 @@
-//! Conduit plumbing for an application namespace (tapmesh::conduit_net): the
+//! Conduit plumbing for an application namespace (tapmesh::net): the
 //! veth pair with addresses, GRO and MTU, the VIPs with their source routing
 //! (proven by pings from a source the application has no route to), removal,
 //! and failures that leave nothing behind.
 
 use std::{fs::File, future::Future, net::IpAddr, process::Command};
 
-use tapmesh::conduit_net::{self, Cidr, ConduitNetError};
+use tapmesh::net::{link, route, veth, NetError, Prefix};
 use tapmesh_tests::{kernel_tests_enabled, unique, Netns};
 
 const TABLE: u32 = 100;
 const MTU: u32 = 1400;
 
-fn cidr(s: &str) -> Cidr {
+fn cidr(s: &str) -> Prefix {
     s.parse().expect("a CIDR")
 }
 
@@ -19,11 +19,11 @@ fn ip(s: &str) -> IpAddr {
     s.parse().expect("an address")
 }
 
-fn gateways() -> Vec<Cidr> {
+fn gateways() -> Vec<Prefix> {
     vec![cidr("198.18.0.1/24"), cidr("2001:db8:1::1/64")]
 }
 
-fn local() -> Vec<Cidr> {
+fn local() -> Vec<Prefix> {
     vec![cidr("198.18.0.2/24"), cidr("2001:db8:1::2/64")]
 }
 
@@ -51,7 +51,7 @@ where
 {
     std::thread::scope(|s| {
         s.spawn(|| {
-            tapmesh::netns::enter(&node.name).expect("entering the node namespace");
+            tapmesh::net::netns::enter(&node.name).expect("entering the node namespace");
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -129,9 +129,9 @@ fn cidr_parses_and_prints() {
     }
     assert_eq!(
         cidr("198.18.0.2/24"),
-        Cidr {
+        Prefix {
             addr: ip("198.18.0.2"),
-            prefix: 24
+            len: 24
         }
     );
     for bad in [
@@ -143,7 +143,7 @@ fn cidr_parses_and_prints() {
         "198.18.0.2/-1",
         "",
     ] {
-        assert!(bad.parse::<Cidr>().is_err(), "{bad:?} parsed");
+        assert!(bad.parse::<Prefix>().is_err(), "{bad:?} parsed");
     }
 }
 
@@ -163,7 +163,7 @@ fn conduit_lifecycle() {
     // 1. The veth pair.
     let link = in_node(
         &node,
-        conduit_net::create(&app_ns, &host, &peer, &gateways(), &local(), MTU),
+        veth::create(&app_ns, &host, &peer, &gateways(), &local(), MTU),
     )
     .expect("create");
     assert_eq!(link.host_ifname, host);
@@ -175,8 +175,8 @@ fn conduit_lifecycle() {
         !has_link(&node, &peer),
         "the peer is not in the node namespace"
     );
-    assert!(in_node(&node, conduit_net::exists(&host)).unwrap());
-    assert!(!in_node(&node, conduit_net::exists(&peer)).unwrap());
+    assert!(in_node(&node, link::exists(&host)).unwrap());
+    assert!(!in_node(&node, link::exists(&peer)).unwrap());
 
     let node_link = show(&node, &["-o", "link", "show", &host]);
     let app_link = show(&app, &["-o", "link", "show", &peer]);
@@ -218,7 +218,7 @@ fn conduit_lifecycle() {
     let before = app_state(&app);
     let refused = in_node(
         &node,
-        conduit_net::set_vips(
+        route::set_vips(
             &app_ns,
             &peer,
             &local(),
@@ -227,16 +227,13 @@ fn conduit_lifecycle() {
             TABLE,
         ),
     );
-    assert!(
-        matches!(refused, Err(ConduitNetError::Invalid(_))),
-        "{refused:?}"
-    );
+    assert!(matches!(refused, Err(NetError::Invalid(_))), "{refused:?}");
     assert_eq!(app_state(&app), before);
 
     let vips = [cidr("192.0.2.10/32"), cidr("2001:db8:ff::10/128")];
     in_node(
         &node,
-        conduit_net::set_vips(&app_ns, &peer, &local(), &vips, &gateway_ips(), TABLE),
+        route::set_vips(&app_ns, &peer, &local(), &vips, &gateway_ips(), TABLE),
     )
     .expect("set_vips");
     let addr = show(&app, &["-o", "addr", "show", "dev", &peer]);
@@ -308,7 +305,7 @@ fn conduit_lifecycle() {
     let vips = [cidr("192.0.2.11/32")];
     in_node(
         &node,
-        conduit_net::set_vips(&app_ns, &peer, &local(), &vips, &gateway_ips(), TABLE),
+        route::set_vips(&app_ns, &peer, &local(), &vips, &gateway_ips(), TABLE),
     )
     .expect("set_vips again");
     let addr = show(&app, &["-o", "addr", "show", "dev", &peer]);
@@ -338,17 +335,17 @@ fn conduit_lifecycle() {
     let before = app_state(&app);
     in_node(
         &node,
-        conduit_net::set_vips(&app_ns, &peer, &local(), &vips, &gateway_ips(), TABLE),
+        route::set_vips(&app_ns, &peer, &local(), &vips, &gateway_ips(), TABLE),
     )
     .expect("identical set_vips");
     assert_eq!(app_state(&app), before);
 
     // 3. Delete: both ends go; deleting again is fine.
-    in_node(&node, conduit_net::delete(&host)).expect("delete");
+    in_node(&node, link::delete(&host)).expect("delete");
     assert!(!has_link(&node, &host));
     assert!(!has_link(&app, &peer));
-    assert!(!in_node(&node, conduit_net::exists(&host)).unwrap());
-    in_node(&node, conduit_net::delete(&host)).expect("a second delete");
+    assert!(!in_node(&node, link::exists(&host)).unwrap());
+    in_node(&node, link::delete(&host)).expect("a second delete");
 }
 
 #[test]
@@ -376,7 +373,7 @@ fn failed_create_leaves_nothing() {
     let (node_before, app_before) = (links(&node), links(&app));
     let err = in_node(
         &node,
-        conduit_net::create(&app_ns, &taken, &peer, &gateways(), &local(), MTU),
+        veth::create(&app_ns, &taken, &peer, &gateways(), &local(), MTU),
     )
     .expect_err("a taken host name");
     eprintln!("taken host name: {err}");
@@ -400,7 +397,7 @@ fn failed_create_leaves_nothing() {
     let (node_before, app_before) = (links(&node), links(&app));
     let err = in_node(
         &node,
-        conduit_net::create(&app_ns, &host, &taken_peer, &gateways(), &local(), MTU),
+        veth::create(&app_ns, &host, &taken_peer, &gateways(), &local(), MTU),
     )
     .expect_err("a taken peer name");
     eprintln!("taken peer name: {err}");
@@ -414,12 +411,12 @@ fn failed_create_leaves_nothing() {
     let (node_before, app_before) = (links(&node), links(&app_v4));
     let err = in_node(
         &node,
-        conduit_net::create(&app_v4_ns, &host, &peer, &gateways(), &local(), MTU),
+        veth::create(&app_v4_ns, &host, &peer, &gateways(), &local(), MTU),
     )
     .expect_err("IPv6 refused in the application namespace");
     eprintln!("IPv6 refused: {err}");
     assert!(err.to_string().contains("2001:db8:1::2/64"), "{err}");
     assert_eq!(links(&node), node_before);
     assert_eq!(links(&app_v4), app_before);
-    assert!(!in_node(&node, conduit_net::exists(&host)).unwrap());
+    assert!(!in_node(&node, link::exists(&host)).unwrap());
 }

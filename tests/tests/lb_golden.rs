@@ -1360,7 +1360,7 @@ impl Underlay {
         let name = self.ns.name.clone();
         std::thread::scope(|s| {
             s.spawn(move || {
-                tapmesh::netns::enter(&name).expect("entering the namespace");
+                tapmesh::net::netns::enter(&name).expect("entering the namespace");
                 f()
             })
             .join()

@@ -27,7 +27,7 @@ fn in_netns<T: Send + 'static>(
 ) -> std::thread::JoinHandle<T> {
     let netns = netns.to_string();
     std::thread::spawn(move || {
-        tapmesh::netns::enter(&netns).expect("entering the namespace");
+        tapmesh::net::netns::enter(&netns).expect("entering the namespace");
         f()
     })
 }

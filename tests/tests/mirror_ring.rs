@@ -105,7 +105,7 @@ fn mirror_into(interface: &str, socket: &RingSocket, modes: &[(XdpMode, &str)]) 
         attached,
         "attaching tm_xdp_mirror to {interface}: {errors:?}"
     );
-    let ifindex = tapmesh::config::interface_index(interface).expect("ring interface index");
+    let ifindex = tapmesh::net::link::index(interface).expect("ring interface index");
     let mut rings: HashMap<_, u32, u32> = HashMap::try_from(
         ebpf.map_mut(map_names::MIRROR_RINGS)
             .expect("tm_mirror_rings"),
@@ -198,7 +198,7 @@ fn tshark(path: &Path) -> Vec<(usize, u16)> {
 
 /// An AF_PACKET socket capturing what arrives on `interface` (call inside its namespace).
 fn capture_socket(interface: &str) -> OwnedFd {
-    let index = tapmesh::config::interface_index(interface).expect("capture interface");
+    let index = tapmesh::net::link::index(interface).expect("capture interface");
     let all = (libc::ETH_P_ALL as u16).to_be();
     // SAFETY: plain socket calls with checked results.
     unsafe {

@@ -3,10 +3,7 @@
 //! Precedence: flag > environment variable > file > default. Every problem is
 //! a [`ConfigError`] that names the setting and what to do about it.
 
-use std::{
-    ffi::CString,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use thiserror::Error;
@@ -439,7 +436,7 @@ impl Config {
             }
         }
         let v4 = |setting: &'static str, text: &str| -> Result<(), ConfigError> {
-            match text.parse::<crate::conduit_net::Cidr>() {
+            match text.parse::<crate::net::Prefix>() {
                 Ok(c) if c.addr.is_ipv4() => Ok(()),
                 _ => Err(bad(
                     setting,
@@ -451,7 +448,7 @@ impl Config {
         if let Some(s) = &nm.subnetwork {
             v4("netmanager.subnetwork", s)?;
         }
-        match nm.service_prefix_v6.parse::<crate::conduit_net::Cidr>() {
+        match nm.service_prefix_v6.parse::<crate::net::Prefix>() {
             Ok(c) if c.addr.is_ipv6() => {}
             _ => {
                 return Err(bad(
@@ -464,7 +461,7 @@ impl Config {
             }
         }
         if let Some(s) = &nm.subnetwork_v6 {
-            match s.parse::<crate::conduit_net::Cidr>() {
+            match s.parse::<crate::net::Prefix>() {
                 Ok(c) if c.addr.is_ipv6() => {}
                 _ => {
                     return Err(bad(
@@ -516,7 +513,7 @@ impl Config {
                         message: format!("interface {name:?} is listed twice"),
                     });
                 }
-                if interface_index(name).is_none() {
+                if crate::net::link::index(name).is_none() {
                     return Err(ConfigError::UnknownInterface {
                         setting,
                         name: name.clone(),
@@ -578,14 +575,6 @@ impl Config {
         })?;
         Ok(())
     }
-}
-
-/// The index of a network interface in the current namespace.
-pub fn interface_index(name: &str) -> Option<u32> {
-    let c = CString::new(name).ok()?;
-    // SAFETY: a valid NUL-terminated string.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    (index != 0).then_some(index)
 }
 
 #[cfg(test)]

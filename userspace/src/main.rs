@@ -10,7 +10,7 @@ use tapmesh::{
     dataplane::{DataplaneHandle, DataplanePlugin},
     lb::service::{LbPlugin, LbService},
     mirror::{MirrorPlugin, MirrorService},
-    netns,
+    net::netns,
     nsp::NspPlugin,
 };
 use tokio::signal::unix::{signal, SignalKind};

@@ -361,7 +361,7 @@ fn single_run_rows(bpf: &mut Bpf, writer: &mut LbWriter) -> Vec<(&'static str, f
     let name = ns.name.clone();
     let loop_rows = std::thread::scope(|s| {
         s.spawn(|| {
-            tapmesh::netns::enter(&name).expect("entering the bench namespace");
+            tapmesh::net::netns::enter(&name).expect("entering the bench namespace");
             pin_to_current_cpu();
             let first = bpf.run("tm_xdp_uplink", &to_remote, 1);
             let sport = u16::from_be_bytes([first.output[34], first.output[35]]);
@@ -434,7 +434,7 @@ fn main() {
         let name = ns.name.clone();
         let rows = std::thread::scope(|s| {
             s.spawn(|| {
-                tapmesh::netns::enter(&name).expect("entering the bench namespace");
+                tapmesh::net::netns::enter(&name).expect("entering the bench namespace");
                 pin_to_current_cpu();
                 overlay_rows(&mut bpf, tma_index, tma_mac)
             })

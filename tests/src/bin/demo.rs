@@ -142,7 +142,7 @@ fn run() -> bool {
     // 300 UDP flows from node2 to the VIP, from distinct source ports.
     let node2_name = node2.name.clone();
     std::thread::spawn(move || {
-        tapmesh::netns::enter(&node2_name).expect("entering node2");
+        tapmesh::net::netns::enter(&node2_name).expect("entering node2");
         for port in 0..FLOWS {
             let socket = UdpSocket::bind(("198.18.0.2", 20000 + port)).expect("bind");
             let _ = socket.send_to(b"demo", format!("{VIP}:9000"));

@@ -15,7 +15,7 @@ use aya::{
 use tapmesh_common::program_names;
 
 use super::DataplaneError;
-use crate::{config::XdpMode, netlink};
+use crate::{config::XdpMode, net::qdisc};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
@@ -132,7 +132,7 @@ pub fn xdp(
         program: name,
         mode: String::new(),
         created_clsact: false,
-        ifindex: crate::config::interface_index(interface),
+        ifindex: crate::net::link::index(interface),
     };
 
     let kept_pin = link_pin(pin_dir, interface);
@@ -241,7 +241,7 @@ pub fn tc_programs(
                     program: name,
                     mode: String::new(),
                     created_clsact: created_clsact && hook == Hook::TcIngress,
-                    ifindex: crate::config::interface_index(interface),
+                    ifindex: crate::net::link::index(interface),
                 });
             }
             Err(e) => {
@@ -249,7 +249,7 @@ pub fn tc_programs(
                     // Undo ingress (and the clsact its attachment carries).
                     let _ = detach_tc(ebpf, links, attachments, interface);
                 } else if created_clsact {
-                    let _ = netlink::delete_clsact(interface);
+                    let _ = qdisc::delete_clsact(interface);
                 }
                 return Err(e);
             }
@@ -291,7 +291,7 @@ pub fn keep(ebpf: &mut Ebpf, links: Links, pin_dir: &Path) -> Result<(), Datapla
 /// Removes the clsact qdiscs this daemon added.
 pub fn cleanup(attachments: &[Attachment]) {
     for a in attachments.iter().filter(|a| a.created_clsact) {
-        if let Err(e) = netlink::delete_clsact(&a.interface) {
+        if let Err(e) = qdisc::delete_clsact(&a.interface) {
             tracing::warn!(interface = %a.interface, "removing clsact: {e}");
         }
     }
@@ -346,7 +346,7 @@ pub fn xdp_mirror(
                     program: name,
                     mode: label.into(),
                     created_clsact: false,
-                    ifindex: crate::config::interface_index(interface),
+                    ifindex: crate::net::link::index(interface),
                 });
             }
             Err(e) => errors.push(format!("{label}: {e}")),

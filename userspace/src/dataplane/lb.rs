@@ -109,14 +109,8 @@ pub struct TunnelSettings {
     pub address: Option<std::net::Ipv4Addr>,
 }
 
-/// The resolved next hop towards a remote node: egress interface, the next
-/// hop's MAC and the egress interface's MAC.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Hop {
-    pub ifindex: u32,
-    pub dst_mac: [u8; 6],
-    pub src_mac: [u8; 6],
-}
+/// The resolved next hop towards a remote node (from the neighbour resolver).
+pub use crate::net::Hop;
 
 /// Finds a local interface's index and MAC.
 pub type Resolver<'a> = &'a dyn Fn(&str) -> Result<(u32, [u8; 6]), String>;

@@ -133,7 +133,7 @@ impl DataplaneHandle {
     ) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
         let running = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
-        let resolve = |name: &str| crate::netlink::interface_mac(name).map_err(|e| e.to_string());
+        let resolve = |name: &str| crate::net::link::mac(name).map_err(|e| e.to_string());
         tokio::task::block_in_place(|| running.lb.apply(&mut running.ebpf, valid, tunnel, &resolve))
     }
 
@@ -160,7 +160,7 @@ impl DataplaneHandle {
     pub async fn attach_tap(&self, interface: &str) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
         let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
-        let ifindex = crate::config::interface_index(interface);
+        let ifindex = crate::net::link::index(interface);
         let has = |hook: Hook| {
             r.attachments
                 .iter()

@@ -7,8 +7,10 @@
 
 use std::collections::HashMap;
 
+use crate::net::Prefix;
+
 use super::spec::{
-    check_flow_count, ByteMatch, Flow, FlowError, FlowSet, PortRange, Prefix, ProtoClass, Vip,
+    check_flow_count, ByteMatch, Flow, FlowError, FlowSet, PortRange, ProtoClass, Vip,
 };
 
 /// Per-bit flow data the classifier needs after the mask lookups.
@@ -78,7 +80,7 @@ impl SourceTable {
     pub fn lookup(&self, addr: &[u8; 16]) -> u64 {
         (0..=128u8)
             .rev()
-            .find_map(|len| self.index.get(&Prefix::new(*addr, len)).copied())
+            .find_map(|len| self.index.get(&Prefix::new(*addr, len).network()).copied())
             .unwrap_or(0)
     }
 }
@@ -568,7 +570,7 @@ mod tests {
             .iter()
             .map(|e| (e.prefix, e.mask))
             .collect();
-        let p = |c: &str| Prefix::parse_cidr(c).unwrap();
+        let p = |c: &str| c.parse::<Prefix>().unwrap().mapped().network();
         assert_eq!(
             entries,
             [
@@ -859,7 +861,7 @@ mod tests {
         let src = u128::from_be_bytes(p.src);
         let in_prefix = |q: &Prefix| {
             let shift = 128 - u32::from(q.len);
-            shift == 128 || (src >> shift) == (u128::from_be_bytes(q.addr) >> shift)
+            shift == 128 || (src >> shift) == (u128::from_be_bytes(q.octets()) >> shift)
         };
         let in_ports = |rs: &[PortRange], port: u16| {
             rs.is_empty() || rs.iter().any(|r| r.lo <= port && port <= r.hi)

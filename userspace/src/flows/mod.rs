@@ -12,6 +12,6 @@ pub use compile::{
     PortTable, SourceEntry, SourceTable,
 };
 pub use spec::{
-    ByteMatch, Flow, FlowError, FlowSet, FlowSpec, PortRange, Prefix, ProtoClass, Protocol, Vip,
-    VipSpec, MAX_FLOWS_PER_VIP,
+    ByteMatch, Flow, FlowError, FlowSet, FlowSpec, PortRange, ProtoClass, Protocol, Vip, VipSpec,
+    MAX_FLOWS_PER_VIP,
 };

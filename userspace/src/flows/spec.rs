@@ -1,9 +1,11 @@
 //! Flow and VIP model (Meridio nsp.v1 compatible), parsing and validation.
 
 use std::collections::HashSet;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
+
+use crate::net::Prefix;
 
 /// Most flows one VIP may carry (the classifier uses u64 masks).
 pub const MAX_FLOWS_PER_VIP: usize = 64;
@@ -186,85 +188,10 @@ fn parse_dec_u16(s: &str) -> Option<u16> {
     s.parse().ok()
 }
 
-/// A prefix in the 16-byte IPv6 space (IPv4 as `::ffff:a.b.c.d`, length + 96).
-/// Host bits are always zero.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Prefix {
-    pub addr: [u8; 16],
-    pub len: u8,
-}
-
-impl Prefix {
-    /// Builds a prefix, clearing host bits (`len` is capped at 128).
-    pub fn new(addr: [u8; 16], len: u8) -> Self {
-        let len = len.min(128);
-        Self {
-            addr: mask_addr(&addr, len),
-            len,
-        }
-    }
-
-    /// Parses "a.b.c.d/n" or "x::y/n".
-    pub fn parse_cidr(s: &str) -> Result<Self, &'static str> {
-        let (ip, len) = s.split_once('/').ok_or("missing \"/length\"")?;
-        if len.is_empty() || len.len() > 3 || !len.bytes().all(|b| b.is_ascii_digit()) {
-            return Err("prefix length is not a number");
-        }
-        let len: u8 = len.parse().map_err(|_| "prefix length too large")?;
-        Self::from_ip_len(ip, Some(len))
-    }
-
-    /// Parses a host address ("20.0.0.1", "2001:db8::1") or a CIDR.
-    pub fn parse_host_or_cidr(s: &str) -> Result<Self, &'static str> {
-        if s.contains('/') {
-            Self::parse_cidr(s)
-        } else {
-            Self::from_ip_len(s, None)
-        }
-    }
-
-    fn from_ip_len(ip: &str, len: Option<u8>) -> Result<Self, &'static str> {
-        if let Ok(v4) = ip.parse::<Ipv4Addr>() {
-            let len = len.unwrap_or(32);
-            if len > 32 {
-                return Err("IPv4 prefix length above 32");
-            }
-            Ok(Self::new(v4.to_ipv6_mapped().octets(), len + 96))
-        } else if let Ok(v6) = ip.parse::<Ipv6Addr>() {
-            let len = len.unwrap_or(128);
-            if len > 128 {
-                return Err("IPv6 prefix length above 128");
-            }
-            Ok(Self::new(v6.octets(), len))
-        } else {
-            Err("not an IPv4 or IPv6 address")
-        }
-    }
-
-    /// True if `addr` is inside this prefix.
-    pub fn contains(&self, addr: &[u8; 16]) -> bool {
-        mask_addr(addr, self.len) == self.addr
-    }
-
-    /// True if `other` is equal to or nested inside this prefix.
-    pub fn covers(&self, other: &Prefix) -> bool {
-        self.len <= other.len && self.contains(&other.addr)
-    }
-
-    /// True for prefixes inside `::ffff:0:0/96`.
-    pub fn is_v4_mapped(&self) -> bool {
-        self.len >= 96 && self.addr[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff]
-    }
-}
-
-/// Clears all bits of `addr` after the first `len`.
-pub(crate) fn mask_addr(addr: &[u8; 16], len: u8) -> [u8; 16] {
-    let mask = match len {
-        0 => 0,
-        l if l >= 128 => u128::MAX,
-        l => u128::MAX << (128 - u32::from(l)),
-    };
-    (u128::from_be_bytes(*addr) & mask).to_be_bytes()
+/// A VIP or source subnet where the LB's maps keep it: in the 16-byte
+/// space (IPv4 as `::ffff:a.b.c.d`, length + 96), host bits cleared.
+fn lb_prefix(prefix: Prefix) -> Prefix {
+    prefix.mapped().network()
 }
 
 /// One tcpdump-like byte match: `(be(l4[offset..offset+nbytes]) & mask) == value`,
@@ -432,13 +359,13 @@ pub struct Vip {
 impl Vip {
     pub fn parse(spec: &VipSpec) -> Result<Self, FlowError> {
         validate_name("VIP name", &spec.name)?;
-        let prefix = Prefix::parse_host_or_cidr(&spec.address).map_err(|reason| {
-            FlowError::BadVipAddress {
+        let prefix = Prefix::parse_host_or_prefix(&spec.address)
+            .map(lb_prefix)
+            .map_err(|e| FlowError::BadVipAddress {
                 vip: spec.name.clone(),
                 value: spec.address.clone(),
-                reason,
-            }
-        })?;
+                reason: e.reason(),
+            })?;
         let host = spec.address.split('/').next().unwrap_or_default();
         Ok(Self {
             name: spec.name.clone(),
@@ -495,11 +422,14 @@ impl Flow {
 
         let mut source_subnets = Vec::new();
         for s in &spec.source_subnets {
-            let p = Prefix::parse_cidr(s).map_err(|reason| FlowError::BadCidr {
-                flow: flow.clone(),
-                value: s.clone(),
-                reason,
-            })?;
+            let p = s
+                .parse::<Prefix>()
+                .map(lb_prefix)
+                .map_err(|e| FlowError::BadCidr {
+                    flow: flow.clone(),
+                    value: s.clone(),
+                    reason: e.reason(),
+                })?;
             source_subnets.push(p);
         }
         // All /0 (as written: v4 /0 is /96 in the mapped space) means any source.
@@ -810,28 +740,34 @@ mod tests {
         assert_eq!(Flow::parse(&f).unwrap().priority, i32::MAX as u32);
     }
 
+    fn parse_cidr(s: &str) -> Result<Prefix, &'static str> {
+        s.parse::<Prefix>()
+            .map(lb_prefix)
+            .map_err(crate::net::PrefixError::reason)
+    }
+
     #[test]
     fn cidrs() {
-        let v4 = Prefix::parse_cidr("124.0.0.0/24").unwrap();
+        let v4 = parse_cidr("124.0.0.0/24").unwrap();
         assert_eq!(v4.len, 120);
         assert_eq!(
-            v4.addr,
+            v4.octets(),
             [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 124, 0, 0, 0]
         );
         assert!(v4.is_v4_mapped());
-        let v6 = Prefix::parse_cidr("2001::/32").unwrap();
+        let v6 = parse_cidr("2001::/32").unwrap();
         assert_eq!(v6.len, 32);
-        assert_eq!(&v6.addr[..4], &[0x20, 0x01, 0, 0]);
+        assert_eq!(&v6.octets()[..4], &[0x20, 0x01, 0, 0]);
         assert!(!v6.is_v4_mapped());
         // Host bits are cleared.
         assert_eq!(
-            Prefix::parse_cidr("10.1.2.3/8").unwrap(),
-            Prefix::parse_cidr("10.0.0.0/8").unwrap()
+            parse_cidr("10.1.2.3/8").unwrap(),
+            parse_cidr("10.0.0.0/8").unwrap()
         );
-        assert_eq!(Prefix::parse_cidr("0.0.0.0/0").unwrap().len, 96);
-        assert_eq!(Prefix::parse_cidr("::/0").unwrap().len, 0);
-        assert_eq!(Prefix::parse_cidr("1.2.3.4/32").unwrap().len, 128);
-        assert_eq!(Prefix::parse_cidr("::1/128").unwrap().len, 128);
+        assert_eq!(parse_cidr("0.0.0.0/0").unwrap().len, 96);
+        assert_eq!(parse_cidr("::/0").unwrap().len, 0);
+        assert_eq!(parse_cidr("1.2.3.4/32").unwrap().len, 128);
+        assert_eq!(parse_cidr("::1/128").unwrap().len, 128);
         for bad in [
             "10.0.0.0",
             "10.0.0.0/33",
@@ -846,7 +782,7 @@ mod tests {
             "2001:::1/64",
             "10.0.0.0/1000",
         ] {
-            assert!(Prefix::parse_cidr(bad).is_err(), "{bad:?}");
+            assert!(parse_cidr(bad).is_err(), "{bad:?}");
         }
 
         let mut f = flow("f");
@@ -880,7 +816,7 @@ mod tests {
         };
         let host = v("20.0.0.1").unwrap();
         assert_eq!((host.prefix.len, host.v6), (128, false));
-        assert_eq!(&host.prefix.addr[10..], &[0xff, 0xff, 20, 0, 0, 1]);
+        assert_eq!(&host.prefix.octets()[10..], &[0xff, 0xff, 20, 0, 0, 1]);
         assert_eq!(v("20.0.0.0/24").unwrap().prefix.len, 120);
         let h6 = v("2001:db8::1").unwrap();
         assert_eq!((h6.prefix.len, h6.v6), (128, true));

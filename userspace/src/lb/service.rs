@@ -2,11 +2,15 @@
 //! every change as a whole and hands it to the dataplane. A rejected change
 //! leaves the maps (and the held configuration) as they were.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use thiserror::Error;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::model::{validate, validate_with, LbError, LbSpec, StreamSpec, Tables, TargetSpec};
@@ -15,6 +19,11 @@ use crate::{
     core::{Plugin, PluginError},
     dataplane::{lb::TunnelSettings, DataplaneError, DataplaneHandle},
     flows::{FlowSpec, VipSpec},
+    net::{
+        neigh::{self, Resolver, Unresolved},
+        watch::{Change, Watch},
+        Hop,
+    },
 };
 
 #[derive(Debug, Error)]
@@ -68,6 +77,9 @@ pub struct LbService {
     dataplane: DataplaneHandle,
     spec: Mutex<Sources>,
     tunnel: std::sync::Mutex<TunnelSettings>,
+    hops: std::sync::Mutex<Hops>,
+    /// Raised when a change was applied (its remote nodes may differ).
+    nodes_changed: Notify,
 }
 
 impl LbService {
@@ -76,6 +88,8 @@ impl LbService {
             dataplane,
             spec: Mutex::new(Sources::default()),
             tunnel: std::sync::Mutex::new(TunnelSettings::default()),
+            hops: std::sync::Mutex::new(Hops::default()),
+            nodes_changed: Notify::new(),
         }
     }
 
@@ -121,7 +135,7 @@ impl LbService {
                 .dataplane
                 .apply_lb(&valid, self.tunnel())
                 .await
-                .map(|_| keep_neighbours_resolved(&valid))
+                .map(|_| self.nodes_changed.notify_one())
                 .map_err(LbServiceError::from),
             Err(e) => Err(e.into()),
         };
@@ -145,7 +159,7 @@ impl LbService {
         let merged = sources.merged(&new);
         let valid = validate_with(&merged, &mut sources.tables)?;
         self.dataplane.apply_lb(&valid, self.tunnel()).await?;
-        keep_neighbours_resolved(&valid);
+        self.nodes_changed.notify_one();
         sources.own = new;
         Ok(())
     }
@@ -213,132 +227,63 @@ impl LbService {
     }
 }
 
-/// XDP can only send to a node whose neighbour entry is resolved (it drops
-/// with `no_neighbour` otherwise), so every remote node gets a *managed*
-/// neighbour entry, which the kernel keeps resolved. Existing entries stay.
-fn keep_neighbours_resolved(valid: &super::model::ValidLb) {
-    let nodes: std::collections::BTreeSet<std::net::Ipv4Addr> = valid
-        .targets
-        .iter()
-        .filter_map(|t| match t.via {
-            super::model::ValidVia::Remote { node } => Some(node),
-            _ => None,
-        })
-        .collect();
-    for node in nodes {
-        tokio::spawn(async move {
-            let node = node.to_string();
-            let route = tokio::process::Command::new("ip")
-                .args(["-o", "route", "get", &node])
-                .output()
-                .await;
-            let text = match route {
-                Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout).to_string(),
-                _ => {
-                    tracing::warn!(%node, "no route to the remote node; its targets get no traffic");
-                    return;
-                }
-            };
-            let Some(dev) = text
-                .split_whitespace()
-                .skip_while(|w| *w != "dev")
-                .nth(1)
-                .map(str::to_string)
-            else {
-                return;
-            };
-            let gateway = text
-                .split_whitespace()
-                .skip_while(|w| *w != "via")
-                .nth(1)
-                .map(str::to_string);
-            let hop = gateway.unwrap_or(node.clone());
-            let added = tokio::process::Command::new("ip")
-                .args(["neigh", "add", &hop, "dev", &dev, "managed"])
-                .output()
-                .await;
-            if let Ok(out) = added {
-                if out.status.success() {
-                    tracing::info!(%node, %hop, %dev, "managed neighbour entry added");
-                }
-            }
-        });
-    }
+/// What the next-hop follower knows: the hops written, the neighbours they
+/// depend on (resolved or not), and how often it resolved.
+#[derive(Default)]
+struct Hops {
+    written: Option<BTreeMap<Ipv4Addr, Hop>>,
+    neighbours: BTreeSet<(u32, IpAddr)>,
+    nodes: usize,
+    resolutions: u64,
 }
 
-/// Finds the egress interface and MACs towards `node` from the kernel's route
-/// and neighbour tables (only a resolved neighbour counts).
-async fn resolve_hop(node: std::net::Ipv4Addr) -> Option<crate::dataplane::lb::Hop> {
-    let run = |args: Vec<String>| async move {
-        let out = tokio::process::Command::new("ip")
-            .args(&args)
-            .output()
-            .await
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).to_string())
-    };
-    let word_after = |text: &str, key: &str| {
-        text.split_whitespace()
-            .skip_while(|w| *w != key)
-            .nth(1)
-            .map(str::to_string)
-    };
-    let route = run(vec![
-        "-o".into(),
-        "route".into(),
-        "get".into(),
-        node.to_string(),
-    ])
-    .await?;
-    let dev = word_after(&route, "dev")?;
-    let hop = word_after(&route, "via").unwrap_or(node.to_string());
-    let neigh = run(vec![
-        "neigh".into(),
-        "show".into(),
-        hop,
-        "dev".into(),
-        dev.clone(),
-    ])
-    .await?;
-    let resolved = ["REACHABLE", "STALE", "DELAY", "PROBE", "PERMANENT", "NOARP"]
-        .iter()
-        .any(|s| neigh.contains(s));
-    let dst = word_after(&neigh, "lladdr").filter(|_| resolved)?;
-    let link = run(vec![
-        "-o".into(),
-        "link".into(),
-        "show".into(),
-        "dev".into(),
-        dev.clone(),
-    ])
-    .await?;
-    let src = word_after(&link, "link/ether")?;
-    let index: u32 = link.split(':').next()?.trim().parse().ok()?;
-    let mac = |text: &str| {
-        let mut m = [0u8; 6];
-        let parts: Vec<&str> = text.split(':').collect();
-        if parts.len() != 6 {
-            return None;
+/// Resolves the next hop of each node. XDP can only send to a node whose
+/// neighbour is resolved (it drops with `no_neighbour` otherwise), so a node
+/// whose next hop has no neighbour entry gets a *managed* one, which the
+/// kernel keeps resolved; existing entries stay as they are.
+fn resolve_hops(nodes: &[Ipv4Addr]) -> (BTreeMap<Ipv4Addr, Hop>, BTreeSet<(u32, IpAddr)>) {
+    let (mut hops, mut neighbours) = (BTreeMap::new(), BTreeSet::new());
+    let addresses: Vec<IpAddr> = nodes.iter().map(|&n| n.into()).collect();
+    let resolved = match Resolver::new().and_then(|mut r| r.next_hops(&addresses)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("remote nodes' next hops: {e}");
+            return (hops, neighbours);
         }
-        for (b, p) in m.iter_mut().zip(parts) {
-            *b = u8::from_str_radix(p, 16).ok()?;
-        }
-        Some(m)
     };
-    Some(crate::dataplane::lb::Hop {
-        ifindex: index,
-        dst_mac: mac(&dst)?,
-        src_mac: mac(&src)?,
-    })
+    for (&node, result) in nodes.iter().zip(resolved) {
+        match result {
+            Ok((hop, neighbour)) => {
+                neighbours.insert((hop.ifindex, neighbour));
+                hops.insert(node, hop);
+            }
+            Err(Unresolved::NoEntry { ifindex, address }) => {
+                neighbours.insert((ifindex, address));
+                match neigh::add_managed(ifindex, address) {
+                    Ok(true) => {
+                        tracing::info!(%node, hop = %address, ifindex, "managed neighbour entry added")
+                    }
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(%node, "{e}"),
+                }
+            }
+            Err(Unresolved::Waiting {
+                ifindex, address, ..
+            }) => {
+                neighbours.insert((ifindex, address));
+            }
+            Err(why @ Unresolved::Route(_)) => {
+                tracing::debug!(%node, "no next hop: {why}; the kernel's lookup is asked per packet")
+            }
+        }
+    }
+    (hops, neighbours)
 }
 
 impl LbService {
-    /// Resolves the next hop of every remote node and hands them to the
-    /// dataplane (which then skips the per-packet FIB lookup for them).
-    pub async fn refresh_hops(&self) {
-        let nodes: std::collections::BTreeSet<std::net::Ipv4Addr> = self
+    /// The remote nodes of the configuration in force.
+    async fn remote_nodes(&self) -> Vec<Ipv4Addr> {
+        let nodes: BTreeSet<Ipv4Addr> = self
             .spec()
             .await
             .targets
@@ -348,14 +293,91 @@ impl LbService {
                 _ => None,
             })
             .collect();
-        let mut hops = std::collections::BTreeMap::new();
-        for node in nodes {
-            if let Some(hop) = resolve_hop(node).await {
-                hops.insert(node, hop);
-            }
+        nodes.into_iter().collect()
+    }
+
+    /// Resolves the next hop of every remote node and hands them to the
+    /// dataplane (which then skips the per-packet FIB lookup for them) when
+    /// they changed.
+    pub async fn refresh_hops(&self) {
+        let nodes = self.remote_nodes().await;
+        let count = nodes.len();
+        let (hops, neighbours) = tokio::task::spawn_blocking(move || resolve_hops(&nodes))
+            .await
+            .unwrap_or_default();
+        let unchanged = {
+            let mut state = self.hops.lock().expect("hops lock");
+            state.neighbours = neighbours;
+            state.nodes = count;
+            state.resolutions += 1;
+            state.written.as_ref() == Some(&hops)
+        };
+        if unchanged {
+            return;
         }
-        if let Err(e) = self.dataplane.set_hops(hops).await {
-            tracing::debug!("next hops not written: {e}");
+        match self.dataplane.set_hops(hops.clone()).await {
+            Ok(()) => self.hops.lock().expect("hops lock").written = Some(hops),
+            Err(e) => tracing::debug!("next hops not written: {e}"),
+        }
+    }
+
+    /// Whether a change the kernel reported may move a next hop.
+    fn moves_hops(&self, change: Change) -> bool {
+        match change {
+            Change::Neighbour { ifindex, address } => self
+                .hops
+                .lock()
+                .expect("hops lock")
+                .neighbours
+                .contains(&(ifindex, address)),
+            Change::Link { .. } | Change::Routing | Change::Lost => true,
+        }
+    }
+}
+
+/// Keeps the remote nodes' next hops current: resolved again when the
+/// configuration's nodes change and when the kernel reports a change of
+/// routes, links or one of the hops' neighbours (a neighbour can change its
+/// MAC, a route its gateway). No polling.
+async fn follow_hops(service: Arc<LbService>, stop: CancellationToken) {
+    /// Changes come in bursts (a route and its neighbour, many links):
+    /// they are collected this long before resolving once.
+    const SETTLE: Duration = Duration::from_millis(10);
+    loop {
+        let mut watch = match Watch::start() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!("{e}; trying again in 1 s");
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        // What changed before the watch started is seen here.
+        service.refresh_hops().await;
+        'watching: loop {
+            let relevant = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = service.nodes_changed.notified() => true,
+                change = watch.next() => match change {
+                    Ok(c) => service.moves_hops(c),
+                    Err(e) => {
+                        tracing::warn!("{e}; watching again");
+                        break 'watching;
+                    }
+                },
+            };
+            if !relevant {
+                continue;
+            }
+            let settled = tokio::time::Instant::now() + SETTLE;
+            while let Ok(change) = tokio::time::timeout_at(settled, watch.next()).await {
+                if change.is_err() {
+                    break 'watching;
+                }
+            }
+            service.refresh_hops().await;
         }
     }
 }
@@ -435,19 +457,9 @@ impl Plugin for LbPlugin {
             .apply(initial)
             .await
             .map_err(|e| PluginError::new(e.to_string()))?;
-        // Keep remote nodes' next hops current (a neighbour can change its MAC).
-        let service = self.service.clone();
         let stop = scope.child_token();
         *self.refresher.lock().expect("refresher lock") = Some(stop.clone());
-        tokio::spawn(async move {
-            loop {
-                service.refresh_hops().await;
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
-                }
-            }
-        });
+        tokio::spawn(follow_hops(self.service.clone(), stop));
         Ok(())
     }
 
@@ -459,7 +471,7 @@ impl Plugin for LbPlugin {
     }
 
     fn status(&self) -> String {
-        match self.service.spec.try_lock().map(|s| s.merged(&s.own)) {
+        let mut line = match self.service.spec.try_lock().map(|s| s.merged(&s.own)) {
             Ok(s) => format!(
                 "{} VIPs, {} streams, {} flows, {} targets",
                 s.vips.len(),
@@ -467,7 +479,16 @@ impl Plugin for LbPlugin {
                 s.flows.len(),
                 s.targets.len()
             ),
-            Err(_) => "busy".into(),
+            Err(_) => return "busy".into(),
+        };
+        let hops = self.service.hops.lock().expect("hops lock");
+        if hops.nodes > 0 {
+            let resolved = hops.written.as_ref().map_or(0, BTreeMap::len);
+            line += &format!(
+                "; next hops of {resolved}/{} remote nodes ({} resolutions)",
+                hops.nodes, hops.resolutions
+            );
         }
+        line
     }
 }

@@ -8,7 +8,8 @@ use tapmesh_common::lb::{
 };
 
 use super::model::ValidVia;
-use crate::flows::{CompiledFlow, CompiledVip, PortTable, Prefix, ProtoClass};
+use crate::flows::{CompiledFlow, CompiledVip, PortTable, ProtoClass};
+use crate::net::Prefix;
 
 // `ProtoClass as usize` indexes `VipConfig::protocol_masks`.
 const _: () = assert!(
@@ -34,9 +35,10 @@ pub struct VipTables {
 
 /// Key of `tm_vips` for a VIP prefix.
 pub fn vip_key(prefix: &Prefix) -> VipKey {
+    let prefix = prefix.mapped();
     VipKey {
         prefix_len: u32::from(prefix.len),
-        addr: prefix.addr,
+        addr: prefix.octets(),
     }
 }
 
@@ -71,7 +73,7 @@ pub fn vip_tables(
             let key = SourceKey {
                 prefix_len: 32 + u32::from(e.prefix.len),
                 config_id: cid,
-                addr: e.prefix.addr,
+                addr: e.prefix.octets(),
             };
             (key, FlowMask { mask: e.mask })
         })
@@ -228,14 +230,14 @@ mod tests {
 
     #[test]
     fn vip_keys() {
-        let k = vip_key(&Prefix::parse_host_or_cidr("20.0.0.1").unwrap());
+        let k = vip_key(&Prefix::parse_host_or_prefix("20.0.0.1").unwrap());
         assert_eq!(k.prefix_len, 128);
         assert_eq!(k.addr, v4("20.0.0.1"));
-        let k = vip_key(&Prefix::parse_host_or_cidr("2001:db8::/64").unwrap());
+        let k = vip_key(&Prefix::parse_host_or_prefix("2001:db8::/64").unwrap());
         assert_eq!((k.prefix_len, k.addr), (64, v6("2001:db8::")));
-        let k = vip_key(&Prefix::parse_host_or_cidr("::/0").unwrap());
+        let k = vip_key(&Prefix::parse_host_or_prefix("::/0").unwrap());
         assert_eq!(k, VipKey::default());
-        let k = vip_key(&Prefix::parse_host_or_cidr("20.0.0.0/24").unwrap());
+        let k = vip_key(&Prefix::parse_host_or_prefix("20.0.0.0/24").unwrap());
         assert_eq!(
             bytes(&k),
             [120, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 20, 0, 0, 0]
@@ -827,7 +829,7 @@ mod tests {
                 dst_port: rand_port(&mut r),
                 l4: &l4,
             };
-            let reference = lb.vips.iter().find(|v| v.prefix.contains(&dst));
+            let reference = lb.vips.iter().find(|v| v.prefix.contains(dst.into()));
             let want = reference
                 .and_then(|v| v.classify(&p))
                 .map(|f| (stream_id(&f.stream), flow_stats(&f.name)));

@@ -184,11 +184,10 @@ impl RingSocket {
         let no_interface = || RingError::NoInterface {
             interface: interface.into(),
         };
-        let name = CString::new(interface).map_err(|_| no_interface())?;
-        // SAFETY: a valid NUL-terminated string.
-        if unsafe { libc::if_nametoindex(name.as_ptr()) } == 0 {
+        if crate::net::link::index(interface).is_none() {
             return Err(no_interface());
         }
+        let name = CString::new(interface).map_err(|_| no_interface())?;
         let mut flags = SocketConfig::XDP_BIND_COPY | SocketConfig::XDP_BIND_NEED_WAKEUP;
         let deadline = Instant::now() + BUSY_WAIT;
         loop {
@@ -431,17 +430,12 @@ impl Sink {
                 pending: 0,
             }),
             Consumer::Forward(interface) => {
-                let index = CString::new(interface.as_str())
-                    .ok()
-                    // SAFETY: a valid NUL-terminated string.
-                    .map(|name| unsafe { libc::if_nametoindex(name.as_ptr()) })
-                    .filter(|&index| index != 0)
-                    .ok_or_else(|| {
-                        (
-                            "looking up the interface",
-                            io::Error::new(io::ErrorKind::NotFound, "no such interface"),
-                        )
-                    })?;
+                let index = crate::net::link::index(interface).ok_or_else(|| {
+                    (
+                        "looking up the interface",
+                        io::Error::new(io::ErrorKind::NotFound, "no such interface"),
+                    )
+                })?;
                 Ok(Sink::Forward {
                     socket: packet_socket(index).map_err(|e| ("opening an AF_PACKET socket", e))?,
                 })

@@ -14,10 +14,10 @@ use super::model::{
     parse_vlan_filter, Destination, MirrorError, Status, TapBackend, TapFlow, TapService,
 };
 use super::ring::{Consumer, MirrorRing, RingSocket, RingStats};
-use crate::config::interface_index;
 use crate::dataplane::mirror::MirrorTables;
 use crate::dataplane::DataplaneHandle;
 use crate::flows::spec::validate_name;
+use crate::net::link::index as interface_index;
 
 /// A tap flow with what the daemon knows of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -221,18 +221,18 @@ impl MirrorService {
     ) -> Result<Ring, MirrorError> {
         let host = format!("tmr{slot}");
         let peer = format!("tmr{slot}p");
-        let net = |e: crate::conduit_net::ConduitNetError| MirrorError::Dataplane(e.to_string());
-        let _ = crate::conduit_net::delete(&host).await;
-        let (_, peer_ifindex) = crate::conduit_net::create_local_pair(&host, &peer)
+        let net = |e: crate::net::NetError| MirrorError::Dataplane(e.to_string());
+        let _ = crate::net::link::delete(&host).await;
+        let (_, peer_ifindex) = crate::net::veth::create_local_pair(&host, &peer)
             .await
             .map_err(net)?;
         // Copies keep an offloaded VLAN tag only if it is written into the frame here.
-        if let Err(e) = crate::conduit_net::tx_vlan_offload_off(&host) {
-            let _ = crate::conduit_net::delete(&host).await;
+        if let Err(e) = crate::net::ethtool::tx_vlan_offload_off(&host) {
+            let _ = crate::net::link::delete(&host).await;
             return Err(net(e));
         }
         let undo = |e: MirrorError| async {
-            let _ = crate::conduit_net::delete(&host).await;
+            let _ = crate::net::link::delete(&host).await;
             e
         };
         let opened = {
@@ -287,7 +287,7 @@ impl MirrorService {
         let stats = tokio::task::spawn_blocking(move || ring.running.stop())
             .await
             .unwrap_or_default();
-        let _ = crate::conduit_net::delete(&ring.host).await;
+        let _ = crate::net::link::delete(&ring.host).await;
         stats
     }
 

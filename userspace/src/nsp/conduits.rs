@@ -1,42 +1,11 @@
 //! Conduit connections: one veth per (application namespace, conduit), its
 //! addresses from the node's conduit pools and the conduit's VIPs on it.
 
-use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::os::unix::fs::MetadataExt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::conduit_net::{Cidr, ConduitLink};
-
-/// A network namespace as the kernel names it (device and inode of its nsfs file).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct NetnsId {
-    pub dev: u64,
-    pub ino: u64,
-}
-
-impl NetnsId {
-    pub fn of(file: &File) -> std::io::Result<Self> {
-        let meta = file.metadata()?;
-        Ok(Self {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        })
-    }
-}
-
-/// The network namespace of process `pid`, checked against `expect` if given.
-pub fn netns_of_pid(pid: i32, expect: Option<NetnsId>) -> std::io::Result<(File, NetnsId)> {
-    let file = File::open(format!("/proc/{pid}/ns/net"))?;
-    let id = NetnsId::of(&file)?;
-    if expect.is_some_and(|e| e != id) {
-        return Err(std::io::Error::other(format!(
-            "process {pid} is no longer in that network namespace"
-        )));
-    }
-    Ok((file, id))
-}
+use crate::net::{netns::NetnsId, veth::Veth, Prefix};
 
 /// One application namespace connected to one conduit.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,17 +16,17 @@ pub struct Connection {
     pub trench: String,
     pub conduit: String,
     pub block: u32,
-    pub link: ConduitLink,
-    pub local: Vec<Cidr>,
-    pub gateways: Vec<Cidr>,
-    pub vips: Vec<Cidr>,
+    pub link: Veth,
+    pub local: Vec<Prefix>,
+    pub gateways: Vec<Prefix>,
+    pub vips: Vec<Prefix>,
     /// Policy routing table in the application namespace for VIP-sourced traffic.
     pub table: u32,
 }
 
 impl Connection {
     pub fn local_ips(&self) -> Vec<String> {
-        let mut ips: Vec<String> = self.local.iter().map(Cidr::to_string).collect();
+        let mut ips: Vec<String> = self.local.iter().map(Prefix::to_string).collect();
         ips.sort();
         ips
     }
@@ -89,18 +58,12 @@ impl Pools {
     }
 
     /// (gateways, local addresses) of block `n`.
-    pub fn block(&self, n: u32) -> (Vec<Cidr>, Vec<Cidr>) {
+    pub fn block(&self, n: u32) -> (Vec<Prefix>, Vec<Prefix>) {
         let (mut gateways, mut local) = (Vec::new(), Vec::new());
         if let Some((base, _)) = self.v4 {
             let at = |k: u32| IpAddr::V4(Ipv4Addr::from(u32::from(base) + 4 * n + k));
-            gateways.push(Cidr {
-                addr: at(1),
-                prefix: 30,
-            });
-            local.push(Cidr {
-                addr: at(2),
-                prefix: 30,
-            });
+            gateways.push(Prefix::new(at(1), 30));
+            local.push(Prefix::new(at(2), 30));
         }
         if let Some((base, _)) = self.v6 {
             let at = |k: u32| {
@@ -108,14 +71,8 @@ impl Pools {
                     u128::from(base) + 4 * u128::from(n) + u128::from(k),
                 ))
             };
-            gateways.push(Cidr {
-                addr: at(1),
-                prefix: 126,
-            });
-            local.push(Cidr {
-                addr: at(2),
-                prefix: 126,
-            });
+            gateways.push(Prefix::new(at(1), 126));
+            local.push(Prefix::new(at(2), 126));
         }
         (gateways, local)
     }
@@ -128,30 +85,12 @@ impl Pools {
 }
 
 /// Parses a pool prefix: the network address and length (at most /30 or /126).
-pub fn parse_pool(text: &str) -> Result<Cidr, String> {
-    let cidr: Cidr = text
+pub fn parse_pool(text: &str) -> Result<Prefix, String> {
+    let prefix: Prefix = text
         .parse()
         .map_err(|_| format!("{text:?} is not a prefix such as \"169.254.100.0/22\""))?;
-    let ok = match cidr.addr {
-        IpAddr::V4(a) => {
-            cidr.prefix <= 30
-                && u32::from(a)
-                    & !(u32::MAX
-                        .checked_shl(32 - u32::from(cidr.prefix))
-                        .unwrap_or(0))
-                    == 0
-        }
-        IpAddr::V6(a) => {
-            cidr.prefix <= 126
-                && u128::from(a)
-                    & !(u128::MAX
-                        .checked_shl(128 - u32::from(cidr.prefix))
-                        .unwrap_or(0))
-                    == 0
-        }
-    };
-    if ok {
-        Ok(cidr)
+    if prefix.len <= prefix.max_len() - 2 && prefix.is_network() {
+        Ok(prefix)
     } else {
         Err(format!(
             "{text:?} must be a network address with a length up to /30 (IPv4) or /126 (IPv6)"

@@ -61,7 +61,7 @@ fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
 
 fn pool<T: std::str::FromStr>(text: &str) -> Option<(T, u8)> {
     let cidr = parse_pool(text).ok()?;
-    Some((cidr.addr.to_string().parse().ok()?, cidr.prefix))
+    Some((cidr.addr.to_string().parse().ok()?, cidr.len))
 }
 
 #[async_trait]

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::config::{NspConfig, StreamPath};
-use crate::conduit_net::Cidr;
+use crate::net::Prefix;
 
 pub const IDENTIFIER: &str = "identifier";
 
@@ -201,7 +201,7 @@ fn normalise(target: &mut Target) -> Result<(), RegistryError> {
         return Err(RegistryError::NoIps);
     }
     for ip in &mut target.ips {
-        let cidr: Cidr = ip.parse().map_err(|_| RegistryError::BadIp(ip.clone()))?;
+        let cidr: Prefix = ip.parse().map_err(|_| RegistryError::BadIp(ip.clone()))?;
         *ip = cidr.to_string();
     }
     target.ips.sort();

@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 use tokio::sync::{watch, Mutex};
 
-use super::conduits::{netns_of_pid, Connection, NetnsId, Pools};
+use super::conduits::{Connection, Pools};
 use super::config::{NspConfig, NspConfigError, StreamPath};
 use super::registry::{Kind, Registry, RegistryError, Status, Target};
-use crate::conduit_net::{self, Cidr, ConduitNetError};
 use crate::lb::model::{TargetSpec, TargetVia};
 use crate::lb::service::LbService;
+use crate::net::{self, netns, netns::NetnsId, NetError, Prefix};
 
 /// What watchers see.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -42,7 +42,7 @@ pub enum NspError {
     )]
     NotYours(Vec<String>),
     #[error("conduit interface: {0}")]
-    Net(#[from] ConduitNetError),
+    Net(#[from] NetError),
     #[error("writing the LB maps: {0}")]
     Lb(String),
 }
@@ -128,7 +128,7 @@ impl Nsp {
         let mut inner = self.inner.lock().await;
         inner.registry.restore(persisted.targets, Instant::now());
         for c in persisted.connections {
-            match conduit_net::exists(&c.link.host_ifname).await {
+            match net::link::exists(&c.link.host_ifname).await {
                 Ok(false) => {
                     // Its targets go with it: their addresses may be handed out again.
                     inner.registry.remove_ips(&c.local_ips());
@@ -141,11 +141,11 @@ impl Nsp {
             }
         }
         // Conduit links no connection owns (a connect cut short) are removed.
-        if let Ok(links) = conduit_net::links_with_prefix(LINK_PREFIX).await {
+        if let Ok(links) = net::link::with_prefix(LINK_PREFIX).await {
             for name in links {
                 if !inner.connections.iter().any(|c| c.link.host_ifname == name) {
                     tracing::info!("removing {name}: no conduit connection owns it");
-                    let _ = conduit_net::delete(&name).await;
+                    let _ = net::link::delete(&name).await;
                 }
             }
         }
@@ -240,7 +240,7 @@ impl Nsp {
         if check_links {
             let mut gone = Vec::new();
             for c in &inner.connections {
-                match conduit_net::exists(&c.link.host_ifname).await {
+                match net::link::exists(&c.link.host_ifname).await {
                     Ok(false) => gone.push(c.link.host_ifname.clone()),
                     Ok(true) => {}
                     Err(e) => tracing::debug!("cannot check {}: {e}", c.link.host_ifname),
@@ -274,8 +274,8 @@ impl Nsp {
         conduit: &str,
     ) -> Result<Connection, NspError> {
         let (netns, id) =
-            netns_of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
-        if Some(id) == own_netns() {
+            netns::of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
+        if Some(id) == NetnsId::own() {
             return Err(NspError::Caller(
                 "the caller is in the node's own network namespace; run the ambassador in the application's".into(),
             ));
@@ -321,7 +321,7 @@ impl Nsp {
             .unwrap_or(0);
         let host = format!("tmc{:05x}", inner.next_link & 0xf_ffff);
         inner.next_link = inner.next_link.wrapping_add(1);
-        let link = conduit_net::create(
+        let link = net::veth::create(
             &netns,
             &host,
             &format!("conduit{index}"),
@@ -346,7 +346,7 @@ impl Nsp {
         self.reconcile_vips(&mut inner).await;
         if let Err(e) = self.commit(&mut inner).await {
             inner.connections.pop();
-            let _ = conduit_net::delete(&host).await;
+            let _ = net::link::delete(&host).await;
             return Err(e);
         }
         Ok(inner.connections.last().cloned().expect("just pushed"))
@@ -359,7 +359,7 @@ impl Nsp {
         conduit: &str,
     ) -> Result<(), NspError> {
         let (_, id) =
-            netns_of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
+            netns::of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
         let mut inner = self.inner.lock().await;
         let Some(i) = inner
             .connections
@@ -368,7 +368,7 @@ impl Nsp {
         else {
             return Ok(());
         };
-        conduit_net::delete(&inner.connections[i].link.host_ifname).await?;
+        net::link::delete(&inner.connections[i].link.host_ifname).await?;
         let c = inner.connections.remove(i);
         inner.registry.remove_ips(&c.local_ips());
         self.commit(&mut inner).await
@@ -378,7 +378,7 @@ impl Nsp {
     async fn reconcile_vips(&self, inner: &mut Inner) {
         let config = inner.config.clone();
         for c in &mut inner.connections {
-            let vips: Vec<Cidr> = config
+            let vips: Vec<Prefix> = config
                 .conduit_vips(&c.trench, &c.conduit)
                 .iter()
                 .filter_map(|v| v.parse().ok())
@@ -386,7 +386,7 @@ impl Nsp {
             if vips == c.vips {
                 continue;
             }
-            let netns = match netns_of_pid(c.pid, Some(c.netns)) {
+            let netns = match netns::of_pid(c.pid, Some(c.netns)) {
                 Ok((file, _)) => file,
                 Err(e) => {
                     tracing::debug!(
@@ -396,7 +396,7 @@ impl Nsp {
                     continue;
                 }
             };
-            match conduit_net::set_vips(
+            match net::route::set_vips(
                 &netns,
                 &c.link.peer_ifname,
                 &c.local,
@@ -420,14 +420,14 @@ impl Nsp {
 
 /// Only a target's own namespace (or root) may register or unregister it.
 fn check_owner(inner: &Inner, caller: Caller, target: &Target) -> Result<(), NspError> {
-    let (_, id) = netns_of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
+    let (_, id) = netns::of_pid(caller.pid, None).map_err(|e| NspError::Caller(e.to_string()))?;
     // Root on the node itself (an operator, a frontend) may register anything.
-    if caller.uid == 0 && Some(id) == own_netns() {
+    if caller.uid == 0 && Some(id) == NetnsId::own() {
         return Ok(());
     }
     let mut ips = target.ips.clone();
     for ip in &mut ips {
-        if let Ok(c) = ip.parse::<Cidr>() {
+        if let Ok(c) = ip.parse::<Prefix>() {
             *ip = c.to_string();
         }
     }
@@ -487,16 +487,4 @@ fn format_mac(m: [u8; 6]) -> String {
 
 fn to_json(value: &Persisted) -> Vec<u8> {
     serde_json::to_vec_pretty(value).unwrap_or_default()
-}
-
-impl NetnsId {
-    pub fn describe(&self) -> String {
-        format!("net:[{}]", self.ino)
-    }
-}
-
-/// The daemon's own network namespace.
-fn own_netns() -> Option<NetnsId> {
-    let file = std::fs::File::open("/proc/self/ns/net").ok()?;
-    NetnsId::of(&file).ok()
 }

@@ -7,16 +7,16 @@
 use std::collections::{BTreeSet, VecDeque};
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::conduit_net::Cidr;
+use crate::net::Prefix;
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum IpamError {
     #[error("{0} has no room for containers: use a prefix of /30 or shorter")]
-    TooSmall(Cidr),
+    TooSmall(Prefix),
     #[error("{addr} is not a container address of {subnet} or is already in use")]
-    NotAvailable { addr: Ipv4Addr, subnet: Cidr },
+    NotAvailable { addr: Ipv4Addr, subnet: Prefix },
     #[error("subnet {0} is exhausted: every container address is in use (undeploy something or register a larger subnet)")]
-    Exhausted(Cidr),
+    Exhausted(Prefix),
 }
 
 /// One container's addresses.
@@ -30,8 +30,8 @@ pub struct Lease {
 
 #[derive(Debug)]
 pub struct Ipam {
-    subnet: Cidr,
-    subnet_v6: Option<Cidr>,
+    subnet: Prefix,
+    subnet_v6: Option<Prefix>,
     /// Host numbers never handed out yet start here.
     next: u32,
     last: u32,
@@ -40,15 +40,15 @@ pub struct Ipam {
 }
 
 impl Ipam {
-    pub fn new(subnet: Cidr, subnet_v6: Option<Cidr>) -> Result<Self, IpamError> {
-        let size = 1u64 << (32 - u32::from(subnet.prefix.min(32)));
+    pub fn new(subnet: Prefix, subnet_v6: Option<Prefix>) -> Result<Self, IpamError> {
+        let size = 1u64 << (32 - u32::from(subnet.len.min(32)));
         if size < 4 {
             return Err(IpamError::TooSmall(subnet));
         }
         // Network, gateway (1) ... broadcast excluded.
         let mut last = (size - 2) as u32;
         if let Some(v6) = subnet_v6 {
-            let room = 128 - u32::from(v6.prefix.min(128));
+            let room = 128 - u32::from(v6.len.min(128));
             if room < 32 {
                 last = last.min(((1u64 << room) - 1) as u32);
             }
@@ -63,7 +63,7 @@ impl Ipam {
         })
     }
 
-    pub fn subnet(&self) -> Cidr {
+    pub fn subnet(&self) -> Prefix {
         self.subnet
     }
 
@@ -76,14 +76,14 @@ impl Ipam {
     }
 
     fn v4(&self, host: u32) -> Ipv4Addr {
-        let std::net::IpAddr::V4(net) = self.subnet.network() else {
+        let std::net::IpAddr::V4(net) = self.subnet.network().addr else {
             unreachable!("checked IPv4 at registration")
         };
         Ipv4Addr::from(u32::from(net) + host)
     }
 
     fn v6(&self, host: u32) -> Option<Ipv6Addr> {
-        let std::net::IpAddr::V6(net) = self.subnet_v6?.network() else {
+        let std::net::IpAddr::V6(net) = self.subnet_v6?.network().addr else {
             return None;
         };
         Some(Ipv6Addr::from(u128::from(net) + u128::from(host)))
@@ -108,7 +108,7 @@ impl Ipam {
 
     /// Takes a given container address again (state restored at start).
     pub fn reserve(&mut self, v4: Ipv4Addr) -> Result<Lease, IpamError> {
-        let std::net::IpAddr::V4(net) = self.subnet.network() else {
+        let std::net::IpAddr::V4(net) = self.subnet.network().addr else {
             unreachable!("checked IPv4 at registration")
         };
         let host = u32::from(v4).wrapping_sub(u32::from(net));

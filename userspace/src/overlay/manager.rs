@@ -14,9 +14,8 @@ use super::model::{
     Ids, InstanceRecord, IpType, ModelError, Placement, SavedIds, ServiceIp, Settings,
 };
 use super::ports::{self, PortMapping};
-use crate::conduit_net::{self, Cidr};
 use crate::dataplane::DataplaneHandle;
-use crate::nsp::conduits::NetnsId;
+use crate::net::{self, netns::NetnsId, veth::Veth, NetError, Prefix};
 
 #[derive(Debug, thiserror::Error)]
 pub enum NmError {
@@ -37,7 +36,7 @@ pub enum NmError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("container networking: {0}")]
-    Network(#[from] conduit_net::ConduitNetError),
+    Network(#[from] NetError),
     #[error("dataplane: {0}")]
     Dataplane(#[from] crate::dataplane::DataplaneError),
     #[error("{0}")]
@@ -53,8 +52,8 @@ pub struct ManagerSettings {
     pub tunnel_port: u16,
     pub service_prefix: (Ipv4Addr, u8),
     pub service_prefix_v6: (std::net::Ipv6Addr, u8),
-    pub subnetwork: Option<Cidr>,
-    pub subnetwork_v6: Option<Cidr>,
+    pub subnetwork: Option<Prefix>,
+    pub subnetwork_v6: Option<Prefix>,
     pub node_costs: BTreeMap<Ipv4Addr, u32>,
     pub default_node_cost: u32,
     /// The registration, deployments and other nodes' tables are kept here
@@ -272,11 +271,11 @@ impl NetManager {
             return Err(NmError::BadRequest("client_id is empty".into()));
         }
         let parse = |text: Option<String>,
-                     fallback: Option<Cidr>,
+                     fallback: Option<Prefix>,
                      v4: bool|
-         -> Result<Option<Cidr>, NmError> {
+         -> Result<Option<Prefix>, NmError> {
             match text {
-                Some(t) => match t.parse::<Cidr>() {
+                Some(t) => match t.parse::<Prefix>() {
                     Ok(c) if c.addr.is_ipv4() == v4 => Ok(Some(c)),
                     _ => Err(NmError::BadRequest(format!(
                         "subnetwork{} {t:?} is not an {} prefix",
@@ -544,7 +543,7 @@ impl NetManager {
         if let Err(e) = applied {
             state.local.remove(&key);
             let _ = self.dataplane.detach_container(&host).await;
-            let _ = conduit_net::delete(&host).await;
+            let _ = net::link::delete(&host).await;
             if let Some(ipam) = state.ipam.as_mut() {
                 ipam.release(lease);
             }
@@ -567,26 +566,14 @@ impl NetManager {
         lease: Lease,
         gateway: Ipv4Addr,
         gateway_v6: Option<std::net::Ipv6Addr>,
-    ) -> Result<conduit_net::ConduitLink, NmError> {
-        let mut gateways = vec![Cidr {
-            addr: IpAddr::V4(gateway),
-            prefix: 32,
-        }];
-        let mut local = vec![Cidr {
-            addr: IpAddr::V4(lease.v4),
-            prefix: 32,
-        }];
+    ) -> Result<Veth, NmError> {
+        let mut gateways = vec![Prefix::host(gateway)];
+        let mut local = vec![Prefix::host(lease.v4)];
         if let (Some(gw6), Some(v6)) = (gateway_v6, lease.v6) {
-            gateways.push(Cidr {
-                addr: IpAddr::V6(gw6),
-                prefix: 128,
-            });
-            local.push(Cidr {
-                addr: IpAddr::V6(v6),
-                prefix: 128,
-            });
+            gateways.push(Prefix::host(gw6));
+            local.push(Prefix::host(v6));
         }
-        let link = conduit_net::create(
+        let link = net::veth::create(
             netns,
             host,
             &self.settings.container_ifname,
@@ -595,7 +582,7 @@ impl NetManager {
             self.settings.mtu,
         )
         .await?;
-        let routed = conduit_net::add_container_routes(
+        let routed = net::route::add_container_routes(
             netns,
             &self.settings.container_ifname,
             link.host_ifindex,
@@ -605,9 +592,9 @@ impl NetManager {
         .await;
         // The host side takes what the uplink takes: a container that raises
         // its own MTU still reaches TC, which answers "fragmentation needed".
-        let host_mtu = conduit_net::set_mtu(host, self.settings.mtu + 28).await;
+        let host_mtu = net::link::set_mtu(host, self.settings.mtu + 28).await;
         if let Err(e) = routed.and(host_mtu) {
-            let _ = conduit_net::delete(host).await;
+            let _ = net::link::delete(host).await;
             return Err(e.into());
         }
         Ok(link)
@@ -653,7 +640,7 @@ impl NetManager {
     async fn remove_link(&self, deployment: &LocalDeployment) {
         if let Placement::Local { host_ifname, .. } = &deployment.record.placement {
             let _ = self.dataplane.detach_container(host_ifname).await;
-            if let Err(e) = conduit_net::delete(host_ifname).await {
+            if let Err(e) = net::link::delete(host_ifname).await {
                 tracing::warn!(interface = %host_ifname, netns = %deployment.netns, "removing the container veth: {e}");
             }
         }
@@ -816,11 +803,11 @@ impl NetManager {
         let Some(registration) = persisted.registration else {
             return;
         };
-        let subnet = registration.subnetwork.parse::<Cidr>();
+        let subnet = registration.subnetwork.parse::<Prefix>();
         let subnet_v6 = registration
             .subnetwork_v6
             .as_deref()
-            .map(str::parse::<Cidr>)
+            .map(str::parse::<Prefix>)
             .transpose();
         let ipam = match (subnet, subnet_v6) {
             (Ok(v4), Ok(v6)) => Ipam::new(v4, v6),
@@ -880,7 +867,7 @@ impl NetManager {
         let lease = ipam.reserve(d.record.ns_addr)?;
         let (gateway, gateway_v6) = (ipam.gateway(), ipam.gateway_v6());
         let mut record = d.record;
-        let up = interface_index(&host_ifname) == Some(host_ifindex);
+        let up = net::link::index(&host_ifname) == Some(host_ifindex);
         let restored = async {
             if !up {
                 let netns = File::open(&d.netns)
@@ -890,7 +877,7 @@ impl NetManager {
                         NmError::NoNamespace(format!("its network namespace {} is gone", d.netns))
                     })?;
                 // A link of that name that is not ours (another index) goes.
-                let _ = conduit_net::delete(&host_ifname).await;
+                let _ = net::link::delete(&host_ifname).await;
                 let link = self
                     .create_link(&netns, &host_ifname, lease, gateway, gateway_v6)
                     .await?;
@@ -907,7 +894,7 @@ impl NetManager {
         .await;
         if let Err(e) = restored {
             if !up {
-                let _ = conduit_net::delete(&host_ifname).await;
+                let _ = net::link::delete(&host_ifname).await;
             }
             if let Some(ipam) = state.ipam.as_mut() {
                 ipam.release(lease);
@@ -948,12 +935,4 @@ impl NetManager {
             tracing::warn!("removing the port mappings: {e}");
         }
     }
-}
-
-/// The index of an interface in the daemon's namespace, if it exists.
-fn interface_index(name: &str) -> Option<u32> {
-    let name = std::ffi::CString::new(name).ok()?;
-    // SAFETY: a NUL-terminated name; the call only reads it.
-    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    (index != 0).then_some(index)
 }

@@ -10,10 +10,10 @@ use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
 use super::manager::{ManagerSettings, NetManager};
-use crate::conduit_net::Cidr;
 use crate::config::Config;
 use crate::core::{Plugin, PluginError};
 use crate::dataplane::DataplaneHandle;
+use crate::net::{self, Prefix};
 
 /// A miss is reported again after this long if it is still unknown.
 const MISS_RETRY: Duration = Duration::from_secs(1);
@@ -43,34 +43,6 @@ impl NetManagerPlugin {
             status: Arc::new(Mutex::new("off".into())),
         }
     }
-}
-
-/// An interface's MTU (through `ip`: /sys shows the namespace it was mounted in).
-fn read_mtu(interface: &str) -> Option<u32> {
-    let out = std::process::Command::new("ip")
-        .args(["-o", "link", "show", "dev", interface])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .skip_while(|w| *w != "mtu")
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// The first IPv4 address of an interface (the tunnel endpoint by default).
-fn first_ipv4(interface: &str) -> Option<Ipv4Addr> {
-    let out = std::process::Command::new("ip")
-        .args(["-o", "-4", "addr", "show", "dev", interface])
-        .output()
-        .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let word = text
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)?;
-    word.split('/').next()?.parse().ok()
 }
 
 fn summary(snapshot: &super::manager::Snapshot) -> String {
@@ -123,8 +95,8 @@ impl Plugin for NetManagerPlugin {
             return Ok(());
         }
         let cidr = |text: &str| {
-            text.parse::<Cidr>()
-                .map_err(|e| PluginError::new(e.to_string()))
+            text.parse::<Prefix>()
+                .map_err(|e| PluginError::new(format!("netmanager: {text:?}: {e}")))
         };
         let prefix = cidr(&nm.service_prefix)?;
         let std::net::IpAddr::V4(prefix_addr) = prefix.addr else {
@@ -139,22 +111,22 @@ impl Plugin for NetManagerPlugin {
         let uplink = config.dataplane.uplinks.first();
         let mtu = match nm.mtu {
             0 => uplink
-                .and_then(|u| read_mtu(u))
-                .map(|m| m.saturating_sub(28))
+                .and_then(|u| net::link::by_name(u).ok())
+                .map(|l| l.mtu.saturating_sub(28))
                 .unwrap_or(1450),
             m => m,
         };
         let node_addr = config
             .lb
             .node_address
-            .or_else(|| uplink.and_then(|u| first_ipv4(u)));
+            .or_else(|| uplink.and_then(|u| net::addr::first_ipv4(u).ok().flatten()));
         settings.manager = Some(ManagerSettings {
             container_ifname: nm.container_ifname.clone(),
             mtu,
             node_addr,
             tunnel_port: config.lb.tunnel_port,
-            service_prefix: (prefix_addr, prefix.prefix),
-            service_prefix_v6: (prefix6_addr, prefix6.prefix),
+            service_prefix: (prefix_addr, prefix.len),
+            service_prefix_v6: (prefix6_addr, prefix6.len),
             subnetwork: nm.subnetwork.as_deref().map(cidr).transpose()?,
             subnetwork_v6: nm.subnetwork_v6.as_deref().map(cidr).transpose()?,
             node_costs: nm.node_costs.clone(),

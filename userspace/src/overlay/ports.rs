@@ -1,8 +1,11 @@
 //! Oakestra's `portMappings` ("8080:80;5353:53/udp"): a node port forwarded
 //! to a container port, kept as one nftables table (`ip tapmesh_netmanager`)
-//! rewritten whole, in one transaction, after every change.
+//! rewritten whole, in one transaction, after every change (through
+//! [`crate::net::nft`]).
 
 use std::net::Ipv4Addr;
+
+use crate::net::nft;
 
 pub const TABLE: &str = "tapmesh_netmanager";
 
@@ -15,10 +18,10 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    fn name(self) -> &'static str {
+    fn l4(self) -> nft::L4 {
         match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
+            Protocol::Tcp => nft::L4::Tcp,
+            Protocol::Udp => nft::L4::Udp,
         }
     }
 }
@@ -70,61 +73,54 @@ pub fn parse(text: &str) -> Result<Vec<PortMapping>, PortError> {
     Ok(out)
 }
 
-/// The nftables script that makes the table hold exactly `mappings`
-/// (an empty list removes the table).
-pub fn script(mappings: &[(Ipv4Addr, PortMapping)]) -> String {
-    let mut s = format!("table ip {TABLE}\ndelete table ip {TABLE}\n");
+/// The nftables table that holds exactly `mappings`: a prerouting and an
+/// output chain (for the node's own connections) with one DNAT rule per
+/// mapping; no chains when there is none (writing it removes the table).
+pub fn table(mappings: &[(Ipv4Addr, PortMapping)]) -> nft::Table {
     if mappings.is_empty() {
-        return s;
+        return nft::Table {
+            name: TABLE.into(),
+            chains: Vec::new(),
+        };
     }
-    s += &format!("table ip {TABLE} {{\n");
-    let rules: String = mappings
+    let rules: Vec<nft::Rule> = mappings
         .iter()
-        .map(|(addr, m)| {
-            format!(
-                "    fib daddr type local {} dport {} dnat to {addr}:{}\n",
-                m.protocol.name(),
-                m.host_port,
-                m.container_port
-            )
+        .map(|(addr, m)| nft::Rule {
+            matches: vec![
+                nft::Match::DestinationLocal,
+                nft::Match::DestinationPort(m.protocol.l4(), m.host_port),
+            ],
+            action: nft::Action::Dnat(*addr, m.container_port),
         })
         .collect();
-    s += "  chain prerouting {\n    type nat hook prerouting priority dstnat; policy accept;\n";
-    s += &rules;
-    s += "  }\n  chain output {\n    type nat hook output priority -100; policy accept;\n";
-    s += &rules;
-    s += "  }\n}\n";
-    s
+    let chain = |name: &str, hook| nft::Chain {
+        name: name.into(),
+        hook,
+        priority: -100,
+        rules: rules.clone(),
+    };
+    nft::Table {
+        name: TABLE.into(),
+        chains: vec![
+            chain("prerouting", nft::Hook::Prerouting),
+            chain("output", nft::Hook::Output),
+        ],
+    }
 }
 
-/// Runs `nft -f -` with the script.
+/// The transaction [`apply`] sends, as an `nft -f` script (for logs).
+pub fn script(mappings: &[(Ipv4Addr, PortMapping)]) -> String {
+    table(mappings).to_string()
+}
+
+/// Writes the table in one nf_tables transaction.
 pub async fn apply(mappings: &[(Ipv4Addr, PortMapping)]) -> Result<(), String> {
-    use tokio::io::AsyncWriteExt;
-    let text = script(mappings);
-    let mut child = tokio::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("running nft (install nftables for portMappings): {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(text.as_bytes())
-            .await
-            .map_err(|e| format!("writing to nft: {e}"))?;
-    }
-    let out = child
-        .wait_with_output()
+    let table = table(mappings);
+    tracing::debug!("port mappings:\n{table}");
+    tokio::task::spawn_blocking(move || nft::write(&table))
         .await
-        .map_err(|e| format!("waiting for nft: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "nft refused the port mappings: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+        .map_err(|e| format!("writing the port mappings: {e}"))?
+        .map_err(|e| format!("port mappings: {e}"))
 }
 
 #[cfg(test)]

@@ -1,0 +1,190 @@
+//! The one place that talks to the kernel's network configuration: links,
+//! addresses, routes, rules, neighbours, ethtool, namespaces, qdiscs and
+//! nftables. Plugins call these functions; none of them opens a netlink
+//! socket, calls an ioctl or spawns `ip`/`nft` itself.
+//!
+//! * [`Prefix`] is the one prefix type (addresses with a length, VIPs,
+//!   pools, flows' source subnets).
+//! * [`link`] is the one interface lookup (name → index, index → name, MAC,
+//!   MTU), over netlink in the calling thread's namespace.
+//! * [`neigh`] is the one neighbour resolver and the one rule for
+//!   "resolved" ([`neigh::usable`]), used by the catalog (backends on a
+//!   connected network) and the LB (next hops towards remote nodes).
+//! * [`watch`] follows the kernel's link, route and neighbour notifications
+//!   (the LB's next hops follow them instead of polling).
+//! * [`nft`] writes nftables tables through nf_tables netlink, one table per
+//!   transaction.
+//!
+//! Reads and dumps use a blocking socket ([`socket`]); changes from async
+//! code go through `rtnetlink`'s handle. Both carry netlink-packet-route's
+//! message types.
+
+pub mod addr;
+pub mod ethtool;
+pub mod link;
+pub mod neigh;
+pub mod netns;
+pub mod nft;
+pub mod prefix;
+pub mod qdisc;
+pub mod route;
+pub(crate) mod socket;
+pub mod veth;
+pub mod watch;
+
+use std::{fs::File, os::fd::AsRawFd};
+
+pub use link::Link;
+pub use neigh::Hop;
+pub use prefix::{Prefix, PrefixError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("opening a netlink socket in {netns}: {source}")]
+    Socket {
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error("interface {ifname} not found in {netns}")]
+    NotFound { ifname: String, netns: String },
+    #[error("interface {0:?} does not exist")]
+    NoInterface(String),
+    #[error("interface {0:?} has no Ethernet address")]
+    NotEthernet(String),
+    #[error("{op} on {ifname} in {netns}: {source}")]
+    Netlink {
+        op: String,
+        ifname: String,
+        netns: String,
+        source: Box<rtnetlink::Error>,
+    },
+    #[error("{op} on {ifname} in {netns}: {source}")]
+    Os {
+        op: String,
+        ifname: String,
+        netns: String,
+        source: std::io::Error,
+    },
+    #[error("{op}: {source}")]
+    Kernel { op: String, source: std::io::Error },
+}
+
+impl NetError {
+    pub(crate) fn kernel(op: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
+        let op = op.into();
+        move |source| NetError::Kernel { op, source }
+    }
+}
+
+pub(crate) const CURRENT: &str = "the current namespace";
+
+/// Where an operation happens, for error messages.
+#[derive(Clone, Copy)]
+pub(crate) struct At<'a> {
+    pub ifname: &'a str,
+    pub netns: &'a str,
+}
+
+impl<'a> At<'a> {
+    pub fn here(ifname: &'a str) -> Self {
+        Self {
+            ifname,
+            netns: CURRENT,
+        }
+    }
+
+    pub fn nl(self, op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
+        let (op, ifname, netns) = (op.into(), self.ifname.to_string(), self.netns.to_string());
+        move |source| NetError::Netlink {
+            op,
+            ifname,
+            netns,
+            source: Box::new(source),
+        }
+    }
+
+    pub fn os(self, op: impl Into<String>) -> impl FnOnce(std::io::Error) -> NetError {
+        let (op, ifname, netns) = (op.into(), self.ifname.to_string(), self.netns.to_string());
+        move |source| NetError::Os {
+            op,
+            ifname,
+            netns,
+            source,
+        }
+    }
+
+    pub fn not_found(self) -> NetError {
+        NetError::NotFound {
+            ifname: self.ifname.into(),
+            netns: self.netns.into(),
+        }
+    }
+}
+
+/// The netlink errno of an error (positive), if it is one.
+pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
+    match e {
+        rtnetlink::Error::NetlinkError(m) => Some(m.raw_code().abs()),
+        _ => None,
+    }
+}
+
+/// "net:[4026532…]" for a namespace file, for error messages.
+pub(crate) fn describe(netns: &File) -> String {
+    let fd = netns.as_raw_fd();
+    std::fs::read_link(format!("/proc/self/fd/{fd}"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| format!("namespace fd {fd}"))
+}
+
+/// Refuses what the kernel would not take as an interface name.
+pub fn check_ifname(name: &str) -> Result<(), NetError> {
+    let ok = !name.is_empty()
+        && name.len() < libc::IFNAMSIZ
+        && name != "."
+        && name != ".."
+        && !name.bytes().any(|b| b == b'/' || b == b':' || b <= b' ');
+    if ok {
+        Ok(())
+    } else {
+        Err(NetError::Invalid(format!(
+            "{name:?} is not an interface name"
+        )))
+    }
+}
+
+/// A netlink connection in the current namespace, served on the current
+/// runtime until the handle is dropped.
+pub(crate) fn netlink_here() -> Result<rtnetlink::Handle, NetError> {
+    let socket_error = |source| NetError::Socket {
+        netns: CURRENT.into(),
+        source,
+    };
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| socket_error(std::io::Error::other(e)))?;
+    let _entered = runtime.enter();
+    let (connection, handle, _) = rtnetlink::new_connection().map_err(socket_error)?;
+    runtime.spawn(connection);
+    Ok(handle)
+}
+
+/// A netlink connection whose socket lives in `netns` (a socket keeps the
+/// namespace it was made in), served on the current runtime.
+pub(crate) fn netlink_in(netns: &File) -> Result<rtnetlink::Handle, NetError> {
+    let socket_error = |source| NetError::Socket {
+        netns: describe(netns),
+        source,
+    };
+    let runtime = tokio::runtime::Handle::try_current()
+        .map_err(|e| socket_error(std::io::Error::other(e)))?;
+    let (connection, handle, _) = netns::run_in(netns, || {
+        let _entered = runtime.enter();
+        rtnetlink::new_connection()
+    })
+    .and_then(|r| r)
+    .map_err(socket_error)?;
+    runtime.spawn(connection);
+    Ok(handle)
+}
