@@ -195,10 +195,13 @@ via = { remote = { node = "198.18.40.2" } }
     ]);
     took.push(until_hop(&daemon, (up_index, m3, up_mac), "a NOARP entry"));
 
-    // 5. The egress link's MAC changes.
+    // 5. The egress link's MAC changes: the kernel flushes the link's
+    //    neighbours with it, the daemon adds a managed entry again, ARP
+    //    resolves the real remote node, and the hop has both new MACs.
     let m4 = [2, 0, 0, 0, 0x40, 4];
     node.ip(&["link", "set", &up.interface, "address", &fmt_mac(m4)]);
-    took.push(until_hop(&daemon, (up_index, m3, m4), "our MAC"));
+    let resolved = (up_index, remote.mac(&remote_end.interface), m4);
+    took.push(until_hop(&daemon, resolved, "our MAC"));
 
     eprintln!("the hop followed each change within {took:?}");
     assert!(

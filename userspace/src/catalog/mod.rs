@@ -10,7 +10,7 @@
 //! power of two of them ([`stream_size`]). Updates arriving within
 //! [`DEBOUNCE`] are written as one map update; the xDS client's ACK waits for it.
 
-mod resolve;
+pub mod resolve;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
