@@ -272,6 +272,16 @@ fn default_rule(rule: &RuleMessage) -> bool {
         )
 }
 
+/// The interface and neighbour address of each address, or why it has none.
+type Routed = Vec<Result<(u32, IpAddr), String>>;
+/// Wanted neighbours: (interface, address) → state and link-layer address
+/// when the table has an entry.
+type Entries = HashMap<(u32, IpAddr), Option<(u16, Vec<u8>)>>;
+/// Each address's (interface name, MAC), or why it has none.
+pub type OnLink = Vec<Result<(String, [u8; 6]), String>>;
+/// Each node's next hop and its neighbour's address, or why it has none.
+pub type NextHops = Vec<Result<(Hop, IpAddr), Unresolved>>;
+
 /// A netlink socket for resolving, one per caller and call.
 pub struct Resolver {
     socket: Netlink,
@@ -357,11 +367,7 @@ impl Resolver {
     }
 
     /// Interface and neighbour address of each address.
-    fn route_all(
-        &mut self,
-        addresses: &[IpAddr],
-        gateways: bool,
-    ) -> Result<Vec<Result<(u32, IpAddr), String>>, NetError> {
+    fn route_all(&mut self, addresses: &[IpAddr], gateways: bool) -> Result<Routed, NetError> {
         let v4 = addresses.iter().any(IpAddr::is_ipv4);
         let v6 = addresses.iter().any(IpAddr::is_ipv6);
         let routes = self
@@ -404,7 +410,7 @@ impl Resolver {
         &mut self,
         family: AddressFamily,
         only: Option<u32>,
-        wanted: &mut HashMap<(u32, IpAddr), Option<(u16, Vec<u8>)>>,
+        wanted: &mut Entries,
     ) -> std::io::Result<()> {
         let mut request = NeighbourMessage::default();
         request.header.family = family;
@@ -432,7 +438,7 @@ impl Resolver {
         gateways: bool,
     ) -> Result<Vec<Result<Neighbour, Unresolved>>, NetError> {
         let routed = self.route_all(addresses, gateways)?;
-        let mut wanted: HashMap<(u32, IpAddr), Option<(u16, Vec<u8>)>> = routed
+        let mut wanted: Entries = routed
             .iter()
             .filter_map(|r| r.as_ref().ok().map(|&key| (key, None)))
             .collect();
@@ -476,10 +482,7 @@ impl Resolver {
 
     /// (interface name, MAC) of each address on a directly connected
     /// network (a backend this node's XDP can hand packets to).
-    pub fn on_link(
-        &mut self,
-        addresses: &[IpAddr],
-    ) -> Result<Vec<Result<(String, [u8; 6]), String>>, NetError> {
+    pub fn on_link(&mut self, addresses: &[IpAddr]) -> Result<OnLink, NetError> {
         let resolved = self.resolve(addresses, false)?;
         let mut names: HashMap<u32, Result<String, String>> = HashMap::new();
         Ok(resolved
@@ -496,10 +499,7 @@ impl Resolver {
 
     /// The next hop towards each node (directly or through a gateway), with
     /// the egress interface's MAC, and the neighbour's address.
-    pub fn next_hops(
-        &mut self,
-        nodes: &[IpAddr],
-    ) -> Result<Vec<Result<(Hop, IpAddr), Unresolved>>, NetError> {
+    pub fn next_hops(&mut self, nodes: &[IpAddr]) -> Result<NextHops, NetError> {
         let resolved = self.resolve(nodes, true)?;
         let mut macs: HashMap<u32, Option<[u8; 6]>> = HashMap::new();
         Ok(resolved
