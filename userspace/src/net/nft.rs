@@ -393,6 +393,7 @@ struct Step {
 pub fn write(table: &Table) -> Result<(), NetError> {
     let mut socket = Netlink::open(NETLINK_NETFILTER)
         .map_err(NetError::kernel("opening an nf_tables netlink socket"))?;
+    let begin_sequence = socket.next_sequence();
     let mut steps = Vec::new();
     let mut step = |socket: &mut Netlink, msg: u16, flags: u16, what: String, attrs: Attrs| {
         let sequence = socket.next_sequence();
@@ -479,7 +480,6 @@ pub fn write(table: &Table) -> Result<(), NetError> {
             );
         }
     }
-    let begin_sequence = socket.next_sequence();
     let end_sequence = socket.next_sequence();
     let subsystem = NFNL_SUBSYS_NFTABLES;
     let mut batch = message(
@@ -504,7 +504,7 @@ pub fn write(table: &Table) -> Result<(), NetError> {
     let first = steps.first().map(|s| s.sequence).unwrap_or(begin_sequence);
     let last = steps.last().map(|s| s.sequence).unwrap_or(begin_sequence);
     socket
-        .exchange(&batch, first..=last, false, |_, _| {})
+        .exchange(&batch, begin_sequence, first..=last, false, |_, _| {})
         .map_err(|refused| {
             let what = steps
                 .iter()
@@ -613,7 +613,7 @@ fn dump(msg: u16, table: &str, table_attr: u16) -> Result<Vec<Vec<u8>>, NetError
     );
     let mut found = Vec::new();
     socket
-        .exchange(&request, sequence..=sequence, true, |_, whole| {
+        .exchange(&request, sequence, sequence..=sequence, true, |_, whole| {
             // After the netlink header and nfgenmsg.
             if let Some(attrs) = whole.get(20..) {
                 found.push(attrs.to_vec());
@@ -651,7 +651,7 @@ pub fn read(name: &str) -> Result<Option<Vec<KernelChain>>, NetError> {
         0,
         &attrs,
     );
-    match socket.exchange(&request, sequence..=sequence, false, |_, _| {}) {
+    match socket.exchange(&request, sequence, sequence..=sequence, false, |_, _| {}) {
         Ok(()) => {}
         Err(r) if super::socket::errno_of(&r.error) == Some(libc::ENOENT) => return Ok(None),
         Err(r) => {

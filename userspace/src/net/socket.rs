@@ -5,6 +5,7 @@
 //! and hands it over a channel).
 
 use std::io;
+use std::os::fd::AsRawFd;
 
 use netlink_packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_core::{
@@ -42,6 +43,24 @@ impl Netlink {
         // Errors without the request echoed, with the kernel's text.
         let _ = socket.set_cap_ack(true);
         let _ = socket.set_ext_ack(true);
+        // An answer that never comes is an error, not a hang.
+        let timeout = libc::timeval {
+            tv_sec: 10,
+            tv_usec: 0,
+        };
+        // SAFETY: a valid socket and a timeval of the size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&timeout as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
         Ok(Self {
             socket,
             sequence: 0,
@@ -70,7 +89,7 @@ impl Netlink {
     ) -> io::Result<()> {
         let sequence = self.next_sequence();
         let bytes = encode(request, NLM_F_REQUEST | NLM_F_DUMP, sequence);
-        self.exchange(&bytes, sequence..=sequence, true, each)
+        self.exchange(&bytes, sequence, sequence..=sequence, true, each)
             .map_err(|r| r.error)
     }
 
@@ -104,17 +123,20 @@ impl Netlink {
     ) -> io::Result<()> {
         let sequence = self.next_sequence();
         let bytes = encode(request, NLM_F_REQUEST | NLM_F_ACK | flags, sequence);
-        self.exchange(&bytes, sequence..=sequence, false, each)
+        self.exchange(&bytes, sequence, sequence..=sequence, false, each)
             .map_err(|r| r.error)
     }
 
-    /// Sends `bytes` (whole messages) and reads answers until every sequence
-    /// number of `waiting` is acknowledged (or, for a dump, finished). Data
-    /// messages go to `each`. The first refusal is returned once every
-    /// answer is in (the kernel answers each message of a batch).
+    /// Sends `bytes` (whole messages, numbered from `first`) and reads
+    /// answers until every sequence number of `waiting` is acknowledged (or,
+    /// for a dump, finished). Data messages go to `each`. The first refusal
+    /// is returned once every answer is in (the kernel answers each message
+    /// of a batch); a refusal of a message not waited for (a batch's header)
+    /// ends the exchange at once.
     pub fn exchange(
         &mut self,
         bytes: &[u8],
+        first: u32,
         waiting: std::ops::RangeInclusive<u32>,
         dump: bool,
         mut each: impl FnMut(u16, &[u8]),
@@ -148,6 +170,13 @@ impl Netlink {
                 let whole = &self.buffer[at..at + length];
                 at += (length + 3) & !3;
                 if !waiting.contains(&sequence) {
+                    let code = payload
+                        .get(..4)
+                        .map(|c| i32::from_ne_bytes(c.try_into().expect("4 bytes")));
+                    if kind == NLMSG_ERROR && sequence >= first && code.is_some_and(|c| c < 0) {
+                        let errno = -code.unwrap_or_default();
+                        return Err(refused(sequence, io::Error::from_raw_os_error(errno)));
+                    }
                     continue;
                 }
                 match kind {
