@@ -72,3 +72,19 @@ pub fn script(python: &Path, dir: &Path, code: &str, args: &[&str]) -> String {
         .env("PYTHONPATH", dir));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Generates the Python modules of `files` (paths under `include`, e.g.
+/// "api/nsp/v1/model.proto") into `dir`, packages following the paths.
+pub fn generate_from(python: &Path, include: &Path, files: &[&str], dir: &Path) {
+    run(Command::new(python)
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(include)
+        .arg(format!("--python_out={}", dir.display()))
+        .arg(format!("--grpc_python_out={}", dir.display()))
+        .args(files));
+}
+
+/// The repository's own proto files (`userspace/proto`).
+pub fn repo_protos() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../userspace/proto")
+}

@@ -40,6 +40,9 @@ use std::time::Duration;
 pub use client::run;
 pub use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 pub use select::{select, InvalidAssignment, MAX_PRIORITY};
+
+/// `HealthStatus` values (envoy.config.core.v3).
+pub use envoy_types::pb::envoy::config::core::v3::HealthStatus;
 pub use server::{assignment, Assignments, EdsServer};
 /// The stop signal [`run`] takes (re-exported for callers without tokio-util).
 pub use tokio_util::sync::CancellationToken;
@@ -106,6 +109,19 @@ pub struct SelectedEndpoint {
     pub weight: u32,
     pub locality: Locality,
     pub priority: u32,
+    /// `envoy.config.core.v3.HealthStatus` as received.
+    pub health: i32,
+}
+
+/// An endpoint of the assignment that [`select`] did not choose: another
+/// priority, a health that is not usable, or a locality A27 skips.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StandbyEndpoint {
+    /// Its weight is its share within its priority when `usable`, else its
+    /// own `load_balancing_weight`.
+    pub endpoint: SelectedEndpoint,
+    /// It would be used if its priority were chosen.
+    pub usable: bool,
 }
 
 /// A drop category of `ClusterLoadAssignment.policy.drop_overloads`.
@@ -122,6 +138,8 @@ pub struct ClusterEndpoints {
     pub cluster: String,
     /// Empty: the cluster has no usable backend (or does not exist).
     pub endpoints: Vec<SelectedEndpoint>,
+    /// Every other endpoint of the assignment.
+    pub standby: Vec<StandbyEndpoint>,
     pub drop_overloads: Vec<DropOverload>,
 }
 
@@ -131,6 +149,7 @@ impl ClusterEndpoints {
         ClusterEndpoints {
             cluster: cluster.into(),
             endpoints: Vec::new(),
+            standby: Vec::new(),
             drop_overloads: Vec::new(),
         }
     }
