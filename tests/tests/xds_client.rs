@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tapmesh::xds::{
     self, CancellationToken, ClusterEndpoints, EndpointSink, HealthStatus, Locality,
-    SelectedEndpoint, XdsSettings, EDS_TYPE_URL,
+    SelectedEndpoint, StandbyEndpoint, XdsSettings, EDS_TYPE_URL,
 };
 use tapmesh_tests::xds_peer::{Cla, ControlPlane, Ep, Loc, SeenRequest};
 
@@ -437,7 +437,27 @@ fn priority_failover() {
     let update = sink.wait_count(2);
     assert_eq!(
         update.endpoints,
-        vec![selected("198.18.0.2", 80, 1, "near", 0)]
+        vec![SelectedEndpoint {
+            health: HealthStatus::Unknown as i32,
+            ..selected("198.18.0.2", 80, 1, "near", 0)
+        }]
+    );
+    // The rest is kept with its health, the other priority usable.
+    assert_eq!(
+        update.standby,
+        vec![
+            StandbyEndpoint {
+                endpoint: SelectedEndpoint {
+                    health: HealthStatus::Unhealthy as i32,
+                    ..selected("198.18.0.1", 80, 1, "near", 0)
+                },
+                usable: false,
+            },
+            StandbyEndpoint {
+                endpoint: selected("198.18.1.1", 80, 1, "far", 1),
+                usable: true,
+            },
+        ]
     );
     cp.wait_request(WAIT, "ACK v2", is_ack("2", "2"));
 }
