@@ -628,7 +628,7 @@ fn grpcio_without_options_reaches_the_node_socket_and_the_admin_api() {
             "streams stream-a stream-b".to_string(),
             "vips 203.0.113.10/32 203.0.113.11/32".to_string(),
             format!("status {} {}", status.version, plugins.join(" ")),
-            "lb streams stream-a.conduit-a.trench-a".to_string(),
+            "lb streams stream-a.conduit-a.trench-a stream-b.conduit-a.trench-a".to_string(),
         ],
         "{out}"
     );
