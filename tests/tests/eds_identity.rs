@@ -119,18 +119,27 @@ fn removing_one_of_1000_backends_moves_only_its_share_and_restarts_move_nothing(
     .unwrap();
     let state = dir.join("state").display().to_string();
     let config_arg = config.display().to_string();
-    let args = ["--config", config_arg.as_str(), "--state-dir", state.as_str()];
+    let args = [
+        "--config",
+        config_arg.as_str(),
+        "--state-dir",
+        state.as_str(),
+    ];
     let (bpffs_root, _) = Daemon::paths();
     let mut daemon = Daemon::start_at(&ns.name, &bpffs_root, &args);
     // The ACK of `version` on a stream after `after` (the daemon's stream).
     let acked_after = |cp: &ControlPlane, version: &str, after: u32| {
         let v = version.to_string();
-        cp.wait_request(Duration::from_secs(60), &format!("ACK of {version}"), move |r| {
-            r.stream > after
-                && r.version_info == v
-                && r.error_detail.is_none()
-                && !r.response_nonce.is_empty()
-        });
+        cp.wait_request(
+            Duration::from_secs(60),
+            &format!("ACK of {version}"),
+            move |r| {
+                r.stream > after
+                    && r.version_info == v
+                    && r.error_detail.is_none()
+                    && !r.response_nonce.is_empty()
+            },
+        );
     };
     let acked = |cp: &ControlPlane, version: &str| acked_after(cp, version, 0);
 
@@ -165,7 +174,10 @@ fn removing_one_of_1000_backends_moves_only_its_share_and_restarts_move_nothing(
     assert!(daemon.stop().success(), "{}", daemon.log_text());
     drop(daemon);
     let saved = std::fs::read_to_string(dir.join("state/eds-identities.json")).unwrap();
-    assert!(saved.contains(&format!("\"{}:8080\": [\n        1000\n", backend(999))), "{saved}");
+    assert!(
+        saved.contains(&format!("\"{}:8080\": [\n        1000\n", backend(999))),
+        "{saved}"
+    );
     let first_stream = cp.requests().iter().map(|r| r.stream).max().unwrap();
     let mut daemon = Daemon::start_at(&ns.name, &bpffs_root, &args);
     acked_after(&cp, "3", first_stream);

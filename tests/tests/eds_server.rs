@@ -310,9 +310,7 @@ fn eds_server_serves_priorities_health_and_unreachable_backends_as_the_maps_hold
                 vec![
                     Ep::new(&a, 5000).weight(3),
                     Ep::new("198.51.100.77", 5000),
-                    Ep::new("198.51.100.78", 5000)
-                        .weight(2)
-                        .health("DRAINING"),
+                    Ep::new("198.51.100.78", 5000).weight(2).health("DRAINING"),
                 ],
             ),
             Loc::new("far", 1, vec![Ep::new(&b, 5000)]),

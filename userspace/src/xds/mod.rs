@@ -18,6 +18,13 @@
 //!   previous accepted version, the response's nonce and `error_detail`
 //!   (code INVALID_ARGUMENT, the reason as message). The sink is not called
 //!   for an invalid response.
+//! * A rejected (type, version) is logged once and NACKed at once; when the
+//!   server sends it again, each further NACK waits longer (0.2 s doubling up
+//!   to 5 s); a newer response replaces a waiting NACK.
+//! * A response of another type is NACKed for that type, and the EDS
+//!   request is sent again (last accepted version, last EDS nonce).
+//! * An assignment without `cluster_name`, or listing an address:port twice,
+//!   is invalid.
 //! * A response repeating the nonce of the previous one on the stream is
 //!   ignored (not answered).
 //! * Clusters absent from a response keep their state (EDS responses may carry
