@@ -90,17 +90,28 @@ fn step<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
 
 /// mmdebstrap with the Debian mirrors and, unless `debs` is None, the
 /// downloaded packages synced in from and back out to that directory.
+/// `finish` runs in the root once it is complete.
 fn mmdebstrap(
     variant: &str,
     include: &str,
     debs: Option<&Path>,
-    extra: &[String],
+    finish: &[String],
     out: &Path,
 ) -> Command {
+    // The extract variant runs no customize hooks; its root is complete after extraction.
+    let last = if variant == "extract" {
+        "--extract-hook"
+    } else {
+        "--customize-hook"
+    };
     let mut cmd = Command::new("mmdebstrap");
     cmd.arg(format!("--variant={variant}"))
         .arg(format!("--include={include}"))
         .arg("--quiet");
+    if variant == "extract" {
+        // Bookworm's /bin, /lib … are links into /usr; extract does not make them itself.
+        cmd.arg("--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr");
+    }
     if let Some(debs) = debs {
         let debs = debs.display();
         cmd.arg("--skip=essential/unlink")
@@ -109,12 +120,13 @@ fn mmdebstrap(
             .arg(format!(
                 "--setup-hook=sync-in {debs} /var/cache/apt/archives"
             ))
-            .arg(format!(
-                "--customize-hook=sync-out /var/cache/apt/archives {debs}"
-            ))
-            .arg("--customize-hook=rm -f \"$1\"/var/cache/apt/archives/*.deb");
+            .arg(format!("{last}=sync-out /var/cache/apt/archives {debs}"))
+            .arg(format!("{last}=rm -f \"$1\"/var/cache/apt/archives/*.deb"));
     }
-    cmd.args(extra).arg(SUITE).arg(out).args(MIRRORS);
+    for hook in finish {
+        cmd.arg(format!("{last}={hook}"));
+    }
+    cmd.arg(SUITE).arg(out).args(MIRRORS);
     cmd
 }
 
@@ -205,18 +217,14 @@ fn build(args: &ImageArgs, cache: &Path, conf: &Path) -> Result<()> {
         ))
     })?;
     step("runtime root (mmdebstrap)", || {
-        let extra = [
-            // Bookworm's /bin, /lib … are links into /usr; extract does not make them itself.
-            "--hook-dir=/usr/share/mmdebstrap/hooks/merged-usr".to_string(),
-            format!(
-                "--customize-hook=cd \"$1\" && rm -rf {RUNTIME_PRUNE} && mkdir -p -m 1777 tmp && mkdir -p run/tapmesh var/lib/tapmesh"
-            ),
-        ];
+        let finish = [format!(
+            "cd \"$1\" && rm -rf {RUNTIME_PRUNE} && mkdir -p -m 1777 tmp && mkdir -p run/tapmesh var/lib/tapmesh"
+        )];
         run(&mut mmdebstrap(
             "extract",
             RUNTIME_PACKAGES,
             debs_cache,
-            &extra,
+            &finish,
             &context.join("runtime-root.tar"),
         ))
     })?;
