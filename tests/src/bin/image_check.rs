@@ -24,12 +24,15 @@ use std::{
 };
 
 use tapmesh::lb::model::LbSpec;
+use tapmesh_common::program_names::XDP_UPLINK;
 use tapmesh_tests::{
     daemon::tapmesh_bin,
     net::{flow, lb_toml, spawn_in, stream, vip, wait_until, LbLab, UdpReceiver, CLIENT},
     unique,
 };
 
+/// The uplink program's name in the status counters.
+const COUNTERS: &str = "xdp_uplink";
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const PORT: u16 = 7000;
 /// The stream's pace and its bound (the handover must happen well within it).
@@ -85,7 +88,8 @@ impl Node {
     }
 
     fn pins(&self) -> PathBuf {
-        self.bpffs_root.join("v1")
+        self.bpffs_root
+            .join(format!("v{}", tapmesh_common::SCHEMA_VERSION))
     }
 }
 
@@ -181,6 +185,8 @@ struct NodeStatus {
     pins: String,
     /// LB counters by name (VIPs, flows, targets): packets.
     lb_packets: Vec<(String, u64)>,
+    /// (program, verdict, packets) from the pinned counter maps.
+    verdicts: Vec<(String, String, u64)>,
 }
 
 impl NodeStatus {
@@ -189,6 +195,15 @@ impl NodeStatus {
             .iter()
             .find(|(n, _)| n == name)
             .map_or(0, |(_, p)| *p)
+    }
+
+    /// Packets a program saw, all verdicts.
+    fn program(&self, name: &str) -> u64 {
+        self.verdicts
+            .iter()
+            .filter(|(p, _, _)| p == name)
+            .map(|(_, _, n)| n)
+            .sum()
     }
 }
 
@@ -208,6 +223,7 @@ fn read_status(socket: &Path) -> Option<NodeStatus> {
 fn parse_status(text: &str) -> NodeStatus {
     let mut status = NodeStatus::default();
     let mut section = "";
+    let mut program = String::new();
     for line in text.lines() {
         if let Some(pins) = line.strip_prefix("pins: ") {
             status.pins = pins.trim().to_string();
@@ -226,6 +242,16 @@ fn parse_status(text: &str) -> NodeStatus {
                     words[1].into(),
                     words[2].into(),
                     rest.trim_matches(|c| c == '(' || c == ')').into(),
+                ));
+            }
+            "counters (all CPUs)" if words.len() == 1 && !line.starts_with("    ") => {
+                program = words[0].to_string();
+            }
+            "counters (all CPUs)" if words.get(2) == Some(&"packets") => {
+                status.verdicts.push((
+                    program.clone(),
+                    words[0].into(),
+                    words[1].parse().expect("a packet count"),
                 ));
             }
             "vips" | "flows" | "targets" if words.get(2) == Some(&"packets") => {
@@ -348,7 +374,7 @@ fn main() {
     let xdp = (
         uplink.clone(),
         "xdp".to_string(),
-        "xdp_uplink".to_string(),
+        XDP_UPLINK.to_string(),
         "native".to_string(),
     );
     assert_eq!(status.attachments, vec![xdp], "{status:?}");
@@ -369,7 +395,10 @@ fn main() {
         "id",
         &first_prog.to_string(),
     ]);
-    assert!(name.contains("\"xdp_uplink\""), "bpftool prog show: {name}");
+    assert!(
+        name.contains(&format!("\"{XDP_UPLINK}\"")),
+        "bpftool prog show: {name}"
+    );
 
     // Counters from the host, packet for packet.
     let warmup = UdpStream::start(&lab.client.name);
@@ -389,6 +418,8 @@ fn main() {
     for name in ["vip", "udp", "s/1"] {
         assert_eq!(counted.lb(name), warm, "{name}: {counted:?}");
     }
+    // Nothing else crosses the uplink (no IPv6, static neighbours).
+    assert_eq!(counted.program(COUNTERS), warm, "{counted:?}");
     println!("check: {warm} datagrams through the VIP, counted by the daemon in the image");
 
     // 2. Handover: the first container stops (keep_dataplane), a second adopts.
@@ -431,9 +462,14 @@ fn main() {
     );
     let status = read_status(&socket).expect("status");
     assert_eq!(
-        status.lb("s/1"),
+        status.program(COUNTERS),
         total,
-        "counters continue in the adopted maps: {status:?}"
+        "the program counters continue in the adopted maps: {status:?}"
+    );
+    // The LB's own counters start again when the new daemon applies its file.
+    println!(
+        "check: after the handover the LB counters read {} of {total} (restarted), the program counters {total}",
+        status.lb("s/1")
     );
     println!(
         "check: XDP link {link} kept (program {first_prog} -> {second_prog}); counters continue ({total})"
