@@ -29,10 +29,10 @@ const BUILD_ROOT_PACKAGES: &str = "ca-certificates,curl,gcc,libc6-dev";
 /// The runtime: bpftool for operators, `ip` (remote targets' neighbours, the
 /// NetManager's MTU) and `nft` (NetManager port mappings), which the daemon runs.
 const RUNTIME_PACKAGES: &str = "libc6,libgcc-s1,bpftool,iproute2,nftables";
-/// What the runtime root does without: documentation, locales, apt's state.
+/// What the runtime root does without: documentation, locales, headers, iconv
+/// modules (apt's own files are mmdebstrap's to clean up).
 const RUNTIME_PRUNE: &str = "usr/share/doc usr/share/man usr/share/info usr/share/locale \
-     usr/share/lintian usr/share/bug usr/include usr/lib/x86_64-linux-gnu/gconv \
-     var/cache/apt var/lib/apt etc/apt";
+     usr/share/lintian usr/share/bug usr/include usr/lib/x86_64-linux-gnu/gconv";
 const HOST_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// The stable toolchain of the build stage (the nightly comes from ebpf/rust-toolchain.toml).
 const RUST_VERSION: &str = "1.95.0";
@@ -218,7 +218,7 @@ fn build(args: &ImageArgs, cache: &Path, conf: &Path) -> Result<()> {
     })?;
     step("runtime root (mmdebstrap)", || {
         let finish = [format!(
-            "cd \"$1\" && rm -rf {RUNTIME_PRUNE} && mkdir -p -m 1777 tmp && mkdir -p run/tapmesh var/lib/tapmesh"
+            "cd \"$1\" && rm -rf {RUNTIME_PRUNE} && mkdir -p -m 1777 tmp && mkdir -p var/lib/tapmesh"
         )];
         run(&mut mmdebstrap(
             "extract",
