@@ -43,8 +43,10 @@ fn endpoints(set: usize, count: usize) -> ClusterEndpoints {
                 weight: 1,
                 locality: Locality::default(),
                 priority: 0,
+                health: tapmesh::xds::HealthStatus::Healthy as i32,
             })
             .collect(),
+        standby: Vec::new(),
         drop_overloads: Vec::new(),
     }
 }

@@ -1,6 +1,7 @@
 //! Independent test peers in Python: a virtualenv with grpcio and grpcio-tools
 //! (from PyPI, created once under target/ and shared by the tests), and
-//! stubs generated from a proto file the test writes itself.
+//! stubs generated from a proto file the test writes itself. Other tools from
+//! PyPI get venvs of their own ([`venv`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -12,14 +13,17 @@ const PACKAGES: &[&str] = &[
     "xds-protos==1.85.0",
 ];
 
-fn venv_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tapmesh-pyvenv")
+/// The grpc venv's python, creating the venv if needed.
+pub fn python() -> PathBuf {
+    venv("tapmesh-pyvenv", PACKAGES)
 }
 
-/// The venv's python, creating the venv if needed (under a file lock, so
-/// parallel tests create it once).
-pub fn python() -> PathBuf {
-    let dir = venv_dir();
+/// The python of venv `target/<name>` holding exactly `packages`, creating it
+/// if needed (under a file lock, so parallel tests create it once).
+pub fn venv(name: &str, packages: &[&str]) -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target")
+        .join(name);
     let python = dir.join("bin/python");
     let ready = dir.join(".ready");
     std::fs::create_dir_all(dir.parent().expect("target dir")).expect("target dir");
@@ -27,13 +31,13 @@ pub fn python() -> PathBuf {
     // SAFETY: flock on a file we hold open; released when it is closed.
     unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) };
     // The marker holds the package list it was made with; another list remakes the venv.
-    if std::fs::read_to_string(&ready).ok().as_deref() != Some(PACKAGES.join("\n").as_str()) {
+    if std::fs::read_to_string(&ready).ok().as_deref() != Some(packages.join("\n").as_str()) {
         let _ = std::fs::remove_dir_all(&dir);
         run(Command::new("python3").args(["-m", "venv"]).arg(&dir));
         run(Command::new(&python)
             .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
-            .args(PACKAGES));
-        std::fs::write(&ready, PACKAGES.join("\n")).expect("marking the venv ready");
+            .args(packages));
+        std::fs::write(&ready, packages.join("\n")).expect("marking the venv ready");
     }
     python
 }
@@ -71,4 +75,20 @@ pub fn script(python: &Path, dir: &Path, code: &str, args: &[&str]) -> String {
         .args(args)
         .env("PYTHONPATH", dir));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Generates the Python modules of `files` (paths under `include`, e.g.
+/// "api/nsp/v1/model.proto") into `dir`, packages following the paths.
+pub fn generate_from(python: &Path, include: &Path, files: &[&str], dir: &Path) {
+    run(Command::new(python)
+        .args(["-m", "grpc_tools.protoc", "-I"])
+        .arg(include)
+        .arg(format!("--python_out={}", dir.display()))
+        .arg(format!("--grpc_python_out={}", dir.display()))
+        .args(files));
+}
+
+/// The repository's own proto files (`userspace/proto`).
+pub fn repo_protos() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../userspace/proto")
 }

@@ -5,17 +5,21 @@
 //! loopback.
 //!
 //! Control channel: the harness writes one JSON command a line on the
-//! server's stdin (`set`, `replay`); the server writes one event a line on
+//! server's stdin (`set`, `replay`, `mode`, `wrong_type`); the server writes one event a line on
 //! stdout, `kind key=value …` with percent-encoded values (`listening`,
 //! `request`, `response`, `closed`, `done`). Every request and response is
 //! recorded here.
 //!
 //! Server behaviour (like go-control-plane's SotW server): a request whose
-//! `response_nonce` is not the last nonce sent on its stream is stale and
-//! ignored; a NACK (`error_detail` set) is not answered; otherwise the server
-//! answers when the request's version differs from its own or names were
-//! added on the stream, with every known subscribed cluster. `set` pushes the
-//! new version to every stream subscribed to a changed cluster.
+//! `response_nonce` is not the last nonce sent for its type on its stream is
+//! stale and ignored; a NACK (`error_detail` set) is not answered, unless
+//! `resend_nacked` is on: then it is answered like any request whose version
+//! differs, with the same (rejected) version at once, as go-control-plane's
+//! snapshot cache does (go-control-plane#962); otherwise the server answers
+//! when the request's version differs from its own or names were added on
+//! the stream, with every known subscribed cluster. `set` pushes the new
+//! version to every stream subscribed to a changed cluster. `wrong_type`
+//! makes the next response carry another type URL.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -43,6 +47,8 @@ lock = threading.RLock()
 out_lock = threading.Lock()
 version = ""
 clusters = {}
+resend_nacked = [False]
+wrong_next = []
 streams = {}
 next_stream = [0]
 
@@ -93,7 +99,7 @@ class Stream:
         self.q = queue.Queue()
         self.names = []
         self.nonce = 0
-        self.last_nonce = None
+        self.last_nonce = {}
         self.last = None
 
     def send(self, only=None):
@@ -101,20 +107,22 @@ class Stream:
         if not names:
             return
         self.nonce += 1
-        resp = discovery_pb2.DiscoveryResponse(version_info=version, type_url=TYPE, nonce=str(self.nonce))
+        type_url = wrong_next.pop(0) if wrong_next else TYPE
+        resp = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=str(self.nonce))
         for n in names:
             resp.resources.add().Pack(clusters[n])
-        self.last_nonce = resp.nonce
+        self.last_nonce[type_url] = resp.nonce
         self.last = resp
         emit("response", stream=self.id, method=self.method, version=version, nonce=resp.nonce,
-             clusters=",".join(names))
+             clusters=",".join(names), type_url=type_url)
         self.q.put(resp)
 
 
 def on_request(st, req):
     with lock:
         nack = req.HasField("error_detail")
-        stale = bool(req.response_nonce) and req.response_nonce != st.last_nonce
+        stale = bool(req.response_nonce) and \
+            req.response_nonce != st.last_nonce.get(req.type_url or TYPE)
         node = req.node if req.HasField("node") else None
         emit("request", stream=st.id, method=st.method, version=req.version_info,
              nonce=req.response_nonce, type_url=req.type_url, names=",".join(req.resource_names),
@@ -125,7 +133,7 @@ def on_request(st, req):
             return
         added = set(req.resource_names) - set(st.names)
         st.names = list(req.resource_names)
-        if nack:
+        if nack and not resend_nacked[0]:
             return
         if req.version_info != version or added:
             st.send()
@@ -194,11 +202,15 @@ def main():
                 for st in list(streams.values()):
                     if changed & set(st.names):
                         st.send(only=set(only) if only is not None else None)
+            elif cmd["cmd"] == "mode":
+                resend_nacked[0] = cmd["resend_nacked"]
+            elif cmd["cmd"] == "wrong_type":
+                wrong_next.append(cmd["type"])
             elif cmd["cmd"] == "replay":
                 for st in list(streams.values()):
                     if st.last is not None:
                         emit("response", stream=st.id, method=st.method, version=st.last.version_info,
-                             nonce=st.last.nonce, replay=1)
+                             nonce=st.last.nonce, replay=1, type_url=st.last.type_url)
                         st.q.put(st.last)
         emit("done", seq=seq)
     server.stop(0)
@@ -259,9 +271,12 @@ impl Loc {
     }
 }
 
-/// A `ClusterLoadAssignment` (the cluster name is the key it is set under).
+/// A `ClusterLoadAssignment` (the cluster name is the key it is set under,
+/// unless `name` says otherwise).
 #[derive(Clone, Debug, Default)]
 pub struct Cla {
+    /// `cluster_name` in the resource, when not the key.
+    pub name: Option<String>,
     pub localities: Vec<Loc>,
     /// (category, parts per million)
     pub drops: Vec<(String, u32)>,
@@ -271,6 +286,7 @@ impl Cla {
     /// One locality "z" at priority 0.
     pub fn single(endpoints: Vec<Ep>) -> Self {
         Cla {
+            name: None,
             localities: vec![Loc::new("z", 0, endpoints)],
             drops: Vec::new(),
         }
@@ -313,7 +329,11 @@ impl Cla {
             .map(|(c, ppm)| format!(r#"{{"category":{},"per_million":{ppm}}}"#, json_str(c)))
             .collect::<Vec<_>>()
             .join(",");
-        format!(r#"{{"localities":[{locs}],"drops":[{drops}]}}"#)
+        let name = self
+            .name
+            .as_ref()
+            .map_or(String::new(), |n| format!(r#""name":{},"#, json_str(n)));
+        format!(r#"{{{name}"localities":[{locs}],"drops":[{drops}]}}"#)
     }
 }
 
@@ -360,6 +380,7 @@ pub struct SeenRequest {
 #[derive(Clone, Debug)]
 pub struct SentResponse {
     pub stream: u32,
+    pub type_url: String,
     pub version_info: String,
     pub nonce: String,
     pub clusters: Vec<String>,
@@ -485,6 +506,7 @@ fn record(log: &mut Log, line: &str) {
         }),
         "response" => log.responses.push(SentResponse {
             stream: get("stream").parse().unwrap_or(0),
+            type_url: get("type_url"),
             version_info: get("version"),
             nonce: get("nonce"),
             clusters: list(f.get("clusters")),
@@ -642,6 +664,19 @@ impl ControlPlane {
         self.command(format!(
             r#"{{"cmd":"set","version":{},"clusters":{{{map}}}{only}}}"#,
             json_str(version)
+        ));
+    }
+
+    /// Answers NACKs at once with the version they rejected (on), or not at all (off).
+    pub fn resend_nacked(&mut self, on: bool) {
+        self.command(format!(r#"{{"cmd":"mode","resend_nacked":{on}}}"#));
+    }
+
+    /// The next response (on any stream) carries `type_url` instead of EDS's.
+    pub fn wrong_type(&mut self, type_url: &str) {
+        self.command(format!(
+            r#"{{"cmd":"wrong_type","type":{}}}"#,
+            json_str(type_url)
         ));
     }
 

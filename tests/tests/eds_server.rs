@@ -14,7 +14,7 @@ use std::time::Duration;
 use tapmesh_tests::{
     kernel_tests_enabled,
     net::{wait_until, LbLab},
-    xds_peer::{python, Cla, ControlPlane, Ep},
+    xds_peer::{python, Cla, ControlPlane, Ep, Loc},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
@@ -269,6 +269,85 @@ fn eds_server_serves_the_catalog_to_a_proxy() {
         !client.lines().iter().any(|l| l.starts_with("error ")),
         "{:#?}",
         client.lines()
+    );
+    drop(client);
+    let _ = std::fs::remove_file(&config);
+}
+
+/// What the proxy reads is what the maps hold: every priority with its
+/// health, and a chosen backend this node cannot reach (not in the maps)
+/// UNHEALTHY; `tapmesh catalog list` says why each backend has no slots.
+#[test]
+fn eds_server_serves_priorities_health_and_unreachable_backends_as_the_maps_hold_them() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = LbLab::new(2, &[VIP]);
+    let mut cp = ControlPlane::start_in(&lab.node.name);
+    let config = std::env::temp_dir().join(tapmesh_tests::unique("tmedsh.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"30s\"\n\
+             serve = \"{SERVE}\"\n\
+             [[xds.clusters]]\nname = \"svc\"\nvip = \"{VIP}\"\nprotocols = [\"udp\"]\n",
+            cp.address()
+        ),
+    )
+    .unwrap();
+    lab.start_with(None, &["--config".into(), config.display().to_string()]);
+    let (a, b) = (
+        lab.targets[0].address.to_string(),
+        lab.targets[1].address.to_string(),
+    );
+    // 198.51.100.77 has no route from the node: left out of the maps.
+    let cla = Cla {
+        name: None,
+        localities: vec![
+            Loc::new(
+                "near",
+                0,
+                vec![
+                    Ep::new(&a, 5000).weight(3),
+                    Ep::new("198.51.100.77", 5000),
+                    Ep::new("198.51.100.78", 5000).weight(2).health("DRAINING"),
+                ],
+            ),
+            Loc::new("far", 1, vec![Ep::new(&b, 5000)]),
+        ],
+        drops: vec![],
+    };
+    cp.set("1", &[("svc", cla)]);
+    cp.wait_request(Duration::from_secs(20), "ACK of version 1", |r| {
+        r.version_info == "1" && r.error_detail.is_none() && !r.response_nonce.is_empty()
+    });
+
+    let client = EdsClient::start(&lab.node.name, SERVE, &["svc"]);
+    let first = client.wait_response(1, Duration::from_secs(20));
+    assert_eq!(
+        first,
+        format!(
+            "response version=1 nonce=1 type_ok=True resources=svc{{\
+             near/p0/w4[{a}:5000*3:HEALTHY,198.51.100.77:5000*1:UNHEALTHY,198.51.100.78:5000*2:DRAINING] \
+             far/p1/w1[{b}:5000*1:HEALTHY]}}"
+        )
+    );
+
+    let out = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+        .args(["catalog", "list", "--admin-socket"])
+        .arg(&lab.daemon().socket)
+        .output()
+        .expect("tapmesh catalog list");
+    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        listing,
+        format!(
+            "svc (from eds) vip {VIP}\n  \
+             {a}:5000 weight 3 priority 0 slots 3 locality near\n  \
+             198.51.100.77:5000 weight 1 priority 0 unreachable locality near\n  \
+             198.51.100.78:5000 weight 2 priority 0 DRAINING locality near\n  \
+             {b}:5000 weight 1 priority 1 standby locality far\n"
+        )
     );
     drop(client);
     let _ = std::fs::remove_file(&config);

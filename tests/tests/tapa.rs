@@ -420,9 +420,9 @@ const MERIDIO_CLIENT: &str = r#"
 import sys, time, grpc
 import tap_pb2, tap_pb2_grpc
 socket, mode, trench, conduit, name = sys.argv[1:6]
-# grpcio >= 1.57 sends the %-encoded socket path as :authority, which HTTP/2
-# servers built on h2 refuse (grpc/grpc#38142); Go clients send "localhost".
-channel = grpc.insecure_channel("unix:" + socket, options=[("grpc.default_authority", "localhost")])
+# No channel options: grpcio >= 1.57 sends the %-encoded socket path as
+# :authority (grpc/grpc#38142), and the ambassador must answer it.
+channel = grpc.insecure_channel("unix:" + socket)
 stub = tap_pb2_grpc.TapStub(channel)
 stream = tap_pb2.Stream(name=name, conduit=tap_pb2.Conduit(name=conduit, trench=tap_pb2.Trench(name=trench)))
 start = time.monotonic()
@@ -541,5 +541,95 @@ fn only_a_targets_own_namespace_may_register_it() {
         1,
         "{}",
         lab.registry_list()
+    );
+}
+
+/// grpcio with no channel options on the node socket (Meridio's
+/// TargetRegistry and ConfigurationManager) and on the admin socket: each
+/// call's answer printed on one line.
+const NODE_AND_ADMIN_CLIENT: &str = r#"
+import sys, grpc
+from api.nsp.v1 import model_pb2, targetregistry_pb2, targetregistry_pb2_grpc
+from api.nsp.v1 import configurationmanager_pb2_grpc
+from tapmesh.admin.v1 import admin_pb2, admin_pb2_grpc
+node, admin = sys.argv[1:3]
+trench = model_pb2.Trench(name="trench-a")
+
+node_channel = grpc.insecure_channel("unix:" + node)
+registry = targetregistry_pb2_grpc.TargetRegistryStub(node_channel)
+T = targetregistry_pb2.Target
+for response in registry.Watch(T(status=T.ANY, type=T.DEFAULT), timeout=10):
+    print("targets " + " ".join(sorted("%s:%s:%s" % (t.stream.name, T.Status.Name(t.status),
+                                                      t.context["identifier"])
+                                       for t in response.targets)))
+    break
+config = configurationmanager_pb2_grpc.ConfigurationManagerStub(node_channel)
+for response in config.WatchTrench(trench, timeout=10):
+    print("trench " + response.trench.name)
+    break
+for response in config.WatchStream(model_pb2.Stream(conduit=model_pb2.Conduit(trench=trench)),
+                                   timeout=10):
+    print("streams " + " ".join(sorted(s.name for s in response.streams)))
+    break
+for response in config.WatchVip(model_pb2.Vip(trench=trench), timeout=10):
+    print("vips " + " ".join(sorted(v.address for v in response.vips)))
+    break
+
+admin_stub = admin_pb2_grpc.AdminStub(grpc.insecure_channel("unix:" + admin))
+status = admin_stub.Status(admin_pb2.StatusRequest(), timeout=10)
+print("status %s %s" % (status.version, " ".join(
+    "%s=%s" % (p.name, admin_pb2.PluginState.Name(p.state)) for p in status.plugins)))
+listing = admin_stub.ListLb(admin_pb2.ListLbRequest(), timeout=10)
+print("lb streams " + " ".join(sorted(s.name for s in listing.config.streams)))
+"#;
+
+#[test]
+fn grpcio_without_options_reaches_the_node_socket_and_the_admin_api() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let python = tapmesh_tests::python::python();
+    let mut lab = TapaLab::new(1, "60s");
+    let a = lab.start_ambassador(0, "30s");
+    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
+    tap.open(stream("stream-a", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
+    let registered = lab.registered("stream-a");
+    assert_eq!(registered.len(), 1, "{}", lab.registry_list());
+
+    let dir = lab.dir.0.join("python-node");
+    std::fs::create_dir_all(&dir).unwrap();
+    tapmesh_tests::python::generate_from(
+        &python,
+        &tapmesh_tests::python::repo_protos(),
+        &[
+            "api/nsp/v1/model.proto",
+            "api/nsp/v1/targetregistry.proto",
+            "api/nsp/v1/configurationmanager.proto",
+            "tapmesh/admin/v1/admin.proto",
+        ],
+        &dir,
+    );
+    let node = lab.node_socket().display().to_string();
+    let admin = lab.daemon().socket.display().to_string();
+    let out = tapmesh_tests::python::script(&python, &dir, NODE_AND_ADMIN_CLIENT, &[&node, &admin]);
+    let status = lab.daemon().status();
+    let plugins: Vec<String> = status
+        .plugins
+        .iter()
+        .map(|p| format!("{}=PLUGIN_STATE_RUNNING", p.name))
+        .collect();
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec![
+            format!("targets stream-a:ENABLED:{}", registered[0].0),
+            "trench trench-a".to_string(),
+            "streams stream-a stream-b".to_string(),
+            "vips 203.0.113.10/32 203.0.113.11/32".to_string(),
+            format!("status {} {}", status.version, plugins.join(" ")),
+            "lb streams stream-a.conduit-a.trench-a stream-b.conduit-a.trench-a".to_string(),
+        ],
+        "{out}"
     );
 }

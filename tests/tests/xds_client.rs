@@ -7,8 +7,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tapmesh::xds::{
-    self, CancellationToken, ClusterEndpoints, EndpointSink, Locality, SelectedEndpoint,
-    XdsSettings, EDS_TYPE_URL,
+    self, CancellationToken, ClusterEndpoints, EndpointSink, HealthStatus, Locality,
+    SelectedEndpoint, StandbyEndpoint, XdsSettings, EDS_TYPE_URL,
 };
 use tapmesh_tests::xds_peer::{Cla, ControlPlane, Ep, Loc, SeenRequest};
 
@@ -129,6 +129,7 @@ fn selected(ip: &str, port: u16, weight: u32, zone: &str, priority: u32) -> Sele
             ..Default::default()
         },
         priority,
+        health: HealthStatus::Healthy as i32,
     }
 }
 
@@ -198,6 +199,7 @@ fn eds_subscribe_applies_before_ack() {
                 selected("198.18.0.1", 8080, 1, "z", 0),
                 selected("198.18.0.2", 8080, 1, "z", 0),
             ],
+            standby: vec![],
             drop_overloads: vec![],
         }]
     );
@@ -290,6 +292,7 @@ fn invalid_assignment_is_nacked_and_state_kept() {
 
     // Priorities with a gap.
     let gap = Cla {
+        name: None,
         localities: vec![
             Loc::new("a", 0, vec![Ep::new("198.18.0.1", 80)]),
             Loc::new("b", 2, vec![Ep::new("198.18.0.2", 80)]),
@@ -391,6 +394,7 @@ fn reconnects_after_server_restart() {
 fn priority_failover() {
     let mut cp = ControlPlane::start();
     let failing = Cla {
+        name: None,
         localities: vec![
             Loc::new(
                 "near",
@@ -415,6 +419,7 @@ fn priority_failover() {
     cp.wait_request(WAIT, "ACK v1", is_ack("1", "1"));
 
     let recovered = Cla {
+        name: None,
         localities: vec![
             Loc::new(
                 "near",
@@ -432,7 +437,27 @@ fn priority_failover() {
     let update = sink.wait_count(2);
     assert_eq!(
         update.endpoints,
-        vec![selected("198.18.0.2", 80, 1, "near", 0)]
+        vec![SelectedEndpoint {
+            health: HealthStatus::Unknown as i32,
+            ..selected("198.18.0.2", 80, 1, "near", 0)
+        }]
+    );
+    // The rest is kept with its health, the other priority usable.
+    assert_eq!(
+        update.standby,
+        vec![
+            StandbyEndpoint {
+                endpoint: SelectedEndpoint {
+                    health: HealthStatus::Unhealthy as i32,
+                    ..selected("198.18.0.1", 80, 1, "near", 0)
+                },
+                usable: false,
+            },
+            StandbyEndpoint {
+                endpoint: selected("198.18.1.1", 80, 1, "far", 1),
+                usable: true,
+            },
+        ]
     );
     cp.wait_request(WAIT, "ACK v2", is_ack("2", "2"));
 }
@@ -544,4 +569,250 @@ fn absent_cluster_keeps_its_state() {
     assert_eq!(updates.len(), 3, "{updates:#?}");
     assert_eq!(updates[2].cluster, "svc-a");
     assert!(updates.iter().filter(|u| u.cluster == "svc-b").count() == 1);
+}
+
+/// WARN and above of every client in this process, as text (one global
+/// subscriber: tests tell their lines apart by their server's port).
+fn warnings() -> &'static Mutex<Vec<u8>> {
+    static LOG: std::sync::OnceLock<&'static Mutex<Vec<u8>>> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let log: &'static Mutex<Vec<u8>> = Box::leak(Box::new(Mutex::new(Vec::new())));
+        struct Writer(&'static Mutex<Vec<u8>>);
+        impl std::io::Write for Writer {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .with_writer(move || Writer(log))
+            .init();
+        log
+    })
+}
+
+fn warning_lines(port: u16, word: &str) -> Vec<String> {
+    let text = String::from_utf8_lossy(&warnings().lock().unwrap()).into_owned();
+    let server = format!("127.0.0.1:{port}");
+    text.lines()
+        .filter(|l| l.contains(&server) && l.contains(word))
+        .map(String::from)
+        .collect()
+}
+
+/// A server that answers every NACK with the rejected version at once (as
+/// go-control-plane's snapshot cache does) is NACKed with growing delays,
+/// and the rejection is logged once; a good version still applies at once.
+#[test]
+fn a_rejected_version_sent_again_is_nacked_with_backoff_and_logged_once() {
+    warnings();
+    let mut cp = ControlPlane::start();
+    cp.resend_nacked(true);
+    cp.set("1", &[("svc-a", two_endpoints())]);
+    let sink = Recorder::new(true);
+    let _client = Client::start(settings(&cp, &["svc-a"]), sink.clone());
+    cp.wait_request(WAIT, "ACK v1", is_ack("1", "1"));
+
+    cp.set(
+        "2",
+        &[("svc-a", Cla::single(vec![Ep::new("not-an-ip", 80)]))],
+    );
+    let first = cp.wait_request(WAIT, "NACK of v2", |r| r.error_detail.is_some());
+    std::thread::sleep(Duration::from_secs(4));
+    let nacks: Vec<SeenRequest> = cp
+        .requests()
+        .into_iter()
+        .filter(|r| r.error_detail.is_some())
+        .collect();
+    let resent = cp
+        .responses()
+        .iter()
+        .filter(|r| r.version_info == "2")
+        .count();
+    // Each NACK was answered with version 2 again; without a backoff that
+    // loop ran thousands of times in these 4 s. Delays 0.2, 0.4, 0.8, 1.6 s
+    // after the first give 5 NACKs.
+    assert!(
+        (4..=6).contains(&nacks.len()),
+        "{} NACKs in 4 s: {nacks:#?}",
+        nacks.len()
+    );
+    assert!(
+        resent >= nacks.len(),
+        "the server resent version 2 {resent} times"
+    );
+    let gaps: Vec<Duration> = nacks
+        .windows(2)
+        .map(|w| w[1].at.duration_since(w[0].at))
+        .collect();
+    assert!(gaps[0] >= Duration::from_millis(150), "{gaps:?}");
+    for w in gaps.windows(2) {
+        assert!(w[1] >= w[0] + w[0] / 2, "delays must grow: {gaps:?}");
+    }
+    assert!(nacks
+        .iter()
+        .all(|n| n.version_info == "1" && n.error_detail == first.error_detail));
+    let warned = warning_lines(cp.port, "NACK");
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    assert!(warned[0].contains("version=2"), "{warned:#?}");
+
+    // A good version is applied at once, whatever NACK was waiting.
+    cp.set(
+        "3",
+        &[("svc-a", Cla::single(vec![Ep::new("198.18.0.3", 80)]))],
+    );
+    let set_at = Instant::now();
+    assert_eq!(
+        endpoints(&sink.wait_count(2)),
+        vec![("198.18.0.3".into(), 80, 1)]
+    );
+    assert!(set_at.elapsed() < Duration::from_secs(1));
+    let ack = cp.wait_request(WAIT, "ACK v3", |r| {
+        r.version_info == "3" && r.error_detail.is_none()
+    });
+    assert!(!ack.response_nonce.is_empty());
+    // Another bad version is logged again, once.
+    cp.set(
+        "4",
+        &[("svc-a", Cla::single(vec![Ep::new("198.18.0.4", 0)]))],
+    );
+    cp.wait_request(WAIT, "NACK of v4", |r| {
+        r.error_detail
+            .as_deref()
+            .is_some_and(|e| e.contains("port 0"))
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let warned = warning_lines(cp.port, "NACK");
+    assert_eq!(warned.len(), 2, "{warned:#?}");
+    assert!(warned[1].contains("version=4"), "{warned:#?}");
+}
+
+const CDS_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+/// A response of another type is NACKed for that type, and the EDS
+/// subscription is requested again at once (EDS and ADS), so the endpoints
+/// arrive without waiting for a change or a reconnect.
+#[test]
+fn a_response_of_another_type_is_nacked_and_eds_is_requested_again() {
+    for ads in [false, true] {
+        let mut cp = ControlPlane::start();
+        cp.set("1", &[("svc-a", two_endpoints())]);
+        cp.wrong_type(CDS_TYPE_URL);
+        let sink = Recorder::new(true);
+        let mut s = settings(&cp, &["svc-a"]);
+        s.ads = ads;
+        let _client = Client::start(s, sink.clone());
+
+        let nack = cp.wait_request(WAIT, "NACK of the CDS response", |r| {
+            r.type_url == CDS_TYPE_URL && r.error_detail.is_some()
+        });
+        assert_eq!(nack.response_nonce, "1");
+        assert!(
+            nack.error_detail
+                .as_deref()
+                .unwrap()
+                .contains("unexpected resource type"),
+            "{nack:?}"
+        );
+        let again = cp.wait_request(WAIT, "EDS requested again", |r| {
+            r.type_url == EDS_TYPE_URL && r.node_id.is_none() && r.error_detail.is_none()
+        });
+        assert_eq!(
+            (again.version_info.as_str(), again.response_nonce.as_str()),
+            ("", ""),
+            "nothing accepted yet, no EDS nonce yet"
+        );
+        assert_eq!(again.resource_names, vec!["svc-a"]);
+        assert_eq!(sink.wait_count(1).endpoints.len(), 2, "ads={ads}");
+        cp.wait_request(WAIT, "ACK v1", is_ack("1", "2"));
+        let responses = cp.responses();
+        assert_eq!(
+            responses
+                .iter()
+                .map(|r| r.type_url.as_str())
+                .collect::<Vec<_>>(),
+            vec![CDS_TYPE_URL, EDS_TYPE_URL],
+            "ads={ads}"
+        );
+    }
+}
+
+/// An endpoint listed twice (it would count twice) and an assignment
+/// without a cluster name are NACKed, naming the problem; nothing applies.
+#[test]
+fn duplicate_endpoints_and_an_empty_cluster_name_are_nacked() {
+    let mut cp = ControlPlane::start();
+    cp.set("1", &[("svc-a", two_endpoints())]);
+    let sink = Recorder::new(true);
+    let _client = Client::start(settings(&cp, &["svc-a"]), sink.clone());
+    cp.wait_request(WAIT, "ACK v1", is_ack("1", "1"));
+
+    cp.set(
+        "2",
+        &[(
+            "svc-a",
+            Cla::single(vec![
+                Ep::new("198.18.0.1", 8080),
+                Ep::new("198.18.0.2", 8080),
+                Ep::new("198.18.0.1", 8080).weight(5),
+            ]),
+        )],
+    );
+    let nack = cp.wait_request(WAIT, "NACK of v2", is_nack("2"));
+    assert_eq!(nack.version_info, "1");
+    assert_eq!(
+        nack.error_detail.as_deref(),
+        Some(
+            "ClusterLoadAssignment \"svc-a\": endpoints[0].lb_endpoints[2]: \
+             198.18.0.1:8080 is listed twice (also endpoints[0].lb_endpoints[0])"
+        )
+    );
+
+    // The same address in another locality and priority is still one endpoint twice.
+    let across = Cla {
+        name: None,
+        localities: vec![
+            Loc::new("a", 0, vec![Ep::new("198.18.0.1", 8080)]),
+            Loc::new("b", 1, vec![Ep::new("198.18.0.1", 8080)]),
+        ],
+        drops: vec![],
+    };
+    cp.set("3", &[("svc-a", across)]);
+    let nack = cp.wait_request(WAIT, "NACK of v3", is_nack("3"));
+    assert!(
+        nack.error_detail
+            .as_deref()
+            .unwrap()
+            .contains("198.18.0.1:8080 is listed twice"),
+        "{nack:?}"
+    );
+    // A different port is another endpoint.
+    cp.set(
+        "4",
+        &[(
+            "svc-a",
+            Cla::single(vec![
+                Ep::new("198.18.0.1", 8080),
+                Ep::new("198.18.0.1", 8081),
+            ]),
+        )],
+    );
+    assert_eq!(sink.wait_count(2).endpoints.len(), 2);
+    cp.wait_request(WAIT, "ACK v4", is_ack("4", "4"));
+
+    let mut nameless = two_endpoints();
+    nameless.name = Some(String::new());
+    cp.set("5", &[("svc-a", nameless)]);
+    let nack = cp.wait_request(WAIT, "NACK of v5", is_nack("5"));
+    assert_eq!(nack.version_info, "4");
+    assert_eq!(
+        nack.error_detail.as_deref(),
+        Some("resources[0]: ClusterLoadAssignment.cluster_name is empty")
+    );
+    assert_eq!(sink.updates().len(), 2);
 }

@@ -332,11 +332,12 @@ async fn status(socket: PathBuf, raw: bool) -> ExitCode {
     match client.status(admin::proto::StatusRequest {}).await {
         Ok(response) => {
             let status = response.into_inner();
-            if raw {
-                println!("{status:#?}");
+            let text = if raw {
+                format!("{status:#?}\n")
             } else {
-                print!("{}", cli::status::render(&status));
-            }
+                cli::status::render(&status)
+            };
+            let _ = cli::print(&text);
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -405,7 +406,7 @@ async fn lb(socket: PathBuf, command: LbCommand) -> ExitCode {
     };
     match result {
         Ok(text) => {
-            print!("{text}");
+            let _ = cli::print(&text);
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -431,8 +432,10 @@ async fn stream(socket: PathBuf, command: StreamCommand) -> ExitCode {
                     loop {
                         match updates.message().await {
                             Ok(Some(m)) => {
-                                print!("{}", cli::nsp::render_statuses(&m));
-                                println!("--");
+                                let text = format!("{}--\n", cli::nsp::render_statuses(&m));
+                                if cli::print(&text).is_err() {
+                                    break Ok(());
+                                }
                                 seen += 1;
                                 if count.is_some_and(|c| seen >= c) {
                                     break Ok(());
@@ -480,7 +483,7 @@ async fn registry_list(socket: PathBuf) -> ExitCode {
             }
         }
     }
-    print!("{}", cli::nsp::render_targets(&all));
+    let _ = cli::print(&cli::nsp::render_targets(&all));
     ExitCode::SUCCESS
 }
 
@@ -569,7 +572,7 @@ async fn tap_flow(socket: PathBuf, command: TapFlowCommand) -> ExitCode {
 fn print_result(result: Result<String, tonic::Status>) -> ExitCode {
     match result {
         Ok(text) => {
-            print!("{text}");
+            let _ = cli::print(&text);
             ExitCode::SUCCESS
         }
         Err(e) => {

@@ -1,10 +1,16 @@
-//! gRPC channels over unix sockets.
+//! gRPC channels and servers over unix sockets.
+
+mod authority;
 
 use std::path::Path;
 
+use futures::{Stream, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::net::UnixStream;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint};
+
+pub use authority::{FixAuthority, Rewriter};
 
 /// A channel that connects on first use and reconnects after a failure, so a
 /// restarted server is found again.
@@ -18,6 +24,14 @@ pub fn lazy_channel(path: &Path) -> Channel {
     ))
 }
 
+/// The connections of a gRPC server's unix socket, each behind
+/// [`FixAuthority`], so clients that send the socket path as `:authority`
+/// (grpcio ≥ 1.57, grpc-java, Swift gRPC) are served too.
+pub fn incoming(
+    listener: UnixListener,
+) -> impl Stream<Item = std::io::Result<FixAuthority<UnixStream>>> {
+    UnixListenerStream::new(listener).map(|conn| conn.map(FixAuthority::new))
+}
 /// Binds a unix socket with `mode`, replacing a stale socket file (not one in use).
 pub fn bind(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
     use std::os::unix::fs::PermissionsExt;

@@ -1,6 +1,7 @@
 //! `cargo xtask …`: set up the machine, build the BPF object and the daemon,
 //! run the tests, the demo and the benchmarks.
 
+mod image;
 mod setup;
 
 use std::{
@@ -49,6 +50,9 @@ enum Task {
     Demo,
     /// BPF_PROG_TEST_RUN ns/packet per program path; writes BENCHMARKS.md.
     Bench,
+    /// The container image, from a fresh Debian root (mmdebstrap, rustup-init,
+    /// `cargo xtask setup`, release build) into a small runtime root; `--check` tests it.
+    Image(image::ImageArgs),
 }
 
 pub fn root() -> PathBuf {
@@ -118,7 +122,8 @@ fn binary(release: bool) -> PathBuf {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    if !matches!(cli.command, Task::Setup) {
+    // The image task installs its own tools; the usual set-up runs inside the image.
+    if !matches!(cli.command, Task::Setup | Task::Image(_)) {
         setup::check_and_install(false)?;
     }
     match cli.command {
@@ -161,6 +166,7 @@ fn main() -> Result<()> {
                 ])
                 .env("TAPMESH_BIN", binary(true)))?;
         }
+        Task::Image(args) => image::image(args)?,
         Task::Bench => {
             let object = build(true)?;
             run(cargo(&object)

@@ -25,11 +25,19 @@ const PACKAGES: &[&str] = &[
     "nftables",
 ];
 
+/// What `cargo xtask image` needs besides the above (only installed when it runs).
+const IMAGE_PACKAGES: &[&str] = &[
+    "mmdebstrap", // the build and runtime roots, from Debian's packages
+    "podman",
+    "buildah",
+    "runc", // crun refuses the hybrid cgroup layout of these machines
+    "git",  // the source archive
+];
+
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
-fn missing_packages() -> Vec<&'static str> {
-    PACKAGES
-        .iter()
+fn missing_packages(list: &[&'static str]) -> Vec<&'static str> {
+    list.iter()
         .copied()
         .filter(|p| {
             let out = Command::new("dpkg-query").args(["-W", "-f=${Status}", p]).output();
@@ -38,16 +46,33 @@ fn missing_packages() -> Vec<&'static str> {
         .collect()
 }
 
-fn has_rust_src() -> bool {
-    Command::new("rustup")
-        .args(["component", "list", "--toolchain", "nightly", "--installed"])
+/// The nightly that `ebpf/rust-toolchain.toml` pins.
+fn bpf_toolchain() -> Result<String> {
+    let path = crate::root().join("ebpf/rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    table
+        .get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(|c| c.as_str())
+        .map(str::to_string)
+        .with_context(|| format!("{}: no [toolchain] channel", path.display()))
+}
+
+/// Some(true): installed with rust-src; Some(false): installed without; None: not installed.
+fn has_rust_src(toolchain: &str) -> Option<bool> {
+    let out = Command::new("rustup")
+        .args(["component", "list", "--toolchain", toolchain, "--installed"])
         .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .any(|l| l.starts_with("rust-src"))
-        })
-        .unwrap_or(false)
+        .ok()?;
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.starts_with("rust-src"))
+    })
 }
 
 fn has_bpf_linker() -> bool {
@@ -77,10 +102,9 @@ extern "C" {
     fn libc_geteuid() -> u32;
 }
 
-/// Checks everything cheaply; installs what is missing. `verbose` also
-/// reports what is already there.
-pub fn check_and_install(verbose: bool) -> Result<()> {
-    let packages = missing_packages();
+/// Installs the Debian packages of `list` that are missing.
+fn install_packages(list: &[&'static str], verbose: bool) -> Result<()> {
+    let packages = missing_packages(list);
     if !packages.is_empty() {
         if !is_root() {
             bail!("missing Debian packages {packages:?}: run `cargo xtask setup` as root");
@@ -93,20 +117,44 @@ pub fn check_and_install(verbose: bool) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"))
         .context("installing Debian packages")?;
     } else if verbose {
-        println!("setup: Debian packages present ({})", PACKAGES.join(" "));
+        println!("setup: Debian packages present ({})", list.join(" "));
     }
+    Ok(())
+}
 
-    if !has_rust_src() {
-        println!("setup: adding rust-src to the nightly toolchain");
-        run(Command::new("rustup").args([
-            "component",
-            "add",
-            "rust-src",
-            "--toolchain",
-            "nightly",
-        ]))?;
-    } else if verbose {
-        println!("setup: nightly rust-src present");
+/// What `cargo xtask image` needs on top of the usual set-up.
+pub fn install_image_tools() -> Result<()> {
+    install_packages(IMAGE_PACKAGES, false)
+}
+
+/// Checks everything cheaply; installs what is missing. `verbose` also
+/// reports what is already there.
+pub fn check_and_install(verbose: bool) -> Result<()> {
+    install_packages(PACKAGES, verbose)?;
+
+    let nightly = bpf_toolchain()?;
+    match has_rust_src(&nightly) {
+        Some(true) if verbose => println!("setup: {nightly} with rust-src present"),
+        Some(true) => {}
+        Some(false) => {
+            println!("setup: adding rust-src to {nightly}");
+            run(Command::new("rustup")
+                .args(["component", "add", "rust-src", "--toolchain"])
+                .arg(&nightly))?;
+        }
+        None => {
+            println!("setup: installing {nightly} with rust-src (ebpf/rust-toolchain.toml)");
+            run(Command::new("rustup")
+                .args([
+                    "toolchain",
+                    "install",
+                    "--profile",
+                    "minimal",
+                    "--component",
+                    "rust-src",
+                ])
+                .arg(&nightly))?;
+        }
     }
 
     if !has_bpf_linker() {
@@ -118,7 +166,15 @@ pub fn check_and_install(verbose: bool) -> Result<()> {
             std::env::var("PATH").unwrap_or_default()
         );
         run(Command::new("cargo")
-            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            // --locked: the dependency versions bpf-linker was released with, not
+            // the newest ones (which may want a newer rustc than a fresh machine has).
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
             .args(["--no-default-features", "--features", "llvm-22"])
             .env("LLVM_PREFIX", "/usr/lib/llvm-22")
             .env("PATH", path)
@@ -133,7 +189,13 @@ pub fn check_and_install(verbose: bool) -> Result<()> {
         if is_root() {
             println!("setup: mounting bpffs on /sys/fs/bpf");
             std::fs::create_dir_all("/sys/fs/bpf").ok();
-            run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))?;
+            // Where mounting is not allowed (an image build, a container) the
+            // build still works; only the kernel tests and the daemon need it.
+            if let Err(e) = run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"])) {
+                println!(
+                    "setup: warning: no bpffs ({e}); the daemon and the kernel tests need one"
+                );
+            }
         } else if verbose {
             println!("setup: bpffs is not mounted (needs root: mount -t bpf bpf /sys/fs/bpf)");
         }

@@ -13,7 +13,6 @@ use std::{
 use async_trait::async_trait;
 use tapmesh_common::{DropReason, Protocol, Verdict};
 use tokio::{net::UnixListener, task::JoinHandle};
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{transport::server::UdsConnectInfo, Request, Response, Status};
 
@@ -472,7 +471,7 @@ impl Plugin for AdminPlugin {
         let task = tokio::spawn(
             tonic::transport::Server::builder()
                 .add_service(AdminServer::new(service))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(crate::uds::incoming(listener), async move {
                     shutdown.cancelled().await
                 }),
         );

@@ -11,7 +11,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
-use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::config::DEFAULT_NODE_SOCKET;
 use crate::proto::ambassador::tap_server::TapServer;
@@ -89,7 +88,7 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TapServer::new(tap.clone()))
-            .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+            .serve_with_incoming_shutdown(crate::uds::incoming(listener), async move {
                 shutdown.cancelled().await
             }),
     );

@@ -7,12 +7,17 @@
 //! weights become Maglev slots (a backend of weight w holds w of the
 //! stream's identifiers, scaled to at most [`MAX_SLOTS`] in all), so real
 //! traffic splits in their proportion; the stream has room for the next
-//! power of two of them ([`stream_size`]). Updates arriving within
-//! [`DEBOUNCE`] are written as one map update; the xDS client's ACK waits for it.
+//! power of two of them ([`stream_size`]). A backend's identifiers are keyed
+//! by its address and port and kept across updates and restarts
+//! ([`identity`]). Updates arriving within [`DEBOUNCE`] are written as one
+//! map update; the xDS client's ACK waits for it.
 
+pub mod identity;
 pub mod resolve;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,13 +28,16 @@ use crate::flows::{FlowSpec, VipSpec};
 use crate::lb::model::{LbSpec, StreamSpec, TargetSpec, TargetVia};
 use crate::lb::service::LbService;
 use crate::overlay::manager::{Feed, NetManager};
-use crate::xds::{ClusterEndpoints, EndpointSink, SelectedEndpoint};
+use crate::xds::{ClusterEndpoints, EndpointSink, HealthStatus, SelectedEndpoint};
+use identity::Identities;
 
 pub use plugin::CatalogPlugin;
 
 mod plugin;
 
 pub const LB_SOURCE: &str = "eds";
+/// Where the identities are kept, in the state directory.
+pub const STATE_FILE: &str = "eds-identities.json";
 /// Maglev slots one EDS service's backends share.
 pub const MAX_SLOTS: u32 = 100;
 /// Updates within this of the first of a burst become one map write (the
@@ -68,9 +76,10 @@ pub struct Backend {
     pub weight: u32,
     pub priority: u32,
     pub locality: String,
-    /// Maglev slots it holds; 0 when it cannot be reached from this node.
+    /// Maglev slots it holds in the maps; 0 when it has none.
     pub slots: u32,
-    /// Why it has no slots.
+    /// Why it has no slots: "unreachable" (the dataplane cannot reach it
+    /// from this node), "standby" (a lower priority), or its health.
     pub note: String,
 }
 
@@ -88,6 +97,28 @@ struct State {
     clusters: BTreeMap<String, ClusterEndpoints>,
     /// Bumped by every update; `written` follows once the maps hold it.
     wanted: u64,
+    /// Each backend's Maglev identifiers.
+    identities: Identities,
+    /// Where `identities` are saved (none: not kept).
+    state_file: Option<PathBuf>,
+}
+
+/// What a write starts from.
+struct Snapshot {
+    generation: u64,
+    spec: LbSpec,
+    clusters: BTreeMap<String, ClusterEndpoints>,
+    slots: BTreeMap<String, BTreeMap<SocketAddr, u32>>,
+}
+
+/// What the last successful write put into the maps.
+#[derive(Default)]
+struct Written {
+    clusters: BTreeMap<String, ClusterEndpoints>,
+    /// Backends (addresses) left out because this node cannot reach them.
+    unreachable: BTreeMap<String, BTreeSet<IpAddr>>,
+    /// Identifiers in the maps per backend.
+    slots: BTreeMap<String, BTreeMap<SocketAddr, u32>>,
 }
 
 pub struct Catalog {
@@ -97,8 +128,8 @@ pub struct Catalog {
     state: Mutex<State>,
     written: watch::Sender<(u64, Result<(), String>)>,
     kick: tokio::sync::Notify,
-    /// The clusters of the last successful write, for [`serve`].
-    accepted: watch::Sender<Arc<BTreeMap<String, ClusterEndpoints>>>,
+    /// What the last successful write holds, for [`serve`] and the listing.
+    accepted: watch::Sender<Arc<Written>>,
     /// The assignments of the last successful write (what the EDS server serves).
     served: watch::Sender<crate::xds::Assignments>,
 }
@@ -112,6 +143,8 @@ impl Catalog {
                 bindings: BTreeMap::new(),
                 clusters: BTreeMap::new(),
                 wanted: 0,
+                identities: Identities::default(),
+                state_file: None,
             }),
             written: watch::channel((0, Ok(()))).0,
             kick: tokio::sync::Notify::new(),
@@ -127,6 +160,34 @@ impl Catalog {
     pub async fn set_bindings(&self, bindings: Vec<ClusterBinding>) {
         let mut state = self.state.lock().await;
         state.bindings = bindings.into_iter().map(|b| (b.name.clone(), b)).collect();
+        let State {
+            bindings,
+            identities,
+            ..
+        } = &mut *state;
+        identities.retain(|c| bindings.get(c).is_some_and(|b| !b.vip.is_empty()));
+    }
+
+    /// Keeps the backends' identifiers in `dir` ([`STATE_FILE`]) and takes
+    /// back the ones saved there.
+    pub async fn set_state_dir(&self, dir: &std::path::Path) -> Result<(), String> {
+        let path = dir.join(STATE_FILE);
+        let identities = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice::<Identities>(&bytes)
+                .map_err(|e| format!("{}: {e} (remove it to start afresh)", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Identities::default(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        let mut state = self.state.lock().await;
+        state.identities = identities;
+        let State {
+            bindings,
+            identities,
+            ..
+        } = &mut *state;
+        identities.retain(|c| bindings.get(c).is_some_and(|b| !b.vip.is_empty()));
+        state.state_file = Some(path);
+        Ok(())
     }
 
     /// Hands the service-IP bindings to the NetManager (now and after every
@@ -147,7 +208,7 @@ impl Catalog {
     pub async fn services(&self) -> Vec<Service> {
         let built = {
             let state = self.state.lock().await;
-            listing(&state)
+            listing(&state, &self.accepted.borrow())
         };
         let mut services = built;
         if let Some(nm) = self.overlay() {
@@ -225,10 +286,26 @@ impl Catalog {
         self.served.borrow().values().cloned().collect()
     }
 
-    /// The update count, the LB part (backends unresolved) and the clusters, as of now.
-    async fn snapshot(&self) -> (u64, LbSpec, BTreeMap<String, ClusterEndpoints>) {
-        let state = self.state.lock().await;
-        (state.wanted, lb_part(&state), state.clusters.clone())
+    /// The update count, the LB part (backends unresolved), the clusters
+    /// and the identifiers each backend holds, as of now.
+    async fn snapshot(&self) -> Snapshot {
+        let mut state = self.state.lock().await;
+        let spec = lb_part(&mut state);
+        let slots = state
+            .identities
+            .clusters
+            .iter()
+            .map(|(c, backends)| {
+                let counts = backends.iter().map(|(a, ids)| (*a, ids.len() as u32));
+                (c.clone(), counts.collect())
+            })
+            .collect();
+        Snapshot {
+            generation: state.wanted,
+            spec,
+            clusters: state.clusters.clone(),
+            slots,
+        }
     }
 
     /// Changes of [`Self::cluster_loads`], by cluster name.
@@ -280,10 +357,22 @@ async fn writer(catalog: Arc<Catalog>) {
     let mut last = 0;
     loop {
         catalog.kick.notified().await;
-        let (mut generation, mut spec, mut clusters) = catalog.snapshot().await;
+        let Snapshot {
+            mut generation,
+            mut spec,
+            mut clusters,
+            mut slots,
+        } = catalog.snapshot().await;
+        let mut wanted = spec.clone();
         tokio::join!(tokio::time::sleep(DEBOUNCE), resolve::targets(&mut spec));
         if catalog.state.lock().await.wanted != generation {
-            (generation, spec, clusters) = catalog.snapshot().await;
+            Snapshot {
+                generation,
+                spec,
+                clusters,
+                slots,
+            } = catalog.snapshot().await;
+            wanted = spec.clone();
             resolve::targets(&mut spec).await;
         }
         if generation == last {
@@ -294,7 +383,7 @@ async fn writer(catalog: Arc<Catalog>) {
         let feed = overlay_part(&*catalog.state.lock().await);
         let mut result = catalog
             .lb
-            .set_source(LB_SOURCE, spec)
+            .set_source(LB_SOURCE, spec.clone())
             .await
             .map_err(|e| e.to_string());
         if let (Ok(()), Some(nm)) = (&result, catalog.overlay()) {
@@ -302,7 +391,12 @@ async fn writer(catalog: Arc<Catalog>) {
         }
         match &result {
             Ok(()) => {
-                catalog.accepted.send_replace(Arc::new(clusters));
+                catalog.accepted.send_replace(Arc::new(Written {
+                    clusters,
+                    unreachable: unreachable(&wanted, &spec),
+                    slots,
+                }));
+                save_identities(&catalog).await;
             }
             Err(e) => tracing::error!("EDS endpoints not written: {e}"),
         }
@@ -310,15 +404,74 @@ async fn writer(catalog: Arc<Catalog>) {
     }
 }
 
-/// Turns the clusters the maps hold into what the EDS server serves, off
-/// the writer's path (encoding thousands of endpoints takes a while).
+/// Which backends `resolved` (what reached the maps) left out of `wanted`
+/// (the part before resolution), by cluster.
+fn unreachable(wanted: &LbSpec, resolved: &LbSpec) -> BTreeMap<String, BTreeSet<IpAddr>> {
+    let present: BTreeSet<(&str, u32)> = resolved
+        .targets
+        .iter()
+        .map(|t| (t.stream.as_str(), t.identifier))
+        .collect();
+    let mut unreachable: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
+    for t in &wanted.targets {
+        let (Some(cluster), TargetVia::Remote { node }) = (t.stream.strip_prefix("eds."), &t.via)
+        else {
+            continue;
+        };
+        let Ok(address) = node.parse::<IpAddr>() else {
+            continue;
+        };
+        if !present.contains(&(t.stream.as_str(), t.identifier)) {
+            unreachable
+                .entry(cluster.to_string())
+                .or_default()
+                .insert(address);
+        }
+    }
+    unreachable
+}
+
+/// Saves the identities when they changed since the last save.
+async fn save_identities(catalog: &Catalog) {
+    let (path, identities) = {
+        let state = catalog.state.lock().await;
+        match &state.state_file {
+            Some(p) => (p.clone(), state.identities.clone()),
+            None => return,
+        }
+    };
+    let saved = tokio::task::spawn_blocking(move || {
+        let unchanged = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Identities>(&b).ok())
+            .is_some_and(|old| old == identities);
+        if unchanged {
+            return Ok(());
+        }
+        crate::statefile::save(&path, &identities)
+            .map_err(|e| format!("saving {}: {e}", path.display()))
+    })
+    .await
+    .unwrap_or_else(|e| Err(e.to_string()));
+    if let Err(e) = saved {
+        tracing::warn!("EDS backend identities not saved: {e}");
+    }
+}
+
+/// Turns what the maps hold into what the EDS server serves, off the
+/// writer's path (encoding thousands of endpoints takes a while).
 async fn serve(catalog: Arc<Catalog>) {
     let mut accepted = catalog.accepted.subscribe();
     while accepted.changed().await.is_ok() {
-        let clusters = accepted.borrow_and_update().clone();
-        let loads: BTreeMap<_, _> = clusters
+        let written = accepted.borrow_and_update().clone();
+        let none = BTreeSet::new();
+        let loads: BTreeMap<_, _> = written
+            .clusters
             .values()
-            .map(|c| (c.cluster.clone(), crate::xds::assignment(c)))
+            .map(|c| {
+                let unreachable = written.unreachable.get(&c.cluster).unwrap_or(&none);
+                (c.cluster.clone(), crate::xds::assignment(c, unreachable))
+            })
             .collect();
         catalog.served.send_if_modified(|served| {
             let changed = **served != loads;
@@ -330,10 +483,12 @@ async fn serve(catalog: Arc<Catalog>) {
     }
 }
 
-/// A cluster's last accepted endpoints and the Maglev slots each holds.
-fn endpoints<'a>(state: &'a State, cluster: &str) -> (&'a [SelectedEndpoint], Vec<u32>) {
-    let endpoints = state
-        .clusters
+/// A cluster's endpoints and the Maglev slots each should hold.
+fn endpoints<'a>(
+    clusters: &'a BTreeMap<String, ClusterEndpoints>,
+    cluster: &str,
+) -> (&'a [SelectedEndpoint], Vec<u32>) {
+    let endpoints = clusters
         .get(cluster)
         .map_or(&[][..], |c| c.endpoints.as_slice());
     let slots = slots(&endpoints.iter().map(|e| e.weight).collect::<Vec<_>>());
@@ -341,20 +496,33 @@ fn endpoints<'a>(state: &'a State, cluster: &str) -> (&'a [SelectedEndpoint], Ve
 }
 
 /// The LB part for the EDS services (targets still unresolved: their
-/// `via` names the backend address).
-fn lb_part(state: &State) -> LbSpec {
+/// `via` names the backend address), with each backend's identifiers.
+fn lb_part(state: &mut State) -> LbSpec {
     let mut spec = LbSpec::default();
-    for (name, binding) in state.bindings.iter().filter(|(_, b)| !b.vip.is_empty()) {
+    let State {
+        bindings,
+        clusters,
+        identities,
+        ..
+    } = state;
+    for (name, binding) in bindings.iter().filter(|(_, b)| !b.vip.is_empty()) {
         let lb_name = format!("eds.{name}");
-        let (endpoints, slots) = endpoints(state, name);
+        let (endpoints, slots) = endpoints(clusters, name);
+        let wanted: Vec<(SocketAddr, u32)> = endpoints
+            .iter()
+            .zip(&slots)
+            .map(|(e, n)| (SocketAddr::new(e.address, e.port), *n))
+            .collect();
+        let ids = identities.assign(name, &wanted);
         let total: u32 = slots.iter().sum();
+        let highest = ids.iter().flatten().copied().max().unwrap_or(0);
         spec.vips.push(VipSpec {
             name: lb_name.clone(),
             address: binding.vip.clone(),
         });
         spec.streams.push(StreamSpec {
             name: lb_name.clone(),
-            max_targets: stream_size(total),
+            max_targets: stream_size(total.max(highest)),
             table_size: None,
         });
         spec.flows.push(FlowSpec {
@@ -365,17 +533,15 @@ fn lb_part(state: &State) -> LbSpec {
             vips: vec![lb_name.clone()],
             ..Default::default()
         });
-        let mut identifier = 1;
-        for (e, n) in endpoints.iter().zip(&slots) {
+        for (e, ids) in endpoints.iter().zip(ids) {
             let node = e.address.to_string();
-            for _ in 0..*n {
+            for identifier in ids {
                 spec.targets.push(TargetSpec {
                     stream: lb_name.clone(),
                     identifier,
                     // Resolved to an interface and MAC by `resolve::targets`.
                     via: TargetVia::Remote { node: node.clone() },
                 });
-                identifier += 1;
             }
         }
     }
@@ -390,7 +556,7 @@ fn overlay_part(state: &State) -> Feed {
             continue;
         };
         let members = feed.entry(service_ip).or_default();
-        for e in endpoints(state, name).0 {
+        for e in endpoints(&state.clusters, name).0 {
             if let std::net::IpAddr::V4(a) = e.address {
                 members.insert(a, e.weight.max(1));
             }
@@ -399,29 +565,56 @@ fn overlay_part(state: &State) -> Feed {
     feed
 }
 
-/// The EDS services as the catalog lists them.
-fn listing(state: &State) -> Vec<Service> {
+/// The EDS services as the catalog lists them: every endpoint of what the
+/// maps hold, with its slots there or why it has none.
+fn listing(state: &State, written: &Written) -> Vec<Service> {
     let mut services = Vec::new();
+    let none = BTreeSet::new();
+    let no_slots = BTreeMap::new();
     for (name, binding) in &state.bindings {
-        let (endpoints, slots) = endpoints(state, name);
-        let backends = endpoints
-            .iter()
-            .zip(&slots)
-            .map(|(e, n)| Backend {
-                address: e.address,
-                port: e.port,
-                weight: e.weight,
-                priority: e.priority,
-                locality: [&e.locality.region, &e.locality.zone, &e.locality.sub_zone]
-                    .iter()
-                    .filter(|s| !s.is_empty())
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join("/"),
-                slots: *n,
-                note: String::new(),
-            })
-            .collect();
+        let unreachable = written.unreachable.get(name).unwrap_or(&none);
+        let slots = written.slots.get(name).unwrap_or(&no_slots);
+        let backend = |e: &SelectedEndpoint, slots: u32, note: String| Backend {
+            address: e.address,
+            port: e.port,
+            weight: e.weight,
+            priority: e.priority,
+            locality: [&e.locality.region, &e.locality.zone, &e.locality.sub_zone]
+                .iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join("/"),
+            slots,
+            note,
+        };
+        let mut backends = Vec::new();
+        if let Some(c) = written.clusters.get(name) {
+            for e in &c.endpoints {
+                let held = slots
+                    .get(&SocketAddr::new(e.address, e.port))
+                    .copied()
+                    .unwrap_or(0);
+                backends.push(if binding.vip.is_empty() {
+                    backend(e, 0, "member".into())
+                } else if unreachable.contains(&e.address) {
+                    backend(e, 0, "unreachable".into())
+                } else {
+                    backend(e, held, String::new())
+                });
+            }
+            for s in &c.standby {
+                let note = match HealthStatus::try_from(s.endpoint.health) {
+                    _ if s.usable => "standby".to_string(),
+                    Ok(HealthStatus::Healthy | HealthStatus::Unknown) => {
+                        "locality without weight".to_string()
+                    }
+                    Ok(h) => h.as_str_name().to_string(),
+                    Err(_) => format!("health {}", s.endpoint.health),
+                };
+                backends.push(backend(&s.endpoint, 0, note));
+            }
+        }
         services.push(Service {
             name: name.clone(),
             source: "eds",

@@ -73,6 +73,10 @@ impl Plugin for CatalogPlugin {
         }
         *self.config.lock().expect("lock") = x.clone();
         self.catalog.set_bindings(x.clusters.clone()).await;
+        self.catalog
+            .set_state_dir(&config.nsp.state_dir)
+            .await
+            .map_err(PluginError::new)?;
         Ok(())
     }
 

@@ -13,14 +13,18 @@ pub fn render(l: &CatalogListing) -> String {
         let _ = writeln!(out, "{} (from {}) vip {}", s.name, s.source, s.vip);
         for b in &s.backends {
             if s.source == "eds" {
+                let held = if b.note.is_empty() {
+                    format!("slots {}", b.slots)
+                } else {
+                    b.note.clone()
+                };
                 let _ = writeln!(
                     out,
-                    "  {}:{} weight {} priority {} slots {}{}",
+                    "  {}:{} weight {} priority {} {held}{}",
                     b.address,
                     b.port,
                     b.weight,
                     b.priority,
-                    b.slots,
                     if b.locality.is_empty() {
                         String::new()
                     } else {

@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use super::conduits::{parse_pool, Pools};
@@ -109,7 +108,7 @@ impl Plugin for NspPlugin {
                 .add_service(TargetRegistryServer::new(api.clone()))
                 .add_service(ConfigurationManagerServer::new(api.clone()))
                 .add_service(ConduitsServer::new(api))
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(crate::uds::incoming(listener), async move {
                     shutdown.cancelled().await
                 }),
         );

@@ -35,6 +35,12 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// google.rpc.Code INVALID_ARGUMENT, the code of our NACKs.
 const INVALID_ARGUMENT: i32 = 3;
+/// A rejected version the server sends again is NACKed after this delay,
+/// doubled for every further repeat up to [`NACK_BACKOFF_MAX`] (servers such
+/// as go-control-plane's snapshot cache answer a NACK with the same version
+/// at once, go-control-plane#962).
+const NACK_BACKOFF: Duration = Duration::from_millis(200);
+const NACK_BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Subscribes and keeps the subscription until `cancel` fires. Never
 /// returns early on errors: they are logged and the stream is re-established.
@@ -64,6 +70,23 @@ struct Client {
     settled: HashSet<String>,
     missing_deadline: Instant,
     missing_done: bool,
+    /// The last rejected response and how often it came back.
+    rejected: Option<Rejected>,
+    /// The nonce of the last EDS response on this stream ("" before one).
+    eds_nonce: String,
+}
+
+/// A rejected (type, version): logged once, NACKed with growing delays.
+struct Rejected {
+    type_url: String,
+    version: String,
+    repeats: u32,
+}
+
+/// What to send for a response: `request`, after `delay`.
+struct Reply {
+    delay: Duration,
+    request: DiscoveryRequest,
 }
 
 impl Client {
@@ -90,6 +113,8 @@ impl Client {
             settled: HashSet::new(),
             missing_deadline,
             missing_done,
+            rejected: None,
+            eds_nonce: String::new(),
         }
     }
 
@@ -224,22 +249,51 @@ impl Client {
         };
         let mut responded = false;
         let mut last_nonce: Option<String> = None;
+        self.eds_nonce.clear();
+        // Replies waiting for their delay (a NACK backing off); a newer
+        // response replaces them.
+        let mut held: Vec<(Instant, DiscoveryRequest)> = Vec::new();
         loop {
-            let response = match self.wait(inbound.message()).await {
+            let due = held.first().map(|(at, _)| *at);
+            let next = self
+                .wait(async {
+                    match due {
+                        Some(at) => tokio::select! {
+                            message = inbound.message() => Some(message),
+                            _ = tokio::time::sleep_until(at) => None,
+                        },
+                        None => Some(inbound.message().await),
+                    }
+                })
+                .await;
+            let response = match next {
                 None => return Ended::Cancelled,
-                Some(Err(status)) => {
+                Some(None) => {
+                    let now = Instant::now();
+                    while held.first().is_some_and(|(at, _)| *at <= now) {
+                        let (_, request) = held.remove(0);
+                        if tx.send(request).await.is_err() {
+                            return Ended::Failed {
+                                reason: "the request stream closed".into(),
+                                responded,
+                            };
+                        }
+                    }
+                    continue;
+                }
+                Some(Some(Err(status))) => {
                     return Ended::Failed {
                         reason: status.to_string(),
                         responded,
                     }
                 }
-                Some(Ok(None)) => {
+                Some(Some(Ok(None))) => {
                     return Ended::Failed {
                         reason: "the server closed the stream".into(),
                         responded,
                     }
                 }
-                Some(Ok(Some(r))) => r,
+                Some(Some(Ok(Some(r)))) => r,
             };
             if !response.nonce.is_empty() && last_nonce.as_deref() == Some(response.nonce.as_str())
             {
@@ -248,31 +302,52 @@ impl Client {
             }
             last_nonce = Some(response.nonce.clone());
             responded = true;
-            let reply = self.handle(response).await;
-            if tx.send(reply).await.is_err() {
-                return Ended::Failed {
-                    reason: "the request stream closed".into(),
-                    responded,
-                };
+            held.clear();
+            for reply in self.handle(response).await {
+                if !reply.delay.is_zero() {
+                    held.push((Instant::now() + reply.delay, reply.request));
+                } else if tx.send(reply.request).await.is_err() {
+                    return Ended::Failed {
+                        reason: "the request stream closed".into(),
+                        responded,
+                    };
+                }
             }
         }
     }
 
-    /// Validates and applies one response; returns its ACK or NACK.
-    async fn handle(&mut self, response: DiscoveryResponse) -> DiscoveryRequest {
+    /// Validates and applies one response; returns its ACK or NACK (and,
+    /// after a response of another type, the EDS request again, so the
+    /// subscription does not wait for a reconnect).
+    async fn handle(&mut self, response: DiscoveryResponse) -> Vec<Reply> {
         if response.type_url != EDS_TYPE_URL {
-            let reason = format!("unexpected resource type {:?}", response.type_url);
-            tracing::warn!(nonce = %response.nonce, "NACK: {reason}");
-            return DiscoveryRequest {
-                type_url: response.type_url,
-                response_nonce: response.nonce,
+            let reason = format!(
+                "unexpected resource type {:?} (subscribed to {EDS_TYPE_URL})",
+                response.type_url
+            );
+            let delay = self.rejection(&response, &reason);
+            let nack = DiscoveryRequest {
+                type_url: response.type_url.clone(),
+                response_nonce: response.nonce.clone(),
                 error_detail: Some(nack_status(reason)),
                 ..Default::default()
             };
+            let again = self.request(&self.eds_nonce, false);
+            return vec![
+                Reply {
+                    delay,
+                    request: nack,
+                },
+                Reply {
+                    delay,
+                    request: again,
+                },
+            ];
         }
+        self.eds_nonce = response.nonce.clone();
         let updates = match self.decode(&response) {
             Ok(updates) => updates,
-            Err(reason) => return self.nack(&response, reason),
+            Err(reason) => return vec![self.nack(&response, reason)],
         };
         for update in updates {
             let cluster = update.cluster.clone();
@@ -284,28 +359,71 @@ impl Client {
                     "applying endpoints"
                 );
                 if let Err(e) = self.sink.apply(update.clone()).await {
-                    return self.nack(&response, format!("cluster {cluster:?}: {e}"));
+                    return vec![self.nack(&response, format!("cluster {cluster:?}: {e}"))];
                 }
                 self.applied.insert(cluster.clone(), update);
             }
             self.settled.insert(cluster);
         }
         self.version = response.version_info.clone();
+        self.rejected = None;
         tracing::debug!(version = %self.version, nonce = %response.nonce, "ACK");
-        self.request(&response.nonce, false)
+        vec![Reply {
+            delay: Duration::ZERO,
+            request: self.request(&response.nonce, false),
+        }]
     }
 
-    fn nack(&self, response: &DiscoveryResponse, reason: String) -> DiscoveryRequest {
-        tracing::warn!(
-            version = %response.version_info,
-            nonce = %response.nonce,
-            kept = %self.version,
-            "NACK: {reason}"
-        );
-        DiscoveryRequest {
-            error_detail: Some(nack_status(reason)),
-            ..self.request(&response.nonce, false)
+    fn nack(&mut self, response: &DiscoveryResponse, reason: String) -> Reply {
+        let delay = self.rejection(response, &reason);
+        Reply {
+            delay,
+            request: DiscoveryRequest {
+                error_detail: Some(nack_status(reason)),
+                ..self.request(&response.nonce, false)
+            },
         }
+    }
+
+    /// Records a rejection: the first of a (type, version) is logged and
+    /// NACKed at once; each repeat waits longer, up to [`NACK_BACKOFF_MAX`].
+    fn rejection(&mut self, response: &DiscoveryResponse, reason: &str) -> Duration {
+        let repeat = self
+            .rejected
+            .as_ref()
+            .is_some_and(|r| r.type_url == response.type_url && r.version == response.version_info);
+        let rejected = match &mut self.rejected {
+            Some(r) if repeat => {
+                r.repeats += 1;
+                r
+            }
+            _ => {
+                tracing::warn!(
+                    server = %self.settings.server,
+                    version = %response.version_info,
+                    nonce = %response.nonce,
+                    kept = %self.version,
+                    "NACK: {reason}"
+                );
+                self.rejected.insert(Rejected {
+                    type_url: response.type_url.clone(),
+                    version: response.version_info.clone(),
+                    repeats: 0,
+                })
+            }
+        };
+        if rejected.repeats == 0 {
+            return Duration::ZERO;
+        }
+        let delay = NACK_BACKOFF
+            .saturating_mul(1 << (rejected.repeats - 1).min(16))
+            .min(NACK_BACKOFF_MAX);
+        tracing::debug!(
+            version = %response.version_info,
+            repeats = rejected.repeats,
+            "the server sent a rejected version again; NACK in {delay:?}"
+        );
+        delay
     }
 
     /// The selected assignments of a response, or why it is rejected.
@@ -321,6 +439,11 @@ impl Client {
             }
             let cla = ClusterLoadAssignment::decode(any.value.as_slice())
                 .map_err(|e| format!("resources[{i}] does not decode: {e}"))?;
+            if cla.cluster_name.is_empty() {
+                return Err(format!(
+                    "resources[{i}]: ClusterLoadAssignment.cluster_name is empty"
+                ));
+            }
             if !names.insert(cla.cluster_name.clone()) {
                 return Err(format!(
                     "ClusterLoadAssignment {:?} appears twice",

@@ -18,6 +18,13 @@
 //!   previous accepted version, the response's nonce and `error_detail`
 //!   (code INVALID_ARGUMENT, the reason as message). The sink is not called
 //!   for an invalid response.
+//! * A rejected (type, version) is logged once and NACKed at once; when the
+//!   server sends it again, each further NACK waits longer (0.2 s doubling up
+//!   to 5 s); a newer response replaces a waiting NACK.
+//! * A response of another type is NACKed for that type, and the EDS
+//!   request is sent again (last accepted version, last EDS nonce).
+//! * An assignment without `cluster_name`, or listing an address:port twice,
+//!   is invalid.
 //! * A response repeating the nonce of the previous one on the stream is
 //!   ignored (not answered).
 //! * Clusters absent from a response keep their state (EDS responses may carry
@@ -40,6 +47,9 @@ use std::time::Duration;
 pub use client::run;
 pub use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 pub use select::{select, InvalidAssignment, MAX_PRIORITY};
+
+/// `HealthStatus` values (envoy.config.core.v3).
+pub use envoy_types::pb::envoy::config::core::v3::HealthStatus;
 pub use server::{assignment, Assignments, EdsServer};
 /// The stop signal [`run`] takes (re-exported for callers without tokio-util).
 pub use tokio_util::sync::CancellationToken;
@@ -106,6 +116,19 @@ pub struct SelectedEndpoint {
     pub weight: u32,
     pub locality: Locality,
     pub priority: u32,
+    /// `envoy.config.core.v3.HealthStatus` as received.
+    pub health: i32,
+}
+
+/// An endpoint of the assignment that [`select`] did not choose: another
+/// priority, a health that is not usable, or a locality A27 skips.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StandbyEndpoint {
+    /// Its weight is its share within its priority when `usable`, else its
+    /// own `load_balancing_weight`.
+    pub endpoint: SelectedEndpoint,
+    /// It would be used if its priority were chosen.
+    pub usable: bool,
 }
 
 /// A drop category of `ClusterLoadAssignment.policy.drop_overloads`.
@@ -122,6 +145,8 @@ pub struct ClusterEndpoints {
     pub cluster: String,
     /// Empty: the cluster has no usable backend (or does not exist).
     pub endpoints: Vec<SelectedEndpoint>,
+    /// Every other endpoint of the assignment.
+    pub standby: Vec<StandbyEndpoint>,
     pub drop_overloads: Vec<DropOverload>,
 }
 
@@ -131,6 +156,7 @@ impl ClusterEndpoints {
         ClusterEndpoints {
             cluster: cluster.into(),
             endpoints: Vec::new(),
+            standby: Vec::new(),
             drop_overloads: Vec::new(),
         }
     }

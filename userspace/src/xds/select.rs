@@ -6,13 +6,17 @@
 //! * Only endpoints whose `health_status` is `HEALTHY` or `UNKNOWN` are used
 //!   (`DEGRADED`, `DRAINING`, `TIMEOUT`, `UNHEALTHY` and unknown values are not).
 //! * The highest priority (lowest number) with at least one usable endpoint
-//!   wins; lower priorities are ignored (no Envoy overprovisioning maths: the
-//!   client advertises `envoy.lb.does_not_support_overprovisioning`).
+//!   wins; lower priorities are not used (no Envoy overprovisioning maths: the
+//!   client advertises `envoy.lb.does_not_support_overprovisioning`). They,
+//!   and every endpoint that is not usable, are kept as `standby` with their
+//!   health, for the EDS server and the catalog listing.
 //! * Locality weights: when no locality of the assignment has a
 //!   `load_balancing_weight`, every locality weighs 1 (Envoy without
 //!   locality-weighted LB). When any has one, localities without one are
 //!   skipped (A27). An explicit weight 0 is invalid (proto rule `>= 1`).
 //! * Endpoint `load_balancing_weight` defaults to 1; 0 is invalid.
+//! * An address and port may appear once in the whole assignment (a second
+//!   listing is invalid, as in gRPC-Go; it would otherwise count twice).
 //! * The effective weight of an endpoint is its share of the priority's
 //!   traffic, `locality_weight / Σ locality_weights × endpoint_weight /
 //!   Σ endpoint_weights_in_locality`, expressed as the smallest integers with
@@ -20,7 +24,7 @@
 //!   scaled (proportionally, at least 1 each).
 //! * `drop_overloads` are carried with `drop_percentage` in parts per million.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -31,7 +35,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
 
-use super::{ClusterEndpoints, DropOverload, Locality, SelectedEndpoint};
+use super::{ClusterEndpoints, DropOverload, Locality, SelectedEndpoint, StandbyEndpoint};
 
 /// The highest priority number the Envoy API allows.
 pub const MAX_PRIORITY: u32 = 128;
@@ -67,6 +71,7 @@ struct Candidate {
     address: IpAddr,
     port: u16,
     weight: u32,
+    health: i32,
     usable: bool,
 }
 
@@ -93,6 +98,9 @@ pub fn select(cla: &ClusterLoadAssignment) -> Result<ClusterEndpoints, InvalidAs
 
     let mut groups = Vec::with_capacity(cla.endpoints.len());
     let mut seen_localities = HashSet::new();
+    // Where each address:port was first seen: an endpoint listed twice
+    // would be counted twice (gRPC-Go rejects such assignments too).
+    let mut seen_addresses: HashMap<(IpAddr, u16), (usize, usize)> = HashMap::new();
     for (li, lle) in cla.endpoints.iter().enumerate() {
         let at = |what: String| invalid(format!("endpoints[{li}]: {what}"));
         if lle.priority > MAX_PRIORITY {
@@ -156,6 +164,12 @@ pub fn select(cla: &ClusterLoadAssignment) -> Result<ClusterEndpoints, InvalidAs
                 }
                 None => return Err(at("no port".into())),
             };
+            if let Some((l, e)) = seen_addresses.insert((ip, port), (li, ei)) {
+                return Err(at(format!(
+                    "{} is listed twice (also endpoints[{l}].lb_endpoints[{e}])",
+                    std::net::SocketAddr::new(ip, port)
+                )));
+            }
             let weight = lbe.load_balancing_weight.map_or(1, |w| w.value);
             if weight == 0 {
                 return Err(at("load_balancing_weight is 0".into()));
@@ -165,6 +179,7 @@ pub fn select(cla: &ClusterLoadAssignment) -> Result<ClusterEndpoints, InvalidAs
                 address: ip,
                 port,
                 weight,
+                health: lbe.health_status,
                 usable: usable(lbe.health_status),
             });
         }
@@ -219,8 +234,13 @@ pub fn select(cla: &ClusterLoadAssignment) -> Result<ClusterEndpoints, InvalidAs
     let live = |g: &Group| locality_weight(g).is_some() && g.endpoints.iter().any(|e| e.usable);
     let chosen = groups.iter().filter(|g| live(g)).map(|g| g.priority).min();
 
+    // Every priority's shares, as if it were chosen: the chosen one is what
+    // the dataplane uses, the others are served to proxies for failover.
     let mut endpoints = Vec::new();
-    if let Some(priority) = chosen {
+    let mut standby = Vec::new();
+    let mut priorities: Vec<u32> = priorities.into_iter().collect();
+    priorities.sort_unstable();
+    for priority in priorities {
         // Exact shares as fractions num/den over a common denominator.
         let mut parts: Vec<(&Group, &Candidate, u64, u64)> = Vec::new();
         for g in groups.iter().filter(|g| g.priority == priority && live(g)) {
@@ -242,19 +262,45 @@ pub fn select(cla: &ClusterLoadAssignment) -> Result<ClusterEndpoints, InvalidAs
                 .collect::<Vec<_>>(),
         );
         for ((g, e, _, _), weight) in parts.iter().zip(weights) {
-            endpoints.push(SelectedEndpoint {
+            let selected = SelectedEndpoint {
                 address: e.address,
                 port: e.port,
                 weight,
                 locality: g.locality.clone(),
                 priority,
-            });
+                health: e.health,
+            };
+            if Some(priority) == chosen {
+                endpoints.push(selected);
+            } else {
+                standby.push(StandbyEndpoint {
+                    endpoint: selected,
+                    usable: true,
+                });
+            }
+        }
+        for g in groups.iter().filter(|g| g.priority == priority) {
+            let is_live = live(g);
+            for e in g.endpoints.iter().filter(|e| !(is_live && e.usable)) {
+                standby.push(StandbyEndpoint {
+                    endpoint: SelectedEndpoint {
+                        address: e.address,
+                        port: e.port,
+                        weight: e.weight,
+                        locality: g.locality.clone(),
+                        priority,
+                        health: e.health,
+                    },
+                    usable: false,
+                });
+            }
         }
     }
 
     Ok(ClusterEndpoints {
         cluster: cla.cluster_name.clone(),
         endpoints,
+        standby,
         drop_overloads,
     })
 }

@@ -30,7 +30,7 @@
 //!   rejected clusters change (or are subscribed anew).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -63,60 +63,68 @@ use super::{ClusterEndpoints, ClusterLoadAssignment, Locality, EDS_TYPE_URL};
 pub type Assignments = Arc<BTreeMap<String, ClusterLoadAssignment>>;
 
 /// The `ClusterLoadAssignment` proxies get for the catalog's endpoints of a
-/// cluster: one `LocalityLbEndpoints` per (priority, locality), each endpoint
-/// HEALTHY with its selected weight, and each locality weighing the sum of
-/// its endpoints' weights (saturated at `u32::MAX`), so locality-weighted and
-/// plain load balancing split traffic alike, as the dataplane does.
-/// `drop_overloads` are carried in parts per million.
-pub fn assignment(c: &ClusterEndpoints) -> ClusterLoadAssignment {
-    let mut groups: BTreeMap<(u32, &Locality), Vec<LbEndpoint>> = BTreeMap::new();
-    for e in &c.endpoints {
-        groups
-            .entry((e.priority, &e.locality))
-            .or_default()
-            .push(LbEndpoint {
-                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                    address: Some(Address {
-                        address: Some(address::Address::SocketAddress(SocketAddress {
-                            protocol: socket_address::Protocol::Tcp as i32,
-                            address: e.address.to_string(),
-                            port_specifier: Some(socket_address::PortSpecifier::PortValue(
-                                u32::from(e.port),
-                            )),
-                            ..Default::default()
-                        })),
-                    }),
-                    ..Default::default()
-                })),
-                health_status: HealthStatus::Healthy as i32,
-                load_balancing_weight: Some(UInt32Value {
-                    value: e.weight.max(1),
+/// cluster: every endpoint the management server sent, by (priority,
+/// locality), with its health as received, except that a chosen endpoint
+/// the dataplane could not take (`unreachable` from this node) is
+/// UNHEALTHY. Usable endpoints carry their share within their priority as
+/// weight and each locality the sum of its usable endpoints' weights
+/// (saturated at `u32::MAX`; none when it has no usable endpoint), so
+/// locality-weighted and plain load balancing split traffic alike, as the
+/// dataplane does. `drop_overloads` are carried in parts per million.
+pub fn assignment(c: &ClusterEndpoints, unreachable: &BTreeSet<IpAddr>) -> ClusterLoadAssignment {
+    let chosen = c
+        .endpoints
+        .iter()
+        .map(|e| (e, true, unreachable.contains(&e.address)));
+    let standby = c.standby.iter().map(|s| (&s.endpoint, s.usable, false));
+    let mut groups: BTreeMap<(u32, &Locality), (u64, Vec<LbEndpoint>)> = BTreeMap::new();
+    for (e, usable, down) in chosen.chain(standby) {
+        let group = groups.entry((e.priority, &e.locality)).or_default();
+        if usable {
+            group.0 += u64::from(e.weight.max(1));
+        }
+        group.1.push(LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(Address {
+                    address: Some(address::Address::SocketAddress(SocketAddress {
+                        protocol: socket_address::Protocol::Tcp as i32,
+                        address: e.address.to_string(),
+                        port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                            e.port,
+                        ))),
+                        ..Default::default()
+                    })),
                 }),
                 ..Default::default()
-            });
+            })),
+            health_status: if down {
+                HealthStatus::Unhealthy as i32
+            } else {
+                e.health
+            },
+            load_balancing_weight: Some(UInt32Value {
+                value: e.weight.max(1),
+            }),
+            ..Default::default()
+        });
     }
     let endpoints = groups
         .into_iter()
-        .map(|((priority, locality), lb_endpoints)| {
-            let sum: u64 = lb_endpoints
-                .iter()
-                .filter_map(|e| e.load_balancing_weight.as_ref())
-                .map(|w| u64::from(w.value))
-                .sum();
-            LocalityLbEndpoints {
+        .map(
+            |((priority, locality), (sum, lb_endpoints))| LocalityLbEndpoints {
                 locality: Some(PbLocality {
                     region: locality.region.clone(),
                     zone: locality.zone.clone(),
                     sub_zone: locality.sub_zone.clone(),
                 }),
                 lb_endpoints,
-                load_balancing_weight: Some(UInt32Value {
-                    value: u32::try_from(sum).unwrap_or(u32::MAX).max(1),
+                load_balancing_weight: (sum > 0).then(|| UInt32Value {
+                    value: u32::try_from(sum).unwrap_or(u32::MAX),
                 }),
                 priority,
                 ..Default::default()
-            }
-        })
+            },
+        )
         .collect();
     let policy = (!c.drop_overloads.is_empty()).then(|| Policy {
         drop_overloads: c
@@ -452,6 +460,7 @@ mod tests {
                 ..Default::default()
             },
             priority,
+            health: HealthStatus::Healthy as i32,
         }
     }
 
@@ -459,6 +468,7 @@ mod tests {
         ClusterEndpoints {
             cluster: name.into(),
             endpoints,
+            standby: Vec::new(),
             drop_overloads: Vec::new(),
         }
     }
@@ -467,7 +477,7 @@ mod tests {
         Arc::new(
             clusters
                 .iter()
-                .map(|c| (c.cluster.clone(), assignment(c)))
+                .map(|c| (c.cluster.clone(), assignment(c, &BTreeSet::new())))
                 .collect(),
         )
     }
@@ -507,7 +517,7 @@ mod tests {
             category: "lb".into(),
             parts_per_million: 250_000,
         });
-        let cla = assignment(&c);
+        let cla = assignment(&c, &BTreeSet::new());
         assert_eq!(cla.endpoints.len(), 2);
         assert_eq!(
             cla.endpoints[0]
@@ -518,6 +528,96 @@ mod tests {
             4
         );
         assert_eq!(select(&cla).unwrap(), c, "the dataplane reads the same");
+    }
+
+    #[test]
+    fn every_priority_is_served_with_health_and_unreachable_ones_are_unhealthy() {
+        use envoy_types::pb::envoy::config::endpoint::v3::LocalityLbEndpoints as L;
+        let lle = |zone: &str, priority: u32, eps: Vec<(&str, HealthStatus, u32)>| L {
+            locality: Some(PbLocality {
+                zone: zone.into(),
+                ..Default::default()
+            }),
+            priority,
+            lb_endpoints: eps
+                .into_iter()
+                .map(|(ip, health, weight)| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(Address {
+                            address: Some(address::Address::SocketAddress(SocketAddress {
+                                address: ip.into(),
+                                port_specifier: Some(socket_address::PortSpecifier::PortValue(80)),
+                                ..Default::default()
+                            })),
+                        }),
+                        ..Default::default()
+                    })),
+                    health_status: health as i32,
+                    load_balancing_weight: Some(UInt32Value { value: weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let received = ClusterLoadAssignment {
+            cluster_name: "svc".into(),
+            endpoints: vec![
+                lle(
+                    "a",
+                    0,
+                    vec![
+                        ("10.0.0.1", HealthStatus::Healthy, 2),
+                        ("10.0.0.2", HealthStatus::Unknown, 1),
+                        ("10.0.0.3", HealthStatus::Draining, 5),
+                    ],
+                ),
+                lle("b", 1, vec![("10.0.1.1", HealthStatus::Healthy, 1)]),
+            ],
+            ..Default::default()
+        };
+        let c = select(&received).unwrap();
+        assert_eq!(c.endpoints.len(), 2);
+        // All reachable: the proxy selects what the dataplane selected.
+        let served = assignment(&c, &BTreeSet::new());
+        assert_eq!(select(&served).unwrap(), c);
+        let health = |cla: &ClusterLoadAssignment| -> Vec<(u32, String, i32)> {
+            cla.endpoints
+                .iter()
+                .flat_map(|l| {
+                    l.lb_endpoints.iter().map(move |e| {
+                        let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &e.host_identifier
+                        else {
+                            unreachable!()
+                        };
+                        let Some(address::Address::SocketAddress(sa)) =
+                            &ep.address.as_ref().unwrap().address
+                        else {
+                            unreachable!()
+                        };
+                        (l.priority, sa.address.clone(), e.health_status)
+                    })
+                })
+                .collect()
+        };
+        assert_eq!(
+            health(&served),
+            vec![
+                (0, "10.0.0.1".into(), HealthStatus::Healthy as i32),
+                (0, "10.0.0.2".into(), HealthStatus::Unknown as i32),
+                (0, "10.0.0.3".into(), HealthStatus::Draining as i32),
+                (1, "10.0.1.1".into(), HealthStatus::Healthy as i32),
+            ]
+        );
+        // 10.0.0.1 is not in the maps: UNHEALTHY for the proxy too.
+        let down: BTreeSet<IpAddr> = ["10.0.0.1".parse().unwrap()].into();
+        let served = assignment(&c, &down);
+        assert_eq!(
+            health(&served)[0],
+            (0, "10.0.0.1".into(), HealthStatus::Unhealthy as i32)
+        );
+        let reselected = select(&served).unwrap();
+        assert_eq!(reselected.endpoints.len(), 1);
+        assert_eq!(reselected.endpoints[0].address.to_string(), "10.0.0.2");
     }
 
     #[test]
