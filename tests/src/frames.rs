@@ -152,29 +152,11 @@ pub fn icmp_echo(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
 
 /// Frames of the common kinds between A and B.
 pub fn udp4_frame(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    ethernet(
-        MAC_B,
-        MAC_A,
-        &[],
-        0x0800,
-        &ipv4(
-            V4_A,
-            V4_B,
-            UDP,
-            &[],
-            &udp_v4(V4_A, V4_B, sport, dport, data),
-        ),
-    )
+    eth(&udp4(V4_A, V4_B, sport, dport, data))
 }
 
 pub fn tcp4_frame(sport: u16, dport: u16) -> Vec<u8> {
-    ethernet(
-        MAC_B,
-        MAC_A,
-        &[],
-        0x0800,
-        &ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, sport, dport, 0)),
-    )
+    eth(&tcp4(V4_A, V4_B, sport, dport))
 }
 
 /// Rewrites the IPv4 total length (and checksum) of a frame whose IPv4 header starts at `l3`.
@@ -211,12 +193,127 @@ pub fn tunnel_frame(
     ip.extend_from_slice(&dst.octets());
     let sum = internet_checksum(&[&ip]);
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    let mut udp = Vec::with_capacity(8 + inner.len());
-    udp.extend_from_slice(&sport.to_be_bytes());
-    udp.extend_from_slice(&dport.to_be_bytes());
-    udp.extend_from_slice(&((8 + inner.len()) as u16).to_be_bytes());
-    udp.extend_from_slice(&[0, 0]);
-    udp.extend_from_slice(inner);
-    ip.extend_from_slice(&udp);
+    ip.extend_from_slice(&udp_header(sport, dport, inner));
     ethernet(dst_mac, src_mac, &[], 0x0800, &ip)
+}
+
+// ---------------------------------------------------------------------------
+// IP packets, and the frames around them from A's MAC to B's
+
+/// Offset of the ether type after the VLAN tags.
+pub fn ether_type_at(frame: &[u8]) -> usize {
+    let mut at = 12;
+    while matches!(
+        u16::from_be_bytes([frame[at], frame[at + 1]]),
+        0x8100 | 0x88a8 | 0x9100
+    ) {
+        at += 4;
+    }
+    at
+}
+
+/// The frame with new MACs and no VLAN tags.
+pub fn rewritten(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len());
+    out.extend_from_slice(&dst);
+    out.extend_from_slice(&src);
+    out.extend_from_slice(&frame[ether_type_at(frame)..]);
+    out
+}
+
+/// The IP packet a frame carries.
+pub fn ip_packet(frame: &[u8]) -> &[u8] {
+    &frame[ether_type_at(frame) + 2..]
+}
+
+/// `ip` in an untagged frame from A's MAC to B's (the ether type from the IP version).
+pub fn eth(ip: &[u8]) -> Vec<u8> {
+    eth_tagged(&[], ip)
+}
+
+/// `ip` in a frame with VLAN tags `vlans` (outer first).
+pub fn eth_tagged(vlans: &[u16], ip: &[u8]) -> Vec<u8> {
+    let ether_type = if ip[0] >> 4 == 6 { 0x86dd } else { 0x0800 };
+    ethernet(MAC_B, MAC_A, vlans, ether_type, ip)
+}
+
+/// An IPv4 UDP packet (valid checksums).
+pub fn udp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    ipv4(src, dst, UDP, &[], &udp_v4(src, dst, sport, dport, data))
+}
+
+/// An IPv4 TCP SYN (valid checksums).
+pub fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    ipv4(src, dst, TCP, &[], &tcp_v4(src, dst, sport, dport, 0))
+}
+
+/// An IPv4 SCTP packet with one chunk header (no CRC32c: nothing here checks it).
+pub fn sctp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut s = Vec::new();
+    s.extend_from_slice(&sport.to_be_bytes());
+    s.extend_from_slice(&dport.to_be_bytes());
+    s.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]); // verification tag, checksum
+    s.extend_from_slice(&[1, 0, 0, 4]); // an empty INIT-like chunk header
+    ipv4(src, dst, SCTP, &[], &s)
+}
+
+/// A UDP datagram with checksum 0 (for IPv6 where the program does not check it,
+/// and for tunnel headers).
+pub fn udp_header(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut u = Vec::new();
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(data);
+    u
+}
+
+/// An IPv6 UDP packet (UDP checksum 0).
+pub fn udp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    ipv6(src, dst, UDP, &[], &udp_header(sport, dport, data))
+}
+
+/// An IPv4 packet's fragment: `offset` in bytes, `more` fragments follow.
+pub fn fragment4(
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    protocol: u8,
+    id: u16,
+    offset: u16,
+    more: bool,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut p = ipv4(src, dst, protocol, &[], payload);
+    p[4..6].copy_from_slice(&id.to_be_bytes());
+    let field = (offset / 8) | if more { 0x2000 } else { 0 };
+    p[6..8].copy_from_slice(&field.to_be_bytes());
+    p[10..12].copy_from_slice(&[0, 0]);
+    let sum = internet_checksum(&[&p[..20]]);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p
+}
+
+/// ICMP destination unreachable, fragmentation needed (type 3 code 4) about `inner`.
+pub fn icmp4_frag_needed(from: Ipv4Addr, to: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
+    let mut m = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc]; // next-hop MTU 1500
+                                                    // The IP header and the first 8 bytes of its payload, as RFC 792 asks.
+    let ihl = usize::from(inner[0] & 0x0f) * 4;
+    m.extend_from_slice(&inner[..(ihl + 8).min(inner.len())]);
+    let sum = internet_checksum(&[&m]);
+    m[2..4].copy_from_slice(&sum.to_be_bytes());
+    ipv4(from, to, ICMP, &[], &m)
+}
+
+/// ICMPv6 packet too big (type 2) about `inner`.
+pub fn icmp6_too_big(from: Ipv6Addr, to: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
+    let mut m = vec![2, 0, 0, 0, 0, 0, 0x05, 0x00]; // MTU 1280
+    m.extend_from_slice(inner);
+    ipv6(from, to, ICMPV6, &[], &m)
+}
+
+/// A tunnel packet as another node sends it: the inner IP packet as the
+/// payload of UDP from `from`:0xc123 to `to`:`port`.
+pub fn tunnel(from: Ipv4Addr, to: Ipv4Addr, port: u16, inner: &[u8]) -> Vec<u8> {
+    eth(&udp4(from, to, 0xc123, port, inner))
 }

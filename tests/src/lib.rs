@@ -4,17 +4,16 @@
 //! Traffic stays inside the namespaces a test creates, on documentation
 //! address ranges (198.18.0.0/15, 2001:db8::/32).
 
+pub mod bench;
 pub mod bpf;
 pub mod daemon;
-pub mod eds_bench;
 pub mod etcd;
 pub mod frames;
-pub mod mirror_bench;
 pub mod net;
 pub mod overlay;
-pub mod overlay_bench;
 pub mod python;
 pub mod tapa;
+pub mod underlay;
 pub mod xds_peer;
 
 use std::{

@@ -32,17 +32,6 @@ fn eth6(payload: Vec<u8>) -> Vec<u8> {
     ethernet(MAC_B, MAC_A, &[], 0x86dd, &payload)
 }
 
-fn udp6(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    // The checksum does not matter to the parser.
-    let mut u = Vec::new();
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(data);
-    u
-}
-
 /// An extension header of `len8` 8-byte units beyond the first 8.
 fn ext(next: u8, len8: u8) -> Vec<u8> {
     let mut e = vec![next, len8];
@@ -154,7 +143,7 @@ fn well_formed() -> Vec<Case> {
         ),
         case(
             "udp over ipv6",
-            eth6(ipv6(V6_A, V6_B, UDP, &[], &udp6(1, 2, b"x"))),
+            eth6(ipv6(V6_A, V6_B, UDP, &[], &udp_header(1, 2, b"x"))),
             Expect::Pass(vec![P::Ipv6, P::Udp]),
         ),
         case(
@@ -175,7 +164,7 @@ fn well_formed() -> Vec<Case> {
                 V6_B,
                 44,
                 &frag6(UDP, 0, true),
-                &udp6(1, 2, b"x"),
+                &udp_header(1, 2, b"x"),
             )),
             Expect::Pass(vec![P::Ipv6, P::Fragment, P::Udp]),
         ),
@@ -191,7 +180,7 @@ fn well_formed() -> Vec<Case> {
                 V6_B,
                 44,
                 &frag6(UDP, 0, false),
-                &udp6(1, 2, b"x"),
+                &udp_header(1, 2, b"x"),
             )),
             Expect::Pass(vec![P::Ipv6, P::Udp]),
         ),
@@ -212,7 +201,7 @@ fn well_formed() -> Vec<Case> {
                     ah.resize(16, 0);
                     ah
                 },
-                &udp6(1, 2, b"x"),
+                &udp_header(1, 2, b"x"),
             )),
             Expect::Pass(vec![P::Ipv6, P::Udp]),
         ),
@@ -302,10 +291,10 @@ fn malformed() -> Vec<Case> {
         Expect::Drop(D::BadUdpLength),
     ));
 
-    let mut f = eth6(ipv6(V6_A, V6_B, UDP, &[], &udp6(1, 2, b"x")));
+    let mut f = eth6(ipv6(V6_A, V6_B, UDP, &[], &udp_header(1, 2, b"x")));
     f[14] = 0x40;
     cases.push(case("ipv6 version 4", f, Expect::Drop(D::BadIpv6Version)));
-    let mut f = eth6(ipv6(V6_A, V6_B, UDP, &[], &udp6(1, 2, b"x")));
+    let mut f = eth6(ipv6(V6_A, V6_B, UDP, &[], &udp_header(1, 2, b"x")));
     set_ipv6_payload_length(&mut f, 14, 500);
     cases.push(case(
         "ipv6 payload length beyond the frame",
@@ -317,14 +306,14 @@ fn malformed() -> Vec<Case> {
         .collect();
     cases.push(case(
         "seven ipv6 extension headers",
-        eth6(ipv6(V6_A, V6_B, 60, &chain, &udp6(1, 2, b"x"))),
+        eth6(ipv6(V6_A, V6_B, 60, &chain, &udp_header(1, 2, b"x"))),
         Expect::Drop(D::TooManyIpv6Extensions),
     ));
     let mut hbh = ext(UDP, 0);
     hbh[1] = 9; // claims 80 bytes; the packet has 8 + 9
     cases.push(case(
         "ipv6 extension longer than the payload",
-        eth6(ipv6(V6_A, V6_B, 0, &hbh, &udp6(1, 2, b"x"))),
+        eth6(ipv6(V6_A, V6_B, 0, &hbh, &udp_header(1, 2, b"x"))),
         Expect::Drop(D::TruncatedIpv6Extension),
     ));
     cases.extend(truncations());
@@ -389,7 +378,13 @@ fn truncations() -> Vec<Case> {
         },
         Base {
             name: "ipv6 hop-by-hop udp",
-            frame: eth6(ipv6(V6_A, V6_B, 0, &ext(UDP, 0), &udp6(1, 2, b"payload"))),
+            frame: eth6(ipv6(
+                V6_A,
+                V6_B,
+                0,
+                &ext(UDP, 0),
+                &udp_header(1, 2, b"payload"),
+            )),
             headers: vec![
                 (14, D::TruncatedIpv6),
                 (54, D::TruncatedIpv6Extension),

@@ -24,20 +24,19 @@ use tapmesh::{
     lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia, ValidLb},
 };
 use tapmesh_common::{DropReason as D, ProgramSlot, ProgramStats, Protocol as P, Verdict};
-use tapmesh_tests::{bpf::Bpf, fmt_mac, frames::*, kernel_tests_enabled, Netns};
+use tapmesh_tests::{
+    bpf::Bpf,
+    fmt_mac,
+    frames::*,
+    kernel_tests_enabled,
+    underlay::{Underlay, NODE, REMOTE_MAC, REMOTE_NODE, TUNNEL_PORT},
+};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const XDP_TX: u32 = 3;
 const XDP_REDIRECT: u32 = 4;
 const UPLINK: &str = "tm_xdp_uplink";
-
-const TUNNEL_PORT: u16 = 50103;
-/// This node's underlay address (tunnel source, decap destination).
-const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 1);
-/// The node of the remote target, and its MAC in the namespace's neighbour table.
-const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 2);
-const REMOTE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x05, 0x02];
 
 const CLIENT: Ipv4Addr = V4_A;
 const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 7, 0, 0, 0, 0, 0x11);
@@ -540,123 +539,6 @@ fn assert_all(failures: Vec<String>, cases: usize) {
         failures.len(),
         failures.join("\n")
     );
-}
-
-// ---------------------------------------------------------------------------
-// Frames
-
-/// Offset of the ether type after the VLAN tags.
-fn ether_type_at(frame: &[u8]) -> usize {
-    let mut at = 12;
-    while matches!(
-        u16::from_be_bytes([frame[at], frame[at + 1]]),
-        0x8100 | 0x88a8 | 0x9100
-    ) {
-        at += 4;
-    }
-    at
-}
-
-/// The frame with new MACs and no VLAN tags.
-fn rewritten(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(frame.len());
-    out.extend_from_slice(&dst);
-    out.extend_from_slice(&src);
-    out.extend_from_slice(&frame[ether_type_at(frame)..]);
-    out
-}
-
-/// The IP packet a frame carries.
-fn ip_packet(frame: &[u8]) -> &[u8] {
-    &frame[ether_type_at(frame) + 2..]
-}
-
-fn eth(ip: &[u8]) -> Vec<u8> {
-    eth_tagged(&[], ip)
-}
-
-fn eth_tagged(vlans: &[u16], ip: &[u8]) -> Vec<u8> {
-    let ether_type = if ip[0] >> 4 == 6 { 0x86dd } else { 0x0800 };
-    ethernet(MAC_B, MAC_A, vlans, ether_type, ip)
-}
-
-fn udp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    ipv4(src, dst, UDP, &[], &udp_v4(src, dst, sport, dport, data))
-}
-
-fn tcp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
-    ipv4(src, dst, TCP, &[], &tcp_v4(src, dst, sport, dport, 0))
-}
-
-fn sctp4(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
-    let mut s = Vec::new();
-    s.extend_from_slice(&sport.to_be_bytes());
-    s.extend_from_slice(&dport.to_be_bytes());
-    s.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0]); // verification tag, checksum
-    s.extend_from_slice(&[1, 0, 0, 4]); // an empty INIT-like chunk header
-    ipv4(src, dst, SCTP, &[], &s)
-}
-
-fn udp_header(sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    // The checksum does not matter to the program.
-    let mut u = Vec::new();
-    u.extend_from_slice(&sport.to_be_bytes());
-    u.extend_from_slice(&dport.to_be_bytes());
-    u.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
-    u.extend_from_slice(&[0, 0]);
-    u.extend_from_slice(data);
-    u
-}
-
-fn udp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
-    ipv6(src, dst, UDP, &[], &udp_header(sport, dport, data))
-}
-
-/// An IPv4 packet's fragment: `offset` in bytes, `more` fragments follow.
-fn fragment4(
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
-    protocol: u8,
-    id: u16,
-    offset: u16,
-    more: bool,
-    payload: &[u8],
-) -> Vec<u8> {
-    let mut p = ipv4(src, dst, protocol, &[], payload);
-    p[4..6].copy_from_slice(&id.to_be_bytes());
-    let field = (offset / 8) | if more { 0x2000 } else { 0 };
-    p[6..8].copy_from_slice(&field.to_be_bytes());
-    p[10..12].copy_from_slice(&[0, 0]);
-    let sum = ip_checksum(&p[..20]);
-    p[10..12].copy_from_slice(&sum.to_be_bytes());
-    p
-}
-
-fn ip_checksum(header: &[u8]) -> u16 {
-    internet_checksum(&[header])
-}
-
-/// ICMP destination unreachable, fragmentation needed (type 3 code 4) about `inner`.
-fn icmp4_frag_needed(from: Ipv4Addr, to: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
-    let mut m = vec![3, 4, 0, 0, 0, 0, 0x05, 0xdc]; // next-hop MTU 1500
-                                                    // The IP header and the first 8 bytes of its payload, as RFC 792 asks.
-    let ihl = usize::from(inner[0] & 0x0f) * 4;
-    m.extend_from_slice(&inner[..(ihl + 8).min(inner.len())]);
-    let sum = ip_checksum(&m);
-    m[2..4].copy_from_slice(&sum.to_be_bytes());
-    ipv4(from, to, ICMP, &[], &m)
-}
-
-/// ICMPv6 packet too big (type 2) about `inner`.
-fn icmp6_too_big(from: Ipv6Addr, to: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
-    let mut m = vec![2, 0, 0, 0, 0, 0, 0x05, 0x00]; // MTU 1280
-    m.extend_from_slice(inner);
-    ipv6(from, to, ICMPV6, &[], &m)
-}
-
-/// A tunnel packet: the inner IP packet as the payload of UDP from `from` to `to`:`port`.
-fn tunnel(from: Ipv4Addr, to: Ipv4Addr, port: u16, inner: &[u8]) -> Vec<u8> {
-    eth(&udp4(from, to, 0xc123, port, inner))
 }
 
 // ---------------------------------------------------------------------------
@@ -1319,56 +1201,6 @@ fn ipv4_later_fragment_follows_the_first_fragments_flow() {
 // ---------------------------------------------------------------------------
 // Remote targets and the tunnel
 
-/// A namespace with the underlay: veth `tma` (198.18.5.1/24, this node) and its
-/// peer `tmb`, forwarding on, and (optionally) a permanent neighbour for the
-/// remote node. Deleted on drop.
-struct Underlay {
-    ns: Netns,
-    mac: [u8; 6],
-}
-
-impl Underlay {
-    fn new(neighbour: bool) -> Self {
-        let ns = Netns::new("lb");
-        ns.ip(&[
-            "link", "add", "name", "tma", "type", "veth", "peer", "name", "tmb",
-        ]);
-        ns.ip(&["addr", "add", &format!("{NODE}/24"), "dev", "tma"]);
-        ns.ip(&["link", "set", "dev", "tma", "up"]);
-        ns.ip(&["link", "set", "dev", "tmb", "up"]);
-        // bpf_fib_lookup answers only where forwarding is on.
-        ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        if neighbour {
-            ns.ip(&[
-                "neigh",
-                "replace",
-                &REMOTE_NODE.to_string(),
-                "lladdr",
-                &fmt_mac(REMOTE_MAC),
-                "dev",
-                "tma",
-                "nud",
-                "permanent",
-            ]);
-        }
-        let mac = ns.mac("tma");
-        Underlay { ns, mac }
-    }
-
-    /// Runs `f` on a thread inside the namespace (test runs use its FIB).
-    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let name = self.ns.name.clone();
-        std::thread::scope(|s| {
-            s.spawn(move || {
-                tapmesh::net::netns::enter(&name).expect("entering the namespace");
-                f()
-            })
-            .join()
-            .unwrap_or_else(|e| std::panic::resume_unwind(e))
-        })
-    }
-}
-
 /// The frame a remote target gets: outer Ethernet, IPv4 (DF, TTL 64, valid
 /// checksum), UDP (checksum 0) to the tunnel port, then the input's IP packet.
 fn encapsulated(frame: &[u8], dst_mac: [u8; 6], src_mac: [u8; 6], sport: u16) -> Vec<u8> {
@@ -1406,7 +1238,7 @@ fn check_outer(output: &[u8], frame: &[u8], dst_mac: [u8; 6], src_mac: [u8; 6]) 
     assert_eq!(ip[8], 64, "TTL");
     assert_eq!(ip[9], UDP, "protocol");
     assert_eq!(
-        ip_checksum(ip),
+        internet_checksum(&[ip]),
         0,
         "the outer IPv4 header checksum is not valid: {}",
         hex(ip)

@@ -1,4 +1,4 @@
-//! Mirroring throughput on veth for `cargo xtask bench`: a UDP flood from one
+//! Mirroring throughput on veth: a UDP flood from one
 //! namespace to another through the node, with no mirror, tapmesh's TC copy,
 //! `tc … action mirred`, and iptables TEE; then tapmesh's AF_XDP ring with a
 //! pcap consumer beside tcpdump on the same flood.
@@ -12,6 +12,7 @@ use tapmesh::admin::proto::{
     tap_service::Destination, ListTapsRequest, Ring, TapFlow, TapId, TapService,
 };
 
+use super::timing::kpps;
 use crate::{link, net::run_in, Daemon, End, Netns};
 
 const FLOOD: Duration = Duration::from_secs(2);
@@ -158,12 +159,8 @@ impl Lab {
     }
 }
 
-fn kpps(v: f64) -> String {
-    format!("{:.0}", v / 1e3)
-}
-
 /// The "Mirroring on veth" section of BENCHMARKS.md.
-pub fn mirror_rates() -> String {
+pub fn rates() -> String {
     let lab = Lab::new();
     let mut out = String::new();
     let _ = writeln!(out, "## Mirroring on veth\n");

@@ -1,4 +1,4 @@
-//! EDS update latency for `cargo xtask bench`: the daemon's dataplane, LB
+//! EDS update latency: the daemon's dataplane, LB
 //! service and catalog run in-process inside a namespace, and a
 //! `ClusterEndpoints` of 1000 endpoints is handed to the catalog the way the
 //! xDS client does (`EndpointSink::apply`, which returns once the LB maps
@@ -17,6 +17,7 @@ use tapmesh::dataplane::{DataplaneHandle, DataplanePlugin};
 use tapmesh::lb::service::LbService;
 use tapmesh::xds::{ClusterEndpoints, EndpointSink, Locality, SelectedEndpoint};
 
+use super::timing::percentile_ms;
 use crate::{unique, Netns};
 
 const ENDPOINTS: usize = 1000;
@@ -49,12 +50,6 @@ fn endpoints(set: usize, count: usize) -> ClusterEndpoints {
         standby: Vec::new(),
         drop_overloads: Vec::new(),
     }
-}
-
-/// Percentile `p` (0..=100) of sorted durations, in ms.
-fn percentile_ms(sorted: &[Duration], p: usize) -> f64 {
-    let i = ((sorted.len() * p).div_ceil(100)).clamp(1, sorted.len()) - 1;
-    sorted[i].as_secs_f64() * 1e3
 }
 
 /// A namespace with veth `eb0` (198.18.16.1/20) and permanent neighbours for
@@ -190,7 +185,7 @@ async fn measure() -> Result<Times, String> {
 }
 
 /// The "EDS update → maps" section of BENCHMARKS.md.
-pub fn eds_update_latency() -> String {
+pub fn update_latency() -> String {
     let ns = lab();
     let name = ns.name.clone();
     let measured = std::thread::spawn(move || {

@@ -1,0 +1,537 @@
+//! The service-IP overlay: its TC and XDP paths through BPF_PROG_TEST_RUN
+//! with a service table in the maps ([`rows`]), and one UDP flow from a
+//! client container on node 1 to a service IP whose instance is on node 2
+//! on veth ([`rates`]), through tapmesh (TC translation + UDP 50103 tunnel +
+//! XDP decap) and through what a Kubernetes user runs with flannel and
+//! kube-proxy (nftables DNAT + kernel VXLAN), in the same run on the same
+//! kind of veth lab.
+
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use super::{
+    timing::{kpps, measure_loop, Row},
+    OUR_MAC, XDP_REDIRECT,
+};
+use crate::{
+    bpf::Bpf,
+    frames::*,
+    link,
+    net::spawn_in,
+    overlay::{TwoNodes, NODE1, NODE2},
+    underlay::{NODE, REMOTE_MAC, REMOTE_NODE, TUNNEL_PORT},
+    Netns,
+};
+
+const TC_ACT_REDIRECT: u32 = 7;
+const FLOOD: Duration = Duration::from_secs(2);
+const SERVICE: &str = "203.0.113.10";
+const PORT: u16 = 7000;
+
+/// The overlay's paths with a service table in the maps: a client container
+/// (192.0.2.2, instance IP 203.0.113.100) sends to an RR service IP whose one
+/// instance is on the remote node (next hop resolved); the replies come back
+/// through the tunnel.
+pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
+    use tapmesh::dataplane::overlay::{
+        addr6_words, addr_word, OverlayTables, OverlayWriter, ServiceTable,
+    };
+    use tapmesh_common::overlay::*;
+    let client = Ipv4Addr::new(192, 0, 2, 2);
+    let client_ip = Ipv4Addr::new(203, 0, 113, 100);
+    let service = Ipv4Addr::new(203, 0, 113, 10);
+    let instance_ns = Ipv4Addr::new(192, 0, 2, 66);
+    let instance_ip = Ipv4Addr::new(203, 0, 113, 102);
+    let mut tables = OverlayTables::default();
+    tables.config = OverlayConfig {
+        node_addr: addr_word(NODE),
+        tunnel_port: TUNNEL_PORT.to_be(),
+        tunnel_mtu: 1472,
+        gateway: addr_word(Ipv4Addr::new(192, 0, 2, 1)),
+        service_prefix: addr_word(Ipv4Addr::new(203, 0, 113, 0)),
+        service_mask: addr_word(Ipv4Addr::new(255, 255, 255, 0)),
+        flags: 0,
+    };
+    tables.services.insert(
+        service,
+        ServiceTable {
+            id: 0,
+            policy: POLICY_ROUND_ROBIN,
+            slots: vec![1],
+        },
+    );
+    tables.instances.insert(
+        1,
+        Instance {
+            ns_addr: addr_word(instance_ns),
+            reply_addr: addr_word(instance_ip),
+            node_addr: addr_word(REMOTE_NODE),
+            node_port: TUNNEL_PORT.to_be(),
+            kind: INSTANCE_REMOTE,
+            generation: 1,
+            ifindex: tma_index,
+            dst_mac: REMOTE_MAC,
+            src_mac: tma_mac,
+            ..Instance::default()
+        },
+    );
+    tables.locals.insert(
+        client,
+        Local {
+            ifindex: 1,
+            instance_addr: addr_word(client_ip),
+            mac: MAC_A,
+            host_mac: OUR_MAC,
+        },
+    );
+    // A second service IP whose instance is a container on this node.
+    let local_service = Ipv4Addr::new(203, 0, 113, 20);
+    let local_ns = Ipv4Addr::new(192, 0, 2, 3);
+    tables.services.insert(
+        local_service,
+        ServiceTable {
+            id: 1,
+            policy: POLICY_ROUND_ROBIN,
+            slots: vec![2],
+        },
+    );
+    tables.instances.insert(
+        2,
+        Instance {
+            ns_addr: addr_word(local_ns),
+            reply_addr: addr_word(Ipv4Addr::new(203, 0, 113, 103)),
+            kind: INSTANCE_LOCAL,
+            generation: 1,
+            ifindex: 1,
+            dst_mac: MAC_B,
+            src_mac: OUR_MAC,
+            ..Instance::default()
+        },
+    );
+    // IPv6 (dual stack): the RR service's IPv6 address, its remote
+    // instance's IPv6 addresses and the client's.
+    let v6 = |s: &str| -> std::net::Ipv6Addr { s.parse().expect("IPv6 address") };
+    let (service6, client6, client_ip6) = (
+        v6("2001:db8:ff::10"),
+        v6("2001:db8:1::2"),
+        v6("2001:db8:ff::100"),
+    );
+    let (instance_ns6, instance_ip6) = (v6("2001:db8:2::66"), v6("2001:db8:ff::102"));
+    tables.config6 = OverlayConfig6 {
+        gateway: addr6_words(v6("2001:db8:1::1")),
+        service_prefix: addr6_words(v6("2001:db8:ff::")),
+        service_mask: addr6_words(v6("ffff:ffff:ffff::")),
+        flags: 0,
+    };
+    tables.services6.insert(
+        service6,
+        ServiceTable {
+            id: 2,
+            policy: POLICY_ROUND_ROBIN,
+            slots: vec![1],
+        },
+    );
+    tables.instances6.insert(
+        1,
+        Instance6 {
+            ns_addr: addr6_words(instance_ns6),
+            reply_addr: addr6_words(instance_ip6),
+        },
+    );
+    tables.locals6.insert(
+        client6,
+        Local6 {
+            ifindex: 1,
+            instance_addr: addr6_words(client_ip6),
+            mac: MAC_A,
+            host_mac: OUR_MAC,
+        },
+    );
+    OverlayWriter::default()
+        .apply(&mut bpf.ebpf, &tables)
+        .expect("writing the overlay tables");
+    let payload = [0u8; 18];
+    // From the client container to the host end of its veth.
+    let from_client = |ip: &[u8]| ethernet(OUR_MAC, MAC_A, &[], 0x0800, ip);
+    let request = from_client(&udp4(client, service, 40000, 7000, &payload));
+    let reply_inner = udp4(instance_ip, client, 7000, 40000, &payload);
+    let reply = eth(&udp4(REMOTE_NODE, NODE, 0xc123, TUNNEL_PORT, &reply_inner));
+    let other = Ipv4Addr::new(203, 0, 113, 7);
+    let other_inner = udp4(other, client, 7000, 40001, &payload);
+    let request_in = eth(&udp4(REMOTE_NODE, NODE, 0xc124, TUNNEL_PORT, &other_inner));
+
+    let mut rows = Vec::new();
+    let outside = Ipv4Addr::new(198, 51, 100, 9);
+    let to_outside = from_client(&udp4(client, outside, 40000, 53, &payload));
+    let to_local = from_client(&udp4(client, local_service, 40000, 7000, &payload));
+    assert_eq!(
+        bpf.run("tm_tc_service", &to_outside, 1).action,
+        0,
+        "not a service IP: TC_ACT_OK"
+    );
+    let (raw, floor) = measure_loop(bpf, "tm_tc_service", &to_outside);
+    rows.push(("TC service: not a service IP, pass", raw, floor));
+    let first = bpf.run("tm_tc_service", &to_local, 1);
+    assert_eq!(
+        first.action, TC_ACT_REDIRECT,
+        "TC service → local: unexpected return value"
+    );
+    assert_eq!(
+        (&first.output[0..6], &first.output[30..34]),
+        (&MAC_B[..], &local_ns.octets()[..]),
+        "TC service → local: MAC or destination"
+    );
+    let (raw, floor) = measure_loop(bpf, "tm_tc_service", &to_local);
+    rows.push(("TC service: UDP to an RR service IP → conntrack hit, translate, redirect to a local container", raw, floor));
+    let first = bpf.run("tm_tc_service", &request, 1);
+    assert_eq!(
+        first.action, TC_ACT_REDIRECT,
+        "TC service: unexpected return value"
+    );
+    let out = &first.output;
+    assert_eq!(
+        out.len(),
+        request.len() + 28,
+        "TC service: not encapsulated"
+    );
+    assert_eq!(
+        (&out[0..6], &out[30..34], &out[36..38]),
+        (
+            &REMOTE_MAC[..],
+            &REMOTE_NODE.octets()[..],
+            &TUNNEL_PORT.to_be_bytes()[..]
+        )
+    );
+    assert_eq!(
+        (&out[42 + 12..42 + 16], &out[42 + 16..42 + 20]),
+        (&client_ip.octets()[..], &instance_ns.octets()[..]),
+        "inner addresses"
+    );
+    let (raw, floor) = measure_loop(bpf, "tm_tc_service", &request);
+    rows.push(("TC service: UDP to an RR service IP → conntrack hit, translate, UDP encap, redirect (resolved next hop)", raw, floor));
+    // A datagram in two fragments (IP id 0x1234): the first carries the UDP
+    // header and binds the flow, the later one follows its binding.
+    let datagram = udp_v4(client, service, 40002, 7000, &[7u8; 48]);
+    let fragment = |offset: u16, more: bool, bytes: &[u8]| {
+        from_client(&fragment4(
+            client, service, UDP, 0x1234, offset, more, bytes,
+        ))
+    };
+    let first_fragment = fragment(0, true, &datagram[..32]);
+    let later_fragment = fragment(32, false, &datagram[32..]);
+    for (name, frame) in [
+        (
+            "TC service: first IPv4 fragment to an RR service IP → bind, record the datagram, translate, UDP encap, redirect",
+            &first_fragment,
+        ),
+        (
+            "TC service: later IPv4 fragment (no ports) → the datagram's binding, translate, UDP encap, redirect",
+            &later_fragment,
+        ),
+    ] {
+        rows.push(tc_encap_row(bpf, name, frame, &client_ip.octets(), &instance_ns.octets()));
+    }
+    for (name, frame, source) in [
+        (
+            "XDP uplink: tunnel reply → decap, reverse translation → container",
+            &reply,
+            service,
+        ),
+        (
+            "XDP uplink: tunnel request → decap → container (no translation)",
+            &request_in,
+            other,
+        ),
+    ] {
+        rows.push(xdp_decap_row(bpf, name, frame, &source.octets()));
+    }
+
+    // IPv6: a request (whole, then in two fragments) and the reply.
+    // UDP over IPv6; these paths never check the checksum (they adjust it).
+    let udp6 = |sport: u16, dport: u16, data: &[u8]| {
+        udp_v4(
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            sport,
+            dport,
+            data,
+        )
+    };
+    let request6 = ethernet(
+        OUR_MAC,
+        MAC_A,
+        &[],
+        0x86dd,
+        &ipv6(client6, service6, UDP, &[], &udp6(40000, 7000, &payload)),
+    );
+    let datagram6 = udp6(40002, 7000, &[7u8; 48]);
+    let fragment6 = |offset: u16, more: bool, bytes: &[u8]| {
+        let offset_flags = offset << 3 | u16::from(more);
+        let mut header = vec![UDP, 0];
+        header.extend_from_slice(&offset_flags.to_be_bytes());
+        header.extend_from_slice(&0x1234_5678u32.to_be_bytes());
+        ethernet(
+            OUR_MAC,
+            MAC_A,
+            &[],
+            0x86dd,
+            &ipv6(client6, service6, 44, &header, bytes),
+        )
+    };
+    let first6 = fragment6(0, true, &datagram6[..32]);
+    let later6 = fragment6(4, false, &datagram6[32..]);
+    for (name, frame) in [
+        (
+            "TC service: IPv6 UDP to an RR service IP → conntrack hit, translate, UDP encap, redirect (resolved next hop)",
+            &request6,
+        ),
+        (
+            "TC service: IPv6 first fragment to an RR service IP → bind, record the datagram, translate, UDP encap, redirect",
+            &first6,
+        ),
+        (
+            "TC service: IPv6 later fragment (no ports) → the datagram's binding, translate, UDP encap, redirect",
+            &later6,
+        ),
+    ] {
+        rows.push(tc_encap_row(bpf, name, frame, &client_ip6.octets(), &instance_ns6.octets()));
+    }
+    let reply6_inner = ipv6(
+        instance_ip6,
+        client6,
+        UDP,
+        &[],
+        &udp6(7000, 40000, &payload),
+    );
+    let reply6 = eth(&udp4(REMOTE_NODE, NODE, 0xc125, TUNNEL_PORT, &reply6_inner));
+    let name = "XDP uplink: IPv6 tunnel reply → decap, reverse translation → container";
+    rows.push(xdp_decap_row(bpf, name, &reply6, &service6.octets()));
+    rows
+}
+
+/// An uplink row whose tunnel packet is decapsulated and redirected to the
+/// container (MAC_A) with the inner source `source` (IPv4 or IPv6).
+fn xdp_decap_row(bpf: &mut Bpf, name: &'static str, frame: &[u8], source: &[u8]) -> Row {
+    let first = bpf.run("tm_xdp_uplink", frame, 1);
+    assert_eq!(
+        first.action, XDP_REDIRECT,
+        "{name}: unexpected return value"
+    );
+    assert_eq!(
+        first.output.len(),
+        frame.len() - 28,
+        "{name}: not decapsulated"
+    );
+    // The source sits at 14 + 12 (IPv4) or 14 + 8 (IPv6).
+    let at = if source.len() == 4 { 26 } else { 22 };
+    assert_eq!(
+        (&first.output[0..6], &first.output[at..at + source.len()]),
+        (&MAC_A[..], source),
+        "{name}: MAC or source"
+    );
+    let (raw, floor) = measure_loop(bpf, "tm_xdp_uplink", frame);
+    (name, raw, floor)
+}
+
+/// A TC service row whose packet leaves encapsulated to the remote node with
+/// the inner source and destination `inner_src`, `inner_dst` (IPv4 or IPv6).
+fn tc_encap_row(
+    bpf: &mut Bpf,
+    name: &'static str,
+    frame: &[u8],
+    inner_src: &[u8],
+    inner_dst: &[u8],
+) -> Row {
+    let first = bpf.run("tm_tc_service", frame, 1);
+    assert_eq!(
+        first.action, TC_ACT_REDIRECT,
+        "{name}: unexpected return value"
+    );
+    let out = &first.output;
+    assert_eq!(out.len(), frame.len() + 28, "{name}: not encapsulated");
+    // The inner header starts at 42; its source at 12 (IPv4) or 8 (IPv6).
+    let src = 42 + if inner_src.len() == 4 { 12 } else { 8 };
+    let dst = src + inner_src.len();
+    assert_eq!(
+        (
+            &out[30..34],
+            &out[src..dst],
+            &out[dst..dst + inner_dst.len()]
+        ),
+        (&REMOTE_NODE.octets()[..], inner_src, inner_dst),
+        "{name}: outer destination or inner addresses"
+    );
+    let (raw, floor) = measure_loop(bpf, "tm_tc_service", frame);
+    (name, raw, floor)
+}
+
+/// Floods `to` from `client` for [`FLOOD`] while `server` counts what
+/// arrives on [`PORT`]; returns (sent, received) per second.
+fn flood(client: &Netns, server: &Netns, to: &str) -> (f64, f64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let received = Arc::new(AtomicU64::new(0));
+    let (s2, r2) = (stop.clone(), received.clone());
+    let sink = spawn_in(&server.name, move || {
+        let s = UdpSocket::bind(SocketAddrV4::new(0.into(), PORT)).expect("sink socket");
+        s.set_read_timeout(Some(Duration::from_millis(50))).ok();
+        let mut buf = [0u8; 2048];
+        while !s2.load(Ordering::Relaxed) {
+            if s.recv(&mut buf).is_ok() {
+                r2.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let to: SocketAddrV4 = SocketAddrV4::new(to.parse().expect("address"), PORT);
+    let sent = spawn_in(&client.name, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").expect("flood socket");
+        s.connect(to).expect("connect");
+        let payload = [0u8; 18];
+        let start = Instant::now();
+        let mut sent = 0u64;
+        while start.elapsed() < FLOOD {
+            for _ in 0..64 {
+                if s.send(&payload).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        sent
+    })
+    .join()
+    .expect("flood thread");
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let _ = sink.join();
+    let secs = FLOOD.as_secs_f64();
+    (
+        sent as f64 / secs,
+        received.load(Ordering::Relaxed) as f64 / secs,
+    )
+}
+
+fn tapmesh_rate() -> (f64, f64) {
+    let nodes = TwoNodes::start();
+    nodes.node1.register("192.0.2.0/26");
+    nodes.node2.register("192.0.2.64/26");
+    let client = Netns::new("obc");
+    let server = Netns::new("obs");
+    let c_ns = nodes.node1.deploy(
+        &client,
+        "bench.ns.client.ns",
+        0,
+        &[("InstanceNumber", "203.0.113.100")],
+    );
+    let sips: &[(&str, &str)] = &[("RR", SERVICE), ("InstanceNumber", "203.0.113.102")];
+    let s_ns = nodes.node2.deploy(&server, "bench.ns.web.ns", 0, sips);
+    nodes
+        .node1
+        .table("bench.ns.web.ns", &[(0, &s_ns, NODE2, sips)]);
+    nodes.node2.table(
+        "bench.ns.client.ns",
+        &[(0, &c_ns, NODE1, &[("InstanceNumber", "203.0.113.100")])],
+    );
+    flood(&client, &server, SERVICE)
+}
+
+/// Client and server behind their nodes' veths, VXLAN 42 between the nodes,
+/// nftables DNAT of the service IP on node 1.
+fn kernel_rate() -> (f64, f64) {
+    let n1 = Netns::new("okn1");
+    let n2 = Netns::new("okn2");
+    let client = Netns::new("okc");
+    let server = Netns::new("oks");
+    let (u1, u2) = link(&n1, "198.18.3.1/24", &n2, "198.18.3.2/24");
+    let _ = link(&client, "192.0.2.2/26", &n1, "192.0.2.1/26");
+    let _ = link(&server, "192.0.2.66/26", &n2, "192.0.2.65/26");
+    client.ip(&["route", "add", "default", "via", "192.0.2.1"]);
+    server.ip(&["route", "add", "default", "via", "192.0.2.65"]);
+    // VXLAN 42 point to point, an address on each end, the other node's
+    // container subnet routed through it (flannel's vxlan backend, in short).
+    for (n, local, remote, vx, peer_vx, other) in [
+        (
+            &n1,
+            "198.18.3.1",
+            "198.18.3.2",
+            "198.18.4.1/30",
+            "198.18.4.2",
+            "192.0.2.64/26",
+        ),
+        (
+            &n2,
+            "198.18.3.2",
+            "198.18.3.1",
+            "198.18.4.2/30",
+            "198.18.4.1",
+            "192.0.2.0/26",
+        ),
+    ] {
+        n.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        let dev = if n.name == n1.name {
+            u1.interface.clone()
+        } else {
+            u2.interface.clone()
+        };
+        n.ip(&[
+            "link", "add", "vx42", "type", "vxlan", "id", "42", "local", local, "remote", remote,
+            "dstport", "4789", "dev", &dev,
+        ]);
+        n.ip(&["addr", "add", vx, "dev", "vx42"]);
+        n.ip(&["link", "set", "vx42", "mtu", "1450", "up"]);
+        n.ip(&["route", "add", other, "via", peer_vx]);
+    }
+    let rules = std::env::temp_dir().join(crate::unique("obnft"));
+    std::fs::write(
+        &rules,
+        "table ip bench {\n  chain pre {\n    type nat hook prerouting priority dstnat; policy accept;\n    \
+         ip daddr 203.0.113.10 udp dport 7000 dnat to 192.0.2.66\n  }\n}\n",
+    )
+    .expect("nft rules file");
+    let out = n1.try_exec(&["nft", "-f", rules.to_str().expect("utf-8 path")]);
+    let _ = std::fs::remove_file(&rules);
+    assert!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    flood(&client, &server, SERVICE)
+}
+
+/// The "Service-IP overlay on veth" section of BENCHMARKS.md.
+pub fn rates() -> String {
+    let ours = tapmesh_rate();
+    let kernel = kernel_rate();
+    let mut out = String::new();
+    let _ = writeln!(out, "## Service-IP overlay on veth\n");
+    let _ = writeln!(
+        out,
+        "One UDP flow (18-byte payload, one socket, {} s) from a client container on node 1 to a \
+         service IP whose instance is on node 2; kpps = thousands of packets per second, in the \
+         same run. tapmesh: TC translation + UDP 50103 encapsulation on the container's veth, XDP \
+         decapsulation on node 2's uplink. Kernel: nftables DNAT on node 1 + kernel VXLAN between \
+         the nodes (flannel + kube-proxy's data path).\n",
+        FLOOD.as_secs()
+    );
+    let _ = writeln!(out, "| data path | sent kpps | delivered kpps |");
+    let _ = writeln!(out, "|---|---:|---:|");
+    let _ = writeln!(
+        out,
+        "| tapmesh (TC + UDP tunnel + XDP) | {} | {} |",
+        kpps(ours.0),
+        kpps(ours.1)
+    );
+    let _ = writeln!(
+        out,
+        "| nftables DNAT + kernel VXLAN | {} | {} |",
+        kpps(kernel.0),
+        kpps(kernel.1)
+    );
+    out
+}
