@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod core;
+pub mod daemon;
 pub mod dataplane;
 pub mod flows;
 pub mod lb;
