@@ -13,6 +13,7 @@ use crate::{
     core::Core,
     dataplane::{DataplaneHandle, DataplanePlugin},
     lb::service::{LbPlugin, LbService},
+    metrics::{MetricsPlugin, Sources},
     mirror::{MirrorPlugin, MirrorService},
     net::netns,
     nsp::NspPlugin,
@@ -47,7 +48,8 @@ fn wire(core: &mut Core) {
     let lb = Arc::new(LbService::new(dataplane.clone()));
     core.register(Arc::new(DataplanePlugin::new(dataplane.clone())));
     core.register(Arc::new(LbPlugin::new(lb.clone())));
-    core.register(Arc::new(NspPlugin::new(lb.clone())));
+    let nsp = Arc::new(NspPlugin::new(lb.clone()));
+    core.register(nsp.clone());
     let mirror = Arc::new(MirrorService::new(dataplane.clone()));
     core.register(Arc::new(MirrorPlugin::new(mirror.clone())));
     let catalog = Catalog::new(lb.clone());
@@ -58,11 +60,19 @@ fn wire(core: &mut Core) {
     )));
     core.register(Arc::new(AdminPlugin::new(
         core.view(),
+        dataplane.clone(),
+        lb.clone(),
+        mirror.clone(),
+        catalog.clone(),
+    )));
+    core.register(Arc::new(MetricsPlugin::new(Sources {
+        core: core.view(),
         dataplane,
         lb,
         mirror,
         catalog,
-    )));
+        nsp,
+    })));
 }
 
 async fn serve(config: Config) -> ExitCode {

@@ -22,7 +22,7 @@ pub enum Command {
     /// Run the node daemon (needs root).
     Daemon {
         #[command(flatten)]
-        overrides: Overrides,
+        overrides: Box<Overrides>,
         /// Run inside this network namespace (a name under /run/netns or a path).
         #[arg(long, env = "TAPMESH_NETNS")]
         netns: Option<String>,
