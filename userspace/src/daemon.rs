@@ -17,23 +17,34 @@ use crate::{
     mirror::{MirrorPlugin, MirrorService},
     net::netns,
     nsp::NspPlugin,
+    preflight,
 };
 
-/// Enters the namespace, loads the configuration, sets up logging and runs.
-pub fn run(overrides: &Overrides, netns: Option<&str>) -> ExitCode {
+/// Checks privileges, enters the namespace, loads the configuration, checks
+/// the machine, sets up logging and runs. Every refusal before the run is
+/// one line and exit 2, with nothing loaded or attached.
+pub fn run(overrides: &Overrides, netns: Option<&str>, private_bpffs: bool) -> ExitCode {
+    let refuse = |e: &dyn std::fmt::Display| {
+        eprintln!("tapmesh: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    if let Err(e) = preflight::capabilities() {
+        return refuse(&e);
+    }
     if let Some(name) = netns {
         if let Err(e) = netns::enter(name) {
-            eprintln!("tapmesh: --netns: {e}");
-            return ExitCode::from(EXIT_CONFIG);
+            return refuse(&format!("--netns: {e}"));
         }
     }
     let config = match Config::load(overrides) {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("tapmesh: {e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
+        Err(e) => return refuse(&e),
     };
+    if let Err(e) = preflight::host_bpffs(&config.dataplane.bpffs_root, private_bpffs)
+        .and_then(|()| preflight::uplinks_free(&config))
+    {
+        return refuse(&e);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.daemon.log_level))
         .with_writer(std::io::stderr)

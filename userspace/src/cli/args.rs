@@ -26,6 +26,9 @@ pub enum Command {
         /// Run inside this network namespace (a name under /run/netns or a path).
         #[arg(long, env = "TAPMESH_NETNS")]
         netns: Option<String>,
+        /// Mount a bpffs of its own where the host's is not visible (pins vanish with the process).
+        #[arg(long, env = "TAPMESH_PRIVATE_BPFFS")]
+        private_bpffs: bool,
     },
     /// VIP load balancing: apply a configuration, list it, delete parts.
     Lb {

@@ -18,7 +18,11 @@ pub const EXIT_CONFIG: u8 = 2;
 /// Runs one parsed command line to its exit code.
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
-        Command::Daemon { overrides, netns } => crate::daemon::run(&overrides, netns.as_deref()),
+        Command::Daemon {
+            overrides,
+            netns,
+            private_bpffs,
+        } => crate::daemon::run(&overrides, netns.as_deref(), private_bpffs),
         Command::Ambassador { settings } => crate::ambassador::run(settings),
         Command::Stream { socket, command } => runtime().block_on(nsp::stream(socket, command)),
         Command::Registry {

@@ -47,19 +47,6 @@ const NACK_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// This client's name in [`crate::health`].
 const PLANE: &str = "xds";
 
-/// An error and its sources: tonic's transport errors say only "transport
-/// error" at the top, the cause (refused, unreachable, TLS…) is below.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
-
 /// Subscribes and keeps the subscription until `cancel` fires. Never
 /// returns early on errors: they are logged and the stream is re-established.
 pub async fn run(settings: XdsSettings, sink: Arc<dyn EndpointSink>, cancel: CancellationToken) {
@@ -250,7 +237,7 @@ impl Client {
         };
         let channel = match self.wait(endpoint.connect()).await {
             None => return Ended::Cancelled,
-            Some(Err(e)) => return failed(format!("connecting: {}", causes(&e))),
+            Some(Err(e)) => return failed(format!("connecting: {}", crate::causes(&e))),
             Some(Ok(c)) => c,
         };
         let (tx, rx) = mpsc::channel(16);
