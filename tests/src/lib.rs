@@ -12,6 +12,7 @@ pub mod frames;
 pub mod net;
 pub mod overlay;
 pub mod python;
+pub mod scrape;
 pub mod tapa;
 pub mod underlay;
 pub mod xds_peer;

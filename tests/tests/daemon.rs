@@ -389,17 +389,83 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
     }
     let lab = Lab::new();
     let daemon = Daemon::start(&lab.node.name, &[]);
+    // A second daemon for another node namespace, on the first one's socket:
+    // refused before its uplink gets a program.
+    let other = Lab::new();
     let (root, _) = Daemon::paths();
+    let node_socket = daemon.socket.with_extension("node.sock");
+    let state = daemon.socket.with_extension("state");
+    let base = [
+        "--netns",
+        &other.node.name,
+        "--bpffs-root",
+        root.to_str().unwrap(),
+        "--uplink",
+        &other.node_if,
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    let (code, stderr) = refused(
+        &[
+            &base[..],
+            &["--admin-socket", daemon.socket.to_str().unwrap()],
+            &["--node-socket", "/tmp/tapmesh-unused-node.sock"],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "tapmesh: plugin admin: configure failed: daemon.admin_socket: {} is in use by another process (another tapmesh daemon?)\n",
+            daemon.socket.display()
+        )
+    );
+    assert!(
+        !other.xdp_attached(),
+        "XDP attached before the socket check"
+    );
+    // The node socket likewise.
+    let (code, stderr) = refused(
+        &[
+            &base[..],
+            &["--admin-socket", "/tmp/tapmesh-unused-admin.sock"],
+            &["--node-socket", node_socket.to_str().unwrap()],
+        ]
+        .concat(),
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(
+        stderr,
+        format!(
+            "tapmesh: plugin nsp: configure failed: nsp.socket: {} is in use by another process (another tapmesh daemon?)\n",
+            node_socket.display()
+        )
+    );
+    assert!(
+        !other.xdp_attached(),
+        "XDP attached before the socket check"
+    );
+    assert!(!std::path::Path::new("/tmp/tapmesh-unused-admin.sock").exists());
+    // And the metrics port, in the first daemon's namespace.
     let (code, stderr) = refused(&[
         "--netns",
         &lab.node.name,
         "--bpffs-root",
         root.to_str().unwrap(),
         "--admin-socket",
-        daemon.socket.to_str().unwrap(),
+        "/tmp/tapmesh-unused-admin.sock",
+        "--node-socket",
+        "/tmp/tapmesh-unused-node.sock",
+        "--state-dir",
+        state.to_str().unwrap(),
     ]);
-    assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("is in use"), "{stderr}");
+    assert_eq!(code, 2, "{stderr}");
+    assert_eq!(
+        stderr,
+        "tapmesh: plugin metrics: configure failed: metrics.listen 127.0.0.1:9842: \
+         Address already in use (os error 98) (choose another address, or \"\" for none)\n"
+    );
     // The first daemon is untouched.
     let names: Vec<_> = daemon
         .status()
@@ -416,7 +482,8 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
             "mirror",
             "catalog",
             "netmanager",
-            "admin"
+            "admin",
+            "metrics"
         ]
     );
 }

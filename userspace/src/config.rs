@@ -253,6 +253,24 @@ impl Default for NetManagerConfig {
     }
 }
 
+pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9842";
+
+/// The HTTP listener of `/healthz`, `/readyz` and `/metrics`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// TCP address, loopback by default; "" turns the listener off.
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_METRICS_LISTEN.into(),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
@@ -263,6 +281,7 @@ pub struct Config {
     pub mirror: MirrorSettings,
     pub xds: XdsConfig,
     pub netmanager: NetManagerConfig,
+    pub metrics: MetricsConfig,
 }
 
 /// Values given on the command line or in the environment; `None` keeps the file's value.
@@ -330,6 +349,9 @@ pub struct Overrides {
     /// Leave the dataplane attached when the daemon stops (`--keep-dataplane=false` overrides the file).
     #[arg(long, env = "TAPMESH_KEEP_DATAPLANE", num_args = 0..=1, default_missing_value = "true")]
     pub keep_dataplane: Option<bool>,
+    /// Address of the health and metrics listener ("" = off).
+    #[arg(long, env = "TAPMESH_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -420,6 +442,9 @@ impl Config {
         }
         if let Some(v) = &o.netmanager_socket {
             self.netmanager.socket = Some(v.clone());
+        }
+        if let Some(v) = &o.metrics_listen {
+            self.metrics.listen = v.clone();
         }
     }
 
@@ -522,6 +547,17 @@ impl Config {
             }
         }
         self.validate_netmanager()?;
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::BadValue {
+                setting: "metrics.listen",
+                message: format!(
+                    "{:?} is not an address:port like {DEFAULT_METRICS_LISTEN} (\"\" turns it off)",
+                    self.metrics.listen
+                ),
+            });
+        }
         if self.lb.tunnel_port == 0 {
             return Err(ConfigError::BadValue {
                 setting: "lb.tunnel_port",

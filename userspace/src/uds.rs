@@ -32,15 +32,35 @@ pub fn incoming(
 ) -> impl Stream<Item = std::io::Result<FixAuthority<UnixStream>>> {
     UnixListenerStream::new(listener).map(|conn| conn.map(FixAuthority::new))
 }
-/// Binds a unix socket with `mode`, replacing a stale socket file (not one in use).
-pub fn bind(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+/// Fails if `path` is a socket another process serves, or not a socket at
+/// all; a daemon checks its sockets so before it attaches anything.
+pub fn check_free(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} exists and is not a socket", path.display()),
+        ));
+    }
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::AddrInUse,
-            format!("{} is in use by another process", path.display()),
+            format!(
+                "{} is in use by another process (another tapmesh daemon?)",
+                path.display()
+            ),
         ));
     }
+    Ok(())
+}
+
+/// Binds a unix socket with `mode`, replacing a stale socket file (not one in use).
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    check_free(path)?;
     let _ = std::fs::remove_file(path);
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;

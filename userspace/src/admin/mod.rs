@@ -372,22 +372,15 @@ async fn detached(
         .map_err(mirror::status_of)
 }
 
+/// The admin socket may be bound: absent, or a stale socket nobody serves.
+fn check(path: &Path) -> Result<(), PluginError> {
+    crate::uds::check_free(path).map_err(|e| PluginError::new(format!("daemon.admin_socket: {e}")))
+}
+
 /// Binds `path`, refusing to take over a socket another daemon still serves.
 fn bind(path: &Path) -> Result<UnixListener, PluginError> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(PluginError::new(format!(
-                "admin socket path {} exists and is not a socket; choose another daemon.admin_socket",
-                path.display()
-            )));
-        }
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            return Err(PluginError::new(format!(
-                "admin socket {} is in use (is another tapmesh daemon running?)",
-                path.display()
-            )));
-        }
+    check(path)?;
+    if std::fs::symlink_metadata(path).is_ok() {
         std::fs::remove_file(path).map_err(|e| {
             PluginError::new(format!("removing stale socket {}: {e}", path.display()))
         })?;
@@ -453,6 +446,8 @@ impl Plugin for AdminPlugin {
         _scope: CancellationToken,
         config: &Config,
     ) -> Result<(), PluginError> {
+        // Checked here, before the dataplane attaches anything.
+        check(&config.daemon.admin_socket)?;
         *self.socket.lock().expect("socket lock") = config.daemon.admin_socket.clone();
         Ok(())
     }

@@ -40,3 +40,16 @@ pub fn render(l: &CatalogListing) -> String {
     }
     out
 }
+
+/// `tapmesh catalog list`.
+pub async fn list(socket: std::path::PathBuf) -> std::process::ExitCode {
+    let mut client = match super::admin_client(&socket).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result = client
+        .list_catalog(crate::admin::proto::ListCatalogRequest {})
+        .await
+        .map(|r| render(&r.into_inner()));
+    super::print_result(result)
+}

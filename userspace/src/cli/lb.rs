@@ -1,6 +1,8 @@
 //! `tapmesh lb …`: the load-balancing configuration through the admin API.
 
-use std::fmt::Write as _;
+use std::{fmt::Write as _, path::PathBuf, process::ExitCode};
+
+use super::args::LbCommand;
 
 use crate::admin::proto::{Count, LbListing};
 
@@ -67,4 +69,65 @@ pub fn render(listing: &LbListing) -> String {
     let _ = writeln!(out);
     render_counters(&mut out, &listing.vips, &listing.flows, &listing.targets);
     out
+}
+
+/// `tapmesh lb apply|list|delete`.
+pub async fn run(socket: PathBuf, command: LbCommand) -> ExitCode {
+    use crate::admin::proto::{ListLbRequest, Name, TargetId};
+
+    let mut client = match super::admin_client(&socket).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result = match command {
+        LbCommand::Apply { file } => {
+            let spec = match crate::lb::service::read_spec(&file) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("tapmesh: {e}");
+                    return ExitCode::from(super::EXIT_CONFIG);
+                }
+            };
+            client
+                .apply_lb(crate::admin::lb_config(spec))
+                .await
+                .map(|_| String::new())
+        }
+        LbCommand::List => client
+            .list_lb(ListLbRequest {})
+            .await
+            .map(|r| render(&r.into_inner())),
+        LbCommand::Delete {
+            kind,
+            name,
+            identifier,
+        } => match kind.as_str() {
+            "vip" => client
+                .delete_vip(Name { name })
+                .await
+                .map(|_| String::new()),
+            "stream" => client
+                .delete_stream(Name { name })
+                .await
+                .map(|_| String::new()),
+            "flow" => client
+                .delete_flow(Name { name })
+                .await
+                .map(|_| String::new()),
+            _ => match identifier {
+                Some(identifier) => client
+                    .delete_target(TargetId {
+                        stream: name,
+                        identifier,
+                    })
+                    .await
+                    .map(|_| String::new()),
+                None => {
+                    eprintln!("tapmesh: lb delete target needs the stream and the identifier");
+                    return ExitCode::from(super::EXIT_CONFIG);
+                }
+            },
+        },
+    };
+    super::print_result(result)
 }

@@ -1,6 +1,8 @@
 //! `tapmesh tap-service …` and `tapmesh tap-flow …` output.
 
-use std::fmt::Write;
+use std::{fmt::Write, path::PathBuf, process::ExitCode};
+
+use super::args::{TapFlowCommand, TapServiceCommand};
 
 use crate::admin::proto::{tap_service::Destination, TapListing};
 
@@ -67,4 +69,88 @@ pub fn render_flows(l: &TapListing) -> String {
         }
     }
     out
+}
+
+/// `tapmesh tap-service create|delete|list`.
+pub async fn tap_service(socket: PathBuf, command: TapServiceCommand) -> ExitCode {
+    use crate::admin::proto::{ListTapsRequest, Ring, TapId, TapService};
+    let mut client = match super::admin_client(&socket).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result = match command {
+        TapServiceCommand::Create {
+            id,
+            name,
+            interface,
+            pcap,
+            forward,
+        } => {
+            let destination = match interface {
+                Some(i) => Some(Destination::Interface(i)),
+                None if pcap.is_some() || forward.is_some() => Some(Destination::Ring(Ring {
+                    pcap: pcap.unwrap_or_default(),
+                    forward: forward.unwrap_or_default(),
+                })),
+                None => None,
+            };
+            client
+                .create_tap_service(TapService {
+                    id,
+                    name: name.unwrap_or_default(),
+                    destination,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| String::new())
+        }
+        TapServiceCommand::Delete { id } => client
+            .delete_tap_service(TapId { id })
+            .await
+            .map(|_| String::new()),
+        TapServiceCommand::List => client
+            .list_taps(ListTapsRequest {})
+            .await
+            .map(|r| render_services(&r.into_inner())),
+    };
+    super::print_result(result)
+}
+
+/// `tapmesh tap-flow create|delete|list`.
+pub async fn tap_flow(socket: PathBuf, command: TapFlowCommand) -> ExitCode {
+    use crate::admin::proto::{ListTapsRequest, TapFlow, TapId};
+    let mut client = match super::admin_client(&socket).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result = match command {
+        TapFlowCommand::Create {
+            id,
+            name,
+            tap_service,
+            source,
+            direction,
+            vlan_filter,
+        } => client
+            .create_tap_flow(TapFlow {
+                id,
+                name: name.unwrap_or_default(),
+                tap_service,
+                source,
+                direction,
+                vlan_filter: vlan_filter.unwrap_or_default(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| String::new()),
+        TapFlowCommand::Delete { id } => client
+            .delete_tap_flow(TapId { id })
+            .await
+            .map(|_| String::new()),
+        TapFlowCommand::List => client
+            .list_taps(ListTapsRequest {})
+            .await
+            .map(|r| render_flows(&r.into_inner())),
+    };
+    super::print_result(result)
 }

@@ -1,12 +1,62 @@
 //! Command-line front ends that talk to the daemon.
 
+pub mod args;
 pub mod catalog;
 pub mod lb;
 pub mod mirror;
 pub mod nsp;
 pub mod status;
 
-use std::io::Write;
+use std::{io::Write, path::Path, process::ExitCode};
+
+use crate::admin;
+use args::{CatalogCommand, Cli, Command, RegistryCommand};
+
+/// Exit code for a configuration or an environment the daemon refuses.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// Runs one parsed command line to its exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Daemon {
+            overrides,
+            netns,
+            private_bpffs,
+        } => crate::daemon::run(&overrides, netns.as_deref(), private_bpffs),
+        Command::Ambassador { settings } => crate::ambassador::run(settings),
+        Command::Stream { socket, command } => runtime().block_on(nsp::stream(socket, command)),
+        Command::Registry {
+            node_socket,
+            command: RegistryCommand::List,
+        } => runtime().block_on(nsp::registry_list(node_socket)),
+        Command::TapService {
+            admin_socket,
+            command,
+        } => runtime().block_on(mirror::tap_service(admin_socket, command)),
+        Command::TapFlow {
+            admin_socket,
+            command,
+        } => runtime().block_on(mirror::tap_flow(admin_socket, command)),
+        Command::Catalog {
+            admin_socket,
+            command: CatalogCommand::List,
+        } => runtime().block_on(catalog::list(admin_socket)),
+        Command::Status { admin_socket, raw } => runtime().block_on(status::run(admin_socket, raw)),
+        Command::Lb {
+            admin_socket,
+            command,
+        } => runtime().block_on(lb::run(admin_socket, command)),
+    }
+}
+
+/// The runtime every command and the daemon run on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime")
+}
 
 /// Standard output was closed by its reader (`tapmesh … | head`).
 #[derive(Debug)]
@@ -26,4 +76,28 @@ pub fn print(text: &str) -> Result<(), Closed> {
             Err(Closed)
         }
     }
+}
+
+/// Prints a call's output, or its error on stderr.
+pub fn print_result(result: Result<String, tonic::Status>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            let _ = print(&text);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tapmesh: {}", e.message());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The daemon's admin client, or the exit code after saying why it is unreachable.
+pub async fn admin_client(
+    socket: &Path,
+) -> Result<admin::proto::admin_client::AdminClient<tonic::transport::Channel>, ExitCode> {
+    admin::connect(socket).await.map_err(|e| {
+        eprintln!("tapmesh: {e}");
+        ExitCode::FAILURE
+    })
 }

@@ -1,7 +1,9 @@
 //! `tapmesh stream …` (a client of the ambassador) and `tapmesh registry list`
 //! (a client of the node daemon's target registry).
 
-use std::fmt::Write;
+use std::{fmt::Write, path::PathBuf, process::ExitCode};
+
+use super::args::{StreamCommand, StreamName};
 
 use crate::proto::ambassador as tap;
 use crate::proto::nsp;
@@ -69,4 +71,73 @@ pub fn render_targets(response: &nsp::TargetResponse) -> String {
         );
     }
     out
+}
+
+/// `tapmesh stream open|close|watch`, through the ambassador.
+pub async fn stream(socket: PathBuf, command: StreamCommand) -> ExitCode {
+    use tap::tap_client::TapClient;
+    let mut client = TapClient::new(crate::uds::lazy_channel(&socket));
+    let request = |n: &StreamName| stream_request(&n.trench, &n.conduit, &n.stream);
+    let result = match command {
+        StreamCommand::Open(n) => client.open(request(&n)).await.map(|_| ()),
+        StreamCommand::Close(n) => client.close(request(&n)).await.map(|_| ()),
+        StreamCommand::Watch { count } => match client.watch(tap::Stream::default()).await {
+            Ok(r) => watch(r.into_inner(), count).await,
+            Err(e) => Err(e),
+        },
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!(
+                "tapmesh: {} (ambassador at {})",
+                e.message(),
+                socket.display()
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints each update until the stream ends, `count` were printed or nobody reads.
+async fn watch(
+    mut updates: tonic::Streaming<tap::StreamResponse>,
+    count: Option<usize>,
+) -> Result<(), tonic::Status> {
+    let mut seen = 0;
+    while let Some(m) = updates.message().await? {
+        if super::print(&format!("{}--\n", render_statuses(&m))).is_err() {
+            break;
+        }
+        seen += 1;
+        if count.is_some_and(|c| seen >= c) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// `tapmesh registry list`: the first answer of a watch per target type.
+pub async fn registry_list(socket: PathBuf) -> ExitCode {
+    use nsp::{target, target_registry_client::TargetRegistryClient, Target};
+    let mut client = TargetRegistryClient::new(crate::uds::lazy_channel(&socket));
+    let mut all = nsp::TargetResponse::default();
+    for kind in [target::Type::Default, target::Type::Frontend] {
+        let filter = Target {
+            status: target::Status::Any as i32,
+            r#type: kind as i32,
+            ..Default::default()
+        };
+        let first = async { client.watch(filter).await?.into_inner().message().await };
+        match first.await {
+            Ok(Some(list)) => all.targets.extend(list.targets),
+            Ok(None) => {}
+            Err(e) => {
+                eprintln!("tapmesh: registry at {}: {}", socket.display(), e.message());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let _ = super::print(&render_targets(&all));
+    ExitCode::SUCCESS
 }

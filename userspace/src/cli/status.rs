@@ -81,3 +81,24 @@ pub fn render(status: &StatusResponse) -> String {
     }
     out
 }
+
+/// `tapmesh status`.
+pub async fn run(socket: std::path::PathBuf, raw: bool) -> std::process::ExitCode {
+    let mut client = match super::admin_client(&socket).await {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let result = client
+        .status(crate::admin::proto::StatusRequest {})
+        .await
+        .map(|response| {
+            let status = response.into_inner();
+            if raw {
+                format!("{status:#?}\n")
+            } else {
+                render(&status)
+            }
+        })
+        .map_err(|e| tonic::Status::new(e.code(), format!("status: {}", e.message())));
+    super::print_result(result)
+}

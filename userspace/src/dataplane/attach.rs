@@ -170,7 +170,7 @@ pub fn xdp(
                 attachment.mode = (*label).into();
                 return Ok(attachment);
             }
-            Err(e) => errors.push(format!("{label}: {e}")),
+            Err(e) => errors.push(format!("{label}: {}", crate::causes(&e))),
         }
     }
     Err(fail(errors.join("; ")))
@@ -349,7 +349,7 @@ pub fn xdp_mirror(
                     ifindex: crate::net::link::index(interface),
                 });
             }
-            Err(e) => errors.push(format!("{label}: {e}")),
+            Err(e) => errors.push(format!("{label}: {}", crate::causes(&e))),
         }
     }
     Err(DataplaneError::Attach {

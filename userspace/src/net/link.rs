@@ -25,12 +25,16 @@ pub struct Link {
     pub address: Option<[u8; 6]>,
     /// An Ethernet link (or loopback, whose address is all zeroes).
     pub ethernet: bool,
+    /// The id of the XDP program attached to it, if any.
+    pub xdp_program: Option<u32>,
 }
 
 const RTM_NEWLINK: u16 = 16;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
+const IFLA_XDP: u16 = 43;
+const IFLA_XDP_PROG_ID: u16 = 4;
 
 impl Link {
     /// Reads a link message in place: only the few attributes wanted (the
@@ -49,6 +53,7 @@ impl Link {
             mtu: 0,
             address: None,
             ethernet: kind == libc::ARPHRD_ETHER || kind == libc::ARPHRD_LOOPBACK,
+            xdp_program: None,
         };
         for nla in NlasIterator::new(info.get(16..)?) {
             let Ok(nla) = nla else { break };
@@ -62,6 +67,17 @@ impl Link {
                 }
                 IFLA_MTU => link.mtu = u32::from_ne_bytes(value.try_into().ok()?),
                 IFLA_ADDRESS => link.address = value.try_into().ok(),
+                // Nested: the attach mode and the program's id (0 or absent: none).
+                k if k & 0x3fff == IFLA_XDP => {
+                    for inner in NlasIterator::new(value).flatten() {
+                        let (kind, length) = (inner.kind(), usize::from(inner.length()));
+                        let bytes: &[u8] = inner.into_inner();
+                        if kind == IFLA_XDP_PROG_ID {
+                            let id = bytes.get(4..length).and_then(|v| v.try_into().ok());
+                            link.xdp_program = id.map(u32::from_ne_bytes).filter(|&id| id != 0);
+                        }
+                    }
+                }
                 _ => {}
             }
         }

@@ -22,6 +22,9 @@ use crate::proto::nsp::{
     target_registry_server::TargetRegistryServer,
 };
 
+/// The Meridio file's name in [`crate::health`].
+pub const PLANE: &str = "nsp";
+
 pub struct NspPlugin {
     lb: Arc<LbService>,
     settings: Mutex<NspSettings>,
@@ -39,6 +42,17 @@ impl NspPlugin {
             stop: Mutex::new(None),
             last_error: Arc::default(),
         }
+    }
+
+    /// Registered targets: (enabled, disabled); None before start.
+    pub fn registry_sizes(&self) -> Option<(usize, usize)> {
+        let nsp = self.nsp.lock().expect("nsp lock").clone()?;
+        let targets = nsp.snapshot().targets;
+        let enabled = targets
+            .iter()
+            .filter(|t| t.status == super::registry::Status::Enabled)
+            .count();
+        Some((enabled, targets.len() - enabled))
     }
 
     fn settings(&self) -> NspSettings {
@@ -76,6 +90,9 @@ impl Plugin for NspPlugin {
     ) -> Result<(), PluginError> {
         // A bad file stops the daemon at start; later a bad edit is reported and skipped.
         read_config(config.nsp.config_file.as_ref()).map_err(PluginError::new)?;
+        // Checked here, before the dataplane attaches anything.
+        crate::uds::check_free(&config.nsp.socket)
+            .map_err(|e| PluginError::new(format!("nsp.socket: {e}")))?;
         *self.settings.lock().expect("settings lock") = config.nsp.clone();
         Ok(())
     }
@@ -98,6 +115,14 @@ impl Plugin for NspPlugin {
         nsp.start(config)
             .await
             .map_err(|e| PluginError::new(e.to_string()))?;
+        if let Some(path) = &settings.config_file {
+            let detail = format!("applied {}", path.display());
+            crate::health::planes().update(PLANE, |h| {
+                h.connected = true;
+                h.synced = true;
+                h.detail = detail;
+            });
+        }
 
         let listener = bind(&settings.socket)?;
         let stop = scope.child_token();
@@ -143,7 +168,9 @@ impl Plugin for NspPlugin {
                             Ok(()) => tracing::info!("reloaded {}", path.display()),
                             Err(e) => tracing::error!("not reloaded, keeping the previous configuration: {e}"),
                         }
-                        *last_error.lock().expect("error lock") = result.err();
+                        let failed = result.err();
+                        crate::health::planes().update(PLANE, |h| h.reload_error = failed.clone());
+                        *last_error.lock().expect("error lock") = failed;
                     }
                 }
             }

@@ -22,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::codec::Streaming;
 use tonic::transport::Endpoint;
 
+use crate::health::planes as health;
+
 use super::{
     select, ClusterEndpoints, ClusterLoadAssignment, EndpointSink, XdsSettings,
     CLIENT_FEATURE_NO_OVERPROVISIONING, EDS_TYPE_URL,
@@ -41,6 +43,9 @@ const INVALID_ARGUMENT: i32 = 3;
 /// at once, go-control-plane#962).
 const NACK_BACKOFF: Duration = Duration::from_millis(200);
 const NACK_BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// This client's name in [`crate::health`].
+const PLANE: &str = "xds";
 
 /// Subscribes and keeps the subscription until `cancel` fires. Never
 /// returns early on errors: they are logged and the stream is re-established.
@@ -129,6 +134,10 @@ impl Client {
                         backoff = INITIAL_BACKOFF;
                     }
                     let delay = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
+                    health().update(PLANE, |h| {
+                        h.connected = false;
+                        h.detail = reason.clone();
+                    });
                     tracing::warn!(
                         server = %self.settings.server,
                         "xDS stream ended: {reason}; reconnecting in {delay:?}"
@@ -183,6 +192,22 @@ impl Client {
             }
             self.settled.insert(cluster);
         }
+        self.report_synced(None);
+    }
+
+    /// Records an ACKed version, and whether every subscribed cluster has settled.
+    fn report_synced(&self, acked: Option<&str>) {
+        let synced = self
+            .settings
+            .clusters
+            .iter()
+            .all(|c| self.settled.contains(c));
+        health().update(PLANE, |h| {
+            h.synced |= synced;
+            if let Some(version) = acked {
+                h.last_ack = Some(version.to_string());
+            }
+        });
     }
 
     fn request(&self, nonce: &str, node: bool) -> DiscoveryRequest {
@@ -212,7 +237,7 @@ impl Client {
         };
         let channel = match self.wait(endpoint.connect()).await {
             None => return Ended::Cancelled,
-            Some(Err(e)) => return failed(format!("connecting: {e}")),
+            Some(Err(e)) => return failed(format!("connecting: {}", crate::causes(&e))),
             Some(Ok(c)) => c,
         };
         let (tx, rx) = mpsc::channel(16);
@@ -247,6 +272,11 @@ impl Client {
             Some(Err(status)) => return failed(format!("opening the stream: {status}")),
             Some(Ok(response)) => response.into_inner(),
         };
+        let server = self.settings.server.clone();
+        health().update(PLANE, |h| {
+            h.connected = true;
+            h.detail = format!("subscribed at {server}");
+        });
         let mut responded = false;
         let mut last_nonce: Option<String> = None;
         self.eds_nonce.clear();
@@ -367,6 +397,7 @@ impl Client {
         }
         self.version = response.version_info.clone();
         self.rejected = None;
+        self.report_synced(Some(&response.version_info));
         tracing::debug!(version = %self.version, nonce = %response.nonce, "ACK");
         vec![Reply {
             delay: Duration::ZERO,
@@ -405,6 +436,8 @@ impl Client {
                     kept = %self.version,
                     "NACK: {reason}"
                 );
+                let nacked = (response.version_info.clone(), reason.to_string());
+                health().update(PLANE, |h| h.last_nack = Some(nacked));
                 self.rejected.insert(Rejected {
                     type_url: response.type_url.clone(),
                     version: response.version_info.clone(),

@@ -1,0 +1,203 @@
+//! The health and metrics listener: after a known number of datagrams through
+//! a VIP, `/metrics` (parsed by Prometheus' own OpenMetrics parser) holds
+//! exactly what the BPF maps hold (read through the admin API) and exactly
+//! the packets sent; `/readyz` waits for every configured control plane.
+
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use tapmesh::lb::model::LbSpec;
+use tapmesh_common::DropReason;
+use tapmesh_tests::{
+    daemon::{bytes, named, packets, Daemon},
+    kernel_tests_enabled,
+    net::{
+        flow, lb_bytes, lb_packets, send_udp_flows, stream, vip, wait_until, LbLab, UdpReceiver,
+        CLIENT,
+    },
+    scrape::scrape,
+    Netns,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const PORT: u16 = 7000;
+const LISTEN: &str = "127.0.0.1:9842";
+
+#[test]
+fn metrics_equal_the_map_counters_and_the_packets_sent() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = LbLab::new(2, &[VIP]);
+    let spec = LbSpec {
+        vips: vec![vip("vip", &VIP.to_string())],
+        streams: vec![stream("s", 4)],
+        flows: vec![flow("udp", &["vip"], "s", &["udp"])],
+        targets: lab
+            .targets
+            .iter()
+            .enumerate()
+            .map(|(i, t)| t.local("s", i as u32 + 1))
+            .collect(),
+    };
+    lab.start(Some(&spec));
+    let daemon = lab.daemon();
+    let dst = SocketAddrV4::new(VIP, PORT);
+    let receivers: Vec<_> = lab
+        .targets
+        .iter()
+        .map(|t| UdpReceiver::start(&t.netns.name, dst))
+        .collect();
+    let ports: Vec<u16> = (30_000..30_200).collect();
+    let payload = [0x6d; 40];
+    let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 3, &payload);
+    assert_eq!(sent, 600);
+    assert!(wait_until(std::time::Duration::from_secs(5), || receivers
+        .iter()
+        .map(UdpReceiver::count)
+        .sum::<u64>()
+        == sent));
+    let frame_len = (14 + 20 + 8 + payload.len()) as u64;
+
+    let s = daemon.status_when(|s| lb_packets(&s.vips, "vip") == sent);
+    let m = scrape(&lab.node.name, LISTEN);
+    assert_eq!(m.healthz, (200, "ok\n".into()));
+    assert_eq!(m.readyz, (200, "ready\n".into()));
+    assert!(
+        m.content_type.starts_with("application/openmetrics-text"),
+        "{}",
+        m.content_type
+    );
+
+    // The packets sent, exactly.
+    assert_eq!(
+        m.value("tapmesh_vip_packets_total", &[("vip", "vip")]),
+        sent
+    );
+    assert_eq!(
+        m.value("tapmesh_vip_bytes_total", &[("vip", "vip")]),
+        sent * frame_len
+    );
+    assert_eq!(
+        m.value("tapmesh_flow_packets_total", &[("flow", "udp")]),
+        sent
+    );
+    assert_eq!(
+        m.value("tapmesh_flow_bytes_total", &[("flow", "udp")]),
+        sent * frame_len
+    );
+    let per_target: Vec<u64> = ["s/1", "s/2"]
+        .iter()
+        .map(|t| m.value("tapmesh_target_packets_total", &[("target", t)]))
+        .collect();
+    assert_eq!(per_target.iter().sum::<u64>(), sent, "{per_target:?}");
+    let redirect = [("program", "xdp_uplink"), ("verdict", "redirect")];
+    assert_eq!(m.value("tapmesh_program_packets_total", &redirect), sent);
+    assert_eq!(
+        m.value("tapmesh_program_bytes_total", &redirect),
+        sent * frame_len
+    );
+
+    // The maps' counters, exactly (the admin API sums the same per-CPU maps).
+    for (name, list, kind) in [
+        ("vip", &s.vips, "vip"),
+        ("udp", &s.flows, "flow"),
+        ("s/1", &s.targets, "target"),
+        ("s/2", &s.targets, "target"),
+    ] {
+        let labels = [(kind, name)];
+        assert_eq!(
+            m.value(&format!("tapmesh_{kind}_packets_total"), &labels),
+            lb_packets(list, name),
+            "{kind} {name} packets"
+        );
+        assert_eq!(
+            m.value(&format!("tapmesh_{kind}_bytes_total"), &labels),
+            lb_bytes(list, name),
+            "{kind} {name} bytes"
+        );
+    }
+    for verdict in ["redirect", "drop", "tx"] {
+        let labels = [("program", "xdp_uplink"), ("verdict", verdict)];
+        assert_eq!(
+            m.value("tapmesh_program_packets_total", &labels),
+            packets(&s, "xdp_uplink", verdict),
+            "{verdict}"
+        );
+        assert_eq!(
+            m.value("tapmesh_program_bytes_total", &labels),
+            bytes(&s, "xdp_uplink", verdict),
+            "{verdict} bytes"
+        );
+    }
+    for reason in DropReason::ALL {
+        assert_eq!(
+            m.value(
+                "tapmesh_drop_packets_total",
+                &[("program", "xdp_uplink"), ("reason", reason.name())]
+            ),
+            named(&s, "xdp_uplink", reason.name()),
+            "{}",
+            reason.name()
+        );
+    }
+
+    // Everything else a scrape carries.
+    for plugin in ["dataplane", "lb", "nsp", "admin", "metrics"] {
+        assert_eq!(
+            m.value(
+                "tapmesh_plugin_state",
+                &[("plugin", plugin), ("state", "running")]
+            ),
+            1,
+            "{plugin}"
+        );
+    }
+    assert_eq!(
+        m.value(
+            "tapmesh_attached",
+            &[("interface", &lab.uplink), ("hook", "xdp")]
+        ),
+        1
+    );
+    assert_eq!(m.value("tapmesh_lb_entries", &[("kind", "targets")]), 2);
+    assert_eq!(
+        m.value("tapmesh_registry_targets", &[("status", "enabled")]),
+        0
+    );
+}
+
+#[test]
+fn readiness_waits_for_the_xds_server_and_says_why() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let node = Netns::new("n");
+    let config = std::env::temp_dir().join(format!("{}.toml", tapmesh_tests::unique("tmxds")));
+    // Nothing listens on port 9 of the namespace's loopback.
+    std::fs::write(&config, "[xds]\nserver = \"http://127.0.0.1:9\"\n").unwrap();
+    let daemon = Daemon::start(&node.name, &["--config", config.to_str().unwrap()]);
+    let mut m = scrape(&node.name, LISTEN);
+    assert!(wait_until(std::time::Duration::from_secs(5), || {
+        m = scrape(&node.name, LISTEN);
+        m.readyz.1.contains("refused")
+    }));
+    let _ = std::fs::remove_file(&config);
+    assert_eq!(m.healthz.0, 200);
+    assert_eq!(m.readyz.0, 503, "{:?}", m.readyz);
+    assert!(
+        m.readyz
+            .1
+            .starts_with("not ready: xds: connecting: transport error: "),
+        "{:?}",
+        m.readyz
+    );
+    assert_eq!(
+        m.value("tapmesh_control_plane_connected", &[("plane", "xds")]),
+        0
+    );
+    assert_eq!(
+        m.value("tapmesh_control_plane_synced", &[("plane", "xds")]),
+        0
+    );
+    drop(daemon);
+}

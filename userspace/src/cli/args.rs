@@ -1,0 +1,199 @@
+//! The command line: every command, its arguments and their defaults.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Overrides, DEFAULT_ADMIN_SOCKET, DEFAULT_NODE_SOCKET};
+
+#[derive(Parser)]
+#[command(
+    name = "tapmesh",
+    version,
+    about = "A node dataplane in XDP and TC: VIP load balancing, service IPs, tunnels, mirroring"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the node daemon (needs root).
+    Daemon {
+        #[command(flatten)]
+        overrides: Box<Overrides>,
+        /// Run inside this network namespace (a name under /run/netns or a path).
+        #[arg(long, env = "TAPMESH_NETNS")]
+        netns: Option<String>,
+        /// Mount a bpffs of its own where the host's is not visible (pins vanish with the process).
+        #[arg(long, env = "TAPMESH_PRIVATE_BPFFS")]
+        private_bpffs: bool,
+    },
+    /// VIP load balancing: apply a configuration, list it, delete parts.
+    Lb {
+        /// Admin API socket of the daemon.
+        #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, global = true)]
+        admin_socket: PathBuf,
+        #[command(subcommand)]
+        command: LbCommand,
+    },
+    /// Meridio's TAPA: serve ambassador.v1.Tap in the application's namespace (no root needed).
+    Ambassador {
+        #[command(flatten)]
+        settings: crate::ambassador::AmbassadorSettings,
+    },
+    /// Open, close or watch streams through an ambassador.
+    Stream {
+        /// The ambassador's socket.
+        #[arg(
+            long,
+            env = "MERIDIO_SOCKET",
+            default_value = "/ambassador.sock",
+            global = true
+        )]
+        socket: PathBuf,
+        #[command(subcommand)]
+        command: StreamCommand,
+    },
+    /// The target registry of the node daemon.
+    Registry {
+        /// The node daemon's socket.
+        #[arg(long, env = "TAPMESH_NODE_SOCKET", default_value = DEFAULT_NODE_SOCKET, global = true)]
+        node_socket: PathBuf,
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
+    /// Tap services: where mirrored copies go (an interface or an AF_XDP ring).
+    TapService {
+        /// Admin API socket of the daemon.
+        #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, global = true)]
+        admin_socket: PathBuf,
+        #[command(subcommand)]
+        command: TapServiceCommand,
+    },
+    /// Tap flows: which port's traffic is mirrored, in which direction, which VLANs.
+    TapFlow {
+        /// Admin API socket of the daemon.
+        #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, global = true)]
+        admin_socket: PathBuf,
+        #[command(subcommand)]
+        command: TapFlowCommand,
+    },
+    /// The service catalog: services and backends of every endpoint source.
+    Catalog {
+        /// Admin API socket of the daemon.
+        #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, global = true)]
+        admin_socket: PathBuf,
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+    /// Show every plugin's state and the dataplane counters.
+    Status {
+        /// Admin API socket of the daemon.
+        #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        /// Print the raw response as JSON-like debug output.
+        #[arg(long)]
+        raw: bool,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LbCommand {
+    /// Replace the whole configuration with a TOML file (vips, streams, flows, targets).
+    Apply { file: PathBuf },
+    /// Show the configuration and its counters.
+    List,
+    /// Delete a VIP, stream or flow by name, or a target by stream and identifier.
+    Delete {
+        #[arg(value_parser = ["vip", "stream", "flow", "target"])]
+        kind: String,
+        name: String,
+        identifier: Option<u32>,
+    },
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct StreamName {
+    #[arg(long)]
+    pub trench: String,
+    #[arg(long)]
+    pub conduit: String,
+    /// The stream's name.
+    pub stream: String,
+}
+
+#[derive(Subcommand)]
+pub enum StreamCommand {
+    /// Open a stream (returns at once; `watch` tells when it is OPEN).
+    Open(StreamName),
+    /// Close a stream.
+    Close(StreamName),
+    /// Print the streams' states now and on every change.
+    Watch {
+        /// Exit after this many updates.
+        #[arg(long)]
+        count: Option<usize>,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum TapServiceCommand {
+    /// Create a tap service with an interface or a ring (pcap file and/or forward interface).
+    Create {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        /// Send copies out of this interface.
+        #[arg(long, conflicts_with_all = ["pcap", "forward"])]
+        interface: Option<String>,
+        /// Ring: write copies to this pcap file.
+        #[arg(long)]
+        pcap: Option<String>,
+        /// Ring: send copies out of this interface.
+        #[arg(long)]
+        forward: Option<String>,
+    },
+    Delete {
+        id: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum TapFlowCommand {
+    /// Mirror a source port's traffic to a tap service.
+    Create {
+        id: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long)]
+        tap_service: String,
+        /// The source port's interface.
+        #[arg(long)]
+        source: String,
+        /// IN (to the port), OUT (from it) or BOTH.
+        #[arg(long)]
+        direction: String,
+        /// VLAN ids and ranges, e.g. "10,20-30".
+        #[arg(long)]
+        vlan_filter: Option<String>,
+    },
+    Delete {
+        id: String,
+    },
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum CatalogCommand {
+    /// Services, their backends and where each came from.
+    List,
+}
+
+#[derive(Subcommand)]
+pub enum RegistryCommand {
+    /// List the registered targets of every stream.
+    List,
+}

@@ -1,0 +1,126 @@
+//! `tapmesh daemon`: the plugins wired together, run until a signal.
+
+use std::{process::ExitCode, sync::Arc};
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    admin::AdminPlugin,
+    catalog::{Catalog, CatalogPlugin},
+    cli::EXIT_CONFIG,
+    config::{Config, Overrides},
+    core::Core,
+    dataplane::{DataplaneHandle, DataplanePlugin},
+    lb::service::{LbPlugin, LbService},
+    metrics::{MetricsPlugin, Sources},
+    mirror::{MirrorPlugin, MirrorService},
+    net::netns,
+    nsp::NspPlugin,
+    preflight,
+};
+
+/// Checks privileges, enters the namespace, loads the configuration, checks
+/// the machine, sets up logging and runs. Every refusal before the run is
+/// one line and exit 2, with nothing loaded or attached.
+pub fn run(overrides: &Overrides, netns: Option<&str>, private_bpffs: bool) -> ExitCode {
+    let refuse = |e: &dyn std::fmt::Display| {
+        eprintln!("tapmesh: {e}");
+        ExitCode::from(EXIT_CONFIG)
+    };
+    if let Err(e) = preflight::capabilities() {
+        return refuse(&e);
+    }
+    if let Some(name) = netns {
+        if let Err(e) = netns::enter(name) {
+            return refuse(&format!("--netns: {e}"));
+        }
+    }
+    let config = match Config::load(overrides) {
+        Ok(c) => c,
+        Err(e) => return refuse(&e),
+    };
+    if let Err(e) = preflight::host_bpffs(&config.dataplane.bpffs_root, private_bpffs)
+        .and_then(|()| preflight::uplinks_free(&config))
+    {
+        return refuse(&e);
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.daemon.log_level))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    crate::cli::runtime().block_on(serve(config))
+}
+
+/// Registers the plugins in start order; each gets the services it uses.
+fn wire(core: &mut Core) {
+    let dataplane = DataplaneHandle::default();
+    let lb = Arc::new(LbService::new(dataplane.clone()));
+    core.register(Arc::new(DataplanePlugin::new(dataplane.clone())));
+    core.register(Arc::new(LbPlugin::new(lb.clone())));
+    let nsp = Arc::new(NspPlugin::new(lb.clone()));
+    core.register(nsp.clone());
+    let mirror = Arc::new(MirrorService::new(dataplane.clone()));
+    core.register(Arc::new(MirrorPlugin::new(mirror.clone())));
+    let catalog = Catalog::new(lb.clone());
+    core.register(Arc::new(CatalogPlugin::new(catalog.clone())));
+    core.register(Arc::new(crate::overlay::NetManagerPlugin::new(
+        dataplane.clone(),
+        catalog.clone(),
+    )));
+    core.register(Arc::new(AdminPlugin::new(
+        core.view(),
+        dataplane.clone(),
+        lb.clone(),
+        mirror.clone(),
+        catalog.clone(),
+    )));
+    core.register(Arc::new(MetricsPlugin::new(Sources {
+        core: core.view(),
+        dataplane,
+        lb,
+        mirror,
+        catalog,
+        nsp,
+    })));
+}
+
+async fn serve(config: Config) -> ExitCode {
+    let global = CancellationToken::new();
+    let mut core = Core::new(global.clone());
+    wire(&mut core);
+
+    // Signals are caught from here on, so one that arrives during start still stops cleanly.
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("tapmesh: installing signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if let Err(e) = core.configure(&config).await {
+        eprintln!("tapmesh: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    if let Err(e) = core.start().await {
+        eprintln!("tapmesh: {e}");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!("tapmesh daemon running");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        _ = global.cancelled() => tracing::info!("cancelled: stopping"),
+    }
+    global.cancel();
+    if !core.stop().await {
+        eprintln!("tapmesh: some plugins failed to stop (see the log above)");
+        return ExitCode::FAILURE;
+    }
+    tracing::info!("tapmesh daemon stopped");
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,188 @@
+//! The `metrics` plugin: an HTTP listener (loopback by default) with
+//! `/healthz`, `/readyz` and `/metrics` (OpenMetrics text).
+//!
+//! The port is bound in `configure`, before anything is attached, so a port
+//! in use is refused like a bad setting.
+
+mod encode;
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    catalog::Catalog,
+    config::Config,
+    core::{CoreView, Plugin, PluginError, PluginState},
+    dataplane::DataplaneHandle,
+    lb::service::LbService,
+    mirror::MirrorService,
+    nsp::NspPlugin,
+};
+
+pub use encode::scrape;
+
+/// What a scrape reads.
+pub struct Sources {
+    pub core: CoreView,
+    pub dataplane: DataplaneHandle,
+    pub lb: Arc<LbService>,
+    pub mirror: Arc<MirrorService>,
+    pub catalog: Arc<Catalog>,
+    pub nsp: Arc<NspPlugin>,
+}
+
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Live while no plugin has failed.
+async fn healthz(State(s): State<Arc<Sources>>) -> impl IntoResponse {
+    let failed: Vec<String> = s
+        .core
+        .statuses()
+        .into_iter()
+        .filter(|p| p.state == PluginState::Failed)
+        .map(|p| format!("{}: {}", p.name, p.detail))
+        .collect();
+    if failed.is_empty() {
+        (StatusCode::OK, "ok\n".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("failed: {}\n", failed.join("; ")),
+        )
+    }
+}
+
+/// Ready when every plugin runs (so the programs are attached) and every
+/// configured control plane has synced.
+async fn readyz(State(s): State<Arc<Sources>>) -> impl IntoResponse {
+    let mut waiting: Vec<String> = s
+        .core
+        .statuses()
+        .into_iter()
+        // This plugin serves before the core marks it running.
+        .filter(|p| p.name != "metrics" && p.state != PluginState::Running)
+        .map(|p| format!("{} is {}", p.name, p.state.name()))
+        .collect();
+    waiting.extend(crate::health::planes().unsynced());
+    if waiting.is_empty() {
+        (StatusCode::OK, "ready\n".to_string())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", waiting.join("; ")),
+        )
+    }
+}
+
+async fn metrics(State(s): State<Arc<Sources>>) -> impl IntoResponse {
+    (
+        [(axum::http::header::CONTENT_TYPE, OPENMETRICS)],
+        scrape(&s).await,
+    )
+}
+
+pub struct MetricsPlugin {
+    sources: Arc<Sources>,
+    listener: Mutex<Option<std::net::TcpListener>>,
+    address: Mutex<String>,
+    stop: Mutex<Option<CancellationToken>>,
+}
+
+impl MetricsPlugin {
+    pub fn new(sources: Sources) -> Self {
+        Self {
+            sources: Arc::new(sources),
+            listener: Mutex::new(None),
+            address: Mutex::new(String::new()),
+            stop: Mutex::new(None),
+        }
+    }
+}
+
+/// The control planes a configuration turns on (readiness waits for them).
+fn expected_planes(config: &Config) -> Vec<&'static str> {
+    let mut planes = Vec::new();
+    if !config.xds.server.is_empty() {
+        planes.push("xds");
+    }
+    if config.nsp.config_file.is_some() {
+        planes.push(crate::nsp::plugin::PLANE);
+    }
+    planes
+}
+
+#[async_trait]
+impl Plugin for MetricsPlugin {
+    fn name(&self) -> &'static str {
+        "metrics"
+    }
+
+    async fn configure(
+        &self,
+        _scope: CancellationToken,
+        config: &Config,
+    ) -> Result<(), PluginError> {
+        crate::health::planes().expect(&expected_planes(config));
+        let address = config.metrics.listen.clone();
+        let listener = if address.is_empty() {
+            None
+        } else {
+            let listener = std::net::TcpListener::bind(&address).map_err(|e| {
+                PluginError::new(format!(
+                    "metrics.listen {address}: {e} (choose another address, or \"\" for none)"
+                ))
+            })?;
+            listener
+                .set_nonblocking(true)
+                .map_err(|e| PluginError::new(format!("metrics.listen {address}: {e}")))?;
+            Some(listener)
+        };
+        *self.listener.lock().expect("listener lock") = listener;
+        *self.address.lock().expect("address lock") = address;
+        Ok(())
+    }
+
+    async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
+        let Some(listener) = self.listener.lock().expect("listener lock").take() else {
+            return Ok(());
+        };
+        let listener = tokio::net::TcpListener::from_std(listener)
+            .map_err(|e| PluginError::new(format!("metrics listener: {e}")))?;
+        let app = Router::new()
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics))
+            .with_state(self.sources.clone());
+        let stop = scope.child_token();
+        let shutdown = stop.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { shutdown.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!("metrics listener failed: {e}");
+            }
+        });
+        *self.stop.lock().expect("stop lock") = Some(stop);
+        Ok(())
+    }
+
+    async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+        if let Some(stop) = self.stop.lock().expect("stop lock").take() {
+            stop.cancel();
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> String {
+        let address = self.address.lock().expect("address lock").clone();
+        if address.is_empty() {
+            "off (metrics.listen is empty)".into()
+        } else {
+            format!("serving /healthz /readyz /metrics on http://{address}")
+        }
+    }
+}
