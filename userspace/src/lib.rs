@@ -13,6 +13,7 @@ pub mod health;
 pub mod lb;
 pub mod metrics;
 pub mod mirror;
+pub mod names;
 pub mod net;
 pub mod nsp;
 pub mod overlay;
