@@ -61,7 +61,13 @@ pub type Entries = BTreeMap<Vec<u8>, Vec<u8>>;
 /// A map's contents, or why it has none to compare (ring buffers, sockets).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Dump {
+    /// Hash maps and tries.
     Entries(Entries),
+    /// An array's values one after the other, from index 0.
+    Array {
+        value_size: usize,
+        values: Vec<u8>,
+    },
     Unreadable(String),
 }
 
@@ -104,7 +110,10 @@ fn dump(info: &MapInfo) -> Dump {
             return Dump::Unreadable(format!("{kind:?}"));
         }
         MapType::Array | MapType::PerCpuArray => {
-            return Dump::Entries(array(fd, info.max_entries(), value_size));
+            return Dump::Array {
+                value_size,
+                values: array(fd, info.max_entries(), value_size),
+            };
         }
         _ => {}
     }
@@ -143,9 +152,10 @@ fn dump(info: &MapInfo) -> Dump {
     Dump::Entries(entries)
 }
 
-fn array(fd: u32, len: u32, value_size: usize) -> Entries {
+fn array(fd: u32, len: u32, value_size: usize) -> Vec<u8> {
     const CHUNK: u32 = 65_536;
-    let mut entries = Entries::new();
+    let mut all = Vec::with_capacity(len as usize * value_size);
+    let mut next = 0u32;
     let mut token = 0u32;
     let mut first = true;
     loop {
@@ -171,11 +181,10 @@ fn array(fd: u32, len: u32, value_size: usize) -> Entries {
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
             Err(e) => panic!("batch lookup: {e}"),
         };
-        for i in 0..attr.count as usize {
-            entries.insert(
-                keys[i].to_ne_bytes().to_vec(),
-                values[i * value_size..(i + 1) * value_size].to_vec(),
-            );
+        for (i, &key) in keys.iter().take(attr.count as usize).enumerate() {
+            assert_eq!(key, next, "array entries come in order");
+            next += 1;
+            all.extend_from_slice(&values[i * value_size..(i + 1) * value_size]);
         }
         if done {
             break;
@@ -183,8 +192,8 @@ fn array(fd: u32, len: u32, value_size: usize) -> Entries {
         token = out;
         first = false;
     }
-    assert_eq!(entries.len(), len as usize, "every array entry read");
-    entries
+    assert_eq!(next, len, "every array entry read");
+    all
 }
 
 /// The names of the maps whose contents differ, with the first differing key.
@@ -199,6 +208,17 @@ pub fn differences(a: &BTreeMap<String, Dump>, b: &BTreeMap<String, Dump>) -> Ve
                     .or_else(|| y.iter().find(|(k, _)| !x.contains_key(*k)))
                     .map(|(k, _)| k.clone());
                 out.push(format!("{name} (first differing key {key:02x?})"));
+            }
+            (
+                Some(Dump::Array {
+                    value_size,
+                    values: x,
+                }),
+                Some(Dump::Array { values: y, .. }),
+            ) if x != y => {
+                let at = x.iter().zip(y.iter()).position(|(a, b)| a != b);
+                let index = at.map(|i| i / value_size);
+                out.push(format!("{name} (first differing index {index:?})"));
             }
             (x, y) if x != y => out.push(format!("{name}: {x:?} / {y:?}")),
             _ => {}

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Mutex};
 
-use crate::flows::{FlowSpec, VipSpec};
+use crate::lb::flows::{FlowSpec, VipSpec};
 use crate::lb::model::{LbSpec, StreamSpec, TargetSpec, TargetVia};
 use crate::lb::service::LbService;
 use crate::overlay::manager::{Feed, NetManager};

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::flows::{FlowError, FlowSpec, VipSpec};
+use crate::lb::flows::{FlowError, FlowSpec, VipSpec};
 use crate::lb::model::{validate, LbError, LbSpec, StreamSpec};
 use crate::names::validate_name;
 
