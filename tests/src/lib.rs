@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod daemon;
 pub mod etcd;
 pub mod frames;
+pub mod maps;
 pub mod net;
 pub mod overlay;
 pub mod python;

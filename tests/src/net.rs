@@ -26,7 +26,7 @@ use std::{
 
 use tapmesh::{
     admin::proto::{Count, LbListing, ListLbRequest, StatusResponse, TargetId},
-    flows::{FlowSpec, VipSpec},
+    lb::flows::{FlowSpec, VipSpec},
     lb::model::{LbSpec, StreamSpec, TargetSpec, TargetVia},
 };
 

@@ -175,8 +175,9 @@ impl TapaLab {
         std::fs::write(
             &daemon_config,
             format!(
-                "[nsp]\nsocket = \"{d}/node.sock\"\nconfig_file = \"{d}/nsp.toml\"\n\
-                 entry_timeout = \"{expiry}\"\nstate_dir = \"{d}/state\"\n\
+                "[daemon]\nstate_dir = \"{d}/state\"\n\
+                 [nsp]\nsocket = \"{d}/node.sock\"\nconfig_file = \"{d}/nsp.toml\"\n\
+                 entry_timeout = \"{expiry}\"\n\
                  conduit_prefix_v4 = \"198.19.0.0/24\"\nconduit_prefix_v6 = \"\"\n",
                 d = dir.0.display()
             ),

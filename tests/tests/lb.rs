@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tapmesh::{flows::FlowSpec, lb::model::LbSpec};
+use tapmesh::lb::{flows::FlowSpec, model::LbSpec};
 use tapmesh_tests::{
     daemon::{named, packets},
     frames::{ethernet, ipv4, udp_v4, ICMP, UDP},

@@ -7,7 +7,12 @@ use tapmesh::admin::proto::{
     self, admin_client::AdminClient, target::Via, ListLbRequest, LocalTarget, Name, RemoteTarget,
     TargetId,
 };
-use tapmesh_tests::{daemon::Daemon, kernel_tests_enabled, link, Netns};
+use tapmesh_tests::{
+    daemon::Daemon,
+    kernel_tests_enabled, link,
+    maps::{differences, dump_pinned},
+    Netns,
+};
 use tonic::{transport::Channel, Code};
 
 fn flow(name: &str, stream: &str, ports: &[&str]) -> proto::Flow {
@@ -125,6 +130,10 @@ fn bad_changes_are_refused_with_a_clear_status_and_change_nothing() {
             .unwrap();
             let before = listing(&mut c).await;
             let maps = dump_maps(&daemon);
+            let pins = daemon
+                .bpffs_root
+                .join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+            let every_map = dump_pinned(&pins);
             assert!(
                 maps.contains("\"table_size\": 1009"),
                 "the stream's Maglev table is published: {maps}"
@@ -272,6 +281,8 @@ fn bad_changes_are_refused_with_a_clear_status_and_change_nothing() {
                     "{what}: the configuration changed"
                 );
                 assert_eq!(dump_maps(&daemon), maps, "{what}: the maps changed");
+                let diff = differences(&every_map, &dump_pinned(&pins));
+                assert!(diff.is_empty(), "{what}: maps changed: {diff:?}");
             }
 
             // A good change still works afterwards and does change the maps.

@@ -20,7 +20,7 @@ use std::{
 
 use tapmesh::{
     dataplane::lb::{LbCounters, LbWriter, TunnelSettings},
-    flows::{FlowSpec, VipSpec},
+    lb::flows::{FlowSpec, VipSpec},
     lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia, ValidLb},
 };
 use tapmesh_common::{DropReason as D, ProgramSlot, ProgramStats, Protocol as P, Verdict};

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use tapmesh::{
     dataplane::lb::{Hop, LbWriter, TunnelSettings},
-    flows::{FlowSpec, VipSpec},
+    lb::flows::{FlowSpec, VipSpec},
     lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia},
 };
 use tapmesh_common::{DropReason, ProgramSlot};

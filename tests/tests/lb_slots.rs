@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 
 use tapmesh::{
     dataplane::lb::{LbWriter, TunnelSettings},
-    flows::{FlowSpec, VipSpec},
+    lb::flows::{FlowSpec, VipSpec},
     lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia},
 };
 use tapmesh_common::lb::vip_slot;

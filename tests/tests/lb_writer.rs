@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use aya::maps::{Array, MapData};
 use tapmesh::{
     dataplane::lb::{LbWriter, TunnelSettings},
-    flows::{FlowSpec, VipSpec},
+    lb::flows::{FlowSpec, VipSpec},
     lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia, ValidLb, ValidVia},
 };
 use tapmesh_common::{

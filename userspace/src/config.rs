@@ -10,6 +10,7 @@ use thiserror::Error;
 
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/tapmesh/admin.sock";
 pub const DEFAULT_BPFFS_ROOT: &str = "/sys/fs/bpf/tapmesh";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/tapmesh";
 
 #[derive(Debug, Error)]
 pub enum ConfigError {
@@ -49,6 +50,10 @@ pub struct DaemonConfig {
     pub admin_socket: PathBuf,
     /// A tracing filter such as "info" or "tapmesh=debug".
     pub log_level: String,
+    /// Where every plugin keeps what survives a restart: the registry and
+    /// conduits, tap services and flows, NetManager deployments, EDS
+    /// backend identities.
+    pub state_dir: PathBuf,
 }
 
 impl Default for DaemonConfig {
@@ -56,6 +61,7 @@ impl Default for DaemonConfig {
         Self {
             admin_socket: DEFAULT_ADMIN_SOCKET.into(),
             log_level: "info".into(),
+            state_dir: DEFAULT_STATE_DIR.into(),
         }
     }
 }
@@ -122,8 +128,8 @@ pub struct NspSettings {
     /// A registered target not refreshed within this time is removed.
     #[serde(with = "humantime_serde")]
     pub entry_timeout: std::time::Duration,
-    /// Where the registry and conduit connections are kept across restarts.
-    pub state_dir: PathBuf,
+    /// Deprecated alias of `[daemon] state_dir` (read at load, warned about once).
+    pub state_dir: Option<PathBuf>,
     /// Address pools of conduit interfaces ("" turns a family off).
     pub conduit_prefix_v4: String,
     pub conduit_prefix_v6: String,
@@ -136,7 +142,7 @@ impl Default for NspSettings {
             socket: DEFAULT_NODE_SOCKET.into(),
             config_file: None,
             entry_timeout: std::time::Duration::from_secs(60),
-            state_dir: "/var/lib/tapmesh".into(),
+            state_dir: None,
             conduit_prefix_v4: "169.254.100.0/22".into(),
             conduit_prefix_v6: "fd74:6170:6d65::/64".into(),
             conduit_mtu: 1500,
@@ -185,11 +191,34 @@ pub struct XdsConfig {
     /// A cluster that never arrives is applied as empty after this.
     #[serde(with = "humantime_serde")]
     pub missing_after: std::time::Duration,
-    pub clusters: Vec<crate::catalog::ClusterBinding>,
+    pub clusters: Vec<ClusterBinding>,
     /// Serve the catalog's EDS clusters to proxies on this node
     /// (`EndpointDiscoveryService.StreamEndpoints` on this TCP address, e.g.
     /// "127.0.0.1:18001"); empty: no server.
     pub serve: String,
+}
+
+/// `[[xds.clusters]]`: which VIP a cluster's endpoints serve.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterBinding {
+    pub name: String,
+    /// The VIP (address or prefix) the cluster's endpoints are the targets of.
+    #[serde(default)]
+    pub vip: String,
+    /// Or: the overlay service IP (NetManager) whose round-robin members
+    /// are the instances with the endpoints' addresses.
+    #[serde(default)]
+    pub service_ip: String,
+    #[serde(default = "default_protocols")]
+    pub protocols: Vec<String>,
+    /// Destination ports ("80", "8000-8080"); empty: any.
+    #[serde(default)]
+    pub ports: Vec<String>,
+}
+
+fn default_protocols() -> Vec<String> {
+    vec!["tcp".into(), "udp".into()]
 }
 
 impl Default for XdsConfig {
@@ -330,7 +359,7 @@ pub struct Overrides {
     /// Registry keep-alive expiry, e.g. "60s".
     #[arg(long, env = "TAPMESH_ENTRY_TIMEOUT", value_parser = humantime::parse_duration)]
     pub entry_timeout: Option<std::time::Duration>,
-    /// Directory for state kept across restarts (registry, conduits).
+    /// Directory for state kept across restarts (every plugin's).
     #[arg(long, env = "TAPMESH_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// etcd endpoints of the networking-spp contract (repeat, or comma-separate).
@@ -379,7 +408,7 @@ impl Config {
 
     /// Parses TOML; the error is one line naming the key and the problem.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        toml::from_str(text).map_err(|e| {
+        let mut config: Self = toml::from_str(text).map_err(|e| {
             let message = e.message().trim().replace('\n', " ");
             match e.span() {
                 Some(span) => {
@@ -388,7 +417,35 @@ impl Config {
                 }
                 None => message,
             }
-        })
+        })?;
+        config.take_aliases()?;
+        Ok(config)
+    }
+
+    /// Moves deprecated settings to their new place; both given and
+    /// different is refused.
+    fn take_aliases(&mut self) -> Result<(), String> {
+        if let Some(dir) = &self.nsp.state_dir {
+            let default = PathBuf::from(DEFAULT_STATE_DIR);
+            if self.daemon.state_dir != default && self.daemon.state_dir != *dir {
+                return Err(format!(
+                    "nsp.state_dir ({}) is a deprecated alias of daemon.state_dir ({}); keep daemon.state_dir only",
+                    dir.display(),
+                    self.daemon.state_dir.display()
+                ));
+            }
+            self.daemon.state_dir = dir.clone();
+        }
+        Ok(())
+    }
+
+    /// One line per deprecated setting in use, for the log.
+    pub fn deprecations(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.nsp.state_dir.is_some() {
+            out.push("[nsp] state_dir is deprecated: use [daemon] state_dir (it holds every plugin's state)".into());
+        }
+        out
     }
 
     pub fn apply(&mut self, o: &Overrides) {
@@ -432,7 +489,7 @@ impl Config {
             self.nsp.entry_timeout = v;
         }
         if let Some(v) = &o.state_dir {
-            self.nsp.state_dir = v.clone();
+            self.daemon.state_dir = v.clone();
         }
         if !o.etcd_endpoints.is_empty() {
             self.mirror.etcd_endpoints = o.etcd_endpoints.clone();
@@ -566,7 +623,7 @@ impl Config {
         }
         for (setting, path) in [
             ("nsp.socket", &self.nsp.socket),
-            ("nsp.state_dir", &self.nsp.state_dir),
+            ("daemon.state_dir", &self.daemon.state_dir),
         ] {
             if !path.is_absolute() {
                 return Err(ConfigError::BadValue {
@@ -588,7 +645,7 @@ impl Config {
             if pool.is_empty() {
                 continue;
             }
-            let cidr = crate::nsp::conduits::parse_pool(pool)
+            let cidr = crate::net::prefix::parse_pool(pool)
                 .map_err(|message| ConfigError::BadValue { setting, message })?;
             if cidr.addr.is_ipv4() != v4 {
                 return Err(ConfigError::BadValue {
@@ -694,5 +751,40 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("dataplane.bpffs_root"));
+    }
+
+    #[test]
+    fn nsp_state_dir_is_a_deprecated_alias() {
+        let c = Config::from_toml("[nsp]\nstate_dir = \"/srv/tm\"\n").unwrap();
+        assert_eq!(c.daemon.state_dir, PathBuf::from("/srv/tm"));
+        assert_eq!(c.deprecations().len(), 1);
+        assert!(c.deprecations()[0].contains("[daemon] state_dir"));
+
+        let c = Config::from_toml("[daemon]\nstate_dir = \"/srv/tm\"\n").unwrap();
+        assert_eq!(c.daemon.state_dir, PathBuf::from("/srv/tm"));
+        assert!(c.deprecations().is_empty());
+        assert_eq!(
+            Config::default().daemon.state_dir,
+            PathBuf::from(DEFAULT_STATE_DIR)
+        );
+
+        let same = "[daemon]\nstate_dir = \"/srv/tm\"\n[nsp]\nstate_dir = \"/srv/tm\"\n";
+        assert_eq!(
+            Config::from_toml(same).unwrap().daemon.state_dir,
+            PathBuf::from("/srv/tm")
+        );
+        let e = Config::from_toml("[daemon]\nstate_dir = \"/a\"\n[nsp]\nstate_dir = \"/b\"\n")
+            .unwrap_err();
+        assert!(
+            e.contains("deprecated alias") && e.contains("/a") && e.contains("/b"),
+            "{e}"
+        );
+
+        let mut c = Config::from_toml("[nsp]\nstate_dir = \"/srv/tm\"\n").unwrap();
+        c.apply(&Overrides {
+            state_dir: Some("/flag".into()),
+            ..Default::default()
+        });
+        assert_eq!(c.daemon.state_dir, PathBuf::from("/flag"));
     }
 }

@@ -150,6 +150,9 @@ impl Core {
 
     /// Configures every plugin; stops at the first that refuses its configuration.
     pub async fn configure(&mut self, config: &Config) -> Result<(), CoreError> {
+        for warning in config.deprecations() {
+            tracing::warn!("{warning}");
+        }
         for entry in self.entries() {
             let scope = self.global.child_token();
             match entry.plugin.configure(scope, config).await {

@@ -8,7 +8,6 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::AdminPlugin,
     catalog::{Catalog, CatalogPlugin},
-    cli::EXIT_CONFIG,
     config::{Config, Overrides},
     core::Core,
     dataplane::{DataplaneHandle, DataplanePlugin},
@@ -19,6 +18,18 @@ use crate::{
     nsp::NspPlugin,
     preflight,
 };
+
+/// Exit code for a configuration or an environment the daemon refuses.
+pub const EXIT_CONFIG: u8 = 2;
+
+/// The runtime every command and the daemon run on.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime")
+}
 
 /// Checks privileges, enters the namespace, loads the configuration, checks
 /// the machine, sets up logging and runs. Every refusal before the run is
@@ -50,7 +61,7 @@ pub fn run(overrides: &Overrides, netns: Option<&str>, private_bpffs: bool) -> E
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    crate::cli::runtime().block_on(serve(config))
+    runtime().block_on(serve(config))
 }
 
 /// Registers the plugins in start order; each gets the services it uses.

@@ -8,11 +8,11 @@ pub mod config;
 pub mod core;
 pub mod daemon;
 pub mod dataplane;
-pub mod flows;
 pub mod health;
 pub mod lb;
 pub mod metrics;
 pub mod mirror;
+pub mod names;
 pub mod net;
 pub mod nsp;
 pub mod overlay;
@@ -37,3 +37,10 @@ pub fn causes(e: &dyn std::error::Error) -> String {
     }
     text
 }
+
+/// The old path of the flow model, for code not moved yet (use `lb::flows`).
+#[doc(hidden)]
+pub use lb::flows;
+
+#[cfg(test)]
+mod structure;

@@ -7,7 +7,7 @@ use std::net::Ipv4Addr;
 
 use tapmesh::{
     dataplane::lb::{Hop, LbWriter, TunnelSettings},
-    flows::{FlowSpec, VipSpec},
+    lb::flows::{FlowSpec, VipSpec},
     lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia},
 };
 

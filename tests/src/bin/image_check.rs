@@ -355,10 +355,10 @@ fn main() {
     let node = Node::new(
         |bpffs_root| {
             format!(
-                "[daemon]\nadmin_socket = \"/run/tapmesh/admin.sock\"\n\n\
+                "[daemon]\nadmin_socket = \"/run/tapmesh/admin.sock\"\nstate_dir = \"/var/lib/tapmesh\"\n\n\
                  [dataplane]\nbpffs_root = \"{}\"\nuplinks = [\"{uplink}\"]\nxdp_mode = \"native\"\nkeep_dataplane = true\n\n\
                  [lb]\nconfig_file = \"/etc/tapmesh/lb.toml\"\n\n\
-                 [nsp]\nsocket = \"/run/tapmesh/node.sock\"\nstate_dir = \"/var/lib/tapmesh\"\n",
+                 [nsp]\nsocket = \"/run/tapmesh/node.sock\"\n",
                 bpffs_root.display()
             )
         },

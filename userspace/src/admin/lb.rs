@@ -5,8 +5,8 @@ use tonic::Status;
 use super::proto;
 use crate::{
     dataplane::lb::{LbCounters, NamedCounter},
-    flows::{FlowSpec, VipSpec},
     lb::{
+        flows::{FlowSpec, VipSpec},
         model::{LbSpec, StreamSpec, TargetSpec, TargetVia},
         service::LbServiceError,
     },
@@ -19,6 +19,10 @@ pub fn status_of(e: LbServiceError) -> Status {
         e @ LbServiceError::File { .. } => Status::invalid_argument(e.to_string()),
         LbServiceError::Dataplane(crate::dataplane::DataplaneError::NotRunning) => {
             Status::failed_precondition("the dataplane is not running")
+        }
+        // The caller named an interface this node does not have.
+        LbServiceError::Dataplane(e @ crate::dataplane::DataplaneError::Interface { .. }) => {
+            Status::invalid_argument(e.to_string())
         }
         e @ LbServiceError::Dataplane(_) => Status::internal(e.to_string()),
     }

@@ -21,13 +21,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::Deserialize;
 use tokio::sync::{watch, Mutex};
 
-use crate::flows::{FlowSpec, VipSpec};
+use crate::lb::flows::{FlowSpec, VipSpec};
 use crate::lb::model::{LbSpec, StreamSpec, TargetSpec, TargetVia};
 use crate::lb::service::LbService;
 use crate::overlay::manager::{Feed, NetManager};
+use crate::overlay::ManagerObserver;
 use crate::xds::{ClusterEndpoints, EndpointSink, HealthStatus, SelectedEndpoint};
 use identity::Identities;
 
@@ -45,28 +45,7 @@ pub const MAX_SLOTS: u32 = 100;
 /// while the backends are being resolved.
 pub const DEBOUNCE: Duration = Duration::from_millis(1);
 
-/// `[[xds.clusters]]`: which VIP a cluster's endpoints serve.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterBinding {
-    pub name: String,
-    /// The VIP (address or prefix) the cluster's endpoints are the targets of.
-    #[serde(default)]
-    pub vip: String,
-    /// Or: the overlay service IP (NetManager) whose round-robin members
-    /// are the instances with the endpoints' addresses.
-    #[serde(default)]
-    pub service_ip: String,
-    #[serde(default = "default_protocols")]
-    pub protocols: Vec<String>,
-    /// Destination ports ("80", "8000-8080"); empty: any.
-    #[serde(default)]
-    pub ports: Vec<String>,
-}
-
-fn default_protocols() -> Vec<String> {
-    vec!["tcp".into(), "udp".into()]
-}
+pub use crate::config::ClusterBinding;
 
 /// One backend of a service, as the catalog lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -190,14 +169,6 @@ impl Catalog {
         Ok(())
     }
 
-    /// Hands the service-IP bindings to the NetManager (now and after every
-    /// update), and lists its service IPs with the other providers'.
-    pub async fn set_overlay(&self, overlay: Option<Arc<NetManager>>) {
-        *self.overlay.lock().expect("lock") = overlay;
-        self.state.lock().await.wanted += 1;
-        self.kick.notify_one();
-    }
-
     fn overlay(&self) -> Option<Arc<NetManager>> {
         self.overlay.lock().expect("lock").clone()
     }
@@ -311,6 +282,17 @@ impl Catalog {
     /// Changes of [`Self::cluster_loads`], by cluster name.
     pub fn watch_loads(&self) -> watch::Receiver<crate::xds::Assignments> {
         self.served.subscribe()
+    }
+}
+
+#[async_trait::async_trait]
+impl ManagerObserver for Catalog {
+    /// Hands the service-IP bindings to the NetManager (now and after every
+    /// update), and lists its service IPs with the other providers'.
+    async fn set_manager(&self, overlay: Option<Arc<NetManager>>) {
+        *self.overlay.lock().expect("lock") = overlay;
+        self.state.lock().await.wanted += 1;
+        self.kick.notify_one();
     }
 }
 

@@ -46,7 +46,7 @@ impl Plugin for CatalogPlugin {
             ));
         }
         for c in &x.clusters {
-            crate::flows::spec::validate_name("xds cluster name", &c.name)
+            crate::names::validate_name("xds cluster name", &c.name)
                 .map_err(|e| PluginError::new(e.to_string()))?;
             match (c.vip.is_empty(), c.service_ip.is_empty()) {
                 (false, true) => {}
@@ -74,7 +74,7 @@ impl Plugin for CatalogPlugin {
         *self.config.lock().expect("lock") = x.clone();
         self.catalog.set_bindings(x.clusters.clone()).await;
         self.catalog
-            .set_state_dir(&config.nsp.state_dir)
+            .set_state_dir(&config.daemon.state_dir)
             .await
             .map_err(PluginError::new)?;
         Ok(())

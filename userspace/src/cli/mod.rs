@@ -12,8 +12,7 @@ use std::{io::Write, path::Path, process::ExitCode};
 use crate::admin;
 use args::{CatalogCommand, Cli, Command, RegistryCommand};
 
-/// Exit code for a configuration or an environment the daemon refuses.
-pub const EXIT_CONFIG: u8 = 2;
+pub use crate::daemon::{runtime, EXIT_CONFIG};
 
 /// Runs one parsed command line to its exit code.
 pub fn run(cli: Cli) -> ExitCode {
@@ -47,15 +46,6 @@ pub fn run(cli: Cli) -> ExitCode {
             command,
         } => runtime().block_on(lb::run(admin_socket, command)),
     }
-}
-
-/// The runtime every command and the daemon run on.
-pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime")
 }
 
 /// Standard output was closed by its reader (`tapmesh … | head`).

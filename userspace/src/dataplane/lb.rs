@@ -1,6 +1,14 @@
-//! Writes a validated LB configuration into the maps, publishing each VIP's
-//! flow tables and each stream's Maglev table with one update, and keeps the
-//! ids (VIP, config, stream, counters) stable across changes.
+//! Writes the LB's map entries ([`LbTables`], built by `lb::tables` from a
+//! validated configuration), publishing each VIP's flow tables and each
+//! stream's Maglev table with one update, and keeps the ids (VIP, config,
+//! stream, counters) stable across changes.
+//!
+//! An apply has three stages: [`LbWriter::plan`] resolves every local
+//! interface, checks every target and takes every id and table region on
+//! copies of the writer's books, touching no map; only then are the maps
+//! written, in an order where the kernel never sees an entry pointing at
+//! something not yet written; what is gone is removed last. A refused
+//! change therefore leaves every map as it was.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -12,16 +20,84 @@ use tapmesh_common::{
     lb::{
         FlowEntry, FlowMask, NodeConfig, PortData, PortKey, SourceData, SourceKey, StreamValue,
         Target, VipAddr, VipConfig, VipKey, VipValue, MAGLEV_CAPACITY, MAX_FLOWS,
-        MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, NO_TARGET,
+        MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, NO_TARGET, TARGET_REMOTE,
     },
     map_names as n, PacketCounter,
 };
 
 use super::{batch, map_err, map_mut, DataplaneError};
-use crate::lb::{
-    model::{ValidLb, ValidVia},
-    tables::{target_value, vip_key, vip_tables, VipTables},
-};
+
+/// Map entries of one VIP configuration (under one config id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipTables {
+    /// Value of `tm_vip_configs[config_id]`.
+    pub config: VipConfig,
+    pub dst_ports: Vec<(PortKey, FlowMask)>,
+    pub src_ports: Vec<(PortKey, FlowMask)>,
+    pub sources: Vec<(SourceKey, FlowMask)>,
+    /// `flows[bit]` is `tm_flows[config_id * MAX_FLOWS_PER_VIP + bit]`.
+    pub flows: Vec<FlowEntry>,
+}
+
+/// What the LB maps should hold, in `common` types and by name: the ids
+/// (VIP, config, stream, flow and target indices), table regions and local
+/// interfaces are the writer's to fill in.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LbTables {
+    /// How many VIPs are prefixes (`tm_node`: the LPM trie is searched only then).
+    pub vip_prefixes: u16,
+    pub vips: Vec<VipEntry>,
+    pub streams: Vec<StreamEntry>,
+    /// Flow names; each has a counter.
+    pub flows: Vec<String>,
+    pub targets: Vec<TargetEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VipEntry {
+    pub name: String,
+    pub key: VipKey,
+    /// Under config id 0; the writer moves them to the VIP's config id.
+    pub tables: VipTables,
+    /// For each of `tables.flows`: the stream and flow whose ids go in it.
+    pub flows: Vec<FlowRef>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlowRef {
+    pub stream: String,
+    pub flow: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamEntry {
+    pub name: String,
+    /// Maglev table over the slots (identifier − 1) of the stream's targets.
+    pub table: Vec<u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetEntry {
+    pub stream: String,
+    pub identifier: u32,
+    /// As written, but for what the writer fills in: `stats_index`, and
+    /// `ifindex` and `src_mac` (a local target's interface, a remote one's hop).
+    pub value: Target,
+    /// A local target's interface.
+    pub interface: Option<String>,
+}
+
+/// What the writer can apply: its tables, or what gives them (the LB
+/// model's validated configuration, see `lb::tables`).
+pub trait LbInput {
+    fn lb_tables(&self) -> LbTables;
+}
+
+impl LbInput for LbTables {
+    fn lb_tables(&self) -> LbTables {
+        self.clone()
+    }
+}
 
 fn array<'a, V: aya::Pod>(
     ebpf: &'a mut Ebpf,
@@ -38,7 +114,7 @@ fn trie<'a, K: aya::Pod, V: aya::Pod>(
 }
 
 /// Hands out the lowest free index below a limit, and takes it back.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Ids {
     used: BTreeSet<u32>,
 }
@@ -58,7 +134,7 @@ impl Ids {
 }
 
 /// First-fit regions of `tm_maglev`.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 struct Regions {
     taken: BTreeMap<u32, u32>,
 }
@@ -111,6 +187,39 @@ pub struct TunnelSettings {
 
 /// The resolved next hop towards a remote node (from the neighbour resolver).
 pub use crate::net::Hop;
+
+/// Where a changed stream table goes.
+#[derive(Clone, Copy, Debug)]
+struct Placement {
+    base: u32,
+    /// `base` is the stream's spare region: only entries that differ from
+    /// what it holds are written.
+    reuse_spare: bool,
+}
+
+/// What an apply writes, decided before the first write.
+#[derive(Debug)]
+struct Plan {
+    /// Every target as `tm_targets` will hold it, by (stream, identifier).
+    targets: BTreeMap<(String, u32), Target>,
+    /// Ids of what is new.
+    new_streams: BTreeMap<String, u32>,
+    new_flows: Vec<(String, u32)>,
+    new_targets: Vec<u32>,
+    new_vips: BTreeMap<String, u32>,
+    /// Each stream's table as target indices, and where the changed ones go.
+    tables: BTreeMap<String, Vec<u32>>,
+    placements: BTreeMap<String, Placement>,
+    /// Every stream's spare region (base, size) once the tables are
+    /// published: given up ones are `None`.
+    spares: BTreeMap<String, Option<(u32, usize)>>,
+    /// The books after the change.
+    vip_ids: Ids,
+    stream_ids: Ids,
+    flow_ids: Ids,
+    target_ids: Ids,
+    regions: Regions,
+}
 
 /// Finds a local interface's index and MAC.
 pub type Resolver<'a> = &'a dyn Fn(&str) -> Result<(u32, [u8; 6]), String>;
@@ -186,142 +295,321 @@ fn read_counter(
 }
 
 impl LbWriter {
-    /// Makes the maps hold `valid`. Everything was validated before; what can
-    /// still fail here is a full id space or a map write. Each local
-    /// interface is resolved once per call.
+    /// Makes the maps hold `input`'s tables. Nothing is written unless all of
+    /// it can be: unknown interfaces, remote targets without a tunnel
+    /// address and full id spaces are refused first. Each local interface is
+    /// resolved once per call.
     pub fn apply(
         &mut self,
         ebpf: &mut Ebpf,
-        valid: &ValidLb,
+        input: &impl LbInput,
         tunnel: TunnelSettings,
         resolve: Resolver,
     ) -> Result<(), DataplaneError> {
-        let prefixes = valid.vips.iter().filter(|v| v.prefix.len < 128).count() as u16;
-        self.write_node(ebpf, tunnel, prefixes)?;
-        // Resolve local interfaces before touching anything, each once.
+        let tables = input.lb_tables();
+        let plan = self.plan(&tables, tunnel, resolve)?;
+        self.write(ebpf, &tables, tunnel, plan)
+    }
+
+    /// Resolves, checks and allocates everything `tables` needs, on copies
+    /// of the writer's books; touches no map.
+    fn plan(
+        &self,
+        tables: &LbTables,
+        tunnel: TunnelSettings,
+        resolve: Resolver,
+    ) -> Result<Plan, DataplaneError> {
         let mut interfaces: HashMap<&str, (u32, [u8; 6])> = HashMap::new();
+        let mut target_ids = self.target_ids.clone();
+        let mut new_targets = Vec::new();
         let mut targets = BTreeMap::new();
-        for t in &valid.targets {
-            let (ifindex, our_mac) = match &t.via {
-                ValidVia::Local { interface, .. } => match interfaces.get(interface.as_str()) {
-                    Some(&found) => found,
-                    None => {
-                        let found =
-                            resolve(interface).map_err(|message| DataplaneError::Attach {
-                                hook: super::Hook::Xdp,
-                                interface: interface.clone(),
-                                message,
+        let sorted: BTreeMap<(String, u32), &TargetEntry> = tables
+            .targets
+            .iter()
+            .map(|t| ((t.stream.clone(), t.identifier), t))
+            .collect();
+        for (key, t) in sorted {
+            let mut value = t.value;
+            match &t.interface {
+                Some(interface) => {
+                    let (ifindex, our_mac) = match interfaces.get(interface.as_str()) {
+                        Some(&found) => found,
+                        None => {
+                            let found = resolve(interface).map_err(|message| {
+                                DataplaneError::Interface {
+                                    stream: t.stream.clone(),
+                                    identifier: t.identifier,
+                                    interface: interface.clone(),
+                                    message,
+                                }
                             })?;
-                        interfaces.insert(interface, found);
-                        found
-                    }
-                },
-                ValidVia::Remote { .. } => {
+                            interfaces.insert(interface, found);
+                            found
+                        }
+                    };
+                    value.ifindex = ifindex;
+                    value.src_mac = our_mac;
+                }
+                None => {
                     if tunnel.address.is_none() {
                         return Err(DataplaneError::Config(format!(
                             "target {} of stream {:?} is on another node, but this node has no tunnel address (set lb.node_address)",
                             t.identifier, t.stream
                         )));
                     }
-                    (0, [0; 6])
+                    self.with_hop(&mut value);
                 }
-            };
-            targets.insert((t.stream.clone(), t.identifier), (t, ifindex, our_mac));
-        }
-
-        // Stream ids and flow counters first, so tables can name them.
-        for s in &valid.streams {
-            if !self.streams.contains_key(&s.name) {
-                let id = self.stream_ids.take(MAX_STREAMS, "stream ids")?;
-                self.streams.insert(
-                    s.name.clone(),
-                    StreamSlot {
-                        id,
-                        base: 0,
-                        table: Vec::new(),
-                        spare: None,
-                    },
-                );
             }
-        }
-        for f in &valid.flows.flows {
-            if !self.flows.contains_key(&f.name) {
-                let id = self.flow_ids.take(MAX_FLOWS, "flow counters")?;
-                zero_counter(ebpf, n::FLOW_STATS, id)?;
-                self.flows.insert(f.name.clone(), id);
-            }
-        }
-
-        // Targets before the tables that point at them; a target's index is
-        // also its counters' index and what Maglev entries hold.
-        // Changed and new targets are written in one batch; if anything
-        // fails, the new ones' ids are given back.
-        let mut changed = Vec::new();
-        let mut failed = None;
-        for (key, (t, ifindex, our_mac)) in &targets {
-            let index = match self.targets.get(key) {
+            value.stats_index = match self.targets.get(&key) {
                 Some(old) => old.stats_index,
-                None => match self.new_target_id(ebpf) {
-                    Ok(id) => id,
-                    Err(e) => {
-                        failed = Some(e);
-                        break;
-                    }
-                },
-            };
-            let mut value = target_value(&t.via, *ifindex, *our_mac, index);
-            if let ValidVia::Remote { node } = &t.via {
-                self.with_hop(&mut value, *node);
-            }
-            if self.targets.get(key) != Some(&value) {
-                changed.push((key, value));
-            }
-        }
-        let (indices, values): (Vec<u32>, Vec<Target>) =
-            changed.iter().map(|(_, v)| (v.stats_index, *v)).unzip();
-        let written = match failed {
-            Some(e) => Err(e),
-            None => array::<Target>(ebpf, n::TARGETS).and_then(|mut map| {
-                batch::set_many(&mut map, &indices, &values).map_err(|e| DataplaneError::Map {
-                    name: n::TARGETS,
-                    message: e.to_string(),
-                })
-            }),
-        };
-        if let Err(e) = written {
-            for (key, value) in &changed {
-                if !self.targets.contains_key(*key) {
-                    self.target_ids.give(value.stats_index);
+                None => {
+                    let id = target_ids.take(MAX_TARGETS, "target counters")?;
+                    new_targets.push(id);
+                    id
                 }
-            }
-            return Err(e);
-        }
-        for (key, value) in changed {
-            self.targets.insert(key.clone(), value);
+            };
+            targets.insert(key, value);
         }
 
-        for s in &valid.streams {
-            // Slots (identifier − 1) become target indices.
-            let mut index = vec![NO_TARGET; s.max_targets as usize];
-            let range = (s.name.clone(), 1)..=(s.name.clone(), s.max_targets);
-            for ((_, identifier), t) in self.targets.range(range) {
-                index[*identifier as usize - 1] = t.stats_index;
+        let mut stream_ids = self.stream_ids.clone();
+        let mut new_streams = BTreeMap::new();
+        for s in &tables.streams {
+            if !self.streams.contains_key(&s.name) && !new_streams.contains_key(&s.name) {
+                new_streams.insert(s.name.clone(), stream_ids.take(MAX_STREAMS, "stream ids")?);
+            }
+        }
+        let mut flow_ids = self.flow_ids.clone();
+        let mut new_flows = Vec::new();
+        for f in &tables.flows {
+            if !self.flows.contains_key(f) && !new_flows.iter().any(|(n, _)| n == f) {
+                new_flows.push((f.clone(), flow_ids.take(MAX_FLOWS, "flow counters")?));
+            }
+        }
+        let mut vip_ids = self.vip_ids.clone();
+        let mut new_vips = BTreeMap::new();
+        for v in &tables.vips {
+            if !self.vips.contains_key(&v.name) && !new_vips.contains_key(&v.name) {
+                new_vips.insert(v.name.clone(), vip_ids.take(MAX_VIPS, "VIP ids")?);
+            }
+        }
+
+        // Slots (identifier − 1) become target indices.
+        let mut stream_tables = BTreeMap::new();
+        for s in &tables.streams {
+            let max = s.table.iter().filter(|&&slot| slot != NO_TARGET).max();
+            let mut index = vec![NO_TARGET; max.map_or(0, |&m| m as usize + 1)];
+            let range = (s.name.clone(), 1)..=(s.name.clone(), u32::MAX);
+            for ((_, identifier), t) in targets.range(range) {
+                let slot = identifier.checked_sub(1).map(|i| i as usize);
+                if let Some(i) = slot.and_then(|i| index.get_mut(i)) {
+                    *i = t.stats_index;
+                }
             }
             let table: Vec<u32> = s
                 .table
                 .iter()
                 .map(|&slot| index.get(slot as usize).copied().unwrap_or(NO_TARGET))
                 .collect();
-            self.write_stream(ebpf, &s.name, &table)?;
+            stream_tables.insert(s.name.clone(), table);
         }
-        for vip in &valid.vips {
-            self.write_vip(ebpf, vip)?;
+        let (placements, regions, spares) = self.place(tables, &stream_tables)?;
+        Ok(Plan {
+            targets,
+            new_streams,
+            new_flows,
+            new_targets,
+            new_vips,
+            tables: stream_tables,
+            placements,
+            spares,
+            vip_ids,
+            stream_ids,
+            flow_ids,
+            target_ids,
+            regions,
+        })
+    }
+
+    /// Regions for the changed stream tables, in stream order: the stream's
+    /// spare when it has the size, else a new region (giving up every spare
+    /// when none is free). After a stream's table is published, the region
+    /// it replaces becomes its spare.
+    #[allow(clippy::type_complexity)]
+    fn place(
+        &self,
+        tables: &LbTables,
+        stream_tables: &BTreeMap<String, Vec<u32>>,
+    ) -> Result<
+        (
+            BTreeMap<String, Placement>,
+            Regions,
+            BTreeMap<String, Option<(u32, usize)>>,
+        ),
+        DataplaneError,
+    > {
+        let mut regions = self.regions.clone();
+        let mut spares: BTreeMap<String, Option<(u32, usize)>> = self
+            .streams
+            .iter()
+            .map(|(name, s)| (name.clone(), s.spare.as_ref().map(|(b, t)| (*b, t.len()))))
+            .collect();
+        let mut placements = BTreeMap::new();
+        for s in &tables.streams {
+            let table = &stream_tables[&s.name];
+            let current = self.streams.get(&s.name);
+            if current.is_some_and(|c| c.table == *table) || placements.contains_key(&s.name) {
+                continue;
+            }
+            let size = table.len() as u32;
+            let placement = match spares.get_mut(&s.name).and_then(Option::take) {
+                Some((base, len)) if len == table.len() => Placement {
+                    base,
+                    reuse_spare: true,
+                },
+                other => {
+                    if let Some((base, _)) = other {
+                        regions.give(base);
+                    }
+                    let base = match regions.take(size) {
+                        Err(DataplaneError::Full(_)) => {
+                            for spare in spares.values_mut() {
+                                if let Some((base, _)) = spare.take() {
+                                    regions.give(base);
+                                }
+                            }
+                            regions.take(size)?
+                        }
+                        other => other?,
+                    };
+                    Placement {
+                        base,
+                        reuse_spare: false,
+                    }
+                }
+            };
+            placements.insert(s.name.clone(), placement);
+            let replaced = current
+                .filter(|c| !c.table.is_empty())
+                .map(|c| (c.base, c.table.len()));
+            spares.insert(s.name.clone(), replaced);
+        }
+        Ok((placements, regions, spares))
+    }
+
+    /// Writes what `plan` decided: counters of new objects, targets, stream
+    /// tables, VIP tables and entries, slots and `tm_node`; then removes what
+    /// is gone, tables first, targets last. Ids of what did not get written
+    /// are given back if a write fails.
+    fn write(
+        &mut self,
+        ebpf: &mut Ebpf,
+        tables: &LbTables,
+        tunnel: TunnelSettings,
+        plan: Plan,
+    ) -> Result<(), DataplaneError> {
+        self.vip_ids = plan.vip_ids.clone();
+        self.stream_ids = plan.stream_ids.clone();
+        self.flow_ids = plan.flow_ids.clone();
+        self.target_ids = plan.target_ids.clone();
+        self.regions = plan.regions.clone();
+        for (name, &id) in &plan.new_streams {
+            self.streams.insert(
+                name.clone(),
+                StreamSlot {
+                    id,
+                    base: 0,
+                    table: Vec::new(),
+                    spare: None,
+                },
+            );
+        }
+        let mut published = BTreeSet::new();
+        let result = self.write_planned(ebpf, tables, tunnel, &plan, &mut published);
+        // Spares the plan gave up are free; a table planned but not
+        // published gives its region back (and a spare it was to reuse).
+        for (name, slot) in self.streams.iter_mut() {
+            match plan.placements.get(name) {
+                Some(p) if !published.contains(name) => {
+                    self.regions.give(p.base);
+                    slot.spare = None;
+                }
+                _ if plan.spares.get(name).is_some_and(Option::is_none) => slot.spare = None,
+                _ => {}
+            }
+        }
+        if result.is_err() {
+            for (name, id) in &plan.new_flows {
+                if self.flows.get(name) != Some(id) {
+                    self.flow_ids.give(*id);
+                }
+            }
+            let written: BTreeSet<u32> = self.targets.values().map(|t| t.stats_index).collect();
+            for id in &plan.new_targets {
+                if !written.contains(id) {
+                    self.target_ids.give(*id);
+                }
+            }
+            for (name, id) in &plan.new_vips {
+                if !self.vips.contains_key(name) {
+                    self.vip_ids.give(*id);
+                }
+            }
+        }
+        result
+    }
+
+    fn write_planned(
+        &mut self,
+        ebpf: &mut Ebpf,
+        tables: &LbTables,
+        tunnel: TunnelSettings,
+        plan: &Plan,
+        published: &mut BTreeSet<String>,
+    ) -> Result<(), DataplaneError> {
+        for (name, id) in &plan.new_flows {
+            zero_counter(ebpf, n::FLOW_STATS, *id)?;
+            self.flows.insert(name.clone(), *id);
         }
 
-        self.write_slots(ebpf, valid)?;
+        // Targets before the tables that point at them; a target's index is
+        // also its counters' index and what Maglev entries hold. Changed and
+        // new targets are written in one batch.
+        for id in &plan.new_targets {
+            zero_counter(ebpf, n::TARGET_STATS, *id)?;
+        }
+        let changed: Vec<(&(String, u32), Target)> = plan
+            .targets
+            .iter()
+            .filter(|(key, value)| self.targets.get(*key) != Some(*value))
+            .map(|(key, value)| (key, *value))
+            .collect();
+        let (indices, values): (Vec<u32>, Vec<Target>) =
+            changed.iter().map(|(_, v)| (v.stats_index, *v)).unzip();
+        let mut map = array::<Target>(ebpf, n::TARGETS)?;
+        batch::set_many(&mut map, &indices, &values).map_err(|e| DataplaneError::Map {
+            name: n::TARGETS,
+            message: e.to_string(),
+        })?;
+        for (key, value) in changed {
+            self.targets.insert(key.clone(), value);
+        }
+
+        for s in &tables.streams {
+            if let Some(&placement) = plan.placements.get(&s.name) {
+                if !published.contains(&s.name) {
+                    self.write_stream(ebpf, &s.name, &plan.tables[&s.name], placement)?;
+                    published.insert(s.name.clone());
+                }
+            }
+        }
+        for vip in &tables.vips {
+            self.write_vip(ebpf, vip, plan.new_vips.get(&vip.name).copied())?;
+        }
+        self.write_slots(ebpf, tables)?;
+        self.write_node(ebpf, tunnel, tables.vip_prefixes)?;
 
         // Then remove what is gone, tables first, targets last.
-        let vips: BTreeSet<&str> = valid.vips.iter().map(|v| v.name.as_str()).collect();
+        let vips: BTreeSet<&str> = tables.vips.iter().map(|v| v.name.as_str()).collect();
         for name in self
             .vips
             .keys()
@@ -331,7 +619,7 @@ impl LbWriter {
         {
             self.remove_vip(ebpf, &name)?;
         }
-        let streams: BTreeSet<&str> = valid.streams.iter().map(|s| s.name.as_str()).collect();
+        let streams: BTreeSet<&str> = tables.streams.iter().map(|s| s.name.as_str()).collect();
         for name in self
             .streams
             .keys()
@@ -339,10 +627,10 @@ impl LbWriter {
             .cloned()
             .collect::<Vec<_>>()
         {
-            let slot = self.streams.remove(&name).expect("listed");
             array::<StreamValue>(ebpf, n::STREAMS)?
-                .set(slot.id, StreamValue::default(), 0)
+                .set(self.streams[&name].id, StreamValue::default(), 0)
                 .map_err(map_err(n::STREAMS))?;
+            let slot = self.streams.remove(&name).expect("listed");
             if !slot.table.is_empty() {
                 self.regions.give(slot.base);
             }
@@ -354,17 +642,18 @@ impl LbWriter {
         let gone: Vec<_> = self
             .targets
             .keys()
-            .filter(|k| !targets.contains_key(*k))
+            .filter(|k| !plan.targets.contains_key(*k))
             .cloned()
             .collect();
         for key in gone {
-            let value = self.targets.remove(&key).expect("listed");
+            let index = self.targets[&key].stats_index;
             array::<Target>(ebpf, n::TARGETS)?
-                .set(value.stats_index, Target::default(), 0)
+                .set(index, Target::default(), 0)
                 .map_err(map_err(n::TARGETS))?;
-            self.target_ids.give(value.stats_index);
+            self.targets.remove(&key);
+            self.target_ids.give(index);
         }
-        let flows: BTreeSet<&str> = valid.flows.flows.iter().map(|f| f.name.as_str()).collect();
+        let flows: BTreeSet<&str> = tables.flows.iter().map(String::as_str).collect();
         for name in self
             .flows
             .keys()
@@ -376,16 +665,6 @@ impl LbWriter {
             self.flow_ids.give(id);
         }
         Ok(())
-    }
-
-    /// A free target index, its counters zeroed.
-    fn new_target_id(&mut self, ebpf: &mut Ebpf) -> Result<u32, DataplaneError> {
-        let id = self.target_ids.take(MAX_TARGETS, "target counters")?;
-        if let Err(e) = zero_counter(ebpf, n::TARGET_STATS, id) {
-            self.target_ids.give(id);
-            return Err(e);
-        }
-        Ok(id)
     }
 
     fn write_node(
@@ -412,11 +691,11 @@ impl LbWriter {
 
     /// Points each host VIP's slot at it (several in one slot: the hash map
     /// decides). VIPs being removed lose their slot first.
-    fn write_slots(&mut self, ebpf: &mut Ebpf, valid: &ValidLb) -> Result<(), DataplaneError> {
+    fn write_slots(&mut self, ebpf: &mut Ebpf, tables: &LbTables) -> Result<(), DataplaneError> {
         use tapmesh_common::lb::{vip_slot, VipSlot, SLOT_ONE, SLOT_SHARED};
         let mut slots: BTreeMap<u32, VipSlot> = BTreeMap::new();
-        for vip in &valid.vips {
-            let key = vip_key(&vip.prefix);
+        for vip in &tables.vips {
+            let key = vip.key;
             if key.prefix_len != 128 {
                 continue;
             }
@@ -444,30 +723,23 @@ impl LbWriter {
         Ok(())
     }
 
-    /// A changed table goes to the stream's spare region when that has its
-    /// size (only entries that differ are written), else to a new region;
-    /// one write of the stream entry publishes it, and the region it
-    /// replaces becomes the spare.
+    /// Writes a changed table where the plan put it (into the spare region,
+    /// only the entries that differ from what it holds); one write of the
+    /// stream entry publishes it, and the region it replaces becomes the spare.
     fn write_stream(
         &mut self,
         ebpf: &mut Ebpf,
         name: &str,
         table: &[u32],
+        placement: Placement,
     ) -> Result<(), DataplaneError> {
         let slot = self.streams.get_mut(name).expect("stream id assigned");
-        if slot.table == table {
-            return Ok(());
-        }
-        let (id, spare) = (slot.id, slot.spare.take());
-        let size = table.len() as u32;
-        let (base, held) = match spare {
-            Some((base, held)) if held.len() == table.len() => (base, Some(held)),
-            other => {
-                if let Some((base, _)) = other {
-                    self.regions.give(base);
-                }
-                (self.take_region(size)?, None)
-            }
+        let id = slot.id;
+        let base = placement.base;
+        let held = if placement.reuse_spare {
+            slot.spare.take().map(|(_, held)| held)
+        } else {
+            None
         };
         let (indices, values): (Vec<u32>, Vec<u32>) = table
             .iter()
@@ -475,27 +747,19 @@ impl LbWriter {
             .filter(|&(i, entry)| held.as_ref().is_none_or(|h| h[i] != *entry))
             .map(|(i, entry)| (base + i as u32, *entry))
             .unzip();
-        let published = array::<u32>(ebpf, n::MAGLEV)
-            .and_then(|mut map| {
-                batch::set_many(&mut map, &indices, &values).map_err(|e| DataplaneError::Map {
-                    name: n::MAGLEV,
-                    message: e.to_string(),
-                })
+        array::<u32>(ebpf, n::MAGLEV).and_then(|mut map| {
+            batch::set_many(&mut map, &indices, &values).map_err(|e| DataplaneError::Map {
+                name: n::MAGLEV,
+                message: e.to_string(),
             })
-            .and_then(|()| {
-                let value = StreamValue {
-                    table_base: base,
-                    table_size: size,
-                };
-                array::<StreamValue>(ebpf, n::STREAMS)?
-                    .set(id, value, 0)
-                    .map_err(map_err(n::STREAMS))
-            });
-        if let Err(e) = published {
-            // What the region holds is no longer known.
-            self.regions.give(base);
-            return Err(e);
-        }
+        })?;
+        let value = StreamValue {
+            table_base: base,
+            table_size: table.len() as u32,
+        };
+        array::<StreamValue>(ebpf, n::STREAMS)?
+            .set(id, value, 0)
+            .map_err(map_err(n::STREAMS))?;
         let slot = self.streams.get_mut(name).expect("stream id assigned");
         if !slot.table.is_empty() {
             slot.spare = Some((slot.base, std::mem::take(&mut slot.table)));
@@ -505,45 +769,29 @@ impl LbWriter {
         Ok(())
     }
 
-    /// A region of `size` entries; when none is free, the spare regions are
-    /// given up first.
-    fn take_region(&mut self, size: u32) -> Result<u32, DataplaneError> {
-        match self.regions.take(size) {
-            Err(DataplaneError::Full(_)) => {
-                for slot in self.streams.values_mut() {
-                    if let Some((base, _)) = slot.spare.take() {
-                        self.regions.give(base);
-                    }
-                }
-                self.regions.take(size)
-            }
-            other => other,
-        }
-    }
-
-    /// Writes the VIP's tables under its other config id, then flips the VIP entry.
+    /// Writes the VIP's tables under its other config id, then flips the VIP
+    /// entry; a new VIP gets `new_index` (from the plan).
     fn write_vip(
         &mut self,
         ebpf: &mut Ebpf,
-        vip: &crate::flows::CompiledVip,
+        vip: &VipEntry,
+        new_index: Option<u32>,
     ) -> Result<(), DataplaneError> {
-        let key = vip_key(&vip.prefix);
-        let (index, config_id) = match self.vips.get(&vip.name) {
-            Some(slot) => (slot.index, slot.config_id ^ 1),
-            None => {
-                let index = self.vip_ids.take(MAX_VIPS, "VIP ids")?;
+        let key = vip.key;
+        let (index, config_id) = match (self.vips.get(&vip.name), new_index) {
+            (Some(slot), _) => (slot.index, slot.config_id ^ 1),
+            (None, Some(index)) => {
                 zero_counter(ebpf, n::VIP_STATS, index)?;
                 (index, 2 * index)
             }
+            (None, None) => return Err(DataplaneError::Full("VIP ids")),
         };
-        let streams = &self.streams;
-        let flows = &self.flows;
-        let tables = vip_tables(
-            vip,
-            config_id,
-            |s| streams.get(s).map_or(u32::MAX, |slot| slot.id),
-            |f| flows.get(f).copied().unwrap_or(0),
-        );
+        let mut tables = vip.tables.clone();
+        retarget(&mut tables, config_id);
+        for (entry, r) in tables.flows.iter_mut().zip(&vip.flows) {
+            entry.stream_id = self.streams.get(&r.stream).map_or(u32::MAX, |s| s.id);
+            entry.stats_index = self.flows.get(&r.flow).copied().unwrap_or(0);
+        }
         if let Some(slot) = self.vips.get(&vip.name) {
             let mut old = slot.tables.clone();
             retarget(&mut old, config_id);
@@ -588,7 +836,10 @@ impl LbWriter {
         Ok(())
     }
 
-    fn with_hop(&self, target: &mut Target, node: std::net::Ipv4Addr) {
+    /// Copies the next hop of a remote target's node (none: a FIB lookup per packet).
+    fn with_hop(&self, target: &mut Target) {
+        let a = &target.node_addr;
+        let node = std::net::Ipv4Addr::new(a[12], a[13], a[14], a[15]);
         let hop = self.hops.get(&node);
         target.ifindex = hop.map_or(0, |h| h.ifindex);
         target.dst_mac = hop.map_or([0; 6], |h| h.dst_mac);
@@ -606,12 +857,10 @@ impl LbWriter {
         let keys: Vec<_> = self.targets.keys().cloned().collect();
         for key in keys {
             let mut value = self.targets[&key];
-            if value.kind != tapmesh_common::lb::TARGET_REMOTE {
+            if value.kind != TARGET_REMOTE {
                 continue;
             }
-            let a = &value.node_addr;
-            let node = std::net::Ipv4Addr::new(a[12], a[13], a[14], a[15]);
-            self.with_hop(&mut value, node);
+            self.with_hop(&mut value);
             if self.targets[&key] != value {
                 array::<Target>(ebpf, n::TARGETS)?
                     .set(value.stats_index, value, 0)

@@ -51,6 +51,14 @@ pub enum DataplaneError {
     },
     #[error("map {name}: {message}")]
     Map { name: &'static str, message: String },
+    /// A local target's interface could not be looked up.
+    #[error("target {identifier} of stream {stream:?}: interface {interface:?}: {message}")]
+    Interface {
+        stream: String,
+        identifier: u32,
+        interface: String,
+        message: String,
+    },
     #[error("the dataplane is not running")]
     NotRunning,
     #[error("no room left for {0}")]
@@ -125,16 +133,20 @@ impl DataplaneHandle {
             .unwrap_or_default()
     }
 
-    /// Makes the load-balancing maps hold `valid` (see [`lb::LbWriter::apply`]).
+    /// Makes the load-balancing maps hold `tables` (see [`lb::LbWriter::apply`]).
     pub async fn apply_lb(
         &self,
-        valid: &crate::lb::model::ValidLb,
+        tables: &lb::LbTables,
         tunnel: lb::TunnelSettings,
     ) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
         let running = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
         let resolve = |name: &str| crate::net::link::mac(name).map_err(|e| e.to_string());
-        tokio::task::block_in_place(|| running.lb.apply(&mut running.ebpf, valid, tunnel, &resolve))
+        tokio::task::block_in_place(|| {
+            running
+                .lb
+                .apply(&mut running.ebpf, tables, tunnel, &resolve)
+        })
     }
 
     /// Replaces the resolved next hops of remote nodes.

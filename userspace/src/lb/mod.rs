@@ -1,5 +1,6 @@
 //! VIP load balancing: flows, streams, Maglev.
 
+pub mod flows;
 pub mod maglev;
 pub mod model;
 pub mod service;

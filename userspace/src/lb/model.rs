@@ -12,11 +12,11 @@ use tapmesh_common::lb::{
 };
 
 use super::maglev::{self, Maglev, MaglevError};
-use crate::flows::spec::validate_name;
-use crate::flows::{compile, CompiledVip, FlowError, FlowSet, FlowSpec, VipSpec};
+use crate::lb::flows::{compile, CompiledVip, FlowError, FlowSet, FlowSpec, VipSpec};
+use crate::names::validate_name;
 
 // The flow compiler enforces the per-VIP flow limit; it must be the kernel's.
-const _: () = assert!(crate::flows::MAX_FLOWS_PER_VIP == MAX_FLOWS_PER_VIP as usize);
+const _: () = assert!(crate::lb::flows::MAX_FLOWS_PER_VIP == MAX_FLOWS_PER_VIP as usize);
 
 /// A load-balancing configuration as written.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +93,12 @@ pub struct ValidTarget {
 pub enum ValidVia {
     Local { interface: String, mac: [u8; 6] },
     Remote { node: Ipv4Addr },
+}
+
+impl From<crate::names::NameError> for LbError {
+    fn from(e: crate::names::NameError) -> Self {
+        LbError::Flow(e.into())
+    }
 }
 
 /// Validation error; each message names the object and says what to fix.

@@ -13,12 +13,13 @@ use thiserror::Error;
 use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
+use super::flows::{FlowSpec, VipSpec};
 use super::model::{validate, validate_with, LbError, LbSpec, StreamSpec, Tables, TargetSpec};
+use super::tables::lb_tables;
 use crate::{
     config::Config,
     core::{Plugin, PluginError},
     dataplane::{lb::TunnelSettings, DataplaneError, DataplaneHandle},
-    flows::{FlowSpec, VipSpec},
     net::{
         neigh::{self, Resolver, Unresolved},
         watch::{Change, Watch},
@@ -133,7 +134,7 @@ impl LbService {
         let result = match valid {
             Ok(valid) => self
                 .dataplane
-                .apply_lb(&valid, self.tunnel())
+                .apply_lb(&lb_tables(&valid), self.tunnel())
                 .await
                 .map(|_| self.nodes_changed.notify_one())
                 .map_err(LbServiceError::from),
@@ -158,7 +159,9 @@ impl LbService {
         edit(&mut new)?;
         let merged = sources.merged(&new);
         let valid = validate_with(&merged, &mut sources.tables)?;
-        self.dataplane.apply_lb(&valid, self.tunnel()).await?;
+        self.dataplane
+            .apply_lb(&lb_tables(&valid), self.tunnel())
+            .await?;
         self.nodes_changed.notify_one();
         sources.own = new;
         Ok(())

@@ -7,8 +7,10 @@ use tapmesh_common::lb::{
     TARGET_REMOTE,
 };
 
-use super::model::ValidVia;
-use crate::flows::{CompiledFlow, CompiledVip, PortTable, ProtoClass};
+use super::flows::{CompiledFlow, CompiledVip, PortTable, ProtoClass};
+use super::model::{ValidLb, ValidVia};
+pub use crate::dataplane::lb::VipTables;
+use crate::dataplane::lb::{FlowRef, LbInput, LbTables, StreamEntry, TargetEntry, VipEntry};
 use crate::net::Prefix;
 
 // `ProtoClass as usize` indexes `VipConfig::protocol_masks`.
@@ -21,16 +23,57 @@ const _: () = assert!(
         && ProtoClass::COUNT == PROTO_CLASSES
 );
 
-/// Map entries of one VIP configuration (under one config id).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct VipTables {
-    /// Value of `tm_vip_configs[config_id]`.
-    pub config: VipConfig,
-    pub dst_ports: Vec<(PortKey, FlowMask)>,
-    pub src_ports: Vec<(PortKey, FlowMask)>,
-    pub sources: Vec<(SourceKey, FlowMask)>,
-    /// `flows[bit]` is `tm_flows[config_id * MAX_FLOWS_PER_VIP + bit]`.
-    pub flows: Vec<FlowEntry>,
+/// The map entries of a validated configuration, as the writer takes them
+/// (ids, regions and interfaces are the writer's).
+pub fn lb_tables(valid: &ValidLb) -> LbTables {
+    LbTables {
+        vip_prefixes: valid.vips.iter().filter(|v| v.prefix.len < 128).count() as u16,
+        vips: valid
+            .vips
+            .iter()
+            .map(|vip| VipEntry {
+                name: vip.name.clone(),
+                key: vip_key(&vip.prefix),
+                tables: vip_tables(vip, 0, |_| 0, |_| 0),
+                flows: vip
+                    .flows
+                    .iter()
+                    .map(|f| FlowRef {
+                        stream: f.stream.clone(),
+                        flow: f.name.clone(),
+                    })
+                    .collect(),
+            })
+            .collect(),
+        streams: valid
+            .streams
+            .iter()
+            .map(|s| StreamEntry {
+                name: s.name.clone(),
+                table: s.table.clone(),
+            })
+            .collect(),
+        flows: valid.flows.flows.iter().map(|f| f.name.clone()).collect(),
+        targets: valid
+            .targets
+            .iter()
+            .map(|t| TargetEntry {
+                stream: t.stream.clone(),
+                identifier: t.identifier,
+                value: target_value(&t.via, 0, [0; 6], 0),
+                interface: match &t.via {
+                    ValidVia::Local { interface, .. } => Some(interface.clone()),
+                    ValidVia::Remote { .. } => None,
+                },
+            })
+            .collect(),
+    }
+}
+
+impl LbInput for ValidLb {
+    fn lb_tables(&self) -> LbTables {
+        lb_tables(self)
+    }
 }
 
 /// Key of `tm_vips` for a VIP prefix.
@@ -181,7 +224,7 @@ pub fn target_value(via: &ValidVia, ifindex: u32, our_mac: [u8; 6], stats_index:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flows::{FlowSpec, PacketView, VipSpec};
+    use crate::lb::flows::{FlowSpec, PacketView, VipSpec};
     use crate::lb::model::{validate, LbSpec, StreamSpec, ValidLb};
     use std::collections::{HashMap, HashSet};
     use std::net::{Ipv4Addr, Ipv6Addr};

@@ -41,7 +41,7 @@ impl Plugin for MirrorPlugin {
         config: &Config,
     ) -> Result<(), PluginError> {
         self.service
-            .configure(config.nsp.state_dir.join("mirror-state.json"));
+            .configure(config.daemon.state_dir.join("mirror-state.json"));
         let m = &config.mirror;
         *self.spp.lock().expect("lock") = (!m.etcd_endpoints.is_empty()).then(|| {
             let mut s = SppSettings::new(m.etcd_endpoints.clone(), m.host.clone());

@@ -16,7 +16,7 @@ use super::model::{
 use super::ring::{Consumer, MirrorRing, RingSocket, RingStats};
 use crate::dataplane::mirror::MirrorTables;
 use crate::dataplane::DataplaneHandle;
-use crate::flows::spec::validate_name;
+use crate::names::validate_name;
 use crate::net::link::index as interface_index;
 
 /// A tap flow with what the daemon knows of it.

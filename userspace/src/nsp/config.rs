@@ -8,9 +8,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::flows::spec::validate_name;
-use crate::flows::{FlowError, FlowSpec, VipSpec};
+use crate::lb::flows::{FlowError, FlowSpec, VipSpec};
 use crate::lb::model::{validate, LbError, LbSpec, StreamSpec};
+use crate::names::validate_name;
 
 /// Meridio's Stream CRD bounds max-targets to 1..=10000; it defaults to 100.
 pub const MAX_MAX_TARGETS: u32 = 10_000;
@@ -78,6 +78,12 @@ pub struct VipConfig {
     pub address: String,
     #[serde(default)]
     pub trench: String,
+}
+
+impl From<crate::names::NameError> for NspConfigError {
+    fn from(e: crate::names::NameError) -> Self {
+        NspConfigError::Name(e.into())
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -9,13 +9,14 @@ use std::time::{Duration, SystemTime};
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::conduits::{parse_pool, Pools};
+use super::conduits::Pools;
 use super::config::NspConfig;
 use super::server::NodeApi;
 use super::state::{Nsp, Settings};
 use crate::config::{Config, NspSettings};
 use crate::core::{Plugin, PluginError};
 use crate::lb::service::LbService;
+use crate::net::prefix::parse_pool;
 use crate::proto::node::conduits_server::ConduitsServer;
 use crate::proto::nsp::{
     configuration_manager_server::ConfigurationManagerServer,
@@ -28,6 +29,8 @@ pub const PLANE: &str = "nsp";
 pub struct NspPlugin {
     lb: Arc<LbService>,
     settings: Mutex<NspSettings>,
+    /// `[daemon] state_dir`.
+    state_dir: Mutex<PathBuf>,
     nsp: Mutex<Option<Arc<Nsp>>>,
     stop: Mutex<Option<CancellationToken>>,
     last_error: Arc<Mutex<Option<String>>>,
@@ -38,6 +41,7 @@ impl NspPlugin {
         Self {
             lb,
             settings: Mutex::new(NspSettings::default()),
+            state_dir: Mutex::default(),
             nsp: Mutex::new(None),
             stop: Mutex::new(None),
             last_error: Arc::default(),
@@ -94,6 +98,7 @@ impl Plugin for NspPlugin {
         crate::uds::check_free(&config.nsp.socket)
             .map_err(|e| PluginError::new(format!("nsp.socket: {e}")))?;
         *self.settings.lock().expect("settings lock") = config.nsp.clone();
+        *self.state_dir.lock().expect("settings lock") = config.daemon.state_dir.clone();
         Ok(())
     }
 
@@ -102,7 +107,11 @@ impl Plugin for NspPlugin {
         let nsp = Arc::new(Nsp::new(
             self.lb.clone(),
             Settings {
-                state_file: settings.state_dir.join("nsp-state.json"),
+                state_file: self
+                    .state_dir
+                    .lock()
+                    .expect("settings lock")
+                    .join("nsp-state.json"),
                 pools: Pools {
                     v4: pool(&settings.conduit_prefix_v4),
                     v6: pool(&settings.conduit_prefix_v6),

@@ -68,8 +68,7 @@ async fn detached<T: Send + 'static>(
 
 /// Checks a Meridio name: 1-253 bytes from `[A-Za-z0-9-+_.]`.
 pub fn check_name(what: &str, name: &str) -> Result<(), Status> {
-    crate::flows::spec::validate_name(what, name)
-        .map_err(|e| Status::invalid_argument(e.to_string()))
+    crate::names::validate_name(what, name).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 fn stream_path(stream: &pb::Stream) -> Result<StreamPath, Status> {

@@ -9,4 +9,4 @@ pub mod model;
 pub mod plugin;
 pub mod ports;
 
-pub use plugin::NetManagerPlugin;
+pub use plugin::{ManagerObserver, NetManagerPlugin};

@@ -15,6 +15,14 @@ use crate::core::{Plugin, PluginError};
 use crate::dataplane::DataplaneHandle;
 use crate::net::{self, Prefix};
 
+/// Told when the NetManager starts and stops. The catalog is one (wired in
+/// `main`): it feeds the NetManager the EDS members of service IPs and lists
+/// its service IPs. Defined here so that the overlay does not know the catalog.
+#[async_trait]
+pub trait ManagerObserver: Send + Sync {
+    async fn set_manager(&self, manager: Option<Arc<NetManager>>);
+}
+
 /// A miss is reported again after this long if it is still unknown.
 const MISS_RETRY: Duration = Duration::from_secs(1);
 
@@ -27,17 +35,17 @@ struct Settings {
 
 pub struct NetManagerPlugin {
     dataplane: DataplaneHandle,
-    catalog: Arc<crate::catalog::Catalog>,
+    observer: Arc<dyn ManagerObserver>,
     settings: Mutex<Settings>,
     manager: Mutex<Option<Arc<NetManager>>>,
     status: Arc<Mutex<String>>,
 }
 
 impl NetManagerPlugin {
-    pub fn new(dataplane: DataplaneHandle, catalog: Arc<crate::catalog::Catalog>) -> Self {
+    pub fn new(dataplane: DataplaneHandle, observer: Arc<dyn ManagerObserver>) -> Self {
         Self {
             dataplane,
-            catalog,
+            observer,
             settings: Mutex::new(Settings::default()),
             manager: Mutex::new(None),
             status: Arc::new(Mutex::new("off".into())),
@@ -131,7 +139,7 @@ impl Plugin for NetManagerPlugin {
             subnetwork_v6: nm.subnetwork_v6.as_deref().map(cidr).transpose()?,
             node_costs: nm.node_costs.clone(),
             default_node_cost: nm.default_node_cost,
-            state_file: Some(config.nsp.state_dir.join("netmanager-state.json")),
+            state_file: Some(config.daemon.state_dir.join("netmanager-state.json")),
             keep_links: config.dataplane.keep_dataplane,
         });
         Ok(())
@@ -201,7 +209,7 @@ impl Plugin for NetManagerPlugin {
                 }
             }
         });
-        self.catalog.set_overlay(Some(manager.clone())).await;
+        self.observer.set_manager(Some(manager.clone())).await;
         *self.manager.lock().expect("lock") = Some(manager);
         Ok(())
     }
@@ -209,7 +217,7 @@ impl Plugin for NetManagerPlugin {
     async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {
         let manager = self.manager.lock().expect("lock").take();
         if let Some(m) = manager {
-            self.catalog.set_overlay(None).await;
+            self.observer.set_manager(None).await;
             m.shutdown().await;
         }
         if let Some(path) = &self.settings.lock().expect("lock").socket {

@@ -5,7 +5,7 @@
 //! `FetchEndpoints` answer UNIMPLEMENTED.
 //!
 //! What is served comes from a [`watch`] of [`Assignments`] (the catalog's
-//! [`crate::catalog::Catalog::watch_loads`]); [`assignment`] turns the
+//! `Catalog::watch_loads`, which passes it in: the catalog is above xds); [`assignment`] turns the
 //! catalog's selected endpoints into a `ClusterLoadAssignment`.
 //!
 //! Per stream (one proxy), following /work/shared/reference/xds.md §1.4:

@@ -5,13 +5,11 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::names::{validate_name, NameError};
 use crate::net::Prefix;
 
 /// Most flows one VIP may carry (the classifier uses u64 masks).
 pub const MAX_FLOWS_PER_VIP: usize = 64;
-
-/// Longest accepted name, in bytes.
-const MAX_NAME_LEN: usize = 253;
 
 /// A flow as written in configuration (nsp.v1 Flow).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,25 +324,14 @@ impl Cursor<'_> {
     }
 }
 
-/// Checks a name: 1..=253 bytes of `[A-Za-z0-9-+_.]`.
-pub fn validate_name(field: &str, value: &str) -> Result<(), FlowError> {
-    let reason = if value.is_empty() {
-        "empty"
-    } else if value.len() > MAX_NAME_LEN {
-        "longer than 253 bytes"
-    } else if !value
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-+_.".contains(&b))
-    {
-        "invalid character"
-    } else {
-        return Ok(());
-    };
-    Err(FlowError::BadName {
-        field: field.to_string(),
-        value: value.to_string(),
-        reason,
-    })
+impl From<NameError> for FlowError {
+    fn from(e: NameError) -> Self {
+        FlowError::BadName {
+            field: e.field,
+            value: e.value,
+            reason: e.reason,
+        }
+    }
 }
 
 /// A validated VIP.
@@ -927,35 +914,6 @@ mod tests {
 
     #[test]
     fn names() {
-        assert!(validate_name("x", "a-Z_0.9+b").is_ok());
-        assert!(validate_name("x", &"a".repeat(253)).is_ok());
-        assert_eq!(
-            validate_name("flow name", ""),
-            Err(FlowError::BadName {
-                field: "flow name".into(),
-                value: "".into(),
-                reason: "empty"
-            })
-        );
-        assert!(matches!(
-            validate_name("x", &"a".repeat(254)),
-            Err(FlowError::BadName {
-                reason: "longer than 253 bytes",
-                ..
-            })
-        ));
-        for bad in ["a b", "a/b", "é", "a:b", "a*"] {
-            assert!(
-                matches!(
-                    validate_name("x", bad),
-                    Err(FlowError::BadName {
-                        reason: "invalid character",
-                        ..
-                    })
-                ),
-                "{bad:?}"
-            );
-        }
         let mut f = flow("f");
         f.stream = String::new();
         let err = Flow::parse(&f).unwrap_err();

@@ -301,7 +301,7 @@ fn source_table(flows: &[&Flow]) -> SourceTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flows::spec::{FlowSpec, VipSpec};
+    use crate::lb::flows::spec::{FlowSpec, VipSpec};
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     fn s(v: &[&str]) -> Vec<String> {
@@ -852,11 +852,11 @@ mod tests {
             .collect();
         fl.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.name.cmp(&b.name)));
         let icmp = if v6 { 58 } else { 1 };
-        let proto_num = |p: &crate::flows::spec::Protocol| match p {
-            crate::flows::spec::Protocol::Tcp => 6,
-            crate::flows::spec::Protocol::Udp => 17,
-            crate::flows::spec::Protocol::Sctp => 132,
-            crate::flows::spec::Protocol::Icmp => icmp,
+        let proto_num = |p: &crate::lb::flows::spec::Protocol| match p {
+            crate::lb::flows::spec::Protocol::Tcp => 6,
+            crate::lb::flows::spec::Protocol::Udp => 17,
+            crate::lb::flows::spec::Protocol::Sctp => 132,
+            crate::lb::flows::spec::Protocol::Icmp => icmp,
         };
         let src = u128::from_be_bytes(p.src);
         let in_prefix = |q: &Prefix| {
