@@ -12,7 +12,22 @@ fn main() {
         "proto/api/nsp/v1/targetregistry.proto",
         "proto/api/nsp/v1/configurationmanager.proto",
     ];
+    // `-o json` prints the admin and registry replies as they are on the wire.
     tonic_prost_build::configure()
+        .type_attribute(".tapmesh.admin.v1", "#[derive(serde::Serialize)]")
+        .type_attribute(".nsp.v1", "#[derive(serde::Serialize)]")
+        .field_attribute(
+            ".tapmesh.admin.v1.PluginStatus.state",
+            "#[serde(serialize_with = \"crate::cli::json::plugin_state\")]",
+        )
+        .field_attribute(
+            ".nsp.v1.Target.status",
+            "#[serde(serialize_with = \"crate::cli::json::target_status\")]",
+        )
+        .field_attribute(
+            ".nsp.v1.Target.type",
+            "#[serde(serialize_with = \"crate::cli::json::target_type\")]",
+        )
         .compile_protos(&protos, &["proto"])
         .unwrap_or_else(|e| {
             panic!("compiling protos (is protoc installed? run `cargo xtask setup`): {e}")

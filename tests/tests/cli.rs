@@ -66,3 +66,138 @@ fn no_command_panics_when_its_reader_went_away() {
         assert_eq!(closed.status.code(), Some(0), "{args:?}: {stderr}");
     }
 }
+
+/// `tapmesh <args>`: its standard output, after asserting it succeeded.
+fn run(args: &[&str]) -> String {
+    let out = Command::new(tapmesh_bin()).args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The same command as text and as `-o json`: the JSON parses.
+fn both(args: &[&str]) -> (String, serde_json::Value) {
+    let text = run(args);
+    assert_eq!(run(&[args, &["-o", "text"]].concat()), text, "{args:?}");
+    let json = run(&[args, &["-o", "json"]].concat());
+    let value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{args:?}: {e}: {json}"));
+    (text, value)
+}
+
+fn str_of<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or_else(|| panic!("{key} in {v}"))
+}
+
+#[test]
+fn json_output_carries_what_the_text_shows() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(1, "60s");
+    let a = lab.start_ambassador(0, "30s");
+    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
+    tap.open(stream("stream-a", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(tap.wait_status("stream-a", S::Open, std::time::Duration::from_secs(10)));
+    let admin = lab.daemon().socket.display().to_string();
+    let node = lab.node_socket().display().to_string();
+    let admin_args = |args: &[&'static str]| {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(["--admin-socket".to_string(), admin.clone()]);
+        v
+    };
+    let call = |v: &[String]| both(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    run(
+        &admin_args(&["tap-service", "create", "ts1", "--interface", "lo"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    // The uplink's traffic, direction in lower case.
+    let uplink = lab.uplink.clone();
+    let mut flow = admin_args(&["tap-flow", "create", "tf1", "--tap-service", "ts1"]);
+    flow.extend([
+        "--source".into(),
+        uplink,
+        "--direction".into(),
+        "both".into(),
+    ]);
+    run(&flow.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let (text, json) = call(&admin_args(&["status"]));
+    assert_eq!(
+        text.lines().next().unwrap(),
+        format!("tapmesh {}", str_of(&json, "version"))
+    );
+    let plugins = json["plugins"].as_array().unwrap();
+    assert!(plugins.len() >= 5, "{json}");
+    for p in plugins {
+        let line = format!(
+            "  {:<12} {:<10} {}",
+            str_of(p, "name"),
+            str_of(p, "state"),
+            str_of(p, "detail")
+        );
+        assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+    }
+    let planes = json["control_planes"].as_array().unwrap();
+    let nsp = planes
+        .iter()
+        .find(|p| p["name"] == "nsp")
+        .expect("nsp plane");
+    assert_eq!(nsp["synced"], true, "{json}");
+    let line = format!("  {:<12} {:<10} {}", "nsp", "synced", str_of(nsp, "detail"));
+    assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+
+    let (text, json) = call(&admin_args(&["lb", "list"]));
+    let vips = json["config"]["vips"].as_array().unwrap();
+    assert!(!vips.is_empty(), "{json}");
+    for v in vips {
+        let line = format!("vip {} {}", str_of(v, "name"), str_of(v, "address"));
+        assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+    }
+
+    let (text, json) = call(&admin_args(&["catalog", "list"]));
+    let services = json["services"].as_array().unwrap();
+    assert!(!services.is_empty(), "{json}");
+    for s in services {
+        let line = format!(
+            "{} (from {}) vip {}",
+            str_of(s, "name"),
+            str_of(s, "source"),
+            str_of(s, "vip")
+        );
+        assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+    }
+
+    let (text, json) = call(&admin_args(&["tap-service", "list"]));
+    let services = json.as_array().unwrap();
+    assert_eq!(services.len(), 1, "{json}");
+    assert_eq!(services[0]["destination"]["Interface"], "lo", "{json}");
+    let line = format!(
+        "{:<20} {:<7} interface lo",
+        "ts1",
+        str_of(&services[0], "status")
+    );
+    assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+
+    let (text, json) = call(&admin_args(&["tap-flow", "list"]));
+    let flows = json.as_array().unwrap();
+    assert_eq!(flows.len(), 1, "{json}");
+    assert_eq!(flows[0]["direction"], "BOTH", "{json}");
+    let row = text.lines().nth(1).unwrap();
+    for key in ["id", "tap_service", "source", "direction", "status"] {
+        assert!(row.contains(str_of(&flows[0], key)), "{key} not in {row}");
+    }
+
+    let (text, json) = both(&["registry", "list", "--node-socket", &node]);
+    let targets = json["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), text.lines().count() - 1, "{json}\n{text}");
+    for (t, row) in targets.iter().zip(text.lines().skip(1)) {
+        assert!(row.contains(str_of(t, "status")), "{row}");
+        assert!(row.contains(str_of(t, "type")), "{row}");
+        assert!(row.contains(str_of(&t["context"], "identifier")), "{row}");
+        for ip in t["ips"].as_array().unwrap() {
+            assert!(row.contains(ip.as_str().unwrap()), "{row}");
+        }
+    }
+}

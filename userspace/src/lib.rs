@@ -18,6 +18,7 @@ pub mod nsp;
 pub mod overlay;
 pub mod preflight;
 pub mod proto;
+pub mod repeats;
 pub mod statefile;
 pub mod uds;
 pub mod xds;

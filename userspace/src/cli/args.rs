@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use super::json::Output;
 use crate::config::{Overrides, DEFAULT_ADMIN_SOCKET, DEFAULT_NODE_SOCKET};
 
 #[derive(Parser)]
@@ -13,6 +14,9 @@ use crate::config::{Overrides, DEFAULT_ADMIN_SOCKET, DEFAULT_NODE_SOCKET};
     about = "A node dataplane in XDP and TC: VIP load balancing, service IPs, tunnels, mirroring"
 )]
 pub struct Cli {
+    /// Output of `status` and the `list` commands.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -107,7 +111,7 @@ pub enum LbCommand {
     List,
     /// Delete a VIP, stream or flow by name, or a target by stream and identifier.
     Delete {
-        #[arg(value_parser = ["vip", "stream", "flow", "target"])]
+        #[arg(value_parser = ["vip", "stream", "flow", "target"], ignore_case = true)]
         kind: String,
         name: String,
         identifier: Option<u32>,
@@ -173,9 +177,9 @@ pub enum TapFlowCommand {
         /// The source port's interface.
         #[arg(long)]
         source: String,
-        /// IN (to the port), OUT (from it) or BOTH.
-        #[arg(long)]
-        direction: String,
+        /// IN (to the port), OUT (from it) or BOTH (any case).
+        #[arg(long, value_enum, ignore_case = true)]
+        direction: Direction,
         /// VLAN ids and ranges, e.g. "10,20-30".
         #[arg(long)]
         vlan_filter: Option<String>,
@@ -184,6 +188,28 @@ pub enum TapFlowCommand {
         id: String,
     },
     List,
+}
+
+/// Which of a port's traffic a tap flow mirrors.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[value(rename_all = "UPPER")]
+pub enum Direction {
+    /// To the port.
+    In,
+    /// From the port.
+    Out,
+    Both,
+}
+
+impl Direction {
+    /// The admin API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::In => "IN",
+            Direction::Out => "OUT",
+            Direction::Both => "BOTH",
+        }
+    }
 }
 
 #[derive(Subcommand)]

@@ -2,6 +2,7 @@
 
 pub mod args;
 pub mod catalog;
+pub mod json;
 pub mod lb;
 pub mod mirror;
 pub mod nsp;
@@ -16,6 +17,7 @@ pub use crate::daemon::{runtime, EXIT_CONFIG};
 
 /// Runs one parsed command line to its exit code.
 pub fn run(cli: Cli) -> ExitCode {
+    let output = cli.output;
     match cli.command {
         Command::Daemon {
             overrides,
@@ -27,24 +29,26 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Registry {
             node_socket,
             command: RegistryCommand::List,
-        } => runtime().block_on(nsp::registry_list(node_socket)),
+        } => runtime().block_on(nsp::registry_list(node_socket, output)),
         Command::TapService {
             admin_socket,
             command,
-        } => runtime().block_on(mirror::tap_service(admin_socket, command)),
+        } => runtime().block_on(mirror::tap_service(admin_socket, command, output)),
         Command::TapFlow {
             admin_socket,
             command,
-        } => runtime().block_on(mirror::tap_flow(admin_socket, command)),
+        } => runtime().block_on(mirror::tap_flow(admin_socket, command, output)),
         Command::Catalog {
             admin_socket,
             command: CatalogCommand::List,
-        } => runtime().block_on(catalog::list(admin_socket)),
-        Command::Status { admin_socket, raw } => runtime().block_on(status::run(admin_socket, raw)),
+        } => runtime().block_on(catalog::list(admin_socket, output)),
+        Command::Status { admin_socket, raw } => {
+            runtime().block_on(status::run(admin_socket, raw, output))
+        }
         Command::Lb {
             admin_socket,
             command,
-        } => runtime().block_on(lb::run(admin_socket, command)),
+        } => runtime().block_on(lb::run(admin_socket, command, output)),
     }
 }
 
