@@ -201,3 +201,88 @@ fn json_output_carries_what_the_text_shows() {
         }
     }
 }
+
+#[test]
+fn version_names_the_commit() {
+    let git = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let commit = String::from_utf8(git.stdout).unwrap();
+    // A build from the same tree; a commit since then would make it stale.
+    let version = run(&["--version"]);
+    assert!(version.starts_with(&format!("tapmesh {} (commit ", env!("CARGO_PKG_VERSION"))));
+    let built = version
+        .trim_end()
+        .rsplit_once("(commit ")
+        .unwrap()
+        .1
+        .trim_end_matches(')');
+    assert_eq!(built.len(), 12, "{version}");
+    assert!(
+        Command::new("git")
+            .args(["cat-file", "-e", &format!("{built}^{{commit}}")])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap()
+            .success(),
+        "{version} (HEAD is {commit})"
+    );
+}
+
+#[test]
+fn help_completions_and_man_page() {
+    let help = run(&["--help"]);
+    assert!(help.contains("\nExamples:\n  tapmesh daemon --uplink eth0 --tc-interface veth1234\n"));
+    assert!(help.contains("  -o, --output <OUTPUT>\n"), "{help}");
+    assert!(help.contains("[default: text]"), "{help}");
+    let lb = run(&["lb", "--help"]);
+    assert!(
+        lb.contains("\nExamples:\n  tapmesh lb apply lb.toml\n"),
+        "{lb}"
+    );
+    assert!(lb.contains("[default: /run/tapmesh/admin.sock]"), "{lb}");
+    let ambassador = run(&["ambassador", "--help"]);
+    assert!(ambassador.contains("[default: INFO]"), "{ambassador}");
+
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.starts_with("_tapmesh() {\n"), "{bash}");
+    assert!(bash.contains("complete -F _tapmesh"), "{bash}");
+    assert_eq!(run(&["completions", "BASH"]), bash);
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef tapmesh\n"));
+    let man = run(&["man"]);
+    let th = man.lines().find(|l| l.starts_with(".TH")).unwrap();
+    assert_eq!(
+        th,
+        format!(
+            ".TH tapmesh 1  \"tapmesh {}\" ",
+            run(&["--version"])
+                .trim_start_matches("tapmesh ")
+                .trim_end()
+        )
+    );
+    assert!(man.contains("tap\\-flow"), "{man}");
+
+    // An enum value in any case; a wrong one is a usage error (exit 2).
+    let out = Command::new(tapmesh_bin())
+        .args([
+            "tap-flow",
+            "create",
+            "f",
+            "--tap-service",
+            "s",
+            "--source",
+            "x",
+            "--direction",
+            "sideways",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.starts_with("error: invalid value 'sideways' for '--direction <DIRECTION>'\n  [possible values: IN, OUT, BOTH]\n"),
+        "{stderr}"
+    );
+}

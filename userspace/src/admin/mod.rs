@@ -159,7 +159,7 @@ impl Admin for AdminService {
             Err(_) => Default::default(),
         };
         Ok(Response::new(proto::StatusResponse {
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::VERSION.into(),
             plugins,
             attachments,
             programs,

@@ -7,11 +7,34 @@ use clap::{Parser, Subcommand};
 use super::json::Output;
 use crate::config::{Overrides, DEFAULT_ADMIN_SOCKET, DEFAULT_NODE_SOCKET};
 
+const EXAMPLES: &str = "\
+Examples:
+  tapmesh daemon --uplink eth0 --tc-interface veth1234
+  tapmesh status
+  tapmesh status -o json
+  tapmesh lb apply /etc/tapmesh/lb.toml
+  tapmesh tap-flow create f1 --tap-service s1 --source veth1234 --direction both
+  tapmesh completions bash > /etc/bash_completion.d/tapmesh";
+
+const DAEMON_EXAMPLES: &str = "\
+Examples:
+  tapmesh daemon --config /etc/tapmesh/daemon.toml
+  tapmesh daemon --uplink eth0 --xdp-mode native --log-format json
+  tapmesh daemon --netns node1 --uplink veth0 --keep-dataplane";
+
+const LB_EXAMPLES: &str = "\
+Examples:
+  tapmesh lb apply lb.toml
+  tapmesh lb list -o json
+  tapmesh lb delete vip vip-a
+  tapmesh lb delete target stream-a 3";
+
 #[derive(Parser)]
 #[command(
     name = "tapmesh",
-    version,
-    about = "A node dataplane in XDP and TC: VIP load balancing, service IPs, tunnels, mirroring"
+    version = crate::VERSION,
+    about = "A node dataplane in XDP and TC: VIP load balancing, service IPs, tunnels, mirroring",
+    after_help = EXAMPLES
 )]
 pub struct Cli {
     /// Output of `status` and the `list` commands.
@@ -24,6 +47,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the node daemon (needs root).
+    #[command(after_help = DAEMON_EXAMPLES)]
     Daemon {
         #[command(flatten)]
         overrides: Box<Overrides>,
@@ -35,6 +59,7 @@ pub enum Command {
         private_bpffs: bool,
     },
     /// VIP load balancing: apply a configuration, list it, delete parts.
+    #[command(after_help = LB_EXAMPLES)]
     Lb {
         /// Admin API socket of the daemon.
         #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, global = true)]
@@ -101,6 +126,17 @@ pub enum Command {
         #[arg(long)]
         raw: bool,
     },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  tapmesh completions bash > /etc/bash_completion.d/tapmesh"
+    )]
+    Completions {
+        #[arg(value_enum, ignore_case = true)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff).
+    #[command(after_help = "Example:\n  tapmesh man > /usr/local/share/man/man1/tapmesh.1")]
+    Man,
 }
 
 #[derive(Subcommand)]

@@ -10,6 +10,8 @@ pub mod status;
 
 use std::{io::Write, path::Path, process::ExitCode};
 
+use clap::CommandFactory;
+
 use crate::admin;
 use args::{CatalogCommand, Cli, Command, RegistryCommand};
 
@@ -49,6 +51,25 @@ pub fn run(cli: Cli) -> ExitCode {
             admin_socket,
             command,
         } => runtime().block_on(lb::run(admin_socket, command, output)),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tapmesh", &mut out);
+            let _ = print(&String::from_utf8_lossy(&out));
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => {
+                    let _ = print(&String::from_utf8_lossy(&out));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tapmesh: rendering the man page: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
