@@ -286,3 +286,98 @@ fn help_completions_and_man_page() {
         "{stderr}"
     );
 }
+
+const LB_FILE: &str = r#"
+[[streams]]
+name = "s"
+max_targets = 2
+
+[[vips]]
+name = "v"
+address = "20.0.0.1"
+
+[[flows]]
+name = "f"
+vips = ["v"]
+stream = "s"
+priority = 1
+protocols = ["tcp"]
+
+[[targets]]
+stream = "s"
+identifier = 1
+via = { remote = { node = "198.18.2.2" } }
+"#;
+
+#[test]
+fn config_check_validates_offline() {
+    let dir = tapmesh_tests::tapa::TempDir::new("tmcheck");
+    let write = |name: &str, text: &str| {
+        let path = dir.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let daemon = write(
+        "daemon.toml",
+        "[daemon]\nlog_level = \"info\"\nlog_format = \"json\"\n",
+    );
+    let lb = write("lb.toml", LB_FILE);
+    let meridio = write("nsp.toml", tapmesh_tests::tapa::NSP_CONFIG);
+    let check = |files: &[&str]| {
+        let out = Command::new(tapmesh_bin())
+            .args([&["config", "check"], files].concat())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    assert_eq!(
+        check(&[&daemon, &lb, &meridio]),
+        (
+            Some(0),
+            format!("{daemon}: ok (daemon)\n{lb}: ok (lb)\n{meridio}: ok (meridio)\n"),
+            String::new()
+        )
+    );
+
+    let bad_mode = write("mode.toml", "[dataplane]\nxdp_mode = \"turbo\"\n");
+    let bad_uplink = write("uplink.toml", "[dataplane]\nuplinks = [\"nope0\"]\n");
+    let bad_format = write("format.toml", "[daemon]\nlog_format = \"xml\"\n");
+    let bad_lb = write(
+        "badlb.toml",
+        &LB_FILE.replace(
+            "stream = \"s\"\nidentifier = 1",
+            "stream = \"s\"\nidentifier = 3",
+        ),
+    );
+    let bad_meridio = write(
+        "badnsp.toml",
+        &tapmesh_tests::tapa::NSP_CONFIG.replace(
+            "conduit = \"conduit-a\"\nmax_targets = 1",
+            "conduit = \"conduit-x\"\nmax_targets = 1",
+        ),
+    );
+    let (code, stdout, stderr) = check(&[
+        &bad_mode,
+        &bad_uplink,
+        &bad_format,
+        &daemon,
+        &bad_lb,
+        &bad_meridio,
+    ]);
+    assert_eq!(code, Some(2));
+    assert_eq!(stdout, format!("{daemon}: ok (daemon)\n"));
+    assert_eq!(
+        stderr,
+        format!(
+            "tapmesh: config file {bad_mode}: line 2: unknown variant `turbo`, expected one of `auto`, `native`, `generic`\n\
+             tapmesh: config file {bad_uplink}: dataplane.uplinks: interface \"nope0\" does not exist\n\
+             tapmesh: config file {bad_format}: line 2: unknown variant `xml`, expected `text` or `json`\n\
+             tapmesh: LB config file {bad_lb}: target 3 of stream \"s\": identifier out of range; use 1..=2 (the stream's max_targets)\n\
+             tapmesh: {bad_meridio}: stream \"stream-b\": conduit \"conduit-x\" is not defined in trench \"trench-a\"\n"
+        )
+    );
+}

@@ -126,6 +126,11 @@ pub enum Command {
         #[arg(long)]
         raw: bool,
     },
+    /// Offline checks of configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Print a shell completion script.
     #[command(
         after_help = "Example:\n  tapmesh completions bash > /etc/bash_completion.d/tapmesh"
@@ -246,6 +251,21 @@ impl Direction {
             Direction::Both => "BOTH",
         }
     }
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Validate daemon, LB and Meridio files as the daemon would (exit 2 if any is refused).
+    #[command(
+        after_help = "Examples:\n  tapmesh config check /etc/tapmesh/daemon.toml /etc/tapmesh/lb.toml /etc/tapmesh/nsp.toml\n  tapmesh config check --kind lb vips.toml"
+    )]
+    Check {
+        /// The files' kind; by default guessed from each file's top-level keys.
+        #[arg(long, value_enum, ignore_case = true)]
+        kind: Option<super::check::Kind>,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]

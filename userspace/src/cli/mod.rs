@@ -2,6 +2,7 @@
 
 pub mod args;
 pub mod catalog;
+pub mod check;
 pub mod json;
 pub mod lb;
 pub mod mirror;
@@ -51,6 +52,9 @@ pub fn run(cli: Cli) -> ExitCode {
             admin_socket,
             command,
         } => runtime().block_on(lb::run(admin_socket, command, output)),
+        Command::Config {
+            command: args::ConfigCommand::Check { kind, files },
+        } => check::run(&files, kind),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "tapmesh", &mut out);
