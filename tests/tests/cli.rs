@@ -66,3 +66,318 @@ fn no_command_panics_when_its_reader_went_away() {
         assert_eq!(closed.status.code(), Some(0), "{args:?}: {stderr}");
     }
 }
+
+/// `tapmesh <args>`: its standard output, after asserting it succeeded.
+fn run(args: &[&str]) -> String {
+    let out = Command::new(tapmesh_bin()).args(args).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The same command as text and as `-o json`: the JSON parses.
+fn both(args: &[&str]) -> (String, serde_json::Value) {
+    let text = run(args);
+    assert_eq!(run(&[args, &["-o", "text"]].concat()), text, "{args:?}");
+    let json = run(&[args, &["-o", "json"]].concat());
+    let value = serde_json::from_str(&json).unwrap_or_else(|e| panic!("{args:?}: {e}: {json}"));
+    (text, value)
+}
+
+fn str_of<'a>(v: &'a serde_json::Value, key: &str) -> &'a str {
+    v[key].as_str().unwrap_or_else(|| panic!("{key} in {v}"))
+}
+
+#[test]
+fn json_output_carries_what_the_text_shows() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(1, "60s");
+    let a = lab.start_ambassador(0, "30s");
+    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
+    tap.open(stream("stream-a", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(tap.wait_status("stream-a", S::Open, std::time::Duration::from_secs(10)));
+    let admin = lab.daemon().socket.display().to_string();
+    let node = lab.node_socket().display().to_string();
+    let admin_args = |args: &[&'static str]| {
+        let mut v: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        v.extend(["--admin-socket".to_string(), admin.clone()]);
+        v
+    };
+    let call = |v: &[String]| both(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    run(
+        &admin_args(&["tap-service", "create", "ts1", "--interface", "lo"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    // The uplink's traffic, direction in lower case.
+    let uplink = lab.uplink.clone();
+    let mut flow = admin_args(&["tap-flow", "create", "tf1", "--tap-service", "ts1"]);
+    flow.extend([
+        "--source".into(),
+        uplink,
+        "--direction".into(),
+        "both".into(),
+    ]);
+    run(&flow.iter().map(String::as_str).collect::<Vec<_>>());
+
+    let (text, json) = call(&admin_args(&["status"]));
+    assert_eq!(
+        text.lines().next().unwrap(),
+        format!("tapmesh {}", str_of(&json, "version"))
+    );
+    let plugins = json["plugins"].as_array().unwrap();
+    assert!(plugins.len() >= 5, "{json}");
+    for p in plugins {
+        let line = format!(
+            "  {:<12} {:<10} {}",
+            str_of(p, "name"),
+            str_of(p, "state"),
+            str_of(p, "detail")
+        );
+        assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+    }
+    let planes = json["control_planes"].as_array().unwrap();
+    let nsp = planes
+        .iter()
+        .find(|p| p["name"] == "nsp")
+        .expect("nsp plane");
+    assert_eq!(nsp["synced"], true, "{json}");
+    let line = format!("  {:<12} {:<10} {}", "nsp", "synced", str_of(nsp, "detail"));
+    assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+
+    let (text, json) = call(&admin_args(&["lb", "list"]));
+    let vips = json["config"]["vips"].as_array().unwrap();
+    assert!(!vips.is_empty(), "{json}");
+    for v in vips {
+        let line = format!("vip {} {}", str_of(v, "name"), str_of(v, "address"));
+        assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+    }
+
+    let (text, json) = call(&admin_args(&["catalog", "list"]));
+    let services = json["services"].as_array().unwrap();
+    assert!(!services.is_empty(), "{json}");
+    for s in services {
+        let line = format!(
+            "{} (from {}) vip {}",
+            str_of(s, "name"),
+            str_of(s, "source"),
+            str_of(s, "vip")
+        );
+        assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+    }
+
+    let (text, json) = call(&admin_args(&["tap-service", "list"]));
+    let services = json.as_array().unwrap();
+    assert_eq!(services.len(), 1, "{json}");
+    assert_eq!(services[0]["destination"]["Interface"], "lo", "{json}");
+    let line = format!(
+        "{:<20} {:<7} interface lo",
+        "ts1",
+        str_of(&services[0], "status")
+    );
+    assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+
+    let (text, json) = call(&admin_args(&["tap-flow", "list"]));
+    let flows = json.as_array().unwrap();
+    assert_eq!(flows.len(), 1, "{json}");
+    assert_eq!(flows[0]["direction"], "BOTH", "{json}");
+    let row = text.lines().nth(1).unwrap();
+    for key in ["id", "tap_service", "source", "direction", "status"] {
+        assert!(row.contains(str_of(&flows[0], key)), "{key} not in {row}");
+    }
+
+    let (text, json) = both(&["registry", "list", "--node-socket", &node]);
+    let targets = json["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), text.lines().count() - 1, "{json}\n{text}");
+    for (t, row) in targets.iter().zip(text.lines().skip(1)) {
+        assert!(row.contains(str_of(t, "status")), "{row}");
+        assert!(row.contains(str_of(t, "type")), "{row}");
+        assert!(row.contains(str_of(&t["context"], "identifier")), "{row}");
+        for ip in t["ips"].as_array().unwrap() {
+            assert!(row.contains(ip.as_str().unwrap()), "{row}");
+        }
+    }
+}
+
+#[test]
+fn version_names_the_commit() {
+    let git = Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let commit = String::from_utf8(git.stdout).unwrap();
+    // A build from the same tree; a commit since then would make it stale.
+    let version = run(&["--version"]);
+    assert!(version.starts_with(&format!("tapmesh {} (commit ", env!("CARGO_PKG_VERSION"))));
+    let built = version
+        .trim_end()
+        .rsplit_once("(commit ")
+        .unwrap()
+        .1
+        .trim_end_matches(')');
+    assert_eq!(built.len(), 12, "{version}");
+    assert!(
+        Command::new("git")
+            .args(["cat-file", "-e", &format!("{built}^{{commit}}")])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap()
+            .success(),
+        "{version} (HEAD is {commit})"
+    );
+}
+
+#[test]
+fn help_completions_and_man_page() {
+    let help = run(&["--help"]);
+    assert!(help.contains("\nExamples:\n  tapmesh daemon --uplink eth0 --tc-interface veth1234\n"));
+    assert!(help.contains("  -o, --output <OUTPUT>\n"), "{help}");
+    assert!(help.contains("[default: text]"), "{help}");
+    let lb = run(&["lb", "--help"]);
+    assert!(
+        lb.contains("\nExamples:\n  tapmesh lb apply lb.toml\n"),
+        "{lb}"
+    );
+    assert!(lb.contains("[default: /run/tapmesh/admin.sock]"), "{lb}");
+    let ambassador = run(&["ambassador", "--help"]);
+    assert!(ambassador.contains("[default: INFO]"), "{ambassador}");
+
+    let bash = run(&["completions", "bash"]);
+    assert!(bash.starts_with("_tapmesh() {\n"), "{bash}");
+    assert!(bash.contains("complete -F _tapmesh"), "{bash}");
+    assert_eq!(run(&["completions", "BASH"]), bash);
+    assert!(run(&["completions", "zsh"]).starts_with("#compdef tapmesh\n"));
+    let man = run(&["man"]);
+    let th = man.lines().find(|l| l.starts_with(".TH")).unwrap();
+    assert_eq!(
+        th,
+        format!(
+            ".TH tapmesh 1  \"tapmesh {}\" ",
+            run(&["--version"])
+                .trim_start_matches("tapmesh ")
+                .trim_end()
+        )
+    );
+    assert!(man.contains("tap\\-flow"), "{man}");
+
+    // An enum value in any case; a wrong one is a usage error (exit 2).
+    let out = Command::new(tapmesh_bin())
+        .args([
+            "tap-flow",
+            "create",
+            "f",
+            "--tap-service",
+            "s",
+            "--source",
+            "x",
+            "--direction",
+            "sideways",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.starts_with("error: invalid value 'sideways' for '--direction <DIRECTION>'\n  [possible values: IN, OUT, BOTH]\n"),
+        "{stderr}"
+    );
+}
+
+const LB_FILE: &str = r#"
+[[streams]]
+name = "s"
+max_targets = 2
+
+[[vips]]
+name = "v"
+address = "20.0.0.1"
+
+[[flows]]
+name = "f"
+vips = ["v"]
+stream = "s"
+priority = 1
+protocols = ["tcp"]
+
+[[targets]]
+stream = "s"
+identifier = 1
+via = { remote = { node = "198.18.2.2" } }
+"#;
+
+#[test]
+fn config_check_validates_offline() {
+    let dir = tapmesh_tests::tapa::TempDir::new("tmcheck");
+    let write = |name: &str, text: &str| {
+        let path = dir.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let daemon = write(
+        "daemon.toml",
+        "[daemon]\nlog_level = \"info\"\nlog_format = \"json\"\n",
+    );
+    let lb = write("lb.toml", LB_FILE);
+    let meridio = write("nsp.toml", tapmesh_tests::tapa::NSP_CONFIG);
+    let check = |files: &[&str]| {
+        let out = Command::new(tapmesh_bin())
+            .args([&["config", "check"], files].concat())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
+    };
+    assert_eq!(
+        check(&[&daemon, &lb, &meridio]),
+        (
+            Some(0),
+            format!("{daemon}: ok (daemon)\n{lb}: ok (lb)\n{meridio}: ok (meridio)\n"),
+            String::new()
+        )
+    );
+
+    let bad_mode = write("mode.toml", "[dataplane]\nxdp_mode = \"turbo\"\n");
+    let bad_uplink = write("uplink.toml", "[dataplane]\nuplinks = [\"nope0\"]\n");
+    let bad_format = write("format.toml", "[daemon]\nlog_format = \"xml\"\n");
+    let bad_lb = write(
+        "badlb.toml",
+        &LB_FILE.replace(
+            "stream = \"s\"\nidentifier = 1",
+            "stream = \"s\"\nidentifier = 3",
+        ),
+    );
+    let bad_meridio = write(
+        "badnsp.toml",
+        &tapmesh_tests::tapa::NSP_CONFIG.replace(
+            "conduit = \"conduit-a\"\nmax_targets = 1",
+            "conduit = \"conduit-x\"\nmax_targets = 1",
+        ),
+    );
+    let (code, stdout, stderr) = check(&[
+        &bad_mode,
+        &bad_uplink,
+        &bad_format,
+        &daemon,
+        &bad_lb,
+        &bad_meridio,
+    ]);
+    assert_eq!(code, Some(2));
+    assert_eq!(stdout, format!("{daemon}: ok (daemon)\n"));
+    assert_eq!(
+        stderr,
+        format!(
+            "tapmesh: config file {bad_mode}: line 2: unknown variant `turbo`, expected one of `auto`, `native`, `generic`\n\
+             tapmesh: config file {bad_uplink}: dataplane.uplinks: interface \"nope0\" does not exist\n\
+             tapmesh: config file {bad_format}: line 2: unknown variant `xml`, expected `text` or `json`\n\
+             tapmesh: LB config file {bad_lb}: target 3 of stream \"s\": identifier out of range; use 1..=2 (the stream's max_targets)\n\
+             tapmesh: {bad_meridio}: stream \"stream-b\": conduit \"conduit-x\" is not defined in trench \"trench-a\"\n"
+        )
+    );
+}

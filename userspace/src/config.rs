@@ -54,6 +54,16 @@ pub struct DaemonConfig {
     /// conduits, tap services and flows, NetManager deployments, EDS
     /// backend identities.
     pub state_dir: PathBuf,
+    /// "text" (one readable line per event) or "json" (one object per line).
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for DaemonConfig {
@@ -62,6 +72,7 @@ impl Default for DaemonConfig {
             admin_socket: DEFAULT_ADMIN_SOCKET.into(),
             log_level: "info".into(),
             state_dir: DEFAULT_STATE_DIR.into(),
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -325,6 +336,9 @@ pub struct Overrides {
     /// Log filter (error, warn, info, debug, trace or a tracing directive).
     #[arg(long, env = "TAPMESH_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Log format.
+    #[arg(long, env = "TAPMESH_LOG_FORMAT", value_enum, ignore_case = true)]
+    pub log_format: Option<LogFormat>,
     /// bpffs directory for pins (a schema subdirectory is added).
     #[arg(long, env = "TAPMESH_BPFFS_ROOT")]
     pub bpffs_root: Option<PathBuf>,
@@ -454,6 +468,9 @@ impl Config {
         }
         if let Some(v) = &o.log_level {
             self.daemon.log_level = v.clone();
+        }
+        if let Some(v) = o.log_format {
+            self.daemon.log_format = v;
         }
         if let Some(v) = &o.bpffs_root {
             self.dataplane.bpffs_root = v.clone();

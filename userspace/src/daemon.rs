@@ -56,11 +56,15 @@ pub fn run(overrides: &Overrides, netns: Option<&str>, private_bpffs: bool) -> E
     {
         return refuse(&e);
     }
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&config.daemon.log_level))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+        .with_writer(std::io::stderr);
+    match config.daemon.log_format {
+        crate::config::LogFormat::Text => logs
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        crate::config::LogFormat::Json => logs.json().init(),
+    }
     runtime().block_on(serve(config))
 }
 

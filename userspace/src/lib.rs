@@ -1,5 +1,13 @@
 //! tapmesh: a node dataplane in XDP and TC, driven by a plugin daemon.
 
+/// The version and the commit it was built from, as `--version` and `status` show it.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TAPMESH_GIT_COMMIT"),
+    ")"
+);
+
 pub mod admin;
 pub mod ambassador;
 pub mod catalog;
@@ -18,6 +26,7 @@ pub mod nsp;
 pub mod overlay;
 pub mod preflight;
 pub mod proto;
+pub mod repeats;
 pub mod statefile;
 pub mod uds;
 pub mod xds;

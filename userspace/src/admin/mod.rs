@@ -45,6 +45,28 @@ pub struct AdminService {
     catalog: Arc<Catalog>,
 }
 
+/// The control planes' health as the admin API reports it.
+fn control_planes() -> Vec<proto::ControlPlane> {
+    crate::health::planes()
+        .snapshot()
+        .into_iter()
+        .map(|(name, h)| {
+            let (last_nack, last_nack_reason) = h.last_nack.unwrap_or_default();
+            proto::ControlPlane {
+                name: name.into(),
+                expected: h.expected,
+                connected: h.connected,
+                synced: h.synced,
+                detail: h.detail,
+                last_ack: h.last_ack.unwrap_or_default(),
+                last_nack,
+                last_nack_reason,
+                reload_error: h.reload_error.unwrap_or_default(),
+            }
+        })
+        .collect()
+}
+
 fn state_of(state: PluginState) -> proto::PluginState {
     match state {
         PluginState::Registered => proto::PluginState::Registered,
@@ -137,7 +159,7 @@ impl Admin for AdminService {
             Err(_) => Default::default(),
         };
         Ok(Response::new(proto::StatusResponse {
-            version: env!("CARGO_PKG_VERSION").into(),
+            version: crate::VERSION.into(),
             plugins,
             attachments,
             programs,
@@ -150,6 +172,7 @@ impl Admin for AdminService {
             vips,
             flows,
             targets,
+            control_planes: control_planes(),
         }))
     }
 

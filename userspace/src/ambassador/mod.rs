@@ -36,7 +36,7 @@ pub struct AmbassadorSettings {
     #[arg(long, env = "MERIDIO_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
     /// TRACE, DEBUG, INFO, WARN or ERROR (or a tracing filter).
-    #[arg(long, env = "MERIDIO_LOG_LEVEL", default_value = "DEBUG")]
+    #[arg(long, env = "MERIDIO_LOG_LEVEL", default_value = "INFO")]
     pub log_level: String,
 }
 

@@ -4,15 +4,42 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+use super::json::Output;
 use crate::config::{Overrides, DEFAULT_ADMIN_SOCKET, DEFAULT_NODE_SOCKET};
+
+const EXAMPLES: &str = "\
+Examples:
+  tapmesh daemon --uplink eth0 --tc-interface veth1234
+  tapmesh status
+  tapmesh status -o json
+  tapmesh lb apply /etc/tapmesh/lb.toml
+  tapmesh tap-flow create f1 --tap-service s1 --source veth1234 --direction both
+  tapmesh completions bash > /etc/bash_completion.d/tapmesh";
+
+const DAEMON_EXAMPLES: &str = "\
+Examples:
+  tapmesh daemon --config /etc/tapmesh/daemon.toml
+  tapmesh daemon --uplink eth0 --xdp-mode native --log-format json
+  tapmesh daemon --netns node1 --uplink veth0 --keep-dataplane";
+
+const LB_EXAMPLES: &str = "\
+Examples:
+  tapmesh lb apply lb.toml
+  tapmesh lb list -o json
+  tapmesh lb delete vip vip-a
+  tapmesh lb delete target stream-a 3";
 
 #[derive(Parser)]
 #[command(
     name = "tapmesh",
-    version,
-    about = "A node dataplane in XDP and TC: VIP load balancing, service IPs, tunnels, mirroring"
+    version = crate::VERSION,
+    about = "A node dataplane in XDP and TC: VIP load balancing, service IPs, tunnels, mirroring",
+    after_help = EXAMPLES
 )]
 pub struct Cli {
+    /// Output of `status` and the `list` commands.
+    #[arg(short, long, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -20,6 +47,7 @@ pub struct Cli {
 #[derive(Subcommand)]
 pub enum Command {
     /// Run the node daemon (needs root).
+    #[command(after_help = DAEMON_EXAMPLES)]
     Daemon {
         #[command(flatten)]
         overrides: Box<Overrides>,
@@ -31,6 +59,7 @@ pub enum Command {
         private_bpffs: bool,
     },
     /// VIP load balancing: apply a configuration, list it, delete parts.
+    #[command(after_help = LB_EXAMPLES)]
     Lb {
         /// Admin API socket of the daemon.
         #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET, global = true)]
@@ -97,6 +126,22 @@ pub enum Command {
         #[arg(long)]
         raw: bool,
     },
+    /// Offline checks of configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Example:\n  tapmesh completions bash > /etc/bash_completion.d/tapmesh"
+    )]
+    Completions {
+        #[arg(value_enum, ignore_case = true)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff).
+    #[command(after_help = "Example:\n  tapmesh man > /usr/local/share/man/man1/tapmesh.1")]
+    Man,
 }
 
 #[derive(Subcommand)]
@@ -107,7 +152,7 @@ pub enum LbCommand {
     List,
     /// Delete a VIP, stream or flow by name, or a target by stream and identifier.
     Delete {
-        #[arg(value_parser = ["vip", "stream", "flow", "target"])]
+        #[arg(value_parser = ["vip", "stream", "flow", "target"], ignore_case = true)]
         kind: String,
         name: String,
         identifier: Option<u32>,
@@ -173,9 +218,9 @@ pub enum TapFlowCommand {
         /// The source port's interface.
         #[arg(long)]
         source: String,
-        /// IN (to the port), OUT (from it) or BOTH.
-        #[arg(long)]
-        direction: String,
+        /// IN (to the port), OUT (from it) or BOTH (any case).
+        #[arg(long, value_enum, ignore_case = true)]
+        direction: Direction,
         /// VLAN ids and ranges, e.g. "10,20-30".
         #[arg(long)]
         vlan_filter: Option<String>,
@@ -184,6 +229,43 @@ pub enum TapFlowCommand {
         id: String,
     },
     List,
+}
+
+/// Which of a port's traffic a tap flow mirrors.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[value(rename_all = "UPPER")]
+pub enum Direction {
+    /// To the port.
+    In,
+    /// From the port.
+    Out,
+    Both,
+}
+
+impl Direction {
+    /// The admin API's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::In => "IN",
+            Direction::Out => "OUT",
+            Direction::Both => "BOTH",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// Validate daemon, LB and Meridio files as the daemon would (exit 2 if any is refused).
+    #[command(
+        after_help = "Examples:\n  tapmesh config check /etc/tapmesh/daemon.toml /etc/tapmesh/lb.toml /etc/tapmesh/nsp.toml\n  tapmesh config check --kind lb vips.toml"
+    )]
+    Check {
+        /// The files' kind; by default guessed from each file's top-level keys.
+        #[arg(long, value_enum, ignore_case = true)]
+        kind: Option<super::check::Kind>,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]

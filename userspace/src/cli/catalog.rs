@@ -42,7 +42,10 @@ pub fn render(l: &CatalogListing) -> String {
 }
 
 /// `tapmesh catalog list`.
-pub async fn list(socket: std::path::PathBuf) -> std::process::ExitCode {
+pub async fn list(
+    socket: std::path::PathBuf,
+    output: super::json::Output,
+) -> std::process::ExitCode {
     let mut client = match super::admin_client(&socket).await {
         Ok(c) => c,
         Err(code) => return code,
@@ -50,6 +53,6 @@ pub async fn list(socket: std::path::PathBuf) -> std::process::ExitCode {
     let result = client
         .list_catalog(crate::admin::proto::ListCatalogRequest {})
         .await
-        .map(|r| render(&r.into_inner()));
+        .map(|r| super::json::show(output, &r.into_inner(), render));
     super::print_result(result)
 }

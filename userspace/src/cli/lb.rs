@@ -72,7 +72,7 @@ pub fn render(listing: &LbListing) -> String {
 }
 
 /// `tapmesh lb apply|list|delete`.
-pub async fn run(socket: PathBuf, command: LbCommand) -> ExitCode {
+pub async fn run(socket: PathBuf, command: LbCommand, output: super::json::Output) -> ExitCode {
     use crate::admin::proto::{ListLbRequest, Name, TargetId};
 
     let mut client = match super::admin_client(&socket).await {
@@ -96,12 +96,12 @@ pub async fn run(socket: PathBuf, command: LbCommand) -> ExitCode {
         LbCommand::List => client
             .list_lb(ListLbRequest {})
             .await
-            .map(|r| render(&r.into_inner())),
+            .map(|r| super::json::show(output, &r.into_inner(), render)),
         LbCommand::Delete {
             kind,
             name,
             identifier,
-        } => match kind.as_str() {
+        } => match kind.to_lowercase().as_str() {
             "vip" => client
                 .delete_vip(Name { name })
                 .await

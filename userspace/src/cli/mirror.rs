@@ -4,11 +4,11 @@ use std::{fmt::Write, path::PathBuf, process::ExitCode};
 
 use super::args::{TapFlowCommand, TapServiceCommand};
 
-use crate::admin::proto::{tap_service::Destination, TapListing};
+use crate::admin::proto::{tap_service::Destination, TapFlow, TapService};
 
-pub fn render_services(l: &TapListing) -> String {
+pub fn render_services(services: &[TapService]) -> String {
     let mut out = String::from("ID                   STATUS  DESTINATION\n");
-    for s in &l.services {
+    for s in services {
         let dest = match &s.destination {
             Some(Destination::Interface(i)) => format!("interface {i}"),
             Some(Destination::Ring(r)) => {
@@ -41,11 +41,11 @@ pub fn render_services(l: &TapListing) -> String {
     out
 }
 
-pub fn render_flows(l: &TapListing) -> String {
+pub fn render_flows(flows: &[TapFlow]) -> String {
     let mut out = String::from(
         "ID                   SERVICE              SOURCE           DIRECTION VLANS        STATUS  MIRRORED (packets/bytes) FAILED\n",
     );
-    for f in &l.flows {
+    for f in flows {
         let vlans = if f.vlan_filter.is_empty() {
             "all"
         } else {
@@ -72,8 +72,12 @@ pub fn render_flows(l: &TapListing) -> String {
 }
 
 /// `tapmesh tap-service create|delete|list`.
-pub async fn tap_service(socket: PathBuf, command: TapServiceCommand) -> ExitCode {
-    use crate::admin::proto::{ListTapsRequest, Ring, TapId, TapService};
+pub async fn tap_service(
+    socket: PathBuf,
+    command: TapServiceCommand,
+    output: super::json::Output,
+) -> ExitCode {
+    use crate::admin::proto::{ListTapsRequest, Ring, TapId};
     let mut client = match super::admin_client(&socket).await {
         Ok(c) => c,
         Err(code) => return code,
@@ -111,14 +115,18 @@ pub async fn tap_service(socket: PathBuf, command: TapServiceCommand) -> ExitCod
         TapServiceCommand::List => client
             .list_taps(ListTapsRequest {})
             .await
-            .map(|r| render_services(&r.into_inner())),
+            .map(|r| super::json::show(output, &r.into_inner().services, |s| render_services(s))),
     };
     super::print_result(result)
 }
 
 /// `tapmesh tap-flow create|delete|list`.
-pub async fn tap_flow(socket: PathBuf, command: TapFlowCommand) -> ExitCode {
-    use crate::admin::proto::{ListTapsRequest, TapFlow, TapId};
+pub async fn tap_flow(
+    socket: PathBuf,
+    command: TapFlowCommand,
+    output: super::json::Output,
+) -> ExitCode {
+    use crate::admin::proto::{ListTapsRequest, TapId};
     let mut client = match super::admin_client(&socket).await {
         Ok(c) => c,
         Err(code) => return code,
@@ -137,7 +145,7 @@ pub async fn tap_flow(socket: PathBuf, command: TapFlowCommand) -> ExitCode {
                 name: name.unwrap_or_default(),
                 tap_service,
                 source,
-                direction,
+                direction: direction.as_str().into(),
                 vlan_filter: vlan_filter.unwrap_or_default(),
                 ..Default::default()
             })
@@ -150,7 +158,7 @@ pub async fn tap_flow(socket: PathBuf, command: TapFlowCommand) -> ExitCode {
         TapFlowCommand::List => client
             .list_taps(ListTapsRequest {})
             .await
-            .map(|r| render_flows(&r.into_inner())),
+            .map(|r| super::json::show(output, &r.into_inner().flows, |f| render_flows(f))),
     };
     super::print_result(result)
 }

@@ -2,12 +2,16 @@
 
 pub mod args;
 pub mod catalog;
+pub mod check;
+pub mod json;
 pub mod lb;
 pub mod mirror;
 pub mod nsp;
 pub mod status;
 
 use std::{io::Write, path::Path, process::ExitCode};
+
+use clap::CommandFactory;
 
 use crate::admin;
 use args::{CatalogCommand, Cli, Command, RegistryCommand};
@@ -16,6 +20,7 @@ pub use crate::daemon::{runtime, EXIT_CONFIG};
 
 /// Runs one parsed command line to its exit code.
 pub fn run(cli: Cli) -> ExitCode {
+    let output = cli.output;
     match cli.command {
         Command::Daemon {
             overrides,
@@ -27,24 +32,48 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Registry {
             node_socket,
             command: RegistryCommand::List,
-        } => runtime().block_on(nsp::registry_list(node_socket)),
+        } => runtime().block_on(nsp::registry_list(node_socket, output)),
         Command::TapService {
             admin_socket,
             command,
-        } => runtime().block_on(mirror::tap_service(admin_socket, command)),
+        } => runtime().block_on(mirror::tap_service(admin_socket, command, output)),
         Command::TapFlow {
             admin_socket,
             command,
-        } => runtime().block_on(mirror::tap_flow(admin_socket, command)),
+        } => runtime().block_on(mirror::tap_flow(admin_socket, command, output)),
         Command::Catalog {
             admin_socket,
             command: CatalogCommand::List,
-        } => runtime().block_on(catalog::list(admin_socket)),
-        Command::Status { admin_socket, raw } => runtime().block_on(status::run(admin_socket, raw)),
+        } => runtime().block_on(catalog::list(admin_socket, output)),
+        Command::Status { admin_socket, raw } => {
+            runtime().block_on(status::run(admin_socket, raw, output))
+        }
         Command::Lb {
             admin_socket,
             command,
-        } => runtime().block_on(lb::run(admin_socket, command)),
+        } => runtime().block_on(lb::run(admin_socket, command, output)),
+        Command::Config {
+            command: args::ConfigCommand::Check { kind, files },
+        } => check::run(&files, kind),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tapmesh", &mut out);
+            let _ = print(&String::from_utf8_lossy(&out));
+            ExitCode::SUCCESS
+        }
+        Command::Man => {
+            let mut out = Vec::new();
+            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+                Ok(()) => {
+                    let _ = print(&String::from_utf8_lossy(&out));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("tapmesh: rendering the man page: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

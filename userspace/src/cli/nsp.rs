@@ -118,7 +118,7 @@ async fn watch(
 }
 
 /// `tapmesh registry list`: the first answer of a watch per target type.
-pub async fn registry_list(socket: PathBuf) -> ExitCode {
+pub async fn registry_list(socket: PathBuf, output: super::json::Output) -> ExitCode {
     use nsp::{target, target_registry_client::TargetRegistryClient, Target};
     let mut client = TargetRegistryClient::new(crate::uds::lazy_channel(&socket));
     let mut all = nsp::TargetResponse::default();
@@ -138,6 +138,10 @@ pub async fn registry_list(socket: PathBuf) -> ExitCode {
             }
         }
     }
-    let _ = super::print(&render_targets(&all));
+    all.targets.sort_by_key(|t| {
+        let s = t.stream.clone().unwrap_or_default();
+        (s.name, t.context.get("identifier").cloned())
+    });
+    let _ = super::print(&super::json::show(output, &all, render_targets));
     ExitCode::SUCCESS
 }

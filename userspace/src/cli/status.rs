@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use crate::admin::proto::{PluginState, StatusResponse};
 
 /// "running", "failed", … from the wire enum.
-fn state_name(state: i32) -> String {
+pub fn state_name(state: i32) -> String {
     let state = PluginState::try_from(state).unwrap_or(PluginState::Unspecified);
     state
         .as_str_name()
@@ -26,6 +26,30 @@ pub fn render(status: &StatusResponse) -> String {
             state_name(p.state),
             p.detail
         );
+    }
+    if !status.control_planes.is_empty() {
+        let _ = writeln!(out, "\ncontrol planes:");
+    }
+    for c in &status.control_planes {
+        let state = match (c.connected, c.synced) {
+            (_, true) => "synced",
+            (true, false) => "connected",
+            (false, false) => "down",
+        };
+        let _ = writeln!(out, "  {:<12} {:<10} {}", c.name, state, c.detail);
+        if !c.last_ack.is_empty() {
+            let _ = writeln!(out, "    last ack   {}", c.last_ack);
+        }
+        if !c.last_nack.is_empty() {
+            let _ = writeln!(
+                out,
+                "    last nack  {}: {}",
+                c.last_nack, c.last_nack_reason
+            );
+        }
+        if !c.reload_error.is_empty() {
+            let _ = writeln!(out, "    reload     {}", c.reload_error);
+        }
     }
     let _ = writeln!(out, "\nattachments:");
     if status.attachments.is_empty() {
@@ -83,7 +107,11 @@ pub fn render(status: &StatusResponse) -> String {
 }
 
 /// `tapmesh status`.
-pub async fn run(socket: std::path::PathBuf, raw: bool) -> std::process::ExitCode {
+pub async fn run(
+    socket: std::path::PathBuf,
+    raw: bool,
+    output: super::json::Output,
+) -> std::process::ExitCode {
     let mut client = match super::admin_client(&socket).await {
         Ok(c) => c,
         Err(code) => return code,
@@ -96,7 +124,7 @@ pub async fn run(socket: std::path::PathBuf, raw: bool) -> std::process::ExitCod
             if raw {
                 format!("{status:#?}\n")
             } else {
-                render(&status)
+                super::json::show(output, &status, render)
             }
         })
         .map_err(|e| tonic::Status::new(e.code(), format!("status: {}", e.message())));

@@ -64,6 +64,8 @@ enum Ended {
 
 struct Client {
     settings: XdsSettings,
+    /// Reconnect failures already logged.
+    repeats: crate::repeats::Repeats,
     sink: Arc<dyn EndpointSink>,
     cancel: CancellationToken,
     node: Node,
@@ -110,6 +112,7 @@ impl Client {
         let missing_done = settings.clusters.is_empty();
         Client {
             settings,
+            repeats: Default::default(),
             sink,
             cancel,
             node,
@@ -132,16 +135,19 @@ impl Client {
                 Ended::Failed { reason, responded } => {
                     if responded {
                         backoff = INITIAL_BACKOFF;
+                        self.repeats.clear();
                     }
                     let delay = backoff.mul_f64(rand::rng().random_range(0.5..=1.0));
                     health().update(PLANE, |h| {
                         h.connected = false;
                         h.detail = reason.clone();
                     });
-                    tracing::warn!(
-                        server = %self.settings.server,
-                        "xDS stream ended: {reason}; reconnecting in {delay:?}"
-                    );
+                    if let Some(line) = self.repeats.note(&reason, Instant::now().into_std()) {
+                        tracing::warn!(
+                            server = %self.settings.server,
+                            "xDS stream ended: {line}; reconnecting in {delay:?}"
+                        );
+                    }
                     if self.wait(tokio::time::sleep(delay)).await.is_none() {
                         return;
                     }

@@ -1,0 +1,111 @@
+//! `tapmesh config check FILE…`: offline validation of daemon, LB and
+//! Meridio files, with the errors the daemon would give at start or reload.
+
+use std::{path::Path, process::ExitCode};
+
+use crate::config::Config;
+
+/// Which file a TOML document is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Kind {
+    /// `tapmesh daemon --config`.
+    Daemon,
+    /// `[lb] config_file` or `tapmesh lb apply`: vips, streams, flows, targets.
+    Lb,
+    /// `[nsp] config_file`: Meridio's trenches, conduits, streams, flows, vips.
+    Meridio,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Daemon => "daemon",
+            Kind::Lb => "lb",
+            Kind::Meridio => "meridio",
+        }
+    }
+}
+
+/// Guesses the kind from the top-level keys: trenches or conduits are
+/// Meridio's, targets or the LB's lists an LB file, anything else the daemon's.
+pub fn detect(text: &str) -> Kind {
+    let Ok(table) = text.parse::<toml::Table>() else {
+        return Kind::Daemon;
+    };
+    let has = |key: &str| table.contains_key(key);
+    if has("trenches") || has("conduits") {
+        Kind::Meridio
+    } else if ["vips", "streams", "flows", "targets"]
+        .iter()
+        .any(|k| has(k))
+    {
+        Kind::Lb
+    } else {
+        Kind::Daemon
+    }
+}
+
+/// Validates one file; its kind, or the line the daemon would refuse it with.
+pub fn check(path: &Path, kind: Option<Kind>) -> Result<Kind, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    let kind = kind.unwrap_or_else(|| detect(&text));
+    match kind {
+        Kind::Daemon => {
+            let config = Config::from_file(path).map_err(|e| e.to_string())?;
+            config
+                .validate()
+                .map_err(|e| format!("config file {}: {e}", path.display()))?;
+        }
+        Kind::Lb => {
+            crate::lb::service::read_spec(path).map_err(|e| e.to_string())?;
+        }
+        Kind::Meridio => {
+            // Its validation errors (the daemon's words on reload) name no file.
+            crate::nsp::config::NspConfig::read(path).map_err(|e| match e {
+                crate::nsp::config::NspConfigError::File { .. } => e.to_string(),
+                e => format!("{}: {e}", path.display()),
+            })?;
+        }
+    }
+    Ok(kind)
+}
+
+/// `tapmesh config check`: one line per file; exit 2 if any is refused.
+pub fn run(files: &[std::path::PathBuf], kind: Option<Kind>) -> ExitCode {
+    let mut failed = false;
+    for path in files {
+        match check(path, kind) {
+            Ok(kind) => {
+                if super::print(&format!("{}: ok ({})\n", path.display(), kind.name())).is_err() {
+                    break;
+                }
+            }
+            Err(e) => {
+                eprintln!("tapmesh: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::from(super::EXIT_CONFIG)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_from_top_level_keys() {
+        assert_eq!(detect("[daemon]\nlog_level = \"info\"\n"), Kind::Daemon);
+        assert_eq!(detect(""), Kind::Daemon);
+        assert_eq!(detect("[[vips]]\nname = \"v\"\n"), Kind::Lb);
+        assert_eq!(
+            detect("[[trenches]]\nname = \"t\"\n[[vips]]\n"),
+            Kind::Meridio
+        );
+    }
+}
