@@ -411,7 +411,7 @@ fn consumers(lab: &Lab) -> String {
         "| userspace consumer | unmirrored kpps | sent kpps | sent ÷ unmirrored | written kpps | lost copies | CPU ns/copy |"
     );
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
-    let mut line = |name: &str, c: &Option<Capture>| match c {
+    let mut line = |name: &str, c: Option<&Capture>| match c {
         Some(c) => {
             let _ = writeln!(
                 out,
@@ -428,11 +428,9 @@ fn consumers(lab: &Lab) -> String {
             let _ = writeln!(out, "| {name} | (not available) | | | | | |");
         }
     };
-    let ring = Some(ring);
-    line("tapmesh AF_XDP ring → pcap", &ring);
-    line("tcpdump -w (libpcap, AF_PACKET)", &tcpdump);
-    line("xdpdump -w (xdp-tools, perf ring)", &xdpdump);
-    let ring = ring.expect("measured");
+    line("tapmesh AF_XDP ring → pcap", Some(&ring));
+    line("tcpdump -w (libpcap, AF_PACKET)", tcpdump.as_ref());
+    line("xdpdump -w (xdp-tools, perf ring)", xdpdump.as_ref());
     let mut against = Vec::new();
     for (name, c) in [("tcpdump -w", &tcpdump), ("xdpdump -w", &xdpdump)] {
         if let Some(c) = c {
