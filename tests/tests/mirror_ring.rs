@@ -401,8 +401,9 @@ fn a_slow_or_failing_consumer_loses_only_its_own_copies() {
     if !kernel_tests_enabled() {
         return;
     }
-    // More than the slow consumer can absorb: its queue (4096 frames), its
-    // write buffer (256 KiB, ~2300 of these frames) and the pipe (4 KiB).
+    // More than the slow consumer can absorb: its queue (8192 frames) and
+    // the pipe (4 KiB); its write buffer (1 MiB) is flushed into the pipe
+    // within 100 ms, i.e. before the second batch, and blocks there.
     const BATCHES: u32 = 10;
     const PER_BATCH: u32 = 2000; // < the rx ring, the fill ring and a queue
     const N: u32 = BATCHES * PER_BATCH;

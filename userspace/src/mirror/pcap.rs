@@ -12,8 +12,26 @@ use std::{
 pub const MAGIC: u32 = 0xa1b2_c3d4;
 /// The largest frame a record holds; longer frames are cut to this.
 pub const SNAPLEN: u32 = 65535;
+/// Bytes buffered before a write to the file: one write syscall per MiB.
+pub const WRITE_BUFFER: usize = 1 << 20;
 /// LINKTYPE_ETHERNET.
 pub const LINKTYPE_ETHERNET: u32 = 1;
+
+/// A record's 16-byte header for a frame of `len` bytes captured at `ts`
+/// (a time before 1970 is written as 0; frames longer than [`SNAPLEN`] are
+/// cut to it, so only that many bytes of the frame follow the header).
+pub fn record_header(len: usize, ts: SystemTime) -> [u8; 16] {
+    let since = ts.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let orig_len = u32::try_from(len).unwrap_or(u32::MAX);
+    let incl_len = orig_len.min(SNAPLEN);
+    let mut header = [0u8; 16];
+    // ts_sec is 32 bits in this format (wraps in 2106).
+    header[0..4].copy_from_slice(&(since.as_secs() as u32).to_ne_bytes());
+    header[4..8].copy_from_slice(&since.subsec_micros().to_ne_bytes());
+    header[8..12].copy_from_slice(&incl_len.to_ne_bytes());
+    header[12..16].copy_from_slice(&orig_len.to_ne_bytes());
+    header
+}
 
 /// Appends Ethernet frames to a new pcap file (buffered: call [`PcapWriter::flush`]).
 pub struct PcapWriter<W: Write = BufWriter<File>> {
@@ -26,7 +44,7 @@ impl PcapWriter {
         let path = path.as_ref();
         let file = File::create(path)
             .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", path.display())))?;
-        Self::new(BufWriter::with_capacity(256 << 10, file))
+        Self::new(BufWriter::with_capacity(WRITE_BUFFER, file))
     }
 }
 
@@ -46,17 +64,15 @@ impl<W: Write> PcapWriter<W> {
 
     /// Appends one frame captured at `ts` (a time before 1970 is written as 0).
     pub fn write(&mut self, frame: &[u8], ts: SystemTime) -> io::Result<()> {
-        let since = ts.duration_since(UNIX_EPOCH).unwrap_or_default();
-        let orig_len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
-        let incl_len = orig_len.min(SNAPLEN);
-        let mut header = [0u8; 16];
-        // ts_sec is 32 bits in this format (wraps in 2106).
-        header[0..4].copy_from_slice(&(since.as_secs() as u32).to_ne_bytes());
-        header[4..8].copy_from_slice(&since.subsec_micros().to_ne_bytes());
-        header[8..12].copy_from_slice(&incl_len.to_ne_bytes());
-        header[12..16].copy_from_slice(&orig_len.to_ne_bytes());
+        let header = record_header(frame.len(), ts);
+        let incl_len = u32::from_ne_bytes(header[8..12].try_into().expect("4 bytes"));
         self.out.write_all(&header)?;
         self.out.write_all(&frame[..incl_len as usize])
+    }
+
+    /// Appends records already laid out as [`record_header`] + frame, each.
+    pub fn write_records(&mut self, records: &[u8]) -> io::Result<()> {
+        self.out.write_all(records)
     }
 
     /// Writes out what is buffered.

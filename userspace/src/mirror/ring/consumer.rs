@@ -7,10 +7,10 @@ use std::{
     path::PathBuf,
     sync::{
         atomic::Ordering,
-        mpsc::{self, RecvTimeoutError, SyncSender},
+        mpsc::{self, RecvTimeoutError, Sender},
         Arc,
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use super::{
@@ -41,13 +41,30 @@ impl Consumer {
     }
 }
 
-/// A frame as every consumer gets it: one copy, shared.
-pub(super) struct Frame {
-    pub(super) ts: SystemTime,
-    pub(super) bytes: Box<[u8]>,
+/// The frames of one receive round as every consumer gets them (one copy,
+/// shared): pcap records (header, then the whole frame) back to back, so a
+/// pcap consumer writes them as they are.
+pub(super) struct Batch {
+    pub(super) frames: u64,
+    pub(super) records: Vec<u8>,
 }
 
-pub(super) type Queue = SyncSender<Arc<Frame>>;
+impl Batch {
+    /// The frames, in order.
+    fn frames(&self) -> impl Iterator<Item = &[u8]> {
+        let mut rest = &self.records[..];
+        std::iter::from_fn(move || {
+            let header = rest.get(..16)?;
+            let len = u32::from_ne_bytes(header[8..12].try_into().ok()?) as usize;
+            let frame = rest.get(16..16 + len)?;
+            rest = &rest[16 + len..];
+            Some(frame)
+        })
+    }
+}
+
+/// A consumer's queue; its depth in frames is kept in `Counters::queued`.
+pub(super) type Queue = Sender<Arc<Batch>>;
 
 /// The output side of a consumer, opened by `MirrorRing::start` (so errors
 /// are reported there, and sockets are made in the caller's namespace).
@@ -83,35 +100,31 @@ impl Sink {
         }
     }
 
-    fn deliver(&mut self, frame: &Frame, counters: &Counters, failure: &mut Failure) {
+    fn deliver(&mut self, batch: &Batch, counters: &Counters, failure: &mut Failure) {
         match self {
-            Sink::Pcap { writer, pending } => match writer.write(&frame.bytes, frame.ts) {
-                Ok(()) => *pending += 1,
+            Sink::Pcap { writer, pending } => match writer.write_records(&batch.records) {
+                Ok(()) => *pending += batch.frames,
                 Err(e) => {
-                    counters.lost.fetch_add(1, Ordering::Relaxed);
+                    counters.lost.fetch_add(batch.frames, Ordering::Relaxed);
                     failure.note("writing", &e);
                 }
             },
             Sink::Forward { socket } => {
-                // SAFETY: sending from a live buffer on an open socket.
-                let sent = unsafe {
-                    libc::send(
-                        socket.as_raw_fd(),
-                        frame.bytes.as_ptr().cast(),
-                        frame.bytes.len(),
-                        0,
-                    )
-                };
-                if sent == frame.bytes.len() as isize {
-                    counters.delivered.fetch_add(1, Ordering::Relaxed);
-                } else {
-                    counters.lost.fetch_add(1, Ordering::Relaxed);
-                    let e = if sent < 0 {
-                        io::Error::last_os_error()
-                    } else {
-                        io::Error::other(format!("sent {sent} of {} bytes", frame.bytes.len()))
-                    };
-                    failure.note("sending", &e);
+                let frames: Vec<&[u8]> = batch.frames().collect();
+                let mut rest = &frames[..];
+                while !rest.is_empty() {
+                    match send_frames(socket, rest) {
+                        Ok(sent) => {
+                            counters.delivered.fetch_add(sent as u64, Ordering::Relaxed);
+                            rest = &rest[sent..];
+                        }
+                        // The first frame left failed; the others are tried again.
+                        Err(e) => {
+                            counters.lost.fetch_add(1, Ordering::Relaxed);
+                            failure.note("sending", &e);
+                            rest = &rest[1..];
+                        }
+                    }
                 }
             }
         }
@@ -132,6 +145,51 @@ impl Sink {
             *pending = 0;
         }
     }
+}
+
+/// Sends frames from the start of `frames` with one sendmmsg(2), each
+/// unchanged as one packet; how many went, at least one, or why the first
+/// did not.
+fn send_frames(socket: &OwnedFd, frames: &[&[u8]]) -> io::Result<usize> {
+    const MAX: usize = 256;
+    let n = frames.len().min(MAX);
+    let mut iovs: [libc::iovec; MAX] = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX];
+    // SAFETY: an all-zero mmsghdr is a valid value (null pointers, zero lengths).
+    let mut msgs: [libc::mmsghdr; MAX] = unsafe { std::mem::zeroed() };
+    for (i, frame) in frames[..n].iter().enumerate() {
+        iovs[i] = libc::iovec {
+            iov_base: frame.as_ptr().cast_mut().cast(),
+            iov_len: frame.len(),
+        };
+        msgs[i].msg_hdr.msg_iov = &mut iovs[i];
+        msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: `n` messages, each pointing at one iovec over a live frame
+    // that the kernel only reads.
+    let sent = unsafe { libc::sendmmsg(socket.as_raw_fd(), msgs.as_mut_ptr(), n as u32, 0) };
+    if sent <= 0 {
+        return Err(if sent < 0 {
+            io::Error::last_os_error()
+        } else {
+            io::Error::other("nothing sent")
+        });
+    }
+    let sent = sent as usize;
+    if let Some(i) = (0..sent).find(|&i| msgs[i].msg_len as usize != frames[i].len()) {
+        return if i == 0 {
+            Err(io::Error::other(format!(
+                "sent {} of {} bytes",
+                msgs[0].msg_len,
+                frames[0].len()
+            )))
+        } else {
+            Ok(i)
+        };
+    }
+    Ok(sent)
 }
 
 /// An AF_PACKET socket that sends out of `ifindex` and receives nothing
@@ -195,7 +253,7 @@ impl Failure<'_> {
 }
 
 pub(super) fn run_consumer(
-    queue: mpsc::Receiver<Arc<Frame>>,
+    queue: mpsc::Receiver<Arc<Batch>>,
     mut sink: Sink,
     shared: Arc<Shared>,
     index: usize,
@@ -210,7 +268,10 @@ pub(super) fn run_consumer(
     loop {
         let wait = FLUSH_INTERVAL.saturating_sub(last_flush.elapsed());
         match queue.recv_timeout(wait) {
-            Ok(frame) => sink.deliver(&frame, counters, &mut failure),
+            Ok(batch) => {
+                sink.deliver(&batch, counters, &mut failure);
+                counters.queued.fetch_sub(batch.frames, Ordering::AcqRel);
+            }
             Err(RecvTimeoutError::Timeout) => {}
             // The receive loop stopped and everything queued was delivered.
             Err(RecvTimeoutError::Disconnected) => break,
@@ -221,4 +282,25 @@ pub(super) fn run_consumer(
         }
     }
     sink.flush(counters, &mut failure);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::mirror::pcap::record_header;
+
+    #[test]
+    fn a_batch_yields_its_frames() {
+        let ts = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut records = Vec::new();
+        for frame in [&[1u8, 2, 3][..], &[], &[4; 60]] {
+            records.extend_from_slice(&record_header(frame.len(), ts));
+            records.extend_from_slice(frame);
+        }
+        let batch = Batch { frames: 3, records };
+        let frames: Vec<&[u8]> = batch.frames().collect();
+        assert_eq!(frames, [&[1u8, 2, 3][..], &[], &[4; 60]]);
+    }
 }

@@ -41,7 +41,7 @@ pub use stats::{ConsumerStats, RingStats};
 use stats::{Counters, Shared};
 
 /// Frames each consumer's queue holds before it loses copies.
-pub const QUEUE_DEPTH: usize = 4096;
+pub const QUEUE_DEPTH: usize = 8192;
 /// How often a pcap consumer writes out what it buffered (at most this long).
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// How long a stop waits for the consumers to hand on what is queued.
@@ -152,7 +152,7 @@ impl MirrorRing {
         };
         let mut queues = Vec::with_capacity(sinks.len());
         for (index, sink) in sinks.into_iter().enumerate() {
-            let (queue, rx) = mpsc::sync_channel(QUEUE_DEPTH);
+            let (queue, rx) = mpsc::channel();
             let shared = shared.clone();
             // On an error here `ring` is dropped: the consumers started so far
             // see their queue closed and exit.

@@ -17,7 +17,7 @@ use xdpilone::{DeviceQueue, IfInfo, RingRx, Socket, SocketConfig, Umem, UmemConf
 use super::{errno, RingError};
 
 /// UMEM frames per ring (also the fill and rx ring sizes).
-pub const FRAMES: u32 = 4096;
+pub const FRAMES: u32 = 8192;
 /// Bytes per UMEM frame. In copy mode the kernel keeps 256 bytes of headroom,
 /// so the largest frame a ring takes is [`MAX_FRAME`]; longer ones are dropped
 /// by the kernel (counted in [`SocketDrops::rx_dropped`]).

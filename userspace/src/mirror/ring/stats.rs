@@ -29,6 +29,8 @@ pub struct ConsumerStats {
 pub(super) struct Counters {
     pub(super) delivered: AtomicU64,
     pub(super) lost: AtomicU64,
+    /// Frames handed to the consumer's queue and not yet taken off it.
+    pub(super) queued: AtomicU64,
 }
 
 pub(super) struct Shared {
