@@ -10,6 +10,7 @@ pub mod lb;
 pub mod mirror;
 pub mod overlay;
 pub mod stats;
+pub mod tunnel;
 
 pub use stats::*;
 
@@ -52,7 +53,8 @@ pub mod map_names {
     pub const STREAMS: &str = "tm_streams";
     pub const MAGLEV: &str = "tm_maglev";
     pub const TARGETS: &str = "tm_targets";
-    pub const NODE: &str = "tm_node";
+    pub const LB_CONFIG: &str = "tm_lb_config";
+    pub const TUNNEL: &str = "tm_tunnel";
     pub const VIP_STATS: &str = "tm_vip_stats";
     pub const FLOW_STATS: &str = "tm_flow_stats";
     pub const TARGET_STATS: &str = "tm_target_stats";

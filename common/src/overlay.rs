@@ -161,13 +161,12 @@ pub struct ConntrackValue {
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct OverlayConfig {
-    /// This node's tunnel address (outer source; decapsulated when the destination).
-    pub node_addr: u32,
-    /// Network order; 0: the overlay is off.
-    pub tunnel_port: u16,
-    /// The largest inner IP packet the tunnel carries (bigger ones with DF
-    /// set get ICMP "fragmentation needed" with this MTU).
+    /// The largest inner IP packet the tunnel (`tm_tunnel`) carries: a
+    /// container's bigger one with DF set gets ICMP "fragmentation needed"
+    /// with this MTU (the service path answers it; the tunnel itself does
+    /// not look at sizes).
     pub tunnel_mtu: u16,
+    pub _pad: u16,
     /// Source of ICMP errors sent to containers (their gateway).
     pub gateway: u32,
     /// Destinations in this prefix that are not known service IPs are
@@ -219,7 +218,7 @@ pub struct LocalSlot {
 pub type Addr6 = [u32; 4];
 
 /// The IPv6 overlay's settings (one entry of `tm_ov_config6`); the tunnel
-/// itself (node address, port, MTU) is `OverlayConfig`'s.
+/// is `tm_tunnel`, its MTU `OverlayConfig`'s.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct OverlayConfig6 {
@@ -323,7 +322,7 @@ crate::assert_layout!(Instance, size = 36, align = 4);
 crate::assert_layout!(Local, size = 20, align = 4);
 crate::assert_layout!(ConntrackKey, size = 16, align = 4);
 crate::assert_layout!(ConntrackValue, size = 28, align = 4);
-crate::assert_layout!(OverlayConfig, size = 24, align = 4);
+crate::assert_layout!(OverlayConfig, size = 20, align = 4);
 crate::assert_layout!(LocalSlot, size = 32, align = 4);
 crate::assert_layout!(Miss, size = 12, align = 4);
 crate::assert_layout!(OverlayConfig6, size = 52, align = 4);

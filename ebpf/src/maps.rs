@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, VipAddr,
+        FlowEntry, FlowMask, LbConfig, PortData, SourceData, StreamValue, Target, VipAddr,
         VipConfig, VipSlot, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
         MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
     },
@@ -18,6 +18,7 @@ use tapmesh_common::{
     overlay::{
         self as ov, ConntrackKey, ConntrackValue, Instance, Local, Miss, OverlayConfig, Service,
     },
+    tunnel::TunnelConfig,
     PacketCounter, ProgramSlot, ProgramStats,
 };
 
@@ -75,9 +76,13 @@ pub static tm_maglev: Array<u32, { MAGLEV_CAPACITY as usize }> = Array::new();
 #[btf_map]
 pub static tm_targets: Array<Target, { MAX_TARGETS as usize }> = Array::new();
 
-/// This node's tunnel endpoint (one entry).
+/// Settings of the load balancer as a whole (one entry).
 #[btf_map]
-pub static tm_node: Array<NodeConfig, 1> = Array::new();
+pub static tm_lb_config: Array<LbConfig, 1> = Array::new();
+
+/// This node's tunnel endpoint (one entry), for the load balancer and the overlay.
+#[btf_map]
+pub static tm_tunnel: Array<TunnelConfig, 1> = Array::new();
 
 /// Packets and bytes per VIP, flow and target.
 #[btf_map]

@@ -1,6 +1,7 @@
 //! Service-IP overlay (IPv4): translation on a container's host-side veth,
-//! the tunnel to other nodes, decapsulation and delivery on the uplink.
-//! Tables: `tapmesh_common::overlay`.
+//! the tunnel to other nodes (`tunnel.rs`), delivery of what the uplink
+//! decapsulated. Packets are read by `parse.rs`. Tables:
+//! `tapmesh_common::overlay`.
 
 use core::{
     intrinsics::{atomic_xadd, AtomicOrdering},
@@ -9,13 +10,11 @@ use core::{
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_MARK_MANGLED_0,
-        BPF_F_PSEUDO_HDR, BPF_NOEXIST,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
     },
     helpers::generated::{
-        bpf_fib_lookup, bpf_ktime_get_ns, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh,
-        bpf_skb_change_tail,
+        bpf_ktime_get_ns, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_tail,
     },
     programs::{TcContext, XdpContext},
 };
@@ -26,29 +25,25 @@ use tapmesh_common::{
         INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED, POLICY_ROUND_ROBIN,
         SERVICE_SLOTS,
     },
+    tunnel::TunnelConfig,
     DropReason,
 };
 
 use crate::{
     csum,
     headers::*,
-    lb::{adjust_head, outer_ipv4, write_macs},
     maps::*,
     packet::{load16, load32, store16, store32, Packet},
+    parse::{parse, Fragment, Parsed, L3},
+    tunnel::{self, write_macs, TUNNEL_LEN},
 };
 
 const ETH_LEN: usize = size_of::<EthHdr>();
-/// Outer IPv4 + UDP.
-const TUNNEL_LEN: usize = 20 + 8;
 /// The ICMP error: IPv4 header, ICMP header, the offending IPv4 header and 8 bytes.
 const ICMP_ERROR_LEN: usize = 20 + 8 + 20 + 8;
 const IP_DF: u16 = 0x4000;
-const IP_FRAGMENT: u16 = 0x3fff;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
-const AF_INET: u8 = 2;
 
 /// An IPv4 packet as the overlay sees it. Addresses and ports are words in
 /// memory order (network order), as they are compared and written back.
@@ -65,7 +60,6 @@ struct Ip4 {
     /// Ports were found (TCP, UDP, ICMP echo; a first fragment included).
     tracked: bool,
     total_len: u16,
-    dont_fragment: bool,
     header_len: usize,
     /// [`NOT_FRAGMENT`], [`FIRST_FRAGMENT`] or [`LATER_FRAGMENT`].
     fragment: u8,
@@ -78,79 +72,49 @@ pub const NOT_FRAGMENT: u8 = 0;
 pub const FIRST_FRAGMENT: u8 = 1;
 /// No L4 header: translated as its first fragment was (`tm_ov_frags`, `tm_ov_frags6`).
 pub const LATER_FRAGMENT: u8 = 2;
-const IP_OFFSET: u16 = 0x1fff;
 
-/// Reads an IPv4 header at `l3` and what follows it, straight-line. `None`:
-/// not IPv4.
+/// The overlay's view of a packet `parse` read as IPv4.
 #[inline(always)]
-fn ip4_at(pkt: &Packet, l3: usize, bad: DropReason) -> Result<Option<Ip4>, DropReason> {
-    let ip: *const Ipv4Hdr = pkt.header(l3, bad)?;
+fn ip4_of(p: &Parsed) -> Ip4 {
+    let fragment = match p.fragment {
+        Fragment::None => NOT_FRAGMENT,
+        Fragment::First => FIRST_FRAGMENT,
+        Fragment::Later => LATER_FRAGMENT,
+    };
+    let (mut src_port, mut dst_port, mut tracked) = (0, 0, false);
+    if p.has_l4 {
+        match p.protocol {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                (src_port, dst_port, tracked) = (p.src_port.to_be(), p.dst_port.to_be(), true);
+            }
+            IPPROTO_ICMP if p.icmp_type == ICMP_ECHO || p.icmp_type == ICMP_ECHO_REPLY => {
+                (src_port, tracked) = (p.icmp_id.to_be(), true);
+            }
+            _ => {}
+        }
+    }
+    Ip4 {
+        l3: p.l3_offset,
+        l4: p.l4_offset,
+        protocol: p.protocol,
+        src: p.src_addr[3],
+        dst: p.dst_addr[3],
+        src_port,
+        dst_port,
+        tracked,
+        total_len: (p.l3_end - p.l3_offset) as u16,
+        header_len: p.l4_offset - p.l3_offset,
+        fragment,
+        id: p.frag_id as u16,
+    }
+}
+
+/// Whether the IPv4 header at `ip.l3` has "don't fragment" set.
+#[inline(always)]
+fn dont_fragment(pkt: &Packet, ip: &Ip4) -> Result<bool, DropReason> {
+    let hdr: *const Ipv4Hdr = pkt.header(ip.l3, DropReason::TruncatedIpv4)?;
     // SAFETY: inside the header just checked.
-    let (version_ihl, protocol, frag, total_len, src, dst, id) = unsafe {
-        (
-            (*ip).version_ihl,
-            (*ip).protocol,
-            u16::from_be(load16(&(*ip).frag_off)),
-            u16::from_be(load16(&(*ip).total_length)),
-            load32(&(*ip).src),
-            load32(&(*ip).dst),
-            load16(&(*ip).id),
-        )
-    };
-    if version_ihl >> 4 != 4 {
-        return Ok(None);
-    }
-    let header_len = ((version_ihl & 0x0f) as usize) * 4;
-    if header_len < 20 {
-        return Err(bad);
-    }
-    let l4 = l3 + header_len;
-    let mut packet = Ip4 {
-        l3,
-        l4,
-        protocol,
-        src,
-        dst,
-        src_port: 0,
-        dst_port: 0,
-        tracked: false,
-        total_len,
-        dont_fragment: frag & IP_DF != 0,
-        header_len,
-        fragment: NOT_FRAGMENT,
-        id,
-    };
-    if frag & IP_OFFSET != 0 {
-        packet.fragment = LATER_FRAGMENT;
-        return Ok(Some(packet));
-    }
-    if frag & IP_FRAGMENT != 0 {
-        packet.fragment = FIRST_FRAGMENT;
-    }
-    match protocol {
-        IPPROTO_TCP | IPPROTO_UDP => {
-            if let Ok(p) = pkt.header::<[[u8; 2]; 2]>(l4, bad) {
-                // SAFETY: both ports are inside the 4 bytes just checked.
-                unsafe {
-                    packet.src_port = load16(&(*p)[0]);
-                    packet.dst_port = load16(&(*p)[1]);
-                }
-                packet.tracked = true;
-            }
-        }
-        IPPROTO_ICMP => {
-            if let Ok(p) = pkt.header::<[u8; 6]>(l4, bad) {
-                // SAFETY: type and identifier are inside the 6 bytes just checked.
-                let kind = unsafe { (*p)[0] };
-                if kind == ICMP_ECHO || kind == ICMP_ECHO_REPLY {
-                    packet.src_port = unsafe { load16((p as *const u8).add(4) as *const [u8; 2]) };
-                    packet.tracked = true;
-                }
-            }
-        }
-        _ => {}
-    }
-    Ok(Some(packet))
+    Ok(u16::from_be(unsafe { load16(&(*hdr).frag_off) }) & IP_DF != 0)
 }
 
 #[inline(always)]
@@ -172,6 +136,17 @@ fn l4_checksum(ip: &Ip4) -> Option<(usize, bool)> {
         IPPROTO_TCP => Some((ip.l4 + 16, true)),
         IPPROTO_UDP => Some((ip.l4 + 6, true)),
         _ => None,
+    }
+}
+
+/// Whether a frame is IPv6 (for `overlay6`): the EtherType alone, which
+/// decides which subprogram parses it.
+#[inline(always)]
+pub fn is_ipv6(pkt: &Packet) -> bool {
+    match pkt.header::<EthHdr>(0, DropReason::TruncatedEthernet) {
+        // SAFETY: inside the header just checked.
+        Ok(eth) => (unsafe { load16(&(*eth).ether_type) }) == ETH_P_IPV6.to_be(),
+        Err(_) => false,
     }
 }
 
@@ -458,32 +433,21 @@ fn reverse_source(ip: &Ip4) -> Option<u32> {
     }
 }
 
-/// Whether a frame is IPv6 (for `overlay6`).
-#[inline(always)]
-pub fn is_ipv6(pkt: &Packet) -> bool {
-    match pkt.header::<EthHdr>(0, DropReason::TruncatedEthernet) {
-        // SAFETY: inside the header just checked.
-        Ok(eth) => (unsafe { load16(&(*eth).ether_type) }) == ETH_P_IPV6.to_be(),
-        Err(_) => false,
-    }
-}
-
-/// TC on a container's host-side veth, for packets the container sends. Not
-/// inlined: the IPv4 and IPv6 paths each get their own stack frame (the
-/// program's and the deepest call's must fit in 512 bytes together).
+/// TC on a container's host-side veth, for packets the container sends
+/// (IPv4; anything else but IPv6 passes). Not inlined: the IPv4 and IPv6
+/// paths each get their own stack frame (the program's and the deepest
+/// call's must fit in 512 bytes together), and the verifier walks each
+/// once.
 #[inline(never)]
 pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     let pkt = *pkt;
     use aya_ebpf::bindings::TC_ACT_OK;
 
-    let eth: *const EthHdr = pkt.header(0, DropReason::TruncatedEthernet)?;
-    // SAFETY: inside the header just checked.
-    if unsafe { load16(&(*eth).ether_type) } != ETH_P_IP.to_be() {
+    let parsed = parse(&pkt)?;
+    if parsed.l3 != L3::V4 {
         return Ok(TC_ACT_OK);
     }
-    let Some(ip) = ip4_at(&pkt, ETH_LEN, DropReason::TruncatedIpv4)? else {
-        return Err(DropReason::BadIpv4Version);
-    };
+    let ip = ip4_of(&parsed);
     let Some(config) = tm_ov_config.get(0) else {
         return Ok(TC_ACT_OK);
     };
@@ -545,7 +509,7 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         // SAFETY: reading a field of the context.
         && unsafe { (*ctx.skb.skb).gso_size } == 0
     {
-        if ip.dont_fragment {
+        if dont_fragment(&pkt, &ip)? {
             return fragmentation_needed(ctx, &pkt, &ip, config);
         }
         return Err(DropReason::TooBigForTunnel);
@@ -571,7 +535,8 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         // SAFETY: a plain helper call.
         return Ok(unsafe { bpf_redirect(inst.ifindex, 0) } as i32);
     }
-    if inst.kind != INSTANCE_REMOTE || config.tunnel_port == 0 {
+    let tunnel = tunnel::config().ok_or(DropReason::NoInstance)?;
+    if inst.kind != INSTANCE_REMOTE {
         return Err(DropReason::NoInstance);
     }
     // Every fragment of a datagram takes the same outer source port.
@@ -580,97 +545,41 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         _ => ip.id as u32,
     };
     let hash = ip.src ^ ip.dst ^ ports ^ id;
-    encapsulate(ctx, ip.total_len as usize, inst, config, hash)?;
-    tunnel_out(ctx, inst, config)
+    to_node(ctx, ip.total_len as usize, inst, tunnel, hash)
 }
 
-/// Puts outer IPv4 + UDP to the instance's node in front of the IP packet.
+/// Sends an IP packet (`inner_len` bytes after Ethernet) through the
+/// tunnel to a remote instance's node.
 #[inline(always)]
-pub fn encapsulate(
+pub fn to_node(
     ctx: &TcContext,
     inner_len: usize,
     inst: &Instance,
-    config: &OverlayConfig,
+    t: &TunnelConfig,
     hash: u32,
-) -> Result<(), DropReason> {
+) -> Result<i32, DropReason> {
+    let outer = tunnel::Outer {
+        src: tunnel::node_addr(t),
+        dst: inst.node_addr,
+        dst_port: u16::from_be(inst.node_port),
+        src_port: tunnel::source_port(hash ^ hash >> 16),
+        inner_len,
+    };
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
     ctx.adjust_room(TUNNEL_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| DropReason::AdjustRoomFailed)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
-    let outer: *mut [[u8; 2]; 21] = pkt.header_mut(0, DropReason::AdjustRoomFailed)?;
-    let words = outer_ipv4(
-        (TUNNEL_LEN + inner_len) as u16,
-        config.node_addr,
-        inst.node_addr,
-    );
-    let sport = 0xc000u16 | ((hash ^ hash >> 16) as u16 & 0x3fff);
-    // SAFETY: every store is inside the 42 bytes just checked.
-    unsafe {
-        // The outer packet is IPv4 whatever the inner one is.
-        store16(&raw mut (*outer)[6], ETH_P_IP.to_be());
-        let w = (outer as *mut u8).add(ETH_LEN) as *mut [u8; 4];
-        for (i, word) in words.into_iter().enumerate() {
-            store32(w.add(i), word);
-        }
-        store32(
-            w.add(5),
-            u32::from(sport.to_be()) | u32::from(inst.node_port) << 16,
-        );
-        store32(w.add(6), u32::from(((8 + inner_len) as u16).to_be()));
-    }
-    Ok(())
-}
-
-/// Sends an encapsulated packet to the next hop the daemon resolved, or the
-/// one the FIB gives.
-#[inline(always)]
-pub fn tunnel_out(
-    ctx: &TcContext,
-    inst: &Instance,
-    config: &OverlayConfig,
-) -> Result<i32, DropReason> {
-    let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
-    let eth: *mut EthHdr = pkt.header_mut(0, DropReason::AdjustRoomFailed)?;
-    if inst.ifindex != 0 {
-        write_macs(eth, &inst.dst_mac, &inst.src_mac, ETH_P_IP.to_be_bytes());
-        // SAFETY: a plain helper call.
-        return Ok(unsafe { bpf_redirect(inst.ifindex, 0) } as i32);
-    }
-    // SAFETY: an all-zero bpf_fib_lookup is valid.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.dport = inst.node_port;
-    fib.__bindgen_anon_1.tot_len = (ctx.len() as usize - ETH_LEN) as u16;
-    // SAFETY: reading a field of the context.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib.__bindgen_anon_3.ipv4_src = config.node_addr;
-    fib.__bindgen_anon_4.ipv4_dst = inst.node_addr;
-    // SAFETY: params is a valid, sized bpf_fib_lookup.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut fib,
-            size_of::<FibParams>() as i32,
-            0,
-        )
+    let eth = tunnel::encapsulate(&pkt, &outer, DropReason::AdjustRoomFailed)?;
+    let hop = tunnel::Hop {
+        ifindex: inst.ifindex,
+        dst_mac: &inst.dst_mac,
+        src_mac: &inst.src_mac,
     };
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-        // The kernel resolves the neighbour and sends the packet after.
-        // SAFETY: a plain helper call (no next-hop parameters: the FIB's).
-        return Ok(unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as i32);
-    }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        return Err(DropReason::FibLookupFailed);
-    }
-    // SAFETY: inside the header checked above; `fib` is on the stack (byte
-    // copies: the stack allows only aligned word access).
-    unsafe {
-        core::ptr::copy_nonoverlapping(&fib.dmac, &raw mut (*eth).dst, 1);
-        core::ptr::copy_nonoverlapping(&fib.smac, &raw mut (*eth).src, 1);
-    }
+    // SAFETY: reading a field of the context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let egress = tunnel::next_hop(ctx.skb.skb as *mut _, ifindex, eth, &hop, &outer)?;
     // SAFETY: a plain helper call.
-    Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as i32)
+    Ok(unsafe { bpf_redirect(egress, 0) } as i32)
 }
 
 /// Answers a packet too big for the tunnel with ICMP "fragmentation needed"
@@ -746,81 +655,21 @@ fn ctx_count_too_big() {
         .drop_reason(DropReason::TooBigForTunnel);
 }
 
-/// What [`from_tunnel`] did with a packet.
-pub enum Tunnel {
-    /// Delivered to a container: the XDP action.
-    Delivered(u32),
-    /// Tunnel traffic for this node carrying an IPv6 packet: `overlay6`'s.
-    Inner6,
-    /// Not for a container here; nothing was changed.
-    NotOurs,
-}
-
-/// Whether the packet may be overlay tunnel traffic (UDP to the tunnel
-/// port): only then is [`from_tunnel`] called, a subprogram call saved on
-/// every other packet.
-#[inline(always)]
-pub fn maybe_tunnel(pkt: &Packet) -> bool {
-    let Some(config) = tm_ov_config.get(0) else {
-        return false;
-    };
-    match pkt.header::<[[u8; 2]; 19]>(0, DropReason::TruncatedIpv4) {
-        // SAFETY: the UDP destination port (bytes 36..38) is inside the 38 bytes just checked.
-        Ok(p) => config.tunnel_port != 0 && unsafe { load16(&(*p)[18]) } == config.tunnel_port,
-        Err(_) => false,
-    }
-}
-
-/// XDP on the uplink: a tunnel packet for one of this node's containers is
-/// decapsulated, translated back if it is a reply, and redirected to the
-/// container's veth. `None`: not ours, nothing was changed. Not inlined: a
-/// subprogram keeps the load balancer's code after it as the verifier knew it.
+/// XDP on the uplink, after `tunnel::decapsulate`: an IPv4 packet for one of this node's containers is
+/// translated back if it is a reply and redirected to the container's
+/// veth. `None`: not for a container here, nothing was changed. Not
+/// inlined, and the parse is inside: the verifier walks this once, not
+/// once for every way the caller's parse can end.
 #[inline(never)]
-pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Tunnel, DropReason> {
-    let Some(config) = tm_ov_config.get(0) else {
-        return Ok(Tunnel::NotOurs);
-    };
-    if config.tunnel_port == 0 {
-        return Ok(Tunnel::NotOurs);
+pub fn from_tunnel(ctx: &XdpContext) -> Result<Option<u32>, DropReason> {
+    let pkt = &crate::xdp::packet_of(ctx);
+    let parsed = &parse(pkt)?;
+    if parsed.l3 != L3::V4 {
+        return Ok(None);
     }
-    let outer: *const [[u8; 2]; 21] = match pkt.header(0, DropReason::TruncatedIpv4) {
-        Ok(p) => p,
-        Err(_) => return Ok(Tunnel::NotOurs),
-    };
-    let outer = outer as *const [u8; 2];
-    // SAFETY: every read is inside the 42 bytes just checked.
-    let (ether_type, version_ihl_proto, dst_hi, dst_lo, dport, frag) = unsafe {
-        (
-            load16(outer.add(6)),
-            load16(outer.add(7)),
-            load16(outer.add(15)),
-            load16(outer.add(16)),
-            load16(outer.add(18)),
-            u16::from_be(load16(outer.add(10))),
-        )
-    };
-    let [version_ihl, _] = version_ihl_proto.to_ne_bytes();
-    // SAFETY: reading the protocol byte inside the header checked above.
-    let protocol = unsafe { *(outer as *const u8).add(ETH_LEN + 9) };
-    let dst = (dst_hi as u32) | (dst_lo as u32) << 16;
-    if ether_type != ETH_P_IP.to_be()
-        || version_ihl != 0x45
-        || protocol != IPPROTO_UDP
-        || dport != config.tunnel_port
-        || dst != config.node_addr
-        || frag & IP_FRAGMENT != 0
-    {
-        return Ok(Tunnel::NotOurs);
-    }
-    let inner_at = ETH_LEN + TUNNEL_LEN;
-    let Some(ip) = ip4_at(pkt, inner_at, DropReason::BadTunnelPacket)? else {
-        return Ok(Tunnel::Inner6);
-    };
-    if inner_at + ip.total_len as usize > pkt.wire_len {
-        return Err(DropReason::BadTunnelPacket);
-    }
+    let ip = ip4_of(parsed);
     let Some((local, slot)) = local_at(ip.dst) else {
-        return Ok(Tunnel::NotOurs);
+        return Ok(None);
     };
     // Only a container that dialled a service IP gets replies to translate.
     // SAFETY: a map value.
@@ -831,11 +680,8 @@ pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Tunnel, DropReason>
             fix_l4_full(pkt, &ip, diff)?;
         }
     }
-    let eth: *mut EthHdr = pkt.header_mut(TUNNEL_LEN, DropReason::BadTunnelPacket)?;
+    let eth: *mut EthHdr = pkt.header_mut(0, DropReason::BadTunnelPacket)?;
     write_macs(eth, &local.mac, &local.host_mac, ETH_P_IP.to_be_bytes());
-    adjust_head(ctx, TUNNEL_LEN as i32)?;
     // SAFETY: a plain helper call.
-    Ok(Tunnel::Delivered(
-        unsafe { bpf_redirect(local.ifindex, 0) } as u32
-    ))
+    Ok(Some(unsafe { bpf_redirect(local.ifindex, 0) } as u32))
 }

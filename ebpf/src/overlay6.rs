@@ -27,27 +27,24 @@ use tapmesh_common::{
 use crate::{
     csum,
     headers::*,
-    lb::{adjust_head, write_macs},
     maps::*,
-    overlay::{count, encapsulate, pick, tunnel_out, FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT},
+    overlay::{count, pick, to_node, FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT},
     packet::{load16, load32, store16, store32, Packet},
-    parse::addr_v6,
+    parse::{parse, Fragment, Parsed, L3},
+    tunnel::{self, write_macs},
 };
 
 const ETH_LEN: usize = size_of::<EthHdr>();
 const IP6_LEN: usize = size_of::<Ipv6Hdr>();
-/// Outer IPv4 + UDP.
-const TUNNEL_LEN: usize = 20 + 8;
 const ICMP6_ECHO_REQUEST: u8 = 128;
 const ICMP6_ECHO_REPLY: u8 = 129;
 const ICMP6_PACKET_TOO_BIG: u8 = 2;
 /// What a "packet too big" quotes: the offending IPv6 header and 8 bytes.
 const QUOTE_LEN: usize = IP6_LEN + 8;
 
-/// An IPv6 packet as the overlay sees it: no extension header but a
-/// Fragment header (a packet with another one is not tracked). Its
-/// addresses and ports are in the scratch key, its datagram in the scratch
-/// fragment key.
+/// An IPv6 packet as the overlay sees it (`parse` read it). Its addresses
+/// and ports are in the scratch key, its datagram in the scratch fragment
+/// key.
 struct Ip6 {
     l3: usize,
     l4: usize,
@@ -60,10 +57,6 @@ struct Ip6 {
     fragment: u8,
 }
 
-const FRAGMENT_HEADER_LEN: usize = 8;
-/// Offset bits of the Fragment header's second half-word (host order).
-const FRAGMENT_OFFSET: u16 = 0xfff8;
-const MORE_FRAGMENTS: u16 = 1;
 
 /// This CPU's working space.
 #[inline(always)]
@@ -86,97 +79,54 @@ fn store_addr(p: *mut [u8; 16], a: &Addr6) {
     }
 }
 
-/// Reads an IPv6 header at `l3` and the ports after it into `s.key` (and
-/// a Fragment header's datagram into `s.fragment`). `None`: not IPv6.
+/// The overlay's view of a packet `parse` read as IPv6; its addresses
+/// and ports go into `s.key`, a fragment's datagram into `s.fragment`.
 #[inline(always)]
-fn ip6_at(
-    pkt: &Packet,
-    l3: usize,
-    bad: DropReason,
-    s: &mut Scratch6,
-) -> Result<Option<Ip6>, DropReason> {
+fn ip6_of(p: &Parsed, s: &mut Scratch6) -> Ip6 {
     let key = &mut s.key;
-    let ip: *const Ipv6Hdr = pkt.header(l3, bad)?;
-    // SAFETY: inside the header just checked.
-    let (version, mut protocol, payload_len) = unsafe {
-        (
-            (*ip).version_class_flow[0] >> 4,
-            (*ip).next_header,
-            u16::from_be(load16(&(*ip).payload_length)),
-        )
-    };
-    if version != 6 {
-        return Ok(None);
-    }
-    // SAFETY: inside the header just checked.
-    unsafe {
-        key.src = addr_v6(&(*ip).src);
-        key.dst = addr_v6(&(*ip).dst);
-    }
+    key.src = p.src_addr;
+    key.dst = p.dst_addr;
     key.src_port = 0;
     key.dst_port = 0;
+    key.protocol = p.protocol;
     key._pad = [0; 3];
-    let mut l4 = l3 + IP6_LEN;
-    let mut fragment = NOT_FRAGMENT;
-    if protocol == IPPROTO_FRAGMENT {
-        let f: *const [u8; FRAGMENT_HEADER_LEN] = pkt.header(l4, bad)?;
-        // SAFETY: inside the header just checked.
-        let (next, offset, id) = unsafe {
-            (
-                (*f)[0],
-                u16::from_be(load16((f as *const u8).add(2) as *const [u8; 2])),
-                load32((f as *const u8).add(4) as *const [u8; 4]),
-            )
-        };
+    let fragment = match p.fragment {
+        Fragment::None => NOT_FRAGMENT,
+        Fragment::First => FIRST_FRAGMENT,
+        Fragment::Later => LATER_FRAGMENT,
+    };
+    if fragment != NOT_FRAGMENT {
         s.fragment.src = key.src;
         s.fragment.dst = key.dst;
-        s.fragment.id = id;
-        s.fragment.protocol = next;
+        s.fragment.id = p.frag_id;
+        s.fragment.protocol = p.protocol;
         s.fragment._pad = [0; 3];
-        protocol = next;
-        l4 += FRAGMENT_HEADER_LEN;
-        if offset & FRAGMENT_OFFSET != 0 {
-            fragment = LATER_FRAGMENT;
-        } else if offset & MORE_FRAGMENTS != 0 {
-            fragment = FIRST_FRAGMENT;
-        }
     }
-    key.protocol = protocol;
     let mut tracked = false;
-    if fragment == LATER_FRAGMENT {
-        protocol = 0; // no L4 header to read
-    }
-    match protocol {
-        IPPROTO_TCP | IPPROTO_UDP => {
-            if let Ok(p) = pkt.header::<[[u8; 2]; 2]>(l4, bad) {
-                // SAFETY: both ports are inside the 4 bytes just checked.
-                unsafe {
-                    key.src_port = load16(&(*p)[0]);
-                    key.dst_port = load16(&(*p)[1]);
-                }
+    if p.has_l4 {
+        match p.protocol {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                key.src_port = p.src_port.to_be();
+                key.dst_port = p.dst_port.to_be();
                 tracked = true;
             }
-        }
-        IPPROTO_ICMPV6 => {
-            if let Ok(p) = pkt.header::<[u8; 6]>(l4, bad) {
-                // SAFETY: type and identifier are inside the 6 bytes just checked.
-                let kind = unsafe { (*p)[0] };
-                if kind == ICMP6_ECHO_REQUEST || kind == ICMP6_ECHO_REPLY {
-                    key.src_port = unsafe { load16((p as *const u8).add(4) as *const [u8; 2]) };
-                    tracked = true;
-                }
+            IPPROTO_ICMPV6
+                if p.icmp_type == ICMP6_ECHO_REQUEST || p.icmp_type == ICMP6_ECHO_REPLY =>
+            {
+                key.src_port = p.icmp_id.to_be();
+                tracked = true;
             }
+            _ => {}
         }
-        _ => {}
     }
-    Ok(Some(Ip6 {
-        l3,
-        l4,
-        protocol: key.protocol,
+    Ip6 {
+        l3: p.l3_offset,
+        l4: p.l4_offset,
+        protocol: p.protocol,
         tracked,
-        total_len: payload_len.saturating_add(IP6_LEN as u16),
+        total_len: (p.l3_end - p.l3_offset) as u16,
         fragment,
-    }))
+    }
 }
 
 #[inline(always)]
@@ -351,10 +301,12 @@ fn binding(
 /// the IPv4 path stays as the verifier knew it.
 #[inline(never)]
 pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    let parsed = parse(pkt)?;
+    if parsed.l3 != L3::V6 {
+        return Ok(TC_ACT_OK);
+    }
     let s = scratch()?;
-    let Some(ip) = ip6_at(pkt, ETH_LEN, DropReason::TruncatedIpv6, s)? else {
-        return Err(DropReason::BadIpv6Version);
-    };
+    let ip = ip6_of(&parsed, s);
     let (Some(config), Some(config6)) = (tm_ov_config.get(0), tm_ov_config6.get(0)) else {
         return Ok(TC_ACT_OK);
     };
@@ -401,7 +353,8 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         // SAFETY: a plain helper call.
         return Ok(unsafe { bpf_redirect(inst.ifindex, 0) } as i32);
     }
-    if inst.kind != INSTANCE_REMOTE || config.tunnel_port == 0 {
+    let tunnel = tunnel::config().ok_or(DropReason::NoInstance)?;
+    if inst.kind != INSTANCE_REMOTE {
         return Err(DropReason::NoInstance);
     }
     // Every fragment of a datagram takes the same outer source port.
@@ -410,8 +363,7 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         _ => s.fragment.id,
     };
     let hash = s.key.src[3] ^ s.key.dst[3] ^ flow ^ id;
-    encapsulate(ctx, ip.total_len as usize, inst, config, hash)?;
-    tunnel_out(ctx, inst, config)
+    to_node(ctx, ip.total_len as usize, inst, tunnel, hash)
 }
 
 /// Answers a packet too big for the tunnel with ICMPv6 "packet too big"
@@ -480,19 +432,18 @@ fn packet_too_big(
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
-/// XDP on the uplink: an IPv6 packet out of the tunnel (outer headers
-/// already checked by `overlay::from_tunnel`) for one of this node's
-/// containers: reverse translation if it is a reply, decapsulation, redirect.
+/// XDP on the uplink, after `tunnel::decapsulate`: an IPv6 packet for one of this node's containers gets
+/// the reverse translation if it is a reply and is redirected. `None`: not
+/// for a container here, nothing was changed.
 #[inline(never)]
-pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropReason> {
-    let inner_at = ETH_LEN + TUNNEL_LEN;
-    let s = scratch()?;
-    let Some(ip) = ip6_at(pkt, inner_at, DropReason::BadTunnelPacket, s)? else {
+pub fn from_tunnel(ctx: &XdpContext) -> Result<Option<u32>, DropReason> {
+    let pkt = &crate::xdp::packet_of(ctx);
+    let parsed = &parse(pkt)?;
+    if parsed.l3 != L3::V6 {
         return Ok(None);
-    };
-    if inner_at + ip.total_len as usize > pkt.wire_len {
-        return Err(DropReason::BadTunnelPacket);
     }
+    let s = scratch()?;
+    let ip = ip6_of(parsed, s);
     // SAFETY: the value is read right away.
     let Some(local) = (unsafe { tm_ov_locals6.get(&s.key.dst) }) else {
         return Ok(None);
@@ -526,9 +477,8 @@ pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropRe
             }
         }
     }
-    let eth: *mut EthHdr = pkt.header_mut(TUNNEL_LEN, DropReason::BadTunnelPacket)?;
+    let eth: *mut EthHdr = pkt.header_mut(0, DropReason::BadTunnelPacket)?;
     write_macs(eth, &local.mac, &local.host_mac, ETH_P_IPV6.to_be_bytes());
-    adjust_head(ctx, TUNNEL_LEN as i32)?;
     // SAFETY: a plain helper call.
     Ok(Some(unsafe { bpf_redirect(local.ifindex, 0) } as u32))
 }

@@ -14,20 +14,20 @@ use aya_ebpf::{
 use tapmesh_common::{overlay::ConntrackKey, DropReason, PacketCounter, Verdict};
 
 use crate::{
-    lb::adjust_head,
     maps::{
-        tm_flow_stats, tm_flows, tm_maglev, tm_node, tm_ov_conntrack, tm_ov_locals, tm_stats,
+        tm_flow_stats, tm_flows, tm_maglev, tm_ov_conntrack, tm_ov_locals, tm_stats,
         tm_streams, tm_target_stats, tm_targets, tm_vip_configs, tm_vip_slots, tm_vip_stats,
-        tm_vip_values,
+        tm_tunnel, tm_vip_values,
     },
     packet::Packet,
+    tunnel::adjust_head,
 };
 
 /// One array map lookup.
 #[xdp]
 pub fn tm_probe_xdp_array(_ctx: XdpContext) -> u32 {
-    match tm_node.get(0) {
-        Some(n) if n.tunnel_port == 1 => xdp_action::XDP_DROP,
+    match tm_tunnel.get(0) {
+        Some(t) if t.port == 1 => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
 }
@@ -163,8 +163,8 @@ pub fn tm_probe_xdp_values(_ctx: XdpContext) -> u32 {
     if let Some(v) = tm_targets.get(0) {
         x ^= v.ifindex
     }
-    if let Some(v) = tm_node.get(0) {
-        x ^= v.tunnel_port as u32
+    if let Some(v) = tm_tunnel.get(0) {
+        x ^= v.port as u32
     }
     if x == 0x1234_5678 {
         xdp_action::XDP_DROP

@@ -11,6 +11,7 @@ pub mod lb;
 pub mod mirror;
 pub mod overlay;
 mod pins;
+pub mod tunnel;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -367,6 +368,7 @@ pub fn read_counters(ebpf: &Ebpf) -> Result<Vec<ProgramCounters>, DataplaneError
 pub struct DataplanePlugin {
     handle: DataplaneHandle,
     config: std::sync::Mutex<DataplaneConfig>,
+    tunnel: std::sync::Mutex<tunnel::TunnelSettings>,
 }
 
 impl DataplanePlugin {
@@ -374,6 +376,7 @@ impl DataplanePlugin {
         Self {
             handle,
             config: std::sync::Mutex::new(DataplaneConfig::default()),
+            tunnel: std::sync::Mutex::new(tunnel::TunnelSettings::default()),
         }
     }
 
@@ -394,12 +397,14 @@ impl Plugin for DataplanePlugin {
         config: &Config,
     ) -> Result<(), PluginError> {
         *self.config.lock().expect("config lock") = config.dataplane.clone();
+        *self.tunnel.lock().expect("tunnel lock") = tunnel::TunnelSettings::of(config);
         Ok(())
     }
 
     async fn start(&self, _scope: CancellationToken) -> Result<(), PluginError> {
         let config = self.config();
-        let running = tokio::task::spawn_blocking(move || start_dataplane(&config))
+        let tunnel = *self.tunnel.lock().expect("tunnel lock");
+        let running = tokio::task::spawn_blocking(move || start_dataplane(&config, tunnel))
             .await
             .map_err(|e| PluginError::new(e.to_string()))?
             .map_err(|e| PluginError::new(e.to_string()))?;
@@ -460,7 +465,10 @@ impl Plugin for DataplanePlugin {
 
 /// Loads, pins and attaches; on any failure nothing this start attached stays
 /// attached, and pins stay only if an earlier (kept) dataplane owned them.
-fn start_dataplane(config: &DataplaneConfig) -> Result<Running, DataplaneError> {
+fn start_dataplane(
+    config: &DataplaneConfig,
+    tunnel: tunnel::TunnelSettings,
+) -> Result<Running, DataplaneError> {
     let pin_dir = pins::prepare(&config.bpffs_root)?;
     let kept = pins::has_pins(&pin_dir);
     let mut attachments = Vec::new();
@@ -468,6 +476,7 @@ fn start_dataplane(config: &DataplaneConfig) -> Result<Running, DataplaneError> 
     let mut loaded = None;
     let result = (|| {
         let ebpf = loaded.insert(pins::load(BPF_OBJECT, &pin_dir)?);
+        tunnel::write(ebpf, tunnel)?;
         // `ebpf` owns every link: dropping it detaches them.
         for interface in &config.uplinks {
             attachments.push(attach::xdp(

@@ -153,8 +153,6 @@ pub enum ModelError {
 /// The settings the compiled tables carry.
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
-    pub node_addr: Option<Ipv4Addr>,
-    pub tunnel_port: u16,
     pub tunnel_mtu: u16,
     pub gateway: Ipv4Addr,
     pub service_prefix: (Ipv4Addr, u8),
@@ -383,13 +381,8 @@ impl Ids {
         let (prefix, len) = settings.service_prefix;
         let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
         tables.config = OverlayConfig {
-            node_addr: settings.node_addr.map(addr_word).unwrap_or(0),
-            tunnel_port: if settings.node_addr.is_some() {
-                settings.tunnel_port.to_be()
-            } else {
-                0
-            },
             tunnel_mtu: settings.tunnel_mtu,
+            _pad: 0,
             gateway: addr_word(settings.gateway),
             service_prefix: addr_word(Ipv4Addr::from(u32::from(prefix) & mask)),
             service_mask: addr_word(Ipv4Addr::from(mask)),
@@ -502,8 +495,6 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
-            node_addr: Some([198, 51, 100, 1].into()),
-            tunnel_port: 50103,
             tunnel_mtu: 1472,
             gateway: [192, 0, 2, 1].into(),
             service_prefix: ([203, 0, 113, 0].into(), 24),

@@ -124,15 +124,11 @@ impl Plugin for NetManagerPlugin {
                 .unwrap_or(1450),
             m => m,
         };
-        let node_addr = config
-            .lb
-            .node_address
-            .or_else(|| uplink.and_then(|u| net::addr::first_ipv4(u).ok().flatten()));
+        let node_addr = crate::dataplane::tunnel::TunnelSettings::of(config).address;
         settings.manager = Some(ManagerSettings {
             container_ifname: nm.container_ifname.clone(),
             mtu,
             node_addr,
-            tunnel_port: config.lb.tunnel_port,
             service_prefix: (prefix_addr, prefix.len),
             service_prefix_v6: (prefix6_addr, prefix6.len),
             subnetwork: nm.subnetwork.as_deref().map(cidr).transpose()?,
