@@ -57,7 +57,6 @@ struct Ip6 {
     fragment: u8,
 }
 
-
 /// This CPU's working space.
 #[inline(always)]
 fn scratch() -> Result<&'static mut Scratch6, DropReason> {

@@ -15,9 +15,9 @@ use tapmesh_common::{overlay::ConntrackKey, DropReason, PacketCounter, Verdict};
 
 use crate::{
     maps::{
-        tm_flow_stats, tm_flows, tm_maglev, tm_ov_conntrack, tm_ov_locals, tm_stats,
-        tm_streams, tm_target_stats, tm_targets, tm_vip_configs, tm_vip_slots, tm_vip_stats,
-        tm_tunnel, tm_vip_values,
+        tm_flow_stats, tm_flows, tm_maglev, tm_ov_conntrack, tm_ov_locals, tm_stats, tm_streams,
+        tm_target_stats, tm_targets, tm_tunnel, tm_vip_configs, tm_vip_slots, tm_vip_stats,
+        tm_vip_values,
     },
     packet::Packet,
     tunnel::adjust_head,

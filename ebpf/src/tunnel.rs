@@ -96,7 +96,11 @@ fn outer_ipv4(total: u16, src: u32, dst: u32) -> [u32; 5] {
 /// bytes); the MACs are the next hop's ([`next_hop`]). Returns the
 /// Ethernet header.
 #[inline(always)]
-pub fn encapsulate(pkt: &Packet, o: &Outer, missing: DropReason) -> Result<*mut EthHdr, DropReason> {
+pub fn encapsulate(
+    pkt: &Packet,
+    o: &Outer,
+    missing: DropReason,
+) -> Result<*mut EthHdr, DropReason> {
     let outer: *mut [[u8; 2]; OUTER_LEN / 2] = pkt.header_mut(0, missing)?;
     let total = (TUNNEL_LEN + o.inner_len) as u16;
     let ip = outer_ipv4(total, o.src, o.dst);
