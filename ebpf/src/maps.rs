@@ -100,7 +100,7 @@ pub static tm_mirror_ports: HashMap<u32, MirrorPort, { MAX_MIRROR_PORTS as usize
     HashMap::new();
 /// Tap flow → the VLANs it passes (when filtered).
 #[btf_map]
-pub static tm_mirror_filter: Array<u64, { FILTER_WORDS as usize }> = Array::new();
+pub static tm_mirror_bits: Array<u64, { FILTER_WORDS as usize }> = Array::new();
 #[btf_map]
 pub static tm_mirror_vlans: Array<VlanSet, { MAX_TAP_FLOWS as usize }> = Array::new();
 #[btf_map]
@@ -117,7 +117,8 @@ pub static tm_xsks: XskMap<{ MAX_RINGS as usize }> = XskMap::new();
 pub static tm_ov_config: Array<OverlayConfig, 1> = Array::new();
 /// Service IP → its id, policy and slot count.
 #[btf_map]
-pub static tm_ov_services: HashMap<u32, Service, { ov::MAX_SERVICES as usize }> = HashMap::new();
+pub static tm_ov_services: HashMap<[u8; 4], Service, { ov::MAX_SERVICES as usize }> =
+    HashMap::new();
 /// service id × SERVICE_SLOTS + slot → instance id.
 #[btf_map]
 pub static tm_ov_slots: Array<u32, { ov::SLOT_ENTRIES as usize }> = Array::new();
@@ -128,19 +129,16 @@ pub static tm_ov_rr: Array<u32, { ov::MAX_SERVICES as usize }> = Array::new();
 pub static tm_ov_instances: Array<Instance, { ov::MAX_INSTANCES as usize }> = Array::new();
 /// A container's namespace address → its veth and instance IP.
 #[btf_map]
-pub static tm_ov_locals: HashMap<u32, Local, { ov::MAX_LOCALS as usize }> = HashMap::new();
+pub static tm_ov_locals: HashMap<[u8; 4], Local, { ov::MAX_LOCALS as usize }> = HashMap::new();
 /// The same, by `local_slot(address)`, for the per-packet paths.
 #[btf_map]
-pub static tm_ov_local_slots: Array<ov::LocalSlot, { ov::LOCAL_SLOTS as usize }> = Array::new();
+pub static tm_ov_loc_slots: Array<ov::LocalSlot, { ov::LOCAL_SLOTS as usize }> = Array::new();
 #[btf_map]
-pub static tm_ov_conntrack: LruHashMap<
-    ConntrackKey,
-    ConntrackValue,
-    { ov::CONNTRACK_ENTRIES as usize },
-> = LruHashMap::new();
+pub static tm_ov_ct: LruHashMap<ConntrackKey, ConntrackValue, { ov::CONNTRACK_ENTRIES as usize }> =
+    LruHashMap::new();
 /// Service IPs signalled as unknown and not answered yet → when.
 #[btf_map]
-pub static tm_ov_pending: LruHashMap<u32, u64, { ov::PENDING_ENTRIES as usize }> =
+pub static tm_ov_pending: LruHashMap<[u8; 4], u64, { ov::PENDING_ENTRIES as usize }> =
     LruHashMap::new();
 #[btf_map]
 pub static tm_ov_misses: RingBuf<Miss, { ov::MISS_RING_BYTES as usize }> = RingBuf::new();
@@ -152,12 +150,12 @@ pub static tm_ov_config6: Array<ov::OverlayConfig6, 1> = Array::new();
 pub static tm_ov_services6: HashMap<ov::Addr6, Service, { ov::MAX_SERVICES as usize }> =
     HashMap::new();
 #[btf_map]
-pub static tm_ov_instances6: Array<ov::Instance6, { ov::MAX_INSTANCES as usize }> = Array::new();
+pub static tm_ov_inst6: Array<ov::Instance6, { ov::MAX_INSTANCES as usize }> = Array::new();
 #[btf_map]
 pub static tm_ov_locals6: HashMap<ov::Addr6, ov::Local6, { ov::MAX_LOCALS as usize }> =
     HashMap::new();
 #[btf_map]
-pub static tm_ov_conntrack6: LruHashMap<
+pub static tm_ov_ct6: LruHashMap<
     ov::ConntrackKey6,
     ov::ConntrackValue6,
     { ov::CONNTRACK_ENTRIES6 as usize },
@@ -187,5 +185,5 @@ pub static tm_ov_scratch6: PerCpuArray<ov::Scratch6, 1> = PerCpuArray::new();
 pub static tm_ov_svc_stats: PerCpuArray<PacketCounter, { ov::MAX_SERVICES as usize }> =
     PerCpuArray::new();
 #[btf_map]
-pub static tm_ov_inst_stats: PerCpuArray<PacketCounter, { ov::MAX_INSTANCES as usize }> =
+pub static tm_ov_ins_stats: PerCpuArray<PacketCounter, { ov::MAX_INSTANCES as usize }> =
     PerCpuArray::new();

@@ -3,10 +3,7 @@
 //! decapsulated. Packets are read by `parse.rs`. Tables:
 //! `tapmesh_common::overlay`.
 
-use core::{
-    intrinsics::{atomic_xadd, AtomicOrdering},
-    mem::size_of,
-};
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{
@@ -38,15 +35,15 @@ use crate::{
     tunnel::{self, write_macs, TUNNEL_LEN},
 };
 
-const ETH_LEN: usize = size_of::<EthHdr>();
 /// The ICMP error: IPv4 header, ICMP header, the offending IPv4 header and 8 bytes.
 const ICMP_ERROR_LEN: usize = 20 + 8 + 20 + 8;
 const IP_DF: u16 = 0x4000;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;
 
-/// An IPv4 packet as the overlay sees it. Addresses and ports are words in
-/// memory order (network order), as they are compared and written back.
+/// An IPv4 packet as the overlay sees it. Addresses are words in memory
+/// order (as they are compared and written back; maps hold their bytes),
+/// ports host order.
 struct Ip4 {
     /// Offset of the IPv4 header.
     l3: usize,
@@ -85,10 +82,10 @@ fn ip4_of(p: &Parsed) -> Ip4 {
     if p.has_l4 {
         match p.protocol {
             IPPROTO_TCP | IPPROTO_UDP => {
-                (src_port, dst_port, tracked) = (p.src_port.to_be(), p.dst_port.to_be(), true);
+                (src_port, dst_port, tracked) = (p.src_port, p.dst_port, true);
             }
             IPPROTO_ICMP if p.icmp_type == ICMP_ECHO || p.icmp_type == ICMP_ECHO_REPLY => {
-                (src_port, tracked) = (p.icmp_id.to_be(), true);
+                (src_port, tracked) = (p.icmp_id, true);
             }
             _ => {}
         }
@@ -109,6 +106,19 @@ fn ip4_of(p: &Parsed) -> Ip4 {
     }
 }
 
+/// An address word as the maps hold it.
+#[inline(always)]
+fn b4(word: u32) -> [u8; 4] {
+    word.to_ne_bytes()
+}
+
+/// The word of an address in a map value (or a 4-byte aligned key).
+#[inline(always)]
+fn w4(bytes: &[u8; 4]) -> u32 {
+    // SAFETY: a 4-byte field of a map value at a multiple of 4.
+    unsafe { load32(bytes) }
+}
+
 /// Whether the IPv4 header at `ip.l3` has "don't fragment" set.
 #[inline(always)]
 fn dont_fragment(pkt: &Packet, ip: &Ip4) -> Result<bool, DropReason> {
@@ -120,8 +130,8 @@ fn dont_fragment(pkt: &Packet, ip: &Ip4) -> Result<bool, DropReason> {
 #[inline(always)]
 fn key_of(ip: &Ip4) -> ConntrackKey {
     ConntrackKey {
-        src: ip.src,
-        dst: ip.dst,
+        src: b4(ip.src),
+        dst: b4(ip.dst),
         src_port: ip.src_port,
         dst_port: ip.dst_port,
         protocol: ip.protocol,
@@ -156,12 +166,12 @@ fn signal_miss(ip: &Ip4) {
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     if tm_ov_pending
-        .insert(&ip.dst, &now, BPF_NOEXIST as u64)
+        .insert(&b4(ip.dst), &now, BPF_NOEXIST as u64)
         .is_ok()
     {
         let miss = Miss {
-            service_addr: ip.dst,
-            client_addr: ip.src,
+            service_addr: b4(ip.dst),
+            client_addr: b4(ip.src),
             port: ip.dst_port,
             protocol: ip.protocol,
             _pad: 0,
@@ -172,7 +182,8 @@ fn signal_miss(ip: &Ip4) {
 
 #[inline(always)]
 fn in_prefix(config: &OverlayConfig, addr: u32) -> bool {
-    config.service_mask != 0 && addr & config.service_mask == config.service_prefix
+    let mask = w4(&config.service_mask);
+    mask != 0 && addr & mask == w4(&config.service_prefix)
 }
 
 /// A container of this node by its namespace address: from its array slot
@@ -180,12 +191,12 @@ fn in_prefix(config: &OverlayConfig, addr: u32) -> bool {
 /// flag), else from `tm_ov_locals`. An empty slot answers without a lookup.
 #[inline(always)]
 fn local_at(addr: u32) -> Option<(&'static Local, Option<*mut LocalSlot>)> {
-    let slot = tm_ov_local_slots.get_ptr_mut(local_slot(addr))?;
+    let slot = tm_ov_loc_slots.get_ptr_mut(local_slot(b4(addr)))?;
     // SAFETY: a map value, valid for the program's run.
     unsafe {
         match (*slot).state {
-            LOCAL_SLOT_ONE if (*slot).addr == addr => Some((&(*slot).local, Some(slot))),
-            LOCAL_SLOT_SHARED => tm_ov_locals.get(&addr).map(|l| (l, None)),
+            LOCAL_SLOT_ONE if w4(&(*slot).addr) == addr => Some((&(*slot).local, Some(slot))),
+            LOCAL_SLOT_SHARED => tm_ov_locals.get(&b4(addr)).map(|l| (l, None)),
             _ => None,
         }
     }
@@ -234,7 +245,7 @@ struct Binding {
 #[inline(always)]
 fn established(key: &ConntrackKey) -> Option<Binding> {
     // SAFETY: the value is read right away.
-    binding_of(unsafe { tm_ov_conntrack.get(key) }?)
+    binding_of(unsafe { tm_ov_ct.get(key) }?)
 }
 
 /// A later fragment's binding: the one its first fragment recorded.
@@ -247,8 +258,8 @@ fn fragment_binding(ip: &Ip4) -> Option<Binding> {
 #[inline(always)]
 fn fragment_key(ip: &Ip4) -> FragmentKey {
     FragmentKey {
-        src: ip.src,
-        dst: ip.dst,
+        src: b4(ip.src),
+        dst: b4(ip.dst),
         id: ip.id,
         protocol: ip.protocol,
         _pad: 0,
@@ -268,8 +279,8 @@ fn binding_of(ct: &ConntrackValue) -> Option<Binding> {
         id: ct.instance,
         instance,
         service: ct.service,
-        new_src: ct.new_src,
-        reply_src: ct.reply_src,
+        new_src: w4(&ct.new_src),
+        reply_src: w4(&ct.reply_src),
     })
 }
 
@@ -297,14 +308,14 @@ fn bind(
     let mut reply_src = 0;
     if inst.kind == INSTANCE_LOCAL {
         let translated = ConntrackKey {
-            src: new_src,
+            src: b4(new_src),
             dst: inst.ns_addr,
             ..*key
         };
         // SAFETY: the value is read right away.
-        if let Some(ct) = unsafe { tm_ov_conntrack.get(&translated) } {
-            if ct.kind == CT_REVERSE && ct.service_addr != new_src {
-                reply_src = ct.service_addr;
+        if let Some(ct) = unsafe { tm_ov_ct.get(&translated) } {
+            if ct.kind == CT_REVERSE && w4(&ct.service_addr) != new_src {
+                reply_src = w4(&ct.service_addr);
             }
         }
     }
@@ -313,14 +324,14 @@ fn bind(
         instance: id,
         generation: inst.generation,
         service: service.id,
-        service_addr: ip.dst,
-        new_src,
-        reply_src,
+        service_addr: b4(ip.dst),
+        new_src: b4(new_src),
+        reply_src: b4(reply_src),
     };
-    let _ = tm_ov_conntrack.insert(key, &forward, 0);
+    let _ = tm_ov_ct.insert(key, &forward, 0);
     let reverse_key = ConntrackKey {
         src: inst.reply_addr,
-        dst: ip.src,
+        dst: b4(ip.src),
         src_port: reply_src_port,
         dst_port: reply_dst_port,
         protocol: ip.protocol,
@@ -331,11 +342,11 @@ fn bind(
         instance: id,
         generation: inst.generation,
         service: service.id,
-        service_addr: ip.dst,
-        new_src: 0,
-        reply_src: 0,
+        service_addr: b4(ip.dst),
+        new_src: [0; 4],
+        reply_src: [0; 4],
     };
-    let _ = tm_ov_conntrack.insert(&reverse_key, &reverse, 0);
+    let _ = tm_ov_ct.insert(&reverse_key, &reverse, 0);
     Ok(Binding {
         id,
         instance: inst,
@@ -348,7 +359,7 @@ fn bind(
 #[inline(always)]
 pub fn count(map_index: u32, per_instance: bool, bytes: u64) {
     let counter = if per_instance {
-        tm_ov_inst_stats.get_ptr_mut(map_index)
+        tm_ov_ins_stats.get_ptr_mut(map_index)
     } else {
         tm_ov_svc_stats.get_ptr_mut(map_index)
     };
@@ -418,16 +429,16 @@ fn reverse_source(ip: &Ip4) -> Option<u32> {
     // SAFETY: the values are read right away.
     let ct = match (ip.fragment, ip.tracked) {
         (LATER_FRAGMENT, _) => unsafe { tm_ov_frags.get(&fragment_key(ip)) },
-        (_, true) => unsafe { tm_ov_conntrack.get(&key_of(ip)) },
+        (_, true) => unsafe { tm_ov_ct.get(&key_of(ip)) },
         _ => None,
     };
     match ct {
-        Some(ct) if ct.kind == CT_REVERSE && ct.service_addr != ip.src => {
+        Some(ct) if ct.kind == CT_REVERSE && w4(&ct.service_addr) != ip.src => {
             if ip.fragment == FIRST_FRAGMENT {
                 // For the later fragments, which carry no ports.
                 let _ = tm_ov_frags.insert(&fragment_key(ip), ct, 0);
             }
-            Some(ct.service_addr)
+            Some(w4(&ct.service_addr))
         }
         _ => None,
     }
@@ -463,7 +474,7 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         Some(b) => b,
         None => {
             // SAFETY: the value is read right away.
-            let service = match unsafe { tm_ov_services.get(&ip.dst) } {
+            let service = match unsafe { tm_ov_services.get(&b4(ip.dst)) } {
                 Some(s) => s,
                 None if in_prefix(config, ip.dst) => {
                     signal_miss(&ip);
@@ -483,7 +494,7 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
                     }
                 }
             }
-            bind(&ip, &key, service, sender.instance_addr)?
+            bind(&ip, &key, service, w4(&sender.instance_addr))?
         }
     };
     let (id, inst) = (binding.id, binding.instance);
@@ -494,9 +505,9 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
             instance: id,
             generation: inst.generation,
             service: binding.service,
-            service_addr: ip.dst,
-            new_src: binding.new_src,
-            reply_src: binding.reply_src,
+            service_addr: b4(ip.dst),
+            new_src: b4(binding.new_src),
+            reply_src: b4(binding.reply_src),
         };
         let _ = tm_ov_frags.insert(&fragment_key(&ip), &value, 0);
     }
@@ -517,7 +528,7 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
 
     // A reply to a flow the local instance dialled gets that flow's service
     // IP as its source at once.
-    let new_dst = inst.ns_addr;
+    let new_dst = w4(&inst.ns_addr);
     let new_src = if inst.kind == INSTANCE_LOCAL && binding.reply_src != 0 {
         binding.reply_src
     } else {
@@ -560,8 +571,8 @@ pub fn to_node(
 ) -> Result<i32, DropReason> {
     let outer = tunnel::Outer {
         src: tunnel::node_addr(t),
-        dst: inst.node_addr,
-        dst_port: u16::from_be(inst.node_port),
+        dst: w4(&inst.node_addr),
+        dst_port: inst.node_port,
         src_port: tunnel::source_port(hash ^ hash >> 16),
         inner_len,
     };
@@ -614,7 +625,7 @@ fn fragmentation_needed(
         u32::from_ne_bytes([0x45, 0xc0, l0, l1]),
         0,
         u32::from_ne_bytes([64, IPPROTO_ICMP, 0, 0]),
-        config.gateway,
+        w4(&config.gateway),
         ip.src,
     ];
     let ip_sum = csum::of_words(&ip_words);

@@ -34,7 +34,6 @@ use crate::{
     tunnel::{self, write_macs},
 };
 
-const ETH_LEN: usize = size_of::<EthHdr>();
 const IP6_LEN: usize = size_of::<Ipv6Hdr>();
 const ICMP6_ECHO_REQUEST: u8 = 128;
 const ICMP6_ECHO_REPLY: u8 = 129;
@@ -67,9 +66,39 @@ fn scratch() -> Result<&'static mut Scratch6, DropReason> {
         .ok_or(DropReason::NoInstance)
 }
 
+/// The words of an address the maps hold (in a map value or the scratch
+/// space, at a multiple of 4), for arithmetic and stores into packets.
+#[inline(always)]
+fn words(a: &Addr6) -> [u32; 4] {
+    let w = a.as_ptr() as *const [u8; 4];
+    // SAFETY: four words inside `a`.
+    unsafe {
+        [
+            load32(w),
+            load32(w.add(1)),
+            load32(w.add(2)),
+            load32(w.add(3)),
+        ]
+    }
+}
+
+/// An address `parse` read, as the maps hold it.
+#[inline(always)]
+fn bytes(w: &[u32; 4]) -> Addr6 {
+    // SAFETY: 16 bytes either way; words are in memory order.
+    unsafe { core::mem::transmute::<[u32; 4], Addr6>(*w) }
+}
+
+#[inline(always)]
+fn same(a: &Addr6, b: &Addr6) -> bool {
+    let (a, b) = (words(a), words(b));
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+}
+
 #[inline(always)]
 fn store_addr(p: *mut [u8; 16], a: &Addr6) {
     let w = p as *mut [u8; 4];
+    let a = words(a);
     // SAFETY: the caller hands a checked 16-byte field.
     unsafe {
         for i in 0..4 {
@@ -83,8 +112,8 @@ fn store_addr(p: *mut [u8; 16], a: &Addr6) {
 #[inline(always)]
 fn ip6_of(p: &Parsed, s: &mut Scratch6) -> Ip6 {
     let key = &mut s.key;
-    key.src = p.src_addr;
-    key.dst = p.dst_addr;
+    key.src = bytes(&p.src_addr);
+    key.dst = bytes(&p.dst_addr);
     key.src_port = 0;
     key.dst_port = 0;
     key.protocol = p.protocol;
@@ -105,14 +134,14 @@ fn ip6_of(p: &Parsed, s: &mut Scratch6) -> Ip6 {
     if p.has_l4 {
         match p.protocol {
             IPPROTO_TCP | IPPROTO_UDP => {
-                key.src_port = p.src_port.to_be();
-                key.dst_port = p.dst_port.to_be();
+                key.src_port = p.src_port;
+                key.dst_port = p.dst_port;
                 tracked = true;
             }
             IPPROTO_ICMPV6
                 if p.icmp_type == ICMP6_ECHO_REQUEST || p.icmp_type == ICMP6_ECHO_REPLY =>
             {
-                key.src_port = p.icmp_id.to_be();
+                key.src_port = p.icmp_id;
                 tracked = true;
             }
             _ => {}
@@ -130,13 +159,18 @@ fn ip6_of(p: &Parsed, s: &mut Scratch6) -> Ip6 {
 
 #[inline(always)]
 fn is_zero(a: &Addr6) -> bool {
+    let a = words(a);
     a[0] | a[1] | a[2] | a[3] == 0
 }
 
 #[inline(always)]
 fn in_prefix(config: &OverlayConfig6, a: &Addr6) -> bool {
-    let (p, m) = (&config.service_prefix, &config.service_mask);
-    !is_zero(m)
+    let (p, m, a) = (
+        words(&config.service_prefix),
+        words(&config.service_mask),
+        words(a),
+    );
+    m[0] | m[1] | m[2] | m[3] != 0
         && (a[0] & m[0]) ^ p[0] | (a[1] & m[1]) ^ p[1] | (a[2] & m[2]) ^ p[2] | (a[3] & m[3]) ^ p[3]
             == 0
 }
@@ -159,6 +193,7 @@ fn l4_checksum(ip: &Ip6) -> Option<usize> {
 /// The checksum difference of replacing `old` words by `new` ones (RFC 1624).
 #[inline(always)]
 fn add_diff(sum: &mut u64, old: &Addr6, new: &Addr6) {
+    let (old, new) = (words(old), words(new));
     for i in 0..4 {
         *sum += (!old[i]) as u64 + new[i] as u64;
     }
@@ -192,7 +227,7 @@ fn signal_miss(s: &mut Scratch6) {
 /// The instance's IPv6 addresses, if it has them.
 #[inline(always)]
 fn addresses(id: u32) -> Option<&'static Instance6> {
-    tm_ov_instances6.get(id).filter(|i| !is_zero(&i.ns_addr))
+    tm_ov_inst6.get(id).filter(|i| !is_zero(&i.ns_addr))
 }
 
 /// The flow's instance: from conntrack, or picked and recorded now (`None`:
@@ -206,7 +241,7 @@ fn binding(
     // SAFETY: the values are read right away.
     let found = match (ip.fragment, ip.tracked) {
         (LATER_FRAGMENT, _) => unsafe { tm_ov_frags6.get(&s.fragment) },
-        (_, true) => unsafe { tm_ov_conntrack6.get(&s.key) },
+        (_, true) => unsafe { tm_ov_ct6.get(&s.key) },
         _ => None,
     };
     if let Some(ct) = found.filter(|ct| ct.kind == CT_FORWARD) {
@@ -252,14 +287,14 @@ fn binding(
     s.new_dst = inst6.ns_addr;
     // To a local instance, the packet may be a reply to a flow that
     // instance dialled: its reverse entry gives the source to show.
-    s.value.reply_src = [0; 4];
+    s.value.reply_src = [0; 16];
     if inst.kind == INSTANCE_LOCAL {
         s.other = s.key;
         s.other.src = s.new_src;
         s.other.dst = s.new_dst;
         // SAFETY: the value is read right away.
-        if let Some(ct) = unsafe { tm_ov_conntrack6.get(&s.other) } {
-            if ct.kind == CT_REVERSE && ct.service_addr != s.new_src {
+        if let Some(ct) = unsafe { tm_ov_ct6.get(&s.other) } {
+            if ct.kind == CT_REVERSE && !same(&ct.service_addr, &s.new_src) {
                 s.value.reply_src = ct.service_addr;
             }
         }
@@ -270,7 +305,7 @@ fn binding(
     s.value.service = service.id;
     s.value.service_addr = s.key.dst;
     s.value.new_src = s.new_src;
-    let _ = tm_ov_conntrack6.insert(&s.key, &s.value, 0);
+    let _ = tm_ov_ct6.insert(&s.key, &s.value, 0);
     if ip.fragment == FIRST_FRAGMENT {
         let _ = tm_ov_frags6.insert(&s.fragment, &s.value, 0);
     }
@@ -290,9 +325,9 @@ fn binding(
     s.other.protocol = ip.protocol;
     s.other._pad = [0; 3];
     s.value.kind = CT_REVERSE;
-    s.value.new_src = [0; 4];
-    s.value.reply_src = [0; 4];
-    let _ = tm_ov_conntrack6.insert(&s.other, &s.value, 0);
+    s.value.new_src = [0; 16];
+    s.value.reply_src = [0; 16];
+    let _ = tm_ov_ct6.insert(&s.other, &s.value, 0);
     Ok(Some((id, service.id, inst)))
 }
 
@@ -361,7 +396,7 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         NOT_FRAGMENT => (s.key.src_port as u32) << 16 ^ s.key.dst_port as u32,
         _ => s.fragment.id,
     };
-    let hash = s.key.src[3] ^ s.key.dst[3] ^ flow ^ id;
+    let hash = words(&s.key.src)[3] ^ words(&s.key.dst)[3] ^ flow ^ id;
     to_node(ctx, ip.total_len as usize, inst, tunnel, hash)
 }
 
@@ -379,6 +414,7 @@ fn packet_too_big(
     if is_zero(&config6.gateway) {
         return Err(DropReason::TooBigForTunnel);
     }
+    let (gateway, sender) = (words(&config6.gateway), words(sender));
     let eth: *const [[u8; 2]; 6] = pkt.header(0, DropReason::TruncatedEthernet)?;
     // SAFETY: the 12 MAC bytes are inside the header just checked.
     let macs = unsafe { *eth };
@@ -406,7 +442,7 @@ fn packet_too_big(
         store32(w, u32::from_ne_bytes([0x60, 0, 0, 0]));
         store32(w.add(1), u32::from_ne_bytes([l0, l1, IPPROTO_ICMPV6, 255]));
         for i in 0..4 {
-            store32(w.add(2 + i), config6.gateway[i]);
+            store32(w.add(2 + i), gateway[i]);
             store32(w.add(6 + i), sender[i]);
         }
         // ICMPv6: type 2, code 0, checksum 0 for now, then the MTU.
@@ -450,10 +486,12 @@ pub fn from_tunnel(ctx: &XdpContext) -> Result<Option<u32>, DropReason> {
     // SAFETY: the values are read right away.
     let reverse = match (ip.fragment, ip.tracked) {
         (LATER_FRAGMENT, _) => unsafe { tm_ov_frags6.get(&s.fragment) },
-        (_, true) => unsafe { tm_ov_conntrack6.get(&s.key) },
+        (_, true) => unsafe { tm_ov_ct6.get(&s.key) },
         _ => None,
     };
-    if let Some(ct) = reverse.filter(|ct| ct.kind == CT_REVERSE && ct.service_addr != s.key.src) {
+    if let Some(ct) =
+        reverse.filter(|ct| ct.kind == CT_REVERSE && !same(&ct.service_addr, &s.key.src))
+    {
         if ip.fragment == FIRST_FRAGMENT {
             // For the later fragments, which carry no ports.
             let _ = tm_ov_frags6.insert(&s.fragment, ct, 0);

@@ -65,8 +65,8 @@ pub struct Parsed {
     /// ICMP/ICMPv6: the first two bytes after the checksum (an echo's
     /// identifier), host order.
     pub icmp_id: u16,
-    /// The identification fragments of a datagram share, as it lies in the
-    /// packet (memory order): IPv4's 16 bits, an IPv6 Fragment header's 32.
+    /// The identification fragments of a datagram share, host order:
+    /// IPv4's 16 bits, an IPv6 Fragment header's 32.
     pub frag_id: u32,
 }
 
@@ -178,7 +178,7 @@ fn parse_ipv4(pkt: &Packet, parsed: &mut Parsed) -> Result<(), DropReason> {
     } else {
         Fragment::None
     };
-    parsed.frag_id = unsafe { load16(&raw const (*ip).id) } as u32;
+    parsed.frag_id = be16(unsafe { &raw const (*ip).id }) as u32;
     parsed.l3 = L3::V4;
     parsed.l3_end = offset + total_len;
     parsed.protocol = unsafe { (*ip).protocol };
@@ -228,7 +228,7 @@ fn parse_ipv6(pkt: &Packet, parsed: &mut Parsed) -> Result<(), DropReason> {
                 let frag: *const Ipv6FragHdr =
                     pkt.header(at, DropReason::TruncatedIpv6Extension)?;
                 next = unsafe { (*frag).next_header };
-                parsed.frag_id = unsafe { load32(&raw const (*frag).id) };
+                parsed.frag_id = u32::from_be(unsafe { load32(&raw const (*frag).id) });
                 let offset_flags = be16(unsafe { &raw const (*frag).offset_flags });
                 parsed.fragment = if offset_flags & 0xfff8 != 0 {
                     Fragment::Later

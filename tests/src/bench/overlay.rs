@@ -77,7 +77,7 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
             ns_addr: addr_word(instance_ns),
             reply_addr: addr_word(instance_ip),
             node_addr: addr_word(REMOTE_NODE),
-            node_port: TUNNEL_PORT.to_be(),
+            node_port: TUNNEL_PORT,
             kind: INSTANCE_REMOTE,
             generation: 1,
             ifindex: tma_index,

@@ -269,7 +269,7 @@ impl Ids {
                 Placement::Remote { node, port } => {
                     inst.kind = INSTANCE_REMOTE;
                     inst.node_addr = addr_word(*node);
-                    inst.node_port = port.to_be();
+                    inst.node_port = *port;
                 }
             }
             // A changed entry or set of service IPs, or a slot that held
@@ -397,14 +397,14 @@ impl Ids {
                     addr6_words(Ipv6Addr::from(mask)),
                 )
             }
-            None => ([0; 4], [0; 4]),
+            None => ([0; 16], [0; 16]),
         };
         let outside6 = tables.services6.keys().any(|a| {
-            let w = addr6_words(*a);
-            (0..4).any(|i| w[i] & mask6[i] != prefix6[i]) || mask6 == [0; 4]
+            let mask = u128::from_be_bytes(mask6);
+            u128::from(*a) & mask != u128::from_be_bytes(prefix6) || mask == 0
         });
         tables.config6 = OverlayConfig6 {
-            gateway: settings.gateway_v6.map(addr6_words).unwrap_or([0; 4]),
+            gateway: settings.gateway_v6.map(addr6_words).unwrap_or([0; 16]),
             service_prefix: prefix6,
             service_mask: mask6,
             flags: if outside6 {
@@ -546,7 +546,7 @@ mod tests {
             vec![ia]
         );
         assert_eq!(t.instances[&ia].kind, INSTANCE_LOCAL);
-        assert_eq!(t.instances[&ib].node_port, 50103u16.to_be());
+        assert_eq!(t.instances[&ib].node_port, 50103);
         assert_eq!(
             t.locals[&Ipv4Addr::from([192, 0, 2, 2])].instance_addr,
             addr_word([203, 0, 113, 20].into())

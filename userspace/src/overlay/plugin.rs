@@ -267,17 +267,11 @@ async fn read_misses(
                 // SAFETY: the kernel wrote a `Miss6` (size checked); read unaligned.
                 let miss: Miss6 =
                     unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss6) };
-                let bytes: Vec<u8> = miss
-                    .service_addr
-                    .iter()
-                    .flat_map(|w| w.to_ne_bytes())
-                    .collect();
-                let octets: [u8; 16] = bytes.try_into().expect("16 bytes");
-                found.push(std::net::IpAddr::from(octets));
+                found.push(std::net::IpAddr::from(miss.service_addr));
             } else if item.len() >= std::mem::size_of::<Miss>() {
                 // SAFETY: the kernel wrote a `Miss` (size checked); read unaligned.
                 let miss: Miss = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss) };
-                found.push(Ipv4Addr::from(miss.service_addr.to_ne_bytes()).into());
+                found.push(Ipv4Addr::from(miss.service_addr).into());
             }
         }
         guard.clear_ready();
