@@ -19,8 +19,8 @@ use tapmesh_common::{
     overlay::{
         local_slot, ConntrackKey, ConntrackValue, FragmentKey, Instance, Local, LocalSlot, Miss,
         OverlayConfig, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE,
-        INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED, POLICY_ROUND_ROBIN,
-        SERVICE_SLOTS,
+        INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_EMPTY, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
+        POLICY_ROUND_ROBIN, SERVICE_SLOTS,
     },
     tunnel::TunnelConfig,
     DropReason,
@@ -157,6 +157,26 @@ pub fn is_ipv6(pkt: &Packet) -> bool {
         // SAFETY: inside the header just checked.
         Ok(eth) => (unsafe { load16(&(*eth).ether_type) }) == ETH_P_IPV6.to_be(),
         Err(_) => false,
+    }
+}
+
+/// Whether a decapsulated IPv4 packet may be for a container here: its
+/// destination's slot in `tm_ov_loc_slots` is in use. One array read, so
+/// the load balancer's tunnel packets skip the overlay's subprogram (and
+/// its parse) when no container has that slot.
+#[inline(always)]
+pub fn maybe_local(pkt: &Packet) -> bool {
+    // Ethernet, then the IPv4 destination at bytes 30..34.
+    match pkt.header::<[[u8; 2]; 17]>(0, DropReason::TruncatedIpv4) {
+        Ok(p) => {
+            // SAFETY: the 4 bytes are inside the 34 just checked.
+            let dst = unsafe { load32((p as *const u8).add(30) as *const [u8; 4]) };
+            tm_ov_loc_slots
+                .get(local_slot(b4(dst)))
+                .is_some_and(|s| s.state != LOCAL_SLOT_EMPTY)
+        }
+        // Too short: the subprogram's parse says why.
+        Err(_) => true,
     }
 }
 

@@ -61,7 +61,8 @@ fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, D
         // to this one's.
         let delivered = match inner {
             L3::V6 => overlay6::from_tunnel(ctx)?,
-            _ => overlay::from_tunnel(ctx)?,
+            _ if overlay::maybe_local(&packet_of(ctx)) => overlay::from_tunnel(ctx)?,
+            _ => None,
         };
         if let Some(action) = delivered {
             return Ok(action);
