@@ -281,16 +281,12 @@ pub struct Target {
     pub node_addr: [u8; 16],
 }
 
-/// Value of `tm_node` (one entry): this node's tunnel endpoint.
+/// Value of `tm_lb_config` (one entry): settings of the load balancer as a whole.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeConfig {
-    /// UDP port of the tunnel (0 = tunnel off).
-    pub tunnel_port: u16,
+pub struct LbConfig {
     /// VIPs given as prefixes (in `tm_vips`); host VIPs are in `tm_vip_hosts`.
-    pub vip_prefixes: u16,
-    /// This node's IPv4 address on the underlay (outer source; decap destination).
-    pub addr_v4: [u8; 4],
+    pub vip_prefixes: u32,
 }
 
 crate::assert_layout!(VipKey, size = 20, align = 4);
@@ -316,7 +312,7 @@ crate::assert_layout!(ByteMatch, size = 12, align = 4);
 crate::assert_layout!(FlowEntry, size = 16 + 12 * MAX_BYTE_MATCHES, align = 4);
 crate::assert_layout!(StreamValue, size = 8, align = 4);
 crate::assert_layout!(Target, size = 48, align = 4);
-crate::assert_layout!(NodeConfig, size = 8, align = 2);
+crate::assert_layout!(LbConfig, size = 4, align = 4);
 
 #[cfg(feature = "user")]
 crate::impl_pod!(
@@ -335,5 +331,5 @@ crate::impl_pod!(
     FlowEntry,
     StreamValue,
     Target,
-    NodeConfig
+    LbConfig
 );

@@ -10,11 +10,12 @@ pub mod lb;
 pub mod mirror;
 pub mod overlay;
 pub mod stats;
+pub mod tunnel;
 
 pub use stats::*;
 
 /// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 3;
+pub const SCHEMA_VERSION: u32 = 4;
 
 /// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -52,12 +53,13 @@ pub mod map_names {
     pub const STREAMS: &str = "tm_streams";
     pub const MAGLEV: &str = "tm_maglev";
     pub const TARGETS: &str = "tm_targets";
-    pub const NODE: &str = "tm_node";
+    pub const LB_CONFIG: &str = "tm_lb_config";
+    pub const TUNNEL: &str = "tm_tunnel";
     pub const VIP_STATS: &str = "tm_vip_stats";
     pub const FLOW_STATS: &str = "tm_flow_stats";
     pub const TARGET_STATS: &str = "tm_target_stats";
     pub const MIRROR_PORTS: &str = "tm_mirror_ports";
-    pub const MIRROR_FILTER: &str = "tm_mirror_filter";
+    pub const MIRROR_FILTER: &str = "tm_mirror_bits";
     pub const MIRROR_VLANS: &str = "tm_mirror_vlans";
     pub const MIRROR_STATS: &str = "tm_mirror_stats";
     pub const MIRROR_RINGS: &str = "tm_mirror_rings";
@@ -68,20 +70,20 @@ pub mod map_names {
     pub const OV_ROUND_ROBIN: &str = "tm_ov_rr";
     pub const OV_INSTANCES: &str = "tm_ov_instances";
     pub const OV_LOCALS: &str = "tm_ov_locals";
-    pub const OV_LOCAL_SLOTS: &str = "tm_ov_local_slots";
+    pub const OV_LOCAL_SLOTS: &str = "tm_ov_loc_slots";
     pub const OV_CONFIG6: &str = "tm_ov_config6";
     pub const OV_SERVICES6: &str = "tm_ov_services6";
-    pub const OV_INSTANCES6: &str = "tm_ov_instances6";
+    pub const OV_INSTANCES6: &str = "tm_ov_inst6";
     pub const OV_LOCALS6: &str = "tm_ov_locals6";
-    pub const OV_CONNTRACK6: &str = "tm_ov_conntrack6";
+    pub const OV_CONNTRACK6: &str = "tm_ov_ct6";
     pub const OV_PENDING6: &str = "tm_ov_pending6";
     pub const OV_FRAGMENTS: &str = "tm_ov_frags";
     pub const OV_FRAGMENTS6: &str = "tm_ov_frags6";
-    pub const OV_CONNTRACK: &str = "tm_ov_conntrack";
+    pub const OV_CONNTRACK: &str = "tm_ov_ct";
     pub const OV_PENDING: &str = "tm_ov_pending";
     pub const OV_MISSES: &str = "tm_ov_misses";
     pub const OV_SERVICE_STATS: &str = "tm_ov_svc_stats";
-    pub const OV_INSTANCE_STATS: &str = "tm_ov_inst_stats";
+    pub const OV_INSTANCE_STATS: &str = "tm_ov_ins_stats";
 }
 
 /// Fails the build (kernel and user side) when a layout is not what was written down.

@@ -7,12 +7,12 @@ use crate::assert_layout;
 pub const MAX_TAP_FLOWS: u32 = 1024;
 /// Source interfaces with tap flows.
 pub const MAX_MIRROR_PORTS: u32 = 1024;
-/// Words of `tm_mirror_filter`: one bit per interface index (modulo
+/// Words of `tm_mirror_bits`: one bit per interface index (modulo
 /// 64 × FILTER_WORDS), set for every source interface in `tm_mirror_ports`,
 /// so an interface without tap flows costs an array read, not a hash lookup.
 pub const FILTER_WORDS: u32 = 1024;
 
-/// The word and bit of `ifindex` in `tm_mirror_filter`.
+/// The word and bit of `ifindex` in `tm_mirror_bits`.
 #[inline(always)]
 pub const fn filter_bit(ifindex: u32) -> (u32, u64) {
     ((ifindex >> 6) & (FILTER_WORDS - 1), 1u64 << (ifindex & 63))

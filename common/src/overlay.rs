@@ -7,7 +7,8 @@
 //! node's tunnel port. Replies are translated back through the conntrack's
 //! reverse entries so the client sees the service IP it dialled.
 //!
-//! Addresses are IPv4 words in network order (`u32::from_ne_bytes(octets)`).
+//! As in every map: addresses are byte arrays in network order, ports and
+//! other numbers host-order integers.
 
 /// Services (service IPs) with an id below this.
 pub const MAX_SERVICES: u32 = 4096;
@@ -63,12 +64,12 @@ pub struct Service {
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Instance {
     /// Its namespace address (the destination after translation).
-    pub ns_addr: u32,
+    pub ns_addr: [u8; 4],
     /// The address its replies come from: its instance IP (or `ns_addr`).
-    pub reply_addr: u32,
+    pub reply_addr: [u8; 4],
     /// Remote: the node's tunnel address; local: 0.
-    pub node_addr: u32,
-    /// Remote: the node's tunnel port, network order.
+    pub node_addr: [u8; 4],
+    /// Remote: the node's tunnel port.
     pub node_port: u16,
     pub kind: u8,
     pub _pad: u8,
@@ -91,19 +92,18 @@ pub struct Local {
     /// Its host-side veth.
     pub ifindex: u32,
     /// The source its packets get after translation (its instance IP).
-    pub instance_addr: u32,
+    pub instance_addr: [u8; 4],
     pub mac: [u8; 6],
     pub host_mac: [u8; 6],
 }
 
-/// Key of `tm_ov_conntrack`. ICMP echo uses the identifier as `src_port`
+/// Key of `tm_ov_ct`. ICMP echo uses the identifier as `src_port`
 /// and 0 as `dst_port`, in both directions.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ConntrackKey {
-    pub src: u32,
-    pub dst: u32,
-    /// Network order.
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
     pub src_port: u16,
     pub dst_port: u16,
     pub protocol: u8,
@@ -112,12 +112,12 @@ pub struct ConntrackKey {
 
 /// Key of `tm_ov_frags`: the fragments of one IPv4 datagram, as they
 /// arrive (before translation).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FragmentKey {
-    pub src: u32,
-    pub dst: u32,
-    /// The IP identification field, network order.
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    /// The IP identification field.
     pub id: u16,
     pub protocol: u8,
     pub _pad: u8,
@@ -130,14 +130,14 @@ pub struct FragmentKey {
 pub struct FragmentKey6 {
     pub src: Addr6,
     pub dst: Addr6,
-    /// The identification field, network order.
+    /// The identification field.
     pub id: u32,
     /// The header after the Fragment header.
     pub protocol: u8,
     pub _pad: [u8; 3],
 }
 
-/// Value of `tm_ov_conntrack`.
+/// Value of `tm_ov_ct`.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackValue {
@@ -149,31 +149,30 @@ pub struct ConntrackValue {
     /// Forward: the service's id (its counters).
     pub service: u32,
     /// Reverse: the service IP the client dialled (the reply's new source).
-    pub service_addr: u32,
+    pub service_addr: [u8; 4],
     /// Forward: the sender's instance IP (the new source).
-    pub new_src: u32,
+    pub new_src: [u8; 4],
     /// Forward to a local instance: the source the packet then gets if it
     /// is a reply to a flow that container dialled (0: none).
-    pub reply_src: u32,
+    pub reply_src: [u8; 4],
 }
 
 /// The overlay's settings (one entry of `tm_ov_config`).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct OverlayConfig {
-    /// This node's tunnel address (outer source; decapsulated when the destination).
-    pub node_addr: u32,
-    /// Network order; 0: the overlay is off.
-    pub tunnel_port: u16,
-    /// The largest inner IP packet the tunnel carries (bigger ones with DF
-    /// set get ICMP "fragmentation needed" with this MTU).
+    /// The largest inner IP packet the tunnel (`tm_tunnel`) carries: a
+    /// container's bigger one with DF set gets ICMP "fragmentation needed"
+    /// with this MTU (the service path answers it; the tunnel itself does
+    /// not look at sizes).
     pub tunnel_mtu: u16,
+    pub _pad: u16,
     /// Source of ICMP errors sent to containers (their gateway).
-    pub gateway: u32,
+    pub gateway: [u8; 4],
     /// Destinations in this prefix that are not known service IPs are
-    /// signalled as misses (network order prefix, mask).
-    pub service_prefix: u32,
-    pub service_mask: u32,
+    /// signalled as misses (prefix, mask).
+    pub service_prefix: [u8; 4],
+    pub service_mask: [u8; 4],
     /// [`CONFIG_SERVICES_OUTSIDE_PREFIX`]: some service IP lies outside the
     /// prefix. Without it, a container's packet to an address outside the
     /// prefix passes at once, with no conntrack or service lookup.
@@ -183,7 +182,7 @@ pub struct OverlayConfig {
 /// [`OverlayConfig::flags`] bit.
 pub const CONFIG_SERVICES_OUTSIDE_PREFIX: u32 = 1;
 
-/// Entries of `tm_ov_local_slots`.
+/// Entries of `tm_ov_loc_slots`.
 pub const LOCAL_SLOTS: u32 = 1024;
 /// [`LocalSlot::state`].
 pub const LOCAL_SLOT_EMPTY: u32 = 0;
@@ -192,20 +191,19 @@ pub const LOCAL_SLOT_ONE: u32 = 1;
 /// Several containers map here: ask `tm_ov_locals`.
 pub const LOCAL_SLOT_SHARED: u32 = 2;
 
-/// The `tm_ov_local_slots` index of a container address (a network-order
-/// word): the low 10 bits of the address, so a node subnet of up to 1024
-/// addresses never shares a slot.
+/// The `tm_ov_loc_slots` index of a container address: its low 10 bits, so
+/// a node subnet of up to 1024 addresses never shares a slot.
 #[inline(always)]
-pub const fn local_slot(addr: u32) -> u32 {
-    u32::from_be(addr) & (LOCAL_SLOTS - 1)
+pub const fn local_slot(addr: [u8; 4]) -> u32 {
+    u32::from_be_bytes(addr) & (LOCAL_SLOTS - 1)
 }
 
-/// Value of `tm_ov_local_slots`: the decapsulation path's array copy of a
+/// Value of `tm_ov_loc_slots`: the decapsulation path's array copy of a
 /// `tm_ov_locals` entry, found without a hash lookup.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct LocalSlot {
-    pub addr: u32,
+    pub addr: [u8; 4],
     pub state: u32,
     /// Non-zero once the container has dialled a service IP (set by the
     /// kernel when it binds such a flow; the writer sets it when it rewrites
@@ -215,11 +213,11 @@ pub struct LocalSlot {
     pub local: Local,
 }
 
-/// An IPv6 address as four words in memory order (network order bytes).
-pub type Addr6 = [u32; 4];
+/// An IPv6 address (network order bytes).
+pub type Addr6 = [u8; 16];
 
 /// The IPv6 overlay's settings (one entry of `tm_ov_config6`); the tunnel
-/// itself (node address, port, MTU) is `OverlayConfig`'s.
+/// is `tm_tunnel`, its MTU `OverlayConfig`'s.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct OverlayConfig6 {
@@ -231,9 +229,9 @@ pub struct OverlayConfig6 {
     pub flags: u32,
 }
 
-/// Value of `tm_ov_instances6` (index: the instance id): an instance's IPv6
+/// Value of `tm_ov_inst6` (index: the instance id): an instance's IPv6
 /// addresses; the rest (kind, generation, where it is) is in `tm_ov_instances`.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Instance6 {
     /// Its namespace address (all zero: the instance has no IPv6).
@@ -253,8 +251,8 @@ pub struct Local6 {
     pub host_mac: [u8; 6],
 }
 
-/// Key of `tm_ov_conntrack6`, as [`ConntrackKey`] (ICMPv6 echo: the identifier).
-#[repr(C)]
+/// Key of `tm_ov_ct6`, as [`ConntrackKey`] (ICMPv6 echo: the identifier).
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ConntrackKey6 {
     pub src: Addr6,
@@ -265,7 +263,7 @@ pub struct ConntrackKey6 {
     pub _pad: [u8; 3],
 }
 
-/// Value of `tm_ov_conntrack6`, as [`ConntrackValue`].
+/// Value of `tm_ov_ct6`, as [`ConntrackValue`].
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct ConntrackValue6 {
@@ -295,7 +293,7 @@ pub struct Scratch6 {
 }
 
 /// [`Miss`] for an IPv6 service IP, on the same ring (told apart by length).
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Miss6 {
     pub service_addr: Addr6,
@@ -306,13 +304,13 @@ pub struct Miss6 {
 }
 
 /// What the kernel tells userspace about a service IP it does not know.
-#[repr(C)]
+#[repr(C, align(4))]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Miss {
-    pub service_addr: u32,
+    pub service_addr: [u8; 4],
     /// The container that asked (its namespace address).
-    pub client_addr: u32,
-    /// Destination port, network order, and protocol of the first packet.
+    pub client_addr: [u8; 4],
+    /// Destination port and protocol of the first packet.
     pub port: u16,
     pub protocol: u8,
     pub _pad: u8,
@@ -323,7 +321,7 @@ crate::assert_layout!(Instance, size = 36, align = 4);
 crate::assert_layout!(Local, size = 20, align = 4);
 crate::assert_layout!(ConntrackKey, size = 16, align = 4);
 crate::assert_layout!(ConntrackValue, size = 28, align = 4);
-crate::assert_layout!(OverlayConfig, size = 24, align = 4);
+crate::assert_layout!(OverlayConfig, size = 20, align = 4);
 crate::assert_layout!(LocalSlot, size = 32, align = 4);
 crate::assert_layout!(Miss, size = 12, align = 4);
 crate::assert_layout!(OverlayConfig6, size = 52, align = 4);

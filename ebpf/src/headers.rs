@@ -1,5 +1,8 @@
 //! Wire headers, byte arrays in network order (alignment 1, no padding).
 
+/// Bytes of an Ethernet header.
+pub const ETH_LEN: usize = core::mem::size_of::<EthHdr>();
+
 pub const ETH_P_IP: u16 = 0x0800;
 pub const ETH_P_IPV6: u16 = 0x86dd;
 pub const ETH_P_8021Q: u16 = 0x8100;

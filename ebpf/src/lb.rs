@@ -1,41 +1,38 @@
 //! VIP load balancing on the uplink: classify into a flow, pick the stream's
 //! target by Maglev, forward to it (local: MAC rewrite + redirect; remote:
-//! inner-IP-in-UDP to its node), and decapsulate tunnel packets for us.
+//! through the tunnel to its node, `tunnel.rs`).
 
 use core::mem::size_of;
 
 use aya_ebpf::{
-    bindings::{bpf_fib_lookup as FibParams, xdp_action, xdp_md},
+    bindings::{xdp_action, xdp_md},
     btf_maps::lpm_trie::Key,
-    helpers::generated::{bpf_fib_lookup, bpf_redirect, bpf_xdp_adjust_head, bpf_xdp_load_bytes},
+    helpers::generated::{bpf_redirect, bpf_xdp_load_bytes},
     programs::XdpContext,
 };
 use tapmesh_common::{
     lb::{
-        ByteMatch, FlowEntry, NodeConfig, PortData, PortIntervals, SourceData, Target, VipAddr,
+        ByteMatch, FlowEntry, PortData, PortIntervals, SourceData, Target, VipAddr,
         LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES, MAX_FLOWS_PER_VIP,
         NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
         SLOT_ONE, SLOT_SHARED, TARGET_LOCAL, TARGET_REMOTE,
     },
+    tunnel::TunnelConfig,
     DropReason, PacketCounter,
 };
 
 use crate::{
     headers::*,
     maps::*,
-    packet::{load16, load32, store16, store32, Packet},
+    packet::{load32, Packet},
     parse::{addr_v6, be16, mapped_v4, Addr, Fragment, Parsed, L3, MAPPED_V4_PREFIX},
+    tunnel,
 };
 
 /// Candidate flows whose byte matches are tried before giving up.
 const MAX_CANDIDATES: usize = 4;
 /// Byte matches may look this far into the L4 header.
 const MAX_MATCH_OFFSET: usize = 512;
-/// Outer headers of the tunnel: Ethernet, IPv4, UDP.
-const OUTER_LEN: usize = 14 + 20 + 8;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
-const AF_INET: u8 = 2;
 
 /// What the load balancer looks at; for an ICMP error, the flow it reports on
 /// (its inner packet with addresses and ports swapped).
@@ -442,15 +439,6 @@ fn count(counter: Option<*mut PacketCounter>, bytes: u64) {
 }
 
 #[inline(always)]
-pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), DropReason> {
-    // SAFETY: the helper checks the delta against the buffer.
-    if unsafe { bpf_xdp_adjust_head(ctx.ctx as *mut xdp_md, delta) } != 0 {
-        return Err(DropReason::AdjustHeadFailed);
-    }
-    Ok(())
-}
-
-#[inline(always)]
 fn ether_type_of(l3: L3) -> [u8; 2] {
     match l3 {
         L3::V6 => ETH_P_IPV6.to_be_bytes(),
@@ -458,29 +446,11 @@ fn ether_type_of(l3: L3) -> [u8; 2] {
     }
 }
 
-/// Writes an Ethernet header with the target's MACs, as 4- and 2-byte loads
-/// and stores instead of byte copies (`dst_mac` and `src_mac` sit at offsets
-/// 16 and 22 of the 4-byte aligned `Target`).
+/// Writes an Ethernet header with the target's MACs (`dst_mac` and
+/// `src_mac` sit at offsets 16 and 22 of the 4-byte aligned `Target`).
 #[inline(always)]
 fn write_eth(eth: *mut EthHdr, target: &Target, ether_type: [u8; 2]) {
-    write_macs(eth, &target.dst_mac, &target.src_mac, ether_type)
-}
-
-/// Writes an Ethernet header from two MACs that sit like `Target`'s: the
-/// destination 4-byte aligned, the source 2 bytes past an aligned word.
-#[inline(always)]
-pub fn write_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6], ether_type: [u8; 2]) {
-    let dst = dst.as_ptr();
-    let src = src.as_ptr();
-    let out = eth as *mut u8;
-    // SAFETY: `eth` is a whole header from `Packet::header_mut`; the reads are inside `target`.
-    unsafe {
-        store32(out as *mut _, load32(dst as *const _));
-        store16(out.add(4) as *mut _, load16(dst.add(4) as *const _));
-        store16(out.add(6) as *mut _, load16(src as *const _));
-        store32(out.add(8) as *mut _, load32(src.add(2) as *const _));
-        store16(out.add(12) as *mut _, u16::from_ne_bytes(ether_type));
-    }
+    tunnel::write_macs(eth, &target.dst_mac, &target.src_mac, ether_type)
 }
 
 /// A target on this node: new MACs (VLAN tags dropped), redirect to its interface.
@@ -495,174 +465,45 @@ fn to_local(
     let eth: *mut EthHdr = pkt.header_mut(at, DropReason::TruncatedEthernet)?;
     write_eth(eth, target, ether_type_of(parsed.l3));
     if at != 0 {
-        adjust_head(ctx, at as i32)?;
+        tunnel::adjust_head(ctx, at as i32)?;
     }
     // SAFETY: a plain helper call.
     Ok(unsafe { bpf_redirect(target.ifindex, 0) } as u32)
 }
 
-#[repr(C)]
-struct Outer {
-    eth: EthHdr,
-    ip: Ipv4Hdr,
-    udp: UdpHdr,
-}
-
-/// The outer IPv4 header as five words in memory order, checksum included.
-/// The one's-complement sum does not depend on byte order (RFC 1071), so it
-/// is summed over the words' 16-bit halves as they are and stored as it is.
-#[inline(always)]
-pub fn outer_ipv4(total: u16, src: u32, dst: u32) -> [u32; 5] {
-    let [t0, t1] = total.to_be_bytes();
-    let mut ip = [
-        u32::from_ne_bytes([0x45, 0, t0, t1]),
-        u32::from_ne_bytes([0, 0, 0x40, 0]), // id 0, don't fragment
-        u32::from_ne_bytes([64, IPPROTO_UDP, 0, 0]), // TTL, protocol, checksum 0
-        src,
-        dst,
-    ];
-    let mut sum = 0u32;
-    for w in ip {
-        sum += (w & 0xffff) + (w >> 16);
-    }
-    sum = (sum & 0xffff) + (sum >> 16);
-    sum = (sum & 0xffff) + (sum >> 16);
-    ip[2] |= ((!sum) & 0xffff) << 16;
-    ip
-}
-
 /// A target on another node: the inner IP packet as the payload of UDP to
-/// that node's tunnel port, out of the interface and to the MAC the kernel's
-/// FIB and neighbour table give.
+/// that node's tunnel port, out of the interface and to the MAC of the hop
+/// the daemon resolved, or the kernel's FIB and neighbour table give.
 #[inline(always)]
 fn to_remote(
     ctx: &XdpContext,
     parsed: &Parsed,
     target: &Target,
-    node: &NodeConfig,
+    t: &TunnelConfig,
     hash: u32,
 ) -> Result<u32, DropReason> {
-    let inner_len = parsed.l3_end - parsed.l3_offset;
-    adjust_head(ctx, parsed.l3_offset as i32 - OUTER_LEN as i32)?;
+    let outer = tunnel::Outer {
+        src: tunnel::node_addr(t),
+        dst: addr_words(&target.node_addr)[3],
+        dst_port: t.port,
+        src_port: tunnel::source_port(hash),
+        inner_len: parsed.l3_end - parsed.l3_offset,
+    };
+    tunnel::adjust_head(ctx, parsed.l3_offset as i32 - tunnel::OUTER_LEN as i32)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
-    let outer: *mut Outer = pkt.header_mut(0, DropReason::AdjustHeadFailed)?;
-    // SAFETY: `node_addr` is the last 16 bytes of the 4-byte aligned `Target`,
-    // `addr_v4` bytes 4..8 of `NodeConfig` (a map value, 8-byte aligned).
-    let node_src = unsafe { load32(&node.addr_v4) };
-    let node_dst = addr_words(&target.node_addr)[3];
-    let total = (20 + 8 + inner_len) as u16;
-    let ip = outer_ipv4(total, node_src, node_dst);
-    let sport = 0xc000u16 | (hash as u16 & 0x3fff); // entropy for ECMP
-                                                    // SAFETY: every store is inside the `Outer` just checked.
-    unsafe {
-        let w = &raw mut (*outer).ip as *mut [u8; 4];
-        for (i, word) in ip.into_iter().enumerate() {
-            store32(w.add(i), word);
-        }
-        let udp = &raw mut (*outer).udp as *mut [u8; 4];
-        store32(
-            udp,
-            u32::from(sport.to_be()) | u32::from(node.tunnel_port.to_be()) << 16,
-        );
-        store32(udp.add(1), u32::from(((8 + inner_len) as u16).to_be())); // checksum 0
-        store16(&raw mut (*outer).eth.ether_type, ETH_P_IP.to_be());
-    }
-
-    // A next hop the daemon resolved (kept current, Katran-style) saves the
-    // FIB lookup, the most expensive step of this path.
-    if target.ifindex != 0 {
-        write_eth(
-            unsafe { &raw mut (*outer).eth },
-            target,
-            ETH_P_IP.to_be_bytes(),
-        );
-        if target.ifindex == ctx.ingress_ifindex() as u32 {
-            return Ok(xdp_action::XDP_TX);
-        }
-        // SAFETY: a plain helper call.
-        return Ok(unsafe { bpf_redirect(target.ifindex, 0) } as u32);
-    }
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.sport = sport.to_be();
-    fib.dport = node.tunnel_port.to_be();
-    fib.__bindgen_anon_1.tot_len = total;
-    fib.ifindex = ctx.ingress_ifindex() as u32;
-    fib.__bindgen_anon_3.ipv4_src = node_src;
-    fib.__bindgen_anon_4.ipv4_dst = node_dst;
-    // SAFETY: params is a valid, sized bpf_fib_lookup.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.ctx as *mut _,
-            &mut fib,
-            size_of::<FibParams>() as i32,
-            0,
-        )
+    let eth = tunnel::encapsulate(&pkt, &outer, DropReason::AdjustHeadFailed)?;
+    let hop = tunnel::Hop {
+        ifindex: target.ifindex,
+        dst_mac: &target.dst_mac,
+        src_mac: &target.src_mac,
     };
-    match rc {
-        BPF_FIB_LKUP_RET_SUCCESS => {
-            // SAFETY: inside the `Outer` checked above; `fib` is on the stack.
-            unsafe {
-                core::ptr::copy_nonoverlapping(&fib.dmac, &raw mut (*outer).eth.dst, 1);
-                core::ptr::copy_nonoverlapping(&fib.smac, &raw mut (*outer).eth.src, 1);
-            }
-            if fib.ifindex == ctx.ingress_ifindex() as u32 {
-                Ok(xdp_action::XDP_TX)
-            } else {
-                // SAFETY: a plain helper call.
-                Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as u32)
-            }
-        }
-        // The daemon keeps remote nodes' neighbours resolved (managed entries).
-        BPF_FIB_LKUP_RET_NO_NEIGH => Err(DropReason::NoNeighbour),
-        _ => Err(DropReason::FibLookupFailed),
+    let ingress = ctx.ingress_ifindex() as u32;
+    let egress = tunnel::next_hop(ctx.ctx as *mut _, ingress, eth, &hop, &outer)?;
+    if egress == ingress {
+        return Ok(xdp_action::XDP_TX);
     }
-}
-
-/// True when the packet is tunnel traffic addressed to this node.
-#[inline(always)]
-pub fn is_tunnel(parsed: &Parsed, node: &NodeConfig) -> bool {
-    node.tunnel_port != 0
-        && parsed.l3 == L3::V4
-        && parsed.protocol == IPPROTO_UDP
-        && parsed.has_l4
-        && parsed.fragment == Fragment::None
-        && parsed.dst_port == node.tunnel_port
-        // SAFETY: bytes 4..8 of a map value.
-        && parsed.dst_addr[3] == unsafe { load32(&node.addr_v4) }
-}
-
-/// Removes the outer headers, leaving Ethernet + the inner IP packet.
-#[inline(always)]
-pub fn decapsulate(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed) -> Result<(), DropReason> {
-    let inner = parsed.l4_offset + size_of::<UdpHdr>();
-    let first: *const u8 = pkt.header(inner, DropReason::BadTunnelPacket)?;
-    let ether_type = match unsafe { *first } >> 4 {
-        4 => ETH_P_IP,
-        6 => ETH_P_IPV6,
-        _ => return Err(DropReason::BadTunnelPacket),
-    };
-    let outer: *const [[u8; 4]; 3] = pkt.header(0, DropReason::TruncatedEthernet)?;
-    // SAFETY: the header was just checked; the MACs move as three words.
-    let macs = unsafe {
-        let from = outer as *const [u8; 4];
-        [load32(from), load32(from.add(1)), load32(from.add(2))]
-    };
-    adjust_head(ctx, (inner - size_of::<EthHdr>()) as i32)?;
-    // Written at offset 0 of the new start: a fixed offset the verifier
-    // checks without reasoning about `inner`.
-    let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
-    let eth: *mut EthHdr = pkt.header_mut(0, DropReason::BadTunnelPacket)?;
-    // SAFETY: inside the header just checked.
-    unsafe {
-        let to = eth as *mut [u8; 4];
-        for (i, word) in macs.into_iter().enumerate() {
-            store32(to.add(i), word);
-        }
-        store16(&raw mut (*eth).ether_type, ether_type.to_be());
-    }
-    Ok(())
+    // SAFETY: a plain helper call.
+    Ok(unsafe { bpf_redirect(egress, 0) } as u32)
 }
 
 /// The load balancer for one parsed packet. `tunneled`: it came out of our
@@ -672,7 +513,7 @@ pub fn balance(
     ctx: &XdpContext,
     pkt: &Packet,
     parsed: &Parsed,
-    node: Option<&NodeConfig>,
+    tunnel: Option<&TunnelConfig>,
     tunneled: bool,
 ) -> Result<u32, DropReason> {
     if parsed.l3 == L3::None {
@@ -682,7 +523,6 @@ pub fn balance(
         Some(t) => t,
         None => tuple_of(parsed),
     };
-    let prefixes = node.is_some_and(|n| n.vip_prefixes != 0);
     let addr = VipAddr {
         addr: addr_bytes(&tuple.dst),
     };
@@ -697,6 +537,8 @@ pub fn balance(
     let vip = match host {
         Some(v) => v,
         None => {
+            // Only when some VIP is a prefix: a trie lookup saved otherwise.
+            let prefixes = tm_lb_config.get(0).is_some_and(|c| c.vip_prefixes != 0);
             match prefixes
                 .then(|| tm_vips.get(&Key::new(128, addr)))
                 .flatten()
@@ -718,11 +560,9 @@ pub fn balance(
             to_local(ctx, pkt, parsed, target)
         }
         TARGET_REMOTE if !tunneled => {
-            let node = node
-                .filter(|n| n.tunnel_port != 0)
-                .ok_or(DropReason::NoTarget)?;
+            let tunnel = tunnel.ok_or(DropReason::NoTarget)?;
             count(tm_target_stats.get_ptr_mut(target.stats_index), bytes);
-            to_remote(ctx, parsed, target, node, hash)
+            to_remote(ctx, parsed, target, tunnel, hash)
         }
         TARGET_REMOTE => Err(DropReason::TargetNotLocal),
         _ => Err(DropReason::NoTarget),

@@ -18,6 +18,7 @@ mod parse;
 mod probes;
 mod stats;
 mod tc;
+mod tunnel;
 mod xdp;
 
 #[cfg(not(test))]

@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, VipAddr,
+        FlowEntry, FlowMask, LbConfig, PortData, SourceData, StreamValue, Target, VipAddr,
         VipConfig, VipSlot, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
         MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
     },
@@ -18,6 +18,7 @@ use tapmesh_common::{
     overlay::{
         self as ov, ConntrackKey, ConntrackValue, Instance, Local, Miss, OverlayConfig, Service,
     },
+    tunnel::TunnelConfig,
     PacketCounter, ProgramSlot, ProgramStats,
 };
 
@@ -75,9 +76,13 @@ pub static tm_maglev: Array<u32, { MAGLEV_CAPACITY as usize }> = Array::new();
 #[btf_map]
 pub static tm_targets: Array<Target, { MAX_TARGETS as usize }> = Array::new();
 
-/// This node's tunnel endpoint (one entry).
+/// Settings of the load balancer as a whole (one entry).
 #[btf_map]
-pub static tm_node: Array<NodeConfig, 1> = Array::new();
+pub static tm_lb_config: Array<LbConfig, 1> = Array::new();
+
+/// This node's tunnel endpoint (one entry), for the load balancer and the overlay.
+#[btf_map]
+pub static tm_tunnel: Array<TunnelConfig, 1> = Array::new();
 
 /// Packets and bytes per VIP, flow and target.
 #[btf_map]
@@ -95,7 +100,7 @@ pub static tm_mirror_ports: HashMap<u32, MirrorPort, { MAX_MIRROR_PORTS as usize
     HashMap::new();
 /// Tap flow → the VLANs it passes (when filtered).
 #[btf_map]
-pub static tm_mirror_filter: Array<u64, { FILTER_WORDS as usize }> = Array::new();
+pub static tm_mirror_bits: Array<u64, { FILTER_WORDS as usize }> = Array::new();
 #[btf_map]
 pub static tm_mirror_vlans: Array<VlanSet, { MAX_TAP_FLOWS as usize }> = Array::new();
 #[btf_map]
@@ -112,7 +117,8 @@ pub static tm_xsks: XskMap<{ MAX_RINGS as usize }> = XskMap::new();
 pub static tm_ov_config: Array<OverlayConfig, 1> = Array::new();
 /// Service IP → its id, policy and slot count.
 #[btf_map]
-pub static tm_ov_services: HashMap<u32, Service, { ov::MAX_SERVICES as usize }> = HashMap::new();
+pub static tm_ov_services: HashMap<[u8; 4], Service, { ov::MAX_SERVICES as usize }> =
+    HashMap::new();
 /// service id × SERVICE_SLOTS + slot → instance id.
 #[btf_map]
 pub static tm_ov_slots: Array<u32, { ov::SLOT_ENTRIES as usize }> = Array::new();
@@ -123,19 +129,16 @@ pub static tm_ov_rr: Array<u32, { ov::MAX_SERVICES as usize }> = Array::new();
 pub static tm_ov_instances: Array<Instance, { ov::MAX_INSTANCES as usize }> = Array::new();
 /// A container's namespace address → its veth and instance IP.
 #[btf_map]
-pub static tm_ov_locals: HashMap<u32, Local, { ov::MAX_LOCALS as usize }> = HashMap::new();
+pub static tm_ov_locals: HashMap<[u8; 4], Local, { ov::MAX_LOCALS as usize }> = HashMap::new();
 /// The same, by `local_slot(address)`, for the per-packet paths.
 #[btf_map]
-pub static tm_ov_local_slots: Array<ov::LocalSlot, { ov::LOCAL_SLOTS as usize }> = Array::new();
+pub static tm_ov_loc_slots: Array<ov::LocalSlot, { ov::LOCAL_SLOTS as usize }> = Array::new();
 #[btf_map]
-pub static tm_ov_conntrack: LruHashMap<
-    ConntrackKey,
-    ConntrackValue,
-    { ov::CONNTRACK_ENTRIES as usize },
-> = LruHashMap::new();
+pub static tm_ov_ct: LruHashMap<ConntrackKey, ConntrackValue, { ov::CONNTRACK_ENTRIES as usize }> =
+    LruHashMap::new();
 /// Service IPs signalled as unknown and not answered yet → when.
 #[btf_map]
-pub static tm_ov_pending: LruHashMap<u32, u64, { ov::PENDING_ENTRIES as usize }> =
+pub static tm_ov_pending: LruHashMap<[u8; 4], u64, { ov::PENDING_ENTRIES as usize }> =
     LruHashMap::new();
 #[btf_map]
 pub static tm_ov_misses: RingBuf<Miss, { ov::MISS_RING_BYTES as usize }> = RingBuf::new();
@@ -147,12 +150,12 @@ pub static tm_ov_config6: Array<ov::OverlayConfig6, 1> = Array::new();
 pub static tm_ov_services6: HashMap<ov::Addr6, Service, { ov::MAX_SERVICES as usize }> =
     HashMap::new();
 #[btf_map]
-pub static tm_ov_instances6: Array<ov::Instance6, { ov::MAX_INSTANCES as usize }> = Array::new();
+pub static tm_ov_inst6: Array<ov::Instance6, { ov::MAX_INSTANCES as usize }> = Array::new();
 #[btf_map]
 pub static tm_ov_locals6: HashMap<ov::Addr6, ov::Local6, { ov::MAX_LOCALS as usize }> =
     HashMap::new();
 #[btf_map]
-pub static tm_ov_conntrack6: LruHashMap<
+pub static tm_ov_ct6: LruHashMap<
     ov::ConntrackKey6,
     ov::ConntrackValue6,
     { ov::CONNTRACK_ENTRIES6 as usize },
@@ -182,5 +185,5 @@ pub static tm_ov_scratch6: PerCpuArray<ov::Scratch6, 1> = PerCpuArray::new();
 pub static tm_ov_svc_stats: PerCpuArray<PacketCounter, { ov::MAX_SERVICES as usize }> =
     PerCpuArray::new();
 #[btf_map]
-pub static tm_ov_inst_stats: PerCpuArray<PacketCounter, { ov::MAX_INSTANCES as usize }> =
+pub static tm_ov_ins_stats: PerCpuArray<PacketCounter, { ov::MAX_INSTANCES as usize }> =
     PerCpuArray::new();

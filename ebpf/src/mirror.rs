@@ -12,13 +12,14 @@ use tapmesh_common::mirror::{
     filter_bit, MirrorCounter, DIRECTION_IN, DIRECTION_OUT, RULES_PER_PORT,
 };
 
-use crate::maps::{
-    tm_mirror_filter, tm_mirror_ports, tm_mirror_rings, tm_mirror_stats, tm_mirror_vlans, tm_xsks,
+use crate::{
+    headers::{ETH_P_8021AD, ETH_P_8021Q},
+    maps::{
+        tm_mirror_bits, tm_mirror_ports, tm_mirror_rings, tm_mirror_stats, tm_mirror_vlans, tm_xsks,
+    },
 };
 
-const ETH_P_8021Q: u16 = 0x8100;
 const NET_XMIT_DROP: i64 = 1;
-const ETH_P_8021AD: u16 = 0x88a8;
 
 /// Copies the packet for every tap flow of this interface that takes `direction`.
 #[inline(always)]
@@ -26,7 +27,7 @@ pub fn copy(ctx: &TcContext, direction: u8) {
     // SAFETY: the context's __sk_buff is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let (word, bit) = filter_bit(ifindex);
-    if tm_mirror_filter.get(word).is_none_or(|w| w & bit == 0) {
+    if tm_mirror_bits.get(word).is_none_or(|w| w & bit == 0) {
         return;
     }
     // SAFETY: a map value, read in place under RCU.

@@ -1,21 +1,17 @@
 //! Service-IP overlay (IPv4): translation on a container's host-side veth,
-//! the tunnel to other nodes, decapsulation and delivery on the uplink.
-//! Tables: `tapmesh_common::overlay`.
+//! the tunnel to other nodes (`tunnel.rs`), delivery of what the uplink
+//! decapsulated. Packets are read by `parse.rs`. Tables:
+//! `tapmesh_common::overlay`.
 
-use core::{
-    intrinsics::{atomic_xadd, AtomicOrdering},
-    mem::size_of,
-};
+use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibParams,
-        BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_MARK_MANGLED_0,
-        BPF_F_PSEUDO_HDR, BPF_NOEXIST,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
     },
     helpers::generated::{
-        bpf_fib_lookup, bpf_ktime_get_ns, bpf_l4_csum_replace, bpf_redirect, bpf_redirect_neigh,
-        bpf_skb_change_tail,
+        bpf_ktime_get_ns, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_tail,
     },
     programs::{TcContext, XdpContext},
 };
@@ -23,35 +19,31 @@ use tapmesh_common::{
     overlay::{
         local_slot, ConntrackKey, ConntrackValue, FragmentKey, Instance, Local, LocalSlot, Miss,
         OverlayConfig, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE,
-        INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED, POLICY_ROUND_ROBIN,
-        SERVICE_SLOTS,
+        INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_EMPTY, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
+        POLICY_ROUND_ROBIN, SERVICE_SLOTS,
     },
+    tunnel::TunnelConfig,
     DropReason,
 };
 
 use crate::{
     csum,
     headers::*,
-    lb::{adjust_head, outer_ipv4, write_macs},
     maps::*,
     packet::{load16, load32, store16, store32, Packet},
+    parse::{parse, Fragment, Parsed, L3},
+    tunnel::{self, write_macs, TUNNEL_LEN},
 };
 
-const ETH_LEN: usize = size_of::<EthHdr>();
-/// Outer IPv4 + UDP.
-const TUNNEL_LEN: usize = 20 + 8;
 /// The ICMP error: IPv4 header, ICMP header, the offending IPv4 header and 8 bytes.
 const ICMP_ERROR_LEN: usize = 20 + 8 + 20 + 8;
 const IP_DF: u16 = 0x4000;
-const IP_FRAGMENT: u16 = 0x3fff;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;
-const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
-const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
-const AF_INET: u8 = 2;
 
-/// An IPv4 packet as the overlay sees it. Addresses and ports are words in
-/// memory order (network order), as they are compared and written back.
+/// An IPv4 packet as the overlay sees it. Addresses are words in memory
+/// order (as they are compared and written back; maps hold their bytes),
+/// ports host order.
 struct Ip4 {
     /// Offset of the IPv4 header.
     l3: usize,
@@ -65,7 +57,6 @@ struct Ip4 {
     /// Ports were found (TCP, UDP, ICMP echo; a first fragment included).
     tracked: bool,
     total_len: u16,
-    dont_fragment: bool,
     header_len: usize,
     /// [`NOT_FRAGMENT`], [`FIRST_FRAGMENT`] or [`LATER_FRAGMENT`].
     fragment: u8,
@@ -78,86 +69,69 @@ pub const NOT_FRAGMENT: u8 = 0;
 pub const FIRST_FRAGMENT: u8 = 1;
 /// No L4 header: translated as its first fragment was (`tm_ov_frags`, `tm_ov_frags6`).
 pub const LATER_FRAGMENT: u8 = 2;
-const IP_OFFSET: u16 = 0x1fff;
 
-/// Reads an IPv4 header at `l3` and what follows it, straight-line. `None`:
-/// not IPv4.
+/// The overlay's view of a packet `parse` read as IPv4.
 #[inline(always)]
-fn ip4_at(pkt: &Packet, l3: usize, bad: DropReason) -> Result<Option<Ip4>, DropReason> {
-    let ip: *const Ipv4Hdr = pkt.header(l3, bad)?;
+fn ip4_of(p: &Parsed) -> Ip4 {
+    let fragment = match p.fragment {
+        Fragment::None => NOT_FRAGMENT,
+        Fragment::First => FIRST_FRAGMENT,
+        Fragment::Later => LATER_FRAGMENT,
+    };
+    let (mut src_port, mut dst_port, mut tracked) = (0, 0, false);
+    if p.has_l4 {
+        match p.protocol {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                (src_port, dst_port, tracked) = (p.src_port, p.dst_port, true);
+            }
+            IPPROTO_ICMP if p.icmp_type == ICMP_ECHO || p.icmp_type == ICMP_ECHO_REPLY => {
+                (src_port, tracked) = (p.icmp_id, true);
+            }
+            _ => {}
+        }
+    }
+    Ip4 {
+        l3: p.l3_offset,
+        l4: p.l4_offset,
+        protocol: p.protocol,
+        src: p.src_addr[3],
+        dst: p.dst_addr[3],
+        src_port,
+        dst_port,
+        tracked,
+        total_len: (p.l3_end - p.l3_offset) as u16,
+        header_len: p.l4_offset - p.l3_offset,
+        fragment,
+        id: p.frag_id as u16,
+    }
+}
+
+/// An address word as the maps hold it.
+#[inline(always)]
+fn b4(word: u32) -> [u8; 4] {
+    word.to_ne_bytes()
+}
+
+/// The word of an address in a map value (or a 4-byte aligned key).
+#[inline(always)]
+fn w4(bytes: &[u8; 4]) -> u32 {
+    // SAFETY: a 4-byte field of a map value at a multiple of 4.
+    unsafe { load32(bytes) }
+}
+
+/// Whether the IPv4 header at `ip.l3` has "don't fragment" set.
+#[inline(always)]
+fn dont_fragment(pkt: &Packet, ip: &Ip4) -> Result<bool, DropReason> {
+    let hdr: *const Ipv4Hdr = pkt.header(ip.l3, DropReason::TruncatedIpv4)?;
     // SAFETY: inside the header just checked.
-    let (version_ihl, protocol, frag, total_len, src, dst, id) = unsafe {
-        (
-            (*ip).version_ihl,
-            (*ip).protocol,
-            u16::from_be(load16(&(*ip).frag_off)),
-            u16::from_be(load16(&(*ip).total_length)),
-            load32(&(*ip).src),
-            load32(&(*ip).dst),
-            load16(&(*ip).id),
-        )
-    };
-    if version_ihl >> 4 != 4 {
-        return Ok(None);
-    }
-    let header_len = ((version_ihl & 0x0f) as usize) * 4;
-    if header_len < 20 {
-        return Err(bad);
-    }
-    let l4 = l3 + header_len;
-    let mut packet = Ip4 {
-        l3,
-        l4,
-        protocol,
-        src,
-        dst,
-        src_port: 0,
-        dst_port: 0,
-        tracked: false,
-        total_len,
-        dont_fragment: frag & IP_DF != 0,
-        header_len,
-        fragment: NOT_FRAGMENT,
-        id,
-    };
-    if frag & IP_OFFSET != 0 {
-        packet.fragment = LATER_FRAGMENT;
-        return Ok(Some(packet));
-    }
-    if frag & IP_FRAGMENT != 0 {
-        packet.fragment = FIRST_FRAGMENT;
-    }
-    match protocol {
-        IPPROTO_TCP | IPPROTO_UDP => {
-            if let Ok(p) = pkt.header::<[[u8; 2]; 2]>(l4, bad) {
-                // SAFETY: both ports are inside the 4 bytes just checked.
-                unsafe {
-                    packet.src_port = load16(&(*p)[0]);
-                    packet.dst_port = load16(&(*p)[1]);
-                }
-                packet.tracked = true;
-            }
-        }
-        IPPROTO_ICMP => {
-            if let Ok(p) = pkt.header::<[u8; 6]>(l4, bad) {
-                // SAFETY: type and identifier are inside the 6 bytes just checked.
-                let kind = unsafe { (*p)[0] };
-                if kind == ICMP_ECHO || kind == ICMP_ECHO_REPLY {
-                    packet.src_port = unsafe { load16((p as *const u8).add(4) as *const [u8; 2]) };
-                    packet.tracked = true;
-                }
-            }
-        }
-        _ => {}
-    }
-    Ok(Some(packet))
+    Ok(u16::from_be(unsafe { load16(&(*hdr).frag_off) }) & IP_DF != 0)
 }
 
 #[inline(always)]
 fn key_of(ip: &Ip4) -> ConntrackKey {
     ConntrackKey {
-        src: ip.src,
-        dst: ip.dst,
+        src: b4(ip.src),
+        dst: b4(ip.dst),
         src_port: ip.src_port,
         dst_port: ip.dst_port,
         protocol: ip.protocol,
@@ -175,18 +149,49 @@ fn l4_checksum(ip: &Ip4) -> Option<(usize, bool)> {
     }
 }
 
+/// Whether a frame is IPv6 (for `overlay6`): the EtherType alone, which
+/// decides which subprogram parses it.
+#[inline(always)]
+pub fn is_ipv6(pkt: &Packet) -> bool {
+    match pkt.header::<EthHdr>(0, DropReason::TruncatedEthernet) {
+        // SAFETY: inside the header just checked.
+        Ok(eth) => (unsafe { load16(&(*eth).ether_type) }) == ETH_P_IPV6.to_be(),
+        Err(_) => false,
+    }
+}
+
+/// Whether a decapsulated IPv4 packet may be for a container here: its
+/// destination's slot in `tm_ov_loc_slots` is in use. One array read, so
+/// the load balancer's tunnel packets skip the overlay's subprogram (and
+/// its parse) when no container has that slot.
+#[inline(always)]
+pub fn maybe_local(pkt: &Packet) -> bool {
+    // Ethernet, then the IPv4 destination at bytes 30..34.
+    match pkt.header::<[[u8; 2]; 17]>(0, DropReason::TruncatedIpv4) {
+        Ok(p) => {
+            // SAFETY: the 4 bytes are inside the 34 just checked.
+            let dst = unsafe { load32((p as *const u8).add(30) as *const [u8; 4]) };
+            tm_ov_loc_slots
+                .get(local_slot(b4(dst)))
+                .is_some_and(|s| s.state != LOCAL_SLOT_EMPTY)
+        }
+        // Too short: the subprogram's parse says why.
+        Err(_) => true,
+    }
+}
+
 /// Sends the kernel one notice per unknown service IP in `tm_ov_pending`.
 #[inline(always)]
 fn signal_miss(ip: &Ip4) {
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     if tm_ov_pending
-        .insert(&ip.dst, &now, BPF_NOEXIST as u64)
+        .insert(&b4(ip.dst), &now, BPF_NOEXIST as u64)
         .is_ok()
     {
         let miss = Miss {
-            service_addr: ip.dst,
-            client_addr: ip.src,
+            service_addr: b4(ip.dst),
+            client_addr: b4(ip.src),
             port: ip.dst_port,
             protocol: ip.protocol,
             _pad: 0,
@@ -197,7 +202,8 @@ fn signal_miss(ip: &Ip4) {
 
 #[inline(always)]
 fn in_prefix(config: &OverlayConfig, addr: u32) -> bool {
-    config.service_mask != 0 && addr & config.service_mask == config.service_prefix
+    let mask = w4(&config.service_mask);
+    mask != 0 && addr & mask == w4(&config.service_prefix)
 }
 
 /// A container of this node by its namespace address: from its array slot
@@ -205,12 +211,12 @@ fn in_prefix(config: &OverlayConfig, addr: u32) -> bool {
 /// flag), else from `tm_ov_locals`. An empty slot answers without a lookup.
 #[inline(always)]
 fn local_at(addr: u32) -> Option<(&'static Local, Option<*mut LocalSlot>)> {
-    let slot = tm_ov_local_slots.get_ptr_mut(local_slot(addr))?;
+    let slot = tm_ov_loc_slots.get_ptr_mut(local_slot(b4(addr)))?;
     // SAFETY: a map value, valid for the program's run.
     unsafe {
         match (*slot).state {
-            LOCAL_SLOT_ONE if (*slot).addr == addr => Some((&(*slot).local, Some(slot))),
-            LOCAL_SLOT_SHARED => tm_ov_locals.get(&addr).map(|l| (l, None)),
+            LOCAL_SLOT_ONE if w4(&(*slot).addr) == addr => Some((&(*slot).local, Some(slot))),
+            LOCAL_SLOT_SHARED => tm_ov_locals.get(&b4(addr)).map(|l| (l, None)),
             _ => None,
         }
     }
@@ -259,7 +265,7 @@ struct Binding {
 #[inline(always)]
 fn established(key: &ConntrackKey) -> Option<Binding> {
     // SAFETY: the value is read right away.
-    binding_of(unsafe { tm_ov_conntrack.get(key) }?)
+    binding_of(unsafe { tm_ov_ct.get(key) }?)
 }
 
 /// A later fragment's binding: the one its first fragment recorded.
@@ -272,8 +278,8 @@ fn fragment_binding(ip: &Ip4) -> Option<Binding> {
 #[inline(always)]
 fn fragment_key(ip: &Ip4) -> FragmentKey {
     FragmentKey {
-        src: ip.src,
-        dst: ip.dst,
+        src: b4(ip.src),
+        dst: b4(ip.dst),
         id: ip.id,
         protocol: ip.protocol,
         _pad: 0,
@@ -293,8 +299,8 @@ fn binding_of(ct: &ConntrackValue) -> Option<Binding> {
         id: ct.instance,
         instance,
         service: ct.service,
-        new_src: ct.new_src,
-        reply_src: ct.reply_src,
+        new_src: w4(&ct.new_src),
+        reply_src: w4(&ct.reply_src),
     })
 }
 
@@ -322,14 +328,14 @@ fn bind(
     let mut reply_src = 0;
     if inst.kind == INSTANCE_LOCAL {
         let translated = ConntrackKey {
-            src: new_src,
+            src: b4(new_src),
             dst: inst.ns_addr,
             ..*key
         };
         // SAFETY: the value is read right away.
-        if let Some(ct) = unsafe { tm_ov_conntrack.get(&translated) } {
-            if ct.kind == CT_REVERSE && ct.service_addr != new_src {
-                reply_src = ct.service_addr;
+        if let Some(ct) = unsafe { tm_ov_ct.get(&translated) } {
+            if ct.kind == CT_REVERSE && w4(&ct.service_addr) != new_src {
+                reply_src = w4(&ct.service_addr);
             }
         }
     }
@@ -338,14 +344,14 @@ fn bind(
         instance: id,
         generation: inst.generation,
         service: service.id,
-        service_addr: ip.dst,
-        new_src,
-        reply_src,
+        service_addr: b4(ip.dst),
+        new_src: b4(new_src),
+        reply_src: b4(reply_src),
     };
-    let _ = tm_ov_conntrack.insert(key, &forward, 0);
+    let _ = tm_ov_ct.insert(key, &forward, 0);
     let reverse_key = ConntrackKey {
         src: inst.reply_addr,
-        dst: ip.src,
+        dst: b4(ip.src),
         src_port: reply_src_port,
         dst_port: reply_dst_port,
         protocol: ip.protocol,
@@ -356,11 +362,11 @@ fn bind(
         instance: id,
         generation: inst.generation,
         service: service.id,
-        service_addr: ip.dst,
-        new_src: 0,
-        reply_src: 0,
+        service_addr: b4(ip.dst),
+        new_src: [0; 4],
+        reply_src: [0; 4],
     };
-    let _ = tm_ov_conntrack.insert(&reverse_key, &reverse, 0);
+    let _ = tm_ov_ct.insert(&reverse_key, &reverse, 0);
     Ok(Binding {
         id,
         instance: inst,
@@ -373,7 +379,7 @@ fn bind(
 #[inline(always)]
 pub fn count(map_index: u32, per_instance: bool, bytes: u64) {
     let counter = if per_instance {
-        tm_ov_inst_stats.get_ptr_mut(map_index)
+        tm_ov_ins_stats.get_ptr_mut(map_index)
     } else {
         tm_ov_svc_stats.get_ptr_mut(map_index)
     };
@@ -443,47 +449,36 @@ fn reverse_source(ip: &Ip4) -> Option<u32> {
     // SAFETY: the values are read right away.
     let ct = match (ip.fragment, ip.tracked) {
         (LATER_FRAGMENT, _) => unsafe { tm_ov_frags.get(&fragment_key(ip)) },
-        (_, true) => unsafe { tm_ov_conntrack.get(&key_of(ip)) },
+        (_, true) => unsafe { tm_ov_ct.get(&key_of(ip)) },
         _ => None,
     };
     match ct {
-        Some(ct) if ct.kind == CT_REVERSE && ct.service_addr != ip.src => {
+        Some(ct) if ct.kind == CT_REVERSE && w4(&ct.service_addr) != ip.src => {
             if ip.fragment == FIRST_FRAGMENT {
                 // For the later fragments, which carry no ports.
                 let _ = tm_ov_frags.insert(&fragment_key(ip), ct, 0);
             }
-            Some(ct.service_addr)
+            Some(w4(&ct.service_addr))
         }
         _ => None,
     }
 }
 
-/// Whether a frame is IPv6 (for `overlay6`).
-#[inline(always)]
-pub fn is_ipv6(pkt: &Packet) -> bool {
-    match pkt.header::<EthHdr>(0, DropReason::TruncatedEthernet) {
-        // SAFETY: inside the header just checked.
-        Ok(eth) => (unsafe { load16(&(*eth).ether_type) }) == ETH_P_IPV6.to_be(),
-        Err(_) => false,
-    }
-}
-
-/// TC on a container's host-side veth, for packets the container sends. Not
-/// inlined: the IPv4 and IPv6 paths each get their own stack frame (the
-/// program's and the deepest call's must fit in 512 bytes together).
+/// TC on a container's host-side veth, for packets the container sends
+/// (IPv4; anything else but IPv6 passes). Not inlined: the IPv4 and IPv6
+/// paths each get their own stack frame (the program's and the deepest
+/// call's must fit in 512 bytes together), and the verifier walks each
+/// once.
 #[inline(never)]
 pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     let pkt = *pkt;
     use aya_ebpf::bindings::TC_ACT_OK;
 
-    let eth: *const EthHdr = pkt.header(0, DropReason::TruncatedEthernet)?;
-    // SAFETY: inside the header just checked.
-    if unsafe { load16(&(*eth).ether_type) } != ETH_P_IP.to_be() {
+    let parsed = parse(&pkt)?;
+    if parsed.l3 != L3::V4 {
         return Ok(TC_ACT_OK);
     }
-    let Some(ip) = ip4_at(&pkt, ETH_LEN, DropReason::TruncatedIpv4)? else {
-        return Err(DropReason::BadIpv4Version);
-    };
+    let ip = ip4_of(&parsed);
     let Some(config) = tm_ov_config.get(0) else {
         return Ok(TC_ACT_OK);
     };
@@ -499,7 +494,7 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         Some(b) => b,
         None => {
             // SAFETY: the value is read right away.
-            let service = match unsafe { tm_ov_services.get(&ip.dst) } {
+            let service = match unsafe { tm_ov_services.get(&b4(ip.dst)) } {
                 Some(s) => s,
                 None if in_prefix(config, ip.dst) => {
                     signal_miss(&ip);
@@ -519,7 +514,7 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
                     }
                 }
             }
-            bind(&ip, &key, service, sender.instance_addr)?
+            bind(&ip, &key, service, w4(&sender.instance_addr))?
         }
     };
     let (id, inst) = (binding.id, binding.instance);
@@ -530,9 +525,9 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
             instance: id,
             generation: inst.generation,
             service: binding.service,
-            service_addr: ip.dst,
-            new_src: binding.new_src,
-            reply_src: binding.reply_src,
+            service_addr: b4(ip.dst),
+            new_src: b4(binding.new_src),
+            reply_src: b4(binding.reply_src),
         };
         let _ = tm_ov_frags.insert(&fragment_key(&ip), &value, 0);
     }
@@ -545,7 +540,7 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         // SAFETY: reading a field of the context.
         && unsafe { (*ctx.skb.skb).gso_size } == 0
     {
-        if ip.dont_fragment {
+        if dont_fragment(&pkt, &ip)? {
             return fragmentation_needed(ctx, &pkt, &ip, config);
         }
         return Err(DropReason::TooBigForTunnel);
@@ -553,7 +548,7 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
 
     // A reply to a flow the local instance dialled gets that flow's service
     // IP as its source at once.
-    let new_dst = inst.ns_addr;
+    let new_dst = w4(&inst.ns_addr);
     let new_src = if inst.kind == INSTANCE_LOCAL && binding.reply_src != 0 {
         binding.reply_src
     } else {
@@ -571,7 +566,8 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         // SAFETY: a plain helper call.
         return Ok(unsafe { bpf_redirect(inst.ifindex, 0) } as i32);
     }
-    if inst.kind != INSTANCE_REMOTE || config.tunnel_port == 0 {
+    let tunnel = tunnel::config().ok_or(DropReason::NoInstance)?;
+    if inst.kind != INSTANCE_REMOTE {
         return Err(DropReason::NoInstance);
     }
     // Every fragment of a datagram takes the same outer source port.
@@ -580,97 +576,41 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         _ => ip.id as u32,
     };
     let hash = ip.src ^ ip.dst ^ ports ^ id;
-    encapsulate(ctx, ip.total_len as usize, inst, config, hash)?;
-    tunnel_out(ctx, inst, config)
+    to_node(ctx, ip.total_len as usize, inst, tunnel, hash)
 }
 
-/// Puts outer IPv4 + UDP to the instance's node in front of the IP packet.
+/// Sends an IP packet (`inner_len` bytes after Ethernet) through the
+/// tunnel to a remote instance's node.
 #[inline(always)]
-pub fn encapsulate(
+pub fn to_node(
     ctx: &TcContext,
     inner_len: usize,
     inst: &Instance,
-    config: &OverlayConfig,
+    t: &TunnelConfig,
     hash: u32,
-) -> Result<(), DropReason> {
+) -> Result<i32, DropReason> {
+    let outer = tunnel::Outer {
+        src: tunnel::node_addr(t),
+        dst: w4(&inst.node_addr),
+        dst_port: inst.node_port,
+        src_port: tunnel::source_port(hash ^ hash >> 16),
+        inner_len,
+    };
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
     ctx.adjust_room(TUNNEL_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
         .map_err(|_| DropReason::AdjustRoomFailed)?;
     let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
-    let outer: *mut [[u8; 2]; 21] = pkt.header_mut(0, DropReason::AdjustRoomFailed)?;
-    let words = outer_ipv4(
-        (TUNNEL_LEN + inner_len) as u16,
-        config.node_addr,
-        inst.node_addr,
-    );
-    let sport = 0xc000u16 | ((hash ^ hash >> 16) as u16 & 0x3fff);
-    // SAFETY: every store is inside the 42 bytes just checked.
-    unsafe {
-        // The outer packet is IPv4 whatever the inner one is.
-        store16(&raw mut (*outer)[6], ETH_P_IP.to_be());
-        let w = (outer as *mut u8).add(ETH_LEN) as *mut [u8; 4];
-        for (i, word) in words.into_iter().enumerate() {
-            store32(w.add(i), word);
-        }
-        store32(
-            w.add(5),
-            u32::from(sport.to_be()) | u32::from(inst.node_port) << 16,
-        );
-        store32(w.add(6), u32::from(((8 + inner_len) as u16).to_be()));
-    }
-    Ok(())
-}
-
-/// Sends an encapsulated packet to the next hop the daemon resolved, or the
-/// one the FIB gives.
-#[inline(always)]
-pub fn tunnel_out(
-    ctx: &TcContext,
-    inst: &Instance,
-    config: &OverlayConfig,
-) -> Result<i32, DropReason> {
-    let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
-    let eth: *mut EthHdr = pkt.header_mut(0, DropReason::AdjustRoomFailed)?;
-    if inst.ifindex != 0 {
-        write_macs(eth, &inst.dst_mac, &inst.src_mac, ETH_P_IP.to_be_bytes());
-        // SAFETY: a plain helper call.
-        return Ok(unsafe { bpf_redirect(inst.ifindex, 0) } as i32);
-    }
-    // SAFETY: an all-zero bpf_fib_lookup is valid.
-    let mut fib: FibParams = unsafe { core::mem::zeroed() };
-    fib.family = AF_INET;
-    fib.l4_protocol = IPPROTO_UDP;
-    fib.dport = inst.node_port;
-    fib.__bindgen_anon_1.tot_len = (ctx.len() as usize - ETH_LEN) as u16;
-    // SAFETY: reading a field of the context.
-    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    fib.__bindgen_anon_3.ipv4_src = config.node_addr;
-    fib.__bindgen_anon_4.ipv4_dst = inst.node_addr;
-    // SAFETY: params is a valid, sized bpf_fib_lookup.
-    let rc = unsafe {
-        bpf_fib_lookup(
-            ctx.skb.skb as *mut _,
-            &mut fib,
-            size_of::<FibParams>() as i32,
-            0,
-        )
+    let eth = tunnel::encapsulate(&pkt, &outer, DropReason::AdjustRoomFailed)?;
+    let hop = tunnel::Hop {
+        ifindex: inst.ifindex,
+        dst_mac: &inst.dst_mac,
+        src_mac: &inst.src_mac,
     };
-    if rc == BPF_FIB_LKUP_RET_NO_NEIGH {
-        // The kernel resolves the neighbour and sends the packet after.
-        // SAFETY: a plain helper call (no next-hop parameters: the FIB's).
-        return Ok(unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut(), 0, 0) } as i32);
-    }
-    if rc != BPF_FIB_LKUP_RET_SUCCESS {
-        return Err(DropReason::FibLookupFailed);
-    }
-    // SAFETY: inside the header checked above; `fib` is on the stack (byte
-    // copies: the stack allows only aligned word access).
-    unsafe {
-        core::ptr::copy_nonoverlapping(&fib.dmac, &raw mut (*eth).dst, 1);
-        core::ptr::copy_nonoverlapping(&fib.smac, &raw mut (*eth).src, 1);
-    }
+    // SAFETY: reading a field of the context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let egress = tunnel::next_hop(ctx.skb.skb as *mut _, ifindex, eth, &hop, &outer)?;
     // SAFETY: a plain helper call.
-    Ok(unsafe { bpf_redirect(fib.ifindex, 0) } as i32)
+    Ok(unsafe { bpf_redirect(egress, 0) } as i32)
 }
 
 /// Answers a packet too big for the tunnel with ICMP "fragmentation needed"
@@ -705,7 +645,7 @@ fn fragmentation_needed(
         u32::from_ne_bytes([0x45, 0xc0, l0, l1]),
         0,
         u32::from_ne_bytes([64, IPPROTO_ICMP, 0, 0]),
-        config.gateway,
+        w4(&config.gateway),
         ip.src,
     ];
     let ip_sum = csum::of_words(&ip_words);
@@ -746,81 +686,21 @@ fn ctx_count_too_big() {
         .drop_reason(DropReason::TooBigForTunnel);
 }
 
-/// What [`from_tunnel`] did with a packet.
-pub enum Tunnel {
-    /// Delivered to a container: the XDP action.
-    Delivered(u32),
-    /// Tunnel traffic for this node carrying an IPv6 packet: `overlay6`'s.
-    Inner6,
-    /// Not for a container here; nothing was changed.
-    NotOurs,
-}
-
-/// Whether the packet may be overlay tunnel traffic (UDP to the tunnel
-/// port): only then is [`from_tunnel`] called, a subprogram call saved on
-/// every other packet.
-#[inline(always)]
-pub fn maybe_tunnel(pkt: &Packet) -> bool {
-    let Some(config) = tm_ov_config.get(0) else {
-        return false;
-    };
-    match pkt.header::<[[u8; 2]; 19]>(0, DropReason::TruncatedIpv4) {
-        // SAFETY: the UDP destination port (bytes 36..38) is inside the 38 bytes just checked.
-        Ok(p) => config.tunnel_port != 0 && unsafe { load16(&(*p)[18]) } == config.tunnel_port,
-        Err(_) => false,
-    }
-}
-
-/// XDP on the uplink: a tunnel packet for one of this node's containers is
-/// decapsulated, translated back if it is a reply, and redirected to the
-/// container's veth. `None`: not ours, nothing was changed. Not inlined: a
-/// subprogram keeps the load balancer's code after it as the verifier knew it.
+/// XDP on the uplink, after `tunnel::decapsulate`: an IPv4 packet for one of this node's containers is
+/// translated back if it is a reply and redirected to the container's
+/// veth. `None`: not for a container here, nothing was changed. Not
+/// inlined, and the parse is inside: the verifier walks this once, not
+/// once for every way the caller's parse can end.
 #[inline(never)]
-pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Tunnel, DropReason> {
-    let Some(config) = tm_ov_config.get(0) else {
-        return Ok(Tunnel::NotOurs);
-    };
-    if config.tunnel_port == 0 {
-        return Ok(Tunnel::NotOurs);
+pub fn from_tunnel(ctx: &XdpContext) -> Result<Option<u32>, DropReason> {
+    let pkt = &crate::xdp::packet_of(ctx);
+    let parsed = &parse(pkt)?;
+    if parsed.l3 != L3::V4 {
+        return Ok(None);
     }
-    let outer: *const [[u8; 2]; 21] = match pkt.header(0, DropReason::TruncatedIpv4) {
-        Ok(p) => p,
-        Err(_) => return Ok(Tunnel::NotOurs),
-    };
-    let outer = outer as *const [u8; 2];
-    // SAFETY: every read is inside the 42 bytes just checked.
-    let (ether_type, version_ihl_proto, dst_hi, dst_lo, dport, frag) = unsafe {
-        (
-            load16(outer.add(6)),
-            load16(outer.add(7)),
-            load16(outer.add(15)),
-            load16(outer.add(16)),
-            load16(outer.add(18)),
-            u16::from_be(load16(outer.add(10))),
-        )
-    };
-    let [version_ihl, _] = version_ihl_proto.to_ne_bytes();
-    // SAFETY: reading the protocol byte inside the header checked above.
-    let protocol = unsafe { *(outer as *const u8).add(ETH_LEN + 9) };
-    let dst = (dst_hi as u32) | (dst_lo as u32) << 16;
-    if ether_type != ETH_P_IP.to_be()
-        || version_ihl != 0x45
-        || protocol != IPPROTO_UDP
-        || dport != config.tunnel_port
-        || dst != config.node_addr
-        || frag & IP_FRAGMENT != 0
-    {
-        return Ok(Tunnel::NotOurs);
-    }
-    let inner_at = ETH_LEN + TUNNEL_LEN;
-    let Some(ip) = ip4_at(pkt, inner_at, DropReason::BadTunnelPacket)? else {
-        return Ok(Tunnel::Inner6);
-    };
-    if inner_at + ip.total_len as usize > pkt.wire_len {
-        return Err(DropReason::BadTunnelPacket);
-    }
+    let ip = ip4_of(parsed);
     let Some((local, slot)) = local_at(ip.dst) else {
-        return Ok(Tunnel::NotOurs);
+        return Ok(None);
     };
     // Only a container that dialled a service IP gets replies to translate.
     // SAFETY: a map value.
@@ -831,11 +711,8 @@ pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Tunnel, DropReason>
             fix_l4_full(pkt, &ip, diff)?;
         }
     }
-    let eth: *mut EthHdr = pkt.header_mut(TUNNEL_LEN, DropReason::BadTunnelPacket)?;
+    let eth: *mut EthHdr = pkt.header_mut(0, DropReason::BadTunnelPacket)?;
     write_macs(eth, &local.mac, &local.host_mac, ETH_P_IP.to_be_bytes());
-    adjust_head(ctx, TUNNEL_LEN as i32)?;
     // SAFETY: a plain helper call.
-    Ok(Tunnel::Delivered(
-        unsafe { bpf_redirect(local.ifindex, 0) } as u32
-    ))
+    Ok(Some(unsafe { bpf_redirect(local.ifindex, 0) } as u32))
 }

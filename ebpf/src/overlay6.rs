@@ -27,27 +27,23 @@ use tapmesh_common::{
 use crate::{
     csum,
     headers::*,
-    lb::{adjust_head, write_macs},
     maps::*,
-    overlay::{count, encapsulate, pick, tunnel_out, FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT},
+    overlay::{count, pick, to_node, FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT},
     packet::{load16, load32, store16, store32, Packet},
-    parse::addr_v6,
+    parse::{parse, Fragment, Parsed, L3},
+    tunnel::{self, write_macs},
 };
 
-const ETH_LEN: usize = size_of::<EthHdr>();
 const IP6_LEN: usize = size_of::<Ipv6Hdr>();
-/// Outer IPv4 + UDP.
-const TUNNEL_LEN: usize = 20 + 8;
 const ICMP6_ECHO_REQUEST: u8 = 128;
 const ICMP6_ECHO_REPLY: u8 = 129;
 const ICMP6_PACKET_TOO_BIG: u8 = 2;
 /// What a "packet too big" quotes: the offending IPv6 header and 8 bytes.
 const QUOTE_LEN: usize = IP6_LEN + 8;
 
-/// An IPv6 packet as the overlay sees it: no extension header but a
-/// Fragment header (a packet with another one is not tracked). Its
-/// addresses and ports are in the scratch key, its datagram in the scratch
-/// fragment key.
+/// An IPv6 packet as the overlay sees it (`parse` read it). Its addresses
+/// and ports are in the scratch key, its datagram in the scratch fragment
+/// key.
 struct Ip6 {
     l3: usize,
     l4: usize,
@@ -60,11 +56,6 @@ struct Ip6 {
     fragment: u8,
 }
 
-const FRAGMENT_HEADER_LEN: usize = 8;
-/// Offset bits of the Fragment header's second half-word (host order).
-const FRAGMENT_OFFSET: u16 = 0xfff8;
-const MORE_FRAGMENTS: u16 = 1;
-
 /// This CPU's working space.
 #[inline(always)]
 fn scratch() -> Result<&'static mut Scratch6, DropReason> {
@@ -75,9 +66,39 @@ fn scratch() -> Result<&'static mut Scratch6, DropReason> {
         .ok_or(DropReason::NoInstance)
 }
 
+/// The words of an address the maps hold (in a map value or the scratch
+/// space, at a multiple of 4), for arithmetic and stores into packets.
+#[inline(always)]
+fn words(a: &Addr6) -> [u32; 4] {
+    let w = a.as_ptr() as *const [u8; 4];
+    // SAFETY: four words inside `a`.
+    unsafe {
+        [
+            load32(w),
+            load32(w.add(1)),
+            load32(w.add(2)),
+            load32(w.add(3)),
+        ]
+    }
+}
+
+/// An address `parse` read, as the maps hold it.
+#[inline(always)]
+fn bytes(w: &[u32; 4]) -> Addr6 {
+    // SAFETY: 16 bytes either way; words are in memory order.
+    unsafe { core::mem::transmute::<[u32; 4], Addr6>(*w) }
+}
+
+#[inline(always)]
+fn same(a: &Addr6, b: &Addr6) -> bool {
+    let (a, b) = (words(a), words(b));
+    (a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3]) == 0
+}
+
 #[inline(always)]
 fn store_addr(p: *mut [u8; 16], a: &Addr6) {
     let w = p as *mut [u8; 4];
+    let a = words(a);
     // SAFETY: the caller hands a checked 16-byte field.
     unsafe {
         for i in 0..4 {
@@ -86,108 +107,70 @@ fn store_addr(p: *mut [u8; 16], a: &Addr6) {
     }
 }
 
-/// Reads an IPv6 header at `l3` and the ports after it into `s.key` (and
-/// a Fragment header's datagram into `s.fragment`). `None`: not IPv6.
+/// The overlay's view of a packet `parse` read as IPv6; its addresses
+/// and ports go into `s.key`, a fragment's datagram into `s.fragment`.
 #[inline(always)]
-fn ip6_at(
-    pkt: &Packet,
-    l3: usize,
-    bad: DropReason,
-    s: &mut Scratch6,
-) -> Result<Option<Ip6>, DropReason> {
+fn ip6_of(p: &Parsed, s: &mut Scratch6) -> Ip6 {
     let key = &mut s.key;
-    let ip: *const Ipv6Hdr = pkt.header(l3, bad)?;
-    // SAFETY: inside the header just checked.
-    let (version, mut protocol, payload_len) = unsafe {
-        (
-            (*ip).version_class_flow[0] >> 4,
-            (*ip).next_header,
-            u16::from_be(load16(&(*ip).payload_length)),
-        )
-    };
-    if version != 6 {
-        return Ok(None);
-    }
-    // SAFETY: inside the header just checked.
-    unsafe {
-        key.src = addr_v6(&(*ip).src);
-        key.dst = addr_v6(&(*ip).dst);
-    }
+    key.src = bytes(&p.src_addr);
+    key.dst = bytes(&p.dst_addr);
     key.src_port = 0;
     key.dst_port = 0;
+    key.protocol = p.protocol;
     key._pad = [0; 3];
-    let mut l4 = l3 + IP6_LEN;
-    let mut fragment = NOT_FRAGMENT;
-    if protocol == IPPROTO_FRAGMENT {
-        let f: *const [u8; FRAGMENT_HEADER_LEN] = pkt.header(l4, bad)?;
-        // SAFETY: inside the header just checked.
-        let (next, offset, id) = unsafe {
-            (
-                (*f)[0],
-                u16::from_be(load16((f as *const u8).add(2) as *const [u8; 2])),
-                load32((f as *const u8).add(4) as *const [u8; 4]),
-            )
-        };
+    let fragment = match p.fragment {
+        Fragment::None => NOT_FRAGMENT,
+        Fragment::First => FIRST_FRAGMENT,
+        Fragment::Later => LATER_FRAGMENT,
+    };
+    if fragment != NOT_FRAGMENT {
         s.fragment.src = key.src;
         s.fragment.dst = key.dst;
-        s.fragment.id = id;
-        s.fragment.protocol = next;
+        s.fragment.id = p.frag_id;
+        s.fragment.protocol = p.protocol;
         s.fragment._pad = [0; 3];
-        protocol = next;
-        l4 += FRAGMENT_HEADER_LEN;
-        if offset & FRAGMENT_OFFSET != 0 {
-            fragment = LATER_FRAGMENT;
-        } else if offset & MORE_FRAGMENTS != 0 {
-            fragment = FIRST_FRAGMENT;
-        }
     }
-    key.protocol = protocol;
     let mut tracked = false;
-    if fragment == LATER_FRAGMENT {
-        protocol = 0; // no L4 header to read
-    }
-    match protocol {
-        IPPROTO_TCP | IPPROTO_UDP => {
-            if let Ok(p) = pkt.header::<[[u8; 2]; 2]>(l4, bad) {
-                // SAFETY: both ports are inside the 4 bytes just checked.
-                unsafe {
-                    key.src_port = load16(&(*p)[0]);
-                    key.dst_port = load16(&(*p)[1]);
-                }
+    if p.has_l4 {
+        match p.protocol {
+            IPPROTO_TCP | IPPROTO_UDP => {
+                key.src_port = p.src_port;
+                key.dst_port = p.dst_port;
                 tracked = true;
             }
-        }
-        IPPROTO_ICMPV6 => {
-            if let Ok(p) = pkt.header::<[u8; 6]>(l4, bad) {
-                // SAFETY: type and identifier are inside the 6 bytes just checked.
-                let kind = unsafe { (*p)[0] };
-                if kind == ICMP6_ECHO_REQUEST || kind == ICMP6_ECHO_REPLY {
-                    key.src_port = unsafe { load16((p as *const u8).add(4) as *const [u8; 2]) };
-                    tracked = true;
-                }
+            IPPROTO_ICMPV6
+                if p.icmp_type == ICMP6_ECHO_REQUEST || p.icmp_type == ICMP6_ECHO_REPLY =>
+            {
+                key.src_port = p.icmp_id;
+                tracked = true;
             }
+            _ => {}
         }
-        _ => {}
     }
-    Ok(Some(Ip6 {
-        l3,
-        l4,
-        protocol: key.protocol,
+    Ip6 {
+        l3: p.l3_offset,
+        l4: p.l4_offset,
+        protocol: p.protocol,
         tracked,
-        total_len: payload_len.saturating_add(IP6_LEN as u16),
+        total_len: (p.l3_end - p.l3_offset) as u16,
         fragment,
-    }))
+    }
 }
 
 #[inline(always)]
 fn is_zero(a: &Addr6) -> bool {
+    let a = words(a);
     a[0] | a[1] | a[2] | a[3] == 0
 }
 
 #[inline(always)]
 fn in_prefix(config: &OverlayConfig6, a: &Addr6) -> bool {
-    let (p, m) = (&config.service_prefix, &config.service_mask);
-    !is_zero(m)
+    let (p, m, a) = (
+        words(&config.service_prefix),
+        words(&config.service_mask),
+        words(a),
+    );
+    m[0] | m[1] | m[2] | m[3] != 0
         && (a[0] & m[0]) ^ p[0] | (a[1] & m[1]) ^ p[1] | (a[2] & m[2]) ^ p[2] | (a[3] & m[3]) ^ p[3]
             == 0
 }
@@ -210,6 +193,7 @@ fn l4_checksum(ip: &Ip6) -> Option<usize> {
 /// The checksum difference of replacing `old` words by `new` ones (RFC 1624).
 #[inline(always)]
 fn add_diff(sum: &mut u64, old: &Addr6, new: &Addr6) {
+    let (old, new) = (words(old), words(new));
     for i in 0..4 {
         *sum += (!old[i]) as u64 + new[i] as u64;
     }
@@ -243,7 +227,7 @@ fn signal_miss(s: &mut Scratch6) {
 /// The instance's IPv6 addresses, if it has them.
 #[inline(always)]
 fn addresses(id: u32) -> Option<&'static Instance6> {
-    tm_ov_instances6.get(id).filter(|i| !is_zero(&i.ns_addr))
+    tm_ov_inst6.get(id).filter(|i| !is_zero(&i.ns_addr))
 }
 
 /// The flow's instance: from conntrack, or picked and recorded now (`None`:
@@ -257,7 +241,7 @@ fn binding(
     // SAFETY: the values are read right away.
     let found = match (ip.fragment, ip.tracked) {
         (LATER_FRAGMENT, _) => unsafe { tm_ov_frags6.get(&s.fragment) },
-        (_, true) => unsafe { tm_ov_conntrack6.get(&s.key) },
+        (_, true) => unsafe { tm_ov_ct6.get(&s.key) },
         _ => None,
     };
     if let Some(ct) = found.filter(|ct| ct.kind == CT_FORWARD) {
@@ -303,14 +287,14 @@ fn binding(
     s.new_dst = inst6.ns_addr;
     // To a local instance, the packet may be a reply to a flow that
     // instance dialled: its reverse entry gives the source to show.
-    s.value.reply_src = [0; 4];
+    s.value.reply_src = [0; 16];
     if inst.kind == INSTANCE_LOCAL {
         s.other = s.key;
         s.other.src = s.new_src;
         s.other.dst = s.new_dst;
         // SAFETY: the value is read right away.
-        if let Some(ct) = unsafe { tm_ov_conntrack6.get(&s.other) } {
-            if ct.kind == CT_REVERSE && ct.service_addr != s.new_src {
+        if let Some(ct) = unsafe { tm_ov_ct6.get(&s.other) } {
+            if ct.kind == CT_REVERSE && !same(&ct.service_addr, &s.new_src) {
                 s.value.reply_src = ct.service_addr;
             }
         }
@@ -321,7 +305,7 @@ fn binding(
     s.value.service = service.id;
     s.value.service_addr = s.key.dst;
     s.value.new_src = s.new_src;
-    let _ = tm_ov_conntrack6.insert(&s.key, &s.value, 0);
+    let _ = tm_ov_ct6.insert(&s.key, &s.value, 0);
     if ip.fragment == FIRST_FRAGMENT {
         let _ = tm_ov_frags6.insert(&s.fragment, &s.value, 0);
     }
@@ -341,9 +325,9 @@ fn binding(
     s.other.protocol = ip.protocol;
     s.other._pad = [0; 3];
     s.value.kind = CT_REVERSE;
-    s.value.new_src = [0; 4];
-    s.value.reply_src = [0; 4];
-    let _ = tm_ov_conntrack6.insert(&s.other, &s.value, 0);
+    s.value.new_src = [0; 16];
+    s.value.reply_src = [0; 16];
+    let _ = tm_ov_ct6.insert(&s.other, &s.value, 0);
     Ok(Some((id, service.id, inst)))
 }
 
@@ -351,10 +335,12 @@ fn binding(
 /// the IPv4 path stays as the verifier knew it.
 #[inline(never)]
 pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+    let parsed = parse(pkt)?;
+    if parsed.l3 != L3::V6 {
+        return Ok(TC_ACT_OK);
+    }
     let s = scratch()?;
-    let Some(ip) = ip6_at(pkt, ETH_LEN, DropReason::TruncatedIpv6, s)? else {
-        return Err(DropReason::BadIpv6Version);
-    };
+    let ip = ip6_of(&parsed, s);
     let (Some(config), Some(config6)) = (tm_ov_config.get(0), tm_ov_config6.get(0)) else {
         return Ok(TC_ACT_OK);
     };
@@ -401,7 +387,8 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         // SAFETY: a plain helper call.
         return Ok(unsafe { bpf_redirect(inst.ifindex, 0) } as i32);
     }
-    if inst.kind != INSTANCE_REMOTE || config.tunnel_port == 0 {
+    let tunnel = tunnel::config().ok_or(DropReason::NoInstance)?;
+    if inst.kind != INSTANCE_REMOTE {
         return Err(DropReason::NoInstance);
     }
     // Every fragment of a datagram takes the same outer source port.
@@ -409,9 +396,8 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         NOT_FRAGMENT => (s.key.src_port as u32) << 16 ^ s.key.dst_port as u32,
         _ => s.fragment.id,
     };
-    let hash = s.key.src[3] ^ s.key.dst[3] ^ flow ^ id;
-    encapsulate(ctx, ip.total_len as usize, inst, config, hash)?;
-    tunnel_out(ctx, inst, config)
+    let hash = words(&s.key.src)[3] ^ words(&s.key.dst)[3] ^ flow ^ id;
+    to_node(ctx, ip.total_len as usize, inst, tunnel, hash)
 }
 
 /// Answers a packet too big for the tunnel with ICMPv6 "packet too big"
@@ -428,6 +414,7 @@ fn packet_too_big(
     if is_zero(&config6.gateway) {
         return Err(DropReason::TooBigForTunnel);
     }
+    let (gateway, sender) = (words(&config6.gateway), words(sender));
     let eth: *const [[u8; 2]; 6] = pkt.header(0, DropReason::TruncatedEthernet)?;
     // SAFETY: the 12 MAC bytes are inside the header just checked.
     let macs = unsafe { *eth };
@@ -455,7 +442,7 @@ fn packet_too_big(
         store32(w, u32::from_ne_bytes([0x60, 0, 0, 0]));
         store32(w.add(1), u32::from_ne_bytes([l0, l1, IPPROTO_ICMPV6, 255]));
         for i in 0..4 {
-            store32(w.add(2 + i), config6.gateway[i]);
+            store32(w.add(2 + i), gateway[i]);
             store32(w.add(6 + i), sender[i]);
         }
         // ICMPv6: type 2, code 0, checksum 0 for now, then the MTU.
@@ -480,19 +467,18 @@ fn packet_too_big(
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
-/// XDP on the uplink: an IPv6 packet out of the tunnel (outer headers
-/// already checked by `overlay::from_tunnel`) for one of this node's
-/// containers: reverse translation if it is a reply, decapsulation, redirect.
+/// XDP on the uplink, after `tunnel::decapsulate`: an IPv6 packet for one of this node's containers gets
+/// the reverse translation if it is a reply and is redirected. `None`: not
+/// for a container here, nothing was changed.
 #[inline(never)]
-pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropReason> {
-    let inner_at = ETH_LEN + TUNNEL_LEN;
-    let s = scratch()?;
-    let Some(ip) = ip6_at(pkt, inner_at, DropReason::BadTunnelPacket, s)? else {
+pub fn from_tunnel(ctx: &XdpContext) -> Result<Option<u32>, DropReason> {
+    let pkt = &crate::xdp::packet_of(ctx);
+    let parsed = &parse(pkt)?;
+    if parsed.l3 != L3::V6 {
         return Ok(None);
-    };
-    if inner_at + ip.total_len as usize > pkt.wire_len {
-        return Err(DropReason::BadTunnelPacket);
     }
+    let s = scratch()?;
+    let ip = ip6_of(parsed, s);
     // SAFETY: the value is read right away.
     let Some(local) = (unsafe { tm_ov_locals6.get(&s.key.dst) }) else {
         return Ok(None);
@@ -500,10 +486,12 @@ pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropRe
     // SAFETY: the values are read right away.
     let reverse = match (ip.fragment, ip.tracked) {
         (LATER_FRAGMENT, _) => unsafe { tm_ov_frags6.get(&s.fragment) },
-        (_, true) => unsafe { tm_ov_conntrack6.get(&s.key) },
+        (_, true) => unsafe { tm_ov_ct6.get(&s.key) },
         _ => None,
     };
-    if let Some(ct) = reverse.filter(|ct| ct.kind == CT_REVERSE && ct.service_addr != s.key.src) {
+    if let Some(ct) =
+        reverse.filter(|ct| ct.kind == CT_REVERSE && !same(&ct.service_addr, &s.key.src))
+    {
         if ip.fragment == FIRST_FRAGMENT {
             // For the later fragments, which carry no ports.
             let _ = tm_ov_frags6.insert(&s.fragment, ct, 0);
@@ -526,9 +514,8 @@ pub fn from_tunnel(ctx: &XdpContext, pkt: &Packet) -> Result<Option<u32>, DropRe
             }
         }
     }
-    let eth: *mut EthHdr = pkt.header_mut(TUNNEL_LEN, DropReason::BadTunnelPacket)?;
+    let eth: *mut EthHdr = pkt.header_mut(0, DropReason::BadTunnelPacket)?;
     write_macs(eth, &local.mac, &local.host_mac, ETH_P_IPV6.to_be_bytes());
-    adjust_head(ctx, TUNNEL_LEN as i32)?;
     // SAFETY: a plain helper call.
     Ok(Some(unsafe { bpf_redirect(local.ifindex, 0) } as u32))
 }

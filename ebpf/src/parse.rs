@@ -62,6 +62,12 @@ pub struct Parsed {
     pub src_port: u16,
     pub dst_port: u16,
     pub icmp_type: u8,
+    /// ICMP/ICMPv6: the first two bytes after the checksum (an echo's
+    /// identifier), host order.
+    pub icmp_id: u16,
+    /// The identification fragments of a datagram share, host order:
+    /// IPv4's 16 bits, an IPv6 Fragment header's 32.
+    pub frag_id: u32,
 }
 
 impl Parsed {
@@ -81,6 +87,8 @@ impl Parsed {
             src_port: 0,
             dst_port: 0,
             icmp_type: 0,
+            icmp_id: 0,
+            frag_id: 0,
         }
     }
 }
@@ -170,6 +178,7 @@ fn parse_ipv4(pkt: &Packet, parsed: &mut Parsed) -> Result<(), DropReason> {
     } else {
         Fragment::None
     };
+    parsed.frag_id = be16(unsafe { &raw const (*ip).id }) as u32;
     parsed.l3 = L3::V4;
     parsed.l3_end = offset + total_len;
     parsed.protocol = unsafe { (*ip).protocol };
@@ -219,6 +228,7 @@ fn parse_ipv6(pkt: &Packet, parsed: &mut Parsed) -> Result<(), DropReason> {
                 let frag: *const Ipv6FragHdr =
                     pkt.header(at, DropReason::TruncatedIpv6Extension)?;
                 next = unsafe { (*frag).next_header };
+                parsed.frag_id = u32::from_be(unsafe { load32(&raw const (*frag).id) });
                 let offset_flags = be16(unsafe { &raw const (*frag).offset_flags });
                 parsed.fragment = if offset_flags & 0xfff8 != 0 {
                     Fragment::Later
@@ -300,6 +310,7 @@ fn parse_l4(pkt: &Packet, parsed: &mut Parsed) -> Result<(), DropReason> {
             }
             let icmp: *const IcmpHdr = pkt.header(at, DropReason::TruncatedIcmp)?;
             parsed.icmp_type = unsafe { (*icmp).kind };
+            parsed.icmp_id = be16(unsafe { &raw const (*icmp).rest } as *const [u8; 2]);
         }
         _ => return Ok(()),
     }

@@ -14,20 +14,20 @@ use aya_ebpf::{
 use tapmesh_common::{overlay::ConntrackKey, DropReason, PacketCounter, Verdict};
 
 use crate::{
-    lb::adjust_head,
     maps::{
-        tm_flow_stats, tm_flows, tm_maglev, tm_node, tm_ov_conntrack, tm_ov_locals, tm_stats,
-        tm_streams, tm_target_stats, tm_targets, tm_vip_configs, tm_vip_slots, tm_vip_stats,
+        tm_flow_stats, tm_flows, tm_maglev, tm_ov_ct, tm_ov_locals, tm_stats, tm_streams,
+        tm_target_stats, tm_targets, tm_tunnel, tm_vip_configs, tm_vip_slots, tm_vip_stats,
         tm_vip_values,
     },
     packet::Packet,
+    tunnel::adjust_head,
 };
 
 /// One array map lookup.
 #[xdp]
 pub fn tm_probe_xdp_array(_ctx: XdpContext) -> u32 {
-    match tm_node.get(0) {
-        Some(n) if n.tunnel_port == 1 => xdp_action::XDP_DROP,
+    match tm_tunnel.get(0) {
+        Some(t) if t.port == 1 => xdp_action::XDP_DROP,
         _ => xdp_action::XDP_PASS,
     }
 }
@@ -36,7 +36,7 @@ pub fn tm_probe_xdp_array(_ctx: XdpContext) -> u32 {
 #[xdp]
 pub fn tm_probe_xdp_hash_miss(_ctx: XdpContext) -> u32 {
     // SAFETY: the value is not used.
-    match unsafe { tm_ov_locals.get(&0x0100_00c6) } {
+    match unsafe { tm_ov_locals.get(&[198, 0, 0, 1]) } {
         Some(_) => xdp_action::XDP_DROP,
         None => xdp_action::XDP_PASS,
     }
@@ -62,15 +62,15 @@ pub fn tm_probe_xdp_redirect(_ctx: XdpContext) -> u32 {
 #[classifier]
 pub fn tm_probe_tc_lru_hit(_ctx: TcContext) -> i32 {
     let key = ConntrackKey {
-        src: u32::from_ne_bytes([192, 0, 2, 2]),
-        dst: u32::from_ne_bytes([203, 0, 113, 10]),
-        src_port: 40000u16.to_be(),
-        dst_port: 7000u16.to_be(),
+        src: [192, 0, 2, 2],
+        dst: [203, 0, 113, 10],
+        src_port: 40000,
+        dst_port: 7000,
         protocol: 17,
         _pad: [0; 3],
     };
     // SAFETY: the value is not used.
-    match unsafe { tm_ov_conntrack.get(&key) } {
+    match unsafe { tm_ov_ct.get(&key) } {
         Some(_) => TC_ACT_OK,
         None => 2,
     }
@@ -163,8 +163,8 @@ pub fn tm_probe_xdp_values(_ctx: XdpContext) -> u32 {
     if let Some(v) = tm_targets.get(0) {
         x ^= v.ifindex
     }
-    if let Some(v) = tm_node.get(0) {
-        x ^= v.tunnel_port as u32
+    if let Some(v) = tm_tunnel.get(0) {
+        x ^= v.port as u32
     }
     if x == 0x1234_5678 {
         xdp_action::XDP_DROP

@@ -4,13 +4,11 @@ use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use tapmesh_common::{DropReason, ProgramSlot, Verdict};
 
 use crate::{
-    lb,
-    maps::tm_node,
-    overlay::{self, Tunnel},
-    overlay6,
+    lb, overlay, overlay6,
     packet::Packet,
-    parse::parse,
+    parse::{parse, L3},
     stats::Stats,
+    tunnel,
 };
 
 #[xdp]
@@ -49,32 +47,31 @@ pub fn packet_of(ctx: &XdpContext) -> Packet {
     Packet::new(start, end, wire_len)
 }
 
-/// Tunnel packets for this node are decapsulated first; then VIP traffic is
+/// Tunnel packets for this node are decapsulated first and go to a
+/// container here (overlay) or to the load balancer; then VIP traffic is
 /// load balanced and everything else passes.
 #[inline(always)]
 fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, DropReason> {
-    if overlay::maybe_tunnel(&pkt) {
-        // Two calls, not nested: each subprogram's stack adds to this one's.
-        match overlay::from_tunnel(ctx, &pkt)? {
-            Tunnel::Delivered(action) => return Ok(action),
-            Tunnel::Inner6 => {
-                if let Some(action) = overlay6::from_tunnel(ctx, &pkt)? {
-                    return Ok(action);
-                }
-            }
-            Tunnel::NotOurs => {}
-        }
-    }
-    let node = tm_node.get(0);
     let mut parsed = parse(&pkt)?;
-    let tunneled = node.is_some_and(|n| lb::is_tunnel(&parsed, n));
+    let tunnel = tunnel::config();
+    let tunneled = tunnel.is_some_and(|t| tunnel::is_ours(&parsed, t));
     if tunneled {
-        lb::decapsulate(ctx, &pkt, &parsed)?;
+        let inner = tunnel::decapsulate(ctx, &pkt, &parsed)?;
+        // One call or the other, not nested: each subprogram's stack adds
+        // to this one's.
+        let delivered = match inner {
+            L3::V6 => overlay6::from_tunnel(ctx)?,
+            _ if overlay::maybe_local(&packet_of(ctx)) => overlay::from_tunnel(ctx)?,
+            _ => None,
+        };
+        if let Some(action) = delivered {
+            return Ok(action);
+        }
         pkt = packet_of(ctx);
         parsed = parse(&pkt)?;
     }
     stats.parsed(&parsed);
-    lb::balance(ctx, &pkt, &parsed, node, tunneled)
+    lb::balance(ctx, &pkt, &parsed, tunnel, tunneled)
 }
 
 /// The one place an XDP result becomes a verdict and is counted.

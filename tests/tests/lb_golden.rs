@@ -294,6 +294,7 @@ impl Lab {
             port: TUNNEL_PORT,
             address: Some(NODE),
         };
+        tapmesh::dataplane::tunnel::write(&mut bpf.ebpf, tunnel).expect("writing tm_tunnel");
         writer
             .apply(&mut bpf.ebpf, &valid, tunnel, &resolve)
             .expect("writing the LB maps");

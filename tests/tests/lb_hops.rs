@@ -54,16 +54,13 @@ fn a_resolved_next_hop_skips_the_fib_lookup() {
     let mut writer = LbWriter::default();
     let valid = validate(&spec()).unwrap();
     let resolve = |_: &str| Err("no local targets here".to_string());
+    let tunnel = TunnelSettings {
+        port: 50103,
+        address: Some(NODE),
+    };
+    tapmesh::dataplane::tunnel::write(&mut bpf.ebpf, tunnel).unwrap();
     writer
-        .apply(
-            &mut bpf.ebpf,
-            &valid,
-            TunnelSettings {
-                port: 50103,
-                address: Some(NODE),
-            },
-            &resolve,
-        )
+        .apply(&mut bpf.ebpf, &valid, tunnel, &resolve)
         .unwrap();
     let inner = ipv4(V4_A, VIP, UDP, &[], &udp_v4(V4_A, VIP, 4000, 80, b"hop"));
     let frame = ethernet(MAC_B, MAC_A, &[], 0x0800, &inner);

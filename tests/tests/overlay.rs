@@ -362,7 +362,7 @@ fn closest_prefers_the_local_instance_and_undeploy_removes_every_trace() {
         "only the client is local now: {dump}"
     );
     // Its array copy too: one slot in use.
-    let slots_pin = pins.with_file_name("tm_ov_local_slots");
+    let slots_pin = pins.with_file_name("tm_ov_loc_slots");
     let dump = tapmesh_tests::sh(
         "bpftool",
         &["-j", "map", "dump", "pinned", slots_pin.to_str().unwrap()],

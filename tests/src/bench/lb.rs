@@ -119,16 +119,13 @@ pub fn load(bpf: &mut Bpf) -> LbWriter {
     let valid = validate(&lb_spec()).expect("bench LB configuration");
     let resolve = |_: &str| -> Result<(u32, [u8; 6]), String> { Ok((101, OUR_MAC)) };
     let mut writer = LbWriter::default();
+    let tunnel = TunnelSettings {
+        port: TUNNEL_PORT,
+        address: Some(NODE),
+    };
+    tapmesh::dataplane::tunnel::write(&mut bpf.ebpf, tunnel).expect("writing tm_tunnel");
     writer
-        .apply(
-            &mut bpf.ebpf,
-            &valid,
-            TunnelSettings {
-                port: TUNNEL_PORT,
-                address: Some(NODE),
-            },
-            &resolve,
-        )
+        .apply(&mut bpf.ebpf, &valid, tunnel, &resolve)
         .expect("writing the LB maps");
     writer
 }

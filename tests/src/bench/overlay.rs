@@ -50,10 +50,14 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
     let instance_ns = Ipv4Addr::new(192, 0, 2, 66);
     let instance_ip = Ipv4Addr::new(203, 0, 113, 102);
     let mut tables = OverlayTables::default();
+    let tunnel = tapmesh::dataplane::tunnel::TunnelSettings {
+        port: TUNNEL_PORT,
+        address: Some(NODE),
+    };
+    tapmesh::dataplane::tunnel::write(&mut bpf.ebpf, tunnel).expect("writing tm_tunnel");
     tables.config = OverlayConfig {
-        node_addr: addr_word(NODE),
-        tunnel_port: TUNNEL_PORT.to_be(),
         tunnel_mtu: 1472,
+        _pad: 0,
         gateway: addr_word(Ipv4Addr::new(192, 0, 2, 1)),
         service_prefix: addr_word(Ipv4Addr::new(203, 0, 113, 0)),
         service_mask: addr_word(Ipv4Addr::new(255, 255, 255, 0)),
@@ -73,7 +77,7 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
             ns_addr: addr_word(instance_ns),
             reply_addr: addr_word(instance_ip),
             node_addr: addr_word(REMOTE_NODE),
-            node_port: TUNNEL_PORT.to_be(),
+            node_port: TUNNEL_PORT,
             kind: INSTANCE_REMOTE,
             generation: 1,
             ifindex: tma_index,

@@ -616,7 +616,9 @@ fn listing(state: &State, written: &Written) -> Vec<Service> {
 /// less rarely changes the table's size, which would rewrite all of it.
 pub fn stream_size(slots: u32) -> u32 {
     let rounded = slots.max(1).checked_next_power_of_two().unwrap_or(u32::MAX);
-    rounded.min(crate::lb::maglev::MAX_TARGETS).max(slots)
+    rounded
+        .min(crate::lb::maglev::MAX_STREAM_TARGETS)
+        .max(slots)
 }
 
 /// Maglev slots per weight: proportional, at most [`MAX_SLOTS`] in all, at

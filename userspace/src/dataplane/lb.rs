@@ -18,7 +18,7 @@ use aya::{
 };
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, NodeConfig, PortData, PortKey, SourceData, SourceKey, StreamValue,
+        FlowEntry, FlowMask, LbConfig, PortData, PortKey, SourceData, SourceKey, StreamValue,
         Target, VipAddr, VipConfig, VipKey, VipValue, MAGLEV_CAPACITY, MAX_FLOWS,
         MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, NO_TARGET, TARGET_REMOTE,
     },
@@ -178,12 +178,7 @@ struct StreamSlot {
     spare: Option<(u32, Vec<u32>)>,
 }
 
-/// This node's tunnel settings for remote targets and decapsulation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TunnelSettings {
-    pub port: u16,
-    pub address: Option<std::net::Ipv4Addr>,
-}
+pub use super::tunnel::TunnelSettings;
 
 /// The resolved next hop towards a remote node (from the neighbour resolver).
 pub use crate::net::Hop;
@@ -308,7 +303,7 @@ impl LbWriter {
     ) -> Result<(), DataplaneError> {
         let tables = input.lb_tables();
         let plan = self.plan(&tables, tunnel, resolve)?;
-        self.write(ebpf, &tables, tunnel, plan)
+        self.write(ebpf, &tables, plan)
     }
 
     /// Resolves, checks and allocates everything `tables` needs, on copies
@@ -504,7 +499,6 @@ impl LbWriter {
         &mut self,
         ebpf: &mut Ebpf,
         tables: &LbTables,
-        tunnel: TunnelSettings,
         plan: Plan,
     ) -> Result<(), DataplaneError> {
         self.vip_ids = plan.vip_ids.clone();
@@ -524,7 +518,7 @@ impl LbWriter {
             );
         }
         let mut published = BTreeSet::new();
-        let result = self.write_planned(ebpf, tables, tunnel, &plan, &mut published);
+        let result = self.write_planned(ebpf, tables, &plan, &mut published);
         // Spares the plan gave up are free; a table planned but not
         // published gives its region back (and a spare it was to reuse).
         for (name, slot) in self.streams.iter_mut() {
@@ -562,7 +556,6 @@ impl LbWriter {
         &mut self,
         ebpf: &mut Ebpf,
         tables: &LbTables,
-        tunnel: TunnelSettings,
         plan: &Plan,
         published: &mut BTreeSet<String>,
     ) -> Result<(), DataplaneError> {
@@ -606,7 +599,7 @@ impl LbWriter {
             self.write_vip(ebpf, vip, plan.new_vips.get(&vip.name).copied())?;
         }
         self.write_slots(ebpf, tables)?;
-        self.write_node(ebpf, tunnel, tables.vip_prefixes)?;
+        self.write_lb_config(ebpf, u32::from(tables.vip_prefixes))?;
 
         // Then remove what is gone, tables first, targets last.
         let vips: BTreeSet<&str> = tables.vips.iter().map(|v| v.name.as_str()).collect();
@@ -667,26 +660,14 @@ impl LbWriter {
         Ok(())
     }
 
-    fn write_node(
+    fn write_lb_config(
         &mut self,
         ebpf: &mut Ebpf,
-        tunnel: TunnelSettings,
-        vip_prefixes: u16,
+        vip_prefixes: u32,
     ) -> Result<(), DataplaneError> {
-        let node = match tunnel.address {
-            Some(addr) => NodeConfig {
-                tunnel_port: tunnel.port,
-                vip_prefixes,
-                addr_v4: addr.octets(),
-            },
-            None => NodeConfig {
-                vip_prefixes,
-                ..NodeConfig::default()
-            },
-        };
-        array::<NodeConfig>(ebpf, n::NODE)?
-            .set(0, node, 0)
-            .map_err(map_err(n::NODE))
+        array::<LbConfig>(ebpf, n::LB_CONFIG)?
+            .set(0, LbConfig { vip_prefixes }, 0)
+            .map_err(map_err(n::LB_CONFIG))
     }
 
     /// Points each host VIP's slot at it (several in one slot: the hash map

@@ -26,7 +26,7 @@ pub struct MirrorWriter {
     ports: BTreeSet<u32>,
     /// Whether `ports` holds what the (possibly kept) pinned map held at start.
     seeded: bool,
-    /// The `tm_mirror_filter` words written, by index.
+    /// The `tm_mirror_bits` words written, by index.
     filter: BTreeMap<u32, u64>,
 }
 

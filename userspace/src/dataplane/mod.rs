@@ -11,6 +11,7 @@ pub mod lb;
 pub mod mirror;
 pub mod overlay;
 mod pins;
+pub mod tunnel;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -367,6 +368,7 @@ pub fn read_counters(ebpf: &Ebpf) -> Result<Vec<ProgramCounters>, DataplaneError
 pub struct DataplanePlugin {
     handle: DataplaneHandle,
     config: std::sync::Mutex<DataplaneConfig>,
+    tunnel: std::sync::Mutex<tunnel::TunnelSettings>,
 }
 
 impl DataplanePlugin {
@@ -374,6 +376,7 @@ impl DataplanePlugin {
         Self {
             handle,
             config: std::sync::Mutex::new(DataplaneConfig::default()),
+            tunnel: std::sync::Mutex::new(tunnel::TunnelSettings::default()),
         }
     }
 
@@ -394,12 +397,14 @@ impl Plugin for DataplanePlugin {
         config: &Config,
     ) -> Result<(), PluginError> {
         *self.config.lock().expect("config lock") = config.dataplane.clone();
+        *self.tunnel.lock().expect("tunnel lock") = tunnel::TunnelSettings::of(config);
         Ok(())
     }
 
     async fn start(&self, _scope: CancellationToken) -> Result<(), PluginError> {
         let config = self.config();
-        let running = tokio::task::spawn_blocking(move || start_dataplane(&config))
+        let tunnel = *self.tunnel.lock().expect("tunnel lock");
+        let running = tokio::task::spawn_blocking(move || start_dataplane(&config, tunnel))
             .await
             .map_err(|e| PluginError::new(e.to_string()))?
             .map_err(|e| PluginError::new(e.to_string()))?;
@@ -460,7 +465,10 @@ impl Plugin for DataplanePlugin {
 
 /// Loads, pins and attaches; on any failure nothing this start attached stays
 /// attached, and pins stay only if an earlier (kept) dataplane owned them.
-fn start_dataplane(config: &DataplaneConfig) -> Result<Running, DataplaneError> {
+fn start_dataplane(
+    config: &DataplaneConfig,
+    tunnel: tunnel::TunnelSettings,
+) -> Result<Running, DataplaneError> {
     let pin_dir = pins::prepare(&config.bpffs_root)?;
     let kept = pins::has_pins(&pin_dir);
     let mut attachments = Vec::new();
@@ -468,6 +476,7 @@ fn start_dataplane(config: &DataplaneConfig) -> Result<Running, DataplaneError> 
     let mut loaded = None;
     let result = (|| {
         let ebpf = loaded.insert(pins::load(BPF_OBJECT, &pin_dir)?);
+        tunnel::write(ebpf, tunnel)?;
         // `ebpf` owns every link: dropping it detaches them.
         for interface in &config.uplinks {
             attachments.push(attach::xdp(
@@ -520,4 +529,111 @@ fn stop_dataplane(mut running: Running, config: &DataplaneConfig) -> Result<(), 
     pins::remove(&pin_dir);
     tracing::info!("dataplane detached");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::BPF_OBJECT;
+
+    /// The kernel keeps 15 bytes of a map's or program's name
+    /// (BPF_OBJ_NAME_LEN − 1): a longer name is cut, and names cut alike
+    /// are one name to `bpftool`.
+    const KERNEL_NAME_LEN: usize = 15;
+
+    /// Every map of the object, and every program the daemon attaches (the
+    /// bench's probes, never attached, keep their long names).
+    #[test]
+    fn map_and_program_names_fit_the_kernel_and_are_unique() {
+        use tapmesh_common::program_names as p;
+        let object = aya_obj::Object::parse(BPF_OBJECT).expect("parsing the embedded BPF object");
+        let maps = object.maps.keys().map(String::as_str);
+        let attached = [
+            p::XDP_UPLINK,
+            p::TC_INGRESS,
+            p::TC_EGRESS,
+            p::XDP_FLOOR,
+            p::TC_FLOOR,
+            p::XDP_MIRROR,
+            p::TC_TAP_OUT,
+            p::TC_TAP_IN,
+            p::TC_SERVICE,
+        ];
+        for name in attached {
+            assert!(object.programs.contains_key(name), "no program {name}");
+        }
+        let mut cut: BTreeMap<&str, &str> = BTreeMap::new();
+        let mut count = 0;
+        for name in maps.filter(|n| !n.starts_with('.')).chain(attached) {
+            assert!(
+                name.len() <= KERNEL_NAME_LEN,
+                "{name} is {} bytes; the kernel keeps {KERNEL_NAME_LEN}",
+                name.len()
+            );
+            if let Some(other) = cut.insert(&name[..name.len().min(KERNEL_NAME_LEN)], name) {
+                panic!("{name} and {other} have the same name in the kernel");
+            }
+            count += 1;
+        }
+        assert!(count > 40, "only {count} names found in the object");
+    }
+
+    /// Every name in `map_names` is a map of the object (pins are named by them).
+    #[test]
+    fn map_names_are_the_objects() {
+        let object = aya_obj::Object::parse(BPF_OBJECT).expect("parsing the embedded BPF object");
+        use tapmesh_common::map_names as n;
+        for name in [
+            n::STATS,
+            n::VIPS,
+            n::VIP_HOSTS,
+            n::VIP_SLOTS,
+            n::VIP_VALUES,
+            n::VIP_CONFIGS,
+            n::DST_PORTS,
+            n::SRC_PORTS,
+            n::SOURCES,
+            n::FLOWS,
+            n::STREAMS,
+            n::MAGLEV,
+            n::TARGETS,
+            n::LB_CONFIG,
+            n::TUNNEL,
+            n::VIP_STATS,
+            n::FLOW_STATS,
+            n::TARGET_STATS,
+            n::MIRROR_PORTS,
+            n::MIRROR_FILTER,
+            n::MIRROR_VLANS,
+            n::MIRROR_STATS,
+            n::MIRROR_RINGS,
+            n::XSKS,
+            n::OV_CONFIG,
+            n::OV_SERVICES,
+            n::OV_SLOTS,
+            n::OV_ROUND_ROBIN,
+            n::OV_INSTANCES,
+            n::OV_LOCALS,
+            n::OV_LOCAL_SLOTS,
+            n::OV_CONFIG6,
+            n::OV_SERVICES6,
+            n::OV_INSTANCES6,
+            n::OV_LOCALS6,
+            n::OV_CONNTRACK6,
+            n::OV_PENDING6,
+            n::OV_FRAGMENTS,
+            n::OV_FRAGMENTS6,
+            n::OV_CONNTRACK,
+            n::OV_PENDING,
+            n::OV_MISSES,
+            n::OV_SERVICE_STATS,
+            n::OV_INSTANCE_STATS,
+        ] {
+            assert!(
+                object.maps.contains_key(name),
+                "{name} is not a map of the object"
+            );
+        }
+    }
 }

@@ -18,26 +18,19 @@ use tapmesh_common::{
 
 use super::{map_err, map_mut, map_ref, DataplaneError};
 
-/// Key words of the maps: an IPv4 address as it lies in the packet.
-pub fn addr_word(addr: std::net::Ipv4Addr) -> u32 {
-    u32::from_ne_bytes(addr.octets())
+/// An IPv4 address as the maps hold it: its bytes.
+pub fn addr_word(addr: std::net::Ipv4Addr) -> [u8; 4] {
+    addr.octets()
 }
 
-/// An IPv6 address as the maps hold it: four words in memory order.
+/// An IPv6 address as the maps hold it: its bytes.
 pub fn addr6_words(addr: std::net::Ipv6Addr) -> Addr6 {
-    let o = addr.octets();
-    std::array::from_fn(|i| {
-        u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])
-    })
+    addr.octets()
 }
 
-/// The address a map's four words hold.
-fn addr6_of(words: Addr6) -> std::net::Ipv6Addr {
-    let mut o = [0u8; 16];
-    for (i, w) in words.iter().enumerate() {
-        o[4 * i..4 * i + 4].copy_from_slice(&w.to_ne_bytes());
-    }
-    std::net::Ipv6Addr::from(o)
+/// The address a map holds.
+fn addr6_of(bytes: Addr6) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from(bytes)
 }
 
 /// One service IP: its id, policy and instance ids in slot order.
@@ -67,7 +60,7 @@ pub struct OverlayTables {
 #[derive(Default)]
 pub struct OverlayWriter {
     written: OverlayTables,
-    /// `tm_ov_local_slots` as written (with `dialled` 0).
+    /// `tm_ov_loc_slots` as written (with `dialled` 0).
     slots: BTreeMap<u32, LocalSlot>,
     /// `tm_ov_config` as written.
     config: Option<OverlayConfig>,
@@ -75,7 +68,7 @@ pub struct OverlayWriter {
     adopted: bool,
 }
 
-/// `tm_ov_local_slots` for `locals`: each container in the slot of its
+/// `tm_ov_loc_slots` for `locals`: each container in the slot of its
 /// address, or the slot marked shared when several map to it.
 pub fn local_slots(locals: &BTreeMap<std::net::Ipv4Addr, Local>) -> BTreeMap<u32, LocalSlot> {
     let mut slots = BTreeMap::new();
@@ -152,7 +145,8 @@ trait Prefixed: Copy {
 impl Prefixed for OverlayConfig {
     type Addr = std::net::Ipv4Addr;
     fn outside(&self, a: &Self::Addr) -> bool {
-        self.service_mask == 0 || addr_word(*a) & self.service_mask != self.service_prefix
+        let mask = u32::from_be_bytes(self.service_mask);
+        mask == 0 || u32::from(*a) & mask != u32::from_be_bytes(self.service_prefix)
     }
     fn flags(&self) -> u32 {
         self.flags
@@ -165,9 +159,8 @@ impl Prefixed for OverlayConfig {
 impl Prefixed for OverlayConfig6 {
     type Addr = std::net::Ipv6Addr;
     fn outside(&self, a: &Self::Addr) -> bool {
-        let w = addr6_words(*a);
-        self.service_mask == [0; 4]
-            || (0..4).any(|i| w[i] & self.service_mask[i] != self.service_prefix[i])
+        let mask = u128::from_be_bytes(self.service_mask);
+        mask == 0 || u128::from(*a) & mask != u128::from_be_bytes(self.service_prefix)
     }
     fn flags(&self) -> u32 {
         self.flags
@@ -309,11 +302,11 @@ impl OverlayWriter {
             slots: Vec::new(),
         };
         {
-            let map: BpfHashMap<&MapData, u32, Service> =
+            let map: BpfHashMap<&MapData, [u8; 4], Service> =
                 BpfHashMap::try_from(map_ref(ebpf, n::OV_SERVICES)?)
                     .map_err(map_err(n::OV_SERVICES))?;
             for addr in map.keys().flatten() {
-                let addr = std::net::Ipv4Addr::from(addr.to_ne_bytes());
+                let addr = std::net::Ipv4Addr::from(addr);
                 self.written.services.insert(addr, placeholder.clone());
             }
         }
@@ -328,13 +321,13 @@ impl OverlayWriter {
             }
         }
         {
-            let map: BpfHashMap<&MapData, u32, Local> =
+            let map: BpfHashMap<&MapData, [u8; 4], Local> =
                 BpfHashMap::try_from(map_ref(ebpf, n::OV_LOCALS)?)
                     .map_err(map_err(n::OV_LOCALS))?;
             for (addr, local) in map.iter().flatten() {
                 self.written
                     .locals
-                    .insert(std::net::Ipv4Addr::from(addr.to_ne_bytes()), local);
+                    .insert(std::net::Ipv4Addr::from(addr), local);
             }
         }
         {
@@ -618,7 +611,8 @@ impl OverlayWriter {
         match service {
             std::net::IpAddr::V4(v4) => {
                 if let Some(map) = ebpf.map_mut(n::OV_PENDING) {
-                    if let Ok(mut pending) = BpfHashMap::<&mut MapData, u32, u64>::try_from(map) {
+                    if let Ok(mut pending) = BpfHashMap::<&mut MapData, [u8; 4], u64>::try_from(map)
+                    {
                         let _ = pending.remove(&addr_word(v4));
                     }
                 }
@@ -702,7 +696,7 @@ mod tests {
             (LOCAL_SLOT_ONE, addr_word(Ipv4Addr::new(10, 19, 0, 2)), 2, 0)
         );
         assert_eq!(slots[&3].state, LOCAL_SLOT_SHARED);
-        assert_eq!(slots[&3].addr, 0);
+        assert_eq!(slots[&3].addr, [0; 4]);
     }
 
     #[test]
@@ -746,7 +740,9 @@ mod tests {
 
     #[test]
     fn slots_change_through_shared_so_no_packet_reads_half_a_slot() {
-        let one = |addr: u32, ifindex: u32| LocalSlot {
+        const A: [u8; 4] = [10, 19, 0, 1];
+        const B: [u8; 4] = [10, 19, 0, 9];
+        let one = |addr: [u8; 4], ifindex: u32| LocalSlot {
             addr,
             state: LOCAL_SLOT_ONE,
             dialled: 0,
@@ -757,12 +753,12 @@ mod tests {
             ..LocalSlot::default()
         };
         let cases = [
-            (None, Some(one(1, 2))),            // a new container
-            (Some(one(1, 2)), Some(one(9, 3))), // another container takes the slot
-            (Some(one(1, 2)), Some(one(1, 4))), // the same one, relinked
-            (Some(one(1, 2)), None),            // gone
-            (Some(one(1, 2)), Some(shared)),    // a second one collides
-            (Some(shared), Some(one(1, 2))),    // back to one
+            (None, Some(one(A, 2))),            // a new container
+            (Some(one(A, 2)), Some(one(B, 3))), // another container takes the slot
+            (Some(one(A, 2)), Some(one(A, 4))), // the same one, relinked
+            (Some(one(A, 2)), None),            // gone
+            (Some(one(A, 2)), Some(shared)),    // a second one collides
+            (Some(shared), Some(one(A, 2))),    // back to one
             (Some(shared), None),
         ];
         for (before, after) in cases {
@@ -778,7 +774,7 @@ mod tests {
         }
         // A container in a slot that was empty has not dialled yet.
         assert_eq!(
-            slot_writes(None, Some(one(1, 2)), 0)
+            slot_writes(None, Some(one(A, 2)), 0)
                 .last()
                 .unwrap()
                 .dialled,

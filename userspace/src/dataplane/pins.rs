@@ -10,7 +10,7 @@ use std::{
 use aya::{maps::MapInfo, Ebpf, EbpfLoader};
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, NodeConfig, PortData, SourceData, StreamValue, Target, VipAddr,
+        FlowEntry, FlowMask, LbConfig, PortData, SourceData, StreamValue, Target, VipAddr,
         VipConfig, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PREFIXES,
         MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
     },
@@ -90,7 +90,13 @@ const MAPS: &[MapSpec] = &[
     spec(n::STREAMS, 4, size_of::<StreamValue>(), MAX_STREAMS),
     spec(n::MAGLEV, 4, 4, MAGLEV_CAPACITY),
     spec(n::TARGETS, 4, size_of::<Target>(), MAX_TARGETS),
-    spec(n::NODE, 4, size_of::<NodeConfig>(), 1),
+    spec(n::LB_CONFIG, 4, size_of::<LbConfig>(), 1),
+    spec(
+        n::TUNNEL,
+        4,
+        size_of::<tapmesh_common::tunnel::TunnelConfig>(),
+        1,
+    ),
     spec(n::VIP_STATS, 4, size_of::<PacketCounter>(), MAX_VIPS),
     spec(n::FLOW_STATS, 4, size_of::<PacketCounter>(), MAX_FLOWS),
     spec(n::TARGET_STATS, 4, size_of::<PacketCounter>(), MAX_TARGETS),

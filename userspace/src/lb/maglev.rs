@@ -20,10 +20,12 @@ use std::fmt;
 
 use thiserror::Error;
 
-/// Table entry value when no slot is active.
-pub const NO_TARGET: u32 = u32::MAX;
-/// Largest `max_targets` a stream may have.
-pub const MAX_TARGETS: u32 = 10_000;
+/// Table entry value when no slot is active (the kernel's "no target").
+pub use tapmesh_common::lb::NO_TARGET;
+/// Largest `max_targets` one stream may have: its default table is the
+/// smallest prime >= 100 × this (about a million entries at most). Not
+/// `tapmesh_common::lb::MAX_TARGETS`, the targets of all streams together.
+pub const MAX_STREAM_TARGETS: u32 = 10_000;
 /// Largest table size: the smallest prime above 2^24, about 64 MiB of u32
 /// entries (the base table kept by [`Maglev`] plus each built table).
 pub const MAX_TABLE_SIZE: u32 = 16_777_259;
@@ -45,7 +47,7 @@ const RANK_FACTOR: u64 = 2;
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum MaglevError {
-    #[error("max_targets {0} is out of range; use 1..={MAX_TARGETS}")]
+    #[error("max_targets {0} is out of range; use 1..={MAX_STREAM_TARGETS}")]
     MaxTargets(u32),
     #[error("Maglev table size {size} is not prime; use a prime such as {suggestion}")]
     SizeNotPrime { size: u32, suggestion: u64 },
@@ -118,15 +120,15 @@ fn next_prime(mut n: u64) -> u64 {
     n
 }
 
-/// Smallest prime >= 100 * max_targets; max_targets is clamped to 1..=MAX_TARGETS.
+/// Smallest prime >= 100 * max_targets; max_targets is clamped to 1..=MAX_STREAM_TARGETS.
 pub fn default_table_size(max_targets: u32) -> u32 {
-    let n = u64::from(max_targets.clamp(1, MAX_TARGETS));
+    let n = u64::from(max_targets.clamp(1, MAX_STREAM_TARGETS));
     // At most next_prime(1_000_000) = 1_000_003, so it fits in u32.
     next_prime(ENTRIES_PER_TARGET * n) as u32
 }
 
 fn validate_max_targets(max_targets: u32) -> Result<(), MaglevError> {
-    if (1..=MAX_TARGETS).contains(&max_targets) {
+    if (1..=MAX_STREAM_TARGETS).contains(&max_targets) {
         Ok(())
     } else {
         Err(MaglevError::MaxTargets(max_targets))
@@ -244,7 +246,8 @@ impl ProbeOrder {
 }
 
 // `OpenSlots::first` ranks in u32: (n - 1)^2 must fit.
-const _: () = assert!((MAX_TARGETS as u64 - 1) * (MAX_TARGETS as u64 - 1) <= u32::MAX as u64);
+const _: () =
+    assert!((MAX_STREAM_TARGETS as u64 - 1) * (MAX_STREAM_TARGETS as u64 - 1) <= u32::MAX as u64);
 
 /// Active slots whose count is below the current cap ("open"), by
 /// identifier: a flag per identifier for walking a probe order, and an
@@ -287,7 +290,7 @@ impl OpenSlots {
         if k * k * RANK_FACTOR <= n {
             // Identifier s is at position (s - start) / step mod n in the
             // order; positions are distinct, so the minimum is unique. n <=
-            // MAX_TARGETS keeps (n - 1)^2 within u32.
+            // MAX_STREAM_TARGETS keeps (n - 1)^2 within u32.
             let (n, start) = (self.n, order.start);
             let inv = mod_inverse(order.step, n);
             return self.list.iter().copied().min_by_key(|&s| {
@@ -1041,22 +1044,22 @@ mod tests {
         // ranking the few open slots instead. Release builds measured
         // 100-250 ms per build for any |A| here (peak near |A| = 70).
         let start = std::time::Instant::now();
-        let m = Maglev::new(MAX_TARGETS, None).unwrap();
+        let m = Maglev::new(MAX_STREAM_TARGETS, None).unwrap();
         let new = start.elapsed();
         eprintln!("N=10000 new {new:?}");
         let mut total = new;
         for active in [
             vec![1234, 8765],
-            (0..MAX_TARGETS).step_by(100).collect::<Vec<u32>>(),
-            (0..MAX_TARGETS).step_by(2).collect(),
-            (0..MAX_TARGETS).filter(|&s| s != 4321).collect(),
+            (0..MAX_STREAM_TARGETS).step_by(100).collect::<Vec<u32>>(),
+            (0..MAX_STREAM_TARGETS).step_by(2).collect(),
+            (0..MAX_STREAM_TARGETS).filter(|&s| s != 4321).collect(),
         ] {
             let start = std::time::Instant::now();
             let t = m.build(&active).unwrap();
             let build = start.elapsed();
             total += build;
             assert_eq!(t.len(), 1_000_003);
-            assert_balanced(&t, MAX_TARGETS, &active);
+            assert_balanced(&t, MAX_STREAM_TARGETS, &active);
             eprintln!("N=10000 |A|={} build {build:?}", active.len());
         }
         assert!(total < std::time::Duration::from_secs(15), "{total:?}");

@@ -437,10 +437,7 @@ impl Plugin for LbPlugin {
         _scope: CancellationToken,
         config: &Config,
     ) -> Result<(), PluginError> {
-        *self.service.tunnel.lock().expect("tunnel lock") = TunnelSettings {
-            port: config.lb.tunnel_port,
-            address: config.lb.node_address,
-        };
+        *self.service.tunnel.lock().expect("tunnel lock") = TunnelSettings::of(config);
         let initial = match &config.lb.config_file {
             Some(path) => Some(read_spec(path).map_err(|e| PluginError::new(e.to_string()))?),
             None => None,

@@ -2,7 +2,7 @@
 //! undeploy of containers, other nodes' table entries, misses. Every
 //! operation either completes or leaves nothing behind.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -49,7 +49,6 @@ pub struct ManagerSettings {
     pub container_ifname: String,
     pub mtu: u32,
     pub node_addr: Option<Ipv4Addr>,
-    pub tunnel_port: u16,
     pub service_prefix: (Ipv4Addr, u8),
     pub service_prefix_v6: (std::net::Ipv6Addr, u8),
     pub subnetwork: Option<Prefix>,
@@ -306,8 +305,6 @@ impl NetManager {
 
     fn settings_for(&self, state: &State) -> Settings {
         Settings {
-            node_addr: self.settings.node_addr,
-            tunnel_port: self.settings.tunnel_port,
             tunnel_mtu: self.settings.mtu.min(u32::from(u16::MAX)) as u16,
             gateway: state
                 .ipam
@@ -425,6 +422,16 @@ impl NetManager {
             Placement::Remote { node, .. } => costs.get(&node).copied().unwrap_or(default_cost),
         };
         let tables = state.ids.compile(&records, &settings, &cost_of)?;
+        let nodes: BTreeSet<Ipv4Addr> = records
+            .iter()
+            .filter_map(|r| match r.placement {
+                Placement::Remote { node, .. } => Some(node),
+                Placement::Local { .. } => None,
+            })
+            .collect();
+        if !nodes.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || keep_neighbours(&nodes)).await;
+        }
         self.dataplane.apply_overlay(&tables).await?;
         self.persist(state);
         let known: Vec<std::net::IpAddr> = state
@@ -933,6 +940,32 @@ impl NetManager {
         }
         if let Err(e) = self.sync_ports(&mut state).await {
             tracing::warn!("removing the port mappings: {e}");
+        }
+    }
+}
+
+/// Gives the next hop of each remote node a *managed* neighbour entry when
+/// it has none (the kernel then keeps it resolved): the tunnel drops what
+/// it would send to a hop whose neighbour is unresolved (ebpf/src/tunnel.rs).
+fn keep_neighbours(nodes: &BTreeSet<Ipv4Addr>) {
+    use crate::net::neigh::{add_managed, Resolver, Unresolved};
+    let addresses: Vec<std::net::IpAddr> = nodes.iter().map(|&n| n.into()).collect();
+    let resolved = match Resolver::new().and_then(|mut r| r.next_hops(&addresses)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("remote nodes' next hops: {e}");
+            return;
+        }
+    };
+    for (node, result) in nodes.iter().zip(resolved) {
+        if let Err(Unresolved::NoEntry { ifindex, address }) = result {
+            match add_managed(ifindex, address) {
+                Ok(true) => {
+                    tracing::info!(%node, hop = %address, ifindex, "managed neighbour entry added")
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%node, "{e}"),
+            }
         }
     }
 }

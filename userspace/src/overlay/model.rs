@@ -153,8 +153,6 @@ pub enum ModelError {
 /// The settings the compiled tables carry.
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
-    pub node_addr: Option<Ipv4Addr>,
-    pub tunnel_port: u16,
     pub tunnel_mtu: u16,
     pub gateway: Ipv4Addr,
     pub service_prefix: (Ipv4Addr, u8),
@@ -271,7 +269,7 @@ impl Ids {
                 Placement::Remote { node, port } => {
                     inst.kind = INSTANCE_REMOTE;
                     inst.node_addr = addr_word(*node);
-                    inst.node_port = port.to_be();
+                    inst.node_port = *port;
                 }
             }
             // A changed entry or set of service IPs, or a slot that held
@@ -383,13 +381,8 @@ impl Ids {
         let (prefix, len) = settings.service_prefix;
         let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
         tables.config = OverlayConfig {
-            node_addr: settings.node_addr.map(addr_word).unwrap_or(0),
-            tunnel_port: if settings.node_addr.is_some() {
-                settings.tunnel_port.to_be()
-            } else {
-                0
-            },
             tunnel_mtu: settings.tunnel_mtu,
+            _pad: 0,
             gateway: addr_word(settings.gateway),
             service_prefix: addr_word(Ipv4Addr::from(u32::from(prefix) & mask)),
             service_mask: addr_word(Ipv4Addr::from(mask)),
@@ -404,14 +397,14 @@ impl Ids {
                     addr6_words(Ipv6Addr::from(mask)),
                 )
             }
-            None => ([0; 4], [0; 4]),
+            None => ([0; 16], [0; 16]),
         };
         let outside6 = tables.services6.keys().any(|a| {
-            let w = addr6_words(*a);
-            (0..4).any(|i| w[i] & mask6[i] != prefix6[i]) || mask6 == [0; 4]
+            let mask = u128::from_be_bytes(mask6);
+            u128::from(*a) & mask != u128::from_be_bytes(prefix6) || mask == 0
         });
         tables.config6 = OverlayConfig6 {
-            gateway: settings.gateway_v6.map(addr6_words).unwrap_or([0; 4]),
+            gateway: settings.gateway_v6.map(addr6_words).unwrap_or([0; 16]),
             service_prefix: prefix6,
             service_mask: mask6,
             flags: if outside6 {
@@ -502,8 +495,6 @@ mod tests {
 
     fn settings() -> Settings {
         Settings {
-            node_addr: Some([198, 51, 100, 1].into()),
-            tunnel_port: 50103,
             tunnel_mtu: 1472,
             gateway: [192, 0, 2, 1].into(),
             service_prefix: ([203, 0, 113, 0].into(), 24),
@@ -555,7 +546,7 @@ mod tests {
             vec![ia]
         );
         assert_eq!(t.instances[&ia].kind, INSTANCE_LOCAL);
-        assert_eq!(t.instances[&ib].node_port, 50103u16.to_be());
+        assert_eq!(t.instances[&ib].node_port, 50103);
         assert_eq!(
             t.locals[&Ipv4Addr::from([192, 0, 2, 2])].instance_addr,
             addr_word([203, 0, 113, 20].into())

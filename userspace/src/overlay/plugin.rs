@@ -124,15 +124,11 @@ impl Plugin for NetManagerPlugin {
                 .unwrap_or(1450),
             m => m,
         };
-        let node_addr = config
-            .lb
-            .node_address
-            .or_else(|| uplink.and_then(|u| net::addr::first_ipv4(u).ok().flatten()));
+        let node_addr = crate::dataplane::tunnel::TunnelSettings::of(config).address;
         settings.manager = Some(ManagerSettings {
             container_ifname: nm.container_ifname.clone(),
             mtu,
             node_addr,
-            tunnel_port: config.lb.tunnel_port,
             service_prefix: (prefix_addr, prefix.len),
             service_prefix_v6: (prefix6_addr, prefix6.len),
             subnetwork: nm.subnetwork.as_deref().map(cidr).transpose()?,
@@ -271,17 +267,11 @@ async fn read_misses(
                 // SAFETY: the kernel wrote a `Miss6` (size checked); read unaligned.
                 let miss: Miss6 =
                     unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss6) };
-                let bytes: Vec<u8> = miss
-                    .service_addr
-                    .iter()
-                    .flat_map(|w| w.to_ne_bytes())
-                    .collect();
-                let octets: [u8; 16] = bytes.try_into().expect("16 bytes");
-                found.push(std::net::IpAddr::from(octets));
+                found.push(std::net::IpAddr::from(miss.service_addr));
             } else if item.len() >= std::mem::size_of::<Miss>() {
                 // SAFETY: the kernel wrote a `Miss` (size checked); read unaligned.
                 let miss: Miss = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss) };
-                found.push(Ipv4Addr::from(miss.service_addr.to_ne_bytes()).into());
+                found.push(Ipv4Addr::from(miss.service_addr).into());
             }
         }
         guard.clear_ready();

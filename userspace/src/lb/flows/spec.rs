@@ -9,7 +9,7 @@ use crate::names::{validate_name, NameError};
 use crate::net::Prefix;
 
 /// Most flows one VIP may carry (the classifier uses u64 masks).
-pub const MAX_FLOWS_PER_VIP: usize = 64;
+pub const MAX_FLOWS_PER_VIP: usize = tapmesh_common::lb::MAX_FLOWS_PER_VIP as usize;
 
 /// A flow as written in configuration (nsp.v1 Flow).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

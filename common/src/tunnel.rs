@@ -1,0 +1,23 @@
+//! The node-to-node tunnel: an inner IP packet (IPv4 or IPv6) as the payload
+//! of UDP between two nodes' underlay IPv4 addresses. The load balancer
+//! sends remote targets' packets through it, the service-IP overlay remote
+//! instances' packets; the uplink decapsulates what arrives for this node
+//! once, for both.
+
+/// Value of `tm_tunnel` (one entry): this node's tunnel endpoint.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct TunnelConfig {
+    /// This node's underlay IPv4 address: the outer source of what it
+    /// sends, the outer destination of what it decapsulates.
+    pub node_addr: [u8; 4],
+    /// The UDP port packets arrive on (and the load balancer sends to); 0:
+    /// the tunnel is off (no node address).
+    pub port: u16,
+    pub _pad: u16,
+}
+
+crate::assert_layout!(TunnelConfig, size = 8, align = 2);
+
+#[cfg(feature = "user")]
+crate::impl_pod!(TunnelConfig);

@@ -1,0 +1,249 @@
+//! The node-to-node tunnel (`tapmesh_common::tunnel`), for the load balancer
+//! (XDP, remote targets) and the service-IP overlay (TC, remote instances)
+//! alike: one encapsulation, one next-hop lookup, one decapsulation.
+//!
+//! A next hop whose neighbour is not resolved drops the packet, counted as
+//! `no_neighbour`, in both hooks. XDP has no other choice: it cannot queue a
+//! packet for the kernel's neighbour resolution (`bpf_redirect_neigh` exists
+//! for TC only), and one policy for both hooks means one behaviour to reason
+//! about and one counter to watch. It is rare, because the daemon keeps the
+//! neighbour of every node it tunnels to resolved (managed neighbour entries,
+//! which the kernel keeps fresh by itself), for load-balancing targets and
+//! overlay instances alike: only the first packets to a node whose entry is
+//! still being resolved can meet it. Hops the daemon resolved skip the FIB
+//! lookup altogether.
+
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{
+    bindings::{bpf_fib_lookup as FibParams, xdp_md},
+    helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
+    programs::XdpContext,
+};
+use tapmesh_common::{tunnel::TunnelConfig, DropReason};
+
+use crate::{
+    headers::*,
+    maps::tm_tunnel,
+    packet::{load16, load32, store16, store32, Packet},
+    parse::{Fragment, Parsed, L3},
+};
+
+/// Outer IPv4 + UDP (after the Ethernet header).
+pub const TUNNEL_LEN: usize = 20 + 8;
+/// Outer Ethernet + IPv4 + UDP.
+pub const OUTER_LEN: usize = size_of::<EthHdr>() + TUNNEL_LEN;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+const AF_INET: u8 = 2;
+
+/// This node's tunnel endpoint, when the tunnel is on.
+#[inline(always)]
+pub fn config() -> Option<&'static TunnelConfig> {
+    tm_tunnel.get(0).filter(|t| t.port != 0)
+}
+
+/// This node's underlay address as a word in memory order.
+#[inline(always)]
+pub fn node_addr(t: &TunnelConfig) -> u32 {
+    // SAFETY: bytes 0..4 of a map value (8-byte aligned).
+    unsafe { load32(&t.node_addr) }
+}
+
+/// The outer headers of one tunnel packet. Addresses are words in memory
+/// order; ports are host order.
+pub struct Outer {
+    pub src: u32,
+    pub dst: u32,
+    pub dst_port: u16,
+    pub src_port: u16,
+    /// Length of the inner IP packet.
+    pub inner_len: usize,
+}
+
+/// The outer UDP source port for a flow hash: the same for every packet of
+/// a flow, spread for ECMP between the nodes.
+#[inline(always)]
+pub fn source_port(hash: u32) -> u16 {
+    0xc000u16 | (hash as u16 & 0x3fff)
+}
+
+/// The outer IPv4 header as five words in memory order, checksum included.
+/// The one's-complement sum does not depend on byte order (RFC 1071), so it
+/// is summed over the words' 16-bit halves as they are and stored as it is.
+#[inline(always)]
+fn outer_ipv4(total: u16, src: u32, dst: u32) -> [u32; 5] {
+    let [t0, t1] = total.to_be_bytes();
+    let mut ip = [
+        u32::from_ne_bytes([0x45, 0, t0, t1]),
+        u32::from_ne_bytes([0, 0, 0x40, 0]), // id 0, don't fragment
+        u32::from_ne_bytes([64, IPPROTO_UDP, 0, 0]), // TTL, protocol, checksum 0
+        src,
+        dst,
+    ];
+    let mut sum = 0u32;
+    for w in ip {
+        sum += (w & 0xffff) + (w >> 16);
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    ip[2] |= ((!sum) & 0xffff) << 16;
+    ip
+}
+
+/// Writes the outer EtherType, IPv4 and UDP headers into the room the
+/// caller made in front of the inner packet (its first [`OUTER_LEN`]
+/// bytes); the MACs are the next hop's ([`next_hop`]). Returns the
+/// Ethernet header.
+#[inline(always)]
+pub fn encapsulate(
+    pkt: &Packet,
+    o: &Outer,
+    missing: DropReason,
+) -> Result<*mut EthHdr, DropReason> {
+    let outer: *mut [[u8; 2]; OUTER_LEN / 2] = pkt.header_mut(0, missing)?;
+    let total = (TUNNEL_LEN + o.inner_len) as u16;
+    let ip = outer_ipv4(total, o.src, o.dst);
+    // SAFETY: every store is inside the 42 bytes just checked.
+    unsafe {
+        store16(&raw mut (*outer)[6], ETH_P_IP.to_be());
+        let w = (outer as *mut u8).add(size_of::<EthHdr>()) as *mut [u8; 4];
+        for (i, word) in ip.into_iter().enumerate() {
+            store32(w.add(i), word);
+        }
+        store32(
+            w.add(5),
+            u32::from(o.src_port.to_be()) | u32::from(o.dst_port.to_be()) << 16,
+        );
+        store32(w.add(6), u32::from(((8 + o.inner_len) as u16).to_be())); // checksum 0
+    }
+    Ok(outer as *mut EthHdr)
+}
+
+/// Writes an Ethernet header from two MACs that sit as in `Target` and
+/// `Instance`: the destination 4-byte aligned, the source 2 bytes past an
+/// aligned word (4- and 2-byte loads and stores instead of byte copies).
+#[inline(always)]
+pub fn write_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6], ether_type: [u8; 2]) {
+    let dst = dst.as_ptr();
+    let src = src.as_ptr();
+    let out = eth as *mut u8;
+    // SAFETY: `eth` is a whole header from `Packet::header_mut`; the reads
+    // are inside the two MACs.
+    unsafe {
+        store32(out as *mut _, load32(dst as *const _));
+        store16(out.add(4) as *mut _, load16(dst.add(4) as *const _));
+        store16(out.add(6) as *mut _, load16(src as *const _));
+        store32(out.add(8) as *mut _, load32(src.add(2) as *const _));
+        store16(out.add(12) as *mut _, u16::from_ne_bytes(ether_type));
+    }
+}
+
+/// A next hop the daemon resolved: its interface (0: none, ask the FIB)
+/// and the MACs to write.
+pub struct Hop<'a> {
+    pub ifindex: u32,
+    pub dst_mac: &'a [u8; 6],
+    pub src_mac: &'a [u8; 6],
+}
+
+/// Writes the next hop's MACs into the encapsulated packet's Ethernet
+/// header and returns the interface to send it out of: the hop the daemon
+/// resolved, else the kernel's FIB and neighbour table (`ctx`: the
+/// program's context, `ifindex`: the interface the lookup starts from).
+#[inline(always)]
+pub fn next_hop(
+    ctx: *mut c_void,
+    ifindex: u32,
+    eth: *mut EthHdr,
+    hop: &Hop,
+    o: &Outer,
+) -> Result<u32, DropReason> {
+    if hop.ifindex != 0 {
+        write_macs(eth, hop.dst_mac, hop.src_mac, ETH_P_IP.to_be_bytes());
+        return Ok(hop.ifindex);
+    }
+    // SAFETY: an all-zero bpf_fib_lookup is valid.
+    let mut fib: FibParams = unsafe { core::mem::zeroed() };
+    fib.family = AF_INET;
+    fib.l4_protocol = IPPROTO_UDP;
+    fib.sport = o.src_port.to_be();
+    fib.dport = o.dst_port.to_be();
+    fib.__bindgen_anon_1.tot_len = (TUNNEL_LEN + o.inner_len) as u16;
+    fib.ifindex = ifindex;
+    fib.__bindgen_anon_3.ipv4_src = o.src;
+    fib.__bindgen_anon_4.ipv4_dst = o.dst;
+    // SAFETY: params is a valid, sized bpf_fib_lookup.
+    let rc = unsafe { bpf_fib_lookup(ctx, &mut fib, size_of::<FibParams>() as i32, 0) };
+    match rc {
+        BPF_FIB_LKUP_RET_SUCCESS => {
+            // SAFETY: inside the header the caller checked; `fib` is on the
+            // stack (byte copies: the stack allows only aligned word access).
+            unsafe {
+                core::ptr::copy_nonoverlapping(&fib.dmac, &raw mut (*eth).dst, 1);
+                core::ptr::copy_nonoverlapping(&fib.smac, &raw mut (*eth).src, 1);
+            }
+            Ok(fib.ifindex)
+        }
+        BPF_FIB_LKUP_RET_NO_NEIGH => Err(DropReason::NoNeighbour),
+        _ => Err(DropReason::FibLookupFailed),
+    }
+}
+
+/// Moves the start of an XDP packet by `delta` bytes.
+#[inline(always)]
+pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), DropReason> {
+    // SAFETY: the helper checks the delta against the buffer.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx as *mut xdp_md, delta) } != 0 {
+        return Err(DropReason::AdjustHeadFailed);
+    }
+    Ok(())
+}
+
+/// Whether a parsed packet is tunnel traffic for this node: IPv4, UDP, not
+/// a fragment, to this node's address and tunnel port.
+#[inline(always)]
+pub fn is_ours(parsed: &Parsed, t: &TunnelConfig) -> bool {
+    parsed.l3 == L3::V4
+        && parsed.protocol == IPPROTO_UDP
+        && parsed.has_l4
+        && parsed.fragment == Fragment::None
+        && parsed.dst_port == t.port
+        && parsed.dst_addr[3] == node_addr(t)
+}
+
+/// Removes the outer headers of a tunnel packet for this node, leaving
+/// Ethernet (its MACs kept) and the inner IP packet, whose version it
+/// returns. The version is checked first: a packet that is neither IPv4
+/// nor IPv6 inside is left as it is and dropped.
+#[inline(always)]
+pub fn decapsulate(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed) -> Result<L3, DropReason> {
+    let inner = parsed.l4_offset + size_of::<UdpHdr>();
+    let first: *const u8 = pkt.header(inner, DropReason::BadTunnelPacket)?;
+    // SAFETY: inside the byte just checked.
+    let (l3, ether_type) = match unsafe { *first } >> 4 {
+        4 => (L3::V4, ETH_P_IP),
+        6 => (L3::V6, ETH_P_IPV6),
+        _ => return Err(DropReason::BadTunnelPacket),
+    };
+    let outer: *const [[u8; 4]; 3] = pkt.header(0, DropReason::TruncatedEthernet)?;
+    // SAFETY: the header was just checked; the MACs move as three words.
+    let macs = unsafe {
+        let from = outer as *const [u8; 4];
+        [load32(from), load32(from.add(1)), load32(from.add(2))]
+    };
+    adjust_head(ctx, (inner - size_of::<EthHdr>()) as i32)?;
+    // Written at offset 0 of the new start: a fixed offset the verifier
+    // checks without reasoning about `inner`.
+    let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
+    let eth: *mut EthHdr = pkt.header_mut(0, DropReason::BadTunnelPacket)?;
+    // SAFETY: inside the header just checked.
+    unsafe {
+        let to = eth as *mut [u8; 4];
+        for (i, word) in macs.into_iter().enumerate() {
+            store32(to.add(i), word);
+        }
+        store16(&raw mut (*eth).ether_type, ether_type.to_be());
+    }
+    Ok(l3)
+}
