@@ -99,6 +99,17 @@ impl Daemon {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// What `tapmesh <args> --admin-socket <this daemon's socket>` prints.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new(tapmesh_bin())
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&self.socket)
+            .output()
+            .unwrap_or_else(|e| panic!("tapmesh {}: {e}", args.join(" ")));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn try_status(&self) -> Option<StatusResponse> {
         let socket = self.socket.clone();
         tokio::runtime::Builder::new_current_thread()

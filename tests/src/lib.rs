@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod bpf;
 pub mod daemon;
+pub mod eds;
 pub mod etcd;
 pub mod frames;
 pub mod maps;
@@ -19,11 +20,16 @@ pub mod underlay;
 pub mod xds_peer;
 
 use std::{
+    path::PathBuf,
     process::{Command, Output},
     sync::atomic::{AtomicU32, Ordering},
 };
 
 pub use daemon::Daemon;
+use tapmesh::{
+    dataplane::lb::{LbWriter, Resolver, TunnelSettings},
+    lb::model::{validate, LbSpec},
+};
 
 /// True when the kernel tests can run (root). Without root they are skipped,
 /// unless `TAPMESH_REQUIRE_KERNEL_TESTS` is set (CI), where that is a failure.
@@ -47,6 +53,24 @@ pub fn unique(prefix: &str) -> String {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     format!("{prefix}{:05x}{n:x}", std::process::id() & 0xfffff)
+}
+
+/// A directory removed with everything in it on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A new directory under the system's temporary one, named `label` and a unique suffix.
+    pub fn new(label: &str) -> Self {
+        let path = std::env::temp_dir().join(unique(label));
+        std::fs::create_dir_all(&path).expect("creating a temporary directory");
+        Self(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// Runs a command and returns its output, panicking with stderr if it fails.
@@ -206,6 +230,31 @@ pub fn fmt_mac(mac: [u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// Writes `spec` through `writer` into the maps of the programs `bpf`
+/// loaded, as the daemon does: tunnel port 50103 sent from `node`, local
+/// targets' interfaces resolved by `resolve`.
+pub fn write_lb(
+    bpf: &mut bpf::Bpf,
+    writer: &mut LbWriter,
+    spec: &LbSpec,
+    node: Option<std::net::Ipv4Addr>,
+    resolve: Resolver,
+) {
+    let valid = validate(spec).expect("a valid LB spec");
+    let tunnel = TunnelSettings {
+        port: 50103,
+        address: node,
+    };
+    // The tunnel's own map (the LB writer does not write it).
+    if node.is_some() {
+        tapmesh::dataplane::tunnel::write(&mut bpf.ebpf, tunnel)
+            .expect("writing the tunnel config");
+    }
+    writer
+        .apply(&mut bpf.ebpf, &valid, tunnel, resolve)
+        .expect("writing the LB maps");
 }
 
 /// Sends raw Ethernet frames out of `interface` from inside namespace `netns`.

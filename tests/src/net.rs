@@ -15,6 +15,7 @@ use std::{
     collections::HashMap,
     io::{ErrorKind, Read, Write},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::PathBuf,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -79,6 +80,66 @@ pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A thread inside a namespace serving until stopped (or dropped); a panic
+/// in it is raised again when it stops.
+struct Worker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    /// Runs `open` and then `serve` on a thread in `netns`; returns once
+    /// `open` succeeded (panics, naming `what`, if it failed or took over
+    /// 5 s). `serve` runs until the flag it is given is set.
+    fn start<S: 'static>(
+        netns: &str,
+        what: &str,
+        open: impl FnOnce() -> Result<S, String> + Send + 'static,
+        serve: impl FnOnce(S, &AtomicBool) + Send + 'static,
+    ) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ready, opened) = mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            spawn_in(netns, move || match open() {
+                Ok(opened) => {
+                    let _ = ready.send(Ok(()));
+                    serve(opened, &stop);
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                }
+            })
+        };
+        match opened.recv_timeout(Duration::from_secs(5)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("opening {what} in {netns}: {e}"),
+            Err(e) => panic!("{what} in {netns} did not start: {e}"),
+        }
+        Worker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            if let Err(panic) = thread.join() {
+                if !std::thread::panicking() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
 /// A larger receive buffer than `rmem_max` allows (root only), so bursts are not dropped.
 fn force_receive_buffer(fd: std::os::fd::RawFd, bytes: i32) {
     // SAFETY: setsockopt on an open socket with a properly sized int.
@@ -126,35 +187,28 @@ impl Received {
 /// A UDP socket bound inside a namespace, counting datagrams per source
 /// until stopped (or dropped).
 pub struct UdpReceiver {
-    stop: Arc<AtomicBool>,
+    worker: Worker,
     count: Arc<AtomicU64>,
     seen: Arc<Mutex<Received>>,
-    thread: Option<JoinHandle<()>>,
     pub bind: SocketAddrV4,
 }
 
 impl UdpReceiver {
     /// Binds `bind` inside `netns`; returns once the socket is bound.
     pub fn start(netns: &str, bind: SocketAddrV4) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
         let seen = Arc::new(Mutex::new(Received::default()));
-        let (ready, bound) = mpsc::channel();
-        let thread = {
-            let (stop, count, seen) = (stop.clone(), count.clone(), seen.clone());
-            spawn_in(netns, move || {
-                let socket = match UdpSocket::bind(bind) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        let _ = ready.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                force_receive_buffer(std::os::fd::AsRawFd::as_raw_fd(&socket), 16 << 20);
-                socket
-                    .set_read_timeout(Some(Duration::from_millis(20)))
-                    .expect("read timeout");
-                let _ = ready.send(Ok(()));
+        let open = move || {
+            let socket = UdpSocket::bind(bind).map_err(|e| e.to_string())?;
+            force_receive_buffer(socket.as_raw_fd(), 16 << 20);
+            socket
+                .set_read_timeout(Some(Duration::from_millis(20)))
+                .expect("read timeout");
+            Ok(socket)
+        };
+        let serve = {
+            let (count, seen) = (count.clone(), seen.clone());
+            move |socket: UdpSocket, stop: &AtomicBool| {
                 let mut buf = [0u8; 2048];
                 loop {
                     match socket.recv_from(&mut buf) {
@@ -174,18 +228,13 @@ impl UdpReceiver {
                         Err(e) => panic!("receiving on {bind}: {e}"),
                     }
                 }
-            })
+            }
         };
-        match bound.recv_timeout(Duration::from_secs(5)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("binding UDP {bind} in {netns}: {e}"),
-            Err(e) => panic!("UDP receiver on {bind} in {netns} did not start: {e}"),
-        }
+        let worker = Worker::start(netns, &format!("UDP {bind}"), open, serve);
         UdpReceiver {
-            stop,
+            worker,
             count,
             seen,
-            thread: Some(thread),
             bind,
         }
     }
@@ -207,25 +256,8 @@ impl UdpReceiver {
 
     /// Stops after reading what is queued; returns what was received since the last `take`.
     pub fn stop(mut self) -> Received {
-        self.halt();
+        self.worker.halt();
         self.take()
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            if let Err(panic) = thread.join() {
-                if !std::thread::panicking() {
-                    std::panic::resume_unwind(panic);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for UdpReceiver {
-    fn drop(&mut self) {
-        self.halt();
     }
 }
 
@@ -234,7 +266,6 @@ impl Drop for UdpReceiver {
 /// the fd table lives until exec); with SO_REUSEADDR on both, the port can be
 /// bound again at once.
 pub fn bind_udp_reusable(addr: SocketAddrV4) -> std::io::Result<UdpSocket> {
-    use std::os::fd::FromRawFd;
     // SAFETY: plain socket calls with checked results; the fd is owned by the
     // returned socket (or closed on error).
     unsafe {
@@ -306,31 +337,25 @@ pub fn send_udp_flows(
 /// A TCP echo server inside a namespace: each connection is read to its end
 /// and everything read is sent back, then closed. Counts completed echoes.
 pub struct TcpEchoServer {
-    stop: Arc<AtomicBool>,
+    // Stops (and joins) the server thread when dropped.
+    _worker: Worker,
     echoed: Arc<AtomicU64>,
-    thread: Option<JoinHandle<()>>,
     pub bind: SocketAddrV4,
 }
 
 impl TcpEchoServer {
     pub fn start(netns: &str, bind: SocketAddrV4) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
         let echoed = Arc::new(AtomicU64::new(0));
-        let (ready, bound) = mpsc::channel();
-        let thread = {
-            let (stop, echoed) = (stop.clone(), echoed.clone());
-            spawn_in(netns, move || {
-                let listener = match TcpListener::bind(bind) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = ready.send(Err(e.to_string()));
-                        return;
-                    }
-                };
-                listener
-                    .set_nonblocking(true)
-                    .expect("non-blocking listener");
-                let _ = ready.send(Ok(()));
+        let open = move || {
+            let listener = TcpListener::bind(bind).map_err(|e| e.to_string())?;
+            listener
+                .set_nonblocking(true)
+                .expect("non-blocking listener");
+            Ok(listener)
+        };
+        let serve = {
+            let echoed = echoed.clone();
+            move |listener: TcpListener, stop: &AtomicBool| {
                 while !stop.load(Ordering::SeqCst) {
                     match listener.accept() {
                         Ok((mut conn, _)) => {
@@ -351,17 +376,12 @@ impl TcpEchoServer {
                         Err(e) => panic!("accepting on {bind}: {e}"),
                     }
                 }
-            })
+            }
         };
-        match bound.recv_timeout(Duration::from_secs(5)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("binding TCP {bind} in {netns}: {e}"),
-            Err(e) => panic!("TCP server on {bind} in {netns} did not start: {e}"),
-        }
+        let worker = Worker::start(netns, &format!("TCP {bind}"), open, serve);
         TcpEchoServer {
-            stop,
+            _worker: worker,
             echoed,
-            thread: Some(thread),
             bind,
         }
     }
@@ -369,23 +389,6 @@ impl TcpEchoServer {
     /// Connections echoed to their end so far.
     pub fn echoed(&self) -> u64 {
         self.echoed.load(Ordering::SeqCst)
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            if let Err(panic) = thread.join() {
-                if !std::thread::panicking() {
-                    std::panic::resume_unwind(panic);
-                }
-            }
-        }
-    }
-}
-
-impl Drop for TcpEchoServer {
-    fn drop(&mut self) {
-        self.halt();
     }
 }
 
@@ -445,79 +448,64 @@ pub fn icmp_frag_needed(mtu: u16, original: &[u8]) -> Vec<u8> {
 /// A raw ICMP socket inside a namespace keeping every ICMP packet the host
 /// receives (IPv4 header included) until stopped.
 pub struct IcmpReceiver {
-    stop: Arc<AtomicBool>,
+    // Stops (and joins) the receiving thread when dropped.
+    _worker: Worker,
     seen: Arc<Mutex<Vec<Vec<u8>>>>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl IcmpReceiver {
     pub fn start(netns: &str) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (ready, opened) = mpsc::channel();
-        let thread = {
-            let (stop, seen) = (stop.clone(), seen.clone());
-            spawn_in(netns, move || {
-                // SAFETY: plain socket calls with checked results; the fd is closed at the end.
-                unsafe {
-                    let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
-                    if fd < 0 {
-                        let _ = ready.send(Err(std::io::Error::last_os_error().to_string()));
-                        return;
-                    }
-                    let timeout = libc::timeval {
-                        tv_sec: 0,
-                        tv_usec: 20_000,
-                    };
-                    libc::setsockopt(
-                        fd,
-                        libc::SOL_SOCKET,
-                        libc::SO_RCVTIMEO,
-                        (&timeout as *const libc::timeval).cast(),
-                        std::mem::size_of::<libc::timeval>() as u32,
-                    );
-                    let _ = ready.send(Ok(()));
-                    let mut buf = [0u8; 2048];
-                    loop {
-                        let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
-                        if n > 0 {
-                            seen.lock().unwrap().push(buf[..n as usize].to_vec());
-                        } else if stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                    }
-                    libc::close(fd);
+        let open = || {
+            // SAFETY: plain socket calls with checked results; the fd is owned
+            // (and closed) by the returned OwnedFd.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error().to_string());
                 }
-            })
+                let fd = OwnedFd::from_raw_fd(fd);
+                let timeout = libc::timeval {
+                    tv_sec: 0,
+                    tv_usec: 20_000,
+                };
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVTIMEO,
+                    (&timeout as *const libc::timeval).cast(),
+                    std::mem::size_of::<libc::timeval>() as u32,
+                );
+                Ok(fd)
+            }
         };
-        match opened.recv_timeout(Duration::from_secs(5)) {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => panic!("raw ICMP socket in {netns}: {e}"),
-            Err(e) => panic!("ICMP receiver in {netns} did not start: {e}"),
-        }
+        let serve = {
+            let seen = seen.clone();
+            move |fd: OwnedFd, stop: &AtomicBool| {
+                let mut buf = [0u8; 2048];
+                loop {
+                    // SAFETY: recv into a buffer of the given length on an open socket.
+                    let n = unsafe {
+                        libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                    };
+                    if n > 0 {
+                        seen.lock().unwrap().push(buf[..n as usize].to_vec());
+                    } else if stop.load(Ordering::SeqCst) {
+                        break;
+                    }
+                }
+            }
+        };
+        let worker = Worker::start(netns, "a raw ICMP socket", open, serve);
         IcmpReceiver {
-            stop,
+            _worker: worker,
             seen,
-            thread: Some(thread),
         }
     }
 
     /// The packets (IPv4 header first) received so far.
     pub fn packets(&self) -> Vec<Vec<u8>> {
         self.seen.lock().unwrap().clone()
-    }
-
-    fn halt(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for IcmpReceiver {
-    fn drop(&mut self) {
-        self.halt();
     }
 }
 
@@ -536,6 +524,32 @@ pub fn stream(name: &str, max_targets: u32) -> StreamSpec {
         name: name.into(),
         max_targets,
         table_size: None,
+    }
+}
+
+/// Target `identifier` of `stream`, going `via`.
+pub fn target(stream: &str, identifier: u32, via: TargetVia) -> TargetSpec {
+    TargetSpec {
+        stream: stream.into(),
+        identifier,
+        via,
+    }
+}
+
+/// VIP "vip" at `address`, stream `stream` of `max_targets`, flow "f" of
+/// `protocols` from the VIP to the stream, and the stream's target 1 going `via`.
+pub fn one_target_spec(
+    address: &str,
+    stream_name: &str,
+    max_targets: u32,
+    protocols: &[&str],
+    via: TargetVia,
+) -> LbSpec {
+    LbSpec {
+        vips: vec![vip("vip", address)],
+        streams: vec![stream(stream_name, max_targets)],
+        flows: vec![flow("f", &["vip"], stream_name, protocols)],
+        targets: vec![target(stream_name, 1, via)],
     }
 }
 
@@ -673,15 +687,24 @@ pub struct LbTarget {
 impl LbTarget {
     /// This target as a local target of `stream` with `identifier`.
     pub fn local(&self, stream: &str, identifier: u32) -> TargetSpec {
-        TargetSpec {
-            stream: stream.into(),
-            identifier,
-            via: TargetVia::Local {
-                interface: self.node_if.clone(),
-                mac: fmt_mac(self.mac),
-            },
-        }
+        let via = TargetVia::Local {
+            interface: self.node_if.clone(),
+            mac: fmt_mac(self.mac),
+        };
+        target(stream, identifier, via)
     }
+}
+
+/// The admin API's form of a spec holding only what `fill` puts in it.
+fn wire(fill: impl FnOnce(&mut LbSpec)) -> tapmesh::admin::proto::LbConfig {
+    let mut spec = LbSpec::default();
+    fill(&mut spec);
+    tapmesh::admin::lb_config(spec)
+}
+
+/// An admin call's answer, with its error as text.
+fn answered<T>(answer: Result<T, tonic::Status>) -> Result<(), String> {
+    answer.map(|_| ()).map_err(|e| e.to_string())
 }
 
 /// Removes a file when dropped.
@@ -717,7 +740,7 @@ macro_rules! admin_call {
 pub struct LbLab {
     // Field order is drop order: the daemon goes before its namespace.
     daemon: Option<Daemon>,
-    config_file: Option<RemoveOnDrop>,
+    config_files: Vec<RemoveOnDrop>,
     pub client: Netns,
     pub node: Netns,
     pub targets: Vec<LbTarget>,
@@ -791,7 +814,7 @@ impl LbLab {
         }
         LbLab {
             daemon: None,
-            config_file: None,
+            config_files: Vec::new(),
             client,
             node,
             targets: lab_targets,
@@ -817,15 +840,27 @@ impl LbLab {
         ];
         args.extend(extra.iter().cloned());
         if let Some(spec) = spec {
-            let path = std::env::temp_dir().join(format!("{}.toml", unique("tmlb")));
-            std::fs::write(&path, lb_toml(spec)).expect("writing the LB config");
-            self.config_file = Some(RemoveOnDrop(path.clone()));
             args.push("--lb-config".into());
-            args.push(path.display().to_string());
+            args.push(self.write_file("tmlb", &lb_toml(spec)));
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let daemon = Daemon::start(&self.node.name, &args);
         self.daemon = Some(daemon);
+    }
+
+    /// Like [`LbLab::start`] with no LB spec and `config` as the daemon's
+    /// configuration file.
+    pub fn start_configured(&mut self, config: &str) {
+        let path = self.write_file("tmcfg", config);
+        self.start_with(None, &["--config".into(), path]);
+    }
+
+    /// Writes `text` to a new TOML file (named after `label`) removed with the lab.
+    fn write_file(&mut self, label: &str, text: &str) -> String {
+        let path = std::env::temp_dir().join(format!("{}.toml", unique(label)));
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        self.config_files.push(RemoveOnDrop(path.clone()));
+        path.display().to_string()
     }
 
     pub fn daemon(&self) -> &Daemon {
@@ -863,54 +898,27 @@ impl LbLab {
     /// Replaces the whole LB configuration through the admin API.
     pub fn apply(&self, spec: &LbSpec) -> Result<(), String> {
         let config = tapmesh::admin::lb_config(spec.clone());
-        admin_call!(self, |c| c
-            .apply_lb(config)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()))
+        admin_call!(self, |c| answered(c.apply_lb(config).await))
     }
 
     /// Adds or replaces one target through the admin API.
     pub fn set_target(&self, target: &TargetSpec) -> Result<(), String> {
-        let wire = tapmesh::admin::lb_config(LbSpec {
-            targets: vec![target.clone()],
-            ..Default::default()
-        })
-        .targets
-        .remove(0);
-        admin_call!(self, |c| c
-            .set_target(wire)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()))
+        let target = wire(|s| s.targets.push(target.clone())).targets.remove(0);
+        admin_call!(self, |c| answered(c.set_target(target).await))
     }
 
     /// Deletes one target through the admin API.
     pub fn delete_target(&self, stream: &str, identifier: u32) -> Result<(), String> {
-        let id = TargetId {
-            stream: stream.into(),
-            identifier,
-        };
-        admin_call!(self, |c| c
-            .delete_target(id)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()))
+        let stream = stream.into();
+        admin_call!(self, |c| answered(
+            c.delete_target(TargetId { stream, identifier }).await
+        ))
     }
 
     /// Adds or replaces one flow through the admin API.
     pub fn set_flow(&self, flow: &FlowSpec) -> Result<(), String> {
-        let wire = tapmesh::admin::lb_config(LbSpec {
-            flows: vec![flow.clone()],
-            ..Default::default()
-        })
-        .flows
-        .remove(0);
-        admin_call!(self, |c| c
-            .set_flow(wire)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string()))
+        let flow = wire(|s| s.flows.push(flow.clone())).flows.remove(0);
+        admin_call!(self, |c| answered(c.set_flow(flow).await))
     }
 
     /// The configuration in force and its counters.

@@ -20,7 +20,7 @@ use tapmesh::proto::ambassador::{
     stream_status::Status as StreamStatus, tap_client::TapClient, StreamResponse,
 };
 
-use crate::{link, net::NODE, unique, Daemon, Netns};
+use crate::{link, net::NODE, Daemon, Netns, TempDir};
 
 /// The lab's Meridio configuration: one trench, one conduit, two streams with
 /// a VIP each (UDP and TCP, any port); stream-b takes one target only.
@@ -65,23 +65,8 @@ protocols = ["udp", "tcp"]
 pub const VIP_A: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const VIP_B: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
 pub const UNPRIVILEGED: u32 = 65534;
-
-/// A directory removed with everything in it on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(label: &str) -> Self {
-        let path = std::env::temp_dir().join(unique(label));
-        std::fs::create_dir_all(&path).expect("creating a temporary directory");
-        Self(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+/// How long an opened stream may take to become OPEN.
+pub const OPEN_WITHIN: Duration = Duration::from_secs(10);
 
 /// `tapmesh ambassador` running in an application namespace.
 pub struct Ambassador {
@@ -275,6 +260,33 @@ impl TapaLab {
         assert!(up, "ambassador did not listen: {}", amb.log_text());
         self.ambassadors.push(amb);
         self.ambassadors.len() - 1
+    }
+
+    /// Starts an ambassador in every application (refreshing every
+    /// `refresh`); returns a caller of each, in application order.
+    pub fn start_ambassadors(&mut self, refresh: &str) -> Vec<TapCaller> {
+        (0..self.apps.len())
+            .map(|app| {
+                let a = self.start_ambassador(app, refresh);
+                TapCaller::new(&self.ambassadors[a].socket)
+            })
+            .collect()
+    }
+
+    /// Starts an ambassador in application `app` and opens "stream-a" of
+    /// conduit-a in trench-a through it; returns the ambassador and its
+    /// caller once the stream is OPEN.
+    pub fn open_stream_a(&mut self, app: usize, refresh: &str) -> (usize, TapCaller) {
+        let a = self.start_ambassador(app, refresh);
+        let mut tap = TapCaller::new(&self.ambassadors[a].socket);
+        tap.open(stream("stream-a", "conduit-a", "trench-a"))
+            .unwrap();
+        assert!(
+            tap.wait_status("stream-a", StreamStatus::Open, OPEN_WITHIN),
+            "not OPEN: {}",
+            self.ambassadors[a].log_text()
+        );
+        (a, tap)
     }
 
     /// Registered targets as `tapmesh registry list` prints them.

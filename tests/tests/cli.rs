@@ -311,7 +311,7 @@ via = { remote = { node = "198.18.2.2" } }
 
 #[test]
 fn config_check_validates_offline() {
-    let dir = tapmesh_tests::tapa::TempDir::new("tmcheck");
+    let dir = tapmesh_tests::TempDir::new("tmcheck");
     let write = |name: &str, text: &str| {
         let path = dir.0.join(name);
         std::fs::write(&path, text).unwrap();

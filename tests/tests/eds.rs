@@ -6,61 +6,29 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use tapmesh_tests::{
-    daemon::tapmesh_bin,
+    eds::{self, udp_vip_cluster, wait_ack, weighted},
     kernel_tests_enabled,
-    net::{send_udp_flows, wait_until, LbLab, UdpReceiver, CLIENT},
-    xds_peer::{Cla, ControlPlane, Ep},
+    net::{send_udp_flows, wait_until, UdpReceiver, CLIENT},
+    xds_peer::{Cla, Ep},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
 const FLOWS: u16 = 2000;
-
-fn catalog(lab: &LbLab) -> String {
-    let out = std::process::Command::new(tapmesh_bin())
-        .args(["catalog", "list", "--admin-socket"])
-        .arg(&lab.daemon().socket)
-        .output()
-        .expect("tapmesh catalog list");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[test]
 fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = LbLab::new(2, &[VIP]);
-    let mut cp = ControlPlane::start_in(&lab.node.name);
-    let config = std::env::temp_dir().join(tapmesh_tests::unique("tmeds.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"30s\"\n\
-             [[xds.clusters]]\nname = \"svc\"\nvip = \"{VIP}\"\nprotocols = [\"udp\"]\n",
-            cp.address()
-        ),
-    )
-    .unwrap();
-    lab.start_with(None, &["--config".into(), config.display().to_string()]);
+    let (lab, mut cp) = eds::lab(&[VIP], &udp_vip_cluster("svc", VIP));
     let (a, b) = (
         lab.targets[0].address.to_string(),
         lab.targets[1].address.to_string(),
     );
-    cp.set(
-        "1",
-        &[(
-            "svc",
-            Cla::single(vec![
-                Ep::new(&a, 5000).weight(3),
-                Ep::new(&b, 5000).weight(1),
-            ]),
-        )],
-    );
+    cp.set("1", &[("svc", weighted(&[(&a, 5000, 3), (&b, 5000, 1)]))]);
     // The ACK comes once the maps hold the endpoints.
-    cp.wait_request(Duration::from_secs(20), "ACK of version 1", |r| {
-        r.version_info == "1" && r.error_detail.is_none() && !r.response_nonce.is_empty()
-    });
-    let listing = catalog(&lab);
+    wait_ack(&cp, "1");
+    let listing = lab.daemon().cli(&["catalog", "list"]);
     assert!(
         listing.contains("svc (from eds) vip 203.0.113.30"),
         "{listing}"
@@ -127,9 +95,7 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
 
     // An update to one endpoint moves everything to it.
     cp.set("3", &[("svc", Cla::single(vec![Ep::new(&b, 5000)]))]);
-    cp.wait_request(Duration::from_secs(20), "ACK of version 3", |r| {
-        r.version_info == "3"
-    });
+    wait_ack(&cp, "3");
     let before = counts();
     send_udp_flows(
         &lab.client.name,
@@ -144,5 +110,4 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
     let after = counts();
     assert_eq!(after[0], before[0], "the removed backend gets nothing");
     assert_eq!(after[1], before[1] + 200);
-    let _ = std::fs::remove_file(&config);
 }

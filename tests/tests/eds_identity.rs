@@ -5,7 +5,6 @@
 //! backend changed when one endpoint goes, when the order changes and when
 //! the daemon restarts.
 
-use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,45 +15,16 @@ use tapmesh_common::{
 };
 use tapmesh_tests::{
     daemon::Daemon,
+    eds::{backends_netns, udp_vip_cluster, xds_config},
     kernel_tests_enabled, unique,
     xds_peer::{Cla, ControlPlane, Ep},
-    Netns,
 };
 
 const BACKENDS: usize = 1000;
 
-/// The i-th backend: 198.18.16.10 + i on the node's eb0, MAC 02:00:00:00:hi:lo.
+/// The i-th backend on the node's eb0, MAC 02:00:00:00:hi:lo.
 fn backend(i: usize) -> String {
-    std::net::Ipv4Addr::from(u32::from(std::net::Ipv4Addr::new(198, 18, 16, 10)) + i as u32)
-        .to_string()
-}
-
-/// A node namespace whose eb0 (198.18.16.1/20) has every backend as a
-/// permanent neighbour.
-fn node() -> Netns {
-    let ns = Netns::new("ei");
-    ns.ip(&["link", "add", "eb0", "type", "veth", "peer", "name", "eb1"]);
-    ns.ip(&["addr", "add", "198.18.16.1/20", "dev", "eb0"]);
-    ns.ip(&["link", "set", "eb1", "up"]);
-    ns.ip(&["link", "set", "eb0", "up"]);
-    let mut batch = String::new();
-    for i in 0..=BACKENDS {
-        let _ = writeln!(
-            batch,
-            "neigh replace {} lladdr 02:00:00:00:{:02x}:{:02x} dev eb0 nud permanent",
-            backend(i),
-            (i >> 8) & 0xff,
-            i & 0xff
-        );
-    }
-    let file = std::env::temp_dir().join(unique("tmeineigh"));
-    std::fs::write(&file, batch).expect("writing the neighbour batch");
-    let result = std::panic::catch_unwind(|| ns.ip(&["-batch", &file.display().to_string()]));
-    let _ = std::fs::remove_file(&file);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
-    ns
+    tapmesh_tests::eds::backend(i).to_string()
 }
 
 fn array<V: aya::Pod>(pins: &Path, name: &str) -> Array<MapData, V> {
@@ -103,20 +73,14 @@ fn removing_one_of_1000_backends_moves_only_its_share_and_restarts_move_nothing(
     if !kernel_tests_enabled() {
         return;
     }
-    let ns = node();
+    // Every backend, and one more, resolves on the node's eb0.
+    let ns = backends_netns("ei", BACKENDS + 1);
     let mut cp = ControlPlane::start_in(&ns.name);
     let dir = std::env::temp_dir().join(unique("tmei"));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("daemon.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"30s\"\n\
-             [[xds.clusters]]\nname = \"svc\"\nvip = \"203.0.113.50\"\nprotocols = [\"udp\"]\n",
-            cp.address()
-        ),
-    )
-    .unwrap();
+    let clusters = udp_vip_cluster("svc", "203.0.113.50");
+    std::fs::write(&config, xds_config(&cp.address(), &clusters)).unwrap();
     let state = dir.join("state").display().to_string();
     let config_arg = config.display().to_string();
     let args = [

@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tapmesh_tests::{
+    eds::{self, udp_vip_cluster, wait_ack, weighted},
     kernel_tests_enabled,
-    net::{wait_until, LbLab},
-    xds_peer::{python, Cla, ControlPlane, Ep, Loc},
+    net::wait_until,
+    xds_peer::{python, Cla, Ep, Loc},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
@@ -133,14 +134,18 @@ impl EdsClient {
             .collect()
     }
 
-    /// Waits for the `n`th response (1-based) and returns it.
-    fn wait_response(&self, n: usize, timeout: Duration) -> String {
+    /// Waits for the `n`th response (1-based): it must be version `n` with
+    /// nonce `n`, of the EDS type, holding `resources` (as `describe` prints them).
+    fn expect_response(&self, n: usize, timeout: Duration, resources: &str) {
         assert!(
             wait_until(timeout, || self.responses().len() >= n),
             "no response #{n} within {timeout:?}; the client printed {:#?}",
             self.lines()
         );
-        self.responses()[n - 1].clone()
+        assert_eq!(
+            self.responses()[n - 1],
+            format!("response version={n} nonce={n} type_ok=True resources={resources}")
+        );
     }
 }
 
@@ -156,53 +161,33 @@ fn eds_server_serves_the_catalog_to_a_proxy() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = LbLab::new(2, &[VIP, OTHER_VIP]);
-    let mut cp = ControlPlane::start_in(&lab.node.name);
-    let config = std::env::temp_dir().join(tapmesh_tests::unique("tmedss.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"30s\"\n\
-             serve = \"{SERVE}\"\n\
-             [[xds.clusters]]\nname = \"svc\"\nvip = \"{VIP}\"\nprotocols = [\"udp\"]\n\
-             [[xds.clusters]]\nname = \"other\"\nvip = \"{OTHER_VIP}\"\nprotocols = [\"udp\"]\n",
-            cp.address()
-        ),
-    )
-    .unwrap();
-    lab.start_with(None, &["--config".into(), config.display().to_string()]);
+    let clusters = udp_vip_cluster("svc", VIP) + &udp_vip_cluster("other", OTHER_VIP);
+    let (lab, mut cp) = eds::lab(
+        &[VIP, OTHER_VIP],
+        &format!("serve = \"{SERVE}\"\n{clusters}"),
+    );
     let (a, b) = (
         lab.targets[0].address.to_string(),
         lab.targets[1].address.to_string(),
     );
+    let svc = || weighted(&[(&a, 5000, 3), (&b, 5000, 1)]);
     cp.set(
         "1",
         &[
-            (
-                "svc",
-                Cla::single(vec![
-                    Ep::new(&a, 5000).weight(3),
-                    Ep::new(&b, 5000).weight(1),
-                ]),
-            ),
+            ("svc", svc()),
             ("other", Cla::single(vec![Ep::new(&a, 6000)])),
         ],
     );
     // The catalog accepted both clusters (the ACK follows the map write).
-    cp.wait_request(Duration::from_secs(20), "ACK of version 1", |r| {
-        r.version_info == "1" && r.error_detail.is_none() && !r.response_nonce.is_empty()
-    });
+    wait_ack(&cp, "1");
 
     // A proxy subscribing to "svc" and a name nobody knows gets svc only,
     // with the control plane's endpoints and weights.
     let client = EdsClient::start(&lab.node.name, SERVE, &["svc", "nosuch"]);
-    let first = client.wait_response(1, Duration::from_secs(20));
-    assert_eq!(
-        first,
-        format!(
-            "response version=1 nonce=1 type_ok=True resources=\
-             svc{{z/p0/w4[{a}:5000*3:HEALTHY,{b}:5000*1:HEALTHY]}}"
-        )
+    client.expect_response(
+        1,
+        Duration::from_secs(20),
+        &format!("svc{{z/p0/w4[{a}:5000*3:HEALTHY,{b}:5000*1:HEALTHY]}}"),
     );
     assert!(
         wait_until(Duration::from_secs(5), || client
@@ -215,46 +200,19 @@ fn eds_server_serves_the_catalog_to_a_proxy() {
     // A change to another cluster, and an update that leaves svc as it is:
     // the daemon accepts both, the proxy is sent nothing.
     cp.set("2", &[("other", Cla::single(vec![Ep::new(&b, 6000)]))]);
-    cp.wait_request(Duration::from_secs(20), "ACK of version 2", |r| {
-        r.version_info == "2" && r.error_detail.is_none()
-    });
-    cp.set(
-        "3",
-        &[(
-            "svc",
-            Cla::single(vec![
-                Ep::new(&a, 5000).weight(3),
-                Ep::new(&b, 5000).weight(1),
-            ]),
-        )],
-    );
-    cp.wait_request(Duration::from_secs(20), "ACK of version 3", |r| {
-        r.version_info == "3" && r.error_detail.is_none()
-    });
+    wait_ack(&cp, "2");
+    cp.set("3", &[("svc", svc())]);
+    wait_ack(&cp, "3");
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(client.responses().len(), 1, "{:#?}", client.lines());
 
     // A real change of svc: exactly one new version with the new set.
-    cp.set(
-        "4",
-        &[(
-            "svc",
-            Cla::single(vec![
-                Ep::new(&b, 5000).weight(2),
-                Ep::new(&a, 5001).weight(1),
-            ]),
-        )],
-    );
-    cp.wait_request(Duration::from_secs(20), "ACK of version 4", |r| {
-        r.version_info == "4" && r.error_detail.is_none()
-    });
-    let second = client.wait_response(2, Duration::from_secs(10));
-    assert_eq!(
-        second,
-        format!(
-            "response version=2 nonce=2 type_ok=True resources=\
-             svc{{z/p0/w3[{b}:5000*2:HEALTHY,{a}:5001*1:HEALTHY]}}"
-        )
+    cp.set("4", &[("svc", weighted(&[(&b, 5000, 2), (&a, 5001, 1)]))]);
+    wait_ack(&cp, "4");
+    client.expect_response(
+        2,
+        Duration::from_secs(10),
+        &format!("svc{{z/p0/w3[{b}:5000*2:HEALTHY,{a}:5001*1:HEALTHY]}}"),
     );
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(client.responses().len(), 2, "{:#?}", client.lines());
@@ -271,7 +229,6 @@ fn eds_server_serves_the_catalog_to_a_proxy() {
         client.lines()
     );
     drop(client);
-    let _ = std::fs::remove_file(&config);
 }
 
 /// What the proxy reads is what the maps hold: every priority with its
@@ -282,20 +239,10 @@ fn eds_server_serves_priorities_health_and_unreachable_backends_as_the_maps_hold
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = LbLab::new(2, &[VIP]);
-    let mut cp = ControlPlane::start_in(&lab.node.name);
-    let config = std::env::temp_dir().join(tapmesh_tests::unique("tmedsh.toml"));
-    std::fs::write(
-        &config,
-        format!(
-            "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"30s\"\n\
-             serve = \"{SERVE}\"\n\
-             [[xds.clusters]]\nname = \"svc\"\nvip = \"{VIP}\"\nprotocols = [\"udp\"]\n",
-            cp.address()
-        ),
-    )
-    .unwrap();
-    lab.start_with(None, &["--config".into(), config.display().to_string()]);
+    let (lab, mut cp) = eds::lab(
+        &[VIP],
+        &format!("serve = \"{SERVE}\"\n{}", udp_vip_cluster("svc", VIP)),
+    );
     let (a, b) = (
         lab.targets[0].address.to_string(),
         lab.targets[1].address.to_string(),
@@ -318,27 +265,19 @@ fn eds_server_serves_priorities_health_and_unreachable_backends_as_the_maps_hold
         drops: vec![],
     };
     cp.set("1", &[("svc", cla)]);
-    cp.wait_request(Duration::from_secs(20), "ACK of version 1", |r| {
-        r.version_info == "1" && r.error_detail.is_none() && !r.response_nonce.is_empty()
-    });
+    wait_ack(&cp, "1");
 
     let client = EdsClient::start(&lab.node.name, SERVE, &["svc"]);
-    let first = client.wait_response(1, Duration::from_secs(20));
-    assert_eq!(
-        first,
-        format!(
-            "response version=1 nonce=1 type_ok=True resources=svc{{\
-             near/p0/w4[{a}:5000*3:HEALTHY,198.51.100.77:5000*1:UNHEALTHY,198.51.100.78:5000*2:DRAINING] \
-             far/p1/w1[{b}:5000*1:HEALTHY]}}"
-        )
+    client.expect_response(
+        1,
+        Duration::from_secs(20),
+        &format!(
+            "svc{{near/p0/w4[{a}:5000*3:HEALTHY,198.51.100.77:5000*1:UNHEALTHY,\
+             198.51.100.78:5000*2:DRAINING] far/p1/w1[{b}:5000*1:HEALTHY]}}"
+        ),
     );
 
-    let out = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
-        .args(["catalog", "list", "--admin-socket"])
-        .arg(&lab.daemon().socket)
-        .output()
-        .expect("tapmesh catalog list");
-    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
+    let listing = lab.daemon().cli(&["catalog", "list"]);
     assert_eq!(
         listing,
         format!(
@@ -350,5 +289,4 @@ fn eds_server_serves_priorities_health_and_unreachable_backends_as_the_maps_hold
         )
     );
     drop(client);
-    let _ = std::fs::remove_file(&config);
 }

@@ -10,7 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use tapmesh::lb::{flows::FlowSpec, model::LbSpec};
+use tapmesh::{
+    admin::proto::StatusResponse,
+    lb::{flows::FlowSpec, model::LbSpec},
+};
 use tapmesh_tests::{
     daemon::{named, packets},
     frames::{ethernet, ipv4, udp_v4, ICMP, UDP},
@@ -24,6 +27,7 @@ use tapmesh_tests::{
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const PORT: u16 = 7000;
+const DST: SocketAddrV4 = SocketAddrV4::new(VIP, PORT);
 
 /// Sum of what the receivers counted so far.
 fn received(receivers: &[UdpReceiver]) -> u64 {
@@ -69,9 +73,12 @@ fn shares(map: &HashMap<u16, usize>, targets: usize) -> Vec<usize> {
     n
 }
 
-/// One VIP, one stream `s` of `max_targets` over the lab's targets (identifiers 1..), one flow.
-fn one_stream_spec(lab: &LbLab, max_targets: u32, protocols: &[&str]) -> LbSpec {
-    LbSpec {
+/// Three targets behind VIP, the daemon started with one stream `s` of
+/// `max_targets` over them (identifiers 1 to 3) and one flow `all` of
+/// `protocols`; and a UDP receiver on DST in each target.
+fn three_targets(max_targets: u32, protocols: &[&str]) -> (LbLab, Vec<UdpReceiver>) {
+    let mut lab = LbLab::new(3, &[VIP]);
+    let spec = LbSpec {
         vips: vec![vip("vip", &VIP.to_string())],
         streams: vec![stream("s", max_targets)],
         flows: vec![flow("all", &["vip"], "s", protocols)],
@@ -81,7 +88,32 @@ fn one_stream_spec(lab: &LbLab, max_targets: u32, protocols: &[&str]) -> LbSpec 
             .enumerate()
             .map(|(i, t)| t.local("s", i as u32 + 1))
             .collect(),
-    }
+    };
+    lab.start(Some(&spec));
+    let receivers = lab
+        .targets
+        .iter()
+        .map(|t| UdpReceiver::start(&t.netns.name, DST))
+        .collect();
+    (lab, receivers)
+}
+
+/// Sends `n` datagrams on one flow (source port `port`) to `to`, all of
+/// which xdp_uplink must drop as `reason`; returns the status saying so.
+fn dropped_as(
+    lab: &LbLab,
+    reason: &str,
+    port: u16,
+    to: SocketAddrV4,
+    n: u32,
+    payload: &[u8],
+) -> StatusResponse {
+    send_udp_flows(&lab.client.name, CLIENT, &[port], to, n, payload);
+    let s = lab
+        .daemon()
+        .status_when(|s| named(s, "xdp_uplink", reason) >= u64::from(n));
+    assert_eq!(named(&s, "xdp_uplink", reason), u64::from(n), "{s:#?}");
+    s
 }
 
 #[test]
@@ -90,9 +122,7 @@ fn udp_and_tcp_flows_spread_over_three_targets() {
         return;
     }
     let began = Instant::now();
-    let mut lab = LbLab::new(3, &[VIP]);
-    let spec = one_stream_spec(&lab, 10, &["tcp", "udp"]);
-    lab.start(Some(&spec));
+    let (lab, receivers) = three_targets(10, &["tcp", "udp"]);
     let daemon = lab.daemon();
     let s = daemon.status();
     assert_eq!(s.attachments[0].mode, "native", "{:?}", s.attachments);
@@ -100,15 +130,9 @@ fn udp_and_tcp_flows_spread_over_three_targets() {
     assert_eq!(names, ["s/1", "s/2", "s/3"]);
 
     // 3000 UDP flows (distinct source ports), 2 datagrams each.
-    let dst = SocketAddrV4::new(VIP, PORT);
-    let receivers: Vec<_> = lab
-        .targets
-        .iter()
-        .map(|t| UdpReceiver::start(&t.netns.name, dst))
-        .collect();
     let ports: Vec<u16> = (20_000..23_000).collect();
     let payload = [0x5a; 32];
-    let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 2, &payload);
+    let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, DST, 2, &payload);
     assert_eq!(sent, 6000);
     wait_received(&receivers, sent);
     let got: Vec<Received> = receivers.into_iter().map(UdpReceiver::stop).collect();
@@ -168,12 +192,12 @@ fn udp_and_tcp_flows_spread_over_three_targets() {
     let servers: Vec<_> = lab
         .targets
         .iter()
-        .map(|t| TcpEchoServer::start(&t.netns.name, dst))
+        .map(|t| TcpEchoServer::start(&t.netns.name, DST))
         .collect();
     let messages: Vec<Vec<u8>> = (0..30)
         .map(|i| format!("hello from connection {i}").repeat(20).into_bytes())
         .collect();
-    let answers = tcp_echo(&lab.client.name, dst, &messages);
+    let answers = tcp_echo(&lab.client.name, DST, &messages);
     for (i, (m, a)) in messages.iter().zip(&answers).enumerate() {
         match a {
             Ok(back) => assert_eq!(back, m, "connection {i}: wrong echo"),
@@ -389,22 +413,13 @@ fn no_flow_match_and_no_target_are_dropped_and_counted() {
     lab.start(Some(&spec));
     let daemon = lab.daemon();
     let target = &lab.targets[0];
-    let to_tcp_vip = UdpReceiver::start(&target.netns.name, SocketAddrV4::new(VIP, PORT));
+    let to_tcp_vip = UdpReceiver::start(&target.netns.name, DST);
     let to_empty = UdpReceiver::start(&target.netns.name, SocketAddrV4::new(vip_empty, PORT));
     let plain_dst = SocketAddrV4::new(target.address, PORT);
     let plain = UdpReceiver::start(&target.netns.name, plain_dst);
 
     // UDP to a VIP with only a TCP flow: no flow matches.
-    send_udp_flows(
-        &lab.client.name,
-        CLIENT,
-        &[41_000],
-        SocketAddrV4::new(VIP, PORT),
-        5,
-        b"udp to tcp-only",
-    );
-    let s = daemon.status_when(|s| named(s, "xdp_uplink", "no_flow_match") >= 5);
-    assert_eq!(named(&s, "xdp_uplink", "no_flow_match"), 5, "{s:#?}");
+    let s = dropped_as(&lab, "no_flow_match", 41_000, DST, 5, b"udp to tcp-only");
     assert_eq!(named(&s, "xdp_uplink", "no_target"), 0);
     assert_eq!(packets(&s, "xdp_uplink", "drop"), 5);
     assert_eq!(
@@ -416,16 +431,8 @@ fn no_flow_match_and_no_target_are_dropped_and_counted() {
     assert_eq!(lb_packets(&s.targets, "s/1"), 0);
 
     // A flow whose stream has no target.
-    send_udp_flows(
-        &lab.client.name,
-        CLIENT,
-        &[41_001],
-        SocketAddrV4::new(vip_empty, PORT),
-        4,
-        b"to an empty stream",
-    );
-    let s = daemon.status_when(|s| named(s, "xdp_uplink", "no_target") >= 4);
-    assert_eq!(named(&s, "xdp_uplink", "no_target"), 4, "{s:#?}");
+    let empty = SocketAddrV4::new(vip_empty, PORT);
+    let s = dropped_as(&lab, "no_target", 41_001, empty, 4, b"to an empty stream");
     assert_eq!(named(&s, "xdp_uplink", "no_flow_match"), 5);
     assert_eq!(packets(&s, "xdp_uplink", "drop"), 9);
     assert_eq!(lb_packets(&s.vips, "vip-empty"), 4);
@@ -461,12 +468,8 @@ fn no_flow_match_and_no_target_are_dropped_and_counted() {
     assert_eq!(plain.stop().of(SocketAddrV4::new(CLIENT, 41_002)), 3);
 
     // The TCP flow of the same VIP does work.
-    let server = TcpEchoServer::start(&target.netns.name, SocketAddrV4::new(VIP, PORT));
-    let answers = tcp_echo(
-        &lab.client.name,
-        SocketAddrV4::new(VIP, PORT),
-        &[b"tcp is fine".to_vec()],
-    );
+    let server = TcpEchoServer::start(&target.netns.name, DST);
+    let answers = tcp_echo(&lab.client.name, DST, &[b"tcp is fine".to_vec()]);
     assert_eq!(answers, [Ok(b"tcp is fine".to_vec())]);
     assert!(wait_until(Duration::from_secs(2), || server.echoed() == 1));
     let s =
@@ -488,21 +491,13 @@ fn a_removed_target_only_moves_its_flows_and_comes_back() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = LbLab::new(3, &[VIP]);
     // Every identifier present (max_targets = 3): removing one moves only its entries.
-    let spec = one_stream_spec(&lab, 3, &["udp"]);
-    lab.start(Some(&spec));
+    let (lab, receivers) = three_targets(3, &["udp"]);
     let daemon = lab.daemon();
-    let dst = SocketAddrV4::new(VIP, PORT);
-    let receivers: Vec<_> = lab
-        .targets
-        .iter()
-        .map(|t| UdpReceiver::start(&t.netns.name, dst))
-        .collect();
     let ports: Vec<u16> = (30_000..30_600).collect();
 
     let round = |expected_total: u64| -> HashMap<u16, usize> {
-        let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 1, b"which target?");
+        let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, DST, 1, b"which target?");
         wait_received(&receivers, expected_total + sent);
         let got: Vec<Received> = receivers.iter().map(UdpReceiver::take).collect();
         let map = flow_map(&got, 1);
@@ -567,17 +562,9 @@ fn icmp_fragmentation_needed_reaches_the_flows_target() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = LbLab::new(3, &[VIP]);
     // A UDP-only flow: an ICMP error is classified by its inner packet (UDP, ports swapped).
-    let spec = one_stream_spec(&lab, 3, &["udp"]);
-    lab.start(Some(&spec));
+    let (lab, receivers) = three_targets(3, &["udp"]);
     let daemon = lab.daemon();
-    let dst = SocketAddrV4::new(VIP, PORT);
-    let receivers: Vec<_> = lab
-        .targets
-        .iter()
-        .map(|t| UdpReceiver::start(&t.netns.name, dst))
-        .collect();
     let icmp: Vec<_> = lab
         .targets
         .iter()
@@ -586,7 +573,7 @@ fn icmp_fragmentation_needed_reaches_the_flows_target() {
 
     // Which target each of 12 flows goes to.
     let ports: Vec<u16> = (42_000..42_012).collect();
-    let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 1, b"data");
+    let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, DST, 1, b"data");
     wait_received(&receivers, sent);
     let got: Vec<Received> = receivers.iter().map(UdpReceiver::take).collect();
     let map = flow_map(&got, 1);

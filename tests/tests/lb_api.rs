@@ -37,6 +37,15 @@ fn local(stream: &str, identifier: u32, interface: &str) -> proto::Target {
     }
 }
 
+/// Stream "s" with `max_targets` and `table_size` (0: the default size).
+fn stream_s(max_targets: u32, table_size: u32) -> proto::Stream {
+    proto::Stream {
+        name: "s".into(),
+        max_targets,
+        table_size,
+    }
+}
+
 /// Every pinned LB map, dumped by bpftool: what "the maps" hold.
 fn dump_maps(daemon: &Daemon) -> String {
     let mut all = String::new();
@@ -108,13 +117,7 @@ fn bad_changes_are_refused_with_a_clear_status_and_change_nothing() {
             })
             .await
             .unwrap();
-            c.set_stream(proto::Stream {
-                name: "s".into(),
-                max_targets: 10,
-                table_size: 0,
-            })
-            .await
-            .unwrap();
+            c.set_stream(stream_s(10, 0)).await.unwrap();
             c.set_flow(flow("web", "s", &["80", "8000-8080"]))
                 .await
                 .unwrap();
@@ -185,25 +188,11 @@ fn bad_changes_are_refused_with_a_clear_status_and_change_nothing() {
                 }),
                 ("max_targets 0", Code::InvalidArgument, "max_targets", {
                     let mut c = c.clone();
-                    Box::pin(async move {
-                        c.set_stream(proto::Stream {
-                            name: "s".into(),
-                            max_targets: 0,
-                            table_size: 0,
-                        })
-                        .await
-                    })
+                    Box::pin(async move { c.set_stream(stream_s(0, 0)).await })
                 }),
                 ("table size not prime", Code::InvalidArgument, "prime", {
                     let mut c = c.clone();
-                    Box::pin(async move {
-                        c.set_stream(proto::Stream {
-                            name: "s".into(),
-                            max_targets: 10,
-                            table_size: 1010,
-                        })
-                        .await
-                    })
+                    Box::pin(async move { c.set_stream(stream_s(10, 1010)).await })
                 }),
                 (
                     "a stream that flows still use",

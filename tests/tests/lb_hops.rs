@@ -5,45 +5,17 @@
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use tapmesh::{
-    dataplane::lb::{Hop, LbWriter, TunnelSettings},
-    lb::flows::{FlowSpec, VipSpec},
-    lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia},
+    dataplane::lb::{Hop, LbWriter},
+    lb::model::TargetVia,
 };
 use tapmesh_common::{DropReason, ProgramSlot};
-use tapmesh_tests::{bpf::Bpf, frames::*, kernel_tests_enabled};
+use tapmesh_tests::{bpf::Bpf, frames::*, kernel_tests_enabled, net::one_target_spec, write_lb};
 
 const XDP_DROP: u32 = 1;
 const XDP_REDIRECT: u32 = 4;
 const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 1);
 const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 77);
-
-fn spec() -> LbSpec {
-    LbSpec {
-        vips: vec![VipSpec {
-            name: "v".into(),
-            address: VIP.to_string(),
-        }],
-        streams: vec![StreamSpec {
-            name: "s".into(),
-            max_targets: 1,
-            table_size: None,
-        }],
-        flows: vec![FlowSpec {
-            name: "f".into(),
-            vips: vec!["v".into()],
-            stream: "s".into(),
-            ..Default::default()
-        }],
-        targets: vec![TargetSpec {
-            stream: "s".into(),
-            identifier: 1,
-            via: TargetVia::Remote {
-                node: REMOTE.to_string(),
-            },
-        }],
-    }
-}
 
 #[test]
 fn a_resolved_next_hop_skips_the_fib_lookup() {
@@ -52,16 +24,12 @@ fn a_resolved_next_hop_skips_the_fib_lookup() {
     }
     let mut bpf = Bpf::load();
     let mut writer = LbWriter::default();
-    let valid = validate(&spec()).unwrap();
-    let resolve = |_: &str| Err("no local targets here".to_string());
-    let tunnel = TunnelSettings {
-        port: 50103,
-        address: Some(NODE),
+    let remote = TargetVia::Remote {
+        node: REMOTE.to_string(),
     };
-    tapmesh::dataplane::tunnel::write(&mut bpf.ebpf, tunnel).unwrap();
-    writer
-        .apply(&mut bpf.ebpf, &valid, tunnel, &resolve)
-        .unwrap();
+    let spec = one_target_spec(&VIP.to_string(), "s", 1, &[], remote);
+    let no_local = |_: &str| Err("no local targets here".to_string());
+    write_lb(&mut bpf, &mut writer, &spec, Some(NODE), &no_local);
     let inner = ipv4(V4_A, VIP, UDP, &[], &udp_v4(V4_A, VIP, 4000, 80, b"hop"));
     let frame = ethernet(MAC_B, MAC_A, &[], 0x0800, &inner);
 

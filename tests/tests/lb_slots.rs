@@ -5,12 +5,17 @@
 use std::net::Ipv4Addr;
 
 use tapmesh::{
-    dataplane::lb::{LbWriter, TunnelSettings},
-    lb::flows::{FlowSpec, VipSpec},
-    lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia},
+    dataplane::lb::LbWriter,
+    lb::model::{LbSpec, TargetVia},
 };
 use tapmesh_common::lb::vip_slot;
-use tapmesh_tests::{bpf::Bpf, frames::*, kernel_tests_enabled};
+use tapmesh_tests::{
+    bpf::Bpf,
+    frames::*,
+    kernel_tests_enabled,
+    net::{flow, stream, target, vip},
+    write_lb,
+};
 
 const XDP_PASS: u32 = 2;
 const XDP_REDIRECT: u32 = 4;
@@ -20,50 +25,22 @@ fn mapped(a: Ipv4Addr) -> [u8; 16] {
 }
 
 fn spec(vips: &[(&str, Ipv4Addr)]) -> LbSpec {
+    let names: Vec<&str> = vips.iter().map(|(n, _)| *n).collect();
+    let via = TargetVia::Local {
+        interface: "t1".into(),
+        mac: "02:00:00:00:00:01".into(),
+    };
     LbSpec {
-        vips: vips
-            .iter()
-            .map(|(n, a)| VipSpec {
-                name: n.to_string(),
-                address: a.to_string(),
-            })
-            .collect(),
-        streams: vec![StreamSpec {
-            name: "s".into(),
-            max_targets: 1,
-            table_size: None,
-        }],
-        flows: vec![FlowSpec {
-            name: "all".into(),
-            vips: vips.iter().map(|(n, _)| n.to_string()).collect(),
-            stream: "s".into(),
-            ..Default::default()
-        }],
-        targets: vec![TargetSpec {
-            stream: "s".into(),
-            identifier: 1,
-            via: TargetVia::Local {
-                interface: "t1".into(),
-                mac: "02:00:00:00:00:01".into(),
-            },
-        }],
+        vips: vips.iter().map(|(n, a)| vip(n, &a.to_string())).collect(),
+        streams: vec![stream("s", 1)],
+        flows: vec![flow("all", &names, "s", &[])],
+        targets: vec![target("s", 1, via)],
     }
 }
 
 fn apply(bpf: &mut Bpf, writer: &mut LbWriter, vips: &[(&str, Ipv4Addr)]) {
-    let valid = validate(&spec(vips)).expect("valid");
     let resolve = |_: &str| Ok((7u32, [2, 0, 0, 0, 0, 0x77]));
-    writer
-        .apply(
-            &mut bpf.ebpf,
-            &valid,
-            TunnelSettings {
-                port: 50103,
-                address: None,
-            },
-            &resolve,
-        )
-        .expect("apply");
+    write_lb(bpf, writer, &spec(vips), None, &resolve);
 }
 
 fn udp_to(dst: Ipv4Addr) -> Vec<u8> {

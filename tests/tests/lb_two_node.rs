@@ -13,9 +13,12 @@ use std::{
     time::Duration,
 };
 
+use tapmesh::lb::model::TargetVia;
 use tapmesh_tests::{
     daemon::{named, packets, Daemon},
-    kernel_tests_enabled, link, Netns,
+    kernel_tests_enabled, link,
+    net::{lb_toml, one_target_spec},
+    Netns,
 };
 
 const VIP: &str = "203.0.113.20";
@@ -32,28 +35,12 @@ fn in_netns<T: Send + 'static>(
     })
 }
 
-fn lb_file(dir: &std::path::Path, name: &str, target: &str) -> std::path::PathBuf {
+/// An LB file `name` in `dir`: the VIP's TCP and UDP to stream "web", whose
+/// target 1 goes `via`.
+fn lb_file(dir: &std::path::Path, name: &str, via: TargetVia) -> std::path::PathBuf {
     let path = dir.join(name);
-    let text = format!(
-        r#"
-[[vips]]
-name = "vip"
-address = "{VIP}"
-[[streams]]
-name = "web"
-max_targets = 4
-[[flows]]
-name = "tcp-udp"
-vips = ["vip"]
-stream = "web"
-protocols = ["tcp", "udp"]
-[[targets]]
-stream = "web"
-identifier = 1
-via = {target}
-"#
-    );
-    std::fs::write(&path, text).expect("writing the LB file");
+    let spec = one_target_spec(VIP, "web", 4, &["tcp", "udp"], via);
+    std::fs::write(&path, lb_toml(&spec)).expect("writing the LB file");
     path
 }
 
@@ -84,16 +71,15 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
 
     let dir = std::env::temp_dir().join(tapmesh_tests::unique("tm2n"));
     std::fs::create_dir_all(&dir).unwrap();
-    let remote = lb_file(&dir, "node1.toml", "{ remote = { node = \"198.18.2.2\" } }");
-    let target_mac = tapmesh_tests::fmt_mac(target.mac(&t_if.interface));
-    let local = lb_file(
-        &dir,
-        "node2.toml",
-        &format!(
-            "{{ local = {{ interface = \"{}\", mac = \"{target_mac}\" }} }}",
-            n2_down.interface
-        ),
-    );
+    let node2_address = TargetVia::Remote {
+        node: "198.18.2.2".into(),
+    };
+    let remote = lb_file(&dir, "node1.toml", node2_address);
+    let target_link = TargetVia::Local {
+        interface: n2_down.interface.clone(),
+        mac: tapmesh_tests::fmt_mac(target.mac(&t_if.interface)),
+    };
+    let local = lb_file(&dir, "node2.toml", target_link);
 
     let d1 = Daemon::start(
         &node1.name,

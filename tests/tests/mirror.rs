@@ -8,7 +8,7 @@
 //!                                      └──(tap service interface)── monitor
 //! ```
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use tapmesh::admin::proto::{
     tap_service::Destination, ListTapsRequest, Ring, TapFlow, TapId, TapListing, TapService,
@@ -17,7 +17,7 @@ use tapmesh_tests::{
     frames::{ethernet, ipv4, udp_v4, UDP},
     kernel_tests_enabled, link,
     net::wait_until,
-    send_frames, Daemon, End, Netns,
+    send_frames, Daemon, End, Netns, TempDir,
 };
 
 struct Lab {
@@ -38,6 +38,14 @@ struct Lab {
 impl Lab {
     fn new() -> Self {
         Self::with(|_| Vec::new())
+    }
+
+    /// A lab with tap service "mon": copies out of the tap interface, to the monitor.
+    fn monitored() -> Self {
+        let lab = Lab::new();
+        lab.service("mon", Destination::Interface(lab.tap_if.interface.clone()))
+            .unwrap();
+        lab
     }
 
     /// `daemon_args` gets the node namespace (to start what the daemon needs there).
@@ -112,6 +120,42 @@ impl Lab {
         self.call(async |c| c.create_tap_flow(f).await.map(|_| ()))
     }
 
+    /// Tap service `id`: copies through an AF_XDP ring into the file `pcap`.
+    fn ring_service(&self, id: &str, pcap: &Path) {
+        let ring = Ring {
+            pcap: pcap.display().to_string(),
+            forward: String::new(),
+        };
+        self.service(id, Destination::Ring(ring)).unwrap();
+    }
+
+    /// Waits until the first service's ring consumer delivered `copies`.
+    fn wait_delivered(&self, copies: u64) {
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                self.list().services[0]
+                    .ring_counters
+                    .as_ref()
+                    .is_some_and(|c| c.consumers.first().is_some_and(|p| p.delivered == copies))
+            }),
+            "{:?}",
+            self.list().services
+        );
+    }
+
+    /// A UDP frame vm1 sends to vm2 through its port, VLAN-tagged with `tags`.
+    fn vm1_frame(&self, tags: &[u16]) -> Vec<u8> {
+        let (src, dst) = ("198.18.1.2".parse().unwrap(), "198.18.2.2".parse().unwrap());
+        let payload = udp_v4(src, dst, 1000, 2000, b"vlan");
+        ethernet(
+            self.node.mac(&self.port.interface),
+            self.vm1.mac(&self.vm1_if.interface),
+            tags,
+            0x0800,
+            &ipv4(src, dst, UDP, &[], &payload),
+        )
+    }
+
     fn delete_flow(&self, id: &str) {
         let id = TapId { id: id.into() };
         self.call(async |c| c.delete_tap_flow(id).await)
@@ -157,6 +201,7 @@ impl Lab {
         );
     }
 
+    /// Waits until the monitor received exactly `want` more than `before`.
     fn expect_monitor(&self, before: u64, want: u64) {
         assert!(
             wait_until(Duration::from_secs(3), || self.monitor_rx() - before
@@ -169,14 +214,26 @@ impl Lab {
     }
 }
 
+/// Field `field` of every packet in `pcap`, as tshark prints it.
+fn tshark_fields(pcap: &Path, field: &str) -> Vec<String> {
+    let out = std::process::Command::new("tshark")
+        .args(["-r"])
+        .arg(pcap)
+        .args(["-T", "fields", "-e", field])
+        .output()
+        .expect("tshark");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 #[test]
 fn both_in_and_out_copy_exactly_their_sides() {
     if !kernel_tests_enabled() {
         return;
     }
-    let lab = Lab::new();
-    lab.service("mon", Destination::Interface(lab.tap_if.interface.clone()))
-        .unwrap();
+    let lab = Lab::monitored();
 
     lab.flow("both", "mon", "BOTH", "").unwrap();
     // A port without TC programs of its own gets the copy-only ones, which
@@ -229,27 +286,14 @@ fn a_vlan_filter_passes_only_its_vlans() {
     if !kernel_tests_enabled() {
         return;
     }
-    let lab = Lab::new();
-    lab.service("mon", Destination::Interface(lab.tap_if.interface.clone()))
-        .unwrap();
+    let lab = Lab::monitored();
     lab.flow("vlans", "mon", "OUT", "10,30-40").unwrap();
     // Frames from vm1 tagged 10, 20, 35 and untagged: only 10 and 35 are copied.
-    let (src, dst) = ("198.18.1.2".parse().unwrap(), "198.18.2.2".parse().unwrap());
-    let payload = udp_v4(src, dst, 1000, 2000, b"vlan");
-    let frame = |tags: &[u16]| {
-        ethernet(
-            lab.node.mac(&lab.port.interface),
-            lab.vm1.mac(&lab.vm1_if.interface),
-            tags,
-            0x0800,
-            &ipv4(src, dst, UDP, &[], &payload),
-        )
-    };
     let mut frames = Vec::new();
-    frames.extend(std::iter::repeat_n(frame(&[10]), 4));
-    frames.extend(std::iter::repeat_n(frame(&[20]), 5));
-    frames.extend(std::iter::repeat_n(frame(&[35]), 6));
-    frames.extend(std::iter::repeat_n(frame(&[]), 3));
+    frames.extend(std::iter::repeat_n(lab.vm1_frame(&[10]), 4));
+    frames.extend(std::iter::repeat_n(lab.vm1_frame(&[20]), 5));
+    frames.extend(std::iter::repeat_n(lab.vm1_frame(&[35]), 6));
+    frames.extend(std::iter::repeat_n(lab.vm1_frame(&[]), 3));
     let before = lab.monitor_rx();
     send_frames(&lab.vm1.name, &lab.vm1_if.interface, &frames);
     lab.expect_monitor(before, 10);
@@ -261,9 +305,7 @@ fn bad_requests_are_refused_and_a_gone_port_takes_its_taps() {
     if !kernel_tests_enabled() {
         return;
     }
-    let lab = Lab::new();
-    lab.service("mon", Destination::Interface(lab.tap_if.interface.clone()))
-        .unwrap();
+    let lab = Lab::monitored();
     for (vlans, why) in [
         ("5000", "above 4095"),
         ("20-10", "reversed"),
@@ -327,49 +369,26 @@ fn an_af_xdp_ring_writes_a_pcap_tshark_reads() {
         return;
     }
     let lab = Lab::new();
-    let dir = std::env::temp_dir().join(tapmesh_tests::unique("tmpcap"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pcap = dir.join("mirror.pcap");
-    let ring = Ring {
-        pcap: pcap.display().to_string(),
-        forward: String::new(),
-    };
-    lab.service("ring", Destination::Ring(ring)).unwrap();
+    let dir = TempDir::new("tmpcap");
+    let pcap = dir.0.join("mirror.pcap");
+    lab.ring_service("ring", &pcap);
     lab.flow("both", "ring", "BOTH", "").unwrap();
     lab.ping(25);
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            lab.list().services[0]
-                .ring_counters
-                .as_ref()
-                .is_some_and(|c| c.consumers.first().is_some_and(|p| p.delivered == 50))
-        }),
-        "{:?}",
-        lab.list().services
-    );
+    lab.wait_delivered(50);
     let counters = lab.list().services[0].ring_counters.clone().unwrap();
     assert_eq!((counters.received, counters.consumers[0].lost), (50, 0));
-    let out = std::process::Command::new("tshark")
-        .args(["-r"])
-        .arg(&pcap)
-        .args(["-T", "fields", "-e", "icmp.type"])
-        .output()
-        .expect("tshark");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let types: Vec<&str> = text.lines().collect();
-    assert_eq!(types.len(), 50, "{text}");
+    let types = tshark_fields(&pcap, "icmp.type");
+    assert_eq!(types.len(), 50, "{types:?}");
     assert_eq!(
-        types.iter().filter(|t| **t == "8").count(),
+        types.iter().filter(|t| *t == "8").count(),
         25,
         "echo requests"
     );
     assert_eq!(
-        types.iter().filter(|t| **t == "0").count(),
+        types.iter().filter(|t| *t == "0").count(),
         25,
         "echo replies"
     );
-    let _ = std::fs::remove_dir_all(&dir);
-    drop(lab);
 }
 
 #[test]
@@ -490,48 +509,19 @@ fn ring_copies_keep_their_vlan_tags() {
         return;
     }
     let lab = Lab::new();
-    let dir = std::env::temp_dir().join(tapmesh_tests::unique("tmpcap"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let pcap = dir.join("vlan.pcap");
-    let ring = Ring {
-        pcap: pcap.display().to_string(),
-        forward: String::new(),
-    };
-    lab.service("ring", Destination::Ring(ring)).unwrap();
+    let dir = TempDir::new("tmpcap");
+    let pcap = dir.0.join("vlan.pcap");
+    lab.ring_service("ring", &pcap);
     lab.flow("vlans", "ring", "OUT", "10,30-40").unwrap();
-    let (src, dst) = ("198.18.1.2".parse().unwrap(), "198.18.2.2".parse().unwrap());
-    let payload = udp_v4(src, dst, 1000, 2000, b"vlan");
-    let frame = |tags: &[u16]| {
-        ethernet(
-            lab.node.mac(&lab.port.interface),
-            lab.vm1.mac(&lab.vm1_if.interface),
-            tags,
-            0x0800,
-            &ipv4(src, dst, UDP, &[], &payload),
-        )
-    };
-    let mut frames = vec![frame(&[10]); 2];
-    frames.extend(vec![frame(&[20]); 3]);
-    frames.extend(vec![frame(&[35]); 4]);
+    let mut frames = vec![lab.vm1_frame(&[10]); 2];
+    frames.extend(vec![lab.vm1_frame(&[20]); 3]);
+    frames.extend(vec![lab.vm1_frame(&[35]); 4]);
     send_frames(&lab.vm1.name, &lab.vm1_if.interface, &frames);
-    assert!(wait_until(Duration::from_secs(5), || {
-        lab.list().services[0]
-            .ring_counters
-            .as_ref()
-            .is_some_and(|c| c.consumers.first().is_some_and(|p| p.delivered == 6))
-    }));
-    let out = std::process::Command::new("tshark")
-        .args(["-r"])
-        .arg(&pcap)
-        .args(["-T", "fields", "-e", "vlan.id"])
-        .output()
-        .expect("tshark");
-    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    assert_eq!(ids, ["10", "10", "35", "35", "35", "35"]);
-    let _ = std::fs::remove_dir_all(&dir);
+    lab.wait_delivered(6);
+    assert_eq!(
+        tshark_fields(&pcap, "vlan.id"),
+        ["10", "10", "35", "35", "35", "35"]
+    );
 }
 
 /// A DPDK application as a ring's consumer (networking-spp's mirror role):

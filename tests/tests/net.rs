@@ -17,7 +17,12 @@ use tapmesh::{
     overlay::ports::{self, PortMapping, Protocol},
 };
 use tapmesh_common::lb::Target;
-use tapmesh_tests::{daemon::Daemon, fmt_mac, kernel_tests_enabled, link, unique, Netns};
+use tapmesh_tests::{
+    daemon::Daemon,
+    fmt_mac, kernel_tests_enabled, link,
+    net::{lb_toml, one_target_spec},
+    unique, Netns,
+};
 
 /// Runs `f` on a thread inside namespace `netns`.
 fn in_netns<T: Send>(netns: &Netns, f: impl FnOnce() -> T + Send) -> T {
@@ -94,26 +99,11 @@ fn next_hops_follow_neighbours_and_routes_without_polling() {
     let dir = std::env::temp_dir().join(unique("tmhops"));
     std::fs::create_dir_all(&dir).unwrap();
     let lb = dir.join("lb.toml");
-    std::fs::write(
-        &lb,
-        r#"
-[[vips]]
-name = "vip"
-address = "203.0.113.40"
-[[streams]]
-name = "s"
-max_targets = 1
-[[flows]]
-name = "f"
-vips = ["vip"]
-stream = "s"
-[[targets]]
-stream = "s"
-identifier = 1
-via = { remote = { node = "198.18.40.2" } }
-"#,
-    )
-    .unwrap();
+    let via = TargetVia::Remote {
+        node: "198.18.40.2".into(),
+    };
+    let spec = one_target_spec("203.0.113.40", "s", 1, &[], via);
+    std::fs::write(&lb, lb_toml(&spec)).unwrap();
     let daemon = Daemon::start(
         &node.name,
         &[

@@ -4,11 +4,12 @@
 
 use std::{
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
     time::Duration,
 };
 
 use tapmesh_tests::{
+    daemon::named,
     kernel_tests_enabled,
     net::spawn_in,
     overlay::{deploy_body, run, TwoNodes, NODE1, NODE2},
@@ -48,19 +49,20 @@ fn who_servers(container: &Netns, name: &'static str) {
     std::thread::sleep(Duration::from_millis(100));
 }
 
-/// From inside `client`: one UDP flow (its own socket) per call; returns
-/// who answered and the address the answer came from.
+/// From inside `client`: one UDP flow (its own socket) per call to
+/// `to`:UDP_PORT (IPv4 or IPv6); returns who answered and the address the
+/// answer came from.
 fn udp_ask(client: &Netns, to: &str, flows: usize) -> Vec<(String, String)> {
-    let to: Ipv4Addr = to.parse().unwrap();
+    let to: IpAddr = to.parse().unwrap();
+    let any = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
     spawn_in(&client.name, move || {
         (0..flows)
             .map(|_| {
-                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                let s = UdpSocket::bind(any).unwrap();
                 s.set_read_timeout(Some(Duration::from_millis(1500)))
                     .unwrap();
                 for _ in 0..3 {
-                    s.send_to(b"hello", SocketAddrV4::new(to, UDP_PORT))
-                        .unwrap();
+                    s.send_to(b"hello", (to, UDP_PORT)).unwrap();
                     let mut buf = [0u8; 64];
                     if let Ok((n, from)) = s.recv_from(&mut buf) {
                         return (
@@ -98,6 +100,27 @@ fn tcp_ask(client: &Netns, to: &str, connections: usize) -> Vec<String> {
     })
     .join()
     .expect("client thread")
+}
+
+/// Asserts that instance `name` gave every answer, from `service`:UDP_PORT.
+fn answered_by(answers: &[(String, String)], name: &str, service: &str) {
+    let from = format!("{service}:{UDP_PORT}");
+    assert!(
+        answers.iter().all(|(n, f)| n == name && *f == from),
+        "{answers:?}"
+    );
+}
+
+/// From `client`: `count` pings of `size` bytes to `to` (IPv4 or IPv6) that
+/// may not be fragmented; whether they were answered, and what ping printed.
+fn ping_df(client: &Netns, to: &str, size: u32, count: u32) -> (bool, String) {
+    let (size, count) = (size.to_string(), count.to_string());
+    let mut args = vec!["ping"];
+    if to.contains(':') {
+        args.push("-6");
+    }
+    args.extend(["-M", "do", "-s", &size, "-c", &count, "-W", "2", to]);
+    run(client, &args)
 }
 
 fn alternates(names: &[String]) -> bool {
@@ -252,16 +275,8 @@ fn round_robin_and_instance_ips_reach_instances_on_both_nodes_through_the_tunnel
     // Instance IPs reach exactly their instance.
     let to0 = udp_ask(&lab.client, WEB0_IP, 3);
     let to1 = udp_ask(&lab.client, WEB1_IP, 3);
-    assert!(
-        to0.iter()
-            .all(|(n, f)| n == "web0" && f == &format!("{WEB0_IP}:{UDP_PORT}")),
-        "{to0:?}"
-    );
-    assert!(
-        to1.iter()
-            .all(|(n, f)| n == "web1" && f == &format!("{WEB1_IP}:{UDP_PORT}")),
-        "{to1:?}"
-    );
+    answered_by(&to0, "web0", WEB0_IP);
+    answered_by(&to1, "web1", WEB1_IP);
     assert_eq!(tcp_ask(&lab.client, WEB1_IP, 2), vec!["web1", "web1"]);
 
     std::thread::sleep(Duration::from_millis(300));
@@ -310,24 +325,14 @@ fn closest_prefers_the_local_instance_and_undeploy_removes_every_trace() {
     let lab = lab();
     let n1 = &lab.nodes.node1;
     let first = udp_ask(&lab.client, CLOSEST, 4);
-    assert!(
-        first
-            .iter()
-            .all(|(n, f)| n == "web0" && f == &format!("{CLOSEST}:{UDP_PORT}")),
-        "{first:?}"
-    );
+    answered_by(&first, "web0", CLOSEST);
 
     let before = n1.container_links();
     assert_eq!(before.len(), 2, "{before:?}");
     n1.undeploy(WEB, 0);
     // Falls back to the next closest, on the other node.
     let after = udp_ask(&lab.client, CLOSEST, 3);
-    assert!(
-        after
-            .iter()
-            .all(|(n, f)| n == "web1" && f == &format!("{CLOSEST}:{UDP_PORT}")),
-        "{after:?}"
-    );
+    answered_by(&after, "web1", CLOSEST);
     // No trace: interface, container address, map entries.
     assert_eq!(n1.container_links().len(), 1);
     let (_, inside) = run(&lab.web0, &["ip", "-o", "addr", "show"]);
@@ -413,17 +418,7 @@ fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
     assert_eq!(status["misses"], 1, "50 packets, one report: {status}");
     assert_eq!(status["unresolved"], serde_json::json!([unknown]));
     let counters = n1.daemon.as_ref().unwrap().status();
-    let tc = counters
-        .programs
-        .iter()
-        .find(|p| p.program == "tc_service")
-        .expect("tc_service counters");
-    let dropped = tc
-        .drops
-        .iter()
-        .find(|d| d.name == "unknown_service")
-        .map(|d| d.packets)
-        .unwrap_or(0);
+    let dropped = named(&counters, "tc_service", "unknown_service");
     assert_eq!(
         dropped, 50,
         "every packet to the unknown IP is dropped and counted"
@@ -439,12 +434,7 @@ fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
         )],
     );
     let answers = udp_ask(&lab.client, unknown, 2);
-    assert!(
-        answers
-            .iter()
-            .all(|(n, f)| n == "web1" && f == &format!("{unknown}:{UDP_PORT}")),
-        "{answers:?}"
-    );
+    answered_by(&answers, "web1", unknown);
     assert_eq!(n1.status()["unresolved"], serde_json::json!([]));
 }
 
@@ -463,48 +453,22 @@ fn a_packet_too_big_for_the_tunnel_gets_fragmentation_needed_and_ping_finds_the_
     // A container that sends 1500-byte packets (its own MTU) gets ICMP
     // "fragmentation needed" with the tunnel's MTU ...
     lab.client.ip(&["link", "set", "tmsvc0", "mtu", "1500"]);
-    let (ok, out) = run(
-        &lab.client,
-        &[
-            "ping", "-M", "do", "-s", "1472", "-c", "1", "-W", "2", WEB1_IP,
-        ],
-    );
+    let (ok, out) = ping_df(&lab.client, WEB1_IP, 1472, 1);
     assert!(
         !ok && out.contains("mtu = 1472"),
         "expected Frag needed (mtu = 1472): {out}"
     );
     // ... which the kernel keeps as the path MTU: the next try fails locally,
     // and a packet of that size goes through.
-    let (ok, out) = run(
-        &lab.client,
-        &[
-            "ping", "-M", "do", "-s", "1472", "-c", "1", "-W", "2", WEB1_IP,
-        ],
-    );
+    let (ok, out) = ping_df(&lab.client, WEB1_IP, 1472, 1);
     assert!(
         !ok && out.contains("mtu=1472"),
         "expected the learnt path MTU: {out}"
     );
-    let (ok, out) = run(
-        &lab.client,
-        &[
-            "ping", "-M", "do", "-s", "1444", "-c", "2", "-W", "2", WEB1_IP,
-        ],
-    );
+    let (ok, out) = ping_df(&lab.client, WEB1_IP, 1444, 2);
     assert!(ok, "1472-byte packets fit: {out}");
     let counters = lab.nodes.node1.daemon.as_ref().unwrap().status();
-    let tc = counters
-        .programs
-        .iter()
-        .find(|p| p.program == "tc_service")
-        .unwrap();
-    let too_big = tc
-        .drops
-        .iter()
-        .find(|d| d.name == "too_big_for_tunnel")
-        .map(|d| d.packets)
-        .unwrap_or(0);
-    assert_eq!(too_big, 1);
+    assert_eq!(named(&counters, "tc_service", "too_big_for_tunnel"), 1);
 }
 
 #[test]
@@ -804,33 +768,6 @@ fn who_server6(container: &Netns, name: &'static str) {
     std::thread::sleep(Duration::from_millis(100));
 }
 
-/// One UDP flow per call to `[to]:UDP_PORT` over IPv6; who answered and from where.
-fn udp_ask6(client: &Netns, to: &str, flows: usize) -> Vec<(String, String)> {
-    let to: std::net::Ipv6Addr = to.parse().unwrap();
-    spawn_in(&client.name, move || {
-        (0..flows)
-            .map(|_| {
-                let s = UdpSocket::bind("[::]:0").unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(1500)))
-                    .unwrap();
-                for _ in 0..3 {
-                    s.send_to(b"hello", (to, UDP_PORT)).unwrap();
-                    let mut buf = [0u8; 64];
-                    if let Ok((n, from)) = s.recv_from(&mut buf) {
-                        return (
-                            String::from_utf8_lossy(&buf[..n]).to_string(),
-                            from.to_string(),
-                        );
-                    }
-                }
-                ("(no answer)".to_string(), String::new())
-            })
-            .collect()
-    })
-    .join()
-    .expect("client thread")
-}
-
 #[test]
 fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     if !kernel_tests_enabled() {
@@ -950,7 +887,7 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
 
     // RR over IPv6: flows alternate between the nodes' instances, and every
     // answer comes from the IPv6 service IP.
-    let answers = udp_ask6(&client, RR6, 6);
+    let answers = udp_ask(&client, RR6, 6);
     let names: Vec<String> = answers.iter().map(|(n, _)| n.clone()).collect();
     assert!(
         alternates(&names) && names.contains(&"web1".to_string()),
@@ -962,7 +899,7 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
         "{answers:?}"
     );
     // An IPv6 instance IP reaches exactly its instance, ICMPv6 echo included.
-    let only1 = udp_ask6(&client, WEB1_IP6, 3);
+    let only1 = udp_ask(&client, WEB1_IP6, 3);
     assert!(only1.iter().all(|(n, _)| n == "web1"), "{only1:?}");
     let (ok, out) = run(&client, &["ping", "-6", "-c", "2", "-W", "2", WEB1_IP6]);
     assert!(ok, "{out}");
@@ -973,25 +910,17 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     // Too big for the tunnel: ICMPv6 "packet too big" with the tunnel's MTU,
     // which the sender keeps as the path MTU.
     client.ip(&["link", "set", "tmsvc0", "mtu", "1500"]);
-    let big = [
-        "ping", "-6", "-M", "do", "-s", "1452", "-c", "1", "-W", "2", WEB1_IP6,
-    ];
-    let (ok, out) = run(&client, &big);
+    let (ok, out) = ping_df(&client, WEB1_IP6, 1452, 1);
     assert!(
         !ok && out.contains("1472"),
         "expected packet too big (mtu 1472): {out}"
     );
-    let (ok, out) = run(&client, &big);
+    let (ok, out) = ping_df(&client, WEB1_IP6, 1452, 1);
     assert!(
         !ok && out.contains("1472"),
         "expected the learnt path MTU: {out}"
     );
-    let (ok, out) = run(
-        &client,
-        &[
-            "ping", "-6", "-M", "do", "-s", "1424", "-c", "2", "-W", "2", WEB1_IP6,
-        ],
-    );
+    let (ok, out) = ping_df(&client, WEB1_IP6, 1424, 2);
     assert!(ok, "1472-byte packets fit: {out}");
 }
 

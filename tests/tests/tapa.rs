@@ -10,10 +10,9 @@ use tapmesh_tests::{
     daemon::named,
     kernel_tests_enabled,
     net::{send_udp_flows, tcp_echo, wait_until, TcpEchoServer, UdpReceiver, CLIENT},
-    tapa::{status_of, stream, TapCaller, TapaLab, NSP_CONFIG, VIP_A, VIP_B},
+    tapa::{status_of, stream, TapaLab, NSP_CONFIG, OPEN_WITHIN, VIP_A, VIP_B},
 };
 
-const OPEN_WITHIN: Duration = Duration::from_secs(10);
 const PORTS: std::ops::Range<u16> = 40000..40050;
 
 fn send(lab: &TapaLab, vip: Ipv4Addr, rounds: u32) -> u64 {
@@ -58,10 +57,7 @@ fn an_opened_stream_gets_the_vip_traffic_and_close_stops_it() {
         return;
     }
     let mut lab = TapaLab::new(1, "60s");
-    let a = lab.start_ambassador(0, "30s");
-    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
-    tap.open(stream("stream-a", "conduit-a", "trench-a"))
-        .unwrap();
+    let (a, mut tap) = lab.open_stream_a(0, "30s");
     // Open again: idempotent.
     tap.open(stream("stream-a", "conduit-a", "trench-a"))
         .unwrap();
@@ -135,11 +131,7 @@ fn two_applications_on_two_streams_of_one_conduit_and_a_second_trench_refused() 
         return;
     }
     let mut lab = TapaLab::new(3, "60s");
-    let mut taps = Vec::new();
-    for app in 0..3 {
-        let a = lab.start_ambassador(app, "30s");
-        taps.push(TapCaller::new(&lab.ambassadors[a].socket));
-    }
+    let mut taps = lab.start_ambassadors("30s");
     taps[0]
         .open(stream("stream-a", "conduit-a", "trench-a"))
         .unwrap();
@@ -229,13 +221,10 @@ fn identifiers_are_unique_per_stream_and_a_killed_ambassador_expires() {
         return;
     }
     let mut lab = TapaLab::new(3, "3s");
-    let mut taps = Vec::new();
-    for app in 0..3 {
-        let a = lab.start_ambassador(app, "1s");
-        let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
+    let mut taps = lab.start_ambassadors("1s");
+    for tap in &mut taps {
         tap.open(stream("stream-a", "conduit-a", "trench-a"))
             .unwrap();
-        taps.push(tap);
     }
     for tap in &mut taps {
         assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
@@ -290,11 +279,7 @@ fn re_registration_after_expiry_keeps_the_identifier_and_a_restart_keeps_the_reg
         return;
     }
     let mut lab = TapaLab::new(1, "2s");
-    let a = lab.start_ambassador(0, "1s");
-    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
-    tap.open(stream("stream-a", "conduit-a", "trench-a"))
-        .unwrap();
-    assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
+    let (a, _tap) = lab.open_stream_a(0, "1s");
     let first = lab.registered("stream-a");
     assert_eq!(first.len(), 1);
 
@@ -330,11 +315,7 @@ fn a_stream_removed_from_the_configuration_becomes_undefined_and_returns() {
         return;
     }
     let mut lab = TapaLab::new(1, "60s");
-    let a = lab.start_ambassador(0, "30s");
-    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
-    tap.open(stream("stream-a", "conduit-a", "trench-a"))
-        .unwrap();
-    assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
+    let (a, mut tap) = lab.open_stream_a(0, "30s");
 
     // The CLI is a client of the same ambassador.
     let watch = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
@@ -485,11 +466,7 @@ fn only_a_targets_own_namespace_may_register_it() {
         return;
     }
     let mut lab = TapaLab::new(2, "60s");
-    let a = lab.start_ambassador(0, "30s");
-    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
-    tap.open(stream("stream-a", "conduit-a", "trench-a"))
-        .unwrap();
-    assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
+    let (_, _tap) = lab.open_stream_a(0, "30s");
     let victim: Vec<String> = lab
         .registry_list()
         .lines()
@@ -590,11 +567,7 @@ fn grpcio_without_options_reaches_the_node_socket_and_the_admin_api() {
     }
     let python = tapmesh_tests::python::python();
     let mut lab = TapaLab::new(1, "60s");
-    let a = lab.start_ambassador(0, "30s");
-    let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
-    tap.open(stream("stream-a", "conduit-a", "trench-a"))
-        .unwrap();
-    assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
+    let (_, _tap) = lab.open_stream_a(0, "30s");
     let registered = lab.registered("stream-a");
     assert_eq!(registered.len(), 1, "{}", lab.registry_list());
 

@@ -158,11 +158,55 @@ fn two_endpoints() -> Cla {
     ])
 }
 
+fn localities(localities: Vec<Loc>) -> Cla {
+    Cla {
+        localities,
+        ..Cla::default()
+    }
+}
+
+/// Sets "svc-a" to the one endpoint `ip`:`port` as `version`.
+fn set_one(cp: &mut ControlPlane, version: &str, ip: &str, port: u32) {
+    cp.set(version, &[("svc-a", Cla::single(vec![Ep::new(ip, port)]))]);
+}
+
+/// A control plane serving `two_endpoints()` as "svc-a" version 1.
+fn serving_v1() -> ControlPlane {
+    let mut cp = ControlPlane::start();
+    cp.set("1", &[("svc-a", two_endpoints())]);
+    cp
+}
+
+/// `serving_v1`, and a client of "svc-a" (open sink) that has ACKed it.
+fn acked_v1() -> (ControlPlane, Arc<Recorder>, Client) {
+    let cp = serving_v1();
+    let sink = Recorder::new(true);
+    let client = Client::start(settings(&cp, &["svc-a"]), sink.clone());
+    cp.wait_request(WAIT, "ACK v1", is_ack("1", "1"));
+    (cp, sink, client)
+}
+
+/// Waits for the NACK of `version`: it keeps version `kept` and its detail
+/// names `problem`.
+fn nacked(cp: &ControlPlane, version: &str, kept: &str, problem: &str) -> SeenRequest {
+    let nack = cp.wait_request(WAIT, &format!("NACK of v{version}"), is_nack(version));
+    assert_eq!(nack.version_info, kept, "a NACK keeps the accepted version");
+    assert!(
+        nack.error_detail.as_deref().unwrap().contains(problem),
+        "{nack:?}"
+    );
+    nack
+}
+
+/// Waits for the `n`th update; it holds only `ip`:`port` with weight 1.
+fn applied_only(sink: &Recorder, n: usize, ip: &str, port: u16) {
+    assert_eq!(endpoints(&sink.wait_count(n)), vec![(ip.into(), port, 1)]);
+}
+
 /// (1) Subscribe, apply, then ACK; the node is on the first request only.
 #[test]
 fn eds_subscribe_applies_before_ack() {
-    let mut cp = ControlPlane::start();
-    cp.set("1", &[("svc-a", two_endpoints())]);
+    let cp = serving_v1();
     let sink = Recorder::new(false);
     let _client = Client::start(settings(&cp, &["svc-a"]), sink.clone());
 
@@ -209,11 +253,7 @@ fn eds_subscribe_applies_before_ack() {
 /// (2) Updates are applied and ACKed; a replayed response (same nonce) is ignored.
 #[test]
 fn eds_update_is_applied_and_acked() {
-    let mut cp = ControlPlane::start();
-    cp.set("1", &[("svc-a", two_endpoints())]);
-    let sink = Recorder::new(true);
-    let _client = Client::start(settings(&cp, &["svc-a"]), sink.clone());
-    cp.wait_request(WAIT, "ACK v1", is_ack("1", "1"));
+    let (mut cp, sink, _client) = acked_v1();
     sink.wait_count(1);
 
     let mut v2 = Cla::single(vec![
@@ -251,61 +291,26 @@ fn eds_update_is_applied_and_acked() {
 /// (3) Invalid assignments and sink errors are NACKed; the last good state stays.
 #[test]
 fn invalid_assignment_is_nacked_and_state_kept() {
-    let mut cp = ControlPlane::start();
-    cp.set("1", &[("svc-a", two_endpoints())]);
-    let sink = Recorder::new(true);
-    let _client = Client::start(settings(&cp, &["svc-a"]), sink.clone());
-    cp.wait_request(WAIT, "ACK v1", is_ack("1", "1"));
+    let (mut cp, sink, _client) = acked_v1();
 
-    cp.set(
-        "2",
-        &[("svc-a", Cla::single(vec![Ep::new("not-an-ip", 80)]))],
-    );
-    let nack = cp.wait_request(WAIT, "NACK of v2", is_nack("2"));
-    assert_eq!(nack.version_info, "1", "a NACK keeps the accepted version");
-    assert!(
-        nack.error_detail
-            .as_deref()
-            .unwrap()
-            .contains("not an IP address"),
-        "{nack:?}"
-    );
+    set_one(&mut cp, "2", "not-an-ip", 80);
+    nacked(&cp, "2", "1", "not an IP address");
 
-    cp.set(
-        "3",
-        &[("svc-a", Cla::single(vec![Ep::new("198.18.0.9", 0)]))],
-    );
-    let nack = cp.wait_request(WAIT, "NACK of v3", is_nack("3"));
-    assert_eq!(nack.version_info, "1");
-    assert!(nack.error_detail.as_deref().unwrap().contains("port 0"));
+    set_one(&mut cp, "3", "198.18.0.9", 0);
+    nacked(&cp, "3", "1", "port 0");
 
     let mut no_address = Ep::new("198.18.0.9", 80);
     no_address.no_address = true;
     cp.set("4", &[("svc-a", Cla::single(vec![no_address]))]);
-    let nack = cp.wait_request(WAIT, "NACK of v4", is_nack("4"));
-    assert_eq!(nack.version_info, "1");
-    assert!(nack
-        .error_detail
-        .as_deref()
-        .unwrap()
-        .contains("no socket address"));
+    nacked(&cp, "4", "1", "no socket address");
 
     // Priorities with a gap.
-    let gap = Cla {
-        name: None,
-        localities: vec![
-            Loc::new("a", 0, vec![Ep::new("198.18.0.1", 80)]),
-            Loc::new("b", 2, vec![Ep::new("198.18.0.2", 80)]),
-        ],
-        drops: vec![],
-    };
+    let gap = localities(vec![
+        Loc::new("a", 0, vec![Ep::new("198.18.0.1", 80)]),
+        Loc::new("b", 2, vec![Ep::new("198.18.0.2", 80)]),
+    ]);
     cp.set("5", &[("svc-a", gap)]);
-    let nack = cp.wait_request(WAIT, "NACK of v5", is_nack("5"));
-    assert!(nack
-        .error_detail
-        .as_deref()
-        .unwrap()
-        .contains("priority 1 is missing"));
+    nacked(&cp, "5", "1", "priority 1 is missing");
     assert_eq!(
         sink.updates().len(),
         1,
@@ -313,38 +318,17 @@ fn invalid_assignment_is_nacked_and_state_kept() {
     );
 
     // A valid one applies again.
-    cp.set(
-        "6",
-        &[("svc-a", Cla::single(vec![Ep::new("198.18.0.6", 80)]))],
-    );
-    assert_eq!(
-        endpoints(&sink.wait_count(2)),
-        vec![("198.18.0.6".into(), 80, 1)]
-    );
+    set_one(&mut cp, "6", "198.18.0.6", 80);
+    applied_only(&sink, 2, "198.18.0.6", 80);
     cp.wait_request(WAIT, "ACK v6", is_ack("6", "6"));
 
     // A sink error is a NACK too, with the sink's message.
     *sink.fail_next.lock().unwrap() = Some("the backend map is full".into());
-    cp.set(
-        "7",
-        &[("svc-a", Cla::single(vec![Ep::new("198.18.0.7", 80)]))],
-    );
-    let nack = cp.wait_request(WAIT, "NACK of v7", is_nack("7"));
-    assert_eq!(nack.version_info, "6");
-    assert!(nack
-        .error_detail
-        .as_deref()
-        .unwrap()
-        .contains("the backend map is full"));
+    set_one(&mut cp, "7", "198.18.0.7", 80);
+    nacked(&cp, "7", "6", "the backend map is full");
     assert_eq!(sink.updates().len(), 2);
-    cp.set(
-        "8",
-        &[("svc-a", Cla::single(vec![Ep::new("198.18.0.8", 80)]))],
-    );
-    assert_eq!(
-        endpoints(&sink.wait_count(3)),
-        vec![("198.18.0.8".into(), 80, 1)]
-    );
+    set_one(&mut cp, "8", "198.18.0.8", 80);
+    applied_only(&sink, 3, "198.18.0.8", 80);
     cp.wait_request(WAIT, "ACK v8", is_ack("8", "8"));
 }
 
@@ -352,12 +336,8 @@ fn invalid_assignment_is_nacked_and_state_kept() {
 /// last accepted version and converges on the new server's data.
 #[test]
 fn reconnects_after_server_restart() {
-    let mut cp = ControlPlane::start();
+    let (cp, sink, _client) = acked_v1();
     let port = cp.port;
-    cp.set("1", &[("svc-a", two_endpoints())]);
-    let sink = Recorder::new(true);
-    let _client = Client::start(settings(&cp, &["svc-a"]), sink.clone());
-    cp.wait_request(WAIT, "ACK v1", is_ack("1", "1"));
     sink.wait_count(1);
 
     cp.kill();
@@ -369,10 +349,7 @@ fn reconnects_after_server_restart() {
     );
 
     let mut cp = ControlPlane::start_on(port);
-    cp.set(
-        "7",
-        &[("svc-a", Cla::single(vec![Ep::new("198.18.0.7", 80)]))],
-    );
+    set_one(&mut cp, "7", "198.18.0.7", 80);
     let first = cp.wait_request(WAIT, "initial after restart", |r| {
         r.response_nonce.is_empty()
     });
@@ -381,10 +358,7 @@ fn reconnects_after_server_restart() {
         "resubscribes with the last ACKed version"
     );
     assert_eq!(first.node_id.as_deref(), Some("node-1"));
-    assert_eq!(
-        endpoints(&sink.wait_count(2)),
-        vec![("198.18.0.7".into(), 80, 1)]
-    );
+    applied_only(&sink, 2, "198.18.0.7", 80);
     cp.wait_request(WAIT, "ACK v7", is_ack("7", "1"));
     assert_eq!(sink.updates().len(), 2);
 }
@@ -392,23 +366,22 @@ fn reconnects_after_server_restart() {
 /// (5) Priority 0 has no usable endpoint: priority 1 is used, and back.
 #[test]
 fn priority_failover() {
-    let mut cp = ControlPlane::start();
-    let failing = Cla {
-        name: None,
-        localities: vec![
+    // "near" (priority 0) with two endpoints of the given health; "far" (1).
+    let near_far = |second: &str| {
+        localities(vec![
             Loc::new(
                 "near",
                 0,
                 vec![
                     Ep::new("198.18.0.1", 80).health("UNHEALTHY"),
-                    Ep::new("198.18.0.2", 80).health("DRAINING"),
+                    Ep::new("198.18.0.2", 80).health(second),
                 ],
             ),
             Loc::new("far", 1, vec![Ep::new("198.18.1.1", 80)]),
-        ],
-        drops: vec![],
+        ])
     };
-    cp.set("1", &[("svc-a", failing)]);
+    let mut cp = ControlPlane::start();
+    cp.set("1", &[("svc-a", near_far("DRAINING"))]);
     let sink = Recorder::new(true);
     let _client = Client::start(settings(&cp, &["svc-a"]), sink.clone());
     let update = sink.wait_count(1);
@@ -418,22 +391,7 @@ fn priority_failover() {
     );
     cp.wait_request(WAIT, "ACK v1", is_ack("1", "1"));
 
-    let recovered = Cla {
-        name: None,
-        localities: vec![
-            Loc::new(
-                "near",
-                0,
-                vec![
-                    Ep::new("198.18.0.1", 80).health("UNHEALTHY"),
-                    Ep::new("198.18.0.2", 80).health("UNKNOWN"),
-                ],
-            ),
-            Loc::new("far", 1, vec![Ep::new("198.18.1.1", 80)]),
-        ],
-        drops: vec![],
-    };
-    cp.set("2", &[("svc-a", recovered)]);
+    cp.set("2", &[("svc-a", near_far("UNKNOWN"))]);
     let update = sink.wait_count(2);
     assert_eq!(
         update.endpoints,
@@ -465,8 +423,7 @@ fn priority_failover() {
 /// (6) The same over ADS: subscribe, ACK, NACK, update.
 #[test]
 fn ads_subscribe_ack_nack_update() {
-    let mut cp = ControlPlane::start();
-    cp.set("1", &[("svc-a", two_endpoints())]);
+    let mut cp = serving_v1();
     let sink = Recorder::new(true);
     let mut s = settings(&cp, &["svc-a"]);
     s.ads = true;
@@ -488,23 +445,11 @@ fn ads_subscribe_ack_nack_update() {
             Cla::single(vec![Ep::new("198.18.0.1", 80).weight(0)]),
         )],
     );
-    let nack = cp.wait_request(WAIT, "NACK of v2", is_nack("2"));
-    assert_eq!(nack.version_info, "1");
-    assert!(nack
-        .error_detail
-        .as_deref()
-        .unwrap()
-        .contains("load_balancing_weight is 0"));
+    let nack = nacked(&cp, "2", "1", "load_balancing_weight is 0");
     assert_eq!(nack.type_url, EDS_TYPE_URL);
 
-    cp.set(
-        "3",
-        &[("svc-a", Cla::single(vec![Ep::new("2001:db8::3", 443)]))],
-    );
-    assert_eq!(
-        endpoints(&sink.wait_count(2)),
-        vec![("2001:db8::3".into(), 443, 1)]
-    );
+    set_one(&mut cp, "3", "2001:db8::3", 443);
+    applied_only(&sink, 2, "2001:db8::3", 443);
     cp.wait_request(WAIT, "ACK v3", is_ack("3", "3"));
     assert_eq!(sink.updates().len(), 2);
 }
@@ -513,8 +458,7 @@ fn ads_subscribe_ack_nack_update() {
 /// `missing_after`.
 #[test]
 fn missing_cluster_is_applied_empty_once() {
-    let mut cp = ControlPlane::start();
-    cp.set("1", &[("svc-a", two_endpoints())]);
+    let mut cp = serving_v1();
     let sink = Recorder::new(true);
     let mut s = settings(&cp, &["svc-a", "ghost"]);
     s.missing_after = Duration::from_secs(1);
@@ -611,17 +555,10 @@ fn warning_lines(port: u16, word: &str) -> Vec<String> {
 #[test]
 fn a_rejected_version_sent_again_is_nacked_with_backoff_and_logged_once() {
     warnings();
-    let mut cp = ControlPlane::start();
+    let (mut cp, sink, _client) = acked_v1();
     cp.resend_nacked(true);
-    cp.set("1", &[("svc-a", two_endpoints())]);
-    let sink = Recorder::new(true);
-    let _client = Client::start(settings(&cp, &["svc-a"]), sink.clone());
-    cp.wait_request(WAIT, "ACK v1", is_ack("1", "1"));
 
-    cp.set(
-        "2",
-        &[("svc-a", Cla::single(vec![Ep::new("not-an-ip", 80)]))],
-    );
+    set_one(&mut cp, "2", "not-an-ip", 80);
     let first = cp.wait_request(WAIT, "NACK of v2", |r| r.error_detail.is_some());
     std::thread::sleep(Duration::from_secs(4));
     let nacks: Vec<SeenRequest> = cp
@@ -662,25 +599,16 @@ fn a_rejected_version_sent_again_is_nacked_with_backoff_and_logged_once() {
     assert!(warned[0].contains("version=2"), "{warned:#?}");
 
     // A good version is applied at once, whatever NACK was waiting.
-    cp.set(
-        "3",
-        &[("svc-a", Cla::single(vec![Ep::new("198.18.0.3", 80)]))],
-    );
+    set_one(&mut cp, "3", "198.18.0.3", 80);
     let set_at = Instant::now();
-    assert_eq!(
-        endpoints(&sink.wait_count(2)),
-        vec![("198.18.0.3".into(), 80, 1)]
-    );
+    applied_only(&sink, 2, "198.18.0.3", 80);
     assert!(set_at.elapsed() < Duration::from_secs(1));
     let ack = cp.wait_request(WAIT, "ACK v3", |r| {
         r.version_info == "3" && r.error_detail.is_none()
     });
     assert!(!ack.response_nonce.is_empty());
     // Another bad version is logged again, once.
-    cp.set(
-        "4",
-        &[("svc-a", Cla::single(vec![Ep::new("198.18.0.4", 0)]))],
-    );
+    set_one(&mut cp, "4", "198.18.0.4", 0);
     cp.wait_request(WAIT, "NACK of v4", |r| {
         r.error_detail
             .as_deref()
@@ -700,8 +628,7 @@ const CDS_TYPE_URL: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 #[test]
 fn a_response_of_another_type_is_nacked_and_eds_is_requested_again() {
     for ads in [false, true] {
-        let mut cp = ControlPlane::start();
-        cp.set("1", &[("svc-a", two_endpoints())]);
+        let mut cp = serving_v1();
         cp.wrong_type(CDS_TYPE_URL);
         let sink = Recorder::new(true);
         let mut s = settings(&cp, &["svc-a"]);
@@ -746,11 +673,7 @@ fn a_response_of_another_type_is_nacked_and_eds_is_requested_again() {
 /// without a cluster name are NACKed, naming the problem; nothing applies.
 #[test]
 fn duplicate_endpoints_and_an_empty_cluster_name_are_nacked() {
-    let mut cp = ControlPlane::start();
-    cp.set("1", &[("svc-a", two_endpoints())]);
-    let sink = Recorder::new(true);
-    let _client = Client::start(settings(&cp, &["svc-a"]), sink.clone());
-    cp.wait_request(WAIT, "ACK v1", is_ack("1", "1"));
+    let (mut cp, sink, _client) = acked_v1();
 
     cp.set(
         "2",
@@ -774,23 +697,12 @@ fn duplicate_endpoints_and_an_empty_cluster_name_are_nacked() {
     );
 
     // The same address in another locality and priority is still one endpoint twice.
-    let across = Cla {
-        name: None,
-        localities: vec![
-            Loc::new("a", 0, vec![Ep::new("198.18.0.1", 8080)]),
-            Loc::new("b", 1, vec![Ep::new("198.18.0.1", 8080)]),
-        ],
-        drops: vec![],
-    };
+    let across = localities(vec![
+        Loc::new("a", 0, vec![Ep::new("198.18.0.1", 8080)]),
+        Loc::new("b", 1, vec![Ep::new("198.18.0.1", 8080)]),
+    ]);
     cp.set("3", &[("svc-a", across)]);
-    let nack = cp.wait_request(WAIT, "NACK of v3", is_nack("3"));
-    assert!(
-        nack.error_detail
-            .as_deref()
-            .unwrap()
-            .contains("198.18.0.1:8080 is listed twice"),
-        "{nack:?}"
-    );
+    nacked(&cp, "3", "1", "198.18.0.1:8080 is listed twice");
     // A different port is another endpoint.
     cp.set(
         "4",

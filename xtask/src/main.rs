@@ -120,6 +120,17 @@ fn binary(release: bool) -> PathBuf {
         .join("tapmesh")
 }
 
+/// Builds for release, then runs the tapmesh-tests binary `bin` with `args`
+/// against that daemon.
+fn run_tests_bin(bin: &str, args: &[PathBuf]) -> Result<()> {
+    let object = build(true)?;
+    run(cargo(&object)
+        .env("TAPMESH_BIN", binary(true))
+        .args(["run", "--quiet", "--release", "-p", "tapmesh-tests"])
+        .args(["--bin", bin, "--"])
+        .args(args))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // The image task installs its own tools; the usual set-up runs inside the image.
@@ -152,37 +163,9 @@ fn main() -> Result<()> {
             }
             run(&mut cmd)?;
         }
-        Task::Demo => {
-            let object = build(true)?;
-            run(cargo(&object)
-                .args([
-                    "run",
-                    "--quiet",
-                    "--release",
-                    "-p",
-                    "tapmesh-tests",
-                    "--bin",
-                    "tapmesh-demo",
-                ])
-                .env("TAPMESH_BIN", binary(true)))?;
-        }
+        Task::Demo => run_tests_bin("tapmesh-demo", &[])?,
         Task::Image(args) => image::image(args)?,
-        Task::Bench => {
-            let object = build(true)?;
-            run(cargo(&object)
-                .env("TAPMESH_BIN", binary(true))
-                .args([
-                    "run",
-                    "--quiet",
-                    "--release",
-                    "-p",
-                    "tapmesh-tests",
-                    "--bin",
-                    "tapmesh-bench",
-                    "--",
-                ])
-                .arg(root().join("BENCHMARKS.md")))?;
-        }
+        Task::Bench => run_tests_bin("tapmesh-bench", &[root().join("BENCHMARKS.md")])?,
     }
     Ok(())
 }

@@ -6,7 +6,7 @@
 //! with permanent neighbour entries, so every one resolves to a local target.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -18,20 +18,16 @@ use tapmesh::lb::service::LbService;
 use tapmesh::xds::{ClusterEndpoints, EndpointSink, Locality, SelectedEndpoint};
 
 use super::timing::percentile_ms;
-use crate::{unique, Netns};
+use crate::{
+    eds::{backend, backends_netns},
+    unique,
+};
 
 const ENDPOINTS: usize = 1000;
 const UPDATES: usize = 50;
 const TARGET_MS: f64 = 10.0;
 const CLUSTER: &str = "bench";
 const VIP: &str = "203.0.113.40";
-/// The veth's network: 198.18.16.0/20, 4094 usable addresses.
-const NETWORK: Ipv4Addr = Ipv4Addr::new(198, 18, 16, 0);
-
-/// The `i`-th backend address of the /20 (past the veth's own .1).
-fn backend(i: usize) -> Ipv4Addr {
-    Ipv4Addr::from(u32::from(NETWORK) + 10 + i as u32)
-}
 
 /// The first `count` endpoints of set `set`.
 fn endpoints(set: usize, count: usize) -> ClusterEndpoints {
@@ -50,35 +46,6 @@ fn endpoints(set: usize, count: usize) -> ClusterEndpoints {
         standby: Vec::new(),
         drop_overloads: Vec::new(),
     }
-}
-
-/// A namespace with veth `eb0` (198.18.16.1/20) and permanent neighbours for
-/// the two endpoint sets.
-fn lab() -> Netns {
-    let ns = Netns::new("eb");
-    ns.ip(&["link", "add", "eb0", "type", "veth", "peer", "name", "eb1"]);
-    ns.ip(&["addr", "add", "198.18.16.1/20", "dev", "eb0"]);
-    ns.ip(&["link", "set", "eb1", "up"]);
-    ns.ip(&["link", "set", "eb0", "up"]);
-    let mut batch = String::new();
-    for i in 0..2 * ENDPOINTS {
-        let _ = writeln!(
-            batch,
-            "neigh replace {} lladdr 02:00:00:00:{:02x}:{:02x} dev eb0 nud permanent",
-            backend(i),
-            (i >> 8) & 0xff,
-            i & 0xff
-        );
-    }
-    let file = std::env::temp_dir().join(unique("tmebneigh"));
-    std::fs::write(&file, batch).expect("writing the neighbour batch");
-    let path = file.display().to_string();
-    let result = std::panic::catch_unwind(|| ns.ip(&["-batch", &path]));
-    let _ = std::fs::remove_file(&file);
-    if let Err(panic) = result {
-        std::panic::resume_unwind(panic);
-    }
-    ns
 }
 
 /// Update times through the catalog, of the LB write alone, and through
@@ -186,7 +153,8 @@ async fn measure() -> Result<Times, String> {
 
 /// The "EDS update → maps" section of BENCHMARKS.md.
 pub fn update_latency() -> String {
-    let ns = lab();
+    // Permanent neighbours for the two endpoint sets.
+    let ns = backends_netns("eb", 2 * ENDPOINTS);
     let name = ns.name.clone();
     let measured = std::thread::spawn(move || {
         tapmesh::net::netns::enter(&name).map_err(|e| format!("entering {name}: {e}"))?;

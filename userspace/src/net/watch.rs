@@ -6,30 +6,15 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
+use libc::{
+    RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE, RTM_DELRULE, RTM_NEWADDR, RTM_NEWLINK,
+    RTM_NEWNEIGH, RTM_NEWROUTE, RTM_NEWRULE,
+};
 use rtnetlink::packet_core::NetlinkBuffer;
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tokio::io::unix::AsyncFd;
 
 use super::NetError;
-
-const RTMGRP_LINK: u32 = 0x1;
-const RTMGRP_NEIGH: u32 = 0x4;
-const RTMGRP_IPV4_IFADDR: u32 = 0x10;
-const RTMGRP_IPV4_ROUTE: u32 = 0x40;
-const RTMGRP_IPV4_RULE: u32 = 0x80;
-const RTMGRP_IPV6_IFADDR: u32 = 0x100;
-const RTMGRP_IPV6_ROUTE: u32 = 0x400;
-
-const RTM_NEWLINK: u16 = 16;
-const RTM_DELLINK: u16 = 17;
-const RTM_NEWADDR: u16 = 20;
-const RTM_DELADDR: u16 = 21;
-const RTM_NEWROUTE: u16 = 24;
-const RTM_DELROUTE: u16 = 25;
-const RTM_NEWNEIGH: u16 = 28;
-const RTM_DELNEIGH: u16 = 29;
-const RTM_NEWRULE: u16 = 32;
-const RTM_DELRULE: u16 = 33;
 
 /// One change the kernel reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,14 +43,15 @@ impl Watch {
         let failed = NetError::kernel("watching the kernel's network notifications");
         let open = || -> io::Result<AsyncFd<Socket>> {
             let mut socket = Socket::new(NETLINK_ROUTE)?;
-            let groups = RTMGRP_LINK
-                | RTMGRP_NEIGH
-                | RTMGRP_IPV4_IFADDR
-                | RTMGRP_IPV4_ROUTE
-                | RTMGRP_IPV4_RULE
-                | RTMGRP_IPV6_IFADDR
-                | RTMGRP_IPV6_ROUTE;
-            socket.bind(&SocketAddr::new(0, groups))?;
+            let groups = libc::RTMGRP_LINK
+                | libc::RTMGRP_NEIGH
+                | libc::RTMGRP_IPV4_IFADDR
+                | libc::RTMGRP_IPV4_ROUTE
+                | libc::RTMGRP_IPV4_RULE
+                | libc::RTMGRP_IPV6_IFADDR
+                | libc::RTMGRP_IPV6_ROUTE;
+            // The group bits (libc has them as c_int) are all positive.
+            socket.bind(&SocketAddr::new(0, groups as u32))?;
             // Bursts (many links at once) should fit; a loss is still noticed.
             let _ = socket.set_rx_buf_sz(1 << 20);
             socket.set_non_blocking(true)?;

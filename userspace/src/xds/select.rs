@@ -432,6 +432,11 @@ mod tests {
         }
     }
 
+    /// Locality `zone` at `priority` with one healthy endpoint, `ip`:80.
+    fn lone(zone: &str, priority: u32, ip: &str) -> LocalityLbEndpoints {
+        loc(zone, priority, None, vec![ep(ip, 80, Healthy, None)])
+    }
+
     fn cla(endpoints: Vec<LocalityLbEndpoints>) -> ClusterLoadAssignment {
         ClusterLoadAssignment {
             cluster_name: "svc".into(),
@@ -488,36 +493,25 @@ mod tests {
 
     #[test]
     fn fails_over_to_the_next_priority_with_a_usable_endpoint() {
+        // P0: 10.0.0.1 unhealthy, 10.0.0.2 of health `second`.
+        let p0 = |second| {
+            let eps = vec![
+                ep("10.0.0.1", 80, Unhealthy, None),
+                ep("10.0.0.2", 80, second, None),
+            ];
+            loc("p0", 0, None, eps)
+        };
         let input = cla(vec![
-            loc(
-                "p0",
-                0,
-                None,
-                vec![
-                    ep("10.0.0.1", 80, Unhealthy, None),
-                    ep("10.0.0.2", 80, Draining, None),
-                ],
-            ),
-            loc("p1", 1, None, vec![ep("10.0.1.1", 80, Healthy, None)]),
-            loc("p2", 2, None, vec![ep("10.0.2.1", 80, Healthy, None)]),
+            p0(Draining),
+            lone("p1", 1, "10.0.1.1"),
+            lone("p2", 2, "10.0.2.1"),
         ]);
         let c = select(&input).unwrap();
         assert_eq!(addrs(&c), vec![("10.0.1.1".into(), 80, 1, 1)]);
         assert_eq!(c.endpoints[0].locality.zone, "p1");
 
         // One usable endpoint in P0 is enough to keep all traffic there.
-        let input = cla(vec![
-            loc(
-                "p0",
-                0,
-                None,
-                vec![
-                    ep("10.0.0.1", 80, Unhealthy, None),
-                    ep("10.0.0.2", 80, Unknown, None),
-                ],
-            ),
-            loc("p1", 1, None, vec![ep("10.0.1.1", 80, Healthy, None)]),
-        ]);
+        let input = cla(vec![p0(Unknown), lone("p1", 1, "10.0.1.1")]);
         assert_eq!(
             addrs(&select(&input).unwrap()),
             vec![("10.0.0.2".into(), 80, 1, 0)]
@@ -526,10 +520,7 @@ mod tests {
 
     #[test]
     fn priorities_out_of_order_in_the_list() {
-        let input = cla(vec![
-            loc("p1", 1, None, vec![ep("10.0.1.1", 80, Healthy, None)]),
-            loc("p0", 0, None, vec![ep("10.0.0.1", 80, Healthy, None)]),
-        ]);
+        let input = cla(vec![lone("p1", 1, "10.0.1.1"), lone("p0", 0, "10.0.0.1")]);
         assert_eq!(
             addrs(&select(&input).unwrap()),
             vec![("10.0.0.1".into(), 80, 1, 0)]
@@ -595,7 +586,7 @@ mod tests {
     #[test]
     fn unweighted_localities_are_skipped_when_others_have_weights() {
         let c = select(&cla(vec![
-            loc("a", 0, None, vec![ep("10.0.0.1", 80, Healthy, None)]),
+            lone("a", 0, "10.0.0.1"),
             loc("b", 0, Some(5), vec![ep("10.0.1.1", 80, Healthy, None)]),
         ]))
         .unwrap();
@@ -604,7 +595,7 @@ mod tests {
         // A weighted locality elsewhere in the assignment also switches the mode:
         // P0 has only an unweighted locality, so P1 is chosen.
         let c = select(&cla(vec![
-            loc("a", 0, None, vec![ep("10.0.0.1", 80, Healthy, None)]),
+            lone("a", 0, "10.0.0.1"),
             loc("b", 1, Some(5), vec![ep("10.0.1.1", 80, Healthy, None)]),
         ]))
         .unwrap();
@@ -636,12 +627,7 @@ mod tests {
 
     #[test]
     fn drop_overloads_in_parts_per_million() {
-        let mut input = cla(vec![loc(
-            "a",
-            0,
-            None,
-            vec![ep("10.0.0.1", 80, Healthy, None)],
-        )]);
+        let mut input = cla(vec![lone("a", 0, "10.0.0.1")]);
         let frac = |numerator, d: DenominatorType| FractionalPercent {
             numerator,
             denominator: d as i32,
@@ -769,26 +755,12 @@ mod tests {
             "locality load_balancing_weight is 0",
         );
         rejected(
-            cla(vec![
-                loc("a", 0, None, vec![ep("10.0.0.1", 80, Healthy, None)]),
-                loc("b", 2, None, vec![ep("10.0.0.2", 80, Healthy, None)]),
-            ]),
+            cla(vec![lone("a", 0, "10.0.0.1"), lone("b", 2, "10.0.0.2")]),
             "priority 1 is missing",
         );
+        rejected(cla(vec![lone("a", 129, "10.0.0.1")]), "priority 129");
         rejected(
-            cla(vec![loc(
-                "a",
-                129,
-                None,
-                vec![ep("10.0.0.1", 80, Healthy, None)],
-            )]),
-            "priority 129",
-        );
-        rejected(
-            cla(vec![
-                loc("a", 0, None, vec![ep("10.0.0.1", 80, Healthy, None)]),
-                loc("a", 0, None, vec![ep("10.0.0.2", 80, Healthy, None)]),
-            ]),
+            cla(vec![lone("a", 0, "10.0.0.1"), lone("a", 0, "10.0.0.2")]),
             "appears twice",
         );
         let mut nameless = cla(vec![]);
