@@ -189,6 +189,32 @@ fn the_daemon_spawns_no_commands() {
     assert!(spawning.is_empty(), "{spawning:?} spawn commands");
 }
 
+/// Models validate and keep state; map entries are built in `tables.rs`
+/// and written by `dataplane/`. A model never imports its writer.
+#[test]
+fn models_do_not_import_the_dataplane() {
+    let mut files = Vec::new();
+    sources(&root(), &mut files);
+    let models: Vec<_> = files
+        .iter()
+        .filter(|f| f.file_name().is_some_and(|n| n == "model.rs"))
+        .collect();
+    assert!(models.len() >= 3, "{models:?}");
+    let importing: Vec<_> = models
+        .iter()
+        .filter(|f| {
+            let text = std::fs::read_to_string(f).expect("reading a source file");
+            let depth = f
+                .strip_prefix(root())
+                .expect("under the root")
+                .iter()
+                .count();
+            references(&text, depth).contains("dataplane")
+        })
+        .collect();
+    assert!(importing.is_empty(), "{importing:?} import the dataplane");
+}
+
 #[test]
 fn the_scanner_sees_groups_and_supers() {
     let text = "use crate::{a::{b, c}, d::e};\nuse super::super::f::g;\nuse super::h;\n\

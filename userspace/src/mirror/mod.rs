@@ -8,6 +8,7 @@ pub mod plugin;
 pub mod ring;
 pub mod service;
 pub mod spp;
+pub mod tables;
 
 pub use plugin::MirrorPlugin;
 pub use service::MirrorService;

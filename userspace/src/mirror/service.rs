@@ -5,16 +5,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
-use tapmesh_common::mirror::{
-    MirrorPort, MirrorRule, VlanSet, MAX_RINGS, MAX_TAP_FLOWS, RULES_PER_PORT,
-};
+use tapmesh_common::mirror::{MAX_RINGS, MAX_TAP_FLOWS, RULES_PER_PORT};
 use tokio::sync::Mutex;
 
 use super::model::{
     parse_vlan_filter, Destination, MirrorError, Status, TapBackend, TapFlow, TapService,
 };
 use super::ring::{Consumer, MirrorRing, RingSocket, RingStats};
-use crate::dataplane::mirror::MirrorTables;
+use super::tables::{mirror_tables, FlowRule};
 use crate::dataplane::DataplaneHandle;
 use crate::names::validate_name;
 use crate::net::link::index as interface_index;
@@ -416,40 +414,16 @@ impl MirrorService {
     /// needs it and detaches it where none does any more. Flows become ACTIVE.
     async fn sync(&self, state: &mut State) -> Result<(), MirrorError> {
         let dp = |e: crate::dataplane::DataplaneError| MirrorError::Dataplane(e.to_string());
-        let mut tables = MirrorTables::default();
-        let mut sources = BTreeSet::new();
-        for f in state.flows.values() {
-            let Some(service) = state.services.get(&f.spec.tap_service) else {
-                continue;
-            };
-            let port = tables
-                .ports
-                .entry(f.source_ifindex)
-                .or_insert_with(MirrorPort::default);
-            let slot = port.count as usize;
-            if slot >= RULES_PER_PORT {
-                continue;
-            }
-            let filtered = f.spec.vlan_filter.is_some();
-            if let Some(filter) = &f.spec.vlan_filter {
-                let mut set = VlanSet::default();
-                for (a, b) in parse_vlan_filter(filter)? {
-                    for v in a..=b {
-                        set.insert(v);
-                    }
-                }
-                tables.vlans.insert(f.index, set);
-            }
-            port.rules[slot] = MirrorRule {
-                flow: f.index,
+        let (tables, sources) = mirror_tables(state.flows.values().filter_map(|f| {
+            let service = state.services.get(&f.spec.tap_service)?;
+            Some(FlowRule {
+                spec: &f.spec,
+                index: f.index,
+                source_ifindex: f.source_ifindex,
                 dest_ifindex: service.ifindex,
-                directions: f.spec.direction.bits(),
-                vlan_filtered: filtered as u8,
-                _pad: [0; 2],
-            };
-            port.count += 1;
-            sources.insert(f.spec.source.clone());
-        }
+            })
+        }))?;
+        let sources: BTreeSet<String> = sources.into_iter().map(String::from).collect();
         for source in &sources {
             // Idempotent; re-attaches to an interface that was re-created.
             self.dataplane.attach_tap(source).await.map_err(dp)?;

@@ -8,5 +8,6 @@ pub mod manager;
 pub mod model;
 pub mod plugin;
 pub mod ports;
+pub mod tables;
 
 pub use plugin::{ManagerObserver, NetManagerPlugin};

@@ -1,0 +1,240 @@
+//! The NetManager's state and operations: registration, deploy and
+//! undeploy of containers, other nodes' table entries, misses. Every
+//! operation either completes or leaves nothing behind. Here: the state and
+//! how it becomes map entries; the operations, container links, nftables
+//! port mappings, the state file and the views live in the files below.
+
+mod links;
+mod ops;
+mod persist;
+mod ports;
+mod views;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::ipam::{Ipam, IpamError, Lease};
+use super::model::{Ids, InstanceRecord, IpType, ModelError, Placement, ServiceIp, Settings};
+use super::ports::PortMapping;
+use crate::dataplane::DataplaneHandle;
+use crate::net::{netns::NetnsId, NetError, Prefix};
+
+pub use ops::{DeploySpec, Deployed, NetnsRef, RemoteSpec};
+pub use views::{InstanceView, ListedMember, ListedService, ServiceView, Snapshot};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NmError {
+    #[error("not registered: POST /register first")]
+    NotRegistered,
+    #[error("already registered as {0:?}; a node registers once")]
+    AlreadyRegistered(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NoNamespace(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0} is not deployed on this node")]
+    NotDeployed(String),
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("container networking: {0}")]
+    Network(#[from] NetError),
+    #[error("dataplane: {0}")]
+    Dataplane(#[from] crate::dataplane::DataplaneError),
+    #[error("{0}")]
+    Ports(String),
+}
+
+/// Settings fixed at start.
+#[derive(Clone, Debug)]
+pub struct ManagerSettings {
+    pub container_ifname: String,
+    pub mtu: u32,
+    pub node_addr: Option<Ipv4Addr>,
+    pub service_prefix: (Ipv4Addr, u8),
+    pub service_prefix_v6: (std::net::Ipv6Addr, u8),
+    pub subnetwork: Option<Prefix>,
+    pub subnetwork_v6: Option<Prefix>,
+    pub node_costs: BTreeMap<Ipv4Addr, u32>,
+    pub default_node_cost: u32,
+    /// The registration, deployments and other nodes' tables are kept here
+    /// across restarts.
+    pub state_file: Option<std::path::PathBuf>,
+    /// Leave containers' links and port mappings in place at stop
+    /// (`dataplane.keep_dataplane`): they keep working while the daemon is down.
+    pub keep_links: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Registration {
+    pub client_id: String,
+    pub cluster_address: String,
+    pub subnetwork: String,
+    pub subnetwork_v6: Option<String>,
+}
+
+struct LocalDeployment {
+    record: InstanceRecord,
+    lease: Lease,
+    netns: String,
+    /// The namespace `netns` named at deploy, to recognise it at a restart.
+    netns_id: Option<NetnsId>,
+    ports: Vec<PortMapping>,
+}
+
+#[derive(Default)]
+struct State {
+    registration: Option<Registration>,
+    ipam: Option<Ipam>,
+    local: BTreeMap<(String, u32), LocalDeployment>,
+    remote: BTreeMap<String, Vec<InstanceRecord>>,
+    ids: Ids,
+    /// Service IPs the kernel reported unknown → how many reports.
+    unresolved: BTreeMap<std::net::IpAddr, u64>,
+    misses: u64,
+    /// The nftables table of port mappings exists.
+    ports_written: bool,
+    /// Service IPs whose members the catalog names (EDS).
+    feed: Feed,
+}
+
+/// Service IPs fed by the catalog: service IP → member instances (by
+/// namespace address) → weight.
+pub type Feed = BTreeMap<Ipv4Addr, BTreeMap<Ipv4Addr, u32>>;
+
+pub struct NetManager {
+    dataplane: DataplaneHandle,
+    settings: ManagerSettings,
+    state: Mutex<State>,
+}
+
+impl NetManager {
+    pub fn new(dataplane: DataplaneHandle, settings: ManagerSettings) -> Self {
+        Self {
+            dataplane,
+            settings,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn settings_for(&self, state: &State) -> Settings {
+        Settings {
+            tunnel_mtu: self.settings.mtu.min(u32::from(u16::MAX)) as u16,
+            gateway: state
+                .ipam
+                .as_ref()
+                .map(|i| i.gateway())
+                .unwrap_or(Ipv4Addr::UNSPECIFIED),
+            service_prefix: self.settings.service_prefix,
+            gateway_v6: state.ipam.as_ref().and_then(|i| i.gateway_v6()),
+            service_prefix_v6: Some(self.settings.service_prefix_v6),
+        }
+    }
+
+    /// Every instance this node routes to: local deployments, then other
+    /// nodes' (own deployments echoed by the cluster are skipped), each with
+    /// the service IPs the catalog's feed gives it.
+    fn records(&self, state: &State) -> Vec<InstanceRecord> {
+        let local_node = self.settings.node_addr;
+        state
+            .local
+            .values()
+            .map(|d| &d.record)
+            .chain(state.remote.values().flatten().filter(|r| {
+                !matches!(r.placement, Placement::Remote { node, .. } if Some(node) == local_node)
+                    && !state.local.contains_key(&(r.job.clone(), r.number))
+            }))
+            .map(|r| {
+                let mut r = r.clone();
+                for (sip, members) in &state.feed {
+                    if let Some(&weight) = members.get(&r.ns_addr) {
+                        r.service_ips.push(ServiceIp {
+                            ip_type: IpType::RoundRobin,
+                            address: *sip,
+                            address_v6: None,
+                            weight: weight.max(1),
+                        });
+                    }
+                }
+                r
+            })
+            .collect()
+    }
+
+    /// Compiles the state and writes it; on failure the maps keep what they had.
+    async fn apply_locked(&self, state: &mut State) -> Result<(), NmError> {
+        let settings = self.settings_for(state);
+        let owned = self.records(state);
+        let records: Vec<&InstanceRecord> = owned.iter().collect();
+        let costs = &self.settings.node_costs;
+        let default_cost = self.settings.default_node_cost;
+        let cost_of = |r: &InstanceRecord| match r.placement {
+            Placement::Local { .. } => 0,
+            Placement::Remote { node, .. } => costs.get(&node).copied().unwrap_or(default_cost),
+        };
+        let tables = state.ids.compile(&records, &settings, &cost_of)?;
+        let nodes: BTreeSet<Ipv4Addr> = records
+            .iter()
+            .filter_map(|r| match r.placement {
+                Placement::Remote { node, .. } => Some(node),
+                Placement::Local { .. } => None,
+            })
+            .collect();
+        if !nodes.is_empty() {
+            let _ = tokio::task::spawn_blocking(move || keep_neighbours(&nodes)).await;
+        }
+        self.dataplane.apply_overlay(&tables).await?;
+        self.persist(state);
+        let known: Vec<std::net::IpAddr> = state
+            .unresolved
+            .keys()
+            .filter(|a| match a {
+                std::net::IpAddr::V4(v4) => tables.services.contains_key(v4),
+                std::net::IpAddr::V6(v6) => tables.services6.contains_key(v6),
+            })
+            .copied()
+            .collect();
+        for addr in known {
+            state.unresolved.remove(&addr);
+            self.dataplane.clear_overlay_pending(addr).await;
+        }
+        Ok(())
+    }
+
+    async fn apply(&self) -> Result<(), NmError> {
+        let mut state = self.state.lock().await;
+        self.apply_locked(&mut state).await
+    }
+}
+
+/// Gives the next hop of each remote node a *managed* neighbour entry when
+/// it has none (the kernel then keeps it resolved): the tunnel drops what
+/// it would send to a hop whose neighbour is unresolved (ebpf/src/tunnel.rs).
+fn keep_neighbours(nodes: &BTreeSet<Ipv4Addr>) {
+    use crate::net::neigh::{add_managed, Resolver, Unresolved};
+    let addresses: Vec<std::net::IpAddr> = nodes.iter().map(|&n| n.into()).collect();
+    let resolved = match Resolver::new().and_then(|mut r| r.next_hops(&addresses)) {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!("remote nodes' next hops: {e}");
+            return;
+        }
+    };
+    for (node, result) in nodes.iter().zip(resolved) {
+        if let Err(Unresolved::NoEntry { ifindex, address }) = result {
+            match add_managed(ifindex, address) {
+                Ok(true) => {
+                    tracing::info!(%node, hop = %address, ifindex, "managed neighbour entry added")
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(%node, "{e}"),
+            }
+        }
+    }
+}
