@@ -44,7 +44,7 @@ pub struct VipTables {
 /// interfaces are the writer's to fill in.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LbTables {
-    /// How many VIPs are prefixes (`tm_node`: the LPM trie is searched only then).
+    /// How many VIPs are prefixes (`tm_lb_config`: the LPM trie is searched only then).
     pub vip_prefixes: u16,
     pub vips: Vec<VipEntry>,
     pub streams: Vec<StreamEntry>,
@@ -492,7 +492,7 @@ impl LbWriter {
     }
 
     /// Writes what `plan` decided: counters of new objects, targets, stream
-    /// tables, VIP tables and entries, slots and `tm_node`; then removes what
+    /// tables, VIP tables and entries, slots and `tm_lb_config`; then removes what
     /// is gone, tables first, targets last. Ids of what did not get written
     /// are given back if a write fails.
     fn write(
