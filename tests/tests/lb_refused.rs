@@ -84,16 +84,20 @@ fn refused_changes_leave_every_map_as_it_was_and_the_prefix_vip_keeps_working() 
     second.vips.push(vip("net2", "198.51.100.0/24"));
     second.flows[0].vips.push("net2".into());
     second.targets.push(unknown_local(2));
-    // The prefix VIP removed, a target on another node (this node has no
-    // tunnel address).
+    // The prefix VIP removed, a new target on another node (the node's
+    // tunnel address is its uplink's) beside one on an unknown interface:
+    // nothing of the remote target may be written either.
     let mut remote = to_host.clone();
-    remote.targets = vec![TargetSpec {
-        stream: "s".into(),
-        identifier: 3,
-        via: TargetVia::Remote {
-            node: "198.18.0.9".into(),
+    remote.targets = vec![
+        TargetSpec {
+            stream: "s".into(),
+            identifier: 3,
+            via: TargetVia::Remote {
+                node: "198.18.0.9".into(),
+            },
         },
-    }];
+        unknown_local(2),
+    ];
     let cases: Vec<(&str, LbSpec, Code, &str)> = vec![
         (
             "apply: prefix VIP to host VIP, unknown interface",
@@ -108,10 +112,10 @@ fn refused_changes_leave_every_map_as_it_was_and_the_prefix_vip_keeps_working() 
             NO_SUCH_IF,
         ),
         (
-            "apply: prefix VIP removed, remote target without a tunnel address",
+            "apply: prefix VIP removed, a remote target and an unknown interface",
             remote,
-            Code::Internal,
-            "tunnel address",
+            Code::InvalidArgument,
+            NO_SUCH_IF,
         ),
     ];
 
