@@ -145,3 +145,103 @@ fn tunnel_packets_from_a_node_it_does_not_know_reach_nothing() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `tm_tunnel_peers` as (address, source bits).
+fn peers(bpf: &tapmesh_tests::bpf::Bpf) -> Vec<(Ipv4Addr, u8)> {
+    let name = tapmesh_common::map_names::TUNNEL_PEERS;
+    let map: aya::maps::HashMap<_, [u8; 4], u8> =
+        aya::maps::HashMap::try_from(bpf.ebpf.map(name).expect("the peers map")).unwrap();
+    let mut all: Vec<(Ipv4Addr, u8)> = map
+        .iter()
+        .map(|e| e.expect("an entry"))
+        .map(|(k, v)| (Ipv4Addr::from(k), v))
+        .collect();
+    all.sort();
+    all
+}
+
+/// The writers name the nodes they send to, each under its own bit: the
+/// LB's remote targets (1), the overlay's remote instances (2); a node
+/// both name stays until neither does; a refused LB change leaves the map
+/// as it was; and the uplink takes tunnel packets from exactly those nodes.
+#[test]
+fn the_writers_name_the_nodes_that_may_use_the_tunnel() {
+    use tapmesh::dataplane::{
+        lb::LbWriter,
+        overlay::{OverlayTables, OverlayWriter},
+    };
+    use tapmesh_common::{overlay::Instance, overlay::INSTANCE_REMOTE, DropReason, ProgramSlot};
+    use tapmesh_tests::{bpf::Bpf, frames::tunnel, write_lb};
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 1);
+    const LB_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 2);
+    const BOTH: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 3);
+    let mut bpf = Bpf::load();
+    let mut lb = LbWriter::default();
+    let remote = |node: Ipv4Addr| TargetVia::Remote {
+        node: node.to_string(),
+    };
+    let no_local = |_: &str| Err("no local targets here".to_string());
+    let mut spec = one_target_spec(&VIP.to_string(), "s", 4, &[], remote(LB_NODE));
+    spec.targets
+        .push(tapmesh_tests::net::target("s", 2, remote(BOTH)));
+    write_lb(&mut bpf, &mut lb, &spec, Some(NODE), &no_local);
+    assert_eq!(peers(&bpf), vec![(LB_NODE, 1), (BOTH, 1)]);
+
+    let instance = |node: Ipv4Addr| Instance {
+        node_addr: node.octets(),
+        node_port: 50103,
+        kind: INSTANCE_REMOTE,
+        ..Default::default()
+    };
+    let mut overlay = OverlayWriter::default();
+    let mut tables = OverlayTables::default();
+    tables.instances.insert(1, instance(BOTH));
+    overlay
+        .apply(&mut bpf.ebpf, &tables)
+        .expect("overlay apply");
+    assert_eq!(peers(&bpf), vec![(LB_NODE, 1), (BOTH, 3)]);
+
+    // Only known nodes get through: the inner packet (for a VIP whose
+    // targets are remote) reaches the LB from them, nothing from others.
+    let inner = udp4(CLIENT, VIP, 40000, 7000, b"x");
+    let before = bpf.stats(ProgramSlot::XdpUplink);
+    for from in [LB_NODE, BOTH, Ipv4Addr::new(192, 0, 2, 66)] {
+        bpf.run("tm_xdp_uplink", &tunnel(from, NODE, 50103, &inner), 1);
+    }
+    let after = bpf.stats(ProgramSlot::XdpUplink);
+    let delta = |r| after.drops.get(r) - before.drops.get(r);
+    assert_eq!(delta(DropReason::TargetNotLocal), 2, "from the two nodes");
+    assert_eq!(delta(DropReason::TunnelUnknownNode), 1, "from the outsider");
+
+    // A refused change (a local target, which this resolver refuses) writes nothing.
+    let mut refused = spec.clone();
+    refused.targets.push(tapmesh_tests::net::target(
+        "s",
+        3,
+        TargetVia::Local {
+            interface: "lo".into(),
+            mac: "02:00:00:00:00:01".into(),
+        },
+    ));
+    let valid = tapmesh::lb::model::validate(&refused).expect("valid");
+    let tunnel_settings = tapmesh::dataplane::lb::TunnelSettings {
+        port: 50103,
+        address: Some(NODE),
+    };
+    assert!(lb
+        .apply(&mut bpf.ebpf, &valid, tunnel_settings, &no_local)
+        .is_err());
+    assert_eq!(peers(&bpf), vec![(LB_NODE, 1), (BOTH, 3)]);
+
+    // The LB's targets gone: the overlay's node stays, under its bit only.
+    spec.targets.clear();
+    write_lb(&mut bpf, &mut lb, &spec, Some(NODE), &no_local);
+    assert_eq!(peers(&bpf), vec![(BOTH, 2)]);
+    overlay
+        .apply(&mut bpf.ebpf, &OverlayTables::default())
+        .expect("overlay apply");
+    assert_eq!(peers(&bpf), vec![]);
+}
