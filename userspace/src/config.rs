@@ -746,6 +746,24 @@ mod tests {
     }
 
     #[test]
+    fn tunnel_peers_come_from_the_file_or_the_flags() {
+        let mut c = Config::from_toml("[lb]\ntunnel_peers = [\"198.18.2.1\"]\n").unwrap();
+        assert_eq!(
+            c.lb.tunnel_peers,
+            vec![std::net::Ipv4Addr::new(198, 18, 2, 1)]
+        );
+        c.apply(&Overrides {
+            tunnel_peers: vec![std::net::Ipv4Addr::new(198, 18, 2, 9)],
+            ..Default::default()
+        });
+        assert_eq!(
+            c.lb.tunnel_peers,
+            vec![std::net::Ipv4Addr::new(198, 18, 2, 9)]
+        );
+        assert!(Config::from_toml("[lb]\ntunnel_peers = [\"node1\"]\n").is_err());
+    }
+
+    #[test]
     fn overrides_win_over_the_file() {
         let mut c =
             Config::from_toml("[dataplane]\nuplinks = [\"a\"]\nxdp_mode = \"native\"\n").unwrap();
