@@ -55,6 +55,7 @@ pub mod map_names {
     pub const TARGETS: &str = "tm_targets";
     pub const LB_CONFIG: &str = "tm_lb_config";
     pub const TUNNEL: &str = "tm_tunnel";
+    pub const TUNNEL_PEERS: &str = "tm_tunnel_peers";
     pub const VIP_STATS: &str = "tm_vip_stats";
     pub const FLOW_STATS: &str = "tm_flow_stats";
     pub const TARGET_STATS: &str = "tm_target_stats";

@@ -101,6 +101,7 @@ counter_set!(
         too_big_for_tunnel => TooBigForTunnel,
         unsupported_service_packet => UnsupportedServicePacket,
         adjust_room_failed => AdjustRoomFailed,
+        tunnel_unknown_node => TunnelUnknownNode,
     }
 );
 

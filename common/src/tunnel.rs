@@ -4,6 +4,15 @@
 //! instances' packets; the uplink decapsulates what arrives for this node
 //! once, for both.
 
+/// How many node addresses `tm_tunnel_peers` holds.
+pub const MAX_PEERS: u32 = 1024;
+/// Bits of a `tm_tunnel_peers` value: which source named the node (each
+/// source sets and clears only its own bit; the entry goes with the last).
+pub const PEER_LB: u8 = 1;
+pub const PEER_OVERLAY: u8 = 2;
+/// Named in the configuration (`lb.tunnel_peers`).
+pub const PEER_STATIC: u8 = 4;
+
 /// Value of `tm_tunnel` (one entry): this node's tunnel endpoint.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use tapmesh_common::{
     overlay::{
         self as ov, ConntrackKey, ConntrackValue, Instance, Local, Miss, OverlayConfig, Service,
     },
-    tunnel::TunnelConfig,
+    tunnel::{TunnelConfig, MAX_PEERS},
     PacketCounter, ProgramSlot, ProgramStats,
 };
 
@@ -83,6 +83,11 @@ pub static tm_lb_config: Array<LbConfig, 1> = Array::new();
 /// This node's tunnel endpoint (one entry), for the load balancer and the overlay.
 #[btf_map]
 pub static tm_tunnel: Array<TunnelConfig, 1> = Array::new();
+
+/// Underlay address of every node this one may take tunnel packets from →
+/// which sources named it (`PEER_LB`, `PEER_OVERLAY`).
+#[btf_map]
+pub static tm_tunnel_peers: HashMap<[u8; 4], u8, { MAX_PEERS as usize }> = HashMap::new();
 
 /// Packets and bytes per VIP, flow and target.
 #[btf_map]

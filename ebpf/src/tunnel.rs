@@ -24,7 +24,7 @@ use tapmesh_common::{tunnel::TunnelConfig, DropReason};
 
 use crate::{
     headers::*,
-    maps::tm_tunnel,
+    maps::{tm_tunnel, tm_tunnel_peers},
     packet::{load16, load32, store16, store32, Packet},
     parse::{Fragment, Parsed, L3},
 };
@@ -210,6 +210,18 @@ pub fn is_ours(parsed: &Parsed, t: &TunnelConfig) -> bool {
         && parsed.fragment == Fragment::None
         && parsed.dst_port == t.port
         && parsed.dst_addr[3] == node_addr(t)
+}
+
+/// Refuses a tunnel packet whose outer source is not a node the daemon
+/// named (`tm_tunnel_peers`): only nodes may use the tunnel.
+#[inline(always)]
+pub fn check_peer(parsed: &Parsed) -> Result<(), DropReason> {
+    let src = parsed.src_addr[3].to_ne_bytes();
+    // SAFETY: a lookup; the value is not kept.
+    match unsafe { tm_tunnel_peers.get(&src) } {
+        Some(_) => Ok(()),
+        None => Err(DropReason::TunnelUnknownNode),
+    }
 }
 
 /// Removes the outer headers of a tunnel packet for this node, leaving

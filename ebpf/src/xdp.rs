@@ -47,7 +47,7 @@ pub fn packet_of(ctx: &XdpContext) -> Packet {
     Packet::new(start, end, wire_len)
 }
 
-/// Tunnel packets for this node are decapsulated first and go to a
+/// Tunnel packets for this node from a known node are decapsulated first and go to a
 /// container here (overlay) or to the load balancer; then VIP traffic is
 /// load balanced and everything else passes.
 #[inline(always)]
@@ -56,6 +56,7 @@ fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, D
     let tunnel = tunnel::config();
     let tunneled = tunnel.is_some_and(|t| tunnel::is_ours(&parsed, t));
     if tunneled {
+        tunnel::check_peer(&parsed)?;
         let inner = tunnel::decapsulate(ctx, &pkt, &parsed)?;
         // One call or the other, not nested: each subprogram's stack adds
         // to this one's.

@@ -101,6 +101,9 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
             &n2_up.interface,
             "--node-address",
             "198.18.2.2",
+            // Node 1 has no target here: named, so its tunnel is taken.
+            "--tunnel-peer",
+            "198.18.2.1",
             "--lb-config",
             local.to_str().unwrap(),
         ],

@@ -111,6 +111,10 @@ pub struct LbConfig {
     pub node_address: Option<std::net::Ipv4Addr>,
     /// UDP port of the node-to-node tunnel.
     pub tunnel_port: u16,
+    /// Nodes whose tunnel packets this node takes though none of its
+    /// targets or overlay instances is there (e.g. load-balancing ingress
+    /// nodes); those nodes are taken anyway.
+    pub tunnel_peers: Vec<std::net::Ipv4Addr>,
     /// VIPs, streams, flows and targets to apply at start (TOML).
     pub config_file: Option<PathBuf>,
 }
@@ -120,6 +124,7 @@ impl Default for LbConfig {
         Self {
             node_address: None,
             tunnel_port: tapmesh_common::DEFAULT_TUNNEL_PORT,
+            tunnel_peers: Vec::new(),
             config_file: None,
         }
     }
@@ -361,6 +366,14 @@ pub struct Overrides {
     /// UDP port of the node-to-node tunnel.
     #[arg(long, env = "TAPMESH_TUNNEL_PORT")]
     pub tunnel_port: Option<u16>,
+    /// A node whose tunnel packets are taken though no target or instance
+    /// is there (repeat, or comma-separate in the environment).
+    #[arg(
+        long = "tunnel-peer",
+        env = "TAPMESH_TUNNEL_PEERS",
+        value_delimiter = ','
+    )]
+    pub tunnel_peers: Vec<std::net::Ipv4Addr>,
     /// LB configuration (VIPs, streams, flows, targets) applied at start.
     #[arg(long, env = "TAPMESH_LB_CONFIG")]
     pub lb_config: Option<PathBuf>,
@@ -489,6 +502,9 @@ impl Config {
         }
         if let Some(v) = o.tunnel_port {
             self.lb.tunnel_port = v;
+        }
+        if !o.tunnel_peers.is_empty() {
+            self.lb.tunnel_peers = o.tunnel_peers.clone();
         }
         if let Some(v) = &o.lb_config {
             self.lb.config_file = Some(v.clone());
@@ -727,6 +743,24 @@ mod tests {
         let e = Config::from_toml("[dataplane]\nxdp_mode = \"turbo\"\n").unwrap_err();
         assert!(e.starts_with("line 2:") && e.contains("turbo"), "{e}");
         assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn tunnel_peers_come_from_the_file_or_the_flags() {
+        let mut c = Config::from_toml("[lb]\ntunnel_peers = [\"198.18.2.1\"]\n").unwrap();
+        assert_eq!(
+            c.lb.tunnel_peers,
+            vec![std::net::Ipv4Addr::new(198, 18, 2, 1)]
+        );
+        c.apply(&Overrides {
+            tunnel_peers: vec![std::net::Ipv4Addr::new(198, 18, 2, 9)],
+            ..Default::default()
+        });
+        assert_eq!(
+            c.lb.tunnel_peers,
+            vec![std::net::Ipv4Addr::new(198, 18, 2, 9)]
+        );
+        assert!(Config::from_toml("[lb]\ntunnel_peers = [\"node1\"]\n").is_err());
     }
 
     #[test]

@@ -22,10 +22,12 @@ use tapmesh_common::{
         Target, VipAddr, VipConfig, VipKey, VipValue, MAGLEV_CAPACITY, MAX_FLOWS,
         MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, NO_TARGET, TARGET_REMOTE,
     },
-    map_names as n, PacketCounter,
+    map_names as n,
+    tunnel::PEER_LB,
+    PacketCounter,
 };
 
-use super::{batch, map_err, map_mut, DataplaneError};
+use super::{batch, map_err, map_mut, tunnel::write_peers, DataplaneError};
 
 /// Map entries of one VIP configuration (under one config id).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -252,6 +254,21 @@ pub struct LbWriter {
     hops: BTreeMap<std::net::Ipv4Addr, Hop>,
     /// `tm_vip_slots` as written (non-empty slots only).
     slots: BTreeMap<u32, tapmesh_common::lb::VipSlot>,
+    /// Nodes of remote targets, as named in `tm_tunnel_peers` (`PEER_LB`).
+    peers: BTreeSet<std::net::Ipv4Addr>,
+}
+
+/// The nodes of the remote targets: the ones that may send this node
+/// tunnel packets for the load balancer.
+fn remote_nodes(targets: &BTreeMap<(String, u32), Target>) -> BTreeSet<std::net::Ipv4Addr> {
+    targets
+        .values()
+        .filter(|t| t.kind == TARGET_REMOTE)
+        .map(|t| {
+            let [.., a, b, c, d] = t.node_addr;
+            std::net::Ipv4Addr::new(a, b, c, d)
+        })
+        .collect()
 }
 
 fn zero_counter(ebpf: &mut Ebpf, name: &'static str, index: u32) -> Result<(), DataplaneError> {
@@ -559,6 +576,12 @@ impl LbWriter {
         plan: &Plan,
         published: &mut BTreeSet<String>,
     ) -> Result<(), DataplaneError> {
+        // New nodes may use the tunnel before targets name them; gone ones
+        // lose it once their targets are gone (at the end).
+        let peers = remote_nodes(&plan.targets);
+        let during: BTreeSet<_> = self.peers.union(&peers).copied().collect();
+        write_peers(ebpf, PEER_LB, &self.peers, &during)?;
+        self.peers = during;
         for (name, id) in &plan.new_flows {
             zero_counter(ebpf, n::FLOW_STATS, *id)?;
             self.flows.insert(name.clone(), *id);
@@ -657,6 +680,8 @@ impl LbWriter {
             let id = self.flows.remove(&name).expect("listed");
             self.flow_ids.give(id);
         }
+        write_peers(ebpf, PEER_LB, &self.peers, &peers)?;
+        self.peers = peers;
         Ok(())
     }
 

@@ -17,7 +17,7 @@ use std::{path::PathBuf, sync::Arc};
 
 use async_trait::async_trait;
 use aya::{maps::PerCpuArray, Ebpf};
-use tapmesh_common::{map_names, ProgramSlot, ProgramStats};
+use tapmesh_common::{map_names, tunnel::PEER_STATIC, ProgramSlot, ProgramStats};
 use thiserror::Error;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -369,6 +369,8 @@ pub struct DataplanePlugin {
     handle: DataplaneHandle,
     config: std::sync::Mutex<DataplaneConfig>,
     tunnel: std::sync::Mutex<tunnel::TunnelSettings>,
+    /// `lb.tunnel_peers`, written at start (`PEER_STATIC`).
+    peers: std::sync::Mutex<std::collections::BTreeSet<std::net::Ipv4Addr>>,
 }
 
 impl DataplanePlugin {
@@ -377,6 +379,7 @@ impl DataplanePlugin {
             handle,
             config: std::sync::Mutex::new(DataplaneConfig::default()),
             tunnel: std::sync::Mutex::new(tunnel::TunnelSettings::default()),
+            peers: Default::default(),
         }
     }
 
@@ -398,13 +401,15 @@ impl Plugin for DataplanePlugin {
     ) -> Result<(), PluginError> {
         *self.config.lock().expect("config lock") = config.dataplane.clone();
         *self.tunnel.lock().expect("tunnel lock") = tunnel::TunnelSettings::of(config);
+        *self.peers.lock().expect("peers lock") = config.lb.tunnel_peers.iter().copied().collect();
         Ok(())
     }
 
     async fn start(&self, _scope: CancellationToken) -> Result<(), PluginError> {
         let config = self.config();
         let tunnel = *self.tunnel.lock().expect("tunnel lock");
-        let running = tokio::task::spawn_blocking(move || start_dataplane(&config, tunnel))
+        let peers = self.peers.lock().expect("peers lock").clone();
+        let running = tokio::task::spawn_blocking(move || start_dataplane(&config, tunnel, &peers))
             .await
             .map_err(|e| PluginError::new(e.to_string()))?
             .map_err(|e| PluginError::new(e.to_string()))?;
@@ -468,6 +473,7 @@ impl Plugin for DataplanePlugin {
 fn start_dataplane(
     config: &DataplaneConfig,
     tunnel: tunnel::TunnelSettings,
+    peers: &std::collections::BTreeSet<std::net::Ipv4Addr>,
 ) -> Result<Running, DataplaneError> {
     let pin_dir = pins::prepare(&config.bpffs_root)?;
     let kept = pins::has_pins(&pin_dir);
@@ -477,6 +483,8 @@ fn start_dataplane(
     let result = (|| {
         let ebpf = loaded.insert(pins::load(BPF_OBJECT, &pin_dir)?);
         tunnel::write(ebpf, tunnel)?;
+        // Every static peer, over any an earlier daemon named.
+        tunnel::write_peers(ebpf, PEER_STATIC, peers, peers)?;
         // `ebpf` owns every link: dropping it detaches them.
         for interface in &config.uplinks {
             attachments.push(attach::xdp(
@@ -600,6 +608,7 @@ mod tests {
             n::TARGETS,
             n::LB_CONFIG,
             n::TUNNEL,
+            n::TUNNEL_PEERS,
             n::VIP_STATS,
             n::FLOW_STATS,
             n::TARGET_STATS,

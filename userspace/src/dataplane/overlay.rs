@@ -2,7 +2,7 @@
 //! hands over the whole wanted state; only differences reach the kernel, in
 //! an order no packet can trip over (see [`OverlayWriter::apply`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
 use aya::Ebpf;
@@ -10,13 +10,14 @@ use tapmesh_common::{
     map_names as n,
     overlay::{
         local_slot, Addr6, Instance, Instance6, Local, Local6, LocalSlot, OverlayConfig,
-        OverlayConfig6, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
-        SERVICE_SLOTS,
+        OverlayConfig6, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, INSTANCE_REMOTE, LOCAL_SLOT_ONE,
+        LOCAL_SLOT_SHARED, SERVICE_SLOTS,
     },
+    tunnel::PEER_OVERLAY,
     PacketCounter,
 };
 
-use super::{map_err, map_mut, map_ref, DataplaneError};
+use super::{map_err, map_mut, map_ref, tunnel::write_peers, DataplaneError};
 
 /// An IPv4 address as the maps hold it: its bytes.
 pub fn addr_word(addr: std::net::Ipv4Addr) -> [u8; 4] {
@@ -66,6 +67,19 @@ pub struct OverlayWriter {
     config: Option<OverlayConfig>,
     /// The maps' contents were read once (pins an earlier daemon kept).
     adopted: bool,
+    /// Nodes of remote instances, as named in `tm_tunnel_peers` (`PEER_OVERLAY`).
+    peers: BTreeSet<std::net::Ipv4Addr>,
+}
+
+/// The nodes of the remote instances (an IPv6 instance shares its IPv4
+/// twin's node): the ones that may send this node tunnel packets for the
+/// overlay.
+fn remote_nodes(t: &OverlayTables) -> BTreeSet<std::net::Ipv4Addr> {
+    t.instances
+        .values()
+        .filter(|i| i.kind == INSTANCE_REMOTE)
+        .map(|i| i.node_addr.into())
+        .collect()
 }
 
 /// `tm_ov_loc_slots` for `locals`: each container in the slot of its
@@ -280,6 +294,12 @@ impl OverlayWriter {
         ) {
             self.write_config6(ebpf, during)?;
         }
+        // New nodes may use the tunnel before instances name them; gone
+        // ones lose it once their instances are gone.
+        let peers = remote_nodes(wanted);
+        let during: BTreeSet<_> = self.peers.union(&peers).copied().collect();
+        write_peers(ebpf, PEER_OVERLAY, &self.peers, &during)?;
+        self.peers = during;
         self.add_instances(ebpf, wanted)?;
         self.add_locals(ebpf, wanted)?;
         self.write_local_slots(ebpf, wanted)?;
@@ -287,6 +307,8 @@ impl OverlayWriter {
         self.remove_services(ebpf, wanted)?;
         self.remove_locals(ebpf, wanted)?;
         self.remove_instances(ebpf, wanted)?;
+        write_peers(ebpf, PEER_OVERLAY, &self.peers, &peers)?;
+        self.peers = peers;
         self.write_config6(ebpf, wanted.config6)?;
         self.write_config(ebpf, wanted.config.flagged(wanted.services.keys()))?;
         self.written = wanted.clone();

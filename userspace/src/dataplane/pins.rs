@@ -97,6 +97,7 @@ const MAPS: &[MapSpec] = &[
         size_of::<tapmesh_common::tunnel::TunnelConfig>(),
         1,
     ),
+    spec(n::TUNNEL_PEERS, 4, 1, tapmesh_common::tunnel::MAX_PEERS),
     spec(n::VIP_STATS, 4, size_of::<PacketCounter>(), MAX_VIPS),
     spec(n::FLOW_STATS, 4, size_of::<PacketCounter>(), MAX_FLOWS),
     spec(n::TARGET_STATS, 4, size_of::<PacketCounter>(), MAX_TARGETS),

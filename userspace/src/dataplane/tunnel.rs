@@ -1,8 +1,15 @@
 //! This node's tunnel endpoint (`tm_tunnel`), shared by the load balancer
 //! and the overlay: worked out once from the configuration and written once,
-//! when the dataplane starts.
+//! when the dataplane starts; and the nodes it takes tunnel packets from
+//! (`tm_tunnel_peers`), named by the load balancer's remote targets and the
+//! overlay's remote instances.
 
-use aya::{maps::Array, Ebpf};
+use std::{collections::BTreeSet, net::Ipv4Addr};
+
+use aya::{
+    maps::{Array, HashMap as BpfHashMap},
+    Ebpf,
+};
 use tapmesh_common::{map_names as n, tunnel::TunnelConfig};
 
 use super::{map_err, map_mut, DataplaneError};
@@ -50,4 +57,40 @@ pub fn write(ebpf: &mut Ebpf, settings: TunnelSettings) -> Result<(), DataplaneE
     let mut map: Array<_, TunnelConfig> =
         Array::try_from(map_mut(ebpf, n::TUNNEL)?).map_err(map_err(n::TUNNEL))?;
     map.set(0, settings.config(), 0).map_err(map_err(n::TUNNEL))
+}
+
+/// Makes `tm_tunnel_peers` name `wanted` for one source (`bit`: `PEER_LB`
+/// or `PEER_OVERLAY`), given what that source named before (`had`). Each
+/// source sets and clears only its own bit, so the map holds the union of
+/// the sources without either knowing the other's nodes. New nodes are
+/// added before the caller's targets use them; call it again with the old
+/// set to undo.
+pub fn write_peers(
+    ebpf: &mut Ebpf,
+    bit: u8,
+    had: &BTreeSet<Ipv4Addr>,
+    wanted: &BTreeSet<Ipv4Addr>,
+) -> Result<(), DataplaneError> {
+    let name = n::TUNNEL_PEERS;
+    let mut map: BpfHashMap<_, [u8; 4], u8> =
+        BpfHashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    // Every wanted node is checked, not only new ones: maps kept from an
+    // earlier daemon may lack them.
+    for addr in wanted {
+        let key = addr.octets();
+        let bits = map.get(&key, 0).unwrap_or(0);
+        if bits & bit == 0 {
+            map.insert(key, bits | bit, 0).map_err(map_err(name))?;
+        }
+    }
+    for addr in had.difference(wanted) {
+        let key = addr.octets();
+        match map.get(&key, 0) {
+            Ok(bits) if bits & !bit != 0 => map.insert(key, bits & !bit, 0),
+            Ok(_) => map.remove(&key),
+            Err(_) => Ok(()),
+        }
+        .map_err(map_err(name))?;
+    }
+    Ok(())
 }

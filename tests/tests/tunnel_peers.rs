@@ -1,0 +1,247 @@
+//! Only nodes may use the tunnel: node 2 decapsulates tunnel packets from
+//! a node it knows (here named by `--tunnel-peer`) and drops, counted as
+//! `tunnel_unknown_node`, those from any other source, whatever they carry.
+//!
+//! ```text
+//! sender ════ node2 ── target
+//! .2.1 (+ 192.0.2.66)  .2.2 .21.1  .21.2 (+ VIP on lo)      (198.18.x.y)
+//! ```
+
+use std::{
+    net::{Ipv4Addr, UdpSocket},
+    time::Duration,
+};
+
+use tapmesh::lb::model::TargetVia;
+use tapmesh_tests::{
+    daemon::{named, Daemon},
+    frames::udp4,
+    kernel_tests_enabled, link,
+    net::{lb_toml, one_target_spec},
+    Netns,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
+const NODE1: &str = "198.18.2.1";
+const NODE2: &str = "198.18.2.2";
+const OUTSIDER: &str = "192.0.2.66";
+const COUNT: u16 = 1000;
+
+/// Sends `COUNT` tunnel packets from `from` to node 2's tunnel port, each
+/// carrying a UDP datagram for the VIP's port 7000; paced so that no queue
+/// on the way overflows.
+fn send_tunnelled(netns: &str, from: &'static str) -> std::thread::JoinHandle<()> {
+    let netns = netns.to_string();
+    std::thread::spawn(move || {
+        tapmesh::net::netns::enter(&netns).expect("entering the namespace");
+        let socket = UdpSocket::bind((from, 0)).expect("bind on the outer source");
+        let port = tapmesh_common::DEFAULT_TUNNEL_PORT;
+        for i in 0..COUNT {
+            let inner = udp4(
+                CLIENT,
+                VIP,
+                40000 + i,
+                7000,
+                format!("{from} {i}").as_bytes(),
+            );
+            socket.send_to(&inner, (NODE2, port)).expect("sending");
+            std::thread::sleep(Duration::from_micros(300));
+        }
+    })
+}
+
+/// Counts the datagrams the target gets on the VIP until 1 s passes without one.
+fn receive(netns: &str) -> std::thread::JoinHandle<u32> {
+    let netns = netns.to_string();
+    std::thread::spawn(move || {
+        tapmesh::net::netns::enter(&netns).expect("entering the namespace");
+        let socket = UdpSocket::bind((VIP, 7000)).expect("bind on the VIP");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let mut got = 0;
+        while socket.recv_from(&mut buf).is_ok() {
+            got += 1;
+        }
+        got
+    })
+}
+
+#[test]
+fn tunnel_packets_from_a_node_it_does_not_know_reach_nothing() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let sender = Netns::new("s");
+    let node2 = Netns::new("n2");
+    let target = Netns::new("t");
+    let (_s_if, n2_up) = link(&sender, "198.18.2.1/24", &node2, "198.18.2.2/24");
+    let (n2_down, t_if) = link(&node2, "198.18.21.1/24", &target, "198.18.21.2/24");
+    sender.ip(&["addr", "add", &format!("{OUTSIDER}/32"), "dev", "lo"]);
+    node2.ip(&["route", "add", &format!("{OUTSIDER}/32"), "via", NODE1]);
+    target.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+    target.ip(&["route", "add", "default", "via", "198.18.21.1"]);
+    // Native XDP redirect into a veth needs NAPI on the receiving side.
+    target.exec(&["ethtool", "-K", &t_if.interface, "gro", "on"]);
+
+    let dir = std::env::temp_dir().join(tapmesh_tests::unique("tmpeer"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let via = TargetVia::Local {
+        interface: n2_down.interface.clone(),
+        mac: tapmesh_tests::fmt_mac(target.mac(&t_if.interface)),
+    };
+    let spec = one_target_spec(&VIP.to_string(), "web", 4, &["udp"], via);
+    let lb = dir.join("node2.toml");
+    std::fs::write(&lb, lb_toml(&spec)).expect("writing the LB file");
+    let d2 = Daemon::start(
+        &node2.name,
+        &[
+            "--uplink",
+            &n2_up.interface,
+            "--node-address",
+            NODE2,
+            "--tunnel-peer",
+            NODE1,
+            "--lb-config",
+            lb.to_str().unwrap(),
+        ],
+    );
+
+    // From an outsider: nothing reaches the target, every packet is counted.
+    let got = receive(&target.name);
+    std::thread::sleep(Duration::from_millis(200));
+    send_tunnelled(&sender.name, OUTSIDER).join().unwrap();
+    assert_eq!(got.join().unwrap(), 0, "spoofed packets reached the target");
+    let s2 = d2.status();
+    assert_eq!(
+        named(&s2, "xdp_uplink", "tunnel_unknown_node"),
+        u64::from(COUNT),
+        "every spoofed packet is counted"
+    );
+    let delivered = |s: &tapmesh::admin::proto::StatusResponse| {
+        s.targets
+            .iter()
+            .find(|t| t.name == "web/1")
+            .map_or(0, |t| t.packets)
+    };
+    assert_eq!(delivered(&s2), 0, "the LB saw no spoofed packet");
+
+    // From the node it knows: every packet reaches the target.
+    let got = receive(&target.name);
+    std::thread::sleep(Duration::from_millis(200));
+    send_tunnelled(&sender.name, NODE1).join().unwrap();
+    assert_eq!(got.join().unwrap(), u32::from(COUNT), "the node's packets");
+    let s2 = d2.status();
+    assert_eq!(delivered(&s2), u64::from(COUNT));
+    assert_eq!(
+        named(&s2, "xdp_uplink", "tunnel_unknown_node"),
+        u64::from(COUNT),
+        "the node's packets are not counted as unknown"
+    );
+    for reason in ["no_target", "no_flow_match", "bad_tunnel_packet"] {
+        assert_eq!(named(&s2, "xdp_uplink", reason), 0, "node 2 {reason}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `tm_tunnel_peers` as (address, source bits).
+fn peers(bpf: &tapmesh_tests::bpf::Bpf) -> Vec<(Ipv4Addr, u8)> {
+    let name = tapmesh_common::map_names::TUNNEL_PEERS;
+    let map: aya::maps::HashMap<_, [u8; 4], u8> =
+        aya::maps::HashMap::try_from(bpf.ebpf.map(name).expect("the peers map")).unwrap();
+    let mut all: Vec<(Ipv4Addr, u8)> = map
+        .iter()
+        .map(|e| e.expect("an entry"))
+        .map(|(k, v)| (Ipv4Addr::from(k), v))
+        .collect();
+    all.sort();
+    all
+}
+
+/// The writers name the nodes they send to, each under its own bit: the
+/// LB's remote targets (1), the overlay's remote instances (2); a node
+/// both name stays until neither does; a refused LB change leaves the map
+/// as it was; and the uplink takes tunnel packets from exactly those nodes.
+#[test]
+fn the_writers_name_the_nodes_that_may_use_the_tunnel() {
+    use tapmesh::dataplane::{
+        lb::LbWriter,
+        overlay::{OverlayTables, OverlayWriter},
+    };
+    use tapmesh_common::{overlay::Instance, overlay::INSTANCE_REMOTE, DropReason, ProgramSlot};
+    use tapmesh_tests::{bpf::Bpf, frames::tunnel, write_lb};
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 1);
+    const LB_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 2);
+    const BOTH: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 3);
+    let mut bpf = Bpf::load();
+    let mut lb = LbWriter::default();
+    let remote = |node: Ipv4Addr| TargetVia::Remote {
+        node: node.to_string(),
+    };
+    let no_local = |_: &str| Err("no local targets here".to_string());
+    let mut spec = one_target_spec(&VIP.to_string(), "s", 4, &[], remote(LB_NODE));
+    spec.targets
+        .push(tapmesh_tests::net::target("s", 2, remote(BOTH)));
+    write_lb(&mut bpf, &mut lb, &spec, Some(NODE), &no_local);
+    assert_eq!(peers(&bpf), vec![(LB_NODE, 1), (BOTH, 1)]);
+
+    let instance = |node: Ipv4Addr| Instance {
+        node_addr: node.octets(),
+        node_port: 50103,
+        kind: INSTANCE_REMOTE,
+        ..Default::default()
+    };
+    let mut overlay = OverlayWriter::default();
+    let mut tables = OverlayTables::default();
+    tables.instances.insert(1, instance(BOTH));
+    overlay
+        .apply(&mut bpf.ebpf, &tables)
+        .expect("overlay apply");
+    assert_eq!(peers(&bpf), vec![(LB_NODE, 1), (BOTH, 3)]);
+
+    // Only known nodes get through: the inner packet (for a VIP whose
+    // targets are remote) reaches the LB from them, nothing from others.
+    let inner = udp4(CLIENT, VIP, 40000, 7000, b"x");
+    let before = bpf.stats(ProgramSlot::XdpUplink);
+    for from in [LB_NODE, BOTH, Ipv4Addr::new(192, 0, 2, 66)] {
+        bpf.run("tm_xdp_uplink", &tunnel(from, NODE, 50103, &inner), 1);
+    }
+    let after = bpf.stats(ProgramSlot::XdpUplink);
+    let delta = |r| after.drops.get(r) - before.drops.get(r);
+    assert_eq!(delta(DropReason::TargetNotLocal), 2, "from the two nodes");
+    assert_eq!(delta(DropReason::TunnelUnknownNode), 1, "from the outsider");
+
+    // A refused change (a local target, which this resolver refuses) writes nothing.
+    let mut refused = spec.clone();
+    refused.targets.push(tapmesh_tests::net::target(
+        "s",
+        3,
+        TargetVia::Local {
+            interface: "lo".into(),
+            mac: "02:00:00:00:00:01".into(),
+        },
+    ));
+    let valid = tapmesh::lb::model::validate(&refused).expect("valid");
+    let tunnel_settings = tapmesh::dataplane::lb::TunnelSettings {
+        port: 50103,
+        address: Some(NODE),
+    };
+    assert!(lb
+        .apply(&mut bpf.ebpf, &valid, tunnel_settings, &no_local)
+        .is_err());
+    assert_eq!(peers(&bpf), vec![(LB_NODE, 1), (BOTH, 3)]);
+
+    // The LB's targets gone: the overlay's node stays, under its bit only.
+    spec.targets.clear();
+    write_lb(&mut bpf, &mut lb, &spec, Some(NODE), &no_local);
+    assert_eq!(peers(&bpf), vec![(BOTH, 2)]);
+    overlay
+        .apply(&mut bpf.ebpf, &OverlayTables::default())
+        .expect("overlay apply");
+    assert_eq!(peers(&bpf), vec![]);
+}
