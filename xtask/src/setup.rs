@@ -23,8 +23,8 @@ const PACKAGES: &[&str] = &[
     "etcd-client", // etcdctl, to look at what the tests wrote
     "iptables",    // TEE, the kernel's mirror baseline in the benchmarks
     "nftables",
-    "xdp-tools", // xdpdump, beside tcpdump in the mirroring bench
-    "dpdk-dev",  // dpdk-testpmd, a DPDK consumer of a mirror ring in the tests
+    "xdp-tools",              // xdpdump, beside tcpdump in the mirroring bench
+    "dpdk-dev",               // dpdk-testpmd, a DPDK consumer of a mirror ring in the tests
     "librte-net-af-packet23", // its AF_PACKET driver (only recommended by Debian)
 ];
 
