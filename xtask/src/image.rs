@@ -26,8 +26,8 @@ const MIRRORS: &[&str] = &[
 /// What a new machine needs before `cargo xtask setup` can run: a C
 /// toolchain for the linker and curl for rustup-init.
 const BUILD_ROOT_PACKAGES: &str = "ca-certificates,curl,gcc,libc6-dev";
-/// The runtime: bpftool for operators, `ip` (remote targets' neighbours, the
-/// NetManager's MTU) and `nft` (NetManager port mappings), which the daemon runs.
+/// The runtime: bpftool, `ip` and `nft` for operators to inspect maps, links and
+/// the NetManager's port mappings (the daemon itself uses netlink, never these).
 const RUNTIME_PACKAGES: &str = "libc6,libgcc-s1,bpftool,iproute2,nftables";
 /// What the runtime root does without: documentation, locales, headers, iconv
 /// modules (apt's own files are mmdebstrap's to clean up).
