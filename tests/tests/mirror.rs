@@ -629,3 +629,88 @@ fn dpdk_testpmd_receives_a_rings_forwarded_copies() {
     let counters = lab.list().services[0].ring_counters.clone().unwrap();
     assert_eq!((counters.received, counters.consumers[0].lost), (50, 0));
 }
+
+/// Issue 20: a restart emptied the ring's pcap file (earlier captures lost),
+/// the file was world-readable, a relative path was the daemon's working
+/// directory's, and `--vlan-filter ""` meant every VLAN where TaaS refuses it.
+#[test]
+fn a_ring_capture_survives_a_restart_private_and_absolute() {
+    use std::os::unix::fs::PermissionsExt;
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let state = TempDir::new("tmmst");
+    let state_args = vec!["--state-dir".to_string(), state.0.display().to_string()];
+    let mut lab = Lab::with(|_| state_args.clone());
+    let dir = TempDir::new("tmpcap");
+    let pcap = dir.0.join("mirror.pcap");
+    lab.ring_service("ring", &pcap);
+    lab.flow("both", "ring", "BOTH", "").unwrap();
+    lab.ping(10);
+    lab.wait_delivered(20);
+    assert_eq!(tshark_fields(&pcap, "icmp.type").len(), 20);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&pcap), 0o600, "copies of other hosts' traffic");
+
+    // The daemon restarts with its taps; the capture goes on in the same file.
+    assert!(lab.daemon.stop().success());
+    let args: Vec<&str> = state_args.iter().map(String::as_str).collect();
+    lab.daemon = Daemon::start(&lab.node.name, &args);
+    assert_eq!(lab.list().flows.len(), 1, "the tap flow is restored");
+    lab.ping(10);
+    lab.wait_delivered(20);
+    let types = tshark_fields(&pcap, "icmp.type");
+    assert_eq!(types.len(), 40, "both runs' copies: {types:?}");
+    assert_eq!(types.iter().filter(|t| *t == "8").count(), 20);
+    assert_eq!(mode(&pcap), 0o600);
+
+    // A relative path: refused by the daemon, made absolute by the CLI.
+    let relative = Ring {
+        pcap: "relative.pcap".into(),
+        forward: String::new(),
+    };
+    let e = lab
+        .service("rel", Destination::Ring(relative))
+        .expect_err("a relative pcap path");
+    assert!(e.message().contains("use an absolute path"), "{e:?}");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&lab.daemon.socket)
+            .current_dir(&dir.0)
+            .output()
+            .expect("tapmesh")
+    };
+    let out = cli(&["tap-service", "create", "rel", "--pcap", "relative.pcap"]);
+    assert!(out.status.success(), "{out:?}");
+    let services = lab.list().services;
+    let ring = services
+        .iter()
+        .find(|s| s.id == "rel")
+        .expect("service rel");
+    let Some(Destination::Ring(r)) = &ring.destination else {
+        panic!("{ring:?}")
+    };
+    assert_eq!(r.pcap, dir.0.join("relative.pcap").display().to_string());
+    assert_eq!(mode(&dir.0.join("relative.pcap")), 0o600);
+
+    // An empty VLAN filter is refused before anything is asked.
+    let out = cli(&[
+        "tap-flow",
+        "create",
+        "empty",
+        "--tap-service",
+        "ring",
+        "--source",
+        &lab.port.interface,
+        "--direction",
+        "BOTH",
+        "--vlan-filter",
+        "",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vlan_filter \"\": empty"), "{err}");
+    assert_eq!(lab.list().flows.len(), 1, "no flow made");
+}

@@ -186,6 +186,12 @@ impl MirrorService {
                 if let Some(f) = &r.forward {
                     interface_index(f).ok_or_else(|| MirrorError::NoInterface(f.clone()))?;
                 }
+                // The daemon's working directory is no place the caller knows.
+                if let Some(p) = r.pcap.as_ref().filter(|p| !p.starts_with('/')) {
+                    return Err(MirrorError::Invalid(format!(
+                        "pcap file {p:?}: use an absolute path"
+                    )));
+                }
                 let used: BTreeSet<u32> = state
                     .services
                     .values()
