@@ -714,3 +714,118 @@ fn a_ring_capture_survives_a_restart_private_and_absolute() {
     assert!(err.contains("vlan_filter \"\": empty"), "{err}");
     assert_eq!(lab.list().flows.len(), 1, "no flow made");
 }
+
+/// Issue 20: the networking-spp agent kept what it owned in memory only.
+/// Unplugging its last flow on a tap service deleted the service with every
+/// flow on it, a CLI-made one included; and a flow whose etcd keys were
+/// deleted while the daemon was down came back and kept copying. It now
+/// deletes only what it created, and reconciles its persisted taps at start.
+#[test]
+fn the_spp_agent_touches_only_its_own_taps_and_reconciles_after_a_restart() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const HOST: &str = "compute-2";
+    let state = TempDir::new("tmspp");
+    let mut etcd = None;
+    let mut daemon_args = Vec::new();
+    let mut lab = Lab::with(|node| {
+        let e = tapmesh_tests::etcd::Etcd::new_in(&node.name);
+        daemon_args = vec![
+            "--etcd-endpoint".to_string(),
+            e.endpoint.clone(),
+            "--spp-host".into(),
+            HOST.into(),
+            "--state-dir".into(),
+            state.0.display().to_string(),
+        ];
+        etcd = Some(e);
+        daemon_args.clone()
+    });
+    let etcd = etcd.unwrap();
+    let key = |kind: &str, id: &str| format!("/spp/openstack/{kind}/{HOST}/{id}");
+    let (service_port, source_port) = (
+        "11111111-2222-3333-4444-555555555555",
+        "66666666-7777-8888-9999-000000000000",
+    );
+    let (tf1, tf2) = (
+        "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeee1",
+        "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeee2",
+    );
+    etcd.put(&key("mirror", "0"), "None");
+    for (port, interface) in [
+        (service_port, &lab.tap_if.interface),
+        (source_port, &lab.port.interface),
+    ] {
+        etcd.put(
+            &key("bind_port", port),
+            &format!(r#"{{"mac_address": "fa:16:3e:00:00:01", "vhost_id": 0, "interface": "{interface}"}}"#),
+        );
+    }
+    let plug = |tf: &str| {
+        etcd.put(&key("mirror", "0"), tf);
+        etcd.put(
+            &key("tap_info", tf),
+            &format!(r#"{{"service_port": "{service_port}", "source_port": "{source_port}", "mirror_in": 0, "mirror_out": null}}"#),
+        );
+        etcd.put(&key("tap_action", tf), "plug");
+    };
+    let ids = |lab: &Lab| {
+        let l = lab.list();
+        let flows: Vec<String> = l.flows.iter().map(|f| f.id.clone()).collect();
+        let services: Vec<String> = l.services.iter().map(|s| s.id.clone()).collect();
+        (flows, services)
+    };
+    plug(tf1);
+    assert!(
+        wait_until(Duration::from_secs(10), || etcd
+            .get(&key("tap_status", tf1))
+            .as_deref()
+            == Some("up")),
+        "{}",
+        lab.daemon.log_text()
+    );
+    // An operator's flow on the agent's tap service.
+    lab.flow("by-hand", service_port, "OUT", "").unwrap();
+    etcd.put(&key("tap_action", tf1), "unplug");
+    assert!(wait_until(Duration::from_secs(10), || etcd
+        .get(&key("tap_info", tf1))
+        .is_none()));
+    assert!(wait_until(Duration::from_secs(2), || ids(&lab).0
+        == vec!["by-hand".to_string()]));
+    assert_eq!(
+        ids(&lab),
+        (vec!["by-hand".into()], vec![service_port.into()]),
+        "the operator's flow and the service it needs stay"
+    );
+    let before = lab.monitor_rx();
+    lab.ping(5);
+    lab.expect_monitor(before, 5);
+    lab.delete_flow("by-hand");
+
+    // Plugged, then its keys deleted while the daemon is down.
+    plug(tf2);
+    assert!(wait_until(Duration::from_secs(10), || etcd
+        .get(&key("tap_status", tf2))
+        .as_deref()
+        == Some("up")));
+    assert_eq!(ids(&lab).0, vec![tf2.to_string()]);
+    assert!(lab.daemon.stop().success());
+    for kind in ["tap_info", "tap_action", "tap_status"] {
+        assert!(etcd.delete(&key(kind, tf2)), "{kind}");
+    }
+    etcd.put(&key("mirror", "0"), "None");
+    let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
+    lab.daemon = Daemon::start(&lab.node.name, &args);
+    assert!(
+        wait_until(Duration::from_secs(10), || ids(&lab)
+            == (Vec::new(), Vec::new())),
+        "{:?}\n{}",
+        ids(&lab),
+        lab.daemon.log_text()
+    );
+    let before = lab.monitor_rx();
+    lab.ping(3);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lab.monitor_rx(), before, "no copies of the deleted tap");
+}

@@ -587,6 +587,15 @@ impl TapBackend for MirrorService {
         }
     }
 
+    async fn service_exists(&self, id: &str) -> bool {
+        self.state.lock().await.services.contains_key(id)
+    }
+
+    async fn service_in_use(&self, id: &str) -> bool {
+        let state = self.state.lock().await;
+        state.flows.values().any(|f| f.spec.tap_service == id)
+    }
+
     fn removed_flows(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         Some(self.removed.subscribe())
     }
