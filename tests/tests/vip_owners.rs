@@ -148,7 +148,8 @@ fn a_vip_address_belongs_to_one_source() {
     assert_names(&err, &["vip1.trench-a", "the Meridio configuration (nsp)"]);
 }
 
-/// The README's two examples in one daemon: it does not start, and says why.
+/// The README's two examples as they were (one VIP address in both) in one
+/// daemon: it does not start, and says why.
 #[test]
 fn the_readme_examples_together_are_refused_at_start() {
     if !kernel_tests_enabled() {
