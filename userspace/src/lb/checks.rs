@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::flows::{FlowSet, Vip, VipSpec};
+use super::flows::{FlowSet, Vip};
 use super::model::{LbError, LbSpec, TargetVia};
 use crate::net::Prefix;
 
@@ -20,14 +20,8 @@ pub fn source_label(source: &str) -> String {
     }
 }
 
-/// A VIP's address as the maps key it (host bits cleared, IPv4 mapped).
-fn key(v: &VipSpec) -> Option<Prefix> {
-    Vip::parse(v).ok().map(|v| v.prefix)
-}
-
 /// Checks of one validated set of VIPs and flows.
 pub fn check_flow_set(set: &FlowSet) -> Result<(), LbError> {
-    let mut owners: HashMap<Prefix, &str> = HashMap::new();
     for vip in &set.vips {
         let everything = if vip.v6 {
             vip.prefix.len == 0
@@ -38,13 +32,6 @@ pub fn check_flow_set(set: &FlowSet) -> Result<(), LbError> {
             return Err(LbError::VipTakesEverything {
                 vip: vip.name.clone(),
                 value: written(&vip.prefix, vip.v6),
-            });
-        }
-        if let Some(first) = owners.insert(vip.prefix, &vip.name) {
-            return Err(LbError::DuplicateVipAddress {
-                first: first.to_string(),
-                second: vip.name.clone(),
-                address: written(&vip.prefix, vip.v6),
             });
         }
     }
@@ -87,14 +74,16 @@ fn written(prefix: &Prefix, v6: bool) -> String {
     }
 }
 
-/// Each VIP address belongs to one source: refuses an address two sources
-/// give (a clash within one source is the model's `DuplicateVipAddress`).
-/// `parts` are in the order sources are consulted; the first holds it.
+/// Each VIP address belongs to one VIP of one source: refuses an address
+/// two sources give (naming both), or two VIPs of one source. `parts` are
+/// in the order sources are consulted; the first holds it. (Not in the
+/// model's validation: the maps could hold both, the last writer winning.)
 pub fn check_owners(parts: &[(&str, &LbSpec)]) -> Result<(), LbError> {
     let mut owners: HashMap<Prefix, (&str, &str)> = HashMap::new();
     for &(source, spec) in parts {
         for v in &spec.vips {
-            let Some(prefix) = key(v) else { continue };
+            let Ok(vip) = Vip::parse(v) else { continue };
+            let prefix = vip.prefix;
             match owners.get(&prefix) {
                 Some(&(owner_source, owner)) if owner_source != source => {
                     return Err(LbError::VipAddressTaken {
@@ -105,7 +94,13 @@ pub fn check_owners(parts: &[(&str, &LbSpec)]) -> Result<(), LbError> {
                         owner_source: source_label(owner_source),
                     });
                 }
-                Some(_) => {}
+                Some(&(_, first)) => {
+                    return Err(LbError::DuplicateVipAddress {
+                        first: first.to_string(),
+                        second: v.name.clone(),
+                        address: written(&prefix, vip.v6),
+                    });
+                }
                 None => {
                     owners.insert(prefix, (source, &v.name));
                 }
@@ -148,7 +143,7 @@ pub fn check_node(spec: &LbSpec, node: Option<Ipv4Addr>) -> Result<(), LbError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lb::flows::FlowSpec;
+    use crate::lb::flows::{FlowSpec, VipSpec};
     use crate::lb::model::{validate, StreamSpec, TargetSpec};
 
     fn vip(name: &str, address: &str) -> VipSpec {
@@ -184,7 +179,7 @@ mod tests {
             &[],
         );
         assert_eq!(
-            validate(&s).unwrap_err(),
+            check_owners(&[("lb", &s)]).unwrap_err(),
             LbError::DuplicateVipAddress {
                 first: "a".into(),
                 second: "b".into(),
@@ -196,7 +191,7 @@ mod tests {
             &[],
         );
         assert!(matches!(
-            validate(&s),
+            check_owners(&[("lb", &s)]),
             Err(LbError::DuplicateVipAddress { .. })
         ));
         // Nested prefixes are distinct VIPs (longest prefix wins in the maps).
@@ -204,7 +199,7 @@ mod tests {
             vec![vip("a", "203.0.113.0/24"), vip("b", "203.0.113.10")],
             &[],
         );
-        validate(&s).unwrap();
+        check_owners(&[("lb", &s)]).unwrap();
     }
 
     #[test]
@@ -265,12 +260,6 @@ mod tests {
         for needle in ["vip1", "vip1.trench-a", "(lb)", "(nsp)", "203.0.113.10/32"] {
             assert!(text.contains(needle), "{needle:?} in {text}");
         }
-        // Within one source the model's check speaks.
-        let both = spec(
-            vec![vip("a", "203.0.113.10"), vip("b", "203.0.113.10")],
-            &[],
-        );
-        check_owners(&[("lb", &both)]).unwrap();
         let other = spec(vec![vip("eds.web", "203.0.113.20")], &[]);
         check_owners(&[("lb", &file), ("eds", &other)]).unwrap();
     }

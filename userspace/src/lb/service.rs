@@ -57,6 +57,7 @@ pub fn read_spec(path: &Path) -> Result<LbSpec, LbServiceError> {
     let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
     let spec: LbSpec = toml::from_str(&text).map_err(|e| file(e.message().replace('\n', " ")))?;
     validate(&spec).map_err(|e| file(e.to_string()))?;
+    checks::check_owners(&[("lb", &spec)]).map_err(|e| file(e.to_string()))?;
     Ok(spec)
 }
 
