@@ -14,6 +14,8 @@ fn main() {
     ];
     // `-o json` prints the admin and registry replies as they are on the wire.
     tonic_prost_build::configure()
+        // A malformed request is INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::ProtoCodec")
         .type_attribute(".tapmesh.admin.v1", "#[derive(serde::Serialize)]")
         .type_attribute(".nsp.v1", "#[derive(serde::Serialize)]")
         .field_attribute(

@@ -867,6 +867,11 @@ impl LbLab {
         self.daemon.as_ref().expect("the daemon is not started")
     }
 
+    /// Stops the daemon (its pins go with it); the namespaces stay.
+    pub fn stop(&mut self) {
+        self.daemon = None;
+    }
+
     /// Adds `ip` (/24) to the client's veth, with a static neighbour on the node.
     pub fn add_client_address(&self, ip: Ipv4Addr) {
         self.client

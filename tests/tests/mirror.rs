@@ -629,3 +629,203 @@ fn dpdk_testpmd_receives_a_rings_forwarded_copies() {
     let counters = lab.list().services[0].ring_counters.clone().unwrap();
     assert_eq!((counters.received, counters.consumers[0].lost), (50, 0));
 }
+
+/// Issue 20: a restart emptied the ring's pcap file (earlier captures lost),
+/// the file was world-readable, a relative path was the daemon's working
+/// directory's, and `--vlan-filter ""` meant every VLAN where TaaS refuses it.
+#[test]
+fn a_ring_capture_survives_a_restart_private_and_absolute() {
+    use std::os::unix::fs::PermissionsExt;
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let state = TempDir::new("tmmst");
+    let state_args = vec!["--state-dir".to_string(), state.0.display().to_string()];
+    let mut lab = Lab::with(|_| state_args.clone());
+    let dir = TempDir::new("tmpcap");
+    let pcap = dir.0.join("mirror.pcap");
+    lab.ring_service("ring", &pcap);
+    lab.flow("both", "ring", "BOTH", "").unwrap();
+    lab.ping(10);
+    lab.wait_delivered(20);
+    assert_eq!(tshark_fields(&pcap, "icmp.type").len(), 20);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&pcap), 0o600, "copies of other hosts' traffic");
+
+    // The daemon restarts with its taps; the capture goes on in the same file.
+    assert!(lab.daemon.stop().success());
+    let args: Vec<&str> = state_args.iter().map(String::as_str).collect();
+    lab.daemon = Daemon::start(&lab.node.name, &args);
+    assert_eq!(lab.list().flows.len(), 1, "the tap flow is restored");
+    lab.ping(10);
+    lab.wait_delivered(20);
+    let types = tshark_fields(&pcap, "icmp.type");
+    assert_eq!(types.len(), 40, "both runs' copies: {types:?}");
+    assert_eq!(types.iter().filter(|t| *t == "8").count(), 20);
+    assert_eq!(mode(&pcap), 0o600);
+
+    // A relative path: refused by the daemon, made absolute by the CLI.
+    let relative = Ring {
+        pcap: "relative.pcap".into(),
+        forward: String::new(),
+    };
+    let e = lab
+        .service("rel", Destination::Ring(relative))
+        .expect_err("a relative pcap path");
+    assert!(e.message().contains("use an absolute path"), "{e:?}");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&lab.daemon.socket)
+            .current_dir(&dir.0)
+            .output()
+            .expect("tapmesh")
+    };
+    let out = cli(&["tap-service", "create", "rel", "--pcap", "relative.pcap"]);
+    assert!(out.status.success(), "{out:?}");
+    let services = lab.list().services;
+    let ring = services
+        .iter()
+        .find(|s| s.id == "rel")
+        .expect("service rel");
+    let Some(Destination::Ring(r)) = &ring.destination else {
+        panic!("{ring:?}")
+    };
+    assert_eq!(r.pcap, dir.0.join("relative.pcap").display().to_string());
+    assert_eq!(mode(&dir.0.join("relative.pcap")), 0o600);
+
+    // An empty VLAN filter is refused before anything is asked.
+    let out = cli(&[
+        "tap-flow",
+        "create",
+        "empty",
+        "--tap-service",
+        "ring",
+        "--source",
+        &lab.port.interface,
+        "--direction",
+        "BOTH",
+        "--vlan-filter",
+        "",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("vlan_filter \"\": empty"), "{err}");
+    assert_eq!(lab.list().flows.len(), 1, "no flow made");
+}
+
+/// Issue 20: the networking-spp agent kept what it owned in memory only.
+/// Unplugging its last flow on a tap service deleted the service with every
+/// flow on it, a CLI-made one included; and a flow whose etcd keys were
+/// deleted while the daemon was down came back and kept copying. It now
+/// deletes only what it created, and reconciles its persisted taps at start.
+#[test]
+fn the_spp_agent_touches_only_its_own_taps_and_reconciles_after_a_restart() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const HOST: &str = "compute-2";
+    let state = TempDir::new("tmspp");
+    let mut etcd = None;
+    let mut daemon_args = Vec::new();
+    let mut lab = Lab::with(|node| {
+        let e = tapmesh_tests::etcd::Etcd::new_in(&node.name);
+        daemon_args = vec![
+            "--etcd-endpoint".to_string(),
+            e.endpoint.clone(),
+            "--spp-host".into(),
+            HOST.into(),
+            "--state-dir".into(),
+            state.0.display().to_string(),
+        ];
+        etcd = Some(e);
+        daemon_args.clone()
+    });
+    let etcd = etcd.unwrap();
+    let key = |kind: &str, id: &str| format!("/spp/openstack/{kind}/{HOST}/{id}");
+    let (service_port, source_port) = (
+        "11111111-2222-3333-4444-555555555555",
+        "66666666-7777-8888-9999-000000000000",
+    );
+    let (tf1, tf2) = (
+        "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeee1",
+        "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeee2",
+    );
+    etcd.put(&key("mirror", "0"), "None");
+    for (port, interface) in [
+        (service_port, &lab.tap_if.interface),
+        (source_port, &lab.port.interface),
+    ] {
+        etcd.put(
+            &key("bind_port", port),
+            &format!(r#"{{"mac_address": "fa:16:3e:00:00:01", "vhost_id": 0, "interface": "{interface}"}}"#),
+        );
+    }
+    let plug = |tf: &str| {
+        etcd.put(&key("mirror", "0"), tf);
+        etcd.put(
+            &key("tap_info", tf),
+            &format!(r#"{{"service_port": "{service_port}", "source_port": "{source_port}", "mirror_in": 0, "mirror_out": null}}"#),
+        );
+        etcd.put(&key("tap_action", tf), "plug");
+    };
+    let ids = |lab: &Lab| {
+        let l = lab.list();
+        let flows: Vec<String> = l.flows.iter().map(|f| f.id.clone()).collect();
+        let services: Vec<String> = l.services.iter().map(|s| s.id.clone()).collect();
+        (flows, services)
+    };
+    plug(tf1);
+    assert!(
+        wait_until(Duration::from_secs(10), || etcd
+            .get(&key("tap_status", tf1))
+            .as_deref()
+            == Some("up")),
+        "{}",
+        lab.daemon.log_text()
+    );
+    // An operator's flow on the agent's tap service.
+    lab.flow("by-hand", service_port, "OUT", "").unwrap();
+    etcd.put(&key("tap_action", tf1), "unplug");
+    assert!(wait_until(Duration::from_secs(10), || etcd
+        .get(&key("tap_info", tf1))
+        .is_none()));
+    assert!(wait_until(Duration::from_secs(2), || ids(&lab).0
+        == vec!["by-hand".to_string()]));
+    assert_eq!(
+        ids(&lab),
+        (vec!["by-hand".into()], vec![service_port.into()]),
+        "the operator's flow and the service it needs stay"
+    );
+    let before = lab.monitor_rx();
+    lab.ping(5);
+    lab.expect_monitor(before, 5);
+    lab.delete_flow("by-hand");
+
+    // Plugged, then its keys deleted while the daemon is down.
+    plug(tf2);
+    assert!(wait_until(Duration::from_secs(10), || etcd
+        .get(&key("tap_status", tf2))
+        .as_deref()
+        == Some("up")));
+    assert_eq!(ids(&lab).0, vec![tf2.to_string()]);
+    assert!(lab.daemon.stop().success());
+    for kind in ["tap_info", "tap_action", "tap_status"] {
+        assert!(etcd.delete(&key(kind, tf2)), "{kind}");
+    }
+    etcd.put(&key("mirror", "0"), "None");
+    let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
+    lab.daemon = Daemon::start(&lab.node.name, &args);
+    assert!(
+        wait_until(Duration::from_secs(10), || ids(&lab)
+            == (Vec::new(), Vec::new())),
+        "{:?}\n{}",
+        ids(&lab),
+        lab.daemon.log_text()
+    );
+    let before = lab.monitor_rx();
+    lab.ping(3);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(lab.monitor_rx(), before, "no copies of the deleted tap");
+}

@@ -164,6 +164,18 @@ impl Registration {
     }
 }
 
+/// The state a newly opened stream has before its task runs: on a conduit
+/// already connected it is about to register (PENDING) or is not in the
+/// configuration (UNDEFINED); reporting UNAVAILABLE there would be a
+/// moment's lie clients act on.
+pub fn first_state(view: &ConduitView, stream: &str) -> StreamState {
+    match (&view.connection, &view.streams) {
+        (Some(_), Some(streams)) if streams.contains_key(stream) => StreamState::Pending,
+        (Some(_), Some(_)) => StreamState::Undefined,
+        _ => StreamState::Unavailable,
+    }
+}
+
 /// Runs one stream until `cancel`; reports its state through `report`.
 pub async fn run(
     channel: tonic::transport::Channel,

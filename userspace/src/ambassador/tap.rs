@@ -168,8 +168,9 @@ impl Tap {
             })
             .view
             .clone();
+        let first = super::stream::first_state(&view.borrow(), &key.stream);
         self.statuses.send_modify(|all| {
-            all.insert(key.clone(), StreamState::Unavailable);
+            all.insert(key.clone(), first);
         });
         let cancel = CancellationToken::new();
         let tap = self.clone();

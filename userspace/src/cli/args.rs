@@ -27,7 +27,8 @@ Examples:
   tapmesh lb apply lb.toml
   tapmesh lb list -o json
   tapmesh lb delete vip vip-a
-  tapmesh lb delete target stream-a 3";
+  tapmesh lb delete target stream-a 3
+  tapmesh lb delete target stream-a/3";
 
 #[derive(Parser)]
 #[command(
@@ -221,8 +222,8 @@ pub enum TapFlowCommand {
         /// IN (to the port), OUT (from it) or BOTH (any case).
         #[arg(long, value_enum, ignore_case = true)]
         direction: Direction,
-        /// VLAN ids and ranges, e.g. "10,20-30".
-        #[arg(long)]
+        /// VLAN ids and ranges, e.g. "10,20-30" (omit it for every VLAN; "" is refused, as TaaS does).
+        #[arg(long, value_parser = vlan_filter)]
         vlan_filter: Option<String>,
     },
     Delete {
@@ -278,4 +279,11 @@ pub enum CatalogCommand {
 pub enum RegistryCommand {
     /// List the registered targets of every stream.
     List,
+}
+
+/// A VLAN filter checked as the daemon checks it (an empty one is refused).
+fn vlan_filter(text: &str) -> Result<String, String> {
+    crate::mirror::model::parse_vlan_filter(text)
+        .map(|_| text.to_string())
+        .map_err(|e| e.to_string())
 }

@@ -114,8 +114,12 @@ pub async fn run(socket: PathBuf, command: LbCommand, output: super::json::Outpu
                 .delete_flow(Name { name })
                 .await
                 .map(|_| String::new()),
-            _ => match identifier {
-                Some(identifier) => client
+            // As `lb list` shows it: "stream/identifier".
+            _ => match identifier.map(|i| (name.clone(), i)).or_else(|| {
+                let (stream, id) = name.rsplit_once('/')?;
+                Some((stream.to_string(), id.parse().ok()?))
+            }) {
+                Some((name, identifier)) => client
                     .delete_target(TargetId {
                         stream: name,
                         identifier,
@@ -123,7 +127,7 @@ pub async fn run(socket: PathBuf, command: LbCommand, output: super::json::Outpu
                     .await
                     .map(|_| String::new()),
                 None => {
-                    eprintln!("tapmesh: lb delete target needs the stream and the identifier");
+                    eprintln!("tapmesh: lb delete target needs the stream and the identifier (\"STREAM ID\" or \"STREAM/ID\" as lb list shows)");
                     return ExitCode::from(super::EXIT_CONFIG);
                 }
             },

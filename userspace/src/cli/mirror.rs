@@ -93,7 +93,13 @@ pub async fn tap_service(
             let destination = match interface {
                 Some(i) => Some(Destination::Interface(i)),
                 None if pcap.is_some() || forward.is_some() => Some(Destination::Ring(Ring {
-                    pcap: pcap.unwrap_or_default(),
+                    // Relative to where the command runs, not the daemon.
+                    pcap: pcap
+                        .map(|p| match std::path::absolute(&p) {
+                            Ok(a) => a.display().to_string(),
+                            Err(_) => p,
+                        })
+                        .unwrap_or_default(),
                     forward: forward.unwrap_or_default(),
                 })),
                 None => None,

@@ -149,6 +149,41 @@ pub enum LbError {
         value: String,
         reason: &'static str,
     },
+    #[error("VIPs {first:?} and {second:?} both have the address {address}; a VIP address belongs to one VIP, remove one or give it another address")]
+    DuplicateVipAddress {
+        first: String,
+        second: String,
+        address: String,
+    },
+    #[error("VIP {vip:?} address {address}: {owner_source} already has it as VIP {owner:?}, so {claimant} cannot have it as VIP {vip:?}; each VIP address belongs to one source, remove it from one of them")]
+    VipAddressTaken {
+        address: String,
+        vip: String,
+        claimant: String,
+        owner: String,
+        owner_source: String,
+    },
+    #[error("VIP {vip:?} address {value:?} takes every packet to this node, its own traffic included; use the prefix the VIPs are in, such as \"203.0.113.0/24\"")]
+    VipTakesEverything { vip: String, value: String },
+    #[error("VIP {vip:?} address {value:?} holds this node's own address {node}; the node would stop answering, use a prefix without it")]
+    VipHoldsNode {
+        vip: String,
+        value: String,
+        node: Ipv4Addr,
+    },
+    #[error("flow {flow:?} can never match on VIP {vip:?}: the VIP is {vip_family} and every source subnet is {subnet_family}; add an {vip_family} source subnet or take the VIP out of the flow")]
+    SubnetFamily {
+        flow: String,
+        vip: String,
+        vip_family: &'static str,
+        subnet_family: &'static str,
+    },
+    #[error("target {identifier} of stream {stream:?} node: {node} is this node's own tunnel address; a target on this node is local (its interface and MAC)")]
+    TargetIsThisNode {
+        stream: String,
+        identifier: u32,
+        node: Ipv4Addr,
+    },
     #[error("target {identifier} of stream {stream:?} node: bad node address {value:?}: {reason}; use the node's IPv4 address such as \"192.0.2.10\" (IPv6 nodes are not supported yet)")]
     BadNode {
         stream: String,
@@ -208,6 +243,7 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
     }
 
     let flows = FlowSet::parse(&spec.vips, &spec.flows)?;
+    super::checks::check_flow_set(&flows)?;
     for f in &flows.flows {
         if f.byte_matches.len() > MAX_BYTE_MATCHES {
             return Err(LbError::TooManyByteMatches {

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use super::flows::{FlowSpec, VipSpec};
 use super::model::{validate, validate_with, LbError, LbSpec, StreamSpec, Tables, TargetSpec};
 use super::tables::lb_tables;
+use super::{checks, persist};
 use crate::{
     config::Config,
     core::{Plugin, PluginError},
@@ -33,6 +34,14 @@ pub enum LbServiceError {
     Invalid(#[from] LbError),
     #[error("{kind} {name:?} does not exist")]
     NotFound { kind: &'static str, name: String },
+    #[error("local target interface {interface:?} is a veth whose peer cannot take native XDP redirects (they would all be dropped): {reason}; turn on GRO at the peer (ethtool -K PEER gro on) or attach an XDP program there")]
+    RedirectTarget { interface: String, reason: String },
+    #[error("{kind} {name:?} comes from {owner}; change it there")]
+    OwnedElsewhere {
+        kind: &'static str,
+        name: String,
+        owner: String,
+    },
     #[error("writing the maps: {0}")]
     Dataplane(#[from] DataplaneError),
     #[error("LB config file {path}: {message}")]
@@ -48,6 +57,7 @@ pub fn read_spec(path: &Path) -> Result<LbSpec, LbServiceError> {
     let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
     let spec: LbSpec = toml::from_str(&text).map_err(|e| file(e.message().replace('\n', " ")))?;
     validate(&spec).map_err(|e| file(e.to_string()))?;
+    checks::check_owners(&[("lb", &spec)]).map_err(|e| file(e.to_string()))?;
     Ok(spec)
 }
 
@@ -62,6 +72,39 @@ struct Sources {
 }
 
 impl Sources {
+    /// Refuses an address two sources give a VIP. `changed` is the source
+    /// being changed (named as the one refused), `new` its part.
+    fn check(&self, changed: &str, new: &LbSpec) -> Result<(), LbError> {
+        let mut parts: Vec<(&str, &LbSpec)> = Vec::new();
+        if changed != "lb" {
+            parts.push(("lb", &self.own));
+        }
+        parts.extend(
+            self.others
+                .iter()
+                .filter(|(k, _)| **k != changed)
+                .map(|(k, v)| (*k, v)),
+        );
+        parts.push((changed, new));
+        checks::check_owners(&parts)
+    }
+
+    /// The source other than the admin/file one holding `kind` `name`.
+    fn owner_of(&self, kind: &str, name: &str) -> Option<&'static str> {
+        self.others.iter().find_map(|(source, part)| {
+            let found = match kind {
+                "VIP" => part.vips.iter().any(|v| v.name == name),
+                "stream" => part.streams.iter().any(|v| v.name == name),
+                "flow" => part.flows.iter().any(|v| v.name == name),
+                _ => part
+                    .targets
+                    .iter()
+                    .any(|t| format!("{}/{}", t.stream, t.identifier) == name),
+            };
+            found.then_some(*source)
+        })
+    }
+
     fn merged(&self, own: &LbSpec) -> LbSpec {
         let mut all = own.clone();
         for other in self.others.values() {
@@ -81,6 +124,10 @@ pub struct LbService {
     hops: std::sync::Mutex<Hops>,
     /// Raised when a change was applied (its remote nodes may differ).
     nodes_changed: Notify,
+    /// Where the admin/file part is kept across restarts.
+    store: std::sync::Mutex<persist::Store>,
+    /// Local targets' interfaces (name, index) made redirect targets.
+    prepared: std::sync::Mutex<BTreeSet<(String, u32)>>,
 }
 
 impl LbService {
@@ -91,6 +138,8 @@ impl LbService {
             tunnel: std::sync::Mutex::new(TunnelSettings::default()),
             hops: std::sync::Mutex::new(Hops::default()),
             nodes_changed: Notify::new(),
+            store: std::sync::Mutex::default(),
+            prepared: std::sync::Mutex::default(),
         }
     }
 
@@ -128,17 +177,24 @@ impl LbService {
         part: LbSpec,
     ) -> Result<(), LbServiceError> {
         let mut sources = self.spec.lock().await;
+        let tunnel = self.tunnel();
         let previous = sources.others.insert(source, part);
         let merged = sources.merged(&sources.own);
-        let valid = validate_with(&merged, &mut sources.tables);
+        let checked = sources.check(source, &sources.others[source]);
+        let valid = checked
+            .and_then(|()| validate_with(&merged, &mut sources.tables))
+            .and_then(|valid| checks::check_node(&merged, tunnel.address).map(|()| valid));
+        let valid = valid
+            .map_err(LbServiceError::from)
+            .and_then(|v| self.prepare_local(&merged).map(|()| v));
         let result = match valid {
             Ok(valid) => self
                 .dataplane
-                .apply_lb(&lb_tables(&valid), self.tunnel())
+                .apply_lb(&lb_tables(&valid), tunnel)
                 .await
                 .map(|_| self.nodes_changed.notify_one())
                 .map_err(LbServiceError::from),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(e),
         };
         if result.is_err() {
             match previous {
@@ -156,14 +212,63 @@ impl LbService {
     ) -> Result<(), LbServiceError> {
         let mut sources = self.spec.lock().await;
         let mut new = sources.own.clone();
-        edit(&mut new)?;
+        if let Err(e) = edit(&mut new) {
+            return Err(match e {
+                LbServiceError::NotFound { kind, name } => match sources.owner_of(kind, &name) {
+                    Some(source) => LbServiceError::OwnedElsewhere {
+                        kind,
+                        name,
+                        owner: checks::source_label(source),
+                    },
+                    None => LbServiceError::NotFound { kind, name },
+                },
+                e => e,
+            });
+        }
         let merged = sources.merged(&new);
+        sources.check("lb", &new)?;
         let valid = validate_with(&merged, &mut sources.tables)?;
+        checks::check_node(&merged, self.tunnel().address)?;
+        self.prepare_local(&merged)?;
         self.dataplane
             .apply_lb(&lb_tables(&valid), self.tunnel())
             .await?;
         self.nodes_changed.notify_one();
+        self.store.lock().expect("store lock").save(&new);
         sources.own = new;
+        Ok(())
+    }
+
+    /// Makes each new local target's interface able to take native XDP
+    /// redirects: a veth's peer gets GRO (`net::peer`). A veth whose peer
+    /// cannot be reached refuses the change: the kernel would drop every
+    /// frame redirected into it, counted nowhere the daemon can read.
+    fn prepare_local(&self, spec: &LbSpec) -> Result<(), LbServiceError> {
+        let mut prepared = self.prepared.lock().expect("prepared lock");
+        for t in &spec.targets {
+            let super::model::TargetVia::Local { interface, .. } = &t.via else {
+                continue;
+            };
+            let Some(index) = crate::net::link::index(interface) else {
+                continue;
+            };
+            if prepared.contains(&(interface.clone(), index)) {
+                continue;
+            }
+            match crate::net::peer::prepare_redirect_target(interface) {
+                Ok(Some(peer)) => {
+                    tracing::info!(%interface, %peer, "GRO on at the veth peer of a local target")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(LbServiceError::RedirectTarget {
+                        interface: interface.clone(),
+                        reason: e.to_string(),
+                    })
+                }
+            }
+            prepared.insert((interface.clone(), index));
+        }
         Ok(())
     }
 
@@ -412,7 +517,6 @@ fn remove<T>(
 /// The plugin around [`LbService`]: applies the configured file at start.
 pub struct LbPlugin {
     service: std::sync::Arc<LbService>,
-    initial: std::sync::Mutex<Option<LbSpec>>,
     refresher: std::sync::Mutex<Option<CancellationToken>>,
 }
 
@@ -420,7 +524,6 @@ impl LbPlugin {
     pub fn new(service: std::sync::Arc<LbService>) -> Self {
         Self {
             service,
-            initial: std::sync::Mutex::new(None),
             refresher: std::sync::Mutex::new(None),
         }
     }
@@ -438,25 +541,28 @@ impl Plugin for LbPlugin {
         config: &Config,
     ) -> Result<(), PluginError> {
         *self.service.tunnel.lock().expect("tunnel lock") = TunnelSettings::of(config);
-        let initial = match &config.lb.config_file {
+        let file = match &config.lb.config_file {
             Some(path) => Some(read_spec(path).map_err(|e| PluginError::new(e.to_string()))?),
             None => None,
         };
-        *self.initial.lock().expect("initial lock") = initial;
+        *self.service.store.lock().expect("store lock") =
+            persist::Store::new(&config.daemon.state_dir, file);
         Ok(())
     }
 
     async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
-        let initial = self
-            .initial
-            .lock()
-            .expect("initial lock")
-            .take()
-            .unwrap_or_default();
-        self.service
-            .apply(initial)
-            .await
-            .map_err(|e| PluginError::new(e.to_string()))?;
+        let (initial, saved) = self.service.store.lock().expect("store lock").initial();
+        let applied = match self.service.apply(initial).await {
+            Err(e) if saved => {
+                tracing::warn!(
+                    "the saved LB configuration no longer applies ({e}); applying the file's"
+                );
+                let file = self.service.store.lock().expect("store lock").file();
+                self.service.apply(file).await
+            }
+            other => other,
+        };
+        applied.map_err(|e| PluginError::new(e.to_string()))?;
         let stop = scope.child_token();
         *self.refresher.lock().expect("refresher lock") = Some(stop.clone());
         tokio::spawn(follow_hops(self.service.clone(), stop));

@@ -155,6 +155,15 @@ pub trait TapBackend: Send + Sync {
     async fn delete_flow(&self, id: &str) -> Result<(), MirrorError>;
     /// Deletes a tap service and its flows; one that does not exist is Ok.
     async fn delete_service(&self, id: &str) -> Result<(), MirrorError>;
+    /// Whether a tap service with this id exists (the agent deletes only
+    /// services it created).
+    async fn service_exists(&self, _id: &str) -> bool {
+        false
+    }
+    /// Whether any tap flow uses the service.
+    async fn service_in_use(&self, _id: &str) -> bool {
+        false
+    }
     /// Ids of tap flows the backend removed on its own (their port went away).
     fn removed_flows(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {
         None

@@ -39,26 +39,80 @@ pub struct PcapWriter<W: Write = BufWriter<File>> {
 }
 
 impl PcapWriter {
-    /// Creates (or truncates) the file at `path` and writes the global header.
+    /// Opens the file at `path` (mode 0600: copies of other hosts' traffic)
+    /// to append to it: a file this writer made before (same global header)
+    /// keeps its records and gets more, so a restart loses no capture; any
+    /// other non-empty file is first renamed to `<path>.<unix seconds>`; a
+    /// new or empty file gets the global header.
     pub fn create(path: impl AsRef<Path>) -> io::Result<Self> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let path = path.as_ref();
-        let file = File::create(path)
-            .map_err(|e| io::Error::new(e.kind(), format!("creating {}: {e}", path.display())))?;
-        Self::new(BufWriter::with_capacity(WRITE_BUFFER, file))
+        let context = |what: &str| {
+            let path = path.display().to_string();
+            let what = what.to_string();
+            move |e: io::Error| io::Error::new(e.kind(), format!("{what} {path}: {e}"))
+        };
+        let mut existing = [0u8; 24];
+        let ours = match File::open(path) {
+            Ok(mut f) => {
+                let len = f.metadata().map_err(context("reading"))?.len();
+                let whole = io::Read::read_exact(&mut f, &mut existing).is_ok();
+                let mine = whole && existing == global_header();
+                if len > 0 && !mine {
+                    let since = SystemTime::now()
+                        .duration_since(UNIX_EPOCH)
+                        .unwrap_or_default()
+                        .as_secs();
+                    let aside = path.with_file_name(format!(
+                        "{}.{since}",
+                        path.file_name().unwrap_or_default().to_string_lossy()
+                    ));
+                    std::fs::rename(path, &aside).map_err(context("moving aside"))?;
+                    tracing::warn!(
+                        "{} was not a capture of tapmesh's; moved to {}",
+                        path.display(),
+                        aside.display()
+                    );
+                }
+                len > 0 && mine
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+            Err(e) => return Err(context("opening")(e)),
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(context("opening"))?;
+        // A file made earlier (by another program, or before this mode) too.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(context("restricting"))?;
+        let out = BufWriter::with_capacity(WRITE_BUFFER, file);
+        if ours {
+            Ok(PcapWriter { out })
+        } else {
+            Self::new(out)
+        }
     }
+}
+
+/// The global header this writer puts at the start of a file.
+fn global_header() -> [u8; 24] {
+    let mut header = [0u8; 24];
+    header[0..4].copy_from_slice(&MAGIC.to_ne_bytes());
+    header[4..6].copy_from_slice(&2u16.to_ne_bytes());
+    header[6..8].copy_from_slice(&4u16.to_ne_bytes());
+    // thiszone (8..12) and sigfigs (12..16) are 0.
+    header[16..20].copy_from_slice(&SNAPLEN.to_ne_bytes());
+    header[20..24].copy_from_slice(&LINKTYPE_ETHERNET.to_ne_bytes());
+    header
 }
 
 impl<W: Write> PcapWriter<W> {
     /// Writes the global header to `out`.
     pub fn new(mut out: W) -> io::Result<Self> {
-        let mut header = [0u8; 24];
-        header[0..4].copy_from_slice(&MAGIC.to_ne_bytes());
-        header[4..6].copy_from_slice(&2u16.to_ne_bytes());
-        header[6..8].copy_from_slice(&4u16.to_ne_bytes());
-        // thiszone (8..12) and sigfigs (12..16) are 0.
-        header[16..20].copy_from_slice(&SNAPLEN.to_ne_bytes());
-        header[20..24].copy_from_slice(&LINKTYPE_ETHERNET.to_ne_bytes());
-        out.write_all(&header)?;
+        out.write_all(&global_header())?;
         Ok(PcapWriter { out })
     }
 
@@ -91,6 +145,32 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_file_is_appended_to_private_and_a_foreign_one_moved_aside() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tapmesh-pcap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.pcap");
+        std::fs::write(&path, b"not a capture").unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        for round in 1..=2u64 {
+            let mut w = PcapWriter::create(&path).unwrap();
+            w.write(&[round as u8; 10], UNIX_EPOCH).unwrap();
+            w.flush().unwrap();
+            let bytes = std::fs::read(&path).unwrap();
+            assert_eq!(bytes.len() as u64, 24 + round * 26, "round {round}");
+            assert_eq!(mode(&path), 0o600);
+        }
+        let aside: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name() != "c.pcap")
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert_eq!(std::fs::read(aside[0].path()).unwrap(), b"not a capture");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 
     #[test]
     fn header_and_records() {

@@ -46,6 +46,7 @@ impl Plugin for MirrorPlugin {
         *self.spp.lock().expect("lock") = (!m.etcd_endpoints.is_empty()).then(|| {
             let mut s = SppSettings::new(m.etcd_endpoints.clone(), m.host.clone());
             s.prefix = m.etcd_prefix.clone();
+            s.state_file = Some(config.daemon.state_dir.join("spp-state.json"));
             s
         });
         Ok(())

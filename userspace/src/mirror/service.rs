@@ -186,6 +186,12 @@ impl MirrorService {
                 if let Some(f) = &r.forward {
                     interface_index(f).ok_or_else(|| MirrorError::NoInterface(f.clone()))?;
                 }
+                // The daemon's working directory is no place the caller knows.
+                if let Some(p) = r.pcap.as_ref().filter(|p| !p.starts_with('/')) {
+                    return Err(MirrorError::Invalid(format!(
+                        "pcap file {p:?}: use an absolute path"
+                    )));
+                }
                 let used: BTreeSet<u32> = state
                     .services
                     .values()
@@ -579,6 +585,15 @@ impl TapBackend for MirrorService {
             Err(MirrorError::NotFound { .. }) => Ok(()),
             other => other,
         }
+    }
+
+    async fn service_exists(&self, id: &str) -> bool {
+        self.state.lock().await.services.contains_key(id)
+    }
+
+    async fn service_in_use(&self, id: &str) -> bool {
+        let state = self.state.lock().await;
+        state.flows.values().any(|f| f.spec.tap_service == id)
     }
 
     fn removed_flows(&self) -> Option<tokio::sync::broadcast::Receiver<String>> {

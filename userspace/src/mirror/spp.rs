@@ -60,6 +60,10 @@ pub struct SppSettings {
     /// The key root, [`DEFAULT_PREFIX`] unless given.
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// Where the agent keeps what it applied and created across restarts
+    /// (None: in memory only).
+    #[serde(default)]
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 fn default_prefix() -> String {
@@ -73,6 +77,7 @@ impl SppSettings {
             endpoints,
             host: host.into(),
             prefix: default_prefix(),
+            state_file: None,
         }
     }
 }
@@ -154,7 +159,7 @@ impl Keys {
 }
 
 /// What this agent applied for one tap flow.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Applied {
     service: String,
     mirrors: Vec<u32>,
@@ -212,6 +217,18 @@ pub struct SppAgent {
     /// tf_id → what was applied. The lock is also networking-spp's `plug_sem`:
     /// one plug or unplug at a time.
     applied: Mutex<HashMap<String, Applied>>,
+    /// Tap services this agent created (it deletes only those, and only
+    /// when no tap flow at all is left on them).
+    created: std::sync::Mutex<BTreeSet<String>>,
+}
+
+/// The agent's state file: a restart knows which taps are the agent's, so
+/// it removes those whose keys were deleted while it was down and leaves
+/// alone what others made.
+#[derive(Default, Serialize, Deserialize)]
+struct Owned {
+    applied: HashMap<String, Applied>,
+    created: BTreeSet<String>,
 }
 
 impl SppAgent {
@@ -229,13 +246,40 @@ impl SppAgent {
         cancel: CancellationToken,
     ) {
         let keys = Keys::new(&settings.prefix, &settings.host);
+        let owned: Owned = settings
+            .state_file
+            .as_ref()
+            .and_then(|path| std::fs::read(path).ok().map(|bytes| (path, bytes)))
+            .and_then(|(path, bytes)| match serde_json::from_slice(&bytes) {
+                Ok(owned) => Some(owned),
+                Err(e) => {
+                    warn!("spp agent: ignoring {}: {e}", path.display());
+                    None
+                }
+            })
+            .unwrap_or_default();
         let agent = SppAgent {
             settings,
             keys,
             backend,
-            applied: Mutex::new(HashMap::new()),
+            applied: Mutex::new(owned.applied),
+            created: std::sync::Mutex::new(owned.created),
         };
         agent.run_until(&cancel).await;
+    }
+
+    /// Keeps what is applied and created (after each plug or unplug).
+    fn save(&self, applied: &HashMap<String, Applied>) {
+        let Some(path) = &self.settings.state_file else {
+            return;
+        };
+        let owned = Owned {
+            applied: applied.clone(),
+            created: self.created.lock().expect("created lock").clone(),
+        };
+        if let Err(e) = crate::statefile::save(path, &owned) {
+            warn!("spp agent: persisting {}: {e}", path.display());
+        }
     }
 
     async fn run_until(&self, cancel: &CancellationToken) {
@@ -449,25 +493,38 @@ impl Session<'_> {
             .get(&self.key("tap_action", tf))
             .await?
             .map_or(0, |(_, revision)| revision);
-        self.unplug(&mut applied, tf, info.map(|(v, _)| v), revision)
-            .await
+        let result = self
+            .unplug(&mut applied, tf, info.map(|(v, _)| v), revision)
+            .await;
+        agent.save(&applied);
+        result
     }
 
     async fn handle(&mut self, tf: &str) -> Result<(), Lost> {
         let agent = self.agent;
         let mut applied = agent.applied.lock().await;
+        let result = self.handle_locked(&mut applied, tf).await;
+        agent.save(&applied);
+        result
+    }
+
+    async fn handle_locked(
+        &mut self,
+        applied: &mut HashMap<String, Applied>,
+        tf: &str,
+    ) -> Result<(), Lost> {
         let info = self.get(&self.key("tap_info", tf)).await?;
         let action = self.get(&self.key("tap_action", tf)).await?;
         match action {
             Some((action, _)) if action == "plug" => match info {
-                Some((info, _)) => self.plug(&mut applied, tf, &info).await,
+                Some((info, _)) => self.plug(applied, tf, &info).await,
                 None => {
                     debug!(tap_flow = tf, "spp agent: already deleted");
                     Ok(())
                 }
             },
             Some((action, revision)) if action == "unplug" => {
-                self.unplug(&mut applied, tf, info.map(|(v, _)| v), revision)
+                self.unplug(applied, tf, info.map(|(v, _)| v), revision)
                     .await
             }
             Some((other, _)) => {
@@ -480,7 +537,7 @@ impl Session<'_> {
                     tap_flow = tf,
                     "spp agent: tap_action disappeared, unplugging"
                 );
-                self.unplug(&mut applied, tf, info.map(|(v, _)| v), 0).await
+                self.unplug(applied, tf, info.map(|(v, _)| v), 0).await
             }
             None => {
                 debug!(tap_flow = tf, "spp agent: no tap_action, nothing applied");
@@ -540,6 +597,7 @@ impl Session<'_> {
         let service_interface = self.port_interface(&info.service_port).await?;
         let source_interface = self.port_interface(&info.source_port).await?;
         let backend = &self.agent.backend;
+        let existed = backend.service_exists(&info.service_port).await;
         backend
             .ensure_service(TapService {
                 id: info.service_port.clone(),
@@ -548,6 +606,10 @@ impl Session<'_> {
             })
             .await?;
         *service_ensured = true;
+        if !existed {
+            let mut created = self.agent.created.lock().expect("created lock");
+            created.insert(info.service_port.clone());
+        }
         backend
             .ensure_flow(TapFlow {
                 id: tf.to_string(),
@@ -676,7 +738,28 @@ impl Session<'_> {
         if applied.values().any(|a| a.service == service) {
             return Ok(());
         }
-        self.agent.backend.delete_service(service).await
+        if !self
+            .agent
+            .created
+            .lock()
+            .expect("created lock")
+            .contains(service)
+        {
+            debug!("spp agent: tap service {service} is not the agent's; kept");
+            return Ok(());
+        }
+        // Flows others made on it (the CLI, the admin API) keep it.
+        if self.agent.backend.service_in_use(service).await {
+            info!("spp agent: tap service {service} still has other tap flows; kept");
+            return Ok(());
+        }
+        self.agent.backend.delete_service(service).await?;
+        self.agent
+            .created
+            .lock()
+            .expect("created lock")
+            .remove(service);
+        Ok(())
     }
 
     /// Puts "None" into every mirror slot of this host that holds `tf`.

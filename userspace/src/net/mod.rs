@@ -25,6 +25,7 @@ pub mod link;
 pub mod neigh;
 pub mod netns;
 pub mod nft;
+pub mod peer;
 pub mod prefix;
 pub mod qdisc;
 pub mod route;

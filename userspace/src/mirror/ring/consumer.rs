@@ -25,7 +25,7 @@ const SEND_TIMEOUT: Duration = Duration::from_millis(100);
 /// Where a ring's frames go.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Consumer {
-    /// Appended to a (new, truncated) pcap file.
+    /// Appended to a pcap file (mode 0600; one of ours keeps its records).
     Pcap(PathBuf),
     /// Sent unchanged out of this interface.
     Forward(String),

@@ -1,0 +1,295 @@
+//! Configurations that parse but cannot work: two VIPs on one address (within
+//! one source or across sources), a VIP that takes every packet or the node's
+//! own address, a flow whose source subnets can never match one of its VIPs,
+//! a remote target that is this node. All pure; the caller refuses the change.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use super::flows::{FlowSet, Vip};
+use super::model::{LbError, LbSpec, TargetVia};
+use crate::net::Prefix;
+
+/// Who wrote a part of the LB configuration, as messages name it.
+pub fn source_label(source: &str) -> String {
+    match source {
+        "lb" => "the LB file or admin API (lb)".into(),
+        "nsp" => "the Meridio configuration (nsp)".into(),
+        "eds" => "the EDS catalog (eds)".into(),
+        other => format!("source {other:?}"),
+    }
+}
+
+/// Checks of one validated set of VIPs and flows.
+pub fn check_flow_set(set: &FlowSet) -> Result<(), LbError> {
+    for vip in &set.vips {
+        let everything = if vip.v6 {
+            vip.prefix.len == 0
+        } else {
+            vip.prefix.len == 96
+        };
+        if everything {
+            return Err(LbError::VipTakesEverything {
+                vip: vip.name.clone(),
+                value: written(&vip.prefix, vip.v6),
+            });
+        }
+    }
+    // IPv4 sources in the maps' space: ::ffff:0:0/96.
+    let v4_space = Prefix::new(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96);
+    for flow in set.flows.iter().filter(|f| !f.source_subnets.is_empty()) {
+        let reaches_v4 = flow
+            .source_subnets
+            .iter()
+            .any(|s| s.is_v4_mapped() || s.covers(&v4_space));
+        let reaches_v6 = flow.source_subnets.iter().any(|s| !s.is_v4_mapped());
+        for vip in set.vips.iter().filter(|v| flow.vips.contains(&v.name)) {
+            let reached = if vip.v6 { reaches_v6 } else { reaches_v4 };
+            if !reached {
+                let (vip_family, subnet_family) = if vip.v6 {
+                    ("IPv6", "IPv4")
+                } else {
+                    ("IPv4", "IPv6")
+                };
+                return Err(LbError::SubnetFamily {
+                    flow: flow.name.clone(),
+                    vip: vip.name.clone(),
+                    vip_family,
+                    subnet_family,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A prefix of the maps' space as the user wrote it (IPv4 unmapped).
+fn written(prefix: &Prefix, v6: bool) -> String {
+    match prefix.addr {
+        IpAddr::V6(a) if !v6 => match a.to_ipv4_mapped() {
+            Some(v4) => format!("{v4}/{}", prefix.len.saturating_sub(96)),
+            None => format!("{}/{}", prefix.addr, prefix.len),
+        },
+        addr => format!("{addr}/{}", prefix.len),
+    }
+}
+
+/// Each VIP address belongs to one VIP of one source: refuses an address
+/// two sources give (naming both), or two VIPs of one source. `parts` are
+/// in the order sources are consulted; the first holds it. (Not in the
+/// model's validation: the maps could hold both, the last writer winning.)
+pub fn check_owners(parts: &[(&str, &LbSpec)]) -> Result<(), LbError> {
+    let mut owners: HashMap<Prefix, (&str, &str)> = HashMap::new();
+    for &(source, spec) in parts {
+        for v in &spec.vips {
+            let Ok(vip) = Vip::parse(v) else { continue };
+            let prefix = vip.prefix;
+            match owners.get(&prefix) {
+                Some(&(owner_source, owner)) if owner_source != source => {
+                    return Err(LbError::VipAddressTaken {
+                        address: v.address.clone(),
+                        vip: v.name.clone(),
+                        claimant: source_label(source),
+                        owner: owner.to_string(),
+                        owner_source: source_label(owner_source),
+                    });
+                }
+                Some(&(_, first)) => {
+                    return Err(LbError::DuplicateVipAddress {
+                        first: first.to_string(),
+                        second: v.name.clone(),
+                        address: written(&prefix, vip.v6),
+                    });
+                }
+                None => {
+                    owners.insert(prefix, (source, &v.name));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses what this node's own tunnel address makes unworkable: a remote
+/// target on it (the packets would loop back and be dropped), a VIP
+/// holding it (the node would stop answering).
+pub fn check_node(spec: &LbSpec, node: Option<Ipv4Addr>) -> Result<(), LbError> {
+    let Some(node) = node else { return Ok(()) };
+    for t in &spec.targets {
+        if let TargetVia::Remote { node: n } = &t.via {
+            if n.parse::<Ipv4Addr>().ok() == Some(node) {
+                return Err(LbError::TargetIsThisNode {
+                    stream: t.stream.clone(),
+                    identifier: t.identifier,
+                    node,
+                });
+            }
+        }
+    }
+    let mapped = IpAddr::V6(node.to_ipv6_mapped());
+    for v in &spec.vips {
+        let Ok(vip) = Vip::parse(v) else { continue };
+        if !vip.v6 && vip.prefix.contains(mapped) {
+            return Err(LbError::VipHoldsNode {
+                vip: v.name.clone(),
+                value: v.address.clone(),
+                node,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lb::flows::{FlowSpec, VipSpec};
+    use crate::lb::model::{validate, StreamSpec, TargetSpec};
+
+    fn vip(name: &str, address: &str) -> VipSpec {
+        VipSpec {
+            name: name.into(),
+            address: address.into(),
+        }
+    }
+
+    fn spec(vips: Vec<VipSpec>, subnets: &[&str]) -> LbSpec {
+        LbSpec {
+            flows: vec![FlowSpec {
+                name: "f".into(),
+                stream: "s".into(),
+                vips: vips.iter().map(|v| v.name.clone()).collect(),
+                source_subnets: subnets.iter().map(|s| s.to_string()).collect(),
+                ..Default::default()
+            }],
+            vips,
+            streams: vec![StreamSpec {
+                name: "s".into(),
+                max_targets: 4,
+                table_size: None,
+            }],
+            targets: vec![],
+        }
+    }
+
+    #[test]
+    fn two_vips_on_one_address_are_refused_whatever_the_spelling() {
+        let s = spec(
+            vec![vip("a", "203.0.113.10"), vip("b", "203.0.113.10/32")],
+            &[],
+        );
+        assert_eq!(
+            check_owners(&[("lb", &s)]).unwrap_err(),
+            LbError::DuplicateVipAddress {
+                first: "a".into(),
+                second: "b".into(),
+                address: "203.0.113.10/32".into()
+            }
+        );
+        let s = spec(
+            vec![vip("a", "2001:db8::/64"), vip("b", "2001:db8::1/64")],
+            &[],
+        );
+        assert!(matches!(
+            check_owners(&[("lb", &s)]),
+            Err(LbError::DuplicateVipAddress { .. })
+        ));
+        // Nested prefixes are distinct VIPs (longest prefix wins in the maps).
+        let s = spec(
+            vec![vip("a", "203.0.113.0/24"), vip("b", "203.0.113.10")],
+            &[],
+        );
+        check_owners(&[("lb", &s)]).unwrap();
+    }
+
+    #[test]
+    fn a_vip_of_everything_is_refused() {
+        for (address, written) in [("0.0.0.0/0", "0.0.0.0/0"), ("::/0", "::/0")] {
+            let s = spec(vec![vip("all", address)], &[]);
+            assert_eq!(
+                validate(&s).unwrap_err(),
+                LbError::VipTakesEverything {
+                    vip: "all".into(),
+                    value: written.into()
+                },
+                "{address}"
+            );
+        }
+        validate(&spec(vec![vip("half", "0.0.0.0/1")], &[])).unwrap();
+    }
+
+    #[test]
+    fn a_flow_whose_subnets_never_match_a_vip_is_refused() {
+        let s = spec(vec![vip("v6", "2001:db8::1")], &["192.0.2.0/24"]);
+        let e = validate(&s).unwrap_err();
+        assert_eq!(
+            e,
+            LbError::SubnetFamily {
+                flow: "f".into(),
+                vip: "v6".into(),
+                vip_family: "IPv6",
+                subnet_family: "IPv4"
+            }
+        );
+        assert!(e.to_string().contains("add an IPv6 source subnet"), "{e}");
+        let s = spec(vec![vip("v4", "192.0.2.1")], &["2001:db8::/32"]);
+        assert!(matches!(
+            validate(&s),
+            Err(LbError::SubnetFamily {
+                vip_family: "IPv4",
+                ..
+            })
+        ));
+        // Either family present, "any" (all /0) or ::/0 reach both.
+        for ok in [
+            &["192.0.2.0/24", "2001:db8::/32"][..],
+            &["0.0.0.0/0"],
+            &["::/0", "192.0.2.0/24"],
+        ] {
+            let s = spec(vec![vip("v4", "192.0.2.1"), vip("v6", "2001:db8::1")], ok);
+            validate(&s).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn each_address_belongs_to_one_source_and_the_message_names_both() {
+        let file = spec(vec![vip("vip1", "203.0.113.10")], &[]);
+        let meridio = spec(vec![vip("vip1.trench-a", "203.0.113.10/32")], &[]);
+        let e = check_owners(&[("lb", &file), ("nsp", &meridio)]).unwrap_err();
+        let text = e.to_string();
+        for needle in ["vip1", "vip1.trench-a", "(lb)", "(nsp)", "203.0.113.10/32"] {
+            assert!(text.contains(needle), "{needle:?} in {text}");
+        }
+        let other = spec(vec![vip("eds.web", "203.0.113.20")], &[]);
+        check_owners(&[("lb", &file), ("eds", &other)]).unwrap();
+    }
+
+    #[test]
+    fn this_nodes_address_is_neither_a_remote_target_nor_inside_a_vip() {
+        let node: Ipv4Addr = "198.51.100.1".parse().unwrap();
+        let mut s = spec(vec![vip("v", "203.0.113.10")], &[]);
+        s.targets.push(TargetSpec {
+            stream: "s".into(),
+            identifier: 2,
+            via: TargetVia::Remote {
+                node: "198.51.100.1".into(),
+            },
+        });
+        assert_eq!(
+            check_node(&s, Some(node)).unwrap_err(),
+            LbError::TargetIsThisNode {
+                stream: "s".into(),
+                identifier: 2,
+                node
+            }
+        );
+        check_node(&s, None).unwrap();
+        s.targets.clear();
+        check_node(&s, Some(node)).unwrap();
+        s.vips.push(vip("net", "198.51.100.0/24"));
+        assert!(matches!(
+            check_node(&s, Some(node)),
+            Err(LbError::VipHoldsNode { .. })
+        ));
+    }
+}

@@ -1,0 +1,115 @@
+//! The admin/file part of the LB configuration across restarts
+//! (`<state_dir>/lb-state.json`), beside the file it started from: a
+//! restart with the same file takes back the admin API's changes; a changed
+//! file replaces them (the operator edited it since).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::model::LbSpec;
+
+pub const FILE_NAME: &str = "lb-state.json";
+
+#[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
+struct Saved {
+    /// The LB file's content when the daemon started (None: no file).
+    file: Option<LbSpec>,
+    /// The admin/file part last applied.
+    spec: LbSpec,
+}
+
+/// Where the part is kept, and the file's content it started from.
+#[derive(Debug, Default)]
+pub struct Store {
+    path: Option<PathBuf>,
+    file: Option<LbSpec>,
+}
+
+impl Store {
+    pub fn new(state_dir: &Path, file: Option<LbSpec>) -> Self {
+        Self {
+            path: Some(state_dir.join(FILE_NAME)),
+            file,
+        }
+    }
+
+    /// What to apply at start: the saved part when it started from this
+    /// same file content, else the file (or nothing).
+    pub fn initial(&self) -> (LbSpec, bool) {
+        let file = self.file.clone().unwrap_or_default();
+        let Some(path) = &self.path else {
+            return (file, false);
+        };
+        let saved: Saved = match std::fs::read(path) {
+            Ok(bytes) => match serde_json::from_slice(&bytes) {
+                Ok(saved) => saved,
+                Err(e) => {
+                    tracing::warn!("ignoring {}: {e}", path.display());
+                    return (file, false);
+                }
+            },
+            Err(_) => return (file, false),
+        };
+        if saved.file == self.file {
+            (saved.spec, true)
+        } else {
+            tracing::info!(
+                "the LB file changed since {} was written: its content replaces the admin API's changes",
+                path.display()
+            );
+            (file, false)
+        }
+    }
+
+    /// The file's content, for when a saved part no longer applies.
+    pub fn file(&self) -> LbSpec {
+        self.file.clone().unwrap_or_default()
+    }
+
+    /// Keeps `spec` (the part just applied).
+    pub fn save(&self, spec: &LbSpec) {
+        let Some(path) = &self.path else { return };
+        let saved = Saved {
+            file: self.file.clone(),
+            spec: spec.clone(),
+        };
+        if let Err(e) = crate::statefile::save(path, &saved) {
+            tracing::error!("persisting the LB configuration to {}: {e}", path.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lb::flows::VipSpec;
+
+    fn spec(address: &str) -> LbSpec {
+        LbSpec {
+            vips: vec![VipSpec {
+                name: "v".into(),
+                address: address.into(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_saved_part_comes_back_while_the_file_is_the_same() {
+        let dir = std::env::temp_dir().join(format!("tapmesh-lbstate-{}", std::process::id()));
+        let file = Some(spec("192.0.2.1"));
+        let store = Store::new(&dir, file.clone());
+        assert_eq!(store.initial(), (spec("192.0.2.1"), false), "nothing saved");
+        store.save(&spec("192.0.2.2"));
+        let again = Store::new(&dir, file);
+        assert_eq!(again.initial(), (spec("192.0.2.2"), true));
+        let edited = Store::new(&dir, Some(spec("192.0.2.3")));
+        assert_eq!(edited.initial(), (spec("192.0.2.3"), false));
+        let no_file = Store::new(&dir, None);
+        assert_eq!(no_file.initial(), (LbSpec::default(), false));
+        no_file.save(&spec("192.0.2.4"));
+        assert_eq!(Store::new(&dir, None).initial(), (spec("192.0.2.4"), true));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
