@@ -72,7 +72,7 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listener = match crate::uds::bind(&settings.socket, 0o777) {
+    let (listener, bound) = match crate::uds::bind(&settings.socket, 0o777) {
         Ok(l) => l,
         Err(e) => {
             eprintln!(
@@ -102,6 +102,6 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
     tap.end_watches();
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    let _ = std::fs::remove_file(&settings.socket);
+    bound.remove();
     ExitCode::SUCCESS
 }

@@ -33,6 +33,8 @@ pub struct NspPlugin {
     state_dir: Mutex<PathBuf>,
     nsp: Mutex<Option<Arc<Nsp>>>,
     stop: Mutex<Option<CancellationToken>>,
+    /// The node socket's file, removed at stop.
+    bound: Mutex<Option<crate::uds::Bound>>,
     last_error: Arc<Mutex<Option<String>>>,
 }
 
@@ -44,6 +46,7 @@ impl NspPlugin {
             state_dir: Mutex::default(),
             nsp: Mutex::new(None),
             stop: Mutex::new(None),
+            bound: Mutex::new(None),
             last_error: Arc::default(),
         }
     }
@@ -133,7 +136,8 @@ impl Plugin for NspPlugin {
             });
         }
 
-        let listener = bind(&settings.socket)?;
+        let (listener, bound) = bind(&settings.socket)?;
+        *self.bound.lock().expect("bound lock") = Some(bound);
         let stop = scope.child_token();
         let api = NodeApi(nsp.clone());
         let shutdown = stop.clone();
@@ -193,7 +197,9 @@ impl Plugin for NspPlugin {
         if let Some(stop) = self.stop.lock().expect("stop lock").take() {
             stop.cancel();
         }
-        let _ = std::fs::remove_file(self.settings().socket);
+        if let Some(bound) = self.bound.lock().expect("bound lock").take() {
+            bound.remove();
+        }
         Ok(())
     }
 
@@ -223,7 +229,9 @@ impl Plugin for NspPlugin {
 }
 
 /// Binds the node socket (mode 0666: ambassadors run as any user).
-fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener, PluginError> {
+fn bind(
+    path: &std::path::Path,
+) -> Result<(tokio::net::UnixListener, crate::uds::Bound), PluginError> {
     crate::uds::bind(path, 0o666)
         .map_err(|e| PluginError::new(format!("node socket {}: {e}", path.display())))
 }
