@@ -104,9 +104,13 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
     let tap = Tap::new(settings.clone());
     let stop = tokio_util::sync::CancellationToken::new();
     let shutdown = stop.clone();
-    let service = TapServer::new(tap.clone());
+    // Tap messages are small: the node socket's default limits apply here too.
+    let limits = crate::config::NspLimits::default();
+    let service =
+        TapServer::new(tap.clone()).max_decoding_message_size(limits.message_bytes as usize);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(limits.streams_per_connection))
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 service,
                 move |r| peers.check(r),

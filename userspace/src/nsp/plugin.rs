@@ -120,6 +120,7 @@ impl Plugin for NspPlugin {
                     v6: pool(&settings.conduit_prefix_v6),
                 },
                 mtu: settings.conduit_mtu,
+                limits: settings.limits.clone(),
             },
             settings.entry_timeout,
         ));
@@ -141,11 +142,16 @@ impl Plugin for NspPlugin {
         let stop = scope.child_token();
         let api = NodeApi(nsp.clone());
         let shutdown = stop.clone();
+        let limits = &settings.limits;
+        let size = limits.message_bytes as usize;
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(TargetRegistryServer::new(api.clone()))
-                .add_service(ConfigurationManagerServer::new(api.clone()))
-                .add_service(ConduitsServer::new(api))
+                .max_concurrent_streams(Some(limits.streams_per_connection))
+                .add_service(TargetRegistryServer::new(api.clone()).max_decoding_message_size(size))
+                .add_service(
+                    ConfigurationManagerServer::new(api.clone()).max_decoding_message_size(size),
+                )
+                .add_service(ConduitsServer::new(api).max_decoding_message_size(size))
                 .serve_with_incoming_shutdown(crate::uds::incoming(listener), async move {
                     shutdown.cancelled().await
                 }),
