@@ -493,6 +493,7 @@ fn start_dataplane(
                 interface,
                 config.xdp_mode,
                 &pin_dir,
+                config.keep_dataplane,
             )?);
         }
         for interface in &config.tc_interfaces {
@@ -501,6 +502,7 @@ fn start_dataplane(
         Ok(())
     })();
     if let Err(e) = result {
+        links.unpin_all();
         drop(loaded);
         attach::cleanup(&attachments);
         if !kept {
