@@ -67,3 +67,80 @@ fn a_killed_daemon_with_keep_dataplane_loses_no_packet_and_the_next_start_adopts
     );
 }
 
+/// `tapmesh cleanup` in the node's namespace: (exit code, stdout, stderr).
+fn cleanup(lab: &LbLab, root: &std::path::Path, admin: &std::path::Path) -> (i32, String, String) {
+    let out = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+        .args(["cleanup", "--netns", &lab.node.name, "--bpffs-root"])
+        .arg(root)
+        .arg("--admin-socket")
+        .arg(admin)
+        .output()
+        .expect("tapmesh cleanup");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cleanup_removes_a_kept_dataplane_without_a_daemon() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = LbLab::new(0, &[]);
+    let uplink = lab.uplink.clone();
+    lab.start_with(
+        None,
+        &[
+            "--keep-dataplane".into(),
+            "--tc-interface".into(),
+            uplink.clone(),
+        ],
+    );
+    let (root, admin) = (lab.daemon().bpffs_root.clone(), lab.daemon().socket.clone());
+    // Not while a daemon runs.
+    let (code, stdout, stderr) = cleanup(&lab, &root, &admin);
+    assert_eq!((code, stdout.as_str()), (2, ""), "{stderr}");
+    assert!(
+        stderr.starts_with("tapmesh: a daemon is running ("),
+        "{stderr}"
+    );
+    lab.kill_daemon();
+    let show = |args: &[&str]| String::from_utf8_lossy(&lab.node.ip(args).stdout).into_owned();
+    assert!(
+        show(&["link", "show", &uplink]).contains("prog/xdp"),
+        "kept XDP gone after SIGKILL"
+    );
+
+    let (code, stdout, stderr) = cleanup(&lab, &root, &admin);
+    let dir = root.join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stdout,
+        format!(
+            "XDP link xdp_{uplink} detached\n\
+             TC ingress tm_tc_ingress on {uplink} detached\n\
+             TC egress tm_tc_egress on {uplink} detached\n\
+             clsact on {uplink} removed (left empty)\n\
+             pins under {} removed\n",
+            dir.display()
+        )
+    );
+    // Nothing left: no XDP, no filter, no clsact, no pin.
+    assert!(!show(&["link", "show", &uplink]).contains("xdp"));
+    let tc = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.node.name, "tc"])
+            .args(args)
+            .output()
+            .expect("tc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!tc(&["qdisc", "show", "dev", &uplink]).contains("clsact"));
+    assert_eq!(tc(&["filter", "show", "dev", &uplink, "ingress"]), "");
+    assert_eq!(tc(&["filter", "show", "dev", &uplink, "egress"]), "");
+    assert!(!dir.exists(), "{} left", dir.display());
+    // A second run finds nothing.
+    assert_eq!(cleanup(&lab, &root, &admin).1, "nothing to remove\n");
+}

@@ -7,6 +7,7 @@
 
 mod attach;
 mod batch;
+pub mod cleanup;
 pub mod lb;
 pub mod mirror;
 pub mod overlay;
