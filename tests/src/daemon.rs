@@ -95,6 +95,11 @@ impl Daemon {
         panic!("daemon not ready after 20 s: {}", self.log_text());
     }
 
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("a running daemon").id()
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
@@ -142,6 +147,15 @@ impl Daemon {
     pub fn status(&self) -> StatusResponse {
         self.try_status()
             .unwrap_or_else(|| panic!("admin API did not answer: {}", self.log_text()))
+    }
+
+    /// SIGKILL, then waits: the daemon ends without any stop of its own.
+    /// Its pins stay until this value is dropped.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// SIGTERM, then waits; returns the exit status.

@@ -740,6 +740,8 @@ macro_rules! admin_call {
 pub struct LbLab {
     // Field order is drop order: the daemon goes before its namespace.
     daemon: Option<Daemon>,
+    /// Killed daemons, kept until the end: dropping one removes the pins.
+    killed: Vec<Daemon>,
     config_files: Vec<RemoveOnDrop>,
     pub client: Netns,
     pub node: Netns,
@@ -814,6 +816,7 @@ impl LbLab {
         }
         LbLab {
             daemon: None,
+            killed: Vec::new(),
             config_files: Vec::new(),
             client,
             node,
@@ -846,6 +849,38 @@ impl LbLab {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let daemon = Daemon::start(&self.node.name, &args);
         self.daemon = Some(daemon);
+    }
+
+    /// SIGKILLs the daemon (no stop runs); returns its bpffs root and admin
+    /// socket (the pins stay until the lab is dropped).
+    pub fn kill_daemon(&mut self) -> (PathBuf, PathBuf) {
+        let mut old = self.daemon.take().expect("a running daemon");
+        old.kill();
+        let paths = (old.bpffs_root.clone(), old.socket.clone());
+        self.killed.push(old);
+        paths
+    }
+
+    /// SIGKILLs the daemon (no stop runs) and starts another on the same
+    /// pins with `spec` and `args` (besides the uplink); returns when it answers.
+    pub fn kill_and_start(&mut self, spec: Option<&LbSpec>, args: &[String]) {
+        let mut old = self.daemon.take().expect("a running daemon");
+        old.kill();
+        let root = old.bpffs_root.clone();
+        self.killed.push(old);
+        let mut all = vec![
+            "--uplink".to_string(),
+            self.uplink.clone(),
+            "--xdp-mode".into(),
+            "native".into(),
+        ];
+        all.extend(args.iter().cloned());
+        if let Some(spec) = spec {
+            all.push("--lb-config".into());
+            all.push(self.write_file("tmlb", &lb_toml(spec)));
+        }
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.daemon = Some(Daemon::start_at(&self.node.name, &root, &all));
     }
 
     /// Like [`LbLab::start`] with no LB spec and `config` as the daemon's

@@ -250,6 +250,15 @@ fn start_node(netns: Netns, uplink: String, address: &'static str, extra: &str) 
     }
 }
 
+/// One node (198.18.2.1, its uplink's far end 198.18.2.2 in `peer`) with
+/// its daemon running, not yet registered.
+pub fn one_node() -> (Node, Netns) {
+    let n1 = Netns::new("ovn1");
+    let peer = Netns::new("ovp");
+    let (up1, _) = link(&n1, &format!("{NODE1}/24"), &peer, &format!("{NODE2}/24"));
+    (start_node(n1, up1.interface, NODE1, ""), peer)
+}
+
 impl TwoNodes {
     pub fn start() -> Self {
         Self::start_with(|_| String::new())

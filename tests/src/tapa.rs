@@ -138,6 +138,12 @@ impl TapaLab {
     /// Client, node and `apps` empty application namespaces; the daemon started
     /// with registry expiry `expiry`.
     pub fn new(apps: usize, expiry: &str) -> Self {
+        Self::new_with(apps, expiry, "")
+    }
+
+    /// Like [`TapaLab::new`], with `extra` appended to the daemon's
+    /// configuration (inside its `[nsp]` section: e.g. `[nsp.limits]` lines).
+    pub fn new_with(apps: usize, expiry: &str, extra: &str) -> Self {
         let client = Netns::new("c");
         let node = Netns::new("n");
         let (c, n) = link(&client, "198.18.0.2/24", &node, "198.18.0.1/24");
@@ -163,7 +169,7 @@ impl TapaLab {
                 "[daemon]\nstate_dir = \"{d}/state\"\n\
                  [nsp]\nsocket = \"{d}/node.sock\"\nconfig_file = \"{d}/nsp.toml\"\n\
                  entry_timeout = \"{expiry}\"\n\
-                 conduit_prefix_v4 = \"198.19.0.0/24\"\nconduit_prefix_v6 = \"\"\n",
+                 conduit_prefix_v4 = \"198.19.0.0/24\"\nconduit_prefix_v6 = \"\"\n{extra}",
                 d = dir.0.display()
             ),
         )
@@ -226,6 +232,21 @@ impl TapaLab {
 
     /// Starts an ambassador in application `app` as uid 65534, refreshing every `refresh`.
     pub fn start_ambassador(&mut self, app: usize, refresh: &str) -> usize {
+        self.start_ambassador_with(app, refresh, &[])
+    }
+
+    /// The copy of the tapmesh binary that any user may run.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// Like [`TapaLab::start_ambassador`], with more environment variables.
+    pub fn start_ambassador_with(
+        &mut self,
+        app: usize,
+        refresh: &str,
+        env: &[(&str, &str)],
+    ) -> usize {
         let home = self
             .dir
             .0
@@ -245,6 +266,7 @@ impl TapaLab {
             .env("MERIDIO_NSP_ENTRY_TIMEOUT", refresh)
             .env("MERIDIO_TIMEOUT", "5s")
             .env("MERIDIO_LOG_LEVEL", "debug")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("ambassador log"))
             .spawn()

@@ -150,6 +150,43 @@ pub struct NspSettings {
     pub conduit_prefix_v4: String,
     pub conduit_prefix_v6: String,
     pub conduit_mtu: u32,
+    /// `[nsp.limits]`: what one caller may take.
+    pub limits: NspLimits,
+}
+
+/// Per-caller limits of the node socket. A call past one is refused with
+/// RESOURCE_EXHAUSTED naming the limit and its value.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NspLimits {
+    /// Conduit connections of all the namespaces of one uid.
+    pub conduits_per_uid: u32,
+    /// Conduit connections of one network namespace.
+    pub conduits_per_netns: u32,
+    /// Registered targets on one conduit connection (its addresses).
+    pub targets_per_conduit: u32,
+    /// IPs of one target.
+    pub ips_per_target: u32,
+    /// Bytes of one target's context (keys and values).
+    pub context_bytes: u32,
+    /// Largest request message (also the ambassador's).
+    pub message_bytes: u32,
+    /// Concurrent calls and streams on one connection (HTTP/2).
+    pub streams_per_connection: u32,
+}
+
+impl Default for NspLimits {
+    fn default() -> Self {
+        Self {
+            conduits_per_uid: 16,
+            conduits_per_netns: 8,
+            targets_per_conduit: 32,
+            ips_per_target: 8,
+            context_bytes: 4096,
+            message_bytes: 64 * 1024,
+            streams_per_connection: 64,
+        }
+    }
 }
 
 impl Default for NspSettings {
@@ -162,6 +199,7 @@ impl Default for NspSettings {
             conduit_prefix_v4: "169.254.100.0/22".into(),
             conduit_prefix_v6: "fd74:6170:6d65::/64".into(),
             conduit_mtu: 1500,
+            limits: NspLimits::default(),
         }
     }
 }
@@ -692,6 +730,26 @@ impl Config {
                 setting: "nsp.conduit_mtu",
                 message: "use 1280..=65535".into(),
             });
+        }
+        let l = &self.nsp.limits;
+        for (setting, value) in [
+            ("nsp.limits.conduits_per_uid", l.conduits_per_uid),
+            ("nsp.limits.conduits_per_netns", l.conduits_per_netns),
+            ("nsp.limits.targets_per_conduit", l.targets_per_conduit),
+            ("nsp.limits.ips_per_target", l.ips_per_target),
+            ("nsp.limits.context_bytes", l.context_bytes),
+            ("nsp.limits.message_bytes", l.message_bytes),
+            (
+                "nsp.limits.streams_per_connection",
+                l.streams_per_connection,
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::BadValue {
+                    setting,
+                    message: "0 would refuse every caller; use 1 or more".into(),
+                });
+            }
         }
         tracing_subscriber::EnvFilter::try_new(&self.daemon.log_level).map_err(|e| {
             ConfigError::BadValue {

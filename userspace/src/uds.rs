@@ -57,15 +57,52 @@ pub fn check_free(path: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Binds a unix socket with `mode`, replacing a stale socket file (not one in use).
-pub fn bind(path: &Path, mode: u32) -> std::io::Result<tokio::net::UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
+/// A socket file this process bound. [`Bound::remove`] removes it only if
+/// the path still names that file: a stop never deletes a file someone else
+/// put there since (or one that was never ours).
+#[derive(Debug)]
+pub struct Bound {
+    path: std::path::PathBuf,
+    id: (u64, u64),
+}
+
+impl Bound {
+    pub fn remove(&self) {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            if (meta.dev(), meta.ino()) == self.id {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// Binds a unix socket with `mode`. A file at `path` is removed only if it
+/// is a stale socket (nobody answers on it); any other file, or a socket in
+/// use, is refused ([`check_free`]). Every socket of tapmesh is bound here.
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<(tokio::net::UnixListener, Bound)> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     check_free(path)?;
-    let _ = std::fs::remove_file(path);
+    if std::fs::symlink_metadata(path).is_ok() {
+        std::fs::remove_file(path).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("removing the stale socket {}: {e}", path.display()),
+            )
+        })?;
+    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let listener = tokio::net::UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    let meta = std::fs::symlink_metadata(path)?;
+    let bound = Bound {
+        path: path.to_path_buf(),
+        id: (meta.dev(), meta.ino()),
+    };
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
+        bound.remove();
+        return Err(e);
+    }
+    Ok((listener, bound))
 }

@@ -5,7 +5,6 @@ mod lb;
 mod mirror;
 
 use std::{
-    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -400,26 +399,13 @@ fn check(path: &Path) -> Result<(), PluginError> {
     crate::uds::check_free(path).map_err(|e| PluginError::new(format!("daemon.admin_socket: {e}")))
 }
 
-/// Binds `path`, refusing to take over a socket another daemon still serves.
-fn bind(path: &Path) -> Result<UnixListener, PluginError> {
-    check(path)?;
-    if std::fs::symlink_metadata(path).is_ok() {
-        std::fs::remove_file(path).map_err(|e| {
-            PluginError::new(format!("removing stale socket {}: {e}", path.display()))
-        })?;
-    }
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| PluginError::new(format!("creating {}: {e}", dir.display())))?;
-    }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| PluginError::new(format!("binding {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| PluginError::new(format!("chmod {}: {e}", path.display())))?;
-    Ok(listener)
+/// Binds `path` (mode 0600), refusing to take over a socket another daemon still serves.
+fn bind(path: &Path) -> Result<(UnixListener, crate::uds::Bound), PluginError> {
+    crate::uds::bind(path, 0o600).map_err(|e| PluginError::new(format!("daemon.admin_socket: {e}")))
 }
 
 struct Serving {
+    bound: crate::uds::Bound,
     stop: CancellationToken,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
 }
@@ -476,7 +462,7 @@ impl Plugin for AdminPlugin {
     }
 
     async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
-        let listener = bind(&self.socket())?;
+        let (listener, bound) = bind(&self.socket())?;
         let service = AdminService {
             core: self.core.clone(),
             dataplane: self.dataplane.clone(),
@@ -493,7 +479,7 @@ impl Plugin for AdminPlugin {
                     shutdown.cancelled().await
                 }),
         );
-        *self.serving.lock().await = Some(Serving { stop, task });
+        *self.serving.lock().await = Some(Serving { bound, stop, task });
         Ok(())
     }
 
@@ -501,8 +487,8 @@ impl Plugin for AdminPlugin {
         if let Some(serving) = self.serving.lock().await.take() {
             serving.stop.cancel();
             let _ = serving.task.await;
+            serving.bound.remove();
         }
-        let _ = std::fs::remove_file(self.socket());
         Ok(())
     }
 

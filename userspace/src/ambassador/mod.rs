@@ -35,6 +35,21 @@ pub struct AmbassadorSettings {
     /// Bound on each call to the node daemon, and on Close.
     #[arg(long, env = "MERIDIO_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+    /// Other users who may call it, by uid (comma-separated). Its own uid
+    /// and root always may; nobody else unless listed here or by gid.
+    #[arg(
+        long = "allow-uid",
+        env = "TAPMESH_AMBASSADOR_ALLOW_UIDS",
+        value_delimiter = ','
+    )]
+    pub allow_uids: Vec<u32>,
+    /// Other users who may call it, by their primary gid (comma-separated).
+    #[arg(
+        long = "allow-gid",
+        env = "TAPMESH_AMBASSADOR_ALLOW_GIDS",
+        value_delimiter = ','
+    )]
+    pub allow_gids: Vec<u32>,
     /// TRACE, DEBUG, INFO, WARN or ERROR (or a tracing filter).
     #[arg(long, env = "MERIDIO_LOG_LEVEL", default_value = "INFO")]
     pub log_level: String,
@@ -72,7 +87,11 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let listener = match crate::uds::bind(&settings.socket, 0o777) {
+    // Only its own uid (and root) may connect, unless others are listed:
+    // then the file is open to all and the peer check below decides.
+    let peers = Peers::of(&settings);
+    let mode = if peers.others() { 0o666 } else { 0o600 };
+    let (listener, bound) = match crate::uds::bind(&settings.socket, mode) {
         Ok(l) => l,
         Err(e) => {
             eprintln!(
@@ -85,9 +104,17 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
     let tap = Tap::new(settings.clone());
     let stop = tokio_util::sync::CancellationToken::new();
     let shutdown = stop.clone();
+    // Tap messages are small: the node socket's default limits apply here too.
+    let limits = crate::config::NspLimits::default();
+    let service =
+        TapServer::new(tap.clone()).max_decoding_message_size(limits.message_bytes as usize);
     let server = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(TapServer::new(tap.clone()))
+            .max_concurrent_streams(Some(limits.streams_per_connection))
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                service,
+                move |r| peers.check(r),
+            ))
             .serve_with_incoming_shutdown(crate::uds::incoming(listener), async move {
                 shutdown.cancelled().await
             }),
@@ -102,6 +129,78 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
     tap.end_watches();
     stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-    let _ = std::fs::remove_file(&settings.socket);
+    bound.remove();
     ExitCode::SUCCESS
+}
+
+/// Who may call the ambassador: checked on every call from the peer's
+/// credentials (SO_PEERCRED), whatever the socket file's mode.
+#[derive(Clone, Debug)]
+struct Peers {
+    own_uid: u32,
+    uids: Vec<u32>,
+    gids: Vec<u32>,
+}
+
+impl Peers {
+    fn of(settings: &AmbassadorSettings) -> Self {
+        Self {
+            // SAFETY: geteuid has no preconditions.
+            own_uid: unsafe { libc::geteuid() },
+            uids: settings.allow_uids.clone(),
+            gids: settings.allow_gids.clone(),
+        }
+    }
+
+    fn others(&self) -> bool {
+        !self.uids.is_empty() || !self.gids.is_empty()
+    }
+
+    fn allows(&self, uid: u32, gid: u32) -> bool {
+        uid == 0 || uid == self.own_uid || self.uids.contains(&uid) || self.gids.contains(&gid)
+    }
+
+    fn check(&self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let cred = request
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|info| info.peer_cred);
+        match cred {
+            Some(c) if self.allows(c.uid(), c.gid()) => Ok(request),
+            Some(c) => Err(tonic::Status::permission_denied(format!(
+                "uid {} (gid {}) may not use this ambassador: only uid {} and root may, or those given with --allow-uid/--allow-gid",
+                c.uid(),
+                c.gid(),
+                self.own_uid
+            ))),
+            None => Err(tonic::Status::permission_denied(
+                "cannot identify the caller (no peer credentials)",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Peers;
+
+    #[test]
+    fn own_uid_root_and_listed_peers_only() {
+        let p = Peers {
+            own_uid: 1000,
+            uids: vec![2000],
+            gids: vec![3000],
+        };
+        assert!(p.allows(0, 0));
+        assert!(p.allows(1000, 1000));
+        assert!(p.allows(2000, 2000));
+        assert!(p.allows(4000, 3000));
+        assert!(!p.allows(4000, 4000));
+        assert!(!Peers {
+            uids: vec![],
+            gids: vec![],
+            ..p.clone()
+        }
+        .others());
+    }
 }

@@ -140,6 +140,20 @@ pub enum Command {
         #[arg(value_enum, ignore_case = true)]
         shell: clap_complete::Shell,
     },
+    /// Remove a kept dataplane (keep_dataplane) with no daemon running: the pinned
+    /// XDP links, tapmesh's TC filters, the clsact qdiscs they leave empty, the pins.
+    #[command(after_help = "Example:\n  tapmesh cleanup --bpffs-root /sys/fs/bpf/tapmesh")]
+    Cleanup {
+        /// The daemon's `dataplane.bpffs_root`.
+        #[arg(long, env = "TAPMESH_BPFFS_ROOT", default_value = crate::config::DEFAULT_BPFFS_ROOT)]
+        bpffs_root: PathBuf,
+        /// If a daemon answers here it is running, and nothing is removed.
+        #[arg(long, env = "TAPMESH_ADMIN_SOCKET", default_value = DEFAULT_ADMIN_SOCKET)]
+        admin_socket: PathBuf,
+        /// The network namespace of the dataplane's interfaces (`ip netns` name or path).
+        #[arg(long)]
+        netns: Option<String>,
+    },
     /// Print the manual page (roff).
     #[command(after_help = "Example:\n  tapmesh man > /usr/local/share/man/man1/tapmesh.1")]
     Man,

@@ -55,6 +55,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Config {
             command: args::ConfigCommand::Check { kind, files },
         } => check::run(&files, kind),
+        Command::Cleanup {
+            bpffs_root,
+            admin_socket,
+            netns,
+        } => cleanup(&bpffs_root, &admin_socket, netns.as_deref()),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(shell, &mut Cli::command(), "tapmesh", &mut out);
@@ -73,6 +78,36 @@ pub fn run(cli: Cli) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+/// `tapmesh cleanup`: one line per thing removed; exit 2 if a daemon runs.
+fn cleanup(bpffs_root: &Path, admin_socket: &Path, netns: Option<&str>) -> ExitCode {
+    if let Err(e) = crate::uds::check_free(admin_socket) {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            eprintln!("tapmesh: a daemon is running ({e}); stop it first");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    if let Some(name) = netns {
+        if let Err(e) = crate::net::netns::enter(name) {
+            eprintln!("tapmesh: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    }
+    match runtime().block_on(crate::dataplane::cleanup::remove_kept(bpffs_root)) {
+        Ok(removed) if removed.is_empty() => {
+            let _ = print("nothing to remove\n");
+            ExitCode::SUCCESS
+        }
+        Ok(removed) => {
+            let _ = print(&(removed.join("\n") + "\n"));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tapmesh: cleanup: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -55,6 +55,20 @@ pub struct Links {
     pub tc: Vec<(String, &'static str, SchedClassifierLinkId)>,
     /// `tm_xdp_mirror` on mirror ring interfaces (never kept: rings go with the daemon).
     pub mirror: Vec<(String, XdpLinkId)>,
+    /// Uplink links pinned when attached (keep_dataplane): they outlive
+    /// the process however it ends.
+    pub pinned: Vec<(String, PinnedLink)>,
+}
+
+impl Links {
+    /// Unpins and so detaches the pinned links (a start that failed).
+    pub fn unpin_all(&mut self) {
+        for (interface, link) in self.pinned.drain(..) {
+            if let Err(e) = link.unpin() {
+                tracing::warn!(interface, "unpinning the XDP link: {e}");
+            }
+        }
+    }
 }
 
 /// Loads every program of the object into the kernel (the verifier runs here).
@@ -113,6 +127,42 @@ fn link_pin(pin_dir: &Path, interface: &str) -> std::path::PathBuf {
 /// Attaches the uplink program. A link kept by an earlier daemon is replaced
 /// atomically; otherwise native mode is tried first when `mode` is auto.
 pub fn xdp(
+    ebpf: &mut Ebpf,
+    links: &mut Links,
+    interface: &str,
+    mode: XdpMode,
+    pin_dir: &Path,
+    keep: bool,
+) -> Result<Attachment, DataplaneError> {
+    let attachment = xdp_link(ebpf, links, interface, mode, pin_dir)?;
+    if keep {
+        // Pinned now, not at stop: a daemon killed without a stop leaves the
+        // program attached, and the next start replaces it through the pin.
+        let (_, id) = links.xdp.pop().expect("xdp_link pushed its link");
+        let program = xdp_program(ebpf, program_names::XDP_UPLINK)?;
+        let fail = |message: String| DataplaneError::Attach {
+            hook: Hook::Xdp,
+            interface: interface.into(),
+            message,
+        };
+        let link = program.take_link(id).map_err(|e| fail(e.to_string()))?;
+        let fd_link: FdLink = link
+            .try_into()
+            .map_err(|e| fail(format!("not a bpf_link: {e}")))?;
+        let pin = link_pin(pin_dir, interface);
+        if let Some(dir) = pin.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| fail(format!("creating {}: {e}", dir.display())))?;
+        }
+        let pinned = fd_link
+            .pin(&pin)
+            .map_err(|e| fail(format!("pinning the link at {}: {e}", pin.display())))?;
+        links.pinned.push((interface.into(), pinned));
+    }
+    Ok(attachment)
+}
+
+fn xdp_link(
     ebpf: &mut Ebpf,
     links: &mut Links,
     interface: &str,
@@ -258,8 +308,9 @@ pub fn tc_programs(
     Ok(())
 }
 
-/// Leaves everything attached after the process exits: XDP links are pinned,
-/// TC filters (netlink) stay on their own.
+/// Leaves everything attached after the process exits: XDP links are pinned
+/// (the uplinks' already are, since their attach), TC filters (netlink)
+/// stay on their own.
 pub fn keep(ebpf: &mut Ebpf, links: Links, pin_dir: &Path) -> Result<(), DataplaneError> {
     let links_dir = pin_dir.join("links");
     std::fs::create_dir_all(&links_dir)

@@ -7,6 +7,7 @@
 
 mod attach;
 mod batch;
+pub mod cleanup;
 pub mod lb;
 pub mod mirror;
 pub mod overlay;
@@ -493,6 +494,7 @@ fn start_dataplane(
                 interface,
                 config.xdp_mode,
                 &pin_dir,
+                config.keep_dataplane,
             )?);
         }
         for interface in &config.tc_interfaces {
@@ -501,6 +503,7 @@ fn start_dataplane(
         Ok(())
     })();
     if let Err(e) = result {
+        links.unpin_all();
         drop(loaded);
         attach::cleanup(&attachments);
         if !kept {

@@ -9,7 +9,7 @@ use std::{
 use futures::TryStreamExt;
 use netlink_packet_route::{
     address::{AddressMessage, AddressScope},
-    route::{RouteAttribute, RouteScope},
+    route::{RouteAttribute, RouteMessage, RouteScope},
     rule::{RuleAction, RuleAttribute, RuleMessage},
 };
 use rtnetlink::{IpVersion, RouteMessageBuilder};
@@ -277,12 +277,77 @@ pub async fn add_container_routes(
                 .output_interface(host_ifindex)
                 .build(),
         };
+        // Exclusive: a route of the node's own to this address is refused,
+        // never replaced (the host is not the container's to change).
         host.route()
             .add(route)
-            .replace()
             .execute()
             .await
             .map_err(At::here("host side").nl(format!("adding the route to {addr}")))?;
     }
     Ok(())
+}
+
+/// The main table's default routes in `netns`, both families: what
+/// [`add_container_routes`] replaces, kept to be put back by a rollback.
+pub async fn default_routes(netns: &File) -> Result<Vec<RouteMessage>, NetError> {
+    let handle = netlink_in(netns)?;
+    let ns = describe(netns);
+    let at = At {
+        ifname: "default route",
+        netns: &ns,
+    };
+    let mut found = Vec::new();
+    for query in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let routes: Vec<RouteMessage> = handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(at.nl("listing routes"))?;
+        found.extend(routes.into_iter().filter(|r| {
+            r.header.destination_prefix_length == 0
+                && route_table(r) == u32::from(libc::RT_TABLE_MAIN)
+        }));
+    }
+    for r in &mut found {
+        r.attributes
+            .retain(|a| !matches!(a, RouteAttribute::CacheInfo(_)));
+    }
+    Ok(found)
+}
+
+/// Puts back routes taken by [`default_routes`] (after the link that
+/// replaced them is gone). Best effort: a failure is logged.
+pub async fn restore_routes(netns: &File, routes: Vec<RouteMessage>) {
+    if routes.is_empty() {
+        return;
+    }
+    let handle = match netlink_in(netns) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!("restoring default routes in {}: {e}", describe(netns));
+            return;
+        }
+    };
+    for route in routes {
+        if let Err(e) = handle.route().add(route).replace().execute().await {
+            tracing::warn!("restoring a default route in {}: {e}", describe(netns));
+        }
+    }
+}
+
+fn route_table(route: &RouteMessage) -> u32 {
+    route
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(route.header.table))
 }

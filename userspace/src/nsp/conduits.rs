@@ -13,6 +13,9 @@ pub struct Connection {
     pub netns: NetnsId,
     /// The process that last connected (to find the namespace again).
     pub pid: i32,
+    /// Its uid (what `nsp.limits.conduits_per_uid` counts).
+    #[serde(default)]
+    pub uid: u32,
     pub trench: String,
     pub conduit: String,
     pub block: u32,

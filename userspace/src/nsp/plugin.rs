@@ -33,6 +33,8 @@ pub struct NspPlugin {
     state_dir: Mutex<PathBuf>,
     nsp: Mutex<Option<Arc<Nsp>>>,
     stop: Mutex<Option<CancellationToken>>,
+    /// The node socket's file, removed at stop.
+    bound: Mutex<Option<crate::uds::Bound>>,
     last_error: Arc<Mutex<Option<String>>>,
 }
 
@@ -44,6 +46,7 @@ impl NspPlugin {
             state_dir: Mutex::default(),
             nsp: Mutex::new(None),
             stop: Mutex::new(None),
+            bound: Mutex::new(None),
             last_error: Arc::default(),
         }
     }
@@ -117,6 +120,7 @@ impl Plugin for NspPlugin {
                     v6: pool(&settings.conduit_prefix_v6),
                 },
                 mtu: settings.conduit_mtu,
+                limits: settings.limits.clone(),
             },
             settings.entry_timeout,
         ));
@@ -133,15 +137,21 @@ impl Plugin for NspPlugin {
             });
         }
 
-        let listener = bind(&settings.socket)?;
+        let (listener, bound) = bind(&settings.socket)?;
+        *self.bound.lock().expect("bound lock") = Some(bound);
         let stop = scope.child_token();
         let api = NodeApi(nsp.clone());
         let shutdown = stop.clone();
+        let limits = &settings.limits;
+        let size = limits.message_bytes as usize;
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(TargetRegistryServer::new(api.clone()))
-                .add_service(ConfigurationManagerServer::new(api.clone()))
-                .add_service(ConduitsServer::new(api))
+                .max_concurrent_streams(Some(limits.streams_per_connection))
+                .add_service(TargetRegistryServer::new(api.clone()).max_decoding_message_size(size))
+                .add_service(
+                    ConfigurationManagerServer::new(api.clone()).max_decoding_message_size(size),
+                )
+                .add_service(ConduitsServer::new(api).max_decoding_message_size(size))
                 .serve_with_incoming_shutdown(crate::uds::incoming(listener), async move {
                     shutdown.cancelled().await
                 }),
@@ -193,7 +203,9 @@ impl Plugin for NspPlugin {
         if let Some(stop) = self.stop.lock().expect("stop lock").take() {
             stop.cancel();
         }
-        let _ = std::fs::remove_file(self.settings().socket);
+        if let Some(bound) = self.bound.lock().expect("bound lock").take() {
+            bound.remove();
+        }
         Ok(())
     }
 
@@ -223,7 +235,9 @@ impl Plugin for NspPlugin {
 }
 
 /// Binds the node socket (mode 0666: ambassadors run as any user).
-fn bind(path: &std::path::Path) -> Result<tokio::net::UnixListener, PluginError> {
+fn bind(
+    path: &std::path::Path,
+) -> Result<(tokio::net::UnixListener, crate::uds::Bound), PluginError> {
     crate::uds::bind(path, 0o666)
         .map_err(|e| PluginError::new(format!("node socket {}: {e}", path.display())))
 }

@@ -112,6 +112,22 @@ impl Registry {
         self.entries.values().map(|e| e.target.clone()).collect()
     }
 
+    /// For a target not registered yet: how many targets with its ips are.
+    /// `None` if it is registered (a refresh) or its ips are not valid.
+    pub fn others_with_ips(&self, target: &Target) -> Option<usize> {
+        let mut t = target.clone();
+        normalise(&mut t).ok()?;
+        if self.entries.contains_key(&t.key()) {
+            return None;
+        }
+        Some(
+            self.entries
+                .values()
+                .filter(|e| e.target.ips == t.ips)
+                .count(),
+        )
+    }
+
     /// Register (upsert). Returns whether a watcher-visible field changed.
     pub fn register(
         &mut self,

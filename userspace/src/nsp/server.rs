@@ -45,9 +45,9 @@ fn status_of(e: NspError) -> Status {
         NspError::Registry(RegistryError::UnknownStream(_)) | NspError::UnknownConduit { .. } => {
             Status::not_found(message)
         }
-        NspError::Registry(RegistryError::Full { .. }) | NspError::PoolExhausted(_) => {
-            Status::resource_exhausted(message)
-        }
+        NspError::Registry(RegistryError::Full { .. })
+        | NspError::PoolExhausted(_)
+        | NspError::Limit { .. } => Status::resource_exhausted(message),
         NspError::Registry(RegistryError::Collision { .. }) => Status::already_exists(message),
         NspError::Registry(_) | NspError::Config(_) => Status::invalid_argument(message),
         NspError::Caller(_) | NspError::NotYours(_) => Status::permission_denied(message),

@@ -45,6 +45,21 @@ pub enum NspError {
     Net(#[from] NetError),
     #[error("writing the LB maps: {0}")]
     Lb(String),
+    /// A per-caller limit of `[nsp.limits]`.
+    #[error("limit nsp.limits.{name} = {value} reached: {detail}")]
+    Limit {
+        name: &'static str,
+        value: u32,
+        detail: String,
+    },
+}
+
+fn limit(name: &'static str, value: u32, detail: String) -> NspError {
+    NspError::Limit {
+        name,
+        value,
+        detail,
+    }
 }
 
 /// Who is calling: the peer of the node socket.
@@ -74,6 +89,7 @@ pub struct Settings {
     pub state_file: PathBuf,
     pub pools: Pools,
     pub mtu: u32,
+    pub limits: crate::config::NspLimits,
 }
 
 pub struct Nsp {
@@ -206,8 +222,33 @@ impl Nsp {
     }
 
     pub async fn register(&self, caller: Caller, target: Target) -> Result<(), NspError> {
+        let limits = &self.settings.limits;
+        if target.ips.len() > limits.ips_per_target as usize {
+            return Err(limit(
+                "ips_per_target",
+                limits.ips_per_target,
+                format!("the target has {} ips", target.ips.len()),
+            ));
+        }
+        let context: usize = target.context.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if context > limits.context_bytes as usize {
+            return Err(limit(
+                "context_bytes",
+                limits.context_bytes,
+                format!("the target's context has {context} bytes"),
+            ));
+        }
         let mut inner = self.inner.lock().await;
         check_owner(&inner, caller, &target)?;
+        if let Some(held) = inner.registry.others_with_ips(&target) {
+            if held >= limits.targets_per_conduit as usize {
+                return Err(limit(
+                    "targets_per_conduit",
+                    limits.targets_per_conduit,
+                    format!("ips {:?} already have {held} targets", target.ips),
+                ));
+            }
+        }
         let config = inner.config.clone();
         let before = inner.registry.clone();
         if inner.registry.register(target, &config, Instant::now())? {
@@ -306,6 +347,31 @@ impl Nsp {
                 .find(|c| c.link.host_ifname == host);
             return Ok(c.cloned().expect("found above"));
         }
+        let limits = &self.settings.limits;
+        let in_netns = inner.connections.iter().filter(|c| c.netns == id).count();
+        if in_netns >= limits.conduits_per_netns as usize {
+            return Err(limit(
+                "conduits_per_netns",
+                limits.conduits_per_netns,
+                format!(
+                    "network namespace {} has {in_netns} conduits",
+                    id.describe()
+                ),
+            ));
+        }
+        // Root's ambassadors are the operator's: not counted against one uid.
+        let of_uid = inner
+            .connections
+            .iter()
+            .filter(|c| c.uid == caller.uid)
+            .count();
+        if caller.uid != 0 && of_uid >= limits.conduits_per_uid as usize {
+            return Err(limit(
+                "conduits_per_uid",
+                limits.conduits_per_uid,
+                format!("uid {} has {of_uid} conduits", caller.uid),
+            ));
+        }
         let pools = &self.settings.pools;
         let block = pools
             .free_block(inner.connections.iter().map(|c| c.block))
@@ -333,6 +399,7 @@ impl Nsp {
         let connection = Connection {
             netns: id,
             pid: caller.pid,
+            uid: caller.uid,
             trench: trench.into(),
             conduit: conduit.into(),
             block,

@@ -16,11 +16,27 @@ use serde::Deserialize;
 use super::manager::{DeploySpec, NetManager, NetnsRef, NmError, RemoteSpec};
 use super::model::{IpType, ServiceIp};
 
+/// The largest request body taken; a larger one is answered 413.
+pub const BODY_LIMIT: usize = 1 << 20;
+
+/// The longest message answered: a message that quotes a client's value
+/// (serde's "invalid type: string ...", a bad name) must not send megabytes back.
+const MESSAGE_LIMIT: usize = 300;
+
 pub struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(serde_json::json!({ "message": self.1 }))).into_response()
+        let mut message = self.1;
+        if message.len() > MESSAGE_LIMIT {
+            let mut end = MESSAGE_LIMIT;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push_str("… (cut)");
+        }
+        (self.0, Json(serde_json::json!({ "message": message }))).into_response()
     }
 }
 
@@ -29,6 +45,8 @@ impl From<NmError> for ApiError {
         let status = match &e {
             NmError::NotRegistered | NmError::Conflict(_) => StatusCode::CONFLICT,
             NmError::AlreadyRegistered(_) | NmError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            NmError::NotANamespace(_) => StatusCode::BAD_REQUEST,
+            NmError::HostNamespace(_) => StatusCode::FORBIDDEN,
             NmError::NoNamespace(_) | NmError::NotDeployed(_) => StatusCode::NOT_FOUND,
             NmError::Ipam(super::ipam::IpamError::Exhausted(_)) | NmError::Model(_) => {
                 StatusCode::INSUFFICIENT_STORAGE
@@ -44,10 +62,12 @@ impl From<NmError> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(e: JsonRejection) -> Self {
-        ApiError(
-            StatusCode::BAD_REQUEST,
-            format!("bad request body: {}", e.body_text()),
-        )
+        // A body over the limit keeps its 413; every other rejection is the client's 400.
+        let status = match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError(status, format!("bad request body: {}", e.body_text()))
     }
 }
 
@@ -286,5 +306,6 @@ pub fn router(nm: Arc<NetManager>) -> Router {
         .route("/docker/undeploy", post(undeploy))
         .route("/tablequery/result", post(table))
         .route("/status", get(status))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(nm)
 }

@@ -39,6 +39,8 @@ pub struct NetManagerPlugin {
     settings: Mutex<Settings>,
     manager: Mutex<Option<Arc<NetManager>>>,
     status: Arc<Mutex<String>>,
+    /// The API socket's file, removed at stop.
+    bound: Mutex<Option<crate::uds::Bound>>,
 }
 
 impl NetManagerPlugin {
@@ -49,6 +51,7 @@ impl NetManagerPlugin {
             settings: Mutex::new(Settings::default()),
             manager: Mutex::new(None),
             status: Arc::new(Mutex::new("off".into())),
+            bound: Mutex::new(None),
         }
     }
 }
@@ -95,6 +98,11 @@ impl Plugin for NetManagerPlugin {
         config: &Config,
     ) -> Result<(), PluginError> {
         let nm = &config.netmanager;
+        // Checked here, before the dataplane attaches anything.
+        if let Some(path) = &nm.socket {
+            crate::uds::check_free(path)
+                .map_err(|e| PluginError::new(format!("netmanager.socket: {e}")))?;
+        }
         let mut settings = self.settings.lock().expect("lock");
         settings.socket = nm.socket.clone();
         settings.listen = nm.listen;
@@ -156,9 +164,9 @@ impl Plugin for NetManagerPlugin {
         manager.restore().await;
         let router = super::api::router(manager.clone());
         if let Some(path) = &socket {
-            let listener = crate::uds::bind(path, 0o660).map_err(|e| {
-                PluginError::new(format!("netmanager socket {}: {e}", path.display()))
-            })?;
+            let (listener, bound) = crate::uds::bind(path, 0o660)
+                .map_err(|e| PluginError::new(format!("netmanager.socket: {e}")))?;
+            *self.bound.lock().expect("lock") = Some(bound);
             let (router, stop) = (router.clone(), scope.clone());
             tokio::spawn(async move {
                 let served = axum::serve(listener, router)
@@ -216,8 +224,8 @@ impl Plugin for NetManagerPlugin {
             self.observer.set_manager(None).await;
             m.shutdown().await;
         }
-        if let Some(path) = &self.settings.lock().expect("lock").socket {
-            let _ = std::fs::remove_file(path);
+        if let Some(bound) = self.bound.lock().expect("lock").take() {
+            bound.remove();
         }
         Ok(())
     }

@@ -17,6 +17,16 @@ pub(super) fn host_ifname(job: &str, number: u32) -> String {
     format!("tmo{:08x}", h.finish() as u32)
 }
 
+/// A container's default routes from before its deploy.
+pub(super) struct Replaced(Vec<netlink_packet_route::route::RouteMessage>);
+
+impl Replaced {
+    /// Puts them back, once the container's link (and so our routes) is gone.
+    pub(super) async fn restore(self, netns: &File) {
+        net::route::restore_routes(netns, self.0).await
+    }
+}
+
 impl NetManager {
     pub(super) async fn create_link(
         &self,
@@ -25,7 +35,7 @@ impl NetManager {
         lease: Lease,
         gateway: Ipv4Addr,
         gateway_v6: Option<std::net::Ipv6Addr>,
-    ) -> Result<Veth, NmError> {
+    ) -> Result<(Veth, Replaced), NmError> {
         let mut gateways = vec![Prefix::host(gateway)];
         let mut local = vec![Prefix::host(lease.v4)];
         if let (Some(gw6), Some(v6)) = (gateway_v6, lease.v6) {
@@ -41,6 +51,14 @@ impl NetManager {
             self.settings.mtu,
         )
         .await?;
+        // The container's own default routes, which ours replace: a rollback puts them back.
+        let replaced = match net::route::default_routes(netns).await {
+            Ok(r) => Replaced(r),
+            Err(e) => {
+                let _ = net::link::delete(host).await;
+                return Err(e.into());
+            }
+        };
         let routed = net::route::add_container_routes(
             netns,
             &self.settings.container_ifname,
@@ -54,9 +72,10 @@ impl NetManager {
         let host_mtu = net::link::set_mtu(host, self.settings.mtu + 28).await;
         if let Err(e) = routed.and(host_mtu) {
             let _ = net::link::delete(host).await;
+            replaced.restore(netns).await;
             return Err(e.into());
         }
-        Ok(link)
+        Ok((link, replaced))
     }
 
     pub(super) async fn remove_link(&self, deployment: &LocalDeployment) {

@@ -35,6 +35,12 @@ pub enum NmError {
     BadRequest(String),
     #[error("{0}")]
     NoNamespace(String),
+    /// A netns path that is not a network namespace.
+    #[error("{0}")]
+    NotANamespace(String),
+    /// The daemon's own or the initial network namespace: never a container.
+    #[error("{0}")]
+    HostNamespace(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0} is not deployed on this node")]

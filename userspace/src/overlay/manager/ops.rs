@@ -29,18 +29,43 @@ pub enum NetnsRef {
 }
 
 impl NetnsRef {
-    fn open(&self) -> Result<(File, String), NmError> {
+    /// Opens the namespace; refuses a file that is not a network namespace
+    /// and the host's own (the daemon's or the initial one): the host is
+    /// never a container.
+    fn open(&self) -> Result<(File, String, NetnsId), NmError> {
         let path = match self {
             NetnsRef::Pid(pid) => format!("/proc/{pid}/ns/net"),
             NetnsRef::Path(p) => p.clone(),
         };
-        match File::open(&path) {
-            Ok(f) => Ok((f, path)),
-            Err(e) => Err(NmError::NoNamespace(match self {
+        let what = match self {
+            NetnsRef::Pid(pid) => format!("pid {pid}"),
+            NetnsRef::Path(p) => format!("netns {p:?}"),
+        };
+        let file = File::open(&path).map_err(|e| {
+            NmError::NoNamespace(match self {
                 NetnsRef::Pid(pid) => format!("no process {pid} with a network namespace ({e})"),
                 NetnsRef::Path(p) => format!("network namespace {p:?} cannot be opened ({e})"),
-            })),
+            })
+        })?;
+        let id = NetnsId::of_namespace(&file).map_err(|e| {
+            NmError::NotANamespace(format!("{what} is not a network namespace: {e}"))
+        })?;
+        let host = if Some(id) == NetnsId::own() {
+            Some("the daemon's network namespace")
+        } else if Some(id) == NetnsId::init() {
+            Some("the host's initial network namespace")
+        } else if Some(id) == NetnsId::started_in() {
+            Some("the host's network namespace, where the daemon was started")
+        } else {
+            None
+        };
+        if let Some(whose) = host {
+            return Err(NmError::HostNamespace(format!(
+                "{what} is in {whose} ({}): a container needs a namespace of its own",
+                id.describe()
+            )));
         }
+        Ok((file, path, id))
     }
 }
 
@@ -174,8 +199,19 @@ impl NetManager {
                 )));
             }
         }
-        let (netns, netns_path) = spec.netns.open()?;
-        let netns_id = NetnsId::of(&netns).ok();
+        let (netns, netns_path, id) = spec.netns.open()?;
+        if let Some((job, number)) = state
+            .local
+            .iter()
+            .find(|(_, d)| d.netns_id == Some(id))
+            .map(|(k, _)| k)
+        {
+            return Err(NmError::Conflict(format!(
+                "network namespace {} ({netns_path}) already holds {job} instance {number}; one container per namespace",
+                id.describe()
+            )));
+        }
+        let netns_id = Some(id);
         let ipam = state.ipam.as_mut().ok_or(NmError::NotRegistered)?;
         let lease = ipam.allocate()?;
         let (gateway, gateway_v6) = (ipam.gateway(), ipam.gateway_v6());
@@ -183,8 +219,8 @@ impl NetManager {
         let created = self
             .create_link(&netns, &host, lease, gateway, gateway_v6)
             .await;
-        let link = match created {
-            Ok(link) => link,
+        let (link, replaced) = match created {
+            Ok(created) => created,
             Err(e) => {
                 if let Some(ipam) = state.ipam.as_mut() {
                     ipam.release(lease);
@@ -228,6 +264,7 @@ impl NetManager {
             state.local.remove(&key);
             let _ = self.dataplane.detach_container(&host).await;
             let _ = net::link::delete(&host).await;
+            replaced.restore(&netns).await;
             if let Some(ipam) = state.ipam.as_mut() {
                 ipam.release(lease);
             }

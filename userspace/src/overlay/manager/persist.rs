@@ -164,7 +164,7 @@ impl NetManager {
                     })?;
                 // A link of that name that is not ours (another index) goes.
                 let _ = net::link::delete(&host_ifname).await;
-                let link = self
+                let (link, _) = self
                     .create_link(&netns, &host_ifname, lease, gateway, gateway_v6)
                     .await?;
                 record.placement = Placement::Local {

@@ -1,0 +1,146 @@
+//! A kept dataplane survives a daemon killed without a stop: with
+//! keep_dataplane the uplink's XDP link is pinned when it is attached, so
+//! SIGKILL leaves forwarding running and the next start adopts the link.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use tapmesh::lb::model::LbSpec;
+use tapmesh_tests::{
+    kernel_tests_enabled,
+    net::{flow, spawn_in, stream, vip, LbLab, UdpReceiver, CLIENT},
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const PORT: u16 = 5000;
+const PACKETS: u32 = 20_000;
+/// 2 kpps: one datagram every 500 µs.
+const GAP: Duration = Duration::from_micros(500);
+
+#[test]
+fn a_killed_daemon_with_keep_dataplane_loses_no_packet_and_the_next_start_adopts_it() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = LbLab::new(1, &[VIP]);
+    let spec = LbSpec {
+        vips: vec![vip("vip", &VIP.to_string())],
+        streams: vec![stream("s", 10)],
+        flows: vec![flow("f", &["vip"], "s", &["udp"])],
+        targets: vec![lab.targets[0].local("s", 1)],
+    };
+    lab.start_with(Some(&spec), &["--keep-dataplane".into()]);
+    let receiver = UdpReceiver::start(&lab.targets[0].netns.name, SocketAddrV4::new(VIP, PORT));
+    let sender = spawn_in(&lab.client.name, || {
+        let socket = UdpSocket::bind(SocketAddrV4::new(CLIENT, 0)).expect("bind");
+        let start = Instant::now();
+        for i in 0..PACKETS {
+            let due = start + GAP * i;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            socket
+                .send_to(&i.to_be_bytes(), SocketAddrV4::new(VIP, PORT))
+                .expect("send");
+        }
+    });
+    // Mid-way (5 of 10 s): SIGKILL, and at once a new daemon on the same pins.
+    std::thread::sleep(Duration::from_secs(5));
+    let before_kill = receiver.count();
+    assert!(
+        before_kill > 0 && before_kill < u64::from(PACKETS),
+        "{before_kill}"
+    );
+    lab.kill_and_start(Some(&spec), &["--keep-dataplane".into()]);
+    let status = lab.daemon().status();
+    assert_eq!(status.attachments[0].mode, "replaced kept link");
+    sender.join().expect("sender");
+    let all = tapmesh_tests::net::wait_until(Duration::from_secs(3), || {
+        receiver.count() == u64::from(PACKETS)
+    });
+    assert!(
+        all,
+        "{} of {PACKETS} datagrams arrived ({before_kill} before the kill)",
+        receiver.count()
+    );
+}
+
+/// `tapmesh cleanup` in the node's namespace: (exit code, stdout, stderr).
+fn cleanup(lab: &LbLab, root: &std::path::Path, admin: &std::path::Path) -> (i32, String, String) {
+    let out = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+        .args(["cleanup", "--netns", &lab.node.name, "--bpffs-root"])
+        .arg(root)
+        .arg("--admin-socket")
+        .arg(admin)
+        .output()
+        .expect("tapmesh cleanup");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cleanup_removes_a_kept_dataplane_without_a_daemon() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = LbLab::new(0, &[]);
+    let uplink = lab.uplink.clone();
+    lab.start_with(
+        None,
+        &[
+            "--keep-dataplane".into(),
+            "--tc-interface".into(),
+            uplink.clone(),
+        ],
+    );
+    let (root, admin) = (lab.daemon().bpffs_root.clone(), lab.daemon().socket.clone());
+    // Not while a daemon runs.
+    let (code, stdout, stderr) = cleanup(&lab, &root, &admin);
+    assert_eq!((code, stdout.as_str()), (2, ""), "{stderr}");
+    assert!(
+        stderr.starts_with("tapmesh: a daemon is running ("),
+        "{stderr}"
+    );
+    lab.kill_daemon();
+    let show = |args: &[&str]| String::from_utf8_lossy(&lab.node.ip(args).stdout).into_owned();
+    assert!(
+        show(&["link", "show", &uplink]).contains("prog/xdp"),
+        "kept XDP gone after SIGKILL"
+    );
+
+    let (code, stdout, stderr) = cleanup(&lab, &root, &admin);
+    let dir = root.join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        stdout,
+        format!(
+            "XDP link xdp_{uplink} detached\n\
+             TC ingress tm_tc_ingress on {uplink} detached\n\
+             TC egress tm_tc_egress on {uplink} detached\n\
+             clsact on {uplink} removed (left empty)\n\
+             pins under {} removed\n",
+            dir.display()
+        )
+    );
+    // Nothing left: no XDP, no filter, no clsact, no pin.
+    assert!(!show(&["link", "show", &uplink]).contains("xdp"));
+    let tc = |args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &lab.node.name, "tc"])
+            .args(args)
+            .output()
+            .expect("tc");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(!tc(&["qdisc", "show", "dev", &uplink]).contains("clsact"));
+    assert_eq!(tc(&["filter", "show", "dev", &uplink, "ingress"]), "");
+    assert_eq!(tc(&["filter", "show", "dev", &uplink, "egress"]), "");
+    assert!(!dir.exists(), "{} left", dir.display());
+    // A second run finds nothing.
+    assert_eq!(cleanup(&lab, &root, &admin).1, "nothing to remove\n");
+}

@@ -1,0 +1,279 @@
+//! The host is never a container: NetManager refuses to deploy into the
+//! daemon's network namespace, the initial one, or something that is not a
+//! network namespace, and a refused request changes no route, link or
+//! address of the node. Client mistakes get 4xx, oversized bodies 413, and
+//! no reply echoes what it was sent.
+
+use std::{
+    io::{Read, Write},
+    os::unix::{fs::MetadataExt, net::UnixStream},
+    path::Path,
+    process::{Child, Command},
+    time::Duration,
+};
+
+use tapmesh_tests::{
+    kernel_tests_enabled,
+    overlay::{deploy_body, one_node, Node},
+    Netns, TempDir,
+};
+
+const JOB: &str = "app.ns.web.ns";
+
+/// Routes (both families, every table), links and addresses of a namespace,
+/// as `ip -j` prints them.
+fn network_of(netns: &Netns) -> Vec<serde_json::Value> {
+    [
+        &["-j", "-4", "route", "show", "table", "all"][..],
+        &["-j", "-6", "route", "show", "table", "all"],
+        &["-j", "link", "show"],
+        &["-j", "address", "show"],
+    ]
+    .iter()
+    .map(|args| {
+        let out = netns.ip(args);
+        serde_json::from_slice(&out.stdout).expect("ip -j output")
+    })
+    .collect()
+}
+
+fn inode(path: &str) -> u64 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{path}: {e}"))
+        .ino()
+}
+
+fn message(text: &str) -> String {
+    let v: serde_json::Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    v["message"].as_str().expect("message").to_string()
+}
+
+/// A process that lives in `netns` until dropped.
+struct Sleeper(Child);
+
+impl Sleeper {
+    fn start(netns: &Netns) -> Self {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &netns.name, "sleep", "600"])
+            .spawn()
+            .expect("sleep");
+        let pid = child.id();
+        // `ip netns exec` runs sleep in its own process once it has entered.
+        let target = inode(&format!("/run/netns/{}", netns.name));
+        let entered = tapmesh_tests::net::wait_until(Duration::from_secs(5), || {
+            std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == target)
+        });
+        assert!(entered, "sleep did not enter {}", netns.name);
+        Self(child)
+    }
+}
+
+impl Drop for Sleeper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn deploy_with(node: &Node, which: &str) -> (u16, String) {
+    node.api(
+        "/container/deploy",
+        &format!(r#"{{{which}, "serviceName": "{JOB}", "instanceNumber": 0, "serviceIp": [{{"IpType": "RR", "Address": "203.0.113.10"}}]}}"#),
+    )
+}
+
+#[test]
+fn the_host_is_never_a_container_and_a_refusal_changes_nothing() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (node, _peer) = one_node();
+    // The node's default route: what a deploy into its namespace used to replace.
+    node.netns
+        .ip(&["route", "add", "default", "via", "198.18.2.2"]);
+    node.register("192.0.2.0/26");
+    let before = network_of(&node.netns);
+    let daemon_ns = inode(&format!("/run/netns/{}", node.netns.name));
+    // Where pid 1 is not ours to look at (a sandbox without ptrace rights
+    // over it), the daemon cannot open it either: then 404.
+    let init_ns = std::fs::metadata("/proc/1/ns/net").ok().map(|m| m.ino());
+    let daemon_pid = node.daemon.as_ref().expect("daemon").pid();
+    let sleeper = Sleeper::start(&node.netns);
+    let not_a_namespace = TempDir::new("tmnm");
+    let file = not_a_namespace.0.join("netns");
+    std::fs::write(&file, "not a namespace").expect("file");
+    let own = |what: String| {
+        format!("{what} is in the daemon's network namespace (net:[{daemon_ns}]): a container needs a namespace of its own")
+    };
+    let initial = |what: String, unreadable: String| {
+        match init_ns {
+        Some(ino) => (403, format!("{what} is in the host's initial network namespace (net:[{ino}]): a container needs a namespace of its own")),
+        None => (404, unreadable),
+    }
+    };
+    let denied = "Permission denied (os error 13)";
+    let mut cases: Vec<(String, u16, String)> = vec![
+        (
+            format!(r#""pid": {daemon_pid}"#),
+            403,
+            own(format!("pid {daemon_pid}")),
+        ),
+        (
+            format!(r#""pid": {}"#, sleeper.0.id()),
+            403,
+            own(format!("pid {}", sleeper.0.id())),
+        ),
+        (
+            format!(r#""netns": "/run/netns/{}""#, node.netns.name),
+            403,
+            own(format!("netns \"/run/netns/{}\"", node.netns.name)),
+        ),
+        (
+            format!(r#""netns": "{}""#, file.display()),
+            400,
+            format!(
+                "netns {:?} is not a network namespace: it is not a namespace file (nsfs)",
+                file.display().to_string()
+            ),
+        ),
+        (
+            format!(r#""netns": "/proc/{daemon_pid}/ns/mnt""#),
+            400,
+            format!("netns \"/proc/{daemon_pid}/ns/mnt\" is not a network namespace: it is a namespace, but not a network namespace"),
+        ),
+        // This test's own process: in the namespace the daemon was started from.
+        (
+            format!(r#""pid": {}"#, std::process::id()),
+            403,
+            format!(
+                "pid {} is in {} (net:[{}]): a container needs a namespace of its own",
+                std::process::id(),
+                if init_ns == Some(inode("/proc/self/ns/net")) {
+                    "the host's initial network namespace"
+                } else {
+                    "the host's network namespace, where the daemon was started"
+                },
+                inode("/proc/self/ns/net")
+            ),
+        ),
+    ];
+    let (status, expected) = initial(
+        "netns \"/proc/1/ns/net\"".into(),
+        format!("network namespace \"/proc/1/ns/net\" cannot be opened ({denied})"),
+    );
+    cases.push((r#""netns": "/proc/1/ns/net""#.to_string(), status, expected));
+    let (status, expected) = initial(
+        "pid 1".into(),
+        format!("no process 1 with a network namespace ({denied})"),
+    );
+    cases.push(("\"pid\": 1".to_string(), status, expected));
+    for (which, status, expected) in cases {
+        let (got, text) = deploy_with(&node, &which);
+        assert_eq!((got, message(&text)), (status, expected), "{which}");
+        assert_eq!(
+            network_of(&node.netns),
+            before,
+            "{which}: the node's routes, links or addresses changed"
+        );
+        assert!(node.container_links().is_empty(), "{which}");
+    }
+    assert_eq!(node.status()["instances"].as_array().map(Vec::len), Some(0));
+}
+
+/// One HTTP request with a body of `length` bytes; the body is written on
+/// another thread, so a server that answers before reading it all is heard.
+fn big_request(socket: &Path, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+    let mut stream = UnixStream::connect(socket).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).expect("head");
+    let mut writer = stream.try_clone().expect("clone");
+    let sending = std::thread::spawn(move || {
+        let _ = writer.write_all(&body);
+    });
+    let mut response = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+            Err(_) if !response.is_empty() => break,
+            Err(e) => panic!("reading: {e}"),
+        }
+    }
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    let _ = sending.join();
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.as_bytes().to_vec())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn client_mistakes_get_4xx_and_no_echo() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (node, _peer) = one_node();
+    node.register("192.0.2.0/26");
+    let c = Netns::new("ovc");
+    node.post(
+        "/container/deploy",
+        &deploy_body(&c, JOB, 0, &[("RR", "203.0.113.10")]),
+    );
+    let inside = network_of(&c);
+    // A second deploy into one namespace: a conflict, and the first one's
+    // interface, addresses and routes stay as they were.
+    let (status, text) = node.api(
+        "/container/deploy",
+        &deploy_body(&c, "other.ns.web.ns", 0, &[("RR", "203.0.113.11")]),
+    );
+    let id = inode(&format!("/run/netns/{}", c.name));
+    assert_eq!(
+        (status, message(&text)),
+        (
+            409,
+            format!(
+                "network namespace net:[{id}] (/run/netns/{}) already holds {JOB} instance 0; one container per namespace",
+                c.name
+            )
+        )
+    );
+    assert_eq!(network_of(&c), inside);
+    assert_eq!(node.container_links().len(), 1);
+
+    // Over the body limit (1 MiB): 413, answered without reading it all.
+    let (status, body) = big_request(&node.socket, "/container/deploy", vec![b' '; 3 << 20]);
+    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
+    assert!(body.len() < 512, "{} bytes answered", body.len());
+
+    // Under the limit, a long bad value is named, not echoed.
+    let name = "x".repeat(900_000);
+    let request = format!(
+        r#"{{"netns": "/run/netns/{}", "serviceName": "{name}", "instanceNumber": 0}}"#,
+        c.name
+    );
+    let (status, body) = big_request(&node.socket, "/container/deploy", request.into_bytes());
+    assert_eq!(status, 400);
+    assert!(body.len() < 512, "{} bytes answered", body.len());
+    let request = format!(
+        r#"{{"netns": "/run/netns/{}", "serviceName": "a.b", "instanceNumber": "{name}"}}"#,
+        c.name
+    );
+    let (status, body) = big_request(&node.socket, "/container/deploy", request.into_bytes());
+    assert_eq!(status, 400);
+    assert!(body.len() < 512, "{} bytes answered", body.len());
+    assert_eq!(node.container_links().len(), 1);
+}

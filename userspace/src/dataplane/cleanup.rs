@@ -1,0 +1,87 @@
+//! `tapmesh cleanup`: removes a kept dataplane with no daemon running — the
+//! pinned XDP links (which detaches them), the TC filters of tapmesh's
+//! programs, the clsact qdiscs those leave empty, and the pins.
+
+use std::path::Path;
+
+use aya::programs::{links::PinnedLink, tc, TcAttachType};
+use futures::TryStreamExt;
+use tapmesh_common::{program_names as p, SCHEMA_VERSION};
+
+use crate::net::{self, NetError};
+
+/// Every TC program a daemon attaches.
+const TC_PROGRAMS: [&str; 6] = [
+    p::TC_INGRESS,
+    p::TC_EGRESS,
+    p::TC_FLOOR,
+    p::TC_SERVICE,
+    p::TC_TAP_IN,
+    p::TC_TAP_OUT,
+];
+
+/// What was removed, one line each.
+pub async fn remove_kept(bpffs_root: &Path) -> Result<Vec<String>, NetError> {
+    let mut removed = Vec::new();
+    let dir = bpffs_root.join(format!("v{SCHEMA_VERSION}"));
+    if let Ok(entries) = std::fs::read_dir(dir.join("links")) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match PinnedLink::from_pin(&path).map(|l| l.unpin()) {
+                Ok(Ok(link)) => {
+                    drop(link);
+                    removed.push(format!("XDP link {name} detached"));
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                    removed.push(format!("stale link pin {name} removed"));
+                }
+            }
+        }
+    }
+    for link in net::link::all()? {
+        let mut ours = false;
+        for name in TC_PROGRAMS {
+            for (kind, label) in [
+                (TcAttachType::Ingress, "ingress"),
+                (TcAttachType::Egress, "egress"),
+            ] {
+                if tc::qdisc_detach_program(&link.name, kind, name).is_ok() {
+                    ours = true;
+                    removed.push(format!("TC {label} {name} on {} detached", link.name));
+                }
+            }
+        }
+        if ours && filters(link.index).await? == 0 {
+            net::qdisc::delete_clsact(&link.name)?;
+            removed.push(format!("clsact on {} removed (left empty)", link.name));
+        }
+    }
+    if dir.exists() {
+        super::pins::remove(&dir);
+        removed.push(format!("pins under {} removed", dir.display()));
+    }
+    Ok(removed)
+}
+
+/// TC filters left on an interface's clsact (ingress and egress).
+async fn filters(ifindex: u32) -> Result<usize, NetError> {
+    let handle = net::netlink_here()?;
+    let mut count = 0;
+    for egress in [false, true] {
+        let mut request = handle.traffic_filter(ifindex as i32).get();
+        request = if egress {
+            request.egress()
+        } else {
+            request.ingress()
+        };
+        let found: Vec<_> = request
+            .execute()
+            .try_collect()
+            .await
+            .map_err(net::At::here("clsact").nl("listing TC filters"))?;
+        count += found.len();
+    }
+    Ok(count)
+}
