@@ -15,7 +15,7 @@ pub mod tunnel;
 pub use stats::*;
 
 /// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 5;
+pub const SCHEMA_VERSION: u32 = 6;
 
 /// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -56,6 +56,7 @@ pub mod map_names {
     pub const LB_CONFIG: &str = "tm_lb_config";
     pub const TUNNEL: &str = "tm_tunnel";
     pub const TUNNEL_PEERS: &str = "tm_tunnel_peers";
+    pub const TUNNEL_SLOTS: &str = "tm_tunnel_slots";
     pub const VIP_STATS: &str = "tm_vip_stats";
     pub const FLOW_STATS: &str = "tm_flow_stats";
     pub const TARGET_STATS: &str = "tm_target_stats";

@@ -13,6 +13,38 @@ pub const PEER_OVERLAY: u8 = 2;
 /// Named in the configuration (`lb.tunnel_peers`).
 pub const PEER_STATIC: u8 = 4;
 
+/// Entries of `tm_tunnel_slots`, the array copy of `tm_tunnel_peers` the
+/// uplink checks first (an array read instead of a hash lookup).
+pub const PEER_SLOTS: u32 = 1024;
+/// [`PeerSlot::state`]: no known node maps here.
+pub const PEER_SLOT_EMPTY: u8 = 0;
+/// The slot holds the one known node whose address maps here.
+pub const PEER_SLOT_ONE: u8 = 1;
+/// Several known nodes map here: ask `tm_tunnel_peers`.
+pub const PEER_SLOT_SHARED: u8 = 2;
+
+/// The `tm_tunnel_slots` index of a node's address: its low 10 bits, so the
+/// nodes of an underlay subnet of up to 1024 addresses never share a slot.
+#[inline(always)]
+pub const fn peer_slot(addr: [u8; 4]) -> u32 {
+    u32::from_be_bytes(addr) & (PEER_SLOTS - 1)
+}
+
+/// Value of `tm_tunnel_slots`.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PeerSlot {
+    /// The node's address when `state` is [`PEER_SLOT_ONE`].
+    pub addr: [u8; 4],
+    pub state: u8,
+    pub _pad: [u8; 3],
+}
+
+crate::assert_layout!(PeerSlot, size = 8, align = 1);
+
+#[cfg(feature = "user")]
+crate::impl_pod!(PeerSlot);
+
 /// Value of `tm_tunnel` (one entry): this node's tunnel endpoint.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use tapmesh_common::{
     overlay::{
         self as ov, ConntrackKey, ConntrackValue, Instance, Local, Miss, OverlayConfig, Service,
     },
-    tunnel::{TunnelConfig, MAX_PEERS},
+    tunnel::{PeerSlot, TunnelConfig, MAX_PEERS, PEER_SLOTS},
     PacketCounter, ProgramSlot, ProgramStats,
 };
 
@@ -88,6 +88,11 @@ pub static tm_tunnel: Array<TunnelConfig, 1> = Array::new();
 /// which sources named it (`PEER_LB`, `PEER_OVERLAY`).
 #[btf_map]
 pub static tm_tunnel_peers: HashMap<[u8; 4], u8, { MAX_PEERS as usize }> = HashMap::new();
+
+/// `tm_tunnel_peers` by `peer_slot` of the address: the node that has the
+/// slot alone, or "shared" (then the hash is asked).
+#[btf_map]
+pub static tm_tunnel_slots: Array<PeerSlot, { PEER_SLOTS as usize }> = Array::new();
 
 /// Packets and bytes per VIP, flow and target.
 #[btf_map]

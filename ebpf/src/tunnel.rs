@@ -20,11 +20,14 @@ use aya_ebpf::{
     helpers::generated::{bpf_fib_lookup, bpf_xdp_adjust_head},
     programs::XdpContext,
 };
-use tapmesh_common::{tunnel::TunnelConfig, DropReason};
+use tapmesh_common::{
+    tunnel::{peer_slot, TunnelConfig, PEER_SLOT_ONE, PEER_SLOT_SHARED},
+    DropReason,
+};
 
 use crate::{
     headers::*,
-    maps::{tm_tunnel, tm_tunnel_peers},
+    maps::{tm_tunnel, tm_tunnel_peers, tm_tunnel_slots},
     packet::{load16, load32, store16, store32, Packet},
     parse::{Fragment, Parsed, L3},
 };
@@ -200,6 +203,67 @@ pub fn adjust_head(ctx: &XdpContext, delta: i32) -> Result<(), DropReason> {
     Ok(())
 }
 
+/// A tunnel packet for this node in its usual shape ([`plain`]).
+pub struct Plain {
+    /// The outer source, a word in memory order.
+    pub src: u32,
+    /// The inner packet's first byte (at [`OUTER_LEN`]).
+    pub first: u8,
+}
+
+/// A tunnel packet for this node in its usual shape, read at fixed offsets
+/// before any parse: Ethernet without a VLAN tag, IPv4 without options and
+/// not a fragment, UDP to this node's address and tunnel port, the lengths
+/// the parser accepts, and at least one inner byte. `None` for anything
+/// else, which the parser then reads and judges (a tagged or optioned
+/// tunnel packet is still decapsulated there, a bad length dropped with its
+/// reason): what this takes, the parser would take with the same fields,
+/// so it saves the outer parse without changing a verdict or a counter.
+#[inline(always)]
+pub fn plain(pkt: &Packet, t: &TunnelConfig) -> Option<Plain> {
+    let h: *const [u8; OUTER_LEN + 1] = pkt.header(0, DropReason::TruncatedEthernet).ok()?;
+    let w = h as *const [u8; 2];
+    // SAFETY: every load is inside the 43 bytes just checked.
+    let (ether_type, version_ihl, total, frag, protocol, src, dst, port, udp_len, first) = unsafe {
+        (
+            load16(w.add(6)),
+            *(w as *const u8).add(14),
+            u16::from_be(load16(w.add(8))) as usize,
+            load16(w.add(10)),
+            *(w as *const u8).add(23),
+            load32(w.add(13) as *const [u8; 4]),
+            load32(w.add(15) as *const [u8; 4]),
+            load16(w.add(18)),
+            u16::from_be(load16(w.add(19))) as usize,
+            *(w as *const u8).add(OUTER_LEN),
+        )
+    };
+    let plain = ether_type == ETH_P_IP.to_be()
+        && version_ihl == 0x45
+        && protocol == IPPROTO_UDP
+        // Neither "more fragments" nor an offset (IP_DF may be set).
+        && frag & 0x3fffu16.to_be() == 0
+        && dst == node_addr(t)
+        && port == t.port.to_be()
+        && total >= TUNNEL_LEN
+        && size_of::<EthHdr>() + total <= pkt.wire_len
+        && udp_len >= size_of::<UdpHdr>()
+        && udp_len + 20 <= total;
+    plain.then_some(Plain { src, first })
+}
+
+/// The first byte of the inner packet behind the UDP header at `udp` (as
+/// the parser found it), or `bad_tunnel_packet` when there is none. Read
+/// as the ninth byte from the UDP header: a check of one byte at a
+/// variable offset is one LLVM folds into a form the verifier cannot
+/// follow (`pkt >= pkt_end` at offset 0).
+#[inline(always)]
+pub fn first_byte(pkt: &Packet, udp: usize) -> Result<u8, DropReason> {
+    let at: *const [u8; 9] = pkt.header(udp, DropReason::BadTunnelPacket)?;
+    // SAFETY: inside the 9 bytes just checked.
+    Ok(unsafe { (*at)[8] })
+}
+
 /// Whether a parsed packet is tunnel traffic for this node: IPv4, UDP, not
 /// a fragment, to this node's address and tunnel port.
 #[inline(always)]
@@ -212,28 +276,42 @@ pub fn is_ours(parsed: &Parsed, t: &TunnelConfig) -> bool {
         && parsed.dst_addr[3] == node_addr(t)
 }
 
-/// Refuses a tunnel packet whose outer source is not a node the daemon
-/// named (`tm_tunnel_peers`): only nodes may use the tunnel.
+/// Refuses a tunnel packet whose outer source (a word in memory order) is
+/// not a node the daemon named (`tm_tunnel_peers`): only nodes may use the
+/// tunnel. The source's slot in `tm_tunnel_slots` answers first (an array
+/// read, inlined by the verifier, where a hash lookup is a call: 11-15 ns
+/// here); only a slot two nodes share asks the hash.
 #[inline(always)]
-pub fn check_peer(parsed: &Parsed) -> Result<(), DropReason> {
-    let src = parsed.src_addr[3].to_ne_bytes();
-    // SAFETY: a lookup; the value is not kept.
-    match unsafe { tm_tunnel_peers.get(&src) } {
-        Some(_) => Ok(()),
-        None => Err(DropReason::TunnelUnknownNode),
+pub fn check_peer(src: u32) -> Result<(), DropReason> {
+    let bytes = src.to_ne_bytes();
+    let known = match tm_tunnel_slots.get(peer_slot(bytes)) {
+        // SAFETY: bytes 0..4 of a map value (4-byte aligned).
+        Some(s) if s.state == PEER_SLOT_ONE => (unsafe { load32(&s.addr) }) == src,
+        // SAFETY: a lookup; the value is not kept.
+        Some(s) if s.state == PEER_SLOT_SHARED => unsafe { tm_tunnel_peers.get(&bytes) }.is_some(),
+        _ => false,
+    };
+    if known {
+        Ok(())
+    } else {
+        Err(DropReason::TunnelUnknownNode)
     }
 }
 
-/// Removes the outer headers of a tunnel packet for this node, leaving
-/// Ethernet (its MACs kept) and the inner IP packet, whose version it
-/// returns. The version is checked first: a packet that is neither IPv4
-/// nor IPv6 inside is left as it is and dropped.
+/// Removes the outer headers of a tunnel packet for this node (the inner
+/// packet starts at `inner`, its first byte is `first`), leaving Ethernet
+/// (its MACs kept) and the inner IP packet, whose version it returns. The
+/// version is checked first: a packet that is neither IPv4 nor IPv6 inside
+/// is left as it is and dropped. The caller reads `first` ([`plain`],
+/// [`first_byte`]).
 #[inline(always)]
-pub fn decapsulate(ctx: &XdpContext, pkt: &Packet, parsed: &Parsed) -> Result<L3, DropReason> {
-    let inner = parsed.l4_offset + size_of::<UdpHdr>();
-    let first: *const u8 = pkt.header(inner, DropReason::BadTunnelPacket)?;
-    // SAFETY: inside the byte just checked.
-    let (l3, ether_type) = match unsafe { *first } >> 4 {
+pub fn decapsulate(
+    ctx: &XdpContext,
+    pkt: &Packet,
+    inner: usize,
+    first: u8,
+) -> Result<L3, DropReason> {
+    let (l3, ether_type) = match first >> 4 {
         4 => (L3::V4, ETH_P_IP),
         6 => (L3::V6, ETH_P_IPV6),
         _ => return Err(DropReason::BadTunnelPacket),

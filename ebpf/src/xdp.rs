@@ -1,9 +1,12 @@
 //! XDP programs: the node uplink, and the empty floor used by benchmarks.
 
+use core::mem::size_of;
+
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use tapmesh_common::{DropReason, ProgramSlot, Verdict};
 
 use crate::{
+    headers::UdpHdr,
     lb, overlay, overlay6,
     packet::Packet,
     parse::{parse, L3},
@@ -49,15 +52,34 @@ pub fn packet_of(ctx: &XdpContext) -> Packet {
 
 /// Tunnel packets for this node from a known node are decapsulated first and go to a
 /// container here (overlay) or to the load balancer; then VIP traffic is
-/// load balanced and everything else passes.
+/// load balanced and everything else passes. A tunnel packet in its usual
+/// shape is known from fixed offsets (`tunnel::plain`) and never goes
+/// through the parser; only its inner packet is parsed.
 #[inline(always)]
 fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, DropReason> {
-    let mut parsed = parse(&pkt)?;
     let tunnel = tunnel::config();
-    let tunneled = tunnel.is_some_and(|t| tunnel::is_ours(&parsed, t));
-    if tunneled {
-        tunnel::check_peer(&parsed)?;
-        let inner = tunnel::decapsulate(ctx, &pkt, &parsed)?;
+    // (offset, first byte) of the inner packet of a tunnel packet for us
+    // from a known node. Only nodes may use the tunnel: the source is
+    // checked before anything of the inner packet is judged.
+    let (mut parsed, ours) = match tunnel.and_then(|t| tunnel::plain(&pkt, t)) {
+        Some(plain) => {
+            tunnel::check_peer(plain.src)?;
+            (None, Some((tunnel::OUTER_LEN, plain.first)))
+        }
+        None => {
+            let parsed = parse(&pkt)?;
+            let mut ours = None;
+            if tunnel.is_some_and(|t| tunnel::is_ours(&parsed, t)) {
+                tunnel::check_peer(parsed.src_addr[3])?;
+                let first = tunnel::first_byte(&pkt, parsed.l4_offset)?;
+                ours = Some((parsed.l4_offset + size_of::<UdpHdr>(), first));
+            }
+            (Some(parsed), ours)
+        }
+    };
+    let tunneled = ours.is_some();
+    if let Some((inner_at, first)) = ours {
+        let inner = tunnel::decapsulate(ctx, &pkt, inner_at, first)?;
         // One call or the other, not nested: each subprogram's stack adds
         // to this one's.
         let delivered = match inner {
@@ -69,8 +91,12 @@ fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, D
             return Ok(action);
         }
         pkt = packet_of(ctx);
-        parsed = parse(&pkt)?;
+        parsed = None;
     }
+    let parsed = match parsed {
+        Some(parsed) => parsed,
+        None => parse(&pkt)?,
+    };
     stats.parsed(&parsed);
     lb::balance(ctx, &pkt, &parsed, tunnel, tunneled)
 }

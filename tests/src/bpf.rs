@@ -26,8 +26,14 @@ pub struct Run {
 }
 
 impl Bpf {
+    /// The embedded object, or the file `TAPMESH_BENCH_OBJECT` names (a
+    /// build with the same map layout: the bench compares two builds in one
+    /// run).
     pub fn load() -> Self {
-        let mut ebpf = Ebpf::load(BPF_OBJECT).expect("loading the BPF object");
+        let other = std::env::var_os("TAPMESH_BENCH_OBJECT")
+            .map(|path| std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path:?}: {e}")));
+        let object = other.as_deref().unwrap_or(BPF_OBJECT);
+        let mut ebpf = Ebpf::load(object).expect("loading the BPF object");
         for name in [
             program_names::XDP_UPLINK,
             program_names::XDP_FLOOR,

@@ -287,6 +287,29 @@ fn help_completions_and_man_page() {
     );
 }
 
+/// `tapmesh daemon --help` names the value each option has when neither
+/// the flag, its variable nor the configuration file sets it.
+#[test]
+fn daemon_help_shows_the_defaults() {
+    let help = run(&["daemon", "--help"]);
+    let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    for shown in [
+        "Admin API socket [default: /run/tapmesh/admin.sock]",
+        "Log filter (error, warn, info, debug, trace or a tracing directive) [default: info]",
+        "Log format [default: text]",
+        "bpffs directory for pins (a schema subdirectory is added) [default: /sys/fs/bpf/tapmesh]",
+        "XDP attach mode [default: auto]",
+        "UDP port of the node-to-node tunnel [default: 50103]",
+        "Node API socket (target registry, configuration manager, conduits) [default: /run/tapmesh/node.sock]",
+        "Registry keep-alive expiry, e.g. \"60s\" [default: 60s]",
+        "Directory for state kept across restarts (every plugin's) [default: /var/lib/tapmesh]",
+        "overrides the file) [default: false]",
+        "Address of the health and metrics listener (\"\" = off) [default: 127.0.0.1:9842]",
+    ] {
+        assert!(flat.contains(shown), "{shown:?} not in: {help}");
+    }
+}
+
 const LB_FILE: &str = r#"
 [[streams]]
 name = "s"

@@ -487,3 +487,58 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
         ]
     );
 }
+
+/// `[daemon] log_format = "json"`: every line the daemon writes, from its
+/// start to its stop, is one JSON object with a level and a message.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = tapmesh_tests::TempDir::new("tmjsonlog");
+    let config = dir.0.join("daemon.toml");
+    std::fs::write(&config, "[daemon]\nlog_format = \"json\"\n").unwrap();
+    let mut daemon = Daemon::start(
+        &lab.node.name,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--uplink",
+            &lab.node_if,
+        ],
+    );
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+    let text = daemon.log_text();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    for line in &lines {
+        let level = line["level"].as_str().unwrap_or_default();
+        assert!(
+            ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"].contains(&level),
+            "no level: {line}"
+        );
+        assert!(line["fields"]["message"].is_string(), "no message: {line}");
+    }
+    let messages: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["level"].as_str().unwrap_or_default(),
+                l["fields"]["message"].as_str().unwrap_or_default(),
+            )
+        })
+        .collect();
+    for said in [
+        "tapmesh daemon running",
+        "SIGTERM: stopping",
+        "tapmesh daemon stopped",
+    ] {
+        assert!(
+            messages.contains(&("INFO", said)),
+            "{said:?} missing: {text}"
+        );
+    }
+}

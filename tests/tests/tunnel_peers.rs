@@ -245,3 +245,92 @@ fn the_writers_name_the_nodes_that_may_use_the_tunnel() {
         .expect("overlay apply");
     assert_eq!(peers(&bpf), vec![]);
 }
+
+/// `tm_tunnel_slots` entry of `addr`.
+fn slot(bpf: &tapmesh_tests::bpf::Bpf, addr: Ipv4Addr) -> tapmesh_common::tunnel::PeerSlot {
+    use tapmesh_common::tunnel::{peer_slot, PeerSlot};
+    let name = tapmesh_common::map_names::TUNNEL_SLOTS;
+    let map: aya::maps::Array<_, PeerSlot> =
+        aya::maps::Array::try_from(bpf.ebpf.map(name).expect("the slots map")).unwrap();
+    map.get(&peer_slot(addr.octets()), 0).expect("a slot")
+}
+
+/// The uplink checks a tunnel packet's source in its `tm_tunnel_slots`
+/// slot (the low 10 bits of the address): a node alone there is taken by
+/// the slot, nodes sharing one are told apart through `tm_tunnel_peers`,
+/// and the slots follow the nodes going.
+#[test]
+fn nodes_sharing_a_slot_are_told_apart() {
+    use std::collections::BTreeSet;
+    use tapmesh::dataplane::tunnel::{write, write_peers, TunnelSettings};
+    use tapmesh_common::{
+        tunnel::{PeerSlot, PEER_SLOT_ONE, PEER_SLOT_SHARED, PEER_STATIC},
+        DropReason, ProgramSlot,
+    };
+    use tapmesh_tests::{bpf::Bpf, frames::tunnel};
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 1);
+    // A and B share slot 0x305; C has 0x306 alone, where D (no node) maps too.
+    let a = Ipv4Addr::new(198, 18, 7, 5);
+    let b = Ipv4Addr::new(198, 18, 3, 5);
+    let c = Ipv4Addr::new(198, 18, 7, 6);
+    let d = Ipv4Addr::new(198, 18, 3, 6);
+    let mut bpf = Bpf::load();
+    let settings = TunnelSettings {
+        port: 50103,
+        address: Some(NODE),
+    };
+    write(&mut bpf.ebpf, settings).expect("tm_tunnel");
+    let set = |v: &[Ipv4Addr]| v.iter().copied().collect::<BTreeSet<_>>();
+    let one = |addr: Ipv4Addr| PeerSlot {
+        addr: addr.octets(),
+        state: PEER_SLOT_ONE,
+        _pad: [0; 3],
+    };
+    // Tunnel packets from each source: how many were decapsulated (the
+    // inner datagram, to no VIP, then passes 28 bytes shorter) and how
+    // many dropped as from an unknown node.
+    let send = |bpf: &mut Bpf, from: &[Ipv4Addr]| -> (usize, u64) {
+        let inner = udp4(CLIENT, VIP, 40000, 7000, b"x");
+        let before = bpf.stats(ProgramSlot::XdpUplink);
+        let mut decapsulated = 0;
+        for &source in from {
+            let frame = tunnel(source, NODE, 50103, &inner);
+            let run = bpf.run("tm_xdp_uplink", &frame, 1);
+            if run.action == 2 && run.output.len() == frame.len() - 28 {
+                decapsulated += 1;
+            }
+        }
+        let after = bpf.stats(ProgramSlot::XdpUplink);
+        let reason = DropReason::TunnelUnknownNode;
+        (
+            decapsulated,
+            after.drops.get(reason) - before.drops.get(reason),
+        )
+    };
+
+    write_peers(&mut bpf.ebpf, PEER_STATIC, &set(&[]), &set(&[a, b, c])).expect("peers");
+    let shared = PeerSlot {
+        state: PEER_SLOT_SHARED,
+        ..PeerSlot::default()
+    };
+    assert_eq!((slot(&bpf, a), slot(&bpf, c)), (shared, one(c)));
+    assert_eq!(send(&mut bpf, &[a, b, c]), (3, 0));
+    assert_eq!(send(&mut bpf, &[d]), (0, 1), "C's slot, not C");
+
+    // A goes: B has the slot alone.
+    write_peers(&mut bpf.ebpf, PEER_STATIC, &set(&[a, b, c]), &set(&[b, c])).expect("peers");
+    assert_eq!(slot(&bpf, b), one(b));
+    assert_eq!(send(&mut bpf, &[a]), (0, 1));
+    assert_eq!(send(&mut bpf, &[b, c]), (2, 0));
+
+    // All go: empty slots, nothing taken.
+    write_peers(&mut bpf.ebpf, PEER_STATIC, &set(&[b, c]), &set(&[])).expect("peers");
+    assert_eq!(
+        (slot(&bpf, b), slot(&bpf, c)),
+        (PeerSlot::default(), PeerSlot::default())
+    );
+    assert_eq!(send(&mut bpf, &[b, c]), (0, 2));
+}

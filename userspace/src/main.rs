@@ -1,7 +1,5 @@
 use std::process::ExitCode;
 
-use clap::Parser;
-
 fn main() -> ExitCode {
-    tapmesh::cli::run(tapmesh::cli::args::Cli::parse())
+    tapmesh::cli::run(tapmesh::cli::args::Cli::parse_with_defaults())
 }

@@ -87,8 +87,57 @@ pub fn overlay_rows() -> Vec<Row> {
     })
 }
 
+/// The BPF_PROG_TEST_RUN part of BENCHMARKS.md: the packet paths' table,
+/// the target lines about it, and the building blocks' rows.
+pub struct Paths {
+    pub table: String,
+    pub targets: String,
+    pub blocks: String,
+}
+
 /// Every family, in one run: the text of BENCHMARKS.md.
 pub fn report() -> String {
+    let Paths {
+        table,
+        targets,
+        blocks: block_table,
+    } = paths();
+    let control = control::open_latency();
+    let mirroring = mirror::rates();
+    let eds = eds::update_latency();
+    let overlay_rates = overlay::rates();
+
+    format!(
+        "# Benchmarks\n\n\
+         Written by `cargo xtask bench`. BPF_PROG_TEST_RUN through aya's `TestRun`, with an LB \
+         configuration in the maps (2 VIPs, 3 flows, 7 targets). Paths that leave the packet \
+         unchanged are the median of {RUNS} runs of {REPEAT} in-kernel repeats. Paths that \
+         rewrite it cannot use an in-kernel repeat (it would run again on its own output), so \
+         they are the median of the durations the kernel reports for {LOOP_CALLS} single runs \
+         (repeat = 1). Two paths are timed both ways as a cross-check: the VIP miss, and the \
+         untagged local redirect, whose MAC rewrite gives the same bytes when run on its own \
+         output (repeat = 1 runs see colder caches: each call's syscall work comes between). \
+         The net column subtracts the empty program of the same hook timed the same way in the same run; \
+         for the repeat = 1 rows, in the same loop, one floor call after each path call (the floor row lists the floor of each row). \
+         The remote-target row runs in a network namespace with a route and a permanent \
+         neighbour for the remote node (bpf_fib_lookup succeeds, redirect to the underlay veth).\n\n\
+         {targets}\n\n\
+         Machine: {}\n\n{table}\n\
+         ## Building blocks\n\n\
+         One kernel operation per program (`ebpf/src/probes.rs`), timed like the rows above \
+         (repeat = 1, net of the empty program): the least a path that needs them pays on this \
+         machine. A helper call costs tens of ns here, while array lookups, branches and \
+         arithmetic are near the 10 ns clock step. The first rows add up the VIP path's own \
+         parts (parser, the eight array values and four counters it reads, and the uplink's \
+         code present but not run, which shows that program size alone costs nothing).\n\n\
+         | operation | timed as | ns/packet | net of floor | Mpps (net) |\n|---|---|---:|---:|---:|\n\
+         {block_table}\n{control}\n{mirroring}\n{eds}\n{overlay_rates}",
+        machine()
+    )
+}
+
+/// Every packet path and building block through BPF_PROG_TEST_RUN, in one run.
+pub fn paths() -> Paths {
     let mut bpf = Bpf::load();
     let mut writer = lb::load(&mut bpf);
     let floor_frame = udp4_frame(1000, 53, &[0; 18]);
@@ -158,37 +207,11 @@ pub fn report() -> String {
         if decap_net <= 30.0 { "met" } else { "NOT met" },
     );
 
-    let control = control::open_latency();
-    let mirroring = mirror::rates();
-    let eds = eds::update_latency();
-    let overlay_rates = overlay::rates();
-
-    format!(
-        "# Benchmarks\n\n\
-         Written by `cargo xtask bench`. BPF_PROG_TEST_RUN through aya's `TestRun`, with an LB \
-         configuration in the maps (2 VIPs, 3 flows, 7 targets). Paths that leave the packet \
-         unchanged are the median of {RUNS} runs of {REPEAT} in-kernel repeats. Paths that \
-         rewrite it cannot use an in-kernel repeat (it would run again on its own output), so \
-         they are the median of the durations the kernel reports for {LOOP_CALLS} single runs \
-         (repeat = 1). Two paths are timed both ways as a cross-check: the VIP miss, and the \
-         untagged local redirect, whose MAC rewrite gives the same bytes when run on its own \
-         output (repeat = 1 runs see colder caches: each call's syscall work comes between). \
-         The net column subtracts the empty program of the same hook timed the same way in the same run; \
-         for the repeat = 1 rows, in the same loop, one floor call after each path call (the floor row lists the floor of each row). \
-         The remote-target row runs in a network namespace with a route and a permanent \
-         neighbour for the remote node (bpf_fib_lookup succeeds, redirect to the underlay veth).\n\n\
-         Target: VIP hit with encapsulation ≤ 60 ns net — {verdict} ({encap_net:.1} ns).\n\n\
-         {overlay_verdict}\n\n\
-         Machine: {}\n\n{table}\n\
-         ## Building blocks\n\n\
-         One kernel operation per program (`ebpf/src/probes.rs`), timed like the rows above \
-         (repeat = 1, net of the empty program): the least a path that needs them pays on this \
-         machine. A helper call costs tens of ns here, while array lookups, branches and \
-         arithmetic are near the 10 ns clock step. The first rows add up the VIP path's own \
-         parts (parser, the eight array values and four counters it reads, and the uplink's \
-         code present but not run, which shows that program size alone costs nothing).\n\n\
-         | operation | timed as | ns/packet | net of floor | Mpps (net) |\n|---|---|---:|---:|---:|\n\
-         {block_table}\n{control}\n{mirroring}\n{eds}\n{overlay_rates}",
-        machine()
-    )
+    Paths {
+        table,
+        targets: format!(
+            "Target: VIP hit with encapsulation ≤ 60 ns net — {verdict} ({encap_net:.1} ns).\n\n{overlay_verdict}"
+        ),
+        blocks: block_table,
+    }
 }

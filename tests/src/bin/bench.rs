@@ -2,7 +2,10 @@
 //! `tapmesh_tests::bench` in one run, printed and written to the file.
 //! `tapmesh-bench rows` prints the repeat = 1 packet-path rows only (a quick
 //! check while working on a path), `tapmesh-bench overlay` the overlay's
-//! rows and rates, `tapmesh-bench mirror` the mirroring section.
+//! rows and rates, `tapmesh-bench mirror` the mirroring section,
+//! `tapmesh-bench paths` every BPF_PROG_TEST_RUN row (packet paths and
+//! building blocks; `TAPMESH_BENCH_MEAN=1`: trimmed means, for comparing
+//! two builds in one run).
 
 use tapmesh_tests::{
     bench::{self, lb},
@@ -31,6 +34,10 @@ fn main() {
             print!("{}", bench::overlay::rates());
         }
         "mirror" => print!("{}", bench::mirror::rates()),
+        "paths" => {
+            let paths = bench::paths();
+            print!("{}\n\n{}\n{}", paths.targets, paths.table, paths.blocks);
+        }
         _ => {
             let doc = bench::report();
             print!("{doc}");

@@ -301,3 +301,45 @@ fn vlan_filter(text: &str) -> Result<String, String> {
         .map(|_| text.to_string())
         .map_err(|e| e.to_string())
 }
+
+impl Cli {
+    /// The command line with the daemon's defaults in its help. An option
+    /// left out keeps the configuration file's value, so clap cannot give
+    /// it a default itself; the help names `Config::default()`'s instead.
+    pub fn command_with_defaults() -> clap::Command {
+        use clap::CommandFactory;
+        let d = crate::config::Config::default();
+        let path = |p: &std::path::Path| p.display().to_string();
+        let shown = [
+            ("admin_socket", path(&d.daemon.admin_socket)),
+            ("log_level", d.daemon.log_level.clone()),
+            ("log_format", "text".to_string()),
+            ("bpffs_root", path(&d.dataplane.bpffs_root)),
+            ("xdp_mode", "auto".to_string()),
+            ("tunnel_port", d.lb.tunnel_port.to_string()),
+            ("node_socket", path(&d.nsp.socket)),
+            (
+                "entry_timeout",
+                format!("{}s", d.nsp.entry_timeout.as_secs()),
+            ),
+            ("state_dir", path(&d.daemon.state_dir)),
+            ("keep_dataplane", d.dataplane.keep_dataplane.to_string()),
+            ("metrics_listen", d.metrics.listen.clone()),
+        ];
+        Cli::command().mut_subcommand("daemon", |daemon| {
+            shown.into_iter().fold(daemon, |daemon, (id, value)| {
+                daemon.mut_arg(id, |arg| {
+                    let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                    arg.help(format!("{help} [default: {value}]"))
+                })
+            })
+        })
+    }
+
+    /// Parses the process's arguments against [`Cli::command_with_defaults`].
+    pub fn parse_with_defaults() -> Self {
+        use clap::FromArgMatches;
+        let matches = Self::command_with_defaults().get_matches();
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}

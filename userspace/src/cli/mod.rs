@@ -11,8 +11,6 @@ pub mod status;
 
 use std::{io::Write, path::Path, process::ExitCode};
 
-use clap::CommandFactory;
-
 use crate::admin;
 use args::{CatalogCommand, Cli, Command, RegistryCommand};
 
@@ -62,13 +60,18 @@ pub fn run(cli: Cli) -> ExitCode {
         } => cleanup(&bpffs_root, &admin_socket, netns.as_deref()),
         Command::Completions { shell } => {
             let mut out = Vec::new();
-            clap_complete::generate(shell, &mut Cli::command(), "tapmesh", &mut out);
+            clap_complete::generate(
+                shell,
+                &mut Cli::command_with_defaults(),
+                "tapmesh",
+                &mut out,
+            );
             let _ = print(&String::from_utf8_lossy(&out));
             ExitCode::SUCCESS
         }
         Command::Man => {
             let mut out = Vec::new();
-            match clap_mangen::Man::new(Cli::command()).render(&mut out) {
+            match clap_mangen::Man::new(Cli::command_with_defaults()).render(&mut out) {
                 Ok(()) => {
                     let _ = print(&String::from_utf8_lossy(&out));
                     ExitCode::SUCCESS

@@ -98,6 +98,12 @@ const MAPS: &[MapSpec] = &[
         1,
     ),
     spec(n::TUNNEL_PEERS, 4, 1, tapmesh_common::tunnel::MAX_PEERS),
+    spec(
+        n::TUNNEL_SLOTS,
+        4,
+        size_of::<tapmesh_common::tunnel::PeerSlot>(),
+        tapmesh_common::tunnel::PEER_SLOTS,
+    ),
     spec(n::VIP_STATS, 4, size_of::<PacketCounter>(), MAX_VIPS),
     spec(n::FLOW_STATS, 4, size_of::<PacketCounter>(), MAX_FLOWS),
     spec(n::TARGET_STATS, 4, size_of::<PacketCounter>(), MAX_TARGETS),

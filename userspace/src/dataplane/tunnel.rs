@@ -4,15 +4,21 @@
 //! (`tm_tunnel_peers`), named by the load balancer's remote targets and the
 //! overlay's remote instances.
 
-use std::{collections::BTreeSet, net::Ipv4Addr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
 
 use aya::{
     maps::{Array, HashMap as BpfHashMap},
     Ebpf,
 };
-use tapmesh_common::{map_names as n, tunnel::TunnelConfig};
+use tapmesh_common::{
+    map_names as n,
+    tunnel::{peer_slot, PeerSlot, TunnelConfig, PEER_SLOT_ONE, PEER_SLOT_SHARED},
+};
 
-use super::{map_err, map_mut, DataplaneError};
+use super::{map_err, map_mut, map_ref, DataplaneError};
 use crate::config::Config;
 
 /// This node's tunnel settings for remote targets, remote instances and
@@ -91,6 +97,46 @@ pub fn write_peers(
             Err(_) => Ok(()),
         }
         .map_err(map_err(name))?;
+    }
+    let touched = wanted.iter().chain(had).map(|a| peer_slot(a.octets()));
+    write_slots(ebpf, touched.collect())
+}
+
+/// Brings the `tm_tunnel_slots` entries at `touched` in line with the
+/// addresses `tm_tunnel_peers` holds, after the hash changed: a slot names
+/// the one node mapping to it, or says "shared" (the kernel then asks the
+/// hash), or nothing. Derived from the hash, so it holds the same nodes
+/// whoever named them (entries kept from an earlier daemon included).
+fn write_slots(ebpf: &mut Ebpf, touched: BTreeSet<u32>) -> Result<(), DataplaneError> {
+    let name = n::TUNNEL_PEERS;
+    let peers: BpfHashMap<_, [u8; 4], u8> =
+        BpfHashMap::try_from(map_ref(ebpf, name)?).map_err(map_err(name))?;
+    let mut by_slot: BTreeMap<u32, Vec<[u8; 4]>> = BTreeMap::new();
+    for key in peers.keys() {
+        let key = key.map_err(map_err(name))?;
+        if touched.contains(&peer_slot(key)) {
+            by_slot.entry(peer_slot(key)).or_default().push(key);
+        }
+    }
+    let name = n::TUNNEL_SLOTS;
+    let mut slots: Array<_, PeerSlot> =
+        Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    for slot in touched {
+        let value = match by_slot.get(&slot).map(Vec::as_slice) {
+            None | Some([]) => PeerSlot::default(),
+            Some([addr]) => PeerSlot {
+                addr: *addr,
+                state: PEER_SLOT_ONE,
+                _pad: [0; 3],
+            },
+            Some(_) => PeerSlot {
+                state: PEER_SLOT_SHARED,
+                ..PeerSlot::default()
+            },
+        };
+        if slots.get(&slot, 0).ok() != Some(value) {
+            slots.set(slot, value, 0).map_err(map_err(name))?;
+        }
     }
     Ok(())
 }
