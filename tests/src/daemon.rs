@@ -144,6 +144,14 @@ impl Daemon {
             .unwrap_or_else(|| panic!("admin API did not answer: {}", self.log_text()))
     }
 
+    /// SIGKILL, then waits: gone without any clean-up (pins and links stay).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGTERM, then waits; returns the exit status.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("daemon already stopped");
