@@ -258,7 +258,8 @@ fn owners(daemon: &Daemon, own: Ipv4Addr) -> Vec<Ipv4Addr> {
     let used: Vec<StreamValue> = streams
         .iter()
         .map(|s| s.expect("tm_streams"))
-        .filter(|s| s.table_size > 0)
+        // stream-a's table: max_targets 4, so 401 entries (stream-b's has 101).
+        .filter(|s| s.table_size == 401)
         .collect();
     if used.len() != 1 {
         return Vec::new();
@@ -426,53 +427,142 @@ conduit = "conduit-a"
 max_targets = 100
 "#;
 
-fn register(
-    node: &str,
-    socket: &Path,
-    ip: &str,
-    id: u32,
-    enabled: bool,
-    unregister: bool,
-) -> Result<(), tonic::Code> {
-    use tapmesh::proto::nsp::{target, target_registry_client::TargetRegistryClient, Target};
-    let (socket, ip) = (socket.to_path_buf(), ip.to_string());
-    tapmesh_tests::net::run_in(node, move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(async move {
-                let mut client = TargetRegistryClient::new(tapmesh::uds::lazy_channel(&socket));
-                let status = if enabled {
-                    target::Status::Enabled
-                } else {
-                    target::Status::Disabled
-                };
-                let t = Target {
-                    ips: vec![ip],
-                    context: [("identifier".to_string(), id.to_string())].into(),
-                    status: status as i32,
-                    r#type: target::Type::Default as i32,
-                    stream: Some(tapmesh::proto::nsp::Stream {
-                        name: "stream-r".into(),
-                        conduit: Some(tapmesh::proto::nsp::Conduit {
-                            name: "conduit-a".into(),
-                            trench: Some(tapmesh::proto::nsp::Trench {
-                                name: "trench-a".into(),
-                            }),
-                            destination_port_nats: vec![],
-                        }),
-                        max_targets: 0,
-                    }),
-                };
-                let result = if unregister {
-                    client.unregister(t).await
-                } else {
-                    client.register(t).await
-                };
-                result.map(|_| ()).map_err(|e| e.code())
-            })
-    })
+/// One target of stream-r as the registry's wire type.
+fn race_target(ip: &str, id: u32, enabled: bool) -> tapmesh::proto::nsp::Target {
+    use tapmesh::proto::nsp::{target, Conduit, Stream, Trench};
+    let status = if enabled {
+        target::Status::Enabled
+    } else {
+        target::Status::Disabled
+    };
+    tapmesh::proto::nsp::Target {
+        ips: vec![ip.into()],
+        context: [("identifier".to_string(), id.to_string())].into(),
+        status: status as i32,
+        r#type: target::Type::Default as i32,
+        stream: Some(Stream {
+            name: "stream-r".into(),
+            conduit: Some(Conduit {
+                name: "conduit-a".into(),
+                trench: Some(Trench {
+                    name: "trench-a".into(),
+                }),
+                destination_port_nats: vec![],
+            }),
+            max_targets: 0,
+        }),
+    }
+}
+
+/// Not a test of its own: the registry calls of [`Caller`], in a process
+/// started inside a node's namespace (the daemon takes the caller's
+/// namespace from its pid, so a thread that entered it is not enough).
+/// Registers DISABLED, then (at `TM_CALL_AT`, unix ms) ENABLED, prints
+/// `result: ok|<code>`, and unregisters when a line comes on stdin; with
+/// `TM_CALL_KEEP` it only registers DISABLED.
+#[test]
+fn registry_call() {
+    let Ok(socket) = std::env::var("TM_CALL_SOCKET") else {
+        return;
+    };
+    let ip = std::env::var("TM_CALL_IP").unwrap();
+    let id: u32 = std::env::var("TM_CALL_ID").unwrap().parse().unwrap();
+    let at: Option<u128> = std::env::var("TM_CALL_AT").ok().map(|a| a.parse().unwrap());
+    let keep = std::env::var_os("TM_CALL_KEEP").is_some();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        use tapmesh::proto::nsp::target_registry_client::TargetRegistryClient;
+        let mut client = TargetRegistryClient::new(tapmesh::uds::lazy_channel(Path::new(&socket)));
+        let show = |r: Result<tonic::Response<()>, tonic::Status>| match r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("{:?}", e.code()),
+        };
+        let first = show(client.register(race_target(&ip, id, false)).await);
+        if keep || first != "ok" {
+            println!("result: {first}");
+            return;
+        }
+        if let Some(at) = at {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
+            tokio::time::sleep(Duration::from_millis(at.saturating_sub(now) as u64)).await;
+        }
+        println!(
+            "result: {}",
+            show(client.register(race_target(&ip, id, true)).await)
+        );
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        client
+            .unregister(race_target(&ip, id, false))
+            .await
+            .unwrap();
+        println!("unregistered");
+    });
+}
+
+/// [`registry_call`] running in a node's namespace.
+struct Caller {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Caller {
+    fn start(netns: &str, socket: &Path, ip: &str, id: u32, at: Option<u128>, keep: bool) -> Self {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "registry_call",
+                "--exact",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("TM_CALL_SOCKET", socket)
+            .env("TM_CALL_IP", ip)
+            .env("TM_CALL_ID", id.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        if let Some(at) = at {
+            cmd.env("TM_CALL_AT", at.to_string());
+        }
+        if keep {
+            cmd.env("TM_CALL_KEEP", "1");
+        }
+        let mut child = cmd.spawn().expect("starting the registry caller");
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Caller { child, out }
+    }
+
+    /// The next `result:` line.
+    fn result(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.out.read_line(&mut line).unwrap() == 0 {
+                panic!("the registry caller ended without a result");
+            }
+            // libtest's "test registry_call ... " has no newline before it.
+            if let Some((_, r)) = line.split_once("result: ") {
+                return r.trim().to_string();
+            }
+        }
+    }
+
+    /// Lets it unregister, and waits.
+    fn finish(mut self) {
+        use std::io::Write;
+        let _ = self.child.stdin.take().unwrap().write_all(b"done\n");
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the registry caller failed");
+    }
 }
 
 #[test]
@@ -488,41 +578,28 @@ fn two_nodes_racing_for_one_identifier_never_both_enable_it() {
     let ips = ["203.0.113.201/32", "203.0.113.202/32"];
     let mut wins = [0u32; 2];
     for id in 1..=100u32 {
-        for i in 0..2 {
-            register(
-                &lab.nodes[i].name,
-                &lab.node_socket(i + 1),
-                ips[i],
-                id,
-                false,
-                false,
-            )
-            .expect("DISABLED first");
-        }
-        let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
-        let racers: Vec<_> = (0..2)
+        // Both register DISABLED, then ENABLED at the same instant.
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            + 300;
+        let mut callers: Vec<Caller> = (0..2)
             .map(|i| {
-                let (ns, socket, ip) = (
-                    lab.nodes[i].name.clone(),
-                    lab.node_socket(i + 1),
-                    ips[i].to_string(),
-                );
-                let barrier = barrier.clone();
-                std::thread::spawn(move || {
-                    barrier.wait();
-                    register(&ns, &socket, &ip, id, true, false)
-                })
+                Caller::start(
+                    &lab.nodes[i].name,
+                    &lab.node_socket(i + 1),
+                    ips[i],
+                    id,
+                    Some(at),
+                    false,
+                )
             })
             .collect();
-        let results: Vec<_> = racers.into_iter().map(|r| r.join().unwrap()).collect();
-        let won: Vec<usize> = (0..2).filter(|&i| results[i].is_ok()).collect();
+        let results: Vec<String> = callers.iter_mut().map(Caller::result).collect();
+        let won: Vec<usize> = (0..2).filter(|&i| results[i] == "ok").collect();
         assert_eq!(won.len(), 1, "identifier {id}: {results:?}");
-        let lost = 1 - won[0];
-        assert_eq!(
-            results[lost],
-            Err(tonic::Code::AlreadyExists),
-            "identifier {id}"
-        );
+        assert_eq!(results[1 - won[0]], "AlreadyExists", "identifier {id}");
         wins[won[0]] += 1;
         // The whole trench, seen from node 1: one ENABLED target with the identifier.
         let enabled = lab
@@ -531,16 +608,8 @@ fn two_nodes_racing_for_one_identifier_never_both_enable_it() {
             .filter(|r| r.1 == id.to_string() && r.2 == "ENABLED")
             .count();
         assert!(enabled <= 1, "identifier {id}: {:?}", lab.registry(1));
-        for i in 0..2 {
-            register(
-                &lab.nodes[i].name,
-                &lab.node_socket(i + 1),
-                ips[i],
-                id,
-                false,
-                true,
-            )
-            .expect("unregister");
+        for c in callers {
+            c.finish();
         }
     }
     eprintln!("wins: node 1 {}, node 2 {}", wins[0], wins[1]);
@@ -570,15 +639,16 @@ fn unreachable_etcd_at_start_leaves_a_working_single_node_that_says_so() {
         lab.cluster_detail(1)
     );
     // A registration works locally meanwhile, and reaches etcd when it returns.
-    register(
+    let mut local = Caller::start(
         &lab.nodes[0].name,
         &lab.node_socket(1),
         "203.0.113.201/32",
         1,
-        false,
-        false,
-    )
-    .expect("registers locally");
+        None,
+        true,
+    );
+    assert_eq!(local.result(), "ok", "registers locally");
+    local.finish();
     assert_eq!(lab.registry(1).len(), 1);
     lab.etcd.start();
     let published = wait_until(Duration::from_secs(15), || {

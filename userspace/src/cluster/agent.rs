@@ -288,7 +288,11 @@ impl Agent {
                         }
                     }
                     let revision = response.header().map_or(last, |h| h.revision());
-                    self.set_health(|h| h.revision = h.revision.max(revision));
+                    let bad = self.view.lock().expect("view lock").bad_values();
+                    self.set_health(|h| {
+                        h.revision = h.revision.max(revision);
+                        h.bad_values = bad;
+                    });
                     if changed {
                         self.apply().await;
                     }
