@@ -621,7 +621,7 @@ fn unreachable_etcd_at_start_leaves_a_working_single_node_that_says_so() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = Lab::new(1, false, NSP_CONFIG);
+    let mut lab = Lab::new(1, false, RACE_CONFIG);
     assert!(wait_until(Duration::from_secs(10), || lab
         .cluster_detail(1)
         .contains("1 nodes [n1]")));
