@@ -12,6 +12,8 @@ pub const PEER_LB: u8 = 1;
 pub const PEER_OVERLAY: u8 = 2;
 /// Named in the configuration (`lb.tunnel_peers`).
 pub const PEER_STATIC: u8 = 4;
+/// Named by the cluster's node records.
+pub const PEER_CLUSTER: u8 = 8;
 
 /// Entries of `tm_tunnel_slots`, the array copy of `tm_tunnel_peers` the
 /// uplink checks first (an array read instead of a hash lookup).

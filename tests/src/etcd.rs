@@ -63,28 +63,34 @@ fn require_binaries() {
 impl Etcd {
     /// Starts etcd on free loopback ports with its data in a new temporary directory.
     pub fn new() -> Self {
-        Self::start_in(None)
+        Self::start_in(None, "127.0.0.1")
     }
 
     /// Starts etcd inside network namespace `netns` (on its loopback), for a
     /// daemon that runs there.
     pub fn new_in(netns: &str) -> Self {
-        Self::start_in(Some(netns.to_string()))
+        Self::start_in(Some(netns.to_string()), "127.0.0.1")
     }
 
-    fn start_in(netns: Option<String>) -> Self {
+    /// Starts etcd inside network namespace `netns` on address `host` (one
+    /// of the namespace's), for daemons in other namespaces that route there.
+    pub fn new_at(netns: &str, host: std::net::Ipv4Addr) -> Self {
+        Self::start_in(Some(netns.to_string()), &host.to_string())
+    }
+
+    fn start_in(netns: Option<String>, host: &str) -> Self {
         require_binaries();
         let name = crate::unique("etcd");
         let dir = std::env::temp_dir().join(format!("tapmesh-{name}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("creating the etcd directory");
         let [client, peer] = free_ports::<2>();
-        let endpoint = format!("http://127.0.0.1:{client}");
+        let endpoint = format!("http://{host}:{client}");
         let mut etcd = Etcd {
             active: endpoint.clone(),
             endpoint,
             name,
-            peer_url: format!("http://127.0.0.1:{peer}"),
+            peer_url: format!("http://{host}:{peer}"),
             dir,
             child: None,
             starts: 0,

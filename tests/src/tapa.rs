@@ -76,6 +76,49 @@ pub struct Ambassador {
 }
 
 impl Ambassador {
+    /// Runs `bin ambassador` in namespace `netns` as uid 65534 (`bin` must be
+    /// executable by it), with its socket and log in `home`, talking to the
+    /// node socket `node_socket`; returns once it listens.
+    pub fn spawn(
+        netns: &str,
+        bin: &Path,
+        node_socket: &Path,
+        home: &Path,
+        refresh: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
+        std::fs::create_dir_all(home).expect("ambassador directory");
+        chown(home, UNPRIVILEGED);
+        let socket = home.join("ambassador.sock");
+        let log = home.join("ambassador.log");
+        let uid = UNPRIVILEGED.to_string();
+        let child = Command::new("ip")
+            .args(["netns", "exec", netns, "setpriv"])
+            .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
+            .arg(bin)
+            .arg("ambassador")
+            .env("MERIDIO_SOCKET", &socket)
+            .env("TAPMESH_NODE_SOCKET", node_socket)
+            .env("MERIDIO_NSP_ENTRY_TIMEOUT", refresh)
+            .env("MERIDIO_TIMEOUT", "5s")
+            .env("MERIDIO_LOG_LEVEL", "debug")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("ambassador log"))
+            .spawn()
+            .expect("starting the ambassador");
+        let amb = Ambassador {
+            child: Some(child),
+            socket: socket.clone(),
+            log,
+        };
+        let up = crate::net::wait_until(Duration::from_secs(10), || {
+            std::os::unix::net::UnixStream::connect(&socket).is_ok()
+        });
+        assert!(up, "ambassador did not listen: {}", amb.log_text());
+        amb
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().map_or(0, |c| c.id() as i32)
     }
@@ -251,35 +294,14 @@ impl TapaLab {
             .dir
             .0
             .join(format!("app{app}-{}", self.ambassadors.len()));
-        std::fs::create_dir_all(&home).expect("ambassador directory");
-        chown(&home, UNPRIVILEGED);
-        let socket = home.join("ambassador.sock");
-        let log = home.join("ambassador.log");
-        let uid = UNPRIVILEGED.to_string();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.apps[app].name, "setpriv"])
-            .args(["--reuid", &uid, "--regid", &uid, "--clear-groups"])
-            .arg(&self.bin)
-            .arg("ambassador")
-            .env("MERIDIO_SOCKET", &socket)
-            .env("TAPMESH_NODE_SOCKET", self.node_socket())
-            .env("MERIDIO_NSP_ENTRY_TIMEOUT", refresh)
-            .env("MERIDIO_TIMEOUT", "5s")
-            .env("MERIDIO_LOG_LEVEL", "debug")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("ambassador log"))
-            .spawn()
-            .expect("starting the ambassador");
-        let amb = Ambassador {
-            child: Some(child),
-            socket: socket.clone(),
-            log,
-        };
-        let up = crate::net::wait_until(Duration::from_secs(10), || {
-            std::os::unix::net::UnixStream::connect(&socket).is_ok()
-        });
-        assert!(up, "ambassador did not listen: {}", amb.log_text());
+        let amb = Ambassador::spawn(
+            &self.apps[app].name,
+            &self.bin,
+            &self.node_socket(),
+            &home,
+            refresh,
+            env,
+        );
         self.ambassadors.push(amb);
         self.ambassadors.len() - 1
     }
@@ -341,7 +363,7 @@ impl TapaLab {
     }
 }
 
-fn chmod(path: &Path, mode: u32) {
+pub fn chmod(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }

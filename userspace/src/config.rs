@@ -338,6 +338,120 @@ impl Default for NetManagerConfig {
 
 pub const DEFAULT_METRICS_LISTEN: &str = "127.0.0.1:9842";
 
+pub const DEFAULT_CLUSTER_PREFIX: &str = "/tapmesh/v1/";
+
+/// Cluster mode: node records and the target registry shared through etcd.
+/// Off (a single node) unless `etcd_endpoints` is given.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// etcd client URLs, e.g. ["http://192.0.2.10:2379"]; empty: single node.
+    pub etcd_endpoints: Vec<String>,
+    /// This node's name in the cluster (default: the hostname).
+    pub node_name: String,
+    /// The node's lease: its records go this long after it stops refreshing
+    /// (whole seconds).
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: std::time::Duration,
+    /// TLS to etcd: the CA that signed its certificate, and this node's
+    /// client certificate and key (both or neither).
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Every key the cluster writes starts with this.
+    pub prefix: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            etcd_endpoints: Vec::new(),
+            node_name: hostname(),
+            lease_ttl: std::time::Duration::from_secs(10),
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            prefix: DEFAULT_CLUSTER_PREFIX.into(),
+        }
+    }
+}
+
+impl ClusterConfig {
+    pub fn enabled(&self) -> bool {
+        !self.etcd_endpoints.is_empty()
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad =
+            |setting: &'static str, message: String| ConfigError::BadValue { setting, message };
+        for e in &self.etcd_endpoints {
+            let rest = e
+                .strip_prefix("http://")
+                .or_else(|| e.strip_prefix("https://"));
+            let port = rest.and_then(|r| r.rsplit_once(':')).map(|(_, p)| p);
+            if port
+                .and_then(|p| p.parse::<u16>().ok())
+                .is_none_or(|p| p == 0)
+            {
+                return Err(bad(
+                    "cluster.etcd_endpoints",
+                    format!("{e:?} is not a URL like http://192.0.2.10:2379"),
+                ));
+            }
+        }
+        if !self.enabled() {
+            return Ok(());
+        }
+        crate::names::validate_name("cluster.node_name", &self.node_name)
+            .map_err(|e| bad("cluster.node_name", e.to_string()))?;
+        let ttl = self.lease_ttl;
+        if ttl.subsec_nanos() != 0 || !(1..=3600).contains(&ttl.as_secs()) {
+            return Err(bad(
+                "cluster.lease_ttl",
+                format!("{ttl:?}: use whole seconds in 1s..=3600s (default 10s)"),
+            ));
+        }
+        if !self.prefix.starts_with('/') || !self.prefix.ends_with('/') || self.prefix.len() < 2 {
+            return Err(bad(
+                "cluster.prefix",
+                format!(
+                    "{:?} must start and end with '/', like {DEFAULT_CLUSTER_PREFIX}",
+                    self.prefix
+                ),
+            ));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(bad(
+                "cluster.cert_file",
+                "give cert_file and key_file together, or neither".into(),
+            ));
+        }
+        for (setting, file) in [
+            ("cluster.ca_file", &self.ca_file),
+            ("cluster.cert_file", &self.cert_file),
+            ("cluster.key_file", &self.key_file),
+        ] {
+            if let Some(path) = file {
+                if let Err(e) = std::fs::metadata(path) {
+                    return Err(bad(setting, format!("{}: {e}", path.display())));
+                }
+            }
+        }
+        let tls = self.ca_file.is_some() || self.cert_file.is_some();
+        let https = self
+            .etcd_endpoints
+            .iter()
+            .any(|e| e.starts_with("https://"));
+        if tls != https {
+            return Err(bad(
+                "cluster.etcd_endpoints",
+                "https:// endpoints need ca_file (and http:// ones none); use one scheme with its settings".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The HTTP listener of `/healthz`, `/readyz` and `/metrics`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -365,6 +479,7 @@ pub struct Config {
     pub xds: XdsConfig,
     pub netmanager: NetManagerConfig,
     pub metrics: MetricsConfig,
+    pub cluster: ClusterConfig,
 }
 
 /// Values given on the command line or in the environment; `None` keeps the file's value.
@@ -446,6 +561,19 @@ pub struct Overrides {
     /// Address of the health and metrics listener ("" = off).
     #[arg(long, env = "TAPMESH_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// etcd endpoints of cluster mode (repeat, or comma-separate; none: single node).
+    #[arg(
+        long = "cluster-etcd",
+        env = "TAPMESH_CLUSTER_ETCD",
+        value_delimiter = ','
+    )]
+    pub cluster_etcd: Vec<String>,
+    /// This node's name in the cluster (default: the hostname).
+    #[arg(long, env = "TAPMESH_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Cluster lease, e.g. "10s": a node silent this long is gone.
+    #[arg(long, env = "TAPMESH_LEASE_TTL", value_parser = humantime::parse_duration)]
+    pub lease_ttl: Option<std::time::Duration>,
 }
 
 impl Config {
@@ -574,6 +702,15 @@ impl Config {
         if let Some(v) = &o.metrics_listen {
             self.metrics.listen = v.clone();
         }
+        if !o.cluster_etcd.is_empty() {
+            self.cluster.etcd_endpoints = o.cluster_etcd.clone();
+        }
+        if let Some(v) = &o.node_name {
+            self.cluster.node_name = v.clone();
+        }
+        if let Some(v) = o.lease_ttl {
+            self.cluster.lease_ttl = v;
+        }
     }
 
     fn validate_netmanager(&self) -> Result<(), ConfigError> {
@@ -675,6 +812,7 @@ impl Config {
             }
         }
         self.validate_netmanager()?;
+        self.cluster.validate()?;
         if !self.metrics.listen.is_empty()
             && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
         {
@@ -895,5 +1033,57 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(c.daemon.state_dir, PathBuf::from("/flag"));
+    }
+
+    #[test]
+    fn cluster_is_off_unless_endpoints_are_given_and_checked_when_on() {
+        let c = Config::from_toml("").unwrap();
+        assert!(!c.cluster.enabled());
+        assert_eq!(c.cluster.lease_ttl, std::time::Duration::from_secs(10));
+        assert_eq!(c.cluster.prefix, DEFAULT_CLUSTER_PREFIX);
+
+        let c = Config::from_toml(
+            "[cluster]\netcd_endpoints = [\"http://192.0.2.10:2379\"]\nnode_name = \"n1\"\nlease_ttl = \"3s\"\n",
+        )
+        .unwrap();
+        assert!(c.cluster.enabled());
+        assert_eq!(c.cluster.lease_ttl, std::time::Duration::from_secs(3));
+        c.cluster.validate().unwrap();
+
+        let refused = |toml: &str| {
+            Config::from_toml(&format!(
+                "[cluster]\netcd_endpoints = [\"http://192.0.2.10:2379\"]\n{toml}"
+            ))
+            .unwrap()
+            .cluster
+            .validate()
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(refused("lease_ttl = \"1500ms\"").starts_with("cluster.lease_ttl: "));
+        assert!(refused("node_name = \"a b\"").starts_with("cluster.node_name: "));
+        assert!(refused("prefix = \"tapmesh\"").starts_with("cluster.prefix: "));
+        assert!(refused("cert_file = \"/etc/hostname\"").contains("key_file together"));
+        assert!(refused("ca_file = \"/no/such/ca.pem\"")
+            .starts_with("cluster.ca_file: /no/such/ca.pem"));
+        assert!(refused("ca_file = \"/etc/hostname\"").contains("https://"));
+        let e = Config::from_toml("[cluster]\netcd_endpoints = [\"192.0.2.10\"]\n")
+            .unwrap()
+            .cluster
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a URL like http://"), "{e}");
+
+        let mut c = Config::default();
+        c.apply(&Overrides {
+            cluster_etcd: vec!["http://127.0.0.1:2379".into()],
+            node_name: Some("n9".into()),
+            lease_ttl: Some(std::time::Duration::from_secs(2)),
+            ..Default::default()
+        });
+        assert_eq!(c.cluster.node_name, "n9");
+        assert_eq!(c.cluster.etcd_endpoints, ["http://127.0.0.1:2379"]);
+        assert_eq!(c.cluster.lease_ttl, std::time::Duration::from_secs(2));
     }
 }

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     admin::AdminPlugin,
     catalog::{Catalog, CatalogPlugin},
+    cluster::ClusterPlugin,
     config::{Config, Overrides},
     core::Core,
     dataplane::{DataplaneHandle, DataplanePlugin},
@@ -76,6 +77,7 @@ fn wire(core: &mut Core) {
     core.register(Arc::new(LbPlugin::new(lb.clone())));
     let nsp = Arc::new(NspPlugin::new(lb.clone()));
     core.register(nsp.clone());
+    core.register(Arc::new(ClusterPlugin::new(dataplane.clone(), nsp.clone())));
     let mirror = Arc::new(MirrorService::new(dataplane.clone()));
     core.register(Arc::new(MirrorPlugin::new(mirror.clone())));
     let catalog = Catalog::new(lb.clone());

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod ambassador;
 pub mod catalog;
 pub mod cli;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod core;

@@ -44,8 +44,9 @@ pub fn render_statuses(response: &tap::StreamResponse) -> String {
 
 /// A table of registered targets.
 pub fn render_targets(response: &nsp::TargetResponse) -> String {
-    let mut out =
-        String::from("STREAM                          IDENTIFIER  STATUS    TYPE      IPS\n");
+    let mut out = String::from(
+        "STREAM                          IDENTIFIER  STATUS    TYPE      NODE        IPS\n",
+    );
     let mut rows: Vec<_> = response.targets.iter().collect();
     rows.sort_by_key(|t| {
         let s = t.stream.clone().unwrap_or_default();
@@ -64,9 +65,13 @@ pub fn render_targets(response: &nsp::TargetResponse) -> String {
         let status = nsp::target::Status::try_from(t.status).map_or("?", |s| s.as_str_name());
         let kind = nsp::target::Type::try_from(t.r#type).map_or("?", |s| s.as_str_name());
         let id = t.context.get("identifier").map_or("-", String::as_str);
+        let node = t
+            .context
+            .get(crate::nsp::server::NODE)
+            .map_or("-", String::as_str);
         let _ = writeln!(
             out,
-            "{stream:<31} {id:<11} {status:<9} {kind:<9} {}",
+            "{stream:<31} {id:<11} {status:<9} {kind:<9} {node:<11} {}",
             t.ips.join(",")
         );
     }

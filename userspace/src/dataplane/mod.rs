@@ -110,6 +110,8 @@ struct Running {
     links: attach::Links,
     attachments: Vec<Attachment>,
     pin_dir: PathBuf,
+    /// Nodes the cluster named in `tm_tunnel_peers`.
+    cluster_peers: std::collections::BTreeSet<std::net::Ipv4Addr>,
 }
 
 /// Shared access to the running dataplane.
@@ -149,6 +151,23 @@ impl DataplaneHandle {
                 .lb
                 .apply(&mut running.ebpf, tables, tunnel, &resolve)
         })
+    }
+
+    /// Makes `tm_tunnel_peers` name the cluster's other nodes (`PEER_CLUSTER`).
+    pub async fn set_cluster_peers(
+        &self,
+        peers: std::collections::BTreeSet<std::net::Ipv4Addr>,
+    ) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let running = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        tunnel::write_peers(
+            &mut running.ebpf,
+            tapmesh_common::tunnel::PEER_CLUSTER,
+            &running.cluster_peers,
+            &peers,
+        )?;
+        running.cluster_peers = peers;
+        Ok(())
     }
 
     /// Replaces the resolved next hops of remote nodes.
@@ -519,6 +538,7 @@ fn start_dataplane(
         links,
         attachments,
         pin_dir,
+        cluster_peers: Default::default(),
     })
 }
 

@@ -51,6 +51,11 @@ impl NspPlugin {
         }
     }
 
+    /// The running registry; None before start.
+    pub fn nsp(&self) -> Option<Arc<Nsp>> {
+        self.nsp.lock().expect("nsp lock").clone()
+    }
+
     /// Registered targets: (enabled, disabled); None before start.
     pub fn registry_sizes(&self) -> Option<(usize, usize)> {
         let nsp = self.nsp.lock().expect("nsp lock").clone()?;

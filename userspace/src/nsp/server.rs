@@ -18,6 +18,9 @@ use crate::proto::nsp::{
     target_registry_server::TargetRegistry,
 };
 
+/// The context key naming a target's node in watches (cluster mode).
+pub const NODE: &str = "node";
+
 pub type WatchStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[derive(Clone)]
@@ -257,13 +260,23 @@ impl TargetRegistry for NodeApi {
         request: Request<pb::Target>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let filter = request.into_inner();
-        Ok(Response::new(watch(&self.0, move |s| pb::TargetResponse {
-            targets: s
-                .targets
-                .iter()
-                .map(|t| target_to_pb(t, &s.config))
-                .filter(|t| target_matches(&filter, t))
-                .collect(),
+        // In cluster mode the whole trench, each target naming its node.
+        Ok(Response::new(watch(&self.0, move |s| {
+            let local = s.targets.iter().map(|t| (s.node.as_deref(), t));
+            let remote = s.remote.iter().map(|r| (Some(r.node.as_str()), &r.target));
+            pb::TargetResponse {
+                targets: local
+                    .chain(remote)
+                    .map(|(node, t)| {
+                        let mut t = target_to_pb(t, &s.config);
+                        if let Some(node) = node {
+                            t.context.insert(NODE.into(), node.into());
+                        }
+                        t
+                    })
+                    .filter(|t| target_matches(&filter, t))
+                    .collect(),
+            }
         })))
     }
 }

@@ -20,7 +20,31 @@ use crate::net::{self, netns, netns::NetnsId, NetError, Prefix};
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Snapshot {
     pub config: Arc<NspConfig>,
+    /// This node's registry.
     pub targets: Vec<Target>,
+    /// In cluster mode: this node's name, and the other nodes' targets.
+    pub node: Option<String>,
+    pub remote: Vec<RemoteTarget>,
+}
+
+/// A target of another node's registry (cluster mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteTarget {
+    pub node: String,
+    /// The node's tunnel address; `None`: its node record is missing.
+    pub address: Option<std::net::Ipv4Addr>,
+    /// On a conduit of its node (else not load-balanced to).
+    pub served: bool,
+    pub target: Target,
+}
+
+/// Cluster-wide identifier claims, asked before a target is ENABLED.
+#[async_trait::async_trait]
+pub trait IdClaims: Send + Sync {
+    /// Claims `id` of `stream` for `target` of this node: `Ok(false)` when
+    /// another target holds it, `Err` when the cluster cannot answer (the
+    /// registration then goes on locally).
+    async fn claim(&self, stream: &StreamPath, id: u32, target: &Target) -> Result<bool, String>;
 }
 
 #[derive(Debug, Error)]
@@ -76,6 +100,7 @@ struct Inner {
     next_link: u32,
     /// What the state file holds (nothing is written while it is unchanged).
     persisted: Vec<u8>,
+    remote: Vec<RemoteTarget>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Default)]
@@ -94,6 +119,8 @@ pub struct Settings {
 
 pub struct Nsp {
     inner: Mutex<Inner>,
+    /// Cluster mode: this node's name and the identifier claims.
+    cluster: std::sync::RwLock<Option<(String, Arc<dyn IdClaims>)>>,
     published: watch::Sender<Snapshot>,
     lb: Arc<LbService>,
     settings: Settings,
@@ -112,11 +139,35 @@ impl Nsp {
                 connections: Vec::new(),
                 next_link: 0,
                 persisted: Vec::new(),
+                remote: Vec::new(),
             }),
+            cluster: Default::default(),
             published: watch::channel(Snapshot::default()).0,
             lb,
             settings,
         }
+    }
+
+    /// Cluster mode: identifiers are claimed through `claims` before a
+    /// target is enabled, and watchers see the node's name.
+    pub fn join_cluster(&self, node: String, claims: Arc<dyn IdClaims>) {
+        *self.cluster.write().expect("cluster lock") = Some((node, claims));
+    }
+
+    /// Replaces the other nodes' targets (a change from the cluster).
+    pub async fn set_remote(&self, mut remote: Vec<RemoteTarget>) -> Result<(), NspError> {
+        // One order on every node, whatever order they arrived in.
+        remote.sort_by(|a, b| (&a.node, a.target.key()).cmp(&(&b.node, b.target.key())));
+        let mut inner = self.inner.lock().await;
+        if inner.remote == remote {
+            return Ok(());
+        }
+        let before = std::mem::replace(&mut inner.remote, remote);
+        if let Err(e) = self.commit(&mut inner).await {
+            inner.remote = before;
+            return Err(e);
+        }
+        Ok(())
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Snapshot> {
@@ -178,6 +229,7 @@ impl Nsp {
     async fn commit(&self, inner: &mut Inner) -> Result<(), NspError> {
         let mut spec = inner.config.lb_spec();
         spec.targets = lb_targets(inner);
+        remote_lb_targets(inner, &mut spec.targets);
         self.lb
             .set_source(LB_SOURCE, spec)
             .await
@@ -200,6 +252,8 @@ impl Nsp {
         let snapshot = Snapshot {
             config: inner.config.clone(),
             targets: persisted.targets,
+            node: self.cluster_node(),
+            remote: inner.remote.clone(),
         };
         self.published.send_if_modified(|old| {
             let changed = *old != snapshot;
@@ -251,7 +305,12 @@ impl Nsp {
         }
         let config = inner.config.clone();
         let before = inner.registry.clone();
+        let probe = target.clone();
         if inner.registry.register(target, &config, Instant::now())? {
+            if let Err(e) = self.check_cluster(&inner, &before, probe).await {
+                inner.registry = before;
+                return Err(e);
+            }
             if let Err(e) = self.commit(&mut inner).await {
                 inner.registry = before;
                 return Err(e);
@@ -271,6 +330,66 @@ impl Nsp {
             }
         }
         Ok(())
+    }
+
+    fn cluster_node(&self) -> Option<String> {
+        let cluster = self.cluster.read().expect("cluster lock");
+        cluster.as_ref().map(|(node, _)| node.clone())
+    }
+
+    /// A target being enabled (or changing its identifier) must hold its
+    /// identifier cluster-wide: no other node's ENABLED target has it, and
+    /// the claim is ours. Unreachable claims let it go on locally.
+    async fn check_cluster(
+        &self,
+        inner: &Inner,
+        before: &Registry,
+        target: Target,
+    ) -> Result<(), NspError> {
+        let claims = self.cluster.read().expect("cluster lock").clone();
+        let Some((node, claims)) = claims else {
+            return Ok(());
+        };
+        let Some(now) = inner
+            .registry
+            .targets()
+            .into_iter()
+            .find(|t| t.key() == registry_key(&target))
+        else {
+            return Ok(());
+        };
+        let (Status::Enabled, Kind::Default, Some(path), Some(id)) =
+            (now.status, now.kind, &now.stream, now.identifier())
+        else {
+            return Ok(());
+        };
+        let was = before.targets().into_iter().find(|t| t.key() == now.key());
+        if was.is_some_and(|w| w.status == Status::Enabled && w.identifier() == Some(id)) {
+            return Ok(());
+        }
+        let collision = || RegistryError::Collision {
+            stream: path.full_name(),
+            identifier: id,
+        };
+        if inner.remote.iter().any(|r| {
+            r.target.status == Status::Enabled
+                && r.target.stream.as_ref() == Some(path)
+                && r.target.identifier() == Some(id)
+        }) {
+            return Err(collision().into());
+        }
+        match claims.claim(path, id, &now).await {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(collision().into()),
+            Err(e) => {
+                tracing::warn!(
+                    node,
+                    "identifier {id} of {} claimed locally only: {e}",
+                    path.full_name()
+                );
+                Ok(())
+            }
+        }
     }
 
     /// Drops expired targets and connections whose interface disappeared
@@ -543,6 +662,57 @@ fn lb_targets(inner: &Inner) -> Vec<TargetSpec> {
         });
     }
     out
+}
+
+/// ENABLED DEFAULT targets of other nodes that their node serves, through
+/// the tunnel to that node; an identifier already taken (a partition let two
+/// nodes enable it) keeps its first holder, in an order every node shares.
+fn remote_lb_targets(inner: &Inner, out: &mut Vec<TargetSpec>) {
+    for r in &inner.remote {
+        let t = &r.target;
+        let (true, Some(address), Status::Enabled, Kind::Default, Some(path), Some(id)) = (
+            r.served,
+            r.address,
+            t.status,
+            t.kind,
+            &t.stream,
+            t.identifier(),
+        ) else {
+            continue;
+        };
+        match inner.config.stream(path) {
+            Some(s) if (1..=s.max_targets).contains(&id) => {}
+            _ => continue,
+        }
+        let stream = path.full_name();
+        if out.iter().any(|o| o.stream == stream && o.identifier == id) {
+            tracing::warn!(
+                node = r.node,
+                "identifier {id} of {stream} is taken; its target there is left out"
+            );
+            continue;
+        }
+        out.push(TargetSpec {
+            stream,
+            identifier: id,
+            via: TargetVia::Remote {
+                node: address.to_string(),
+            },
+        });
+    }
+}
+
+/// The registry key of a target as registered (ips normalised as the registry does).
+fn registry_key(target: &Target) -> String {
+    let mut t = target.clone();
+    for ip in &mut t.ips {
+        if let Ok(p) = ip.parse::<Prefix>() {
+            *ip = p.to_string();
+        }
+    }
+    t.ips.sort();
+    t.ips.dedup();
+    t.key()
 }
 
 fn format_mac(m: [u8; 6]) -> String {

@@ -1,0 +1,662 @@
+//! Cluster mode on a real etcd: three daemons in namespaces on one underlay
+//! bridge, etcd on the bridge's namespace, applications on nodes 2 and 3
+//! registered through their ambassadors (the NSP API), client traffic
+//! entering node 1.
+//!
+//! ```text
+//!  client ── n1 ─┐                   ┌─ n2 ══ conduit ══ app2
+//!  192.0.2.2  .1 │  br0 198.51.100.0/24 (etcd .100)
+//!                └──────────────────┴─ n3 ══ conduit ══ app3
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use aya::maps::{Array, Map, MapData};
+use tapmesh::proto::ambassador::stream_status::Status as StreamStatus;
+use tapmesh_common::{
+    lb::{StreamValue, Target, TARGET_LOCAL, TARGET_REMOTE},
+    SCHEMA_VERSION,
+};
+use tapmesh_tests::{
+    daemon::{tapmesh_bin, Daemon},
+    etcd::Etcd,
+    kernel_tests_enabled,
+    net::{send_udp_flows, wait_until, UdpReceiver},
+    sh,
+    tapa::{chmod, stream, Ambassador, TapCaller, NSP_CONFIG, OPEN_WITHIN, VIP_A},
+    Netns, TempDir,
+};
+
+const LEASE_TTL: Duration = Duration::from_secs(2);
+const ETCD_AT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+
+fn node_address(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, i as u8)
+}
+
+/// Nodes 1..=n on the bridge, etcd, and (if `client`) a client behind node 1.
+struct Lab {
+    // Drop order: ambassadors, daemons, etcd, namespaces, files.
+    ambassadors: Vec<Ambassador>,
+    daemons: Vec<Option<Daemon>>,
+    etcd: Etcd,
+    client: Option<(Netns, String)>,
+    nodes: Vec<Netns>,
+    apps: Vec<Netns>,
+    _bridge: Netns,
+    dir: TempDir,
+    bin: PathBuf,
+    /// Each node's uplinks.
+    uplinks: Vec<Vec<String>>,
+}
+
+impl Lab {
+    fn new(nodes: usize, with_client: bool, nsp_config: &str) -> Self {
+        let bridge = Netns::new("br");
+        bridge.ip(&["link", "add", "br0", "type", "bridge"]);
+        bridge.ip(&["addr", "add", &format!("{ETCD_AT}/24"), "dev", "br0"]);
+        bridge.ip(&["link", "set", "br0", "up"]);
+        let mut netns = Vec::new();
+        let mut uplinks = Vec::new();
+        for i in 1..=nodes {
+            let ns = Netns::new(&format!("n{i}"));
+            let (a, b) = (tapmesh_tests::unique("cu"), tapmesh_tests::unique("cb"));
+            sh(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    &a,
+                    "netns",
+                    &ns.name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &b,
+                    "netns",
+                    &bridge.name,
+                ],
+            );
+            ns.ip(&["addr", "add", &format!("{}/24", node_address(i)), "dev", &a]);
+            ns.ip(&["link", "set", &a, "up"]);
+            bridge.ip(&["link", "set", &b, "master", "br0"]);
+            bridge.ip(&["link", "set", &b, "up"]);
+            // The node's XDP sends into this veth: its peer needs NAPI.
+            bridge.exec(&["ethtool", "-K", &b, "gro", "on"]);
+            ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+            for key in ["all", "default"] {
+                ns.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=0")]);
+            }
+            uplinks.push(vec![a]);
+            netns.push(ns);
+        }
+        // Static neighbours between the nodes: no ARP on the tunnel's path.
+        let macs: Vec<[u8; 6]> = (0..nodes).map(|i| netns[i].mac(&uplinks[i][0])).collect();
+        for i in 0..nodes {
+            for j in (0..nodes).filter(|&j| j != i) {
+                netns[i].ip(&[
+                    "neigh",
+                    "replace",
+                    &node_address(j + 1).to_string(),
+                    "lladdr",
+                    &tapmesh_tests::fmt_mac(macs[j]),
+                    "dev",
+                    &uplinks[i][0],
+                    "nud",
+                    "permanent",
+                ]);
+            }
+        }
+        let client = with_client.then(|| {
+            let client = Netns::new("c");
+            let (c, n) = tapmesh_tests::link(&client, "192.0.2.2/24", &netns[0], "192.0.2.1/24");
+            client.exec(&["ethtool", "-K", &c.interface, "tx", "off"]);
+            client.ip(&["route", "add", "203.0.113.0/24", "via", "192.0.2.1"]);
+            uplinks[0].insert(0, n.interface);
+            for n in &netns[1..] {
+                n.ip(&["route", "add", "192.0.2.0/24", "via", "198.51.100.1"]);
+            }
+            (client, c.interface)
+        });
+        let etcd = Etcd::new_at(&bridge.name, ETCD_AT);
+        let dir = TempDir::new("tmcl");
+        let bin = dir.0.join("tapmesh");
+        std::fs::copy(tapmesh_bin(), &bin).expect("copying the tapmesh binary");
+        chmod(&dir.0, 0o755);
+        chmod(&bin, 0o755);
+        std::fs::write(dir.0.join("nsp.toml"), nsp_config).expect("writing nsp.toml");
+        let mut lab = Lab {
+            ambassadors: Vec::new(),
+            daemons: Vec::new(),
+            etcd,
+            client,
+            nodes: netns,
+            apps: Vec::new(),
+            _bridge: bridge,
+            dir,
+            bin,
+            uplinks,
+        };
+        for i in 1..=nodes {
+            let d = lab.start_daemon(i);
+            lab.daemons.push(Some(d));
+        }
+        lab
+    }
+
+    fn node_dir(&self, i: usize) -> PathBuf {
+        self.dir.0.join(format!("n{i}"))
+    }
+
+    fn node_socket(&self, i: usize) -> PathBuf {
+        self.node_dir(i).join("node.sock")
+    }
+
+    fn start_daemon(&self, i: usize) -> Daemon {
+        let d = self.node_dir(i);
+        std::fs::create_dir_all(&d).unwrap();
+        chmod(&d, 0o755);
+        let config = d.join("daemon.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[nsp]\nconfig_file = \"{nsp}\"\nentry_timeout = \"30s\"\n\
+                 conduit_prefix_v4 = \"198.19.{i}.0/24\"\nconduit_prefix_v6 = \"\"\n\
+                 [cluster]\netcd_endpoints = [\"{etcd}\"]\nnode_name = \"n{i}\"\n\
+                 lease_ttl = \"{ttl}s\"\n",
+                nsp = self.dir.0.join("nsp.toml").display(),
+                etcd = self.etcd.endpoint,
+                ttl = LEASE_TTL.as_secs(),
+            ),
+        )
+        .unwrap();
+        let mut args: Vec<String> = vec![
+            "--config".into(),
+            config.display().to_string(),
+            "--node-socket".into(),
+            self.node_socket(i).display().to_string(),
+            "--state-dir".into(),
+            d.join("state").display().to_string(),
+            "--node-address".into(),
+            node_address(i).to_string(),
+        ];
+        for u in &self.uplinks[i - 1] {
+            args.push("--uplink".into());
+            args.push(u.clone());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start(&self.nodes[i - 1].name, &args)
+    }
+
+    fn daemon(&self, i: usize) -> &Daemon {
+        self.daemons[i - 1].as_ref().expect("daemon running")
+    }
+
+    fn cluster_detail(&self, i: usize) -> String {
+        self.daemon(i)
+            .status()
+            .plugins
+            .iter()
+            .find(|p| p.name == "cluster")
+            .map(|p| p.detail.clone())
+            .unwrap_or_default()
+    }
+
+    /// A new application namespace with an ambassador talking to node `i`.
+    fn app_on(&mut self, i: usize) -> TapCaller {
+        let app = Netns::new(&format!("a{i}"));
+        let home = self.dir.0.join(format!("app{}", self.apps.len()));
+        let amb = Ambassador::spawn(&app.name, &self.bin, &self.node_socket(i), &home, "2s", &[]);
+        let tap = TapCaller::new(&amb.socket);
+        self.ambassadors.push(amb);
+        self.apps.push(app);
+        tap
+    }
+
+    /// `tapmesh registry list` against node `i`: (stream, identifier, status, node) rows.
+    fn registry(&self, i: usize) -> Vec<(String, String, String, String)> {
+        let out = std::process::Command::new(tapmesh_bin())
+            .args(["registry", "list", "--node-socket"])
+            .arg(self.node_socket(i))
+            .output()
+            .expect("tapmesh registry list");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .map(|l| {
+                let c: Vec<&str> = l.split_whitespace().collect();
+                (c[0].into(), c[1].into(), c[2].into(), c[4].into())
+            })
+            .collect()
+    }
+}
+
+fn array<V: aya::Pod>(pins: &Path, name: &str) -> Array<MapData, V> {
+    let data = MapData::from_pin(pins.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    Array::try_from(Map::Array(data)).unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+/// The one stream's Maglev region of a node, each entry read from
+/// `tm_maglev` and turned, through `tm_targets`, into the node that owns the
+/// target (a local target is `own`'s). Target indices are each node's own
+/// numbering; which node gets the flow is what has to agree.
+fn owners(daemon: &Daemon, own: Ipv4Addr) -> Vec<Ipv4Addr> {
+    let pins = daemon.bpffs_root.join(format!("v{SCHEMA_VERSION}"));
+    let streams: Array<MapData, StreamValue> = array(&pins, "tm_streams");
+    let used: Vec<StreamValue> = streams
+        .iter()
+        .map(|s| s.expect("tm_streams"))
+        // stream-a's table: max_targets 4, so 401 entries (stream-b's has 101).
+        .filter(|s| s.table_size == 401)
+        .collect();
+    if used.len() != 1 {
+        return Vec::new();
+    }
+    let maglev: Array<MapData, u32> = array(&pins, "tm_maglev");
+    let targets: Array<MapData, Target> = array(&pins, "tm_targets");
+    let mut seen = BTreeMap::new();
+    (used[0].table_base..used[0].table_base + used[0].table_size)
+        .map(|i| {
+            let index = maglev.get(&i, 0).expect("tm_maglev");
+            *seen.entry(index).or_insert_with(|| {
+                let t = targets.get(&index, 0).expect("tm_targets");
+                match t.kind {
+                    TARGET_LOCAL => own,
+                    TARGET_REMOTE => {
+                        let a = t.node_addr;
+                        Ipv4Addr::new(a[12], a[13], a[14], a[15])
+                    }
+                    k => panic!("entry {i}: target {index} has kind {k}"),
+                }
+            })
+        })
+        .collect()
+}
+
+fn share(table: &[Ipv4Addr], node: Ipv4Addr) -> f64 {
+    table.iter().filter(|&&a| a == node).count() as f64 / table.len() as f64
+}
+
+#[test]
+fn three_nodes_spread_flows_by_one_maglev_and_a_killed_node_leaves_within_its_lease() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::new(3, true, NSP_CONFIG);
+    let all_joined = wait_until(Duration::from_secs(15), || {
+        (1..=3).all(|i| lab.cluster_detail(i).contains("3 nodes [n1 n2 n3]"))
+    });
+    assert!(all_joined, "{}", lab.cluster_detail(1));
+
+    // One application on node 2 and one on node 3 open stream-a.
+    let mut taps = Vec::new();
+    for i in [2, 3] {
+        let mut tap = lab.app_on(i);
+        tap.open(stream("stream-a", "conduit-a", "trench-a"))
+            .unwrap();
+        assert!(
+            tap.wait_status("stream-a", StreamStatus::Open, OPEN_WITHIN),
+            "not OPEN on node {i}: {}",
+            lab.ambassadors.last().unwrap().log_text()
+        );
+        taps.push(tap);
+    }
+    // Node 1's registry sees the whole trench, each target with its node.
+    let seen = wait_until(Duration::from_secs(10), || {
+        let mut rows: Vec<_> = lab
+            .registry(1)
+            .into_iter()
+            .filter(|r| r.0 == "stream-a.conduit-a.trench-a" && r.2 == "ENABLED")
+            .map(|r| r.3)
+            .collect();
+        rows.sort();
+        rows == ["n2", "n3"]
+    });
+    assert!(seen, "{:?}", lab.registry(1));
+    let ids: Vec<String> = lab.registry(1).into_iter().map(|r| r.1).collect();
+    assert_ne!(ids[0], ids[1], "identifiers are unique across nodes");
+
+    // Every node has the same table: same owner for every entry.
+    let (n1, n2, n3) = (node_address(1), node_address(2), node_address(3));
+    let same = wait_until(Duration::from_secs(10), || {
+        let t1 = owners(lab.daemon(1), n1);
+        !t1.is_empty()
+            && share(&t1, n2) > 0.0
+            && share(&t1, n3) > 0.0
+            && t1 == owners(lab.daemon(2), n2)
+            && t1 == owners(lab.daemon(3), n3)
+    });
+    let table = owners(lab.daemon(1), n1);
+    assert!(
+        same,
+        "tables differ: n1 {} entries ({:.3} to n2), n2 {:?}.., n3 {:?}..",
+        table.len(),
+        share(&table, n2),
+        &owners(lab.daemon(2), n2)[..4.min(table.len())],
+        &owners(lab.daemon(3), n3)[..4.min(table.len())]
+    );
+    assert_eq!(table.len(), 401, "stream-a's table (max_targets 4)");
+
+    // 3000 flows enter node 1 and reach nodes 2 and 3 in Maglev proportion.
+    let target = SocketAddrV4::new(VIP_A, 7000);
+    let r2 = UdpReceiver::start(&lab.apps[0].name, target);
+    let r3 = UdpReceiver::start(&lab.apps[1].name, target);
+    let ports: Vec<u16> = (20000..23000).collect();
+    let client = lab.client.as_ref().unwrap().0.name.clone();
+    let sent = send_udp_flows(&client, CLIENT, &ports, target, 1, b"cluster");
+    assert_eq!(sent, 3000);
+    wait_until(Duration::from_secs(5), || r2.count() + r3.count() >= sent);
+    let (got2, got3) = (r2.stop().total(), r3.stop().total());
+    assert_eq!(got2 + got3, sent, "every flow reached a target");
+    for (got, node) in [(got2, n2), (got3, n3)] {
+        let expected = share(&table, node) * sent as f64;
+        let off = (got as f64 - expected).abs() / expected;
+        eprintln!(
+            "node {node}: {got} flows, Maglev share {expected:.0} ({:.1} % off)",
+            off * 100.0
+        );
+        assert!(
+            off <= 0.15,
+            "node {node}: {got} flows, {expected:.0} expected"
+        );
+    }
+
+    // Bad values under the prefix are skipped and counted.
+    lab.etcd.put("/tapmesh/v1/nodes/bogus", "{not json");
+    lab.etcd.put("/tapmesh/v1/targets/trench-a/n9/x", "[]");
+    let counted = wait_until(Duration::from_secs(5), || {
+        lab.cluster_detail(1).contains("2 bad values skipped")
+    });
+    assert!(counted, "{}", lab.cluster_detail(1));
+    assert!(lab.cluster_detail(1).contains("3 nodes [n1 n2 n3]"));
+
+    // SIGKILL node 3's daemon: its target leaves nodes 1 and 2 within the lease + 2 s.
+    lab.daemons[2].as_mut().unwrap().kill();
+    let killed = Instant::now();
+    let gone = wait_until(LEASE_TTL + Duration::from_secs(2), || {
+        let t1 = owners(lab.daemon(1), n1);
+        let t2 = owners(lab.daemon(2), n2);
+        !t1.is_empty() && t1.iter().all(|&a| a == n2) && t2.iter().all(|&a| a == n2)
+    });
+    let took = killed.elapsed();
+    assert!(gone, "node 3's target still in the maps after {took:?}");
+    eprintln!("node 3's target left nodes 1 and 2 after {took:?}");
+    let after = owners(lab.daemon(1), n1);
+    let moved = table
+        .iter()
+        .zip(&after)
+        .filter(|(before, now)| **before == n2 && **now != n2)
+        .count();
+    assert_eq!(moved, 0, "entries of node 2's target stayed with it");
+    assert!(
+        lab.registry(1).iter().all(|r| r.3 != "n3"),
+        "{:?}",
+        lab.registry(1)
+    );
+    assert!(
+        lab.cluster_detail(1).contains("2 nodes [n1 n2]"),
+        "{}",
+        lab.cluster_detail(1)
+    );
+    drop(taps);
+}
+
+/// Meridio-style configuration with one stream of 100 identifiers.
+const RACE_CONFIG: &str = r#"
+[[trenches]]
+name = "trench-a"
+
+[[conduits]]
+name = "conduit-a"
+
+[[streams]]
+name = "stream-r"
+conduit = "conduit-a"
+max_targets = 100
+"#;
+
+/// One target of stream-r as the registry's wire type.
+fn race_target(ip: &str, id: u32, enabled: bool) -> tapmesh::proto::nsp::Target {
+    use tapmesh::proto::nsp::{target, Conduit, Stream, Trench};
+    let status = if enabled {
+        target::Status::Enabled
+    } else {
+        target::Status::Disabled
+    };
+    tapmesh::proto::nsp::Target {
+        ips: vec![ip.into()],
+        context: [("identifier".to_string(), id.to_string())].into(),
+        status: status as i32,
+        r#type: target::Type::Default as i32,
+        stream: Some(Stream {
+            name: "stream-r".into(),
+            conduit: Some(Conduit {
+                name: "conduit-a".into(),
+                trench: Some(Trench {
+                    name: "trench-a".into(),
+                }),
+                destination_port_nats: vec![],
+            }),
+            max_targets: 0,
+        }),
+    }
+}
+
+/// Not a test of its own: the registry calls of [`Caller`], in a process
+/// started inside a node's namespace (the daemon takes the caller's
+/// namespace from its pid, so a thread that entered it is not enough).
+/// Registers DISABLED, then (at `TM_CALL_AT`, unix ms) ENABLED, prints
+/// `result: ok|<code>`, and unregisters when a line comes on stdin; with
+/// `TM_CALL_KEEP` it only registers DISABLED.
+#[test]
+fn registry_call() {
+    let Ok(socket) = std::env::var("TM_CALL_SOCKET") else {
+        return;
+    };
+    let ip = std::env::var("TM_CALL_IP").unwrap();
+    let id: u32 = std::env::var("TM_CALL_ID").unwrap().parse().unwrap();
+    let at: Option<u128> = std::env::var("TM_CALL_AT").ok().map(|a| a.parse().unwrap());
+    let keep = std::env::var_os("TM_CALL_KEEP").is_some();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        use tapmesh::proto::nsp::target_registry_client::TargetRegistryClient;
+        let mut client = TargetRegistryClient::new(tapmesh::uds::lazy_channel(Path::new(&socket)));
+        let show = |r: Result<tonic::Response<()>, tonic::Status>| match r {
+            Ok(_) => "ok".to_string(),
+            Err(e) => format!("{:?}", e.code()),
+        };
+        let first = show(client.register(race_target(&ip, id, false)).await);
+        if keep || first != "ok" {
+            println!("result: {first}");
+            return;
+        }
+        if let Some(at) = at {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
+            tokio::time::sleep(Duration::from_millis(at.saturating_sub(now) as u64)).await;
+        }
+        println!(
+            "result: {}",
+            show(client.register(race_target(&ip, id, true)).await)
+        );
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        client
+            .unregister(race_target(&ip, id, false))
+            .await
+            .unwrap();
+        println!("unregistered");
+    });
+}
+
+/// [`registry_call`] running in a node's namespace.
+struct Caller {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Caller {
+    fn start(netns: &str, socket: &Path, ip: &str, id: u32, at: Option<u128>, keep: bool) -> Self {
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args(["netns", "exec", netns])
+            .arg(std::env::current_exe().unwrap())
+            .args([
+                "registry_call",
+                "--exact",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ])
+            .env("TM_CALL_SOCKET", socket)
+            .env("TM_CALL_IP", ip)
+            .env("TM_CALL_ID", id.to_string())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        if let Some(at) = at {
+            cmd.env("TM_CALL_AT", at.to_string());
+        }
+        if keep {
+            cmd.env("TM_CALL_KEEP", "1");
+        }
+        let mut child = cmd.spawn().expect("starting the registry caller");
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        Caller { child, out }
+    }
+
+    /// The next `result:` line.
+    fn result(&mut self) -> String {
+        use std::io::BufRead;
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if self.out.read_line(&mut line).unwrap() == 0 {
+                panic!("the registry caller ended without a result");
+            }
+            // libtest's "test registry_call ... " has no newline before it.
+            if let Some((_, r)) = line.split_once("result: ") {
+                return r.trim().to_string();
+            }
+        }
+    }
+
+    /// Lets it unregister, and waits.
+    fn finish(mut self) {
+        use std::io::Write;
+        let _ = self.child.stdin.take().unwrap().write_all(b"done\n");
+        let status = self.child.wait().unwrap();
+        assert!(status.success(), "the registry caller failed");
+    }
+}
+
+#[test]
+fn two_nodes_racing_for_one_identifier_never_both_enable_it() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new(2, false, RACE_CONFIG);
+    let joined = wait_until(Duration::from_secs(15), || {
+        (1..=2).all(|i| lab.cluster_detail(i).contains("2 nodes [n1 n2]"))
+    });
+    assert!(joined, "{}", lab.cluster_detail(1));
+    let ips = ["203.0.113.201/32", "203.0.113.202/32"];
+    let mut wins = [0u32; 2];
+    for id in 1..=100u32 {
+        // Both register DISABLED, then ENABLED at the same instant.
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+            + 300;
+        let mut callers: Vec<Caller> = (0..2)
+            .map(|i| {
+                Caller::start(
+                    &lab.nodes[i].name,
+                    &lab.node_socket(i + 1),
+                    ips[i],
+                    id,
+                    Some(at),
+                    false,
+                )
+            })
+            .collect();
+        let results: Vec<String> = callers.iter_mut().map(Caller::result).collect();
+        let won: Vec<usize> = (0..2).filter(|&i| results[i] == "ok").collect();
+        assert_eq!(won.len(), 1, "identifier {id}: {results:?}");
+        assert_eq!(results[1 - won[0]], "AlreadyExists", "identifier {id}");
+        wins[won[0]] += 1;
+        // The whole trench, seen from node 1: one ENABLED target with the identifier.
+        let enabled = lab
+            .registry(1)
+            .into_iter()
+            .filter(|r| r.1 == id.to_string() && r.2 == "ENABLED")
+            .count();
+        assert!(enabled <= 1, "identifier {id}: {:?}", lab.registry(1));
+        for c in callers {
+            c.finish();
+        }
+    }
+    eprintln!("wins: node 1 {}, node 2 {}", wins[0], wins[1]);
+    assert_eq!(wins[0] + wins[1], 100);
+}
+
+#[test]
+fn unreachable_etcd_at_start_leaves_a_working_single_node_that_says_so() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::new(1, false, RACE_CONFIG);
+    assert!(wait_until(Duration::from_secs(10), || lab
+        .cluster_detail(1)
+        .contains("1 nodes [n1]")));
+    // Restart with etcd gone: the daemon starts and says so.
+    lab.etcd.stop();
+    let mut d = lab.daemons[0].take().unwrap();
+    d.stop();
+    drop(d);
+    lab.daemons[0] = Some(lab.start_daemon(1));
+    assert!(
+        wait_until(Duration::from_secs(10), || lab
+            .cluster_detail(1)
+            .contains("etcd unreachable")),
+        "{}",
+        lab.cluster_detail(1)
+    );
+    // A registration works locally meanwhile, and reaches etcd when it returns.
+    let mut local = Caller::start(
+        &lab.nodes[0].name,
+        &lab.node_socket(1),
+        "203.0.113.201/32",
+        1,
+        None,
+        true,
+    );
+    assert_eq!(local.result(), "ok", "registers locally");
+    local.finish();
+    assert_eq!(lab.registry(1).len(), 1);
+    lab.etcd.start();
+    let published = wait_until(Duration::from_secs(15), || {
+        lab.etcd
+            .get_prefix("/tapmesh/v1/targets/trench-a/n1/")
+            .len()
+            == 1
+    });
+    assert!(published, "{}", lab.cluster_detail(1));
+    assert!(lab.cluster_detail(1).contains("etcd connected"));
+}

@@ -1,0 +1,525 @@
+//! The node's etcd session: its lease (kept in the state directory, so a
+//! restart that finds it alive keeps it and nothing flaps), its node record,
+//! its registry's targets and identifier claims bound to the lease; a watch
+//! of the whole prefix from the revision it listed, fed to the registry (the
+//! other nodes' targets) and to `tm_tunnel_peers` (their addresses). When
+//! etcd goes away it keeps the last good view, reconnects with a capped
+//! backoff, re-lists and applies the difference; a compacted watch re-lists.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    TxnOpResponse, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::record::{self, Keys, NodeRecord, TargetRecord};
+use super::view::View;
+use crate::dataplane::DataplaneHandle;
+use crate::nsp::config::StreamPath;
+use crate::nsp::registry::{Kind, Status, Target};
+use crate::nsp::state::{IdClaims, Nsp, RemoteTarget};
+
+/// Each etcd request gets this long (a balanced channel may wait forever).
+const OP_TIMEOUT: Duration = Duration::from_secs(3);
+/// A claim waits at most this long before the registration goes on locally.
+const CLAIM_TIMEOUT: Duration = Duration::from_secs(1);
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub endpoints: Vec<String>,
+    pub lease_ttl: Duration,
+    pub prefix: String,
+    /// `<state_dir>/cluster.json`: the lease a restart reuses.
+    pub state_file: PathBuf,
+    pub record: NodeRecord,
+}
+
+/// What `status` shows.
+#[derive(Clone, Debug, Default)]
+pub struct Health {
+    pub connected: bool,
+    pub error: Option<String>,
+    pub revision: i64,
+    pub lease: i64,
+    pub nodes: Vec<String>,
+    pub remote_targets: usize,
+    pub bad_values: usize,
+}
+
+#[derive(Debug, Error)]
+enum Lost {
+    #[error(transparent)]
+    Etcd(#[from] etcd_client::Error),
+    #[error("etcd did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("{0}")]
+    Ended(String),
+}
+
+async fn timed<T>(call: impl Future<Output = Result<T, etcd_client::Error>>) -> Result<T, Lost> {
+    match tokio::time::timeout(OP_TIMEOUT, call).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(Lost::Timeout(OP_TIMEOUT)),
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    node: String,
+    lease: i64,
+}
+
+pub struct Agent {
+    settings: Settings,
+    keys: Keys,
+    nsp: Arc<Nsp>,
+    dataplane: DataplaneHandle,
+    /// The connected client (for claims); `None` while etcd is away.
+    client: Mutex<Option<Client>>,
+    lease: AtomicI64,
+    view: std::sync::Mutex<View>,
+    health: std::sync::Mutex<Health>,
+}
+
+impl Agent {
+    pub fn new(settings: Settings, nsp: Arc<Nsp>, dataplane: DataplaneHandle) -> Arc<Self> {
+        let keys = Keys {
+            prefix: settings.prefix.clone(),
+        };
+        Arc::new(Self {
+            settings,
+            keys,
+            nsp,
+            dataplane,
+            client: Mutex::new(None),
+            lease: AtomicI64::new(0),
+            view: Default::default(),
+            health: Default::default(),
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.settings.record.name
+    }
+
+    pub fn health(&self) -> Health {
+        self.health.lock().expect("health lock").clone()
+    }
+
+    fn set_health(&self, f: impl FnOnce(&mut Health)) {
+        f(&mut self.health.lock().expect("health lock"));
+    }
+
+    /// Runs until `cancel`. Nothing is deleted on stop: the lease outlives a
+    /// restart, and expires for everyone if the node does not come back.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        tracing::info!(node = self.node(), endpoints = ?self.settings.endpoints, "cluster: joining");
+        let mut delay = BACKOFF_MIN;
+        loop {
+            let mut watching = false;
+            let result = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = self.session(&cancel, &mut watching) => r,
+            };
+            *self.client.lock().await = None;
+            if cancel.is_cancelled() {
+                break;
+            }
+            if watching {
+                delay = BACKOFF_MIN;
+            }
+            let error = match result {
+                Ok(()) => "the session ended".to_string(),
+                Err(e) => crate::causes(&e),
+            };
+            let first = self.health().error.as_deref() != Some(error.as_str());
+            if first {
+                tracing::warn!(
+                    "cluster: etcd {:?}: {error}; keeping the last view, retrying",
+                    self.settings.endpoints
+                );
+            }
+            self.set_health(|h| {
+                h.connected = false;
+                h.error = Some(error);
+            });
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+    }
+
+    async fn session(&self, cancel: &CancellationToken, watching: &mut bool) -> Result<(), Lost> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(2))
+            .with_timeout(OP_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let mut client = timed(Client::connect(&self.settings.endpoints, Some(options))).await?;
+        let lease = self.lease(&mut client).await?;
+        let (mut keeper, mut kept) = timed(client.lease_keep_alive(lease)).await?;
+        let record = serde_json::to_vec(&self.settings.record).unwrap_or_default();
+        let node_key = self.keys.node(self.node());
+        timed(client.put(
+            node_key.as_str(),
+            record,
+            Some(PutOptions::new().with_lease(lease)),
+        ))
+        .await?;
+
+        let listing = timed(client.get(
+            self.settings.prefix.as_str(),
+            Some(GetOptions::new().with_prefix()),
+        ))
+        .await?;
+        let revision = listing.header().map_or(0, |h| h.revision());
+        let changed = {
+            let mut view = self.view.lock().expect("view lock");
+            view.replace(
+                &self.keys,
+                listing
+                    .kvs()
+                    .iter()
+                    .map(|kv| (kv.key(), kv.value(), kv.mod_revision())),
+            )
+        };
+        // What this node has in etcd now (its own, kept by a live lease).
+        let mut published: BTreeMap<String, Vec<u8>> = listing
+            .kvs()
+            .iter()
+            .filter(|kv| {
+                matches!(self.keys.parse(kv.key()),
+                    Some(record::Key::Target { node, .. }) if node == self.node())
+            })
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect();
+        if changed {
+            self.apply().await;
+        }
+        *self.client.lock().await = Some(client.clone());
+        self.publish(&mut client, lease, &mut published).await?;
+
+        let mut stream = timed(
+            client.watch(
+                self.settings.prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            ),
+        )
+        .await?;
+        *watching = true;
+        self.set_health(|h| {
+            h.connected = true;
+            h.error = None;
+            h.revision = revision;
+            h.lease = lease;
+        });
+        tracing::info!(node = self.node(), lease, revision, "cluster: joined");
+        let mut changes = self.nsp.subscribe();
+        let mut refresh = tokio::time::interval(self.settings.lease_ttl / 3);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = refresh.tick() => timed(keeper.keep_alive()).await?,
+                answer = kept.message() => match answer? {
+                    Some(a) if a.ttl() > 0 => {}
+                    Some(_) => {
+                        // Expired (etcd away longer than the TTL): a new
+                        // lease, and everything published again.
+                        self.lease.store(0, Ordering::Relaxed);
+                        return Err(Lost::Ended(format!("lease {lease:x} expired")));
+                    }
+                    None => return Err(Lost::Ended("the lease keep-alive stream ended".into())),
+                },
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    self.publish(&mut client, lease, &mut published).await?;
+                }
+                message = stream.message() => {
+                    let Some(response) = message? else {
+                        return Err(Lost::Ended("the watch stream ended".into()));
+                    };
+                    if response.canceled() {
+                        // Compacted past our revision: the next session re-lists.
+                        return Err(Lost::Ended(format!(
+                            "etcd cancelled the watch ({}; compacted at revision {})",
+                            response.cancel_reason(),
+                            response.compact_revision()
+                        )));
+                    }
+                    let mut changed = false;
+                    let mut last = 0;
+                    {
+                        let mut view = self.view.lock().expect("view lock");
+                        for event in response.events() {
+                            let Some(kv) = event.kv() else { continue };
+                            last = last.max(kv.mod_revision());
+                            changed |= match event.event_type() {
+                                EventType::Put => view.put(&self.keys, kv.key(), kv.value(), kv.mod_revision()),
+                                EventType::Delete => view.delete(&self.keys, kv.key()),
+                            };
+                        }
+                    }
+                    let revision = response.header().map_or(last, |h| h.revision());
+                    let bad = self.view.lock().expect("view lock").bad_values();
+                    self.set_health(|h| {
+                        h.revision = h.revision.max(revision);
+                        h.bad_values = bad;
+                    });
+                    if changed {
+                        self.apply().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// The saved lease if etcd still has it, else a new one (saved).
+    async fn lease(&self, client: &mut Client) -> Result<i64, Lost> {
+        let node = self.node().to_string();
+        let mut id = self.lease.load(Ordering::Relaxed);
+        if id == 0 {
+            id = std::fs::read(&self.settings.state_file)
+                .ok()
+                .and_then(|b| serde_json::from_slice::<Saved>(&b).ok())
+                .filter(|s| s.node == node)
+                .map_or(0, |s| s.lease);
+        }
+        if id != 0 {
+            let alive = timed(client.lease_time_to_live(id, None)).await?;
+            if alive.ttl() > 0 {
+                self.lease.store(id, Ordering::Relaxed);
+                return Ok(id);
+            }
+        }
+        let ttl = self.settings.lease_ttl.as_secs() as i64;
+        let id = timed(client.lease_grant(ttl, None)).await?.id();
+        self.lease.store(id, Ordering::Relaxed);
+        if let Err(e) =
+            crate::statefile::save(&self.settings.state_file, &Saved { node, lease: id })
+        {
+            tracing::error!(
+                "cluster: saving the lease to {}: {e}",
+                self.settings.state_file.display()
+            );
+        }
+        Ok(id)
+    }
+
+    /// Makes this node's target keys and claims match its registry.
+    async fn publish(
+        &self,
+        client: &mut Client,
+        lease: i64,
+        published: &mut BTreeMap<String, Vec<u8>>,
+    ) -> Result<(), Lost> {
+        let snapshot = self.nsp.snapshot();
+        let connections = self.nsp.connections().await;
+        let mut wanted = BTreeMap::new();
+        for target in &snapshot.targets {
+            let Some(key) = self.keys.target(self.node(), target) else {
+                continue;
+            };
+            let served = connections.iter().any(|c| c.local_ips() == target.ips);
+            let record = TargetRecord {
+                node: self.node().to_string(),
+                target: target.clone(),
+                served,
+            };
+            wanted.insert(key, serde_json::to_vec(&record).unwrap_or_default());
+        }
+        for (key, value) in &wanted {
+            if published.get(key) != Some(value) {
+                timed(client.put(
+                    key.as_str(),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ))
+                .await?;
+                published.insert(key.clone(), value.clone());
+            }
+        }
+        let gone: Vec<String> = published
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            timed(client.delete(key.as_str(), None)).await?;
+            published.remove(&key);
+        }
+        self.reconcile_claims(client, lease, &snapshot.targets)
+            .await
+    }
+
+    /// Claims the identifiers of this node's ENABLED targets (those enabled
+    /// while etcd was away) and releases the ones it no longer uses.
+    async fn reconcile_claims(
+        &self,
+        client: &mut Client,
+        lease: i64,
+        targets: &[Target],
+    ) -> Result<(), Lost> {
+        let mut wanted = BTreeMap::new();
+        for t in targets {
+            if let (Status::Enabled, Kind::Default, Some(path), Some(id)) =
+                (t.status, t.kind, &t.stream, t.identifier())
+            {
+                wanted.insert(self.keys.id(path, id), record::claim_owner(self.node(), t));
+            }
+        }
+        let mine = format!("{}/", self.node());
+        let held: Vec<(String, String)> = {
+            let view = self.view.lock().expect("view lock");
+            view.claims
+                .iter()
+                .filter(|(_, owner)| owner.starts_with(&mine))
+                .map(|(k, o)| (k.clone(), o.clone()))
+                .collect()
+        };
+        for (key, owner) in &held {
+            if wanted.get(key) != Some(owner) {
+                let txn = Txn::new()
+                    .when([Compare::value(
+                        key.as_str(),
+                        CompareOp::Equal,
+                        owner.as_str(),
+                    )])
+                    .and_then([TxnOp::delete(key.as_str(), None)]);
+                timed(client.txn(txn)).await?;
+            }
+        }
+        for (key, owner) in wanted {
+            if held.iter().any(|(k, o)| *k == key && *o == owner) {
+                continue;
+            }
+            if !claim(client, &key, &owner, lease).await? {
+                tracing::warn!(
+                    node = self.node(),
+                    "cluster: {key} is held by another target; ours stays enabled locally only"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the view to the registry (other nodes' targets) and the
+    /// dataplane (their tunnel addresses).
+    async fn apply(&self) {
+        let (remote, peers, health) = {
+            let view = self.view.lock().expect("view lock");
+            let address = |node: &str| {
+                view.nodes
+                    .get(node)
+                    .and_then(|n| n.tunnel_addresses.first().copied())
+            };
+            let remote: Vec<RemoteTarget> = view
+                .targets
+                .values()
+                .filter(|r| r.node != self.node())
+                .map(|r| RemoteTarget {
+                    node: r.node.clone(),
+                    address: address(&r.node),
+                    served: r.served,
+                    target: r.target.clone(),
+                })
+                .collect();
+            let peers: BTreeSet<std::net::Ipv4Addr> = view
+                .nodes
+                .values()
+                .filter(|n| n.name != self.node())
+                .flat_map(|n| n.tunnel_addresses.iter().copied())
+                .collect();
+            (
+                remote,
+                peers,
+                (
+                    view.nodes.keys().cloned().collect::<Vec<_>>(),
+                    view.bad_values(),
+                ),
+            )
+        };
+        let count = remote.len();
+        self.set_health(|h| {
+            h.nodes = health.0;
+            h.bad_values = health.1;
+            h.remote_targets = count;
+        });
+        // Peers first: a new node's packets are taken before its targets are used.
+        if let Err(e) = self.dataplane.set_cluster_peers(peers).await {
+            tracing::error!("cluster: tunnel peers: {e}");
+        }
+        if let Err(e) = self.nsp.set_remote(remote).await {
+            tracing::error!("cluster: other nodes' targets not applied: {e}");
+        }
+    }
+}
+
+/// Puts `owner` under `key` if no one holds it; true if `owner` holds it now.
+async fn claim(client: &mut Client, key: &str, owner: &str, lease: i64) -> Result<bool, Lost> {
+    let txn = Txn::new()
+        .when([Compare::create_revision(key, CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key,
+            owner,
+            Some(PutOptions::new().with_lease(lease)),
+        )])
+        .or_else([TxnOp::get(key, None)]);
+    let response = timed(client.txn(txn)).await?;
+    if response.succeeded() {
+        return Ok(true);
+    }
+    let holder = response.op_responses().into_iter().find_map(|op| match op {
+        TxnOpResponse::Get(get) => get
+            .kvs()
+            .first()
+            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+        _ => None,
+    });
+    Ok(holder.as_deref() == Some(owner))
+}
+
+#[async_trait::async_trait]
+impl IdClaims for Agent {
+    async fn claim(&self, stream: &StreamPath, id: u32, target: &Target) -> Result<bool, String> {
+        let client = self.client.lock().await.clone();
+        let Some(mut client) = client else {
+            return Err("etcd is not connected".into());
+        };
+        let lease = self.lease.load(Ordering::Relaxed);
+        let key = self.keys.id(stream, id);
+        let owner = record::claim_owner(self.node(), target);
+        match tokio::time::timeout(CLAIM_TIMEOUT, claim(&mut client, &key, &owner, lease)).await {
+            Ok(Ok(won)) => Ok(won),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("etcd did not answer within {CLAIM_TIMEOUT:?}")),
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! The `cluster` plugin: off without `[cluster] etcd_endpoints`; else it
+//! runs the node's etcd agent beside the `nsp` plugin's registry. etcd being
+//! away at start is not a failure: the node works alone and says so.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use super::agent::{Agent, Settings};
+use super::record::NodeRecord;
+use crate::config::Config;
+use crate::core::{Plugin, PluginError};
+use crate::dataplane::{tunnel::TunnelSettings, DataplaneHandle};
+use crate::nsp::NspPlugin;
+
+pub struct ClusterPlugin {
+    dataplane: DataplaneHandle,
+    nsp: Arc<NspPlugin>,
+    settings: Mutex<Option<Settings>>,
+    agent: Mutex<Option<Arc<Agent>>>,
+    stop: Mutex<Option<CancellationToken>>,
+}
+
+impl ClusterPlugin {
+    pub fn new(dataplane: DataplaneHandle, nsp: Arc<NspPlugin>) -> Self {
+        Self {
+            dataplane,
+            nsp,
+            settings: Mutex::default(),
+            agent: Mutex::default(),
+            stop: Mutex::default(),
+        }
+    }
+
+    /// The node record this configuration publishes.
+    fn record(config: &Config) -> NodeRecord {
+        let nonempty = |list: &[&String]| -> Vec<String> {
+            list.iter()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.to_string())
+                .collect()
+        };
+        let nm = &config.netmanager;
+        NodeRecord {
+            name: config.cluster.node_name.clone(),
+            tunnel_addresses: TunnelSettings::of(config).address.into_iter().collect(),
+            conduit_prefixes: nonempty(&[
+                &config.nsp.conduit_prefix_v4,
+                &config.nsp.conduit_prefix_v6,
+            ]),
+            container_subnets: nm
+                .subnetwork
+                .iter()
+                .chain(nm.subnetwork_v6.iter())
+                .cloned()
+                .collect(),
+            pod_cidrs: Vec::new(),
+            version: crate::VERSION.into(),
+        }
+    }
+}
+
+#[async_trait]
+impl Plugin for ClusterPlugin {
+    fn name(&self) -> &'static str {
+        "cluster"
+    }
+
+    async fn configure(
+        &self,
+        _scope: CancellationToken,
+        config: &Config,
+    ) -> Result<(), PluginError> {
+        let c = &config.cluster;
+        if !c.enabled() {
+            *self.settings.lock().expect("settings lock") = None;
+            return Ok(());
+        }
+        if c.ca_file.is_some() || c.cert_file.is_some() {
+            return Err(PluginError::new(
+                "cluster: TLS to etcd is not built into this tapmesh; use http:// endpoints on a trusted network",
+            ));
+        }
+        *self.settings.lock().expect("settings lock") = Some(Settings {
+            endpoints: c.etcd_endpoints.clone(),
+            lease_ttl: c.lease_ttl,
+            prefix: c.prefix.clone(),
+            state_file: config.daemon.state_dir.join("cluster.json"),
+            record: Self::record(config),
+        });
+        Ok(())
+    }
+
+    async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
+        let Some(settings) = self.settings.lock().expect("settings lock").clone() else {
+            return Ok(());
+        };
+        let nsp = self
+            .nsp
+            .nsp()
+            .ok_or_else(|| PluginError::new("the nsp plugin is not running"))?;
+        let agent = Agent::new(settings, nsp.clone(), self.dataplane.clone());
+        nsp.join_cluster(agent.node().to_string(), agent.clone());
+        let stop = scope.child_token();
+        tokio::spawn(agent.clone().run(stop.clone()));
+        *self.agent.lock().expect("agent lock") = Some(agent);
+        *self.stop.lock().expect("stop lock") = Some(stop);
+        Ok(())
+    }
+
+    async fn stop(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+        if let Some(stop) = self.stop.lock().expect("stop lock").take() {
+            stop.cancel();
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> String {
+        let Some(agent) = self.agent.lock().expect("agent lock").clone() else {
+            return "off (single node)".into();
+        };
+        let h = agent.health();
+        let etcd = if h.connected {
+            format!(
+                "etcd connected, revision {}, lease {:x}",
+                h.revision, h.lease
+            )
+        } else {
+            format!(
+                "etcd unreachable ({}); working on the last view (revision {})",
+                h.error.as_deref().unwrap_or("connecting"),
+                h.revision
+            )
+        };
+        format!(
+            "node {}; {etcd}; {} nodes [{}]; {} targets of other nodes; {} bad values skipped",
+            agent.node(),
+            h.nodes.len(),
+            h.nodes.join(" "),
+            h.remote_targets,
+            h.bad_values
+        )
+    }
+}

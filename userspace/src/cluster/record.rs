@@ -1,0 +1,214 @@
+//! What the cluster keeps in etcd, under the configured prefix:
+//!
+//! | key | value | bound to |
+//! |---|---|---|
+//! | `nodes/<node>` | [`NodeRecord`] (JSON) | the node's lease |
+//! | `targets/<trench>/<node>/<target key>` | [`TargetRecord`] (JSON) | the owner's lease |
+//! | `ids/<trench>/<stream>/<identifier>` | `<node>/<target key>`: who holds the identifier | the holder's lease |
+//!
+//! Pure: keys, values and their parsing; anything else under the prefix is
+//! foreign and skipped.
+
+use std::net::Ipv4Addr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::nsp::config::StreamPath;
+use crate::nsp::registry::Target;
+
+/// A node as the others see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    /// Where other nodes send tunnel packets for this node's targets.
+    pub tunnel_addresses: Vec<Ipv4Addr>,
+    /// Conduit address pools (`nsp.conduit_prefix_v4/v6`).
+    pub conduit_prefixes: Vec<String>,
+    /// Container subnetworks (`netmanager.subnetwork`, `subnetwork_v6`).
+    pub container_subnets: Vec<String>,
+    /// Pod CIDRs this node serves.
+    pub pod_cidrs: Vec<String>,
+    pub version: String,
+}
+
+/// A target of a node's registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    pub node: String,
+    pub target: Target,
+    /// On a conduit of its node: the node delivers what is tunnelled to it.
+    pub served: bool,
+}
+
+/// A parsed key under the prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Key {
+    Node(String),
+    Target { node: String, key: String },
+    Id,
+}
+
+/// Keys under one prefix (ends with '/').
+#[derive(Clone, Debug)]
+pub struct Keys {
+    pub prefix: String,
+}
+
+impl Keys {
+    pub fn node(&self, name: &str) -> String {
+        format!("{}nodes/{name}", self.prefix)
+    }
+
+    /// The target's key; `None` for targets without a stream (FRONTEND).
+    pub fn target(&self, node: &str, target: &Target) -> Option<String> {
+        let trench = &target.stream.as_ref()?.trench;
+        Some(format!(
+            "{}targets/{trench}/{node}/{}",
+            self.prefix,
+            target.key()
+        ))
+    }
+
+    pub fn id(&self, stream: &StreamPath, id: u32) -> String {
+        format!(
+            "{}ids/{}/{}/{id}",
+            self.prefix,
+            stream.trench,
+            stream.full_name()
+        )
+    }
+
+    pub fn ids(&self) -> String {
+        format!("{}ids/", self.prefix)
+    }
+
+    /// What `key` is; `None`: not ours (foreign or malformed).
+    pub fn parse(&self, key: &[u8]) -> Option<Key> {
+        let key = std::str::from_utf8(key).ok()?.strip_prefix(&self.prefix)?;
+        if let Some(name) = key.strip_prefix("nodes/") {
+            return (!name.is_empty() && !name.contains('/')).then(|| Key::Node(name.into()));
+        }
+        if let Some(rest) = key.strip_prefix("targets/") {
+            let (_trench, rest) = rest.split_once('/')?;
+            let (node, key) = rest.split_once('/')?;
+            return (!node.is_empty() && !key.is_empty()).then(|| Key::Target {
+                node: node.into(),
+                key: key.into(),
+            });
+        }
+        key.starts_with("ids/").then_some(Key::Id)
+    }
+}
+
+/// The owner string of an identifier claim.
+pub fn claim_owner(node: &str, target: &Target) -> String {
+    format!("{node}/{}", target.key())
+}
+
+/// A value that is not what its key says it holds.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadValue(pub String);
+
+pub fn parse_node(name: &str, value: &[u8]) -> Result<NodeRecord, BadValue> {
+    let record: NodeRecord =
+        serde_json::from_slice(value).map_err(|e| BadValue(format!("not a node record: {e}")))?;
+    if record.name != name {
+        return Err(BadValue(format!(
+            "names node {:?} under the key of {name:?}",
+            record.name
+        )));
+    }
+    Ok(record)
+}
+
+pub fn parse_target(node: &str, key: &str, value: &[u8]) -> Result<TargetRecord, BadValue> {
+    let record: TargetRecord =
+        serde_json::from_slice(value).map_err(|e| BadValue(format!("not a target record: {e}")))?;
+    if record.node != node || record.target.key() != key || record.target.stream.is_none() {
+        return Err(BadValue(
+            "its node, target or stream does not match its key".into(),
+        ));
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nsp::registry::{Kind, Status, IDENTIFIER};
+
+    fn target() -> Target {
+        Target {
+            ips: vec!["169.254.100.2/30".into()],
+            context: [(IDENTIFIER.to_string(), "3".to_string())].into(),
+            status: Status::Enabled,
+            kind: Kind::Default,
+            stream: Some(StreamPath {
+                trench: "t".into(),
+                conduit: "c".into(),
+                stream: "s".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn keys_round_trip_and_foreign_keys_are_not_ours() {
+        let keys = Keys {
+            prefix: "/tapmesh/v1/".into(),
+        };
+        let t = target();
+        let k = keys.target("n2", &t).unwrap();
+        assert_eq!(k, "/tapmesh/v1/targets/t/n2/169.254.100.2/30-Default-s.c.t");
+        assert_eq!(
+            keys.parse(k.as_bytes()),
+            Some(Key::Target {
+                node: "n2".into(),
+                key: t.key()
+            })
+        );
+        assert_eq!(
+            keys.parse(keys.node("n1").as_bytes()),
+            Some(Key::Node("n1".into()))
+        );
+        assert_eq!(
+            keys.id(t.stream.as_ref().unwrap(), 3),
+            "/tapmesh/v1/ids/t/s.c.t/3"
+        );
+        for foreign in [
+            &b"/other/nodes/n1"[..],
+            b"/tapmesh/v1/nodes/",
+            b"/tapmesh/v1/nodes/a/b",
+            b"/tapmesh/v1/targets/t/n2",
+            b"/tapmesh/v1/whatever",
+            b"/tapmesh/v1/\xff",
+        ] {
+            assert_eq!(keys.parse(foreign), None, "{foreign:?}");
+        }
+    }
+
+    #[test]
+    fn values_must_match_their_keys() {
+        let t = target();
+        let record = TargetRecord {
+            node: "n2".into(),
+            target: t.clone(),
+            served: true,
+        };
+        let bytes = serde_json::to_vec(&record).unwrap();
+        assert_eq!(parse_target("n2", &t.key(), &bytes), Ok(record));
+        assert!(parse_target("n3", &t.key(), &bytes).is_err());
+        assert!(parse_target("n2", "other", &bytes).is_err());
+        assert!(parse_target("n2", &t.key(), b"{garbage").is_err());
+        let node = NodeRecord {
+            name: "n1".into(),
+            tunnel_addresses: vec![Ipv4Addr::new(198, 51, 100, 1)],
+            conduit_prefixes: vec![],
+            container_subnets: vec![],
+            pod_cidrs: vec![],
+            version: "x".into(),
+        };
+        let bytes = serde_json::to_vec(&node).unwrap();
+        assert_eq!(parse_node("n1", &bytes), Ok(node));
+        assert!(parse_node("n2", &bytes).unwrap_err().0.contains("\"n1\""));
+    }
+}
