@@ -84,6 +84,9 @@ pub struct Cluster {
     interests: Mutex<BTreeMap<String, Interest>>,
     /// Query keys (job or service IP) sent and when.
     queried: Mutex<BTreeMap<String, Instant>>,
+    /// The node's own topics are subscribed (a result published before
+    /// that would be lost).
+    subscribed: tokio::sync::watch::Sender<bool>,
     stop: CancellationToken,
 }
 
@@ -111,6 +114,7 @@ impl Cluster {
             client_id: client_id.to_string(),
             interests: Mutex::new(BTreeMap::new()),
             queried: Mutex::new(BTreeMap::new()),
+            subscribed: tokio::sync::watch::channel(false).0,
             stop: stop.clone(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -126,7 +130,13 @@ impl Cluster {
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         tracing::info!("netmanager: connected to the cluster's MQTT broker");
+                        c.subscribed.send_replace(false);
                         c.subscribe_all();
+                    }
+                    // The broker answers in order: the first SubAck covers
+                    // the node's topics, sent first in one SUBSCRIBE.
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        c.subscribed.send_replace(true);
                     }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let payload = p.payload.to_vec();
@@ -176,11 +186,18 @@ impl Cluster {
                 .keys()
                 .map(|j| topic_of_updates(j)),
         );
-        for t in topics {
-            if let Err(e) = self.client.try_subscribe(t, QoS::AtLeastOnce) {
-                tracing::warn!("netmanager: MQTT subscribe: {e}");
-            }
+        let filters = topics
+            .into_iter()
+            .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
+        if let Err(e) = self.client.try_subscribe_many(filters) {
+            tracing::warn!("netmanager: MQTT subscribe: {e}");
         }
+    }
+
+    /// Waits (a while) until the node's own topics are subscribed.
+    async fn wait_subscribed(&self) {
+        let mut rx = self.subscribed.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| *s)).await;
     }
 
     async fn publish(&self, topic: &str, payload: String) {
@@ -200,6 +217,7 @@ impl Cluster {
     }
 
     pub async fn request_subnet(&self) {
+        self.wait_subscribed().await;
         self.publish("subnet", Self::json(&SubnetRequest { method: "GET" }))
             .await;
     }
