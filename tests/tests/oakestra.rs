@@ -359,5 +359,26 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
             .any(|m| m["payload"] == json!({"sname": "", "sip": OAK_IP})),
         "{misses:?}"
     );
+
+    // OAK's interest came with the table; unused for 10 s, it is removed
+    // (unsubscribed, interest/remove, entries dropped). WEB, deployed here, stays.
+    let asked = Instant::now();
+    let removed = wait_until(Duration::from_secs(15), || {
+        !cluster.received("/net/interest/remove").is_empty()
+    });
+    assert!(removed, "no interest/remove");
+    let took = asked.elapsed();
+    let removals: Vec<_> = cluster
+        .received("/net/interest/remove")
+        .into_iter()
+        .map(|m| m["payload"].clone())
+        .collect();
+    assert_eq!(removals, [json!({"appname": OAK})]);
+    assert!(took >= Duration::from_secs(8), "removed after {took:?}");
+    let ok = wait_until(Duration::from_secs(2), || {
+        !status_services(&n1).iter().any(|(a, _)| a == OAK_IP)
+    });
+    assert!(ok, "{:?}", status_services(&n1));
+    assert!(status_services(&n1).contains(&(WEB0_IP.into(), 1)));
     drop(task);
 }
