@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod frames;
 pub mod maps;
 pub mod net;
+pub mod oakestra;
 pub mod overlay;
 pub mod python;
 pub mod scrape;

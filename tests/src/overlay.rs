@@ -204,7 +204,7 @@ pub struct TwoNodes {
     pub node2: Node,
 }
 
-fn start_node(netns: Netns, uplink: String, address: &'static str, extra: &str) -> Node {
+pub fn start_node(netns: Netns, uplink: String, address: &'static str, extra: &str) -> Node {
     let dir = std::env::temp_dir().join(crate::unique("tmov"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let socket = dir.join("netmanager.sock");

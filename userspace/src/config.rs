@@ -317,6 +317,14 @@ pub struct NetManagerConfig {
     pub node_costs: std::collections::BTreeMap<std::net::Ipv4Addr, u32>,
     /// Cost of a node missing from `node_costs`.
     pub default_node_cost: u32,
+    /// Oakestra mode: the cluster service manager assigns the subnet and
+    /// the tables over MQTT; turns the NetManager on (socket default
+    /// /etc/netmanager/netmanager.sock) and makes the MTU default 1450.
+    pub oakestra: bool,
+    /// The cluster's MQTT broker as "host:port"; default: the
+    /// registration's cluster_address and `mqtt_port`.
+    pub mqtt_broker: Option<String>,
+    pub mqtt_port: u16,
 }
 
 impl Default for NetManagerConfig {
@@ -332,6 +340,9 @@ impl Default for NetManagerConfig {
             container_ifname: "tmsvc0".into(),
             node_costs: Default::default(),
             default_node_cost: 100,
+            oakestra: false,
+            mqtt_broker: None,
+            mqtt_port: 10003,
         }
     }
 }

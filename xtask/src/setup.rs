@@ -21,6 +21,7 @@ const PACKAGES: &[&str] = &[
     "tshark",      // decodes the pcap files the mirror rings write
     "etcd-server", // the networking-spp contract tests run a real etcd on loopback
     "etcd-client", // etcdctl, to look at what the tests wrote
+    "mosquitto",   // the MQTT broker of the Oakestra cluster tests
     "iptables",    // TEE, the kernel's mirror baseline in the benchmarks
     "nftables",
     "xdp-tools",              // xdpdump, beside tcpdump in the mirroring bench

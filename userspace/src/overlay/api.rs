@@ -25,6 +25,12 @@ const MESSAGE_LIMIT: usize = 300;
 
 pub struct ApiError(StatusCode, String);
 
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.1)
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut message = self.1;
@@ -43,10 +49,14 @@ impl IntoResponse for ApiError {
 impl From<NmError> for ApiError {
     fn from(e: NmError) -> Self {
         let status = match &e {
-            NmError::NotRegistered | NmError::Conflict(_) => StatusCode::CONFLICT,
-            NmError::AlreadyRegistered(_) | NmError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            NmError::Conflict(_) => StatusCode::CONFLICT,
+            // Oakestra's NetManager answers 400 to a call before /register.
+            NmError::NotRegistered | NmError::AlreadyRegistered(_) | NmError::BadRequest(_) => {
+                StatusCode::BAD_REQUEST
+            }
             NmError::NotANamespace(_) => StatusCode::BAD_REQUEST,
             NmError::HostNamespace(_) => StatusCode::FORBIDDEN,
+            NmError::NoSubnet => StatusCode::INTERNAL_SERVER_ERROR,
             NmError::NoNamespace(_) | NmError::NotDeployed(_) => StatusCode::NOT_FOUND,
             NmError::Ipam(super::ipam::IpamError::Exhausted(_)) | NmError::Model(_) => {
                 StatusCode::INSUFFICIENT_STORAGE
@@ -120,13 +130,18 @@ struct UndeployRequest {
     instance_number: i64,
 }
 
+/// One instance of a table. The cluster lists instances scheduled but not
+/// yet deployed without addresses: those are skipped.
 #[derive(Deserialize)]
 struct TableInstance {
     instance_number: i64,
-    namespace_ip: String,
+    #[serde(default)]
+    namespace_ip: Option<String>,
     #[serde(default)]
     namespace_ip_v6: Option<String>,
-    host_ip: String,
+    #[serde(default)]
+    host_ip: Option<String>,
+    #[serde(default)]
     host_port: serde_json::Value,
     #[serde(default)]
     service_ip: Vec<ServiceIpJson>,
@@ -140,6 +155,9 @@ struct TableUpdate {
     app_name: String,
     #[serde(default)]
     instance_list: Vec<TableInstance>,
+    /// What the query asked for (job name or service IP).
+    #[serde(default)]
+    query_key: String,
 }
 
 fn job_name(name: &str) -> Result<String, ApiError> {
@@ -163,6 +181,7 @@ fn instance_number(n: i64) -> Result<u32, ApiError> {
 
 fn service_ips(list: Vec<ServiceIpJson>) -> Result<Vec<ServiceIp>, ApiError> {
     list.into_iter()
+        .filter(|s| !s.address.is_empty())
         .map(|s| {
             let ip_type = IpType::parse(&s.ip_type).ok_or_else(|| {
                 bad(format!(
@@ -252,8 +271,14 @@ async fn undeploy(
     let Json(r) = body?;
     let job = job_name(&r.service_name)?;
     let number = instance_number(r.instance_number)?;
-    detached(async move { nm.undeploy(&job, number).await }).await?;
-    Ok(Json(serde_json::json!({})))
+    match detached(async move { nm.undeploy(&job, number).await }).await {
+        // Oakestra answers 200 whether or not the instance was deployed.
+        Err(ApiError(StatusCode::NOT_FOUND, message)) => {
+            tracing::info!("undeploy: {message}");
+            Ok(Json(serde_json::json!({})))
+        }
+        other => other.map(|()| Json(serde_json::json!({}))),
+    }
 }
 
 fn port_of(value: &serde_json::Value) -> Result<u16, ApiError> {
@@ -267,11 +292,11 @@ fn port_of(value: &serde_json::Value) -> Result<u16, ApiError> {
         .ok_or_else(|| bad(format!("host_port {value} is not a port")))
 }
 
-async fn table(
-    State(nm): State<Arc<NetManager>>,
-    body: Result<Json<TableUpdate>, JsonRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
-    let Json(t) = body?;
+/// A table (HTTP `/tablequery/result` or the cluster's MQTT result): the
+/// job, its deployed instances and the query key.
+pub(super) fn parse_table(bytes: &[u8]) -> Result<(String, Vec<RemoteSpec>, String), ApiError> {
+    let t: TableUpdate =
+        serde_json::from_slice(bytes).map_err(|e| bad(format!("bad request body: {e}")))?;
     let job = job_name(&t.app_name)?;
     let mut instances = Vec::new();
     for i in t.instance_list {
@@ -279,16 +304,30 @@ async fn table(
             text.parse::<Ipv4Addr>()
                 .map_err(|_| bad(format!("{what} {text:?} is not an IPv4 address")))
         };
+        let (Some(ns), Some(node)) = (
+            i.namespace_ip.as_deref().filter(|t| !t.is_empty()),
+            i.host_ip.as_deref().filter(|t| !t.is_empty()),
+        ) else {
+            continue;
+        };
         instances.push(RemoteSpec {
             number: instance_number(i.instance_number)?,
-            ns_addr: ip(&i.namespace_ip, "namespace_ip")?,
+            ns_addr: ip(ns, "namespace_ip")?,
             ns_addr_v6: i.namespace_ip_v6.as_deref().and_then(|t| t.parse().ok()),
-            node: ip(&i.host_ip, "host_ip")?,
+            node: ip(node, "host_ip")?,
             port: port_of(&i.host_port)?,
             service_ips: service_ips(i.service_ip)?,
             weight: i.weight.unwrap_or(1).max(1),
         });
     }
+    Ok((job, instances, t.query_key))
+}
+
+async fn table(
+    State(nm): State<Arc<NetManager>>,
+    body: axum::body::Bytes,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let (job, instances, _) = parse_table(&body)?;
     detached(async move { nm.update_table(job, instances).await }).await?;
     Ok(Json(serde_json::json!({})))
 }
@@ -308,4 +347,59 @@ pub fn router(nm: Arc<NetManager>) -> Router {
         .route("/status", get(status))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(nm)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cluster lists instances scheduled but not deployed without
+    /// addresses (and `host_port` as the node sent it, a string): the table
+    /// is taken without them.
+    #[test]
+    fn a_partial_table_keeps_the_deployed_instances() {
+        let text = br#"{"app_name": "app.ns.web.ns", "query_key": "203.0.113.10", "instance_list": [
+            {"instance_number": 0, "instance_ip": "203.0.113.101", "namespace_ip": "192.0.2.2",
+             "namespace_ip_v6": "", "host_ip": "198.18.2.1", "host_port": "50103",
+             "service_ip": [{"IpType": "RR", "Address": "203.0.113.10", "Address_v6": ""},
+                            {"IpType": "instance_ip", "Address": "203.0.113.101", "Address_v6": ""}]},
+            {"instance_number": 1, "instance_ip": "203.0.113.102",
+             "service_ip": [{"IpType": "instance_ip", "Address": "203.0.113.102"}]},
+            {"instance_number": 2, "namespace_ip": null, "host_ip": null, "host_port": null}]}"#;
+        let (job, instances, key) = parse_table(text).map_err(|e| e.to_string()).unwrap();
+        assert_eq!(
+            (job.as_str(), key.as_str()),
+            ("app.ns.web.ns", "203.0.113.10")
+        );
+        assert_eq!(instances.len(), 1);
+        let i = &instances[0];
+        assert_eq!(
+            (i.number, i.ns_addr, i.node, i.port),
+            (
+                0,
+                Ipv4Addr::new(192, 0, 2, 2),
+                Ipv4Addr::new(198, 18, 2, 1),
+                50103
+            )
+        );
+        assert_eq!(i.ns_addr_v6, None);
+        let sips: Vec<(IpType, Ipv4Addr)> = i
+            .service_ips
+            .iter()
+            .map(|s| (s.ip_type, s.address))
+            .collect();
+        assert_eq!(
+            sips,
+            [
+                (IpType::RoundRobin, Ipv4Addr::new(203, 0, 113, 10)),
+                (IpType::InstanceNumber, Ipv4Addr::new(203, 0, 113, 101))
+            ]
+        );
+        // A present but malformed address is still refused.
+        let bad = br#"{"app_name": "a.b.c.d", "instance_list": [{"instance_number": 0, "namespace_ip": "x", "host_ip": "198.18.2.1", "host_port": 1}]}"#;
+        match parse_table(bad) {
+            Err(e) => assert!(e.to_string().contains("namespace_ip"), "{e}"),
+            Ok(_) => panic!("a malformed namespace_ip was taken"),
+        }
+    }
 }

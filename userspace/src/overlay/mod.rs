@@ -3,6 +3,7 @@
 //! the miss reports of the service-IP overlay.
 
 pub mod api;
+pub mod cluster;
 pub mod ipam;
 pub mod manager;
 pub mod model;

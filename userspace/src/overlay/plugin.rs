@@ -23,6 +23,9 @@ pub trait ManagerObserver: Send + Sync {
     async fn set_manager(&self, manager: Option<Arc<NetManager>>);
 }
 
+/// Oakestra's NetManager socket.
+pub const OAKESTRA_SOCKET: &str = "/etc/netmanager/netmanager.sock";
+
 /// A miss is reported again after this long if it is still unknown.
 const MISS_RETRY: Duration = Duration::from_secs(1);
 
@@ -106,7 +109,11 @@ impl Plugin for NetManagerPlugin {
         let mut settings = self.settings.lock().expect("lock");
         settings.socket = nm.socket.clone();
         settings.listen = nm.listen;
-        if nm.socket.is_none() && nm.listen.is_none() {
+        if nm.oakestra && nm.socket.is_none() && nm.listen.is_none() {
+            // Where Oakestra's Node Engine looks for it.
+            settings.socket = Some(OAKESTRA_SOCKET.into());
+        }
+        if settings.socket.is_none() && settings.listen.is_none() {
             settings.manager = None;
             return Ok(());
         }
@@ -126,13 +133,16 @@ impl Plugin for NetManagerPlugin {
         };
         let uplink = config.dataplane.uplinks.first();
         let mtu = match nm.mtu {
+            // Oakestra's containers and tunnel use 1450 whatever the uplink.
+            0 if nm.oakestra => 1450,
             0 => uplink
                 .and_then(|u| net::link::by_name(u).ok())
                 .map(|l| l.mtu.saturating_sub(28))
                 .unwrap_or(1450),
             m => m,
         };
-        let node_addr = crate::dataplane::tunnel::TunnelSettings::of(config).address;
+        let tunnel = crate::dataplane::tunnel::TunnelSettings::of(config);
+        let node_addr = tunnel.address;
         settings.manager = Some(ManagerSettings {
             container_ifname: nm.container_ifname.clone(),
             mtu,
@@ -145,6 +155,10 @@ impl Plugin for NetManagerPlugin {
             default_node_cost: nm.default_node_cost,
             state_file: Some(config.daemon.state_dir.join("netmanager-state.json")),
             keep_links: config.dataplane.keep_dataplane,
+            oakestra: nm.oakestra,
+            mqtt_broker: nm.mqtt_broker.clone(),
+            mqtt_port: nm.mqtt_port,
+            node_port: config.lb.tunnel_port,
         });
         Ok(())
     }
@@ -162,6 +176,7 @@ impl Plugin for NetManagerPlugin {
         }
         let manager = Arc::new(NetManager::new(self.dataplane.clone(), settings));
         manager.restore().await;
+        manager.resume_cluster().await;
         let router = super::api::router(manager.clone());
         if let Some(path) = &socket {
             let (listener, bound) = crate::uds::bind(path, 0o660)

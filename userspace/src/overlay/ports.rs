@@ -38,7 +38,7 @@ pub struct PortMapping {
 
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum PortError {
-    #[error("portMappings {0:?}: each mapping is HOST:CONTAINER with an optional /tcp or /udp, separated by ';'")]
+    #[error("portMappings {0:?}: each mapping is HOST:CONTAINER or PORT with an optional /tcp or /udp, separated by ';'")]
     Syntax(String),
     #[error("portMappings: {0} is not a port (1-65535)")]
     Port(String),
@@ -61,9 +61,8 @@ pub fn parse(text: &str) -> Result<Vec<PortMapping>, PortError> {
             Some(_) => return Err(PortError::Syntax(item.into())),
             None => (item, Protocol::Tcp),
         };
-        let (host, container) = ports
-            .split_once(':')
-            .ok_or_else(|| PortError::Syntax(item.into()))?;
+        // A single port ("9080") maps the node port to the same container port.
+        let (host, container) = ports.split_once(':').unwrap_or((ports, ports));
         out.push(PortMapping {
             protocol,
             host_port: port(host)?,
@@ -145,7 +144,17 @@ mod tests {
             ]
         );
         assert_eq!(parse("").unwrap(), vec![]);
-        assert!(matches!(parse("8080"), Err(PortError::Syntax(_))));
+        // Oakestra's own example: one port, the same inside.
+        assert_eq!(
+            parse("9080").unwrap(),
+            vec![PortMapping {
+                protocol: Protocol::Tcp,
+                host_port: 9080,
+                container_port: 9080
+            }]
+        );
+        assert_eq!(parse("53/udp").unwrap()[0].container_port, 53);
+        assert!(matches!(parse("8080:"), Err(PortError::Port(_))));
         assert!(matches!(parse("8080:80/sctp"), Err(PortError::Syntax(_))));
         assert_eq!(parse("0:80"), Err(PortError::Port("0".into())));
         let s = script(&[(

@@ -16,6 +16,7 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use super::cluster::Cluster;
 use super::ipam::{Ipam, IpamError, Lease};
 use super::model::{Ids, InstanceRecord, IpType, ModelError, Placement, ServiceIp, Settings};
 use super::ports::PortMapping;
@@ -45,6 +46,8 @@ pub enum NmError {
     Conflict(String),
     #[error("{0} is not deployed on this node")]
     NotDeployed(String),
+    #[error("no subnet yet: the cluster has not answered the subnet request (is its MQTT broker reachable?)")]
+    NoSubnet,
     #[error(transparent)]
     Ipam(#[from] IpamError),
     #[error(transparent)]
@@ -75,6 +78,15 @@ pub struct ManagerSettings {
     /// Leave containers' links and port mappings in place at stop
     /// (`dataplane.keep_dataplane`): they keep working while the daemon is down.
     pub keep_links: bool,
+    /// Oakestra mode: the cluster service manager (MQTT) assigns the subnet
+    /// and the tables.
+    pub oakestra: bool,
+    /// The broker as "host:port"; else the registration's cluster_address
+    /// and `mqtt_port`.
+    pub mqtt_broker: Option<String>,
+    pub mqtt_port: u16,
+    /// The tunnel port other nodes send to (`host_port` in notices).
+    pub node_port: u16,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -118,6 +130,8 @@ pub struct NetManager {
     dataplane: DataplaneHandle,
     settings: ManagerSettings,
     state: Mutex<State>,
+    /// The MQTT side (Oakestra mode, from registration on).
+    cluster: std::sync::Mutex<Option<std::sync::Arc<Cluster>>>,
 }
 
 impl NetManager {
@@ -126,6 +140,7 @@ impl NetManager {
             dataplane,
             settings,
             state: Mutex::new(State::default()),
+            cluster: std::sync::Mutex::new(None),
         }
     }
 
@@ -143,15 +158,35 @@ impl NetManager {
         }
     }
 
-    /// Every instance this node routes to: local deployments, then other
-    /// nodes' (own deployments echoed by the cluster are skipped), each with
-    /// the service IPs the catalog's feed gives it.
+    /// Every instance this node routes to: local deployments (with the
+    /// service IPs the cluster's table gives them), then other nodes' (own
+    /// deployments echoed by the cluster are skipped), each with the service
+    /// IPs the catalog's feed gives it.
     fn records(&self, state: &State) -> Vec<InstanceRecord> {
         let local_node = self.settings.node_addr;
-        state
+        let locals: Vec<InstanceRecord> = state
             .local
             .values()
-            .map(|d| &d.record)
+            .map(|d| {
+                let mut r = d.record.clone();
+                let listed = state
+                    .remote
+                    .get(&r.job)
+                    .and_then(|list| list.iter().find(|t| t.number == r.number));
+                for sip in listed.map(|t| t.service_ips.as_slice()).unwrap_or(&[]) {
+                    let known = r
+                        .service_ips
+                        .iter()
+                        .any(|s| s.ip_type == sip.ip_type && s.address == sip.address);
+                    if !known {
+                        r.service_ips.push(sip.clone());
+                    }
+                }
+                r
+            })
+            .collect();
+        locals
+            .iter()
             .chain(state.remote.values().flatten().filter(|r| {
                 !matches!(r.placement, Placement::Remote { node, .. } if Some(node) == local_node)
                     && !state.local.contains_key(&(r.job.clone(), r.number))

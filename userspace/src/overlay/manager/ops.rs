@@ -1,17 +1,26 @@
 //! The operations of the REST API: register, deploy, undeploy, other
 //! nodes' tables, the catalog's feed, misses and the stop.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
 
 use serde::Serialize;
 
 use super::links::host_ifname;
 use super::{Feed, LocalDeployment, NetManager, NmError, Registration, ServiceIp};
 use crate::net::{self, netns::NetnsId, Prefix};
+use crate::overlay::cluster::{Cluster, DeployNotice, SubnetReply};
 use crate::overlay::ipam::Ipam;
 use crate::overlay::model::{InstanceRecord, IpType, Placement};
 use crate::overlay::ports::PortMapping;
+
+/// How long `/register` waits for the cluster's subnet.
+const SUBNET_WAIT: Duration = Duration::from_secs(8);
 
 /// What a deploy asks for, validated.
 pub struct DeploySpec {
@@ -91,8 +100,11 @@ pub struct Deployed {
 }
 
 impl NetManager {
+    /// Registers the node. Without a subnet (in the request or the
+    /// configuration) an Oakestra-mode NetManager asks the cluster for one
+    /// over MQTT and waits for it a while; it is taken whenever it comes.
     pub async fn register(
-        &self,
+        self: &Arc<Self>,
         client_id: String,
         cluster_address: String,
         subnetwork: Option<String>,
@@ -100,11 +112,17 @@ impl NetManager {
     ) -> Result<(), NmError> {
         let mut state = self.state.lock().await;
         if let Some(r) = &state.registration {
-            return if r.client_id == client_id {
-                Ok(())
-            } else {
-                Err(NmError::AlreadyRegistered(r.client_id.clone()))
-            };
+            if r.client_id != client_id {
+                return Err(NmError::AlreadyRegistered(r.client_id.clone()));
+            }
+            let waiting = state.ipam.is_none();
+            drop(state);
+            if waiting {
+                if let Some(c) = self.cluster() {
+                    c.request_subnet().await;
+                }
+            }
+            return Ok(());
         }
         if client_id.trim().is_empty() {
             return Err(NmError::BadRequest("client_id is empty".into()));
@@ -125,22 +143,166 @@ impl NetManager {
                 None => Ok(fallback),
             }
         };
-        let subnet = parse(subnetwork, self.settings.subnetwork, true)?.ok_or_else(|| {
-            NmError::BadRequest(
-                "no subnetwork: send \"subnetwork\" (e.g. 10.18.0.0/26) or set netmanager.subnetwork".into(),
-            )
-        })?;
+        let subnet = parse(subnetwork, self.settings.subnetwork, true)?;
         let subnet_v6 = parse(subnetwork_v6, self.settings.subnetwork_v6, false)?;
-        let ipam = Ipam::new(subnet, subnet_v6)?;
+        if subnet.is_none() && !self.settings.oakestra {
+            return Err(NmError::BadRequest(
+                "no subnetwork: send \"subnetwork\" (e.g. 10.18.0.0/26), set netmanager.subnetwork, or set netmanager.oakestra to ask the cluster".into(),
+            ));
+        }
+        if let Some(subnet) = subnet {
+            state.ipam = Some(Ipam::new(subnet, subnet_v6)?);
+        }
         state.registration = Some(Registration {
-            client_id,
-            cluster_address,
-            subnetwork: subnet.to_string(),
+            client_id: client_id.clone(),
+            cluster_address: cluster_address.clone(),
+            subnetwork: subnet.map(|c| c.to_string()).unwrap_or_default(),
             subnetwork_v6: subnet_v6.map(|c| c.to_string()),
         });
-        state.ipam = Some(ipam);
         drop(state);
-        self.apply().await
+        if subnet.is_some() {
+            self.apply().await?;
+        }
+        if self.settings.oakestra {
+            let cluster = self.start_cluster(&client_id, &cluster_address);
+            if let (None, Some(c)) = (subnet, cluster) {
+                c.request_subnet().await;
+                // The Node Engine gives up after 10 s; deploys wait no longer.
+                let deadline = tokio::time::Instant::now() + SUBNET_WAIT;
+                while self.state.lock().await.ipam.is_none()
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn cluster(&self) -> Option<Arc<Cluster>> {
+        self.cluster.lock().expect("lock").clone()
+    }
+
+    /// Connects to the cluster's broker (the configured one, else the
+    /// registration's cluster address).
+    fn start_cluster(
+        self: &Arc<Self>,
+        client_id: &str,
+        cluster_address: &str,
+    ) -> Option<Arc<Cluster>> {
+        let (host, port) = match &self.settings.mqtt_broker {
+            Some(b) => match b
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse().ok()?)))
+            {
+                Some((h, p)) => (h.to_string(), p),
+                None => {
+                    tracing::error!("netmanager.mqtt_broker {b:?} is not host:port");
+                    return None;
+                }
+            },
+            None if cluster_address.is_empty() => {
+                tracing::error!(
+                    "netmanager: no cluster_address and no netmanager.mqtt_broker: no MQTT"
+                );
+                return None;
+            }
+            None => (cluster_address.to_string(), self.settings.mqtt_port),
+        };
+        let mut slot = self.cluster.lock().expect("lock");
+        if let Some(c) = slot.as_ref() {
+            return Some(c.clone());
+        }
+        tracing::info!(%host, port, "netmanager: Oakestra mode, cluster broker");
+        let c = Cluster::start(
+            self.clone(),
+            client_id,
+            &host,
+            port,
+            CancellationToken::new(),
+        );
+        *slot = Some(c.clone());
+        Some(c)
+    }
+
+    /// After a restart: the cluster again, interests in the jobs deployed
+    /// here and their tables (and the subnet if it never came).
+    pub async fn resume_cluster(self: &Arc<Self>) {
+        if !self.settings.oakestra {
+            return;
+        }
+        let (registration, jobs, waiting) = {
+            let state = self.state.lock().await;
+            let jobs: BTreeSet<String> = state.local.keys().map(|(j, _)| j.clone()).collect();
+            (state.registration.clone(), jobs, state.ipam.is_none())
+        };
+        let Some(r) = registration else { return };
+        let Some(c) = self.start_cluster(&r.client_id, &r.cluster_address) else {
+            return;
+        };
+        if waiting {
+            c.request_subnet().await;
+        }
+        for job in jobs {
+            c.add_interest(&job).await;
+            c.query_job(&job, true).await;
+        }
+    }
+
+    /// The cluster's answer to the subnet request: a /26 (and a /120 for
+    /// IPv6) starting at the given address, unless already given one.
+    pub async fn assign_subnet(&self, reply: SubnetReply) -> Result<(), NmError> {
+        let mut state = self.state.lock().await;
+        if state.ipam.is_some() || state.registration.is_none() {
+            tracing::info!(address = %reply.address, "netmanager: subnet offered when none was asked for; ignored");
+            return Ok(());
+        }
+        let prefix = |text: &str, len: u8| -> Result<Option<Prefix>, NmError> {
+            if text.is_empty() {
+                return Ok(None);
+            }
+            let text = if text.contains('/') {
+                text.to_string()
+            } else {
+                format!("{text}/{len}")
+            };
+            text.parse::<Prefix>()
+                .map(Some)
+                .map_err(|e| NmError::BadRequest(format!("cluster subnet {text:?}: {e}")))
+        };
+        let Some(v4) = prefix(&reply.address, 26)?.filter(|p| p.addr.is_ipv4()) else {
+            return Err(NmError::BadRequest(format!(
+                "cluster subnet {:?} is not IPv4",
+                reply.address
+            )));
+        };
+        let v6 = prefix(&reply.addressv6, 120)?.filter(|p| p.addr.is_ipv6());
+        state.ipam = Some(Ipam::new(v4, v6)?);
+        if let Some(r) = state.registration.as_mut() {
+            r.subnetwork = v4.to_string();
+            r.subnetwork_v6 = v6.map(|c| c.to_string());
+        }
+        tracing::info!(subnet = %v4, "netmanager: subnet from the cluster");
+        if let Err(e) = self.apply_locked(&mut state).await {
+            state.ipam = None;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Per job: whether it runs here, and the packets its instances counted
+    /// (an interest stays while either says it is used).
+    pub async fn job_usage(&self) -> BTreeMap<String, (bool, u64)> {
+        let snapshot = self.snapshot().await;
+        let mut out: BTreeMap<String, (bool, u64)> = BTreeMap::new();
+        for i in snapshot.instances {
+            out.entry(i.job).or_default().1 += i.packets;
+        }
+        let state = self.state.lock().await;
+        for (job, _) in state.local.keys() {
+            out.entry(job.clone()).or_default().0 = true;
+        }
+        out
     }
 
     /// Replaces the catalog's service IPs; on failure the maps keep the last good ones.
@@ -212,7 +374,7 @@ impl NetManager {
             )));
         }
         let netns_id = Some(id);
-        let ipam = state.ipam.as_mut().ok_or(NmError::NotRegistered)?;
+        let ipam = state.ipam.as_mut().ok_or(NmError::NoSubnet)?;
         let lease = ipam.allocate()?;
         let (gateway, gateway_v6) = (ipam.gateway(), ipam.gateway_v6());
         let host = host_ifname(&spec.job, spec.number);
@@ -272,7 +434,15 @@ impl NetManager {
             let _ = self.sync_ports(&mut state).await;
             return Err(e);
         }
+        drop(state);
         tracing::info!(job = %spec.job, instance = spec.number, address = %lease.v4, interface = %host, "deployed");
+        if let Some(c) = self.cluster() {
+            // As Oakestra: tell the cluster, then follow the job's table.
+            c.deployed(self.notice(&spec.job, spec.number, "DEPLOYED", &lease))
+                .await;
+            c.add_interest(&spec.job).await;
+            c.query_job(&spec.job, true).await;
+        }
         Ok(Deployed {
             service_name: spec.job,
             ns_address: lease.v4.to_string(),
@@ -301,8 +471,35 @@ impl NetManager {
         if let Some(ipam) = state.ipam.as_mut() {
             ipam.release(deployment.lease);
         }
+        drop(state);
         tracing::info!(job, instance = number, "undeployed");
+        if let Some(c) = self.cluster() {
+            c.undeployed(self.notice(job, number, "UNDEPLOYED", &deployment.lease))
+                .await;
+        }
         Ok(())
+    }
+
+    fn notice(
+        &self,
+        job: &str,
+        number: u32,
+        status: &str,
+        lease: &crate::overlay::ipam::Lease,
+    ) -> DeployNotice {
+        DeployNotice {
+            appname: job.to_string(),
+            status: status.to_string(),
+            instance_number: number,
+            nsip: lease.v4.to_string(),
+            nsipv6: lease.v6.map(|a| a.to_string()).unwrap_or_default(),
+            host_ip: self
+                .settings
+                .node_addr
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            host_port: self.settings.node_port.to_string(),
+        }
     }
 
     /// Replaces the instances of `job` on other nodes (an empty list removes them).
@@ -343,17 +540,27 @@ impl NetManager {
     }
 
     /// The kernel met a destination in the service prefix it does not know.
+    /// Oakestra mode: the cluster is asked (the packet was dropped; the next
+    /// ones flow once the table is in).
     pub async fn miss(&self, service: std::net::IpAddr) {
-        let mut state = self.state.lock().await;
-        state.misses += 1;
-        *state.unresolved.entry(service).or_insert(0) += 1;
+        {
+            let mut state = self.state.lock().await;
+            state.misses += 1;
+            *state.unresolved.entry(service).or_insert(0) += 1;
+        }
         tracing::info!(%service, "unknown service IP (waiting for a table entry)");
+        if let Some(c) = self.cluster() {
+            c.query_ip(service).await;
+        }
     }
 
     /// Removes every container link and port mapping (daemon stop), unless
     /// they are kept with the dataplane. The state file stays either way: a
     /// restart takes the containers back.
     pub async fn shutdown(&self) {
+        if let Some(c) = self.cluster.lock().expect("lock").take() {
+            c.stop();
+        }
         let mut state = self.state.lock().await;
         if self.settings.keep_links {
             tracing::info!(

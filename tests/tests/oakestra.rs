@@ -1,0 +1,384 @@
+//! tapmesh as a drop-in Oakestra NetManager: the Node Engine's calls as its
+//! Go client sends them, the cluster service manager over a real MQTT
+//! broker (mosquitto) with the peer in `tests/peers/`, and traffic between
+//! nodes through service IPs with no table pushed by hand.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use serde_json::json;
+use tapmesh_tests::{
+    kernel_tests_enabled,
+    net::{spawn_in, wait_until},
+    oakestra::{
+        deploy_json, node, node_engine_post, register_json, undeploy_json, Cluster, Task, HUB,
+    },
+    overlay::Node,
+    Netns,
+};
+
+const WEB: &str = "app.ns.web.ns";
+const CLIENT: &str = "app.ns.client.ns";
+const OAK: &str = "app.ns.oak.ns";
+const RR: &str = "203.0.113.10";
+const WEB0_IP: &str = "203.0.113.101";
+const WEB1_IP: &str = "203.0.113.102";
+const CLIENT_IP: &str = "203.0.113.100";
+const OAK_IP: &str = "203.0.113.50";
+const UDP_PORT: u16 = 7000;
+
+/// The peer's job store: WEB (RR + two instances), CLIENT, and OAK, an
+/// instance already running on an Oakestra node at `oak_node`.
+fn jobs(oak_node: &str) -> serde_json::Value {
+    json!({
+        WEB: {
+            "service_ip_list": [{"IpType": "RR", "Address": RR, "Address_v6": ""}],
+            "instances": [
+                {"instance_number": 0, "instance_ip": WEB0_IP, "instance_ip_v6": ""},
+                {"instance_number": 1, "instance_ip": WEB1_IP, "instance_ip_v6": ""}
+            ]
+        },
+        CLIENT: {
+            "service_ip_list": [],
+            "instances": [{"instance_number": 0, "instance_ip": CLIENT_IP, "instance_ip_v6": ""}]
+        },
+        OAK: {
+            "service_ip_list": [],
+            "instances": [{
+                "instance_number": 0, "instance_ip": OAK_IP, "instance_ip_v6": "",
+                "namespace_ip": "192.0.2.200", "namespace_ip_v6": "",
+                "host_ip": oak_node, "host_port": "50103", "status": "DEPLOYED"
+            }]
+        }
+    })
+}
+
+fn register(n: &Node) {
+    let (status, body) =
+        node_engine_post(&n.socket, "/register", &register_json(&n.netns.name, HUB));
+    assert_eq!(status, 200, "{body}");
+}
+
+fn deploy(n: &Node, task: &Task, job: &str, number: u32) -> String {
+    let (status, body) = node_engine_post(
+        &n.socket,
+        "/container/deploy",
+        &deploy_json(task.pid(), job, number, ""),
+    );
+    assert_eq!(status, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).expect("deploy reply");
+    reply["nsAddress"].as_str().expect("nsAddress").to_string()
+}
+
+/// Answers every UDP datagram on UDP_PORT with `name`.
+fn who_server(container: &Netns, name: &'static str) {
+    let _ = spawn_in(&container.name, move || {
+        let udp = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, UDP_PORT)).unwrap();
+        let mut buf = [0u8; 2048];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(name.as_bytes(), from);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// One UDP flow per call from `client` to `to`; who answered and from where
+/// (each flow tries 3 times, 700 ms apart).
+fn udp_ask(client: &Netns, to: &str, flows: usize) -> Vec<(String, String)> {
+    let to: Ipv4Addr = to.parse().unwrap();
+    spawn_in(&client.name, move || {
+        (0..flows)
+            .map(|_| {
+                let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(700)))
+                    .unwrap();
+                for _ in 0..3 {
+                    s.send_to(b"hello", (to, UDP_PORT)).unwrap();
+                    let mut buf = [0u8; 64];
+                    if let Ok((n, from)) = s.recv_from(&mut buf) {
+                        return (String::from_utf8_lossy(&buf[..n]).into(), from.to_string());
+                    }
+                }
+                ("(no answer)".to_string(), String::new())
+            })
+            .collect()
+    })
+    .join()
+    .expect("client thread")
+}
+
+fn status_services(n: &Node) -> Vec<(String, u64)> {
+    n.status()["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["address"].as_str().unwrap().to_string(),
+                s["instances"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn node_engine_calls_and_the_cluster_over_mqtt_give_rr_and_undeploy_reaches_other_nodes() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let cluster = Cluster::start(&jobs("198.18.2.9"), "192.0.2.0");
+    // The tunnel takes packets from known nodes only: each node lists the
+    // others (the first packet between two nodes may come before any table).
+    let peers = |me: &str| {
+        let others: Vec<String> = ["198.18.2.1", "198.18.2.2", "198.18.2.3"]
+            .iter()
+            .filter(|a| **a != me)
+            .map(|a| format!("\"{a}\""))
+            .collect();
+        format!("[lb]\ntunnel_peers = [{}]\n", others.join(", "))
+    };
+    let n1 = node(&cluster, "oan1", "198.18.2.1", &peers("198.18.2.1"));
+    let n2 = node(&cluster, "oan2", "198.18.2.2", &peers("198.18.2.2"));
+    let n3 = node(&cluster, "oan3", "198.18.2.3", &peers("198.18.2.3"));
+
+    // Before /register: Oakestra's 400 for a deploy.
+    let (status, _) =
+        node_engine_post(&n1.socket, "/container/deploy", &deploy_json(1, WEB, 0, ""));
+    assert_eq!(status, 400);
+    // /register with no subnet: 200, the subnet comes from the cluster.
+    for n in [&n1, &n2, &n3] {
+        register(n);
+    }
+    let subnets: Vec<String> = [&n1, &n2, &n3]
+        .iter()
+        .map(|n| {
+            n.status()["registration"]["subnetwork"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let mut sorted = subnets.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        ["192.0.2.0/26", "192.0.2.128/26", "192.0.2.64/26"],
+        "{subnets:?}"
+    );
+    let requests = cluster.received("/net/subnet");
+    assert_eq!(requests.len(), 3, "{requests:?}");
+    assert!(requests
+        .iter()
+        .all(|m| m["payload"] == json!({"METHOD": "GET"}) && m["qos"] == 1));
+
+    let (web0, web1, client) = (Netns::new("oaw0"), Netns::new("oaw1"), Netns::new("oac"));
+    let (t0, t1, tc) = (Task::start(&web0), Task::start(&web1), Task::start(&client));
+    let ns0 = deploy(&n1, &t0, WEB, 0);
+    let ns1 = deploy(&n2, &t1, WEB, 1);
+    deploy(&n3, &tc, CLIENT, 0);
+    assert!(ns0.starts_with("192.0.2.") && ns1.starts_with("192.0.2."));
+    who_server(&web0, "web0");
+    who_server(&web1, "web1");
+
+    // The cluster heard of each deployment as Oakestra's NetManager tells it.
+    let deployed = cluster.received("/net/service/deployed");
+    let web0_notice = deployed
+        .iter()
+        .find(|m| m["payload"]["appname"] == WEB && m["payload"]["instance_number"] == 0)
+        .expect("web#0 notice");
+    assert_eq!(
+        web0_notice["payload"],
+        json!({"appname": WEB, "status": "DEPLOYED", "instance_number": 0, "nsip": ns0,
+               "nsipv6": "", "host_port": "50103", "host_ip": "198.18.2.1"})
+    );
+    assert!(web0_notice["topic"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("nodes/{}/", n1.netns.name)));
+
+    // Each node's own instance got its service and instance IPs from the
+    // table (no serviceIp in the deploy): web#0 is in RR's pool on node 1.
+    let ok = wait_until(Duration::from_secs(10), || {
+        let s = status_services(&n1);
+        s.contains(&(WEB0_IP.into(), 1)) && s.contains(&(RR.into(), 2))
+    });
+    assert!(ok, "node 1's services: {:?}", status_services(&n1));
+
+    // Node 3 knows nothing of RR: the first packet is a miss, the daemon
+    // asks the cluster by service IP, and the next packets flow.
+    let first = Instant::now();
+    let ok = wait_until(Duration::from_secs(10), || {
+        udp_ask(&client, RR, 1)[0].0 != "(no answer)"
+    });
+    assert!(
+        ok,
+        "RR never answered; node 3 log: {}",
+        n3.daemon.as_ref().unwrap().log_text()
+    );
+    eprintln!("first answer through a miss after {:?}", first.elapsed());
+    let by_ip = cluster.received("/net/tablequery/request");
+    assert!(
+        by_ip
+            .iter()
+            .any(|m| m["payload"] == json!({"sname": "", "sip": RR})
+                && m["topic"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("nodes/{}/", n3.netns.name))),
+        "{by_ip:?}"
+    );
+    assert!(
+        by_ip
+            .iter()
+            .any(|m| m["payload"] == json!({"sname": WEB, "sip": ""})),
+        "no table query by job name after a deploy: {by_ip:?}"
+    );
+
+    // RR alternates between the two instances; answers come from RR.
+    let answers = udp_ask(&client, RR, 6);
+    let names: Vec<&str> = answers.iter().map(|(n, _)| n.as_str()).collect();
+    assert!(names.windows(2).all(|w| w[0] != w[1]), "{answers:?}");
+    assert!(
+        names.iter().all(|n| *n == "web0" || *n == "web1"),
+        "{answers:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|(_, f)| *f == format!("{RR}:{UDP_PORT}")),
+        "{answers:?}"
+    );
+
+    // Undeploy web#1: through the cluster to node 3 within a second.
+    let started = Instant::now();
+    let (status, _) = node_engine_post(&n2.socket, "/container/undeploy", &undeploy_json(WEB, 1));
+    assert_eq!(status, 200);
+    let gone = wait_until(Duration::from_secs(1), || {
+        status_services(&n3).contains(&(RR.into(), 1))
+    });
+    let took = started.elapsed();
+    assert!(
+        gone,
+        "node 3 still has 2 RR instances after {took:?}: {:?}",
+        status_services(&n3)
+    );
+    eprintln!("undeploy reached node 3 in {took:?}");
+    let answers = udp_ask(&client, RR, 4);
+    assert!(answers.iter().all(|(n, _)| n == "web0"), "{answers:?}");
+    // Oakestra: undeploying what is not there is still 200.
+    let (status, _) = node_engine_post(&n2.socket, "/container/undeploy", &undeploy_json(WEB, 7));
+    assert_eq!(status, 200);
+    drop((t0, t1, tc));
+}
+
+#[test]
+fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_the_instance_ip() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const OAK_NODE: &str = "198.18.2.9";
+    let cluster = Cluster::start(&jobs(OAK_NODE), "192.0.2.0");
+    let n1 = node(
+        &cluster,
+        "oapn",
+        "198.18.2.1",
+        &format!("[lb]\ntunnel_peers = [\"{OAK_NODE}\"]\n"),
+    );
+    // An Oakestra worker: its ProxyTUN is a UDP socket on 50103.
+    let oak = Netns::new("oak");
+    cluster.attach(&oak, OAK_NODE);
+    register(&n1);
+    let web0 = Netns::new("oapw");
+    let task = Task::start(&web0);
+    let ns0: Ipv4Addr = deploy(&n1, &task, WEB, 0).parse().unwrap();
+    who_server(&web0, "web0");
+    let ok = wait_until(Duration::from_secs(10), || {
+        status_services(&n1).contains(&(WEB0_IP.into(), 1))
+    });
+    assert!(ok, "web#0 has no instance IP: {:?}", status_services(&n1));
+
+    // ProxyTUN's form: the inner packet from OAK's instance IP to web#0's
+    // namespace address, alone in a UDP datagram to the node's port 50103.
+    let oak_ip: Ipv4Addr = OAK_IP.parse().unwrap();
+    let inner = tapmesh_tests::frames::udp4(oak_ip, ns0, 40000, UDP_PORT, b"ping");
+    let reply = spawn_in(&oak.name, move || {
+        let s = UdpSocket::bind((OAK_NODE, 50103)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            s.send_to(&inner, ("198.18.2.1", 50103)).unwrap();
+            let mut buf = [0u8; 2048];
+            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                return Some((buf[..n].to_vec(), from));
+            }
+        }
+        None
+    })
+    .join()
+    .unwrap();
+    let (packet, from) = reply.unwrap_or_else(|| {
+        panic!(
+            "no reply; node log: {}",
+            n1.daemon.as_ref().unwrap().log_text()
+        )
+    });
+    // From the node (its source port spreads flows; ProxyTUN reads any).
+    assert_eq!(from.ip().to_string(), "198.18.2.1");
+    // The reply: IPv4/UDP from web#0's instance IP to OAK's namespace
+    // address (the cluster's table, asked for on the miss), nothing else.
+    assert_eq!(packet[0], 0x45, "{packet:02x?}");
+    assert_eq!(packet[9], 17);
+    assert_eq!(
+        &packet[12..16],
+        &WEB0_IP.parse::<Ipv4Addr>().unwrap().octets()
+    );
+    assert_eq!(&packet[16..20], &[192, 0, 2, 200]);
+    assert_eq!(
+        u16::from_be_bytes([packet[2], packet[3]]) as usize,
+        packet.len()
+    );
+    let web0_ip: Ipv4Addr = WEB0_IP.parse().unwrap();
+    let oak_ns = Ipv4Addr::new(192, 0, 2, 200);
+    // Ports, length, payload and a UDP checksum valid for the new addresses.
+    assert_eq!(
+        &packet[20..],
+        &tapmesh_tests::frames::udp_v4(web0_ip, oak_ns, UDP_PORT, 40000, b"web0")[..],
+    );
+    assert_eq!(
+        tapmesh_tests::frames::internet_checksum(&[&packet[..20]]),
+        0,
+        "IP checksum"
+    );
+    let misses = cluster.received("/net/tablequery/request");
+    assert!(
+        misses
+            .iter()
+            .any(|m| m["payload"] == json!({"sname": "", "sip": OAK_IP})),
+        "{misses:?}"
+    );
+
+    // OAK's interest came with the table; unused for 10 s, it is removed
+    // (unsubscribed, interest/remove, entries dropped). WEB, deployed here, stays.
+    let asked = Instant::now();
+    let removed = wait_until(Duration::from_secs(15), || {
+        !cluster.received("/net/interest/remove").is_empty()
+    });
+    assert!(removed, "no interest/remove");
+    let took = asked.elapsed();
+    let removals: Vec<_> = cluster
+        .received("/net/interest/remove")
+        .into_iter()
+        .map(|m| m["payload"].clone())
+        .collect();
+    assert_eq!(removals, [json!({"appname": OAK})]);
+    assert!(took >= Duration::from_secs(8), "removed after {took:?}");
+    let ok = wait_until(Duration::from_secs(2), || {
+        !status_services(&n1).iter().any(|(a, _)| a == OAK_IP)
+    });
+    assert!(ok, "{:?}", status_services(&n1));
+    assert!(status_services(&n1).contains(&(WEB0_IP.into(), 1)));
+    drop(task);
+}

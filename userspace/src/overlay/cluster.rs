@@ -1,0 +1,392 @@
+//! The NetManager's side of Oakestra's cluster service manager, over MQTT
+//! (oakestra-net's topics, payloads and QoS 1): the subnet request at
+//! registration, deployment notices, table queries by job name and by
+//! service IP, and `jobs/<job>/updates_available` subscriptions (interests)
+//! with their removal. Messages are handled in arrival order by one worker
+//! so that a later table never loses to an earlier one.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::manager::NetManager;
+
+/// Oakestra's cluster MQTT port (`ClusterMqttPort`).
+pub const DEFAULT_PORT: u16 = 10003;
+/// A job neither deployed here nor used for this long loses its interest.
+pub const INTEREST_IDLE: Duration = Duration::from_secs(10);
+/// The same table query is not sent again within this time.
+const QUERY_AGAIN_AFTER: Duration = Duration::from_secs(2);
+
+/// `nodes/<id>/net/subnet`.
+#[derive(Serialize)]
+struct SubnetRequest {
+    #[serde(rename = "METHOD")]
+    method: &'static str,
+}
+
+/// `nodes/<id>/net/subnetwork/result`: the node's subnet's first address
+/// (a /26, and a /120 for IPv6).
+#[derive(Debug, Deserialize)]
+pub struct SubnetReply {
+    #[serde(default)]
+    pub address: String,
+    #[serde(default)]
+    pub addressv6: String,
+}
+
+/// `nodes/<id>/net/service/deployed` (and `…/undeployed`).
+#[derive(Serialize)]
+pub struct DeployNotice {
+    pub appname: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub status: String,
+    pub instance_number: u32,
+    pub nsip: String,
+    pub nsipv6: String,
+    pub host_port: String,
+    pub host_ip: String,
+}
+
+/// `nodes/<id>/net/tablequery/request`: by job name or by service IP.
+#[derive(Serialize)]
+struct TableQuery<'a> {
+    sname: &'a str,
+    sip: &'a str,
+}
+
+#[derive(Serialize)]
+struct InterestRemove<'a> {
+    appname: &'a str,
+}
+
+enum Incoming {
+    Subnet(Vec<u8>),
+    Table(Vec<u8>),
+    Updates(String),
+}
+
+/// One interest: subscribed to the job's updates since, last used at.
+struct Interest {
+    used: Instant,
+    /// The job's packet count when last looked at.
+    packets: u64,
+}
+
+pub struct Cluster {
+    client: AsyncClient,
+    client_id: String,
+    interests: Mutex<BTreeMap<String, Interest>>,
+    /// Query keys (job or service IP) sent and when.
+    queried: Mutex<BTreeMap<String, Instant>>,
+    /// The node's own topics are subscribed (a result published before
+    /// that would be lost).
+    subscribed: tokio::sync::watch::Sender<bool>,
+    stop: CancellationToken,
+}
+
+fn topic_of_updates(job: &str) -> String {
+    format!("jobs/{job}/updates_available")
+}
+
+impl Cluster {
+    /// Connects to `host:port` as `client_id` (in the background; MQTT
+    /// keeps reconnecting) and handles what arrives for `manager`.
+    pub fn start(
+        manager: Arc<NetManager>,
+        client_id: &str,
+        host: &str,
+        port: u16,
+        stop: CancellationToken,
+    ) -> Arc<Self> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let mut options = MqttOptions::new(client_id, host, port);
+        options.set_keep_alive(Duration::from_secs(5));
+        options.set_clean_session(true);
+        let (client, mut events) = AsyncClient::new(options, 256);
+        let cluster = Arc::new(Self {
+            client,
+            client_id: client_id.to_string(),
+            interests: Mutex::new(BTreeMap::new()),
+            queried: Mutex::new(BTreeMap::new()),
+            subscribed: tokio::sync::watch::channel(false).0,
+            stop: stop.clone(),
+        });
+        let (tx, rx) = mpsc::unbounded_channel();
+        let c = cluster.clone();
+        let stop2 = stop.clone();
+        tokio::spawn(async move {
+            let prefix = format!("nodes/{}/net/", c.client_id);
+            loop {
+                let event = tokio::select! {
+                    _ = stop2.cancelled() => break,
+                    e = events.poll() => e,
+                };
+                match event {
+                    Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                        tracing::info!("netmanager: connected to the cluster's MQTT broker");
+                        c.subscribed.send_replace(false);
+                        c.subscribe_all();
+                    }
+                    // The broker answers in order: the first SubAck covers
+                    // the node's topics, sent first in one SUBSCRIBE.
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        c.subscribed.send_replace(true);
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let payload = p.payload.to_vec();
+                        let message = match p.topic.strip_prefix(&prefix) {
+                            Some("subnetwork/result") => Some(Incoming::Subnet(payload)),
+                            Some("tablequery/result") => Some(Incoming::Table(payload)),
+                            _ => p
+                                .topic
+                                .strip_prefix("jobs/")
+                                .and_then(|t| t.strip_suffix("/updates_available"))
+                                .map(|job| Incoming::Updates(job.to_string())),
+                        };
+                        if let Some(m) = message {
+                            let _ = tx.send(m);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!("netmanager: MQTT broker {e}; retrying in 1 s");
+                        tokio::select! {
+                            _ = stop2.cancelled() => break,
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                }
+            }
+        });
+        tokio::spawn(work(cluster.clone(), manager.clone(), rx, stop.clone()));
+        tokio::spawn(expire_interests(cluster.clone(), manager, stop));
+        cluster
+    }
+
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Called from the event loop: must not wait for the request queue.
+    fn subscribe_all(&self) {
+        let mut topics = vec![
+            format!("nodes/{}/net/tablequery/result", self.client_id),
+            format!("nodes/{}/net/subnetwork/result", self.client_id),
+        ];
+        topics.extend(
+            self.interests
+                .lock()
+                .expect("lock")
+                .keys()
+                .map(|j| topic_of_updates(j)),
+        );
+        let filters = topics
+            .into_iter()
+            .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
+        if let Err(e) = self.client.try_subscribe_many(filters) {
+            tracing::warn!("netmanager: MQTT subscribe: {e}");
+        }
+    }
+
+    /// Waits (a while) until the node's own topics are subscribed.
+    async fn wait_subscribed(&self) {
+        let mut rx = self.subscribed.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| *s)).await;
+    }
+
+    async fn publish(&self, topic: &str, payload: String) {
+        let topic = format!("nodes/{}/net/{topic}", self.client_id);
+        tracing::debug!(%topic, %payload, "netmanager: MQTT publish");
+        if let Err(e) = self
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await
+        {
+            tracing::warn!("netmanager: MQTT publish: {e}");
+        }
+    }
+
+    fn json(value: &impl Serialize) -> String {
+        serde_json::to_string(value).unwrap_or_default()
+    }
+
+    pub async fn request_subnet(&self) {
+        self.wait_subscribed().await;
+        self.publish("subnet", Self::json(&SubnetRequest { method: "GET" }))
+            .await;
+    }
+
+    pub async fn deployed(&self, notice: DeployNotice) {
+        self.publish("service/deployed", Self::json(&notice)).await;
+    }
+
+    pub async fn undeployed(&self, notice: DeployNotice) {
+        self.publish("service/undeployed", Self::json(&notice))
+            .await;
+    }
+
+    /// Asks for a job's table (`force`: even if asked a moment ago).
+    pub async fn query_job(&self, job: &str, force: bool) {
+        if self.should_query(job, force) {
+            self.publish(
+                "tablequery/request",
+                Self::json(&TableQuery {
+                    sname: job,
+                    sip: "",
+                }),
+            )
+            .await;
+        }
+    }
+
+    /// Asks which job a service IP belongs to, with its table.
+    pub async fn query_ip(&self, ip: std::net::IpAddr) {
+        let key = ip.to_string();
+        if self.should_query(&key, false) {
+            self.publish(
+                "tablequery/request",
+                Self::json(&TableQuery {
+                    sname: "",
+                    sip: &key,
+                }),
+            )
+            .await;
+        }
+    }
+
+    fn should_query(&self, key: &str, force: bool) -> bool {
+        let mut queried = self.queried.lock().expect("lock");
+        let now = Instant::now();
+        queried.retain(|_, at| now.duration_since(*at) < QUERY_AGAIN_AFTER);
+        if !force && queried.contains_key(key) {
+            return false;
+        }
+        queried.insert(key.to_string(), now);
+        true
+    }
+
+    /// Subscribes to a job's updates unless already interested.
+    pub async fn add_interest(&self, job: &str) {
+        {
+            let mut interests = self.interests.lock().expect("lock");
+            if let Some(i) = interests.get_mut(job) {
+                i.used = Instant::now();
+                return;
+            }
+            interests.insert(
+                job.to_string(),
+                Interest {
+                    used: Instant::now(),
+                    packets: 0,
+                },
+            );
+        }
+        if let Err(e) = self
+            .client
+            .subscribe(topic_of_updates(job), QoS::AtLeastOnce)
+            .await
+        {
+            tracing::warn!("netmanager: MQTT subscribe: {e}");
+        }
+    }
+
+    pub fn interests(&self) -> Vec<String> {
+        self.interests
+            .lock()
+            .expect("lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    async fn remove_interest(&self, job: &str) {
+        self.interests.lock().expect("lock").remove(job);
+        let _ = self.client.unsubscribe(topic_of_updates(job)).await;
+        self.publish(
+            "interest/remove",
+            Self::json(&InterestRemove { appname: job }),
+        )
+        .await;
+    }
+}
+
+async fn work(
+    cluster: Arc<Cluster>,
+    manager: Arc<NetManager>,
+    mut rx: mpsc::UnboundedReceiver<Incoming>,
+    stop: CancellationToken,
+) {
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => return,
+            m = rx.recv() => match m { Some(m) => m, None => return },
+        };
+        match message {
+            Incoming::Subnet(bytes) => match serde_json::from_slice::<SubnetReply>(&bytes) {
+                Ok(reply) => {
+                    if let Err(e) = manager.assign_subnet(reply).await {
+                        tracing::error!("netmanager: the cluster's subnet: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("netmanager: subnet reply is not readable: {e}"),
+            },
+            Incoming::Table(bytes) => match super::api::parse_table(&bytes) {
+                Ok((job, instances, key)) => {
+                    cluster.queried.lock().expect("lock").remove(&key);
+                    cluster.add_interest(&job).await;
+                    if let Err(e) = manager.update_table(job.clone(), instances).await {
+                        tracing::warn!(%job, "netmanager: the cluster's table: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("netmanager: table query result: {e}"),
+            },
+            Incoming::Updates(job) => cluster.query_job(&job, true).await,
+        }
+    }
+}
+
+/// Oakestra keeps an interest while the job runs here or its entries are
+/// used; after [`INTEREST_IDLE`] of neither it is removed: unsubscribed,
+/// `interest/remove` sent and the job's entries dropped.
+async fn expire_interests(
+    cluster: Arc<Cluster>,
+    manager: Arc<NetManager>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let usage = manager.job_usage().await;
+        let now = Instant::now();
+        let idle: Vec<String> = {
+            let mut interests = cluster.interests.lock().expect("lock");
+            for (job, i) in interests.iter_mut() {
+                let (deployed, packets) = usage.get(job).copied().unwrap_or((false, 0));
+                if deployed || packets != i.packets {
+                    i.used = now;
+                    i.packets = packets;
+                }
+            }
+            interests
+                .iter()
+                .filter(|(_, i)| now.duration_since(i.used) >= INTEREST_IDLE)
+                .map(|(j, _)| j.clone())
+                .collect()
+        };
+        for job in idle {
+            tracing::info!(%job, "netmanager: interest removed (not deployed here, unused)");
+            cluster.remove_interest(&job).await;
+            if let Err(e) = manager.update_table(job.clone(), Vec::new()).await {
+                tracing::warn!(%job, "netmanager: dropping the job's entries: {e}");
+            }
+        }
+    }
+}
