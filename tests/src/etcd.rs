@@ -1,5 +1,6 @@
-//! A single-member etcd server on loopback for tests (no root needed), with
-//! `etcdctl` helpers to read and write keys the way another client would.
+//! etcd servers for tests: one member on loopback (no root needed), or a
+//! cluster of members on addresses of one test namespace ([`EtcdCluster`]),
+//! with `etcdctl` helpers to read and write keys the way another client would.
 //!
 //! Needs `/usr/bin/etcd` and `/usr/bin/etcdctl` (Debian `etcd-server` and
 //! `etcd-client`; `cargo xtask setup` installs them).
@@ -34,6 +35,11 @@ pub struct Etcd {
     starts: u32,
     /// The network namespace it (and etcdctl) run in; `None`: the test's own.
     netns: Option<String>,
+    /// `--initial-cluster`: itself, or every member of its cluster.
+    initial_cluster: String,
+    token: String,
+    /// The log of the current start.
+    log: PathBuf,
 }
 
 /// A free loopback TCP port (bound to port 0, then released).
@@ -86,15 +92,19 @@ impl Etcd {
         std::fs::create_dir_all(&dir).expect("creating the etcd directory");
         let [client, peer] = free_ports::<2>();
         let endpoint = format!("http://{host}:{client}");
+        let peer_url = format!("http://{host}:{peer}");
         let mut etcd = Etcd {
             active: endpoint.clone(),
             endpoint,
+            initial_cluster: format!("{name}={peer_url}"),
+            token: name.clone(),
             name,
-            peer_url: format!("http://{host}:{peer}"),
+            peer_url,
             dir,
             child: None,
             starts: 0,
             netns,
+            log: PathBuf::new(),
         };
         etcd.start();
         etcd
@@ -145,6 +155,13 @@ impl Etcd {
     }
 
     fn launch(&mut self, client_url: &str) {
+        self.spawn(client_url);
+        self.wait_ready();
+    }
+
+    /// Starts the process without waiting (a cluster member answers only
+    /// once a quorum runs).
+    fn spawn(&mut self, client_url: &str) {
         assert!(self.child.is_none(), "etcd is already running");
         self.starts += 1;
         let log_path = self.dir.join(format!("etcd-{}.log", self.starts));
@@ -164,9 +181,8 @@ impl Etcd {
             .args(["--advertise-client-urls", client_url])
             .args(["--listen-peer-urls", &self.peer_url])
             .args(["--initial-advertise-peer-urls", &self.peer_url])
-            .arg("--initial-cluster")
-            .arg(format!("{}={}", self.name, self.peer_url))
-            .args(["--initial-cluster-token", &self.name])
+            .args(["--initial-cluster", &self.initial_cluster])
+            .args(["--initial-cluster-token", &self.token])
             .args(["--initial-cluster-state", state])
             .args(["--logger", "zap", "--log-outputs", "stderr"])
             .stdin(Stdio::null())
@@ -176,6 +192,12 @@ impl Etcd {
             .unwrap_or_else(|e| panic!("starting {ETCD}: {e}"));
         self.child = Some(child);
         self.active = client_url.to_string();
+        self.log = log_path;
+    }
+
+    /// Waits until it answers `endpoint health`, or fails the test with its log.
+    fn wait_ready(&mut self) {
+        let (log_path, client_url) = (self.log.clone(), self.active.clone());
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = self
@@ -256,6 +278,133 @@ impl Etcd {
     pub fn delete(&self, key: &str) -> bool {
         let out = self.etcdctl_ok(&["del", "--", key]);
         String::from_utf8_lossy(&out.stdout).trim() == "1"
+    }
+}
+
+/// A cluster of etcd members, each on its own address of one namespace (on
+/// the usual ports: the namespace is the test's own, so nothing else uses
+/// them). Every member is killed, and its directory removed, on drop.
+pub struct EtcdCluster {
+    pub members: Vec<Etcd>,
+}
+
+impl EtcdCluster {
+    /// Starts one member on each of `hosts` (addresses of `netns`) and waits
+    /// until every member answers.
+    pub fn new_at(netns: &str, hosts: &[std::net::Ipv4Addr]) -> Self {
+        require_binaries();
+        let token = crate::unique("etcdc");
+        let mut members: Vec<Etcd> = hosts
+            .iter()
+            .map(|host| {
+                let name = crate::unique("etcd");
+                let dir = std::env::temp_dir().join(format!("tapmesh-{name}"));
+                let _ = std::fs::remove_dir_all(&dir);
+                std::fs::create_dir_all(&dir).expect("creating the etcd directory");
+                let endpoint = format!("http://{host}:2379");
+                Etcd {
+                    active: endpoint.clone(),
+                    endpoint,
+                    name,
+                    peer_url: format!("http://{host}:2380"),
+                    dir,
+                    child: None,
+                    starts: 0,
+                    netns: Some(netns.to_string()),
+                    initial_cluster: String::new(),
+                    token: token.clone(),
+                    log: PathBuf::new(),
+                }
+            })
+            .collect();
+        let initial = members
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.peer_url))
+            .collect::<Vec<_>>()
+            .join(",");
+        for m in &mut members {
+            m.initial_cluster = initial.clone();
+        }
+        let mut cluster = EtcdCluster { members };
+        cluster.start_all();
+        cluster
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.endpoint.clone()).collect()
+    }
+
+    /// Starts every stopped member (all before waiting: a member answers only
+    /// with a quorum) and waits until each answers.
+    pub fn start_all(&mut self) {
+        let stopped: Vec<usize> = (0..self.members.len())
+            .filter(|&i| !self.members[i].is_running())
+            .collect();
+        for &i in &stopped {
+            let url = self.members[i].endpoint.clone();
+            self.members[i].spawn(&url);
+        }
+        for &i in &stopped {
+            self.members[i].wait_ready();
+        }
+    }
+
+    /// Kills every member (an outage of the whole cluster); the data stays.
+    pub fn stop_all(&mut self) {
+        for m in &mut self.members {
+            m.stop();
+        }
+    }
+
+    /// The member that is the Raft leader now.
+    pub fn leader(&self) -> usize {
+        let out = self.running().etcdctl_ok(&[
+            "endpoint",
+            "status",
+            "-w",
+            "json",
+            &format!("--endpoints={}", self.endpoints().join(",")),
+        ]);
+        let list: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("etcdctl endpoint status -w json");
+        let leader = |e: &serde_json::Value| {
+            e["Status"]["leader"].as_u64() == e["Status"]["header"]["member_id"].as_u64()
+        };
+        let endpoint = list
+            .as_array()
+            .and_then(|a| a.iter().find(|e| leader(e)))
+            .and_then(|e| e["Endpoint"].as_str())
+            .expect("a leader")
+            .to_string();
+        self.members
+            .iter()
+            .position(|m| m.endpoint == endpoint)
+            .expect("the leader is a member")
+    }
+
+    /// A running member, for etcdctl.
+    fn running(&self) -> &Etcd {
+        self.members
+            .iter()
+            .find(|m| m.is_running())
+            .expect("no etcd member is running")
+    }
+
+    pub fn put(&self, key: &str, value: &str) {
+        self.running().put(key, value)
+    }
+
+    pub fn get(&self, key: &str) -> Option<String> {
+        self.running().get(key)
+    }
+
+    pub fn get_prefix(&self, prefix: &str) -> Vec<String> {
+        self.running().get_prefix(prefix)
+    }
+
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        self.running().etcdctl(args)
     }
 }
 

@@ -2,17 +2,57 @@
 //! runs the node's etcd agent beside the `nsp` plugin's registry. etcd being
 //! away at start is not a failure: the node works alone and says so.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use async_trait::async_trait;
 use tokio_util::sync::CancellationToken;
 
-use super::agent::{Agent, Settings};
+use super::agent::{Agent, Health, Settings};
 use super::record::NodeRecord;
 use crate::config::Config;
 use crate::core::{Plugin, PluginError};
 use crate::dataplane::{tunnel::TunnelSettings, DataplaneHandle};
 use crate::nsp::NspPlugin;
+
+/// The running agent, for the admin API's status (one daemon per process).
+static RUNNING: LazyLock<Mutex<Option<Arc<Agent>>>> = LazyLock::new(Mutex::default);
+
+/// One node as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeState {
+    pub name: String,
+    /// "self", "up" or "gone".
+    pub state: &'static str,
+    pub targets: usize,
+}
+
+/// The cluster as `status` shows it; `None` without `[cluster]`.
+pub fn status() -> Option<(String, Health, Vec<NodeState>)> {
+    let agent = RUNNING.lock().expect("running lock").clone()?;
+    let h = agent.health();
+    let me = agent.node().to_string();
+    let mut nodes: Vec<NodeState> = h
+        .nodes
+        .iter()
+        .chain(std::iter::once(&me))
+        .chain(h.gone.iter())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|name| NodeState {
+            name: name.clone(),
+            state: if *name == me {
+                "self"
+            } else if h.nodes.contains(name) {
+                "up"
+            } else {
+                "gone"
+            },
+            targets: h.targets.get(name).copied().unwrap_or(0),
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    Some((me, h, nodes))
+}
 
 pub struct ClusterPlugin {
     dataplane: DataplaneHandle,
@@ -104,6 +144,7 @@ impl Plugin for ClusterPlugin {
         nsp.join_cluster(agent.node().to_string(), agent.clone());
         let stop = scope.child_token();
         tokio::spawn(agent.clone().run(stop.clone()));
+        *RUNNING.lock().expect("running lock") = Some(agent.clone());
         *self.agent.lock().expect("agent lock") = Some(agent);
         *self.stop.lock().expect("stop lock") = Some(stop);
         Ok(())
@@ -113,6 +154,7 @@ impl Plugin for ClusterPlugin {
         if let Some(stop) = self.stop.lock().expect("stop lock").take() {
             stop.cancel();
         }
+        *RUNNING.lock().expect("running lock") = None;
         Ok(())
     }
 
