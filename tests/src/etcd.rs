@@ -274,6 +274,21 @@ impl Etcd {
             .collect()
     }
 
+    /// The store's revision now.
+    pub fn revision(&self) -> i64 {
+        let out = self.etcdctl_ok(&["get", "-w", "json", "--", "/"]);
+        let reply: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("etcdctl get -w json");
+        reply["header"]["revision"]
+            .as_i64()
+            .expect("a revision in the header")
+    }
+
+    /// Compacts the history up to `revision` (a watch from before it is cancelled).
+    pub fn compact(&self, revision: i64) {
+        self.etcdctl_ok(&["compact", &revision.to_string()]);
+    }
+
     /// Deletes `key`; true if it existed.
     pub fn delete(&self, key: &str) -> bool {
         let out = self.etcdctl_ok(&["del", "--", key]);

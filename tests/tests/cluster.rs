@@ -1026,3 +1026,82 @@ fn losing_an_etcd_member_changes_nothing_and_a_full_outage_keeps_traffic_flowing
     drop(receivers);
     drop(taps);
 }
+
+/// The cluster row of node `i`'s status.
+fn cluster_row(lab: &Lab, i: usize) -> tapmesh::admin::proto::ClusterStatus {
+    lab.daemon(i).status().cluster.expect("a cluster row")
+}
+
+#[test]
+fn a_watch_resumed_after_a_compaction_lists_again_and_applies_the_difference() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::with(2, false, RACE_CONFIG, 1, FAULT_TTL);
+    let joined = wait_until(Duration::from_secs(15), || {
+        (1..=2).all(|i| lab.cluster_detail(i).contains("2 nodes [n1 n2]"))
+    });
+    assert!(joined, "{}", lab.cluster_detail(1));
+    let mut c = Caller::start(
+        &lab.nodes[1].name,
+        &lab.node_socket(2),
+        "203.0.113.202/32",
+        7,
+        None,
+        true,
+    );
+    assert_eq!(c.result(), "ok");
+    c.finish();
+    let prefix = "/tapmesh/v1/targets/trench-a/n2/";
+    let seen = wait_until(Duration::from_secs(10), || {
+        lab.etcd.get_prefix(prefix).len() == 1 && lab.registry(1).iter().any(|r| r.3 == "n2")
+    });
+    assert!(seen, "{:?}", lab.registry(1));
+    let own = lab.etcd.get_prefix(prefix).remove(0);
+
+    // Cut the daemons off; meanwhile node 2's target is deleted, a node n9
+    // appears, and the history is compacted past what the daemons saw.
+    lab.etcd.members[0].stop();
+    lab.etcd.members[0].start_partitioned();
+    assert!(lab.etcd.members[0].delete(&own));
+    lab.etcd.put(
+        "/tapmesh/v1/nodes/n9",
+        r#"{"name":"n9","tunnel_addresses":["198.51.100.9"],"conduit_prefixes":[],"container_subnets":[],"pod_cidrs":[],"version":"test"}"#,
+    );
+    let revision = lab.etcd.members[0].revision();
+    lab.etcd.members[0].compact(revision);
+    lab.etcd.members[0].stop();
+    lab.etcd.members[0].start();
+    let healed = Instant::now();
+
+    // Each daemon's watch is cancelled as compacted: it lists once, sees n9,
+    // and node 2 puts its target back.
+    let relisted = wait_until(Duration::from_secs(15), || {
+        (1..=2).all(|i| {
+            let row = cluster_row(&lab, i);
+            row.etcd_connected
+                && row.relists == 1
+                && row.nodes.iter().any(|n| n.name == "n9" && n.state == "up")
+        })
+    });
+    assert!(
+        relisted,
+        "{:?} / {:?}",
+        cluster_row(&lab, 1),
+        cluster_row(&lab, 2)
+    );
+    let restored = wait_until(Duration::from_secs(10), || {
+        lab.etcd.get_prefix(prefix) == [own.clone()]
+    });
+    assert!(restored, "{:?}", lab.etcd.get_prefix(prefix));
+    let back = wait_until(Duration::from_secs(5), || {
+        lab.registry(1).iter().any(|r| r.3 == "n2")
+    });
+    assert!(back, "{:?}", lab.registry(1));
+    eprintln!(
+        "compacted at revision {revision}: both nodes listed again once; node 2's target, \
+         deleted meanwhile, back in node 1's registry {:?} after etcd returned",
+        healed.elapsed()
+    );
+    assert!(lab.daemon(1).log_text().contains("was compacted"));
+}
