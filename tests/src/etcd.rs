@@ -40,6 +40,113 @@ pub struct Etcd {
     token: String,
     /// The log of the current start.
     log: PathBuf,
+    /// TLS on the client URLs (clients must show a certificate of the same CA).
+    tls: Option<Certs>,
+}
+
+/// Files for TLS to etcd, made with the openssl CLI: a CA, a server
+/// certificate for some addresses and a client certificate, both signed by it.
+#[derive(Clone, Debug)]
+pub struct Certs {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+fn openssl(args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running openssl: {e}"));
+    assert!(
+        out.status.success(),
+        "openssl {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Certs {
+    /// A new CA in `dir` (named `label`), and certificates it signs: the
+    /// server's for `hosts`, a client's.
+    pub fn new(dir: &Path, label: &str, hosts: &[std::net::Ipv4Addr]) -> Self {
+        std::fs::create_dir_all(dir).expect("creating the certificate directory");
+        let file = |name: &str| dir.join(format!("{label}-{name}"));
+        let path = |p: &PathBuf| p.display().to_string();
+        let (ca, ca_key) = (file("ca.pem"), file("ca.key"));
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+        ];
+        let mut args = vec!["req", "-x509"];
+        args.extend(ec);
+        let (ca_s, ca_key_s) = (path(&ca), path(&ca_key));
+        let subject = format!("/CN=tapmesh test CA {label}");
+        args.extend([
+            "-keyout", &ca_key_s, "-out", &ca_s, "-days", "2", "-subj", &subject,
+        ]);
+        openssl(&args);
+        let sign = |name: &str, ext: String| -> (PathBuf, PathBuf) {
+            let (cert, key, csr, extfile) = (
+                file(&format!("{name}.pem")),
+                file(&format!("{name}.key")),
+                file(&format!("{name}.csr")),
+                file(&format!("{name}.ext")),
+            );
+            std::fs::write(&extfile, ext).expect("writing the extensions");
+            let (key_s, csr_s, cert_s, ext_s) =
+                (path(&key), path(&csr), path(&cert), path(&extfile));
+            let cn = format!("/CN={name}");
+            let mut args = vec!["req"];
+            args.extend(ec);
+            args.extend(["-keyout", &key_s, "-out", &csr_s, "-subj", &cn]);
+            openssl(&args);
+            openssl(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr_s,
+                "-CA",
+                &ca_s,
+                "-CAkey",
+                &ca_key_s,
+                "-CAcreateserial",
+                "-out",
+                &cert_s,
+                "-days",
+                "2",
+                "-extfile",
+                &ext_s,
+            ]);
+            (cert, key)
+        };
+        let sans: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("IP:{h}"))
+            .chain(["IP:127.0.0.1".to_string()])
+            .collect();
+        let (server_cert, server_key) = sign(
+            "server",
+            format!(
+                "subjectAltName={}\nextendedKeyUsage=serverAuth,clientAuth\n",
+                sans.join(",")
+            ),
+        );
+        let (client_cert, client_key) = sign("client", "extendedKeyUsage=clientAuth\n".to_string());
+        Certs {
+            ca,
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        }
+    }
 }
 
 /// A free loopback TCP port (bound to port 0, then released).
@@ -105,6 +212,7 @@ impl Etcd {
             starts: 0,
             netns,
             log: PathBuf::new(),
+            tls: None,
         };
         etcd.start();
         etcd
@@ -181,6 +289,17 @@ impl Etcd {
             .args(["--advertise-client-urls", client_url])
             .args(["--listen-peer-urls", &self.peer_url])
             .args(["--initial-advertise-peer-urls", &self.peer_url])
+            .args(self.tls.iter().flat_map(|t| {
+                [
+                    "--cert-file".into(),
+                    t.server_cert.clone().into_os_string(),
+                    "--key-file".into(),
+                    t.server_key.clone().into_os_string(),
+                    "--trusted-ca-file".into(),
+                    t.ca.clone().into_os_string(),
+                    "--client-cert-auth".into(),
+                ]
+            }))
             .args(["--initial-cluster", &self.initial_cluster])
             .args(["--initial-cluster-token", &self.token])
             .args(["--initial-cluster-state", state])
@@ -233,6 +352,13 @@ impl Etcd {
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.active))
             .args(["--dial-timeout=1s", "--command-timeout=3s"])
+            .args(self.tls.iter().flat_map(|t| {
+                [
+                    format!("--cacert={}", t.ca.display()),
+                    format!("--cert={}", t.client_cert.display()),
+                    format!("--key={}", t.client_key.display()),
+                ]
+            }))
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -307,7 +433,18 @@ impl EtcdCluster {
     /// Starts one member on each of `hosts` (addresses of `netns`) and waits
     /// until every member answers.
     pub fn new_at(netns: &str, hosts: &[std::net::Ipv4Addr]) -> Self {
+        Self::start(netns, hosts, None)
+    }
+
+    /// [`EtcdCluster::new_at`] with TLS (https:// client URLs, client
+    /// certificates of the same CA required).
+    pub fn new_tls_at(netns: &str, hosts: &[std::net::Ipv4Addr], certs: &Certs) -> Self {
+        Self::start(netns, hosts, Some(certs.clone()))
+    }
+
+    fn start(netns: &str, hosts: &[std::net::Ipv4Addr], tls: Option<Certs>) -> Self {
         require_binaries();
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let token = crate::unique("etcdc");
         let mut members: Vec<Etcd> = hosts
             .iter()
@@ -316,7 +453,7 @@ impl EtcdCluster {
                 let dir = std::env::temp_dir().join(format!("tapmesh-{name}"));
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(&dir).expect("creating the etcd directory");
-                let endpoint = format!("http://{host}:2379");
+                let endpoint = format!("{scheme}://{host}:2379");
                 Etcd {
                     active: endpoint.clone(),
                     endpoint,
@@ -329,6 +466,7 @@ impl EtcdCluster {
                     initial_cluster: String::new(),
                     token: token.clone(),
                     log: PathBuf::new(),
+                    tls: tls.clone(),
                 }
             })
             .collect();

@@ -24,7 +24,7 @@ use tapmesh_common::{
 };
 use tapmesh_tests::{
     daemon::{named, tapmesh_bin, Daemon},
-    etcd::EtcdCluster,
+    etcd::{Certs, EtcdCluster},
     kernel_tests_enabled,
     maps::{differences, dump_pinned, Dump},
     net::{send_udp_flows, wait_until, UdpReceiver},
@@ -51,6 +51,9 @@ struct Lab {
     daemons: Vec<Option<Daemon>>,
     etcd: EtcdCluster,
     lease_ttl: Duration,
+    /// TLS to etcd: its files, and the CA the daemons are told to trust.
+    certs: Option<Certs>,
+    ca: Option<PathBuf>,
     client: Option<(Netns, String)>,
     nodes: Vec<Netns>,
     apps: Vec<Netns>,
@@ -73,6 +76,17 @@ impl Lab {
         nsp_config: &str,
         members: usize,
         lease_ttl: Duration,
+    ) -> Self {
+        Self::build(nodes, with_client, nsp_config, members, lease_ttl, false)
+    }
+
+    fn build(
+        nodes: usize,
+        with_client: bool,
+        nsp_config: &str,
+        members: usize,
+        lease_ttl: Duration,
+        tls: bool,
     ) -> Self {
         let bridge = Netns::new("br");
         bridge.ip(&["link", "add", "br0", "type", "bridge"]);
@@ -144,8 +158,12 @@ impl Lab {
             (client, c.interface)
         });
         let hosts: Vec<Ipv4Addr> = (0..members).map(etcd_at).collect();
-        let etcd = EtcdCluster::new_at(&bridge.name, &hosts);
         let dir = TempDir::new("tmcl");
+        let certs = tls.then(|| Certs::new(&dir.0.join("certs"), "etcd", &hosts));
+        let etcd = match &certs {
+            Some(certs) => EtcdCluster::new_tls_at(&bridge.name, &hosts, certs),
+            None => EtcdCluster::new_at(&bridge.name, &hosts),
+        };
         let bin = dir.0.join("tapmesh");
         std::fs::copy(tapmesh_bin(), &bin).expect("copying the tapmesh binary");
         chmod(&dir.0, 0o755);
@@ -156,6 +174,8 @@ impl Lab {
             daemons: Vec::new(),
             etcd,
             lease_ttl,
+            ca: certs.as_ref().map(|c| c.ca.clone()),
+            certs,
             client,
             nodes: netns,
             apps: Vec::new(),
@@ -184,6 +204,15 @@ impl Lab {
         std::fs::create_dir_all(&d).unwrap();
         chmod(&d, 0o755);
         let config = d.join("daemon.toml");
+        let tls = match (&self.certs, &self.ca) {
+            (Some(c), Some(ca)) => format!(
+                "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                ca.display(),
+                c.client_cert.display(),
+                c.client_key.display()
+            ),
+            _ => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
@@ -194,7 +223,7 @@ impl Lab {
                 nsp = self.dir.0.join("nsp.toml").display(),
                 etcd = self.etcd.endpoints(),
                 ttl = self.lease_ttl.as_secs(),
-            ),
+            ) + &tls,
         )
         .unwrap();
         let mut args: Vec<String> = vec![
@@ -1104,4 +1133,47 @@ fn a_watch_resumed_after_a_compaction_lists_again_and_applies_the_difference() {
         healed.elapsed()
     );
     assert!(lab.daemon(1).log_text().contains("was compacted"));
+}
+
+#[test]
+fn tls_to_etcd_joins_with_its_ca_and_a_wrong_ca_is_refused_with_one_clear_line() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::build(1, false, RACE_CONFIG, 1, FAULT_TTL, true);
+    assert!(lab.etcd.endpoints()[0].starts_with("https://"));
+    let joined = wait_until(Duration::from_secs(15), || {
+        lab.daemon(1)
+            .status()
+            .cluster
+            .is_some_and(|c| c.etcd_connected && c.nodes.len() == 1)
+    });
+    assert!(joined, "{}", lab.cluster_detail(1));
+    assert!(lab.etcd.get("/tapmesh/v1/nodes/n1").is_some());
+
+    // Restarted trusting another CA: etcd's certificate is refused, said
+    // once in the log and in status; the node runs alone meanwhile.
+    let other = Certs::new(&lab.dir.0.join("certs"), "other", &[etcd_at(0)]);
+    lab.ca = Some(other.ca.clone());
+    let mut d = lab.daemons[0].take().unwrap();
+    d.stop();
+    drop(d);
+    lab.daemons[0] = Some(lab.start_daemon(1));
+    let refused = wait_until(Duration::from_secs(10), || {
+        lab.daemon(1).status().cluster.is_some_and(|c| {
+            !c.etcd_connected
+                && c.etcd_error.contains("UnknownIssuer")
+                && c.etcd_error.contains("signed by cluster.ca_file")
+        })
+    });
+    assert!(refused, "{:?}", lab.daemon(1).status().cluster);
+    // A few retries later, still one line.
+    std::thread::sleep(Duration::from_secs(4));
+    let log = lab.daemon(1).log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("UnknownIssuer"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    eprintln!("wrong CA: {}", lines[0]);
 }

@@ -43,6 +43,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub endpoints: Vec<String>,
+    /// CA (and client identity) for https:// endpoints.
+    pub tls: Option<etcd_client::TlsOptions>,
     pub lease_ttl: Duration,
     pub prefix: String,
     /// `<state_dir>/cluster.json`: the lease a restart reuses.
@@ -159,10 +161,15 @@ impl Agent {
             if watching {
                 delay = BACKOFF_MIN;
             }
-            let error = match result {
+            let mut error = match result {
                 Ok(()) => "the session ended".to_string(),
                 Err(e) => crate::causes(&e),
             };
+            if error.contains("invalid peer certificate") {
+                error.push_str(
+                    " (is etcd's certificate signed by cluster.ca_file, for this address?)",
+                );
+            }
             let first = self.health().error.as_deref() != Some(error.as_str());
             if first {
                 tracing::warn!(
@@ -337,10 +344,13 @@ impl Agent {
         let mut failed = None;
         for k in 0..endpoints.len() {
             let at = (first + k) % endpoints.len();
-            let options = ConnectOptions::new()
+            let mut options = ConnectOptions::new()
                 .with_connect_timeout(Duration::from_secs(2))
                 .with_timeout(OP_TIMEOUT)
                 .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+            if let Some(tls) = &self.settings.tls {
+                options = options.with_tls(tls.clone());
+            }
             let attempt = async {
                 let mut client = timed(Client::connect([&endpoints[at]], Some(options))).await?;
                 timed(client.get(self.keys.node(self.node()), None)).await?;

@@ -5,6 +5,7 @@
 use std::sync::{Arc, LazyLock, Mutex};
 
 use async_trait::async_trait;
+use etcd_client::{Certificate, Identity, TlsOptions};
 use tokio_util::sync::CancellationToken;
 
 use super::agent::{Agent, Health, Settings};
@@ -73,6 +74,27 @@ impl ClusterPlugin {
         }
     }
 
+    /// TLS to etcd from the configured files (read now: a file that cannot
+    /// be read refuses the configuration, naming it).
+    fn tls(c: &crate::config::ClusterConfig) -> Result<Option<TlsOptions>, PluginError> {
+        let read = |setting: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                PluginError::new(format!("cluster.{setting}: {}: {e}", path.display()))
+            })
+        };
+        let Some(ca) = &c.ca_file else {
+            return Ok(None);
+        };
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read("ca_file", ca)?));
+        if let (Some(cert), Some(key)) = (&c.cert_file, &c.key_file) {
+            tls = tls.identity(Identity::from_pem(
+                read("cert_file", cert)?,
+                read("key_file", key)?,
+            ));
+        }
+        Ok(Some(tls))
+    }
+
     /// The node record this configuration publishes.
     fn record(config: &Config) -> NodeRecord {
         let nonempty = |list: &[&String]| -> Vec<String> {
@@ -117,12 +139,9 @@ impl Plugin for ClusterPlugin {
             *self.settings.lock().expect("settings lock") = None;
             return Ok(());
         }
-        if c.ca_file.is_some() || c.cert_file.is_some() {
-            return Err(PluginError::new(
-                "cluster: TLS to etcd is not built into this tapmesh; use http:// endpoints on a trusted network",
-            ));
-        }
+        let tls = Self::tls(c)?;
         *self.settings.lock().expect("settings lock") = Some(Settings {
+            tls,
             endpoints: c.etcd_endpoints.clone(),
             lease_ttl: c.lease_ttl,
             prefix: c.prefix.clone(),
