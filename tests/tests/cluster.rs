@@ -1,16 +1,16 @@
 //! Cluster mode on a real etcd: three daemons in namespaces on one underlay
-//! bridge, etcd on the bridge's namespace, applications on nodes 2 and 3
-//! registered through their ambassadors (the NSP API), client traffic
-//! entering node 1.
+//! bridge, etcd (one member, or three) on the bridge's namespace,
+//! applications on nodes 2 and 3 registered through their ambassadors (the
+//! NSP API), client traffic entering node 1.
 //!
 //! ```text
 //!  client ── n1 ─┐                   ┌─ n2 ══ conduit ══ app2
-//!  192.0.2.2  .1 │  br0 198.51.100.0/24 (etcd .100)
+//!  192.0.2.2  .1 │  br0 198.51.100.0/24 (etcd .100 .101 .102)
 //!                └──────────────────┴─ n3 ══ conduit ══ app3
 //! ```
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -23,9 +23,10 @@ use tapmesh_common::{
     SCHEMA_VERSION,
 };
 use tapmesh_tests::{
-    daemon::{tapmesh_bin, Daemon},
-    etcd::Etcd,
+    daemon::{named, tapmesh_bin, Daemon},
+    etcd::{Certs, EtcdCluster},
     kernel_tests_enabled,
+    maps::{differences, dump_pinned, Dump},
     net::{send_udp_flows, wait_until, UdpReceiver},
     sh,
     tapa::{chmod, stream, Ambassador, TapCaller, NSP_CONFIG, OPEN_WITHIN, VIP_A},
@@ -33,7 +34,10 @@ use tapmesh_tests::{
 };
 
 const LEASE_TTL: Duration = Duration::from_secs(2);
-const ETCD_AT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 100);
+/// etcd member `m` (0-based) listens on 198.51.100.100 + m.
+fn etcd_at(m: usize) -> Ipv4Addr {
+    Ipv4Addr::new(198, 51, 100, 100 + m as u8)
+}
 const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
 
 fn node_address(i: usize) -> Ipv4Addr {
@@ -45,7 +49,11 @@ struct Lab {
     // Drop order: ambassadors, daemons, etcd, namespaces, files.
     ambassadors: Vec<Ambassador>,
     daemons: Vec<Option<Daemon>>,
-    etcd: Etcd,
+    etcd: EtcdCluster,
+    lease_ttl: Duration,
+    /// TLS to etcd: its files, and the CA the daemons are told to trust.
+    certs: Option<Certs>,
+    ca: Option<PathBuf>,
     client: Option<(Netns, String)>,
     nodes: Vec<Netns>,
     apps: Vec<Netns>,
@@ -58,9 +66,33 @@ struct Lab {
 
 impl Lab {
     fn new(nodes: usize, with_client: bool, nsp_config: &str) -> Self {
+        Self::with(nodes, with_client, nsp_config, 1, LEASE_TTL)
+    }
+
+    /// `members` etcd members; the daemons' leases last `lease_ttl`.
+    fn with(
+        nodes: usize,
+        with_client: bool,
+        nsp_config: &str,
+        members: usize,
+        lease_ttl: Duration,
+    ) -> Self {
+        Self::build(nodes, with_client, nsp_config, members, lease_ttl, false)
+    }
+
+    fn build(
+        nodes: usize,
+        with_client: bool,
+        nsp_config: &str,
+        members: usize,
+        lease_ttl: Duration,
+        tls: bool,
+    ) -> Self {
         let bridge = Netns::new("br");
         bridge.ip(&["link", "add", "br0", "type", "bridge"]);
-        bridge.ip(&["addr", "add", &format!("{ETCD_AT}/24"), "dev", "br0"]);
+        for m in 0..members {
+            bridge.ip(&["addr", "add", &format!("{}/24", etcd_at(m)), "dev", "br0"]);
+        }
         bridge.ip(&["link", "set", "br0", "up"]);
         let mut netns = Vec::new();
         let mut uplinks = Vec::new();
@@ -125,8 +157,13 @@ impl Lab {
             }
             (client, c.interface)
         });
-        let etcd = Etcd::new_at(&bridge.name, ETCD_AT);
+        let hosts: Vec<Ipv4Addr> = (0..members).map(etcd_at).collect();
         let dir = TempDir::new("tmcl");
+        let certs = tls.then(|| Certs::new(&dir.0.join("certs"), "etcd", &hosts));
+        let etcd = match &certs {
+            Some(certs) => EtcdCluster::new_tls_at(&bridge.name, &hosts, certs),
+            None => EtcdCluster::new_at(&bridge.name, &hosts),
+        };
         let bin = dir.0.join("tapmesh");
         std::fs::copy(tapmesh_bin(), &bin).expect("copying the tapmesh binary");
         chmod(&dir.0, 0o755);
@@ -136,6 +173,9 @@ impl Lab {
             ambassadors: Vec::new(),
             daemons: Vec::new(),
             etcd,
+            lease_ttl,
+            ca: certs.as_ref().map(|c| c.ca.clone()),
+            certs,
             client,
             nodes: netns,
             apps: Vec::new(),
@@ -164,17 +204,26 @@ impl Lab {
         std::fs::create_dir_all(&d).unwrap();
         chmod(&d, 0o755);
         let config = d.join("daemon.toml");
+        let tls = match (&self.certs, &self.ca) {
+            (Some(c), Some(ca)) => format!(
+                "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+                ca.display(),
+                c.client_cert.display(),
+                c.client_key.display()
+            ),
+            _ => String::new(),
+        };
         std::fs::write(
             &config,
             format!(
                 "[nsp]\nconfig_file = \"{nsp}\"\nentry_timeout = \"30s\"\n\
                  conduit_prefix_v4 = \"198.19.{i}.0/24\"\nconduit_prefix_v6 = \"\"\n\
-                 [cluster]\netcd_endpoints = [\"{etcd}\"]\nnode_name = \"n{i}\"\n\
+                 [cluster]\netcd_endpoints = {etcd:?}\nnode_name = \"n{i}\"\n\
                  lease_ttl = \"{ttl}s\"\n",
                 nsp = self.dir.0.join("nsp.toml").display(),
-                etcd = self.etcd.endpoint,
-                ttl = LEASE_TTL.as_secs(),
-            ),
+                etcd = self.etcd.endpoints(),
+                ttl = self.lease_ttl.as_secs(),
+            ) + &tls,
         )
         .unwrap();
         let mut args: Vec<String> = vec![
@@ -252,7 +301,7 @@ fn array<V: aya::Pod>(pins: &Path, name: &str) -> Array<MapData, V> {
 /// `tm_maglev` and turned, through `tm_targets`, into the node that owns the
 /// target (a local target is `own`'s). Target indices are each node's own
 /// numbering; which node gets the flow is what has to agree.
-fn owners(daemon: &Daemon, own: Ipv4Addr) -> Vec<Ipv4Addr> {
+fn owners_read(daemon: &Daemon, own: Ipv4Addr) -> Vec<Ipv4Addr> {
     let pins = daemon.bpffs_root.join(format!("v{SCHEMA_VERSION}"));
     let streams: Array<MapData, StreamValue> = array(&pins, "tm_streams");
     let used: Vec<StreamValue> = streams
@@ -278,11 +327,23 @@ fn owners(daemon: &Daemon, own: Ipv4Addr) -> Vec<Ipv4Addr> {
                         let a = t.node_addr;
                         Ipv4Addr::new(a[12], a[13], a[14], a[15])
                     }
-                    k => panic!("entry {i}: target {index} has kind {k}"),
+                    // Read while the daemon rewrites the stream (the table
+                    // first, then the target it no longer uses).
+                    _ => Ipv4Addr::UNSPECIFIED,
                 }
             })
         })
         .collect()
+}
+
+/// [`owners_read`], consistent: empty if an entry led to a target being
+/// removed meanwhile (the caller reads again).
+fn owners(daemon: &Daemon, own: Ipv4Addr) -> Vec<Ipv4Addr> {
+    let table = owners_read(daemon, own);
+    if table.contains(&Ipv4Addr::UNSPECIFIED) {
+        return Vec::new();
+    }
+    table
 }
 
 fn share(table: &[Ipv4Addr], node: Ipv4Addr) -> f64 {
@@ -294,7 +355,7 @@ fn three_nodes_spread_flows_by_one_maglev_and_a_killed_node_leaves_within_its_le
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = Lab::new(3, true, NSP_CONFIG);
+    let mut lab = Lab::with(3, true, NSP_CONFIG, 3, LEASE_TTL);
     let all_joined = wait_until(Duration::from_secs(15), || {
         (1..=3).all(|i| lab.cluster_detail(i).contains("3 nodes [n1 n2 n3]"))
     });
@@ -373,14 +434,42 @@ fn three_nodes_spread_flows_by_one_maglev_and_a_killed_node_leaves_within_its_le
         );
     }
 
-    // Bad values under the prefix are skipped and counted.
-    lab.etcd.put("/tapmesh/v1/nodes/bogus", "{not json");
-    lab.etcd.put("/tapmesh/v1/targets/trench-a/n9/x", "[]");
+    // Bad values under the prefix are skipped, counted (each value put) and
+    // logged once per key; no map changes.
+    let maps = daemon_maps(lab.daemon(1));
+    let bad = [
+        ("/tapmesh/v1/nodes/bogus", "{not json"),
+        ("/tapmesh/v1/targets/trench-a/n9/x", "[]"),
+        ("/tapmesh/v1/elsewhere/x", "foreign"),
+        ("/tapmesh/v1/nodes/bogus", "\u{1}\u{2}still not json"),
+    ];
+    for (key, value) in bad {
+        lab.etcd.put(key, value);
+    }
     let counted = wait_until(Duration::from_secs(5), || {
-        lab.cluster_detail(1).contains("2 bad values skipped")
+        (1..=3).all(|i| {
+            lab.daemon(i)
+                .status()
+                .cluster
+                .is_some_and(|c| c.bad_values == bad.len() as u64)
+        })
     });
-    assert!(counted, "{}", lab.cluster_detail(1));
+    assert!(counted, "{:?}", lab.daemon(1).status().cluster);
+    assert!(lab.cluster_detail(1).contains("4 bad values skipped"));
     assert!(lab.cluster_detail(1).contains("3 nodes [n1 n2 n3]"));
+    let diff = differences(&maps, &daemon_maps(lab.daemon(1)));
+    assert!(
+        diff.is_empty(),
+        "bad values changed node 1's maps: {diff:?}"
+    );
+    for i in 1..=3 {
+        let log = lab.daemon(i).log_text();
+        let lines = log
+            .lines()
+            .filter(|l| l.contains("cluster: skipping"))
+            .count();
+        assert_eq!(lines, 3, "node {i}: one line per bad key:\n{log}");
+    }
 
     // SIGKILL node 3's daemon: its target leaves nodes 1 and 2 within the lease + 2 s.
     lab.daemons[2].as_mut().unwrap().kill();
@@ -410,6 +499,46 @@ fn three_nodes_spread_flows_by_one_maglev_and_a_killed_node_leaves_within_its_le
         "{}",
         lab.cluster_detail(1)
     );
+    // `tapmesh status` (text and JSON) shows the cluster row of node 1.
+    let json: serde_json::Value =
+        serde_json::from_str(&lab.daemon(1).cli(&["status", "-o", "json"])).unwrap();
+    let c = &json["cluster"];
+    assert_eq!(c["node"], "n1", "{json}");
+    assert_eq!(c["etcd_connected"], true, "{json}");
+    assert_eq!(c["etcd_error"], "", "{json}");
+    assert_eq!(c["bad_values"], 4, "{json}");
+    assert!(c["revision"].as_i64().unwrap() > 0, "{json}");
+    let rows: Vec<(String, String, u64)> = c["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap().into(),
+                n["state"].as_str().unwrap().into(),
+                n["targets"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("n1".into(), "self".into(), 0),
+            ("n2".into(), "up".into(), 1),
+            ("n3".into(), "gone".into(), 0)
+        ]
+    );
+    let text = lab.daemon(1).cli(&["status"]);
+    let head = format!(
+        "  node n1, etcd connected, revision {}, lease {:x}, bad values 4, re-lists 0",
+        c["revision"],
+        c["lease"].as_i64().unwrap()
+    );
+    assert!(text.lines().any(|l| l == head), "{head:?} not in\n{text}");
+    for (name, state, targets) in &rows {
+        let line = format!("    {name:<16} {state:<5} {targets} targets");
+        assert!(text.lines().any(|l| l == line), "{line:?} not in\n{text}");
+    }
     drop(taps);
 }
 
@@ -626,7 +755,7 @@ fn unreachable_etcd_at_start_leaves_a_working_single_node_that_says_so() {
         .cluster_detail(1)
         .contains("1 nodes [n1]")));
     // Restart with etcd gone: the daemon starts and says so.
-    lab.etcd.stop();
+    lab.etcd.stop_all();
     let mut d = lab.daemons[0].take().unwrap();
     d.stop();
     drop(d);
@@ -637,6 +766,18 @@ fn unreachable_etcd_at_start_leaves_a_working_single_node_that_says_so() {
             .contains("etcd unreachable")),
         "{}",
         lab.cluster_detail(1)
+    );
+    let row = lab.daemon(1).status().cluster.expect("a cluster row");
+    assert!(!row.etcd_connected);
+    assert!(
+        row.etcd_error.contains(&lab.etcd.endpoints()[0][7..])
+            && row.etcd_error.contains("refused"),
+        "{row:?}"
+    );
+    let text = lab.daemon(1).cli(&["status"]);
+    assert!(
+        text.contains(&format!("etcd unreachable: {}", row.etcd_error)),
+        "{text}"
     );
     // A registration works locally meanwhile, and reaches etcd when it returns.
     let mut local = Caller::start(
@@ -650,7 +791,7 @@ fn unreachable_etcd_at_start_leaves_a_working_single_node_that_says_so() {
     assert_eq!(local.result(), "ok", "registers locally");
     local.finish();
     assert_eq!(lab.registry(1).len(), 1);
-    lab.etcd.start();
+    lab.etcd.start_all();
     let published = wait_until(Duration::from_secs(15), || {
         lab.etcd
             .get_prefix("/tapmesh/v1/targets/trench-a/n1/")
@@ -659,4 +800,380 @@ fn unreachable_etcd_at_start_leaves_a_working_single_node_that_says_so() {
     });
     assert!(published, "{}", lab.cluster_detail(1));
     assert!(lab.cluster_detail(1).contains("etcd connected"));
+}
+
+/// The faults test's lease: long enough that a daemon reconnecting to
+/// another member keeps it, as in a real deployment (default 10 s).
+const FAULT_TTL: Duration = Duration::from_secs(10);
+const FLOW_PORTS: std::ops::Range<u16> = 20000..23000;
+
+/// Maps the datapath itself writes (counters, flow and fragment state):
+/// left out when "the maps" must not change.
+const DATAPATH_WRITES: &[&str] = &[
+    "tm_ov_ct",
+    "tm_ov_ct6",
+    "tm_ov_frags",
+    "tm_ov_frags6",
+    "tm_ov_rr",
+    "tm_ov_scratch6",
+    "tm_ov_pending",
+    "tm_ov_pending6",
+    "tm_ov_misses",
+];
+
+/// Every map the daemon writes, byte for byte.
+fn daemon_maps(daemon: &Daemon) -> BTreeMap<String, Dump> {
+    let mut maps = dump_pinned(&daemon.bpffs_root.join(format!("v{SCHEMA_VERSION}")));
+    maps.retain(|name, _| !name.ends_with("_stats") && !DATAPATH_WRITES.contains(&name.as_str()));
+    maps
+}
+
+/// The distinct targets (`tm_targets` indices) in stream-a's Maglev region.
+fn table_targets(daemon: &Daemon) -> BTreeSet<u32> {
+    let pins = daemon.bpffs_root.join(format!("v{SCHEMA_VERSION}"));
+    let streams: Array<MapData, StreamValue> = array(&pins, "tm_streams");
+    let Some(s) = streams
+        .iter()
+        .map(|s| s.expect("tm_streams"))
+        .find(|s| s.table_size == 401)
+    else {
+        return BTreeSet::new();
+    };
+    let maglev: Array<MapData, u32> = array(&pins, "tm_maglev");
+    (s.table_base..s.table_base + s.table_size)
+        .map(|i| maglev.get(&i, 0).expect("tm_maglev"))
+        .collect()
+}
+
+/// The nodes of the ENABLED stream-a targets in node `i`'s registry, sorted.
+fn enabled_nodes(lab: &Lab, i: usize) -> Vec<String> {
+    let mut nodes: Vec<String> = lab
+        .registry(i)
+        .into_iter()
+        .filter(|r| r.0 == "stream-a.conduit-a.trench-a" && r.2 == "ENABLED")
+        .map(|r| r.3)
+        .collect();
+    nodes.sort();
+    nodes
+}
+
+/// Every node's registry and maps hold stream-a's targets on `nodes`, and
+/// every node's table sends each entry to the same node.
+fn converged(lab: &Lab, nodes: &[&str]) -> bool {
+    let t1 = owners(lab.daemon(1), node_address(1));
+    !t1.is_empty()
+        && (1..=3).all(|i| {
+            enabled_nodes(lab, i) == nodes
+                && table_targets(lab.daemon(i)).len() == nodes.len()
+                && owners(lab.daemon(i), node_address(i)) == t1
+        })
+}
+
+/// An application on node `i` with stream-a OPEN.
+fn open_a(lab: &mut Lab, i: usize) -> TapCaller {
+    let mut tap = lab.app_on(i);
+    tap.open(stream("stream-a", "conduit-a", "trench-a"))
+        .unwrap();
+    assert!(
+        tap.wait_status("stream-a", StreamStatus::Open, OPEN_WITHIN),
+        "not OPEN on node {i}: {}",
+        lab.ambassadors.last().unwrap().log_text()
+    );
+    tap
+}
+
+/// 3000 UDP flows from the client into node 1, one datagram each; returns
+/// what was sent and which receiver each flow (source port) reached. Waits
+/// until all arrived, or 3 s.
+fn round(lab: &Lab, receivers: &[UdpReceiver]) -> (u64, BTreeMap<u16, usize>) {
+    let count = || receivers.iter().map(UdpReceiver::count).sum::<u64>();
+    let before = count();
+    let ports: Vec<u16> = FLOW_PORTS.collect();
+    let client = lab.client.as_ref().unwrap().0.name.clone();
+    let to = SocketAddrV4::new(VIP_A, 7000);
+    let sent = send_udp_flows(&client, CLIENT, &ports, to, 1, b"cluster");
+    wait_until(Duration::from_secs(3), || count() - before >= sent);
+    // Late or duplicated datagrams would show up now.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut reached = BTreeMap::new();
+    for (i, r) in receivers.iter().enumerate() {
+        for (port, n) in r.take().by_port() {
+            assert_eq!(n, 1, "flow {port}: {n} datagrams at receiver {i}");
+            assert!(
+                reached.insert(port, i).is_none(),
+                "flow {port} reached two targets"
+            );
+        }
+    }
+    (sent, reached)
+}
+
+fn reached_by(flows: &BTreeMap<u16, usize>, receiver: usize) -> usize {
+    flows.values().filter(|&&r| r == receiver).count()
+}
+
+fn target_not_local(lab: &Lab, i: usize) -> u64 {
+    named(&lab.daemon(i).status(), "xdp_uplink", "target_not_local")
+}
+
+#[test]
+fn losing_an_etcd_member_changes_nothing_and_a_full_outage_keeps_traffic_flowing() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::with(3, true, NSP_CONFIG, 3, FAULT_TTL);
+    let joined = wait_until(Duration::from_secs(15), || {
+        (1..=3).all(|i| lab.cluster_detail(i).contains("3 nodes [n1 n2 n3]"))
+    });
+    assert!(joined, "{}", lab.cluster_detail(1));
+    let vip = SocketAddrV4::new(VIP_A, 7000);
+    let mut taps = vec![open_a(&mut lab, 2), open_a(&mut lab, 3)];
+    let mut receivers = vec![
+        UdpReceiver::start(&lab.apps[0].name, vip),
+        UdpReceiver::start(&lab.apps[1].name, vip),
+    ];
+    assert!(
+        wait_until(Duration::from_secs(15), || converged(&lab, &["n2", "n3"])),
+        "{:?}",
+        enabled_nodes(&lab, 1)
+    );
+    let (sent, before) = round(&lab, &receivers);
+    assert_eq!(before.len() as u64, sent, "every flow reached a target");
+
+    // Kill etcd's leader: no map of any node changes, no flow moves.
+    let maps: Vec<_> = (1..=3).map(|i| daemon_maps(lab.daemon(i))).collect();
+    let leader = lab.etcd.leader();
+    lab.etcd.members[leader].stop();
+    std::thread::sleep(Duration::from_secs(6));
+    for i in 1..=3 {
+        let diff = differences(&maps[i - 1], &daemon_maps(lab.daemon(i)));
+        assert!(diff.is_empty(), "node {i}'s maps changed: {diff:?}");
+    }
+    let (_, same) = round(&lab, &receivers);
+    assert_eq!(same, before, "every flow kept its target");
+    for i in 1..=3 {
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let d = lab.cluster_detail(i);
+                d.contains("etcd connected") && d.contains("3 nodes [n1 n2 n3]")
+            }),
+            "node {i}: {}",
+            lab.cluster_detail(i)
+        );
+    }
+    // A registration on node 3 still reaches every node.
+    let asked = Instant::now();
+    taps.push(open_a(&mut lab, 3));
+    let spread = wait_until(Duration::from_secs(10), || {
+        converged(&lab, &["n2", "n3", "n3"])
+    });
+    assert!(spread, "{:?}", enabled_nodes(&lab, 1));
+    eprintln!(
+        "etcd member {leader} (the leader) down: maps unchanged on 3 nodes, {sent} flows kept \
+         their targets; a registration on node 3 was in every node's maps {:?} after the open",
+        asked.elapsed()
+    );
+    receivers.push(UdpReceiver::start(&lab.apps[2].name, vip));
+    lab.etcd.members[leader].start();
+    let (sent, before) = round(&lab, &receivers);
+    assert_eq!(before.len() as u64, sent, "every flow reached a target");
+    assert!(
+        reached_by(&before, 2) > 0,
+        "the new target on node 3 serves"
+    );
+
+    // All of etcd away for 30 s.
+    lab.etcd.stop_all();
+    let down = Instant::now();
+    let (_, during) = round(&lab, &receivers);
+    assert_eq!(during, before, "etcd away: every flow kept its target");
+    // A registration on node 2 meanwhile: enabled there, unknown elsewhere.
+    taps.push(open_a(&mut lab, 2));
+    receivers.push(UdpReceiver::start(&lab.apps[3].name, vip));
+    let local = wait_until(Duration::from_secs(10), || {
+        enabled_nodes(&lab, 2) == ["n2", "n2", "n3", "n3"]
+            && table_targets(lab.daemon(2)).len() == 4
+    });
+    assert!(local, "node 2: {:?}", enabled_nodes(&lab, 2));
+    assert_eq!(enabled_nodes(&lab, 1), ["n2", "n3", "n3"]);
+    assert_eq!(table_targets(lab.daemon(1)).len(), 3);
+    assert!(lab.cluster_detail(2).contains("etcd unreachable"));
+    // Node 1 still tunnels by its old table; node 2 balances what it gets
+    // over its four targets and drops (counted) what its table gives to
+    // another node's target. Node 3's table did not change.
+    let drops = target_not_local(&lab, 2);
+    let (sent, split) = round(&lab, &receivers);
+    let dropped = target_not_local(&lab, 2) - drops;
+    assert_eq!(
+        split.len() as u64 + dropped,
+        sent,
+        "every flow delivered or counted as target_not_local on node 2"
+    );
+    let served = reached_by(&split, 3);
+    assert!(served > 0, "node 2 serves its new target locally");
+    for (port, &r) in before.iter().filter(|(_, r)| **r != 0) {
+        assert_eq!(
+            split.get(port),
+            Some(&r),
+            "flow {port} to node 3 kept its target"
+        );
+    }
+    eprintln!(
+        "etcd away: {sent} flows kept their targets; after a registration on node 2, {} of \
+         {sent} delivered ({served} by the new target on node 2), {dropped} target_not_local on node 2",
+        split.len()
+    );
+    std::thread::sleep(Duration::from_secs(30).saturating_sub(down.elapsed()));
+    lab.etcd.start_all();
+    let back = Instant::now();
+    let spread = wait_until(Duration::from_secs(20), || {
+        converged(&lab, &["n2", "n2", "n3", "n3"])
+    });
+    let took = back.elapsed();
+    assert!(
+        spread,
+        "node 1: {:?}, {}",
+        enabled_nodes(&lab, 1),
+        lab.cluster_detail(1)
+    );
+    eprintln!(
+        "etcd back after {:?}: node 2's registration in every node's maps {took:?} later",
+        back - down
+    );
+    let drops = target_not_local(&lab, 2);
+    let (sent, after) = round(&lab, &receivers);
+    assert_eq!(after.len() as u64, sent, "every flow reached a target");
+    assert_eq!(target_not_local(&lab, 2), drops);
+    assert!(reached_by(&after, 3) > 0);
+    eprintln!(
+        "after: {} / {} / {} / {} flows on the four targets",
+        reached_by(&after, 0),
+        reached_by(&after, 1),
+        reached_by(&after, 2),
+        reached_by(&after, 3)
+    );
+    drop(receivers);
+    drop(taps);
+}
+
+/// The cluster row of node `i`'s status.
+fn cluster_row(lab: &Lab, i: usize) -> tapmesh::admin::proto::ClusterStatus {
+    lab.daemon(i).status().cluster.expect("a cluster row")
+}
+
+#[test]
+fn a_watch_resumed_after_a_compaction_lists_again_and_applies_the_difference() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::with(2, false, RACE_CONFIG, 1, FAULT_TTL);
+    let joined = wait_until(Duration::from_secs(15), || {
+        (1..=2).all(|i| lab.cluster_detail(i).contains("2 nodes [n1 n2]"))
+    });
+    assert!(joined, "{}", lab.cluster_detail(1));
+    let mut c = Caller::start(
+        &lab.nodes[1].name,
+        &lab.node_socket(2),
+        "203.0.113.202/32",
+        7,
+        None,
+        true,
+    );
+    assert_eq!(c.result(), "ok");
+    c.finish();
+    let prefix = "/tapmesh/v1/targets/trench-a/n2/";
+    let seen = wait_until(Duration::from_secs(10), || {
+        lab.etcd.get_prefix(prefix).len() == 1 && lab.registry(1).iter().any(|r| r.3 == "n2")
+    });
+    assert!(seen, "{:?}", lab.registry(1));
+    let own = lab.etcd.get_prefix(prefix).remove(0);
+
+    // Cut the daemons off; meanwhile node 2's target is deleted, a node n9
+    // appears, and the history is compacted past what the daemons saw.
+    lab.etcd.members[0].stop();
+    lab.etcd.members[0].start_partitioned();
+    assert!(lab.etcd.members[0].delete(&own));
+    lab.etcd.put(
+        "/tapmesh/v1/nodes/n9",
+        r#"{"name":"n9","tunnel_addresses":["198.51.100.9"],"conduit_prefixes":[],"container_subnets":[],"pod_cidrs":[],"version":"test"}"#,
+    );
+    let revision = lab.etcd.members[0].revision();
+    lab.etcd.members[0].compact(revision);
+    lab.etcd.members[0].stop();
+    lab.etcd.members[0].start();
+    let healed = Instant::now();
+
+    // Each daemon's watch is cancelled as compacted: it lists once, sees n9,
+    // and node 2 puts its target back.
+    let relisted = wait_until(Duration::from_secs(15), || {
+        (1..=2).all(|i| {
+            let row = cluster_row(&lab, i);
+            row.etcd_connected
+                && row.relists == 1
+                && row.nodes.iter().any(|n| n.name == "n9" && n.state == "up")
+        })
+    });
+    assert!(
+        relisted,
+        "{:?} / {:?}",
+        cluster_row(&lab, 1),
+        cluster_row(&lab, 2)
+    );
+    let restored = wait_until(Duration::from_secs(10), || {
+        lab.etcd.get_prefix(prefix) == [own.clone()]
+    });
+    assert!(restored, "{:?}", lab.etcd.get_prefix(prefix));
+    let back = wait_until(Duration::from_secs(5), || {
+        lab.registry(1).iter().any(|r| r.3 == "n2")
+    });
+    assert!(back, "{:?}", lab.registry(1));
+    eprintln!(
+        "compacted at revision {revision}: both nodes listed again once; node 2's target, \
+         deleted meanwhile, back in node 1's registry {:?} after etcd returned",
+        healed.elapsed()
+    );
+    assert!(lab.daemon(1).log_text().contains("was compacted"));
+}
+
+#[test]
+fn tls_to_etcd_joins_with_its_ca_and_a_wrong_ca_is_refused_with_one_clear_line() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::build(1, false, RACE_CONFIG, 1, FAULT_TTL, true);
+    assert!(lab.etcd.endpoints()[0].starts_with("https://"));
+    let joined = wait_until(Duration::from_secs(15), || {
+        lab.daemon(1)
+            .status()
+            .cluster
+            .is_some_and(|c| c.etcd_connected && c.nodes.len() == 1)
+    });
+    assert!(joined, "{}", lab.cluster_detail(1));
+    assert!(lab.etcd.get("/tapmesh/v1/nodes/n1").is_some());
+
+    // Restarted trusting another CA: etcd's certificate is refused, said
+    // once in the log and in status; the node runs alone meanwhile.
+    let other = Certs::new(&lab.dir.0.join("certs"), "other", &[etcd_at(0)]);
+    lab.ca = Some(other.ca.clone());
+    let mut d = lab.daemons[0].take().unwrap();
+    d.stop();
+    drop(d);
+    lab.daemons[0] = Some(lab.start_daemon(1));
+    let refused = wait_until(Duration::from_secs(10), || {
+        lab.daemon(1).status().cluster.is_some_and(|c| {
+            !c.etcd_connected
+                && c.etcd_error.contains("UnknownIssuer")
+                && c.etcd_error.contains("signed by cluster.ca_file")
+        })
+    });
+    assert!(refused, "{:?}", lab.daemon(1).status().cluster);
+    // A few retries later, still one line.
+    std::thread::sleep(Duration::from_secs(4));
+    let log = lab.daemon(1).log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("UnknownIssuer"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    eprintln!("wrong CA: {}", lines[0]);
 }

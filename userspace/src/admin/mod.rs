@@ -66,6 +66,32 @@ fn control_planes() -> Vec<proto::ControlPlane> {
         .collect()
 }
 
+/// The cluster row of the status; `None` without `[cluster]`.
+fn cluster() -> Option<proto::ClusterStatus> {
+    let (node, h, nodes) = crate::cluster::status()?;
+    Some(proto::ClusterStatus {
+        node,
+        etcd_connected: h.connected,
+        etcd_error: if h.connected {
+            String::new()
+        } else {
+            h.error.unwrap_or_else(|| "connecting".into())
+        },
+        revision: h.revision,
+        lease: h.lease,
+        nodes: nodes
+            .into_iter()
+            .map(|n| proto::ClusterNode {
+                name: n.name,
+                state: n.state.into(),
+                targets: n.targets as u64,
+            })
+            .collect(),
+        bad_values: h.bad_values as u64,
+        relists: h.relists,
+    })
+}
+
 fn state_of(state: PluginState) -> proto::PluginState {
     match state {
         PluginState::Registered => proto::PluginState::Registered,
@@ -172,6 +198,7 @@ impl Admin for AdminService {
             flows,
             targets,
             control_planes: control_planes(),
+            cluster: cluster(),
         }))
     }
 

@@ -51,6 +51,26 @@ pub fn render(status: &StatusResponse) -> String {
             let _ = writeln!(out, "    reload     {}", c.reload_error);
         }
     }
+    if let Some(c) = &status.cluster {
+        let etcd = if c.etcd_connected {
+            "connected".to_string()
+        } else {
+            format!("unreachable: {}", c.etcd_error)
+        };
+        let _ = writeln!(out, "\ncluster:");
+        let _ = writeln!(
+            out,
+            "  node {}, etcd {etcd}, revision {}, lease {:x}, bad values {}, re-lists {}",
+            c.node, c.revision, c.lease, c.bad_values, c.relists
+        );
+        for n in &c.nodes {
+            let _ = writeln!(
+                out,
+                "    {:<16} {:<5} {} targets",
+                n.name, n.state, n.targets
+            );
+        }
+    }
     let _ = writeln!(out, "\nattachments:");
     if status.attachments.is_empty() {
         let _ = writeln!(out, "  (none)");

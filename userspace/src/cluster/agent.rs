@@ -11,7 +11,7 @@ use std::{
     future::Future,
     path::PathBuf,
     sync::{
-        atomic::{AtomicI64, Ordering},
+        atomic::{AtomicI64, AtomicUsize, Ordering},
         Arc,
     },
     time::Duration,
@@ -19,7 +19,7 @@ use std::{
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    TxnOpResponse, WatchOptions, WatchStream,
 };
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -43,6 +43,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(2);
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub endpoints: Vec<String>,
+    /// CA (and client identity) for https:// endpoints.
+    pub tls: Option<etcd_client::TlsOptions>,
     pub lease_ttl: Duration,
     pub prefix: String,
     /// `<state_dir>/cluster.json`: the lease a restart reuses.
@@ -58,8 +60,14 @@ pub struct Health {
     pub revision: i64,
     pub lease: i64,
     pub nodes: Vec<String>,
+    /// Nodes seen since the start whose record is gone (lease expired or deleted).
+    pub gone: BTreeSet<String>,
+    /// Each node's targets in the view.
+    pub targets: BTreeMap<String, usize>,
     pub remote_targets: usize,
     pub bad_values: usize,
+    /// Listings after a compacted watch.
+    pub relists: u64,
 }
 
 #[derive(Debug, Error)]
@@ -93,6 +101,12 @@ pub struct Agent {
     /// The connected client (for claims); `None` while etcd is away.
     client: Mutex<Option<Client>>,
     lease: AtomicI64,
+    /// The endpoint of the last session (an index of `settings.endpoints`).
+    endpoint: AtomicUsize,
+    /// The last revision whose events are all in the view (0: list first).
+    applied: AtomicI64,
+    /// (lease, this node's keys in etcd under it and their values).
+    published: std::sync::Mutex<(i64, BTreeMap<String, Vec<u8>>)>,
     view: std::sync::Mutex<View>,
     health: std::sync::Mutex<Health>,
 }
@@ -109,6 +123,9 @@ impl Agent {
             dataplane,
             client: Mutex::new(None),
             lease: AtomicI64::new(0),
+            endpoint: AtomicUsize::new(0),
+            applied: AtomicI64::new(0),
+            published: Default::default(),
             view: Default::default(),
             health: Default::default(),
         })
@@ -144,10 +161,15 @@ impl Agent {
             if watching {
                 delay = BACKOFF_MIN;
             }
-            let error = match result {
+            let mut error = match result {
                 Ok(()) => "the session ended".to_string(),
                 Err(e) => crate::causes(&e),
             };
+            if error.contains("invalid peer certificate") {
+                error.push_str(
+                    " (is etcd's certificate signed by cluster.ca_file, for this address?)",
+                );
+            }
             let first = self.health().error.as_deref() != Some(error.as_str());
             if first {
                 tracing::warn!(
@@ -168,11 +190,7 @@ impl Agent {
     }
 
     async fn session(&self, cancel: &CancellationToken, watching: &mut bool) -> Result<(), Lost> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(2))
-            .with_timeout(OP_TIMEOUT)
-            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let mut client = timed(Client::connect(&self.settings.endpoints, Some(options))).await?;
+        let mut client = self.connect().await?;
         let lease = self.lease(&mut client).await?;
         let (mut keeper, mut kept) = timed(client.lease_keep_alive(lease)).await?;
         let record = serde_json::to_vec(&self.settings.record).unwrap_or_default();
@@ -184,62 +202,39 @@ impl Agent {
         ))
         .await?;
 
-        let listing = timed(client.get(
-            self.settings.prefix.as_str(),
-            Some(GetOptions::new().with_prefix()),
-        ))
-        .await?;
-        let revision = listing.header().map_or(0, |h| h.revision());
-        let changed = {
-            let mut view = self.view.lock().expect("view lock");
-            view.replace(
-                &self.keys,
-                listing
-                    .kvs()
-                    .iter()
-                    .map(|kv| (kv.key(), kv.value(), kv.mod_revision())),
-            )
+        // What this node has in etcd: kept from the last session while its
+        // lease lives (its keys died with an expired one).
+        let mut published = {
+            let mut kept = self.published.lock().expect("published lock");
+            if kept.0 != lease {
+                *kept = (lease, BTreeMap::new());
+            }
+            kept.1.clone()
         };
-        // What this node has in etcd now (its own, kept by a live lease).
-        let mut published: BTreeMap<String, Vec<u8>> = listing
-            .kvs()
-            .iter()
-            .filter(|kv| {
-                matches!(self.keys.parse(kv.key()),
-                    Some(record::Key::Target { node, .. }) if node == self.node())
-            })
-            .map(|kv| {
-                (
-                    String::from_utf8_lossy(kv.key()).into_owned(),
-                    kv.value().to_vec(),
-                )
-            })
-            .collect();
-        if changed {
-            self.apply().await;
+        // Resume the watch where the last session stopped; list only the first time.
+        let mut from = self.applied.load(Ordering::Relaxed);
+        if from == 0 {
+            from = self.relist(&mut client, &mut published).await?;
         }
         *self.client.lock().await = Some(client.clone());
-        self.publish(&mut client, lease, &mut published).await?;
+        let result = self.publish(&mut client, lease, &mut published).await;
+        self.published.lock().expect("published lock").1 = published.clone();
+        result?;
 
-        let mut stream = timed(
-            client.watch(
-                self.settings.prefix.as_str(),
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision + 1),
-                ),
-            ),
-        )
-        .await?;
+        let mut stream = self.watch(&mut client, from).await?;
         *watching = true;
         self.set_health(|h| {
             h.connected = true;
             h.error = None;
-            h.revision = revision;
+            h.revision = h.revision.max(from);
             h.lease = lease;
         });
-        tracing::info!(node = self.node(), lease, revision, "cluster: joined");
+        tracing::info!(
+            node = self.node(),
+            lease,
+            revision = from,
+            "cluster: joined"
+        );
         let mut changes = self.nsp.subscribe();
         let mut refresh = tokio::time::interval(self.settings.lease_ttl / 3);
         loop {
@@ -260,21 +255,39 @@ impl Agent {
                     if changed.is_err() {
                         return Ok(());
                     }
-                    self.publish(&mut client, lease, &mut published).await?;
+                    let result = self.publish(&mut client, lease, &mut published).await;
+                    self.published.lock().expect("published lock").1 = published.clone();
+                    result?;
                 }
                 message = stream.message() => {
                     let Some(response) = message? else {
                         return Err(Lost::Ended("the watch stream ended".into()));
                     };
                     if response.canceled() {
-                        // Compacted past our revision: the next session re-lists.
+                        if response.compact_revision() > 0 {
+                            // Compacted past our revision: list again, apply
+                            // the difference, watch on from the listing.
+                            tracing::info!(
+                                node = self.node(),
+                                "cluster: revision {} was compacted (at {}); listing again",
+                                self.applied.load(Ordering::Relaxed) + 1,
+                                response.compact_revision()
+                            );
+                            self.set_health(|h| h.relists += 1);
+                            let from = self.relist(&mut client, &mut published).await?;
+                            let result = self.publish(&mut client, lease, &mut published).await;
+                            self.published.lock().expect("published lock").1 = published.clone();
+                            result?;
+                            stream = self.watch(&mut client, from).await?;
+                            continue;
+                        }
                         return Err(Lost::Ended(format!(
-                            "etcd cancelled the watch ({}; compacted at revision {})",
-                            response.cancel_reason(),
-                            response.compact_revision()
+                            "etcd cancelled the watch ({})",
+                            response.cancel_reason()
                         )));
                     }
                     let mut changed = false;
+                    let mut ours = false;
                     let mut last = 0;
                     {
                         let mut view = self.view.lock().expect("view lock");
@@ -285,8 +298,28 @@ impl Agent {
                                 EventType::Put => view.put(&self.keys, kv.key(), kv.value(), kv.mod_revision()),
                                 EventType::Delete => view.delete(&self.keys, kv.key()),
                             };
+                            // Our own keys as etcd has them (someone else may change them).
+                            if matches!(self.keys.parse(kv.key()),
+                                Some(record::Key::Target { node, .. }) if node == self.node())
+                            {
+                                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                                ours |= match event.event_type() {
+                                    EventType::Put => published
+                                        .insert(key, kv.value().to_vec())
+                                        .as_deref() != Some(kv.value()),
+                                    EventType::Delete => published.remove(&key).is_some(),
+                                };
+                            }
                         }
                     }
+                    if ours {
+                        let result = self.publish(&mut client, lease, &mut published).await;
+                        self.published.lock().expect("published lock").1 = published.clone();
+                        result?;
+                    }
+                    // Every event up to `last` is in the view now: a new
+                    // session resumes after it.
+                    self.applied.fetch_max(last, Ordering::Relaxed);
                     let revision = response.header().map_or(last, |h| h.revision());
                     let bad = self.view.lock().expect("view lock").bad_values();
                     self.set_health(|h| {
@@ -299,6 +332,104 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// A client of one member that answers a linearizable read (so is part
+    /// of a quorum): the one of the last session first, then the others in
+    /// turn. One member per session: a balanced channel keeps sending
+    /// requests to a member that is down.
+    async fn connect(&self) -> Result<Client, Lost> {
+        let endpoints = &self.settings.endpoints;
+        let first = self.endpoint.load(Ordering::Relaxed);
+        let mut failed = None;
+        for k in 0..endpoints.len() {
+            let at = (first + k) % endpoints.len();
+            let mut options = ConnectOptions::new()
+                .with_connect_timeout(Duration::from_secs(2))
+                .with_timeout(OP_TIMEOUT)
+                .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+            if let Some(tls) = &self.settings.tls {
+                options = options.with_tls(tls.clone());
+            }
+            let attempt = async {
+                let mut client = timed(Client::connect([&endpoints[at]], Some(options))).await?;
+                timed(client.get(self.keys.node(self.node()), None)).await?;
+                Ok::<_, Lost>(client)
+            };
+            match attempt.await {
+                Ok(client) => {
+                    self.endpoint.store(at, Ordering::Relaxed);
+                    return Ok(client);
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        Err(failed.unwrap_or_else(|| Lost::Ended("no etcd endpoint is configured".into())))
+    }
+
+    /// Lists the prefix: the view becomes it (the registry and maps get
+    /// only the difference) and `published` what this node has in etcd.
+    /// Returns the listing's revision.
+    async fn relist(
+        &self,
+        client: &mut Client,
+        published: &mut BTreeMap<String, Vec<u8>>,
+    ) -> Result<i64, Lost> {
+        let listing = timed(client.get(
+            self.settings.prefix.as_str(),
+            Some(GetOptions::new().with_prefix()),
+        ))
+        .await?;
+        let revision = listing.header().map_or(0, |h| h.revision());
+        let changed = {
+            let mut view = self.view.lock().expect("view lock");
+            view.replace(
+                &self.keys,
+                listing
+                    .kvs()
+                    .iter()
+                    .map(|kv| (kv.key(), kv.value(), kv.mod_revision())),
+            )
+        };
+        *published = listing
+            .kvs()
+            .iter()
+            .filter(|kv| {
+                matches!(self.keys.parse(kv.key()),
+                    Some(record::Key::Target { node, .. }) if node == self.node())
+            })
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
+            .collect();
+        self.applied.store(revision, Ordering::Relaxed);
+        let bad = self.view.lock().expect("view lock").bad_values();
+        self.set_health(|h| {
+            h.revision = h.revision.max(revision);
+            h.bad_values = bad;
+        });
+        if changed {
+            self.apply().await;
+        }
+        Ok(revision)
+    }
+
+    /// A watch of the whole prefix from the revision after `from`.
+    async fn watch(&self, client: &mut Client, from: i64) -> Result<WatchStream, Lost> {
+        timed(
+            client.watch(
+                self.settings.prefix.as_str(),
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(from + 1),
+                ),
+            ),
+        )
+        .await
     }
 
     /// The saved lease if etcd still has it, else a new one (saved).
@@ -457,19 +588,29 @@ impl Agent {
                 .filter(|n| n.name != self.node())
                 .flat_map(|n| n.tunnel_addresses.iter().copied())
                 .collect();
+            let mut targets = BTreeMap::new();
+            for r in view.targets.values() {
+                *targets.entry(r.node.clone()).or_insert(0) += 1;
+            }
             (
                 remote,
                 peers,
                 (
                     view.nodes.keys().cloned().collect::<Vec<_>>(),
                     view.bad_values(),
+                    targets,
                 ),
             )
         };
         let count = remote.len();
         self.set_health(|h| {
+            h.gone.extend(h.nodes.iter().cloned());
+            for n in &health.0 {
+                h.gone.remove(n);
+            }
             h.nodes = health.0;
             h.bad_values = health.1;
+            h.targets = health.2;
             h.remote_targets = count;
         });
         // Peers first: a new node's packets are taken before its targets are used.

@@ -8,4 +8,4 @@ pub mod plugin;
 pub mod record;
 pub mod view;
 
-pub use plugin::ClusterPlugin;
+pub use plugin::{status, ClusterPlugin, NodeState};

@@ -2,17 +2,58 @@
 //! runs the node's etcd agent beside the `nsp` plugin's registry. etcd being
 //! away at start is not a failure: the node works alone and says so.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use async_trait::async_trait;
+use etcd_client::{Certificate, Identity, TlsOptions};
 use tokio_util::sync::CancellationToken;
 
-use super::agent::{Agent, Settings};
+use super::agent::{Agent, Health, Settings};
 use super::record::NodeRecord;
 use crate::config::Config;
 use crate::core::{Plugin, PluginError};
 use crate::dataplane::{tunnel::TunnelSettings, DataplaneHandle};
 use crate::nsp::NspPlugin;
+
+/// The running agent, for the admin API's status (one daemon per process).
+static RUNNING: LazyLock<Mutex<Option<Arc<Agent>>>> = LazyLock::new(Mutex::default);
+
+/// One node as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeState {
+    pub name: String,
+    /// "self", "up" or "gone".
+    pub state: &'static str,
+    pub targets: usize,
+}
+
+/// The cluster as `status` shows it; `None` without `[cluster]`.
+pub fn status() -> Option<(String, Health, Vec<NodeState>)> {
+    let agent = RUNNING.lock().expect("running lock").clone()?;
+    let h = agent.health();
+    let me = agent.node().to_string();
+    let mut nodes: Vec<NodeState> = h
+        .nodes
+        .iter()
+        .chain(std::iter::once(&me))
+        .chain(h.gone.iter())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|name| NodeState {
+            name: name.clone(),
+            state: if *name == me {
+                "self"
+            } else if h.nodes.contains(name) {
+                "up"
+            } else {
+                "gone"
+            },
+            targets: h.targets.get(name).copied().unwrap_or(0),
+        })
+        .collect();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    Some((me, h, nodes))
+}
 
 pub struct ClusterPlugin {
     dataplane: DataplaneHandle,
@@ -31,6 +72,27 @@ impl ClusterPlugin {
             agent: Mutex::default(),
             stop: Mutex::default(),
         }
+    }
+
+    /// TLS to etcd from the configured files (read now: a file that cannot
+    /// be read refuses the configuration, naming it).
+    fn tls(c: &crate::config::ClusterConfig) -> Result<Option<TlsOptions>, PluginError> {
+        let read = |setting: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| {
+                PluginError::new(format!("cluster.{setting}: {}: {e}", path.display()))
+            })
+        };
+        let Some(ca) = &c.ca_file else {
+            return Ok(None);
+        };
+        let mut tls = TlsOptions::new().ca_certificate(Certificate::from_pem(read("ca_file", ca)?));
+        if let (Some(cert), Some(key)) = (&c.cert_file, &c.key_file) {
+            tls = tls.identity(Identity::from_pem(
+                read("cert_file", cert)?,
+                read("key_file", key)?,
+            ));
+        }
+        Ok(Some(tls))
     }
 
     /// The node record this configuration publishes.
@@ -77,12 +139,9 @@ impl Plugin for ClusterPlugin {
             *self.settings.lock().expect("settings lock") = None;
             return Ok(());
         }
-        if c.ca_file.is_some() || c.cert_file.is_some() {
-            return Err(PluginError::new(
-                "cluster: TLS to etcd is not built into this tapmesh; use http:// endpoints on a trusted network",
-            ));
-        }
+        let tls = Self::tls(c)?;
         *self.settings.lock().expect("settings lock") = Some(Settings {
+            tls,
             endpoints: c.etcd_endpoints.clone(),
             lease_ttl: c.lease_ttl,
             prefix: c.prefix.clone(),
@@ -104,6 +163,7 @@ impl Plugin for ClusterPlugin {
         nsp.join_cluster(agent.node().to_string(), agent.clone());
         let stop = scope.child_token();
         tokio::spawn(agent.clone().run(stop.clone()));
+        *RUNNING.lock().expect("running lock") = Some(agent.clone());
         *self.agent.lock().expect("agent lock") = Some(agent);
         *self.stop.lock().expect("stop lock") = Some(stop);
         Ok(())
@@ -113,6 +173,7 @@ impl Plugin for ClusterPlugin {
         if let Some(stop) = self.stop.lock().expect("stop lock").take() {
             stop.cancel();
         }
+        *RUNNING.lock().expect("running lock") = None;
         Ok(())
     }
 
