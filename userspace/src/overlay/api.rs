@@ -62,9 +62,10 @@ impl From<NmError> for ApiError {
                 StatusCode::INSUFFICIENT_STORAGE
             }
             NmError::Ipam(_) => StatusCode::BAD_REQUEST,
-            NmError::Network(_) | NmError::Dataplane(_) | NmError::Ports(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            NmError::Network(_)
+            | NmError::Dataplane(_)
+            | NmError::Ports(_)
+            | NmError::Egress(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
     }
