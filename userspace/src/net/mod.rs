@@ -21,6 +21,7 @@
 //! message types.
 
 pub mod addr;
+pub mod bridge;
 pub mod ethtool;
 pub mod link;
 pub mod neigh;
@@ -32,6 +33,7 @@ pub mod qdisc;
 pub mod route;
 pub(crate) mod socket;
 pub mod sysctl;
+pub mod tap;
 pub mod veth;
 pub mod watch;
 

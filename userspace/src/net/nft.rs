@@ -126,6 +126,10 @@ pub enum Match {
     SourceIn(Ipv4Addr, u8),
     /// `ip daddr != ADDR/LEN`.
     DestinationNotIn(Ipv4Addr, u8),
+    /// `iif INDEX`: came in on that interface.
+    InputInterface(u32),
+    /// `oif INDEX`: goes out of that interface.
+    OutputInterface(u32),
 }
 
 /// What a rule does.
@@ -135,6 +139,10 @@ pub enum Action {
     Dnat(Ipv4Addr, u16),
     /// `masquerade`: the source becomes the output interface's address.
     Masquerade,
+    /// `snat to ADDR`.
+    Snat(Ipv4Addr),
+    /// `dnat to ADDR` (ports kept).
+    DnatAddress(Ipv4Addr),
 }
 
 /// One nf_tables expression, as written to and read from the kernel.
@@ -210,9 +218,23 @@ impl Match {
                 },
             ],
             Match::SourceIn(addr, len) => prefix_exprs(12, addr, len, CMP_EQ),
+            Match::InputInterface(index) => interface_exprs(4, index),
+            Match::OutputInterface(index) => interface_exprs(5, index),
             Match::DestinationNotIn(addr, len) => prefix_exprs(16, addr, len, CMP_NEQ),
         }
     }
+}
+
+/// `meta iif`/`oif` (keys 4 and 5) compared with an interface index.
+fn interface_exprs(key: u32, index: u32) -> Vec<Expr> {
+    vec![
+        Expr::Meta { key, dreg: REG_1 },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data: index.to_ne_bytes().to_vec(),
+        },
+    ]
 }
 
 const CMP_EQ: u32 = 0;
@@ -271,6 +293,19 @@ impl Action {
             Action::Masquerade => vec![Expr::Masq {
                 attributes: Vec::new(),
             }],
+            Action::Snat(addr) | Action::DnatAddress(addr) => vec![
+                Expr::Immediate {
+                    dreg: REG_1,
+                    data: addr.octets().to_vec(),
+                },
+                Expr::Nat {
+                    attributes: vec![
+                        (1, u32::from(matches!(self, Action::DnatAddress(_)))), // SNAT 0, DNAT 1
+                        (2, u32::from(NFPROTO_IPV4)),
+                        (3, REG_1),
+                    ],
+                },
+            ],
         }
     }
 }
@@ -291,11 +326,15 @@ impl fmt::Display for Rule {
                 Match::DestinationPort(l4, port) => write!(f, "{} dport {port} ", l4.name())?,
                 Match::SourceIn(addr, len) => write!(f, "ip saddr {addr}/{len} ")?,
                 Match::DestinationNotIn(addr, len) => write!(f, "ip daddr != {addr}/{len} ")?,
+                Match::InputInterface(index) => write!(f, "iif {index} ")?,
+                Match::OutputInterface(index) => write!(f, "oif {index} ")?,
             }
         }
         match self.action {
             Action::Dnat(addr, port) => write!(f, "dnat to {addr}:{port}"),
             Action::Masquerade => write!(f, "masquerade"),
+            Action::Snat(addr) => write!(f, "snat to {addr}"),
+            Action::DnatAddress(addr) => write!(f, "dnat to {addr}"),
         }
     }
 }

@@ -9,6 +9,7 @@ mod links;
 mod ops;
 mod persist;
 mod ports;
+pub mod unikernel;
 mod views;
 
 use std::collections::{BTreeMap, BTreeSet};
