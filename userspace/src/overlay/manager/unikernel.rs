@@ -174,3 +174,22 @@ impl NetManager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_vm_is_reached_by_dnat_and_leaves_by_snat() {
+        let text = nat_table(7, Ipv4Addr::new(192, 0, 2, 5)).to_string();
+        assert!(
+            text.contains("type nat hook prerouting priority dstnat; policy accept;\n    iif 7 dnat to 192.168.1.2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("type nat hook postrouting priority srcnat; policy accept;\n    oif 7 snat to 192.0.2.5\n"),
+            "{text}"
+        );
+        assert_eq!(netns_name("app.ns.web.ns", 3), "app.ns.web.ns.instance.3");
+    }
+}
