@@ -43,6 +43,17 @@ impl Daemon {
 
     /// Like [`Daemon::start`], pinning under a given bpffs root (to restart on the same pins).
     pub fn start_at(netns: &str, bpffs_root: &std::path::Path, args: &[&str]) -> Self {
+        Self::start_wrapped(&[], netns, bpffs_root, args)
+    }
+
+    /// Like [`Daemon::start_at`], run by `wrapper` (a command that ends by
+    /// running its arguments, e.g. `unshare --mount ...`).
+    pub fn start_wrapped(
+        wrapper: &[&str],
+        netns: &str,
+        bpffs_root: &std::path::Path,
+        args: &[&str],
+    ) -> Self {
         let (_, socket) = Self::paths();
         let bpffs_root = bpffs_root.to_path_buf();
         let log = socket.with_extension("log");
@@ -57,7 +68,15 @@ impl Daemon {
             own.push(socket.with_extension("state").display().to_string());
         }
         let log_file = std::fs::File::create(&log).expect("daemon log file");
-        let child = Command::new(tapmesh_bin())
+        let mut command = match wrapper.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(tapmesh_bin());
+                c
+            }
+            None => Command::new(tapmesh_bin()),
+        };
+        let child = command
             .arg("daemon")
             .args(["--netns", netns])
             .arg("--bpffs-root")

@@ -159,9 +159,26 @@ impl Drop for Cluster {
 /// A node on the hub running a daemon in Oakestra mode (`extra` is added to
 /// its `[netmanager]` section).
 pub fn node(cluster: &Cluster, label: &str, address: &'static str, extra: &str) -> Node {
+    node_wrapped(&[], cluster, label, address, extra)
+}
+
+/// Like [`node`], the daemon run by `wrapper` (see `Daemon::start_wrapped`).
+pub fn node_wrapped(
+    wrapper: &[&str],
+    cluster: &Cluster,
+    label: &str,
+    address: &'static str,
+    extra: &str,
+) -> Node {
     let netns = Netns::new(label);
     let uplink = cluster.attach(&netns, address);
-    crate::overlay::start_node(netns, uplink, address, &format!("oakestra = true\n{extra}"))
+    crate::overlay::start_node_wrapped(
+        wrapper,
+        netns,
+        uplink,
+        address,
+        &format!("oakestra = true\n{extra}"),
+    )
 }
 
 /// One request as Go's net/http client writes it (the Node Engine's

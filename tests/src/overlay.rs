@@ -205,6 +205,17 @@ pub struct TwoNodes {
 }
 
 pub fn start_node(netns: Netns, uplink: String, address: &'static str, extra: &str) -> Node {
+    start_node_wrapped(&[], netns, uplink, address, extra)
+}
+
+/// Like [`start_node`], the daemon run by `wrapper` (see [`Daemon::start_wrapped`]).
+pub fn start_node_wrapped(
+    wrapper: &[&str],
+    netns: Netns,
+    uplink: String,
+    address: &'static str,
+    extra: &str,
+) -> Node {
     let dir = std::env::temp_dir().join(crate::unique("tmov"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let socket = dir.join("netmanager.sock");
@@ -234,8 +245,10 @@ pub fn start_node(netns: Netns, uplink: String, address: &'static str, extra: &s
     ]
     .map(String::from)
     .to_vec();
-    let daemon = Daemon::start(
+    let daemon = Daemon::start_wrapped(
+        wrapper,
         &netns.name,
+        &Daemon::paths().0,
         &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     Node {

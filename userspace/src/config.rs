@@ -325,6 +325,10 @@ pub struct NetManagerConfig {
     /// registration's cluster_address and `mqtt_port`.
     pub mqtt_broker: Option<String>,
     pub mqtt_port: u16,
+    /// Masquerade the containers' subnet on its way out of the node and
+    /// turn IPv4 forwarding on while containers are deployed, as Oakestra
+    /// does; default: on in Oakestra mode.
+    pub masquerade: Option<bool>,
 }
 
 impl Default for NetManagerConfig {
@@ -343,6 +347,7 @@ impl Default for NetManagerConfig {
             oakestra: false,
             mqtt_broker: None,
             mqtt_port: 10003,
+            masquerade: None,
         }
     }
 }

@@ -11,7 +11,8 @@
 //! Maglev), pings the pod (its traffic mirrored through an AF_XDP ring into a
 //! pcap that tshark reads back), and sends three broken frames (dropped by
 //! reason). Part two: an application opens a stream through its ambassador.
-//! Part three: the service-IP overlay on two nodes (Oakestra's NetManager).
+//! Part three: the service-IP overlay on two nodes as Oakestra NetManagers,
+//! with the cluster over MQTT (mosquitto and a cluster service manager peer).
 
 use std::{net::UdpSocket, process::Command, time::Duration};
 
@@ -327,45 +328,117 @@ fn ambassador_demo() -> bool {
     delivered && left == 0 && !closed
 }
 
-/// Part three: containers deployed through the NetManager REST API on two
-/// nodes; a client on node 1 dials a round-robin service IP and an instance
-/// IP on node 2: translated in TC, tunnelled in UDP 50103, decapsulated in XDP.
+/// Part three: an Oakestra cluster of two tapmesh nodes. A hub runs
+/// Debian's mosquitto as the cluster's MQTT broker and the cluster service
+/// manager peer (`tests/peers/`); the Node Engine's calls are replayed as its
+/// Go client sends them (no subnet, no service IPs): subnets, service and
+/// instance IPs and tables come over MQTT. A client on node 1 dials a
+/// round-robin service IP and an instance IP on node 2: translated in TC,
+/// tunnelled in UDP 50103, decapsulated in XDP.
 fn overlay_demo() -> bool {
     use std::net::{SocketAddrV4, UdpSocket};
-    use tapmesh_tests::overlay::{TwoNodes, NODE1, NODE2};
+    use tapmesh_tests::oakestra::{
+        deploy_json, node, node_engine_post, register_json, Cluster, Task, HUB,
+    };
 
-    println!("overlay: two nodes (198.18.2.1, 198.18.2.2), containers deployed over REST");
-    let nodes = TwoNodes::start();
-    nodes.node1.register("192.0.2.0/26");
-    nodes.node2.register("192.0.2.64/26");
-    let client = Netns::new("oc");
-    let web0 = Netns::new("ow0");
-    let web1 = Netns::new("ow1");
+    let (web, client_job) = ("demo.ns.web.ns", "demo.ns.client.ns");
     let (rr, c_ip, w0_ip, w1_ip) = (
         "203.0.113.10",
         "203.0.113.100",
         "203.0.113.101",
         "203.0.113.102",
     );
-    let c_ns = nodes
-        .node1
-        .deploy(&client, "demo.ns.client.ns", 0, &[("InstanceNumber", c_ip)]);
-    let w0: &[(&str, &str)] = &[("RR", rr), ("InstanceNumber", w0_ip)];
-    let w1: &[(&str, &str)] = &[("RR", rr), ("InstanceNumber", w1_ip)];
-    let w0_ns = nodes.node1.deploy(&web0, "demo.ns.web.ns", 0, w0);
-    let w1_ns = nodes.node2.deploy(&web1, "demo.ns.web.ns", 1, w1);
-    println!("POST /container/deploy → client {c_ns} (node1), web#0 {w0_ns} (node1), web#1 {w1_ns} (node2)");
-    nodes
-        .node1
-        .table("demo.ns.web.ns", &[(1, &w1_ns, NODE2, w1)]);
-    nodes
-        .node2
-        .table("demo.ns.web.ns", &[(0, &w0_ns, NODE1, w0)]);
-    nodes.node2.table(
-        "demo.ns.client.ns",
-        &[(0, &c_ns, NODE1, &[("InstanceNumber", c_ip)])],
+    // The cluster's job store: what Oakestra's root would hold.
+    let jobs = serde_json::json!({
+        web: {
+            "service_ip_list": [{"IpType": "RR", "Address": rr, "Address_v6": ""}],
+            "instances": [
+                {"instance_number": 0, "instance_ip": w0_ip, "instance_ip_v6": ""},
+                {"instance_number": 1, "instance_ip": w1_ip, "instance_ip_v6": ""}
+            ]
+        },
+        client_job: {
+            "service_ip_list": [],
+            "instances": [{"instance_number": 0, "instance_ip": c_ip, "instance_ip_v6": ""}]
+        }
+    });
+    println!("overlay: an Oakestra cluster (mosquitto + cluster service manager at {HUB}), two tapmesh nodes");
+    let cluster = Cluster::start(&jobs, "192.0.2.0");
+    let peers = |other: &str| format!("[lb]\ntunnel_peers = [\"{other}\"]\n");
+    let node1 = node(&cluster, "odn1", "198.18.2.1", &peers("198.18.2.2"));
+    let node2 = node(&cluster, "odn2", "198.18.2.2", &peers("198.18.2.1"));
+    for n in [&node1, &node2] {
+        let (status, body) =
+            node_engine_post(&n.socket, "/register", &register_json(&n.netns.name, HUB));
+        if status != 200 {
+            println!("POST /register → {status} {body}");
+            return false;
+        }
+    }
+    let subnet = |n: &tapmesh_tests::overlay::Node| {
+        n.status()["registration"]["subnetwork"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+    println!(
+        "POST /register {{client_id, cluster_address}} → subnets from the cluster over MQTT: node1 {}, node2 {}",
+        subnet(&node1),
+        subnet(&node2)
     );
-    println!("POST /tablequery/result → each node knows the other's instances");
+    let client = Netns::new("oc");
+    let web0 = Netns::new("ow0");
+    let web1 = Netns::new("ow1");
+    let tasks = [Task::start(&client), Task::start(&web0), Task::start(&web1)];
+    let mut addresses = Vec::new();
+    for (n, task, job, number) in [
+        (&node1, &tasks[0], client_job, 0),
+        (&node1, &tasks[1], web, 0),
+        (&node2, &tasks[2], web, 1),
+    ] {
+        let (status, body) = node_engine_post(
+            &n.socket,
+            "/container/deploy",
+            &deploy_json(task.pid(), job, number, ""),
+        );
+        let reply: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        if status != 200 {
+            println!("POST /container/deploy → {status} {body}");
+            return false;
+        }
+        addresses.push(reply["nsAddress"].as_str().unwrap_or("").to_string());
+    }
+    println!(
+        "POST /container/deploy {{pid, serviceName, instanceNumber}} → client {} (node1), web#0 {} (node1), web#1 {} (node2)",
+        addresses[0], addresses[1], addresses[2]
+    );
+    // Each node learns its own instances' service IPs from the table it
+    // asks for after a deploy; node 1 learns web#1 the same way.
+    let ready = tapmesh_tests::net::wait_until(Duration::from_secs(10), || {
+        node1.status()["services"]
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["address"] == rr && s["instances"] == 2))
+    });
+    let heard: Vec<String> = cluster
+        .messages()
+        .iter()
+        .filter_map(|m| {
+            m["topic"]
+                .as_str()
+                .map(|t| t.rsplit("/net/").next().unwrap_or(t).to_string())
+        })
+        .collect();
+    let count = |t: &str| heard.iter().filter(|h| *h == t).count();
+    println!(
+        "MQTT, the cluster heard: {} subnet requests, {} service/deployed, {} tablequery/request",
+        count("subnet"),
+        count("service/deployed"),
+        count("tablequery/request")
+    );
+    if !ready {
+        println!("node1 never had both instances of {rr}");
+        return false;
+    }
     for (ns, name) in [(&web0, "web#0 on node1"), (&web1, "web#1 on node2")] {
         let _ = tapmesh_tests::net::spawn_in(&ns.name, move || {
             let s = UdpSocket::bind("0.0.0.0:7000").expect("bind");
@@ -381,15 +454,18 @@ fn overlay_demo() -> bool {
             (0..flows)
                 .map(|_| {
                     let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-                    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-                    let _ = s.send_to(b"hi", SocketAddrV4::new(to.parse().unwrap(), 7000));
-                    let mut buf = [0u8; 64];
-                    match s.recv_from(&mut buf) {
-                        Ok((n, from)) => {
-                            format!("{} (from {from})", String::from_utf8_lossy(&buf[..n]))
+                    s.set_read_timeout(Some(Duration::from_millis(700)))
+                        .unwrap();
+                    // A first packet towards an address the node has not
+                    // heard of yet is a miss: the table comes, the retry flows.
+                    for _ in 0..3 {
+                        let _ = s.send_to(b"hi", SocketAddrV4::new(to.parse().unwrap(), 7000));
+                        let mut buf = [0u8; 64];
+                        if let Ok((n, from)) = s.recv_from(&mut buf) {
+                            return format!("{} (from {from})", String::from_utf8_lossy(&buf[..n]));
                         }
-                        Err(_) => "no answer".into(),
                     }
+                    "no answer".into()
                 })
                 .collect()
         })
@@ -408,7 +484,7 @@ fn overlay_demo() -> bool {
     );
     // The plugin's status line is refreshed twice a second.
     std::thread::sleep(Duration::from_millis(700));
-    let status = tapmesh(&["status"], &nodes.node1.daemon.as_ref().unwrap().socket);
+    let status = tapmesh(&["status"], &node1.daemon.as_ref().unwrap().socket);
     println!("\n$ tapmesh status   (node1, the netmanager plugin)");
     for line in status
         .lines()
@@ -422,5 +498,6 @@ fn overlay_demo() -> bool {
     let from_service = answers
         .iter()
         .all(|a| a.contains(&format!("from {rr}:7000")));
+    drop(tasks);
     both && from_service && remote.iter().all(|a| a.starts_with("web#1"))
 }

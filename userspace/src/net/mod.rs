@@ -14,12 +14,14 @@
 //!   (the LB's next hops follow them instead of polling).
 //! * [`nft`] writes nftables tables through nf_tables netlink, one table per
 //!   transaction.
+//! * [`sysctl`] reads and writes the network sysctls (IPv4 forwarding).
 //!
 //! Reads and dumps use a blocking socket ([`socket`]); changes from async
 //! code go through `rtnetlink`'s handle. Both carry netlink-packet-route's
 //! message types.
 
 pub mod addr;
+pub mod bridge;
 pub mod ethtool;
 pub mod link;
 pub mod neigh;
@@ -30,6 +32,8 @@ pub mod prefix;
 pub mod qdisc;
 pub mod route;
 pub(crate) mod socket;
+pub mod sysctl;
+pub mod tap;
 pub mod veth;
 pub mod watch;
 

@@ -124,3 +124,103 @@ pub fn of_pid(pid: i32, expect: Option<NetnsId>) -> std::io::Result<(File, Netns
     }
     Ok((file, id))
 }
+
+/// Where named namespaces live (`ip netns`).
+const NAMED: &str = "/run/netns";
+
+/// Creates a named namespace as `ip netns add NAME` does: a new namespace
+/// bind-mounted on /run/netns/NAME (that directory made a shared mount, so
+/// other mount namespaces see it). Fails with `AlreadyExists` if the name is
+/// taken. Returns its path.
+pub fn add_named(name: &str) -> std::io::Result<PathBuf> {
+    use std::ffi::CString;
+    use std::io::{Error, ErrorKind};
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            format!("{name:?} is not a namespace name"),
+        ));
+    }
+    std::fs::create_dir_all(NAMED)?;
+    let dir = CString::new(NAMED).expect("no NUL");
+    let shared = libc::MS_SHARED | libc::MS_REC;
+    // SAFETY: valid C strings; null file system type and data are allowed here.
+    let share = || unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            dir.as_ptr(),
+            std::ptr::null(),
+            shared,
+            std::ptr::null(),
+        )
+    };
+    if share() != 0 {
+        // Not a mount point yet: bind it on itself first (as iproute2).
+        // SAFETY: as above.
+        let bound = unsafe {
+            libc::mount(
+                dir.as_ptr(),
+                dir.as_ptr(),
+                c"none".as_ptr(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            )
+        };
+        if bound != 0 || share() != 0 {
+            return Err(Error::last_os_error());
+        }
+    }
+    let path = PathBuf::from(NAMED).join(name);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    let target = CString::new(path.as_os_str().as_encoded_bytes()).expect("no NUL");
+    // A thread of its own moves into a new namespace and pins it by the
+    // bind mount; it ends there, the process's other threads never move.
+    let made = std::thread::spawn(move || {
+        // SAFETY: unshare on this thread only; mount with valid C strings.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNET) != 0 {
+                return Err(Error::last_os_error());
+            }
+            if libc::mount(
+                c"/proc/thread-self/ns/net".as_ptr(),
+                target.as_ptr(),
+                c"none".as_ptr(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(Error::last_os_error());
+            }
+        }
+        Ok(())
+    })
+    .join()
+    .unwrap_or_else(|_| Err(Error::other("namespace thread panicked")));
+    if let Err(e) = made {
+        let _ = std::fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok(path)
+}
+
+/// Deletes a named namespace (`ip netns delete NAME`): its links go with
+/// it once nothing else holds it. A name that is not there is Ok.
+pub fn delete_named(name: &str) -> std::io::Result<()> {
+    let path = PathBuf::from(NAMED).join(name);
+    if !path.exists() {
+        return Ok(());
+    }
+    let target = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)?;
+    // SAFETY: a valid C string.
+    if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINVAL) {
+            return Err(e);
+        }
+    }
+    std::fs::remove_file(&path)
+}

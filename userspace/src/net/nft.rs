@@ -122,6 +122,14 @@ pub enum Match {
     DestinationLocal,
     /// `tcp dport N` / `udp dport N`.
     DestinationPort(L4, u16),
+    /// `ip saddr ADDR/LEN`.
+    SourceIn(Ipv4Addr, u8),
+    /// `ip daddr != ADDR/LEN`.
+    DestinationNotIn(Ipv4Addr, u8),
+    /// `iif INDEX`: came in on that interface.
+    InputInterface(u32),
+    /// `oif INDEX`: goes out of that interface.
+    OutputInterface(u32),
 }
 
 /// What a rule does.
@@ -129,6 +137,12 @@ pub enum Match {
 pub enum Action {
     /// `dnat to ADDR:PORT`.
     Dnat(Ipv4Addr, u16),
+    /// `masquerade`: the source becomes the output interface's address.
+    Masquerade,
+    /// `snat to ADDR`.
+    Snat(Ipv4Addr),
+    /// `dnat to ADDR` (ports kept).
+    DnatAddress(Ipv4Addr),
 }
 
 /// One nf_tables expression, as written to and read from the kernel.
@@ -147,6 +161,16 @@ pub enum Expr {
     },
     /// `cmp <op> reg <data>`.
     Cmp { sreg: u32, op: u32, data: Vec<u8> },
+    /// `bitwise reg = (reg & mask) ^ xor` over `len` bytes.
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        len: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+    },
+    /// `masq`, with the kernel's attributes (none unless flags are set).
+    Masq { attributes: Vec<(u16, u32)> },
     /// `immediate reg <data>`.
     Immediate { dreg: u32, data: Vec<u8> },
     /// `nat <type> <family> addr_min reg proto_min reg`, attributes as the
@@ -193,8 +217,56 @@ impl Match {
                     data: port.to_be_bytes().to_vec(),
                 },
             ],
+            Match::SourceIn(addr, len) => prefix_exprs(12, addr, len, CMP_EQ),
+            Match::InputInterface(index) => interface_exprs(4, index),
+            Match::OutputInterface(index) => interface_exprs(5, index),
+            Match::DestinationNotIn(addr, len) => prefix_exprs(16, addr, len, CMP_NEQ),
         }
     }
+}
+
+/// `meta iif`/`oif` (keys 4 and 5) compared with an interface index.
+fn interface_exprs(key: u32, index: u32) -> Vec<Expr> {
+    vec![
+        Expr::Meta { key, dreg: REG_1 },
+        Expr::Cmp {
+            sreg: REG_1,
+            op: CMP_EQ,
+            data: index.to_ne_bytes().to_vec(),
+        },
+    ]
+}
+
+const CMP_EQ: u32 = 0;
+const CMP_NEQ: u32 = 1;
+
+/// The IPv4 address at `offset` of the network header compared with a
+/// prefix, as nft writes it (no bitwise for a /32).
+fn prefix_exprs(offset: u32, addr: Ipv4Addr, len: u8, op: u32) -> Vec<Expr> {
+    let len = len.min(32);
+    let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+    let network = u32::from(addr) & mask;
+    let mut out = vec![Expr::Payload {
+        base: 1, // network header
+        offset,
+        len: 4,
+        dreg: REG_1,
+    }];
+    if len < 32 {
+        out.push(Expr::Bitwise {
+            sreg: REG_1,
+            dreg: REG_1,
+            len: 4,
+            mask: mask.to_be_bytes().to_vec(),
+            xor: vec![0; 4],
+        });
+    }
+    out.push(Expr::Cmp {
+        sreg: REG_1,
+        op,
+        data: network.to_be_bytes().to_vec(),
+    });
+    out
 }
 
 impl Action {
@@ -218,6 +290,22 @@ impl Action {
                     ],
                 },
             ],
+            Action::Masquerade => vec![Expr::Masq {
+                attributes: Vec::new(),
+            }],
+            Action::Snat(addr) | Action::DnatAddress(addr) => vec![
+                Expr::Immediate {
+                    dreg: REG_1,
+                    data: addr.octets().to_vec(),
+                },
+                Expr::Nat {
+                    attributes: vec![
+                        (1, u32::from(matches!(self, Action::DnatAddress(_)))), // SNAT 0, DNAT 1
+                        (2, u32::from(NFPROTO_IPV4)),
+                        (3, REG_1),
+                    ],
+                },
+            ],
         }
     }
 }
@@ -236,10 +324,17 @@ impl fmt::Display for Rule {
             match m {
                 Match::DestinationLocal => write!(f, "fib daddr type local ")?,
                 Match::DestinationPort(l4, port) => write!(f, "{} dport {port} ", l4.name())?,
+                Match::SourceIn(addr, len) => write!(f, "ip saddr {addr}/{len} ")?,
+                Match::DestinationNotIn(addr, len) => write!(f, "ip daddr != {addr}/{len} ")?,
+                Match::InputInterface(index) => write!(f, "iif {index} ")?,
+                Match::OutputInterface(index) => write!(f, "oif {index} ")?,
             }
         }
         match self.action {
             Action::Dnat(addr, port) => write!(f, "dnat to {addr}:{port}"),
+            Action::Masquerade => write!(f, "masquerade"),
+            Action::Snat(addr) => write!(f, "snat to {addr}"),
+            Action::DnatAddress(addr) => write!(f, "dnat to {addr}"),
         }
     }
 }
@@ -262,6 +357,7 @@ impl fmt::Display for Table {
                 chain.hook.name(),
                 match (chain.hook, chain.priority) {
                     (Hook::Prerouting, -100) => "dstnat".to_string(),
+                    (Hook::Postrouting, 100) => "srcnat".to_string(),
                     (_, p) => p.to_string(),
                 }
             )?;
@@ -343,11 +439,31 @@ fn expr_attrs(expr: &Expr) -> (&str, Attrs) {
             a.be32(1, *dreg).nested(2, &data(d));
             "immediate"
         }
+        Expr::Bitwise {
+            sreg,
+            dreg,
+            len,
+            mask,
+            xor,
+        } => {
+            a.be32(1, *sreg)
+                .be32(2, *dreg)
+                .be32(3, *len)
+                .nested(4, &data(mask))
+                .nested(5, &data(xor));
+            "bitwise"
+        }
         Expr::Nat { attributes } => {
             for (kind, value) in attributes {
                 a.be32(*kind, *value);
             }
             "nat"
+        }
+        Expr::Masq { attributes } => {
+            for (kind, value) in attributes {
+                a.be32(*kind, *value);
+            }
+            "masq"
         }
         Expr::Other { name } => name,
     };
@@ -589,7 +705,18 @@ fn decode_expr(bytes: &[u8]) -> Expr {
             dreg: u(1),
             data: value(2),
         },
+        // The kernel also reports the operation (6, boolean): left out.
+        "bitwise" => Expr::Bitwise {
+            sreg: u(1),
+            dreg: u(2),
+            len: u(3),
+            mask: value(4),
+            xor: value(5),
+        },
         "nat" => Expr::Nat {
+            attributes: data.iter().map(|(k, v)| (*k, be32(v))).collect(),
+        },
+        "masq" => Expr::Masq {
             attributes: data.iter().map(|(k, v)| (*k, be32(v))).collect(),
         },
         _ => Expr::Other { name },
@@ -727,7 +854,52 @@ mod tests {
             rule.to_string(),
             "fib daddr type local udp dport 8080 dnat to 192.0.2.2:80"
         );
-        for expr in rule.exprs() {
+        let masq = Rule {
+            matches: vec![
+                Match::SourceIn(Ipv4Addr::new(192, 0, 2, 64), 26),
+                Match::DestinationNotIn(Ipv4Addr::new(192, 0, 2, 64), 26),
+            ],
+            action: Action::Masquerade,
+        };
+        assert_eq!(
+            masq.to_string(),
+            "ip saddr 192.0.2.64/26 ip daddr != 192.0.2.64/26 masquerade"
+        );
+        // As nft writes `ip saddr 192.0.2.64/26`: load, mask, compare.
+        assert_eq!(
+            masq.exprs()[..3],
+            [
+                Expr::Payload {
+                    base: 1,
+                    offset: 12,
+                    len: 4,
+                    dreg: 1
+                },
+                Expr::Bitwise {
+                    sreg: 1,
+                    dreg: 1,
+                    len: 4,
+                    mask: vec![255, 255, 255, 192],
+                    xor: vec![0; 4]
+                },
+                Expr::Cmp {
+                    sreg: 1,
+                    op: 0,
+                    data: vec![192, 0, 2, 64]
+                },
+            ]
+        );
+        assert_eq!(
+            Rule {
+                matches: vec![Match::SourceIn(Ipv4Addr::new(192, 0, 2, 7), 32)],
+                action: Action::Masquerade
+            }
+            .exprs()
+            .len(),
+            3,
+            "no bitwise for a /32"
+        );
+        for expr in rule.exprs().into_iter().chain(masq.exprs()) {
             let (name, data) = expr_attrs(&expr);
             let mut e = Attrs::default();
             e.string(NFTA_EXPR_NAME, name).nested(NFTA_EXPR_DATA, &data);

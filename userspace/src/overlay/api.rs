@@ -62,9 +62,10 @@ impl From<NmError> for ApiError {
                 StatusCode::INSUFFICIENT_STORAGE
             }
             NmError::Ipam(_) => StatusCode::BAD_REQUEST,
-            NmError::Network(_) | NmError::Dataplane(_) | NmError::Ports(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            NmError::Network(_)
+            | NmError::Dataplane(_)
+            | NmError::Ports(_)
+            | NmError::Egress(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError(status, e.to_string())
     }
@@ -281,6 +282,38 @@ async fn undeploy(
     }
 }
 
+/// The Node Engine's unikernel call: the deploy body with pid 0 (the VM
+/// does not run yet); the namespace is made here.
+async fn unikernel_deploy(
+    State(nm): State<Arc<NetManager>>,
+    body: Result<Json<DeployRequest>, JsonRejection>,
+) -> Result<Json<super::manager::Deployed>, ApiError> {
+    let Json(r) = body?;
+    let job = job_name(&r.service_name)?;
+    let number = instance_number(r.instance_number)?;
+    let ports = super::ports::parse(&r.port_mappings).map_err(|e| bad(e.to_string()))?;
+    Ok(Json(
+        detached(async move { nm.deploy_unikernel(job, number, ports).await }).await?,
+    ))
+}
+
+async fn unikernel_undeploy(
+    State(nm): State<Arc<NetManager>>,
+    body: Result<Json<UndeployRequest>, JsonRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Json(r) = body?;
+    let job = job_name(&r.service_name)?;
+    let number = instance_number(r.instance_number)?;
+    match detached(async move { nm.undeploy_unikernel(&job, number).await }).await {
+        // Oakestra answers 200 whether or not the instance was deployed.
+        Err(ApiError(StatusCode::NOT_FOUND, message)) => {
+            tracing::info!("unikernel undeploy: {message}");
+            Ok(Json(serde_json::json!({})))
+        }
+        other => other.map(|()| Json(serde_json::json!({}))),
+    }
+}
+
 fn port_of(value: &serde_json::Value) -> Result<u16, ApiError> {
     let port = match value {
         serde_json::Value::Number(n) => n.as_u64(),
@@ -343,6 +376,8 @@ pub fn router(nm: Arc<NetManager>) -> Router {
         .route("/docker/deploy", post(deploy))
         .route("/container/undeploy", post(undeploy))
         .route("/docker/undeploy", post(undeploy))
+        .route("/unikernel/deploy", post(unikernel_deploy))
+        .route("/unikernel/undeploy", post(unikernel_undeploy))
         .route("/tablequery/result", post(table))
         .route("/status", get(status))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))

@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod cluster;
+pub mod egress;
 pub mod ipam;
 pub mod manager;
 pub mod model;

@@ -159,6 +159,7 @@ impl Plugin for NetManagerPlugin {
             mqtt_broker: nm.mqtt_broker.clone(),
             mqtt_port: nm.mqtt_port,
             node_port: config.lb.tunnel_port,
+            masquerade: nm.masquerade.unwrap_or(nm.oakestra),
         });
         Ok(())
     }

@@ -4,10 +4,12 @@
 //! how it becomes map entries; the operations, container links, nftables
 //! port mappings, the state file and the views live in the files below.
 
+mod egress;
 mod links;
 mod ops;
 mod persist;
 mod ports;
+pub mod unikernel;
 mod views;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -58,6 +60,9 @@ pub enum NmError {
     Dataplane(#[from] crate::dataplane::DataplaneError),
     #[error("{0}")]
     Ports(String),
+    /// Masquerade or forwarding for container egress could not be set.
+    #[error("{0}")]
+    Egress(String),
 }
 
 /// Settings fixed at start.
@@ -87,6 +92,9 @@ pub struct ManagerSettings {
     pub mqtt_port: u16,
     /// The tunnel port other nodes send to (`host_port` in notices).
     pub node_port: u16,
+    /// Masquerade the containers' subnet and turn IPv4 forwarding on while
+    /// containers are deployed (Oakestra mode's default).
+    pub masquerade: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -118,6 +126,8 @@ struct State {
     misses: u64,
     /// The nftables table of port mappings exists.
     ports_written: bool,
+    /// The egress set-up is in place.
+    egress: Option<egress::EgressHeld>,
     /// Service IPs whose members the catalog names (EDS).
     feed: Feed,
 }

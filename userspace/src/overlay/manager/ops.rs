@@ -417,7 +417,10 @@ impl NetManager {
         let attached = self.dataplane.attach_container(&host).await;
         let applied = match attached {
             Ok(()) => match self.apply_locked(&mut state).await {
-                Ok(()) => self.sync_ports(&mut state).await,
+                Ok(()) => match self.sync_ports(&mut state).await {
+                    Ok(()) => self.sync_egress(&mut state, false).await,
+                    Err(e) => Err(e),
+                },
                 Err(e) => Err(e),
             },
             Err(e) => Err(e.into()),
@@ -432,8 +435,11 @@ impl NetManager {
             }
             let _ = self.apply_locked(&mut state).await;
             let _ = self.sync_ports(&mut state).await;
+            let _ = self.sync_egress(&mut state, false).await;
+            self.persist(&state);
             return Err(e);
         }
+        self.persist(&state);
         drop(state);
         tracing::info!(job = %spec.job, instance = spec.number, address = %lease.v4, interface = %host, "deployed");
         if let Some(c) = self.cluster() {
@@ -471,6 +477,10 @@ impl NetManager {
         if let Some(ipam) = state.ipam.as_mut() {
             ipam.release(deployment.lease);
         }
+        if let Err(e) = self.sync_egress(&mut state, false).await {
+            tracing::warn!("container egress after the last undeploy: {e}");
+        }
+        self.persist(&state);
         drop(state);
         tracing::info!(job, instance = number, "undeployed");
         if let Some(c) = self.cluster() {
@@ -569,13 +579,19 @@ impl NetManager {
             );
             return;
         }
-        let deployments: Vec<LocalDeployment> =
-            std::mem::take(&mut state.local).into_values().collect();
-        for d in &deployments {
+        let deployments = std::mem::take(&mut state.local);
+        for d in deployments.values() {
             self.remove_link(d).await;
         }
         if let Err(e) = self.sync_ports(&mut state).await {
             tracing::warn!("removing the port mappings: {e}");
         }
+        if let Err(e) = self.sync_egress(&mut state, false).await {
+            tracing::warn!("removing the container egress set-up: {e}");
+        }
+        // The deployments stay in the state file (a restart relinks them);
+        // the egress set-up is recorded as gone.
+        state.local = deployments;
+        self.persist(&state);
     }
 }

@@ -21,6 +21,9 @@ struct Persisted {
     /// conntrack maps stay bound to the same instances.
     #[serde(default)]
     ids: SavedIds,
+    /// The egress set-up in place (and whether forwarding was turned on by us).
+    #[serde(default)]
+    egress: Option<super::egress::EgressHeld>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -52,6 +55,7 @@ impl NetManager {
                 .collect(),
             remote: state.remote.clone(),
             ids: state.ids.saved(),
+            egress: state.egress,
         };
         if let Err(e) = crate::statefile::save(path, &persisted) {
             tracing::error!("persisting the NetManager state to {}: {e}", path.display());
@@ -117,6 +121,7 @@ impl NetManager {
         state.ipam = Some(ipam);
         state.remote = persisted.remote;
         state.ids = Ids::restore(persisted.ids);
+        state.egress = persisted.egress;
         let (mut adopted, mut relinked) = (0, 0);
         for d in persisted.local {
             let (job, number) = (d.record.job.clone(), d.record.number);
@@ -132,6 +137,10 @@ impl NetManager {
         if let Err(e) = self.sync_ports(&mut state).await {
             tracing::warn!("restoring the port mappings: {e}");
         }
+        if let Err(e) = self.sync_egress(&mut state, true).await {
+            tracing::warn!("restoring the container egress set-up: {e}");
+        }
+        self.persist(&state);
         tracing::info!(adopted, relinked, "NetManager state restored");
     }
 
