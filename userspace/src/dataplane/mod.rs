@@ -8,6 +8,7 @@
 mod attach;
 mod batch;
 pub mod cleanup;
+pub mod inspect;
 pub mod lb;
 pub mod mirror;
 pub mod overlay;
