@@ -903,5 +903,8 @@ fn a_ring_that_falls_behind_shows_its_drops_in_tap_flow_list() {
     assert_eq!(f.ring_drops, Some(drops));
     let text = lab.daemon.cli(&["tap-flow", "list"]);
     let row = text.lines().nth(1).expect("a flow row");
-    assert!(row.starts_with("out ") && row.ends_with(&format!(" {drops}")), "{text}");
+    assert!(
+        row.starts_with("out ") && row.ends_with(&format!(" {drops}")),
+        "{text}"
+    );
 }
