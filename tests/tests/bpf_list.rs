@@ -52,6 +52,9 @@ fn strings(v: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Bit, protocols, destination ports, source ports, sources, packets.
+type FlowRow = (u64, Vec<String>, Vec<String>, Vec<String>, Vec<String>, u64);
+
 #[test]
 fn lb_maps_decode_with_exact_rows_and_maglev_shares() {
     if !kernel_tests_enabled() {
@@ -120,7 +123,7 @@ fn lb_maps_decode_with_exact_rows_and_maglev_shares() {
         (v["packets"].as_u64(), v["bytes"].as_u64()),
         (Some(80), Some(80 * 74))
     );
-    let flows: Vec<(u64, Vec<String>, Vec<String>, Vec<String>, Vec<String>, u64)> = v["flows"]
+    let flows: Vec<FlowRow> = v["flows"]
         .as_array()
         .unwrap()
         .iter()
