@@ -15,7 +15,7 @@ pub mod tunnel;
 pub use stats::*;
 
 /// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 
 /// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -36,6 +36,10 @@ pub mod program_names {
     pub const TC_TAP_IN: &str = "tm_tc_tap_in";
     /// On a container's host-side veth: service-IP translation and tunnel.
     pub const TC_SERVICE: &str = "tm_tc_service";
+    /// On the `xdp:xdp_devmap_xmit` and `xdp:xdp_redirect_err` tracepoints:
+    /// redirected frames a device refused.
+    pub const TP_XMIT: &str = "tm_tp_xmit";
+    pub const TP_REDIRECT_ERR: &str = "tm_tp_redir_err";
 }
 
 /// Names of the BPF maps (also their pin file names).
@@ -60,6 +64,7 @@ pub mod map_names {
     pub const VIP_STATS: &str = "tm_vip_stats";
     pub const FLOW_STATS: &str = "tm_flow_stats";
     pub const TARGET_STATS: &str = "tm_target_stats";
+    pub const UPLINK_BITS: &str = "tm_uplink_bits";
     pub const MIRROR_PORTS: &str = "tm_mirror_ports";
     pub const MIRROR_FILTER: &str = "tm_mirror_bits";
     pub const MIRROR_VLANS: &str = "tm_mirror_vlans";

@@ -102,6 +102,7 @@ counter_set!(
         unsupported_service_packet => UnsupportedServicePacket,
         adjust_room_failed => AdjustRoomFailed,
         tunnel_unknown_node => TunnelUnknownNode,
+        redirect_failed => RedirectFailed,
     }
 );
 

@@ -20,6 +20,7 @@ mod stats;
 mod tc;
 mod tunnel;
 mod xdp;
+mod xmit;
 
 #[cfg(not(test))]
 #[panic_handler]

@@ -103,6 +103,10 @@ pub static tm_flow_stats: PerCpuArray<PacketCounter, { MAX_FLOWS as usize }> = P
 pub static tm_target_stats: PerCpuArray<PacketCounter, { MAX_TARGETS as usize }> =
     PerCpuArray::new();
 
+/// Bit per uplink ifindex (as `tm_mirror_bits`): whose failed redirects count.
+#[btf_map]
+pub static tm_uplink_bits: Array<u64, { FILTER_WORDS as usize }> = Array::new();
+
 // Port mirroring.
 /// Source interface index → its tap flows.
 #[btf_map]

@@ -19,8 +19,6 @@ use crate::{
     },
 };
 
-const NET_XMIT_DROP: i64 = 1;
-
 /// Copies the packet for every tap flow of this interface that takes `direction`.
 #[inline(always)]
 pub fn copy(ctx: &TcContext, direction: u8) {
@@ -57,10 +55,12 @@ pub fn copy(ctx: &TcContext, direction: u8) {
             // SAFETY: this CPU's slot.
             let counter: &mut MirrorCounter = unsafe { &mut *counter };
             match copied {
-                // NET_XMIT_DROP (1): the copy was dropped on the way (a down
-                // peer, a full backlog); NET_XMIT_CN (2) still queued it.
-                Err(e) if e < 0 || e == NET_XMIT_DROP => counter.failed += 1,
-                _ => {
+                // Negative: not sent. NET_XMIT_DROP (1): dropped on the way (a
+                // full backlog). NET_XMIT_CN (2): the queue dropped a copy — the
+                // noop qdisc of a device without carrier (its far end down)
+                // drops every one this way.
+                Err(_) => counter.failed += 1,
+                Ok(()) => {
                     counter.packets += 1;
                     counter.bytes += len;
                 }

@@ -36,6 +36,12 @@ impl Stats {
         self.with(|s| s.drops.add_unknown(reason, 1))
     }
 
+    /// `n` drops of one reason at once (frames lost after the program ran).
+    #[inline(always)]
+    pub fn drop_reasons(&self, reason: DropReason, n: u64) {
+        self.with(|s| s.drops.add(reason, n))
+    }
+
     #[inline(always)]
     pub fn parsed(&self, parsed: &Parsed) {
         self.with(|s| {

@@ -902,6 +902,17 @@ impl LbLab {
         self.daemon.as_ref().expect("the daemon is not started")
     }
 
+    /// SIGTERMs the daemon and waits; what it leaves (a kept dataplane) stays
+    /// until the lab is dropped. Returns its bpffs root.
+    pub fn stop_keeping_pins(&mut self) -> PathBuf {
+        let mut old = self.daemon.take().expect("a running daemon");
+        let status = old.stop();
+        assert!(status.success(), "daemon stop: {status}");
+        let root = old.bpffs_root.clone();
+        self.killed.push(old);
+        root
+    }
+
     /// Stops the daemon (its pins go with it); the namespaces stay.
     pub fn stop(&mut self) {
         self.daemon = None;

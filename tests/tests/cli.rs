@@ -38,7 +38,11 @@ fn no_command_panics_when_its_reader_went_away() {
     let admin = lab.daemon().socket.display().to_string();
     let node = lab.node_socket().display().to_string();
     let ambassador = lab.ambassadors[a].socket.display().to_string();
+    let root = lab.daemon().bpffs_root.display().to_string();
     let commands: Vec<Vec<&str>> = vec![
+        vec!["bpf", "lb", "list", "--bpffs-root", &root],
+        vec!["bpf", "overlay", "list", "--bpffs-root", &root],
+        vec!["bpf", "mirror", "list", "--bpffs-root", &root],
         vec!["status", "--admin-socket", &admin],
         vec!["status", "--raw", "--admin-socket", &admin],
         vec!["lb", "list", "--admin-socket", &admin],

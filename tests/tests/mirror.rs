@@ -829,3 +829,82 @@ fn the_spp_agent_touches_only_its_own_taps_and_reconciles_after_a_restart() {
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(lab.monitor_rx(), before, "no copies of the deleted tap");
 }
+
+/// Issue 20: with the monitor's end of the tap interface down, every copy is
+/// dropped by the kernel; each is counted as failed, none as mirrored.
+#[test]
+fn copies_to_a_monitor_whose_far_end_is_down_count_as_failed() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::monitored();
+    lab.flow("out", "mon", "OUT", "").unwrap();
+    lab.monitor
+        .ip(&["link", "set", &lab.mon_if.interface, "down"]);
+    let frames = vec![lab.vm1_frame(&[]); 100];
+    send_frames(&lab.vm1.name, &lab.vm1_if.interface, &frames);
+    assert!(
+        wait_until(Duration::from_secs(3), || {
+            let f = &lab.list().flows[0];
+            f.failed + f.mirrored_packets >= 100
+        }),
+        "{:?}",
+        lab.list().flows
+    );
+    std::thread::sleep(Duration::from_millis(100));
+    let f = &lab.list().flows[0];
+    assert_eq!((f.mirrored_packets, f.failed), (0, 100), "{f:?}");
+
+    // The far end back up: copies are delivered and counted as mirrored again.
+    lab.monitor
+        .ip(&["link", "set", &lab.mon_if.interface, "up"]);
+    let before = lab.monitor_rx();
+    send_frames(&lab.vm1.name, &lab.vm1_if.interface, &frames[..10]);
+    lab.expect_monitor(before, 10);
+    let f = &lab.list().flows[0];
+    assert_eq!((f.mirrored_packets, f.failed), (10, 100), "{f:?}");
+}
+
+/// Issue 20: a ring whose receive loop falls behind (the daemon frozen with
+/// SIGSTOP while 10000 copies arrive) loses what its socket cannot hold; the
+/// kernel's count of those drops shows in the tap-flow list, and every copy
+/// is either received or dropped there.
+#[test]
+fn a_ring_that_falls_behind_shows_its_drops_in_tap_flow_list() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const SENT: u64 = 10_000;
+    let dir = TempDir::new("ringdrops");
+    let lab = Lab::new();
+    lab.ring_service("ring", &dir.0.join("drops.pcap"));
+    lab.flow("out", "ring", "OUT", "").unwrap();
+    let pid = lab.daemon.pid() as i32;
+    // SAFETY: signalling our own child; SIGCONT follows below.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let frames = vec![lab.vm1_frame(&[]); SENT as usize];
+    send_frames(&lab.vm1.name, &lab.vm1_if.interface, &frames);
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let settled = wait_until(Duration::from_secs(5), || {
+        let l = lab.list();
+        let c = l.services[0].ring_counters.clone().unwrap_or_default();
+        c.received + c.socket_dropped + c.ring_full >= SENT
+    });
+    let l = lab.list();
+    let c = l.services[0].ring_counters.clone().expect("ring counters");
+    let f = &l.flows[0];
+    assert!(settled, "{c:?} {f:?}");
+    assert_eq!((f.mirrored_packets, f.failed), (SENT, 0), "{f:?}");
+    let drops = c.socket_dropped + c.ring_full;
+    assert!(c.received > 0 && drops > 0, "{c:?}");
+    assert_eq!(c.received + drops, SENT, "{c:?}");
+    assert_eq!(f.ring_drops, Some(drops));
+    let text = lab.daemon.cli(&["tap-flow", "list"]);
+    let row = text.lines().nth(1).expect("a flow row");
+    assert!(
+        row.starts_with("out ") && row.ends_with(&format!(" {drops}")),
+        "{text}"
+    );
+}

@@ -69,6 +69,10 @@ fn status_name(s: crate::mirror::model::Status) -> String {
 }
 
 pub fn listing(services: Vec<ServiceListing>, flows: Vec<FlowListing>) -> proto::TapListing {
+    let ring_drops: std::collections::HashMap<String, u64> = services
+        .iter()
+        .filter_map(|s| Some((s.spec.id.clone(), s.ring.as_ref()?.drops())))
+        .collect();
     proto::TapListing {
         services: services
             .into_iter()
@@ -86,6 +90,8 @@ pub fn listing(services: Vec<ServiceListing>, flows: Vec<FlowListing>) -> proto:
                 error: s.error,
                 ring_counters: s.ring.map(|r| proto::RingCounters {
                     received: r.received,
+                    socket_dropped: r.socket_dropped,
+                    ring_full: r.ring_full,
                     consumers: r
                         .consumers
                         .into_iter()
@@ -101,6 +107,7 @@ pub fn listing(services: Vec<ServiceListing>, flows: Vec<FlowListing>) -> proto:
         flows: flows
             .into_iter()
             .map(|f| proto::TapFlow {
+                ring_drops: ring_drops.get(&f.state.spec.tap_service).copied(),
                 id: f.state.spec.id,
                 name: f.state.spec.name,
                 tap_service: f.state.spec.tap_service,

@@ -157,6 +157,49 @@ pub enum Command {
     /// Print the manual page (roff).
     #[command(after_help = "Example:\n  tapmesh man > /usr/local/share/man/man1/tapmesh.1")]
     Man,
+    /// Decode the pinned BPF maps for people (no daemon needed, as bpftool).
+    #[command(after_help = BPF_EXAMPLES)]
+    Bpf {
+        /// The daemon's `dataplane.bpffs_root` (pins are under <root>/v<schema>/).
+        #[arg(long, env = "TAPMESH_BPFFS_ROOT", default_value = crate::config::DEFAULT_BPFFS_ROOT, global = true)]
+        bpffs_root: PathBuf,
+        /// Name interfaces as this network namespace sees them (the daemon's `--netns`).
+        #[arg(long, global = true)]
+        netns: Option<String>,
+        #[command(subcommand)]
+        command: BpfCommand,
+    },
+}
+
+const BPF_EXAMPLES: &str = "\
+Examples:
+  tapmesh bpf lb list                # VIPs, flows, streams with Maglev shares, targets
+  tapmesh bpf overlay list -o json   # service IPs and their instances
+  tapmesh bpf mirror list            # tap rules per source port, rings";
+
+#[derive(Subcommand)]
+pub enum BpfCommand {
+    /// The LB maps: VIPs and their flows, streams with each target's Maglev entries, targets.
+    Lb {
+        #[command(subcommand)]
+        command: BpfList,
+    },
+    /// The overlay maps: service IPs with their instances, instances.
+    Overlay {
+        #[command(subcommand)]
+        command: BpfList,
+    },
+    /// The mirror maps: tap rules per source interface with their counters, rings.
+    Mirror {
+        #[command(subcommand)]
+        command: BpfList,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+pub enum BpfList {
+    /// Print the decoded entries.
+    List,
 }
 
 #[derive(Subcommand)]

@@ -25,7 +25,11 @@ pub fn render_services(services: &[TapService]) -> String {
         };
         let _ = writeln!(out, "{:<20} {:<7} {dest}", s.id, s.status);
         if let Some(c) = &s.ring_counters {
-            let _ = writeln!(out, "  ring received {}", c.received);
+            let _ = writeln!(
+                out,
+                "  ring received {} socket dropped {} ring full {}",
+                c.received, c.socket_dropped, c.ring_full
+            );
             for consumer in &c.consumers {
                 let _ = writeln!(
                     out,
@@ -43,7 +47,7 @@ pub fn render_services(services: &[TapService]) -> String {
 
 pub fn render_flows(flows: &[TapFlow]) -> String {
     let mut out = String::from(
-        "ID                   SERVICE              SOURCE           DIRECTION VLANS        STATUS  MIRRORED (packets/bytes) FAILED\n",
+        "ID                   SERVICE              SOURCE           DIRECTION VLANS        STATUS  MIRRORED (packets/bytes) FAILED RING DROPS\n",
     );
     for f in flows {
         let vlans = if f.vlan_filter.is_empty() {
@@ -53,16 +57,16 @@ pub fn render_flows(flows: &[TapFlow]) -> String {
         };
         let _ = writeln!(
             out,
-            "{:<20} {:<20} {:<16} {:<9} {:<12} {:<7} {}/{} {}",
+            "{:<20} {:<20} {:<16} {:<9} {:<12} {:<7} {:<24} {:<6} {}",
             f.id,
             f.tap_service,
             f.source,
             f.direction,
             vlans,
             f.status,
-            f.mirrored_packets,
-            f.mirrored_bytes,
-            f.failed
+            format!("{}/{}", f.mirrored_packets, f.mirrored_bytes),
+            f.failed,
+            f.ring_drops.map_or("-".into(), |d| d.to_string())
         );
         if !f.error.is_empty() {
             let _ = writeln!(out, "  error: {}", f.error);

@@ -1,6 +1,7 @@
 //! Command-line front ends that talk to the daemon.
 
 pub mod args;
+pub mod bpf;
 pub mod catalog;
 pub mod check;
 pub mod json;
@@ -58,6 +59,11 @@ pub fn run(cli: Cli) -> ExitCode {
             admin_socket,
             netns,
         } => cleanup(&bpffs_root, &admin_socket, netns.as_deref()),
+        Command::Bpf {
+            bpffs_root,
+            netns,
+            command,
+        } => bpf::run(&bpffs_root, netns.as_deref(), command, output),
         Command::Completions { shell } => {
             let mut out = Vec::new();
             clap_complete::generate(

@@ -3,12 +3,13 @@
 use std::{fmt, path::Path};
 
 use aya::{
+    maps::Array,
     programs::{
         links::{FdLink, PinnedLink},
         tc::SchedClassifierLinkId,
         tc::{self, NlOptions, TcAttachOptions},
         xdp::XdpLinkId,
-        SchedClassifier, TcAttachType, Xdp, XdpMode as AyaXdpMode,
+        SchedClassifier, TcAttachType, TracePoint, Xdp, XdpMode as AyaXdpMode,
     },
     Ebpf,
 };
@@ -79,6 +80,19 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
         program_names::XDP_MIRROR,
     ] {
         xdp_program(ebpf, name)?
+            .load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+    }
+    for name in [program_names::TP_XMIT, program_names::TP_REDIRECT_ERR] {
+        let program: &mut TracePoint = ebpf
+            .program_mut(name)
+            .ok_or(DataplaneError::Map {
+                name,
+                message: "program missing from the object".into(),
+            })?
+            .try_into()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+        program
             .load()
             .map_err(|source| DataplaneError::Program { name, source })?;
     }
@@ -429,4 +443,61 @@ pub fn detach_xdp_mirror(
     links.mirror = kept;
     attachments.retain(|a| !(a.interface == interface && a.program == program_names::XDP_MIRROR));
     Ok(())
+}
+
+/// Counts the frames the uplinks' XDP redirected that the receiving device
+/// refused (`redirect_failed`): marks the uplinks in `tm_uplink_bits` and
+/// attaches `tm_tp_xmit` and `tm_tp_redir_err` to `xdp:xdp_devmap_xmit` and
+/// `xdp:xdp_redirect_err` (tracefs is mounted if it is not). Runs while this daemon runs; a kernel without the tracepoint only
+/// loses this counter, so a failure is a warning.
+pub fn redirect_failures(ebpf: &mut Ebpf, uplinks: &[Attachment]) {
+    let marked = (|| {
+        let map = ebpf
+            .map_mut(tapmesh_common::map_names::UPLINK_BITS)
+            .ok_or("map missing")?;
+        let mut bits: Array<_, u64> = Array::try_from(map).map_err(|e| e.to_string())?;
+        for ifindex in uplinks.iter().filter_map(|a| a.ifindex) {
+            let (word, bit) = tapmesh_common::mirror::filter_bit(ifindex);
+            let old = bits.get(&word, 0).map_err(|e| e.to_string())?;
+            bits.set(word, old | bit, 0).map_err(|e| e.to_string())?;
+        }
+        Ok::<(), String>(())
+    })();
+    if let Err(e) = marked {
+        tracing::warn!("redirect_failed will not count: tm_uplink_bits: {e}");
+        return;
+    }
+    if !Path::new("/sys/kernel/tracing/events").exists() {
+        mount_tracefs();
+    }
+    for (name, event) in [
+        (program_names::TP_XMIT, "xdp_devmap_xmit"),
+        (program_names::TP_REDIRECT_ERR, "xdp_redirect_err"),
+    ] {
+        let attached = ebpf
+            .program_mut(name)
+            .and_then(|p| <&mut TracePoint>::try_from(p).ok())
+            .ok_or_else(|| "program missing".to_string())
+            .and_then(|p| p.attach("xdp", event).map_err(|e| e.to_string()));
+        if let Err(e) = attached {
+            tracing::warn!("redirect_failed will not count all: attaching to xdp:{event}: {e}");
+        }
+    }
+}
+
+fn mount_tracefs() {
+    let (src, dst) = (c"tracefs", c"/sys/kernel/tracing");
+    // SAFETY: valid C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        tracing::debug!("mounting tracefs: {}", std::io::Error::last_os_error());
+    }
 }

@@ -8,6 +8,7 @@
 mod attach;
 mod batch;
 pub mod cleanup;
+pub mod inspect;
 pub mod lb;
 pub mod mirror;
 pub mod overlay;
@@ -516,6 +517,7 @@ fn start_dataplane(
                 config.keep_dataplane,
             )?);
         }
+        attach::redirect_failures(ebpf, &attachments);
         for interface in &config.tc_interfaces {
             attach::tc(ebpf, &mut links, &mut attachments, interface)?;
         }
@@ -590,6 +592,8 @@ mod tests {
             p::TC_TAP_OUT,
             p::TC_TAP_IN,
             p::TC_SERVICE,
+            p::TP_XMIT,
+            p::TP_REDIRECT_ERR,
         ];
         for name in attached {
             assert!(object.programs.contains_key(name), "no program {name}");

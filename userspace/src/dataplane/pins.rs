@@ -114,6 +114,7 @@ const MAPS: &[MapSpec] = &[
         MAX_MIRROR_PORTS,
     ),
     spec(n::MIRROR_FILTER, 4, 8, FILTER_WORDS),
+    spec(n::UPLINK_BITS, 4, 8, FILTER_WORDS),
     spec(n::MIRROR_VLANS, 4, size_of::<VlanSet>(), MAX_TAP_FLOWS),
     spec(
         n::MIRROR_STATS,

@@ -54,6 +54,11 @@ pub(super) fn run_receiver(
             descs.extend(std::iter::from_fn(|| reader.read()));
             reader.release();
         }
+        // Also while nothing arrives: drops happen exactly then (frames too long).
+        if last_drops.elapsed() >= FLUSH_INTERVAL {
+            last_drops = Instant::now();
+            store_drops(&socket, &shared);
+        }
         if descs.is_empty() {
             continue;
         }
@@ -84,11 +89,6 @@ pub(super) fn run_receiver(
 
         shared.received.fetch_add(frames, Ordering::Relaxed);
         offer(Arc::new(Batch { frames, records }), &queues, &shared);
-
-        if last_drops.elapsed() >= FLUSH_INTERVAL {
-            last_drops = Instant::now();
-            store_drops(&socket, &shared);
-        }
         if frames < u64::from(BATCH) {
             std::thread::sleep(LINGER);
         }

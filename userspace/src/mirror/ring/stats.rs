@@ -12,6 +12,18 @@ pub struct RingStats {
     pub received: u64,
     /// In the order the consumers were given.
     pub consumers: Vec<ConsumerStats>,
+    /// Copies the kernel could not put into the socket (its `XDP_STATISTICS`):
+    /// `rx_dropped` (e.g. longer than a frame) and `rx_ring_full` (the
+    /// receive loop fell behind). Neither reaches any consumer.
+    pub socket_dropped: u64,
+    pub ring_full: u64,
+}
+
+impl RingStats {
+    /// Every copy the ring lost before a consumer saw it.
+    pub fn drops(&self) -> u64 {
+        self.socket_dropped + self.ring_full
+    }
 }
 
 /// One consumer's counters. Every received frame ends up in `delivered` or
@@ -55,6 +67,8 @@ impl Shared {
                     lost: c.lost.load(Ordering::Relaxed),
                 })
                 .collect(),
+            socket_dropped: self.drops[0].load(Ordering::Relaxed),
+            ring_full: self.drops[1].load(Ordering::Relaxed),
         }
     }
 }
