@@ -318,10 +318,11 @@ fn classify(
         } else {
             interval_mask(&config.src_ports, t.src_port)
         };
-    } else if has_ports(t.protocol) {
-        // Ports unknown (a fragment): no port-restricted flow may take it.
-        mask &= config.port_free;
     }
+    // Ports unknown (a fragment): no port-restricted flow may take it. (No
+    // branch: each one multiplies the verifier's states below. Flows of
+    // port-less classes restrict no port, so `port_free` keeps them.)
+    mask &= config.port_free | 0u64.wrapping_sub(t.ports_known as u64);
     if mask != 0 {
         mask &= if config.lookups & LOOKUP_SOURCES != 0 {
             let source = SourceData {
