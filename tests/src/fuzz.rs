@@ -11,19 +11,27 @@ use std::{
 use rand::{rngs::StdRng, Rng, SeedableRng};
 use tapmesh::mirror::pcap::PcapWriter;
 
-/// Cases from `TAPMESH_FUZZ_CASES` (else `default`), seed from
-/// `TAPMESH_FUZZ_SEED` (else fixed, so a run is repeatable).
-pub fn settings(default: u64) -> (u64, u64) {
+/// How long a run goes: `TAPMESH_FUZZ_CASES` cases (else the default), or
+/// `TAPMESH_FUZZ_SECONDS` if that comes first.
+pub struct Settings {
+    pub cases: u64,
+    pub seconds: Option<u64>,
+    /// `TAPMESH_FUZZ_SEED`, else fixed, so a run is repeatable.
+    pub seed: u64,
+}
+
+pub fn settings(default_cases: u64) -> Settings {
     let var = |name: &str| {
         std::env::var(name).ok().map(|v| {
             v.parse()
                 .unwrap_or_else(|_| panic!("{name}={v}: not a number"))
         })
     };
-    (
-        var("TAPMESH_FUZZ_CASES").unwrap_or(default),
-        var("TAPMESH_FUZZ_SEED").unwrap_or(0x7461_706d),
-    )
+    Settings {
+        cases: var("TAPMESH_FUZZ_CASES").unwrap_or(default_cases),
+        seconds: var("TAPMESH_FUZZ_SECONDS"),
+        seed: var("TAPMESH_FUZZ_SEED").unwrap_or(0x7461_706d),
+    }
 }
 
 pub fn rng(seed: u64) -> StdRng {

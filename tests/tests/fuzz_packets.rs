@@ -10,7 +10,8 @@
 //! The corpus in `tests/fuzz/corpus/` is replayed first (each file names the
 //! verdict it must get; together they cover every drop reason the uplink
 //! can give here). Then `TAPMESH_FUZZ_CASES` (default 2000) generated and
-//! mutated frames from `TAPMESH_FUZZ_SEED`; `cargo xtask fuzz` runs more.
+//! mutated frames from `TAPMESH_FUZZ_SEED`, or fewer if
+//! `TAPMESH_FUZZ_SECONDS` ends first; `cargo xtask fuzz` runs longer.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -1074,14 +1075,23 @@ fn random_and_mutated_frames_match_the_reference() {
     if !kernel_tests_enabled() {
         return;
     }
-    let (cases, seed) = fuzz::settings(2000);
+    let settings = fuzz::settings(2000);
+    let seed = settings.seed;
+    let deadline = settings
+        .seconds
+        .map(|s| Instant::now() + std::time::Duration::from_secs(s));
     let mut lab = Lab::new();
     let corpus = fuzz::read_corpus(&fuzz::corpus_dir());
     let mut rng = fuzz::rng(seed);
     let mut failures = Vec::new();
     let mut verdicts: BTreeMap<String, u64> = BTreeMap::new();
     let start = Instant::now();
-    for case in 0..cases {
+    let mut cases = 0u64;
+    for case in 0..settings.cases {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        cases += 1;
         let mut frame = match rng.random_range(0..10) {
             0..=1 => corpus[rng.random_range(0..corpus.len())].frame.clone(),
             2 => fuzz::random_bytes(&mut rng, 80),

@@ -165,6 +165,10 @@ async fn post(path: &str, body: Vec<u8>) -> u16 {
         default_node_cost: 10,
         state_file: None,
         keep_links: false,
+        oakestra: false,
+        mqtt_broker: None,
+        mqtt_port: 10003,
+        node_port: 50103,
     };
     let nm = Arc::new(tapmesh::overlay::manager::NetManager::new(
         Default::default(),
