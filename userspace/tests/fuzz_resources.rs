@@ -83,7 +83,7 @@ fn locality() -> impl Strategy<Value = LocalityLbEndpoints> {
         .prop_map(
             |(zone, priority, weight, lb_endpoints)| LocalityLbEndpoints {
                 locality: Some(Locality {
-                    zone: zone.into(),
+                    zone,
                     ..Default::default()
                 }),
                 lb_endpoints,
