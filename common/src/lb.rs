@@ -29,6 +29,9 @@ pub const MAGLEV_CAPACITY: u32 = 1 << 22;
 pub const MAX_PREFIXES: u32 = 65_536;
 /// Byte matches per flow.
 pub const MAX_BYTE_MATCHES: usize = 4;
+/// Byte matches start before this offset into the L4 header (the kernel
+/// reads no further; a longer offset is refused).
+pub const MAX_MATCH_OFFSET: u16 = 512;
 
 /// Protocol classes indexing [`VipConfig::protocol_masks`].
 pub const PROTO_TCP: u8 = 0;
@@ -137,6 +140,9 @@ pub struct VipConfig {
     pub lookups: u32,
     /// The source mask when the source table is not searched.
     pub sources_all: u64,
+    /// Flows restricting neither port: all that a TCP, UDP or SCTP packet
+    /// whose ports are unknown (a fragment) may match.
+    pub port_free: u64,
     pub dst_ports: PortIntervals,
     pub src_ports: PortIntervals,
 }
@@ -298,7 +304,7 @@ crate::assert_layout!(
 );
 crate::assert_layout!(
     VipConfig,
-    size = 8 * PROTO_CLASSES + 16 + 2 * (10 * PORT_INTERVALS + 8),
+    size = 8 * PROTO_CLASSES + 24 + 2 * (10 * PORT_INTERVALS + 8),
     align = 8
 );
 crate::assert_layout!(PortKey, size = 12, align = 4);

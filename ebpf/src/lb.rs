@@ -14,7 +14,7 @@ use tapmesh_common::{
     lb::{
         ByteMatch, FlowEntry, PortData, PortIntervals, SourceData, Target, VipAddr,
         LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES, MAX_FLOWS_PER_VIP,
-        NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+        MAX_MATCH_OFFSET, NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
         SLOT_ONE, SLOT_SHARED, TARGET_LOCAL, TARGET_REMOTE,
     },
     tunnel::TunnelConfig,
@@ -31,8 +31,6 @@ use crate::{
 
 /// Candidate flows whose byte matches are tried before giving up.
 const MAX_CANDIDATES: usize = 4;
-/// Byte matches may look this far into the L4 header.
-const MAX_MATCH_OFFSET: usize = 512;
 
 /// What the load balancer looks at; for an ICMP error, the flow it reports on
 /// (its inner packet with addresses and ports swapped).
@@ -219,7 +217,7 @@ fn byte_match(ctx: &XdpContext, t: &FlowTuple, class: u8, m: &ByteMatch) -> bool
     let len = m.len as usize;
     if !t.ports_known
         || m.protocol != class
-        || offset >= MAX_MATCH_OFFSET
+        || offset >= MAX_MATCH_OFFSET as usize
         || !matches!(len, 1 | 2 | 4)
     {
         return false;
@@ -321,6 +319,10 @@ fn classify(
             interval_mask(&config.src_ports, t.src_port)
         };
     }
+    // Ports unknown (a fragment): no port-restricted flow may take it. (No
+    // branch: each one multiplies the verifier's states below. Flows of
+    // port-less classes restrict no port, so `port_free` keeps them.)
+    mask &= config.port_free | 0u64.wrapping_sub(t.ports_known as u64);
     if mask != 0 {
         mask &= if config.lookups & LOOKUP_SOURCES != 0 {
             let source = SourceData {
@@ -523,6 +525,14 @@ pub fn balance(
         Some(t) => t,
         None => tuple_of(parsed),
     };
+    // IPv4 VIPs live in the maps as `::ffff:a.b.c.d`: an IPv6 packet to
+    // such an address is not for them.
+    if parsed.l3 == L3::V6
+        && tuple.dst[0] | tuple.dst[1] == 0
+        && tuple.dst[2] == MAPPED_V4_PREFIX
+    {
+        return Ok(xdp_action::XDP_PASS);
+    }
     let addr = VipAddr {
         addr: addr_bytes(&tuple.dst),
     };

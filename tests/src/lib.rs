@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod eds;
 pub mod etcd;
 pub mod frames;
+pub mod fuzz;
 pub mod maps;
 pub mod net;
 pub mod oakestra;
@@ -18,6 +19,7 @@ pub mod python;
 pub mod scrape;
 pub mod tapa;
 pub mod underlay;
+pub mod uplink_ref;
 pub mod xds_peer;
 
 use std::{

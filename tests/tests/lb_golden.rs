@@ -1161,42 +1161,86 @@ fn ipv4_fragments_of_a_datagram_stay_together() {
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
-/// A VIP with flows told apart by port: a later fragment carries no ports,
-/// yet must reach the target its first fragment reached.
+/// A fragment carries no ports it can be checked by (a later one none at
+/// all), so only flows that restrict no port may take it: the fragments of
+/// a datagram to VIP4's port-selected UDP flows are dropped alike (never
+/// given to another port's flow), and a TCP datagram from 10.1/16 takes the
+/// port-free `src-cidr` flow with both fragments.
 #[test]
-fn ipv4_later_fragment_follows_the_first_fragments_flow() {
+fn fragments_take_only_flows_without_ports() {
     if !kernel_tests_enabled() {
         return;
     }
     let mut lab = Lab::new();
     let mut failures = Vec::new();
+    // The first fragment carries the first 24 bytes (the whole L4 header).
+    let fragments = |src, protocol, l4: &[u8]| {
+        (
+            eth(&fragment4(src, VIP4, protocol, 0x77, 0, true, &l4[..24])),
+            eth(&fragment4(src, VIP4, protocol, 0x77, 24, false, &l4[24..])),
+        )
+    };
+    let udp = [P::Ipv4, P::Fragment, P::Udp];
+    let later = [P::Ipv4, P::Fragment];
     // (source port, destination port) of datagrams to VIP4's port-selected UDP flows.
     for (sport, dport) in [(40_000, 1500), (5050, 3000), (40_000, 2000)] {
         let datagram = udp_v4(CLIENT, VIP4, sport, dport, &[0x5a; 40]);
-        let first = eth(&fragment4(
-            CLIENT,
-            VIP4,
-            UDP,
-            0x77,
-            0,
-            true,
-            &datagram[..24],
+        let (first, second) = fragments(CLIENT, UDP, &datagram);
+        let name = format!("udp {CLIENT}:{sport} -> {VIP4}:{dport}");
+        failures.extend(lab.check(
+            &format!("{name}, first fragment"),
+            &first,
+            &drop(&first, D::NoFlowMatch, &udp, &["vip:vip4"]),
         ));
-        let later = eth(&fragment4(
-            CLIENT,
-            VIP4,
-            UDP,
-            0x77,
-            24,
-            false,
-            &datagram[24..],
+        failures.extend(lab.check(
+            &format!("{name}, later fragment"),
+            &second,
+            &drop(&second, D::NoFlowMatch, &later, &["vip:vip4"]),
         ));
-        let (a, b) = (lab.local_target(&first), lab.local_target(&later));
-        if a != b {
-            failures.push(format!("udp {CLIENT}:{sport} -> {VIP4}:{dport}: first fragment -> {a}, later fragment -> {b}"));
-        }
     }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    let net10 = Ipv4Addr::new(10, 1, 2, 3);
+    let mut segment = tcp_v4(net10, VIP4, 40_000, 80, 0);
+    segment.extend_from_slice(&[0x5a; 12]);
+    let (first, second) = fragments(net10, TCP, &segment);
+    failures.extend(lab.check(
+        "tcp from 10.1/16, first fragment",
+        &first,
+        &to_local(
+            &first,
+            "vip4",
+            "src-cidr",
+            "s-cidr/1",
+            &[P::Ipv4, P::Fragment, P::Tcp],
+        ),
+    ));
+    failures.extend(lab.check(
+        "tcp from 10.1/16, later fragment",
+        &second,
+        &to_local(&second, "vip4", "src-cidr", "s-cidr/1", &later),
+    ));
+    assert_all(failures, 8);
+}
+
+/// IPv4 VIPs sit in the maps as `::ffff:a.b.c.d`; an IPv6 packet to that
+/// address is not for them and passes untouched, counted as IPv6 only.
+#[test]
+fn ipv6_to_an_ipv4_mapped_vip_address_passes() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let mapped = VIP4.to_ipv6_mapped();
+    let udp = eth(&udp6(CLIENT6, mapped, 40_000, 1500, b"x"));
+    let tcp = eth(&ipv6(
+        CLIENT6,
+        mapped,
+        TCP,
+        &[],
+        &tcp_v4(CLIENT, VIP4, 40_000, 80, 0),
+    ));
+    let mut failures = lab.check("udp to ::ffff:VIP4", &udp, &pass(&udp, &[P::Ipv6, P::Udp]));
+    failures.extend(lab.check("tcp to ::ffff:VIP4", &tcp, &pass(&tcp, &[P::Ipv6, P::Tcp])));
+    assert_all(failures, 2);
 }
 
 // ---------------------------------------------------------------------------

@@ -46,6 +46,17 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Longer fuzzing than `test` does: the differential packet fuzzer for
+    /// `--seconds` from a new seed (printed; `--seed` replays one), then the
+    /// property tests of the parsers with `--cases` cases each.
+    Fuzz {
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        #[arg(long, default_value_t = 20_000)]
+        cases: u64,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// A small lab of namespaces with the daemon running and real traffic.
     Demo,
     /// BPF_PROG_TEST_RUN ns/packet per program path; writes BENCHMARKS.md.
@@ -131,6 +142,29 @@ fn run_tests_bin(bin: &str, args: &[PathBuf]) -> Result<()> {
         .args(args))
 }
 
+/// The fuzz targets with bounds of their own (see `Task::Fuzz`).
+fn fuzz(seconds: u64, cases: u64, seed: Option<u64>) -> Result<()> {
+    let object = build(false)?;
+    let seed = seed.unwrap_or_else(|| {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        now.map_or(1, |d| d.as_nanos() as u64)
+    });
+    println!("fuzz: packets for {seconds} s from seed {seed:#x} (replay: cargo xtask fuzz --seed {seed})");
+    run(cargo(&object)
+        .args(["test", "-p", "tapmesh-tests", "--test", "fuzz_packets"])
+        .env("TAPMESH_BIN", binary(false))
+        .env("TAPMESH_REQUIRE_KERNEL_TESTS", "1")
+        .env("TAPMESH_FUZZ_SECONDS", seconds.to_string())
+        .env("TAPMESH_FUZZ_CASES", u64::MAX.to_string())
+        .env("TAPMESH_FUZZ_SEED", seed.to_string())
+        .args(["--", "--nocapture"]))?;
+    println!("fuzz: property tests, {cases} cases each");
+    run(cargo(&object)
+        .args(["test", "-p", "tapmesh", "--test", "fuzz_parsers"])
+        .args(["--test", "fuzz_resources"])
+        .env("PROPTEST_CASES", cases.to_string()))
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // The image task installs its own tools; the usual set-up runs inside the image.
@@ -163,6 +197,11 @@ fn main() -> Result<()> {
             }
             run(&mut cmd)?;
         }
+        Task::Fuzz {
+            seconds,
+            cases,
+            seed,
+        } => fuzz(seconds, cases, seed)?,
         Task::Demo => run_tests_bin("tapmesh-demo", &[])?,
         Task::Image(args) => image::image(args)?,
         Task::Bench => run_tests_bin("tapmesh-bench", &[root().join("BENCHMARKS.md")])?,

@@ -477,16 +477,19 @@ fn endpoints<'a>(
     (endpoints, slots)
 }
 
+fn lb_part(state: &mut State) -> LbSpec {
+    eds_part(&state.bindings, &state.clusters, &mut state.identities)
+}
+
 /// The LB part for the EDS services (targets still unresolved: their
 /// `via` names the backend address), with each backend's identifiers.
-fn lb_part(state: &mut State) -> LbSpec {
+/// Pure: what the clusters' accepted endpoints become.
+pub fn eds_part(
+    bindings: &BTreeMap<String, ClusterBinding>,
+    clusters: &BTreeMap<String, ClusterEndpoints>,
+    identities: &mut Identities,
+) -> LbSpec {
     let mut spec = LbSpec::default();
-    let State {
-        bindings,
-        clusters,
-        identities,
-        ..
-    } = state;
     for (name, binding) in bindings.iter().filter(|(_, b)| !b.vip.is_empty()) {
         let lb_name = format!("eds.{name}");
         let (endpoints, slots) = endpoints(clusters, name);

@@ -161,6 +161,7 @@ pub fn vip_tables(
             flow_count: vip.flows.len() as u32,
             lookups,
             sources_all: whole_sources.unwrap_or(0),
+            port_free: port_free(&vip.dst_ports) & port_free(&vip.src_ports),
             dst_ports: dst_inline.unwrap_or_default(),
             src_ports: src_inline.unwrap_or_default(),
         },
@@ -169,6 +170,11 @@ pub fn vip_tables(
         sources,
         flows,
     }
+}
+
+/// Flows in every interval of a port table: those that restrict no port.
+fn port_free(t: &PortTable) -> u64 {
+    t.intervals.iter().fold(u64::MAX, |m, i| m & i.mask)
 }
 
 fn flow_entry(f: &CompiledFlow, stream_id: u32, stats_index: u32) -> FlowEntry {
@@ -311,6 +317,8 @@ mod tests {
                 // Sources are restricted; both port tables fit inline.
                 lookups: LOOKUP_SOURCES,
                 sources_all: 0,
+                // The flow restricts the destination port.
+                port_free: 0,
                 dst_ports: {
                     let mut p = PortIntervals::default();
                     p.starts[..3].copy_from_slice(&[0, 80, 82]);
@@ -446,7 +454,7 @@ mod tests {
                         "udp[0:1] = 1",
                         "sctp[1:4] & 0xff = 2",
                         "tcp[3:1] = 3",
-                        "udp[65535:2] = 4",
+                        "udp[511:2] = 4",
                     ],
                 ),
             ],
@@ -474,7 +482,7 @@ mod tests {
                 bm(0, 1, PROTO_UDP, 0xff, 1),
                 bm(1, 4, PROTO_SCTP, 0xff, 2),
                 bm(3, 1, PROTO_TCP, 0xff, 3),
-                bm(65535, 2, PROTO_UDP, 0xffff, 4),
+                bm(511, 2, PROTO_UDP, 0xffff, 4),
             ]
         );
         assert_eq!(

@@ -5,6 +5,8 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+use tapmesh_common::lb::MAX_MATCH_OFFSET;
+
 use crate::names::{validate_name, NameError};
 use crate::net::Prefix;
 
@@ -219,7 +221,15 @@ impl ByteMatch {
         };
         c.expect("[")?;
         let (offset, text) = c.number(10).ok_or("missing offset")?;
-        let offset = u16::try_from(offset).map_err(|_| format!("offset {text} too large"))?;
+        let offset = u16::try_from(offset)
+            .ok()
+            .filter(|o| *o < MAX_MATCH_OFFSET)
+            .ok_or_else(|| {
+                format!(
+                    "offset {text} too large (the L4 header is read up to {} bytes)",
+                    MAX_MATCH_OFFSET
+                )
+            })?;
         c.spaces();
         c.expect(":")?;
         c.spaces();
@@ -354,10 +364,22 @@ impl Vip {
                 reason: e.reason(),
             })?;
         let host = spec.address.split('/').next().unwrap_or_default();
+        let v6 = host.parse::<Ipv4Addr>().is_err();
+        // IPv4 VIPs share the maps' 16-byte space as `::ffff:a.b.c.d`.
+        let mapped_space = Prefix::new(Ipv4Addr::UNSPECIFIED.to_ipv6_mapped(), 96);
+        // (`::/0` is refused later with its own reason.)
+        let overlaps = prefix.covers(&mapped_space) || mapped_space.covers(&prefix);
+        if v6 && prefix.len != 0 && overlaps {
+            return Err(FlowError::BadVipAddress {
+                vip: spec.name.clone(),
+                value: spec.address.clone(),
+                reason: "an IPv6 VIP may not hold IPv4-mapped addresses (::ffff:0:0/96)",
+            });
+        }
         Ok(Self {
             name: spec.name.clone(),
             prefix,
-            v6: host.parse::<Ipv4Addr>().is_err(),
+            v6,
         })
     }
 }
@@ -817,6 +839,15 @@ mod tests {
             Err(FlowError::BadVipAddress { .. })
         ));
         assert!(matches!(v(""), Err(FlowError::BadVipAddress { .. })));
+        // IPv6 VIPs holding IPv4-mapped addresses would take IPv4 traffic.
+        let mapped = "an IPv6 VIP may not hold IPv4-mapped addresses (::ffff:0:0/96)";
+        for a in ["::ffff:20.0.0.1", "::ffff:0:0/100", "::/64", "::/1"] {
+            assert!(
+                matches!(v(a), Err(FlowError::BadVipAddress { reason, .. }) if reason == mapped),
+                "{a}"
+            );
+        }
+        assert!(v("::1").is_ok() && v("::1:0:0:0/96").is_ok());
     }
 
     #[test]
@@ -845,7 +876,8 @@ mod tests {
             (m.protocol, m.mask, m.value),
             (Protocol::Sctp, u32::MAX, u32::MAX)
         );
-        assert_eq!(bm("tcp[65535:1] = 255").offset, 65535);
+        // The last offset the kernel reads.
+        assert_eq!(bm("tcp[511:1] = 255").offset, 511);
         assert_eq!(bm("udp[1:2]   &   0xff00   =   0").mask, 0xff00);
     }
 
@@ -869,7 +901,14 @@ mod tests {
             ),
             ("icmp[0:1] = 8", "must start with tcp, udp or sctp"),
             ("tcp[0:3] = 1", "size must be 1, 2 or 4"),
-            ("tcp[70000:1] = 1", "offset 70000 too large"),
+            (
+                "tcp[70000:1] = 1",
+                "offset 70000 too large (the L4 header is read up to 512 bytes)",
+            ),
+            (
+                "udp[512:1] = 1",
+                "offset 512 too large (the L4 header is read up to 512 bytes)",
+            ),
             ("tcp [0:1] = 1", "expected \"[\""),
             ("tcp[ 0:1] = 1", "missing offset"),
             ("tcp[0:1 ] = 1", "expected \"]\""),
