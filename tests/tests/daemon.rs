@@ -479,6 +479,7 @@ fn a_second_daemon_on_the_same_socket_is_refused() {
             "dataplane",
             "lb",
             "nsp",
+            "cluster",
             "mirror",
             "catalog",
             "netmanager",
