@@ -29,6 +29,9 @@ pub const MAGLEV_CAPACITY: u32 = 1 << 22;
 pub const MAX_PREFIXES: u32 = 65_536;
 /// Byte matches per flow.
 pub const MAX_BYTE_MATCHES: usize = 4;
+/// Port NAT entries a configuration may hold (`tm_port_nats` has room for
+/// twice as many: a VIP's next configuration is written beside the one in force).
+pub const MAX_PORT_NATS: u32 = 8192;
 
 /// Protocol classes indexing [`VipConfig::protocol_masks`].
 pub const PROTO_TCP: u8 = 0;
@@ -241,7 +244,9 @@ pub struct FlowEntry {
     /// Index of the flow's counters in `tm_flow_stats`.
     pub stats_index: u32,
     pub byte_match_count: u32,
-    pub _pad: u32,
+    /// Non-zero: the flow's stream translates some ports of this VIP
+    /// (`tm_port_nats` is looked up for TCP and UDP).
+    pub port_nat: u32,
     pub byte_matches: [ByteMatch; MAX_BYTE_MATCHES],
 }
 
@@ -287,6 +292,40 @@ pub struct Target {
 pub struct LbConfig {
     /// VIPs given as prefixes (in `tm_vips`); host VIPs are in `tm_vip_hosts`.
     pub vip_prefixes: u32,
+    /// Entries of `tm_port_nat_rev` (0: replies are not looked up).
+    pub port_nat_replies: u32,
+}
+
+/// Key of `tm_port_nats`: a flow (bit) of a VIP configuration, the IP
+/// protocol (6 or 17) and the destination port the client used.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortNatKey {
+    pub config_id: u32,
+    pub port: u16,
+    pub protocol: u8,
+    pub flow_bit: u8,
+}
+
+/// Value of `tm_port_nats` (the target port) and `tm_port_nat_rev` (the port
+/// a reply's source goes back to).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortNatValue {
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Data part of the `tm_port_nat_rev` LPM key: protocol, source port (the
+/// target port, big-endian) and the VIP prefix (IPv4 mapped). The prefix
+/// length is 32 + the VIP's mapped prefix length.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NatReplyData {
+    pub protocol: u8,
+    pub _pad: u8,
+    pub port: [u8; 2],
+    pub addr: [u8; 16],
 }
 
 crate::assert_layout!(VipKey, size = 20, align = 4);
@@ -312,7 +351,10 @@ crate::assert_layout!(ByteMatch, size = 12, align = 4);
 crate::assert_layout!(FlowEntry, size = 16 + 12 * MAX_BYTE_MATCHES, align = 4);
 crate::assert_layout!(StreamValue, size = 8, align = 4);
 crate::assert_layout!(Target, size = 48, align = 4);
-crate::assert_layout!(LbConfig, size = 4, align = 4);
+crate::assert_layout!(LbConfig, size = 8, align = 4);
+crate::assert_layout!(PortNatKey, size = 8, align = 4);
+crate::assert_layout!(PortNatValue, size = 4, align = 2);
+crate::assert_layout!(NatReplyData, size = 20, align = 1);
 
 #[cfg(feature = "user")]
 crate::impl_pod!(
@@ -331,5 +373,8 @@ crate::impl_pod!(
     FlowEntry,
     StreamValue,
     Target,
-    LbConfig
+    LbConfig,
+    PortNatKey,
+    PortNatValue,
+    NatReplyData
 );

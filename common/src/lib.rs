@@ -15,7 +15,7 @@ pub mod tunnel;
 pub use stats::*;
 
 /// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 6;
+pub const SCHEMA_VERSION: u32 = 7;
 
 /// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -36,6 +36,8 @@ pub mod program_names {
     pub const TC_TAP_IN: &str = "tm_tc_tap_in";
     /// On a container's host-side veth: service-IP translation and tunnel.
     pub const TC_SERVICE: &str = "tm_tc_service";
+    /// On a conduit's node-side veth: replies get their port NAT undone.
+    pub const TC_CONDUIT: &str = "tm_tc_conduit";
 }
 
 /// Names of the BPF maps (also their pin file names).
@@ -54,6 +56,8 @@ pub mod map_names {
     pub const MAGLEV: &str = "tm_maglev";
     pub const TARGETS: &str = "tm_targets";
     pub const LB_CONFIG: &str = "tm_lb_config";
+    pub const PORT_NATS: &str = "tm_port_nats";
+    pub const PORT_NAT_REPLIES: &str = "tm_port_nat_rev";
     pub const TUNNEL: &str = "tm_tunnel";
     pub const TUNNEL_PEERS: &str = "tm_tunnel_peers";
     pub const TUNNEL_SLOTS: &str = "tm_tunnel_slots";

@@ -102,6 +102,7 @@ counter_set!(
         unsupported_service_packet => UnsupportedServicePacket,
         adjust_room_failed => AdjustRoomFailed,
         tunnel_unknown_node => TunnelUnknownNode,
+        port_nat_failed => PortNatFailed,
     }
 );
 
@@ -241,6 +242,7 @@ pub enum ProgramSlot {
     TcIngress,
     TcEgress,
     TcService,
+    TcConduit,
 }
 
 impl ProgramSlot {
@@ -249,6 +251,7 @@ impl ProgramSlot {
         ProgramSlot::TcIngress,
         ProgramSlot::TcEgress,
         ProgramSlot::TcService,
+        ProgramSlot::TcConduit,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -258,6 +261,7 @@ impl ProgramSlot {
             ProgramSlot::TcIngress => "tc_ingress",
             ProgramSlot::TcEgress => "tc_egress",
             ProgramSlot::TcService => "tc_service",
+            ProgramSlot::TcConduit => "tc_conduit",
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::{
     maps::*,
     packet::{load32, Packet},
     parse::{addr_v6, be16, mapped_v4, Addr, Fragment, Parsed, L3, MAPPED_V4_PREFIX},
-    tunnel,
+    port_nat, tunnel,
 };
 
 /// Candidate flows whose byte matches are tried before giving up.
@@ -148,7 +148,7 @@ fn tuple_of(pkt: &Parsed) -> FlowTuple {
 
 /// The bytes of an address (for map keys).
 #[inline(always)]
-fn addr_bytes(a: &Addr) -> [u8; 16] {
+pub fn addr_bytes(a: &Addr) -> [u8; 16] {
     // SAFETY: 16 bytes either way; words are in memory order.
     unsafe { core::mem::transmute::<Addr, [u8; 16]>(*a) }
 }
@@ -288,7 +288,7 @@ fn classify(
     t: &FlowTuple,
     l3: L3,
     config_id: u32,
-) -> Result<&'static FlowEntry, DropReason> {
+) -> Result<(&'static FlowEntry, u32), DropReason> {
     let config = tm_vip_configs
         .get(config_id)
         .ok_or(DropReason::NoFlowMatch)?;
@@ -352,7 +352,7 @@ fn classify(
             }
         }
         if all {
-            return Ok(flow);
+            return Ok((flow, bit));
         }
         mask &= mask - 1;
     }
@@ -519,9 +519,10 @@ pub fn balance(
     if parsed.l3 == L3::None {
         return Ok(xdp_action::XDP_PASS);
     }
-    let tuple = match icmp_error_tuple(pkt, parsed) {
-        Some(t) => t,
-        None => tuple_of(parsed),
+    // `direct`: the tuple is the packet's own (not an ICMP error's inner one).
+    let (tuple, direct) = match icmp_error_tuple(pkt, parsed) {
+        Some(t) => (t, false),
+        None => (tuple_of(parsed), true),
     };
     let addr = VipAddr {
         addr: addr_bytes(&tuple.dst),
@@ -550,13 +551,18 @@ pub fn balance(
     };
     let bytes = pkt.wire_len as u64;
     count(tm_vip_stats.get_ptr_mut(vip.vip_index), bytes);
-    let flow = classify(ctx, &tuple, parsed.l3, vip.config_id)?;
+    let (flow, bit) = classify(ctx, &tuple, parsed.l3, vip.config_id)?;
     count(tm_flow_stats.get_ptr_mut(flow.stats_index), bytes);
     let hash = flow_hash(&tuple, parsed.l3);
     let target = pick_target(flow, hash)?;
     match target.kind {
         TARGET_LOCAL => {
             count(tm_target_stats.get_ptr_mut(target.stats_index), bytes);
+            // Translated on the node that delivers (tables are the same on
+            // every node): a tunnel carries the port the client used.
+            if flow.port_nat != 0 && direct {
+                port_nat::to_target(pkt, parsed, vip.config_id, bit)?;
+            }
             to_local(ctx, pkt, parsed, target)
         }
         TARGET_REMOTE if !tunneled => {

@@ -506,6 +506,7 @@ fn lb_part(state: &mut State) -> LbSpec {
             name: lb_name.clone(),
             max_targets: stream_size(total.max(highest)),
             table_size: None,
+            port_nats: Vec::new(),
         });
         spec.flows.push(FlowSpec {
             name: lb_name.clone(),

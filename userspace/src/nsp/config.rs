@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::lb::flows::{FlowError, FlowSpec, VipSpec};
 use crate::lb::model::{validate, LbError, LbSpec, StreamSpec};
+use crate::lb::port_nat::{self, PortNatError, PortNatSpec};
 use crate::names::validate_name;
 
 /// Meridio's Stream CRD bounds max-targets to 1..=10000; it defaults to 100.
@@ -39,6 +40,10 @@ pub struct ConduitConfig {
     pub name: String,
     #[serde(default)]
     pub trench: String,
+    /// Meridio's `destinationPortNats`: every stream of the conduit
+    /// translates these ports (VIPs by name, in the conduit's trench).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_port_nats: Vec<PortNatSpec>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +128,16 @@ pub enum NspConfigError {
     },
     #[error("stream {stream:?}: max_targets {value} is out of range; use 1..={MAX_MAX_TARGETS}")]
     MaxTargets { stream: String, value: u32 },
+    #[error("conduit {conduit:?} port NAT {port}->{target_port}: VIP {vip:?} is not defined in trench {trench:?}")]
+    UnknownNatVip {
+        conduit: String,
+        port: u16,
+        target_port: u16,
+        vip: String,
+        trench: String,
+    },
+    #[error("{0}")]
+    PortNat(#[from] PortNatError),
     /// What the load balancer finds wrong (a bad VIP address, port range, …).
     #[error("{0}")]
     Lb(#[from] LbError),
@@ -238,6 +253,26 @@ impl NspConfig {
                 return Err(duplicate("vip", &v.name, &v.trench));
             }
         }
+        for c in &self.conduits {
+            let owner = format!("conduit {:?}", c.name);
+            for nat in &c.destination_port_nats {
+                port_nat::check_one(&owner, nat)?;
+                if let Some(vip) = nat
+                    .vips
+                    .iter()
+                    .find(|v| !vips.contains(&(c.trench.as_str(), v.as_str())))
+                {
+                    return Err(NspConfigError::UnknownNatVip {
+                        conduit: c.name.clone(),
+                        port: nat.port,
+                        target_port: nat.target_port,
+                        vip: vip.clone(),
+                        trench: c.trench.clone(),
+                    });
+                }
+            }
+            port_nat::check_collisions(&owner, &c.destination_port_nats)?;
+        }
         let mut flows = HashSet::new();
         for f in &self.flows {
             validate_name("flow name", &f.name)?;
@@ -300,6 +335,19 @@ impl NspConfig {
             .collect()
     }
 
+    /// The conduit's port NATs with the LB's VIP names (`vip.trench`).
+    pub fn conduit_port_nats(&self, trench: &str, conduit: &str) -> Vec<PortNatSpec> {
+        self.conduits
+            .iter()
+            .filter(|c| c.trench == trench && c.name == conduit)
+            .flat_map(|c| &c.destination_port_nats)
+            .map(|n| PortNatSpec {
+                vips: n.vips.iter().map(|v| format!("{v}.{trench}")).collect(),
+                ..n.clone()
+            })
+            .collect()
+    }
+
     /// VIPs, streams and flows for the load balancer (no targets). Names are
     /// made unique across trenches: `vip.trench`, `stream.conduit.trench`, `flow.trench`.
     pub fn lb_spec(&self) -> LbSpec {
@@ -331,6 +379,7 @@ impl NspConfig {
                     name: stream_names[&(s.trench.as_str(), s.name.as_str())].clone(),
                     max_targets: s.max_targets,
                     table_size: None,
+                    port_nats: self.conduit_port_nats(&s.trench, &s.conduit),
                 })
                 .collect(),
             flows: self
