@@ -7,9 +7,10 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortNatKey, PortNatValue, SourceData, StreamValue, Target, VipAddr,
-        VipConfig, VipSlot, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
-        MAX_PORT_NATS, MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
+        FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortNatKey, PortNatValue,
+        SourceData, StreamValue, Target, VipAddr, VipConfig, VipSlot, VipValue, FLOW_SLOTS,
+        MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PORT_NATS, MAX_PREFIXES, MAX_STREAMS,
+        MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
     },
     mirror::{
         MirrorCounter, MirrorPort, VlanSet, FILTER_WORDS, MAX_MIRROR_PORTS, MAX_RINGS,

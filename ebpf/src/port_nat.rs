@@ -40,7 +40,12 @@ fn checksum_at(parsed: &Parsed) -> Option<(usize, DropReason)> {
 /// configuration `config_id` when its port is translated, and the checksum
 /// incrementally (a UDP checksum of 0, none, stays 0).
 #[inline(always)]
-pub fn to_target(pkt: &Packet, parsed: &Parsed, config_id: u32, bit: u32) -> Result<(), DropReason> {
+pub fn to_target(
+    pkt: &Packet,
+    parsed: &Parsed,
+    config_id: u32,
+    bit: u32,
+) -> Result<(), DropReason> {
     let Some((sum_at, missing)) = checksum_at(parsed) else {
         return Ok(());
     };
@@ -84,10 +89,7 @@ pub fn to_target(pkt: &Packet, parsed: &Parsed, config_id: u32, bit: u32) -> Res
 /// the sender left it partial).
 #[inline(always)]
 pub fn from_target(ctx: &TcContext, parsed: &Parsed) -> Result<i32, DropReason> {
-    if !tm_lb_config
-        .get(0)
-        .is_some_and(|c| c.port_nat_replies != 0)
-    {
+    if !tm_lb_config.get(0).is_some_and(|c| c.port_nat_replies != 0) {
         return Ok(TC_ACT_OK as i32);
     }
     let Some((sum_at, _)) = checksum_at(parsed) else {
