@@ -244,8 +244,10 @@ pub struct FlowEntry {
     /// Index of the flow's counters in `tm_flow_stats`.
     pub stats_index: u32,
     pub byte_match_count: u32,
-    /// Non-zero: the flow's stream translates some ports of this VIP
-    /// (`tm_port_nats` is looked up for TCP and UDP).
+    /// Non-zero: the flow's stream translates some ports of this VIP;
+    /// `port_nat - 1` is this entry's index in `tm_flows`, the flow part of
+    /// its `tm_port_nats` keys (read from here, so the verifier need not
+    /// keep the classifier's flow bit apart on every path).
     pub port_nat: u32,
     pub byte_matches: [ByteMatch; MAX_BYTE_MATCHES],
 }
@@ -296,15 +298,16 @@ pub struct LbConfig {
     pub port_nat_replies: u32,
 }
 
-/// Key of `tm_port_nats`: a flow (bit) of a VIP configuration, the IP
-/// protocol (6 or 17) and the destination port the client used.
+/// Key of `tm_port_nats`: a flow of a VIP configuration (its `tm_flows`
+/// index, `config_id * 64 + bit`), the destination port the client used and
+/// the IP protocol (6 or 17).
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PortNatKey {
-    pub config_id: u32,
+    pub flow: u32,
     pub port: u16,
     pub protocol: u8,
-    pub flow_bit: u8,
+    pub _pad: u8,
 }
 
 /// Value of `tm_port_nats` (the target port) and `tm_port_nat_rev` (the port

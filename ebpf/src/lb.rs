@@ -26,7 +26,7 @@ use crate::{
     maps::*,
     packet::{load32, Packet},
     parse::{addr_v6, be16, mapped_v4, Addr, Fragment, Parsed, L3, MAPPED_V4_PREFIX},
-    port_nat, tunnel,
+    tunnel,
 };
 
 /// Candidate flows whose byte matches are tried before giving up.
@@ -288,7 +288,7 @@ fn classify(
     t: &FlowTuple,
     l3: L3,
     config_id: u32,
-) -> Result<(&'static FlowEntry, u32), DropReason> {
+) -> Result<&'static FlowEntry, DropReason> {
     let config = tm_vip_configs
         .get(config_id)
         .ok_or(DropReason::NoFlowMatch)?;
@@ -352,7 +352,7 @@ fn classify(
             }
         }
         if all {
-            return Ok((flow, bit));
+            return Ok(flow);
         }
         mask &= mask - 1;
     }
@@ -519,10 +519,9 @@ pub fn balance(
     if parsed.l3 == L3::None {
         return Ok(xdp_action::XDP_PASS);
     }
-    // `direct`: the tuple is the packet's own (not an ICMP error's inner one).
-    let (tuple, direct) = match icmp_error_tuple(pkt, parsed) {
-        Some(t) => (t, false),
-        None => (tuple_of(parsed), true),
+    let tuple = match icmp_error_tuple(pkt, parsed) {
+        Some(t) => t,
+        None => tuple_of(parsed),
     };
     let addr = VipAddr {
         addr: addr_bytes(&tuple.dst),
@@ -551,18 +550,13 @@ pub fn balance(
     };
     let bytes = pkt.wire_len as u64;
     count(tm_vip_stats.get_ptr_mut(vip.vip_index), bytes);
-    let (flow, bit) = classify(ctx, &tuple, parsed.l3, vip.config_id)?;
+    let flow = classify(ctx, &tuple, parsed.l3, vip.config_id)?;
     count(tm_flow_stats.get_ptr_mut(flow.stats_index), bytes);
     let hash = flow_hash(&tuple, parsed.l3);
     let target = pick_target(flow, hash)?;
     match target.kind {
         TARGET_LOCAL => {
             count(tm_target_stats.get_ptr_mut(target.stats_index), bytes);
-            // Translated on the node that delivers (tables are the same on
-            // every node): a tunnel carries the port the client used.
-            if flow.port_nat != 0 && direct {
-                port_nat::to_target(pkt, parsed, vip.config_id, bit)?;
-            }
             to_local(ctx, pkt, parsed, target)
         }
         TARGET_REMOTE if !tunneled => {

@@ -1,87 +1,36 @@
-//! Meridio's destination port NAT, stateless: after the load balancer picked
-//! a local target, a TCP or UDP packet to a translated port of the VIP gets
-//! the target port (XDP, complete checksums); a reply leaving the target
-//! from that port gets the client's port back (TC on the conduit veth).
-//! Fragments are not translated: only the first carries the ports.
+//! Meridio's destination port NAT, stateless: a reply leaving a target from
+//! a translated target port gets the client's port back (TC on the conduit
+//! veth). The way in (the target port after the pick, in `tm_xdp_uplink`)
+//! is not built: the uplink program already takes ~907k of the verifier's
+//! 1M instructions and an inline rewrite there exceeds it (see
+//! docs/ARCHITECTURE.md). Fragments are not translated: only the first
+//! carries the ports.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, TC_ACT_OK},
     btf_maps::lpm_trie::Key,
     programs::TcContext,
 };
-use tapmesh_common::{
-    lb::{NatReplyData, PortNatKey},
-    DropReason,
-};
+use tapmesh_common::{lb::NatReplyData, DropReason};
 
 use crate::{
-    csum,
     headers::{IPPROTO_TCP, IPPROTO_UDP},
     lb::addr_bytes,
-    maps::{tm_lb_config, tm_port_nat_rev, tm_port_nats},
-    packet::{load16, load32, store16, store32, Packet},
+    maps::{tm_lb_config, tm_port_nat_rev},
     parse::{Fragment, Parsed},
 };
 
 /// Offset of the checksum in the L4 header, for the protocols translated.
 #[inline(always)]
-fn checksum_at(parsed: &Parsed) -> Option<(usize, DropReason)> {
+fn checksum_at(parsed: &Parsed) -> Option<usize> {
     if parsed.fragment != Fragment::None || !parsed.has_l4 {
         return None;
     }
     match parsed.protocol {
-        IPPROTO_TCP => Some((16, DropReason::TruncatedTcp)),
-        IPPROTO_UDP => Some((6, DropReason::TruncatedUdp)),
+        IPPROTO_TCP => Some(16),
+        IPPROTO_UDP => Some(6),
         _ => None,
     }
-}
-
-/// Rewrites the destination port of a packet of flow `bit` of VIP
-/// configuration `config_id` when its port is translated, and the checksum
-/// incrementally (a UDP checksum of 0, none, stays 0).
-#[inline(always)]
-pub fn to_target(
-    pkt: &Packet,
-    parsed: &Parsed,
-    config_id: u32,
-    bit: u32,
-) -> Result<(), DropReason> {
-    let Some((sum_at, missing)) = checksum_at(parsed) else {
-        return Ok(());
-    };
-    let key = PortNatKey {
-        config_id,
-        port: parsed.dst_port,
-        protocol: parsed.protocol,
-        flow_bit: bit as u8,
-    };
-    // SAFETY: the value is read right away.
-    let Some(nat) = (unsafe { tm_port_nats.get(&key) }) else {
-        return Ok(());
-    };
-    let to = nat.port.to_be_bytes();
-    let ports: *mut [u8; 4] = pkt.header_mut(parsed.l4_offset, missing)?;
-    let field: *mut [u8; 2] = pkt.header_mut(parsed.l4_offset + sum_at, missing)?;
-    // SAFETY: both are inside the headers just checked.
-    unsafe {
-        let old = load32(ports);
-        let mut bytes = old.to_ne_bytes();
-        bytes[2] = to[0];
-        bytes[3] = to[1];
-        let new = u32::from_ne_bytes(bytes);
-        store32(ports, new);
-        let sum = load16(field);
-        let udp = parsed.protocol == IPPROTO_UDP;
-        if udp && sum == 0 {
-            return Ok(());
-        }
-        let mut updated = csum::apply(sum, csum::diff([old], [new]));
-        if udp && updated == 0 {
-            updated = 0xffff;
-        }
-        store16(field, updated);
-    }
-    Ok(())
 }
 
 /// Gives a reply from a VIP's target port the port the client used. The
@@ -92,7 +41,7 @@ pub fn from_target(ctx: &TcContext, parsed: &Parsed) -> Result<i32, DropReason> 
     if !tm_lb_config.get(0).is_some_and(|c| c.port_nat_replies != 0) {
         return Ok(TC_ACT_OK as i32);
     }
-    let Some((sum_at, _)) = checksum_at(parsed) else {
+    let Some(sum_at) = checksum_at(parsed) else {
         return Ok(TC_ACT_OK as i32);
     };
     let from = parsed.src_port.to_be_bytes();

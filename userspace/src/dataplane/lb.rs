@@ -1004,8 +1004,15 @@ fn retarget(t: &mut VipTables, config_id: u32) {
     for (k, _) in t.sources.iter_mut() {
         k.config_id = id;
     }
+    // A flow's `tm_flows` index is config id * 64 + bit.
+    let base = config_id * MAX_FLOWS_PER_VIP;
     for (k, _) in t.port_nats.iter_mut() {
-        k.config_id = config_id;
+        k.flow = base + k.flow % MAX_FLOWS_PER_VIP;
+    }
+    for (bit, f) in t.flows.iter_mut().enumerate() {
+        if f.port_nat != 0 {
+            f.port_nat = base + bit as u32 + 1;
+        }
     }
 }
 

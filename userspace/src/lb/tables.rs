@@ -80,23 +80,24 @@ impl LbInput for ValidLb {
     }
 }
 
-/// Adds the VIP's port NATs (under config id 0) and marks the flows that have some.
+/// Adds the VIP's port NATs (under config id 0: a flow's index is its bit)
+/// and marks the flows that have some.
 fn with_port_nats(mut tables: VipTables, vip: &CompiledVip, valid: &ValidLb) -> VipTables {
     for (bit, f) in vip.flows.iter().enumerate() {
         for nat in port_nat::of_flow(&valid.port_nats, vip, &f.stream) {
             tables.port_nats.push((
                 PortNatKey {
-                    config_id: 0,
+                    flow: bit as u32,
                     port: nat.port,
                     protocol: nat.protocol,
-                    flow_bit: bit as u8,
+                    _pad: 0,
                 },
                 PortNatValue {
                     port: nat.target_port,
                     _pad: 0,
                 },
             ));
-            tables.flows[bit].port_nat = 1;
+            tables.flows[bit].port_nat = bit as u32 + 1;
         }
     }
     tables.port_nats.sort_by_key(|(k, _)| *k);

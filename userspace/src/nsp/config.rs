@@ -468,6 +468,44 @@ mod tests {
     }
 
     #[test]
+    fn conduit_port_nats_go_to_every_stream_of_the_conduit() {
+        let text = SAMPLE.replacen(
+            "name = \"lb\"\n",
+            "name = \"lb\"\n        destination_port_nats = [{ port = 80, target_port = 8080, protocol = \"TCP\", vips = [\"vip1\", \"vip2\"] }]\n",
+            1,
+        );
+        let c = parse(&text).unwrap();
+        let lb = c.lb_spec();
+        for s in &lb.streams {
+            assert_eq!(s.port_nats.len(), 1, "{}", s.name);
+            assert_eq!(s.port_nats[0].vips, vec!["vip1.trench-a", "vip2.trench-a"]);
+            assert_eq!(
+                (s.port_nats[0].port, s.port_nats[0].target_port),
+                (80, 8080)
+            );
+        }
+        let bad =
+            |from: &str, to: &str| parse(&text.replacen(from, to, 1)).unwrap_err().to_string();
+        assert_eq!(
+            bad("\"vip1\", \"vip2\"] }", "\"vip9\"] }"),
+            "conduit \"lb\" port NAT 80->8080: VIP \"vip9\" is not defined in trench \"trench-a\""
+        );
+        assert!(bad("\"TCP\"", "\"sctp\"").contains("SCTP ports cannot be translated"));
+        assert!(
+            bad("target_port = 8080", "target_port = 80").contains("must be 1..=65535 and differ")
+        );
+        let two = text.replacen(
+            "protocol = \"TCP\", vips = [\"vip1\", \"vip2\"] }",
+            "protocol = \"TCP\", vips = [\"vip1\", \"vip2\"] }, { port = 81, target_port = 8080, protocol = \"tcp\", vips = [\"vip2\"] }",
+            1,
+        );
+        assert!(parse(&two)
+            .unwrap_err()
+            .to_string()
+            .contains("collide on VIP \"vip2\""));
+    }
+
+    #[test]
     fn bad_references_and_values_are_named() {
         let bad = |from: &str, to: &str| {
             parse(&SAMPLE.replacen(from, to, 1))
