@@ -249,7 +249,7 @@ pub fn of_flow<'a>(
     nats.get(stream)
         .into_iter()
         .flatten()
-        .filter(move |n| n.vips.iter().any(|v| *v == vip.name))
+        .filter(move |n| n.vips.contains(&vip.name))
 }
 
 /// How many `tm_port_nats` entries the configuration needs (a NAT per flow
