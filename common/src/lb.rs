@@ -32,6 +32,9 @@ pub const MAX_BYTE_MATCHES: usize = 4;
 /// Byte matches start before this offset into the L4 header (the kernel
 /// reads no further; a longer offset is refused).
 pub const MAX_MATCH_OFFSET: u16 = 512;
+/// Port NAT entries a configuration may hold (`tm_port_nats` has room for
+/// twice as many: a VIP's next configuration is written beside the one in force).
+pub const MAX_PORT_NATS: u32 = 8192;
 
 /// Protocol classes indexing [`VipConfig::protocol_masks`].
 pub const PROTO_TCP: u8 = 0;
@@ -247,7 +250,11 @@ pub struct FlowEntry {
     /// Index of the flow's counters in `tm_flow_stats`.
     pub stats_index: u32,
     pub byte_match_count: u32,
-    pub _pad: u32,
+    /// Non-zero: the flow's stream translates some ports of this VIP;
+    /// `port_nat - 1` is this entry's index in `tm_flows`, the flow part of
+    /// its `tm_port_nats` keys (read from here, so the verifier need not
+    /// keep the classifier's flow bit apart on every path).
+    pub port_nat: u32,
     pub byte_matches: [ByteMatch; MAX_BYTE_MATCHES],
 }
 
@@ -293,6 +300,41 @@ pub struct Target {
 pub struct LbConfig {
     /// VIPs given as prefixes (in `tm_vips`); host VIPs are in `tm_vip_hosts`.
     pub vip_prefixes: u32,
+    /// Entries of `tm_port_nat_rev` (0: replies are not looked up).
+    pub port_nat_replies: u32,
+}
+
+/// Key of `tm_port_nats`: a flow of a VIP configuration (its `tm_flows`
+/// index, `config_id * 64 + bit`), the destination port the client used and
+/// the IP protocol (6 or 17).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortNatKey {
+    pub flow: u32,
+    pub port: u16,
+    pub protocol: u8,
+    pub _pad: u8,
+}
+
+/// Value of `tm_port_nats` (the target port) and `tm_port_nat_rev` (the port
+/// a reply's source goes back to).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortNatValue {
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Data part of the `tm_port_nat_rev` LPM key: protocol, source port (the
+/// target port, big-endian) and the VIP prefix (IPv4 mapped). The prefix
+/// length is 32 + the VIP's mapped prefix length.
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NatReplyData {
+    pub protocol: u8,
+    pub _pad: u8,
+    pub port: [u8; 2],
+    pub addr: [u8; 16],
 }
 
 crate::assert_layout!(VipKey, size = 20, align = 4);
@@ -318,7 +360,10 @@ crate::assert_layout!(ByteMatch, size = 12, align = 4);
 crate::assert_layout!(FlowEntry, size = 16 + 12 * MAX_BYTE_MATCHES, align = 4);
 crate::assert_layout!(StreamValue, size = 8, align = 4);
 crate::assert_layout!(Target, size = 48, align = 4);
-crate::assert_layout!(LbConfig, size = 4, align = 4);
+crate::assert_layout!(LbConfig, size = 8, align = 4);
+crate::assert_layout!(PortNatKey, size = 8, align = 4);
+crate::assert_layout!(PortNatValue, size = 4, align = 2);
+crate::assert_layout!(NatReplyData, size = 20, align = 1);
 
 #[cfg(feature = "user")]
 crate::impl_pod!(
@@ -337,5 +382,8 @@ crate::impl_pod!(
     FlowEntry,
     StreamValue,
     Target,
-    LbConfig
+    LbConfig,
+    PortNatKey,
+    PortNatValue,
+    NatReplyData
 );

@@ -40,6 +40,8 @@ pub mod program_names {
     /// redirected frames a device refused.
     pub const TP_XMIT: &str = "tm_tp_xmit";
     pub const TP_REDIRECT_ERR: &str = "tm_tp_redir_err";
+    /// On a conduit's node-side veth: replies get their port NAT undone.
+    pub const TC_CONDUIT: &str = "tm_tc_conduit";
 }
 
 /// Names of the BPF maps (also their pin file names).
@@ -58,6 +60,8 @@ pub mod map_names {
     pub const MAGLEV: &str = "tm_maglev";
     pub const TARGETS: &str = "tm_targets";
     pub const LB_CONFIG: &str = "tm_lb_config";
+    pub const PORT_NATS: &str = "tm_port_nats";
+    pub const PORT_NAT_REPLIES: &str = "tm_port_nat_rev";
     pub const TUNNEL: &str = "tm_tunnel";
     pub const TUNNEL_PEERS: &str = "tm_tunnel_peers";
     pub const TUNNEL_SLOTS: &str = "tm_tunnel_slots";

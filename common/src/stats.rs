@@ -103,6 +103,7 @@ counter_set!(
         adjust_room_failed => AdjustRoomFailed,
         tunnel_unknown_node => TunnelUnknownNode,
         redirect_failed => RedirectFailed,
+        port_nat_failed => PortNatFailed,
     }
 );
 
@@ -242,6 +243,7 @@ pub enum ProgramSlot {
     TcIngress,
     TcEgress,
     TcService,
+    TcConduit,
 }
 
 impl ProgramSlot {
@@ -250,6 +252,7 @@ impl ProgramSlot {
         ProgramSlot::TcIngress,
         ProgramSlot::TcEgress,
         ProgramSlot::TcService,
+        ProgramSlot::TcConduit,
     ];
     pub const COUNT: u32 = Self::ALL.len() as u32;
 
@@ -259,6 +262,7 @@ impl ProgramSlot {
             ProgramSlot::TcIngress => "tc_ingress",
             ProgramSlot::TcEgress => "tc_egress",
             ProgramSlot::TcService => "tc_service",
+            ProgramSlot::TcConduit => "tc_conduit",
         }
     }
 }

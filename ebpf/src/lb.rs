@@ -146,7 +146,7 @@ fn tuple_of(pkt: &Parsed) -> FlowTuple {
 
 /// The bytes of an address (for map keys).
 #[inline(always)]
-fn addr_bytes(a: &Addr) -> [u8; 16] {
+pub fn addr_bytes(a: &Addr) -> [u8; 16] {
     // SAFETY: 16 bytes either way; words are in memory order.
     unsafe { core::mem::transmute::<Addr, [u8; 16]>(*a) }
 }

@@ -15,6 +15,7 @@ mod overlay;
 mod overlay6;
 mod packet;
 mod parse;
+mod port_nat;
 mod probes;
 mod stats;
 mod tc;

@@ -7,9 +7,10 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, LbConfig, PortData, SourceData, StreamValue, Target, VipAddr,
-        VipConfig, VipSlot, VipValue, FLOW_SLOTS, MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS,
-        MAX_PREFIXES, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
+        FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortNatKey, PortNatValue,
+        SourceData, StreamValue, Target, VipAddr, VipConfig, VipSlot, VipValue, FLOW_SLOTS,
+        MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PORT_NATS, MAX_PREFIXES, MAX_STREAMS,
+        MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
     },
     mirror::{
         MirrorCounter, MirrorPort, VlanSet, FILTER_WORDS, MAX_MIRROR_PORTS, MAX_RINGS,
@@ -79,6 +80,16 @@ pub static tm_targets: Array<Target, { MAX_TARGETS as usize }> = Array::new();
 /// Settings of the load balancer as a whole (one entry).
 #[btf_map]
 pub static tm_lb_config: Array<LbConfig, 1> = Array::new();
+
+/// (config id, flow bit, protocol, destination port) → the target port.
+#[btf_map]
+pub static tm_port_nats: HashMap<PortNatKey, PortNatValue, { 2 * MAX_PORT_NATS as usize }> =
+    HashMap::new();
+
+/// (protocol, target port, VIP prefix) → the port a reply's source goes back to.
+#[btf_map]
+pub static tm_port_nat_rev: LpmTrie<NatReplyData, PortNatValue, { 2 * MAX_PORT_NATS as usize }> =
+    LpmTrie::new();
 
 /// This node's tunnel endpoint (one entry), for the load balancer and the overlay.
 #[btf_map]

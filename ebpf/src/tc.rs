@@ -11,7 +11,7 @@ use tapmesh_common::{
     DropReason, ProgramSlot, Verdict,
 };
 
-use crate::{mirror, overlay, overlay6, packet::Packet, parse::parse, stats::Stats};
+use crate::{mirror, overlay, overlay6, packet::Packet, parse::parse, port_nat, stats::Stats};
 
 /// Bytes pulled into the linear area so the parser sees every header.
 const PULL_LEN: u32 = 512;
@@ -48,6 +48,24 @@ pub fn tm_tc_service(ctx: TcContext) -> i32 {
         }
     });
     tc_outcome(&stats, ctx.len() as u64, result)
+}
+
+/// On a conduit's node-side veth (ingress: what the application sends):
+/// replies from a translated target port get the client's port back.
+#[classifier]
+pub fn tm_tc_conduit(ctx: TcContext) -> i32 {
+    mirror::copy(&ctx, DIRECTION_OUT);
+    let stats = Stats::of(ProgramSlot::TcConduit);
+    let result = try_conduit(&ctx, &stats);
+    tc_outcome(&stats, ctx.len() as u64, result)
+}
+
+#[inline(always)]
+fn try_conduit(ctx: &TcContext, stats: &Stats) -> Result<i32, DropReason> {
+    let pkt = linear_packet(ctx)?;
+    let parsed = parse(&pkt)?;
+    stats.parsed(&parsed);
+    port_nat::from_target(ctx, &parsed)
 }
 
 /// Does nothing: what TC benchmarks subtract.

@@ -50,6 +50,7 @@ impl Bpf {
             program_names::TC_TAP_OUT,
             program_names::TC_TAP_IN,
             program_names::TC_SERVICE,
+            program_names::TC_CONDUIT,
         ] {
             let p: &mut SchedClassifier =
                 ebpf.program_mut(name).expect(name).try_into().expect("tc");

@@ -317,3 +317,23 @@ pub fn icmp6_too_big(from: Ipv6Addr, to: Ipv6Addr, inner: &[u8]) -> Vec<u8> {
 pub fn tunnel(from: Ipv4Addr, to: Ipv4Addr, port: u16, inner: &[u8]) -> Vec<u8> {
     eth(&udp4(from, to, 0xc123, port, inner))
 }
+
+/// An IPv6 TCP SYN (valid checksum over the IPv6 pseudo header).
+pub fn tcp6(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut t = tcp_v4(
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        sport,
+        dport,
+        0,
+    );
+    t[16..18].copy_from_slice(&[0, 0]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src.octets());
+    pseudo.extend_from_slice(&dst.octets());
+    pseudo.extend_from_slice(&(t.len() as u32).to_be_bytes());
+    pseudo.extend_from_slice(&[0, 0, 0, TCP]);
+    let sum = internet_checksum(&[&pseudo, &t]);
+    t[16..18].copy_from_slice(&sum.to_be_bytes());
+    ipv6(src, dst, TCP, &[], &t)
+}

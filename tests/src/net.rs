@@ -524,6 +524,7 @@ pub fn stream(name: &str, max_targets: u32) -> StreamSpec {
         name: name.into(),
         max_targets,
         table_size: None,
+        port_nats: Vec::new(),
     }
 }
 

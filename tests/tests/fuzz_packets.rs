@@ -273,6 +273,7 @@ fn spec() -> LbSpec {
         name: name.into(),
         max_targets,
         table_size: None,
+        port_nats: Vec::new(),
     };
     let local = |stream: &str, identifier: u32, n: u8| TargetSpec {
         stream: stream.into(),

@@ -36,6 +36,7 @@ fn sized(max_targets: u32, identifiers: impl Iterator<Item = u32>, generation: u
             name: "s".into(),
             max_targets,
             table_size: None,
+            port_nats: Vec::new(),
         }],
         flows: vec![FlowSpec {
             name: "all".into(),

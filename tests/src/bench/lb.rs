@@ -72,6 +72,7 @@ fn lb_spec() -> LbSpec {
         name: name.into(),
         max_targets,
         table_size: None,
+        port_nats: Vec::new(),
     };
     let mut targets = Vec::new();
     for (s, base) in [("http", 1u8), ("dns", 1)] {

@@ -43,6 +43,7 @@ pub fn stream(s: proto::Stream) -> StreamSpec {
         name: s.name,
         max_targets: s.max_targets,
         table_size: (s.table_size != 0).then_some(s.table_size),
+        port_nats: Vec::new(),
     }
 }
 

@@ -509,6 +509,7 @@ pub fn eds_part(
             name: lb_name.clone(),
             max_targets: stream_size(total.max(highest)),
             table_size: None,
+            port_nats: Vec::new(),
         });
         spec.flows.push(FlowSpec {
             name: lb_name.clone(),

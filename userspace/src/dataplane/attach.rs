@@ -103,6 +103,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
         program_names::TC_TAP_OUT,
         program_names::TC_SERVICE,
         program_names::TC_TAP_IN,
+        program_names::TC_CONDUIT,
     ] {
         tc_program(ebpf, name)?
             .load()
@@ -246,6 +247,8 @@ pub const TC_FULL: [&str; 2] = [program_names::TC_INGRESS, program_names::TC_EGR
 pub const TC_CONTAINER: [&str; 2] = [program_names::TC_SERVICE, program_names::TC_TAP_IN];
 /// Mirror copies only (a source port that is not one of ours).
 pub const TC_TAP: [&str; 2] = [program_names::TC_TAP_OUT, program_names::TC_TAP_IN];
+/// On a conduit's node-side veth: port NAT of replies (and mirror copies both ways).
+pub const TC_CONDUIT: [&str; 2] = [program_names::TC_CONDUIT, program_names::TC_TAP_IN];
 
 /// Attaches the TC ingress and egress programs (adding clsact if needed),
 /// appending to `attachments` as it goes so a failure can be undone.

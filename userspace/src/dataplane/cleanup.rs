@@ -11,12 +11,13 @@ use tapmesh_common::{program_names as p, SCHEMA_VERSION};
 use crate::net::{self, NetError};
 
 /// Every TC program a daemon attaches.
-const TC_PROGRAMS: [&str; 6] = [
+const TC_PROGRAMS: [&str; 7] = [
     p::TC_INGRESS,
     p::TC_EGRESS,
     p::TC_FLOOR,
     p::TC_SERVICE,
     p::TC_TAP_IN,
+    p::TC_CONDUIT,
     p::TC_TAP_OUT,
 ];
 

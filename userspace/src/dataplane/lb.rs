@@ -18,9 +18,10 @@ use aya::{
 };
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, LbConfig, PortData, PortKey, SourceData, SourceKey, StreamValue,
-        Target, VipAddr, VipConfig, VipKey, VipValue, MAGLEV_CAPACITY, MAX_FLOWS,
-        MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS, NO_TARGET, TARGET_REMOTE,
+        FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortKey, PortNatKey, PortNatValue,
+        SourceData, SourceKey, StreamValue, Target, VipAddr, VipConfig, VipKey, VipValue,
+        MAGLEV_CAPACITY, MAX_FLOWS, MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
+        NO_TARGET, TARGET_REMOTE,
     },
     map_names as n,
     tunnel::PEER_LB,
@@ -39,6 +40,15 @@ pub struct VipTables {
     pub sources: Vec<(SourceKey, FlowMask)>,
     /// `flows[bit]` is `tm_flows[config_id * MAX_FLOWS_PER_VIP + bit]`.
     pub flows: Vec<FlowEntry>,
+    /// `tm_port_nats` entries of this configuration.
+    pub port_nats: Vec<(PortNatKey, PortNatValue)>,
+}
+
+/// A `tm_port_nat_rev` key (`{prefix_len, data}` in the trie).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NatReplyKey {
+    pub prefix_len: u32,
+    pub data: NatReplyData,
 }
 
 /// What the LB maps should hold, in `common` types and by name: the ids
@@ -48,6 +58,8 @@ pub struct VipTables {
 pub struct LbTables {
     /// How many VIPs are prefixes (`tm_lb_config`: the LPM trie is searched only then).
     pub vip_prefixes: u16,
+    /// `tm_port_nat_rev`, sorted by key.
+    pub port_nat_replies: Vec<(NatReplyKey, PortNatValue)>,
     pub vips: Vec<VipEntry>,
     pub streams: Vec<StreamEntry>,
     /// Flow names; each has a counter.
@@ -256,6 +268,8 @@ pub struct LbWriter {
     slots: BTreeMap<u32, tapmesh_common::lb::VipSlot>,
     /// Nodes of remote targets, as named in `tm_tunnel_peers` (`PEER_LB`).
     peers: BTreeSet<std::net::Ipv4Addr>,
+    /// `tm_port_nat_rev` as written.
+    replies: Vec<(NatReplyKey, PortNatValue)>,
 }
 
 /// The nodes of the remote targets: the ones that may send this node
@@ -618,11 +632,20 @@ impl LbWriter {
                 }
             }
         }
+        // Reply translations before the VIPs that make them needed; gone
+        // ones after the VIPs stopped translating (at the end).
+        self.write_replies(ebpf, &tables.port_nat_replies)?;
         for vip in &tables.vips {
             self.write_vip(ebpf, vip, plan.new_vips.get(&vip.name).copied())?;
         }
         self.write_slots(ebpf, tables)?;
-        self.write_lb_config(ebpf, u32::from(tables.vip_prefixes))?;
+        self.write_lb_config(
+            ebpf,
+            LbConfig {
+                vip_prefixes: u32::from(tables.vip_prefixes),
+                port_nat_replies: tables.port_nat_replies.len() as u32,
+            },
+        )?;
 
         // Then remove what is gone, tables first, targets last.
         let vips: BTreeSet<&str> = tables.vips.iter().map(|v| v.name.as_str()).collect();
@@ -680,19 +703,55 @@ impl LbWriter {
             let id = self.flows.remove(&name).expect("listed");
             self.flow_ids.give(id);
         }
+        self.remove_replies(ebpf, &tables.port_nat_replies)?;
         write_peers(ebpf, PEER_LB, &self.peers, &peers)?;
         self.peers = peers;
         Ok(())
     }
 
-    fn write_lb_config(
+    fn write_lb_config(&mut self, ebpf: &mut Ebpf, config: LbConfig) -> Result<(), DataplaneError> {
+        array::<LbConfig>(ebpf, n::LB_CONFIG)?
+            .set(0, config, 0)
+            .map_err(map_err(n::LB_CONFIG))
+    }
+
+    /// Adds or changes the reply translations of `wanted` that differ.
+    fn write_replies(
         &mut self,
         ebpf: &mut Ebpf,
-        vip_prefixes: u32,
+        wanted: &[(NatReplyKey, PortNatValue)],
     ) -> Result<(), DataplaneError> {
-        array::<LbConfig>(ebpf, n::LB_CONFIG)?
-            .set(0, LbConfig { vip_prefixes }, 0)
-            .map_err(map_err(n::LB_CONFIG))
+        let mut map: LpmTrie<_, NatReplyData, PortNatValue> = trie(ebpf, n::PORT_NAT_REPLIES)?;
+        for (k, v) in wanted {
+            if self.replies.iter().any(|(ok, ov)| ok == k && ov == v) {
+                continue;
+            }
+            map.insert(&Key::new(k.prefix_len, k.data), *v, 0)
+                .map_err(map_err(n::PORT_NAT_REPLIES))?;
+            self.replies.retain(|(ok, _)| ok != k);
+            self.replies.push((*k, *v));
+        }
+        Ok(())
+    }
+
+    /// Removes the reply translations not in `wanted`.
+    fn remove_replies(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &[(NatReplyKey, PortNatValue)],
+    ) -> Result<(), DataplaneError> {
+        let mut map: LpmTrie<_, NatReplyData, PortNatValue> = trie(ebpf, n::PORT_NAT_REPLIES)?;
+        let gone: Vec<NatReplyKey> = self
+            .replies
+            .iter()
+            .filter(|(k, _)| !wanted.iter().any(|(w, _)| w == k))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            let _ = map.remove(&Key::new(k.prefix_len, k.data));
+            self.replies.retain(|(ok, _)| *ok != k);
+        }
+        Ok(())
     }
 
     /// Points each host VIP's slot at it (several in one slot: the hash map
@@ -945,6 +1004,16 @@ fn retarget(t: &mut VipTables, config_id: u32) {
     for (k, _) in t.sources.iter_mut() {
         k.config_id = id;
     }
+    // A flow's `tm_flows` index is config id * 64 + bit.
+    let base = config_id * MAX_FLOWS_PER_VIP;
+    for (k, _) in t.port_nats.iter_mut() {
+        k.flow = base + k.flow % MAX_FLOWS_PER_VIP;
+    }
+    for (bit, f) in t.flows.iter_mut().enumerate() {
+        if f.port_nat != 0 {
+            f.port_nat = base + bit as u32 + 1;
+        }
+    }
 }
 
 fn port_key(k: &PortKey) -> Key<PortData> {
@@ -978,6 +1047,11 @@ fn write_tables(ebpf: &mut Ebpf, config_id: u32, t: &VipTables) -> Result<(), Da
                 .map_err(map_err(n::SOURCES))?;
         }
     }
+    let mut nats: BpfHashMap<_, PortNatKey, PortNatValue> =
+        BpfHashMap::try_from(map_mut(ebpf, n::PORT_NATS)?).map_err(map_err(n::PORT_NATS))?;
+    for (k, v) in &t.port_nats {
+        nats.insert(k, v, 0).map_err(map_err(n::PORT_NATS))?;
+    }
     let mut flows = array::<FlowEntry>(ebpf, n::FLOWS)?;
     for (bit, f) in t.flows.iter().enumerate() {
         flows
@@ -1000,6 +1074,11 @@ fn clear_tables(ebpf: &mut Ebpf, t: &VipTables) -> Result<(), DataplaneError> {
     let mut sources: LpmTrie<_, SourceData, FlowMask> = trie(ebpf, n::SOURCES)?;
     for (k, _) in &t.sources {
         let _ = sources.remove(&source_key(k));
+    }
+    let mut nats: BpfHashMap<_, PortNatKey, PortNatValue> =
+        BpfHashMap::try_from(map_mut(ebpf, n::PORT_NATS)?).map_err(map_err(n::PORT_NATS))?;
+    for (k, _) in &t.port_nats {
+        let _ = nats.remove(k);
     }
     Ok(())
 }

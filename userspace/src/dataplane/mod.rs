@@ -340,6 +340,26 @@ impl DataplaneHandle {
         })
     }
 
+    /// Attaches the conduit programs to a conduit's node-side veth.
+    pub async fn attach_conduit(&self, interface: &str) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        let ifindex = crate::net::link::index(interface);
+        let attached = r.attachments.iter().any(|a| {
+            a.interface == interface
+                && a.program == tapmesh_common::program_names::TC_CONDUIT
+                && a.ifindex == ifindex
+        });
+        if attached {
+            return Ok(());
+        }
+        let (ebpf, links, attachments) = (&mut r.ebpf, &mut r.links, &mut r.attachments);
+        tokio::task::block_in_place(|| {
+            attach::detach_tc(ebpf, links, attachments, interface)?;
+            attach::tc_programs(ebpf, links, attachments, interface, attach::TC_CONDUIT)
+        })
+    }
+
     /// Detaches them (a gone interface is fine).
     pub async fn detach_container(&self, interface: &str) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
@@ -594,6 +614,7 @@ mod tests {
             p::TC_SERVICE,
             p::TP_XMIT,
             p::TP_REDIRECT_ERR,
+            p::TC_CONDUIT,
         ];
         for name in attached {
             assert!(object.programs.contains_key(name), "no program {name}");

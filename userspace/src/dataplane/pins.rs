@@ -92,6 +92,18 @@ const MAPS: &[MapSpec] = &[
     spec(n::TARGETS, 4, size_of::<Target>(), MAX_TARGETS),
     spec(n::LB_CONFIG, 4, size_of::<LbConfig>(), 1),
     spec(
+        n::PORT_NATS,
+        size_of::<tapmesh_common::lb::PortNatKey>(),
+        size_of::<tapmesh_common::lb::PortNatValue>(),
+        2 * tapmesh_common::lb::MAX_PORT_NATS,
+    ),
+    spec(
+        n::PORT_NAT_REPLIES,
+        LPM + size_of::<tapmesh_common::lb::NatReplyData>(),
+        size_of::<tapmesh_common::lb::PortNatValue>(),
+        2 * tapmesh_common::lb::MAX_PORT_NATS,
+    ),
+    spec(
         n::TUNNEL,
         4,
         size_of::<tapmesh_common::tunnel::TunnelConfig>(),

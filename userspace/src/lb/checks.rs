@@ -167,6 +167,7 @@ mod tests {
                 name: "s".into(),
                 max_targets: 4,
                 table_size: None,
+                port_nats: Vec::new(),
             }],
             targets: vec![],
         }

@@ -5,5 +5,6 @@ pub mod flows;
 pub mod maglev;
 pub mod model;
 pub mod persist;
+pub mod port_nat;
 pub mod service;
 pub mod tables;

@@ -2,7 +2,7 @@
 //! ([`LbSpec`]), and the whole configuration validated ([`ValidLb`]), with each
 //! VIP's flows compiled and each stream's Maglev table built.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use tapmesh_common::lb::{
 };
 
 use super::maglev::{self, Maglev, MaglevError};
+use super::port_nat::{self, PortNatError, PortNatSpec, ValidPortNat};
 use crate::lb::flows::{compile, CompiledVip, FlowError, FlowSet, FlowSpec, VipSpec};
 use crate::names::validate_name;
 
@@ -37,6 +38,9 @@ pub struct StreamSpec {
     /// A prime >= 100 * max_targets; default: the smallest such prime.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub table_size: Option<u32>,
+    /// Destination ports its targets receive on another port (Meridio's conduit port NAT).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub port_nats: Vec<PortNatSpec>,
 }
 
 /// A target of a stream; `identifier` (1..=max_targets) picks its Maglev slot.
@@ -72,6 +76,8 @@ pub struct ValidLb {
     pub streams: Vec<ValidStream>,
     /// In spec order.
     pub targets: Vec<ValidTarget>,
+    /// Port NATs by stream name (streams without any are absent).
+    pub port_nats: BTreeMap<String, Vec<ValidPortNat>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +113,8 @@ pub enum LbError {
     /// VIP and flow errors (they name the VIP or flow), and bad stream names.
     #[error(transparent)]
     Flow(#[from] FlowError),
+    #[error(transparent)]
+    PortNat(#[from] PortNatError),
     #[error("{count} VIPs are defined; at most {MAX_VIPS} are supported, remove some")]
     TooManyVips { count: usize },
     #[error("{count} streams are defined; at most {MAX_STREAMS} are supported, remove some")]
@@ -352,6 +360,18 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
     }
 
     let vips = compile(&flows)?;
+    let vip_addresses: HashMap<&str, String> = spec
+        .vips
+        .iter()
+        .map(|v| (v.name.as_str(), v.address.clone()))
+        .collect();
+    let nat_specs: Vec<(String, Vec<PortNatSpec>)> = spec
+        .streams
+        .iter()
+        .map(|s| (s.name.clone(), s.port_nats.clone()))
+        .collect();
+    let port_nats = port_nat::validate(&nat_specs, &vip_addresses)?;
+    port_nat::check_count(&port_nats, &vips)?;
 
     let mut streams = Vec::with_capacity(spec.streams.len());
     let mut built = HashMap::with_capacity(spec.streams.len());
@@ -392,6 +412,7 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
         vips,
         streams,
         targets,
+        port_nats,
     })
 }
 
@@ -475,6 +496,7 @@ mod tests {
             name: name.into(),
             max_targets,
             table_size: None,
+            port_nats: Vec::new(),
         }
     }
 

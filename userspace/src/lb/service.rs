@@ -147,6 +147,11 @@ impl LbService {
         *self.tunnel.lock().expect("tunnel lock")
     }
 
+    /// The dataplane the maps are written through (conduits attach to it too).
+    pub fn dataplane(&self) -> &DataplaneHandle {
+        &self.dataplane
+    }
+
     /// The configuration in force, every source's part included.
     pub async fn spec(&self) -> LbSpec {
         let sources = self.spec.lock().await;

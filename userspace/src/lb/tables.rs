@@ -1,16 +1,19 @@
 //! BPF map entries for a validated configuration: pure functions, no maps.
 
 use tapmesh_common::lb::{
-    ByteMatch, FlowEntry, FlowMask, PortIntervals, PortKey, SourceKey, Target, VipConfig, VipKey,
-    LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES, PORT_INTERVALS,
-    PROTO_CLASSES, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP, TARGET_LOCAL,
-    TARGET_REMOTE,
+    ByteMatch, FlowEntry, FlowMask, NatReplyData, PortIntervals, PortKey, PortNatKey, PortNatValue,
+    SourceKey, Target, VipConfig, VipKey, LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS,
+    MAX_BYTE_MATCHES, PORT_INTERVALS, PROTO_CLASSES, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP,
+    PROTO_TCP, PROTO_UDP, TARGET_LOCAL, TARGET_REMOTE,
 };
 
 use super::flows::{CompiledFlow, CompiledVip, PortTable, ProtoClass};
 use super::model::{ValidLb, ValidVia};
+use super::port_nat;
 pub use crate::dataplane::lb::VipTables;
-use crate::dataplane::lb::{FlowRef, LbInput, LbTables, StreamEntry, TargetEntry, VipEntry};
+use crate::dataplane::lb::{
+    FlowRef, LbInput, LbTables, NatReplyKey, StreamEntry, TargetEntry, VipEntry,
+};
 use crate::net::Prefix;
 
 // `ProtoClass as usize` indexes `VipConfig::protocol_masks`.
@@ -28,13 +31,14 @@ const _: () = assert!(
 pub fn lb_tables(valid: &ValidLb) -> LbTables {
     LbTables {
         vip_prefixes: valid.vips.iter().filter(|v| v.prefix.len < 128).count() as u16,
+        port_nat_replies: nat_replies(valid),
         vips: valid
             .vips
             .iter()
             .map(|vip| VipEntry {
                 name: vip.name.clone(),
                 key: vip_key(&vip.prefix),
-                tables: vip_tables(vip, 0, |_| 0, |_| 0),
+                tables: with_port_nats(vip_tables(vip, 0, |_| 0, |_| 0), vip, valid),
                 flows: vip
                     .flows
                     .iter()
@@ -74,6 +78,60 @@ impl LbInput for ValidLb {
     fn lb_tables(&self) -> LbTables {
         lb_tables(self)
     }
+}
+
+/// Adds the VIP's port NATs (under config id 0: a flow's index is its bit)
+/// and marks the flows that have some.
+fn with_port_nats(mut tables: VipTables, vip: &CompiledVip, valid: &ValidLb) -> VipTables {
+    for (bit, f) in vip.flows.iter().enumerate() {
+        for nat in port_nat::of_flow(&valid.port_nats, vip, &f.stream) {
+            tables.port_nats.push((
+                PortNatKey {
+                    flow: bit as u32,
+                    port: nat.port,
+                    protocol: nat.protocol,
+                    _pad: 0,
+                },
+                PortNatValue {
+                    port: nat.target_port,
+                    _pad: 0,
+                },
+            ));
+            tables.flows[bit].port_nat = bit as u32 + 1;
+        }
+    }
+    tables.port_nats.sort_by_key(|(k, _)| *k);
+    tables
+}
+
+/// `tm_port_nat_rev`: (protocol, target port, VIP prefix) → the port, one
+/// entry per VIP of each NAT (validation made them agree), sorted.
+fn nat_replies(valid: &ValidLb) -> Vec<(NatReplyKey, PortNatValue)> {
+    let mut out = std::collections::BTreeMap::new();
+    for nat in valid.port_nats.values().flatten() {
+        for vip in valid.vips.iter().filter(|v| nat.vips.contains(&v.name)) {
+            let prefix = vip.prefix.mapped();
+            let key = NatReplyKey {
+                prefix_len: 32 + u32::from(prefix.len),
+                data: NatReplyData {
+                    protocol: nat.protocol,
+                    _pad: 0,
+                    port: nat.target_port.to_be_bytes(),
+                    addr: prefix.octets(),
+                },
+            };
+            out.insert(
+                (key.prefix_len, key.data),
+                PortNatValue {
+                    port: nat.port,
+                    _pad: 0,
+                },
+            );
+        }
+    }
+    out.into_iter()
+        .map(|((prefix_len, data), v)| (NatReplyKey { prefix_len, data }, v))
+        .collect()
 }
 
 /// Key of `tm_vips` for a VIP prefix.
@@ -169,6 +227,7 @@ pub fn vip_tables(
         src_ports: ports(&vip.src_ports),
         sources,
         flows,
+        port_nats: Vec::new(),
     }
 }
 
@@ -269,6 +328,7 @@ mod tests {
                     name: n.to_string(),
                     max_targets: 1,
                     table_size: None,
+                    port_nats: Vec::new(),
                 })
                 .collect(),
             flows,

@@ -10,6 +10,7 @@ use thiserror::Error;
 
 use crate::lb::flows::{FlowError, FlowSpec, VipSpec};
 use crate::lb::model::{validate, LbError, LbSpec, StreamSpec};
+use crate::lb::port_nat::{self, PortNatError, PortNatSpec};
 use crate::names::validate_name;
 
 /// Meridio's Stream CRD bounds max-targets to 1..=10000; it defaults to 100.
@@ -39,6 +40,10 @@ pub struct ConduitConfig {
     pub name: String,
     #[serde(default)]
     pub trench: String,
+    /// Meridio's `destinationPortNats`: every stream of the conduit
+    /// translates these ports (VIPs by name, in the conduit's trench).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub destination_port_nats: Vec<PortNatSpec>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -123,6 +128,24 @@ pub enum NspConfigError {
     },
     #[error("stream {stream:?}: max_targets {value} is out of range; use 1..={MAX_MAX_TARGETS}")]
     MaxTargets { stream: String, value: u32 },
+    #[error("conduit {conduit:?} port NAT {port}->{target_port}: VIP {vip:?} is not defined in trench {trench:?}")]
+    UnknownNatVip {
+        conduit: String,
+        port: u16,
+        target_port: u16,
+        vip: String,
+        trench: String,
+    },
+    #[error("{0}")]
+    PortNat(#[from] PortNatError),
+    /// Refused until the uplink rewrites the destination port: accepting it
+    /// would translate replies only, and break every translated connection.
+    #[error("conduit {conduit:?} port NAT {port}->{target_port}: destination port NAT is not supported yet (tapmesh translates replies but not yet the way in); remove destination_port_nats and have the targets listen on port {port}")]
+    PortNatWayIn {
+        conduit: String,
+        port: u16,
+        target_port: u16,
+    },
     /// What the load balancer finds wrong (a bad VIP address, port range, …).
     #[error("{0}")]
     Lb(#[from] LbError),
@@ -238,6 +261,33 @@ impl NspConfig {
                 return Err(duplicate("vip", &v.name, &v.trench));
             }
         }
+        for c in &self.conduits {
+            let owner = format!("conduit {:?}", c.name);
+            for nat in &c.destination_port_nats {
+                port_nat::check_one(&owner, nat)?;
+                if let Some(vip) = nat
+                    .vips
+                    .iter()
+                    .find(|v| !vips.contains(&(c.trench.as_str(), v.as_str())))
+                {
+                    return Err(NspConfigError::UnknownNatVip {
+                        conduit: c.name.clone(),
+                        port: nat.port,
+                        target_port: nat.target_port,
+                        vip: vip.clone(),
+                        trench: c.trench.clone(),
+                    });
+                }
+            }
+            port_nat::check_collisions(&owner, &c.destination_port_nats)?;
+            if let Some(nat) = c.destination_port_nats.first() {
+                return Err(NspConfigError::PortNatWayIn {
+                    conduit: c.name.clone(),
+                    port: nat.port,
+                    target_port: nat.target_port,
+                });
+            }
+        }
         let mut flows = HashSet::new();
         for f in &self.flows {
             validate_name("flow name", &f.name)?;
@@ -300,6 +350,19 @@ impl NspConfig {
             .collect()
     }
 
+    /// The conduit's port NATs with the LB's VIP names (`vip.trench`).
+    pub fn conduit_port_nats(&self, trench: &str, conduit: &str) -> Vec<PortNatSpec> {
+        self.conduits
+            .iter()
+            .filter(|c| c.trench == trench && c.name == conduit)
+            .flat_map(|c| &c.destination_port_nats)
+            .map(|n| PortNatSpec {
+                vips: n.vips.iter().map(|v| format!("{v}.{trench}")).collect(),
+                ..n.clone()
+            })
+            .collect()
+    }
+
     /// VIPs, streams and flows for the load balancer (no targets). Names are
     /// made unique across trenches: `vip.trench`, `stream.conduit.trench`, `flow.trench`.
     pub fn lb_spec(&self) -> LbSpec {
@@ -331,6 +394,7 @@ impl NspConfig {
                     name: stream_names[&(s.trench.as_str(), s.name.as_str())].clone(),
                     max_targets: s.max_targets,
                     table_size: None,
+                    port_nats: self.conduit_port_nats(&s.trench, &s.conduit),
                 })
                 .collect(),
             flows: self
@@ -416,6 +480,57 @@ mod tests {
         let vips: Vec<String> = c.conduit_vips("trench-a", "lb").into_iter().collect();
         assert_eq!(vips, vec!["192.0.2.1/32", "2001:db8::1/128"]);
         assert!(c.conduit_vips("trench-a", "other").is_empty());
+    }
+
+    #[test]
+    fn conduit_port_nats_go_to_every_stream_of_the_conduit() {
+        let text = SAMPLE.replacen(
+            "name = \"lb\"\n",
+            "name = \"lb\"\n        destination_port_nats = [{ port = 80, target_port = 8080, protocol = \"TCP\", vips = [\"vip1\", \"vip2\"] }]\n",
+            1,
+        );
+        assert_eq!(
+            parse(&text).unwrap_err().to_string(),
+            "conduit \"lb\" port NAT 80->8080: destination port NAT is not supported yet \
+             (tapmesh translates replies but not yet the way in); remove destination_port_nats \
+             and have the targets listen on port 80"
+        );
+        // What the streams get once the way in exists (the checks above it still run).
+        let mut c = parse(SAMPLE).unwrap();
+        c.conduits[0].destination_port_nats = vec![PortNatSpec {
+            port: 80,
+            target_port: 8080,
+            protocol: "TCP".into(),
+            vips: vec!["vip1".into(), "vip2".into()],
+        }];
+        let lb = c.lb_spec();
+        for s in &lb.streams {
+            assert_eq!(s.port_nats.len(), 1, "{}", s.name);
+            assert_eq!(s.port_nats[0].vips, vec!["vip1.trench-a", "vip2.trench-a"]);
+            assert_eq!(
+                (s.port_nats[0].port, s.port_nats[0].target_port),
+                (80, 8080)
+            );
+        }
+        let bad =
+            |from: &str, to: &str| parse(&text.replacen(from, to, 1)).unwrap_err().to_string();
+        assert_eq!(
+            bad("\"vip1\", \"vip2\"] }", "\"vip9\"] }"),
+            "conduit \"lb\" port NAT 80->8080: VIP \"vip9\" is not defined in trench \"trench-a\""
+        );
+        assert!(bad("\"TCP\"", "\"sctp\"").contains("SCTP ports cannot be translated"));
+        assert!(
+            bad("target_port = 8080", "target_port = 80").contains("must be 1..=65535 and differ")
+        );
+        let two = text.replacen(
+            "protocol = \"TCP\", vips = [\"vip1\", \"vip2\"] }",
+            "protocol = \"TCP\", vips = [\"vip1\", \"vip2\"] }, { port = 81, target_port = 8080, protocol = \"tcp\", vips = [\"vip2\"] }",
+            1,
+        );
+        assert!(parse(&two)
+            .unwrap_err()
+            .to_string()
+            .contains("collide on VIP \"vip2\""));
     }
 
     #[test]

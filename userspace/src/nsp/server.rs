@@ -127,17 +127,39 @@ fn target_from(t: pb::Target) -> Result<Target, Status> {
     })
 }
 
-fn stream_to_pb(path: &StreamPath, max_targets: u32) -> pb::Stream {
+fn stream_to_pb(path: &StreamPath, max_targets: u32, config: &NspConfig) -> pb::Stream {
     pb::Stream {
         name: path.stream.clone(),
-        conduit: Some(pb::Conduit {
-            name: path.conduit.clone(),
-            trench: Some(pb::Trench {
-                name: path.trench.clone(),
-            }),
-            destination_port_nats: Vec::new(),
-        }),
+        conduit: Some(conduit_to_pb(config, &path.trench, &path.conduit)),
         max_targets,
+    }
+}
+
+/// A conduit as Meridio serves it: with its port NATs, each naming its VIPs in full.
+fn conduit_to_pb(config: &NspConfig, trench: &str, conduit: &str) -> pb::Conduit {
+    let nats = config
+        .conduits
+        .iter()
+        .filter(|c| c.trench == trench && c.name == conduit)
+        .flat_map(|c| &c.destination_port_nats);
+    pb::Conduit {
+        name: conduit.into(),
+        trench: Some(pb::Trench {
+            name: trench.into(),
+        }),
+        destination_port_nats: nats
+            .map(|n| pb::conduit::PortNat {
+                port: u32::from(n.port),
+                target_port: u32::from(n.target_port),
+                vips: config
+                    .vips
+                    .iter()
+                    .filter(|v| v.trench == trench && n.vips.contains(&v.name))
+                    .map(vip_to_pb)
+                    .collect(),
+                protocol: n.protocol.to_ascii_lowercase(),
+            })
+            .collect(),
     }
 }
 
@@ -156,7 +178,7 @@ fn target_to_pb(t: &Target, config: &NspConfig) -> pb::Target {
         stream: t
             .stream
             .as_ref()
-            .map(|p| stream_to_pb(p, config.stream(p).map_or(0, |s| s.max_targets))),
+            .map(|p| stream_to_pb(p, config.stream(p).map_or(0, |s| s.max_targets), config)),
     }
 }
 
@@ -330,13 +352,7 @@ impl ConfigurationManager for NodeApi {
                     .conduits
                     .iter()
                     .filter(|c| conduit_matches(Some(&filter), &c.trench, &c.name))
-                    .map(|c| pb::Conduit {
-                        name: c.name.clone(),
-                        trench: Some(pb::Trench {
-                            name: c.trench.clone(),
-                        }),
-                        destination_port_nats: Vec::new(),
-                    })
+                    .map(|c| conduit_to_pb(&s.config, &c.trench, &c.name))
                     .collect(),
             }
         })))
@@ -361,7 +377,7 @@ impl ConfigurationManager for NodeApi {
                     (path, st.max_targets)
                 })
                 .filter(|(path, _)| stream_matches(Some(&filter), path))
-                .map(|(path, max)| stream_to_pb(&path, max))
+                .map(|(path, max)| stream_to_pb(&path, max, &s.config))
                 .collect(),
         })))
     }
@@ -396,7 +412,7 @@ impl ConfigurationManager for NodeApi {
                             source_port_ranges: f.source_port_ranges.clone(),
                             protocols: f.protocols.clone(),
                             priority: f.priority,
-                            stream: Some(stream_to_pb(&path, st.max_targets)),
+                            stream: Some(stream_to_pb(&path, st.max_targets, config)),
                             vips: config
                                 .vips
                                 .iter()

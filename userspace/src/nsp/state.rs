@@ -200,7 +200,10 @@ impl Nsp {
                     // Its targets go with it: their addresses may be handed out again.
                     inner.registry.remove_ips(&c.local_ips());
                 }
-                Ok(true) => inner.connections.push(c),
+                Ok(true) => {
+                    self.attach(&c.link.host_ifname).await;
+                    inner.connections.push(c)
+                }
                 Err(e) => {
                     tracing::warn!("cannot check {}: {e}; keeping it", c.link.host_ifname);
                     inner.connections.push(c);
@@ -515,6 +518,7 @@ impl Nsp {
             self.settings.mtu,
         )
         .await?;
+        self.attach(&host).await;
         let connection = Connection {
             netns: id,
             pid: caller.pid,
@@ -554,10 +558,25 @@ impl Nsp {
         else {
             return Ok(());
         };
-        net::link::delete(&inner.connections[i].link.host_ifname).await?;
+        let host = inner.connections[i].link.host_ifname.clone();
+        if let Err(e) = self.lb.dataplane().detach_container(&host).await {
+            tracing::debug!("detaching the conduit programs from {host}: {e}");
+        }
+        net::link::delete(&host).await?;
         let c = inner.connections.remove(i);
         inner.registry.remove_ips(&c.local_ips());
         self.commit(&mut inner).await
+    }
+
+    /// Replies of a conduit's targets pass its node-side veth: the conduit
+    /// program there undoes port NATs. Without it only replies of
+    /// translated ports go wrong, so a failure is logged, not fatal.
+    async fn attach(&self, host: &str) {
+        match self.lb.dataplane().attach_conduit(host).await {
+            Ok(()) => {}
+            Err(crate::dataplane::DataplaneError::NotRunning) => {}
+            Err(e) => tracing::error!("conduit {host}: replies keep translated ports: {e}"),
+        }
     }
 
     /// Puts each connection's VIPs (those of its conduit's flows) on its interface.
