@@ -234,7 +234,9 @@ fn a_refused_nat_edit_leaves_every_map_as_it_was() {
         lab.write_config(&config);
         let refused = lab.daemon().status_when(|s| {
             s.plugins.iter().any(|p| {
-                p.name == "nsp" && p.detail.contains("config not reloaded") && p.detail.contains(why)
+                p.name == "nsp"
+                    && p.detail.contains("config not reloaded")
+                    && p.detail.contains(why)
             })
         });
         let nsp = refused.plugins.iter().find(|p| p.name == "nsp").unwrap();

@@ -53,41 +53,52 @@ impl PcapWriter {
             move |e: io::Error| io::Error::new(e.kind(), format!("{what} {path}: {e}"))
         };
         let mut existing = [0u8; 24];
-        let ours = match File::open(path) {
-            Ok(mut f) => {
-                let len = f.metadata().map_err(context("reading"))?.len();
-                let whole = io::Read::read_exact(&mut f, &mut existing).is_ok();
-                let mine = whole && existing == global_header();
-                if len > 0 && !mine {
-                    let since = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .unwrap_or_default()
-                        .as_secs();
-                    let aside = path.with_file_name(format!(
-                        "{}.{since}",
-                        path.file_name().unwrap_or_default().to_string_lossy()
-                    ));
-                    std::fs::rename(path, &aside).map_err(context("moving aside"))?;
-                    tracing::warn!(
-                        "{} was not a capture of tapmesh's; moved to {}",
-                        path.display(),
-                        aside.display()
-                    );
-                }
-                len > 0 && mine
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        // A FIFO (a live reader such as tshark) or a device is a new stream:
+        // opening it to read would block until a writer came, or steal data.
+        let regular = match std::fs::metadata(path) {
+            Ok(meta) => meta.is_file(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => true,
             Err(e) => return Err(context("opening")(e)),
         };
+        let ours = regular
+            && match File::open(path) {
+                Ok(mut f) => {
+                    let len = f.metadata().map_err(context("reading"))?.len();
+                    let whole = io::Read::read_exact(&mut f, &mut existing).is_ok();
+                    let mine = whole && existing == global_header();
+                    if len > 0 && !mine {
+                        let since = SystemTime::now()
+                            .duration_since(UNIX_EPOCH)
+                            .unwrap_or_default()
+                            .as_secs();
+                        let aside = path.with_file_name(format!(
+                            "{}.{since}",
+                            path.file_name().unwrap_or_default().to_string_lossy()
+                        ));
+                        std::fs::rename(path, &aside).map_err(context("moving aside"))?;
+                        tracing::warn!(
+                            "{} was not a capture of tapmesh's; moved to {}",
+                            path.display(),
+                            aside.display()
+                        );
+                    }
+                    len > 0 && mine
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+                Err(e) => return Err(context("opening")(e)),
+            };
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
             .open(path)
             .map_err(context("opening"))?;
-        // A file made earlier (by another program, or before this mode) too.
-        file.set_permissions(std::fs::Permissions::from_mode(0o600))
-            .map_err(context("restricting"))?;
+        // A file made earlier (by another program, or before this mode) too;
+        // a FIFO or device keeps the modes its owner gave it.
+        if regular {
+            file.set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(context("restricting"))?;
+        }
         let out = BufWriter::with_capacity(WRITE_BUFFER, file);
         if ours {
             Ok(PcapWriter { out })
@@ -169,6 +180,43 @@ mod tests {
             .collect();
         assert_eq!(aside.len(), 1);
         assert_eq!(std::fs::read(aside[0].path()).unwrap(), b"not a capture");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A FIFO (tshark reading live) is written to at once, never read from
+    /// or chmodded; a reader that opened first gets the header.
+    #[test]
+    fn a_fifo_gets_a_new_stream_without_being_read() {
+        use std::ffi::CString;
+        use std::os::fd::FromRawFd;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("tapmesh-pcap-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("live.pcap");
+        let c_path = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path; the fd is owned at once.
+        let mut reader = unsafe {
+            assert_eq!(libc::mkfifo(c_path.as_ptr(), 0o640), 0);
+            let fd = libc::open(c_path.as_ptr(), libc::O_RDONLY | libc::O_NONBLOCK);
+            assert!(fd >= 0);
+            File::from_raw_fd(fd)
+        };
+        let (done, opened) = std::sync::mpsc::channel();
+        let writer_path = path.clone();
+        std::thread::spawn(move || {
+            let mut w = PcapWriter::create(&writer_path).unwrap();
+            w.flush().unwrap();
+            let _ = done.send(w);
+        });
+        let w = opened
+            .recv_timeout(Duration::from_secs(5))
+            .expect("PcapWriter::create blocked on a FIFO");
+        let mut header = [0u8; 24];
+        io::Read::read_exact(&mut reader, &mut header).unwrap();
+        assert_eq!(header, global_header());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o640);
+        drop(w);
         std::fs::remove_dir_all(dir).unwrap();
     }
 
