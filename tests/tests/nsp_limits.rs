@@ -2,6 +2,11 @@
 //! take every conduit, register a target with megabytes of context or
 //! thousands of IPs, or send oversized messages. A denial names the limit.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
 use tapmesh::proto::nsp::{target, target_registry_client::TargetRegistryClient, Target};
 use tapmesh_tests::{
     kernel_tests_enabled,
@@ -114,4 +119,81 @@ fn a_caller_past_a_limit_is_refused_with_its_name_and_value() {
         .filter(|l| l.contains(": tmc"))
         .count();
     assert_eq!(conduits, 2);
+}
+
+/// `n` connections to `socket` made as `uid` (the ambassadors' uid is not
+/// used, so their connections do not count here).
+fn connect_as(uid: u32, socket: &Path, n: usize) -> Vec<UnixStream> {
+    let socket = socket.to_path_buf();
+    std::thread::spawn(move || {
+        // SAFETY: the raw syscall changes this thread's ids only (glibc's
+        // wrapper would change every thread's); the thread ends here.
+        let r = unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) };
+        assert_eq!(r, 0, "setresuid: {}", std::io::Error::last_os_error());
+        (0..n)
+            .map(|_| UnixStream::connect(&socket).expect("connecting"))
+            .collect()
+    })
+    .join()
+    .expect("connecting thread")
+}
+
+/// Whether the server speaks HTTP/2 on `conn`: after the client preface and
+/// SETTINGS it answers with its SETTINGS; a closed connection gives EOF.
+fn served(conn: &mut UnixStream) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if conn
+        .write_all(&[PREFACE, &EMPTY_SETTINGS].concat())
+        .is_err()
+    {
+        return false;
+    }
+    let mut header = [0u8; 9];
+    match conn.read(&mut header) {
+        Ok(0) => false,
+        Ok(_) => {
+            assert_eq!(header[3], 4, "the server's first frame is not SETTINGS");
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
+        Err(e) => panic!("no answer and no close within 5 s: {e}"),
+    }
+}
+
+/// Open connections per uid (idle ones included): one past the limit is
+/// closed at once and the log names the limit; closing one makes room;
+/// root is not counted.
+#[test]
+fn connections_past_the_limit_of_a_uid_are_closed() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const UID: u32 = 65533;
+    let lab = TapaLab::new_with(0, "60s", "[nsp.limits]\nconnections_per_uid = 2\n");
+    let socket = lab.node_socket();
+    let mut held = connect_as(UID, &socket, 3);
+    let answers: Vec<bool> = held.iter_mut().map(served).collect();
+    assert_eq!(answers, [true, true, false]);
+    let said = tapmesh_tests::net::wait_until(Duration::from_secs(5), || {
+        lab.daemon().log_text().contains(&format!(
+            "limit nsp.limits.connections_per_uid = 2 reached: uid {UID} has 2 connections; closed a new one"
+        ))
+    });
+    assert!(said, "{}", lab.daemon().log_text());
+    // The two served ones stay open while idle; the third is gone.
+    held.truncate(2);
+    assert!(!served(&mut connect_as(UID, &socket, 1).remove(0)));
+    // Closing one makes room for exactly one more.
+    held.pop();
+    let room = tapmesh_tests::net::wait_until(Duration::from_secs(5), || {
+        served(&mut connect_as(UID, &socket, 1).remove(0))
+    });
+    assert!(room, "no room after a connection closed");
+    // Root is not counted.
+    let mut root: Vec<UnixStream> = (0..3)
+        .map(|_| UnixStream::connect(&socket).unwrap())
+        .collect();
+    assert!(root.iter_mut().all(served));
 }

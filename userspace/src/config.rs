@@ -173,6 +173,9 @@ pub struct NspLimits {
     pub message_bytes: u32,
     /// Concurrent calls and streams on one connection (HTTP/2).
     pub streams_per_connection: u32,
+    /// Open connections of one uid, idle ones included (root not counted);
+    /// also the ambassador's.
+    pub connections_per_uid: u32,
 }
 
 impl Default for NspLimits {
@@ -185,6 +188,7 @@ impl Default for NspLimits {
             context_bytes: 4096,
             message_bytes: 64 * 1024,
             streams_per_connection: 64,
+            connections_per_uid: 32,
         }
     }
 }
@@ -897,6 +901,7 @@ impl Config {
                 "nsp.limits.streams_per_connection",
                 l.streams_per_connection,
             ),
+            ("nsp.limits.connections_per_uid", l.connections_per_uid),
         ] {
             if value == 0 {
                 return Err(ConfigError::BadValue {

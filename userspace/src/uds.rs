@@ -1,6 +1,7 @@
 //! gRPC channels and servers over unix sockets.
 
 mod authority;
+mod peers;
 
 use std::path::Path;
 
@@ -11,6 +12,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::{Channel, Endpoint};
 
 pub use authority::{FixAuthority, Rewriter};
+pub use peers::{Counted, PeerLimit};
 
 /// A channel that connects on first use and reconnects after a failure, so a
 /// restarted server is found again.
@@ -31,6 +33,20 @@ pub fn incoming(
     listener: UnixListener,
 ) -> impl Stream<Item = std::io::Result<FixAuthority<UnixStream>>> {
     UnixListenerStream::new(listener).map(|conn| conn.map(FixAuthority::new))
+}
+
+/// [`incoming`] with each peer uid's open connections bounded by `limit`:
+/// one past it is closed at once (and a warning names the setting).
+pub fn incoming_limited(
+    listener: UnixListener,
+    limit: PeerLimit,
+) -> impl Stream<Item = std::io::Result<FixAuthority<Counted<UnixStream>>>> {
+    UnixListenerStream::new(listener).filter_map(move |conn| {
+        futures::future::ready(match conn {
+            Ok(stream) => limit.admit(stream).map(|c| Ok(FixAuthority::new(c))),
+            Err(e) => Some(Err(e)),
+        })
+    })
 }
 /// Fails if `path` is a socket another process serves, or not a socket at
 /// all; a daemon checks its sockets so before it attaches anything.

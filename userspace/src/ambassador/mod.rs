@@ -108,6 +108,10 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
     let limits = crate::config::NspLimits::default();
     let service =
         TapServer::new(tap.clone()).max_decoding_message_size(limits.message_bytes as usize);
+    let incoming = crate::uds::incoming_limited(
+        listener,
+        crate::uds::PeerLimit::new("nsp.limits.connections_per_uid", limits.connections_per_uid),
+    );
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(limits.streams_per_connection))
@@ -115,9 +119,7 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
                 service,
                 move |r| peers.check(r),
             ))
-            .serve_with_incoming_shutdown(crate::uds::incoming(listener), async move {
-                shutdown.cancelled().await
-            }),
+            .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await }),
     );
     tracing::info!(socket = %settings.socket.display(), name = %settings.name, "ambassador serving");
     tokio::select! {

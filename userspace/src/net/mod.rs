@@ -74,6 +74,9 @@ pub enum NetError {
     },
     #[error("{op}: {source}")]
     Kernel { op: String, source: std::io::Error },
+    /// A container without the host's view of namespaces.
+    #[error("the namespace of the veth peer of {ifname} (nsid {nsid}) is not visible here (neither in /run/netns nor held by a process in /proc); mount the host's /run/netns and share the host's pid namespace (the DaemonSet's hostPID)")]
+    PeerNamespaceUnseen { ifname: String, nsid: i32 },
 }
 
 impl NetError {

@@ -135,11 +135,9 @@ pub fn prepare_redirect_target(ifname: &str) -> Result<Option<String>, NetError>
     let here = || File::open("/proc/thread-self/ns/net");
     let netns = match facts.peer_nsid {
         None => here().map_err(At::here(ifname).os("opening this namespace"))?,
-        Some(nsid) => namespace_of(nsid).ok_or_else(|| NetError::Os {
-            op: format!("finding the namespace of its veth peer (nsid {nsid})"),
+        Some(nsid) => namespace_of(nsid).ok_or_else(|| NetError::PeerNamespaceUnseen {
             ifname: ifname.into(),
-            netns: super::CURRENT.into(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            nsid,
         })?,
     };
     let peer = super::netns::run_in(&netns, || super::link::by_index(peer_index))

@@ -149,6 +149,13 @@ impl Plugin for NspPlugin {
         let shutdown = stop.clone();
         let limits = &settings.limits;
         let size = limits.message_bytes as usize;
+        let incoming = crate::uds::incoming_limited(
+            listener,
+            crate::uds::PeerLimit::new(
+                "nsp.limits.connections_per_uid",
+                limits.connections_per_uid,
+            ),
+        );
         tokio::spawn(
             tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(limits.streams_per_connection))
@@ -157,9 +164,7 @@ impl Plugin for NspPlugin {
                     ConfigurationManagerServer::new(api.clone()).max_decoding_message_size(size),
                 )
                 .add_service(ConduitsServer::new(api).max_decoding_message_size(size))
-                .serve_with_incoming_shutdown(crate::uds::incoming(listener), async move {
-                    shutdown.cancelled().await
-                }),
+                .serve_with_incoming_shutdown(incoming, async move { shutdown.cancelled().await }),
         );
 
         // Expiry (a tenth of the timeout, at most 1 s), links every 2 s, config reload every 500 ms.
