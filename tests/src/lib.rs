@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod bpf;
+pub mod cluster;
 pub mod daemon;
 pub mod eds;
 pub mod etcd;

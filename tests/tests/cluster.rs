@@ -1,18 +1,11 @@
-//! Cluster mode on a real etcd: three daemons in namespaces on one underlay
-//! bridge, etcd (one member, or three) on the bridge's namespace,
-//! applications on nodes 2 and 3 registered through their ambassadors (the
-//! NSP API), client traffic entering node 1.
-//!
-//! ```text
-//!  client ── n1 ─┐                   ┌─ n2 ══ conduit ══ app2
-//!  192.0.2.2  .1 │  br0 198.51.100.0/24 (etcd .100 .101 .102)
-//!                └──────────────────┴─ n3 ══ conduit ══ app3
-//! ```
+//! Cluster mode on a real etcd, in the lab of [`tapmesh_tests::cluster`]:
+//! three daemons on one underlay bridge, etcd (one member, or three),
+//! applications on nodes 2 and 3, client traffic entering node 1.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -23,274 +16,14 @@ use tapmesh_common::{
     SCHEMA_VERSION,
 };
 use tapmesh_tests::{
-    daemon::{named, tapmesh_bin, Daemon},
-    etcd::{Certs, EtcdCluster},
+    cluster::{etcd_at, node_address, open_a, Lab, CLIENT, LEASE_TTL},
+    daemon::{named, Daemon},
+    etcd::Certs,
     kernel_tests_enabled,
     maps::{differences, dump_pinned, Dump},
     net::{send_udp_flows, wait_until, UdpReceiver},
-    sh,
-    tapa::{chmod, stream, Ambassador, TapCaller, NSP_CONFIG, OPEN_WITHIN, VIP_A},
-    Netns, TempDir,
+    tapa::{stream, NSP_CONFIG, OPEN_WITHIN, VIP_A},
 };
-
-const LEASE_TTL: Duration = Duration::from_secs(2);
-/// etcd member `m` (0-based) listens on 198.51.100.100 + m.
-fn etcd_at(m: usize) -> Ipv4Addr {
-    Ipv4Addr::new(198, 51, 100, 100 + m as u8)
-}
-const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
-
-fn node_address(i: usize) -> Ipv4Addr {
-    Ipv4Addr::new(198, 51, 100, i as u8)
-}
-
-/// Nodes 1..=n on the bridge, etcd, and (if `client`) a client behind node 1.
-struct Lab {
-    // Drop order: ambassadors, daemons, etcd, namespaces, files.
-    ambassadors: Vec<Ambassador>,
-    daemons: Vec<Option<Daemon>>,
-    etcd: EtcdCluster,
-    lease_ttl: Duration,
-    /// TLS to etcd: its files, and the CA the daemons are told to trust.
-    certs: Option<Certs>,
-    ca: Option<PathBuf>,
-    client: Option<(Netns, String)>,
-    nodes: Vec<Netns>,
-    apps: Vec<Netns>,
-    _bridge: Netns,
-    dir: TempDir,
-    bin: PathBuf,
-    /// Each node's uplinks.
-    uplinks: Vec<Vec<String>>,
-}
-
-impl Lab {
-    fn new(nodes: usize, with_client: bool, nsp_config: &str) -> Self {
-        Self::with(nodes, with_client, nsp_config, 1, LEASE_TTL)
-    }
-
-    /// `members` etcd members; the daemons' leases last `lease_ttl`.
-    fn with(
-        nodes: usize,
-        with_client: bool,
-        nsp_config: &str,
-        members: usize,
-        lease_ttl: Duration,
-    ) -> Self {
-        Self::build(nodes, with_client, nsp_config, members, lease_ttl, false)
-    }
-
-    fn build(
-        nodes: usize,
-        with_client: bool,
-        nsp_config: &str,
-        members: usize,
-        lease_ttl: Duration,
-        tls: bool,
-    ) -> Self {
-        let bridge = Netns::new("br");
-        bridge.ip(&["link", "add", "br0", "type", "bridge"]);
-        for m in 0..members {
-            bridge.ip(&["addr", "add", &format!("{}/24", etcd_at(m)), "dev", "br0"]);
-        }
-        bridge.ip(&["link", "set", "br0", "up"]);
-        let mut netns = Vec::new();
-        let mut uplinks = Vec::new();
-        for i in 1..=nodes {
-            let ns = Netns::new(&format!("n{i}"));
-            let (a, b) = (tapmesh_tests::unique("cu"), tapmesh_tests::unique("cb"));
-            sh(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    &a,
-                    "netns",
-                    &ns.name,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    &b,
-                    "netns",
-                    &bridge.name,
-                ],
-            );
-            ns.ip(&["addr", "add", &format!("{}/24", node_address(i)), "dev", &a]);
-            ns.ip(&["link", "set", &a, "up"]);
-            bridge.ip(&["link", "set", &b, "master", "br0"]);
-            bridge.ip(&["link", "set", &b, "up"]);
-            // The node's XDP sends into this veth: its peer needs NAPI.
-            bridge.exec(&["ethtool", "-K", &b, "gro", "on"]);
-            ns.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-            for key in ["all", "default"] {
-                ns.exec(&["sysctl", "-qw", &format!("net.ipv4.conf.{key}.rp_filter=0")]);
-            }
-            uplinks.push(vec![a]);
-            netns.push(ns);
-        }
-        // Static neighbours between the nodes: no ARP on the tunnel's path.
-        let macs: Vec<[u8; 6]> = (0..nodes).map(|i| netns[i].mac(&uplinks[i][0])).collect();
-        for i in 0..nodes {
-            for j in (0..nodes).filter(|&j| j != i) {
-                netns[i].ip(&[
-                    "neigh",
-                    "replace",
-                    &node_address(j + 1).to_string(),
-                    "lladdr",
-                    &tapmesh_tests::fmt_mac(macs[j]),
-                    "dev",
-                    &uplinks[i][0],
-                    "nud",
-                    "permanent",
-                ]);
-            }
-        }
-        let client = with_client.then(|| {
-            let client = Netns::new("c");
-            let (c, n) = tapmesh_tests::link(&client, "192.0.2.2/24", &netns[0], "192.0.2.1/24");
-            client.exec(&["ethtool", "-K", &c.interface, "tx", "off"]);
-            client.ip(&["route", "add", "203.0.113.0/24", "via", "192.0.2.1"]);
-            uplinks[0].insert(0, n.interface);
-            for n in &netns[1..] {
-                n.ip(&["route", "add", "192.0.2.0/24", "via", "198.51.100.1"]);
-            }
-            (client, c.interface)
-        });
-        let hosts: Vec<Ipv4Addr> = (0..members).map(etcd_at).collect();
-        let dir = TempDir::new("tmcl");
-        let certs = tls.then(|| Certs::new(&dir.0.join("certs"), "etcd", &hosts));
-        let etcd = match &certs {
-            Some(certs) => EtcdCluster::new_tls_at(&bridge.name, &hosts, certs),
-            None => EtcdCluster::new_at(&bridge.name, &hosts),
-        };
-        let bin = dir.0.join("tapmesh");
-        std::fs::copy(tapmesh_bin(), &bin).expect("copying the tapmesh binary");
-        chmod(&dir.0, 0o755);
-        chmod(&bin, 0o755);
-        std::fs::write(dir.0.join("nsp.toml"), nsp_config).expect("writing nsp.toml");
-        let mut lab = Lab {
-            ambassadors: Vec::new(),
-            daemons: Vec::new(),
-            etcd,
-            lease_ttl,
-            ca: certs.as_ref().map(|c| c.ca.clone()),
-            certs,
-            client,
-            nodes: netns,
-            apps: Vec::new(),
-            _bridge: bridge,
-            dir,
-            bin,
-            uplinks,
-        };
-        for i in 1..=nodes {
-            let d = lab.start_daemon(i);
-            lab.daemons.push(Some(d));
-        }
-        lab
-    }
-
-    fn node_dir(&self, i: usize) -> PathBuf {
-        self.dir.0.join(format!("n{i}"))
-    }
-
-    fn node_socket(&self, i: usize) -> PathBuf {
-        self.node_dir(i).join("node.sock")
-    }
-
-    fn start_daemon(&self, i: usize) -> Daemon {
-        let d = self.node_dir(i);
-        std::fs::create_dir_all(&d).unwrap();
-        chmod(&d, 0o755);
-        let config = d.join("daemon.toml");
-        let tls = match (&self.certs, &self.ca) {
-            (Some(c), Some(ca)) => format!(
-                "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
-                ca.display(),
-                c.client_cert.display(),
-                c.client_key.display()
-            ),
-            _ => String::new(),
-        };
-        std::fs::write(
-            &config,
-            format!(
-                "[nsp]\nconfig_file = \"{nsp}\"\nentry_timeout = \"30s\"\n\
-                 conduit_prefix_v4 = \"198.19.{i}.0/24\"\nconduit_prefix_v6 = \"\"\n\
-                 [cluster]\netcd_endpoints = {etcd:?}\nnode_name = \"n{i}\"\n\
-                 lease_ttl = \"{ttl}s\"\n",
-                nsp = self.dir.0.join("nsp.toml").display(),
-                etcd = self.etcd.endpoints(),
-                ttl = self.lease_ttl.as_secs(),
-            ) + &tls,
-        )
-        .unwrap();
-        let mut args: Vec<String> = vec![
-            "--config".into(),
-            config.display().to_string(),
-            "--node-socket".into(),
-            self.node_socket(i).display().to_string(),
-            "--state-dir".into(),
-            d.join("state").display().to_string(),
-            "--node-address".into(),
-            node_address(i).to_string(),
-        ];
-        for u in &self.uplinks[i - 1] {
-            args.push("--uplink".into());
-            args.push(u.clone());
-        }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Daemon::start(&self.nodes[i - 1].name, &args)
-    }
-
-    fn daemon(&self, i: usize) -> &Daemon {
-        self.daemons[i - 1].as_ref().expect("daemon running")
-    }
-
-    fn cluster_detail(&self, i: usize) -> String {
-        self.daemon(i)
-            .status()
-            .plugins
-            .iter()
-            .find(|p| p.name == "cluster")
-            .map(|p| p.detail.clone())
-            .unwrap_or_default()
-    }
-
-    /// A new application namespace with an ambassador talking to node `i`.
-    fn app_on(&mut self, i: usize) -> TapCaller {
-        let app = Netns::new(&format!("a{i}"));
-        let home = self.dir.0.join(format!("app{}", self.apps.len()));
-        let amb = Ambassador::spawn(&app.name, &self.bin, &self.node_socket(i), &home, "2s", &[]);
-        let tap = TapCaller::new(&amb.socket);
-        self.ambassadors.push(amb);
-        self.apps.push(app);
-        tap
-    }
-
-    /// `tapmesh registry list` against node `i`: (stream, identifier, status, node) rows.
-    fn registry(&self, i: usize) -> Vec<(String, String, String, String)> {
-        let out = std::process::Command::new(tapmesh_bin())
-            .args(["registry", "list", "--node-socket"])
-            .arg(self.node_socket(i))
-            .output()
-            .expect("tapmesh registry list");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .skip(1)
-            .map(|l| {
-                let c: Vec<&str> = l.split_whitespace().collect();
-                (c[0].into(), c[1].into(), c[2].into(), c[4].into())
-            })
-            .collect()
-    }
-}
 
 fn array<V: aya::Pod>(pins: &Path, name: &str) -> Array<MapData, V> {
     let data = MapData::from_pin(pins.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
@@ -867,19 +600,6 @@ fn converged(lab: &Lab, nodes: &[&str]) -> bool {
                 && table_targets(lab.daemon(i)).len() == nodes.len()
                 && owners(lab.daemon(i), node_address(i)) == t1
         })
-}
-
-/// An application on node `i` with stream-a OPEN.
-fn open_a(lab: &mut Lab, i: usize) -> TapCaller {
-    let mut tap = lab.app_on(i);
-    tap.open(stream("stream-a", "conduit-a", "trench-a"))
-        .unwrap();
-    assert!(
-        tap.wait_status("stream-a", StreamStatus::Open, OPEN_WITHIN),
-        "not OPEN on node {i}: {}",
-        lab.ambassadors.last().unwrap().log_text()
-    );
-    tap
 }
 
 /// 3000 UDP flows from the client into node 1, one datagram each; returns

@@ -13,6 +13,7 @@
 //! reason). Part two: an application opens a stream through its ambassador.
 //! Part three: the service-IP overlay on two nodes as Oakestra NetManagers,
 //! with the cluster over MQTT (mosquitto and a cluster service manager peer).
+//! Part four: cluster mode, three nodes sharing one registry through etcd.
 
 use std::{net::UdpSocket, process::Command, time::Duration};
 
@@ -268,7 +269,7 @@ fn run() -> bool {
     println!("daemon stopped ({exit}); XDP still attached: {attached}");
     let ok = ok && !attached && exit.success();
     println!();
-    ok && ambassador_demo() && overlay_demo()
+    ok && ambassador_demo() && overlay_demo() && cluster_demo()
 }
 
 /// Part two: an application asks for its traffic the Meridio way, through
@@ -500,4 +501,60 @@ fn overlay_demo() -> bool {
         .all(|a| a.contains(&format!("from {rr}:7000")));
     drop(tasks);
     both && from_service && remote.iter().all(|a| a.starts_with("web#1"))
+}
+
+/// Part four: cluster mode on etcd. Three daemons share one registry per
+/// trench through Debian's etcd; applications open a stream on nodes 2 and
+/// 3, and client traffic entering node 1 is spread over both by the one
+/// Maglev every node builds (node 3's share through the UDP tunnel).
+fn cluster_demo() -> bool {
+    use std::net::SocketAddrV4;
+    use tapmesh_tests::cluster::{open_a, Lab, CLIENT};
+    use tapmesh_tests::net::{send_udp_flows, wait_until, UdpReceiver};
+    use tapmesh_tests::tapa::{NSP_CONFIG, VIP_A};
+
+    println!();
+    println!("cluster: three tapmesh nodes and etcd in namespaces; applications on nodes 2 and 3");
+    let mut lab = Lab::new(3, true, NSP_CONFIG);
+    let joined = wait_until(Duration::from_secs(15), || {
+        (1..=3).all(|i| lab.cluster_detail(i).contains("3 nodes [n1 n2 n3]"))
+    });
+    println!("node 1's cluster plugin: {}", lab.cluster_detail(1));
+    let _taps: Vec<_> = [2, 3].into_iter().map(|i| open_a(&mut lab, i)).collect();
+    let seen = wait_until(Duration::from_secs(10), || {
+        let mut nodes: Vec<String> = lab
+            .registry(1)
+            .into_iter()
+            .filter(|r| r.0 == "stream-a.conduit-a.trench-a" && r.2 == "ENABLED")
+            .map(|r| r.3)
+            .collect();
+        nodes.sort();
+        nodes == ["n2", "n3"]
+    });
+    println!("\n$ tapmesh registry list   (node 1's socket: the whole trench)");
+    let list = Command::new(tapmesh_bin())
+        .args(["registry", "list", "--node-socket"])
+        .arg(lab.node_socket(1))
+        .output()
+        .expect("tapmesh registry list");
+    print!("{}", String::from_utf8_lossy(&list.stdout));
+    // Until every node's maps hold both targets, a round can miss one.
+    let to = SocketAddrV4::new(VIP_A, 7000);
+    let client = lab.client.as_ref().expect("a client").0.name.clone();
+    let ports: Vec<u16> = (20000..20300).collect();
+    let mut counts = (0, 0, 0);
+    let spread = wait_until(Duration::from_secs(15), || {
+        let on2 = UdpReceiver::start(&lab.apps[0].name, to);
+        let on3 = UdpReceiver::start(&lab.apps[1].name, to);
+        let sent = send_udp_flows(&client, CLIENT, &ports, to, 1, b"cluster");
+        wait_until(Duration::from_secs(2), || on2.count() + on3.count() >= sent);
+        counts = (sent, on2.stop().total(), on3.stop().total());
+        counts.1 + counts.2 == sent && counts.1 > 0 && counts.2 > 0
+    });
+    println!(
+        "client → {to} into node 1: {} UDP flows, {} reached the application on node 2 and {} the one on node 3",
+        counts.0, counts.1, counts.2
+    );
+    println!("node 1's cluster plugin: {}", lab.cluster_detail(1));
+    joined && seen && spread
 }
