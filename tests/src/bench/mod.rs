@@ -18,10 +18,12 @@
 //! repeat = 1 rows ([`lb`], [`overlay`], [`blocks`]) run on a thread inside
 //! the [`Underlay`] namespace (deleted also on panic). The other families
 //! run real traffic or the control plane: [`control`] (TAPA Open → OPEN),
-//! [`mirror`] (mirroring on veth), [`eds`] (EDS update latency),
+//! [`mirror`] (mirroring on veth), [`eds`] (EDS update latency), [`cluster`]
+//! (a registration's way to another node's maps),
 //! [`overlay::rates`] (the overlay on veth).
 
 pub mod blocks;
+pub mod cluster;
 pub mod control;
 pub mod eds;
 pub mod lb;
@@ -105,6 +107,7 @@ pub fn report() -> String {
     let control = control::open_latency();
     let mirroring = mirror::rates();
     let eds = eds::update_latency();
+    let cluster = cluster::registration_latency();
     let overlay_rates = overlay::rates();
 
     format!(
@@ -131,7 +134,7 @@ pub fn report() -> String {
          parts (parser, the eight array values and four counters it reads, and the uplink's \
          code present but not run, which shows that program size alone costs nothing).\n\n\
          | operation | timed as | ns/packet | net of floor | Mpps (net) |\n|---|---|---:|---:|---:|\n\
-         {block_table}\n{control}\n{mirroring}\n{eds}\n{overlay_rates}",
+         {block_table}\n{control}\n{mirroring}\n{eds}\n{cluster}\n{overlay_rates}",
         machine()
     )
 }

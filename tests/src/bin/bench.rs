@@ -34,6 +34,7 @@ fn main() {
             print!("{}", bench::overlay::rates());
         }
         "mirror" => print!("{}", bench::mirror::rates()),
+        "cluster" => print!("{}", bench::cluster::registration_latency()),
         "paths" => {
             let paths = bench::paths();
             print!("{}\n\n{}\n{}", paths.targets, paths.table, paths.blocks);
