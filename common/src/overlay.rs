@@ -20,6 +20,12 @@ pub const SLOT_ENTRIES: u32 = MAX_SERVICES * SERVICE_SLOTS;
 pub const MAX_INSTANCES: u32 = 16_384;
 /// Containers on this node (`tm_ov_locals`).
 pub const MAX_LOCALS: u32 = 1024;
+/// Inner sources with a known node (`tm_ov_owners`, `tm_ov_owners6`): an
+/// instance's namespace address and instance IP, and this node's containers.
+pub const MAX_OWNERS: u32 = 2 * MAX_INSTANCES + MAX_LOCALS;
+/// Owner of the inner sources of this node's own containers and instances
+/// (`tm_ov_owners`): no tunnel packet may carry them.
+pub const OWNER_THIS_NODE: [u8; 4] = [0; 4];
 /// Connection tracking entries (two per connection: forward and reverse).
 pub const CONNTRACK_ENTRIES: u32 = 131_072;
 /// IPv4 datagrams in fragments being translated (`tm_ov_frags`).

@@ -104,6 +104,7 @@ counter_set!(
         tunnel_unknown_node => TunnelUnknownNode,
         redirect_failed => RedirectFailed,
         port_nat_failed => PortNatFailed,
+        tunnel_foreign_source => TunnelForeignSource,
     }
 );
 

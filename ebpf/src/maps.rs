@@ -158,6 +158,14 @@ pub static tm_ov_locals: HashMap<[u8; 4], Local, { ov::MAX_LOCALS as usize }> = 
 /// The same, by `local_slot(address)`, for the per-packet paths.
 #[btf_map]
 pub static tm_ov_loc_slots: Array<ov::LocalSlot, { ov::LOCAL_SLOTS as usize }> = Array::new();
+/// An inner source → the tunnel address of the node that may send it
+/// (`OWNER_THIS_NODE`: none, it is ours).
+#[btf_map]
+pub static tm_ov_owners: HashMap<[u8; 4], [u8; 4], { ov::MAX_OWNERS as usize }> = HashMap::new();
+/// The same for IPv6 inner sources.
+#[btf_map]
+pub static tm_ov_owners6: HashMap<ov::Addr6, [u8; 4], { ov::MAX_OWNERS as usize }> =
+    HashMap::new();
 #[btf_map]
 pub static tm_ov_ct: LruHashMap<ConntrackKey, ConntrackValue, { ov::CONNTRACK_ENTRIES as usize }> =
     LruHashMap::new();

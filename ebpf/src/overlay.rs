@@ -442,6 +442,20 @@ fn fix_l4_skb(ctx: &TcContext, ip: &Ip4, diff: u32) {
     }
 }
 
+/// Refuses a tunnel packet for a container here whose inner source is
+/// known to belong to a node other than `node`, the one that sent it
+/// (`OWNER_THIS_NODE` never matches: a sender is never this node). A
+/// source with no known owner is not judged: a client whose service this
+/// node has not learnt yet is one.
+#[inline(always)]
+pub fn check_owner(owner: Option<&[u8; 4]>, node: u32) -> Result<(), DropReason> {
+    match owner {
+        // SAFETY: a 4-byte map value.
+        Some(owner) if unsafe { load32(owner) } != node => Err(DropReason::TunnelForeignSource),
+        _ => Ok(()),
+    }
+}
+
 /// The reverse translation for a reply about to be delivered: its source
 /// becomes the service IP the client dialled.
 #[inline(always)]
@@ -686,13 +700,15 @@ fn ctx_count_too_big() {
         .drop_reason(DropReason::TooBigForTunnel);
 }
 
-/// XDP on the uplink, after `tunnel::decapsulate`: an IPv4 packet for one of this node's containers is
-/// translated back if it is a reply and redirected to the container's
-/// veth. `None`: not for a container here, nothing was changed. Not
-/// inlined, and the parse is inside: the verifier walks this once, not
-/// once for every way the caller's parse can end.
+/// XDP on the uplink, after `tunnel::decapsulate`: an IPv4 packet for one
+/// of this node's containers from `node` (the outer source, a word in
+/// memory order) is checked against the owner of its source
+/// ([`check_owner`]), translated back if it is a reply and redirected to
+/// the container's veth. `None`: not for a container here, nothing was
+/// changed. Not inlined, and the parse is inside: the verifier walks this
+/// once, not once for every way the caller's parse can end.
 #[inline(never)]
-pub fn from_tunnel(ctx: &XdpContext) -> Result<Option<u32>, DropReason> {
+pub fn from_tunnel(ctx: &XdpContext, node: u32) -> Result<Option<u32>, DropReason> {
     let pkt = &crate::xdp::packet_of(ctx);
     let parsed = &parse(pkt)?;
     if parsed.l3 != L3::V4 {
@@ -702,6 +718,11 @@ pub fn from_tunnel(ctx: &XdpContext) -> Result<Option<u32>, DropReason> {
     let Some((local, slot)) = local_at(ip.dst) else {
         return Ok(None);
     };
+    // The key is read from the packet: a copy on the stack would push the
+    // deepest call past the 512 bytes of stack.
+    let src: *const [u8; 4] = pkt.header(ip.l3 + 12, DropReason::BadTunnelPacket)?;
+    // SAFETY: the key is inside the header just checked; the value is read right away.
+    check_owner(unsafe { tm_ov_owners.get(&*src) }, node)?;
     // Only a container that dialled a service IP gets replies to translate.
     // SAFETY: a map value.
     let dialled = slot.is_none_or(|s| unsafe { core::ptr::read_volatile(&(*s).dialled) } != 0);

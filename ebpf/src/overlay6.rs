@@ -467,6 +467,31 @@ fn packet_too_big(
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
+/// Whether an IPv6 packet from the tunnel, as `tunnel::decapsulate` left
+/// it (Ethernet, then the IPv6 header), is for a container here and has a
+/// source that belongs to another node than `node`
+/// (`overlay::check_owner`). Its own subprogram, called before
+/// [`from_tunnel`] and not from it: that one's stack and the uplink's
+/// leave no room for another value. The keys are read from the packet.
+#[inline(never)]
+pub fn foreign_source(ctx: &XdpContext, node: u32) -> bool {
+    let pkt = crate::xdp::packet_of(ctx);
+    // Too short: `from_tunnel`'s parse says why.
+    let Ok(h) = pkt.header::<[u8; 54]>(0, DropReason::TruncatedIpv6) else {
+        return false;
+    };
+    // SAFETY: both addresses are inside the 54 bytes just checked; the
+    // values are read right away.
+    unsafe {
+        let (src, dst) = (
+            &*((h as *const u8).add(22) as *const Addr6),
+            &*((h as *const u8).add(38) as *const Addr6),
+        );
+        tm_ov_locals6.get(dst).is_some()
+            && crate::overlay::check_owner(tm_ov_owners6.get(src), node).is_err()
+    }
+}
+
 /// XDP on the uplink, after `tunnel::decapsulate`: an IPv6 packet for one of this node's containers gets
 /// the reverse translation if it is a reply and is redirected. `None`: not
 /// for a container here, nothing was changed.

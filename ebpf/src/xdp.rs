@@ -59,32 +59,36 @@ pub fn packet_of(ctx: &XdpContext) -> Packet {
 fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, DropReason> {
     let tunnel = tunnel::config();
     // (offset, first byte) of the inner packet of a tunnel packet for us
-    // from a known node. Only nodes may use the tunnel: the source is
-    // checked before anything of the inner packet is judged.
+    // from a known node, and that node. Only nodes may use the tunnel: the
+    // source is checked before anything of the inner packet is judged.
     let (mut parsed, ours) = match tunnel.and_then(|t| tunnel::plain(&pkt, t)) {
         Some(plain) => {
             tunnel::check_peer(plain.src)?;
-            (None, Some((tunnel::OUTER_LEN, plain.first)))
+            (None, Some((tunnel::OUTER_LEN, plain.first, plain.src)))
         }
         None => {
             let parsed = parse(&pkt)?;
             let mut ours = None;
             if tunnel.is_some_and(|t| tunnel::is_ours(&parsed, t)) {
-                tunnel::check_peer(parsed.src_addr[3])?;
+                let node = parsed.src_addr[3];
+                tunnel::check_peer(node)?;
                 let first = tunnel::first_byte(&pkt, parsed.l4_offset)?;
-                ours = Some((parsed.l4_offset + size_of::<UdpHdr>(), first));
+                ours = Some((parsed.l4_offset + size_of::<UdpHdr>(), first, node));
             }
             (Some(parsed), ours)
         }
     };
     let tunneled = ours.is_some();
-    if let Some((inner_at, first)) = ours {
+    if let Some((inner_at, first, node)) = ours {
         let inner = tunnel::decapsulate(ctx, &pkt, inner_at, first)?;
         // One call or the other, not nested: each subprogram's stack adds
         // to this one's.
         let delivered = match inner {
+            L3::V6 if overlay6::foreign_source(ctx, node) => {
+                return Err(DropReason::TunnelForeignSource)
+            }
             L3::V6 => overlay6::from_tunnel(ctx)?,
-            _ if overlay::maybe_local(&packet_of(ctx)) => overlay::from_tunnel(ctx)?,
+            _ if overlay::maybe_local(&packet_of(ctx)) => overlay::from_tunnel(ctx, node)?,
             _ => None,
         };
         if let Some(action) = delivered {

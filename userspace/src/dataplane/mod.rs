@@ -673,6 +673,8 @@ mod tests {
             n::OV_INSTANCES,
             n::OV_LOCALS,
             n::OV_LOCAL_SLOTS,
+            n::OV_OWNERS,
+            n::OV_OWNERS6,
             n::OV_CONFIG6,
             n::OV_SERVICES6,
             n::OV_INSTANCES6,

@@ -11,7 +11,7 @@ use tapmesh_common::{
     overlay::{
         local_slot, Addr6, Instance, Instance6, Local, Local6, LocalSlot, OverlayConfig,
         OverlayConfig6, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, INSTANCE_REMOTE, LOCAL_SLOT_ONE,
-        LOCAL_SLOT_SHARED, SERVICE_SLOTS,
+        LOCAL_SLOT_SHARED, OWNER_THIS_NODE, SERVICE_SLOTS,
     },
     tunnel::PEER_OVERLAY,
     PacketCounter,
@@ -69,6 +69,66 @@ pub struct OverlayWriter {
     adopted: bool,
     /// Nodes of remote instances, as named in `tm_tunnel_peers` (`PEER_OVERLAY`).
     peers: BTreeSet<std::net::Ipv4Addr>,
+    /// `tm_ov_owners` and `tm_ov_owners6` as written.
+    owners: Owners,
+}
+
+/// Inner sources and the node that may send them through the tunnel
+/// (`OWNER_THIS_NODE`: this one, so none).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owners {
+    pub v4: BTreeMap<std::net::Ipv4Addr, [u8; 4]>,
+    pub v6: BTreeMap<std::net::Ipv6Addr, [u8; 4]>,
+}
+
+/// The owners of the tables' addresses: every instance's namespace address
+/// and instance IP belong to its node (local ones and this node's
+/// containers to this node). An address two nodes claim (tables caught
+/// mid-move) is left out: it is not judged, rather than refused for one of
+/// them.
+pub fn owners(t: &OverlayTables) -> Owners {
+    fn claim<A: Ord>(map: &mut BTreeMap<A, Option<[u8; 4]>>, addr: A, node: [u8; 4]) {
+        let entry = map.entry(addr).or_insert(Some(node));
+        if *entry != Some(node) {
+            *entry = None;
+        }
+    }
+    let node_of = |i: &Instance| match i.kind {
+        INSTANCE_REMOTE => i.node_addr,
+        _ => OWNER_THIS_NODE,
+    };
+    let (mut v4, mut v6) = (BTreeMap::new(), BTreeMap::new());
+    for (id, inst) in &t.instances {
+        let node = node_of(inst);
+        for addr in [inst.ns_addr, inst.reply_addr] {
+            if addr != [0; 4] {
+                claim(&mut v4, std::net::Ipv4Addr::from(addr), node);
+            }
+        }
+        if let Some(inst6) = t.instances6.get(id) {
+            for addr in [inst6.ns_addr, inst6.reply_addr] {
+                if addr != [0; 16] {
+                    claim(&mut v6, std::net::Ipv6Addr::from(addr), node);
+                }
+            }
+        }
+    }
+    for (addr, local) in &t.locals {
+        claim(&mut v4, *addr, OWNER_THIS_NODE);
+        if local.instance_addr != [0; 4] {
+            claim(&mut v4, local.instance_addr.into(), OWNER_THIS_NODE);
+        }
+    }
+    for (addr, local) in &t.locals6 {
+        claim(&mut v6, *addr, OWNER_THIS_NODE);
+        if local.instance_addr != [0; 16] {
+            claim(&mut v6, local.instance_addr.into(), OWNER_THIS_NODE);
+        }
+    }
+    Owners {
+        v4: v4.into_iter().filter_map(|(a, n)| Some((a, n?))).collect(),
+        v6: v6.into_iter().filter_map(|(a, n)| Some((a, n?))).collect(),
+    }
 }
 
 /// The nodes of the remote instances (an IPv6 instance shares its IPv4
@@ -300,6 +360,8 @@ impl OverlayWriter {
         let during: BTreeSet<_> = self.peers.union(&peers).copied().collect();
         write_peers(ebpf, PEER_OVERLAY, &self.peers, &during)?;
         self.peers = during;
+        let owners = owners(wanted);
+        self.add_owners(ebpf, &owners)?;
         self.add_instances(ebpf, wanted)?;
         self.add_locals(ebpf, wanted)?;
         self.write_local_slots(ebpf, wanted)?;
@@ -307,6 +369,7 @@ impl OverlayWriter {
         self.remove_services(ebpf, wanted)?;
         self.remove_locals(ebpf, wanted)?;
         self.remove_instances(ebpf, wanted)?;
+        self.remove_owners(ebpf, &owners)?;
         write_peers(ebpf, PEER_OVERLAY, &self.peers, &peers)?;
         self.peers = peers;
         self.write_config6(ebpf, wanted.config6)?;
@@ -361,6 +424,20 @@ impl OverlayWriter {
             }
         }
         {
+            let map: BpfHashMap<&MapData, [u8; 4], [u8; 4]> =
+                BpfHashMap::try_from(map_ref(ebpf, n::OV_OWNERS)?)
+                    .map_err(map_err(n::OV_OWNERS))?;
+            for (addr, node) in map.iter().flatten() {
+                self.owners.v4.insert(addr.into(), node);
+            }
+            let map: BpfHashMap<&MapData, Addr6, [u8; 4]> =
+                BpfHashMap::try_from(map_ref(ebpf, n::OV_OWNERS6)?)
+                    .map_err(map_err(n::OV_OWNERS6))?;
+            for (addr, node) in map.iter().flatten() {
+                self.owners.v6.insert(addr6_of(addr), node);
+            }
+        }
+        {
             let map: Array<&MapData, Instance> = Array::try_from(map_ref(ebpf, n::OV_INSTANCES)?)
                 .map_err(map_err(n::OV_INSTANCES))?;
             for (id, inst) in map.iter().enumerate() {
@@ -403,6 +480,40 @@ impl OverlayWriter {
             self.written.config6 = map.get(&0, 0).map_err(map_err(n::OV_CONFIG6))?;
         }
         self.adopted = true;
+        Ok(())
+    }
+
+    /// New and changed owners come before the instances that carry them
+    /// (a refusal can only be late, never wrong); gone ones after.
+    fn add_owners(&mut self, ebpf: &mut Ebpf, wanted: &Owners) -> Result<(), DataplaneError> {
+        let was = &self.owners;
+        insert_changed(
+            ebpf,
+            n::OV_OWNERS,
+            &wanted.v4,
+            &was.v4,
+            |a| addr_word(*a),
+            |n| *n,
+        )?;
+        insert_changed(
+            ebpf,
+            n::OV_OWNERS6,
+            &wanted.v6,
+            &was.v6,
+            |a| addr6_words(*a),
+            |n| *n,
+        )
+    }
+
+    fn remove_owners(&mut self, ebpf: &mut Ebpf, wanted: &Owners) -> Result<(), DataplaneError> {
+        let was = &self.owners;
+        remove_unwanted::<_, _, [u8; 4], _>(ebpf, n::OV_OWNERS, &wanted.v4, &was.v4, |a| {
+            addr_word(*a)
+        })?;
+        remove_unwanted::<_, _, [u8; 4], _>(ebpf, n::OV_OWNERS6, &wanted.v6, &was.v6, |a| {
+            addr6_words(*a)
+        })?;
+        self.owners = wanted.clone();
         Ok(())
     }
 

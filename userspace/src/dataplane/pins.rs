@@ -185,6 +185,8 @@ const MAPS: &[MapSpec] = &[
         ov::MAX_INSTANCES,
     ),
     spec(n::OV_LOCALS6, 16, size_of::<ov::Local6>(), ov::MAX_LOCALS),
+    spec(n::OV_OWNERS, 4, 4, ov::MAX_OWNERS),
+    spec(n::OV_OWNERS6, 16, 4, ov::MAX_OWNERS),
     spec(
         n::OV_CONNTRACK6,
         size_of::<ov::ConntrackKey6>(),
