@@ -1,0 +1,333 @@
+//! Only inner sources the sending node may use: a tunnel packet for a
+//! container here whose inner source belongs to another node (an instance
+//! the tables place there) or to this node is dropped, counted as
+//! `tunnel_foreign_source`; the owners' node and unknown sources pass.
+//! Through `tm_xdp_uplink` with BPF_PROG_TEST_RUN (IPv4 and IPv6), and on
+//! two nodes in namespaces with real packets.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, Ipv6Addr},
+};
+
+use aya::maps::{HashMap as BpfHashMap, MapData};
+use tapmesh::dataplane::{
+    overlay::{OverlayTables, OverlayWriter},
+    tunnel::{write, TunnelSettings},
+};
+use tapmesh_common::{
+    map_names as n,
+    overlay::{Addr6, Instance, Instance6, Local, Local6, INSTANCE_LOCAL, INSTANCE_REMOTE},
+    DropReason, ProgramSlot,
+};
+use tapmesh_tests::{
+    bpf::Bpf,
+    frames::{tunnel, udp4, udp6},
+    kernel_tests_enabled,
+};
+
+const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 1);
+const NODE_A: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 2);
+const NODE_B: Ipv4Addr = Ipv4Addr::new(198, 18, 7, 3);
+const PORT: u16 = 50103;
+/// A container here, and its instance IP.
+const HERE: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 2);
+const HERE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 2);
+/// An instance on node A: namespace address and instance IP.
+const ON_A: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
+const ON_A_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 3);
+/// An instance on node B.
+const ON_B: Ipv4Addr = Ipv4Addr::new(198, 19, 3, 2);
+/// Nobody's, as far as these tables know.
+const UNKNOWN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
+
+fn v6(last: u16) -> Ipv6Addr {
+    Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)
+}
+
+fn tables() -> OverlayTables {
+    let remote = |ns: Ipv4Addr, reply: Ipv4Addr, node: Ipv4Addr| Instance {
+        ns_addr: ns.octets(),
+        reply_addr: reply.octets(),
+        node_addr: node.octets(),
+        node_port: PORT,
+        kind: INSTANCE_REMOTE,
+        ..Default::default()
+    };
+    let mut t = OverlayTables::default();
+    t.instances.insert(1, remote(ON_A, ON_A_IP, NODE_A));
+    t.instances.insert(2, remote(ON_B, ON_B, NODE_B));
+    t.instances.insert(
+        3,
+        Instance {
+            ns_addr: HERE.octets(),
+            reply_addr: HERE_IP.octets(),
+            kind: INSTANCE_LOCAL,
+            ifindex: 1,
+            ..Default::default()
+        },
+    );
+    t.instances6.insert(
+        1,
+        Instance6 {
+            ns_addr: v6(0xa).octets(),
+            reply_addr: v6(0xa1).octets(),
+        },
+    );
+    t.locals.insert(
+        HERE,
+        Local {
+            ifindex: 1,
+            instance_addr: HERE_IP.octets(),
+            ..Default::default()
+        },
+    );
+    t.locals6.insert(
+        v6(0x1),
+        Local6 {
+            ifindex: 1,
+            instance_addr: v6(0x11).octets(),
+            ..Default::default()
+        },
+    );
+    t
+}
+
+/// Sends one tunnel packet from `node` carrying `inner`; returns whether it
+/// was redirected (to the container) and whether it was counted foreign.
+fn send(bpf: &mut Bpf, node: Ipv4Addr, inner: &[u8]) -> (bool, bool) {
+    let reason = DropReason::TunnelForeignSource;
+    let before = bpf.stats(ProgramSlot::XdpUplink).drops.get(reason);
+    let run = bpf.run("tm_xdp_uplink", &tunnel(node, NODE, PORT, inner), 1);
+    let after = bpf.stats(ProgramSlot::XdpUplink).drops.get(reason);
+    const XDP_REDIRECT: u32 = 4;
+    (run.action == XDP_REDIRECT, after - before == 1)
+}
+
+fn owners(bpf: &Bpf) -> BTreeMap<Ipv4Addr, [u8; 4]> {
+    let map: BpfHashMap<&MapData, [u8; 4], [u8; 4]> =
+        BpfHashMap::try_from(bpf.ebpf.map(n::OV_OWNERS).expect("owners")).unwrap();
+    map.iter()
+        .map(|e| e.unwrap())
+        .map(|(k, v)| (k.into(), v))
+        .collect()
+}
+
+fn owners6(bpf: &Bpf) -> BTreeMap<Ipv6Addr, [u8; 4]> {
+    let map: BpfHashMap<&MapData, Addr6, [u8; 4]> =
+        BpfHashMap::try_from(bpf.ebpf.map(n::OV_OWNERS6).expect("owners6")).unwrap();
+    map.iter()
+        .map(|e| e.unwrap())
+        .map(|(k, v)| (k.into(), v))
+        .collect()
+}
+
+#[test]
+fn inner_sources_are_checked_against_the_node_that_sent_them() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut bpf = Bpf::load();
+    let settings = TunnelSettings {
+        port: PORT,
+        address: Some(NODE),
+    };
+    write(&mut bpf.ebpf, settings).expect("tm_tunnel");
+    let mut writer = OverlayWriter::default();
+    writer.apply(&mut bpf.ebpf, &tables()).expect("apply");
+
+    // The maps, exactly: every instance's addresses under its node, this
+    // node's under 0.0.0.0.
+    let here = [0; 4];
+    assert_eq!(
+        owners(&bpf),
+        BTreeMap::from([
+            (HERE, here),
+            (HERE_IP, here),
+            (ON_A, NODE_A.octets()),
+            (ON_A_IP, NODE_A.octets()),
+            (ON_B, NODE_B.octets()),
+        ])
+    );
+    assert_eq!(
+        owners6(&bpf),
+        BTreeMap::from([
+            (v6(0x1), here),
+            (v6(0x11), here),
+            (v6(0xa), NODE_A.octets()),
+            (v6(0xa1), NODE_A.octets()),
+        ])
+    );
+
+    let to_here = |src| udp4(src, HERE, 40000, 7000, b"x");
+    assert_eq!(send(&mut bpf, NODE_A, &to_here(ON_A)), (true, false));
+    assert_eq!(send(&mut bpf, NODE_A, &to_here(ON_A_IP)), (true, false));
+    assert_eq!(send(&mut bpf, NODE_B, &to_here(ON_B)), (true, false));
+    assert_eq!(
+        send(&mut bpf, NODE_A, &to_here(UNKNOWN)),
+        (true, false),
+        "not judged"
+    );
+    assert_eq!(
+        send(&mut bpf, NODE_B, &to_here(ON_A)),
+        (false, true),
+        "A's, from B"
+    );
+    assert_eq!(
+        send(&mut bpf, NODE_A, &to_here(ON_B)),
+        (false, true),
+        "B's, from A"
+    );
+    assert_eq!(
+        send(&mut bpf, NODE_A, &to_here(HERE_IP)),
+        (false, true),
+        "ours"
+    );
+
+    let to_here6 = |src| udp6(src, v6(0x1), 40000, 7000, b"x");
+    assert_eq!(send(&mut bpf, NODE_A, &to_here6(v6(0xa))), (true, false));
+    assert_eq!(
+        send(&mut bpf, NODE_A, &to_here6(v6(0xee))),
+        (true, false),
+        "not judged"
+    );
+    assert_eq!(
+        send(&mut bpf, NODE_B, &to_here6(v6(0xa1))),
+        (false, true),
+        "A's, from B"
+    );
+    assert_eq!(
+        send(&mut bpf, NODE_A, &to_here6(v6(0x11))),
+        (false, true),
+        "ours"
+    );
+
+    // Not for a container here: the check does not apply (the packet goes
+    // on to the load balancer, which passes it: no VIP).
+    let elsewhere = udp4(ON_A, UNKNOWN, 40000, 7000, b"x");
+    assert_eq!(send(&mut bpf, NODE_B, &elsewhere), (false, false));
+
+    // The instance on A gone: its addresses are nobody's, and B's packet
+    // from them is no longer judged.
+    let mut t = tables();
+    t.instances.remove(&1);
+    t.instances6.remove(&1);
+    writer.apply(&mut bpf.ebpf, &t).expect("apply");
+    assert!(!owners(&bpf).contains_key(&ON_A) && !owners(&bpf).contains_key(&ON_A_IP));
+    assert!(!owners6(&bpf).contains_key(&v6(0xa)));
+    assert_eq!(send(&mut bpf, NODE_B, &to_here(ON_A)), (true, false));
+
+    // An address two nodes claim (tables caught mid-move) is not judged.
+    let mut t = tables();
+    t.instances.get_mut(&2).unwrap().ns_addr = ON_A.octets();
+    writer.apply(&mut bpf.ebpf, &t).expect("apply");
+    assert!(!owners(&bpf).contains_key(&ON_A));
+    assert_eq!(owners(&bpf).get(&ON_A_IP), Some(&NODE_A.octets()));
+
+    // Everything gone: the maps are empty.
+    writer
+        .apply(&mut bpf.ebpf, &OverlayTables::default())
+        .expect("apply");
+    assert_eq!((owners(&bpf).len(), owners6(&bpf).len()), (0, 0));
+}
+
+/// Counts, per inner source, the datagrams a container gets on `port`
+/// until 1 s passes without one.
+fn receive(netns: &str, port: u16) -> std::thread::JoinHandle<BTreeMap<Ipv4Addr, u32>> {
+    let netns = netns.to_string();
+    std::thread::spawn(move || {
+        tapmesh::net::netns::enter(&netns).expect("entering the namespace");
+        let socket = std::net::UdpSocket::bind(("0.0.0.0", port)).expect("bind");
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(1)))
+            .unwrap();
+        let mut buf = [0u8; 256];
+        let mut got = BTreeMap::new();
+        while let Ok((_, from)) = socket.recv_from(&mut buf) {
+            if let std::net::IpAddr::V4(v4) = from.ip() {
+                *got.entry(v4).or_insert(0) += 1;
+            }
+        }
+        got
+    })
+}
+
+/// Node 1 (a real node, known to node 2) sends tunnel packets to a
+/// container on node 2: with its own client's instance IP inside, all
+/// arrive; with node 2's own instance IP inside (a forged reply), none do,
+/// each counted once.
+#[test]
+fn a_node_cannot_send_another_nodes_addresses_through_the_tunnel() {
+    use tapmesh_tests::{
+        daemon::named,
+        overlay::{TwoNodes, NODE1, NODE2},
+        Netns,
+    };
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const WEB: &str = "app.ns.web.ns";
+    const CLIENT: &str = "app.ns.client.ns";
+    const CLIENT_IP: &str = "203.0.113.100";
+    const WEB1_IP: &str = "203.0.113.102";
+    const COUNT: u32 = 1000;
+    const WEB_PORT: u16 = 7999;
+    let nodes = TwoNodes::start();
+    nodes.node1.register("192.0.2.0/26");
+    nodes.node2.register("192.0.2.64/26");
+    let client = Netns::new("owc");
+    let web1 = Netns::new("oww");
+    let client_ns = nodes
+        .node1
+        .deploy(&client, CLIENT, 0, &[("InstanceNumber", CLIENT_IP)]);
+    let web1_ns = nodes
+        .node2
+        .deploy(&web1, WEB, 1, &[("InstanceNumber", WEB1_IP)]);
+    nodes.node2.table(
+        CLIENT,
+        &[(0, &client_ns, NODE1, &[("InstanceNumber", CLIENT_IP)])],
+    );
+    let web1_addr: Ipv4Addr = web1_ns.parse().unwrap();
+    let send = |inner_src: &'static str| {
+        let node1 = nodes.node1.netns.name.clone();
+        std::thread::spawn(move || {
+            tapmesh::net::netns::enter(&node1).expect("entering node 1");
+            let socket = std::net::UdpSocket::bind((NODE1, 0)).expect("bind");
+            let port = tapmesh_common::DEFAULT_TUNNEL_PORT;
+            for i in 0..COUNT {
+                let src = inner_src.parse().unwrap();
+                let inner = udp4(src, web1_addr, 40000 + i as u16, WEB_PORT, b"x");
+                socket.send_to(&inner, (NODE2, port)).expect("sending");
+                std::thread::sleep(std::time::Duration::from_micros(300));
+            }
+        })
+        .join()
+        .unwrap();
+    };
+    let status = || nodes.node2.daemon.as_ref().expect("node 2").status();
+    let foreign = |s| named(&s, "xdp_uplink", "tunnel_foreign_source");
+
+    let got = receive(&web1.name, WEB_PORT);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    send(WEB1_IP);
+    assert_eq!(
+        got.join().unwrap(),
+        BTreeMap::new(),
+        "forged packets arrived"
+    );
+    assert_eq!(
+        foreign(status()),
+        u64::from(COUNT),
+        "each forged one counted"
+    );
+
+    let got = receive(&web1.name, WEB_PORT);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    send(CLIENT_IP);
+    assert_eq!(
+        got.join().unwrap(),
+        BTreeMap::from([(CLIENT_IP.parse().unwrap(), COUNT)]),
+        "node 1's own client's packets"
+    );
+    assert_eq!(foreign(status()), u64::from(COUNT), "none of them counted");
+}
