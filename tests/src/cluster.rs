@@ -50,6 +50,9 @@ pub struct Lab {
     pub bin: PathBuf,
     /// Each node's uplinks.
     pub uplinks: Vec<Vec<String>>,
+    /// The daemons' keep-alive expiry, and TOML appended to their files.
+    pub entry_timeout: Duration,
+    pub daemon_extra: String,
 }
 
 impl Lab {
@@ -75,6 +78,19 @@ impl Lab {
         members: usize,
         lease_ttl: Duration,
         tls: bool,
+    ) -> Self {
+        Self::build_with(nodes, with_client, nsp_config, members, lease_ttl, tls, |_| {})
+    }
+
+    /// [`Lab::build`], with `configure` changing the lab before the daemons start.
+    pub fn build_with(
+        nodes: usize,
+        with_client: bool,
+        nsp_config: &str,
+        members: usize,
+        lease_ttl: Duration,
+        tls: bool,
+        configure: impl FnOnce(&mut Lab),
     ) -> Self {
         let bridge = Netns::new("br");
         bridge.ip(&["link", "add", "br0", "type", "bridge"]);
@@ -171,7 +187,10 @@ impl Lab {
             dir,
             bin,
             uplinks,
+            entry_timeout: Duration::from_secs(30),
+            daemon_extra: String::new(),
         };
+        configure(&mut lab);
         for i in 1..=nodes {
             let d = lab.start_daemon(i);
             lab.daemons.push(Some(d));
@@ -204,14 +223,16 @@ impl Lab {
         std::fs::write(
             &config,
             format!(
-                "[nsp]\nconfig_file = \"{nsp}\"\nentry_timeout = \"30s\"\n\
+                "[nsp]\nconfig_file = \"{nsp}\"\nentry_timeout = \"{expiry}s\"\n\
                  conduit_prefix_v4 = \"198.19.{i}.0/24\"\nconduit_prefix_v6 = \"\"\n\
                  [cluster]\netcd_endpoints = {etcd:?}\nnode_name = \"n{i}\"\n\
                  lease_ttl = \"{ttl}s\"\n",
                 nsp = self.dir.0.join("nsp.toml").display(),
                 etcd = self.etcd.endpoints(),
                 ttl = self.lease_ttl.as_secs(),
-            ) + &tls,
+                expiry = self.entry_timeout.as_secs(),
+            ) + &tls
+                + &self.daemon_extra,
         )
         .unwrap();
         let mut args: Vec<String> = vec![

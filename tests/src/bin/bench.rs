@@ -35,6 +35,14 @@ fn main() {
         }
         "mirror" => print!("{}", bench::mirror::rates()),
         "cluster" => print!("{}", bench::cluster::registration_latency()),
+        // Not in the report yet: it fails, see many_targets.
+        "cluster-many" => print!("{}", bench::cluster::many_targets()),
+        // One node's share of `cluster-many`, run inside its namespace.
+        "register-many" => {
+            let a: Vec<String> = std::env::args().skip(2).collect();
+            let number = |s: &str| s.parse().expect("a number");
+            bench::cluster::register_many(&a[0], number(&a[1]), number(&a[2]), number(&a[3]));
+        }
         "paths" => {
             let paths = bench::paths();
             print!("{}\n\n{}\n{}", paths.targets, paths.table, paths.blocks);
