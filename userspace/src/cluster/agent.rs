@@ -109,6 +109,12 @@ pub struct Agent {
     published: std::sync::Mutex<(i64, BTreeMap<String, Vec<u8>>)>,
     view: std::sync::Mutex<View>,
     health: std::sync::Mutex<Health>,
+    /// (lease, identifier claims this node won under it): what the watch
+    /// may not have shown yet, so publishing does not claim them again.
+    claimed: std::sync::Mutex<(i64, BTreeMap<String, String>)>,
+    /// The view changed: the applier task writes it (once for any number
+    /// of changes meanwhile, so a burst of watch events is one LB apply).
+    dirty: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -128,6 +134,8 @@ impl Agent {
             published: Default::default(),
             view: Default::default(),
             health: Default::default(),
+            claimed: Default::default(),
+            dirty: tokio::sync::Notify::new(),
         })
     }
 
@@ -147,6 +155,19 @@ impl Agent {
     /// restart, and expires for everyone if the node does not come back.
     pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
         tracing::info!(node = self.node(), endpoints = ?self.settings.endpoints, "cluster: joining");
+        let applier = {
+            let agent = self.clone();
+            let cancel = cancel.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = agent.dirty.notified() => agent.apply().await,
+                    }
+                }
+            })
+        };
+        let _applier = AbortOnDrop(applier);
         let mut delay = BACKOFF_MIN;
         loop {
             let mut watching = false;
@@ -192,7 +213,13 @@ impl Agent {
     async fn session(&self, cancel: &CancellationToken, watching: &mut bool) -> Result<(), Lost> {
         let mut client = self.connect().await?;
         let lease = self.lease(&mut client).await?;
-        let (mut keeper, mut kept) = timed(client.lease_keep_alive(lease)).await?;
+        let (keeper, kept) = timed(client.lease_keep_alive(lease)).await?;
+        // The lease is kept alive by a task of its own: a long publish (a
+        // thousand targets registered at once) must not starve it, or the
+        // lease expires and takes every key of this node with it.
+        let (lost_tx, mut lease_lost) = tokio::sync::oneshot::channel();
+        let keeping = tokio::spawn(keep_alive(keeper, kept, self.settings.lease_ttl / 3, lost_tx));
+        let _keeping = AbortOnDrop(keeping);
         let record = serde_json::to_vec(&self.settings.record).unwrap_or_default();
         let node_key = self.keys.node(self.node());
         timed(client.put(
@@ -236,21 +263,19 @@ impl Agent {
             "cluster: joined"
         );
         let mut changes = self.nsp.subscribe();
-        let mut refresh = tokio::time::interval(self.settings.lease_ttl / 3);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                _ = refresh.tick() => timed(keeper.keep_alive()).await?,
-                answer = kept.message() => match answer? {
-                    Some(a) if a.ttl() > 0 => {}
-                    Some(_) => {
+                lost = &mut lease_lost => return Err(match lost {
+                    Ok(KeepAlive::Expired) => {
                         // Expired (etcd away longer than the TTL): a new
                         // lease, and everything published again.
                         self.lease.store(0, Ordering::Relaxed);
-                        return Err(Lost::Ended(format!("lease {lease:x} expired")));
+                        Lost::Ended(format!("lease {lease:x} expired"))
                     }
-                    None => return Err(Lost::Ended("the lease keep-alive stream ended".into())),
-                },
+                    Ok(KeepAlive::Lost(e)) => e,
+                    Err(_) => Lost::Ended("the lease keep-alive task ended".into()),
+                }),
                 changed = changes.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -327,7 +352,7 @@ impl Agent {
                         h.bad_values = bad;
                     });
                     if changed {
-                        self.apply().await;
+                        self.dirty.notify_one();
                     }
                 }
             }
@@ -412,7 +437,7 @@ impl Agent {
             h.bad_values = bad;
         });
         if changed {
-            self.apply().await;
+            self.dirty.notify_one();
         }
         Ok(revision)
     }
@@ -486,15 +511,22 @@ impl Agent {
             };
             wanted.insert(key, serde_json::to_vec(&record).unwrap_or_default());
         }
-        for (key, value) in &wanted {
-            if published.get(key) != Some(value) {
-                timed(client.put(
-                    key.as_str(),
-                    value.clone(),
-                    Some(PutOptions::new().with_lease(lease)),
-                ))
-                .await?;
-                published.insert(key.clone(), value.clone());
+        // Many changes go in few transactions: one etcd commit (and disk
+        // sync) for up to TXN_OPS keys instead of one each.
+        let puts: Vec<(&String, &Vec<u8>)> = wanted
+            .iter()
+            .filter(|(k, v)| published.get(*k) != Some(*v))
+            .collect();
+        for batch in puts.chunks(TXN_OPS) {
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|(k, v)| {
+                    TxnOp::put(k.as_str(), (*v).clone(), Some(PutOptions::new().with_lease(lease)))
+                })
+                .collect();
+            timed(client.txn(Txn::new().and_then(ops))).await?;
+            for (k, v) in batch {
+                published.insert((*k).clone(), (*v).clone());
             }
         }
         let gone: Vec<String> = published
@@ -502,9 +534,12 @@ impl Agent {
             .filter(|k| !wanted.contains_key(*k))
             .cloned()
             .collect();
-        for key in gone {
-            timed(client.delete(key.as_str(), None)).await?;
-            published.remove(&key);
+        for batch in gone.chunks(TXN_OPS) {
+            let ops: Vec<TxnOp> = batch.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect();
+            timed(client.txn(Txn::new().and_then(ops))).await?;
+            for k in batch {
+                published.remove(k);
+            }
         }
         self.reconcile_claims(client, lease, &snapshot.targets)
             .await
@@ -512,6 +547,20 @@ impl Agent {
 
     /// Claims the identifiers of this node's ENABLED targets (those enabled
     /// while etcd was away) and releases the ones it no longer uses.
+    /// Whether this node won `key` for `owner` under `lease`.
+    fn won(&self, lease: i64, key: &str, owner: &str) -> bool {
+        let claimed = self.claimed.lock().expect("claimed lock");
+        claimed.0 == lease && claimed.1.get(key).map(String::as_str) == Some(owner)
+    }
+
+    fn record_win(&self, lease: i64, key: &str, owner: &str) {
+        let mut claimed = self.claimed.lock().expect("claimed lock");
+        if claimed.0 != lease {
+            *claimed = (lease, BTreeMap::new());
+        }
+        claimed.1.insert(key.to_string(), owner.to_string());
+    }
+
     async fn reconcile_claims(
         &self,
         client: &mut Client,
@@ -545,13 +594,18 @@ impl Agent {
                     )])
                     .and_then([TxnOp::delete(key.as_str(), None)]);
                 timed(client.txn(txn)).await?;
+                self.claimed.lock().expect("claimed lock").1.remove(key);
             }
         }
         for (key, owner) in wanted {
-            if held.iter().any(|(k, o)| *k == key && *o == owner) {
+            if held.iter().any(|(k, o)| *k == key && *o == owner)
+                || self.won(lease, &key, &owner)
+            {
                 continue;
             }
-            if !claim(client, &key, &owner, lease).await? {
+            if claim(client, &key, &owner, lease).await? {
+                self.record_win(lease, &key, &owner);
+            } else {
                 tracing::warn!(
                     node = self.node(),
                     "cluster: {key} is held by another target; ours stays enabled locally only"
@@ -623,6 +677,52 @@ impl Agent {
     }
 }
 
+/// Keys written in one transaction (etcd's default limit is 128 operations).
+const TXN_OPS: usize = 64;
+
+/// How the keep-alive task ended.
+enum KeepAlive {
+    /// etcd answered with TTL 0: the lease is gone.
+    Expired,
+    Lost(Lost),
+}
+
+/// Aborts a task when dropped (the session's keep-alive ends with it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Refreshes the lease every `every` and watches etcd's answers, until the
+/// lease is lost; then says why on `lost`.
+async fn keep_alive(
+    mut keeper: etcd_client::LeaseKeeper,
+    mut kept: etcd_client::LeaseKeepAliveStream,
+    every: Duration,
+    lost: tokio::sync::oneshot::Sender<KeepAlive>,
+) {
+    let mut refresh = tokio::time::interval(every);
+    let why = loop {
+        tokio::select! {
+            _ = refresh.tick() => {
+                if let Err(e) = timed(keeper.keep_alive()).await {
+                    break KeepAlive::Lost(e);
+                }
+            }
+            answer = kept.message() => match answer {
+                Ok(Some(a)) if a.ttl() > 0 => {}
+                Ok(Some(_)) => break KeepAlive::Expired,
+                Ok(None) => break KeepAlive::Lost(Lost::Ended("the lease keep-alive stream ended".into())),
+                Err(e) => break KeepAlive::Lost(e.into()),
+            },
+        }
+    };
+    let _ = lost.send(why);
+}
+
 /// Puts `owner` under `key` if no one holds it; true if `owner` holds it now.
 async fn claim(client: &mut Client, key: &str, owner: &str, lease: i64) -> Result<bool, Lost> {
     let txn = Txn::new()
@@ -658,7 +758,12 @@ impl IdClaims for Agent {
         let key = self.keys.id(stream, id);
         let owner = record::claim_owner(self.node(), target);
         match tokio::time::timeout(CLAIM_TIMEOUT, claim(&mut client, &key, &owner, lease)).await {
-            Ok(Ok(won)) => Ok(won),
+            Ok(Ok(won)) => {
+                if won {
+                    self.record_win(lease, &key, &owner);
+                }
+                Ok(won)
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err(format!("etcd did not answer within {CLAIM_TIMEOUT:?}")),
         }
