@@ -107,7 +107,7 @@ pub fn report() -> String {
     let control = control::open_latency();
     let mirroring = mirror::rates();
     let eds = eds::update_latency();
-    let cluster = cluster::registration_latency();
+    let cluster = cluster::registration_latency() + "\n" + &cluster::many_targets();
     let overlay_rates = overlay::rates();
 
     format!(
