@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod daemon;
 pub mod eds;
 pub mod etcd;
+pub mod fake_hops;
 pub mod frames;
 pub mod fuzz;
 pub mod maps;

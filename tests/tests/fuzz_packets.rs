@@ -18,6 +18,7 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
     time::Instant,
 };
+use tapmesh_tests::fake_hops::{resolve, target_mac};
 
 use rand::{rngs::StdRng, Rng};
 use tapmesh::{
@@ -325,22 +326,6 @@ fn spec() -> LbSpec {
             },
         ],
     }
-}
-
-fn target_mac(n: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0xaa, n]
-}
-
-fn our_mac(n: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0xee, n]
-}
-
-fn resolve(interface: &str) -> Result<(u32, [u8; 6]), String> {
-    let n: u8 = interface
-        .strip_prefix("if")
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("no interface {interface}"))?;
-    Ok((100 + u32::from(n), our_mac(n)))
 }
 
 /// The kernel side (a private copy of the object, maps written as the

@@ -17,6 +17,7 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, Ipv6Addr},
 };
+use tapmesh_tests::fake_hops::{our_mac, resolve, target_mac};
 
 use tapmesh::{
     dataplane::lb::{LbCounters, LbWriter, TunnelSettings},
@@ -258,25 +259,6 @@ fn spec() -> LbSpec {
             .collect(),
         targets,
     }
-}
-
-/// The MAC of the target behind interface `if<n>`.
-fn target_mac(n: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0xaa, n]
-}
-
-/// Our MAC on interface `if<n>` (the source MAC of what is redirected there).
-fn our_mac(n: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0xee, n]
-}
-
-/// The fake resolver: `if<n>` has index 100 + n and MAC [`our_mac`]`(n)`.
-fn resolve(interface: &str) -> Result<(u32, [u8; 6]), String> {
-    let n: u8 = interface
-        .strip_prefix("if")
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("no interface {interface}"))?;
-    Ok((100 + u32::from(n), our_mac(n)))
 }
 
 /// A loaded object with the configuration written into its maps.

@@ -7,6 +7,7 @@
 //! the program counters must move exactly as expected.
 
 use std::net::{Ipv4Addr, Ipv6Addr};
+use tapmesh_tests::fake_hops::{our_mac, resolve, target_mac};
 
 use tapmesh::{
     dataplane::lb::{LbWriter, TunnelSettings},
@@ -30,23 +31,6 @@ const VIP_NET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 128);
 const VIP_IN_NET: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 130);
 const VIP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 1);
 const OTHER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 9);
-
-/// The target of stream `s-nat` is behind `if1`, of `s-plain` behind `if2`.
-fn target_mac(n: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0xaa, n]
-}
-
-fn our_mac(n: u8) -> [u8; 6] {
-    [0x02, 0, 0, 0, 0xee, n]
-}
-
-fn resolve(interface: &str) -> Result<(u32, [u8; 6]), String> {
-    let n: u8 = interface
-        .strip_prefix("if")
-        .and_then(|n| n.parse().ok())
-        .ok_or_else(|| format!("no interface {interface}"))?;
-    Ok((100 + u32::from(n), our_mac(n)))
-}
 
 fn strings(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| s.to_string()).collect()
