@@ -79,7 +79,15 @@ impl Lab {
         lease_ttl: Duration,
         tls: bool,
     ) -> Self {
-        Self::build_with(nodes, with_client, nsp_config, members, lease_ttl, tls, |_| {})
+        Self::build_with(
+            nodes,
+            with_client,
+            nsp_config,
+            members,
+            lease_ttl,
+            tls,
+            |_| {},
+        )
     }
 
     /// [`Lab::build`], with `configure` changing the lab before the daemons start.

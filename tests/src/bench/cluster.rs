@@ -333,7 +333,9 @@ pub fn many_targets() -> String {
             }
             let mut seen = std::collections::BTreeMap::new();
             for r in lab.registry(i) {
-                *seen.entry((r.0.split('.').next().unwrap_or("").to_string(), r.2, r.3)).or_insert(0) += 1;
+                *seen
+                    .entry((r.0.split('.').next().unwrap_or("").to_string(), r.2, r.3))
+                    .or_insert(0) += 1;
             }
             let warnings: Vec<String> = (1..=3)
                 .flat_map(|n| {

@@ -218,7 +218,12 @@ impl Agent {
         // thousand targets registered at once) must not starve it, or the
         // lease expires and takes every key of this node with it.
         let (lost_tx, mut lease_lost) = tokio::sync::oneshot::channel();
-        let keeping = tokio::spawn(keep_alive(keeper, kept, self.settings.lease_ttl / 3, lost_tx));
+        let keeping = tokio::spawn(keep_alive(
+            keeper,
+            kept,
+            self.settings.lease_ttl / 3,
+            lost_tx,
+        ));
         let _keeping = AbortOnDrop(keeping);
         let record = serde_json::to_vec(&self.settings.record).unwrap_or_default();
         let node_key = self.keys.node(self.node());
@@ -521,7 +526,11 @@ impl Agent {
             let ops: Vec<TxnOp> = batch
                 .iter()
                 .map(|(k, v)| {
-                    TxnOp::put(k.as_str(), (*v).clone(), Some(PutOptions::new().with_lease(lease)))
+                    TxnOp::put(
+                        k.as_str(),
+                        (*v).clone(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
                 })
                 .collect();
             timed(client.txn(Txn::new().and_then(ops))).await?;
@@ -535,7 +544,10 @@ impl Agent {
             .cloned()
             .collect();
         for batch in gone.chunks(TXN_OPS) {
-            let ops: Vec<TxnOp> = batch.iter().map(|k| TxnOp::delete(k.as_str(), None)).collect();
+            let ops: Vec<TxnOp> = batch
+                .iter()
+                .map(|k| TxnOp::delete(k.as_str(), None))
+                .collect();
             timed(client.txn(Txn::new().and_then(ops))).await?;
             for k in batch {
                 published.remove(k);
@@ -598,9 +610,7 @@ impl Agent {
             }
         }
         for (key, owner) in wanted {
-            if held.iter().any(|(k, o)| *k == key && *o == owner)
-                || self.won(lease, &key, &owner)
-            {
+            if held.iter().any(|(k, o)| *k == key && *o == owner) || self.won(lease, &key, &owner) {
                 continue;
             }
             if claim(client, &key, &owner, lease).await? {
