@@ -39,6 +39,11 @@ fn main() {
             print!("\n{}", bench::cluster::many_targets());
         }
         "cluster-many" => print!("{}", bench::cluster::many_targets()),
+        // etcd's part of `cluster`, run inside a node's namespace.
+        "etcd-claims" => {
+            let a: Vec<String> = std::env::args().skip(2).collect();
+            bench::cluster::etcd_claims(&a[0], a[1].parse().expect("a count"));
+        }
         // One node's share of `cluster-many`, run inside its namespace.
         "register-many" => {
             let a: Vec<String> = std::env::args().skip(2).collect();
