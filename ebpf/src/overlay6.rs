@@ -487,8 +487,10 @@ pub fn foreign_source(ctx: &XdpContext, node: u32) -> bool {
             &*((h as *const u8).add(22) as *const Addr6),
             &*((h as *const u8).add(38) as *const Addr6),
         );
-        tm_ov_locals6.get(dst).is_some()
-            && crate::overlay::check_owner(tm_ov_owners6.get(src), node).is_err()
+        // The owner first: a known one that matches (the usual case) or an
+        // unknown one answers with one lookup.
+        crate::overlay::check_owner(tm_ov_owners6.get(src), node).is_err()
+            && tm_ov_locals6.get(dst).is_some()
     }
 }
 
