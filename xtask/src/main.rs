@@ -149,9 +149,10 @@ fn fuzz(seconds: u64, cases: u64, seed: Option<u64>) -> Result<()> {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
         now.map_or(1, |d| d.as_nanos() as u64)
     });
+    // `--workspace` as in `cargo xtask test`: the same features, so nothing is built twice.
     println!("fuzz: packets for {seconds} s from seed {seed:#x} (replay: cargo xtask fuzz --seed {seed})");
     run(cargo(&object)
-        .args(["test", "-p", "tapmesh-tests", "--test", "fuzz_packets"])
+        .args(["test", "--workspace", "--test", "fuzz_packets"])
         .env("TAPMESH_BIN", binary(false))
         .env("TAPMESH_REQUIRE_KERNEL_TESTS", "1")
         .env("TAPMESH_FUZZ_SECONDS", seconds.to_string())
@@ -160,7 +161,7 @@ fn fuzz(seconds: u64, cases: u64, seed: Option<u64>) -> Result<()> {
         .args(["--", "--nocapture"]))?;
     println!("fuzz: property tests, {cases} cases each");
     run(cargo(&object)
-        .args(["test", "-p", "tapmesh", "--test", "fuzz_parsers"])
+        .args(["test", "--workspace", "--test", "fuzz_parsers"])
         .args(["--test", "fuzz_resources"])
         .env("PROPTEST_CASES", cases.to_string()))
 }
