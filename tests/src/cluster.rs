@@ -50,8 +50,11 @@ pub struct Lab {
     pub bin: PathBuf,
     /// Each node's uplinks.
     pub uplinks: Vec<Vec<String>>,
-    /// The daemons' keep-alive expiry, and TOML appended to their files.
+    /// The daemons' keep-alive expiry, and TOML appended to their files:
+    /// node `i`'s `node_extra[i - 1]` (if any) still in `[cluster]`, then
+    /// every node's `daemon_extra`.
     pub entry_timeout: Duration,
+    pub node_extra: Vec<String>,
     pub daemon_extra: String,
 }
 
@@ -196,6 +199,7 @@ impl Lab {
             bin,
             uplinks,
             entry_timeout: Duration::from_secs(30),
+            node_extra: Vec::new(),
             daemon_extra: String::new(),
         };
         configure(&mut lab);
@@ -240,6 +244,7 @@ impl Lab {
                 ttl = self.lease_ttl.as_secs(),
                 expiry = self.entry_timeout.as_secs(),
             ) + &tls
+                + self.node_extra.get(i - 1).map_or("", String::as_str)
                 + &self.daemon_extra,
         )
         .unwrap();

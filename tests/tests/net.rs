@@ -263,7 +263,7 @@ fn one_neighbour_rule_for_the_catalog_and_the_lb() {
             .enable_all()
             .build()
             .unwrap()
-            .block_on(tapmesh::catalog::resolve::targets(&mut spec));
+            .block_on(tapmesh::catalog::resolve::targets(&mut spec, &[]));
         (on_link, hops, spec.targets)
     });
 

@@ -380,6 +380,9 @@ pub struct ClusterConfig {
     pub key_file: Option<PathBuf>,
     /// Every key the cluster writes starts with this.
     pub prefix: String,
+    /// Pod networks this node serves (published in its node record, so
+    /// other nodes send EDS endpoints there through the tunnel).
+    pub pod_cidrs: Vec<String>,
 }
 
 impl Default for ClusterConfig {
@@ -392,6 +395,7 @@ impl Default for ClusterConfig {
             cert_file: None,
             key_file: None,
             prefix: DEFAULT_CLUSTER_PREFIX.into(),
+            pod_cidrs: Vec::new(),
         }
     }
 }
@@ -439,6 +443,23 @@ impl ClusterConfig {
                     self.prefix
                 ),
             ));
+        }
+        for text in &self.pod_cidrs {
+            match text.parse::<crate::net::Prefix>() {
+                Ok(p) if p.is_network() => {}
+                Ok(p) => {
+                    return Err(bad(
+                        "cluster.pod_cidrs",
+                        format!("{text:?} has host bits set; the network is {}", p.network()),
+                    ))
+                }
+                Err(e) => {
+                    return Err(bad(
+                        "cluster.pod_cidrs",
+                        format!("{text:?} is not a prefix like 10.244.1.0/24: {}", e.reason()),
+                    ))
+                }
+            }
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
             return Err(bad(
@@ -1084,6 +1105,11 @@ mod tests {
         assert!(refused("lease_ttl = \"1500ms\"").starts_with("cluster.lease_ttl: "));
         assert!(refused("node_name = \"a b\"").starts_with("cluster.node_name: "));
         assert!(refused("prefix = \"tapmesh\"").starts_with("cluster.prefix: "));
+        assert_eq!(
+            refused("pod_cidrs = [\"10.244.1.0/24\", \"10.244.2.1/24\"]"),
+            "cluster.pod_cidrs: \"10.244.2.1/24\" has host bits set; the network is 10.244.2.0/24"
+        );
+        assert!(refused("pod_cidrs = [\"pods\"]").starts_with("cluster.pod_cidrs: \"pods\" is not a prefix"));
         assert!(refused("cert_file = \"/etc/hostname\"").contains("key_file together"));
         assert!(refused("ca_file = \"/no/such/ca.pem\"")
             .starts_with("cluster.ca_file: /no/such/ca.pem"));

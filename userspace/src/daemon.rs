@@ -77,10 +77,14 @@ fn wire(core: &mut Core) {
     core.register(Arc::new(LbPlugin::new(lb.clone())));
     let nsp = Arc::new(NspPlugin::new(lb.clone()));
     core.register(nsp.clone());
-    core.register(Arc::new(ClusterPlugin::new(dataplane.clone(), nsp.clone())));
+    let catalog = Catalog::new(lb.clone());
+    core.register(Arc::new(ClusterPlugin::new(
+        dataplane.clone(),
+        nsp.clone(),
+        catalog.clone(),
+    )));
     let mirror = Arc::new(MirrorService::new(dataplane.clone()));
     core.register(Arc::new(MirrorPlugin::new(mirror.clone())));
-    let catalog = Catalog::new(lb.clone());
     core.register(Arc::new(CatalogPlugin::new(catalog.clone())));
     core.register(Arc::new(crate::overlay::NetManagerPlugin::new(
         dataplane.clone(),

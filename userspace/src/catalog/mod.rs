@@ -3,7 +3,9 @@
 //! into per-service backend sets that the LB maps get through one writer.
 //!
 //! An EDS cluster feeds one VIP: the catalog makes it a VIP, a stream and a
-//! flow, and each backend reachable on this node a local target. Endpoint
+//! flow, each backend reachable on this node a local target, and each one
+//! in another cluster node's published prefixes a remote target through
+//! the tunnel to that node ([`resolve`]). Endpoint
 //! weights become Maglev slots (a backend of weight w holds w of the
 //! stream's identifiers, scaled to at most [`MAX_SLOTS`] in all), so real
 //! traffic splits in their proportion; the stream has room for the next
@@ -30,6 +32,7 @@ use crate::overlay::manager::{Feed, NetManager};
 use crate::overlay::ManagerObserver;
 use crate::xds::{ClusterEndpoints, EndpointSink, HealthStatus, SelectedEndpoint};
 use identity::Identities;
+use resolve::RemoteNode;
 
 pub use plugin::CatalogPlugin;
 
@@ -58,7 +61,8 @@ pub struct Backend {
     /// Maglev slots it holds in the maps; 0 when it has none.
     pub slots: u32,
     /// Why it has no slots: "unreachable" (the dataplane cannot reach it
-    /// from this node), "standby" (a lower priority), or its health.
+    /// from this node), "standby" (a lower priority), or its health; for
+    /// one with slots on another cluster node, "on node <name>".
     pub note: String,
 }
 
@@ -80,6 +84,8 @@ struct State {
     identities: Identities,
     /// Where `identities` are saved (none: not kept).
     state_file: Option<PathBuf>,
+    /// The cluster's other nodes (empty without `[cluster]`).
+    nodes: Vec<RemoteNode>,
 }
 
 /// What a write starts from.
@@ -88,6 +94,7 @@ struct Snapshot {
     spec: LbSpec,
     clusters: BTreeMap<String, ClusterEndpoints>,
     slots: BTreeMap<String, BTreeMap<SocketAddr, u32>>,
+    nodes: Vec<RemoteNode>,
 }
 
 /// What the last successful write put into the maps.
@@ -98,6 +105,8 @@ struct Written {
     unreachable: BTreeMap<String, BTreeSet<IpAddr>>,
     /// Identifiers in the maps per backend.
     slots: BTreeMap<String, BTreeMap<SocketAddr, u32>>,
+    /// Backends reached through another node, with its name.
+    remote: BTreeMap<IpAddr, String>,
 }
 
 pub struct Catalog {
@@ -124,6 +133,7 @@ impl Catalog {
                 wanted: 0,
                 identities: Identities::default(),
                 state_file: None,
+                nodes: Vec::new(),
             }),
             written: watch::channel((0, Ok(()))).0,
             kick: tokio::sync::Notify::new(),
@@ -133,6 +143,17 @@ impl Catalog {
         tokio::spawn(writer(catalog.clone()));
         tokio::spawn(serve(catalog.clone()));
         catalog
+    }
+
+    /// The cluster's other nodes changed: backends in their prefixes are
+    /// resolved again (written only if that changes anything).
+    pub async fn set_nodes(&self, nodes: Vec<RemoteNode>) {
+        let mut state = self.state.lock().await;
+        if state.nodes != nodes {
+            state.nodes = nodes;
+            state.wanted += 1;
+            self.kick.notify_one();
+        }
     }
 
     /// Which VIP each EDS cluster feeds (from the configuration).
@@ -276,6 +297,7 @@ impl Catalog {
             spec,
             clusters: state.clusters.clone(),
             slots,
+            nodes: state.nodes.clone(),
         }
     }
 
@@ -344,18 +366,23 @@ async fn writer(catalog: Arc<Catalog>) {
             mut spec,
             mut clusters,
             mut slots,
+            mut nodes,
         } = catalog.snapshot().await;
         let mut wanted = spec.clone();
-        tokio::join!(tokio::time::sleep(DEBOUNCE), resolve::targets(&mut spec));
+        let (_, mut remote) = tokio::join!(
+            tokio::time::sleep(DEBOUNCE),
+            resolve::targets(&mut spec, &nodes)
+        );
         if catalog.state.lock().await.wanted != generation {
             Snapshot {
                 generation,
                 spec,
                 clusters,
                 slots,
+                nodes,
             } = catalog.snapshot().await;
             wanted = spec.clone();
-            resolve::targets(&mut spec).await;
+            remote = resolve::targets(&mut spec, &nodes).await;
         }
         if generation == last {
             // A kick for updates the last write already held.
@@ -377,6 +404,7 @@ async fn writer(catalog: Arc<Catalog>) {
                     clusters,
                     unreachable: unreachable(&wanted, &spec),
                     slots,
+                    remote,
                 }));
                 save_identities(&catalog).await;
             }
@@ -585,6 +613,8 @@ fn listing(state: &State, written: &Written) -> Vec<Service> {
                     backend(e, 0, "member".into())
                 } else if unreachable.contains(&e.address) {
                     backend(e, 0, "unreachable".into())
+                } else if let Some(node) = written.remote.get(&e.address) {
+                    backend(e, held, format!("on node {node}"))
                 } else {
                     backend(e, held, String::new())
                 });

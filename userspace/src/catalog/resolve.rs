@@ -1,15 +1,55 @@
 //! Backend addresses to LB targets: a backend on a directly connected
 //! network with a resolved neighbour is a local target (its interface and
-//! MAC); anything else cannot be reached from this node's XDP and is left
-//! out. The neighbour resolver ([`crate::net::neigh`]) does one dump of the
+//! MAC); else a backend inside prefixes another node of the cluster
+//! publishes is a remote target through the tunnel to that node (the
+//! longest prefix wins; two nodes tied: neither); anything else cannot be
+//! reached from this node's XDP and is left out. The neighbour resolver ([`crate::net::neigh`]) does one dump of the
 //! routes and one of the neighbours per update, whatever the number of
 //! backends, on a blocking socket off the async workers.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use crate::lb::model::{LbSpec, TargetVia};
 use crate::net::neigh::Resolver;
+use crate::net::Prefix;
+
+/// Another node of the cluster: where its tunnel ends and the prefixes
+/// (conduits, containers, pods) whose addresses it serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteNode {
+    pub name: String,
+    pub tunnel: Ipv4Addr,
+    pub prefixes: Vec<Prefix>,
+}
+
+/// The one node serving `address`: the longest of the nodes' prefixes that
+/// holds it; none when two nodes publish that prefix length (a node mid-move
+/// would otherwise take traffic the other one serves).
+pub fn serving(nodes: &[RemoteNode], address: IpAddr) -> Option<&RemoteNode> {
+    let mut best: Option<(u8, &RemoteNode)> = None;
+    let mut tied = false;
+    for n in nodes {
+        let Some(len) = n
+            .prefixes
+            .iter()
+            .filter(|p| p.contains(address))
+            .map(|p| p.len)
+            .max()
+        else {
+            continue;
+        };
+        match best {
+            Some((b, _)) if len < b => {}
+            Some((b, other)) if len == b => tied |= other.name != n.name,
+            _ => {
+                best = Some((len, n));
+                tied = false;
+            }
+        }
+    }
+    best.filter(|_| !tied).map(|(_, n)| n)
+}
 
 type Resolved = BTreeMap<String, Result<(String, String), String>>;
 
@@ -44,8 +84,10 @@ fn resolve_all(addresses: BTreeSet<String>) -> Result<Resolved, String> {
 }
 
 /// Turns the placeholder targets (`Remote { node: <backend address> }`) into
-/// local ones, dropping those that cannot be reached.
-pub async fn targets(spec: &mut LbSpec) {
+/// local ones, or remote ones through the node serving them (`nodes`: the
+/// cluster's other nodes), dropping those that cannot be reached. Returns
+/// the backends sent to other nodes, with the node's name.
+pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> BTreeMap<IpAddr, String> {
     let addresses: BTreeSet<String> = spec
         .targets
         .iter()
@@ -54,8 +96,9 @@ pub async fn targets(spec: &mut LbSpec) {
             TargetVia::Local { .. } => None,
         })
         .collect();
+    let mut remote = BTreeMap::new();
     if addresses.is_empty() {
-        return;
+        return remote;
     }
     let wanted = addresses.clone();
     let resolved = tokio::task::spawn_blocking(move || resolve_all(wanted))
@@ -81,9 +124,51 @@ pub async fn targets(spec: &mut LbSpec) {
                 true
             }
             Err(why) => {
-                tracing::debug!(backend = %node, "left out: {why}");
-                false
+                let address = node.parse::<IpAddr>().ok();
+                match address.and_then(|a| Some((a, serving(nodes, a)?))) {
+                    Some((address, n)) => {
+                        remote.insert(address, n.name.clone());
+                        t.via = TargetVia::Remote {
+                            node: n.tunnel.to_string(),
+                        };
+                        true
+                    }
+                    None => {
+                        tracing::debug!(backend = %node, "left out: {why}");
+                        false
+                    }
+                }
             }
         }
     });
+    remote
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, last: u8, prefixes: &[&str]) -> RemoteNode {
+        RemoteNode {
+            name: name.into(),
+            tunnel: Ipv4Addr::new(198, 51, 100, last),
+            prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
+        }
+    }
+
+    #[test]
+    fn the_longest_prefix_names_the_node_and_a_tie_names_none() {
+        let nodes = [
+            node("n2", 2, &["198.18.0.0/16", "2001:db8:2::/64"]),
+            node("n3", 3, &["198.18.3.0/24"]),
+            node("n4", 4, &["198.18.3.0/24", "198.18.4.0/24"]),
+        ];
+        let at = |a: &str| serving(&nodes, a.parse().unwrap()).map(|n| n.name.as_str());
+        assert_eq!(at("198.18.9.9"), Some("n2"));
+        assert_eq!(at("198.18.4.1"), Some("n4"));
+        assert_eq!(at("198.18.3.1"), None, "n3 and n4 both publish it");
+        assert_eq!(at("2001:db8:2::7"), Some("n2"));
+        assert_eq!(at("192.0.2.1"), None);
+        assert_eq!(at("::ffff:198.18.9.9"), None, "no family crossing");
+    }
 }

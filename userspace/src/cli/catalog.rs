@@ -13,10 +13,10 @@ pub fn render(l: &CatalogListing) -> String {
         let _ = writeln!(out, "{} (from {}) vip {}", s.name, s.source, s.vip);
         for b in &s.backends {
             if s.source == "eds" {
-                let held = if b.note.is_empty() {
-                    format!("slots {}", b.slots)
-                } else {
-                    b.note.clone()
+                let held = match (b.slots, b.note.is_empty()) {
+                    (n, true) => format!("slots {n}"),
+                    (0, false) => b.note.clone(),
+                    (n, false) => format!("slots {n} {}", b.note),
                 };
                 let _ = writeln!(
                     out,

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::record::{self, Keys, NodeRecord, TargetRecord};
 use super::view::View;
+use crate::catalog::{resolve::RemoteNode, Catalog};
 use crate::dataplane::DataplaneHandle;
 use crate::nsp::config::StreamPath;
 use crate::nsp::registry::{Kind, Status, Target};
@@ -98,6 +99,8 @@ pub struct Agent {
     keys: Keys,
     nsp: Arc<Nsp>,
     dataplane: DataplaneHandle,
+    /// Gets the other nodes' prefixes (EDS endpoints there are remote targets).
+    catalog: Arc<Catalog>,
     /// The connected client (for claims); `None` while etcd is away.
     client: Mutex<Option<Client>>,
     lease: AtomicI64,
@@ -118,7 +121,12 @@ pub struct Agent {
 }
 
 impl Agent {
-    pub fn new(settings: Settings, nsp: Arc<Nsp>, dataplane: DataplaneHandle) -> Arc<Self> {
+    pub fn new(
+        settings: Settings,
+        nsp: Arc<Nsp>,
+        dataplane: DataplaneHandle,
+        catalog: Arc<Catalog>,
+    ) -> Arc<Self> {
         let keys = Keys {
             prefix: settings.prefix.clone(),
         };
@@ -127,6 +135,7 @@ impl Agent {
             keys,
             nsp,
             dataplane,
+            catalog,
             client: Mutex::new(None),
             lease: AtomicI64::new(0),
             endpoint: AtomicUsize::new(0),
@@ -625,10 +634,10 @@ impl Agent {
         Ok(())
     }
 
-    /// Hands the view to the registry (other nodes' targets) and the
-    /// dataplane (their tunnel addresses).
+    /// Hands the view to the registry (other nodes' targets), the
+    /// dataplane (their tunnel addresses) and the catalog (their prefixes).
     async fn apply(&self) {
-        let (remote, peers, health) = {
+        let (remote, peers, nodes, health) = {
             let view = self.view.lock().expect("view lock");
             let address = |node: &str| {
                 view.nodes
@@ -652,6 +661,18 @@ impl Agent {
                 .filter(|n| n.name != self.node())
                 .flat_map(|n| n.tunnel_addresses.iter().copied())
                 .collect();
+            let nodes: Vec<RemoteNode> = view
+                .nodes
+                .values()
+                .filter(|n| n.name != self.node())
+                .filter_map(|n| {
+                    Some(RemoteNode {
+                        name: n.name.clone(),
+                        tunnel: *n.tunnel_addresses.first()?,
+                        prefixes: n.prefixes(),
+                    })
+                })
+                .collect();
             let mut targets = BTreeMap::new();
             for r in view.targets.values() {
                 *targets.entry(r.node.clone()).or_insert(0) += 1;
@@ -659,6 +680,7 @@ impl Agent {
             (
                 remote,
                 peers,
+                nodes,
                 (
                     view.nodes.keys().cloned().collect::<Vec<_>>(),
                     view.bad_values(),
@@ -684,6 +706,7 @@ impl Agent {
         if let Err(e) = self.nsp.set_remote(remote).await {
             tracing::error!("cluster: other nodes' targets not applied: {e}");
         }
+        self.catalog.set_nodes(nodes).await;
     }
 }
 

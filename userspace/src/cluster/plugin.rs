@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::agent::{Agent, Health, Settings};
 use super::record::NodeRecord;
+use crate::catalog::Catalog;
 use crate::config::Config;
 use crate::core::{Plugin, PluginError};
 use crate::dataplane::{tunnel::TunnelSettings, DataplaneHandle};
@@ -58,16 +59,18 @@ pub fn status() -> Option<(String, Health, Vec<NodeState>)> {
 pub struct ClusterPlugin {
     dataplane: DataplaneHandle,
     nsp: Arc<NspPlugin>,
+    catalog: Arc<Catalog>,
     settings: Mutex<Option<Settings>>,
     agent: Mutex<Option<Arc<Agent>>>,
     stop: Mutex<Option<CancellationToken>>,
 }
 
 impl ClusterPlugin {
-    pub fn new(dataplane: DataplaneHandle, nsp: Arc<NspPlugin>) -> Self {
+    pub fn new(dataplane: DataplaneHandle, nsp: Arc<NspPlugin>, catalog: Arc<Catalog>) -> Self {
         Self {
             dataplane,
             nsp,
+            catalog,
             settings: Mutex::default(),
             agent: Mutex::default(),
             stop: Mutex::default(),
@@ -117,7 +120,7 @@ impl ClusterPlugin {
                 .chain(nm.subnetwork_v6.iter())
                 .cloned()
                 .collect(),
-            pod_cidrs: Vec::new(),
+            pod_cidrs: config.cluster.pod_cidrs.clone(),
             version: crate::VERSION.into(),
         }
     }
@@ -159,7 +162,12 @@ impl Plugin for ClusterPlugin {
             .nsp
             .nsp()
             .ok_or_else(|| PluginError::new("the nsp plugin is not running"))?;
-        let agent = Agent::new(settings, nsp.clone(), self.dataplane.clone());
+        let agent = Agent::new(
+            settings,
+            nsp.clone(),
+            self.dataplane.clone(),
+            self.catalog.clone(),
+        );
         nsp.join_cluster(agent.node().to_string(), agent.clone());
         let stop = scope.child_token();
         tokio::spawn(agent.clone().run(stop.clone()));

@@ -13,6 +13,7 @@ use std::net::Ipv4Addr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::net::Prefix;
 use crate::nsp::config::StreamPath;
 use crate::nsp::registry::Target;
 
@@ -29,6 +30,20 @@ pub struct NodeRecord {
     /// Pod CIDRs this node serves.
     pub pod_cidrs: Vec<String>,
     pub version: String,
+}
+
+impl NodeRecord {
+    fn prefix_texts(&self) -> impl Iterator<Item = &String> + Clone {
+        self.conduit_prefixes
+            .iter()
+            .chain(&self.container_subnets)
+            .chain(&self.pod_cidrs)
+    }
+
+    /// Every prefix whose addresses the node serves (a parsed record's all parse).
+    pub fn prefixes(&self) -> Vec<Prefix> {
+        self.prefix_texts().filter_map(|p| p.parse().ok()).collect()
+    }
 }
 
 /// A target of a node's registry.
@@ -117,6 +132,12 @@ pub fn parse_node(name: &str, value: &[u8]) -> Result<NodeRecord, BadValue> {
             "names node {:?} under the key of {name:?}",
             record.name
         )));
+    }
+    if let Some(bad) = record
+        .prefix_texts()
+        .find(|p| p.parse::<Prefix>().is_err())
+    {
+        return Err(BadValue(format!("{bad:?} is not a prefix")));
     }
     Ok(record)
 }
@@ -208,7 +229,25 @@ mod tests {
             version: "x".into(),
         };
         let bytes = serde_json::to_vec(&node).unwrap();
-        assert_eq!(parse_node("n1", &bytes), Ok(node));
+        assert_eq!(parse_node("n1", &bytes), Ok(node.clone()));
         assert!(parse_node("n2", &bytes).unwrap_err().0.contains("\"n1\""));
+        let served = NodeRecord {
+            pod_cidrs: vec!["198.18.18.0/24".into()],
+            container_subnets: vec!["2001:db8:18::/64".into()],
+            ..node.clone()
+        };
+        let bytes = serde_json::to_vec(&served).unwrap();
+        let parsed = parse_node("n1", &bytes).unwrap();
+        let texts: Vec<String> = parsed.prefixes().iter().map(|p| p.to_string()).collect();
+        assert_eq!(texts, ["2001:db8:18::/64", "198.18.18.0/24"]);
+        let corrupt = NodeRecord {
+            pod_cidrs: vec!["198.18.18.0/24".into(), "pods".into()],
+            ..node
+        };
+        let bytes = serde_json::to_vec(&corrupt).unwrap();
+        assert_eq!(
+            parse_node("n1", &bytes).unwrap_err().0,
+            "\"pods\" is not a prefix"
+        );
     }
 }
