@@ -257,15 +257,25 @@ proptest! {
         let record = NodeRecord {
             name: name.clone(),
             tunnel_addresses: vec!["198.18.2.1".parse().unwrap()],
-            conduit_prefixes: vec![tail.clone()],
+            conduit_prefixes: vec!["198.19.1.0/24".into()],
             container_subnets: vec![],
-            pod_cidrs: vec![],
+            pod_cidrs: vec![format!("10.244.{}.0/24", name.len())],
             version: "0.1.0".into(),
         };
         let bytes = serde_json::to_vec(&record).unwrap();
-        prop_assert_eq!(parse_node(&name, &bytes), Ok(record));
+        prop_assert_eq!(parse_node(&name, &bytes), Ok(record.clone()));
         let other = format!("{name}x");
         prop_assert!(parse_node(&other, &bytes).is_err());
+        // A prefix that does not parse makes the record a bad value.
+        let odd = NodeRecord { container_subnets: vec![tail.clone()], ..record.clone() };
+        let bytes = serde_json::to_vec(&odd).unwrap();
+        match tail.parse::<tapmesh::net::Prefix>() {
+            Ok(_) => prop_assert_eq!(parse_node(&name, &bytes), Ok(odd)),
+            Err(_) => prop_assert_eq!(
+                parse_node(&name, &bytes).unwrap_err().0,
+                format!("{tail:?} is not a prefix")
+            ),
+        }
     }
 
     /// networking-spp's `tap_info` values and port ids.
