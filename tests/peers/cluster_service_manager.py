@@ -8,6 +8,10 @@ job store instead of MongoDB and the root service manager.
   nodes/<id>/net/service/deployed {appname, status, instance_number, nsip, nsipv6, host_ip, host_port}
       -> the instance gets its addresses; jobs/<job>/updates_available {"type": "DEPLOYMENT"}
          (Oakestra: the root's instance update reaching the cluster)
+  nodes/<id>/net/service/address-changed {appname, instance_number, host_ip, host_port}
+      -> the instance's host_ip, host_port (an int, as mongo_update_job_address
+         stores it) and worker_id; jobs/<job>/updates_available {"type": "DEPLOYMENT"}
+         (network/deployment.py deployment_address_update)
   nodes/<id>/net/service/undeployed {appname, instance_number}
       -> the instance loses its deployment; jobs/<job>/updates_available {"type": "UNDEPLOYMENT"}
          (Oakestra: the cluster orchestrator's undeployment, through the root)
@@ -113,6 +117,15 @@ def on_message(c, userdata, message):
                 namespace_ip_v6=payload.get("nsipv6"),
                 host_ip=payload.get("host_ip"),
                 host_port=payload.get("host_port"),
+                worker_id=client_id,
+            )
+            publish("jobs/" + job + "/updates_available", {"type": "DEPLOYMENT"})
+        elif what == "service/address-changed":
+            job = payload["appname"]
+            i = instance(job, payload["instance_number"])
+            i.update(
+                host_ip=payload.get("host_ip"),
+                host_port=int(payload.get("host_port")),
                 worker_id=client_id,
             )
             publish("jobs/" + job + "/updates_available", {"type": "DEPLOYMENT"})

@@ -162,6 +162,20 @@ pub fn node(cluster: &Cluster, label: &str, address: &'static str, extra: &str) 
     node_wrapped(&[], cluster, label, address, extra)
 }
 
+/// Like [`node`], the daemon not told its address: it follows its uplink's.
+pub fn node_following(cluster: &Cluster, label: &str, address: &'static str, extra: &str) -> Node {
+    let netns = Netns::new(label);
+    let uplink = cluster.attach(&netns, address);
+    crate::overlay::start_node_with(
+        &[],
+        netns,
+        uplink,
+        address,
+        &format!("oakestra = true\n{extra}"),
+        false,
+    )
+}
+
 /// Like [`node`], the daemon run by `wrapper` (see `Daemon::start_wrapped`).
 pub fn node_wrapped(
     wrapper: &[&str],

@@ -216,6 +216,19 @@ pub fn start_node_wrapped(
     address: &'static str,
     extra: &str,
 ) -> Node {
+    start_node_with(wrapper, netns, uplink, address, extra, true)
+}
+
+/// [`start_node_wrapped`]; `fixed`: the daemon is told its address
+/// (`--node-address`), else it follows its uplink's.
+pub fn start_node_with(
+    wrapper: &[&str],
+    netns: Netns,
+    uplink: String,
+    address: &'static str,
+    extra: &str,
+    fixed: bool,
+) -> Node {
     let dir = std::env::temp_dir().join(crate::unique("tmov"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let socket = dir.join("netmanager.sock");
@@ -233,18 +246,19 @@ pub fn start_node_wrapped(
     // The lab's underlay is a veth: make it finish checksums as a NIC would
     // (XDP on the other end does not carry "checksum pending" along).
     netns.exec(&["ethtool", "-K", &uplink, "tx", "off"]);
-    let args: Vec<String> = [
+    let mut args: Vec<String> = [
         "--config",
         config.to_str().expect("utf-8 path"),
         "--uplink",
         &uplink,
-        "--node-address",
-        address,
         "--state-dir",
         dir.join("state").to_str().expect("utf-8 path"),
     ]
     .map(String::from)
     .to_vec();
+    if fixed {
+        args.extend(["--node-address".to_string(), address.to_string()]);
+    }
     let daemon = Daemon::start_wrapped(
         wrapper,
         &netns.name,

@@ -13,7 +13,8 @@ use tapmesh_tests::{
     kernel_tests_enabled,
     net::{spawn_in, wait_until},
     oakestra::{
-        deploy_json, node, node_engine_post, register_json, undeploy_json, Cluster, Task, HUB,
+        deploy_json, node, node_engine_post, node_following, register_json, undeploy_json,
+        Cluster, Task, HUB,
     },
     overlay::Node,
     Netns,
@@ -381,4 +382,78 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
     assert!(ok, "{:?}", status_services(&n1));
     assert!(status_services(&n1).contains(&(WEB0_IP.into(), 1)));
     drop(task);
+}
+
+#[test]
+fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let cluster = Cluster::start(&jobs("198.18.2.9"), "192.0.2.64");
+    // Node 1 is not told its address: it uses and follows its uplink's.
+    // Node 3 takes tunnel packets from node 1's new address only once a
+    // table names it.
+    let n1 = node_following(
+        &cluster,
+        "oam1",
+        "198.18.2.1",
+        "[lb]\ntunnel_peers = [\"198.18.2.3\"]\n",
+    );
+    let n3 = node(
+        &cluster,
+        "oam3",
+        "198.18.2.3",
+        "[lb]\ntunnel_peers = [\"198.18.2.1\"]\n",
+    );
+    register(&n1);
+    register(&n3);
+    let (web0, client) = (Netns::new("oamw"), Netns::new("oamc"));
+    let (t0, tc) = (Task::start(&web0), Task::start(&client));
+    deploy(&n1, &t0, WEB, 0);
+    deploy(&n3, &tc, CLIENT, 0);
+    who_server(&web0, "web0");
+    let answered = || udp_ask(&client, WEB0_IP, 1)[0].0 == "web0";
+    assert!(
+        wait_until(Duration::from_secs(10), answered),
+        "web#0 never answered; node 3 log: {}",
+        n3.daemon.as_ref().unwrap().log_text()
+    );
+    let deployed = cluster.received("/net/service/deployed");
+    assert_eq!(deployed[0]["payload"]["host_ip"], "198.18.2.1", "{deployed:?}");
+
+    // The uplink's address changes (DHCP, a move): removed, then the new one.
+    n1.netns
+        .ip(&["addr", "del", "198.18.2.1/24", "dev", &n1.uplink]);
+    n1.netns
+        .ip(&["addr", "add", "198.18.2.11/24", "dev", &n1.uplink]);
+    let moved = Instant::now();
+    let reported = wait_until(Duration::from_secs(5), || {
+        !cluster.received("/net/service/address-changed").is_empty()
+    });
+    assert!(reported, "no address-changed: {}", n1.daemon.as_ref().unwrap().log_text());
+    eprintln!("address change reported after {:?}", moved.elapsed());
+    // One report per local instance, in Oakestra's shape and QoS.
+    std::thread::sleep(Duration::from_millis(300));
+    let notices = cluster.received("/net/service/address-changed");
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert_eq!(
+        notices[0]["payload"],
+        json!({"appname": WEB, "status": "", "instance_number": 0, "nsip": "",
+               "nsipv6": "", "host_port": "50103", "host_ip": "198.18.2.11"})
+    );
+    assert_eq!(notices[0]["qos"], 1);
+    assert!(notices[0]["topic"]
+        .as_str()
+        .unwrap()
+        .starts_with(&format!("nodes/{}/", n1.netns.name)));
+
+    // The cluster tells node 3 (updates_available), node 3 reads WEB's
+    // table again and sends to the new address; the replies come from it.
+    assert!(
+        wait_until(Duration::from_secs(10), answered),
+        "web#0 unreachable after the move; node 3 log: {}",
+        n3.daemon.as_ref().unwrap().log_text()
+    );
+    eprintln!("traffic followed after {:?}", moved.elapsed());
+    drop((t0, tc));
 }

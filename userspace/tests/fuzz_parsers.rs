@@ -156,7 +156,6 @@ async fn post(path: &str, body: Vec<u8>) -> u16 {
     let settings = tapmesh::overlay::manager::ManagerSettings {
         container_ifname: "tmsvc0".into(),
         mtu: 1450,
-        node_addr: None,
         service_prefix: ("10.30.0.0".parse().unwrap(), 16),
         service_prefix_v6: ("fdff::".parse().unwrap(), 16),
         subnetwork: None,

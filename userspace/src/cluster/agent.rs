@@ -148,6 +148,13 @@ impl Agent {
         })
     }
 
+    /// This node's record, at the tunnel address it has now.
+    fn record(&self) -> Vec<u8> {
+        let mut record = self.settings.record.clone();
+        record.tunnel_addresses = self.dataplane.tunnel().address.into_iter().collect();
+        serde_json::to_vec(&record).unwrap_or_default()
+    }
+
     pub fn node(&self) -> &str {
         &self.settings.record.name
     }
@@ -234,11 +241,12 @@ impl Agent {
             lost_tx,
         ));
         let _keeping = AbortOnDrop(keeping);
-        let record = serde_json::to_vec(&self.settings.record).unwrap_or_default();
+        let mut moved = self.dataplane.watch_tunnel();
+        moved.mark_unchanged();
         let node_key = self.keys.node(self.node());
         timed(client.put(
             node_key.as_str(),
-            record,
+            self.record(),
             Some(PutOptions::new().with_lease(lease)),
         ))
         .await?;
@@ -290,6 +298,18 @@ impl Agent {
                     Ok(KeepAlive::Lost(e)) => e,
                     Err(_) => Lost::Ended("the lease keep-alive task ended".into()),
                 }),
+                changed = moved.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    // The node's address moved with its uplink's.
+                    timed(client.put(
+                        node_key.as_str(),
+                        self.record(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    ))
+                    .await?;
+                }
                 changed = changes.changed() => {
                     if changed.is_err() {
                         return Ok(());

@@ -116,12 +116,48 @@ struct Running {
 }
 
 /// Shared access to the running dataplane.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct DataplaneHandle {
     running: Arc<Mutex<Option<Running>>>,
+    /// This node's tunnel endpoint as `tm_tunnel` holds it (it follows the
+    /// uplink's address unless `lb.node_address` is set).
+    tunnel: Arc<tokio::sync::watch::Sender<tunnel::TunnelSettings>>,
+}
+
+impl Default for DataplaneHandle {
+    fn default() -> Self {
+        Self {
+            running: Arc::default(),
+            tunnel: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
+        }
+    }
 }
 
 impl DataplaneHandle {
+    /// The node's tunnel endpoint now.
+    pub fn tunnel(&self) -> tunnel::TunnelSettings {
+        *self.tunnel.borrow()
+    }
+
+    /// Changes of the node's tunnel address (see [`tunnel::follow_uplink`]).
+    pub fn watch_tunnel(&self) -> tokio::sync::watch::Receiver<tunnel::TunnelSettings> {
+        self.tunnel.subscribe()
+    }
+
+    /// Moves the tunnel endpoint to `address`: `tm_tunnel` first (packets
+    /// to the new address are taken), then whoever follows it is told.
+    pub async fn move_tunnel(&self, address: std::net::Ipv4Addr) -> Result<(), DataplaneError> {
+        let mut settings = self.tunnel();
+        settings.address = Some(address);
+        {
+            let mut guard = self.running.lock().await;
+            let running = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+            tunnel::write(&mut running.ebpf, settings)?;
+        }
+        self.tunnel.send_replace(settings);
+        Ok(())
+    }
+
     /// Per-program counters summed over CPUs.
     pub async fn counters(&self) -> Result<Vec<ProgramCounters>, DataplaneError> {
         let guard = self.running.lock().await;
@@ -409,7 +445,8 @@ pub fn read_counters(ebpf: &Ebpf) -> Result<Vec<ProgramCounters>, DataplaneError
 pub struct DataplanePlugin {
     handle: DataplaneHandle,
     config: std::sync::Mutex<DataplaneConfig>,
-    tunnel: std::sync::Mutex<tunnel::TunnelSettings>,
+    /// The uplink whose address is the tunnel endpoint (no `lb.node_address`).
+    follow: std::sync::Mutex<Option<String>>,
     /// `lb.tunnel_peers`, written at start (`PEER_STATIC`).
     peers: std::sync::Mutex<std::collections::BTreeSet<std::net::Ipv4Addr>>,
 }
@@ -419,7 +456,7 @@ impl DataplanePlugin {
         Self {
             handle,
             config: std::sync::Mutex::new(DataplaneConfig::default()),
-            tunnel: std::sync::Mutex::new(tunnel::TunnelSettings::default()),
+            follow: Default::default(),
             peers: Default::default(),
         }
     }
@@ -441,14 +478,20 @@ impl Plugin for DataplanePlugin {
         config: &Config,
     ) -> Result<(), PluginError> {
         *self.config.lock().expect("config lock") = config.dataplane.clone();
-        *self.tunnel.lock().expect("tunnel lock") = tunnel::TunnelSettings::of(config);
+        self.handle
+            .tunnel
+            .send_replace(tunnel::TunnelSettings::of(config));
+        *self.follow.lock().expect("follow lock") = match config.lb.node_address {
+            Some(_) => None,
+            None => config.dataplane.uplinks.first().cloned(),
+        };
         *self.peers.lock().expect("peers lock") = config.lb.tunnel_peers.iter().copied().collect();
         Ok(())
     }
 
-    async fn start(&self, _scope: CancellationToken) -> Result<(), PluginError> {
+    async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
         let config = self.config();
-        let tunnel = *self.tunnel.lock().expect("tunnel lock");
+        let tunnel = self.handle.tunnel();
         let peers = self.peers.lock().expect("peers lock").clone();
         let running = tokio::task::spawn_blocking(move || start_dataplane(&config, tunnel, &peers))
             .await
@@ -458,6 +501,9 @@ impl Plugin for DataplanePlugin {
             tracing::info!(interface = %a.interface, hook = %a.hook, program = a.program, mode = a.mode, "attached");
         }
         *self.handle.running.lock().await = Some(running);
+        if let Some(uplink) = self.follow.lock().expect("follow lock").clone() {
+            tokio::spawn(tunnel::follow_uplink(self.handle.clone(), uplink, scope));
+        }
         Ok(())
     }
 

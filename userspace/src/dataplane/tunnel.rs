@@ -1,6 +1,7 @@
 //! This node's tunnel endpoint (`tm_tunnel`), shared by the load balancer
-//! and the overlay: worked out once from the configuration and written once,
-//! when the dataplane starts; and the nodes it takes tunnel packets from
+//! and the overlay: worked out from the configuration and written when the
+//! dataplane starts, then moved with the uplink's address when
+//! `lb.node_address` is not set ([`follow_uplink`]); and the nodes it takes tunnel packets from
 //! (`tm_tunnel_peers`), named by the load balancer's remote targets and the
 //! overlay's remote instances.
 
@@ -54,6 +55,52 @@ impl TunnelSettings {
                 _pad: 0,
             },
             None => TunnelConfig::default(),
+        }
+    }
+}
+
+/// Follows the first IPv4 address of `uplink` (the tunnel endpoint without
+/// `lb.node_address`) on the kernel's notifications, as Oakestra's
+/// NetManager re-detects its address (there every 2 minutes): a new one
+/// moves `tm_tunnel` and is announced to the tunnel's users. While the
+/// uplink has none, the last one stays (its replacement may be on the way).
+pub async fn follow_uplink(
+    handle: super::DataplaneHandle,
+    uplink: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use crate::net::watch::{Change, Watch};
+    let mut watch = match Watch::start() {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(uplink, "the tunnel address will not follow the uplink: {e}");
+            return;
+        }
+    };
+    loop {
+        let change = tokio::select! {
+            () = stop.cancelled() => return,
+            change = watch.next() => change,
+        };
+        match change {
+            Ok(Change::Neighbour { .. }) => continue,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(uplink, "the tunnel address stops following the uplink: {e}");
+                return;
+            }
+        }
+        let name = uplink.clone();
+        let found = tokio::task::spawn_blocking(move || crate::net::addr::first_ipv4(&name)).await;
+        let Ok(Ok(Some(address))) = found else {
+            continue;
+        };
+        if handle.tunnel().address == Some(address) {
+            continue;
+        }
+        match handle.move_tunnel(address).await {
+            Ok(()) => tracing::info!(uplink, %address, "the node's tunnel address moved"),
+            Err(e) => tracing::error!(uplink, %address, "the tunnel address could not move: {e}"),
         }
     }
 }

@@ -120,7 +120,6 @@ impl Sources {
 pub struct LbService {
     dataplane: DataplaneHandle,
     spec: Mutex<Sources>,
-    tunnel: std::sync::Mutex<TunnelSettings>,
     hops: std::sync::Mutex<Hops>,
     /// Raised when a change was applied (its remote nodes may differ).
     nodes_changed: Notify,
@@ -135,7 +134,6 @@ impl LbService {
         Self {
             dataplane,
             spec: Mutex::new(Sources::default()),
-            tunnel: std::sync::Mutex::new(TunnelSettings::default()),
             hops: std::sync::Mutex::new(Hops::default()),
             nodes_changed: Notify::new(),
             store: std::sync::Mutex::default(),
@@ -144,7 +142,7 @@ impl LbService {
     }
 
     fn tunnel(&self) -> TunnelSettings {
-        *self.tunnel.lock().expect("tunnel lock")
+        self.dataplane.tunnel()
     }
 
     /// The dataplane the maps are written through (conduits attach to it too).
@@ -545,7 +543,6 @@ impl Plugin for LbPlugin {
         _scope: CancellationToken,
         config: &Config,
     ) -> Result<(), PluginError> {
-        *self.service.tunnel.lock().expect("tunnel lock") = TunnelSettings::of(config);
         let file = match &config.lb.config_file {
             Some(path) => Some(read_spec(path).map_err(|e| PluginError::new(e.to_string()))?),
             None => None,

@@ -53,6 +53,19 @@ pub struct DeployNotice {
     pub host_ip: String,
 }
 
+/// `nodes/<id>/net/service/address-changed`: Oakestra sends its deploy
+/// notice's shape with only these set (`status`, `nsip`, `nsipv6` empty).
+#[derive(Serialize)]
+pub struct AddressChange {
+    pub appname: String,
+    pub status: &'static str,
+    pub instance_number: u32,
+    pub nsip: &'static str,
+    pub nsipv6: &'static str,
+    pub host_port: String,
+    pub host_ip: String,
+}
+
 /// `nodes/<id>/net/tablequery/request`: by job name or by service IP.
 #[derive(Serialize)]
 struct TableQuery<'a> {
@@ -87,6 +100,8 @@ pub struct Cluster {
     /// The node's own topics are subscribed (a result published before
     /// that would be lost).
     subscribed: tokio::sync::watch::Sender<bool>,
+    /// Asks the event loop to drop its connection and connect again.
+    reconnect: tokio::sync::Notify,
     stop: CancellationToken,
 }
 
@@ -115,6 +130,7 @@ impl Cluster {
             interests: Mutex::new(BTreeMap::new()),
             queried: Mutex::new(BTreeMap::new()),
             subscribed: tokio::sync::watch::channel(false).0,
+            reconnect: tokio::sync::Notify::new(),
             stop: stop.clone(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -125,6 +141,11 @@ impl Cluster {
             loop {
                 let event = tokio::select! {
                     _ = stop2.cancelled() => break,
+                    () = c.reconnect.notified() => {
+                        // Unacknowledged messages go again on the new connection.
+                        events.clean();
+                        continue;
+                    }
                     e = events.poll() => e,
                 };
                 match event {
@@ -171,6 +192,16 @@ impl Cluster {
 
     pub fn stop(&self) {
         self.stop.cancel();
+    }
+
+    /// Connects again now (the connection is bound to an address the node
+    /// no longer has, and would take a keep-alive timeout to be found dead)
+    /// and waits until the node's topics are subscribed again. Messages
+    /// queued meanwhile would be lost: a clean session drops them.
+    pub async fn reconnect(&self) {
+        self.subscribed.send_replace(false);
+        self.reconnect.notify_one();
+        self.wait_subscribed().await;
     }
 
     /// Called from the event loop: must not wait for the request queue.
@@ -224,6 +255,11 @@ impl Cluster {
 
     pub async fn deployed(&self, notice: DeployNotice) {
         self.publish("service/deployed", Self::json(&notice)).await;
+    }
+
+    pub async fn address_changed(&self, notice: AddressChange) {
+        self.publish("service/address-changed", Self::json(&notice))
+            .await;
     }
 
     pub async fn undeployed(&self, notice: DeployNotice) {

@@ -141,12 +141,9 @@ impl Plugin for NetManagerPlugin {
                 .unwrap_or(1450),
             m => m,
         };
-        let tunnel = crate::dataplane::tunnel::TunnelSettings::of(config);
-        let node_addr = tunnel.address;
         settings.manager = Some(ManagerSettings {
             container_ifname: nm.container_ifname.clone(),
             mtu,
-            node_addr,
             service_prefix: (prefix_addr, prefix.len),
             service_prefix_v6: (prefix6_addr, prefix6.len),
             subnetwork: nm.subnetwork.as_deref().map(cidr).transpose()?,
@@ -172,12 +169,25 @@ impl Plugin for NetManagerPlugin {
         let Some(settings) = settings else {
             return Ok(());
         };
-        if settings.node_addr.is_none() {
+        if self.dataplane.tunnel().address.is_none() {
             tracing::warn!("netmanager: no node address (set lb.node_address or an uplink with an IPv4 address): instances on other nodes are unreachable");
         }
         let manager = Arc::new(NetManager::new(self.dataplane.clone(), settings));
         manager.restore().await;
         manager.resume_cluster().await;
+        // The node's address moves with its uplink's (no `lb.node_address`).
+        let mut moved = self.dataplane.watch_tunnel();
+        moved.mark_unchanged();
+        let (m, stop) = (manager.clone(), scope.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    changed = moved.changed() => if changed.is_err() { return },
+                }
+                m.address_moved().await;
+            }
+        });
         let router = super::api::router(manager.clone());
         if let Some(path) = &socket {
             let (listener, bound) = crate::uds::bind(path, 0o660)

@@ -18,7 +18,7 @@ use std::net::Ipv4Addr;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use super::cluster::Cluster;
+use super::cluster::{AddressChange, Cluster};
 use super::ipam::{Ipam, IpamError, Lease};
 use super::model::{Ids, InstanceRecord, IpType, ModelError, Placement, ServiceIp, Settings};
 use super::ports::PortMapping;
@@ -65,12 +65,12 @@ pub enum NmError {
     Egress(String),
 }
 
-/// Settings fixed at start.
+/// Settings fixed at start (the node's address is the dataplane's tunnel
+/// endpoint, which may move: [`NetManager::address_moved`]).
 #[derive(Clone, Debug)]
 pub struct ManagerSettings {
     pub container_ifname: String,
     pub mtu: u32,
-    pub node_addr: Option<Ipv4Addr>,
     pub service_prefix: (Ipv4Addr, u8),
     pub service_prefix_v6: (std::net::Ipv6Addr, u8),
     pub subnetwork: Option<Prefix>,
@@ -154,6 +154,41 @@ impl NetManager {
         }
     }
 
+    /// Where other nodes reach this one (`host_ip`), as of now.
+    pub fn node_addr(&self) -> Option<Ipv4Addr> {
+        self.dataplane.tunnel().address
+    }
+
+    /// The node's tunnel address moved: the tables are compiled again (the
+    /// cluster's echo of our own instances is told apart by the address)
+    /// and, in Oakestra mode, every local instance is reported at the new
+    /// address (`service/address-changed`, one message each, as Oakestra's
+    /// NetManager does), so the cluster tells the nodes that follow them.
+    pub async fn address_moved(&self) {
+        let mut state = self.state.lock().await;
+        if let Err(e) = self.apply_locked(&mut state).await {
+            tracing::warn!("netmanager: tables after the address moved: {e}");
+        }
+        let local: Vec<(String, u32)> = state.local.keys().cloned().collect();
+        drop(state);
+        let Some(c) = self.cluster() else { return };
+        let host_ip = self.node_addr().map(|a| a.to_string()).unwrap_or_default();
+        tracing::info!(%host_ip, instances = local.len(), "netmanager: reporting the node's new address");
+        c.reconnect().await;
+        for (job, number) in local {
+            c.address_changed(AddressChange {
+                appname: job,
+                status: "",
+                instance_number: number,
+                nsip: "",
+                nsipv6: "",
+                host_port: self.settings.node_port.to_string(),
+                host_ip: host_ip.clone(),
+            })
+            .await;
+        }
+    }
+
     fn settings_for(&self, state: &State) -> Settings {
         Settings {
             tunnel_mtu: self.settings.mtu.min(u32::from(u16::MAX)) as u16,
@@ -173,7 +208,7 @@ impl NetManager {
     /// deployments echoed by the cluster are skipped), each with the service
     /// IPs the catalog's feed gives it.
     fn records(&self, state: &State) -> Vec<InstanceRecord> {
-        let local_node = self.settings.node_addr;
+        let local_node = self.node_addr();
         let locals: Vec<InstanceRecord> = state
             .local
             .values()

@@ -503,11 +503,7 @@ impl NetManager {
             instance_number: number,
             nsip: lease.v4.to_string(),
             nsipv6: lease.v6.map(|a| a.to_string()).unwrap_or_default(),
-            host_ip: self
-                .settings
-                .node_addr
-                .map(|a| a.to_string())
-                .unwrap_or_default(),
+            host_ip: self.node_addr().map(|a| a.to_string()).unwrap_or_default(),
             host_port: self.settings.node_port.to_string(),
         }
     }
