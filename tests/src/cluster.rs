@@ -54,6 +54,8 @@ pub struct Lab {
     /// node `i`'s `node_extra[i - 1]` (if any) still in `[cluster]`, then
     /// every node's `daemon_extra`.
     pub entry_timeout: Duration,
+    /// Nodes not told their address (`--node-address`): they follow their uplink's.
+    pub follows_uplink: Vec<usize>,
     pub node_extra: Vec<String>,
     pub daemon_extra: String,
 }
@@ -199,6 +201,7 @@ impl Lab {
             bin,
             uplinks,
             entry_timeout: Duration::from_secs(30),
+            follows_uplink: Vec::new(),
             node_extra: Vec::new(),
             daemon_extra: String::new(),
         };
@@ -255,9 +258,10 @@ impl Lab {
             self.node_socket(i).display().to_string(),
             "--state-dir".into(),
             d.join("state").display().to_string(),
-            "--node-address".into(),
-            node_address(i).to_string(),
         ];
+        if !self.follows_uplink.contains(&i) {
+            args.extend(["--node-address".into(), node_address(i).to_string()]);
+        }
         for u in &self.uplinks[i - 1] {
             args.push("--uplink".into());
             args.push(u.clone());

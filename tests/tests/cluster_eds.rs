@@ -63,14 +63,15 @@ fn line_of<'a>(listing: &'a str, address: &str) -> &'a str {
         .unwrap_or("")
 }
 
-#[test]
-fn eds_endpoints_in_another_nodes_pod_cidr_are_reached_through_the_tunnel() {
-    if !kernel_tests_enabled() {
-        return;
-    }
+/// Two nodes on etcd, each with a backend in its pod CIDR behind it and its
+/// own xDS peer serving one assignment: both backends and [`UNCLAIMED`];
+/// both nodes have acknowledged it. Nodes in `follows` are not told their
+/// address.
+fn eds_lab(follows: &[usize]) -> (Lab, Vec<Netns>, Vec<ControlPlane>) {
     let mut backends: Vec<Netns> = Vec::new();
     let mut planes: Vec<ControlPlane> = Vec::new();
-    let mut lab = Lab::build_with(2, true, NSP_CONFIG, 1, LEASE_TTL, false, |lab| {
+    let lab = Lab::build_with(2, true, NSP_CONFIG, 1, LEASE_TTL, false, |lab| {
+        lab.follows_uplink = follows.to_vec();
         for i in 1..=2 {
             let b = Netns::new(&format!("b{i}"));
             let (end, _) = link(
@@ -103,6 +104,22 @@ fn eds_endpoints_in_another_nodes_pod_cidr_are_reached_through_the_tunnel() {
     for cp in &planes {
         wait_ack(cp, "1");
     }
+    (lab, backends, planes)
+}
+
+/// Node 2's backend's share of `reached` is half, ±15 %.
+fn halved(reached: &BTreeMap<u16, usize>) {
+    let on_n2 = reached.values().filter(|&&b| b == 1).count();
+    let share = on_n2 as f64 / FLOWS as f64;
+    assert!((0.425..=0.575).contains(&share), "node 2's backend took {on_n2} of {FLOWS}");
+}
+
+#[test]
+fn eds_endpoints_in_another_nodes_pod_cidr_are_reached_through_the_tunnel() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (mut lab, backends, planes) = eds_lab(&[]);
     // The node records may come after the ACK: the catalog resolves again.
     let remote_on_both = wait_until(Duration::from_secs(10), || {
         line_of(&listing(&lab, 1), &backend(2)).contains(" slots 1 on node n2 ")
@@ -119,11 +136,7 @@ fn eds_endpoints_in_another_nodes_pod_cidr_are_reached_through_the_tunnel() {
         .iter()
         .map(|b| UdpReceiver::start(&b.name, SocketAddrV4::new(VIP, PORT)))
         .collect();
-    let reached = round(&lab, &receivers, 20000);
-    let on_n2 = reached.values().filter(|&&b| b == 1).count();
-    // Two equal backends in one Maglev table: half each, ±15 %.
-    let share = on_n2 as f64 / FLOWS as f64;
-    assert!((0.425..=0.575).contains(&share), "node 2's backend took {on_n2} of {FLOWS}");
+    halved(&round(&lab, &receivers, 20000));
     let not_local = named(&lab.daemon(2).status(), "xdp_uplink", "target_not_local");
     assert_eq!(not_local, 0, "node 2 picked another target than node 1");
 
@@ -139,4 +152,54 @@ fn eds_endpoints_in_another_nodes_pod_cidr_are_reached_through_the_tunnel() {
     drop(receivers);
     drop(lab);
     drop(planes);
+}
+
+#[test]
+fn a_node_whose_uplink_address_moves_is_reached_at_the_new_one() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (lab, backends, planes) = eds_lab(&[2]);
+    let remote = wait_until(Duration::from_secs(10), || {
+        line_of(&listing(&lab, 1), &backend(2)).contains(" on node n2 ")
+    });
+    assert!(remote, "{}", listing(&lab, 1));
+    let receivers: Vec<UdpReceiver> = backends
+        .iter()
+        .map(|b| UdpReceiver::start(&b.name, SocketAddrV4::new(VIP, PORT)))
+        .collect();
+    halved(&round(&lab, &receivers, 20000));
+
+    // Node 2's uplink gets another address: its record follows, node 1
+    // tunnels to the new one, and node 2 decapsulates there.
+    let (n2, uplink) = (&lab.nodes[1], &lab.uplinks[1][0]);
+    n2.ip(&["addr", "del", "198.51.100.2/24", "dev", uplink]);
+    n2.ip(&["addr", "add", "198.51.100.12/24", "dev", uplink]);
+    let moved = wait_until(Duration::from_secs(10), || {
+        lab.daemon(1).status().plugins.iter().any(|p| {
+            p.name == "cluster" && p.detail.contains("2 nodes")
+        }) && remote_node_of(&lab) == Some(Ipv4Addr::new(198, 51, 100, 12))
+    });
+    assert!(moved, "node 1 still tunnels to {:?}", remote_node_of(&lab));
+    halved(&round(&lab, &receivers, 30000));
+    drop(receivers);
+    drop((lab, backends, planes));
+}
+
+/// The tunnel address of node 1's remote target (node 2's backend).
+fn remote_node_of(lab: &Lab) -> Option<Ipv4Addr> {
+    use aya::maps::{Array, Map, MapData};
+    use tapmesh_common::{lb::{Target, TARGET_REMOTE}, SCHEMA_VERSION};
+    let pins = lab.daemon(1).bpffs_root.join(format!("v{SCHEMA_VERSION}"));
+    let data = MapData::from_pin(pins.join("tm_targets")).ok()?;
+    let targets: Array<MapData, Target> = Array::try_from(Map::Array(data)).ok()?;
+    let found = targets
+        .iter()
+        .filter_map(Result::ok)
+        .find(|t| t.kind == TARGET_REMOTE)
+        .map(|t| {
+            let a = t.node_addr;
+            Ipv4Addr::new(a[12], a[13], a[14], a[15])
+        });
+    found
 }

@@ -302,13 +302,10 @@ impl Agent {
                     if changed.is_err() {
                         return Ok(());
                     }
-                    // The node's address moved with its uplink's.
-                    timed(client.put(
-                        node_key.as_str(),
-                        self.record(),
-                        Some(PutOptions::new().with_lease(lease)),
-                    ))
-                    .await?;
+                    // The node's address moved with its uplink's: this
+                    // connection is bound to the old one. A new session
+                    // (same lease) puts the record at the new address.
+                    return Err(Lost::Ended("the node's address moved; connecting from the new one".into()));
                 }
                 changed = changes.changed() => {
                     if changed.is_err() {
