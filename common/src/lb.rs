@@ -325,6 +325,23 @@ pub struct PortNatValue {
     pub _pad: u16,
 }
 
+/// Value of `tm_nat_pick` (per CPU): what the uplink picked for a
+/// packet it hands to `tm_xdp_port_nat` (a tail call keeps only the packet).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortNatPick {
+    /// The flow part of the `tm_port_nats` keys (`FlowEntry::port_nat - 1`).
+    pub flow: u32,
+    /// The target's index in `tm_targets`.
+    pub target: u32,
+    /// The packet's length as it came in (counted with the tail's verdict).
+    pub bytes: u32,
+    pub _pad: u32,
+}
+
+/// Index of `tm_xdp_port_nat` in `tm_xdp_tails`.
+pub const TAIL_PORT_NAT: u32 = 0;
+
 /// Data part of the `tm_port_nat_rev` LPM key: protocol, source port (the
 /// target port, big-endian) and the VIP prefix (IPv4 mapped). The prefix
 /// length is 32 + the VIP's mapped prefix length.
@@ -363,6 +380,7 @@ crate::assert_layout!(Target, size = 48, align = 4);
 crate::assert_layout!(LbConfig, size = 8, align = 4);
 crate::assert_layout!(PortNatKey, size = 8, align = 4);
 crate::assert_layout!(PortNatValue, size = 4, align = 2);
+crate::assert_layout!(PortNatPick, size = 16, align = 4);
 crate::assert_layout!(NatReplyData, size = 20, align = 1);
 
 #[cfg(feature = "user")]
@@ -385,5 +403,6 @@ crate::impl_pod!(
     LbConfig,
     PortNatKey,
     PortNatValue,
+    PortNatPick,
     NatReplyData
 );

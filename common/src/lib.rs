@@ -15,7 +15,7 @@ pub mod tunnel;
 pub use stats::*;
 
 /// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 8;
+pub const SCHEMA_VERSION: u32 = 9;
 
 /// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -42,6 +42,9 @@ pub mod program_names {
     pub const TP_REDIRECT_ERR: &str = "tm_tp_redir_err";
     /// On a conduit's node-side veth: replies get their port NAT undone.
     pub const TC_CONDUIT: &str = "tm_tc_conduit";
+    /// The uplink's tail call for a packet whose flow translates ports: the
+    /// target port, then the local target (never attached).
+    pub const XDP_PORT_NAT: &str = "tm_xdp_port_nat";
 }
 
 /// Names of the BPF maps (also their pin file names).
@@ -62,6 +65,8 @@ pub mod map_names {
     pub const LB_CONFIG: &str = "tm_lb_config";
     pub const PORT_NATS: &str = "tm_port_nats";
     pub const PORT_NAT_REPLIES: &str = "tm_port_nat_rev";
+    pub const XDP_TAILS: &str = "tm_xdp_tails";
+    pub const PORT_NAT_PICK: &str = "tm_nat_pick";
     pub const TUNNEL: &str = "tm_tunnel";
     pub const TUNNEL_PEERS: &str = "tm_tunnel_peers";
     pub const TUNNEL_SLOTS: &str = "tm_tunnel_slots";

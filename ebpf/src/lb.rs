@@ -12,7 +12,7 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     lb::{
-        ByteMatch, FlowEntry, PortData, PortIntervals, SourceData, Target, VipAddr,
+        ByteMatch, FlowEntry, PortData, PortNatPick, PortIntervals, SourceData, Target, VipAddr,
         LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES, MAX_FLOWS_PER_VIP,
         MAX_MATCH_OFFSET, NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
         SLOT_ONE, SLOT_SHARED, TARGET_LOCAL, TARGET_REMOTE,
@@ -26,7 +26,7 @@ use crate::{
     maps::*,
     packet::{load32, Packet},
     parse::{addr_v6, be16, mapped_v4, Addr, Fragment, Parsed, L3, MAPPED_V4_PREFIX},
-    tunnel,
+    port_nat, tunnel,
 };
 
 /// Candidate flows whose byte matches are tried before giving up.
@@ -414,7 +414,7 @@ fn flow_hash(t: &FlowTuple, l3: L3) -> u32 {
 }
 
 #[inline(always)]
-fn pick_target(flow: &FlowEntry, hash: u32) -> Result<&'static Target, DropReason> {
+fn pick_target(flow: &FlowEntry, hash: u32) -> Result<(u32, &'static Target), DropReason> {
     let stream = tm_streams.get(flow.stream_id).ok_or(DropReason::NoTarget)?;
     if stream.table_size == 0 {
         return Err(DropReason::NoTarget);
@@ -427,7 +427,7 @@ fn pick_target(flow: &FlowEntry, hash: u32) -> Result<&'static Target, DropReaso
         return Err(DropReason::NoTarget);
     }
     match tm_targets.get(index) {
-        Some(target) if target.kind != 0 => Ok(target),
+        Some(target) if target.kind != 0 => Ok((index, target)),
         _ => Err(DropReason::NoTarget),
     }
 }
@@ -457,7 +457,7 @@ fn write_eth(eth: *mut EthHdr, target: &Target, ether_type: [u8; 2]) {
 
 /// A target on this node: new MACs (VLAN tags dropped), redirect to its interface.
 #[inline(always)]
-fn to_local(
+pub fn to_local(
     ctx: &XdpContext,
     pkt: &Packet,
     parsed: &Parsed,
@@ -563,10 +563,21 @@ pub fn balance(
     let flow = classify(ctx, &tuple, parsed.l3, vip.config_id)?;
     count(tm_flow_stats.get_ptr_mut(flow.stats_index), bytes);
     let hash = flow_hash(&tuple, parsed.l3);
-    let target = pick_target(flow, hash)?;
+    let (index, target) = pick_target(flow, hash)?;
     match target.kind {
         TARGET_LOCAL => {
             count(tm_target_stats.get_ptr_mut(target.stats_index), bytes);
+            // The port is translated where the target is (a tunnelled packet
+            // is classified again at its node, by the port the client used).
+            if flow.port_nat != 0 {
+                let pick = PortNatPick {
+                    flow: flow.port_nat - 1,
+                    target: index,
+                    bytes: bytes as u32,
+                    _pad: 0,
+                };
+                return Err(port_nat::hand_over(ctx, pick));
+            }
             to_local(ctx, pkt, parsed, target)
         }
         TARGET_REMOTE if !tunneled => {

@@ -2,12 +2,12 @@
 #![allow(non_upper_case_globals)]
 
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf, XskMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, ProgramArray, RingBuf, XskMap},
     macros::btf_map,
 };
 use tapmesh_common::{
     lb::{
-        FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortNatKey, PortNatValue,
+        FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortNatKey, PortNatPick, PortNatValue,
         SourceData, StreamValue, Target, VipAddr, VipConfig, VipSlot, VipValue, FLOW_SLOTS,
         MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PORT_NATS, MAX_PREFIXES, MAX_STREAMS,
         MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
@@ -90,6 +90,16 @@ pub static tm_port_nats: HashMap<PortNatKey, PortNatValue, { 2 * MAX_PORT_NATS a
 #[btf_map]
 pub static tm_port_nat_rev: LpmTrie<NatReplyData, PortNatValue, { 2 * MAX_PORT_NATS as usize }> =
     LpmTrie::new();
+
+/// Programs the uplink tail-calls (`TAIL_PORT_NAT`: `tm_xdp_port_nat`),
+/// filled by the daemon at load: their code is verified on its own, not
+/// inside the uplink's 1M-instruction budget.
+#[btf_map]
+pub static tm_xdp_tails: ProgramArray<1> = ProgramArray::new();
+
+/// What the uplink picked for the packet it hands to a tail (one per CPU).
+#[btf_map]
+pub static tm_nat_pick: PerCpuArray<PortNatPick, 1> = PerCpuArray::new();
 
 /// This node's tunnel endpoint (one entry), for the load balancer and the overlay.
 #[btf_map]

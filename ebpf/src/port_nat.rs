@@ -1,23 +1,32 @@
-//! Meridio's destination port NAT, stateless: a reply leaving a target from
-//! a translated target port gets the client's port back (TC on the conduit
-//! veth). The way in (the target port after the pick, in `tm_xdp_uplink`)
-//! is not built: the uplink program already takes ~907k of the verifier's
-//! 1M instructions and an inline rewrite there exceeds it (see
-//! docs/ARCHITECTURE.md). Fragments are not translated: only the first
-//! carries the ports.
+//! Meridio's destination port NAT, stateless. The way in: after the pick,
+//! a packet for a local target whose flow translates ports goes to
+//! `tm_xdp_port_nat` by a tail call (the uplink program takes ~920k of the
+//! verifier's 1M instructions; an inline rewrite there exceeds it), which
+//! gives it the target port and redirects it to the target. The way out: a
+//! reply leaving a target from a translated target port gets the client's
+//! port back (TC on the conduit veth). Fragments are not translated: only
+//! the first carries the ports.
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, TC_ACT_OK},
     btf_maps::lpm_trie::Key,
-    programs::TcContext,
+    macros::xdp,
+    programs::{TcContext, XdpContext},
 };
-use tapmesh_common::{lb::NatReplyData, DropReason};
+use tapmesh_common::{
+    lb::{NatReplyData, PortNatKey, PortNatPick, TAIL_PORT_NAT, TARGET_LOCAL},
+    DropReason, ProgramSlot,
+};
 
 use crate::{
+    csum,
     headers::{IPPROTO_TCP, IPPROTO_UDP},
-    lb::addr_bytes,
-    maps::{tm_lb_config, tm_port_nat_rev},
-    parse::{Fragment, Parsed},
+    lb::{self, addr_bytes},
+    maps::{tm_lb_config, tm_nat_pick, tm_port_nat_rev, tm_port_nats, tm_targets, tm_xdp_tails},
+    packet::Packet,
+    parse::{parse, Fragment, Parsed},
+    stats::Stats,
+    xdp::{packet_of, xdp_outcome},
 };
 
 /// Offset of the checksum in the L4 header, for the protocols translated.
@@ -71,4 +80,83 @@ pub fn from_target(ctx: &TcContext, parsed: &Parsed) -> Result<i32, DropReason> 
     ctx.store(at, &to, 0)
         .map_err(|_| DropReason::PortNatFailed)?;
     Ok(TC_ACT_OK as i32)
+}
+
+/// Hands the packet to `tm_xdp_port_nat` with what was picked; returns
+/// only if the tail call did not happen (the daemon did not fill the array).
+#[inline(always)]
+pub fn hand_over(ctx: &XdpContext, pick: PortNatPick) -> DropReason {
+    if let Some(slot) = tm_nat_pick.get_ptr_mut(0) {
+        // SAFETY: this CPU's entry, read by the tail before anything else
+        // runs on this CPU; then control goes there, or comes back on failure.
+        unsafe {
+            *slot = pick;
+            tm_xdp_tails.tail_call(ctx, TAIL_PORT_NAT);
+        }
+    }
+    DropReason::PortNatFailed
+}
+
+/// The uplink's tail for a packet whose flow translates ports; counted in
+/// the uplink's slot (its protocols were counted there).
+#[xdp]
+pub fn tm_xdp_port_nat(ctx: XdpContext) -> u32 {
+    let stats = Stats::of(ProgramSlot::XdpUplink);
+    let (result, bytes) = match tm_nat_pick.get(0) {
+        Some(pick) => (to_target_port(&ctx, pick), pick.bytes as u64),
+        None => (Err(DropReason::PortNatFailed), 0),
+    };
+    xdp_outcome(&stats, bytes, result)
+}
+
+/// The target port (if the flow names one for this protocol and port),
+/// then the local target as the uplink would send it.
+#[inline(always)]
+fn to_target_port(ctx: &XdpContext, pick: &PortNatPick) -> Result<u32, DropReason> {
+    let target = match tm_targets.get(pick.target) {
+        Some(t) if t.kind == TARGET_LOCAL => t,
+        _ => return Err(DropReason::NoTarget),
+    };
+    let pkt = packet_of(ctx);
+    let parsed = parse(&pkt)?;
+    if let Some(sum_at) = checksum_at(&parsed) {
+        let key = PortNatKey {
+            flow: pick.flow,
+            port: parsed.dst_port,
+            protocol: parsed.protocol,
+            _pad: 0,
+        };
+        // SAFETY: the value is read right away.
+        if let Some(nat) = unsafe { tm_port_nats.get(&key) } {
+            set_dst_port(&pkt, &parsed, sum_at, nat.port)?;
+        }
+    }
+    lb::to_local(ctx, &pkt, &parsed, target)
+}
+
+/// Writes the destination port and updates the checksum (RFC 1624); a UDP
+/// datagram without one (0) keeps none.
+#[inline(always)]
+fn set_dst_port(pkt: &Packet, parsed: &Parsed, sum_at: usize, port: u16) -> Result<(), DropReason> {
+    let at = parsed.l4_offset;
+    let dst: *mut [u8; 2] = pkt.header_mut(at + 2, DropReason::PortNatFailed)?;
+    let sum: *mut [u8; 2] = pkt.header_mut(at + sum_at, DropReason::PortNatFailed)?;
+    let new = port.to_be_bytes();
+    // SAFETY: both lie inside the packet (checked above).
+    unsafe {
+        let field = u16::from_ne_bytes(*sum);
+        if !(parsed.protocol == IPPROTO_UDP && field == 0) {
+            let diff = csum::diff(
+                [u16::from_ne_bytes(*dst) as u32],
+                [u16::from_ne_bytes(new) as u32],
+            );
+            let mut updated = csum::apply(field, diff);
+            if parsed.protocol == IPPROTO_UDP && updated == 0 {
+                updated = 0xffff;
+            }
+            *sum = updated.to_ne_bytes();
+        }
+        *dst = new;
+    }
+    Ok(())
 }

@@ -107,7 +107,7 @@ fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, D
 
 /// The one place an XDP result becomes a verdict and is counted.
 #[inline(always)]
-fn xdp_outcome(stats: &Stats, bytes: u64, result: Result<u32, DropReason>) -> u32 {
+pub fn xdp_outcome(stats: &Stats, bytes: u64, result: Result<u32, DropReason>) -> u32 {
     let action = match result {
         Ok(action) => action,
         Err(reason) => {

@@ -43,6 +43,10 @@ impl Bpf {
             p.load()
                 .unwrap_or_else(|e| panic!("verifier rejected {name}: {e}"));
         }
+        // An object of another build (a bench baseline) may predate tails.
+        if ebpf.program(program_names::XDP_PORT_NAT).is_some() {
+            tapmesh::dataplane::install_tails(&mut ebpf).expect("the uplink's tail programs");
+        }
         for name in [
             program_names::TC_INGRESS,
             program_names::TC_EGRESS,

@@ -169,7 +169,6 @@ fn udp4_no_checksum(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec
 }
 
 #[test]
-#[ignore = "the way in (target port after the pick in tm_xdp_uplink) is not built: it exceeds the verifier's 1M-instruction limit"]
 fn to_the_target_port_after_the_pick() {
     if !kernel_tests_enabled() {
         return;

@@ -66,7 +66,6 @@ fn udp_echo(
 }
 
 #[test]
-#[ignore = "the way in (target port after the pick in tm_xdp_uplink) is not built: it exceeds the verifier's 1M-instruction limit, and port NATs are refused until it is"]
 fn clients_dial_the_vip_port_targets_answer_from_the_target_port() {
     if !kernel_tests_enabled() {
         return;
@@ -207,8 +206,7 @@ fn clients_dial_the_vip_port_targets_answer_from_the_target_port() {
 }
 
 /// The conduit program is attached to the conduit; a colliding NAT edit
-/// (Meridio refuses it too) and, until the way in exists, any NAT edit are
-/// refused with every pinned map as it was.
+/// (Meridio refuses it too) is refused with every pinned map as it was.
 #[test]
 fn a_refused_nat_edit_leaves_every_map_as_it_was() {
     if !kernel_tests_enabled() {
@@ -249,8 +247,4 @@ fn a_refused_nat_edit_leaves_every_map_as_it_was() {
         nats()
     );
     refused_with(with_nats(&colliding), "collide on VIP \"vip-a\"");
-    refused_with(
-        with_nats(&nats()),
-        &format!("port NAT {TCP_PORT}->{TCP_TARGET}: destination port NAT is not supported yet"),
-    );
 }

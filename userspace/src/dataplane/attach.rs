@@ -13,7 +13,7 @@ use aya::{
     },
     Ebpf,
 };
-use tapmesh_common::program_names;
+use tapmesh_common::{map_names, program_names};
 
 use super::DataplaneError;
 use crate::{config::XdpMode, net::qdisc};
@@ -83,6 +83,7 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
             .load()
             .map_err(|source| DataplaneError::Program { name, source })?;
     }
+    install_tails(ebpf)?;
     for name in [program_names::TP_XMIT, program_names::TP_REDIRECT_ERR] {
         let program: &mut TracePoint = ebpf
             .program_mut(name)
@@ -110,6 +111,42 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
             .map_err(|source| DataplaneError::Program { name, source })?;
     }
     Ok(())
+}
+
+/// Loads the uplink's tail programs and puts them in `tm_xdp_tails`
+/// (before the uplink is attached: until then its port NAT packets drop).
+pub fn install_tails(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    let name = program_names::XDP_PORT_NAT;
+    let program = xdp_program(ebpf, name)?;
+    program
+        .load()
+        .map_err(|source| DataplaneError::Program { name, source })?;
+    let fd = program
+        .fd()
+        .map_err(|source| DataplaneError::Program { name, source })?
+        .try_clone()
+        .map_err(|e| DataplaneError::Map {
+            name,
+            message: format!("duplicating its descriptor: {e}"),
+        })?;
+    let tails = map_names::XDP_TAILS;
+    let mut array: aya::maps::ProgramArray<_> = ebpf
+        .map_mut(tails)
+        .ok_or(DataplaneError::Map {
+            name: tails,
+            message: "map missing from the object".into(),
+        })?
+        .try_into()
+        .map_err(|e: aya::maps::MapError| DataplaneError::Map {
+            name: tails,
+            message: e.to_string(),
+        })?;
+    array
+        .set(tapmesh_common::lb::TAIL_PORT_NAT, &fd, 0)
+        .map_err(|e| DataplaneError::Map {
+            name: tails,
+            message: e.to_string(),
+        })
 }
 
 fn xdp_program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut Xdp, DataplaneError> {

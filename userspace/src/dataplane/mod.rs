@@ -24,7 +24,7 @@ use thiserror::Error;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-pub use attach::{Attachment, Hook};
+pub use attach::{install_tails, Attachment, Hook};
 
 use crate::{
     config::{Config, DataplaneConfig},
@@ -661,6 +661,7 @@ mod tests {
             p::TP_XMIT,
             p::TP_REDIRECT_ERR,
             p::TC_CONDUIT,
+            p::XDP_PORT_NAT,
         ];
         for name in attached {
             assert!(object.programs.contains_key(name), "no program {name}");

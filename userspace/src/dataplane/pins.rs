@@ -110,6 +110,13 @@ const MAPS: &[MapSpec] = &[
         1,
     ),
     spec(n::TUNNEL_PEERS, 4, 1, tapmesh_common::tunnel::MAX_PEERS),
+    spec(n::XDP_TAILS, 4, 4, 1),
+    spec(
+        n::PORT_NAT_PICK,
+        4,
+        size_of::<tapmesh_common::lb::PortNatPick>(),
+        1,
+    ),
     spec(
         n::TUNNEL_SLOTS,
         4,

@@ -138,14 +138,6 @@ pub enum NspConfigError {
     },
     #[error("{0}")]
     PortNat(#[from] PortNatError),
-    /// Refused until the uplink rewrites the destination port: accepting it
-    /// would translate replies only, and break every translated connection.
-    #[error("conduit {conduit:?} port NAT {port}->{target_port}: destination port NAT is not supported yet (tapmesh translates replies but not yet the way in); remove destination_port_nats and have the targets listen on port {port}")]
-    PortNatWayIn {
-        conduit: String,
-        port: u16,
-        target_port: u16,
-    },
     /// What the load balancer finds wrong (a bad VIP address, port range, …).
     #[error("{0}")]
     Lb(#[from] LbError),
@@ -280,13 +272,6 @@ impl NspConfig {
                 }
             }
             port_nat::check_collisions(&owner, &c.destination_port_nats)?;
-            if let Some(nat) = c.destination_port_nats.first() {
-                return Err(NspConfigError::PortNatWayIn {
-                    conduit: c.name.clone(),
-                    port: nat.port,
-                    target_port: nat.target_port,
-                });
-            }
         }
         let mut flows = HashSet::new();
         for f in &self.flows {
@@ -489,20 +474,7 @@ mod tests {
             "name = \"lb\"\n        destination_port_nats = [{ port = 80, target_port = 8080, protocol = \"TCP\", vips = [\"vip1\", \"vip2\"] }]\n",
             1,
         );
-        assert_eq!(
-            parse(&text).unwrap_err().to_string(),
-            "conduit \"lb\" port NAT 80->8080: destination port NAT is not supported yet \
-             (tapmesh translates replies but not yet the way in); remove destination_port_nats \
-             and have the targets listen on port 80"
-        );
-        // What the streams get once the way in exists (the checks above it still run).
-        let mut c = parse(SAMPLE).unwrap();
-        c.conduits[0].destination_port_nats = vec![PortNatSpec {
-            port: 80,
-            target_port: 8080,
-            protocol: "TCP".into(),
-            vips: vec!["vip1".into(), "vip2".into()],
-        }];
+        let c = parse(&text).unwrap();
         let lb = c.lb_spec();
         for s in &lb.streams {
             assert_eq!(s.port_nats.len(), 1, "{}", s.name);
