@@ -698,6 +698,8 @@ mod tests {
             n::SRC_PORTS,
             n::SOURCES,
             n::FLOWS,
+            n::XDP_TAILS,
+            n::PORT_NAT_PICK,
             n::STREAMS,
             n::MAGLEV,
             n::TARGETS,
