@@ -402,3 +402,24 @@ fn reply_cost() {
         "tm_tc_conduit ns/packet: translated {translated:.1}, looked up (no match) {looked_up:.1}, no NAT configured {none:.1}"
     );
 }
+
+/// The way in's TestRun cost (repeat = 1 in a loop beside the empty
+/// program) beside a flow of the same VIP without NAT, printed: what the
+/// tail call, the second parse and the rewrite add.
+#[test]
+fn way_in_cost() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    tapmesh_tests::bench::timing::pin_to_current_cpu();
+    let mut lab = Lab::new();
+    let mut net = |frame: &[u8]| {
+        let (path, floor) = tapmesh_tests::bench::timing::measure_loop(&mut lab.bpf, UPLINK, frame);
+        path - floor
+    };
+    let translated = net(&eth(&tcp4(CLIENT, VIP, 40000, 80)));
+    let plain = net(&eth(&tcp4(CLIENT, VIP, 40006, 443)));
+    println!(
+        "tm_xdp_uplink ns/packet net of the floor: tcp 80 -> 8080 through the tail {translated:.1}, tcp 443 without NAT {plain:.1}"
+    );
+}
