@@ -334,7 +334,8 @@ pub struct PortNatPick {
     pub flow: u32,
     /// The target's index in `tm_targets`.
     pub target: u32,
-    /// The packet's length as it came in (counted with the tail's verdict).
+    /// The packet's length as the load balancer saw it (after a
+    /// decapsulation: the inner frame's), counted with the tail's verdict.
     pub bytes: u32,
     pub _pad: u32,
 }

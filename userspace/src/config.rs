@@ -423,6 +423,23 @@ impl ClusterConfig {
                 ));
             }
         }
+        for text in &self.pod_cidrs {
+            match text.parse::<crate::net::Prefix>() {
+                Ok(p) if p.is_network() => {}
+                Ok(p) => {
+                    return Err(bad(
+                        "cluster.pod_cidrs",
+                        format!("{text:?} has host bits set; the network is {}", p.network()),
+                    ))
+                }
+                Err(e) => {
+                    return Err(bad(
+                        "cluster.pod_cidrs",
+                        format!("{text:?} is not a prefix like 10.244.1.0/24: {}", e.reason()),
+                    ))
+                }
+            }
+        }
         if !self.enabled() {
             return Ok(());
         }
@@ -443,23 +460,6 @@ impl ClusterConfig {
                     self.prefix
                 ),
             ));
-        }
-        for text in &self.pod_cidrs {
-            match text.parse::<crate::net::Prefix>() {
-                Ok(p) if p.is_network() => {}
-                Ok(p) => {
-                    return Err(bad(
-                        "cluster.pod_cidrs",
-                        format!("{text:?} has host bits set; the network is {}", p.network()),
-                    ))
-                }
-                Err(e) => {
-                    return Err(bad(
-                        "cluster.pod_cidrs",
-                        format!("{text:?} is not a prefix like 10.244.1.0/24: {}", e.reason()),
-                    ))
-                }
-            }
         }
         if self.cert_file.is_some() != self.key_file.is_some() {
             return Err(bad(

@@ -145,8 +145,8 @@ impl Catalog {
         catalog
     }
 
-    /// The cluster's other nodes changed: backends in their prefixes are
-    /// resolved again (written only if that changes anything).
+    /// The cluster's nodes changed: backends in other nodes' prefixes are
+    /// resolved again.
     pub async fn set_nodes(&self, nodes: Vec<RemoteNode>) {
         let mut state = self.state.lock().await;
         if state.nodes != nodes {
@@ -511,14 +511,20 @@ fn lb_part(state: &mut State) -> LbSpec {
 
 /// The LB part for the EDS services (targets still unresolved: their
 /// `via` names the backend address), with each backend's identifiers.
-/// Pure: what the clusters' accepted endpoints become.
+/// Pure: what the clusters' accepted endpoints become. A cluster with no
+/// update yet is left out (its VIP is not taken, its saved identifiers are
+/// kept for the first update); the xDS client applies one that never comes
+/// as empty after `missing_after`.
 pub fn eds_part(
     bindings: &BTreeMap<String, ClusterBinding>,
     clusters: &BTreeMap<String, ClusterEndpoints>,
     identities: &mut Identities,
 ) -> LbSpec {
     let mut spec = LbSpec::default();
-    for (name, binding) in bindings.iter().filter(|(_, b)| !b.vip.is_empty()) {
+    let bound = bindings
+        .iter()
+        .filter(|(name, b)| !b.vip.is_empty() && clusters.contains_key(*name));
+    for (name, binding) in bound {
         let lb_name = format!("eds.{name}");
         let (endpoints, slots) = endpoints(clusters, name);
         let wanted: Vec<(SocketAddr, u32)> = endpoints

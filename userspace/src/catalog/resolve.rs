@@ -2,8 +2,9 @@
 //! network with a resolved neighbour is a local target (its interface and
 //! MAC); else a backend inside prefixes another node of the cluster
 //! publishes is a remote target through the tunnel to that node (the
-//! longest prefix wins; two nodes tied: neither); anything else cannot be
-//! reached from this node's XDP and is left out. The neighbour resolver ([`crate::net::neigh`]) does one dump of the
+//! longest prefix wins, this node's own prefixes included; two nodes tied:
+//! neither); anything else cannot be reached from this node's XDP and is
+//! left out. The neighbour resolver ([`crate::net::neigh`]) does one dump of the
 //! routes and one of the neighbours per update, whatever the number of
 //! backends, on a blocking socket off the async workers.
 
@@ -14,13 +15,16 @@ use crate::lb::model::{LbSpec, TargetVia};
 use crate::net::neigh::Resolver;
 use crate::net::Prefix;
 
-/// Another node of the cluster: where its tunnel ends and the prefixes
-/// (conduits, containers, pods) whose addresses it serves.
+/// A node of the cluster: where its tunnel ends and the prefixes
+/// (conduits, containers, pods) whose addresses it serves. The list holds
+/// this node too (`this`): an address its own prefixes claim as well as
+/// another node's is not sent away.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteNode {
     pub name: String,
     pub tunnel: Ipv4Addr,
     pub prefixes: Vec<Prefix>,
+    pub this: bool,
 }
 
 /// The one node serving `address`: the longest of the nodes' prefixes that
@@ -126,14 +130,14 @@ pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> BTreeMap<IpAddr
             Err(why) => {
                 let address = node.parse::<IpAddr>().ok();
                 match address.and_then(|a| Some((a, serving(nodes, a)?))) {
-                    Some((address, n)) => {
+                    Some((address, n)) if !n.this => {
                         remote.insert(address, n.name.clone());
                         t.via = TargetVia::Remote {
                             node: n.tunnel.to_string(),
                         };
                         true
                     }
-                    None => {
+                    _ => {
                         tracing::debug!(backend = %node, "left out: {why}");
                         false
                     }
@@ -153,13 +157,15 @@ mod tests {
             name: name.into(),
             tunnel: Ipv4Addr::new(198, 51, 100, last),
             prefixes: prefixes.iter().map(|p| p.parse().unwrap()).collect(),
+            this: name == "n1",
         }
     }
 
     #[test]
     fn the_longest_prefix_names_the_node_and_a_tie_names_none() {
         let nodes = [
-            node("n2", 2, &["198.18.0.0/16", "2001:db8:2::/64"]),
+            node("n1", 1, &["169.254.100.0/22"]),
+            node("n2", 2, &["198.18.0.0/16", "2001:db8:2::/64", "169.254.100.0/22"]),
             node("n3", 3, &["198.18.3.0/24"]),
             node("n4", 4, &["198.18.3.0/24", "198.18.4.0/24"]),
         ];
@@ -170,5 +176,8 @@ mod tests {
         assert_eq!(at("2001:db8:2::7"), Some("n2"));
         assert_eq!(at("192.0.2.1"), None);
         assert_eq!(at("::ffff:198.18.9.9"), None, "no family crossing");
+        // A pool every node publishes (Meridio's default conduit pool): a
+        // tie with this node (n1), so never another node's.
+        assert_eq!(at("169.254.100.7"), None);
     }
 }

@@ -678,18 +678,26 @@ impl Agent {
                 .filter(|n| n.name != self.node())
                 .flat_map(|n| n.tunnel_addresses.iter().copied())
                 .collect();
-            let nodes: Vec<RemoteNode> = view
-                .nodes
-                .values()
-                .filter(|n| n.name != self.node())
-                .filter_map(|n| {
-                    Some(RemoteNode {
-                        name: n.name.clone(),
-                        tunnel: *n.tunnel_addresses.first()?,
-                        prefixes: n.prefixes(),
+            // Without a tunnel address of its own this node has no remote
+            // targets; a node claiming this node's address is not another.
+            let own = self.dataplane.tunnel().address;
+            let nodes: Vec<RemoteNode> = match own {
+                None => Vec::new(),
+                Some(own) => view
+                    .nodes
+                    .values()
+                    .filter_map(|n| {
+                        let this = n.name == self.node();
+                        let tunnel = *n.tunnel_addresses.first()?;
+                        (this || tunnel != own).then(|| RemoteNode {
+                            name: n.name.clone(),
+                            tunnel,
+                            prefixes: n.prefixes(),
+                            this,
+                        })
                     })
-                })
-                .collect();
+                    .collect(),
+            };
             let mut targets = BTreeMap::new();
             for r in view.targets.values() {
                 *targets.entry(r.node.clone()).or_insert(0) += 1;

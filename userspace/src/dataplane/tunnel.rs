@@ -77,17 +77,21 @@ pub async fn follow_uplink(
             return;
         }
     };
+    // The first look covers a change between configure and now.
+    let mut first = true;
     loop {
-        let change = tokio::select! {
-            () = stop.cancelled() => return,
-            change = watch.next() => change,
-        };
-        match change {
-            Ok(Change::Neighbour { .. }) => continue,
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(uplink, "the tunnel address stops following the uplink: {e}");
-                return;
+        if !std::mem::take(&mut first) {
+            let change = tokio::select! {
+                () = stop.cancelled() => return,
+                change = watch.next() => change,
+            };
+            match change {
+                Ok(Change::Neighbour { .. }) => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(uplink, "the tunnel address stops following the uplink: {e}");
+                    return;
+                }
             }
         }
         let name = uplink.clone();

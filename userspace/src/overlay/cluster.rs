@@ -102,6 +102,8 @@ pub struct Cluster {
     subscribed: tokio::sync::watch::Sender<bool>,
     /// Asks the event loop to drop its connection and connect again.
     reconnect: tokio::sync::Notify,
+    /// Connections made (ConnAcks), to wait for a newer one than now.
+    connections: std::sync::atomic::AtomicU64,
     stop: CancellationToken,
 }
 
@@ -131,6 +133,7 @@ impl Cluster {
             queried: Mutex::new(BTreeMap::new()),
             subscribed: tokio::sync::watch::channel(false).0,
             reconnect: tokio::sync::Notify::new(),
+            connections: std::sync::atomic::AtomicU64::new(0),
             stop: stop.clone(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -142,7 +145,8 @@ impl Cluster {
                 let event = tokio::select! {
                     _ = stop2.cancelled() => break,
                     () = c.reconnect.notified() => {
-                        // Unacknowledged messages go again on the new connection.
+                        // The next poll connects anew (a clean session:
+                        // what was in flight on the old one is dropped).
                         events.clean();
                         continue;
                     }
@@ -151,6 +155,7 @@ impl Cluster {
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         tracing::info!("netmanager: connected to the cluster's MQTT broker");
+                        c.connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         c.subscribed.send_replace(false);
                         c.subscribe_all();
                     }
@@ -199,9 +204,12 @@ impl Cluster {
     /// and waits until the node's topics are subscribed again. Messages
     /// queued meanwhile would be lost: a clean session drops them.
     pub async fn reconnect(&self) {
-        self.subscribed.send_replace(false);
+        use std::sync::atomic::Ordering::SeqCst;
+        let before = self.connections.load(SeqCst);
+        let mut rx = self.subscribed.subscribe();
         self.reconnect.notify_one();
-        self.wait_subscribed().await;
+        let newer = rx.wait_for(|s| *s && self.connections.load(SeqCst) > before);
+        let _ = tokio::time::timeout(Duration::from_secs(5), newer).await;
     }
 
     /// Called from the event loop: must not wait for the request queue.
