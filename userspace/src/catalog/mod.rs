@@ -695,7 +695,34 @@ pub fn slots(weights: &[u32]) -> Vec<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::{slots, stream_size};
+    use super::{eds_part, slots, stream_size, ClusterBinding, Identities};
+    use crate::xds::ClusterEndpoints;
+    use std::collections::BTreeMap;
+
+    /// Before its first update a cluster takes no VIP and keeps the
+    /// identifiers saved for it (a write for another reason, such as the
+    /// cluster's nodes, must not renumber it); an update that says "empty"
+    /// is one.
+    #[test]
+    fn a_cluster_without_an_update_keeps_its_identifiers_and_takes_no_vip() {
+        let binding = ClusterBinding {
+            name: "web".into(),
+            vip: "203.0.113.20".into(),
+            ..Default::default()
+        };
+        let bindings = BTreeMap::from([("web".to_string(), binding)]);
+        let mut identities = Identities::default();
+        let saved: std::net::SocketAddr = "198.18.0.7:80".parse().unwrap();
+        identities.assign("web", &[(saved, 2)]);
+        let held = identities.clone();
+        let part = eds_part(&bindings, &BTreeMap::new(), &mut identities);
+        assert!(part.vips.is_empty() && part.streams.is_empty(), "{part:?}");
+        assert_eq!(identities, held);
+        let empty = BTreeMap::from([("web".to_string(), ClusterEndpoints::empty("web"))]);
+        let part = eds_part(&bindings, &empty, &mut identities);
+        assert_eq!(part.vips.len(), 1);
+        assert!(part.targets.is_empty());
+    }
 
     #[test]
     fn stream_sizes_are_powers_of_two_within_the_maglev_limit() {
