@@ -8,6 +8,7 @@ use std::net::Ipv4Addr;
 use tapmesh::{
     dataplane::lb::{Hop, LbWriter, TunnelSettings},
     lb::flows::{FlowSpec, VipSpec},
+    lb::port_nat::PortNatSpec,
     lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia},
 };
 
@@ -24,6 +25,10 @@ use crate::{
 
 /// The row the LB target applies to: Katran's path (in and out of the uplink).
 pub const LB_ENCAP_ROW: &str = "XDP uplink: VIP hit → remote target (UDP encap, resolved next hop, back out of the uplink: XDP_TX)";
+
+/// Port NAT's way in, beside the plain local target row above it.
+pub const PORT_NAT_ROW: &str =
+    "XDP uplink: VIP hit → port NAT (tail call: tcp 443 → 8443, checksum) → local target";
 
 pub const VIP_LOCAL: Ipv4Addr = Ipv4Addr::new(20, 0, 0, 1);
 const VIP_REMOTE: Ipv4Addr = Ipv4Addr::new(20, 0, 0, 20);
@@ -54,7 +59,8 @@ fn strings(v: &[&str]) -> Vec<String> {
 }
 
 /// Two VIPs: `web` (tcp 80/443 and udp 53 flows, three local targets per
-/// stream) and `far` (one flow, its one target on another node).
+/// stream; the tcp stream translates 443 → 8443) and `far` (one flow, its
+/// one target on another node).
 fn lb_spec() -> LbSpec {
     let flow =
         |name: &str, priority: i32, vip: &str, stream: &str, protocols: &[&str], dst: &[&str]| {
@@ -74,6 +80,13 @@ fn lb_spec() -> LbSpec {
         table_size: None,
         port_nats: Vec::new(),
     };
+    let mut http = stream("http", 3);
+    http.port_nats.push(PortNatSpec {
+        port: 443,
+        target_port: 8443,
+        protocol: "tcp".into(),
+        vips: strings(&["web"]),
+    });
     let mut targets = Vec::new();
     for (s, base) in [("http", 1u8), ("dns", 1)] {
         for id in 0..3u8 {
@@ -106,7 +119,7 @@ fn lb_spec() -> LbSpec {
                 address: VIP_REMOTE.to_string(),
             },
         ],
-        streams: vec![stream("http", 3), stream("dns", 3), stream("far", 1)],
+        streams: vec![http, stream("dns", 3), stream("far", 1)],
         flows: vec![
             flow("http", 10, "web", "http", &["tcp"], &["80", "443"]),
             flow("dns", 5, "web", "dns", &["udp"], &["53"]),
@@ -244,6 +257,12 @@ pub fn rewrite_rows(bpf: &mut Bpf, writer: &mut LbWriter, underlay: &Underlay) -
             frame: to_local.clone(),
             action: XDP_REDIRECT,
             output: to_target(&to_local),
+        },
+        Rewrite {
+            name: PORT_NAT_ROW,
+            frame: eth(&tcp4(V4_A, VIP_LOCAL, 1000, 443)),
+            action: XDP_REDIRECT,
+            output: to_target(&eth(&tcp4(V4_A, VIP_LOCAL, 1000, 8443))),
         },
         Rewrite {
             name: "XDP uplink: 802.1Q VIP hit → local target (tag strip + MAC rewrite + redirect)",
