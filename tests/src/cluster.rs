@@ -331,3 +331,31 @@ pub fn open_a(lab: &mut Lab, i: usize) -> TapCaller {
     );
     tap
 }
+
+/// Target `id` at `ip` of `stream` (in conduit-a of trench-a) as the
+/// registry's wire type, as Meridio's NSP clients send it.
+pub fn registry_target(
+    stream: &str,
+    ip: &str,
+    id: u32,
+    status: tapmesh::proto::nsp::target::Status,
+) -> tapmesh::proto::nsp::Target {
+    use tapmesh::proto::nsp::{target, Conduit, Stream, Target, Trench};
+    Target {
+        ips: vec![ip.to_string()],
+        context: [("identifier".to_string(), id.to_string())].into(),
+        status: status as i32,
+        r#type: target::Type::Default as i32,
+        stream: Some(Stream {
+            name: stream.into(),
+            conduit: Some(Conduit {
+                name: "conduit-a".into(),
+                trench: Some(Trench {
+                    name: "trench-a".into(),
+                }),
+                destination_port_nats: vec![],
+            }),
+            max_targets: 0,
+        }),
+    }
+}

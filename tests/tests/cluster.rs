@@ -16,7 +16,7 @@ use tapmesh_common::{
     SCHEMA_VERSION,
 };
 use tapmesh_tests::{
-    cluster::{etcd_at, node_address, open_a, Lab, CLIENT, LEASE_TTL},
+    cluster::{etcd_at, node_address, open_a, registry_target, Lab, CLIENT, LEASE_TTL},
     daemon::{named, Daemon},
     etcd::Certs,
     kernel_tests_enabled,
@@ -291,29 +291,13 @@ max_targets = 100
 
 /// One target of stream-r as the registry's wire type.
 fn race_target(ip: &str, id: u32, enabled: bool) -> tapmesh::proto::nsp::Target {
-    use tapmesh::proto::nsp::{target, Conduit, Stream, Trench};
+    use tapmesh::proto::nsp::target::Status;
     let status = if enabled {
-        target::Status::Enabled
+        Status::Enabled
     } else {
-        target::Status::Disabled
+        Status::Disabled
     };
-    tapmesh::proto::nsp::Target {
-        ips: vec![ip.into()],
-        context: [("identifier".to_string(), id.to_string())].into(),
-        status: status as i32,
-        r#type: target::Type::Default as i32,
-        stream: Some(Stream {
-            name: "stream-r".into(),
-            conduit: Some(Conduit {
-                name: "conduit-a".into(),
-                trench: Some(Trench {
-                    name: "trench-a".into(),
-                }),
-                destination_port_nats: vec![],
-            }),
-            max_targets: 0,
-        }),
-    }
+    registry_target("stream-r", ip, id, status)
 }
 
 /// Not a test of its own: the registry calls of [`Caller`], in a process

@@ -38,14 +38,24 @@ fn round(lab: &Lab, receivers: &[UdpReceiver], first_port: u16) -> BTreeMap<u16,
     let count = || receivers.iter().map(UdpReceiver::count).sum::<u64>();
     let ports: Vec<u16> = (first_port..first_port + FLOWS).collect();
     let client = &lab.client.as_ref().unwrap().0.name;
-    let sent = send_udp_flows(client, CLIENT, &ports, SocketAddrV4::new(VIP, PORT), 1, b"eds");
+    let sent = send_udp_flows(
+        client,
+        CLIENT,
+        &ports,
+        SocketAddrV4::new(VIP, PORT),
+        1,
+        b"eds",
+    );
     wait_until(Duration::from_secs(5), || count() >= sent);
     std::thread::sleep(Duration::from_millis(200));
     let mut reached = BTreeMap::new();
     for (i, r) in receivers.iter().enumerate() {
         for (port, n) in r.take().by_port() {
             assert_eq!(n, 1, "flow {port}: {n} datagrams at backend {i}");
-            assert!(reached.insert(port, i).is_none(), "flow {port} reached two backends");
+            assert!(
+                reached.insert(port, i).is_none(),
+                "flow {port} reached two backends"
+            );
         }
     }
     assert_eq!(reached.len() as u64, sent, "flows lost: {reached:?}");
@@ -111,7 +121,10 @@ fn eds_lab(follows: &[usize]) -> (Lab, Vec<Netns>, Vec<ControlPlane>) {
 fn halved(reached: &BTreeMap<u16, usize>) {
     let on_n2 = reached.values().filter(|&&b| b == 1).count();
     let share = on_n2 as f64 / FLOWS as f64;
-    assert!((0.425..=0.575).contains(&share), "node 2's backend took {on_n2} of {FLOWS}");
+    assert!(
+        (0.425..=0.575).contains(&share),
+        "node 2's backend took {on_n2} of {FLOWS}"
+    );
 }
 
 #[test]
@@ -128,7 +141,10 @@ fn eds_endpoints_in_another_nodes_pod_cidr_are_reached_through_the_tunnel() {
     assert!(remote_on_both, "{}\n{}", listing(&lab, 1), listing(&lab, 2));
     for i in 1..=2 {
         let l = listing(&lab, i);
-        assert!(line_of(&l, &backend(i)).contains(" slots 1 locality"), "{l}");
+        assert!(
+            line_of(&l, &backend(i)).contains(" slots 1 locality"),
+            "{l}"
+        );
         assert!(line_of(&l, UNCLAIMED).contains(" unreachable "), "{l}");
     }
 
@@ -176,9 +192,12 @@ fn a_node_whose_uplink_address_moves_is_reached_at_the_new_one() {
     n2.ip(&["addr", "del", "198.51.100.2/24", "dev", uplink]);
     n2.ip(&["addr", "add", "198.51.100.12/24", "dev", uplink]);
     let moved = wait_until(Duration::from_secs(10), || {
-        lab.daemon(1).status().plugins.iter().any(|p| {
-            p.name == "cluster" && p.detail.contains("2 nodes")
-        }) && remote_node_of(&lab) == Some(Ipv4Addr::new(198, 51, 100, 12))
+        lab.daemon(1)
+            .status()
+            .plugins
+            .iter()
+            .any(|p| p.name == "cluster" && p.detail.contains("2 nodes"))
+            && remote_node_of(&lab) == Some(Ipv4Addr::new(198, 51, 100, 12))
     });
     assert!(moved, "node 1 still tunnels to {:?}", remote_node_of(&lab));
     halved(&round(&lab, &receivers, 30000));
@@ -189,7 +208,10 @@ fn a_node_whose_uplink_address_moves_is_reached_at_the_new_one() {
 /// The tunnel address of node 1's remote target (node 2's backend).
 fn remote_node_of(lab: &Lab) -> Option<Ipv4Addr> {
     use aya::maps::{Array, Map, MapData};
-    use tapmesh_common::{lb::{Target, TARGET_REMOTE}, SCHEMA_VERSION};
+    use tapmesh_common::{
+        lb::{Target, TARGET_REMOTE},
+        SCHEMA_VERSION,
+    };
     let pins = lab.daemon(1).bpffs_root.join(format!("v{SCHEMA_VERSION}"));
     let data = MapData::from_pin(pins.join("tm_targets")).ok()?;
     let targets: Array<MapData, Target> = Array::try_from(Map::Array(data)).ok()?;

@@ -13,8 +13,8 @@ use tapmesh_tests::{
     kernel_tests_enabled,
     net::{spawn_in, wait_until},
     oakestra::{
-        deploy_json, node, node_engine_post, node_following, register_json, undeploy_json,
-        Cluster, Task, HUB,
+        deploy_json, node, node_engine_post, node_following, register_json, undeploy_json, Cluster,
+        Task, HUB,
     },
     overlay::Node,
     Netns,
@@ -419,7 +419,10 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
         n3.daemon.as_ref().unwrap().log_text()
     );
     let deployed = cluster.received("/net/service/deployed");
-    assert_eq!(deployed[0]["payload"]["host_ip"], "198.18.2.1", "{deployed:?}");
+    assert_eq!(
+        deployed[0]["payload"]["host_ip"], "198.18.2.1",
+        "{deployed:?}"
+    );
 
     // The uplink's address changes (DHCP, a move): removed, then the new one.
     n1.netns
@@ -430,7 +433,11 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
     let reported = wait_until(Duration::from_secs(5), || {
         !cluster.received("/net/service/address-changed").is_empty()
     });
-    assert!(reported, "no address-changed: {}", n1.daemon.as_ref().unwrap().log_text());
+    assert!(
+        reported,
+        "no address-changed: {}",
+        n1.daemon.as_ref().unwrap().log_text()
+    );
     eprintln!("address change reported after {:?}", moved.elapsed());
     // One report per local instance, in Oakestra's shape and QoS.
     std::thread::sleep(Duration::from_millis(300));

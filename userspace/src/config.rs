@@ -435,7 +435,10 @@ impl ClusterConfig {
                 Err(e) => {
                     return Err(bad(
                         "cluster.pod_cidrs",
-                        format!("{text:?} is not a prefix like 10.244.1.0/24: {}", e.reason()),
+                        format!(
+                            "{text:?} is not a prefix like 10.244.1.0/24: {}",
+                            e.reason()
+                        ),
                     ))
                 }
             }
@@ -1109,7 +1112,8 @@ mod tests {
             refused("pod_cidrs = [\"10.244.1.0/24\", \"10.244.2.1/24\"]"),
             "cluster.pod_cidrs: \"10.244.2.1/24\" has host bits set; the network is 10.244.2.0/24"
         );
-        assert!(refused("pod_cidrs = [\"pods\"]").starts_with("cluster.pod_cidrs: \"pods\" is not a prefix"));
+        assert!(refused("pod_cidrs = [\"pods\"]")
+            .starts_with("cluster.pod_cidrs: \"pods\" is not a prefix"));
         assert!(refused("cert_file = \"/etc/hostname\"").contains("key_file together"));
         assert!(refused("ca_file = \"/no/such/ca.pem\"")
             .starts_with("cluster.ca_file: /no/such/ca.pem"));

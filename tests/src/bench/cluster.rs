@@ -14,7 +14,7 @@ use tapmesh_common::{
 
 use super::timing::percentile_ms;
 use crate::{
-    cluster::Lab,
+    cluster::{registry_target, Lab},
     daemon::Daemon,
     net::wait_until,
     tapa::{stream, TapCaller, NSP_CONFIG, OPEN_WITHIN},
@@ -254,32 +254,6 @@ fn stream_m_enabled(lab: &Lab, i: usize) -> usize {
         .count()
 }
 
-/// Target `id` of stream-m at `ip`.
-fn many_target(
-    ip: &str,
-    id: u32,
-    status: tapmesh::proto::nsp::target::Status,
-) -> tapmesh::proto::nsp::Target {
-    use tapmesh::proto::nsp::{target, Conduit, Stream, Target, Trench};
-    Target {
-        ips: vec![ip.to_string()],
-        context: [("identifier".to_string(), id.to_string())].into(),
-        status: status as i32,
-        r#type: target::Type::Default as i32,
-        stream: Some(Stream {
-            name: "stream-m".into(),
-            conduit: Some(Conduit {
-                name: "conduit-a".into(),
-                trench: Some(Trench {
-                    name: "trench-a".into(),
-                }),
-                destination_port_nats: vec![],
-            }),
-            max_targets: 0,
-        }),
-    }
-}
-
 /// Registers targets `first..first + count` of stream-m with `ip` (an
 /// address with its prefix length) on the
 /// node socket, as Meridio's NSP clients do (DISABLED, then ENABLED), 32 at
@@ -300,9 +274,9 @@ pub fn register_many(socket: &str, node: u32, first: u32, count: u32) {
                 let k = id - first;
                 let ip = format!("198.18.{}.{}/32", 100 + 4 * node + k / 250, k % 250 + 1);
                 calls.spawn(async move {
-                    let disabled = many_target(&ip, id, target::Status::Disabled);
+                    let disabled = registry_target("stream-m", &ip, id, target::Status::Disabled);
                     client.register(disabled).await?;
-                    let enabled = many_target(&ip, id, target::Status::Enabled);
+                    let enabled = registry_target("stream-m", &ip, id, target::Status::Enabled);
                     client.register(enabled).await
                 });
             }

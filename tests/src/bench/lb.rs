@@ -8,8 +8,8 @@ use std::net::Ipv4Addr;
 use tapmesh::{
     dataplane::lb::{Hop, LbWriter, TunnelSettings},
     lb::flows::{FlowSpec, VipSpec},
-    lb::port_nat::PortNatSpec,
     lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia},
+    lb::port_nat::PortNatSpec,
 };
 
 use super::{

@@ -133,10 +133,7 @@ pub fn parse_node(name: &str, value: &[u8]) -> Result<NodeRecord, BadValue> {
             record.name
         )));
     }
-    if let Some(bad) = record
-        .prefix_texts()
-        .find(|p| p.parse::<Prefix>().is_err())
-    {
+    if let Some(bad) = record.prefix_texts().find(|p| p.parse::<Prefix>().is_err()) {
         return Err(BadValue(format!("{bad:?} is not a prefix")));
     }
     Ok(record)

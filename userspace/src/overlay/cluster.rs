@@ -155,7 +155,8 @@ impl Cluster {
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         tracing::info!("netmanager: connected to the cluster's MQTT broker");
-                        c.connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        c.connections
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         c.subscribed.send_replace(false);
                         c.subscribe_all();
                     }
