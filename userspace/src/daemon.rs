@@ -40,7 +40,7 @@ pub fn run(overrides: &Overrides, netns: Option<&str>, private_bpffs: bool) -> E
         eprintln!("tapmesh: {e}");
         ExitCode::from(EXIT_CONFIG)
     };
-    if let Err(e) = preflight::capabilities() {
+    if let Err(e) = preflight::capabilities().and_then(|()| preflight::jit()) {
         return refuse(&e);
     }
     if let Some(name) = netns {

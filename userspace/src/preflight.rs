@@ -1,6 +1,7 @@
 //! Checks the daemon makes before it loads or attaches anything, so that a
 //! machine it cannot work on is refused with one line (exit 2) and nothing
-//! to undo: privileges, the host's bpffs, uplinks another XDP program holds.
+//! to undo: privileges, the BPF JIT, the host's bpffs, uplinks another XDP
+//! program holds.
 
 use std::path::Path;
 
@@ -20,6 +21,8 @@ pub enum PreflightError {
         program: String,
         id: u32,
     },
+    #[error("net.core.bpf_jit_enable is {0}: the uplink program tail-calls port NAT's program and has subprograms, which the kernel allows only JIT-compiled; turn the JIT on (sysctl -w net.core.bpf_jit_enable=1)")]
+    JitOff(String),
 }
 
 const CAP_NET_ADMIN: u32 = 12;
@@ -103,6 +106,23 @@ pub fn host_bpffs(root: &Path, allow_private: bool) -> Result<(), PreflightError
     }
 }
 
+/// The BPF JIT is on (the uplink mixes a tail call and subprograms, which
+/// the interpreter refuses). A kernel built with the JIT always on has no
+/// such file or says 1.
+pub fn jit() -> Result<(), PreflightError> {
+    match std::fs::read_to_string("/proc/sys/net/core/bpf_jit_enable") {
+        Ok(value) => jit_on(&value),
+        Err(_) => Ok(()),
+    }
+}
+
+fn jit_on(value: &str) -> Result<(), PreflightError> {
+    match value.trim() {
+        "0" => Err(PreflightError::JitOff("0".into())),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses an uplink that holds an XDP program, unless it is the link a
 /// kept dataplane left under this daemon's pins (that one is replaced).
 pub fn uplinks_free(config: &Config) -> Result<(), PreflightError> {
@@ -138,6 +158,15 @@ pub fn uplinks_free(config: &Config) -> Result<(), PreflightError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_interpreter_only_kernel_is_refused_by_name() {
+        assert_eq!(jit_on("1\n"), Ok(()));
+        assert_eq!(jit_on("2\n"), Ok(()), "on, with debug output");
+        let e = jit_on("0\n").unwrap_err().to_string();
+        assert!(e.starts_with("net.core.bpf_jit_enable is 0:"), "{e}");
+        assert!(e.contains("sysctl -w net.core.bpf_jit_enable=1"), "{e}");
+    }
 
     #[test]
     fn capabilities_name_what_is_missing() {
