@@ -5,6 +5,7 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket},
+    sync::atomic::{AtomicU16, Ordering},
     time::Duration,
 };
 
@@ -49,16 +50,26 @@ fn who_servers(container: &Netns, name: &'static str) {
     std::thread::sleep(Duration::from_millis(100));
 }
 
-/// From inside `client`: one UDP flow (its own socket) per call to
-/// `to`:UDP_PORT (IPv4 or IPv6); returns who answered and the address the
-/// answer came from.
+/// Client source ports, below the ephemeral range: every flow of a test
+/// binary has its own, so a new flow can never meet the conntrack entry of
+/// an earlier one (a random port may repeat one).
+static NEXT_PORT: AtomicU16 = AtomicU16::new(20000);
+
+/// From inside `client`: one UDP flow (its own socket and source port) per
+/// call to `to`:UDP_PORT (IPv4 or IPv6); returns who answered and the
+/// address the answer came from.
 fn udp_ask(client: &Netns, to: &str, flows: usize) -> Vec<(String, String)> {
     let to: IpAddr = to.parse().unwrap();
-    let any = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+    let any: IpAddr = if to.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
     spawn_in(&client.name, move || {
         (0..flows)
             .map(|_| {
-                let s = UdpSocket::bind(any).unwrap();
+                let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+                let s = UdpSocket::bind((any, port)).expect("client bind");
                 s.set_read_timeout(Some(Duration::from_millis(1500)))
                     .unwrap();
                 for _ in 0..3 {
@@ -390,9 +401,13 @@ fn closest_prefers_the_local_instance_and_undeploy_removes_every_trace() {
         &[("Closest", CLOSEST), ("InstanceNumber", WEB0_IP)],
     );
     assert!(again.starts_with("192.0.2."));
-    who_servers(&lab.web0, "web0");
+    // The namespace kept its server (its socket outlives the link).
     let back = udp_ask(&lab.client, CLOSEST, 2);
-    assert!(back.iter().all(|(n, _)| n == "web0"), "{back:?}");
+    assert!(
+        back.iter().all(|(n, _)| n == "web0"),
+        "{back:?}\nnode 1's log:\n{}",
+        n1.daemon.as_ref().unwrap().log_text()
+    );
 }
 
 #[test]
