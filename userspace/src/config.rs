@@ -89,7 +89,23 @@ pub struct DataplaneConfig {
     pub tc_interfaces: Vec<String>,
     /// Leave programs attached and maps pinned when the daemon stops.
     pub keep_dataplane: bool,
+    /// Maglev table space shared by every stream (`tm_maglev`; 8 bytes of
+    /// kernel memory each): a stream needs its table size, twice while
+    /// its table is replaced.
+    pub maglev_entries: u32,
+    /// Overlay connections remembered, IPv4 (`tm_ov_ct`, LRU; a flow takes two).
+    pub conntrack_entries: u32,
+    /// The same for IPv6 (`tm_ov_ct6`).
+    pub conntrack6_entries: u32,
 }
+
+/// Bounds of the map sizes: below, a lone stream or a few hundred
+/// connections do not fit; above, one map would lock gigabytes.
+pub const MAP_SIZE_BOUNDS: [(&str, u32, u32); 3] = [
+    ("dataplane.maglev_entries", 1024, 1 << 26),
+    ("dataplane.conntrack_entries", 1024, 1 << 24),
+    ("dataplane.conntrack6_entries", 1024, 1 << 24),
+];
 
 impl Default for DataplaneConfig {
     fn default() -> Self {
@@ -99,7 +115,30 @@ impl Default for DataplaneConfig {
             xdp_mode: XdpMode::Auto,
             tc_interfaces: Vec::new(),
             keep_dataplane: false,
+            maglev_entries: tapmesh_common::lb::MAGLEV_CAPACITY,
+            conntrack_entries: tapmesh_common::overlay::CONNTRACK_ENTRIES,
+            conntrack6_entries: tapmesh_common::overlay::CONNTRACK_ENTRIES6,
         }
+    }
+}
+
+impl DataplaneConfig {
+    /// Each map size checked against [`MAP_SIZE_BOUNDS`].
+    fn validate_sizes(&self) -> Result<(), ConfigError> {
+        let values = [
+            self.maglev_entries,
+            self.conntrack_entries,
+            self.conntrack6_entries,
+        ];
+        for ((setting, min, max), value) in MAP_SIZE_BOUNDS.into_iter().zip(values) {
+            if !(min..=max).contains(&value) {
+                return Err(ConfigError::BadValue {
+                    setting,
+                    message: format!("{value} is out of range; use {min} to {max}"),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -855,6 +894,7 @@ impl Config {
                 }
             }
         }
+        dp.validate_sizes()?;
         self.validate_netmanager()?;
         self.cluster.validate()?;
         if !self.metrics.listen.is_empty()
@@ -1078,6 +1118,39 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(c.daemon.state_dir, PathBuf::from("/flag"));
+    }
+
+    #[test]
+    fn map_sizes_default_to_the_objects_and_are_bounded() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.dataplane.maglev_entries, 1 << 22);
+        assert_eq!(c.dataplane.conntrack_entries, 131_072);
+        assert_eq!(c.dataplane.conntrack6_entries, 65_536);
+        c.dataplane.validate_sizes().unwrap();
+
+        let refused = |toml: &str| {
+            Config::from_toml(&format!("[dataplane]\n{toml}"))
+                .unwrap()
+                .dataplane
+                .validate_sizes()
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            refused("conntrack_entries = 100"),
+            "dataplane.conntrack_entries: 100 is out of range; use 1024 to 16777216"
+        );
+        assert_eq!(
+            refused("maglev_entries = 67108865"),
+            "dataplane.maglev_entries: 67108865 is out of range; use 1024 to 67108864"
+        );
+        assert!(refused("conntrack6_entries = 0").starts_with("dataplane.conntrack6_entries: "));
+        let c = Config::from_toml(
+            "[dataplane]\nmaglev_entries = 1024\nconntrack6_entries = 16777216\n",
+        )
+        .unwrap();
+        c.dataplane.validate_sizes().unwrap();
+        assert!(Config::from_toml("[dataplane]\nmaglev_entries = -1\n").is_err());
     }
 
     #[test]

@@ -175,7 +175,8 @@ const BPF_EXAMPLES: &str = "\
 Examples:
   tapmesh bpf lb list                # VIPs, flows, streams with Maglev shares, targets
   tapmesh bpf overlay list -o json   # service IPs and their instances
-  tapmesh bpf mirror list            # tap rules per source port, rings";
+  tapmesh bpf mirror list            # tap rules per source port, rings
+  tapmesh bpf maps --cpus 64         # kernel memory per map, and the total on 64 CPUs";
 
 #[derive(Subcommand)]
 pub enum BpfCommand {
@@ -193,6 +194,12 @@ pub enum BpfCommand {
     Mirror {
         #[command(subcommand)]
         command: BpfList,
+    },
+    /// Every pinned map with its size and the kernel memory it takes.
+    Maps {
+        /// Also estimate the total on a machine with this many CPUs (per-CPU maps scaled).
+        #[arg(long, default_value_t = 0)]
+        cpus: u32,
     },
 }
 

@@ -8,7 +8,10 @@ use super::{
     json::{show, Output},
     print, EXIT_CONFIG,
 };
-use crate::dataplane::inspect::{self, InspectError, LbMaps, MirrorMaps, OverlayMaps};
+use crate::dataplane::{
+    inspect::{self, InspectError, LbMaps, MirrorMaps, OverlayMaps},
+    memory::{self, MapsMemory},
+};
 
 pub fn run(root: &Path, netns: Option<&str>, command: BpfCommand, output: Output) -> ExitCode {
     // Pins are not per namespace; interface names are.
@@ -28,6 +31,9 @@ pub fn run(root: &Path, netns: Option<&str>, command: BpfCommand, output: Output
         BpfCommand::Mirror {
             command: BpfList::List,
         } => inspect::mirror(&dir).map(|m| show(output, &m, render_mirror)),
+        BpfCommand::Maps { cpus } => {
+            memory::maps(&dir, cpus).map(|m| show(output, &m, render_maps))
+        }
     });
     match text {
         Ok(text) => {
@@ -43,6 +49,47 @@ pub fn run(root: &Path, netns: Option<&str>, command: BpfCommand, output: Output
             ExitCode::FAILURE
         }
     }
+}
+
+/// Bytes as MiB with two decimals.
+fn mib(bytes: u64) -> String {
+    format!("{:.2}", bytes as f64 / (1024.0 * 1024.0))
+}
+
+pub fn render_maps(m: &MapsMemory) -> String {
+    let mut out =
+        String::from("MAP              TYPE            KEY VALUE  ENTRIES    KERNEL BYTES   MiB\n");
+    for map in &m.maps {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<15} {:<3} {:<6} {:<10} {:<14} {}{}",
+            map.name,
+            map.kind,
+            map.key_size,
+            map.value_size,
+            map.max_entries,
+            map.memlock,
+            mib(map.memlock),
+            if map.per_cpu { " (per CPU)" } else { "" }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "total {} bytes ({} MiB) on {} possible CPUs, {} of it in per-CPU maps",
+        m.total,
+        mib(m.total),
+        m.possible_cpus,
+        mib(m.per_cpu_total)
+    );
+    if m.estimate_cpus != m.possible_cpus {
+        let _ = writeln!(
+            out,
+            "on {} CPUs: about {} MiB",
+            m.estimate_cpus,
+            mib(m.estimate_total)
+        );
+    }
+    out
 }
 
 fn list(items: &[String]) -> String {

@@ -147,10 +147,20 @@ impl Ids {
     }
 }
 
-/// First-fit regions of `tm_maglev`.
-#[derive(Clone, Debug, Default)]
+/// First-fit regions of `tm_maglev`, which has `capacity` entries.
+#[derive(Clone, Debug)]
 struct Regions {
+    capacity: u32,
     taken: BTreeMap<u32, u32>,
+}
+
+impl Default for Regions {
+    fn default() -> Self {
+        Self {
+            capacity: MAGLEV_CAPACITY,
+            taken: BTreeMap::new(),
+        }
+    }
 }
 
 impl Regions {
@@ -162,8 +172,10 @@ impl Regions {
             }
             at = base + len;
         }
-        if at.checked_add(size).is_none_or(|end| end > MAGLEV_CAPACITY) {
-            return Err(DataplaneError::Full("Maglev table space"));
+        if at.checked_add(size).is_none_or(|end| end > self.capacity) {
+            return Err(DataplaneError::Full(
+                "Maglev table space (raise dataplane.maglev_entries)",
+            ));
         }
         self.taken.insert(at, size);
         Ok(at)
@@ -321,6 +333,13 @@ fn read_counter(
 }
 
 impl LbWriter {
+    /// A writer for a `tm_maglev` of `entries` (`dataplane.maglev_entries`).
+    pub fn with_maglev_entries(entries: u32) -> Self {
+        let mut writer = Self::default();
+        writer.regions.capacity = entries;
+        writer
+    }
+
     /// Makes the maps hold `input`'s tables. Nothing is written unless all of
     /// it can be: unknown interfaces, remote targets without a tunnel
     /// address and full id spaces are refused first. Each local interface is

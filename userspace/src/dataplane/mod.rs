@@ -10,6 +10,7 @@ mod batch;
 pub mod cleanup;
 pub mod inspect;
 pub mod lb;
+pub mod memory;
 pub mod mirror;
 pub mod overlay;
 mod pins;
@@ -122,6 +123,8 @@ pub struct DataplaneHandle {
     /// This node's tunnel endpoint as `tm_tunnel` holds it (it follows the
     /// uplink's address unless `lb.node_address` is set).
     tunnel: Arc<tokio::sync::watch::Sender<tunnel::TunnelSettings>>,
+    /// The map sizes of `[dataplane]` (set when configured).
+    sizes: Arc<std::sync::Mutex<pins::Sizes>>,
 }
 
 impl Default for DataplaneHandle {
@@ -129,11 +132,17 @@ impl Default for DataplaneHandle {
         Self {
             running: Arc::default(),
             tunnel: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
+            sizes: Arc::default(),
         }
     }
 }
 
 impl DataplaneHandle {
+    /// Entries of the Maglev table space (`dataplane.maglev_entries`).
+    pub fn maglev_entries(&self) -> u32 {
+        self.sizes.lock().expect("sizes lock").maglev
+    }
+
     /// The node's tunnel endpoint now.
     pub fn tunnel(&self) -> tunnel::TunnelSettings {
         *self.tunnel.borrow()
@@ -478,6 +487,7 @@ impl Plugin for DataplanePlugin {
         config: &Config,
     ) -> Result<(), PluginError> {
         *self.config.lock().expect("config lock") = config.dataplane.clone();
+        *self.handle.sizes.lock().expect("sizes lock") = pins::Sizes::of(&config.dataplane);
         self.handle
             .tunnel
             .send_replace(tunnel::TunnelSettings::of(config));
@@ -564,11 +574,12 @@ fn start_dataplane(
 ) -> Result<Running, DataplaneError> {
     let pin_dir = pins::prepare(&config.bpffs_root)?;
     let kept = pins::has_pins(&pin_dir);
+    let sizes = pins::Sizes::of(config);
     let mut attachments = Vec::new();
     let mut links = attach::Links::default();
     let mut loaded = None;
     let result = (|| {
-        let ebpf = loaded.insert(pins::load(BPF_OBJECT, &pin_dir)?);
+        let ebpf = loaded.insert(pins::load(BPF_OBJECT, &pin_dir, &sizes)?);
         tunnel::write(ebpf, tunnel)?;
         // Every static peer, over any an earlier daemon named.
         tunnel::write_peers(ebpf, PEER_STATIC, peers, peers)?;
@@ -600,7 +611,7 @@ fn start_dataplane(
     }
     Ok(Running {
         ebpf: loaded.expect("loaded when attaching succeeded"),
-        lb: lb::LbWriter::default(),
+        lb: lb::LbWriter::with_maglev_entries(sizes.maglev),
         mirror: mirror::MirrorWriter::default(),
         overlay: overlay::OverlayWriter::default(),
         links,

@@ -280,16 +280,58 @@ fn mount_bpffs(target: &Path) -> Result<(), DataplaneError> {
     Ok(())
 }
 
-/// Removes pins whose layout differs from this build's, so the loader
-/// creates fresh maps instead of reusing incompatible ones.
-fn drop_stale_pins(dir: &Path) {
+/// The map sizes `[dataplane]` may change from the object's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sizes {
+    pub maglev: u32,
+    pub conntrack: u32,
+    pub conntrack6: u32,
+}
+
+impl Default for Sizes {
+    fn default() -> Self {
+        Self::of(&crate::config::DataplaneConfig::default())
+    }
+}
+
+impl Sizes {
+    pub fn of(config: &crate::config::DataplaneConfig) -> Self {
+        Self {
+            maglev: config.maglev_entries,
+            conntrack: config.conntrack_entries,
+            conntrack6: config.conntrack6_entries,
+        }
+    }
+
+    /// (map, entries) for every sized map.
+    fn entries(&self) -> [(&'static str, u32); 3] {
+        [
+            (n::MAGLEV, self.maglev),
+            (n::OV_CONNTRACK, self.conntrack),
+            (n::OV_CONNTRACK6, self.conntrack6),
+        ]
+    }
+
+    /// The entries `spec` is to have.
+    fn of_map(&self, spec: &MapSpec) -> u32 {
+        self.entries()
+            .into_iter()
+            .find(|(name, _)| *name == spec.name)
+            .map_or(spec.max_entries, |(_, entries)| entries)
+    }
+}
+
+/// Removes pins whose layout differs from this build's (or whose size
+/// differs from the configured one), so the loader creates fresh maps
+/// instead of reusing incompatible ones.
+fn drop_stale_pins(dir: &Path, sizes: &Sizes) {
     for spec in MAPS {
         let path = dir.join(spec.name);
         let Ok(info) = MapInfo::from_pin(&path) else {
             continue;
         };
         let found = (info.key_size(), info.value_size(), info.max_entries());
-        let want = (spec.key_size, spec.value_size, spec.max_entries);
+        let want = (spec.key_size, spec.value_size, sizes.of_map(spec));
         if found != want {
             tracing::warn!(
                 map = spec.name,
@@ -302,17 +344,25 @@ fn drop_stale_pins(dir: &Path) {
     }
 }
 
-/// Loads the object, reusing maps pinned in `dir` or pinning new ones there,
-/// and loads every program into the kernel.
-pub fn load(object: &[u8], dir: &Path) -> Result<Ebpf, DataplaneError> {
-    drop_stale_pins(dir);
+/// Loads the object with the configured map sizes, reusing maps pinned in
+/// `dir` or pinning new ones there, and loads every program into the kernel.
+pub fn load(object: &[u8], dir: &Path, sizes: &Sizes) -> Result<Ebpf, DataplaneError> {
+    drop_stale_pins(dir, sizes);
     let mut loader = EbpfLoader::new();
     for spec in MAPS {
         loader.map_pin_path(spec.name, dir.join(spec.name));
     }
+    for (name, entries) in sizes.entries() {
+        loader.map_max_entries(name, entries);
+    }
     let mut ebpf = loader.load(object)?;
     super::attach::load_programs(&mut ebpf)?;
     Ok(ebpf)
+}
+
+/// The name of every map the dataplane pins.
+pub fn names() -> impl Iterator<Item = &'static str> {
+    MAPS.iter().map(|spec| spec.name)
 }
 
 /// True when maps of an earlier daemon are pinned in `dir` (kept dataplane).

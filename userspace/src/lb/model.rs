@@ -127,8 +127,8 @@ pub enum LbError {
     DuplicateStream { stream: String },
     #[error("stream {stream:?}: {source}")]
     Maglev { stream: String, source: MaglevError },
-    #[error("the streams' Maglev tables need {total} entries in all; at most {MAGLEV_CAPACITY} fit, lower max_targets or table_size")]
-    MaglevCapacity { total: u64 },
+    #[error("the streams' Maglev tables need {total} entries in all; dataplane.maglev_entries is {capacity}: raise it, or lower max_targets or table_size")]
+    MaglevCapacity { total: u64, capacity: u32 },
     #[error(
         "flow {flow:?} stream: unknown stream {stream:?}; define it under streams or fix the name"
     )]
@@ -205,9 +205,20 @@ pub enum LbError {
 /// A stream whose `max_targets` and `table_size` are the same again reuses
 /// the builder (its base table is a full Maglev fill, a few ms for 1000
 /// targets); with the same active slots too, it gets its table back.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tables {
     built: HashMap<String, Built>,
+    /// Entries of `tm_maglev`, which every table must fit in together.
+    maglev_entries: u32,
+}
+
+impl Default for Tables {
+    fn default() -> Self {
+        Self {
+            built: HashMap::new(),
+            maglev_entries: MAGLEV_CAPACITY,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -220,6 +231,12 @@ struct Built {
 }
 
 impl Tables {
+    /// Validations from now on check the tables against `entries`
+    /// (`dataplane.maglev_entries`).
+    pub fn set_maglev_entries(&mut self, entries: u32) {
+        self.maglev_entries = entries;
+    }
+
     /// The builder and, when `active` is the same, the table of stream `s`.
     fn get(&self, s: &StreamSpec, active: &[u32]) -> Option<(&Arc<Maglev>, Option<&Vec<u32>>)> {
         let b = self
@@ -280,8 +297,11 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
         })?;
         total += u64::from(size);
     }
-    if total > u64::from(MAGLEV_CAPACITY) {
-        return Err(LbError::MaglevCapacity { total });
+    if total > u64::from(tables.maglev_entries) {
+        return Err(LbError::MaglevCapacity {
+            total,
+            capacity: tables.maglev_entries,
+        });
     }
 
     if let Some(f) = flows
@@ -715,7 +735,8 @@ mod tests {
         assert_eq!(
             err(&spec),
             LbError::MaglevCapacity {
-                total: 5 * 1_000_003
+                total: 5 * 1_000_003,
+                capacity: MAGLEV_CAPACITY
             }
         );
     }

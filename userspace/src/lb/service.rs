@@ -185,7 +185,11 @@ impl LbService {
         let merged = sources.merged(&sources.own);
         let checked = sources.check(source, &sources.others[source]);
         let valid = checked
-            .and_then(|()| validate_with(&merged, &mut sources.tables))
+            .and_then(|()| {
+                let entries = self.dataplane.maglev_entries();
+                sources.tables.set_maglev_entries(entries);
+                validate_with(&merged, &mut sources.tables)
+            })
             .and_then(|valid| checks::check_node(&merged, tunnel.address).map(|()| valid));
         let valid = valid
             .map_err(LbServiceError::from)
@@ -230,6 +234,8 @@ impl LbService {
         }
         let merged = sources.merged(&new);
         sources.check("lb", &new)?;
+        let entries = self.dataplane.maglev_entries();
+        sources.tables.set_maglev_entries(entries);
         let valid = validate_with(&merged, &mut sources.tables)?;
         checks::check_node(&merged, self.tunnel().address)?;
         self.prepare_local(&merged)?;

@@ -1,0 +1,210 @@
+//! Issue 18, memory: the sizes in `[dataplane]` are the pinned maps' sizes,
+//! `tapmesh bpf maps` reports what the kernel charges for each map, and LB
+//! tables must fit the configured Maglev space (a refusal changes nothing).
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use serde_json::Value;
+use tapmesh::lb::model::LbSpec;
+use tapmesh_common::SCHEMA_VERSION;
+use tapmesh_tests::{
+    daemon::tapmesh_bin,
+    kernel_tests_enabled,
+    maps::{differences, dump_pinned},
+    net::{flow, send_udp_flows, stream, vip, wait_until, LbLab, UdpReceiver, CLIENT},
+    sh, unique,
+};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const MAGLEV_ENTRIES: u64 = 12_000;
+const SIZES: &str =
+    "[dataplane]\nmaglev_entries = 12000\nconntrack_entries = 4096\nconntrack6_entries = 2048\n";
+
+fn lab() -> (LbLab, PathBuf, PathBuf) {
+    let mut lab = LbLab::new(1, &[VIP]);
+    lab.start_configured(SIZES);
+    let root = lab.daemon().bpffs_root.clone();
+    let pins = root.join(format!("v{SCHEMA_VERSION}"));
+    (lab, root, pins)
+}
+
+/// What bpftool says of every map pinned in `pins`, by name.
+fn bpftool_maps(pins: &Path) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(pins).expect("pin directory") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            continue;
+        }
+        let shown = sh(
+            "bpftool",
+            &["-j", "map", "show", "pinned", path.to_str().unwrap()],
+        );
+        let map: Value = serde_json::from_slice(&shown.stdout).expect("bpftool JSON");
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        out.insert(name, map);
+    }
+    out
+}
+
+fn tapmesh_maps(root: &Path, extra: &[&str]) -> Value {
+    let out = Command::new(tapmesh_bin())
+        .args(["bpf", "maps", "-o", "json", "--bpffs-root"])
+        .arg(root)
+        .args(extra)
+        .output()
+        .expect("running tapmesh bpf maps");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("tapmesh bpf maps JSON")
+}
+
+#[test]
+fn configured_sizes_are_the_pinned_sizes_and_each_maps_kernel_memory_is_reported() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (mut lab, root, pins) = lab();
+    let shown = bpftool_maps(&pins);
+    for (map, entries) in [
+        ("tm_maglev", 12_000),
+        ("tm_ov_ct", 4096),
+        ("tm_ov_ct6", 2048),
+    ] {
+        assert_eq!(shown[map]["max_entries"], entries, "{map}: {}", shown[map]);
+    }
+
+    let report = tapmesh_maps(&root, &[]);
+    let maps = report["maps"].as_array().expect("maps");
+    assert_eq!(maps.len(), shown.len(), "every pinned map is listed");
+    let mut total = 0;
+    let mut per_cpu = 0;
+    for m in maps {
+        let name = m["name"].as_str().unwrap();
+        let kernel = &shown[name];
+        let memlock = m["memlock"].as_u64().unwrap();
+        assert_eq!(
+            Some(memlock),
+            kernel["bytes_memlock"].as_u64(),
+            "{name}: {m} vs {kernel}"
+        );
+        assert_eq!(m["max_entries"], kernel["max_entries"], "{name}");
+        assert_eq!(m["kind"], kernel["type"], "{name}");
+        let kernel_per_cpu = kernel["type"].as_str().unwrap().contains("percpu");
+        assert_eq!(m["per_cpu"], kernel_per_cpu, "{name}");
+        total += memlock;
+        if kernel_per_cpu {
+            per_cpu += memlock;
+        }
+    }
+    assert_eq!(report["total"], total);
+    assert_eq!(report["per_cpu_total"], per_cpu);
+    assert!(per_cpu > 0, "the counters are per CPU");
+    // The 12000-entry Maglev space is charged by entry (8 bytes each).
+    let maglev = maps.iter().find(|m| m["name"] == "tm_maglev").unwrap();
+    assert!(maglev["memlock"].as_u64().unwrap() >= 8 * MAGLEV_ENTRIES);
+    assert!(maglev["memlock"].as_u64().unwrap() < 8 * MAGLEV_ENTRIES + 4096);
+
+    // On 64 CPUs the per-CPU maps scale with the count, the rest stays.
+    let cpus = report["possible_cpus"].as_u64().unwrap();
+    let at64 = tapmesh_maps(&root, &["--cpus", "64"]);
+    assert_eq!(at64["estimate_cpus"], 64);
+    assert_eq!(
+        at64["estimate_total"],
+        total - per_cpu + per_cpu * 64 / cpus
+    );
+
+    // A daemon started on these pins with other sizes replaces the maps
+    // whose size changed, and says so.
+    let config = std::env::temp_dir().join(format!("{}.toml", unique("tmsizes")));
+    std::fs::write(&config, "[dataplane]\nconntrack_entries = 8192\n").unwrap();
+    lab.kill_and_start(None, &["--config".into(), config.display().to_string()]);
+    let _ = std::fs::remove_file(&config);
+    let shown = bpftool_maps(&pins);
+    assert_eq!(shown["tm_ov_ct"]["max_entries"], 8192);
+    assert_eq!(
+        shown["tm_maglev"]["max_entries"],
+        1 << 22,
+        "back to the default"
+    );
+    assert_eq!(
+        shown["tm_ov_ct6"]["max_entries"], 65_536,
+        "back to the default"
+    );
+    let log = lab.daemon().log_text();
+    assert!(
+        log.contains("tm_ov_ct") && log.contains("replacing it"),
+        "{log}"
+    );
+}
+
+fn sized_stream(name: &str, table_size: u32) -> tapmesh::lb::model::StreamSpec {
+    let mut s = stream(name, 10);
+    s.table_size = Some(table_size);
+    s
+}
+
+/// 100 datagrams (100 flows) to the VIP: all reach the one target.
+fn datagrams_cross(lab: &LbLab, when: &str) {
+    let dst = SocketAddrV4::new(VIP, 7000);
+    let receiver = UdpReceiver::start(&lab.targets[0].netns.name, dst);
+    let ports: Vec<u16> = (31_000..31_100).collect();
+    let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 1, &[0x5a; 32]);
+    assert_eq!(sent, 100);
+    wait_until(Duration::from_secs(5), || receiver.count() >= sent);
+    assert_eq!(
+        receiver.stop().total(),
+        sent,
+        "{when}: every datagram arrives"
+    );
+}
+
+#[test]
+fn lb_tables_must_fit_the_configured_maglev_space_and_a_refusal_changes_nothing() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (lab, _root, pins) = lab();
+    let good = LbSpec {
+        vips: vec![vip("v", &VIP.to_string())],
+        streams: vec![sized_stream("s", 10_007)],
+        flows: vec![flow("all", &["v"], "s", &["udp"])],
+        targets: vec![lab.targets[0].local("s", 1)],
+    };
+    lab.apply(&good).expect("a 10007-entry table fits in 12000");
+    datagrams_cross(&lab, "applied");
+    let before = dump_pinned(&pins);
+
+    // Two tables of 10007 + 2003 entries: more than the space holds.
+    let mut two = good.clone();
+    two.streams.push(sized_stream("t", 2003));
+    let refused = lab.apply(&two).expect_err("12010 entries do not fit");
+    assert!(
+        refused.contains("need 12010 entries in all; dataplane.maglev_entries is 12000"),
+        "{refused}"
+    );
+    let diff = differences(&before, &dump_pinned(&pins));
+    assert!(diff.is_empty(), "maps changed: {diff:?}");
+
+    // A bigger table alone fits, but not beside the one it replaces
+    // (traffic keeps the old table until the new one is whole).
+    let mut bigger = good.clone();
+    bigger.streams = vec![sized_stream("s", 10_009)];
+    let refused = lab.apply(&bigger).expect_err("10007 + 10009 do not fit");
+    assert!(
+        refused.contains("Maglev table space (raise dataplane.maglev_entries)"),
+        "{refused}"
+    );
+    let diff = differences(&before, &dump_pinned(&pins));
+    assert!(diff.is_empty(), "maps changed: {diff:?}");
+    datagrams_cross(&lab, "after the refusals");
+}
