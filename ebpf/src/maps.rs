@@ -9,7 +9,7 @@ use tapmesh_common::{
     lb::{
         FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortNatKey, PortNatPick, PortNatValue,
         SourceData, StreamValue, Target, VipAddr, VipConfig, VipSlot, VipValue, FLOW_SLOTS,
-        MAGLEV_CAPACITY, MAX_CONFIGS, MAX_FLOWS, MAX_PORT_NATS, MAX_PREFIXES, MAX_STREAMS,
+        MAGLEV_CAPACITY, MAGLEV_MAP_FLAGS, MAX_CONFIGS, MAX_FLOWS, MAX_PORT_NATS, MAX_PREFIXES, MAX_STREAMS,
         MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
     },
     mirror::{
@@ -70,8 +70,10 @@ pub static tm_flows: Array<FlowEntry, { FLOW_SLOTS as usize }> = Array::new();
 pub static tm_streams: Array<StreamValue, { MAX_STREAMS as usize }> = Array::new();
 
 /// Every stream's Maglev table: entries hold a slot (identifier − 1).
+/// Mappable, so the daemon writes tables by memory copy.
 #[btf_map]
-pub static tm_maglev: Array<u32, { MAGLEV_CAPACITY as usize }> = Array::new();
+pub static tm_maglev: Array<u32, { MAGLEV_CAPACITY as usize }, { MAGLEV_MAP_FLAGS as usize }> =
+    Array::new();
 
 /// Target index (what Maglev entries hold) → how to reach the target.
 #[btf_map]

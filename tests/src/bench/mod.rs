@@ -27,6 +27,7 @@ pub mod cluster;
 pub mod control;
 pub mod eds;
 pub mod lb;
+pub mod maglev;
 pub mod mirror;
 pub mod overlay;
 pub mod timing;
@@ -107,6 +108,7 @@ pub fn report() -> String {
     let control = control::open_latency();
     let mirroring = mirror::rates();
     let eds = eds::update_latency();
+    let maglev_write = maglev::table_write();
     let cluster = cluster::registration_latency() + "\n" + &cluster::many_targets();
     let overlay_rates = overlay::rates();
 
@@ -134,7 +136,7 @@ pub fn report() -> String {
          parts (parser, the eight array values and four counters it reads, and the uplink's \
          code present but not run, which shows that program size alone costs nothing).\n\n\
          | operation | timed as | ns/packet | net of floor | Mpps (net) |\n|---|---|---:|---:|---:|\n\
-         {block_table}\n{control}\n{mirroring}\n{eds}\n{cluster}\n{overlay_rates}",
+         {block_table}\n{control}\n{mirroring}\n{eds}\n{maglev_write}\n{cluster}\n{overlay_rates}",
         machine()
     )
 }

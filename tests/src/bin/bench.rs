@@ -2,7 +2,8 @@
 //! `tapmesh_tests::bench` in one run, printed and written to the file.
 //! `tapmesh-bench rows` prints the repeat = 1 packet-path rows only (a quick
 //! check while working on a path), `tapmesh-bench overlay` the overlay's
-//! rows and rates, `tapmesh-bench mirror` the mirroring section,
+//! rows and rates, `tapmesh-bench mirror` the mirroring section, `tapmesh-bench maglev` the
+//! Maglev table write,
 //! `tapmesh-bench paths` every BPF_PROG_TEST_RUN row (packet paths and
 //! building blocks; `TAPMESH_BENCH_MEAN=1`: trimmed means, for comparing
 //! two builds in one run).
@@ -34,6 +35,7 @@ fn main() {
             print!("{}", bench::overlay::rates());
         }
         "mirror" => print!("{}", bench::mirror::rates()),
+        "maglev" => print!("{}", bench::maglev::table_write()),
         "cluster" => {
             print!("{}", bench::cluster::registration_latency());
             print!("\n{}", bench::cluster::many_targets());

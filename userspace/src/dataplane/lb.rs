@@ -282,6 +282,9 @@ pub struct LbWriter {
     peers: BTreeSet<std::net::Ipv4Addr>,
     /// `tm_port_nat_rev` as written.
     replies: Vec<(NatReplyKey, PortNatValue)>,
+    /// `tm_maglev` mapped, once [`LbWriter::map_maglev`] succeeded; else
+    /// tables go by batch update.
+    maglev: Option<super::mapped::MappedArray>,
 }
 
 /// The nodes of the remote targets: the ones that may send this node
@@ -338,6 +341,30 @@ impl LbWriter {
         let mut writer = Self::default();
         writer.regions.capacity = entries;
         writer
+    }
+
+    /// Writes Maglev tables through a mapping of `tm_maglev` from now on.
+    pub fn map_maglev(&mut self, ebpf: &Ebpf) -> Result<(), DataplaneError> {
+        let map = ebpf.map(n::MAGLEV).ok_or(DataplaneError::Map {
+            name: n::MAGLEV,
+            message: "missing from the object".into(),
+        })?;
+        let data = match map {
+            aya::maps::Map::Array(data) => data,
+            _ => {
+                return Err(DataplaneError::Map {
+                    name: n::MAGLEV,
+                    message: "not an array".into(),
+                })
+            }
+        };
+        let mapped =
+            super::mapped::MappedArray::new(data).map_err(|message| DataplaneError::Map {
+                name: n::MAGLEV,
+                message,
+            })?;
+        self.maglev = Some(mapped);
+        Ok(())
     }
 
     /// Makes the maps hold `input`'s tables. Nothing is written unless all of
@@ -825,18 +852,28 @@ impl LbWriter {
         } else {
             None
         };
-        let (indices, values): (Vec<u32>, Vec<u32>) = table
-            .iter()
-            .enumerate()
-            .filter(|&(i, entry)| held.as_ref().is_none_or(|h| h[i] != *entry))
-            .map(|(i, entry)| (base + i as u32, *entry))
-            .unzip();
-        array::<u32>(ebpf, n::MAGLEV).and_then(|mut map| {
-            batch::set_many(&mut map, &indices, &values).map_err(|e| DataplaneError::Map {
-                name: n::MAGLEV,
-                message: e.to_string(),
-            })
-        })?;
+        if let Some(mapped) = self.maglev.as_mut() {
+            // A whole table costs less than comparing it with the spare.
+            mapped
+                .write(base, table)
+                .map_err(|message| DataplaneError::Map {
+                    name: n::MAGLEV,
+                    message,
+                })?;
+        } else {
+            let (indices, values): (Vec<u32>, Vec<u32>) = table
+                .iter()
+                .enumerate()
+                .filter(|&(i, entry)| held.as_ref().is_none_or(|h| h[i] != *entry))
+                .map(|(i, entry)| (base + i as u32, *entry))
+                .unzip();
+            array::<u32>(ebpf, n::MAGLEV).and_then(|mut map| {
+                batch::set_many(&mut map, &indices, &values).map_err(|e| DataplaneError::Map {
+                    name: n::MAGLEV,
+                    message: e.to_string(),
+                })
+            })?;
+        }
         let value = StreamValue {
             table_base: base,
             table_size: table.len() as u32,

@@ -6,10 +6,11 @@
 //! through a [`DataplaneHandle`] and never touch map handles themselves.
 
 mod attach;
-mod batch;
+pub mod batch;
 pub mod cleanup;
 pub mod inspect;
 pub mod lb;
+pub mod mapped;
 pub mod memory;
 pub mod mirror;
 pub mod overlay;
@@ -609,9 +610,14 @@ fn start_dataplane(
         }
         return Err(e);
     }
+    let ebpf = loaded.expect("loaded when attaching succeeded");
+    let mut lb = lb::LbWriter::with_maglev_entries(sizes.maglev);
+    if let Err(e) = lb.map_maglev(&ebpf) {
+        tracing::warn!("Maglev tables go by batch update: {e}");
+    }
     Ok(Running {
-        ebpf: loaded.expect("loaded when attaching succeeded"),
-        lb: lb::LbWriter::with_maglev_entries(sizes.maglev),
+        ebpf,
+        lb,
         mirror: mirror::MirrorWriter::default(),
         overlay: overlay::OverlayWriter::default(),
         links,

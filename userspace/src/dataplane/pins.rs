@@ -321,6 +321,16 @@ impl Sizes {
     }
 }
 
+/// The creation flags a pinned map must have (a map made without them
+/// cannot be reused); other flags are not compared.
+fn required_flags(name: &str) -> u32 {
+    if name == n::MAGLEV {
+        tapmesh_common::lb::MAGLEV_MAP_FLAGS
+    } else {
+        0
+    }
+}
+
 /// Removes pins whose layout differs from this build's (or whose size
 /// differs from the configured one), so the loader creates fresh maps
 /// instead of reusing incompatible ones.
@@ -330,14 +340,24 @@ fn drop_stale_pins(dir: &Path, sizes: &Sizes) {
         let Ok(info) = MapInfo::from_pin(&path) else {
             continue;
         };
-        let found = (info.key_size(), info.value_size(), info.max_entries());
-        let want = (spec.key_size, spec.value_size, sizes.of_map(spec));
+        let found = (
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags() & required_flags(spec.name),
+        );
+        let want = (
+            spec.key_size,
+            spec.value_size,
+            sizes.of_map(spec),
+            required_flags(spec.name),
+        );
         if found != want {
             tracing::warn!(
                 map = spec.name,
                 ?found,
                 ?want,
-                "pinned map has another layout (key, value, entries); replacing it"
+                "pinned map has another layout (key, value, entries, flags); replacing it"
             );
             let _ = std::fs::remove_file(&path);
         }
