@@ -28,9 +28,6 @@ pub const MAGLEV_CAPACITY: u32 = 1 << 22;
 /// `tm_maglev` is created with `BPF_F_MMAPABLE`: the daemon writes a whole
 /// table with one copy into its mapping instead of a syscall per entry.
 pub const MAGLEV_MAP_FLAGS: u32 = 1 << 10;
-/// Bytes between two entries of `tm_maglev` in that mapping (the kernel
-/// rounds an array's values up to 8 bytes).
-pub const MAGLEV_ENTRY_STRIDE: usize = 8;
 /// Entries of each port and source LPM trie.
 pub const MAX_PREFIXES: u32 = 65_536;
 /// Byte matches per flow.

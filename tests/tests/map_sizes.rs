@@ -2,8 +2,9 @@
 //! `tapmesh bpf maps` reports what the kernel charges for each map, and LB
 //! tables must fit the configured Maglev space (a refusal changes nothing).
 
+use aya::maps::{Array, Map, MapData};
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     process::Command,
@@ -11,8 +12,8 @@ use std::{
 };
 
 use serde_json::Value;
-use tapmesh::lb::model::LbSpec;
-use tapmesh_common::SCHEMA_VERSION;
+use tapmesh::lb::{maglev::Maglev, model::LbSpec};
+use tapmesh_common::{lb::StreamValue, SCHEMA_VERSION};
 use tapmesh_tests::{
     daemon::tapmesh_bin,
     kernel_tests_enabled,
@@ -159,18 +160,66 @@ fn sized_stream(name: &str, table_size: u32) -> tapmesh::lb::model::StreamSpec {
     s
 }
 
-/// 100 datagrams (100 flows) to the VIP: all reach the one target.
+/// The one published Maglev table, read through the syscall interface
+/// (`tm_streams` for where it is, then `tm_maglev` entry by entry).
+fn kernel_table(pins: &Path) -> Vec<u32> {
+    let open = |name: &str| {
+        Map::Array(MapData::from_pin(pins.join(name)).unwrap_or_else(|e| panic!("{name}: {e}")))
+    };
+    let streams: Array<MapData, StreamValue> = Array::try_from(open("tm_streams")).unwrap();
+    let published: Vec<StreamValue> = streams
+        .iter()
+        .map(|v| v.unwrap())
+        .filter(|v| v.table_size != 0)
+        .collect();
+    assert_eq!(published.len(), 1, "one stream: {published:?}");
+    let maglev: Array<MapData, u32> = Array::try_from(open("tm_maglev")).unwrap();
+    let StreamValue {
+        table_base,
+        table_size,
+    } = published[0];
+    (table_base..table_base + table_size)
+        .map(|i| maglev.get(&i, 0).unwrap())
+        .collect()
+}
+
+/// The kernel's table is the userspace Maglev table of `size` entries
+/// over slots 0 and 1, entry for entry (slots name target indices there).
+fn is_maglev_table(kernel: &[u32], size: u32) -> bool {
+    let want = Maglev::new(10, Some(size)).unwrap().build(&[0, 1]).unwrap();
+    let mut index_of = BTreeMap::new();
+    kernel.len() == want.len()
+        && want
+            .iter()
+            .zip(kernel)
+            .all(|(slot, index)| *index_of.entry(*slot).or_insert(*index) == *index)
+        && index_of.len() == 2
+        && index_of.values().collect::<BTreeSet<_>>().len() == 2
+}
+
+/// 200 datagrams (200 flows) to the VIP: all arrive, some at each target.
 fn datagrams_cross(lab: &LbLab, when: &str) {
     let dst = SocketAddrV4::new(VIP, 7000);
-    let receiver = UdpReceiver::start(&lab.targets[0].netns.name, dst);
-    let ports: Vec<u16> = (31_000..31_100).collect();
+    let receivers: Vec<UdpReceiver> = lab
+        .targets
+        .iter()
+        .map(|t| UdpReceiver::start(&t.netns.name, dst))
+        .collect();
+    let ports: Vec<u16> = (31_000..31_200).collect();
     let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 1, &[0x5a; 32]);
-    assert_eq!(sent, 100);
-    wait_until(Duration::from_secs(5), || receiver.count() >= sent);
+    assert_eq!(sent, 200);
+    wait_until(Duration::from_secs(5), || {
+        receivers.iter().map(UdpReceiver::count).sum::<u64>() >= sent
+    });
+    let counts: Vec<u64> = receivers.into_iter().map(|r| r.stop().total()).collect();
     assert_eq!(
-        receiver.stop().total(),
+        counts.iter().sum::<u64>(),
         sent,
-        "{when}: every datagram arrives"
+        "{when}: every datagram arrives: {counts:?}"
+    );
+    assert!(
+        counts.iter().all(|&c| c > 0),
+        "{when}: both targets get flows: {counts:?}"
     );
 }
 
@@ -179,17 +228,19 @@ fn lb_tables_must_fit_the_configured_maglev_space_and_a_refusal_changes_nothing(
     if !kernel_tests_enabled() {
         return;
     }
-    let (lab, _root, pins) = lab();
+    let mut lab = LbLab::new(2, &[VIP]);
+    lab.start_configured(SIZES);
+    let pins = lab.daemon().bpffs_root.join(format!("v{SCHEMA_VERSION}"));
     let good = LbSpec {
         vips: vec![vip("v", &VIP.to_string())],
         streams: vec![sized_stream("s", 10_007)],
         flows: vec![flow("all", &["v"], "s", &["udp"])],
-        targets: vec![lab.targets[0].local("s", 1)],
+        targets: vec![lab.targets[0].local("s", 1), lab.targets[1].local("s", 2)],
     };
     lab.apply(&good).expect("a 10007-entry table fits in 12000");
+    // Written through the daemon's mapping, read back by syscall.
+    assert!(is_maglev_table(&kernel_table(&pins), 10_007));
     datagrams_cross(&lab, "applied");
-    let log = lab.daemon().log_text();
-    assert!(!log.contains("go by batch update"), "{log}");
     let before = dump_pinned(&pins);
 
     // Two tables of 10007 + 2003 entries: more than the space holds.
@@ -215,4 +266,24 @@ fn lb_tables_must_fit_the_configured_maglev_space_and_a_refusal_changes_nothing(
     let diff = differences(&before, &dump_pinned(&pins));
     assert!(diff.is_empty(), "maps changed: {diff:?}");
     datagrams_cross(&lab, "after the refusals");
+
+    // A restart on these pins with a larger space: tm_maglev is replaced,
+    // and tm_streams with it (its streams pointed into the old tables).
+    let config = std::env::temp_dir().join(format!("{}.toml", unique("tmsizes")));
+    std::fs::write(&config, "[dataplane]\nmaglev_entries = 30011\n").unwrap();
+    lab.kill_and_start(
+        Some(&bigger),
+        &["--config".into(), config.display().to_string()],
+    );
+    let _ = std::fs::remove_file(&config);
+    let log = lab.daemon().log_text();
+    assert!(
+        log.contains("tm_maglev") && log.contains("replacing it with tm_maglev"),
+        "{log}"
+    );
+    wait_until(Duration::from_secs(5), || {
+        is_maglev_table(&kernel_table(&pins), 10_009)
+    });
+    assert!(is_maglev_table(&kernel_table(&pins), 10_009));
+    datagrams_cross(&lab, "after the restart");
 }

@@ -99,10 +99,14 @@ pub struct DataplaneConfig {
     pub conntrack6_entries: u32,
 }
 
+/// The most `dataplane.maglev_entries` may be: what a file checked away
+/// from the daemon (`tapmesh lb apply`, `config check`) may need at most.
+pub const MAX_MAGLEV_ENTRIES: u32 = 1 << 26;
+
 /// Bounds of the map sizes: below, a lone stream or a few hundred
 /// connections do not fit; above, one map would lock gigabytes.
 pub const MAP_SIZE_BOUNDS: [(&str, u32, u32); 3] = [
-    ("dataplane.maglev_entries", 1024, 1 << 26),
+    ("dataplane.maglev_entries", 1024, MAX_MAGLEV_ENTRIES),
     ("dataplane.conntrack_entries", 1024, 1 << 24),
     ("dataplane.conntrack6_entries", 1024, 1 << 24),
 ];

@@ -58,7 +58,8 @@ pub fn check(path: &Path, kind: Option<Kind>) -> Result<Kind, String> {
                 .map_err(|e| format!("config file {}: {e}", path.display()))?;
         }
         Kind::Lb => {
-            crate::lb::service::read_spec(path).map_err(|e| e.to_string())?;
+            crate::lb::service::read_spec(path, crate::config::MAX_MAGLEV_ENTRIES)
+                .map_err(|e| e.to_string())?;
         }
         Kind::Meridio => {
             // Its validation errors (the daemon's words on reload) name no file.

@@ -81,7 +81,8 @@ pub async fn run(socket: PathBuf, command: LbCommand, output: super::json::Outpu
     };
     let result = match command {
         LbCommand::Apply { file } => {
-            let spec = match crate::lb::service::read_spec(&file) {
+            let spec = match crate::lb::service::read_spec(&file, crate::config::MAX_MAGLEV_ENTRIES)
+            {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("tapmesh: {e}");

@@ -28,7 +28,7 @@ use tapmesh_common::{
     PacketCounter,
 };
 
-use super::{batch, map_err, map_mut, tunnel::write_peers, DataplaneError};
+use super::{batch, map_err, map_mut, mapped::MappedArray, tunnel::write_peers, DataplaneError};
 
 /// Map entries of one VIP configuration (under one config id).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -282,9 +282,8 @@ pub struct LbWriter {
     peers: BTreeSet<std::net::Ipv4Addr>,
     /// `tm_port_nat_rev` as written.
     replies: Vec<(NatReplyKey, PortNatValue)>,
-    /// `tm_maglev` mapped, once [`LbWriter::map_maglev`] succeeded; else
-    /// tables go by batch update.
-    maglev: Option<super::mapped::MappedArray>,
+    /// `tm_maglev` mapped, once a table was written.
+    maglev: Option<MappedArray>,
 }
 
 /// The nodes of the remote targets: the ones that may send this node
@@ -343,28 +342,23 @@ impl LbWriter {
         writer
     }
 
-    /// Writes Maglev tables through a mapping of `tm_maglev` from now on.
-    pub fn map_maglev(&mut self, ebpf: &Ebpf) -> Result<(), DataplaneError> {
-        let map = ebpf.map(n::MAGLEV).ok_or(DataplaneError::Map {
-            name: n::MAGLEV,
-            message: "missing from the object".into(),
-        })?;
-        let data = match map {
-            aya::maps::Map::Array(data) => data,
-            _ => {
-                return Err(DataplaneError::Map {
+    /// `tm_maglev` mapped into this process (mapped on first use): tables
+    /// are written by memory copy, not by syscalls.
+    fn mapped_maglev(&mut self, ebpf: &Ebpf) -> Result<&mut MappedArray, DataplaneError> {
+        let mapped = match self.maglev.take() {
+            Some(mapped) => mapped,
+            None => {
+                let err = |message: String| DataplaneError::Map {
                     name: n::MAGLEV,
-                    message: "not an array".into(),
-                })
+                    message,
+                };
+                match ebpf.map(n::MAGLEV) {
+                    Some(aya::maps::Map::Array(data)) => MappedArray::new(data).map_err(err)?,
+                    _ => return Err(err("missing from the object, or not an array".into())),
+                }
             }
         };
-        let mapped =
-            super::mapped::MappedArray::new(data).map_err(|message| DataplaneError::Map {
-                name: n::MAGLEV,
-                message,
-            })?;
-        self.maglev = Some(mapped);
-        Ok(())
+        Ok(self.maglev.insert(mapped))
     }
 
     /// Makes the maps hold `input`'s tables. Nothing is written unless all of
@@ -379,6 +373,8 @@ impl LbWriter {
         resolve: Resolver,
     ) -> Result<(), DataplaneError> {
         let tables = input.lb_tables();
+        // Mapped before anything is written: a failure here changes nothing.
+        self.mapped_maglev(ebpf)?;
         let plan = self.plan(&tables, tunnel, resolve)?;
         self.write(ebpf, &tables, plan)
     }
@@ -847,33 +843,16 @@ impl LbWriter {
         let slot = self.streams.get_mut(name).expect("stream id assigned");
         let id = slot.id;
         let base = placement.base;
-        let held = if placement.reuse_spare {
-            slot.spare.take().map(|(_, held)| held)
-        } else {
-            None
-        };
-        if let Some(mapped) = self.maglev.as_mut() {
-            // A whole table costs less than comparing it with the spare.
-            mapped
-                .write(base, table)
-                .map_err(|message| DataplaneError::Map {
-                    name: n::MAGLEV,
-                    message,
-                })?;
-        } else {
-            let (indices, values): (Vec<u32>, Vec<u32>) = table
-                .iter()
-                .enumerate()
-                .filter(|&(i, entry)| held.as_ref().is_none_or(|h| h[i] != *entry))
-                .map(|(i, entry)| (base + i as u32, *entry))
-                .unzip();
-            array::<u32>(ebpf, n::MAGLEV).and_then(|mut map| {
-                batch::set_many(&mut map, &indices, &values).map_err(|e| DataplaneError::Map {
-                    name: n::MAGLEV,
-                    message: e.to_string(),
-                })
-            })?;
+        if placement.reuse_spare {
+            slot.spare = None;
         }
+        // The whole table: a pass over memory costs less than comparing.
+        self.mapped_maglev(ebpf)?
+            .write(base, table)
+            .map_err(|message| DataplaneError::Map {
+                name: n::MAGLEV,
+                message,
+            })?;
         let value = StreamValue {
             table_base: base,
             table_size: table.len() as u32,

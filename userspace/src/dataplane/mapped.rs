@@ -10,9 +10,7 @@ use std::{
 };
 
 use aya::maps::MapData;
-
-/// `BPF_F_MMAPABLE`.
-const MMAPABLE: u32 = 1 << 10;
+use tapmesh_common::lb::MAGLEV_MAP_FLAGS as MMAPABLE;
 
 /// A writable shared mapping of a whole u32 array map.
 pub struct MappedArray {
@@ -44,7 +42,8 @@ impl MappedArray {
             return Err(format!("values of {} bytes, not 4", info.value_size()));
         }
         let entries = info.max_entries();
-        let stride = 8;
+        // The kernel rounds array values up to 8 bytes.
+        let stride = (info.value_size() as usize).next_multiple_of(8);
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
         let bytes = (entries as usize * stride).div_ceil(page) * page;

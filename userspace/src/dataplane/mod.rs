@@ -610,14 +610,9 @@ fn start_dataplane(
         }
         return Err(e);
     }
-    let ebpf = loaded.expect("loaded when attaching succeeded");
-    let mut lb = lb::LbWriter::with_maglev_entries(sizes.maglev);
-    if let Err(e) = lb.map_maglev(&ebpf) {
-        tracing::warn!("Maglev tables go by batch update: {e}");
-    }
     Ok(Running {
-        ebpf,
-        lb,
+        ebpf: loaded.expect("loaded when attaching succeeded"),
+        lb: lb::LbWriter::with_maglev_entries(sizes.maglev),
         mirror: mirror::MirrorWriter::default(),
         overlay: overlay::OverlayWriter::default(),
         links,

@@ -333,11 +333,21 @@ fn required_flags(name: &str) -> u32 {
 
 /// Removes pins whose layout differs from this build's (or whose size
 /// differs from the configured one), so the loader creates fresh maps
-/// instead of reusing incompatible ones.
-fn drop_stale_pins(dir: &Path, sizes: &Sizes) {
+/// instead of reusing incompatible ones. A fresh `tm_maglev` is all zeros,
+/// which reads as target 0, so the kept `tm_streams` that point into it go
+/// too: until the LB writes again, streams have no table and drop.
+fn drop_stale_pins(dir: &Path, sizes: &Sizes) -> Result<(), DataplaneError> {
+    let remove = |name: &str| {
+        std::fs::remove_file(dir.join(name)).map_err(|e| {
+            DataplaneError::Bpffs(format!(
+                "removing the stale pin {}: {e}",
+                dir.join(name).display()
+            ))
+        })
+    };
+    let mut stale = Vec::new();
     for spec in MAPS {
-        let path = dir.join(spec.name);
-        let Ok(info) = MapInfo::from_pin(&path) else {
+        let Ok(info) = MapInfo::from_pin(dir.join(spec.name)) else {
             continue;
         };
         let found = (
@@ -359,15 +369,26 @@ fn drop_stale_pins(dir: &Path, sizes: &Sizes) {
                 ?want,
                 "pinned map has another layout (key, value, entries, flags); replacing it"
             );
-            let _ = std::fs::remove_file(&path);
+            stale.push(spec.name);
         }
     }
+    if stale.contains(&n::MAGLEV) && !stale.contains(&n::STREAMS) && dir.join(n::STREAMS).exists() {
+        tracing::warn!(
+            map = n::STREAMS,
+            "replacing it with tm_maglev: its streams point into the old tables"
+        );
+        stale.push(n::STREAMS);
+    }
+    for name in stale {
+        remove(name)?;
+    }
+    Ok(())
 }
 
 /// Loads the object with the configured map sizes, reusing maps pinned in
 /// `dir` or pinning new ones there, and loads every program into the kernel.
 pub fn load(object: &[u8], dir: &Path, sizes: &Sizes) -> Result<Ebpf, DataplaneError> {
-    drop_stale_pins(dir, sizes);
+    drop_stale_pins(dir, sizes)?;
     let mut loader = EbpfLoader::new();
     for spec in MAPS {
         loader.map_pin_path(spec.name, dir.join(spec.name));

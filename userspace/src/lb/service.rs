@@ -14,7 +14,7 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::flows::{FlowSpec, VipSpec};
-use super::model::{validate, validate_with, LbError, LbSpec, StreamSpec, Tables, TargetSpec};
+use super::model::{validate_with, LbError, LbSpec, StreamSpec, Tables, TargetSpec};
 use super::tables::lb_tables;
 use super::{checks, persist};
 use crate::{
@@ -48,15 +48,18 @@ pub enum LbServiceError {
     File { path: String, message: String },
 }
 
-/// Reads an LB configuration file (TOML) and validates it.
-pub fn read_spec(path: &Path) -> Result<LbSpec, LbServiceError> {
+/// Reads an LB configuration file (TOML) and validates it, with
+/// `maglev_entries` of Maglev table space.
+pub fn read_spec(path: &Path, maglev_entries: u32) -> Result<LbSpec, LbServiceError> {
     let file = |message: String| LbServiceError::File {
         path: path.display().to_string(),
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
     let spec: LbSpec = toml::from_str(&text).map_err(|e| file(e.message().replace('\n', " ")))?;
-    validate(&spec).map_err(|e| file(e.to_string()))?;
+    let mut tables = Tables::default();
+    tables.set_maglev_entries(maglev_entries);
+    validate_with(&spec, &mut tables).map_err(|e| file(e.to_string()))?;
     checks::check_owners(&[("lb", &spec)]).map_err(|e| file(e.to_string()))?;
     Ok(spec)
 }
@@ -550,7 +553,10 @@ impl Plugin for LbPlugin {
         config: &Config,
     ) -> Result<(), PluginError> {
         let file = match &config.lb.config_file {
-            Some(path) => Some(read_spec(path).map_err(|e| PluginError::new(e.to_string()))?),
+            Some(path) => Some(
+                read_spec(path, config.dataplane.maglev_entries)
+                    .map_err(|e| PluginError::new(e.to_string()))?,
+            ),
             None => None,
         };
         *self.service.store.lock().expect("store lock") =
