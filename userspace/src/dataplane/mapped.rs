@@ -98,20 +98,6 @@ impl MappedArray {
         fence(Ordering::SeqCst);
         Ok(())
     }
-
-    /// Entry `index`, read through the mapping.
-    pub fn get(&self, index: u32) -> Option<u32> {
-        (index < self.entries).then(|| {
-            // SAFETY: in bounds, as in `write`.
-            unsafe {
-                self.base
-                    .as_ptr()
-                    .add(index as usize * self.stride)
-                    .cast::<u32>()
-                    .read_volatile()
-            }
-        })
-    }
 }
 
 impl Drop for MappedArray {
