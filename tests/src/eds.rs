@@ -57,13 +57,14 @@ pub fn backend(i: usize) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 18, 16, 10)) + i as u32)
 }
 
-/// A namespace whose veth `eb0` (198.18.16.1/20, peer `eb1`) has backends
+/// A namespace whose veth `eb0` (198.18.16.1/18, room for 12 000 backends;
+/// peer `eb1`) has backends
 /// 0 to `count - 1` as permanent neighbours, backend `i` at MAC
 /// 02:00:00:00:<i's two low bytes>, so each resolves to a local target.
 pub fn backends_netns(label: &str, count: usize) -> Netns {
     let ns = Netns::new(label);
     ns.ip(&["link", "add", "eb0", "type", "veth", "peer", "name", "eb1"]);
-    ns.ip(&["addr", "add", "198.18.16.1/20", "dev", "eb0"]);
+    ns.ip(&["addr", "add", "198.18.16.1/18", "dev", "eb0"]);
     ns.ip(&["link", "set", "eb1", "up"]);
     ns.ip(&["link", "set", "eb0", "up"]);
     let mut batch = String::new();
