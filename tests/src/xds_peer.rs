@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 const XDS_PROTOS: &str = "xds-protos==1.85.0";
 
 const SERVER: &str = r#"
-import json, queue, sys, threading, urllib.parse
+import json, queue, sys, threading, time, urllib.parse
 from concurrent import futures
 
 import grpc
@@ -54,7 +54,7 @@ next_stream = [0]
 
 
 def emit(kind, **fields):
-    parts = [kind]
+    parts = [kind, "t=%d" % time.monotonic_ns()]
     for k, v in fields.items():
         if v is None:
             continue
@@ -374,6 +374,8 @@ pub struct SeenRequest {
     /// The server judged the nonce stale and ignored the request.
     pub stale: bool,
     pub at: Instant,
+    /// When the server read it (its monotonic clock, ns).
+    pub server_ns: u64,
 }
 
 /// A `DiscoveryResponse` the server sent.
@@ -385,6 +387,8 @@ pub struct SentResponse {
     pub nonce: String,
     pub clusters: Vec<String>,
     pub replay: bool,
+    /// When the server queued it for its stream (its monotonic clock, ns).
+    pub server_ns: u64,
 }
 
 #[derive(Default)]
@@ -503,6 +507,7 @@ fn record(log: &mut Log, line: &str) {
             error_detail: f.get("error").cloned(),
             stale: get("stale") == "1",
             at: Instant::now(),
+            server_ns: get("t").parse().unwrap_or(0),
         }),
         "response" => log.responses.push(SentResponse {
             stream: get("stream").parse().unwrap_or(0),
@@ -511,6 +516,7 @@ fn record(log: &mut Log, line: &str) {
             nonce: get("nonce"),
             clusters: list(f.get("clusters")),
             replay: get("replay") == "1",
+            server_ns: get("t").parse().unwrap_or(0),
         }),
         _ => {}
     }

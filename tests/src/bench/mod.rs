@@ -31,6 +31,7 @@ pub mod maglev;
 pub mod mirror;
 pub mod overlay;
 pub mod timing;
+pub mod xds;
 
 use std::fmt::Write as _;
 
@@ -109,6 +110,7 @@ pub fn report() -> String {
     let mirroring = mirror::rates();
     let eds = eds::update_latency();
     let maglev_write = maglev::table_write();
+    let xds_grpc = xds::through_grpc();
     let cluster = cluster::registration_latency() + "\n" + &cluster::many_targets();
     let overlay_rates = overlay::rates();
 
@@ -136,7 +138,7 @@ pub fn report() -> String {
          parts (parser, the eight array values and four counters it reads, and the uplink's \
          code present but not run, which shows that program size alone costs nothing).\n\n\
          | operation | timed as | ns/packet | net of floor | Mpps (net) |\n|---|---|---:|---:|---:|\n\
-         {block_table}\n{control}\n{mirroring}\n{eds}\n{maglev_write}\n{cluster}\n{overlay_rates}",
+         {block_table}\n{control}\n{mirroring}\n{eds}\n{xds_grpc}\n{maglev_write}\n{cluster}\n{overlay_rates}",
         machine()
     )
 }

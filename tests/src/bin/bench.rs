@@ -3,7 +3,8 @@
 //! `tapmesh-bench rows` prints the repeat = 1 packet-path rows only (a quick
 //! check while working on a path), `tapmesh-bench overlay` the overlay's
 //! rows and rates, `tapmesh-bench mirror` the mirroring section, `tapmesh-bench maglev` the
-//! Maglev table write, `tapmesh-bench eds` the EDS update latency,
+//! Maglev table write, `tapmesh-bench eds` the EDS update latency, `tapmesh-bench xds` EDS
+//! through a real gRPC xDS server,
 //! `tapmesh-bench paths` every BPF_PROG_TEST_RUN row (packet paths and
 //! building blocks; `TAPMESH_BENCH_MEAN=1`: trimmed means, for comparing
 //! two builds in one run).
@@ -37,6 +38,7 @@ fn main() {
         "mirror" => print!("{}", bench::mirror::rates()),
         "maglev" => print!("{}", bench::maglev::table_write()),
         "eds" => print!("{}", bench::eds::update_latency()),
+        "xds" => print!("{}", bench::xds::through_grpc()),
         "cluster" => {
             print!("{}", bench::cluster::registration_latency());
             print!("\n{}", bench::cluster::many_targets());
