@@ -754,6 +754,24 @@ pub struct LbLab {
 }
 
 impl LbLab {
+    /// 200 UDP flows from the client to `vip`:7000, one datagram each:
+    /// how many each target received (all 200 arrive, or this waits 5 s).
+    pub fn spread(&self, vip: Ipv4Addr) -> Vec<u64> {
+        let dst = SocketAddrV4::new(vip, 7000);
+        let receivers: Vec<UdpReceiver> = self
+            .targets
+            .iter()
+            .map(|t| UdpReceiver::start(&t.netns.name, dst))
+            .collect();
+        let ports: Vec<u16> = (31_000..31_200).collect();
+        let sent = send_udp_flows(&self.client.name, CLIENT, &ports, dst, 1, &[0x5a; 32]);
+        assert_eq!(sent, 200);
+        wait_until(Duration::from_secs(5), || {
+            receivers.iter().map(UdpReceiver::count).sum::<u64>() >= sent
+        });
+        receivers.into_iter().map(|r| r.stop().total()).collect()
+    }
+
     /// The namespaces and links, `targets` targets each holding `vips` on `lo`.
     pub fn new(targets: usize, vips: &[Ipv4Addr]) -> Self {
         assert!(targets <= 100, "target addresses are 198.18.<10+i>.0/24");

@@ -5,7 +5,7 @@
 use aya::maps::{Array, Map, MapData};
 use std::{
     collections::{BTreeMap, BTreeSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     process::Command,
     time::Duration,
@@ -18,7 +18,7 @@ use tapmesh_tests::{
     daemon::tapmesh_bin,
     kernel_tests_enabled,
     maps::{differences, dump_pinned},
-    net::{flow, send_udp_flows, stream, vip, wait_until, LbLab, UdpReceiver, CLIENT},
+    net::{flow, stream, vip, wait_until, LbLab},
     sh, unique,
 };
 
@@ -197,26 +197,10 @@ fn is_maglev_table(kernel: &[u32], size: u32) -> bool {
         && index_of.values().collect::<BTreeSet<_>>().len() == 2
 }
 
-/// 200 datagrams (200 flows) to the VIP: all arrive, some at each target.
+/// 200 flows to the VIP: all arrive, some at each target.
 fn datagrams_cross(lab: &LbLab, when: &str) {
-    let dst = SocketAddrV4::new(VIP, 7000);
-    let receivers: Vec<UdpReceiver> = lab
-        .targets
-        .iter()
-        .map(|t| UdpReceiver::start(&t.netns.name, dst))
-        .collect();
-    let ports: Vec<u16> = (31_000..31_200).collect();
-    let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 1, &[0x5a; 32]);
-    assert_eq!(sent, 200);
-    wait_until(Duration::from_secs(5), || {
-        receivers.iter().map(UdpReceiver::count).sum::<u64>() >= sent
-    });
-    let counts: Vec<u64> = receivers.into_iter().map(|r| r.stop().total()).collect();
-    assert_eq!(
-        counts.iter().sum::<u64>(),
-        sent,
-        "{when}: every datagram arrives: {counts:?}"
-    );
+    let counts = lab.spread(VIP);
+    assert_eq!(counts.iter().sum::<u64>(), 200, "{when}: {counts:?}");
     assert!(
         counts.iter().all(|&c| c > 0),
         "{when}: both targets get flows: {counts:?}"
