@@ -32,7 +32,15 @@ impl Bpf {
     pub fn load() -> Self {
         let other = std::env::var_os("TAPMESH_BENCH_OBJECT")
             .map(|path| std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path:?}: {e}")));
-        let object = other.as_deref().unwrap_or(BPF_OBJECT);
+        Self::load_bytes(other.as_deref().unwrap_or(BPF_OBJECT))
+    }
+
+    /// The BPF object in `path` (a build with the same map layout).
+    pub fn load_file(path: &str) -> Self {
+        Self::load_bytes(&std::fs::read(path).unwrap_or_else(|e| panic!("reading {path}: {e}")))
+    }
+
+    fn load_bytes(object: &[u8]) -> Self {
         let mut ebpf = Ebpf::load(object).expect("loading the BPF object");
         for name in [
             program_names::XDP_UPLINK,

@@ -91,6 +91,46 @@ pub fn overlay_rows() -> Vec<Row> {
     })
 }
 
+/// The IPv4 overlay decapsulation rows of several builds of the BPF object
+/// (files with the same map layout), interleaved: `rounds` rounds of 20 000
+/// single runs per build and row, so every build sees the same moments of a
+/// shared machine. Prints each round and returns the medians of the rounds'
+/// net figures, one line per build and row.
+pub fn compare_decap(objects: &[String], rounds: usize) -> String {
+    let underlay = Underlay::new(true);
+    underlay.run(|| {
+        pin_to_current_cpu();
+        let mut builds: Vec<Bpf> = objects.iter().map(|o| Bpf::load_file(o)).collect();
+        for bpf in &mut builds {
+            // Fills the maps (and checks every path) as the full run does.
+            overlay::rows(bpf, underlay.index, underlay.mac);
+        }
+        let frames = overlay::decap_frames();
+        let mut nets = vec![vec![Vec::new(); frames.len()]; builds.len()];
+        for round in 0..rounds {
+            let mut line = format!("round {round}:");
+            for (b, bpf) in builds.iter_mut().enumerate() {
+                for (f, (_, frame, _)) in frames.iter().enumerate() {
+                    let (raw, floor) = timing::measure_calls(bpf, "tm_xdp_uplink", frame, 20_000);
+                    nets[b][f].push(raw - floor);
+                    line += &format!(" {:.1}", raw - floor);
+                }
+                line += " |";
+            }
+            eprintln!("{line}");
+        }
+        let mut out = String::new();
+        for (b, object) in objects.iter().enumerate() {
+            for (f, (name, _, _)) in frames.iter().enumerate() {
+                let v = &mut nets[b][f];
+                v.sort_by(f64::total_cmp);
+                let _ = writeln!(out, "{:6.1} net  {object}  {name}", v[v.len() / 2]);
+            }
+        }
+        out
+    })
+}
+
 /// The BPF_PROG_TEST_RUN part of BENCHMARKS.md: the packet paths' table,
 /// the target lines about it, and the building blocks' rows.
 pub struct Paths {

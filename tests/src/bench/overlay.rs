@@ -34,6 +34,14 @@ const TC_ACT_REDIRECT: u32 = 7;
 const FLOOD: Duration = Duration::from_secs(2);
 const SERVICE: &str = "203.0.113.10";
 const PORT: u16 = 7000;
+/// The client container, its instance IP, the RR service IP and its remote
+/// instance's addresses in [`rows`].
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 100);
+const RR_SERVICE: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const INSTANCE_NS: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 66);
+const INSTANCE_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 102);
+const PAYLOAD: [u8; 18] = [0; 18];
 
 /// The overlay's paths with a service table in the maps: a client container
 /// (192.0.2.2, instance IP 203.0.113.100) sends to an RR service IP whose one
@@ -44,11 +52,8 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
         addr6_words, addr_word, OverlayTables, OverlayWriter, ServiceTable,
     };
     use tapmesh_common::overlay::*;
-    let client = Ipv4Addr::new(192, 0, 2, 2);
-    let client_ip = Ipv4Addr::new(203, 0, 113, 100);
-    let service = Ipv4Addr::new(203, 0, 113, 10);
-    let instance_ns = Ipv4Addr::new(192, 0, 2, 66);
-    let instance_ip = Ipv4Addr::new(203, 0, 113, 102);
+    let (client, client_ip, service) = (CLIENT, CLIENT_IP, RR_SERVICE);
+    let (instance_ns, instance_ip) = (INSTANCE_NS, INSTANCE_IP);
     let mut tables = OverlayTables::default();
     let tunnel = tapmesh::dataplane::tunnel::TunnelSettings {
         port: TUNNEL_PORT,
@@ -161,15 +166,10 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
     OverlayWriter::default()
         .apply(&mut bpf.ebpf, &tables)
         .expect("writing the overlay tables");
-    let payload = [0u8; 18];
+    let payload = PAYLOAD;
     // From the client container to the host end of its veth.
     let from_client = |ip: &[u8]| ethernet(OUR_MAC, MAC_A, &[], 0x0800, ip);
     let request = from_client(&udp4(client, service, 40000, 7000, &payload));
-    let reply_inner = udp4(instance_ip, client, 7000, 40000, &payload);
-    let reply = eth(&udp4(REMOTE_NODE, NODE, 0xc123, TUNNEL_PORT, &reply_inner));
-    let other = Ipv4Addr::new(203, 0, 113, 7);
-    let other_inner = udp4(other, client, 7000, 40001, &payload);
-    let request_in = eth(&udp4(REMOTE_NODE, NODE, 0xc124, TUNNEL_PORT, &other_inner));
 
     let mut rows = Vec::new();
     let outside = Ipv4Addr::new(198, 51, 100, 9);
@@ -242,19 +242,8 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
     ] {
         rows.push(tc_encap_row(bpf, name, frame, &client_ip.octets(), &instance_ns.octets()));
     }
-    for (name, frame, source) in [
-        (
-            "XDP uplink: tunnel reply → decap, reverse translation → container",
-            &reply,
-            service,
-        ),
-        (
-            "XDP uplink: tunnel request → decap → container (no translation)",
-            &request_in,
-            other,
-        ),
-    ] {
-        rows.push(xdp_decap_row(bpf, name, frame, &source.octets()));
+    for (name, frame, source) in decap_frames() {
+        rows.push(xdp_decap_row(bpf, name, &frame, &source.octets()));
     }
 
     // IPv6: a request (whole, then in two fragments) and the reply.
@@ -318,6 +307,27 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
     let name = "XDP uplink: IPv6 tunnel reply → decap, reverse translation → container";
     rows.push(xdp_decap_row(bpf, name, &reply6, &service6.octets()));
     rows
+}
+
+/// The IPv4 tunnel packets of [`rows`]' decapsulation rows, with their
+/// names and the inner source the container must see: a reply (translated
+/// back to the service IP) and a request (delivered as it is).
+pub fn decap_frames() -> [(&'static str, Vec<u8>, Ipv4Addr); 2] {
+    let reply_inner = udp4(INSTANCE_IP, CLIENT, 7000, 40000, &PAYLOAD);
+    let other = Ipv4Addr::new(203, 0, 113, 7);
+    let other_inner = udp4(other, CLIENT, 7000, 40001, &PAYLOAD);
+    [
+        (
+            "XDP uplink: tunnel reply → decap, reverse translation → container",
+            eth(&udp4(REMOTE_NODE, NODE, 0xc123, TUNNEL_PORT, &reply_inner)),
+            RR_SERVICE,
+        ),
+        (
+            "XDP uplink: tunnel request → decap → container (no translation)",
+            eth(&udp4(REMOTE_NODE, NODE, 0xc124, TUNNEL_PORT, &other_inner)),
+            other,
+        ),
+    ]
 }
 
 /// An uplink row whose tunnel packet is decapsulated and redirected to the

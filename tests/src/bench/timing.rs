@@ -46,18 +46,23 @@ pub fn measure(bpf: &mut Bpf, program: &str, frame: &[u8]) -> f64 {
 /// empty XDP program, called alternately so both see the same conditions
 /// (the other core's load, frequency, cache pressure) at the same time.
 pub fn measure_loop(bpf: &mut Bpf, program: &str, frame: &[u8]) -> (f64, f64) {
+    measure_calls(bpf, program, frame, LOOP_CALLS)
+}
+
+/// [`measure_loop`] with `calls` single runs.
+pub fn measure_calls(bpf: &mut Bpf, program: &str, frame: &[u8], calls: usize) -> (f64, f64) {
     let floor_program = if program.starts_with("tm_tc") || program.starts_with("tm_probe_tc") {
         "tm_tc_floor"
     } else {
         "tm_xdp_floor"
     };
-    for _ in 0..LOOP_CALLS / 10 {
+    for _ in 0..calls / 10 {
         bpf.run(program, frame, 1);
         bpf.run(floor_program, frame, 1);
     }
-    let mut path = Vec::with_capacity(LOOP_CALLS);
-    let mut floor = Vec::with_capacity(LOOP_CALLS);
-    for _ in 0..LOOP_CALLS {
+    let mut path = Vec::with_capacity(calls);
+    let mut floor = Vec::with_capacity(calls);
+    for _ in 0..calls {
         path.push(bpf.run(program, frame, 1).duration);
         floor.push(bpf.run(floor_program, frame, 1).duration);
     }

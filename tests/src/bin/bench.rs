@@ -2,7 +2,7 @@
 //! `tapmesh_tests::bench` in one run, printed and written to the file.
 //! `tapmesh-bench rows` prints the repeat = 1 packet-path rows only (a quick
 //! check while working on a path), `tapmesh-bench overlay` the overlay's
-//! rows and rates, `tapmesh-bench mirror` the mirroring section, `tapmesh-bench maglev` the
+//! rows and rates (`overlay-rows`: the rows only), `tapmesh-bench mirror` the mirroring section, `tapmesh-bench maglev` the
 //! Maglev table write, `tapmesh-bench eds` the EDS update latency, `tapmesh-bench xds` EDS
 //! through a real gRPC xDS server,
 //! `tapmesh-bench paths` every BPF_PROG_TEST_RUN row (packet paths and
@@ -34,6 +34,19 @@ fn main() {
                 );
             }
             print!("{}", bench::overlay::rates());
+        }
+        "overlay-rows" => {
+            for (name, raw, floor) in bench::overlay_rows() {
+                println!("{:6.1} net ({raw:.0} − {floor:.0})  {name}", raw - floor);
+            }
+        }
+        // `compare-decap ROUNDS OBJECT...`: builds of the BPF object side by side.
+        "compare-decap" => {
+            let a: Vec<String> = std::env::args().skip(2).collect();
+            print!(
+                "{}",
+                bench::compare_decap(&a[1..], a[0].parse().expect("a round count"))
+            );
         }
         "mirror" => print!("{}", bench::mirror::rates()),
         "maglev" => print!("{}", bench::maglev::table_write()),
