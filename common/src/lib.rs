@@ -15,7 +15,7 @@ pub mod tunnel;
 pub use stats::*;
 
 /// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 10;
+pub const SCHEMA_VERSION: u32 = 11;
 
 /// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -88,6 +88,7 @@ pub mod map_names {
     pub const OV_LOCALS: &str = "tm_ov_locals";
     pub const OV_LOCAL_SLOTS: &str = "tm_ov_loc_slots";
     pub const OV_OWNERS: &str = "tm_ov_owners";
+    pub const OV_OWNER_SLOTS: &str = "tm_ov_own_slots";
     pub const OV_OWNERS6: &str = "tm_ov_owners6";
     pub const OV_CONFIG6: &str = "tm_ov_config6";
     pub const OV_SERVICES6: &str = "tm_ov_services6";

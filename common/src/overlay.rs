@@ -219,6 +219,34 @@ pub struct LocalSlot {
     pub local: Local,
 }
 
+/// Entries of `tm_ov_own_slots`.
+pub const OWNER_SLOTS: u32 = 4096;
+/// [`OwnerSlot::state`]: no known owner's address maps here (not judged).
+pub const OWNER_SLOT_EMPTY: u32 = 0;
+/// The slot holds the one known owner whose address maps here.
+pub const OWNER_SLOT_ONE: u32 = 1;
+/// Several owners map here, or the slot is being rewritten: ask `tm_ov_owners`.
+pub const OWNER_SLOT_SHARED: u32 = 2;
+
+/// The `tm_ov_own_slots` index of an inner IPv4 source: its low 12 bits.
+#[inline(always)]
+pub const fn owner_slot(addr: [u8; 4]) -> u32 {
+    u32::from_be_bytes(addr) & (OWNER_SLOTS - 1)
+}
+
+/// Value of `tm_ov_own_slots`: the decapsulation path's array copy of a
+/// `tm_ov_owners` entry, read without a hash lookup (one costs ~30 ns on
+/// that path).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnerSlot {
+    /// The inner source when `state` is [`OWNER_SLOT_ONE`].
+    pub addr: [u8; 4],
+    /// The tunnel address of the node that may send it ([`OWNER_THIS_NODE`]: none).
+    pub owner: [u8; 4],
+    pub state: u32,
+}
+
 /// An IPv6 address (network order bytes).
 pub type Addr6 = [u8; 16];
 
@@ -329,6 +357,7 @@ crate::assert_layout!(ConntrackKey, size = 16, align = 4);
 crate::assert_layout!(ConntrackValue, size = 28, align = 4);
 crate::assert_layout!(OverlayConfig, size = 20, align = 4);
 crate::assert_layout!(LocalSlot, size = 32, align = 4);
+crate::assert_layout!(OwnerSlot, size = 12, align = 4);
 crate::assert_layout!(Miss, size = 12, align = 4);
 crate::assert_layout!(OverlayConfig6, size = 52, align = 4);
 crate::assert_layout!(Instance6, size = 32, align = 4);
@@ -349,6 +378,7 @@ crate::impl_pod!(
     ConntrackValue,
     OverlayConfig,
     LocalSlot,
+    OwnerSlot,
     Miss,
     OverlayConfig6,
     Instance6,

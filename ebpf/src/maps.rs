@@ -174,6 +174,9 @@ pub static tm_ov_loc_slots: Array<ov::LocalSlot, { ov::LOCAL_SLOTS as usize }> =
 /// (`OWNER_THIS_NODE`: none, it is ours).
 #[btf_map]
 pub static tm_ov_owners: HashMap<[u8; 4], [u8; 4], { ov::MAX_OWNERS as usize }> = HashMap::new();
+/// The same, by `owner_slot(address)`, for the decapsulation path.
+#[btf_map]
+pub static tm_ov_own_slots: Array<ov::OwnerSlot, { ov::OWNER_SLOTS as usize }> = Array::new();
 /// The same for IPv6 inner sources.
 #[btf_map]
 pub static tm_ov_owners6: HashMap<ov::Addr6, [u8; 4], { ov::MAX_OWNERS as usize }> =

@@ -17,9 +17,10 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     overlay::{
-        local_slot, ConntrackKey, ConntrackValue, FragmentKey, Instance, Local, LocalSlot, Miss,
+        local_slot, owner_slot, ConntrackKey, ConntrackValue, FragmentKey, Instance, Local, LocalSlot, Miss,
         OverlayConfig, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE,
         INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_EMPTY, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
+        OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
         POLICY_ROUND_ROBIN, SERVICE_SLOTS,
     },
     tunnel::TunnelConfig,
@@ -456,6 +457,27 @@ pub fn check_owner(owner: Option<&[u8; 4]>, node: u32) -> Result<(), DropReason>
     }
 }
 
+/// [`check_owner`] for an IPv4 inner source: its slot in `tm_ov_own_slots`
+/// answers (an array read, which the verifier inlines); only a slot that
+/// several owners share, or that is being rewritten, asks `tm_ov_owners`.
+#[inline(always)]
+fn check_owner_slot(pkt: &Packet, ip: &Ip4, node: u32) -> Result<(), DropReason> {
+    let Some(slot) = tm_ov_own_slots.get(owner_slot(b4(ip.src))) else {
+        return Ok(());
+    };
+    match slot.state {
+        OWNER_SLOT_ONE if w4(&slot.addr) == ip.src => check_owner(Some(&slot.owner), node),
+        OWNER_SLOT_SHARED => {
+            // The key is read from the packet: a copy on the stack would
+            // push the deepest call past the 512 bytes of stack.
+            let src: *const [u8; 4] = pkt.header(ip.l3 + 12, DropReason::BadTunnelPacket)?;
+            // SAFETY: the key is inside the header just checked; the value is read right away.
+            check_owner(unsafe { tm_ov_owners.get(&*src) }, node)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The reverse translation for a reply about to be delivered: its source
 /// becomes the service IP the client dialled.
 #[inline(always)]
@@ -718,11 +740,7 @@ pub fn from_tunnel(ctx: &XdpContext, node: u32) -> Result<Option<u32>, DropReaso
     let Some((local, slot)) = local_at(ip.dst) else {
         return Ok(None);
     };
-    // The key is read from the packet: a copy on the stack would push the
-    // deepest call past the 512 bytes of stack.
-    let src: *const [u8; 4] = pkt.header(ip.l3 + 12, DropReason::BadTunnelPacket)?;
-    // SAFETY: the key is inside the header just checked; the value is read right away.
-    check_owner(unsafe { tm_ov_owners.get(&*src) }, node)?;
+    check_owner_slot(pkt, &ip, node)?;
     // Only a container that dialled a service IP gets replies to translate.
     // SAFETY: a map value.
     let dialled = slot.is_none_or(|s| unsafe { core::ptr::read_volatile(&(*s).dialled) } != 0);

@@ -10,14 +10,17 @@ use std::{
     net::{Ipv4Addr, Ipv6Addr},
 };
 
-use aya::maps::{HashMap as BpfHashMap, MapData};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use tapmesh::dataplane::{
     overlay::{OverlayTables, OverlayWriter},
     tunnel::{write, TunnelSettings},
 };
 use tapmesh_common::{
     map_names as n,
-    overlay::{Addr6, Instance, Instance6, Local, Local6, INSTANCE_LOCAL, INSTANCE_REMOTE},
+    overlay::{
+        Addr6, Instance, Instance6, Local, Local6, OwnerSlot, INSTANCE_LOCAL, INSTANCE_REMOTE,
+        OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
+    },
     DropReason, ProgramSlot,
 };
 use tapmesh_tests::{
@@ -38,6 +41,9 @@ const ON_A: Ipv4Addr = Ipv4Addr::new(198, 19, 2, 2);
 const ON_A_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 200, 3);
 /// An instance on node B.
 const ON_B: Ipv4Addr = Ipv4Addr::new(198, 19, 3, 2);
+/// Another instance on node B, whose address has the low 12 bits of
+/// `HERE`: the two share a slot of `tm_ov_own_slots`.
+const ON_B_SAME_SLOT: Ipv4Addr = Ipv4Addr::new(198, 19, 17, 2);
 /// Nobody's, as far as these tables know.
 const UNKNOWN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
 
@@ -122,6 +128,27 @@ fn owners6(bpf: &Bpf) -> BTreeMap<Ipv6Addr, [u8; 4]> {
         .collect()
 }
 
+/// The non-empty slots of `tm_ov_own_slots`.
+fn owner_slots(bpf: &Bpf) -> BTreeMap<u32, OwnerSlot> {
+    let map: Array<&MapData, OwnerSlot> =
+        Array::try_from(bpf.ebpf.map(n::OV_OWNER_SLOTS).expect("owner slots")).unwrap();
+    map.iter()
+        .map(|e| e.unwrap())
+        .enumerate()
+        .filter(|(_, s)| *s != OwnerSlot::default())
+        .map(|(i, s)| (i as u32, s))
+        .collect()
+}
+
+/// A slot holding the one owner of `addr`.
+fn one(addr: Ipv4Addr, owner: [u8; 4]) -> OwnerSlot {
+    OwnerSlot {
+        addr: addr.octets(),
+        owner,
+        state: OWNER_SLOT_ONE,
+    }
+}
+
 #[test]
 fn inner_sources_are_checked_against_the_node_that_sent_them() {
     if !kernel_tests_enabled() {
@@ -147,6 +174,18 @@ fn inner_sources_are_checked_against_the_node_that_sent_them() {
             (ON_A, NODE_A.octets()),
             (ON_A_IP, NODE_A.octets()),
             (ON_B, NODE_B.octets()),
+        ])
+    );
+    // Their array copy, by the low 12 bits of the address.
+    let (a, b) = (NODE_A.octets(), NODE_B.octets());
+    assert_eq!(
+        owner_slots(&bpf),
+        BTreeMap::from([
+            (0x102, one(HERE, here)),
+            (0x202, one(ON_A, a)),
+            (0x302, one(ON_B, b)),
+            (0x802, one(HERE_IP, here)),
+            (0x803, one(ON_A_IP, a)),
         ])
     );
     assert_eq!(
@@ -224,11 +263,51 @@ fn inner_sources_are_checked_against_the_node_that_sent_them() {
     assert!(!owners(&bpf).contains_key(&ON_A));
     assert_eq!(owners(&bpf).get(&ON_A_IP), Some(&NODE_A.octets()));
 
+    assert_eq!(owner_slots(&bpf).get(&0x202), None);
+
+    // Two owners in one slot: the slot sends packets to `tm_ov_owners`,
+    // which judges both.
+    let mut t = tables();
+    t.instances.insert(
+        4,
+        Instance {
+            ns_addr: ON_B_SAME_SLOT.octets(),
+            reply_addr: ON_B_SAME_SLOT.octets(),
+            node_addr: NODE_B.octets(),
+            node_port: PORT,
+            kind: INSTANCE_REMOTE,
+            ..Default::default()
+        },
+    );
+    writer.apply(&mut bpf.ebpf, &t).expect("apply");
+    assert_eq!(
+        owner_slots(&bpf).get(&0x102).map(|s| s.state),
+        Some(OWNER_SLOT_SHARED)
+    );
+    assert_eq!(
+        send(&mut bpf, NODE_B, &to_here(ON_B_SAME_SLOT)),
+        (true, false)
+    );
+    assert_eq!(
+        send(&mut bpf, NODE_A, &to_here(ON_B_SAME_SLOT)),
+        (false, true),
+        "B's, from A, through a shared slot"
+    );
+    assert_eq!(
+        send(&mut bpf, NODE_A, &to_here(HERE)),
+        (false, true),
+        "ours, through a shared slot"
+    );
+    // The second owner gone again: the slot holds the first alone.
+    writer.apply(&mut bpf.ebpf, &tables()).expect("apply");
+    assert_eq!(owner_slots(&bpf).get(&0x102), Some(&one(HERE, here)));
+
     // Everything gone: the maps are empty.
     writer
         .apply(&mut bpf.ebpf, &OverlayTables::default())
         .expect("apply");
     assert_eq!((owners(&bpf).len(), owners6(&bpf).len()), (0, 0));
+    assert_eq!(owner_slots(&bpf), BTreeMap::new());
 }
 
 /// Counts, per inner source, the datagrams a container gets on `port`

@@ -735,6 +735,7 @@ mod tests {
             n::OV_LOCALS,
             n::OV_LOCAL_SLOTS,
             n::OV_OWNERS,
+            n::OV_OWNER_SLOTS,
             n::OV_OWNERS6,
             n::OV_CONFIG6,
             n::OV_SERVICES6,

@@ -9,9 +9,10 @@ use aya::Ebpf;
 use tapmesh_common::{
     map_names as n,
     overlay::{
-        local_slot, Addr6, Instance, Instance6, Local, Local6, LocalSlot, OverlayConfig,
-        OverlayConfig6, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, INSTANCE_REMOTE, LOCAL_SLOT_ONE,
-        LOCAL_SLOT_SHARED, OWNER_THIS_NODE, SERVICE_SLOTS,
+        local_slot, owner_slot, Addr6, Instance, Instance6, Local, Local6, LocalSlot,
+        OverlayConfig, OverlayConfig6, OwnerSlot, Service, CONFIG_SERVICES_OUTSIDE_PREFIX,
+        INSTANCE_REMOTE, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED, OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
+        OWNER_THIS_NODE, SERVICE_SLOTS,
     },
     tunnel::PEER_OVERLAY,
     PacketCounter,
@@ -71,6 +72,8 @@ pub struct OverlayWriter {
     peers: BTreeSet<std::net::Ipv4Addr>,
     /// `tm_ov_owners` and `tm_ov_owners6` as written.
     owners: Owners,
+    /// `tm_ov_own_slots` as written (finally; non-empty slots only).
+    owner_slots: BTreeMap<u32, OwnerSlot>,
 }
 
 /// Inner sources and the node that may send them through the tunnel
@@ -164,6 +167,56 @@ pub fn local_slots(locals: &BTreeMap<std::net::Ipv4Addr, Local>) -> BTreeMap<u32
             });
     }
     slots
+}
+
+/// `tm_ov_own_slots` for the IPv4 owners: each inner source in the slot of
+/// its address, or the slot marked shared when several map to it.
+pub fn owner_slots(v4: &BTreeMap<std::net::Ipv4Addr, [u8; 4]>) -> BTreeMap<u32, OwnerSlot> {
+    let mut slots = BTreeMap::new();
+    for (addr, owner) in v4 {
+        let addr = addr_word(*addr);
+        slots
+            .entry(owner_slot(addr))
+            .and_modify(|s: &mut OwnerSlot| {
+                *s = OwnerSlot {
+                    state: OWNER_SLOT_SHARED,
+                    ..OwnerSlot::default()
+                }
+            })
+            .or_insert(OwnerSlot {
+                addr,
+                owner: *owner,
+                state: OWNER_SLOT_ONE,
+            });
+    }
+    slots
+}
+
+/// The values to write to take an owner slot from `before` to `after`
+/// (`None`: empty): those written with the new owners, while packets must
+/// ask `tm_ov_owners` (the slot shared), and the one written after the gone
+/// owners are removed. As with local slots, a write either changes the
+/// state word alone or happens while the state is not "one", so no packet
+/// reads half a slot.
+pub fn owner_slot_writes(
+    before: Option<OwnerSlot>,
+    after: Option<OwnerSlot>,
+) -> (Vec<OwnerSlot>, Option<OwnerSlot>) {
+    let shared = |s: OwnerSlot| OwnerSlot {
+        state: OWNER_SLOT_SHARED,
+        ..s
+    };
+    if before == after {
+        return (Vec::new(), None);
+    }
+    let mut during = Vec::new();
+    if let Some(b) = before.filter(|b| b.state == OWNER_SLOT_ONE) {
+        during.push(shared(b));
+    }
+    let after = after.unwrap_or_default();
+    during.push(shared(after));
+    let last = (after.state != OWNER_SLOT_SHARED).then_some(after);
+    (during, last)
 }
 
 /// The values to write, in order, to take a local slot from `before` to
@@ -436,6 +489,15 @@ impl OverlayWriter {
             for (addr, node) in map.iter().flatten() {
                 self.owners.v6.insert(addr6_of(addr), node);
             }
+            let map: Array<&MapData, OwnerSlot> =
+                Array::try_from(map_ref(ebpf, n::OV_OWNER_SLOTS)?)
+                    .map_err(map_err(n::OV_OWNER_SLOTS))?;
+            for (index, slot) in map.iter().enumerate() {
+                let slot = slot.map_err(map_err(n::OV_OWNER_SLOTS))?;
+                if slot.state != 0 {
+                    self.owner_slots.insert(index as u32, slot);
+                }
+            }
         }
         {
             let map: Array<&MapData, Instance> = Array::try_from(map_ref(ebpf, n::OV_INSTANCES)?)
@@ -486,6 +548,7 @@ impl OverlayWriter {
     /// New and changed owners come before the instances that carry them
     /// (a refusal can only be late, never wrong); gone ones after.
     fn add_owners(&mut self, ebpf: &mut Ebpf, wanted: &Owners) -> Result<(), DataplaneError> {
+        self.write_owner_slots(ebpf, wanted, 0)?;
         let was = &self.owners;
         insert_changed(
             ebpf,
@@ -513,7 +576,49 @@ impl OverlayWriter {
         remove_unwanted::<_, _, [u8; 4], _>(ebpf, n::OV_OWNERS6, &wanted.v6, &was.v6, |a| {
             addr6_words(*a)
         })?;
+        self.write_owner_slots(ebpf, wanted, 1)?;
         self.owners = wanted.clone();
+        Ok(())
+    }
+
+    /// Step 0 ([`owner_slot_writes`]' first part): every slot that changes
+    /// sends packets to `tm_ov_owners`, before the new owners are written.
+    /// Step 1: after the gone owners are removed, each such slot takes its
+    /// final value.
+    fn write_owner_slots(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &Owners,
+        step: usize,
+    ) -> Result<(), DataplaneError> {
+        let wanted_slots = owner_slots(&wanted.v4);
+        let mut slots: Array<&mut MapData, OwnerSlot> =
+            Array::try_from(map_mut(ebpf, n::OV_OWNER_SLOTS)?)
+                .map_err(map_err(n::OV_OWNER_SLOTS))?;
+        let indexes: BTreeSet<u32> = wanted_slots
+            .keys()
+            .chain(self.owner_slots.keys())
+            .copied()
+            .collect();
+        for index in indexes {
+            let (during, last) = owner_slot_writes(
+                self.owner_slots.get(&index).copied(),
+                wanted_slots.get(&index).copied(),
+            );
+            let values = if step == 0 {
+                during
+            } else {
+                last.into_iter().collect()
+            };
+            for value in values {
+                slots
+                    .set(index, value, 0)
+                    .map_err(map_err(n::OV_OWNER_SLOTS))?;
+            }
+        }
+        if step == 1 {
+            self.owner_slots = wanted_slots;
+        }
         Ok(())
     }
 
@@ -805,6 +910,53 @@ impl OverlayWriter {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn owner_slots_share_a_slot_and_change_through_the_hash() {
+        let (a, b) = ([198, 18, 0, 2], [198, 18, 0, 3]);
+        // 10.0.0.5 and 10.0.16.5 have the same low 12 bits.
+        let owners = BTreeMap::from([
+            (Ipv4Addr::new(10, 0, 0, 5), a),
+            (Ipv4Addr::new(10, 0, 16, 5), b),
+            (Ipv4Addr::new(10, 0, 0, 6), b),
+        ]);
+        let one = |addr: [u8; 4], owner| OwnerSlot {
+            addr,
+            owner,
+            state: OWNER_SLOT_ONE,
+        };
+        let shared = OwnerSlot {
+            state: OWNER_SLOT_SHARED,
+            ..OwnerSlot::default()
+        };
+        assert_eq!(
+            owner_slots(&owners),
+            BTreeMap::from([(5, shared), (6, one([10, 0, 0, 6], b))])
+        );
+        let (x, y) = (one([10, 0, 0, 5], a), one([10, 0, 0, 5], b));
+        let as_shared = |s: OwnerSlot| OwnerSlot {
+            state: OWNER_SLOT_SHARED,
+            ..s
+        };
+        // A new owner: the slot asks the hash until the change is done.
+        assert_eq!(
+            owner_slot_writes(Some(x), Some(y)),
+            (vec![as_shared(x), as_shared(y)], Some(y))
+        );
+        assert_eq!(
+            owner_slot_writes(None, Some(x)),
+            (vec![as_shared(x)], Some(x))
+        );
+        assert_eq!(
+            owner_slot_writes(Some(x), None),
+            (vec![as_shared(x), shared], Some(OwnerSlot::default()))
+        );
+        assert_eq!(
+            owner_slot_writes(Some(x), Some(shared)),
+            (vec![as_shared(x), shared], None)
+        );
+        assert_eq!(owner_slot_writes(Some(x), Some(x)), (vec![], None));
+    }
 
     fn local(ifindex: u32) -> Local {
         Local {

@@ -193,6 +193,12 @@ const MAPS: &[MapSpec] = &[
     ),
     spec(n::OV_LOCALS6, 16, size_of::<ov::Local6>(), ov::MAX_LOCALS),
     spec(n::OV_OWNERS, 4, 4, ov::MAX_OWNERS),
+    spec(
+        n::OV_OWNER_SLOTS,
+        4,
+        size_of::<ov::OwnerSlot>(),
+        ov::OWNER_SLOTS,
+    ),
     spec(n::OV_OWNERS6, 16, 4, ov::MAX_OWNERS),
     spec(
         n::OV_CONNTRACK6,
