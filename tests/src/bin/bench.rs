@@ -2,12 +2,15 @@
 //! `tapmesh_tests::bench` in one run, printed and written to the file.
 //! `tapmesh-bench rows` prints the repeat = 1 packet-path rows only (a quick
 //! check while working on a path), `tapmesh-bench overlay` the overlay's
-//! rows and rates (`overlay-rows`: the rows only), `tapmesh-bench mirror` the mirroring section, `tapmesh-bench maglev` the
-//! Maglev table write, `tapmesh-bench eds` the EDS update latency, `tapmesh-bench xds` EDS
-//! through a real gRPC xDS server,
-//! `tapmesh-bench paths` every BPF_PROG_TEST_RUN row (packet paths and
-//! building blocks; `TAPMESH_BENCH_MEAN=1`: trimmed means, for comparing
-//! two builds in one run).
+//! rows and rates (`overlay-rows`: the rows only; `compare-decap ROUNDS
+//! OBJECT...`: the IPv4 decapsulation rows of several builds, interleaved),
+//! `tapmesh-bench control` the TAPA Open → OPEN latency, `tapmesh-bench
+//! mirror` the mirroring section, `tapmesh-bench maglev` the Maglev table
+//! write, `tapmesh-bench eds` the EDS update latency, `tapmesh-bench xds`
+//! EDS through a real gRPC xDS server, `tapmesh-bench paths` every
+//! BPF_PROG_TEST_RUN row (packet paths and building blocks;
+//! `TAPMESH_BENCH_MEAN=1`: trimmed means, for comparing two builds in one
+//! run).
 
 use tapmesh_tests::{
     bench::{self, lb},
@@ -48,6 +51,7 @@ fn main() {
                 bench::compare_decap(&a[1..], a[0].parse().expect("a round count"))
             );
         }
+        "control" => print!("{}", bench::control::open_latency()),
         "mirror" => print!("{}", bench::mirror::rates()),
         "maglev" => print!("{}", bench::maglev::table_write()),
         "eds" => print!("{}", bench::eds::update_latency()),
