@@ -89,6 +89,7 @@ pub mod map_names {
     pub const OV_LOCAL_SLOTS: &str = "tm_ov_loc_slots";
     pub const OV_OWNERS: &str = "tm_ov_owners";
     pub const OV_OWNER_SLOTS: &str = "tm_ov_own_slots";
+    pub const OV_OWNER_SLOTS6: &str = "tm_ov_own_slot6";
     pub const OV_OWNERS6: &str = "tm_ov_owners6";
     pub const OV_CONFIG6: &str = "tm_ov_config6";
     pub const OV_SERVICES6: &str = "tm_ov_services6";

@@ -250,6 +250,23 @@ pub struct OwnerSlot {
 /// An IPv6 address (network order bytes).
 pub type Addr6 = [u8; 16];
 
+/// The `tm_ov_own_slot6` index of an inner IPv6 source: the low 12 bits of
+/// its last word ([`OWNER_SLOTS`] entries, the states of [`OwnerSlot`]).
+#[inline(always)]
+pub const fn owner_slot6(addr: &Addr6) -> u32 {
+    u32::from_be_bytes([addr[12], addr[13], addr[14], addr[15]]) & (OWNER_SLOTS - 1)
+}
+
+/// Value of `tm_ov_own_slot6`: [`OwnerSlot`] for an IPv6 source
+/// (`tm_ov_owners6`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnerSlot6 {
+    pub addr: Addr6,
+    pub owner: [u8; 4],
+    pub state: u32,
+}
+
 /// The IPv6 overlay's settings (one entry of `tm_ov_config6`); the tunnel
 /// is `tm_tunnel`, its MTU `OverlayConfig`'s.
 #[repr(C)]
@@ -358,6 +375,7 @@ crate::assert_layout!(ConntrackValue, size = 28, align = 4);
 crate::assert_layout!(OverlayConfig, size = 20, align = 4);
 crate::assert_layout!(LocalSlot, size = 32, align = 4);
 crate::assert_layout!(OwnerSlot, size = 12, align = 4);
+crate::assert_layout!(OwnerSlot6, size = 24, align = 4);
 crate::assert_layout!(Miss, size = 12, align = 4);
 crate::assert_layout!(OverlayConfig6, size = 52, align = 4);
 crate::assert_layout!(Instance6, size = 32, align = 4);
@@ -379,6 +397,7 @@ crate::impl_pod!(
     OverlayConfig,
     LocalSlot,
     OwnerSlot,
+    OwnerSlot6,
     Miss,
     OverlayConfig6,
     Instance6,

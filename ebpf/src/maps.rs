@@ -177,6 +177,9 @@ pub static tm_ov_owners: HashMap<[u8; 4], [u8; 4], { ov::MAX_OWNERS as usize }> 
 /// The same, by `owner_slot(address)`, for the decapsulation path.
 #[btf_map]
 pub static tm_ov_own_slots: Array<ov::OwnerSlot, { ov::OWNER_SLOTS as usize }> = Array::new();
+/// The same, by `owner_slot6(address)`.
+#[btf_map]
+pub static tm_ov_own_slot6: Array<ov::OwnerSlot6, { ov::OWNER_SLOTS as usize }> = Array::new();
 /// The same for IPv6 inner sources.
 #[btf_map]
 pub static tm_ov_owners6: HashMap<ov::Addr6, [u8; 4], { ov::MAX_OWNERS as usize }> =

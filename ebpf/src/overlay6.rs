@@ -18,8 +18,9 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     overlay::{
-        Addr6, Instance, Instance6, Miss6, OverlayConfig6, Scratch6,
+        owner_slot6, Addr6, Instance, Instance6, Miss6, OverlayConfig6, Scratch6,
         CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE, INSTANCE_LOCAL, INSTANCE_REMOTE,
+        OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
     },
     DropReason,
 };
@@ -467,6 +468,15 @@ fn packet_too_big(
     Ok(unsafe { bpf_redirect(ifindex, 0) } as i32)
 }
 
+/// Whether two IPv6 addresses (a map value's, the packet's) are equal, as
+/// four word compares.
+#[inline(always)]
+fn same6(a: &Addr6, b: &Addr6) -> bool {
+    let (a, b) = (a as *const Addr6 as *const [u8; 4], b as *const Addr6 as *const [u8; 4]);
+    // SAFETY: 16 bytes each, read as four words.
+    unsafe { (0..4).all(|i| load32(a.add(i)) == load32(b.add(i))) }
+}
+
 /// Whether an IPv6 packet from the tunnel, as `tunnel::decapsulate` left
 /// it (Ethernet, then the IPv6 header), is for a container here and has a
 /// source that belongs to another node than `node`
@@ -487,10 +497,19 @@ pub fn foreign_source(ctx: &XdpContext, node: u32) -> bool {
             &*((h as *const u8).add(22) as *const Addr6),
             &*((h as *const u8).add(38) as *const Addr6),
         );
-        // The owner first: a known one that matches (the usual case) or an
-        // unknown one answers with one lookup.
-        crate::overlay::check_owner(tm_ov_owners6.get(src), node).is_err()
-            && tm_ov_locals6.get(dst).is_some()
+        // The owner first, from its slot (an array read) unless the slot is
+        // shared: a known one that matches (the usual case) or an unknown
+        // one answers without a hash lookup.
+        let foreign = match tm_ov_own_slot6.get(owner_slot6(src)) {
+            Some(slot) if slot.state == OWNER_SLOT_ONE && same6(&slot.addr, src) => {
+                crate::overlay::check_owner(Some(&slot.owner), node).is_err()
+            }
+            Some(slot) if slot.state == OWNER_SLOT_SHARED => {
+                crate::overlay::check_owner(tm_ov_owners6.get(src), node).is_err()
+            }
+            _ => false,
+        };
+        foreign && tm_ov_locals6.get(dst).is_some()
     }
 }
 

@@ -18,8 +18,8 @@ use tapmesh::dataplane::{
 use tapmesh_common::{
     map_names as n,
     overlay::{
-        Addr6, Instance, Instance6, Local, Local6, OwnerSlot, INSTANCE_LOCAL, INSTANCE_REMOTE,
-        OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
+        Addr6, Instance, Instance6, Local, Local6, OwnerSlot, OwnerSlot6, INSTANCE_LOCAL,
+        INSTANCE_REMOTE, OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
     },
     DropReason, ProgramSlot,
 };
@@ -140,6 +140,18 @@ fn owner_slots(bpf: &Bpf) -> BTreeMap<u32, OwnerSlot> {
         .collect()
 }
 
+/// The non-empty slots of `tm_ov_own_slot6`.
+fn owner_slots6(bpf: &Bpf) -> BTreeMap<u32, OwnerSlot6> {
+    let map: Array<&MapData, OwnerSlot6> =
+        Array::try_from(bpf.ebpf.map(n::OV_OWNER_SLOTS6).expect("owner slots6")).unwrap();
+    map.iter()
+        .map(|e| e.unwrap())
+        .enumerate()
+        .filter(|(_, s)| *s != OwnerSlot6::default())
+        .map(|(i, s)| (i as u32, s))
+        .collect()
+}
+
 /// A slot holding the one owner of `addr`.
 fn one(addr: Ipv4Addr, owner: [u8; 4]) -> OwnerSlot {
     OwnerSlot {
@@ -195,6 +207,22 @@ fn inner_sources_are_checked_against_the_node_that_sent_them() {
             (v6(0x11), here),
             (v6(0xa), NODE_A.octets()),
             (v6(0xa1), NODE_A.octets()),
+        ])
+    );
+
+    // By the low 12 bits of the last word.
+    let one6 = |addr: Ipv6Addr, owner| OwnerSlot6 {
+        addr: addr.octets(),
+        owner,
+        state: OWNER_SLOT_ONE,
+    };
+    assert_eq!(
+        owner_slots6(&bpf),
+        BTreeMap::from([
+            (0x1, one6(v6(0x1), here)),
+            (0xa, one6(v6(0xa), a)),
+            (0x11, one6(v6(0x11), here)),
+            (0xa1, one6(v6(0xa1), a)),
         ])
     );
 
@@ -308,6 +336,7 @@ fn inner_sources_are_checked_against_the_node_that_sent_them() {
         .expect("apply");
     assert_eq!((owners(&bpf).len(), owners6(&bpf).len()), (0, 0));
     assert_eq!(owner_slots(&bpf), BTreeMap::new());
+    assert_eq!(owner_slots6(&bpf), BTreeMap::new());
 }
 
 /// Counts, per inner source, the datagrams a container gets on `port`

@@ -736,6 +736,7 @@ mod tests {
             n::OV_LOCAL_SLOTS,
             n::OV_OWNERS,
             n::OV_OWNER_SLOTS,
+            n::OV_OWNER_SLOTS6,
             n::OV_OWNERS6,
             n::OV_CONFIG6,
             n::OV_SERVICES6,

@@ -9,10 +9,10 @@ use aya::Ebpf;
 use tapmesh_common::{
     map_names as n,
     overlay::{
-        local_slot, owner_slot, Addr6, Instance, Instance6, Local, Local6, LocalSlot,
-        OverlayConfig, OverlayConfig6, OwnerSlot, Service, CONFIG_SERVICES_OUTSIDE_PREFIX,
-        INSTANCE_REMOTE, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED, OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
-        OWNER_THIS_NODE, SERVICE_SLOTS,
+        local_slot, owner_slot, owner_slot6, Addr6, Instance, Instance6, Local, Local6, LocalSlot,
+        OverlayConfig, OverlayConfig6, OwnerSlot, OwnerSlot6, Service,
+        CONFIG_SERVICES_OUTSIDE_PREFIX, INSTANCE_REMOTE, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
+        OWNER_SLOT_ONE, OWNER_SLOT_SHARED, OWNER_THIS_NODE, SERVICE_SLOTS,
     },
     tunnel::PEER_OVERLAY,
     PacketCounter,
@@ -72,8 +72,10 @@ pub struct OverlayWriter {
     peers: BTreeSet<std::net::Ipv4Addr>,
     /// `tm_ov_owners` and `tm_ov_owners6` as written.
     owners: Owners,
-    /// `tm_ov_own_slots` as written (finally; non-empty slots only).
+    /// `tm_ov_own_slots` and `tm_ov_own_slot6` as written (finally;
+    /// non-empty slots only).
     owner_slots: BTreeMap<u32, OwnerSlot>,
+    owner_slots6: BTreeMap<u32, OwnerSlot6>,
 }
 
 /// Inner sources and the node that may send them through the tunnel
@@ -169,54 +171,121 @@ pub fn local_slots(locals: &BTreeMap<std::net::Ipv4Addr, Local>) -> BTreeMap<u32
     slots
 }
 
-/// `tm_ov_own_slots` for the IPv4 owners: each inner source in the slot of
-/// its address, or the slot marked shared when several map to it.
-pub fn owner_slots(v4: &BTreeMap<std::net::Ipv4Addr, [u8; 4]>) -> BTreeMap<u32, OwnerSlot> {
+/// A value of `tm_ov_own_slots` or `tm_ov_own_slot6`.
+pub trait OwnerSlotValue: Copy + Default + PartialEq + aya::Pod {
+    fn state(&self) -> u32;
+    fn with_state(self, state: u32) -> Self;
+}
+
+impl OwnerSlotValue for OwnerSlot {
+    fn state(&self) -> u32 {
+        self.state
+    }
+    fn with_state(self, state: u32) -> Self {
+        Self { state, ..self }
+    }
+}
+
+impl OwnerSlotValue for OwnerSlot6 {
+    fn state(&self) -> u32 {
+        self.state
+    }
+    fn with_state(self, state: u32) -> Self {
+        Self { state, ..self }
+    }
+}
+
+/// Each owner in the slot `index` gives its address (`one`), or the slot
+/// marked shared when several map to it.
+fn slots_of<A, S: OwnerSlotValue>(
+    owners: &BTreeMap<A, [u8; 4]>,
+    index: impl Fn(&A) -> u32,
+    one: impl Fn(&A, [u8; 4]) -> S,
+) -> BTreeMap<u32, S> {
     let mut slots = BTreeMap::new();
-    for (addr, owner) in v4 {
-        let addr = addr_word(*addr);
+    for (addr, owner) in owners {
         slots
-            .entry(owner_slot(addr))
-            .and_modify(|s: &mut OwnerSlot| {
-                *s = OwnerSlot {
-                    state: OWNER_SLOT_SHARED,
-                    ..OwnerSlot::default()
-                }
-            })
-            .or_insert(OwnerSlot {
-                addr,
-                owner: *owner,
-                state: OWNER_SLOT_ONE,
-            });
+            .entry(index(addr))
+            .and_modify(|s: &mut S| *s = S::default().with_state(OWNER_SLOT_SHARED))
+            .or_insert(one(addr, *owner).with_state(OWNER_SLOT_ONE));
     }
     slots
 }
 
+/// `tm_ov_own_slots` for the IPv4 owners.
+pub fn owner_slots(v4: &BTreeMap<std::net::Ipv4Addr, [u8; 4]>) -> BTreeMap<u32, OwnerSlot> {
+    slots_of(
+        v4,
+        |a| owner_slot(addr_word(*a)),
+        |a, owner| OwnerSlot {
+            addr: addr_word(*a),
+            owner,
+            state: 0,
+        },
+    )
+}
+
+/// `tm_ov_own_slot6` for the IPv6 owners.
+pub fn owner_slots6(v6: &BTreeMap<std::net::Ipv6Addr, [u8; 4]>) -> BTreeMap<u32, OwnerSlot6> {
+    slots_of(
+        v6,
+        |a| owner_slot6(&addr6_words(*a)),
+        |a, owner| OwnerSlot6 {
+            addr: addr6_words(*a),
+            owner,
+            state: 0,
+        },
+    )
+}
+
 /// The values to write to take an owner slot from `before` to `after`
 /// (`None`: empty): those written with the new owners, while packets must
-/// ask `tm_ov_owners` (the slot shared), and the one written after the gone
+/// ask the hash (the slot shared), and the one written after the gone
 /// owners are removed. As with local slots, a write either changes the
 /// state word alone or happens while the state is not "one", so no packet
 /// reads half a slot.
-pub fn owner_slot_writes(
-    before: Option<OwnerSlot>,
-    after: Option<OwnerSlot>,
-) -> (Vec<OwnerSlot>, Option<OwnerSlot>) {
-    let shared = |s: OwnerSlot| OwnerSlot {
-        state: OWNER_SLOT_SHARED,
-        ..s
-    };
+pub fn owner_slot_writes<S: OwnerSlotValue>(
+    before: Option<S>,
+    after: Option<S>,
+) -> (Vec<S>, Option<S>) {
     if before == after {
         return (Vec::new(), None);
     }
     let mut during = Vec::new();
-    if let Some(b) = before.filter(|b| b.state == OWNER_SLOT_ONE) {
-        during.push(shared(b));
+    if let Some(b) = before.filter(|b| b.state() == OWNER_SLOT_ONE) {
+        during.push(b.with_state(OWNER_SLOT_SHARED));
     }
     let after = after.unwrap_or_default();
-    during.push(shared(after));
-    let last = (after.state != OWNER_SLOT_SHARED).then_some(after);
+    during.push(after.with_state(OWNER_SLOT_SHARED));
+    let last = (after.state() != OWNER_SLOT_SHARED).then_some(after);
     (during, last)
+}
+
+/// Writes one step of [`owner_slot_writes`] for every slot that differs
+/// between `was` and `wanted` in the array `name`.
+fn write_slots<S: OwnerSlotValue>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    was: &BTreeMap<u32, S>,
+    wanted: &BTreeMap<u32, S>,
+    step: usize,
+) -> Result<(), DataplaneError> {
+    let mut slots: Array<&mut MapData, S> =
+        Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let indexes: BTreeSet<u32> = wanted.keys().chain(was.keys()).copied().collect();
+    for index in indexes {
+        let (during, last) =
+            owner_slot_writes(was.get(&index).copied(), wanted.get(&index).copied());
+        let values = if step == 0 {
+            during
+        } else {
+            last.into_iter().collect()
+        };
+        for value in values {
+            slots.set(index, value, 0).map_err(map_err(name))?;
+        }
+    }
+    Ok(())
 }
 
 /// The values to write, in order, to take a local slot from `before` to
@@ -498,6 +567,15 @@ impl OverlayWriter {
                     self.owner_slots.insert(index as u32, slot);
                 }
             }
+            let map: Array<&MapData, OwnerSlot6> =
+                Array::try_from(map_ref(ebpf, n::OV_OWNER_SLOTS6)?)
+                    .map_err(map_err(n::OV_OWNER_SLOTS6))?;
+            for (index, slot) in map.iter().enumerate() {
+                let slot = slot.map_err(map_err(n::OV_OWNER_SLOTS6))?;
+                if slot.state != 0 {
+                    self.owner_slots6.insert(index as u32, slot);
+                }
+            }
         }
         {
             let map: Array<&MapData, Instance> = Array::try_from(map_ref(ebpf, n::OV_INSTANCES)?)
@@ -591,33 +669,11 @@ impl OverlayWriter {
         wanted: &Owners,
         step: usize,
     ) -> Result<(), DataplaneError> {
-        let wanted_slots = owner_slots(&wanted.v4);
-        let mut slots: Array<&mut MapData, OwnerSlot> =
-            Array::try_from(map_mut(ebpf, n::OV_OWNER_SLOTS)?)
-                .map_err(map_err(n::OV_OWNER_SLOTS))?;
-        let indexes: BTreeSet<u32> = wanted_slots
-            .keys()
-            .chain(self.owner_slots.keys())
-            .copied()
-            .collect();
-        for index in indexes {
-            let (during, last) = owner_slot_writes(
-                self.owner_slots.get(&index).copied(),
-                wanted_slots.get(&index).copied(),
-            );
-            let values = if step == 0 {
-                during
-            } else {
-                last.into_iter().collect()
-            };
-            for value in values {
-                slots
-                    .set(index, value, 0)
-                    .map_err(map_err(n::OV_OWNER_SLOTS))?;
-            }
-        }
+        let (v4, v6) = (owner_slots(&wanted.v4), owner_slots6(&wanted.v6));
+        write_slots(ebpf, n::OV_OWNER_SLOTS, &self.owner_slots, &v4, step)?;
+        write_slots(ebpf, n::OV_OWNER_SLOTS6, &self.owner_slots6, &v6, step)?;
         if step == 1 {
-            self.owner_slots = wanted_slots;
+            (self.owner_slots, self.owner_slots6) = (v4, v6);
         }
         Ok(())
     }

@@ -199,6 +199,12 @@ const MAPS: &[MapSpec] = &[
         size_of::<ov::OwnerSlot>(),
         ov::OWNER_SLOTS,
     ),
+    spec(
+        n::OV_OWNER_SLOTS6,
+        4,
+        size_of::<ov::OwnerSlot6>(),
+        ov::OWNER_SLOTS,
+    ),
     spec(n::OV_OWNERS6, 16, 4, ov::MAX_OWNERS),
     spec(
         n::OV_CONNTRACK6,
