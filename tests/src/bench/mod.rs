@@ -95,7 +95,9 @@ pub fn overlay_rows() -> Vec<Row> {
 /// (files with the same map layout), interleaved: `rounds` rounds of 20 000
 /// single runs per build and row, so every build sees the same moments of a
 /// shared machine. Prints each round and returns the medians of the rounds'
-/// net figures, one line per build and row.
+/// net figures, one line per build and row (each a median of its 20 000
+/// runs, or a trimmed mean with `TAPMESH_BENCH_MEAN=1`). Every build must
+/// hold the maps this harness writes.
 pub fn compare_decap(objects: &[String], rounds: usize) -> String {
     let underlay = Underlay::new(true);
     underlay.run(|| {
@@ -107,7 +109,7 @@ pub fn compare_decap(objects: &[String], rounds: usize) -> String {
         }
         let frames = overlay::decap_frames();
         let mut nets = vec![vec![Vec::new(); frames.len()]; builds.len()];
-        for round in 0..rounds {
+        for round in 0..rounds.max(1) {
             let mut line = format!("round {round}:");
             for (b, bpf) in builds.iter_mut().enumerate() {
                 for (f, (_, frame, _)) in frames.iter().enumerate() {

@@ -72,8 +72,8 @@ pub struct OverlayWriter {
     peers: BTreeSet<std::net::Ipv4Addr>,
     /// `tm_ov_owners` and `tm_ov_owners6` as written.
     owners: Owners,
-    /// `tm_ov_own_slots` and `tm_ov_own_slot6` as written (finally;
-    /// non-empty slots only).
+    /// `tm_ov_own_slots` and `tm_ov_own_slot6` as they are (non-empty
+    /// slots only), updated with every write.
     owner_slots: BTreeMap<u32, OwnerSlot>,
     owner_slots6: BTreeMap<u32, OwnerSlot6>,
 }
@@ -262,27 +262,42 @@ pub fn owner_slot_writes<S: OwnerSlotValue>(
 }
 
 /// Writes one step of [`owner_slot_writes`] for every slot that differs
-/// between `was` and `wanted` in the array `name`.
+/// between `written` (what the array holds, kept up to date write by write,
+/// so a failed apply leaves it true) and `wanted` in the array `name`. Step
+/// 0 marks every answering slot shared first, in one pass, and only then
+/// writes new contents: the time between a slot's two writes, which a
+/// packet would have to stall across to read a stale state with new
+/// contents, is as long as it can be.
 fn write_slots<S: OwnerSlotValue>(
     ebpf: &mut Ebpf,
     name: &'static str,
-    was: &BTreeMap<u32, S>,
+    written: &mut BTreeMap<u32, S>,
     wanted: &BTreeMap<u32, S>,
     step: usize,
 ) -> Result<(), DataplaneError> {
     let mut slots: Array<&mut MapData, S> =
         Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
-    let indexes: BTreeSet<u32> = wanted.keys().chain(was.keys()).copied().collect();
+    let indexes: BTreeSet<u32> = wanted.keys().chain(written.keys()).copied().collect();
+    let mut passes: [Vec<(u32, S)>; 2] = [Vec::new(), Vec::new()];
     for index in indexes {
         let (during, last) =
-            owner_slot_writes(was.get(&index).copied(), wanted.get(&index).copied());
+            owner_slot_writes(written.get(&index).copied(), wanted.get(&index).copied());
         let values = if step == 0 {
             during
         } else {
             last.into_iter().collect()
         };
-        for value in values {
-            slots.set(index, value, 0).map_err(map_err(name))?;
+        let first_pass = values.len() - values.len().min(1);
+        for (n, value) in values.into_iter().enumerate() {
+            passes[usize::from(n >= first_pass)].push((index, value));
+        }
+    }
+    for (index, value) in passes.into_iter().flatten() {
+        slots.set(index, value, 0).map_err(map_err(name))?;
+        if value == S::default() {
+            written.remove(&index);
+        } else {
+            written.insert(index, value);
         }
     }
     Ok(())
@@ -670,12 +685,8 @@ impl OverlayWriter {
         step: usize,
     ) -> Result<(), DataplaneError> {
         let (v4, v6) = (owner_slots(&wanted.v4), owner_slots6(&wanted.v6));
-        write_slots(ebpf, n::OV_OWNER_SLOTS, &self.owner_slots, &v4, step)?;
-        write_slots(ebpf, n::OV_OWNER_SLOTS6, &self.owner_slots6, &v6, step)?;
-        if step == 1 {
-            (self.owner_slots, self.owner_slots6) = (v4, v6);
-        }
-        Ok(())
+        write_slots(ebpf, n::OV_OWNER_SLOTS, &mut self.owner_slots, &v4, step)?;
+        write_slots(ebpf, n::OV_OWNER_SLOTS6, &mut self.owner_slots6, &v6, step)
     }
 
     fn add_instances(
