@@ -27,7 +27,7 @@ pub fn udp_vip_cluster(name: &str, vip: impl std::fmt::Display) -> String {
 /// and the daemon started with `xds_config(<that plane>, more)`.
 pub fn lab(vips: &[Ipv4Addr], more: &str) -> (LbLab, ControlPlane) {
     let mut lab = LbLab::new(2, vips);
-    let cp = ControlPlane::start_in(&lab.node.name);
+    let cp = ControlPlane::start_in(&lab.node.name, false);
     lab.start_configured(&xds_config(&cp.address(), more));
     (lab, cp)
 }

@@ -47,6 +47,8 @@ lock = threading.RLock()
 out_lock = threading.Lock()
 version = ""
 clusters = {}
+versions = {}
+delta_on = [len(sys.argv) > 2 and sys.argv[2] == "delta"]
 resend_nacked = [False]
 wrong_next = []
 streams = {}
@@ -139,15 +141,84 @@ def on_request(st, req):
             st.send()
 
 
-def serve_stream(request_iterator, context, method):
+class DeltaStream:
+    """A Delta stream: like go-control-plane's delta server, it tracks the
+    version of each resource the client holds (from initial_resource_versions,
+    then from what it sent) and sends only what differs, and the names of
+    subscribed resources that are gone."""
+
+    def __init__(self, method):
+        next_stream[0] += 1
+        self.id = next_stream[0]
+        self.method = method
+        self.q = queue.Queue()
+        self.names = set()
+        self.known = {}
+        self.first = True
+        self.nonce = 0
+        self.last_nonce = None
+        self.last = None
+
+    def send(self, only=None):
+        changed = [n for n in sorted(self.names) if n in clusters
+                   and self.known.get(n) != versions[n] and (only is None or n in only)]
+        removed = [n for n in sorted(self.names) if n not in clusters and n in self.known]
+        if not changed and not removed:
+            return
+        self.nonce += 1
+        type_url = wrong_next.pop(0) if wrong_next else TYPE
+        resp = discovery_pb2.DeltaDiscoveryResponse(system_version_info=version, type_url=type_url,
+                                                    nonce=str(self.nonce))
+        for n in changed:
+            r = resp.resources.add()
+            r.name = n
+            r.version = versions[n]
+            r.resource.Pack(clusters[n])
+            self.known[n] = versions[n]
+        for n in removed:
+            resp.removed_resources.append(n)
+            del self.known[n]
+        self.last_nonce = resp.nonce
+        self.last = resp
+        emit("response", stream=self.id, method=self.method, version=version, nonce=resp.nonce,
+             clusters=",".join(changed), removed=",".join(removed), type_url=type_url)
+        self.q.put(resp)
+
+
+def on_delta_request(st, req):
     with lock:
-        st = Stream(method)
+        nack = req.HasField("error_detail")
+        stale = bool(req.response_nonce) and req.response_nonce != st.last_nonce
+        node = req.node if req.HasField("node") else None
+        initial = ",".join("%s:%s" % kv for kv in sorted(req.initial_resource_versions.items()))
+        emit("request", stream=st.id, method=st.method, nonce=req.response_nonce,
+             type_url=req.type_url, names=",".join(req.resource_names_subscribe),
+             unsubscribe=",".join(req.resource_names_unsubscribe), initial=initial,
+             node_id=node.id if node else None, node_cluster=node.cluster if node else None,
+             features=",".join(node.client_features) if node else None,
+             error=req.error_detail.message if nack else None, stale=int(stale))
+        if stale or req.type_url not in ("", TYPE):
+            return
+        if st.first:
+            st.first = False
+            st.known = dict(req.initial_resource_versions)
+        st.names |= set(req.resource_names_subscribe)
+        for n in req.resource_names_unsubscribe:
+            st.names.discard(n)
+            st.known.pop(n, None)
+        if nack:
+            return
+        st.send()
+
+
+def serve_stream(request_iterator, st, on_req):
+    with lock:
         streams[st.id] = st
 
     def reader():
         try:
             for req in request_iterator:
-                on_request(st, req)
+                on_req(st, req)
         except Exception as e:  # the stream was cancelled
             emit("reader", stream=st.id, error=repr(e))
         finally:
@@ -166,14 +237,27 @@ def serve_stream(request_iterator, context, method):
         emit("closed", stream=st.id)
 
 
+def delta_offered(context):
+    if not delta_on[0]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
+
+
 class Eds(eds_pb2_grpc.EndpointDiscoveryServiceServicer):
     def StreamEndpoints(self, request_iterator, context):
-        return serve_stream(request_iterator, context, "eds")
+        return serve_stream(request_iterator, Stream("eds"), on_request)
+
+    def DeltaEndpoints(self, request_iterator, context):
+        delta_offered(context)
+        return serve_stream(request_iterator, DeltaStream("delta_eds"), on_delta_request)
 
 
 class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
     def StreamAggregatedResources(self, request_iterator, context):
-        return serve_stream(request_iterator, context, "ads")
+        return serve_stream(request_iterator, Stream("ads"), on_request)
+
+    def DeltaAggregatedResources(self, request_iterator, context):
+        delta_offered(context)
+        return serve_stream(request_iterator, DeltaStream("delta_ads"), on_delta_request)
 
 
 def main():
@@ -197,11 +281,22 @@ def main():
                 changed = set()
                 for name, spec in cmd["clusters"].items():
                     clusters[name] = build(name, spec)
+                    versions[name] = version
                     changed.add(name)
                 only = cmd.get("only")
                 for st in list(streams.values()):
                     if changed & set(st.names):
                         st.send(only=set(only) if only is not None else None)
+            elif cmd["cmd"] == "remove":
+                version = cmd["version"]
+                for name in cmd["names"]:
+                    clusters.pop(name, None)
+                    versions.pop(name, None)
+                for st in list(streams.values()):
+                    if isinstance(st, DeltaStream):
+                        st.send()
+                    elif set(cmd["names"]) & set(st.names):
+                        st.send()
             elif cmd["cmd"] == "mode":
                 resend_nacked[0] = cmd["resend_nacked"]
             elif cmd["cmd"] == "wrong_type":
@@ -209,7 +304,10 @@ def main():
             elif cmd["cmd"] == "replay":
                 for st in list(streams.values()):
                     if st.last is not None:
-                        emit("response", stream=st.id, method=st.method, version=st.last.version_info,
+                        last_version = getattr(st.last, "version_info", None)
+                        if last_version is None:
+                            last_version = st.last.system_version_info
+                        emit("response", stream=st.id, method=st.method, version=last_version,
                              nonce=st.last.nonce, replay=1, type_url=st.last.type_url)
                         st.q.put(st.last)
         emit("done", seq=seq)
@@ -359,12 +457,17 @@ fn json_opt(v: Option<u32>) -> String {
 #[derive(Clone, Debug)]
 pub struct SeenRequest {
     pub stream: u32,
-    /// "eds" or "ads"
+    /// "eds", "ads", "delta_eds" or "delta_ads"
     pub method: String,
     pub version_info: String,
     pub response_nonce: String,
     pub type_url: String,
+    /// SotW: `resource_names`; Delta: `resource_names_subscribe`.
     pub resource_names: Vec<String>,
+    /// Delta: `resource_names_unsubscribe`.
+    pub unsubscribe: Vec<String>,
+    /// Delta: `initial_resource_versions` as "name:version", sorted.
+    pub initial_versions: Vec<String>,
     /// Set when the request carried a `Node`.
     pub node_id: Option<String>,
     pub node_cluster: Option<String>,
@@ -386,6 +489,8 @@ pub struct SentResponse {
     pub version_info: String,
     pub nonce: String,
     pub clusters: Vec<String>,
+    /// Delta: `removed_resources`.
+    pub removed: Vec<String>,
     pub replay: bool,
     /// When the server queued it for its stream (its monotonic clock, ns).
     pub server_ns: u64,
@@ -501,6 +606,8 @@ fn record(log: &mut Log, line: &str) {
             response_nonce: get("nonce"),
             type_url: get("type_url"),
             resource_names: list(f.get("names")),
+            unsubscribe: list(f.get("unsubscribe")),
+            initial_versions: list(f.get("initial")),
             node_id: f.get("node_id").cloned(),
             node_cluster: f.get("node_cluster").cloned(),
             client_features: list(f.get("features")),
@@ -515,6 +622,7 @@ fn record(log: &mut Log, line: &str) {
             version_info: get("version"),
             nonce: get("nonce"),
             clusters: list(f.get("clusters")),
+            removed: list(f.get("removed")),
             replay: get("replay") == "1",
             server_ns: get("t").parse().unwrap_or(0),
         }),
@@ -531,21 +639,28 @@ impl ControlPlane {
     /// Starts a server on `port` (0: any free port), retrying briefly while
     /// the port is still held by a server just killed.
     pub fn start_on(port: u16) -> Self {
-        Self::start_with(port, None)
+        Self::start_with(port, None, false)
+    }
+
+    /// Starts a server that also implements Delta xDS (`DeltaEndpoints`,
+    /// `DeltaAggregatedResources`) on `port` (0: any free port); the others
+    /// answer Delta calls UNIMPLEMENTED, as a SotW-only server does.
+    pub fn start_delta_on(port: u16) -> Self {
+        Self::start_with(port, None, true)
     }
 
     /// Starts a server on a free port of network namespace `netns`'s loopback
-    /// (for a daemon that runs there).
-    pub fn start_in(netns: &str) -> Self {
-        Self::start_with(0, Some(netns))
+    /// (for a daemon that runs there); `delta`: it implements Delta xDS too.
+    pub fn start_in(netns: &str, delta: bool) -> Self {
+        Self::start_with(0, Some(netns), delta)
     }
 
-    fn start_with(port: u16, netns: Option<&str>) -> Self {
+    fn start_with(port: u16, netns: Option<&str>, delta: bool) -> Self {
         let python = python();
         let script = script();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match Self::spawn(&python, &script, port, netns) {
+            match Self::spawn(&python, &script, port, netns, delta) {
                 Ok(cp) => return cp,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("xds peer did not start ({e}); retrying");
@@ -561,6 +676,7 @@ impl ControlPlane {
         script: &PathBuf,
         port: u16,
         netns: Option<&str>,
+        delta: bool,
     ) -> Result<Self, String> {
         let mut command = match netns {
             Some(ns) => {
@@ -574,6 +690,7 @@ impl ControlPlane {
             .arg("-u")
             .arg(script)
             .arg(port.to_string())
+            .arg(if delta { "delta" } else { "sotw" })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -669,6 +786,20 @@ impl ControlPlane {
         });
         self.command(format!(
             r#"{{"cmd":"set","version":{},"clusters":{{{map}}}{only}}}"#,
+            json_str(version)
+        ));
+    }
+
+    /// Removes `names` (version `version`): Delta streams get them in
+    /// `removed_resources`; SotW streams subscribed to one get the rest.
+    pub fn remove(&mut self, version: &str, names: &[&str]) {
+        let names = names
+            .iter()
+            .map(|n| json_str(n))
+            .collect::<Vec<_>>()
+            .join(",");
+        self.command(format!(
+            r#"{{"cmd":"remove","version":{},"names":[{names}]}}"#,
             json_str(version)
         ));
     }

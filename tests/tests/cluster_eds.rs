@@ -93,7 +93,7 @@ fn eds_lab(follows: &[usize]) -> (Lab, Vec<Netns>, Vec<ControlPlane>) {
             // The backend answers on the VIP (DSR) and computes its checksums.
             b.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
             b.exec(&["ethtool", "-K", &end.interface, "tx", "off"]);
-            let cp = ControlPlane::start_in(&lab.nodes[i - 1].name);
+            let cp = ControlPlane::start_in(&lab.nodes[i - 1].name, false);
             lab.node_extra.push(format!(
                 "pod_cidrs = [\"198.18.1{i}.0/24\"]\n{}{}",
                 xds_config(&cp.address(), ""),

@@ -75,7 +75,7 @@ fn removing_one_of_1000_backends_moves_only_its_share_and_restarts_move_nothing(
     }
     // Every backend, and one more, resolves on the node's eb0.
     let ns = backends_netns("ei", BACKENDS + 1);
-    let mut cp = ControlPlane::start_in(&ns.name);
+    let mut cp = ControlPlane::start_in(&ns.name, false);
     let dir = std::env::temp_dir().join(unique("tmei"));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("daemon.toml");

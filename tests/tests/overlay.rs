@@ -662,7 +662,7 @@ fn an_eds_cluster_bound_to_a_service_ip_picks_its_members_and_weights() {
     const FED: &str = "203.0.113.50";
     let mut cp: Option<ControlPlane> = None;
     let nodes = TwoNodes::start_with(|netns| {
-        let plane = ControlPlane::start_in(netns);
+        let plane = ControlPlane::start_in(netns, false);
         let text = format!(
             "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"60s\"\n\
              [[xds.clusters]]\nname = \"web\"\nservice_ip = \"{FED}\"\n",

@@ -7,7 +7,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tapmesh::xds::{
-    self, CancellationToken, ClusterEndpoints, EndpointSink, HealthStatus, Locality,
+    self, CancellationToken, ClusterEndpoints, EndpointSink, HealthStatus, Locality, Protocol,
     SelectedEndpoint, StandbyEndpoint, XdsSettings, EDS_TYPE_URL,
 };
 use tapmesh_tests::xds_peer::{Cla, ControlPlane, Ep, Loc, SeenRequest};
@@ -114,6 +114,7 @@ fn settings(cp: &ControlPlane, clusters: &[&str]) -> XdsSettings {
         node_cluster: "tapmesh-test".into(),
         clusters: clusters.iter().map(|c| c.to_string()).collect(),
         ads: false,
+        protocol: Protocol::Auto,
         missing_after: Duration::from_secs(60),
         max_backoff: Duration::from_millis(500),
     }
@@ -727,4 +728,218 @@ fn duplicate_endpoints_and_an_empty_cluster_name_are_nacked() {
         Some("resources[0]: ClusterLoadAssignment.cluster_name is empty")
     );
     assert_eq!(sink.updates().len(), 2);
+}
+
+// Delta (incremental) xDS against the same peer with its Delta services on.
+
+fn delta_settings(cp: &ControlPlane, clusters: &[&str], protocol: Protocol) -> XdsSettings {
+    XdsSettings {
+        protocol,
+        ..settings(cp, clusters)
+    }
+}
+
+/// The Delta ACK of response `nonce`: the nonce alone, no node, no names.
+fn is_delta_ack(nonce: &str) -> impl Fn(&SeenRequest) -> bool {
+    let nonce = nonce.to_string();
+    move |r| r.method.starts_with("delta") && r.response_nonce == nonce && r.error_detail.is_none()
+}
+
+fn cluster_of(ip: &str, port: u32) -> Cla {
+    Cla::single(vec![Ep::new(ip, port)])
+}
+
+/// A Delta server: the client subscribes on the Delta stream (node, names,
+/// no versions held), a response carries only the changed cluster, a
+/// removed cluster is applied as empty, and SotW is never used.
+#[test]
+fn delta_sends_only_changes_and_removals() {
+    let mut cp = ControlPlane::start_delta_on(0);
+    cp.set(
+        "1",
+        &[
+            ("svc-a", cluster_of("198.18.0.1", 80)),
+            ("svc-b", cluster_of("198.18.0.2", 80)),
+        ],
+    );
+    let sink = Recorder::new(true);
+    let _client = Client::start(
+        delta_settings(&cp, &["svc-a", "svc-b"], Protocol::Auto),
+        sink.clone(),
+    );
+
+    let first = cp.wait_request(WAIT, "the subscription", |r| r.response_nonce.is_empty());
+    assert_eq!(first.method, "delta_eds");
+    assert_eq!(first.node_id.as_deref(), Some("node-1"));
+    assert_eq!(first.type_url, EDS_TYPE_URL);
+    assert_eq!(first.resource_names, vec!["svc-a", "svc-b"]);
+    assert!(first.initial_versions.is_empty(), "{first:?}");
+    let ack = cp.wait_request(WAIT, "ACK of the first response", is_delta_ack("1"));
+    assert_eq!(ack.node_id, None);
+    assert!(ack.resource_names.is_empty() && ack.unsubscribe.is_empty());
+    assert_eq!(ack.type_url, EDS_TYPE_URL);
+    sink.wait_count(2);
+    let mut first_two: Vec<_> = sink
+        .updates()
+        .iter()
+        .map(|u| (u.cluster.clone(), endpoints(u)))
+        .collect();
+    first_two.sort();
+    assert_eq!(
+        first_two,
+        vec![
+            ("svc-a".to_string(), vec![("198.18.0.1".to_string(), 80, 1)]),
+            ("svc-b".to_string(), vec![("198.18.0.2".to_string(), 80, 1)]),
+        ]
+    );
+
+    // One cluster changes: the response and the sink see only that one.
+    cp.set("2", &[("svc-b", cluster_of("198.18.0.3", 81))]);
+    cp.wait_request(WAIT, "ACK of svc-b's change", is_delta_ack("2"));
+    let sent = cp.responses();
+    assert_eq!(sent.last().unwrap().clusters, vec!["svc-b"]);
+    let update = sink.wait_count(3);
+    assert_eq!(update.cluster, "svc-b");
+    assert_eq!(endpoints(&update), vec![("198.18.0.3".into(), 81, 1)]);
+
+    // The server removes svc-a: applied as no endpoints.
+    cp.remove("3", &["svc-a"]);
+    cp.wait_request(WAIT, "ACK of the removal", is_delta_ack("3"));
+    assert_eq!(cp.responses().last().unwrap().removed, vec!["svc-a"]);
+    assert_eq!(sink.wait_count(4), ClusterEndpoints::empty("svc-a"));
+
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sink.updates().len(), 4, "{:#?}", sink.updates());
+    let requests = cp.requests();
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.method == "delta_eds" && r.error_detail.is_none() && !r.stale),
+        "{requests:#?}"
+    );
+    assert_eq!(
+        requests.len(),
+        4,
+        "the subscription and three ACKs: {requests:#?}"
+    );
+}
+
+/// An invalid Delta response (a resource named svc-a holding another
+/// cluster's assignment; an endpoint without an address) is NACKed with the
+/// reason and nothing is applied; the next valid one is applied.
+#[test]
+fn delta_invalid_response_is_nacked_and_nothing_applied() {
+    let mut cp = ControlPlane::start_delta_on(0);
+    cp.set("1", &[("svc-a", cluster_of("198.18.0.1", 80))]);
+    let sink = Recorder::new(true);
+    let _client = Client::start(
+        delta_settings(&cp, &["svc-a"], Protocol::Delta),
+        sink.clone(),
+    );
+    cp.wait_request(WAIT, "ACK 1", is_delta_ack("1"));
+    sink.wait_count(1);
+
+    let other = Cla {
+        name: Some("svc-z".into()),
+        ..cluster_of("198.18.0.9", 80)
+    };
+    cp.set("2", &[("svc-a", other)]);
+    let nack = cp.wait_request(WAIT, "NACK 2", is_nack("2"));
+    let detail = nack.error_detail.unwrap();
+    assert!(
+        detail.contains("\"svc-a\"") && detail.contains("\"svc-z\""),
+        "{detail}"
+    );
+
+    let mut no_address = Ep::new("198.18.0.8", 80);
+    no_address.no_address = true;
+    cp.set("3", &[("svc-a", Cla::single(vec![no_address]))]);
+    cp.wait_request(WAIT, "NACK 3", is_nack("3"));
+
+    cp.set("4", &[("svc-a", cluster_of("198.18.0.4", 80))]);
+    cp.wait_request(WAIT, "ACK 4", is_delta_ack("4"));
+    assert_eq!(sink.updates().len(), 2, "{:#?}", sink.updates());
+    applied_only(&sink, 2, "198.18.0.4", 80);
+}
+
+/// After a server restart the client names the version it holds; a server
+/// with that same version sends nothing, and a change is applied.
+#[test]
+fn delta_resubscribes_with_the_versions_it_holds() {
+    let mut cp = ControlPlane::start_delta_on(0);
+    let port = cp.port;
+    cp.set("1", &[("svc-a", cluster_of("198.18.0.1", 80))]);
+    let sink = Recorder::new(true);
+    let _client = Client::start(
+        delta_settings(&cp, &["svc-a", "svc-b"], Protocol::Auto),
+        sink.clone(),
+    );
+    cp.wait_request(WAIT, "ACK 1", is_delta_ack("1"));
+    sink.wait_count(1);
+    cp.kill();
+
+    let mut cp = ControlPlane::start_delta_on(port);
+    cp.set("1", &[("svc-a", cluster_of("198.18.0.1", 80))]);
+    let first = cp.wait_request(WAIT, "the subscription after the restart", |r| {
+        r.response_nonce.is_empty()
+    });
+    assert_eq!(first.method, "delta_eds");
+    assert_eq!(first.initial_versions, vec!["svc-a:1"]);
+    assert_eq!(first.resource_names, vec!["svc-a", "svc-b"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(cp.responses().is_empty(), "{:#?}", cp.responses());
+    assert_eq!(sink.updates().len(), 1);
+
+    cp.set("2", &[("svc-b", cluster_of("198.18.0.2", 80))]);
+    cp.wait_request(WAIT, "ACK of svc-b", is_delta_ack("1"));
+    assert_eq!(cp.responses()[0].clusters, vec!["svc-b"]);
+    assert_eq!(sink.wait_count(2).cluster, "svc-b");
+}
+
+/// Delta over ADS (`DeltaAggregatedResources`).
+#[test]
+fn delta_over_ads() {
+    let mut cp = ControlPlane::start_delta_on(0);
+    cp.set("1", &[("svc-a", cluster_of("198.18.0.1", 80))]);
+    let sink = Recorder::new(true);
+    let _client = Client::start(
+        XdsSettings {
+            ads: true,
+            ..delta_settings(&cp, &["svc-a"], Protocol::Delta)
+        },
+        sink.clone(),
+    );
+    let ack = cp.wait_request(WAIT, "ACK 1", is_delta_ack("1"));
+    assert_eq!(ack.method, "delta_ads");
+    applied_only(&sink, 1, "198.18.0.1", 80);
+}
+
+/// A server without Delta: `auto` uses SotW on the same connection (no
+/// failed stream, no backoff); `delta` refuses to, and says why.
+#[test]
+fn without_delta_auto_falls_back_and_delta_only_refuses() {
+    warnings();
+    let cp = serving_v1();
+    let sink = Recorder::new(true);
+    let started = Instant::now();
+    let client = Client::start(settings(&cp, &["svc-a"]), sink.clone());
+    cp.wait_request(WAIT, "ACK v1 over SotW", is_ack("1", "1"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(cp.requests()[0].method, "eds");
+    sink.wait_count(1);
+    drop(client);
+
+    let cp = serving_v1();
+    let sink = Recorder::new(true);
+    let _client = Client::start(
+        delta_settings(&cp, &["svc-a"], Protocol::Delta),
+        sink.clone(),
+    );
+    let deadline = Instant::now() + WAIT;
+    while warning_lines(cp.port, "does not implement Delta xDS").is_empty() {
+        assert!(Instant::now() < deadline, "no warning");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(cp.requests().is_empty(), "{:#?}", cp.requests());
+    assert!(sink.updates().is_empty());
 }

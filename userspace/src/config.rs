@@ -289,6 +289,9 @@ pub struct XdsConfig {
     pub node_cluster: String,
     /// StreamAggregatedResources instead of StreamEndpoints.
     pub ads: bool,
+    /// "auto" (Delta xDS when the server implements it, else State of the
+    /// World), "delta" or "sotw".
+    pub protocol: crate::xds::Protocol,
     /// A cluster that never arrives is applied as empty after this.
     #[serde(with = "humantime_serde")]
     pub missing_after: std::time::Duration,
@@ -329,6 +332,7 @@ impl Default for XdsConfig {
             node_id: hostname(),
             node_cluster: "tapmesh".into(),
             ads: false,
+            protocol: crate::xds::Protocol::Auto,
             missing_after: std::time::Duration::from_secs(15),
             clusters: Vec::new(),
             serve: String::new(),

@@ -101,6 +101,7 @@ impl Plugin for CatalogPlugin {
                 node_cluster: x.node_cluster.clone(),
                 clusters: x.clusters.iter().map(|c| c.name.clone()).collect(),
                 ads: x.ads,
+                protocol: x.protocol,
                 missing_after: x.missing_after,
                 ..XdsSettings::default()
             };

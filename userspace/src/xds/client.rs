@@ -1,4 +1,6 @@
-//! The SotW stream: connect, subscribe, validate, apply, ACK/NACK, reconnect.
+//! The client's streams: connect, subscribe (Delta or State of the World),
+//! validate, apply, ACK/NACK, reconnect. The variant-specific requests and
+//! responses are in `sotw.rs` and `delta.rs`.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -6,11 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{node::UserAgentVersionType, Node};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    aggregated_discovery_service_client::AggregatedDiscoveryServiceClient, DiscoveryRequest,
-    DiscoveryResponse,
-};
-use envoy_types::pb::envoy::service::endpoint::v3::endpoint_discovery_service_client::EndpointDiscoveryServiceClient;
+use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures::future::BoxFuture;
 use prost::Message;
@@ -20,12 +18,14 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::codec::Streaming;
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::health::planes as health;
 
+use super::delta::Delta;
+use super::sotw::Sotw;
 use super::{
-    select, ClusterEndpoints, ClusterLoadAssignment, EndpointSink, XdsSettings,
+    select, ClusterEndpoints, ClusterLoadAssignment, EndpointSink, Protocol, XdsSettings,
     CLIENT_FEATURE_NO_OVERPROVISIONING, EDS_TYPE_URL,
 };
 
@@ -47,6 +47,29 @@ const NACK_BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// This client's name in [`crate::health`].
 const PLANE: &str = "xds";
 
+/// What differs between State of the World and Delta: the messages, the
+/// call, the first request and how a response is handled.
+pub(super) trait Variant {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    /// As logged and shown in the health detail.
+    const NAME: &'static str;
+    /// The subscription, the first message of a stream.
+    fn first(client: &Client) -> Self::Request;
+    fn nonce(response: &Self::Response) -> &str;
+    /// Opens the stream (EDS's or ADS's service).
+    fn call(
+        channel: Channel,
+        ads: bool,
+        outbound: ReceiverStream<Self::Request>,
+    ) -> BoxFuture<'static, Result<tonic::Response<Streaming<Self::Response>>, tonic::Status>>;
+    /// Validates and applies one response; what to send back.
+    fn handle(
+        client: &mut Client,
+        response: Self::Response,
+    ) -> impl Future<Output = Vec<Reply<Self::Request>>> + Send;
+}
+
 /// Subscribes and keeps the subscription until `cancel` fires. Never
 /// returns early on errors: they are logged and the stream is re-established.
 pub async fn run(settings: XdsSettings, sink: Arc<dyn EndpointSink>, cancel: CancellationToken) {
@@ -55,6 +78,8 @@ pub async fn run(settings: XdsSettings, sink: Arc<dyn EndpointSink>, cancel: Can
 
 enum Ended {
     Cancelled,
+    /// The server answered the call UNIMPLEMENTED before any response.
+    NotOffered,
     /// The stream failed or ended; `responded`: it delivered a response.
     Failed {
         reason: String,
@@ -62,15 +87,17 @@ enum Ended {
     },
 }
 
-struct Client {
-    settings: XdsSettings,
+pub(super) struct Client {
+    pub(super) settings: XdsSettings,
     /// Reconnect failures already logged.
     repeats: crate::repeats::Repeats,
     sink: Arc<dyn EndpointSink>,
     cancel: CancellationToken,
-    node: Node,
-    /// `version_info` of the last accepted response ("" before the first).
-    version: String,
+    pub(super) node: Node,
+    /// State of the World: `version_info` of the last accepted response ("" before the first).
+    pub(super) version: String,
+    /// Delta: the version of each resource the sink holds from the server.
+    pub(super) versions: HashMap<String, String>,
     /// What the sink holds, per cluster.
     applied: HashMap<String, ClusterEndpoints>,
     /// Clusters that arrived in an accepted response or were applied as missing.
@@ -78,22 +105,24 @@ struct Client {
     missing_deadline: Instant,
     missing_done: bool,
     /// The last rejected response and how often it came back.
-    rejected: Option<Rejected>,
+    pub(super) rejected: Option<Rejected>,
     /// The nonce of the last EDS response on this stream ("" before one).
-    eds_nonce: String,
+    pub(super) eds_nonce: String,
+    /// The fall-back from Delta was logged (once per client).
+    sotw_fallback_logged: bool,
 }
 
 /// A rejected (type, version): logged once, NACKed with growing delays.
-struct Rejected {
+pub(super) struct Rejected {
     type_url: String,
     version: String,
     repeats: u32,
 }
 
 /// What to send for a response: `request`, after `delay`.
-struct Reply {
-    delay: Duration,
-    request: DiscoveryRequest,
+pub(super) struct Reply<R> {
+    pub(super) delay: Duration,
+    pub(super) request: R,
 }
 
 impl Client {
@@ -117,12 +146,14 @@ impl Client {
             cancel,
             node,
             version: String::new(),
+            versions: HashMap::new(),
             applied: HashMap::new(),
             settled: HashSet::new(),
             missing_deadline,
             missing_done,
             rejected: None,
             eds_nonce: String::new(),
+            sotw_fallback_logged: false,
         }
     }
 
@@ -130,8 +161,13 @@ impl Client {
         let max = self.settings.max_backoff.max(INITIAL_BACKOFF);
         let mut backoff = INITIAL_BACKOFF;
         loop {
-            match self.stream_once().await {
-                Ended::Cancelled => return,
+            let ended = match self.stream_once().await {
+                // stream_once names the missing service; this is not reached.
+                Ended::NotOffered => failed("the server does not implement the service".into()),
+                ended => ended,
+            };
+            match ended {
+                Ended::Cancelled | Ended::NotOffered => return,
                 Ended::Failed { reason, responded } => {
                     if responded {
                         backoff = INITIAL_BACKOFF;
@@ -202,7 +238,7 @@ impl Client {
     }
 
     /// Records an ACKed version, and whether every subscribed cluster has settled.
-    fn report_synced(&self, acked: Option<&str>) {
+    pub(super) fn report_synced(&self, acked: Option<&str>) {
         let synced = self
             .settings
             .clusters
@@ -216,22 +252,39 @@ impl Client {
         });
     }
 
-    fn request(&self, nonce: &str, node: bool) -> DiscoveryRequest {
-        DiscoveryRequest {
-            version_info: self.version.clone(),
-            node: node.then(|| self.node.clone()),
-            resource_names: self.settings.clusters.clone(),
-            type_url: EDS_TYPE_URL.into(),
-            response_nonce: nonce.into(),
-            ..Default::default()
+    /// Hands every changed assignment to the sink (in order) and marks each
+    /// settled; the first sink error stops there.
+    pub(super) async fn apply_all(
+        &mut self,
+        updates: Vec<ClusterEndpoints>,
+        version: &str,
+    ) -> Result<(), String> {
+        for update in updates {
+            let cluster = update.cluster.clone();
+            if self.applied.get(&cluster) != Some(&update) {
+                tracing::info!(
+                    %cluster,
+                    %version,
+                    endpoints = update.endpoints.len(),
+                    "applying endpoints"
+                );
+                self.sink
+                    .apply(update.clone())
+                    .await
+                    .map_err(|e| format!("cluster {cluster:?}: {e}"))?;
+                self.applied.insert(cluster.clone(), update);
+            }
+            self.settled.insert(cluster);
         }
+        Ok(())
+    }
+
+    /// A cluster we subscribed to.
+    pub(super) fn subscribed(&self, cluster: &str) -> bool {
+        self.settings.clusters.iter().any(|c| c == cluster)
     }
 
     async fn stream_once(&mut self) -> Ended {
-        let failed = |reason: String| Ended::Failed {
-            reason,
-            responded: false,
-        };
         let endpoint = match Endpoint::from_shared(self.settings.server.clone()) {
             Ok(e) => e
                 .connect_timeout(CONNECT_TIMEOUT)
@@ -246,49 +299,76 @@ impl Client {
             Some(Err(e)) => return failed(format!("connecting: {}", crate::causes(&e))),
             Some(Ok(c)) => c,
         };
+        if self.settings.protocol != Protocol::Sotw {
+            match self.stream::<Delta>(channel.clone()).await {
+                Ended::NotOffered if self.settings.protocol == Protocol::Auto => {
+                    if !self.sotw_fallback_logged {
+                        self.sotw_fallback_logged = true;
+                        tracing::info!(
+                            server = %self.settings.server,
+                            "the server does not implement Delta xDS; using State of the World"
+                        );
+                    }
+                }
+                Ended::NotOffered => {
+                    return failed(format!(
+                        "the server does not implement Delta xDS ({}): set [xds] protocol to \"auto\" or \"sotw\"",
+                        if self.settings.ads {
+                            "DeltaAggregatedResources"
+                        } else {
+                            "DeltaEndpoints"
+                        }
+                    ))
+                }
+                ended => return ended,
+            }
+        }
+        match self.stream::<Sotw>(channel).await {
+            Ended::NotOffered => failed(format!(
+                "the server does not implement {}",
+                if self.settings.ads {
+                    "StreamAggregatedResources"
+                } else {
+                    "StreamEndpoints"
+                }
+            )),
+            ended => ended,
+        }
+    }
+
+    /// One stream of variant `V`: subscribe, then validate, apply and answer
+    /// every response until the stream ends.
+    async fn stream<V: Variant>(&mut self, channel: Channel) -> Ended {
         let (tx, rx) = mpsc::channel(16);
-        let first = self.request("", true);
+        let first = V::first(self);
         tracing::info!(
             server = %self.settings.server,
             ads = self.settings.ads,
-            version = %first.version_info,
-            clusters = ?first.resource_names,
+            protocol = V::NAME,
+            clusters = ?self.settings.clusters,
             "subscribing to endpoints"
         );
         tx.try_send(first).expect("an empty channel has room");
-        let outbound = ReceiverStream::new(rx);
-        let call: BoxFuture<
-            'static,
-            Result<tonic::Response<Streaming<DiscoveryResponse>>, tonic::Status>,
-        > = if self.settings.ads {
-            Box::pin(async move {
-                AggregatedDiscoveryServiceClient::new(channel)
-                    .stream_aggregated_resources(outbound)
-                    .await
-            })
-        } else {
-            Box::pin(async move {
-                EndpointDiscoveryServiceClient::new(channel)
-                    .stream_endpoints(outbound)
-                    .await
-            })
-        };
+        let call = V::call(channel, self.settings.ads, ReceiverStream::new(rx));
         let mut inbound = match self.wait(call).await {
             None => return Ended::Cancelled,
+            Some(Err(status)) if status.code() == tonic::Code::Unimplemented => {
+                return Ended::NotOffered
+            }
             Some(Err(status)) => return failed(format!("opening the stream: {status}")),
             Some(Ok(response)) => response.into_inner(),
         };
         let server = self.settings.server.clone();
         health().update(PLANE, |h| {
             h.connected = true;
-            h.detail = format!("subscribed at {server}");
+            h.detail = format!("subscribed at {server} ({})", V::NAME);
         });
         let mut responded = false;
         let mut last_nonce: Option<String> = None;
         self.eds_nonce.clear();
         // Replies waiting for their delay (a NACK backing off); a newer
         // response replaces them.
-        let mut held: Vec<(Instant, DiscoveryRequest)> = Vec::new();
+        let mut held: Vec<(Instant, V::Request)> = Vec::new();
         loop {
             let due = held.first().map(|(at, _)| *at);
             let next = self
@@ -317,6 +397,11 @@ impl Client {
                     }
                     continue;
                 }
+                Some(Some(Err(status)))
+                    if !responded && status.code() == tonic::Code::Unimplemented =>
+                {
+                    return Ended::NotOffered
+                }
                 Some(Some(Err(status))) => {
                     return Ended::Failed {
                         reason: status.to_string(),
@@ -331,15 +416,15 @@ impl Client {
                 }
                 Some(Some(Ok(Some(r)))) => r,
             };
-            if !response.nonce.is_empty() && last_nonce.as_deref() == Some(response.nonce.as_str())
-            {
-                tracing::debug!(nonce = %response.nonce, "ignoring a response with a stale nonce");
+            let nonce = V::nonce(&response);
+            if !nonce.is_empty() && last_nonce.as_deref() == Some(nonce) {
+                tracing::debug!(%nonce, "ignoring a response with a stale nonce");
                 continue;
             }
-            last_nonce = Some(response.nonce.clone());
+            last_nonce = Some(nonce.to_string());
             responded = true;
             held.clear();
-            for reply in self.handle(response).await {
+            for reply in V::handle(self, response).await {
                 if !reply.delay.is_zero() {
                     held.push((Instant::now() + reply.delay, reply.request));
                 } else if tx.send(reply.request).await.is_err() {
@@ -352,83 +437,19 @@ impl Client {
         }
     }
 
-    /// Validates and applies one response; returns its ACK or NACK (and,
-    /// after a response of another type, the EDS request again, so the
-    /// subscription does not wait for a reconnect).
-    async fn handle(&mut self, response: DiscoveryResponse) -> Vec<Reply> {
-        if response.type_url != EDS_TYPE_URL {
-            let reason = format!(
-                "unexpected resource type {:?} (subscribed to {EDS_TYPE_URL})",
-                response.type_url
-            );
-            let delay = self.rejection(&response, &reason);
-            let nack = DiscoveryRequest {
-                type_url: response.type_url.clone(),
-                response_nonce: response.nonce.clone(),
-                error_detail: Some(nack_status(reason)),
-                ..Default::default()
-            };
-            let again = self.request(&self.eds_nonce, false);
-            return vec![
-                Reply {
-                    delay,
-                    request: nack,
-                },
-                Reply {
-                    delay,
-                    request: again,
-                },
-            ];
-        }
-        self.eds_nonce = response.nonce.clone();
-        let updates = match self.decode(&response) {
-            Ok(updates) => updates,
-            Err(reason) => return vec![self.nack(&response, reason)],
-        };
-        for update in updates {
-            let cluster = update.cluster.clone();
-            if self.applied.get(&cluster) != Some(&update) {
-                tracing::info!(
-                    %cluster,
-                    version = %response.version_info,
-                    endpoints = update.endpoints.len(),
-                    "applying endpoints"
-                );
-                if let Err(e) = self.sink.apply(update.clone()).await {
-                    return vec![self.nack(&response, format!("cluster {cluster:?}: {e}"))];
-                }
-                self.applied.insert(cluster.clone(), update);
-            }
-            self.settled.insert(cluster);
-        }
-        self.version = response.version_info.clone();
-        self.rejected = None;
-        self.report_synced(Some(&response.version_info));
-        tracing::debug!(version = %self.version, nonce = %response.nonce, "ACK");
-        vec![Reply {
-            delay: Duration::ZERO,
-            request: self.request(&response.nonce, false),
-        }]
-    }
-
-    fn nack(&mut self, response: &DiscoveryResponse, reason: String) -> Reply {
-        let delay = self.rejection(response, &reason);
-        Reply {
-            delay,
-            request: DiscoveryRequest {
-                error_detail: Some(nack_status(reason)),
-                ..self.request(&response.nonce, false)
-            },
-        }
-    }
-
-    /// Records a rejection: the first of a (type, version) is logged and
-    /// NACKed at once; each repeat waits longer, up to [`NACK_BACKOFF_MAX`].
-    fn rejection(&mut self, response: &DiscoveryResponse, reason: &str) -> Duration {
+    /// Records a rejection of (`type_url`, `version`): the first is logged
+    /// and NACKed at once; each repeat waits longer, up to [`NACK_BACKOFF_MAX`].
+    pub(super) fn rejection(
+        &mut self,
+        type_url: &str,
+        version: &str,
+        nonce: &str,
+        reason: &str,
+    ) -> Duration {
         let repeat = self
             .rejected
             .as_ref()
-            .is_some_and(|r| r.type_url == response.type_url && r.version == response.version_info);
+            .is_some_and(|r| r.type_url == type_url && r.version == version);
         let rejected = match &mut self.rejected {
             Some(r) if repeat => {
                 r.repeats += 1;
@@ -437,16 +458,16 @@ impl Client {
             _ => {
                 tracing::warn!(
                     server = %self.settings.server,
-                    version = %response.version_info,
-                    nonce = %response.nonce,
+                    %version,
+                    %nonce,
                     kept = %self.version,
                     "NACK: {reason}"
                 );
-                let nacked = (response.version_info.clone(), reason.to_string());
+                let nacked = (version.to_string(), reason.to_string());
                 health().update(PLANE, |h| h.last_nack = Some(nacked));
                 self.rejected.insert(Rejected {
-                    type_url: response.type_url.clone(),
-                    version: response.version_info.clone(),
+                    type_url: type_url.to_string(),
+                    version: version.to_string(),
                     repeats: 0,
                 })
             }
@@ -458,48 +479,51 @@ impl Client {
             .saturating_mul(1 << (rejected.repeats - 1).min(16))
             .min(NACK_BACKOFF_MAX);
         tracing::debug!(
-            version = %response.version_info,
+            %version,
             repeats = rejected.repeats,
             "the server sent a rejected version again; NACK in {delay:?}"
         );
         delay
     }
 
-    /// The selected assignments of a response, or why it is rejected.
-    fn decode(&self, response: &DiscoveryResponse) -> Result<Vec<ClusterEndpoints>, String> {
-        let mut names = HashSet::new();
-        let mut out = Vec::new();
-        for (i, any) in response.resources.iter().enumerate() {
-            if any.type_url != EDS_TYPE_URL {
-                return Err(format!(
-                    "resources[{i}] has type {:?}, not {EDS_TYPE_URL}",
-                    any.type_url
-                ));
-            }
-            let cla = ClusterLoadAssignment::decode(any.value.as_slice())
-                .map_err(|e| format!("resources[{i}] does not decode: {e}"))?;
-            if cla.cluster_name.is_empty() {
-                return Err(format!(
-                    "resources[{i}]: ClusterLoadAssignment.cluster_name is empty"
-                ));
-            }
-            if !names.insert(cla.cluster_name.clone()) {
-                return Err(format!(
-                    "ClusterLoadAssignment {:?} appears twice",
-                    cla.cluster_name
-                ));
-            }
-            if !self.settings.clusters.contains(&cla.cluster_name) {
-                tracing::debug!(cluster = %cla.cluster_name, "ignoring an unsubscribed cluster");
-                continue;
-            }
-            out.push(select(&cla).map_err(|e| e.to_string())?);
+    /// Decodes one EDS resource (index `i` of the response) and selects its
+    /// endpoints: its cluster name, and `None` for a cluster we did not
+    /// subscribe to.
+    pub(super) fn decode_one(
+        &self,
+        i: usize,
+        any: &Any,
+    ) -> Result<(String, Option<ClusterEndpoints>), String> {
+        if any.type_url != EDS_TYPE_URL {
+            return Err(format!(
+                "resources[{i}] has type {:?}, not {EDS_TYPE_URL}",
+                any.type_url
+            ));
         }
-        Ok(out)
+        let cla = ClusterLoadAssignment::decode(any.value.as_slice())
+            .map_err(|e| format!("resources[{i}] does not decode: {e}"))?;
+        if cla.cluster_name.is_empty() {
+            return Err(format!(
+                "resources[{i}]: ClusterLoadAssignment.cluster_name is empty"
+            ));
+        }
+        if !self.subscribed(&cla.cluster_name) {
+            tracing::debug!(cluster = %cla.cluster_name, "ignoring an unsubscribed cluster");
+            return Ok((cla.cluster_name, None));
+        }
+        let selected = select(&cla).map_err(|e| e.to_string())?;
+        Ok((cla.cluster_name, Some(selected)))
     }
 }
 
-fn nack_status(message: String) -> RpcStatus {
+fn failed(reason: String) -> Ended {
+    Ended::Failed {
+        reason,
+        responded: false,
+    }
+}
+
+pub(super) fn nack_status(message: String) -> RpcStatus {
     RpcStatus {
         code: INVALID_ARGUMENT,
         message,

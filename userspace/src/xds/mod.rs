@@ -1,6 +1,7 @@
-//! An xDS client for endpoint discovery: State-of-the-World EDS
-//! (`EndpointDiscoveryService.StreamEndpoints`) or the same over ADS
-//! (`AggregatedDiscoveryService.StreamAggregatedResources`), subscribing to
+//! An xDS client for endpoint discovery: EDS
+//! (`EndpointDiscoveryService`) or the same over ADS
+//! (`AggregatedDiscoveryService`), Delta (incremental) when the server
+//! implements it, else State of the World, subscribing to
 //! an explicit list of clusters and handing each accepted
 //! `ClusterLoadAssignment`, after gRPC A27 endpoint selection ([`select`]),
 //! to an [`EndpointSink`] (the daemon's is the service catalog); and an EDS
@@ -35,10 +36,22 @@
 //! * When the stream fails the client reconnects with jittered, capped
 //!   exponential backoff and resubscribes with the last accepted version;
 //!   nothing is removed from the sink meanwhile.
+//! * Delta ([`Protocol`]): `DeltaEndpoints` or `DeltaAggregatedResources`
+//!   is tried first on every connection; an UNIMPLEMENTED answer before any
+//!   response means State of the World on the same connection (`auto`), or a
+//!   failed connection (`delta`). The first request subscribes the clusters
+//!   and names the version of each one held (`initial_resource_versions`);
+//!   a response carries changed assignments (resource name = `cluster_name`,
+//!   each applied only when it differs from what the sink holds) and removed
+//!   names (applied as empty); the ACK is the nonce alone, a NACK adds
+//!   `error_detail`. A resource without a body (a TTL heartbeat) changes
+//!   nothing; a name sent twice, or both sent and removed, is invalid.
 
 mod client;
+mod delta;
 mod select;
 pub mod server;
+mod sotw;
 
 use std::fmt;
 use std::net::IpAddr;
@@ -69,8 +82,10 @@ pub struct XdsSettings {
     pub node_cluster: String,
     /// Cluster names (EDS service names) to subscribe to.
     pub clusters: Vec<String>,
-    /// Use `StreamAggregatedResources` instead of `StreamEndpoints`.
+    /// Use the aggregated service (ADS) instead of the EDS one.
     pub ads: bool,
+    /// State of the World, Delta (incremental) xDS, or Delta when the server offers it.
+    pub protocol: Protocol,
     /// A cluster that never arrives is applied as empty after this.
     pub missing_after: Duration,
     /// Cap of the reconnect backoff.
@@ -85,9 +100,35 @@ impl Default for XdsSettings {
             node_cluster: String::new(),
             clusters: Vec::new(),
             ads: false,
+            protocol: Protocol::Auto,
             missing_after: Duration::from_secs(15),
             max_backoff: Duration::from_secs(5),
         }
+    }
+}
+
+/// Which xDS protocol variant the client speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// Delta when the server implements it (the first call is not
+    /// UNIMPLEMENTED), else State of the World on the same connection;
+    /// tried again on every new connection.
+    #[default]
+    Auto,
+    /// Delta only: a server without it is an error (retried with backoff).
+    Delta,
+    /// State of the World only.
+    Sotw,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Auto => "auto",
+            Protocol::Delta => "delta",
+            Protocol::Sotw => "sotw",
+        })
     }
 }
 
