@@ -26,8 +26,13 @@ pub fn udp_vip_cluster(name: &str, vip: impl std::fmt::Display) -> String {
 /// An `LbLab` of two targets holding `vips`, a control plane in its node,
 /// and the daemon started with `xds_config(<that plane>, more)`.
 pub fn lab(vips: &[Ipv4Addr], more: &str) -> (LbLab, ControlPlane) {
+    lab_of(vips, more, false)
+}
+
+/// [`lab`] with a control plane that serves Delta xDS too (`delta`).
+pub fn lab_of(vips: &[Ipv4Addr], more: &str, delta: bool) -> (LbLab, ControlPlane) {
     let mut lab = LbLab::new(2, vips);
-    let cp = ControlPlane::start_in(&lab.node.name, false);
+    let cp = ControlPlane::start_in(&lab.node.name, delta);
     lab.start_configured(&xds_config(&cp.address(), more));
     (lab, cp)
 }
@@ -39,6 +44,21 @@ pub fn wait_ack(cp: &ControlPlane, version: &str) -> SeenRequest {
         Duration::from_secs(20),
         &format!("ACK of version {version}"),
         |r| r.version_info == version && r.error_detail.is_none() && !r.response_nonce.is_empty(),
+    )
+}
+
+/// Waits (20 s at most) for the ACK of the last response of `version`: a
+/// request on its stream with its nonce and no error (SotW or Delta).
+pub fn wait_nonce_ack(cp: &ControlPlane, version: &str) -> SeenRequest {
+    let sent = cp
+        .responses()
+        .into_iter()
+        .rfind(|r| r.version_info == version)
+        .unwrap_or_else(|| panic!("no response of version {version}: {:#?}", cp.responses()));
+    cp.wait_request(
+        Duration::from_secs(20),
+        &format!("ACK of version {version}"),
+        move |r| r.stream == sent.stream && r.response_nonce == sent.nonce && r.error_detail.is_none(),
     )
 }
 

@@ -6,7 +6,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::Duration;
 
 use tapmesh_tests::{
-    eds::{self, udp_vip_cluster, wait_ack, weighted},
+    eds::{self, udp_vip_cluster, wait_ack, wait_nonce_ack, weighted},
     kernel_tests_enabled,
     net::{send_udp_flows, wait_until, UdpReceiver, CLIENT},
     xds_peer::{Cla, Ep},
@@ -110,4 +110,78 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
     let after = counts();
     assert_eq!(after[0], before[0], "the removed backend gets nothing");
     assert_eq!(after[1], before[1] + 200);
+}
+
+/// The daemon's default (`protocol = "auto"`) against a server with Delta:
+/// it subscribes over Delta; each change is applied with real packets
+/// following it, and a cluster the server removes stops taking traffic.
+#[test]
+fn delta_eds_changes_and_removals_reach_the_maps() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const VIP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
+    let clusters = udp_vip_cluster("svc", VIP) + &udp_vip_cluster("other", VIP2);
+    let (lab, mut cp) = eds::lab_of(&[VIP, VIP2], &clusters, true);
+    let (a, b) = (
+        lab.targets[0].address.to_string(),
+        lab.targets[1].address.to_string(),
+    );
+    cp.set(
+        "1",
+        &[
+            ("svc", Cla::single(vec![Ep::new(&a, 5000)])),
+            ("other", Cla::single(vec![Ep::new(&b, 5000)])),
+        ],
+    );
+    let ack = wait_nonce_ack(&cp, "1");
+    assert_eq!(ack.method, "delta_eds");
+    let rx: Vec<UdpReceiver> = lab
+        .targets
+        .iter()
+        .flat_map(|t| {
+            [VIP, VIP2]
+                .map(|vip| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(vip, 7000)))
+        })
+        .collect();
+    // rx: [a via VIP, a via VIP2, b via VIP, b via VIP2]
+    let counts = || rx.iter().map(UdpReceiver::count).collect::<Vec<u64>>();
+    let send = |vip: Ipv4Addr, n: u16| {
+        let before: u64 = counts().iter().sum();
+        let ports: Vec<u16> = (30000..30000 + n).collect();
+        send_udp_flows(
+            &lab.client.name,
+            CLIENT,
+            &ports,
+            SocketAddrV4::new(vip, 7000),
+            1,
+            b"delta",
+        );
+        wait_until(Duration::from_secs(5), || {
+            counts().iter().sum::<u64>() == before + u64::from(n)
+        });
+    };
+    send(VIP, 100);
+    send(VIP2, 50);
+    assert_eq!(counts(), vec![100, 0, 0, 50]);
+
+    // svc moves to b: only svc is sent, and its traffic follows.
+    cp.set("2", &[("svc", Cla::single(vec![Ep::new(&b, 5000)]))]);
+    wait_nonce_ack(&cp, "2");
+    assert_eq!(cp.responses().last().unwrap().clusters, vec!["svc"]);
+    send(VIP, 100);
+    assert_eq!(counts(), vec![100, 0, 100, 50]);
+
+    // "other" is removed: its VIP reaches no target any more.
+    cp.remove("3", &["other"]);
+    wait_nonce_ack(&cp, "3");
+    assert_eq!(cp.responses().last().unwrap().removed, vec!["other"]);
+    send(VIP2, 50);
+    std::thread::sleep(Duration::from_millis(300));
+    send(VIP, 10);
+    assert_eq!(counts(), vec![100, 0, 110, 50]);
+    assert!(cp
+        .requests()
+        .iter()
+        .all(|r| r.method == "delta_eds" && r.error_detail.is_none()));
 }
