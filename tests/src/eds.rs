@@ -58,7 +58,9 @@ pub fn wait_nonce_ack(cp: &ControlPlane, version: &str) -> SeenRequest {
     cp.wait_request(
         Duration::from_secs(20),
         &format!("ACK of version {version}"),
-        move |r| r.stream == sent.stream && r.response_nonce == sent.nonce && r.error_detail.is_none(),
+        move |r| {
+            r.stream == sent.stream && r.response_nonce == sent.nonce && r.error_detail.is_none()
+        },
     )
 }
 

@@ -140,8 +140,7 @@ fn delta_eds_changes_and_removals_reach_the_maps() {
         .targets
         .iter()
         .flat_map(|t| {
-            [VIP, VIP2]
-                .map(|vip| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(vip, 7000)))
+            [VIP, VIP2].map(|vip| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(vip, 7000)))
         })
         .collect();
     // rx: [a via VIP, a via VIP2, b via VIP, b via VIP2]

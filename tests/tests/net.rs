@@ -19,6 +19,7 @@ use tapmesh::{
 use tapmesh_common::lb::Target;
 use tapmesh_tests::{
     daemon::Daemon,
+    eds::{backend, backends_netns},
     fmt_mac, kernel_tests_enabled, link,
     net::{lb_toml, one_target_spec},
     unique, Netns,
@@ -415,4 +416,76 @@ fn port_mappings_are_one_nftables_table_read_back_through_netlink() {
         runtime().block_on(ports::apply(&[])).expect("written");
         assert_eq!(nft::read(ports::TABLE).unwrap(), None);
     });
+}
+
+/// The daemon's kept neighbour table (`net::neigh_table`) answers as a dump
+/// would: an entry added, changed or removed just before a lookup is seen,
+/// and after the notification queue overflowed (12 000 entries added at
+/// once) a new dump makes the table whole again.
+#[test]
+fn the_kept_neighbour_table_sees_every_change_before_a_lookup() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let ns = backends_netns("kn", 0);
+    let a = IpAddr::V4(backend(1));
+    let (m1, m2) = ([2, 0, 0, 0, 0x61, 1], [2, 0, 0, 0, 0x61, 2]);
+    let neigh = |verb: &str, mac: Option<[u8; 6]>| {
+        let mut args = vec!["neigh".to_string(), verb.into(), a.to_string()];
+        if let Some(m) = mac {
+            args.extend([
+                "lladdr".into(),
+                fmt_mac(m),
+                "nud".into(),
+                "permanent".into(),
+            ]);
+        }
+        args.extend(["dev".into(), "eb0".into()]);
+        ns.ip(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    };
+    const MANY: usize = 12_000;
+    let batch = std::env::temp_dir().join(unique("tmknbatch"));
+    let lines: String = (0..MANY)
+        .map(|i| {
+            format!(
+                "neigh replace {} lladdr 02:00:00:01:{:02x}:{:02x} dev eb0 nud permanent\n",
+                backend(i),
+                (i >> 8) & 0xff,
+                i & 0xff
+            )
+        })
+        .collect();
+    std::fs::write(&batch, lines).unwrap();
+    let batch_arg = batch.display().to_string();
+    let all: Vec<IpAddr> = (0..MANY).map(|i| IpAddr::V4(backend(i))).collect();
+
+    let (steps, many) = in_netns(&ns, || {
+        tapmesh::net::neigh_table::keep().expect("keeping the neighbour table");
+        let mut resolver = Resolver::new().expect("a resolver");
+        let mut look = |addresses: &[IpAddr]| resolver.on_link(addresses).expect("on-link");
+        let mut steps = vec![look(&[a])[0].clone()];
+        neigh("replace", Some(m1));
+        steps.push(look(&[a])[0].clone());
+        neigh("replace", Some(m2));
+        steps.push(look(&[a])[0].clone());
+        neigh("del", None);
+        steps.push(look(&[a])[0].clone());
+        let redumps = tapmesh::net::neigh_table::redumps();
+        ns.ip(&["-batch", &batch_arg]);
+        let many = look(&all);
+        assert!(
+            tapmesh::net::neigh_table::redumps() > redumps,
+            "12 000 notifications fit the socket: the overflow path was not taken"
+        );
+        (steps, many)
+    });
+    let _ = std::fs::remove_file(&batch);
+    assert!(steps[0].is_err(), "{steps:?}");
+    assert_eq!(steps[1], Ok(("eb0".to_string(), m1)));
+    assert_eq!(steps[2], Ok(("eb0".to_string(), m2)));
+    assert!(steps[3].is_err(), "{steps:?}");
+    for (i, found) in many.iter().enumerate() {
+        let mac = [2, 0, 0, 1, (i >> 8) as u8, i as u8];
+        assert_eq!(found, &Ok(("eb0".to_string(), mac)), "backend {i}");
+    }
 }

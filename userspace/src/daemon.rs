@@ -66,6 +66,10 @@ pub fn run(overrides: &Overrides, netns: Option<&str>, private_bpffs: bool) -> E
             .init(),
         crate::config::LogFormat::Json => logs.json().init(),
     }
+    // Backends and next hops are resolved against it instead of a dump each time.
+    if let Err(e) = crate::net::neigh_table::keep() {
+        tracing::warn!("the neighbour table is dumped for every resolution: {e}");
+    }
     runtime().block_on(serve(config))
 }
 

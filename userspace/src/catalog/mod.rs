@@ -406,11 +406,16 @@ async fn writer(catalog: Arc<Catalog>) {
                     slots,
                     remote,
                 }));
-                save_identities(&catalog).await;
             }
             Err(e) => tracing::error!("EDS endpoints not written: {e}"),
         }
+        let written = result.is_ok();
         let _ = catalog.written.send_replace((generation, result));
+        // After the waiting updates are answered (the ACK does not wait for
+        // the disk); the next write waits for it.
+        if written {
+            save_identities(&catalog).await;
+        }
     }
 }
 

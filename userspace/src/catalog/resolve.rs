@@ -5,8 +5,9 @@
 //! longest prefix wins, this node's own prefixes included; two nodes tied:
 //! neither); anything else cannot be reached from this node's XDP and is
 //! left out. The neighbour resolver ([`crate::net::neigh`]) does one dump of the
-//! routes and one of the neighbours per update, whatever the number of
-//! backends, on a blocking socket off the async workers.
+//! routes per update, whatever the number of backends, and reads the
+//! neighbours from the daemon's kept table ([`crate::net::neigh_table`]), on
+//! a blocking socket off the async workers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};

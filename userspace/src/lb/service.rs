@@ -257,10 +257,17 @@ impl LbService {
     /// frame redirected into it, counted nowhere the daemon can read.
     fn prepare_local(&self, spec: &LbSpec) -> Result<(), LbServiceError> {
         let mut prepared = self.prepared.lock().expect("prepared lock");
-        for t in &spec.targets {
-            let super::model::TargetVia::Local { interface, .. } = &t.via else {
-                continue;
-            };
+        // Each interface once: thousands of targets share a few interfaces,
+        // and every name lookup is a syscall.
+        let interfaces: std::collections::BTreeSet<&String> = spec
+            .targets
+            .iter()
+            .filter_map(|t| match &t.via {
+                super::model::TargetVia::Local { interface, .. } => Some(interface),
+                _ => None,
+            })
+            .collect();
+        for interface in interfaces {
             let Some(index) = crate::net::link::index(interface) else {
                 continue;
             };

@@ -10,6 +10,8 @@
 //! * [`neigh`] is the one neighbour resolver and the one rule for
 //!   "resolved" ([`neigh::usable`]), used by the catalog (backends on a
 //!   connected network) and the LB (next hops towards remote nodes).
+//! * [`neigh_table`] keeps the daemon namespace's neighbour table, followed
+//!   through notifications, so resolving thousands of backends needs no dump.
 //! * [`watch`] follows the kernel's link, route and neighbour notifications
 //!   (the LB's next hops follow them instead of polling).
 //! * [`nft`] writes nftables tables through nf_tables netlink, one table per
@@ -25,6 +27,7 @@ pub mod bridge;
 pub mod ethtool;
 pub mod link;
 pub mod neigh;
+pub mod neigh_table;
 pub mod netns;
 pub mod nft;
 pub mod peer;

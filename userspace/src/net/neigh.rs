@@ -2,8 +2,9 @@
 //! hop) and the next hop's MAC, in the calling thread's namespace.
 //!
 //! One dump of the routes (per address family in use) and one of the
-//! neighbour table per call, whatever the number of addresses; each address
-//! is then matched in memory:
+//! neighbour table per call (none in the daemon's namespace, whose table is
+//! kept by [`super::neigh_table`]), whatever the number of addresses; each
+//! address is then matched in memory:
 //!
 //! * an address the local table covers (an address of this node, a
 //!   broadcast or multicast address) is left out;
@@ -454,8 +455,15 @@ impl Resolver {
                 (false, true) => AddressFamily::Inet6,
                 _ => AddressFamily::Unspec,
             };
-            self.neighbours(family, only, &mut wanted)
-                .map_err(NetError::kernel("dumping the neighbours"))?;
+            let kept = super::neigh_table::with(|entries| {
+                for (key, slot) in wanted.iter_mut() {
+                    *slot = entries.get(key).cloned();
+                }
+            });
+            if kept.is_none() {
+                self.neighbours(family, only, &mut wanted)
+                    .map_err(NetError::kernel("dumping the neighbours"))?;
+            }
         }
         Ok(routed
             .into_iter()
