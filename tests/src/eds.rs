@@ -50,11 +50,23 @@ pub fn wait_ack(cp: &ControlPlane, version: &str) -> SeenRequest {
 /// Waits (20 s at most) for the ACK of the last response of `version`: a
 /// request on its stream with its nonce and no error (SotW or Delta).
 pub fn wait_nonce_ack(cp: &ControlPlane, version: &str) -> SeenRequest {
-    let sent = cp
-        .responses()
-        .into_iter()
-        .rfind(|r| r.version_info == version)
-        .unwrap_or_else(|| panic!("no response of version {version}: {:#?}", cp.responses()));
+    // The response may wait for the daemon's subscription.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let sent = loop {
+        if let Some(r) = cp
+            .responses()
+            .into_iter()
+            .rfind(|r| r.version_info == version)
+        {
+            break r;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no response of version {version}: {:#?}",
+            cp.responses()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     cp.wait_request(
         Duration::from_secs(20),
         &format!("ACK of version {version}"),

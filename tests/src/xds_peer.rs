@@ -260,8 +260,21 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
         return serve_stream(request_iterator, DeltaStream("delta_ads"), on_delta_request)
 
 
+def set_clusters(cmd):
+    global version
+    version = cmd["version"]
+    changed = set()
+    for name, spec in cmd["clusters"].items():
+        clusters[name] = build(name, spec)
+        versions[name] = version
+        changed.add(name)
+    return changed
+
+
 def main():
     global version
+    if len(sys.argv) > 3:
+        set_clusters(json.loads(sys.argv[3]))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
     eds_pb2_grpc.add_EndpointDiscoveryServiceServicer_to_server(Eds(), server)
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(Ads(), server)
@@ -277,12 +290,7 @@ def main():
         seq += 1
         with lock:
             if cmd["cmd"] == "set":
-                version = cmd["version"]
-                changed = set()
-                for name, spec in cmd["clusters"].items():
-                    clusters[name] = build(name, spec)
-                    versions[name] = version
-                    changed.add(name)
+                changed = set_clusters(cmd)
                 only = cmd.get("only")
                 for st in list(streams.values()):
                     if changed & set(st.names):
@@ -447,6 +455,25 @@ fn json_str(s: &str) -> String {
     }
     out.push('"');
     out
+}
+
+/// The `set` command's JSON.
+fn set_command(version: &str, clusters: &[(&str, Cla)], only: Option<&[&str]>) -> String {
+    let map = clusters
+        .iter()
+        .map(|(name, cla)| format!("{}:{}", json_str(name), cla.json()))
+        .collect::<Vec<_>>()
+        .join(",");
+    let only = only.map_or(String::new(), |o| {
+        format!(
+            r#","only":[{}]"#,
+            o.iter().map(|n| json_str(n)).collect::<Vec<_>>().join(",")
+        )
+    });
+    format!(
+        r#"{{"cmd":"set","version":{},"clusters":{{{map}}}{only}}}"#,
+        json_str(version)
+    )
 }
 
 fn json_opt(v: Option<u32>) -> String {
@@ -649,6 +676,13 @@ impl ControlPlane {
         Self::start_with(port, None, true)
     }
 
+    /// [`Self::start_delta_on`] already holding `clusters` as `version`
+    /// before it listens (a client reconnecting at once finds them).
+    pub fn start_delta_serving(port: u16, version: &str, clusters: &[(&str, Cla)]) -> Self {
+        let set = set_command(version, clusters, None);
+        Self::start_full(port, None, true, Some(set))
+    }
+
     /// Starts a server on a free port of network namespace `netns`'s loopback
     /// (for a daemon that runs there); `delta`: it implements Delta xDS too.
     pub fn start_in(netns: &str, delta: bool) -> Self {
@@ -656,11 +690,15 @@ impl ControlPlane {
     }
 
     fn start_with(port: u16, netns: Option<&str>, delta: bool) -> Self {
+        Self::start_full(port, netns, delta, None)
+    }
+
+    fn start_full(port: u16, netns: Option<&str>, delta: bool, initial: Option<String>) -> Self {
         let python = python();
         let script = script();
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match Self::spawn(&python, &script, port, netns, delta) {
+            match Self::spawn(&python, &script, port, netns, delta, initial.as_deref()) {
                 Ok(cp) => return cp,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("xds peer did not start ({e}); retrying");
@@ -677,6 +715,7 @@ impl ControlPlane {
         port: u16,
         netns: Option<&str>,
         delta: bool,
+        initial: Option<&str>,
     ) -> Result<Self, String> {
         let mut command = match netns {
             Some(ns) => {
@@ -691,6 +730,7 @@ impl ControlPlane {
             .arg(script)
             .arg(port.to_string())
             .arg(if delta { "delta" } else { "sotw" })
+            .args(initial)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -773,21 +813,7 @@ impl ControlPlane {
     }
 
     fn set_inner(&mut self, version: &str, clusters: &[(&str, Cla)], only: Option<&[&str]>) {
-        let map = clusters
-            .iter()
-            .map(|(name, cla)| format!("{}:{}", json_str(name), cla.json()))
-            .collect::<Vec<_>>()
-            .join(",");
-        let only = only.map_or(String::new(), |o| {
-            format!(
-                r#","only":[{}]"#,
-                o.iter().map(|n| json_str(n)).collect::<Vec<_>>().join(",")
-            )
-        });
-        self.command(format!(
-            r#"{{"cmd":"set","version":{},"clusters":{{{map}}}{only}}}"#,
-            json_str(version)
-        ));
+        self.command(set_command(version, clusters, only));
     }
 
     /// Removes `names` (version `version`): Delta streams get them in

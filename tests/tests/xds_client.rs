@@ -878,8 +878,10 @@ fn delta_resubscribes_with_the_versions_it_holds() {
     sink.wait_count(1);
     cp.kill();
 
-    let mut cp = ControlPlane::start_delta_on(port);
-    cp.set("1", &[("svc-a", cluster_of("198.18.0.1", 80))]);
+    // It holds svc-a at version 1 before it listens: a subscription naming
+    // svc-a:1 must get nothing (an empty server would remove svc-a).
+    let mut cp =
+        ControlPlane::start_delta_serving(port, "1", &[("svc-a", cluster_of("198.18.0.1", 80))]);
     let first = cp.wait_request(WAIT, "the subscription after the restart", |r| {
         r.response_nonce.is_empty()
     });
@@ -926,6 +928,10 @@ fn without_delta_auto_falls_back_and_delta_only_refuses() {
     cp.wait_request(WAIT, "ACK v1 over SotW", is_ack("1", "1"));
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(cp.requests()[0].method, "eds");
+    assert!(
+        warning_lines(cp.port, "stream ended").is_empty(),
+        "the fall-back failed a stream first"
+    );
     sink.wait_count(1);
     drop(client);
 

@@ -211,10 +211,14 @@ pub fn update_latency() -> String {
                 .build()
                 .map_err(|e| format!("runtime: {e}"))
         };
+        // Each namespace's neighbour table kept, as the daemon keeps its own.
+        let keep = |e: std::io::Error| format!("keeping the neighbour table: {e}");
         tapmesh::net::netns::enter(&name).map_err(|e| format!("entering {name}: {e}"))?;
+        tapmesh::net::neigh_table::keep().map_err(keep)?;
         let times = runtime()?.block_on(measure())?;
         tapmesh::net::netns::enter(&name_first)
             .map_err(|e| format!("entering {name_first}: {e}"))?;
+        tapmesh::net::neigh_table::keep().map_err(keep)?;
         let first = runtime()?.block_on(first_applies())?;
         Ok::<_, String>((times, first))
     })

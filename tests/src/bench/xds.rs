@@ -78,6 +78,9 @@ fn measure(ns: &str, delta: bool) -> Result<Rows, String> {
     ];
     let daemon = Daemon::start_at(ns, &bpffs_root, &args);
     let result = (|| {
+        cp.wait_request(Duration::from_secs(60), "the subscription", |r| {
+            r.response_nonce.is_empty()
+        });
         // The first update: 10 000 endpoints into an empty dataplane.
         let first = set_to_ack(&mut cp, "first", cla(0..FIRST))?;
         // One endpoint of the 10 000 leaves, then comes back.

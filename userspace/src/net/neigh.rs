@@ -455,12 +455,17 @@ impl Resolver {
                 (false, true) => AddressFamily::Inet6,
                 _ => AddressFamily::Unspec,
             };
-            let kept = super::neigh_table::with(|entries| {
+            // The kept table; a miss is dumped for, as the kernel creates
+            // some entries (NOARP, INCOMPLETE) without a notification.
+            let all_kept = super::neigh_table::with(|entries| {
+                let mut all = true;
                 for (key, slot) in wanted.iter_mut() {
                     *slot = entries.get(key).cloned();
+                    all &= slot.is_some();
                 }
+                all
             });
-            if kept.is_none() {
+            if all_kept != Some(true) {
                 self.neighbours(family, only, &mut wanted)
                     .map_err(NetError::kernel("dumping the neighbours"))?;
             }

@@ -6,7 +6,10 @@
 //! 10 000 entries costs about 5 ms, a catch-up only the changes since.
 //!
 //! Kept only for the namespace [`keep`] was called in (a socket holds its
-//! namespace alive); resolvers in other namespaces dump as before.
+//! namespace alive); resolvers in other namespaces dump as before. The
+//! kernel creates some entries without a notification (NOARP ones, and
+//! INCOMPLETE ones on first use), so a resolver dumps when an address it
+//! wants is missing here.
 
 use std::collections::HashMap;
 use std::io;
@@ -23,6 +26,9 @@ use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use super::neigh::parse_neighbour;
 use super::socket::Netlink;
+
+/// `NTF_PROXY` in `ndmsg.ndm_flags`.
+const NTF_PROXY: u8 = 0x08;
 
 /// (interface index, address) → (NUD state, link-layer address).
 pub(crate) type Entries = HashMap<(u32, IpAddr), (u16, Vec<u8>)>;
@@ -81,9 +87,16 @@ pub(crate) fn with<R>(f: impl FnOnce(&Entries) -> R) -> Option<R> {
     let mut guard = KEPT.lock().unwrap_or_else(|p| p.into_inner());
     let kept = guard.as_mut().filter(|k| k.netns == netns)?;
     if let Err(e) = kept.catch_up() {
-        tracing::warn!("the kept neighbour table stopped following the kernel: {e}");
-        *guard = None;
-        return None;
+        // Start over from a dump; if that fails too, this caller dumps and
+        // the next one tries again.
+        let again = kept.discard_queued().and_then(|()| dump());
+        match again {
+            Ok(entries) => kept.entries = entries,
+            Err(e2) => {
+                tracing::warn!("the kept neighbour table is behind ({e}; dumping it: {e2})");
+                return None;
+            }
+        }
     }
     Some(f(&kept.entries))
 }
@@ -159,6 +172,14 @@ fn apply(datagram: &[u8], entries: &mut Entries) {
         let length = message.length() as usize;
         let whole = &datagram[at..at + length];
         at += (length + 3) & !3;
+        // Only ARP and ND entries, as a dump has them: not the bridge's
+        // forwarding entries nor proxy entries, which share the group.
+        let ndmsg = message.payload();
+        let family = ndmsg.first().copied().map(i32::from);
+        let flags = ndmsg.get(10).copied().unwrap_or(0);
+        if !matches!(family, Some(libc::AF_INET | libc::AF_INET6)) || flags & NTF_PROXY != 0 {
+            continue;
+        }
         let Some((ifindex, address, state, lladdr)) = parse_neighbour(whole) else {
             continue;
         };

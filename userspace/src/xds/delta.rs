@@ -112,6 +112,8 @@ impl Variant for Delta {
             client.versions.remove(name);
         }
         client.versions.extend(versions);
+        // A later SotW stream must not claim a version this content replaced.
+        client.version.clear();
         client.rejected = None;
         client.report_synced(Some(&version));
         tracing::debug!(%version, nonce = %response.nonce, "ACK");
@@ -161,7 +163,8 @@ fn nack(
 }
 
 /// The changes of a response, or why it is rejected as a whole. A resource
-/// without a body is a TTL heartbeat and changes nothing.
+/// without a body is a TTL heartbeat and changes nothing (TTLs themselves
+/// are not tracked: a resource stays until the server removes it).
 fn decode(client: &Client, response: &DeltaDiscoveryResponse) -> Result<Changes, String> {
     let mut names = HashSet::new();
     let mut updated = Vec::new();

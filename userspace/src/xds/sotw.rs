@@ -97,6 +97,8 @@ impl Variant for Sotw {
             return vec![nack(client, &response, reason)];
         }
         client.version = response.version_info.clone();
+        // A later Delta stream must not claim versions this content replaced.
+        client.versions.clear();
         client.rejected = None;
         client.report_synced(Some(&response.version_info));
         tracing::debug!(version = %client.version, nonce = %response.nonce, "ACK");
