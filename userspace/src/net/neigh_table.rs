@@ -21,12 +21,13 @@ use std::sync::Mutex;
 use libc::{RTM_DELNEIGH, RTM_NEWNEIGH};
 use netlink_packet_route::neighbour::NeighbourMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::packet_core::NetlinkBuffer;
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use super::neigh::parse_neighbour;
-use super::socket::Netlink;
+use super::socket::{messages, Netlink};
 
+/// `struct nlmsghdr`, before the `ndmsg`.
+const NLMSG_HEADER: usize = 16;
 /// `NTF_PROXY` in `ndmsg.ndm_flags`.
 const NTF_PROXY: u8 = 0x08;
 
@@ -164,17 +165,10 @@ fn dump() -> io::Result<Entries> {
 
 /// The neighbour changes of one datagram.
 fn apply(datagram: &[u8], entries: &mut Entries) {
-    let mut at = 0;
-    while at < datagram.len() {
-        let Ok(message) = NetlinkBuffer::new_checked(&datagram[at..]) else {
-            return;
-        };
-        let length = message.length() as usize;
-        let whole = &datagram[at..at + length];
-        at += (length + 3) & !3;
+    for (kind, whole) in messages(datagram) {
         // Only ARP and ND entries, as a dump has them: not the bridge's
         // forwarding entries nor proxy entries, which share the group.
-        let ndmsg = message.payload();
+        let ndmsg = whole.get(NLMSG_HEADER..).unwrap_or_default();
         let family = ndmsg.first().copied().map(i32::from);
         let flags = ndmsg.get(10).copied().unwrap_or(0);
         if !matches!(family, Some(libc::AF_INET | libc::AF_INET6)) || flags & NTF_PROXY != 0 {
@@ -183,7 +177,7 @@ fn apply(datagram: &[u8], entries: &mut Entries) {
         let Some((ifindex, address, state, lladdr)) = parse_neighbour(whole) else {
             continue;
         };
-        match message.message_type() {
+        match kind {
             RTM_NEWNEIGH => {
                 entries.insert((ifindex, address), (state, lladdr.to_vec()));
             }

@@ -21,6 +21,19 @@ const NLM_F_ACK_TLVS: u16 = 0x200;
 /// `NLMSGERR_ATTR_MSG`: the kernel's text for an error.
 const NLMSGERR_ATTR_MSG: u16 = 1;
 
+/// The messages of one received datagram, each as its type and its whole
+/// bytes (header included); stops at the first malformed one.
+pub(crate) fn messages(datagram: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        let message = NetlinkBuffer::new_checked(datagram.get(at..)?).ok()?;
+        let (kind, length) = (message.message_type(), message.length() as usize);
+        let whole = &datagram[at..at + length];
+        at += (length + 3) & !3;
+        Some((kind, whole))
+    })
+}
+
 pub(crate) struct Netlink {
     socket: Socket,
     sequence: u32,

@@ -10,7 +10,6 @@ use libc::{
     RTM_DELADDR, RTM_DELLINK, RTM_DELNEIGH, RTM_DELROUTE, RTM_DELRULE, RTM_NEWADDR, RTM_NEWLINK,
     RTM_NEWNEIGH, RTM_NEWROUTE, RTM_NEWRULE,
 };
-use rtnetlink::packet_core::NetlinkBuffer;
 use rtnetlink::sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tokio::io::unix::AsyncFd;
 
@@ -100,19 +99,12 @@ impl Watch {
 
 /// The changes in one datagram.
 fn parse(datagram: &[u8], out: &mut std::collections::VecDeque<Change>) {
-    let mut at = 0;
-    while at < datagram.len() {
-        let Ok(message) = NetlinkBuffer::new_checked(&datagram[at..]) else {
-            return;
-        };
-        let length = message.length() as usize;
-        let whole = &datagram[at..at + length];
-        at += (length + 3) & !3;
-        let change = match message.message_type() {
+    for (kind, whole) in super::socket::messages(datagram) {
+        let change = match kind {
             RTM_NEWLINK | RTM_DELLINK => {
-                // struct ifinfomsg: family, pad, type, then the index.
-                let payload = message.payload();
-                let Some(index) = payload.get(4..8) else {
+                // struct ifinfomsg after the 16-byte header: family, pad,
+                // type, then the index.
+                let Some(index) = whole.get(20..24) else {
                     continue;
                 };
                 Change::Link {
