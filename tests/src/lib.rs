@@ -8,6 +8,7 @@ pub mod bench;
 pub mod bpf;
 pub mod cluster;
 pub mod daemon;
+pub mod dpdk;
 pub mod eds;
 pub mod etcd;
 pub mod fake_hops;

@@ -14,6 +14,7 @@ use tapmesh::admin::proto::{
     tap_service::Destination, ListTapsRequest, Ring, TapFlow, TapId, TapListing, TapService,
 };
 use tapmesh_tests::{
+    dpdk::Testpmd,
     frames::{ethernet, ipv4, udp_v4, UDP},
     kernel_tests_enabled, link,
     net::wait_until,
@@ -530,9 +531,6 @@ fn ring_copies_keep_their_vlan_tags() {
 /// AF_PACKET driver, counting exactly the copies.
 #[test]
 fn dpdk_testpmd_receives_a_rings_forwarded_copies() {
-    use std::io::{BufRead, BufReader, Write};
-    use std::process::{Command, Stdio};
-
     if !kernel_tests_enabled() {
         return;
     }
@@ -543,54 +541,7 @@ fn dpdk_testpmd_receives_a_rings_forwarded_copies() {
     };
     lab.service("ring", Destination::Ring(ring)).unwrap();
     lab.flow("both", "ring", "BOTH", "").unwrap();
-    // No hugepages (malloc'd memory is enough for AF_PACKET), no shared
-    // files, one forwarding core beside the main one; stdout line-buffered
-    // (stdbuf), so its prompt reaches the pipe.
-    let mut testpmd = Command::new("ip")
-        .args(["netns", "exec", &lab.monitor.name])
-        .args(["stdbuf", "-oL", "dpdk-testpmd"])
-        .args([
-            "--no-pci",
-            "--no-huge",
-            "-m",
-            "256",
-            "--no-shconf",
-            "-l",
-            "0,1",
-        ])
-        .arg(format!(
-            "--vdev=net_af_packet0,iface={}",
-            lab.mon_if.interface
-        ))
-        .args(["--", "--forward-mode=rxonly", "--total-num-mbufs=2048"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dpdk-testpmd (Debian's dpdk-dev; cargo xtask setup installs it)");
-    let stdout = testpmd.stdout.take().unwrap();
-    let (lines, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut output = Vec::new();
-    let started = loop {
-        match rx.recv_timeout(Duration::from_secs(20)) {
-            Ok(line) => {
-                let ready = line.contains("Press enter to exit");
-                output.push(line);
-                if ready {
-                    break true;
-                }
-            }
-            Err(_) => break false,
-        }
-    };
-    assert!(started, "dpdk-testpmd did not start: {output:#?}");
+    let testpmd = Testpmd::start(&lab.monitor.name, &lab.mon_if.interface).unwrap();
 
     lab.ping(25);
     assert!(
@@ -605,27 +556,8 @@ fn dpdk_testpmd_receives_a_rings_forwarded_copies() {
     );
     std::thread::sleep(Duration::from_millis(300));
     // Enter stops forwarding and prints the port's counters.
-    testpmd
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"\n")
-        .expect("telling dpdk-testpmd to stop");
-    output.extend(rx.iter());
-    assert!(
-        testpmd.wait().expect("dpdk-testpmd").success(),
-        "{output:#?}"
-    );
-    let received: Vec<u64> = output
-        .iter()
-        .skip_while(|l| !l.contains("Forward statistics for port 0"))
-        .filter_map(|l| {
-            let rest = l.trim().strip_prefix("RX-packets:")?;
-            rest.split_whitespace().next()?.parse().ok()
-        })
-        .take(1)
-        .collect();
-    assert_eq!(received, [50], "{output:#?}");
+    let (received, output) = testpmd.stop();
+    assert_eq!(received, Ok(50), "{output:#?}");
     let counters = lab.list().services[0].ring_counters.clone().unwrap();
     assert_eq!((counters.received, counters.consumers[0].lost), (50, 0));
 }

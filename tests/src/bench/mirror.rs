@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tapmesh::admin::proto::{tap_service::Destination, Ring, TapFlow, TapId, TapService};
 
 use super::timing::kpps;
-use crate::{link, net::run_in, Daemon, End, Netns};
+use crate::{dpdk::Testpmd, link, net::run_in, Daemon, End, Netns};
 
 const FLOOD: Duration = Duration::from_secs(2);
 
@@ -398,6 +398,8 @@ fn consumers(lab: &Lab) -> String {
         &dir.join("xdpdump.pcap"),
     );
 
+    let dpdk = with_testpmd(lab);
+
     let secs = FLOOD.as_secs_f64();
     let _ = writeln!(
         out,
@@ -447,6 +449,69 @@ fn consumers(lab: &Lab) -> String {
         against.join("; "),
         100.0 * ring.sent / ring.none
     );
+    let _ = writeln!(
+        out,
+        "\nA DPDK consumer (networking-spp's mirror role) on the same flood: the ring forwards its \
+         copies out of the tap interface, and Debian's `dpdk-testpmd` (rxonly, `net_af_packet` on \
+         the monitor's end, no hugepages) receives them; received = its port's RX-packets. CPU is \
+         the ring's threads' in the daemon: testpmd polls one core whatever arrives.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| consumer | unmirrored kpps | sent kpps | sent ÷ unmirrored | received kpps | lost copies | ring CPU ns/copy |\n|---|---:|---:|---:|---:|---:|---:|"
+    );
+    match &dpdk {
+        Ok(c) => {
+            let _ = writeln!(
+                out,
+                "| tapmesh AF_XDP ring → forward → dpdk-testpmd | {} | {} | {:.2} | {} | {} | {:.0} |",
+                kpps(c.none),
+                kpps(c.sent),
+                c.sent / c.none,
+                kpps(c.captured as f64 / secs),
+                c.lost(),
+                c.ns_per_copy()
+            );
+        }
+        Err(e) => {
+            let _ = writeln!(out, "| dpdk-testpmd | not measured: {e} | | | | | |");
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     out
+}
+
+/// The ring forwarding its copies to `dpdk-testpmd` on the monitor's end
+/// during a flood; `captured` is what testpmd received.
+fn with_testpmd(lab: &Lab) -> Result<Capture, String> {
+    let port = lab.port.interface.clone();
+    let none = unmirrored(lab);
+    lab.tap(Destination::Ring(Ring {
+        pcap: String::new(),
+        forward: lab.tap_if.interface.clone(),
+    }));
+    let testpmd = match Testpmd::start(&lab.monitor.name, &lab.mon_if.interface) {
+        Ok(t) => t,
+        Err(e) => {
+            lab.untap();
+            return Err(e);
+        }
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = daemon_pid(&lab.daemon.socket).unwrap_or(0);
+    let cpu0 = cpu_ns(pid, "tm-ring-");
+    let rx0 = rx_packets(&lab.node, &port);
+    let (sent, _, _) = lab.flood();
+    let expected = rx_packets(&lab.node, &port) - rx0;
+    let cpu = cpu_ns(pid, "tm-ring-") - cpu0;
+    std::thread::sleep(Duration::from_millis(300));
+    let (received, _) = testpmd.stop();
+    lab.untap();
+    Ok(Capture {
+        none,
+        sent,
+        expected,
+        captured: received?,
+        cpu_ns: cpu,
+    })
 }
