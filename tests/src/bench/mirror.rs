@@ -261,6 +261,31 @@ impl Capture {
     fn ns_per_copy(&self) -> f64 {
         self.cpu_ns as f64 / self.captured.max(1) as f64
     }
+
+    /// A table row: the rates over a flood of `secs`, losses and CPU per copy.
+    fn row(&self, name: &str, secs: f64) -> String {
+        format!(
+            "| {name} | {} | {} | {:.2} | {} | {} | {:.0} |",
+            kpps(self.none),
+            kpps(self.sent),
+            self.sent / self.none,
+            kpps(self.captured as f64 / secs),
+            self.lost(),
+            self.ns_per_copy()
+        )
+    }
+}
+
+/// Floods with a ring tapping the port: the sender's rate, the frames that
+/// crossed the port and the CPU time of the ring's threads in the daemon.
+fn ring_flood(lab: &Lab) -> (f64, u64, u64) {
+    let port = &lab.port.interface;
+    let pid = daemon_pid(&lab.daemon.socket).unwrap_or(0);
+    let cpu0 = cpu_ns(pid, "tm-ring-");
+    let rx0 = rx_packets(&lab.node, port);
+    let (sent, _, _) = lab.flood();
+    let expected = rx_packets(&lab.node, port) - rx0;
+    (sent, expected, cpu_ns(pid, "tm-ring-") - cpu0)
 }
 
 /// The sender's rate with no mirror, as a baseline just before a consumer's run.
@@ -365,12 +390,7 @@ fn consumers(lab: &Lab) -> String {
         forward: String::new(),
     }));
     std::thread::sleep(Duration::from_millis(200));
-    let pid = daemon_pid(&lab.daemon.socket).unwrap_or(0);
-    let cpu0 = cpu_ns(pid, "tm-ring-");
-    let rx0 = rx_packets(&lab.node, &port);
-    let (sent, _, _) = lab.flood();
-    let expected = rx_packets(&lab.node, &port) - rx0;
-    let cpu = cpu_ns(pid, "tm-ring-") - cpu0;
+    let (sent, expected, cpu) = ring_flood(lab);
     lab.untap();
     let ring = Capture {
         none: ring_none,
@@ -415,16 +435,7 @@ fn consumers(lab: &Lab) -> String {
     let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     let mut line = |name: &str, c: Option<&Capture>| match c {
         Some(c) => {
-            let _ = writeln!(
-                out,
-                "| {name} | {} | {} | {:.2} | {} | {} | {:.0} |",
-                kpps(c.none),
-                kpps(c.sent),
-                c.sent / c.none,
-                kpps(c.captured as f64 / secs),
-                c.lost(),
-                c.ns_per_copy()
-            );
+            let _ = writeln!(out, "{}", c.row(name, secs));
         }
         None => {
             let _ = writeln!(out, "| {name} | (not available) | | | | | |");
@@ -462,16 +473,8 @@ fn consumers(lab: &Lab) -> String {
     );
     match &dpdk {
         Ok(c) => {
-            let _ = writeln!(
-                out,
-                "| tapmesh AF_XDP ring → forward → dpdk-testpmd | {} | {} | {:.2} | {} | {} | {:.0} |",
-                kpps(c.none),
-                kpps(c.sent),
-                c.sent / c.none,
-                kpps(c.captured as f64 / secs),
-                c.lost(),
-                c.ns_per_copy()
-            );
+            let row = c.row("tapmesh AF_XDP ring → forward → dpdk-testpmd", secs);
+            let _ = writeln!(out, "{row}");
         }
         Err(e) => {
             let _ = writeln!(out, "| dpdk-testpmd | not measured: {e} | | | | | |");
@@ -484,7 +487,6 @@ fn consumers(lab: &Lab) -> String {
 /// The ring forwarding its copies to `dpdk-testpmd` on the monitor's end
 /// during a flood; `captured` is what testpmd received.
 fn with_testpmd(lab: &Lab) -> Result<Capture, String> {
-    let port = lab.port.interface.clone();
     let none = unmirrored(lab);
     lab.tap(Destination::Ring(Ring {
         pcap: String::new(),
@@ -498,12 +500,7 @@ fn with_testpmd(lab: &Lab) -> Result<Capture, String> {
         }
     };
     std::thread::sleep(Duration::from_millis(200));
-    let pid = daemon_pid(&lab.daemon.socket).unwrap_or(0);
-    let cpu0 = cpu_ns(pid, "tm-ring-");
-    let rx0 = rx_packets(&lab.node, &port);
-    let (sent, _, _) = lab.flood();
-    let expected = rx_packets(&lab.node, &port) - rx0;
-    let cpu = cpu_ns(pid, "tm-ring-") - cpu0;
+    let (sent, expected, cpu) = ring_flood(lab);
     std::thread::sleep(Duration::from_millis(300));
     let (received, _) = testpmd.stop();
     lab.untap();
