@@ -184,17 +184,24 @@ pub fn maybe_local(pkt: &Packet) -> bool {
 /// Sends the kernel one notice per unknown service IP in `tm_ov_pending`.
 #[inline(always)]
 fn signal_miss(ip: &Ip4) {
+    signal_miss_of(ip.dst, ip.src, ip.dst_port, ip.protocol)
+}
+
+/// [`signal_miss`] for any address: a destination, or an inner source that
+/// came through the tunnel (`other`: the packet's other address).
+#[inline(always)]
+fn signal_miss_of(service: u32, other: u32, port: u16, protocol: u8) {
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     if tm_ov_pending
-        .insert(&b4(ip.dst), &now, BPF_NOEXIST as u64)
+        .insert(&b4(service), &now, BPF_NOEXIST as u64)
         .is_ok()
     {
         let miss = Miss {
-            service_addr: b4(ip.dst),
-            client_addr: b4(ip.src),
-            port: ip.dst_port,
-            protocol: ip.protocol,
+            service_addr: b4(service),
+            client_addr: b4(other),
+            port,
+            protocol,
             _pad: 0,
         };
         let _ = tm_ov_misses.output(&miss, 0);
@@ -446,8 +453,7 @@ fn fix_l4_skb(ctx: &TcContext, ip: &Ip4, diff: u32) {
 /// Refuses a tunnel packet for a container here whose inner source is
 /// known to belong to a node other than `node`, the one that sent it
 /// (`OWNER_THIS_NODE` never matches: a sender is never this node). A
-/// source with no known owner is not judged: a client whose service this
-/// node has not learnt yet is one.
+/// source with no known owner is the caller's to judge ([`unknown_source`]).
 #[inline(always)]
 pub fn check_owner(owner: Option<&[u8; 4]>, node: u32) -> Result<(), DropReason> {
     match owner {
@@ -472,7 +478,29 @@ fn check_owner_slot(pkt: &Packet, ip: &Ip4, node: u32) -> Result<(), DropReason>
             // push the deepest call past the 512 bytes of stack.
             let src: *const [u8; 4] = pkt.header(ip.l3 + 12, DropReason::BadTunnelPacket)?;
             // SAFETY: the key is inside the header just checked; the value is read right away.
-            check_owner(unsafe { tm_ov_owners.get(&*src) }, node)
+            match unsafe { tm_ov_owners.get(&*src) } {
+                Some(owner) => check_owner(Some(owner), node),
+                None => unknown_source(ip),
+            }
+        }
+        _ => unknown_source(ip),
+    }
+}
+
+/// A tunnelled source no table gives to any node. In the service prefix
+/// it is an instance IP this node has not learnt (or one two nodes claim
+/// while the tables move): refused, and asked for once like an unknown
+/// destination, so the retry passes once the table names its node. The
+/// reply to it would miss the same table, so the first exchange is lost
+/// either way. Outside the prefix (a namespace address, which only an
+/// instance without an instance IP sends from) it is not judged: no
+/// query can name its node.
+#[inline(always)]
+fn unknown_source(ip: &Ip4) -> Result<(), DropReason> {
+    match tm_ov_config.get(0) {
+        Some(config) if in_prefix(config, ip.src) => {
+            signal_miss_of(ip.src, ip.dst, ip.src_port, ip.protocol);
+            Err(DropReason::TunnelForeignSource)
         }
         _ => Ok(()),
     }

@@ -500,17 +500,47 @@ pub fn foreign_source(ctx: &XdpContext, node: u32) -> bool {
         // The owner first, from its slot (an array read) unless the slot is
         // shared: a known one that matches (the usual case) or an unknown
         // one answers without a hash lookup.
-        let foreign = match tm_ov_own_slot6.get(owner_slot6(src)) {
+        let known = match tm_ov_own_slot6.get(owner_slot6(src)) {
             Some(slot) if slot.state == OWNER_SLOT_ONE && same6(&slot.addr, src) => {
-                crate::overlay::check_owner(Some(&slot.owner), node).is_err()
+                Some(crate::overlay::check_owner(Some(&slot.owner), node).is_err())
             }
-            Some(slot) if slot.state == OWNER_SLOT_SHARED => {
-                crate::overlay::check_owner(tm_ov_owners6.get(src), node).is_err()
-            }
-            _ => false,
+            Some(slot) if slot.state == OWNER_SLOT_SHARED => tm_ov_owners6
+                .get(src)
+                .map(|owner| crate::overlay::check_owner(Some(owner), node).is_err()),
+            _ => None,
         };
-        foreign && tm_ov_locals6.get(dst).is_some()
+        match known {
+            Some(foreign) => foreign && tm_ov_locals6.get(dst).is_some(),
+            None => unknown_source(src, dst, *(h as *const u8).add(20)),
+        }
     }
+}
+
+/// `overlay::unknown_source` for IPv6: a source in the service prefix that
+/// no table gives to any node is refused (for a container here) and asked
+/// for once; any other is not judged.
+#[inline(always)]
+fn unknown_source(src: &Addr6, dst: &Addr6, protocol: u8) -> bool {
+    let Some(config) = tm_ov_config6.get(0) else {
+        return false;
+    };
+    // SAFETY: the value is only tested for presence.
+    if !in_prefix(config, src) || unsafe { tm_ov_locals6.get(dst) }.is_none() {
+        return false;
+    }
+    // SAFETY: a plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if tm_ov_pending6.insert(src, &now, BPF_NOEXIST as u64).is_ok() {
+        if let Ok(s) = scratch() {
+            s.miss.service_addr = *src;
+            s.miss.client_addr = *dst;
+            s.miss.port = 0;
+            s.miss.protocol = protocol;
+            s.miss._pad = 0;
+            let _ = tm_ov_misses.output_untyped::<Miss6>(&s.miss, 0);
+        }
+    }
+    true
 }
 
 /// XDP on the uplink, after `tunnel::decapsulate`: an IPv6 packet for one of this node's containers gets

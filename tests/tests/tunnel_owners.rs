@@ -1,13 +1,15 @@
 //! Only inner sources the sending node may use: a tunnel packet for a
 //! container here whose inner source belongs to another node (an instance
 //! the tables place there) or to this node is dropped, counted as
-//! `tunnel_foreign_source`; the owners' node and unknown sources pass.
+//! `tunnel_foreign_source`, and so is a source no table names inside the
+//! service prefix (asked for once); the owners' node and other unknown
+//! sources pass.
 //! Through `tm_xdp_uplink` with BPF_PROG_TEST_RUN (IPv4 and IPv6), and on
 //! two nodes in namespaces with real packets.
 
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, Ipv6Addr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
@@ -18,8 +20,8 @@ use tapmesh::dataplane::{
 use tapmesh_common::{
     map_names as n,
     overlay::{
-        Addr6, Instance, Instance6, Local, Local6, OwnerSlot, OwnerSlot6, INSTANCE_LOCAL,
-        INSTANCE_REMOTE, OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
+        Addr6, Instance, Instance6, Local, Local6, Miss, Miss6, OwnerSlot, OwnerSlot6,
+        INSTANCE_LOCAL, INSTANCE_REMOTE, OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
     },
     DropReason, ProgramSlot,
 };
@@ -339,6 +341,115 @@ fn inner_sources_are_checked_against_the_node_that_sent_them() {
     assert_eq!(owner_slots6(&bpf), BTreeMap::new());
 }
 
+/// The misses waiting in `tm_ov_misses`: (address asked for, the packet's
+/// other address), IPv4 and IPv6 told apart by length.
+fn misses(bpf: &mut Bpf) -> Vec<(IpAddr, IpAddr)> {
+    let mut ring = aya::maps::RingBuf::try_from(bpf.ebpf.map_mut(n::OV_MISSES).expect("misses"))
+        .expect("a ring buffer");
+    let mut found = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= std::mem::size_of::<Miss6>() {
+            // SAFETY: the kernel wrote a `Miss6` (size checked); read unaligned.
+            let m: Miss6 = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss6) };
+            found.push((
+                Ipv6Addr::from(m.service_addr).into(),
+                Ipv6Addr::from(m.client_addr).into(),
+            ));
+        } else {
+            // SAFETY: as above, for a `Miss`.
+            let m: Miss = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss) };
+            found.push((
+                Ipv4Addr::from(m.service_addr).into(),
+                Ipv4Addr::from(m.client_addr).into(),
+            ));
+        }
+    }
+    found
+}
+
+/// A source no table names, inside the service prefix (an instance IP this
+/// node has not learnt): refused and counted like a foreign one, and asked
+/// for once through the miss ring; once the table places it on the node
+/// that sent it, it passes. Outside the prefix it is not judged.
+#[test]
+fn unknown_sources_in_the_service_prefix_wait_for_a_table_that_names_their_node() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut bpf = Bpf::load();
+    let settings = TunnelSettings {
+        port: PORT,
+        address: Some(NODE),
+    };
+    write(&mut bpf.ebpf, settings).expect("tm_tunnel");
+    let mut t = tables();
+    // Instance IPs are 198.19.200.x; IPv6 2001:db8::/112 holds every v6().
+    t.config.service_prefix = [198, 19, 200, 0];
+    t.config.service_mask = [255, 255, 255, 0];
+    t.config6.service_prefix = v6(0).octets();
+    t.config6.service_mask =
+        Ipv6Addr::new(0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0).octets();
+    let mut writer = OverlayWriter::default();
+    writer.apply(&mut bpf.ebpf, &t).expect("apply");
+    assert_eq!(misses(&mut bpf), []);
+
+    let new_ip = Ipv4Addr::new(198, 19, 200, 77);
+    let to_here = |src| udp4(src, HERE, 40000, 7000, b"x");
+    for _ in 0..3 {
+        assert_eq!(send(&mut bpf, NODE_A, &to_here(new_ip)), (false, true));
+    }
+    // Asked for once, however many packets came.
+    assert_eq!(misses(&mut bpf), [(new_ip.into(), HERE.into())]);
+    assert_eq!(
+        send(&mut bpf, NODE_A, &to_here(UNKNOWN)),
+        (true, false),
+        "outside the prefix: not judged"
+    );
+    assert_eq!(send(&mut bpf, NODE_A, &to_here(ON_A_IP)), (true, false));
+    // Not for a container here (the load balancer's traffic): not judged, not asked for.
+    let elsewhere = udp4(new_ip, UNKNOWN, 40000, 7000, b"x");
+    assert_eq!(send(&mut bpf, NODE_A, &elsewhere), (false, false));
+
+    let new_ip6 = v6(0x77);
+    let to_here6 = |src| udp6(src, v6(0x1), 40000, 7000, b"x");
+    assert_eq!(send(&mut bpf, NODE_A, &to_here6(new_ip6)), (false, true));
+    assert_eq!(send(&mut bpf, NODE_A, &to_here6(new_ip6)), (false, true));
+    let elsewhere6 = udp6(v6(0x78), v6(0x99), 40000, 7000, b"x");
+    assert_eq!(send(&mut bpf, NODE_A, &elsewhere6), (false, false));
+    assert_eq!(misses(&mut bpf), [(new_ip6.into(), v6(0x1).into())]);
+    assert_eq!(
+        send(&mut bpf, NODE_A, &to_here6(v6(0xa))),
+        (true, false),
+        "a known one"
+    );
+
+    // The table places the instance on node A: A's packets pass, B's do not.
+    t.instances.insert(
+        5,
+        Instance {
+            ns_addr: Ipv4Addr::new(198, 19, 2, 77).octets(),
+            reply_addr: new_ip.octets(),
+            node_addr: NODE_A.octets(),
+            node_port: PORT,
+            kind: INSTANCE_REMOTE,
+            ..Default::default()
+        },
+    );
+    t.instances6.insert(
+        5,
+        Instance6 {
+            ns_addr: v6(0x7a).octets(),
+            reply_addr: new_ip6.octets(),
+        },
+    );
+    writer.apply(&mut bpf.ebpf, &t).expect("apply");
+    assert_eq!(send(&mut bpf, NODE_A, &to_here(new_ip)), (true, false));
+    assert_eq!(send(&mut bpf, NODE_B, &to_here(new_ip)), (false, true));
+    assert_eq!(send(&mut bpf, NODE_A, &to_here6(new_ip6)), (true, false));
+    assert_eq!(send(&mut bpf, NODE_B, &to_here6(new_ip6)), (false, true));
+    assert_eq!(misses(&mut bpf), [], "known now: nothing more asked");
+}
+
 /// Counts, per inner source, the datagrams a container gets on `port`
 /// until 1 s passes without one.
 fn receive(netns: &str, port: u16) -> std::thread::JoinHandle<BTreeMap<Ipv4Addr, u32>> {
@@ -378,6 +489,8 @@ fn a_node_cannot_send_another_nodes_addresses_through_the_tunnel() {
     const CLIENT: &str = "app.ns.client.ns";
     const CLIENT_IP: &str = "203.0.113.100";
     const WEB1_IP: &str = "203.0.113.102";
+    const LATER: &str = "app.ns.later.ns";
+    const LATER_IP: &str = "203.0.113.150";
     const COUNT: u32 = 1000;
     const WEB_PORT: u16 = 7999;
     let nodes = TwoNodes::start();
@@ -438,4 +551,44 @@ fn a_node_cannot_send_another_nodes_addresses_through_the_tunnel() {
         "node 1's own client's packets"
     );
     assert_eq!(foreign(status()), u64::from(COUNT), "none of them counted");
+
+    // An instance IP node 2 has not learnt: refused (and asked for) until
+    // the cluster's table places it on node 1.
+    let got = receive(&web1.name, WEB_PORT);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    send(LATER_IP);
+    assert_eq!(
+        got.join().unwrap(),
+        BTreeMap::new(),
+        "unknown source arrived"
+    );
+    assert_eq!(
+        foreign(status()),
+        u64::from(2 * COUNT),
+        "each unknown one counted"
+    );
+    // Asked for (again only after a second: the sending may outlast one).
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let asked = nodes.node2.status();
+    assert!(
+        asked["misses"].as_u64() >= Some(1) && asked["unresolved"] == serde_json::json!([LATER_IP]),
+        "{asked}"
+    );
+    let later = Netns::new("owl");
+    let later_ns = nodes
+        .node1
+        .deploy(&later, LATER, 0, &[("InstanceNumber", LATER_IP)]);
+    nodes.node2.table(
+        LATER,
+        &[(0, &later_ns, NODE1, &[("InstanceNumber", LATER_IP)])],
+    );
+    let got = receive(&web1.name, WEB_PORT);
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    send(LATER_IP);
+    assert_eq!(
+        got.join().unwrap(),
+        BTreeMap::from([(LATER_IP.parse().unwrap(), COUNT)]),
+        "known now"
+    );
+    assert_eq!(foreign(status()), u64::from(2 * COUNT));
 }

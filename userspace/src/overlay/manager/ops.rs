@@ -545,7 +545,9 @@ impl NetManager {
         Ok(())
     }
 
-    /// The kernel met a destination in the service prefix it does not know.
+    /// The kernel met an address in the service prefix it does not know: a
+    /// container's destination, or the inner source of a tunnel packet for
+    /// a container here (an instance IP whose node no table names).
     /// Oakestra mode: the cluster is asked (the packet was dropped; the next
     /// ones flow once the table is in).
     pub async fn miss(&self, service: std::net::IpAddr) {
