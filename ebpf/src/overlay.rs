@@ -492,9 +492,10 @@ fn check_owner_slot(pkt: &Packet, ip: &Ip4, node: u32) -> Result<(), DropReason>
 /// while the tables move): refused, and asked for once like an unknown
 /// destination, so the retry passes once the table names its node. The
 /// reply to it would miss the same table, so the first exchange is lost
-/// either way. Outside the prefix (a namespace address, which only an
-/// instance without an instance IP sends from) it is not judged: no
-/// query can name its node.
+/// either way. Outside the prefix it is not judged: an address there is a
+/// namespace address (sent from only by an instance without an instance
+/// IP) or a load-balanced client's own, which no table or query can tie to
+/// a node.
 #[inline(always)]
 fn unknown_source(ip: &Ip4) -> Result<(), DropReason> {
     match tm_ov_config.get(0) {
