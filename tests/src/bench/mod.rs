@@ -27,6 +27,7 @@ pub mod cluster;
 pub mod control;
 pub mod eds;
 pub mod lb;
+pub mod load;
 pub mod maglev;
 pub mod mirror;
 pub mod overlay;

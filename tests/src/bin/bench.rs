@@ -2,7 +2,7 @@
 //! `tapmesh_tests::bench` in one run, printed and written to the file.
 //! `tapmesh-bench rows` prints the repeat = 1 packet-path rows only (a quick
 //! check while working on a path), `tapmesh-bench overlay` the overlay's
-//! rows and rates (`overlay-rows`: the rows only; `compare-decap ROUNDS
+//! rows and rates (`overlay-rows`, `overlay-rates`: one or the other; `compare-decap ROUNDS
 //! OBJECT...`: the IPv4 decapsulation rows of several builds, interleaved),
 //! `tapmesh-bench control` the TAPA Open → OPEN latency, `tapmesh-bench
 //! mirror` the mirroring section, `tapmesh-bench maglev` the Maglev table
@@ -38,6 +38,7 @@ fn main() {
             }
             print!("{}", bench::overlay::rates());
         }
+        "overlay-rates" => print!("{}", bench::overlay::rates()),
         "overlay-rows" => {
             for (name, raw, floor) in bench::overlay_rows() {
                 println!("{:6.1} net ({raw:.0} − {floor:.0})  {name}", raw - floor);
