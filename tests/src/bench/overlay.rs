@@ -1,10 +1,10 @@
 //! The service-IP overlay: its TC and XDP paths through BPF_PROG_TEST_RUN
 //! with a service table in the maps ([`rows`]), and a client container on
 //! node 1 loading a service IP whose instance is on node 2 from every CPU
-//! on veth ([`rates`]): through tapmesh (TC translation + UDP 50103 tunnel
-//! + XDP decap), through what a Kubernetes user runs with flannel and
-//! kube-proxy (nftables DNAT + kernel VXLAN), and plain routing as the
-//! floor, in the same run on the same kind of veth lab.
+//! on veth ([`rates`]): through tapmesh (TC translation, UDP 50103 tunnel
+//! and XDP decap), through what a Kubernetes user runs with flannel and
+//! kube-proxy (nftables DNAT and kernel VXLAN), and through plain routing
+//! as the floor, in the same run on the same kind of veth lab.
 
 use std::{
     fmt::Write as _,
