@@ -23,6 +23,8 @@ use crate::{net::spawn_in, Netns};
 
 /// Datagrams per sendmmsg(2).
 const BATCH: usize = 64;
+/// Runs of each path in a bench, interleaved.
+pub const ROUNDS: usize = 3;
 /// UDP payload bytes.
 const PAYLOAD: usize = 18;
 
@@ -55,6 +57,11 @@ impl Load {
 
     pub fn softirq_per_packet(&self) -> f64 {
         self.softirq_ns as f64 / self.delivered.max(1) as f64
+    }
+
+    /// Share of the sent packets that never arrived.
+    pub fn lost_share(&self) -> f64 {
+        self.sent.saturating_sub(self.delivered) as f64 / self.sent.max(1) as f64
     }
 
     /// Share of the machine's CPU time that was busy.
@@ -146,6 +153,40 @@ fn send_until(to: SocketAddrV4, stop: &AtomicBool) -> u64 {
     sent
 }
 
+/// A lab ready for the load: where it is sent from, to whom, and what must
+/// live while it runs (namespaces, daemons).
+pub struct Setup {
+    /// Dropped first, in order (daemons before the namespaces they run in).
+    pub keep: Vec<Box<dyn std::any::Any>>,
+    pub client: Netns,
+    pub server: Netns,
+    pub to: SocketAddrV4,
+}
+
+/// Runs every lab `rounds` times, interleaved (a shared machine's load
+/// drifts), and keeps each lab's median run by CPU per packet.
+pub fn interleaved(setups: &[&Setup], rounds: usize, duration: Duration) -> Vec<Load> {
+    let mut runs: Vec<Vec<Load>> = vec![Vec::new(); setups.len()];
+    for _ in 0..rounds {
+        for (setup, runs) in setups.iter().zip(&mut runs) {
+            let load = run(&setup.client, &setup.server, setup.to, duration);
+            eprintln!(
+                "{}: {:.0} kpps delivered, {:.0} CPU ns/packet",
+                setup.client.name,
+                load.delivered_pps() / 1000.0,
+                load.cpu_per_packet()
+            );
+            runs.push(load);
+        }
+    }
+    runs.into_iter()
+        .map(|mut r| {
+            r.sort_by(|a, b| a.cpu_per_packet().total_cmp(&b.cpu_per_packet()));
+            r[r.len() / 2]
+        })
+        .collect()
+}
+
 /// Runs the load from `client` to `to` for `duration` and counts what the
 /// sink in `server` got ([`install_sink`] first).
 pub fn run(client: &Netns, server: &Netns, to: SocketAddrV4, duration: Duration) -> Load {
@@ -190,4 +231,25 @@ pub fn run(client: &Netns, server: &Netns, to: SocketAddrV4, duration: Duration)
         softirq_ns: (soft1 - soft0) * 1_000_000_000 / hz,
         cpus,
     }
+}
+
+/// The kernel path's cost over tapmesh's, each net of the floor (what the
+/// data path itself costs, without the senders and the sink), as a phrase.
+pub fn net_ratio(ours: &Load, kernel: &Load, floor: &Load) -> String {
+    let (ours, kernel, floor) = (
+        ours.cpu_per_packet(),
+        kernel.cpu_per_packet(),
+        floor.cpu_per_packet(),
+    );
+    if ours <= floor {
+        return format!(
+            "net of the floor, no ratio: tapmesh cost {:.0} ns/packet less than plain routing \
+             (it forwards without the nodes' IP stacks)",
+            floor - ours
+        );
+    }
+    format!(
+        "net of the floor (the data path's own cost): {:.2}×",
+        (kernel - floor) / (ours - floor)
+    )
 }

@@ -20,13 +20,15 @@
 //! run real traffic or the control plane: [`control`] (TAPA Open → OPEN),
 //! [`mirror`] (mirroring on veth), [`eds`] (EDS update latency), [`cluster`]
 //! (a registration's way to another node's maps),
-//! [`overlay::rates`] (the overlay on veth).
+//! [`overlay::rates`] (the overlay on veth), [`lb_veth`] (the VIP load
+//! balancer on veth), both under [`load`].
 
 pub mod blocks;
 pub mod cluster;
 pub mod control;
 pub mod eds;
 pub mod lb;
+pub mod lb_veth;
 pub mod load;
 pub mod maglev;
 pub mod mirror;
@@ -156,6 +158,7 @@ pub fn report() -> String {
     let xds_grpc = xds::through_grpc();
     let cluster = cluster::registration_latency() + "\n" + &cluster::many_targets();
     let overlay_rates = overlay::rates();
+    let lb_rates = lb_veth::rates();
 
     format!(
         "# Benchmarks\n\n\
@@ -181,7 +184,7 @@ pub fn report() -> String {
          parts (parser, the eight array values and four counters it reads, and the uplink's \
          code present but not run, which shows that program size alone costs nothing).\n\n\
          | operation | timed as | ns/packet | net of floor | Mpps (net) |\n|---|---|---:|---:|---:|\n\
-         {block_table}\n{control}\n{mirroring}\n{eds}\n{xds_grpc}\n{maglev_write}\n{cluster}\n{overlay_rates}",
+         {block_table}\n{control}\n{mirroring}\n{eds}\n{xds_grpc}\n{maglev_write}\n{cluster}\n{overlay_rates}\n{lb_rates}",
         machine()
     )
 }

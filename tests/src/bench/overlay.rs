@@ -13,7 +13,7 @@ use std::{
 };
 
 use super::{
-    load::{self, Load},
+    load::{self, Setup},
     timing::{kpps, measure_loop, Row},
     OUR_MAC, XDP_REDIRECT,
 };
@@ -382,7 +382,7 @@ fn tc_encap_row(
     (name, raw, floor)
 }
 
-fn tapmesh_rate() -> Load {
+fn tapmesh_lab() -> Setup {
     let nodes = TwoNodes::start();
     nodes.node1.register("192.0.2.0/26");
     nodes.node2.register("192.0.2.64/26");
@@ -404,7 +404,12 @@ fn tapmesh_rate() -> Load {
         &[(0, &c_ns, NODE1, &[("InstanceNumber", "203.0.113.100")])],
     );
     load::install_sink(&server, PORT);
-    load::run(&client, &server, service(), FLOOD)
+    Setup {
+        client,
+        server,
+        to: service(),
+        keep: vec![Box::new(nodes)],
+    }
 }
 
 fn service() -> SocketAddrV4 {
@@ -416,7 +421,7 @@ fn service() -> SocketAddrV4 {
 /// flannel + kube-proxy data path); `Kernel::Routed`: the other node's
 /// container subnet routed through its underlay address, the client sending
 /// to the server's own address (no translation, no tunnel: the floor).
-fn kernel_rate(kind: Kernel) -> Load {
+fn kernel_lab(kind: Kernel) -> Setup {
     let n1 = Netns::new("okn1");
     let n2 = Netns::new("okn2");
     let client = Netns::new("okc");
@@ -465,7 +470,12 @@ fn kernel_rate(kind: Kernel) -> Load {
     load::install_sink(&server, PORT);
     if kind == Kernel::Routed {
         let to = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 66), PORT);
-        return load::run(&client, &server, to, FLOOD);
+        return Setup {
+            client,
+            server,
+            to,
+            keep: vec![Box::new(n1), Box::new(n2)],
+        };
     }
     let rules = std::env::temp_dir().join(crate::unique("obnft"));
     std::fs::write(
@@ -481,7 +491,12 @@ fn kernel_rate(kind: Kernel) -> Load {
         "nft: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    load::run(&client, &server, service(), FLOOD)
+    Setup {
+        client,
+        server,
+        to: service(),
+        keep: vec![Box::new(n1), Box::new(n2)],
+    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -492,16 +507,21 @@ enum Kernel {
 
 /// The "Service-IP overlay on veth" section of BENCHMARKS.md.
 pub fn rates() -> String {
-    let ours = tapmesh_rate();
-    let kernel = kernel_rate(Kernel::Overlay);
-    let floor = kernel_rate(Kernel::Routed);
+    let labs = [
+        tapmesh_lab(),
+        kernel_lab(Kernel::Overlay),
+        kernel_lab(Kernel::Routed),
+    ];
+    let runs = load::interleaved(&labs.each_ref(), load::ROUNDS, FLOOD);
+    let (ours, kernel, floor) = (runs[0], runs[1], runs[2]);
     let mut out = String::new();
     let _ = writeln!(out, "## Service-IP overlay on veth\n");
     let _ = writeln!(
         out,
         "A client container on node 1 sends to a service IP whose instance is on node 2: {} \
          UDP senders (one per CPU, pinned, each its own flow, 18-byte payloads in batches of 64 \
-         per sendmmsg), {} s after a warm-up; the server's namespace counts and drops what \
+         per sendmmsg), {} s after a warm-up, each path {} times interleaved with the others (the median run by \
+         CPU per packet is shown); the server's namespace counts and drops what \
          arrives (nftables, prerouting). On veth each hop's receive side runs in softirq on the \
          sending CPU, so every CPU is busy with sender and data path together: CPU ns/packet is \
          all CPUs' busy time (user, system, irq, softirq; /proc/stat) over delivered packets, \
@@ -509,15 +529,16 @@ pub fn rates() -> String {
          the container's veth, XDP decapsulation on node 2's uplink. Kernel: nftables DNAT on \
          node 1 + kernel VXLAN between the nodes (flannel + kube-proxy's data path). Floor: the \
          same two nodes routing the client's packets to the server's own address (no \
-         translation, no tunnel), what any path costs at least. Same run, one after another.\n",
+         translation, no tunnel), what any path costs at least. Lost: sent but never counted at the sink.\n",
         ours.cpus,
-        FLOOD.as_secs()
+        FLOOD.as_secs(),
+        load::ROUNDS
     );
     let _ = writeln!(
         out,
-        "| data path | sent kpps | delivered kpps | CPU busy | CPU ns/packet | of which softirq |"
+        "| data path | sent kpps | delivered kpps | lost | CPU busy | CPU ns/packet | of which softirq |"
     );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
     for (name, l) in [
         ("tapmesh (TC + UDP tunnel + XDP)", &ours),
         ("nftables DNAT + kernel VXLAN", &kernel),
@@ -525,21 +546,21 @@ pub fn rates() -> String {
     ] {
         let _ = writeln!(
             out,
-            "| {name} | {} | {} | {:.0} % | {:.0} | {:.0} |",
+            "| {name} | {} | {} | {:.1} % | {:.0} % | {:.0} | {:.0} |",
             kpps(l.sent_pps()),
             kpps(l.delivered_pps()),
+            l.lost_share() * 100.0,
             l.busy_share() * 100.0,
             l.cpu_per_packet(),
             l.softirq_per_packet()
         );
     }
     let per_cpu = kernel.cpu_per_packet() / ours.cpu_per_packet();
-    let net = (kernel.cpu_per_packet() - floor.cpu_per_packet())
-        / (ours.cpu_per_packet() - floor.cpu_per_packet()).max(1.0);
+    let net = super::load::net_ratio(&ours, &kernel, &floor);
     let _ = writeln!(
         out,
         "\nPackets per CPU-second, tapmesh against nftables DNAT + kernel VXLAN: {per_cpu:.2}× \
-         (target ≥ 2× — {}); net of the floor (the data path's own cost): {net:.2}×.",
+         (target ≥ 2× — {}); {net}.",
         if per_cpu >= 2.0 { "met" } else { "NOT met" }
     );
     out

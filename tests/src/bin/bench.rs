@@ -4,7 +4,7 @@
 //! check while working on a path), `tapmesh-bench overlay` the overlay's
 //! rows and rates (`overlay-rows`, `overlay-rates`: one or the other; `compare-decap ROUNDS
 //! OBJECT...`: the IPv4 decapsulation rows of several builds, interleaved),
-//! `tapmesh-bench control` the TAPA Open → OPEN latency, `tapmesh-bench
+//! `lb-rates` the VIP load balancer on veth, `tapmesh-bench control` the TAPA Open → OPEN latency, `tapmesh-bench
 //! mirror` the mirroring section, `tapmesh-bench maglev` the Maglev table
 //! write, `tapmesh-bench eds` the EDS update latency, `tapmesh-bench xds`
 //! EDS through a real gRPC xDS server, `tapmesh-bench paths` every
@@ -39,6 +39,7 @@ fn main() {
             print!("{}", bench::overlay::rates());
         }
         "overlay-rates" => print!("{}", bench::overlay::rates()),
+        "lb-rates" => print!("{}", bench::lb_veth::rates()),
         "overlay-rows" => {
             for (name, raw, floor) in bench::overlay_rows() {
                 println!("{:6.1} net ({raw:.0} − {floor:.0})  {name}", raw - floor);
