@@ -221,12 +221,21 @@ pub struct LocalSlot {
 
 /// Entries of `tm_ov_own_slots`.
 pub const OWNER_SLOTS: u32 = 4096;
-/// [`OwnerSlot::state`]: no known owner's address maps here (not judged).
+/// [`OwnerSlot::state`]: no known owner's address maps here (the source is
+/// judged by where it lies: `overlay::unknown_source` in the BPF programs).
 pub const OWNER_SLOT_EMPTY: u32 = 0;
 /// The slot holds the one known owner whose address maps here.
 pub const OWNER_SLOT_ONE: u32 = 1;
 /// Several owners map here, or the slot is being rewritten: ask `tm_ov_owners`.
 pub const OWNER_SLOT_SHARED: u32 = 2;
+/// The state proper, below [`OWNER_SLOT_SEEN`].
+pub const OWNER_SLOT_STATE: u32 = 0xff;
+/// Added to a slot's `state` by the decapsulation path (atomically, when no
+/// bit above [`OWNER_SLOT_STATE`] is set yet) when a packet from the slot's
+/// one owner's address passes; any bit above the state means seen. The
+/// daemon reads and clears the mark, so a remote job whose packets only
+/// arrive (one-way flows) still counts as used and keeps its table.
+pub const OWNER_SLOT_SEEN: u32 = 0x100;
 
 /// The `tm_ov_own_slots` index of an inner IPv4 source: its low 12 bits.
 #[inline(always)]

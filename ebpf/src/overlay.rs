@@ -20,8 +20,8 @@ use tapmesh_common::{
         local_slot, owner_slot, ConntrackKey, ConntrackValue, FragmentKey, Instance, Local, LocalSlot, Miss,
         OverlayConfig, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE,
         INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_EMPTY, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
-        OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
-        POLICY_ROUND_ROBIN, SERVICE_SLOTS,
+        OWNER_SLOT_ONE, OWNER_SLOT_SEEN, OWNER_SLOT_SHARED, OWNER_SLOT_STATE,
+        POLICY_INSTANCE, POLICY_ROUND_ROBIN, SERVICE_SLOTS,
     },
     tunnel::TunnelConfig,
     DropReason,
@@ -204,7 +204,11 @@ fn signal_miss_of(service: u32, other: u32, port: u16, protocol: u8) {
             protocol,
             _pad: 0,
         };
-        let _ = tm_ov_misses.output(&miss, 0);
+        // A notice the ring had no room for must not leave the address
+        // marked as told: the next packet tries again.
+        if tm_ov_misses.output(&miss, 0).is_err() {
+            let _ = tm_ov_pending.remove(&b4(service));
+        }
     }
 }
 
@@ -468,11 +472,22 @@ pub fn check_owner(owner: Option<&[u8; 4]>, node: u32) -> Result<(), DropReason>
 /// several owners share, or that is being rewritten, asks `tm_ov_owners`.
 #[inline(always)]
 fn check_owner_slot(pkt: &Packet, ip: &Ip4, node: u32) -> Result<(), DropReason> {
-    let Some(slot) = tm_ov_own_slots.get(owner_slot(b4(ip.src))) else {
+    let Some(slot) = tm_ov_own_slots.get_ptr_mut(owner_slot(b4(ip.src))) else {
         return Ok(());
     };
-    match slot.state {
-        OWNER_SLOT_ONE if w4(&slot.addr) == ip.src => check_owner(Some(&slot.owner), node),
+    // SAFETY: a map value, valid for the program's run; the daemon rewrites
+    // whole slots, this only sets one bit of `state`, atomically.
+    let (seen, state) = unsafe { (&raw mut (*slot).state, core::ptr::read_volatile(&(*slot).state)) };
+    // SAFETY: as above.
+    let slot = unsafe { &*slot };
+    match state & OWNER_SLOT_STATE {
+        OWNER_SLOT_ONE if w4(&slot.addr) == ip.src => {
+            check_owner(Some(&slot.owner), node)?;
+            if state & !OWNER_SLOT_STATE == 0 {
+                mark_seen(seen);
+            }
+            Ok(())
+        }
         OWNER_SLOT_SHARED => {
             // The key is read from the packet: a copy on the stack would
             // push the deepest call past the 512 bytes of stack.
@@ -487,20 +502,39 @@ fn check_owner_slot(pkt: &Packet, ip: &Ip4, node: u32) -> Result<(), DropReason>
     }
 }
 
+/// Marks a slot seen without touching its state proper (the daemon may be
+/// rewriting the slot: a plain store could undo that). An atomic add, the
+/// one atomic this BPF CPU version has for 32 bits: CPUs racing past the
+/// caller's test may each add, which only raises the bits above
+/// [`OWNER_SLOT_STATE`], all of which mean seen.
+#[inline(always)]
+pub fn mark_seen(state: *mut u32) {
+    // SAFETY: a map value's word.
+    unsafe {
+        atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(state, OWNER_SLOT_SEEN);
+    }
+}
+
 /// A tunnelled source no table gives to any node. In the service prefix
-/// it is an instance IP this node has not learnt (or one two nodes claim
-/// while the tables move): refused, and asked for once like an unknown
-/// destination, so the retry passes once the table names its node. The
-/// reply to it would miss the same table, so the first exchange is lost
-/// either way. Outside the prefix it is not judged: an address there is a
-/// namespace address (sent from only by an instance without an instance
-/// IP) or a load-balanced client's own, which no table or query can tie to
-/// a node.
+/// it is one of three things. An instance IP this node has not learnt:
+/// refused, and asked for once like an unknown destination, so the retry
+/// passes once the table names its node (the reply to it would miss the
+/// same table: the first exchange is lost either way). An instance IP the
+/// tables hold but two nodes claim (mid-move): not judged. Another service
+/// IP (RR, Closest), which no node sends from: refused. Outside the prefix
+/// it is not judged: an address there is a namespace address (sent from
+/// only by an instance without an instance IP) or a load-balanced client's
+/// own, which no table or query can tie to a node.
 #[inline(always)]
 fn unknown_source(ip: &Ip4) -> Result<(), DropReason> {
     match tm_ov_config.get(0) {
         Some(config) if in_prefix(config, ip.src) => {
-            signal_miss_of(ip.src, ip.dst, ip.src_port, ip.protocol);
+            // SAFETY: the value is read right away.
+            match unsafe { tm_ov_services.get(&b4(ip.src)) } {
+                Some(s) if s.policy == POLICY_INSTANCE => return Ok(()),
+                Some(_) => {}
+                None => signal_miss_of(ip.src, ip.dst, ip.src_port, ip.protocol),
+            }
             Err(DropReason::TunnelForeignSource)
         }
         _ => Ok(()),

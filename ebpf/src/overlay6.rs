@@ -20,7 +20,7 @@ use tapmesh_common::{
     overlay::{
         owner_slot6, Addr6, Instance, Instance6, Miss6, OverlayConfig6, Scratch6,
         CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE, INSTANCE_LOCAL, INSTANCE_REMOTE,
-        OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
+        OWNER_SLOT_ONE, OWNER_SLOT_SHARED, OWNER_SLOT_STATE, POLICY_INSTANCE,
     },
     DropReason,
 };
@@ -221,7 +221,9 @@ fn signal_miss(s: &mut Scratch6) {
         s.miss.port = s.key.dst_port;
         s.miss.protocol = s.key.protocol;
         s.miss._pad = 0;
-        let _ = tm_ov_misses.output_untyped::<Miss6>(&s.miss, 0);
+        if tm_ov_misses.output_untyped::<Miss6>(&s.miss, 0).is_err() {
+            let _ = tm_ov_pending6.remove(&s.key.dst);
+        }
     }
 }
 
@@ -500,11 +502,19 @@ pub fn foreign_source(ctx: &XdpContext, node: u32) -> bool {
         // The owner first, from its slot (an array read) unless the slot is
         // shared: a known one that matches (the usual case) or an unknown
         // one answers without a hash lookup.
-        let known = match tm_ov_own_slot6.get(owner_slot6(src)) {
-            Some(slot) if slot.state == OWNER_SLOT_ONE && same6(&slot.addr, src) => {
-                Some(crate::overlay::check_owner(Some(&slot.owner), node).is_err())
+        let slot = tm_ov_own_slot6.get_ptr_mut(owner_slot6(src));
+        let state = slot.map_or(0, |s| core::ptr::read_volatile(&(*s).state));
+        let known = match slot.map(|s| (&*s, &raw mut (*s).state)) {
+            Some((slot, seen))
+                if state & OWNER_SLOT_STATE == OWNER_SLOT_ONE && same6(&slot.addr, src) =>
+            {
+                let foreign = crate::overlay::check_owner(Some(&slot.owner), node).is_err();
+                if !foreign && state & !OWNER_SLOT_STATE == 0 {
+                    crate::overlay::mark_seen(seen);
+                }
+                Some(foreign)
             }
-            Some(slot) if slot.state == OWNER_SLOT_SHARED => tm_ov_owners6
+            Some(_) if state & OWNER_SLOT_STATE == OWNER_SLOT_SHARED => tm_ov_owners6
                 .get(src)
                 .map(|owner| crate::overlay::check_owner(Some(owner), node).is_err()),
             _ => None,
@@ -516,9 +526,10 @@ pub fn foreign_source(ctx: &XdpContext, node: u32) -> bool {
     }
 }
 
-/// `overlay::unknown_source` for IPv6: a source in the service prefix that
-/// no table gives to any node is refused (for a container here) and asked
-/// for once; any other is not judged.
+/// `overlay::unknown_source` for IPv6, for a container here: a source in
+/// the service prefix that no table gives to any node is refused, and asked
+/// for once unless the tables hold it as a service IP (an instance IP two
+/// nodes claim is not judged); any other is not judged.
 #[inline(always)]
 fn unknown_source(src: &Addr6, dst: &Addr6, protocol: u8) -> bool {
     let Some(config) = tm_ov_config6.get(0) else {
@@ -528,16 +539,25 @@ fn unknown_source(src: &Addr6, dst: &Addr6, protocol: u8) -> bool {
     if !in_prefix(config, src) || unsafe { tm_ov_locals6.get(dst) }.is_none() {
         return false;
     }
+    // SAFETY: the value is read right away.
+    match unsafe { tm_ov_services6.get(src) } {
+        Some(s) if s.policy == POLICY_INSTANCE => return false,
+        Some(_) => return true,
+        None => {}
+    }
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     if tm_ov_pending6.insert(src, &now, BPF_NOEXIST as u64).is_ok() {
-        if let Ok(s) = scratch() {
+        let told = scratch().is_ok_and(|s| {
             s.miss.service_addr = *src;
             s.miss.client_addr = *dst;
             s.miss.port = 0;
             s.miss.protocol = protocol;
             s.miss._pad = 0;
-            let _ = tm_ov_misses.output_untyped::<Miss6>(&s.miss, 0);
+            tm_ov_misses.output_untyped::<Miss6>(&s.miss, 0).is_ok()
+        });
+        if !told {
+            let _ = tm_ov_pending6.remove(src);
         }
     }
     true

@@ -384,6 +384,75 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
     drop(task);
 }
 
+/// One-way traffic: OAK's packets reach web#0, which never answers. The
+/// first is refused (OAK's instance IP is unknown), asked for, and the
+/// table lets the rest in; while they keep arriving the interest stays
+/// (arrivals count as use, not only packets sent to OAK), and once they
+/// stop it goes after its idle time.
+#[test]
+fn a_one_way_flow_from_another_node_keeps_its_table_while_it_arrives() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const OAK_NODE: &str = "198.18.2.9";
+    const QUIET_PORT: u16 = 7009;
+    let cluster = Cluster::start(&jobs(OAK_NODE), "192.0.2.0");
+    let n1 = node(
+        &cluster,
+        "oaow",
+        "198.18.2.1",
+        &format!("[lb]\ntunnel_peers = [\"{OAK_NODE}\"]\n"),
+    );
+    let oak = Netns::new("oao");
+    cluster.attach(&oak, OAK_NODE);
+    register(&n1);
+    let web0 = Netns::new("oaw");
+    let task = Task::start(&web0);
+    let ns0: Ipv4Addr = deploy(&n1, &task, WEB, 0).parse().unwrap();
+    // A socket that reads and never answers.
+    let (bound, ready) = std::sync::mpsc::channel();
+    let counted = spawn_in(&web0.name, move || {
+        let s = UdpSocket::bind(("0.0.0.0", QUIET_PORT)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let _ = bound.send(());
+        let mut got = 0u32;
+        let mut buf = [0u8; 64];
+        while s.recv(&mut buf).is_ok() {
+            got += 1;
+        }
+        got
+    });
+    ready.recv().unwrap();
+
+    let oak_ip: Ipv4Addr = OAK_IP.parse().unwrap();
+    let inner = tapmesh_tests::frames::udp4(oak_ip, ns0, 40000, QUIET_PORT, b"log");
+    // 15 s at 4 per second: past the 10 s idle time while it lasts.
+    const SENT: u32 = 60;
+    spawn_in(&oak.name, move || {
+        let s = UdpSocket::bind((OAK_NODE, 50103)).unwrap();
+        for _ in 0..SENT {
+            s.send_to(&inner, ("198.18.2.1", 50103)).unwrap();
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    })
+    .join()
+    .unwrap();
+    let sent_until = Instant::now();
+    assert!(
+        cluster.received("/net/interest/remove").is_empty(),
+        "the interest went while OAK's packets arrived"
+    );
+    let got = counted.join().unwrap();
+    // The first, and any sent before the table was in, were refused.
+    assert!(got >= SENT - 4 && got < SENT, "{got} of {SENT} arrived");
+    let removed = wait_until(Duration::from_secs(15), || {
+        !cluster.received("/net/interest/remove").is_empty()
+    });
+    assert!(removed, "no interest/remove after the flow stopped");
+    assert!(sent_until.elapsed() >= Duration::from_secs(7));
+    drop(task);
+}
+
 #[test]
 fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
     if !kernel_tests_enabled() {

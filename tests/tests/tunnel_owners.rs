@@ -8,20 +8,21 @@
 //! two nodes in namespaces with real packets.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
 };
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData};
 use tapmesh::dataplane::{
-    overlay::{OverlayTables, OverlayWriter},
+    overlay::{OverlayTables, OverlayWriter, ServiceTable},
     tunnel::{write, TunnelSettings},
 };
 use tapmesh_common::{
     map_names as n,
     overlay::{
         Addr6, Instance, Instance6, Local, Local6, Miss, Miss6, OwnerSlot, OwnerSlot6,
-        INSTANCE_LOCAL, INSTANCE_REMOTE, OWNER_SLOT_ONE, OWNER_SLOT_SHARED,
+        INSTANCE_LOCAL, INSTANCE_REMOTE, OWNER_SLOT_ONE, OWNER_SLOT_SHARED, OWNER_SLOT_STATE,
+        POLICY_INSTANCE, POLICY_ROUND_ROBIN,
     },
     DropReason, ProgramSlot,
 };
@@ -443,20 +444,130 @@ fn unknown_sources_in_the_service_prefix_wait_for_a_table_that_names_their_node(
         },
     );
     writer.apply(&mut bpf.ebpf, &t).expect("apply");
+    // As if the daemon's retry timer had run: the addresses may be asked for again.
+    clear_pending(&mut bpf, new_ip.into());
+    clear_pending(&mut bpf, new_ip6.into());
     assert_eq!(send(&mut bpf, NODE_A, &to_here(new_ip)), (true, false));
     assert_eq!(send(&mut bpf, NODE_B, &to_here(new_ip)), (false, true));
     assert_eq!(send(&mut bpf, NODE_A, &to_here6(new_ip6)), (true, false));
     assert_eq!(send(&mut bpf, NODE_B, &to_here6(new_ip6)), (false, true));
     assert_eq!(misses(&mut bpf), [], "known now: nothing more asked");
+
+    // Service IPs the tables hold as sources. An instance IP two nodes claim
+    // (mid-move) is in no owner map: not judged, not asked for. An RR
+    // address, which no node sends from: refused, not asked for.
+    let (contested, rr) = (
+        Ipv4Addr::new(198, 19, 200, 90),
+        Ipv4Addr::new(198, 19, 200, 91),
+    );
+    for (id, node) in [(6, NODE_A), (7, NODE_B)] {
+        t.instances.insert(
+            id,
+            Instance {
+                ns_addr: Ipv4Addr::new(198, 19, 2, id as u8).octets(),
+                reply_addr: contested.octets(),
+                node_addr: node.octets(),
+                node_port: PORT,
+                kind: INSTANCE_REMOTE,
+                ..Default::default()
+            },
+        );
+    }
+    let service = |id, policy| ServiceTable {
+        id,
+        policy,
+        slots: vec![6],
+    };
+    t.services.insert(contested, service(1, POLICY_INSTANCE));
+    t.services.insert(rr, service(2, POLICY_ROUND_ROBIN));
+    writer.apply(&mut bpf.ebpf, &t).expect("apply");
+    assert!(!owners(&bpf).contains_key(&contested));
+    assert_eq!(send(&mut bpf, NODE_A, &to_here(contested)), (true, false));
+    assert_eq!(send(&mut bpf, NODE_B, &to_here(contested)), (true, false));
+    assert_eq!(send(&mut bpf, NODE_A, &to_here(rr)), (false, true));
+    assert_eq!(misses(&mut bpf), [], "tables hold them: nothing asked");
+}
+
+/// Forgets that `addr` was asked for (`tm_ov_pending`, `tm_ov_pending6`).
+fn clear_pending(bpf: &mut Bpf, addr: IpAddr) {
+    match addr {
+        IpAddr::V4(a) => {
+            let mut map: BpfHashMap<&mut MapData, [u8; 4], u64> =
+                BpfHashMap::try_from(bpf.ebpf.map_mut(n::OV_PENDING).expect("pending")).unwrap();
+            map.remove(&a.octets()).expect("asked for");
+        }
+        IpAddr::V6(a) => {
+            let mut map: BpfHashMap<&mut MapData, Addr6, u64> =
+                BpfHashMap::try_from(bpf.ebpf.map_mut(n::OV_PENDING6).expect("pending6")).unwrap();
+            map.remove(&a.octets()).expect("asked for");
+        }
+    }
+}
+
+/// A packet let in from its owner marks the address's slot seen; the
+/// daemon's read reports and clears the mark. A refused packet marks
+/// nothing, and neither does an address of a shared slot.
+#[test]
+fn arrivals_from_an_owner_are_marked_for_the_daemon() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut bpf = Bpf::load();
+    let settings = TunnelSettings {
+        port: PORT,
+        address: Some(NODE),
+    };
+    write(&mut bpf.ebpf, settings).expect("tm_tunnel");
+    let mut writer = OverlayWriter::default();
+    writer.apply(&mut bpf.ebpf, &tables()).expect("apply");
+    let asked: BTreeSet<IpAddr> =
+        [ON_A.into(), ON_A_IP.into(), ON_B.into(), v6(0xa1).into()].into();
+    assert_eq!(
+        writer.take_seen(&mut bpf.ebpf, &asked).unwrap(),
+        BTreeSet::new()
+    );
+
+    let to_here = |src| udp4(src, HERE, 40000, 7000, b"x");
+    assert_eq!(send(&mut bpf, NODE_B, &to_here(ON_A_IP)), (false, true));
+    assert_eq!(
+        writer.take_seen(&mut bpf.ebpf, &asked).unwrap(),
+        BTreeSet::new(),
+        "refused"
+    );
+    for _ in 0..3 {
+        assert_eq!(send(&mut bpf, NODE_A, &to_here(ON_A_IP)), (true, false));
+    }
+    assert_eq!(
+        send(
+            &mut bpf,
+            NODE_A,
+            &udp6(v6(0xa1), v6(0x1), 40000, 7000, b"x")
+        ),
+        (true, false)
+    );
+    let marked = owner_slots(&bpf)[&0x803].state;
+    assert!(marked & !OWNER_SLOT_STATE != 0 && marked & OWNER_SLOT_STATE == OWNER_SLOT_ONE);
+    assert_eq!(
+        writer.take_seen(&mut bpf.ebpf, &asked).unwrap(),
+        [ON_A_IP.into(), v6(0xa1).into()].into()
+    );
+    // Cleared: the slot is as the writer wrote it.
+    assert_eq!(owner_slots(&bpf)[&0x803], one(ON_A_IP, NODE_A.octets()));
+    assert_eq!(
+        writer.take_seen(&mut bpf.ebpf, &asked).unwrap(),
+        BTreeSet::new()
+    );
 }
 
 /// Counts, per inner source, the datagrams a container gets on `port`
 /// until 1 s passes without one.
 fn receive(netns: &str, port: u16) -> std::thread::JoinHandle<BTreeMap<Ipv4Addr, u32>> {
     let netns = netns.to_string();
-    std::thread::spawn(move || {
+    let (bound, ready) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
         tapmesh::net::netns::enter(&netns).expect("entering the namespace");
         let socket = std::net::UdpSocket::bind(("0.0.0.0", port)).expect("bind");
+        let _ = bound.send(());
         socket
             .set_read_timeout(Some(std::time::Duration::from_secs(1)))
             .unwrap();
@@ -468,7 +579,10 @@ fn receive(netns: &str, port: u16) -> std::thread::JoinHandle<BTreeMap<Ipv4Addr,
             }
         }
         got
-    })
+    });
+    // Bound before anything is sent.
+    ready.recv().expect("the receiver bound its socket");
+    receiver
 }
 
 /// Node 1 (a real node, known to node 2) sends tunnel packets to a
@@ -529,7 +643,6 @@ fn a_node_cannot_send_another_nodes_addresses_through_the_tunnel() {
     let foreign = |s| named(&s, "xdp_uplink", "tunnel_foreign_source");
 
     let got = receive(&web1.name, WEB_PORT);
-    std::thread::sleep(std::time::Duration::from_millis(200));
     send(WEB1_IP);
     assert_eq!(
         got.join().unwrap(),
@@ -543,7 +656,6 @@ fn a_node_cannot_send_another_nodes_addresses_through_the_tunnel() {
     );
 
     let got = receive(&web1.name, WEB_PORT);
-    std::thread::sleep(std::time::Duration::from_millis(200));
     send(CLIENT_IP);
     assert_eq!(
         got.join().unwrap(),
@@ -555,7 +667,6 @@ fn a_node_cannot_send_another_nodes_addresses_through_the_tunnel() {
     // An instance IP node 2 has not learnt: refused (and asked for) until
     // the cluster's table places it on node 1.
     let got = receive(&web1.name, WEB_PORT);
-    std::thread::sleep(std::time::Duration::from_millis(200));
     send(LATER_IP);
     assert_eq!(
         got.join().unwrap(),
@@ -583,7 +694,6 @@ fn a_node_cannot_send_another_nodes_addresses_through_the_tunnel() {
         &[(0, &later_ns, NODE1, &[("InstanceNumber", LATER_IP)])],
     );
     let got = receive(&web1.name, WEB_PORT);
-    std::thread::sleep(std::time::Duration::from_millis(200));
     send(LATER_IP);
     assert_eq!(
         got.join().unwrap(),

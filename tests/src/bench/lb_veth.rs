@@ -244,7 +244,7 @@ pub fn rates() -> String {
          median run by CPU per packet is shown); the target's namespace counts and drops what arrives \
          (nftables, prerouting). CPU ns/packet is all CPUs' busy time over delivered packets, as \
          in the overlay section. tapmesh: node 1's uplink XDP (Maglev pick, UDP 50103 \
-         encapsulation, XDP_TX), node 2's uplink XDP (decapsulation, redirect to the target). \
+         encapsulation, redirect out of the underlay veth), node 2's uplink XDP (decapsulation, redirect to the target). \
          Kernel: kube-proxy's nftables mode (a `numgen` DNAT map) on node 1 and kernel VXLAN \
          between the nodes. Floor: the two nodes routing to the target's own address. Lost: sent but never counted at the sink.\n",
         ours.cpus,

@@ -64,7 +64,8 @@ impl Load {
         self.sent.saturating_sub(self.delivered) as f64 / self.sent.max(1) as f64
     }
 
-    /// Share of the machine's CPU time that was busy.
+    /// Share of the machine's CPU time that was busy (/proc/stat counts
+    /// every process: the bench needs an otherwise idle machine).
     pub fn busy_share(&self) -> f64 {
         self.busy_ns as f64 / (self.seconds * 1e9 * self.cpus as f64)
     }
@@ -91,6 +92,11 @@ pub fn install_sink(server: &Netns, port: u16) {
 /// Packets the sink has counted.
 pub fn sink_count(server: &Netns) -> u64 {
     let out = server.try_exec(&["nft", "-j", "list", "table", "inet", "tmsink"]);
+    assert!(
+        out.status.success(),
+        "nft list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: serde_json::Value =
         serde_json::from_slice(&out.stdout).expect("nft -j output is JSON");
     json["nftables"]
@@ -117,12 +123,32 @@ fn cpu_jiffies() -> (u64, u64) {
     (get(0) + get(1) + get(2) + get(5) + get(6), get(6))
 }
 
-fn pin_to(cpu: usize) {
+/// The CPUs this process may run on.
+fn allowed_cpus() -> Vec<usize> {
     // SAFETY: plain libc calls on a zeroed, sized cpu_set_t.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return vec![0];
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect()
+    }
+}
+
+fn pin_to(cpu: usize) {
+    // SAFETY: plain libc calls on a zeroed, sized cpu_set_t.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        eprintln!(
+            "sender not pinned to CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -190,7 +216,8 @@ pub fn interleaved(setups: &[&Setup], rounds: usize, duration: Duration) -> Vec<
 /// Runs the load from `client` to `to` for `duration` and counts what the
 /// sink in `server` got ([`install_sink`] first).
 pub fn run(client: &Netns, server: &Netns, to: SocketAddrV4, duration: Duration) -> Load {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let allowed = allowed_cpus();
+    let cpus = allowed.len();
     // Warm-up: neighbours, conntrack entries, first-packet paths.
     let warm = Arc::new(AtomicBool::new(false));
     let w = warm.clone();
@@ -204,8 +231,9 @@ pub fn run(client: &Netns, server: &Netns, to: SocketAddrV4, duration: Duration)
     let stop = Arc::new(AtomicBool::new(false));
     let (busy0, soft0) = cpu_jiffies();
     let start = Instant::now();
-    let senders: Vec<_> = (0..cpus)
-        .map(|cpu| {
+    let senders: Vec<_> = allowed
+        .iter()
+        .map(|&cpu| {
             let stop = stop.clone();
             spawn_in(&client.name, move || {
                 pin_to(cpu);

@@ -335,6 +335,17 @@ impl DataplaneHandle {
         r.overlay.apply(&mut r.ebpf, tables)
     }
 
+    /// Which of `addrs` the tunnel let in since the last call, as inner
+    /// sources from their owner ([`overlay::OverlayWriter::take_seen`]).
+    pub async fn overlay_sources_seen(
+        &self,
+        addrs: &std::collections::BTreeSet<std::net::IpAddr>,
+    ) -> Result<std::collections::BTreeSet<std::net::IpAddr>, DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        r.overlay.take_seen(&mut r.ebpf, addrs)
+    }
+
     /// Per-service and per-instance counters of the overlay.
     pub async fn overlay_counters(
         &self,

@@ -12,7 +12,7 @@ use tapmesh_common::{
         local_slot, owner_slot, owner_slot6, Addr6, Instance, Instance6, Local, Local6, LocalSlot,
         OverlayConfig, OverlayConfig6, OwnerSlot, OwnerSlot6, Service,
         CONFIG_SERVICES_OUTSIDE_PREFIX, INSTANCE_REMOTE, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
-        OWNER_SLOT_ONE, OWNER_SLOT_SHARED, OWNER_THIS_NODE, SERVICE_SLOTS,
+        OWNER_SLOT_ONE, OWNER_SLOT_SHARED, OWNER_SLOT_STATE, OWNER_THIS_NODE, SERVICE_SLOTS,
     },
     tunnel::PEER_OVERLAY,
     PacketCounter,
@@ -268,6 +268,25 @@ pub fn owner_slot_writes<S: OwnerSlotValue>(
 /// writes new contents: the time between a slot's two writes, which a
 /// packet would have to stall across to read a stale state with new
 /// contents, is as long as it can be.
+/// Whether the kernel marked slot `index` seen; if so, the slot goes back
+/// to `written` (what the writer holds there), which clears the mark. Only
+/// the kernel sets the mark, and only this writer writes slots.
+fn take_mark<S: OwnerSlotValue>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    index: u32,
+    written: S,
+) -> Result<bool, DataplaneError> {
+    let mut slots: Array<&mut MapData, S> =
+        Array::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+    let now = slots.get(&index, 0).map_err(map_err(name))?;
+    if now.state() & !OWNER_SLOT_STATE == 0 {
+        return Ok(false);
+    }
+    slots.set(index, written, 0).map_err(map_err(name))?;
+    Ok(true)
+}
+
 fn write_slots<S: OwnerSlotValue>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -578,6 +597,8 @@ impl OverlayWriter {
                     .map_err(map_err(n::OV_OWNER_SLOTS))?;
             for (index, slot) in map.iter().enumerate() {
                 let slot = slot.map_err(map_err(n::OV_OWNER_SLOTS))?;
+                // Recorded as written: without the kernel's seen mark.
+                let slot = slot.with_state(slot.state & OWNER_SLOT_STATE);
                 if slot.state != 0 {
                     self.owner_slots.insert(index as u32, slot);
                 }
@@ -587,6 +608,7 @@ impl OverlayWriter {
                     .map_err(map_err(n::OV_OWNER_SLOTS6))?;
             for (index, slot) in map.iter().enumerate() {
                 let slot = slot.map_err(map_err(n::OV_OWNER_SLOTS6))?;
+                let slot = slot.with_state(slot.state & OWNER_SLOT_STATE);
                 if slot.state != 0 {
                     self.owner_slots6.insert(index as u32, slot);
                 }
@@ -678,6 +700,45 @@ impl OverlayWriter {
     /// sends packets to `tm_ov_owners`, before the new owners are written.
     /// Step 1: after the gone owners are removed, each such slot takes its
     /// final value.
+    /// Which of `addrs` the decapsulation path has let in since the last
+    /// call (`OWNER_SLOT_SEEN` in their owner slot), clearing the marks:
+    /// the daemon's sign that a remote job is in use when its packets only
+    /// arrive. Addresses in a shared slot (owners in `tm_ov_owners`) carry
+    /// no mark and are never reported.
+    pub fn take_seen(
+        &mut self,
+        ebpf: &mut Ebpf,
+        addrs: &BTreeSet<std::net::IpAddr>,
+    ) -> Result<BTreeSet<std::net::IpAddr>, DataplaneError> {
+        let mut seen = BTreeSet::new();
+        for addr in addrs {
+            let marked = match addr {
+                std::net::IpAddr::V4(a) => {
+                    let index = owner_slot(a.octets());
+                    match self.owner_slots.get(&index) {
+                        Some(slot) if slot.state == OWNER_SLOT_ONE && slot.addr == a.octets() => {
+                            take_mark(ebpf, n::OV_OWNER_SLOTS, index, *slot)?
+                        }
+                        _ => false,
+                    }
+                }
+                std::net::IpAddr::V6(a) => {
+                    let index = owner_slot6(&a.octets());
+                    match self.owner_slots6.get(&index) {
+                        Some(slot) if slot.state == OWNER_SLOT_ONE && slot.addr == a.octets() => {
+                            take_mark(ebpf, n::OV_OWNER_SLOTS6, index, *slot)?
+                        }
+                        _ => false,
+                    }
+                }
+            };
+            if marked {
+                seen.insert(*addr);
+            }
+        }
+        Ok(seen)
+    }
+
     fn write_owner_slots(
         &mut self,
         ebpf: &mut Ebpf,

@@ -22,6 +22,9 @@ pub const DEFAULT_PORT: u16 = 10003;
 pub const INTEREST_IDLE: Duration = Duration::from_secs(10);
 /// The same table query is not sent again within this time.
 const QUERY_AGAIN_AFTER: Duration = Duration::from_secs(2);
+/// Table queries by address open at once (answered or not within
+/// [`QUERY_AGAIN_AFTER`]).
+const MAX_OPEN_IP_QUERIES: usize = 256;
 
 /// `nodes/<id>/net/subnet`.
 #[derive(Serialize)]
@@ -293,6 +296,13 @@ impl Cluster {
     /// Asks which job a service IP belongs to, with its table.
     pub async fn query_ip(&self, ip: std::net::IpAddr) {
         let key = ip.to_string();
+        // Misses come from packets, some of them a remote node's: at most
+        // this many open queries (the address asks again after its retry).
+        let open = self.queried.lock().expect("lock").len();
+        if open >= MAX_OPEN_IP_QUERIES {
+            tracing::debug!(%ip, "not asked: {open} table queries open");
+            return;
+        }
         if self.should_query(&key, false) {
             self.publish(
                 "tablequery/request",

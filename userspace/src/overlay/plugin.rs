@@ -309,13 +309,20 @@ async fn read_misses(
             }
         }
         guard.clear_ready();
-        for service in found {
-            manager.miss(service).await;
-            let dp = dataplane.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(MISS_RETRY).await;
-                dp.clear_overlay_pending(service).await;
-            });
+        if found.is_empty() {
+            continue;
         }
+        for service in &found {
+            manager.miss(*service).await;
+        }
+        // One timer per read, not per report: a flood of addresses (a node
+        // sending from many) costs one task per wake-up.
+        let dp = dataplane.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(MISS_RETRY).await;
+            for service in found {
+                dp.clear_overlay_pending(service).await;
+            }
+        });
     }
 }

@@ -124,6 +124,9 @@ struct State {
     /// Service IPs the kernel reported unknown → how many reports.
     unresolved: BTreeMap<std::net::IpAddr, u64>,
     misses: u64,
+    /// Remote job → how many times its addresses were seen arriving
+    /// through the tunnel ([`NetManager::job_usage`]).
+    arrivals: BTreeMap<String, u64>,
     /// The nftables table of port mappings exists.
     ports_written: bool,
     /// The egress set-up is in place.

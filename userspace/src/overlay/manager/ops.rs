@@ -14,6 +14,9 @@ use serde::Serialize;
 use super::links::host_ifname;
 use super::{Feed, LocalDeployment, NetManager, NmError, Registration, ServiceIp};
 use crate::net::{self, netns::NetnsId, Prefix};
+
+/// Unknown service IPs kept for `status` (beyond: counted, not listed).
+const MAX_UNRESOLVED: usize = 1024;
 use crate::overlay::cluster::{Cluster, DeployNotice, SubnetReply};
 use crate::overlay::ipam::Ipam;
 use crate::overlay::model::{InstanceRecord, IpType, Placement};
@@ -298,7 +301,36 @@ impl NetManager {
         for i in snapshot.instances {
             out.entry(i.job).or_default().1 += i.packets;
         }
-        let state = self.state.lock().await;
+        let mut state = self.state.lock().await;
+        // Packets from a remote job's instances count too: a job that only
+        // sends here (one-way flows) is in use, and its table is what lets
+        // them in (an instance IP no table names is refused).
+        let mut addrs_of: BTreeMap<std::net::IpAddr, String> = BTreeMap::new();
+        for (job, records) in &state.remote {
+            for r in records {
+                let addrs = [Some(r.ns_addr.into()), r.instance_ip().map(Into::into)]
+                    .into_iter()
+                    .chain([
+                        r.ns_addr_v6.map(Into::into),
+                        r.instance_ip_v6().map(Into::into),
+                    ]);
+                for a in addrs.flatten() {
+                    addrs_of.insert(a, job.clone());
+                }
+            }
+        }
+        let wanted = addrs_of.keys().copied().collect();
+        match self.dataplane.overlay_sources_seen(&wanted).await {
+            Ok(seen) => {
+                for a in seen {
+                    *state.arrivals.entry(addrs_of[&a].clone()).or_default() += 1;
+                }
+            }
+            Err(e) => tracing::debug!("reading the tunnel's arrivals: {e}"),
+        }
+        for (job, n) in &state.arrivals {
+            out.entry(job.clone()).or_default().1 += n;
+        }
         for (job, _) in state.local.keys() {
             out.entry(job.clone()).or_default().0 = true;
         }
@@ -531,6 +563,7 @@ impl NetManager {
             })
             .collect();
         let before = if records.is_empty() {
+            state.arrivals.remove(&job);
             state.remote.remove(&job)
         } else {
             state.remote.insert(job.clone(), records)
@@ -551,12 +584,28 @@ impl NetManager {
     /// Oakestra mode: the cluster is asked (the packet was dropped; the next
     /// ones flow once the table is in).
     pub async fn miss(&self, service: std::net::IpAddr) {
-        {
+        let first = {
             let mut state = self.state.lock().await;
             state.misses += 1;
-            *state.unresolved.entry(service).or_insert(0) += 1;
+            let listed = state.unresolved.len();
+            match state.unresolved.get_mut(&service) {
+                Some(n) => {
+                    *n += 1;
+                    false
+                }
+                // Bounded: a node sending from many addresses cannot grow it.
+                None if listed < MAX_UNRESOLVED => {
+                    state.unresolved.insert(service, 1);
+                    true
+                }
+                None => false,
+            }
+        };
+        if first {
+            tracing::info!(%service, "unknown service IP (waiting for a table entry)");
+        } else {
+            tracing::debug!(%service, "unknown service IP again");
         }
-        tracing::info!(%service, "unknown service IP (waiting for a table entry)");
         if let Some(c) = self.cluster() {
             c.query_ip(service).await;
         }
