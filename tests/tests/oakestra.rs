@@ -443,8 +443,8 @@ fn a_one_way_flow_from_another_node_keeps_its_table_while_it_arrives() {
         "the interest went while OAK's packets arrived"
     );
     let got = counted.join().unwrap();
-    // The first, and any sent before the table was in, were refused.
-    assert!(got >= SENT - 4 && got < SENT, "{got} of {SENT} arrived");
+    // The first, and those sent before the table was in (3 s allowed), were refused.
+    assert!((SENT - 12..SENT).contains(&got), "{got} of {SENT} arrived");
     let removed = wait_until(Duration::from_secs(15), || {
         !cluster.received("/net/interest/remove").is_empty()
     });
