@@ -494,7 +494,15 @@ fn check_owner_slot(pkt: &Packet, ip: &Ip4, node: u32) -> Result<(), DropReason>
             let src: *const [u8; 4] = pkt.header(ip.l3 + 12, DropReason::BadTunnelPacket)?;
             // SAFETY: the key is inside the header just checked; the value is read right away.
             match unsafe { tm_ov_owners.get(&*src) } {
-                Some(owner) => check_owner(Some(owner), node),
+                Some(owner) => {
+                    check_owner(Some(owner), node)?;
+                    // The mark is the slot's: the daemon credits every
+                    // address it asks about that maps here.
+                    if state & !OWNER_SLOT_STATE == 0 {
+                        mark_seen(seen);
+                    }
+                    Ok(())
+                }
                 None => unknown_source(ip),
             }
         }

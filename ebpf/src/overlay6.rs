@@ -504,24 +504,28 @@ pub fn foreign_source(ctx: &XdpContext, node: u32) -> bool {
         // one answers without a hash lookup.
         let slot = tm_ov_own_slot6.get_ptr_mut(owner_slot6(src));
         let state = slot.map_or(0, |s| core::ptr::read_volatile(&(*s).state));
-        let known = match slot.map(|s| (&*s, &raw mut (*s).state)) {
-            Some((slot, seen))
-                if state & OWNER_SLOT_STATE == OWNER_SLOT_ONE && same6(&slot.addr, src) =>
+        let known = match slot {
+            Some(s)
+                if state & OWNER_SLOT_STATE == OWNER_SLOT_ONE && same6(&(*s).addr, src) =>
             {
-                let foreign = crate::overlay::check_owner(Some(&slot.owner), node).is_err();
-                if !foreign && state & !OWNER_SLOT_STATE == 0 {
-                    crate::overlay::mark_seen(seen);
-                }
-                Some(foreign)
+                Some(crate::overlay::check_owner(Some(&(*s).owner), node).is_err())
             }
             Some(_) if state & OWNER_SLOT_STATE == OWNER_SLOT_SHARED => tm_ov_owners6
                 .get(src)
                 .map(|owner| crate::overlay::check_owner(Some(owner), node).is_err()),
             _ => None,
         };
-        match known {
-            Some(foreign) => foreign && tm_ov_locals6.get(dst).is_some(),
-            None => unknown_source(src, dst, *(h as *const u8).add(20)),
+        match (known, slot) {
+            (Some(true), _) => tm_ov_locals6.get(dst).is_some(),
+            // Let in, for a container here: marked for the daemon, once.
+            (Some(false), Some(s)) => {
+                if state & !OWNER_SLOT_STATE == 0 && tm_ov_locals6.get(dst).is_some() {
+                    crate::overlay::mark_seen(&raw mut (*s).state);
+                }
+                false
+            }
+            (Some(false), None) => false,
+            (None, _) => unknown_source(src, dst, *(h as *const u8).add(20)),
         }
     }
 }

@@ -528,35 +528,80 @@ fn arrivals_from_an_owner_are_marked_for_the_daemon() {
     );
 
     let to_here = |src| udp4(src, HERE, 40000, 7000, b"x");
+    let to_here6 = |src| udp6(src, v6(0x1), 40000, 7000, b"x");
     assert_eq!(send(&mut bpf, NODE_B, &to_here(ON_A_IP)), (false, true));
+    assert_eq!(send(&mut bpf, NODE_B, &to_here6(v6(0xa1))), (false, true));
     assert_eq!(
         writer.take_seen(&mut bpf.ebpf, &asked).unwrap(),
         BTreeSet::new(),
         "refused"
     );
-    for _ in 0..3 {
-        assert_eq!(send(&mut bpf, NODE_A, &to_here(ON_A_IP)), (true, false));
-    }
+    // Not for a container here: no mark (IPv6; IPv4 checks no owner then).
     assert_eq!(
         send(
             &mut bpf,
             NODE_A,
-            &udp6(v6(0xa1), v6(0x1), 40000, 7000, b"x")
+            &udp6(v6(0xa1), v6(0x99), 40000, 7000, b"x")
         ),
-        (true, false)
+        (false, false)
     );
-    let marked = owner_slots(&bpf)[&0x803].state;
-    assert!(marked & !OWNER_SLOT_STATE != 0 && marked & OWNER_SLOT_STATE == OWNER_SLOT_ONE);
     assert_eq!(
         writer.take_seen(&mut bpf.ebpf, &asked).unwrap(),
+        BTreeSet::new(),
+        "elsewhere"
+    );
+    for _ in 0..3 {
+        assert_eq!(send(&mut bpf, NODE_A, &to_here(ON_A_IP)), (true, false));
+        assert_eq!(send(&mut bpf, NODE_A, &to_here6(v6(0xa1))), (true, false));
+    }
+    let marked = owner_slots(&bpf)[&0x803].state;
+    assert!(marked & !OWNER_SLOT_STATE != 0 && marked & OWNER_SLOT_STATE == OWNER_SLOT_ONE);
+    // Marked slots still judge: the mark is above the state byte.
+    assert_eq!(send(&mut bpf, NODE_B, &to_here(ON_A_IP)), (false, true));
+    assert_eq!(send(&mut bpf, NODE_B, &to_here6(v6(0xa1))), (false, true));
+
+    // A writer that adopts the maps (a restarted daemon) records the slots
+    // without the marks: it leaves them in place and reads them.
+    let mut adopting = OverlayWriter::default();
+    adopting.apply(&mut bpf.ebpf, &tables()).expect("apply");
+    assert_eq!(owner_slots(&bpf)[&0x803].state, marked);
+    assert_eq!(
+        adopting.take_seen(&mut bpf.ebpf, &asked).unwrap(),
         [ON_A_IP.into(), v6(0xa1).into()].into()
     );
     // Cleared: the slot is as the writer wrote it.
     assert_eq!(owner_slots(&bpf)[&0x803], one(ON_A_IP, NODE_A.octets()));
     assert_eq!(
-        writer.take_seen(&mut bpf.ebpf, &asked).unwrap(),
+        adopting.take_seen(&mut bpf.ebpf, &asked).unwrap(),
         BTreeSet::new()
     );
+
+    // A shared slot (B's second instance maps where HERE does): its mark
+    // counts for the address asked about.
+    let mut t = tables();
+    t.instances.insert(
+        4,
+        Instance {
+            ns_addr: ON_B_SAME_SLOT.octets(),
+            reply_addr: ON_B_SAME_SLOT.octets(),
+            node_addr: NODE_B.octets(),
+            node_port: PORT,
+            kind: INSTANCE_REMOTE,
+            ..Default::default()
+        },
+    );
+    adopting.apply(&mut bpf.ebpf, &t).expect("apply");
+    let same_slot: BTreeSet<IpAddr> = [ON_B_SAME_SLOT.into()].into();
+    assert_eq!(
+        send(&mut bpf, NODE_B, &to_here(ON_B_SAME_SLOT)),
+        (true, false)
+    );
+    assert_ne!(owner_slots(&bpf)[&0x102].state, OWNER_SLOT_SHARED, "marked");
+    assert_eq!(
+        adopting.take_seen(&mut bpf.ebpf, &same_slot).unwrap(),
+        same_slot
+    );
+    assert_eq!(owner_slots(&bpf)[&0x102].state, OWNER_SLOT_SHARED);
 }
 
 /// Counts, per inner source, the datagrams a container gets on `port`

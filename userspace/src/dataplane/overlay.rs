@@ -72,8 +72,8 @@ pub struct OverlayWriter {
     peers: BTreeSet<std::net::Ipv4Addr>,
     /// `tm_ov_owners` and `tm_ov_owners6` as written.
     owners: Owners,
-    /// `tm_ov_own_slots` and `tm_ov_own_slot6` as they are (non-empty
-    /// slots only), updated with every write.
+    /// `tm_ov_own_slots` and `tm_ov_own_slot6` as written (non-empty slots
+    /// only, without the kernel's seen marks), updated with every write.
     owner_slots: BTreeMap<u32, OwnerSlot>,
     owner_slots6: BTreeMap<u32, OwnerSlot6>,
 }
@@ -261,13 +261,6 @@ pub fn owner_slot_writes<S: OwnerSlotValue>(
     (during, last)
 }
 
-/// Writes one step of [`owner_slot_writes`] for every slot that differs
-/// between `written` (what the array holds, kept up to date write by write,
-/// so a failed apply leaves it true) and `wanted` in the array `name`. Step
-/// 0 marks every answering slot shared first, in one pass, and only then
-/// writes new contents: the time between a slot's two writes, which a
-/// packet would have to stall across to read a stale state with new
-/// contents, is as long as it can be.
 /// Whether the kernel marked slot `index` seen; if so, the slot goes back
 /// to `written` (what the writer holds there), which clears the mark. Only
 /// the kernel sets the mark, and only this writer writes slots.
@@ -287,6 +280,13 @@ fn take_mark<S: OwnerSlotValue>(
     Ok(true)
 }
 
+/// Writes one step of [`owner_slot_writes`] for every slot that differs
+/// between `written` (what the array holds, kept up to date write by write,
+/// so a failed apply leaves it true) and `wanted` in the array `name`. Step
+/// 0 marks every answering slot shared first, in one pass, and only then
+/// writes new contents: the time between a slot's two writes, which a
+/// packet would have to stall across to read a stale state with new
+/// contents, is as long as it can be.
 fn write_slots<S: OwnerSlotValue>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -696,49 +696,62 @@ impl OverlayWriter {
         Ok(())
     }
 
-    /// Step 0 ([`owner_slot_writes`]' first part): every slot that changes
-    /// sends packets to `tm_ov_owners`, before the new owners are written.
-    /// Step 1: after the gone owners are removed, each such slot takes its
-    /// final value.
     /// Which of `addrs` the decapsulation path has let in since the last
-    /// call (`OWNER_SLOT_SEEN` in their owner slot), clearing the marks:
-    /// the daemon's sign that a remote job is in use when its packets only
-    /// arrive. Addresses in a shared slot (owners in `tm_ov_owners`) carry
-    /// no mark and are never reported.
+    /// call (a mark above the state byte of their owner slot), clearing the
+    /// marks: the daemon's sign that a remote job is in use when its packets
+    /// only arrive. A shared slot's mark counts for every address asked
+    /// about that maps there (a job kept a little longer at worst). Each
+    /// slot is read once.
     pub fn take_seen(
         &mut self,
         ebpf: &mut Ebpf,
         addrs: &BTreeSet<std::net::IpAddr>,
     ) -> Result<BTreeSet<std::net::IpAddr>, DataplaneError> {
-        let mut seen = BTreeSet::new();
+        let (mut by_slot, mut by_slot6) = (BTreeMap::new(), BTreeMap::new());
         for addr in addrs {
-            let marked = match addr {
-                std::net::IpAddr::V4(a) => {
-                    let index = owner_slot(a.octets());
-                    match self.owner_slots.get(&index) {
-                        Some(slot) if slot.state == OWNER_SLOT_ONE && slot.addr == a.octets() => {
-                            take_mark(ebpf, n::OV_OWNER_SLOTS, index, *slot)?
-                        }
-                        _ => false,
-                    }
-                }
-                std::net::IpAddr::V6(a) => {
-                    let index = owner_slot6(&a.octets());
-                    match self.owner_slots6.get(&index) {
-                        Some(slot) if slot.state == OWNER_SLOT_ONE && slot.addr == a.octets() => {
-                            take_mark(ebpf, n::OV_OWNER_SLOTS6, index, *slot)?
-                        }
-                        _ => false,
-                    }
-                }
+            match addr {
+                std::net::IpAddr::V4(a) => by_slot
+                    .entry(owner_slot(a.octets()))
+                    .or_insert_with(Vec::new)
+                    .push(*addr),
+                std::net::IpAddr::V6(a) => by_slot6
+                    .entry(owner_slot6(&a.octets()))
+                    .or_insert_with(Vec::new)
+                    .push(*addr),
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for (index, asked) in by_slot {
+            let Some(slot) = self.owner_slots.get(&index).copied() else {
+                continue;
             };
-            if marked {
-                seen.insert(*addr);
+            let holds = |a: &std::net::IpAddr| {
+                slot.state == OWNER_SLOT_SHARED
+                    || matches!(a, std::net::IpAddr::V4(v4) if v4.octets() == slot.addr)
+            };
+            if asked.iter().any(holds) && take_mark(ebpf, n::OV_OWNER_SLOTS, index, slot)? {
+                seen.extend(asked.into_iter().filter(holds));
+            }
+        }
+        for (index, asked) in by_slot6 {
+            let Some(slot) = self.owner_slots6.get(&index).copied() else {
+                continue;
+            };
+            let holds = |a: &std::net::IpAddr| {
+                slot.state == OWNER_SLOT_SHARED
+                    || matches!(a, std::net::IpAddr::V6(v6) if v6.octets() == slot.addr)
+            };
+            if asked.iter().any(holds) && take_mark(ebpf, n::OV_OWNER_SLOTS6, index, slot)? {
+                seen.extend(asked.into_iter().filter(holds));
             }
         }
         Ok(seen)
     }
 
+    /// Step 0 ([`owner_slot_writes`]' first part): every slot that changes
+    /// sends packets to `tm_ov_owners`, before the new owners are written.
+    /// Step 1: after the gone owners are removed, each such slot takes its
+    /// final value.
     fn write_owner_slots(
         &mut self,
         ebpf: &mut Ebpf,

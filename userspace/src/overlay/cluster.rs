@@ -298,12 +298,7 @@ impl Cluster {
         let key = ip.to_string();
         // Misses come from packets, some of them a remote node's: at most
         // this many open queries (the address asks again after its retry).
-        let open = self.queried.lock().expect("lock").len();
-        if open >= MAX_OPEN_IP_QUERIES {
-            tracing::debug!(%ip, "not asked: {open} table queries open");
-            return;
-        }
-        if self.should_query(&key, false) {
+        if self.should_query_within(&key, false, Some(MAX_OPEN_IP_QUERIES)) {
             self.publish(
                 "tablequery/request",
                 Self::json(&TableQuery {
@@ -316,10 +311,21 @@ impl Cluster {
     }
 
     fn should_query(&self, key: &str, force: bool) -> bool {
+        self.should_query_within(key, force, None)
+    }
+
+    /// Whether to send a query for `key` now (recorded if so): not when one
+    /// went out within [`QUERY_AGAIN_AFTER`] (unless `force`), nor when
+    /// `limit` queries are open (asked within that time, answered or not).
+    fn should_query_within(&self, key: &str, force: bool, limit: Option<usize>) -> bool {
         let mut queried = self.queried.lock().expect("lock");
         let now = Instant::now();
         queried.retain(|_, at| now.duration_since(*at) < QUERY_AGAIN_AFTER);
         if !force && queried.contains_key(key) {
+            return false;
+        }
+        if limit.is_some_and(|l| queried.len() >= l) {
+            tracing::debug!(key, "not asked: {} table queries open", queried.len());
             return false;
         }
         queried.insert(key.to_string(), now);

@@ -121,8 +121,9 @@ struct State {
     local: BTreeMap<(String, u32), LocalDeployment>,
     remote: BTreeMap<String, Vec<InstanceRecord>>,
     ids: Ids,
-    /// Service IPs the kernel reported unknown → how many reports.
-    unresolved: BTreeMap<std::net::IpAddr, u64>,
+    /// Service IPs the kernel reported unknown → (how many reports, when
+    /// the last came).
+    unresolved: BTreeMap<std::net::IpAddr, (u64, std::time::Instant)>,
     misses: u64,
     /// Remote job → how many times its addresses were seen arriving
     /// through the tunnel ([`NetManager::job_usage`]).

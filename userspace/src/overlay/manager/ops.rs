@@ -14,13 +14,15 @@ use serde::Serialize;
 use super::links::host_ifname;
 use super::{Feed, LocalDeployment, NetManager, NmError, Registration, ServiceIp};
 use crate::net::{self, netns::NetnsId, Prefix};
-
-/// Unknown service IPs kept for `status` (beyond: counted, not listed).
-const MAX_UNRESOLVED: usize = 1024;
 use crate::overlay::cluster::{Cluster, DeployNotice, SubnetReply};
 use crate::overlay::ipam::Ipam;
 use crate::overlay::model::{InstanceRecord, IpType, Placement};
 use crate::overlay::ports::PortMapping;
+
+/// Unknown service IPs kept for `status` (beyond: counted, not listed).
+const MAX_UNRESOLVED: usize = 1024;
+/// How long a full list keeps an address not reported again.
+const UNRESOLVED_KEPT: Duration = Duration::from_secs(60);
 
 /// How long `/register` waits for the cluster's subnet.
 const SUBNET_WAIT: Duration = Duration::from_secs(8);
@@ -305,7 +307,7 @@ impl NetManager {
         // Packets from a remote job's instances count too: a job that only
         // sends here (one-way flows) is in use, and its table is what lets
         // them in (an instance IP no table names is refused).
-        let mut addrs_of: BTreeMap<std::net::IpAddr, String> = BTreeMap::new();
+        let mut jobs_of: BTreeMap<std::net::IpAddr, BTreeSet<String>> = BTreeMap::new();
         for (job, records) in &state.remote {
             for r in records {
                 let addrs = [Some(r.ns_addr.into()), r.instance_ip().map(Into::into)]
@@ -315,15 +317,19 @@ impl NetManager {
                         r.instance_ip_v6().map(Into::into),
                     ]);
                 for a in addrs.flatten() {
-                    addrs_of.insert(a, job.clone());
+                    jobs_of.entry(a).or_default().insert(job.clone());
                 }
             }
         }
-        let wanted = addrs_of.keys().copied().collect();
+        let wanted = jobs_of.keys().copied().collect();
         match self.dataplane.overlay_sources_seen(&wanted).await {
             Ok(seen) => {
-                for a in seen {
-                    *state.arrivals.entry(addrs_of[&a].clone()).or_default() += 1;
+                let used: BTreeSet<String> = seen
+                    .iter()
+                    .flat_map(|a| jobs_of[a].iter().cloned())
+                    .collect();
+                for job in used {
+                    *state.arrivals.entry(job).or_default() += 1;
                 }
             }
             Err(e) => tracing::debug!("reading the tunnel's arrivals: {e}"),
@@ -587,15 +593,24 @@ impl NetManager {
         let first = {
             let mut state = self.state.lock().await;
             state.misses += 1;
+            let now = std::time::Instant::now();
+            // Bounded: a node sending from many addresses cannot grow it;
+            // when full, addresses not reported for a while make room.
+            if !state.unresolved.contains_key(&service) && state.unresolved.len() >= MAX_UNRESOLVED
+            {
+                state
+                    .unresolved
+                    .retain(|_, (_, last)| now.duration_since(*last) < UNRESOLVED_KEPT);
+            }
             let listed = state.unresolved.len();
             match state.unresolved.get_mut(&service) {
-                Some(n) => {
+                Some((n, last)) => {
                     *n += 1;
+                    *last = now;
                     false
                 }
-                // Bounded: a node sending from many addresses cannot grow it.
                 None if listed < MAX_UNRESOLVED => {
-                    state.unresolved.insert(service, 1);
+                    state.unresolved.insert(service, (1, now));
                     true
                 }
                 None => false,
