@@ -102,6 +102,17 @@ fn tables() -> OverlayTables {
     t
 }
 
+/// The object loaded, with this node's tunnel written.
+fn with_tunnel() -> Bpf {
+    let mut bpf = Bpf::load();
+    let settings = TunnelSettings {
+        port: PORT,
+        address: Some(NODE),
+    };
+    write(&mut bpf.ebpf, settings).expect("tm_tunnel");
+    bpf
+}
+
 /// Sends one tunnel packet from `node` carrying `inner`; returns whether it
 /// was redirected (to the container) and whether it was counted foreign.
 fn send(bpf: &mut Bpf, node: Ipv4Addr, inner: &[u8]) -> (bool, bool) {
@@ -169,12 +180,7 @@ fn inner_sources_are_checked_against_the_node_that_sent_them() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut bpf = Bpf::load();
-    let settings = TunnelSettings {
-        port: PORT,
-        address: Some(NODE),
-    };
-    write(&mut bpf.ebpf, settings).expect("tm_tunnel");
+    let mut bpf = with_tunnel();
     let mut writer = OverlayWriter::default();
     writer.apply(&mut bpf.ebpf, &tables()).expect("apply");
 
@@ -377,12 +383,7 @@ fn unknown_sources_in_the_service_prefix_wait_for_a_table_that_names_their_node(
     if !kernel_tests_enabled() {
         return;
     }
-    let mut bpf = Bpf::load();
-    let settings = TunnelSettings {
-        port: PORT,
-        address: Some(NODE),
-    };
-    write(&mut bpf.ebpf, settings).expect("tm_tunnel");
+    let mut bpf = with_tunnel();
     let mut t = tables();
     // Instance IPs are 198.19.200.x; IPv6 2001:db8::/112 holds every v6().
     t.config.service_prefix = [198, 19, 200, 0];
@@ -512,12 +513,7 @@ fn arrivals_from_an_owner_are_marked_for_the_daemon() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut bpf = Bpf::load();
-    let settings = TunnelSettings {
-        port: PORT,
-        address: Some(NODE),
-    };
-    write(&mut bpf.ebpf, settings).expect("tm_tunnel");
+    let mut bpf = with_tunnel();
     let mut writer = OverlayWriter::default();
     writer.apply(&mut bpf.ebpf, &tables()).expect("apply");
     let asked: BTreeSet<IpAddr> =

@@ -15,10 +15,7 @@ use std::{fmt::Write as _, net::SocketAddrV4, time::Duration};
 
 use tapmesh::lb::model::TargetVia;
 
-use super::{
-    load::{self, Setup},
-    timing::kpps,
-};
+use super::load::{self, Setup};
 use crate::{
     daemon::Daemon,
     fmt_mac, link,
@@ -251,34 +248,15 @@ pub fn rates() -> String {
         LOAD.as_secs(),
         load::ROUNDS
     );
-    let _ = writeln!(
-        out,
-        "| data path | sent kpps | delivered kpps | lost | CPU busy | CPU ns/packet | of which softirq |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
-    for (name, l) in [
-        ("tapmesh (XDP Maglev + UDP tunnel + XDP)", &ours),
-        ("nftables numgen DNAT + kernel VXLAN", &kernel),
-        ("floor: plain routing to the target", &floor),
-    ] {
-        let _ = writeln!(
-            out,
-            "| {name} | {} | {} | {:.1} % | {:.0} % | {:.0} | {:.0} |",
-            kpps(l.sent_pps()),
-            kpps(l.delivered_pps()),
-            l.lost_share() * 100.0,
-            l.busy_share() * 100.0,
-            l.cpu_per_packet(),
-            l.softirq_per_packet()
-        );
-    }
-    let per_cpu = kernel.cpu_per_packet() / ours.cpu_per_packet();
-    let net = super::load::net_ratio(&ours, &kernel, &floor);
-    let _ = writeln!(
-        out,
-        "\nPackets per CPU-second, tapmesh against nftables numgen DNAT + kernel VXLAN: \
-         {per_cpu:.2}× (target ≥ 3× — {}); {net}.",
-        if per_cpu >= 3.0 { "met" } else { "NOT met" }
+    load::report(
+        &mut out,
+        [
+            ("tapmesh (XDP Maglev + UDP tunnel + XDP)", &ours),
+            ("nftables numgen DNAT + kernel VXLAN", &kernel),
+            ("floor: plain routing to the target", &floor),
+        ],
+        "nftables numgen DNAT + kernel VXLAN",
+        3.0,
     );
     out
 }

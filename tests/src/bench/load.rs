@@ -281,3 +281,35 @@ pub fn net_ratio(ours: &Load, kernel: &Load, floor: &Load) -> String {
         (kernel - floor) / (ours - floor)
     )
 }
+
+/// The table of a veth section (tapmesh, the kernel's alternative, the
+/// floor, in that order) and the per-CPU ratio against `target`.
+pub fn report(out: &mut String, rows: [(&str, &Load); 3], kernel_name: &str, target: f64) {
+    use std::fmt::Write as _;
+    let _ = writeln!(
+        out,
+        "| data path | sent kpps | delivered kpps | lost | CPU busy | CPU ns/packet | of which softirq |"
+    );
+    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
+    for (name, l) in rows {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | {:.1} % | {:.0} % | {:.0} | {:.0} |",
+            super::timing::kpps(l.sent_pps()),
+            super::timing::kpps(l.delivered_pps()),
+            l.lost_share() * 100.0,
+            l.busy_share() * 100.0,
+            l.cpu_per_packet(),
+            l.softirq_per_packet()
+        );
+    }
+    let [(_, ours), (_, kernel), (_, floor)] = rows;
+    let per_cpu = kernel.cpu_per_packet() / ours.cpu_per_packet();
+    let _ = writeln!(
+        out,
+        "\nPackets per CPU-second, tapmesh against {kernel_name}: {per_cpu:.2}× (target ≥ \
+         {target}× — {}); {}.",
+        if per_cpu >= target { "met" } else { "NOT met" },
+        net_ratio(ours, kernel, floor)
+    );
+}

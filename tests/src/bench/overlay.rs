@@ -14,7 +14,7 @@ use std::{
 
 use super::{
     load::{self, Setup},
-    timing::{kpps, measure_loop, Row},
+    timing::{measure_loop, Row},
     OUR_MAC, XDP_REDIRECT,
 };
 use crate::{
@@ -534,34 +534,15 @@ pub fn rates() -> String {
         FLOOD.as_secs(),
         load::ROUNDS
     );
-    let _ = writeln!(
-        out,
-        "| data path | sent kpps | delivered kpps | lost | CPU busy | CPU ns/packet | of which softirq |"
-    );
-    let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|---:|");
-    for (name, l) in [
-        ("tapmesh (TC + UDP tunnel + XDP)", &ours),
-        ("nftables DNAT + kernel VXLAN", &kernel),
-        ("floor: plain routing, no translation or tunnel", &floor),
-    ] {
-        let _ = writeln!(
-            out,
-            "| {name} | {} | {} | {:.1} % | {:.0} % | {:.0} | {:.0} |",
-            kpps(l.sent_pps()),
-            kpps(l.delivered_pps()),
-            l.lost_share() * 100.0,
-            l.busy_share() * 100.0,
-            l.cpu_per_packet(),
-            l.softirq_per_packet()
-        );
-    }
-    let per_cpu = kernel.cpu_per_packet() / ours.cpu_per_packet();
-    let net = super::load::net_ratio(&ours, &kernel, &floor);
-    let _ = writeln!(
-        out,
-        "\nPackets per CPU-second, tapmesh against nftables DNAT + kernel VXLAN: {per_cpu:.2}× \
-         (target ≥ 2× — {}); {net}.",
-        if per_cpu >= 2.0 { "met" } else { "NOT met" }
+    load::report(
+        &mut out,
+        [
+            ("tapmesh (TC + UDP tunnel + XDP)", &ours),
+            ("nftables DNAT + kernel VXLAN", &kernel),
+            ("floor: plain routing, no translation or tunnel", &floor),
+        ],
+        "nftables DNAT + kernel VXLAN",
+        2.0,
     );
     out
 }
