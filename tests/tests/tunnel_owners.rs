@@ -54,15 +54,19 @@ fn v6(last: u16) -> Ipv6Addr {
     Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last)
 }
 
-fn tables() -> OverlayTables {
-    let remote = |ns: Ipv4Addr, reply: Ipv4Addr, node: Ipv4Addr| Instance {
+/// An instance on `node`: namespace address, and the address replies come from.
+fn remote(ns: Ipv4Addr, reply: Ipv4Addr, node: Ipv4Addr) -> Instance {
+    Instance {
         ns_addr: ns.octets(),
         reply_addr: reply.octets(),
         node_addr: node.octets(),
         node_port: PORT,
         kind: INSTANCE_REMOTE,
         ..Default::default()
-    };
+    }
+}
+
+fn tables() -> OverlayTables {
     let mut t = OverlayTables::default();
     t.instances.insert(1, remote(ON_A, ON_A_IP, NODE_A));
     t.instances.insert(2, remote(ON_B, ON_B, NODE_B));
@@ -305,17 +309,8 @@ fn inner_sources_are_checked_against_the_node_that_sent_them() {
     // Two owners in one slot: the slot sends packets to `tm_ov_owners`,
     // which judges both.
     let mut t = tables();
-    t.instances.insert(
-        4,
-        Instance {
-            ns_addr: ON_B_SAME_SLOT.octets(),
-            reply_addr: ON_B_SAME_SLOT.octets(),
-            node_addr: NODE_B.octets(),
-            node_port: PORT,
-            kind: INSTANCE_REMOTE,
-            ..Default::default()
-        },
-    );
+    t.instances
+        .insert(4, remote(ON_B_SAME_SLOT, ON_B_SAME_SLOT, NODE_B));
     writer.apply(&mut bpf.ebpf, &t).expect("apply");
     assert_eq!(
         owner_slots(&bpf).get(&0x102).map(|s| s.state),
@@ -426,17 +421,8 @@ fn unknown_sources_in_the_service_prefix_wait_for_a_table_that_names_their_node(
     );
 
     // The table places the instance on node A: A's packets pass, B's do not.
-    t.instances.insert(
-        5,
-        Instance {
-            ns_addr: Ipv4Addr::new(198, 19, 2, 77).octets(),
-            reply_addr: new_ip.octets(),
-            node_addr: NODE_A.octets(),
-            node_port: PORT,
-            kind: INSTANCE_REMOTE,
-            ..Default::default()
-        },
-    );
+    t.instances
+        .insert(5, remote(Ipv4Addr::new(198, 19, 2, 77), new_ip, NODE_A));
     t.instances6.insert(
         5,
         Instance6 {
@@ -464,14 +450,7 @@ fn unknown_sources_in_the_service_prefix_wait_for_a_table_that_names_their_node(
     for (id, node) in [(6, NODE_A), (7, NODE_B)] {
         t.instances.insert(
             id,
-            Instance {
-                ns_addr: Ipv4Addr::new(198, 19, 2, id as u8).octets(),
-                reply_addr: contested.octets(),
-                node_addr: node.octets(),
-                node_port: PORT,
-                kind: INSTANCE_REMOTE,
-                ..Default::default()
-            },
+            remote(Ipv4Addr::new(198, 19, 2, id as u8), contested, node),
         );
     }
     let service = |id, policy| ServiceTable {
@@ -575,17 +554,8 @@ fn arrivals_from_an_owner_are_marked_for_the_daemon() {
     // A shared slot (B's second instance maps where HERE does): its mark
     // counts for the address asked about.
     let mut t = tables();
-    t.instances.insert(
-        4,
-        Instance {
-            ns_addr: ON_B_SAME_SLOT.octets(),
-            reply_addr: ON_B_SAME_SLOT.octets(),
-            node_addr: NODE_B.octets(),
-            node_port: PORT,
-            kind: INSTANCE_REMOTE,
-            ..Default::default()
-        },
-    );
+    t.instances
+        .insert(4, remote(ON_B_SAME_SLOT, ON_B_SAME_SLOT, NODE_B));
     adopting.apply(&mut bpf.ebpf, &t).expect("apply");
     let same_slot: BTreeSet<IpAddr> = [ON_B_SAME_SLOT.into()].into();
     assert_eq!(

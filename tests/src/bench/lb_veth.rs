@@ -208,17 +208,7 @@ fn kernel_lab(kind: Kernel) -> Setup {
          policy accept;\n    ip daddr {VIP} udp dport {PORT} dnat to numgen random mod 1 map \
          {{ 0 : {TARGET} }}\n  }}\n}}\n"
     );
-    let file = std::env::temp_dir().join(crate::unique("lbnft"));
-    std::fs::write(&file, rules).expect("nft rules file");
-    let out = l
-        .node1
-        .try_exec(&["nft", "-f", file.to_str().expect("utf-8 path")]);
-    let _ = std::fs::remove_file(&file);
-    assert!(
-        out.status.success(),
-        "nft: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    load::nft(&l.node1, &rules);
     l.setup(vip(), Vec::new())
 }
 

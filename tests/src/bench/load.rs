@@ -74,17 +74,24 @@ impl Load {
 /// The counting sink in `server`: UDP to `port` counted and dropped in
 /// prerouting.
 pub fn install_sink(server: &Netns, port: u16) {
-    let rules = format!(
-        "table inet tmsink {{\n  chain pre {{\n    type filter hook prerouting priority -300; \
-         policy accept;\n    udp dport {port} counter drop\n  }}\n}}\n"
+    nft(
+        server,
+        &format!(
+            "table inet tmsink {{\n  chain pre {{\n    type filter hook prerouting priority -300; \
+             policy accept;\n    udp dport {port} counter drop\n  }}\n}}\n"
+        ),
     );
-    let file = std::env::temp_dir().join(crate::unique("sink.nft"));
-    std::fs::write(&file, rules).expect("writing the sink's rules");
-    let out = server.try_exec(&["nft", "-f", file.to_str().expect("utf-8 path")]);
+}
+
+/// Loads nftables `rules` in `netns` (from a file: `nft -f`).
+pub fn nft(netns: &Netns, rules: &str) {
+    let file = std::env::temp_dir().join(crate::unique("bench.nft"));
+    std::fs::write(&file, rules).expect("writing the nftables rules");
+    let out = netns.try_exec(&["nft", "-f", file.to_str().expect("utf-8 path")]);
     let _ = std::fs::remove_file(&file);
     assert!(
         out.status.success(),
-        "nft sink: {}",
+        "nft: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }

@@ -477,19 +477,10 @@ fn kernel_lab(kind: Kernel) -> Setup {
             keep: vec![Box::new(n1), Box::new(n2)],
         };
     }
-    let rules = std::env::temp_dir().join(crate::unique("obnft"));
-    std::fs::write(
-        &rules,
+    load::nft(
+        &n1,
         "table ip bench {\n  chain pre {\n    type nat hook prerouting priority dstnat; policy accept;\n    \
          ip daddr 203.0.113.10 udp dport 7000 dnat to 192.0.2.66\n  }\n}\n",
-    )
-    .expect("nft rules file");
-    let out = n1.try_exec(&["nft", "-f", rules.to_str().expect("utf-8 path")]);
-    let _ = std::fs::remove_file(&rules);
-    assert!(
-        out.status.success(),
-        "nft: {}",
-        String::from_utf8_lossy(&out.stderr)
     );
     Setup {
         client,
