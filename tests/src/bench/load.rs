@@ -1,17 +1,28 @@
-//! A load for the veth benches that keeps every CPU busy: one UDP sender
-//! per CPU, pinned there, each its own flow (its own source port), sending
-//! in batches of [`BATCH`] with one sendmmsg(2) per batch. On veth the
-//! receive side of each hop runs in softirq on the sending CPU, so the
-//! machine's CPUs carry sender and data path together; what a path costs
-//! shows as CPU time per delivered packet (all CPUs, from /proc/stat),
-//! beside the other paths of the same run.
+//! A load for the veth benches that keeps every CPU busy: one sender per
+//! CPU, pinned there, each its own flow (its own source port), sending in
+//! batches of [`BATCH`] with one sendmmsg(2) per batch. On veth the receive
+//! side of each hop runs in softirq on the sending CPU, so the machine's CPUs
+//! carry sender and data path together; what a path costs shows as CPU time
+//! per delivered packet (all CPUs, from /proc/stat), beside the other paths
+//! of the same run.
 //!
 //! Delivered packets are counted by an nftables rule in the receiving
 //! namespace's prerouting hook (before conntrack), which also drops them: no
 //! socket or reply adds work, and every path ends the same way.
+//!
+//! A UDP socket's own work (socket, route, neighbour, skb) is most of what
+//! those CPUs do, the same in every path. [`Source::Frames`] leaves most of
+//! it out: whole Ethernet frames written to the client's veth by a packet
+//! socket that bypasses the qdisc. What the sender still costs is measured
+//! beside the paths by [`alone`], which drops the packets as they arrive.
+//! (BPF_PROG_RUN live frames cost less still, but on veth they starve every
+//! path that needs an skb: the generator refills the peer's ring within one
+//! call faster than softirqs empty it, and at most a few percent of the
+//! frames reached an IP stack, where XDP paths took all of them.)
 
 use std::{
-    net::SocketAddrV4,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -27,6 +38,35 @@ const BATCH: usize = 64;
 pub const ROUNDS: usize = 3;
 /// UDP payload bytes.
 const PAYLOAD: usize = 18;
+
+/// Where the load comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// One UDP socket per CPU in the client: what an application pays to
+    /// send is paid on the same CPUs as the data path.
+    Sockets,
+    /// One packet socket per CPU writing ready frames to the client's
+    /// veth (no UDP, route or qdisc): mostly the data path's own cost.
+    Frames,
+}
+
+impl Source {
+    /// The heading of a table of this load.
+    fn describe(self, cpus: usize) -> String {
+        match self {
+            Source::Frames => format!(
+                "Load from packet sockets: {cpus} writers of whole Ethernet frames to the \
+                 client's veth ({BATCH} per sendmmsg, past the qdisc): the data path's cost with \
+                 little of the sender's"
+            ),
+            Source::Sockets => format!(
+                "Load from UDP sockets: {cpus} senders in the client ({BATCH} datagrams per \
+                 sendmmsg): an application's sending cost, the same in every path, paid on the \
+                 same CPUs"
+            ),
+        }
+    }
+}
 
 /// What one run measured.
 #[derive(Clone, Copy, Debug)]
@@ -98,7 +138,7 @@ pub fn nft(netns: &Netns, rules: &str) {
 
 /// Packets the sink has counted.
 pub fn sink_count(server: &Netns) -> u64 {
-    let out = server.try_exec(&["nft", "-j", "list", "table", "inet", "tmsink"]);
+    let out = server.try_exec(&["nft", "-j", "list", "ruleset"]);
     assert!(
         out.status.success(),
         "nft list: {}",
@@ -110,6 +150,7 @@ pub fn sink_count(server: &Netns) -> u64 {
         .as_array()
         .into_iter()
         .flatten()
+        .filter(|item| item["rule"]["table"] == "tmsink")
         .filter_map(|item| item["rule"]["expr"].as_array())
         .flatten()
         .find_map(|expr| expr["counter"]["packets"].as_u64())
@@ -163,11 +204,73 @@ fn pin_to(cpu: usize) {
 fn send_until(to: SocketAddrV4, stop: &AtomicBool) -> u64 {
     let socket = std::net::UdpSocket::bind("0.0.0.0:0").expect("sender socket");
     socket.connect(to).expect("connect");
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&socket);
-    let payload = [0u8; PAYLOAD];
+    send_batches(socket.as_raw_fd(), &[0; PAYLOAD], stop)
+}
+
+/// One frame writer: UDP from `wire` to `to` (source port `sport`) as
+/// whole Ethernet frames on a packet socket bound to the client's veth, past
+/// the qdisc, [`BATCH`] per sendmmsg(2), until `stop`; returns how many the
+/// kernel took.
+fn write_frames_until(wire: &Wire, to: SocketAddrV4, sport: u16, stop: &AtomicBool) -> u64 {
+    let socket = packet_socket(&wire.interface);
+    let frame = crate::frames::ethernet(
+        wire.dst_mac,
+        wire.src_mac,
+        &[],
+        0x0800,
+        &crate::frames::udp4(wire.src, *to.ip(), sport, to.port(), &[0; PAYLOAD]),
+    );
+    send_batches(socket.as_raw_fd(), &frame, stop)
+}
+
+/// A packet socket that sends on `interface` (in this thread's namespace)
+/// without the qdisc.
+fn packet_socket(interface: &str) -> OwnedFd {
+    let name = std::ffi::CString::new(interface).expect("an interface name");
+    let last = std::io::Error::last_os_error;
+    // SAFETY: a NUL-terminated name.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert_ne!(ifindex, 0, "no {interface} here: {}", last());
+    // SAFETY: a plain socket call; the fd is owned from here on.
+    let socket = unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(fd >= 0, "packet socket: {}", last());
+        OwnedFd::from_raw_fd(fd)
+    };
+    let one: libc::c_int = 1;
+    // SAFETY: an int option of its own size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "PACKET_QDISC_BYPASS: {}", last());
+    // SAFETY: an all-zero sockaddr_ll is valid; protocol 0 receives nothing.
+    let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    at.sll_family = libc::AF_PACKET as u16;
+    at.sll_ifindex = ifindex as i32;
+    // SAFETY: a sockaddr_ll of its own size.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&at as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "binding to {interface}: {}", last());
+    socket
+}
+
+/// `payload` sent on the connected or bound socket `fd`, [`BATCH`] per
+/// sendmmsg(2), until `stop`; returns how many the kernel took.
+fn send_batches(fd: RawFd, payload: &[u8], stop: &AtomicBool) -> u64 {
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr().cast_mut().cast(),
-        iov_len: PAYLOAD,
+        iov_len: payload.len(),
     };
     // SAFETY: an all-zero mmsghdr is valid; each then points at the one iovec.
     let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
@@ -196,16 +299,71 @@ pub struct Setup {
     pub to: SocketAddrV4,
 }
 
-/// Runs every lab `rounds` times, interleaved (a shared machine's load
-/// drifts), and keeps each lab's median run by CPU per packet.
-pub fn interleaved(setups: &[&Setup], rounds: usize, duration: Duration) -> Vec<Load> {
+/// What a frame from the client carries and where it leaves: the route's
+/// interface, the MACs at either end of it, the client's address.
+#[derive(Clone, Debug)]
+struct Wire {
+    interface: String,
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: Ipv4Addr,
+}
+
+/// `ip -j` output in namespace `netns` (tests read state as an operator would).
+fn ip_json(netns: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["-n", netns, "-j"];
+    all.extend_from_slice(args);
+    let out = crate::sh("ip", &all);
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("ip {args:?}: {e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn parse_mac(text: &str) -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    for (b, part) in mac.iter_mut().zip(text.split(':')) {
+        *b = u8::from_str_radix(part, 16).unwrap_or_else(|_| panic!("MAC {text}"));
+    }
+    mac
+}
+
+/// The client's way to `to`, read once the warm-up has resolved the next hop.
+fn wire(client: &Netns, to: Ipv4Addr) -> Wire {
+    let to_text = to.to_string();
+    let route = &ip_json(&client.name, &["route", "get", &to_text])[0];
+    let field = |v: &serde_json::Value, k: &str| -> String {
+        v[k].as_str()
+            .unwrap_or_else(|| panic!("no {k} in {v}"))
+            .to_string()
+    };
+    let interface = field(route, "dev");
+    let hop = route["gateway"].as_str().unwrap_or(&to_text).to_string();
+    let link = &ip_json(&client.name, &["link", "show", "dev", &interface])[0];
+    let neigh = &ip_json(&client.name, &["neigh", "show", &hop, "dev", &interface])[0];
+    Wire {
+        src_mac: parse_mac(&field(link, "address")),
+        dst_mac: parse_mac(&field(neigh, "lladdr")),
+        src: field(route, "prefsrc").parse().expect("an IPv4 source"),
+        interface,
+    }
+}
+
+/// Runs every lab `rounds` times with load from `source`, interleaved (a
+/// shared machine's load drifts), and keeps each lab's median run by CPU per
+/// packet.
+pub fn interleaved(
+    setups: &[&Setup],
+    rounds: usize,
+    duration: Duration,
+    source: Source,
+) -> Vec<Load> {
     let mut runs: Vec<Vec<Load>> = vec![Vec::new(); setups.len()];
     for _ in 0..rounds {
         for (setup, runs) in setups.iter().zip(&mut runs) {
-            let load = run(&setup.client, &setup.server, setup.to, duration);
+            let load = run(setup, duration, source);
             eprintln!(
-                "{}: {:.0} kpps delivered, {:.0} CPU ns/packet",
+                "{} ({source:?}): {:.0} kpps sent, {:.0} kpps delivered, {:.0} CPU ns/packet",
                 setup.client.name,
+                load.sent_pps() / 1000.0,
                 load.delivered_pps() / 1000.0,
                 load.cpu_per_packet()
             );
@@ -220,9 +378,11 @@ pub fn interleaved(setups: &[&Setup], rounds: usize, duration: Duration) -> Vec<
         .collect()
 }
 
-/// Runs the load from `client` to `to` for `duration` and counts what the
-/// sink in `server` got ([`install_sink`] first).
-pub fn run(client: &Netns, server: &Netns, to: SocketAddrV4, duration: Duration) -> Load {
+/// Runs the load from `source` from the lab's client to its address for
+/// `duration`, and counts what the sink in its server got ([`install_sink`]
+/// first).
+pub fn run(setup: &Setup, duration: Duration, source: Source) -> Load {
+    let (client, server, to) = (&setup.client, &setup.server, setup.to);
     let allowed = allowed_cpus();
     let cpus = allowed.len();
     // Warm-up: neighbours, conntrack entries, first-packet paths.
@@ -232,25 +392,37 @@ pub fn run(client: &Netns, server: &Netns, to: SocketAddrV4, duration: Duration)
     std::thread::sleep(Duration::from_millis(200));
     warm.store(true, Ordering::Relaxed);
     let _ = warming.join();
+    let wire = (source == Source::Frames).then(|| wire(client, *to.ip()));
     std::thread::sleep(Duration::from_millis(200));
 
     let before = sink_count(server);
-    let stop = Arc::new(AtomicBool::new(false));
+    let stop = AtomicBool::new(false);
     let (busy0, soft0) = cpu_jiffies();
     let start = Instant::now();
-    let senders: Vec<_> = allowed
-        .iter()
-        .map(|&cpu| {
-            let stop = stop.clone();
-            spawn_in(&client.name, move || {
-                pin_to(cpu);
-                send_until(to, &stop)
+    let sent: u64 = std::thread::scope(|scope| {
+        let senders: Vec<_> = allowed
+            .iter()
+            .enumerate()
+            .map(|(i, &cpu)| {
+                let (stop, wire) = (&stop, &wire);
+                std::thread::Builder::new()
+                    .name(format!("in-{}", client.name))
+                    .spawn_scoped(scope, move || {
+                        tapmesh::net::netns::enter(&client.name)
+                            .unwrap_or_else(|e| panic!("entering {}: {e}", client.name));
+                        pin_to(cpu);
+                        match wire {
+                            Some(wire) => write_frames_until(wire, to, 40000 + i as u16, stop),
+                            None => send_until(to, stop),
+                        }
+                    })
+                    .expect("spawning a sender")
             })
-        })
-        .collect();
-    std::thread::sleep(duration);
-    stop.store(true, Ordering::Relaxed);
-    let sent: u64 = senders.into_iter().map(|s| s.join().expect("sender")).sum();
+            .collect();
+        std::thread::sleep(duration);
+        stop.store(true, Ordering::Relaxed);
+        senders.into_iter().map(|s| s.join().expect("sender")).sum()
+    });
     let seconds = start.elapsed().as_secs_f64();
     let (busy1, soft1) = cpu_jiffies();
     // What was sent last is still crossing for a moment.
@@ -268,32 +440,35 @@ pub fn run(client: &Netns, server: &Netns, to: SocketAddrV4, duration: Duration)
     }
 }
 
-/// The kernel path's cost over tapmesh's, each net of the floor (what the
-/// data path itself costs, without the senders and the sink), as a phrase.
-pub fn net_ratio(ours: &Load, kernel: &Load, floor: &Load) -> String {
-    let (ours, kernel, floor) = (
+/// The kernel path's cost over tapmesh's, each net of the load alone (what
+/// the data paths themselves cost), as a phrase.
+pub fn net_ratio(ours: &Load, kernel: &Load, alone: &Load) -> String {
+    let (ours, kernel, alone) = (
         ours.cpu_per_packet(),
         kernel.cpu_per_packet(),
-        floor.cpu_per_packet(),
+        alone.cpu_per_packet(),
     );
-    // Within a tenth of the floor, the difference is the runs' noise.
-    if ours - floor < floor / 10.0 {
-        return format!(
-            "net of the floor, no ratio: tapmesh cost {:+.0} ns/packet against plain routing \
-             (it forwards without the nodes' IP stacks), within this machine's noise",
-            ours - floor
-        );
-    }
     format!(
-        "net of the floor (the data path's own cost): {:.2}×",
-        (kernel - floor) / (ours - floor)
+        "net of the load alone (what the data paths themselves cost: {:.0} against {:.0} \
+         ns/packet): {:.2}×",
+        ours - alone,
+        kernel - alone,
+        (kernel - alone) / (ours - alone)
     )
 }
 
 /// The table of a veth section (tapmesh, the kernel's alternative, the
-/// floor, in that order) and the per-CPU ratio against `target`.
-pub fn report(out: &mut String, rows: [(&str, &Load); 3], kernel_name: &str, target: f64) {
+/// floor, the load alone, in that order) and the per-CPU ratio against
+/// `target`.
+pub fn report(
+    out: &mut String,
+    source: Source,
+    rows: [(&str, &Load); 4],
+    kernel_name: &str,
+    target: f64,
+) {
     use std::fmt::Write as _;
+    let _ = writeln!(out, "### {}\n", source.describe(rows[0].1.cpus));
     let _ = writeln!(
         out,
         "| data path | sent kpps | delivered kpps | lost | CPU busy | CPU ns/packet | of which softirq |"
@@ -311,13 +486,38 @@ pub fn report(out: &mut String, rows: [(&str, &Load); 3], kernel_name: &str, tar
             l.softirq_per_packet()
         );
     }
-    let [(_, ours), (_, kernel), (_, floor)] = rows;
+    let [(_, ours), (_, kernel), _, (_, alone)] = rows;
     let per_cpu = kernel.cpu_per_packet() / ours.cpu_per_packet();
     let _ = writeln!(
         out,
         "\nPackets per CPU-second, tapmesh against {kernel_name}: {per_cpu:.2}× (target ≥ \
-         {target}× — {}); {}.",
+         {target}× — {}); {}.\n",
         if per_cpu >= target { "met" } else { "NOT met" },
-        net_ratio(ours, kernel, floor)
+        net_ratio(ours, kernel, alone)
     );
+}
+
+/// The row every path is compared with: the load alone. The client's
+/// packets reach node 1's end of its veth and are counted and dropped there
+/// on arrival (nftables, netdev ingress), before any IP processing: what
+/// every path pays before its own work.
+pub fn alone(port: u16) -> Setup {
+    let client = Netns::new("ldc");
+    let node = Netns::new("ldn");
+    let (_, n_if) = crate::link(&client, "198.18.30.2/24", &node, "198.18.30.1/24");
+    client.ip(&["route", "add", "default", "via", "198.18.30.1"]);
+    nft(
+        &node,
+        &format!(
+            "table netdev tmsink {{\n  chain in {{\n    type filter hook ingress device \"{}\" \
+             priority -500; policy accept;\n    udp dport {port} counter drop\n  }}\n}}\n",
+            n_if.interface
+        ),
+    );
+    Setup {
+        keep: Vec::new(),
+        client,
+        server: node,
+        to: SocketAddrV4::new(Ipv4Addr::new(198, 18, 31, 1), port),
+    }
 }
