@@ -239,20 +239,16 @@ pub fn rates() -> String {
         LOAD.as_secs(),
         load::ROUNDS
     );
-    for source in [load::Source::Frames, load::Source::Sockets] {
-        let runs = load::interleaved(&labs.each_ref(), load::ROUNDS, LOAD, source);
-        load::report(
-            &mut out,
-            source,
-            [
-                ("tapmesh (XDP Maglev + UDP tunnel + XDP)", &runs[0]),
-                ("nftables numgen DNAT + kernel VXLAN", &runs[1]),
-                ("floor: plain routing to the target", &runs[2]),
-                ("the load alone, dropped on arrival at node 1", &runs[3]),
-            ],
+    load::compare(
+        &mut out,
+        &labs,
+        LOAD,
+        [
+            "tapmesh (XDP Maglev + UDP tunnel + XDP)",
             "nftables numgen DNAT + kernel VXLAN",
-            3.0,
-        );
-    }
+            "floor: plain routing to the target",
+        ],
+        3.0,
+    );
     out
 }

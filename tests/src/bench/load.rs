@@ -226,11 +226,9 @@ fn write_frames_until(wire: &Wire, to: SocketAddrV4, sport: u16, stop: &AtomicBo
 /// A packet socket that sends on `interface` (in this thread's namespace)
 /// without the qdisc.
 fn packet_socket(interface: &str) -> OwnedFd {
-    let name = std::ffi::CString::new(interface).expect("an interface name");
     let last = std::io::Error::last_os_error;
-    // SAFETY: a NUL-terminated name.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert_ne!(ifindex, 0, "no {interface} here: {}", last());
+    let ifindex =
+        tapmesh::net::link::index(interface).unwrap_or_else(|| panic!("no {interface} here"));
     // SAFETY: a plain socket call; the fd is owned from here on.
     let socket = unsafe {
         let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
@@ -350,12 +348,7 @@ fn wire(client: &Netns, to: Ipv4Addr) -> Wire {
 /// Runs every lab `rounds` times with load from `source`, interleaved (a
 /// shared machine's load drifts), and keeps each lab's median run by CPU per
 /// packet.
-pub fn interleaved(
-    setups: &[&Setup],
-    rounds: usize,
-    duration: Duration,
-    source: Source,
-) -> Vec<Load> {
+fn interleaved(setups: &[&Setup], rounds: usize, duration: Duration, source: Source) -> Vec<Load> {
     let mut runs: Vec<Vec<Load>> = vec![Vec::new(); setups.len()];
     for _ in 0..rounds {
         for (setup, runs) in setups.iter().zip(&mut runs) {
@@ -457,17 +450,39 @@ pub fn net_ratio(ours: &Load, kernel: &Load, alone: &Load) -> String {
     )
 }
 
+/// Runs the labs (tapmesh, the kernel's alternative, the floor, then
+/// [`alone`]) under each load, [`ROUNDS`] times interleaved, and writes a
+/// table per load with the per-CPU ratio against `target`; `names` are the
+/// first three's rows.
+pub fn compare(
+    out: &mut String,
+    labs: &[Setup; 4],
+    duration: Duration,
+    names: [&str; 3],
+    target: f64,
+) {
+    for source in [Source::Frames, Source::Sockets] {
+        let runs = interleaved(&labs.each_ref(), ROUNDS, duration, source);
+        report(
+            out,
+            source,
+            [
+                (names[0], &runs[0]),
+                (names[1], &runs[1]),
+                (names[2], &runs[2]),
+                ("the load alone, dropped on arrival at node 1", &runs[3]),
+            ],
+            target,
+        );
+    }
+}
+
 /// The table of a veth section (tapmesh, the kernel's alternative, the
 /// floor, the load alone, in that order) and the per-CPU ratio against
 /// `target`.
-pub fn report(
-    out: &mut String,
-    source: Source,
-    rows: [(&str, &Load); 4],
-    kernel_name: &str,
-    target: f64,
-) {
+fn report(out: &mut String, source: Source, rows: [(&str, &Load); 4], target: f64) {
     use std::fmt::Write as _;
+    let kernel_name = rows[1].0;
     let _ = writeln!(out, "### {}\n", source.describe(rows[0].1.cpus));
     let _ = writeln!(
         out,

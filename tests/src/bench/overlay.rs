@@ -526,20 +526,16 @@ pub fn rates() -> String {
         FLOOD.as_secs(),
         load::ROUNDS
     );
-    for source in [load::Source::Frames, load::Source::Sockets] {
-        let runs = load::interleaved(&labs.each_ref(), load::ROUNDS, FLOOD, source);
-        load::report(
-            &mut out,
-            source,
-            [
-                ("tapmesh (TC + UDP tunnel + XDP)", &runs[0]),
-                ("nftables DNAT + kernel VXLAN", &runs[1]),
-                ("floor: plain routing, no translation or tunnel", &runs[2]),
-                ("the load alone, dropped on arrival at node 1", &runs[3]),
-            ],
+    load::compare(
+        &mut out,
+        &labs,
+        FLOOD,
+        [
+            "tapmesh (TC + UDP tunnel + XDP)",
             "nftables DNAT + kernel VXLAN",
-            2.0,
-        );
-    }
+            "floor: plain routing, no translation or tunnel",
+        ],
+        2.0,
+    );
     out
 }
