@@ -263,43 +263,68 @@ pub fn write_lb(
         .expect("writing the LB maps");
 }
 
+/// A packet socket bound to interface `ifindex` of this thread's namespace
+/// that sends whole Ethernet frames and receives nothing; `bypass_qdisc`:
+/// straight to the device, past the qdisc and tc egress.
+pub fn packet_socket(ifindex: u32, bypass_qdisc: bool) -> std::os::fd::OwnedFd {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let last = std::io::Error::last_os_error;
+    // SAFETY: a plain socket call; the fd is owned from here on.
+    let socket = unsafe {
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        assert!(fd >= 0, "AF_PACKET socket: {}", last());
+        OwnedFd::from_raw_fd(fd)
+    };
+    if bypass_qdisc {
+        let one: libc::c_int = 1;
+        // SAFETY: an int option of its own size.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "PACKET_QDISC_BYPASS: {}", last());
+    }
+    // SAFETY: an all-zero sockaddr_ll is valid; protocol 0 receives nothing.
+    let mut at: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    at.sll_family = libc::AF_PACKET as u16;
+    at.sll_ifindex = ifindex as i32;
+    // SAFETY: a sockaddr_ll of its own size.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&at as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "binding to interface {ifindex}: {}", last());
+    socket
+}
+
 /// Sends raw Ethernet frames out of `interface` from inside namespace `netns`.
 pub fn send_frames(netns: &str, interface: &str, frames: &[Vec<u8>]) {
+    use std::os::fd::AsRawFd;
     let netns = netns.to_string();
     let interface = interface.to_string();
     let frames = frames.to_vec();
     std::thread::spawn(move || {
         tapmesh::net::netns::enter(&netns).expect("entering the namespace");
         let index = tapmesh::net::link::index(&interface).expect("interface in namespace");
-        // SAFETY: plain socket calls with checked results.
-        unsafe {
-            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(
-                fd >= 0,
-                "AF_PACKET socket: {}",
+        let socket = packet_socket(index, false);
+        for frame in &frames {
+            // SAFETY: a live frame the kernel only reads.
+            let sent =
+                unsafe { libc::send(socket.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+            assert_eq!(
+                sent,
+                frame.len() as isize,
+                "send: {}",
                 std::io::Error::last_os_error()
             );
-            let mut addr: libc::sockaddr_ll = std::mem::zeroed();
-            addr.sll_family = libc::AF_PACKET as u16;
-            addr.sll_ifindex = index as i32;
-            addr.sll_halen = 6;
-            for frame in &frames {
-                let sent = libc::sendto(
-                    fd,
-                    frame.as_ptr().cast(),
-                    frame.len(),
-                    0,
-                    (&addr as *const libc::sockaddr_ll).cast(),
-                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
-                );
-                assert_eq!(
-                    sent,
-                    frame.len() as isize,
-                    "sendto: {}",
-                    std::io::Error::last_os_error()
-                );
-            }
-            libc::close(fd);
         }
     })
     .join()

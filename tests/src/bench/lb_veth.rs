@@ -218,7 +218,7 @@ pub fn rates() -> String {
         tapmesh_lab(),
         kernel_lab(Kernel::Balanced),
         kernel_lab(Kernel::Routed),
-        load::alone(PORT),
+        load::alone(PORT, false),
     ];
     let mut out = String::new();
     let _ = writeln!(out, "## VIP load balancer on veth\n");

@@ -502,7 +502,7 @@ pub fn rates() -> String {
         tapmesh_lab(),
         kernel_lab(Kernel::Overlay),
         kernel_lab(Kernel::Routed),
-        load::alone(PORT),
+        load::alone(PORT, true),
     ];
     let mut out = String::new();
     let _ = writeln!(out, "## Service-IP overlay on veth\n");
