@@ -15,7 +15,7 @@
 //! renumbered 1.. in their order, once, so a cluster that shrank a lot does
 //! not keep a large, mostly empty table.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -34,39 +34,51 @@ impl Identities {
     /// forgets backends no longer wanted. Returns each backend's identifiers,
     /// in the order of `wanted`.
     pub fn assign(&mut self, cluster: &str, wanted: &[(SocketAddr, u32)]) -> Vec<Vec<u32>> {
-        let held = self.clusters.remove(cluster).unwrap_or_default();
-        let mut next: BTreeMap<SocketAddr, Vec<u32>> = BTreeMap::new();
-        let mut used = BTreeSet::new();
-        let mut count: BTreeMap<SocketAddr, u32> = BTreeMap::new();
-        for (address, n) in wanted {
-            *count.entry(*address).or_default() += n;
-        }
-        for (address, n) in &count {
-            let mut ids = held.get(address).cloned().unwrap_or_default();
-            ids.sort_unstable();
-            ids.truncate(*n as usize);
-            used.extend(ids.iter().copied());
-            next.insert(*address, ids);
-        }
+        let mut held = self.clusters.remove(cluster).unwrap_or_default();
+        // Each backend once, in address order, with all it wants.
+        let mut count: Vec<(SocketAddr, u32)> = wanted.to_vec();
+        count.sort_unstable_by_key(|&(address, _)| address);
+        count.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 += later.1;
+            }
+            same
+        });
+        let mut used = HashSet::new();
+        let mut ids_of: Vec<Vec<u32>> = count
+            .iter()
+            .map(|(address, n)| {
+                let mut ids = held.remove(address).unwrap_or_default();
+                ids.sort_unstable();
+                ids.truncate(*n as usize);
+                used.extend(ids.iter().copied());
+                ids
+            })
+            .collect();
         let mut free = (1u32..).filter(|id| !used.contains(id));
-        for (address, n) in &count {
-            let ids = next.get_mut(address).expect("inserted above");
+        for (ids, (_, n)) in ids_of.iter_mut().zip(&count) {
             while ids.len() < *n as usize {
                 ids.push(free.next().expect("identifiers left"));
             }
         }
-        let total: u32 = count.values().sum();
-        let highest = next.values().flatten().copied().max().unwrap_or(0);
+        let total: u32 = count.iter().map(|(_, n)| n).sum();
+        let highest = ids_of.iter().flatten().copied().max().unwrap_or(0);
         if stream_size(highest) > 2 * stream_size(total) {
-            let mut order: Vec<u32> = next.values().flatten().copied().collect();
+            let mut order: Vec<u32> = ids_of.iter().flatten().copied().collect();
             order.sort_unstable();
-            let renumbered: BTreeMap<u32, u32> = order.into_iter().zip(1u32..).collect();
-            for ids in next.values_mut() {
+            let renumbered: HashMap<u32, u32> = order.into_iter().zip(1u32..).collect();
+            for ids in &mut ids_of {
                 for id in ids.iter_mut() {
                     *id = renumbered[id];
                 }
             }
         }
+        let next: BTreeMap<SocketAddr, Vec<u32>> = count
+            .iter()
+            .map(|&(address, _)| address)
+            .zip(ids_of)
+            .collect();
         let out = wanted
             .iter()
             .map(|(address, _)| next.get(address).cloned().unwrap_or_default())

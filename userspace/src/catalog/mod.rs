@@ -116,6 +116,8 @@ pub struct Catalog {
     state: Mutex<State>,
     written: watch::Sender<(u64, Result<(), String>)>,
     kick: tokio::sync::Notify,
+    /// Wakes [`persist`] after a write that may have changed the identities.
+    save: tokio::sync::Notify,
     /// What the last successful write holds, for [`serve`] and the listing.
     accepted: watch::Sender<Arc<Written>>,
     /// The assignments of the last successful write (what the EDS server serves).
@@ -137,11 +139,13 @@ impl Catalog {
             }),
             written: watch::channel((0, Ok(()))).0,
             kick: tokio::sync::Notify::new(),
+            save: tokio::sync::Notify::new(),
             accepted: watch::channel(Arc::default()).0,
             served: watch::channel(crate::xds::Assignments::default()).0,
         });
         tokio::spawn(writer(catalog.clone()));
         tokio::spawn(serve(catalog.clone()));
+        tokio::spawn(persist(catalog.clone()));
         catalog
     }
 
@@ -368,8 +372,7 @@ async fn writer(catalog: Arc<Catalog>) {
             mut slots,
             mut nodes,
         } = catalog.snapshot().await;
-        let mut wanted = spec.clone();
-        let (_, mut remote) = tokio::join!(
+        let (_, mut resolved) = tokio::join!(
             tokio::time::sleep(DEBOUNCE),
             resolve::targets(&mut spec, &nodes)
         );
@@ -381,8 +384,7 @@ async fn writer(catalog: Arc<Catalog>) {
                 slots,
                 nodes,
             } = catalog.snapshot().await;
-            wanted = spec.clone();
-            remote = resolve::targets(&mut spec, &nodes).await;
+            resolved = resolve::targets(&mut spec, &nodes).await;
         }
         if generation == last {
             // A kick for updates the last write already held.
@@ -392,7 +394,7 @@ async fn writer(catalog: Arc<Catalog>) {
         let feed = overlay_part(&*catalog.state.lock().await);
         let mut result = catalog
             .lb
-            .set_source(LB_SOURCE, spec.clone())
+            .set_source(LB_SOURCE, spec)
             .await
             .map_err(|e| e.to_string());
         if let (Ok(()), Some(nm)) = (&result, catalog.overlay()) {
@@ -402,74 +404,69 @@ async fn writer(catalog: Arc<Catalog>) {
             Ok(()) => {
                 catalog.accepted.send_replace(Arc::new(Written {
                     clusters,
-                    unreachable: unreachable(&wanted, &spec),
+                    unreachable: resolved.unreachable,
                     slots,
-                    remote,
+                    remote: resolved.remote,
                 }));
             }
             Err(e) => tracing::error!("EDS endpoints not written: {e}"),
         }
         let written = result.is_ok();
         let _ = catalog.written.send_replace((generation, result));
-        // After the waiting updates are answered (the ACK does not wait for
-        // the disk); the next write waits for it.
+        // Off this loop: neither the ACK nor the next write waits for the disk.
         if written {
-            save_identities(&catalog).await;
+            catalog.save.notify_one();
         }
     }
 }
 
-/// Which backends `resolved` (what reached the maps) left out of `wanted`
-/// (the part before resolution), by cluster.
-fn unreachable(wanted: &LbSpec, resolved: &LbSpec) -> BTreeMap<String, BTreeSet<IpAddr>> {
-    let present: BTreeSet<(&str, u32)> = resolved
-        .targets
-        .iter()
-        .map(|t| (t.stream.as_str(), t.identifier))
-        .collect();
-    let mut unreachable: BTreeMap<String, BTreeSet<IpAddr>> = BTreeMap::new();
-    for t in &wanted.targets {
-        let (Some(cluster), TargetVia::Remote { node }) = (t.stream.strip_prefix("eds."), &t.via)
-        else {
-            continue;
+/// Saves the identities after each write that changed them, the latest
+/// state each time (writes that come while it saves make one more save).
+/// The last saved copy is kept, so an unchanged set costs a comparison.
+async fn persist(catalog: Arc<Catalog>) {
+    let mut saved: Option<(PathBuf, Identities)> = None;
+    loop {
+        catalog.save.notified().await;
+        let (path, identities) = {
+            let state = catalog.state.lock().await;
+            match &state.state_file {
+                Some(p) => (p.clone(), state.identities.clone()),
+                None => continue,
+            }
         };
-        let Ok(address) = node.parse::<IpAddr>() else {
+        if saved
+            .as_ref()
+            .is_some_and(|(p, ids)| *p == path && *ids == identities)
+        {
             continue;
+        }
+        let result = tokio::task::spawn_blocking(move || {
+            // After a restart, the file may already hold them.
+            let unchanged = saved.as_ref().is_none_or(|(p, _)| *p != path)
+                && std::fs::read(&path)
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<Identities>(&b).ok())
+                    .is_some_and(|old| old == identities);
+            let result = if unchanged {
+                Ok(())
+            } else {
+                crate::statefile::save(&path, &identities)
+                    .map_err(|e| format!("saving {}: {e}", path.display()))
+            };
+            (result, path, identities)
+        })
+        .await;
+        saved = match result {
+            Ok((Ok(()), path, identities)) => Some((path, identities)),
+            Ok((Err(e), ..)) => {
+                tracing::warn!("EDS backend identities not saved: {e}");
+                None
+            }
+            Err(e) => {
+                tracing::warn!("EDS backend identities not saved: {e}");
+                None
+            }
         };
-        if !present.contains(&(t.stream.as_str(), t.identifier)) {
-            unreachable
-                .entry(cluster.to_string())
-                .or_default()
-                .insert(address);
-        }
-    }
-    unreachable
-}
-
-/// Saves the identities when they changed since the last save.
-async fn save_identities(catalog: &Catalog) {
-    let (path, identities) = {
-        let state = catalog.state.lock().await;
-        match &state.state_file {
-            Some(p) => (p.clone(), state.identities.clone()),
-            None => return,
-        }
-    };
-    let saved = tokio::task::spawn_blocking(move || {
-        let unchanged = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Identities>(&b).ok())
-            .is_some_and(|old| old == identities);
-        if unchanged {
-            return Ok(());
-        }
-        crate::statefile::save(&path, &identities)
-            .map_err(|e| format!("saving {}: {e}", path.display()))
-    })
-    .await
-    .unwrap_or_else(|e| Err(e.to_string()));
-    if let Err(e) = saved {
-        tracing::warn!("EDS backend identities not saved: {e}");
     }
 }
 

@@ -56,7 +56,7 @@ pub fn serving(nodes: &[RemoteNode], address: IpAddr) -> Option<&RemoteNode> {
     best.filter(|_| !tied).map(|(_, n)| n)
 }
 
-type Resolved = BTreeMap<String, Result<(String, String), String>>;
+type OnLink = BTreeMap<String, Result<(String, String), String>>;
 
 fn format_mac(m: [u8; 6]) -> String {
     format!(
@@ -66,7 +66,7 @@ fn format_mac(m: [u8; 6]) -> String {
 }
 
 /// (interface, MAC) of each address, or why it cannot be a local target.
-fn resolve_all(addresses: BTreeSet<String>) -> Result<Resolved, String> {
+fn resolve_all(addresses: BTreeSet<String>) -> Result<OnLink, String> {
     let (parsed, bad): (Vec<_>, Vec<_>) = addresses
         .into_iter()
         .map(|a| {
@@ -78,7 +78,7 @@ fn resolve_all(addresses: BTreeSet<String>) -> Result<Resolved, String> {
     let found = Resolver::new()
         .and_then(|mut r| r.on_link(&ips))
         .map_err(|e| e.to_string())?;
-    let mut out: Resolved = bad
+    let mut out: OnLink = bad
         .into_iter()
         .map(|(text, _)| (text, Err("not an IP address".to_string())))
         .collect();
@@ -88,11 +88,20 @@ fn resolve_all(addresses: BTreeSet<String>) -> Result<Resolved, String> {
     Ok(out)
 }
 
+/// What [`targets`] did with the backends it did not make local.
+#[derive(Debug, Default)]
+pub struct Resolved {
+    /// Sent to other nodes: the backend and the node's name.
+    pub remote: BTreeMap<IpAddr, String>,
+    /// Left out, by EDS cluster (streams `eds.<cluster>`).
+    pub unreachable: BTreeMap<String, BTreeSet<IpAddr>>,
+}
+
 /// Turns the placeholder targets (`Remote { node: <backend address> }`) into
 /// local ones, or remote ones through the node serving them (`nodes`: the
 /// cluster's other nodes), dropping those that cannot be reached. Returns
-/// the backends sent to other nodes, with the node's name.
-pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> BTreeMap<IpAddr, String> {
+/// the backends sent to other nodes and those left out.
+pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> Resolved {
     let addresses: BTreeSet<String> = spec
         .targets
         .iter()
@@ -101,9 +110,9 @@ pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> BTreeMap<IpAddr
             TargetVia::Local { .. } => None,
         })
         .collect();
-    let mut remote = BTreeMap::new();
+    let mut out = Resolved::default();
     if addresses.is_empty() {
-        return remote;
+        return out;
     }
     let wanted = addresses.clone();
     let resolved = tokio::task::spawn_blocking(move || resolve_all(wanted))
@@ -132,7 +141,7 @@ pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> BTreeMap<IpAddr
                 let address = node.parse::<IpAddr>().ok();
                 match address.and_then(|a| Some((a, serving(nodes, a)?))) {
                     Some((address, n)) if !n.this => {
-                        remote.insert(address, n.name.clone());
+                        out.remote.insert(address, n.name.clone());
                         t.via = TargetVia::Remote {
                             node: n.tunnel.to_string(),
                         };
@@ -140,13 +149,21 @@ pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> BTreeMap<IpAddr
                     }
                     _ => {
                         tracing::debug!(backend = %node, "left out: {why}");
+                        if let (Some(cluster), Some(address)) =
+                            (t.stream.strip_prefix("eds."), address)
+                        {
+                            out.unreachable
+                                .entry(cluster.to_string())
+                                .or_default()
+                                .insert(address);
+                        }
                         false
                     }
                 }
             }
         }
     });
-    remote
+    out
 }
 
 #[cfg(test)]

@@ -104,12 +104,12 @@ pub struct TargetEntry {
 /// What the writer can apply: its tables, or what gives them (the LB
 /// model's validated configuration, see `lb::tables`).
 pub trait LbInput {
-    fn lb_tables(&self) -> LbTables;
+    fn lb_tables(&self) -> std::borrow::Cow<'_, LbTables>;
 }
 
 impl LbInput for LbTables {
-    fn lb_tables(&self) -> LbTables {
-        self.clone()
+    fn lb_tables(&self) -> std::borrow::Cow<'_, LbTables> {
+        std::borrow::Cow::Borrowed(self)
     }
 }
 

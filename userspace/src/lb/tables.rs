@@ -75,8 +75,8 @@ pub fn lb_tables(valid: &ValidLb) -> LbTables {
 }
 
 impl LbInput for ValidLb {
-    fn lb_tables(&self) -> LbTables {
-        lb_tables(self)
+    fn lb_tables(&self) -> std::borrow::Cow<'_, LbTables> {
+        std::borrow::Cow::Owned(lb_tables(self))
     }
 }
 
