@@ -95,6 +95,8 @@ struct Snapshot {
     clusters: BTreeMap<String, ClusterEndpoints>,
     slots: BTreeMap<String, BTreeMap<SocketAddr, u32>>,
     nodes: Vec<RemoteNode>,
+    /// The identities this write assigns, when they are kept on disk.
+    identities: Option<Identities>,
 }
 
 /// What the last successful write put into the maps.
@@ -116,8 +118,11 @@ pub struct Catalog {
     state: Mutex<State>,
     written: watch::Sender<(u64, Result<(), String>)>,
     kick: tokio::sync::Notify,
-    /// Wakes [`persist`] after a write that may have changed the identities.
-    save: tokio::sync::Notify,
+    /// The identities of the last successful write (when they are kept on
+    /// disk) and its generation, for [`persist`].
+    to_save: watch::Sender<(u64, Arc<Identities>)>,
+    /// The generation whose identities [`persist`] last handled.
+    saved: watch::Sender<u64>,
     /// What the last successful write holds, for [`serve`] and the listing.
     accepted: watch::Sender<Arc<Written>>,
     /// The assignments of the last successful write (what the EDS server serves).
@@ -139,7 +144,8 @@ impl Catalog {
             }),
             written: watch::channel((0, Ok(()))).0,
             kick: tokio::sync::Notify::new(),
-            save: tokio::sync::Notify::new(),
+            to_save: watch::channel((0, Arc::default())).0,
+            saved: watch::channel(0).0,
             accepted: watch::channel(Arc::default()).0,
             served: watch::channel(crate::xds::Assignments::default()).0,
         });
@@ -302,7 +308,16 @@ impl Catalog {
             clusters: state.clusters.clone(),
             slots,
             nodes: state.nodes.clone(),
+            identities: state.state_file.is_some().then(|| state.identities.clone()),
         }
+    }
+
+    /// Waits (at most `timeout`) until the identities of the last successful
+    /// write are saved: a stop right after an ACK keeps them.
+    pub async fn saved(&self, timeout: std::time::Duration) {
+        let last = self.to_save.borrow().0;
+        let mut saved = self.saved.subscribe();
+        let _ = tokio::time::timeout(timeout, saved.wait_for(|&g| g >= last)).await;
     }
 
     /// Changes of [`Self::cluster_loads`], by cluster name.
@@ -371,6 +386,7 @@ async fn writer(catalog: Arc<Catalog>) {
             mut clusters,
             mut slots,
             mut nodes,
+            mut identities,
         } = catalog.snapshot().await;
         let (_, mut resolved) = tokio::join!(
             tokio::time::sleep(DEBOUNCE),
@@ -383,6 +399,7 @@ async fn writer(catalog: Arc<Catalog>) {
                 clusters,
                 slots,
                 nodes,
+                identities,
             } = catalog.snapshot().await;
             resolved = resolve::targets(&mut spec, &nodes).await;
         }
@@ -414,59 +431,57 @@ async fn writer(catalog: Arc<Catalog>) {
         let written = result.is_ok();
         let _ = catalog.written.send_replace((generation, result));
         // Off this loop: neither the ACK nor the next write waits for the disk.
-        if written {
-            catalog.save.notify_one();
+        if let (true, Some(identities)) = (written, identities) {
+            catalog
+                .to_save
+                .send_replace((generation, Arc::new(identities)));
         }
     }
 }
 
-/// Saves the identities after each write that changed them, the latest
-/// state each time (writes that come while it saves make one more save).
-/// The last saved copy is kept, so an unchanged set costs a comparison.
+/// Saves the identities of each successful write, the latest when writes
+/// come faster than the disk. The last saved set is kept, so an unchanged
+/// one costs a comparison (a file removed meanwhile is written again at the
+/// next change).
 async fn persist(catalog: Arc<Catalog>) {
-    let mut saved: Option<(PathBuf, Identities)> = None;
-    loop {
-        catalog.save.notified().await;
-        let (path, identities) = {
-            let state = catalog.state.lock().await;
-            match &state.state_file {
-                Some(p) => (p.clone(), state.identities.clone()),
-                None => continue,
-            }
+    let mut to_save = catalog.to_save.subscribe();
+    let mut saved: Option<(PathBuf, Arc<Identities>)> = None;
+    while to_save.changed().await.is_ok() {
+        let (generation, identities) = to_save.borrow_and_update().clone();
+        let path = catalog.state.lock().await.state_file.clone();
+        let unchanged = |p: &PathBuf| {
+            saved
+                .as_ref()
+                .is_some_and(|(q, ids)| q == p && **ids == *identities)
         };
-        if saved
-            .as_ref()
-            .is_some_and(|(p, ids)| *p == path && *ids == identities)
-        {
-            continue;
-        }
-        let result = tokio::task::spawn_blocking(move || {
-            // After a restart, the file may already hold them.
-            let unchanged = saved.as_ref().is_none_or(|(p, _)| *p != path)
-                && std::fs::read(&path)
-                    .ok()
-                    .and_then(|b| serde_json::from_slice::<Identities>(&b).ok())
-                    .is_some_and(|old| old == identities);
-            let result = if unchanged {
-                Ok(())
-            } else {
-                crate::statefile::save(&path, &identities)
+        if let Some(path) = path.filter(|p| !unchanged(p)) {
+            let first = saved.as_ref().is_none_or(|(q, _)| *q != path);
+            let ids = identities.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                // After a restart, the file may already hold them.
+                let on_disk = first
+                    && std::fs::read(&path)
+                        .ok()
+                        .and_then(|b| serde_json::from_slice::<Identities>(&b).ok())
+                        .is_some_and(|old| old == *ids);
+                if on_disk {
+                    return Ok(path);
+                }
+                crate::statefile::save(&path, &*ids)
+                    .map(|()| path.clone())
                     .map_err(|e| format!("saving {}: {e}", path.display()))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            saved = match result {
+                Ok(path) => Some((path, identities)),
+                Err(e) => {
+                    tracing::warn!("EDS backend identities not saved: {e}");
+                    None
+                }
             };
-            (result, path, identities)
-        })
-        .await;
-        saved = match result {
-            Ok((Ok(()), path, identities)) => Some((path, identities)),
-            Ok((Err(e), ..)) => {
-                tracing::warn!("EDS backend identities not saved: {e}");
-                None
-            }
-            Err(e) => {
-                tracing::warn!("EDS backend identities not saved: {e}");
-                None
-            }
-        };
+        }
+        catalog.saved.send_replace(generation);
     }
 }
 

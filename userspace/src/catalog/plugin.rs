@@ -120,6 +120,7 @@ impl Plugin for CatalogPlugin {
         if let Some(stop) = self.stop.lock().expect("lock").take() {
             stop.cancel();
         }
+        self.catalog.saved(std::time::Duration::from_secs(2)).await;
         Ok(())
     }
 
