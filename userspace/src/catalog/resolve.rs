@@ -9,12 +9,12 @@
 //! neighbours from the daemon's kept table ([`crate::net::neigh_table`]), on
 //! a blocking socket off the async workers.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::lb::model::{LbSpec, TargetVia};
 use crate::net::neigh::Resolver;
-use crate::net::Prefix;
+use crate::net::{mac_text, Prefix};
 
 /// A node of the cluster: where its tunnel ends and the prefixes
 /// (conduits, containers, pods) whose addresses it serves. The list holds
@@ -56,36 +56,20 @@ pub fn serving(nodes: &[RemoteNode], address: IpAddr) -> Option<&RemoteNode> {
     best.filter(|_| !tied).map(|(_, n)| n)
 }
 
-type OnLink = BTreeMap<String, Result<(String, String), String>>;
-
-fn format_mac(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
-}
+/// Each backend address's (interface, MAC) as a local target, or why it
+/// cannot be one.
+type OnLink = HashMap<IpAddr, Result<(String, String), String>>;
 
 /// (interface, MAC) of each address, or why it cannot be a local target.
-fn resolve_all(addresses: BTreeSet<String>) -> Result<OnLink, String> {
-    let (parsed, bad): (Vec<_>, Vec<_>) = addresses
-        .into_iter()
-        .map(|a| {
-            let ip = a.parse::<IpAddr>().ok();
-            (a, ip)
-        })
-        .partition(|(_, ip)| ip.is_some());
-    let ips: Vec<IpAddr> = parsed.iter().filter_map(|(_, ip)| *ip).collect();
+fn resolve_all(addresses: Vec<IpAddr>) -> Result<OnLink, String> {
     let found = Resolver::new()
-        .and_then(|mut r| r.on_link(&ips))
+        .and_then(|mut r| r.on_link(&addresses))
         .map_err(|e| e.to_string())?;
-    let mut out: OnLink = bad
+    Ok(addresses
         .into_iter()
-        .map(|(text, _)| (text, Err("not an IP address".to_string())))
-        .collect();
-    for ((text, _), r) in parsed.into_iter().zip(found) {
-        out.insert(text, r.map(|(name, mac)| (name, format_mac(mac))));
-    }
-    Ok(out)
+        .zip(found)
+        .map(|(address, r)| (address, r.map(|(name, mac)| (name, mac_text(mac)))))
+        .collect())
 }
 
 /// What [`targets`] did with the backends it did not make local.
@@ -102,18 +86,24 @@ pub struct Resolved {
 /// cluster's other nodes), dropping those that cannot be reached. Returns
 /// the backends sent to other nodes and those left out.
 pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> Resolved {
-    let addresses: BTreeSet<String> = spec
+    let mut addresses: Vec<IpAddr> = spec
         .targets
         .iter()
         .filter_map(|t| match &t.via {
-            TargetVia::Remote { node } => Some(node.clone()),
+            TargetVia::Remote { node } => node.parse().ok(),
             TargetVia::Local { .. } => None,
         })
         .collect();
+    let any = spec
+        .targets
+        .iter()
+        .any(|t| matches!(t.via, TargetVia::Remote { .. }));
     let mut out = Resolved::default();
-    if addresses.is_empty() {
+    if !any {
         return out;
     }
+    addresses.sort_unstable();
+    addresses.dedup();
     let wanted = addresses.clone();
     let resolved = tokio::task::spawn_blocking(move || resolve_all(wanted))
         .await
@@ -125,11 +115,17 @@ pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> Resolved {
             addresses.into_iter().map(|a| (a, Err(e.clone()))).collect()
         }
     };
+    let not_an_address = Err("not an IP address".to_string());
     spec.targets.retain_mut(|t| {
         let TargetVia::Remote { node } = &t.via else {
             return true;
         };
-        match &resolved[node] {
+        let address = node.parse::<IpAddr>().ok();
+        let local = match address {
+            Some(a) => &resolved[&a],
+            None => &not_an_address,
+        };
+        match local {
             Ok((interface, mac)) => {
                 t.via = TargetVia::Local {
                     interface: interface.clone(),
@@ -137,30 +133,26 @@ pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> Resolved {
                 };
                 true
             }
-            Err(why) => {
-                let address = node.parse::<IpAddr>().ok();
-                match address.and_then(|a| Some((a, serving(nodes, a)?))) {
-                    Some((address, n)) if !n.this => {
-                        out.remote.insert(address, n.name.clone());
-                        t.via = TargetVia::Remote {
-                            node: n.tunnel.to_string(),
-                        };
-                        true
-                    }
-                    _ => {
-                        tracing::debug!(backend = %node, "left out: {why}");
-                        if let (Some(cluster), Some(address)) =
-                            (t.stream.strip_prefix("eds."), address)
-                        {
-                            out.unreachable
-                                .entry(cluster.to_string())
-                                .or_default()
-                                .insert(address);
-                        }
-                        false
-                    }
+            Err(why) => match address.and_then(|a| Some((a, serving(nodes, a)?))) {
+                Some((address, n)) if !n.this => {
+                    out.remote.insert(address, n.name.clone());
+                    t.via = TargetVia::Remote {
+                        node: n.tunnel.to_string(),
+                    };
+                    true
                 }
-            }
+                _ => {
+                    tracing::debug!(backend = %node, "left out: {why}");
+                    if let (Some(cluster), Some(address)) = (t.stream.strip_prefix("eds."), address)
+                    {
+                        out.unreachable
+                            .entry(cluster.to_string())
+                            .or_default()
+                            .insert(address);
+                    }
+                    false
+                }
+            },
         }
     });
     out

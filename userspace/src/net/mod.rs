@@ -150,6 +150,20 @@ pub(crate) fn describe(netns: &File) -> String {
         .unwrap_or_else(|_| format!("namespace fd {fd}"))
 }
 
+/// `mac` as configurations write it: `02:00:5e:00:53:01`.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(17);
+    for (i, byte) in mac.into_iter().enumerate() {
+        if i > 0 {
+            text.push(':');
+        }
+        text.push(char::from(HEX[usize::from(byte >> 4)]));
+        text.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    text
+}
+
 /// Refuses what the kernel would not take as an interface name.
 pub fn check_ifname(name: &str) -> Result<(), NetError> {
     let ok = !name.is_empty()
@@ -198,4 +212,19 @@ pub(crate) fn netlink_in(netns: &File) -> Result<rtnetlink::Handle, NetError> {
     .map_err(socket_error)?;
     runtime.spawn(connection);
     Ok(handle)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_mac_reads_as_configurations_write_it() {
+        for mac in [[0u8; 6], [0x02, 0x00, 0x5e, 0x0a, 0x53, 0xff], [0xff; 6]] {
+            let expected = mac.map(|b| format!("{b:02x}")).join(":");
+            assert_eq!(super::mac_text(mac), expected);
+        }
+        assert_eq!(
+            super::mac_text([0x02, 0x00, 0x5e, 0x0a, 0x53, 0xff]),
+            "02:00:5e:0a:53:ff"
+        );
+    }
 }

@@ -676,7 +676,7 @@ fn lb_targets(inner: &Inner) -> Vec<TargetSpec> {
             identifier: id,
             via: TargetVia::Local {
                 interface: c.link.host_ifname.clone(),
-                mac: format_mac(c.link.peer_mac),
+                mac: crate::net::mac_text(c.link.peer_mac),
             },
         });
     }
@@ -732,13 +732,6 @@ fn registry_key(target: &Target) -> String {
     t.ips.sort();
     t.ips.dedup();
     t.key()
-}
-
-fn format_mac(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
 }
 
 fn to_json(value: &Persisted) -> Vec<u8> {
