@@ -95,8 +95,9 @@ struct Snapshot {
     clusters: BTreeMap<String, ClusterEndpoints>,
     slots: BTreeMap<String, BTreeMap<SocketAddr, u32>>,
     nodes: Vec<RemoteNode>,
-    /// The identities this write assigns, when they are kept on disk.
-    identities: Option<Identities>,
+    /// The identities before this write assigned its own: what a refused
+    /// write leaves.
+    before: Identities,
 }
 
 /// What the last successful write put into the maps.
@@ -151,7 +152,7 @@ impl Catalog {
         });
         tokio::spawn(writer(catalog.clone()));
         tokio::spawn(serve(catalog.clone()));
-        tokio::spawn(persist(catalog.clone()));
+        tokio::spawn(persist(catalog.clone(), catalog.to_save.subscribe()));
         catalog
     }
 
@@ -292,6 +293,7 @@ impl Catalog {
     /// and the identifiers each backend holds, as of now.
     async fn snapshot(&self) -> Snapshot {
         let mut state = self.state.lock().await;
+        let before = state.identities.clone();
         let spec = lb_part(&mut state);
         let slots = state
             .identities
@@ -308,7 +310,7 @@ impl Catalog {
             clusters: state.clusters.clone(),
             slots,
             nodes: state.nodes.clone(),
-            identities: state.state_file.is_some().then(|| state.identities.clone()),
+            before,
         }
     }
 
@@ -386,7 +388,7 @@ async fn writer(catalog: Arc<Catalog>) {
             mut clusters,
             mut slots,
             mut nodes,
-            mut identities,
+            before,
         } = catalog.snapshot().await;
         let (_, mut resolved) = tokio::join!(
             tokio::time::sleep(DEBOUNCE),
@@ -399,7 +401,8 @@ async fn writer(catalog: Arc<Catalog>) {
                 clusters,
                 slots,
                 nodes,
-                identities,
+                // What this round assigned first was never written either.
+                before: _,
             } = catalog.snapshot().await;
             resolved = resolve::targets(&mut spec, &nodes).await;
         }
@@ -414,6 +417,17 @@ async fn writer(catalog: Arc<Catalog>) {
             .set_source(LB_SOURCE, spec)
             .await
             .map_err(|e| e.to_string());
+        if result.is_err() {
+            // The maps keep the identifiers they hold; so does the catalog.
+            let mut state = catalog.state.lock().await;
+            let State {
+                bindings,
+                identities,
+                ..
+            } = &mut *state;
+            *identities = before;
+            identities.retain(|c| bindings.get(c).is_some_and(|b| !b.vip.is_empty()));
+        }
         if let (Ok(()), Some(nm)) = (&result, catalog.overlay()) {
             result = nm.set_feed(feed).await.map_err(|e| e.to_string());
         }
@@ -428,14 +442,16 @@ async fn writer(catalog: Arc<Catalog>) {
             }
             Err(e) => tracing::error!("EDS endpoints not written: {e}"),
         }
-        let written = result.is_ok();
-        let _ = catalog.written.send_replace((generation, result));
-        // Off this loop: neither the ACK nor the next write waits for the disk.
-        if let (true, Some(identities)) = (written, identities) {
-            catalog
-                .to_save
-                .send_replace((generation, Arc::new(identities)));
+        // Off this loop: neither the ACK nor the next write waits for the
+        // disk. Handed over before the ACK, so a stop after it waits for the save.
+        if result.is_ok() {
+            let state = catalog.state.lock().await;
+            if state.state_file.is_some() {
+                let identities = Arc::new(state.identities.clone());
+                catalog.to_save.send_replace((generation, identities));
+            }
         }
+        let _ = catalog.written.send_replace((generation, result));
     }
 }
 
@@ -443,8 +459,7 @@ async fn writer(catalog: Arc<Catalog>) {
 /// come faster than the disk. The last saved set is kept, so an unchanged
 /// one costs a comparison (a file removed meanwhile is written again at the
 /// next change).
-async fn persist(catalog: Arc<Catalog>) {
-    let mut to_save = catalog.to_save.subscribe();
+async fn persist(catalog: Arc<Catalog>, mut to_save: watch::Receiver<(u64, Arc<Identities>)>) {
     let mut saved: Option<(PathBuf, Arc<Identities>)> = None;
     while to_save.changed().await.is_ok() {
         let (generation, identities) = to_save.borrow_and_update().clone();
