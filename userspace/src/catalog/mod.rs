@@ -95,9 +95,9 @@ struct Snapshot {
     clusters: BTreeMap<String, ClusterEndpoints>,
     slots: BTreeMap<String, BTreeMap<SocketAddr, u32>>,
     nodes: Vec<RemoteNode>,
-    /// The identities before this write assigned its own: what a refused
-    /// write leaves.
-    before: Identities,
+    /// The identities before this write assigned its own, when asked for:
+    /// what a refused write leaves if no write was accepted yet.
+    before: Option<Identities>,
 }
 
 /// What the last successful write put into the maps.
@@ -291,9 +291,15 @@ impl Catalog {
 
     /// The update count, the LB part (backends unresolved), the clusters
     /// and the identifiers each backend holds, as of now.
-    async fn snapshot(&self) -> Snapshot {
+    /// What to write, unless nothing changed since generation `last`
+    /// (assigning identities for a write that does not happen would move
+    /// them away from what the maps hold).
+    async fn snapshot(&self, last: u64, keep_before: bool) -> Option<Snapshot> {
         let mut state = self.state.lock().await;
-        let before = state.identities.clone();
+        if state.wanted == last {
+            return None;
+        }
+        let before = keep_before.then(|| state.identities.clone());
         let spec = lb_part(&mut state);
         let slots = state
             .identities
@@ -304,14 +310,14 @@ impl Catalog {
                 (c.clone(), counts.collect())
             })
             .collect();
-        Snapshot {
+        Some(Snapshot {
             generation: state.wanted,
             spec,
             clusters: state.clusters.clone(),
             slots,
             nodes: state.nodes.clone(),
             before,
-        }
+        })
     }
 
     /// Waits (at most `timeout`) until the identities of the last successful
@@ -380,35 +386,40 @@ impl EndpointSink for Catalog {
 /// are resolved while the window runs, and again at its end if more came.
 async fn writer(catalog: Arc<Catalog>) {
     let mut last = 0;
+    // The identities of the last write the LB accepted: what a refused one
+    // gives back (the maps keep the identifiers they hold).
+    let mut last_good: Option<Arc<Identities>> = None;
     loop {
         catalog.kick.notified().await;
-        let Snapshot {
+        // A kick for updates the last write already held writes nothing.
+        let Some(Snapshot {
             mut generation,
             mut spec,
             mut clusters,
             mut slots,
             mut nodes,
             before,
-        } = catalog.snapshot().await;
+        }) = catalog.snapshot(last, last_good.is_none()).await
+        else {
+            continue;
+        };
         let (_, mut resolved) = tokio::join!(
             tokio::time::sleep(DEBOUNCE),
             resolve::targets(&mut spec, &nodes)
         );
         if catalog.state.lock().await.wanted != generation {
-            Snapshot {
-                generation,
-                spec,
-                clusters,
-                slots,
-                nodes,
-                // What this round assigned first was never written either.
-                before: _,
-            } = catalog.snapshot().await;
-            resolved = resolve::targets(&mut spec, &nodes).await;
-        }
-        if generation == last {
-            // A kick for updates the last write already held.
-            continue;
+            // What this round assigned first was never written either.
+            if let Some(again) = catalog.snapshot(last, false).await {
+                Snapshot {
+                    generation,
+                    spec,
+                    clusters,
+                    slots,
+                    nodes,
+                    before: _,
+                } = again;
+                resolved = resolve::targets(&mut spec, &nodes).await;
+            }
         }
         last = generation;
         let feed = overlay_part(&*catalog.state.lock().await);
@@ -417,16 +428,30 @@ async fn writer(catalog: Arc<Catalog>) {
             .set_source(LB_SOURCE, spec)
             .await
             .map_err(|e| e.to_string());
-        if result.is_err() {
-            // The maps keep the identifiers they hold; so does the catalog.
+        {
             let mut state = catalog.state.lock().await;
             let State {
                 bindings,
                 identities,
+                state_file,
                 ..
             } = &mut *state;
-            *identities = before;
-            identities.retain(|c| bindings.get(c).is_some_and(|b| !b.vip.is_empty()));
+            if result.is_ok() {
+                let held = Arc::new(identities.clone());
+                // Off this loop: neither the ACK nor the next write waits for
+                // the disk. Handed over before the ACK, so a stop after it
+                // waits for the save.
+                if state_file.is_some() {
+                    catalog.to_save.send_replace((generation, held.clone()));
+                }
+                last_good = Some(held);
+            } else {
+                // `before` is kept while no write was accepted.
+                if let Some(held) = last_good.as_deref().cloned().or(before) {
+                    *identities = held;
+                }
+                identities.retain(|c| bindings.get(c).is_some_and(|b| !b.vip.is_empty()));
+            }
         }
         if let (Ok(()), Some(nm)) = (&result, catalog.overlay()) {
             result = nm.set_feed(feed).await.map_err(|e| e.to_string());
@@ -441,15 +466,6 @@ async fn writer(catalog: Arc<Catalog>) {
                 }));
             }
             Err(e) => tracing::error!("EDS endpoints not written: {e}"),
-        }
-        // Off this loop: neither the ACK nor the next write waits for the
-        // disk. Handed over before the ACK, so a stop after it waits for the save.
-        if result.is_ok() {
-            let state = catalog.state.lock().await;
-            if state.state_file.is_some() {
-                let identities = Arc::new(state.identities.clone());
-                catalog.to_save.send_replace((generation, identities));
-            }
         }
         let _ = catalog.written.send_replace((generation, result));
     }

@@ -105,9 +105,13 @@ pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> Resolved {
     addresses.sort_unstable();
     addresses.dedup();
     let wanted = addresses.clone();
-    let resolved = tokio::task::spawn_blocking(move || resolve_all(wanted))
-        .await
-        .unwrap_or_else(|e| Err(format!("the resolver failed: {e}")));
+    let resolved = if addresses.is_empty() {
+        Ok(OnLink::new())
+    } else {
+        tokio::task::spawn_blocking(move || resolve_all(wanted))
+            .await
+            .unwrap_or_else(|e| Err(format!("the resolver failed: {e}")))
+    };
     let resolved = match resolved {
         Ok(r) => r,
         Err(e) => {
