@@ -294,10 +294,26 @@ impl Catalog {
     /// What to write, unless nothing changed since generation `last`
     /// (assigning identities for a write that does not happen would move
     /// them away from what the maps hold).
-    async fn snapshot(&self, last: u64, keep_before: bool) -> Option<Snapshot> {
+    /// `reset`: the identities to assign from (the round's first snapshot
+    /// assigned some that were never written).
+    async fn snapshot(
+        &self,
+        last: u64,
+        keep_before: bool,
+        reset: Option<&Identities>,
+    ) -> Option<Snapshot> {
         let mut state = self.state.lock().await;
         if state.wanted == last {
             return None;
+        }
+        if let Some(reset) = reset {
+            let State {
+                bindings,
+                identities,
+                ..
+            } = &mut *state;
+            *identities = reset.clone();
+            identities.retain(|c| bindings.get(c).is_some_and(|b| !b.vip.is_empty()));
         }
         let before = keep_before.then(|| state.identities.clone());
         let spec = lb_part(&mut state);
@@ -370,12 +386,17 @@ impl EndpointSink for Catalog {
             .1
             .clone();
         if result.is_err() {
-            // Refused (NACK): the last good endpoints stay what the catalog holds.
+            // Refused (NACK): the last good endpoints stay what the catalog
+            // holds, and are written again (a write meanwhile may have
+            // taken the refused ones).
             let mut state = self.state.lock().await;
             match previous {
                 Some(p) => state.clusters.insert(cluster, p),
                 None => state.clusters.remove(&cluster),
             };
+            state.wanted += 1;
+            drop(state);
+            self.kick.notify_one();
         }
         result
     }
@@ -399,7 +420,7 @@ async fn writer(catalog: Arc<Catalog>) {
             mut slots,
             mut nodes,
             before,
-        }) = catalog.snapshot(last, last_good.is_none()).await
+        }) = catalog.snapshot(last, last_good.is_none(), None).await
         else {
             continue;
         };
@@ -408,8 +429,10 @@ async fn writer(catalog: Arc<Catalog>) {
             resolve::targets(&mut spec, &nodes)
         );
         if catalog.state.lock().await.wanted != generation {
-            // What this round assigned first was never written either.
-            if let Some(again) = catalog.snapshot(last, false).await {
+            // What this round assigned first was never written: assign
+            // again from what the maps hold.
+            let held = last_good.as_deref().or(before.as_ref());
+            if let Some(again) = catalog.snapshot(last, false, held).await {
                 Snapshot {
                     generation,
                     spec,
