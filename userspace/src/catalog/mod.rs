@@ -119,8 +119,8 @@ pub struct Catalog {
     state: Mutex<State>,
     written: watch::Sender<(u64, Result<(), String>)>,
     kick: tokio::sync::Notify,
-    /// The identities of the last successful write (when they are kept on
-    /// disk) and its generation, for [`persist`].
+    /// The identities of the last write the LB accepted (when they are kept
+    /// on disk) and its generation, for [`persist`].
     to_save: watch::Sender<(u64, Arc<Identities>)>,
     /// The generation whose identities [`persist`] last handled.
     saved: watch::Sender<u64>,
@@ -290,12 +290,12 @@ impl Catalog {
     }
 
     /// The update count, the LB part (backends unresolved), the clusters
-    /// and the identifiers each backend holds, as of now.
-    /// What to write, unless nothing changed since generation `last`
-    /// (assigning identities for a write that does not happen would move
-    /// them away from what the maps hold).
-    /// `reset`: the identities to assign from (the round's first snapshot
-    /// assigned some that were never written).
+    /// and the identifiers each backend holds, as of now; none when nothing
+    /// changed since generation `last` (identities assigned for a write that
+    /// does not happen would drift from what the maps hold). `keep_before`:
+    /// also a copy of the identities before this assignment; `reset`: the
+    /// identities to assign from (the round's first snapshot assigned some
+    /// that were never written).
     async fn snapshot(
         &self,
         last: u64,
