@@ -328,6 +328,107 @@ fn round_robin_and_instance_ips_reach_instances_on_both_nodes_through_the_tunnel
     let _ = (&lab.web0, &lab.web1);
 }
 
+/// Node 1's `tm_ov_instances` entries for instances on `node`.
+fn remote_instances(
+    n: &tapmesh_tests::overlay::Node,
+    node: &str,
+) -> Vec<tapmesh_common::overlay::Instance> {
+    use aya::maps::{Array, Map, MapData};
+    let root = &n.daemon.as_ref().expect("a running daemon").bpffs_root;
+    let path = root.join(format!(
+        "v{}/{}",
+        tapmesh_common::SCHEMA_VERSION,
+        tapmesh_common::map_names::OV_INSTANCES
+    ));
+    let map = MapData::from_pin(&path).expect("the pinned instances map");
+    let instances: Array<MapData, tapmesh_common::overlay::Instance> =
+        Array::try_from(Map::Array(map)).expect("an array");
+    let node: Ipv4Addr = node.parse().unwrap();
+    instances
+        .iter()
+        .map(|i| i.expect("an instance"))
+        .filter(|i| {
+            i.kind == tapmesh_common::overlay::INSTANCE_REMOTE && i.node_addr == node.octets()
+        })
+        .collect()
+}
+
+/// Waits until node 1's one instance on node 2 has next hop `want`
+/// (ifindex, dst MAC, src MAC); returns the entry.
+fn until_hop(
+    n: &tapmesh_tests::overlay::Node,
+    want: (u32, [u8; 6], [u8; 6]),
+    what: &str,
+) -> tapmesh_common::overlay::Instance {
+    let mut last = Vec::new();
+    let found = tapmesh_tests::net::wait_until(Duration::from_secs(3), || {
+        last = remote_instances(n, NODE2);
+        last.len() == 1 && (last[0].ifindex, last[0].dst_mac, last[0].src_mac) == want
+    });
+    assert!(
+        found,
+        "{what}: node 1's instances on node 2 are {last:?}, not with hop {want:?}"
+    );
+    last[0]
+}
+
+#[test]
+fn remote_instances_carry_their_nodes_resolved_next_hop_and_follow_it() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    let (n1, n2) = (&lab.nodes.node1, &lab.nodes.node2);
+    let up1 = n1.netns.interface_index(&n1.uplink);
+    let up1_mac = n1.netns.mac(&n1.uplink);
+    let node2_mac = n2.netns.mac(&n2.uplink);
+
+    // The daemon resolved node 2's next hop (the program skips the FIB).
+    let first = until_hop(n1, (up1, node2_mac, up1_mac), "resolved");
+    answered_by(&udp_ask(&lab.client, WEB1_IP, 3), "web1", WEB1_IP);
+
+    // The neighbour's MAC changes: the entry follows in place, nothing
+    // else of it changes (same generation: bound flows stay bound).
+    let moved = [2, 0, 0, 0, 0x51, 1];
+    let neigh = |mac: [u8; 6]| {
+        n1.netns.ip(&[
+            "neigh",
+            "replace",
+            NODE2,
+            "lladdr",
+            &tapmesh_tests::fmt_mac(mac),
+            "dev",
+            &n1.uplink,
+            "nud",
+            "permanent",
+        ])
+    };
+    neigh(moved);
+    let after = until_hop(n1, (up1, moved, up1_mac), "a new neighbour MAC");
+    assert_eq!(
+        tapmesh_common::overlay::Instance {
+            dst_mac: first.dst_mac,
+            ..after
+        },
+        first
+    );
+    // Back to the real MAC: the tunnel works again.
+    neigh(node2_mac);
+    until_hop(n1, (up1, node2_mac, up1_mac), "the real MAC again");
+    answered_by(&udp_ask(&lab.client, WEB1_IP, 3), "web1", WEB1_IP);
+    let lb = n1
+        .daemon
+        .as_ref()
+        .expect("a running daemon")
+        .status()
+        .plugins
+        .into_iter()
+        .find(|p| p.name == "lb")
+        .map(|p| p.detail)
+        .unwrap_or_default();
+    assert!(lb.contains("next hops of 1/1 remote nodes"), "{lb}");
+}
+
 #[test]
 fn closest_prefers_the_local_instance_and_undeploy_removes_every_trace() {
     if !kernel_tests_enabled() {

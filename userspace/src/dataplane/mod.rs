@@ -126,6 +126,9 @@ pub struct DataplaneHandle {
     tunnel: Arc<tokio::sync::watch::Sender<tunnel::TunnelSettings>>,
     /// The map sizes of `[dataplane]` (set when configured).
     sizes: Arc<std::sync::Mutex<pins::Sizes>>,
+    /// Raised when the overlay's remote nodes changed (their next hops are
+    /// resolved with the LB's, see [`DataplaneHandle::set_hops`]).
+    overlay_nodes: Arc<tokio::sync::Notify>,
 }
 
 impl Default for DataplaneHandle {
@@ -134,6 +137,7 @@ impl Default for DataplaneHandle {
             running: Arc::default(),
             tunnel: Arc::new(tokio::sync::watch::Sender::new(Default::default())),
             sizes: Arc::default(),
+            overlay_nodes: Arc::default(),
         }
     }
 }
@@ -217,14 +221,30 @@ impl DataplaneHandle {
         Ok(())
     }
 
-    /// Replaces the resolved next hops of remote nodes.
+    /// Replaces the resolved next hops of remote nodes: the LB's remote
+    /// targets and the overlay's remote instances take them.
     pub async fn set_hops(
         &self,
         hops: std::collections::BTreeMap<std::net::Ipv4Addr, lb::Hop>,
     ) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
         let running = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
-        running.lb.set_hops(&mut running.ebpf, hops)
+        running.lb.set_hops(&mut running.ebpf, hops.clone())?;
+        running.overlay.set_hops(&mut running.ebpf, hops)
+    }
+
+    /// The nodes of the overlay's remote instances as written.
+    pub async fn overlay_remote_nodes(&self) -> Vec<std::net::Ipv4Addr> {
+        let guard = self.running.lock().await;
+        guard
+            .as_ref()
+            .map(|r| r.overlay.remote_nodes().iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Raised when [`DataplaneHandle::overlay_remote_nodes`] changed.
+    pub fn overlay_nodes_changed(&self) -> Arc<tokio::sync::Notify> {
+        self.overlay_nodes.clone()
     }
 
     /// Per-VIP, per-flow and per-target counters.
@@ -332,7 +352,12 @@ impl DataplaneHandle {
     ) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
         let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
-        r.overlay.apply(&mut r.ebpf, tables)
+        let before = r.overlay.remote_nodes().clone();
+        let result = r.overlay.apply(&mut r.ebpf, tables);
+        if *r.overlay.remote_nodes() != before {
+            self.overlay_nodes.notify_one();
+        }
+        result
     }
 
     /// Which of `addrs` the tunnel let in since the last call, as inner

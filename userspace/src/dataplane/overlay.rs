@@ -2,6 +2,7 @@
 //! hands over the whole wanted state; only differences reach the kernel, in
 //! an order no packet can trip over (see [`OverlayWriter::apply`]).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
@@ -19,6 +20,7 @@ use tapmesh_common::{
 };
 
 use super::{map_err, map_mut, map_ref, tunnel::write_peers, DataplaneError};
+use crate::net::Hop;
 
 /// An IPv4 address as the maps hold it: its bytes.
 pub fn addr_word(addr: std::net::Ipv4Addr) -> [u8; 4] {
@@ -76,6 +78,9 @@ pub struct OverlayWriter {
     /// only, without the kernel's seen marks), updated with every write.
     owner_slots: BTreeMap<u32, OwnerSlot>,
     owner_slots6: BTreeMap<u32, OwnerSlot6>,
+    /// Resolved next hops of remote nodes, copied into their instances
+    /// (a node without one: a FIB lookup per packet).
+    hops: BTreeMap<std::net::Ipv4Addr, Hop>,
 }
 
 /// Inner sources and the node that may send them through the tunnel
@@ -139,6 +144,38 @@ pub fn owners(t: &OverlayTables) -> Owners {
 /// The nodes of the remote instances (an IPv6 instance shares its IPv4
 /// twin's node): the ones that may send this node tunnel packets for the
 /// overlay.
+/// A remote instance with its node's next hop (none: ifindex 0 and no MACs,
+/// which the program takes as "ask the FIB"); others as they are.
+fn hopped(inst: &Instance, hops: &BTreeMap<std::net::Ipv4Addr, Hop>) -> Instance {
+    if inst.kind != INSTANCE_REMOTE {
+        return *inst;
+    }
+    let hop = hops.get(&std::net::Ipv4Addr::from(inst.node_addr));
+    Instance {
+        ifindex: hop.map_or(0, |h| h.ifindex),
+        dst_mac: hop.map_or([0; 6], |h| h.dst_mac),
+        src_mac: hop.map_or([0; 6], |h| h.src_mac),
+        ..*inst
+    }
+}
+
+/// `t` with every remote instance's next hop from `hops`. Kept out of the
+/// compiled tables, so a moved hop is not a changed instance (its flows
+/// keep their binding).
+fn with_hops<'a>(
+    t: &'a OverlayTables,
+    hops: &BTreeMap<std::net::Ipv4Addr, Hop>,
+) -> Cow<'a, OverlayTables> {
+    if t.instances.values().all(|i| hopped(i, hops) == *i) {
+        return Cow::Borrowed(t);
+    }
+    let mut t = t.clone();
+    for inst in t.instances.values_mut() {
+        *inst = hopped(inst, hops);
+    }
+    Cow::Owned(t)
+}
+
 fn remote_nodes(t: &OverlayTables) -> BTreeSet<std::net::Ipv4Addr> {
     t.instances
         .values()
@@ -495,6 +532,8 @@ impl OverlayWriter {
         if !self.adopted {
             self.adopt(ebpf)?;
         }
+        let hopped = with_hops(wanted, &self.hops);
+        let wanted = &*hopped;
         let current = self.config.unwrap_or_default();
         if let Some(during) = config_during(
             &current,
@@ -531,6 +570,36 @@ impl OverlayWriter {
         self.write_config6(ebpf, wanted.config6)?;
         self.write_config(ebpf, wanted.config.flagged(wanted.services.keys()))?;
         self.written = wanted.clone();
+        Ok(())
+    }
+
+    /// The nodes of the remote instances written.
+    pub fn remote_nodes(&self) -> &BTreeSet<std::net::Ipv4Addr> {
+        &self.peers
+    }
+
+    /// Replaces the known next hops and rewrites the remote instances whose
+    /// hop changed, in place (same generation: their flows stay bound).
+    pub fn set_hops(
+        &mut self,
+        ebpf: &mut Ebpf,
+        hops: BTreeMap<std::net::Ipv4Addr, Hop>,
+    ) -> Result<(), DataplaneError> {
+        self.hops = hops;
+        if self.written.instances.is_empty() {
+            return Ok(());
+        }
+        let mut instances: Array<&mut MapData, Instance> =
+            Array::try_from(map_mut(ebpf, n::OV_INSTANCES)?).map_err(map_err(n::OV_INSTANCES))?;
+        for (&id, inst) in self.written.instances.iter_mut() {
+            let new = hopped(inst, &self.hops);
+            if new != *inst {
+                instances
+                    .set(id, new, 0)
+                    .map_err(map_err(n::OV_INSTANCES))?;
+                *inst = new;
+            }
+        }
         Ok(())
     }
 

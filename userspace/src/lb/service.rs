@@ -408,9 +408,10 @@ fn resolve_hops(nodes: &[Ipv4Addr]) -> (BTreeMap<Ipv4Addr, Hop>, BTreeSet<(u32, 
 }
 
 impl LbService {
-    /// The remote nodes of the configuration in force.
+    /// The remote nodes of the configuration in force and of the overlay's
+    /// remote instances (one resolution serves both).
     async fn remote_nodes(&self) -> Vec<Ipv4Addr> {
-        let nodes: BTreeSet<Ipv4Addr> = self
+        let mut nodes: BTreeSet<Ipv4Addr> = self
             .spec()
             .await
             .targets
@@ -420,6 +421,7 @@ impl LbService {
                 _ => None,
             })
             .collect();
+        nodes.extend(self.dataplane.overlay_remote_nodes().await);
         nodes.into_iter().collect()
     }
 
@@ -483,10 +485,12 @@ async fn follow_hops(service: Arc<LbService>, stop: CancellationToken) {
         };
         // What changed before the watch started is seen here.
         service.refresh_hops().await;
+        let overlay_nodes = service.dataplane.overlay_nodes_changed();
         'watching: loop {
             let relevant = tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = service.nodes_changed.notified() => true,
+                _ = overlay_nodes.notified() => true,
                 change = watch.next() => match change {
                     Ok(c) => service.moves_hops(c),
                     Err(e) => {

@@ -269,12 +269,17 @@ impl NetManager {
             Placement::Remote { node, .. } => costs.get(&node).copied().unwrap_or(default_cost),
         };
         let tables = state.ids.compile(&records, &settings, &cost_of)?;
+        // New nodes get their neighbour entry before packets go their way;
+        // after the write, the `lb` plugin's follower (told by the
+        // dataplane) resolves their next hops and keeps them current.
+        let written = self.dataplane.overlay_remote_nodes().await;
         let nodes: BTreeSet<Ipv4Addr> = records
             .iter()
             .filter_map(|r| match r.placement {
                 Placement::Remote { node, .. } => Some(node),
                 Placement::Local { .. } => None,
             })
+            .filter(|node| !written.contains(node))
             .collect();
         if !nodes.is_empty() {
             let _ = tokio::task::spawn_blocking(move || keep_neighbours(&nodes)).await;
