@@ -500,7 +500,7 @@ fn to_remote(
         src_mac: &target.src_mac,
     };
     let ingress = ctx.ingress_ifindex() as u32;
-    let egress = tunnel::next_hop(ctx.ctx as *mut _, ingress, eth, &hop, &outer)?;
+    let egress = tunnel::next_hop(ctx.ctx as *mut _, ingress, eth, &hop, &outer, true)?;
     if egress == ingress {
         return Ok(xdp_action::XDP_TX);
     }

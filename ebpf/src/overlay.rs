@@ -713,9 +713,9 @@ pub fn to_node(
         dst_mac: &inst.dst_mac,
         src_mac: &inst.src_mac,
     };
-    // SAFETY: reading a field of the context.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let egress = tunnel::next_hop(ctx.skb.skb as *mut _, ifindex, eth, &hop, &outer)?;
+    // SAFETY: reading fields of the context.
+    let (ifindex, gso) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size != 0) };
+    let egress = tunnel::next_hop(ctx.skb.skb as *mut _, ifindex, eth, &hop, &outer, !gso)?;
     // SAFETY: a plain helper call.
     Ok(unsafe { bpf_redirect(egress, 0) } as i32)
 }

@@ -154,6 +154,9 @@ pub struct Hop<'a> {
 /// header and returns the interface to send it out of: the hop the daemon
 /// resolved, else the kernel's FIB and neighbour table (`ctx`: the
 /// program's context, `ifindex`: the interface the lookup starts from).
+/// `check_len`: the lookup checks the outer packet's length against the
+/// egress MTU; without it (a GSO skb, whose length is that of all its
+/// segments) TC's lookup checks the skb as the kernel's forwarding does.
 #[inline(always)]
 pub fn next_hop(
     ctx: *mut c_void,
@@ -161,6 +164,7 @@ pub fn next_hop(
     eth: *mut EthHdr,
     hop: &Hop,
     o: &Outer,
+    check_len: bool,
 ) -> Result<u32, DropReason> {
     if hop.ifindex != 0 {
         write_macs(eth, hop.dst_mac, hop.src_mac, ETH_P_IP.to_be_bytes());
@@ -172,7 +176,9 @@ pub fn next_hop(
     fib.l4_protocol = IPPROTO_UDP;
     fib.sport = o.src_port.to_be();
     fib.dport = o.dst_port.to_be();
-    fib.__bindgen_anon_1.tot_len = (TUNNEL_LEN + o.inner_len) as u16;
+    if check_len {
+        fib.__bindgen_anon_1.tot_len = (TUNNEL_LEN + o.inner_len) as u16;
+    }
     fib.ifindex = ifindex;
     fib.__bindgen_anon_3.ipv4_src = o.src;
     fib.__bindgen_anon_4.ipv4_dst = o.dst;

@@ -19,7 +19,8 @@ const ERR_IFINDEX: usize = 16;
 
 /// A 4-byte field of the tracepoint's record, loaded straight from the
 /// context: the verifier allows aligned reads of a tracepoint's record, and
-/// this runs once per flushed bulk (per packet on a veth), where a
+/// this runs once per flushed bulk (per packet on a veth fed one at a
+/// time, as in the veth benches), where a
 /// `bpf_probe_read_kernel` call cost more than the rest of the program.
 ///
 /// # Safety

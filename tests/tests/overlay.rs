@@ -429,6 +429,103 @@ fn remote_instances_carry_their_nodes_resolved_next_hop_and_follow_it() {
     assert!(lb.contains("next hops of 1/1 remote nodes"), "{lb}");
 }
 
+/// A TCP sink in `container` on `port`: reads each connection to its end,
+/// then answers with the number of bytes it read.
+fn tcp_count_sink(container: &Netns, port: u16) {
+    let _ = spawn_in(&container.name, move || {
+        let tcp = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).expect("bind");
+        std::thread::spawn(move || {
+            for mut stream in tcp.incoming().flatten() {
+                let mut buf = vec![0u8; 1 << 16];
+                let mut total = 0u64;
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                let _ = stream.write_all(total.to_string().as_bytes());
+            }
+        });
+    });
+    std::thread::sleep(Duration::from_millis(100));
+}
+
+/// From `client`: `bytes` over one TCP connection to `to`:`port` in large
+/// writes (the stack hands the veth GSO packets); what the sink counted.
+fn tcp_bulk(client: &Netns, to: &str, port: u16, bytes: usize) -> String {
+    let to: Ipv4Addr = to.parse().unwrap();
+    spawn_in(&client.name, move || {
+        let addr = SocketAddrV4::new(to, port).into();
+        let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
+            Ok(s) => s,
+            Err(e) => return format!("(connect failed: {e})"),
+        };
+        s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let chunk = vec![7u8; 1 << 16];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if let Err(e) = s.write_all(&chunk[..n]) {
+                return format!("(write failed with {left} bytes left: {e})");
+            }
+            left -= n;
+        }
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        text
+    })
+    .join()
+    .expect("client thread")
+}
+
+#[test]
+fn tcp_bulk_crosses_the_tunnel_with_a_resolved_hop_and_with_the_fib_lookup() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const PORT: u16 = 7003;
+    const BYTES: usize = 4 << 20;
+    let lab = lab();
+    let (n1, n2) = (&lab.nodes.node1, &lab.nodes.node2);
+    tcp_count_sink(&lab.web1, PORT);
+    let up1 = n1.netns.interface_index(&n1.uplink);
+    let (up1_mac, node2_mac) = (n1.netns.mac(&n1.uplink), n2.netns.mac(&n2.uplink));
+
+    until_hop(n1, (up1, node2_mac, up1_mac), "resolved");
+    assert_eq!(
+        tcp_bulk(&lab.client, WEB1_IP, PORT, BYTES),
+        BYTES.to_string()
+    );
+
+    // A route with two next hops is left to the kernel's lookup per packet,
+    // which must take GSO packets as the kernel's forwarding does (their
+    // length is that of all their segments).
+    n1.netns.ip(&[
+        "route",
+        "add",
+        &format!("{NODE2}/32"),
+        "nexthop",
+        "via",
+        NODE2,
+        "dev",
+        &n1.uplink,
+        "nexthop",
+        "via",
+        NODE2,
+        "dev",
+        &n1.uplink,
+    ]);
+    until_hop(n1, (0, [0; 6], [0; 6]), "left to the FIB");
+    assert_eq!(
+        tcp_bulk(&lab.client, WEB1_IP, PORT, BYTES),
+        BYTES.to_string()
+    );
+    let _ = &lab.web0;
+}
+
 #[test]
 fn closest_prefers_the_local_instance_and_undeploy_removes_every_trace() {
     if !kernel_tests_enabled() {

@@ -81,6 +81,9 @@ pub struct OverlayWriter {
     /// Resolved next hops of remote nodes, copied into their instances
     /// (a node without one: a FIB lookup per packet).
     hops: BTreeMap<std::net::Ipv4Addr, Hop>,
+    /// An apply failed part way: the maps may differ from `written` until
+    /// the next one succeeds, so hops wait for it rather than write over.
+    unsettled: bool,
 }
 
 /// Inner sources and the node that may send them through the tunnel
@@ -534,6 +537,7 @@ impl OverlayWriter {
         }
         let hopped = with_hops(wanted, &self.hops);
         let wanted = &*hopped;
+        self.unsettled = true;
         let current = self.config.unwrap_or_default();
         if let Some(during) = config_during(
             &current,
@@ -570,6 +574,7 @@ impl OverlayWriter {
         self.write_config6(ebpf, wanted.config6)?;
         self.write_config(ebpf, wanted.config.flagged(wanted.services.keys()))?;
         self.written = wanted.clone();
+        self.unsettled = false;
         Ok(())
     }
 
@@ -580,13 +585,17 @@ impl OverlayWriter {
 
     /// Replaces the known next hops and rewrites the remote instances whose
     /// hop changed, in place (same generation: their flows stay bound).
+    /// Each entry is one map write: a packet reading it meanwhile may see
+    /// the new interface with the old MACs (one frame to a stale MAC), as
+    /// with the LB's remote targets. After a failed apply only the next
+    /// apply writes them (what `written` holds may be gone from the maps).
     pub fn set_hops(
         &mut self,
         ebpf: &mut Ebpf,
         hops: BTreeMap<std::net::Ipv4Addr, Hop>,
     ) -> Result<(), DataplaneError> {
         self.hops = hops;
-        if self.written.instances.is_empty() {
+        if self.unsettled || self.written.instances.is_empty() {
             return Ok(());
         }
         let mut instances: Array<&mut MapData, Instance> =

@@ -477,6 +477,9 @@ async fn follow_hops(service: Arc<LbService>, stop: CancellationToken) {
             Ok(w) => w,
             Err(e) => {
                 tracing::warn!("{e}; trying again in 1 s");
+                // Meanwhile the hops (and missing neighbour entries) are
+                // kept by resolving once a second.
+                service.refresh_hops().await;
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
