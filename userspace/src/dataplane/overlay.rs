@@ -144,9 +144,6 @@ pub fn owners(t: &OverlayTables) -> Owners {
     }
 }
 
-/// The nodes of the remote instances (an IPv6 instance shares its IPv4
-/// twin's node): the ones that may send this node tunnel packets for the
-/// overlay.
 /// A remote instance with its node's next hop (none: ifindex 0 and no MACs,
 /// which the program takes as "ask the FIB"); others as they are.
 fn hopped(inst: &Instance, hops: &BTreeMap<std::net::Ipv4Addr, Hop>) -> Instance {
@@ -179,6 +176,9 @@ fn with_hops<'a>(
     Cow::Owned(t)
 }
 
+/// The nodes of the remote instances (an IPv6 instance shares its IPv4
+/// twin's node): the ones that may send this node tunnel packets for the
+/// overlay.
 fn remote_nodes(t: &OverlayTables) -> BTreeSet<std::net::Ipv4Addr> {
     t.instances
         .values()
@@ -1129,6 +1129,63 @@ impl OverlayWriter {
 mod tests {
     use super::*;
     use std::net::Ipv4Addr;
+
+    #[test]
+    fn remote_instances_take_their_nodes_hop_and_nothing_else_changes() {
+        use tapmesh_common::overlay::INSTANCE_LOCAL;
+        let remote = |node: [u8; 4]| Instance {
+            ns_addr: [192, 0, 2, 70],
+            node_addr: node,
+            node_port: 50103,
+            kind: INSTANCE_REMOTE,
+            generation: 7,
+            ..Instance::default()
+        };
+        let local = Instance {
+            kind: INSTANCE_LOCAL,
+            ifindex: 9,
+            dst_mac: [2, 0, 0, 0, 0, 9],
+            src_mac: [2, 0, 0, 0, 0, 8],
+            ..remote([0; 4])
+        };
+        let tables = OverlayTables {
+            instances: BTreeMap::from([
+                (1, remote([198, 18, 0, 2])),
+                (2, remote([198, 18, 0, 3])),
+                (3, local),
+            ]),
+            ..OverlayTables::default()
+        };
+        let hop = Hop {
+            ifindex: 4,
+            dst_mac: [2, 0, 0, 0, 0, 2],
+            src_mac: [2, 0, 0, 0, 0, 1],
+        };
+        let hops = BTreeMap::from([(Ipv4Addr::new(198, 18, 0, 2), hop)]);
+        let with = with_hops(&tables, &hops);
+        assert_eq!(
+            with.instances[&1],
+            Instance {
+                ifindex: 4,
+                dst_mac: hop.dst_mac,
+                src_mac: hop.src_mac,
+                ..remote([198, 18, 0, 2])
+            }
+        );
+        // No hop for its node: the FIB is asked; a local instance keeps its own.
+        assert_eq!(with.instances[&2], remote([198, 18, 0, 3]));
+        assert_eq!(with.instances[&3], local);
+        // The hop taken away again: back to the compiled entry.
+        assert_eq!(
+            with_hops(&with, &BTreeMap::new()).instances,
+            tables.instances
+        );
+        // Nothing to add: the tables as given, not a copy.
+        assert!(matches!(
+            with_hops(&tables, &BTreeMap::new()),
+            Cow::Borrowed(_)
+        ));
+    }
 
     #[test]
     fn owner_slots_share_a_slot_and_change_through_the_hash() {
