@@ -970,10 +970,7 @@ impl LbWriter {
     fn with_hop(&self, target: &mut Target) {
         let a = &target.node_addr;
         let node = std::net::Ipv4Addr::new(a[12], a[13], a[14], a[15]);
-        let hop = self.hops.get(&node);
-        target.ifindex = hop.map_or(0, |h| h.ifindex);
-        target.dst_mac = hop.map_or([0; 6], |h| h.dst_mac);
-        target.src_mac = hop.map_or([0; 6], |h| h.src_mac);
+        (target.ifindex, target.dst_mac, target.src_mac) = Hop::entry(self.hops.get(&node));
     }
 
     /// Replaces the known next hops and rewrites the remote targets whose hop

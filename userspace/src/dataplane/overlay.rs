@@ -150,11 +150,12 @@ fn hopped(inst: &Instance, hops: &BTreeMap<std::net::Ipv4Addr, Hop>) -> Instance
     if inst.kind != INSTANCE_REMOTE {
         return *inst;
     }
-    let hop = hops.get(&std::net::Ipv4Addr::from(inst.node_addr));
+    let (ifindex, dst_mac, src_mac) =
+        Hop::entry(hops.get(&std::net::Ipv4Addr::from(inst.node_addr)));
     Instance {
-        ifindex: hop.map_or(0, |h| h.ifindex),
-        dst_mac: hop.map_or([0; 6], |h| h.dst_mac),
-        src_mac: hop.map_or([0; 6], |h| h.src_mac),
+        ifindex,
+        dst_mac,
+        src_mac,
         ..*inst
     }
 }

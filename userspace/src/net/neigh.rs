@@ -74,6 +74,14 @@ pub struct Hop {
     pub src_mac: [u8; 6],
 }
 
+impl Hop {
+    /// (ifindex, dst MAC, src MAC) as a map entry holds them; none: all
+    /// zero, which the programs take as "ask the FIB per packet".
+    pub fn entry(hop: Option<&Hop>) -> (u32, [u8; 6], [u8; 6]) {
+        hop.map_or((0, [0; 6], [0; 6]), |h| (h.ifindex, h.dst_mac, h.src_mac))
+    }
+}
+
 /// A resolved neighbour: the interface, the neighbour's address (the
 /// address asked for, or its gateway) and its MAC.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
