@@ -19,8 +19,38 @@ pub const fn filter_bit(ifindex: u32) -> (u32, u64) {
 }
 /// Tap flows one source interface can have.
 pub const RULES_PER_PORT: usize = 8;
-/// AF_XDP mirror rings.
+/// Mirror rings.
 pub const MAX_RINGS: u32 = 64;
+
+/// Bytes of `tm_mirror_copies`, the ring buffer that carries copies for
+/// mirror rings straight from TC (a power of two pages).
+pub const COPY_RING_BYTES: u32 = 16 << 20;
+/// The most of one packet a copy in `tm_mirror_copies` holds (a GSO packet
+/// is one packet at TC; longer ones are cut, their length kept).
+pub const COPY_MAX_BYTES: u32 = 65535;
+/// Copies reserve one of these sizes for their bytes (constant sizes, as the
+/// verifier wants), the smallest that holds the packet.
+pub const COPY_SIZES: [u32; 3] = [128, 2048, COPY_MAX_BYTES];
+
+/// The head of a record in `tm_mirror_copies`; `caplen` packet bytes follow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CopyHead {
+    /// `CLOCK_MONOTONIC` when copied, in nanoseconds.
+    pub ts_ns: u64,
+    /// The packet's length.
+    pub len: u32,
+    /// The bytes that follow (at most `COPY_MAX_BYTES`).
+    pub caplen: u32,
+    /// The mirror ring (`MirrorRule::ring` - 1).
+    pub ring: u16,
+    /// The offloaded VLAN tag's protocol (network order), 0 when the packet
+    /// has none; the tag is not in the bytes and goes back in after the MACs.
+    pub vlan_proto: u16,
+    pub vlan_tci: u16,
+    pub _pad: u16,
+}
+assert_layout!(CopyHead, size = 24, align = 8);
 
 /// Direction bits, TaaS's meaning relative to the source port: IN is traffic
 /// to the port (TC egress of its host-side interface), OUT traffic from it
@@ -40,7 +70,10 @@ pub struct MirrorRule {
     pub directions: u8,
     /// Non-zero: only VLANs in `tm_mirror_vlans[flow]` (untagged counts as VLAN 0).
     pub vlan_filtered: u8,
-    pub _pad: [u8; 2],
+    /// Non-zero: the copy goes into `tm_mirror_copies` for mirror ring
+    /// `ring - 1` instead of out of `dest_ifindex`.
+    pub ring: u8,
+    pub _pad: u8,
 }
 assert_layout!(MirrorRule, size = 12, align = 4);
 
@@ -91,4 +124,4 @@ pub struct MirrorCounter {
 assert_layout!(MirrorCounter, size = 24, align = 8);
 
 #[cfg(feature = "user")]
-crate::impl_pod!(MirrorRule, MirrorPort, VlanSet, MirrorCounter);
+crate::impl_pod!(MirrorRule, MirrorPort, VlanSet, MirrorCounter, CopyHead);

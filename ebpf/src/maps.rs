@@ -13,8 +13,8 @@ use tapmesh_common::{
         MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
     },
     mirror::{
-        MirrorCounter, MirrorPort, VlanSet, FILTER_WORDS, MAX_MIRROR_PORTS, MAX_RINGS,
-        MAX_TAP_FLOWS,
+        CopyHead, MirrorCounter, MirrorPort, VlanSet, COPY_RING_BYTES, FILTER_WORDS,
+        MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS,
     },
     overlay::{
         self as ov, ConntrackKey, ConntrackValue, Instance, Local, Miss, OverlayConfig, Service,
@@ -148,6 +148,9 @@ pub static tm_mirror_stats: PerCpuArray<MirrorCounter, { MAX_TAP_FLOWS as usize 
 pub static tm_mirror_rings: HashMap<u32, u32, { MAX_RINGS as usize }> = HashMap::new();
 #[btf_map]
 pub static tm_xsks: XskMap<{ MAX_RINGS as usize }> = XskMap::new();
+/// Copies for mirror rings made straight from TC: a `CopyHead` and the bytes.
+#[btf_map]
+pub static tm_mirror_copies: RingBuf<CopyHead, { COPY_RING_BYTES as usize }> = RingBuf::new();
 
 // Service-IP overlay.
 #[btf_map]

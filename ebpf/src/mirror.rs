@@ -1,21 +1,27 @@
 //! Port mirroring: copies of a source interface's packets, by direction and
 //! VLAN, cloned to each tap service's interface. The production packet is
 //! never changed, delayed or dropped here; a failed copy is only counted.
+//! Copies for a mirror ring go straight into `tm_mirror_copies` (one copy of
+//! the bytes, no clone) unless the ring is fed through AF_XDP.
+
+use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
     bindings::{xdp_action, TC_ACT_OK},
-    helpers::generated::bpf_skb_load_bytes,
+    helpers::generated::{bpf_ktime_get_ns, bpf_skb_load_bytes},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
 use tapmesh_common::mirror::{
-    filter_bit, MirrorCounter, DIRECTION_IN, DIRECTION_OUT, RULES_PER_PORT,
+    filter_bit, CopyHead, MirrorCounter, COPY_MAX_BYTES, COPY_SIZES, DIRECTION_IN, DIRECTION_OUT,
+    RULES_PER_PORT,
 };
 
 use crate::{
     headers::{ETH_P_8021AD, ETH_P_8021Q},
     maps::{
-        tm_mirror_bits, tm_mirror_ports, tm_mirror_rings, tm_mirror_stats, tm_mirror_vlans, tm_xsks,
+        tm_mirror_bits, tm_mirror_copies, tm_mirror_ports, tm_mirror_rings, tm_mirror_stats,
+        tm_mirror_vlans, tm_xsks,
     },
 };
 
@@ -50,23 +56,93 @@ pub fn copy(ctx: &TcContext, direction: u8) {
                 _ => continue,
             }
         }
-        let copied = ctx.clone_redirect(rule.dest_ifindex, 0);
+        // A clone's negative return: not sent. NET_XMIT_DROP (1): dropped on
+        // the way (a full backlog). NET_XMIT_CN (2): the queue dropped a copy
+        // — the noop qdisc of a device without carrier (its far end down)
+        // drops every one this way. A ring copy fails when the buffer is full.
+        let copied = if rule.ring != 0 {
+            to_ring(ctx, rule.ring - 1, len as u32)
+        } else {
+            ctx.clone_redirect(rule.dest_ifindex, 0).is_ok()
+        };
         if let Some(counter) = tm_mirror_stats.get_ptr_mut(rule.flow) {
             // SAFETY: this CPU's slot.
             let counter: &mut MirrorCounter = unsafe { &mut *counter };
-            match copied {
-                // Negative: not sent. NET_XMIT_DROP (1): dropped on the way (a
-                // full backlog). NET_XMIT_CN (2): the queue dropped a copy — the
-                // noop qdisc of a device without carrier (its far end down)
-                // drops every one this way.
-                Err(_) => counter.failed += 1,
-                Ok(()) => {
-                    counter.packets += 1;
-                    counter.bytes += len;
-                }
+            if copied {
+                counter.packets += 1;
+                counter.bytes += len;
+            } else {
+                counter.failed += 1;
             }
         }
     }
+}
+
+/// A record of `tm_mirror_copies` with room for `N` bytes.
+#[repr(C)]
+struct Copy<const N: usize> {
+    head: CopyHead,
+    bytes: [u8; N],
+}
+
+/// Puts the packet's first bytes (up to `COPY_MAX_BYTES`) into the ring
+/// buffer for mirror ring `ring`, in the smallest record that holds them.
+#[inline(always)]
+fn to_ring(ctx: &TcContext, ring: u8, len: u32) -> bool {
+    let caplen = if len > COPY_MAX_BYTES { COPY_MAX_BYTES } else { len };
+    if caplen <= COPY_SIZES[0] {
+        copy_as::<{ COPY_SIZES[0] as usize }>(ctx, ring, len, caplen)
+    } else if caplen <= COPY_SIZES[1] {
+        copy_as::<{ COPY_SIZES[1] as usize }>(ctx, ring, len, caplen)
+    } else {
+        copy_as::<{ COPY_SIZES[2] as usize }>(ctx, ring, len, caplen)
+    }
+}
+
+#[inline(always)]
+fn copy_as<const N: usize>(ctx: &TcContext, ring: u8, len: u32, caplen: u32) -> bool {
+    let Some(mut entry) = tm_mirror_copies.reserve_untyped::<Copy<N>>(0) else {
+        return false;
+    };
+    let copy = entry.as_mut_ptr();
+    // Bounds the verifier can see: 1..=N bytes into N.
+    if caplen == 0 || caplen as usize > N {
+        entry.discard(0);
+        return false;
+    }
+    // SAFETY: `bytes` is N writable bytes of the reserved record.
+    let read = unsafe {
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            0,
+            addr_of_mut!((*copy).bytes) as *mut _,
+            caplen,
+        )
+    };
+    if read != 0 {
+        entry.discard(0);
+        return false;
+    }
+    // SAFETY: fields of the valid __sk_buff; the record's head is ours.
+    unsafe {
+        let skb = ctx.skb.skb;
+        let (vlan_proto, vlan_tci) = if (*skb).vlan_present != 0 {
+            (u16::from_be((*skb).vlan_proto as u16), (*skb).vlan_tci as u16)
+        } else {
+            (0, 0)
+        };
+        addr_of_mut!((*copy).head).write(CopyHead {
+            ts_ns: bpf_ktime_get_ns(),
+            len,
+            caplen,
+            ring: ring as u16,
+            vlan_proto,
+            vlan_tci,
+            _pad: 0,
+        });
+    }
+    entry.submit(0);
+    true
 }
 
 /// The VLAN id of the packet: the offloaded tag, else an 802.1Q/802.1ad

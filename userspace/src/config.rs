@@ -260,6 +260,10 @@ pub struct MirrorSettings {
     /// The `<host>` of the networking-spp keys (default: this machine's hostname).
     pub host: String,
     pub etcd_prefix: String,
+    /// How mirror rings get their copies: "bpf_ringbuf" (straight from TC
+    /// through a BPF ring buffer, one copy of the bytes) or "af_xdp" (a
+    /// clone out of a veth pair, read by an AF_XDP socket on its peer).
+    pub ring_transport: RingTransport,
 }
 
 impl Default for MirrorSettings {
@@ -268,8 +272,20 @@ impl Default for MirrorSettings {
             etcd_endpoints: Vec::new(),
             host: hostname(),
             etcd_prefix: "/spp/openstack".into(),
+            ring_transport: RingTransport::default(),
         }
     }
+}
+
+/// See [`MirrorSettings::ring_transport`].
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum RingTransport {
+    #[default]
+    #[value(name = "bpf_ringbuf")]
+    BpfRingbuf,
+    #[value(name = "af_xdp")]
+    AfXdp,
 }
 
 fn hostname() -> String {
@@ -643,6 +659,9 @@ pub struct Overrides {
     /// The networking-spp host name (default: the hostname).
     #[arg(long, env = "TAPMESH_SPP_HOST")]
     pub spp_host: Option<String>,
+    /// How mirror rings get their copies ([mirror] ring_transport).
+    #[arg(long, env = "TAPMESH_MIRROR_RING_TRANSPORT", value_enum)]
+    pub mirror_ring_transport: Option<RingTransport>,
     /// NetManager REST API socket (turns the NetManager on).
     #[arg(long, env = "TAPMESH_NETMANAGER_SOCKET")]
     pub netmanager_socket: Option<PathBuf>,
@@ -786,6 +805,9 @@ impl Config {
         }
         if let Some(v) = &o.spp_host {
             self.mirror.host = v.clone();
+        }
+        if let Some(v) = o.mirror_ring_transport {
+            self.mirror.ring_transport = v;
         }
         if let Some(v) = &o.netmanager_socket {
             self.netmanager.socket = Some(v.clone());

@@ -412,6 +412,23 @@ impl DataplaneHandle {
         })
     }
 
+    /// The ring buffer of mirror copies (taken once: its reader owns it).
+    pub async fn take_mirror_copies(
+        &self,
+    ) -> Result<aya::maps::RingBuf<aya::maps::MapData>, DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        let name = map_names::MIRROR_COPIES;
+        let map = r.ebpf.take_map(name).ok_or(DataplaneError::Map {
+            name,
+            message: "already taken or missing from the object".into(),
+        })?;
+        aya::maps::RingBuf::try_from(map).map_err(|e| DataplaneError::Map {
+            name,
+            message: e.to_string(),
+        })
+    }
+
     /// Attaches the container programs to a container's host-side veth.
     pub async fn attach_container(&self, interface: &str) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
@@ -763,6 +780,7 @@ mod tests {
             n::MIRROR_STATS,
             n::MIRROR_RINGS,
             n::XSKS,
+            n::MIRROR_COPIES,
             n::OV_CONFIG,
             n::OV_SERVICES,
             n::OV_SLOTS,

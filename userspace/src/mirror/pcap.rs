@@ -21,9 +21,18 @@ pub const LINKTYPE_ETHERNET: u32 = 1;
 /// (a time before 1970 is written as 0; frames longer than [`SNAPLEN`] are
 /// cut to it, so only that many bytes of the frame follow the header).
 pub fn record_header(len: usize, ts: SystemTime) -> [u8; 16] {
+    record_header_cut(len, len, ts)
+}
+
+/// As [`record_header`] for a frame of `len` bytes of which only the first
+/// `captured` were kept.
+pub fn record_header_cut(len: usize, captured: usize, ts: SystemTime) -> [u8; 16] {
     let since = ts.duration_since(UNIX_EPOCH).unwrap_or_default();
     let orig_len = u32::try_from(len).unwrap_or(u32::MAX);
-    let incl_len = orig_len.min(SNAPLEN);
+    let incl_len = u32::try_from(captured)
+        .unwrap_or(u32::MAX)
+        .min(orig_len)
+        .min(SNAPLEN);
     let mut header = [0u8; 16];
     // ts_sec is 32 bits in this format (wraps in 2106).
     header[0..4].copy_from_slice(&(since.as_secs() as u32).to_ne_bytes());

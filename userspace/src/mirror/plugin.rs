@@ -40,9 +40,11 @@ impl Plugin for MirrorPlugin {
         _scope: CancellationToken,
         config: &Config,
     ) -> Result<(), PluginError> {
-        self.service
-            .configure(config.daemon.state_dir.join("mirror-state.json"));
         let m = &config.mirror;
+        self.service.configure(
+            config.daemon.state_dir.join("mirror-state.json"),
+            m.ring_transport,
+        );
         *self.spp.lock().expect("lock") = (!m.etcd_endpoints.is_empty()).then(|| {
             let mut s = SppSettings::new(m.etcd_endpoints.clone(), m.host.clone());
             s.prefix = m.etcd_prefix.clone();

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tapmesh_common::mirror::{MAX_RINGS, MAX_TAP_FLOWS, RULES_PER_PORT};
 use tokio::sync::Mutex;
@@ -11,8 +12,9 @@ use tokio::sync::Mutex;
 use super::model::{
     parse_vlan_filter, Destination, MirrorError, Status, TapBackend, TapFlow, TapService,
 };
-use super::ring::{Consumer, MirrorRing, RingSocket, RingStats};
+use super::ring::{Consumer, CopyFeed, MirrorRing, RingSocket, RingStats};
 use super::tables::{mirror_tables, FlowRule};
+use crate::config::RingTransport;
 use crate::dataplane::DataplaneHandle;
 use crate::names::validate_name;
 use crate::net::link::index as interface_index;
@@ -34,17 +36,23 @@ pub struct ServiceState {
     pub spec: TapService,
     pub status: Status,
     pub error: String,
-    /// The destination interface's index (the ring's own for a ring).
+    /// The destination interface's index (an AF_XDP ring's own; 0 for a
+    /// ring fed from the ring buffer).
     pub ifindex: u32,
     ring: Option<Ring>,
 }
 
 struct Ring {
     slot: u32,
+    /// The veth pair of a ring fed through AF_XDP.
+    veth: Option<RingVeth>,
+    running: MirrorRing,
+}
+
+struct RingVeth {
     host: String,
     peer: String,
     peer_ifindex: u32,
-    running: MirrorRing,
 }
 
 #[derive(Default)]
@@ -65,6 +73,9 @@ pub struct MirrorService {
     dataplane: DataplaneHandle,
     state: Mutex<State>,
     state_file: std::sync::Mutex<Option<PathBuf>>,
+    transport: std::sync::Mutex<RingTransport>,
+    /// The reader of the kernel's copies (started with the first ring fed that way).
+    feed: Mutex<Option<Arc<CopyFeed>>>,
     /// Tap flows removed because their interface went away.
     removed: tokio::sync::broadcast::Sender<String>,
 }
@@ -97,12 +108,15 @@ impl MirrorService {
             dataplane,
             state: Mutex::default(),
             state_file: Default::default(),
+            transport: Default::default(),
+            feed: Mutex::default(),
             removed: tokio::sync::broadcast::channel(256).0,
         }
     }
 
-    pub fn configure(&self, state_file: PathBuf) {
+    pub fn configure(&self, state_file: PathBuf, transport: RingTransport) {
         *self.state_file.lock().expect("lock") = Some(state_file);
+        *self.transport.lock().expect("lock") = transport;
     }
 
     /// Re-creates the persisted tap services and flows (those whose
@@ -201,7 +215,7 @@ impl MirrorService {
                     MirrorError::Invalid(format!("all {MAX_RINGS} mirror rings are in use"))
                 })?;
                 let ring = self.start_ring(slot, r).await?;
-                (ring.peer_ifindex_host(), Some(ring))
+                (ring.host_ifindex(), Some(ring))
             }
         };
         state.services.insert(
@@ -222,6 +236,53 @@ impl MirrorService {
         &self,
         slot: u32,
         spec: &super::model::RingSpec,
+    ) -> Result<Ring, MirrorError> {
+        let mut consumers = Vec::new();
+        if let Some(p) = &spec.pcap {
+            consumers.push(Consumer::Pcap(p.into()));
+        }
+        if let Some(f) = &spec.forward {
+            consumers.push(Consumer::Forward(f.clone()));
+        }
+        let transport = *self.transport.lock().expect("lock");
+        if transport == RingTransport::AfXdp {
+            return self.start_xdp_ring(slot, consumers).await;
+        }
+        let feed = self.feed().await?;
+        let started = tokio::task::spawn_blocking(move || {
+            MirrorRing::start_fed(format!("ring{slot}"), feed, slot, consumers)
+        })
+        .await
+        .map_err(|e| MirrorError::Dataplane(format!("ring task failed: {e}")))?;
+        let running = started.map_err(|e| MirrorError::Dataplane(e.to_string()))?;
+        Ok(Ring {
+            slot,
+            veth: None,
+            running,
+        })
+    }
+
+    /// The reader of `tm_mirror_copies`, started on first use.
+    async fn feed(&self) -> Result<Arc<CopyFeed>, MirrorError> {
+        let mut feed = self.feed.lock().await;
+        if let Some(f) = &*feed {
+            return Ok(f.clone());
+        }
+        let buffer = self
+            .dataplane
+            .take_mirror_copies()
+            .await
+            .map_err(|e| MirrorError::Dataplane(e.to_string()))?;
+        let started = CopyFeed::start(buffer)
+            .map_err(|e| MirrorError::Dataplane(format!("starting the mirror copy reader: {e}")))?;
+        *feed = Some(started.clone());
+        Ok(started)
+    }
+
+    async fn start_xdp_ring(
+        &self,
+        slot: u32,
+        consumers: Vec<Consumer>,
     ) -> Result<Ring, MirrorError> {
         let host = format!("tmr{slot}");
         let peer = format!("tmr{slot}p");
@@ -255,13 +316,6 @@ impl MirrorService {
         {
             return Err(undo(MirrorError::Dataplane(e.to_string())).await);
         }
-        let mut consumers = Vec::new();
-        if let Some(p) = &spec.pcap {
-            consumers.push(Consumer::Pcap(p.into()));
-        }
-        if let Some(f) = &spec.forward {
-            consumers.push(Consumer::Forward(f.clone()));
-        }
         let started = tokio::task::spawn_blocking(move || MirrorRing::start(socket, consumers))
             .await
             .unwrap_or_else(|e| {
@@ -272,9 +326,11 @@ impl MirrorService {
         match started {
             Ok(running) => Ok(Ring {
                 slot,
-                host,
-                peer,
-                peer_ifindex,
+                veth: Some(RingVeth {
+                    host,
+                    peer,
+                    peer_ifindex,
+                }),
                 running,
             }),
             Err(e) => {
@@ -285,13 +341,19 @@ impl MirrorService {
     }
 
     async fn stop_ring(&self, ring: Ring) -> RingStats {
-        self.dataplane
-            .detach_ring(&ring.peer, ring.peer_ifindex, ring.slot)
-            .await;
-        let stats = tokio::task::spawn_blocking(move || ring.running.stop())
+        if let Some(v) = &ring.veth {
+            self.dataplane
+                .detach_ring(&v.peer, v.peer_ifindex, ring.slot)
+                .await;
+        }
+        let veth = ring.veth;
+        let running = ring.running;
+        let stats = tokio::task::spawn_blocking(move || running.stop())
             .await
             .unwrap_or_default();
-        let _ = crate::net::link::delete(&ring.host).await;
+        if let Some(v) = veth {
+            let _ = crate::net::link::delete(&v.host).await;
+        }
         stats
     }
 
@@ -427,6 +489,11 @@ impl MirrorService {
                 index: f.index,
                 source_ifindex: f.source_ifindex,
                 dest_ifindex: service.ifindex,
+                ring: service
+                    .ring
+                    .as_ref()
+                    .filter(|r| r.veth.is_none())
+                    .map(|r| r.slot),
             })
         }))?;
         let sources: BTreeSet<String> = sources.into_iter().map(String::from).collect();
@@ -557,9 +624,13 @@ impl MirrorService {
 }
 
 impl Ring {
-    /// Copies go to the host end; the ring's socket sits on the peer.
-    fn peer_ifindex_host(&self) -> u32 {
-        interface_index(&self.host).unwrap_or(0)
+    /// Copies go to the host end of an AF_XDP ring's veth (the socket sits
+    /// on the peer); 0 for a ring fed from the ring buffer.
+    fn host_ifindex(&self) -> u32 {
+        self.veth
+            .as_ref()
+            .and_then(|v| interface_index(&v.host))
+            .unwrap_or(0)
     }
 }
 

@@ -15,6 +15,8 @@ pub struct FlowRule<'a> {
     pub index: u32,
     pub source_ifindex: u32,
     pub dest_ifindex: u32,
+    /// The mirror ring fed through `tm_mirror_copies` (no interface then).
+    pub ring: Option<u32>,
 }
 
 /// The rules per source interface and the VLAN sets, with the source
@@ -49,7 +51,8 @@ pub fn mirror_tables<'a>(
             dest_ifindex: f.dest_ifindex,
             directions: f.spec.direction.bits(),
             vlan_filtered: filtered as u8,
-            _pad: [0; 2],
+            ring: f.ring.map_or(0, |slot| slot as u8 + 1),
+            _pad: 0,
         };
         port.count += 1;
         sources.insert(f.spec.source.as_str());
@@ -84,6 +87,7 @@ mod tests {
             index: i as u32,
             source_ifindex: if f.source == "a" { 7 } else { 8 },
             dest_ifindex: 9,
+            ring: None,
         });
         let (tables, sources) = mirror_tables(rules).unwrap();
         assert_eq!(sources, BTreeSet::from(["a", "b"]));
@@ -113,6 +117,7 @@ mod tests {
             index: 0,
             source_ifindex: 7,
             dest_ifindex: 9,
+            ring: None,
         };
         assert!(mirror_tables([rule]).is_err());
     }

@@ -1,21 +1,24 @@
-//! AF_XDP mirror rings: the copies `tm_xdp_mirror` redirects into an XSKMAP
-//! slot are read here from an AF_XDP socket (copy mode) and fanned out to
-//! consumers, each behind its own bounded queue and thread, so a slow
-//! consumer loses its own copies and never slows the ring or the others.
+//! Mirror rings: copies reach userspace either straight from TC through
+//! the `tm_mirror_copies` ring buffer (`feed`, one reader for all rings) or
+//! through an AF_XDP socket (copy mode) that `tm_xdp_mirror` redirects a
+//! ring veth's frames into. Either way they are fanned out to consumers,
+//! each behind its own bounded queue and thread, so a slow consumer loses
+//! its own copies and never slows the ring or the others.
 //!
 //! ```text
-//!  ring veth peer ──XDP redirect──▶ RingSocket (UMEM, rx ring, fill ring)
-//!                                      │ receive thread: copy out, refill
-//!                       ┌──────────────┼──────────────┐  bounded queue each
+//!  TC ──tm_mirror_copies──▶ CopyFeed (one thread, all rings) ─┐
+//!  ring veth peer ──XDP redirect──▶ RingSocket ──receive thread┤ copy out once
+//!                       ┌──────────────┬──────────────┬───────┘  bounded queue each
 //!                       ▼              ▼              ▼
 //!                 pcap file       AF_PACKET out     …  (one thread each)
 //! ```
 //!
-//! `socket` holds the AF_XDP socket and its UMEM, `receive` the receive
-//! loop, `consumer` the consumers' outputs and threads, `stats` the
-//! counters; this file starts and stops a ring.
+//! `feed` reads the ring buffer, `socket` holds the AF_XDP socket and its
+//! UMEM, `receive` its receive loop, `consumer` the consumers' outputs and
+//! threads, `stats` the counters; this file starts and stops a ring.
 
 mod consumer;
+mod feed;
 mod receive;
 mod socket;
 mod stats;
@@ -34,7 +37,8 @@ use thiserror::Error;
 use xdpilone::Errno;
 
 pub use consumer::Consumer;
-use consumer::{run_consumer, Sink};
+use consumer::{run_consumer, Queue, Sink};
+pub use feed::CopyFeed;
 use receive::run_receiver;
 pub use socket::{RingSocket, SocketDrops, BUSY_WAIT, FRAMES, FRAME_SIZE, MAX_FRAME};
 pub use stats::{ConsumerStats, RingStats};
@@ -90,6 +94,8 @@ pub struct MirrorRing {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     receiver: Option<JoinHandle<()>>,
+    /// Fed from the ring buffer as this slot.
+    feed: Option<(Arc<CopyFeed>, u32)>,
     consumers: Vec<JoinHandle<()>>,
 }
 
@@ -104,9 +110,42 @@ impl fmt::Debug for MirrorRing {
 
 impl MirrorRing {
     /// Opens every consumer (pcap files are created, forward interfaces looked
-    /// up in the calling thread's namespace) and starts the threads.
+    /// up in the calling thread's namespace) and starts the threads that
+    /// read the AF_XDP socket and write to the consumers.
     pub fn start(socket: RingSocket, consumers: Vec<Consumer>) -> Result<Self, RingError> {
         let interface = socket.interface.clone();
+        let (mut ring, queues) = Self::start_consumers(interface.clone(), consumers)?;
+        let (shared, stop) = (ring.shared.clone(), ring.stop.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("tm-ring-{interface}"))
+            .spawn(move || run_receiver(socket, queues, shared, stop))
+            .map_err(|source| RingError::Thread {
+                interface,
+                thread: "receive".into(),
+                source,
+            })?;
+        ring.receiver = Some(handle);
+        Ok(ring)
+    }
+
+    /// As [`MirrorRing::start`] for a ring fed by `feed` as `slot`; `name`
+    /// stands for the interface in errors and logs.
+    pub fn start_fed(
+        name: String,
+        feed: Arc<CopyFeed>,
+        slot: u32,
+        consumers: Vec<Consumer>,
+    ) -> Result<Self, RingError> {
+        let (mut ring, queues) = Self::start_consumers(name, consumers)?;
+        feed.attach(slot, queues, ring.shared.clone());
+        ring.feed = Some((feed, slot));
+        Ok(ring)
+    }
+
+    fn start_consumers(
+        interface: String,
+        consumers: Vec<Consumer>,
+    ) -> Result<(Self, Vec<Queue>), RingError> {
         let mut sinks = Vec::with_capacity(consumers.len());
         for (index, consumer) in consumers.iter().enumerate() {
             if consumers[..index].contains(consumer) {
@@ -138,8 +177,9 @@ impl MirrorRing {
         let stop = Arc::new(AtomicBool::new(false));
         let mut ring = MirrorRing {
             shared: shared.clone(),
-            stop: stop.clone(),
+            stop,
             receiver: None,
+            feed: None,
             consumers: Vec::new(),
         };
         let thread_error = |thread: String| {
@@ -163,12 +203,7 @@ impl MirrorRing {
             ring.consumers.push(handle);
             queues.push(queue);
         }
-        let handle = std::thread::Builder::new()
-            .name(format!("tm-ring-{interface}"))
-            .spawn(move || run_receiver(socket, queues, shared, stop))
-            .map_err(thread_error("receive".into()))?;
-        ring.receiver = Some(handle);
-        Ok(ring)
+        Ok((ring, queues))
     }
 
     /// The counters so far.
@@ -206,6 +241,9 @@ impl MirrorRing {
 
     fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some((feed, slot)) = self.feed.take() {
+            feed.detach(slot);
+        }
         let ring = &self.shared.interface;
         if let Some(receiver) = self.receiver.take() {
             if receiver.join().is_err() {

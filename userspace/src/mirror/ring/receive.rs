@@ -125,7 +125,7 @@ fn wait(socket: &RingSocket, shared: &Shared, poll_failed: &mut bool) -> bool {
 
 /// Hands the batch to every consumer whose queue has room for all of it
 /// (at most [`QUEUE_DEPTH`] frames queued); the others lose its frames.
-fn offer(batch: Arc<Batch>, queues: &[Queue], shared: &Shared) {
+pub(super) fn offer(batch: Arc<Batch>, queues: &[Queue], shared: &Shared) {
     for (queue, counters) in queues.iter().zip(&shared.consumers) {
         // Only this thread adds to `queued`, so the room seen here stays.
         let queued = counters.queued.load(Ordering::Acquire);

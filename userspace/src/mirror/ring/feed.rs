@@ -1,0 +1,269 @@
+//! The copies TC puts straight into the `tm_mirror_copies` ring buffer, for
+//! every mirror ring fed that way: one thread reads the buffer in rounds,
+//! lays each ring's copies out as pcap records and hands each ring's batch
+//! to that ring's consumer queues, exactly as an AF_XDP ring's receive loop
+//! does. A copy costs the sender one copy of its bytes and no clone, no
+//! veth and no second softirq.
+
+use std::{
+    io,
+    os::fd::AsRawFd,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    thread::JoinHandle,
+    time::{Duration, SystemTime},
+};
+
+use aya::maps::{MapData, RingBuf};
+use tapmesh_common::mirror::{CopyHead, MAX_RINGS};
+
+use super::{
+    consumer::{Batch, Queue},
+    receive::{offer, BATCH, LINGER},
+    stats::Shared,
+};
+use crate::mirror::pcap::record_header_cut;
+
+/// How long the reader waits in poll(), i.e. how soon it notices a stop.
+const POLL_TIMEOUT_MS: libc::c_int = 50;
+const HEAD: usize = size_of::<CopyHead>();
+
+/// Where one ring's copies go.
+struct Outlet {
+    queues: Vec<Queue>,
+    shared: Arc<Shared>,
+}
+
+/// The reader of `tm_mirror_copies` and the rings it feeds.
+pub struct CopyFeed {
+    outlets: Arc<Mutex<Vec<Option<Outlet>>>>,
+    stop: Arc<AtomicBool>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for CopyFeed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CopyFeed").finish_non_exhaustive()
+    }
+}
+
+impl CopyFeed {
+    /// Starts the reader thread on the (taken) ring buffer map.
+    pub fn start(buffer: RingBuf<MapData>) -> io::Result<Arc<Self>> {
+        let outlets: Arc<Mutex<Vec<Option<Outlet>>>> =
+            Arc::new(Mutex::new((0..MAX_RINGS).map(|_| None).collect()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let reader = {
+            let (outlets, stop) = (outlets.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("tm-ring-copies".into())
+                .spawn(move || read(buffer, &outlets, &stop))?
+        };
+        Ok(Arc::new(CopyFeed {
+            outlets,
+            stop,
+            reader: Mutex::new(Some(reader)),
+        }))
+    }
+
+    /// From now on ring `slot`'s copies go to these queues.
+    pub(super) fn attach(&self, slot: u32, queues: Vec<Queue>, shared: Arc<Shared>) {
+        let mut outlets = self.outlets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(outlet) = outlets.get_mut(slot as usize) {
+            *outlet = Some(Outlet { queues, shared });
+        }
+    }
+
+    /// Ring `slot`'s queues are dropped (its consumers finish what is queued);
+    /// copies still in the buffer for it are discarded.
+    pub(super) fn detach(&self, slot: u32) {
+        let mut outlets = self.outlets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(outlet) = outlets.get_mut(slot as usize) {
+            *outlet = None;
+        }
+    }
+}
+
+impl Drop for CopyFeed {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(reader) = reader {
+            if reader.join().is_err() {
+                tracing::error!("the mirror copy reader panicked");
+            }
+        }
+    }
+}
+
+/// One ring's records of the current round.
+#[derive(Default)]
+struct Pending {
+    frames: u64,
+    records: Vec<u8>,
+}
+
+fn read(mut buffer: RingBuf<MapData>, outlets: &Mutex<Vec<Option<Outlet>>>, stop: &AtomicBool) {
+    let mut pending: Vec<Pending> = (0..MAX_RINGS).map(|_| Pending::default()).collect();
+    let mut poll_failed = false;
+    while !stop.load(Ordering::Relaxed) {
+        // Monotonic (the copies' clock) to wall-clock time, once per round.
+        let epoch = realtime_minus_monotonic();
+        let mut read = 0;
+        while read < BATCH {
+            let Some(item) = buffer.next() else {
+                break;
+            };
+            read += 1;
+            let Some((head, bytes)) = parse(&item) else {
+                continue;
+            };
+            let Some(p) = pending.get_mut(head.ring as usize) else {
+                continue;
+            };
+            let ts =
+                SystemTime::UNIX_EPOCH + Duration::from_nanos(head.ts_ns.saturating_add(epoch));
+            push_record(&mut p.records, &head, bytes, ts);
+            p.frames += 1;
+        }
+        if read == 0 {
+            if !wait(buffer.as_raw_fd(), &mut poll_failed) {
+                break;
+            }
+            continue;
+        }
+        {
+            let outlets = outlets.lock().unwrap_or_else(|e| e.into_inner());
+            for (p, outlet) in pending.iter_mut().zip(outlets.iter()) {
+                if p.frames == 0 {
+                    continue;
+                }
+                let batch = Batch {
+                    frames: std::mem::take(&mut p.frames),
+                    records: std::mem::take(&mut p.records),
+                };
+                // A ring detached meanwhile: its copies have no one to go to.
+                if let Some(o) = outlet {
+                    o.shared.received.fetch_add(batch.frames, Ordering::Relaxed);
+                    offer(Arc::new(batch), &o.queues, &o.shared);
+                }
+            }
+        }
+        if read < BATCH {
+            std::thread::sleep(LINGER);
+        }
+    }
+}
+
+/// The record's head and its bytes, if the record is whole.
+fn parse(record: &[u8]) -> Option<(CopyHead, &[u8])> {
+    let head = record.get(..HEAD)?;
+    // SAFETY: HEAD bytes; CopyHead is plain data, read unaligned.
+    let head: CopyHead = unsafe { std::ptr::read_unaligned(head.as_ptr().cast()) };
+    let bytes = record.get(HEAD..HEAD + head.caplen as usize)?;
+    Some((head, bytes))
+}
+
+/// Appends a pcap record; an offloaded VLAN tag goes back in after the MACs.
+fn push_record(records: &mut Vec<u8>, head: &CopyHead, bytes: &[u8], ts: SystemTime) {
+    let len = head.len as usize;
+    if head.vlan_proto == 0 || bytes.len() < 12 {
+        records.extend_from_slice(&record_header_cut(len, bytes.len(), ts));
+        records.extend_from_slice(bytes);
+        return;
+    }
+    records.extend_from_slice(&record_header_cut(len + 4, bytes.len() + 4, ts));
+    records.extend_from_slice(&bytes[..12]);
+    records.extend_from_slice(&head.vlan_proto.to_be_bytes());
+    records.extend_from_slice(&head.vlan_tci.to_be_bytes());
+    records.extend_from_slice(&bytes[12..]);
+}
+
+fn realtime_minus_monotonic() -> u64 {
+    let now = |clock| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to write into.
+        unsafe { libc::clock_gettime(clock, &mut ts) };
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    };
+    now(libc::CLOCK_REALTIME).saturating_sub(now(libc::CLOCK_MONOTONIC))
+}
+
+/// Waits until the buffer has records or [`POLL_TIMEOUT_MS`] passes; false
+/// if the map's descriptor is gone.
+fn wait(fd: std::os::fd::RawFd, poll_failed: &mut bool) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let rc = unsafe { libc::poll(&mut pfd, 1, POLL_TIMEOUT_MS) };
+    if rc < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            if !*poll_failed {
+                *poll_failed = true;
+                tracing::warn!("mirror copies: poll failed: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(POLL_TIMEOUT_MS as u64));
+        }
+    } else if pfd.revents & libc::POLLNVAL != 0 {
+        tracing::error!("mirror copies: the ring buffer is gone; stopping");
+        return false;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(len: u32, caplen: u32, vlan_proto: u16, vlan_tci: u16) -> CopyHead {
+        CopyHead {
+            ts_ns: 0,
+            len,
+            caplen,
+            ring: 3,
+            vlan_proto,
+            vlan_tci,
+            _pad: 0,
+        }
+    }
+
+    #[test]
+    fn a_record_is_its_head_and_caplen_bytes() {
+        let h = head(70, 4, 0, 0);
+        let mut record = vec![0u8; HEAD];
+        // SAFETY: HEAD bytes written from a CopyHead.
+        unsafe { std::ptr::write_unaligned(record.as_mut_ptr().cast(), h) };
+        record.extend_from_slice(&[1, 2, 3, 4, 9, 9]);
+        let (got, bytes) = parse(&record).unwrap();
+        assert_eq!((got, bytes), (h, &[1u8, 2, 3, 4][..]));
+        assert!(parse(&record[..HEAD + 3]).is_none(), "cut short");
+        assert!(parse(&record[..HEAD - 1]).is_none());
+    }
+
+    #[test]
+    fn an_offloaded_tag_goes_back_after_the_macs() {
+        let frame: Vec<u8> = (0..20).collect();
+        let ts = SystemTime::UNIX_EPOCH + Duration::from_micros(5_000_007);
+        let mut records = Vec::new();
+        push_record(&mut records, &head(20, 20, 0x8100, 0x2_00a), &frame, ts);
+        let want_header = record_header_cut(24, 24, ts);
+        assert_eq!(&records[..16], &want_header);
+        assert_eq!(&records[16..28], &frame[..12]);
+        assert_eq!(&records[28..32], &[0x81, 0x00, 0x20, 0x0a]);
+        assert_eq!(&records[32..], &frame[12..]);
+
+        let mut plain = Vec::new();
+        push_record(&mut plain, &head(1000, 20, 0, 0), &frame, ts);
+        assert_eq!(&plain[..16], &record_header_cut(1000, 20, ts));
+        assert_eq!(&plain[16..], &frame[..]);
+    }
+}
