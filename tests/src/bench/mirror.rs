@@ -56,6 +56,12 @@ fn admin<T>(
 }
 
 impl Lab {
+    /// The daemon again, with these arguments (the taps are gone with it).
+    fn restart(&mut self, args: &[&str]) {
+        self.daemon.stop();
+        self.daemon = Daemon::start(&self.node.name, args);
+    }
+
     fn new() -> Self {
         let node = Netns::new("bn");
         let vm1 = Netns::new("b1");
@@ -159,7 +165,7 @@ impl Lab {
 
 /// The "Mirroring on veth" section of BENCHMARKS.md.
 pub fn rates() -> String {
-    let lab = Lab::new();
+    let mut lab = Lab::new();
     let mut out = String::new();
     let _ = writeln!(out, "## Mirroring on veth\n");
     let _ = writeln!(
@@ -235,7 +241,7 @@ pub fn rates() -> String {
         );
     }
 
-    out.push_str(&consumers(&lab));
+    out.push_str(&consumers(&mut lab));
     out
 }
 
@@ -374,17 +380,9 @@ fn with_tool(lab: &Lab, tool: &[&str], file: &std::path::Path) -> Option<Capture
     })
 }
 
-/// tapmesh's AF_XDP ring writing pcap, `tcpdump -w` and `xdpdump -w` on the
-/// same flood, each with the sender's rate against an unmirrored flood just
-/// before it (this machine's rate drifts between floods).
-fn consumers(lab: &Lab) -> String {
-    let mut out = String::new();
-    let dir = std::env::temp_dir().join(crate::unique("tmbpcap"));
-    std::fs::create_dir_all(&dir).expect("pcap dir");
-    let port = lab.port.interface.clone();
-
-    let pcap = dir.join("ring.pcap");
-    let ring_none = unmirrored(lab);
+/// A ring writing the copies to `pcap` during a flood.
+fn ring_capture(lab: &Lab, pcap: &std::path::Path) -> Capture {
+    let none = unmirrored(lab);
     lab.tap(Destination::Ring(Ring {
         pcap: pcap.display().to_string(),
         forward: String::new(),
@@ -392,13 +390,26 @@ fn consumers(lab: &Lab) -> String {
     std::thread::sleep(Duration::from_millis(200));
     let (sent, expected, cpu) = ring_flood(lab);
     lab.untap();
-    let ring = Capture {
-        none: ring_none,
+    Capture {
+        none,
         sent,
         expected,
-        captured: pcap_records(&pcap),
+        captured: pcap_records(pcap),
         cpu_ns: cpu,
-    };
+    }
+}
+
+/// tapmesh's rings writing pcap (fed through the BPF ring buffer, and
+/// through AF_XDP), `tcpdump -w` and `xdpdump -w` on the same flood, each
+/// with the sender's rate against an unmirrored flood just before it (this
+/// machine's rate drifts between floods).
+fn consumers(lab: &mut Lab) -> String {
+    let mut out = String::new();
+    let dir = std::env::temp_dir().join(crate::unique("tmbpcap"));
+    std::fs::create_dir_all(&dir).expect("pcap dir");
+    let port = lab.port.interface.clone();
+
+    let ring = ring_capture(lab, &dir.join("ring.pcap"));
 
     let tcpdump = with_tool(
         lab,
@@ -419,6 +430,10 @@ fn consumers(lab: &Lab) -> String {
     );
 
     let dpdk = with_testpmd(lab);
+
+    lab.restart(&["--mirror-ring-transport", "af_xdp"]);
+    let xdp_ring = ring_capture(lab, &dir.join("xdp-ring.pcap"));
+    lab.restart(&[]);
 
     let secs = FLOOD.as_secs_f64();
     let _ = writeln!(
@@ -441,7 +456,8 @@ fn consumers(lab: &Lab) -> String {
             let _ = writeln!(out, "| {name} | (not available) | | | | | |");
         }
     };
-    line("tapmesh AF_XDP ring → pcap", Some(&ring));
+    line("tapmesh ring (BPF ring buffer) → pcap", Some(&ring));
+    line("tapmesh ring (AF_XDP) → pcap", Some(&xdp_ring));
     line("tcpdump -w (libpcap, AF_PACKET)", tcpdump.as_ref());
     line("xdpdump -w (xdp-tools, perf ring)", xdpdump.as_ref());
     let mut against = Vec::new();
@@ -456,9 +472,11 @@ fn consumers(lab: &Lab) -> String {
     }
     let _ = writeln!(
         out,
-        "\ntapmesh's ring against {}; the sender keeps {:.0} % of its unmirrored rate with the ring on.",
+        "\ntapmesh's ring (BPF ring buffer, the default) against {}; the sender keeps {:.0} % of its \
+         unmirrored rate with it on ({:.0} % with the AF_XDP ring).",
         against.join("; "),
-        100.0 * ring.sent / ring.none
+        100.0 * ring.sent / ring.none,
+        100.0 * xdp_ring.sent / xdp_ring.none
     );
     let _ = writeln!(
         out,
@@ -473,7 +491,7 @@ fn consumers(lab: &Lab) -> String {
     );
     match &dpdk {
         Ok(c) => {
-            let row = c.row("tapmesh AF_XDP ring → forward → dpdk-testpmd", secs);
+            let row = c.row("tapmesh ring → forward → dpdk-testpmd", secs);
             let _ = writeln!(out, "{row}");
         }
         Err(e) => {

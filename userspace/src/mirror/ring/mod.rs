@@ -136,8 +136,9 @@ impl MirrorRing {
         slot: u32,
         consumers: Vec<Consumer>,
     ) -> Result<Self, RingError> {
+        let steady = consumers.iter().any(|c| matches!(c, Consumer::Forward(_)));
         let (mut ring, queues) = Self::start_consumers(name, consumers)?;
-        feed.attach(slot, queues, ring.shared.clone());
+        feed.attach(slot, queues, ring.shared.clone(), steady);
         ring.feed = Some((feed, slot));
         Ok(ring)
     }
