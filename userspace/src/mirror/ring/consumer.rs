@@ -271,6 +271,9 @@ pub(super) fn run_consumer(
             Ok(batch) => {
                 sink.deliver(&batch, counters, &mut failure);
                 counters.queued.fetch_sub(batch.frames, Ordering::AcqRel);
+                counters
+                    .queued_bytes
+                    .fetch_sub(batch.records.len() as u64, Ordering::AcqRel);
             }
             Err(RecvTimeoutError::Timeout) => {}
             // The receive loop stopped and everything queued was delivered.

@@ -23,14 +23,14 @@ use super::{
     consumer::{Batch, Queue},
     receive::offer,
     stats::Shared,
-    QUEUE_DEPTH,
+    FED_QUEUE_DEPTH, QUEUE_DEPTH,
 };
 use crate::mirror::pcap::record_header_cut;
 
 /// How long the reader waits in poll(), i.e. how soon it notices a stop.
 const POLL_TIMEOUT_MS: libc::c_int = 50;
 const HEAD: usize = size_of::<CopyHead>();
-/// Records per batch handed to the consumers: a consumer's queue holds four.
+/// Records per batch handed to the consumers.
 const BATCH: u32 = (QUEUE_DEPTH / 4) as u32;
 /// The longest the reader lets copies gather between rounds (see [`linger`]).
 /// On a busy machine every wake-up of this thread and of each consumer
@@ -192,7 +192,7 @@ fn dispatch(pending: &mut [Pending], outlets: &Mutex<Vec<Option<Outlet>>>) -> bo
         // A ring detached meanwhile: its copies have no one to go to.
         if let Some(o) = outlet {
             o.shared.received.fetch_add(batch.frames, Ordering::Relaxed);
-            offer(Arc::new(batch), &o.queues, &o.shared);
+            offer(Arc::new(batch), &o.queues, &o.shared, FED_QUEUE_DEPTH);
         }
     }
     outlets.iter().flatten().any(|o| o.steady)

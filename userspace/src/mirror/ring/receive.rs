@@ -18,7 +18,7 @@ use super::{
     consumer::{Batch, Queue},
     socket::{RingSocket, FRAME_SIZE},
     stats::Shared,
-    FLUSH_INTERVAL, QUEUE_DEPTH,
+    FLUSH_INTERVAL, QUEUE_BYTES, QUEUE_DEPTH,
 };
 use crate::mirror::pcap::record_header;
 
@@ -88,7 +88,12 @@ pub(super) fn run_receiver(
         }
 
         shared.received.fetch_add(frames, Ordering::Relaxed);
-        offer(Arc::new(Batch { frames, records }), &queues, &shared);
+        offer(
+            Arc::new(Batch { frames, records }),
+            &queues,
+            &shared,
+            QUEUE_DEPTH,
+        );
         if frames < u64::from(BATCH) {
             std::thread::sleep(LINGER);
         }
@@ -124,17 +129,22 @@ fn wait(socket: &RingSocket, shared: &Shared, poll_failed: &mut bool) -> bool {
 }
 
 /// Hands the batch to every consumer whose queue has room for all of it
-/// (at most [`QUEUE_DEPTH`] frames queued); the others lose its frames.
-pub(super) fn offer(batch: Arc<Batch>, queues: &[Queue], shared: &Shared) {
+/// (at most `depth` frames and [`QUEUE_BYTES`] queued); the others lose its
+/// frames.
+pub(super) fn offer(batch: Arc<Batch>, queues: &[Queue], shared: &Shared, depth: usize) {
+    let bytes = batch.records.len() as u64;
     for (queue, counters) in queues.iter().zip(&shared.consumers) {
-        // Only this thread adds to `queued`, so the room seen here stays.
+        // Only this thread adds to the queued counts, so the room seen here stays.
         let queued = counters.queued.load(Ordering::Acquire);
-        if queued + batch.frames <= QUEUE_DEPTH as u64 {
+        let queued_bytes = counters.queued_bytes.load(Ordering::Acquire);
+        if queued + batch.frames <= depth as u64 && queued_bytes + bytes <= QUEUE_BYTES as u64 {
             counters.queued.fetch_add(batch.frames, Ordering::AcqRel);
+            counters.queued_bytes.fetch_add(bytes, Ordering::AcqRel);
             if queue.send(batch.clone()).is_ok() {
                 continue;
             }
             counters.queued.fetch_sub(batch.frames, Ordering::AcqRel);
+            counters.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
         }
         counters.lost.fetch_add(batch.frames, Ordering::Relaxed);
     }

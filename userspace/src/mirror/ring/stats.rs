@@ -43,6 +43,8 @@ pub(super) struct Counters {
     pub(super) lost: AtomicU64,
     /// Frames handed to the consumer's queue and not yet taken off it.
     pub(super) queued: AtomicU64,
+    /// Their pcap records' bytes.
+    pub(super) queued_bytes: AtomicU64,
 }
 
 pub(super) struct Shared {
