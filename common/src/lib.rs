@@ -79,7 +79,7 @@ pub mod map_names {
     pub const MIRROR_VLANS: &str = "tm_mirror_vlans";
     pub const MIRROR_STATS: &str = "tm_mirror_stats";
     pub const MIRROR_RINGS: &str = "tm_mirror_rings";
-    pub const MIRROR_COPIES: &str = "tm_mirror_copies";
+    pub const MIRROR_COPIES: &str = "tm_mirror_copy";
     pub const XSKS: &str = "tm_xsks";
     pub const OV_CONFIG: &str = "tm_ov_config";
     pub const OV_SERVICES: &str = "tm_ov_services";

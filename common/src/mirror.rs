@@ -22,17 +22,18 @@ pub const RULES_PER_PORT: usize = 8;
 /// Mirror rings.
 pub const MAX_RINGS: u32 = 64;
 
-/// Bytes of `tm_mirror_copies`, the ring buffer that carries copies for
+/// Bytes of `tm_mirror_copy`, the ring buffer that carries copies for
 /// mirror rings straight from TC (a power of two pages).
 pub const COPY_RING_BYTES: u32 = 16 << 20;
-/// The most of one packet a copy in `tm_mirror_copies` holds (a GSO packet
+/// The most of one packet a copy in `tm_mirror_copy` holds (a GSO packet
 /// is one packet at TC; longer ones are cut, their length kept).
 pub const COPY_MAX_BYTES: u32 = 65535;
 /// Copies reserve one of these sizes for their bytes (constant sizes, as the
-/// verifier wants), the smallest that holds the packet.
-pub const COPY_SIZES: [u32; 3] = [128, 2048, COPY_MAX_BYTES];
+/// verifier wants), the smallest that holds the packet: small packets, MTU
+/// frames, GRO/GSO packets and jumbo frames each without much waste.
+pub const COPY_SIZES: [u32; 7] = [128, 512, 2048, 4096, 9216, 16384, COPY_MAX_BYTES];
 
-/// The head of a record in `tm_mirror_copies`; `caplen` packet bytes follow.
+/// The head of a record in `tm_mirror_copy`; `caplen` packet bytes follow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CopyHead {
@@ -43,7 +44,10 @@ pub struct CopyHead {
     /// The bytes that follow (at most `COPY_MAX_BYTES`).
     pub caplen: u32,
     /// The mirror ring (`MirrorRule::ring` - 1).
-    pub ring: u16,
+    pub ring: u8,
+    /// `MirrorRule::generation`: tells this ring's copies from those of an
+    /// earlier ring in the same slot still in the buffer.
+    pub generation: u8,
     /// The offloaded VLAN tag's protocol (network order), 0 when the packet
     /// has none; the tag is not in the bytes and goes back in after the MACs.
     pub vlan_proto: u16,
@@ -70,10 +74,11 @@ pub struct MirrorRule {
     pub directions: u8,
     /// Non-zero: only VLANs in `tm_mirror_vlans[flow]` (untagged counts as VLAN 0).
     pub vlan_filtered: u8,
-    /// Non-zero: the copy goes into `tm_mirror_copies` for mirror ring
+    /// Non-zero: the copy goes into `tm_mirror_copy` for mirror ring
     /// `ring - 1` instead of out of `dest_ifindex`.
     pub ring: u8,
-    pub _pad: u8,
+    /// Copied into each copy's `CopyHead::generation`.
+    pub generation: u8,
 }
 assert_layout!(MirrorRule, size = 12, align = 4);
 

@@ -150,7 +150,7 @@ pub static tm_mirror_rings: HashMap<u32, u32, { MAX_RINGS as usize }> = HashMap:
 pub static tm_xsks: XskMap<{ MAX_RINGS as usize }> = XskMap::new();
 /// Copies for mirror rings made straight from TC: a `CopyHead` and the bytes.
 #[btf_map]
-pub static tm_mirror_copies: RingBuf<CopyHead, { COPY_RING_BYTES as usize }> = RingBuf::new();
+pub static tm_mirror_copy: RingBuf<CopyHead, { COPY_RING_BYTES as usize }> = RingBuf::new();
 
 // Service-IP overlay.
 #[btf_map]

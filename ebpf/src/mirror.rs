@@ -1,7 +1,7 @@
 //! Port mirroring: copies of a source interface's packets, by direction and
 //! VLAN, cloned to each tap service's interface. The production packet is
 //! never changed, delayed or dropped here; a failed copy is only counted.
-//! Copies for a mirror ring go straight into `tm_mirror_copies` (one copy of
+//! Copies for a mirror ring go straight into `tm_mirror_copy` (one copy of
 //! the bytes, no clone) unless the ring is fed through AF_XDP.
 
 use core::ptr::addr_of_mut;
@@ -20,7 +20,7 @@ use tapmesh_common::mirror::{
 use crate::{
     headers::{ETH_P_8021AD, ETH_P_8021Q},
     maps::{
-        tm_mirror_bits, tm_mirror_copies, tm_mirror_ports, tm_mirror_rings, tm_mirror_stats,
+        tm_mirror_bits, tm_mirror_copy, tm_mirror_ports, tm_mirror_rings, tm_mirror_stats,
         tm_mirror_vlans, tm_xsks,
     },
 };
@@ -61,7 +61,7 @@ pub fn copy(ctx: &TcContext, direction: u8) {
         // — the noop qdisc of a device without carrier (its far end down)
         // drops every one this way. A ring copy fails when the buffer is full.
         let copied = if rule.ring != 0 {
-            to_ring(ctx, rule.ring - 1, len as u32)
+            to_ring(ctx, rule.ring - 1, rule.generation, len as u32)
         } else {
             ctx.clone_redirect(rule.dest_ifindex, 0).is_ok()
         };
@@ -78,7 +78,7 @@ pub fn copy(ctx: &TcContext, direction: u8) {
     }
 }
 
-/// A record of `tm_mirror_copies` with room for `N` bytes.
+/// A record of `tm_mirror_copy` with room for `N` bytes.
 #[repr(C)]
 struct Copy<const N: usize> {
     head: CopyHead,
@@ -88,20 +88,36 @@ struct Copy<const N: usize> {
 /// Puts the packet's first bytes (up to `COPY_MAX_BYTES`) into the ring
 /// buffer for mirror ring `ring`, in the smallest record that holds them.
 #[inline(always)]
-fn to_ring(ctx: &TcContext, ring: u8, len: u32) -> bool {
+fn to_ring(ctx: &TcContext, ring: u8, generation: u8, len: u32) -> bool {
     let caplen = if len > COPY_MAX_BYTES { COPY_MAX_BYTES } else { len };
+    let to = Dest { ring, generation };
     if caplen <= COPY_SIZES[0] {
-        copy_as::<{ COPY_SIZES[0] as usize }>(ctx, ring, len, caplen)
+        copy_as::<{ COPY_SIZES[0] as usize }>(ctx, to, len, caplen)
     } else if caplen <= COPY_SIZES[1] {
-        copy_as::<{ COPY_SIZES[1] as usize }>(ctx, ring, len, caplen)
+        copy_as::<{ COPY_SIZES[1] as usize }>(ctx, to, len, caplen)
+    } else if caplen <= COPY_SIZES[2] {
+        copy_as::<{ COPY_SIZES[2] as usize }>(ctx, to, len, caplen)
+    } else if caplen <= COPY_SIZES[3] {
+        copy_as::<{ COPY_SIZES[3] as usize }>(ctx, to, len, caplen)
+    } else if caplen <= COPY_SIZES[4] {
+        copy_as::<{ COPY_SIZES[4] as usize }>(ctx, to, len, caplen)
+    } else if caplen <= COPY_SIZES[5] {
+        copy_as::<{ COPY_SIZES[5] as usize }>(ctx, to, len, caplen)
     } else {
-        copy_as::<{ COPY_SIZES[2] as usize }>(ctx, ring, len, caplen)
+        copy_as::<{ COPY_SIZES[6] as usize }>(ctx, to, len, caplen)
     }
 }
 
+/// Which ring a copy is for.
+#[derive(Clone, Copy)]
+struct Dest {
+    ring: u8,
+    generation: u8,
+}
+
 #[inline(always)]
-fn copy_as<const N: usize>(ctx: &TcContext, ring: u8, len: u32, caplen: u32) -> bool {
-    let Some(mut entry) = tm_mirror_copies.reserve_untyped::<Copy<N>>(0) else {
+fn copy_as<const N: usize>(ctx: &TcContext, to: Dest, len: u32, caplen: u32) -> bool {
+    let Some(mut entry) = tm_mirror_copy.reserve_untyped::<Copy<N>>(0) else {
         return false;
     };
     let copy = entry.as_mut_ptr();
@@ -135,7 +151,8 @@ fn copy_as<const N: usize>(ctx: &TcContext, ring: u8, len: u32, caplen: u32) -> 
             ts_ns: bpf_ktime_get_ns(),
             len,
             caplen,
-            ring: ring as u16,
+            ring: to.ring,
+            generation: to.generation,
             vlan_proto,
             vlan_tci,
             _pad: 0,

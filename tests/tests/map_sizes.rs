@@ -24,8 +24,8 @@ use tapmesh_tests::{
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const MAGLEV_ENTRIES: u64 = 12_000;
-const SIZES: &str =
-    "[dataplane]\nmaglev_entries = 12000\nconntrack_entries = 4096\nconntrack6_entries = 2048\n";
+const SIZES: &str = "[dataplane]\nmaglev_entries = 12000\nconntrack_entries = 4096\n\
+    conntrack6_entries = 2048\nmirror_copy_bytes = 1048576\n";
 
 fn lab() -> (LbLab, PathBuf, PathBuf) {
     let mut lab = LbLab::new(1, &[VIP]);
@@ -80,6 +80,7 @@ fn configured_sizes_are_the_pinned_sizes_and_each_maps_kernel_memory_is_reported
         ("tm_maglev", 12_000),
         ("tm_ov_ct", 4096),
         ("tm_ov_ct6", 2048),
+        ("tm_mirror_copy", 1 << 20),
     ] {
         assert_eq!(shown[map]["max_entries"], entries, "{map}: {}", shown[map]);
     }
@@ -145,6 +146,11 @@ fn configured_sizes_are_the_pinned_sizes_and_each_maps_kernel_memory_is_reported
     );
     assert_eq!(
         shown["tm_ov_ct6"]["max_entries"], 65_536,
+        "back to the default"
+    );
+    assert_eq!(
+        shown["tm_mirror_copy"]["max_entries"],
+        16 << 20,
         "back to the default"
     );
     let log = lab.daemon().log_text();

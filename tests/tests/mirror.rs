@@ -844,8 +844,7 @@ fn a_ring_that_falls_behind_shows_its_drops_in_tap_flow_list() {
     lab.ring_service("ring", &dir.0.join("drops.pcap"));
     lab.flow("out", "ring", "OUT", "").unwrap();
     let pid = lab.daemon.pid() as i32;
-    // SAFETY: signalling our own child; SIGCONT follows below.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    freeze(pid);
     let frames = vec![lab.vm1_frame(&[]); SENT as usize];
     send_frames(&lab.vm1.name, &lab.vm1_if.interface, &frames);
     std::thread::sleep(Duration::from_millis(200));
@@ -877,26 +876,56 @@ fn a_ring_that_falls_behind_shows_its_drops_in_tap_flow_list() {
 /// exactly as many as fit; the rest are the flow's failed copies, and every
 /// copy the buffer held reaches the ring's consumer once the reader runs
 /// again.
+/// SIGSTOP, then waits until every thread of `pid` is stopped (the signal
+/// is delivered asynchronously). SIGCONT is the caller's.
+fn freeze(pid: i32) {
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stopped = || {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .all(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+                    .unwrap_or(true)
+            })
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), stopped),
+        "the daemon did not stop"
+    );
+}
+
 #[test]
 fn a_full_ring_buffer_counts_the_copies_it_had_no_room_for() {
     if !kernel_tests_enabled() {
         return;
     }
-    use tapmesh_common::mirror::{CopyHead, COPY_RING_BYTES, COPY_SIZES};
-    const SENT: u64 = 120_000;
+    use tapmesh_common::mirror::{CopyHead, COPY_SIZES};
+    // A small buffer (`dataplane.mirror_copy_bytes`), so that few copies fill it.
+    const BYTES: u64 = 1 << 20;
+    const SENT: u64 = 10_000;
     let dir = TempDir::new("ringfull");
     let pcap = dir.0.join("full.pcap");
-    let lab = Lab::new();
+    let config = dir.0.join("tapmesh.toml");
+    std::fs::write(
+        &config,
+        format!("[dataplane]\nmirror_copy_bytes = {BYTES}\n"),
+    )
+    .unwrap();
+    let lab = Lab::with(|_| vec!["--config".into(), config.display().to_string()]);
     lab.ring_service("ring", &pcap);
     lab.flow("out", "ring", "OUT", "").unwrap();
     let frame = lab.vm1_frame(&[]);
     assert!(frame.len() <= COPY_SIZES[0] as usize);
     // A record: the kernel's 8-byte header, the copy's head, the smallest size.
     let record = 8 + size_of::<CopyHead>() as u64 + u64::from(COPY_SIZES[0]);
-    let room = u64::from(COPY_RING_BYTES) / record;
+    let room = BYTES / record;
     let pid = lab.daemon.pid() as i32;
-    // SAFETY: signalling our own child; SIGCONT follows below.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    freeze(pid);
     send_frames(
         &lab.vm1.name,
         &lab.vm1_if.interface,

@@ -97,6 +97,10 @@ pub struct DataplaneConfig {
     pub conntrack_entries: u32,
     /// The same for IPv6 (`tm_ov_ct6`).
     pub conntrack6_entries: u32,
+    /// Bytes of the ring buffer that carries copies to mirror rings
+    /// (`tm_mirror_copy`): a power of two, in whole pages. A small copy
+    /// takes 160 bytes of it, so 16 MiB hold about 100 ms of copies at 1 Mpps.
+    pub mirror_copy_bytes: u32,
 }
 
 /// The most `dataplane.maglev_entries` may be: what a file checked away
@@ -105,10 +109,12 @@ pub const MAX_MAGLEV_ENTRIES: u32 = 1 << 26;
 
 /// Bounds of the map sizes: below, a lone stream or a few hundred
 /// connections do not fit; above, one map would lock gigabytes.
-pub const MAP_SIZE_BOUNDS: [(&str, u32, u32); 3] = [
+pub const MAP_SIZE_BOUNDS: [(&str, u32, u32); 4] = [
     ("dataplane.maglev_entries", 1024, MAX_MAGLEV_ENTRIES),
     ("dataplane.conntrack_entries", 1024, 1 << 24),
     ("dataplane.conntrack6_entries", 1024, 1 << 24),
+    // Above the largest copy (64 KiB); at most 1 GiB.
+    ("dataplane.mirror_copy_bytes", 1 << 18, 1 << 30),
 ];
 
 impl Default for DataplaneConfig {
@@ -122,6 +128,7 @@ impl Default for DataplaneConfig {
             maglev_entries: tapmesh_common::lb::MAGLEV_CAPACITY,
             conntrack_entries: tapmesh_common::overlay::CONNTRACK_ENTRIES,
             conntrack6_entries: tapmesh_common::overlay::CONNTRACK_ENTRIES6,
+            mirror_copy_bytes: tapmesh_common::mirror::COPY_RING_BYTES,
         }
     }
 }
@@ -133,6 +140,7 @@ impl DataplaneConfig {
             self.maglev_entries,
             self.conntrack_entries,
             self.conntrack6_entries,
+            self.mirror_copy_bytes,
         ];
         for ((setting, min, max), value) in MAP_SIZE_BOUNDS.into_iter().zip(values) {
             if !(min..=max).contains(&value) {
@@ -141,6 +149,16 @@ impl DataplaneConfig {
                     message: format!("{value} is out of range; use {min} to {max}"),
                 });
             }
+        }
+        if !self.mirror_copy_bytes.is_power_of_two() {
+            return Err(ConfigError::BadValue {
+                setting: "dataplane.mirror_copy_bytes",
+                message: format!(
+                    "{} is not a power of two (the kernel's ring buffers are), e.g. {}",
+                    self.mirror_copy_bytes,
+                    self.mirror_copy_bytes.next_power_of_two()
+                ),
+            });
         }
         Ok(())
     }
@@ -1175,6 +1193,12 @@ mod tests {
             "dataplane.maglev_entries: 67108865 is out of range; use 1024 to 67108864"
         );
         assert!(refused("conntrack6_entries = 0").starts_with("dataplane.conntrack6_entries: "));
+        assert_eq!(c.dataplane.mirror_copy_bytes, 16 << 20);
+        assert_eq!(
+            refused("mirror_copy_bytes = 3000000"),
+            "dataplane.mirror_copy_bytes: 3000000 is not a power of two (the kernel's ring buffers are), e.g. 4194304"
+        );
+        assert!(refused("mirror_copy_bytes = 4096").starts_with("dataplane.mirror_copy_bytes: "));
         let c = Config::from_toml(
             "[dataplane]\nmaglev_entries = 1024\nconntrack6_entries = 16777216\n",
         )

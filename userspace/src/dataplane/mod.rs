@@ -143,6 +143,11 @@ impl Default for DataplaneHandle {
 }
 
 impl DataplaneHandle {
+    /// Bytes of `tm_mirror_copy` (`dataplane.mirror_copy_bytes`).
+    pub fn mirror_copy_bytes(&self) -> u32 {
+        self.sizes.lock().expect("sizes lock").mirror_copies
+    }
+
     /// Entries of the Maglev table space (`dataplane.maglev_entries`).
     pub fn maglev_entries(&self) -> u32 {
         self.sizes.lock().expect("sizes lock").maglev

@@ -299,6 +299,7 @@ pub struct Sizes {
     pub maglev: u32,
     pub conntrack: u32,
     pub conntrack6: u32,
+    pub mirror_copies: u32,
 }
 
 impl Default for Sizes {
@@ -313,15 +314,17 @@ impl Sizes {
             maglev: config.maglev_entries,
             conntrack: config.conntrack_entries,
             conntrack6: config.conntrack6_entries,
+            mirror_copies: config.mirror_copy_bytes,
         }
     }
 
     /// (map, entries) for every sized map.
-    fn entries(&self) -> [(&'static str, u32); 3] {
+    fn entries(&self) -> [(&'static str, u32); 4] {
         [
             (n::MAGLEV, self.maglev),
             (n::OV_CONNTRACK, self.conntrack),
             (n::OV_CONNTRACK6, self.conntrack6),
+            (n::MIRROR_COPIES, self.mirror_copies),
         ]
     }
 

@@ -44,6 +44,8 @@ pub struct ServiceState {
 
 struct Ring {
     slot: u32,
+    /// Tells its copies from an earlier ring's in the same slot.
+    generation: u8,
     /// The veth pair of a ring fed through AF_XDP.
     veth: Option<RingVeth>,
     running: MirrorRing,
@@ -74,6 +76,8 @@ pub struct MirrorService {
     state: Mutex<State>,
     state_file: std::sync::Mutex<Option<PathBuf>>,
     transport: std::sync::Mutex<RingTransport>,
+    /// The last ring generation given out.
+    generation: std::sync::Mutex<u8>,
     /// The reader of the kernel's copies (started with the first ring fed that way).
     feed: Mutex<Option<Arc<CopyFeed>>>,
     /// Tap flows removed because their interface went away.
@@ -109,6 +113,12 @@ impl MirrorService {
             state: Mutex::default(),
             state_file: Default::default(),
             transport: Default::default(),
+            // Not where an earlier daemon's kept rules may have started.
+            generation: std::sync::Mutex::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.subsec_nanos() as u8),
+            ),
             feed: Mutex::default(),
             removed: tokio::sync::broadcast::channel(256).0,
         }
@@ -249,20 +259,27 @@ impl MirrorService {
             return self.start_xdp_ring(slot, consumers).await;
         }
         let feed = self.feed().await?;
+        let generation = {
+            let mut g = self.generation.lock().expect("lock");
+            // 0 is never used: a zeroed record cannot pass for a ring's.
+            *g = g.checked_add(1).unwrap_or(1);
+            *g
+        };
         let started = tokio::task::spawn_blocking(move || {
-            MirrorRing::start_fed(format!("ring{slot}"), feed, slot, consumers)
+            MirrorRing::start_fed(format!("ring{slot}"), feed, (slot, generation), consumers)
         })
         .await
         .map_err(|e| MirrorError::Dataplane(format!("ring task failed: {e}")))?;
         let running = started.map_err(|e| MirrorError::Dataplane(e.to_string()))?;
         Ok(Ring {
             slot,
+            generation,
             veth: None,
             running,
         })
     }
 
-    /// The reader of `tm_mirror_copies`, started on first use.
+    /// The reader of `tm_mirror_copy`, started on first use.
     async fn feed(&self) -> Result<Arc<CopyFeed>, MirrorError> {
         let mut feed = self.feed.lock().await;
         if let Some(f) = &*feed {
@@ -273,7 +290,8 @@ impl MirrorService {
             .take_mirror_copies()
             .await
             .map_err(|e| MirrorError::Dataplane(e.to_string()))?;
-        let started = CopyFeed::start(buffer)
+        let bytes = self.dataplane.mirror_copy_bytes();
+        let started = CopyFeed::start(buffer, bytes)
             .map_err(|e| MirrorError::Dataplane(format!("starting the mirror copy reader: {e}")))?;
         *feed = Some(started.clone());
         Ok(started)
@@ -326,6 +344,7 @@ impl MirrorService {
         match started {
             Ok(running) => Ok(Ring {
                 slot,
+                generation: 0,
                 veth: Some(RingVeth {
                     host,
                     peer,
@@ -493,7 +512,7 @@ impl MirrorService {
                     .ring
                     .as_ref()
                     .filter(|r| r.veth.is_none())
-                    .map(|r| r.slot),
+                    .map(|r| (r.slot, r.generation)),
             })
         }))?;
         let sources: BTreeSet<String> = sources.into_iter().map(String::from).collect();

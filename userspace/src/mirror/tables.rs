@@ -15,8 +15,9 @@ pub struct FlowRule<'a> {
     pub index: u32,
     pub source_ifindex: u32,
     pub dest_ifindex: u32,
-    /// The mirror ring fed through `tm_mirror_copies` (no interface then).
-    pub ring: Option<u32>,
+    /// The mirror ring fed through `tm_mirror_copy` (no interface then):
+    /// its slot and generation.
+    pub ring: Option<(u32, u8)>,
 }
 
 /// The rules per source interface and the VLAN sets, with the source
@@ -51,8 +52,8 @@ pub fn mirror_tables<'a>(
             dest_ifindex: f.dest_ifindex,
             directions: f.spec.direction.bits(),
             vlan_filtered: filtered as u8,
-            ring: f.ring.map_or(0, |slot| slot as u8 + 1),
-            _pad: 0,
+            ring: f.ring.map_or(0, |(slot, _)| slot as u8 + 1),
+            generation: f.ring.map_or(0, |(_, generation)| generation),
         };
         port.count += 1;
         sources.insert(f.spec.source.as_str());

@@ -1,4 +1,4 @@
-//! The copies TC puts straight into the `tm_mirror_copies` ring buffer, for
+//! The copies TC puts straight into the `tm_mirror_copy` ring buffer, for
 //! every mirror ring fed that way: one thread reads the buffer in rounds,
 //! lays each ring's copies out as pcap records and hands each ring's batch
 //! to that ring's consumer queues, exactly as an AF_XDP ring's receive loop
@@ -17,7 +17,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use tapmesh_common::mirror::{CopyHead, COPY_RING_BYTES, MAX_RINGS};
+use tapmesh_common::mirror::{CopyHead, MAX_RINGS};
 
 use super::{
     consumer::{Batch, Queue},
@@ -25,7 +25,7 @@ use super::{
     stats::Shared,
     FED_QUEUE_DEPTH, QUEUE_DEPTH,
 };
-use crate::mirror::pcap::record_header_cut;
+use crate::mirror::pcap::{record_header_cut, SNAPLEN};
 
 /// How long the reader waits in poll(), i.e. how soon it notices a stop.
 const POLL_TIMEOUT_MS: libc::c_int = 50;
@@ -49,9 +49,11 @@ struct Outlet {
     shared: Arc<Shared>,
     /// It forwards copies: they go on in a steady stream, not in bursts.
     steady: bool,
+    /// Only copies of this generation are its.
+    generation: u8,
 }
 
-/// The reader of `tm_mirror_copies` and the rings it feeds.
+/// The reader of `tm_mirror_copy` and the rings it feeds.
 pub struct CopyFeed {
     outlets: Arc<Mutex<Vec<Option<Outlet>>>>,
     stop: Arc<AtomicBool>,
@@ -65,8 +67,8 @@ impl std::fmt::Debug for CopyFeed {
 }
 
 impl CopyFeed {
-    /// Starts the reader thread on the (taken) ring buffer map.
-    pub fn start(buffer: RingBuf<MapData>) -> io::Result<Arc<Self>> {
+    /// Starts the reader thread on the (taken) ring buffer map of `bytes`.
+    pub fn start(buffer: RingBuf<MapData>, bytes: u32) -> io::Result<Arc<Self>> {
         let outlets: Arc<Mutex<Vec<Option<Outlet>>>> =
             Arc::new(Mutex::new((0..MAX_RINGS).map(|_| None).collect()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -74,7 +76,7 @@ impl CopyFeed {
             let (outlets, stop) = (outlets.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("tm-ring-copies".into())
-                .spawn(move || read(buffer, &outlets, &stop))?
+                .spawn(move || read(buffer, bytes, &outlets, &stop))?
         };
         Ok(Arc::new(CopyFeed {
             outlets,
@@ -85,13 +87,21 @@ impl CopyFeed {
 
     /// From now on ring `slot`'s copies go to these queues; `steady` for a
     /// ring that forwards them (see [`LINGER_STEADY`]).
-    pub(super) fn attach(&self, slot: u32, queues: Vec<Queue>, shared: Arc<Shared>, steady: bool) {
+    pub(super) fn attach(
+        &self,
+        slot: u32,
+        generation: u8,
+        queues: Vec<Queue>,
+        shared: Arc<Shared>,
+        steady: bool,
+    ) {
         let mut outlets = self.outlets.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(outlet) = outlets.get_mut(slot as usize) {
             *outlet = Some(Outlet {
                 queues,
                 shared,
                 steady,
+                generation,
             });
         }
     }
@@ -121,11 +131,18 @@ impl Drop for CopyFeed {
 /// One ring's records of the current round.
 #[derive(Default)]
 struct Pending {
+    /// The generation of the ring they are for.
+    generation: u8,
     frames: u64,
     records: Vec<u8>,
 }
 
-fn read(mut buffer: RingBuf<MapData>, outlets: &Mutex<Vec<Option<Outlet>>>, stop: &AtomicBool) {
+fn read(
+    mut buffer: RingBuf<MapData>,
+    size: u32,
+    outlets: &Mutex<Vec<Option<Outlet>>>,
+    stop: &AtomicBool,
+) {
     let mut pending: Vec<Pending> = (0..MAX_RINGS).map(|_| Pending::default()).collect();
     let mut poll_failed = false;
     while !stop.load(Ordering::Relaxed) {
@@ -135,10 +152,11 @@ fn read(mut buffer: RingBuf<MapData>, outlets: &Mutex<Vec<Option<Outlet>>>, stop
         let (mut read, mut bytes) = (0, 0);
         let mut steady;
         loop {
+            generations(&mut pending, outlets);
             let (n, b) = gather(&mut buffer, &mut pending, epoch);
             (read, bytes) = (read + n, bytes + b);
             steady = dispatch(&mut pending, outlets);
-            if n < BATCH {
+            if n < BATCH || stop.load(Ordering::Relaxed) {
                 break;
             }
         }
@@ -149,7 +167,7 @@ fn read(mut buffer: RingBuf<MapData>, outlets: &Mutex<Vec<Option<Outlet>>>, stop
             continue;
         }
         let most = if steady { LINGER_STEADY } else { LINGER };
-        std::thread::sleep(linger(bytes, most));
+        std::thread::sleep(linger(bytes, size, most));
     }
 }
 
@@ -167,7 +185,11 @@ fn gather(buffer: &mut RingBuf<MapData>, pending: &mut [Pending], epoch: u64) ->
         let Some((head, data)) = parse(&item) else {
             continue;
         };
-        let Some(p) = pending.get_mut(head.ring as usize) else {
+        // Records of no ring, or of a ring gone from its slot, are dropped.
+        let Some(p) = pending
+            .get_mut(head.ring as usize)
+            .filter(|p| p.generation != 0 && p.generation == head.generation)
+        else {
             continue;
         };
         let ts = SystemTime::UNIX_EPOCH + Duration::from_nanos(head.ts_ns.saturating_add(epoch));
@@ -175,6 +197,14 @@ fn gather(buffer: &mut RingBuf<MapData>, pending: &mut [Pending], epoch: u64) ->
         p.frames += 1;
     }
     (read, bytes)
+}
+
+/// Takes each slot's current generation (0: no ring) for the next batch.
+fn generations(pending: &mut [Pending], outlets: &Mutex<Vec<Option<Outlet>>>) {
+    let outlets = outlets.lock().unwrap_or_else(|e| e.into_inner());
+    for (p, outlet) in pending.iter_mut().zip(outlets.iter()) {
+        p.generation = outlet.as_ref().map_or(0, |o| o.generation);
+    }
 }
 
 /// Hands each ring's pending records to its consumers as one batch; true
@@ -189,8 +219,8 @@ fn dispatch(pending: &mut [Pending], outlets: &Mutex<Vec<Option<Outlet>>>) -> bo
             frames: std::mem::take(&mut p.frames),
             records: std::mem::take(&mut p.records),
         };
-        // A ring detached meanwhile: its copies have no one to go to.
-        if let Some(o) = outlet {
+        // A ring detached (or replaced) meanwhile: its copies have no one to go to.
+        if let Some(o) = outlet.as_ref().filter(|o| o.generation == p.generation) {
             o.shared.received.fetch_add(batch.frames, Ordering::Relaxed);
             offer(Arc::new(batch), &o.queues, &o.shared, FED_QUEUE_DEPTH);
         }
@@ -202,8 +232,8 @@ fn dispatch(pending: &mut [Pending], outlets: &Mutex<Vec<Option<Outlet>>>) -> bo
 /// that was little, shorter as it nears an eighth of the buffer, none
 /// beyond, so the buffer stays mostly free at any rate the reader keeps up
 /// with.
-fn linger(bytes: usize, most: Duration) -> Duration {
-    let eighth = COPY_RING_BYTES as f64 / 8.0;
+fn linger(bytes: usize, size: u32, most: Duration) -> Duration {
+    let eighth = f64::from(size) / 8.0;
     most.mul_f64((1.0 - bytes as f64 / eighth).max(0.0))
 }
 
@@ -221,9 +251,11 @@ fn push_record(records: &mut Vec<u8>, head: &CopyHead, bytes: &[u8], ts: SystemT
     let len = head.len as usize;
     if head.vlan_proto == 0 || bytes.len() < 12 {
         records.extend_from_slice(&record_header_cut(len, bytes.len(), ts));
-        records.extend_from_slice(bytes);
+        records.extend_from_slice(&bytes[..bytes.len().min(SNAPLEN as usize)]);
         return;
     }
+    // With the tag the record still holds at most SNAPLEN bytes.
+    let bytes = &bytes[..bytes.len().min(SNAPLEN as usize - 4)];
     records.extend_from_slice(&record_header_cut(len + 4, bytes.len() + 4, ts));
     records.extend_from_slice(&bytes[..12]);
     records.extend_from_slice(&head.vlan_proto.to_be_bytes());
@@ -273,6 +305,7 @@ fn wait(fd: std::os::fd::RawFd, poll_failed: &mut bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tapmesh_common::mirror::COPY_RING_BYTES;
 
     fn head(len: u32, caplen: u32, vlan_proto: u16, vlan_tci: u16) -> CopyHead {
         CopyHead {
@@ -280,6 +313,7 @@ mod tests {
             len,
             caplen,
             ring: 3,
+            generation: 1,
             vlan_proto,
             vlan_tci,
             _pad: 0,
@@ -287,13 +321,29 @@ mod tests {
     }
 
     #[test]
+    fn a_tag_put_back_into_a_cut_copy_keeps_the_record_within_the_snap_length() {
+        let frame = vec![7u8; 65535];
+        let ts = SystemTime::UNIX_EPOCH;
+        let mut records = Vec::new();
+        push_record(&mut records, &head(70000, 65535, 0x8100, 5), &frame, ts);
+        assert_eq!(&records[..16], &record_header_cut(70004, 65535, ts));
+        assert_eq!(
+            records.len(),
+            16 + 65535,
+            "the header's incl_len bytes follow"
+        );
+    }
+
+    #[test]
     fn the_pause_shrinks_as_a_round_takes_more_of_the_buffer() {
         let eighth = COPY_RING_BYTES as usize / 8;
-        assert_eq!(linger(0, LINGER), LINGER);
-        assert_eq!(linger(eighth / 2, LINGER), LINGER / 2);
-        assert_eq!(linger(eighth / 2, LINGER_STEADY), LINGER_STEADY / 2);
-        assert_eq!(linger(eighth, LINGER), Duration::ZERO);
-        assert_eq!(linger(eighth * 3, LINGER), Duration::ZERO);
+        let size = COPY_RING_BYTES;
+        assert_eq!(linger(0, size, LINGER), LINGER);
+        assert_eq!(linger(eighth / 2, size, LINGER), LINGER / 2);
+        assert_eq!(linger(eighth / 2, size, LINGER_STEADY), LINGER_STEADY / 2);
+        assert_eq!(linger(eighth, size, LINGER), Duration::ZERO);
+        assert_eq!(linger(eighth * 3, size, LINGER), Duration::ZERO);
+        assert_eq!(linger(eighth / 2, size * 2, LINGER), LINGER * 3 / 4);
     }
 
     #[test]

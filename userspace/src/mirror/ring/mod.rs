@@ -1,12 +1,12 @@
 //! Mirror rings: copies reach userspace either straight from TC through
-//! the `tm_mirror_copies` ring buffer (`feed`, one reader for all rings) or
+//! the `tm_mirror_copy` ring buffer (`feed`, one reader for all rings) or
 //! through an AF_XDP socket (copy mode) that `tm_xdp_mirror` redirects a
 //! ring veth's frames into. Either way they are fanned out to consumers,
 //! each behind its own bounded queue and thread, so a slow consumer loses
 //! its own copies and never slows the ring or the others.
 //!
 //! ```text
-//!  TC ──tm_mirror_copies──▶ CopyFeed (one thread, all rings) ─┐
+//!  TC ──tm_mirror_copy──▶ CopyFeed (one thread, all rings) ─┐
 //!  ring veth peer ──XDP redirect──▶ RingSocket ──receive thread┤ copy out once
 //!                       ┌──────────────┬──────────────┬───────┘  bounded queue each
 //!                       ▼              ▼              ▼
@@ -135,17 +135,17 @@ impl MirrorRing {
         Ok(ring)
     }
 
-    /// As [`MirrorRing::start`] for a ring fed by `feed` as `slot`; `name`
-    /// stands for the interface in errors and logs.
+    /// As [`MirrorRing::start`] for a ring fed by `feed` as (slot,
+    /// generation); `name` stands for the interface in errors and logs.
     pub fn start_fed(
         name: String,
         feed: Arc<CopyFeed>,
-        slot: u32,
+        (slot, generation): (u32, u8),
         consumers: Vec<Consumer>,
     ) -> Result<Self, RingError> {
         let steady = consumers.iter().any(|c| matches!(c, Consumer::Forward(_)));
         let (mut ring, queues) = Self::start_consumers(name, consumers)?;
-        feed.attach(slot, queues, ring.shared.clone(), steady);
+        feed.attach(slot, generation, queues, ring.shared.clone(), steady);
         ring.feed = Some((feed, slot));
         Ok(ring)
     }
