@@ -80,6 +80,7 @@ pub mod map_names {
     pub const MIRROR_STATS: &str = "tm_mirror_stats";
     pub const MIRROR_RINGS: &str = "tm_mirror_rings";
     pub const MIRROR_COPIES: &str = "tm_mirror_copy";
+    pub const MIRROR_SCRATCH: &str = "tm_mirror_tmp";
     pub const XSKS: &str = "tm_xsks";
     pub const OV_CONFIG: &str = "tm_ov_config";
     pub const OV_SERVICES: &str = "tm_ov_services";

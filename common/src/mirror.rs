@@ -25,13 +25,12 @@ pub const MAX_RINGS: u32 = 64;
 /// Bytes of `tm_mirror_copy`, the ring buffer that carries copies for
 /// mirror rings straight from TC (a power of two pages).
 pub const COPY_RING_BYTES: u32 = 16 << 20;
+/// Bytes of `tm_mirror_tmp`, the per-CPU place a copy is put together
+/// before it goes into `tm_mirror_copy` (a per-CPU value holds 32 KiB).
+pub const COPY_SCRATCH_BYTES: u32 = 32768;
 /// The most of one packet a copy in `tm_mirror_copy` holds (a GSO packet
 /// is one packet at TC; longer ones are cut, their length kept).
-pub const COPY_MAX_BYTES: u32 = 65535;
-/// Copies reserve one of these sizes for their bytes (constant sizes, as the
-/// verifier wants), the smallest that holds the packet: small packets, MTU
-/// frames, GRO/GSO packets and jumbo frames each without much waste.
-pub const COPY_SIZES: [u32; 7] = [128, 512, 2048, 4096, 9216, 16384, COPY_MAX_BYTES];
+pub const COPY_MAX_BYTES: u32 = COPY_SCRATCH_BYTES - size_of::<CopyHead>() as u32;
 
 /// The head of a record in `tm_mirror_copy`; `caplen` packet bytes follow.
 #[repr(C)]

@@ -13,7 +13,7 @@ use tapmesh_common::{
         MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
     },
     mirror::{
-        CopyHead, MirrorCounter, MirrorPort, VlanSet, COPY_RING_BYTES, FILTER_WORDS,
+        CopyHead, MirrorCounter, MirrorPort, VlanSet, COPY_MAX_BYTES, COPY_RING_BYTES, FILTER_WORDS,
         MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS,
     },
     overlay::{
@@ -151,6 +151,16 @@ pub static tm_xsks: XskMap<{ MAX_RINGS as usize }> = XskMap::new();
 /// Copies for mirror rings made straight from TC: a `CopyHead` and the bytes.
 #[btf_map]
 pub static tm_mirror_copy: RingBuf<CopyHead, { COPY_RING_BYTES as usize }> = RingBuf::new();
+/// Where a copy is put together (one per CPU: TC programs do not nest on a CPU).
+#[btf_map]
+pub static tm_mirror_tmp: PerCpuArray<CopyScratch, 1> = PerCpuArray::new();
+
+/// A copy as it goes into `tm_mirror_copy`: its head, then `caplen` bytes.
+#[repr(C)]
+pub struct CopyScratch {
+    pub head: CopyHead,
+    pub bytes: [u8; COPY_MAX_BYTES as usize],
+}
 
 // Service-IP overlay.
 #[btf_map]

@@ -13,14 +13,14 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use tapmesh_common::mirror::{
-    filter_bit, CopyHead, MirrorCounter, COPY_MAX_BYTES, COPY_SIZES, DIRECTION_IN, DIRECTION_OUT,
+    filter_bit, CopyHead, MirrorCounter, COPY_MAX_BYTES, DIRECTION_IN, DIRECTION_OUT,
     RULES_PER_PORT,
 };
 
 use crate::{
     headers::{ETH_P_8021AD, ETH_P_8021Q},
     maps::{
-        tm_mirror_bits, tm_mirror_copy, tm_mirror_ports, tm_mirror_rings, tm_mirror_stats,
+        tm_mirror_bits, tm_mirror_copy, tm_mirror_ports, tm_mirror_tmp, tm_mirror_rings, tm_mirror_stats,
         tm_mirror_vlans, tm_xsks,
     },
 };
@@ -78,88 +78,57 @@ pub fn copy(ctx: &TcContext, direction: u8) {
     }
 }
 
-/// A record of `tm_mirror_copy` with room for `N` bytes.
-#[repr(C)]
-struct Copy<const N: usize> {
-    head: CopyHead,
-    bytes: [u8; N],
-}
-
 /// Puts the packet's first bytes (up to `COPY_MAX_BYTES`) into the ring
-/// buffer for mirror ring `ring`, in the smallest record that holds them.
+/// buffer for mirror ring `ring`, in a record of exactly their size: put
+/// together in `tm_mirror_tmp` first, since a reservation must have a size
+/// the verifier knows (size classes multiplied its work on every program
+/// that copies).
 #[inline(always)]
 fn to_ring(ctx: &TcContext, ring: u8, generation: u8, len: u32) -> bool {
-    let caplen = if len > COPY_MAX_BYTES { COPY_MAX_BYTES } else { len };
-    let to = Dest { ring, generation };
-    if caplen <= COPY_SIZES[0] {
-        copy_as::<{ COPY_SIZES[0] as usize }>(ctx, to, len, caplen)
-    } else if caplen <= COPY_SIZES[1] {
-        copy_as::<{ COPY_SIZES[1] as usize }>(ctx, to, len, caplen)
-    } else if caplen <= COPY_SIZES[2] {
-        copy_as::<{ COPY_SIZES[2] as usize }>(ctx, to, len, caplen)
-    } else if caplen <= COPY_SIZES[3] {
-        copy_as::<{ COPY_SIZES[3] as usize }>(ctx, to, len, caplen)
-    } else if caplen <= COPY_SIZES[4] {
-        copy_as::<{ COPY_SIZES[4] as usize }>(ctx, to, len, caplen)
-    } else if caplen <= COPY_SIZES[5] {
-        copy_as::<{ COPY_SIZES[5] as usize }>(ctx, to, len, caplen)
-    } else {
-        copy_as::<{ COPY_SIZES[6] as usize }>(ctx, to, len, caplen)
-    }
-}
-
-/// Which ring a copy is for.
-#[derive(Clone, Copy)]
-struct Dest {
-    ring: u8,
-    generation: u8,
-}
-
-#[inline(always)]
-fn copy_as<const N: usize>(ctx: &TcContext, to: Dest, len: u32, caplen: u32) -> bool {
-    let Some(mut entry) = tm_mirror_copy.reserve_untyped::<Copy<N>>(0) else {
+    let Some(scratch) = tm_mirror_tmp.get_ptr_mut(0) else {
         return false;
     };
-    let copy = entry.as_mut_ptr();
-    // Bounds the verifier can see: 1..=N bytes into N.
-    if caplen == 0 || caplen as usize > N {
-        entry.discard(0);
+    let caplen = if len > COPY_MAX_BYTES { COPY_MAX_BYTES } else { len };
+    // Bounds the verifier can see: 1..=COPY_MAX_BYTES.
+    if caplen == 0 || caplen > COPY_MAX_BYTES {
         return false;
     }
-    // SAFETY: `bytes` is N writable bytes of the reserved record.
+    // SAFETY: `bytes` is COPY_MAX_BYTES writable bytes of this CPU's value.
     let read = unsafe {
         bpf_skb_load_bytes(
             ctx.skb.skb as *const _,
             0,
-            addr_of_mut!((*copy).bytes) as *mut _,
+            addr_of_mut!((*scratch).bytes) as *mut _,
             caplen,
         )
     };
     if read != 0 {
-        entry.discard(0);
         return false;
     }
-    // SAFETY: fields of the valid __sk_buff; the record's head is ours.
-    unsafe {
+    // SAFETY: fields of the valid __sk_buff; the scratch value is this CPU's.
+    let record = unsafe {
         let skb = ctx.skb.skb;
         let (vlan_proto, vlan_tci) = if (*skb).vlan_present != 0 {
             (u16::from_be((*skb).vlan_proto as u16), (*skb).vlan_tci as u16)
         } else {
             (0, 0)
         };
-        addr_of_mut!((*copy).head).write(CopyHead {
+        addr_of_mut!((*scratch).head).write(CopyHead {
             ts_ns: bpf_ktime_get_ns(),
             len,
             caplen,
-            ring: to.ring,
-            generation: to.generation,
+            ring,
+            generation,
             vlan_proto,
             vlan_tci,
             _pad: 0,
         });
-    }
-    entry.submit(0);
-    true
+        core::slice::from_raw_parts(
+            scratch as *const u8,
+            size_of::<CopyHead>() + caplen as usize,
+        )
+    };
+    tm_mirror_copy.output_untyped::<[u8]>(record, 0).is_ok()
 }
 
 /// The VLAN id of the packet: the offloaded tag, else an 802.1Q/802.1ad

@@ -359,8 +359,11 @@ fn verifier_work() {
         let count = info.verified_instruction_count().unwrap_or(0);
         println!("{name}: {count} instructions verified");
         assert!(count > 0, "{name}: no count");
+        // 42 405 before mirror rings copied from TC (each of a port's 8
+        // rules may copy), 71 102 with them; size classes of ring records
+        // had made it 155 865.
         if name == CONDUIT {
-            assert!(count < 50_000, "{name}: {count}");
+            assert!(count < 100_000, "{name}: {count}");
         }
     }
 }

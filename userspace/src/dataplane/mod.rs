@@ -786,6 +786,7 @@ mod tests {
             n::MIRROR_RINGS,
             n::XSKS,
             n::MIRROR_COPIES,
+            n::MIRROR_SCRATCH,
             n::OV_CONFIG,
             n::OV_SERVICES,
             n::OV_SLOTS,

@@ -16,8 +16,8 @@ use tapmesh_common::{
     },
     map_names as n,
     mirror::{
-        MirrorCounter, MirrorPort, VlanSet, COPY_RING_BYTES, FILTER_WORDS, MAX_MIRROR_PORTS,
-        MAX_RINGS, MAX_TAP_FLOWS,
+        MirrorCounter, MirrorPort, VlanSet, COPY_RING_BYTES, COPY_SCRATCH_BYTES, FILTER_WORDS,
+        MAX_MIRROR_PORTS, MAX_RINGS, MAX_TAP_FLOWS,
     },
     overlay as ov, PacketCounter, ProgramSlot, ProgramStats, SCHEMA_VERSION,
 };
@@ -144,6 +144,7 @@ const MAPS: &[MapSpec] = &[
     spec(n::MIRROR_RINGS, 4, 4, MAX_RINGS),
     spec(n::XSKS, 4, 4, MAX_RINGS),
     spec(n::MIRROR_COPIES, 0, 0, COPY_RING_BYTES),
+    spec(n::MIRROR_SCRATCH, 4, COPY_SCRATCH_BYTES as usize, 1),
     spec(n::OV_CONFIG, 4, size_of::<ov::OverlayConfig>(), 1),
     spec(
         n::OV_SERVICES,
