@@ -21,14 +21,12 @@ use tapmesh_common::mirror::{CopyHead, MAX_RINGS};
 
 use super::{
     consumer::{Batch, Queue},
-    receive::offer,
+    receive::{offer, wait_readable},
     stats::Shared,
     FED_QUEUE_DEPTH, QUEUE_DEPTH,
 };
 use crate::mirror::pcap::{record_header_cut, SNAPLEN};
 
-/// How long the reader waits in poll(), i.e. how soon it notices a stop.
-const POLL_TIMEOUT_MS: libc::c_int = 50;
 const HEAD: usize = size_of::<CopyHead>();
 /// Records per batch handed to the consumers.
 const BATCH: u32 = (QUEUE_DEPTH / 4) as u32;
@@ -161,7 +159,11 @@ fn read(
             }
         }
         if read == 0 {
-            if !wait(buffer.as_raw_fd(), &mut poll_failed) {
+            if !wait_readable(
+                buffer.as_raw_fd(),
+                "the mirror copies' ring buffer",
+                &mut poll_failed,
+            ) {
                 break;
             }
             continue;
@@ -274,32 +276,6 @@ fn realtime_minus_monotonic() -> u64 {
         ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
     };
     now(libc::CLOCK_REALTIME).saturating_sub(now(libc::CLOCK_MONOTONIC))
-}
-
-/// Waits until the buffer has records or [`POLL_TIMEOUT_MS`] passes; false
-/// if the map's descriptor is gone.
-fn wait(fd: std::os::fd::RawFd, poll_failed: &mut bool) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    let rc = unsafe { libc::poll(&mut pfd, 1, POLL_TIMEOUT_MS) };
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            if !*poll_failed {
-                *poll_failed = true;
-                tracing::warn!("mirror copies: poll failed: {e}");
-            }
-            std::thread::sleep(Duration::from_millis(POLL_TIMEOUT_MS as u64));
-        }
-    } else if pfd.revents & libc::POLLNVAL != 0 {
-        tracing::error!("mirror copies: the ring buffer is gone; stopping");
-        return false;
-    }
-    true
 }
 
 #[cfg(test)]

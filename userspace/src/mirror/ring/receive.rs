@@ -5,6 +5,7 @@
 
 use std::{
     io,
+    os::fd::RawFd,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -43,8 +44,9 @@ pub(super) fn run_receiver(
     let mut descs: Vec<XdpDesc> = Vec::with_capacity(BATCH as usize);
     let mut last_drops = Instant::now();
     let mut poll_failed = false;
+    let what = format!("the AF_XDP socket of mirror ring {}", shared.interface);
     while !stop.load(Ordering::Relaxed) {
-        if socket.rx.available() == 0 && !wait(&socket, &shared, &mut poll_failed) {
+        if socket.rx.available() == 0 && !wait_readable(socket.fd(), &what, &mut poll_failed) {
             break;
         }
 
@@ -102,11 +104,11 @@ pub(super) fn run_receiver(
     // Dropping `queues` lets the consumers finish what is queued and exit.
 }
 
-/// Waits in poll() until frames arrive or [`POLL_TIMEOUT_MS`] passes; false
-/// if the socket is gone.
-fn wait(socket: &RingSocket, shared: &Shared, poll_failed: &mut bool) -> bool {
+/// Waits in poll() until `fd` is readable or [`POLL_TIMEOUT_MS`] passes;
+/// false if the descriptor is gone. `what` names it in the log.
+pub(super) fn wait_readable(fd: RawFd, what: &str, poll_failed: &mut bool) -> bool {
     let mut pfd = libc::pollfd {
-        fd: socket.fd(),
+        fd,
         events: libc::POLLIN,
         revents: 0,
     };
@@ -117,12 +119,12 @@ fn wait(socket: &RingSocket, shared: &Shared, poll_failed: &mut bool) -> bool {
         if e.kind() != io::ErrorKind::Interrupted {
             if !*poll_failed {
                 *poll_failed = true;
-                tracing::warn!(ring = %shared.interface, "poll failed: {e}");
+                tracing::warn!("{what}: poll failed: {e}");
             }
             std::thread::sleep(Duration::from_millis(POLL_TIMEOUT_MS as u64));
         }
     } else if pfd.revents & libc::POLLNVAL != 0 {
-        tracing::error!(ring = %shared.interface, "the AF_XDP socket is gone; stopping");
+        tracing::error!("{what} is gone; stopping");
         return false;
     }
     true
