@@ -310,8 +310,10 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
 /// back to the service IP) and a request (delivered as it is).
 pub fn decap_frames() -> [(&'static str, Vec<u8>, Ipv4Addr); 2] {
     let reply_inner = udp4(INSTANCE_IP, CLIENT, 7000, 40000, &PAYLOAD);
-    let other = Ipv4Addr::new(203, 0, 113, 7);
-    let other_inner = udp4(other, CLIENT, 7000, 40001, &PAYLOAD);
+    // A new flow from the remote instance (its node owns its address; no
+    // conntrack entry, so nothing is translated back).
+    let other = INSTANCE_IP;
+    let other_inner = udp4(other, CLIENT, 7001, 40001, &PAYLOAD);
     [
         (
             "XDP uplink: tunnel reply → decap, reverse translation → container",
