@@ -79,9 +79,17 @@ pub struct MirrorService {
     /// The last ring generation given out.
     generation: std::sync::Mutex<u8>,
     /// The reader of the kernel's copies (started with the first ring fed that way).
-    feed: Mutex<Option<Arc<CopyFeed>>>,
+    feed: Mutex<Feed>,
     /// Tap flows removed because their interface went away.
     removed: tokio::sync::broadcast::Sender<String>,
+}
+
+/// The reader of `tm_mirror_copy` once started; before, the map if a
+/// reader failed to start (the dataplane gives the map out once).
+#[derive(Default)]
+struct Feed {
+    running: Option<Arc<CopyFeed>>,
+    buffer: Option<aya::maps::RingBuf<aya::maps::MapData>>,
 }
 
 /// A flow's listing with its counters.
@@ -282,19 +290,30 @@ impl MirrorService {
     /// The reader of `tm_mirror_copy`, started on first use.
     async fn feed(&self) -> Result<Arc<CopyFeed>, MirrorError> {
         let mut feed = self.feed.lock().await;
-        if let Some(f) = &*feed {
+        if let Some(f) = &feed.running {
             return Ok(f.clone());
         }
-        let buffer = self
-            .dataplane
-            .take_mirror_copies()
-            .await
-            .map_err(|e| MirrorError::Dataplane(e.to_string()))?;
+        let buffer = match feed.buffer.take() {
+            Some(b) => b,
+            None => self
+                .dataplane
+                .take_mirror_copies()
+                .await
+                .map_err(|e| MirrorError::Dataplane(e.to_string()))?,
+        };
         let bytes = self.dataplane.mirror_copy_bytes();
-        let started = CopyFeed::start(buffer, bytes)
-            .map_err(|e| MirrorError::Dataplane(format!("starting the mirror copy reader: {e}")))?;
-        *feed = Some(started.clone());
-        Ok(started)
+        match CopyFeed::start(buffer, bytes) {
+            Ok(started) => {
+                feed.running = Some(started.clone());
+                Ok(started)
+            }
+            Err((e, buffer)) => {
+                feed.buffer = buffer;
+                Err(MirrorError::Dataplane(format!(
+                    "starting the mirror copy reader: {e}"
+                )))
+            }
+        }
     }
 
     async fn start_xdp_ring(

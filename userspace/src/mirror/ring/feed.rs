@@ -66,15 +66,34 @@ impl std::fmt::Debug for CopyFeed {
 
 impl CopyFeed {
     /// Starts the reader thread on the (taken) ring buffer map of `bytes`.
-    pub fn start(buffer: RingBuf<MapData>, bytes: u32) -> io::Result<Arc<Self>> {
+    /// A thread that cannot start gives the map back, for the next try.
+    pub fn start(
+        buffer: RingBuf<MapData>,
+        bytes: u32,
+    ) -> Result<Arc<Self>, (io::Error, Option<RingBuf<MapData>>)> {
         let outlets: Arc<Mutex<Vec<Option<Outlet>>>> =
             Arc::new(Mutex::new((0..MAX_RINGS).map(|_| None).collect()));
         let stop = Arc::new(AtomicBool::new(false));
-        let reader = {
-            let (outlets, stop) = (outlets.clone(), stop.clone());
+        // Handed over through a slot: a closure that never ran is dropped
+        // with what it holds.
+        let handover = Arc::new(Mutex::new(Some(buffer)));
+        let spawned = {
+            let (outlets, stop, handover) = (outlets.clone(), stop.clone(), handover.clone());
             std::thread::Builder::new()
                 .name("tm-ring-copies".into())
-                .spawn(move || read(buffer, bytes, &outlets, &stop))?
+                .spawn(move || {
+                    let buffer = handover.lock().unwrap_or_else(|e| e.into_inner()).take();
+                    if let Some(buffer) = buffer {
+                        read(buffer, bytes, &outlets, &stop);
+                    }
+                })
+        };
+        let reader = match spawned {
+            Ok(reader) => reader,
+            Err(e) => {
+                let back = handover.lock().unwrap_or_else(|e| e.into_inner()).take();
+                return Err((e, back));
+            }
         };
         Ok(Arc::new(CopyFeed {
             outlets,
