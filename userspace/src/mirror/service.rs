@@ -307,10 +307,11 @@ impl MirrorService {
                 feed.running = Some(started.clone());
                 Ok(started)
             }
-            Err((e, buffer)) => {
-                feed.buffer = buffer;
+            Err(failed) => {
+                feed.buffer = failed.buffer.map(|b| *b);
                 Err(MirrorError::Dataplane(format!(
-                    "starting the mirror copy reader: {e}"
+                    "starting the mirror copy reader: {}",
+                    failed.error
                 )))
             }
         }

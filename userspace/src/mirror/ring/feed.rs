@@ -58,6 +58,12 @@ pub struct CopyFeed {
     reader: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Why the reader did not start, and the map it was given (for the next try).
+pub struct NotStarted {
+    pub error: io::Error,
+    pub buffer: Option<Box<RingBuf<MapData>>>,
+}
+
 impl std::fmt::Debug for CopyFeed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("CopyFeed").finish_non_exhaustive()
@@ -70,7 +76,7 @@ impl CopyFeed {
     pub fn start(
         buffer: RingBuf<MapData>,
         bytes: u32,
-    ) -> Result<Arc<Self>, (io::Error, Option<RingBuf<MapData>>)> {
+    ) -> Result<Arc<Self>, NotStarted> {
         let outlets: Arc<Mutex<Vec<Option<Outlet>>>> =
             Arc::new(Mutex::new((0..MAX_RINGS).map(|_| None).collect()));
         let stop = Arc::new(AtomicBool::new(false));
@@ -92,7 +98,10 @@ impl CopyFeed {
             Ok(reader) => reader,
             Err(e) => {
                 let back = handover.lock().unwrap_or_else(|e| e.into_inner()).take();
-                return Err((e, back));
+                return Err(NotStarted {
+                    error: e,
+                    buffer: back.map(Box::new),
+                });
             }
         };
         Ok(Arc::new(CopyFeed {
