@@ -105,6 +105,7 @@ counter_set!(
         redirect_failed => RedirectFailed,
         port_nat_failed => PortNatFailed,
         tunnel_foreign_source => TunnelForeignSource,
+        service_source_outside_tunnel => ServiceSourceOutsideTunnel,
     }
 );
 

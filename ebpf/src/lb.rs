@@ -508,6 +508,20 @@ fn to_remote(
     Ok(unsafe { bpf_redirect(egress, 0) } as u32)
 }
 
+/// Not VIP traffic: the kernel's to route, unless it is a forged packet
+/// for a container here (checked only for packets that did not come
+/// through the tunnel; here, at the end of a path, the check adds little
+/// to the verifier's work).
+#[inline(always)]
+fn not_a_vip(parsed: &Parsed, tunneled: bool) -> Result<u32, DropReason> {
+    match parsed.l3 {
+        L3::V4 if !tunneled => crate::overlay::check_untunnelled(parsed)?,
+        L3::V6 if !tunneled => crate::overlay6::check_untunnelled(parsed)?,
+        _ => {}
+    }
+    Ok(xdp_action::XDP_PASS)
+}
+
 /// The load balancer for one parsed packet. `tunneled`: it came out of our
 /// tunnel, so only a local target may take it.
 #[inline(always)]
@@ -554,7 +568,7 @@ pub fn balance(
                 .flatten()
             {
                 Some(v) => v,
-                None => return Ok(xdp_action::XDP_PASS),
+                None => return not_a_vip(parsed, tunneled),
             }
         }
     };

@@ -181,6 +181,22 @@ pub fn maybe_local(pkt: &Packet) -> bool {
     }
 }
 
+/// A packet that did not come through the tunnel, for a container here,
+/// with a source in the service prefix (an instance or service IP, which
+/// only the tunnel carries between nodes): forged, refused. Otherwise
+/// anyone who can route to the node could pose as another node's instance
+/// and have the container's replies tunnelled to that node.
+#[inline(always)]
+pub fn check_untunnelled(parsed: &Parsed) -> Result<(), DropReason> {
+    let (src, dst) = (parsed.src_addr[3], parsed.dst_addr[3]);
+    match tm_ov_config.get(0) {
+        Some(config) if in_prefix(config, src) && local_at(dst).is_some() => {
+            Err(DropReason::ServiceSourceOutsideTunnel)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Sends the kernel one notice per unknown service IP in `tm_ov_pending`.
 #[inline(always)]
 fn signal_miss(ip: &Ip4) {

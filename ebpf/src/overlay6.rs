@@ -530,6 +530,25 @@ pub fn foreign_source(ctx: &XdpContext, node: u32) -> bool {
     }
 }
 
+/// `overlay::check_untunnelled` for IPv6: a packet that did not come
+/// through the tunnel, for a container here, from the service prefix.
+#[inline(always)]
+pub fn check_untunnelled(parsed: &Parsed) -> Result<(), DropReason> {
+    let Some(config) = tm_ov_config6.get(0) else {
+        return Ok(());
+    };
+    let src = crate::lb::addr_bytes(&parsed.src_addr);
+    if !in_prefix(config, &src) {
+        return Ok(());
+    }
+    let dst = crate::lb::addr_bytes(&parsed.dst_addr);
+    // SAFETY: the value is only tested for presence.
+    match unsafe { tm_ov_locals6.get(&dst) } {
+        Some(_) => Err(DropReason::ServiceSourceOutsideTunnel),
+        None => Ok(()),
+    }
+}
+
 /// `overlay::unknown_source` for IPv6, for a container here: a source in
 /// the service prefix that no table gives to any node is refused, and asked
 /// for once unless the tables hold it as a service IP (an instance IP two

@@ -28,7 +28,7 @@ use tapmesh_common::{
 };
 use tapmesh_tests::{
     bpf::Bpf,
-    frames::{tunnel, udp4, udp6},
+    frames::{eth, tunnel, udp4, udp6},
     kernel_tests_enabled,
 };
 
@@ -466,6 +466,58 @@ fn unknown_sources_in_the_service_prefix_wait_for_a_table_that_names_their_node(
     assert_eq!(send(&mut bpf, NODE_B, &to_here(contested)), (true, false));
     assert_eq!(send(&mut bpf, NODE_A, &to_here(rr)), (false, true));
     assert_eq!(misses(&mut bpf), [], "tables hold them: nothing asked");
+}
+
+/// Outside the tunnel (routed to the node as plain IP), a packet for a
+/// container here may not carry a source of the service prefix: only the
+/// tunnel carries instance and service IPs between nodes, so such a source
+/// is forged (else anyone who can route to the node could pose as another
+/// node's instance and have the container's replies tunnelled there).
+#[test]
+fn outside_the_tunnel_a_service_prefix_source_reaches_no_container() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut bpf = with_tunnel();
+    let mut t = tables();
+    t.config.service_prefix = [198, 19, 200, 0];
+    t.config.service_mask = [255, 255, 255, 0];
+    t.config6.service_prefix = v6(0).octets();
+    t.config6.service_mask =
+        Ipv6Addr::new(0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0).octets();
+    OverlayWriter::default()
+        .apply(&mut bpf.ebpf, &t)
+        .expect("apply");
+    const XDP_DROP: u32 = 1;
+    const XDP_PASS: u32 = 2;
+    let reason = DropReason::ServiceSourceOutsideTunnel;
+    // (action, counted as this reason) of one plain frame.
+    let mut plain = |frame: Vec<u8>| {
+        let before = bpf.stats(ProgramSlot::XdpUplink).drops.get(reason);
+        let run = bpf.run("tm_xdp_uplink", &frame, 1);
+        let after = bpf.stats(ProgramSlot::XdpUplink).drops.get(reason);
+        (run.action, after - before)
+    };
+    let to_here = |src| eth(&udp4(src, HERE, 40000, 7000, b"x"));
+    // Another node's instance IP, this node's own, an unknown one of the prefix.
+    for src in [ON_A_IP, HERE_IP, Ipv4Addr::new(198, 19, 200, 77)] {
+        assert_eq!(plain(to_here(src)), (XDP_DROP, 1), "from {src}");
+    }
+    // Sources outside the prefix (a namespace address, a client's) and
+    // packets for no container here are the kernel's to route.
+    assert_eq!(plain(to_here(ON_A)), (XDP_PASS, 0));
+    assert_eq!(plain(to_here(UNKNOWN)), (XDP_PASS, 0));
+    let elsewhere = eth(&udp4(ON_A_IP, UNKNOWN, 40000, 7000, b"x"));
+    assert_eq!(plain(elsewhere), (XDP_PASS, 0));
+
+    let to_here6 = |src| eth(&udp6(src, v6(0x1), 40000, 7000, b"x"));
+    assert_eq!(plain(to_here6(v6(0xa1))), (XDP_DROP, 1));
+    let outside = Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 1);
+    assert_eq!(plain(to_here6(outside)), (XDP_PASS, 0));
+    assert_eq!(plain(eth(&udp6(v6(0xa1), v6(0x99), 40000, 7000, b"x"))), (XDP_PASS, 0));
+
+    // The same source through the tunnel from its owner's node is delivered.
+    assert_eq!(send(&mut bpf, NODE_A, &udp4(ON_A_IP, HERE, 40000, 7000, b"x")), (true, false));
 }
 
 /// Forgets that `addr` was asked for (`tm_ov_pending`, `tm_ov_pending6`).
