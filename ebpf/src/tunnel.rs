@@ -215,6 +215,8 @@ pub struct Plain {
     pub src: u32,
     /// The inner packet's first byte (at [`OUTER_LEN`]).
     pub first: u8,
+    /// The UDP payload's length: the most the inner packet may take.
+    pub room: usize,
 }
 
 /// A tunnel packet for this node in its usual shape, read at fixed offsets
@@ -255,19 +257,25 @@ pub fn plain(pkt: &Packet, t: &TunnelConfig) -> Option<Plain> {
         && size_of::<EthHdr>() + total <= pkt.wire_len
         && udp_len >= size_of::<UdpHdr>()
         && udp_len + 20 <= total;
-    plain.then_some(Plain { src, first })
+    plain.then_some(Plain {
+        src,
+        first,
+        room: udp_len.saturating_sub(size_of::<UdpHdr>()),
+    })
 }
 
 /// The first byte of the inner packet behind the UDP header at `udp` (as
-/// the parser found it), or `bad_tunnel_packet` when there is none. Read
+/// the parser found it), or `bad_tunnel_packet` when there is none, and
+/// the UDP payload's length (the parser checked it is at least 8). Read
 /// as the ninth byte from the UDP header: a check of one byte at a
 /// variable offset is one LLVM folds into a form the verifier cannot
 /// follow (`pkt >= pkt_end` at offset 0).
 #[inline(always)]
-pub fn first_byte(pkt: &Packet, udp: usize) -> Result<u8, DropReason> {
+pub fn first_byte(pkt: &Packet, udp: usize) -> Result<(u8, usize), DropReason> {
     let at: *const [u8; 9] = pkt.header(udp, DropReason::BadTunnelPacket)?;
     // SAFETY: inside the 9 bytes just checked.
-    Ok(unsafe { (*at)[8] })
+    let (first, udp_len) = unsafe { ((*at)[8], u16::from_be_bytes([(*at)[4], (*at)[5]])) };
+    Ok((first, (udp_len as usize).saturating_sub(size_of::<UdpHdr>())))
 }
 
 /// Whether a parsed packet is tunnel traffic for this node: IPv4, UDP, not
@@ -316,12 +324,27 @@ pub fn decapsulate(
     pkt: &Packet,
     inner: usize,
     first: u8,
+    room: usize,
 ) -> Result<L3, DropReason> {
     let (l3, ether_type) = match first >> 4 {
         4 => (L3::V4, ETH_P_IP),
         6 => (L3::V6, ETH_P_IPV6),
         _ => return Err(DropReason::BadTunnelPacket),
     };
+    // The inner packet must lie inside the UDP datagram (`room` bytes): one
+    // that runs on past it (into bytes after the outer IP packet) is not
+    // what the outer headers say they carry.
+    let head: *const [[u8; 2]; 3] = pkt.header(inner, DropReason::BadTunnelPacket)?;
+    // SAFETY: inside the 6 bytes just checked.
+    let inner_len = unsafe {
+        match l3 {
+            L3::V6 => 40 + u16::from_be_bytes((*head)[2]) as usize,
+            _ => u16::from_be_bytes((*head)[1]) as usize,
+        }
+    };
+    if inner_len > room {
+        return Err(DropReason::BadTunnelPacket);
+    }
     let outer: *const [[u8; 4]; 3] = pkt.header(0, DropReason::TruncatedEthernet)?;
     // SAFETY: the header was just checked; the MACs move as three words.
     let macs = unsafe {

@@ -58,13 +58,13 @@ pub fn packet_of(ctx: &XdpContext) -> Packet {
 #[inline(always)]
 fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, DropReason> {
     let tunnel = tunnel::config();
-    // (offset, first byte) of the inner packet of a tunnel packet for us
+    // (offset, first byte, room in the UDP datagram) of the inner packet of a tunnel packet for us
     // from a known node, and that node. Only nodes may use the tunnel: the
     // source is checked before anything of the inner packet is judged.
     let (mut parsed, ours) = match tunnel.and_then(|t| tunnel::plain(&pkt, t)) {
         Some(plain) => {
             tunnel::check_peer(plain.src)?;
-            (None, Some((tunnel::OUTER_LEN, plain.first, plain.src)))
+            (None, Some((tunnel::OUTER_LEN, plain.first, plain.room, plain.src)))
         }
         None => {
             let parsed = parse(&pkt)?;
@@ -72,15 +72,15 @@ fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, D
             if tunnel.is_some_and(|t| tunnel::is_ours(&parsed, t)) {
                 let node = parsed.src_addr[3];
                 tunnel::check_peer(node)?;
-                let first = tunnel::first_byte(&pkt, parsed.l4_offset)?;
-                ours = Some((parsed.l4_offset + size_of::<UdpHdr>(), first, node));
+                let (first, room) = tunnel::first_byte(&pkt, parsed.l4_offset)?;
+                ours = Some((parsed.l4_offset + size_of::<UdpHdr>(), first, room, node));
             }
             (Some(parsed), ours)
         }
     };
     let tunneled = ours.is_some();
-    if let Some((inner_at, first, node)) = ours {
-        let inner = tunnel::decapsulate(ctx, &pkt, inner_at, first)?;
+    if let Some((inner_at, first, room, node)) = ours {
+        let inner = tunnel::decapsulate(ctx, &pkt, inner_at, first, room)?;
         // One call or the other, not nested: each subprogram's stack adds
         // to this one's.
         let delivered = match inner {

@@ -520,6 +520,52 @@ fn outside_the_tunnel_a_service_prefix_source_reaches_no_container() {
     assert_eq!(send(&mut bpf, NODE_A, &udp4(ON_A_IP, HERE, 40000, 7000, b"x")), (true, false));
 }
 
+/// The inner packet must lie inside the UDP datagram: a tunnel packet whose
+/// outer lengths say it carries less (the rest of the inner packet after the
+/// outer IP packet, or an empty datagram) is dropped as `bad_tunnel_packet`,
+/// in its usual shape and tagged (the parser's path).
+#[test]
+fn an_inner_packet_longer_than_its_datagram_is_dropped() {
+    use tapmesh_tests::frames::{eth_tagged, ip_packet, set_ipv4_total_length};
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut bpf = with_tunnel();
+    OverlayWriter::default()
+        .apply(&mut bpf.ebpf, &tables())
+        .expect("apply");
+    let reason = DropReason::BadTunnelPacket;
+    let mut run = |frame: &[u8]| {
+        let before = bpf.stats(ProgramSlot::XdpUplink).drops.get(reason);
+        let run = bpf.run("tm_xdp_uplink", frame, 1);
+        let after = bpf.stats(ProgramSlot::XdpUplink).drops.get(reason);
+        (run.action, after - before)
+    };
+    const XDP_DROP: u32 = 1;
+    const XDP_REDIRECT: u32 = 4;
+    let inner = udp4(ON_A_IP, HERE, 40000, 7000, b"payload");
+    let whole = tunnel(NODE_A, NODE, PORT, &inner);
+    // (outer IP total length, UDP length) that carry `payload` bytes of the inner packet.
+    let cut = |frame: &[u8], l3: usize, payload: usize| {
+        let mut f = frame.to_vec();
+        set_ipv4_total_length(&mut f, l3, (28 + payload) as u16);
+        f[l3 + 24..l3 + 26].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+        f
+    };
+    let tagged = eth_tagged(&[100], ip_packet(&whole));
+    for (name, frame, l3) in [("plain", &whole, 14), ("tagged", &tagged, 18)] {
+        assert_eq!(run(frame), (XDP_REDIRECT, 0), "{name}: the whole inner packet");
+        for payload in [0, 1, inner.len() - 1] {
+            assert_eq!(
+                run(&cut(frame, l3, payload)),
+                (XDP_DROP, 1),
+                "{name}: {payload} of {} inner bytes in the datagram",
+                inner.len()
+            );
+        }
+    }
+}
+
 /// Forgets that `addr` was asked for (`tm_ov_pending`, `tm_ov_pending6`).
 fn clear_pending(bpf: &mut Bpf, addr: IpAddr) {
     match addr {
