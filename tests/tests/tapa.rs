@@ -606,3 +606,53 @@ fn grpcio_without_options_reaches_the_node_socket_and_the_admin_api() {
         "{out}"
     );
 }
+
+/// The targets of a stream the Meridio configuration owns are its
+/// registrations': the admin API refuses to set one there (it would take
+/// an identifier a registration then could not have, and the application
+/// would never see OPEN), and nothing changes.
+#[test]
+fn the_admin_api_sets_no_target_on_a_meridio_stream() {
+    use tapmesh::admin::proto::{target::Via, RemoteTarget, Target};
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = TapaLab::new(1, "60s");
+    let lb_list = || {
+        let out = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+            .args(["lb", "list", "--admin-socket"])
+            .arg(&lab.daemon().socket)
+            .output()
+            .expect("tapmesh lb list");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let before = lb_list();
+    assert!(before.contains("stream-a.conduit-a.trench-a"), "{before}");
+    let refused = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut c = tapmesh::admin::connect(&lab.daemon().socket)
+                .await
+                .expect("admin socket");
+            c.set_target(Target {
+                stream: "stream-a.conduit-a.trench-a".into(),
+                identifier: 1,
+                via: Some(Via::Remote(RemoteTarget {
+                    node: "198.18.0.9".into(),
+                })),
+            })
+            .await
+            .expect_err("a target on a Meridio stream")
+        });
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("comes from the Meridio configuration (nsp)"),
+        "{refused:?}"
+    );
+    assert_eq!(lb_list(), before, "the refusal changed something");
+}
