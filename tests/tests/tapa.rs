@@ -656,3 +656,42 @@ fn the_admin_api_sets_no_target_on_a_meridio_stream() {
     );
     assert_eq!(lb_list(), before, "the refusal changed something");
 }
+
+/// An error quoting a very long input reaches a client as that error: the
+/// status message is cut to 1 KiB (gRPC clients refuse received metadata
+/// past 16 KiB by default, and would report RESOURCE_EXHAUSTED instead).
+#[test]
+fn an_error_quoting_a_long_input_keeps_its_code() {
+    use tapmesh::admin::proto::Vip;
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(1, "60s");
+    let mut taps = lab.start_ambassadors("30s");
+    let long = "s".repeat(20_000);
+    let check = |e: tonic::Status, what: &str| {
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e:?}");
+        assert!(e.message().len() <= 1024 + 3, "{what}: {} bytes", e.message().len());
+        assert!(e.message().ends_with('\u{2026}'), "{what}: {}", e.message());
+    };
+    check(
+        taps[0].open(stream(&long, "conduit-a", "trench-a")).unwrap_err(),
+        "Tap.Open",
+    );
+    let refused = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut c = tapmesh::admin::connect(&lab.daemon().socket)
+                .await
+                .expect("admin socket");
+            c.set_vip(Vip {
+                name: long.clone(),
+                address: "not an address".into(),
+            })
+            .await
+            .expect_err("a VIP with a bad address")
+        });
+    check(refused, "Admin.SetVip");
+}

@@ -55,3 +55,111 @@ impl<U: Message + Default> Decoder for ProtoDecoder<U> {
         self.0.buffer_settings()
     }
 }
+
+/// Longest `grpc-message` the servers send, in bytes of its
+/// percent-encoding. gRPC clients refuse received metadata past 16 KiB by
+/// default: a message quoting a long input (a name of 20 000 characters)
+/// would reach the client as RESOURCE_EXHAUSTED instead of the error.
+const STATUS_MESSAGE_BYTES: usize = 1024;
+
+/// Cuts an error's `grpc-message` (sent as a header when the call fails
+/// before any message) to [`STATUS_MESSAGE_BYTES`], marked with "…". The
+/// cut never splits an escape or a multi-byte character: it goes back to
+/// the start of a run of escaped non-ASCII bytes.
+pub fn clamp_status_message<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    let Some(message) = headers.get("grpc-message") else {
+        return response;
+    };
+    let bytes = message.as_bytes();
+    if bytes.len() <= STATUS_MESSAGE_BYTES {
+        return response;
+    }
+    let cut = clamp_at(bytes, STATUS_MESSAGE_BYTES);
+    let mut clamped = bytes[..cut].to_vec();
+    clamped.extend_from_slice(b"%E2%80%A6");
+    if let Ok(value) = http::HeaderValue::from_bytes(&clamped) {
+        headers.insert("grpc-message", value);
+    }
+    response
+}
+
+/// Where to cut percent-encoded `bytes` at most `limit` long.
+fn clamp_at(bytes: &[u8], limit: usize) -> usize {
+    // Escapes before the limit, as (start, byte value).
+    let mut escapes = Vec::new();
+    let mut i = 0;
+    while i < limit {
+        if bytes[i] == b'%' {
+            if i + 3 > limit {
+                return run_start(&escapes, i);
+            }
+            let value = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .unwrap_or(0);
+            escapes.push((i, value));
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    run_start(&escapes, i)
+}
+
+/// `at`, moved back to the start of the run of escaped non-ASCII bytes
+/// that ends there, if one does.
+fn run_start(escapes: &[(usize, u8)], at: usize) -> usize {
+    let mut cut = at;
+    for &(start, value) in escapes.iter().rev() {
+        if start + 3 != cut || value < 0x80 {
+            break;
+        }
+        cut = start;
+    }
+    cut
+}
+
+#[cfg(test)]
+mod status_message_tests {
+    use super::*;
+
+    fn clamped(message: &str) -> String {
+        let response = http::Response::builder()
+            .header("grpc-message", message)
+            .body(())
+            .unwrap();
+        let out = clamp_status_message(response);
+        out.headers()["grpc-message"].to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_long_message_is_cut_to_the_limit_and_marked() {
+        let long = "a".repeat(20_000);
+        let out = clamped(&long);
+        assert_eq!(out, format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES)));
+        assert_eq!(clamped("short%20one"), "short%20one");
+    }
+
+    #[test]
+    fn the_cut_splits_no_escape_and_no_character() {
+        // "é" is %C3%A9: 6 bytes of encoding for one character.
+        let message = format!("{}{}", "a".repeat(STATUS_MESSAGE_BYTES - 4), "%C3%A9".repeat(10));
+        assert_eq!(
+            clamped(&message),
+            format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 4))
+        );
+        // An ASCII escape may end right at the limit.
+        let message = format!("{}%20{}", "a".repeat(STATUS_MESSAGE_BYTES - 3), "b".repeat(10));
+        assert_eq!(
+            clamped(&message),
+            format!("{}%20%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 3))
+        );
+        // One that would cross it is left out whole.
+        let message = format!("{}%20{}", "a".repeat(STATUS_MESSAGE_BYTES - 2), "b".repeat(10));
+        assert_eq!(
+            clamped(&message),
+            format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 2))
+        );
+    }
+}

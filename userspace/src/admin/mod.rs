@@ -501,6 +501,9 @@ impl Plugin for AdminPlugin {
         let shutdown = stop.clone();
         let task = tokio::spawn(
             tonic::transport::Server::builder()
+                .layer(tower::util::MapResponseLayer::new(
+                    crate::codec::clamp_status_message::<tonic::body::Body>,
+                ))
                 .add_service(AdminServer::new(service))
                 .serve_with_incoming_shutdown(crate::uds::incoming(listener), async move {
                     shutdown.cancelled().await

@@ -115,6 +115,9 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(limits.streams_per_connection))
+            .layer(tower::util::MapResponseLayer::new(
+                crate::codec::clamp_status_message::<tonic::body::Body>,
+            ))
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 service,
                 move |r| peers.check(r),

@@ -159,6 +159,9 @@ impl Plugin for NspPlugin {
         tokio::spawn(
             tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(limits.streams_per_connection))
+                .layer(tower::util::MapResponseLayer::new(
+                    crate::codec::clamp_status_message::<tonic::body::Body>,
+                ))
                 .add_service(TargetRegistryServer::new(api.clone()).max_decoding_message_size(size))
                 .add_service(
                     ConfigurationManagerServer::new(api.clone()).max_decoding_message_size(size),
