@@ -93,7 +93,10 @@ fn stream_path(stream: &pb::Stream) -> Result<StreamPath, Status> {
     })
 }
 
-fn target_from(t: pb::Target) -> Result<Target, Status> {
+/// The target of a request; `unregistering`: its status is not read (an
+/// unregistration names a target by its IPs, type and stream), so ANY is
+/// taken too.
+fn target_from(t: pb::Target, unregistering: bool) -> Result<Target, Status> {
     let kind = match pb::target::Type::try_from(t.r#type) {
         Ok(pb::target::Type::Default) => Kind::Default,
         Ok(pb::target::Type::Frontend) => Kind::Frontend,
@@ -107,10 +110,17 @@ fn target_from(t: pb::Target) -> Result<Target, Status> {
     let status = match pb::target::Status::try_from(t.status) {
         Ok(pb::target::Status::Enabled) => registry::Status::Enabled,
         Ok(pb::target::Status::Disabled) => registry::Status::Disabled,
-        _ => {
+        Ok(pb::target::Status::Any) if unregistering => registry::Status::Disabled,
+        Ok(pb::target::Status::Any) => {
             return Err(Status::invalid_argument(
                 "register a target as ENABLED or DISABLED, not ANY",
             ))
+        }
+        Err(_) => {
+            return Err(Status::invalid_argument(format!(
+                "unknown target status {}: register a target as ENABLED or DISABLED",
+                t.status
+            )))
         }
     };
     let stream = match (&t.stream, kind) {
@@ -261,7 +271,7 @@ where
 impl TargetRegistry for NodeApi {
     async fn register(&self, request: Request<pb::Target>) -> Result<Response<()>, Status> {
         let caller = caller(&request)?;
-        let target = target_from(request.into_inner())?;
+        let target = target_from(request.into_inner(), false)?;
         let nsp = self.0.clone();
         detached(async move { nsp.register(caller, target).await }).await?;
         Ok(Response::new(()))
@@ -269,7 +279,7 @@ impl TargetRegistry for NodeApi {
 
     async fn unregister(&self, request: Request<pb::Target>) -> Result<Response<()>, Status> {
         let caller = caller(&request)?;
-        let target = target_from(request.into_inner())?;
+        let target = target_from(request.into_inner(), true)?;
         let nsp = self.0.clone();
         detached(async move { nsp.unregister(caller, target).await }).await?;
         Ok(Response::new(()))
@@ -497,5 +507,47 @@ impl Conduits for NodeApi {
         let nsp = self.0.clone();
         detached(async move { nsp.disconnect(caller, &r.trench, &r.conduit).await }).await?;
         Ok(Response::new(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(status: i32) -> pb::Target {
+        pb::Target {
+            ips: vec!["192.0.2.1/32".into()],
+            status,
+            r#type: pb::target::Type::Default as i32,
+            stream: Some(pb::Stream {
+                name: "s".into(),
+                conduit: Some(pb::Conduit {
+                    name: "c".into(),
+                    trench: Some(pb::Trench {
+                        name: "t".into(),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_status_that_is_not_enabled_or_disabled_is_named_in_the_refusal() {
+        let any = pb::target::Status::Any as i32;
+        let refused = target_from(target(any), false).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(refused.message().contains("not ANY"), "{refused:?}");
+        let refused = target_from(target(77), false).unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+        assert!(
+            refused.message().starts_with("unknown target status 77"),
+            "{refused:?}"
+        );
+        assert!(target_from(target(77), true).is_err());
+        // Unregistering reads no status: ANY names the target as well.
+        assert!(target_from(target(any), true).is_ok());
     }
 }
