@@ -695,3 +695,46 @@ fn an_error_quoting_a_long_input_keeps_its_code() {
         });
     check(refused, "Admin.SetVip");
 }
+
+/// grpc.health.v1 as a stock client asks it (Meridio's readiness probes run
+/// grpc_health_probe against the ambassador's socket): raw calls from
+/// grpcio, no generated stubs. The server and its services are SERVING;
+/// a service the socket does not serve is NOT_FOUND.
+const HEALTH_CLIENT: &str = r#"
+import sys, grpc
+for kind, path, services in [("ambassador", sys.argv[1], ["", "ambassador.v1.Tap", "nope.v1.X"]),
+                             ("node", sys.argv[2], ["", "nsp.v1.TargetRegistry"])]:
+    check = grpc.insecure_channel("unix:" + path).unary_unary("/grpc.health.v1.Health/Check")
+    for service in services:
+        request = b"" if not service else b"\x0a" + bytes([len(service)]) + service.encode()
+        try:
+            print(kind, repr(service), check(request, timeout=10).hex())
+        except grpc.RpcError as e:
+            print(kind, repr(service), e.code().name)
+"#;
+
+#[test]
+fn a_stock_client_finds_the_ambassador_and_the_node_socket_serving() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let python = tapmesh_tests::python::python();
+    let mut lab = TapaLab::new(1, "60s");
+    let a = lab.start_ambassador(0, "30s");
+    let ambassador = lab.ambassadors[a].socket.display().to_string();
+    let node = lab.node_socket().display().to_string();
+    let dir = lab.dir.0.join("python-health");
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = tapmesh_tests::python::script(&python, &dir, HEALTH_CLIENT, &[&ambassador, &node]);
+    // HealthCheckResponse { status: SERVING (1) } is the two bytes 08 01.
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        [
+            "ambassador '' 0801",
+            "ambassador 'ambassador.v1.Tap' 0801",
+            "ambassador 'nope.v1.X' NOT_FOUND",
+            "node '' 0801",
+            "node 'nsp.v1.TargetRegistry' 0801",
+        ]
+    );
+}

@@ -112,12 +112,20 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
         listener,
         crate::uds::PeerLimit::new("nsp.limits.connections_per_uid", limits.connections_per_uid),
     );
+    // grpc.health.v1 as Meridio's TAPA serves it on this socket (its
+    // readiness probe is grpc_health_probe -addr=unix://<socket>): the
+    // server ("") and the Tap service SERVING while it serves.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<TapServer<crate::ambassador::tap::Tap>>()
+        .await;
     let server = tokio::spawn(
         tonic::transport::Server::builder()
             .max_concurrent_streams(Some(limits.streams_per_connection))
             .layer(tower::util::MapResponseLayer::new(
                 crate::codec::clamp_status_message::<tonic::body::Body>,
             ))
+            .add_service(health_service)
             .add_service(tonic::service::interceptor::InterceptedService::new(
                 service,
                 move |r| peers.check(r),
@@ -130,6 +138,9 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
         _ = int.recv() => {}
     }
     tracing::info!("stopping: closing every stream");
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
     tap.close_all().await;
     tap.end_watches();
     stop.cancel();

@@ -156,12 +156,20 @@ impl Plugin for NspPlugin {
                 limits.connections_per_uid,
             ),
         );
+        // grpc.health.v1, as Meridio's NSP serves it: the server ("") and
+        // the registry SERVING while the socket serves.
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<TargetRegistryServer<NodeApi>>().await;
+        health
+            .set_serving::<ConfigurationManagerServer<NodeApi>>()
+            .await;
         tokio::spawn(
             tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(limits.streams_per_connection))
                 .layer(tower::util::MapResponseLayer::new(
                     crate::codec::clamp_status_message::<tonic::body::Body>,
                 ))
+                .add_service(health_service)
                 .add_service(TargetRegistryServer::new(api.clone()).max_decoding_message_size(size))
                 .add_service(
                     ConfigurationManagerServer::new(api.clone()).max_decoding_message_size(size),
