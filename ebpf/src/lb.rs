@@ -71,7 +71,8 @@ fn read_ports(pkt: &Packet, at: usize) -> Option<(u16, u16)> {
     Some((be16(p), be16(unsafe { p.add(1) })))
 }
 
-/// The flow an ICMP error is about, from its inner packet, swapped.
+/// The flow an ICMP error is about, from its inner packet, swapped; none
+/// when the error is not addressed to the source of the packet it quotes.
 #[inline(always)]
 fn icmp_error_tuple(pkt: &Packet, parsed: &Parsed) -> Option<FlowTuple> {
     let is_error = match parsed.l3 {
@@ -108,6 +109,11 @@ fn icmp_error_tuple(pkt: &Packet, parsed: &Parsed) -> Option<FlowTuple> {
             )
         }
     };
+    // An error about a VIP's flow is sent to the VIP (the source of what it
+    // quotes); one sent elsewhere is not the load balancer's to deliver.
+    if !same_address(&src, &parsed.dst_addr) {
+        return None;
+    }
     let ports = if has_ports(protocol) {
         read_ports(pkt, l4)
     } else {
