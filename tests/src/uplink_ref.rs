@@ -389,6 +389,10 @@ fn icmp_error_tuple(f: &[u8], p: &Parsed) -> Option<Tuple> {
             inner + 40,
         )
     };
+    // Only an error sent to the source of what it quotes (the VIP).
+    if src != p.dst {
+        return None;
+    }
     let ports = (has_ports(protocol) && l4 + 4 <= f.len()).then(|| (be16(f, l4), be16(f, l4 + 2)));
     let (sport, dport) = ports.unwrap_or((0, 0));
     Some(Tuple {
@@ -532,6 +536,17 @@ impl Node {
                 Some(6) => 0x86dd,
                 _ => return Err(bare(D::BadTunnelPacket)),
             };
+            // The inner packet's own length must fit in the UDP payload.
+            let room = usize::from(be16(&frame, outer.l4_offset + 4)).saturating_sub(8);
+            let length_at = if ether_type == 0x0800 { inner_at + 2 } else { inner_at + 4 };
+            // (The program reads the first 6 bytes, whichever the family.)
+            if inner_at + 6 > frame.len() || length_at + 2 > frame.len() {
+                return Err(bare(D::BadTunnelPacket));
+            }
+            let inner_len = usize::from(be16(&frame, length_at)) + if ether_type == 0x0800 { 0 } else { 40 };
+            if inner_len > room {
+                return Err(bare(D::BadTunnelPacket));
+            }
             let mut inner = frame[..12].to_vec();
             inner.extend_from_slice(&ether_type.to_be_bytes());
             inner.extend_from_slice(&frame[inner_at..]);
