@@ -629,6 +629,11 @@ fn the_admin_api_sets_no_target_on_a_meridio_stream() {
     };
     let before = lb_list();
     assert!(before.contains("stream-a.conduit-a.trench-a"), "{before}");
+    let pins = lab
+        .daemon()
+        .bpffs_root
+        .join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    let every_map = tapmesh_tests::maps::dump_pinned(&pins);
     let refused = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -654,7 +659,9 @@ fn the_admin_api_sets_no_target_on_a_meridio_stream() {
             .contains("comes from the Meridio configuration (nsp)"),
         "{refused:?}"
     );
-    assert_eq!(lb_list(), before, "the refusal changed something");
+    assert_eq!(lb_list(), before, "the refusal changed the configuration");
+    let diff = tapmesh_tests::maps::differences(&every_map, &tapmesh_tests::maps::dump_pinned(&pins));
+    assert!(diff.is_empty(), "the refusal changed maps: {diff:?}");
 }
 
 /// An error quoting a very long input reaches a client as that error: the

@@ -106,6 +106,18 @@ fn tables() -> OverlayTables {
     t
 }
 
+/// [`tables`] with the service prefixes: instance IPs are 198.19.200.x;
+/// IPv6 2001:db8::/112 holds every [`v6`].
+fn with_prefixes() -> OverlayTables {
+    let mut t = tables();
+    t.config.service_prefix = [198, 19, 200, 0];
+    t.config.service_mask = [255, 255, 255, 0];
+    t.config6.service_prefix = v6(0).octets();
+    t.config6.service_mask =
+        Ipv6Addr::new(0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0).octets();
+    t
+}
+
 /// The object loaded, with this node's tunnel written.
 fn with_tunnel() -> Bpf {
     let mut bpf = Bpf::load();
@@ -379,13 +391,7 @@ fn unknown_sources_in_the_service_prefix_wait_for_a_table_that_names_their_node(
         return;
     }
     let mut bpf = with_tunnel();
-    let mut t = tables();
-    // Instance IPs are 198.19.200.x; IPv6 2001:db8::/112 holds every v6().
-    t.config.service_prefix = [198, 19, 200, 0];
-    t.config.service_mask = [255, 255, 255, 0];
-    t.config6.service_prefix = v6(0).octets();
-    t.config6.service_mask =
-        Ipv6Addr::new(0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0).octets();
+    let mut t = with_prefixes();
     let mut writer = OverlayWriter::default();
     writer.apply(&mut bpf.ebpf, &t).expect("apply");
     assert_eq!(misses(&mut bpf), []);
@@ -479,12 +485,7 @@ fn outside_the_tunnel_a_service_prefix_source_reaches_no_container() {
         return;
     }
     let mut bpf = with_tunnel();
-    let mut t = tables();
-    t.config.service_prefix = [198, 19, 200, 0];
-    t.config.service_mask = [255, 255, 255, 0];
-    t.config6.service_prefix = v6(0).octets();
-    t.config6.service_mask =
-        Ipv6Addr::new(0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0xffff, 0).octets();
+    let t = with_prefixes();
     OverlayWriter::default()
         .apply(&mut bpf.ebpf, &t)
         .expect("apply");
