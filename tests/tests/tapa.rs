@@ -634,6 +634,13 @@ fn the_admin_api_sets_no_target_on_a_meridio_stream() {
         .bpffs_root
         .join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
     let every_map = tapmesh_tests::maps::dump_pinned(&pins);
+    let target = Target {
+        stream: "stream-a.conduit-a.trench-a".into(),
+        identifier: 1,
+        via: Some(Via::Remote(RemoteTarget {
+            node: "198.18.0.9".into(),
+        })),
+    };
     let refused = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -642,23 +649,29 @@ fn the_admin_api_sets_no_target_on_a_meridio_stream() {
             let mut c = tapmesh::admin::connect(&lab.daemon().socket)
                 .await
                 .expect("admin socket");
-            c.set_target(Target {
-                stream: "stream-a.conduit-a.trench-a".into(),
-                identifier: 1,
-                via: Some(Via::Remote(RemoteTarget {
-                    node: "198.18.0.9".into(),
-                })),
-            })
-            .await
-            .expect_err("a target on a Meridio stream")
+            let one = c
+                .set_target(target.clone())
+                .await
+                .expect_err("a target on a Meridio stream");
+            // The same through a whole configuration.
+            let whole = c
+                .apply_lb(tapmesh::admin::proto::LbConfig {
+                    targets: vec![target],
+                    ..Default::default()
+                })
+                .await
+                .expect_err("a configuration with a target on a Meridio stream");
+            [one, whole]
         });
-    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
-    assert!(
-        refused
-            .message()
-            .contains("comes from the Meridio configuration (nsp)"),
-        "{refused:?}"
-    );
+    for refused in refused {
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+        assert!(
+            refused
+                .message()
+                .contains("comes from the Meridio configuration (nsp)"),
+            "{refused:?}"
+        );
+    }
     assert_eq!(lb_list(), before, "the refusal changed the configuration");
     let diff = tapmesh_tests::maps::differences(&every_map, &tapmesh_tests::maps::dump_pinned(&pins));
     assert!(diff.is_empty(), "the refusal changed maps: {diff:?}");

@@ -56,16 +56,17 @@ impl<U: Message + Default> Decoder for ProtoDecoder<U> {
     }
 }
 
-/// Longest `grpc-message` the servers send, in bytes of its
-/// percent-encoding. gRPC clients refuse received metadata past 16 KiB by
-/// default: a message quoting a long input (a name of 20 000 characters)
-/// would reach the client as RESOURCE_EXHAUSTED instead of the error.
+/// Longest part of a `grpc-message` the servers keep, in bytes of its
+/// percent-encoding (the "…" mark adds 9). gRPC clients refuse received
+/// metadata past 16 KiB by default: a message quoting a long input (a name
+/// of 20 000 characters) would reach the client as RESOURCE_EXHAUSTED
+/// instead of the error.
 const STATUS_MESSAGE_BYTES: usize = 1024;
 
 /// Cuts an error's `grpc-message` (sent as a header when the call fails
-/// before any message) to [`STATUS_MESSAGE_BYTES`], marked with "…". The
-/// cut never splits an escape or a multi-byte character: it goes back to
-/// the start of a run of escaped non-ASCII bytes.
+/// before any message; a stream that fails later sends it in trailers,
+/// which this does not see) to [`STATUS_MESSAGE_BYTES`], marked with "…".
+/// The cut never splits an escape or a multi-byte character.
 pub fn clamp_status_message<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
     let Some(message) = headers.get("grpc-message") else {
@@ -92,7 +93,7 @@ fn clamp_at(bytes: &[u8], limit: usize) -> usize {
     while i < limit {
         if bytes[i] == b'%' {
             if i + 3 > limit {
-                return run_start(&escapes, i);
+                break;
             }
             let value = std::str::from_utf8(&bytes[i + 1..i + 3])
                 .ok()
@@ -104,18 +105,32 @@ fn clamp_at(bytes: &[u8], limit: usize) -> usize {
             i += 1;
         }
     }
-    run_start(&escapes, i)
+    char_start(&escapes, i)
 }
 
-/// `at`, moved back to the start of the run of escaped non-ASCII bytes
-/// that ends there, if one does.
-fn run_start(escapes: &[(usize, u8)], at: usize) -> usize {
-    let mut cut = at;
+/// `at`, or the start of the multi-byte character whose escapes end there
+/// unfinished (or of continuation bytes with no lead byte before them).
+fn char_start(escapes: &[(usize, u8)], at: usize) -> usize {
+    let (mut cut, mut continuation) = (at, 0);
     for &(start, value) in escapes.iter().rev() {
-        if start + 3 != cut || value < 0x80 {
+        if start + 3 != cut {
             break;
         }
-        cut = start;
+        match value {
+            0x80..=0xbf => {
+                continuation += 1;
+                cut = start;
+            }
+            0xc0..=0xff => {
+                let needed = match value {
+                    0xf0.. => 3,
+                    0xe0.. => 2,
+                    _ => 1,
+                };
+                return if continuation >= needed { at } else { start };
+            }
+            _ => break,
+        }
     }
     cut
 }
@@ -148,6 +163,23 @@ mod status_message_tests {
         assert_eq!(
             clamped(&message),
             format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 4))
+        );
+        // Whole characters before the limit are kept.
+        let message = format!("{}{}", "a".repeat(STATUS_MESSAGE_BYTES - 6), "%C3%A9".repeat(10));
+        assert_eq!(
+            clamped(&message),
+            format!("{}%C3%A9%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 6))
+        );
+        // A three-byte character cut after two of its bytes goes whole.
+        let message = format!("{}{}", "a".repeat(STATUS_MESSAGE_BYTES - 9), "%E2%82%AC".repeat(10));
+        assert_eq!(
+            clamped(&message),
+            format!("{}%E2%82%AC%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 9))
+        );
+        let message = format!("{}{}", "a".repeat(STATUS_MESSAGE_BYTES - 7), "%E2%82%AC".repeat(10));
+        assert_eq!(
+            clamped(&message),
+            format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 7))
         );
         // An ASCII escape may end right at the limit.
         let message = format!("{}%20{}", "a".repeat(STATUS_MESSAGE_BYTES - 3), "b".repeat(10));

@@ -141,6 +141,9 @@ async fn serve(settings: AmbassadorSettings) -> ExitCode {
     health
         .set_service_status("", tonic_health::ServingStatus::NotServing)
         .await;
+    health
+        .set_not_serving::<TapServer<crate::ambassador::tap::Tap>>()
+        .await;
     tap.close_all().await;
     tap.end_watches();
     stop.cancel();

@@ -220,17 +220,9 @@ impl LbService {
         &self,
         edit: impl FnOnce(&mut LbSpec) -> Result<(), LbServiceError>,
     ) -> Result<(), LbServiceError> {
-        self.update_seeing(|_, spec| edit(spec)).await
-    }
-
-    /// [`Self::update`] with an edit that sees the other sources' parts.
-    async fn update_seeing(
-        &self,
-        edit: impl FnOnce(&Sources, &mut LbSpec) -> Result<(), LbServiceError>,
-    ) -> Result<(), LbServiceError> {
         let mut sources = self.spec.lock().await;
         let mut new = sources.own.clone();
-        if let Err(e) = edit(&sources, &mut new) {
+        if let Err(e) = edit(&mut new) {
             return Err(match e {
                 LbServiceError::NotFound { kind, name } => match sources.owner_of(kind, &name) {
                     Some(source) => LbServiceError::OwnedElsewhere {
@@ -241,6 +233,20 @@ impl LbService {
                     None => LbServiceError::NotFound { kind, name },
                 },
                 e => e,
+            });
+        }
+        // The targets of a stream another source owns are that source's
+        // (Meridio's registrations, EDS endpoints): one set here would take
+        // an identifier they then could not have.
+        if let Some((t, owner)) = new
+            .targets
+            .iter()
+            .find_map(|t| Some((t, sources.owner_of("stream", &t.stream)?)))
+        {
+            return Err(LbServiceError::OwnedElsewhere {
+                kind: "stream",
+                name: t.stream.clone(),
+                owner: checks::source_label(owner),
             });
         }
         let merged = sources.merged(&new);
@@ -324,17 +330,7 @@ impl LbService {
     }
 
     pub async fn set_target(&self, target: TargetSpec) -> Result<(), LbServiceError> {
-        self.update_seeing(|sources, s| {
-            // The targets of a stream another source owns are that source's
-            // (Meridio's registrations, EDS endpoints): one set here would
-            // take an identifier they then could not have.
-            if let Some(owner) = sources.owner_of("stream", &target.stream) {
-                return Err(LbServiceError::OwnedElsewhere {
-                    kind: "stream",
-                    name: target.stream.clone(),
-                    owner: checks::source_label(owner),
-                });
-            }
+        self.update(|s| {
             upsert(&mut s.targets, target, |a, b| {
                 a.stream == b.stream && a.identifier == b.identifier
             });

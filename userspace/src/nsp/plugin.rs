@@ -157,12 +157,13 @@ impl Plugin for NspPlugin {
             ),
         );
         // grpc.health.v1, as Meridio's NSP serves it: the server ("") and
-        // the registry SERVING while the socket serves.
+        // each service SERVING while the socket serves.
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<TargetRegistryServer<NodeApi>>().await;
         health
             .set_serving::<ConfigurationManagerServer<NodeApi>>()
             .await;
+        health.set_serving::<ConduitsServer<NodeApi>>().await;
         tokio::spawn(
             tonic::transport::Server::builder()
                 .max_concurrent_streams(Some(limits.streams_per_connection))

@@ -110,7 +110,7 @@ fn target_from(t: pb::Target, unregistering: bool) -> Result<Target, Status> {
     let status = match pb::target::Status::try_from(t.status) {
         Ok(pb::target::Status::Enabled) => registry::Status::Enabled,
         Ok(pb::target::Status::Disabled) => registry::Status::Disabled,
-        Ok(pb::target::Status::Any) if unregistering => registry::Status::Disabled,
+        _ if unregistering => registry::Status::Disabled,
         Ok(pb::target::Status::Any) => {
             return Err(Status::invalid_argument(
                 "register a target as ENABLED or DISABLED, not ANY",
@@ -546,8 +546,8 @@ mod tests {
             refused.message().starts_with("unknown target status 77"),
             "{refused:?}"
         );
-        assert!(target_from(target(77), true).is_err());
-        // Unregistering reads no status: ANY names the target as well.
+        // Unregistering reads no status: any value names the target.
         assert!(target_from(target(any), true).is_ok());
+        assert!(target_from(target(77), true).is_ok());
     }
 }

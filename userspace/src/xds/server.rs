@@ -179,6 +179,9 @@ impl EdsServer {
         tracing::info!(address = ?local, "EDS server listening");
         let service = Eds::new(self.loads, cancel.clone());
         let result = tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(
+                crate::codec::clamp_status_message::<tonic::body::Body>,
+            ))
             .add_service(EndpointDiscoveryServiceServer::new(service))
             .serve_with_incoming_shutdown(
                 TcpListenerStream::new(self.listener),
