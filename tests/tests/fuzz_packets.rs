@@ -643,7 +643,13 @@ fn packet4(rng: &mut StdRng) -> Vec<u8> {
         let (proto, l4) = l4_v4(rng, dst, src);
         let quoted = ipv4(dst, src, proto, &[], &l4);
         let router = pick(rng, &[Ipv4Addr::new(198, 18, 9, 9), CLIENT]);
-        let mut error = icmp4_frag_needed(router, dst, &quoted);
+        // Now and then sent to another address than the quoted source.
+        let to = if rng.random_ratio(1, 4) {
+            addr4(rng)
+        } else {
+            dst
+        };
+        let mut error = icmp4_frag_needed(router, to, &quoted);
         let cut = rng.random_range(21..=error.len());
         if rng.random_ratio(1, 3) {
             error.truncate(cut);
@@ -702,7 +708,8 @@ fn packet6(rng: &mut StdRng) -> Vec<u8> {
             (TCP, t)
         }
         3 => {
-            let inner = udp6(dst, src, port(rng), port(rng), b"quoted");
+            let quoted_src = if rng.random_ratio(1, 4) { addr6(rng) } else { dst };
+            let inner = udp6(quoted_src, src, port(rng), port(rng), b"quoted");
             let mut m = vec![pick(rng, &[1u8, 2, 3, 4, 128]), 0, 0, 0, 0, 0, 5, 0];
             m.extend_from_slice(&inner[..rng.random_range(0..=inner.len())]);
             (ICMPV6, m)
@@ -761,6 +768,16 @@ fn generate(rng: &mut StdRng) -> Vec<u8> {
                     &[1, 1, 1, 0],
                     &udp_v4(from, NODE, sport, TUNNEL_PORT, &inner),
                 );
+            }
+            if rng.random_ratio(1, 8) {
+                // Outer lengths that carry less than the inner packet, the
+                // rest after the outer packet.
+                let ihl = usize::from(t[0] & 0x0f) * 4;
+                let short = rng.random_range(1..=inner.len());
+                let udp_len = (t.len() - ihl - short) as u16;
+                t[ihl + 4..ihl + 6].copy_from_slice(&udp_len.to_be_bytes());
+                let total = (t.len() - short) as u16;
+                set_ipv4_total_length(&mut t, 0, total);
             }
             t
         }
