@@ -616,10 +616,12 @@ impl NetManager {
                 None => false,
             }
         };
+        // A miss is a destination no table holds, or a tunnelled source in
+        // the service prefix no table places on a node: an address either way.
         if first {
-            tracing::info!(%service, "unknown service IP (waiting for a table entry)");
+            tracing::info!(address = %service, "unknown service-prefix address (waiting for a table entry)");
         } else {
-            tracing::debug!(%service, "unknown service IP again");
+            tracing::debug!(address = %service, "unknown service-prefix address again");
         }
         if let Some(c) = self.cluster() {
             c.query_ip(service).await;
