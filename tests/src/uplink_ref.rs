@@ -538,12 +538,17 @@ impl Node {
             };
             // The inner packet's own length must fit in the UDP payload.
             let room = usize::from(be16(&frame, outer.l4_offset + 4)).saturating_sub(8);
-            let length_at = if ether_type == 0x0800 { inner_at + 2 } else { inner_at + 4 };
+            let length_at = if ether_type == 0x0800 {
+                inner_at + 2
+            } else {
+                inner_at + 4
+            };
             // (The program reads the first 6 bytes, whichever the family.)
             if inner_at + 6 > frame.len() || length_at + 2 > frame.len() {
                 return Err(bare(D::BadTunnelPacket));
             }
-            let inner_len = usize::from(be16(&frame, length_at)) + if ether_type == 0x0800 { 0 } else { 40 };
+            let inner_len =
+                usize::from(be16(&frame, length_at)) + if ether_type == 0x0800 { 0 } else { 40 };
             if inner_len > room {
                 return Err(bare(D::BadTunnelPacket));
             }

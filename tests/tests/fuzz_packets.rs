@@ -708,7 +708,11 @@ fn packet6(rng: &mut StdRng) -> Vec<u8> {
             (TCP, t)
         }
         3 => {
-            let quoted_src = if rng.random_ratio(1, 4) { addr6(rng) } else { dst };
+            let quoted_src = if rng.random_ratio(1, 4) {
+                addr6(rng)
+            } else {
+                dst
+            };
             let inner = udp6(quoted_src, src, port(rng), port(rng), b"quoted");
             let mut m = vec![pick(rng, &[1u8, 2, 3, 4, 128]), 0, 0, 0, 0, 0, 5, 0];
             m.extend_from_slice(&inner[..rng.random_range(0..=inner.len())]);

@@ -619,17 +619,30 @@ fn icmp_fragmentation_needed_reaches_the_flows_target() {
     // An error that quotes a flow of the VIP but is sent to another address
     // is not the load balancer's: it passes to the kernel, no target gets it.
     let before = daemon.status();
-    let reply = ipv4(VIP, CLIENT, UDP, &[], &udp_v4(VIP, CLIENT, PORT, ports[0], &[0u8; 64]));
+    let reply = ipv4(
+        VIP,
+        CLIENT,
+        UDP,
+        &[],
+        &udp_v4(VIP, CLIENT, PORT, ports[0], &[0u8; 64]),
+    );
     let elsewhere = std::net::Ipv4Addr::new(198, 51, 100, 99);
     let frame = ethernet(
         uplink_mac,
         client_mac,
         &[],
         0x0800,
-        &ipv4(CLIENT, elsewhere, ICMP, &[], &icmp_frag_needed(1400, &reply)),
+        &ipv4(
+            CLIENT,
+            elsewhere,
+            ICMP,
+            &[],
+            &icmp_frag_needed(1400, &reply),
+        ),
     );
     send_frames(&lab.client.name, &lab.client_if, &[frame]);
-    daemon.status_when(|s| packets(s, "xdp_uplink", "pass") > packets(&before, "xdp_uplink", "pass"));
+    daemon
+        .status_when(|s| packets(s, "xdp_uplink", "pass") > packets(&before, "xdp_uplink", "pass"));
     std::thread::sleep(Duration::from_millis(200));
     let s = daemon.status();
     assert_eq!(
@@ -637,7 +650,10 @@ fn icmp_fragmentation_needed_reaches_the_flows_target() {
         packets(&before, "xdp_uplink", "redirect"),
         "an error sent elsewhere was redirected"
     );
-    assert_eq!(lb_packets(&s.flows, "all"), lb_packets(&before.flows, "all"));
+    assert_eq!(
+        lb_packets(&s.flows, "all"),
+        lb_packets(&before.flows, "all")
+    );
 
     // And the targets' kernels got them: each its own flows' errors, quoting the flow.
     let frag_needed = |p: &Vec<u8>| {

@@ -664,7 +664,11 @@ fn the_admin_api_sets_no_target_on_a_meridio_stream() {
             [one, whole]
         });
     for refused in refused {
-        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+        assert_eq!(
+            refused.code(),
+            tonic::Code::FailedPrecondition,
+            "{refused:?}"
+        );
         assert!(
             refused
                 .message()
@@ -673,7 +677,8 @@ fn the_admin_api_sets_no_target_on_a_meridio_stream() {
         );
     }
     assert_eq!(lb_list(), before, "the refusal changed the configuration");
-    let diff = tapmesh_tests::maps::differences(&every_map, &tapmesh_tests::maps::dump_pinned(&pins));
+    let diff =
+        tapmesh_tests::maps::differences(&every_map, &tapmesh_tests::maps::dump_pinned(&pins));
     assert!(diff.is_empty(), "the refusal changed maps: {diff:?}");
 }
 
@@ -691,11 +696,17 @@ fn an_error_quoting_a_long_input_keeps_its_code() {
     let long = "s".repeat(20_000);
     let check = |e: tonic::Status, what: &str| {
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e:?}");
-        assert!(e.message().len() <= 1024 + 3, "{what}: {} bytes", e.message().len());
+        assert!(
+            e.message().len() <= 1024 + 3,
+            "{what}: {} bytes",
+            e.message().len()
+        );
         assert!(e.message().ends_with('\u{2026}'), "{what}: {}", e.message());
     };
     check(
-        taps[0].open(stream(&long, "conduit-a", "trench-a")).unwrap_err(),
+        taps[0]
+            .open(stream(&long, "conduit-a", "trench-a"))
+            .unwrap_err(),
         "Tap.Open",
     );
     let refused = tokio::runtime::Builder::new_current_thread()

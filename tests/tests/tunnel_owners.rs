@@ -515,10 +515,16 @@ fn outside_the_tunnel_a_service_prefix_source_reaches_no_container() {
     assert_eq!(plain(to_here6(v6(0xa1))), (XDP_DROP, 1));
     let outside = Ipv6Addr::new(0x2001, 0xdb8, 9, 0, 0, 0, 0, 1);
     assert_eq!(plain(to_here6(outside)), (XDP_PASS, 0));
-    assert_eq!(plain(eth(&udp6(v6(0xa1), v6(0x99), 40000, 7000, b"x"))), (XDP_PASS, 0));
+    assert_eq!(
+        plain(eth(&udp6(v6(0xa1), v6(0x99), 40000, 7000, b"x"))),
+        (XDP_PASS, 0)
+    );
 
     // The same source through the tunnel from its owner's node is delivered.
-    assert_eq!(send(&mut bpf, NODE_A, &udp4(ON_A_IP, HERE, 40000, 7000, b"x")), (true, false));
+    assert_eq!(
+        send(&mut bpf, NODE_A, &udp4(ON_A_IP, HERE, 40000, 7000, b"x")),
+        (true, false)
+    );
 }
 
 /// The inner packet must lie inside the UDP datagram: a tunnel packet whose
@@ -555,7 +561,11 @@ fn an_inner_packet_longer_than_its_datagram_is_dropped() {
     };
     let tagged = eth_tagged(&[100], ip_packet(&whole));
     for (name, frame, l3) in [("plain", &whole, 14), ("tagged", &tagged, 18)] {
-        assert_eq!(run(frame), (XDP_REDIRECT, 0), "{name}: the whole inner packet");
+        assert_eq!(
+            run(frame),
+            (XDP_REDIRECT, 0),
+            "{name}: the whole inner packet"
+        );
         for payload in [0, 1, inner.len() - 1] {
             assert_eq!(
                 run(&cut(frame, l3, payload)),

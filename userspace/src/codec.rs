@@ -152,43 +152,70 @@ mod status_message_tests {
     fn a_long_message_is_cut_to_the_limit_and_marked() {
         let long = "a".repeat(20_000);
         let out = clamped(&long);
-        assert_eq!(out, format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES)));
+        assert_eq!(
+            out,
+            format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES))
+        );
         assert_eq!(clamped("short%20one"), "short%20one");
     }
 
     #[test]
     fn the_cut_splits_no_escape_and_no_character() {
         // "é" is %C3%A9: 6 bytes of encoding for one character.
-        let message = format!("{}{}", "a".repeat(STATUS_MESSAGE_BYTES - 4), "%C3%A9".repeat(10));
+        let message = format!(
+            "{}{}",
+            "a".repeat(STATUS_MESSAGE_BYTES - 4),
+            "%C3%A9".repeat(10)
+        );
         assert_eq!(
             clamped(&message),
             format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 4))
         );
         // Whole characters before the limit are kept.
-        let message = format!("{}{}", "a".repeat(STATUS_MESSAGE_BYTES - 6), "%C3%A9".repeat(10));
+        let message = format!(
+            "{}{}",
+            "a".repeat(STATUS_MESSAGE_BYTES - 6),
+            "%C3%A9".repeat(10)
+        );
         assert_eq!(
             clamped(&message),
             format!("{}%C3%A9%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 6))
         );
         // A three-byte character cut after two of its bytes goes whole.
-        let message = format!("{}{}", "a".repeat(STATUS_MESSAGE_BYTES - 9), "%E2%82%AC".repeat(10));
+        let message = format!(
+            "{}{}",
+            "a".repeat(STATUS_MESSAGE_BYTES - 9),
+            "%E2%82%AC".repeat(10)
+        );
         assert_eq!(
             clamped(&message),
             format!("{}%E2%82%AC%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 9))
         );
-        let message = format!("{}{}", "a".repeat(STATUS_MESSAGE_BYTES - 7), "%E2%82%AC".repeat(10));
+        let message = format!(
+            "{}{}",
+            "a".repeat(STATUS_MESSAGE_BYTES - 7),
+            "%E2%82%AC".repeat(10)
+        );
         assert_eq!(
             clamped(&message),
             format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 7))
         );
         // An ASCII escape may end right at the limit.
-        let message = format!("{}%20{}", "a".repeat(STATUS_MESSAGE_BYTES - 3), "b".repeat(10));
+        let message = format!(
+            "{}%20{}",
+            "a".repeat(STATUS_MESSAGE_BYTES - 3),
+            "b".repeat(10)
+        );
         assert_eq!(
             clamped(&message),
             format!("{}%20%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 3))
         );
         // One that would cross it is left out whole.
-        let message = format!("{}%20{}", "a".repeat(STATUS_MESSAGE_BYTES - 2), "b".repeat(10));
+        let message = format!(
+            "{}%20{}",
+            "a".repeat(STATUS_MESSAGE_BYTES - 2),
+            "b".repeat(10)
+        );
         assert_eq!(
             clamped(&message),
             format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 2))

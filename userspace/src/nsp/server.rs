@@ -523,9 +523,7 @@ mod tests {
                 name: "s".into(),
                 conduit: Some(pb::Conduit {
                     name: "c".into(),
-                    trench: Some(pb::Trench {
-                        name: "t".into(),
-                    }),
+                    trench: Some(pb::Trench { name: "t".into() }),
                     ..Default::default()
                 }),
                 ..Default::default()

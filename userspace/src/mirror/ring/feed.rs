@@ -73,10 +73,7 @@ impl std::fmt::Debug for CopyFeed {
 impl CopyFeed {
     /// Starts the reader thread on the (taken) ring buffer map of `bytes`.
     /// A thread that cannot start gives the map back, for the next try.
-    pub fn start(
-        buffer: RingBuf<MapData>,
-        bytes: u32,
-    ) -> Result<Arc<Self>, NotStarted> {
+    pub fn start(buffer: RingBuf<MapData>, bytes: u32) -> Result<Arc<Self>, NotStarted> {
         let outlets: Arc<Mutex<Vec<Option<Outlet>>>> =
             Arc::new(Mutex::new((0..MAX_RINGS).map(|_| None).collect()));
         let stop = Arc::new(AtomicBool::new(false));
