@@ -161,64 +161,28 @@ mod status_message_tests {
 
     #[test]
     fn the_cut_splits_no_escape_and_no_character() {
-        // "é" is %C3%A9: 6 bytes of encoding for one character.
-        let message = format!(
-            "{}{}",
-            "a".repeat(STATUS_MESSAGE_BYTES - 4),
-            "%C3%A9".repeat(10)
-        );
-        assert_eq!(
-            clamped(&message),
-            format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 4))
-        );
-        // Whole characters before the limit are kept.
-        let message = format!(
-            "{}{}",
-            "a".repeat(STATUS_MESSAGE_BYTES - 6),
-            "%C3%A9".repeat(10)
-        );
-        assert_eq!(
-            clamped(&message),
-            format!("{}%C3%A9%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 6))
-        );
-        // A three-byte character cut after two of its bytes goes whole.
-        let message = format!(
-            "{}{}",
-            "a".repeat(STATUS_MESSAGE_BYTES - 9),
-            "%E2%82%AC".repeat(10)
-        );
-        assert_eq!(
-            clamped(&message),
-            format!("{}%E2%82%AC%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 9))
-        );
-        let message = format!(
-            "{}{}",
-            "a".repeat(STATUS_MESSAGE_BYTES - 7),
-            "%E2%82%AC".repeat(10)
-        );
-        assert_eq!(
-            clamped(&message),
-            format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 7))
-        );
-        // An ASCII escape may end right at the limit.
-        let message = format!(
-            "{}%20{}",
-            "a".repeat(STATUS_MESSAGE_BYTES - 3),
-            "b".repeat(10)
-        );
-        assert_eq!(
-            clamped(&message),
-            format!("{}%20%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 3))
-        );
-        // One that would cross it is left out whole.
-        let message = format!(
-            "{}%20{}",
-            "a".repeat(STATUS_MESSAGE_BYTES - 2),
-            "b".repeat(10)
-        );
-        assert_eq!(
-            clamped(&message),
-            format!("{}%E2%80%A6", "a".repeat(STATUS_MESSAGE_BYTES - 2))
-        );
+        // (ASCII bytes short of the limit, what follows them, what of it is
+        // kept before the mark). "é" is %C3%A9, "€" %E2%82%AC.
+        let cases = [
+            // A two-byte character that would end past the limit goes whole.
+            (4, "%C3%A9".repeat(10), ""),
+            // Whole characters before the limit are kept.
+            (6, "%C3%A9".repeat(10), "%C3%A9"),
+            (9, "%E2%82%AC".repeat(10), "%E2%82%AC"),
+            // A three-byte character cut after two of its bytes goes whole.
+            (7, "%E2%82%AC".repeat(10), ""),
+            // An ASCII escape may end right at the limit.
+            (3, format!("%20{}", "b".repeat(10)), "%20"),
+            // One that would cross it is left out whole.
+            (2, format!("%20{}", "b".repeat(10)), ""),
+        ];
+        for (short, tail, kept) in cases {
+            let head = "a".repeat(STATUS_MESSAGE_BYTES - short);
+            assert_eq!(
+                clamped(&format!("{head}{tail}")),
+                format!("{head}{kept}%E2%80%A6"),
+                "{short} short of the limit, then {tail}"
+            );
+        }
     }
 }
