@@ -106,6 +106,7 @@ counter_set!(
         port_nat_failed => PortNatFailed,
         tunnel_foreign_source => TunnelForeignSource,
         service_source_outside_tunnel => ServiceSourceOutsideTunnel,
+        tunnel_unknown_destination => TunnelUnknownDestination,
     }
 );
 

@@ -517,12 +517,15 @@ fn to_remote(
 /// Not VIP traffic: the kernel's to route, unless it is a forged packet
 /// for a container here (checked only for packets that did not come
 /// through the tunnel; here, at the end of a path, the check adds little
-/// to the verifier's work).
+/// to the verifier's work). Out of the tunnel, only containers here and
+/// VIPs take packets: anything else would be routed on, a relay for
+/// whoever can send with a node's address.
 #[inline(always)]
 fn not_a_vip(parsed: &Parsed, tunneled: bool) -> Result<u32, DropReason> {
     match parsed.l3 {
-        L3::V4 if !tunneled => crate::overlay::check_untunnelled(parsed)?,
-        L3::V6 if !tunneled => crate::overlay6::check_untunnelled(parsed)?,
+        _ if tunneled => return Err(DropReason::TunnelUnknownDestination),
+        L3::V4 => crate::overlay::check_untunnelled(parsed)?,
+        L3::V6 => crate::overlay6::check_untunnelled(parsed)?,
         _ => {}
     }
     Ok(xdp_action::XDP_PASS)
@@ -551,7 +554,10 @@ pub fn balance(
         && tuple.dst[0] | tuple.dst[1] == 0
         && tuple.dst[2] == MAPPED_V4_PREFIX
     {
-        return Ok(xdp_action::XDP_PASS);
+        return match tunneled {
+            true => Err(DropReason::TunnelUnknownDestination),
+            false => Ok(xdp_action::XDP_PASS),
+        };
     }
     let addr = VipAddr {
         addr: addr_bytes(&tuple.dst),

@@ -51,8 +51,8 @@ pub fn packet_of(ctx: &XdpContext) -> Packet {
 }
 
 /// Tunnel packets for this node from a known node are decapsulated first and go to a
-/// container here (overlay) or to the load balancer; then VIP traffic is
-/// load balanced and everything else passes (but a packet for a container
+/// container here (overlay) or to the load balancer, and nowhere else; then VIP
+/// traffic is load balanced and everything else passes (but a packet for a container
 /// here from a service-prefix source that did not come through the tunnel,
 /// `lb::not_a_vip`). A tunnel packet in its usual
 /// shape is known from fixed offsets (`tunnel::plain`) and never goes

@@ -567,8 +567,14 @@ impl Node {
             lb: vec![],
             lb_bytes: 0,
         };
+        // Out of the tunnel, only VIPs (and containers, not modelled) take
+        // packets: nothing is handed to the stack to route on.
+        let miss = |pass: Outcome| match tunneled {
+            true => Err((D::TunnelUnknownDestination, vec![], protocols.clone(), 0)),
+            false => Ok(pass),
+        };
         if parsed.l3 == L3::None {
-            return Ok(pass);
+            return miss(pass);
         }
         let t = tuple(&frame, &parsed);
         // VIPs of the packet's own family (an IPv6 packet to `::ffff:a.b.c.d`
@@ -582,7 +588,7 @@ impl Node {
             .filter(|v| v.v6 == v6 && v.prefix.contains(dst))
             .max_by_key(|v| v.prefix.len)
         else {
-            return Ok(pass);
+            return miss(pass);
         };
         let bytes = frame.len() as u64;
         let mut lb = vec![format!("vip:{}", vip.name)];

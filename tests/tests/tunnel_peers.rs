@@ -1,6 +1,8 @@
 //! Only nodes may use the tunnel: node 2 decapsulates tunnel packets from
 //! a node it knows (here named by `--tunnel-peer`) and drops, counted as
-//! `tunnel_unknown_node`, those from any other source, whatever they carry.
+//! `tunnel_unknown_node`, those from any other source, whatever they carry;
+//! and it relays nothing: an inner packet for neither a VIP nor a container
+//! here is dropped as `tunnel_unknown_destination`.
 //!
 //! ```text
 //! sender ════ node2 ── target
@@ -29,34 +31,46 @@ const OUTSIDER: &str = "192.0.2.66";
 const COUNT: u16 = 1000;
 
 /// Sends `COUNT` tunnel packets from `from` to node 2's tunnel port, each
-/// carrying a UDP datagram for the VIP's port 7000; paced so that no queue
+/// carrying a UDP datagram for port 7000 of `to`; paced so that no queue
 /// on the way overflows.
-fn send_tunnelled(netns: &str, from: &'static str) -> std::thread::JoinHandle<()> {
+fn send_tunnelled(netns: &str, from: &'static str, to: Ipv4Addr) -> std::thread::JoinHandle<()> {
+    send_edited(netns, from, to, |_| {})
+}
+
+/// [`send_tunnelled`], with `edit` applied to each inner packet.
+fn send_edited(
+    netns: &str,
+    from: &'static str,
+    to: Ipv4Addr,
+    edit: fn(&mut Vec<u8>),
+) -> std::thread::JoinHandle<()> {
     let netns = netns.to_string();
     std::thread::spawn(move || {
         tapmesh::net::netns::enter(&netns).expect("entering the namespace");
         let socket = UdpSocket::bind((from, 0)).expect("bind on the outer source");
         let port = tapmesh_common::DEFAULT_TUNNEL_PORT;
         for i in 0..COUNT {
-            let inner = udp4(
+            let mut inner = udp4(
                 CLIENT,
-                VIP,
+                to,
                 40000 + i,
                 7000,
                 format!("{from} {i}").as_bytes(),
             );
+            edit(&mut inner);
             socket.send_to(&inner, (NODE2, port)).expect("sending");
             std::thread::sleep(Duration::from_micros(300));
         }
     })
 }
 
-/// Counts the datagrams the target gets on the VIP until 1 s passes without one.
-fn receive(netns: &str) -> std::thread::JoinHandle<u32> {
+/// Counts the datagrams the target gets on port 7000 of `at` until 1 s
+/// passes without one.
+fn receive(netns: &str, at: Ipv4Addr) -> std::thread::JoinHandle<u32> {
     let netns = netns.to_string();
     std::thread::spawn(move || {
         tapmesh::net::netns::enter(&netns).expect("entering the namespace");
-        let socket = UdpSocket::bind((VIP, 7000)).expect("bind on the VIP");
+        let socket = UdpSocket::bind((at, 7000)).expect("bind on the address");
         socket
             .set_read_timeout(Some(Duration::from_secs(1)))
             .unwrap();
@@ -110,9 +124,9 @@ fn tunnel_packets_from_a_node_it_does_not_know_reach_nothing() {
     );
 
     // From an outsider: nothing reaches the target, every packet is counted.
-    let got = receive(&target.name);
+    let got = receive(&target.name, VIP);
     std::thread::sleep(Duration::from_millis(200));
-    send_tunnelled(&sender.name, OUTSIDER).join().unwrap();
+    send_tunnelled(&sender.name, OUTSIDER, VIP).join().unwrap();
     assert_eq!(got.join().unwrap(), 0, "spoofed packets reached the target");
     let s2 = d2.status();
     assert_eq!(
@@ -129,9 +143,9 @@ fn tunnel_packets_from_a_node_it_does_not_know_reach_nothing() {
     assert_eq!(delivered(&s2), 0, "the LB saw no spoofed packet");
 
     // From the node it knows: every packet reaches the target.
-    let got = receive(&target.name);
+    let got = receive(&target.name, VIP);
     std::thread::sleep(Duration::from_millis(200));
-    send_tunnelled(&sender.name, NODE1).join().unwrap();
+    send_tunnelled(&sender.name, NODE1, VIP).join().unwrap();
     assert_eq!(got.join().unwrap(), u32::from(COUNT), "the node's packets");
     let s2 = d2.status();
     assert_eq!(delivered(&s2), u64::from(COUNT));
@@ -140,9 +154,55 @@ fn tunnel_packets_from_a_node_it_does_not_know_reach_nothing() {
         u64::from(COUNT),
         "the node's packets are not counted as unknown"
     );
-    for reason in ["no_target", "no_flow_match", "bad_tunnel_packet"] {
+    for reason in [
+        "no_target",
+        "no_flow_match",
+        "bad_tunnel_packet",
+        "tunnel_unknown_destination",
+    ] {
         assert_eq!(named(&s2, "xdp_uplink", reason), 0, "node 2 {reason}");
     }
+
+    // From the node it knows, for an address that is neither a VIP nor a
+    // container here: node 2 would route it on to the target (forwarding
+    // is on), which would make it a relay. Nothing arrives; every packet
+    // is counted.
+    node2.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    node2.ip(&["route", "add", "198.18.0.0/24", "via", NODE1]);
+    let routed = Ipv4Addr::new(198, 18, 21, 2);
+    let got = receive(&target.name, routed);
+    std::thread::sleep(Duration::from_millis(200));
+    send_tunnelled(&sender.name, NODE1, routed).join().unwrap();
+    assert_eq!(got.join().unwrap(), 0, "node 2 relayed the inner packets");
+    let s2 = d2.status();
+    assert_eq!(
+        named(&s2, "xdp_uplink", "tunnel_unknown_destination"),
+        u64::from(COUNT),
+        "every inner packet for elsewhere is counted"
+    );
+    assert_eq!(delivered(&s2), u64::from(COUNT), "the LB took none of them");
+
+    // From the node it knows, for the VIP, but the inner packet says it is
+    // longer than the datagram that carries it: refused before the LB.
+    let got = receive(&target.name, VIP);
+    std::thread::sleep(Duration::from_millis(200));
+    send_edited(&sender.name, NODE1, VIP, |inner| {
+        let length = u16::from_be_bytes([inner[2], inner[3]]) + 1;
+        inner[2..4].copy_from_slice(&length.to_be_bytes());
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        got.join().unwrap(),
+        0,
+        "inner packets longer than their datagram"
+    );
+    let s2 = d2.status();
+    assert_eq!(
+        named(&s2, "xdp_uplink", "bad_tunnel_packet"),
+        u64::from(COUNT)
+    );
+    assert_eq!(delivered(&s2), u64::from(COUNT), "the LB took none of them");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -290,24 +350,21 @@ fn nodes_sharing_a_slot_are_told_apart() {
         _pad: [0; 3],
     };
     // Tunnel packets from each source: how many were decapsulated (the
-    // inner datagram, to no VIP, then passes 28 bytes shorter) and how
-    // many dropped as from an unknown node.
-    let send = |bpf: &mut Bpf, from: &[Ipv4Addr]| -> (usize, u64) {
+    // inner datagram is for no VIP and no container here, so it is then
+    // dropped as `tunnel_unknown_destination`) and how many were dropped as
+    // from an unknown node.
+    let send = |bpf: &mut Bpf, from: &[Ipv4Addr]| -> (u64, u64) {
         let inner = udp4(CLIENT, VIP, 40000, 7000, b"x");
         let before = bpf.stats(ProgramSlot::XdpUplink);
-        let mut decapsulated = 0;
         for &source in from {
             let frame = tunnel(source, NODE, 50103, &inner);
-            let run = bpf.run("tm_xdp_uplink", &frame, 1);
-            if run.action == 2 && run.output.len() == frame.len() - 28 {
-                decapsulated += 1;
-            }
+            assert_eq!(bpf.run("tm_xdp_uplink", &frame, 1).action, 1, "dropped");
         }
         let after = bpf.stats(ProgramSlot::XdpUplink);
-        let reason = DropReason::TunnelUnknownNode;
+        let moved = |reason| after.drops.get(reason) - before.drops.get(reason);
         (
-            decapsulated,
-            after.drops.get(reason) - before.drops.get(reason),
+            moved(DropReason::TunnelUnknownDestination),
+            moved(DropReason::TunnelUnknownNode),
         )
     };
 
