@@ -196,11 +196,20 @@ fn bad_changes_are_refused_with_a_clear_status_and_change_nothing() {
                 }),
                 (
                     "a stream that flows still use",
-                    Code::InvalidArgument,
-                    "s",
+                    Code::FailedPrecondition,
+                    "stream \"s\" is in use by flow \"web\"",
                     {
                         let mut c = c.clone();
                         Box::pin(async move { c.delete_stream(Name { name: "s".into() }).await })
+                    },
+                ),
+                (
+                    "a VIP that a flow uses",
+                    Code::FailedPrecondition,
+                    "VIP \"vip\" is in use by flow \"web\"",
+                    {
+                        let mut c = c.clone();
+                        Box::pin(async move { c.delete_vip(Name { name: "vip".into() }).await })
                     },
                 ),
                 ("unknown VIP", Code::NotFound, "nope", {

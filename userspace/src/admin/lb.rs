@@ -16,9 +16,9 @@ pub fn status_of(e: LbServiceError) -> Status {
     match e {
         LbServiceError::Invalid(e) => Status::invalid_argument(e.to_string()),
         e @ LbServiceError::NotFound { .. } => Status::not_found(e.to_string()),
-        e @ (LbServiceError::OwnedElsewhere { .. } | LbServiceError::RedirectTarget { .. }) => {
-            Status::failed_precondition(e.to_string())
-        }
+        e @ (LbServiceError::OwnedElsewhere { .. }
+        | LbServiceError::InUse { .. }
+        | LbServiceError::RedirectTarget { .. }) => Status::failed_precondition(e.to_string()),
         e @ LbServiceError::File { .. } => Status::invalid_argument(e.to_string()),
         LbServiceError::Dataplane(crate::dataplane::DataplaneError::NotRunning) => {
             Status::failed_precondition("the dataplane is not running")

@@ -34,6 +34,12 @@ pub enum LbServiceError {
     Invalid(#[from] LbError),
     #[error("{kind} {name:?} does not exist")]
     NotFound { kind: &'static str, name: String },
+    #[error("{kind} {name:?} is in use by {user}; delete that or change it first")]
+    InUse {
+        kind: &'static str,
+        name: String,
+        user: String,
+    },
     #[error("local target interface {interface:?} is a veth whose peer cannot take native XDP redirects (they would all be dropped): {reason}; turn on GRO at the peer (ethtool -K PEER gro on) or attach an XDP program there")]
     RedirectTarget { interface: String, reason: String },
     #[error("{kind} {name:?} comes from {owner}; change it there")]
@@ -340,13 +346,25 @@ impl LbService {
     }
 
     pub async fn delete_vip(&self, name: &str) -> Result<(), LbServiceError> {
-        self.update(|s| remove(&mut s.vips, |v| v.name == name, "VIP", name))
-            .await
+        self.update(|s| {
+            remove(&mut s.vips, |v| v.name == name, "VIP", name)?;
+            let user = s.flows.iter().find(|f| f.vips.iter().any(|v| v == name));
+            in_use("VIP", name, user.map(|f| format!("flow {:?}", f.name)))
+        })
+        .await
     }
 
     pub async fn delete_stream(&self, name: &str) -> Result<(), LbServiceError> {
-        self.update(|s| remove(&mut s.streams, |v| v.name == name, "stream", name))
-            .await
+        self.update(|s| {
+            remove(&mut s.streams, |v| v.name == name, "stream", name)?;
+            let flow = s.flows.iter().find(|f| f.stream == name);
+            let target = s.targets.iter().find(|t| t.stream == name);
+            let user = flow.map(|f| format!("flow {:?}", f.name)).or_else(|| {
+                target.map(|t| format!("target {:?}", format!("{}/{}", t.stream, t.identifier)))
+            });
+            in_use("stream", name, user)
+        })
+        .await
     }
 
     pub async fn delete_flow(&self, name: &str) -> Result<(), LbServiceError> {
@@ -552,6 +570,19 @@ fn remove<T>(
         });
     }
     Ok(())
+}
+
+/// Refuses to delete what `user` (a flow, a target) still names: said so,
+/// rather than as the user's reference to something unknown.
+fn in_use(kind: &'static str, name: &str, user: Option<String>) -> Result<(), LbServiceError> {
+    match user {
+        Some(user) => Err(LbServiceError::InUse {
+            kind,
+            name: name.into(),
+            user,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// The plugin around [`LbService`]: applies the configured file at start.
