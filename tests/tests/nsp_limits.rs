@@ -84,7 +84,7 @@ fn a_caller_past_a_limit_is_refused_with_its_name_and_value() {
     // Message size (default 64 KiB): refused by the decoder before any work.
     let huge = vec![("k".into(), "v".repeat(100_000))];
     let e = register_from(&lab, 0, target_with(ips(1), huge));
-    assert_eq!(e.code(), tonic::Code::OutOfRange, "{e}");
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
     assert!(e.message().contains("the limit is: 65536 bytes"), "{e}");
     assert_eq!(
         lab.registry_list().lines().count(),

@@ -63,12 +63,29 @@ impl<U: Message + Default> Decoder for ProtoDecoder<U> {
 /// instead of the error.
 const STATUS_MESSAGE_BYTES: usize = 1024;
 
-/// Cuts an error's `grpc-message` (sent as a header when the call fails
-/// before any message; a stream that fails later sends it in trailers,
-/// which this does not see) to [`STATUS_MESSAGE_BYTES`], marked with "…".
-/// The cut never splits an escape or a multi-byte character.
+/// How tonic's `grpc-message` starts (percent-encoded) when a request
+/// message is over the server's limit.
+const TOO_LARGE: &[u8] = b"Error,%20decoded%20message%20length%20too%20large";
+
+/// Tidies an error's status, sent as headers when the call fails before any
+/// message (a stream that fails later sends it in trailers, which this does
+/// not see):
+/// - a request over the size limit is RESOURCE_EXHAUSTED, as gRPC's status
+///   code table and other servers say (tonic says OUT_OF_RANGE);
+/// - `grpc-message` is cut to [`STATUS_MESSAGE_BYTES`], marked with "…",
+///   never splitting an escape or a multi-byte character.
 pub fn clamp_status_message<B>(mut response: http::Response<B>) -> http::Response<B> {
     let headers = response.headers_mut();
+    let Some(message) = headers.get("grpc-message") else {
+        return response;
+    };
+    if message.as_bytes().starts_with(TOO_LARGE)
+        && headers
+            .get("grpc-status")
+            .is_some_and(|c| c.as_bytes() == b"11")
+    {
+        headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
     let Some(message) = headers.get("grpc-message") else {
         return response;
     };
@@ -184,5 +201,30 @@ mod status_message_tests {
                 "{short} short of the limit, then {tail}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod status_code_tests {
+    use super::*;
+
+    fn status_of(code: &str, message: &str) -> String {
+        let response = http::Response::builder()
+            .header("grpc-status", code)
+            .header("grpc-message", message)
+            .body(())
+            .unwrap();
+        let out = clamp_status_message(response);
+        out.headers()["grpc-status"].to_str().unwrap().to_string()
+    }
+
+    #[test]
+    fn a_request_over_the_limit_is_resource_exhausted() {
+        let too_large =
+            "Error,%20decoded%20message%20length%20too%20large:%20found%2070000%20bytes";
+        assert_eq!(status_of("11", too_large), "8");
+        // Other OUT_OF_RANGE errors, and other codes, stay as they are.
+        assert_eq!(status_of("11", "index%20past%20the%20end"), "11");
+        assert_eq!(status_of("3", too_large), "3");
     }
 }
