@@ -205,7 +205,7 @@ fn the_configmap_files_load_with_the_daemons_parsers() {
         "uplinks come from the DaemonSet's env"
     );
 
-    let spec = lb::service::read_spec(&file("lb.toml"), tapmesh::config::MAX_MAGLEV_ENTRIES)
+    let spec = lb::service::read_spec(&file("lb.toml"), lb::model::Capacity::MAX)
         .unwrap_or_else(|e| panic!("{e}"));
     let meridio = NspConfig::read(&file("meridio.toml")).unwrap_or_else(|e| panic!("{e}"));
     // The daemon validates the union of both as one configuration.

@@ -1,6 +1,8 @@
-//! Issue 18, memory: the sizes in `[dataplane]` are the pinned maps' sizes,
+//! Issue 18, memory: the sizes in `[dataplane]` are the pinned maps' sizes
+//! (`tm_targets` and the target and flow counters included),
 //! `tapmesh bpf maps` reports what the kernel charges for each map, and LB
-//! tables must fit the configured Maglev space (a refusal changes nothing).
+//! tables must fit the configured Maglev space, target and flow entries (a refusal
+//! changes nothing).
 
 use aya::maps::{Array, Map, MapData};
 use std::{
@@ -25,7 +27,7 @@ use tapmesh_tests::{
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const MAGLEV_ENTRIES: u64 = 12_000;
 const SIZES: &str = "[dataplane]\nmaglev_entries = 12000\nconntrack_entries = 4096\n\
-    conntrack6_entries = 2048\nmirror_copy_bytes = 1048576\n";
+    conntrack6_entries = 2048\nmirror_copy_bytes = 1048576\ntarget_entries = 1000\nflow_entries = 64\n";
 
 fn lab() -> (LbLab, PathBuf, PathBuf) {
     let mut lab = LbLab::new(1, &[VIP]);
@@ -81,6 +83,9 @@ fn configured_sizes_are_the_pinned_sizes_and_each_maps_kernel_memory_is_reported
         ("tm_ov_ct", 4096),
         ("tm_ov_ct6", 2048),
         ("tm_mirror_copy", 1 << 20),
+        ("tm_targets", 1000),
+        ("tm_target_stats", 1000),
+        ("tm_flow_stats", 64),
     ] {
         assert_eq!(shown[map]["max_entries"], entries, "{map}: {}", shown[map]);
     }
@@ -153,6 +158,12 @@ fn configured_sizes_are_the_pinned_sizes_and_each_maps_kernel_memory_is_reported
         16 << 20,
         "back to the default"
     );
+    for map in ["tm_targets", "tm_target_stats", "tm_flow_stats"] {
+        assert_eq!(
+            shown[map]["max_entries"], 16_384,
+            "{map} back to the default"
+        );
+    }
     let log = lab.daemon().log_text();
     assert!(
         log.contains("tm_ov_ct") && log.contains("replacing it"),
@@ -251,6 +262,39 @@ fn lb_tables_must_fit_the_configured_maglev_space_and_a_refusal_changes_nothing(
     let refused = lab.apply(&bigger).expect_err("10007 + 10009 do not fit");
     assert!(
         refused.contains("Maglev table space (raise dataplane.maglev_entries)"),
+        "{refused}"
+    );
+    let diff = differences(&before, &dump_pinned(&pins));
+    assert!(diff.is_empty(), "maps changed: {diff:?}");
+
+    // More targets than `tm_targets` has entries.
+    let mut many = good.clone();
+    many.streams = vec![stream("s", 2000)];
+    many.targets = (1..=1001)
+        .map(|i| lab.targets[i % 2].local("s", i as u32))
+        .collect();
+    let refused = lab.apply(&many).expect_err("1001 targets in 1000 entries");
+    assert!(
+        refused.contains("1001 targets are defined; dataplane.target_entries is 1000"),
+        "{refused}"
+    );
+    let diff = differences(&before, &dump_pinned(&pins));
+    assert!(diff.is_empty(), "maps changed: {diff:?}");
+
+    // More flows than `tm_flow_stats` has entries: 33 on one VIP, 32 on another.
+    let mut flows = good.clone();
+    flows.vips.push(vip("w", "203.0.113.11"));
+    flows.flows = (0..65u16)
+        .map(|i| {
+            let on = if i < 33 { "v" } else { "w" };
+            let mut f = flow(&format!("f{i}"), &[on], "s", &["udp"]);
+            f.destination_port_ranges = vec![(1000 + i).to_string()];
+            f
+        })
+        .collect();
+    let refused = lab.apply(&flows).expect_err("65 flows in 64 entries");
+    assert!(
+        refused.contains("65 flows are defined; dataplane.flow_entries is 64"),
         "{refused}"
     );
     let diff = differences(&before, &dump_pinned(&pins));

@@ -102,7 +102,56 @@ pub struct DataplaneConfig {
     /// takes its length + 32 bytes, rounded up to 8, so 16 MiB hold about
     /// 170 ms of 64-byte copies at 1 Mpps.
     pub mirror_copy_bytes: u32,
+    /// LB targets over all streams (`tm_targets`, 48 bytes each, and the
+    /// per-CPU `tm_target_stats`, 16 bytes per CPU each: the bulk on a
+    /// node with many CPUs).
+    pub target_entries: u32,
+    /// LB flows over all VIPs: the per-CPU `tm_flow_stats`, 16 bytes per
+    /// CPU each.
+    pub flow_entries: u32,
 }
+
+/// The map space the LB's tables must fit in (`[dataplane]`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LbCapacity {
+    /// Entries of `tm_maglev`, which every table must fit in together.
+    pub maglev_entries: u32,
+    /// Entries of `tm_targets`: targets over all streams.
+    pub target_entries: u32,
+    /// Entries of `tm_flow_stats`: flows over all VIPs.
+    pub flow_entries: u32,
+}
+
+impl Default for LbCapacity {
+    /// The object's own sizes.
+    fn default() -> Self {
+        Self {
+            maglev_entries: tapmesh_common::lb::MAGLEV_CAPACITY,
+            target_entries: tapmesh_common::lb::MAX_TARGETS,
+            flow_entries: tapmesh_common::lb::MAX_FLOWS,
+        }
+    }
+}
+
+impl LbCapacity {
+    /// The most any `[dataplane]` allows: for files checked away from the daemon.
+    pub const MAX: Self = Self {
+        maglev_entries: MAX_MAGLEV_ENTRIES,
+        target_entries: MAX_TARGET_ENTRIES,
+        flow_entries: tapmesh_common::lb::MAX_FLOWS,
+    };
+
+    pub fn of(config: &DataplaneConfig) -> Self {
+        Self {
+            maglev_entries: config.maglev_entries,
+            target_entries: config.target_entries,
+            flow_entries: config.flow_entries,
+        }
+    }
+}
+
+/// The most `dataplane.target_entries` may be.
+pub const MAX_TARGET_ENTRIES: u32 = 1 << 17;
 
 /// The most `dataplane.maglev_entries` may be: what a file checked away
 /// from the daemon (`tapmesh lb apply`, `config check`) may need at most.
@@ -110,12 +159,15 @@ pub const MAX_MAGLEV_ENTRIES: u32 = 1 << 26;
 
 /// Bounds of the map sizes: below, a lone stream or a few hundred
 /// connections do not fit; above, one map would lock gigabytes.
-pub const MAP_SIZE_BOUNDS: [(&str, u32, u32); 4] = [
+pub const MAP_SIZE_BOUNDS: [(&str, u32, u32); 6] = [
     ("dataplane.maglev_entries", 1024, MAX_MAGLEV_ENTRIES),
     ("dataplane.conntrack_entries", 1024, 1 << 24),
     ("dataplane.conntrack6_entries", 1024, 1 << 24),
     // Above the largest copy (64 KiB); at most 1 GiB.
     ("dataplane.mirror_copy_bytes", 1 << 18, 1 << 30),
+    ("dataplane.target_entries", 64, MAX_TARGET_ENTRIES),
+    // At most every VIP's 64 flows.
+    ("dataplane.flow_entries", 64, tapmesh_common::lb::MAX_FLOWS),
 ];
 
 impl Default for DataplaneConfig {
@@ -130,6 +182,8 @@ impl Default for DataplaneConfig {
             conntrack_entries: tapmesh_common::overlay::CONNTRACK_ENTRIES,
             conntrack6_entries: tapmesh_common::overlay::CONNTRACK_ENTRIES6,
             mirror_copy_bytes: tapmesh_common::mirror::COPY_RING_BYTES,
+            target_entries: tapmesh_common::lb::MAX_TARGETS,
+            flow_entries: tapmesh_common::lb::MAX_FLOWS,
         }
     }
 }
@@ -142,6 +196,8 @@ impl DataplaneConfig {
             self.conntrack_entries,
             self.conntrack6_entries,
             self.mirror_copy_bytes,
+            self.target_entries,
+            self.flow_entries,
         ];
         for ((setting, min, max), value) in MAP_SIZE_BOUNDS.into_iter().zip(values) {
             if !(min..=max).contains(&value) {
@@ -1200,6 +1256,16 @@ mod tests {
             "dataplane.mirror_copy_bytes: 3000000 is not a power of two (the kernel's ring buffers are), e.g. 4194304"
         );
         assert!(refused("mirror_copy_bytes = 4096").starts_with("dataplane.mirror_copy_bytes: "));
+        assert_eq!(c.dataplane.target_entries, 16_384);
+        assert_eq!(
+            refused("target_entries = 63"),
+            "dataplane.target_entries: 63 is out of range; use 64 to 131072"
+        );
+        assert_eq!(c.dataplane.flow_entries, 16_384);
+        assert_eq!(
+            refused("flow_entries = 16385"),
+            "dataplane.flow_entries: 16385 is out of range; use 64 to 16384"
+        );
         let c = Config::from_toml(
             "[dataplane]\nmaglev_entries = 1024\nconntrack6_entries = 16777216\n",
         )

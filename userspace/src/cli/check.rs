@@ -58,7 +58,7 @@ pub fn check(path: &Path, kind: Option<Kind>) -> Result<Kind, String> {
                 .map_err(|e| format!("config file {}: {e}", path.display()))?;
         }
         Kind::Lb => {
-            crate::lb::service::read_spec(path, crate::config::MAX_MAGLEV_ENTRIES)
+            crate::lb::service::read_spec(path, crate::lb::model::Capacity::MAX)
                 .map_err(|e| e.to_string())?;
         }
         Kind::Meridio => {

@@ -81,8 +81,7 @@ pub async fn run(socket: PathBuf, command: LbCommand, output: super::json::Outpu
     };
     let result = match command {
         LbCommand::Apply { file } => {
-            let spec = match crate::lb::service::read_spec(&file, crate::config::MAX_MAGLEV_ENTRIES)
-            {
+            let spec = match crate::lb::service::read_spec(&file, crate::lb::model::Capacity::MAX) {
                 Ok(s) => s,
                 Err(e) => {
                     eprintln!("tapmesh: {e}");

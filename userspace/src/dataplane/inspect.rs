@@ -16,7 +16,7 @@ use tapmesh_common::{
     lb::{
         FlowEntry, FlowMask, PortData, PortIntervals, SourceData, StreamValue, Target, VipAddr,
         VipConfig, VipValue, LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_FLOWS_PER_VIP,
-        MAX_STREAMS, MAX_TARGETS, NO_TARGET, PORT_INTERVALS, TARGET_LOCAL, TARGET_REMOTE,
+        MAX_STREAMS, NO_TARGET, PORT_INTERVALS, TARGET_LOCAL, TARGET_REMOTE,
     },
     map_names as n,
     mirror::{MirrorCounter, MirrorPort, VlanSet, DIRECTION_IN, DIRECTION_OUT},
@@ -427,7 +427,6 @@ pub fn lb(dir: &Path) -> Result<LbMaps, InspectError> {
             bytes,
         });
     }
-    debug_assert!(targets.len() <= MAX_TARGETS as usize);
     Ok(LbMaps {
         vips,
         streams,

@@ -20,8 +20,7 @@ use tapmesh_common::{
     lb::{
         FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortKey, PortNatKey, PortNatValue,
         SourceData, SourceKey, StreamValue, Target, VipAddr, VipConfig, VipKey, VipValue,
-        MAGLEV_CAPACITY, MAX_FLOWS, MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
-        NO_TARGET, TARGET_REMOTE,
+        MAGLEV_CAPACITY, MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_VIPS, NO_TARGET, TARGET_REMOTE,
     },
     map_names as n,
     tunnel::PEER_LB,
@@ -298,6 +297,8 @@ pub struct LbWriter {
     stream_ids: Ids,
     flow_ids: Ids,
     target_ids: Ids,
+    /// Entries of `tm_targets` and `tm_flow_stats`: the ids there are.
+    capacity: IdSpace,
     regions: Regions,
     vips: BTreeMap<String, VipSlot>,
     streams: BTreeMap<String, StreamSlot>,
@@ -315,6 +316,11 @@ pub struct LbWriter {
     /// `tm_maglev` mapped, once a table was written.
     maglev: Option<MappedArray>,
 }
+
+/// Entries of `tm_targets` and `tm_flow_stats`, the object's own unless
+/// configured.
+#[derive(Debug, Clone, Copy, Default)]
+struct IdSpace(crate::config::LbCapacity);
 
 /// The nodes of the remote targets: the ones that may send this node
 /// tunnel packets for the load balancer.
@@ -365,10 +371,11 @@ fn read_counter(
 }
 
 impl LbWriter {
-    /// A writer for a `tm_maglev` of `entries` (`dataplane.maglev_entries`).
-    pub fn with_maglev_entries(entries: u32) -> Self {
+    /// A writer for maps of `capacity`'s sizes (`[dataplane]`).
+    pub fn with_capacity(capacity: crate::config::LbCapacity) -> Self {
         let mut writer = Self::default();
-        writer.regions.capacity = entries;
+        writer.regions.capacity = capacity.maglev_entries;
+        writer.capacity = IdSpace(capacity);
         writer
     }
 
@@ -461,7 +468,7 @@ impl LbWriter {
             value.stats_index = match self.targets.get(&key) {
                 Some(old) => old.stats_index,
                 None => {
-                    let id = target_ids.take(MAX_TARGETS, "target counters")?;
+                    let id = target_ids.take(self.capacity.0.target_entries, "target counters")?;
                     new_targets.push(id);
                     id
                 }
@@ -480,7 +487,10 @@ impl LbWriter {
         let mut new_flows = Vec::new();
         for f in &tables.flows {
             if !self.flows.contains_key(f) && !new_flows.iter().any(|(n, _)| n == f) {
-                new_flows.push((f.clone(), flow_ids.take(MAX_FLOWS, "flow counters")?));
+                new_flows.push((
+                    f.clone(),
+                    flow_ids.take(self.capacity.0.flow_entries, "flow counters")?,
+                ));
             }
         }
         let mut vip_ids = self.vip_ids.clone();

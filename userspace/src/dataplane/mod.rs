@@ -148,9 +148,10 @@ impl DataplaneHandle {
         self.sizes.lock().expect("sizes lock").mirror_copies
     }
 
-    /// Entries of the Maglev table space (`dataplane.maglev_entries`).
-    pub fn maglev_entries(&self) -> u32 {
-        self.sizes.lock().expect("sizes lock").maglev
+    /// The map space LB tables must fit in (`dataplane.maglev_entries`,
+    /// `dataplane.target_entries`).
+    pub fn lb_capacity(&self) -> crate::config::LbCapacity {
+        self.sizes.lock().expect("sizes lock").lb_capacity()
     }
 
     /// The node's tunnel endpoint now.
@@ -670,7 +671,7 @@ fn start_dataplane(
     }
     Ok(Running {
         ebpf: loaded.expect("loaded when attaching succeeded"),
-        lb: lb::LbWriter::with_maglev_entries(sizes.maglev),
+        lb: lb::LbWriter::with_capacity(sizes.lb_capacity()),
         mirror: mirror::MirrorWriter::default(),
         overlay: overlay::OverlayWriter::default(),
         links,

@@ -301,6 +301,8 @@ pub struct Sizes {
     pub conntrack: u32,
     pub conntrack6: u32,
     pub mirror_copies: u32,
+    pub targets: u32,
+    pub flows: u32,
 }
 
 impl Default for Sizes {
@@ -316,16 +318,30 @@ impl Sizes {
             conntrack: config.conntrack_entries,
             conntrack6: config.conntrack6_entries,
             mirror_copies: config.mirror_copy_bytes,
+            targets: config.target_entries,
+            flows: config.flow_entries,
+        }
+    }
+
+    /// The LB's share of these sizes.
+    pub fn lb_capacity(&self) -> crate::config::LbCapacity {
+        crate::config::LbCapacity {
+            maglev_entries: self.maglev,
+            target_entries: self.targets,
+            flow_entries: self.flows,
         }
     }
 
     /// (map, entries) for every sized map.
-    fn entries(&self) -> [(&'static str, u32); 4] {
+    fn entries(&self) -> [(&'static str, u32); 7] {
         [
             (n::MAGLEV, self.maglev),
             (n::OV_CONNTRACK, self.conntrack),
             (n::OV_CONNTRACK6, self.conntrack6),
             (n::MIRROR_COPIES, self.mirror_copies),
+            (n::TARGETS, self.targets),
+            (n::TARGET_STATS, self.targets),
+            (n::FLOW_STATS, self.flows),
         ]
     }
 
@@ -389,10 +405,19 @@ fn drop_stale_pins(dir: &Path, sizes: &Sizes) -> Result<(), DataplaneError> {
             stale.push(spec.name);
         }
     }
-    if stale.contains(&n::MAGLEV) && !stale.contains(&n::STREAMS) && dir.join(n::STREAMS).exists() {
+    // A fresh tm_maglev is all zeros, a fresh tm_targets all empty: the
+    // kept streams' tables would pick nothing until the LB writes again.
+    let fresh = [n::MAGLEV, n::TARGETS]
+        .into_iter()
+        .find(|m| stale.contains(m));
+    if let (Some(fresh), false, true) = (
+        fresh,
+        stale.contains(&n::STREAMS),
+        dir.join(n::STREAMS).exists(),
+    ) {
         tracing::warn!(
             map = n::STREAMS,
-            "replacing it with tm_maglev: its streams point into the old tables"
+            "replacing it with {fresh}: its streams point into the old tables"
         );
         stale.push(n::STREAMS);
     }

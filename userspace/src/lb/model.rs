@@ -7,9 +7,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tapmesh_common::lb::{
-    MAGLEV_CAPACITY, MAX_BYTE_MATCHES, MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_TARGETS, MAX_VIPS,
-};
+use tapmesh_common::lb::{MAX_BYTE_MATCHES, MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_VIPS};
 
 use super::maglev::{self, Maglev, MaglevError};
 use super::port_nat::{self, PortNatError, PortNatSpec, ValidPortNat};
@@ -119,8 +117,12 @@ pub enum LbError {
     TooManyVips { count: usize },
     #[error("{count} streams are defined; at most {MAX_STREAMS} are supported, remove some")]
     TooManyStreams { count: usize },
-    #[error("{count} targets are defined; at most {MAX_TARGETS} are supported, remove some")]
-    TooManyTargets { count: usize },
+    #[error("{count} targets are defined; dataplane.target_entries is {capacity}: raise it, or remove some")]
+    TooManyTargets { count: usize, capacity: u32 },
+    #[error(
+        "{count} flows are defined; dataplane.flow_entries is {capacity}: raise it, or remove some"
+    )]
+    TooManyFlows { count: usize, capacity: u32 },
     #[error("flow {flow:?} has {count} byte_matches; at most {MAX_BYTE_MATCHES} are supported, remove some")]
     TooManyByteMatches { flow: String, count: usize },
     #[error("stream {stream:?} is defined twice; stream names must be unique")]
@@ -208,18 +210,19 @@ pub enum LbError {
 #[derive(Debug)]
 pub struct Tables {
     built: HashMap<String, Built>,
-    /// Entries of `tm_maglev`, which every table must fit in together.
-    maglev_entries: u32,
+    capacity: Capacity,
 }
 
 impl Default for Tables {
     fn default() -> Self {
         Self {
             built: HashMap::new(),
-            maglev_entries: MAGLEV_CAPACITY,
+            capacity: Capacity::default(),
         }
     }
 }
+
+pub use crate::config::LbCapacity as Capacity;
 
 #[derive(Debug)]
 struct Built {
@@ -231,10 +234,9 @@ struct Built {
 }
 
 impl Tables {
-    /// Validations from now on check the tables against `entries`
-    /// (`dataplane.maglev_entries`).
-    pub fn set_maglev_entries(&mut self, entries: u32) {
-        self.maglev_entries = entries;
+    /// Validations from now on check the tables against `capacity`.
+    pub fn set_capacity(&mut self, capacity: Capacity) {
+        self.capacity = capacity;
     }
 
     /// The builder and, when `active` is the same, the table of stream `s`.
@@ -263,12 +265,17 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
     if let Some(count) = count(spec.streams.len(), MAX_STREAMS) {
         return Err(LbError::TooManyStreams { count });
     }
-    if let Some(count) = count(spec.targets.len(), MAX_TARGETS) {
-        return Err(LbError::TooManyTargets { count });
+    let capacity = tables.capacity.target_entries;
+    if let Some(count) = count(spec.targets.len(), capacity) {
+        return Err(LbError::TooManyTargets { count, capacity });
     }
 
     let flows = FlowSet::parse(&spec.vips, &spec.flows)?;
     super::checks::check_flow_set(&flows)?;
+    let capacity = tables.capacity.flow_entries;
+    if let Some(count) = count(flows.flows.len(), capacity) {
+        return Err(LbError::TooManyFlows { count, capacity });
+    }
     for f in &flows.flows {
         if f.byte_matches.len() > MAX_BYTE_MATCHES {
             return Err(LbError::TooManyByteMatches {
@@ -297,10 +304,10 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
         })?;
         total += u64::from(size);
     }
-    if total > u64::from(tables.maglev_entries) {
+    if total > u64::from(tables.capacity.maglev_entries) {
         return Err(LbError::MaglevCapacity {
             total,
-            capacity: tables.maglev_entries,
+            capacity: tables.capacity.maglev_entries,
         });
     }
 
@@ -499,6 +506,7 @@ fn parse_node(s: &str) -> Result<Ipv4Addr, &'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tapmesh_common::lb::{MAGLEV_CAPACITY, MAX_TARGETS};
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()
@@ -725,7 +733,13 @@ mod tests {
             targets: vec![remote("s", 1, "192.0.2.1"); MAX_TARGETS as usize + 1],
             ..Default::default()
         };
-        assert_eq!(err(&spec), LbError::TooManyTargets { count: 16_385 });
+        assert_eq!(
+            err(&spec),
+            LbError::TooManyTargets {
+                count: 16_385,
+                capacity: 16_384
+            }
+        );
 
         // 5 streams of 1_000_003 entries each > 2^22.
         let spec = LbSpec {

@@ -14,7 +14,7 @@ use tokio::sync::{Mutex, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::flows::{FlowSpec, VipSpec};
-use super::model::{validate_with, LbError, LbSpec, StreamSpec, Tables, TargetSpec};
+use super::model::{validate_with, Capacity, LbError, LbSpec, StreamSpec, Tables, TargetSpec};
 use super::tables::lb_tables;
 use super::{checks, persist};
 use crate::{
@@ -55,8 +55,8 @@ pub enum LbServiceError {
 }
 
 /// Reads an LB configuration file (TOML) and validates it, with
-/// `maglev_entries` of Maglev table space.
-pub fn read_spec(path: &Path, maglev_entries: u32) -> Result<LbSpec, LbServiceError> {
+/// the map space of `capacity`.
+pub fn read_spec(path: &Path, capacity: Capacity) -> Result<LbSpec, LbServiceError> {
     let file = |message: String| LbServiceError::File {
         path: path.display().to_string(),
         message,
@@ -64,7 +64,7 @@ pub fn read_spec(path: &Path, maglev_entries: u32) -> Result<LbSpec, LbServiceEr
     let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
     let spec: LbSpec = toml::from_str(&text).map_err(|e| file(e.message().replace('\n', " ")))?;
     let mut tables = Tables::default();
-    tables.set_maglev_entries(maglev_entries);
+    tables.set_capacity(capacity);
     validate_with(&spec, &mut tables).map_err(|e| file(e.to_string()))?;
     checks::check_owners(&[("lb", &spec)]).map_err(|e| file(e.to_string()))?;
     Ok(spec)
@@ -195,8 +195,8 @@ impl LbService {
         let checked = sources.check(source, &sources.others[source]);
         let valid = checked
             .and_then(|()| {
-                let entries = self.dataplane.maglev_entries();
-                sources.tables.set_maglev_entries(entries);
+                let capacity = self.dataplane.lb_capacity();
+                sources.tables.set_capacity(capacity);
                 validate_with(&merged, &mut sources.tables)
             })
             .and_then(|valid| checks::check_node(&merged, tunnel.address).map(|()| valid));
@@ -257,8 +257,8 @@ impl LbService {
         }
         let merged = sources.merged(&new);
         sources.check("lb", &new)?;
-        let entries = self.dataplane.maglev_entries();
-        sources.tables.set_maglev_entries(entries);
+        let capacity = self.dataplane.lb_capacity();
+        sources.tables.set_capacity(capacity);
         let valid = validate_with(&merged, &mut sources.tables)?;
         checks::check_node(&merged, self.tunnel().address)?;
         self.prepare_local(&merged)?;
@@ -613,7 +613,7 @@ impl Plugin for LbPlugin {
     ) -> Result<(), PluginError> {
         let file = match &config.lb.config_file {
             Some(path) => Some(
-                read_spec(path, config.dataplane.maglev_entries)
+                read_spec(path, Capacity::of(&config.dataplane))
                     .map_err(|e| PluginError::new(e.to_string()))?,
             ),
             None => None,
