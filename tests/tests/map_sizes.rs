@@ -1,5 +1,6 @@
 //! Issue 18, memory: the sizes in `[dataplane]` are the pinned maps' sizes
-//! (`tm_targets` and the target and flow counters included),
+//! (`tm_targets`, the overlay's instance maps and the target, flow and
+//! instance counters included),
 //! `tapmesh bpf maps` reports what the kernel charges for each map, and LB
 //! tables must fit the configured Maglev space, target and flow entries (a refusal
 //! changes nothing).
@@ -27,7 +28,7 @@ use tapmesh_tests::{
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const MAGLEV_ENTRIES: u64 = 12_000;
 const SIZES: &str = "[dataplane]\nmaglev_entries = 12000\nconntrack_entries = 4096\n\
-    conntrack6_entries = 2048\nmirror_copy_bytes = 1048576\ntarget_entries = 1000\nflow_entries = 64\n";
+    conntrack6_entries = 2048\nmirror_copy_bytes = 1048576\ntarget_entries = 1000\nflow_entries = 64\ninstance_entries = 128\n";
 
 fn lab() -> (LbLab, PathBuf, PathBuf) {
     let mut lab = LbLab::new(1, &[VIP]);
@@ -86,6 +87,9 @@ fn configured_sizes_are_the_pinned_sizes_and_each_maps_kernel_memory_is_reported
         ("tm_targets", 1000),
         ("tm_target_stats", 1000),
         ("tm_flow_stats", 64),
+        ("tm_ov_instances", 128),
+        ("tm_ov_inst6", 128),
+        ("tm_ov_ins_stats", 128),
     ] {
         assert_eq!(shown[map]["max_entries"], entries, "{map}: {}", shown[map]);
     }
@@ -158,7 +162,14 @@ fn configured_sizes_are_the_pinned_sizes_and_each_maps_kernel_memory_is_reported
         16 << 20,
         "back to the default"
     );
-    for map in ["tm_targets", "tm_target_stats", "tm_flow_stats"] {
+    for map in [
+        "tm_targets",
+        "tm_target_stats",
+        "tm_flow_stats",
+        "tm_ov_instances",
+        "tm_ov_inst6",
+        "tm_ov_ins_stats",
+    ] {
         assert_eq!(
             shown[map]["max_entries"], 16_384,
             "{map} back to the default"

@@ -109,6 +109,9 @@ pub struct DataplaneConfig {
     /// LB flows over all VIPs: the per-CPU `tm_flow_stats`, 16 bytes per
     /// CPU each.
     pub flow_entries: u32,
+    /// Overlay instances, local and remote (`tm_ov_instances` and
+    /// `tm_ov_inst6`, and the per-CPU `tm_ov_ins_stats`, 16 bytes per CPU each).
+    pub instance_entries: u32,
 }
 
 /// The map space the LB's tables must fit in (`[dataplane]`).
@@ -159,7 +162,7 @@ pub const MAX_MAGLEV_ENTRIES: u32 = 1 << 26;
 
 /// Bounds of the map sizes: below, a lone stream or a few hundred
 /// connections do not fit; above, one map would lock gigabytes.
-pub const MAP_SIZE_BOUNDS: [(&str, u32, u32); 6] = [
+pub const MAP_SIZE_BOUNDS: [(&str, u32, u32); 7] = [
     ("dataplane.maglev_entries", 1024, MAX_MAGLEV_ENTRIES),
     ("dataplane.conntrack_entries", 1024, 1 << 24),
     ("dataplane.conntrack6_entries", 1024, 1 << 24),
@@ -168,6 +171,7 @@ pub const MAP_SIZE_BOUNDS: [(&str, u32, u32); 6] = [
     ("dataplane.target_entries", 64, MAX_TARGET_ENTRIES),
     // At most every VIP's 64 flows.
     ("dataplane.flow_entries", 64, tapmesh_common::lb::MAX_FLOWS),
+    ("dataplane.instance_entries", 64, 1 << 17),
 ];
 
 impl Default for DataplaneConfig {
@@ -184,6 +188,7 @@ impl Default for DataplaneConfig {
             mirror_copy_bytes: tapmesh_common::mirror::COPY_RING_BYTES,
             target_entries: tapmesh_common::lb::MAX_TARGETS,
             flow_entries: tapmesh_common::lb::MAX_FLOWS,
+            instance_entries: tapmesh_common::overlay::MAX_INSTANCES,
         }
     }
 }
@@ -198,6 +203,7 @@ impl DataplaneConfig {
             self.mirror_copy_bytes,
             self.target_entries,
             self.flow_entries,
+            self.instance_entries,
         ];
         for ((setting, min, max), value) in MAP_SIZE_BOUNDS.into_iter().zip(values) {
             if !(min..=max).contains(&value) {
@@ -1266,6 +1272,8 @@ mod tests {
             refused("flow_entries = 16385"),
             "dataplane.flow_entries: 16385 is out of range; use 64 to 16384"
         );
+        assert_eq!(c.dataplane.instance_entries, 16_384);
+        assert!(refused("instance_entries = 1").starts_with("dataplane.instance_entries: "));
         let c = Config::from_toml(
             "[dataplane]\nmaglev_entries = 1024\nconntrack6_entries = 16777216\n",
         )

@@ -148,8 +148,13 @@ impl DataplaneHandle {
         self.sizes.lock().expect("sizes lock").mirror_copies
     }
 
+    /// Entries of the overlay's instance maps (`dataplane.instance_entries`).
+    pub fn instance_entries(&self) -> u32 {
+        self.sizes.lock().expect("sizes lock").instances
+    }
+
     /// The map space LB tables must fit in (`dataplane.maglev_entries`,
-    /// `dataplane.target_entries`).
+    /// `target_entries`, `flow_entries`).
     pub fn lb_capacity(&self) -> crate::config::LbCapacity {
         self.sizes.lock().expect("sizes lock").lb_capacity()
     }

@@ -303,6 +303,7 @@ pub struct Sizes {
     pub mirror_copies: u32,
     pub targets: u32,
     pub flows: u32,
+    pub instances: u32,
 }
 
 impl Default for Sizes {
@@ -320,6 +321,7 @@ impl Sizes {
             mirror_copies: config.mirror_copy_bytes,
             targets: config.target_entries,
             flows: config.flow_entries,
+            instances: config.instance_entries,
         }
     }
 
@@ -333,7 +335,7 @@ impl Sizes {
     }
 
     /// (map, entries) for every sized map.
-    fn entries(&self) -> [(&'static str, u32); 7] {
+    fn entries(&self) -> [(&'static str, u32); 10] {
         [
             (n::MAGLEV, self.maglev),
             (n::OV_CONNTRACK, self.conntrack),
@@ -342,6 +344,9 @@ impl Sizes {
             (n::TARGETS, self.targets),
             (n::TARGET_STATS, self.targets),
             (n::FLOW_STATS, self.flows),
+            (n::OV_INSTANCES, self.instances),
+            (n::OV_INSTANCES6, self.instances),
+            (n::OV_INSTANCE_STATS, self.instances),
         ]
     }
 

@@ -144,7 +144,7 @@ pub(super) fn lowest_free(
 /// Why the tables could not be compiled.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum ModelError {
-    #[error("no room for more than {0} instances")]
+    #[error("no room for more than {0} instances (dataplane.instance_entries)")]
     TooManyInstances(u32),
     #[error("no room for more than {0} service IPs")]
     TooManyServices(u32),
@@ -159,6 +159,8 @@ pub struct Settings {
     /// The containers' IPv6 gateway (the source of "packet too big").
     pub gateway_v6: Option<Ipv6Addr>,
     pub service_prefix_v6: Option<(Ipv6Addr, u8)>,
+    /// Entries of the instance maps (`dataplane.instance_entries`).
+    pub instance_entries: u32,
 }
 
 impl Ids {

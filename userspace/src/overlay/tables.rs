@@ -23,7 +23,7 @@ impl Ids {
         settings: &Settings,
         cost_of: &dyn Fn(&InstanceRecord) -> u32,
     ) -> Result<OverlayTables, ModelError> {
-        use tapmesh_common::overlay::{MAX_INSTANCES, MAX_SERVICES};
+        use tapmesh_common::overlay::MAX_SERVICES;
 
         let keys: BTreeSet<(String, u32)> =
             records.iter().map(|r| (r.job.clone(), r.number)).collect();
@@ -32,12 +32,14 @@ impl Ids {
         let mut record_of: BTreeMap<u32, &InstanceRecord> = BTreeMap::new();
         for record in records {
             let key = (record.job.clone(), record.number);
+            let max = settings.instance_entries;
+            // An id kept from a run with larger maps is given a new one.
             let id = match self.instances.get(&key) {
-                Some(&id) => id,
-                None => {
+                Some(&id) if id < max => id,
+                _ => {
                     let used: BTreeSet<u32> = self.instances.values().copied().collect();
-                    let id = lowest_free(&used, &self.cooling_instances, MAX_INSTANCES)
-                        .ok_or(ModelError::TooManyInstances(MAX_INSTANCES))?;
+                    let id = lowest_free(&used, &self.cooling_instances, max)
+                        .ok_or(ModelError::TooManyInstances(max))?;
                     self.instances.insert(key, id);
                     id
                 }
@@ -315,7 +317,31 @@ mod tests {
             service_prefix: ([203, 0, 113, 0].into(), 24),
             gateway_v6: Some("2001:db8:1::1".parse().unwrap()),
             service_prefix_v6: Some(("2001:db8:ff::".parse().unwrap(), 48)),
+            instance_entries: tapmesh_common::overlay::MAX_INSTANCES,
         }
+    }
+
+    #[test]
+    fn instances_get_ids_below_the_configured_entries() {
+        let a = record("app.ns.web.ns", 0, [192, 0, 2, 2], true, &[]);
+        let b = record("app.ns.web.ns", 1, [192, 0, 2, 66], false, &[]);
+        let small = |entries| Settings {
+            instance_entries: entries,
+            ..settings()
+        };
+        let mut ids = Ids::default();
+        assert_eq!(
+            ids.compile(&[&a, &b], &small(1), &|_| 0).unwrap_err(),
+            ModelError::TooManyInstances(1)
+        );
+        // Ids kept from larger maps are given new ones that fit.
+        let mut ids = Ids::default();
+        ids.compile(&[&a, &b], &small(16), &|_| 0).unwrap();
+        assert_eq!(ids.instance_id(&b.job, 1), Some(1));
+        // a goes (its id cools down for one compile), then the maps shrink.
+        ids.compile(&[&b], &small(16), &|_| 0).unwrap();
+        ids.compile(&[&b], &small(1), &|_| 0).unwrap();
+        assert_eq!(ids.instance_id(&b.job, 1), Some(0), "reassigned below 1");
     }
 
     #[test]

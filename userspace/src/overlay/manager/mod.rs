@@ -204,6 +204,7 @@ impl NetManager {
             service_prefix: self.settings.service_prefix,
             gateway_v6: state.ipam.as_ref().and_then(|i| i.gateway_v6()),
             service_prefix_v6: Some(self.settings.service_prefix_v6),
+            instance_entries: self.dataplane.instance_entries(),
         }
     }
 
