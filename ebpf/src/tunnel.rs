@@ -331,9 +331,11 @@ pub fn decapsulate(
         6 => (L3::V6, ETH_P_IPV6),
         _ => return Err(DropReason::BadTunnelPacket),
     };
-    // The inner packet must lie inside the UDP datagram (`room` bytes): one
-    // that runs on past it (into bytes after the outer IP packet) is not
-    // what the outer headers say they carry.
+    // The inner packet must fill the UDP datagram (`room` bytes) exactly,
+    // as every encapsulation here makes it: one that runs on past it (into
+    // bytes after the outer IP packet) is not what the outer headers say
+    // they carry, and bytes after it would ride along unseen (several
+    // packets merged by GRO before generic XDP, or smuggled data).
     let head: *const [[u8; 2]; 3] = pkt.header(inner, DropReason::BadTunnelPacket)?;
     // SAFETY: inside the 6 bytes just checked.
     let inner_len = unsafe {
@@ -342,7 +344,7 @@ pub fn decapsulate(
             _ => u16::from_be_bytes((*head)[1]) as usize,
         }
     };
-    if inner_len > room {
+    if inner_len != room {
         return Err(DropReason::BadTunnelPacket);
     }
     let outer: *const [[u8; 4]; 3] = pkt.header(0, DropReason::TruncatedEthernet)?;

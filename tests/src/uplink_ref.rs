@@ -536,7 +536,7 @@ impl Node {
                 Some(6) => 0x86dd,
                 _ => return Err(bare(D::BadTunnelPacket)),
             };
-            // The inner packet's own length must fit in the UDP payload.
+            // The inner packet's own length must be the UDP payload's.
             let room = usize::from(be16(&frame, outer.l4_offset + 4)).saturating_sub(8);
             let length_at = if ether_type == 0x0800 {
                 inner_at + 2
@@ -549,7 +549,7 @@ impl Node {
             }
             let inner_len =
                 usize::from(be16(&frame, length_at)) + if ether_type == 0x0800 { 0 } else { 40 };
-            if inner_len > room {
+            if inner_len != room {
                 return Err(bare(D::BadTunnelPacket));
             }
             let mut inner = frame[..12].to_vec();

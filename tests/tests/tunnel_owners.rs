@@ -532,7 +532,7 @@ fn outside_the_tunnel_a_service_prefix_source_reaches_no_container() {
 /// outer IP packet, or an empty datagram) is dropped as `bad_tunnel_packet`,
 /// in its usual shape and tagged (the parser's path).
 #[test]
-fn an_inner_packet_longer_than_its_datagram_is_dropped() {
+fn an_inner_packet_that_does_not_fill_its_datagram_exactly_is_dropped() {
     use tapmesh_tests::frames::{eth_tagged, ip_packet, set_ipv4_total_length};
     if !kernel_tests_enabled() {
         return;
@@ -560,6 +560,17 @@ fn an_inner_packet_longer_than_its_datagram_is_dropped() {
         f
     };
     let tagged = eth_tagged(&[100], ip_packet(&whole));
+    // Bytes after the inner packet, inside the datagram (as in packets
+    // merged by GRO before generic XDP): the outer lengths count them.
+    let longer = tunnel(NODE_A, NODE, PORT, &[inner.as_slice(), b"xx"].concat());
+    let longer_tagged = eth_tagged(&[100], ip_packet(&longer));
+    for (name, frame) in [("plain", &longer), ("tagged", &longer_tagged)] {
+        assert_eq!(
+            run(frame),
+            (XDP_DROP, 1),
+            "{name}: 2 bytes after the inner packet"
+        );
+    }
     for (name, frame, l3) in [("plain", &whole, 14), ("tagged", &tagged, 18)] {
         assert_eq!(
             run(frame),
