@@ -10,6 +10,7 @@ use std::{
 
 use serde_json::json;
 use tapmesh_tests::{
+    daemon::named,
     kernel_tests_enabled,
     net::{spawn_in, wait_until},
     oakestra::{
@@ -360,6 +361,28 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
             .any(|m| m["payload"] == json!({"sname": "", "sip": OAK_IP})),
         "{misses:?}"
     );
+
+    // Outside the tunnel the same source is refused: plain IP from OAK's
+    // instance IP, routed to the node for web#0, is dropped on the uplink
+    // (else anyone who can route to the node could pose as OAK and have
+    // web#0's replies tunnelled to OAK's node).
+    oak.ip(&["addr", "add", &format!("{OAK_IP}/32"), "dev", "lo"]);
+    oak.ip(&["route", "add", &format!("{ns0}/32"), "via", "198.18.2.1"]);
+    let refused = || {
+        let counters = n1.daemon.as_ref().unwrap().status();
+        named(&counters, "xdp_uplink", "service_source_outside_tunnel")
+    };
+    let before = refused();
+    spawn_in(&oak.name, move || {
+        let s = UdpSocket::bind((OAK_IP, 40001)).unwrap();
+        for _ in 0..20 {
+            s.send_to(b"forged", (ns0, UDP_PORT)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let all = wait_until(Duration::from_secs(2), || refused() - before == 20);
+    assert!(all, "{} of 20 plain packets refused", refused() - before);
 
     // OAK's interest came with the table; unused for 10 s, it is removed
     // (unsubscribed, interest/remove, entries dropped). WEB, deployed here, stays.
