@@ -171,7 +171,12 @@ pub const MAP_SIZE_BOUNDS: [(&str, u32, u32); 7] = [
     ("dataplane.target_entries", 64, MAX_TARGET_ENTRIES),
     // At most every VIP's 64 flows.
     ("dataplane.flow_entries", 64, tapmesh_common::lb::MAX_FLOWS),
-    ("dataplane.instance_entries", 64, 1 << 17),
+    // At most the object's: the owner maps (`tm_ov_owners`) are sized for it.
+    (
+        "dataplane.instance_entries",
+        64,
+        tapmesh_common::overlay::MAX_INSTANCES,
+    ),
 ];
 
 impl Default for DataplaneConfig {

@@ -83,7 +83,12 @@ impl Counters {
         ))
     }
 
+    /// An index past the map (an entry kept from maps resized smaller)
+    /// reads as zero rather than failing the whole listing.
     fn get(&self, index: u32) -> Result<(u64, u64), InspectError> {
+        if index >= self.0.len() {
+            return Ok((0, 0));
+        }
         let values = self.0.get(&index, 0).map_err(map_err(self.1))?;
         Ok(values
             .iter()

@@ -468,7 +468,10 @@ impl LbWriter {
             value.stats_index = match self.targets.get(&key) {
                 Some(old) => old.stats_index,
                 None => {
-                    let id = target_ids.take(self.capacity.0.target_entries, "target counters")?;
+                    let id = target_ids.take(
+                        self.capacity.0.target_entries,
+                        "targets (raise dataplane.target_entries: a change needs room for its new targets beside the ones it replaces)",
+                    )?;
                     new_targets.push(id);
                     id
                 }
@@ -489,7 +492,10 @@ impl LbWriter {
             if !self.flows.contains_key(f) && !new_flows.iter().any(|(n, _)| n == f) {
                 new_flows.push((
                     f.clone(),
-                    flow_ids.take(self.capacity.0.flow_entries, "flow counters")?,
+                    flow_ids.take(
+                    self.capacity.0.flow_entries,
+                    "flows (raise dataplane.flow_entries: a change needs room for its new flows beside the ones it replaces)",
+                )?,
                 ));
             }
         }
