@@ -121,8 +121,9 @@ pub struct Ids {
     pub(super) cooling_instances: BTreeSet<u32>,
     pub(super) cooling_services: BTreeSet<u32>,
     /// Instances restored from a saved state keep their generation at the
-    /// first compile (flows in kept conntrack maps stay bound).
-    pub(super) restored: BTreeSet<u32>,
+    /// first compile (flows in kept conntrack maps stay bound), if they keep
+    /// their id: another instance given a restored id starts a new one.
+    pub(super) restored: BTreeMap<(String, u32), u32>,
 }
 
 /// What of [`Ids`] a restart keeps.
@@ -190,7 +191,7 @@ impl Ids {
             .map(|(job, number, id)| ((job, number), id))
             .collect();
         Self {
-            restored: instances.values().copied().collect(),
+            restored: instances.clone(),
             instances,
             services: saved.services.into_iter().collect(),
             generations: saved.generations.into_iter().collect(),

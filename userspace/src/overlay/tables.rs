@@ -40,7 +40,7 @@ impl Ids {
                     let used: BTreeSet<u32> = self.instances.values().copied().collect();
                     let id = lowest_free(&used, &self.cooling_instances, max)
                         .ok_or(ModelError::TooManyInstances(max))?;
-                    self.instances.insert(key, id);
+                    self.instances.insert(key.clone(), id);
                     id
                 }
             };
@@ -92,7 +92,7 @@ impl Ids {
             // another instance, starts a new generation: the flows bound to
             // it pick again.
             let generation = self.generations.entry(id).or_insert(0);
-            let unchanged = self.restored.remove(&id)
+            let unchanged = self.restored.remove(&key) == Some(id)
                 || self.last.get(&id).is_some_and(|(old, sips, v6)| {
                     *old == inst && *sips == record.service_ips && *v6 == record.ns_addr_v6
                 });
@@ -556,5 +556,19 @@ mod tests {
             again.instances[&ia].generation,
             before.instances[&ia].generation
         );
+
+        // Restored, b is gone and c comes: c may get b's id, but not its
+        // generation (b's kept flows would go to c).
+        let c = record("app.ns.c.ns", 0, [192, 0, 2, 4], false, &[]);
+        let mut restored = Ids::restore(serde_json::from_str(&json).unwrap());
+        let ib = restored.instance_id(&b.job, 0).unwrap();
+        let after = restored.compile(&[&a, &c], &settings(), &|_| 0).unwrap();
+        let ic = restored.instance_id(&c.job, 0).unwrap();
+        assert_eq!(ic, ib, "the lowest free id");
+        assert_ne!(
+            after.instances[&ic].generation,
+            before.instances[&ib].generation
+        );
+        assert_eq!(after.instances[&ia], before.instances[&ia], "a as it was");
     }
 }
