@@ -527,10 +527,11 @@ fn outside_the_tunnel_a_service_prefix_source_reaches_no_container() {
     );
 }
 
-/// The inner packet must lie inside the UDP datagram: a tunnel packet whose
+/// The inner packet must fill the UDP datagram exactly: a tunnel packet whose
 /// outer lengths say it carries less (the rest of the inner packet after the
-/// outer IP packet, or an empty datagram) is dropped as `bad_tunnel_packet`,
-/// in its usual shape and tagged (the parser's path).
+/// outer IP packet, or an empty datagram) or more (bytes after the inner
+/// packet, IPv4 or IPv6) is dropped as `bad_tunnel_packet`, in its usual
+/// shape and tagged (the parser's path).
 #[test]
 fn an_inner_packet_that_does_not_fill_its_datagram_exactly_is_dropped() {
     use tapmesh_tests::frames::{eth_tagged, ip_packet, set_ipv4_total_length};
@@ -564,7 +565,13 @@ fn an_inner_packet_that_does_not_fill_its_datagram_exactly_is_dropped() {
     // merged by GRO before generic XDP): the outer lengths count them.
     let longer = tunnel(NODE_A, NODE, PORT, &[inner.as_slice(), b"xx"].concat());
     let longer_tagged = eth_tagged(&[100], ip_packet(&longer));
-    for (name, frame) in [("plain", &longer), ("tagged", &longer_tagged)] {
+    let inner6 = udp6(v6(0xa1), v6(0x1), 40000, 7000, b"payload");
+    let longer6 = tunnel(NODE_A, NODE, PORT, &[inner6.as_slice(), b"xx"].concat());
+    for (name, frame) in [
+        ("plain", &longer),
+        ("tagged", &longer_tagged),
+        ("IPv6", &longer6),
+    ] {
         assert_eq!(
             run(frame),
             (XDP_DROP, 1),
