@@ -254,29 +254,30 @@ fn lb_tables_must_fit_the_configured_maglev_space_and_a_refusal_changes_nothing(
     assert!(is_maglev_table(&kernel_table(&pins), 10_007));
     datagrams_cross(&lab, "applied");
     let before = dump_pinned(&pins);
+    // `spec` is refused with an error that says `why`, and no map changed.
+    let refused = |spec: &LbSpec, why: &str| {
+        let refused = lab.apply(spec).expect_err(why);
+        assert!(refused.contains(why), "{refused}");
+        let diff = differences(&before, &dump_pinned(&pins));
+        assert!(diff.is_empty(), "maps changed: {diff:?}");
+    };
 
     // Two tables of 10007 + 2003 entries: more than the space holds.
     let mut two = good.clone();
     two.streams.push(sized_stream("t", 2003));
-    let refused = lab.apply(&two).expect_err("12010 entries do not fit");
-    assert!(
-        refused.contains("need 12010 entries in all; dataplane.maglev_entries is 12000"),
-        "{refused}"
+    refused(
+        &two,
+        "need 12010 entries in all; dataplane.maglev_entries is 12000",
     );
-    let diff = differences(&before, &dump_pinned(&pins));
-    assert!(diff.is_empty(), "maps changed: {diff:?}");
 
     // A bigger table alone fits, but not beside the one it replaces
     // (traffic keeps the old table until the new one is whole).
     let mut bigger = good.clone();
     bigger.streams = vec![sized_stream("s", 10_009)];
-    let refused = lab.apply(&bigger).expect_err("10007 + 10009 do not fit");
-    assert!(
-        refused.contains("Maglev table space (raise dataplane.maglev_entries)"),
-        "{refused}"
+    refused(
+        &bigger,
+        "Maglev table space (raise dataplane.maglev_entries)",
     );
-    let diff = differences(&before, &dump_pinned(&pins));
-    assert!(diff.is_empty(), "maps changed: {diff:?}");
 
     // More targets than `tm_targets` has entries.
     let mut many = good.clone();
@@ -284,13 +285,10 @@ fn lb_tables_must_fit_the_configured_maglev_space_and_a_refusal_changes_nothing(
     many.targets = (1..=1001)
         .map(|i| lab.targets[i % 2].local("s", i as u32))
         .collect();
-    let refused = lab.apply(&many).expect_err("1001 targets in 1000 entries");
-    assert!(
-        refused.contains("1001 targets are defined; dataplane.target_entries is 1000"),
-        "{refused}"
+    refused(
+        &many,
+        "1001 targets are defined; dataplane.target_entries is 1000",
     );
-    let diff = differences(&before, &dump_pinned(&pins));
-    assert!(diff.is_empty(), "maps changed: {diff:?}");
 
     // More flows than `tm_flow_stats` has entries: 33 on one VIP, 32 on another.
     let mut flows = good.clone();
@@ -303,13 +301,7 @@ fn lb_tables_must_fit_the_configured_maglev_space_and_a_refusal_changes_nothing(
             f
         })
         .collect();
-    let refused = lab.apply(&flows).expect_err("65 flows in 64 entries");
-    assert!(
-        refused.contains("65 flows are defined; dataplane.flow_entries is 64"),
-        "{refused}"
-    );
-    let diff = differences(&before, &dump_pinned(&pins));
-    assert!(diff.is_empty(), "maps changed: {diff:?}");
+    refused(&flows, "65 flows are defined; dataplane.flow_entries is 64");
     datagrams_cross(&lab, "after the refusals");
 
     // A restart on these pins with a larger space: tm_maglev is replaced,
