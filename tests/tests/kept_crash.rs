@@ -67,6 +67,46 @@ fn a_killed_daemon_with_keep_dataplane_loses_no_packet_and_the_next_start_adopts
     );
 }
 
+/// A kept dataplane restarted with another configuration holds only that
+/// configuration's VIPs: a VIP gone from the file no longer matches. Before,
+/// its kept entry pointed at a VIP index the new VIP reused, so its traffic
+/// went to the new VIP's target.
+#[test]
+fn a_restart_on_kept_maps_leaves_no_vip_of_the_old_configuration() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const OTHER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+    let mut lab = LbLab::new(2, &[VIP, OTHER]);
+    let old = LbSpec {
+        vips: vec![vip("v", &VIP.to_string())],
+        streams: vec![stream("s", 10)],
+        flows: vec![flow("f", &["v"], "s", &["udp"])],
+        targets: vec![lab.targets[0].local("s", 1)],
+    };
+    lab.start_with(Some(&old), &["--keep-dataplane".into()]);
+    assert_eq!(lab.spread(VIP), [200, 0]);
+    let new = LbSpec {
+        vips: vec![vip("x", &OTHER.to_string())],
+        streams: vec![stream("o", 10)],
+        flows: vec![flow("g", &["x"], "o", &["udp"])],
+        targets: vec![lab.targets[1].local("o", 1)],
+    };
+    lab.kill_and_start(Some(&new), &["--keep-dataplane".into()]);
+    assert_eq!(lab.spread(OTHER), [0, 200]);
+    assert_eq!(lab.spread(VIP), [0, 0], "the old VIP still matches");
+    // The kept host VIP map holds the new VIP alone.
+    let pins = lab
+        .daemon()
+        .bpffs_root
+        .join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    let map = aya::maps::MapData::from_pin(pins.join("tm_vip_hosts")).expect("tm_vip_hosts");
+    let hosts: aya::maps::HashMap<_, tapmesh_common::lb::VipAddr, tapmesh_common::lb::VipValue> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
+    let addrs: Vec<[u8; 16]> = hosts.keys().map(|k| k.unwrap().addr).collect();
+    assert_eq!(addrs, [OTHER.to_ipv6_mapped().octets()]);
+}
+
 /// `tapmesh cleanup` in the node's namespace: (exit code, stdout, stderr).
 fn cleanup(lab: &LbLab, root: &std::path::Path, admin: &std::path::Path) -> (i32, String, String) {
     let out = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())

@@ -315,6 +315,9 @@ pub struct LbWriter {
     replies: Vec<(NatReplyKey, PortNatValue)>,
     /// `tm_maglev` mapped, once a table was written.
     maglev: Option<MappedArray>,
+    /// Whether what an earlier daemon left in the maps was swept (after
+    /// this writer's first apply).
+    swept: bool,
 }
 
 /// Entries of `tm_targets` and `tm_flow_stats`, the object's own unless
@@ -413,7 +416,85 @@ impl LbWriter {
         // Mapped before anything is written: a failure here changes nothing.
         self.mapped_maglev(ebpf)?;
         let plan = self.plan(&tables, tunnel, resolve)?;
-        self.write(ebpf, &tables, plan)
+        self.write(ebpf, &tables, plan)?;
+        if !self.swept {
+            self.sweep(ebpf)?;
+            self.swept = true;
+        }
+        Ok(())
+    }
+
+    /// Removes what maps kept from an earlier daemon (`keep_dataplane`) hold
+    /// beyond this writer's first apply: VIP addresses, their slots, reply
+    /// translations and the tunnel peers of its remote targets. Made before
+    /// broken: the new entries are in place first, so kept VIPs that stay
+    /// lose no packet. Without it, a kept VIP gone from the configuration
+    /// would still match, and through a reused VIP index reach another
+    /// VIP's targets. The other maps are reached only through these.
+    fn sweep(&mut self, ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+        use tapmesh_common::lb::{vip_slot, VipSlot};
+        let written: Vec<VipKey> = self.vips.values().map(|v| v.key).collect();
+        let mut hosts: BpfHashMap<_, VipAddr, VipValue> =
+            BpfHashMap::try_from(map_mut(ebpf, n::VIP_HOSTS)?).map_err(map_err(n::VIP_HOSTS))?;
+        let stale_hosts: Vec<VipAddr> = hosts
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|a| {
+                !written
+                    .iter()
+                    .any(|k| k.prefix_len == 128 && VipAddr::from(k) == *a)
+            })
+            .collect();
+        for a in &stale_hosts {
+            let _ = hosts.remove(a);
+        }
+        let mut slots = array::<VipSlot>(ebpf, n::VIP_SLOTS)?;
+        for a in &stale_hosts {
+            let slot = vip_slot(&a.addr);
+            if !self.slots.contains_key(&slot) {
+                slots
+                    .set(slot, VipSlot::default(), 0)
+                    .map_err(map_err(n::VIP_SLOTS))?;
+            }
+        }
+        let mut vips: LpmTrie<_, VipAddr, VipValue> = trie(ebpf, n::VIPS)?;
+        let stale: Vec<Key<VipAddr>> = vips
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                !written
+                    .iter()
+                    .any(|w| w.prefix_len == k.prefix_len() && VipAddr::from(w) == k.data())
+            })
+            .collect();
+        for k in &stale {
+            let _ = vips.remove(k);
+        }
+        let mut replies: LpmTrie<_, NatReplyData, PortNatValue> = trie(ebpf, n::PORT_NAT_REPLIES)?;
+        let stale: Vec<Key<NatReplyData>> = replies
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| {
+                !self
+                    .replies
+                    .iter()
+                    .any(|(r, _)| r.prefix_len == k.prefix_len() && r.data == k.data())
+            })
+            .collect();
+        for k in &stale {
+            let _ = replies.remove(k);
+        }
+        let peers: BpfHashMap<_, [u8; 4], u8> =
+            BpfHashMap::try_from(map_mut(ebpf, n::TUNNEL_PEERS)?)
+                .map_err(map_err(n::TUNNEL_PEERS))?;
+        let mut had: BTreeSet<std::net::Ipv4Addr> = peers
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(_, bits)| bits & PEER_LB != 0)
+            .map(|(a, _)| a.into())
+            .collect();
+        had.extend(self.peers.iter().copied());
+        write_peers(ebpf, PEER_LB, &had, &self.peers.clone())
     }
 
     /// Resolves, checks and allocates everything `tables` needs, on copies
