@@ -138,32 +138,51 @@ fn connect_as(uid: u32, socket: &Path, n: usize) -> Vec<UnixStream> {
     .expect("connecting thread")
 }
 
-/// Whether the server speaks HTTP/2 on `conn`: after the client preface and
-/// SETTINGS it answers with its SETTINGS; a closed connection gives EOF.
-fn served(conn: &mut UnixStream) -> bool {
+/// How the server answers on `conn` after the client preface and SETTINGS:
+/// served (its SETTINGS, then nothing that ends the connection within
+/// 500 ms), or refused with the GOAWAY's debug text (empty if it closed
+/// without one).
+fn answer(conn: &mut UnixStream) -> Result<(), String> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+    // A refused connection may be closed before this write: what the
+    // server sent can still be read.
+    let _ = conn.write_all(&[PREFACE, &EMPTY_SETTINGS].concat());
     conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    if conn
-        .write_all(&[PREFACE, &EMPTY_SETTINGS].concat())
-        .is_err()
-    {
-        return false;
-    }
-    let mut header = [0u8; 9];
-    match conn.read(&mut header) {
-        Ok(0) => false,
-        Ok(_) => {
-            assert_eq!(header[3], 4, "the server's first frame is not SETTINGS");
-            true
+    let mut frames = 0;
+    loop {
+        let mut header = [0u8; 9];
+        match conn.read_exact(&mut header) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && frames > 0 => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(String::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Err(String::new()),
+            Err(e) => panic!("no answer and no close within 5 s: {e}"),
         }
-        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => false,
-        Err(e) => panic!("no answer and no close within 5 s: {e}"),
+        if frames == 0 {
+            assert_eq!(header[3], 4, "the server's first frame is not SETTINGS");
+        }
+        frames += 1;
+        let len = u32::from_be_bytes([0, header[0], header[1], header[2]]) as usize;
+        let mut body = vec![0u8; len];
+        conn.read_exact(&mut body).expect("a whole frame");
+        if header[3] == 7 {
+            // GOAWAY: last stream id, error code (ENHANCE_YOUR_CALM), debug data.
+            assert_eq!(&body[4..8], &[0, 0, 0, 0xb], "{body:?}");
+            return Err(String::from_utf8_lossy(&body[8..]).into_owned());
+        }
+        // Served: the rest comes as calls need it.
+        conn.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
     }
 }
 
+fn served(conn: &mut UnixStream) -> bool {
+    answer(conn).is_ok()
+}
+
 /// Open connections per uid (idle ones included): one past the limit is
-/// closed at once and the log names the limit; closing one makes room;
+/// told why (HTTP/2 GOAWAY) and closed at once, and the log names the limit; closing one makes room;
 /// root is not counted.
 #[test]
 fn connections_past_the_limit_of_a_uid_are_closed() {
@@ -174,8 +193,11 @@ fn connections_past_the_limit_of_a_uid_are_closed() {
     let lab = TapaLab::new_with(0, "60s", "[nsp.limits]\nconnections_per_uid = 2\n");
     let socket = lab.node_socket();
     let mut held = connect_as(UID, &socket, 3);
-    let answers: Vec<bool> = held.iter_mut().map(served).collect();
-    assert_eq!(answers, [true, true, false]);
+    let answers: Vec<Result<(), String>> = held.iter_mut().map(answer).collect();
+    // The refused one is told why, in the GOAWAY that gRPC clients report.
+    let why =
+        format!("limit nsp.limits.connections_per_uid = 2 reached: uid {UID} has 2 connections");
+    assert_eq!(answers, [Ok(()), Ok(()), Err(why)]);
     let said = tapmesh_tests::net::wait_until(Duration::from_secs(5), || {
         lab.daemon().log_text().contains(&format!(
             "limit nsp.limits.connections_per_uid = 2 reached: uid {UID} has 2 connections; closed a new one"

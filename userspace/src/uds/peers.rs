@@ -22,7 +22,16 @@ pub struct PeerLimit {
     limit: u32,
     open: Arc<Mutex<HashMap<u32, u32>>>,
     warnings: Arc<Mutex<Repeats>>,
+    /// Refused connections still being told why (bounded: past it, one is
+    /// closed without a word).
+    telling: Arc<tokio::sync::Semaphore>,
 }
+
+/// Refused connections told why at once, at most.
+const TELLING: usize = 64;
+/// How long a refused connection is kept to read the client's first bytes,
+/// so that it reads the reason instead of failing its write.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl PeerLimit {
     pub fn new(setting: &'static str, limit: u32) -> Self {
@@ -31,6 +40,7 @@ impl PeerLimit {
             limit,
             open: Arc::default(),
             warnings: Arc::default(),
+            telling: Arc::new(tokio::sync::Semaphore::new(TELLING)),
         }
     }
 
@@ -65,6 +75,11 @@ impl PeerLimit {
             if let Some(line) = line {
                 tracing::warn!("{line}");
             }
+            let why = format!(
+                "limit {} = {} reached: uid {uid} has {count} connections",
+                self.setting, self.limit
+            );
+            self.tell(stream, &why);
             return None;
         }
         *count += 1;
@@ -76,6 +91,53 @@ impl PeerLimit {
             }),
         })
     }
+}
+
+impl PeerLimit {
+    /// Tells a refused connection why in HTTP/2 (the server's SETTINGS,
+    /// then GOAWAY with ENHANCE_YOUR_CALM and the reason as debug data,
+    /// which gRPC clients put in their error), then closes it once the
+    /// client closes or after [`LINGER`], reading what it sends meanwhile.
+    fn tell(&self, stream: UnixStream, why: &str) {
+        let Ok(permit) = self.telling.clone().try_acquire_owned() else {
+            return;
+        };
+        let frames = refusal(why);
+        if stream.try_write(&frames).is_err() {
+            return;
+        }
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::time::timeout(LINGER, async {
+                loop {
+                    stream.readable().await?;
+                    match stream.try_read(&mut buf) {
+                        Ok(0) => return Ok(()),
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+            })
+            .await;
+            drop(permit);
+        });
+    }
+}
+
+/// The server's HTTP/2 preface (an empty SETTINGS frame) and a GOAWAY
+/// (last stream 0, ENHANCE_YOUR_CALM) carrying `why`.
+fn refusal(why: &str) -> Vec<u8> {
+    const ENHANCE_YOUR_CALM: u32 = 0xb;
+    let why = &why.as_bytes()[..why.len().min(1024)];
+    let mut out = vec![0, 0, 0, 0x4, 0, 0, 0, 0, 0];
+    let len = (8 + why.len()) as u32;
+    out.extend_from_slice(&len.to_be_bytes()[1..]);
+    out.extend_from_slice(&[0x7, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(&0u32.to_be_bytes());
+    out.extend_from_slice(&ENHANCE_YOUR_CALM.to_be_bytes());
+    out.extend_from_slice(why);
+    out
 }
 
 /// One counted connection: uncounted when dropped.
@@ -114,3 +176,18 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
 }
 
 writes_through_inner!(Counted);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_settings_then_goaway_with_the_reason() {
+        let frames = refusal("limit x = 2 reached");
+        assert_eq!(&frames[..9], &[0, 0, 0, 4, 0, 0, 0, 0, 0]);
+        let goaway = &frames[9..];
+        assert_eq!(&goaway[..9], &[0, 0, 27, 7, 0, 0, 0, 0, 0]);
+        assert_eq!(&goaway[9..17], &[0, 0, 0, 0, 0, 0, 0, 0xb]);
+        assert_eq!(&goaway[17..], b"limit x = 2 reached");
+    }
+}
