@@ -96,7 +96,7 @@ impl PeerLimit {
 impl PeerLimit {
     /// Tells a refused connection why in HTTP/2 (the server's SETTINGS,
     /// then GOAWAY with ENHANCE_YOUR_CALM and the reason as debug data,
-    /// which gRPC clients put in their error), then closes it once the
+    /// which gRPC clients log), then closes it once the
     /// client closes or after [`LINGER`], reading what it sends meanwhile.
     fn tell(&self, stream: UnixStream, why: &str) {
         let Ok(permit) = self.telling.clone().try_acquire_owned() else {
