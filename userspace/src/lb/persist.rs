@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 use super::model::LbSpec;
 
 pub const FILE_NAME: &str = "lb-state.json";
+/// Where a saved part that no longer applies is kept.
+pub const REFUSED_NAME: &str = "lb-state.refused.json";
 
 #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
 struct Saved {
@@ -62,6 +64,21 @@ impl Store {
         }
     }
 
+    /// Moves the saved part aside (to `lb-state.refused.json`, replacing an
+    /// older one) when it no longer applies, so that the next save does not
+    /// overwrite the operator's changes; its new path.
+    pub fn set_aside(&self) -> Option<PathBuf> {
+        let path = self.path.as_ref()?;
+        let aside = path.with_file_name(REFUSED_NAME);
+        match std::fs::rename(path, &aside) {
+            Ok(()) => Some(aside),
+            Err(e) => {
+                tracing::warn!("moving {} aside: {e}", path.display());
+                None
+            }
+        }
+    }
+
     /// The file's content, for when a saved part no longer applies.
     pub fn file(&self) -> LbSpec {
         self.file.clone().unwrap_or_default()
@@ -110,6 +127,12 @@ mod tests {
         assert_eq!(no_file.initial(), (LbSpec::default(), false));
         no_file.save(&spec("192.0.2.4"));
         assert_eq!(Store::new(&dir, None).initial(), (spec("192.0.2.4"), true));
+        // Set aside, it is no longer what a start applies, and is kept whole.
+        let saved = std::fs::read(dir.join(FILE_NAME)).unwrap();
+        let aside = no_file.set_aside().expect("moved");
+        assert_eq!(aside, dir.join(REFUSED_NAME));
+        assert_eq!(std::fs::read(&aside).unwrap(), saved);
+        assert_eq!(Store::new(&dir, None).initial(), (LbSpec::default(), false));
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

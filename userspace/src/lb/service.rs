@@ -627,10 +627,14 @@ impl Plugin for LbPlugin {
         let (initial, saved) = self.service.store.lock().expect("store lock").initial();
         let applied = match self.service.apply(initial).await {
             Err(e) if saved => {
+                let (aside, file) = {
+                    let store = self.service.store.lock().expect("store lock");
+                    (store.set_aside(), store.file())
+                };
+                let kept = aside.map_or(String::new(), |p| format!(" (kept as {})", p.display()));
                 tracing::warn!(
-                    "the saved LB configuration no longer applies ({e}); applying the file's"
+                    "the saved LB configuration no longer applies ({e}); applying the file's{kept}"
                 );
-                let file = self.service.store.lock().expect("store lock").file();
                 self.service.apply(file).await
             }
             other => other,
