@@ -387,6 +387,15 @@ fn config_check_validates_offline() {
             "conduit = \"conduit-x\"\nmax_targets = 1",
         ),
     );
+    // A daemon file is checked with the files it names, as the daemon reads them.
+    let names_bad_lb = write(
+        "nameslb.toml",
+        &format!("[lb]\nconfig_file = \"{bad_lb}\"\n"),
+    );
+    let names_good = write(
+        "names.toml",
+        &format!("[lb]\nconfig_file = \"{lb}\"\n[nsp]\nconfig_file = \"{meridio}\"\n"),
+    );
     let (code, stdout, stderr) = check(&[
         &bad_mode,
         &bad_uplink,
@@ -394,9 +403,14 @@ fn config_check_validates_offline() {
         &daemon,
         &bad_lb,
         &bad_meridio,
+        &names_bad_lb,
+        &names_good,
     ]);
     assert_eq!(code, Some(2));
-    assert_eq!(stdout, format!("{daemon}: ok (daemon)\n"));
+    assert_eq!(
+        stdout,
+        format!("{daemon}: ok (daemon)\n{names_good}: ok (daemon)\n")
+    );
     assert_eq!(
         stderr,
         format!(
@@ -404,7 +418,8 @@ fn config_check_validates_offline() {
              tapmesh: config file {bad_uplink}: dataplane.uplinks: interface \"nope0\" does not exist\n\
              tapmesh: config file {bad_format}: line 2: unknown variant `xml`, expected `text` or `json`\n\
              tapmesh: LB config file {bad_lb}: target 3 of stream \"s\": identifier out of range; use 1..=2 (the stream's max_targets)\n\
-             tapmesh: {bad_meridio}: stream \"stream-b\": conduit \"conduit-x\" is not defined in trench \"trench-a\"\n"
+             tapmesh: {bad_meridio}: stream \"stream-b\": conduit \"conduit-x\" is not defined in trench \"trench-a\"\n\
+             tapmesh: config file {names_bad_lb}: lb.config_file: LB config file {bad_lb}: target 3 of stream \"s\": identifier out of range; use 1..=2 (the stream's max_targets)\n"
         )
     );
 }

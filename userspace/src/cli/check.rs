@@ -56,6 +56,19 @@ pub fn check(path: &Path, kind: Option<Kind>) -> Result<Kind, String> {
             config
                 .validate()
                 .map_err(|e| format!("config file {}: {e}", path.display()))?;
+            // The files it names, as the daemon reads them at start (the LB
+            // file against this configuration's map sizes).
+            if let Some(lb) = &config.lb.config_file {
+                crate::lb::service::read_spec(
+                    lb,
+                    crate::lb::model::Capacity::of(&config.dataplane),
+                )
+                .map_err(|e| format!("config file {}: lb.config_file: {e}", path.display()))?;
+            }
+            if let Some(nsp) = &config.nsp.config_file {
+                check(nsp, Some(Kind::Meridio))
+                    .map_err(|e| format!("config file {}: nsp.config_file: {e}", path.display()))?;
+            }
         }
         Kind::Lb => {
             crate::lb::service::read_spec(path, crate::lb::model::Capacity::MAX)
