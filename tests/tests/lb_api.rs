@@ -197,7 +197,7 @@ fn bad_changes_are_refused_with_a_clear_status_and_change_nothing() {
                 (
                     "a stream that flows still use",
                     Code::FailedPrecondition,
-                    "stream \"s\" is in use by flow \"web\"",
+                    "stream \"s\" is in use by flow \"web\" and targets \"s/1\", \"s/2\";",
                     {
                         let mut c = c.clone();
                         Box::pin(async move { c.delete_stream(Name { name: "s".into() }).await })

@@ -348,8 +348,8 @@ impl LbService {
     pub async fn delete_vip(&self, name: &str) -> Result<(), LbServiceError> {
         self.update(|s| {
             remove(&mut s.vips, |v| v.name == name, "VIP", name)?;
-            let user = s.flows.iter().find(|f| f.vips.iter().any(|v| v == name));
-            in_use("VIP", name, user.map(|f| format!("flow {:?}", f.name)))
+            let flows = s.flows.iter().filter(|f| f.vips.iter().any(|v| v == name));
+            in_use("VIP", name, listed("flow", flows.map(|f| f.name.clone())))
         })
         .await
     }
@@ -357,12 +357,21 @@ impl LbService {
     pub async fn delete_stream(&self, name: &str) -> Result<(), LbServiceError> {
         self.update(|s| {
             remove(&mut s.streams, |v| v.name == name, "stream", name)?;
-            let flow = s.flows.iter().find(|f| f.stream == name);
-            let target = s.targets.iter().find(|t| t.stream == name);
-            let user = flow.map(|f| format!("flow {:?}", f.name)).or_else(|| {
-                target.map(|t| format!("target {:?}", format!("{}/{}", t.stream, t.identifier)))
-            });
-            in_use("stream", name, user)
+            let flows = s.flows.iter().filter(|f| f.stream == name);
+            let targets = s.targets.iter().filter(|t| t.stream == name);
+            let users = [
+                listed("flow", flows.map(|f| f.name.clone())),
+                listed(
+                    "target",
+                    targets.map(|t| format!("{}/{}", t.stream, t.identifier)),
+                ),
+            ];
+            let users: Vec<String> = users.into_iter().flatten().collect();
+            in_use(
+                "stream",
+                name,
+                (!users.is_empty()).then(|| users.join(" and ")),
+            )
         })
         .await
     }
@@ -572,6 +581,20 @@ fn remove<T>(
     Ok(())
 }
 
+/// `kind "a"`, `kinds "a", "b", "c"` or `kinds "a", "b", "c" and N more`;
+/// None for no names.
+fn listed(kind: &str, names: impl Iterator<Item = String>) -> Option<String> {
+    let names: Vec<String> = names.collect();
+    let shown: Vec<String> = names.iter().take(3).map(|n| format!("{n:?}")).collect();
+    let more = match names.len() {
+        0 => return None,
+        1 => return Some(format!("{kind} {}", shown[0])),
+        n if n > 3 => format!(" and {} more", n - 3),
+        _ => String::new(),
+    };
+    Some(format!("{kind}s {}{more}", shown.join(", ")))
+}
+
 /// Refuses to delete what `user` (a flow, a target) still names: said so,
 /// rather than as the user's reference to something unknown.
 fn in_use(kind: &'static str, name: &str, user: Option<String>) -> Result<(), LbServiceError> {
@@ -673,5 +696,25 @@ impl Plugin for LbPlugin {
             );
         }
         line
+    }
+}
+
+#[cfg(test)]
+mod in_use_tests {
+    use super::listed;
+
+    #[test]
+    fn users_are_listed_up_to_three_then_counted() {
+        let names = |n: usize| (0..n).map(|i| format!("f{i}"));
+        assert_eq!(listed("flow", names(0)), None);
+        assert_eq!(listed("flow", names(1)).unwrap(), "flow \"f0\"");
+        assert_eq!(
+            listed("flow", names(3)).unwrap(),
+            "flows \"f0\", \"f1\", \"f2\""
+        );
+        assert_eq!(
+            listed("flow", names(32)).unwrap(),
+            "flows \"f0\", \"f1\", \"f2\" and 29 more"
+        );
     }
 }
