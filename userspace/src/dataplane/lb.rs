@@ -126,6 +126,24 @@ fn trie<'a, K: aya::Pod, V: aya::Pod>(
     LpmTrie::try_from(map_mut(ebpf, name)?).map_err(map_err(name))
 }
 
+/// Removes every key of the trie `name` that `wanted` does not accept.
+fn sweep_trie<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    wanted: impl Fn(&Key<K>) -> bool,
+) -> Result<(), DataplaneError> {
+    let mut map: LpmTrie<_, K, V> = trie(ebpf, name)?;
+    let stale: Vec<Key<K>> = map
+        .keys()
+        .filter_map(Result::ok)
+        .filter(|k| !wanted(k))
+        .collect();
+    for k in &stale {
+        let _ = map.remove(k);
+    }
+    Ok(())
+}
+
 /// Hands out the lowest free index below a limit, and takes it back.
 #[derive(Clone, Debug, Default)]
 struct Ids {
@@ -457,33 +475,17 @@ impl LbWriter {
                     .map_err(map_err(n::VIP_SLOTS))?;
             }
         }
-        let mut vips: LpmTrie<_, VipAddr, VipValue> = trie(ebpf, n::VIPS)?;
-        let stale: Vec<Key<VipAddr>> = vips
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                !written
-                    .iter()
-                    .any(|w| w.prefix_len == k.prefix_len() && VipAddr::from(w) == k.data())
-            })
-            .collect();
-        for k in &stale {
-            let _ = vips.remove(k);
-        }
-        let mut replies: LpmTrie<_, NatReplyData, PortNatValue> = trie(ebpf, n::PORT_NAT_REPLIES)?;
-        let stale: Vec<Key<NatReplyData>> = replies
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|k| {
-                !self
-                    .replies
-                    .iter()
-                    .any(|(r, _)| r.prefix_len == k.prefix_len() && r.data == k.data())
-            })
-            .collect();
-        for k in &stale {
-            let _ = replies.remove(k);
-        }
+        sweep_trie::<VipAddr, VipValue>(ebpf, n::VIPS, |k| {
+            written
+                .iter()
+                .any(|w| w.prefix_len == k.prefix_len() && VipAddr::from(w) == k.data())
+        })?;
+        let replies = &self.replies;
+        sweep_trie::<NatReplyData, PortNatValue>(ebpf, n::PORT_NAT_REPLIES, |k| {
+            replies
+                .iter()
+                .any(|(r, _)| r.prefix_len == k.prefix_len() && r.data == k.data())
+        })?;
         let peers: BpfHashMap<_, [u8; 4], u8> =
             BpfHashMap::try_from(map_mut(ebpf, n::TUNNEL_PEERS)?)
                 .map_err(map_err(n::TUNNEL_PEERS))?;
