@@ -11,7 +11,7 @@ use aya::maps::{Array, Map, MapData};
 use tapmesh::{
     lb::model::{LbSpec, TargetSpec, TargetVia},
     net::{
-        neigh::{Resolver, Unresolved},
+        neigh::{OnLinkCache, Resolver, Unresolved},
         nft,
     },
     overlay::ports::{self, PortMapping, Protocol},
@@ -304,6 +304,81 @@ fn one_neighbour_rule_for_the_catalog_and_the_lb() {
         })
         .collect();
     assert_eq!(local, [11, 12, 13, 14], "the catalog keeps the usable ones");
+}
+
+#[test]
+fn kept_resolutions_follow_neighbour_and_route_changes() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let ns = Netns::new("nk");
+    ns.ip(&["link", "add", "tka", "type", "veth", "peer", "name", "tkb"]);
+    ns.ip(&["addr", "add", "198.18.60.1/24", "dev", "tka"]);
+    ns.ip(&["link", "set", "tka", "up"]);
+    ns.ip(&["link", "set", "tkb", "up"]);
+    let mac = |last: u8| [2, 0, 0, 0, 0x60, last];
+    let neigh = |host: u8, lladdr: [u8; 6], nud: &str| {
+        ns.ip(&[
+            "neigh",
+            "replace",
+            &format!("198.18.60.{host}"),
+            "lladdr",
+            &fmt_mac(lladdr),
+            "dev",
+            "tka",
+            "nud",
+            nud,
+        ])
+    };
+    for host in 10..20 {
+        neigh(host, mac(host), "permanent");
+    }
+    let address = |host: u8| IpAddr::V4(Ipv4Addr::new(198, 18, 60, host));
+    let ten: Vec<IpAddr> = (10..20).map(address).collect();
+    let resolved = |host: u8| Some(mac(host));
+    in_netns(&ns, || {
+        tapmesh::net::neigh_table::keep().expect("keeping the neighbour table");
+        let mut cache = OnLinkCache::default();
+        // Each address's MAC (none: not a local target) and how many were asked.
+        let mut call = |addresses: &[IpAddr]| {
+            let got = Resolver::new()
+                .and_then(|mut r| r.on_link_cached(addresses, &mut cache))
+                .expect("on-link");
+            let macs: Vec<Option<[u8; 6]>> =
+                got.into_iter().map(|r| r.ok().map(|(_, m)| m)).collect();
+            (macs, cache.asked())
+        };
+        let all: Vec<_> = (10..20).map(resolved).collect();
+        assert_eq!(call(&ten), (all.clone(), 10), "first: every address asked");
+        assert_eq!(call(&ten), (all.clone(), 0), "nothing changed: none asked");
+        let mut eleven = ten.clone();
+        eleven.push(address(30));
+        let mut with_missing = all.clone();
+        with_missing.push(None);
+        assert_eq!(call(&eleven), (with_missing.clone(), 1), "only the new one");
+        assert_eq!(call(&eleven), (with_missing, 1), "a miss is asked again");
+
+        // A state change that keeps the MAC usable keeps what was resolved.
+        neigh(12, mac(12), "stale");
+        assert_eq!(call(&ten), (all.clone(), 0), "stale keeps its MAC");
+        // A new MAC, a neighbour gone, an address routed elsewhere: each is
+        // seen at the next call.
+        neigh(13, mac(99), "permanent");
+        let mut changed = all.clone();
+        changed[3] = Some(mac(99));
+        assert_eq!(call(&ten), (changed.clone(), 10), "the new MAC");
+        ns.ip(&["neigh", "del", "198.18.60.14", "dev", "tka"]);
+        changed[4] = None;
+        assert_eq!(call(&ten), (changed.clone(), 10), "the neighbour gone");
+        ns.ip(&["route", "add", "198.18.60.15/32", "via", "198.18.60.10"]);
+        changed[5] = None;
+        assert_eq!(call(&ten), (changed.clone(), 10), "a gateway's now");
+        assert_eq!(
+            call(&ten),
+            (changed, 2),
+            "and kept again, but the two misses"
+        );
+    });
 }
 
 fn mapping(protocol: Protocol, host_port: u16, container_port: u16) -> PortMapping {

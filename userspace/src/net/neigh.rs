@@ -126,7 +126,7 @@ impl std::fmt::Display for Unresolved {
 }
 
 /// What a route says about the addresses it covers.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 struct Route {
     kind: RouteType,
     scope: RouteScope,
@@ -214,7 +214,7 @@ impl Route {
 
 /// Routes of one table and family by prefix length, for longest-prefix
 /// matching with one hash lookup per prefix length in use.
-#[derive(Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 struct Table {
     /// Network → route (the lowest metric).
     routes: HashMap<Prefix, Route>,
@@ -245,7 +245,7 @@ impl Table {
 /// How addresses are routed: the main and local tables in memory, or the
 /// kernel asked per address (when policy rules may send lookups elsewhere).
 enum Routes {
-    Tables(HashMap<(bool, u32), Table>),
+    Tables(Tables),
     AskKernel,
 }
 
@@ -282,12 +282,47 @@ fn default_rule(rule: &RuleMessage) -> bool {
 }
 
 /// The interface and neighbour address of each address, or why it has none.
+/// The main and local tables by (IPv4, table id).
+type Tables = HashMap<(bool, u32), Table>;
 type Routed = Vec<Result<(u32, IpAddr), String>>;
 /// Wanted neighbours: (interface, address) → state and link-layer address
 /// when the table has an entry.
 type Entries = HashMap<(u32, IpAddr), Option<(u16, Vec<u8>)>>;
 /// Each address's (interface name, MAC), or why it has none.
 pub type OnLink = Vec<Result<(String, [u8; 6]), String>>;
+/// Addresses [`Resolver::on_link_cached`] resolved, with the routes and
+/// the neighbour table's generation ([`super::neigh_table::generation`])
+/// they were resolved under.
+#[derive(Default)]
+pub struct OnLinkCache {
+    routes: Option<Tables>,
+    neighbours: u64,
+    found: HashMap<IpAddr, (u32, [u8; 6])>,
+    asked: usize,
+}
+
+impl OnLinkCache {
+    /// How many addresses the last call resolved (not taken from here).
+    pub fn asked(&self) -> usize {
+        self.asked
+    }
+}
+
+/// (interface index, MAC) results with the interface's name, looked up
+/// once per interface (a rename shows at the next resolve).
+fn named(resolved: impl Iterator<Item = Result<(u32, [u8; 6]), String>>) -> OnLink {
+    let mut names: HashMap<u32, Result<String, String>> = HashMap::new();
+    resolved
+        .map(|r| {
+            let (ifindex, mac) = r?;
+            let name = names.entry(ifindex).or_insert_with(|| {
+                link::name(ifindex).ok_or_else(|| format!("interface {ifindex} is gone"))
+            });
+            name.clone().map(|name| (name, mac))
+        })
+        .collect()
+}
+
 /// Each node's next hop and its neighbour's address, or why it has none.
 pub type NextHops = Vec<Result<(Hop, IpAddr), Unresolved>>;
 
@@ -322,7 +357,7 @@ impl Resolver {
         if !only_defaults {
             return Ok(Routes::AskKernel);
         }
-        let mut tables: HashMap<(bool, u32), Table> = HashMap::new();
+        let mut tables = Tables::new();
         for (_, family) in families.iter().filter(|(wanted, _)| *wanted) {
             let mut request = RouteMessage::default();
             request.header.address_family = *family;
@@ -377,14 +412,28 @@ impl Resolver {
 
     /// Interface and neighbour address of each address.
     fn route_all(&mut self, addresses: &[IpAddr], gateways: bool) -> Result<Routed, NetError> {
+        let routes = self.routes_for(addresses)?;
+        self.route_with(&routes, addresses, gateways)
+    }
+
+    /// The rules and routes that decide where `addresses` go.
+    fn routes_for(&mut self, addresses: &[IpAddr]) -> Result<Routes, NetError> {
         let v4 = addresses.iter().any(IpAddr::is_ipv4);
         let v6 = addresses.iter().any(IpAddr::is_ipv6);
-        let routes = self
-            .routes(v4, v6)
-            .map_err(NetError::kernel("dumping the rules and routes"))?;
+        self.routes(v4, v6)
+            .map_err(NetError::kernel("dumping the rules and routes"))
+    }
+
+    /// Interface and neighbour address of each address by `routes`.
+    fn route_with(
+        &mut self,
+        routes: &Routes,
+        addresses: &[IpAddr],
+        gateways: bool,
+    ) -> Result<Routed, NetError> {
         Ok(addresses
             .iter()
-            .map(|&address| match &routes {
+            .map(|&address| match routes {
                 Routes::Tables(tables) => {
                     let v4 = address.is_ipv4();
                     if let Some(r) = tables
@@ -447,6 +496,14 @@ impl Resolver {
         gateways: bool,
     ) -> Result<Vec<Result<Neighbour, Unresolved>>, NetError> {
         let routed = self.route_all(addresses, gateways)?;
+        self.neighbours_of(routed)
+    }
+
+    /// The neighbour of each routed address, by the one rule.
+    fn neighbours_of(
+        &mut self,
+        routed: Routed,
+    ) -> Result<Vec<Result<Neighbour, Unresolved>>, NetError> {
         let mut wanted: Entries = routed
             .iter()
             .filter_map(|r| r.as_ref().ok().map(|&key| (key, None)))
@@ -505,17 +562,73 @@ impl Resolver {
     /// network (a backend this node's XDP can hand packets to).
     pub fn on_link(&mut self, addresses: &[IpAddr]) -> Result<OnLink, NetError> {
         let resolved = self.resolve(addresses, false)?;
-        let mut names: HashMap<u32, Result<String, String>> = HashMap::new();
-        Ok(resolved
-            .into_iter()
-            .map(|r| {
-                let n = r.map_err(|e| e.to_string())?;
-                let name = names.entry(n.ifindex).or_insert_with(|| {
-                    link::name(n.ifindex).ok_or_else(|| format!("interface {} is gone", n.ifindex))
-                });
-                name.clone().map(|name| (name, n.mac))
-            })
-            .collect())
+        Ok(named(resolved.into_iter().map(|r| {
+            r.map(|n| (n.ifindex, n.mac)).map_err(|e| e.to_string())
+        })))
+    }
+
+    /// [`Self::on_link`], taking what `cache` holds for addresses resolved
+    /// before while the routes and the neighbours' MACs stay as they were:
+    /// an update of 10 000 backends then resolves only the new ones. Without
+    /// the kept neighbour table (another namespace) or with policy rules,
+    /// it resolves every address, as `on_link` does.
+    pub fn on_link_cached(
+        &mut self,
+        addresses: &[IpAddr],
+        cache: &mut OnLinkCache,
+    ) -> Result<OnLink, NetError> {
+        let routes = self.routes_for(addresses)?;
+        let generation = super::neigh_table::with(|_| super::neigh_table::generation());
+        let (Routes::Tables(tables), Some(generation)) = (&routes, generation) else {
+            *cache = OnLinkCache {
+                asked: addresses.len(),
+                ..Default::default()
+            };
+            let routed = self.route_with(&routes, addresses, false)?;
+            let resolved = self.neighbours_of(routed)?;
+            return Ok(named(resolved.into_iter().map(|r| {
+                r.map(|n| (n.ifindex, n.mac)).map_err(|e| e.to_string())
+            })));
+        };
+        if cache.routes.as_ref() != Some(tables) || cache.neighbours != generation {
+            cache.found.clear();
+            cache.routes = Some(tables.clone());
+            cache.neighbours = generation;
+        }
+        let misses: Vec<IpAddr> = addresses
+            .iter()
+            .filter(|a| !cache.found.contains_key(*a))
+            .copied()
+            .collect();
+        cache.asked = misses.len();
+        let routed = self.route_with(&routes, &misses, false)?;
+        let resolved = self.neighbours_of(routed)?;
+        let mut missed: HashMap<IpAddr, Result<(u32, [u8; 6]), String>> = HashMap::new();
+        for (address, r) in misses.into_iter().zip(resolved) {
+            missed.insert(
+                address,
+                r.map(|n| (n.ifindex, n.mac)).map_err(|e| e.to_string()),
+            );
+        }
+        let out = named(addresses.iter().map(|a| match cache.found.get(a) {
+            Some(&hit) => Ok(hit),
+            None => missed[a].clone(),
+        }));
+        // Only what resolved is kept: an address without a usable entry
+        // may get one the kernel does not announce (NOARP), and is asked
+        // again. A change while the misses were read starts over.
+        let now = super::neigh_table::with(|_| super::neigh_table::generation());
+        if now == Some(generation) {
+            cache
+                .found
+                .extend(missed.into_iter().filter_map(|(a, r)| Some((a, r.ok()?))));
+        } else {
+            *cache = OnLinkCache {
+                asked: cache.asked,
+                ..Default::default()
+            };
+        }
+        Ok(out)
     }
 
     /// The next hop towards each node (directly or through a gateway), with

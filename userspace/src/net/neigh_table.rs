@@ -45,6 +45,17 @@ struct Kept {
 static KEPT: Mutex<Option<Kept>> = Mutex::new(None);
 /// Dumps after lost notifications, since the process started.
 static REDUMPS: AtomicU64 = AtomicU64::new(0);
+/// Bumped whenever an entry's usable MAC ([`super::neigh::usable`]) may
+/// have changed: an entry added, removed or changed that is or was
+/// usable, and every dump. A state change that keeps the MAC usable
+/// (REACHABLE, STALE, DELAY, PROBE) does not bump it.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// The kept table's generation; read inside [`with`] (after its catch-up)
+/// to know whether resolutions made under an earlier one still hold.
+pub(crate) fn generation() -> u64 {
+    GENERATION.load(Ordering::Relaxed)
+}
 
 /// How often notifications were lost and the table dumped again.
 pub fn redumps() -> u64 {
@@ -71,6 +82,7 @@ pub fn keep() -> io::Result<()> {
     notifications.set_non_blocking(true)?;
     // Subscribed before the dump: a change during it is also notified.
     let entries = dump()?;
+    GENERATION.fetch_add(1, Ordering::Relaxed);
     *kept = Some(Kept {
         netns,
         notifications,
@@ -92,7 +104,10 @@ pub(crate) fn with<R>(f: impl FnOnce(&Entries) -> R) -> Option<R> {
         // the next one tries again.
         let again = kept.discard_queued().and_then(|()| dump());
         match again {
-            Ok(entries) => kept.entries = entries,
+            Ok(entries) => {
+                kept.entries = entries;
+                GENERATION.fetch_add(1, Ordering::Relaxed);
+            }
             Err(e2) => {
                 tracing::warn!("the kept neighbour table is behind ({e}; dumping it: {e2})");
                 return None;
@@ -120,6 +135,7 @@ impl Kept {
                     tracing::info!("neighbour notifications were lost; dumping the table again");
                     self.discard_queued()?;
                     self.entries = dump()?;
+                    GENERATION.fetch_add(1, Ordering::Relaxed);
                     REDUMPS.fetch_add(1, Ordering::Relaxed);
                 }
                 Err(e) => {
@@ -177,14 +193,19 @@ fn apply(datagram: &[u8], entries: &mut Entries) {
         let Some((ifindex, address, state, lladdr)) = parse_neighbour(whole) else {
             continue;
         };
-        match kind {
+        let usable = |(state, lladdr): &(u16, Vec<u8>)| super::neigh::usable(*state, lladdr);
+        let changed = match kind {
             RTM_NEWNEIGH => {
-                entries.insert((ifindex, address), (state, lladdr.to_vec()));
+                let old = entries.insert((ifindex, address), (state, lladdr.to_vec()));
+                old.as_ref().and_then(usable) != super::neigh::usable(state, lladdr)
             }
-            RTM_DELNEIGH => {
-                entries.remove(&(ifindex, address));
-            }
-            _ => {}
+            RTM_DELNEIGH => entries
+                .remove(&(ifindex, address))
+                .is_some_and(|old| usable(&old).is_some()),
+            _ => false,
+        };
+        if changed {
+            GENERATION.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
