@@ -191,7 +191,7 @@ proptest! {
         let weights: Vec<u32> = endpoints.endpoints.iter().map(|e| e.weight).collect();
         prop_assert!(weights.iter().all(|&w| w >= 1), "{weights:?}");
         let bindings = BTreeMap::from([("web".to_string(), binding())]);
-        let clusters = BTreeMap::from([("web".to_string(), endpoints)]);
+        let clusters = BTreeMap::from([("web".to_string(), std::sync::Arc::new(endpoints))]);
         let mut identities = Identities::default();
         let mut part = eds_part(&bindings, &clusters, &mut identities);
         prop_assert_eq!(

@@ -15,7 +15,7 @@
 //! renumbered 1.. in their order, once, so a cluster that shrank a lot does
 //! not keep a large, mostly empty table.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -34,7 +34,7 @@ impl Identities {
     /// forgets backends no longer wanted. Returns each backend's identifiers,
     /// in the order of `wanted`.
     pub fn assign(&mut self, cluster: &str, wanted: &[(SocketAddr, u32)]) -> Vec<Vec<u32>> {
-        let mut held = self.clusters.remove(cluster).unwrap_or_default();
+        let held = self.clusters.remove(cluster).unwrap_or_default();
         // Each backend once, in address order, with all it wants.
         let mut count: Vec<(SocketAddr, u32)> = wanted.to_vec();
         count.sort_unstable_by_key(|&(address, _)| address);
@@ -45,18 +45,29 @@ impl Identities {
             }
             same
         });
-        let mut used = HashSet::new();
+        // `held` and `count` are both in address order: one walk pairs them.
+        let mut held = held.into_iter().peekable();
+        let mut used = Vec::new();
         let mut ids_of: Vec<Vec<u32>> = count
             .iter()
             .map(|(address, n)| {
-                let mut ids = held.remove(address).unwrap_or_default();
+                while held.next_if(|(a, _)| a < address).is_some() {}
+                let mut ids = held
+                    .next_if(|(a, _)| a == address)
+                    .map(|(_, ids)| ids)
+                    .unwrap_or_default();
                 ids.sort_unstable();
                 ids.truncate(*n as usize);
                 used.extend(ids.iter().copied());
                 ids
             })
             .collect();
-        let mut free = (1u32..).filter(|id| !used.contains(id));
+        used.sort_unstable();
+        let mut taken = used.iter().peekable();
+        let mut free = (1u32..).filter(|id| {
+            while taken.next_if(|&&t| t < *id).is_some() {}
+            taken.peek() != Some(&id)
+        });
         for (ids, (_, n)) in ids_of.iter_mut().zip(&count) {
             while ids.len() < *n as usize {
                 ids.push(free.next().expect("identifiers left"));
@@ -74,14 +85,17 @@ impl Identities {
                 }
             }
         }
+        let out = wanted
+            .iter()
+            .map(|(address, _)| {
+                let at = count.binary_search_by_key(address, |&(a, _)| a);
+                at.map(|i| ids_of[i].clone()).unwrap_or_default()
+            })
+            .collect();
         let next: BTreeMap<SocketAddr, Vec<u32>> = count
             .iter()
             .map(|&(address, _)| address)
             .zip(ids_of)
-            .collect();
-        let out = wanted
-            .iter()
-            .map(|(address, _)| next.get(address).cloned().unwrap_or_default())
             .collect();
         if !next.is_empty() {
             self.clusters.insert(cluster.to_string(), next);
