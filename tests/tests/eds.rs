@@ -184,3 +184,75 @@ fn delta_eds_changes_and_removals_reach_the_maps() {
         .iter()
         .all(|r| r.method == "delta_eds" && r.error_detail.is_none()));
 }
+
+/// A response whose assignments the maps cannot hold together is NACKed
+/// as a whole: none of its clusters reaches the maps, also those that
+/// would have fit alone (written one at a time, the first stayed while
+/// the NACK said the previous version holds).
+#[test]
+fn a_response_refused_at_write_time_leaves_every_cluster_as_it_was() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const VIP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
+    // Room for one stream of 100 slots beside a small one, not for two.
+    let clusters = udp_vip_cluster("svc", VIP)
+        + &udp_vip_cluster("other", VIP2)
+        + "[dataplane]\nmaglev_entries = 16384\n";
+    let (lab, mut cp) = eds::lab(&[VIP, VIP2], &clusters);
+    let (a, b) = (
+        lab.targets[0].address.to_string(),
+        lab.targets[1].address.to_string(),
+    );
+    cp.set(
+        "1",
+        &[
+            ("svc", Cla::single(vec![Ep::new(&a, 5000)])),
+            ("other", Cla::single(vec![Ep::new(&a, 5000)])),
+        ],
+    );
+    wait_ack(&cp, "1");
+    let heavy = || {
+        Cla::single(vec![
+            Ep::new(&a, 5000).weight(1),
+            Ep::new(&b, 5000).weight(99),
+        ])
+    };
+    cp.set("2", &[("svc", heavy()), ("other", heavy())]);
+    let nack = cp.wait_request(Duration::from_secs(20), "NACK of version 2", |r| {
+        r.error_detail.is_some()
+    });
+    assert_eq!(nack.version_info, "1", "{nack:?}");
+    let why = nack.error_detail.unwrap();
+    assert!(why.contains("maglev_entries"), "{why}");
+
+    // Every flow to either VIP still reaches a alone, as version 1 says.
+    let rx: Vec<UdpReceiver> = lab
+        .targets
+        .iter()
+        .flat_map(|t| {
+            [VIP, VIP2].map(|vip| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(vip, 7000)))
+        })
+        .collect();
+    let counts = || rx.iter().map(UdpReceiver::count).collect::<Vec<u64>>();
+    for (vip, from) in [(VIP, 30000), (VIP2, 31000)] {
+        let ports: Vec<u16> = (from..from + 100).collect();
+        send_udp_flows(
+            &lab.client.name,
+            CLIENT,
+            &ports,
+            SocketAddrV4::new(vip, 7000),
+            1,
+            b"whole",
+        );
+    }
+    wait_until(Duration::from_secs(5), || {
+        counts().iter().sum::<u64>() == 200
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        counts(),
+        vec![100, 100, 0, 0],
+        "[a via VIP, a via VIP2, b, b]"
+    );
+}

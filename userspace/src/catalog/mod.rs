@@ -368,15 +368,30 @@ impl ManagerObserver for Catalog {
 impl EndpointSink for Catalog {
     /// Returns once the maps hold this update (or a later one).
     async fn apply(&self, update: ClusterEndpoints) -> Result<(), String> {
-        let cluster = update.cluster.clone();
+        self.apply_all(vec![update]).await
+    }
+
+    /// One write for all of them: refused, none of them stays.
+    async fn apply_all(&self, updates: Vec<ClusterEndpoints>) -> Result<(), String> {
         let (mine, previous) = {
             let mut state = self.state.lock().await;
-            if !state.bindings.contains_key(&cluster) {
+            if let Some(u) = updates
+                .iter()
+                .find(|u| !state.bindings.contains_key(&u.cluster))
+            {
                 return Err(format!(
-                    "cluster {cluster:?} is not bound to a VIP or service IP"
+                    "cluster {:?} is not bound to a VIP or service IP",
+                    u.cluster
                 ));
             }
-            let previous = state.clusters.insert(cluster.clone(), Arc::new(update));
+            let previous: Vec<(String, Option<Arc<ClusterEndpoints>>)> = updates
+                .into_iter()
+                .map(|u| {
+                    let cluster = u.cluster.clone();
+                    let old = state.clusters.insert(cluster.clone(), Arc::new(u));
+                    (cluster, old)
+                })
+                .collect();
             state.wanted += 1;
             (state.wanted, previous)
         };
@@ -393,10 +408,12 @@ impl EndpointSink for Catalog {
             // holds, and are written again (a write meanwhile may have
             // taken the refused ones).
             let mut state = self.state.lock().await;
-            match previous {
-                Some(p) => state.clusters.insert(cluster, p),
-                None => state.clusters.remove(&cluster),
-            };
+            for (cluster, old) in previous.into_iter().rev() {
+                match old {
+                    Some(p) => state.clusters.insert(cluster, p),
+                    None => state.clusters.remove(&cluster),
+                };
+            }
             state.wanted += 1;
             drop(state);
             self.kick.notify_one();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{node::UserAgentVersionType, Node};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures::future::BoxFuture;
@@ -108,6 +109,9 @@ pub(super) struct Client {
     pub(super) rejected: Option<Rejected>,
     /// The nonce of the last EDS response on this stream ("" before one).
     pub(super) eds_nonce: String,
+    /// The last reply (ACK or NACK) to an EDS response on this stream, what
+    /// State of the World sends again after a response of another type.
+    pub(super) eds_reply: Option<DiscoveryRequest>,
     /// The fall-back from Delta was logged (once per client).
     sotw_fallback_logged: bool,
 }
@@ -153,6 +157,7 @@ impl Client {
             missing_done,
             rejected: None,
             eds_nonce: String::new(),
+            eds_reply: None,
             sotw_fallback_logged: false,
         }
     }
@@ -252,29 +257,40 @@ impl Client {
         });
     }
 
-    /// Hands every changed assignment to the sink (in order) and marks each
-    /// settled; the first sink error stops there.
+    /// Hands the changed assignments of a response to the sink as one
+    /// change and marks each settled; refused, none of them is applied.
     pub(super) async fn apply_all(
         &mut self,
         updates: Vec<ClusterEndpoints>,
         version: &str,
     ) -> Result<(), String> {
+        let changed: Vec<ClusterEndpoints> = updates
+            .iter()
+            .filter(|u| self.applied.get(&u.cluster) != Some(*u))
+            .cloned()
+            .collect();
+        for u in &changed {
+            tracing::info!(
+                cluster = %u.cluster,
+                %version,
+                endpoints = u.endpoints.len(),
+                "applying endpoints"
+            );
+        }
+        let names: Vec<String> = changed.iter().map(|u| format!("{:?}", u.cluster)).collect();
+        if !changed.is_empty() {
+            self.sink
+                .apply_all(changed)
+                .await
+                .map_err(|e| match &names[..] {
+                    [one] => format!("cluster {one}: {e}"),
+                    many => format!("clusters {}: {e}", many.join(", ")),
+                })?;
+        }
         for update in updates {
             let cluster = update.cluster.clone();
-            if self.applied.get(&cluster) != Some(&update) {
-                tracing::info!(
-                    %cluster,
-                    %version,
-                    endpoints = update.endpoints.len(),
-                    "applying endpoints"
-                );
-                self.sink
-                    .apply(update.clone())
-                    .await
-                    .map_err(|e| format!("cluster {cluster:?}: {e}"))?;
-                self.applied.insert(cluster.clone(), update);
-            }
-            self.settled.insert(cluster);
+            self.settled.insert(cluster.clone());
+            self.applied.insert(cluster, update);
         }
         Ok(())
     }
@@ -366,6 +382,7 @@ impl Client {
         let mut responded = false;
         let mut last_nonce: Option<String> = None;
         self.eds_nonce.clear();
+        self.eds_reply = None;
         // Replies waiting for their delay (a NACK backing off); a newer
         // response replaces them.
         let mut held: Vec<(Instant, V::Request)> = Vec::new();

@@ -68,6 +68,11 @@ pub use server::{assignment, Assignments, EdsServer};
 pub use tokio_util::sync::CancellationToken;
 
 /// The type URL of EDS resources.
+/// The largest response the client decodes. gRPC's usual 4 MiB is about
+/// 130 000 IPv6 endpoints, which a control plane may send in one
+/// assignment; Envoy's client sets no limit. Past this the stream fails
+/// (a response that cannot be decoded cannot be NACKed).
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 pub const EDS_TYPE_URL: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 
 /// Client feature sent in the `Node`: we do not apply Envoy's overprovisioning.
@@ -209,4 +214,14 @@ impl ClusterEndpoints {
 #[async_trait::async_trait]
 pub trait EndpointSink: Send + Sync {
     async fn apply(&self, update: ClusterEndpoints) -> Result<(), String>;
+
+    /// The changed assignments of one response, as one change: an `Err`
+    /// must leave none of them applied (the NACK says the previous version
+    /// holds). By default one at a time, stopping at the first error.
+    async fn apply_all(&self, updates: Vec<ClusterEndpoints>) -> Result<(), String> {
+        for update in updates {
+            self.apply(update).await?;
+        }
+        Ok(())
+    }
 }
