@@ -949,3 +949,69 @@ fn without_delta_auto_falls_back_and_delta_only_refuses() {
     assert!(cp.requests().is_empty(), "{:#?}", cp.requests());
     assert!(sink.updates().is_empty());
 }
+
+/// After a response of another type, the EDS subscription is requested
+/// again as it was last answered: when that answer was a NACK, as the same
+/// NACK. Without its error, the last accepted version with the rejected
+/// response's nonce reads as an ACK of that response.
+#[test]
+fn after_another_type_a_nacked_eds_response_stays_nacked() {
+    let (mut cp, _sink, _client) = acked_v1();
+    cp.set(
+        "2",
+        &[(
+            "svc-a",
+            Cla::single(vec![Ep::new("198.18.0.1", 80).weight(0)]),
+        )],
+    );
+    nacked(&cp, "2", "1", "weight");
+    cp.wrong_type(CDS_TYPE_URL);
+    cp.set("3", &[("svc-a", two_endpoints())]);
+    cp.wait_request(WAIT, "NACK of the CDS response", |r| {
+        r.type_url == CDS_TYPE_URL && r.error_detail.is_some()
+    });
+    let replies_to_2 = || -> Vec<SeenRequest> {
+        cp.requests()
+            .into_iter()
+            .filter(|r| r.type_url == EDS_TYPE_URL && r.response_nonce == "2")
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + WAIT;
+    while replies_to_2().len() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let replies = replies_to_2();
+    assert_eq!(
+        replies.len(),
+        2,
+        "the NACK, and the request after CDS's: {replies:#?}"
+    );
+    for r in &replies {
+        assert_eq!(r.version_info, "1", "{r:?}");
+        assert!(
+            r.error_detail
+                .as_deref()
+                .is_some_and(|e| e.contains("weight")),
+            "{r:?}"
+        );
+    }
+}
+
+/// A response past gRPC's usual 4 MiB limit (130 000 IPv6 endpoints, about
+/// 6 MB) is decoded and ACKed: with the limit the stream failed, and the
+/// client reconnected for the same response, forever, without a NACK.
+#[test]
+fn a_response_past_four_mebibytes_is_taken() {
+    let (mut cp, sink, _client) = acked_v1();
+    let many: Vec<Ep> = (0..130_000u32)
+        .map(|i| {
+            Ep::new(
+                &format!("2001:db8:0:0:0:0:{:x}:{:x}", i >> 16, i & 0xffff),
+                443,
+            )
+        })
+        .collect();
+    cp.set("2", &[("svc-a", Cla::single(many))]);
+    cp.wait_request(Duration::from_secs(60), "ACK v2", is_ack("2", "2"));
+    assert_eq!(sink.wait_count(2).endpoints.len(), 130_000);
+}

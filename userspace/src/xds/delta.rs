@@ -58,12 +58,14 @@ impl Variant for Delta {
         if ads {
             Box::pin(async move {
                 AggregatedDiscoveryServiceClient::new(channel)
+                    .max_decoding_message_size(super::MAX_RESPONSE_BYTES)
                     .delta_aggregated_resources(outbound)
                     .await
             })
         } else {
             Box::pin(async move {
                 EndpointDiscoveryServiceClient::new(channel)
+                    .max_decoding_message_size(super::MAX_RESPONSE_BYTES)
                     .delta_endpoints(outbound)
                     .await
             })

@@ -41,12 +41,14 @@ impl Variant for Sotw {
         if ads {
             Box::pin(async move {
                 AggregatedDiscoveryServiceClient::new(channel)
+                    .max_decoding_message_size(super::MAX_RESPONSE_BYTES)
                     .stream_aggregated_resources(outbound)
                     .await
             })
         } else {
             Box::pin(async move {
                 EndpointDiscoveryServiceClient::new(channel)
+                    .max_decoding_message_size(super::MAX_RESPONSE_BYTES)
                     .stream_endpoints(outbound)
                     .await
             })
@@ -76,7 +78,12 @@ impl Variant for Sotw {
                 error_detail: Some(nack_status(reason)),
                 ..Default::default()
             };
-            let again = request(client, &client.eds_nonce, false);
+            // The last EDS reply again, a NACK if it was one: the same
+            // version and nonce without the error would read as an ACK.
+            let again = client
+                .eds_reply
+                .clone()
+                .unwrap_or_else(|| request(client, &client.eds_nonce, false));
             return vec![
                 Reply {
                     delay,
@@ -91,10 +98,10 @@ impl Variant for Sotw {
         client.eds_nonce = response.nonce.clone();
         let updates = match decode(client, &response) {
             Ok(updates) => updates,
-            Err(reason) => return vec![nack(client, &response, reason)],
+            Err(reason) => return vec![eds_nack(client, &response, reason)],
         };
         if let Err(reason) = client.apply_all(updates, &response.version_info).await {
-            return vec![nack(client, &response, reason)];
+            return vec![eds_nack(client, &response, reason)];
         }
         client.version = response.version_info.clone();
         // A later Delta stream must not claim versions this content replaced.
@@ -102,11 +109,24 @@ impl Variant for Sotw {
         client.rejected = None;
         client.report_synced(Some(&response.version_info));
         tracing::debug!(version = %client.version, nonce = %response.nonce, "ACK");
+        let ack = request(client, &response.nonce, false);
+        client.eds_reply = Some(ack.clone());
         vec![Reply {
             delay: Duration::ZERO,
-            request: request(client, &response.nonce, false),
+            request: ack,
         }]
     }
+}
+
+/// [`nack`] of an EDS response, kept as the last EDS reply.
+fn eds_nack(
+    client: &mut Client,
+    response: &DiscoveryResponse,
+    reason: String,
+) -> Reply<DiscoveryRequest> {
+    let reply = nack(client, response, reason);
+    client.eds_reply = Some(reply.request.clone());
+    reply
 }
 
 fn request(client: &Client, nonce: &str, node: bool) -> DiscoveryRequest {
