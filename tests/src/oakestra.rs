@@ -48,21 +48,7 @@ impl Cluster {
             format!("listener {MQTT_PORT} 0.0.0.0\nallow_anonymous true\npersistence false\n"),
         )
         .expect("mosquitto.conf");
-        let broker = Command::new("ip")
-            .args(["netns", "exec", &hub.name, "mosquitto", "-c"])
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto (apt-get install mosquitto)");
-        let hub_name = hub.name.clone();
-        let up = wait_until(Duration::from_secs(10), || {
-            let name = hub_name.clone();
-            crate::net::run_in(&name, || {
-                std::net::TcpStream::connect(("127.0.0.1", MQTT_PORT)).is_ok()
-            })
-        });
-        assert!(up, "mosquitto did not listen on {MQTT_PORT}");
+        let broker = broker(&hub, &conf);
         let python = crate::python::venv("tapmesh-mqtt-venv", &["paho-mqtt==2.2.0"]);
         let script =
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("peers/cluster_service_manager.py");
@@ -141,9 +127,40 @@ impl Cluster {
             .collect()
     }
 
+    /// Stops the broker (every client loses its connection).
+    pub fn stop_broker(&mut self) {
+        let _ = self.broker.kill();
+        let _ = self.broker.wait();
+    }
+
+    /// Starts the broker again, as configured at first.
+    pub fn start_broker(&mut self) {
+        self.broker = broker(&self.hub, &self.dir.join("mosquitto.conf"));
+    }
+
     pub fn peer_errors(&self) -> String {
         std::fs::read_to_string(self.dir.join("peer.err")).unwrap_or_default()
     }
+}
+
+/// mosquitto in the hub with `conf`, listening when this returns.
+fn broker(hub: &Netns, conf: &Path) -> Child {
+    let broker = Command::new("ip")
+        .args(["netns", "exec", &hub.name, "mosquitto", "-c"])
+        .arg(conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto (apt-get install mosquitto)");
+    let hub_name = hub.name.clone();
+    let up = wait_until(Duration::from_secs(10), || {
+        let name = hub_name.clone();
+        crate::net::run_in(&name, || {
+            std::net::TcpStream::connect(("127.0.0.1", MQTT_PORT)).is_ok()
+        })
+    });
+    assert!(up, "mosquitto did not listen on {MQTT_PORT}");
+    broker
 }
 
 impl Drop for Cluster {

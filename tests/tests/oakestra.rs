@@ -556,3 +556,78 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
     eprintln!("traffic followed after {:?}", moved.elapsed());
     drop((t0, tc));
 }
+
+/// The broker away for a while, with misses for 250 unknown service IPs
+/// twice: table queries are not queued meanwhile (they filled the request
+/// queue, and the node's subscription after the reconnect failed for
+/// good). Back, the node subscribes again and takes a table of 60
+/// instances, about 20 KB (rumqttc's default 10 KiB limit refused it and
+/// dropped the connection).
+#[test]
+fn after_the_broker_was_away_a_large_table_arrives() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const BIG: &str = "app.ns.big.ns";
+    const BIG_RR: &str = "203.0.113.20";
+    let instances: Vec<serde_json::Value> = (0..60)
+        .map(|i| {
+            json!({
+                "instance_number": i, "instance_ip": format!("203.0.113.{}", 150 + i),
+                "instance_ip_v6": "", "namespace_ip": format!("198.51.100.{}", 10 + i),
+                "namespace_ip_v6": "", "host_ip": "198.18.2.9", "host_port": "50103",
+                "status": "DEPLOYED"
+            })
+        })
+        .collect();
+    let mut store = jobs("198.18.2.9");
+    store[BIG] = json!({
+        "service_ip_list": [{"IpType": "RR", "Address": BIG_RR, "Address_v6": ""}],
+        "instances": instances
+    });
+    let mut cluster = Cluster::start(&store, "192.0.2.0");
+    let n1 = node(&cluster, "oab1", "198.18.2.1", "");
+    register(&n1);
+    let client = Netns::new("oabc");
+    let task = Task::start(&client);
+    deploy(&n1, &task, CLIENT, 0);
+
+    cluster.stop_broker();
+    let misses = |count: u8| {
+        spawn_in(&client.name, move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            for last in 1..=count {
+                if ![10, 20, 50, 100, 101, 102].contains(&last) && last < 150 || last > 210 {
+                    let _ = s.send_to(b"miss", (Ipv4Addr::new(203, 0, 113, last), UDP_PORT));
+                }
+            }
+        })
+        .join()
+        .unwrap()
+    };
+    misses(254);
+    std::thread::sleep(Duration::from_millis(2100));
+    misses(254);
+    std::thread::sleep(Duration::from_millis(500));
+    cluster.start_broker();
+
+    let ok = wait_until(Duration::from_secs(20), || {
+        let _ = spawn_in(&client.name, || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            let _ = s.send_to(b"big", (BIG_RR.parse::<Ipv4Addr>().unwrap(), UDP_PORT));
+        })
+        .join();
+        status_services(&n1).contains(&(BIG_RR.into(), 60))
+    });
+    assert!(
+        ok,
+        "node 1's services: {:?}; log: {}",
+        status_services(&n1),
+        n1.daemon.as_ref().unwrap().log_text()
+    );
+    let answers = cluster.received("/net/tablequery/result");
+    assert!(
+        answers.iter().any(|m| m["payload"]["app_name"] == BIG),
+        "{answers:?}"
+    );
+}

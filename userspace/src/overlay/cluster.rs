@@ -25,6 +25,15 @@ const QUERY_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// Table queries by address open at once (answered or not within
 /// [`QUERY_AGAIN_AFTER`]).
 const MAX_OPEN_IP_QUERIES: usize = 256;
+/// The largest message taken from the broker: a job's table answer is
+/// about 400 bytes per instance (rumqttc's default of 10 KiB refused
+/// tables of about 27 instances and dropped the connection).
+const MAX_INCOMING_BYTES: usize = 16 << 20;
+/// The largest message sent (notices and queries are small).
+const MAX_OUTGOING_BYTES: usize = 1 << 20;
+/// How long a notice waits for room in the request queue (the broker
+/// away) before it is given up: an API call must not hang on it.
+const PUBLISH_WAIT: Duration = Duration::from_secs(5);
 
 /// `nodes/<id>/net/subnet`.
 #[derive(Serialize)]
@@ -107,6 +116,10 @@ pub struct Cluster {
     reconnect: tokio::sync::Notify,
     /// Connections made (ConnAcks), to wait for a newer one than now.
     connections: std::sync::atomic::AtomicU64,
+    /// Connected to the broker now: table queries are only sent then
+    /// (queued while it is away, they would be stale when it is back, and
+    /// fill the queue that notices and subscriptions need).
+    connected: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
 }
 
@@ -128,6 +141,7 @@ impl Cluster {
         let mut options = MqttOptions::new(client_id, host, port);
         options.set_keep_alive(Duration::from_secs(5));
         options.set_clean_session(true);
+        options.set_max_packet_size(MAX_INCOMING_BYTES, MAX_OUTGOING_BYTES);
         let (client, mut events) = AsyncClient::new(options, 256);
         let cluster = Arc::new(Self {
             client,
@@ -137,6 +151,7 @@ impl Cluster {
             subscribed: tokio::sync::watch::channel(false).0,
             reconnect: tokio::sync::Notify::new(),
             connections: std::sync::atomic::AtomicU64::new(0),
+            connected: std::sync::atomic::AtomicBool::new(false),
             stop: stop.clone(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -160,8 +175,11 @@ impl Cluster {
                         tracing::info!("netmanager: connected to the cluster's MQTT broker");
                         c.connections
                             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        c.connected.store(true, std::sync::atomic::Ordering::SeqCst);
                         c.subscribed.send_replace(false);
-                        c.subscribe_all();
+                        // Not awaited here: this loop is what empties the
+                        // request queue the subscription may wait for.
+                        tokio::spawn(c.clone().subscribe_all());
                     }
                     // The broker answers in order: the first SubAck covers
                     // the node's topics, sent first in one SUBSCRIBE.
@@ -185,6 +203,8 @@ impl Cluster {
                     }
                     Ok(_) => {}
                     Err(e) => {
+                        c.connected
+                            .store(false, std::sync::atomic::Ordering::SeqCst);
                         tracing::warn!("netmanager: MQTT broker {e}; retrying in 1 s");
                         tokio::select! {
                             _ = stop2.cancelled() => break,
@@ -216,8 +236,9 @@ impl Cluster {
         let _ = tokio::time::timeout(Duration::from_secs(5), newer).await;
     }
 
-    /// Called from the event loop: must not wait for the request queue.
-    fn subscribe_all(&self) {
+    /// The node's topics and its interests, after every connection (a
+    /// clean session starts with none).
+    async fn subscribe_all(self: Arc<Self>) {
         let mut topics = vec![
             format!("nodes/{}/net/tablequery/result", self.client_id),
             format!("nodes/{}/net/subnetwork/result", self.client_id),
@@ -232,7 +253,7 @@ impl Cluster {
         let filters = topics
             .into_iter()
             .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
-        if let Err(e) = self.client.try_subscribe_many(filters) {
+        if let Err(e) = self.client.subscribe_many(filters).await {
             tracing::warn!("netmanager: MQTT subscribe: {e}");
         }
     }
@@ -243,15 +264,36 @@ impl Cluster {
         let _ = tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|s| *s)).await;
     }
 
+    /// Queues a notice (sent once the broker is reachable), waiting at most
+    /// [`PUBLISH_WAIT`] for room in the queue.
     async fn publish(&self, topic: &str, payload: String) {
         let topic = format!("nodes/{}/net/{topic}", self.client_id);
         tracing::debug!(%topic, %payload, "netmanager: MQTT publish");
-        if let Err(e) = self
+        let queued = self
             .client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-        {
-            tracing::warn!("netmanager: MQTT publish: {e}");
+            .publish(topic.clone(), QoS::AtLeastOnce, false, payload);
+        match tokio::time::timeout(PUBLISH_WAIT, queued).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!("netmanager: MQTT publish to {topic}: {e}"),
+            Err(_) => tracing::warn!(
+                "netmanager: MQTT publish to {topic} given up: no room in the request queue for {PUBLISH_WAIT:?} (is the broker reachable?)"
+            ),
+        }
+    }
+
+    /// Sends a table query now if connected and the queue has room; else
+    /// drops it (and forgets it was asked: the next miss asks again).
+    fn query(&self, key: &str, query: &TableQuery) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let topic = format!("nodes/{}/net/tablequery/request", self.client_id);
+        let sent = self.connected.load(SeqCst)
+            && self
+                .client
+                .try_publish(topic, QoS::AtLeastOnce, false, Self::json(query))
+                .is_ok();
+        if !sent {
+            tracing::debug!(key, "table query not sent: not connected to the broker");
+            self.queried.lock().expect("lock").remove(key);
         }
     }
 
@@ -282,14 +324,13 @@ impl Cluster {
     /// Asks for a job's table (`force`: even if asked a moment ago).
     pub async fn query_job(&self, job: &str, force: bool) {
         if self.should_query(job, force) {
-            self.publish(
-                "tablequery/request",
-                Self::json(&TableQuery {
+            self.query(
+                job,
+                &TableQuery {
                     sname: job,
                     sip: "",
-                }),
-            )
-            .await;
+                },
+            );
         }
     }
 
@@ -299,14 +340,13 @@ impl Cluster {
         // Misses come from packets, some of them a remote node's: at most
         // this many open queries (the address asks again after its retry).
         if self.should_query_within(&key, false, Some(MAX_OPEN_IP_QUERIES)) {
-            self.publish(
-                "tablequery/request",
-                Self::json(&TableQuery {
+            self.query(
+                &key,
+                &TableQuery {
                     sname: "",
                     sip: &key,
-                }),
-            )
-            .await;
+                },
+            );
         }
     }
 
