@@ -631,3 +631,40 @@ fn after_the_broker_was_away_a_large_table_arrives() {
         "{answers:?}"
     );
 }
+
+/// A subnet answer over the node's own network is refused (taken, it put
+/// the network's addresses on container gateways and cut the node off),
+/// and a deploy says why instead of "the cluster has not answered".
+#[test]
+fn a_cluster_subnet_over_the_nodes_network_is_refused_and_a_deploy_says_why() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    // The peer hands out /26s from the underlay's own 198.18.2.0/24.
+    let cluster = Cluster::start(&jobs("198.18.2.9"), "198.18.2.0");
+    let n1 = node(&cluster, "oas1", "198.18.2.1", "");
+    register(&n1);
+    let offered = wait_until(Duration::from_secs(10), || {
+        !cluster.received("/net/subnetwork/result").is_empty()
+    });
+    assert!(offered, "{:?}", cluster.messages());
+    let client = Netns::new("oasc");
+    let task = Task::start(&client);
+    let (status, body) = node_engine_post(
+        &n1.socket,
+        "/container/deploy",
+        &deploy_json(task.pid(), CLIENT, 0, ""),
+    );
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("the cluster's answer was refused")
+            && body.contains("overlaps the node's address (198.18.2.1/32)"),
+        "{body}"
+    );
+    assert_eq!(
+        n1.status()["registration"]["subnetwork"],
+        "",
+        "{:?}",
+        n1.status()
+    );
+}

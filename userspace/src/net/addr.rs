@@ -76,6 +76,26 @@ pub fn of_link(index: u32) -> Result<Vec<Prefix>, NetError> {
     Ok(found)
 }
 
+/// Every address of the current namespace, with its interface index.
+pub fn all() -> Result<Vec<(u32, Prefix)>, NetError> {
+    let mut socket = Netlink::route().map_err(NetError::kernel("opening a netlink socket"))?;
+    let mut request = AddressMessage::default();
+    request.header.family = AddressFamily::Unspec;
+    let mut found = Vec::new();
+    socket
+        .dump(RouteNetlinkMessage::GetAddress(request), |_, whole| {
+            if let Ok(NetlinkMessage {
+                payload: NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m)),
+                ..
+            }) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(whole)
+            {
+                found.extend(of_message(&m).map(|p| (m.header.index, p)));
+            }
+        })
+        .map_err(NetError::kernel("listing addresses"))?;
+    Ok(found)
+}
+
 /// The first IPv4 address of an interface.
 pub fn first_ipv4(ifname: &str) -> Result<Option<Ipv4Addr>, NetError> {
     let link = super::link::by_name(ifname)?;

@@ -56,7 +56,7 @@ impl From<NmError> for ApiError {
             }
             NmError::NotANamespace(_) => StatusCode::BAD_REQUEST,
             NmError::HostNamespace(_) => StatusCode::FORBIDDEN,
-            NmError::NoSubnet => StatusCode::INTERNAL_SERVER_ERROR,
+            NmError::NoSubnet | NmError::SubnetRefused(_) => StatusCode::INTERNAL_SERVER_ERROR,
             NmError::NoNamespace(_) | NmError::NotDeployed(_) => StatusCode::NOT_FOUND,
             NmError::Ipam(super::ipam::IpamError::Exhausted(_)) | NmError::Model(_) => {
                 StatusCode::INSUFFICIENT_STORAGE

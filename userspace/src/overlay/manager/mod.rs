@@ -50,6 +50,8 @@ pub enum NmError {
     NotDeployed(String),
     #[error("no subnet yet: the cluster has not answered the subnet request (is its MQTT broker reachable?)")]
     NoSubnet,
+    #[error("no subnet yet: the cluster's answer was refused ({0})")]
+    SubnetRefused(String),
     #[error(transparent)]
     Ipam(#[from] IpamError),
     #[error(transparent)]
@@ -134,6 +136,8 @@ struct State {
     egress: Option<egress::EgressHeld>,
     /// Service IPs whose members the catalog names (EDS).
     feed: Feed,
+    /// Why the cluster's last subnet was refused (none taken yet).
+    subnet_refused: Option<String>,
 }
 
 /// Service IPs fed by the catalog: service IP → member instances (by

@@ -262,26 +262,15 @@ impl NetManager {
             tracing::info!(address = %reply.address, "netmanager: subnet offered when none was asked for; ignored");
             return Ok(());
         }
-        let prefix = |text: &str, len: u8| -> Result<Option<Prefix>, NmError> {
-            if text.is_empty() {
-                return Ok(None);
+        let taken = self.taken(&state);
+        let (v4, v6) = match cluster_subnet(&reply, &taken) {
+            Ok(subnets) => subnets,
+            Err(why) => {
+                state.subnet_refused = Some(why.clone());
+                return Err(NmError::BadRequest(format!("{why}; waiting for another")));
             }
-            let text = if text.contains('/') {
-                text.to_string()
-            } else {
-                format!("{text}/{len}")
-            };
-            text.parse::<Prefix>()
-                .map(Some)
-                .map_err(|e| NmError::BadRequest(format!("cluster subnet {text:?}: {e}")))
         };
-        let Some(v4) = prefix(&reply.address, 26)?.filter(|p| p.addr.is_ipv4()) else {
-            return Err(NmError::BadRequest(format!(
-                "cluster subnet {:?} is not IPv4",
-                reply.address
-            )));
-        };
-        let v6 = prefix(&reply.addressv6, 120)?.filter(|p| p.addr.is_ipv6());
+        state.subnet_refused = None;
         state.ipam = Some(Ipam::new(v4, v6)?);
         if let Some(r) = state.registration.as_mut() {
             r.subnetwork = v4.to_string();
@@ -293,6 +282,38 @@ impl NetManager {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// What a container subnet must stay clear of: the networks of the
+    /// node's address (its underlay), the broker's address and the
+    /// service IP ranges.
+    fn taken(&self, state: &super::State) -> Vec<(Prefix, String)> {
+        let mut taken = Vec::new();
+        if let Some(node) = self.node_addr() {
+            taken.push((Prefix::host(node), "the node's address".to_string()));
+            let networks = net::addr::all().unwrap_or_default();
+            for (_, p) in networks.into_iter().filter(|(_, p)| p.addr == node) {
+                taken.push((p.network(), "the node's network".to_string()));
+            }
+        }
+        let broker = state.registration.as_ref().and_then(|r| {
+            let host = r.cluster_address.trim_start_matches('[');
+            host.split(']').next()?.parse::<std::net::IpAddr>().ok()
+        });
+        if let Some(b) = broker {
+            taken.push((Prefix::host(b), "the MQTT broker's address".to_string()));
+        }
+        let (v4, len) = self.settings.service_prefix;
+        taken.push((
+            Prefix::new(v4, len).network(),
+            "the service IPs".to_string(),
+        ));
+        let (v6, len) = self.settings.service_prefix_v6;
+        taken.push((
+            Prefix::new(v6, len).network(),
+            "the service IPs".to_string(),
+        ));
+        taken
     }
 
     /// Per job: whether it runs here, and the packets its instances counted
@@ -412,7 +433,11 @@ impl NetManager {
             )));
         }
         let netns_id = Some(id);
-        let ipam = state.ipam.as_mut().ok_or(NmError::NoSubnet)?;
+        let no_subnet = match &state.subnet_refused {
+            Some(why) => NmError::SubnetRefused(why.clone()),
+            None => NmError::NoSubnet,
+        };
+        let ipam = state.ipam.as_mut().ok_or(no_subnet)?;
         let lease = ipam.allocate()?;
         let (gateway, gateway_v6) = (ipam.gateway(), ipam.gateway_v6());
         let host = host_ifname(&spec.job, spec.number);
@@ -657,5 +682,126 @@ impl NetManager {
         // the egress set-up is recorded as gone.
         state.local = deployments;
         self.persist(&state);
+    }
+}
+
+/// The container subnets of a subnet answer (a first address is a /26,
+/// an IPv6 one a /120), or why they cannot be this node's.
+fn cluster_subnet(
+    reply: &SubnetReply,
+    taken: &[(Prefix, String)],
+) -> Result<(Prefix, Option<Prefix>), String> {
+    let prefix = |text: &str, len: u8| -> Result<Option<Prefix>, String> {
+        if text.is_empty() {
+            return Ok(None);
+        }
+        let text = if text.contains('/') {
+            text.to_string()
+        } else {
+            format!("{text}/{len}")
+        };
+        text.parse::<Prefix>()
+            .map(Some)
+            .map_err(|e| format!("cluster subnet {text:?}: {e}"))
+    };
+    let Some(v4) = prefix(&reply.address, 26)?.filter(|p| p.addr.is_ipv4()) else {
+        return Err(format!("cluster subnet {:?} is not IPv4", reply.address));
+    };
+    let v6 = prefix(&reply.addressv6, 120)?.filter(|p| p.addr.is_ipv6());
+    if let Some(why) = unusable_subnet(v4, 16..=30, taken) {
+        return Err(format!("cluster subnet {:?}: {why}", reply.address));
+    }
+    if let Some(why) = v6.and_then(|p| unusable_subnet(p, 64..=124, taken)) {
+        return Err(format!("cluster subnet {:?}: {why}", reply.addressv6));
+    }
+    Ok((v4, v6))
+}
+
+/// Why `subnet` cannot be this node's container subnet, if it cannot:
+/// Oakestra hands out a /26 (IPv6 /120) of its own pool. A wider one, a
+/// special range, or one over an address the node needs would take that
+/// address away: a /24 holding the broker's address put it on a
+/// container's gateway, and the node lost the cluster.
+fn unusable_subnet(
+    subnet: Prefix,
+    lengths: std::ops::RangeInclusive<u8>,
+    taken: &[(Prefix, String)],
+) -> Option<String> {
+    use std::net::IpAddr;
+    let net = subnet.network();
+    if !lengths.contains(&net.len) {
+        return Some(format!(
+            "a /{} (a node's container subnet is a /{} to /{})",
+            net.len,
+            lengths.start(),
+            lengths.end()
+        ));
+    }
+    let special = match net.addr {
+        IpAddr::V4(a) => {
+            a.octets()[0] == 0
+                || a.is_loopback()
+                || a.is_link_local()
+                || a.is_multicast()
+                || a.octets()[0] >= 240
+        }
+        IpAddr::V6(a) => {
+            a.is_unspecified()
+                || a.is_loopback()
+                || a.is_multicast()
+                || a.is_unicast_link_local()
+                || a.to_ipv4_mapped().is_some()
+        }
+    };
+    if special {
+        return Some("a special-purpose range, not for containers".into());
+    }
+    taken
+        .iter()
+        .find(|(p, _)| p.is_ipv4() == net.is_ipv4() && (net.covers(p) || p.covers(&net)))
+        .map(|(p, what)| format!("overlaps {what} ({p})"))
+}
+
+#[cfg(test)]
+mod subnet_tests {
+    use super::*;
+
+    #[test]
+    fn a_cluster_subnet_must_not_take_what_the_node_needs() {
+        let p = |t: &str| t.parse::<Prefix>().unwrap();
+        let taken = [
+            (p("198.51.100.2/32"), "the node's address".to_string()),
+            (p("198.51.100.0/24"), "the node's network".to_string()),
+            (p("203.0.113.0/24"), "the service IPs".to_string()),
+        ];
+        let why = |t: &str| unusable_subnet(p(t), 16..=30, &taken);
+        assert_eq!(why("192.0.2.64/26"), None);
+        assert_eq!(
+            why("0.0.0.0/0").unwrap(),
+            "a /0 (a node's container subnet is a /16 to /30)"
+        );
+        assert_eq!(
+            why("0.0.0.0/26").unwrap(),
+            "a special-purpose range, not for containers"
+        );
+        assert_eq!(
+            why("198.51.100.0/24").unwrap(),
+            "overlaps the node's address (198.51.100.2/32)"
+        );
+        assert_eq!(
+            why("198.51.100.64/26").unwrap(),
+            "overlaps the node's network (198.51.100.0/24)"
+        );
+        assert_eq!(
+            why("203.0.113.0/26").unwrap(),
+            "overlaps the service IPs (203.0.113.0/24)"
+        );
+        assert!(why("224.0.0.0/26").is_some());
+        assert!(why("127.0.0.0/26").is_some());
+        let v6 = |t: &str| unusable_subnet(p(t), 64..=124, &taken);
+        assert_eq!(v6("2001:db8:1::/120"), None);
+        assert!(v6("fe80::/120").is_some());
+        assert!(v6("::ffff:192.0.2.0/120").is_some());
+        assert!(v6("2001:db8::/48").is_some());
     }
 }
