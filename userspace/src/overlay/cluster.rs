@@ -437,6 +437,11 @@ async fn work(
                 }
                 Err(e) => tracing::warn!("netmanager: subnet reply is not readable: {e}"),
             },
+            // Oakestra's answer for an address no job holds: nothing to do
+            // (the address is asked again at its next miss, not sooner).
+            Incoming::Table(bytes) if no_job(&bytes) => {
+                tracing::debug!("netmanager: the cluster knows no job for a query");
+            }
             Incoming::Table(bytes) => match super::api::parse_table(&bytes) {
                 Ok((job, instances, key)) => {
                     cluster.queried.lock().expect("lock").remove(&key);
@@ -489,5 +494,33 @@ async fn expire_interests(
                 tracing::warn!(%job, "netmanager: dropping the job's entries: {e}");
             }
         }
+    }
+}
+
+/// A table answer naming no job and no instance: Oakestra's "unknown".
+fn no_job(bytes: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        app_name: Option<String>,
+        #[serde(default)]
+        instance_list: Vec<serde_json::Value>,
+    }
+    serde_json::from_slice::<Answer>(bytes)
+        .is_ok_and(|a| a.app_name.is_none_or(|n| n.is_empty()) && a.instance_list.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_answer_without_a_job_is_told_apart() {
+        assert!(super::no_job(
+            br#"{"app_name":"","instance_list":[],"query_key":"203.0.113.9"}"#
+        ));
+        assert!(!super::no_job(
+            br#"{"app_name":"a.b.c.d","instance_list":[],"query_key":"203.0.113.9"}"#
+        ));
+        assert!(!super::no_job(br#"{"app_name":"","instance_list":[{}]}"#));
+        assert!(!super::no_job(b"not json"));
     }
 }
