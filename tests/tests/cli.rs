@@ -422,4 +422,23 @@ fn config_check_validates_offline() {
              tapmesh: config file {names_bad_lb}: lb.config_file: LB config file {bad_lb}: target 3 of stream \"s\": identifier out of range; use 1..=2 (the stream's max_targets)\n"
         )
     );
+
+    // An xDS server with nothing to subscribe to would be a wildcard.
+    let no_clusters = write(
+        "noclusters.toml",
+        "[xds]\nserver = \"http://127.0.0.1:18000\"\n",
+    );
+    let no_server = write(
+        "noserver.toml",
+        "[[xds.clusters]]\nname = \"svc\"\nvip = \"203.0.113.9\"\n",
+    );
+    let (code, stdout, stderr) = check(&[&no_clusters, &no_server]);
+    assert_eq!((code, stdout.as_str()), (Some(2), ""));
+    assert_eq!(
+        stderr,
+        format!(
+            "tapmesh: config file {no_clusters}: xds.clusters: none is set, but xds.server is: add a [[xds.clusters]] (name and vip or service_ip), or leave xds.server empty\n\
+             tapmesh: config file {no_server}: xds.server: is empty, but [[xds.clusters]] are set: name the management server, or remove them\n"
+        )
+    );
 }

@@ -174,7 +174,12 @@ fn readiness_waits_for_the_xds_server_and_says_why() {
     let node = Netns::new("n");
     let config = std::env::temp_dir().join(format!("{}.toml", tapmesh_tests::unique("tmxds")));
     // Nothing listens on port 9 of the namespace's loopback.
-    std::fs::write(&config, "[xds]\nserver = \"http://127.0.0.1:9\"\n").unwrap();
+    std::fs::write(
+        &config,
+        "[xds]\nserver = \"http://127.0.0.1:9\"\n\
+         [[xds.clusters]]\nname = \"svc\"\nvip = \"203.0.113.9\"\n",
+    )
+    .unwrap();
     let daemon = Daemon::start(&node.name, &["--config", config.to_str().unwrap()]);
     let mut m = scrape(&node.name, LISTEN);
     assert!(wait_until(std::time::Duration::from_secs(5), || {

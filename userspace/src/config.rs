@@ -1013,6 +1013,21 @@ impl Config {
         dp.validate_sizes()?;
         self.validate_netmanager()?;
         self.cluster.validate()?;
+        let xds = &self.xds;
+        if xds.server.is_empty() && !xds.clusters.is_empty() {
+            return Err(ConfigError::BadValue {
+                setting: "xds.server",
+                message: "is empty, but [[xds.clusters]] are set: name the management server, or remove them".into(),
+            });
+        }
+        if !xds.server.is_empty() && xds.clusters.is_empty() {
+            // Subscribing to no name is xDS's wildcard: the server would
+            // send every cluster it has, for nothing bound to use.
+            return Err(ConfigError::BadValue {
+                setting: "xds.clusters",
+                message: "none is set, but xds.server is: add a [[xds.clusters]] (name and vip or service_ip), or leave xds.server empty".into(),
+            });
+        }
         if !self.metrics.listen.is_empty()
             && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
         {

@@ -40,11 +40,6 @@ impl Plugin for CatalogPlugin {
         config: &Config,
     ) -> Result<(), PluginError> {
         let x = &config.xds;
-        if x.server.is_empty() && !x.clusters.is_empty() {
-            return Err(PluginError::new(
-                "xds.clusters are set but xds.server is empty",
-            ));
-        }
         for c in &x.clusters {
             crate::names::validate_name("xds cluster name", &c.name)
                 .map_err(|e| PluginError::new(e.to_string()))?;
