@@ -127,6 +127,29 @@ impl Cluster {
             .collect()
     }
 
+    /// Publishes `payload` on `topic` `count` times from the hub (QoS 1,
+    /// through paho, as a cluster component would), retained if asked.
+    pub fn publish(&self, topic: &str, payload: &str, retain: bool, count: usize) {
+        let python = crate::python::venv("tapmesh-mqtt-venv", &["paho-mqtt==2.2.0"]);
+        let script = format!(
+            "import paho.mqtt.publish as p\n\
+             p.multiple([dict(topic={topic:?}, payload={payload:?}, qos=1, retain={})] * {count}, \
+             hostname={HUB:?}, port={MQTT_PORT})\n",
+            if retain { "True" } else { "False" }
+        );
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.hub.name])
+            .arg(python)
+            .args(["-c", &script])
+            .output()
+            .expect("python");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Stops the broker (every client loses its connection).
     pub fn stop_broker(&mut self) {
         let _ = self.broker.kill();

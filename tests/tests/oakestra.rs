@@ -668,3 +668,65 @@ fn a_cluster_subnet_over_the_nodes_network_is_refused_and_a_deploy_says_why() {
         n1.status()
     );
 }
+
+/// A retained table (an old answer the broker kept) is not applied when
+/// the node subscribes: Oakestra takes answers to its open queries only.
+/// And a burst of 50 `updates_available` for a job asks for its table
+/// once while that query is open, not 50 times.
+#[test]
+fn a_retained_table_is_ignored_and_a_burst_of_updates_asks_once() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const GHOST_RR: &str = "203.0.113.77";
+    let cluster = Cluster::start(&jobs("198.18.2.9"), "192.0.2.0");
+    // Kept by the broker for the node's topic before the node connects.
+    let ghost = json!({
+        "app_name": "app.ns.ghost.ns", "query_key": "app.ns.ghost.ns",
+        "instance_list": (0..3).map(|i| json!({
+            "instance_number": i, "instance_ip": format!("203.0.113.{}", 80 + i),
+            "instance_ip_v6": "", "namespace_ip": format!("198.51.100.{}", 80 + i),
+            "namespace_ip_v6": "", "host_ip": "198.18.2.9", "host_port": "50103",
+            "service_ip": [{"IpType": "RR", "Address": GHOST_RR, "Address_v6": ""}]
+        })).collect::<Vec<_>>()
+    });
+    let n1 = node(&cluster, "oar1", "198.18.2.1", "");
+    cluster.publish(
+        &format!("nodes/{}/net/tablequery/result", n1.netns.name),
+        &ghost.to_string(),
+        true,
+        1,
+    );
+    register(&n1);
+    let web = Netns::new("oarw");
+    let task = Task::start(&web);
+    deploy(&n1, &task, WEB, 0);
+    let subscribed = wait_until(Duration::from_secs(10), || {
+        status_services(&n1).contains(&(RR.into(), 1))
+    });
+    assert!(subscribed, "{:?}", status_services(&n1));
+    std::thread::sleep(Duration::from_millis(500));
+    let services = status_services(&n1);
+    assert!(
+        !services.iter().any(|(a, _)| a == GHOST_RR),
+        "the retained table was applied: {services:?}"
+    );
+
+    let asked = || {
+        cluster
+            .received("/net/tablequery/request")
+            .iter()
+            .filter(|m| m["payload"]["sname"] == WEB)
+            .count()
+    };
+    // Quiet first: the deploy's own query answered.
+    std::thread::sleep(Duration::from_millis(2100));
+    let before = asked();
+    cluster.publish(&format!("jobs/{WEB}/updates_available"), "{}", false, 50);
+    std::thread::sleep(Duration::from_millis(1000));
+    let burst = asked() - before;
+    assert!(
+        (1..=3).contains(&burst),
+        "{burst} table queries for 50 updates"
+    );
+}

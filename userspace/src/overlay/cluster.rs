@@ -186,6 +186,14 @@ impl Cluster {
                     Ok(Event::Incoming(Packet::SubAck(_))) => {
                         c.subscribed.send_replace(true);
                     }
+                    // A retained message is an old one the broker kept: a
+                    // table or subnet that answers no query of this
+                    // connection (Oakestra takes answers to its open
+                    // queries only). Re-applied at each reconnect, it
+                    // overwrote newer tables.
+                    Ok(Event::Incoming(Packet::Publish(p))) if p.retain => {
+                        tracing::debug!(topic = %p.topic, "netmanager: a retained MQTT message ignored");
+                    }
                     Ok(Event::Incoming(Packet::Publish(p))) => {
                         let payload = p.payload.to_vec();
                         let message = match p.topic.strip_prefix(&prefix) {
@@ -452,7 +460,9 @@ async fn work(
                 }
                 Err(e) => tracing::warn!("netmanager: table query result: {e}"),
             },
-            Incoming::Updates(job) => cluster.query_job(&job, true).await,
+            // Not while the same query is open (sent and not answered in
+            // the last 2 s), as Oakestra: a burst of updates asks once.
+            Incoming::Updates(job) => cluster.query_job(&job, false).await,
         }
     }
 }
