@@ -51,6 +51,8 @@ versions = {}
 delta_on = [len(sys.argv) > 2 and sys.argv[2] == "delta"]
 resend_nacked = [False]
 wrong_next = []
+# The next response keeps the stream's last nonce (a server bug xDS clients meet).
+reuse_nonce = [False]
 streams = {}
 next_stream = [0]
 
@@ -108,7 +110,10 @@ class Stream:
         names = [n for n in self.names if n in clusters and (only is None or n in only)]
         if not names:
             return
-        self.nonce += 1
+        if reuse_nonce[0] and self.nonce:
+            reuse_nonce[0] = False
+        else:
+            self.nonce += 1
         type_url = wrong_next.pop(0) if wrong_next else TYPE
         resp = discovery_pb2.DiscoveryResponse(version_info=version, type_url=type_url, nonce=str(self.nonce))
         for n in names:
@@ -165,7 +170,10 @@ class DeltaStream:
         removed = [n for n in sorted(self.names) if n not in clusters and n in self.known]
         if not changed and not removed:
             return
-        self.nonce += 1
+        if reuse_nonce[0] and self.nonce:
+            reuse_nonce[0] = False
+        else:
+            self.nonce += 1
         type_url = wrong_next.pop(0) if wrong_next else TYPE
         resp = discovery_pb2.DeltaDiscoveryResponse(system_version_info=version, type_url=type_url,
                                                     nonce=str(self.nonce))
@@ -309,6 +317,8 @@ def main():
                 resend_nacked[0] = cmd["resend_nacked"]
             elif cmd["cmd"] == "wrong_type":
                 wrong_next.append(cmd["type"])
+            elif cmd["cmd"] == "reuse_nonce":
+                reuse_nonce[0] = True
             elif cmd["cmd"] == "replay":
                 for st in list(streams.values()):
                     if st.last is not None:
@@ -841,6 +851,11 @@ impl ControlPlane {
             r#"{{"cmd":"wrong_type","type":{}}}"#,
             json_str(type_url)
         ));
+    }
+
+    /// The next response carries its stream's last nonce again.
+    pub fn reuse_nonce(&mut self) {
+        self.command(r#"{"cmd":"reuse_nonce"}"#.into());
     }
 
     /// Resends the last response of every stream unchanged (same nonce).

@@ -1015,3 +1015,46 @@ fn a_response_past_four_mebibytes_is_taken() {
     cp.wait_request(Duration::from_secs(60), "ACK v2", is_ack("2", "2"));
     assert_eq!(sink.wait_count(2).endpoints.len(), 130_000);
 }
+
+/// A response that reuses the last nonce for new content is applied and
+/// answered, over both variants (Envoy does not drop responses by nonce);
+/// the same response again still is not.
+#[test]
+fn new_content_under_a_reused_nonce_is_applied_and_acked() {
+    for delta in [false, true] {
+        let mut cp = if delta {
+            ControlPlane::start_delta_serving(0, "1", &[("svc-a", two_endpoints())])
+        } else {
+            serving_v1()
+        };
+        let sink = Recorder::new(true);
+        let mut s = settings(&cp, &["svc-a"]);
+        s.protocol = if delta {
+            Protocol::Delta
+        } else {
+            Protocol::Sotw
+        };
+        let _client = Client::start(s, sink.clone());
+        assert_eq!(sink.wait_count(1).endpoints.len(), 2, "delta={delta}");
+        cp.wait_request(WAIT, "ACK of nonce 1", |r| {
+            r.response_nonce == "1" && r.error_detail.is_none()
+        });
+        cp.reuse_nonce();
+        cp.set(
+            "2",
+            &[("svc-a", Cla::single(vec![Ep::new("198.18.0.7", 80)]))],
+        );
+        applied_only(&sink, 2, "198.18.0.7", 80);
+        let acks = || {
+            cp.requests()
+                .iter()
+                .filter(|r| r.response_nonce == "1" && r.error_detail.is_none())
+                .count()
+        };
+        let deadline = Instant::now() + WAIT;
+        while acks() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(acks(), 2, "delta={delta}: {:#?}", cp.requests());
+    }
+}

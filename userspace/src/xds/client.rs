@@ -52,7 +52,7 @@ const PLANE: &str = "xds";
 /// call, the first request and how a response is handled.
 pub(super) trait Variant {
     type Request: Send + 'static;
-    type Response: Send + 'static;
+    type Response: Send + Clone + PartialEq + 'static;
     /// As logged and shown in the health detail.
     const NAME: &'static str;
     /// The subscription, the first message of a stream.
@@ -380,7 +380,8 @@ impl Client {
             h.detail = format!("subscribed at {server} ({})", V::NAME);
         });
         let mut responded = false;
-        let mut last_nonce: Option<String> = None;
+        // The last response: the same one again (a replay) is not answered.
+        let mut last: Option<V::Response> = None;
         self.eds_nonce.clear();
         self.eds_reply = None;
         // Replies waiting for their delay (a NACK backing off); a newer
@@ -434,11 +435,14 @@ impl Client {
                 Some(Some(Ok(Some(r)))) => r,
             };
             let nonce = V::nonce(&response);
-            if !nonce.is_empty() && last_nonce.as_deref() == Some(nonce) {
-                tracing::debug!(%nonce, "ignoring a response with a stale nonce");
+            // Only the same response: a server that reuses a nonce for new
+            // content still gets it applied and answered (Envoy does not
+            // drop responses by nonce).
+            if !nonce.is_empty() && last.as_ref() == Some(&response) {
+                tracing::debug!(%nonce, "ignoring the same response again");
                 continue;
             }
-            last_nonce = Some(nonce.to_string());
+            last = Some(response.clone());
             responded = true;
             held.clear();
             for reply in V::handle(self, response).await {
