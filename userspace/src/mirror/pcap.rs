@@ -96,12 +96,26 @@ impl PcapWriter {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => false,
                 Err(e) => return Err(context("opening")(e)),
             };
+        // Non-blocking: a FIFO with no reader fails at once (ENXIO) instead
+        // of holding the caller, and the mirror service with it, until one
+        // comes. Writes block again as usual.
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .mode(0o600)
+            .custom_flags(libc::O_NONBLOCK)
             .open(path)
-            .map_err(context("opening"))?;
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ENXIO) => io::Error::new(
+                    e.kind(),
+                    format!(
+                        "opening {}: a FIFO with no reader (start the reader first)",
+                        path.display()
+                    ),
+                ),
+                _ => context("opening")(e),
+            })?;
+        clear_nonblocking(&file).map_err(context("opening"))?;
         // A file made earlier (by another program, or before this mode) too;
         // a FIFO or device keeps the modes its owner gave it.
         if regular {
@@ -115,6 +129,20 @@ impl PcapWriter {
             Self::new(out)
         }
     }
+}
+
+/// Makes writes to `file` block again (see [`PcapWriter::create`]).
+fn clear_nonblocking(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl on an fd this function borrows; results checked.
+    unsafe {
+        let flags = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        if flags < 0 || libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The global header this writer puts at the start of a file.
@@ -165,6 +193,35 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn a_fifo_without_a_reader_is_refused_at_once_and_one_with_a_reader_taken() {
+        let dir = std::env::temp_dir().join(format!("tapmesh-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("live");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a plain mkfifo on a path of our own.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let started = std::time::Instant::now();
+        let e = PcapWriter::create(&fifo).err().expect("no reader");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(e.to_string().contains("a FIFO with no reader"), "{e}");
+        let reader = std::thread::spawn({
+            let fifo = fifo.clone();
+            move || std::fs::read(fifo).unwrap()
+        });
+        // The reader opens when it runs; until then the FIFO has none.
+        let mut w = loop {
+            match PcapWriter::create(&fifo) {
+                Ok(w) => break w,
+                Err(_) => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        w.flush().unwrap();
+        drop(w);
+        assert_eq!(reader.join().unwrap(), global_header());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn a_file_is_appended_to_private_and_a_foreign_one_moved_aside() {

@@ -224,6 +224,25 @@ impl MirrorService {
                         "pcap file {p:?}: use an absolute path"
                     )));
                 }
+                if let Some(p) = &r.pcap {
+                    let same = |q: &str| {
+                        let lexical = |t: &str| {
+                            std::path::Path::new(t)
+                                .components()
+                                .collect::<std::path::PathBuf>()
+                        };
+                        lexical(q) == lexical(p)
+                    };
+                    let writer = state.services.values().find(|s| {
+                        matches!(&s.spec.destination, Destination::Ring(o) if o.pcap.as_deref().is_some_and(same))
+                    });
+                    if let Some(w) = writer {
+                        return Err(MirrorError::Invalid(format!(
+                            "pcap file {p:?} is written by tap service {:?} already: two writers would corrupt it",
+                            w.spec.id
+                        )));
+                    }
+                }
                 let used: BTreeSet<u32> = state
                     .services
                     .values()
@@ -278,7 +297,12 @@ impl MirrorService {
         })
         .await
         .map_err(|e| MirrorError::Dataplane(format!("ring task failed: {e}")))?;
-        let running = started.map_err(|e| MirrorError::Dataplane(e.to_string()))?;
+        // A consumer that cannot be opened (its path or interface) is the
+        // caller's to fix, not the dataplane's.
+        let running = started.map_err(|e| match e {
+            super::ring::RingError::Consumer { .. } => MirrorError::Invalid(e.to_string()),
+            e => MirrorError::Dataplane(e.to_string()),
+        })?;
         Ok(Ring {
             slot,
             generation,
