@@ -1013,3 +1013,92 @@ fn a_fifo_without_a_reader_and_a_shared_pcap_are_refused() {
     lab.wait_delivered(20);
     assert_eq!(tshark_fields(&pcap, "icmp.type").len(), 20);
 }
+
+/// A pcap file on a full disk: the failed write is cut back, so the file
+/// ends in a whole record, and the consumer's counts are the file's
+/// (delivered = records in it, delivered + lost = frames received); with
+/// room again, capture goes on and nothing counted lost turns up later.
+/// Before, the file ended in half a record and 4300 copies counted lost
+/// were written once there was room.
+#[test]
+fn a_full_disk_leaves_whole_records_and_exact_counts() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    struct Mounted(std::path::PathBuf);
+    impl Drop for Mounted {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let dir = TempDir::new("tmfull");
+    let mount = |options: &str| {
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
+            .arg(&dir.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount {options}");
+    };
+    mount("size=256k");
+    let _mounted = Mounted(dir.0.clone());
+    let pcap = dir.0.join("full.pcap");
+    let lab = Lab::new();
+    lab.ring_service("ring", &pcap);
+    lab.flow("out", "ring", "OUT", "").unwrap();
+    let frame = lab.vm1_frame(&[]);
+    let counts = || {
+        let c = lab.list().services[0]
+            .ring_counters
+            .clone()
+            .unwrap_or_default();
+        (
+            c.received,
+            c.consumers
+                .first()
+                .map_or((0, 0), |p| (p.delivered, p.lost)),
+        )
+    };
+    let settle = |want: u64| {
+        let done = wait_until(Duration::from_secs(10), || {
+            let (received, (delivered, lost)) = counts();
+            received == want && delivered + lost == want
+        });
+        assert!(done, "{:?}", counts());
+    };
+    // In rounds apart, so that several writes fit before one fails (a
+    // failed write loses what it held, at most a MiB).
+    for _ in 0..10 {
+        send_frames(
+            &lab.vm1.name,
+            &lab.vm1_if.interface,
+            &vec![frame.clone(); 500],
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    settle(5000);
+    let (_, (delivered, lost)) = counts();
+    assert!(lost > 0 && delivered > 0, "the disk filled: {:?}", counts());
+    // tshark reads every record to the end: no record was cut.
+    assert_eq!(tshark_fields(&pcap, "udp.dstport").len() as u64, delivered);
+
+    // Room again: the capture goes on after the whole records.
+    let ok = std::process::Command::new("mount")
+        .args(["-o", "remount,size=8m"])
+        .arg(&dir.0)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    send_frames(&lab.vm1.name, &lab.vm1_if.interface, &vec![frame; 1000]);
+    settle(6000);
+    let (_, (after, lost_after)) = counts();
+    assert_eq!(
+        (after, lost_after),
+        (delivered + 1000, lost),
+        "{:?}",
+        counts()
+    );
+    assert_eq!(tshark_fields(&pcap, "udp.dstport").len() as u64, after);
+}

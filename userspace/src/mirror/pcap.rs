@@ -3,7 +3,7 @@
 
 use std::{
     fs::File,
-    io::{self, BufWriter, Write},
+    io::{self, Write},
     path::Path,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -12,7 +12,8 @@ use std::{
 pub const MAGIC: u32 = 0xa1b2_c3d4;
 /// The largest frame a record holds; longer frames are cut to this.
 pub const SNAPLEN: u32 = 65535;
-/// Bytes buffered before a write to the file: one write syscall per MiB.
+/// Bytes a consumer buffers before a write to the file: one write syscall
+/// per MiB (see [`Committed`]).
 pub const WRITE_BUFFER: usize = 1 << 20;
 /// LINKTYPE_ETHERNET.
 pub const LINKTYPE_ETHERNET: u32 = 1;
@@ -43,8 +44,67 @@ pub fn record_header_cut(len: usize, captured: usize, ts: SystemTime) -> [u8; 16
 }
 
 /// Appends Ethernet frames to a new pcap file (buffered: call [`PcapWriter::flush`]).
-pub struct PcapWriter<W: Write = BufWriter<File>> {
+pub struct PcapWriter<W: Write = Committed> {
     out: W,
+}
+
+/// A file written a buffer at a time, on `flush`: a write that fails (a
+/// full disk) is cut back to the end of the last whole one and its bytes
+/// are dropped, so the file never ends in half a record and what failed
+/// does not turn up later. (A FIFO cannot be cut back.)
+pub struct Committed {
+    file: File,
+    buffer: Vec<u8>,
+    /// The file's length after the last whole write.
+    len: u64,
+    /// Bytes at the start of `buffer` a failure keeps (a new file's
+    /// global header, until it is written).
+    keep: usize,
+}
+
+impl Committed {
+    fn new(file: File) -> io::Result<Self> {
+        let len = file.metadata()?.len();
+        Ok(Committed {
+            file,
+            buffer: Vec::with_capacity(WRITE_BUFFER),
+            len,
+            keep: 0,
+        })
+    }
+}
+
+impl Write for Committed {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buffer.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        match self.file.write_all(&self.buffer) {
+            Ok(()) => {
+                self.len += self.buffer.len() as u64;
+                self.buffer.clear();
+                self.keep = 0;
+                Ok(())
+            }
+            Err(e) => {
+                let _ = self.file.set_len(self.len);
+                self.buffer.truncate(self.keep);
+                Err(e)
+            }
+        }
+    }
+}
+
+impl PcapWriter<Committed> {
+    /// Bytes written since the last flush.
+    pub fn buffered(&self) -> usize {
+        self.out.buffer.len()
+    }
 }
 
 impl PcapWriter {
@@ -122,11 +182,13 @@ impl PcapWriter {
             file.set_permissions(std::fs::Permissions::from_mode(0o600))
                 .map_err(context("restricting"))?;
         }
-        let out = BufWriter::with_capacity(WRITE_BUFFER, file);
+        let out = Committed::new(file).map_err(context("reading"))?;
         if ours {
             Ok(PcapWriter { out })
         } else {
-            Self::new(out)
+            let mut w = Self::new(out)?;
+            w.out.keep = w.out.buffer.len();
+            Ok(w)
         }
     }
 }
@@ -182,7 +244,7 @@ impl<W: Write> PcapWriter<W> {
         self.out.flush()
     }
 
-    /// The underlying writer (for a `BufWriter<File>`, call `flush` first).
+    /// The underlying writer (for a file, call `flush` first).
     pub fn into_inner(self) -> W {
         self.out
     }

@@ -102,13 +102,20 @@ impl Sink {
 
     fn deliver(&mut self, batch: &Batch, counters: &Counters, failure: &mut Failure) {
         match self {
-            Sink::Pcap { writer, pending } => match writer.write_records(&batch.records) {
-                Ok(()) => *pending += batch.frames,
-                Err(e) => {
-                    counters.lost.fetch_add(batch.frames, Ordering::Relaxed);
-                    failure.note("writing", &e);
+            Sink::Pcap { writer, pending } => {
+                // Buffered; written a MiB at a time, and a failed write
+                // loses exactly the frames it held (`flush`).
+                match writer.write_records(&batch.records) {
+                    Ok(()) => *pending += batch.frames,
+                    Err(e) => {
+                        counters.lost.fetch_add(batch.frames, Ordering::Relaxed);
+                        failure.note("writing", &e);
+                    }
                 }
-            },
+                if writer.buffered() >= crate::mirror::pcap::WRITE_BUFFER {
+                    self.flush(counters, failure);
+                }
+            }
             Sink::Forward { socket } => {
                 let frames: Vec<&[u8]> = batch.frames().collect();
                 let mut rest = &frames[..];
