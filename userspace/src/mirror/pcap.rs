@@ -186,8 +186,11 @@ impl PcapWriter {
         if ours {
             Ok(PcapWriter { out })
         } else {
+            // The header at once: a capture with no copy yet is still a
+            // pcap file (empty, readers took it for another format).
             let mut w = Self::new(out)?;
             w.out.keep = w.out.buffer.len();
+            w.out.flush().map_err(context("writing the header of"))?;
             Ok(w)
         }
     }
@@ -295,6 +298,10 @@ mod tests {
         let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         for round in 1..=2u64 {
             let mut w = PcapWriter::create(&path).unwrap();
+            if round == 1 {
+                // A new capture is a pcap file before its first record.
+                assert_eq!(std::fs::read(&path).unwrap(), global_header());
+            }
             w.write(&[round as u8; 10], UNIX_EPOCH).unwrap();
             w.flush().unwrap();
             let bytes = std::fs::read(&path).unwrap();
