@@ -79,6 +79,9 @@ fn an_opened_stream_gets_the_vip_traffic_and_close_stops_it() {
     let registered = lab.registered("stream-a");
     assert_eq!(registered.len(), 1, "{}", lab.registry_list());
     assert_eq!(registered[0].1, "ENABLED");
+    let rules = || String::from_utf8_lossy(&lab.apps[0].ip(&["rule"]).stdout).into_owned();
+    let vip_rules = |text: &str| text.lines().filter(|l| l.contains("lookup 100")).count();
+    assert_eq!(vip_rules(&rules()), 2, "a rule per VIP: {}", rules());
 
     let rx = receiver(&lab, 0);
     let sent = send(&lab, VIP_A, 4);
@@ -116,6 +119,8 @@ fn an_opened_stream_gets_the_vip_traffic_and_close_stops_it() {
         lab.registry_list()
     );
     assert!(!links_in(&lab, 0).contains("conduit0"));
+    // The VIPs' policy rules went with it (they stayed in the namespace).
+    assert_eq!(vip_rules(&rules()), 0, "{}", rules());
     let before = named(&lab.daemon().status(), "xdp_uplink", "no_target");
     let dropped = send(&lab, VIP_A, 2);
     let s = lab

@@ -559,6 +559,19 @@ impl Nsp {
             return Ok(());
         };
         let host = inner.connections[i].link.host_ifname.clone();
+        // The policy rules of its VIPs live in the application's namespace,
+        // not on the veth: they go first (a later conduit there would find
+        // them pointing at its table).
+        let c = &inner.connections[i];
+        if let Ok((app, _)) = netns::of_pid(caller.pid, Some(id)) {
+            let gateways = c.gateway_addrs();
+            let cleared =
+                net::route::set_vips(&app, &c.link.peer_ifname, &c.local, &[], &gateways, c.table)
+                    .await;
+            if let Err(e) = cleared {
+                tracing::warn!("conduit {host}: removing its VIPs' rules: {e}");
+            }
+        }
         if let Err(e) = self.lb.dataplane().detach_container(&host).await {
             tracing::debug!("detaching the conduit programs from {host}: {e}");
         }
