@@ -95,6 +95,13 @@ impl From<crate::names::NameError> for NspConfigError {
 pub enum NspConfigError {
     #[error("{0}")]
     Name(#[from] FlowError),
+    #[error("streams {first:?} and {second:?} both become {joined:?} (stream.conduit.trench, the LB's name for a stream): rename one")]
+    JoinedNamesCollide {
+        /// `stream` of conduit `conduit`, as written.
+        first: String,
+        second: String,
+        joined: String,
+    },
     #[error("{kind} {name:?} is defined twice in trench {trench:?}; names must be unique")]
     Duplicate {
         kind: &'static str,
@@ -225,6 +232,7 @@ impl NspConfig {
             }
         }
         let mut streams = HashSet::new();
+        let mut joined = std::collections::HashMap::new();
         for s in &self.streams {
             validate_name("stream name", &s.name)?;
             in_trench("stream", &s.name, &s.trench)?;
@@ -243,6 +251,20 @@ impl NspConfig {
             }
             if !streams.insert((s.trench.as_str(), s.name.as_str())) {
                 return Err(duplicate("stream", &s.name, &s.trench));
+            }
+            // Names may hold dots: two streams can join to one LB name.
+            let path = StreamPath {
+                trench: s.trench.clone(),
+                conduit: s.conduit.clone(),
+                stream: s.name.clone(),
+            };
+            let described = format!("{} of conduit {}", s.name, s.conduit);
+            if let Some(first) = joined.insert(path.full_name(), described.clone()) {
+                return Err(NspConfigError::JoinedNamesCollide {
+                    first,
+                    second: described,
+                    joined: path.full_name(),
+                });
             }
         }
         let mut vips = HashSet::new();
@@ -465,6 +487,30 @@ mod tests {
         let vips: Vec<String> = c.conduit_vips("trench-a", "lb").into_iter().collect();
         assert_eq!(vips, vec!["192.0.2.1/32", "2001:db8::1/128"]);
         assert!(c.conduit_vips("trench-a", "other").is_empty());
+    }
+
+    #[test]
+    fn streams_whose_joined_names_collide_are_named() {
+        let text = r#"
+            [[trenches]]
+            name = "trench-a"
+            [[conduits]]
+            name = "c"
+            [[conduits]]
+            name = "b.c"
+            [[streams]]
+            name = "a.b"
+            conduit = "c"
+            [[streams]]
+            name = "a"
+            conduit = "b.c"
+        "#;
+        assert_eq!(
+            parse(text).unwrap_err().to_string(),
+            "streams \"a.b of conduit c\" and \"a of conduit b.c\" both become \"a.b.c.trench-a\" \
+             (stream.conduit.trench, the LB's name for a stream): rename one"
+        );
+        assert!(parse(&text.replace("name = \"a\"\n", "name = \"x\"\n")).is_ok());
     }
 
     #[test]
