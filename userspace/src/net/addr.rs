@@ -56,24 +56,11 @@ pub(crate) fn of_message(message: &AddressMessage) -> Option<Prefix> {
 
 /// The addresses of interface `index` (current namespace), in the kernel's order.
 pub fn of_link(index: u32) -> Result<Vec<Prefix>, NetError> {
-    let mut socket = Netlink::route().map_err(NetError::kernel("opening a netlink socket"))?;
-    let mut request = AddressMessage::default();
-    request.header.family = AddressFamily::Unspec;
-    let mut found = Vec::new();
-    socket
-        .dump(RouteNetlinkMessage::GetAddress(request), |_, whole| {
-            if let Ok(NetlinkMessage {
-                payload: NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewAddress(m)),
-                ..
-            }) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(whole)
-            {
-                if m.header.index == index {
-                    found.extend(of_message(&m));
-                }
-            }
-        })
-        .map_err(NetError::kernel("listing addresses"))?;
-    Ok(found)
+    Ok(all()?
+        .into_iter()
+        .filter(|(i, _)| *i == index)
+        .map(|(_, p)| p)
+        .collect())
 }
 
 /// Every address of the current namespace, with its interface index.
