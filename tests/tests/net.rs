@@ -92,6 +92,11 @@ fn next_hops_follow_neighbours_and_routes_without_polling() {
     let node = Netns::new("hn");
     let remote = Netns::new("hr");
     let other = Netns::new("ho");
+    // No IPv6 on the node's links: duplicate address detection ends with an
+    // address change a second or more after a link is up (later on a busy
+    // machine), which the daemon rightly follows, inside the quiet window
+    // below.
+    node.exec(&["sysctl", "-qw", "net.ipv6.conf.default.disable_ipv6=1"]);
     let (up, remote_end) = link(&node, "198.18.40.1/24", &remote, "198.18.40.2/24");
     let (up2, other_end) = link(&node, "198.18.41.1/24", &other, "198.18.41.2/24");
     // The remote node's neighbour starts unknown: the daemon must have it resolved.
