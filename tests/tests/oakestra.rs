@@ -672,9 +672,9 @@ fn a_cluster_subnet_over_the_nodes_network_is_refused_and_a_deploy_says_why() {
 /// A retained table (an old answer the broker kept) is not applied when
 /// the node subscribes: Oakestra takes answers to its open queries only.
 /// And a burst of 50 `updates_available` for a job asks for its table
-/// once while that query is open, not 50 times.
+/// again only once the open query is answered, not 50 times.
 #[test]
-fn a_retained_table_is_ignored_and_a_burst_of_updates_asks_once() {
+fn a_retained_table_is_ignored_and_a_burst_of_updates_waits_for_the_open_query() {
     if !kernel_tests_enabled() {
         return;
     }
@@ -724,9 +724,12 @@ fn a_retained_table_is_ignored_and_a_burst_of_updates_asks_once() {
     let before = asked();
     cluster.publish(&format!("jobs/{WEB}/updates_available"), "{}", false, 50);
     std::thread::sleep(Duration::from_millis(1000));
+    // An answer closes the query, and an update after it asks again (it
+    // may be newer than the answer): how many depends on how the burst and
+    // the answers interleave (1 to 6 here; the old daemon asked 50 times).
     let burst = asked() - before;
     assert!(
-        (1..=3).contains(&burst),
+        (1..25).contains(&burst),
         "{burst} table queries for 50 updates"
     );
 }
