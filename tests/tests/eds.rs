@@ -14,6 +14,18 @@ use tapmesh_tests::{
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
 const FLOWS: u16 = 2000;
+const VIP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
+
+/// A UDP receiver on port 7000 of each VIP in each target, target by
+/// target: [first via vips[0], first via vips[1], second via vips[0], …].
+fn receivers(lab: &tapmesh_tests::net::LbLab, vips: [Ipv4Addr; 2]) -> Vec<UdpReceiver> {
+    lab.targets
+        .iter()
+        .flat_map(|t| {
+            vips.map(|vip| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(vip, 7000)))
+        })
+        .collect()
+}
 
 #[test]
 fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
@@ -120,7 +132,6 @@ fn delta_eds_changes_and_removals_reach_the_maps() {
     if !kernel_tests_enabled() {
         return;
     }
-    const VIP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
     let clusters = udp_vip_cluster("svc", VIP) + &udp_vip_cluster("other", VIP2);
     let (lab, mut cp) = eds::lab_of(&[VIP, VIP2], &clusters, true);
     let (a, b) = (
@@ -136,13 +147,7 @@ fn delta_eds_changes_and_removals_reach_the_maps() {
     );
     let ack = wait_nonce_ack(&cp, "1");
     assert_eq!(ack.method, "delta_eds");
-    let rx: Vec<UdpReceiver> = lab
-        .targets
-        .iter()
-        .flat_map(|t| {
-            [VIP, VIP2].map(|vip| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(vip, 7000)))
-        })
-        .collect();
+    let rx = receivers(&lab, [VIP, VIP2]);
     // rx: [a via VIP, a via VIP2, b via VIP, b via VIP2]
     let counts = || rx.iter().map(UdpReceiver::count).collect::<Vec<u64>>();
     let send = |vip: Ipv4Addr, n: u16| {
@@ -194,7 +199,6 @@ fn a_response_refused_at_write_time_leaves_every_cluster_as_it_was() {
     if !kernel_tests_enabled() {
         return;
     }
-    const VIP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
     // Room for one stream of 100 slots beside a small one, not for two.
     let clusters = udp_vip_cluster("svc", VIP)
         + &udp_vip_cluster("other", VIP2)
@@ -227,13 +231,7 @@ fn a_response_refused_at_write_time_leaves_every_cluster_as_it_was() {
     assert!(why.contains("maglev_entries"), "{why}");
 
     // Every flow to either VIP still reaches a alone, as version 1 says.
-    let rx: Vec<UdpReceiver> = lab
-        .targets
-        .iter()
-        .flat_map(|t| {
-            [VIP, VIP2].map(|vip| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(vip, 7000)))
-        })
-        .collect();
+    let rx = receivers(&lab, [VIP, VIP2]);
     let counts = || rx.iter().map(UdpReceiver::count).collect::<Vec<u64>>();
     for (vip, from) in [(VIP, 30000), (VIP2, 31000)] {
         let ports: Vec<u16> = (from..from + 100).collect();
