@@ -11,6 +11,7 @@
 //! change therefore leaves every map as it was.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap as BpfHashMap, LpmTrie, MapData, PerCpuArray},
@@ -86,7 +87,7 @@ pub struct FlowRef {
 pub struct StreamEntry {
     pub name: String,
     /// Maglev table over the slots (identifier − 1) of the stream's targets.
-    pub table: Vec<u32>,
+    pub table: Arc<Vec<u32>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -245,10 +246,10 @@ struct VipSlot {
 struct StreamSlot {
     id: u32,
     base: u32,
-    table: Vec<u32>,
-    /// The region published before `base` and what it holds: the next
-    /// table of its size goes there, written only where it differs.
-    spare: Option<(u32, Vec<u32>)>,
+    table: Arc<Vec<u32>>,
+    /// The region published before `base` and its size: the next table of
+    /// that size goes there.
+    spare: Option<(u32, usize)>,
 }
 
 pub use super::tunnel::TunnelSettings;
@@ -260,8 +261,7 @@ pub use crate::net::Hop;
 #[derive(Clone, Copy, Debug)]
 struct Placement {
     base: u32,
-    /// `base` is the stream's spare region: only entries that differ from
-    /// what it holds are written.
+    /// `base` is the stream's spare region.
     reuse_spare: bool,
 }
 
@@ -276,7 +276,7 @@ struct Plan {
     new_targets: Vec<u32>,
     new_vips: BTreeMap<String, u32>,
     /// Each stream's table as target indices, and where the changed ones go.
-    tables: BTreeMap<String, Vec<u32>>,
+    tables: BTreeMap<String, Arc<Vec<u32>>>,
     placements: BTreeMap<String, Placement>,
     /// Every stream's spare region (base, size) once the tables are
     /// published: given up ones are `None`.
@@ -607,7 +607,7 @@ impl LbWriter {
                 .iter()
                 .map(|&slot| index.get(slot as usize).copied().unwrap_or(NO_TARGET))
                 .collect();
-            stream_tables.insert(s.name.clone(), table);
+            stream_tables.insert(s.name.clone(), Arc::new(table));
         }
         let (placements, regions, spares) = self.place(tables, &stream_tables)?;
         Ok(Plan {
@@ -635,7 +635,7 @@ impl LbWriter {
     fn place(
         &self,
         tables: &LbTables,
-        stream_tables: &BTreeMap<String, Vec<u32>>,
+        stream_tables: &BTreeMap<String, Arc<Vec<u32>>>,
     ) -> Result<
         (
             BTreeMap<String, Placement>,
@@ -648,7 +648,7 @@ impl LbWriter {
         let mut spares: BTreeMap<String, Option<(u32, usize)>> = self
             .streams
             .iter()
-            .map(|(name, s)| (name.clone(), s.spare.as_ref().map(|(b, t)| (*b, t.len()))))
+            .map(|(name, s)| (name.clone(), s.spare))
             .collect();
         let mut placements = BTreeMap::new();
         for s in &tables.streams {
@@ -714,7 +714,7 @@ impl LbWriter {
                 StreamSlot {
                     id,
                     base: 0,
-                    table: Vec::new(),
+                    table: Arc::default(),
                     spare: None,
                 },
             );
@@ -959,14 +959,14 @@ impl LbWriter {
         Ok(())
     }
 
-    /// Writes a changed table where the plan put it (into the spare region,
-    /// only the entries that differ from what it holds); one write of the
-    /// stream entry publishes it, and the region it replaces becomes the spare.
+    /// Writes a changed table where the plan put it (into the spare region
+    /// when it has the size); one write of the stream entry publishes it,
+    /// and the region it replaces becomes the spare.
     fn write_stream(
         &mut self,
         ebpf: &mut Ebpf,
         name: &str,
-        table: &[u32],
+        table: &Arc<Vec<u32>>,
         placement: Placement,
     ) -> Result<(), DataplaneError> {
         let slot = self.streams.get_mut(name).expect("stream id assigned");
@@ -991,10 +991,10 @@ impl LbWriter {
             .map_err(map_err(n::STREAMS))?;
         let slot = self.streams.get_mut(name).expect("stream id assigned");
         if !slot.table.is_empty() {
-            slot.spare = Some((slot.base, std::mem::take(&mut slot.table)));
+            slot.spare = Some((slot.base, slot.table.len()));
         }
         slot.base = base;
-        slot.table = table.to_vec();
+        slot.table = table.clone();
         Ok(())
     }
 

@@ -82,8 +82,9 @@ pub struct ValidLb {
 pub struct ValidStream {
     pub name: String,
     pub max_targets: u32,
-    /// Maglev table over the slots (identifier - 1) of the stream's targets.
-    pub table: Vec<u32>,
+    /// Maglev table over the slots (identifier - 1) of the stream's targets;
+    /// shared, not copied, on its way to the maps (1 000 003 entries at most).
+    pub table: Arc<Vec<u32>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,7 +231,7 @@ struct Built {
     maglev: Arc<Maglev>,
     /// Sorted.
     active: Vec<u32>,
-    table: Vec<u32>,
+    table: Arc<Vec<u32>>,
 }
 
 impl Tables {
@@ -240,7 +241,11 @@ impl Tables {
     }
 
     /// The builder and, when `active` is the same, the table of stream `s`.
-    fn get(&self, s: &StreamSpec, active: &[u32]) -> Option<(&Arc<Maglev>, Option<&Vec<u32>>)> {
+    fn get(
+        &self,
+        s: &StreamSpec,
+        active: &[u32],
+    ) -> Option<(&Arc<Maglev>, Option<&Arc<Vec<u32>>>)> {
         let b = self
             .built
             .get(&s.name)
@@ -410,11 +415,14 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
         };
         let (maglev, table) = match tables.get(s, &active) {
             Some((maglev, Some(table))) => (maglev.clone(), table.clone()),
-            Some((maglev, None)) => (maglev.clone(), maglev.build(&active).map_err(maglev_error)?),
+            Some((maglev, None)) => (
+                maglev.clone(),
+                Arc::new(maglev.build(&active).map_err(maglev_error)?),
+            ),
             None => {
                 let maglev = Maglev::new(s.max_targets, s.table_size).map_err(maglev_error)?;
                 let table = maglev.build(&active).map_err(maglev_error)?;
-                (Arc::new(maglev), table)
+                (Arc::new(maglev), Arc::new(table))
             }
         };
         streams.push(ValidStream {
@@ -702,7 +710,7 @@ mod tests {
         spec.targets.retain(|t| t.stream != "dns");
         spec.streams[1].table_size = Some(311);
         let lb = validate(&spec).unwrap();
-        assert_eq!(lb.streams[1].table, vec![maglev::NO_TARGET; 311]);
+        assert_eq!(*lb.streams[1].table, vec![maglev::NO_TARGET; 311]);
     }
 
     fn err(spec: &LbSpec) -> LbError {
