@@ -66,6 +66,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// A TOML error as one line that names where it is: "line N: message".
+pub fn toml_error(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().trim().replace('\n', " ");
+    match e.span() {
+        Some(span) => {
+            let line = text[..span.start.min(text.len())].matches('\n').count() + 1;
+            format!("line {line}: {message}")
+        }
+        None => message,
+    }
+}
+
 impl Default for DaemonConfig {
     fn default() -> Self {
         Self {
@@ -797,16 +809,7 @@ impl Config {
 
     /// Parses TOML; the error is one line naming the key and the problem.
     pub fn from_toml(text: &str) -> Result<Self, String> {
-        let mut config: Self = toml::from_str(text).map_err(|e| {
-            let message = e.message().trim().replace('\n', " ");
-            match e.span() {
-                Some(span) => {
-                    let line = text[..span.start].matches('\n').count() + 1;
-                    format!("line {line}: {message}")
-                }
-                None => message,
-            }
-        })?;
+        let mut config: Self = toml::from_str(text).map_err(|e| toml_error(text, &e))?;
         config.take_aliases()?;
         Ok(config)
     }

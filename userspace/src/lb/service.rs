@@ -62,7 +62,8 @@ pub fn read_spec(path: &Path, capacity: Capacity) -> Result<LbSpec, LbServiceErr
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
-    let spec: LbSpec = toml::from_str(&text).map_err(|e| file(e.message().replace('\n', " ")))?;
+    let spec: LbSpec =
+        toml::from_str(&text).map_err(|e| file(crate::config::toml_error(&text, &e)))?;
     let mut tables = Tables::default();
     tables.set_capacity(capacity);
     validate_with(&spec, &mut tables).map_err(|e| file(e.to_string()))?;
@@ -715,6 +716,40 @@ mod in_use_tests {
         assert_eq!(
             listed("flow", names(32)).unwrap(),
             "flows \"f0\", \"f1\", \"f2\" and 29 more"
+        );
+    }
+}
+
+#[cfg(test)]
+mod file_tests {
+    use super::*;
+
+    fn read(text: &str) -> Result<LbSpec, LbServiceError> {
+        let path = std::env::temp_dir().join(format!("tapmesh-lb-{}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let result = read_spec(&path, Capacity::default());
+        let _ = std::fs::remove_file(&path);
+        result
+    }
+
+    #[test]
+    fn a_misspelt_key_is_refused_with_its_line_not_dropped() {
+        let good = "[[vips]]\nname = \"v\"\naddress = \"192.0.2.1\"\n\n[[streams]]\nname = \"s\"\nmax_targets = 4\n\n[[flows]]\nname = \"f\"\nvips = [\"v\"]\nstream = \"s\"\nprotocols = [\"udp\"]\ndestination_port_ranges = [\"7000\"]\n";
+        let spec = read(good).unwrap();
+        assert_eq!(spec.flows[0].destination_port_ranges, ["7000"]);
+        // A typo would have made the flow match every port.
+        let typo = good.replace("destination_port_ranges", "destination_ports");
+        let e = read(&typo).unwrap_err().to_string();
+        assert!(
+            e.contains("line 14") && e.contains("unknown field `destination_ports`"),
+            "{e}"
+        );
+        let e = read(&good.replace("address =", "port = 80\naddress ="))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("line 3") && e.contains("unknown field `port`"),
+            "{e}"
         );
     }
 }

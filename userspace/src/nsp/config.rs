@@ -175,7 +175,7 @@ impl NspConfig {
         };
         let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
         let mut config: NspConfig =
-            toml::from_str(&text).map_err(|e| file(e.message().trim().replace('\n', " ")))?;
+            toml::from_str(&text).map_err(|e| file(crate::config::toml_error(&text, &e)))?;
         config.fill_trenches();
         config.validate()?;
         Ok(config)

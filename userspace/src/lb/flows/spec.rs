@@ -15,7 +15,7 @@ pub const MAX_FLOWS_PER_VIP: usize = tapmesh_common::lb::MAX_FLOWS_PER_VIP as us
 
 /// A flow as written in configuration (nsp.v1 Flow).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct FlowSpec {
     pub name: String,
     pub source_subnets: Vec<String>,
@@ -30,7 +30,7 @@ pub struct FlowSpec {
 
 /// A VIP as written in configuration: a host address or a prefix.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct VipSpec {
     pub name: String,
     pub address: String,
