@@ -253,7 +253,7 @@ proptest! {
         }
         prop_assert_eq!(keys.parse(keys.node(&name).as_bytes()), Some(Key::Node(name.clone())));
         let _ = parse_node(&name, &value);
-        let _ = parse_target(&name, &tail, &value);
+        let _ = parse_target(&name, &name, &tail, &value);
         let record = NodeRecord {
             name: name.clone(),
             tunnel_addresses: vec!["198.18.2.1".parse().unwrap()],

@@ -59,7 +59,13 @@ pub struct TargetRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Key {
     Node(String),
-    Target { node: String, key: String },
+    /// Under `targets/<trench>/<node>/<key>`: a record under another
+    /// trench is another key, never the one it imitates.
+    Target {
+        trench: String,
+        node: String,
+        key: String,
+    },
     Id,
 }
 
@@ -104,11 +110,14 @@ impl Keys {
             return (!name.is_empty() && !name.contains('/')).then(|| Key::Node(name.into()));
         }
         if let Some(rest) = key.strip_prefix("targets/") {
-            let (_trench, rest) = rest.split_once('/')?;
+            let (trench, rest) = rest.split_once('/')?;
             let (node, key) = rest.split_once('/')?;
-            return (!node.is_empty() && !key.is_empty()).then(|| Key::Target {
-                node: node.into(),
-                key: key.into(),
+            return (!trench.is_empty() && !node.is_empty() && !key.is_empty()).then(|| {
+                Key::Target {
+                    trench: trench.into(),
+                    node: node.into(),
+                    key: key.into(),
+                }
             });
         }
         key.starts_with("ids/").then_some(Key::Id)
@@ -139,10 +148,20 @@ pub fn parse_node(name: &str, value: &[u8]) -> Result<NodeRecord, BadValue> {
     Ok(record)
 }
 
-pub fn parse_target(node: &str, key: &str, value: &[u8]) -> Result<TargetRecord, BadValue> {
+pub fn parse_target(
+    trench: &str,
+    node: &str,
+    key: &str,
+    value: &[u8],
+) -> Result<TargetRecord, BadValue> {
     let record: TargetRecord =
         serde_json::from_slice(value).map_err(|e| BadValue(format!("not a target record: {e}")))?;
-    if record.node != node || record.target.key() != key || record.target.stream.is_none() {
+    let in_trench = record
+        .target
+        .stream
+        .as_ref()
+        .is_some_and(|s| s.trench == trench);
+    if record.node != node || record.target.key() != key || !in_trench {
         return Err(BadValue(
             "its node, target or stream does not match its key".into(),
         ));
@@ -180,6 +199,7 @@ mod tests {
         assert_eq!(
             keys.parse(k.as_bytes()),
             Some(Key::Target {
+                trench: "t".into(),
                 node: "n2".into(),
                 key: t.key()
             })
@@ -197,6 +217,7 @@ mod tests {
             b"/tapmesh/v1/nodes/",
             b"/tapmesh/v1/nodes/a/b",
             b"/tapmesh/v1/targets/t/n2",
+            b"/tapmesh/v1/targets//n2/k",
             b"/tapmesh/v1/whatever",
             b"/tapmesh/v1/\xff",
         ] {
@@ -213,10 +234,11 @@ mod tests {
             served: true,
         };
         let bytes = serde_json::to_vec(&record).unwrap();
-        assert_eq!(parse_target("n2", &t.key(), &bytes), Ok(record));
-        assert!(parse_target("n3", &t.key(), &bytes).is_err());
-        assert!(parse_target("n2", "other", &bytes).is_err());
-        assert!(parse_target("n2", &t.key(), b"{garbage").is_err());
+        assert_eq!(parse_target("t", "n2", &t.key(), &bytes), Ok(record));
+        assert!(parse_target("t", "n3", &t.key(), &bytes).is_err());
+        assert!(parse_target("t", "n2", "other", &bytes).is_err());
+        assert!(parse_target("other", "n2", &t.key(), &bytes).is_err());
+        assert!(parse_target("t", "n2", &t.key(), b"{garbage").is_err());
         let node = NodeRecord {
             name: "n1".into(),
             tunnel_addresses: vec![Ipv4Addr::new(198, 51, 100, 1)],

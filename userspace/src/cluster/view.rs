@@ -2,26 +2,56 @@
 //! node's targets and the identifier claims. Pure: fed the listed or
 //! watched keys, it says whether anything changed; a value that does not
 //! parse is skipped, counted once per (key, revision) and logged once per key.
+//! What it keeps of bad keys is bounded: their hashes, not the keys
+//! (etcd takes keys of a megabyte).
 
+use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
 
 use super::record::{self, Key, Keys, NodeRecord, TargetRecord};
 
 #[derive(Clone, Debug, Default)]
 pub struct View {
     pub nodes: BTreeMap<String, NodeRecord>,
-    /// By (node, target key).
-    pub targets: BTreeMap<(String, String), TargetRecord>,
+    /// By (trench, node, target key).
+    pub targets: BTreeMap<(String, String, String), TargetRecord>,
     /// Claim key → owner (`<node>/<target key>`).
     pub claims: BTreeMap<String, String>,
-    /// Bad values seen, by (key, mod revision).
-    bad: BTreeSet<(Vec<u8>, i64)>,
-    logged: BTreeSet<Vec<u8>>,
+    /// Bad values seen: how many, and the (key hash, mod revision) of the
+    /// last [`REMEMBERED`] (a re-list must not count them again).
+    bad: usize,
+    seen: BTreeSet<(u64, i64)>,
+    /// Hashes of the keys logged (at most [`REMEMBERED`]).
+    logged: BTreeSet<u64>,
+}
+
+/// Bad keys remembered; past it, the sets start again (a key may then be
+/// counted or logged a second time).
+const REMEMBERED: usize = 4096;
+
+/// Bytes of a bad key that a log line shows.
+const SHOWN: usize = 200;
+
+fn hash(key: &[u8]) -> u64 {
+    let mut h = DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// A key as a log line shows it: at most [`SHOWN`] bytes.
+fn shown(key: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&key[..key.len().min(SHOWN)]).into_owned();
+    if key.len() > SHOWN {
+        format!("{text}… ({} bytes)", key.len())
+    } else {
+        text
+    }
 }
 
 impl View {
     pub fn bad_values(&self) -> usize {
-        self.bad.len()
+        self.bad
     }
 
     /// A key was put; true if the view changed.
@@ -32,8 +62,12 @@ impl View {
                 self.nodes.insert(name, r);
                 changed
             }),
-            Some(Key::Target { node, key: k }) => record::parse_target(&node, &k, value).map(|r| {
-                let id = (node, k);
+            Some(Key::Target {
+                trench,
+                node,
+                key: k,
+            }) => record::parse_target(&trench, &node, &k, value).map(|r| {
+                let id = (trench, node, k);
                 let changed = self.targets.get(&id) != Some(&r);
                 self.targets.insert(id, r);
                 changed
@@ -52,11 +86,20 @@ impl View {
         match parsed {
             Ok(changed) => changed,
             Err(e) => {
-                self.bad.insert((key.to_vec(), revision));
-                if self.logged.insert(key.to_vec()) {
+                let h = hash(key);
+                if self.seen.len() >= REMEMBERED {
+                    self.seen.clear();
+                }
+                if self.seen.insert((h, revision)) {
+                    self.bad += 1;
+                }
+                if self.logged.len() >= REMEMBERED {
+                    self.logged.clear();
+                }
+                if self.logged.insert(h) {
                     tracing::warn!(
                         "cluster: skipping {:?}: {} (logged once per key)",
-                        String::from_utf8_lossy(key),
+                        shown(key),
                         e.0
                     );
                 }
@@ -70,7 +113,9 @@ impl View {
     pub fn delete(&mut self, keys: &Keys, key: &[u8]) -> bool {
         match keys.parse(key) {
             Some(Key::Node(name)) => self.nodes.remove(&name).is_some(),
-            Some(Key::Target { node, key }) => self.targets.remove(&(node, key)).is_some(),
+            Some(Key::Target { trench, node, key }) => {
+                self.targets.remove(&(trench, node, key)).is_some()
+            }
             Some(Key::Id) => self
                 .claims
                 .remove(String::from_utf8_lossy(key).as_ref())
@@ -87,7 +132,8 @@ impl View {
         listing: impl IntoIterator<Item = (&'a [u8], &'a [u8], i64)>,
     ) -> bool {
         let mut next = View {
-            bad: std::mem::take(&mut self.bad),
+            bad: self.bad,
+            seen: std::mem::take(&mut self.seen),
             logged: std::mem::take(&mut self.logged),
             ..View::default()
         };
@@ -137,6 +183,55 @@ mod tests {
         // Seen again at the same revision (a re-list): not counted twice.
         v.replace(&k, [(&b"/p/foreign"[..], &b"x"[..], 9)]);
         assert_eq!(v.bad_values(), 3);
+    }
+
+    #[test]
+    fn a_record_under_another_trench_leaves_the_real_one() {
+        use crate::nsp::config::StreamPath;
+        use crate::nsp::registry::{Kind, Status, Target, IDENTIFIER};
+        let k = keys();
+        let target = Target {
+            ips: vec!["169.254.100.2/30".into()],
+            context: [(IDENTIFIER.to_string(), "3".to_string())].into(),
+            status: Status::Enabled,
+            kind: Kind::Default,
+            stream: Some(StreamPath {
+                trench: "t".into(),
+                conduit: "c".into(),
+                stream: "s".into(),
+            }),
+        };
+        let record = serde_json::to_vec(&TargetRecord {
+            node: "n2".into(),
+            target: target.clone(),
+            served: true,
+        })
+        .unwrap();
+        let real = k.target("n2", &target).unwrap();
+        let stray = real.replace("/targets/t/", "/targets/other/");
+        let mut v = View::default();
+        assert!(v.put(&k, real.as_bytes(), &record, 5));
+        // The same value, or garbage, under another trench: skipped, counted.
+        assert!(!v.put(&k, stray.as_bytes(), &record, 6));
+        assert!(!v.put(&k, stray.as_bytes(), b"garbage", 7));
+        assert!(!v.delete(&k, stray.as_bytes()));
+        assert_eq!(v.targets.len(), 1);
+        assert_eq!(v.bad_values(), 2);
+    }
+
+    #[test]
+    fn bad_keys_are_counted_without_being_kept() {
+        let (k, mut v) = (keys(), View::default());
+        let big = vec![b'x'; 100_000];
+        for i in 0..(REMEMBERED as i64 + 10) {
+            let mut key = b"/p/zz/".to_vec();
+            key.extend_from_slice(&big);
+            key.extend_from_slice(i.to_string().as_bytes());
+            v.put(&k, &key, b"v", i);
+        }
+        assert_eq!(v.bad_values(), REMEMBERED + 10);
+        assert!(v.seen.len() <= REMEMBERED && v.logged.len() <= REMEMBERED);
+        assert_eq!(shown(&big).len(), SHOWN + "… (100000 bytes)".len());
     }
 
     #[test]
