@@ -254,6 +254,14 @@ impl Etcd {
         self.launch(&format!("http://127.0.0.1:{port}"));
     }
 
+    /// Stops it, removes its data and starts it empty (a wiped or replaced
+    /// store: its revisions start again from 1).
+    pub fn wipe(&mut self) {
+        self.stop();
+        std::fs::remove_dir_all(self.dir.join("data")).expect("removing etcd's data");
+        self.start();
+    }
+
     /// Kills it (an outage); the data stays.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -840,6 +840,73 @@ fn a_watch_resumed_after_a_compaction_lists_again_and_applies_the_difference() {
 }
 
 #[test]
+fn a_wiped_etcd_is_listed_again_and_gets_every_record_and_claim_back() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::with(2, false, RACE_CONFIG, 1, FAULT_TTL);
+    let joined = wait_until(Duration::from_secs(15), || {
+        (1..=2).all(|i| lab.cluster_detail(i).contains("2 nodes [n1 n2]"))
+    });
+    assert!(joined, "{}", lab.cluster_detail(1));
+    let mut c = Caller::start(
+        &lab.nodes[1].name,
+        &lab.node_socket(2),
+        "203.0.113.202/32",
+        7,
+        None,
+        false,
+    );
+    // Enabled, and kept until the end: its identifier is claimed.
+    assert_eq!(c.result(), "ok");
+    let (targets, ids) = ("/tapmesh/v1/targets/trench-a/n2/", "/tapmesh/v1/ids/");
+    let seen = wait_until(Duration::from_secs(10), || {
+        lab.etcd.get_prefix(targets).len() == 1 && lab.etcd.get_prefix(ids).len() == 1
+    });
+    assert!(seen, "{:?}", lab.etcd.get_prefix("/tapmesh/v1/"));
+    // History the wiped store will not reach again soon.
+    for i in 0..40 {
+        lab.etcd.put(&format!("/elsewhere/{i}"), "x");
+    }
+    let before = lab.etcd.members[0].revision();
+
+    lab.etcd.members[0].wipe();
+    // Written into the new store's low revisions: a watch resumed after
+    // `before` would never see it.
+    lab.etcd.put(
+        "/tapmesh/v1/nodes/n9",
+        r#"{"name":"n9","tunnel_addresses":["198.51.100.9"],"conduit_prefixes":[],"container_subnets":[],"pod_cidrs":[],"version":"test"}"#,
+    );
+    let back = wait_until(Duration::from_secs(20), || {
+        lab.etcd.get("/tapmesh/v1/nodes/n1").is_some()
+            && lab.etcd.get("/tapmesh/v1/nodes/n2").is_some()
+            && lab.etcd.get_prefix(targets).len() == 1
+            && lab.etcd.get_prefix(ids).len() == 1
+    });
+    assert!(back, "{:?}", lab.etcd.get_prefix("/tapmesh/v1/"));
+    assert!(lab.etcd.members[0].revision() < before);
+    let n9 = wait_until(Duration::from_secs(10), || {
+        (1..=2).all(|i| {
+            cluster_row(&lab, i)
+                .nodes
+                .iter()
+                .any(|n| n.name == "n9" && n.state == "up")
+        })
+    });
+    assert!(
+        n9,
+        "{:?} / {:?}",
+        cluster_row(&lab, 1),
+        cluster_row(&lab, 2)
+    );
+    assert!(
+        lab.registry(1).iter().any(|r| r.3 == "n2"),
+        "{:?}",
+        lab.registry(1)
+    );
+}
+
+#[test]
 fn tls_to_etcd_joins_with_its_ca_and_a_wrong_ca_is_refused_with_one_clear_line() {
     if !kernel_tests_enabled() {
         return;

@@ -260,11 +260,10 @@ impl Agent {
             }
             kept.1.clone()
         };
-        // Resume the watch where the last session stopped; list only the first time.
-        let mut from = self.applied.load(Ordering::Relaxed);
-        if from == 0 {
-            from = self.relist(&mut client, &mut published).await?;
-        }
+        // Listed at every session, not resumed from the last revision: etcd
+        // may have been wiped or restored meanwhile (its revisions then start
+        // lower, and a watch from ours would miss every change below it).
+        let from = self.relist(&mut client, &mut published).await?;
         *self.client.lock().await = Some(client.clone());
         let result = self.publish(&mut client, lease, &mut published).await;
         self.published.lock().expect("published lock").1 = published.clone();
