@@ -766,7 +766,7 @@ fn cluster_row(lab: &Lab, i: usize) -> tapmesh::admin::proto::ClusterStatus {
 }
 
 #[test]
-fn a_watch_resumed_after_a_compaction_lists_again_and_applies_the_difference() {
+fn a_reconnect_after_a_compaction_lists_again_and_applies_the_difference() {
     if !kernel_tests_enabled() {
         return;
     }
@@ -807,8 +807,8 @@ fn a_watch_resumed_after_a_compaction_lists_again_and_applies_the_difference() {
     lab.etcd.members[0].start();
     let healed = Instant::now();
 
-    // Each daemon's watch is cancelled as compacted: it lists once, sees n9,
-    // and node 2 puts its target back.
+    // Each daemon's new session lists once (never a watch from a revision
+    // compacted away), sees n9, and node 2 puts its target back.
     let relisted = wait_until(Duration::from_secs(15), || {
         (1..=2).all(|i| {
             let row = cluster_row(&lab, i);
@@ -836,7 +836,10 @@ fn a_watch_resumed_after_a_compaction_lists_again_and_applies_the_difference() {
          deleted meanwhile, back in node 1's registry {:?} after etcd returned",
         healed.elapsed()
     );
-    assert!(lab.daemon(1).log_text().contains("was compacted"));
+    assert!(lab
+        .daemon(1)
+        .log_text()
+        .contains("listed again for the new session"));
 }
 
 #[test]

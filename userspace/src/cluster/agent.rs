@@ -67,7 +67,7 @@ pub struct Health {
     pub targets: BTreeMap<String, usize>,
     pub remote_targets: usize,
     pub bad_values: usize,
-    /// Listings after a compacted watch.
+    /// Listings after the first: each new session's, and a compacted watch's.
     pub relists: u64,
 }
 
@@ -263,7 +263,16 @@ impl Agent {
         // Listed at every session, not resumed from the last revision: etcd
         // may have been wiped or restored meanwhile (its revisions then start
         // lower, and a watch from ours would miss every change below it).
+        let again = self.applied.load(Ordering::Relaxed) != 0;
         let from = self.relist(&mut client, &mut published).await?;
+        if again {
+            self.set_health(|h| h.relists += 1);
+            tracing::info!(
+                node = self.node(),
+                revision = from,
+                "cluster: listed again for the new session"
+            );
+        }
         *self.client.lock().await = Some(client.clone());
         let result = self.publish(&mut client, lease, &mut published).await;
         self.published.lock().expect("published lock").1 = published.clone();
