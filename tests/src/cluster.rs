@@ -58,6 +58,8 @@ pub struct Lab {
     pub follows_uplink: Vec<usize>,
     pub node_extra: Vec<String>,
     pub daemon_extra: String,
+    /// Node names other than `n<i>`, by node.
+    pub names: std::collections::BTreeMap<usize, String>,
 }
 
 impl Lab {
@@ -203,6 +205,7 @@ impl Lab {
             entry_timeout: Duration::from_secs(30),
             follows_uplink: Vec::new(),
             node_extra: Vec::new(),
+            names: Default::default(),
             daemon_extra: String::new(),
         };
         configure(&mut lab);
@@ -240,12 +243,13 @@ impl Lab {
             format!(
                 "[nsp]\nconfig_file = \"{nsp}\"\nentry_timeout = \"{expiry}s\"\n\
                  conduit_prefix_v4 = \"198.19.{i}.0/24\"\nconduit_prefix_v6 = \"\"\n\
-                 [cluster]\netcd_endpoints = {etcd:?}\nnode_name = \"n{i}\"\n\
+                 [cluster]\netcd_endpoints = {etcd:?}\nnode_name = \"{name}\"\n\
                  lease_ttl = \"{ttl}s\"\n",
                 nsp = self.dir.0.join("nsp.toml").display(),
                 etcd = self.etcd.endpoints(),
                 ttl = self.lease_ttl.as_secs(),
                 expiry = self.entry_timeout.as_secs(),
+                name = self.names.get(&i).cloned().unwrap_or(format!("n{i}")),
             ) + &tls
                 + self.node_extra.get(i - 1).map_or("", String::as_str)
                 + &self.daemon_extra,

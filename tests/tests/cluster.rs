@@ -910,6 +910,74 @@ fn a_wiped_etcd_is_listed_again_and_gets_every_record_and_claim_back() {
 }
 
 #[test]
+fn a_node_keeps_its_record_and_claims_and_a_second_daemon_of_its_name_stays_out() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::with(3, false, RACE_CONFIG, 1, FAULT_TTL);
+    let joined = wait_until(Duration::from_secs(15), || {
+        (1..=3).all(|i| lab.cluster_detail(i).contains("3 nodes [n1 n2 n3]"))
+    });
+    assert!(joined, "{}", lab.cluster_detail(1));
+    let mut c = Caller::start(
+        &lab.nodes[1].name,
+        &lab.node_socket(2),
+        "203.0.113.202/32",
+        7,
+        None,
+        false,
+    );
+    assert_eq!(c.result(), "ok");
+    let (record, ids) = ("/tapmesh/v1/nodes/n2", "/tapmesh/v1/ids/");
+    let claimed = wait_until(Duration::from_secs(10), || {
+        lab.etcd.get_prefix(ids).len() == 1
+    });
+    assert!(claimed, "{:?}", lab.etcd.get_prefix("/tapmesh/v1/"));
+    let claim = lab.etcd.get_prefix(ids).remove(0);
+    let owner = lab.etcd.get(&claim).unwrap();
+    let real = lab.etcd.get(record).unwrap();
+
+    // Deleted, then replaced by a record sending n2's traffic elsewhere:
+    // n2 puts its own back each time, and its claim too.
+    assert!(lab.etcd.members[0].delete(record));
+    assert!(lab.etcd.members[0].delete(&claim));
+    let back = wait_until(Duration::from_secs(5), || {
+        lab.etcd.get(record).as_ref() == Some(&real) && lab.etcd.get(&claim) == Some(owner.clone())
+    });
+    assert!(back, "{:?}", lab.etcd.get_prefix("/tapmesh/v1/"));
+    let fake = real.replace(&node_address(2).to_string(), "198.51.100.99");
+    assert_ne!(fake, real);
+    lab.etcd.put(record, &fake);
+    let back = wait_until(Duration::from_secs(5), || {
+        lab.etcd.get(record).as_ref() == Some(&real)
+    });
+    assert!(back, "{:?}", lab.etcd.get(record));
+
+    // Node 3 comes back named n2 while n2 runs: it stays out and says why,
+    // and etcd sees no fight (the old daemon wrote hundreds of keys a second).
+    lab.daemons[2] = None;
+    lab.names.insert(3, "n2".into());
+    lab.daemons[2] = Some(lab.start_daemon(3));
+    let refused = wait_until(Duration::from_secs(10), || {
+        cluster_row(&lab, 3)
+            .etcd_error
+            .contains("node name \"n2\" is held by another daemon")
+    });
+    assert!(refused, "{:?}", cluster_row(&lab, 3));
+    let before = lab.etcd.members[0].revision();
+    std::thread::sleep(Duration::from_secs(3));
+    let writes = lab.etcd.members[0].revision() - before;
+    assert!(writes < 10, "{writes} writes in 3 s");
+    assert_eq!(lab.etcd.get(record), Some(real));
+    assert!(
+        lab.registry(1).iter().any(|r| r.3 == "n2"),
+        "{:?}",
+        lab.registry(1)
+    );
+    c.finish();
+}
+
+#[test]
 fn tls_to_etcd_joins_with_its_ca_and_a_wrong_ca_is_refused_with_one_clear_line() {
     if !kernel_tests_enabled() {
         return;

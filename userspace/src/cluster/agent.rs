@@ -243,13 +243,7 @@ impl Agent {
         let _keeping = AbortOnDrop(keeping);
         let mut moved = self.dataplane.watch_tunnel();
         moved.mark_unchanged();
-        let node_key = self.keys.node(self.node());
-        timed(client.put(
-            node_key.as_str(),
-            self.record(),
-            Some(PutOptions::new().with_lease(lease)),
-        ))
-        .await?;
+        self.put_node(&mut client, lease).await?;
 
         // What this node has in etcd: kept from the last session while its
         // lease lives (its keys died with an expired one).
@@ -352,6 +346,7 @@ impl Agent {
                     }
                     let mut changed = false;
                     let mut ours = false;
+                    let mut node_gone = false;
                     let mut last = 0;
                     {
                         let mut view = self.view.lock().expect("view lock");
@@ -362,6 +357,27 @@ impl Agent {
                                 EventType::Put => view.put(&self.keys, kv.key(), kv.value(), kv.mod_revision()),
                                 EventType::Delete => view.delete(&self.keys, kv.key()),
                             };
+                            let deleted = event.event_type() == EventType::Delete;
+                            match self.keys.parse(kv.key()) {
+                                // Our record, deleted or changed by someone else: put back.
+                                Some(record::Key::Node(name)) if name == self.node() => {
+                                    node_gone |= deleted
+                                        || kv.lease() != lease
+                                        || kv.value() != self.record().as_slice();
+                                }
+                                // A claim we won, deleted or taken: claimed again
+                                // (or its loss logged) by the publish below.
+                                Some(record::Key::Id) => {
+                                    let key = String::from_utf8_lossy(kv.key());
+                                    let mut claimed = self.claimed.lock().expect("claimed lock");
+                                    let owner = claimed.1.get(key.as_ref()).cloned();
+                                    if owner.is_some_and(|o| deleted || kv.value() != o.as_bytes()) {
+                                        claimed.1.remove(key.as_ref());
+                                        ours = true;
+                                    }
+                                }
+                                _ => {}
+                            }
                             // Our own keys as etcd has them (someone else may change them).
                             if matches!(self.keys.parse(kv.key()),
                                 Some(record::Key::Target { node, .. }) if node == self.node())
@@ -375,6 +391,10 @@ impl Agent {
                                 };
                             }
                         }
+                    }
+                    if node_gone {
+                        tracing::warn!(node = self.node(), "cluster: this node's record was changed or deleted by someone else; putting it back");
+                        self.put_node(&mut client, lease).await?;
                     }
                     if ours {
                         let result = self.publish(&mut client, lease, &mut published).await;
@@ -396,6 +416,43 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// Puts this node's record under `lease`, unless another lease holds
+    /// the name: two daemons with one node name would each delete the
+    /// other's targets as foreign keys under their own name, without end.
+    /// A record without a lease (not a daemon's) is replaced.
+    async fn put_node(&self, client: &mut Client, lease: i64) -> Result<(), Lost> {
+        let key = self.keys.node(self.node());
+        let mut holder = 0;
+        for allowed in [lease, 0] {
+            let txn = Txn::new()
+                .when([Compare::lease(key.as_str(), CompareOp::Equal, allowed)])
+                .and_then([TxnOp::put(
+                    key.as_str(),
+                    self.record(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )])
+                .or_else([TxnOp::get(key.as_str(), None)]);
+            let response = timed(client.txn(txn)).await?;
+            if response.succeeded() {
+                return Ok(());
+            }
+            holder = response
+                .op_responses()
+                .into_iter()
+                .find_map(|op| match op {
+                    TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.lease()),
+                    _ => None,
+                })
+                .unwrap_or(0);
+        }
+        Err(Lost::Ended(format!(
+            "node name {:?} is held by another daemon (etcd lease {holder:x}): give each node \
+             its own cluster.node_name (after a restart that lost its lease, this waits until \
+             the old lease expires)",
+            self.node()
+        )))
     }
 
     /// A client of one member that answers a linearizable read (so is part
