@@ -39,27 +39,8 @@ impl Plugin for CatalogPlugin {
         _scope: CancellationToken,
         config: &Config,
     ) -> Result<(), PluginError> {
+        // The clusters were checked with the rest (`Config::validate`).
         let x = &config.xds;
-        for c in &x.clusters {
-            crate::names::validate_name("xds cluster name", &c.name)
-                .map_err(|e| PluginError::new(e.to_string()))?;
-            match (c.vip.is_empty(), c.service_ip.is_empty()) {
-                (false, true) => {}
-                (true, false) if c.service_ip.parse::<std::net::Ipv4Addr>().is_ok() => {}
-                (true, false) => {
-                    return Err(PluginError::new(format!(
-                        "xds cluster {}: service_ip {:?} is not an IPv4 address",
-                        c.name, c.service_ip
-                    )))
-                }
-                _ => {
-                    return Err(PluginError::new(format!(
-                        "xds cluster {}: set exactly one of vip and service_ip",
-                        c.name
-                    )))
-                }
-            }
-        }
         if !x.serve.is_empty() && x.serve.parse::<std::net::SocketAddr>().is_err() {
             return Err(PluginError::new(format!(
                 "xds.serve {:?} is not an address:port",
