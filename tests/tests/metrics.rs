@@ -206,3 +206,56 @@ fn readiness_waits_for_the_xds_server_and_says_why() {
     );
     drop(daemon);
 }
+
+#[test]
+fn idle_and_slow_connections_are_closed_and_leave_room_for_the_probes() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let node = Netns::new("n");
+    let daemon = Daemon::start(&node.name, &[]);
+    let (probe, closed) = tapmesh_tests::net::run_in(&node.name, || {
+        use std::io::{Read, Write};
+        use std::net::TcpStream;
+        use std::time::{Duration, Instant};
+        // More connections than the listener serves at once, sending
+        // nothing, and one that stops half way through its headers.
+        let mut idle: Vec<TcpStream> = (0..40)
+            .map(|_| TcpStream::connect(LISTEN).unwrap())
+            .collect();
+        idle[0]
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            .unwrap();
+        let start = Instant::now();
+        let mut probe = TcpStream::connect(LISTEN).unwrap();
+        probe
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        probe
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut answer = String::new();
+        let _ = probe.read_to_string(&mut answer);
+        let probe = (
+            answer.lines().next().unwrap_or("").to_string(),
+            start.elapsed(),
+        );
+        // The daemon closes each of them within 5 s of taking it (the last
+        // ones once the first made room): a read ends (an EOF), not a timeout.
+        std::thread::sleep(Duration::from_secs(14).saturating_sub(start.elapsed()));
+        let closed = idle
+            .iter_mut()
+            .map(|c| {
+                c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                let mut rest = Vec::new();
+                c.read_to_end(&mut rest).is_ok()
+            })
+            .filter(|&ended| ended)
+            .count();
+        (probe, closed)
+    });
+    assert_eq!(probe.0, "HTTP/1.1 200 OK", "{probe:?}");
+    assert!(probe.1 < std::time::Duration::from_secs(15), "{probe:?}");
+    assert_eq!(closed, 40);
+    drop(daemon);
+}

@@ -7,6 +7,7 @@
 mod encode;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::{extract::State, http::StatusCode, response::IntoResponse, routing::get, Router};
@@ -157,15 +158,7 @@ impl Plugin for MetricsPlugin {
             .route("/metrics", get(metrics))
             .with_state(self.sources.clone());
         let stop = scope.child_token();
-        let shutdown = stop.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!("metrics listener failed: {e}");
-            }
-        });
+        tokio::spawn(serve(listener, app, stop.clone()));
         *self.stop.lock().expect("stop lock") = Some(stop);
         Ok(())
     }
@@ -184,5 +177,54 @@ impl Plugin for MetricsPlugin {
         } else {
             format!("serving /healthz /readyz /metrics on http://{address}")
         }
+    }
+}
+
+/// Connections served at once: a scraper, the probes and an operator need a
+/// few; more wait in the listen backlog instead of taking the daemon's file
+/// descriptors (and its admin socket and `/healthz` with them).
+const MAX_CONNECTIONS: usize = 32;
+/// Time for a request's headers.
+const HEADER_TIME: Duration = Duration::from_secs(5);
+/// Time for a whole connection: a scrape takes milliseconds; an idle or
+/// slow client is closed and its place freed.
+const CONNECTION_TIME: Duration = Duration::from_secs(30);
+
+/// Serves `app` until `stop`, each connection within the limits above.
+async fn serve(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
+    let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let place = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = places.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of descriptors or memory: wait, as a busy listener should.
+                    tracing::debug!("metrics listener: accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_TIME)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::timeout(CONNECTION_TIME, connection) => {}
+            }
+            drop(place);
+        });
     }
 }
