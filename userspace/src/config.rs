@@ -607,8 +607,15 @@ impl ClusterConfig {
         if !self.enabled() {
             return Ok(());
         }
-        crate::names::validate_name("cluster.node_name", &self.node_name)
-            .map_err(|e| bad("cluster.node_name", e.to_string()))?;
+        crate::names::validate_name("cluster.node_name", &self.node_name).map_err(|e| {
+            bad(
+                "cluster.node_name",
+                format!(
+                    "bad name {:?}: {}; use 1-253 characters from [A-Za-z0-9-+_.]",
+                    e.value, e.reason
+                ),
+            )
+        })?;
         let ttl = self.lease_ttl;
         if ttl.subsec_nanos() != 0 || !(1..=3600).contains(&ttl.as_secs()) {
             return Err(bad(
@@ -1411,7 +1418,7 @@ mod tests {
             .to_string()
         };
         assert!(refused("lease_ttl = \"1500ms\"").starts_with("cluster.lease_ttl: "));
-        assert!(refused("node_name = \"a b\"").starts_with("cluster.node_name: "));
+        assert!(refused("node_name = \"a b\"").starts_with("cluster.node_name: bad name \"a b\""));
         assert!(refused("prefix = \"tapmesh\"").starts_with("cluster.prefix: "));
         assert_eq!(
             refused("pod_cidrs = [\"10.244.1.0/24\", \"10.244.2.1/24\"]"),

@@ -102,6 +102,8 @@ pub enum NspConfigError {
         second: String,
         joined: String,
     },
+    #[error("trench {name:?} is defined twice; names must be unique")]
+    DuplicateTrench { name: String },
     #[error("{kind} {name:?} is defined twice in trench {trench:?}; names must be unique")]
     Duplicate {
         kind: &'static str,
@@ -203,7 +205,9 @@ impl NspConfig {
         for t in &self.trenches {
             validate_name("trench name", &t.name)?;
             if !trenches.insert(t.name.as_str()) {
-                return Err(duplicate("trench", &t.name, &t.name));
+                return Err(NspConfigError::DuplicateTrench {
+                    name: t.name.clone(),
+                });
             }
         }
         let hint = if self.trenches.len() > 1 {
@@ -566,6 +570,11 @@ mod tests {
         assert!(bad("max_targets = 10", "max_targets = 0").contains("use 1..=10000"));
         assert!(bad("[\"vip1\", ", "[\"vip9\", ").contains("VIP \"vip9\""));
         assert!(bad("name = \"vip2\"", "name = \"vip1\"").contains("defined twice"));
+        let twice = format!("{SAMPLE}\n[[trenches]]\nname = \"trench-a\"\n");
+        assert_eq!(
+            parse(&twice).unwrap_err().to_string(),
+            "trench \"trench-a\" is defined twice; names must be unique"
+        );
         assert!(bad("\"80\"", "\"80-70\"").contains("bad port range"));
         assert!(bad("name = \"lb\"", "name = \"l b\"").contains("invalid character"));
         let two = SAMPLE.replacen(
