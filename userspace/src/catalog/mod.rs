@@ -595,6 +595,48 @@ async fn serve(catalog: Arc<Catalog>) {
     }
 }
 
+/// Each `[[xds.clusters]]` as the catalog will use it: a name of its own,
+/// exactly one of a VIP (with protocols and ports a flow takes) and an IPv4
+/// service IP. The daemon and `tapmesh config check` both ask it.
+pub fn check_bindings(clusters: &[ClusterBinding]) -> Result<(), String> {
+    use crate::lb::flows::{FlowSet, FlowSpec, VipSpec};
+    let mut seen = std::collections::HashSet::new();
+    for c in clusters {
+        let bad = |message: String| format!("xds.clusters: cluster {:?}: {message}", c.name);
+        crate::names::validate_name("xds cluster name", &c.name).map_err(|e| bad(e.to_string()))?;
+        if !seen.insert(c.name.as_str()) {
+            return Err(bad("is named twice".into()));
+        }
+        match (c.vip.is_empty(), c.service_ip.is_empty()) {
+            (false, true) => {
+                let name = format!("eds.{}", c.name);
+                let vip = VipSpec {
+                    name: name.clone(),
+                    address: c.vip.clone(),
+                };
+                let flow = FlowSpec {
+                    name: name.clone(),
+                    protocols: c.protocols.clone(),
+                    destination_port_ranges: c.ports.clone(),
+                    stream: name.clone(),
+                    vips: vec![name],
+                    ..Default::default()
+                };
+                FlowSet::parse(&[vip], &[flow]).map_err(|e| bad(e.to_string()))?;
+            }
+            (true, false) if c.service_ip.parse::<std::net::Ipv4Addr>().is_ok() => {}
+            (true, false) => {
+                return Err(bad(format!(
+                    "service_ip {:?} is not an IPv4 address",
+                    c.service_ip
+                )))
+            }
+            _ => return Err(bad("set exactly one of vip and service_ip".into())),
+        }
+    }
+    Ok(())
+}
+
 /// A cluster's endpoints and the Maglev slots each should hold.
 fn endpoints<'a>(clusters: &'a Clusters, cluster: &str) -> (&'a [SelectedEndpoint], Vec<u32>) {
     let endpoints = clusters
@@ -824,6 +866,39 @@ mod tests {
         let part = eds_part(&bindings, &empty, &mut identities);
         assert_eq!(part.vips.len(), 1);
         assert!(part.targets.is_empty());
+    }
+
+    #[test]
+    fn xds_clusters_are_checked_as_the_catalog_uses_them() {
+        let check = |clusters: &str| {
+            let text = format!("[xds]\nserver = \"http://192.0.2.1:18000\"\n{clusters}");
+            let c = crate::config::Config::from_toml(&text).unwrap();
+            super::check_bindings(&c.xds.clusters)
+        };
+        let one = "[[xds.clusters]]\nname = \"a\"\nvip = \"203.0.113.1\"\nports = [\"80\"]\n";
+        assert_eq!(check(one), Ok(()));
+        let service = "[[xds.clusters]]\nname = \"b\"\nservice_ip = \"10.30.0.1\"\n";
+        assert_eq!(check(&format!("{one}{service}")), Ok(()));
+        for (clusters, wanted) in [
+            (format!("{one}{one}"), "\"a\": is named twice"),
+            (
+                one.replace("ports", "service_ip = \"10.30.0.1\"\nports"),
+                "set exactly one of vip and service_ip",
+            ),
+            (one.replace("\"80\"", "\"70000\""), "70000"),
+            (format!("{one}protocols = [\"tcpp\"]\n"), "tcpp"),
+            (one.replace("203.0.113.1", "203.0.113.300"), "203.0.113.300"),
+            (
+                service.replace("10.30.0.1", "2001:db8::1"),
+                "not an IPv4 address",
+            ),
+        ] {
+            let e = check(&clusters).unwrap_err();
+            assert!(
+                e.contains("xds.clusters") && e.contains(wanted),
+                "{clusters}: {e}"
+            );
+        }
     }
 
     #[test]

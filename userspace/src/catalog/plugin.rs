@@ -39,8 +39,8 @@ impl Plugin for CatalogPlugin {
         _scope: CancellationToken,
         config: &Config,
     ) -> Result<(), PluginError> {
-        // The clusters were checked with the rest (`Config::validate`).
         let x = &config.xds;
+        super::check_bindings(&x.clusters).map_err(PluginError::new)?;
         if !x.serve.is_empty() && x.serve.parse::<std::net::SocketAddr>().is_err() {
             return Err(PluginError::new(format!(
                 "xds.serve {:?} is not an address:port",

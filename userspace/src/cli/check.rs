@@ -56,6 +56,8 @@ pub fn check(path: &Path, kind: Option<Kind>) -> Result<Kind, String> {
             config
                 .validate()
                 .map_err(|e| format!("config file {}: {e}", path.display()))?;
+            crate::catalog::check_bindings(&config.xds.clusters)
+                .map_err(|e| format!("config file {}: {e}", path.display()))?;
             // The files it names, as the daemon reads them at start (the LB
             // file against this configuration's map sizes).
             if let Some(lb) = &config.lb.config_file {
