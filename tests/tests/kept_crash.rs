@@ -146,6 +146,15 @@ fn cleanup_removes_a_kept_dataplane_without_a_daemon() {
         stderr.starts_with("tapmesh: a daemon is running ("),
         "{stderr}"
     );
+    // Nor when asked with another admin socket: the daemon holds the maps.
+    let elsewhere = root.join("no-such-admin.sock");
+    let (code, stdout, stderr) = cleanup(&lab, &root, &elsewhere);
+    assert_eq!((code, stdout.as_str()), (2, ""), "{stderr}");
+    assert!(stderr.contains("holds the maps pinned under"), "{stderr}");
+    assert!(root
+        .join(format!("v{}", tapmesh_common::SCHEMA_VERSION))
+        .join("links")
+        .exists());
     lab.kill_daemon();
     let show = |args: &[&str]| String::from_utf8_lossy(&lab.node.ip(args).stdout).into_owned();
     assert!(

@@ -99,6 +99,15 @@ fn cleanup(bpffs_root: &Path, admin_socket: &Path, netns: Option<&str>) -> ExitC
             return ExitCode::from(EXIT_CONFIG);
         }
     }
+    // Whatever socket it answers on, a daemon holds its maps.
+    let pins = bpffs_root.join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    if let Some(pid) = crate::dataplane::cleanup::holders(&pins).first() {
+        eprintln!(
+            "tapmesh: process {pid} holds the maps pinned under {} (a daemon with another admin socket?); stop it first",
+            pins.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
     if let Some(name) = netns {
         if let Err(e) = crate::net::netns::enter(name) {
             eprintln!("tapmesh: {e}");

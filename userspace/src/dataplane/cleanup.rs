@@ -21,6 +21,41 @@ const TC_PROGRAMS: [&str; 7] = [
     p::TC_TAP_OUT,
 ];
 
+/// Other processes holding a map pinned under `dir` (a daemon running with
+/// another admin socket than the one checked): from every process's fd
+/// info, where a BPF map's fd shows `map_id:`.
+pub fn holders(dir: &Path) -> Vec<u32> {
+    let ids: std::collections::HashSet<u32> = super::pins::names()
+        .filter_map(|name| aya::maps::MapInfo::from_pin(dir.join(name)).ok())
+        .map(|info| info.id())
+        .collect();
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let me = std::process::id();
+    let holds = |fdinfo: &Path| {
+        std::fs::read_to_string(fdinfo).is_ok_and(|text| {
+            text.lines().any(|line| {
+                line.strip_prefix("map_id:")
+                    .and_then(|id| id.trim().parse::<u32>().ok())
+                    .is_some_and(|id| ids.contains(&id))
+            })
+        })
+    };
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    processes
+        .flatten()
+        .filter_map(|p| {
+            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
+            let fds = std::fs::read_dir(p.path().join("fdinfo")).ok()?;
+            let held = pid != me && fds.flatten().any(|fd| holds(&fd.path()));
+            held.then_some(pid)
+        })
+        .collect()
+}
+
 /// What was removed, one line each.
 pub async fn remove_kept(bpffs_root: &Path) -> Result<Vec<String>, NetError> {
     let mut removed = Vec::new();
