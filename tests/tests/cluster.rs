@@ -842,14 +842,15 @@ fn a_reconnect_after_a_compaction_lists_again_and_applies_the_difference() {
         .contains("listed again for the new session"));
 }
 
-#[test]
-fn a_wiped_etcd_is_listed_again_and_gets_every_record_and_claim_back() {
-    if !kernel_tests_enabled() {
-        return;
-    }
-    let mut lab = Lab::with(2, false, RACE_CONFIG, 1, FAULT_TTL);
+/// A lab of `nodes` joined nodes where node 2 holds an ENABLED target
+/// (identifier 7) until the returned caller finishes: its target record and
+/// identifier claim are in etcd.
+fn lab_with_a_claimed_target(nodes: usize) -> (Lab, Caller) {
+    let lab = Lab::with(nodes, false, RACE_CONFIG, 1, FAULT_TTL);
+    let names: Vec<String> = (1..=nodes).map(|i| format!("n{i}")).collect();
+    let all = format!("{nodes} nodes [{}]", names.join(" "));
     let joined = wait_until(Duration::from_secs(15), || {
-        (1..=2).all(|i| lab.cluster_detail(i).contains("2 nodes [n1 n2]"))
+        (1..=nodes).all(|i| lab.cluster_detail(i).contains(&all))
     });
     assert!(joined, "{}", lab.cluster_detail(1));
     let mut c = Caller::start(
@@ -860,13 +861,25 @@ fn a_wiped_etcd_is_listed_again_and_gets_every_record_and_claim_back() {
         None,
         false,
     );
-    // Enabled, and kept until the end: its identifier is claimed.
     assert_eq!(c.result(), "ok");
-    let (targets, ids) = ("/tapmesh/v1/targets/trench-a/n2/", "/tapmesh/v1/ids/");
-    let seen = wait_until(Duration::from_secs(10), || {
-        lab.etcd.get_prefix(targets).len() == 1 && lab.etcd.get_prefix(ids).len() == 1
+    let claimed = wait_until(Duration::from_secs(10), || {
+        lab.etcd
+            .get_prefix("/tapmesh/v1/targets/trench-a/n2/")
+            .len()
+            == 1
+            && lab.etcd.get_prefix("/tapmesh/v1/ids/").len() == 1
     });
-    assert!(seen, "{:?}", lab.etcd.get_prefix("/tapmesh/v1/"));
+    assert!(claimed, "{:?}", lab.etcd.get_prefix("/tapmesh/v1/"));
+    (lab, c)
+}
+
+#[test]
+fn a_wiped_etcd_is_listed_again_and_gets_every_record_and_claim_back() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (mut lab, c) = lab_with_a_claimed_target(2);
+    let (targets, ids) = ("/tapmesh/v1/targets/trench-a/n2/", "/tapmesh/v1/ids/");
     // History the wiped store will not reach again soon.
     for i in 0..40 {
         lab.etcd.put(&format!("/elsewhere/{i}"), "x");
@@ -907,6 +920,7 @@ fn a_wiped_etcd_is_listed_again_and_gets_every_record_and_claim_back() {
         "{:?}",
         lab.registry(1)
     );
+    c.finish();
 }
 
 #[test]
@@ -914,25 +928,8 @@ fn a_node_keeps_its_record_and_claims_and_a_second_daemon_of_its_name_stays_out(
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = Lab::with(3, false, RACE_CONFIG, 1, FAULT_TTL);
-    let joined = wait_until(Duration::from_secs(15), || {
-        (1..=3).all(|i| lab.cluster_detail(i).contains("3 nodes [n1 n2 n3]"))
-    });
-    assert!(joined, "{}", lab.cluster_detail(1));
-    let mut c = Caller::start(
-        &lab.nodes[1].name,
-        &lab.node_socket(2),
-        "203.0.113.202/32",
-        7,
-        None,
-        false,
-    );
-    assert_eq!(c.result(), "ok");
+    let (mut lab, c) = lab_with_a_claimed_target(3);
     let (record, ids) = ("/tapmesh/v1/nodes/n2", "/tapmesh/v1/ids/");
-    let claimed = wait_until(Duration::from_secs(10), || {
-        lab.etcd.get_prefix(ids).len() == 1
-    });
-    assert!(claimed, "{:?}", lab.etcd.get_prefix("/tapmesh/v1/"));
     let claim = lab.etcd.get_prefix(ids).remove(0);
     let owner = lab.etcd.get(&claim).unwrap();
     let real = lab.etcd.get(record).unwrap();

@@ -170,11 +170,12 @@ pub fn parse_target(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::nsp::registry::{Kind, Status, IDENTIFIER};
 
-    fn target() -> Target {
+    /// A target of stream s.c.t (identifier 3); the view's tests use it too.
+    pub(in crate::cluster) fn target() -> Target {
         Target {
             ips: vec!["169.254.100.2/30".into()],
             context: [(IDENTIFIER.to_string(), "3".to_string())].into(),

@@ -187,20 +187,8 @@ mod tests {
 
     #[test]
     fn a_record_under_another_trench_leaves_the_real_one() {
-        use crate::nsp::config::StreamPath;
-        use crate::nsp::registry::{Kind, Status, Target, IDENTIFIER};
         let k = keys();
-        let target = Target {
-            ips: vec!["169.254.100.2/30".into()],
-            context: [(IDENTIFIER.to_string(), "3".to_string())].into(),
-            status: Status::Enabled,
-            kind: Kind::Default,
-            stream: Some(StreamPath {
-                trench: "t".into(),
-                conduit: "c".into(),
-                stream: "s".into(),
-            }),
-        };
+        let target = crate::cluster::record::tests::target();
         let record = serde_json::to_vec(&TargetRecord {
             node: "n2".into(),
             target: target.clone(),
