@@ -842,10 +842,8 @@ fn a_reconnect_after_a_compaction_lists_again_and_applies_the_difference() {
         .contains("listed again for the new session"));
 }
 
-/// A lab of `nodes` joined nodes where node 2 holds an ENABLED target
-/// (identifier 7) until the returned caller finishes: its target record and
-/// identifier claim are in etcd.
-fn lab_with_a_claimed_target(nodes: usize) -> (Lab, Caller) {
+/// A lab of `nodes` nodes (one etcd member, [`FAULT_TTL`]) that see each other.
+fn joined_lab(nodes: usize) -> Lab {
     let lab = Lab::with(nodes, false, RACE_CONFIG, 1, FAULT_TTL);
     let names: Vec<String> = (1..=nodes).map(|i| format!("n{i}")).collect();
     let all = format!("{nodes} nodes [{}]", names.join(" "));
@@ -853,6 +851,14 @@ fn lab_with_a_claimed_target(nodes: usize) -> (Lab, Caller) {
         (1..=nodes).all(|i| lab.cluster_detail(i).contains(&all))
     });
     assert!(joined, "{}", lab.cluster_detail(1));
+    lab
+}
+
+/// A lab of `nodes` joined nodes where node 2 holds an ENABLED target
+/// (identifier 7) until the returned caller finishes: its target record and
+/// identifier claim are in etcd.
+fn lab_with_a_claimed_target(nodes: usize) -> (Lab, Caller) {
+    let lab = joined_lab(nodes);
     let mut c = Caller::start(
         &lab.nodes[1].name,
         &lab.node_socket(2),
@@ -921,6 +927,102 @@ fn a_wiped_etcd_is_listed_again_and_gets_every_record_and_claim_back() {
         lab.registry(1)
     );
     c.finish();
+}
+
+#[test]
+fn an_identifier_enabled_on_two_nodes_while_etcd_was_away_stays_with_its_claim_holder_alone() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = joined_lab(3);
+    lab.etcd.stop_all();
+    let away = wait_until(Duration::from_secs(10), || {
+        (1..=2).all(|i| lab.cluster_detail(i).contains("etcd unreachable"))
+    });
+    assert!(away, "{}", lab.cluster_detail(1));
+    // Nodes 1 and 2 each enable identifier 7 locally: neither can claim it.
+    let ips = ["203.0.113.201/32", "203.0.113.202/32"];
+    let mut callers: Vec<Caller> = (0..2)
+        .map(|i| {
+            Caller::start(
+                &lab.nodes[i].name,
+                &lab.node_socket(i + 1),
+                ips[i],
+                7,
+                None,
+                false,
+            )
+        })
+        .collect();
+    for c in &mut callers {
+        assert_eq!(c.result(), "ok", "enabled locally");
+    }
+    lab.etcd.start_all();
+
+    // One claim; every node shows one ENABLED target with 7, the claim's.
+    let ids = "/tapmesh/v1/ids/";
+    let mut holder = String::new();
+    let agreed = wait_until(Duration::from_secs(20), || {
+        let claims = lab.etcd.get_prefix(ids);
+        let [claim] = claims.as_slice() else {
+            return false;
+        };
+        let Some(owner) = lab.etcd.get(claim) else {
+            return false;
+        };
+        holder = owner.split('/').next().unwrap_or_default().to_string();
+        (1..=3).all(|i| {
+            let enabled: Vec<String> = lab
+                .registry(i)
+                .into_iter()
+                .filter(|r| r.1 == "7" && r.2 == "ENABLED")
+                .map(|r| r.3)
+                .collect();
+            enabled == [holder.clone()]
+        })
+    });
+    assert!(
+        agreed,
+        "{:?}\n{:?}\n{:?}\n{:?}",
+        lab.etcd.get_prefix("/tapmesh/v1/"),
+        lab.registry(1),
+        lab.registry(2),
+        lab.registry(3)
+    );
+    // The loser's own registry and its record in etcd say DISABLED.
+    let loser = if holder == "n1" { 2 } else { 1 };
+    let own = lab.registry(loser);
+    assert!(
+        own.iter()
+            .any(|r| r.1 == "7" && r.2 == "DISABLED" && r.3 == format!("n{loser}")),
+        "{own:?}"
+    );
+    let records = format!("/tapmesh/v1/targets/trench-a/n{loser}/");
+    let mut value = String::new();
+    let disabled = wait_until(Duration::from_secs(5), || {
+        let record = lab.etcd.get_prefix(&records);
+        value = record
+            .first()
+            .and_then(|k| lab.etcd.get(k))
+            .unwrap_or_default();
+        let parsed: serde_json::Value = serde_json::from_str(&value).unwrap_or_default();
+        record.len() == 1 && parsed["target"]["status"] == "Disabled"
+    });
+    assert!(disabled, "{value}");
+    // Enabling it again is refused as a collision (the owner picks another).
+    let mut again = Caller::start(
+        &lab.nodes[loser - 1].name,
+        &lab.node_socket(loser),
+        ips[loser - 1],
+        7,
+        None,
+        false,
+    );
+    assert_eq!(again.result(), "AlreadyExists");
+    again.finish();
+    for c in callers {
+        c.finish();
+    }
 }
 
 #[test]

@@ -268,6 +268,9 @@ impl Agent {
             );
         }
         *self.client.lock().await = Some(client.clone());
+        // Before the first publish: a change it makes or misses (an
+        // identifier lost to another node) is published again at once.
+        let mut changes = self.nsp.subscribe();
         let result = self.publish(&mut client, lease, &mut published).await;
         self.published.lock().expect("published lock").1 = published.clone();
         result?;
@@ -286,7 +289,6 @@ impl Agent {
             revision = from,
             "cluster: joined"
         );
-        let mut changes = self.nsp.subscribe();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -675,7 +677,8 @@ impl Agent {
             if let (Status::Enabled, Kind::Default, Some(path), Some(id)) =
                 (t.status, t.kind, &t.stream, t.identifier())
             {
-                wanted.insert(self.keys.id(path, id), record::claim_owner(self.node(), t));
+                let owner = record::claim_owner(self.node(), t);
+                wanted.insert(self.keys.id(path, id), (owner, t.key(), id));
             }
         }
         let mine = format!("{}/", self.node());
@@ -688,7 +691,7 @@ impl Agent {
                 .collect()
         };
         for (key, owner) in &held {
-            if wanted.get(key) != Some(owner) {
+            if wanted.get(key).map(|w| &w.0) != Some(owner) {
                 let txn = Txn::new()
                     .when([Compare::value(
                         key.as_str(),
@@ -700,20 +703,46 @@ impl Agent {
                 self.claimed.lock().expect("claimed lock").1.remove(key);
             }
         }
-        for (key, owner) in wanted {
+        for (key, (owner, target, id)) in wanted {
             if held.iter().any(|(k, o)| *k == key && *o == owner) || self.won(lease, &key, &owner) {
                 continue;
             }
             if claim(client, &key, &owner, lease).await? {
                 self.record_win(lease, &key, &owner);
-            } else {
-                tracing::warn!(
+                continue;
+            }
+            // Enabled while etcd was away, and another node's target won it.
+            match self.nsp.lost_identifier(&target, id).await {
+                Ok(true) => tracing::warn!(
                     node = self.node(),
-                    "cluster: {key} is held by another target; ours stays enabled locally only"
-                );
+                    "cluster: {key} is held by another node's target; ours is DISABLED again \
+                     and must pick another identifier"
+                ),
+                Ok(false) => {}
+                Err(e) => tracing::error!("cluster: giving up {key}: {e}"),
             }
         }
         Ok(())
+    }
+
+    /// `target` of `node` as every node is to use it: an ENABLED target
+    /// whose identifier's claim another target holds (both were enabled
+    /// while etcd was away) counts as DISABLED, so all nodes agree on one
+    /// holder before the loser's own record says so.
+    fn claim_holder(&self, view: &View, node: &str, target: &Target) -> Target {
+        let mut target = target.clone();
+        if let (Status::Enabled, Kind::Default, Some(path), Some(id)) = (
+            target.status,
+            target.kind,
+            &target.stream,
+            target.identifier(),
+        ) {
+            let owner = view.claims.get(&self.keys.id(path, id));
+            if owner.is_some_and(|o| *o != record::claim_owner(node, &target)) {
+                target.status = Status::Disabled;
+            }
+        }
+        target
     }
 
     /// Hands the view to the registry (other nodes' targets), the
@@ -734,7 +763,7 @@ impl Agent {
                     node: r.node.clone(),
                     address: address(&r.node),
                     served: r.served,
-                    target: r.target.clone(),
+                    target: self.claim_holder(&view, &r.node, &r.target),
                 })
                 .collect();
             let peers: BTreeSet<std::net::Ipv4Addr> = view

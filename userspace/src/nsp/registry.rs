@@ -189,6 +189,18 @@ impl Registry {
         Ok(changed)
     }
 
+    /// Puts the ENABLED target `key` holding `id` back to DISABLED (another
+    /// node won the identifier); true if it was.
+    pub fn disable(&mut self, key: &str, id: u32) -> bool {
+        match self.entries.get_mut(key) {
+            Some(e) if e.target.status == Status::Enabled && e.target.identifier() == Some(id) => {
+                e.target.status = Status::Disabled;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Unregister; true when the target was there.
     pub fn unregister(&mut self, mut target: Target) -> Result<bool, RegistryError> {
         normalise(&mut target)?;
@@ -329,5 +341,24 @@ mod tests {
             err(&mut r, target("198.18.0.6/24", "1", Status::Enabled)).contains("already enabled")
         );
         assert_eq!(r.targets().len(), 2);
+    }
+
+    #[test]
+    fn a_lost_identifier_disables_only_the_target_enabled_with_it() {
+        let (c, now) = (config(), Instant::now());
+        let mut r = Registry::new(Duration::from_secs(60));
+        let t = target("198.18.0.2/24", "1", Status::Enabled);
+        r.register(t.clone(), &c, now).unwrap();
+        let key = r.targets()[0].key();
+        assert!(!r.disable(&key, 1), "still DISABLED");
+        r.register(t.clone(), &c, now).unwrap();
+        assert!(!r.disable(&key, 2), "another identifier");
+        assert!(!r.disable("no such key", 1));
+        assert_eq!(r.targets()[0].status, Status::Enabled);
+        assert!(r.disable(&key, 1));
+        assert_eq!(r.targets()[0].status, Status::Disabled);
+        // Enabling it again is a change its owner may make.
+        assert!(r.register(t, &c, now).unwrap());
+        assert_eq!(r.targets()[0].status, Status::Enabled);
     }
 }

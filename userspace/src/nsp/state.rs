@@ -335,6 +335,23 @@ impl Nsp {
         Ok(())
     }
 
+    /// Cluster mode: another node's target won identifier `id`, which this
+    /// node's target `key` had enabled while etcd was away. It goes back to
+    /// DISABLED, so its owner's next refresh meets the collision and picks
+    /// another identifier (Meridio's rule), and no node balances to both.
+    pub async fn lost_identifier(&self, key: &str, id: u32) -> Result<bool, NspError> {
+        let mut inner = self.inner.lock().await;
+        let before = inner.registry.clone();
+        if !inner.registry.disable(key, id) {
+            return Ok(false);
+        }
+        if let Err(e) = self.commit(&mut inner).await {
+            inner.registry = before;
+            return Err(e);
+        }
+        Ok(true)
+    }
+
     fn cluster_node(&self) -> Option<String> {
         let cluster = self.cluster.read().expect("cluster lock");
         cluster.as_ref().map(|(node, _)| node.clone())
