@@ -441,4 +441,18 @@ fn config_check_validates_offline() {
              tapmesh: config file {no_server}: xds.server: is empty, but [[xds.clusters]] are set: name the management server, or remove them\n"
         )
     );
+
+    // -o json: every file's verdict in one document, the same exit code.
+    let (code, stdout, stderr) = check(&[&lb, &bad_format, "-o", "json"]);
+    assert_eq!((code, stderr.as_str()), (Some(2), ""));
+    let verdicts: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON document");
+    assert_eq!(
+        verdicts,
+        serde_json::json!([
+            {"file": lb, "kind": "lb", "ok": true},
+            {"file": bad_format, "ok": false, "error": format!(
+                "config file {bad_format}: line 2: unknown variant `xml`, expected `text` or `json`"
+            )},
+        ])
+    );
 }

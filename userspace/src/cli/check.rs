@@ -3,6 +3,7 @@
 
 use std::{path::Path, process::ExitCode};
 
+use super::json::{show, Output};
 use crate::config::Config;
 
 /// Which file a TOML document is.
@@ -87,19 +88,43 @@ pub fn check(path: &Path, kind: Option<Kind>) -> Result<Kind, String> {
     Ok(kind)
 }
 
-/// `tapmesh config check`: one line per file; exit 2 if any is refused.
-pub fn run(files: &[std::path::PathBuf], kind: Option<Kind>) -> ExitCode {
-    let mut failed = false;
-    for path in files {
-        match check(path, kind) {
-            Ok(kind) => {
-                if super::print(&format!("{}: ok ({})\n", path.display(), kind.name())).is_err() {
-                    break;
-                }
+/// One file's verdict in `-o json`.
+#[derive(serde::Serialize)]
+struct Verdict {
+    file: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kind: Option<&'static str>,
+    ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+}
+
+/// `tapmesh config check`: one line per file (or one JSON list of
+/// verdicts); exit 2 if any is refused.
+pub fn run(files: &[std::path::PathBuf], kind: Option<Kind>, output: Output) -> ExitCode {
+    let verdicts: Vec<Verdict> = files
+        .iter()
+        .map(|path| {
+            let result = check(path, kind);
+            Verdict {
+                file: path.display().to_string(),
+                kind: result.as_ref().ok().map(|k| k.name()),
+                ok: result.is_ok(),
+                error: result.err(),
             }
-            Err(e) => {
+        })
+        .collect();
+    let failed = verdicts.iter().any(|v| !v.ok);
+    if output == Output::Json {
+        let _ = super::print(&show(output, &verdicts, |_| String::new()));
+    } else {
+        for v in &verdicts {
+            if let Some(e) = &v.error {
                 eprintln!("tapmesh: {e}");
-                failed = true;
+            } else if super::print(&format!("{}: ok ({})\n", v.file, v.kind.unwrap_or("?")))
+                .is_err()
+            {
+                break;
             }
         }
     }

@@ -53,7 +53,7 @@ pub fn run(cli: Cli) -> ExitCode {
         } => runtime().block_on(lb::run(admin_socket, command, output)),
         Command::Config {
             command: args::ConfigCommand::Check { kind, files },
-        } => check::run(&files, kind),
+        } => check::run(&files, kind, output),
         Command::Cleanup {
             bpffs_root,
             admin_socket,
