@@ -267,6 +267,23 @@ fn help_completions_and_man_page() {
         )
     );
     assert!(man.contains("tap\\-flow"), "{man}");
+    // A page per command: the daemon's options, a subcommand's synopsis.
+    let dir = tapmesh_tests::TempDir::new("tmman");
+    run(&["man", "--dir", dir.0.to_str().unwrap()]);
+    let page = |name: &str| std::fs::read_to_string(dir.0.join(name)).unwrap_or_default();
+    assert!(page("tapmesh.1").contains(th), "{}", page("tapmesh.1"));
+    assert!(page("tapmesh-daemon.1").contains("\\-\\-uplink"));
+    assert!(
+        page("tapmesh-tap-flow-create.1").contains(&format!(
+            ".TH tapmesh-tap-flow-create 1  \"create {}\"",
+            run(&["--version"])
+                .trim_start_matches("tapmesh ")
+                .trim_end()
+        )),
+        "{}",
+        page("tapmesh-tap-flow-create.1")
+    );
+    assert!(page("tapmesh-config-check.1").contains("\\fBtapmesh config check\\fR"));
 
     // An enum value in any case; a wrong one is a usage error (exit 2).
     let out = Command::new(tapmesh_bin())

@@ -154,9 +154,15 @@ pub enum Command {
         #[arg(long)]
         netns: Option<String>,
     },
-    /// Print the manual page (roff).
-    #[command(after_help = "Example:\n  tapmesh man > /usr/local/share/man/man1/tapmesh.1")]
-    Man,
+    /// Print the manual page (roff), or write one page per command.
+    #[command(
+        after_help = "Examples:\n  tapmesh man > /usr/local/share/man/man1/tapmesh.1\n  tapmesh man --dir /usr/local/share/man/man1   # tapmesh.1, tapmesh-lb.1, tapmesh-lb-apply.1, …"
+    )]
+    Man {
+        /// Write tapmesh.1 and a page for every command and subcommand here.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
     /// Decode the pinned BPF maps for people (no daemon needed, as bpftool).
     #[command(after_help = BPF_EXAMPLES)]
     Bpf {

@@ -75,7 +75,18 @@ pub fn run(cli: Cli) -> ExitCode {
             let _ = print(&String::from_utf8_lossy(&out));
             ExitCode::SUCCESS
         }
-        Command::Man => {
+        Command::Man { dir: Some(dir) } => {
+            // Each page's title carries the version, as the main page's does.
+            let command = Cli::command_with_defaults().propagate_version(true);
+            match clap_mangen::generate_to(command, &dir) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tapmesh: writing the man pages to {}: {e}", dir.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Man { dir: None } => {
             let mut out = Vec::new();
             match clap_mangen::Man::new(Cli::command_with_defaults()).render(&mut out) {
                 Ok(()) => {
