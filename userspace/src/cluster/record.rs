@@ -166,6 +166,7 @@ pub fn parse_target(
             "its node, target or stream does not match its key".into(),
         ));
     }
+    crate::nsp::registry::well_formed(&record.target).map_err(|e| BadValue(e.to_string()))?;
     Ok(record)
 }
 
@@ -240,6 +241,32 @@ pub(super) mod tests {
         assert!(parse_target("t", "n2", "other", &bytes).is_err());
         assert!(parse_target("other", "n2", &t.key(), &bytes).is_err());
         assert!(parse_target("t", "n2", &t.key(), b"{garbage").is_err());
+        // Targets no registry would hold.
+        let bad = |change: &dyn Fn(&mut Target)| {
+            let mut t = target();
+            change(&mut t);
+            let record = TargetRecord {
+                node: "n2".into(),
+                target: t.clone(),
+                served: true,
+            };
+            let bytes = serde_json::to_vec(&record).unwrap();
+            parse_target("t", "n2", &t.key(), &bytes).unwrap_err().0
+        };
+        let id = |v: &'static str| {
+            move |t: &mut Target| {
+                t.context.insert(IDENTIFIER.into(), v.into());
+            }
+        };
+        assert_eq!(bad(&id("0")), "identifier \"0\" is not a number from 1");
+        assert_eq!(bad(&id("x")), "identifier \"x\" is not a number from 1");
+        assert!(bad(&|t| t.ips = vec!["300.1.1.1/32".into()]).contains("not a CIDR"));
+        assert!(bad(&|t| t.ips.clear()).contains("no ips"));
+        assert!(bad(&|t| t.ips = vec!["b/32".into(), "a/32".into()]).contains("not a CIDR"));
+        assert_eq!(
+            bad(&|t| t.ips = vec!["198.51.100.2/32".into(), "192.0.2.1/32".into()]),
+            "ips [\"198.51.100.2/32\", \"192.0.2.1/32\"] are not as a registry keeps them: sorted CIDRs, each once"
+        );
         let node = NodeRecord {
             name: "n1".into(),
             tunnel_addresses: vec![Ipv4Addr::new(198, 51, 100, 1)],

@@ -73,6 +73,10 @@ pub enum RegistryError {
         value: String,
         max_targets: u32,
     },
+    #[error("ips {0:?} are not as a registry keeps them: sorted CIDRs, each once")]
+    NotCanonical(Vec<String>),
+    #[error("identifier {0:?} is not a number from 1")]
+    NotAnIdentifier(String),
     #[error("stream {stream:?} already has {max_targets} targets (its maxTargets)")]
     Full { stream: String, max_targets: u32 },
     #[error("identifier {identifier} of stream {stream:?} is already enabled for another target; pick a free one")]
@@ -221,6 +225,21 @@ impl Registry {
         let before = self.entries.len();
         self.entries.retain(|_, e| e.expires > now);
         self.entries.len() != before
+    }
+}
+
+/// A target another node published is used as its registry stored it:
+/// ips canonical (valid, sorted, once each), an identifier a number from 1.
+pub fn well_formed(target: &Target) -> Result<(), RegistryError> {
+    let mut t = target.clone();
+    normalise(&mut t)?;
+    if t.ips != target.ips {
+        return Err(RegistryError::NotCanonical(target.ips.clone()));
+    }
+    match (target.context.get(IDENTIFIER), target.identifier()) {
+        (Some(_), Some(id)) if id >= 1 => Ok(()),
+        (None, _) => Ok(()),
+        (Some(value), _) => Err(RegistryError::NotAnIdentifier(value.clone())),
     }
 }
 
