@@ -660,13 +660,8 @@ fn check_owner(inner: &Inner, caller: Caller, target: &Target) -> Result<(), Nsp
     if caller.uid == 0 && Some(id) == NetnsId::own() {
         return Ok(());
     }
-    let mut ips = target.ips.clone();
-    for ip in &mut ips {
-        if let Ok(c) = ip.parse::<Prefix>() {
-            *ip = c.to_string();
-        }
-    }
-    ips.sort();
+    // As the registry keeps them: an address given twice is still its own.
+    let ips = canonical(&target.ips);
     // Its own conduit addresses, and a stream of that conduit.
     let on_conduit = |c: &Connection| match &target.stream {
         Some(p) => p.trench == c.trench && p.conduit == c.conduit,
@@ -751,19 +746,49 @@ fn remote_lb_targets(inner: &Inner, out: &mut Vec<TargetSpec>) {
     }
 }
 
+/// `ips` as the registry keeps them: each CIDR in its canonical form,
+/// sorted, once (one that does not parse is kept as given, to be refused).
+fn canonical(ips: &[String]) -> Vec<String> {
+    let mut ips: Vec<String> = ips
+        .iter()
+        .map(|ip| {
+            ip.parse::<Prefix>()
+                .map_or_else(|_| ip.clone(), |p| p.to_string())
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
 /// The registry key of a target as registered (ips normalised as the registry does).
 fn registry_key(target: &Target) -> String {
     let mut t = target.clone();
-    for ip in &mut t.ips {
-        if let Ok(p) = ip.parse::<Prefix>() {
-            *ip = p.to_string();
-        }
-    }
-    t.ips.sort();
-    t.ips.dedup();
+    t.ips = canonical(&t.ips);
     t.key()
 }
 
 fn to_json(value: &Persisted) -> Vec<u8> {
     serde_json::to_vec_pretty(value).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::canonical;
+
+    #[test]
+    fn ips_compare_as_the_registry_keeps_them() {
+        let given =
+            |ips: &[&str]| canonical(&ips.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        // An owner naming its address twice, or in another order or form.
+        assert_eq!(
+            given(&["172.16.0.2/24", "fd00::2/64", "172.16.0.2/24"]),
+            given(&["fd00:0::2/64", "172.16.0.2/24"])
+        );
+        assert_eq!(given(&["fd00:0::2/64"]), ["fd00::2/64"]);
+        assert_eq!(
+            given(&["nonsense", "172.16.0.2/24"]),
+            ["172.16.0.2/24", "nonsense"]
+        );
+    }
 }
