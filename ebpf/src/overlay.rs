@@ -395,6 +395,17 @@ fn bind(
         reply_src: [0; 4],
     };
     let _ = tm_ov_ct.insert(&reverse_key, &reverse, 0);
+    if inst.kind == INSTANCE_LOCAL {
+        // The instance's replies to this sender bind again: an earlier flow
+        // from the same ports to another of its service IPs left them
+        // showing that one.
+        let replies = ConntrackKey {
+            src: inst.ns_addr,
+            dst: b4(new_src),
+            ..reverse_key
+        };
+        let _ = tm_ov_ct.remove(&replies);
+    }
     Ok(Binding {
         id,
         instance: inst,

@@ -331,6 +331,14 @@ fn binding(
     s.value.new_src = [0; 16];
     s.value.reply_src = [0; 16];
     let _ = tm_ov_ct6.insert(&s.other, &s.value, 0);
+    if inst.kind == INSTANCE_LOCAL {
+        // The instance's replies to this sender bind again: an earlier flow
+        // from the same ports to another of its service IPs left them
+        // showing that one.
+        s.other.src = inst6.ns_addr;
+        s.other.dst = sender.instance_addr;
+        let _ = tm_ov_ct6.remove(&s.other);
+    }
     Ok(Some((id, service.id, inst)))
 }
 

@@ -90,6 +90,35 @@ fn udp_ask(client: &Netns, to: &str, flows: usize) -> Vec<(String, String)> {
     .expect("client thread")
 }
 
+/// From inside `client`, from source `port`: one datagram to `to`:UDP_PORT
+/// (IPv4 or IPv6); who answered, and from where.
+fn udp_ask_from(client: &Netns, port: u16, to: &str) -> (String, String) {
+    let to: IpAddr = to.parse().unwrap();
+    let any: IpAddr = if to.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        std::net::Ipv6Addr::UNSPECIFIED.into()
+    };
+    spawn_in(&client.name, move || {
+        let s = UdpSocket::bind((any, port)).expect("client bind");
+        s.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        for _ in 0..3 {
+            s.send_to(b"hello", (to, UDP_PORT)).unwrap();
+            let mut buf = [0u8; 64];
+            if let Ok((n, from)) = s.recv_from(&mut buf) {
+                return (
+                    String::from_utf8_lossy(&buf[..n]).to_string(),
+                    from.to_string(),
+                );
+            }
+        }
+        ("(no answer)".to_string(), String::new())
+    })
+    .join()
+    .expect("client thread")
+}
+
 /// One TCP connection per call; returns who answered.
 fn tcp_ask(client: &Netns, to: &str, connections: usize) -> Vec<String> {
     let to: Ipv4Addr = to.parse().unwrap();
@@ -609,6 +638,23 @@ fn closest_prefers_the_local_instance_and_undeploy_removes_every_trace() {
 }
 
 #[test]
+fn a_source_port_used_again_for_another_service_ip_gets_its_answers_from_that_one() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    // web#0 is on the client's node: Closest and its instance IP both reach it.
+    // Each new flow shows web#0's answers from the address it dialled (two
+    // such flows at once look the same to web#0: the later one's shows).
+    let from = |service: &str| (String::from("web0"), format!("{service}:{UDP_PORT}"));
+    for (first, then) in [(CLOSEST, WEB0_IP), (WEB0_IP, CLOSEST)] {
+        let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(udp_ask_from(&lab.client, port, first), from(first));
+        assert_eq!(udp_ask_from(&lab.client, port, then), from(then));
+    }
+}
+
+#[test]
 fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
     if !kernel_tests_enabled() {
         return;
@@ -1108,6 +1154,16 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     assert!(
         answers.iter().all(|(_, from)| *from == rr6_from),
         "{answers:?}"
+    );
+    // A source port that reached web#0 by RR6, used again for its instance
+    // IP: the answers come from the address dialled each time.
+    let port = (0..4)
+        .map(|_| NEXT_PORT.fetch_add(1, Ordering::Relaxed))
+        .find(|&p| udp_ask_from(&client, p, RR6).0 == "web0")
+        .expect("RR6 alternates: one of four flows reaches web#0");
+    assert_eq!(
+        udp_ask_from(&client, port, WEB0_IP6),
+        ("web0".to_string(), format!("[{WEB0_IP6}]:{UDP_PORT}"))
     );
     // An IPv6 instance IP reaches exactly its instance, ICMPv6 echo included.
     let only1 = udp_ask(&client, WEB1_IP6, 3);
