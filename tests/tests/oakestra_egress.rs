@@ -91,6 +91,54 @@ fn masquerade_rule(subnet: [u8; 4]) -> Vec<Expr> {
     rule
 }
 
+/// What the kernel holds for `ip saddr S ip daddr != S udp dport 50103 drop`.
+fn tunnel_drop_rule(subnet: [u8; 4]) -> Vec<Expr> {
+    let mut rule = masquerade_rule(subnet);
+    rule.pop();
+    rule.extend([
+        Expr::Meta { key: 16, dreg: 1 },
+        Expr::Cmp {
+            sreg: 1,
+            op: 0,
+            data: vec![17],
+        },
+        Expr::Payload {
+            base: 2,
+            offset: 2,
+            len: 2,
+            dreg: 1,
+        },
+        Expr::Cmp {
+            sreg: 1,
+            op: 0,
+            data: 50103u16.to_be_bytes().to_vec(),
+        },
+        Expr::Verdict { code: 0 },
+    ]);
+    rule
+}
+
+/// Datagrams reaching the internet's UDP `port` in `within`, while
+/// `send` runs.
+fn received_at(internet: &Netns, port: u16, within: Duration, send: impl FnOnce()) -> usize {
+    let receiver = spawn_in(&internet.name, move || {
+        let udp = UdpSocket::bind((INTERNET, port)).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let (mut count, until) = (0, std::time::Instant::now() + within);
+        let mut buf = [0u8; 2048];
+        while std::time::Instant::now() < until {
+            if udp.recv_from(&mut buf).is_ok() {
+                count += 1;
+            }
+        }
+        count
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    send();
+    receiver.join().unwrap()
+}
+
 /// A UDP echo on the internet that answers with the source it saw; its
 /// log of sources.
 fn echo(internet: &Netns) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
@@ -164,8 +212,30 @@ fn a_container_reaches_the_internet_from_the_node_address_while_deployed() {
         ),
         ("postrouting", Some(4), Some(100), "nat", Some(1))
     );
-    assert_eq!(c.rules, [masquerade_rule([192, 0, 2, 64])]);
+    assert_eq!(
+        c.rules,
+        [
+            tunnel_drop_rule([192, 0, 2, 64]),
+            masquerade_rule([192, 0, 2, 64])
+        ]
+    );
     assert_eq!(forwarding(&n), "1");
+
+    // The node's tunnel port stays out of reach: other nodes would take a
+    // container's datagram, from the node's address, as this node's.
+    let name = container.name.clone();
+    let got = received_at(&internet, 50103, Duration::from_millis(800), move || {
+        run_in(&name, || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            for _ in 0..5 {
+                s.send_to(b"forged", (INTERNET, 50103)).unwrap();
+            }
+        })
+    });
+    assert_eq!(
+        got, 0,
+        "container datagrams to the tunnel port left the node"
+    );
 
     // Out through the node: the internet sees the node's address only.
     let answers = ask_internet(&container, 5);

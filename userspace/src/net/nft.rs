@@ -49,7 +49,13 @@ const NFTA_EXPR_NAME: u16 = 1;
 const NFTA_EXPR_DATA: u16 = 2;
 const NFTA_DATA_VALUE: u16 = 1;
 
+const NF_DROP: u32 = 0;
 const NF_ACCEPT: u32 = 1;
+/// `immediate` into the verdict register: `NFTA_DATA_VERDICT` holding
+/// `NFTA_VERDICT_CODE`.
+const REG_VERDICT: u32 = 0;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CODE: u16 = 1;
 /// The 16-byte registers.
 const REG_1: u32 = 1;
 const REG_2: u32 = 2;
@@ -143,6 +149,8 @@ pub enum Action {
     Snat(Ipv4Addr),
     /// `dnat to ADDR` (ports kept).
     DnatAddress(Ipv4Addr),
+    /// `drop`.
+    Drop,
 }
 
 /// One nf_tables expression, as written to and read from the kernel.
@@ -173,6 +181,8 @@ pub enum Expr {
     Masq { attributes: Vec<(u16, u32)> },
     /// `immediate reg <data>`.
     Immediate { dreg: u32, data: Vec<u8> },
+    /// `immediate reg 0 <verdict>` (`NF_DROP` 0, `NF_ACCEPT` 1).
+    Verdict { code: u32 },
     /// `nat <type> <family> addr_min reg proto_min reg`, attributes as the
     /// kernel keeps them (it adds the max registers and flags).
     Nat { attributes: Vec<(u16, u32)> },
@@ -293,6 +303,7 @@ impl Action {
             Action::Masquerade => vec![Expr::Masq {
                 attributes: Vec::new(),
             }],
+            Action::Drop => vec![Expr::Verdict { code: NF_DROP }],
             Action::Snat(addr) | Action::DnatAddress(addr) => vec![
                 Expr::Immediate {
                     dreg: REG_1,
@@ -335,6 +346,7 @@ impl fmt::Display for Rule {
             Action::Masquerade => write!(f, "masquerade"),
             Action::Snat(addr) => write!(f, "snat to {addr}"),
             Action::DnatAddress(addr) => write!(f, "dnat to {addr}"),
+            Action::Drop => write!(f, "drop"),
         }
     }
 }
@@ -437,6 +449,14 @@ fn expr_attrs(expr: &Expr) -> (&str, Attrs) {
         }
         Expr::Immediate { dreg, data: d } => {
             a.be32(1, *dreg).nested(2, &data(d));
+            "immediate"
+        }
+        Expr::Verdict { code } => {
+            let mut verdict = Attrs::default();
+            verdict.be32(NFTA_VERDICT_CODE, *code);
+            let mut d = Attrs::default();
+            d.nested(NFTA_DATA_VERDICT, &verdict);
+            a.be32(1, REG_VERDICT).nested(2, &d);
             "immediate"
         }
         Expr::Bitwise {
@@ -701,6 +721,13 @@ fn decode_expr(bytes: &[u8]) -> Expr {
             op: u(2),
             data: value(3),
         },
+        "immediate" if u(1) == REG_VERDICT => Expr::Verdict {
+            code: find(&data, 2)
+                .and_then(|d| find(&attributes(&d), NFTA_DATA_VERDICT))
+                .and_then(|v| find(&attributes(&v), NFTA_VERDICT_CODE))
+                .map(|c| be32(&c))
+                .unwrap_or(u32::MAX),
+        },
         "immediate" => Expr::Immediate {
             dreg: u(1),
             data: value(2),
@@ -899,7 +926,18 @@ mod tests {
             3,
             "no bitwise for a /32"
         );
-        for expr in rule.exprs().into_iter().chain(masq.exprs()) {
+        let drop = Rule {
+            matches: vec![Match::DestinationPort(L4::Udp, 50103)],
+            action: Action::Drop,
+        };
+        assert_eq!(drop.to_string(), "udp dport 50103 drop");
+        assert_eq!(drop.exprs().last(), Some(&Expr::Verdict { code: NF_DROP }));
+        for expr in rule
+            .exprs()
+            .into_iter()
+            .chain(masq.exprs())
+            .chain(drop.exprs())
+        {
             let (name, data) = expr_attrs(&expr);
             let mut e = Attrs::default();
             e.string(NFTA_EXPR_NAME, name).nested(NFTA_EXPR_DATA, &data);

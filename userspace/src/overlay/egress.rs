@@ -12,8 +12,10 @@ use crate::net::{nft, Prefix};
 pub const TABLE: &str = "tapmesh_egress";
 
 /// The table masquerading `subnet` (IPv4); without a subnet, none (writing
-/// it removes the table).
-pub fn table(subnet: Option<Prefix>) -> nft::Table {
+/// it removes the table). UDP to `tunnel_port` leaving the subnet is
+/// dropped instead: masqueraded, a container's datagram would reach other
+/// nodes from this node's address, which their tunnel trusts.
+pub fn table(subnet: Option<Prefix>, tunnel_port: u16) -> nft::Table {
     let Some((std::net::IpAddr::V4(addr), len)) = subnet.map(|s| {
         let n = s.network();
         (n.addr, n.len)
@@ -29,20 +31,30 @@ pub fn table(subnet: Option<Prefix>) -> nft::Table {
             name: "postrouting".into(),
             hook: nft::Hook::Postrouting,
             priority: 100,
-            rules: vec![nft::Rule {
-                matches: vec![
-                    nft::Match::SourceIn(addr, len),
-                    nft::Match::DestinationNotIn(addr, len),
-                ],
-                action: nft::Action::Masquerade,
-            }],
+            rules: vec![
+                nft::Rule {
+                    matches: vec![
+                        nft::Match::SourceIn(addr, len),
+                        nft::Match::DestinationNotIn(addr, len),
+                        nft::Match::DestinationPort(nft::L4::Udp, tunnel_port),
+                    ],
+                    action: nft::Action::Drop,
+                },
+                nft::Rule {
+                    matches: vec![
+                        nft::Match::SourceIn(addr, len),
+                        nft::Match::DestinationNotIn(addr, len),
+                    ],
+                    action: nft::Action::Masquerade,
+                },
+            ],
         }],
     }
 }
 
 /// Writes the table (none: removes it) in one nf_tables transaction.
-pub async fn apply(subnet: Option<Prefix>) -> Result<(), String> {
-    let table = table(subnet);
+pub async fn apply(subnet: Option<Prefix>, tunnel_port: u16) -> Result<(), String> {
+    let table = table(subnet, tunnel_port);
     tracing::debug!("container egress:\n{table}");
     tokio::task::spawn_blocking(move || nft::write(&table))
         .await
@@ -58,11 +70,12 @@ mod tests {
     fn the_subnet_is_masqueraded_when_it_leaves() {
         let subnet: Prefix = "192.0.2.64/26".parse().unwrap();
         assert_eq!(
-            table(Some(subnet)).to_string(),
+            table(Some(subnet), 50103).to_string(),
             "table ip tapmesh_egress\ndelete table ip tapmesh_egress\ntable ip tapmesh_egress {\n  \
              chain postrouting {\n    type nat hook postrouting priority srcnat; policy accept;\n    \
+             ip saddr 192.0.2.64/26 ip daddr != 192.0.2.64/26 udp dport 50103 drop\n    \
              ip saddr 192.0.2.64/26 ip daddr != 192.0.2.64/26 masquerade\n  }\n}\n"
         );
-        assert!(table(None).chains.is_empty());
+        assert!(table(None, 50103).chains.is_empty());
     }
 }

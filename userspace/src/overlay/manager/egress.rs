@@ -33,7 +33,7 @@ impl NetManager {
                     Some(h) => h.forwarding_ours,
                     None => enable_forwarding()?,
                 };
-                if let Err(e) = egress::apply(subnet).await {
+                if let Err(e) = egress::apply(subnet, self.settings.node_port).await {
                     if held.is_none() && forwarding_ours {
                         let _ = sysctl::set_ipv4_forwarding(false);
                     }
@@ -48,7 +48,7 @@ impl NetManager {
                 Ok(())
             }
             (false, Some(held)) => {
-                let removed = egress::apply(None).await;
+                let removed = egress::apply(None, self.settings.node_port).await;
                 if held.forwarding_ours {
                     if let Err(e) = sysctl::set_ipv4_forwarding(false) {
                         tracing::warn!("putting IPv4 forwarding back off: {e}");
