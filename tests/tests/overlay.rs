@@ -655,6 +655,56 @@ fn a_source_port_used_again_for_another_service_ip_gets_its_answers_from_that_on
 }
 
 #[test]
+fn a_table_that_only_reorders_or_adds_service_ips_moves_no_flow() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    // Six flows through RR, alternating between web#0 here and web#1.
+    let ports: Vec<u16> = (0..6)
+        .map(|_| NEXT_PORT.fetch_add(1, Ordering::Relaxed))
+        .collect();
+    let ask = || -> Vec<String> {
+        ports
+            .iter()
+            .map(|&p| udp_ask_from(&lab.client, p, RR).0)
+            .collect()
+    };
+    let before = ask();
+    assert!(
+        alternates(&before) && before.contains(&"web1".to_string()),
+        "{before:?}"
+    );
+    // The cluster sends web#1's entry again: its service IPs reordered,
+    // then one more. The flows stay where they are.
+    let reordered: &[(&str, &str)] = &[
+        ("InstanceNumber", WEB1_IP),
+        ("Closest", CLOSEST),
+        ("RR", RR),
+    ];
+    lab.nodes
+        .node1
+        .table(WEB, &[(1, &lab.web1_ns, NODE2, reordered)]);
+    assert_eq!(ask(), before, "after a reordered table");
+    let more: &[(&str, &str)] = &[
+        ("RR", RR),
+        ("RR", "203.0.113.12"),
+        ("Closest", CLOSEST),
+        ("InstanceNumber", WEB1_IP),
+    ];
+    lab.nodes
+        .node1
+        .table(WEB, &[(1, &lab.web1_ns, NODE2, more)]);
+    assert_eq!(ask(), before, "after a service IP was added");
+    // One it no longer carries: its flows pick again, among what is left.
+    let fewer: &[(&str, &str)] = &[("Closest", CLOSEST), ("InstanceNumber", WEB1_IP)];
+    lab.nodes
+        .node1
+        .table(WEB, &[(1, &lab.web1_ns, NODE2, fewer)]);
+    assert!(ask().iter().all(|n| n == "web0"), "RR is web#0's alone now");
+}
+
+#[test]
 fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
     if !kernel_tests_enabled() {
         return;

@@ -112,9 +112,9 @@ pub struct Ids {
     /// IPv4 and IPv6 service IPs share one id space (slot rows, RR turns, counters).
     pub(super) services: BTreeMap<IpAddr, u32>,
     pub(super) generations: BTreeMap<u32, u32>,
-    /// Each instance as last compiled (generation 0) with its service IPs
-    /// and IPv6 address.
-    pub(super) last: BTreeMap<u32, (Instance, Vec<ServiceIp>, Option<Ipv6Addr>)>,
+    /// Each instance as last compiled (generation 0) with the addresses
+    /// its service IPs give it and its IPv6 address.
+    pub(super) last: BTreeMap<u32, (Instance, BTreeSet<IpAddr>, Option<Ipv6Addr>)>,
     /// Ids in use at the last compile: an id freed now is not handed out
     /// again before the writer has emptied it (no packet sees a new
     /// instance or service under an old one's id).

@@ -10,7 +10,9 @@ use tapmesh_common::overlay::{
     INSTANCE_REMOTE, SERVICE_SLOTS,
 };
 
-use super::model::{lowest_free, Ids, InstanceRecord, IpType, ModelError, Placement, Settings};
+use super::model::{
+    lowest_free, Ids, InstanceRecord, IpType, ModelError, Placement, ServiceIp, Settings,
+};
 use crate::dataplane::overlay::{addr6_words, addr_word, OverlayTables, ServiceTable};
 
 impl Ids {
@@ -88,13 +90,16 @@ impl Ids {
                     inst.node_port = *port;
                 }
             }
-            // A changed entry or set of service IPs, or a slot that held
-            // another instance, starts a new generation: the flows bound to
-            // it pick again.
+            // A changed entry, a service IP it no longer carries, or a slot
+            // that held another instance starts a new generation: the flows
+            // bound to it pick again. Service IPs added, reordered or
+            // reweighted leave its flows where they are.
             let generation = self.generations.entry(id).or_insert(0);
             let unchanged = self.restored.remove(&key) == Some(id)
                 || self.last.get(&id).is_some_and(|(old, sips, v6)| {
-                    *old == inst && *sips == record.service_ips && *v6 == record.ns_addr_v6
+                    *old == inst
+                        && sips.is_subset(&carried(&record.service_ips))
+                        && *v6 == record.ns_addr_v6
                 });
             if !unchanged {
                 *generation = generation.wrapping_add(1);
@@ -130,7 +135,7 @@ impl Ids {
                     ..*inst
                 };
                 let record = record_of[&id];
-                (id, (bare, record.service_ips.clone(), record.ns_addr_v6))
+                (id, (bare, carried(&record.service_ips), record.ns_addr_v6))
             })
             .collect();
 
@@ -265,6 +270,13 @@ fn weighted_slots(ids: &[u32], weight: impl Fn(&u32) -> u32) -> Vec<u32> {
         }
     }
     slots
+}
+
+/// The addresses (IPv4 and IPv6) an instance's service IPs give it.
+fn carried(sips: &[ServiceIp]) -> BTreeSet<IpAddr> {
+    sips.iter()
+        .flat_map(|s| std::iter::once(IpAddr::V4(s.address)).chain(s.address_v6.map(IpAddr::V6)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -409,9 +421,15 @@ mod tests {
         b2.service_ips.pop();
         let t4 = ids.compile(&[&b2], &settings(), &cost).unwrap();
         assert!(t4.instances[&ib].generation > g);
-        // Back to the first set: changed again, so newer still.
+        // Back to the first set, reordered, reweighted: nothing it carried
+        // is gone, so its flows stay.
         let t2 = ids.compile(&[&b], &settings(), &cost).unwrap();
-        assert!(t2.instances[&ib].generation > t4.instances[&ib].generation);
+        assert_eq!(t2.instances[&ib].generation, t4.instances[&ib].generation);
+        let mut b3 = b.clone();
+        b3.service_ips.reverse();
+        b3.service_ips[0].weight = 7;
+        let t5 = ids.compile(&[&b3], &settings(), &cost).unwrap();
+        assert_eq!(t5.instances[&ib].generation, t4.instances[&ib].generation);
         // A new instance reusing the slot starts a newer generation.
         let c = record("app.ns.db.ns", 0, [192, 0, 2, 3], true, &[]);
         let t3 = ids.compile(&[&b, &c], &settings(), &cost).unwrap();
@@ -537,7 +555,7 @@ mod tests {
         // b first, then a: ids a fresh start would hand out the other way round.
         ids.compile(&[&b], &settings(), &|_| 0).unwrap();
         let mut b2 = b.clone();
-        b2.service_ips[0].weight = 2; // other service IPs: a new generation
+        b2.service_ips[0].address = [203, 0, 113, 12].into(); // one gone: a new generation
         ids.compile(&[&b2], &settings(), &|_| 0).unwrap();
         let before = ids.compile(&[&a, &b2], &settings(), &|_| 0).unwrap();
         let saved = ids.saved();
