@@ -48,7 +48,14 @@ macro_rules! counter_set {
             /// local, or LLVM would drop the check, knowing the enum's range.
             #[inline(always)]
             pub fn add_unknown(&mut self, which: $en, n: u64) {
-                let index = which as usize;
+                self.add_index(which as u32, n)
+            }
+
+            /// Like `add_unknown`, for a reason carried as its index (a
+            /// subprogram's scalar result); an index out of range counts nothing.
+            #[inline(always)]
+            pub fn add_index(&mut self, index: u32, n: u64) {
+                let index = index as usize;
                 // SAFETY: a read of a local.
                 let index = unsafe { core::ptr::read_volatile(&index) };
                 if index < $en::COUNT {

@@ -250,6 +250,18 @@ fn local_at(addr: u32) -> Option<(&'static Local, Option<*mut LocalSlot>)> {
     }
 }
 
+/// The container at `addr` if it is the one behind interface `ingress`.
+#[inline(always)]
+fn sender_here(
+    addr: u32,
+    ingress: u32,
+) -> Result<(&'static Local, Option<*mut LocalSlot>), DropReason> {
+    match local_at(addr) {
+        Some(found) if found.0.ifindex == ingress => Ok(found),
+        _ => Err(DropReason::SenderNotDeployed),
+    }
+}
+
 /// The instance a new flow of `service` takes.
 #[inline(always)]
 pub fn pick(service: &Service) -> Result<u32, DropReason> {
@@ -604,7 +616,12 @@ fn reverse_source(ip: &Ip4) -> Option<u32> {
 /// call's must fit in 512 bytes together), and the verifier walks each
 /// once.
 #[inline(never)]
-pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+pub fn from_container(ctx: &TcContext, pkt: &Packet) -> crate::tc::Packed {
+    crate::tc::Packed::from(try_from_container(ctx, pkt))
+}
+
+#[inline(always)]
+fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     let pkt = *pkt;
     use aya_ebpf::bindings::TC_ACT_OK;
 
@@ -624,8 +641,15 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         LATER_FRAGMENT => fragment_binding(&ip),
         _ => ip.tracked.then(|| established(&key)).flatten(),
     };
+    // The source must be the container behind this interface: another's
+    // address would borrow its instance IP and its flows.
+    // SAFETY: reading a field of the context.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
     let binding = match found {
-        Some(b) => b,
+        Some(b) => {
+            sender_here(ip.src, ingress)?;
+            b
+        }
         None => {
             // SAFETY: the value is read right away.
             let service = match unsafe { tm_ov_services.get(&b4(ip.dst)) } {
@@ -639,7 +663,7 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
             if !ip.tracked {
                 return Err(DropReason::UnsupportedServicePacket);
             }
-            let (sender, slot) = local_at(ip.src).ok_or(DropReason::SenderNotDeployed)?;
+            let (sender, slot) = sender_here(ip.src, ingress)?;
             if let Some(slot) = slot {
                 // SAFETY: a map value; written once, when it changes.
                 unsafe {

@@ -240,7 +240,15 @@ fn binding(
     s: &mut Scratch6,
     ip: &Ip6,
     config: &OverlayConfig6,
+    ingress: u32,
 ) -> Result<Option<(u32, u32, &'static Instance)>, DropReason> {
+    // The source must be the container behind this interface (`ingress`):
+    // another's address would borrow its instance IP and its flows.
+    // SAFETY: the value is read right away.
+    let sender_here = |s: &Scratch6| match unsafe { tm_ov_locals6.get(&s.key.src) } {
+        Some(l) if l.ifindex == ingress => Ok(l),
+        _ => Err(DropReason::SenderNotDeployed),
+    };
     // SAFETY: the values are read right away.
     let found = match (ip.fragment, ip.tracked) {
         (LATER_FRAGMENT, _) => unsafe { tm_ov_frags6.get(&s.fragment) },
@@ -252,6 +260,7 @@ fn binding(
             (tm_ov_instances.get(ct.instance), addresses(ct.instance))
         {
             if inst.generation == ct.generation && inst.kind != 0 {
+                sender_here(s)?;
                 s.new_dst = inst6.ns_addr;
                 s.new_src = if inst.kind == INSTANCE_LOCAL && !is_zero(&ct.reply_src) {
                     ct.reply_src
@@ -278,8 +287,7 @@ fn binding(
     if !ip.tracked {
         return Err(DropReason::UnsupportedServicePacket);
     }
-    // SAFETY: the value is read right away.
-    let sender = unsafe { tm_ov_locals6.get(&s.key.src) }.ok_or(DropReason::SenderNotDeployed)?;
+    let sender = sender_here(s)?;
     let id = pick(service)?;
     let inst = match tm_ov_instances.get(id) {
         Some(i) if i.kind != 0 => i,
@@ -345,7 +353,12 @@ fn binding(
 /// TC on a container's host-side veth, for its IPv6 packets. Not inlined:
 /// the IPv4 path stays as the verifier knew it.
 #[inline(never)]
-pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
+pub fn from_container(ctx: &TcContext, pkt: &Packet) -> crate::tc::Packed {
+    crate::tc::Packed::from(try_from_container(ctx, pkt))
+}
+
+#[inline(always)]
+fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> {
     let parsed = parse(pkt)?;
     if parsed.l3 != L3::V6 {
         return Ok(TC_ACT_OK);
@@ -358,7 +371,9 @@ pub fn from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     if config6.flags & CONFIG_SERVICES_OUTSIDE_PREFIX == 0 && !in_prefix(config6, &s.key.dst) {
         return Ok(TC_ACT_OK);
     }
-    let Some((id, service, inst)) = binding(s, &ip, config6)? else {
+    // SAFETY: reading a field of the context.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    let Some((id, service, inst)) = binding(s, &ip, config6, ingress)? else {
         return Ok(TC_ACT_OK);
     };
     let bytes = ctx.len() as u64;

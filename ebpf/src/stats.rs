@@ -36,6 +36,12 @@ impl Stats {
         self.with(|s| s.drops.add_unknown(reason, 1))
     }
 
+    /// A drop whose reason came as its index (see `tc::Packed`).
+    #[inline(always)]
+    pub fn drop_index(&self, index: u32) {
+        self.with(|s| s.drops.add_index(index, 1))
+    }
+
     /// `n` drops of one reason at once (frames lost after the program ran).
     #[inline(always)]
     pub fn drop_reasons(&self, reason: DropReason, n: u64) {

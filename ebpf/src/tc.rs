@@ -40,14 +40,12 @@ pub fn tm_tc_egress(ctx: TcContext) -> i32 {
 pub fn tm_tc_service(ctx: TcContext) -> i32 {
     mirror::copy(&ctx, DIRECTION_OUT);
     let stats = Stats::of(ProgramSlot::TcService);
-    let result = linear_packet(&ctx).and_then(|pkt| {
-        if overlay::is_ipv6(&pkt) {
-            overlay6::from_container(&ctx, &pkt)
-        } else {
-            overlay::from_container(&ctx, &pkt)
-        }
-    });
-    tc_outcome(&stats, ctx.len() as u64, result)
+    let packed = match linear_packet(&ctx) {
+        Ok(pkt) if overlay::is_ipv6(&pkt) => overlay6::from_container(&ctx, &pkt),
+        Ok(pkt) => overlay::from_container(&ctx, &pkt),
+        Err(reason) => Packed::from(Err(reason)),
+    };
+    tc_packed(&stats, ctx.len() as u64, packed)
 }
 
 /// On a conduit's node-side veth (ingress: what the application sends):
@@ -98,15 +96,36 @@ fn try_tc(ctx: &TcContext, stats: &Stats) -> Result<i32, DropReason> {
     Ok(TC_ACT_OK)
 }
 
-/// The one place a TC result becomes a verdict and is counted.
+/// A TC result as one scalar, for subprograms to return: a `Result` would
+/// come back through the caller's stack, and LLVM may leave that address in
+/// R0, which the verifier refuses ("cannot return stack pointer to the
+/// caller"). The action, or a drop reason's index with bit 32 set.
+#[derive(Clone, Copy)]
+pub struct Packed(u64);
+
+impl From<Result<i32, DropReason>> for Packed {
+    #[inline(always)]
+    fn from(result: Result<i32, DropReason>) -> Self {
+        Packed(match result {
+            Ok(action) => action as u32 as u64,
+            Err(reason) => 1 << 32 | reason as u32 as u64,
+        })
+    }
+}
+
 #[inline(always)]
 fn tc_outcome(stats: &Stats, bytes: u64, result: Result<i32, DropReason>) -> i32 {
-    let action = match result {
-        Ok(action) => action,
-        Err(reason) => {
-            stats.drop_reason(reason);
-            TC_ACT_SHOT
-        }
+    tc_packed(stats, bytes, Packed::from(result))
+}
+
+/// The one place a TC result becomes a verdict and is counted.
+#[inline(always)]
+fn tc_packed(stats: &Stats, bytes: u64, packed: Packed) -> i32 {
+    let action = if packed.0 >> 32 != 0 {
+        stats.drop_index(packed.0 as u32);
+        TC_ACT_SHOT
+    } else {
+        packed.0 as u32 as i32
     };
     let verdict = match action {
         TC_ACT_OK => Verdict::Pass,

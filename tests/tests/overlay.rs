@@ -704,6 +704,63 @@ fn a_table_that_only_reorders_or_adds_service_ips_moves_no_flow() {
     assert!(ask().iter().all(|n| n == "web0"), "RR is web#0's alone now");
 }
 
+/// The payloads reaching UDP `port` in `container` while `send` runs.
+fn payloads_at(container: &Netns, port: u16, send: impl FnOnce()) -> Vec<String> {
+    let receiver = spawn_in(&container.name, move || {
+        let udp = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port)).unwrap();
+        udp.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok((n, _)) = udp.recv_from(&mut buf) {
+            got.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        got
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    send();
+    receiver.join().unwrap()
+}
+
+#[test]
+fn a_container_cannot_send_from_another_containers_address() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    let (_, out) = run(
+        &lab.client,
+        &["ip", "-4", "-o", "addr", "show", "dev", "tmsvc0"],
+    );
+    let client_ns = out
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .expect("the client's address")
+        .to_string();
+    // web#0 takes the client's address as a second one of its own.
+    lab.web0
+        .ip(&["addr", "add", &format!("{client_ns}/32"), "dev", "tmsvc0"]);
+    let send = |from: &Netns, source: &str, text: &'static str| {
+        let source: Ipv4Addr = source.parse().unwrap();
+        let to: Ipv4Addr = WEB1_IP.parse().unwrap();
+        let _ = spawn_in(&from.name, move || {
+            let s = UdpSocket::bind(SocketAddrV4::new(source, 0)).unwrap();
+            for _ in 0..5 {
+                s.send_to(text.as_bytes(), SocketAddrV4::new(to, 7005))
+                    .unwrap();
+            }
+        })
+        .join();
+    };
+    let got = payloads_at(&lab.web1, 7005, || {
+        send(&lab.web0, &client_ns, "forged");
+        send(&lab.client, &client_ns, "real");
+    });
+    assert_eq!(got, vec!["real"; 5], "only the client's own datagrams");
+}
+
 #[test]
 fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
     if !kernel_tests_enabled() {
