@@ -967,6 +967,23 @@ fn port_mappings_forward_node_ports_to_the_container_until_undeploy() {
         (400, true),
         "{text}"
     );
+    // Nor a port of the node itself: the tunnel's, one a node service
+    // holds (its DNAT would take the node's own traffic too), nor one port
+    // twice in one request.
+    let held = spawn_in(&n1.netns.name, || {
+        std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, 8099)).unwrap()
+    })
+    .join()
+    .unwrap();
+    for (mappings, code, says) in [
+        ("50103:9/udp", 409, "tunnel"),
+        ("8099:9", 409, "held by a service of the node"),
+        ("8082:9/udp;8082:10/udp", 400, "given twice"),
+    ] {
+        let (status, text) = n1.api("/container/deploy", &clash.replace("8080:9/udp", mappings));
+        assert_eq!((status, text.contains(says)), (code, true), "{text}");
+    }
+    drop(held);
 
     // From the other node, to node 1's address.
     let (udp, tcp) = {

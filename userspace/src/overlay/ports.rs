@@ -42,6 +42,8 @@ pub enum PortError {
     Syntax(String),
     #[error("portMappings: {0} is not a port (1-65535)")]
     Port(String),
+    #[error("portMappings: node port {0} ({1:?}) is given twice")]
+    Twice(u16, Protocol),
 }
 
 /// Parses Oakestra's mapping list; empty text is no mapping.
@@ -63,13 +65,34 @@ pub fn parse(text: &str) -> Result<Vec<PortMapping>, PortError> {
         };
         // A single port ("9080") maps the node port to the same container port.
         let (host, container) = ports.split_once(':').unwrap_or((ports, ports));
+        let host_port = port(host)?;
+        if out
+            .iter()
+            .any(|m: &PortMapping| m.protocol == protocol && m.host_port == host_port)
+        {
+            return Err(PortError::Twice(host_port, protocol));
+        }
         out.push(PortMapping {
             protocol,
-            host_port: port(host)?,
+            host_port,
             container_port: port(container)?,
         });
     }
     Ok(out)
+}
+
+/// Whether a socket of the node holds `mapping`'s node port (its DNAT
+/// would take that service's traffic, the node's own included): tried by
+/// binding the port on every address, and letting go at once.
+pub fn held_on_node(mapping: &PortMapping) -> Option<std::io::Error> {
+    let any = (Ipv4Addr::UNSPECIFIED, mapping.host_port);
+    let bound = match mapping.protocol {
+        Protocol::Tcp => std::net::TcpListener::bind(any).map(drop),
+        Protocol::Udp => std::net::UdpSocket::bind(any).map(drop),
+    };
+    bound
+        .err()
+        .filter(|e| e.kind() == std::io::ErrorKind::AddrInUse)
 }
 
 /// The nftables table that holds exactly `mappings`: a prerouting and an
@@ -157,6 +180,12 @@ mod tests {
         assert!(matches!(parse("8080:"), Err(PortError::Port(_))));
         assert!(matches!(parse("8080:80/sctp"), Err(PortError::Syntax(_))));
         assert_eq!(parse("0:80"), Err(PortError::Port("0".into())));
+        // One node port once per protocol.
+        assert_eq!(
+            parse("8081:7000/udp;8081:7001/udp"),
+            Err(PortError::Twice(8081, Protocol::Udp))
+        );
+        assert_eq!(parse("8081:7000/udp;8081:7001").unwrap().len(), 2);
         let s = script(&[(
             Ipv4Addr::new(192, 0, 2, 2),
             parse("8080:80/udp").unwrap()[0],
@@ -166,5 +195,19 @@ mod tests {
             "{s}"
         );
         assert!(script(&[]).ends_with("delete table ip tapmesh_netmanager\n"));
+    }
+
+    #[test]
+    fn a_node_port_a_socket_holds_is_seen() {
+        let held = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = held.local_addr().unwrap().port();
+        let tcp = PortMapping {
+            protocol: Protocol::Tcp,
+            host_port: port,
+            container_port: 80,
+        };
+        assert!(held_on_node(&tcp).is_some());
+        drop(held);
+        assert!(held_on_node(&tcp).is_none());
     }
 }

@@ -17,7 +17,7 @@ use crate::net::{self, netns::NetnsId, Prefix};
 use crate::overlay::cluster::{Cluster, DeployNotice, SubnetReply};
 use crate::overlay::ipam::Ipam;
 use crate::overlay::model::{InstanceRecord, IpType, Placement};
-use crate::overlay::ports::PortMapping;
+use crate::overlay::ports::{PortMapping, Protocol};
 
 /// Unknown service IPs kept for `status` (beyond: counted, not listed).
 const MAX_UNRESOLVED: usize = 1024;
@@ -416,6 +416,18 @@ impl NetManager {
             if taken {
                 return Err(NmError::Conflict(format!(
                     "node port {} ({:?}) is already mapped to another container",
+                    p.host_port, p.protocol
+                )));
+            }
+            if p.protocol == Protocol::Udp && p.host_port == self.settings.node_port {
+                return Err(NmError::Conflict(format!(
+                    "node port {} (Udp) is the tunnel's (lb.tunnel_port)",
+                    p.host_port
+                )));
+            }
+            if let Some(e) = crate::overlay::ports::held_on_node(p) {
+                return Err(NmError::Conflict(format!(
+                    "node port {} ({:?}) is held by a service of the node ({e})",
                     p.host_port, p.protocol
                 )));
             }
