@@ -704,6 +704,56 @@ fn a_table_that_only_reorders_or_adds_service_ips_moves_no_flow() {
     assert!(ask().iter().all(|n| n == "web0"), "RR is web#0's alone now");
 }
 
+#[test]
+fn a_service_ip_of_one_job_is_refused_to_another() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    let n1 = &lab.nodes.node1;
+    let other = Netns::new("ovx");
+    let deploy = |job: &str, ips: &[(&str, &str)]| {
+        n1.api("/container/deploy", &deploy_body(&other, job, 0, ips))
+    };
+    // Another job's RR address, its instance IP, and a remote instance's
+    // instance IP as an RR address: each refused, saying whose it is.
+    for (ips, whose) in [
+        (&[("RR", RR)][..], "RoundRobin of app.ns.web.ns instance"),
+        (
+            &[("InstanceNumber", RR)][..],
+            "RoundRobin of app.ns.web.ns instance",
+        ),
+        (
+            &[("RR", CLIENT_IP)][..],
+            "InstanceNumber of app.ns.client.ns instance 0",
+        ),
+        (
+            &[("Closest", WEB1_IP)][..],
+            "InstanceNumber of app.ns.web.ns instance 1",
+        ),
+    ] {
+        let (status, text) = deploy("app.ns.other.ns", ips);
+        assert_eq!(
+            (status, text.contains(whose)),
+            (409, true),
+            "{ips:?}: {text}"
+        );
+    }
+    // Its own job's RR address, with its type: shared, as every instance does.
+    let (status, text) = deploy(WEB, &[("RR", RR), ("InstanceNumber", "203.0.113.103")]);
+    assert_eq!(status, 409, "instance 0 of web is deployed: {text}");
+    let (status, text) = n1.api(
+        "/container/deploy",
+        &deploy_body(
+            &other,
+            WEB,
+            2,
+            &[("RR", RR), ("InstanceNumber", "203.0.113.103")],
+        ),
+    );
+    assert_eq!(status, 200, "{text}");
+}
+
 /// The payloads reaching UDP `port` in `container` while `send` runs.
 fn payloads_at(container: &Netns, port: u16, send: impl FnOnce()) -> Vec<String> {
     let receiver = spawn_in(&container.name, move || {

@@ -408,6 +408,33 @@ impl NetManager {
                 )));
             }
         }
+        // An RR or Closest address is its job's alone (all its instances
+        // share it, with one type); any other reuse would send one job's
+        // traffic to another, or drop it, by which came first.
+        for ip in &spec.service_ips {
+            let same = |o: &crate::overlay::model::ServiceIp| {
+                o.address == ip.address || (o.address_v6.is_some() && o.address_v6 == ip.address_v6)
+            };
+            let clash = state
+                .local
+                .values()
+                .map(|d| &d.record)
+                .chain(state.remote.values().flatten())
+                .filter(|r| (r.job.clone(), r.number) != key)
+                .find_map(|r| {
+                    let o = r.service_ips.iter().find(|o| same(o))?;
+                    let shared = r.job == spec.job
+                        && o.ip_type == ip.ip_type
+                        && ip.ip_type != IpType::InstanceNumber;
+                    (!shared).then_some((r, o.ip_type))
+                });
+            if let Some((other, kind)) = clash {
+                return Err(NmError::Conflict(format!(
+                    "service IP {} is already {kind:?} of {} instance {}",
+                    ip.address, other.job, other.number
+                )));
+            }
+        }
         for p in &spec.ports {
             let taken = state
                 .port_table()
