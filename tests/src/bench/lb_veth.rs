@@ -128,9 +128,16 @@ fn tapmesh_lab() -> Setup {
             mac: fmt_mac(l.target.mac(&l.t_if)),
         },
     );
+    // `TAPMESH_BENCH_XDP_MODE=generic`: both daemons' uplinks in generic
+    // (skb) mode, which on veth skips the skb → xdp_buff copy, the NAPI
+    // rings and the skb rebuilt after a redirect.
+    let mode = std::env::var("TAPMESH_BENCH_XDP_MODE").unwrap_or("auto".into());
+    let (m1, m2) = (mode.clone(), mode);
     let d1 = Daemon::start(
         &l.node1.name,
         &[
+            "--xdp-mode",
+            &m1,
             "--uplink",
             &l.n1_down,
             "--uplink",
@@ -144,6 +151,8 @@ fn tapmesh_lab() -> Setup {
     let d2 = Daemon::start(
         &l.node2.name,
         &[
+            "--xdp-mode",
+            &m2,
             "--uplink",
             &l.n2_up,
             "--node-address",
