@@ -60,30 +60,9 @@ static NEXT_PORT: AtomicU16 = AtomicU16::new(20000);
 /// address the answer came from.
 fn udp_ask(client: &Netns, to: &str, flows: usize) -> Vec<(String, String)> {
     let to: IpAddr = to.parse().unwrap();
-    let any: IpAddr = if to.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        std::net::Ipv6Addr::UNSPECIFIED.into()
-    };
     spawn_in(&client.name, move || {
         (0..flows)
-            .map(|_| {
-                let port = NEXT_PORT.fetch_add(1, Ordering::Relaxed);
-                let s = UdpSocket::bind((any, port)).expect("client bind");
-                s.set_read_timeout(Some(Duration::from_millis(1500)))
-                    .unwrap();
-                for _ in 0..3 {
-                    s.send_to(b"hello", (to, UDP_PORT)).unwrap();
-                    let mut buf = [0u8; 64];
-                    if let Ok((n, from)) = s.recv_from(&mut buf) {
-                        return (
-                            String::from_utf8_lossy(&buf[..n]).to_string(),
-                            from.to_string(),
-                        );
-                    }
-                }
-                ("(no answer)".to_string(), String::new())
-            })
+            .map(|_| ask_from(NEXT_PORT.fetch_add(1, Ordering::Relaxed), to))
             .collect()
     })
     .join()
@@ -94,29 +73,33 @@ fn udp_ask(client: &Netns, to: &str, flows: usize) -> Vec<(String, String)> {
 /// (IPv4 or IPv6); who answered, and from where.
 fn udp_ask_from(client: &Netns, port: u16, to: &str) -> (String, String) {
     let to: IpAddr = to.parse().unwrap();
+    spawn_in(&client.name, move || ask_from(port, to))
+        .join()
+        .expect("client thread")
+}
+
+/// In the caller's namespace: a datagram from `port` to `to`:UDP_PORT, up
+/// to three times; the answer and where it came from.
+fn ask_from(port: u16, to: IpAddr) -> (String, String) {
     let any: IpAddr = if to.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
         std::net::Ipv6Addr::UNSPECIFIED.into()
     };
-    spawn_in(&client.name, move || {
-        let s = UdpSocket::bind((any, port)).expect("client bind");
-        s.set_read_timeout(Some(Duration::from_millis(1500)))
-            .unwrap();
-        for _ in 0..3 {
-            s.send_to(b"hello", (to, UDP_PORT)).unwrap();
-            let mut buf = [0u8; 64];
-            if let Ok((n, from)) = s.recv_from(&mut buf) {
-                return (
-                    String::from_utf8_lossy(&buf[..n]).to_string(),
-                    from.to_string(),
-                );
-            }
+    let s = UdpSocket::bind((any, port)).expect("client bind");
+    s.set_read_timeout(Some(Duration::from_millis(1500)))
+        .unwrap();
+    for _ in 0..3 {
+        s.send_to(b"hello", (to, UDP_PORT)).unwrap();
+        let mut buf = [0u8; 64];
+        if let Ok((n, from)) = s.recv_from(&mut buf) {
+            return (
+                String::from_utf8_lossy(&buf[..n]).to_string(),
+                from.to_string(),
+            );
         }
-        ("(no answer)".to_string(), String::new())
-    })
-    .join()
-    .expect("client thread")
+    }
+    ("(no answer)".to_string(), String::new())
 }
 
 /// One TCP connection per call; returns who answered.
