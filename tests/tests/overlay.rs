@@ -737,6 +737,36 @@ fn a_service_ip_of_one_job_is_refused_to_another() {
     assert_eq!(status, 200, "{text}");
 }
 
+#[test]
+fn an_unreadable_state_file_is_kept_aside_not_overwritten() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = lab();
+    let state = lab
+        .nodes
+        .node1
+        .socket
+        .with_file_name("state")
+        .join("netmanager-state.json");
+    let garbage = b"{\"registration\": garbage";
+    lab.nodes.node1.restart(&[], |_| {
+        assert!(state.exists(), "the deployments were saved");
+        std::fs::write(&state, garbage).unwrap();
+    });
+    // The daemon starts without it; a new registration saves afresh and
+    // what the file held is still there for the operator.
+    lab.nodes.node1.register("192.0.2.0/26");
+    let aside = state.with_file_name("netmanager-state.refused.json");
+    assert_eq!(std::fs::read(&aside).ok().as_deref(), Some(&garbage[..]));
+    assert!(std::fs::read(&state).is_ok_and(|b| b != garbage));
+    let log = lab.nodes.node1.daemon.as_ref().unwrap().log_text();
+    assert!(
+        log.contains(&format!("kept as {}", aside.display())),
+        "{log}"
+    );
+}
+
 /// The payloads reaching UDP `port` in `container` while `send` runs.
 fn payloads_at(container: &Netns, port: u16, send: impl FnOnce()) -> Vec<String> {
     let receiver = spawn_in(&container.name, move || {

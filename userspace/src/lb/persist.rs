@@ -47,7 +47,7 @@ impl Store {
             Ok(bytes) => match serde_json::from_slice(&bytes) {
                 Ok(saved) => saved,
                 Err(e) => {
-                    tracing::warn!("ignoring {}: {e}", path.display());
+                    tracing::warn!("LB state {}", crate::statefile::refused(path, &e));
                     return (file, false);
                 }
             },

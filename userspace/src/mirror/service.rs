@@ -149,7 +149,7 @@ impl MirrorService {
         let persisted: Persisted = match serde_json::from_slice(&bytes) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!("ignoring {}: {e}", path.display());
+                tracing::warn!("tap state {}", crate::statefile::refused(&path, &e));
                 return;
             }
         };

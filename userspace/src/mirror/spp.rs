@@ -253,7 +253,7 @@ impl SppAgent {
             .and_then(|(path, bytes)| match serde_json::from_slice(&bytes) {
                 Ok(owned) => Some(owned),
                 Err(e) => {
-                    warn!("spp agent: ignoring {}: {e}", path.display());
+                    warn!("spp agent: state {}", crate::statefile::refused(path, &e));
                     None
                 }
             })

@@ -187,7 +187,10 @@ impl Nsp {
             .and_then(|b| {
                 serde_json::from_slice(&b)
                     .map_err(|e| {
-                        tracing::warn!("ignoring {}: {e}", self.settings.state_file.display())
+                        tracing::warn!(
+                            "registry state {}",
+                            crate::statefile::refused(&self.settings.state_file, &e)
+                        )
                     })
                     .ok()
             })

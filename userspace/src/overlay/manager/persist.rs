@@ -83,10 +83,7 @@ impl NetManager {
         let persisted: Persisted = match serde_json::from_slice(&bytes) {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(
-                    "NetManager state {} is not readable ({e}); starting empty",
-                    path.display()
-                );
+                tracing::warn!("NetManager state {}", crate::statefile::refused(path, &e));
                 return;
             }
         };
@@ -103,8 +100,8 @@ impl NetManager {
             (Ok(v4), Ok(v6)) => Ipam::new(v4, v6),
             _ => {
                 tracing::warn!(
-                    "NetManager state {}: bad subnetwork; starting empty",
-                    path.display()
+                    "NetManager state {}",
+                    crate::statefile::refused(path, &"bad subnetwork")
                 );
                 return;
             }
@@ -112,7 +109,7 @@ impl NetManager {
         let ipam = match ipam {
             Ok(i) => i,
             Err(e) => {
-                tracing::warn!("NetManager state {}: {e}; starting empty", path.display());
+                tracing::warn!("NetManager state {}", crate::statefile::refused(path, &e));
                 return;
             }
         };
