@@ -194,13 +194,36 @@ fn service_ips(list: Vec<ServiceIpJson>) -> Result<Vec<ServiceIp>, ApiError> {
                 .address
                 .parse()
                 .map_err(|_| bad(format!("Address {:?} is not an IPv4 address", s.address)))?;
-            let address_v6 = match s.address_v6.as_deref() {
+            let address_v6: Option<std::net::Ipv6Addr> = match s.address_v6.as_deref() {
                 None | Some("") => None,
                 Some(t) => Some(
                     t.parse()
                         .map_err(|_| bad(format!("Address_v6 {t:?} is not an IPv6 address")))?,
                 ),
             };
+            // A service IP stands for instances: never this host, a whole
+            // network, a group or a link.
+            let v4_ok = !(address.is_unspecified()
+                || address.is_broadcast()
+                || address.is_loopback()
+                || address.is_multicast()
+                || address.is_link_local());
+            let v6_ok = address_v6.is_none_or(|a| {
+                !(a.is_unspecified()
+                    || a.is_loopback()
+                    || a.is_multicast()
+                    || a.is_unicast_link_local())
+            });
+            if !v4_ok || !v6_ok {
+                return Err(bad(format!(
+                    "service IP {} is not a unicast address an instance can stand behind",
+                    if v4_ok {
+                        s.address_v6.as_deref().unwrap_or_default()
+                    } else {
+                        s.address.as_str()
+                    }
+                )));
+            }
             Ok(ServiceIp {
                 ip_type,
                 address,
@@ -346,7 +369,15 @@ pub(super) fn parse_table(bytes: &[u8]) -> Result<(String, Vec<RemoteSpec>, Stri
         instances.push(RemoteSpec {
             number: instance_number(i.instance_number)?,
             ns_addr: ip(ns, "namespace_ip")?,
-            ns_addr_v6: i.namespace_ip_v6.as_deref().and_then(|t| t.parse().ok()),
+            ns_addr_v6: i
+                .namespace_ip_v6
+                .as_deref()
+                .filter(|t| !t.is_empty())
+                .map(|t| {
+                    t.parse()
+                        .map_err(|_| bad(format!("namespace_ip_v6 {t:?} is not an IPv6 address")))
+                })
+                .transpose()?,
             node: ip(node, "host_ip")?,
             port: port_of(&i.host_port)?,
             service_ips: service_ips(i.service_ip)?,
@@ -430,6 +461,30 @@ mod tests {
                 (IpType::InstanceNumber, Ipv4Addr::new(203, 0, 113, 101))
             ]
         );
+        // No service IP for this host, a network, a group or a link; a
+        // malformed IPv6 namespace address is not dropped silently.
+        for (address, v6) in [
+            ("0.0.0.0", ""),
+            ("255.255.255.255", ""),
+            ("127.0.0.1", ""),
+            ("224.0.0.5", ""),
+            ("169.254.1.1", ""),
+            ("203.0.113.10", "ff02::1"),
+            ("203.0.113.10", "::1"),
+        ] {
+            let text = format!(
+                r#"{{"app_name": "a.b.c.d", "instance_list": [{{"instance_number": 0, "namespace_ip": "192.0.2.2", "host_ip": "198.18.2.1", "host_port": 1, "service_ip": [{{"IpType": "RR", "Address": "{address}", "Address_v6": "{v6}"}}]}}]}}"#
+            );
+            match parse_table(text.as_bytes()) {
+                Err(e) => assert!(e.to_string().contains("not a unicast address"), "{e}"),
+                Ok(_) => panic!("service IP {address} / {v6:?} was taken"),
+            }
+        }
+        let v6ns = br#"{"app_name": "a.b.c.d", "instance_list": [{"instance_number": 0, "namespace_ip": "192.0.2.2", "namespace_ip_v6": "2001:db8::zz", "host_ip": "198.18.2.1", "host_port": 1}]}"#;
+        match parse_table(v6ns) {
+            Err(e) => assert!(e.to_string().contains("namespace_ip_v6"), "{e}"),
+            Ok(_) => panic!("a malformed namespace_ip_v6 was dropped silently"),
+        }
         // A present but malformed address is still refused.
         let bad = br#"{"app_name": "a.b.c.d", "instance_list": [{"instance_number": 0, "namespace_ip": "x", "host_ip": "198.18.2.1", "host_port": 1}]}"#;
         match parse_table(bad) {
