@@ -359,6 +359,23 @@ struct Caller {
 }
 
 impl Caller {
+    /// One caller on node 1 and one on node 2, each with its ips, both
+    /// for identifier `id` (ENABLED at `at`).
+    fn on_nodes_1_and_2(lab: &Lab, ips: [&str; 2], id: u32, at: Option<u128>) -> Vec<Self> {
+        (0..2)
+            .map(|i| {
+                Caller::start(
+                    &lab.nodes[i].name,
+                    &lab.node_socket(i + 1),
+                    ips[i],
+                    id,
+                    at,
+                    false,
+                )
+            })
+            .collect()
+    }
+
     fn start(netns: &str, socket: &Path, ip: &str, id: u32, at: Option<u128>, keep: bool) -> Self {
         let mut cmd = std::process::Command::new("ip");
         cmd.args(["netns", "exec", netns])
@@ -430,18 +447,7 @@ fn two_nodes_racing_for_one_identifier_never_both_enable_it() {
             .unwrap()
             .as_millis()
             + 300;
-        let mut callers: Vec<Caller> = (0..2)
-            .map(|i| {
-                Caller::start(
-                    &lab.nodes[i].name,
-                    &lab.node_socket(i + 1),
-                    ips[i],
-                    id,
-                    Some(at),
-                    false,
-                )
-            })
-            .collect();
+        let mut callers = Caller::on_nodes_1_and_2(&lab, ips, id, Some(at));
         let results: Vec<String> = callers.iter_mut().map(Caller::result).collect();
         let won: Vec<usize> = (0..2).filter(|&i| results[i] == "ok").collect();
         assert_eq!(won.len(), 1, "identifier {id}: {results:?}");
@@ -942,18 +948,7 @@ fn an_identifier_enabled_on_two_nodes_while_etcd_was_away_stays_with_its_claim_h
     assert!(away, "{}", lab.cluster_detail(1));
     // Nodes 1 and 2 each enable identifier 7 locally: neither can claim it.
     let ips = ["203.0.113.201/32", "203.0.113.202/32"];
-    let mut callers: Vec<Caller> = (0..2)
-        .map(|i| {
-            Caller::start(
-                &lab.nodes[i].name,
-                &lab.node_socket(i + 1),
-                ips[i],
-                7,
-                None,
-                false,
-            )
-        })
-        .collect();
+    let mut callers = Caller::on_nodes_1_and_2(&lab, ips, 7, None);
     for c in &mut callers {
         assert_eq!(c.result(), "ok", "enabled locally");
     }
