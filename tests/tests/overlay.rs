@@ -738,6 +738,91 @@ fn a_service_ip_of_one_job_is_refused_to_another() {
 }
 
 #[test]
+fn a_table_that_gives_an_address_a_second_meaning_is_refused_and_changes_nothing() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    let n1 = &lab.nodes.node1;
+    let pins = n1
+        .daemon
+        .as_ref()
+        .unwrap()
+        .bpffs_root
+        .join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    let client_ns = n1.status()["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["job"] == CLIENT)
+        .and_then(|i| i["ns_address"].as_str())
+        .expect("the client's namespace address")
+        .to_string();
+    let before = tapmesh_tests::maps::dump_pinned(&pins);
+    let other = "app.ns.other.ns";
+    let table = |job: &str, ns: &str, sips: &[(&str, &str)]| {
+        let body = format!(
+            r#"{{"app_name": "{job}", "instance_list": [{{"instance_number": 1, "namespace_ip": "{ns}", "host_ip": "{NODE2}", "host_port": 50103, "service_ip": [{}]}}]}}"#,
+            tapmesh_tests::overlay::service_ips_json(sips)
+        );
+        n1.api("/tablequery/result", &body)
+    };
+    for (job, ns, sips, says) in [
+        // A local container's address as another job's instance IP.
+        (
+            other,
+            "192.0.2.70",
+            &[("InstanceNumber", client_ns.as_str())][..],
+            format!("is already the namespace address of {CLIENT} instance 0"),
+        ),
+        // Another job's remote instance's address as a namespace address.
+        (
+            other,
+            lab.web1_ns.as_str(),
+            &[][..],
+            format!("is already the namespace address of {WEB} instance 1"),
+        ),
+        // Another job's RR address, and web's own instance IP given to the client.
+        (
+            other,
+            "192.0.2.70",
+            &[("RR", RR)][..],
+            format!("is already RoundRobin of {WEB} instance"),
+        ),
+        (
+            CLIENT,
+            "192.0.2.70",
+            &[("InstanceNumber", WEB1_IP)][..],
+            format!("is already InstanceNumber of {WEB} instance 1"),
+        ),
+        // An address of this node's container subnet placed on node 2.
+        (
+            other,
+            "192.0.2.9",
+            &[][..],
+            "is in this node's container subnet 192.0.2.0/26".to_string(),
+        ),
+    ] {
+        let (status, text) = table(job, ns, sips);
+        assert_eq!(
+            (status, text.contains(&says)),
+            (409, true),
+            "{job} {ns} {sips:?}: {text}"
+        );
+    }
+    let diff = tapmesh_tests::maps::differences(&before, &tapmesh_tests::maps::dump_pinned(&pins));
+    assert!(diff.is_empty(), "maps changed: {diff:?}");
+    // The refused web table left web's entries as they were: both instances answer.
+    let answers = udp_ask(&lab.client, WEB1_IP, 3);
+    answered_by(&answers, "web1", WEB1_IP);
+    let answers = udp_ask(&lab.client, WEB0_IP, 3);
+    answered_by(&answers, "web0", WEB0_IP);
+    // The same table with addresses of its own is taken.
+    let (status, text) = table(other, "192.0.2.70", &[("InstanceNumber", "203.0.113.120")]);
+    assert_eq!(status, 200, "{text}");
+}
+
+#[test]
 fn an_unreadable_state_file_is_kept_aside_not_overwritten() {
     if !kernel_tests_enabled() {
         return;

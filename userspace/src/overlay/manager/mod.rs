@@ -4,6 +4,7 @@
 //! how it becomes map entries; the operations, container links, nftables
 //! port mappings, the state file and the views live in the files below.
 
+mod claims;
 mod egress;
 mod links;
 mod ops;
@@ -217,6 +218,27 @@ impl NetManager {
     /// deployments echoed by the cluster are skipped), each with the service
     /// IPs the catalog's feed gives it.
     fn records(&self, state: &State) -> Vec<InstanceRecord> {
+        self.placed(state)
+            .into_iter()
+            .map(|mut r| {
+                for (sip, members) in &state.feed {
+                    if let Some(&weight) = members.get(&r.ns_addr) {
+                        r.service_ips.push(ServiceIp {
+                            ip_type: IpType::RoundRobin,
+                            address: *sip,
+                            address_v6: None,
+                            weight: weight.max(1),
+                        });
+                    }
+                }
+                r
+            })
+            .collect()
+    }
+
+    /// [`Self::records`] without the catalog's feed: what deploys and
+    /// tables claim.
+    fn placed(&self, state: &State) -> Vec<InstanceRecord> {
         let local_node = self.node_addr();
         let locals: Vec<InstanceRecord> = state
             .local
@@ -245,20 +267,7 @@ impl NetManager {
                 !matches!(r.placement, Placement::Remote { node, .. } if Some(node) == local_node)
                     && !state.local.contains_key(&(r.job.clone(), r.number))
             }))
-            .map(|r| {
-                let mut r = r.clone();
-                for (sip, members) in &state.feed {
-                    if let Some(&weight) = members.get(&r.ns_addr) {
-                        r.service_ips.push(ServiceIp {
-                            ip_type: IpType::RoundRobin,
-                            address: *sip,
-                            address_v6: None,
-                            weight: weight.max(1),
-                        });
-                    }
-                }
-                r
-            })
+            .cloned()
             .collect()
     }
 

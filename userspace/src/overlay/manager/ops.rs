@@ -16,7 +16,7 @@ use super::{Feed, LocalDeployment, NetManager, NmError, Registration, ServiceIp}
 use crate::net::{self, netns::NetnsId, Prefix};
 use crate::overlay::cluster::{Cluster, DeployNotice, SubnetReply};
 use crate::overlay::ipam::Ipam;
-use crate::overlay::model::{InstanceRecord, IpType, Placement};
+use crate::overlay::model::{InstanceRecord, Placement};
 use crate::overlay::ports::{PortMapping, Protocol};
 
 /// Unknown service IPs kept for `status` (beyond: counted, not listed).
@@ -390,51 +390,6 @@ impl NetManager {
                 spec.job, spec.number
             )));
         }
-        if let Some(ip) = spec
-            .service_ips
-            .iter()
-            .find(|s| s.ip_type == IpType::InstanceNumber)
-        {
-            let taken = state
-                .local
-                .values()
-                .map(|d| &d.record)
-                .chain(state.remote.values().flatten())
-                .find(|r| r.instance_ip() == Some(ip.address) && (r.job.clone(), r.number) != key);
-            if let Some(other) = taken {
-                return Err(NmError::Conflict(format!(
-                    "instance IP {} already belongs to {} instance {}",
-                    ip.address, other.job, other.number
-                )));
-            }
-        }
-        // An RR or Closest address is its job's alone (all its instances
-        // share it, with one type); any other reuse would send one job's
-        // traffic to another, or drop it, by which came first.
-        for ip in &spec.service_ips {
-            let same = |o: &crate::overlay::model::ServiceIp| {
-                o.address == ip.address || (o.address_v6.is_some() && o.address_v6 == ip.address_v6)
-            };
-            let clash = state
-                .local
-                .values()
-                .map(|d| &d.record)
-                .chain(state.remote.values().flatten())
-                .filter(|r| (r.job.clone(), r.number) != key)
-                .find_map(|r| {
-                    let o = r.service_ips.iter().find(|o| same(o))?;
-                    let shared = r.job == spec.job
-                        && o.ip_type == ip.ip_type
-                        && ip.ip_type != IpType::InstanceNumber;
-                    (!shared).then_some((r, o.ip_type))
-                });
-            if let Some((other, kind)) = clash {
-                return Err(NmError::Conflict(format!(
-                    "service IP {} is already {kind:?} of {} instance {}",
-                    ip.address, other.job, other.number
-                )));
-            }
-        }
         for p in &spec.ports {
             let taken = state
                 .port_table()
@@ -479,6 +434,29 @@ impl NetManager {
         let ipam = state.ipam.as_mut().ok_or(no_subnet)?;
         let lease = ipam.allocate()?;
         let (gateway, gateway_v6) = (ipam.gateway(), ipam.gateway_v6());
+        let mut record = InstanceRecord {
+            job: spec.job.clone(),
+            number: spec.number,
+            ns_addr: lease.v4,
+            ns_addr_v6: lease.v6,
+            // Set once the link exists; claims do not look at it.
+            placement: Placement::Remote {
+                node: Ipv4Addr::UNSPECIFIED,
+                port: 0,
+            },
+            service_ips: spec.service_ips,
+            weight: spec.weight,
+        };
+        let mut claimed = self.placed(&state);
+        claimed.push(record.clone());
+        if let Some(why) = super::claims::conflict(&claimed, |r| {
+            r.job == record.job && r.number == record.number
+        }) {
+            if let Some(ipam) = state.ipam.as_mut() {
+                ipam.release(lease);
+            }
+            return Err(NmError::Conflict(why));
+        }
         let host = host_ifname(&spec.job, spec.number);
         let created = self
             .create_link(&netns, &host, lease, gateway, gateway_v6)
@@ -492,19 +470,11 @@ impl NetManager {
                 return Err(e);
             }
         };
-        let record = InstanceRecord {
-            job: spec.job.clone(),
-            number: spec.number,
-            ns_addr: lease.v4,
-            ns_addr_v6: lease.v6,
-            placement: Placement::Local {
-                host_ifname: host.clone(),
-                host_ifindex: link.host_ifindex,
-                host_mac: link.host_mac,
-                mac: link.peer_mac,
-            },
-            service_ips: spec.service_ips,
-            weight: spec.weight,
+        record.placement = Placement::Local {
+            host_ifname: host.clone(),
+            host_ifindex: link.host_ifindex,
+            host_mac: link.host_mac,
+            mac: link.peer_mac,
         };
         state.local.insert(
             key.clone(),
@@ -632,17 +602,43 @@ impl NetManager {
                 weight: r.weight,
             })
             .collect();
+        if let Some(subnet) = state.ipam.as_ref().map(|i| i.subnet()) {
+            let local_node = self.node_addr();
+            let elsewhere = |r: &&InstanceRecord| {
+                !matches!(r.placement, Placement::Remote { node, .. } if Some(node) == local_node)
+                    && !state.local.contains_key(&(r.job.clone(), r.number))
+            };
+            if let Some(r) = records
+                .iter()
+                .filter(elsewhere)
+                .find(|r| subnet.contains(r.ns_addr.into()))
+            {
+                return Err(NmError::Conflict(format!(
+                    "namespace_ip {} of {job} instance {} is in this node's container subnet {subnet}",
+                    r.ns_addr, r.number
+                )));
+            }
+        }
         let before = if records.is_empty() {
             state.arrivals.remove(&job);
             state.remote.remove(&job)
         } else {
             state.remote.insert(job.clone(), records)
         };
-        if let Err(e) = self.apply_locked(&mut state).await {
+        let restore = |state: &mut super::State, before| {
             match before {
-                Some(old) => state.remote.insert(job, old),
+                Some(old) => state.remote.insert(job.clone(), old),
                 None => state.remote.remove(&job),
             };
+        };
+        // Echoes of this node's own instances are not placed, and claim
+        // through the local deployment they add service IPs to.
+        if let Some(why) = super::claims::conflict(&self.placed(&state), |r| r.job == job) {
+            restore(&mut state, before);
+            return Err(NmError::Conflict(why));
+        }
+        if let Err(e) = self.apply_locked(&mut state).await {
+            restore(&mut state, before);
             return Err(e);
         }
         Ok(())
