@@ -267,3 +267,61 @@ fn a_unikernel_gets_its_namespace_bridge_tap_and_nat_and_its_service_ips_reach_t
     assert_eq!(status, 200, "as Oakestra: not there is 200");
     drop(task);
 }
+
+#[test]
+fn a_unikernel_takes_its_service_ips_and_weight_and_undeploy_deletes_only_a_namespace_made_for_it()
+{
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (n, _peer) = tapmesh_tests::overlay::one_node();
+    n.register("192.0.2.0/26");
+    let job = format!("app.ns.{}.ns", unique("ukw"));
+    let body = format!(
+        r#"{{"pid": 0, "serviceName": "{job}", "instanceNumber": 0, "portMappings": "", "weight": 3, "serviceIp": [{{"IpType": "InstanceNumber", "Address": "{UK_IP}"}}, {{"IpType": "RR", "Address": "{RR}"}}]}}"#
+    );
+    let made = NamedNs(format!("{job}.instance.0"));
+    n.post("/unikernel/deploy", &body);
+    let listed = services(&n);
+    assert!(
+        listed.contains(&(UK_IP.into(), 1)) && listed.contains(&(RR.into(), 1)),
+        "{listed:?}"
+    );
+    let state_file = n
+        .socket
+        .with_file_name("state")
+        .join("netmanager-state.json");
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&state_file).unwrap()).unwrap();
+    assert_eq!(state["local"][0]["record"]["weight"], 3, "{state}");
+
+    // A container in a namespace that happens to bear a unikernel's name:
+    // a unikernel undeploy of it removes its link, not its namespace.
+    let borrowed = NamedNs(format!("{job}.instance.1"));
+    sh("ip", &["netns", "add", &borrowed.0]);
+    n.post(
+        "/container/deploy",
+        &format!(
+            r#"{{"netns": "/run/netns/{}", "serviceName": "{job}", "instanceNumber": 1, "portMappings": ""}}"#,
+            borrowed.0
+        ),
+    );
+    let undeploy = |number: u32, path: &str| {
+        n.post(
+            path,
+            &format!(r#"{{"serviceName": "{job}", "instanceNumber": {number}}}"#),
+        )
+    };
+    undeploy(1, "/unikernel/undeploy");
+    assert!(std::path::Path::new(&format!("/run/netns/{}", borrowed.0)).exists());
+    let links = ip_json(&borrowed.0, &["link", "show"]);
+    assert_eq!(
+        links.as_array().unwrap().len(),
+        1,
+        "only lo is left: {links}"
+    );
+    // The unikernel's own namespace goes with it, whichever path undeploys it.
+    undeploy(0, "/container/undeploy");
+    assert!(!std::path::Path::new(&format!("/run/netns/{}", made.0)).exists());
+    assert!(services(&n).is_empty(), "{:?}", services(&n));
+}

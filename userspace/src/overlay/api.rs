@@ -284,6 +284,7 @@ async fn deploy(
         service_ips: service_ips(r.service_ip)?,
         weight: r.weight.unwrap_or(1).max(1),
         ports,
+        made_netns: false,
     };
     Ok(Json(detached(async move { nm.deploy(spec).await }).await?))
 }
@@ -315,8 +316,14 @@ async fn unikernel_deploy(
     let job = job_name(&r.service_name)?;
     let number = instance_number(r.instance_number)?;
     let ports = super::ports::parse(&r.port_mappings).map_err(|e| bad(e.to_string()))?;
+    let service_ips = service_ips(r.service_ip)?;
+    let weight = r.weight.unwrap_or(1).max(1);
     Ok(Json(
-        detached(async move { nm.deploy_unikernel(job, number, ports).await }).await?,
+        detached(async move {
+            nm.deploy_unikernel(job, number, service_ips, weight, ports)
+                .await
+        })
+        .await?,
     ))
 }
 

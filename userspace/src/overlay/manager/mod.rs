@@ -115,6 +115,8 @@ struct LocalDeployment {
     /// The namespace `netns` named at deploy, to recognise it at a restart.
     netns_id: Option<NetnsId>,
     ports: Vec<PortMapping>,
+    /// The namespace was made here (a unikernel's): undeploy deletes it.
+    made_netns: bool,
 }
 
 #[derive(Default)]

@@ -35,6 +35,8 @@ pub struct DeploySpec {
     pub service_ips: Vec<ServiceIp>,
     pub weight: u32,
     pub ports: Vec<PortMapping>,
+    /// The namespace was made for this instance: undeploy deletes it.
+    pub made_netns: bool,
 }
 
 pub enum NetnsRef {
@@ -484,6 +486,7 @@ impl NetManager {
                 netns: netns_path,
                 netns_id,
                 ports: spec.ports,
+                made_netns: spec.made_netns,
             },
         );
         let attached = self.dataplane.attach_container(&host).await;
@@ -546,6 +549,18 @@ impl NetManager {
             tracing::warn!("port mappings of {job} instance {number} not removed: {e}");
         }
         self.remove_link(&deployment).await;
+        if deployment.made_netns {
+            let name = std::path::Path::new(&deployment.netns)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if let Err(e) = net::netns::delete_named(&name) {
+                tracing::warn!(
+                    "network namespace {} of {job} instance {number} not deleted: {e}",
+                    deployment.netns
+                );
+            }
+        }
         if let Some(ipam) = state.ipam.as_mut() {
             ipam.release(deployment.lease);
         }

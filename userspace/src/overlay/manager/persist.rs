@@ -32,6 +32,10 @@ struct PersistedDeployment {
     netns: String,
     netns_id: Option<NetnsId>,
     ports: Vec<PortMapping>,
+    /// Absent in files of daemons before it: a unikernel's is the named
+    /// namespace the NetManager makes for one.
+    #[serde(default)]
+    made_netns: Option<bool>,
 }
 
 impl NetManager {
@@ -51,6 +55,7 @@ impl NetManager {
                     netns: d.netns.clone(),
                     netns_id: d.netns_id,
                     ports: d.ports.clone(),
+                    made_netns: Some(d.made_netns),
                 })
                 .collect(),
             remote: state.remote.clone(),
@@ -193,6 +198,13 @@ impl NetManager {
             }
             return Err(e);
         }
+        let made_netns = d.made_netns.unwrap_or_else(|| {
+            d.netns
+                == format!(
+                    "/run/netns/{}",
+                    super::unikernel::netns_name(&record.job, record.number)
+                )
+        });
         state.local.insert(
             (record.job.clone(), record.number),
             LocalDeployment {
@@ -201,6 +213,7 @@ impl NetManager {
                 netns: d.netns,
                 netns_id: d.netns_id,
                 ports: d.ports,
+                made_netns,
             },
         );
         Ok(up)

@@ -12,6 +12,7 @@ use std::net::Ipv4Addr;
 
 use super::{DeploySpec, Deployed, NetManager, NetnsRef, NmError};
 use crate::net::{self, nft, Prefix};
+use crate::overlay::model::ServiceIp;
 use crate::overlay::ports::PortMapping;
 
 pub const BRIDGE: &str = "virbr0";
@@ -65,6 +66,8 @@ impl NetManager {
         &self,
         job: String,
         number: u32,
+        service_ips: Vec<ServiceIp>,
+        weight: u32,
         ports: Vec<PortMapping>,
     ) -> Result<Deployed, NmError> {
         if self.state.lock().await.registration.is_none() {
@@ -89,9 +92,10 @@ impl NetManager {
             netns: NetnsRef::Path(path.display().to_string()),
             job: job.clone(),
             number,
-            service_ips: Vec::new(),
-            weight: 1,
+            service_ips,
+            weight,
             ports,
+            made_netns: true,
         };
         let deployed = match self.deploy(spec).await {
             Ok(d) => d,
@@ -101,8 +105,8 @@ impl NetManager {
             }
         };
         if let Err(e) = self.set_up_vm_side(&path, &deployed).await {
+            // Deletes the namespace too.
             let _ = self.undeploy(&job, number).await;
-            let _ = net::netns::delete_named(&name);
             return Err(e);
         }
         tracing::info!(%job, instance = number, netns = %name, "unikernel network ready");
@@ -148,30 +152,10 @@ impl NetManager {
         Ok(())
     }
 
-    /// Undeploys a unikernel and deletes the namespace made for it. Like
-    /// Oakestra, an instance that is not here is not an error.
+    /// Undeploys a unikernel; [`Self::undeploy`] deletes the namespace
+    /// made for it (and only a namespace made here, whatever its name).
     pub async fn undeploy_unikernel(&self, job: &str, number: u32) -> Result<(), NmError> {
-        let name = netns_name(job, number);
-        let ours = {
-            let state = self.state.lock().await;
-            if state.registration.is_none() {
-                return Err(NmError::NotRegistered);
-            }
-            state
-                .local
-                .get(&(job.to_string(), number))
-                .is_some_and(|d| d.netns == format!("/run/netns/{name}"))
-        };
-        self.undeploy(job, number).await?;
-        if ours {
-            net::netns::delete_named(&name).map_err(|e| {
-                NmError::Network(net::NetError::Kernel {
-                    op: format!("deleting network namespace {name}"),
-                    source: e,
-                })
-            })?;
-        }
-        Ok(())
+        self.undeploy(job, number).await
     }
 }
 
