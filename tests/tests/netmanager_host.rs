@@ -254,10 +254,26 @@ fn client_mistakes_get_4xx_and_no_echo() {
     assert_eq!(network_of(&c), inside);
     assert_eq!(node.container_links().len(), 1);
 
-    // Over the body limit (1 MiB): 413, answered without reading it all.
-    let (status, body) = big_request(&node.socket, "/container/deploy", vec![b' '; 3 << 20]);
-    assert_eq!(status, 413, "{}", String::from_utf8_lossy(&body));
-    assert!(body.len() < 512, "{} bytes answered", body.len());
+    // Over the body limit (1 MiB): 413 with a JSON message on every path,
+    // answered without reading it all.
+    for path in ["/container/deploy", "/tablequery/result", "/register"] {
+        let (status, body) = big_request(&node.socket, path, vec![b' '; 3 << 20]);
+        let text = String::from_utf8_lossy(&body);
+        assert_eq!(status, 413, "{path}: {text}");
+        assert!(message(&text).contains("length limit"), "{path}: {text}");
+        assert!(body.len() < 512, "{path}: {} bytes answered", body.len());
+    }
+    // A path or a method it does not serve: JSON too.
+    let (status, text) = tapmesh_tests::overlay::http(&node.socket, "POST", "/nothing", "{}");
+    assert_eq!(
+        (status, message(&text)),
+        (404, "no such path: /nothing".into())
+    );
+    let (status, text) = tapmesh_tests::overlay::http(&node.socket, "GET", "/register", "");
+    assert_eq!(
+        (status, message(&text)),
+        (405, "GET is not taken here (POST, or GET /status)".into())
+    );
 
     // Under the limit, a long bad value is named, not echoed.
     let name = "x".repeat(900_000);

@@ -5,7 +5,10 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use axum::{
-    extract::{rejection::JsonRejection, State},
+    extract::{
+        rejection::{BytesRejection, JsonRejection},
+        State,
+    },
     http::StatusCode,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -396,8 +399,10 @@ pub(super) fn parse_table(bytes: &[u8]) -> Result<(String, Vec<RemoteSpec>, Stri
 
 async fn table(
     State(nm): State<Arc<NetManager>>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, BytesRejection>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
+    let body =
+        body.map_err(|e| ApiError(e.status(), format!("bad request body: {}", e.body_text())))?;
     let (job, instances, _) = parse_table(&body)?;
     detached(async move { nm.update_table(job, instances).await }).await?;
     Ok(Json(serde_json::json!({})))
@@ -418,6 +423,18 @@ pub fn router(nm: Arc<NetManager>) -> Router {
         .route("/unikernel/undeploy", post(unikernel_undeploy))
         .route("/tablequery/result", post(table))
         .route("/status", get(status))
+        .fallback(|uri: axum::http::Uri| async move {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no such path: {}", uri.path()),
+            )
+        })
+        .method_not_allowed_fallback(|method: axum::http::Method| async move {
+            ApiError(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("{method} is not taken here (POST, or GET /status)"),
+            )
+        })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(nm)
 }
