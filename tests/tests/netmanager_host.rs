@@ -234,6 +234,12 @@ fn client_mistakes_get_4xx_and_no_echo() {
         &deploy_body(&c, JOB, 0, &[("RR", "203.0.113.10")]),
     );
     let inside = network_of(&c);
+    // Nothing would bring replies back to it from other nodes: said at deploy.
+    let log = node.daemon.as_ref().unwrap().log_text();
+    assert!(
+        log.contains("no InstanceNumber service IP: replies to what it sends to instances on other nodes cannot reach it"),
+        "{log}"
+    );
     // A second deploy into one namespace: a conflict, and the first one's
     // interface, addresses and routes stay as they were.
     let (status, text) = node.api(
@@ -292,4 +298,27 @@ fn client_mistakes_get_4xx_and_no_echo() {
     assert_eq!(status, 400);
     assert!(body.len() < 512, "{} bytes answered", body.len());
     assert_eq!(node.container_links().len(), 1);
+
+    // A container whose namespace is deleted under it: listed as gone.
+    let doomed = Netns::new("ovd");
+    node.post(
+        "/container/deploy",
+        &deploy_body(&doomed, "gone.ns.web.ns", 0, &[]),
+    );
+    drop(doomed);
+    let location = || {
+        node.status()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["job"] == "gone.ns.web.ns")
+            .map(|i| i["location"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    };
+    let said = tapmesh_tests::net::wait_until(Duration::from_secs(10), || {
+        location().ends_with("is gone: was its namespace deleted? undeploy it)")
+    });
+    assert!(said, "{}", location());
+    node.undeploy("gone.ns.web.ns", 0);
+    assert_eq!(location(), "");
 }

@@ -16,7 +16,7 @@ use super::{Feed, LocalDeployment, NetManager, NmError, Registration, ServiceIp}
 use crate::net::{self, netns::NetnsId, Prefix};
 use crate::overlay::cluster::{Cluster, DeployNotice, SubnetReply};
 use crate::overlay::ipam::Ipam;
-use crate::overlay::model::{InstanceRecord, Placement};
+use crate::overlay::model::{InstanceRecord, IpType, Placement};
 use crate::overlay::ports::{PortMapping, Protocol};
 
 /// Unknown service IPs kept for `status` (beyond: counted, not listed).
@@ -449,6 +449,7 @@ impl NetManager {
             service_ips: spec.service_ips,
             weight: spec.weight,
         };
+        let spec_ips = record.service_ips.clone();
         let mut claimed = self.placed(&state);
         claimed.push(record.clone());
         if let Some(why) = super::claims::conflict(&claimed, |r| {
@@ -517,6 +518,18 @@ impl NetManager {
         self.persist(&state);
         drop(state);
         tracing::info!(job = %spec.job, instance = spec.number, address = %lease.v4, interface = %host, "deployed");
+        // Replies find an instance through its instance IP (its source on
+        // the way out); in Oakestra mode the cluster's table brings it.
+        if !self.settings.oakestra {
+            let instance_ip = spec_ips
+                .iter()
+                .find(|s| s.ip_type == IpType::InstanceNumber);
+            if instance_ip.is_none() {
+                tracing::warn!(job = %spec.job, instance = spec.number, "no InstanceNumber service IP: replies to what it sends to instances on other nodes cannot reach it");
+            } else if lease.v6.is_some() && instance_ip.is_some_and(|s| s.address_v6.is_none()) {
+                tracing::warn!(job = %spec.job, instance = spec.number, "its instance IP has no Address_v6: replies to what it sends over IPv6 to instances on other nodes cannot reach it");
+            }
+        }
         if let Some(c) = self.cluster() {
             // As Oakestra: tell the cluster, then follow the job's table.
             c.deployed(self.notice(&spec.job, spec.number, "DEPLOYED", &lease))

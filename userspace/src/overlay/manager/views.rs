@@ -78,7 +78,16 @@ impl NetManager {
                         sip.weight
                     },
                     location: match &r.placement {
-                        Placement::Local { host_ifname, .. } => format!("local ({host_ifname})"),
+                        // The namespace deleted under a deployed container
+                    // takes the veth with it; until it is undeployed.
+                    Placement::Local {
+                        host_ifname,
+                        host_ifindex,
+                        ..
+                    } if crate::net::link::name(*host_ifindex).as_ref() != Some(host_ifname) => {
+                        format!("local ({host_ifname} is gone: was its namespace deleted? undeploy it)")
+                    }
+                    Placement::Local { host_ifname, .. } => format!("local ({host_ifname})"),
                         Placement::Remote { node, port } => format!("{node}:{port}"),
                     },
                     known: true,
@@ -128,6 +137,17 @@ impl NetManager {
                 number: r.number,
                 ns_address: r.ns_addr.to_string(),
                 location: match &r.placement {
+                    // The namespace deleted under a deployed container
+                    // takes the veth with it; until it is undeployed.
+                    Placement::Local {
+                        host_ifname,
+                        host_ifindex,
+                        ..
+                    } if crate::net::link::name(*host_ifindex).as_ref() != Some(host_ifname) => {
+                        format!(
+                            "local ({host_ifname} is gone: was its namespace deleted? undeploy it)"
+                        )
+                    }
                     Placement::Local { host_ifname, .. } => format!("local ({host_ifname})"),
                     Placement::Remote { node, port } => format!("{node}:{port}"),
                 },
