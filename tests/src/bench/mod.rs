@@ -235,7 +235,7 @@ pub fn paths() -> Paths {
         if name == LB_ENCAP_ROW {
             encap_net = (raw - floor).max(0.0);
         }
-        if name.starts_with("TC service") && name.contains("UDP encap") {
+        if name.starts_with("TC service: UDP") && name.ends_with("(resolved next hop)") {
             service_net = (raw - floor).max(0.0);
         }
         if name.contains("→ container") {
@@ -254,9 +254,9 @@ pub fn paths() -> Paths {
     }
     let verdict = if encap_net <= 60.0 { "met" } else { "NOT met" };
     let overlay_verdict = format!(
-        "Targets (overlay): TC service translation + encapsulation ≤ 60 ns net — {} ({service_net:.1} ns); \
+        "Targets (overlay): TC service translation + encapsulation ≤ 120 ns net (issue 18) — {} ({service_net:.1} ns); \
          XDP decapsulation ≤ 30 ns net — {} ({decap_net:.1} ns, the slower of the two decap rows).",
-        if service_net <= 60.0 { "met" } else { "NOT met" },
+        if service_net <= 120.0 { "met" } else { "NOT met" },
         if decap_net <= 30.0 { "met" } else { "NOT met" },
     );
 

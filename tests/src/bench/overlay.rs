@@ -159,7 +159,8 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
             host_mac: OUR_MAC,
         },
     );
-    OverlayWriter::default()
+    let mut writer = OverlayWriter::default();
+    writer
         .apply(&mut bpf.ebpf, &tables)
         .expect("writing the overlay tables");
     let payload = PAYLOAD;
@@ -213,6 +214,26 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
         (&out[42 + 12..42 + 16], &out[42 + 16..42 + 20]),
         (&client_ip.octets()[..], &instance_ns.octets()[..]),
         "inner addresses"
+    );
+    let (raw, floor) = measure_loop(bpf, "tm_tc_service", &request);
+    rows.push(("TC service: UDP to an RR service IP → conntrack hit, translate, UDP encap, redirect (next hop from the kernel's FIB)", raw, floor));
+    // The daemon resolves remote nodes' next hops and the writer copies
+    // them into their instances: no FIB lookup from here on.
+    let hop = tapmesh::net::neigh::Hop {
+        ifindex: tma_index,
+        dst_mac: REMOTE_MAC,
+        src_mac: tma_mac,
+    };
+    writer
+        .set_hops(
+            &mut bpf.ebpf,
+            std::collections::BTreeMap::from([(REMOTE_NODE, hop)]),
+        )
+        .expect("writing the next hop");
+    assert_eq!(
+        bpf.run("tm_tc_service", &request, 1).output,
+        first.output,
+        "TC service, resolved next hop: output"
     );
     let (raw, floor) = measure_loop(bpf, "tm_tc_service", &request);
     rows.push(("TC service: UDP to an RR service IP → conntrack hit, translate, UDP encap, redirect (resolved next hop)", raw, floor));
