@@ -78,6 +78,18 @@ fn main() {
             let paths = bench::paths();
             print!("{}\n\n{}\n{}", paths.targets, paths.table, paths.blocks);
         }
+        flag if flag.starts_with('-') => {
+            eprintln!(
+                "usage: tapmesh-bench [OUT.md | rows | overlay | overlay-rows | overlay-rates | lb-rates | \
+                 control | mirror | maglev | eds | xds | cluster | cluster-many | paths | compare-decap ROUNDS OBJECT...]\n\
+                 with no argument or a file name: every family, written to that file (default BENCHMARKS.md)"
+            );
+            std::process::exit(if flag == "-h" || flag == "--help" {
+                0
+            } else {
+                2
+            });
+        }
         _ => {
             let doc = bench::report();
             print!("{doc}");
