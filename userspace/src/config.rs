@@ -638,15 +638,24 @@ impl ClusterConfig {
                 "give cert_file and key_file together, or neither".into(),
             ));
         }
-        for (setting, file) in [
-            ("cluster.ca_file", &self.ca_file),
-            ("cluster.cert_file", &self.cert_file),
-            ("cluster.key_file", &self.key_file),
+        // Read now: a file that is not what it is named for would otherwise
+        // fail only at the first connection, as a TLS error.
+        for (setting, file, holds) in [
+            ("cluster.ca_file", &self.ca_file, "CERTIFICATE-----"),
+            ("cluster.cert_file", &self.cert_file, "CERTIFICATE-----"),
+            ("cluster.key_file", &self.key_file, "PRIVATE KEY-----"),
         ] {
-            if let Some(path) = file {
-                if let Err(e) = std::fs::metadata(path) {
-                    return Err(bad(setting, format!("{}: {e}", path.display())));
-                }
+            let Some(path) = file else { continue };
+            let text = std::fs::read(path)
+                .map_err(|e| bad(setting, format!("{}: {e}", path.display())))?;
+            if !pem_holds(&text, holds) {
+                return Err(bad(
+                    setting,
+                    format!(
+                        "{}: no PEM block \"-----BEGIN …{holds}\" in it",
+                        path.display()
+                    ),
+                ));
             }
         }
         let tls = self.ca_file.is_some() || self.cert_file.is_some();
@@ -662,6 +671,17 @@ impl ClusterConfig {
         }
         Ok(())
     }
+}
+
+/// Whether `text` has a PEM block whose label ends with `label_end`
+/// ("CERTIFICATE-----", "PRIVATE KEY-----"), begun and ended.
+fn pem_holds(text: &[u8], label_end: &str) -> bool {
+    let text = String::from_utf8_lossy(text);
+    text.lines().any(|line| {
+        line.trim_end().starts_with("-----BEGIN ")
+            && line.trim_end().ends_with(label_end)
+            && text.contains(&line.trim_end().replacen("BEGIN", "END", 1))
+    })
 }
 
 /// The HTTP listener of `/healthz`, `/readyz` and `/metrics`.
@@ -1349,7 +1369,26 @@ mod tests {
         assert!(refused("cert_file = \"/etc/hostname\"").contains("key_file together"));
         assert!(refused("ca_file = \"/no/such/ca.pem\"")
             .starts_with("cluster.ca_file: /no/such/ca.pem"));
-        assert!(refused("ca_file = \"/etc/hostname\"").contains("https://"));
+        assert_eq!(
+            refused("ca_file = \"/etc/hostname\""),
+            "cluster.ca_file: /etc/hostname: no PEM block \"-----BEGIN …CERTIFICATE-----\" in it"
+        );
+        assert!(pem_holds(
+            b"x\n-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+            "CERTIFICATE-----"
+        ));
+        assert!(pem_holds(
+            b"-----BEGIN EC PRIVATE KEY-----\nMHc\n-----END EC PRIVATE KEY-----",
+            "PRIVATE KEY-----"
+        ));
+        assert!(!pem_holds(
+            b"-----BEGIN CERTIFICATE-----\nMIIB\n",
+            "CERTIFICATE-----"
+        ));
+        assert!(!pem_holds(
+            b"-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----",
+            "PRIVATE KEY-----"
+        ));
         let e = Config::from_toml("[cluster]\netcd_endpoints = [\"192.0.2.10\"]\n")
             .unwrap()
             .cluster
