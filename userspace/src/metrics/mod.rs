@@ -181,8 +181,9 @@ impl Plugin for MetricsPlugin {
 }
 
 /// Connections served at once: a scraper, the probes and an operator need a
-/// few; more wait in the listen backlog instead of taking the daemon's file
-/// descriptors (and its admin socket and `/healthz` with them).
+/// few. A connection past them takes the place of the oldest one, so idle
+/// or slow clients cannot hold a probe back (kubelet gives up after 1 s)
+/// nor take the daemon's file descriptors.
 const MAX_CONNECTIONS: usize = 32;
 /// Time for a request's headers.
 const HEADER_TIME: Duration = Duration::from_secs(5);
@@ -192,15 +193,12 @@ const CONNECTION_TIME: Duration = Duration::from_secs(30);
 
 /// Serves `app` until `stop`, each connection within the limits above.
 async fn serve(listener: tokio::net::TcpListener, app: Router, stop: CancellationToken) {
+    use std::collections::VecDeque;
     let places = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    // The connections being served, oldest first (each one's own stop).
+    let live: Arc<std::sync::Mutex<VecDeque<(u64, CancellationToken)>>> = Arc::default();
+    let mut next = 0u64;
     loop {
-        let place = tokio::select! {
-            _ = stop.cancelled() => return,
-            p = places.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -213,17 +211,38 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, stop: Cancellatio
                 }
             },
         };
+        let place = match places.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let oldest = live.lock().expect("lock").pop_front();
+                if let Some((_, stop)) = oldest {
+                    stop.cancel();
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    p = places.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                }
+            }
+        };
+        let own = stop.child_token();
+        let id = next;
+        next += 1;
+        live.lock().expect("lock").push_back((id, own.clone()));
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        let stop = stop.clone();
+        let live = live.clone();
         tokio::spawn(async move {
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_TIME)
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
             tokio::select! {
-                _ = stop.cancelled() => {}
+                _ = own.cancelled() => {}
                 _ = tokio::time::timeout(CONNECTION_TIME, connection) => {}
             }
+            live.lock().expect("lock").retain(|(i, _)| *i != id);
             drop(place);
         });
     }
