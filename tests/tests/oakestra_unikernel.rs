@@ -274,7 +274,7 @@ fn a_unikernel_takes_its_service_ips_and_weight_and_undeploy_deletes_only_a_name
     if !kernel_tests_enabled() {
         return;
     }
-    let (n, _peer) = tapmesh_tests::overlay::one_node();
+    let (mut n, _peer) = tapmesh_tests::overlay::one_node();
     n.register("192.0.2.0/26");
     let job = format!("app.ns.{}.ns", unique("ukw"));
     let body = format!(
@@ -306,13 +306,13 @@ fn a_unikernel_takes_its_service_ips_and_weight_and_undeploy_deletes_only_a_name
             borrowed.0
         ),
     );
-    let undeploy = |number: u32, path: &str| {
+    let undeploy = |n: &tapmesh_tests::overlay::Node, number: u32, path: &str| {
         n.post(
             path,
             &format!(r#"{{"serviceName": "{job}", "instanceNumber": {number}}}"#),
         )
     };
-    undeploy(1, "/unikernel/undeploy");
+    undeploy(&n, 1, "/unikernel/undeploy");
     assert!(std::path::Path::new(&format!("/run/netns/{}", borrowed.0)).exists());
     let links = ip_json(&borrowed.0, &["link", "show"]);
     assert_eq!(
@@ -320,8 +320,47 @@ fn a_unikernel_takes_its_service_ips_and_weight_and_undeploy_deletes_only_a_name
         1,
         "only lo is left: {links}"
     );
+    // A second unikernel; then a restart that relinks both (the links go
+    // at a stop that does not keep the dataplane).
+    let second = NamedNs(format!("{job}.instance.2"));
+    n.post(
+        "/unikernel/deploy",
+        &body
+            .replace(r#""instanceNumber": 0"#, r#""instanceNumber": 2"#)
+            .replace(UK_IP, "203.0.113.102"),
+    );
+    let nat_iif = |ns: &str| {
+        let chains = run_in(ns, || nft::read("tapmesh_unikernel").unwrap()).expect("NAT table");
+        let pre = chains
+            .iter()
+            .find(|c| c.name == "prerouting")
+            .expect("prerouting");
+        match &pre.rules[0][1] {
+            Expr::Cmp { data, .. } => u32::from_ne_bytes(data[..4].try_into().unwrap()),
+            other => panic!("{other:?}"),
+        }
+    };
+    let veth_index = |ns: &str| {
+        ip_json(ns, &["link", "show", "tmsvc0"])[0]["ifindex"]
+            .as_u64()
+            .unwrap() as u32
+    };
+    let before = veth_index(&made.0);
+    assert_eq!(nat_iif(&made.0), before);
+    n.restart(&[], |_| {});
+    // The VM's NAT names the new veth.
+    let after = veth_index(&made.0);
+    assert_ne!(after, before, "relinked");
+    assert_eq!(nat_iif(&made.0), after);
+    assert_eq!(nat_iif(&second.0), veth_index(&second.0));
+
     // The unikernel's own namespace goes with it, whichever path undeploys it.
-    undeploy(0, "/container/undeploy");
-    assert!(!std::path::Path::new(&format!("/run/netns/{}", made.0)).exists());
+    undeploy(&n, 2, "/container/undeploy");
+    assert!(!std::path::Path::new(&format!("/run/netns/{}", second.0)).exists());
+    // A namespace made since under its name is not its own: it stays.
+    sh("ip", &["netns", "delete", &made.0]);
+    sh("ip", &["netns", "add", &made.0]);
+    undeploy(&n, 0, "/unikernel/undeploy");
+    assert!(std::path::Path::new(&format!("/run/netns/{}", made.0)).exists());
     assert!(services(&n).is_empty(), "{:?}", services(&n));
 }

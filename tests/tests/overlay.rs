@@ -768,12 +768,19 @@ fn a_table_that_gives_an_address_a_second_meaning_is_refused_and_changes_nothing
         n1.api("/tablequery/result", &body)
     };
     for (job, ns, sips, says) in [
-        // A local container's address as another job's instance IP.
+        // A container's address as another job's instance IP: node 2's, and
+        // one here.
+        (
+            other,
+            "192.0.2.70",
+            &[("InstanceNumber", lab.web1_ns.as_str())][..],
+            format!("is already the namespace address of {WEB} instance 1"),
+        ),
         (
             other,
             "192.0.2.70",
             &[("InstanceNumber", client_ns.as_str())][..],
-            format!("is already the namespace address of {CLIENT} instance 0"),
+            "is in this node's container subnet 192.0.2.0/26".to_string(),
         ),
         // Another job's remote instance's address as a namespace address.
         (
@@ -795,13 +802,34 @@ fn a_table_that_gives_an_address_a_second_meaning_is_refused_and_changes_nothing
             &[("InstanceNumber", WEB1_IP)][..],
             format!("is already InstanceNumber of {WEB} instance 1"),
         ),
-        // An address of this node's container subnet placed on node 2.
+        // An address of this node's container subnet placed on node 2, even
+        // for an instance deployed here (it would count once undeployed).
         (
             other,
             "192.0.2.9",
             &[][..],
             "is in this node's container subnet 192.0.2.0/26".to_string(),
         ),
+        (
+            CLIENT,
+            "192.0.2.9",
+            &[][..],
+            "is in this node's container subnet 192.0.2.0/26".to_string(),
+        ),
+        // A service IP there, or the node's own address.
+        (
+            other,
+            "192.0.2.70",
+            &[("RR", "192.0.2.1")][..],
+            "service IP 192.0.2.1 of app.ns.other.ns instance 1 is in this node's container subnet 192.0.2.0/26".to_string(),
+        ),
+        (
+            other,
+            "192.0.2.70",
+            &[("InstanceNumber", NODE1)][..],
+            "is this node's address".to_string(),
+        ),
+        (other, NODE1, &[][..], "is this node's address".to_string()),
     ] {
         let (status, text) = table(job, ns, sips);
         assert_eq!(
@@ -810,6 +838,18 @@ fn a_table_that_gives_an_address_a_second_meaning_is_refused_and_changes_nothing
             "{job} {ns} {sips:?}: {text}"
         );
     }
+    // One instance listed twice.
+    let (status, text) = n1.api(
+        "/tablequery/result",
+        &format!(
+            r#"{{"app_name": "{other}", "instance_list": [{{"instance_number": 1, "namespace_ip": "192.0.2.70", "host_ip": "{NODE2}", "host_port": 50103}}, {{"instance_number": 1, "namespace_ip": "192.0.2.71", "host_ip": "{NODE2}", "host_port": 50103}}]}}"#
+        ),
+    );
+    assert_eq!(
+        (status, text.contains("instance 1 is listed twice")),
+        (400, true),
+        "{text}"
+    );
     let diff = tapmesh_tests::maps::differences(&before, &tapmesh_tests::maps::dump_pinned(&pins));
     assert!(diff.is_empty(), "maps changed: {diff:?}");
     // The refused web table left web's entries as they were: both instances answer.
@@ -820,6 +860,31 @@ fn a_table_that_gives_an_address_a_second_meaning_is_refused_and_changes_nothing
     // The same table with addresses of its own is taken.
     let (status, text) = table(other, "192.0.2.70", &[("InstanceNumber", "203.0.113.120")]);
     assert_eq!(status, 200, "{text}");
+
+    // A deploy claims what the cluster's table lists for it too, even a
+    // table from before it: web#0 undeployed, its table entry still naming
+    // an instance IP another job's container has taken since.
+    n1.undeploy(WEB, 0);
+    let echo = format!(
+        r#"{{"app_name": "{WEB}", "instance_list": [{{"instance_number": 0, "namespace_ip": "192.0.2.50", "host_ip": "{NODE1}", "host_port": 50103, "service_ip": [{}]}}]}}"#,
+        tapmesh_tests::overlay::service_ips_json(&[
+            ("RR", RR),
+            ("InstanceNumber", "203.0.113.150")
+        ])
+    );
+    n1.post("/tablequery/result", &echo);
+    let taker = Netns::new("ovt");
+    n1.deploy(&taker, other, 0, &[("InstanceNumber", "203.0.113.150")]);
+    let again = Netns::new("ovw0b");
+    let (status, text) = n1.api(
+        "/container/deploy",
+        &deploy_body(&again, WEB, 0, &[("RR", RR)]),
+    );
+    assert_eq!(
+        (status, text.contains(&format!("service IP 203.0.113.150 of {WEB} instance 0 is already InstanceNumber of {other} instance 0"))),
+        (409, true),
+        "{text}"
+    );
 }
 
 #[test]

@@ -71,6 +71,10 @@ impl Ipam {
         self.v4(1)
     }
 
+    pub fn subnet_v6(&self) -> Option<Prefix> {
+        self.subnet_v6
+    }
+
     pub fn gateway_v6(&self) -> Option<Ipv6Addr> {
         self.v6(1)
     }

@@ -238,6 +238,73 @@ impl NetManager {
             .collect()
     }
 
+    /// Every claim on an address: the placed instances and the other
+    /// nodes' entries a local deployment of the same instance hides, which
+    /// come into force when it is undeployed.
+    fn claimants(&self, state: &State) -> Vec<InstanceRecord> {
+        let local_node = self.node_addr();
+        let mut all = self.placed(state);
+        all.extend(
+            state
+                .remote
+                .values()
+                .flatten()
+                .filter(|r| {
+                    state.local.contains_key(&(r.job.clone(), r.number))
+                        && !matches!(r.placement, Placement::Remote { node, .. } if Some(node) == local_node)
+                })
+                .cloned(),
+        );
+        all
+    }
+
+    /// Why an address of `r` cannot be what it says on this node: a service
+    /// IP in the container subnets or the node's address; for an instance
+    /// placed `elsewhere`, a namespace address there too.
+    fn reserved(&self, state: &State, r: &InstanceRecord, elsewhere: bool) -> Option<String> {
+        use std::net::IpAddr;
+        let node = self.node_addr().map(IpAddr::V4);
+        let subnets: Vec<Prefix> = state
+            .ipam
+            .iter()
+            .flat_map(|i| [Some(i.subnet()), i.subnet_v6()])
+            .flatten()
+            .collect();
+        let why = |addr: IpAddr| {
+            if Some(addr) == node {
+                return Some("is this node's address".to_string());
+            }
+            subnets
+                .iter()
+                .find(|p| p.contains(addr))
+                .map(|p| format!("is in this node's container subnet {}", p.network()))
+        };
+        let sips = r
+            .service_ips
+            .iter()
+            .flat_map(|s| [Some(IpAddr::V4(s.address)), s.address_v6.map(IpAddr::V6)]);
+        for addr in sips.flatten() {
+            if let Some(why) = why(addr) {
+                return Some(format!(
+                    "service IP {addr} of {} instance {} {why}",
+                    r.job, r.number
+                ));
+            }
+        }
+        if elsewhere {
+            let own = [Some(IpAddr::V4(r.ns_addr)), r.ns_addr_v6.map(IpAddr::V6)];
+            for addr in own.into_iter().flatten() {
+                if let Some(why) = why(addr) {
+                    return Some(format!(
+                        "namespace_ip {addr} of {} instance {} {why}",
+                        r.job, r.number
+                    ));
+                }
+            }
+        }
+        None
+    }
+
     /// [`Self::records`] without the catalog's feed: what deploys and
     /// tables claim.
     fn placed(&self, state: &State) -> Vec<InstanceRecord> {

@@ -450,11 +450,30 @@ impl NetManager {
             weight: spec.weight,
         };
         let spec_ips = record.service_ips.clone();
-        let mut claimed = self.placed(&state);
-        claimed.push(record.clone());
-        if let Some(why) = super::claims::conflict(&claimed, |r| {
-            r.job == record.job && r.number == record.number
-        }) {
+        // What it will carry: its own service IPs and those the cluster's
+        // table lists for it (even a table older than this deploy).
+        let mut carrying = record.clone();
+        let listed = state
+            .remote
+            .get(&spec.job)
+            .and_then(|l| l.iter().find(|t| t.number == spec.number));
+        for sip in listed.map(|t| t.service_ips.as_slice()).unwrap_or(&[]) {
+            if !carrying
+                .service_ips
+                .iter()
+                .any(|s| s.ip_type == sip.ip_type && s.address == sip.address)
+            {
+                carrying.service_ips.push(sip.clone());
+            }
+        }
+        let mut claimed = self.claimants(&state);
+        claimed.push(carrying.clone());
+        let why = self.reserved(&state, &carrying, false).or_else(|| {
+            super::claims::conflict(&claimed, |r| {
+                r.job == record.job && r.number == record.number
+            })
+        });
+        if let Some(why) = why {
             if let Some(ipam) = state.ipam.as_mut() {
                 ipam.release(lease);
             }
@@ -562,7 +581,16 @@ impl NetManager {
             tracing::warn!("port mappings of {job} instance {number} not removed: {e}");
         }
         self.remove_link(&deployment).await;
-        if deployment.made_netns {
+        // Only the namespace made for it: one of that name made since is another.
+        let same = deployment.netns_id.is_some()
+            && File::open(&deployment.netns)
+                .ok()
+                .and_then(|f| NetnsId::of(&f).ok())
+                == deployment.netns_id;
+        if deployment.made_netns && !same {
+            tracing::warn!("network namespace {} of {job} instance {number} not deleted: it is not the one made for it", deployment.netns);
+        }
+        if deployment.made_netns && same {
             let name = std::path::Path::new(&deployment.netns)
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -630,21 +658,19 @@ impl NetManager {
                 weight: r.weight,
             })
             .collect();
-        if let Some(subnet) = state.ipam.as_ref().map(|i| i.subnet()) {
-            let local_node = self.node_addr();
-            let elsewhere = |r: &&InstanceRecord| {
-                !matches!(r.placement, Placement::Remote { node, .. } if Some(node) == local_node)
-                    && !state.local.contains_key(&(r.job.clone(), r.number))
-            };
-            if let Some(r) = records
-                .iter()
-                .filter(elsewhere)
-                .find(|r| subnet.contains(r.ns_addr.into()))
-            {
-                return Err(NmError::Conflict(format!(
-                    "namespace_ip {} of {job} instance {} is in this node's container subnet {subnet}",
-                    r.ns_addr, r.number
-                )));
+        let mut numbers = BTreeSet::new();
+        if let Some(r) = records.iter().find(|r| !numbers.insert(r.number)) {
+            return Err(NmError::BadRequest(format!(
+                "{job} instance {} is listed twice",
+                r.number
+            )));
+        }
+        let local_node = self.node_addr();
+        for r in &records {
+            let elsewhere =
+                !matches!(r.placement, Placement::Remote { node, .. } if Some(node) == local_node);
+            if let Some(why) = self.reserved(&state, r, elsewhere) {
+                return Err(NmError::Conflict(why));
             }
         }
         let before = if records.is_empty() {
@@ -661,7 +687,7 @@ impl NetManager {
         };
         // Echoes of this node's own instances are not placed, and claim
         // through the local deployment they add service IPs to.
-        if let Some(why) = super::claims::conflict(&self.placed(&state), |r| r.job == job) {
+        if let Some(why) = super::claims::conflict(&self.claimants(&state), |r| r.job == job) {
             restore(&mut state, before);
             return Err(NmError::Conflict(why));
         }

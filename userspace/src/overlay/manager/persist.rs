@@ -164,6 +164,13 @@ impl NetManager {
         let lease = ipam.reserve(d.record.ns_addr)?;
         let (gateway, gateway_v6) = (ipam.gateway(), ipam.gateway_v6());
         let mut record = d.record;
+        let made_netns = d.made_netns.unwrap_or_else(|| {
+            d.netns
+                == format!(
+                    "/run/netns/{}",
+                    super::unikernel::netns_name(&record.job, record.number)
+                )
+        });
         let up = net::link::index(&host_ifname) == Some(host_ifindex);
         let restored = async {
             if !up {
@@ -184,6 +191,9 @@ impl NetManager {
                     host_mac: link.host_mac,
                     mac: link.peer_mac,
                 };
+                if made_netns {
+                    self.rewrite_vm_nat(&netns, record.ns_addr)?;
+                }
             }
             self.dataplane.attach_container(&host_ifname).await?;
             Ok::<(), NmError>(())
@@ -198,13 +208,6 @@ impl NetManager {
             }
             return Err(e);
         }
-        let made_netns = d.made_netns.unwrap_or_else(|| {
-            d.netns
-                == format!(
-                    "/run/netns/{}",
-                    super::unikernel::netns_name(&record.job, record.number)
-                )
-        });
         state.local.insert(
             (record.job.clone(), record.number),
             LocalDeployment {

@@ -152,6 +152,23 @@ impl NetManager {
         Ok(())
     }
 
+    /// Writes the VM's NAT again for the veth now in `netns` (its rules
+    /// name the veth by index, which a relink after a restart changes).
+    pub(super) fn rewrite_vm_nat(&self, netns: &File, address: Ipv4Addr) -> Result<(), NmError> {
+        let ifname = self.settings.container_ifname.clone();
+        let in_ns = net::netns::run_in(netns, || {
+            let veth = net::link::by_name(&ifname)?;
+            nft::write(&nat_table(veth.index, address))
+        })
+        .map_err(|e| {
+            NmError::Network(net::NetError::Kernel {
+                op: "entering the unikernel namespace".into(),
+                source: e,
+            })
+        })?;
+        Ok(in_ns?)
+    }
+
     /// Undeploys a unikernel; [`Self::undeploy`] deletes the namespace
     /// made for it (and only a namespace made here, whatever its name).
     pub async fn undeploy_unikernel(&self, job: &str, number: u32) -> Result<(), NmError> {
