@@ -192,7 +192,7 @@ impl NetManager {
                     mac: link.peer_mac,
                 };
                 if made_netns {
-                    self.rewrite_vm_nat(&netns, record.ns_addr)?;
+                    self.write_vm_nat(&netns, record.ns_addr)?;
                 }
             }
             self.dataplane.attach_container(&host_ifname).await?;

@@ -125,20 +125,11 @@ impl NetManager {
             .ns_address
             .parse()
             .map_err(|_| NmError::BadRequest(format!("address {}", deployed.ns_address)))?;
-        let ifname = self.settings.container_ifname.clone();
-        let in_ns = net::netns::run_in(&netns, || {
+        in_namespace(&netns, || {
             net::tap::add_persistent(TAP)?;
-            net::sysctl::set_ipv4_forwarding(true)?;
-            let veth = net::link::by_name(&ifname)?;
-            nft::write(&nat_table(veth.index, address))
-        })
-        .map_err(|e| {
-            NmError::Network(net::NetError::Kernel {
-                op: "entering the unikernel namespace".into(),
-                source: e,
-            })
+            net::sysctl::set_ipv4_forwarding(true)
         })?;
-        in_ns?;
+        self.write_vm_nat(&netns, address)?;
         net::bridge::add_in(
             &netns,
             BRIDGE,
@@ -152,21 +143,14 @@ impl NetManager {
         Ok(())
     }
 
-    /// Writes the VM's NAT again for the veth now in `netns` (its rules
-    /// name the veth by index, which a relink after a restart changes).
-    pub(super) fn rewrite_vm_nat(&self, netns: &File, address: Ipv4Addr) -> Result<(), NmError> {
+    /// Writes the VM's NAT for the veth now in `netns`: at deploy, and
+    /// again after a relink (its rules name the veth by index).
+    pub(super) fn write_vm_nat(&self, netns: &File, address: Ipv4Addr) -> Result<(), NmError> {
         let ifname = self.settings.container_ifname.clone();
-        let in_ns = net::netns::run_in(netns, || {
+        in_namespace(netns, || {
             let veth = net::link::by_name(&ifname)?;
             nft::write(&nat_table(veth.index, address))
         })
-        .map_err(|e| {
-            NmError::Network(net::NetError::Kernel {
-                op: "entering the unikernel namespace".into(),
-                source: e,
-            })
-        })?;
-        Ok(in_ns?)
     }
 
     /// Undeploys a unikernel; [`Self::undeploy`] deletes the namespace
@@ -174,6 +158,23 @@ impl NetManager {
     pub async fn undeploy_unikernel(&self, job: &str, number: u32) -> Result<(), NmError> {
         self.undeploy(job, number).await
     }
+}
+
+/// Runs `f` inside `netns`.
+fn in_namespace<T>(
+    netns: &File,
+    f: impl FnOnce() -> Result<T, net::NetError> + Send,
+) -> Result<T, NmError>
+where
+    T: Send,
+{
+    let in_ns = net::netns::run_in(netns, f).map_err(|e| {
+        NmError::Network(net::NetError::Kernel {
+            op: "entering the unikernel namespace".into(),
+            source: e,
+        })
+    })?;
+    Ok(in_ns?)
 }
 
 #[cfg(test)]
