@@ -554,6 +554,32 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
         n3.daemon.as_ref().unwrap().log_text()
     );
     eprintln!("traffic followed after {:?}", moved.elapsed());
+
+    // It moves again while the daemon is down: the restarted daemon finds
+    // the address it saved its state at gone and reports the new one.
+    let mut n1 = n1;
+    n1.restart(&[], |n| {
+        n.netns
+            .ip(&["addr", "del", "198.18.2.11/24", "dev", &n.uplink]);
+        n.netns
+            .ip(&["addr", "add", "198.18.2.21/24", "dev", &n.uplink]);
+    });
+    let reported = wait_until(Duration::from_secs(10), || {
+        cluster
+            .received("/net/service/address-changed")
+            .iter()
+            .any(|m| m["payload"]["host_ip"] == "198.18.2.21")
+    });
+    assert!(
+        reported,
+        "no address-changed after the restart: {}",
+        n1.daemon.as_ref().unwrap().log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), answered),
+        "web#0 unreachable after the move while down; node 3 log: {}",
+        n3.daemon.as_ref().unwrap().log_text()
+    );
     drop((t0, tc));
 }
 

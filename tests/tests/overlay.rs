@@ -857,6 +857,42 @@ fn a_table_that_gives_an_address_a_second_meaning_is_refused_and_changes_nothing
     answered_by(&answers, "web1", WEB1_IP);
     let answers = udp_ask(&lab.client, WEB0_IP, 3);
     answered_by(&answers, "web0", WEB0_IP);
+    // web#0 listed at an address this node no longer has (its own before
+    // a move): still the local instance, taken.
+    let web0_ns = n1.status()["instances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["job"] == WEB && i["number"] == 0)
+        .and_then(|i| i["ns_address"].as_str())
+        .expect("web#0's namespace address")
+        .to_string();
+    n1.table(
+        WEB,
+        &[
+            (
+                0,
+                web0_ns.as_str(),
+                "198.18.2.99",
+                &[
+                    ("RR", RR),
+                    ("Closest", CLOSEST),
+                    ("InstanceNumber", WEB0_IP),
+                ],
+            ),
+            (
+                1,
+                lab.web1_ns.as_str(),
+                NODE2,
+                &[
+                    ("RR", RR),
+                    ("Closest", CLOSEST),
+                    ("InstanceNumber", WEB1_IP),
+                ],
+            ),
+        ],
+    );
+    answered_by(&udp_ask(&lab.client, WEB0_IP, 2), "web0", WEB0_IP);
     // The same table with addresses of its own is taken.
     let (status, text) = table(other, "192.0.2.70", &[("InstanceNumber", "203.0.113.120")]);
     assert_eq!(status, 200, "{text}");

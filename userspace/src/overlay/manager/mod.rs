@@ -122,6 +122,9 @@ struct LocalDeployment {
 #[derive(Default)]
 struct State {
     registration: Option<Registration>,
+    /// The node's address an earlier daemon saved its state at (the one
+    /// its instances were announced at).
+    announced_at: Option<Ipv4Addr>,
     ipam: Option<Ipam>,
     local: BTreeMap<(String, u32), LocalDeployment>,
     remote: BTreeMap<String, Vec<InstanceRecord>>,
@@ -318,15 +321,10 @@ impl NetManager {
                     .remote
                     .get(&r.job)
                     .and_then(|list| list.iter().find(|t| t.number == r.number));
-                for sip in listed.map(|t| t.service_ips.as_slice()).unwrap_or(&[]) {
-                    let known = r
-                        .service_ips
-                        .iter()
-                        .any(|s| s.ip_type == sip.ip_type && s.address == sip.address);
-                    if !known {
-                        r.service_ips.push(sip.clone());
-                    }
-                }
+                with_listed(
+                    &mut r,
+                    listed.map(|t| t.service_ips.as_slice()).unwrap_or(&[]),
+                );
                 r
             })
             .collect();
@@ -391,6 +389,22 @@ impl NetManager {
     }
 }
 
+/// A local instance's service IPs with those the cluster's table lists for
+/// it: added, or completing one it has with its IPv6 address.
+fn with_listed(record: &mut InstanceRecord, listed: &[ServiceIp]) {
+    for sip in listed {
+        let known = record
+            .service_ips
+            .iter_mut()
+            .find(|s| s.ip_type == sip.ip_type && s.address == sip.address);
+        match known {
+            Some(s) if s.address_v6.is_none() => s.address_v6 = sip.address_v6,
+            Some(_) => {}
+            None => record.service_ips.push(sip.clone()),
+        }
+    }
+}
+
 /// Gives the next hop of each remote node a *managed* neighbour entry when
 /// it has none (the kernel then keeps it resolved): the tunnel drops what
 /// it would send to a hop whose neighbour is unresolved (ebpf/src/tunnel.rs).
@@ -414,5 +428,73 @@ fn keep_neighbours(nodes: &BTreeSet<Ipv4Addr>) {
                 Err(e) => tracing::warn!(%node, "{e}"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod listed_tests {
+    use super::*;
+    use crate::overlay::model::Placement;
+
+    #[test]
+    fn a_table_completes_a_service_ip_with_its_ipv6_address_and_adds_the_rest() {
+        let sip = |t, a: [u8; 4], v6: Option<&str>| ServiceIp {
+            ip_type: t,
+            address: a.into(),
+            address_v6: v6.map(|s| s.parse().unwrap()),
+            weight: 0,
+        };
+        let mut r = InstanceRecord {
+            job: "j".into(),
+            number: 0,
+            ns_addr: Ipv4Addr::new(192, 0, 2, 17),
+            ns_addr_v6: None,
+            placement: Placement::Remote {
+                node: Ipv4Addr::UNSPECIFIED,
+                port: 0,
+            },
+            service_ips: vec![
+                sip(IpType::InstanceNumber, [203, 0, 113, 14], None),
+                sip(
+                    IpType::RoundRobin,
+                    [203, 0, 113, 10],
+                    Some("2001:db8:ff::10"),
+                ),
+            ],
+            weight: 1,
+        };
+        with_listed(
+            &mut r,
+            &[
+                sip(
+                    IpType::InstanceNumber,
+                    [203, 0, 113, 14],
+                    Some("2001:db8:ff::14"),
+                ),
+                sip(
+                    IpType::RoundRobin,
+                    [203, 0, 113, 10],
+                    Some("2001:db8:ff::99"),
+                ),
+                sip(IpType::Closest, [203, 0, 113, 11], None),
+            ],
+        );
+        assert_eq!(
+            r.service_ips,
+            [
+                sip(
+                    IpType::InstanceNumber,
+                    [203, 0, 113, 14],
+                    Some("2001:db8:ff::14")
+                ),
+                // The deploy's own IPv6 address stays.
+                sip(
+                    IpType::RoundRobin,
+                    [203, 0, 113, 10],
+                    Some("2001:db8:ff::10")
+                ),
+                sip(IpType::Closest, [203, 0, 113, 11], None),
+            ]
+        );
     }
 }

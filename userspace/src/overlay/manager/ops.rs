@@ -254,6 +254,13 @@ impl NetManager {
             c.add_interest(&job).await;
             c.query_job(&job, true).await;
         }
+        // The address moved while no daemon ran: the cluster still sends
+        // this node's instances' traffic to the old one.
+        let announced = self.state.lock().await.announced_at.take();
+        if announced.is_some() && announced != self.node_addr() {
+            tracing::info!(before = ?announced, now = ?self.node_addr(), "netmanager: the node's address moved while the daemon was down");
+            self.address_moved().await;
+        }
     }
 
     /// The cluster's answer to the subnet request: a /26 (and a /120 for
@@ -457,15 +464,10 @@ impl NetManager {
             .remote
             .get(&spec.job)
             .and_then(|l| l.iter().find(|t| t.number == spec.number));
-        for sip in listed.map(|t| t.service_ips.as_slice()).unwrap_or(&[]) {
-            if !carrying
-                .service_ips
-                .iter()
-                .any(|s| s.ip_type == sip.ip_type && s.address == sip.address)
-            {
-                carrying.service_ips.push(sip.clone());
-            }
-        }
+        super::with_listed(
+            &mut carrying,
+            listed.map(|t| t.service_ips.as_slice()).unwrap_or(&[]),
+        );
         let mut claimed = self.claimants(&state);
         claimed.push(carrying.clone());
         let why = self.reserved(&state, &carrying, false).or_else(|| {
@@ -667,8 +669,14 @@ impl NetManager {
         }
         let local_node = self.node_addr();
         for r in &records {
-            let elsewhere =
-                !matches!(r.placement, Placement::Remote { node, .. } if Some(node) == local_node);
+            // This node's own instance listed at another address (the node's
+            // before it moved) is still the local one.
+            let echo = state
+                .local
+                .get(&(r.job.clone(), r.number))
+                .is_some_and(|d| d.record.ns_addr == r.ns_addr);
+            let elsewhere = !echo
+                && !matches!(r.placement, Placement::Remote { node, .. } if Some(node) == local_node);
             if let Some(why) = self.reserved(&state, r, elsewhere) {
                 return Err(NmError::Conflict(why));
             }

@@ -24,6 +24,9 @@ struct Persisted {
     /// The egress set-up in place (and whether forwarding was turned on by us).
     #[serde(default)]
     egress: Option<super::egress::EgressHeld>,
+    /// The node's address when this was saved: what the cluster was told.
+    #[serde(default)]
+    node_address: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -61,6 +64,7 @@ impl NetManager {
             remote: state.remote.clone(),
             ids: state.ids.saved(),
             egress: state.egress,
+            node_address: self.node_addr(),
         };
         if let Err(e) = crate::statefile::save(path, &persisted) {
             tracing::error!("persisting the NetManager state to {}: {e}", path.display());
@@ -124,6 +128,7 @@ impl NetManager {
         state.remote = persisted.remote;
         state.ids = Ids::restore(persisted.ids);
         state.egress = persisted.egress;
+        state.announced_at = persisted.node_address;
         let (mut adopted, mut relinked) = (0, 0);
         for d in persisted.local {
             let (job, number) = (d.record.job.clone(), d.record.number);
