@@ -15,6 +15,20 @@ pub const NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 1);
 pub const REMOTE_NODE: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 2);
 pub const REMOTE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x05, 0x02];
 
+/// The remote node's next hop as the daemon resolves it and hands it to
+/// the writers: out of interface `index` (MAC `mac`) to [`REMOTE_MAC`].
+pub fn remote_hop(
+    index: u32,
+    mac: [u8; 6],
+) -> std::collections::BTreeMap<Ipv4Addr, tapmesh::net::Hop> {
+    let hop = tapmesh::net::Hop {
+        ifindex: index,
+        dst_mac: REMOTE_MAC,
+        src_mac: mac,
+    };
+    std::collections::BTreeMap::from([(REMOTE_NODE, hop)])
+}
+
 /// Veth `tma` ([`NODE`]/24) and its peer `tmb`, forwarding on, and (if asked)
 /// a permanent neighbour for [`REMOTE_NODE`]. Deleted on drop.
 pub struct Underlay {

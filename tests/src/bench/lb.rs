@@ -6,7 +6,7 @@
 use std::net::Ipv4Addr;
 
 use tapmesh::{
-    dataplane::lb::{Hop, LbWriter, TunnelSettings},
+    dataplane::lb::{LbWriter, TunnelSettings},
     lb::flows::{FlowSpec, VipSpec},
     lb::model::{validate, LbSpec, StreamSpec, TargetSpec, TargetVia},
     lb::port_nat::PortNatSpec,
@@ -296,15 +296,10 @@ pub fn rewrite_rows(bpf: &mut Bpf, writer: &mut LbWriter, underlay: &Underlay) -
         rows.push((r.name, raw, floor));
     }
     // The same encapsulation with the next hop the daemon resolved (no FIB lookup).
-    let hop = Hop {
-        ifindex: tma_index,
-        dst_mac: REMOTE_MAC,
-        src_mac: tma_mac,
-    };
     writer
         .set_hops(
             &mut bpf.ebpf,
-            std::collections::BTreeMap::from([(REMOTE_NODE, hop)]),
+            crate::underlay::remote_hop(tma_index, tma_mac),
         )
         .expect("writing the next hop");
     let name = "XDP uplink: VIP hit → remote target (UDP encap, resolved next hop)";

@@ -219,15 +219,10 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
     rows.push(("TC service: UDP to an RR service IP → conntrack hit, translate, UDP encap, redirect (next hop from the kernel's FIB)", raw, floor));
     // The daemon resolves remote nodes' next hops and the writer copies
     // them into their instances: no FIB lookup from here on.
-    let hop = tapmesh::net::neigh::Hop {
-        ifindex: tma_index,
-        dst_mac: REMOTE_MAC,
-        src_mac: tma_mac,
-    };
     writer
         .set_hops(
             &mut bpf.ebpf,
-            std::collections::BTreeMap::from([(REMOTE_NODE, hop)]),
+            crate::underlay::remote_hop(tma_index, tma_mac),
         )
         .expect("writing the next hop");
     assert_eq!(
