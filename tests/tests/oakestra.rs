@@ -580,6 +580,36 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
         "web#0 unreachable after the move while down; node 3 log: {}",
         n3.daemon.as_ref().unwrap().log_text()
     );
+
+    // Moved while down once more, and the first daemon after it never
+    // reaches the broker: the one after that still reports the move.
+    n1.restart(&[], |n| {
+        n.netns
+            .ip(&["addr", "del", "198.18.2.21/24", "dev", &n.uplink]);
+        n.netns
+            .ip(&["addr", "add", "198.18.2.31/24", "dev", &n.uplink]);
+        n.netns.ip(&["route", "add", "prohibit", "198.18.2.254/32"]);
+    });
+    std::thread::sleep(Duration::from_secs(6));
+    n1.restart(&[], |n| {
+        n.netns.ip(&["route", "del", "prohibit", "198.18.2.254/32"]);
+    });
+    let reported = wait_until(Duration::from_secs(10), || {
+        cluster
+            .received("/net/service/address-changed")
+            .iter()
+            .any(|m| m["payload"]["host_ip"] == "198.18.2.31")
+    });
+    assert!(
+        reported,
+        "no address-changed once the broker was back: {}",
+        n1.daemon.as_ref().unwrap().log_text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), answered),
+        "web#0 unreachable after the unreported move; node 3 log: {}",
+        n3.daemon.as_ref().unwrap().log_text()
+    );
     drop((t0, tc));
 }
 

@@ -235,13 +235,17 @@ impl Cluster {
     /// no longer has, and would take a keep-alive timeout to be found dead)
     /// and waits until the node's topics are subscribed again. Messages
     /// queued meanwhile would be lost: a clean session drops them.
-    pub async fn reconnect(&self) {
+    /// Whether the new connection came (and subscribed) within 5 s.
+    pub async fn reconnect(&self) -> bool {
         use std::sync::atomic::Ordering::SeqCst;
         let before = self.connections.load(SeqCst);
         let mut rx = self.subscribed.subscribe();
         self.reconnect.notify_one();
         let newer = rx.wait_for(|s| *s && self.connections.load(SeqCst) > before);
-        let _ = tokio::time::timeout(Duration::from_secs(5), newer).await;
+        let came = tokio::time::timeout(Duration::from_secs(5), newer)
+            .await
+            .is_ok_and(|r| r.is_ok());
+        came
     }
 
     /// The node's topics and its interests, after every connection (a

@@ -122,8 +122,8 @@ struct LocalDeployment {
 #[derive(Default)]
 struct State {
     registration: Option<Registration>,
-    /// The node's address an earlier daemon saved its state at (the one
-    /// its instances were announced at).
+    /// The node's address the cluster was last told for this node's
+    /// instances (deploy notices, address reports); kept in the state file.
     announced_at: Option<Ipv4Addr>,
     ipam: Option<Ipam>,
     local: BTreeMap<(String, u32), LocalDeployment>,
@@ -186,9 +186,13 @@ impl NetManager {
         let local: Vec<(String, u32)> = state.local.keys().cloned().collect();
         drop(state);
         let Some(c) = self.cluster() else { return };
-        let host_ip = self.node_addr().map(|a| a.to_string()).unwrap_or_default();
+        // No address, nothing to tell: the cluster would hand out "".
+        let Some(address) = self.node_addr() else {
+            return;
+        };
+        let host_ip = address.to_string();
         tracing::info!(%host_ip, instances = local.len(), "netmanager: reporting the node's new address");
-        c.reconnect().await;
+        let connected = c.reconnect().await;
         for (job, number) in local {
             c.address_changed(AddressChange {
                 appname: job,
@@ -200,6 +204,13 @@ impl NetManager {
                 host_ip: host_ip.clone(),
             })
             .await;
+        }
+        // Saved as told only once a connection took the reports: a daemon
+        // stopped before that reports again at its next start.
+        if connected {
+            let mut state = self.state.lock().await;
+            state.announced_at = Some(address);
+            self.persist(&state);
         }
     }
 

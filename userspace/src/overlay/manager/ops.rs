@@ -256,10 +256,12 @@ impl NetManager {
         }
         // The address moved while no daemon ran: the cluster still sends
         // this node's instances' traffic to the old one.
-        let announced = self.state.lock().await.announced_at.take();
-        if announced.is_some() && announced != self.node_addr() {
+        let announced = self.state.lock().await.announced_at;
+        if announced.is_some() && self.node_addr().is_some() && announced != self.node_addr() {
             tracing::info!(before = ?announced, now = ?self.node_addr(), "netmanager: the node's address moved while the daemon was down");
-            self.address_moved().await;
+            // Not awaited: the start does not wait for the broker.
+            let me = self.clone();
+            tokio::spawn(async move { me.address_moved().await });
         }
     }
 
@@ -535,6 +537,11 @@ impl NetManager {
             let _ = self.sync_egress(&mut state, false).await;
             self.persist(&state);
             return Err(e);
+        }
+        // Its notice tells the cluster the node's address, unless an
+        // earlier one (not yet reported as moved) stands.
+        if state.announced_at.is_none() {
+            state.announced_at = self.node_addr();
         }
         self.persist(&state);
         drop(state);

@@ -24,7 +24,7 @@ struct Persisted {
     /// The egress set-up in place (and whether forwarding was turned on by us).
     #[serde(default)]
     egress: Option<super::egress::EgressHeld>,
-    /// The node's address when this was saved: what the cluster was told.
+    /// The node's address the cluster was last told.
     #[serde(default)]
     node_address: Option<std::net::Ipv4Addr>,
 }
@@ -64,7 +64,7 @@ impl NetManager {
             remote: state.remote.clone(),
             ids: state.ids.saved(),
             egress: state.egress,
-            node_address: self.node_addr(),
+            node_address: state.announced_at,
         };
         if let Err(e) = crate::statefile::save(path, &persisted) {
             tracing::error!("persisting the NetManager state to {}: {e}", path.display());
