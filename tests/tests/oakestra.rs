@@ -564,22 +564,26 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
         n.netns
             .ip(&["addr", "add", "198.18.2.21/24", "dev", &n.uplink]);
     });
-    let reported = wait_until(Duration::from_secs(10), || {
-        cluster
-            .received("/net/service/address-changed")
-            .iter()
-            .any(|m| m["payload"]["host_ip"] == "198.18.2.21")
-    });
-    assert!(
-        reported,
-        "no address-changed after the restart: {}",
-        n1.daemon.as_ref().unwrap().log_text()
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), answered),
-        "web#0 unreachable after the move while down; node 3 log: {}",
-        n3.daemon.as_ref().unwrap().log_text()
-    );
+    // The report of `host_ip` reaches the cluster, and node 3 follows.
+    let follows = |n1: &Node, host_ip: &str, when: &str| {
+        let reported = wait_until(Duration::from_secs(10), || {
+            cluster
+                .received("/net/service/address-changed")
+                .iter()
+                .any(|m| m["payload"]["host_ip"] == host_ip)
+        });
+        assert!(
+            reported,
+            "no address-changed {when}: {}",
+            n1.daemon.as_ref().unwrap().log_text()
+        );
+        assert!(
+            wait_until(Duration::from_secs(10), answered),
+            "web#0 unreachable {when}; node 3 log: {}",
+            n3.daemon.as_ref().unwrap().log_text()
+        );
+    };
+    follows(&n1, "198.18.2.21", "after the move while down");
 
     // Moved while down once more, and the first daemon after it never
     // reaches the broker: the one after that still reports the move.
@@ -594,22 +598,7 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
     n1.restart(&[], |n| {
         n.netns.ip(&["route", "del", "prohibit", "198.18.2.254/32"]);
     });
-    let reported = wait_until(Duration::from_secs(10), || {
-        cluster
-            .received("/net/service/address-changed")
-            .iter()
-            .any(|m| m["payload"]["host_ip"] == "198.18.2.31")
-    });
-    assert!(
-        reported,
-        "no address-changed once the broker was back: {}",
-        n1.daemon.as_ref().unwrap().log_text()
-    );
-    assert!(
-        wait_until(Duration::from_secs(10), answered),
-        "web#0 unreachable after the unreported move; node 3 log: {}",
-        n3.daemon.as_ref().unwrap().log_text()
-    );
+    follows(&n1, "198.18.2.31", "once the broker was back");
     drop((t0, tc));
 }
 
