@@ -679,6 +679,72 @@ fn a_ring_capture_survives_a_restart_private_and_absolute() {
     assert_eq!(lab.list().flows.len(), 1, "no flow made");
 }
 
+/// A ring whose pcap directory was gone at a restart was dropped with its
+/// flows, and the next change saved the state without them: the operator's
+/// capture was lost. It is now kept in ERROR with the reason, its flows too,
+/// across changes and restarts, and creating it again starts it.
+#[test]
+fn a_ring_that_cannot_start_at_a_restart_is_kept_in_error_until_created_again() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let state = TempDir::new("tmmse");
+    let state_args = vec!["--state-dir".to_string(), state.0.display().to_string()];
+    let args: Vec<&str> = state_args.iter().map(String::as_str).collect();
+    let mut lab = Lab::with(|_| state_args.clone());
+    let dir = TempDir::new("tmpce");
+    let captures = dir.0.join("captures");
+    std::fs::create_dir(&captures).unwrap();
+    let pcap = captures.join("mirror.pcap");
+    lab.ring_service("ring", &pcap);
+    lab.flow("both", "ring", "BOTH", "").unwrap();
+    assert!(lab.daemon.stop().success());
+    std::fs::remove_dir_all(&captures).unwrap();
+
+    lab.daemon = Daemon::start(&lab.node.name, &args);
+    let in_error = |lab: &Lab, flows: usize| {
+        let listing = lab.list();
+        assert_eq!(listing.services.len(), 1, "{listing:?}");
+        let ring = &listing.services[0];
+        assert_eq!((ring.id.as_str(), ring.status.as_str()), ("ring", "ERROR"));
+        assert!(ring.error.contains(&pcap.display().to_string()), "{ring:?}");
+        assert_eq!(listing.flows.len(), flows, "{listing:?}");
+        for f in &listing.flows {
+            assert_eq!(f.status, "ERROR", "{f:?}");
+            assert!(f.error.contains("\"ring\" is in ERROR"), "{f:?}");
+        }
+        listing
+    };
+    in_error(&lab, 1);
+    // A change saves the state; the ring stays in it.
+    lab.flow("out", "ring", "OUT", "").unwrap();
+    lab.ping(5);
+    let listing = in_error(&lab, 2);
+    assert!(listing.flows.iter().all(|f| f.mirrored_packets == 0));
+    assert!(!captures.exists());
+    assert!(lab.daemon.stop().success());
+    lab.daemon = Daemon::start(&lab.node.name, &args);
+    in_error(&lab, 2);
+
+    // Fixed and created again: it starts, and both flows copy.
+    std::fs::create_dir(&captures).unwrap();
+    lab.ring_service("ring", &pcap);
+    let listing = lab.list();
+    assert_eq!(listing.services[0].status, "ACTIVE", "{listing:?}");
+    assert!(listing.services[0].error.is_empty(), "{listing:?}");
+    assert!(
+        listing
+            .flows
+            .iter()
+            .all(|f| f.status == "ACTIVE" && f.error.is_empty()),
+        "{listing:?}"
+    );
+    lab.ping(10);
+    // 20 for BOTH, 10 for OUT.
+    lab.wait_delivered(30);
+    assert_eq!(tshark_fields(&pcap, "icmp.type").len(), 30);
+}
+
 /// Issue 20: the networking-spp agent kept what it owned in memory only.
 /// Unplugging its last flow on a tap service deleted the service with every
 /// flow on it, a CLI-made one included; and a flow whose etcd keys were

@@ -137,8 +137,11 @@ impl MirrorService {
         *self.transport.lock().expect("lock") = transport;
     }
 
-    /// Re-creates the persisted tap services and flows (those whose
-    /// interfaces are gone are dropped, as if deleted with them).
+    /// Re-creates the persisted tap services and flows. Those whose
+    /// interfaces are gone are dropped, as if deleted with them (TaaS); a
+    /// ring whose consumer cannot start (its pcap directory is gone, its
+    /// forward interface missing) is kept in ERROR with the reason, its
+    /// flows too, and starts when it is created again.
     pub async fn restore(&self) {
         let Some(path) = self.state_file.lock().expect("lock").clone() else {
             return;
@@ -155,8 +158,25 @@ impl MirrorService {
         };
         for s in persisted.services {
             let id = s.id.clone();
-            if let Err(e) = self.create_service(s).await {
-                tracing::warn!("tap service {id} not restored: {e}");
+            let ring = matches!(s.destination, Destination::Ring(_));
+            match self.create_service(s.clone()).await {
+                Ok(()) => {}
+                Err(e) if ring => {
+                    tracing::warn!(
+                        "tap service {id} kept in ERROR: {e} (create it again once fixed)"
+                    );
+                    self.state.lock().await.services.insert(
+                        id,
+                        ServiceState {
+                            spec: s,
+                            status: Status::Error,
+                            error: e.to_string(),
+                            ifindex: 0,
+                            ring: None,
+                        },
+                    );
+                }
+                Err(e) => tracing::warn!("tap service {id} not restored: {e}"),
             }
         }
         for f in persisted.flows {
@@ -193,16 +213,18 @@ impl MirrorService {
                 spec.id, f.spec.source, f.spec.id
             )));
         }
-        if let Some(existing) = state.services.get(&spec.id) {
-            return if existing.spec == spec {
-                Ok(())
-            } else {
-                Err(MirrorError::Exists {
+        // The same again is a no-op, or the retry of one in ERROR.
+        let retry = match state.services.get(&spec.id) {
+            Some(existing) if existing.spec != spec => {
+                return Err(MirrorError::Exists {
                     kind: "tap service",
                     id: spec.id,
                 })
-            };
-        }
+            }
+            Some(existing) if existing.status != Status::Error => return Ok(()),
+            Some(_) => true,
+            None => false,
+        };
         let (ifindex, ring) = match &spec.destination {
             Destination::Interface(name) => (
                 interface_index(name).ok_or_else(|| MirrorError::NoInterface(name.clone()))?,
@@ -234,7 +256,8 @@ impl MirrorService {
                         lexical(q) == lexical(p)
                     };
                     let writer = state.services.values().find(|s| {
-                        matches!(&s.spec.destination, Destination::Ring(o) if o.pcap.as_deref().is_some_and(same))
+                        s.spec.id != spec.id
+                            && matches!(&s.spec.destination, Destination::Ring(o) if o.pcap.as_deref().is_some_and(same))
                     });
                     if let Some(w) = writer {
                         return Err(MirrorError::Invalid(format!(
@@ -251,7 +274,15 @@ impl MirrorService {
                 let slot = (0..MAX_RINGS).find(|s| !used.contains(s)).ok_or_else(|| {
                     MirrorError::Invalid(format!("all {MAX_RINGS} mirror rings are in use"))
                 })?;
-                let ring = self.start_ring(slot, r).await?;
+                let ring = match self.start_ring(slot, r).await {
+                    Ok(ring) => ring,
+                    Err(e) => {
+                        if let Some(kept) = state.services.get_mut(&spec.id) {
+                            kept.error = e.to_string();
+                        }
+                        return Err(e);
+                    }
+                };
                 (ring.host_ifindex(), Some(ring))
             }
         };
@@ -265,8 +296,14 @@ impl MirrorService {
                 ring,
             },
         );
+        // Its flows waited in ERROR: they copy from now on.
+        let synced = if retry {
+            self.sync(&mut state).await
+        } else {
+            Ok(())
+        };
         self.persist(&state);
-        Ok(())
+        synced
     }
 
     async fn start_ring(
@@ -546,7 +583,10 @@ impl MirrorService {
     async fn sync(&self, state: &mut State) -> Result<(), MirrorError> {
         let dp = |e: crate::dataplane::DataplaneError| MirrorError::Dataplane(e.to_string());
         let (tables, sources) = mirror_tables(state.flows.values().filter_map(|f| {
-            let service = state.services.get(&f.spec.tap_service)?;
+            let service = state
+                .services
+                .get(&f.spec.tap_service)
+                .filter(|s| s.status != Status::Error)?;
             Some(FlowRule {
                 spec: &f.spec,
                 index: f.index,
@@ -571,9 +611,18 @@ impl MirrorService {
             let _ = self.dataplane.detach_tap(&gone).await;
             state.tc.remove(&gone);
         }
+        let services = &state.services;
         for f in state.flows.values_mut() {
-            f.status = Status::Active;
-            f.error.clear();
+            match services.get(&f.spec.tap_service) {
+                Some(s) if s.status == Status::Error => {
+                    f.status = Status::Error;
+                    f.error = format!("its tap service {:?} is in ERROR", s.spec.id);
+                }
+                _ => {
+                    f.status = Status::Active;
+                    f.error.clear();
+                }
+            }
         }
         Ok(())
     }
