@@ -620,6 +620,66 @@ fn closest_prefers_the_local_instance_and_undeploy_removes_every_trace() {
     );
 }
 
+/// A tap flow on a container's port, then its delete: the delete took the
+/// port's own TC programs (`tm_tc_service`, `tm_tc_tap_in`) with it, and
+/// the container's service-IP traffic stopped.
+#[test]
+fn a_tap_flow_on_a_containers_port_copies_and_its_delete_leaves_the_ports_programs() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    let n1 = &lab.nodes.node1;
+    let daemon = n1.daemon.as_ref().unwrap();
+    // The client was deployed first: its port has the lower index.
+    let mut ports = n1.container_link_indexes();
+    ports.sort();
+    let port = ports[0].1.clone();
+    let filters = || {
+        ["ingress", "egress"]
+            .map(|hook| run(&n1.netns, &["tc", "filter", "show", "dev", &port, hook]).1)
+    };
+    let before = filters();
+    assert!(
+        before[0].contains("tm_tc_service") && before[1].contains("tm_tc_tap_in"),
+        "{before:?}"
+    );
+    answered_by(&udp_ask(&lab.client, CLOSEST, 1), "web0", CLOSEST);
+
+    let dir = tapmesh_tests::TempDir::new("tmovtap");
+    let pcap = dir.0.join("client.pcap").display().to_string();
+    daemon.cli(&["tap-service", "create", "cap", "--pcap", &pcap]);
+    daemon.cli(&[
+        "tap-flow",
+        "create",
+        "cf",
+        "--tap-service",
+        "cap",
+        "--source",
+        &port,
+        "--direction",
+        "BOTH",
+    ]);
+    let listing: serde_json::Value =
+        serde_json::from_str(&daemon.cli(&["tap-flow", "list", "-o", "json"])).expect("JSON");
+    assert_eq!(listing[0]["status"], "ACTIVE", "{listing}");
+    answered_by(&udp_ask(&lab.client, CLOSEST, 2), "web0", CLOSEST);
+    let listing: serde_json::Value =
+        serde_json::from_str(&daemon.cli(&["tap-flow", "list", "-o", "json"])).expect("JSON");
+    // Two requests out of the port, two answers into it.
+    assert_eq!(listing[0]["mirrored_packets"], 4, "{listing}");
+
+    daemon.cli(&["tap-flow", "delete", "cf"]);
+    let listing: serde_json::Value =
+        serde_json::from_str(&daemon.cli(&["tap-flow", "list", "-o", "json"])).expect("JSON");
+    assert!(
+        listing.as_array().is_some_and(|f| f.is_empty()),
+        "{listing}"
+    );
+    assert_eq!(filters(), before, "the port's programs");
+    answered_by(&udp_ask(&lab.client, CLOSEST, 2), "web0", CLOSEST);
+}
+
 #[test]
 fn a_source_port_used_again_for_another_service_ip_gets_its_answers_from_that_one() {
     if !kernel_tests_enabled() {

@@ -288,13 +288,14 @@ impl DataplaneHandle {
     }
 
     /// Detaches the copy-only TC programs from `interface` (a gone interface is fine).
+    /// Only [`Self::attach_tap`]'s: a container's or conduit's port has
+    /// `tm_tc_tap_in` too, beside the programs its traffic needs.
     pub async fn detach_tap(&self, interface: &str) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
         let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
-        let ours = r
-            .attachments
-            .iter()
-            .any(|a| a.interface == interface && attach::TC_TAP.contains(&a.program));
+        let ours = r.attachments.iter().any(|a| {
+            a.interface == interface && a.program == tapmesh_common::program_names::TC_TAP_OUT
+        });
         if !ours {
             return Ok(());
         }
