@@ -745,6 +745,25 @@ fn a_ring_that_cannot_start_at_a_restart_is_kept_in_error_until_created_again() 
     assert_eq!(tshark_fields(&pcap, "icmp.type").len(), 30);
 }
 
+/// A stop right after the traffic lost the copies of the ring reader's last
+/// pause (up to 20 ms of them): the rings stopped without reading the ring
+/// buffer once more.
+#[test]
+fn a_stop_right_after_the_traffic_leaves_every_copy_in_the_pcap() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let dir = TempDir::new("tmpcst");
+    let pcap = dir.0.join("stop.pcap");
+    lab.ring_service("ring", &pcap);
+    lab.flow("both", "ring", "BOTH", "").unwrap();
+    lab.ping(20);
+    assert!(lab.daemon.stop().success());
+    let types = tshark_fields(&pcap, "icmp.type");
+    assert_eq!(types.len(), 40, "{types:?}");
+}
+
 /// Issue 20: the networking-spp agent kept what it owned in memory only.
 /// Unplugging its last flow on a tap service deleted the service with every
 /// flow on it, a CLI-made one included; and a flow whose etcd keys were

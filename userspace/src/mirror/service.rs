@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tapmesh_common::mirror::{MAX_RINGS, MAX_TAP_FLOWS, RULES_PER_PORT};
 use tokio::sync::Mutex;
@@ -680,8 +681,18 @@ impl MirrorService {
         self.persist(&state);
     }
 
-    /// Stops every ring (the daemon is stopping).
+    /// Stops every ring (the daemon is stopping), once the copies already
+    /// in the ring buffer are in their rings' queues.
     pub async fn stop(&self) {
+        let feed = self.feed.lock().await.running.clone();
+        if let Some(feed) = feed {
+            let flushed = tokio::task::spawn_blocking(move || feed.flush(Duration::from_secs(1)))
+                .await
+                .unwrap_or(false);
+            if !flushed {
+                tracing::warn!("mirror rings: the copies' reader did not catch up within 1 s; the last copies may be lost");
+            }
+        }
         let mut state = self.state.lock().await;
         let rings: Vec<Ring> = state
             .services

@@ -9,7 +9,7 @@ use std::{
     io,
     os::fd::AsRawFd,
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex,
     },
     thread::JoinHandle,
@@ -55,7 +55,15 @@ struct Outlet {
 pub struct CopyFeed {
     outlets: Arc<Mutex<Vec<Option<Outlet>>>>,
     stop: Arc<AtomicBool>,
+    flush: Arc<Flush>,
     reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// [`CopyFeed::flush`]'s requests, and the last one a round answered.
+#[derive(Default)]
+struct Flush {
+    asked: AtomicU64,
+    answered: AtomicU64,
 }
 
 /// Why the reader did not start, and the map it was given (for the next try).
@@ -77,17 +85,23 @@ impl CopyFeed {
         let outlets: Arc<Mutex<Vec<Option<Outlet>>>> =
             Arc::new(Mutex::new((0..MAX_RINGS).map(|_| None).collect()));
         let stop = Arc::new(AtomicBool::new(false));
+        let flush = Arc::new(Flush::default());
         // Handed over through a slot: a closure that never ran is dropped
         // with what it holds.
         let handover = Arc::new(Mutex::new(Some(buffer)));
         let spawned = {
-            let (outlets, stop, handover) = (outlets.clone(), stop.clone(), handover.clone());
+            let (outlets, stop, flush, handover) = (
+                outlets.clone(),
+                stop.clone(),
+                flush.clone(),
+                handover.clone(),
+            );
             std::thread::Builder::new()
                 .name("tm-ring-copies".into())
                 .spawn(move || {
                     let buffer = handover.lock().unwrap_or_else(|e| e.into_inner()).take();
                     if let Some(buffer) = buffer {
-                        read(buffer, bytes, &outlets, &stop);
+                        read(buffer, bytes, &outlets, &stop, &flush);
                     }
                 })
         };
@@ -104,6 +118,7 @@ impl CopyFeed {
         Ok(Arc::new(CopyFeed {
             outlets,
             stop,
+            flush,
             reader: Mutex::new(Some(reader)),
         }))
     }
@@ -127,6 +142,22 @@ impl CopyFeed {
                 generation,
             });
         }
+    }
+
+    /// Returns once every copy in the buffer when it was called is in its
+    /// ring's queues (a round that began after the call emptied the buffer),
+    /// or after `timeout`; false then. Without it a stop lost the copies of
+    /// the reader's last pause (up to [`LINGER`]).
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let ask = self.flush.asked.fetch_add(1, Ordering::AcqRel) + 1;
+        let deadline = std::time::Instant::now() + timeout;
+        while self.flush.answered.load(Ordering::Acquire) < ask {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// Ring `slot`'s queues are dropped (its consumers finish what is queued);
@@ -165,10 +196,13 @@ fn read(
     size: u32,
     outlets: &Mutex<Vec<Option<Outlet>>>,
     stop: &AtomicBool,
+    flush: &Flush,
 ) {
     let mut pending: Vec<Pending> = (0..MAX_RINGS).map(|_| Pending::default()).collect();
     let mut poll_failed = false;
     while !stop.load(Ordering::Relaxed) {
+        // Requests made before this round are answered once it empties the buffer.
+        let asked = flush.asked.load(Ordering::Acquire);
         // Monotonic (the copies' clock) to wall-clock time, once per round.
         let epoch = realtime_minus_monotonic();
         // A round: batches until the buffer is empty.
@@ -179,7 +213,11 @@ fn read(
             let (n, b) = gather(&mut buffer, &mut pending, epoch);
             (read, bytes) = (read + n, bytes + b);
             steady = dispatch(&mut pending, outlets);
-            if n < BATCH || stop.load(Ordering::Relaxed) {
+            if n < BATCH {
+                flush.answered.store(asked, Ordering::Release);
+                break;
+            }
+            if stop.load(Ordering::Relaxed) {
                 break;
             }
         }
