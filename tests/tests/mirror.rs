@@ -413,6 +413,58 @@ fn ring_writes_a_pcap_tshark_reads(lab: Lab) {
     );
 }
 
+/// An AF_XDP ring's veth was taken as a tap flow's source: two rings
+/// tapping each other's veth copied copies in a loop (the kernel logged a
+/// dead loop). And a ring that could not start named its internal slot
+/// ("ring1"), which may be another service's name, not the service.
+#[test]
+fn a_rings_own_veth_is_no_source_and_a_ring_error_names_its_service() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::af_xdp();
+    let dir = TempDir::new("tmpcv");
+    lab.ring_service("ax", &dir.0.join("ax.pcap"));
+    lab.ring_service("ax2", &dir.0.join("ax2.pcap"));
+    // Copies of ax's ring into ax2's (its own are refused as its destination).
+    for source in ["tmr0", "tmr0p"] {
+        let f = TapFlow {
+            id: "loop".into(),
+            tap_service: "ax2".into(),
+            source: source.into(),
+            direction: "BOTH".into(),
+            ..Default::default()
+        };
+        let e = lab
+            .call(async |c| c.create_tap_flow(f).await)
+            .expect_err(source);
+        assert!(
+            e.message().contains(&format!(
+                "\"{source}\" carries the copies of tap service \"ax\"'s ring"
+            )),
+            "{e:?}"
+        );
+    }
+    assert!(lab.list().flows.is_empty());
+
+    let missing = dir.0.join("gone").join("x.pcap");
+    let ring = Ring {
+        pcap: missing.display().to_string(),
+        forward: String::new(),
+    };
+    let e = lab
+        .service("bad", Destination::Ring(ring))
+        .expect_err("a pcap in a missing directory");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message()
+            .starts_with("tap service \"bad\": consumer pcap:"),
+        "{e:?}"
+    );
+    assert!(!e.message().contains("ring2"), "{e:?}");
+    assert_eq!(lab.list().services.len(), 2);
+}
+
 #[test]
 fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     if !kernel_tests_enabled() {

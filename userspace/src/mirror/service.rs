@@ -275,7 +275,7 @@ impl MirrorService {
                 let slot = (0..MAX_RINGS).find(|s| !used.contains(s)).ok_or_else(|| {
                     MirrorError::Invalid(format!("all {MAX_RINGS} mirror rings are in use"))
                 })?;
-                let ring = match self.start_ring(slot, r).await {
+                let ring = match self.start_ring(&spec.id, slot, r).await {
                     Ok(ring) => ring,
                     Err(e) => {
                         if let Some(kept) = state.services.get_mut(&spec.id) {
@@ -309,6 +309,7 @@ impl MirrorService {
 
     async fn start_ring(
         &self,
+        id: &str,
         slot: u32,
         spec: &super::model::RingSpec,
     ) -> Result<Ring, MirrorError> {
@@ -321,7 +322,7 @@ impl MirrorService {
         }
         let transport = *self.transport.lock().expect("lock");
         if transport == RingTransport::AfXdp {
-            return self.start_xdp_ring(slot, consumers).await;
+            return self.start_xdp_ring(id, slot, consumers).await;
         }
         let feed = self.feed().await?;
         let generation = {
@@ -335,12 +336,7 @@ impl MirrorService {
         })
         .await
         .map_err(|e| MirrorError::Dataplane(format!("ring task failed: {e}")))?;
-        // A consumer that cannot be opened (its path or interface) is the
-        // caller's to fix, not the dataplane's.
-        let running = started.map_err(|e| match e {
-            super::ring::RingError::Consumer { .. } => MirrorError::Invalid(e.to_string()),
-            e => MirrorError::Dataplane(e.to_string()),
-        })?;
+        let running = started.map_err(|e| ring_error(id, e))?;
         Ok(Ring {
             slot,
             generation,
@@ -381,6 +377,7 @@ impl MirrorService {
 
     async fn start_xdp_ring(
         &self,
+        id: &str,
         slot: u32,
         consumers: Vec<Consumer>,
     ) -> Result<Ring, MirrorError> {
@@ -436,7 +433,7 @@ impl MirrorService {
             }),
             Err(e) => {
                 self.dataplane.detach_ring(&peer, peer_ifindex, slot).await;
-                Err(undo(MirrorError::Dataplane(e.to_string())).await)
+                Err(undo(ring_error(id, e)).await)
             }
         }
     }
@@ -506,6 +503,18 @@ impl MirrorService {
         {
             return Err(MirrorError::Invalid(format!(
                 "tap flow {:?}: {:?} receives the copies of tap service {:?}; it cannot be a source",
+                spec.id, spec.source, s.spec.id
+            )));
+        }
+        // A ring's own veth carries copies: a flow on it would copy copies, in a loop.
+        if let Some(s) = state.services.values().find(|s| {
+            s.ring
+                .as_ref()
+                .and_then(|r| r.veth.as_ref())
+                .is_some_and(|v| v.host == spec.source || v.peer == spec.source)
+        }) {
+            return Err(MirrorError::Invalid(format!(
+                "tap flow {:?}: {:?} carries the copies of tap service {:?}'s ring; it cannot be a source",
                 spec.id, spec.source, s.spec.id
             )));
         }
@@ -796,6 +805,23 @@ impl TapBackend for MirrorService {
 }
 
 /// The interfaces a tap service sends copies out of.
+/// A ring of tap service `id` that did not start. A consumer that cannot be
+/// opened (its path or interface) is the caller's to fix, not the
+/// dataplane's; neither names the ring's internal slot.
+fn ring_error(id: &str, e: super::ring::RingError) -> MirrorError {
+    match e {
+        super::ring::RingError::Consumer {
+            consumer,
+            step,
+            source,
+            ..
+        } => MirrorError::Invalid(format!(
+            "tap service {id:?}: consumer {consumer}: {step}: {source}"
+        )),
+        e => MirrorError::Dataplane(format!("tap service {id:?}: {e}")),
+    }
+}
+
 fn destinations(spec: &TapService) -> Vec<&str> {
     match &spec.destination {
         Destination::Interface(i) => vec![i.as_str()],
