@@ -797,6 +797,108 @@ fn a_ring_that_cannot_start_at_a_restart_is_kept_in_error_until_created_again() 
     assert_eq!(tshark_fields(&pcap, "icmp.type").len(), 30);
 }
 
+/// A restart is no port delete: a tap flow whose source port did not exist
+/// at the start (a VM's port at boot) was dropped and lost from the saved
+/// state, and so was a tap service whose interface did not. Both now wait
+/// DOWN, stay saved, and start when their interfaces appear.
+#[test]
+fn taps_whose_interfaces_are_missing_at_a_restart_wait_and_start_when_they_appear() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let state = TempDir::new("tmmsw");
+    let state_args = vec!["--state-dir".to_string(), state.0.display().to_string()];
+    let args: Vec<&str> = state_args.iter().map(String::as_str).collect();
+    let mut lab = Lab::with(|_| state_args.clone());
+    lab.service("mon", Destination::Interface(lab.tap_if.interface.clone()))
+        .unwrap();
+    lab.flow("both", "mon", "BOTH", "").unwrap();
+    let before = lab.monitor_rx();
+    lab.ping(5);
+    lab.expect_monitor(before, 10);
+    assert!(lab.daemon.stop().success());
+    // Both ports are gone while the daemon is down.
+    lab.node.ip(&["link", "del", &lab.port.interface]);
+    lab.node.ip(&["link", "del", &lab.tap_if.interface]);
+
+    let waiting = |lab: &Lab, services: usize| {
+        let listing = lab.list();
+        assert_eq!(listing.services.len(), services, "{listing:?}");
+        let mon = &listing.services[0];
+        assert_eq!((mon.id.as_str(), mon.status.as_str()), ("mon", "DOWN"));
+        assert!(mon.error.contains("waiting for its interface"), "{mon:?}");
+        assert_eq!(listing.flows.len(), 1, "{listing:?}");
+        assert_eq!(listing.flows[0].status, "DOWN", "{listing:?}");
+        let port = format!("waiting for its interface {:?}", lab.port.interface);
+        assert!(listing.flows[0].error.contains(&port), "{listing:?}");
+    };
+    lab.daemon = Daemon::start(&lab.node.name, &args);
+    waiting(&lab, 1);
+    // A change saves the state; they stay in it.
+    let dir = TempDir::new("tmpcw");
+    lab.ring_service("ring", &dir.0.join("ring.pcap"));
+    assert!(lab.daemon.stop().success());
+    lab.daemon = Daemon::start(&lab.node.name, &args);
+    waiting(&lab, 2);
+
+    // The ports come back (as a VM's would), and the taps start.
+    let sh = |args: &[&str]| assert!(tapmesh_tests::sh("ip", args).status.success(), "{args:?}");
+    for (node_if, far, far_if, node_ip, far_ip) in [
+        (
+            &lab.port.interface,
+            &lab.vm1,
+            &lab.vm1_if.interface,
+            "198.18.1.1/24",
+            "198.18.1.2/24",
+        ),
+        (
+            &lab.tap_if.interface,
+            &lab.monitor,
+            &lab.mon_if.interface,
+            "198.18.3.1/24",
+            "198.18.3.2/24",
+        ),
+    ] {
+        sh(&[
+            "link",
+            "add",
+            node_if,
+            "netns",
+            &lab.node.name,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            far_if,
+            "netns",
+            &far.name,
+        ]);
+        for (ns, interface, ip) in [(&lab.node, node_if, node_ip), (far, far_if, far_ip)] {
+            ns.ip(&["addr", "add", ip, "dev", interface]);
+            ns.ip(&["link", "set", interface, "up"]);
+        }
+    }
+    lab.vm1
+        .ip(&["route", "add", "default", "via", "198.18.1.1"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let l = lab.list();
+            l.services.iter().all(|s| s.status == "ACTIVE")
+                && l.flows
+                    .iter()
+                    .all(|f| f.status == "ACTIVE" && f.error.is_empty())
+        }),
+        "{:?}",
+        lab.list()
+    );
+    // The new links' neighbours are resolved first (their ARP is copied too).
+    lab.ping(1);
+    std::thread::sleep(Duration::from_millis(300));
+    let before = lab.monitor_rx();
+    lab.ping(5);
+    lab.expect_monitor(before, 10);
+}
+
 /// A stop right after the traffic lost the copies of the ring reader's last
 /// pause (up to 20 ms of them): the rings stopped without reading the ring
 /// buffer once more.

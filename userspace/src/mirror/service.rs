@@ -138,11 +138,12 @@ impl MirrorService {
         *self.transport.lock().expect("lock") = transport;
     }
 
-    /// Re-creates the persisted tap services and flows. Those whose
-    /// interfaces are gone are dropped, as if deleted with them (TaaS); a
-    /// ring whose consumer cannot start (its pcap directory is gone, its
-    /// forward interface missing) is kept in ERROR with the reason, its
-    /// flows too, and starts when it is created again.
+    /// Re-creates the persisted tap services and flows. A restart is no port
+    /// delete: one whose interface does not exist (yet: a VM's port at
+    /// boot) waits DOWN for it, and starts when it appears (checked every
+    /// second). A ring whose consumer cannot start (its pcap directory is
+    /// gone, its forward interface missing) is kept in ERROR with the
+    /// reason, its flows too, and starts when it is created again.
     pub async fn restore(&self) {
         let Some(path) = self.state_file.lock().expect("lock").clone() else {
             return;
@@ -177,15 +178,69 @@ impl MirrorService {
                         },
                     );
                 }
+                Err(MirrorError::NoInterface(name)) => {
+                    tracing::info!("tap service {id} waits for its interface {name:?}");
+                    self.state.lock().await.services.insert(
+                        id,
+                        ServiceState {
+                            spec: s,
+                            status: Status::Down,
+                            error: waiting_for(&name),
+                            ifindex: 0,
+                            ring: None,
+                        },
+                    );
+                }
                 Err(e) => tracing::warn!("tap service {id} not restored: {e}"),
             }
         }
         for f in persisted.flows {
             let id = f.id.clone();
-            if let Err(e) = self.create_flow(f).await {
-                tracing::warn!("tap flow {id} not restored: {e}");
+            match self.create_flow(f.clone()).await {
+                Ok(()) => {}
+                Err(MirrorError::NoInterface(name)) if name == f.source => {
+                    tracing::info!("tap flow {id} waits for its source interface {name:?}");
+                    if let Err(e) = self.keep_waiting(f).await {
+                        tracing::warn!("tap flow {id} not restored: {e}");
+                    }
+                }
+                Err(e) => tracing::warn!("tap flow {id} not restored: {e}"),
             }
         }
+    }
+
+    /// Keeps restored flow `spec`, whose source interface does not exist,
+    /// DOWN until it does.
+    async fn keep_waiting(&self, spec: TapFlow) -> Result<(), MirrorError> {
+        let mut state = self.state.lock().await;
+        if !state.services.contains_key(&spec.tap_service) {
+            return Err(MirrorError::NotFound {
+                kind: "tap service",
+                id: spec.tap_service.clone(),
+            });
+        }
+        let used: BTreeSet<u32> = state.flows.values().map(|f| f.index).collect();
+        let index = (0..MAX_TAP_FLOWS)
+            .find(|i| !used.contains(i))
+            .ok_or_else(|| {
+                MirrorError::Invalid(format!("all {MAX_TAP_FLOWS} tap flows are in use"))
+            })?;
+        self.dataplane
+            .reset_mirror_counter(index)
+            .await
+            .map_err(|e| MirrorError::Dataplane(e.to_string()))?;
+        let error = waiting_for(&spec.source);
+        state.flows.insert(
+            spec.id.clone(),
+            FlowState {
+                spec,
+                index,
+                source_ifindex: 0,
+                status: Status::Down,
+                error,
+            },
+        );
+        Ok(())
     }
 
     fn persist(&self, state: &State) {
@@ -483,6 +538,8 @@ impl MirrorService {
             let same_port = interface_index(&spec.source) == Some(existing.source_ifindex);
             match (existing.spec == spec, same_port) {
                 (true, true) => return Ok(()),
+                // It waits for its interface (or is about to start on it).
+                (true, false) if existing.source_ifindex == 0 => return Ok(()),
                 // Its port was re-created: the old flow is gone with the old port.
                 (true, false) => {
                     state.flows.remove(&spec.id);
@@ -596,7 +653,7 @@ impl MirrorService {
             let service = state
                 .services
                 .get(&f.spec.tap_service)
-                .filter(|s| s.status != Status::Error)?;
+                .filter(|s| s.status == Status::Active && f.source_ifindex != 0)?;
             Some(FlowRule {
                 spec: &f.spec,
                 index: f.index,
@@ -628,6 +685,14 @@ impl MirrorService {
                     f.status = Status::Error;
                     f.error = format!("its tap service {:?} is in ERROR", s.spec.id);
                 }
+                _ if f.source_ifindex == 0 => {
+                    f.status = Status::Down;
+                    f.error = waiting_for(&f.spec.source);
+                }
+                Some(s) if s.status == Status::Down => {
+                    f.status = Status::Down;
+                    f.error = format!("its tap service {:?} is DOWN", s.spec.id);
+                }
                 _ => {
                     f.status = Status::Active;
                     f.error.clear();
@@ -638,25 +703,54 @@ impl MirrorService {
     }
 
     /// Deletes the taps of interfaces that disappeared (TaaS deletes a port's
-    /// tap services and flows with the port).
+    /// tap services and flows with the port), and starts those that waited
+    /// for their interface since the restart.
     pub async fn forget_gone_interfaces(&self) {
         let mut state = self.state.lock().await;
         let gone_flows: Vec<String> = state
             .flows
             .values()
-            .filter(|f| interface_index(&f.spec.source) != Some(f.source_ifindex))
+            .filter(|f| {
+                f.source_ifindex != 0 && interface_index(&f.spec.source) != Some(f.source_ifindex)
+            })
             .map(|f| f.spec.id.clone())
             .collect();
         let gone_services: Vec<String> = state
             .services
             .values()
             .filter(|s| match &s.spec.destination {
-                Destination::Interface(name) => interface_index(name) != Some(s.ifindex),
+                Destination::Interface(name) => {
+                    s.status != Status::Down && interface_index(name) != Some(s.ifindex)
+                }
                 Destination::Ring(_) => false,
             })
             .map(|s| s.spec.id.clone())
             .collect();
-        if gone_flows.is_empty() && gone_services.is_empty() {
+        let mut appeared = false;
+        for s in state.services.values_mut() {
+            if let (Status::Down, Destination::Interface(name)) = (s.status, &s.spec.destination) {
+                if let Some(ifindex) = interface_index(name) {
+                    tracing::info!("tap service {}: its interface {name:?} is here", s.spec.id);
+                    (s.ifindex, s.status) = (ifindex, Status::Active);
+                    s.error.clear();
+                    appeared = true;
+                }
+            }
+        }
+        for f in state.flows.values_mut() {
+            if f.source_ifindex == 0 {
+                if let Some(ifindex) = interface_index(&f.spec.source) {
+                    tracing::info!(
+                        "tap flow {}: its source {:?} is here",
+                        f.spec.id,
+                        f.spec.source
+                    );
+                    f.source_ifindex = ifindex;
+                    appeared = true;
+                }
+            }
+        }
+        if gone_flows.is_empty() && gone_services.is_empty() && !appeared {
             return;
         }
         let mut removed = Vec::new();
@@ -685,7 +779,7 @@ impl MirrorService {
             let _ = self.removed.send(id);
         }
         if let Err(e) = self.sync(&mut state).await {
-            tracing::error!("after removing taps of gone interfaces: {e}");
+            tracing::error!("after a change of the taps' interfaces: {e}");
         }
         self.persist(&state);
     }
@@ -805,6 +899,10 @@ impl TapBackend for MirrorService {
 }
 
 /// The interfaces a tap service sends copies out of.
+fn waiting_for(interface: &str) -> String {
+    format!("waiting for its interface {interface:?}, missing since the restart")
+}
+
 /// A ring of tap service `id` that did not start. A consumer that cannot be
 /// opened (its path or interface) is the caller's to fix, not the
 /// dataplane's; neither names the ring's internal slot.
