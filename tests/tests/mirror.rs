@@ -899,6 +899,36 @@ fn taps_whose_interfaces_are_missing_at_a_restart_wait_and_start_when_they_appea
     lab.expect_monitor(before, 10);
 }
 
+/// A ring forwarding to an interface that went away stayed ACTIVE, losing
+/// every copy ("No such device"), and never used the interface again when it
+/// was re-created. Its interface is its destination: it goes with it, as an
+/// interface service does.
+#[test]
+fn a_forward_rings_gone_interface_takes_the_service_and_its_flows() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let ring = Ring {
+        pcap: String::new(),
+        forward: lab.tap_if.interface.clone(),
+    };
+    lab.service("fwd", Destination::Ring(ring)).unwrap();
+    lab.flow("both", "fwd", "BOTH", "").unwrap();
+    let before = lab.monitor_rx();
+    lab.ping(2);
+    lab.expect_monitor(before, 4);
+    lab.node.ip(&["link", "del", &lab.tap_if.interface]);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let l = lab.list();
+            l.services.is_empty() && l.flows.is_empty()
+        }),
+        "{:?}",
+        lab.list()
+    );
+}
+
 /// A stop right after the traffic lost the copies of the ring reader's last
 /// pause (up to 20 ms of them): the rings stopped without reading the ring
 /// buffer once more.

@@ -49,6 +49,10 @@ struct Ring {
     generation: u8,
     /// The veth pair of a ring fed through AF_XDP.
     veth: Option<RingVeth>,
+    /// The index of the interface it forwards to, when it forwards: a gone
+    /// (or re-created) one takes the service with it, as for an interface
+    /// service.
+    forward: Option<u32>,
     running: MirrorRing,
 }
 
@@ -339,6 +343,8 @@ impl MirrorService {
                         return Err(e);
                     }
                 };
+                let mut ring = ring;
+                ring.forward = r.forward.as_deref().and_then(interface_index);
                 (ring.host_ifindex(), Some(ring))
             }
         };
@@ -396,6 +402,7 @@ impl MirrorService {
             slot,
             generation,
             veth: None,
+            forward: None,
             running,
         })
     }
@@ -484,6 +491,7 @@ impl MirrorService {
                     peer,
                     peer_ifindex,
                 }),
+                forward: None,
                 running,
             }),
             Err(e) => {
@@ -722,7 +730,14 @@ impl MirrorService {
                 Destination::Interface(name) => {
                     s.status != Status::Down && interface_index(name) != Some(s.ifindex)
                 }
-                Destination::Ring(_) => false,
+                Destination::Ring(r) => {
+                    s.ring
+                        .as_ref()
+                        .and_then(|ring| ring.forward)
+                        .is_some_and(|ifindex| {
+                            r.forward.as_deref().and_then(interface_index) != Some(ifindex)
+                        })
+                }
             })
             .map(|s| s.spec.id.clone())
             .collect();
@@ -759,11 +774,14 @@ impl MirrorService {
             state.flows.remove(id);
             removed.push(id.clone());
         }
+        let mut rings = Vec::new();
         for id in &gone_services {
             tracing::info!(
                 "tap service {id}: its destination interface is gone; deleted with its flows"
             );
-            state.services.remove(id);
+            if let Some(ring) = state.services.remove(id).and_then(|mut s| s.ring.take()) {
+                rings.push(ring);
+            }
             let flows: Vec<String> = state
                 .flows
                 .values()
@@ -780,6 +798,9 @@ impl MirrorService {
         }
         if let Err(e) = self.sync(&mut state).await {
             tracing::error!("after a change of the taps' interfaces: {e}");
+        }
+        for ring in rings {
+            self.stop_ring(ring).await;
         }
         self.persist(&state);
     }
