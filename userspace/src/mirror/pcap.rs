@@ -151,6 +151,9 @@ impl PcapWriter {
                             aside.display()
                         );
                     }
+                    if len > 0 && mine {
+                        cut_to_whole_records(path, f, len).map_err(context("repairing"))?;
+                    }
                     len > 0 && mine
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => false,
@@ -194,6 +197,48 @@ impl PcapWriter {
             Ok(w)
         }
     }
+}
+
+/// Cuts the capture at `path` (read through `file`, at the end of its
+/// global header; `len` bytes) after its last whole record. Records
+/// appended behind a cut one (a crash, a full disk under another writer, a
+/// copy cut short) would make every reader give up at the cut.
+fn cut_to_whole_records(path: &Path, file: File, len: u64) -> io::Result<()> {
+    use io::{BufRead, Read, Seek};
+    let mut reader = io::BufReader::with_capacity(WRITE_BUFFER, file);
+    let mut end = 24u64;
+    loop {
+        let mut header = [0u8; 16];
+        if end + 16 > len || reader.read_exact(&mut header).is_err() {
+            break;
+        }
+        let incl_len = u32::from_ne_bytes(header[8..12].try_into().expect("4 bytes"));
+        let next = end + 16 + u64::from(incl_len);
+        // A length no record of this writer has is the start of garbage.
+        if incl_len > SNAPLEN || next > len {
+            break;
+        }
+        // Skips the frame, within the buffer when it is there.
+        let buffered = reader.fill_buf()?.len();
+        if incl_len as usize <= buffered {
+            reader.consume(incl_len as usize);
+        } else {
+            reader.seek_relative(i64::from(incl_len))?;
+        }
+        end = next;
+    }
+    if end < len {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .set_len(end)?;
+        tracing::warn!(
+            "{}: its last {} bytes were not a whole record; cut before appending",
+            path.display(),
+            len - end
+        );
+    }
+    Ok(())
 }
 
 /// Makes writes to `file` block again (see [`PcapWriter::create`]).
@@ -285,6 +330,52 @@ mod tests {
         w.flush().unwrap();
         drop(w);
         assert_eq!(reader.join().unwrap(), global_header());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// (incl_len of each record) of a classic pcap file; panics on a cut one.
+    fn records(bytes: &[u8]) -> Vec<u32> {
+        let mut at = 24;
+        let mut out = Vec::new();
+        while at < bytes.len() {
+            let incl = u32::from_ne_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+            at += 16 + incl as usize;
+            assert!(at <= bytes.len(), "a cut record at the end");
+            out.push(incl);
+        }
+        out
+    }
+
+    #[test]
+    fn a_cut_record_at_the_end_is_removed_before_appending() {
+        let dir = std::env::temp_dir().join(format!("tapmesh-cut-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.pcap");
+        let mut w = PcapWriter::create(&path).unwrap();
+        for n in [60, 70, 80] {
+            w.write(&vec![1u8; n], SystemTime::now()).unwrap();
+        }
+        w.flush().unwrap();
+        drop(w);
+        let len = std::fs::metadata(&path).unwrap().len();
+        // Half of the last record (a crash, a copy cut short).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 20)
+            .unwrap();
+        let mut w = PcapWriter::create(&path).unwrap();
+        w.write(&[2u8; 90], SystemTime::now()).unwrap();
+        w.flush().unwrap();
+        drop(w);
+        assert_eq!(records(&std::fs::read(&path).unwrap()), [60, 70, 90]);
+        // A whole file is left as it is.
+        let mut w = PcapWriter::create(&path).unwrap();
+        w.write(&[3u8; 64], SystemTime::now()).unwrap();
+        w.flush().unwrap();
+        drop(w);
+        assert_eq!(records(&std::fs::read(&path).unwrap()), [60, 70, 90, 64]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
