@@ -204,7 +204,7 @@ impl PcapWriter {
 /// appended behind a cut one (a crash, a full disk under another writer, a
 /// copy cut short) would make every reader give up at the cut.
 fn cut_to_whole_records(path: &Path, file: File, len: u64) -> io::Result<()> {
-    use io::{BufRead, Read, Seek};
+    use io::{BufRead, Read};
     let mut reader = io::BufReader::with_capacity(WRITE_BUFFER, file);
     let mut end = 24u64;
     loop {
