@@ -918,6 +918,21 @@ fn a_forward_rings_gone_interface_takes_the_service_and_its_flows() {
     let before = lab.monitor_rx();
     lab.ping(2);
     lab.expect_monitor(before, 4);
+    // The pinned rule names the ring, not interface 0.
+    let out = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+        .args(["bpf", "mirror", "list", "-o", "json", "--bpffs-root"])
+        .arg(&lab.daemon.bpffs_root)
+        .output()
+        .unwrap();
+    let maps: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(maps["rules"][0]["ring"], 0, "{maps}");
+    let out = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+        .args(["bpf", "mirror", "list", "--bpffs-root"])
+        .arg(&lab.daemon.bpffs_root)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("ring slot 0"), "{text}");
     lab.node.ip(&["link", "del", &lab.tap_if.interface]);
     assert!(
         wait_until(Duration::from_secs(5), || {

@@ -226,7 +226,10 @@ pub fn render_mirror(m: &MirrorMaps) -> String {
             "{:<20} {:<5} {:<20} {:<9} {:<12} {:<10} {:<10} {}",
             named(r.source_ifindex, &r.source),
             r.flow,
-            named(r.dest_ifindex, &r.dest),
+            match r.ring {
+                Some(slot) => format!("ring slot {slot}"),
+                None => named(r.dest_ifindex, &r.dest),
+            },
             r.direction,
             list(&r.vlans),
             r.packets,

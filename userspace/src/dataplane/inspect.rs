@@ -563,6 +563,9 @@ pub struct MirrorRuleRow {
     pub flow: u32,
     pub dest_ifindex: u32,
     pub dest: Option<String>,
+    /// The mirror ring slot its copies go to through the ring buffer (none:
+    /// a clone to `dest`).
+    pub ring: Option<u32>,
     pub direction: &'static str,
     /// VLAN ranges, or "all".
     pub vlans: Vec<String>,
@@ -622,6 +625,7 @@ pub fn mirror(dir: &Path) -> Result<MirrorMaps, InspectError> {
                 flow: rule.flow,
                 dest_ifindex: rule.dest_ifindex,
                 dest: interface(rule.dest_ifindex),
+                ring: rule.ring.checked_sub(1).map(u32::from),
                 direction,
                 vlans,
                 packets: c.0,
