@@ -42,6 +42,9 @@ pub fn copy(ctx: &TcContext, direction: u8) {
     let port = &*port;
     let vlan = vlan_of(ctx);
     let len = ctx.len() as u64;
+    // The bytes on the wire: an offloaded tag is not in `len` (a copy gets it back).
+    // SAFETY: the context's __sk_buff is valid for the program's run.
+    let wire = len + 4 * u64::from(unsafe { (*ctx.skb.skb).vlan_present } != 0);
     for i in 0..RULES_PER_PORT {
         if i as u32 >= port.count {
             break;
@@ -70,7 +73,7 @@ pub fn copy(ctx: &TcContext, direction: u8) {
             let counter: &mut MirrorCounter = unsafe { &mut *counter };
             if copied {
                 counter.packets += 1;
-                counter.bytes += len;
+                counter.bytes += wire;
             } else {
                 counter.failed += 1;
             }
