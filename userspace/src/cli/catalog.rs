@@ -18,11 +18,14 @@ pub fn render(l: &CatalogListing) -> String {
                     (0, false) => b.note.clone(),
                     (n, false) => format!("slots {n} {}", b.note),
                 };
+                // An IPv6 address in brackets, as in a socket address.
+                let address = match b.address.parse::<std::net::IpAddr>() {
+                    Ok(ip) => std::net::SocketAddr::new(ip, b.port as u16).to_string(),
+                    Err(_) => format!("{}:{}", b.address, b.port),
+                };
                 let _ = writeln!(
                     out,
-                    "  {}:{} weight {} priority {} {held}{}",
-                    b.address,
-                    b.port,
+                    "  {address} weight {} priority {} {held}{}",
                     b.weight,
                     b.priority,
                     if b.locality.is_empty() {
@@ -55,4 +58,40 @@ pub async fn list(
         .await
         .map(|r| super::json::show(output, &r.into_inner(), render));
     super::print_result(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::proto::{CatalogBackend, CatalogService};
+
+    #[test]
+    fn an_ipv6_backend_is_written_in_brackets() {
+        let backend = |address: &str| CatalogBackend {
+            address: address.into(),
+            port: 7000,
+            weight: 1,
+            slots: 1,
+            ..Default::default()
+        };
+        let listing = CatalogListing {
+            services: vec![CatalogService {
+                name: "web".into(),
+                source: "eds".into(),
+                vip: "203.0.113.20".into(),
+                backends: vec![
+                    backend("2001:db8:9::1"),
+                    backend("::ffff:192.0.2.6"),
+                    backend("192.0.2.7"),
+                ],
+            }],
+        };
+        let text = render(&listing);
+        assert!(text.contains("  [2001:db8:9::1]:7000 weight 1"), "{text}");
+        assert!(
+            text.contains("  [::ffff:192.0.2.6]:7000 weight 1"),
+            "{text}"
+        );
+        assert!(text.contains("  192.0.2.7:7000 weight 1"), "{text}");
+    }
 }
