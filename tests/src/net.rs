@@ -902,6 +902,21 @@ impl LbLab {
         self.daemon = Some(Daemon::start_at(&self.node.name, &root, &all));
     }
 
+    /// Starts a daemon on the pins under `root` (a kept dataplane) with
+    /// `args` besides the uplink; the previous daemon must have stopped.
+    pub fn start_at(&mut self, root: &std::path::Path, args: &[String]) {
+        assert!(self.daemon.is_none(), "the daemon is already running");
+        let mut all = vec![
+            "--uplink".to_string(),
+            self.uplink.clone(),
+            "--xdp-mode".into(),
+            "native".into(),
+        ];
+        all.extend(args.iter().cloned());
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        self.daemon = Some(Daemon::start_at(&self.node.name, root, &all));
+    }
+
     /// Like [`LbLab::start`] with no LB spec and `config` as the daemon's
     /// configuration file.
     pub fn start_configured(&mut self, config: &str) {

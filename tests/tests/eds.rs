@@ -124,6 +124,61 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
     assert_eq!(after[1], before[1] + 200);
 }
 
+/// A kept dataplane restarted while the xDS server is away lost every packet
+/// to the EDS VIP: its first write had no endpoints for it, and after
+/// `missing_after` it was applied empty. The endpoints of the last accepted
+/// write are kept in the state directory and written before the client
+/// starts; they stay until the server sends the cluster.
+#[test]
+fn a_restart_without_the_server_keeps_the_last_endpoints() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = tapmesh_tests::net::LbLab::new(2, &[VIP]);
+    let cp = tapmesh_tests::xds_peer::ControlPlane::start_in(&lab.node.name, false);
+    let state = tapmesh_tests::TempDir::new("tmeds");
+    let config = state.0.join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"2s\"\n{}",
+            cp.address(),
+            udp_vip_cluster("svc", VIP)
+        ),
+    )
+    .unwrap();
+    let args: Vec<String> = [
+        "--config",
+        config.to_str().unwrap(),
+        "--state-dir",
+        state.0.join("state").to_str().unwrap(),
+        "--keep-dataplane",
+    ]
+    .map(String::from)
+    .to_vec();
+    lab.start_with(None, &args);
+    let mut cp = cp;
+    let (a, b) = (
+        lab.targets[0].address.to_string(),
+        lab.targets[1].address.to_string(),
+    );
+    cp.set("1", &[("svc", weighted(&[(&a, 7000, 1), (&b, 7000, 1)]))]);
+    wait_ack(&cp, "1");
+    let before = lab.spread(VIP);
+    assert_eq!(before.iter().sum::<u64>(), 200, "{before:?}");
+    assert!(before.iter().all(|&n| n > 0), "{before:?}");
+    let root = lab.stop_keeping_pins();
+    cp.kill();
+
+    lab.start_at(&root, &args);
+    // At once, and past `missing_after`: the same split, flow for flow.
+    assert_eq!(lab.spread(VIP), before);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lab.spread(VIP), before);
+    let listing = lab.daemon().cli(&["catalog", "list"]);
+    assert!(listing.contains(&format!("{a}:7000 weight 1")), "{listing}");
+}
+
 /// The daemon's default (`protocol = "auto"`) against a server with Delta:
 /// it subscribes over Delta; each change is applied with real packets
 /// following it, and a cluster the server removes stops taking traffic.

@@ -41,6 +41,9 @@ mod plugin;
 pub const LB_SOURCE: &str = "eds";
 /// Where the identities are kept, in the state directory.
 pub const STATE_FILE: &str = "eds-identities.json";
+/// Where the endpoints of the last accepted write are kept, in the state
+/// directory: what a restart writes before the server answers.
+pub const ENDPOINTS_FILE: &str = "eds-endpoints.json";
 /// Maglev slots one EDS service's backends share.
 pub const MAX_SLOTS: u32 = 100;
 /// Updates within this of the first of a burst become one map write (the
@@ -90,6 +93,8 @@ struct State {
     state_file: Option<PathBuf>,
     /// The cluster's other nodes (empty without `[cluster]`).
     nodes: Vec<RemoteNode>,
+    /// Clusters taken from [`ENDPOINTS_FILE`] at the start, not yet written.
+    restored: BTreeSet<String>,
 }
 
 /// What a write starts from.
@@ -123,9 +128,9 @@ pub struct Catalog {
     state: Mutex<State>,
     written: watch::Sender<(u64, Result<(), String>)>,
     kick: tokio::sync::Notify,
-    /// The identities of the last write the LB accepted (when they are kept
-    /// on disk) and its generation, for [`persist`].
-    to_save: watch::Sender<(u64, Arc<Identities>)>,
+    /// The identities and endpoints of the last write the LB accepted (when
+    /// they are kept on disk) and its generation, for [`persist`].
+    to_save: watch::Sender<(u64, Arc<Identities>, Clusters)>,
     /// The generation whose identities [`persist`] last handled.
     saved: watch::Sender<u64>,
     /// What the last successful write holds, for [`serve`] and the listing.
@@ -146,10 +151,11 @@ impl Catalog {
                 identities: Identities::default(),
                 state_file: None,
                 nodes: Vec::new(),
+                restored: BTreeSet::new(),
             }),
             written: watch::channel((0, Ok(()))).0,
             kick: tokio::sync::Notify::new(),
-            to_save: watch::channel((0, Arc::default())).0,
+            to_save: watch::channel((0, Arc::default(), Clusters::new())).0,
             saved: watch::channel(0).0,
             accepted: watch::channel(Arc::default()).0,
             served: watch::channel(crate::xds::Assignments::default()).0,
@@ -202,7 +208,59 @@ impl Catalog {
         } = &mut *state;
         identities.retain(|c| bindings.get(c).is_some_and(|b| !b.vip.is_empty()));
         state.state_file = Some(path);
+        // A cache of what the maps held: one that cannot be read is not
+        // used (the server's next answer replaces it anyway).
+        let kept = dir.join(ENDPOINTS_FILE);
+        let restored = match std::fs::read(&kept) {
+            Ok(bytes) => serde_json::from_slice::<Vec<ClusterEndpoints>>(&bytes)
+                .inspect_err(|e| tracing::warn!("{}: {e}; not used", kept.display()))
+                .unwrap_or_default(),
+            Err(_) => Vec::new(),
+        };
+        for c in restored {
+            if state.bindings.contains_key(&c.cluster) && !state.clusters.contains_key(&c.cluster) {
+                state.restored.insert(c.cluster.clone());
+                state.clusters.insert(c.cluster.clone(), Arc::new(c));
+            }
+        }
         Ok(())
+    }
+
+    /// Writes the endpoints kept from before the restart, before the xDS
+    /// client starts: a kept dataplane goes on with them until the server
+    /// answers. Refused (a backend no longer valid here), they are dropped.
+    pub async fn write_restored(&self) {
+        let mine = {
+            let mut state = self.state.lock().await;
+            if state.restored.is_empty() {
+                return;
+            }
+            state.wanted += 1;
+            state.wanted
+        };
+        self.kick.notify_one();
+        let mut written = self.written.subscribe();
+        let result = written
+            .wait_for(|(generation, _)| *generation >= mine)
+            .await
+            .map_err(|_| "the catalog writer stopped".to_string())
+            .and_then(|w| w.1.clone());
+        let mut state = self.state.lock().await;
+        match result {
+            Ok(()) => tracing::info!(
+                "EDS endpoints kept from before the restart written for {:?}",
+                state.restored
+            ),
+            Err(e) => {
+                tracing::warn!("EDS endpoints kept from before the restart not written: {e}");
+                for cluster in std::mem::take(&mut state.restored) {
+                    state.clusters.remove(&cluster);
+                }
+                state.wanted += 1;
+                drop(state);
+                self.kick.notify_one();
+            }
+        }
     }
 
     fn overlay(&self) -> Option<Arc<NetManager>> {
@@ -366,6 +424,16 @@ impl ManagerObserver for Catalog {
 
 #[async_trait::async_trait]
 impl EndpointSink for Catalog {
+    async fn held(&self) -> Vec<ClusterEndpoints> {
+        let state = self.state.lock().await;
+        state
+            .restored
+            .iter()
+            .filter_map(|c| state.clusters.get(c))
+            .map(|c| (**c).clone())
+            .collect()
+    }
+
     /// Returns once the maps hold this update (or a later one).
     async fn apply(&self, update: ClusterEndpoints) -> Result<(), String> {
         self.apply_all(vec![update]).await
@@ -487,7 +555,10 @@ async fn writer(catalog: Arc<Catalog>) {
                 // the disk. Handed over before the ACK, so a stop after it
                 // waits for the save.
                 if state_file.is_some() {
-                    let old = catalog.to_save.send_replace((generation, held.clone()));
+                    let old =
+                        catalog
+                            .to_save
+                            .send_replace((generation, held.clone(), clusters.clone()));
                     garbage.push(Box::new(old));
                 }
                 garbage.push(Box::new(last_good.replace(held)));
@@ -524,10 +595,46 @@ async fn writer(catalog: Arc<Catalog>) {
 /// come faster than the disk. The last saved set is kept, so an unchanged
 /// one costs a comparison (a file removed meanwhile is written again at the
 /// next change).
-async fn persist(catalog: Arc<Catalog>, mut to_save: watch::Receiver<(u64, Arc<Identities>)>) {
+async fn persist(
+    catalog: Arc<Catalog>,
+    mut to_save: watch::Receiver<(u64, Arc<Identities>, Clusters)>,
+) {
     let mut saved: Option<(PathBuf, Arc<Identities>)> = None;
+    let mut saved_endpoints: Option<Clusters> = None;
     while to_save.changed().await.is_ok() {
-        let (generation, identities) = to_save.borrow_and_update().clone();
+        let (generation, identities, clusters) = to_save.borrow_and_update().clone();
+        let same = |a: &Clusters, b: &Clusters| {
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|((n, c), (m, d))| n == m && (Arc::ptr_eq(c, d) || c == d))
+        };
+        let kept = catalog
+            .state
+            .lock()
+            .await
+            .state_file
+            .as_ref()
+            .map(|p| p.with_file_name(ENDPOINTS_FILE));
+        if let Some(kept) =
+            kept.filter(|_| !saved_endpoints.as_ref().is_some_and(|s| same(s, &clusters)))
+        {
+            let all = clusters.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let list: Vec<&ClusterEndpoints> = all.values().map(|c| &**c).collect();
+                crate::statefile::save(&kept, &list)
+                    .map_err(|e| format!("saving {}: {e}", kept.display()))
+            })
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+            saved_endpoints = match result {
+                Ok(()) => Some(clusters),
+                Err(e) => {
+                    tracing::warn!("EDS endpoints not saved: {e}");
+                    None
+                }
+            };
+        }
         let path = catalog.state.lock().await.state_file.clone();
         let unchanged = |p: &PathBuf| {
             saved

@@ -70,6 +70,8 @@ impl Plugin for CatalogPlugin {
                 }
             });
         }
+        // Before the client: its first update comes after them.
+        self.catalog.write_restored().await;
         if !x.server.is_empty() {
             let settings = XdsSettings {
                 server: x.server.clone(),

@@ -33,9 +33,19 @@ use super::{
 /// The first reconnect delay (doubled up to `max_backoff`).
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// HTTP/2 keepalive, so a vanished server is noticed on an idle stream.
-const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A vanished server (host or network) is noticed on an idle stream by TCP
+/// keepalive: probes after 30 s idle, every 10 s, 3 unanswered (the kernel
+/// answers them; the gRPC server never sees them).
+const TCP_KEEPALIVE_IDLE: Duration = Duration::from_secs(30);
+const TCP_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const TCP_KEEPALIVE_RETRIES: u32 = 3;
+/// HTTP/2 pings, for a server process that hangs behind a live kernel: no
+/// more often than gRPC servers allow by default (grpc-go's and
+/// grpc-core's 5 minutes between pings on a stream without data; more
+/// often, and the third ping gets a GOAWAY "too_many_pings": a reconnect
+/// and a full resend every 2 minutes with a 30 s interval).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(330);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 /// google.rpc.Code INVALID_ARGUMENT, the code of our NACKs.
 const INVALID_ARGUMENT: i32 = 3;
 /// A rejected version the server sends again is NACKed after this delay,
@@ -103,6 +113,9 @@ pub(super) struct Client {
     applied: HashMap<String, ClusterEndpoints>,
     /// Clusters that arrived in an accepted response or were applied as missing.
     settled: HashSet<String>,
+    /// Clusters the sink held at the start ([`EndpointSink::held`]): never
+    /// applied as missing.
+    held: HashSet<String>,
     missing_deadline: Instant,
     missing_done: bool,
     /// The last rejected response and how often it came back.
@@ -153,6 +166,7 @@ impl Client {
             versions: HashMap::new(),
             applied: HashMap::new(),
             settled: HashSet::new(),
+            held: HashSet::new(),
             missing_deadline,
             missing_done,
             rejected: None,
@@ -163,6 +177,17 @@ impl Client {
     }
 
     async fn run(mut self) {
+        for kept in self.sink.held().await {
+            if self.subscribed(&kept.cluster) {
+                tracing::info!(
+                    cluster = %kept.cluster,
+                    "{} endpoints kept from before the restart until the server sends the cluster",
+                    kept.endpoints.len()
+                );
+                self.held.insert(kept.cluster.clone());
+                self.applied.insert(kept.cluster.clone(), kept);
+            }
+        }
         let max = self.settings.max_backoff.max(INITIAL_BACKOFF);
         let mut backoff = INITIAL_BACKOFF;
         loop {
@@ -221,7 +246,7 @@ impl Client {
             .settings
             .clusters
             .iter()
-            .filter(|c| !self.settled.contains(*c))
+            .filter(|c| !self.settled.contains(*c) && !self.held.contains(*c))
             .cloned()
             .collect();
         for cluster in missing {
@@ -305,6 +330,9 @@ impl Client {
             Ok(e) => e
                 .connect_timeout(CONNECT_TIMEOUT)
                 .tcp_nodelay(true)
+                .tcp_keepalive(Some(TCP_KEEPALIVE_IDLE))
+                .tcp_keepalive_interval(Some(TCP_KEEPALIVE_INTERVAL))
+                .tcp_keepalive_retries(Some(TCP_KEEPALIVE_RETRIES))
                 .http2_keep_alive_interval(KEEPALIVE_INTERVAL)
                 .keep_alive_timeout(KEEPALIVE_TIMEOUT)
                 .keep_alive_while_idle(true),

@@ -138,7 +138,18 @@ impl fmt::Display for Protocol {
 }
 
 /// `envoy.config.core.v3.Locality`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Locality {
     pub region: String,
     pub zone: String,
@@ -152,7 +163,7 @@ impl fmt::Display for Locality {
 }
 
 /// One endpoint chosen by [`select`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SelectedEndpoint {
     pub address: IpAddr,
     pub port: u16,
@@ -168,7 +179,7 @@ pub struct SelectedEndpoint {
 
 /// An endpoint of the assignment that [`select`] did not choose: another
 /// priority, a health that is not usable, or a locality A27 skips.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct StandbyEndpoint {
     /// Its weight is its share within its priority when `usable`, else its
     /// own `load_balancing_weight`.
@@ -178,7 +189,7 @@ pub struct StandbyEndpoint {
 }
 
 /// A drop category of `ClusterLoadAssignment.policy.drop_overloads`.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DropOverload {
     pub category: String,
     /// `drop_percentage` in parts per million (0..=1_000_000).
@@ -186,7 +197,7 @@ pub struct DropOverload {
 }
 
 /// A `ClusterLoadAssignment` after gRPC A27 endpoint selection.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ClusterEndpoints {
     pub cluster: String,
     /// Empty: the cluster has no usable backend (or does not exist).
@@ -214,6 +225,14 @@ impl ClusterEndpoints {
 #[async_trait::async_trait]
 pub trait EndpointSink: Send + Sync {
     async fn apply(&self, update: ClusterEndpoints) -> Result<(), String>;
+
+    /// What the sink holds when the client starts (kept from before a
+    /// restart): a cluster of these is not applied as empty when the server
+    /// does not send it within `missing_after`; it stays until the server
+    /// sends it.
+    async fn held(&self) -> Vec<ClusterEndpoints> {
+        Vec::new()
+    }
 
     /// The changed assignments of one response, as one change: an `Err`
     /// must leave none of them applied (the NACK says the previous version
