@@ -37,6 +37,8 @@ pub struct Lab {
     // Drop order: ambassadors, daemons, etcd, namespaces, files.
     pub ambassadors: Vec<Ambassador>,
     pub daemons: Vec<Option<Daemon>>,
+    /// Daemons stopped for a restart on their pins, dropped after the others.
+    retired: Vec<Daemon>,
     pub etcd: EtcdCluster,
     pub lease_ttl: Duration,
     /// TLS to etcd: its files, and the CA the daemons are told to trust.
@@ -191,6 +193,7 @@ impl Lab {
         let mut lab = Lab {
             ambassadors: Vec::new(),
             daemons: Vec::new(),
+            retired: Vec::new(),
             etcd,
             lease_ttl,
             ca: certs.as_ref().map(|c| c.ca.clone()),
@@ -225,6 +228,25 @@ impl Lab {
     }
 
     pub fn start_daemon(&self, i: usize) -> Daemon {
+        let args = self.daemon_args(i);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::start(&self.nodes[i - 1].name, &args)
+    }
+
+    /// Stops node `i`'s daemon (it must keep its dataplane: `keep_dataplane`
+    /// in `daemon_extra`), runs `meanwhile`, and starts another on its pins.
+    pub fn restart_kept(&mut self, i: usize, meanwhile: impl FnOnce(&mut Lab)) {
+        let mut old = self.daemons[i - 1].take().expect("daemon running");
+        assert!(old.stop().success(), "daemon stop: {}", old.log_text());
+        let root = old.bpffs_root.clone();
+        meanwhile(self);
+        let args = self.daemon_args(i);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.daemons[i - 1] = Some(Daemon::start_at(&self.nodes[i - 1].name, &root, &args));
+        self.retired.push(old);
+    }
+
+    fn daemon_args(&self, i: usize) -> Vec<String> {
         let d = self.node_dir(i);
         std::fs::create_dir_all(&d).unwrap();
         chmod(&d, 0o755);
@@ -270,8 +292,7 @@ impl Lab {
             args.push("--uplink".into());
             args.push(u.clone());
         }
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Daemon::start(&self.nodes[i - 1].name, &args)
+        args
     }
 
     pub fn daemon(&self, i: usize) -> &Daemon {

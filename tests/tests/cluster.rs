@@ -766,6 +766,51 @@ fn losing_an_etcd_member_changes_nothing_and_a_full_outage_keeps_traffic_flowing
     drop(taps);
 }
 
+/// A node restarted on its kept dataplane while etcd was away sent the
+/// flows of other nodes' targets to its own until etcd came back: its
+/// registry's first write had only this node's targets (and with etcd
+/// there, for the ~15 ms until the view came). It now starts from the other
+/// nodes' targets of its last view.
+#[test]
+fn a_node_restarted_while_etcd_is_away_keeps_the_other_nodes_targets() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::build_with(3, true, NSP_CONFIG, 1, FAULT_TTL, false, |lab| {
+        lab.daemon_extra = "[dataplane]\nkeep_dataplane = true\n".into();
+    });
+    let vip = SocketAddrV4::new(VIP_A, 7000);
+    let _taps = vec![open_a(&mut lab, 1), open_a(&mut lab, 2)];
+    let receivers = vec![
+        UdpReceiver::start(&lab.apps[0].name, vip),
+        UdpReceiver::start(&lab.apps[1].name, vip),
+    ];
+    assert!(
+        wait_until(Duration::from_secs(15), || converged(&lab, &["n1", "n2"])),
+        "{:?}",
+        enabled_nodes(&lab, 1)
+    );
+    let (sent, before) = round(&lab, &receivers);
+    assert_eq!(before.len() as u64, sent, "every flow reached a target");
+    assert!(reached_by(&before, 1) > 0, "node 2's target serves");
+
+    lab.etcd.stop_all();
+    lab.restart_kept(1, |_| {});
+    assert!(lab.cluster_detail(1).contains("etcd unreachable"));
+    let (_, after) = round(&lab, &receivers);
+    let moved = before
+        .iter()
+        .filter(|(port, r)| after.get(port) != Some(r))
+        .count();
+    assert_eq!(
+        (moved, after.len()),
+        (0, before.len()),
+        "flows moved or lost of {}",
+        before.len()
+    );
+    lab.etcd.start_all();
+}
+
 /// The cluster row of node `i`'s status.
 fn cluster_row(lab: &Lab, i: usize) -> tapmesh::admin::proto::ClusterStatus {
     lab.daemon(i).status().cluster.expect("a cluster row")

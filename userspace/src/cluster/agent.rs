@@ -50,7 +50,24 @@ pub struct Settings {
     pub prefix: String,
     /// `<state_dir>/cluster.json`: the lease a restart reuses.
     pub state_file: PathBuf,
+    /// `<state_dir>/cluster-remote.json`: the other nodes' targets of the
+    /// last view applied, which a restart starts from ([`REMOTE_FILE`]).
+    pub remote_file: PathBuf,
     pub record: NodeRecord,
+}
+
+/// Where the other nodes' targets of the last applied view are kept.
+pub const REMOTE_FILE: &str = "cluster-remote.json";
+
+/// The other nodes' targets kept in `path`; none when there is no file or
+/// it cannot be read (etcd's view replaces them anyway).
+pub fn kept_remote(path: &std::path::Path) -> Vec<RemoteTarget> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .inspect_err(|e| tracing::warn!("{}: {e}; not used", path.display()))
+            .unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// What `status` shows.
@@ -747,6 +764,25 @@ impl Agent {
 
     /// Hands the view to the registry (other nodes' targets), the
     /// dataplane (their tunnel addresses) and the catalog (their prefixes).
+    /// Saves `remote` (what the maps now hold) off this task: the latest
+    /// applied view wins when saves overlap.
+    fn keep_remote(&self, remote: Vec<RemoteTarget>) {
+        static LATEST: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
+        static ISSUED: AtomicI64 = AtomicI64::new(0);
+        let mine = ISSUED.fetch_add(1, Ordering::Relaxed) as u64 + 1;
+        let path = self.settings.remote_file.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut latest = LATEST.lock().unwrap_or_else(|e| e.into_inner());
+            if mine < *latest {
+                return;
+            }
+            *latest = mine;
+            if let Err(e) = crate::statefile::save(&path, &remote) {
+                tracing::warn!("cluster: the other nodes' targets not saved: {e}");
+            }
+        });
+    }
+
     async fn apply(&self) {
         let (remote, peers, nodes, health) = {
             let view = self.view.lock().expect("view lock");
@@ -822,8 +858,9 @@ impl Agent {
         if let Err(e) = self.dataplane.set_cluster_peers(peers).await {
             tracing::error!("cluster: tunnel peers: {e}");
         }
-        if let Err(e) = self.nsp.set_remote(remote).await {
-            tracing::error!("cluster: other nodes' targets not applied: {e}");
+        match self.nsp.set_remote(remote.clone()).await {
+            Ok(()) => self.keep_remote(remote),
+            Err(e) => tracing::error!("cluster: other nodes' targets not applied: {e}"),
         }
         self.catalog.set_nodes(nodes).await;
     }

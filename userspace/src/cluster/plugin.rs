@@ -149,8 +149,19 @@ impl Plugin for ClusterPlugin {
             lease_ttl: c.lease_ttl,
             prefix: c.prefix.clone(),
             state_file: config.daemon.state_dir.join("cluster.json"),
+            remote_file: config.daemon.state_dir.join(super::agent::REMOTE_FILE),
             record: Self::record(config),
         });
+        // The last view's other targets go into the registry's first write.
+        let kept =
+            super::agent::kept_remote(&config.daemon.state_dir.join(super::agent::REMOTE_FILE));
+        if !kept.is_empty() {
+            tracing::info!(
+                "cluster: starting from {} other nodes' targets of the last view",
+                kept.len()
+            );
+        }
+        self.nsp.stage_remote(kept);
         Ok(())
     }
 

@@ -36,9 +36,17 @@ pub struct NspPlugin {
     /// The node socket's file, removed at stop.
     bound: Mutex<Option<crate::uds::Bound>>,
     last_error: Arc<Mutex<Option<String>>>,
+    /// Other nodes' targets for the first commit ([`NspPlugin::stage_remote`]).
+    staged_remote: Mutex<Vec<super::state::RemoteTarget>>,
 }
 
 impl NspPlugin {
+    /// Other nodes' targets (cluster mode, kept from before a restart) that
+    /// the registry's first write includes; set before the start.
+    pub fn stage_remote(&self, remote: Vec<super::state::RemoteTarget>) {
+        *self.staged_remote.lock().expect("staged lock") = remote;
+    }
+
     pub fn new(lb: Arc<LbService>) -> Self {
         Self {
             lb,
@@ -48,6 +56,7 @@ impl NspPlugin {
             stop: Mutex::new(None),
             bound: Mutex::new(None),
             last_error: Arc::default(),
+            staged_remote: Mutex::default(),
         }
     }
 
@@ -130,6 +139,10 @@ impl Plugin for NspPlugin {
             settings.entry_timeout,
         ));
         let config = read_config(settings.config_file.as_ref()).map_err(PluginError::new)?;
+        let staged = std::mem::take(&mut *self.staged_remote.lock().expect("staged lock"));
+        if !staged.is_empty() {
+            nsp.stage_remote(staged).await;
+        }
         nsp.start(config)
             .await
             .map_err(|e| PluginError::new(e.to_string()))?;

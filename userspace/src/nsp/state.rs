@@ -28,7 +28,7 @@ pub struct Snapshot {
 }
 
 /// A target of another node's registry (cluster mode).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RemoteTarget {
     pub node: String,
     /// The node's tunnel address; `None`: its node record is missing.
@@ -155,6 +155,15 @@ impl Nsp {
     }
 
     /// Replaces the other nodes' targets (a change from the cluster).
+    /// The other nodes' targets the first commit ([`Nsp::start`]) writes
+    /// with this node's: the cluster view kept from before a restart, so a
+    /// kept dataplane does not send their flows to this node's targets until
+    /// etcd answers.
+    pub async fn stage_remote(&self, mut remote: Vec<RemoteTarget>) {
+        remote.sort_by(|a, b| (&a.node, a.target.key()).cmp(&(&b.node, b.target.key())));
+        self.inner.lock().await.remote = remote;
+    }
+
     pub async fn set_remote(&self, mut remote: Vec<RemoteTarget>) -> Result<(), NspError> {
         // One order on every node, whatever order they arrived in.
         remote.sort_by(|a, b| (&a.node, a.target.key()).cmp(&(&b.node, b.target.key())));
@@ -228,7 +237,16 @@ impl Nsp {
             None => to_json(&Persisted::default()),
         };
         inner.config = Arc::new(config);
-        self.commit(&mut inner).await
+        match self.commit(&mut inner).await {
+            Err(e) if !inner.remote.is_empty() => {
+                tracing::warn!(
+                    "the other nodes' targets kept from before the restart do not apply ({e}); starting without them"
+                );
+                inner.remote.clear();
+                self.commit(&mut inner).await
+            }
+            done => done,
+        }
     }
 
     /// Persists, publishes and writes the LB maps after a change.
