@@ -941,7 +941,15 @@ fn a_wiped_etcd_is_listed_again_and_gets_every_record_and_claim_back() {
     for i in 0..40 {
         lab.etcd.put(&format!("/elsewhere/{i}"), "x");
     }
+    // One the daemons watch, so their status reaches that revision.
+    lab.etcd.put(
+        "/tapmesh/v1/nodes/n8",
+        r#"{"name":"n8","tunnel_addresses":["198.51.100.8"],"conduit_prefixes":[],"container_subnets":[],"pod_cidrs":[],"version":"test"}"#,
+    );
     let before = lab.etcd.members[0].revision();
+    assert!(wait_until(Duration::from_secs(10), || {
+        (1..=2).all(|i| cluster_row(&lab, i).revision == before)
+    }));
 
     lab.etcd.members[0].wipe();
     // Written into the new store's low revisions: a watch resumed after
@@ -977,6 +985,15 @@ fn a_wiped_etcd_is_listed_again_and_gets_every_record_and_claim_back() {
         "{:?}",
         lab.registry(1)
     );
+    // The status names the new store's revision, not the wiped one's.
+    let now = lab.etcd.members[0].revision();
+    for i in 1..=2 {
+        let shown = cluster_row(&lab, i).revision;
+        assert!(
+            shown > 0 && shown <= now,
+            "node {i}: {shown} (etcd at {now})"
+        );
+    }
     c.finish();
 }
 

@@ -548,7 +548,8 @@ impl Agent {
         self.applied.store(revision, Ordering::Relaxed);
         let bad = self.view.lock().expect("view lock").bad_values();
         self.set_health(|h| {
-            h.revision = h.revision.max(revision);
+            // A listing is the store as it is: a wiped one starts lower.
+            h.revision = revision;
             h.bad_values = bad;
         });
         if changed {
