@@ -278,6 +278,38 @@ fn identifiers_are_unique_per_stream_and_a_killed_ambassador_expires() {
     );
 }
 
+/// A stream whose only identifier another application holds flapped in
+/// Watch between PENDING and UNAVAILABLE every second, with a warning each
+/// time. It now stays UNAVAILABLE (one warning) and opens once the
+/// identifier is free.
+#[test]
+fn a_stream_without_a_free_identifier_stays_unavailable_until_one_frees() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(2, "3s");
+    let mut taps = lab.start_ambassadors("1s");
+    let b = || stream("stream-b", "conduit-a", "trench-a");
+    taps[0].open(b()).unwrap();
+    assert!(taps[0].wait_status("stream-b", S::Open, OPEN_WITHIN));
+    taps[1].open(b()).unwrap();
+    // Refused once (UNAVAILABLE before that may be its conduit's connect).
+    assert!(wait_until(Duration::from_secs(10), || lab.ambassadors[1]
+        .log_text()
+        .contains("no identifier available")));
+    // Three retries' time: the snapshot, and no change after it.
+    let seen = taps[1].watch_until(Duration::from_millis(3500), |_| false);
+    let statuses: Vec<S> = seen
+        .iter()
+        .filter_map(|m| status_of(m, "stream-b"))
+        .collect();
+    assert_eq!(statuses, [S::Unavailable], "{seen:?}");
+    taps[0].close(b()).unwrap();
+    assert!(taps[1].wait_status("stream-b", S::Open, Duration::from_secs(10)));
+    let log = lab.ambassadors[1].log_text();
+    assert_eq!(log.matches("no identifier available").count(), 1, "{log}");
+}
+
 #[test]
 fn re_registration_after_expiry_keeps_the_identifier_and_a_restart_keeps_the_registry() {
     if !kernel_tests_enabled() {

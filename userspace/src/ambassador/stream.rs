@@ -195,6 +195,9 @@ pub async fn run(
         enabled: false,
     };
     let mut next = Instant::now();
+    // Why the last attempt failed: retries then stay UNAVAILABLE (no
+    // PENDING in between for Watch) and log only a new reason.
+    let mut failed: Option<String> = None;
     loop {
         let current = view.borrow_and_update().clone();
         let max = current
@@ -232,18 +235,25 @@ pub async fn run(
                         Err(e) => Err(e),
                     }
                 } else {
-                    report(StreamState::Pending);
+                    if failed.is_none() {
+                        report(StreamState::Pending);
+                    }
                     reg.open(max).await.map(|k| {
                         tracing::info!(stream = %key, identifier = k, "stream open");
                     })
                 };
                 match result {
                     Ok(()) => {
+                        failed = None;
                         report(StreamState::Open);
                         next = Instant::now() + entry_timeout;
                     }
                     Err(e) => {
-                        tracing::warn!(stream = %key, "open: {e}");
+                        let why = e.to_string();
+                        if failed.as_ref() != Some(&why) {
+                            tracing::warn!(stream = %key, "open: {why}; retrying every {RETRY:?}");
+                        }
+                        failed = Some(why);
                         reg.enabled = false;
                         report(StreamState::Unavailable);
                         next = Instant::now() + RETRY;
