@@ -310,6 +310,55 @@ fn a_stream_without_a_free_identifier_stays_unavailable_until_one_frees() {
     assert_eq!(log.matches("no identifier available").count(), 1, "{log}");
 }
 
+/// A reload that lowered a stream's max_targets left the targets above it
+/// ENABLED in the registry (and its Watch) while the maps gave them no
+/// traffic. They are now DISABLED.
+#[test]
+fn a_lower_max_targets_disables_the_targets_above_it() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    // Ambassadors that refresh rarely: only the daemon acts within the test.
+    let mut lab = TapaLab::new(3, "60s");
+    let mut taps = lab.start_ambassadors("30s");
+    for tap in &mut taps {
+        tap.open(stream("stream-a", "conduit-a", "trench-a"))
+            .unwrap();
+        assert!(tap.wait_status("stream-a", S::Open, OPEN_WITHIN));
+    }
+    let enabled = |lab: &TapaLab| {
+        let mut ids: Vec<u32> = lab
+            .registered("stream-a")
+            .into_iter()
+            .filter(|(_, status)| status == "ENABLED")
+            .map(|(id, _)| id.parse().unwrap())
+            .collect();
+        ids.sort();
+        ids
+    };
+    // Three of 1..=4, picked at random as TAPA does.
+    let before = enabled(&lab);
+    assert_eq!(before.len(), 3, "{}", lab.registry_list());
+    let kept: Vec<u32> = before.iter().copied().filter(|&id| id <= 2).collect();
+    lab.write_config(&tapmesh_tests::tapa::NSP_CONFIG.replacen(
+        "max_targets = 4",
+        "max_targets = 2",
+        1,
+    ));
+    assert!(
+        wait_until(Duration::from_secs(10), || enabled(&lab) == kept),
+        "{}",
+        lab.registry_list()
+    );
+    // DISABLED, not gone: their ambassadors decide at their next refresh.
+    assert_eq!(
+        lab.registered("stream-a").len(),
+        3,
+        "{}",
+        lab.registry_list()
+    );
+}
+
 #[test]
 fn re_registration_after_expiry_keeps_the_identifier_and_a_restart_keeps_the_registry() {
     if !kernel_tests_enabled() {

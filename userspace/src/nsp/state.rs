@@ -295,6 +295,33 @@ impl Nsp {
             inner.config = previous;
             return Err(e);
         }
+        // A lower max_targets: targets above it get no traffic, and say so
+        // (their ambassadors register again, within the new range if room).
+        let above: Vec<(String, u32)> = inner
+            .registry
+            .targets()
+            .into_iter()
+            .filter_map(|t| {
+                let (Status::Enabled, Some(path), Some(id)) = (t.status, &t.stream, t.identifier())
+                else {
+                    return None;
+                };
+                let max = inner.config.stream(path)?.max_targets;
+                (id > max).then(|| (t.key(), id))
+            })
+            .collect();
+        if !above.is_empty() {
+            for (key, id) in &above {
+                inner.registry.disable(key, *id);
+            }
+            tracing::info!(
+                "{} targets DISABLED: their identifiers are above their stream's max_targets now",
+                above.len()
+            );
+            if let Err(e) = self.commit(&mut inner).await {
+                tracing::error!("after disabling targets above max_targets: {e}");
+            }
+        }
         self.reconcile_vips(&mut inner).await;
         Ok(())
     }
