@@ -780,7 +780,7 @@ fn a_node_restarted_while_etcd_is_away_keeps_the_other_nodes_targets() {
         lab.daemon_extra = "[dataplane]\nkeep_dataplane = true\n".into();
     });
     let vip = SocketAddrV4::new(VIP_A, 7000);
-    let _taps = vec![open_a(&mut lab, 1), open_a(&mut lab, 2)];
+    let _taps = [open_a(&mut lab, 1), open_a(&mut lab, 2)];
     let receivers = vec![
         UdpReceiver::start(&lab.apps[0].name, vip),
         UdpReceiver::start(&lab.apps[1].name, vip),
