@@ -887,19 +887,12 @@ impl LbLab {
         old.kill();
         let root = old.bpffs_root.clone();
         self.killed.push(old);
-        let mut all = vec![
-            "--uplink".to_string(),
-            self.uplink.clone(),
-            "--xdp-mode".into(),
-            "native".into(),
-        ];
-        all.extend(args.iter().cloned());
+        let mut all = args.to_vec();
         if let Some(spec) = spec {
             all.push("--lb-config".into());
             all.push(self.write_file("tmlb", &lb_toml(spec)));
         }
-        let all: Vec<&str> = all.iter().map(String::as_str).collect();
-        self.daemon = Some(Daemon::start_at(&self.node.name, &root, &all));
+        self.start_at(&root, &all);
     }
 
     /// Starts a daemon on the pins under `root` (a kept dataplane) with

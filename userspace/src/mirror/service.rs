@@ -223,12 +223,7 @@ impl MirrorService {
                 id: spec.tap_service.clone(),
             });
         }
-        let used: BTreeSet<u32> = state.flows.values().map(|f| f.index).collect();
-        let index = (0..MAX_TAP_FLOWS)
-            .find(|i| !used.contains(i))
-            .ok_or_else(|| {
-                MirrorError::Invalid(format!("all {MAX_TAP_FLOWS} tap flows are in use"))
-            })?;
+        let index = free_flow_index(&state)?;
         self.dataplane
             .reset_mirror_counter(index)
             .await
@@ -599,12 +594,7 @@ impl MirrorService {
                 spec.id, spec.source
             )));
         }
-        let used: BTreeSet<u32> = state.flows.values().map(|f| f.index).collect();
-        let index = (0..MAX_TAP_FLOWS)
-            .find(|i| !used.contains(i))
-            .ok_or_else(|| {
-                MirrorError::Invalid(format!("all {MAX_TAP_FLOWS} tap flows are in use"))
-            })?;
+        let index = free_flow_index(&state)?;
         let on_source = state
             .flows
             .values()
@@ -920,6 +910,14 @@ impl TapBackend for MirrorService {
 }
 
 /// The interfaces a tap service sends copies out of.
+/// The lowest flow index (VLAN set, counters) no flow holds.
+fn free_flow_index(state: &State) -> Result<u32, MirrorError> {
+    let used: BTreeSet<u32> = state.flows.values().map(|f| f.index).collect();
+    (0..MAX_TAP_FLOWS)
+        .find(|i| !used.contains(i))
+        .ok_or_else(|| MirrorError::Invalid(format!("all {MAX_TAP_FLOWS} tap flows are in use")))
+}
+
 fn waiting_for(interface: &str) -> String {
     format!("waiting for its interface {interface:?}, missing since the restart")
 }
