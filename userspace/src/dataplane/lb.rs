@@ -265,11 +265,14 @@ struct Placement {
     reuse_spare: bool,
 }
 
+/// Targets by stream, then identifier.
+type TargetBook = BTreeMap<String, BTreeMap<u32, Target>>;
+
 /// What an apply writes, decided before the first write.
 #[derive(Debug)]
 struct Plan {
-    /// Every target as `tm_targets` will hold it, by (stream, identifier).
-    targets: BTreeMap<(String, u32), Target>,
+    /// Every target as `tm_targets` will hold it.
+    targets: TargetBook,
     /// Ids of what is new.
     new_streams: BTreeMap<String, u32>,
     new_flows: Vec<(String, u32)>,
@@ -321,8 +324,8 @@ pub struct LbWriter {
     vips: BTreeMap<String, VipSlot>,
     streams: BTreeMap<String, StreamSlot>,
     flows: BTreeMap<String, u32>,
-    /// (stream, identifier) → the target as written at its index (`stats_index`).
-    targets: BTreeMap<(String, u32), Target>,
+    /// The targets as written at their indices (`stats_index`).
+    targets: TargetBook,
     /// Resolved next hops of remote nodes (copied into their targets).
     hops: BTreeMap<std::net::Ipv4Addr, Hop>,
     /// `tm_vip_slots` as written (non-empty slots only).
@@ -345,9 +348,10 @@ struct IdSpace(crate::config::LbCapacity);
 
 /// The nodes of the remote targets: the ones that may send this node
 /// tunnel packets for the load balancer.
-fn remote_nodes(targets: &BTreeMap<(String, u32), Target>) -> BTreeSet<std::net::Ipv4Addr> {
+fn remote_nodes(targets: &TargetBook) -> BTreeSet<std::net::Ipv4Addr> {
     targets
         .values()
+        .flat_map(BTreeMap::values)
         .filter(|t| t.kind == TARGET_REMOTE)
         .map(|t| {
             let [.., a, b, c, d] = t.node_addr;
@@ -510,56 +514,69 @@ impl LbWriter {
         let mut interfaces: HashMap<&str, (u32, [u8; 6])> = HashMap::new();
         let mut target_ids = self.target_ids.clone();
         let mut new_targets = Vec::new();
-        let mut targets = BTreeMap::new();
-        let sorted: BTreeMap<(String, u32), &TargetEntry> = tables
-            .targets
-            .iter()
-            .map(|t| ((t.stream.clone(), t.identifier), t))
-            .collect();
-        for (key, t) in sorted {
-            let mut value = t.value;
-            match &t.interface {
-                Some(interface) => {
-                    let (ifindex, our_mac) = match interfaces.get(interface.as_str()) {
-                        Some(&found) => found,
-                        None => {
-                            let found = resolve(interface).map_err(|message| {
-                                DataplaneError::Interface {
-                                    stream: t.stream.clone(),
-                                    identifier: t.identifier,
-                                    interface: interface.clone(),
-                                    message,
-                                }
-                            })?;
-                            interfaces.insert(interface, found);
-                            found
-                        }
-                    };
-                    value.ifindex = ifindex;
-                    value.src_mac = our_mac;
+        let mut targets = TargetBook::new();
+        // In (stream, identifier) order, which sets the ids new targets take.
+        let mut sorted: BTreeMap<&str, Vec<&TargetEntry>> = BTreeMap::new();
+        for t in &tables.targets {
+            sorted.entry(t.stream.as_str()).or_default().push(t);
+        }
+        for (stream, mut list) in sorted {
+            list.sort_by_key(|t| t.identifier);
+            // The last of a repeated identifier counts, as in a map.
+            list.dedup_by(|later, earlier| {
+                let same = later.identifier == earlier.identifier;
+                if same {
+                    std::mem::swap(later, earlier);
                 }
-                None => {
-                    if tunnel.address.is_none() {
-                        return Err(DataplaneError::Config(format!(
-                            "target {} of stream {:?} is on another node, but this node has no tunnel address (set lb.node_address)",
-                            t.identifier, t.stream
-                        )));
+                same
+            });
+            let written = self.targets.get(stream);
+            let planned = targets.entry(stream.to_string()).or_default();
+            for t in list {
+                let mut value = t.value;
+                match &t.interface {
+                    Some(interface) => {
+                        let (ifindex, our_mac) = match interfaces.get(interface.as_str()) {
+                            Some(&found) => found,
+                            None => {
+                                let found = resolve(interface).map_err(|message| {
+                                    DataplaneError::Interface {
+                                        stream: t.stream.clone(),
+                                        identifier: t.identifier,
+                                        interface: interface.clone(),
+                                        message,
+                                    }
+                                })?;
+                                interfaces.insert(interface, found);
+                                found
+                            }
+                        };
+                        value.ifindex = ifindex;
+                        value.src_mac = our_mac;
                     }
-                    self.with_hop(&mut value);
+                    None => {
+                        if tunnel.address.is_none() {
+                            return Err(DataplaneError::Config(format!(
+                                "target {} of stream {:?} is on another node, but this node has no tunnel address (set lb.node_address)",
+                                t.identifier, t.stream
+                            )));
+                        }
+                        self.with_hop(&mut value);
+                    }
                 }
+                value.stats_index = match written.and_then(|w| w.get(&t.identifier)) {
+                    Some(old) => old.stats_index,
+                    None => {
+                        let id = target_ids.take(
+                            self.capacity.0.target_entries,
+                            "targets (raise dataplane.target_entries: a change needs room for its new targets beside the ones it replaces)",
+                        )?;
+                        new_targets.push(id);
+                        id
+                    }
+                };
+                planned.insert(t.identifier, value);
             }
-            value.stats_index = match self.targets.get(&key) {
-                Some(old) => old.stats_index,
-                None => {
-                    let id = target_ids.take(
-                        self.capacity.0.target_entries,
-                        "targets (raise dataplane.target_entries: a change needs room for its new targets beside the ones it replaces)",
-                    )?;
-                    new_targets.push(id);
-                    id
-                }
-            };
-            targets.insert(key, value);
         }
 
         let mut stream_ids = self.stream_ids.clone();
@@ -593,10 +610,12 @@ impl LbWriter {
         // Slots (identifier − 1) become target indices.
         let mut stream_tables = BTreeMap::new();
         for s in &tables.streams {
-            let max = s.table.iter().filter(|&&slot| slot != NO_TARGET).max();
-            let mut index = vec![NO_TARGET; max.map_or(0, |&m| m as usize + 1)];
-            let range = (s.name.clone(), 1)..=(s.name.clone(), u32::MAX);
-            for ((_, identifier), t) in targets.range(range) {
+            // Sized by the highest identifier, not by a pass over the table:
+            // a slot past it has no target either way.
+            let of_stream = targets.get(&s.name);
+            let highest = of_stream.and_then(|m| m.keys().next_back()).copied();
+            let mut index = vec![NO_TARGET; highest.map_or(0, |h| h as usize)];
+            for (identifier, t) in of_stream.into_iter().flatten() {
                 let slot = identifier.checked_sub(1).map(|i| i as usize);
                 if let Some(i) = slot.and_then(|i| index.get_mut(i)) {
                     *i = t.stats_index;
@@ -739,7 +758,12 @@ impl LbWriter {
                     self.flow_ids.give(*id);
                 }
             }
-            let written: BTreeSet<u32> = self.targets.values().map(|t| t.stats_index).collect();
+            let written: BTreeSet<u32> = self
+                .targets
+                .values()
+                .flat_map(BTreeMap::values)
+                .map(|t| t.stats_index)
+                .collect();
             for id in &plan.new_targets {
                 if !written.contains(id) {
                     self.target_ids.give(*id);
@@ -778,21 +802,32 @@ impl LbWriter {
         for id in &plan.new_targets {
             zero_counter(ebpf, n::TARGET_STATS, *id)?;
         }
-        let changed: Vec<(&(String, u32), Target)> = plan
-            .targets
-            .iter()
-            .filter(|(key, value)| self.targets.get(*key) != Some(*value))
-            .map(|(key, value)| (key, *value))
-            .collect();
+        let mut changed: Vec<(&str, u32, Target)> = Vec::new();
+        for (stream, planned) in &plan.targets {
+            let written = self.targets.get(stream);
+            changed.extend(
+                planned
+                    .iter()
+                    .filter(|(id, value)| written.and_then(|w| w.get(*id)) != Some(*value))
+                    .map(|(id, value)| (stream.as_str(), *id, *value)),
+            );
+        }
         let (indices, values): (Vec<u32>, Vec<Target>) =
-            changed.iter().map(|(_, v)| (v.stats_index, *v)).unzip();
+            changed.iter().map(|(_, _, v)| (v.stats_index, *v)).unzip();
         let mut map = array::<Target>(ebpf, n::TARGETS)?;
         batch::set_many(&mut map, &indices, &values).map_err(|e| DataplaneError::Map {
             name: n::TARGETS,
             message: e.to_string(),
         })?;
-        for (key, value) in changed {
-            self.targets.insert(key.clone(), value);
+        for (stream, id, value) in changed {
+            match self.targets.get_mut(stream) {
+                Some(written) => written.insert(id, value),
+                None => self
+                    .targets
+                    .entry(stream.to_string())
+                    .or_default()
+                    .insert(id, value),
+            };
         }
 
         for s in &tables.streams {
@@ -849,18 +884,27 @@ impl LbWriter {
             }
             self.stream_ids.give(slot.id);
         }
-        let gone: Vec<_> = self
+        let gone: Vec<(String, u32, u32)> = self
             .targets
-            .keys()
-            .filter(|k| !plan.targets.contains_key(*k))
-            .cloned()
+            .iter()
+            .flat_map(|(stream, written)| {
+                let planned = plan.targets.get(stream);
+                written
+                    .iter()
+                    .filter(move |(id, _)| !planned.is_some_and(|p| p.contains_key(*id)))
+                    .map(move |(id, t)| (stream.clone(), *id, t.stats_index))
+            })
             .collect();
-        for key in gone {
-            let index = self.targets[&key].stats_index;
+        for (stream, id, index) in gone {
             array::<Target>(ebpf, n::TARGETS)?
                 .set(index, Target::default(), 0)
                 .map_err(map_err(n::TARGETS))?;
-            self.targets.remove(&key);
+            if let Some(written) = self.targets.get_mut(&stream) {
+                written.remove(&id);
+                if written.is_empty() {
+                    self.targets.remove(&stream);
+                }
+            }
             self.target_ids.give(index);
         }
         let flows: BTreeSet<&str> = tables.flows.iter().map(String::as_str).collect();
@@ -1080,21 +1124,24 @@ impl LbWriter {
         hops: BTreeMap<std::net::Ipv4Addr, Hop>,
     ) -> Result<(), DataplaneError> {
         self.hops = hops;
-        let keys: Vec<_> = self.targets.keys().cloned().collect();
-        for key in keys {
-            let mut value = self.targets[&key];
-            if value.kind != TARGET_REMOTE {
-                continue;
-            }
-            self.with_hop(&mut value);
-            if self.targets[&key] != value {
-                array::<Target>(ebpf, n::TARGETS)?
-                    .set(value.stats_index, value, 0)
-                    .map_err(map_err(n::TARGETS))?;
-                self.targets.insert(key, value);
-            }
-        }
-        Ok(())
+        let mut targets = std::mem::take(&mut self.targets);
+        let result = targets
+            .values_mut()
+            .flat_map(BTreeMap::values_mut)
+            .filter(|t| t.kind == TARGET_REMOTE)
+            .try_for_each(|written| {
+                let mut value = *written;
+                self.with_hop(&mut value);
+                if *written != value {
+                    array::<Target>(ebpf, n::TARGETS)?
+                        .set(value.stats_index, value, 0)
+                        .map_err(map_err(n::TARGETS))?;
+                    *written = value;
+                }
+                Ok(())
+            });
+        self.targets = targets;
+        result
     }
 
     /// Per-VIP, per-flow and per-target counters, summed over CPUs.
@@ -1115,7 +1162,11 @@ impl LbWriter {
             out.flows
                 .push(named(name.clone(), read_counter(ebpf, n::FLOW_STATS, *id)?));
         }
-        for ((stream, identifier), target) in &self.targets {
+        let all = self
+            .targets
+            .iter()
+            .flat_map(|(s, t)| t.iter().map(move |(id, t)| (s, id, t)));
+        for (stream, identifier, target) in all {
             let c = read_counter(ebpf, n::TARGET_STATS, target.stats_index)?;
             out.targets.push(named(format!("{stream}/{identifier}"), c));
         }
