@@ -9,7 +9,7 @@
 //! neighbours from the daemon's kept table ([`crate::net::neigh_table`]), on
 //! a blocking socket off the async workers.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use crate::lb::model::{LbSpec, TargetVia};
@@ -59,21 +59,20 @@ pub fn serving(nodes: &[RemoteNode], address: IpAddr) -> Option<&RemoteNode> {
 }
 
 /// Each backend address's (interface, MAC) as a local target, or why it
-/// cannot be one.
-type OnLink = HashMap<IpAddr, Result<(String, String), String>>;
+/// cannot be one, in the order of the addresses asked.
+type OnLink = Vec<Result<(String, String), String>>;
 
 /// (interface, MAC) of each address, or why it cannot be a local target.
-fn resolve_all(addresses: Vec<IpAddr>) -> Result<OnLink, String> {
+fn resolve_all(addresses: &[IpAddr]) -> Result<OnLink, String> {
     // Kept across updates: a change of one backend in 10 000 resolves one.
     static CACHE: Mutex<Option<OnLinkCache>> = Mutex::new(None);
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     let found = Resolver::new()
-        .and_then(|mut r| r.on_link_cached(&addresses, cache.get_or_insert_default()))
+        .and_then(|mut r| r.on_link_cached(addresses, cache.get_or_insert_default()))
         .map_err(|e| e.to_string())?;
-    Ok(addresses
+    Ok(found
         .into_iter()
-        .zip(found)
-        .map(|(address, r)| (address, r.map(|(name, mac)| (name, mac_text(mac)))))
+        .map(|r| r.map(|(name, mac)| (name, mac_text(mac))))
         .collect())
 }
 
@@ -91,29 +90,28 @@ pub struct Resolved {
 /// cluster's other nodes), dropping those that cannot be reached. Returns
 /// the backends sent to other nodes and those left out.
 pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> Resolved {
-    let mut addresses: Vec<IpAddr> = spec
+    // Each placeholder's address, parsed once (outer `None`: a local target).
+    let parsed: Vec<Option<Option<IpAddr>>> = spec
         .targets
         .iter()
-        .filter_map(|t| match &t.via {
-            TargetVia::Remote { node } => node.parse().ok(),
+        .map(|t| match &t.via {
+            TargetVia::Remote { node } => Some(node.parse().ok()),
             TargetVia::Local { .. } => None,
         })
         .collect();
-    let any = spec
-        .targets
-        .iter()
-        .any(|t| matches!(t.via, TargetVia::Remote { .. }));
     let mut out = Resolved::default();
-    if !any {
+    if parsed.iter().all(Option::is_none) {
         return out;
     }
+    let mut addresses: Vec<IpAddr> = parsed.iter().flatten().flatten().copied().collect();
     addresses.sort_unstable();
     addresses.dedup();
-    let wanted = addresses.clone();
+    let addresses = std::sync::Arc::new(addresses);
     let resolved = if addresses.is_empty() {
         Ok(OnLink::new())
     } else {
-        tokio::task::spawn_blocking(move || resolve_all(wanted))
+        let wanted = addresses.clone();
+        tokio::task::spawn_blocking(move || resolve_all(&wanted))
             .await
             .unwrap_or_else(|e| Err(format!("the resolver failed: {e}")))
     };
@@ -121,17 +119,20 @@ pub async fn targets(spec: &mut LbSpec, nodes: &[RemoteNode]) -> Resolved {
         Ok(r) => r,
         Err(e) => {
             tracing::warn!("backends cannot be resolved: {e}");
-            addresses.into_iter().map(|a| (a, Err(e.clone()))).collect()
+            vec![Err(e); addresses.len()]
         }
     };
     let not_an_address = Err("not an IP address".to_string());
+    let mut parsed = parsed.into_iter();
     spec.targets.retain_mut(|t| {
+        let Some(address) = parsed.next().flatten() else {
+            return true;
+        };
         let TargetVia::Remote { node } = &t.via else {
             return true;
         };
-        let address = node.parse::<IpAddr>().ok();
-        let local = match address {
-            Some(a) => &resolved[&a],
+        let local = match address.and_then(|a| addresses.binary_search(&a).ok()) {
+            Some(i) => &resolved[i],
             None => &not_an_address,
         };
         match local {
