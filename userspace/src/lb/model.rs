@@ -2,7 +2,7 @@
 //! ([`LbSpec`]), and the whole configuration validated ([`ValidLb`]), with each
 //! VIP's flows compiled and each stream's Maglev table built.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::Arc;
 
@@ -328,13 +328,19 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
     }
 
     let mut slots: Vec<Vec<u32>> = vec![Vec::new(); spec.streams.len()];
-    let mut seen = HashSet::new();
     let mut targets = Vec::with_capacity(spec.targets.len());
+    // A stream's targets usually come together: one lookup for each run.
+    let mut last: Option<(&str, usize)> = None;
     for t in &spec.targets {
         let (stream, identifier) = (t.stream.clone(), t.identifier);
-        let Some(&i) = stream_index.get(t.stream.as_str()) else {
+        let found = match last {
+            Some((name, i)) if name == t.stream => Some(i),
+            _ => stream_index.get(t.stream.as_str()).copied(),
+        };
+        let Some(i) = found else {
             return Err(LbError::UnknownTargetStream { stream, identifier });
         };
+        last = Some((t.stream.as_str(), i));
         let max_targets = spec.streams[i].max_targets;
         if !(1..=max_targets).contains(&identifier) {
             return Err(LbError::IdentifierOutOfRange {
@@ -342,9 +348,6 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
                 identifier,
                 max_targets,
             });
-        }
-        if !seen.insert((i, identifier)) {
-            return Err(LbError::DuplicateTarget { stream, identifier });
         }
         let via = match &t.via {
             TargetVia::Local { interface, mac } => {
@@ -391,6 +394,16 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
         });
     }
 
+    for (s, active) in spec.streams.iter().zip(&mut slots) {
+        active.sort_unstable();
+        if let Some(pair) = active.windows(2).find(|pair| pair[0] == pair[1]) {
+            return Err(LbError::DuplicateTarget {
+                stream: s.name.clone(),
+                identifier: pair[0] + 1,
+            });
+        }
+    }
+
     let vips = compile(&flows)?;
     let vip_addresses: HashMap<&str, String> = spec
         .vips
@@ -407,8 +420,7 @@ pub fn validate_with(spec: &LbSpec, tables: &mut Tables) -> Result<ValidLb, LbEr
 
     let mut streams = Vec::with_capacity(spec.streams.len());
     let mut built = HashMap::with_capacity(spec.streams.len());
-    for (s, mut active) in spec.streams.iter().zip(slots) {
-        active.sort_unstable();
+    for (s, active) in spec.streams.iter().zip(slots) {
         let maglev_error = |source| LbError::Maglev {
             stream: s.name.clone(),
             source,
@@ -472,6 +484,24 @@ fn check_interface(name: &str) -> Result<(), &'static str> {
 /// Parses "aa:bb:cc:dd:ee:ff" (either case); rejects zero and multicast.
 fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
     let mut mac = [0u8; 6];
+    // The usual form, "aa:bb:cc:dd:ee:ff", without splitting (10 000 targets
+    // are checked at every change); anything else takes the long way, which
+    // names what is wrong.
+    let hex = |c: u8| char::from(c).to_digit(16);
+    let b = s.as_bytes();
+    if b.len() == 17 && (2..17).step_by(3).all(|i| b[i] == b':') {
+        let mut ok = true;
+        for (i, byte) in mac.iter_mut().enumerate() {
+            match (hex(b[3 * i]), hex(b[3 * i + 1])) {
+                (Some(h), Some(l)) => *byte = (h * 16 + l) as u8,
+                _ => ok = false,
+            }
+        }
+        if ok {
+            return check_mac(mac);
+        }
+        mac = [0; 6];
+    }
     let mut parts = s.split(':');
     for b in &mut mac {
         let part = parts.next().ok_or("needs 6 bytes")?;
@@ -482,7 +512,13 @@ fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
     }
     if parts.next().is_some() {
         Err("needs 6 bytes")
-    } else if mac == [0; 6] {
+    } else {
+        check_mac(mac)
+    }
+}
+
+fn check_mac(mac: [u8; 6]) -> Result<[u8; 6], &'static str> {
+    if mac == [0; 6] {
         Err("all-zero address")
     } else if mac[0] & 1 != 0 {
         Err("multicast or broadcast address")
