@@ -536,11 +536,9 @@ async fn writer(catalog: Arc<Catalog>) {
         // What this write replaces, freed after it is answered.
         let mut garbage: Vec<Box<dyn Send>> = Vec::new();
         let feed = overlay_part(&*catalog.state.lock().await);
-        let mut result = catalog
-            .lb
-            .set_source(LB_SOURCE, spec)
-            .await
-            .map_err(|e| e.to_string());
+        let (result, replaced) = catalog.lb.set_source_freeing_later(LB_SOURCE, spec).await;
+        let mut result = result.map_err(|e| e.to_string());
+        garbage.push(replaced);
         {
             let mut state = catalog.state.lock().await;
             let State {
