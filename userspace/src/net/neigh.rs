@@ -297,7 +297,8 @@ pub type OnLink = Vec<Result<(String, [u8; 6]), String>>;
 pub struct OnLinkCache {
     routes: Option<Tables>,
     neighbours: u64,
-    found: HashMap<IpAddr, (u32, [u8; 6])>,
+    /// Sorted by address.
+    found: Vec<(IpAddr, (u32, [u8; 6]))>,
     asked: usize,
 }
 
@@ -319,6 +320,30 @@ fn named(resolved: impl Iterator<Item = Result<(u32, [u8; 6]), String>>) -> OnLi
                 link::name(ifindex).ok_or_else(|| format!("interface {ifindex} is gone"))
             });
             name.clone().map(|name| (name, mac))
+        })
+        .collect()
+}
+
+/// An address's interface index and MAC, or why it has none.
+type Found = Result<(u32, [u8; 6]), String>;
+
+/// What `found` (sorted by address) holds for each of `addresses`. Addresses
+/// in order (the catalog's) cost a step each, not a search.
+fn sorted_lookup<T: Copy>(found: &[(IpAddr, T)], addresses: &[IpAddr]) -> Vec<Option<T>> {
+    let mut at = 0;
+    addresses
+        .iter()
+        .map(|a| {
+            if at > 0 && found.get(at - 1).is_some_and(|(f, _)| f >= a) {
+                at = found.partition_point(|(f, _)| f < a);
+            }
+            while found.get(at).is_some_and(|(f, _)| f < a) {
+                at += 1;
+                if found.get(at + 8).is_some_and(|(f, _)| f < a) {
+                    at += found[at..].partition_point(|(f, _)| f < a);
+                }
+            }
+            found.get(at).filter(|(f, _)| f == a).map(|&(_, hit)| hit)
         })
         .collect()
 }
@@ -595,33 +620,39 @@ impl Resolver {
             cache.routes = Some(tables.clone());
             cache.neighbours = generation;
         }
+        let hits = sorted_lookup(&cache.found, addresses);
         let misses: Vec<IpAddr> = addresses
             .iter()
-            .filter(|a| !cache.found.contains_key(*a))
-            .copied()
+            .zip(&hits)
+            .filter(|(_, hit)| hit.is_none())
+            .map(|(a, _)| *a)
             .collect();
         cache.asked = misses.len();
         let routed = self.route_with(&routes, &misses, false)?;
         let resolved = self.neighbours_of(routed)?;
-        let mut missed: HashMap<IpAddr, Result<(u32, [u8; 6]), String>> = HashMap::new();
-        for (address, r) in misses.into_iter().zip(resolved) {
-            missed.insert(
-                address,
-                r.map(|n| (n.ifindex, n.mac)).map_err(|e| e.to_string()),
-            );
-        }
-        let out = named(addresses.iter().map(|a| match cache.found.get(a) {
-            Some(&hit) => Ok(hit),
-            None => missed[a].clone(),
+        let missed: Vec<(IpAddr, Found)> = misses
+            .into_iter()
+            .zip(resolved)
+            .map(|(a, r)| (a, r.map(|n| (n.ifindex, n.mac)).map_err(|e| e.to_string())))
+            .collect();
+        let mut next_miss = missed.iter();
+        let out = named(hits.into_iter().map(|hit| match hit {
+            Some(hit) => Ok(hit),
+            None => next_miss.next().expect("a result per miss").1.clone(),
         }));
         // Only what resolved is kept: an address without a usable entry
         // may get one the kernel does not announce (NOARP), and is asked
         // again. A change while the misses were read starts over.
         let now = super::neigh_table::with(|_| super::neigh_table::generation());
         if now == Some(generation) {
+            let before = cache.found.len();
             cache
                 .found
                 .extend(missed.into_iter().filter_map(|(a, r)| Some((a, r.ok()?))));
+            if cache.found.len() > before {
+                cache.found.sort_unstable_by_key(|(a, _)| *a);
+                cache.found.dedup_by_key(|(a, _)| *a);
+            }
         } else {
             *cache = OnLinkCache {
                 asked: cache.asked,
@@ -724,6 +755,29 @@ pub fn add_managed(ifindex: u32, address: IpAddr) -> Result<bool, NetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sorted_lookup_finds_what_a_search_finds_in_any_order() {
+        let ip = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xc612_0000 + i));
+        // Every third address of 0..300 is known.
+        let found: Vec<(IpAddr, u32)> = (0..300).step_by(3).map(|i| (ip(i), i)).collect();
+        let naive = |asked: &[IpAddr]| -> Vec<Option<u32>> {
+            asked
+                .iter()
+                .map(|a| found.iter().find(|(f, _)| f == a).map(|&(_, v)| v))
+                .collect()
+        };
+        let in_order: Vec<IpAddr> = (0..310).map(ip).collect();
+        let sparse: Vec<IpAddr> = (0..310).step_by(41).map(ip).collect();
+        let mut shuffled = in_order.clone();
+        shuffled.reverse();
+        shuffled.swap(3, 200);
+        let repeated = vec![ip(3), ip(3), ip(0), ip(299), ip(297), ip(297), ip(6)];
+        for asked in [in_order, sparse, shuffled, repeated, Vec::new()] {
+            assert_eq!(sorted_lookup(&found, &asked), naive(&asked), "{asked:?}");
+        }
+        assert_eq!(sorted_lookup::<u32>(&[], &[ip(1)]), vec![None]);
+    }
 
     #[test]
     fn resolved_means_a_valid_state_and_an_ethernet_address() {
