@@ -33,7 +33,7 @@ impl Identities {
     /// (`wanted`: address and count, a backend once), keeping what it holds;
     /// forgets backends no longer wanted. Returns each backend's identifiers,
     /// in the order of `wanted`.
-    pub fn assign(&mut self, cluster: &str, wanted: &[(SocketAddr, u32)]) -> Vec<Vec<u32>> {
+    pub fn assign(&mut self, cluster: &str, wanted: &[(SocketAddr, u32)]) -> Vec<&[u32]> {
         let held = self.clusters.remove(cluster).unwrap_or_default();
         // Each backend once, in address order, with all it wants.
         let mut count: Vec<(SocketAddr, u32)> = wanted.to_vec();
@@ -85,22 +85,27 @@ impl Identities {
                 }
             }
         }
-        let out = wanted
-            .iter()
-            .map(|(address, _)| {
-                let at = count.binary_search_by_key(address, |&(a, _)| a);
-                at.map(|i| ids_of[i].clone()).unwrap_or_default()
-            })
-            .collect();
         let next: BTreeMap<SocketAddr, Vec<u32>> = count
             .iter()
             .map(|&(address, _)| address)
             .zip(ids_of)
             .collect();
-        if !next.is_empty() {
-            self.clusters.insert(cluster.to_string(), next);
+        let Some(kept) = (!next.is_empty()).then(|| {
+            self.clusters
+                .entry(cluster.to_string())
+                .insert_entry(next)
+                .into_mut()
+        }) else {
+            return vec![&[]; wanted.len()];
+        };
+        // Endpoints usually come in address order: `kept`'s order.
+        if wanted.windows(2).all(|w| w[0].0 < w[1].0) {
+            return kept.values().map(Vec::as_slice).collect();
         }
-        out
+        wanted
+            .iter()
+            .map(|(address, _)| kept.get(address).map_or(&[][..], Vec::as_slice))
+            .collect()
     }
 
     /// Forgets clusters that are not in `keep`.
@@ -113,6 +118,10 @@ impl Identities {
 mod tests {
     use super::*;
 
+    fn owned(ids: Vec<&[u32]>) -> Vec<Vec<u32>> {
+        ids.into_iter().map(<[u32]>::to_vec).collect()
+    }
+
     fn addr(i: u32) -> SocketAddr {
         SocketAddr::new(std::net::Ipv4Addr::from(0xc612_1000 + i).into(), 8080)
     }
@@ -121,12 +130,12 @@ mod tests {
     fn backends_keep_their_identifiers_whatever_the_order() {
         let mut ids = Identities::default();
         let all: Vec<_> = (0..1000).map(|i| (addr(i), 1)).collect();
-        let first = ids.assign("svc", &all);
+        let first = owned(ids.assign("svc", &all));
         assert_eq!(first[0], vec![1]);
         assert_eq!(first[999], vec![1000]);
         // The first removed, the rest reversed: each keeps its identifier.
         let rest: Vec<_> = all[1..].iter().rev().copied().collect();
-        let second = ids.assign("svc", &rest);
+        let second = owned(ids.assign("svc", &rest));
         for (i, got) in second.iter().enumerate() {
             assert_eq!(got, &first[999 - i]);
         }

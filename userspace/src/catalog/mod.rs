@@ -780,7 +780,12 @@ pub fn eds_part(
             .collect();
         let ids = identities.assign(name, &wanted);
         let total: u32 = slots.iter().sum();
-        let highest = ids.iter().flatten().copied().max().unwrap_or(0);
+        let highest = ids
+            .iter()
+            .flat_map(|i| i.iter())
+            .copied()
+            .max()
+            .unwrap_or(0);
         spec.vips.push(VipSpec {
             name: lb_name.clone(),
             address: binding.vip.clone(),
@@ -800,8 +805,8 @@ pub fn eds_part(
             ..Default::default()
         });
         for (e, ids) in endpoints.iter().zip(ids) {
-            let node = e.address.to_string();
-            for identifier in ids {
+            let node = crate::net::address_text(e.address);
+            for &identifier in ids {
                 spec.targets.push(TargetSpec {
                     stream: lb_name.clone(),
                     identifier,

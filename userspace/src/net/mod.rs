@@ -151,6 +151,28 @@ pub(crate) fn describe(netns: &File) -> String {
 }
 
 /// `mac` as configurations write it: `02:00:5e:00:53:01`.
+/// An address as `Display` writes it; an IPv4 one without the formatter
+/// (10 000 backends are named at every EDS update).
+pub fn address_text(address: std::net::IpAddr) -> String {
+    let std::net::IpAddr::V4(v4) = address else {
+        return address.to_string();
+    };
+    let mut text = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
+}
+
 pub fn mac_text(mac: [u8; 6]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut text = String::with_capacity(17);
@@ -216,6 +238,25 @@ pub(crate) fn netlink_in(netns: &File) -> Result<rtnetlink::Handle, NetError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_address_reads_as_display_writes_it() {
+        for text in [
+            "0.0.0.0",
+            "9.10.99.100",
+            "198.18.0.1",
+            "255.255.255.255",
+            "2001:db8::1",
+            "::ffff:198.18.0.1",
+        ] {
+            let address: std::net::IpAddr = text.parse().unwrap();
+            assert_eq!(super::address_text(address), address.to_string());
+        }
+        for i in 0..=255u8 {
+            let address = std::net::IpAddr::from([i, i.wrapping_mul(7), 0, 255 - i]);
+            assert_eq!(super::address_text(address), address.to_string());
+        }
+    }
+
     #[test]
     fn a_mac_reads_as_configurations_write_it() {
         for mac in [[0u8; 6], [0x02, 0x00, 0x5e, 0x0a, 0x53, 0xff], [0xff; 6]] {
