@@ -247,6 +247,8 @@ struct StreamSlot {
     id: u32,
     base: u32,
     table: Arc<Vec<u32>>,
+    /// The Maglev table (slots) `table` was made from.
+    slots: Arc<Vec<u32>>,
     /// The region published before `base` and its size: the next table of
     /// that size goes there.
     spare: Option<(u32, usize)>,
@@ -267,6 +269,56 @@ struct Placement {
 
 /// Targets by stream, then identifier.
 type TargetBook = BTreeMap<String, BTreeMap<u32, Target>>;
+
+/// The planned targets that differ from the written ones, and the written
+/// ones (stream, identifier, index) not planned: one walk of each stream's
+/// two sorted maps.
+#[allow(clippy::type_complexity)]
+fn target_changes<'a>(
+    written: &TargetBook,
+    planned: &'a TargetBook,
+) -> (Vec<(&'a str, u32, Target)>, Vec<(String, u32, u32)>) {
+    let empty = BTreeMap::new();
+    let mut changed = Vec::new();
+    let mut gone = Vec::new();
+    let only_written = written
+        .iter()
+        .filter(|(stream, _)| !planned.contains_key(*stream))
+        .flat_map(|(stream, old)| {
+            old.iter()
+                .map(move |(&id, t)| (stream.clone(), id, t.stats_index))
+        });
+    gone.extend(only_written);
+    for (stream, new) in planned {
+        let old = written.get(stream).unwrap_or(&empty);
+        let (mut old, mut new) = (old.iter().peekable(), new.iter().peekable());
+        loop {
+            match (old.peek(), new.peek()) {
+                (Some((o, _)), Some((n, _))) if o < n => {
+                    let (&id, t) = old.next().expect("peeked");
+                    gone.push((stream.clone(), id, t.stats_index));
+                }
+                (Some((o, ov)), Some((n, nv))) if o == n => {
+                    if ov != nv {
+                        changed.push((stream.as_str(), **n, **nv));
+                    }
+                    old.next();
+                    new.next();
+                }
+                (_, Some(_)) => {
+                    let (&id, &t) = new.next().expect("peeked");
+                    changed.push((stream.as_str(), id, t));
+                }
+                (Some(_), None) => {
+                    let (&id, t) = old.next().expect("peeked");
+                    gone.push((stream.clone(), id, t.stats_index));
+                }
+                (None, None) => break,
+            }
+        }
+    }
+    (changed, gone)
+}
 
 /// What an apply writes, decided before the first write.
 #[derive(Debug)]
@@ -512,6 +564,7 @@ impl LbWriter {
         resolve: Resolver,
     ) -> Result<Plan, DataplaneError> {
         let mut interfaces: HashMap<&str, (u32, [u8; 6])> = HashMap::new();
+        let mut last: Option<(&str, (u32, [u8; 6]))> = None;
         let mut target_ids = self.target_ids.clone();
         let mut new_targets = Vec::new();
         let mut targets = TargetBook::new();
@@ -536,8 +589,12 @@ impl LbWriter {
                 let mut value = t.value;
                 match &t.interface {
                     Some(interface) => {
-                        let (ifindex, our_mac) = match interfaces.get(interface.as_str()) {
-                            Some(&found) => found,
+                        let known = match last {
+                            Some((name, found)) if name == interface => Some(found),
+                            _ => interfaces.get(interface.as_str()).copied(),
+                        };
+                        let (ifindex, our_mac) = match known {
+                            Some(found) => found,
                             None => {
                                 let found = resolve(interface).map_err(|message| {
                                     DataplaneError::Interface {
@@ -551,6 +608,8 @@ impl LbWriter {
                                 found
                             }
                         };
+                        // Targets share a few interfaces, usually in runs.
+                        last = Some((interface.as_str(), (ifindex, our_mac)));
                         value.ifindex = ifindex;
                         value.src_mac = our_mac;
                     }
@@ -621,12 +680,22 @@ impl LbWriter {
                     *i = t.stats_index;
                 }
             }
-            let table: Vec<u32> = s
-                .table
-                .iter()
-                .map(|&slot| index.get(slot as usize).copied().unwrap_or(NO_TARGET))
-                .collect();
-            stream_tables.insert(s.name.clone(), Arc::new(table));
+            let target = |slot: u32| index.get(slot as usize).copied().unwrap_or(NO_TARGET);
+            // A target kept keeps its index, so only the entries whose slot
+            // changed since the published table need a lookup.
+            let table: Arc<Vec<u32>> = match self.streams.get(&s.name) {
+                Some(cur) if Arc::ptr_eq(&cur.slots, &s.table) => cur.table.clone(),
+                Some(cur)
+                    if cur.slots.len() == s.table.len() && cur.table.len() == s.table.len() =>
+                {
+                    let unchanged = (cur.slots.iter().zip(cur.table.iter()))
+                        .zip(s.table.iter())
+                        .map(|((&old, &at), &new)| if old == new { at } else { target(new) });
+                    Arc::new(unchanged.collect())
+                }
+                _ => Arc::new(s.table.iter().map(|&slot| target(slot)).collect()),
+            };
+            stream_tables.insert(s.name.clone(), table);
         }
         let (placements, regions, spares) = self.place(tables, &stream_tables)?;
         Ok(Plan {
@@ -734,6 +803,7 @@ impl LbWriter {
                     id,
                     base: 0,
                     table: Arc::default(),
+                    slots: Arc::default(),
                     spare: None,
                 },
             );
@@ -802,16 +872,7 @@ impl LbWriter {
         for id in &plan.new_targets {
             zero_counter(ebpf, n::TARGET_STATS, *id)?;
         }
-        let mut changed: Vec<(&str, u32, Target)> = Vec::new();
-        for (stream, planned) in &plan.targets {
-            let written = self.targets.get(stream);
-            changed.extend(
-                planned
-                    .iter()
-                    .filter(|(id, value)| written.and_then(|w| w.get(*id)) != Some(*value))
-                    .map(|(id, value)| (stream.as_str(), *id, *value)),
-            );
-        }
+        let (changed, gone) = target_changes(&self.targets, &plan.targets);
         let (indices, values): (Vec<u32>, Vec<Target>) =
             changed.iter().map(|(_, _, v)| (v.stats_index, *v)).unzip();
         let mut map = array::<Target>(ebpf, n::TARGETS)?;
@@ -833,7 +894,8 @@ impl LbWriter {
         for s in &tables.streams {
             if let Some(&placement) = plan.placements.get(&s.name) {
                 if !published.contains(&s.name) {
-                    self.write_stream(ebpf, &s.name, &plan.tables[&s.name], placement)?;
+                    let table = &plan.tables[&s.name];
+                    self.write_stream(ebpf, &s.name, table, &s.table, placement)?;
                     published.insert(s.name.clone());
                 }
             }
@@ -884,17 +946,6 @@ impl LbWriter {
             }
             self.stream_ids.give(slot.id);
         }
-        let gone: Vec<(String, u32, u32)> = self
-            .targets
-            .iter()
-            .flat_map(|(stream, written)| {
-                let planned = plan.targets.get(stream);
-                written
-                    .iter()
-                    .filter(move |(id, _)| !planned.is_some_and(|p| p.contains_key(*id)))
-                    .map(move |(id, t)| (stream.clone(), *id, t.stats_index))
-            })
-            .collect();
         for (stream, id, index) in gone {
             array::<Target>(ebpf, n::TARGETS)?
                 .set(index, Target::default(), 0)
@@ -1011,6 +1062,7 @@ impl LbWriter {
         ebpf: &mut Ebpf,
         name: &str,
         table: &Arc<Vec<u32>>,
+        slots: &Arc<Vec<u32>>,
         placement: Placement,
     ) -> Result<(), DataplaneError> {
         let slot = self.streams.get_mut(name).expect("stream id assigned");
@@ -1039,6 +1091,7 @@ impl LbWriter {
         }
         slot.base = base;
         slot.table = table.clone();
+        slot.slots = slots.clone();
         Ok(())
     }
 
