@@ -682,7 +682,9 @@ impl LbWriter {
             }
             let target = |slot: u32| index.get(slot as usize).copied().unwrap_or(NO_TARGET);
             // A target kept keeps its index, so only the entries whose slot
-            // changed since the published table need a lookup.
+            // changed since the published table need a lookup. This holds
+            // because every slot of a validated table has a target (`lb::tables`):
+            // a target added or gone changes the slots.
             let table: Arc<Vec<u32>> = match self.streams.get(&s.name) {
                 Some(cur) if Arc::ptr_eq(&cur.slots, &s.table) => cur.table.clone(),
                 Some(cur)

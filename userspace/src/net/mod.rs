@@ -150,7 +150,6 @@ pub(crate) fn describe(netns: &File) -> String {
         .unwrap_or_else(|_| format!("namespace fd {fd}"))
 }
 
-/// `mac` as configurations write it: `02:00:5e:00:53:01`.
 /// An address as `Display` writes it; an IPv4 one without the formatter
 /// (10 000 backends are named at every EDS update).
 pub fn address_text(address: std::net::IpAddr) -> String {
@@ -173,6 +172,7 @@ pub fn address_text(address: std::net::IpAddr) -> String {
     text
 }
 
+/// `mac` as configurations write it: `02:00:5e:00:53:01`.
 pub fn mac_text(mac: [u8; 6]) -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut text = String::with_capacity(17);
