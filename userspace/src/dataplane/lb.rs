@@ -584,7 +584,8 @@ impl LbWriter {
                 same
             });
             let written = self.targets.get(stream);
-            let planned = targets.entry(stream.to_string()).or_default();
+            // In identifier order: the map is built at once, not entry by entry.
+            let mut planned = Vec::with_capacity(list.len());
             for t in list {
                 let mut value = t.value;
                 match &t.interface {
@@ -634,8 +635,9 @@ impl LbWriter {
                         id
                     }
                 };
-                planned.insert(t.identifier, value);
+                planned.push((t.identifier, value));
             }
+            targets.insert(stream.to_string(), planned.into_iter().collect());
         }
 
         let mut stream_ids = self.stream_ids.clone();
