@@ -24,7 +24,7 @@
 //!   scaled (proportionally, at least 1 each).
 //! * `drop_overloads` are carried with `drop_percentage` in parts per million.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::IpAddr;
 
 use envoy_types::pb::envoy::config::core::v3::{
@@ -98,9 +98,10 @@ pub fn select(cla: &ClusterLoadAssignment) -> Result<ClusterEndpoints, InvalidAs
 
     let mut groups = Vec::with_capacity(cla.endpoints.len());
     let mut seen_localities = HashSet::new();
-    // Where each address:port was first seen: an endpoint listed twice
-    // would be counted twice (gRPC-Go rejects such assignments too).
-    let mut seen_addresses: HashMap<(IpAddr, u16), (usize, usize)> = HashMap::new();
+    // Where each address:port is listed: an endpoint listed twice would be
+    // counted twice (gRPC-Go rejects such assignments too). Sorted after
+    // the walk, not hashed one by one (10 000 endpoints come at each update).
+    let mut listed: Vec<((IpAddr, u16), (usize, usize))> = Vec::new();
     for (li, lle) in cla.endpoints.iter().enumerate() {
         let at = |what: String| invalid(format!("endpoints[{li}]: {what}"));
         if lle.priority > MAX_PRIORITY {
@@ -164,12 +165,7 @@ pub fn select(cla: &ClusterLoadAssignment) -> Result<ClusterEndpoints, InvalidAs
                 }
                 None => return Err(at("no port".into())),
             };
-            if let Some((l, e)) = seen_addresses.insert((ip, port), (li, ei)) {
-                return Err(at(format!(
-                    "{} is listed twice (also endpoints[{l}].lb_endpoints[{e}])",
-                    std::net::SocketAddr::new(ip, port)
-                )));
-            }
+            listed.push(((ip, port), (li, ei)));
             let weight = lbe.load_balancing_weight.map_or(1, |w| w.value);
             if weight == 0 {
                 return Err(at("load_balancing_weight is 0".into()));
@@ -195,6 +191,20 @@ pub fn select(cla: &ClusterLoadAssignment) -> Result<ClusterEndpoints, InvalidAs
             weight,
             endpoints,
         });
+    }
+
+    // The repeat met first in listing order, named with its first listing.
+    listed.sort_unstable();
+    let repeat = listed
+        .windows(2)
+        .filter(|pair| pair[0].0 == pair[1].0)
+        .map(|pair| (pair[1].1, pair[0].1, pair[1].0))
+        .min();
+    if let Some(((li, ei), (l, e), (ip, port))) = repeat {
+        return Err(invalid(format!(
+            "endpoints[{li}].lb_endpoints[{ei}]: {} is listed twice (also endpoints[{l}].lb_endpoints[{e}])",
+            std::net::SocketAddr::new(ip, port)
+        )));
     }
 
     // Priorities must run 0..N without gaps (A27).
@@ -672,6 +682,42 @@ mod tests {
     fn rejected(input: ClusterLoadAssignment, needle: &str) {
         let e = select(&input).expect_err("must be rejected");
         assert!(e.to_string().contains(needle), "{e} lacks {needle:?}");
+    }
+
+    #[test]
+    fn the_first_repeat_in_listing_order_is_named_with_its_first_listing() {
+        let e = |a: &str| ep(a, 80, Healthy, None);
+        // 10.0.0.3 repeats first (at [1][0]); 10.0.0.1 is listed three
+        // times, its second listing later ([1][1]).
+        let input = cla(vec![
+            loc(
+                "a",
+                0,
+                None,
+                vec![e("10.0.0.1"), e("10.0.0.3"), e("10.0.0.2")],
+            ),
+            loc(
+                "b",
+                0,
+                None,
+                vec![e("10.0.0.3"), e("10.0.0.1"), e("10.0.0.1")],
+            ),
+        ]);
+        let err = select(&input).unwrap_err();
+        assert_eq!(
+            err.reason,
+            "endpoints[1].lb_endpoints[0]: 10.0.0.3:80 is listed twice (also endpoints[0].lb_endpoints[1])"
+        );
+        let input = cla(vec![loc(
+            "a",
+            0,
+            None,
+            vec![e("10.0.0.1"), e("10.0.0.2"), e("10.0.0.1"), e("10.0.0.1")],
+        )]);
+        assert_eq!(
+            select(&input).unwrap_err().reason,
+            "endpoints[0].lb_endpoints[2]: 10.0.0.1:80 is listed twice (also endpoints[0].lb_endpoints[0])"
+        );
     }
 
     #[test]
