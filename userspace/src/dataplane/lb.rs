@@ -294,7 +294,7 @@ fn target_changes<'a>(
         let (mut old, mut new) = (old.iter().peekable(), new.iter().peekable());
         loop {
             match (old.peek(), new.peek()) {
-                (Some((o, _)), Some((n, _))) if o < n => {
+                (Some((o, _)), n) if n.is_none_or(|(n, _)| o < n) => {
                     let (&id, t) = old.next().expect("peeked");
                     gone.push((stream.clone(), id, t.stats_index));
                 }
@@ -309,11 +309,7 @@ fn target_changes<'a>(
                     let (&id, &t) = new.next().expect("peeked");
                     changed.push((stream.as_str(), id, t));
                 }
-                (Some(_), None) => {
-                    let (&id, t) = old.next().expect("peeked");
-                    gone.push((stream.clone(), id, t.stats_index));
-                }
-                (None, None) => break,
+                (_, None) => break,
             }
         }
     }

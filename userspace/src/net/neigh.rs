@@ -327,23 +327,13 @@ fn named(resolved: impl Iterator<Item = Result<(u32, [u8; 6]), String>>) -> OnLi
 /// An address's interface index and MAC, or why it has none.
 type Found = Result<(u32, [u8; 6]), String>;
 
-/// What `found` (sorted by address) holds for each of `addresses`. Addresses
-/// in order (the catalog's) cost a step each, not a search.
+/// What `found` (sorted by address) holds for each of `addresses`.
 fn sorted_lookup<T: Copy>(found: &[(IpAddr, T)], addresses: &[IpAddr]) -> Vec<Option<T>> {
-    let mut at = 0;
     addresses
         .iter()
         .map(|a| {
-            if at > 0 && found.get(at - 1).is_some_and(|(f, _)| f >= a) {
-                at = found.partition_point(|(f, _)| f < a);
-            }
-            while found.get(at).is_some_and(|(f, _)| f < a) {
-                at += 1;
-                if found.get(at + 8).is_some_and(|(f, _)| f < a) {
-                    at += found[at..].partition_point(|(f, _)| f < a);
-                }
-            }
-            found.get(at).filter(|(f, _)| f == a).map(|&(_, hit)| hit)
+            let at = found.binary_search_by_key(a, |&(f, _)| f).ok()?;
+            Some(found[at].1)
         })
         .collect()
 }
