@@ -129,3 +129,8 @@ assert_layout!(MirrorCounter, size = 24, align = 8);
 
 #[cfg(feature = "user")]
 crate::impl_pod!(MirrorRule, MirrorPort, VlanSet, MirrorCounter, CopyHead);
+
+/// The first word of the metadata `tm_xdp_uplink` puts before a frame it
+/// hands to the uplink's TC ingress instead of redirecting it into a port
+/// with IN copies (the port's ifindex follows): "tmdt".
+pub const DETOUR_MAGIC: u32 = 0x746d_6474;

@@ -475,8 +475,7 @@ pub fn to_local(
     if at != 0 {
         tunnel::adjust_head(ctx, at as i32)?;
     }
-    // SAFETY: a plain helper call.
-    Ok(unsafe { bpf_redirect(target.ifindex, 0) } as u32)
+    Ok(crate::detour::port(target.ifindex) as u32)
 }
 
 /// A target on another node: the inner IP packet as the payload of UDP to

@@ -7,6 +7,7 @@
 #![no_main]
 
 mod csum;
+mod detour;
 mod headers;
 mod lb;
 mod maps;

@@ -174,9 +174,14 @@ pub fn tm_xdp_mirror(ctx: XdpContext) -> u32 {
 }
 
 /// On a source port that has no TC programs of its own: only the copies;
-/// the packet always goes on (`TC_ACT_OK`), whatever it holds.
+/// the packet always goes on (`TC_ACT_OK`), whatever it holds. Also on
+/// each uplink's ingress: a frame its XDP program passed for a tapped port
+/// goes to that port (`detour`), and is not a copy of the uplink's own.
 #[classifier]
 pub fn tm_tc_tap_out(ctx: TcContext) -> i32 {
+    if let Some(action) = crate::detour::take(&ctx) {
+        return action;
+    }
     copy(&ctx, DIRECTION_OUT);
     TC_ACT_OK
 }

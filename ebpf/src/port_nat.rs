@@ -106,7 +106,7 @@ pub fn tm_xdp_port_nat(ctx: XdpContext) -> u32 {
         Some(pick) => (to_target_port(&ctx, pick), pick.bytes as u64),
         None => (Err(DropReason::PortNatFailed), 0),
     };
-    xdp_outcome(&stats, bytes, result)
+    xdp_outcome(&ctx, &stats, bytes, result)
 }
 
 /// The target port (if the flow names one for this protocol and port),

@@ -18,9 +18,13 @@ const PULL_LEN: u32 = 512;
 
 #[classifier]
 pub fn tm_tc_ingress(ctx: TcContext) -> i32 {
+    let stats = Stats::of(ProgramSlot::TcIngress);
+    // An uplink's XDP program passed it for a tapped port (`detour`).
+    if let Some(action) = crate::detour::take(&ctx) {
+        return tc_outcome(&stats, ctx.len() as u64, Ok(action));
+    }
     // Received on the host side = sent by the port: TaaS OUT.
     mirror::copy(&ctx, DIRECTION_OUT);
-    let stats = Stats::of(ProgramSlot::TcIngress);
     let result = try_tc(&ctx, &stats);
     tc_outcome(&stats, ctx.len() as u64, result)
 }

@@ -7,7 +7,7 @@ use tapmesh_common::{DropReason, ProgramSlot, Verdict};
 
 use crate::{
     headers::UdpHdr,
-    lb, overlay, overlay6,
+    detour, lb, overlay, overlay6,
     packet::Packet,
     parse::{parse, L3},
     stats::Stats,
@@ -25,7 +25,7 @@ pub fn uplink(ctx: &XdpContext) -> u32 {
     let pkt = packet_of(&ctx);
     let stats = Stats::of(ProgramSlot::XdpUplink);
     let result = try_uplink(ctx, pkt, &stats);
-    xdp_outcome(&stats, pkt.wire_len as u64, result)
+    xdp_outcome(ctx, &stats, pkt.wire_len as u64, result)
 }
 
 /// Does nothing: what every benchmark subtracts.
@@ -107,10 +107,17 @@ fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, D
     lb::balance(ctx, &pkt, &parsed, tunnel, tunneled)
 }
 
-/// The one place an XDP result becomes a verdict and is counted.
+/// The one place an XDP result becomes a verdict and is counted. A frame
+/// for a port here (`detour::port`) is redirected now, or detoured.
 #[inline(always)]
-pub fn xdp_outcome(stats: &Stats, bytes: u64, result: Result<u32, DropReason>) -> u32 {
+pub fn xdp_outcome(
+    ctx: &XdpContext,
+    stats: &Stats,
+    bytes: u64,
+    result: Result<u32, DropReason>,
+) -> u32 {
     let action = match result {
+        Ok(action) if action & detour::TO_PORT != 0 => detour::to_port(ctx, action & !detour::TO_PORT),
         Ok(action) => action,
         Err(reason) => {
             stats.drop_reason(reason);

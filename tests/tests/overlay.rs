@@ -680,6 +680,68 @@ fn a_tap_flow_on_a_containers_port_copies_and_its_delete_leaves_the_ports_progra
     answered_by(&udp_ask(&lab.client, CLOSEST, 2), "web0", CLOSEST);
 }
 
+/// What node 2's uplink decapsulates and redirects into a container's port
+/// in XDP is copied IN there too (`ebpf/src/detour.rs`), bytes as the
+/// container gets them.
+#[test]
+fn a_tap_flow_copies_what_the_tunnel_delivers_into_a_containers_port() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    let n2 = &lab.nodes.node2;
+    let daemon = n2.daemon.as_ref().unwrap();
+    let port = n2.container_link_indexes()[0].1.clone();
+    // Neighbours resolved first: only the datagrams are copied below.
+    answered_by(&udp_ask(&lab.client, WEB1_IP, 1), "web1", WEB1_IP);
+    let dir = tapmesh_tests::TempDir::new("tmovtap2");
+    let pcap = dir.0.join("web1.pcap");
+    let pcap_arg = pcap.display().to_string();
+    daemon.cli(&["tap-service", "create", "cap", "--pcap", &pcap_arg]);
+    daemon.cli(&[
+        "tap-flow",
+        "create",
+        "wf",
+        "--tap-service",
+        "cap",
+        "--source",
+        &port,
+        "--direction",
+        "BOTH",
+    ]);
+    answered_by(&udp_ask(&lab.client, WEB1_IP, 3), "web1", WEB1_IP);
+    let listing: serde_json::Value =
+        serde_json::from_str(&daemon.cli(&["tap-flow", "list", "-o", "json"])).expect("JSON");
+    // Three requests in through the tunnel, three answers out of the port.
+    assert_eq!(listing[0]["mirrored_packets"], 6, "{listing}");
+    daemon.cli(&["tap-service", "delete", "cap"]);
+    let out = std::process::Command::new("tshark")
+        .arg("-r")
+        .arg(&pcap)
+        .args([
+            "-T",
+            "fields",
+            "-e",
+            "ip.src",
+            "-e",
+            "ip.dst",
+            "-e",
+            "udp.dstport",
+        ])
+        .output()
+        .expect("tshark");
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let requests = lines
+        .iter()
+        .filter(|l| *l == &format!("{CLIENT_IP}\t{}\t{UDP_PORT}", lab.web1_ns))
+        .count();
+    assert_eq!(requests, 3, "{lines:?}");
+    assert_eq!(lines.len(), 6, "{lines:?}");
+}
+
 #[test]
 fn a_source_port_used_again_for_another_service_ip_gets_its_answers_from_that_one() {
     if !kernel_tests_enabled() {

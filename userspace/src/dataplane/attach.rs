@@ -306,6 +306,41 @@ pub fn tc_programs(
     interface: &str,
     [ingress, egress]: [&'static str; 2],
 ) -> Result<(), DataplaneError> {
+    tc_hooks(
+        ebpf,
+        links,
+        attachments,
+        interface,
+        &[(Hook::TcIngress, ingress), (Hook::TcEgress, egress)],
+    )
+}
+
+/// An uplink's TC ingress: `tm_tc_tap_out`, which takes the frames its XDP
+/// program passes for tapped ports to them (`ebpf/src/detour.rs`) and the
+/// uplink's own OUT copies. Its egress stays bare until a tap flow needs it.
+pub fn uplink_tc(
+    ebpf: &mut Ebpf,
+    links: &mut Links,
+    attachments: &mut Vec<Attachment>,
+    interface: &str,
+) -> Result<(), DataplaneError> {
+    tc_hooks(
+        ebpf,
+        links,
+        attachments,
+        interface,
+        &[(Hook::TcIngress, program_names::TC_TAP_OUT)],
+    )
+}
+
+/// Attaches each (hook, program) in turn; on a failure, what this call attached is detached again.
+fn tc_hooks(
+    ebpf: &mut Ebpf,
+    links: &mut Links,
+    attachments: &mut Vec<Attachment>,
+    interface: &str,
+    hooks: &[(Hook, &'static str)],
+) -> Result<(), DataplaneError> {
     let created_clsact = match tc::qdisc_add_clsact(interface) {
         Ok(()) => true,
         Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
@@ -317,10 +352,11 @@ pub fn tc_programs(
             })
         }
     };
-    for (hook, kind, name) in [
-        (Hook::TcIngress, TcAttachType::Ingress, ingress),
-        (Hook::TcEgress, TcAttachType::Egress, egress),
-    ] {
+    for (index, &(hook, name)) in hooks.iter().enumerate() {
+        let kind = match hook {
+            Hook::TcEgress => TcAttachType::Egress,
+            _ => TcAttachType::Ingress,
+        };
         // A filter left by an earlier daemon (keep_dataplane) is replaced.
         let _ = tc::qdisc_detach_program(interface, kind, name);
         let attached = tc_program(ebpf, name).and_then(|program| {
@@ -344,13 +380,13 @@ pub fn tc_programs(
                     hook,
                     program: name,
                     mode: String::new(),
-                    created_clsact: created_clsact && hook == Hook::TcIngress,
+                    created_clsact: created_clsact && index == 0,
                     ifindex: crate::net::link::index(interface),
                 });
             }
             Err(e) => {
-                if hook == Hook::TcEgress {
-                    // Undo ingress (and the clsact its attachment carries).
+                if index > 0 {
+                    // Undo the earlier hooks (and the clsact their attachment carries).
                     let _ = detach_tc(ebpf, links, attachments, interface);
                 } else if created_clsact {
                     let _ = qdisc::delete_clsact(interface);

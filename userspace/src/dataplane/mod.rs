@@ -299,8 +299,18 @@ impl DataplaneHandle {
         if !ours {
             return Ok(());
         }
+        let uplink = r.attachments.iter().any(|a| {
+            a.interface == interface && a.program == tapmesh_common::program_names::XDP_UPLINK
+        });
         let (ebpf, links, attachments) = (&mut r.ebpf, &mut r.links, &mut r.attachments);
-        tokio::task::block_in_place(|| attach::detach_tc(ebpf, links, attachments, interface))
+        tokio::task::block_in_place(|| {
+            attach::detach_tc(ebpf, links, attachments, interface)?;
+            if uplink {
+                // Back to what every uplink carries.
+                attach::uplink_tc(ebpf, links, attachments, interface)?;
+            }
+            Ok(())
+        })
     }
 
     /// Makes the mirror maps hold `tables`.
@@ -661,6 +671,14 @@ fn start_dataplane(
             )?);
         }
         attach::redirect_failures(ebpf, &attachments);
+        // An uplink that is a TC interface gets `tm_tc_ingress`, which takes detours too.
+        for interface in config
+            .uplinks
+            .iter()
+            .filter(|u| !config.tc_interfaces.contains(u))
+        {
+            attach::uplink_tc(ebpf, &mut links, &mut attachments, interface)?;
+        }
         for interface in &config.tc_interfaces {
             attach::tc(ebpf, &mut links, &mut attachments, interface)?;
         }

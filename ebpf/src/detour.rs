@@ -1,0 +1,111 @@
+//! Copies of what the uplink's XDP program sends into a port. A port's IN
+//! copies are taken at its TC egress, which `bpf_redirect` from XDP skips.
+//! So a frame for a port with IN tap flows is not redirected in XDP: it is
+//! passed to the stack with the port's ifindex in its metadata, and the
+//! uplink's TC ingress (`tm_tc_tap_out`, or `tm_tc_ingress` on an uplink
+//! that is also a TC interface) redirects it to the port's egress, where
+//! the copies are taken. Only tapped ports take this way; a driver without
+//! XDP metadata keeps the plain redirect (no copy).
+
+use aya_ebpf::{
+    bindings::xdp_action,
+    helpers::generated::{bpf_redirect, bpf_xdp_adjust_meta},
+    programs::{TcContext, XdpContext},
+};
+use tapmesh_common::mirror::{filter_bit, DETOUR_MAGIC, DIRECTION_IN, RULES_PER_PORT};
+
+use crate::{
+    maps::{tm_mirror_bits, tm_mirror_ports, tm_uplink_bits},
+    packet::{load32, store32},
+};
+
+/// Bytes of the metadata: the magic word, then the port's ifindex.
+const META_LEN: usize = 8;
+
+/// Set in a path's result for "to the port whose ifindex is the rest":
+/// [`to_port`] runs once, in `xdp_outcome`, not inside each path (the
+/// uplink is near the verifier's limits of work and stack). No XDP action
+/// or ifindex has this bit.
+pub const TO_PORT: u32 = 1 << 31;
+
+/// A path's result for a frame ready for port `ifindex`. Not inlined, and
+/// as wide as the `bpf_redirect` it stands for: so the IPv4 tunnel path
+/// keeps the code it had (its frame and the uplink's main frame share the
+/// 512 bytes of stack with 0 to spare; an inlined value took 16 more).
+#[inline(never)]
+pub fn port(ifindex: u32) -> i64 {
+    (TO_PORT | ifindex) as i64
+}
+
+/// The XDP program's last step for a frame bound for port `ifindex`. Not
+/// inlined: its stack is not added to the uplink's main frame, which the
+/// deepest path's subprogram shares the 512 bytes with.
+#[inline(never)]
+pub fn to_port(ctx: &XdpContext, ifindex: u32) -> u32 {
+    if copies_in(ifindex) && mark(ctx, ifindex) {
+        return xdp_action::XDP_PASS;
+    }
+    // SAFETY: a plain helper call.
+    unsafe { bpf_redirect(ifindex, 0) as u32 }
+}
+
+/// Whether a tap flow of port `ifindex` takes the packets sent to it.
+#[inline(always)]
+fn copies_in(ifindex: u32) -> bool {
+    let (word, bit) = filter_bit(ifindex);
+    if tm_mirror_bits.get(word).is_none_or(|w| w & bit == 0) {
+        return false;
+    }
+    // SAFETY: a map value, read in place under RCU.
+    let Some(port) = (unsafe { tm_mirror_ports.get(&ifindex) }) else {
+        return false;
+    };
+    for i in 0..RULES_PER_PORT {
+        if i as u32 >= port.count {
+            break;
+        }
+        if port.rules[i].directions & DIRECTION_IN != 0 {
+            return true;
+        }
+    }
+    false
+}
+
+/// Puts the magic word and `ifindex` in front of the frame.
+#[inline(always)]
+fn mark(ctx: &XdpContext, ifindex: u32) -> bool {
+    // SAFETY: the helper checks the room; the pointers are read after it.
+    unsafe {
+        if bpf_xdp_adjust_meta(ctx.ctx, -(META_LEN as i32)) != 0 {
+            return false;
+        }
+        let meta = (*ctx.ctx).data_meta as usize;
+        if meta + META_LEN > ctx.data() {
+            return false;
+        }
+        store32(meta as *mut [u8; 4], DETOUR_MAGIC);
+        store32((meta + 4) as *mut [u8; 4], ifindex);
+    }
+    true
+}
+
+/// On the uplink's TC ingress: the redirect of a frame `to_port` passed,
+/// `None` for every other packet.
+#[inline(always)]
+pub fn take(ctx: &TcContext) -> Option<i32> {
+    let skb = ctx.skb.skb;
+    // SAFETY: fields of the context; the metadata is read after its bounds check.
+    unsafe {
+        let (meta, data) = ((*skb).data_meta as usize, (*skb).data as usize);
+        if meta + META_LEN > data || load32(meta as *const [u8; 4]) != DETOUR_MAGIC {
+            return None;
+        }
+        // Only the uplink's XDP program writes it: anywhere else it is ignored.
+        let (word, bit) = filter_bit((*skb).ifindex);
+        if tm_uplink_bits.get(word).is_none_or(|w| w & bit == 0) {
+            return None;
+        }
+        let port = load32((meta + 4) as *const [u8; 4]);
+        Some(bpf_redirect(port, 0) as i32)
+    }
+}
