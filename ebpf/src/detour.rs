@@ -28,47 +28,53 @@ const META_LEN: usize = 8;
 /// or ifindex has this bit.
 pub const TO_PORT: u32 = 1 << 31;
 
-/// A path's result for a frame ready for port `ifindex`. Not inlined, and
-/// as wide as the `bpf_redirect` it stands for: so the IPv4 tunnel path
-/// keeps the code it had (its frame and the uplink's main frame share the
-/// 512 bytes of stack with 0 to spare; an inlined value took 16 more).
-#[inline(never)]
-pub fn port(ifindex: u32) -> i64 {
-    (TO_PORT | ifindex) as i64
+/// A path's result for a frame ready for port `ifindex`.
+#[inline(always)]
+pub fn port(ifindex: u32) -> u32 {
+    TO_PORT | ifindex
 }
 
-/// The XDP program's last step for a frame bound for port `ifindex`. Not
-/// inlined: its stack is not added to the uplink's main frame, which the
-/// deepest path's subprogram shares the 512 bytes with.
+/// [`port`] as a call, as wide as the `bpf_redirect` it stands for: so the
+/// tunnel paths keep the code they had (the IPv4 one's frame and the
+/// uplink's main frame share the 512 bytes of stack with nothing to spare;
+/// inlined, the value took 16 more).
 #[inline(never)]
+pub fn port_call(ifindex: u32) -> i64 {
+    port(ifindex) as i64
+}
+
+/// The XDP program's last step for a frame bound for port `ifindex`: a
+/// redirect, unless the port's bit in `tm_mirror_bits` is set.
+#[inline(always)]
 pub fn to_port(ctx: &XdpContext, ifindex: u32) -> u32 {
-    if copies_in(ifindex) && mark(ctx, ifindex) {
+    let (word, bit) = filter_bit(ifindex);
+    if tm_mirror_bits.get(word).is_some_and(|w| w & bit != 0) && detour(ctx, ifindex) {
         return xdp_action::XDP_PASS;
     }
     // SAFETY: a plain helper call.
     unsafe { bpf_redirect(ifindex, 0) as u32 }
 }
 
-/// Whether a tap flow of port `ifindex` takes the packets sent to it.
-#[inline(always)]
-fn copies_in(ifindex: u32) -> bool {
-    let (word, bit) = filter_bit(ifindex);
-    if tm_mirror_bits.get(word).is_none_or(|w| w & bit == 0) {
-        return false;
-    }
+/// Marks the frame for its detour if a tap flow of port `ifindex` takes
+/// the packets sent to it. Not inlined: only tapped ports get here, and the
+/// uplink's main frame has no stack to spare.
+#[inline(never)]
+fn detour(ctx: &XdpContext, ifindex: u32) -> bool {
     // SAFETY: a map value, read in place under RCU.
     let Some(port) = (unsafe { tm_mirror_ports.get(&ifindex) }) else {
         return false;
     };
+    let mut takes_in = false;
     for i in 0..RULES_PER_PORT {
         if i as u32 >= port.count {
             break;
         }
         if port.rules[i].directions & DIRECTION_IN != 0 {
-            return true;
+            takes_in = true;
+            break;
         }
     }
-    false
+    takes_in && mark(ctx, ifindex)
 }
 
 /// Puts the magic word and `ifindex` in front of the frame.

@@ -475,7 +475,7 @@ pub fn to_local(
     if at != 0 {
         tunnel::adjust_head(ctx, at as i32)?;
     }
-    Ok(crate::detour::port(target.ifindex) as u32)
+    Ok(crate::detour::port(target.ifindex))
 }
 
 /// A target on another node: the inner IP packet as the payload of UDP to

@@ -874,5 +874,5 @@ pub fn from_tunnel(ctx: &XdpContext, node: u32) -> Result<Option<u32>, DropReaso
     }
     let eth: *mut EthHdr = pkt.header_mut(0, DropReason::BadTunnelPacket)?;
     write_macs(eth, &local.mac, &local.host_mac, ETH_P_IP.to_be_bytes());
-    Ok(Some(crate::detour::port(local.ifindex) as u32))
+    Ok(Some(crate::detour::port_call(local.ifindex) as u32))
 }

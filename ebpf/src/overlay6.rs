@@ -658,5 +658,5 @@ pub fn from_tunnel(ctx: &XdpContext) -> Result<Option<u32>, DropReason> {
     }
     let eth: *mut EthHdr = pkt.header_mut(0, DropReason::BadTunnelPacket)?;
     write_macs(eth, &local.mac, &local.host_mac, ETH_P_IPV6.to_be_bytes());
-    Ok(Some(crate::detour::port(local.ifindex) as u32))
+    Ok(Some(crate::detour::port_call(local.ifindex) as u32))
 }

@@ -167,6 +167,22 @@ pub fn vip_frame(dst: Ipv4Addr, port: u16) -> Vec<u8> {
     eth(&udp4(V4_A, dst, 1000, port, &[0; 18]))
 }
 
+/// Frames for `compare_vip`: to the local target, plain, tagged and by port NAT.
+pub fn compare_frames() -> Vec<(&'static str, Vec<u8>)> {
+    let payload = [0u8; 18];
+    vec![
+        ("VIP hit → local target", vip_frame(VIP_LOCAL, 53)),
+        (
+            "802.1Q VIP hit → local target",
+            eth_tagged(&[100], &udp4(V4_A, VIP_LOCAL, 1000, 53, &payload)),
+        ),
+        (
+            "VIP hit → port NAT → local target",
+            eth(&tcp4(V4_A, VIP_LOCAL, 1000, 443)),
+        ),
+    ]
+}
+
 /// `frame` after a local target's MAC rewrite (VLAN tags dropped).
 fn to_target(frame: &[u8]) -> Vec<u8> {
     rewritten(frame, TARGET_MAC, OUR_MAC)

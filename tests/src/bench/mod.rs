@@ -136,6 +136,40 @@ pub fn compare_decap(objects: &[String], rounds: usize) -> String {
     })
 }
 
+/// Builds of the BPF object side by side on the load balancer's paths to a
+/// local target and out of the uplink (repeat = 1, interleaved `rounds`
+/// times): the median net ns of each, per object.
+pub fn compare_vip(objects: &[String], rounds: usize) -> String {
+    pin_to_current_cpu();
+    let mut builds: Vec<Bpf> = objects.iter().map(|o| Bpf::load_file(o)).collect();
+    for bpf in &mut builds {
+        lb::load(bpf);
+    }
+    let frames = lb::compare_frames();
+    let mut nets = vec![vec![Vec::new(); frames.len()]; builds.len()];
+    for round in 0..rounds.max(1) {
+        let mut line = format!("round {round}:");
+        for (b, bpf) in builds.iter_mut().enumerate() {
+            for (f, (_, frame)) in frames.iter().enumerate() {
+                let (raw, floor) = timing::measure_calls(bpf, "tm_xdp_uplink", frame, 20_000);
+                nets[b][f].push(raw - floor);
+                line += &format!(" {:.1}", raw - floor);
+            }
+            line += " |";
+        }
+        eprintln!("{line}");
+    }
+    let mut out = String::new();
+    for (b, object) in objects.iter().enumerate() {
+        for (f, (name, _)) in frames.iter().enumerate() {
+            let v = &mut nets[b][f];
+            v.sort_by(f64::total_cmp);
+            let _ = writeln!(out, "{:6.1} net  {object}  {name}", v[v.len() / 2]);
+        }
+    }
+    out
+}
+
 /// The BPF_PROG_TEST_RUN part of BENCHMARKS.md: the packet paths' table,
 /// the target lines about it, and the building blocks' rows.
 pub struct Paths {

@@ -45,6 +45,14 @@ fn main() {
                 println!("{:6.1} net ({raw:.0} − {floor:.0})  {name}", raw - floor);
             }
         }
+        // `compare-vip ROUNDS OBJECT...`: the same for the local target's paths.
+        "compare-vip" => {
+            let a: Vec<String> = std::env::args().skip(2).collect();
+            print!(
+                "{}",
+                bench::compare_vip(&a[1..], a[0].parse().expect("a round count"))
+            );
+        }
         // `compare-decap ROUNDS OBJECT...`: builds of the BPF object side by side.
         "compare-decap" => {
             let a: Vec<String> = std::env::args().skip(2).collect();
@@ -81,7 +89,7 @@ fn main() {
         flag if flag.starts_with('-') => {
             eprintln!(
                 "usage: tapmesh-bench [OUT.md | rows | overlay | overlay-rows | overlay-rates | lb-rates | \
-                 control | mirror | maglev | eds | xds | cluster | cluster-many | paths | compare-decap ROUNDS OBJECT...]\n\
+                 control | mirror | maglev | eds | xds | cluster | cluster-many | paths | compare-decap ROUNDS OBJECT... | compare-vip ROUNDS OBJECT...]\n\
                  with no argument or a file name: every family, written to that file (default BENCHMARKS.md)"
             );
             std::process::exit(if flag == "-h" || flag == "--help" {
