@@ -538,6 +538,44 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     lab.ping(6);
     lab.expect_monitor(before, 12);
 
+    // The admin API does not delete what the agent plugged (etcd would keep
+    // saying "up"), nor its service with it; both stay as they were.
+    let refused = lab
+        .call(async |c| c.delete_tap_flow(TapId { id: tf.into() }).await)
+        .expect_err("the agent's flow");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert_eq!(
+        refused.message(),
+        format!("tap flow {tf:?} was plugged by the networking-spp agent; unplug it through Neutron (the driver writes tap_action \"unplug\"), which frees its mirror slots and etcd keys")
+    );
+    let refused = lab
+        .call(async |c| {
+            c.delete_tap_service(TapId {
+                id: service_port.into(),
+            })
+            .await
+        })
+        .expect_err("the agent's service");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    let listing = lab.list();
+    assert_eq!(
+        (listing.flows.len(), listing.services.len()),
+        (1, 1),
+        "{listing:?}"
+    );
+    assert_eq!(etcd.get(&key("tap_status", tf)).as_deref(), Some("up"));
+    let before = lab.monitor_rx();
+    lab.ping(2);
+    lab.expect_monitor(before, 4);
+
     etcd.put(&key("tap_action", tf), "unplug");
     assert!(wait_until(Duration::from_secs(10), || etcd
         .get(&key("tap_info", tf))

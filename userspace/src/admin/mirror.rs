@@ -12,6 +12,7 @@ pub fn status_of(e: MirrorError) -> Status {
         MirrorError::NotFound { .. } | MirrorError::NoInterface(_) => Status::not_found(message),
         MirrorError::Exists { .. } => Status::already_exists(message),
         MirrorError::Dataplane(_) => Status::internal(message),
+        MirrorError::PluggedBySpp { .. } => Status::failed_precondition(message),
         _ => Status::invalid_argument(message),
     }
 }

@@ -106,6 +106,8 @@ pub enum MirrorError {
     Invalid(String),
     #[error("the dataplane refused the change: {0}")]
     Dataplane(String),
+    #[error("tap flow {flow:?} was plugged by the networking-spp agent; unplug it through Neutron (the driver writes tap_action \"unplug\"), which frees its mirror slots and etcd keys")]
+    PluggedBySpp { flow: String },
 }
 
 /// Parses a TaaS VLAN filter strictly: ids 0..=4095, ranges a-b with a <= b.

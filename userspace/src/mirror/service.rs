@@ -87,6 +87,10 @@ pub struct MirrorService {
     feed: Mutex<Feed>,
     /// Tap flows removed because their interface went away.
     removed: tokio::sync::broadcast::Sender<String>,
+    /// Tap flows the networking-spp agent plugged (through [`TapBackend`]):
+    /// only its unplug deletes them, so etcd never says "up" for a flow
+    /// that is gone.
+    plugged: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The reader of `tm_mirror_copy` once started; before, the map if a
@@ -134,6 +138,7 @@ impl MirrorService {
             ),
             feed: Mutex::default(),
             removed: tokio::sync::broadcast::channel(256).0,
+            plugged: Default::default(),
         }
     }
 
@@ -513,7 +518,33 @@ impl MirrorService {
         stats
     }
 
+    /// The admin API's delete of a tap flow or service: refused for what the
+    /// networking-spp agent plugged (a service with such a flow included).
+    fn check_unplugged<'a>(
+        &self,
+        mut flows: impl Iterator<Item = &'a str>,
+    ) -> Result<(), MirrorError> {
+        let plugged = self.plugged.lock().expect("plugged lock");
+        match flows.find(|f| plugged.contains(*f)) {
+            Some(flow) => Err(MirrorError::PluggedBySpp { flow: flow.into() }),
+            None => Ok(()),
+        }
+    }
+
     pub async fn delete_service(&self, id: &str) -> Result<(), MirrorError> {
+        let state = self.state.lock().await;
+        self.check_unplugged(
+            state
+                .flows
+                .values()
+                .filter(|f| f.spec.tap_service == id)
+                .map(|f| f.spec.id.as_str()),
+        )?;
+        drop(state);
+        self.remove_service(id).await
+    }
+
+    async fn remove_service(&self, id: &str) -> Result<(), MirrorError> {
         let mut state = self.state.lock().await;
         let Some(mut service) = state.services.remove(id) else {
             return Err(MirrorError::NotFound {
@@ -631,6 +662,11 @@ impl MirrorService {
     }
 
     pub async fn delete_flow(&self, id: &str) -> Result<(), MirrorError> {
+        self.check_unplugged(std::iter::once(id))?;
+        self.remove_flow(id).await
+    }
+
+    async fn remove_flow(&self, id: &str) -> Result<(), MirrorError> {
         let mut state = self.state.lock().await;
         if state.flows.remove(id).is_none() {
             return Err(MirrorError::NotFound {
@@ -878,21 +914,37 @@ impl TapBackend for MirrorService {
     }
 
     async fn ensure_flow(&self, flow: TapFlow) -> Result<(), MirrorError> {
-        self.create_flow(flow).await
+        let id = flow.id.clone();
+        self.create_flow(flow).await?;
+        self.plugged.lock().expect("plugged lock").insert(id);
+        Ok(())
     }
 
     async fn delete_flow(&self, id: &str) -> Result<(), MirrorError> {
-        match MirrorService::delete_flow(self, id).await {
+        let removed = match self.remove_flow(id).await {
             Err(MirrorError::NotFound { .. }) => Ok(()),
             other => other,
+        };
+        if removed.is_ok() {
+            self.plugged.lock().expect("plugged lock").remove(id);
         }
+        removed
     }
 
     async fn delete_service(&self, id: &str) -> Result<(), MirrorError> {
-        match MirrorService::delete_service(self, id).await {
+        let removed = match self.remove_service(id).await {
             Err(MirrorError::NotFound { .. }) => Ok(()),
             other => other,
+        };
+        if removed.is_ok() {
+            // Its flows went with it.
+            let state = self.state.lock().await;
+            self.plugged
+                .lock()
+                .expect("plugged lock")
+                .retain(|f| state.flows.contains_key(f));
         }
+        removed
     }
 
     async fn service_exists(&self, id: &str) -> bool {
