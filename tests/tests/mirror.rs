@@ -643,11 +643,18 @@ fn ring_copies_keep_vlan_tags(lab: Lab) {
     let mut frames = vec![lab.vm1_frame(&[10]); 2];
     frames.extend(vec![lab.vm1_frame(&[20]); 3]);
     frames.extend(vec![lab.vm1_frame(&[35]); 4]);
+    // QinQ: the outer 802.1ad tag (offloaded on the port) is the one filtered and kept.
+    frames.extend(vec![lab.vm1_frame(&[31, 7]); 2]);
+    frames.push(lab.vm1_frame(&[20, 35]));
     send_frames(&lab.vm1.name, &lab.vm1_if.interface, &frames);
-    lab.wait_delivered(6);
+    lab.wait_delivered(8);
     assert_eq!(
         tshark_fields(&pcap, "vlan.id"),
-        ["10", "10", "35", "35", "35", "35"]
+        ["10", "10", "35", "35", "35", "35", "7", "7"]
+    );
+    assert_eq!(
+        tshark_fields(&pcap, "ieee8021ad.id"),
+        ["", "", "", "", "", "", "31", "31"]
     );
 }
 
