@@ -9,7 +9,7 @@
 
 use aya_ebpf::{
     bindings::xdp_action,
-    helpers::generated::{bpf_redirect, bpf_xdp_adjust_meta},
+    helpers::generated::{bpf_redirect, bpf_skb_vlan_pop, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
 use tapmesh_common::mirror::{filter_bit, DETOUR_MAGIC, DIRECTION_IN, RULES_PER_PORT};
@@ -112,6 +112,25 @@ pub fn take(ctx: &TcContext) -> Option<i32> {
             return None;
         }
         let port = load32((meta + 4) as *const [u8; 4]);
+        // A tag the NIC took off is no part of the frame XDP rewrote for the
+        // port (in-frame tags it dropped); the plain redirect drops it too.
+        if (*skb).vlan_present != 0 {
+            bpf_skb_vlan_pop(skb);
+        }
         Some(bpf_redirect(port, 0) as i32)
+    }
+}
+
+/// Drops metadata a frame brought with it (a veth peer's XDP program can
+/// send some): only what this program writes may reach [`take`]. One load
+/// and a compare when there is none.
+#[inline(always)]
+pub fn clear_foreign(ctx: &XdpContext) {
+    // SAFETY: fields of the context; the helper checks the delta.
+    unsafe {
+        let (meta, data) = ((*ctx.ctx).data_meta as usize, (*ctx.ctx).data as usize);
+        if meta < data {
+            bpf_xdp_adjust_meta(ctx.ctx, (data - meta) as i32);
+        }
     }
 }

@@ -22,6 +22,7 @@ pub fn tm_xdp_uplink(ctx: XdpContext) -> u32 {
 /// The uplink program's body (also inside a probe, unused, to time code size alone).
 #[inline(always)]
 pub fn uplink(ctx: &XdpContext) -> u32 {
+    detour::clear_foreign(ctx);
     let pkt = packet_of(&ctx);
     let stats = Stats::of(ProgramSlot::XdpUplink);
     let result = try_uplink(ctx, pkt, &stats);

@@ -115,6 +115,44 @@ impl Bpf {
         })
     }
 
+    /// One XDP run of `frame` with `meta` before it as XDP metadata (as a
+    /// veth peer's XDP program can send it); the output starts at whatever
+    /// metadata the program left.
+    pub fn run_with_meta(&mut self, program: &str, meta: &[u8], frame: &[u8]) -> Run {
+        let data_in = [meta, frame].concat();
+        let mut out = vec![0u8; data_in.len() + 256];
+        // xdp_md: data (the metadata's length), data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex.
+        let md: Vec<u8> = [
+            meta.len() as u32,
+            data_in.len() as u32,
+            0,
+            self.ingress_ifindex,
+            0,
+            0,
+        ]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect();
+        let opts = TestRunOptions {
+            data_in: Some(&data_in),
+            data_out: Some(&mut out),
+            ctx_in: Some(&md),
+            repeat: 1,
+            ..TestRunOptions::default()
+        };
+        let p = self.ebpf.program_mut(program).expect(program);
+        let result = <&mut Xdp>::try_from(p)
+            .expect("an XDP program")
+            .test_run(opts)
+            .unwrap_or_else(|e| panic!("test_run {program} with metadata: {e:?}"));
+        out.truncate(result.data_size_out as usize);
+        Run {
+            action: result.return_value,
+            duration: result.duration,
+            output: out,
+        }
+    }
+
     /// Counters of one program, summed over CPUs.
     pub fn stats(&self, slot: ProgramSlot) -> ProgramStats {
         read_counters(&self.ebpf)

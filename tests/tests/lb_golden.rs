@@ -608,6 +608,34 @@ fn vip_miss_passes_unchanged() {
     assert_all(failures, cases.len());
 }
 
+/// Metadata a frame brings with it (a veth peer's XDP program can send
+/// some) is dropped before anything else: only the uplink's own mark for a
+/// tapped port may reach its TC ingress, which redirects what it names.
+#[test]
+fn metadata_a_frame_brings_is_dropped() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let miss = eth(&udp4(CLIENT, V4_B, 1000, 80, b"not for a VIP"));
+    let hit = eth(&udp4(CLIENT, VIP4, 40000, 1500, b"hello"));
+    // The detour's own mark: its magic word and an interface index.
+    let meta: Vec<u8> = [tapmesh_common::mirror::DETOUR_MAGIC, 3]
+        .iter()
+        .flat_map(|w| w.to_ne_bytes())
+        .collect();
+    let run = lab.bpf.run_with_meta(UPLINK, &meta, &miss);
+    assert_eq!(
+        (run.action, &run.output),
+        (XDP_PASS, &miss),
+        "{}",
+        hex(&run.output)
+    );
+    let plain = lab.bpf.run(UPLINK, &hit, 1);
+    let run = lab.bpf.run_with_meta(UPLINK, &meta[..4], &hit);
+    assert_eq!((run.action, &run.output), (XDP_REDIRECT, &plain.output));
+}
+
 #[test]
 fn vip_hit_local_target_rewrites_macs_and_redirects() {
     if !kernel_tests_enabled() {

@@ -263,6 +263,51 @@ fn a_tap_flow_on_the_uplink_leaves_the_detour_in_place() {
     call(&socket, async |c| c.delete_tap_flow(id).await).expect("delete flow");
     assert_eq!(filters(), before, "the uplink's programs");
 
+    // Flows on the uplink come and go under traffic: its ingress program
+    // stays attached, so no detoured frame is lost in between.
+    let receiver = UdpReceiver::start(&lab.targets[0].netns.name, DST);
+    let copies_before = rx_packets(&monitor, &mon_if.interface);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (stop, client) = (stop.clone(), lab.client.name.clone());
+        std::thread::spawn(move || {
+            let ports: Vec<u16> = (43_000..43_010).collect();
+            let mut sent = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += send_udp_flows(&client, CLIENT, &ports, DST, 5, &[0x5a; 32]);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            sent
+        })
+    };
+    for round in 0..6 {
+        let f = TapFlow {
+            id: "up".into(),
+            tap_service: "mon".into(),
+            source: lab.uplink.clone(),
+            direction: ["IN", "OUT", "BOTH"][round % 3].into(),
+            ..Default::default()
+        };
+        call(&socket, async |c| c.create_tap_flow(f).await).expect("tap flow");
+        std::thread::sleep(Duration::from_millis(30));
+        let id = TapId { id: "up".into() };
+        call(&socket, async |c| c.delete_tap_flow(id).await).expect("delete flow");
+        std::thread::sleep(Duration::from_millis(30));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = sender.join().expect("sender");
+    assert!(sent > 0);
+    assert!(
+        wait_until(Duration::from_secs(5), || receiver.count() >= sent),
+        "target {} of {sent}",
+        receiver.count()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(receiver.count(), sent, "none lost, none twice");
+    // While the uplink's own flows were there they copied its ARP too: at least one copy each.
+    assert!(rx_packets(&monitor, &mon_if.interface) - copies_before >= sent);
+    drop(receiver);
+
     let before = rx_packets(&monitor, &mon_if.interface);
     let receiver = UdpReceiver::start(&lab.targets[0].netns.name, DST);
     let ports: Vec<u16> = (42_000..42_005).collect();

@@ -333,6 +333,54 @@ pub fn uplink_tc(
     )
 }
 
+/// A tap flow on an uplink: `tm_tc_tap_in` on its egress, beside the
+/// ingress program it always carries (which stays attached: frames its XDP
+/// program detours would be lost in a gap).
+pub fn uplink_tap_egress(
+    ebpf: &mut Ebpf,
+    links: &mut Links,
+    attachments: &mut Vec<Attachment>,
+    interface: &str,
+) -> Result<(), DataplaneError> {
+    tc_hooks(
+        ebpf,
+        links,
+        attachments,
+        interface,
+        &[(Hook::TcEgress, program_names::TC_TAP_IN)],
+    )
+}
+
+/// Detaches the program on one TC hook of `interface` (a gone interface is
+/// fine); the clsact qdisc stays with the other hook's attachment.
+pub fn detach_tc_hook(
+    ebpf: &mut Ebpf,
+    links: &mut Links,
+    attachments: &mut Vec<Attachment>,
+    interface: &str,
+    hook: Hook,
+) -> Result<(), DataplaneError> {
+    let Some(name) = attachments
+        .iter()
+        .find(|a| a.interface == interface && a.hook == hook)
+        .map(|a| a.program)
+    else {
+        return Ok(());
+    };
+    let mut kept = Vec::new();
+    for (ifname, program, id) in std::mem::take(&mut links.tc) {
+        if ifname == interface && program == name {
+            // An error here means the interface (and the filter with it) is gone.
+            let _ = tc_program(ebpf, program)?.detach(id);
+        } else {
+            kept.push((ifname, program, id));
+        }
+    }
+    links.tc = kept;
+    attachments.retain(|a| !(a.interface == interface && a.hook == hook));
+    Ok(())
+}
+
 /// Attaches each (hook, program) in turn; on a failure, what this call attached is detached again.
 fn tc_hooks(
     ebpf: &mut Ebpf,

@@ -280,8 +280,13 @@ impl DataplaneHandle {
         if has(Hook::TcIngress) && has(Hook::TcEgress) {
             return Ok(());
         }
+        let uplink_ingress = is_uplink(&r.attachments, interface) && has(Hook::TcIngress);
         let (ebpf, links, attachments) = (&mut r.ebpf, &mut r.links, &mut r.attachments);
         tokio::task::block_in_place(|| {
+            if uplink_ingress {
+                // Its ingress program already copies; it must not go away, even briefly.
+                return attach::uplink_tap_egress(ebpf, links, attachments, interface);
+            }
             attach::detach_tc(ebpf, links, attachments, interface)?;
             attach::tc_programs(ebpf, links, attachments, interface, attach::TC_TAP)
         })
@@ -299,17 +304,14 @@ impl DataplaneHandle {
         if !ours {
             return Ok(());
         }
-        let uplink = r.attachments.iter().any(|a| {
-            a.interface == interface && a.program == tapmesh_common::program_names::XDP_UPLINK
-        });
+        let uplink = is_uplink(&r.attachments, interface);
         let (ebpf, links, attachments) = (&mut r.ebpf, &mut r.links, &mut r.attachments);
         tokio::task::block_in_place(|| {
-            attach::detach_tc(ebpf, links, attachments, interface)?;
             if uplink {
-                // Back to what every uplink carries.
-                attach::uplink_tc(ebpf, links, attachments, interface)?;
+                // Back to what every uplink carries: its ingress program stays.
+                return attach::detach_tc_hook(ebpf, links, attachments, interface, Hook::TcEgress);
             }
-            Ok(())
+            attach::detach_tc(ebpf, links, attachments, interface)
         })
     }
 
@@ -639,6 +641,13 @@ impl Plugin for DataplanePlugin {
             Err(_) => "busy".into(),
         }
     }
+}
+
+/// Whether `interface` carries the uplink's XDP program.
+fn is_uplink(attachments: &[Attachment], interface: &str) -> bool {
+    attachments
+        .iter()
+        .any(|a| a.interface == interface && a.program == tapmesh_common::program_names::XDP_UPLINK)
 }
 
 /// Loads, pins and attaches; on any failure nothing this start attached stays
