@@ -74,6 +74,7 @@ pub mod map_names {
     pub const FLOW_STATS: &str = "tm_flow_stats";
     pub const TARGET_STATS: &str = "tm_target_stats";
     pub const UPLINK_BITS: &str = "tm_uplink_bits";
+    pub const DETOUR_KEY: &str = "tm_detour_key";
     pub const MIRROR_PORTS: &str = "tm_mirror_ports";
     pub const MIRROR_FILTER: &str = "tm_mirror_bits";
     pub const MIRROR_VLANS: &str = "tm_mirror_vlans";

@@ -130,7 +130,8 @@ assert_layout!(MirrorCounter, size = 24, align = 8);
 #[cfg(feature = "user")]
 crate::impl_pod!(MirrorRule, MirrorPort, VlanSet, MirrorCounter, CopyHead);
 
-/// The first word of the metadata `tm_xdp_uplink` puts before a frame it
-/// hands to the uplink's TC ingress instead of redirecting it into a port
-/// with IN copies (the port's ifindex follows): "tmdt".
-pub const DETOUR_MAGIC: u32 = 0x746d_6474;
+/// Bytes of the metadata `tm_xdp_uplink` puts before a frame it hands to
+/// the uplink's TC ingress instead of redirecting it into a port with IN
+/// copies: the daemon's key (`tm_detour_key`, random at each start), then
+/// the port's ifindex and 4 zero bytes.
+pub const DETOUR_META_LEN: usize = 16;

@@ -1,26 +1,27 @@
 //! Copies of what the uplink's XDP program sends into a port. A port's IN
 //! copies are taken at its TC egress, which `bpf_redirect` from XDP skips.
 //! So a frame for a port with IN tap flows is not redirected in XDP: it is
-//! passed to the stack with the port's ifindex in its metadata, and the
-//! uplink's TC ingress (`tm_tc_tap_out`, or `tm_tc_ingress` on an uplink
-//! that is also a TC interface) redirects it to the port's egress, where
-//! the copies are taken. Only tapped ports take this way; a driver without
-//! XDP metadata keeps the plain redirect (no copy).
+//! passed to the stack with a mark in its metadata (the daemon's random key
+//! and the port's ifindex), and the uplink's TC ingress (`tm_tc_tap_out`,
+//! or `tm_tc_ingress` on an uplink that is also a TC interface) redirects it
+//! to the port's egress, where the copies are taken. Only tapped ports take
+//! this way; a driver without XDP metadata keeps the plain redirect (no
+//! copy). The key is what makes the mark trusted: metadata can also come
+//! from a veth peer's XDP program, which cannot know it.
 
 use aya_ebpf::{
     bindings::xdp_action,
     helpers::generated::{bpf_redirect, bpf_skb_vlan_pop, bpf_xdp_adjust_meta},
     programs::{TcContext, XdpContext},
 };
-use tapmesh_common::mirror::{filter_bit, DETOUR_MAGIC, DIRECTION_IN, RULES_PER_PORT};
+use tapmesh_common::mirror::{filter_bit, DETOUR_META_LEN, DIRECTION_IN, RULES_PER_PORT};
 
 use crate::{
-    maps::{tm_mirror_bits, tm_mirror_ports, tm_uplink_bits},
+    maps::{tm_detour_key, tm_mirror_bits, tm_mirror_ports, tm_uplink_bits},
     packet::{load32, store32},
 };
 
-/// Bytes of the metadata: the magic word, then the port's ifindex.
-const META_LEN: usize = 8;
+const META_LEN: usize = DETOUR_META_LEN;
 
 /// Set in a path's result for "to the port whose ifindex is the rest":
 /// [`to_port`] runs once, in `xdp_outcome`, not inside each path (the
@@ -77,9 +78,19 @@ fn detour(ctx: &XdpContext, ifindex: u32) -> bool {
     takes_in && mark(ctx, ifindex)
 }
 
-/// Puts the magic word and `ifindex` in front of the frame.
+/// This start's key; 0 (none written yet) turns detours off.
+#[inline(always)]
+fn key() -> u64 {
+    tm_detour_key.get(0).copied().unwrap_or(0)
+}
+
+/// Puts the key and `ifindex` in front of the frame.
 #[inline(always)]
 fn mark(ctx: &XdpContext, ifindex: u32) -> bool {
+    let key = key();
+    if key == 0 {
+        return false;
+    }
     // SAFETY: the helper checks the room; the pointers are read after it.
     unsafe {
         if bpf_xdp_adjust_meta(ctx.ctx, -(META_LEN as i32)) != 0 {
@@ -89,8 +100,10 @@ fn mark(ctx: &XdpContext, ifindex: u32) -> bool {
         if meta + META_LEN > ctx.data() {
             return false;
         }
-        store32(meta as *mut [u8; 4], DETOUR_MAGIC);
-        store32((meta + 4) as *mut [u8; 4], ifindex);
+        store32(meta as *mut [u8; 4], key as u32);
+        store32((meta + 4) as *mut [u8; 4], (key >> 32) as u32);
+        store32((meta + 8) as *mut [u8; 4], ifindex);
+        store32((meta + 12) as *mut [u8; 4], 0);
     }
     true
 }
@@ -103,15 +116,23 @@ pub fn take(ctx: &TcContext) -> Option<i32> {
     // SAFETY: fields of the context; the metadata is read after its bounds check.
     unsafe {
         let (meta, data) = ((*skb).data_meta as usize, (*skb).data as usize);
-        if meta + META_LEN > data || load32(meta as *const [u8; 4]) != DETOUR_MAGIC {
+        if meta + META_LEN > data {
             return None;
         }
-        // Only the uplink's XDP program writes it: anywhere else it is ignored.
+        let (low, high) = (load32(meta as *const [u8; 4]), load32((meta + 4) as *const [u8; 4]));
+        let key = key();
+        if key == 0 || low != key as u32 || high != (key >> 32) as u32 {
+            return None;
+        }
+        // Only the uplink's XDP program writes it.
         let (word, bit) = filter_bit((*skb).ifindex);
         if tm_uplink_bits.get(word).is_none_or(|w| w & bit == 0) {
             return None;
         }
-        let port = load32((meta + 4) as *const [u8; 4]);
+        let port = load32((meta + 8) as *const [u8; 4]);
+        // The metadata may travel on with the frame: the key must not.
+        store32(meta as *mut [u8; 4], 0);
+        store32((meta + 4) as *mut [u8; 4], 0);
         // A tag the NIC took off is no part of the frame XDP rewrote for the
         // port (in-frame tags it dropped); the plain redirect drops it too.
         if (*skb).vlan_present != 0 {
@@ -122,8 +143,9 @@ pub fn take(ctx: &TcContext) -> Option<i32> {
 }
 
 /// Drops metadata a frame brought with it (a veth peer's XDP program can
-/// send some): only what this program writes may reach [`take`]. One load
-/// and a compare when there is none.
+/// send some), so the TC side sees only this program's mark (the key is
+/// what it trusts; this keeps foreign bytes from reaching the stack). One
+/// load and a compare when there is none.
 #[inline(always)]
 pub fn clear_foreign(ctx: &XdpContext) {
     // SAFETY: fields of the context; the helper checks the delta.

@@ -130,6 +130,11 @@ pub static tm_target_stats: PerCpuArray<PacketCounter, { MAX_TARGETS as usize }>
 #[btf_map]
 pub static tm_uplink_bits: Array<u64, { FILTER_WORDS as usize }> = Array::new();
 
+/// The key of the uplink's mark for a detoured frame (`detour.rs`): random,
+/// written by the daemon at each start; 0 (none yet) turns detours off.
+#[btf_map]
+pub static tm_detour_key: Array<u64, 1> = Array::new();
+
 // Port mirroring.
 /// Source interface index → its tap flows.
 #[btf_map]

@@ -619,10 +619,10 @@ fn metadata_a_frame_brings_is_dropped() {
     let mut lab = Lab::new();
     let miss = eth(&udp4(CLIENT, V4_B, 1000, 80, b"not for a VIP"));
     let hit = eth(&udp4(CLIENT, VIP4, 40000, 1500, b"hello"));
-    // The detour's own mark: its magic word and an interface index.
-    let meta: Vec<u8> = [tapmesh_common::mirror::DETOUR_MAGIC, 3]
+    // A mark as the detour's would look: a key, an interface index, zeroes.
+    let meta: Vec<u8> = [0x746d_6474, 0x1234_5678, 3, 0]
         .iter()
-        .flat_map(|w| w.to_ne_bytes())
+        .flat_map(|w: &u32| w.to_ne_bytes())
         .collect();
     let run = lab.bpf.run_with_meta(UPLINK, &meta, &miss);
     assert_eq!(

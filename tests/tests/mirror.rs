@@ -1012,6 +1012,28 @@ fn a_stop_right_after_the_traffic_leaves_every_copy_in_the_pcap() {
     assert_eq!(types.len(), 40, "{types:?}");
 }
 
+/// Deleting a ring's tap service right after the traffic leaves every copy
+/// the kernel took in its pcap (they were still in the ring buffer).
+#[test]
+fn a_ring_deleted_right_after_the_traffic_leaves_every_copy_in_the_pcap() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let dir = TempDir::new("tmpcdl");
+    for round in 0..3 {
+        let pcap = dir.0.join(format!("delete{round}.pcap"));
+        lab.ring_service("ring", &pcap);
+        lab.flow("both", "ring", "BOTH", "").unwrap();
+        lab.ping(10);
+        let id = TapId { id: "ring".into() };
+        lab.call(async |c| c.delete_tap_service(id).await)
+            .expect("delete service");
+        let types = tshark_fields(&pcap, "icmp.type");
+        assert_eq!(types.len(), 20, "round {round}: {types:?}");
+    }
+}
+
 /// Issue 20: the networking-spp agent kept what it owned in memory only.
 /// Unplugging its last flow on a tap service deleted the service with every
 /// flow on it, a CLI-made one included; and a flow whose etcd keys were

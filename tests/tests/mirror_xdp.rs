@@ -15,7 +15,7 @@ use std::{
 };
 
 use tapmesh::{
-    admin::proto::{tap_service::Destination, Ring, TapFlow, TapId, TapService},
+    admin::proto::{tap_service::Destination, ListTapsRequest, Ring, TapFlow, TapId, TapService},
     lb::model::LbSpec,
 };
 use tapmesh_tests::{
@@ -304,7 +304,17 @@ fn a_tap_flow_on_the_uplink_leaves_the_detour_in_place() {
     );
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(receiver.count(), sent, "none lost, none twice");
-    // While the uplink's own flows were there they copied its ARP too: at least one copy each.
+    // The target port's IN flow copied each of them once (the uplink's own
+    // flows may have copied other frames to the monitor meanwhile).
+    let listing = call(&socket, async |c| c.list_taps(ListTapsRequest {}).await)
+        .expect("list taps")
+        .into_inner();
+    let flow = listing
+        .flows
+        .iter()
+        .find(|f| f.id == "in")
+        .expect("flow in");
+    assert_eq!(flow.mirrored_packets, sent, "{listing:?}");
     assert!(rx_packets(&monitor, &mon_if.interface) - copies_before >= sent);
     drop(receiver);
 

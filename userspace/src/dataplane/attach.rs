@@ -333,6 +333,21 @@ pub fn uplink_tc(
     )
 }
 
+/// A new random key for the uplinks' detour marks (`tm_detour_key`): what
+/// the TC side trusts, which a veth peer's XDP program cannot know. Written
+/// before anything is attached; a kept dataplane's programs read the new one.
+pub fn write_detour_key(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
+    let name = tapmesh_common::map_names::DETOUR_KEY;
+    let fail = |message: String| DataplaneError::Map { name, message };
+    let map = ebpf
+        .map_mut(name)
+        .ok_or_else(|| fail("missing from the object".into()))?;
+    let mut keys: Array<_, u64> = Array::try_from(map).map_err(|e| fail(e.to_string()))?;
+    // 0 means "no key": detours off.
+    let key = rand::random::<u64>().max(1);
+    keys.set(0, key, 0).map_err(|e| fail(e.to_string()))
+}
+
 /// A tap flow on an uplink: `tm_tc_tap_in` on its egress, beside the
 /// ingress program it always carries (which stays attached: frames its XDP
 /// program detours would be lost in a gap).

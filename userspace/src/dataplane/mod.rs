@@ -665,9 +665,19 @@ fn start_dataplane(
     let mut loaded = None;
     let result = (|| {
         let ebpf = loaded.insert(pins::load(BPF_OBJECT, &pin_dir, &sizes)?);
+        attach::write_detour_key(ebpf)?;
         tunnel::write(ebpf, tunnel)?;
         // Every static peer, over any an earlier daemon named.
         tunnel::write_peers(ebpf, PEER_STATIC, peers, peers)?;
+        // The uplinks' TC ingress before their XDP program, which may detour at once.
+        // An uplink that is a TC interface gets `tm_tc_ingress`, which takes detours too.
+        for interface in config
+            .uplinks
+            .iter()
+            .filter(|u| !config.tc_interfaces.contains(u))
+        {
+            attach::uplink_tc(ebpf, &mut links, &mut attachments, interface)?;
+        }
         // `ebpf` owns every link: dropping it detaches them.
         for interface in &config.uplinks {
             attachments.push(attach::xdp(
@@ -680,17 +690,11 @@ fn start_dataplane(
             )?);
         }
         attach::redirect_failures(ebpf, &attachments);
-        // An uplink that is a TC interface gets `tm_tc_ingress`, which takes detours too.
-        for interface in config
-            .uplinks
-            .iter()
-            .filter(|u| !config.tc_interfaces.contains(u))
-        {
-            attach::uplink_tc(ebpf, &mut links, &mut attachments, interface)?;
-        }
         for interface in &config.tc_interfaces {
             attach::tc(ebpf, &mut links, &mut attachments, interface)?;
         }
+        // Listed as before: the uplinks' XDP first.
+        attachments.sort_by_key(|a| a.hook != Hook::Xdp);
         Ok(())
     })();
     if let Err(e) = result {
@@ -815,6 +819,7 @@ mod tests {
             n::TARGET_STATS,
             n::MIRROR_PORTS,
             n::MIRROR_FILTER,
+            n::DETOUR_KEY,
             n::MIRROR_VLANS,
             n::MIRROR_STATS,
             n::MIRROR_RINGS,

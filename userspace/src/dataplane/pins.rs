@@ -134,6 +134,7 @@ const MAPS: &[MapSpec] = &[
     ),
     spec(n::MIRROR_FILTER, 4, 8, FILTER_WORDS),
     spec(n::UPLINK_BITS, 4, 8, FILTER_WORDS),
+    spec(n::DETOUR_KEY, 4, 8, 1),
     spec(n::MIRROR_VLANS, 4, size_of::<VlanSet>(), MAX_TAP_FLOWS),
     spec(
         n::MIRROR_STATS,

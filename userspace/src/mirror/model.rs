@@ -153,6 +153,9 @@ pub trait TapBackend: Send + Sync {
     /// Creates the tap flow, or succeeds if an identical one exists; returns
     /// once the kernel copies (status ACTIVE) or with the reason it could not.
     async fn ensure_flow(&self, flow: TapFlow) -> Result<(), MirrorError>;
+    /// Names the flows the agent plugged before (its saved state), so they
+    /// are known as its own before etcd answers.
+    async fn claim_flows(&self, _ids: &[String]) {}
     /// Deletes a tap flow; deleting one that does not exist is Ok.
     async fn delete_flow(&self, id: &str) -> Result<(), MirrorError>;
     /// Deletes a tap service and its flows; one that does not exist is Ok.

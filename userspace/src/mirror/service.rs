@@ -68,6 +68,11 @@ struct State {
     flows: BTreeMap<String, FlowState>,
     /// Interfaces whose TC programs this plugin attached.
     tc: BTreeSet<String>,
+    /// Tap flows the networking-spp agent plugged (through [`TapBackend`]):
+    /// only its unplug deletes them, so etcd never says "up" for a flow
+    /// that is gone. Its saved taps are named at its start, before etcd
+    /// answers ([`TapBackend::claim_flows`]).
+    plugged: BTreeSet<String>,
 }
 
 #[derive(serde::Serialize, serde::Deserialize, Default)]
@@ -87,10 +92,6 @@ pub struct MirrorService {
     feed: Mutex<Feed>,
     /// Tap flows removed because their interface went away.
     removed: tokio::sync::broadcast::Sender<String>,
-    /// Tap flows the networking-spp agent plugged (through [`TapBackend`]):
-    /// only its unplug deletes them, so etcd never says "up" for a flow
-    /// that is gone.
-    plugged: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// The reader of `tm_mirror_copy` once started; before, the map if a
@@ -138,7 +139,6 @@ impl MirrorService {
             ),
             feed: Mutex::default(),
             removed: tokio::sync::broadcast::channel(256).0,
-            plugged: Default::default(),
         }
     }
 
@@ -521,31 +521,28 @@ impl MirrorService {
     /// The admin API's delete of a tap flow or service: refused for what the
     /// networking-spp agent plugged (a service with such a flow included).
     fn check_unplugged<'a>(
-        &self,
+        state: &State,
         mut flows: impl Iterator<Item = &'a str>,
     ) -> Result<(), MirrorError> {
-        let plugged = self.plugged.lock().expect("plugged lock");
-        match flows.find(|f| plugged.contains(*f)) {
+        match flows.find(|f| state.plugged.contains(*f) && state.flows.contains_key(*f)) {
             Some(flow) => Err(MirrorError::PluggedBySpp { flow: flow.into() }),
             None => Ok(()),
         }
     }
 
     pub async fn delete_service(&self, id: &str) -> Result<(), MirrorError> {
-        let state = self.state.lock().await;
-        self.check_unplugged(
-            state
-                .flows
-                .values()
-                .filter(|f| f.spec.tap_service == id)
-                .map(|f| f.spec.id.as_str()),
-        )?;
-        drop(state);
-        self.remove_service(id).await
+        let mut state = self.state.lock().await;
+        let ids: Vec<String> = state
+            .flows
+            .values()
+            .filter(|f| f.spec.tap_service == id)
+            .map(|f| f.spec.id.clone())
+            .collect();
+        Self::check_unplugged(&state, ids.iter().map(String::as_str))?;
+        self.remove_service_in(&mut state, id).await
     }
 
-    async fn remove_service(&self, id: &str) -> Result<(), MirrorError> {
-        let mut state = self.state.lock().await;
+    async fn remove_service_in(&self, state: &mut State, id: &str) -> Result<(), MirrorError> {
         let Some(mut service) = state.services.remove(id) else {
             return Err(MirrorError::NotFound {
                 kind: "tap service",
@@ -553,21 +550,60 @@ impl MirrorService {
             });
         };
         // Its flows go first (TaaS cascades).
-        state.flows.retain(|_, f| f.spec.tap_service != id);
-        let synced = self.sync(&mut state).await;
+        let State { flows, plugged, .. } = &mut *state;
+        flows.retain(|flow, f| {
+            let keep = f.spec.tap_service != id;
+            if !keep {
+                plugged.remove(flow);
+            }
+            keep
+        });
+        let synced = self.sync(state).await;
         if let Some(ring) = service.ring.take() {
+            if ring.veth.is_none() {
+                // The copies the kernel took before its rules went are still
+                // in the ring buffer: into the ring's queues first.
+                self.flush_feed().await;
+            }
             self.stop_ring(ring).await;
         }
-        self.persist(&state);
+        self.persist(state);
         synced
     }
 
+    /// Waits (at most 1 s) until the reader of the ring buffer has handed on
+    /// every copy in it; whether it did.
+    async fn flush_feed(&self) -> bool {
+        let feed = self.feed.lock().await.running.clone();
+        match feed {
+            Some(feed) => tokio::task::spawn_blocking(move || feed.flush(Duration::from_secs(1)))
+                .await
+                .unwrap_or(false),
+            None => true,
+        }
+    }
+
     pub async fn create_flow(&self, spec: TapFlow) -> Result<(), MirrorError> {
+        self.create_flow_as(spec, false).await
+    }
+
+    /// Creates a flow; one the networking-spp agent plugs (`by_agent`) is
+    /// marked as its own under the same lock, so no admin delete comes between.
+    async fn create_flow_as(&self, spec: TapFlow, by_agent: bool) -> Result<(), MirrorError> {
         check_id("tap flow id", &spec.id)?;
         if let Some(filter) = &spec.vlan_filter {
             parse_vlan_filter(filter)?;
         }
         let mut state = self.state.lock().await;
+        let id = spec.id.clone();
+        let created = self.create_flow_in(&mut state, spec).await;
+        if created.is_ok() && by_agent {
+            state.plugged.insert(id);
+        }
+        created
+    }
+
+    async fn create_flow_in(&self, state: &mut State, spec: TapFlow) -> Result<(), MirrorError> {
         if let Some(existing) = state.flows.get(&spec.id) {
             let same_port = interface_index(&spec.source) == Some(existing.source_ifindex);
             match (existing.spec == spec, same_port) {
@@ -625,7 +661,7 @@ impl MirrorService {
                 spec.id, spec.source
             )));
         }
-        let index = free_flow_index(&state)?;
+        let index = free_flow_index(state)?;
         let on_source = state
             .flows
             .values()
@@ -652,30 +688,31 @@ impl MirrorService {
                 error: String::new(),
             },
         );
-        if let Err(e) = self.sync(&mut state).await {
+        if let Err(e) = self.sync(state).await {
             state.flows.remove(&id);
-            let _ = self.sync(&mut state).await;
+            let _ = self.sync(state).await;
             return Err(e);
         }
-        self.persist(&state);
+        self.persist(state);
         Ok(())
     }
 
     pub async fn delete_flow(&self, id: &str) -> Result<(), MirrorError> {
-        self.check_unplugged(std::iter::once(id))?;
-        self.remove_flow(id).await
+        let mut state = self.state.lock().await;
+        Self::check_unplugged(&state, std::iter::once(id))?;
+        self.remove_flow_in(&mut state, id).await
     }
 
-    async fn remove_flow(&self, id: &str) -> Result<(), MirrorError> {
-        let mut state = self.state.lock().await;
+    async fn remove_flow_in(&self, state: &mut State, id: &str) -> Result<(), MirrorError> {
+        state.plugged.remove(id);
         if state.flows.remove(id).is_none() {
             return Err(MirrorError::NotFound {
                 kind: "tap flow",
                 id: id.into(),
             });
         }
-        let synced = self.sync(&mut state).await;
-        self.persist(&state);
+        let synced = self.sync(state).await;
+        self.persist(state);
         synced
     }
 
@@ -834,14 +871,8 @@ impl MirrorService {
     /// Stops every ring (the daemon is stopping), once the copies already
     /// in the ring buffer are in their rings' queues.
     pub async fn stop(&self) {
-        let feed = self.feed.lock().await.running.clone();
-        if let Some(feed) = feed {
-            let flushed = tokio::task::spawn_blocking(move || feed.flush(Duration::from_secs(1)))
-                .await
-                .unwrap_or(false);
-            if !flushed {
-                tracing::warn!("mirror rings: the copies' reader did not catch up within 1 s; the last copies may be lost");
-            }
+        if !self.flush_feed().await {
+            tracing::warn!("mirror rings: the copies' reader did not catch up within 1 s; the last copies may be lost");
         }
         let mut state = self.state.lock().await;
         let rings: Vec<Ring> = state
@@ -914,37 +945,27 @@ impl TapBackend for MirrorService {
     }
 
     async fn ensure_flow(&self, flow: TapFlow) -> Result<(), MirrorError> {
-        let id = flow.id.clone();
-        self.create_flow(flow).await?;
-        self.plugged.lock().expect("plugged lock").insert(id);
-        Ok(())
+        self.create_flow_as(flow, true).await
+    }
+
+    async fn claim_flows(&self, ids: &[String]) {
+        self.state.lock().await.plugged.extend(ids.iter().cloned());
     }
 
     async fn delete_flow(&self, id: &str) -> Result<(), MirrorError> {
-        let removed = match self.remove_flow(id).await {
+        let mut state = self.state.lock().await;
+        match self.remove_flow_in(&mut state, id).await {
             Err(MirrorError::NotFound { .. }) => Ok(()),
             other => other,
-        };
-        if removed.is_ok() {
-            self.plugged.lock().expect("plugged lock").remove(id);
         }
-        removed
     }
 
     async fn delete_service(&self, id: &str) -> Result<(), MirrorError> {
-        let removed = match self.remove_service(id).await {
+        let mut state = self.state.lock().await;
+        match self.remove_service_in(&mut state, id).await {
             Err(MirrorError::NotFound { .. }) => Ok(()),
             other => other,
-        };
-        if removed.is_ok() {
-            // Its flows went with it.
-            let state = self.state.lock().await;
-            self.plugged
-                .lock()
-                .expect("plugged lock")
-                .retain(|f| state.flows.contains_key(f));
         }
-        removed
     }
 
     async fn service_exists(&self, id: &str) -> bool {

@@ -258,6 +258,9 @@ impl SppAgent {
                 }
             })
             .unwrap_or_default();
+        // Its taps are its own from the start, not only once etcd answers.
+        let saved: Vec<String> = owned.applied.keys().cloned().collect();
+        backend.claim_flows(&saved).await;
         let agent = SppAgent {
             settings,
             keys,

@@ -21,16 +21,14 @@ const STAG_TX: &str = "tx-vlan-stag-hw-insert";
 /// thread's namespace; returns the value the kernel left in it (the answer
 /// of a GET).
 fn ethtool_value(ifname: &str, cmd: u32, data: u32) -> std::io::Result<u32> {
-    let mut value = [0u32; 2];
-    value[0] = cmd;
-    value[1] = data;
+    let mut value = [cmd, data];
     ethtool(ifname, &mut value)?;
     Ok(value[1])
 }
 
 /// One ethtool ioctl on `ifname` whose request (its first word the command)
 /// and answer are `request`, in 4-byte words as the kernel's structs are.
-fn ethtool(ifname: &str, request: &mut [u32]) -> std::io::Result<()> {
+fn ethtool(ifname: &str, request: &mut [u32]) -> std::io::Result<u32> {
     // SAFETY: a plain socket; the descriptor is owned at once.
     let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -51,17 +49,23 @@ fn ethtool(ifname: &str, request: &mut [u32]) -> std::io::Result<()> {
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(())
+    // SFEATURES answers what it could not do in a positive value.
+    Ok(rc as u32)
 }
 
 /// The index of feature `name` in `ifname`'s feature bits (the kernel's
 /// own order, which only its string set tells), if the kernel has it, and
 /// how many features there are.
 fn feature_index(ifname: &str, name: &str) -> std::io::Result<Option<(usize, usize)>> {
-    // ethtool_sset_info: cmd, reserved, a 64-bit mask of sets, one count per set asked.
-    let mut info = [ETHTOOL_GSSET_INFO, 0, 1 << ETH_SS_FEATURES, 0, 0];
+    // ethtool_sset_info: cmd, reserved, a 64-bit mask of sets (two words in
+    // memory order), one count per set asked.
+    let mask = (1u64 << ETH_SS_FEATURES).to_ne_bytes();
+    let word = |i: usize| u32::from_ne_bytes([mask[i], mask[i + 1], mask[i + 2], mask[i + 3]]);
+    let mut info = [ETHTOOL_GSSET_INFO, 0, word(0), word(4), 0];
     ethtool(ifname, &mut info)?;
-    if info[2] & (1 << ETH_SS_FEATURES) == 0 {
+    let [a, b] = [info[2].to_ne_bytes(), info[3].to_ne_bytes()];
+    let answered = u64::from_ne_bytes([a[0], a[1], a[2], a[3], b[0], b[1], b[2], b[3]]);
+    if answered & (1 << ETH_SS_FEATURES) == 0 {
         return Ok(None);
     }
     let count = info[4] as usize;
@@ -86,7 +90,13 @@ fn feature_off(ifname: &str, index: usize, count: usize) -> std::io::Result<()> 
     request[0] = ETHTOOL_SFEATURES;
     request[1] = blocks as u32;
     request[2 + 2 * (index / 32)] = 1 << (index % 32);
-    ethtool(ifname, &mut request)
+    // ETHTOOL_F_UNSUPPORTED (not changeable here), ETHTOOL_F_WISH (kept on).
+    match ethtool(ifname, &mut request)? & 0b11 {
+        0 => Ok(()),
+        _ => Err(std::io::Error::other(format!(
+            "the device keeps {STAG_TX} on (it cannot be turned off here)"
+        ))),
+    }
 }
 
 /// GRO on for `at.ifname` inside `netns` (a veth only receives native-XDP
