@@ -22,7 +22,7 @@ use tapmesh_tests::{
     daemon::packets,
     kernel_tests_enabled, link,
     net::{flow, send_udp_flows, stream, vip, wait_until, LbLab, UdpReceiver, CLIENT},
-    Netns, TempDir,
+    End, Netns, TempDir,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -68,11 +68,10 @@ fn tshark_fields(pcap: &Path, field: &str) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn lb_traffic_redirected_into_a_tapped_port_is_copied() {
-    if !kernel_tests_enabled() {
-        return;
-    }
+/// The daemon balancing VIP to one local target, and a monitor namespace
+/// linked to the node: the lab, the monitor, the tap service's interface
+/// and the monitor's end, the admin socket.
+fn tapped_lab() -> (LbLab, Netns, End, End, PathBuf) {
     let mut lab = LbLab::new(1, &[VIP]);
     let spec = LbSpec {
         vips: vec![vip("vip", &VIP.to_string())],
@@ -84,6 +83,15 @@ fn lb_traffic_redirected_into_a_tapped_port_is_copied() {
     let monitor = Netns::new("m");
     let (tap_if, mon_if) = link(&lab.node, "198.18.200.1/24", &monitor, "198.18.200.2/24");
     let socket = lab.daemon().socket.clone();
+    (lab, monitor, tap_if, mon_if, socket)
+}
+
+#[test]
+fn lb_traffic_redirected_into_a_tapped_port_is_copied() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (lab, monitor, tap_if, mon_if, socket) = tapped_lab();
     let dir = TempDir::new("mirror-xdp");
     let pcap: PathBuf = dir.0.join("in.pcap");
     let port = lab.targets[0].node_if.clone();
@@ -156,17 +164,7 @@ fn without_in_copies_the_redirect_stays_in_xdp() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = LbLab::new(1, &[VIP]);
-    let spec = LbSpec {
-        vips: vec![vip("vip", &VIP.to_string())],
-        streams: vec![stream("s", 10)],
-        flows: vec![flow("all", &["vip"], "s", &["udp"])],
-        targets: vec![lab.targets[0].local("s", 1)],
-    };
-    lab.start(Some(&spec));
-    let monitor = Netns::new("m");
-    let (tap_if, mon_if) = link(&lab.node, "198.18.200.1/24", &monitor, "198.18.200.2/24");
-    let socket = lab.daemon().socket.clone();
+    let (lab, monitor, tap_if, mon_if, socket) = tapped_lab();
     let port = lab.targets[0].node_if.clone();
     let s = TapService {
         id: "mon".into(),
@@ -214,17 +212,7 @@ fn a_tap_flow_on_the_uplink_leaves_the_detour_in_place() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = LbLab::new(1, &[VIP]);
-    let spec = LbSpec {
-        vips: vec![vip("vip", &VIP.to_string())],
-        streams: vec![stream("s", 10)],
-        flows: vec![flow("all", &["vip"], "s", &["udp"])],
-        targets: vec![lab.targets[0].local("s", 1)],
-    };
-    lab.start(Some(&spec));
-    let monitor = Netns::new("m");
-    let (tap_if, mon_if) = link(&lab.node, "198.18.200.1/24", &monitor, "198.18.200.2/24");
-    let socket = lab.daemon().socket.clone();
+    let (lab, monitor, tap_if, mon_if, socket) = tapped_lab();
     let filters = || {
         ["ingress", "egress"].map(|hook| {
             let out = lab

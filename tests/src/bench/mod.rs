@@ -104,48 +104,40 @@ pub fn overlay_rows() -> Vec<Row> {
 pub fn compare_decap(objects: &[String], rounds: usize) -> String {
     let underlay = Underlay::new(true);
     underlay.run(|| {
-        pin_to_current_cpu();
-        let mut builds: Vec<Bpf> = objects.iter().map(|o| Bpf::load_file(o)).collect();
-        for bpf in &mut builds {
-            // Fills the maps (and checks every path) as the full run does.
+        let frames: Vec<(&str, Vec<u8>)> = overlay::decap_frames()
+            .into_iter()
+            .map(|(name, frame, _)| (name, frame))
+            .collect();
+        // Fills the maps (and checks every path) as the full run does.
+        compare_objects(objects, rounds, &frames, |bpf| {
             overlay::rows(bpf, underlay.index, underlay.mac);
-        }
-        let frames = overlay::decap_frames();
-        let mut nets = vec![vec![Vec::new(); frames.len()]; builds.len()];
-        for round in 0..rounds.max(1) {
-            let mut line = format!("round {round}:");
-            for (b, bpf) in builds.iter_mut().enumerate() {
-                for (f, (_, frame, _)) in frames.iter().enumerate() {
-                    let (raw, floor) = timing::measure_calls(bpf, "tm_xdp_uplink", frame, 20_000);
-                    nets[b][f].push(raw - floor);
-                    line += &format!(" {:.1}", raw - floor);
-                }
-                line += " |";
-            }
-            eprintln!("{line}");
-        }
-        let mut out = String::new();
-        for (b, object) in objects.iter().enumerate() {
-            for (f, (name, _, _)) in frames.iter().enumerate() {
-                let v = &mut nets[b][f];
-                v.sort_by(f64::total_cmp);
-                let _ = writeln!(out, "{:6.1} net  {object}  {name}", v[v.len() / 2]);
-            }
-        }
-        out
+        })
     })
 }
 
 /// Builds of the BPF object side by side on the load balancer's paths to a
-/// local target and out of the uplink (repeat = 1, interleaved `rounds`
-/// times): the median net ns of each, per object.
+/// local target, as [`compare_decap`] does for decapsulation.
 pub fn compare_vip(objects: &[String], rounds: usize) -> String {
+    compare_objects(objects, rounds, &lb::compare_frames(), |bpf| {
+        lb::load(bpf);
+    })
+}
+
+/// `tm_xdp_uplink` of each build on each frame, after `prepare` filled the
+/// build's maps: `rounds` interleaved rounds of 20 000 single runs, each
+/// round printed; the medians of the rounds' net figures, one line per build
+/// and frame.
+fn compare_objects(
+    objects: &[String],
+    rounds: usize,
+    frames: &[(&str, Vec<u8>)],
+    prepare: impl Fn(&mut Bpf),
+) -> String {
     pin_to_current_cpu();
     let mut builds: Vec<Bpf> = objects.iter().map(|o| Bpf::load_file(o)).collect();
     for bpf in &mut builds {
-        lb::load(bpf);
+        prepare(bpf);
     }
-    let frames = lb::compare_frames();
     let mut nets = vec![vec![Vec::new(); frames.len()]; builds.len()];
     for round in 0..rounds.max(1) {
         let mut line = format!("round {round}:");
