@@ -305,6 +305,20 @@ pub fn packet_socket(ifindex: u32, bypass_qdisc: bool) -> std::os::fd::OwnedFd {
     socket
 }
 
+/// Field `field` of every packet in `pcap`, as tshark prints it.
+pub fn tshark_fields(pcap: &std::path::Path, field: &str) -> Vec<String> {
+    let out = std::process::Command::new("tshark")
+        .arg("-r")
+        .arg(pcap)
+        .args(["-T", "fields", "-e", field])
+        .output()
+        .expect("tshark");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 /// Sends raw Ethernet frames out of `interface` from inside namespace `netns`.
 pub fn send_frames(netns: &str, interface: &str, frames: &[Vec<u8>]) {
     use std::os::fd::AsRawFd;

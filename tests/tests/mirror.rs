@@ -19,7 +19,7 @@ use tapmesh_tests::{
     frames::{ethernet, ipv4, udp_v4, UDP},
     kernel_tests_enabled, link,
     net::wait_until,
-    send_frames, Daemon, End, Netns, TempDir,
+    send_frames, tshark_fields, Daemon, End, Netns, TempDir,
 };
 
 struct Lab {
@@ -223,20 +223,6 @@ impl Lab {
         std::thread::sleep(Duration::from_millis(100));
         assert_eq!(self.monitor_rx() - before, want, "exactly {want} copies");
     }
-}
-
-/// Field `field` of every packet in `pcap`, as tshark prints it.
-fn tshark_fields(pcap: &Path, field: &str) -> Vec<String> {
-    let out = std::process::Command::new("tshark")
-        .args(["-r"])
-        .arg(pcap)
-        .args(["-T", "fields", "-e", field])
-        .output()
-        .expect("tshark");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
 }
 
 #[test]

@@ -22,7 +22,7 @@ use tapmesh_tests::{
     daemon::packets,
     kernel_tests_enabled, link,
     net::{flow, send_udp_flows, stream, vip, wait_until, LbLab, UdpReceiver, CLIENT},
-    End, Netns, TempDir,
+    tshark_fields, End, Netns, TempDir,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -52,20 +52,6 @@ fn rx_packets(netns: &Netns, interface: &str) -> u64 {
         .trim()
         .parse()
         .expect("rx_packets")
-}
-
-/// Field `field` of every packet in `pcap`, as tshark prints it.
-fn tshark_fields(pcap: &Path, field: &str) -> Vec<String> {
-    let out = std::process::Command::new("tshark")
-        .arg("-r")
-        .arg(pcap)
-        .args(["-T", "fields", "-e", field])
-        .output()
-        .expect("tshark");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect()
 }
 
 /// The daemon balancing VIP to one local target, and a monitor namespace
