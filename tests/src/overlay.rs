@@ -202,6 +202,8 @@ pub fn deploy_body(
 pub struct TwoNodes {
     pub node1: Node,
     pub node2: Node,
+    /// The bridge between the uplinks, when they do not meet directly.
+    pub switch: Option<Netns>,
 }
 
 pub fn start_node(netns: Netns, uplink: String, address: &'static str, extra: &str) -> Node {
@@ -302,6 +304,51 @@ impl TwoNodes {
         TwoNodes {
             node1: start_node(n1, up1.interface, NODE1, &extra),
             node2: start_node(n2, up2.interface, NODE2, ""),
+            switch: None,
+        }
+    }
+
+    /// Two nodes whose uplinks meet on a Linux bridge in a third namespace,
+    /// as hosts meet on a switch; `extra` is appended to both nodes'
+    /// configuration.
+    pub fn bridged(extra: &str) -> Self {
+        let n1 = Netns::new("ovn1");
+        let n2 = Netns::new("ovn2");
+        let switch = Netns::new("ovsw");
+        switch.ip(&["link", "add", "br0", "type", "bridge"]);
+        switch.ip(&["link", "set", "br0", "up"]);
+        let mut uplinks = Vec::new();
+        for (node, address) in [(&n1, NODE1), (&n2, NODE2)] {
+            let uplink = crate::unique("vu");
+            let port = crate::unique("vp");
+            crate::sh(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    &uplink,
+                    "netns",
+                    &node.name,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &port,
+                    "netns",
+                    &switch.name,
+                ],
+            );
+            switch.ip(&["link", "set", &port, "master", "br0", "up"]);
+            node.ip(&["addr", "add", &format!("{address}/24"), "dev", &uplink]);
+            node.ip(&["link", "set", &uplink, "up"]);
+            uplinks.push(uplink);
+        }
+        let up2 = uplinks.pop().expect("two uplinks");
+        let up1 = uplinks.pop().expect("two uplinks");
+        TwoNodes {
+            node1: start_node(n1, up1, NODE1, extra),
+            node2: start_node(n2, up2, NODE2, extra),
+            switch: Some(switch),
         }
     }
 }
