@@ -1888,3 +1888,81 @@ fn generic_xdp_uplinks_carry_the_overlay_both_ways_through_a_bridge() {
     assert_eq!(tcp_ask(&client, RR, 2), vec!["web1", "web1"]);
     let _ = &nodes.switch;
 }
+
+/// A kept dataplane's restart swaps each TC filter's program in place (the
+/// same priority and handle): a container's stream to a service IP loses
+/// nothing while the new daemon attaches. Before, each filter was removed
+/// and added again, and what a container sent in between went out
+/// untranslated.
+#[test]
+fn a_kept_restart_swaps_the_tc_programs_in_place_and_loses_no_datagram() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const PACKETS: u32 = 30_000;
+    const PORT: u16 = 7010;
+    let mut lab = lab_with("[dataplane]\nkeep_dataplane = true\n");
+    let receiver = tapmesh_tests::net::UdpReceiver::start(
+        &lab.web1.name,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
+    );
+    // The client's port on node 1: its ingress filter (preference, handle,
+    // program id), as `tc` shows it.
+    let port = lab.nodes.node1.container_links();
+    let filter = |lab: &Lab| {
+        let (ok, text) = run(
+            &lab.nodes.node1.netns,
+            &["tc", "filter", "show", "dev", &port[0], "ingress"],
+        );
+        assert!(ok, "{text}");
+        let line = text
+            .lines()
+            .find(|l| l.contains("tm_tc_service"))
+            .unwrap_or_else(|| panic!("no tm_tc_service filter: {text}"))
+            .to_string();
+        let id = line
+            .split_whitespace()
+            .skip_while(|w| *w != "id")
+            .nth(1)
+            .expect("a program id")
+            .to_string();
+        let place = line
+            .split(" tm_tc_service")
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        (place, id)
+    };
+    let (place, id) = filter(&lab);
+    let to = SocketAddrV4::new(WEB1_IP.parse().unwrap(), PORT);
+    // 10 kpps for 3 s: one datagram every 100 µs.
+    let sender = spawn_in(&lab.client.name, move || {
+        let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
+        let start = std::time::Instant::now();
+        for i in 0..PACKETS {
+            let due = start + Duration::from_micros(100) * i;
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            socket.send_to(&i.to_be_bytes(), to).expect("send");
+        }
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let before = receiver.count();
+    assert!(before > 0, "nothing arrived before the restart");
+    lab.nodes.node1.restart(&[], |_| {});
+    let after_restart = receiver.count();
+    let (place_now, id_now) = filter(&lab);
+    assert_eq!(place_now, place, "the same preference and handle");
+    assert_ne!(id_now, id, "the new daemon's program");
+    sender.join().expect("sender");
+    let all = tapmesh_tests::net::wait_until(Duration::from_secs(3), || {
+        receiver.count() == u64::from(PACKETS)
+    });
+    assert!(
+        all,
+        "{} of {PACKETS} datagrams arrived ({before} before the restart, {after_restart} once \
+         the new daemon was up)",
+        receiver.count()
+    );
+}

@@ -6,8 +6,8 @@ use aya::{
     maps::Array,
     programs::{
         links::{FdLink, PinnedLink},
-        tc::SchedClassifierLinkId,
         tc::{self, NlOptions, TcAttachOptions},
+        tc::{SchedClassifierLink, SchedClassifierLinkId},
         xdp::XdpLinkId,
         SchedClassifier, TcAttachType, TracePoint, Xdp, XdpMode as AyaXdpMode,
     },
@@ -420,9 +420,24 @@ fn tc_hooks(
             Hook::TcEgress => TcAttachType::Egress,
             _ => TcAttachType::Ingress,
         };
-        // A filter left by an earlier daemon (keep_dataplane) is replaced.
-        let _ = tc::qdisc_detach_program(interface, kind, name);
+        let kept = kept_filter(interface, kind, name);
         let attached = tc_program(ebpf, name).and_then(|program| {
+            // A filter left by an earlier daemon (keep_dataplane) gets this
+            // program in place: the kernel swaps it at the same priority and
+            // handle, so no frame finds the hook empty, as XDP's pinned link
+            // gives. Detach, then attach, only if that fails.
+            if let Some(link) = kept {
+                match program.attach_to_link(link) {
+                    Ok(id) => return Ok(id),
+                    Err(e) => tracing::warn!(
+                        interface,
+                        program = name,
+                        "the kept TC filter could not take the new program in place ({e}); \
+                         replacing it"
+                    ),
+                }
+            }
+            let _ = tc::qdisc_detach_program(interface, kind, name);
             program
                 .attach_with_options(
                     interface,
@@ -459,6 +474,22 @@ fn tc_hooks(
         }
     }
     Ok(())
+}
+
+/// The filter of program `name` an earlier daemon left on the hook, as a
+/// link to attach to; others of that name (none unless by hand) are removed.
+fn kept_filter(interface: &str, kind: TcAttachType, name: &str) -> Option<SchedClassifierLink> {
+    let egress = kind == TcAttachType::Egress;
+    let mut ours = qdisc::bpf_filters(interface, egress)
+        .ok()?
+        .into_iter()
+        .filter(|f| f.name == name)
+        .map(|f| SchedClassifierLink::attached(interface, kind, f.priority, f.handle.into(), None));
+    let first = ours.next()?.ok();
+    for extra in ours.flatten() {
+        let _ = aya::programs::links::Link::detach(extra);
+    }
+    first
 }
 
 /// Leaves everything attached after the process exits: XDP links are pinned

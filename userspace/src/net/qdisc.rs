@@ -26,3 +26,68 @@ pub fn delete_clsact(interface: &str) -> Result<(), NetError> {
             "deleting the clsact qdisc of {interface}"
         )))
 }
+
+/// A BPF filter on a clsact hook: its program's name, priority and handle.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BpfFilter {
+    pub name: String,
+    pub priority: u16,
+    pub handle: u32,
+}
+
+/// The BPF filters on `interface`'s clsact ingress (or egress) hook, in the
+/// kernel's order. None when the interface has no clsact qdisc.
+pub fn bpf_filters(interface: &str, egress: bool) -> Result<Vec<BpfFilter>, NetError> {
+    use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+    use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
+
+    let index = super::link::by_name(interface)?.index;
+    let mut request = TcMessage::default();
+    request.header.index = index as i32;
+    request.header.parent = TcHandle {
+        major: TcHandle::CLSACT.major,
+        minor: if egress {
+            TcHandle::MIN_EGRESS
+        } else {
+            TcHandle::MIN_INGRESS
+        },
+    };
+    let mut found = Vec::new();
+    let mut socket = Netlink::route().map_err(NetError::kernel("opening a netlink socket"))?;
+    let dumped = socket.dump(
+        RouteNetlinkMessage::GetTrafficFilter(request),
+        |_, whole| {
+            let Ok(NetlinkMessage {
+                payload: NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)),
+                ..
+            }) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(whole)
+            else {
+                return;
+            };
+            // The kernel lists each priority's chain head too (no handle, no options).
+            let name = m.attributes.iter().find_map(|a| match a {
+                TcAttribute::Options(options) => options.iter().find_map(|o| match o {
+                    TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => Some(n.clone()),
+                    _ => None,
+                }),
+                _ => None,
+            });
+            if let Some(name) = name {
+                found.push(BpfFilter {
+                    name,
+                    priority: (m.header.info >> 16) as u16,
+                    handle: u32::from(m.header.handle.major) << 16
+                        | u32::from(m.header.handle.minor),
+                });
+            }
+        },
+    );
+    match dumped {
+        Ok(()) => Ok(found),
+        // No clsact qdisc: no filters.
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Vec::new()),
+        Err(e) => Err(NetError::kernel(format!(
+            "listing the TC filters of {interface}"
+        ))(e)),
+    }
+}
