@@ -257,7 +257,7 @@ fn keep_dataplane_survives_the_daemon_and_a_restart_reuses_the_pins() {
         &["--uplink", &lab.node_if, "--tc-interface", &lab.node_if],
     );
     let s = second.status_when(|s| packets(s, "tc_egress", "pass") >= 5);
-    assert_eq!(s.attachments[0].mode, "replaced kept link");
+    assert_eq!(s.attachments[0].mode, "native, kept link replaced");
     assert_eq!(
         packets(&s, "xdp_uplink", "pass"),
         5,
@@ -268,6 +268,62 @@ fn keep_dataplane_survives_the_daemon_and_a_restart_reuses_the_pins() {
     assert!(!lab.xdp_attached());
     assert_eq!(lab.tc_filters().trim(), "");
     drop(first);
+}
+
+/// A kept link stays in the mode it was attached in, so a restart that asks
+/// for another mode (`xdp_mode` changed for a rolling update) attaches the
+/// program again in that mode; `auto` takes the kept link in either mode.
+/// The status names the mode in use either way.
+#[test]
+fn a_kept_link_in_another_mode_than_asked_is_attached_again_in_that_mode() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let (root, _) = Daemon::paths();
+    let mode = |lab: &Lab| {
+        let out = lab.node.ip(&["link", "show", &lab.node_if]);
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        match (text.contains("xdpgeneric"), text.contains(" xdp ")) {
+            (true, _) => "generic",
+            (false, true) => "native",
+            _ => panic!("no XDP program: {text}"),
+        }
+    };
+    let start = |xdp_mode: &str, keep: bool| {
+        let mut args = vec!["--uplink", lab.node_if.as_str(), "--xdp-mode", xdp_mode];
+        if keep {
+            args.push("--keep-dataplane");
+        }
+        Daemon::start_at(&lab.node.name, &root, &args)
+    };
+    let mut first = start("native", true);
+    assert_eq!(first.status().attachments[0].mode, "native");
+    assert!(first.stop().success(), "{}", first.log_text());
+    assert_eq!(mode(&lab), "native", "kept");
+
+    let mut second = start("generic", true);
+    assert_eq!(second.status().attachments[0].mode, "generic");
+    assert_eq!(mode(&lab), "generic");
+    lab.ping(2);
+    assert!(second.stop().success(), "{}", second.log_text());
+
+    let mut third = start("auto", false);
+    assert_eq!(
+        third.status().attachments[0].mode,
+        "generic, kept link replaced"
+    );
+    assert_eq!(mode(&lab), "generic");
+    lab.ping(3);
+    let s = third.status_when(|s| packets(s, "xdp_uplink", "pass") >= 5);
+    assert_eq!(
+        packets(&s, "xdp_uplink", "pass"),
+        5,
+        "ping's echoes, kept counters"
+    );
+    assert!(third.stop().success(), "{}", third.log_text());
+    assert!(!lab.xdp_attached());
+    drop((first, second));
 }
 
 /// Runs the daemon expecting it to refuse; returns (exit code, stderr).

@@ -55,7 +55,7 @@ fn a_killed_daemon_with_keep_dataplane_loses_no_packet_and_the_next_start_adopts
     );
     lab.kill_and_start(Some(&spec), &["--keep-dataplane".into()]);
     let status = lab.daemon().status();
-    assert_eq!(status.attachments[0].mode, "replaced kept link");
+    assert_eq!(status.attachments[0].mode, "native, kept link replaced");
     sender.join().expect("sender");
     let all = tapmesh_tests::net::wait_until(Duration::from_secs(3), || {
         receiver.count() == u64::from(PACKETS)

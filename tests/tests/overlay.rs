@@ -1870,20 +1870,22 @@ fn generic_xdp_uplinks_carry_the_overlay_both_ways_through_a_bridge() {
         &[(0, &client_ns, NODE1, &[("InstanceNumber", CLIENT_IP)])],
     );
     who_servers(&web1, "web1");
+    // One answered exchange first: web1's server is up, nothing resent below.
+    answered_by(&udp_ask(&client, WEB1_IP, 1), "web1", WEB1_IP);
+    let redirects = |node: &tapmesh_tests::overlay::Node, at_least: u64| {
+        let daemon = node.daemon.as_ref().expect("running");
+        let status = daemon.status_when(|s| packets(s, "xdp_uplink", "redirect") >= at_least);
+        packets(&status, "xdp_uplink", "redirect")
+    };
+    let before = [redirects(&nodes.node1, 1), redirects(&nodes.node2, 1)];
     answered_by(&udp_ask(&client, WEB1_IP, 3), "web1", WEB1_IP);
     answered_by(&udp_ask(&client, RR, 3), "web1", RR);
     // Generic XDP took them out of the tunnel: the requests on node 2, the
     // answers on node 1 (a TC program's redirect straight into a veth pair
-    // would have been skipped: docs/ARCHITECTURE.md, "XDP modes").
-    for node in [&nodes.node1, &nodes.node2] {
-        let daemon = node.daemon.as_ref().expect("running");
-        let status = daemon.status_when(|s| packets(s, "xdp_uplink", "redirect") >= 6);
-        assert_eq!(
-            packets(&status, "xdp_uplink", "redirect"),
-            6,
-            "{}",
-            node.netns.name
-        );
+    // would have been skipped: docs/ARCHITECTURE.md, "Attach and detach").
+    for (node, before) in [&nodes.node1, &nodes.node2].into_iter().zip(before) {
+        let now = redirects(node, before + 6);
+        assert_eq!(now - before, 6, "{}", node.netns.name);
     }
     assert_eq!(tcp_ask(&client, RR, 2), vec!["web1", "web1"]);
     let _ = &nodes.switch;
@@ -1899,20 +1901,32 @@ fn a_kept_restart_swaps_the_tc_programs_in_place_and_loses_no_datagram() {
     if !kernel_tests_enabled() {
         return;
     }
-    const PACKETS: u32 = 30_000;
     const PORT: u16 = 7010;
     let mut lab = lab_with("[dataplane]\nkeep_dataplane = true\n");
     let receiver = tapmesh_tests::net::UdpReceiver::start(
         &lab.web1.name,
         SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, PORT),
     );
-    // The client's port on node 1: its ingress filter (preference, handle,
-    // program id), as `tc` shows it.
-    let port = lab.nodes.node1.container_links();
+    // The client's port on node 1 ("local (<interface>)" in the status).
+    let status = lab.nodes.node1.status();
+    let location = status["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .find(|i| i["job"] == CLIENT)
+        .and_then(|i| i["location"].as_str())
+        .expect("the client's instance")
+        .to_string();
+    let port = location
+        .strip_prefix("local (")
+        .and_then(|l| l.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("the client's location: {location}"))
+        .to_string();
+    // Its ingress filter as `tc` shows it: (preference and handle, program id).
     let filter = |lab: &Lab| {
         let (ok, text) = run(
             &lab.nodes.node1.netns,
-            &["tc", "filter", "show", "dev", &port[0], "ingress"],
+            &["tc", "filter", "show", "dev", &port, "ingress"],
         );
         assert!(ok, "{text}");
         let line = text
@@ -1935,34 +1949,45 @@ fn a_kept_restart_swaps_the_tc_programs_in_place_and_loses_no_datagram() {
     };
     let (place, id) = filter(&lab);
     let to = SocketAddrV4::new(WEB1_IP.parse().unwrap(), PORT);
-    // 10 kpps for 3 s: one datagram every 100 µs.
+    // Up to 10 kpps (100 µs after each send, no bursts to catch up) until
+    // half a second after the new daemon is up; returns how many it sent.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
     let sender = spawn_in(&lab.client.name, move || {
         let socket = UdpSocket::bind("0.0.0.0:0").expect("bind");
-        let start = std::time::Instant::now();
-        for i in 0..PACKETS {
-            let due = start + Duration::from_micros(100) * i;
-            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            socket.send_to(&i.to_be_bytes(), to).expect("send");
+        let mut sent = 0u64;
+        while !stopped.load(Ordering::Relaxed) {
+            socket.send_to(&sent.to_be_bytes(), to).expect("send");
+            sent += 1;
+            std::thread::sleep(Duration::from_micros(100));
         }
+        sent
     });
     std::thread::sleep(Duration::from_millis(500));
     let before = receiver.count();
     assert!(before > 0, "nothing arrived before the restart");
     lab.nodes.node1.restart(&[], |_| {});
     let after_restart = receiver.count();
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().expect("sender");
+    assert!(
+        receiver.count() > after_restart,
+        "nothing crossed after the restart"
+    );
+    let log = lab.nodes.node1.daemon.as_ref().expect("running").log_text();
+    assert!(
+        !log.contains("could not take the new program in place"),
+        "a filter was replaced, not swapped: {log}"
+    );
     let (place_now, id_now) = filter(&lab);
     assert_eq!(place_now, place, "the same preference and handle");
     assert_ne!(id_now, id, "the new daemon's program");
-    sender.join().expect("sender");
-    let all = tapmesh_tests::net::wait_until(Duration::from_secs(3), || {
-        receiver.count() == u64::from(PACKETS)
-    });
+    let all = tapmesh_tests::net::wait_until(Duration::from_secs(3), || receiver.count() == sent);
     assert!(
         all,
-        "{} of {PACKETS} datagrams arrived ({before} before the restart, {after_restart} once \
-         the new daemon was up)",
+        "{} of {sent} datagrams arrived ({before} before the restart, {after_restart} once the \
+         new daemon was up)",
         receiver.count()
     );
 }

@@ -442,7 +442,10 @@ fn main() {
     let (status, _) = wait_status(&second, &socket);
     let handover = handover.elapsed();
     assert_eq!(status.attachments.len(), 1, "{status:?}");
-    assert_eq!(status.attachments[0].3, "replaced kept link", "{status:?}");
+    assert_eq!(
+        status.attachments[0].3, "native, kept link replaced",
+        "{status:?}"
+    );
     let second_prog = xdp_program(&lab.node.name, &uplink);
     assert_ne!(second_prog, 0);
     assert_eq!(

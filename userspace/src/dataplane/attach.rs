@@ -9,7 +9,7 @@ use aya::{
         tc::{self, NlOptions, TcAttachOptions},
         tc::{SchedClassifierLink, SchedClassifierLinkId},
         xdp::XdpLinkId,
-        SchedClassifier, TcAttachType, TracePoint, Xdp, XdpMode as AyaXdpMode,
+        ProgramError, SchedClassifier, TcAttachType, TracePoint, Xdp, XdpMode as AyaXdpMode,
     },
     Ebpf,
 };
@@ -41,7 +41,8 @@ pub struct Attachment {
     pub interface: String,
     pub hook: Hook,
     pub program: &'static str,
-    /// XDP: "native", "generic", or "replaced kept link" when a kept link was reused.
+    /// XDP: "native" or "generic", followed by ", kept link replaced" when
+    /// a kept link took the new program.
     pub mode: String,
     /// TC: the clsact qdisc was created by us and is removed on stop.
     pub created_clsact: bool,
@@ -223,11 +224,6 @@ fn xdp_link(
 ) -> Result<Attachment, DataplaneError> {
     let name = program_names::XDP_UPLINK;
     let program = xdp_program(ebpf, name)?;
-    let fail = |message: String| DataplaneError::Attach {
-        hook: Hook::Xdp,
-        interface: interface.into(),
-        message,
-    };
     let mut attachment = Attachment {
         interface: interface.into(),
         hook: Hook::Xdp,
@@ -239,6 +235,31 @@ fn xdp_link(
 
     let kept_pin = link_pin(pin_dir, interface);
     if let Ok(pinned) = PinnedLink::from_pin(&kept_pin) {
+        // A link keeps the mode it was attached in: one the configuration
+        // no longer allows is dropped (a moment without XDP) and the program
+        // attached afresh in the mode asked for.
+        let kept_mode = crate::net::link::by_name(interface)
+            .ok()
+            .and_then(|l| l.xdp_mode);
+        let wanted = match mode {
+            XdpMode::Auto => None,
+            XdpMode::Native => Some("native"),
+            XdpMode::Generic => Some("generic"),
+        };
+        if let (Some(kept), Some(wanted)) = (kept_mode, wanted) {
+            if kept != wanted {
+                tracing::warn!(
+                    interface,
+                    kept,
+                    wanted,
+                    "the kept XDP link runs in another mode than xdp_mode asks: detaching it \
+                     and attaching the program afresh"
+                );
+                let _ = std::fs::remove_file(&kept_pin);
+                drop(FdLink::from(pinned));
+                return xdp_attach(program, links, attachment, interface, mode);
+            }
+        }
         // The pin stays until the replacement worked, so a failure keeps the old program.
         let replaced = FdLink::from(pinned)
             .try_into()
@@ -248,7 +269,10 @@ fn xdp_link(
             Ok(id) => {
                 let _ = std::fs::remove_file(&kept_pin);
                 links.xdp.push((interface.into(), id));
-                attachment.mode = "replaced kept link".into();
+                attachment.mode = match kept_mode {
+                    Some(kept) => format!("{kept}, kept link replaced"),
+                    None => "kept link replaced".into(),
+                };
                 return Ok(attachment);
             }
             Err(e) => {
@@ -258,6 +282,22 @@ fn xdp_link(
             }
         }
     }
+    xdp_attach(program, links, attachment, interface, mode)
+}
+
+/// Attaches the uplink program in `mode` (auto: native, else generic).
+fn xdp_attach(
+    program: &mut Xdp,
+    links: &mut Links,
+    mut attachment: Attachment,
+    interface: &str,
+    mode: XdpMode,
+) -> Result<Attachment, DataplaneError> {
+    let fail = |message: String| DataplaneError::Attach {
+        hook: Hook::Xdp,
+        interface: interface.into(),
+        message,
+    };
 
     let tries: &[(AyaXdpMode, &str)] = match mode {
         XdpMode::Auto => &[(AyaXdpMode::Driver, "native"), (AyaXdpMode::Skb, "generic")],
@@ -420,14 +460,28 @@ fn tc_hooks(
             Hook::TcEgress => TcAttachType::Egress,
             _ => TcAttachType::Ingress,
         };
-        let kept = kept_filter(interface, kind, name);
+        let owned = links
+            .tc
+            .iter()
+            .any(|(i, n, _)| i == interface && *n == name);
+        // Not this daemon's own filter (attached again): that one is no
+        // earlier daemon's to take over.
+        let kept = (!owned)
+            .then(|| kept_filter(interface, kind, name))
+            .flatten();
         let attached = tc_program(ebpf, name).and_then(|program| {
             // A filter left by an earlier daemon (keep_dataplane) gets this
             // program in place: the kernel swaps it at the same priority and
             // handle, so no frame finds the hook empty, as XDP's pinned link
-            // gives. Detach, then attach, only if that fails.
-            if let Some(link) = kept {
-                match program.attach_to_link(link) {
+            // gives. Detach, then attach, only if that fails. (The link is
+            // made here: one dropped unused would delete the filter.)
+            if let Some((priority, handle)) = kept {
+                let link =
+                    SchedClassifierLink::attached(interface, kind, priority, handle.into(), None);
+                match link
+                    .map_err(ProgramError::from)
+                    .and_then(|l| program.attach_to_link(l))
+                {
                     Ok(id) => return Ok(id),
                     Err(e) => tracing::warn!(
                         interface,
@@ -476,20 +530,28 @@ fn tc_hooks(
     Ok(())
 }
 
-/// The filter of program `name` an earlier daemon left on the hook, as a
-/// link to attach to; others of that name (none unless by hand) are removed.
-fn kept_filter(interface: &str, kind: TcAttachType, name: &str) -> Option<SchedClassifierLink> {
+/// The priority and handle of the filter of program `name` an earlier
+/// daemon left on the hook; others of that name (none unless by hand) are
+/// removed.
+fn kept_filter(interface: &str, kind: TcAttachType, name: &str) -> Option<(u16, u32)> {
     let egress = kind == TcAttachType::Egress;
     let mut ours = qdisc::bpf_filters(interface, egress)
         .ok()?
         .into_iter()
-        .filter(|f| f.name == name)
-        .map(|f| SchedClassifierLink::attached(interface, kind, f.priority, f.handle.into(), None));
-    let first = ours.next()?.ok();
-    for extra in ours.flatten() {
-        let _ = aya::programs::links::Link::detach(extra);
+        .filter(|f| f.name == name);
+    let first = ours.next()?;
+    for extra in ours {
+        if let Ok(link) = SchedClassifierLink::attached(
+            interface,
+            kind,
+            extra.priority,
+            extra.handle.into(),
+            None,
+        ) {
+            let _ = aya::programs::links::Link::detach(link);
+        }
     }
-    first
+    Some((first.priority, first.handle))
 }
 
 /// Leaves everything attached after the process exits: XDP links are pinned

@@ -27,6 +27,9 @@ pub struct Link {
     pub ethernet: bool,
     /// The id of the XDP program attached to it, if any.
     pub xdp_program: Option<u32>,
+    /// How that program is attached: "native", "generic", "offload" or
+    /// "multiple" (the kernel's `IFLA_XDP_ATTACHED`).
+    pub xdp_mode: Option<&'static str>,
 }
 
 const RTM_NEWLINK: u16 = 16;
@@ -34,6 +37,7 @@ const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
 const IFLA_XDP: u16 = 43;
+const IFLA_XDP_ATTACHED: u16 = 2;
 const IFLA_XDP_PROG_ID: u16 = 4;
 
 impl Link {
@@ -54,6 +58,7 @@ impl Link {
             address: None,
             ethernet: kind == libc::ARPHRD_ETHER || kind == libc::ARPHRD_LOOPBACK,
             xdp_program: None,
+            xdp_mode: None,
         };
         for nla in NlasIterator::new(info.get(16..)?) {
             let Ok(nla) = nla else { break };
@@ -75,6 +80,14 @@ impl Link {
                         if kind == IFLA_XDP_PROG_ID {
                             let id = bytes.get(4..length).and_then(|v| v.try_into().ok());
                             link.xdp_program = id.map(u32::from_ne_bytes).filter(|&id| id != 0);
+                        } else if kind == IFLA_XDP_ATTACHED {
+                            link.xdp_mode = match bytes.get(4) {
+                                Some(1) => Some("native"),
+                                Some(2) => Some("generic"),
+                                Some(3) => Some("offload"),
+                                Some(4) => Some("multiple"),
+                                _ => None,
+                            };
                         }
                     }
                 }

@@ -36,7 +36,7 @@ pub struct BpfFilter {
 }
 
 /// The BPF filters on `interface`'s clsact ingress (or egress) hook, in the
-/// kernel's order. None when the interface has no clsact qdisc.
+/// kernel's order (none without a clsact qdisc).
 pub fn bpf_filters(interface: &str, egress: bool) -> Result<Vec<BpfFilter>, NetError> {
     use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
     use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
