@@ -1684,6 +1684,59 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     );
     let (ok, out) = ping_df(&client, WEB1_IP6, 1424, 2);
     assert!(ok, "1472-byte packets fit: {out}");
+
+    // What node 2's uplink XDP hands to web#1's port through the tunnel is
+    // copied by an IN tap flow there (the detour through the uplink's TC
+    // ingress), IPv6 as IPv4.
+    let n2 = &nodes.node2;
+    let daemon = n2.daemon.as_ref().expect("running");
+    let port = n2.container_link_indexes()[0].1.clone();
+    let dir = tapmesh_tests::TempDir::new("tmovtap6");
+    let pcap = dir.0.join("web1.pcap");
+    let pcap_arg = pcap.display().to_string();
+    daemon.cli(&["tap-service", "create", "cap", "--pcap", &pcap_arg]);
+    daemon.cli(&[
+        "tap-flow",
+        "create",
+        "in6",
+        "--tap-service",
+        "cap",
+        "--source",
+        &port,
+        "--direction",
+        "IN",
+    ]);
+    let asked = udp_ask(&client, WEB1_IP6, 3);
+    assert!(asked.iter().all(|(n, _)| n == "web1"), "{asked:?}");
+    let listing: serde_json::Value =
+        serde_json::from_str(&daemon.cli(&["tap-flow", "list", "-o", "json"])).expect("JSON");
+    daemon.cli(&["tap-service", "delete", "cap"]);
+    let out = std::process::Command::new("tshark")
+        .arg("-r")
+        .arg(&pcap)
+        .args([
+            "-T",
+            "fields",
+            "-e",
+            "ipv6.src",
+            "-e",
+            "ipv6.dst",
+            "-e",
+            "udp.dstport",
+        ])
+        .output()
+        .expect("tshark");
+    let copies: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let requests = copies
+        .iter()
+        .filter(|l| **l == format!("{CLIENT_IP6}\t{}\t{UDP_PORT}", web1_ns.1))
+        .count();
+    assert_eq!(requests, 3, "{copies:?}");
+    // Anything else copied (neighbour discovery) is counted too, no more.
+    assert_eq!(listing[0]["mirrored_packets"], copies.len(), "{listing}");
 }
 
 const ECHO_PORT: u16 = 7003;
