@@ -326,6 +326,40 @@ fn a_kept_link_in_another_mode_than_asked_is_attached_again_in_that_mode() {
     drop((first, second));
 }
 
+/// A native XDP program sends back out of a veth uplink only while the
+/// peer has NAPI (its own native XDP program, or GRO): the daemon says so
+/// at start, naming the peer, and is quiet once GRO is on there.
+#[test]
+fn a_veth_uplink_whose_peer_cannot_take_xdp_frames_is_named_at_start() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let warning = "has neither a native XDP program nor GRO on";
+    let run = |lab: &Lab| {
+        let (root, _) = Daemon::paths();
+        let mut d = Daemon::start_at(
+            &lab.node.name,
+            &root,
+            &["--uplink", &lab.node_if, "--xdp-mode", "native"],
+        );
+        let log = d.log_text();
+        assert!(d.stop().success(), "{}", d.log_text());
+        log
+    };
+    lab.peer
+        .exec(&["ethtool", "-K", &lab.peer_if, "gro", "off"]);
+    let log = run(&lab);
+    assert!(
+        log.contains(warning) && log.contains(&lab.peer_if),
+        "no warning naming {}: {log}",
+        lab.peer_if
+    );
+    lab.peer.exec(&["ethtool", "-K", &lab.peer_if, "gro", "on"]);
+    let log = run(&lab);
+    assert!(!log.contains(warning), "{log}");
+}
+
 /// Runs the daemon expecting it to refuse; returns (exit code, stderr).
 fn refused(args: &[&str]) -> (i32, String) {
     let out = Command::new(tapmesh_bin())

@@ -690,6 +690,18 @@ fn start_dataplane(
             )?);
         }
         attach::redirect_failures(ebpf, &attachments);
+        for a in attachments.iter().filter(|a| a.mode.starts_with("native")) {
+            if let Some(peer) = crate::net::peer::unready_peer(&a.interface) {
+                tracing::warn!(
+                    uplink = %a.interface,
+                    peer,
+                    "the uplink's veth peer has neither a native XDP program nor GRO on, so \
+                     no NAPI: what XDP sends back out of the uplink (to remote targets, through \
+                     the tunnel) is dropped there, counted as redirect_failed; turn GRO on at \
+                     the peer (ethtool -K {peer} gro on) or use xdp_mode = \"generic\""
+                );
+            }
+        }
         for interface in &config.tc_interfaces {
             attach::tc(ebpf, &mut links, &mut attachments, interface)?;
         }

@@ -7,6 +7,7 @@ use super::{check_ifname, At, NetError};
 
 const ETHTOOL_GFLAGS: u32 = 0x25;
 const ETHTOOL_SFLAGS: u32 = 0x26;
+const ETHTOOL_GGRO: u32 = 0x2b;
 const ETHTOOL_SGRO: u32 = 0x2c;
 const ETH_FLAG_TXVLAN: u32 = 1 << 7;
 const ETHTOOL_GSTRINGS: u32 = 0x1b;
@@ -108,6 +109,11 @@ pub(crate) fn enable_gro(netns: &File, at: At<'_>) -> Result<(), NetError> {
         ethtool_value(&name, ETHTOOL_SGRO, 1).map(|_| ())
     });
     result.and_then(|r| r).map_err(at.os("enabling GRO"))
+}
+
+/// Whether GRO is on for `ifname` in the calling thread's namespace.
+pub(crate) fn gro_on(ifname: &str) -> std::io::Result<bool> {
+    ethtool_value(ifname, ETHTOOL_GGRO, 0).map(|v| v != 0)
 }
 
 /// Turns off TX VLAN offload on `ifname` (current namespace), 802.1Q and

@@ -123,6 +123,30 @@ pub fn namespace_of(nsid: i32) -> Option<File> {
     None
 }
 
+/// The peer of veth `ifname` (current namespace) when it cannot receive
+/// what a native XDP program sends out of `ifname` (XDP_TX, a redirect):
+/// neither a native XDP program nor GRO there, so no NAPI. None when
+/// `ifname` is not a veth, its peer can, or its namespace is not in sight.
+pub fn unready_peer(ifname: &str) -> Option<String> {
+    let link = super::link::by_name(ifname).ok()?;
+    let facts = facts(link.index).ok()?;
+    let (true, Some(peer_index)) = (facts.veth, facts.peer_index) else {
+        return None;
+    };
+    let netns = match facts.peer_nsid {
+        None => File::open("/proc/thread-self/ns/net").ok()?,
+        Some(nsid) => namespace_of(nsid)?,
+    };
+    let (peer, gro) = super::netns::run_in(&netns, || {
+        let peer = super::link::by_index(peer_index).ok()?;
+        let gro = ethtool::gro_on(&peer.name).ok()?;
+        Some((peer, gro))
+    })
+    .ok()
+    .flatten()?;
+    (!gro && peer.xdp_mode != Some("native")).then_some(peer.name)
+}
+
 /// Makes `ifname` (current namespace) a working native-XDP redirect
 /// target: when it is a veth, GRO goes on at its peer, wherever it is.
 /// Ok(None) when it is not a veth; Ok(Some(peer)) names the peer set.
