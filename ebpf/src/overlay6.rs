@@ -39,8 +39,12 @@ const IP6_LEN: usize = size_of::<Ipv6Hdr>();
 const ICMP6_ECHO_REQUEST: u8 = 128;
 const ICMP6_ECHO_REPLY: u8 = 129;
 const ICMP6_PACKET_TOO_BIG: u8 = 2;
-/// What a "packet too big" quotes: the offending IPv6 header and 8 bytes.
-const QUOTE_LEN: usize = IP6_LEN + 8;
+/// What a "packet too big" quotes: the offending IPv6 header and the 256
+/// bytes after it, so its extension headers and the 8 bytes past them that
+/// the sender's kernel reads to find the socket are in it (the packet is
+/// longer than the tunnel MTU, so they are there to quote). Linux quotes
+/// up to 1232; RFC 4443 asks for as much as fits in 1280.
+const QUOTE_LEN: usize = IP6_LEN + 256;
 
 /// An IPv6 packet as the overlay sees it (`parse` read it). Its addresses
 /// and ports are in the scratch key, its datagram in the scratch fragment
@@ -428,7 +432,7 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
 
 /// Answers a packet too big for the tunnel with ICMPv6 "packet too big"
 /// carrying the tunnel MTU, sent back to the container. It quotes the
-/// offending header and 8 bytes (enough for the sender to find its socket).
+/// offending packet's first [`QUOTE_LEN`] bytes.
 #[inline(always)]
 fn packet_too_big(
     ctx: &TcContext,

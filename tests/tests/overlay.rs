@@ -1684,6 +1684,40 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     );
     let (ok, out) = ping_df(&client, WEB1_IP6, 1424, 2);
     assert!(ok, "1472-byte packets fit: {out}");
+    // The "packet too big" quotes enough of a packet with an extension
+    // header (destination options) for the sender to take it: its path MTU
+    // is learnt again after the cache is flushed.
+    client.ip(&["-6", "route", "flush", "cache"]);
+    let to: std::net::Ipv6Addr = WEB1_IP6.parse().unwrap();
+    spawn_in(&client.name, move || {
+        let s = UdpSocket::bind("[::]:0").unwrap();
+        // Next header (set by the kernel), length 0 (8 bytes), PadN of 4.
+        let options: [u8; 8] = [0, 0, 1, 4, 0, 0, 0, 0];
+        // SAFETY: a plain setsockopt on a live socket with an 8-byte buffer.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&s),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_DSTOPTS,
+                options.as_ptr().cast(),
+                options.len() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+        let _ = s.send_to(&[0u8; 1440], (to, UDP_PORT));
+    })
+    .join()
+    .unwrap();
+    let learnt = tapmesh_tests::net::wait_until(Duration::from_secs(2), || {
+        run(&client, &["ip", "-6", "route", "get", WEB1_IP6])
+            .1
+            .contains("mtu 1472")
+    });
+    assert!(
+        learnt,
+        "no path MTU from a packet too big quoting destination options: {}",
+        run(&client, &["ip", "-6", "route", "get", WEB1_IP6]).1
+    );
 
     // What node 2's uplink XDP hands to web#1's port through the tunnel is
     // copied by an IN tap flow there (the detour through the uplink's TC
