@@ -360,6 +360,53 @@ fn a_veth_uplink_whose_peer_cannot_take_xdp_frames_is_named_at_start() {
     assert!(!log.contains(warning), "{log}");
 }
 
+/// A second daemon on the pins of a running one is refused before it
+/// touches anything: its stop would have removed the first one's pins
+/// (an independent tester lost half of a flood that way).
+#[test]
+fn a_second_daemon_on_the_pins_of_a_running_one_is_refused() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let (root, _) = Daemon::paths();
+    let mut first = Daemon::start_at(&lab.node.name, &root, &["--uplink", &lab.node_if]);
+    // The second one on another interface: only the pins are shared.
+    lab.node
+        .ip(&["link", "add", "dm0", "type", "veth", "peer", "name", "dm1"]);
+    lab.node.ip(&["link", "set", "dm0", "up"]);
+    let (_, other_socket) = Daemon::paths();
+    let (code, stderr) = refused(&[
+        "--netns",
+        lab.node.name.as_str(),
+        "--bpffs-root",
+        root.to_str().unwrap(),
+        "--admin-socket",
+        other_socket.to_str().unwrap(),
+        "--node-socket",
+        &format!("{}.node", other_socket.display()),
+        "--metrics-listen",
+        "",
+        "--uplink",
+        "dm0",
+    ]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("is in use by another process")
+            && stderr.contains(&first.pid().to_string()),
+        "{stderr}"
+    );
+    // The first one is whole: its pins, its program, its traffic.
+    assert!(root
+        .join(format!("v{}", tapmesh_common::SCHEMA_VERSION))
+        .exists());
+    assert!(lab.xdp_attached());
+    lab.ping(2);
+    let s = first.status_when(|s| packets(s, "xdp_uplink", "pass") >= 2);
+    assert_eq!(packets(&s, "xdp_uplink", "pass"), 2);
+    assert!(first.stop().success(), "{}", first.log_text());
+}
+
 /// Runs the daemon expecting it to refuse; returns (exit code, stderr).
 fn refused(args: &[&str]) -> (i32, String) {
     let out = Command::new(tapmesh_bin())

@@ -53,6 +53,7 @@ pub fn run(overrides: &Overrides, netns: Option<&str>, private_bpffs: bool) -> E
         Err(e) => return refuse(&e),
     };
     if let Err(e) = preflight::host_bpffs(&config.dataplane.bpffs_root, private_bpffs)
+        .and_then(|()| preflight::pins_free(&config))
         .and_then(|()| preflight::uplinks_free(&config))
     {
         return refuse(&e);

@@ -21,6 +21,8 @@ pub enum PreflightError {
         program: String,
         id: u32,
     },
+    #[error("{dir} is in use by another process (pid {pids}), a tapmesh daemon on the same pins: two daemons there would undo each other's maps, and one's stop would remove the other's pins; give this one its own dataplane.bpffs_root (--bpffs-root), or stop that one first")]
+    PinsTaken { dir: String, pids: String },
     #[error("net.core.bpf_jit_enable is {0}: the uplink program tail-calls port NAT's program and has subprograms, which the kernel allows only JIT-compiled; turn the JIT on (sysctl -w net.core.bpf_jit_enable=1)")]
     JitOff(String),
 }
@@ -121,6 +123,28 @@ fn jit_on(value: &str) -> Result<(), PreflightError> {
         "0" => Err(PreflightError::JitOff("0".into())),
         _ => Ok(()),
     }
+}
+
+/// Refuses pins another process holds maps of: a daemon running on the
+/// same bpffs root (a kept dataplane's pins, left by a daemon that is gone,
+/// are free).
+pub fn pins_free(config: &Config) -> Result<(), PreflightError> {
+    let dir = config
+        .dataplane
+        .bpffs_root
+        .join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    let pids = crate::dataplane::cleanup::holders(&dir);
+    if pids.is_empty() {
+        return Ok(());
+    }
+    Err(PreflightError::PinsTaken {
+        dir: dir.display().to_string(),
+        pids: pids
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    })
 }
 
 /// Refuses an uplink that holds an XDP program, unless it is the link a
