@@ -193,3 +193,55 @@ fn cleanup_removes_a_kept_dataplane_without_a_daemon() {
     // A second run finds nothing.
     assert_eq!(cleanup(&lab, &root, &admin).1, "nothing to remove\n");
 }
+
+/// `tapmesh cleanup` of one set of pins leaves another running daemon's TC
+/// filters alone (their programs use maps a live process holds), on the
+/// same namespace's other interface.
+#[test]
+fn cleanup_leaves_the_tc_filters_of_a_daemon_running_on_other_pins() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = LbLab::new(0, &[]);
+    let uplink = lab.uplink.clone();
+    lab.start_with(
+        None,
+        &[
+            "--keep-dataplane".into(),
+            "--tc-interface".into(),
+            uplink.clone(),
+        ],
+    );
+    let (root, admin) = (lab.daemon().bpffs_root.clone(), lab.daemon().socket.clone());
+    lab.kill_daemon();
+    lab.node
+        .ip(&["link", "add", "dm0", "type", "veth", "peer", "name", "dm1"]);
+    lab.node.ip(&["link", "set", "dm0", "up"]);
+    lab.node.ip(&["link", "set", "dm1", "up"]);
+    let (other_root, _) = tapmesh_tests::daemon::Daemon::paths();
+    let mut other = tapmesh_tests::daemon::Daemon::start_at(
+        &lab.node.name,
+        &other_root,
+        &["--uplink", "dm0", "--tc-interface", "dm0"],
+    );
+    let (code, stdout, stderr) = cleanup(&lab, &root, &admin);
+    assert_eq!(code, 0, "{stderr}");
+    let pid = other.pid();
+    for line in [
+        format!("TC ingress tm_tc_ingress on {uplink} detached"),
+        format!("TC egress tm_tc_egress on {uplink} detached"),
+        format!("TC ingress tm_tc_ingress on dm0 left in place: a running daemon's (pid {pid})"),
+        format!("TC egress tm_tc_egress on dm0 left in place: a running daemon's (pid {pid})"),
+    ] {
+        assert!(stdout.lines().any(|l| l == line), "{line:?} in {stdout}");
+    }
+    let filters = |dir: &str| {
+        let out = lab.node.exec(&["tc", "filter", "show", "dev", "dm0", dir]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(filters("ingress").contains("tm_tc_ingress"));
+    assert!(filters("egress").contains("tm_tc_egress"));
+    assert!(other.stop().success(), "{}", other.log_text());
+    assert!(!other.log_text().contains("clsact"), "{}", other.log_text());
+    assert_eq!(filters("ingress"), "");
+}

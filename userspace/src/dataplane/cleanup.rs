@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use aya::programs::{links::PinnedLink, tc, TcAttachType};
+use aya::programs::{links::PinnedLink, tc::SchedClassifierLink, TcAttachType};
 use futures::TryStreamExt;
 use tapmesh_common::{program_names as p, SCHEMA_VERSION};
 
@@ -32,28 +32,63 @@ pub fn holders(dir: &Path) -> Vec<u32> {
     if ids.is_empty() {
         return Vec::new();
     }
+    let mut pids: Vec<u32> = held_maps()
+        .into_iter()
+        .filter(|(id, _)| ids.contains(id))
+        .flat_map(|(_, pids)| pids)
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Every BPF map another process holds an fd of, with those processes.
+fn held_maps() -> std::collections::HashMap<u32, Vec<u32>> {
+    let mut held: std::collections::HashMap<u32, Vec<u32>> = Default::default();
     let me = std::process::id();
-    let holds = |fdinfo: &Path| {
-        std::fs::read_to_string(fdinfo).is_ok_and(|text| {
-            text.lines().any(|line| {
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return held;
+    };
+    for p in processes.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(p.path().join("fdinfo")) else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        for fd in fds.flatten() {
+            let Ok(text) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            let id = text.lines().find_map(|line| {
                 line.strip_prefix("map_id:")
                     .and_then(|id| id.trim().parse::<u32>().ok())
-                    .is_some_and(|id| ids.contains(&id))
-            })
-        })
-    };
-    let Ok(processes) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    processes
+            });
+            if let Some(id) = id {
+                let pids = held.entry(id).or_default();
+                if !pids.contains(&pid) {
+                    pids.push(pid);
+                }
+            }
+        }
+    }
+    held
+}
+
+/// A process that holds a map the program with id `program` uses: the
+/// program belongs to a running daemon's dataplane.
+fn running_owner(program: u32, held: &std::collections::HashMap<u32, Vec<u32>>) -> Option<u32> {
+    let info = aya::programs::loaded_programs()
         .flatten()
-        .filter_map(|p| {
-            let pid: u32 = p.file_name().to_str()?.parse().ok()?;
-            let fds = std::fs::read_dir(p.path().join("fdinfo")).ok()?;
-            let held = pid != me && fds.flatten().any(|fd| holds(&fd.path()));
-            held.then_some(pid)
-        })
-        .collect()
+        .find(|p| p.id() == program)?;
+    info.map_ids()
+        .ok()
+        .flatten()?
+        .iter()
+        .find_map(|id| held.get(id).and_then(|pids| pids.first().copied()))
 }
 
 /// What was removed, one line each.
@@ -76,16 +111,38 @@ pub async fn remove_kept(bpffs_root: &Path) -> Result<Vec<String>, NetError> {
             }
         }
     }
+    // Filters of tapmesh's programs, unless a running daemon's: one whose
+    // program uses maps a live process holds belongs to another dataplane.
+    let held = held_maps();
     for link in net::link::all()? {
         let mut ours = false;
-        for name in TC_PROGRAMS {
-            for (kind, label) in [
-                (TcAttachType::Ingress, "ingress"),
-                (TcAttachType::Egress, "egress"),
-            ] {
-                if tc::qdisc_detach_program(&link.name, kind, name).is_ok() {
+        for (kind, label) in [
+            (TcAttachType::Ingress, "ingress"),
+            (TcAttachType::Egress, "egress"),
+        ] {
+            let filters = net::qdisc::bpf_filters(&link.name, kind == TcAttachType::Egress)
+                .unwrap_or_default();
+            for f in filters
+                .iter()
+                .filter(|f| TC_PROGRAMS.contains(&f.name.as_str()))
+            {
+                if let Some(pid) = f.program.and_then(|id| running_owner(id, &held)) {
+                    removed.push(format!(
+                        "TC {label} {} on {} left in place: a running daemon's (pid {pid})",
+                        f.name, link.name
+                    ));
+                    continue;
+                }
+                let link_of = SchedClassifierLink::attached(
+                    &link.name,
+                    kind,
+                    f.priority,
+                    f.handle.into(),
+                    None,
+                );
+                if link_of.is_ok_and(|l| aya::programs::links::Link::detach(l).is_ok()) {
                     ours = true;
-                    removed.push(format!("TC {label} {name} on {} detached", link.name));
+                    removed.push(format!("TC {label} {} on {} detached", f.name, link.name));
                 }
             }
         }

@@ -33,6 +33,8 @@ pub struct BpfFilter {
     pub name: String,
     pub priority: u16,
     pub handle: u32,
+    /// The program's id, when the kernel says.
+    pub program: Option<u32>,
 }
 
 /// The BPF filters on `interface`'s clsact ingress (or egress) hook, in the
@@ -65,11 +67,21 @@ pub fn bpf_filters(interface: &str, egress: bool) -> Result<Vec<BpfFilter>, NetE
                 return;
             };
             // The kernel lists each priority's chain head too (no handle, no options).
-            let name = m.attributes.iter().find_map(|a| match a {
-                TcAttribute::Options(options) => options.iter().find_map(|o| match o {
-                    TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => Some(n.clone()),
+            let options: Vec<&TcFilterBpfOption> = m
+                .attributes
+                .iter()
+                .filter_map(|a| match a {
+                    TcAttribute::Options(options) => Some(options),
                     _ => None,
-                }),
+                })
+                .flatten()
+                .filter_map(|o| match o {
+                    TcOption::Bpf(b) => Some(b),
+                    _ => None,
+                })
+                .collect();
+            let name = options.iter().find_map(|o| match o {
+                TcFilterBpfOption::ProgName(n) => Some(n.clone()),
                 _ => None,
             });
             if let Some(name) = name {
@@ -78,16 +90,17 @@ pub fn bpf_filters(interface: &str, egress: bool) -> Result<Vec<BpfFilter>, NetE
                     priority: (m.header.info >> 16) as u16,
                     handle: u32::from(m.header.handle.major) << 16
                         | u32::from(m.header.handle.minor),
+                    program: options.iter().find_map(|o| match o {
+                        TcFilterBpfOption::ProgId(id) => Some(*id),
+                        _ => None,
+                    }),
                 });
             }
         },
     );
-    match dumped {
-        Ok(()) => Ok(found),
-        // No clsact qdisc: no filters.
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Vec::new()),
-        Err(e) => Err(NetError::kernel(format!(
-            "listing the TC filters of {interface}"
-        ))(e)),
-    }
+    // Without a clsact qdisc the dump is empty.
+    dumped.map_err(NetError::kernel(format!(
+        "listing the TC filters of {interface}"
+    )))?;
+    Ok(found)
 }
