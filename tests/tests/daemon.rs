@@ -407,6 +407,44 @@ fn a_second_daemon_on_the_pins_of_a_running_one_is_refused() {
     assert!(first.stop().success(), "{}", first.log_text());
 }
 
+/// An uplink renamed while no daemon ran keeps its kept link: the next
+/// daemon, told the new name, adopts it (it was refused as a stranger's
+/// program, and detaching it as the message said meant an outage).
+#[test]
+fn a_kept_uplink_renamed_while_no_daemon_ran_is_adopted() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let (root, _) = Daemon::paths();
+    let mut first = Daemon::start_at(
+        &lab.node.name,
+        &root,
+        &["--uplink", &lab.node_if, "--keep-dataplane"],
+    );
+    lab.ping(2);
+    assert!(first.stop().success(), "{}", first.log_text());
+    lab.node.ip(&["link", "set", &lab.node_if, "down"]);
+    lab.node.ip(&["link", "set", &lab.node_if, "name", "wan0"]);
+    lab.node.ip(&["link", "set", "wan0", "up"]);
+    let mut second = Daemon::start_at(&lab.node.name, &root, &["--uplink", "wan0"]);
+    assert_eq!(
+        second.status().attachments[0].mode,
+        "native, kept link replaced"
+    );
+    // The kept counters go on: IPv4 (the pings; the link coming up again
+    // sends IPv6 neighbour discovery besides).
+    let ipv4 = |s: &tapmesh::admin::proto::StatusResponse| named(s, "xdp_uplink", "ipv4");
+    assert_eq!(ipv4(&second.status()), 2);
+    lab.ping(3);
+    let s = second.status_when(|s| ipv4(s) >= 5);
+    assert_eq!(ipv4(&s), 5);
+    assert!(second.stop().success(), "{}", second.log_text());
+    let out = lab.node.ip(&["link", "show", "wan0"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("prog/xdp"));
+    drop(first);
+}
+
 /// Runs the daemon expecting it to refuse; returns (exit code, stderr).
 fn refused(args: &[&str]) -> (i32, String) {
     let out = Command::new(tapmesh_bin())

@@ -165,6 +165,13 @@ pub fn uplinks_free(config: &Config) -> Result<(), PreflightError> {
         if pins.join(format!("xdp_{interface}")).exists() {
             continue;
         }
+        // This root's kept link, pinned under the interface's old name (it
+        // was renamed while no daemon ran): the pin takes the new name.
+        if let Some(pin) = kept_link_of(&pins, id) {
+            if std::fs::rename(&pin, pins.join(format!("xdp_{interface}"))).is_ok() {
+                continue;
+            }
+        }
         let program = aya::programs::loaded_programs()
             .flatten()
             .find(|p| p.id() == id)
@@ -177,6 +184,23 @@ pub fn uplinks_free(config: &Config) -> Result<(), PreflightError> {
         });
     }
     Ok(())
+}
+
+/// The pin under `links` of the XDP link that runs program `id`, if any.
+fn kept_link_of(links: &std::path::Path, id: u32) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(links).ok()?.flatten().find_map(|entry| {
+        let path = entry.path();
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with("xdp_") {
+            return None;
+        }
+        let pinned = aya::programs::links::PinnedLink::from_pin(&path).ok()?;
+        let program = aya::programs::links::FdLink::from(pinned)
+            .info()
+            .ok()?
+            .program_id();
+        (program == id).then_some(path)
+    })
 }
 
 #[cfg(test)]
