@@ -307,12 +307,18 @@ pub fn packet_socket(ifindex: u32, bypass_qdisc: bool) -> std::os::fd::OwnedFd {
 
 /// Field `field` of every packet in `pcap`, as tshark prints it.
 pub fn tshark_fields(pcap: &std::path::Path, field: &str) -> Vec<String> {
-    let out = std::process::Command::new("tshark")
-        .arg("-r")
-        .arg(pcap)
-        .args(["-T", "fields", "-e", field])
-        .output()
-        .expect("tshark");
+    tshark_rows(pcap, &[field])
+}
+
+/// `fields` of every packet in `pcap`, one line each, tab-separated as
+/// tshark prints them.
+pub fn tshark_rows(pcap: &std::path::Path, fields: &[&str]) -> Vec<String> {
+    let mut command = std::process::Command::new("tshark");
+    command.arg("-r").arg(pcap).args(["-T", "fields"]);
+    for field in fields {
+        command.args(["-e", field]);
+    }
+    let out = command.output().expect("tshark");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(str::to_string)

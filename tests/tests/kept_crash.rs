@@ -107,6 +107,23 @@ fn a_restart_on_kept_maps_leaves_no_vip_of_the_old_configuration() {
     assert_eq!(addrs, [OTHER.to_ipv6_mapped().octets()]);
 }
 
+/// A daemon running with keep_dataplane, its uplink also a TC interface:
+/// the lab, the uplink, the pins' root and the admin socket.
+fn kept_lab() -> (LbLab, String, std::path::PathBuf, std::path::PathBuf) {
+    let mut lab = LbLab::new(0, &[]);
+    let uplink = lab.uplink.clone();
+    lab.start_with(
+        None,
+        &[
+            "--keep-dataplane".into(),
+            "--tc-interface".into(),
+            uplink.clone(),
+        ],
+    );
+    let (root, admin) = (lab.daemon().bpffs_root.clone(), lab.daemon().socket.clone());
+    (lab, uplink, root, admin)
+}
+
 /// `tapmesh cleanup` in the node's namespace: (exit code, stdout, stderr).
 fn cleanup(lab: &LbLab, root: &std::path::Path, admin: &std::path::Path) -> (i32, String, String) {
     let out = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
@@ -128,17 +145,7 @@ fn cleanup_removes_a_kept_dataplane_without_a_daemon() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = LbLab::new(0, &[]);
-    let uplink = lab.uplink.clone();
-    lab.start_with(
-        None,
-        &[
-            "--keep-dataplane".into(),
-            "--tc-interface".into(),
-            uplink.clone(),
-        ],
-    );
-    let (root, admin) = (lab.daemon().bpffs_root.clone(), lab.daemon().socket.clone());
+    let (mut lab, uplink, root, admin) = kept_lab();
     // Not while a daemon runs.
     let (code, stdout, stderr) = cleanup(&lab, &root, &admin);
     assert_eq!((code, stdout.as_str()), (2, ""), "{stderr}");
@@ -202,17 +209,7 @@ fn cleanup_leaves_the_tc_filters_of_a_daemon_running_on_other_pins() {
     if !kernel_tests_enabled() {
         return;
     }
-    let mut lab = LbLab::new(0, &[]);
-    let uplink = lab.uplink.clone();
-    lab.start_with(
-        None,
-        &[
-            "--keep-dataplane".into(),
-            "--tc-interface".into(),
-            uplink.clone(),
-        ],
-    );
-    let (root, admin) = (lab.daemon().bpffs_root.clone(), lab.daemon().socket.clone());
+    let (mut lab, uplink, root, admin) = kept_lab();
     lab.kill_daemon();
     lab.node
         .ip(&["link", "add", "dm0", "type", "veth", "peer", "name", "dm1"]);

@@ -206,6 +206,32 @@ fn lab_with(node1_config: &str) -> Lab {
     }
 }
 
+/// A ring tap service "cap" writing a pcap file, and a tap flow on `port`
+/// in `direction` to it, on `daemon`; the file's directory lives as long
+/// as the first value.
+fn capture_port(
+    daemon: &tapmesh_tests::daemon::Daemon,
+    port: &str,
+    direction: &str,
+) -> (tapmesh_tests::TempDir, std::path::PathBuf) {
+    let dir = tapmesh_tests::TempDir::new("tmovtap");
+    let pcap = dir.0.join("port.pcap");
+    let pcap_arg = pcap.display().to_string();
+    daemon.cli(&["tap-service", "create", "cap", "--pcap", &pcap_arg]);
+    daemon.cli(&[
+        "tap-flow",
+        "create",
+        "port",
+        "--tap-service",
+        "cap",
+        "--source",
+        port,
+        "--direction",
+        direction,
+    ]);
+    (dir, pcap)
+}
+
 /// Inner packets found in UDP 50103 datagrams of a pcap file: (src, dst).
 fn tunnelled_inner(pcap: &[u8]) -> Vec<(Ipv4Addr, Ipv4Addr)> {
     let mut found = Vec::new();
@@ -694,46 +720,14 @@ fn a_tap_flow_copies_what_the_tunnel_delivers_into_a_containers_port() {
     let port = n2.container_link_indexes()[0].1.clone();
     // Neighbours resolved first: only the datagrams are copied below.
     answered_by(&udp_ask(&lab.client, WEB1_IP, 1), "web1", WEB1_IP);
-    let dir = tapmesh_tests::TempDir::new("tmovtap2");
-    let pcap = dir.0.join("web1.pcap");
-    let pcap_arg = pcap.display().to_string();
-    daemon.cli(&["tap-service", "create", "cap", "--pcap", &pcap_arg]);
-    daemon.cli(&[
-        "tap-flow",
-        "create",
-        "wf",
-        "--tap-service",
-        "cap",
-        "--source",
-        &port,
-        "--direction",
-        "BOTH",
-    ]);
+    let (_dir, pcap) = capture_port(daemon, &port, "BOTH");
     answered_by(&udp_ask(&lab.client, WEB1_IP, 3), "web1", WEB1_IP);
     let listing: serde_json::Value =
         serde_json::from_str(&daemon.cli(&["tap-flow", "list", "-o", "json"])).expect("JSON");
     // Three requests in through the tunnel, three answers out of the port.
     assert_eq!(listing[0]["mirrored_packets"], 6, "{listing}");
     daemon.cli(&["tap-service", "delete", "cap"]);
-    let out = std::process::Command::new("tshark")
-        .arg("-r")
-        .arg(&pcap)
-        .args([
-            "-T",
-            "fields",
-            "-e",
-            "ip.src",
-            "-e",
-            "ip.dst",
-            "-e",
-            "udp.dstport",
-        ])
-        .output()
-        .expect("tshark");
-    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let lines = tapmesh_tests::tshark_rows(&pcap, &["ip.src", "ip.dst", "udp.dstport"]);
     let requests = lines
         .iter()
         .filter(|l| *l == &format!("{CLIENT_IP}\t{}\t{UDP_PORT}", lab.web1_ns))
@@ -1725,45 +1719,13 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     let n2 = &nodes.node2;
     let daemon = n2.daemon.as_ref().expect("running");
     let port = n2.container_link_indexes()[0].1.clone();
-    let dir = tapmesh_tests::TempDir::new("tmovtap6");
-    let pcap = dir.0.join("web1.pcap");
-    let pcap_arg = pcap.display().to_string();
-    daemon.cli(&["tap-service", "create", "cap", "--pcap", &pcap_arg]);
-    daemon.cli(&[
-        "tap-flow",
-        "create",
-        "in6",
-        "--tap-service",
-        "cap",
-        "--source",
-        &port,
-        "--direction",
-        "IN",
-    ]);
+    let (_dir, pcap) = capture_port(daemon, &port, "IN");
     let asked = udp_ask(&client, WEB1_IP6, 3);
     assert!(asked.iter().all(|(n, _)| n == "web1"), "{asked:?}");
     let listing: serde_json::Value =
         serde_json::from_str(&daemon.cli(&["tap-flow", "list", "-o", "json"])).expect("JSON");
     daemon.cli(&["tap-service", "delete", "cap"]);
-    let out = std::process::Command::new("tshark")
-        .arg("-r")
-        .arg(&pcap)
-        .args([
-            "-T",
-            "fields",
-            "-e",
-            "ipv6.src",
-            "-e",
-            "ipv6.dst",
-            "-e",
-            "udp.dstport",
-        ])
-        .output()
-        .expect("tshark");
-    let copies: Vec<String> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
+    let copies = tapmesh_tests::tshark_rows(&pcap, &["ipv6.src", "ipv6.dst", "udp.dstport"]);
     let requests = copies
         .iter()
         .filter(|l| **l == format!("{CLIENT_IP6}\t{}\t{UDP_PORT}", web1_ns.1))
