@@ -32,11 +32,20 @@ impl Lab {
     }
 
     fn xdp_attached(&self) -> bool {
-        let out = self.node.ip(&["link", "show", &self.node_if]);
+        self.xdp_on(&self.node_if)
+    }
+
+    fn xdp_on(&self, interface: &str) -> bool {
+        let out = self.node.ip(&["link", "show", interface]);
         String::from_utf8_lossy(&out.stdout).contains("prog/xdp")
     }
 
     fn tc_filters(&self) -> String {
+        self.tc_filters_on(&self.node_if)
+    }
+
+    /// `tc filter show` of both hooks of a node interface.
+    fn tc_filters_on(&self, interface: &str) -> String {
         let mut text = String::new();
         for dir in ["ingress", "egress"] {
             let out = sh(
@@ -47,7 +56,7 @@ impl Lab {
                     "filter",
                     "show",
                     "dev",
-                    &self.node_if,
+                    interface,
                     dir,
                 ],
             );
@@ -442,6 +451,63 @@ fn a_kept_uplink_renamed_while_no_daemon_ran_is_adopted() {
     assert!(second.stop().success(), "{}", second.log_text());
     let out = lab.node.ip(&["link", "show", "wan0"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("prog/xdp"));
+    drop(first);
+}
+
+/// A kept restart whose configuration no longer names an uplink or a TC
+/// interface takes the earlier daemon's programs off them at start: the
+/// XDP link and `tm_tc_tap_out` of the former uplink, the full TC programs
+/// of the former TC interface (they ran on, sharing the new daemon's maps).
+#[test]
+fn a_kept_restart_detaches_what_the_configuration_no_longer_names() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let (former_uplink, _) = link(&lab.node, "198.18.1.1/24", &lab.peer, "198.18.1.2/24");
+    let (former_tc, _) = link(&lab.node, "198.18.2.1/24", &lab.peer, "198.18.2.2/24");
+    let (b, c) = (former_uplink.interface, former_tc.interface);
+    let (root, _) = Daemon::paths();
+    let mut first = Daemon::start_at(
+        &lab.node.name,
+        &root,
+        &[
+            "--uplink",
+            &lab.node_if,
+            "--uplink",
+            &b,
+            "--tc-interface",
+            &c,
+            "--keep-dataplane",
+        ],
+    );
+    assert!(first.stop().success(), "{}", first.log_text());
+    assert!(lab.xdp_on(&b));
+    assert!(lab.tc_filters_on(&b).contains("tm_tc_tap_out"));
+    let on_c = lab.tc_filters_on(&c);
+    assert!(
+        on_c.contains("tm_tc_ingress") && on_c.contains("tm_tc_egress"),
+        "{on_c}"
+    );
+
+    let mut second = Daemon::start_at(&lab.node.name, &root, &["--uplink", &lab.node_if]);
+    assert!(!lab.xdp_on(&b), "the former uplink keeps its XDP program");
+    let left = format!("{}{}", lab.tc_filters_on(&b), lab.tc_filters_on(&c));
+    assert!(!left.contains("tm_"), "left attached: {left}");
+    let log = second.log_text();
+    assert!(
+        log.contains(&format!("XDP link on {b} detached (no longer an uplink)")),
+        "{log}"
+    );
+    // The uplink that stays took the new program in place and counts on.
+    assert_eq!(
+        second.status().attachments[0].mode,
+        "native, kept link replaced"
+    );
+    lab.ping(2);
+    let s = second.status_when(|s| named(s, "xdp_uplink", "ipv4") >= 2);
+    assert_eq!(named(&s, "xdp_uplink", "ipv4"), 2);
+    assert!(second.stop().success(), "{}", second.log_text());
     drop(first);
 }
 

@@ -2,7 +2,7 @@
 //! pinned XDP links (which detaches them), the TC filters of tapmesh's
 //! programs, the clsact qdiscs those leave empty, and the pins.
 
-use std::path::Path;
+use std::{collections::HashSet, path::Path};
 
 use aya::programs::{links::PinnedLink, tc::SchedClassifierLink, TcAttachType};
 use futures::TryStreamExt;
@@ -25,10 +25,7 @@ const TC_PROGRAMS: [&str; 7] = [
 /// another admin socket than the one checked): from every process's fd
 /// info, where a BPF map's fd shows `map_id:`.
 pub fn holders(dir: &Path) -> Vec<u32> {
-    let ids: std::collections::HashSet<u32> = super::pins::names()
-        .filter_map(|name| aya::maps::MapInfo::from_pin(dir.join(name)).ok())
-        .map(|info| info.id())
-        .collect();
+    let ids = pinned_map_ids(dir);
     if ids.is_empty() {
         return Vec::new();
     }
@@ -40,6 +37,101 @@ pub fn holders(dir: &Path) -> Vec<u32> {
     pids.sort_unstable();
     pids.dedup();
     pids
+}
+
+/// The ids of the maps pinned under `dir`.
+fn pinned_map_ids(dir: &Path) -> HashSet<u32> {
+    super::pins::names()
+        .filter_map(|name| aya::maps::MapInfo::from_pin(dir.join(name)).ok())
+        .map(|info| info.id())
+        .collect()
+}
+
+/// The ids of the maps the program with id `program` uses.
+fn maps_of(program: u32) -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == program)
+        .and_then(|info| info.map_ids().ok().flatten())
+        .unwrap_or_default()
+}
+
+/// What a kept dataplane left on interfaces the configuration no longer
+/// names, removed at start: the XDP links of former uplinks (and their
+/// `tm_tc_tap_out`), the full TC programs of former `tc_interfaces`. Only
+/// programs on the maps pinned in `pin_dir`: another daemon's stay.
+/// Containers', conduits' and taps' programs are their plugins' to restore.
+/// What was removed, one line each.
+pub fn unconfigured(pin_dir: &Path, uplinks: &[String], tc_interfaces: &[String]) -> Vec<String> {
+    let mut removed = Vec::new();
+    let mut former_uplinks = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(pin_dir.join("links")) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(interface) = name.strip_prefix("xdp_") else {
+                continue;
+            };
+            if uplinks.iter().any(|u| u == interface) {
+                continue;
+            }
+            // Unpinned and dropped, the link goes and the program with it.
+            match PinnedLink::from_pin(entry.path()).map(|l| l.unpin()) {
+                Ok(Ok(link)) => drop(link),
+                _ => {
+                    let _ = std::fs::remove_file(entry.path());
+                }
+            }
+            removed.push(format!(
+                "XDP link on {interface} detached (no longer an uplink)"
+            ));
+            former_uplinks.push(interface.to_string());
+        }
+    }
+    let ours = pinned_map_ids(pin_dir);
+    let Ok(interfaces) = net::link::all() else {
+        return removed;
+    };
+    for link in interfaces {
+        let tc_interface = tc_interfaces.contains(&link.name);
+        let former_uplink = former_uplinks.contains(&link.name);
+        for (kind, label) in [
+            (TcAttachType::Ingress, "ingress"),
+            (TcAttachType::Egress, "egress"),
+        ] {
+            let stale = |name: &str| match kind {
+                TcAttachType::Ingress => {
+                    (name == p::TC_INGRESS && !tc_interface)
+                        || (name == p::TC_TAP_OUT && former_uplink)
+                }
+                _ => name == p::TC_EGRESS && !tc_interface,
+            };
+            let filters = net::qdisc::bpf_filters(&link.name, kind == TcAttachType::Egress)
+                .unwrap_or_default();
+            for f in filters.iter().filter(|f| stale(&f.name)) {
+                let on_our_maps = f
+                    .program
+                    .is_some_and(|id| maps_of(id).iter().any(|m| ours.contains(m)));
+                if !on_our_maps {
+                    continue;
+                }
+                let detached = SchedClassifierLink::attached(
+                    &link.name,
+                    kind,
+                    f.priority,
+                    f.handle.into(),
+                    None,
+                )
+                .is_ok_and(|l| aya::programs::links::Link::detach(l).is_ok());
+                if detached {
+                    removed.push(format!(
+                        "TC {label} {} on {} detached (not in the configuration)",
+                        f.name, link.name
+                    ));
+                }
+            }
+        }
+    }
+    removed
 }
 
 /// Every BPF map another process holds an fd of, with those processes.

@@ -707,6 +707,11 @@ fn start_dataplane(
         }
         // Listed as before: the uplinks' XDP first.
         attachments.sort_by_key(|a| a.hook != Hook::Xdp);
+        if kept {
+            for line in cleanup::unconfigured(&pin_dir, &config.uplinks, &config.tc_interfaces) {
+                tracing::warn!("kept dataplane: {line}");
+            }
+        }
         Ok(())
     })();
     if let Err(e) = result {
