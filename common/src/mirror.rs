@@ -58,6 +58,12 @@ assert_layout!(CopyHead, size = 24, align = 8);
 /// Direction bits, TaaS's meaning relative to the source port: IN is traffic
 /// to the port (TC egress of its host-side interface), OUT traffic from it
 /// (TC ingress).
+/// The `tc_index` a copy carries (its original keeps its own): a copy that
+/// comes back to a tapped port (through a veth peer or a bridge) is not
+/// copied again, so copies never circle. Nothing else sets `tc_index` since
+/// Linux 6.3 removed dsmark and tcindex; clones and veth pairs keep it.
+pub const COPY_TC_INDEX: u32 = 0x7a70;
+
 pub const DIRECTION_IN: u8 = 1;
 pub const DIRECTION_OUT: u8 = 2;
 

@@ -13,8 +13,8 @@ use aya_ebpf::{
     programs::{TcContext, XdpContext},
 };
 use tapmesh_common::mirror::{
-    filter_bit, CopyHead, MirrorCounter, COPY_MAX_BYTES, DIRECTION_IN, DIRECTION_OUT,
-    RULES_PER_PORT,
+    filter_bit, CopyHead, MirrorCounter, COPY_MAX_BYTES, COPY_TC_INDEX, DIRECTION_IN,
+    DIRECTION_OUT, RULES_PER_PORT,
 };
 
 use crate::{
@@ -38,6 +38,16 @@ pub fn copy(ctx: &TcContext, direction: u8) {
     let Some(port) = (unsafe { tm_mirror_ports.get(&ifindex) }) else {
         return;
     };
+    // SAFETY: the context's __sk_buff is valid for the program's run.
+    let tc_index = unsafe { (*ctx.skb.skb).tc_index };
+    if tc_index == COPY_TC_INDEX {
+        // A copy back at a tapped port (a veth peer or a bridge of a tap
+        // service's interface): copied again, it would circle.
+        return;
+    }
+    // Clones take the mark; the packet gets its own back below.
+    // SAFETY: tc_index is writable from TC.
+    unsafe { (*ctx.skb.skb).tc_index = COPY_TC_INDEX };
     // Read in place: a copy would take 100 bytes of stack from the programs this is inlined into.
     let port = &*port;
     let vlan = vlan_of(ctx);
@@ -79,6 +89,8 @@ pub fn copy(ctx: &TcContext, direction: u8) {
             }
         }
     }
+    // SAFETY: as above.
+    unsafe { (*ctx.skb.skb).tc_index = tc_index };
 }
 
 /// Puts the packet's first bytes (up to `COPY_MAX_BYTES`) into the ring

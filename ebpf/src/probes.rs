@@ -7,7 +7,7 @@ use aya_ebpf::{
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, xdp_action, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_PSEUDO_HDR, TC_ACT_OK,
     },
-    helpers::generated::{bpf_l4_csum_replace, bpf_redirect},
+    helpers::generated::{bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_head},
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
@@ -89,6 +89,25 @@ pub fn tm_probe_tc_l4_csum(ctx: TcContext) -> i32 {
 pub fn tm_probe_tc_adjust_room(ctx: TcContext) -> i32 {
     let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
     match ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, flags) {
+        Ok(()) => TC_ACT_OK,
+        Err(_) => 2,
+    }
+}
+
+/// `bpf_skb_change_head` pushing 28 bytes in front of the frame.
+#[classifier]
+pub fn tm_probe_tc_change_head(ctx: TcContext) -> i32 {
+    // SAFETY: a plain helper call.
+    match unsafe { bpf_skb_change_head(ctx.skb.skb, 28, 0) } {
+        0 => TC_ACT_OK,
+        _ => 2,
+    }
+}
+
+/// `bpf_skb_adjust_room` of 28 bytes without encapsulation flags.
+#[classifier]
+pub fn tm_probe_tc_adjust_room_plain(ctx: TcContext) -> i32 {
+    match ctx.adjust_room(28, BPF_ADJ_ROOM_MAC, 0) {
         Ok(()) => TC_ACT_OK,
         Err(_) => 2,
     }

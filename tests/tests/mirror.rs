@@ -301,6 +301,65 @@ fn a_vlan_filter_passes_only_its_vlans() {
     assert_eq!(flow.mirrored_bytes, 10 * tagged, "{flow:?}");
 }
 
+/// A tap service on a veth whose peer is a source of its own flow: each
+/// copy comes back in through the peer. It is not copied again (a copy
+/// carries `COPY_TC_INDEX`), so one frame makes one copy, not a storm
+/// (found by an independent tester: one frame became millions).
+#[test]
+fn a_copy_back_at_a_tapped_port_is_not_copied_again() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let (a, b) = (tapmesh_tests::unique("ta"), tapmesh_tests::unique("tb"));
+    lab.node
+        .ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+    for i in [&a, &b] {
+        lab.node.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{i}.disable_ipv6=1"),
+        ]);
+        lab.node.ip(&["link", "set", i, "up"]);
+    }
+    lab.service("loop", Destination::Interface(a.clone()))
+        .unwrap();
+    let f = TapFlow {
+        id: "back".into(),
+        tap_service: "loop".into(),
+        source: b.clone(),
+        direction: "OUT".into(),
+        ..Default::default()
+    };
+    lab.call(async |c| c.create_tap_flow(f).await.map(|_| ()))
+        .unwrap();
+    let rx = || {
+        let path = format!("/sys/class/net/{b}/statistics/rx_packets");
+        let out = lab.node.exec(&["cat", &path]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<u64>()
+            .expect("rx_packets")
+    };
+    let before = rx();
+    // One frame out of the service's veth, for no one here (dropped on arrival).
+    let (src, dst) = ("192.0.2.5".parse().unwrap(), "192.0.2.6".parse().unwrap());
+    let frame = ethernet(
+        [2, 0, 0, 0, 0, 9],
+        lab.node.mac(&a),
+        &[],
+        0x0800,
+        &ipv4(src, dst, UDP, &[], &udp_v4(src, dst, 1, 2, b"once")),
+    );
+    send_frames(&lab.node.name, &a, &[frame]);
+    assert!(wait_until(Duration::from_secs(3), || rx() - before >= 2));
+    std::thread::sleep(Duration::from_millis(300));
+    // The frame and its one copy.
+    assert_eq!(rx() - before, 2);
+    let flow = lab.list().flows[0].clone();
+    assert_eq!((flow.mirrored_packets, flow.failed), (1, 0), "{flow:?}");
+}
+
 #[test]
 fn bad_requests_are_refused_and_a_gone_port_takes_its_taps() {
     if !kernel_tests_enabled() {

@@ -17,7 +17,7 @@ pub fn rows(bpf: &mut Bpf) -> Vec<Row> {
     use aya::programs::{SchedClassifier, Xdp};
     let frame = vip_frame(VIP_LOCAL, 53);
     // Program, row, the return value that says it did its operation.
-    let probes: [(&str, &'static str, u32); 15] = [
+    let probes: [(&str, &'static str, u32); 17] = [
         (
             "tm_probe_xdp_mixed_branches",
             "Building block: XDP, 64 branches on packet bytes, taken or not",
@@ -86,6 +86,16 @@ pub fn rows(bpf: &mut Bpf) -> Vec<Row> {
         (
             "tm_probe_tc_adjust_room",
             "Building block: TC, bpf_skb_adjust_room (IPv4 + UDP encap)",
+            0,
+        ),
+        (
+            "tm_probe_tc_change_head",
+            "Building block: TC, bpf_skb_change_head (28 bytes)",
+            0,
+        ),
+        (
+            "tm_probe_tc_adjust_room_plain",
+            "Building block: TC, bpf_skb_adjust_room (28 bytes, no encapsulation flags)",
             0,
         ),
         (
