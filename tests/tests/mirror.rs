@@ -1393,21 +1393,33 @@ fn a_fifo_without_a_reader_and_a_shared_pcap_are_refused() {
 
     let pcap = dir.0.join("shared.pcap");
     lab.ring_service("one", &pcap);
-    let e = lab
-        .service(
-            "two",
-            Destination::Ring(Ring {
-                pcap: format!("{}/./shared.pcap", dir.0.display()),
-                forward: String::new(),
-            }),
-        )
-        .expect_err("the same file");
-    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
-    assert!(
-        e.message()
-            .contains("is written by tap service \"one\" already"),
-        "{e:?}"
-    );
+    // The same file spelt otherwise: `.`, `..` (found by an independent
+    // tester, with the symlink), a symlink to it, a symlinked directory.
+    std::fs::create_dir(dir.0.join("sub")).unwrap();
+    std::os::unix::fs::symlink(&pcap, dir.0.join("link.pcap")).unwrap();
+    std::os::unix::fs::symlink(&dir.0, dir.0.join("again")).unwrap();
+    for spelling in [
+        format!("{}/./shared.pcap", dir.0.display()),
+        format!("{}/sub/../shared.pcap", dir.0.display()),
+        format!("{}/link.pcap", dir.0.display()),
+        format!("{}/again/shared.pcap", dir.0.display()),
+    ] {
+        let e = lab
+            .service(
+                "two",
+                Destination::Ring(Ring {
+                    pcap: spelling.clone(),
+                    forward: String::new(),
+                }),
+            )
+            .expect_err(&spelling);
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(
+            e.message()
+                .contains("is written by tap service \"one\" already"),
+            "{spelling}: {e:?}"
+        );
+    }
     lab.flow("both", "one", "BOTH", "").unwrap();
     lab.ping(10);
     lab.wait_delivered(20);

@@ -307,14 +307,8 @@ impl MirrorService {
                     )));
                 }
                 if let Some(p) = &r.pcap {
-                    let same = |q: &str| {
-                        let lexical = |t: &str| {
-                            std::path::Path::new(t)
-                                .components()
-                                .collect::<std::path::PathBuf>()
-                        };
-                        lexical(q) == lexical(p)
-                    };
+                    let file = pcap_file(p);
+                    let same = |q: &str| pcap_file(q) == file;
                     let writer = state.services.values().find(|s| {
                         s.spec.id != spec.id
                             && matches!(&s.spec.destination, Destination::Ring(o) if o.pcap.as_deref().is_some_and(same))
@@ -1009,6 +1003,22 @@ fn ring_error(id: &str, e: super::ring::RingError) -> MirrorError {
             "tap service {id:?}: consumer {consumer}: {step}: {source}"
         )),
         e => MirrorError::Dataplane(format!("tap service {id:?}: {e}")),
+    }
+}
+
+/// The file a pcap path names: symlinks and `..` resolved (in its directory
+/// when the file is not there yet), so two spellings of one file are one.
+fn pcap_file(path: &str) -> std::path::PathBuf {
+    let path = std::path::Path::new(path);
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    match (
+        path.parent().and_then(|d| std::fs::canonicalize(d).ok()),
+        path.file_name(),
+    ) {
+        (Some(dir), Some(name)) => dir.join(name),
+        _ => path.components().collect(),
     }
 }
 
