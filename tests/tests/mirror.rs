@@ -360,6 +360,52 @@ fn a_copy_back_at_a_tapped_port_is_not_copied_again() {
     assert_eq!((flow.mirrored_packets, flow.failed), (1, 0), "{flow:?}");
 }
 
+/// A tap flow's delete takes the clsact qdisc the daemon added for it
+/// only when nothing else is on it: a filter another tool added since
+/// stays, with its qdisc (found by an independent tester: both went).
+#[test]
+fn a_flow_delete_leaves_another_tools_filter_and_its_qdisc() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::monitored();
+    let port = lab.port.interface.clone();
+    let tc = |args: &[&str]| {
+        let out = tapmesh_tests::sh("tc", &[&["-n", &lab.node.name], args].concat());
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let qdiscs = || tc(&["qdisc", "show", "dev", &port]);
+    assert!(!qdiscs().contains("clsact"));
+    // Alone, the qdisc the daemon added goes with the flow.
+    lab.flow("g", "mon", "BOTH", "").unwrap();
+    assert!(qdiscs().contains("clsact"));
+    lab.delete_flow("g");
+    assert!(!qdiscs().contains("clsact"), "{}", qdiscs());
+    lab.flow("f", "mon", "BOTH", "").unwrap();
+    assert!(qdiscs().contains("clsact"));
+    // Another tool's classic BPF filter ("accept"), added after the flow's.
+    tc(&[
+        "filter",
+        "add",
+        "dev",
+        &port,
+        "egress",
+        "pref",
+        "10",
+        "protocol",
+        "all",
+        "bpf",
+        "bytecode",
+        "1,6 0 0 0,",
+    ]);
+    lab.delete_flow("f");
+    assert!(qdiscs().contains("clsact"), "{}", qdiscs());
+    let egress = tc(&["filter", "show", "dev", &port, "egress"]);
+    assert!(egress.contains("pref 10 bpf"), "{egress}");
+    assert!(!egress.contains("tm_"), "{egress}");
+    assert!(!tc(&["filter", "show", "dev", &port, "ingress"]).contains("tm_"));
+}
+
 #[test]
 fn bad_requests_are_refused_and_a_gone_port_takes_its_taps() {
     if !kernel_tests_enabled() {

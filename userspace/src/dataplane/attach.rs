@@ -585,11 +585,21 @@ pub fn keep(ebpf: &mut Ebpf, links: Links, pin_dir: &Path) -> Result<(), Datapla
     Ok(())
 }
 
-/// Removes the clsact qdiscs this daemon added.
+/// Removes the clsact qdiscs this daemon added, once they are empty: a
+/// filter another tool added since keeps its qdisc (and itself).
 pub fn cleanup(attachments: &[Attachment]) {
     for a in attachments.iter().filter(|a| a.created_clsact) {
-        if let Err(e) = qdisc::delete_clsact(&a.interface) {
-            tracing::warn!(interface = %a.interface, "removing clsact: {e}");
+        // A gone interface took its qdisc with it.
+        if crate::net::link::index(&a.interface).is_none() {
+            continue;
+        }
+        match qdisc::delete_clsact_if_empty(&a.interface) {
+            Ok(true) => {}
+            Ok(false) => tracing::info!(
+                interface = %a.interface,
+                "clsact left in place: it holds filters that are not tapmesh's"
+            ),
+            Err(e) => tracing::warn!(interface = %a.interface, "removing clsact: {e}"),
         }
     }
 }

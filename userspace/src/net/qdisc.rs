@@ -41,6 +41,68 @@ pub struct BpfFilter {
 /// kernel's order (none without a clsact qdisc).
 pub fn bpf_filters(interface: &str, egress: bool) -> Result<Vec<BpfFilter>, NetError> {
     use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcOption};
+
+    let mut found = Vec::new();
+    dump_filters(interface, egress, |m| {
+        // The kernel lists each priority's chain head too (no handle, no options).
+        let options: Vec<&TcFilterBpfOption> = m
+            .attributes
+            .iter()
+            .filter_map(|a| match a {
+                TcAttribute::Options(options) => Some(options),
+                _ => None,
+            })
+            .flatten()
+            .filter_map(|o| match o {
+                TcOption::Bpf(b) => Some(b),
+                _ => None,
+            })
+            .collect();
+        let name = options.iter().find_map(|o| match o {
+            TcFilterBpfOption::ProgName(n) => Some(n.clone()),
+            _ => None,
+        });
+        if let Some(name) = name {
+            found.push(BpfFilter {
+                name,
+                priority: (m.header.info >> 16) as u16,
+                handle: u32::from(m.header.handle.major) << 16 | u32::from(m.header.handle.minor),
+                program: options.iter().find_map(|o| match o {
+                    TcFilterBpfOption::ProgId(id) => Some(*id),
+                    _ => None,
+                }),
+            });
+        }
+    })?;
+    Ok(found)
+}
+
+/// Whether any filter, of any kind and anyone's, is on `interface`'s
+/// clsact hooks.
+pub fn has_filters(interface: &str) -> Result<bool, NetError> {
+    let mut any = false;
+    for egress in [false, true] {
+        dump_filters(interface, egress, |_| any = true)?;
+    }
+    Ok(any)
+}
+
+/// Deletes the clsact qdisc of `interface` only if no filter is left on
+/// it: another tool's filters added since go with it otherwise. Whether
+/// it was deleted.
+pub fn delete_clsact_if_empty(interface: &str) -> Result<bool, NetError> {
+    if has_filters(interface)? {
+        return Ok(false);
+    }
+    delete_clsact(interface).map(|()| true)
+}
+
+/// Calls `each` with every filter message of one clsact hook.
+fn dump_filters(
+    interface: &str,
+    egress: bool,
+    mut each: impl FnMut(&TcMessage),
+) -> Result<(), NetError> {
     use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 
     let index = super::link::by_name(interface)?.index;
@@ -54,53 +116,21 @@ pub fn bpf_filters(interface: &str, egress: bool) -> Result<Vec<BpfFilter>, NetE
             TcHandle::MIN_INGRESS
         },
     };
-    let mut found = Vec::new();
     let mut socket = Netlink::route().map_err(NetError::kernel("opening a netlink socket"))?;
     let dumped = socket.dump(
         RouteNetlinkMessage::GetTrafficFilter(request),
         |_, whole| {
-            let Ok(NetlinkMessage {
+            if let Ok(NetlinkMessage {
                 payload: NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)),
                 ..
             }) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(whole)
-            else {
-                return;
-            };
-            // The kernel lists each priority's chain head too (no handle, no options).
-            let options: Vec<&TcFilterBpfOption> = m
-                .attributes
-                .iter()
-                .filter_map(|a| match a {
-                    TcAttribute::Options(options) => Some(options),
-                    _ => None,
-                })
-                .flatten()
-                .filter_map(|o| match o {
-                    TcOption::Bpf(b) => Some(b),
-                    _ => None,
-                })
-                .collect();
-            let name = options.iter().find_map(|o| match o {
-                TcFilterBpfOption::ProgName(n) => Some(n.clone()),
-                _ => None,
-            });
-            if let Some(name) = name {
-                found.push(BpfFilter {
-                    name,
-                    priority: (m.header.info >> 16) as u16,
-                    handle: u32::from(m.header.handle.major) << 16
-                        | u32::from(m.header.handle.minor),
-                    program: options.iter().find_map(|o| match o {
-                        TcFilterBpfOption::ProgId(id) => Some(*id),
-                        _ => None,
-                    }),
-                });
+            {
+                each(&m);
             }
         },
     );
     // Without a clsact qdisc the dump is empty.
     dumped.map_err(NetError::kernel(format!(
         "listing the TC filters of {interface}"
-    )))?;
-    Ok(found)
+    )))
 }
