@@ -75,6 +75,16 @@ fn configurations_that_cannot_work_are_refused() {
             "takes every packet",
         ),
         (
+            "multicast v6 (neighbour discovery)",
+            with_vip("nd", "ff02::/16"),
+            "overlaps ff00::/8 (multicast)",
+        ),
+        (
+            "broadcast",
+            with_vip("bc", "255.255.255.255"),
+            "overlaps 240.0.0.0/4 (reserved, broadcast)",
+        ),
+        (
             "the node's address",
             with_vip("net", "198.18.0.0/16"),
             "holds this node's own address 198.18.0.1",

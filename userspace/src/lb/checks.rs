@@ -34,6 +34,13 @@ pub fn check_flow_set(set: &FlowSet) -> Result<(), LbError> {
                 value: written(&vip.prefix, vip.v6),
             });
         }
+        if let Some(range) = not_unicast(&vip.prefix) {
+            return Err(LbError::VipNotUnicast {
+                vip: vip.name.clone(),
+                value: written(&vip.prefix, vip.v6),
+                range,
+            });
+        }
     }
     // IPv4 sources in the maps' space: ::ffff:0:0/96.
     let v4_space = Prefix::new(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96);
@@ -64,6 +71,28 @@ pub fn check_flow_set(set: &FlowSet) -> Result<(), LbError> {
 }
 
 /// A prefix of the maps' space as the user wrote it (IPv4 unmapped).
+/// The special range a VIP prefix (in the maps' space) overlaps, if any:
+/// packets there are the network's own (neighbour discovery, broadcasts,
+/// multicast groups, loopback), not a service's, and a VIP would take them.
+fn not_unicast(prefix: &Prefix) -> Option<&'static str> {
+    let v4 = |a: [u8; 4], len: u8| Prefix::new(Ipv4Addr::from(a).to_ipv6_mapped(), 96 + len);
+    let v6 = |a: &str, len: u8| Prefix::new(a.parse::<Ipv6Addr>().expect("a literal"), len);
+    let ranges = [
+        (v4([0, 0, 0, 0], 8), "0.0.0.0/8 (this network)"),
+        (v4([127, 0, 0, 0], 8), "127.0.0.0/8 (loopback)"),
+        (v4([224, 0, 0, 0], 4), "224.0.0.0/4 (multicast)"),
+        (v4([240, 0, 0, 0], 4), "240.0.0.0/4 (reserved, broadcast)"),
+        (v6("::", 128), "::/128 (unspecified)"),
+        (v6("::1", 128), "::1/128 (loopback)"),
+        (v6("fe80::", 10), "fe80::/10 (link-local)"),
+        (v6("ff00::", 8), "ff00::/8 (multicast)"),
+    ];
+    ranges
+        .into_iter()
+        .find(|(range, _)| range.covers(prefix) || prefix.covers(range))
+        .map(|(_, name)| name)
+}
+
 fn written(prefix: &Prefix, v6: bool) -> String {
     match prefix.addr {
         IpAddr::V6(a) if !v6 => match a.to_ipv4_mapped() {
@@ -204,6 +233,37 @@ mod tests {
     }
 
     #[test]
+    fn a_vip_on_a_special_range_is_refused() {
+        for (address, range) in [
+            ("224.0.0.0/4", "224.0.0.0/4 (multicast)"),
+            ("239.1.2.3", "224.0.0.0/4 (multicast)"),
+            ("255.255.255.255", "240.0.0.0/4 (reserved, broadcast)"),
+            ("127.0.0.1", "127.0.0.0/8 (loopback)"),
+            ("0.0.0.0", "0.0.0.0/8 (this network)"),
+            ("0.0.0.0/1", "0.0.0.0/8 (this network)"),
+            ("ff02::/16", "ff00::/8 (multicast)"),
+            ("ff02::1", "ff00::/8 (multicast)"),
+            ("fe80::1", "fe80::/10 (link-local)"),
+            ("::", "::/128 (unspecified)"),
+            ("::1", "::1/128 (loopback)"),
+        ] {
+            let s = spec(vec![vip("odd", address)], &[]);
+            match validate(&s).unwrap_err() {
+                LbError::VipNotUnicast { range: r, .. } => assert_eq!(r, range, "{address}"),
+                other => panic!("{address}: {other}"),
+            }
+        }
+        for unicast in [
+            "203.0.113.10",
+            "198.51.100.16/28",
+            "2001:db8::1",
+            "2001:db8::/64",
+        ] {
+            validate(&spec(vec![vip("fine", unicast)], &[])).unwrap();
+        }
+    }
+
+    #[test]
     fn a_vip_of_everything_is_refused() {
         for (address, written) in [("0.0.0.0/0", "0.0.0.0/0"), ("::/0", "::/0")] {
             let s = spec(vec![vip("all", address)], &[]);
@@ -216,7 +276,8 @@ mod tests {
                 "{address}"
             );
         }
-        validate(&spec(vec![vip("half", "0.0.0.0/1")], &[])).unwrap();
+        // Wide, but of unicast addresses only.
+        validate(&spec(vec![vip("quarter", "128.0.0.0/2")], &[])).unwrap();
     }
 
     #[test]

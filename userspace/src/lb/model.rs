@@ -176,6 +176,12 @@ pub enum LbError {
     },
     #[error("VIP {vip:?} address {value:?} takes every packet to this node, its own traffic included; use the prefix the VIPs are in, such as \"203.0.113.0/24\"")]
     VipTakesEverything { vip: String, value: String },
+    #[error("VIP {vip:?} address {value:?} overlaps {range}: those packets are the network's own (neighbour discovery, broadcasts, groups), not a service's, and the VIP would take them; use a unicast address such as \"203.0.113.10\"")]
+    VipNotUnicast {
+        vip: String,
+        value: String,
+        range: &'static str,
+    },
     #[error("VIP {vip:?} address {value:?} holds this node's own address {node}; the node would stop answering, use a prefix without it")]
     VipHoldsNode {
         vip: String,
