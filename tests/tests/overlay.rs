@@ -1218,10 +1218,59 @@ fn api_errors_are_clear_and_leave_nothing_behind() {
         (400, true),
         "{text}"
     );
+    // A subnet a container may not have, as for the cluster's answer
+    // (found by an independent tester: 0.0.0.0/0 gave a container 0.0.0.3).
+    for (subnet, why) in [
+        (
+            "0.0.0.0/0",
+            "a /0 (a node's container subnet is a /8 to /30)",
+        ),
+        (
+            "224.0.0.0/24",
+            "a special-purpose range, not for containers",
+        ),
+        (
+            "198.18.2.0/28",
+            "overlaps the node's address (198.18.2.1/32)",
+        ),
+        (
+            "203.0.113.0/26",
+            "overlaps the service IPs (203.0.113.0/24)",
+        ),
+    ] {
+        let body = format!(
+            r#"{{"client_id": "{}", "subnetwork": "{subnet}"}}"#,
+            n1.netns.name
+        );
+        let (status, text) = n1.api("/register", &body);
+        assert_eq!(
+            (status, text.contains(why)),
+            (400, true),
+            "{subnet}: {text}"
+        );
+    }
     // A /30 has room for one container.
     n1.register("192.0.2.0/30");
     let (status, text) = n1.api("/register", r#"{"client_id": "someone-else"}"#);
     assert_eq!(status, 400, "{text}");
+    // Registered, a node's subnet stays: another one is said to be refused.
+    let again = |subnet: &str| {
+        let body = format!(
+            r#"{{"client_id": "{}", "subnetwork": "{subnet}"}}"#,
+            n1.netns.name
+        );
+        n1.api("/register", &body)
+    };
+    let (status, text) = again("192.0.2.64/26");
+    assert_eq!(
+        (
+            status,
+            text.contains("registered with subnetwork 192.0.2.0/30")
+        ),
+        (400, true),
+        "{text}"
+    );
+    assert_eq!(again("192.0.2.0/30").0, 200);
     let (status, text) = n1.api(
         "/container/deploy",
         r#"{"pid": 999999999, "serviceName": "a.b.c.d", "instanceNumber": 0}"#,

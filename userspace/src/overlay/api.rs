@@ -366,9 +366,18 @@ pub(super) fn parse_table(bytes: &[u8]) -> Result<(String, Vec<RemoteSpec>, Stri
     let job = job_name(&t.app_name)?;
     let mut instances = Vec::new();
     for i in t.instance_list {
+        // Both are where packets are sent: a group, a broadcast, loopback
+        // or "any" would go into the tunnel peers and conntrack as one host.
         let ip = |text: &str, what: &str| {
-            text.parse::<Ipv4Addr>()
-                .map_err(|_| bad(format!("{what} {text:?} is not an IPv4 address")))
+            let a = text
+                .parse::<Ipv4Addr>()
+                .map_err(|_| bad(format!("{what} {text:?} is not an IPv4 address")))?;
+            if a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() {
+                return Err(bad(format!(
+                    "{what} {text:?} is not a unicast address a host can have"
+                )));
+            }
+            Ok(a)
         };
         let (Some(ns), Some(node)) = (
             i.namespace_ip.as_deref().filter(|t| !t.is_empty()),
@@ -514,6 +523,31 @@ mod tests {
         match parse_table(bad) {
             Err(e) => assert!(e.to_string().contains("namespace_ip"), "{e}"),
             Ok(_) => panic!("a malformed namespace_ip was taken"),
+        }
+    }
+
+    #[test]
+    fn a_table_names_unicast_hosts_only() {
+        for (ns, host, what) in [
+            ("192.0.2.2", "255.255.255.255", "host_ip"),
+            ("192.0.2.2", "0.0.0.0", "host_ip"),
+            ("192.0.2.2", "224.0.0.1", "host_ip"),
+            ("192.0.2.2", "127.0.0.1", "host_ip"),
+            ("224.1.1.1", "198.18.2.1", "namespace_ip"),
+        ] {
+            let body = format!(
+                r#"{{"app_name": "a.b.c.d", "instance_list": [{{"instance_number": 0, "namespace_ip": "{ns}", "host_ip": "{host}", "host_port": 50103}}]}}"#
+            );
+            match parse_table(body.as_bytes()) {
+                Err(e) => {
+                    let e = e.to_string();
+                    assert!(
+                        e.contains(what) && e.contains("not a unicast address"),
+                        "{ns} {host}: {e}"
+                    );
+                }
+                Ok(_) => panic!("{ns} on {host} was taken"),
+            }
         }
     }
 }

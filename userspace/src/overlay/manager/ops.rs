@@ -122,6 +122,24 @@ impl NetManager {
             if r.client_id != client_id {
                 return Err(NmError::AlreadyRegistered(r.client_id.clone()));
             }
+            // Said again, a subnet must be the one in use: another is no
+            // change this answer may hide.
+            let other = |asked: &Option<String>, held: &str| {
+                asked.as_deref().is_some_and(|a| {
+                    a.parse::<Prefix>().map(|p| p.network().to_string()).ok()
+                        != held.parse::<Prefix>().map(|p| p.network().to_string()).ok()
+                })
+            };
+            let held_v6 = r.subnetwork_v6.clone().unwrap_or_default();
+            if (!r.subnetwork.is_empty() && other(&subnetwork, &r.subnetwork))
+                || (!held_v6.is_empty() && other(&subnetwork_v6, &held_v6))
+            {
+                return Err(NmError::BadRequest(format!(
+                    "{client_id} is registered with subnetwork {}{}; a node's subnet does not change while it is registered",
+                    r.subnetwork,
+                    r.subnetwork_v6.as_deref().map(|s| format!(" and {s}")).unwrap_or_default()
+                )));
+            }
             let waiting = state.ipam.is_none();
             drop(state);
             if waiting {
@@ -152,6 +170,19 @@ impl NetManager {
         };
         let subnet = parse(subnetwork, self.settings.subnetwork, true)?;
         let subnet_v6 = parse(subnetwork_v6, self.settings.subnetwork_v6, false)?;
+        // What a cluster's answer may not take, a subnet given here may not either.
+        let taken = self.taken(&state);
+        for (p, lengths, field) in [
+            (subnet, 8..=30, "subnetwork"),
+            (subnet_v6, 64..=124, "subnetwork_v6"),
+        ] {
+            if let Some(why) = p.and_then(|p| unusable_subnet(p, lengths, &taken)) {
+                return Err(NmError::BadRequest(format!(
+                    "{field} {}: {why}",
+                    p.expect("checked")
+                )));
+            }
+        }
         if subnet.is_none() && !self.settings.oakestra {
             return Err(NmError::BadRequest(
                 "no subnetwork: send \"subnetwork\" (e.g. 10.18.0.0/26), set netmanager.subnetwork, or set netmanager.oakestra to ask the cluster".into(),
