@@ -576,6 +576,12 @@ fn bad_configurations_exit_with_one_line_and_attach_nothing() {
             "unknown field `uplink`",
         ),
         (vec!["--log-level", "tapmesh=loud"], 2, "daemon.log_level"),
+        // A bare word was a target to the filter: the daemon ran and logged nothing.
+        (
+            vec!["--log-level", "warning"],
+            2,
+            "daemon.log_level: \"warning\" is not a level",
+        ),
         // Native XDP on lo fails after the veth got its program: everything is rolled back.
         (
             vec![

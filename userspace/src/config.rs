@@ -1135,6 +1135,23 @@ impl Config {
                 });
             }
         }
+        // A bare word is a target to EnvFilter, so a misspelt level
+        // ("warning") would silently log nothing at all.
+        let levels = ["trace", "debug", "info", "warn", "error", "off"];
+        for directive in self.daemon.log_level.split(',').map(str::trim) {
+            if !directive.is_empty()
+                && !directive.contains('=')
+                && !levels.contains(&directive.to_ascii_lowercase().as_str())
+            {
+                return Err(ConfigError::BadValue {
+                    setting: "daemon.log_level",
+                    message: format!(
+                        "{directive:?} is not a level; use one of {} (or target=level, such as tapmesh::lb=debug)",
+                        levels.join(", ")
+                    ),
+                });
+            }
+        }
         tracing_subscriber::EnvFilter::try_new(&self.daemon.log_level).map_err(|e| {
             ConfigError::BadValue {
                 setting: "daemon.log_level",
