@@ -322,3 +322,18 @@ fn client_mistakes_get_4xx_and_no_echo() {
     node.undeploy("gone.ns.web.ns", 0);
     assert_eq!(location(), "");
 }
+
+/// A clean stop with the NetManager on logs no error: an LB write kicked
+/// on the way down (the NetManager leaving the catalog) found the
+/// dataplane stopped and said so as an ERROR, at every rolling update.
+#[test]
+fn a_stop_with_the_netmanager_on_logs_no_error() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (mut node, _peer) = one_node();
+    let daemon = node.daemon.as_mut().expect("running");
+    assert!(daemon.stop().success(), "{}", daemon.log_text());
+    let log = daemon.log_text();
+    assert!(!log.contains("ERROR"), "{log}");
+}

@@ -537,6 +537,14 @@ async fn writer(catalog: Arc<Catalog>) {
         let mut garbage: Vec<Box<dyn Send>> = Vec::new();
         let feed = overlay_part(&*catalog.state.lock().await);
         let (result, replaced) = catalog.lb.set_source_freeing_later(LB_SOURCE, spec).await;
+        // The dataplane stops last; a write kicked on the way down (the
+        // NetManager leaving) finds it stopped. Nothing is lost: no error.
+        let stopped = matches!(
+            result,
+            Err(crate::lb::service::LbServiceError::Dataplane(
+                crate::dataplane::DataplaneError::NotRunning
+            ))
+        );
         let mut result = result.map_err(|e| e.to_string());
         garbage.push(replaced);
         {
@@ -581,6 +589,7 @@ async fn writer(catalog: Arc<Catalog>) {
                 }));
                 garbage.push(Box::new(old));
             }
+            Err(e) if stopped => tracing::debug!("EDS endpoints not written: {e}"),
             Err(e) => tracing::error!("EDS endpoints not written: {e}"),
         }
         let _ = catalog.written.send_replace((generation, result));
