@@ -1052,10 +1052,19 @@ fn an_unreadable_state_file_is_kept_aside_not_overwritten() {
         .with_file_name("state")
         .join("netmanager-state.json");
     let garbage = b"{\"registration\": garbage";
+    // The EDS identities too (found by an independent tester: that one
+    // stopped the daemon from starting, xDS or not).
+    let identities = state.with_file_name("eds-identities.json");
     lab.nodes.node1.restart(&[], |_| {
         assert!(state.exists(), "the deployments were saved");
         std::fs::write(&state, garbage).unwrap();
+        std::fs::write(&identities, b"{\"garbage\": [1,2,").unwrap();
     });
+    let identities_aside = state.with_file_name("eds-identities.refused.json");
+    assert_eq!(
+        std::fs::read(&identities_aside).ok().as_deref(),
+        Some(&b"{\"garbage\": [1,2,"[..])
+    );
     // The daemon starts without it; a new registration saves afresh and
     // what the file held is still there for the operator.
     lab.nodes.node1.register("192.0.2.0/26");

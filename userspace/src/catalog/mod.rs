@@ -194,8 +194,13 @@ impl Catalog {
     pub async fn set_state_dir(&self, dir: &std::path::Path) -> Result<(), String> {
         let path = dir.join(STATE_FILE);
         let identities = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice::<Identities>(&bytes)
-                .map_err(|e| format!("{}: {e} (remove it to start afresh)", path.display()))?,
+            // As the other state files: one that cannot be read is set
+            // aside and the daemon starts (the backends get new
+            // identifiers), rather than a node not starting at all.
+            Ok(bytes) => serde_json::from_slice::<Identities>(&bytes).unwrap_or_else(|e| {
+                tracing::warn!("EDS identities {}", crate::statefile::refused(&path, &e));
+                Identities::default()
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Identities::default(),
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
