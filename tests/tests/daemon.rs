@@ -576,6 +576,17 @@ fn bad_configurations_exit_with_one_line_and_attach_nothing() {
             "unknown field `uplink`",
         ),
         (vec!["--log-level", "tapmesh=loud"], 2, "daemon.log_level"),
+        // Two of its own APIs on one socket: it failed after attaching, blamed on another process.
+        (
+            vec![
+                "--uplink",
+                &lab.node_if,
+                "--node-socket",
+                socket.to_str().unwrap(),
+            ],
+            2,
+            "nsp.socket: ",
+        ),
         // A bare word was a target to the filter: the daemon ran and logged nothing.
         (
             vec!["--log-level", "warning"],

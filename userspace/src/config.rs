@@ -942,6 +942,57 @@ impl Config {
         }
     }
 
+    /// Two of the daemon's own listeners on one socket or TCP port: the
+    /// second would fail once the dataplane is attached, blamed on
+    /// "another process".
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
+        let mut sockets = vec![
+            ("daemon.admin_socket", self.daemon.admin_socket.as_path()),
+            ("nsp.socket", self.nsp.socket.as_path()),
+        ];
+        if let Some(s) = &self.netmanager.socket {
+            sockets.push(("netmanager.socket", s.as_path()));
+        }
+        sockets.retain(|(_, p)| !p.as_os_str().is_empty());
+        for (i, (first, path)) in sockets.iter().enumerate() {
+            if let Some((second, _)) = sockets[i + 1..].iter().find(|(_, p)| p == path) {
+                return Err(ConfigError::BadValue {
+                    setting: second,
+                    message: format!(
+                        "{path:?} is {first} too; each of the daemon's APIs needs a socket of its own"
+                    ),
+                });
+            }
+        }
+        let mut ports: Vec<(&'static str, std::net::SocketAddr)> = Vec::new();
+        for (setting, text) in [
+            ("metrics.listen", self.metrics.listen.as_str()),
+            ("xds.serve", self.xds.serve.as_str()),
+        ] {
+            if let Ok(a) = text.parse() {
+                ports.push((setting, a));
+            }
+        }
+        if let Some(a) = self.netmanager.listen {
+            ports.push(("netmanager.listen", a));
+        }
+        for (i, (first, a)) in ports.iter().enumerate() {
+            let clash = |b: &std::net::SocketAddr| {
+                a.port() == b.port()
+                    && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+            };
+            if let Some((second, b)) = ports[i + 1..].iter().find(|(_, b)| clash(b)) {
+                return Err(ConfigError::BadValue {
+                    setting: second,
+                    message: format!(
+                        "{b} takes the port of {first} ({a}); give each listener a port of its own"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     fn validate_netmanager(&self) -> Result<(), ConfigError> {
         let nm = &self.netmanager;
         let bad =
@@ -951,6 +1002,19 @@ impl Config {
                 return Err(bad(
                     "netmanager.socket",
                     format!("{socket:?} must be an absolute path"),
+                ));
+            }
+        }
+        // Read as the cluster client reads it: host, a colon, a port.
+        if let Some(broker) = &nm.mqtt_broker {
+            let usable = broker.rsplit_once(':').is_some_and(|(host, port)| {
+                !host.trim_matches(['[', ']']).is_empty()
+                    && port.parse::<u16>().is_ok_and(|p| p != 0)
+            });
+            if !usable {
+                return Err(bad(
+                    "netmanager.mqtt_broker",
+                    format!("{broker:?} is not host:port, such as \"192.0.2.10:10003\""),
                 ));
             }
         }
@@ -1135,6 +1199,7 @@ impl Config {
                 });
             }
         }
+        self.validate_listeners()?;
         // A bare word is a target to EnvFilter, so a misspelt level
         // ("warning") would silently log nothing at all.
         let levels = ["trace", "debug", "info", "warn", "error", "off"];
@@ -1165,6 +1230,71 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_listeners_on_one_socket_or_port_are_refused() {
+        for (text, setting, part) in [
+            (
+                "[daemon]\nadmin_socket = \"/run/a.sock\"\n[netmanager]\nsocket = \"/run/a.sock\"\n",
+                "netmanager.socket",
+                "is daemon.admin_socket too",
+            ),
+            (
+                "[metrics]\nlisten = \"127.0.0.1:9843\"\n[netmanager]\nlisten = \"0.0.0.0:9843\"\n",
+                "netmanager.listen",
+                "takes the port of metrics.listen (127.0.0.1:9843)",
+            ),
+            (
+                "[metrics]\nlisten = \"127.0.0.1:9843\"\n[xds]\nserve = \"127.0.0.1:9843\"\n",
+                "xds.serve",
+                "takes the port of metrics.listen",
+            ),
+        ] {
+            match Config::from_toml(text).unwrap().validate_listeners() {
+                Err(ConfigError::BadValue { setting: s, message }) => {
+                    assert_eq!(s, setting);
+                    assert!(message.contains(part), "{message}");
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+        let apart =
+            "[metrics]\nlisten = \"127.0.0.1:9843\"\n[netmanager]\nlisten = \"127.0.0.2:9843\"\n";
+        Config::from_toml(apart)
+            .unwrap()
+            .validate_listeners()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_broker_that_is_not_host_and_port_is_refused() {
+        for broker in [
+            "nohostport",
+            "127.0.0.1:99999",
+            "[::1]:1883x",
+            ":1883",
+            "h:0",
+        ] {
+            let text = format!("[netmanager]\nmqtt_broker = \"{broker}\"\n");
+            match Config::from_toml(&text).unwrap().validate_netmanager() {
+                Err(ConfigError::BadValue { setting, .. }) => {
+                    assert_eq!(setting, "netmanager.mqtt_broker", "{broker}")
+                }
+                other => panic!("{broker}: {other:?}"),
+            }
+        }
+        for broker in [
+            "192.0.2.10:10003",
+            "broker.example:1883",
+            "[2001:db8::1]:10003",
+        ] {
+            let text = format!("[netmanager]\nmqtt_broker = \"{broker}\"\n");
+            Config::from_toml(&text)
+                .unwrap()
+                .validate_netmanager()
+                .unwrap();
+        }
+    }
 
     #[test]
     fn defaults_apply_to_an_empty_file() {
