@@ -13,8 +13,8 @@ use std::{
 };
 
 use tapmesh_tests::{
-    kernel_tests_enabled,
-    overlay::{deploy_body, one_node, Node},
+    kernel_tests_enabled, link,
+    overlay::{deploy_body, one_node, start_node, Node, NODE1, NODE2},
     Netns, TempDir,
 };
 
@@ -336,4 +336,33 @@ fn a_stop_with_the_netmanager_on_logs_no_error() {
     assert!(daemon.stop().success(), "{}", daemon.log_text());
     let log = daemon.log_text();
     assert!(!log.contains("ERROR"), "{log}");
+}
+
+/// A broker that does not answer is retried every second and said once
+/// (then summarised every 10 minutes): it was a warning every second
+/// (found by an independent tester).
+#[test]
+fn a_broker_away_is_said_once_not_every_second() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let n1 = Netns::new("ovb");
+    let peer = Netns::new("ovp");
+    let (up1, _) = link(&n1, &format!("{NODE1}/24"), &peer, &format!("{NODE2}/24"));
+    // Nothing listens on the discard port here.
+    let mut node = start_node(
+        n1,
+        up1.interface,
+        NODE1,
+        "oakestra = true\nmqtt_broker = \"127.0.0.1:9\"\n",
+    );
+    node.post(
+        "/register",
+        r#"{"client_id": "away", "subnetwork": "192.0.2.0/26"}"#,
+    );
+    std::thread::sleep(Duration::from_millis(3500));
+    let daemon = node.daemon.as_mut().expect("running");
+    let log = daemon.log_text();
+    assert_eq!(log.matches("MQTT broker").count(), 1, "{log}");
+    assert!(daemon.stop().success());
 }

@@ -79,6 +79,9 @@ async fn run(
     };
     let mut updates: Option<tonic::Streaming<pb::StreamResponse>> = None;
     let mut confirm = tokio::time::Instant::now();
+    // A conduit that cannot connect retries every few seconds: each reason
+    // is logged once, then summarised.
+    let mut repeats = crate::repeats::Repeats::default();
     while !cancel.is_cancelled() {
         // (Re)connect when due: at once, after a failure, and every `refresh`.
         if tokio::time::Instant::now() >= confirm {
@@ -100,13 +103,21 @@ async fn run(
                         changed
                     });
                     confirm = tokio::time::Instant::now() + refresh;
+                    repeats.clear();
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(conduit = %name, "connect: {}", e.message());
+                    let reason = format!("connect: {}", e.message());
+                    if let Some(line) = repeats.note(&reason, std::time::Instant::now()) {
+                        tracing::warn!(conduit = %name, "{line}");
+                    }
                     confirm = tokio::time::Instant::now() + CONNECT_RETRY;
                 }
                 Err(_) => {
-                    tracing::warn!(conduit = %name, "connect: timed out");
+                    if let Some(line) =
+                        repeats.note("connect: timed out", std::time::Instant::now())
+                    {
+                        tracing::warn!(conduit = %name, "{line}");
+                    }
                     confirm = tokio::time::Instant::now() + CONNECT_RETRY;
                 }
             }

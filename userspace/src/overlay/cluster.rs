@@ -159,6 +159,9 @@ impl Cluster {
         let stop2 = stop.clone();
         tokio::spawn(async move {
             let prefix = format!("nodes/{}/net/", c.client_id);
+            // Retried every second while the broker is away: each reason
+            // logged once, then summarised.
+            let mut repeats = crate::repeats::Repeats::default();
             loop {
                 let event = tokio::select! {
                     _ = stop2.cancelled() => break,
@@ -173,6 +176,7 @@ impl Cluster {
                 match event {
                     Ok(Event::Incoming(Packet::ConnAck(_))) => {
                         tracing::info!("netmanager: connected to the cluster's MQTT broker");
+                        repeats.clear();
                         c.connections
                             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         c.connected.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -213,7 +217,10 @@ impl Cluster {
                     Err(e) => {
                         c.connected
                             .store(false, std::sync::atomic::Ordering::SeqCst);
-                        tracing::warn!("netmanager: MQTT broker {e}; retrying in 1 s");
+                        let reason = format!("netmanager: MQTT broker {e}; retrying every second");
+                        if let Some(line) = repeats.note(&reason, std::time::Instant::now()) {
+                            tracing::warn!("{line}");
+                        }
                         tokio::select! {
                             _ = stop2.cancelled() => break,
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
