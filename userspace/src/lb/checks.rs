@@ -136,6 +136,39 @@ pub fn check_owners(parts: &[(&str, &LbSpec)]) -> Result<(), LbError> {
             }
         }
     }
+    // After the addresses: a clash of both is best named by its address.
+    check_names(parts)
+}
+
+/// Each VIP, stream and flow name belongs to one source: a second source
+/// using it is refused naming both (within one source, validation says
+/// "defined twice").
+fn check_names(parts: &[(&str, &LbSpec)]) -> Result<(), LbError> {
+    let mut owners: HashMap<(&str, &str), &str> = HashMap::new();
+    for &(source, spec) in parts {
+        let names = spec
+            .vips
+            .iter()
+            .map(|v| ("VIP", v.name.as_str()))
+            .chain(spec.streams.iter().map(|s| ("stream", s.name.as_str())))
+            .chain(spec.flows.iter().map(|f| ("flow", f.name.as_str())));
+        for (kind, name) in names {
+            match owners.get(&(kind, name)) {
+                Some(&owner) if owner != source => {
+                    return Err(LbError::NameTaken {
+                        kind,
+                        name: name.to_string(),
+                        owner: source_label(owner),
+                        claimant: source_label(source),
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    owners.insert((kind, name), source);
+                }
+            }
+        }
+    }
     Ok(())
 }
 
@@ -233,6 +266,25 @@ mod tests {
     }
 
     #[test]
+    fn a_name_two_sources_give_is_refused_naming_both() {
+        let admin = spec(vec![vip("vip2.trench-a", "198.51.100.50")], &[]);
+        let meridio = spec(vec![vip("vip2.trench-a", "203.0.113.11")], &[]);
+        match check_owners(&[("lb", &admin), ("nsp", &meridio)]).unwrap_err() {
+            LbError::NameTaken {
+                kind,
+                name,
+                owner,
+                claimant,
+            } => {
+                assert_eq!((kind, name.as_str()), ("VIP", "vip2.trench-a"));
+                assert_eq!(owner, source_label("lb"));
+                assert_eq!(claimant, source_label("nsp"));
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[test]
     fn a_vip_on_a_special_range_is_refused() {
         for (address, range) in [
             ("224.0.0.0/4", "224.0.0.0/4 (multicast)"),
@@ -322,7 +374,10 @@ mod tests {
         for needle in ["vip1", "vip1.trench-a", "(lb)", "(nsp)", "203.0.113.10/32"] {
             assert!(text.contains(needle), "{needle:?} in {text}");
         }
-        let other = spec(vec![vip("eds.web", "203.0.113.20")], &[]);
+        let mut other = spec(vec![vip("eds.web", "203.0.113.20")], &[]);
+        other.streams[0].name = "eds.s".into();
+        other.flows[0].name = "eds.f".into();
+        other.flows[0].stream = "eds.s".into();
         check_owners(&[("lb", &file), ("eds", &other)]).unwrap();
     }
 

@@ -174,6 +174,13 @@ pub enum LbError {
         owner: String,
         owner_source: String,
     },
+    #[error("{kind} {name:?}: {owner} already has a {kind} of that name, so {claimant} cannot have one; each name belongs to one source, rename it in one of them")]
+    NameTaken {
+        kind: &'static str,
+        name: String,
+        owner: String,
+        claimant: String,
+    },
     #[error("VIP {vip:?} address {value:?} takes every packet to this node, its own traffic included; use the prefix the VIPs are in, such as \"203.0.113.0/24\"")]
     VipTakesEverything { vip: String, value: String },
     #[error("VIP {vip:?} address {value:?} overlaps {range}: those packets are the network's own (neighbour discovery, broadcasts, groups), not a service's, and the VIP would take them; use a unicast address such as \"203.0.113.10\"")]
