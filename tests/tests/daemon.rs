@@ -548,6 +548,17 @@ fn bad_configurations_exit_with_one_line_and_attach_nothing() {
     let unknown_key = dir.join("unknown.toml");
     std::fs::write(&unknown_key, "[dataplane]\nuplink = \"eth0\"\n").unwrap();
     let missing = dir.join("missing.toml");
+    // A local target on an interface this namespace does not have: it was
+    // found only after the dataplane was attached (exit 1).
+    let no_interface = dir.join("lb.toml");
+    std::fs::write(
+        &no_interface,
+        "[[vips]]\nname = \"v\"\naddress = \"203.0.113.10\"\n\n[[streams]]\nname = \"s\"\nmax_targets = 4\n\n\
+         [[flows]]\nname = \"f\"\nvips = [\"v\"]\nstream = \"s\"\nprotocols = [\"udp\"]\n\n\
+         [[targets]]\nstream = \"s\"\nidentifier = 1\n\
+         via = { local = { interface = \"nosuch9\", mac = \"02:00:00:00:00:01\" } }\n",
+    )
+    .unwrap();
 
     let cases: Vec<(Vec<&str>, i32, &str)> = vec![
         (
@@ -586,6 +597,16 @@ fn bad_configurations_exit_with_one_line_and_attach_nothing() {
             ],
             2,
             "nsp.socket: ",
+        ),
+        (
+            vec![
+                "--uplink",
+                &lab.node_if,
+                "--lb-config",
+                no_interface.to_str().unwrap(),
+            ],
+            2,
+            "target 1 of stream \"s\": interface \"nosuch9\" does not exist",
         ),
         // A bare word was a target to the filter: the daemon ran and logged nothing.
         (

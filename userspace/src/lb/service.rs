@@ -71,6 +71,26 @@ pub fn read_spec(path: &Path, capacity: Capacity) -> Result<LbSpec, LbServiceErr
     Ok(spec)
 }
 
+/// The daemon's LB file names local targets on interfaces of its namespace:
+/// one missing there fails the start after the dataplane is attached, so
+/// it is refused with the other settings (as a missing uplink is).
+pub fn check_local_interfaces(path: &Path, spec: &LbSpec) -> Result<(), LbServiceError> {
+    for t in &spec.targets {
+        if let super::model::TargetVia::Local { interface, .. } = &t.via {
+            if crate::net::link::index(interface).is_none() {
+                return Err(LbServiceError::File {
+                    path: path.display().to_string(),
+                    message: format!(
+                        "target {} of stream {:?}: interface {interface:?} does not exist",
+                        t.identifier, t.stream
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The configuration set through the admin API or file (`own`) and the parts
 /// other plugins own (`others`, by plugin name); the maps get their union.
 #[derive(Default)]
@@ -653,10 +673,12 @@ impl Plugin for LbPlugin {
         config: &Config,
     ) -> Result<(), PluginError> {
         let file = match &config.lb.config_file {
-            Some(path) => Some(
-                read_spec(path, Capacity::of(&config.dataplane))
-                    .map_err(|e| PluginError::new(e.to_string()))?,
-            ),
+            Some(path) => {
+                let spec = read_spec(path, Capacity::of(&config.dataplane))
+                    .and_then(|s| check_local_interfaces(path, &s).map(|()| s))
+                    .map_err(|e| PluginError::new(e.to_string()))?;
+                Some(spec)
+            }
             None => None,
         };
         *self.service.store.lock().expect("store lock") =
