@@ -11,7 +11,7 @@ use aya_ebpf::{
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
     },
     helpers::generated::{
-        bpf_ktime_get_ns, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_tail,
+        bpf_ktime_get_ns, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail,
     },
     programs::{TcContext, XdpContext},
 };
@@ -734,7 +734,7 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         _ => ip.id as u32,
     };
     let hash = ip.src ^ ip.dst ^ ports ^ id;
-    to_node(ctx, ip.total_len as usize, inst, tunnel, hash)
+    to_node(ctx, ip.total_len as usize, inst, tunnel, hash, true)
 }
 
 /// Sends an IP packet (`inner_len` bytes after Ethernet) through the
@@ -746,6 +746,7 @@ pub fn to_node(
     inst: &Instance,
     t: &TunnelConfig,
     hash: u32,
+    inner_v4: bool,
 ) -> Result<i32, DropReason> {
     let outer = tunnel::Outer {
         src: tunnel::node_addr(t),
@@ -754,9 +755,26 @@ pub fn to_node(
         src_port: tunnel::source_port(hash ^ hash >> 16),
         inner_len,
     };
-    let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
-    ctx.adjust_room(TUNNEL_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
-        .map_err(|_| DropReason::AdjustRoomFailed)?;
+    // SAFETY: reading a field of the context.
+    let gso = unsafe { (*ctx.skb.skb).gso_size != 0 };
+    if gso || !inner_v4 {
+        // A GSO packet is segmented later: the kernel must know the tunnel
+        // (its inner headers, the UDP tunnel GSO type); an IPv6 one gets
+        // the outer IPv4 protocol.
+        let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
+        ctx.adjust_room(TUNNEL_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
+            .map_err(|_| DropReason::AdjustRoomFailed)?;
+    } else {
+        // One IPv4 packet: room in front of the frame is all it needs
+        // (~40 ns here against ~100 for adjust_room). The 42 bytes are
+        // written whole below (the old Ethernet header lies inside them);
+        // the network header and an offloaded checksum's start still
+        // point at the inner packet, which stays as it was.
+        // SAFETY: a plain helper call on the context's skb.
+        if unsafe { bpf_skb_change_head(ctx.skb.skb, TUNNEL_LEN as u32, 0) } != 0 {
+            return Err(DropReason::AdjustRoomFailed);
+        }
+    }
     let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
     let eth = tunnel::encapsulate(&pkt, &outer, DropReason::AdjustRoomFailed)?;
     let hop = tunnel::Hop {
@@ -764,8 +782,8 @@ pub fn to_node(
         dst_mac: &inst.dst_mac,
         src_mac: &inst.src_mac,
     };
-    // SAFETY: reading fields of the context.
-    let (ifindex, gso) = unsafe { ((*ctx.skb.skb).ifindex, (*ctx.skb.skb).gso_size != 0) };
+    // SAFETY: reading a field of the context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let egress = tunnel::next_hop(ctx.skb.skb as *mut _, ifindex, eth, &hop, &outer, !gso)?;
     // SAFETY: a plain helper call.
     Ok(unsafe { bpf_redirect(egress, 0) } as i32)

@@ -427,7 +427,7 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         _ => s.fragment.id,
     };
     let hash = words(&s.key.src)[3] ^ words(&s.key.dst)[3] ^ flow ^ id;
-    to_node(ctx, ip.total_len as usize, inst, tunnel, hash)
+    to_node(ctx, ip.total_len as usize, inst, tunnel, hash, false)
 }
 
 /// Answers a packet too big for the tunnel with ICMPv6 "packet too big"
