@@ -175,10 +175,24 @@ fn three_nodes_spread_flows_by_one_maglev_and_a_killed_node_leaves_within_its_le
         ("/tapmesh/v1/targets/trench-a/n9/x", "[]"),
         ("/tapmesh/v1/elsewhere/x", "foreign"),
         ("/tapmesh/v1/nodes/bogus", "\u{1}\u{2}still not json"),
+        // A record with an address no node can have: its targets were
+        // written as remote targets there, which the LB refused, and the
+        // whole view with them (found by an independent tester: no
+        // change of any node reached another from then on).
+        (
+            "/tapmesh/v1/nodes/evil",
+            r#"{"name":"evil","tunnel_addresses":["0.0.0.0"],"conduit_prefixes":[],"container_subnets":[],"pod_cidrs":[],"version":"x"}"#,
+        ),
     ];
     for (key, value) in bad {
         lab.etcd.put(key, value);
     }
+    // A target of that node: well formed, so not a bad value, but with no
+    // usable node it is left out (the SIGKILL below shows the view applies).
+    lab.etcd.put(
+        "/tapmesh/v1/targets/trench-a/evil/198.19.50.2/30-Default-stream-a.conduit-a.trench-a",
+        r#"{"node":"evil","target":{"ips":["198.19.50.2/30"],"context":{"identifier":"4"},"status":"Enabled","kind":"Default","stream":{"trench":"trench-a","conduit":"conduit-a","stream":"stream-a"}},"served":true}"#,
+    );
     let counted = wait_until(Duration::from_secs(5), || {
         (1..=3).all(|i| {
             lab.daemon(i)
@@ -188,7 +202,7 @@ fn three_nodes_spread_flows_by_one_maglev_and_a_killed_node_leaves_within_its_le
         })
     });
     assert!(counted, "{:?}", lab.daemon(1).status().cluster);
-    assert!(lab.cluster_detail(1).contains("4 bad values skipped"));
+    assert!(lab.cluster_detail(1).contains("5 bad values skipped"));
     assert!(lab.cluster_detail(1).contains("3 nodes [n1 n2 n3]"));
     let diff = differences(&maps, &daemon_maps(lab.daemon(1)));
     assert!(
@@ -201,7 +215,7 @@ fn three_nodes_spread_flows_by_one_maglev_and_a_killed_node_leaves_within_its_le
             .lines()
             .filter(|l| l.contains("cluster: skipping"))
             .count();
-        assert_eq!(lines, 3, "node {i}: one line per bad key:\n{log}");
+        assert_eq!(lines, 4, "node {i}: one line per bad key:\n{log}");
     }
 
     // SIGKILL node 3's daemon: its target leaves nodes 1 and 2 within the lease + 2 s.
@@ -239,7 +253,7 @@ fn three_nodes_spread_flows_by_one_maglev_and_a_killed_node_leaves_within_its_le
     assert_eq!(c["node"], "n1", "{json}");
     assert_eq!(c["etcd_connected"], true, "{json}");
     assert_eq!(c["etcd_error"], "", "{json}");
-    assert_eq!(c["bad_values"], 4, "{json}");
+    assert_eq!(c["bad_values"], 5, "{json}");
     assert!(c["revision"].as_i64().unwrap() > 0, "{json}");
     let rows: Vec<(String, String, u64)> = c["nodes"]
         .as_array()
@@ -263,7 +277,7 @@ fn three_nodes_spread_flows_by_one_maglev_and_a_killed_node_leaves_within_its_le
     );
     let text = lab.daemon(1).cli(&["status"]);
     let head = format!(
-        "  node n1, etcd connected, revision {}, lease {:x}, bad values 4, re-lists 0",
+        "  node n1, etcd connected, revision {}, lease {:x}, bad values 5, re-lists 0",
         c["revision"],
         c["lease"].as_i64().unwrap()
     );
@@ -1174,4 +1188,35 @@ fn tls_to_etcd_joins_with_its_ca_and_a_wrong_ca_is_refused_with_one_clear_line()
         .collect();
     assert_eq!(lines.len(), 1, "{log}");
     eprintln!("wrong CA: {}", lines[0]);
+}
+
+/// A stray value on a claim node 2 won (no lease, or not node/target) is no
+/// node's claim: node 2 takes its claim back and its target stays ENABLED.
+/// It gave the target up (DISABLED until someone deleted the key; found by
+/// an independent tester).
+#[test]
+fn a_stray_value_on_a_won_claim_is_taken_back() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (lab, c) = lab_with_a_claimed_target(2);
+    let key = lab.etcd.get_prefix("/tapmesh/v1/ids/")[0].clone();
+    let owner = lab.etcd.get(&key).expect("the claim");
+    assert!(owner.starts_with("n2/"), "{owner}");
+    for stray in [
+        "garbage",
+        "evil/198.19.50.2/30-Default-stream-a.conduit-a.trench-a",
+    ] {
+        lab.etcd.put(&key, stray);
+        let back = wait_until(Duration::from_secs(10), || {
+            lab.etcd.get(&key).as_deref() == Some(owner.as_str())
+        });
+        assert!(back, "{stray}: {:?}", lab.etcd.get(&key));
+        let enabled = lab
+            .registry(2)
+            .iter()
+            .any(|r| r.1 == "7" && r.2 == "ENABLED" && r.3 == "n2");
+        assert!(enabled, "{stray}: {:?}", lab.registry(2));
+    }
+    drop(c);
 }

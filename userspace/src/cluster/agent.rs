@@ -787,10 +787,15 @@ impl Agent {
     async fn apply(&self) {
         let (remote, peers, nodes, health) = {
             let view = self.view.lock().expect("view lock");
+            let own = self.dataplane.tunnel().address;
+            // A record giving this node's own address is not another node:
+            // its targets are left out (the LB refuses a remote target
+            // here, and the whole view with it).
             let address = |node: &str| {
                 view.nodes
                     .get(node)
                     .and_then(|n| n.tunnel_addresses.first().copied())
+                    .filter(|a| Some(*a) != own)
             };
             let remote: Vec<RemoteTarget> = view
                 .targets
@@ -808,10 +813,10 @@ impl Agent {
                 .values()
                 .filter(|n| n.name != self.node())
                 .flat_map(|n| n.tunnel_addresses.iter().copied())
+                .filter(|a| Some(*a) != own)
                 .collect();
             // Without a tunnel address of its own this node has no remote
             // targets; a node claiming this node's address is not another.
-            let own = self.dataplane.tunnel().address;
             let nodes: Vec<RemoteNode> = match own {
                 None => Vec::new(),
                 Some(own) => view
@@ -928,13 +933,41 @@ async fn claim(client: &mut Client, key: &str, owner: &str, lease: i64) -> Resul
         return Ok(true);
     }
     let holder = response.op_responses().into_iter().find_map(|op| match op {
-        TxnOpResponse::Get(get) => get
-            .kvs()
-            .first()
-            .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+        TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
+            (
+                String::from_utf8_lossy(kv.value()).into_owned(),
+                kv.lease(),
+                kv.mod_revision(),
+            )
+        }),
         _ => None,
     });
-    Ok(holder.as_deref() == Some(owner))
+    let Some((value, held_under, revision)) = holder else {
+        return Ok(false);
+    };
+    if value == owner {
+        return Ok(true);
+    }
+    // Every node claims under its lease, as "<node>/<target>": a value
+    // without a lease or of another shape is no node's claim (a stray
+    // put), and taking it would leave a live target DISABLED until someone
+    // deleted the key. Taken over unless it changed meanwhile.
+    let a_claim = held_under != 0
+        && value
+            .split_once('/')
+            .is_some_and(|(n, t)| !n.is_empty() && !t.is_empty());
+    if a_claim {
+        return Ok(false);
+    }
+    tracing::warn!("cluster: {key} held {value:?}, which no node claims so (no lease, or not node/target); taking it");
+    let txn = Txn::new()
+        .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+        .and_then([TxnOp::put(
+            key,
+            owner,
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+    Ok(timed(client.txn(txn)).await?.succeeded())
 }
 
 #[async_trait::async_trait]

@@ -145,6 +145,17 @@ pub fn parse_node(name: &str, value: &[u8]) -> Result<NodeRecord, BadValue> {
     if let Some(bad) = record.prefix_texts().find(|p| p.parse::<Prefix>().is_err()) {
         return Err(BadValue(format!("{bad:?} is not a prefix")));
     }
+    // Its targets are written to the LB maps with this address as their
+    // node: one no node can have would refuse the whole view there.
+    if let Some(bad) = record
+        .tunnel_addresses
+        .iter()
+        .find(|a| a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast())
+    {
+        return Err(BadValue(format!(
+            "tunnel address {bad} is not a unicast address a node can have"
+        )));
+    }
     Ok(record)
 }
 
@@ -188,6 +199,19 @@ pub(super) mod tests {
                 stream: "s".into(),
             }),
         }
+    }
+
+    #[test]
+    fn a_node_record_with_an_address_no_node_can_have_is_bad() {
+        for address in ["0.0.0.0", "127.0.0.1", "224.0.0.1", "255.255.255.255"] {
+            let value = format!(
+                r#"{{"name":"evil","tunnel_addresses":["{address}"],"conduit_prefixes":[],"container_subnets":[],"pod_cidrs":[],"version":"x"}}"#
+            );
+            let e = parse_node("evil", value.as_bytes()).unwrap_err();
+            assert!(e.0.contains("not a unicast address"), "{address}: {e:?}");
+        }
+        let good = r#"{"name":"n2","tunnel_addresses":["198.51.100.2"],"conduit_prefixes":[],"container_subnets":[],"pod_cidrs":[],"version":"x"}"#;
+        parse_node("n2", good.as_bytes()).unwrap();
     }
 
     #[test]
