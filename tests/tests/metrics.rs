@@ -207,6 +207,47 @@ fn readiness_waits_for_the_xds_server_and_says_why() {
     drop(daemon);
 }
 
+/// A server that has nothing to send yet (an unchanged snapshot after its
+/// restart sends no headers either): the plane is connected and says it
+/// subscribed, not the last error or "not started" (found by an
+/// independent tester: "Connection refused" stayed while the stream was open).
+#[test]
+fn a_stream_open_without_a_response_is_connected_and_says_so() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let node = Netns::new("n");
+    let cp = tapmesh_tests::xds_peer::ControlPlane::start_in(&node.name, false);
+    let config = std::env::temp_dir().join(format!("{}.toml", tapmesh_tests::unique("tmxds")));
+    std::fs::write(
+        &config,
+        format!(
+            "[xds]\nserver = \"{}\"\nprotocol = \"sotw\"\n\
+             [[xds.clusters]]\nname = \"svc\"\nvip = \"203.0.113.9\"\n",
+            cp.address()
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&node.name, &["--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    cp.wait_request(
+        std::time::Duration::from_secs(10),
+        "the subscription",
+        |r| r.response_nonce.is_empty(),
+    );
+    let mut m = scrape(&node.name, LISTEN);
+    assert!(wait_until(std::time::Duration::from_secs(5), || {
+        m = scrape(&node.name, LISTEN);
+        m.value("tapmesh_control_plane_connected", &[("plane", "xds")]) == 1
+    }));
+    let want = format!(
+        "not ready: xds: subscribing at {} (sotw): connected, no response yet",
+        cp.address()
+    );
+    assert_eq!((m.readyz.0, m.readyz.1.trim()), (503, want.as_str()));
+    drop(daemon);
+}
+
 #[test]
 fn idle_and_slow_connections_are_closed_and_leave_room_for_the_probes() {
     if !kernel_tests_enabled() {

@@ -393,6 +393,17 @@ impl Client {
             "subscribing to endpoints"
         );
         tx.try_send(first).expect("an empty channel has room");
+        // Connected and asking: a server with nothing new (an unchanged
+        // snapshot after its restart) sends no headers until it has, and
+        // the last error must not read as the state meanwhile.
+        let server = self.settings.server.clone();
+        health().update(PLANE, |h| {
+            h.connected = true;
+            h.detail = format!(
+                "subscribing at {server} ({}): connected, no response yet",
+                V::NAME
+            );
+        });
         let call = V::call(channel, self.settings.ads, ReceiverStream::new(rx));
         let mut inbound = match self.wait(call).await {
             None => return Ended::Cancelled,
