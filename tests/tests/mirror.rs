@@ -301,62 +301,112 @@ fn a_vlan_filter_passes_only_its_vlans() {
     assert_eq!(flow.mirrored_bytes, 10 * tagged, "{flow:?}");
 }
 
-/// A tap service on a veth whose peer is a source of its own flow: each
-/// copy comes back in through the peer. It is not copied again (a copy
-/// carries `COPY_TC_INDEX`), so one frame makes one copy, not a storm
-/// (found by an independent tester: one frame became millions).
+/// Copies that would come back to a tapped port: through the veth peer of
+/// the service's interface (refused at create, in either order), or
+/// through a bridge the service sends into (not refused: the kernel takes
+/// one copy per packet, since a copy carries `COPY_TC_INDEX` and is not
+/// copied again). One frame made millions through a veth peer, and 24
+/// through a bridge (found by an independent tester).
 #[test]
 fn a_copy_back_at_a_tapped_port_is_not_copied_again() {
     if !kernel_tests_enabled() {
         return;
     }
     let lab = Lab::new();
-    let (a, b) = (tapmesh_tests::unique("ta"), tapmesh_tests::unique("tb"));
-    lab.node
-        .ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
-    for i in [&a, &b] {
+    let flow_on = |id: &str, service: &str, source: &str, direction: &str| {
+        let f = TapFlow {
+            id: id.into(),
+            tap_service: service.into(),
+            source: source.into(),
+            direction: direction.into(),
+            ..Default::default()
+        };
+        lab.call(async |c| c.create_tap_flow(f).await.map(|_| ()))
+    };
+    let up = |i: &str| {
         lab.node.exec(&[
             "sysctl",
             "-qw",
             &format!("net.ipv6.conf.{i}.disable_ipv6=1"),
         ]);
         lab.node.ip(&["link", "set", i, "up"]);
-    }
-    lab.service("loop", Destination::Interface(a.clone()))
+    };
+    // A veth pair in the node: a flow on the far end of a service's veth.
+    let (a, b) = (tapmesh_tests::unique("ta"), tapmesh_tests::unique("tb"));
+    lab.node
+        .ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+    up(&a);
+    up(&b);
+    lab.service("peer", Destination::Interface(a.clone()))
+        .unwrap();
+    let e = flow_on("back", "peer", &b, "OUT").expect_err("a flow on the peer");
+    assert!(
+        e.message().contains("receives the copies of tap service"),
+        "{e:?}"
+    );
+
+    // A bridge: the service sends into it, one of its ports is a source.
+    let (br, port) = (tapmesh_tests::unique("tbr"), tapmesh_tests::unique("tp"));
+    lab.node.ip(&["link", "add", &br, "type", "bridge"]);
+    lab.node.ip(&[
+        "link",
+        "add",
+        &port,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "far",
+        "netns",
+        &lab.monitor.name,
+    ]);
+    lab.node.ip(&["link", "set", &port, "master", &br]);
+    lab.monitor.ip(&["link", "set", "far", "up"]);
+    up(&br);
+    up(&port);
+    lab.service("bridge", Destination::Interface(br.clone()))
         .unwrap();
     let f = TapFlow {
-        id: "back".into(),
-        tap_service: "loop".into(),
-        source: b.clone(),
-        direction: "OUT".into(),
+        id: "in".into(),
+        tap_service: "bridge".into(),
+        source: port.clone(),
+        direction: "IN".into(),
+        vlan_filter: "10".into(),
         ..Default::default()
     };
     lab.call(async |c| c.create_tap_flow(f).await.map(|_| ()))
         .unwrap();
     let rx = || {
-        let path = format!("/sys/class/net/{b}/statistics/rx_packets");
-        let out = lab.node.exec(&["cat", &path]);
+        let out = lab
+            .monitor
+            .exec(&["cat", "/sys/class/net/far/statistics/rx_packets"]);
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse::<u64>()
             .expect("rx_packets")
     };
     let before = rx();
-    // One frame out of the service's veth, for no one here (dropped on arrival).
+    // One broadcast frame into the bridge: flooded out of the port. Tagged,
+    // and the flow takes only its VLAN: the bridge's own IGMP reports go out
+    // of the port too.
     let (src, dst) = ("192.0.2.5".parse().unwrap(), "192.0.2.6".parse().unwrap());
     let frame = ethernet(
-        [2, 0, 0, 0, 0, 9],
-        lab.node.mac(&a),
-        &[],
+        [0xff; 6],
+        lab.node.mac(&br),
+        &[10],
         0x0800,
         &ipv4(src, dst, UDP, &[], &udp_v4(src, dst, 1, 2, b"once")),
     );
-    send_frames(&lab.node.name, &a, &[frame]);
+    send_frames(&lab.node.name, &br, &[frame]);
+    // The frame and its one copy, flooded back through the bridge.
     assert!(wait_until(Duration::from_secs(3), || rx() - before >= 2));
     std::thread::sleep(Duration::from_millis(300));
-    // The frame and its one copy.
-    assert_eq!(rx() - before, 2);
-    let flow = lab.list().flows[0].clone();
+    let flow = lab
+        .list()
+        .flows
+        .into_iter()
+        .find(|f| f.id == "in")
+        .expect("flow in");
     assert_eq!((flow.mirrored_packets, flow.failed), (1, 0), "{flow:?}");
 }
 

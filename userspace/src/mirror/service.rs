@@ -263,10 +263,11 @@ impl MirrorService {
     pub async fn create_service(&self, spec: TapService) -> Result<(), MirrorError> {
         check_id("tap service id", &spec.id)?;
         let mut state = self.state.lock().await;
+        let receives = receiving(&spec);
         if let Some(f) = state
             .flows
             .values()
-            .find(|f| destinations(&spec).contains(&f.spec.source.as_str()))
+            .find(|f| receives.contains(&f.spec.source))
         {
             return Err(MirrorError::Invalid(format!(
                 "tap service {:?}: {:?} is the source of tap flow {:?}; copies would circle",
@@ -620,7 +621,7 @@ impl MirrorService {
         if let Some(s) = state
             .services
             .values()
-            .find(|s| destinations(&s.spec).contains(&spec.source.as_str()))
+            .find(|s| receiving(&s.spec).contains(&spec.source))
         {
             return Err(MirrorError::Invalid(format!(
                 "tap flow {:?}: {:?} receives the copies of tap service {:?}; it cannot be a source",
@@ -1027,4 +1028,16 @@ fn destinations(spec: &TapService) -> Vec<&str> {
         Destination::Interface(i) => vec![i.as_str()],
         Destination::Ring(r) => r.forward.iter().map(String::as_str).collect(),
     }
+}
+
+/// Where a service's copies come in again: its interfaces, and the veth
+/// peer of each that is in this namespace too.
+fn receiving(spec: &TapService) -> Vec<String> {
+    let mut all: Vec<String> = destinations(spec).into_iter().map(String::from).collect();
+    let peers: Vec<String> = all
+        .iter()
+        .filter_map(|i| crate::net::peer::local_peer(i))
+        .collect();
+    all.extend(peers);
+    all
 }

@@ -123,6 +123,17 @@ pub fn namespace_of(nsid: i32) -> Option<File> {
     None
 }
 
+/// The peer of veth `ifname` when it is in the current namespace too:
+/// what is sent out of `ifname` comes in there.
+pub fn local_peer(ifname: &str) -> Option<String> {
+    let link = super::link::by_name(ifname).ok()?;
+    let facts = facts(link.index).ok()?;
+    match (facts.veth, facts.peer_index, facts.peer_nsid) {
+        (true, Some(peer), None) => super::link::by_index(peer).ok().map(|l| l.name),
+        _ => None,
+    }
+}
+
 /// The peer of veth `ifname` (current namespace) when it cannot receive
 /// what a native XDP program sends out of `ifname` (XDP_TX, a redirect):
 /// neither a native XDP program nor GRO there, so no NAPI. None when
