@@ -977,8 +977,11 @@ impl Config {
             ports.push(("netmanager.listen", a));
         }
         for (i, (first, a)) in ports.iter().enumerate() {
+            // Port 0 is any free port; the two families bind apart.
             let clash = |b: &std::net::SocketAddr| {
-                a.port() == b.port()
+                a.port() != 0
+                    && a.port() == b.port()
+                    && a.is_ipv4() == b.is_ipv4()
                     && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
             };
             if let Some((second, b)) = ports[i + 1..].iter().find(|(_, b)| clash(b)) {
@@ -1258,12 +1261,16 @@ mod tests {
                 other => panic!("{text}: {other:?}"),
             }
         }
-        let apart =
-            "[metrics]\nlisten = \"127.0.0.1:9843\"\n[netmanager]\nlisten = \"127.0.0.2:9843\"\n";
-        Config::from_toml(apart)
-            .unwrap()
-            .validate_listeners()
-            .unwrap();
+        for apart in [
+            "[metrics]\nlisten = \"127.0.0.1:9843\"\n[netmanager]\nlisten = \"127.0.0.2:9843\"\n",
+            "[metrics]\nlisten = \"127.0.0.1:0\"\n[netmanager]\nlisten = \"127.0.0.1:0\"\n",
+            "[metrics]\nlisten = \"0.0.0.0:9843\"\n[netmanager]\nlisten = \"[::1]:9843\"\n",
+        ] {
+            Config::from_toml(apart)
+                .unwrap()
+                .validate_listeners()
+                .unwrap_or_else(|e| panic!("{apart}: {e}"));
+        }
     }
 
     #[test]

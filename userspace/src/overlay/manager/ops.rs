@@ -168,21 +168,23 @@ impl NetManager {
                 None => Ok(fallback),
             }
         };
-        let subnet = parse(subnetwork, self.settings.subnetwork, true)?;
-        let subnet_v6 = parse(subnetwork_v6, self.settings.subnetwork_v6, false)?;
-        // What a cluster's answer may not take, a subnet given here may not either.
+        // What a cluster's answer may not take, a subnet sent here may not
+        // either (the configured fallback is the operator's own choice).
         let taken = self.taken(&state);
-        for (p, lengths, field) in [
-            (subnet, 8..=30, "subnetwork"),
-            (subnet_v6, 64..=124, "subnetwork_v6"),
+        for (text, lengths, v4, field) in [
+            (&subnetwork, 8..=30, true, "subnetwork"),
+            (&subnetwork_v6, 64..=124, false, "subnetwork_v6"),
         ] {
-            if let Some(why) = p.and_then(|p| unusable_subnet(p, lengths, &taken)) {
+            let sent = parse(text.clone(), None, v4)?;
+            if let Some(why) = sent.and_then(|p| unusable_subnet(p, lengths, &taken)) {
                 return Err(NmError::BadRequest(format!(
                     "{field} {}: {why}",
-                    p.expect("checked")
+                    sent.expect("checked")
                 )));
             }
         }
+        let subnet = parse(subnetwork, self.settings.subnetwork, true)?;
+        let subnet_v6 = parse(subnetwork_v6, self.settings.subnetwork_v6, false)?;
         if subnet.is_none() && !self.settings.oakestra {
             return Err(NmError::BadRequest(
                 "no subnetwork: send \"subnetwork\" (e.g. 10.18.0.0/26), set netmanager.subnetwork, or set netmanager.oakestra to ask the cluster".into(),
