@@ -58,10 +58,10 @@ fn vips_sharing_a_slot_and_vips_that_come_and_go() {
     if !kernel_tests_enabled() {
         return;
     }
-    // 20.0.0.1 and 0.1.20.0 fold to the same slot; 20.0.0.2 has its own.
+    // 20.0.0.1 and 20.1.0.0 fold to the same slot; 20.0.0.2 has its own.
     let (a, b, c) = (
         Ipv4Addr::new(20, 0, 0, 1),
-        Ipv4Addr::new(0, 1, 20, 0),
+        Ipv4Addr::new(20, 1, 0, 0),
         Ipv4Addr::new(20, 0, 0, 2),
     );
     assert_eq!(vip_slot(&mapped(a)), vip_slot(&mapped(b)));
