@@ -114,15 +114,7 @@ pub fn unconfigured(pin_dir: &Path, uplinks: &[String], tc_interfaces: &[String]
                 if !on_our_maps {
                     continue;
                 }
-                let detached = SchedClassifierLink::attached(
-                    &link.name,
-                    kind,
-                    f.priority,
-                    f.handle.into(),
-                    None,
-                )
-                .is_ok_and(|l| aya::programs::links::Link::detach(l).is_ok());
-                if detached {
+                if detach(&link.name, kind, f) {
                     removed.push(format!(
                         "TC {label} {} on {} detached (not in the configuration)",
                         f.name, link.name
@@ -225,14 +217,7 @@ pub async fn remove_kept(bpffs_root: &Path) -> Result<Vec<String>, NetError> {
                     ));
                     continue;
                 }
-                let link_of = SchedClassifierLink::attached(
-                    &link.name,
-                    kind,
-                    f.priority,
-                    f.handle.into(),
-                    None,
-                );
-                if link_of.is_ok_and(|l| aya::programs::links::Link::detach(l).is_ok()) {
+                if detach(&link.name, kind, f) {
                     ours = true;
                     removed.push(format!("TC {label} {} on {} detached", f.name, link.name));
                 }
@@ -248,6 +233,12 @@ pub async fn remove_kept(bpffs_root: &Path) -> Result<Vec<String>, NetError> {
         removed.push(format!("pins under {} removed", dir.display()));
     }
     Ok(removed)
+}
+
+/// Detaches the filter `f` found on `interface`'s hook `kind`; whether it went.
+fn detach(interface: &str, kind: TcAttachType, f: &net::qdisc::BpfFilter) -> bool {
+    SchedClassifierLink::attached(interface, kind, f.priority, f.handle.into(), None)
+        .is_ok_and(|l| aya::programs::links::Link::detach(l).is_ok())
 }
 
 /// TC filters left on an interface's clsact (ingress and egress).
