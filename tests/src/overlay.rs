@@ -282,10 +282,15 @@ pub fn start_node_with(
 /// One node (198.18.2.1, its uplink's far end 198.18.2.2 in `peer`) with
 /// its daemon running, not yet registered.
 pub fn one_node() -> (Node, Netns) {
+    one_node_with("")
+}
+
+/// [`one_node`] with `extra` lines in its `[netmanager]` section.
+pub fn one_node_with(extra: &str) -> (Node, Netns) {
     let n1 = Netns::new("ovn1");
     let peer = Netns::new("ovp");
     let (up1, _) = link(&n1, &format!("{NODE1}/24"), &peer, &format!("{NODE2}/24"));
-    (start_node(n1, up1.interface, NODE1, ""), peer)
+    (start_node(n1, up1.interface, NODE1, extra), peer)
 }
 
 impl TwoNodes {

@@ -13,8 +13,8 @@ use std::{
 };
 
 use tapmesh_tests::{
-    kernel_tests_enabled, link,
-    overlay::{deploy_body, one_node, start_node, Node, NODE1, NODE2},
+    kernel_tests_enabled,
+    overlay::{deploy_body, one_node, one_node_with, Node},
     Netns, TempDir,
 };
 
@@ -346,16 +346,8 @@ fn a_broker_away_is_said_once_not_every_second() {
     if !kernel_tests_enabled() {
         return;
     }
-    let n1 = Netns::new("ovb");
-    let peer = Netns::new("ovp");
-    let (up1, _) = link(&n1, &format!("{NODE1}/24"), &peer, &format!("{NODE2}/24"));
     // Nothing listens on the discard port here.
-    let mut node = start_node(
-        n1,
-        up1.interface,
-        NODE1,
-        "oakestra = true\nmqtt_broker = \"127.0.0.1:9\"\n",
-    );
+    let (mut node, _peer) = one_node_with("oakestra = true\nmqtt_broker = \"127.0.0.1:9\"\n");
     node.post(
         "/register",
         r#"{"client_id": "away", "subnetwork": "192.0.2.0/26"}"#,
