@@ -42,6 +42,19 @@ fn admin_changes_survive_a_restart_until_the_file_changes() {
     assert_eq!(lab.list().config.expect("config"), changed);
     assert_eq!(lab.spread(DST), before, "the same split after the restart");
 
+    // The admin API's target's interface goes while the daemon is down: that
+    // target is left out, the rest of the saved part still applies.
+    lab.stop();
+    let gone = lab.targets[1].node_if.clone();
+    lab.node.ip(&["link", "del", &gone]);
+    lab.start_with(Some(&file), &state_arg);
+    let mut without = changed.clone();
+    without.targets.retain(|t| t.identifier != 2);
+    assert_eq!(without.targets.len(), 1);
+    assert_eq!(lab.list().config.expect("config"), without);
+    assert!(!state.0.join("lb-state.refused.json").exists());
+    assert_eq!(lab.spread(DST), vec![200, 0]);
+
     // An edited file wins over the saved changes.
     let mut edited = file.clone();
     edited.flows[0].protocols = vec!["udp".into(), "tcp".into()];

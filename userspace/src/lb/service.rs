@@ -91,6 +91,26 @@ pub fn check_local_interfaces(path: &Path, spec: &LbSpec) -> Result<(), LbServic
     Ok(())
 }
 
+/// Leaves out of a saved part its local targets on interfaces gone since it
+/// was saved (a pod deleted while the daemon was down): the rest of the
+/// operator's changes still apply, as they would have had the daemon seen
+/// the interface go.
+fn leave_out_gone_interfaces(spec: &mut LbSpec) {
+    spec.targets.retain(|t| match &t.via {
+        super::model::TargetVia::Local { interface, .. }
+            if crate::net::link::index(interface).is_none() =>
+        {
+            tracing::warn!(
+                "target {} of stream {:?}: interface {interface:?} is gone; left out of the saved LB configuration",
+                t.identifier,
+                t.stream
+            );
+            false
+        }
+        _ => true,
+    });
+}
+
 /// The configuration set through the admin API or file (`own`) and the parts
 /// other plugins own (`others`, by plugin name); the maps get their union.
 #[derive(Default)]
@@ -687,7 +707,10 @@ impl Plugin for LbPlugin {
     }
 
     async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
-        let (initial, saved) = self.service.store.lock().expect("store lock").initial();
+        let (mut initial, saved) = self.service.store.lock().expect("store lock").initial();
+        if saved {
+            leave_out_gone_interfaces(&mut initial);
+        }
         let applied = match self.service.apply(initial).await {
             Err(e) if saved => {
                 let (aside, file) = {
