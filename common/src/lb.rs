@@ -287,7 +287,10 @@ pub struct Target {
     pub ifindex: u32,
     /// Index of the target's counters in `tm_target_stats`.
     pub stats_index: u32,
-    pub _pad: u32,
+    /// Remote, with a resolved hop: the egress interface's MTU, which the
+    /// outer packet may not exceed (0: not checked). Was padding: a map
+    /// pinned before holds 0 there.
+    pub mtu: u32,
     /// Destination and source MAC written before the redirect (local: the
     /// target's and ours; remote: the next hop's and the egress interface's).
     pub dst_mac: [u8; 6],

@@ -501,6 +501,7 @@ fn to_remote(
     let eth = tunnel::encapsulate(&pkt, &outer, DropReason::AdjustHeadFailed)?;
     let hop = tunnel::Hop {
         ifindex: target.ifindex,
+        mtu: target.mtu,
         dst_mac: &target.dst_mac,
         src_mac: &target.src_mac,
     };

@@ -630,6 +630,13 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         return Ok(TC_ACT_OK);
     }
     let ip = ip4_of(&parsed);
+    // Whatever it sends, the source must be the container behind this
+    // interface: another's address would borrow its instance IP and its
+    // flows, any other would pose as a node in a tunnel packet of its own
+    // making (Cilium drops a pod's packet from a source not its own too).
+    // SAFETY: reading a field of the context.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    let (sender, slot) = sender_here(ip.src, ingress)?;
     let Some(config) = tm_ov_config.get(0) else {
         return Ok(TC_ACT_OK);
     };
@@ -641,15 +648,8 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         LATER_FRAGMENT => fragment_binding(&ip),
         _ => ip.tracked.then(|| established(&key)).flatten(),
     };
-    // The source must be the container behind this interface: another's
-    // address would borrow its instance IP and its flows.
-    // SAFETY: reading a field of the context.
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
     let binding = match found {
-        Some(b) => {
-            sender_here(ip.src, ingress)?;
-            b
-        }
+        Some(b) => b,
         None => {
             // SAFETY: the value is read right away.
             let service = match unsafe { tm_ov_services.get(&b4(ip.dst)) } {
@@ -663,7 +663,6 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
             if !ip.tracked {
                 return Err(DropReason::UnsupportedServicePacket);
             }
-            let (sender, slot) = sender_here(ip.src, ingress)?;
             if let Some(slot) = slot {
                 // SAFETY: a map value; written once, when it changes.
                 unsafe {
@@ -784,6 +783,8 @@ pub fn to_node(
     let eth = tunnel::encapsulate(&pkt, &outer, DropReason::AdjustRoomFailed)?;
     let hop = tunnel::Hop {
         ifindex: inst.ifindex,
+        // The service path checks the tunnel MTU itself.
+        mtu: 0,
         dst_mac: &inst.dst_mac,
         src_mac: &inst.src_mac,
     };

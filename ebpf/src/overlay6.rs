@@ -18,7 +18,7 @@ use aya_ebpf::{
 };
 use tapmesh_common::{
     overlay::{
-        owner_slot6, Addr6, Instance, Instance6, Miss6, OverlayConfig6, Scratch6,
+        owner_slot6, Addr6, Instance, Instance6, Local6, Miss6, OverlayConfig6, Scratch6,
         CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE, INSTANCE_LOCAL, INSTANCE_REMOTE,
         OWNER_SLOT_ONE, OWNER_SLOT_SHARED, OWNER_SLOT_STATE, POLICY_INSTANCE,
     },
@@ -244,15 +244,11 @@ fn binding(
     s: &mut Scratch6,
     ip: &Ip6,
     config: &OverlayConfig6,
-    ingress: u32,
+    sender: Option<&'static Local6>,
 ) -> Result<Option<(u32, u32, &'static Instance)>, DropReason> {
-    // The source must be the container behind this interface (`ingress`):
-    // another's address would borrow its instance IP and its flows.
-    // SAFETY: the value is read right away.
-    let sender_here = |s: &Scratch6| match unsafe { tm_ov_locals6.get(&s.key.src) } {
-        Some(l) if l.ifindex == ingress => Ok(l),
-        _ => Err(DropReason::SenderNotDeployed),
-    };
+    // A service's packet must come from the container's own address (not
+    // a link-local one): it becomes that container's instance IP.
+    let sender_here = || sender.ok_or(DropReason::SenderNotDeployed);
     // SAFETY: the values are read right away.
     let found = match (ip.fragment, ip.tracked) {
         (LATER_FRAGMENT, _) => unsafe { tm_ov_frags6.get(&s.fragment) },
@@ -264,7 +260,7 @@ fn binding(
             (tm_ov_instances.get(ct.instance), addresses(ct.instance))
         {
             if inst.generation == ct.generation && inst.kind != 0 {
-                sender_here(s)?;
+                sender_here()?;
                 s.new_dst = inst6.ns_addr;
                 s.new_src = if inst.kind == INSTANCE_LOCAL && !is_zero(&ct.reply_src) {
                     ct.reply_src
@@ -291,7 +287,7 @@ fn binding(
     if !ip.tracked {
         return Err(DropReason::UnsupportedServicePacket);
     }
-    let sender = sender_here(s)?;
+    let sender = sender_here()?;
     let id = pick(service)?;
     let inst = match tm_ov_instances.get(id) {
         Some(i) if i.kind != 0 => i,
@@ -369,15 +365,28 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     }
     let s = scratch()?;
     let ip = ip6_of(&parsed, s);
+    // SAFETY: reading a field of the context.
+    let ingress = unsafe { (*ctx.skb.skb).ifindex };
+    // As for IPv4 (`overlay::try_from_container`), the source must be the
+    // container behind this interface, or one neighbour discovery uses: a
+    // link-local address, or none while the container checks that its
+    // address is free.
+    let nd = (s.key.src[0] == 0xfe && s.key.src[1] & 0xc0 == 0x80) || is_zero(&s.key.src);
+    let sender = match nd {
+        true => None,
+        // SAFETY: a map value, valid for the program's run.
+        false => match unsafe { tm_ov_locals6.get(&s.key.src) } {
+            Some(l) if l.ifindex == ingress => Some(l),
+            _ => return Err(DropReason::SenderNotDeployed),
+        },
+    };
     let (Some(config), Some(config6)) = (tm_ov_config.get(0), tm_ov_config6.get(0)) else {
         return Ok(TC_ACT_OK);
     };
     if config6.flags & CONFIG_SERVICES_OUTSIDE_PREFIX == 0 && !in_prefix(config6, &s.key.dst) {
         return Ok(TC_ACT_OK);
     }
-    // SAFETY: reading a field of the context.
-    let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    let Some((id, service, inst)) = binding(s, &ip, config6, ingress)? else {
+    let Some((id, service, inst)) = binding(s, &ip, config6, sender)? else {
         return Ok(TC_ACT_OK);
     };
     let bytes = ctx.len() as u64;

@@ -27,7 +27,7 @@ use tapmesh_common::{
 
 use crate::{
     headers::*,
-    maps::{tm_tunnel, tm_tunnel_peers, tm_tunnel_slots},
+    maps::{tm_ov_config, tm_ov_config6, tm_tunnel, tm_tunnel_peers, tm_tunnel_slots},
     packet::{load16, load32, store16, store32, Packet},
     parse::{Fragment, Parsed, L3},
 };
@@ -146,6 +146,8 @@ pub fn write_macs(eth: *mut EthHdr, dst: &[u8; 6], src: &[u8; 6], ether_type: [u
 /// and the MACs to write.
 pub struct Hop<'a> {
     pub ifindex: u32,
+    /// The most the outer packet may take out of `ifindex` (0: unchecked).
+    pub mtu: u32,
     pub dst_mac: &'a [u8; 6],
     pub src_mac: &'a [u8; 6],
 }
@@ -167,6 +169,11 @@ pub fn next_hop(
     check_len: bool,
 ) -> Result<u32, DropReason> {
     if hop.ifindex != 0 {
+        // What the FIB lookup's length check would refuse: the egress
+        // interface would drop it, uncounted.
+        if check_len && hop.mtu != 0 && TUNNEL_LEN + o.inner_len > hop.mtu as usize {
+            return Err(DropReason::TooBigForTunnel);
+        }
         write_macs(eth, hop.dst_mac, hop.src_mac, ETH_P_IP.to_be_bytes());
         return Ok(hop.ifindex);
     }
@@ -278,13 +285,15 @@ pub fn first_byte(pkt: &Packet, udp: usize) -> Result<(u8, usize), DropReason> {
     Ok((first, (udp_len as usize).saturating_sub(size_of::<UdpHdr>())))
 }
 
-/// Whether a parsed packet is tunnel traffic for this node: IPv4, UDP, not
-/// a fragment, to this node's address and tunnel port.
+/// Whether a parsed packet is tunnel traffic for this node: IPv4 without
+/// options (no node sends them; the kernel judges one that has them), UDP,
+/// not a fragment, to this node's address and tunnel port.
 #[inline(always)]
 pub fn is_ours(parsed: &Parsed, t: &TunnelConfig) -> bool {
     parsed.l3 == L3::V4
         && parsed.protocol == IPPROTO_UDP
         && parsed.has_l4
+        && parsed.l4_offset == parsed.l3_offset + 20
         && parsed.fragment == Fragment::None
         && parsed.dst_port == t.port
         && parsed.dst_addr[3] == node_addr(t)
@@ -347,6 +356,15 @@ pub fn decapsulate(
     if inner_len != room {
         return Err(DropReason::BadTunnelPacket);
     }
+    // Nor may anything follow the datagram (a UDP length short of the IP
+    // payload, bytes after the IP packet): it would ride along unseen.
+    if inner + room != pkt.wire_len {
+        return Err(DropReason::BadTunnelPacket);
+    }
+    check_outer_checksum(pkt, inner)?;
+    if forged_source(pkt, inner, l3)? {
+        return Err(DropReason::TunnelForeignSource);
+    }
     let outer: *const [[u8; 4]; 3] = pkt.header(0, DropReason::TruncatedEthernet)?;
     // SAFETY: the header was just checked; the MACs move as three words.
     let macs = unsafe {
@@ -367,4 +385,61 @@ pub fn decapsulate(
         store16(&raw mut (*eth).ether_type, ether_type.to_be());
     }
     Ok(l3)
+}
+
+/// Refuses an outer IPv4 header (20 bytes, right before the UDP header in
+/// front of `inner`) whose checksum is wrong, as the kernel's `ip_rcv`
+/// would: XDP sees the packet before it.
+#[inline(always)]
+fn check_outer_checksum(pkt: &Packet, inner: usize) -> Result<(), DropReason> {
+    let ip: *const [[u8; 2]; 10] = pkt.header(inner - TUNNEL_LEN, DropReason::BadTunnelPacket)?;
+    let mut sum = 0u32;
+    for i in 0..10 {
+        // SAFETY: inside the 20 bytes just checked.
+        sum += u32::from(unsafe { load16(&(*ip)[i]) });
+    }
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    if sum == 0xffff {
+        Ok(())
+    } else {
+        Err(DropReason::BadTunnelPacket)
+    }
+}
+
+/// Whether the inner packet at `inner` has a source no node sends for: an
+/// address of this node (its tunnel address, its containers' gateway), or
+/// one the kernel refuses as a source arriving on any interface (IPv4: this
+/// network, loopback, multicast and reserved; IPv6: unspecified, loopback,
+/// multicast, IPv4-mapped). The kernel drops those as martians on arrival;
+/// decapsulated in XDP, the packet would skip that check.
+#[inline(always)]
+fn forged_source(pkt: &Packet, inner: usize, l3: L3) -> Result<bool, DropReason> {
+    if l3 == L3::V6 {
+        let h: *const [[u8; 4]; 6] = pkt.header(inner, DropReason::BadTunnelPacket)?;
+        // SAFETY: the source (bytes 8..24) is inside the 24 bytes just checked.
+        let w = unsafe { [load32(&(*h)[2]), load32(&(*h)[3]), load32(&(*h)[4]), load32(&(*h)[5])] };
+        // SAFETY: as above.
+        let first = unsafe { (*h)[2][0] };
+        let low = w[0] == 0 && w[1] == 0;
+        let special = first == 0xff
+            || low && w[2] == 0 && (w[3] == 0 || w[3] == 1u32.to_be())
+            || low && w[2] == 0xffffu32.to_be();
+        // SAFETY: the gateway is read as four words of a map value.
+        let gateway = tm_ov_config6.get(0).is_some_and(|c| unsafe {
+            let g = &c.gateway as *const _ as *const [u8; 4];
+            (0..4).all(|i| load32(g.add(i)) == w[i])
+        });
+        return Ok(special || gateway);
+    }
+    let h: *const [[u8; 4]; 4] = pkt.header(inner, DropReason::BadTunnelPacket)?;
+    // SAFETY: the source (bytes 12..16) is inside the 16 bytes just checked.
+    let (src, first) = unsafe { (load32(&(*h)[3]), (*h)[3][0]) };
+    let special = first == 0 || first == 127 || first >= 224;
+    let node = tm_tunnel.get(0).is_some_and(|t| node_addr(t) == src);
+    // SAFETY: a 4-byte field of a map value.
+    let gateway = tm_ov_config
+        .get(0)
+        .is_some_and(|c| unsafe { load32(&c.gateway) } == src);
+    Ok(special || node || gateway)
 }

@@ -25,6 +25,7 @@ pub fn remote_hop(
         ifindex: index,
         dst_mac: REMOTE_MAC,
         src_mac: mac,
+        mtu: 1500,
     };
     std::collections::BTreeMap::from([(REMOTE_NODE, hop)])
 }

@@ -35,8 +35,9 @@ pub struct Node {
     pub peers: BTreeSet<Ipv4Addr>,
     /// Local targets' (ifindex, our MAC) by interface name.
     pub interfaces: BTreeMap<String, (u32, [u8; 6])>,
-    /// The resolved hop of remote nodes: (ifindex, destination MAC, source MAC).
-    pub hops: BTreeMap<Ipv4Addr, (u32, [u8; 6], [u8; 6])>,
+    /// The resolved hop of remote nodes: (ifindex, destination MAC, source
+    /// MAC, the egress interface's MTU).
+    pub hops: BTreeMap<Ipv4Addr, (u32, [u8; 6], [u8; 6], u32)>,
 }
 
 /// What the program must do with one frame.
@@ -552,6 +553,44 @@ impl Node {
             if inner_len != room {
                 return Err(bare(D::BadTunnelPacket));
             }
+            // Nothing may follow the datagram.
+            if inner_at + room != frame.len() {
+                return Err(bare(D::BadTunnelPacket));
+            }
+            // The outer IPv4 header's checksum (the header has no options).
+            let header = &frame[outer.l3_offset..outer.l3_offset + 20];
+            let mut sum: u32 = header.chunks(2).map(|w| u32::from(be16(w, 0))).sum();
+            sum = (sum & 0xffff) + (sum >> 16);
+            sum = (sum & 0xffff) + (sum >> 16);
+            if sum != 0xffff {
+                return Err(bare(D::BadTunnelPacket));
+            }
+            // An inner source no node sends for (this node's address, a
+            // martian); the program reads the whole source, however short
+            // the inner packet says it is.
+            let v4 = ether_type == 0x0800;
+            if inner_at + if v4 { 16 } else { 24 } > frame.len() {
+                return Err(bare(D::BadTunnelPacket));
+            }
+            let forged = if v4 {
+                let src = Ipv4Addr::new(
+                    frame[inner_at + 12],
+                    frame[inner_at + 13],
+                    frame[inner_at + 14],
+                    frame[inner_at + 15],
+                );
+                let first = src.octets()[0];
+                first == 0 || first == 127 || first >= 224 || src == self.node_addr
+            } else {
+                let src = Ipv6Addr::from(v6(&frame, inner_at + 8));
+                src.is_multicast()
+                    || src.is_unspecified()
+                    || src.is_loopback()
+                    || src.to_ipv4_mapped().is_some()
+            };
+            if forged {
+                return Err(bare(D::TunnelForeignSource));
+            }
             let mut inner = frame[..12].to_vec();
             inner.extend_from_slice(&ether_type.to_be_bytes());
             inner.extend_from_slice(&frame[inner_at..]);
@@ -623,10 +662,17 @@ impl Node {
             }
             ValidVia::Remote { .. } if tunneled => return Err(fail(D::TargetNotLocal, &lb)),
             ValidVia::Remote { node } => {
-                let (_, dst_mac, src_mac) = self.hops[node];
+                let (_, dst_mac, src_mac, mtu) = self.hops[node];
                 // The IP packet and whatever trailed it in the frame; the
                 // outer lengths count the IP packet.
                 let ip = &frame[parsed.l3_offset..parsed.l3_end];
+                if 28 + ip.len() > mtu as usize {
+                    // Counted for the target it was meant for, as a failed
+                    // FIB lookup is.
+                    let mut lb = lb.clone();
+                    lb.push(name);
+                    return Err(fail(D::TooBigForTunnel, &lb));
+                }
                 let mut out = tunnel_frame(
                     dst_mac,
                     src_mac,
@@ -656,6 +702,7 @@ impl Node {
         p.l3 == L3::V4
             && p.protocol == 17
             && p.has_l4
+            && p.l4_offset == p.l3_offset + 20
             && p.fragment == Fragment::None
             && p.dst_port == self.tunnel_port
             && p.dst[12..] == self.node_addr.octets()

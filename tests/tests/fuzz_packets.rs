@@ -51,6 +51,7 @@ const STATIC_PEER: Ipv4Addr = Ipv4Addr::new(198, 18, 5, 3);
 /// A host that is not a node.
 const STRANGER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 66);
 const HOP_IFINDEX: u32 = 200;
+const HOP_MTU: u32 = 1500;
 const HOP_MAC: [u8; 6] = [0x02, 0, 0, 0, 0xee, 0xc8];
 
 fn strings(v: &[&str]) -> Vec<String> {
@@ -361,6 +362,7 @@ impl Lab {
             ifindex: HOP_IFINDEX,
             dst_mac: REMOTE_MAC,
             src_mac: HOP_MAC,
+            mtu: HOP_MTU,
         };
         writer
             .set_hops(&mut bpf.ebpf, BTreeMap::from([(REMOTE_NODE, hop)]))
@@ -374,7 +376,7 @@ impl Lab {
             tunnel_port: TUNNEL_PORT,
             peers: BTreeSet::from([REMOTE_NODE, STATIC_PEER]),
             interfaces,
-            hops: BTreeMap::from([(REMOTE_NODE, (HOP_IFINDEX, REMOTE_MAC, HOP_MAC))]),
+            hops: BTreeMap::from([(REMOTE_NODE, (HOP_IFINDEX, REMOTE_MAC, HOP_MAC, HOP_MTU))]),
         };
         Lab { bpf, writer, node }
     }
@@ -928,6 +930,30 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             tunnel_from(STRANGER, &udp4(CLIENT, VIP4, 1, 80, b"x")),
         ),
         (
+            "tunnel-foreign-source",
+            "from a node, an inner packet from loopback",
+            tunnel_from(REMOTE_NODE, &udp4(Ipv4Addr::LOCALHOST, VIP4, 1, 80, b"x")),
+        ),
+        (
+            "tunnel-foreign-source-v6-mapped",
+            "from a node, an IPv6 inner packet from an IPv4-mapped address",
+            tunnel_from(
+                REMOTE_NODE,
+                &udp6(CLIENT.to_ipv6_mapped(), VIP6, 1, 80, b"x"),
+            ),
+        ),
+        (
+            "too-big-for-tunnel",
+            "to the remote target, too big once encapsulated",
+            eth(&udp6(
+                CLIENT6,
+                "2001:db8:200::7".parse().unwrap(),
+                1,
+                2,
+                &[0; 1450],
+            )),
+        ),
+        (
             "pass-arp",
             "not IP",
             ethernet([0xff; 6], MAC_A, &[], 0x0806, &[0; 28]),
@@ -1011,6 +1037,8 @@ const COVERED: &[D] = &[
     D::TargetNotLocal,
     D::BadTunnelPacket,
     D::TunnelUnknownNode,
+    D::TunnelForeignSource,
+    D::TooBigForTunnel,
 ];
 
 /// `TAPMESH_FUZZ_WRITE_CORPUS=1` (re)writes the seed files from [`seeds`],

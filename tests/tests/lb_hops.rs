@@ -48,6 +48,7 @@ fn a_resolved_next_hop_skips_the_fib_lookup() {
         ifindex: 99,
         dst_mac: [2, 0, 0, 0, 7, 2],
         src_mac: [2, 0, 0, 0, 7, 1],
+        mtu: 1500,
     };
     writer
         .set_hops(&mut bpf.ebpf, BTreeMap::from([(REMOTE, hop)]))

@@ -258,5 +258,41 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
         assert_eq!(named(&s1, "xdp_uplink", reason), 0, "node 1 {reason}");
         assert_eq!(named(&s2, "xdp_uplink", reason), 0, "node 2 {reason}");
     }
+
+    // With the hop resolved, a datagram the encapsulation makes bigger than
+    // node 1's link to node 2 (MTU 1500) is dropped at node 1 and counted,
+    // not sent to be dropped by the link, unseen; one that just fits
+    // (1472 + 28 bytes) crosses.
+    let received = in_netns(&target.name, || {
+        let socket = UdpSocket::bind(format!("{VIP}:7001")).expect("bind on the VIP");
+        socket
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        let mut sizes = Vec::new();
+        while let Ok(n) = socket.recv(&mut buf) {
+            sizes.push(n);
+        }
+        sizes
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    in_netns(&client.name, || {
+        let socket = UdpSocket::bind("198.18.0.2:0").unwrap();
+        for payload in [1445, 1444, 1445, 1444, 1445, 1444] {
+            socket
+                .send_to(&vec![7u8; payload], format!("{VIP}:7001"))
+                .unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(
+        received.join().unwrap(),
+        vec![1444; 3],
+        "only those that fit"
+    );
+    let s1 = d1.status();
+    assert_eq!(named(&s1, "xdp_uplink", "too_big_for_tunnel"), 3);
     let _ = std::fs::remove_dir_all(&dir);
 }

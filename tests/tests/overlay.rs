@@ -1133,6 +1133,28 @@ fn a_container_cannot_send_from_another_containers_address() {
         send(&lab.client, &client_ns, "real");
     });
     assert_eq!(got, vec!["real"; 5], "only the client's own datagrams");
+
+    // Nor from an address of no container, to anywhere: node 1 would route
+    // it on (here to node 2's own address), as it would a tunnel packet a
+    // container made with a node's address as its source.
+    const FOREIGN: &str = "192.0.2.177";
+    lab.web0
+        .ip(&["addr", "add", &format!("{FOREIGN}/32"), "dev", "tmsvc0"]);
+    let node1 = lab.nodes.node1.daemon.as_ref().unwrap();
+    let before = named(&node1.status(), "tc_service", "sender_not_deployed");
+    let node2 = &lab.nodes.node2.netns;
+    let got = payloads_at(node2, 7006, || {
+        let _ = spawn_in(&lab.web0.name, || {
+            let s = UdpSocket::bind(SocketAddrV4::new(FOREIGN.parse().unwrap(), 0)).unwrap();
+            for _ in 0..5 {
+                s.send_to(b"spoofed", (NODE2, 7006)).unwrap();
+            }
+        })
+        .join();
+    });
+    assert_eq!(got, Vec::<String>::new(), "node 2 got spoofed datagrams");
+    let after = named(&node1.status(), "tc_service", "sender_not_deployed");
+    assert_eq!(after - before, 5, "each one dropped at node 1 and counted");
 }
 
 #[test]
@@ -1355,6 +1377,44 @@ fn containers_get_ipv6_addresses_and_a_default_route_too() {
     assert!(routes.contains("default via 2001:db8:5::1"), "{routes}");
     let (ok, out) = run(&c, &["ping", "-6", "-c", "1", "-W", "2", "2001:db8:5::1"]);
     assert!(ok, "the gateway answers over IPv6: {out}");
+
+    // From an IPv6 address that is not the container's: dropped at its veth.
+    c.ip(&[
+        "addr",
+        "add",
+        "2001:db8:77::1/128",
+        "dev",
+        "tmsvc0",
+        "nodad",
+    ]);
+    let daemon = n1.daemon.as_ref().unwrap();
+    let before = named(&daemon.status(), "tc_service", "sender_not_deployed");
+    let listener = spawn_in(&n1.netns.name, || {
+        let socket = UdpSocket::bind("[::]:7007").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        let mut got = 0;
+        while socket.recv(&mut [0u8; 64]).is_ok() {
+            got += 1;
+        }
+        got
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let _ = spawn_in(&c.name, || {
+        let socket = UdpSocket::bind("[2001:db8:77::1]:0").unwrap();
+        for _ in 0..3 {
+            socket.send_to(b"spoofed", "[2001:db8:5::1]:7007").unwrap();
+        }
+    })
+    .join();
+    assert_eq!(
+        listener.join().unwrap(),
+        0,
+        "the node got spoofed datagrams"
+    );
+    let after = named(&daemon.status(), "tc_service", "sender_not_deployed");
+    assert_eq!(after - before, 3);
     n1.undeploy(WEB, 0);
     let (_, links) = run(&c, &["ip", "-o", "link", "show"]);
     assert!(!links.contains("tmsvc0"), "{links}");

@@ -17,10 +17,10 @@ use std::{
 use tapmesh::lb::model::TargetVia;
 use tapmesh_tests::{
     daemon::{named, Daemon},
-    frames::udp4,
+    frames::{ethernet, internet_checksum, ipv4, tunnel_frame, udp4, udp_header},
     kernel_tests_enabled, link,
     net::{lb_toml, one_target_spec},
-    Netns,
+    send_frames, Netns,
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 20);
@@ -34,13 +34,15 @@ const COUNT: u16 = 1000;
 /// carrying a UDP datagram for port 7000 of `to`; paced so that no queue
 /// on the way overflows.
 fn send_tunnelled(netns: &str, from: &'static str, to: Ipv4Addr) -> std::thread::JoinHandle<()> {
-    send_edited(netns, from, to, |_| {})
+    send_edited(netns, from, CLIENT, to, |_| {})
 }
 
-/// [`send_tunnelled`], with `edit` applied to each inner packet.
+/// [`send_tunnelled`], the inner packets from `source`, with `edit`
+/// applied to each.
 fn send_edited(
     netns: &str,
     from: &'static str,
+    source: Ipv4Addr,
     to: Ipv4Addr,
     edit: fn(&mut Vec<u8>),
 ) -> std::thread::JoinHandle<()> {
@@ -51,7 +53,7 @@ fn send_edited(
         let port = tapmesh_common::DEFAULT_TUNNEL_PORT;
         for i in 0..COUNT {
             let mut inner = udp4(
-                CLIENT,
+                source,
                 to,
                 40000 + i,
                 7000,
@@ -91,7 +93,7 @@ fn tunnel_packets_from_a_node_it_does_not_know_reach_nothing() {
     let sender = Netns::new("s");
     let node2 = Netns::new("n2");
     let target = Netns::new("t");
-    let (_s_if, n2_up) = link(&sender, "198.18.2.1/24", &node2, "198.18.2.2/24");
+    let (s_if, n2_up) = link(&sender, "198.18.2.1/24", &node2, "198.18.2.2/24");
     let (n2_down, t_if) = link(&node2, "198.18.21.1/24", &target, "198.18.21.2/24");
     sender.ip(&["addr", "add", &format!("{OUTSIDER}/32"), "dev", "lo"]);
     node2.ip(&["route", "add", &format!("{OUTSIDER}/32"), "via", NODE1]);
@@ -186,7 +188,7 @@ fn tunnel_packets_from_a_node_it_does_not_know_reach_nothing() {
     // longer than the datagram that carries it: refused before the LB.
     let got = receive(&target.name, VIP);
     std::thread::sleep(Duration::from_millis(200));
-    send_edited(&sender.name, NODE1, VIP, |inner| {
+    send_edited(&sender.name, NODE1, CLIENT, VIP, |inner| {
         let length = u16::from_be_bytes([inner[2], inner[3]]) + 1;
         inner[2..4].copy_from_slice(&length.to_be_bytes());
     })
@@ -203,7 +205,74 @@ fn tunnel_packets_from_a_node_it_does_not_know_reach_nothing() {
         u64::from(COUNT)
     );
     assert_eq!(delivered(&s2), u64::from(COUNT), "the LB took none of them");
+
+    // From the node it knows, inner packets from a source no node sends
+    // for: node 2's own address, loopback. The kernel drops such martians
+    // on arrival; the tunnel may not carry them past that check.
+    for source in [NODE2.parse().unwrap(), Ipv4Addr::LOCALHOST] {
+        let got = receive(&target.name, VIP);
+        std::thread::sleep(Duration::from_millis(200));
+        send_edited(&sender.name, NODE1, source, VIP, |_| {})
+            .join()
+            .unwrap();
+        assert_eq!(got.join().unwrap(), 0, "inner packets from {source}");
+    }
+    let s2 = d2.status();
+    assert_eq!(
+        named(&s2, "xdp_uplink", "tunnel_foreign_source"),
+        2 * u64::from(COUNT)
+    );
+
+    // Frames made by hand: a tunnel packet as a node sends it (delivered),
+    // then with bytes after the datagram, with a UDP length short of the IP
+    // payload, with a wrong outer checksum (each refused), and with an IP
+    // option (no node sends one: left to the kernel, not decapsulated).
+    let (n1_mac, n2_mac) = (sender.mac(&s_if.interface), node2.mac(&n2_up.interface));
+    let (node1, node2_addr) = (NODE1.parse().unwrap(), NODE2.parse().unwrap());
+    let port = tapmesh_common::DEFAULT_TUNNEL_PORT;
+    let inner = udp4(CLIENT, VIP, 41000, 7000, b"by hand");
+    let whole = tunnel_frame(n2_mac, n1_mac, node1, node2_addr, 40000, port, &inner);
+    let mut trailing = whole.clone();
+    trailing.extend_from_slice(b"ZZZZ");
+    let mut short_udp = trailing.clone();
+    with_outer_header(&mut short_udp, |ip| {
+        let total = u16::from_be_bytes([ip[2], ip[3]]) + 4;
+        ip[2..4].copy_from_slice(&total.to_be_bytes());
+    });
+    let mut bad_checksum = whole.clone();
+    bad_checksum[24] ^= 0xff;
+    let udp = udp_header(40000, port, &inner);
+    let option = ethernet(
+        n2_mac,
+        n1_mac,
+        &[],
+        0x0800,
+        &ipv4(node1, node2_addr, 17, &[1, 1, 1, 0], &udp),
+    );
+    let mut frames = Vec::new();
+    for frame in [whole, trailing, short_udp, bad_checksum, option] {
+        frames.extend(std::iter::repeat_n(frame, 20));
+    }
+    let got = receive(&target.name, VIP);
+    std::thread::sleep(Duration::from_millis(200));
+    send_frames(&sender.name, &s_if.interface, &frames);
+    assert_eq!(got.join().unwrap(), 20, "only the whole packets");
+    let s2 = d2.status();
+    assert_eq!(
+        named(&s2, "xdp_uplink", "bad_tunnel_packet"),
+        u64::from(COUNT) + 3 * 20
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Applies `edit` to the outer IPv4 header of a tunnel frame (no VLAN, no
+/// options), then sets its checksum right.
+fn with_outer_header(frame: &mut [u8], edit: impl FnOnce(&mut [u8])) {
+    let ip = &mut frame[14..34];
+    edit(ip);
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let sum = internet_checksum(&[ip]);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// `tm_tunnel_peers` as (address, source bits).

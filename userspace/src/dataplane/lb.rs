@@ -1166,7 +1166,9 @@ impl LbWriter {
     fn with_hop(&self, target: &mut Target) {
         let a = &target.node_addr;
         let node = std::net::Ipv4Addr::new(a[12], a[13], a[14], a[15]);
-        (target.ifindex, target.dst_mac, target.src_mac) = Hop::entry(self.hops.get(&node));
+        let hop = self.hops.get(&node);
+        (target.ifindex, target.dst_mac, target.src_mac) = Hop::entry(hop);
+        target.mtu = hop.map_or(0, |h| h.mtu);
     }
 
     /// Replaces the known next hops and rewrites the remote targets whose hop

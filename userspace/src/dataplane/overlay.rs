@@ -1161,6 +1161,7 @@ mod tests {
             ifindex: 4,
             dst_mac: [2, 0, 0, 0, 0, 2],
             src_mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
         };
         let hops = BTreeMap::from([(Ipv4Addr::new(198, 18, 0, 2), hop)]);
         let with = with_hops(&tables, &hops);

@@ -589,7 +589,7 @@ mod tests {
                 kind: TARGET_LOCAL,
                 ifindex: 42,
                 stats_index: 5,
-                _pad: 0,
+                mtu: 0,
                 dst_mac: [2, 0, 0, 0, 0, 1],
                 src_mac: [2, 0, 0, 0, 0, 0xaa],
                 _pad2: [0; 4],

@@ -72,6 +72,8 @@ pub struct Hop {
     pub ifindex: u32,
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
+    /// The egress interface's MTU.
+    pub mtu: u32,
 }
 
 impl Hop {
@@ -656,21 +658,23 @@ impl Resolver {
     /// the egress interface's MAC, and the neighbour's address.
     pub fn next_hops(&mut self, nodes: &[IpAddr]) -> Result<NextHops, NetError> {
         let resolved = self.resolve(nodes, true)?;
-        let mut macs: HashMap<u32, Option<[u8; 6]>> = HashMap::new();
+        let mut links: HashMap<u32, Option<([u8; 6], u32)>> = HashMap::new();
         Ok(resolved
             .into_iter()
             .map(|r| {
                 let n = r?;
-                let src = macs
-                    .entry(n.ifindex)
-                    .or_insert_with(|| link::by_index(n.ifindex).ok().and_then(|l| l.mac().ok()));
-                let src_mac = src.ok_or_else(|| {
+                let link = links.entry(n.ifindex).or_insert_with(|| {
+                    let l = link::by_index(n.ifindex).ok()?;
+                    Some((l.mac().ok()?, l.mtu))
+                });
+                let (src_mac, mtu) = link.ok_or_else(|| {
                     Unresolved::Route(format!("interface {} has no Ethernet address", n.ifindex))
                 })?;
                 let hop = Hop {
                     ifindex: n.ifindex,
                     dst_mac: n.mac,
                     src_mac,
+                    mtu,
                 };
                 Ok((hop, n.address))
             })
