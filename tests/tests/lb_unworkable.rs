@@ -61,6 +61,10 @@ fn configurations_that_cannot_work_are_refused() {
             node: NODE.to_string(),
         },
     });
+    let mut node_in_vip = this_node.clone();
+    node_in_vip.targets[1].via = TargetVia::Remote {
+        node: DST.to_string(),
+    };
     let mut v6_only_v4 = with_vip("v6", "2001:db8::10");
     v6_only_v4.flows[0].source_subnets = vec!["198.18.0.0/24".into()];
     let cases = [
@@ -93,6 +97,11 @@ fn configurations_that_cannot_work_are_refused() {
             "a remote target on this node",
             this_node,
             "198.18.0.1 is this node's own tunnel address",
+        ),
+        (
+            "a remote target's node inside a VIP",
+            node_in_vip,
+            &format!("its node {DST} is inside VIP \"v\""),
         ),
         (
             "IPv6 VIP, IPv4 sources",

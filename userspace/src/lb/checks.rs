@@ -174,8 +174,34 @@ fn check_names(parts: &[(&str, &LbSpec)]) -> Result<(), LbError> {
 
 /// Refuses what this node's own tunnel address makes unworkable: a remote
 /// target on it (the packets would loop back and be dropped), a VIP
-/// holding it (the node would stop answering).
+/// holding it (the node would stop answering); and a remote target whose
+/// node is inside a VIP (that address would become a tunnel peer).
 pub fn check_node(spec: &LbSpec, node: Option<Ipv4Addr>) -> Result<(), LbError> {
+    let vips: Vec<(&str, Vip)> = spec
+        .vips
+        .iter()
+        .filter_map(|v| Some((v.name.as_str(), Vip::parse(v).ok()?)))
+        .collect();
+    for t in &spec.targets {
+        let TargetVia::Remote { node: n } = &t.via else {
+            continue;
+        };
+        let Ok(at) = n.parse::<Ipv4Addr>() else {
+            continue;
+        };
+        let mapped = IpAddr::V6(at.to_ipv6_mapped());
+        if let Some((vip, _)) = vips
+            .iter()
+            .find(|(_, v)| !v.v6 && v.prefix.contains(mapped))
+        {
+            return Err(LbError::NodeIsVip {
+                stream: t.stream.clone(),
+                identifier: t.identifier,
+                node: n.clone(),
+                vip: vip.to_string(),
+            });
+        }
+    }
     let Some(node) = node else { return Ok(()) };
     for t in &spec.targets {
         if let TargetVia::Remote { node: n } = &t.via {
@@ -408,5 +434,30 @@ mod tests {
             check_node(&s, Some(node)),
             Err(LbError::VipHoldsNode { .. })
         ));
+    }
+
+    #[test]
+    fn a_remote_targets_node_inside_a_vip_is_refused_with_or_without_a_tunnel() {
+        let mut s = spec(vec![vip("v", "203.0.113.16/28")], &[]);
+        s.targets.push(TargetSpec {
+            stream: "s".into(),
+            identifier: 1,
+            via: TargetVia::Remote {
+                node: "198.51.100.2".into(),
+            },
+        });
+        check_node(&s, None).unwrap();
+        s.targets[0].via = TargetVia::Remote {
+            node: "203.0.113.20".into(),
+        };
+        let refused = LbError::NodeIsVip {
+            stream: "s".into(),
+            identifier: 1,
+            node: "203.0.113.20".into(),
+            vip: "v".into(),
+        };
+        assert_eq!(check_node(&s, None).unwrap_err(), refused);
+        let node = Some("198.51.100.1".parse().unwrap());
+        assert_eq!(check_node(&s, node).unwrap_err(), refused);
     }
 }

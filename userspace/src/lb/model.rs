@@ -195,6 +195,13 @@ pub enum LbError {
         value: String,
         node: Ipv4Addr,
     },
+    #[error("target {identifier} of stream {stream:?}: its node {node} is inside VIP {vip:?}; a node's address is no VIP (the tunnel would trust whoever sends from the VIP's address), name the node by its own address")]
+    NodeIsVip {
+        stream: String,
+        identifier: u32,
+        node: String,
+        vip: String,
+    },
     #[error("flow {flow:?} can never match on VIP {vip:?}: the VIP is {vip_family} and every source subnet is {subnet_family}; add an {vip_family} source subnet or take the VIP out of the flow")]
     SubnetFamily {
         flow: String,
