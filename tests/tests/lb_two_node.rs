@@ -194,7 +194,7 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
 
     // Node 1's daemon resolved the next hop to node 2, so the XDP program
     // writes the cached MACs instead of looking the FIB up per packet.
-    let hop_ifindex = || {
+    let target_field = |field: &str| {
         let out = std::process::Command::new("bpftool")
             .args(["map", "lookup", "pinned"])
             .arg(
@@ -205,18 +205,19 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
             .output()
             .expect("bpftool");
         let text = String::from_utf8_lossy(&out.stdout).to_string();
-        text.split("\"ifindex\": ")
+        text.split(&format!("\"{field}\": "))
             .nth(1)
             .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next())
             .and_then(|n| n.parse::<u32>().ok())
             .unwrap_or(0)
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(6);
-    while hop_ifindex() == 0 && std::time::Instant::now() < deadline {
+    while target_field("ifindex") == 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
+    assert_eq!(target_field("mtu"), 1500, "the hop's MTU");
     assert_eq!(
-        hop_ifindex(),
+        target_field("ifindex"),
         node1.interface_index(&n1_up.interface),
         "the cached hop is node 1's link to node 2"
     );
@@ -263,36 +264,46 @@ fn targets_on_the_other_node_are_reached_through_the_tunnel_and_answer() {
     // node 1's link to node 2 (MTU 1500) is dropped at node 1 and counted,
     // not sent to be dropped by the link, unseen; one that just fits
     // (1472 + 28 bytes) crosses.
-    let received = in_netns(&target.name, || {
-        let socket = UdpSocket::bind(format!("{VIP}:7001")).expect("bind on the VIP");
-        socket
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .unwrap();
-        let mut buf = [0u8; 2048];
-        let mut sizes = Vec::new();
-        while let Ok(n) = socket.recv(&mut buf) {
-            sizes.push(n);
-        }
-        sizes
-    });
-    std::thread::sleep(Duration::from_millis(200));
-    in_netns(&client.name, || {
-        let socket = UdpSocket::bind("198.18.0.2:0").unwrap();
-        for payload in [1445, 1444, 1445, 1444, 1445, 1444] {
+    let sizes_through = |fits: usize| {
+        let received = in_netns(&target.name, || {
+            let socket = UdpSocket::bind(format!("{VIP}:7001")).expect("bind on the VIP");
             socket
-                .send_to(&vec![7u8; payload], format!("{VIP}:7001"))
+                .set_read_timeout(Some(Duration::from_secs(2)))
                 .unwrap();
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    })
-    .join()
-    .unwrap();
-    assert_eq!(
-        received.join().unwrap(),
-        vec![1444; 3],
-        "only those that fit"
-    );
+            let mut buf = [0u8; 2048];
+            let mut sizes = Vec::new();
+            while let Ok(n) = socket.recv(&mut buf) {
+                sizes.push(n);
+            }
+            sizes
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        in_netns(&client.name, move || {
+            let socket = UdpSocket::bind("198.18.0.2:0").unwrap();
+            for payload in [fits + 1, fits, fits + 1, fits, fits + 1, fits] {
+                socket
+                    .send_to(&vec![7u8; payload], format!("{VIP}:7001"))
+                    .unwrap();
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+        .join()
+        .unwrap();
+        received.join().unwrap()
+    };
+    assert_eq!(sizes_through(1444), vec![1444; 3], "only those that fit");
     let s1 = d1.status();
     assert_eq!(named(&s1, "xdp_uplink", "too_big_for_tunnel"), 3);
+
+    // A smaller MTU on that link is followed (the daemon watches links).
+    node1.ip(&["link", "set", &n1_up.interface, "mtu", "1400"]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    while target_field("mtu") != 1400 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(target_field("mtu"), 1400, "the hop's new MTU");
+    assert_eq!(sizes_through(1344), vec![1344; 3], "only those that fit");
+    let s1 = d1.status();
+    assert_eq!(named(&s1, "xdp_uplink", "too_big_for_tunnel"), 6);
     let _ = std::fs::remove_dir_all(&dir);
 }
