@@ -13,6 +13,7 @@ use aya_ebpf::{
 use tapmesh_common::{
     lb::{
         ByteMatch, FlowEntry, PortData, PortNatPick, PortIntervals, SourceData, Target, VipAddr,
+        VipValue,
         LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES, MAX_FLOWS_PER_VIP,
         MAX_MATCH_OFFSET, NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
         SLOT_ONE, SLOT_SHARED, TARGET_LOCAL, TARGET_REMOTE,
@@ -514,6 +515,29 @@ fn to_remote(
     Ok(unsafe { bpf_redirect(egress, 0) } as u32)
 }
 
+/// The VIP holding `addr` (IPv4 mapped): its slot in `tm_vip_slots` first,
+/// the hash for a slot two VIPs share, then the prefix trie when some VIP is
+/// a prefix (a trie lookup saved otherwise).
+#[inline(always)]
+pub fn vip_at(addr: &Addr) -> Option<&'static VipValue> {
+    let key = VipAddr {
+        addr: addr_bytes(addr),
+    };
+    let host = match tm_vip_slots.get(vip_slot_of(addr)) {
+        Some(s) if s.state == SLOT_ONE && same_address(&addr_words(&s.addr), addr) => {
+            tm_vip_values.get(s.vip_index)
+        }
+        // SAFETY: the value is read right away.
+        Some(s) if s.state == SLOT_SHARED => unsafe { tm_vip_hosts.get(&key) },
+        _ => None,
+    };
+    if host.is_some() {
+        return host;
+    }
+    let prefixes = tm_lb_config.get(0).is_some_and(|c| c.vip_prefixes != 0);
+    prefixes.then(|| tm_vips.get(&Key::new(128, key))).flatten()
+}
+
 /// Not VIP traffic: the kernel's to route, unless it is a forged packet
 /// for a container here (checked only for packets that did not come
 /// through the tunnel; here, at the end of a path, the check adds little
@@ -559,30 +583,8 @@ pub fn balance(
             false => Ok(xdp_action::XDP_PASS),
         };
     }
-    let addr = VipAddr {
-        addr: addr_bytes(&tuple.dst),
-    };
-    let host = match tm_vip_slots.get(vip_slot_of(&tuple.dst)) {
-        Some(s) if s.state == SLOT_ONE && same_address(&addr_words(&s.addr), &tuple.dst) => {
-            tm_vip_values.get(s.vip_index)
-        }
-        // SAFETY: the value is read right away.
-        Some(s) if s.state == SLOT_SHARED => unsafe { tm_vip_hosts.get(&addr) },
-        _ => None,
-    };
-    let vip = match host {
-        Some(v) => v,
-        None => {
-            // Only when some VIP is a prefix: a trie lookup saved otherwise.
-            let prefixes = tm_lb_config.get(0).is_some_and(|c| c.vip_prefixes != 0);
-            match prefixes
-                .then(|| tm_vips.get(&Key::new(128, addr)))
-                .flatten()
-            {
-                Some(v) => v,
-                None => return not_a_vip(parsed, tunneled),
-            }
-        }
+    let Some(vip) = vip_at(&tuple.dst) else {
+        return not_a_vip(parsed, tunneled);
     };
     let bytes = pkt.wire_len as u64;
     count(tm_vip_stats.get_ptr_mut(vip.vip_index), bytes);

@@ -32,7 +32,7 @@ use crate::{
     headers::*,
     maps::*,
     packet::{load16, load32, store16, store32, Packet},
-    parse::{parse, Fragment, Parsed, L3},
+    parse::{parse, Fragment, Parsed, L3, MAPPED_V4_PREFIX},
     tunnel::{self, write_macs, TUNNEL_LEN},
 };
 
@@ -634,9 +634,14 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     // interface: another's address would borrow its instance IP and its
     // flows, any other would pose as a node in a tunnel packet of its own
     // making (Cilium drops a pod's packet from a source not its own too).
+    // A container that is a local target of the load balancer answers from
+    // the VIP: that passes, but never to a service IP.
     // SAFETY: reading a field of the context.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
-    let (sender, slot) = sender_here(ip.src, ingress)?;
+    let sender = sender_here(ip.src, ingress);
+    if sender.is_err() && crate::lb::vip_at(&[0, 0, MAPPED_V4_PREFIX, ip.src]).is_none() {
+        return Err(DropReason::SenderNotDeployed);
+    }
     let Some(config) = tm_ov_config.get(0) else {
         return Ok(TC_ACT_OK);
     };
@@ -649,7 +654,10 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         _ => ip.tracked.then(|| established(&key)).flatten(),
     };
     let binding = match found {
-        Some(b) => b,
+        Some(b) => {
+            sender?;
+            b
+        }
         None => {
             // SAFETY: the value is read right away.
             let service = match unsafe { tm_ov_services.get(&b4(ip.dst)) } {
@@ -663,6 +671,7 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
             if !ip.tracked {
                 return Err(DropReason::UnsupportedServicePacket);
             }
+            let (sender, slot) = sender?;
             if let Some(slot) = slot {
                 // SAFETY: a map value; written once, when it changes.
                 unsafe {
@@ -886,6 +895,12 @@ pub fn from_tunnel(ctx: &XdpContext, node: u32) -> Result<Option<u32>, DropReaso
     let Some((local, slot)) = local_at(ip.dst) else {
         return Ok(None);
     };
+    // This node's own addresses come from no other node (the kernel drops
+    // such a source on arrival).
+    let gateway = tm_ov_config.get(0).map_or(0, |c| w4(&c.gateway));
+    if tunnel::config().is_some_and(|t| tunnel::node_addr(t) == ip.src) || ip.src == gateway {
+        return Err(DropReason::TunnelForeignSource);
+    }
     check_owner_slot(pkt, &ip, node)?;
     // Only a container that dialled a service IP gets replies to translate.
     // SAFETY: a map value.

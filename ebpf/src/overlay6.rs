@@ -368,15 +368,16 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     // SAFETY: reading a field of the context.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
     // As for IPv4 (`overlay::try_from_container`), the source must be the
-    // container behind this interface, or one neighbour discovery uses: a
+    // container behind this interface, one neighbour discovery uses (a
     // link-local address, or none while the container checks that its
-    // address is free.
+    // address is free), or a VIP it answers from as a local target.
     let nd = (s.key.src[0] == 0xfe && s.key.src[1] & 0xc0 == 0x80) || is_zero(&s.key.src);
     let sender = match nd {
         true => None,
         // SAFETY: a map value, valid for the program's run.
         false => match unsafe { tm_ov_locals6.get(&s.key.src) } {
             Some(l) if l.ifindex == ingress => Some(l),
+            _ if crate::lb::vip_at(&words(&s.key.src)).is_some() => None,
             _ => return Err(DropReason::SenderNotDeployed),
         },
     };
@@ -518,7 +519,7 @@ fn same6(a: &Addr6, b: &Addr6) -> bool {
 /// Whether an IPv6 packet from the tunnel, as `tunnel::decapsulate` left
 /// it (Ethernet, then the IPv6 header), is for a container here and has a
 /// source that belongs to another node than `node`
-/// (`overlay::check_owner`). Its own subprogram, called before
+/// (`overlay::check_owner`), or to this node (the containers' gateway). Its own subprogram, called before
 /// [`from_tunnel`] and not from it: that one's stack and the uplink's
 /// leave no room for another value. The keys are read from the packet.
 #[inline(never)]
@@ -535,6 +536,10 @@ pub fn foreign_source(ctx: &XdpContext, node: u32) -> bool {
             &*((h as *const u8).add(22) as *const Addr6),
             &*((h as *const u8).add(38) as *const Addr6),
         );
+        // The containers' gateway is this node's own address.
+        if tm_ov_config6.get(0).is_some_and(|c| same6(&c.gateway, src)) {
+            return tm_ov_locals6.get(dst).is_some();
+        }
         // The owner first, from its slot (an array read) unless the slot is
         // shared: a known one that matches (the usual case) or an unknown
         // one answers without a hash lookup.

@@ -27,7 +27,7 @@ use tapmesh_common::{
 
 use crate::{
     headers::*,
-    maps::{tm_ov_config, tm_ov_config6, tm_tunnel, tm_tunnel_peers, tm_tunnel_slots},
+    maps::{tm_tunnel, tm_tunnel_peers, tm_tunnel_slots},
     packet::{load16, load32, store16, store32, Packet},
     parse::{Fragment, Parsed, L3},
 };
@@ -362,7 +362,7 @@ pub fn decapsulate(
         return Err(DropReason::BadTunnelPacket);
     }
     check_outer_checksum(pkt, inner)?;
-    if forged_source(pkt, inner, l3)? {
+    if martian_source(pkt, inner, l3)? {
         return Err(DropReason::TunnelForeignSource);
     }
     let outer: *const [[u8; 4]; 3] = pkt.header(0, DropReason::TruncatedEthernet)?;
@@ -407,14 +407,15 @@ fn check_outer_checksum(pkt: &Packet, inner: usize) -> Result<(), DropReason> {
     }
 }
 
-/// Whether the inner packet at `inner` has a source no node sends for: an
-/// address of this node (its tunnel address, its containers' gateway), or
-/// one the kernel refuses as a source arriving on any interface (IPv4: this
-/// network, loopback, multicast and reserved; IPv6: unspecified, loopback,
-/// multicast, IPv4-mapped). The kernel drops those as martians on arrival;
-/// decapsulated in XDP, the packet would skip that check.
+/// Whether the inner packet at `inner` has a source the kernel refuses
+/// from any interface but loopback (a martian: IPv4 this network,
+/// loopback, multicast, broadcast; IPv6 multicast, loopback, IPv4-mapped,
+/// which a dual-stack socket would take for the IPv4 address), or IPv6
+/// `::` (no node forwards a packet from it). Decapsulated in XDP, the
+/// packet would skip the kernel's check. (This node's own addresses are
+/// judged for packets to its containers: `overlay::from_tunnel`.)
 #[inline(always)]
-fn forged_source(pkt: &Packet, inner: usize, l3: L3) -> Result<bool, DropReason> {
+fn martian_source(pkt: &Packet, inner: usize, l3: L3) -> Result<bool, DropReason> {
     if l3 == L3::V6 {
         let h: *const [[u8; 4]; 6] = pkt.header(inner, DropReason::BadTunnelPacket)?;
         // SAFETY: the source (bytes 8..24) is inside the 24 bytes just checked.
@@ -422,24 +423,12 @@ fn forged_source(pkt: &Packet, inner: usize, l3: L3) -> Result<bool, DropReason>
         // SAFETY: as above.
         let first = unsafe { (*h)[2][0] };
         let low = w[0] == 0 && w[1] == 0;
-        let special = first == 0xff
+        return Ok(first == 0xff
             || low && w[2] == 0 && (w[3] == 0 || w[3] == 1u32.to_be())
-            || low && w[2] == 0xffffu32.to_be();
-        // SAFETY: the gateway is read as four words of a map value.
-        let gateway = tm_ov_config6.get(0).is_some_and(|c| unsafe {
-            let g = &c.gateway as *const _ as *const [u8; 4];
-            (0..4).all(|i| load32(g.add(i)) == w[i])
-        });
-        return Ok(special || gateway);
+            || low && w[2] == 0xffffu32.to_be());
     }
     let h: *const [[u8; 4]; 4] = pkt.header(inner, DropReason::BadTunnelPacket)?;
     // SAFETY: the source (bytes 12..16) is inside the 16 bytes just checked.
     let (src, first) = unsafe { (load32(&(*h)[3]), (*h)[3][0]) };
-    let special = first == 0 || first == 127 || first >= 224;
-    let node = tm_tunnel.get(0).is_some_and(|t| node_addr(t) == src);
-    // SAFETY: a 4-byte field of a map value.
-    let gateway = tm_ov_config
-        .get(0)
-        .is_some_and(|c| unsafe { load32(&c.gateway) } == src);
-    Ok(special || node || gateway)
+    Ok(first == 0 || first == 127 || (224..240).contains(&first) || src == u32::MAX)
 }

@@ -565,9 +565,9 @@ impl Node {
             if sum != 0xffff {
                 return Err(bare(D::BadTunnelPacket));
             }
-            // An inner source no node sends for (this node's address, a
-            // martian); the program reads the whole source, however short
-            // the inner packet says it is.
+            // A martian inner source; the program reads the whole source,
+            // however short the inner packet says it is. (This node's own
+            // addresses are judged for containers only, not modelled.)
             let v4 = ether_type == 0x0800;
             if inner_at + if v4 { 16 } else { 24 } > frame.len() {
                 return Err(bare(D::BadTunnelPacket));
@@ -580,7 +580,7 @@ impl Node {
                     frame[inner_at + 15],
                 );
                 let first = src.octets()[0];
-                first == 0 || first == 127 || first >= 224 || src == self.node_addr
+                first == 0 || first == 127 || (224..240).contains(&first) || src.is_broadcast()
             } else {
                 let src = Ipv6Addr::from(v6(&frame, inner_at + 8));
                 src.is_multicast()
@@ -666,7 +666,7 @@ impl Node {
                 // The IP packet and whatever trailed it in the frame; the
                 // outer lengths count the IP packet.
                 let ip = &frame[parsed.l3_offset..parsed.l3_end];
-                if 28 + ip.len() > mtu as usize {
+                if mtu != 0 && 28 + ip.len() > mtu as usize {
                     // Counted for the target it was meant for, as a failed
                     // FIB lookup is.
                     let mut lb = lb.clone();

@@ -43,16 +43,20 @@ fn admin_changes_survive_a_restart_until_the_file_changes() {
     assert_eq!(lab.spread(DST), before, "the same split after the restart");
 
     // The admin API's target's interface goes while the daemon is down: that
-    // target is left out, the rest of the saved part still applies.
+    // target is left out, the rest of the saved part still applies, and the
+    // whole part is kept aside.
     lab.stop();
     let gone = lab.targets[1].node_if.clone();
     lab.node.ip(&["link", "del", &gone]);
+    let saved = std::fs::read(state.0.join("lb-state.json")).unwrap();
     lab.start_with(Some(&file), &state_arg);
     let mut without = changed.clone();
     without.targets.retain(|t| t.identifier != 2);
     assert_eq!(without.targets.len(), 1);
     assert_eq!(lab.list().config.expect("config"), without);
-    assert!(!state.0.join("lb-state.refused.json").exists());
+    // The whole saved part is kept aside for the operator.
+    let aside = std::fs::read(state.0.join("lb-state.refused.json")).unwrap();
+    assert_eq!(aside, saved);
     assert_eq!(lab.spread(DST), vec![200, 0]);
 
     // An edited file wins over the saved changes.

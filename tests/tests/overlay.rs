@@ -13,7 +13,8 @@ use tapmesh_tests::{
     daemon::{named, packets},
     kernel_tests_enabled,
     net::spawn_in,
-    overlay::{deploy_body, run, TwoNodes, NODE1, NODE2},
+    net::{lb_toml, one_target_spec},
+    overlay::{deploy_body, one_node, run, TwoNodes, NODE1, NODE2},
     Netns,
 };
 
@@ -1155,6 +1156,73 @@ fn a_container_cannot_send_from_another_containers_address() {
     assert_eq!(got, Vec::<String>::new(), "node 2 got spoofed datagrams");
     let after = named(&node1.status(), "tc_service", "sender_not_deployed");
     assert_eq!(after - before, 5, "each one dropped at node 1 and counted");
+}
+
+/// A container that is a local target of the load balancer answers from
+/// the VIP: its veth lets that source through (a VIP is no container's
+/// address), and the client gets every answer.
+#[test]
+fn a_container_that_is_a_load_balancer_target_answers_from_the_vip() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const VIP: &str = "198.51.100.10";
+    let (n1, client) = one_node();
+    n1.register("192.0.2.0/26");
+    let c = Netns::new("ovlb");
+    n1.deploy(&c, WEB, 0, &[("RR", RR)]);
+    c.ip(&["addr", "add", &format!("{VIP}/32"), "dev", "lo"]);
+    // Native XDP redirect into a veth needs NAPI on the receiving side; an
+    // XDP redirect loses a veth sender's "checksum pending" note.
+    c.exec(&["ethtool", "-K", "tmsvc0", "gro", "on"]);
+    client.exec(&[
+        "sh",
+        "-c",
+        "for i in /sys/class/net/*; do ethtool -K ${i##*/} tx off 2>/dev/null; done; true",
+    ]);
+    client.ip(&["route", "add", &format!("{VIP}/32"), "via", NODE1]);
+    let host = n1.container_links().pop().expect("the container's link");
+    let via = tapmesh::lb::model::TargetVia::Local {
+        interface: host,
+        mac: tapmesh_tests::fmt_mac(c.mac("tmsvc0")),
+    };
+    let file = std::env::temp_dir().join(tapmesh_tests::unique("tmlbc"));
+    std::fs::write(
+        &file,
+        lb_toml(&one_target_spec(VIP, "web", 4, &["udp"], via)),
+    )
+    .unwrap();
+    let daemon = n1.daemon.as_ref().unwrap();
+    daemon.cli(&["lb", "apply", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    // Bound to the VIP, so the answers leave from it.
+    let _ = spawn_in(&c.name, || {
+        let udp = UdpSocket::bind((VIP, UDP_PORT)).expect("bind on the VIP");
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(b"web0", from);
+        }
+    });
+    std::thread::sleep(Duration::from_millis(100));
+    let answers = udp_ask(&client, VIP, 5);
+    assert_eq!(answers.len(), 5);
+    for (who, from) in &answers {
+        assert_eq!(
+            (who.as_str(), from.as_str()),
+            ("web0", "198.51.100.10:7000")
+        );
+    }
+    let status = daemon.status();
+    assert_eq!(named(&status, "tc_service", "sender_not_deployed"), 0);
+    let target = status
+        .targets
+        .iter()
+        .find(|t| t.name == "web/1")
+        .expect("target");
+    assert_eq!(
+        target.packets, 5,
+        "each datagram went through the load balancer"
+    );
 }
 
 #[test]

@@ -47,6 +47,8 @@ const ON_B: Ipv4Addr = Ipv4Addr::new(198, 19, 3, 2);
 /// Another instance on node B, whose address has the low 12 bits of
 /// `HERE`: the two share a slot of `tm_ov_own_slots`.
 const ON_B_SAME_SLOT: Ipv4Addr = Ipv4Addr::new(198, 19, 17, 2);
+/// The containers' gateway: this node's own.
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 1);
 /// Nobody's, as far as these tables know.
 const UNKNOWN: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 99);
 
@@ -293,6 +295,46 @@ fn inner_sources_are_checked_against_the_node_that_sent_them() {
         (false, true),
         "ours"
     );
+
+    // This node's own addresses (its tunnel address, the containers'
+    // gateways) and martians, which the kernel drops on arrival; a class E
+    // address is none of them.
+    let mut t = tables();
+    t.config.gateway = GATEWAY.octets();
+    t.config6.gateway = v6(0xfe).octets();
+    writer.apply(&mut bpf.ebpf, &t).expect("apply");
+    let refused4 = [
+        NODE,
+        GATEWAY,
+        Ipv4Addr::LOCALHOST,
+        Ipv4Addr::new(0, 0, 0, 7),
+        Ipv4Addr::new(224, 0, 0, 5),
+        Ipv4Addr::BROADCAST,
+    ];
+    for src in refused4 {
+        assert_eq!(
+            send(&mut bpf, NODE_A, &to_here(src)),
+            (false, true),
+            "{src}"
+        );
+    }
+    let class_e = Ipv4Addr::new(240, 0, 0, 9);
+    assert_eq!(send(&mut bpf, NODE_A, &to_here(class_e)), (true, false));
+    let refused6 = [
+        v6(0xfe),
+        Ipv6Addr::LOCALHOST,
+        Ipv6Addr::UNSPECIFIED,
+        Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
+        ON_A.to_ipv6_mapped(),
+    ];
+    for src in refused6 {
+        assert_eq!(
+            send(&mut bpf, NODE_A, &to_here6(src)),
+            (false, true),
+            "{src}"
+        );
+    }
+    writer.apply(&mut bpf.ebpf, &tables()).expect("apply");
 
     // Not for a container here: the check does not apply (the packet goes
     // on to the load balancer, which passes it: no VIP).

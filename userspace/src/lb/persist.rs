@@ -79,6 +79,21 @@ impl Store {
         }
     }
 
+    /// Copies the saved part aside (as [`Self::set_aside`], the saved file
+    /// staying) before a start applies only some of it: the next save
+    /// would lose the rest. Its copy's path.
+    pub fn copy_aside(&self) -> Option<PathBuf> {
+        let path = self.path.as_ref()?;
+        let aside = path.with_file_name(REFUSED_NAME);
+        match std::fs::copy(path, &aside) {
+            Ok(_) => Some(aside),
+            Err(e) => {
+                tracing::warn!("copying {} aside: {e}", path.display());
+                None
+            }
+        }
+    }
+
     /// The file's content, for when a saved part no longer applies.
     pub fn file(&self) -> LbSpec {
         self.file.clone().unwrap_or_default()

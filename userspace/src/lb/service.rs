@@ -94,8 +94,9 @@ pub fn check_local_interfaces(path: &Path, spec: &LbSpec) -> Result<(), LbServic
 /// Leaves out of a saved part its local targets on interfaces gone since it
 /// was saved (a pod deleted while the daemon was down): the rest of the
 /// operator's changes still apply, as they would have had the daemon seen
-/// the interface go.
-fn leave_out_gone_interfaces(spec: &mut LbSpec) {
+/// the interface go. Whether any was left out.
+fn leave_out_gone_interfaces(spec: &mut LbSpec) -> bool {
+    let before = spec.targets.len();
     spec.targets.retain(|t| match &t.via {
         super::model::TargetVia::Local { interface, .. }
             if crate::net::link::index(interface).is_none() =>
@@ -109,6 +110,7 @@ fn leave_out_gone_interfaces(spec: &mut LbSpec) {
         }
         _ => true,
     });
+    spec.targets.len() != before
 }
 
 /// The configuration set through the admin API or file (`own`) and the parts
@@ -708,8 +710,16 @@ impl Plugin for LbPlugin {
 
     async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
         let (mut initial, saved) = self.service.store.lock().expect("store lock").initial();
-        if saved {
-            leave_out_gone_interfaces(&mut initial);
+        if saved && leave_out_gone_interfaces(&mut initial) {
+            // A container's link comes back only once the NetManager
+            // starts, after this: the operator gets the whole part back.
+            let kept = self.service.store.lock().expect("store lock").copy_aside();
+            if let Some(path) = kept {
+                tracing::warn!(
+                    "the saved LB configuration is kept whole as {}",
+                    path.display()
+                );
+            }
         }
         let applied = match self.service.apply(initial).await {
             Err(e) if saved => {
