@@ -71,6 +71,13 @@ fn scratch() -> Result<&'static mut Scratch6, DropReason> {
         .ok_or(DropReason::NoInstance)
 }
 
+/// Whether `a` is IPv4-mapped (`::ffff:a.b.c.d`).
+#[inline(always)]
+fn mapped(a: &Addr6) -> bool {
+    let w = words(a);
+    w[0] == 0 && w[1] == 0 && w[2] == crate::parse::MAPPED_V4_PREFIX
+}
+
 /// The words of an address the maps hold (in a map value or the scratch
 /// space, at a multiple of 4), for arithmetic and stores into packets.
 #[inline(always)]
@@ -377,7 +384,8 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         // SAFETY: a map value, valid for the program's run.
         false => match unsafe { tm_ov_locals6.get(&s.key.src) } {
             Some(l) if l.ifindex == ingress => Some(l),
-            _ if crate::lb::vip_at(&words(&s.key.src)).is_some() => None,
+            // Not an IPv4-mapped address: that would be an IPv4 VIP's key.
+            _ if !mapped(&s.key.src) && crate::lb::vip_at(&words(&s.key.src)).is_some() => None,
             _ => return Err(DropReason::SenderNotDeployed),
         },
     };

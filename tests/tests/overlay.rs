@@ -1223,6 +1223,20 @@ fn a_container_that_is_a_load_balancer_target_answers_from_the_vip() {
         target.packets, 5,
         "each datagram went through the load balancer"
     );
+
+    // The VIP's IPv4-mapped form is no VIP: over IPv6 it is refused.
+    let vip: Ipv4Addr = VIP.parse().unwrap();
+    let to = "2001:db8::1".parse().unwrap();
+    let ip = tapmesh_tests::frames::udp6(vip.to_ipv6_mapped(), to, 7000, 7000, b"mapped");
+    let host_mac = n1.netns.mac(&n1.container_links().pop().unwrap());
+    let frame = tapmesh_tests::frames::ethernet(host_mac, c.mac("tmsvc0"), &[], 0x86dd, &ip);
+    tapmesh_tests::send_frames(&c.name, "tmsvc0", &vec![frame; 3]);
+    let dropped = || named(&daemon.status(), "tc_service", "sender_not_deployed");
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while dropped() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(dropped(), 3);
 }
 
 #[test]
