@@ -440,6 +440,26 @@ fn config_check_validates_offline() {
         )
     );
 
+    // Node addresses inside a VIP: a remote target's (the LB file alone),
+    // a named tunnel peer (the daemon file with the LB file it names).
+    let node_in_vip = write(
+        "nodevip.toml",
+        &LB_FILE.replace("address = \"20.0.0.1\"", "address = \"198.18.2.0/24\""),
+    );
+    let peer_in_vip = write(
+        "peervip.toml",
+        &format!("[lb]\ntunnel_peers = [\"20.0.0.1\"]\nconfig_file = \"{lb}\"\n"),
+    );
+    let (code, stdout, stderr) = check(&[&node_in_vip, &peer_in_vip]);
+    assert_eq!((code, stdout.as_str()), (Some(2), ""));
+    assert_eq!(
+        stderr,
+        format!(
+            "tapmesh: LB config file {node_in_vip}: target 1 of stream \"s\": its node 198.18.2.2 is inside VIP \"v\"; a node's address is no VIP (the tunnel would trust whoever sends from the VIP's address), name the node by its own address\n\
+             tapmesh: config file {peer_in_vip}: lb.config_file: LB config file {lb}: tunnel peer 20.0.0.1 (lb.tunnel_peers) is inside VIP \"v\"; a node's address is no VIP (the tunnel would trust whoever sends from the VIP's address)\n"
+        )
+    );
+
     // An xDS server with nothing to subscribe to would be a wildcard.
     let no_clusters = write(
         "noclusters.toml",

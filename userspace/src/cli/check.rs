@@ -66,7 +66,10 @@ pub fn check(path: &Path, kind: Option<Kind>) -> Result<Kind, String> {
                     lb,
                     crate::lb::model::Capacity::of(&config.dataplane),
                 )
-                .and_then(|spec| crate::lb::service::check_local_interfaces(lb, &spec))
+                .and_then(|spec| {
+                    crate::lb::service::check_local_interfaces(lb, &spec)?;
+                    crate::lb::service::check_with_settings(lb, &spec, &config.lb)
+                })
                 .map_err(|e| format!("config file {}: lb.config_file: {e}", path.display()))?;
             }
             if let Some(nsp) = &config.nsp.config_file {

@@ -174,9 +174,14 @@ fn check_names(parts: &[(&str, &LbSpec)]) -> Result<(), LbError> {
 
 /// Refuses what this node's own tunnel address makes unworkable: a remote
 /// target on it (the packets would loop back and be dropped), a VIP
-/// holding it (the node would stop answering); and a remote target whose
-/// node is inside a VIP (that address would become a tunnel peer).
-pub fn check_node(spec: &LbSpec, node: Option<Ipv4Addr>) -> Result<(), LbError> {
+/// holding it (the node would stop answering); and a remote target's node
+/// or a named tunnel peer (`peers`) inside a VIP (whoever sends from the
+/// VIP's address would be trusted as a node).
+pub fn check_node(
+    spec: &LbSpec,
+    node: Option<Ipv4Addr>,
+    peers: &[Ipv4Addr],
+) -> Result<(), LbError> {
     let vips: Vec<(&str, Vip)> = spec
         .vips
         .iter()
@@ -198,6 +203,18 @@ pub fn check_node(spec: &LbSpec, node: Option<Ipv4Addr>) -> Result<(), LbError> 
                 stream: t.stream.clone(),
                 identifier: t.identifier,
                 node: n.clone(),
+                vip: vip.to_string(),
+            });
+        }
+    }
+    for peer in peers {
+        let mapped = IpAddr::V6(peer.to_ipv6_mapped());
+        if let Some((vip, _)) = vips
+            .iter()
+            .find(|(_, v)| !v.v6 && v.prefix.contains(mapped))
+        {
+            return Err(LbError::PeerIsVip {
+                peer: *peer,
                 vip: vip.to_string(),
             });
         }
@@ -419,19 +436,19 @@ mod tests {
             },
         });
         assert_eq!(
-            check_node(&s, Some(node)).unwrap_err(),
+            check_node(&s, Some(node), &[]).unwrap_err(),
             LbError::TargetIsThisNode {
                 stream: "s".into(),
                 identifier: 2,
                 node
             }
         );
-        check_node(&s, None).unwrap();
+        check_node(&s, None, &[]).unwrap();
         s.targets.clear();
-        check_node(&s, Some(node)).unwrap();
+        check_node(&s, Some(node), &[]).unwrap();
         s.vips.push(vip("net", "198.51.100.0/24"));
         assert!(matches!(
-            check_node(&s, Some(node)),
+            check_node(&s, Some(node), &[]),
             Err(LbError::VipHoldsNode { .. })
         ));
     }
@@ -446,7 +463,7 @@ mod tests {
                 node: "198.51.100.2".into(),
             },
         });
-        check_node(&s, None).unwrap();
+        check_node(&s, None, &[]).unwrap();
         s.targets[0].via = TargetVia::Remote {
             node: "203.0.113.20".into(),
         };
@@ -456,8 +473,19 @@ mod tests {
             node: "203.0.113.20".into(),
             vip: "v".into(),
         };
-        assert_eq!(check_node(&s, None).unwrap_err(), refused);
+        assert_eq!(check_node(&s, None, &[]).unwrap_err(), refused);
         let node = Some("198.51.100.1".parse().unwrap());
-        assert_eq!(check_node(&s, node).unwrap_err(), refused);
+        assert_eq!(check_node(&s, node, &[]).unwrap_err(), refused);
+        // A named tunnel peer, the same.
+        s.targets.clear();
+        let peer = "203.0.113.17".parse().unwrap();
+        check_node(&s, None, &["198.51.100.2".parse().unwrap()]).unwrap();
+        assert_eq!(
+            check_node(&s, None, &[peer]).unwrap_err(),
+            LbError::PeerIsVip {
+                peer,
+                vip: "v".into()
+            }
+        );
     }
 }

@@ -202,6 +202,8 @@ pub enum LbError {
         node: String,
         vip: String,
     },
+    #[error("tunnel peer {peer} (lb.tunnel_peers) is inside VIP {vip:?}; a node's address is no VIP (the tunnel would trust whoever sends from the VIP's address)")]
+    PeerIsVip { peer: Ipv4Addr, vip: String },
     #[error("flow {flow:?} can never match on VIP {vip:?}: the VIP is {vip_family} and every source subnet is {subnet_family}; add an {vip_family} source subnet or take the VIP out of the flow")]
     SubnetFamily {
         flow: String,

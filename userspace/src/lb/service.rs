@@ -68,7 +68,21 @@ pub fn read_spec(path: &Path, capacity: Capacity) -> Result<LbSpec, LbServiceErr
     tables.set_capacity(capacity);
     validate_with(&spec, &mut tables).map_err(|e| file(e.to_string()))?;
     checks::check_owners(&[("lb", &spec)]).map_err(|e| file(e.to_string()))?;
+    checks::check_node(&spec, None, &[]).map_err(|e| file(e.to_string()))?;
     Ok(spec)
+}
+
+/// The daemon's LB file against its own `[lb]` settings (its tunnel address
+/// and named peers, `checks::check_node`), refused with the other settings.
+pub fn check_with_settings(
+    path: &Path,
+    spec: &LbSpec,
+    lb: &crate::config::LbConfig,
+) -> Result<(), LbServiceError> {
+    checks::check_node(spec, lb.node_address, &lb.tunnel_peers).map_err(|e| LbServiceError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
 }
 
 /// The daemon's LB file names local targets on interfaces of its namespace:
@@ -179,6 +193,8 @@ pub struct LbService {
     store: std::sync::Mutex<persist::Store>,
     /// Local targets' interfaces (name, index) made redirect targets.
     prepared: std::sync::Mutex<BTreeSet<(String, u32)>>,
+    /// `lb.tunnel_peers`: nodes no VIP may hold.
+    static_peers: std::sync::Mutex<Vec<Ipv4Addr>>,
 }
 
 impl LbService {
@@ -190,7 +206,12 @@ impl LbService {
             nodes_changed: Notify::new(),
             store: std::sync::Mutex::default(),
             prepared: std::sync::Mutex::default(),
+            static_peers: std::sync::Mutex::default(),
         }
+    }
+
+    fn static_peers(&self) -> Vec<Ipv4Addr> {
+        self.static_peers.lock().expect("peers lock").clone()
     }
 
     fn tunnel(&self) -> TunnelSettings {
@@ -253,7 +274,9 @@ impl LbService {
                 sources.tables.set_capacity(capacity);
                 validate_with(&merged, &mut sources.tables)
             })
-            .and_then(|valid| checks::check_node(&merged, tunnel.address).map(|()| valid));
+            .and_then(|valid| {
+                checks::check_node(&merged, tunnel.address, &self.static_peers()).map(|()| valid)
+            });
         let valid = valid
             .map_err(LbServiceError::from)
             .and_then(|v| self.prepare_local(&merged).map(|()| v));
@@ -320,7 +343,7 @@ impl LbService {
         let capacity = self.dataplane.lb_capacity();
         sources.tables.set_capacity(capacity);
         let valid = validate_with(&merged, &mut sources.tables)?;
-        checks::check_node(&merged, self.tunnel().address)?;
+        checks::check_node(&merged, self.tunnel().address, &self.static_peers())?;
         self.prepare_local(&merged)?;
         self.dataplane
             .apply_lb(&lb_tables(&valid), self.tunnel())
@@ -698,6 +721,7 @@ impl Plugin for LbPlugin {
             Some(path) => {
                 let spec = read_spec(path, Capacity::of(&config.dataplane))
                     .and_then(|s| check_local_interfaces(path, &s).map(|()| s))
+                    .and_then(|s| check_with_settings(path, &s, &config.lb).map(|()| s))
                     .map_err(|e| PluginError::new(e.to_string()))?;
                 Some(spec)
             }
@@ -705,6 +729,7 @@ impl Plugin for LbPlugin {
         };
         *self.service.store.lock().expect("store lock") =
             persist::Store::new(&config.daemon.state_dir, file);
+        *self.service.static_peers.lock().expect("peers lock") = config.lb.tunnel_peers.clone();
         Ok(())
     }
 
