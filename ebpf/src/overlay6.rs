@@ -527,9 +527,10 @@ fn same6(a: &Addr6, b: &Addr6) -> bool {
 /// Whether an IPv6 packet from the tunnel, as `tunnel::decapsulate` left
 /// it (Ethernet, then the IPv6 header), is for a container here and has a
 /// source that belongs to another node than `node`
-/// (`overlay::check_owner`), or to this node (the containers' gateway). Its own subprogram, called before
-/// [`from_tunnel`] and not from it: that one's stack and the uplink's
-/// leave no room for another value. The keys are read from the packet.
+/// (`overlay::check_owner`), or to this node (the containers' gateway).
+/// Its own subprogram, called before [`from_tunnel`] and not from it: that
+/// one's stack and the uplink's leave no room for another value. The keys
+/// are read from the packet.
 #[inline(never)]
 pub fn foreign_source(ctx: &XdpContext, node: u32) -> bool {
     let pkt = crate::xdp::packet_of(ctx);
