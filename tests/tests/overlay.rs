@@ -1461,6 +1461,21 @@ fn containers_get_ipv6_addresses_and_a_default_route_too() {
     assert!(ok, "the gateway answers over IPv6: {out}");
 
     // From an IPv6 address that is not the container's: dropped at its veth.
+    // (The gateway's neighbour entry is made permanent: a neighbour
+    // solicitation from that address would be dropped and counted too.)
+    let gateway_mac = tapmesh_tests::fmt_mac(n1.netns.mac(&n1.container_links().pop().unwrap()));
+    c.ip(&[
+        "-6",
+        "neigh",
+        "replace",
+        "2001:db8:5::1",
+        "lladdr",
+        &gateway_mac,
+        "dev",
+        "tmsvc0",
+        "nud",
+        "permanent",
+    ]);
     c.ip(&[
         "addr",
         "add",
