@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use super::flows::{FlowSet, Vip};
+use super::flows::{FlowSet, Vip, VipSpec};
 use super::model::{LbError, LbSpec, TargetVia};
 use crate::net::Prefix;
 
@@ -182,42 +182,37 @@ pub fn check_node(
     node: Option<Ipv4Addr>,
     peers: &[Ipv4Addr],
 ) -> Result<(), LbError> {
-    let vips: Vec<(&str, Vip)> = spec
+    // The VIP (name and address as given) that holds an IPv4 address.
+    let vips: Vec<(&VipSpec, Vip)> = spec
         .vips
         .iter()
-        .filter_map(|v| Some((v.name.as_str(), Vip::parse(v).ok()?)))
+        .filter_map(|v| Some((v, Vip::parse(v).ok()?)))
         .collect();
+    let holding = |a: Ipv4Addr| {
+        let mapped = IpAddr::V6(a.to_ipv6_mapped());
+        vips.iter()
+            .find(|(_, v)| !v.v6 && v.prefix.contains(mapped))
+            .map(|(spec, _)| *spec)
+    };
     for t in &spec.targets {
         let TargetVia::Remote { node: n } = &t.via else {
             continue;
         };
-        let Ok(at) = n.parse::<Ipv4Addr>() else {
+        let Some(vip) = n.parse().ok().and_then(holding) else {
             continue;
         };
-        let mapped = IpAddr::V6(at.to_ipv6_mapped());
-        if let Some((vip, _)) = vips
-            .iter()
-            .find(|(_, v)| !v.v6 && v.prefix.contains(mapped))
-        {
-            return Err(LbError::NodeIsVip {
-                stream: t.stream.clone(),
-                identifier: t.identifier,
-                node: n.clone(),
-                vip: vip.to_string(),
-            });
-        }
+        return Err(LbError::NodeIsVip {
+            stream: t.stream.clone(),
+            identifier: t.identifier,
+            node: n.clone(),
+            vip: vip.name.clone(),
+        });
     }
-    for peer in peers {
-        let mapped = IpAddr::V6(peer.to_ipv6_mapped());
-        if let Some((vip, _)) = vips
-            .iter()
-            .find(|(_, v)| !v.v6 && v.prefix.contains(mapped))
-        {
-            return Err(LbError::PeerIsVip {
-                peer: *peer,
-                vip: vip.to_string(),
-            });
-        }
+    if let Some((peer, vip)) = peers.iter().find_map(|&p| Some((p, holding(p)?))) {
+        return Err(LbError::PeerIsVip {
+            peer,
+            vip: vip.name.clone(),
+        });
     }
     let Some(node) = node else { return Ok(()) };
     for t in &spec.targets {
@@ -231,16 +226,12 @@ pub fn check_node(
             }
         }
     }
-    let mapped = IpAddr::V6(node.to_ipv6_mapped());
-    for v in &spec.vips {
-        let Ok(vip) = Vip::parse(v) else { continue };
-        if !vip.v6 && vip.prefix.contains(mapped) {
-            return Err(LbError::VipHoldsNode {
-                vip: v.name.clone(),
-                value: v.address.clone(),
-                node,
-            });
-        }
+    if let Some(v) = holding(node) {
+        return Err(LbError::VipHoldsNode {
+            vip: v.name.clone(),
+            value: v.address.clone(),
+            node,
+        });
     }
     Ok(())
 }
@@ -248,7 +239,7 @@ pub fn check_node(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lb::flows::{FlowSpec, VipSpec};
+    use crate::lb::flows::FlowSpec;
     use crate::lb::model::{validate, StreamSpec, TargetSpec};
 
     fn vip(name: &str, address: &str) -> VipSpec {
