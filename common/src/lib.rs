@@ -15,7 +15,7 @@ pub mod tunnel;
 pub use stats::*;
 
 /// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 13;
+pub const SCHEMA_VERSION: u32 = 14;
 
 /// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -65,6 +65,7 @@ pub mod map_names {
     pub const LB_CONFIG: &str = "tm_lb_config";
     pub const PORT_NATS: &str = "tm_port_nats";
     pub const PORT_NAT_REPLIES: &str = "tm_port_nat_rev";
+    pub const VIP_ANSWERERS: &str = "tm_vip_answerers";
     pub const XDP_TAILS: &str = "tm_xdp_tails";
     pub const PORT_NAT_PICK: &str = "tm_nat_pick";
     pub const TUNNEL: &str = "tm_tunnel";

@@ -538,6 +538,18 @@ pub fn vip_at(addr: &Addr) -> Option<&'static VipValue> {
     prefixes.then(|| tm_vips.get(&Key::new(128, key))).flatten()
 }
 
+/// Whether a container behind `ifindex` may send from `addr` (IPv4
+/// mapped): a VIP, and the interface is a local target's of a stream that
+/// serves one of its flows, whose answers leave from the VIP.
+#[inline(always)]
+pub fn answers_from(addr: &Addr, ifindex: u32) -> bool {
+    vip_at(addr).is_some_and(|vip| {
+        let key = tapmesh_common::lb::VipAnswerer { ifindex, vip_index: vip.vip_index };
+        // SAFETY: only whether it is there is read.
+        unsafe { tm_vip_answerers.get(&key) }.is_some()
+    })
+}
+
 /// Not VIP traffic: the kernel's to route, unless it is a forged packet
 /// for a container here (checked only for packets that did not come
 /// through the tunnel; here, at the end of a path, the check adds little

@@ -10,7 +10,7 @@ use tapmesh_common::{
         FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortNatKey, PortNatPick, PortNatValue,
         SourceData, StreamValue, Target, VipAddr, VipConfig, VipSlot, VipValue, FLOW_SLOTS,
         MAGLEV_CAPACITY, MAGLEV_MAP_FLAGS, MAX_CONFIGS, MAX_FLOWS, MAX_PORT_NATS, MAX_PREFIXES, MAX_STREAMS,
-        MAX_TARGETS, MAX_VIPS, VIP_SLOTS,
+        MAX_TARGETS, MAX_VIPS, VIP_SLOTS, VipAnswerer, MAX_ANSWERERS,
     },
     mirror::{
         CopyHead, MirrorCounter, MirrorPort, VlanSet, COPY_MAX_BYTES, COPY_RING_BYTES, FILTER_WORDS,
@@ -92,6 +92,12 @@ pub static tm_port_nats: HashMap<PortNatKey, PortNatValue, { 2 * MAX_PORT_NATS a
 #[btf_map]
 pub static tm_port_nat_rev: LpmTrie<NatReplyData, PortNatValue, { 2 * MAX_PORT_NATS as usize }> =
     LpmTrie::new();
+
+/// (local target's interface, VIP index) → 1: a container behind that
+/// interface may send from that VIP.
+#[btf_map]
+pub static tm_vip_answerers: HashMap<VipAnswerer, u8, { MAX_ANSWERERS as usize }> =
+    HashMap::new();
 
 /// Programs the uplink tail-calls (`TAIL_PORT_NAT`: `tm_xdp_port_nat`),
 /// filled by the daemon at load: their code is verified on its own, not

@@ -635,11 +635,11 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     // flows, any other would pose as a node in a tunnel packet of its own
     // making (Cilium drops a pod's packet from a source not its own too).
     // A container that is a local target of the load balancer answers from
-    // the VIP: that passes, but never to a service IP.
+    // its stream's VIPs: that passes, but never to a service IP.
     // SAFETY: reading a field of the context.
     let ingress = unsafe { (*ctx.skb.skb).ifindex };
     let sender = sender_here(ip.src, ingress);
-    if sender.is_err() && crate::lb::vip_at(&[0, 0, MAPPED_V4_PREFIX, ip.src]).is_none() {
+    if sender.is_err() && !crate::lb::answers_from(&[0, 0, MAPPED_V4_PREFIX, ip.src], ingress) {
         return Err(DropReason::SenderNotDeployed);
     }
     let Some(config) = tm_ov_config.get(0) else {

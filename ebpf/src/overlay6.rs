@@ -377,7 +377,8 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     // As for IPv4 (`overlay::try_from_container`), the source must be the
     // container behind this interface, one neighbour discovery uses (a
     // link-local address, or none while the container checks that its
-    // address is free), or a VIP it answers from as a local target.
+    // address is free), or a VIP it answers from as a local target of the
+    // VIP's stream.
     let nd = (s.key.src[0] == 0xfe && s.key.src[1] & 0xc0 == 0x80) || is_zero(&s.key.src);
     let sender = match nd {
         true => None,
@@ -385,7 +386,9 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         false => match unsafe { tm_ov_locals6.get(&s.key.src) } {
             Some(l) if l.ifindex == ingress => Some(l),
             // Not an IPv4-mapped address: that would be an IPv4 VIP's key.
-            _ if !mapped(&s.key.src) && crate::lb::vip_at(&words(&s.key.src)).is_some() => None,
+            _ if !mapped(&s.key.src) && crate::lb::answers_from(&words(&s.key.src), ingress) => {
+                None
+            }
             _ => return Err(DropReason::SenderNotDeployed),
         },
     };

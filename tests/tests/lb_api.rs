@@ -10,7 +10,7 @@ use tapmesh::admin::proto::{
 use tapmesh_tests::{
     daemon::Daemon,
     kernel_tests_enabled, link,
-    maps::{differences, dump_pinned},
+    maps::{differences, dump_pinned, Dump},
     Netns,
 };
 use tonic::{transport::Channel, Code};
@@ -140,6 +140,16 @@ fn bad_changes_are_refused_with_a_clear_status_and_change_nothing() {
             assert!(
                 maps.contains("\"table_size\": 1009"),
                 "the stream's Maglev table is published: {maps}"
+            );
+            // The local target's interface may answer from the VIP (index
+            // 0); the remote target has none here.
+            let answerer = [node.interface_index(&tif.interface), 0u32]
+                .iter()
+                .flat_map(|w| w.to_ne_bytes())
+                .collect::<Vec<u8>>();
+            assert_eq!(
+                every_map["tm_vip_answerers"],
+                Dump::Entries([(answerer, vec![1])].into())
             );
 
             type Call = std::pin::Pin<
@@ -292,5 +302,16 @@ fn bad_changes_are_refused_with_a_clear_status_and_change_nothing() {
             .unwrap();
             assert_ne!(dump_maps(&daemon), maps);
             assert_eq!(listing(&mut c).await.targets.len(), 1);
+            // Without its local target, no interface answers from the VIP.
+            c.delete_target(TargetId {
+                stream: "s".into(),
+                identifier: 1,
+            })
+            .await
+            .unwrap();
+            assert_eq!(
+                dump_pinned(&pins)["tm_vip_answerers"],
+                Dump::Entries(Default::default())
+            );
         });
 }

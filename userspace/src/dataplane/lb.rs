@@ -20,8 +20,9 @@ use aya::{
 use tapmesh_common::{
     lb::{
         FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortKey, PortNatKey, PortNatValue,
-        SourceData, SourceKey, StreamValue, Target, VipAddr, VipConfig, VipKey, VipValue,
-        MAGLEV_CAPACITY, MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_VIPS, NO_TARGET, TARGET_REMOTE,
+        SourceData, SourceKey, StreamValue, Target, VipAddr, VipAnswerer, VipConfig, VipKey,
+        VipValue, MAGLEV_CAPACITY, MAX_ANSWERERS, MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_VIPS,
+        NO_TARGET, TARGET_LOCAL, TARGET_REMOTE,
     },
     map_names as n,
     tunnel::PEER_LB,
@@ -332,6 +333,8 @@ struct Plan {
     /// Every stream's spare region (base, size) once the tables are
     /// published: given up ones are `None`.
     spares: BTreeMap<String, Option<(u32, usize)>>,
+    /// Every `tm_vip_answerers` key.
+    answerers: BTreeSet<VipAnswerer>,
     /// The books after the change.
     vip_ids: Ids,
     stream_ids: Ids,
@@ -382,6 +385,8 @@ pub struct LbWriter {
     peers: BTreeSet<std::net::Ipv4Addr>,
     /// `tm_port_nat_rev` as written.
     replies: Vec<(NatReplyKey, PortNatValue)>,
+    /// `tm_vip_answerers` as written.
+    answerers: BTreeSet<VipAnswerer>,
     /// `tm_maglev` mapped, once a table was written.
     maglev: Option<MappedArray>,
     /// Whether what an earlier daemon left in the maps was swept (after
@@ -393,6 +398,41 @@ pub struct LbWriter {
 /// configured.
 #[derive(Debug, Clone, Copy, Default)]
 struct IdSpace(crate::config::LbCapacity);
+
+/// Each local target's interface with each VIP whose flows go to its
+/// stream: the containers there may send from that VIP (their answers).
+fn answerers(
+    tables: &LbTables,
+    targets: &TargetBook,
+    vip_index: impl Fn(&str) -> Option<u32>,
+) -> Result<BTreeSet<VipAnswerer>, DataplaneError> {
+    let mut interfaces: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
+    for (stream, book) in targets {
+        let local = book.values().filter(|t| t.kind == TARGET_LOCAL);
+        interfaces.insert(stream, local.map(|t| t.ifindex).collect());
+    }
+    let mut pairs = BTreeSet::new();
+    for vip in &tables.vips {
+        let Some(index) = vip_index(&vip.name) else {
+            continue;
+        };
+        for f in &vip.flows {
+            for &ifindex in interfaces.get(f.stream.as_str()).into_iter().flatten() {
+                pairs.insert(VipAnswerer {
+                    ifindex,
+                    vip_index: index,
+                });
+            }
+        }
+    }
+    if pairs.len() > MAX_ANSWERERS as usize {
+        return Err(DataplaneError::Config(format!(
+            "{} pairs of a VIP and a local target's interface serving it, at most {MAX_ANSWERERS}: spread the local targets over fewer interfaces or VIPs",
+            pairs.len()
+        )));
+    }
+    Ok(pairs)
+}
 
 /// The nodes of the remote targets: the ones that may send this node
 /// tunnel packets for the load balancer.
@@ -538,6 +578,15 @@ impl LbWriter {
                 .iter()
                 .any(|(r, _)| r.prefix_len == k.prefix_len() && r.data == k.data())
         })?;
+        let mut answerers: BpfHashMap<_, VipAnswerer, u8> =
+            BpfHashMap::try_from(map_mut(ebpf, n::VIP_ANSWERERS)?)
+                .map_err(map_err(n::VIP_ANSWERERS))?;
+        let stale: Vec<VipAnswerer> = (answerers.keys().filter_map(Result::ok))
+            .filter(|a| !self.answerers.contains(a))
+            .collect();
+        for a in &stale {
+            let _ = answerers.remove(a);
+        }
         let peers: BpfHashMap<_, [u8; 4], u8> =
             BpfHashMap::try_from(map_mut(ebpf, n::TUNNEL_PEERS)?)
                 .map_err(map_err(n::TUNNEL_PEERS))?;
@@ -698,7 +747,13 @@ impl LbWriter {
             stream_tables.insert(s.name.clone(), table);
         }
         let (placements, regions, spares) = self.place(tables, &stream_tables)?;
+        let vip_index = |name: &str| match self.vips.get(name) {
+            Some(v) => Some(v.index),
+            None => new_vips.get(name).copied(),
+        };
+        let answerers = answerers(tables, &targets, vip_index)?;
         Ok(Plan {
+            answerers,
             targets,
             new_streams,
             new_flows,
@@ -891,6 +946,8 @@ impl LbWriter {
             };
         }
 
+        // Containers may answer from a VIP before it sends them anything.
+        self.write_answerers(ebpf, &plan.answerers)?;
         for s in &tables.streams {
             if let Some(&placement) = plan.placements.get(&s.name) {
                 if !published.contains(&s.name) {
@@ -970,6 +1027,7 @@ impl LbWriter {
             self.flow_ids.give(id);
         }
         self.remove_replies(ebpf, &tables.port_nat_replies)?;
+        self.remove_answerers(ebpf, &plan.answerers)?;
         write_peers(ebpf, PEER_LB, &self.peers, &peers)?;
         self.peers = peers;
         Ok(())
@@ -1016,6 +1074,41 @@ impl LbWriter {
         for k in gone {
             let _ = map.remove(&Key::new(k.prefix_len, k.data));
             self.replies.retain(|(ok, _)| *ok != k);
+        }
+        Ok(())
+    }
+
+    fn write_answerers(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &BTreeSet<VipAnswerer>,
+    ) -> Result<(), DataplaneError> {
+        let mut map: BpfHashMap<_, VipAnswerer, u8> =
+            BpfHashMap::try_from(map_mut(ebpf, n::VIP_ANSWERERS)?)
+                .map_err(map_err(n::VIP_ANSWERERS))?;
+        for a in wanted.difference(&self.answerers.clone()) {
+            map.insert(a, 1, 0).map_err(map_err(n::VIP_ANSWERERS))?;
+            self.answerers.insert(*a);
+        }
+        Ok(())
+    }
+
+    fn remove_answerers(
+        &mut self,
+        ebpf: &mut Ebpf,
+        wanted: &BTreeSet<VipAnswerer>,
+    ) -> Result<(), DataplaneError> {
+        let mut map: BpfHashMap<_, VipAnswerer, u8> =
+            BpfHashMap::try_from(map_mut(ebpf, n::VIP_ANSWERERS)?)
+                .map_err(map_err(n::VIP_ANSWERERS))?;
+        for a in self
+            .answerers
+            .difference(wanted)
+            .copied()
+            .collect::<Vec<_>>()
+        {
+            let _ = map.remove(&a);
+            self.answerers.remove(&a);
         }
         Ok(())
     }

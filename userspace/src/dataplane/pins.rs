@@ -104,6 +104,12 @@ const MAPS: &[MapSpec] = &[
         2 * tapmesh_common::lb::MAX_PORT_NATS,
     ),
     spec(
+        n::VIP_ANSWERERS,
+        size_of::<tapmesh_common::lb::VipAnswerer>(),
+        1,
+        tapmesh_common::lb::MAX_ANSWERERS,
+    ),
+    spec(
         n::TUNNEL,
         4,
         size_of::<tapmesh_common::tunnel::TunnelConfig>(),
