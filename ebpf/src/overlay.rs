@@ -588,6 +588,35 @@ fn unknown_source(ip: &Ip4) -> Result<(), DropReason> {
     }
 }
 
+/// A plain tunnel packet from a node no table or setting names yet
+/// (dropped as `tunnel_unknown_node` by the caller): when its inner IPv4
+/// packet is for a container here from a service-prefix address no table
+/// holds, that address is asked for as an unknown source from a known node
+/// is ([`unknown_source`]). The cluster's answer places the address on its
+/// node, which may use the tunnel from then on: nodes that join later reach
+/// this one as in Oakestra, where any node is accepted, and the cluster
+/// still decides who is a node. Reads, changes nothing.
+#[inline(never)]
+pub fn ask_about_sender(ctx: &XdpContext) {
+    let pkt = crate::xdp::packet_of(ctx);
+    let Ok(h) = pkt.header::<[u8; 20]>(tunnel::OUTER_LEN, DropReason::BadTunnelPacket) else {
+        return;
+    };
+    // SAFETY: every load is inside the 20 bytes just checked.
+    let (version_ihl, protocol, src, dst) = unsafe {
+        let w = h as *const [u8; 4];
+        ((*h)[0], (*h)[9], load32(w.add(3)), load32(w.add(4)))
+    };
+    let Some(config) = tm_ov_config.get(0) else {
+        return;
+    };
+    // SAFETY: only whether it is there is read.
+    let known = unsafe { tm_ov_services.get(&b4(src)) }.is_some();
+    if version_ihl == 0x45 && in_prefix(config, src) && !known && local_at(dst).is_some() {
+        signal_miss_of(src, dst, 0, protocol);
+    }
+}
+
 /// The reverse translation for a reply about to be delivered: its source
 /// becomes the service IP the client dialled.
 #[inline(always)]

@@ -66,7 +66,10 @@ fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, D
     // source is checked before anything of the inner packet is judged.
     let (mut parsed, ours) = match tunnel.and_then(|t| tunnel::plain(&pkt, t)) {
         Some(plain) => {
-            tunnel::check_peer(plain.src)?;
+            if let Err(unknown) = tunnel::check_peer(plain.src) {
+                overlay::ask_about_sender(ctx);
+                return Err(unknown);
+            }
             (None, Some((tunnel::OUTER_LEN, plain.first, plain.room, plain.src)))
         }
         None => {

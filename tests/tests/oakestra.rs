@@ -131,19 +131,11 @@ fn node_engine_calls_and_the_cluster_over_mqtt_give_rr_and_undeploy_reaches_othe
         return;
     }
     let cluster = Cluster::start(&jobs("198.18.2.9"), "192.0.2.0");
-    // The tunnel takes packets from known nodes only: each node lists the
-    // others (the first packet between two nodes may come before any table).
-    let peers = |me: &str| {
-        let others: Vec<String> = ["198.18.2.1", "198.18.2.2", "198.18.2.3"]
-            .iter()
-            .filter(|a| **a != me)
-            .map(|a| format!("\"{a}\""))
-            .collect();
-        format!("[lb]\ntunnel_peers = [{}]\n", others.join(", "))
-    };
-    let n1 = node(&cluster, "oan1", "198.18.2.1", &peers("198.18.2.1"));
-    let n2 = node(&cluster, "oan2", "198.18.2.2", &peers("198.18.2.2"));
-    let n3 = node(&cluster, "oan3", "198.18.2.3", &peers("198.18.2.3"));
+    // No node lists another (`lb.tunnel_peers`): each learns from the
+    // cluster which nodes may send to it, as Oakestra's nodes do.
+    let n1 = node(&cluster, "oan1", "198.18.2.1", "");
+    let n2 = node(&cluster, "oan2", "198.18.2.2", "");
+    let n3 = node(&cluster, "oan3", "198.18.2.3", "");
 
     // Before /register: Oakestra's 400 for a deploy.
     let (status, _) =
@@ -209,17 +201,33 @@ fn node_engine_calls_and_the_cluster_over_mqtt_give_rr_and_undeploy_reaches_othe
     assert!(ok, "node 1's services: {:?}", status_services(&n1));
 
     // Node 3 knows nothing of RR: the first packet is a miss, the daemon
-    // asks the cluster by service IP, and the next packets flow.
+    // asks the cluster by service IP, and the next packets flow. Nodes 1
+    // and 2 know nothing of node 3 either: its first packet to each is
+    // dropped, and they ask the cluster about its source, the client's
+    // instance IP, which places it on node 3.
     let first = Instant::now();
+    let mut heard = std::collections::BTreeSet::new();
     let ok = wait_until(Duration::from_secs(10), || {
-        udp_ask(&client, RR, 1)[0].0 != "(no answer)"
+        heard.extend(udp_ask(&client, RR, 2).into_iter().map(|(n, _)| n));
+        heard.contains("web0") && heard.contains("web1")
     });
     assert!(
         ok,
-        "RR never answered; node 3 log: {}",
-        n3.daemon.as_ref().unwrap().log_text()
+        "RR never answered from both instances ({heard:?}); node 1 log: {}",
+        n1.daemon.as_ref().unwrap().log_text()
     );
-    eprintln!("first answer through a miss after {:?}", first.elapsed());
+    eprintln!(
+        "answers from both through misses after {:?}",
+        first.elapsed()
+    );
+    for n in [&n1, &n2] {
+        let status = n.daemon.as_ref().unwrap().status();
+        assert!(
+            named(&status, "xdp_uplink", "tunnel_unknown_node") >= 1,
+            "node 3 was unknown to {} at first",
+            n.netns.name
+        );
+    }
     let by_ip = cluster.received("/net/tablequery/request");
     assert!(
         by_ip
@@ -231,6 +239,19 @@ fn node_engine_calls_and_the_cluster_over_mqtt_give_rr_and_undeploy_reaches_othe
                     .starts_with(&format!("nodes/{}/", n3.netns.name))),
         "{by_ip:?}"
     );
+    for n in [&n1, &n2] {
+        assert!(
+            by_ip
+                .iter()
+                .any(|m| m["payload"] == json!({"sname": "", "sip": CLIENT_IP})
+                    && m["topic"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with(&format!("nodes/{}/", n.netns.name))),
+            "{} did not ask about node 3's source: {by_ip:?}",
+            n.netns.name
+        );
+    }
     assert!(
         by_ip
             .iter()
