@@ -659,6 +659,10 @@ fn after_the_broker_was_away_a_large_table_arrives() {
     deploy(&n1, &task, CLIENT, 0);
 
     cluster.stop_broker();
+    // A deploy while the broker is away: its table query cannot go out.
+    let web = Netns::new("oabw");
+    let web_task = Task::start(&web);
+    deploy(&n1, &web_task, WEB, 0);
     let misses = |count: u8| {
         spawn_in(&client.name, move || {
             let s = UdpSocket::bind("0.0.0.0:0").unwrap();
@@ -696,6 +700,13 @@ fn after_the_broker_was_away_a_large_table_arrives() {
         answers.iter().any(|m| m["payload"]["app_name"] == BIG),
         "{answers:?}"
     );
+    // The job deployed meanwhile is asked for once connected: its instance
+    // IP came from the table.
+    let ok = wait_until(Duration::from_secs(5), || {
+        status_services(&n1).contains(&(WEB0_IP.into(), 1))
+    });
+    assert!(ok, "node 1's services: {:?}", status_services(&n1));
+    drop(web_task);
 }
 
 /// A subnet answer over the node's own network is refused (taken, it put
@@ -798,4 +809,75 @@ fn a_retained_table_is_ignored_and_a_burst_of_updates_waits_for_the_open_query()
         (1..25).contains(&burst),
         "{burst} table queries for 50 updates"
     );
+}
+
+#[test]
+fn a_restarted_node_asks_again_for_the_tables_it_kept_hears_their_updates_and_lets_idle_ones_go() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const OAK_NODE: &str = "198.18.2.9";
+    let cluster = Cluster::start(&jobs(OAK_NODE), "192.0.2.0");
+    let mut n1 = node(&cluster, "oark", "198.18.2.1", "");
+    register(&n1);
+    let client = Netns::new("oarc");
+    let task = Task::start(&client);
+    deploy(&n1, &task, CLIENT, 0);
+    // The client dials OAK's instance IP: the node asks by IP and keeps the table.
+    let held = wait_until(Duration::from_secs(10), || {
+        udp_ask(&client, OAK_IP, 1);
+        status_services(&n1).contains(&(OAK_IP.into(), 1))
+    });
+    assert!(held, "OAK's table never came: {:?}", status_services(&n1));
+    let me = format!("nodes/{}/", n1.netns.name);
+    let queries_for = |job: &str| {
+        cluster
+            .received("/net/tablequery/request")
+            .iter()
+            .filter(|m| {
+                m["payload"] == json!({"sname": job, "sip": ""})
+                    && m["topic"].as_str().unwrap().starts_with(&me)
+            })
+            .count()
+    };
+    let before = queries_for(OAK);
+
+    // Restarted, the node still holds OAK's table (its state file): it asks
+    // for it again, and for the job deployed here.
+    let client_before = queries_for(CLIENT);
+    n1.restart(&[], |_| {});
+    assert!(status_services(&n1).contains(&(OAK_IP.into(), 1)));
+    let asked = wait_until(Duration::from_secs(10), || {
+        queries_for(OAK) == before + 1 && queries_for(CLIENT) == client_before + 1
+    });
+    assert!(
+        asked,
+        "after the restart: {} queries for OAK (before {before}), {} for CLIENT (before {client_before})",
+        queries_for(OAK),
+        queries_for(CLIENT)
+    );
+    // It is subscribed to OAK's updates: one makes it ask again.
+    std::thread::sleep(Duration::from_millis(2100));
+    cluster.publish(
+        &format!("jobs/{OAK}/updates_available"),
+        r#"{"type":"DEPLOYMENT"}"#,
+        false,
+        1,
+    );
+    let asked = wait_until(Duration::from_secs(5), || queries_for(OAK) == before + 2);
+    assert!(
+        asked,
+        "{} queries for OAK after an update",
+        queries_for(OAK)
+    );
+    // Unused, the kept table goes as any other: interest removed, entries dropped.
+    let removed = wait_until(Duration::from_secs(20), || {
+        cluster
+            .received("/net/interest/remove")
+            .iter()
+            .any(|m| m["payload"] == json!({"appname": OAK}))
+    });
+    assert!(removed, "no interest/remove for OAK after the restart");
+    assert!(!status_services(&n1).contains(&(OAK_IP.into(), 1)));
+    drop(task);
 }

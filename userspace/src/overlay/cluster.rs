@@ -120,6 +120,8 @@ pub struct Cluster {
     /// (queued while it is away, they would be stale when it is back, and
     /// fill the queue that notices and subscriptions need).
     connected: std::sync::atomic::AtomicBool,
+    /// Whose tables are held (weak: the manager holds this).
+    manager: std::sync::Weak<NetManager>,
     stop: CancellationToken,
 }
 
@@ -152,6 +154,7 @@ impl Cluster {
             reconnect: tokio::sync::Notify::new(),
             connections: std::sync::atomic::AtomicU64::new(0),
             connected: std::sync::atomic::AtomicBool::new(false),
+            manager: Arc::downgrade(&manager),
             stop: stop.clone(),
         });
         let (tx, rx) = mpsc::unbounded_channel();
@@ -256,8 +259,26 @@ impl Cluster {
     }
 
     /// The node's topics and its interests, after every connection (a
-    /// clean session starts with none).
+    /// clean session starts with none). Every job whose table is held
+    /// (deployed here, or restored at a start) is an interest, so it hears
+    /// of updates and expires when idle; each is asked for again once
+    /// subscribed, as the table may have changed while this node was not
+    /// listening (queries are not sent while the broker is away).
     async fn subscribe_all(self: Arc<Self>) {
+        let held = match self.manager.upgrade() {
+            Some(m) => m.held_jobs().await,
+            None => Vec::new(),
+        };
+        {
+            let now = Instant::now();
+            let mut interests = self.interests.lock().expect("lock");
+            for job in held {
+                interests.entry(job).or_insert(Interest {
+                    used: now,
+                    packets: 0,
+                });
+            }
+        }
         let mut topics = vec![
             format!("nodes/{}/net/tablequery/result", self.client_id),
             format!("nodes/{}/net/subnetwork/result", self.client_id),
@@ -274,6 +295,11 @@ impl Cluster {
             .map(|t| rumqttc::SubscribeFilter::new(t, QoS::AtLeastOnce));
         if let Err(e) = self.client.subscribe_many(filters).await {
             tracing::warn!("netmanager: MQTT subscribe: {e}");
+            return;
+        }
+        self.wait_subscribed().await;
+        for job in self.interests() {
+            self.query_job(&job, true).await;
         }
     }
 

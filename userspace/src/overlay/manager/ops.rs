@@ -283,9 +283,9 @@ impl NetManager {
         if waiting {
             c.request_subnet().await;
         }
+        // Their tables are asked for once connected (`Cluster::subscribe_all`).
         for job in jobs {
             c.add_interest(&job).await;
-            c.query_job(&job, true).await;
         }
         // The address moved while no daemon ran: the cluster still sends
         // this node's instances' traffic to the old one.
@@ -362,6 +362,14 @@ impl NetManager {
 
     /// Per job: whether it runs here, and the packets its instances counted
     /// (an interest stays while either says it is used).
+    /// Jobs deployed here or whose tables are held.
+    pub async fn held_jobs(&self) -> Vec<String> {
+        let state = self.state.lock().await;
+        let local = state.local.keys().map(|(j, _)| j.clone());
+        let jobs: BTreeSet<String> = local.chain(state.remote.keys().cloned()).collect();
+        jobs.into_iter().collect()
+    }
+
     pub async fn job_usage(&self) -> BTreeMap<String, (bool, u64)> {
         let snapshot = self.snapshot().await;
         let mut out: BTreeMap<String, (bool, u64)> = BTreeMap::new();
