@@ -166,6 +166,49 @@ fn metrics_equal_the_map_counters_and_the_packets_sent() {
     );
 }
 
+/// Readiness and `tapmesh_attached` say what the kernel runs: a program
+/// another tool detached is missing there, and `status` says so (found by
+/// an independent tester: all three kept saying "attached").
+#[test]
+fn readiness_and_the_attached_gauge_follow_what_the_kernel_runs() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = LbLab::new(1, &[VIP]);
+    lab.start(None);
+    let up = lab.uplink.clone();
+    let attached = |m: &tapmesh_tests::scrape::Scrape, hook: &str, program: &str| {
+        m.value(
+            "tapmesh_attached",
+            &[("interface", &up), ("hook", hook), ("program", program)],
+        )
+    };
+    let m = scrape(&lab.node.name, LISTEN);
+    assert_eq!(m.readyz, (200, "ready\n".into()));
+    assert_eq!(attached(&m, "xdp", "tm_xdp_uplink"), 1);
+    assert_eq!(attached(&m, "tc-ingress", "tm_tc_tap_out"), 1);
+
+    lab.node
+        .exec(&["tc", "filter", "del", "dev", &up, "ingress"]);
+    let m = scrape(&lab.node.name, LISTEN);
+    assert_eq!(
+        m.readyz,
+        (
+            503,
+            format!(
+                "not ready: tc-ingress on {up} is no longer attached (tm_tc_tap_out gone from the kernel)\n"
+            )
+        )
+    );
+    assert_eq!(attached(&m, "xdp", "tm_xdp_uplink"), 1);
+    assert_eq!(attached(&m, "tc-ingress", "tm_tc_tap_out"), 0);
+    let status = lab.daemon().cli(&["status"]);
+    assert!(
+        status.contains(&format!("{up} tc-ingress (gone from the kernel")),
+        "{status}"
+    );
+}
+
 #[test]
 fn readiness_waits_for_the_xds_server_and_says_why() {
     if !kernel_tests_enabled() {

@@ -48,6 +48,35 @@ pub struct Attachment {
     pub created_clsact: bool,
     /// The interface's index when attached (a re-created interface has another).
     pub ifindex: Option<u32>,
+    /// Made at start (uplinks, `tc_interfaces`): readiness needs it.
+    pub at_start: bool,
+}
+
+/// Whether the kernel still runs `a`'s program on its hook: something
+/// else may have detached it, or removed the interface (a re-created one
+/// has another index and none of our programs).
+pub fn in_kernel(a: &Attachment) -> bool {
+    let Ok(link) = crate::net::link::by_name(&a.interface) else {
+        return false;
+    };
+    if a.ifindex.is_some_and(|index| index != link.index) {
+        return false;
+    }
+    // The kernel keeps a program's name to 15 bytes.
+    let ours = |name: &str| name.as_bytes() == &a.program.as_bytes()[..a.program.len().min(15)];
+    match a.hook {
+        Hook::Xdp => link.xdp_program.is_some_and(|id| {
+            aya::programs::loaded_programs()
+                .flatten()
+                .find(|p| p.id() == id)
+                .and_then(|p| p.name_as_str().map(ours))
+                .unwrap_or(false)
+        }),
+        Hook::TcIngress | Hook::TcEgress => {
+            crate::net::qdisc::bpf_filters(&a.interface, a.hook == Hook::TcEgress)
+                .is_ok_and(|filters| filters.iter().any(|f| ours(&f.name)))
+        }
+    }
 }
 
 /// Links this daemon owns, by the interface they are on.
@@ -231,6 +260,7 @@ fn xdp_link(
         mode: String::new(),
         created_clsact: false,
         ifindex: crate::net::link::index(interface),
+        at_start: false,
     };
 
     let kept_pin = link_pin(pin_dir, interface);
@@ -514,6 +544,7 @@ fn tc_hooks(
                     mode: String::new(),
                     created_clsact: created_clsact && index == 0,
                     ifindex: crate::net::link::index(interface),
+                    at_start: false,
                 });
             }
             Err(e) => {
@@ -654,6 +685,7 @@ pub fn xdp_mirror(
                     mode: label.into(),
                     created_clsact: false,
                     ifindex: crate::net::link::index(interface),
+                    at_start: false,
                 });
             }
             Err(e) => errors.push(format!("{label}: {}", crate::causes(&e))),

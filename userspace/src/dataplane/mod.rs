@@ -199,6 +199,21 @@ impl DataplaneHandle {
             .unwrap_or_default()
     }
 
+    /// Every attachment and whether the kernel still has it ([`attach::in_kernel`]).
+    pub async fn attachments_in_kernel(&self) -> Vec<(Attachment, bool)> {
+        let list = self.attachments().await;
+        tokio::task::spawn_blocking(move || {
+            list.into_iter()
+                .map(|a| {
+                    let there = attach::in_kernel(&a);
+                    (a, there)
+                })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+
     /// Makes the load-balancing maps hold `tables` (see [`lb::LbWriter::apply`]).
     pub async fn apply_lb(
         &self,
@@ -615,13 +630,18 @@ impl Plugin for DataplanePlugin {
                         .iter()
                         .map(|a| {
                             format!(
-                                "{} {}{}",
+                                "{} {}{}{}",
                                 a.interface,
                                 a.hook,
                                 if a.mode.is_empty() {
                                     String::new()
                                 } else {
                                     format!(" ({})", a.mode)
+                                },
+                                if attach::in_kernel(a) {
+                                    ""
+                                } else {
+                                    " (gone from the kernel: detached by something else, or the interface was removed)"
                                 }
                             )
                         })
@@ -707,6 +727,9 @@ fn start_dataplane(
         }
         // Listed as before: the uplinks' XDP first.
         attachments.sort_by_key(|a| a.hook != Hook::Xdp);
+        for a in &mut attachments {
+            a.at_start = true;
+        }
         if kept {
             for line in cleanup::unconfigured(&pin_dir, &config.uplinks, &config.tc_interfaces) {
                 tracing::warn!("kept dataplane: {line}");

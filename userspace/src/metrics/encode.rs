@@ -113,15 +113,19 @@ async fn dataplane(registry: &mut Registry, s: &Sources) {
     gauges(
         registry,
         "tapmesh_attached",
-        "Programs attached, by interface and hook",
-        s.dataplane.attachments().await.into_iter().map(|a| {
-            let labels = vec![
-                ("interface", a.interface),
-                ("hook", a.hook.to_string()),
-                ("program", a.program.to_string()),
-            ];
-            (labels, 1)
-        }),
+        "Programs attached, by interface and hook (0: the kernel no longer has it)",
+        s.dataplane
+            .attachments_in_kernel()
+            .await
+            .into_iter()
+            .map(|(a, there)| {
+                let labels = vec![
+                    ("interface", a.interface),
+                    ("hook", a.hook.to_string()),
+                    ("program", a.program.to_string()),
+                ];
+                (labels, i64::from(there))
+            }),
     );
 }
 

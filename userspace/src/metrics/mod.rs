@@ -56,8 +56,9 @@ async fn healthz(State(s): State<Arc<Sources>>) -> impl IntoResponse {
     }
 }
 
-/// Ready when every plugin runs (so the programs are attached) and every
-/// configured control plane has synced.
+/// Ready when every plugin runs (so the programs are attached), the kernel
+/// still runs what the start attached, and every configured control plane
+/// has synced.
 async fn readyz(State(s): State<Arc<Sources>>) -> impl IntoResponse {
     let mut waiting: Vec<String> = s
         .core
@@ -68,6 +69,16 @@ async fn readyz(State(s): State<Arc<Sources>>) -> impl IntoResponse {
         .map(|p| format!("{} is {}", p.name, p.state.name()))
         .collect();
     waiting.extend(crate::health::planes().unsynced());
+    // What the kernel runs, not what was attached: another tool may have
+    // detached a program or removed its interface.
+    for (a, there) in s.dataplane.attachments_in_kernel().await {
+        if a.at_start && !there {
+            waiting.push(format!(
+                "{} on {} is no longer attached ({} gone from the kernel)",
+                a.hook, a.interface, a.program
+            ));
+        }
+    }
     if waiting.is_empty() {
         (StatusCode::OK, "ready\n".to_string())
     } else {
