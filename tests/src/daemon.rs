@@ -179,9 +179,14 @@ impl Daemon {
 
     /// SIGTERM, then waits; returns the exit status.
     pub fn stop(&mut self) -> ExitStatus {
+        self.stop_with(libc::SIGTERM)
+    }
+
+    /// Sends `signal` and waits (10 s at most) for the daemon to exit.
+    pub fn stop_with(&mut self, signal: libc::c_int) -> ExitStatus {
         let mut child = self.child.take().expect("daemon already stopped");
         // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
@@ -189,7 +194,10 @@ impl Daemon {
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("daemon ignored SIGTERM for 10 s: {}", self.log_text());
+                panic!(
+                    "daemon ignored signal {signal} for 10 s: {}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

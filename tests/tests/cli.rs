@@ -493,3 +493,61 @@ fn config_check_validates_offline() {
         ])
     );
 }
+
+/// `cleanup` without root refuses instead of saying it removed what it could
+/// not touch (found by an independent tester); as root it removes the pins.
+#[test]
+fn cleanup_without_root_refuses_and_removes_nothing() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let node = tapmesh_tests::Netns::new("cl");
+    let root =
+        std::path::PathBuf::from("/sys/fs/bpf").join(tapmesh_tests::unique("tapmesh-test-cl"));
+    let pins = root.join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    std::fs::create_dir_all(&pins).unwrap();
+    let socket = std::env::temp_dir().join(tapmesh_tests::unique("tmclean.sock"));
+    let cleanup = |as_nobody: bool| {
+        let mut c = Command::new("setpriv");
+        if as_nobody {
+            c.args(["--reuid", "65534", "--regid", "65534", "--clear-groups"]);
+        }
+        let out = c
+            .arg(tapmesh_bin())
+            .arg("cleanup")
+            .arg("--bpffs-root")
+            .arg(&root)
+            .arg("--admin-socket")
+            .arg(&socket)
+            // (Entering a namespace needs root anyway.)
+            .args(if as_nobody {
+                vec![]
+            } else {
+                vec!["--netns", &node.name]
+            })
+            .output()
+            .expect("setpriv");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = cleanup(true);
+    let pins_left = pins.exists();
+    let (root_code, root_stdout, _) = cleanup(false);
+    let _ = std::fs::remove_dir(&pins);
+    let _ = std::fs::remove_dir(&root);
+    assert_eq!(code, Some(2), "{stdout}{stderr}");
+    assert_eq!(stdout, "");
+    assert!(
+        stderr.starts_with("tapmesh: cleanup: needs root or CAP_BPF + CAP_NET_ADMIN"),
+        "{stderr}"
+    );
+    assert!(pins_left);
+    assert_eq!(root_code, Some(0));
+    assert_eq!(
+        root_stdout,
+        format!("pins under {} removed\n", pins.display())
+    );
+}

@@ -229,6 +229,33 @@ fn real_packets_are_counted_exactly_and_sigterm_detaches_everything() {
     assert!(!daemon.socket.exists(), "admin socket left behind");
 }
 
+/// SIGHUP (a closed terminal) stops it as SIGTERM does; its default action
+/// killed it with TC programs, pins and sockets left (found by an
+/// independent tester).
+#[test]
+fn sighup_detaches_everything_too() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::new();
+    let mut daemon = Daemon::start(
+        &lab.node.name,
+        &["--uplink", &lab.node_if, "--tc-interface", &lab.node_if],
+    );
+    assert!(lab.xdp_attached());
+    let exit = daemon.stop_with(libc::SIGHUP);
+    assert!(exit.success(), "daemon exit {exit}: {}", daemon.log_text());
+    assert!(daemon.log_text().contains("SIGHUP: stopping"));
+    assert!(!lab.xdp_attached(), "XDP still attached after SIGHUP");
+    assert_eq!(lab.tc_filters().trim(), "", "TC filters left after SIGHUP");
+    assert!(
+        !daemon.bpffs_root.exists(),
+        "pins left behind in {}",
+        daemon.bpffs_root.display()
+    );
+    assert!(!daemon.socket.exists(), "admin socket left behind");
+}
+
 #[test]
 fn keep_dataplane_survives_the_daemon_and_a_restart_reuses_the_pins() {
     if !kernel_tests_enabled() {

@@ -219,7 +219,7 @@ fn readiness_waits_for_the_xds_server_and_says_why() {
     // Nothing listens on port 9 of the namespace's loopback.
     std::fs::write(
         &config,
-        "[xds]\nserver = \"http://127.0.0.1:9\"\n\
+        "[xds]\nserver = \"http://127.0.0.1:9\"\nmissing_after = \"1s\"\n\
          [[xds.clusters]]\nname = \"svc\"\nvip = \"203.0.113.9\"\n",
     )
     .unwrap();
@@ -243,6 +243,19 @@ fn readiness_waits_for_the_xds_server_and_says_why() {
         m.value("tapmesh_control_plane_connected", &[("plane", "xds")]),
         0
     );
+    assert_eq!(
+        m.value("tapmesh_control_plane_synced", &[("plane", "xds")]),
+        0
+    );
+    // The cluster is applied as empty after `missing_after`, but a server
+    // never reached has not said it has none: still not ready (an
+    // independent tester found it ready after 15 s).
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(daemon
+        .log_text()
+        .contains("no ClusterLoadAssignment within 1s: applying it as empty"));
+    let m = scrape(&node.name, LISTEN);
+    assert_eq!(m.readyz.0, 503, "{:?}", m.readyz);
     assert_eq!(
         m.value("tapmesh_control_plane_synced", &[("plane", "xds")]),
         0
@@ -347,5 +360,66 @@ fn idle_and_slow_connections_are_closed_and_leave_room_for_the_probes() {
     // It takes the oldest one's place at once (kubelet waits 1 s).
     assert!(probe.1 < std::time::Duration::from_secs(1), "{probe:?}");
     assert_eq!(closed, 40);
+    drop(daemon);
+}
+
+/// In cluster mode the node is ready once it has listed the cluster and
+/// watches it, not before (an independent tester found it ready with etcd
+/// unreachable).
+#[test]
+fn readiness_waits_for_etcd_in_cluster_mode() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let node = Netns::new("n");
+    let mut etcd = tapmesh_tests::etcd::Etcd::new_in(&node.name);
+    etcd.stop();
+    let config = std::env::temp_dir().join(format!("{}.toml", tapmesh_tests::unique("tmcl")));
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\netcd_endpoints = [\"{}\"]\nnode_name = \"n1\"\n",
+            etcd.endpoint
+        ),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&node.name, &["--config", config.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&config);
+    let mut m = scrape(&node.name, LISTEN);
+    assert!(wait_until(std::time::Duration::from_secs(5), || {
+        m = scrape(&node.name, LISTEN);
+        m.readyz.1.contains("etcd")
+    }));
+    assert_eq!(m.readyz.0, 503, "{:?}", m.readyz);
+    assert!(
+        m.readyz.1.starts_with(&format!(
+            "not ready: cluster: etcd [\"{}\"]: ",
+            etcd.endpoint
+        )),
+        "{:?}",
+        m.readyz
+    );
+    assert_eq!(
+        m.value("tapmesh_control_plane_connected", &[("plane", "cluster")]),
+        0
+    );
+    assert_eq!(
+        m.value("tapmesh_control_plane_synced", &[("plane", "cluster")]),
+        0
+    );
+
+    etcd.start();
+    assert!(
+        wait_until(std::time::Duration::from_secs(10), || {
+            m = scrape(&node.name, LISTEN);
+            m.readyz.0 == 200
+        }),
+        "{:?}",
+        m.readyz
+    );
+    assert_eq!(
+        m.value("tapmesh_control_plane_synced", &[("plane", "cluster")]),
+        1
+    );
     drop(daemon);
 }

@@ -118,12 +118,15 @@ async fn serve(config: Config) -> ExitCode {
     wire(&mut core);
 
     // Signals are caught from here on, so one that arrives during start still stops cleanly.
-    let (mut term, mut int) = match (
+    // SIGHUP (the terminal it ran in went away) stops it as cleanly: its
+    // default action left the TC programs, pins and sockets behind.
+    let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) {
-        (Ok(t), Ok(i)) => (t, i),
-        (Err(e), _) | (_, Err(e)) => {
+        (Ok(t), Ok(i), Ok(h)) => (t, i, h),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
             eprintln!("tapmesh: installing signal handlers: {e}");
             return ExitCode::FAILURE;
         }
@@ -140,6 +143,7 @@ async fn serve(config: Config) -> ExitCode {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
+        _ = hup.recv() => tracing::info!("SIGHUP: stopping"),
         _ = global.cancelled() => tracing::info!("cancelled: stopping"),
     }
     global.cancel();

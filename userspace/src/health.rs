@@ -66,7 +66,10 @@ impl Planes {
         self.snapshot()
             .into_iter()
             .filter(|(_, h)| h.expected && !h.synced)
-            .map(|(name, h)| format!("{name}: {}", h.detail))
+            .map(|(name, h)| match h.detail.as_str() {
+                "" => format!("{name}: not synced yet"),
+                detail => format!("{name}: {detail}"),
+            })
             .collect()
     }
 }

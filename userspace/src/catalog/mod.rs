@@ -720,6 +720,7 @@ async fn serve(catalog: Arc<Catalog>) {
 pub fn check_bindings(clusters: &[ClusterBinding]) -> Result<(), String> {
     use crate::lb::flows::{FlowSet, FlowSpec, VipSpec};
     let mut seen = std::collections::HashSet::new();
+    let mut vips = Vec::new();
     for c in clusters {
         let bad = |message: String| format!("xds.clusters: cluster {:?}: {message}", c.name);
         crate::names::validate_name("xds cluster name", &c.name).map_err(|e| bad(e.to_string()))?;
@@ -741,7 +742,9 @@ pub fn check_bindings(clusters: &[ClusterBinding]) -> Result<(), String> {
                     vips: vec![name],
                     ..Default::default()
                 };
-                FlowSet::parse(&[vip], &[flow]).map_err(|e| bad(e.to_string()))?;
+                FlowSet::parse(std::slice::from_ref(&vip), &[flow])
+                    .map_err(|e| bad(e.to_string()))?;
+                vips.push(vip);
             }
             (true, false) if c.service_ip.parse::<std::net::Ipv4Addr>().is_ok() => {}
             (true, false) => {
@@ -753,7 +756,12 @@ pub fn check_bindings(clusters: &[ClusterBinding]) -> Result<(), String> {
             _ => return Err(bad("set exactly one of vip and service_ip".into())),
         }
     }
-    Ok(())
+    // One address, one VIP: two clusters on one address never get written.
+    let spec = crate::lb::model::LbSpec {
+        vips,
+        ..Default::default()
+    };
+    crate::lb::checks::check_owners(&[("eds", &spec)]).map_err(|e| format!("xds.clusters: {e}"))
 }
 
 /// A cluster's endpoints and the Maglev slots each should hold.
@@ -1015,6 +1023,10 @@ mod tests {
             (
                 service.replace("10.30.0.1", "2001:db8::1"),
                 "not an IPv4 address",
+            ),
+            (
+                format!("{one}{}", one.replace("\"a\"", "\"c\"")),
+                "VIPs \"eds.a\" and \"eds.c\" both have the address 203.0.113.1",
             ),
         ] {
             let e = check(&clusters).unwrap_err();

@@ -104,6 +104,12 @@ pub fn run(cli: Cli) -> ExitCode {
 
 /// `tapmesh cleanup`: one line per thing removed; exit 2 if a daemon runs.
 fn cleanup(bpffs_root: &Path, admin_socket: &Path, netns: Option<&str>) -> ExitCode {
+    // Without them nothing can be detached or unpinned (and a running
+    // daemon's maps cannot be told apart).
+    if let Err(e) = crate::preflight::capabilities() {
+        eprintln!("tapmesh: cleanup: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     if let Err(e) = crate::uds::check_free(admin_socket) {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             eprintln!("tapmesh: a daemon is running ({e}); stop it first");

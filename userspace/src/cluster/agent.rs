@@ -70,6 +70,9 @@ pub fn kept_remote(path: &std::path::Path) -> Vec<RemoteTarget> {
     }
 }
 
+/// Its name among the control planes (`/readyz`, `/metrics`).
+pub const PLANE: &str = "cluster";
+
 /// What `status` shows.
 #[derive(Clone, Debug, Default)]
 pub struct Health {
@@ -231,6 +234,10 @@ impl Agent {
                     self.settings.endpoints
                 );
             }
+            crate::health::planes().update(PLANE, |h| {
+                h.connected = false;
+                h.detail = format!("etcd {:?}: {error}", self.settings.endpoints);
+            });
             self.set_health(|h| {
                 h.connected = false;
                 h.error = Some(error);
@@ -294,6 +301,12 @@ impl Agent {
 
         let mut stream = self.watch(&mut client, from).await?;
         *watching = true;
+        // Listed, applied, published and watching: the view is whole.
+        crate::health::planes().update(PLANE, |h| {
+            h.connected = true;
+            h.synced = true;
+            h.detail = format!("watching etcd from revision {from}");
+        });
         self.set_health(|h| {
             h.connected = true;
             h.error = None;

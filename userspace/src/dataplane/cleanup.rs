@@ -230,7 +230,13 @@ pub async fn remove_kept(bpffs_root: &Path) -> Result<Vec<String>, NetError> {
     }
     if dir.exists() {
         super::pins::remove(&dir);
-        removed.push(format!("pins under {} removed", dir.display()));
+        removed.push(match dir.exists() {
+            false => format!("pins under {} removed", dir.display()),
+            true => format!(
+                "pins under {} NOT all removed (files there that are not tapmesh's?)",
+                dir.display()
+            ),
+        });
     }
     Ok(removed)
 }

@@ -123,6 +123,9 @@ fn expected_planes(config: &Config) -> Vec<&'static str> {
     if config.nsp.config_file.is_some() {
         planes.push(crate::nsp::plugin::PLANE);
     }
+    if config.cluster.enabled() {
+        planes.push(crate::cluster::agent::PLANE);
+    }
     planes
 }
 

@@ -264,7 +264,16 @@ impl Client {
             }
             self.settled.insert(cluster);
         }
-        self.report_synced(None);
+        // A server never reached has not said it lacks them (Envoy's
+        // initial fetch timeout gives up on a server that is there): not
+        // synced, so not ready, until it is reached; asked again then.
+        let reached = health().snapshot().get(PLANE).is_some_and(|h| h.connected);
+        if reached {
+            self.report_synced(None);
+        } else {
+            self.missing_done = false;
+            self.missing_deadline = Instant::now() + self.settings.missing_after;
+        }
     }
 
     /// Records an ACKed version, and whether every subscribed cluster has settled.
