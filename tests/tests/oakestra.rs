@@ -173,11 +173,23 @@ fn node_engine_calls_and_the_cluster_over_mqtt_give_rr_and_undeploy_reaches_othe
     let ns1 = deploy(&n2, &t1, WEB, 1);
     deploy(&n3, &tc, CLIENT, 0);
     assert!(ns0.starts_with("192.0.2.") && ns1.starts_with("192.0.2."));
+    // Oakestra's NetManager refuses a name that is not four parts.
+    let (status, body) = node_engine_post(
+        &n3.socket,
+        "/container/deploy",
+        &deploy_json(tc.pid(), "web", 2, ""),
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("four non-empty parts"), "{body}");
     who_server(&web0, "web0");
     who_server(&web1, "web1");
 
     // The cluster heard of each deployment as Oakestra's NetManager tells it.
     let deployed = cluster.received("/net/service/deployed");
+    assert!(
+        deployed.iter().all(|m| m["payload"]["appname"] != "web"),
+        "{deployed:?}"
+    );
     let web0_notice = deployed
         .iter()
         .find(|m| m["payload"]["appname"] == WEB && m["payload"]["instance_number"] == 0)
@@ -720,11 +732,22 @@ fn a_cluster_subnet_over_the_nodes_network_is_refused_and_a_deploy_says_why() {
     // The peer hands out /26s from the underlay's own 198.18.2.0/24.
     let cluster = Cluster::start(&jobs("198.18.2.9"), "198.18.2.0");
     let n1 = node(&cluster, "oas1", "198.18.2.1", "");
-    register(&n1);
-    let offered = wait_until(Duration::from_secs(10), || {
-        !cluster.received("/net/subnetwork/result").is_empty()
-    });
-    assert!(offered, "{:?}", cluster.messages());
+    // The Node Engine hears of it: Oakestra's NetManager does not start
+    // with a subnet it cannot use (it answered 200 and every deploy failed).
+    let (status, body) =
+        node_engine_post(&n1.socket, "/register", &register_json(&n1.netns.name, HUB));
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.contains("the cluster's answer was refused")
+            && body.contains("overlaps the node's address (198.18.2.1/32)"),
+        "{body}"
+    );
+    assert_eq!(cluster.received("/net/subnetwork/result").len(), 1);
+    // Registering again asks again.
+    let (status, _) =
+        node_engine_post(&n1.socket, "/register", &register_json(&n1.netns.name, HUB));
+    assert_eq!(status, 500);
+    assert_eq!(cluster.received("/net/subnet").len(), 2);
     let client = Netns::new("oasc");
     let task = Task::start(&client);
     let (status, body) = node_engine_post(
@@ -733,10 +756,11 @@ fn a_cluster_subnet_over_the_nodes_network_is_refused_and_a_deploy_says_why() {
         &deploy_json(task.pid(), CLIENT, 0, ""),
     );
     assert_eq!(status, 500, "{body}");
-    assert!(
-        body.contains("the cluster's answer was refused")
-            && body.contains("overlaps the node's address (198.18.2.1/32)"),
-        "{body}"
+    // The second answer (the peer's next /26) was refused too.
+    let message: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        message["message"],
+        "no subnet yet: the cluster's answer was refused (cluster subnet \"198.18.2.64\": overlaps the node's network (198.18.2.0/24))"
     );
     assert_eq!(
         n1.status()["registration"]["subnetwork"],

@@ -164,9 +164,12 @@ struct TableUpdate {
     query_key: String,
 }
 
+/// An Oakestra job name: four non-empty parts (app.appns.svc.svcns), as
+/// Oakestra's NetManager refuses any other ("invalid app name").
 fn job_name(name: &str) -> Result<String, ApiError> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
+    let ok = name.len() <= 253
+        && name.split('.').count() == 4
+        && name.split('.').all(|part| !part.is_empty())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
@@ -174,7 +177,7 @@ fn job_name(name: &str) -> Result<String, ApiError> {
         Ok(name.to_string())
     } else {
         Err(bad(format!(
-            "serviceName {name:?} must be 1-253 letters, digits, '.', '-' or '_' (like app.appns.svc.svcns)"
+            "serviceName {name:?} must be four non-empty parts of letters, digits, '-' or '_' joined by '.' (app.appns.svc.svcns), at most 253 bytes"
         )))
     }
 }

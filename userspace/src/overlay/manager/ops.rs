@@ -144,7 +144,7 @@ impl NetManager {
             drop(state);
             if waiting {
                 if let Some(c) = self.cluster() {
-                    c.request_subnet().await;
+                    self.ask_subnet(&c).await?;
                 }
             }
             return Ok(());
@@ -206,15 +206,31 @@ impl NetManager {
         if self.settings.oakestra {
             let cluster = self.start_cluster(&client_id, &cluster_address);
             if let (None, Some(c)) = (subnet, cluster) {
-                c.request_subnet().await;
-                // The Node Engine gives up after 10 s; deploys wait no longer.
-                let deadline = tokio::time::Instant::now() + SUBNET_WAIT;
-                while self.state.lock().await.ipam.is_none()
-                    && tokio::time::Instant::now() < deadline
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                self.ask_subnet(&c).await?;
             }
+        }
+        Ok(())
+    }
+
+    /// Asks the cluster for this node's subnet and waits for the answer as
+    /// long as the Node Engine waits for `/register` (10 s). An answer this
+    /// node refused is an error naming why, as Oakestra's NetManager does
+    /// not start with an unusable subnet; a registration again asks again.
+    /// No answer in time is no error: deploys say so until it comes.
+    async fn ask_subnet(&self, c: &Cluster) -> Result<(), NmError> {
+        self.state.lock().await.subnet_refused = None;
+        c.request_subnet().await;
+        let deadline = tokio::time::Instant::now() + SUBNET_WAIT;
+        while tokio::time::Instant::now() < deadline {
+            let state = self.state.lock().await;
+            if state.ipam.is_some() {
+                return Ok(());
+            }
+            if let Some(why) = &state.subnet_refused {
+                return Err(NmError::SubnetRefused(why.clone()));
+            }
+            drop(state);
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(())
     }
