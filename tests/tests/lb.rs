@@ -689,3 +689,47 @@ fn icmp_fragmentation_needed_reaches_the_flows_target() {
     }
     assert_eq!(received(&receivers), sent, "no ICMP reached a UDP socket");
 }
+
+/// A VIP renamed with its address kept stays in the maps: the old name's
+/// removal, after the new name was written, took the address's entry with
+/// it (a host VIP went on through its slot but was no longer listed, a
+/// prefix VIP stopped; found by an independent tester).
+#[test]
+fn a_vip_renamed_with_its_address_kept_stays_in_the_maps_and_forwards() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = LbLab::new(1, &[VIP]);
+    let target = lab.targets[0].local("s", 1);
+    let spec = move |name: &str, address: &str| LbSpec {
+        vips: vec![vip(name, address)],
+        streams: vec![stream("s", 4)],
+        flows: vec![flow("udp", &[name], "s", &["udp"])],
+        targets: vec![target.clone()],
+    };
+    lab.start(Some(&spec("a", "203.0.113.10")));
+    assert_eq!(lab.spread(VIP), vec![200]);
+    let pins = lab
+        .daemon()
+        .bpffs_root
+        .join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    let entries = |map: &str| match &tapmesh_tests::maps::dump_pinned(&pins)[map] {
+        tapmesh_tests::maps::Dump::Entries(e) => e.len(),
+        other => panic!("{map}: {other:?}"),
+    };
+    for (name, address, hosts, prefixes) in [
+        ("b", "203.0.113.10", 1, 0),
+        ("p", "203.0.113.0/28", 0, 1),
+        ("q", "203.0.113.0/28", 0, 1),
+    ] {
+        lab.apply(&spec(name, address)).unwrap();
+        assert_eq!(
+            (entries("tm_vip_hosts"), entries("tm_vips")),
+            (hosts, prefixes),
+            "renamed to {name}"
+        );
+        assert_eq!(lab.spread(VIP), vec![200], "renamed to {name}");
+        let s = lab.daemon().status();
+        assert_eq!(lb_packets(&s.vips, name), 200, "renamed to {name}");
+    }
+}

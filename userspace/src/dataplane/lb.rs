@@ -1249,7 +1249,10 @@ impl LbWriter {
         let Some(slot) = self.vips.remove(name) else {
             return Ok(());
         };
-        remove_vip_key(ebpf, &slot.key)?;
+        // A VIP renamed keeps its address: the new name's entry is there.
+        if !self.vips.values().any(|v| v.key == slot.key) {
+            remove_vip_key(ebpf, &slot.key)?;
+        }
         clear_tables(ebpf, &slot.tables)?;
         self.vip_ids.give(slot.index);
         Ok(())
