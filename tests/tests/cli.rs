@@ -551,3 +551,58 @@ fn cleanup_without_root_refuses_and_removes_nothing() {
         format!("pins under {} removed\n", pins.display())
     );
 }
+
+/// A daemon that cannot be reached is named with the cause (it said
+/// "transport error" whatever the socket was: found by an independent tester).
+#[test]
+fn an_unreachable_daemon_is_named_with_the_cause() {
+    let missing = std::env::temp_dir().join(tapmesh_tests::unique("tmnosock"));
+    let out = Command::new(tapmesh_bin())
+        .args(["status", "--admin-socket"])
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        format!(
+            "tapmesh: cannot reach the daemon at {}: transport error: No such file or directory (os error 2) (is `tapmesh daemon` running? are you root?)\n",
+            missing.display()
+        )
+    );
+}
+
+/// A file the daemon refuses exits 2 as one the CLI refuses, with one
+/// clear line (it exited 1, and named the interface twice: found by an
+/// independent tester).
+#[test]
+fn a_file_the_daemon_refuses_exits_2() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let node = tapmesh_tests::Netns::new("cla");
+    let daemon = tapmesh_tests::daemon::Daemon::start(&node.name, &[]);
+    let file = std::env::temp_dir().join(format!("{}.toml", tapmesh_tests::unique("tmlbf")));
+    std::fs::write(
+        &file,
+        "[[vips]]\nname = \"v\"\naddress = \"203.0.113.10\"\n\
+         [[streams]]\nname = \"s\"\nmax_targets = 4\n\
+         [[flows]]\nname = \"f\"\nvips = [\"v\"]\nstream = \"s\"\nprotocols = [\"udp\"]\n\
+         [[targets]]\nstream = \"s\"\nidentifier = 1\n\
+         via = { local = { interface = \"tmnosuch0\", mac = \"02:00:00:00:00:01\" } }\n",
+    )
+    .unwrap();
+    let out = Command::new(tapmesh_bin())
+        .args(["lb", "apply"])
+        .arg(&file)
+        .arg("--admin-socket")
+        .arg(&daemon.socket)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&file);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "tapmesh: target 1 of stream \"s\": interface \"tmnosuch0\" does not exist\n"
+    );
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -12,13 +12,12 @@ use super::proto::admin_client::AdminClient;
 
 #[derive(Debug, Error)]
 pub enum AdminClientError {
+    /// `cause` is the whole chain: "transport error" alone hid whether the
+    /// socket is missing, refused or not permitted.
     #[error(
-        "cannot reach the daemon at {path}: {source} (is `tapmesh daemon` running? are you root?)"
+        "cannot reach the daemon at {path}: {cause} (is `tapmesh daemon` running? are you root?)"
     )]
-    Connect {
-        path: PathBuf,
-        source: tonic::transport::Error,
-    },
+    Connect { path: PathBuf, cause: String },
 }
 
 /// How long a call may wait for the daemon's answer: a stopped or wedged
@@ -47,7 +46,7 @@ pub async fn connect_within(
         .await
         .map_err(|source| AdminClientError::Connect {
             path: path.to_path_buf(),
-            source,
+            cause: crate::causes(&source),
         })?;
     Ok(AdminClient::new(channel))
 }

@@ -176,7 +176,16 @@ pub fn print_result(result: Result<String, tonic::Status>) -> ExitCode {
         }
         Err(e) => {
             eprintln!("tapmesh: {}", e.message());
-            ExitCode::FAILURE
+            // What the daemon refused as given exits as a bad file or
+            // argument the CLI itself refuses: 2. Anything else: 1.
+            use tonic::Code;
+            match e.code() {
+                Code::InvalidArgument
+                | Code::FailedPrecondition
+                | Code::AlreadyExists
+                | Code::OutOfRange => ExitCode::from(EXIT_CONFIG),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }

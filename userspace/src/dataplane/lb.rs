@@ -647,7 +647,11 @@ impl LbWriter {
                                         stream: t.stream.clone(),
                                         identifier: t.identifier,
                                         interface: interface.clone(),
-                                        message,
+                                        // Named once: most causes name it.
+                                        message: match message.contains(&format!("{interface:?}")) {
+                                            true => message,
+                                            false => format!("interface {interface:?}: {message}"),
+                                        },
                                     }
                                 })?;
                                 interfaces.insert(interface, found);

@@ -57,7 +57,8 @@ pub enum DataplaneError {
     #[error("map {name}: {message}")]
     Map { name: &'static str, message: String },
     /// A local target's interface could not be looked up.
-    #[error("target {identifier} of stream {stream:?}: interface {interface:?}: {message}")]
+    /// `message` names the interface (the resolver's cause, or prefixed).
+    #[error("target {identifier} of stream {stream:?}: {message}")]
     Interface {
         stream: String,
         identifier: u32,
