@@ -21,8 +21,9 @@ for path in ("healthz", "readyz"):
         out[path] = [e.code, e.read().decode()]
 r = urllib.request.urlopen(base + "/metrics", timeout=5)
 out["content_type"] = r.headers["Content-Type"]
-families = text_string_to_metric_families(r.read().decode())
+families = list(text_string_to_metric_families(r.read().decode()))
 out["samples"] = [[s.name, s.labels, s.value] for f in families for s in f.samples]
+out["helps"] = {f.name: f.documentation for f in families}
 print(json.dumps(out))
 "#;
 
@@ -33,6 +34,8 @@ pub struct Scrape {
     pub readyz: (u16, String),
     pub content_type: String,
     pub samples: Vec<(String, BTreeMap<String, String>, f64)>,
+    /// Each family's HELP text.
+    pub helps: BTreeMap<String, String>,
 }
 
 impl Scrape {
@@ -81,6 +84,12 @@ pub fn scrape(netns: &str, address: &str) -> Scrape {
         healthz: probe("healthz"),
         readyz: probe("readyz"),
         content_type: v["content_type"].as_str().unwrap_or_default().to_string(),
+        helps: v["helps"]
+            .as_object()
+            .expect("helps")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+            .collect(),
         samples: v["samples"]
             .as_array()
             .expect("samples")

@@ -67,6 +67,13 @@ fn metrics_equal_the_map_counters_and_the_packets_sent() {
         "{}",
         m.content_type
     );
+    assert!(m.helps.len() > 10, "{:?}", m.helps);
+    for (family, help) in &m.helps {
+        assert!(
+            !help.is_empty() && !help.ends_with(".."),
+            "{family}: {help:?}"
+        );
+    }
 
     // The packets sent, exactly.
     assert_eq!(

@@ -99,12 +99,15 @@ async fn dataplane(registry: &mut Registry, s: &Sources) {
     counters(
         registry,
         "tapmesh_drop_packets",
-        "Packets dropped, by program and reason (their bytes: tapmesh_program_bytes, verdict drop).",
+        "Packets dropped, by program and reason (their bytes: tapmesh_program_bytes, verdict drop)",
         per(&|p| {
             DropReason::ALL
                 .iter()
                 .map(|&r| {
-                    let labels = vec![("program", p.slot.name().into()), ("reason", r.name().into())];
+                    let labels = vec![
+                        ("program", p.slot.name().into()),
+                        ("reason", r.name().into()),
+                    ];
                     (labels, p.stats.drops.get(r))
                 })
                 .collect()
@@ -139,13 +142,13 @@ async fn load_balancing(registry: &mut Registry, s: &Sources) {
         counters(
             registry,
             &format!("tapmesh_{what}_packets"),
-            &format!("Packets per {what}."),
+            &format!("Packets per {what}"),
             list.iter().map(|c| (label(key, &c.name), c.packets)),
         );
         counters(
             registry,
             &format!("tapmesh_{what}_bytes"),
-            &format!("Bytes per {what}."),
+            &format!("Bytes per {what}"),
             list.iter().map(|c| (label(key, &c.name), c.bytes)),
         );
     }
