@@ -606,3 +606,75 @@ fn a_file_the_daemon_refuses_exits_2() {
     );
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `config check --netns` looks the named interfaces up where the daemon
+/// would run, and an LB file's local targets are looked up too (the check
+/// said "ok" to a file `lb apply` and the daemon then refused: found by an
+/// independent tester).
+#[test]
+fn config_check_looks_interfaces_up_in_the_daemons_namespace() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let node = tapmesh_tests::Netns::new("clk");
+    let peer = tapmesh_tests::Netns::new("clp");
+    let (up, _) = tapmesh_tests::link(&node, "198.18.7.1/24", &peer, "198.18.7.2/24");
+    let dir = std::env::temp_dir().join(tapmesh_tests::unique("tmchk"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let daemon = dir.join("daemon.toml");
+    std::fs::write(
+        &daemon,
+        format!("[dataplane]\nuplinks = [\"{}\"]\n", up.interface),
+    )
+    .unwrap();
+    let lb = dir.join("lb.toml");
+    std::fs::write(
+        &lb,
+        format!(
+            "[[vips]]\nname = \"v\"\naddress = \"203.0.113.10\"\n\
+             [[streams]]\nname = \"s\"\nmax_targets = 4\n\
+             [[flows]]\nname = \"f\"\nvips = [\"v\"]\nstream = \"s\"\nprotocols = [\"udp\"]\n\
+             [[targets]]\nstream = \"s\"\nidentifier = 1\n\
+             via = {{ local = {{ interface = \"{}\", mac = \"02:00:00:00:00:01\" }} }}\n",
+            up.interface
+        ),
+    )
+    .unwrap();
+    let check = |netns: Option<&str>| {
+        let mut c = Command::new(tapmesh_bin());
+        c.args(["config", "check"]).arg(&daemon).arg(&lb);
+        if let Some(n) = netns {
+            c.args(["--netns", n]);
+        }
+        let out = c.env_remove("TAPMESH_NETNS").output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let here = check(None);
+    let there = check(Some(&node.name));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (d, l) = (daemon.display(), lb.display());
+    let name = &up.interface;
+    assert_eq!(
+        here,
+        (
+            Some(2),
+            String::new(),
+            format!(
+                "tapmesh: config file {d}: dataplane.uplinks: interface \"{name}\" does not exist\n\
+                 tapmesh: LB config file {l}: target 1 of stream \"s\": interface \"{name}\" does not exist\n"
+            )
+        )
+    );
+    assert_eq!(
+        there,
+        (
+            Some(0),
+            format!("{d}: ok (daemon)\n{l}: ok (lb)\n"),
+            String::new()
+        )
+    );
+}

@@ -328,12 +328,17 @@ impl Direction {
 pub enum ConfigCommand {
     /// Validate daemon, LB and Meridio files as the daemon would (exit 2 if any is refused).
     #[command(
-        after_help = "Examples:\n  tapmesh config check /etc/tapmesh/daemon.toml /etc/tapmesh/lb.toml /etc/tapmesh/nsp.toml\n  tapmesh config check --kind lb vips.toml"
+        after_help = "Examples:\n  tapmesh config check /etc/tapmesh/daemon.toml /etc/tapmesh/lb.toml /etc/tapmesh/nsp.toml\n  tapmesh config check --kind lb vips.toml\n  tapmesh config check --netns node1 daemon.toml   # the interfaces of the daemon's namespace"
     )]
     Check {
         /// The files' kind; by default guessed from each file's top-level keys.
         #[arg(long, value_enum, ignore_case = true)]
         kind: Option<super::check::Kind>,
+        /// Look the named interfaces (uplinks, local targets) up in this
+        /// network namespace, as `tapmesh daemon --netns` would (an `ip
+        /// netns` name or a path); by default this process's.
+        #[arg(long, env = "TAPMESH_NETNS")]
+        netns: Option<String>,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },

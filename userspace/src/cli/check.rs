@@ -1,5 +1,6 @@
-//! `tapmesh config check FILE…`: offline validation of daemon, LB and
-//! Meridio files, with the errors the daemon would give at start or reload.
+//! `tapmesh config check FILE…`: validation of daemon, LB and Meridio
+//! files, with the errors the daemon would give at start or reload; the
+//! only thing looked up is the named interfaces (in `--netns`'s namespace).
 
 use std::{path::Path, process::ExitCode};
 
@@ -77,8 +78,10 @@ pub fn check(path: &Path, kind: Option<Kind>) -> Result<Kind, String> {
                     .map_err(|e| format!("config file {}: nsp.config_file: {e}", path.display()))?;
             }
         }
+        // Its local targets' interfaces too, as `lb apply` and the daemon do.
         Kind::Lb => {
             crate::lb::service::read_spec(path, crate::lb::model::Capacity::MAX)
+                .and_then(|spec| crate::lb::service::check_local_interfaces(path, &spec))
                 .map_err(|e| e.to_string())?;
         }
         Kind::Meridio => {

@@ -52,8 +52,16 @@ pub fn run(cli: Cli) -> ExitCode {
             command,
         } => runtime().block_on(lb::run(admin_socket, command, output)),
         Command::Config {
-            command: args::ConfigCommand::Check { kind, files },
-        } => check::run(&files, kind, output),
+            command: args::ConfigCommand::Check { kind, files, netns },
+        } => {
+            if let Some(name) = netns {
+                if let Err(e) = crate::net::netns::enter(&name) {
+                    eprintln!("tapmesh: {e}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            }
+            check::run(&files, kind, output)
+        }
         Command::Cleanup {
             bpffs_root,
             admin_socket,
