@@ -352,18 +352,18 @@ pub const TAIL_PORT_NAT: u32 = 0;
 /// Data part of the `tm_port_nat_rev` LPM key: protocol, source port (the
 /// target port, big-endian) and the VIP prefix (IPv4 mapped). The prefix
 /// length is 32 + the VIP's mapped prefix length.
-/// Key of `tm_vip_answerers`: the interface of a local target whose stream
+/// Key of `tm_vip_senders`: the interface of a local target whose stream
 /// serves a flow of the VIP at `vip_index`. A container behind it may send
 /// from that VIP (its answers); any other may not.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct VipAnswerer {
+pub struct VipSender {
     pub ifindex: u32,
     pub vip_index: u32,
 }
 
-/// Entries of `tm_vip_answerers`: distinct (interface, VIP) pairs.
-pub const MAX_ANSWERERS: u32 = 4096;
+/// Entries of `tm_vip_senders`: distinct (interface, VIP) pairs.
+pub const MAX_VIP_SENDERS: u32 = 4096;
 
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
@@ -402,7 +402,7 @@ crate::assert_layout!(PortNatKey, size = 8, align = 4);
 crate::assert_layout!(PortNatValue, size = 4, align = 2);
 crate::assert_layout!(PortNatPick, size = 16, align = 4);
 crate::assert_layout!(NatReplyData, size = 20, align = 1);
-crate::assert_layout!(VipAnswerer, size = 8, align = 4);
+crate::assert_layout!(VipSender, size = 8, align = 4);
 
 #[cfg(feature = "user")]
 crate::impl_pod!(
@@ -426,5 +426,5 @@ crate::impl_pod!(
     PortNatValue,
     PortNatPick,
     NatReplyData,
-    VipAnswerer
+    VipSender
 );

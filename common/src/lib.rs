@@ -65,7 +65,7 @@ pub mod map_names {
     pub const LB_CONFIG: &str = "tm_lb_config";
     pub const PORT_NATS: &str = "tm_port_nats";
     pub const PORT_NAT_REPLIES: &str = "tm_port_nat_rev";
-    pub const VIP_ANSWERERS: &str = "tm_vip_answerers";
+    pub const VIP_SENDERS: &str = "tm_vip_senders";
     pub const XDP_TAILS: &str = "tm_xdp_tails";
     pub const PORT_NAT_PICK: &str = "tm_nat_pick";
     pub const TUNNEL: &str = "tm_tunnel";

@@ -544,9 +544,9 @@ pub fn vip_at(addr: &Addr) -> Option<&'static VipValue> {
 #[inline(always)]
 pub fn answers_from(addr: &Addr, ifindex: u32) -> bool {
     vip_at(addr).is_some_and(|vip| {
-        let key = tapmesh_common::lb::VipAnswerer { ifindex, vip_index: vip.vip_index };
+        let key = tapmesh_common::lb::VipSender { ifindex, vip_index: vip.vip_index };
         // SAFETY: only whether it is there is read.
-        unsafe { tm_vip_answerers.get(&key) }.is_some()
+        unsafe { tm_vip_senders.get(&key) }.is_some()
     })
 }
 

@@ -10,7 +10,7 @@ use tapmesh_common::{
         FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortNatKey, PortNatPick, PortNatValue,
         SourceData, StreamValue, Target, VipAddr, VipConfig, VipSlot, VipValue, FLOW_SLOTS,
         MAGLEV_CAPACITY, MAGLEV_MAP_FLAGS, MAX_CONFIGS, MAX_FLOWS, MAX_PORT_NATS, MAX_PREFIXES, MAX_STREAMS,
-        MAX_TARGETS, MAX_VIPS, VIP_SLOTS, VipAnswerer, MAX_ANSWERERS,
+        MAX_TARGETS, MAX_VIPS, VIP_SLOTS, VipSender, MAX_VIP_SENDERS,
     },
     mirror::{
         CopyHead, MirrorCounter, MirrorPort, VlanSet, COPY_MAX_BYTES, COPY_RING_BYTES, FILTER_WORDS,
@@ -96,7 +96,7 @@ pub static tm_port_nat_rev: LpmTrie<NatReplyData, PortNatValue, { 2 * MAX_PORT_N
 /// (local target's interface, VIP index) → 1: a container behind that
 /// interface may send from that VIP.
 #[btf_map]
-pub static tm_vip_answerers: HashMap<VipAnswerer, u8, { MAX_ANSWERERS as usize }> =
+pub static tm_vip_senders: HashMap<VipSender, u8, { MAX_VIP_SENDERS as usize }> =
     HashMap::new();
 
 /// Programs the uplink tail-calls (`TAIL_PORT_NAT`: `tm_xdp_port_nat`),

@@ -143,13 +143,13 @@ fn bad_changes_are_refused_with_a_clear_status_and_change_nothing() {
             );
             // The local target's interface may answer from the VIP (index
             // 0); the remote target has none here.
-            let answerer = [node.interface_index(&tif.interface), 0u32]
+            let sender = [node.interface_index(&tif.interface), 0u32]
                 .iter()
                 .flat_map(|w| w.to_ne_bytes())
                 .collect::<Vec<u8>>();
             assert_eq!(
-                every_map["tm_vip_answerers"],
-                Dump::Entries([(answerer, vec![1])].into())
+                every_map["tm_vip_senders"],
+                Dump::Entries([(sender, vec![1])].into())
             );
 
             type Call = std::pin::Pin<
@@ -310,7 +310,7 @@ fn bad_changes_are_refused_with_a_clear_status_and_change_nothing() {
             .await
             .unwrap();
             assert_eq!(
-                dump_pinned(&pins)["tm_vip_answerers"],
+                dump_pinned(&pins)["tm_vip_senders"],
                 Dump::Entries(Default::default())
             );
         });

@@ -20,8 +20,8 @@ use aya::{
 use tapmesh_common::{
     lb::{
         FlowEntry, FlowMask, LbConfig, NatReplyData, PortData, PortKey, PortNatKey, PortNatValue,
-        SourceData, SourceKey, StreamValue, Target, VipAddr, VipAnswerer, VipConfig, VipKey,
-        VipValue, MAGLEV_CAPACITY, MAX_ANSWERERS, MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_VIPS,
+        SourceData, SourceKey, StreamValue, Target, VipAddr, VipConfig, VipKey, VipSender,
+        VipValue, MAGLEV_CAPACITY, MAX_FLOWS_PER_VIP, MAX_STREAMS, MAX_VIPS, MAX_VIP_SENDERS,
         NO_TARGET, TARGET_LOCAL, TARGET_REMOTE,
     },
     map_names as n,
@@ -333,8 +333,8 @@ struct Plan {
     /// Every stream's spare region (base, size) once the tables are
     /// published: given up ones are `None`.
     spares: BTreeMap<String, Option<(u32, usize)>>,
-    /// Every `tm_vip_answerers` key.
-    answerers: BTreeSet<VipAnswerer>,
+    /// Every `tm_vip_senders` key.
+    vip_senders: BTreeSet<VipSender>,
     /// The books after the change.
     vip_ids: Ids,
     stream_ids: Ids,
@@ -385,8 +385,8 @@ pub struct LbWriter {
     peers: BTreeSet<std::net::Ipv4Addr>,
     /// `tm_port_nat_rev` as written.
     replies: Vec<(NatReplyKey, PortNatValue)>,
-    /// `tm_vip_answerers` as written.
-    answerers: BTreeSet<VipAnswerer>,
+    /// `tm_vip_senders` as written.
+    vip_senders: BTreeSet<VipSender>,
     /// `tm_maglev` mapped, once a table was written.
     maglev: Option<MappedArray>,
     /// Whether what an earlier daemon left in the maps was swept (after
@@ -401,11 +401,11 @@ struct IdSpace(crate::config::LbCapacity);
 
 /// Each local target's interface with each VIP whose flows go to its
 /// stream: the containers there may send from that VIP (their answers).
-fn answerers(
+fn vip_senders(
     tables: &LbTables,
     targets: &TargetBook,
     vip_index: impl Fn(&str) -> Option<u32>,
-) -> Result<BTreeSet<VipAnswerer>, DataplaneError> {
+) -> Result<BTreeSet<VipSender>, DataplaneError> {
     let mut interfaces: BTreeMap<&str, BTreeSet<u32>> = BTreeMap::new();
     for (stream, book) in targets {
         let local = book.values().filter(|t| t.kind == TARGET_LOCAL);
@@ -418,16 +418,16 @@ fn answerers(
         };
         for f in &vip.flows {
             for &ifindex in interfaces.get(f.stream.as_str()).into_iter().flatten() {
-                pairs.insert(VipAnswerer {
+                pairs.insert(VipSender {
                     ifindex,
                     vip_index: index,
                 });
             }
         }
     }
-    if pairs.len() > MAX_ANSWERERS as usize {
+    if pairs.len() > MAX_VIP_SENDERS as usize {
         return Err(DataplaneError::Config(format!(
-            "{} pairs of a VIP and a local target's interface serving it, at most {MAX_ANSWERERS}: spread the local targets over fewer interfaces or VIPs",
+            "{} pairs of a VIP and a local target's interface serving it, at most {MAX_VIP_SENDERS}: spread the local targets over fewer interfaces or VIPs",
             pairs.len()
         )));
     }
@@ -578,14 +578,14 @@ impl LbWriter {
                 .iter()
                 .any(|(r, _)| r.prefix_len == k.prefix_len() && r.data == k.data())
         })?;
-        let mut answerers: BpfHashMap<_, VipAnswerer, u8> =
-            BpfHashMap::try_from(map_mut(ebpf, n::VIP_ANSWERERS)?)
-                .map_err(map_err(n::VIP_ANSWERERS))?;
-        let stale: Vec<VipAnswerer> = (answerers.keys().filter_map(Result::ok))
-            .filter(|a| !self.answerers.contains(a))
+        let mut vip_senders: BpfHashMap<_, VipSender, u8> =
+            BpfHashMap::try_from(map_mut(ebpf, n::VIP_SENDERS)?)
+                .map_err(map_err(n::VIP_SENDERS))?;
+        let stale: Vec<VipSender> = (vip_senders.keys().filter_map(Result::ok))
+            .filter(|a| !self.vip_senders.contains(a))
             .collect();
         for a in &stale {
-            let _ = answerers.remove(a);
+            let _ = vip_senders.remove(a);
         }
         let peers: BpfHashMap<_, [u8; 4], u8> =
             BpfHashMap::try_from(map_mut(ebpf, n::TUNNEL_PEERS)?)
@@ -755,9 +755,9 @@ impl LbWriter {
             Some(v) => Some(v.index),
             None => new_vips.get(name).copied(),
         };
-        let answerers = answerers(tables, &targets, vip_index)?;
+        let vip_senders = vip_senders(tables, &targets, vip_index)?;
         Ok(Plan {
-            answerers,
+            vip_senders,
             targets,
             new_streams,
             new_flows,
@@ -951,7 +951,7 @@ impl LbWriter {
         }
 
         // Containers may answer from a VIP before it sends them anything.
-        self.write_answerers(ebpf, &plan.answerers)?;
+        self.write_vip_senders(ebpf, &plan.vip_senders)?;
         for s in &tables.streams {
             if let Some(&placement) = plan.placements.get(&s.name) {
                 if !published.contains(&s.name) {
@@ -1031,7 +1031,7 @@ impl LbWriter {
             self.flow_ids.give(id);
         }
         self.remove_replies(ebpf, &tables.port_nat_replies)?;
-        self.remove_answerers(ebpf, &plan.answerers)?;
+        self.remove_vip_senders(ebpf, &plan.vip_senders)?;
         write_peers(ebpf, PEER_LB, &self.peers, &peers)?;
         self.peers = peers;
         Ok(())
@@ -1082,37 +1082,37 @@ impl LbWriter {
         Ok(())
     }
 
-    fn write_answerers(
+    fn write_vip_senders(
         &mut self,
         ebpf: &mut Ebpf,
-        wanted: &BTreeSet<VipAnswerer>,
+        wanted: &BTreeSet<VipSender>,
     ) -> Result<(), DataplaneError> {
-        let mut map: BpfHashMap<_, VipAnswerer, u8> =
-            BpfHashMap::try_from(map_mut(ebpf, n::VIP_ANSWERERS)?)
-                .map_err(map_err(n::VIP_ANSWERERS))?;
-        for a in wanted.difference(&self.answerers.clone()) {
-            map.insert(a, 1, 0).map_err(map_err(n::VIP_ANSWERERS))?;
-            self.answerers.insert(*a);
+        let mut map: BpfHashMap<_, VipSender, u8> =
+            BpfHashMap::try_from(map_mut(ebpf, n::VIP_SENDERS)?)
+                .map_err(map_err(n::VIP_SENDERS))?;
+        for a in wanted.difference(&self.vip_senders.clone()) {
+            map.insert(a, 1, 0).map_err(map_err(n::VIP_SENDERS))?;
+            self.vip_senders.insert(*a);
         }
         Ok(())
     }
 
-    fn remove_answerers(
+    fn remove_vip_senders(
         &mut self,
         ebpf: &mut Ebpf,
-        wanted: &BTreeSet<VipAnswerer>,
+        wanted: &BTreeSet<VipSender>,
     ) -> Result<(), DataplaneError> {
-        let mut map: BpfHashMap<_, VipAnswerer, u8> =
-            BpfHashMap::try_from(map_mut(ebpf, n::VIP_ANSWERERS)?)
-                .map_err(map_err(n::VIP_ANSWERERS))?;
+        let mut map: BpfHashMap<_, VipSender, u8> =
+            BpfHashMap::try_from(map_mut(ebpf, n::VIP_SENDERS)?)
+                .map_err(map_err(n::VIP_SENDERS))?;
         for a in self
-            .answerers
+            .vip_senders
             .difference(wanted)
             .copied()
             .collect::<Vec<_>>()
         {
             let _ = map.remove(&a);
-            self.answerers.remove(&a);
+            self.vip_senders.remove(&a);
         }
         Ok(())
     }

@@ -104,10 +104,10 @@ const MAPS: &[MapSpec] = &[
         2 * tapmesh_common::lb::MAX_PORT_NATS,
     ),
     spec(
-        n::VIP_ANSWERERS,
-        size_of::<tapmesh_common::lb::VipAnswerer>(),
+        n::VIP_SENDERS,
+        size_of::<tapmesh_common::lb::VipSender>(),
         1,
-        tapmesh_common::lb::MAX_ANSWERERS,
+        tapmesh_common::lb::MAX_VIP_SENDERS,
     ),
     spec(
         n::TUNNEL,
