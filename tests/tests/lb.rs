@@ -732,4 +732,19 @@ fn a_vip_renamed_with_its_address_kept_stays_in_the_maps_and_forwards() {
         let s = lab.daemon().status();
         assert_eq!(lb_packets(&s.vips, name), 200, "renamed to {name}");
     }
+    // Two VIPs swap addresses in one change (the first written took the
+    // second's old address, whose removal then took the entry with it).
+    let t = lab.targets[0].local("s", 1);
+    let two = |x: &str, y: &str| LbSpec {
+        vips: vec![vip("x", x), vip("y", y)],
+        streams: vec![stream("s", 4)],
+        flows: vec![flow("udp", &["x", "y"], "s", &["udp"])],
+        targets: vec![t.clone()],
+    };
+    lab.apply(&two("203.0.113.10", "203.0.113.11")).unwrap();
+    lab.apply(&two("203.0.113.11", "203.0.113.10")).unwrap();
+    assert_eq!(entries("tm_vip_hosts"), 2);
+    assert_eq!(lab.spread(VIP), vec![200], "after the swap");
+    let s = lab.daemon().status();
+    assert_eq!(lb_packets(&s.vips, "y"), 200);
 }

@@ -1232,7 +1232,8 @@ impl LbWriter {
             },
         )?;
         if let Some(old) = self.vips.remove(&vip.name) {
-            if old.key != key {
+            // Its old address may be another VIP's now (taken over, or swapped).
+            if old.key != key && !self.vips.values().any(|v| v.key == old.key) {
                 remove_vip_key(ebpf, &old.key)?;
             }
             clear_tables(ebpf, &old.tables)?;
