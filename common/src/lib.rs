@@ -105,6 +105,7 @@ pub mod map_names {
     pub const OV_FRAGMENTS6: &str = "tm_ov_frags6";
     pub const OV_CONNTRACK: &str = "tm_ov_ct";
     pub const OV_PENDING: &str = "tm_ov_pending";
+    pub const OV_ASKS: &str = "tm_ov_asks";
     pub const OV_MISSES: &str = "tm_ov_misses";
     pub const OV_SERVICE_STATS: &str = "tm_ov_svc_stats";
     pub const OV_INSTANCE_STATS: &str = "tm_ov_ins_stats";

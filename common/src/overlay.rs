@@ -34,6 +34,11 @@ pub const FRAGMENT_ENTRIES: u32 = 8192;
 pub const CONNTRACK_ENTRIES6: u32 = 65_536;
 /// Service IPs whose miss was signalled and is not answered yet.
 pub const PENDING_ENTRIES: u32 = 1024;
+/// Asks about a stranger's inner source (`tm_ov_asks`), all strangers
+/// together, per second: an outsider may send from any address.
+pub const STRANGER_ASKS_PER_SECOND: u64 = 32;
+/// [`Miss::flags`]: reported for a tunnel packet from a node no table names.
+pub const MISS_FROM_STRANGER: u8 = 1;
 /// Bytes of the miss ring buffer.
 pub const MISS_RING_BYTES: u32 = 4096 * 16;
 
@@ -373,7 +378,8 @@ pub struct Miss {
     /// Destination port and protocol of the first packet.
     pub port: u16,
     pub protocol: u8,
-    pub _pad: u8,
+    /// [`MISS_FROM_STRANGER`], or 0.
+    pub flags: u8,
 }
 
 crate::assert_layout!(Service, size = 8, align = 4);

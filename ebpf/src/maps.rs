@@ -211,6 +211,9 @@ pub static tm_ov_owners6: HashMap<ov::Addr6, [u8; 4], { ov::MAX_OWNERS as usize 
 #[btf_map]
 pub static tm_ov_ct: LruHashMap<ConntrackKey, ConntrackValue, { ov::CONNTRACK_ENTRIES as usize }> =
     LruHashMap::new();
+/// Asks about strangers' inner sources this second: `second << 16 | count`.
+#[btf_map]
+pub static tm_ov_asks: Array<u64, 1> = Array::new();
 /// Service IPs signalled as unknown and not answered yet → when.
 #[btf_map]
 pub static tm_ov_pending: LruHashMap<[u8; 4], u64, { ov::PENDING_ENTRIES as usize }> =

@@ -18,6 +18,7 @@ use aya_ebpf::{
 use tapmesh_common::{
     overlay::{
         local_slot, owner_slot, ConntrackKey, ConntrackValue, FragmentKey, Instance, Local, LocalSlot, Miss,
+        MISS_FROM_STRANGER, STRANGER_ASKS_PER_SECOND,
         OverlayConfig, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE,
         INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_EMPTY, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
         OWNER_SLOT_ONE, OWNER_SLOT_SEEN, OWNER_SLOT_SHARED, OWNER_SLOT_STATE,
@@ -200,13 +201,13 @@ pub fn check_untunnelled(parsed: &Parsed) -> Result<(), DropReason> {
 /// Sends the kernel one notice per unknown service IP in `tm_ov_pending`.
 #[inline(always)]
 fn signal_miss(ip: &Ip4) {
-    signal_miss_of(ip.dst, ip.src, ip.dst_port, ip.protocol)
+    signal_miss_of(ip.dst, ip.src, ip.dst_port, ip.protocol, 0)
 }
 
 /// [`signal_miss`] for any address: a destination, or an inner source that
 /// came through the tunnel (`other`: the packet's other address).
 #[inline(always)]
-fn signal_miss_of(service: u32, other: u32, port: u16, protocol: u8) {
+fn signal_miss_of(service: u32, other: u32, port: u16, protocol: u8, flags: u8) {
     // SAFETY: a plain helper call.
     let now = unsafe { bpf_ktime_get_ns() };
     if tm_ov_pending
@@ -218,7 +219,7 @@ fn signal_miss_of(service: u32, other: u32, port: u16, protocol: u8) {
             client_addr: b4(other),
             port,
             protocol,
-            _pad: 0,
+            flags,
         };
         // A notice the ring had no room for must not leave the address
         // marked as told: the next packet tries again.
@@ -580,7 +581,7 @@ fn unknown_source(ip: &Ip4) -> Result<(), DropReason> {
             match unsafe { tm_ov_services.get(&b4(ip.src)) } {
                 Some(s) if s.policy == POLICY_INSTANCE => return Ok(()),
                 Some(_) => {}
-                None => signal_miss_of(ip.src, ip.dst, ip.src_port, ip.protocol),
+                None => signal_miss_of(ip.src, ip.dst, ip.src_port, ip.protocol, 0),
             }
             Err(DropReason::TunnelForeignSource)
         }
@@ -613,7 +614,36 @@ pub fn ask_about_sender(ctx: &XdpContext) {
     // SAFETY: only whether it is there is read.
     let known = unsafe { tm_ov_services.get(&b4(src)) }.is_some();
     if version_ihl == 0x45 && in_prefix(config, src) && !known && local_at(dst).is_some() {
-        signal_miss_of(src, dst, 0, protocol);
+        if stranger_may_ask() {
+            signal_miss_of(src, dst, 0, protocol, MISS_FROM_STRANGER);
+        }
+    }
+}
+
+/// Whether strangers together have asked fewer than
+/// [`STRANGER_ASKS_PER_SECOND`] times this second (counted here): an
+/// outsider can send from any address, and every ask is work for the
+/// daemon and a query to the cluster. Not atomic: CPUs racing may ask a
+/// few more.
+#[inline(always)]
+fn stranger_may_ask() -> bool {
+    let Some(slot) = tm_ov_asks.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: a plain helper call; the value is this map's.
+    let second = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
+    unsafe {
+        let value = core::ptr::read_volatile(slot);
+        let (at, count) = (value >> 16, value & 0xffff);
+        if at != second {
+            core::ptr::write_volatile(slot, second << 16 | 1);
+            true
+        } else if count < STRANGER_ASKS_PER_SECOND {
+            core::ptr::write_volatile(slot, value + 1);
+            true
+        } else {
+            false
+        }
     }
 }
 

@@ -905,3 +905,63 @@ fn a_restarted_node_asks_again_for_the_tables_it_kept_hears_their_updates_and_le
     assert!(!status_services(&n1).contains(&(OAK_IP.into(), 1)));
     drop(task);
 }
+
+/// A stranger (no node: anyone on the underlay) may make a node ask about
+/// its inner sources, but only so often: at most 32 notices a second in the
+/// kernel, 16 open queries on a budget of their own (found by an
+/// independent tester and a review: one notice per packet, and the shared
+/// budget of 256 held full).
+#[test]
+fn a_strangers_inner_sources_are_asked_about_only_so_often() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const STRANGER: &str = "198.18.2.66";
+    let cluster = Cluster::start(&jobs("198.18.2.9"), "192.0.2.0");
+    let n1 = node(&cluster, "oast", "198.18.2.1", "");
+    register(&n1);
+    let client = Netns::new("oasc");
+    let task = Task::start(&client);
+    let ns: Ipv4Addr = deploy(&n1, &task, CLIENT, 0).parse().unwrap();
+    let outsider = Netns::new("oaso");
+    cluster.attach(&outsider, STRANGER);
+    let before = cluster.received("/net/tablequery/request").len();
+    // 2000 packets from 200 inner sources (203.0.113.0/24, the service
+    // prefix, none of them known), in under a second.
+    let started = Instant::now();
+    spawn_in(&outsider.name, move || {
+        let s = UdpSocket::bind((STRANGER, 50103)).unwrap();
+        for i in 0..2000u32 {
+            let src = Ipv4Addr::new(203, 0, 113, 30 + (i % 200) as u8);
+            let inner = tapmesh_tests::frames::udp4(src, ns, 40000, UDP_PORT, b"in");
+            s.send_to(&inner, ("198.18.2.1", 50103)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let took = started.elapsed();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = n1.daemon.as_ref().unwrap().status();
+    assert_eq!(named(&status, "xdp_uplink", "tunnel_unknown_node"), 2000);
+    let seconds = took.as_secs() + 1;
+    let misses = n1.status()["misses"].as_u64().unwrap();
+    assert!(
+        (1..=32 * (seconds + 1)).contains(&misses),
+        "{misses} notices in {took:?}"
+    );
+    let asked: Vec<_> = cluster.received("/net/tablequery/request")[before..]
+        .iter()
+        .filter(|m| {
+            m["payload"]["sip"]
+                .as_str()
+                .is_some_and(|s| s.starts_with("203.0.113."))
+        })
+        .cloned()
+        .collect();
+    assert!(
+        (1..=16 * (seconds / 2 + 1)).contains(&(asked.len() as u64)),
+        "{} queries in {took:?}: {asked:?}",
+        asked.len()
+    );
+    drop(task);
+}

@@ -25,6 +25,9 @@ const QUERY_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// Table queries by address open at once (answered or not within
 /// [`QUERY_AGAIN_AFTER`]).
 const MAX_OPEN_IP_QUERIES: usize = 256;
+/// Table queries about strangers' inner sources open at once: anyone can
+/// send such a packet, and they must not take the budget above.
+const MAX_OPEN_STRANGER_QUERIES: usize = 16;
 /// The largest message taken from the broker: a job's table answer is
 /// about 400 bytes per instance (rumqttc's default of 10 KiB refused
 /// tables of about 27 instances and dropped the connection).
@@ -109,6 +112,8 @@ pub struct Cluster {
     interests: Mutex<BTreeMap<String, Interest>>,
     /// Query keys (job or service IP) sent and when.
     queried: Mutex<BTreeMap<String, Instant>>,
+    /// The same for queries about strangers' inner sources.
+    asked_for_strangers: Mutex<BTreeMap<String, Instant>>,
     /// The node's own topics are subscribed (a result published before
     /// that would be lost).
     subscribed: tokio::sync::watch::Sender<bool>,
@@ -150,6 +155,7 @@ impl Cluster {
             client_id: client_id.to_string(),
             interests: Mutex::new(BTreeMap::new()),
             queried: Mutex::new(BTreeMap::new()),
+            asked_for_strangers: Mutex::new(BTreeMap::new()),
             subscribed: tokio::sync::watch::channel(false).0,
             reconnect: tokio::sync::Notify::new(),
             connections: std::sync::atomic::AtomicU64::new(0),
@@ -393,6 +399,28 @@ impl Cluster {
                 },
             );
         }
+    }
+
+    /// [`Cluster::query_ip`] for the inner source of a packet from a node
+    /// no table names, on its own budget.
+    pub async fn query_stranger(&self, ip: std::net::IpAddr) {
+        let key = ip.to_string();
+        {
+            let mut asked = self.asked_for_strangers.lock().expect("lock");
+            let now = Instant::now();
+            asked.retain(|_, at| now.duration_since(*at) < QUERY_AGAIN_AFTER);
+            if asked.contains_key(&key) || asked.len() >= MAX_OPEN_STRANGER_QUERIES {
+                return;
+            }
+            asked.insert(key.clone(), now);
+        }
+        self.query(
+            &key,
+            &TableQuery {
+                sname: "",
+                sip: &key,
+            },
+        );
     }
 
     fn should_query(&self, key: &str, force: bool) -> bool {

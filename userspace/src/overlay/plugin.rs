@@ -301,26 +301,27 @@ async fn read_misses(
                 // SAFETY: the kernel wrote a `Miss6` (size checked); read unaligned.
                 let miss: Miss6 =
                     unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss6) };
-                found.push(std::net::IpAddr::from(miss.service_addr));
+                found.push((std::net::IpAddr::from(miss.service_addr), false));
             } else if item.len() >= std::mem::size_of::<Miss>() {
                 // SAFETY: the kernel wrote a `Miss` (size checked); read unaligned.
                 let miss: Miss = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss) };
-                found.push(Ipv4Addr::from(miss.service_addr).into());
+                let stranger = miss.flags & tapmesh_common::overlay::MISS_FROM_STRANGER != 0;
+                found.push((Ipv4Addr::from(miss.service_addr).into(), stranger));
             }
         }
         guard.clear_ready();
         if found.is_empty() {
             continue;
         }
-        for service in &found {
-            manager.miss(*service).await;
+        for &(service, stranger) in &found {
+            manager.miss(service, stranger).await;
         }
         // One timer per read, not per report: a flood of addresses (a node
         // sending from many) costs one task per wake-up.
         let dp = dataplane.clone();
         tokio::spawn(async move {
             tokio::time::sleep(MISS_RETRY).await;
-            for service in found {
+            for (service, _) in found {
                 dp.clear_overlay_pending(service).await;
             }
         });

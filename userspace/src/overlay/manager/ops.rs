@@ -775,7 +775,10 @@ impl NetManager {
     /// a container here (an instance IP whose node no table names).
     /// Oakestra mode: the cluster is asked (the packet was dropped; the next
     /// ones flow once the table is in).
-    pub async fn miss(&self, service: std::net::IpAddr) {
+    /// `stranger`: the inner source of a tunnel packet from a node no table
+    /// names (anyone may send one): logged at debug, asked on a budget of
+    /// its own.
+    pub async fn miss(&self, service: std::net::IpAddr, stranger: bool) {
         let first = {
             let mut state = self.state.lock().await;
             state.misses += 1;
@@ -804,13 +807,15 @@ impl NetManager {
         };
         // A miss is a destination no table holds, or a tunnelled source in
         // the service prefix no table places on a node: an address either way.
-        if first {
+        if first && !stranger {
             tracing::info!(address = %service, "unknown service-prefix address (waiting for a table entry)");
         } else {
             tracing::debug!(address = %service, "unknown service-prefix address again");
         }
-        if let Some(c) = self.cluster() {
-            c.query_ip(service).await;
+        match self.cluster() {
+            Some(c) if stranger => c.query_stranger(service).await,
+            Some(c) => c.query_ip(service).await,
+            None => {}
         }
     }
 
