@@ -349,9 +349,6 @@ pub struct PortNatPick {
 /// Index of `tm_xdp_port_nat` in `tm_xdp_tails`.
 pub const TAIL_PORT_NAT: u32 = 0;
 
-/// Data part of the `tm_port_nat_rev` LPM key: protocol, source port (the
-/// target port, big-endian) and the VIP prefix (IPv4 mapped). The prefix
-/// length is 32 + the VIP's mapped prefix length.
 /// Key of `tm_vip_senders`: the interface of a local target whose stream
 /// serves a flow of the VIP at `vip_index`. A container behind it may send
 /// from that VIP (its answers); any other may not.
@@ -362,9 +359,14 @@ pub struct VipSender {
     pub vip_index: u32,
 }
 
-/// Entries of `tm_vip_senders`: distinct (interface, VIP) pairs.
-pub const MAX_VIP_SENDERS: u32 = 4096;
+/// Distinct (interface, VIP) pairs a configuration may have; `tm_vip_senders`
+/// has room for twice as many, as a change adds its new pairs before it
+/// removes the gone ones.
+pub const MAX_VIP_SENDERS: u32 = 16_384;
 
+/// Data part of the `tm_port_nat_rev` LPM key: protocol, source port (the
+/// target port, big-endian) and the VIP prefix (IPv4 mapped). The prefix
+/// length is 32 + the VIP's mapped prefix length.
 #[repr(C)]
 #[derive(Copy, Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NatReplyData {

@@ -96,7 +96,7 @@ pub static tm_port_nat_rev: LpmTrie<NatReplyData, PortNatValue, { 2 * MAX_PORT_N
 /// (local target's interface, VIP index) → 1: a container behind that
 /// interface may send from that VIP.
 #[btf_map]
-pub static tm_vip_senders: HashMap<VipSender, u8, { MAX_VIP_SENDERS as usize }> =
+pub static tm_vip_senders: HashMap<VipSender, u8, { 2 * MAX_VIP_SENDERS as usize }> =
     HashMap::new();
 
 /// Programs the uplink tail-calls (`TAIL_PORT_NAT`: `tm_xdp_port_nat`),

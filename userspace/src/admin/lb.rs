@@ -27,6 +27,10 @@ pub fn status_of(e: LbServiceError) -> Status {
         LbServiceError::Dataplane(e @ crate::dataplane::DataplaneError::Interface { .. }) => {
             Status::invalid_argument(e.to_string())
         }
+        // What this configuration asks of the node it cannot give.
+        LbServiceError::Dataplane(e @ crate::dataplane::DataplaneError::Config(_)) => {
+            Status::invalid_argument(e.to_string())
+        }
         e @ LbServiceError::Dataplane(_) => Status::internal(e.to_string()),
     }
 }

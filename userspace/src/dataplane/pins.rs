@@ -107,7 +107,7 @@ const MAPS: &[MapSpec] = &[
         n::VIP_SENDERS,
         size_of::<tapmesh_common::lb::VipSender>(),
         1,
-        tapmesh_common::lb::MAX_VIP_SENDERS,
+        2 * tapmesh_common::lb::MAX_VIP_SENDERS,
     ),
     spec(
         n::TUNNEL,

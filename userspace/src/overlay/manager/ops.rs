@@ -376,8 +376,6 @@ impl NetManager {
         taken
     }
 
-    /// Per job: whether it runs here, and the packets its instances counted
-    /// (an interest stays while either says it is used).
     /// Jobs deployed here or whose tables are held.
     pub async fn held_jobs(&self) -> Vec<String> {
         let state = self.state.lock().await;
@@ -386,6 +384,8 @@ impl NetManager {
         jobs.into_iter().collect()
     }
 
+    /// Per job: whether it runs here, and the packets its instances counted
+    /// (an interest stays while either says it is used).
     pub async fn job_usage(&self) -> BTreeMap<String, (bool, u64)> {
         let snapshot = self.snapshot().await;
         let mut out: BTreeMap<String, (bool, u64)> = BTreeMap::new();
