@@ -164,12 +164,9 @@ struct TableUpdate {
     query_key: String,
 }
 
-/// An Oakestra job name: four non-empty parts (app.appns.svc.svcns), as
-/// Oakestra's NetManager refuses any other ("invalid app name").
 fn job_name(name: &str) -> Result<String, ApiError> {
-    let ok = name.len() <= 253
-        && name.split('.').count() == 4
-        && name.split('.').all(|part| !part.is_empty())
+    let ok = !name.is_empty()
+        && name.len() <= 253
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
@@ -177,9 +174,24 @@ fn job_name(name: &str) -> Result<String, ApiError> {
         Ok(name.to_string())
     } else {
         Err(bad(format!(
-            "serviceName {name:?} must be four non-empty parts of letters, digits, '-' or '_' joined by '.' (app.appns.svc.svcns), at most 253 bytes"
+            "serviceName {name:?} must be 1-253 letters, digits, '.', '-' or '_' (like app.appns.svc.svcns)"
         )))
     }
+}
+
+/// A job to deploy: in Oakestra mode four non-empty parts
+/// (app.appns.svc.svcns), as Oakestra's NetManager refuses any other
+/// ("invalid app name"). Undeploys take any name, so a job deployed before
+/// can always go.
+fn deployed_job_name(nm: &NetManager, name: &str) -> Result<String, ApiError> {
+    let job = job_name(name)?;
+    let parts = || job.split('.');
+    if nm.oakestra() && (parts().count() != 4 || parts().any(str::is_empty)) {
+        return Err(bad(format!(
+            "serviceName {name:?} must be four non-empty parts joined by '.' (app.appns.svc.svcns), as Oakestra's"
+        )));
+    }
+    Ok(job)
 }
 
 fn instance_number(n: i64) -> Result<u32, ApiError> {
@@ -285,7 +297,7 @@ async fn deploy(
     let ports = super::ports::parse(&r.port_mappings).map_err(|e| bad(e.to_string()))?;
     let spec = DeploySpec {
         netns,
-        job: job_name(&r.service_name)?,
+        job: deployed_job_name(&nm, &r.service_name)?,
         number: instance_number(r.instance_number)?,
         service_ips: service_ips(r.service_ip)?,
         weight: r.weight.unwrap_or(1).max(1),
@@ -319,7 +331,7 @@ async fn unikernel_deploy(
     body: Result<Json<DeployRequest>, JsonRejection>,
 ) -> Result<Json<super::manager::Deployed>, ApiError> {
     let Json(r) = body?;
-    let job = job_name(&r.service_name)?;
+    let job = deployed_job_name(&nm, &r.service_name)?;
     let number = instance_number(r.instance_number)?;
     let ports = super::ports::parse(&r.port_mappings).map_err(|e| bad(e.to_string()))?;
     let service_ips = service_ips(r.service_ip)?;

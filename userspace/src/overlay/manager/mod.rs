@@ -159,6 +159,11 @@ pub struct NetManager {
 }
 
 impl NetManager {
+    /// Oakestra mode (`netmanager.oakestra`).
+    pub fn oakestra(&self) -> bool {
+        self.settings.oakestra
+    }
+
     pub fn new(dataplane: DataplaneHandle, settings: ManagerSettings) -> Self {
         Self {
             dataplane,
