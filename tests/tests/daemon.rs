@@ -254,6 +254,21 @@ fn sighup_detaches_everything_too() {
         daemon.bpffs_root.display()
     );
     assert!(!daemon.socket.exists(), "admin socket left behind");
+
+    // Under nohup, SIGHUP stays ignored.
+    let (root, _) = Daemon::paths();
+    let mut kept = Daemon::start_wrapped(
+        &["nohup"],
+        &lab.node.name,
+        &root,
+        &["--uplink", &lab.node_if],
+    );
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(kept.pid() as i32, libc::SIGHUP) };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(lab.xdp_attached(), "stopped by SIGHUP under nohup");
+    let _ = kept.status();
+    assert!(kept.stop().success(), "{}", kept.log_text());
 }
 
 #[test]

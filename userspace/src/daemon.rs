@@ -112,6 +112,16 @@ fn wire(core: &mut Core) {
     })));
 }
 
+/// Whether SIGHUP is ignored, as `nohup` leaves it.
+fn hangup_ignored() -> bool {
+    // SAFETY: with no new action, sigaction only reads the current one.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
+}
+
 async fn serve(config: Config) -> ExitCode {
     let global = CancellationToken::new();
     let mut core = Core::new(global.clone());
@@ -119,11 +129,16 @@ async fn serve(config: Config) -> ExitCode {
 
     // Signals are caught from here on, so one that arrives during start still stops cleanly.
     // SIGHUP (the terminal it ran in went away) stops it as cleanly: its
-    // default action left the TC programs, pins and sockets behind.
+    // default action left the TC programs, pins and sockets behind. Under
+    // `nohup` it is ignored, and stays so.
+    let hup = match hangup_ignored() {
+        true => Ok(None),
+        false => signal(SignalKind::hangup()).map(Some),
+    };
     let (mut term, mut int, mut hup) = match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
+        hup,
     ) {
         (Ok(t), Ok(i), Ok(h)) => (t, i, h),
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
@@ -143,7 +158,12 @@ async fn serve(config: Config) -> ExitCode {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: stopping"),
         _ = int.recv() => tracing::info!("SIGINT: stopping"),
-        _ = hup.recv() => tracing::info!("SIGHUP: stopping"),
+        _ = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        } => tracing::info!("SIGHUP: stopping"),
         _ = global.cancelled() => tracing::info!("cancelled: stopping"),
     }
     global.cancel();
