@@ -144,6 +144,8 @@ struct State {
     feed: Feed,
     /// Why the cluster's last subnet was refused (none taken yet).
     subnet_refused: Option<String>,
+    /// Subnet answers refused so far (a registration waits for the next).
+    subnet_refusals: u64,
 }
 
 /// Service IPs fed by the catalog: service IP → member instances (by

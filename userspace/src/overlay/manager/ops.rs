@@ -218,7 +218,9 @@ impl NetManager {
     /// not start with an unusable subnet; a registration again asks again.
     /// No answer in time is no error: deploys say so until it comes.
     async fn ask_subnet(&self, c: &Cluster) -> Result<(), NmError> {
-        self.state.lock().await.subnet_refused = None;
+        // The last refusal stands (deploys meanwhile name it) until an
+        // answer to this request comes.
+        let before = self.state.lock().await.subnet_refusals;
         c.request_subnet().await;
         let deadline = tokio::time::Instant::now() + SUBNET_WAIT;
         while tokio::time::Instant::now() < deadline {
@@ -226,8 +228,9 @@ impl NetManager {
             if state.ipam.is_some() {
                 return Ok(());
             }
-            if let Some(why) = &state.subnet_refused {
-                return Err(NmError::SubnetRefused(why.clone()));
+            if state.subnet_refusals != before {
+                let why = state.subnet_refused.clone().unwrap_or_default();
+                return Err(NmError::SubnetRefused(why));
             }
             drop(state);
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -327,6 +330,7 @@ impl NetManager {
             Ok(subnets) => subnets,
             Err(why) => {
                 state.subnet_refused = Some(why.clone());
+                state.subnet_refusals += 1;
                 return Err(NmError::BadRequest(format!("{why}; waiting for another")));
             }
         };
