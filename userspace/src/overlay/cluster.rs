@@ -304,8 +304,24 @@ impl Cluster {
             return;
         }
         self.wait_subscribed().await;
+        // Waiting for room in the request queue: hundreds of jobs would
+        // overflow it, and a query dropped here is not asked again.
+        let topic = format!("nodes/{}/net/tablequery/request", self.client_id);
         for job in self.interests() {
-            self.query_job(&job, true).await;
+            if !self.should_query(&job, true) {
+                continue;
+            }
+            let query = Self::json(&TableQuery {
+                sname: &job,
+                sip: "",
+            });
+            let queued = self
+                .client
+                .publish(topic.clone(), QoS::AtLeastOnce, false, query);
+            if !matches!(tokio::time::timeout(PUBLISH_WAIT, queued).await, Ok(Ok(()))) {
+                tracing::warn!(%job, "netmanager: table query after connecting not sent: the request queue stayed full (is the broker reachable?)");
+                self.queried.lock().expect("lock").remove(&job);
+            }
         }
     }
 
@@ -343,7 +359,10 @@ impl Cluster {
                 .try_publish(topic, QoS::AtLeastOnce, false, Self::json(query))
                 .is_ok();
         if !sent {
-            tracing::debug!(key, "table query not sent: not connected to the broker");
+            match self.connected.load(SeqCst) {
+                true => tracing::debug!(key, "table query not sent: the request queue is full"),
+                false => tracing::debug!(key, "table query not sent: not connected to the broker"),
+            }
             self.queried.lock().expect("lock").remove(key);
         }
     }
