@@ -54,10 +54,15 @@ pub struct Attachment {
 
 /// Whether the kernel still runs `a`'s program on its hook: something
 /// else may have detached it, or removed the interface (a re-created one
-/// has another index and none of our programs).
+/// has another index and none of our programs). Only what the kernel
+/// answered counts as gone: a lookup that failed, or an interface with
+/// XDP programs in two modes (the kernel then names neither), reads as
+/// still there.
 pub fn in_kernel(a: &Attachment) -> bool {
-    let Ok(link) = crate::net::link::by_name(&a.interface) else {
-        return false;
+    let link = match crate::net::link::by_name(&a.interface) {
+        Ok(link) => link,
+        Err(crate::net::NetError::NoInterface(_)) => return false,
+        Err(_) => return true,
     };
     if a.ifindex.is_some_and(|index| index != link.index) {
         return false;
@@ -65,16 +70,19 @@ pub fn in_kernel(a: &Attachment) -> bool {
     // The kernel keeps a program's name to 15 bytes.
     let ours = |name: &str| name.as_bytes() == &a.program.as_bytes()[..a.program.len().min(15)];
     match a.hook {
+        Hook::Xdp if link.xdp_mode == Some("multiple") => true,
         Hook::Xdp => link.xdp_program.is_some_and(|id| {
             aya::programs::loaded_programs()
                 .flatten()
                 .find(|p| p.id() == id)
                 .and_then(|p| p.name_as_str().map(ours))
-                .unwrap_or(false)
+                .unwrap_or(true)
         }),
         Hook::TcIngress | Hook::TcEgress => {
-            crate::net::qdisc::bpf_filters(&a.interface, a.hook == Hook::TcEgress)
-                .is_ok_and(|filters| filters.iter().any(|f| ours(&f.name)))
+            match crate::net::qdisc::bpf_filters(&a.interface, a.hook == Hook::TcEgress) {
+                Ok(filters) => filters.iter().any(|f| ours(&f.name)),
+                Err(_) => true,
+            }
         }
     }
 }

@@ -200,9 +200,11 @@ impl DataplaneHandle {
             .unwrap_or_default()
     }
 
-    /// Every attachment and whether the kernel still has it ([`attach::in_kernel`]).
-    pub async fn attachments_in_kernel(&self) -> Vec<(Attachment, bool)> {
-        let list = self.attachments().await;
+    /// Every attachment (or only the start's) and whether the kernel still
+    /// has it ([`attach::in_kernel`]).
+    pub async fn attachments_in_kernel(&self, at_start: bool) -> Vec<(Attachment, bool)> {
+        let mut list = self.attachments().await;
+        list.retain(|a| a.at_start || !at_start);
         tokio::task::spawn_blocking(move || {
             list.into_iter()
                 .map(|a| {
@@ -623,11 +625,16 @@ impl Plugin for DataplanePlugin {
     }
 
     fn status(&self) -> String {
-        match self.handle.running.try_lock() {
-            Ok(guard) => match guard.as_ref() {
-                Some(r) => {
-                    let list: Vec<String> = r
-                        .attachments
+        // Copied out: the kernel is asked below without holding the dataplane.
+        let running = match self.handle.running.try_lock() {
+            Ok(guard) => guard
+                .as_ref()
+                .map(|r| (r.pin_dir.clone(), r.attachments.clone())),
+            Err(_) => return "busy".into(),
+        };
+        match running {
+            Some((pin_dir, attachments)) => {
+                let list: Vec<String> = attachments
                         .iter()
                         .map(|a| {
                             format!(
@@ -647,19 +654,17 @@ impl Plugin for DataplanePlugin {
                             )
                         })
                         .collect();
-                    format!(
-                        "pins in {}; attached: {}",
-                        r.pin_dir.display(),
-                        if list.is_empty() {
-                            "nothing".into()
-                        } else {
-                            list.join(", ")
-                        }
-                    )
-                }
-                None => "not loaded".into(),
-            },
-            Err(_) => "busy".into(),
+                format!(
+                    "pins in {}; attached: {}",
+                    pin_dir.display(),
+                    if list.is_empty() {
+                        "nothing".into()
+                    } else {
+                        list.join(", ")
+                    }
+                )
+            }
+            None => "not loaded".into(),
         }
     }
 }

@@ -118,7 +118,7 @@ async fn dataplane(registry: &mut Registry, s: &Sources) {
         "tapmesh_attached",
         "Programs attached, by interface and hook (0: the kernel no longer has it)",
         s.dataplane
-            .attachments_in_kernel()
+            .attachments_in_kernel(false)
             .await
             .into_iter()
             .map(|(a, there)| {

@@ -71,8 +71,8 @@ async fn readyz(State(s): State<Arc<Sources>>) -> impl IntoResponse {
     waiting.extend(crate::health::planes().unsynced());
     // What the kernel runs, not what was attached: another tool may have
     // detached a program or removed its interface.
-    for (a, there) in s.dataplane.attachments_in_kernel().await {
-        if a.at_start && !there {
+    for (a, there) in s.dataplane.attachments_in_kernel(true).await {
+        if !there {
             waiting.push(format!(
                 "{} on {} is no longer attached ({} gone from the kernel)",
                 a.hook, a.interface, a.program
