@@ -399,6 +399,12 @@ pub struct LbWriter {
 #[derive(Debug, Clone, Copy, Default)]
 struct IdSpace(crate::config::LbCapacity);
 
+fn vip_senders_map(
+    ebpf: &mut Ebpf,
+) -> Result<BpfHashMap<&mut MapData, VipSender, u8>, DataplaneError> {
+    BpfHashMap::try_from(map_mut(ebpf, n::VIP_SENDERS)?).map_err(map_err(n::VIP_SENDERS))
+}
+
 /// Each local target's interface with each VIP whose flows go to its
 /// stream: the containers there may send from that VIP (their answers).
 fn vip_senders(
@@ -578,9 +584,7 @@ impl LbWriter {
                 .iter()
                 .any(|(r, _)| r.prefix_len == k.prefix_len() && r.data == k.data())
         })?;
-        let mut vip_senders: BpfHashMap<_, VipSender, u8> =
-            BpfHashMap::try_from(map_mut(ebpf, n::VIP_SENDERS)?)
-                .map_err(map_err(n::VIP_SENDERS))?;
+        let mut vip_senders = vip_senders_map(ebpf)?;
         let stale: Vec<VipSender> = (vip_senders.keys().filter_map(Result::ok))
             .filter(|a| !self.vip_senders.contains(a))
             .collect();
@@ -1087,12 +1091,11 @@ impl LbWriter {
         ebpf: &mut Ebpf,
         wanted: &BTreeSet<VipSender>,
     ) -> Result<(), DataplaneError> {
-        let mut map: BpfHashMap<_, VipSender, u8> =
-            BpfHashMap::try_from(map_mut(ebpf, n::VIP_SENDERS)?)
-                .map_err(map_err(n::VIP_SENDERS))?;
-        for a in wanted.difference(&self.vip_senders.clone()) {
+        let mut map = vip_senders_map(ebpf)?;
+        let new: Vec<VipSender> = wanted.difference(&self.vip_senders).copied().collect();
+        for a in new {
             map.insert(a, 1, 0).map_err(map_err(n::VIP_SENDERS))?;
-            self.vip_senders.insert(*a);
+            self.vip_senders.insert(a);
         }
         Ok(())
     }
@@ -1102,9 +1105,7 @@ impl LbWriter {
         ebpf: &mut Ebpf,
         wanted: &BTreeSet<VipSender>,
     ) -> Result<(), DataplaneError> {
-        let mut map: BpfHashMap<_, VipSender, u8> =
-            BpfHashMap::try_from(map_mut(ebpf, n::VIP_SENDERS)?)
-                .map_err(map_err(n::VIP_SENDERS))?;
+        let mut map = vip_senders_map(ebpf)?;
         for a in self
             .vip_senders
             .difference(wanted)
