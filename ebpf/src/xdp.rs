@@ -63,7 +63,8 @@ fn try_uplink(ctx: &XdpContext, mut pkt: Packet, stats: &Stats) -> Result<u32, D
     let tunnel = tunnel::config();
     // (offset, first byte, room in the UDP datagram) of the inner packet of a tunnel packet for us
     // from a known node, and that node. Only nodes may use the tunnel: the
-    // source is checked before anything of the inner packet is judged.
+    // source is checked before anything of the inner packet is judged (a
+    // stranger's is only read, to ask the cluster about its inner source).
     let (mut parsed, ours) = match tunnel.and_then(|t| tunnel::plain(&pkt, t)) {
         Some(plain) => {
             if let Err(unknown) = tunnel::check_peer(plain.src) {
