@@ -238,8 +238,12 @@ fn sighup_detaches_everything_too() {
         return;
     }
     let lab = Lab::new();
-    let mut daemon = Daemon::start(
+    // Whatever this test inherited (CI may run under nohup).
+    let (root, _) = Daemon::paths();
+    let mut daemon = Daemon::start_wrapped(
+        &["env", "--default-signal=HUP"],
         &lab.node.name,
+        &root,
         &["--uplink", &lab.node_if, "--tc-interface", &lab.node_if],
     );
     assert!(lab.xdp_attached());
@@ -258,7 +262,7 @@ fn sighup_detaches_everything_too() {
     // Under nohup, SIGHUP stays ignored.
     let (root, _) = Daemon::paths();
     let mut kept = Daemon::start_wrapped(
-        &["nohup"],
+        &["env", "--ignore-signal=HUP"],
         &lab.node.name,
         &root,
         &["--uplink", &lab.node_if],

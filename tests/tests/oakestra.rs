@@ -671,7 +671,7 @@ fn after_the_broker_was_away_a_large_table_arrives() {
     deploy(&n1, &task, CLIENT, 0);
 
     cluster.stop_broker();
-    // A deploy while the broker is away: its table query cannot go out.
+    // A deploy while the broker is away is still answered.
     let web = Netns::new("oabw");
     let web_task = Task::start(&web);
     deploy(&n1, &web_task, WEB, 0);
@@ -712,12 +712,6 @@ fn after_the_broker_was_away_a_large_table_arrives() {
         answers.iter().any(|m| m["payload"]["app_name"] == BIG),
         "{answers:?}"
     );
-    // The job deployed meanwhile is asked for once connected: its instance
-    // IP came from the table.
-    let ok = wait_until(Duration::from_secs(5), || {
-        status_services(&n1).contains(&(WEB0_IP.into(), 1))
-    });
-    assert!(ok, "node 1's services: {:?}", status_services(&n1));
     drop(web_task);
 }
 
