@@ -163,7 +163,7 @@ fn conduit_lifecycle() {
     // 1. The veth pair.
     let link = in_node(
         &node,
-        veth::create(&app_ns, &host, &peer, &gateways(), &local(), MTU),
+        veth::create(&app_ns, &host, &peer, &gateways(), &local(), MTU, None),
     )
     .expect("create");
     assert_eq!(link.host_ifname, host);
@@ -373,7 +373,7 @@ fn failed_create_leaves_nothing() {
     let (node_before, app_before) = (links(&node), links(&app));
     let err = in_node(
         &node,
-        veth::create(&app_ns, &taken, &peer, &gateways(), &local(), MTU),
+        veth::create(&app_ns, &taken, &peer, &gateways(), &local(), MTU, None),
     )
     .expect_err("a taken host name");
     eprintln!("taken host name: {err}");
@@ -397,7 +397,15 @@ fn failed_create_leaves_nothing() {
     let (node_before, app_before) = (links(&node), links(&app));
     let err = in_node(
         &node,
-        veth::create(&app_ns, &host, &taken_peer, &gateways(), &local(), MTU),
+        veth::create(
+            &app_ns,
+            &host,
+            &taken_peer,
+            &gateways(),
+            &local(),
+            MTU,
+            None,
+        ),
     )
     .expect_err("a taken peer name");
     eprintln!("taken peer name: {err}");
@@ -411,7 +419,7 @@ fn failed_create_leaves_nothing() {
     let (node_before, app_before) = (links(&node), links(&app_v4));
     let err = in_node(
         &node,
-        veth::create(&app_v4_ns, &host, &peer, &gateways(), &local(), MTU),
+        veth::create(&app_v4_ns, &host, &peer, &gateways(), &local(), MTU, None),
     )
     .expect_err("IPv6 refused in the application namespace");
     eprintln!("IPv6 refused: {err}");

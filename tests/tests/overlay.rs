@@ -2114,7 +2114,14 @@ fn a_restarted_daemon_takes_its_containers_back_whether_their_links_were_kept_or
     answered(&lab, "after a restart with kept links");
 
     // Not kept: the stop removes the links, the next daemon makes new ones
-    // in the same namespaces with the same addresses.
+    // in the same namespaces with the same addresses and MACs (what an LB
+    // target on such a link names).
+    let macs = |lab: &Lab| {
+        let node = &lab.nodes.node1;
+        let host: Vec<[u8; 6]> = links.iter().map(|l| node.netns.mac(l)).collect();
+        (host, lab.client.mac("tmsvc0"), lab.web0.mac("tmsvc0"))
+    };
+    let macs_before = macs(&lab);
     lab.nodes.node1.restart(&[], |node| {
         assert_eq!(
             node.container_links(),
@@ -2127,6 +2134,11 @@ fn a_restarted_daemon_takes_its_containers_back_whether_their_links_were_kept_or
     assert!(
         remade.iter().all(|l| !indexes.contains(l)),
         "new links (new indexes): {remade:?} after {indexes:?}"
+    );
+    assert_eq!(
+        macs(&lab),
+        macs_before,
+        "the links made again keep their MACs"
     );
     answered(&lab, "after a restart that removed the links");
 

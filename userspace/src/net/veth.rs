@@ -31,7 +31,10 @@ fn random_mac() -> [u8; 6] {
 /// `gateways` addresses, `peer_ifname` is created in `netns` with the `local`
 /// addresses; both up, MTU `mtu` on both, IPv6 addresses without DAD. In
 /// `netns` GRO is switched on for the peer (so that it receives native-XDP
-/// redirected frames) and `lo` is set up. On failure nothing is left behind.
+/// redirected frames) and `lo` is set up. `macs` (host, peer) gives a pair
+/// made again the MACs it had, so what was written for the old one (an LB
+/// target's MAC) still holds; otherwise both are random. On failure nothing
+/// is left behind.
 pub async fn create(
     netns: &File,
     host_ifname: &str,
@@ -39,7 +42,9 @@ pub async fn create(
     gateways: &[Prefix],
     local: &[Prefix],
     mtu: u32,
+    macs: Option<([u8; 6], [u8; 6])>,
 ) -> Result<Veth, NetError> {
+    let (host_mac, peer_mac) = macs.unwrap_or_else(|| (random_mac(), random_mac()));
     check_ifname(host_ifname)?;
     check_ifname(peer_ifname)?;
     for prefix in gateways.iter().chain(local) {
@@ -56,12 +61,12 @@ pub async fn create(
     // (MACAddressPolicy) after we read it, and the dataplane keeps the peer's.
     let peer = LinkMessageBuilder::<LinkUnspec>::new()
         .name(peer_ifname)
-        .address(random_mac().to_vec())
+        .address(peer_mac.to_vec())
         .mtu(mtu)
         .setns_by_fd(netns.as_raw_fd())
         .build();
     let message = LinkVeth::new(host_ifname, peer_ifname)
-        .address(random_mac().to_vec())
+        .address(host_mac.to_vec())
         .mtu(mtu)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .build();

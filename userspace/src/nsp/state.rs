@@ -581,6 +581,7 @@ impl Nsp {
             &gateways,
             &local,
             self.settings.mtu,
+            None,
         )
         .await?;
         self.attach(&host).await;

@@ -35,6 +35,7 @@ impl NetManager {
         lease: Lease,
         gateway: Ipv4Addr,
         gateway_v6: Option<std::net::Ipv6Addr>,
+        macs: Option<([u8; 6], [u8; 6])>,
     ) -> Result<(Veth, Replaced), NmError> {
         let mut gateways = vec![Prefix::host(gateway)];
         let mut local = vec![Prefix::host(lease.v4)];
@@ -49,6 +50,7 @@ impl NetManager {
             &gateways,
             &local,
             self.settings.mtu,
+            macs,
         )
         .await?;
         // The container's own default routes, which ours replace: a rollback puts them back.

@@ -546,7 +546,7 @@ impl NetManager {
         }
         let host = host_ifname(&spec.job, spec.number);
         let created = self
-            .create_link(&netns, &host, lease, gateway, gateway_v6)
+            .create_link(&netns, &host, lease, gateway, gateway_v6, None)
             .await;
         let (link, replaced) = match created {
             Ok(created) => created,

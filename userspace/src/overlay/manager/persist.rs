@@ -160,7 +160,8 @@ impl NetManager {
         let Placement::Local {
             host_ifname,
             host_ifindex,
-            ..
+            host_mac,
+            mac,
         } = d.record.placement.clone()
         else {
             return Err(NmError::BadRequest("not placed on this node".into()));
@@ -188,7 +189,16 @@ impl NetManager {
                 // A link of that name that is not ours (another index) goes.
                 let _ = net::link::delete(&host_ifname).await;
                 let (link, _) = self
-                    .create_link(&netns, &host_ifname, lease, gateway, gateway_v6)
+                    // The same MACs: an LB target on this link names the
+                    // container's, and the LB puts it back once the link is.
+                    .create_link(
+                        &netns,
+                        &host_ifname,
+                        lease,
+                        gateway,
+                        gateway_v6,
+                        Some((host_mac, mac)),
+                    )
                     .await?;
                 record.placement = Placement::Local {
                     host_ifname: host_ifname.clone(),
