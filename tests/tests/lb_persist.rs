@@ -3,11 +3,12 @@
 //! file instead: the operator changed it since.
 
 use std::net::Ipv4Addr;
+use std::time::Duration;
 
 use tapmesh::lb::model::LbSpec;
 use tapmesh_tests::{
-    kernel_tests_enabled,
-    net::{flow, stream, vip, LbLab},
+    fmt_mac, kernel_tests_enabled,
+    net::{flow, stream, vip, wait_until, LbLab},
     TempDir,
 };
 
@@ -47,6 +48,7 @@ fn admin_changes_survive_a_restart_until_the_file_changes() {
     // whole part is kept aside.
     lab.stop();
     let gone = lab.targets[1].node_if.clone();
+    let node_mac = fmt_mac(lab.node.mac(&gone));
     lab.node.ip(&["link", "del", &gone]);
     let saved = std::fs::read(state.0.join("lb-state.json")).unwrap();
     lab.start_with(Some(&file), &state_arg);
@@ -58,6 +60,52 @@ fn admin_changes_survive_a_restart_until_the_file_changes() {
     let aside = std::fs::read(state.0.join("lb-state.refused.json")).unwrap();
     assert_eq!(aside, saved);
     assert_eq!(lab.spread(DST), vec![200, 0]);
+
+    // The link comes back as a NetManager makes a container's again (same
+    // name, same MACs): the target is put back, and takes its flows again.
+    let t = &lab.targets[1];
+    lab.node.ip(&[
+        "link",
+        "add",
+        &gone,
+        "address",
+        &node_mac,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &t.target_if,
+        "address",
+        &fmt_mac(t.mac),
+        "netns",
+        &t.netns.name,
+    ]);
+    lab.node
+        .ip(&["addr", "add", "198.18.11.1/24", "dev", &gone]);
+    lab.node.exec(&[
+        "sysctl",
+        "-qw",
+        &format!("net.ipv4.conf.{gone}.rp_filter=0"),
+    ]);
+    lab.node.ip(&["link", "set", &gone, "up"]);
+    t.netns.ip(&[
+        "addr",
+        "add",
+        &format!("{}/24", t.address),
+        "dev",
+        &t.target_if,
+    ]);
+    t.netns.ip(&["link", "set", &t.target_if, "up"]);
+    t.netns
+        .ip(&["route", "add", "default", "via", "198.18.11.1"]);
+    t.netns.exec(&["ethtool", "-K", &t.target_if, "gro", "on"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || lab.list().config.as_ref()
+            == Some(&changed)),
+        "the target is back: {:?}",
+        lab.list().config
+    );
+    assert_eq!(lab.spread(DST), before, "the split before the link went");
 
     // An edited file wins over the saved changes.
     let mut edited = file.clone();

@@ -109,22 +109,27 @@ pub fn check_local_interfaces(path: &Path, spec: &LbSpec) -> Result<(), LbServic
 /// was saved (a pod deleted while the daemon was down): the rest of the
 /// operator's changes still apply, as they would have had the daemon seen
 /// the interface go. Whether any was left out.
-fn leave_out_gone_interfaces(spec: &mut LbSpec) -> bool {
-    let before = spec.targets.len();
-    spec.targets.retain(|t| match &t.via {
-        super::model::TargetVia::Local { interface, .. }
-            if crate::net::link::index(interface).is_none() =>
-        {
-            tracing::warn!(
-                "target {} of stream {:?}: interface {interface:?} is gone; left out of the saved LB configuration",
-                t.identifier,
-                t.stream
-            );
-            false
-        }
-        _ => true,
-    });
-    spec.targets.len() != before
+fn leave_out_gone_interfaces(spec: &mut LbSpec) -> Vec<TargetSpec> {
+    let (gone, here) = std::mem::take(&mut spec.targets)
+        .into_iter()
+        .partition(|t| local_interface(t).is_some_and(|i| crate::net::link::index(i).is_none()));
+    spec.targets = here;
+    for t in &gone {
+        tracing::warn!(
+            "target {} of stream {:?}: interface {:?} is gone; left out until it is back",
+            t.identifier,
+            t.stream,
+            local_interface(t).unwrap_or_default()
+        );
+    }
+    gone
+}
+
+fn local_interface(target: &TargetSpec) -> Option<&str> {
+    match &target.via {
+        super::model::TargetVia::Local { interface, .. } => Some(interface),
+        super::model::TargetVia::Remote { .. } => None,
+    }
 }
 
 /// The configuration set through the admin API or file (`own`) and the parts
@@ -195,6 +200,10 @@ pub struct LbService {
     prepared: std::sync::Mutex<BTreeSet<(String, u32)>>,
     /// `lb.tunnel_peers`: nodes no VIP may hold.
     static_peers: std::sync::Mutex<Vec<Ipv4Addr>>,
+    /// Saved targets whose interface was gone at the start (a NetManager
+    /// container's link comes back after this plugin starts): put back
+    /// when their interface appears.
+    left_out: std::sync::Mutex<Vec<TargetSpec>>,
 }
 
 impl LbService {
@@ -207,6 +216,51 @@ impl LbService {
             store: std::sync::Mutex::default(),
             prepared: std::sync::Mutex::default(),
             static_peers: std::sync::Mutex::default(),
+            left_out: std::sync::Mutex::default(),
+        }
+    }
+
+    /// Puts back the left-out targets whose interface is here again, unless
+    /// their stream is gone or their identifier was taken since; a target
+    /// the configuration refuses stays out, with a warning.
+    async fn bring_back_left_out(&self) {
+        let back: Vec<TargetSpec> = {
+            let mut left = self.left_out.lock().expect("left-out lock");
+            if left.is_empty() {
+                return;
+            }
+            let (back, still) = std::mem::take(&mut *left).into_iter().partition(|t| {
+                local_interface(t).is_some_and(|i| crate::net::link::index(i).is_some())
+            });
+            *left = still;
+            back
+        };
+        for target in back {
+            let put = self
+                .update(|s| {
+                    let stream_here = s.streams.iter().any(|x| x.name == target.stream);
+                    let taken = s
+                        .targets
+                        .iter()
+                        .any(|x| x.stream == target.stream && x.identifier == target.identifier);
+                    if stream_here && !taken {
+                        s.targets.push(target.clone());
+                    }
+                    Ok(())
+                })
+                .await;
+            match put {
+                Ok(()) => tracing::info!(
+                    "target {} of stream {:?}: its interface is back; put back",
+                    target.identifier,
+                    target.stream
+                ),
+                Err(e) => tracing::warn!(
+                    "target {} of stream {:?}: its interface is back but the target is refused: {e}",
+                    target.identifier,
+                    target.stream
+                ),
+            }
         }
     }
 
@@ -591,7 +645,8 @@ impl LbService {
 /// Keeps the remote nodes' next hops current: resolved again when the
 /// configuration's nodes change and when the kernel reports a change of
 /// routes, links or one of the hops' neighbours (a neighbour can change its
-/// MAC, a route its gateway). No polling.
+/// MAC, a route its gateway). No polling. A link's change also puts back the
+/// saved targets left out at the start for want of their interface.
 async fn follow_hops(service: Arc<LbService>, stop: CancellationToken) {
     /// Changes come in bursts (a route and its neighbour, many links):
     /// they are collected this long before resolving once.
@@ -611,6 +666,7 @@ async fn follow_hops(service: Arc<LbService>, stop: CancellationToken) {
             }
         };
         // What changed before the watch started is seen here.
+        service.bring_back_left_out().await;
         service.refresh_hops().await;
         let overlay_nodes = service.dataplane.overlay_nodes_changed();
         'watching: loop {
@@ -635,6 +691,7 @@ async fn follow_hops(service: Arc<LbService>, stop: CancellationToken) {
                     break 'watching;
                 }
             }
+            service.bring_back_left_out().await;
             service.refresh_hops().await;
         }
     }
@@ -735,7 +792,12 @@ impl Plugin for LbPlugin {
 
     async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
         let (mut initial, saved) = self.service.store.lock().expect("store lock").initial();
-        if saved && leave_out_gone_interfaces(&mut initial) {
+        let left_out = if saved {
+            leave_out_gone_interfaces(&mut initial)
+        } else {
+            Vec::new()
+        };
+        if !left_out.is_empty() {
             // A container's link comes back only once the NetManager
             // starts, after this: the operator gets the whole part back.
             let kept = self.service.store.lock().expect("store lock").copy_aside();
@@ -757,6 +819,10 @@ impl Plugin for LbPlugin {
                     "the saved LB configuration no longer applies ({e}); applying the file's{kept}"
                 );
                 self.service.apply(file).await
+            }
+            Ok(()) => {
+                *self.service.left_out.lock().expect("left-out lock") = left_out;
+                Ok(())
             }
             other => other,
         };
