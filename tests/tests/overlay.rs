@@ -1161,6 +1161,96 @@ fn a_container_cannot_send_from_another_containers_address() {
 /// A container that is a local target of the load balancer answers from
 /// the VIP: its veth lets that source through (a VIP is no container's
 /// address), and the client gets every answer.
+/// A VIP holding a service IP or a remote node of the overlay is refused,
+/// and so is the overlay's address inside a VIP, whichever comes second;
+/// the refused change leaves the other as it was.
+#[test]
+fn a_vip_and_the_overlays_addresses_are_kept_apart_whichever_comes_second() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (n1, _peer) = one_node();
+    n1.register("192.0.2.0/26");
+    let c = Netns::new("ovva");
+    n1.deploy(&c, WEB, 0, &[("RR", RR)]);
+    let via = tapmesh::lb::model::TargetVia::Local {
+        interface: n1.container_links().pop().expect("the container's link"),
+        mac: tapmesh_tests::fmt_mac(c.mac("tmsvc0")),
+    };
+    let daemon = n1.daemon.as_ref().unwrap();
+    let apply = |address: &str| {
+        let file = std::env::temp_dir().join(tapmesh_tests::unique("tmlbo"));
+        let spec = one_target_spec(address, "web", 4, &["udp"], via.clone());
+        std::fs::write(&file, lb_toml(&spec)).unwrap();
+        let out = std::process::Command::new(tapmesh_tests::daemon::tapmesh_bin())
+            .args(["lb", "apply", file.to_str().unwrap(), "--admin-socket"])
+            .arg(&daemon.socket)
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_file(&file);
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let vips = || daemon.cli(&["lb", "list", "-o", "json"]);
+    let empty = vips();
+
+    // The service IP is there first.
+    let (code, text) = apply("203.0.113.0/28");
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("the overlay's service IP 203.0.113.10 lies inside VIP \"vip\""),
+        "{text}"
+    );
+    assert_eq!(vips(), empty, "the LB maps as they were");
+
+    // The VIP is there first: a table naming a node inside it is refused
+    // (409), one on another node passes.
+    let (code, text) = apply("198.51.100.0/24");
+    assert_eq!(code, Some(0), "{text}");
+    let table = |node: &str| {
+        format!(
+            r#"{{"app_name": "{CLIENT}", "instance_list": [{{"instance_number": 0, "namespace_ip": "192.0.2.200", "host_ip": "{node}", "host_port": 50103, "service_ip": [{{"IpType": "RR", "Address": "203.0.113.20"}}]}}]}}"#
+        )
+    };
+    let message = |body: &str| {
+        let v: serde_json::Value = serde_json::from_str(body).expect("JSON");
+        v["message"].as_str().unwrap_or_default().to_string()
+    };
+    let (status, body) = n1.api("/tablequery/result", &table("198.51.100.7"));
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(
+        message(&body),
+        "dataplane: the overlay's remote node 198.51.100.7 lies inside VIP \"vip\": the uplink \
+         would balance what the overlay carries; keep VIPs and the overlay's addresses apart"
+    );
+    let instances =
+        |n: &tapmesh_tests::overlay::Node| n.status()["instances"].as_array().map(Vec::len);
+    assert_eq!(instances(&n1), Some(1), "only web#0, as before");
+    let (status, body) = n1.api("/tablequery/result", &table("198.18.7.7"));
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(instances(&n1), Some(2));
+
+    // A service IP inside the VIP, from a deploy, is refused the same way.
+    let d = Netns::new("ovvb");
+    let (status, body) = n1.api(
+        "/container/deploy",
+        &deploy_body(&d, WEB, 1, &[("RR", "198.51.100.10")]),
+    );
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        message(&body).contains("service IP 198.51.100.10 lies inside VIP \"vip\""),
+        "{body}"
+    );
+    assert_eq!(
+        n1.container_links().len(),
+        1,
+        "no link left of the refused deploy"
+    );
+    assert_eq!(instances(&n1), Some(2));
+}
+
 #[test]
 fn a_container_that_is_a_load_balancer_target_answers_from_the_vip() {
     if !kernel_tests_enabled() {

@@ -31,6 +31,10 @@ pub fn status_of(e: LbServiceError) -> Status {
         LbServiceError::Dataplane(e @ crate::dataplane::DataplaneError::Config(_)) => {
             Status::invalid_argument(e.to_string())
         }
+        // The overlay holds the address.
+        LbServiceError::Dataplane(e @ crate::dataplane::DataplaneError::Overlap(_)) => {
+            Status::failed_precondition(e.to_string())
+        }
         e @ LbServiceError::Dataplane(_) => Status::internal(e.to_string()),
     }
 }

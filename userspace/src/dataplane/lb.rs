@@ -498,6 +498,13 @@ impl LbWriter {
         writer
     }
 
+    /// The VIPs written, by name.
+    pub fn vip_keys(&self) -> impl Iterator<Item = (&str, &VipKey)> + Clone {
+        self.vips
+            .iter()
+            .map(|(name, slot)| (name.as_str(), &slot.key))
+    }
+
     /// `tm_maglev` mapped into this process (mapped on first use): tables
     /// are written by memory copy, not by syscalls.
     fn mapped_maglev(&mut self, ebpf: &Ebpf) -> Result<&mut MappedArray, DataplaneError> {

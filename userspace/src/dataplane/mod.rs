@@ -16,6 +16,7 @@ pub mod mirror;
 pub mod overlay;
 mod pins;
 pub mod tunnel;
+mod vip_overlap;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -71,6 +72,10 @@ pub enum DataplaneError {
     Full(&'static str),
     #[error("{0}")]
     Config(String),
+    /// A VIP and an overlay address overlap (`vip_overlap`): the other
+    /// plugin holds the address.
+    #[error("{0}")]
+    Overlap(String),
 }
 
 /// A map error as a dataplane error naming the map.
@@ -225,6 +230,12 @@ impl DataplaneHandle {
     ) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
         let running = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        let written: Vec<_> = running.lb.vip_keys().map(|(_, k)| *k).collect();
+        vip_overlap::check(
+            tables.vips.iter().map(|v| (v.name.as_str(), &v.key)),
+            &vip_overlap::overlay_addresses(running.overlay.written()),
+            |_, key, _| written.contains(key),
+        )?;
         let resolve = |name: &str| crate::net::link::mac(name).map_err(|e| e.to_string());
         tokio::task::block_in_place(|| {
             running
@@ -394,6 +405,12 @@ impl DataplaneHandle {
     ) -> Result<(), DataplaneError> {
         let mut guard = self.running.lock().await;
         let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        let written = vip_overlap::overlay_addresses(r.overlay.written());
+        vip_overlap::check(
+            r.lb.vip_keys(),
+            &vip_overlap::overlay_addresses(tables),
+            |_, _, addr| written.iter().any(|(a, _)| *a == addr),
+        )?;
         let before = r.overlay.remote_nodes().clone();
         let result = r.overlay.apply(&mut r.ebpf, tables);
         if *r.overlay.remote_nodes() != before {

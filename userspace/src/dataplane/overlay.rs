@@ -180,7 +180,7 @@ fn with_hops<'a>(
 /// The nodes of the remote instances (an IPv6 instance shares its IPv4
 /// twin's node): the ones that may send this node tunnel packets for the
 /// overlay.
-fn remote_nodes(t: &OverlayTables) -> BTreeSet<std::net::Ipv4Addr> {
+pub(super) fn remote_nodes(t: &OverlayTables) -> BTreeSet<std::net::Ipv4Addr> {
     t.instances
         .values()
         .filter(|i| i.kind == INSTANCE_REMOTE)
@@ -577,6 +577,11 @@ impl OverlayWriter {
         self.written = wanted.clone();
         self.unsettled = false;
         Ok(())
+    }
+
+    /// The tables as last written.
+    pub fn written(&self) -> &OverlayTables {
+        &self.written
     }
 
     /// The nodes of the remote instances written.

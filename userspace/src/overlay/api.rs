@@ -52,7 +52,10 @@ impl IntoResponse for ApiError {
 impl From<NmError> for ApiError {
     fn from(e: NmError) -> Self {
         let status = match &e {
-            NmError::Conflict(_) => StatusCode::CONFLICT,
+            NmError::Conflict(_)
+            | NmError::Dataplane(crate::dataplane::DataplaneError::Overlap(_)) => {
+                StatusCode::CONFLICT
+            }
             // Oakestra's NetManager answers 400 to a call before /register.
             NmError::NotRegistered | NmError::AlreadyRegistered(_) | NmError::BadRequest(_) => {
                 StatusCode::BAD_REQUEST
