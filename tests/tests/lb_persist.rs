@@ -87,7 +87,9 @@ fn admin_changes_survive_a_restart_until_the_file_changes() {
         "-qw",
         &format!("net.ipv4.conf.{gone}.rp_filter=0"),
     ]);
-    lab.node.ip(&["link", "set", &gone, "up"]);
+    // GRO at the target's end before either end is up: a veth takes XDP
+    // frames only if its peer asked for GRO by the time it came up.
+    t.netns.exec(&["ethtool", "-K", &t.target_if, "gro", "on"]);
     t.netns.ip(&[
         "addr",
         "add",
@@ -98,7 +100,7 @@ fn admin_changes_survive_a_restart_until_the_file_changes() {
     t.netns.ip(&["link", "set", &t.target_if, "up"]);
     t.netns
         .ip(&["route", "add", "default", "via", "198.18.11.1"]);
-    t.netns.exec(&["ethtool", "-K", &t.target_if, "gro", "on"]);
+    lab.node.ip(&["link", "set", &gone, "up"]);
     assert!(
         wait_until(Duration::from_secs(5), || lab.list().config.as_ref()
             == Some(&changed)),
