@@ -168,6 +168,8 @@ pub struct TapaLab {
     // Drop order: ambassadors, daemon, namespaces, files.
     pub ambassadors: Vec<Ambassador>,
     daemon: Option<Daemon>,
+    /// Stopped daemons of a kept dataplane: dropping one removes the pins.
+    retired: Vec<Daemon>,
     pub client: Netns,
     pub node: Netns,
     pub apps: Vec<Netns>,
@@ -220,6 +222,7 @@ impl TapaLab {
         let mut lab = TapaLab {
             ambassadors: Vec::new(),
             daemon: None,
+            retired: Vec::new(),
             client,
             node,
             apps,
@@ -233,6 +236,21 @@ impl TapaLab {
     }
 
     pub fn start_daemon(&mut self) {
+        self.start_daemon_at(None, &[]);
+    }
+
+    /// Stops the daemon, keeping its dataplane, and starts another on the
+    /// same pins (both with `--keep-dataplane`): a rolling update.
+    pub fn restart_daemon_kept(&mut self) {
+        let mut old = self.daemon.take().expect("a running daemon");
+        assert!(old.stop().success(), "daemon stop: {}", old.log_text());
+        let root = old.bpffs_root.clone();
+        self.retired.push(old);
+        self.start_daemon_at(Some(&root), &["--keep-dataplane"]);
+    }
+
+    /// Starts the daemon, on the pins under `root` if given, with `extra` arguments.
+    pub fn start_daemon_at(&mut self, root: Option<&Path>, extra: &[&str]) {
         assert!(self.daemon.is_none());
         let config = self.daemon_config.display().to_string();
         let socket = self.node_socket().display().to_string();
@@ -249,7 +267,11 @@ impl TapaLab {
             "--xdp-mode",
             "native",
         ];
-        self.daemon = Some(Daemon::start(&self.node.name, &args));
+        let args: Vec<&str> = args.iter().chain(extra).copied().collect();
+        self.daemon = Some(match root {
+            Some(root) => Daemon::start_at(&self.node.name, root, &args),
+            None => Daemon::start(&self.node.name, &args),
+        });
     }
 
     pub fn stop_daemon(&mut self) {

@@ -395,6 +395,60 @@ fn re_registration_after_expiry_keeps_the_identifier_and_a_restart_keeps_the_reg
     assert!(wait_until(Duration::from_secs(5), || rx.count() == sent));
 }
 
+/// A rolling update on a kept dataplane loses no datagram to a registered
+/// target: the new daemon's first LB write holds the registry's part with
+/// the admin/file one. Before, that write swept the stream's VIP out of the
+/// kept maps until the registry was restored (2-7 datagrams at 1 kpps, seen
+/// by an operator tester).
+#[test]
+fn a_kept_restart_loses_no_datagram_to_a_registered_target() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const PACKETS: u32 = 12_000;
+    const GAP: Duration = Duration::from_micros(500);
+    let mut lab = TapaLab::new(1, "60s");
+    lab.stop_daemon();
+    lab.start_daemon_at(None, &["--keep-dataplane"]);
+    let (_a, _tap) = lab.open_stream_a(0, "30s");
+    let rx = receiver(&lab, 0);
+    assert_eq!(send(&lab, VIP_A, 1), 50);
+    assert!(
+        wait_until(Duration::from_secs(5), || rx.count() == 50),
+        "{}",
+        diagnose(&lab)
+    );
+    let sender = tapmesh_tests::net::spawn_in(&lab.client.name, || {
+        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(CLIENT, 0)).expect("bind");
+        let start = std::time::Instant::now();
+        for i in 0..PACKETS {
+            let due = start + GAP * i;
+            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            socket
+                .send_to(&i.to_be_bytes(), SocketAddrV4::new(VIP_A, 5000))
+                .expect("send");
+        }
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    lab.restart_daemon_kept();
+    assert_eq!(
+        lab.daemon().status().attachments[0].mode,
+        "native, kept link replaced"
+    );
+    sender.join().expect("sender");
+    let all = wait_until(Duration::from_secs(3), || {
+        rx.count() == 50 + u64::from(PACKETS)
+    });
+    assert!(
+        all,
+        "{} of {PACKETS} datagrams arrived across the restart; {}",
+        rx.count() - 50,
+        diagnose(&lab)
+    );
+}
+
 #[test]
 fn a_stream_removed_from_the_configuration_becomes_undefined_and_returns() {
     if !kernel_tests_enabled() {

@@ -121,6 +121,8 @@ struct Running {
     pin_dir: PathBuf,
     /// Nodes the cluster named in `tm_tunnel_peers`.
     cluster_peers: std::collections::BTreeSet<std::net::Ipv4Addr>,
+    /// The maps were pinned by an earlier daemon (`keep_dataplane`).
+    kept: bool,
 }
 
 /// Shared access to the running dataplane.
@@ -220,6 +222,11 @@ impl DataplaneHandle {
         })
         .await
         .unwrap_or_default()
+    }
+
+    /// Whether the running dataplane took over maps an earlier daemon kept.
+    pub async fn kept(&self) -> bool {
+        self.running.lock().await.as_ref().is_some_and(|r| r.kept)
     }
 
     /// Makes the load-balancing maps hold `tables` (see [`lb::LbWriter::apply`]).
@@ -770,6 +777,7 @@ fn start_dataplane(
         return Err(e);
     }
     Ok(Running {
+        kept,
         ebpf: loaded.expect("loaded when attaching succeeded"),
         lb: lb::LbWriter::with_capacity(sizes.lb_capacity()),
         mirror: mirror::MirrorWriter::default(),

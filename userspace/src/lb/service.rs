@@ -17,6 +17,7 @@ use super::flows::{FlowSpec, VipSpec};
 use super::model::{validate_with, Capacity, LbError, LbSpec, StreamSpec, Tables, TargetSpec};
 use super::tables::lb_tables;
 use super::{checks, persist};
+use crate::dataplane::lb::LbTables;
 use crate::{
     config::Config,
     core::{Plugin, PluginError},
@@ -140,6 +141,9 @@ struct Sources {
     others: std::collections::BTreeMap<&'static str, LbSpec>,
     /// Maglev tables of the last validation, for streams that did not change.
     tables: Tables,
+    /// Changes are validated and kept but not written (see
+    /// [`LbService::hold_writes`]).
+    held: bool,
 }
 
 impl Sources {
@@ -335,6 +339,7 @@ impl LbService {
             .map_err(LbServiceError::from)
             .and_then(|v| self.prepare_local(&merged).map(|()| v));
         let (result, built) = match valid {
+            Ok(valid) if sources.held => (Ok(()), Some((valid, LbTables::default()))),
             Ok(valid) => {
                 let tables = lb_tables(&valid);
                 let result = self
@@ -356,6 +361,33 @@ impl LbService {
             previous
         };
         (result, Box::new((replaced, merged, built)))
+    }
+
+    /// Holds map writes: changes are validated and kept, and the maps are
+    /// written once, by [`Self::release_writes`]. A kept dataplane's start
+    /// holds them until the registry is restored: a first write with only
+    /// the admin/file part would sweep the registry's kept VIPs out of the
+    /// maps until the registry wrote them again.
+    pub async fn hold_writes(&self) {
+        self.spec.lock().await.held = true;
+    }
+
+    /// Writes what was held, every source's part at once.
+    pub async fn release_writes(&self) -> Result<(), LbServiceError> {
+        let mut sources = self.spec.lock().await;
+        if !sources.held {
+            return Ok(());
+        }
+        sources.held = false;
+        let merged = sources.merged(&sources.own);
+        let capacity = self.dataplane.lb_capacity();
+        sources.tables.set_capacity(capacity);
+        let valid = validate_with(&merged, &mut sources.tables)?;
+        self.dataplane
+            .apply_lb(&lb_tables(&valid), self.tunnel())
+            .await?;
+        self.nodes_changed.notify_one();
+        Ok(())
     }
 
     /// Changes the configuration with `edit`, then validates and applies the result.
@@ -399,10 +431,12 @@ impl LbService {
         let valid = validate_with(&merged, &mut sources.tables)?;
         checks::check_node(&merged, self.tunnel().address, &self.static_peers())?;
         self.prepare_local(&merged)?;
-        self.dataplane
-            .apply_lb(&lb_tables(&valid), self.tunnel())
-            .await?;
-        self.nodes_changed.notify_one();
+        if !sources.held {
+            self.dataplane
+                .apply_lb(&lb_tables(&valid), self.tunnel())
+                .await?;
+            self.nodes_changed.notify_one();
+        }
         self.store.lock().expect("store lock").save(&new);
         sources.own = new;
         Ok(())
@@ -791,6 +825,10 @@ impl Plugin for LbPlugin {
     }
 
     async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
+        if self.service.dataplane.kept().await {
+            // Released by the nsp plugin once its registry is restored.
+            self.service.hold_writes().await;
+        }
         let (mut initial, saved) = self.service.store.lock().expect("store lock").initial();
         let left_out = if saved {
             leave_out_gone_interfaces(&mut initial)
