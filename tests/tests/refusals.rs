@@ -109,14 +109,24 @@ fn an_uplink_with_another_xdp_program_is_refused_and_left_alone() {
         .args(own_paths())
         .output()
         .unwrap();
+    // Attached through a BPF link, which `ip` cannot detach: the message
+    // names the link.
+    let link = aya::programs::loaded_links()
+        .flatten()
+        .find(|l| l.program_id() == id)
+        .map(|l| l.id())
+        .expect("the first daemon's XDP link");
     assert_eq!(
         code_and_stderr(&out),
         (
             2,
             format!(
                 "tapmesh: dataplane.uplinks: {u} already has an XDP program (tm_xdp_uplink, id \
-                 {id}) this daemon did not leave there; detach it (ip link set dev {u} xdp off) \
-                 or choose another uplink\n",
+                 {id}) this daemon did not leave there; it is tapmesh's, of a daemon on another \
+                 bpffs root or a dataplane kept under another root or pin schema (the `tapmesh \
+                 cleanup --bpffs-root ROOT` of the version that left it removes that whole); \
+                 detach it (bpftool link detach id {link}; `ip link set dev {u} xdp off` \
+                 cannot, it is held by a BPF link), or choose another uplink\n",
                 u = lab.uplink
             )
         )

@@ -15,11 +15,13 @@ pub enum PreflightError {
     Capabilities(String),
     #[error("{root} is not on the host's bpffs: this process does not see the host's mounts ({why}); pins made here would vanish with it. Run it in the host's mount namespace (nsenter --net=/run/netns/NAME, or `tapmesh daemon --netns NAME`, not `ip netns exec`), or mount the host's /sys/fs/bpf into the container (hostPath, -v /sys/fs/bpf:/sys/fs/bpf); --private-bpffs mounts a private one anyway")]
     NotHostBpffs { root: String, why: &'static str },
-    #[error("dataplane.uplinks: {interface} already has an XDP program ({program}, id {id}) this daemon did not leave there; detach it (ip link set dev {interface} xdp off) or choose another uplink")]
+    #[error("dataplane.uplinks: {interface} already has an XDP program ({program}, id {id}) this daemon did not leave there; {how}, or choose another uplink")]
     XdpTaken {
         interface: String,
         program: String,
         id: u32,
+        /// How to detach it: a BPF link cannot be replaced through `ip`.
+        how: String,
     },
     #[error("{dir} is in use by another process (pid {pids}), a tapmesh daemon on the same pins: two daemons there would undo each other's maps, and one's stop would remove the other's pins; give this one its own dataplane.bpffs_root (--bpffs-root), or stop that one first")]
     PinsTaken { dir: String, pids: String },
@@ -177,13 +179,35 @@ pub fn uplinks_free(config: &Config) -> Result<(), PreflightError> {
             .find(|p| p.id() == id)
             .and_then(|p| p.name_as_str().map(str::to_string))
             .unwrap_or_else(|| "unnamed".into());
+        let how = detach_advice(interface, &program, id);
         return Err(PreflightError::XdpTaken {
             interface: interface.clone(),
             program,
             id,
+            how,
         });
     }
     Ok(())
+}
+
+/// How to detach XDP program `id` from `interface`: through its BPF link if
+/// it has one (`ip` cannot replace a link's program); a tapmesh program is
+/// a dataplane kept under another bpffs root or pin schema, which that
+/// version's `tapmesh cleanup` removes whole.
+fn detach_advice(interface: &str, program: &str, id: u32) -> String {
+    let link = aya::programs::loaded_links()
+        .flatten()
+        .find(|l| l.program_id() == id)
+        .map(|l| l.id());
+    let detach = match link {
+        Some(link) => format!("detach it (bpftool link detach id {link}; `ip link set dev {interface} xdp off` cannot, it is held by a BPF link)"),
+        None => format!("detach it (ip link set dev {interface} xdp off)"),
+    };
+    if program.starts_with("tm_") {
+        format!("it is tapmesh's, of a daemon on another bpffs root or a dataplane kept under another root or pin schema (the `tapmesh cleanup --bpffs-root ROOT` of the version that left it removes that whole); {detach}")
+    } else {
+        detach
+    }
 }
 
 /// The pin under `links` of the XDP link that runs program `id`, if any.
