@@ -71,7 +71,13 @@ pub fn run(overrides: &Overrides, netns: Option<&str>, private_bpffs: bool) -> E
     if let Err(e) = crate::net::neigh_table::keep() {
         tracing::warn!("the neighbour table is dumped for every resolution: {e}");
     }
-    runtime().block_on(serve(config))
+    let runtime = runtime();
+    let code = runtime.block_on(serve(config));
+    // Every plugin has stopped: a blocking call still running (a netlink
+    // read, a probe) is not waited for, or the exit would trail the stop by
+    // seconds, the window a rolling update runs without a daemon.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    code
 }
 
 /// Registers the plugins in start order; each gets the services it uses.
