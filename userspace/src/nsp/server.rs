@@ -34,10 +34,18 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
         .ok_or_else(|| {
             Status::permission_denied("cannot identify the caller (no peer credentials)")
         })?;
+    let pid = cred
+        .pid()
+        .ok_or_else(|| Status::permission_denied("the caller's pid is unknown"))?;
+    // The kernel says 0 for a peer outside the daemon's PID namespace.
+    if pid == 0 {
+        return Err(Status::permission_denied(
+            "cannot identify the caller: its process is not visible from the daemon's PID \
+             namespace; run the daemon in the host's (hostPID: true in the DaemonSet)",
+        ));
+    }
     Ok(Caller {
-        pid: cred
-            .pid()
-            .ok_or_else(|| Status::permission_denied("the caller's pid is unknown"))?,
+        pid,
         uid: cred.uid(),
     })
 }
