@@ -572,6 +572,46 @@ fn an_unreachable_daemon_is_named_with_the_cause() {
     );
 }
 
+/// `--timeout` bounds a call to a daemon that accepts and never answers (it
+/// was 60 s, fixed), and a zero or unreadable one is refused.
+#[test]
+fn the_call_timeout_is_the_callers() {
+    let path = std::env::temp_dir().join(tapmesh_tests::unique("tmmute"));
+    // Connections queue in the kernel; nothing ever answers them.
+    let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let started = std::time::Instant::now();
+    let out = Command::new(tapmesh_bin())
+        .args(["status", "--timeout", "1s", "--admin-socket"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let took = started.elapsed();
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        took < std::time::Duration::from_secs(5),
+        "took {took:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (value, why) in [
+        ("0s", "must be more than 0"),
+        ("soon", "e.g. 5s, 500ms, 2m"),
+    ] {
+        let out = Command::new(tapmesh_bin())
+            .args(["status", "--timeout", value])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{value}");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains(&format!(
+                "invalid value '{value}' for '--timeout <TIMEOUT>'"
+            )) && text.contains(why),
+            "{text}"
+        );
+    }
+}
+
 /// A file the daemon refuses exits 2 as one the CLI refuses, with one
 /// clear line (it exited 1, and named the interface twice: found by an
 /// independent tester).

@@ -15,7 +15,7 @@ use tokio::{net::UnixListener, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 use tonic::{transport::server::UdsConnectInfo, Request, Response, Status};
 
-pub use client::{connect, AdminClientError};
+pub use client::{connect, connect_within, AdminClientError, CALL_TIMEOUT};
 pub use lb::config as lb_config;
 
 use std::sync::Arc;

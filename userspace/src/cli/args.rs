@@ -41,8 +41,20 @@ pub struct Cli {
     /// Output of `status` and the `list` commands.
     #[arg(short, long, global = true, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// How long a call to the daemon's admin API may wait for its answer (e.g. 5s, 2m).
+    #[arg(long, global = true, env = "TAPMESH_TIMEOUT", default_value = "60s", value_parser = call_timeout)]
+    pub timeout: std::time::Duration,
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// A call timeout: a humantime duration above zero.
+fn call_timeout(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be more than 0".into()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e} (e.g. 5s, 500ms, 2m)")),
+    }
 }
 
 #[derive(Subcommand)]

@@ -20,6 +20,7 @@ pub use crate::daemon::{runtime, EXIT_CONFIG};
 /// Runs one parsed command line to its exit code.
 pub fn run(cli: Cli) -> ExitCode {
     let output = cli.output;
+    let _ = CALL_TIMEOUT.set(cli.timeout);
     match cli.command {
         Command::Daemon {
             overrides,
@@ -198,11 +199,15 @@ pub fn print_result(result: Result<String, tonic::Status>) -> ExitCode {
     }
 }
 
+/// `--timeout`, once the command line is parsed.
+static CALL_TIMEOUT: std::sync::OnceLock<std::time::Duration> = std::sync::OnceLock::new();
+
 /// The daemon's admin client, or the exit code after saying why it is unreachable.
 pub async fn admin_client(
     socket: &Path,
 ) -> Result<admin::proto::admin_client::AdminClient<tonic::transport::Channel>, ExitCode> {
-    admin::connect(socket).await.map_err(|e| {
+    let timeout = CALL_TIMEOUT.get().copied().unwrap_or(admin::CALL_TIMEOUT);
+    admin::connect_within(socket, timeout).await.map_err(|e| {
         eprintln!("tapmesh: {e}");
         ExitCode::FAILURE
     })
