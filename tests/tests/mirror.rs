@@ -747,15 +747,78 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
         .get(&key("tap_status", tf))
         .as_deref()
         == Some("up")));
+
+    // Plugged once more with other tap_info (OUT on slot 1 instead of IN on
+    // slot 0): the new one replaces it, and slot 0 is given back. Before, the
+    // "already exists" refusal deleted the working tap.
+    let flow_of = |lab: &Lab| {
+        lab.list()
+            .flows
+            .iter()
+            .map(|f| (f.id.clone(), f.direction.clone(), f.status.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        flow_of(&lab),
+        [(tf.to_string(), "IN".into(), "ACTIVE".into())]
+    );
+    etcd.put(&key("tap_status", tf), "");
+    etcd.put(&key("mirror", "1"), tf);
+    etcd.put(
+        &key("tap_info", tf),
+        &format!(r#"{{"service_port": "{service_port}", "source_port": "{source_port}", "mirror_in": null, "mirror_out": 1}}"#),
+    );
+    etcd.put(&key("tap_action", tf), "plug");
+    assert!(
+        wait_until(Duration::from_secs(10), || etcd
+            .get(&key("tap_status", tf))
+            .as_deref()
+            == Some("up")),
+        "tap_status: {:?}",
+        etcd.get(&key("tap_status", tf))
+    );
+    assert_eq!(
+        flow_of(&lab),
+        [(tf.to_string(), "OUT".into(), "ACTIVE".into())]
+    );
+    assert!(wait_until(Duration::from_secs(5), || etcd
+        .get(&key("mirror", "0"))
+        .as_deref()
+        == Some("None")));
+    assert_eq!(etcd.get(&key("mirror", "1")).as_deref(), Some(tf));
+
+    // A flow made through the admin API is not the agent's to take: a plug
+    // under its id is refused and the flow stays the operator's.
+    let mine = "bbbbbbbb-bbbb-cccc-dddd-eeeeeeeeeeee";
+    lab.flow(mine, service_port, "OUT", "").unwrap();
+    etcd.put(&key("mirror", "0"), mine);
+    etcd.put(
+        &key("tap_info", mine),
+        &format!(r#"{{"service_port": "{service_port}", "source_port": "{source_port}", "mirror_in": null, "mirror_out": 0}}"#),
+    );
+    etcd.put(&key("tap_action", mine), "plug");
+    assert!(
+        wait_until(Duration::from_secs(10), || etcd
+            .get(&key("tap_status", mine))
+            .is_some_and(|s| s.starts_with("error:"))),
+        "tap_status: {:?}",
+        etcd.get(&key("tap_status", mine))
+    );
+    assert_eq!(
+        etcd.get(&key("tap_status", mine)).unwrap(),
+        format!("error:tap flow {mine:?} exists and was made through the admin API, not by the networking-spp agent; delete it there, or plug under another id")
+    );
+    lab.call(async |c| c.delete_tap_flow(TapId { id: mine.into() }).await)
+        .expect("the operator's own flow is still the operator's to delete");
     lab.node.ip(&["link", "del", &lab.port.interface]);
     assert!(
         wait_until(Duration::from_secs(10), || etcd
             .get(&key("tap_info", tf))
             .is_none()
-            && etcd.get(&key("mirror", "0")).as_deref() == Some("None")),
+            && etcd.get(&key("mirror", "1")).as_deref() == Some("None")),
         "keys left: {:?} {:?}",
         etcd.get(&key("tap_info", tf)),
-        etcd.get(&key("mirror", "0"))
+        etcd.get(&key("mirror", "1"))
     );
     assert!(lab.list().flows.is_empty());
 }

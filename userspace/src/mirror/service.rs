@@ -591,6 +591,21 @@ impl MirrorService {
         }
         let mut state = self.state.lock().await;
         let id = spec.id.clone();
+        if by_agent {
+            if let Some(existing) = state.flows.get(&id) {
+                if !state.plugged.contains(&id) {
+                    return Err(MirrorError::Invalid(format!(
+                        "tap flow {id:?} exists and was made through the admin API, not by the \
+                         networking-spp agent; delete it there, or plug under another id"
+                    )));
+                }
+                // The agent plugs it again with other tap_info: the new one
+                // replaces it (what the kernel copies then matches tap_status).
+                if existing.spec != spec {
+                    self.remove_flow_in(&mut state, &id).await?;
+                }
+            }
+        }
         let created = self.create_flow_in(&mut state, spec).await;
         if created.is_ok() && by_agent {
             state.plugged.insert(id);

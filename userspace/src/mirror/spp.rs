@@ -633,7 +633,25 @@ impl Session<'_> {
             direction = direction.as_str(),
             "spp agent: plugged {record:?}"
         );
-        applied.insert(tf.to_string(), record);
+        // Plugged again with other tap_info: what the old one held and the
+        // new one does not is given back.
+        let replaced = applied.insert(tf.to_string(), record.clone());
+        if let Some(old) = replaced {
+            for id in old.mirrors.iter().filter(|m| !record.mirrors.contains(m)) {
+                let slot = self.key("mirror", &id.to_string());
+                if let Cas::Done = self.cas(&slot, tf, FREE_SLOT).await? {
+                    debug!(tap_flow = tf, "spp agent: freed mirror slot {id}");
+                }
+            }
+            if old.service != record.service {
+                if let Err(e) = self.drop_service_if_unused(applied, &old.service).await {
+                    warn!(
+                        tap_flow = tf,
+                        "spp agent: deleting tap service {}: {e}", old.service
+                    );
+                }
+            }
+        }
         self.put(&self.key("tap_status", tf), STATUS_UP).await?;
         Ok(())
     }
