@@ -839,6 +839,39 @@ fn af_xdp_ring_copies_keep_their_vlan_tags() {
     ring_copies_keep_vlan_tags(Lab::af_xdp());
 }
 
+/// An AF_XDP ring carries copies only: its veth pair has no IPv6, so the
+/// kernel's own router solicitations, MLD reports and DAD probes (the
+/// solicitations repeat 4 s apart) never reach the ring.
+/// Found by an independent tester in the pcap of a ring with no flow.
+#[test]
+fn an_af_xdp_ring_with_no_flow_receives_nothing() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::af_xdp();
+    // Test namespaces start without IPv6; a node has it.
+    for key in ["all", "default"] {
+        lab.node.exec(&[
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{key}.disable_ipv6=0"),
+        ]);
+    }
+    let dir = TempDir::new("tmpcap");
+    lab.ring_service("quiet", &dir.0.join("quiet.pcap"));
+    // Past the second router solicitation (4 s apart).
+    std::thread::sleep(Duration::from_secs(6));
+    let counters = lab.list().services[0]
+        .ring_counters
+        .clone()
+        .expect("a ring");
+    assert_eq!(counters.received, 0, "{counters:?}");
+    assert_eq!(
+        tshark_fields(&dir.0.join("quiet.pcap"), "frame.number"),
+        Vec::<String>::new()
+    );
+}
+
 fn ring_copies_keep_vlan_tags(lab: Lab) {
     let dir = TempDir::new("tmpcap");
     let pcap = dir.0.join("vlan.pcap");

@@ -20,3 +20,14 @@ pub fn set_ipv4_forwarding(on: bool) -> Result<(), NetError> {
         u8::from(on)
     )))
 }
+
+/// Turns IPv6 off on `interface` (`net.ipv6.conf.<interface>.disable_ipv6`),
+/// so the kernel sends nothing of its own there (router solicitations,
+/// MLD reports, DAD). A kernel without IPv6 has no such key: nothing to do.
+pub fn disable_ipv6(interface: &str) -> Result<(), NetError> {
+    let path = format!("/proc/sys/net/ipv6/conf/{interface}/disable_ipv6");
+    match std::fs::write(&path, "1\n") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other.map_err(NetError::kernel(format!("writing 1 to {path}"))),
+    }
+}

@@ -151,7 +151,9 @@ async fn configure(
 }
 
 /// A veth pair in the current namespace, both ends up (a mirror ring's
-/// interfaces). Returns their indices; on failure nothing is left.
+/// interfaces), without IPv6: the kernel's own packets (router
+/// solicitations, MLD, DAD) would reach the ring as copies. Returns their
+/// indices; on failure nothing is left.
 pub async fn create_local_pair(name: &str, peer: &str) -> Result<(u32, u32), NetError> {
     check_ifname(name)?;
     check_ifname(peer)?;
@@ -163,6 +165,8 @@ pub async fn create_local_pair(name: &str, peer: &str) -> Result<(u32, u32), Net
         .await
         .map_err(At::here(name).nl(format!("creating veth (peer {peer})")))?;
     let result = async {
+        super::sysctl::disable_ipv6(name)?;
+        super::sysctl::disable_ipv6(peer)?;
         link::set_up(&handle, At::here(name)).await?;
         link::set_up(&handle, At::here(peer)).await?;
         let a = link::find(None, At::here(name))?.index;
