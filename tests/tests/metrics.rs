@@ -214,6 +214,21 @@ fn readiness_and_the_attached_gauge_follow_what_the_kernel_runs() {
         status.contains(&format!("{up} tc-ingress (gone from the kernel")),
         "{status}"
     );
+    // The JSON form says so per attachment.
+    let json: serde_json::Value =
+        serde_json::from_str(&lab.daemon().cli(&["status", "-o", "json"])).expect("JSON");
+    let gone: Vec<(String, bool)> = json["attachments"]
+        .as_array()
+        .expect("attachments")
+        .iter()
+        .map(|a| {
+            (
+                a["hook"].as_str().unwrap_or_default().to_string(),
+                a["gone"] == true,
+            )
+        })
+        .collect();
+    assert_eq!(gone, [("xdp".into(), false), ("tc-ingress".into(), true)]);
 }
 
 #[test]

@@ -165,14 +165,15 @@ impl Admin for AdminService {
             .collect();
         let attachments = self
             .dataplane
-            .attachments()
+            .attachments_in_kernel(false)
             .await
             .into_iter()
-            .map(|a| proto::Attachment {
+            .map(|(a, there)| proto::Attachment {
                 interface: a.interface,
                 hook: a.hook.to_string(),
                 program: a.program.into(),
                 mode: a.mode,
+                gone: !there,
             })
             .collect();
         let programs = match self.dataplane.counters().await {
