@@ -21,7 +21,7 @@ pub fn status_of(e: LbServiceError) -> Status {
         | LbServiceError::RedirectTarget { .. }) => Status::failed_precondition(e.to_string()),
         e @ LbServiceError::File { .. } => Status::invalid_argument(e.to_string()),
         LbServiceError::Dataplane(crate::dataplane::DataplaneError::NotRunning) => {
-            Status::failed_precondition("the dataplane is not running")
+            Status::unavailable("the dataplane is not running")
         }
         // The caller named an interface this node does not have.
         LbServiceError::Dataplane(e @ crate::dataplane::DataplaneError::Interface { .. }) => {
@@ -168,4 +168,22 @@ pub fn counts(list: Vec<NamedCounter>) -> Vec<proto::Count> {
 
 pub fn counters(c: LbCounters) -> (Vec<proto::Count>, Vec<proto::Count>, Vec<proto::Count>) {
     (counts(c.vips), counts(c.flows), counts(c.targets))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dataplane::DataplaneError;
+
+    /// The CLI exits 2 for the caller's own mistakes (INVALID_ARGUMENT,
+    /// FAILED_PRECONDITION…); a daemon whose dataplane is down is not one.
+    #[test]
+    fn a_dataplane_that_is_not_running_is_unavailable_not_the_callers_mistake() {
+        let status = status_of(LbServiceError::Dataplane(DataplaneError::NotRunning));
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        let status = status_of(LbServiceError::Dataplane(DataplaneError::Overlap(
+            "x".into(),
+        )));
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+    }
 }
