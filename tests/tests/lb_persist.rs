@@ -109,6 +109,28 @@ fn admin_changes_survive_a_restart_until_the_file_changes() {
     );
     assert_eq!(lab.spread(DST), before, "the split before the link went");
 
+    // A link of that name whose peer has another MAC is another pod's: the
+    // target stays out, and the log says why.
+    let (target_if, target_ns) = (t.target_if.clone(), t.netns.name.clone());
+    lab.stop();
+    lab.node.ip(&["link", "del", &gone]);
+    lab.start_with(Some(&file), &state_arg);
+    assert_eq!(lab.list().config.expect("config"), without);
+    lab.node.ip(&[
+        "link", "add", &gone, "type", "veth", "peer", "name", &target_if, "netns", &target_ns,
+    ]);
+    lab.node.ip(&["link", "set", &gone, "up"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || lab
+            .daemon()
+            .log_text()
+            .contains("is back with another peer MAC")),
+        "{}",
+        lab.daemon().log_text()
+    );
+    assert_eq!(lab.list().config.expect("config"), without);
+    lab.node.ip(&["link", "del", &gone]);
+
     // An edited file wins over the saved changes.
     let mut edited = file.clone();
     edited.flows[0].protocols = vec!["udp".into(), "tcp".into()];

@@ -1158,9 +1158,6 @@ fn a_container_cannot_send_from_another_containers_address() {
     assert_eq!(after - before, 5, "each one dropped at node 1 and counted");
 }
 
-/// A container that is a local target of the load balancer answers from
-/// the VIP: its veth lets that source through (a VIP is no container's
-/// address), and the client gets every answer.
 /// A VIP holding a service IP or a remote node of the overlay is refused,
 /// and so is the overlay's address inside a VIP, whichever comes second;
 /// the refused change leaves the other as it was.
@@ -1251,6 +1248,9 @@ fn a_vip_and_the_overlays_addresses_are_kept_apart_whichever_comes_second() {
     assert_eq!(instances(&n1), Some(2));
 }
 
+/// A container that is a local target of the load balancer answers from
+/// the VIP: its veth lets that source through (a VIP is no container's
+/// address), and the client gets every answer.
 #[test]
 fn a_container_that_is_a_load_balancer_target_answers_from_the_vip() {
     if !kernel_tests_enabled() {

@@ -433,6 +433,10 @@ fn a_kept_restart_loses_no_datagram_to_a_registered_target() {
     });
     std::thread::sleep(Duration::from_secs(1));
     lab.restart_daemon_kept();
+    assert!(
+        !sender.is_finished(),
+        "the flow outlasts the restart, so the new daemon's first write is under traffic"
+    );
     assert_eq!(
         lab.daemon().status().attachments[0].mode,
         "native, kept link replaced"

@@ -140,6 +140,11 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// The LB it writes into.
+    pub fn lb(&self) -> &Arc<LbService> {
+        &self.lb
+    }
+
     pub fn new(lb: Arc<LbService>) -> Arc<Self> {
         let catalog = Arc::new(Self {
             lb,

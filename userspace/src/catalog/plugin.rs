@@ -72,6 +72,13 @@ impl Plugin for CatalogPlugin {
         }
         // Before the client: its first update comes after them.
         self.catalog.write_restored().await;
+        // The LB's first write on a kept dataplane waited for every source
+        // to restore its part; the catalog is the last.
+        self.catalog
+            .lb()
+            .release_writes()
+            .await
+            .map_err(|e| PluginError::new(format!("the first LB write: {e}")))?;
         if !x.server.is_empty() {
             let settings = XdsSettings {
                 server: x.server.clone(),

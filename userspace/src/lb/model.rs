@@ -504,7 +504,7 @@ fn check_interface(name: &str) -> Result<(), &'static str> {
 }
 
 /// Parses "aa:bb:cc:dd:ee:ff" (either case); rejects zero and multicast.
-fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
+pub(crate) fn parse_mac(s: &str) -> Result<[u8; 6], &'static str> {
     let mut mac = [0u8; 6];
     // The usual form, "aa:bb:cc:dd:ee:ff", without splitting (10 000 targets
     // are checked at every change); anything else takes the long way, which

@@ -208,6 +208,9 @@ pub struct LbService {
     /// container's link comes back after this plugin starts): put back
     /// when their interface appears.
     left_out: std::sync::Mutex<Vec<TargetSpec>>,
+    /// The admin/file part in force came from the saved state (a held first
+    /// write that fails sets it aside, as the start does).
+    own_saved: std::sync::atomic::AtomicBool,
 }
 
 impl LbService {
@@ -221,6 +224,7 @@ impl LbService {
             prepared: std::sync::Mutex::default(),
             static_peers: std::sync::Mutex::default(),
             left_out: std::sync::Mutex::default(),
+            own_saved: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -240,6 +244,20 @@ impl LbService {
             back
         };
         for target in back {
+            let (id, stream) = (target.identifier, target.stream.clone());
+            // A link of that name with another peer is another pod's.
+            if let super::model::TargetVia::Local { interface, mac } = &target.via {
+                let saved = super::model::parse_mac(mac).ok();
+                let now = crate::net::peer::peer_mac(interface);
+                if now.is_some() && now != saved {
+                    tracing::warn!(
+                        "target {id} of stream {stream:?}: {interface:?} is back with another peer MAC ({}); not put back, set the target again",
+                        now.map(crate::net::mac_text).unwrap_or_default()
+                    );
+                    continue;
+                }
+            }
+            let mut pushed = false;
             let put = self
                 .update(|s| {
                     let stream_here = s.streams.iter().any(|x| x.name == target.stream);
@@ -249,21 +267,25 @@ impl LbService {
                         .any(|x| x.stream == target.stream && x.identifier == target.identifier);
                     if stream_here && !taken {
                         s.targets.push(target.clone());
+                        pushed = true;
                     }
                     Ok(())
                 })
                 .await;
             match put {
+                Ok(()) if pushed => tracing::info!(
+                    "target {id} of stream {stream:?}: its interface is back; put back"
+                ),
                 Ok(()) => tracing::info!(
-                    "target {} of stream {:?}: its interface is back; put back",
-                    target.identifier,
-                    target.stream
+                    "target {id} of stream {stream:?}: its interface is back, but its stream is gone or its identifier taken; left out"
                 ),
-                Err(e) => tracing::warn!(
-                    "target {} of stream {:?}: its interface is back but the target is refused: {e}",
-                    target.identifier,
-                    target.stream
-                ),
+                // The link may still be being set up: tried again at its next change.
+                Err(e) => {
+                    tracing::warn!(
+                        "target {id} of stream {stream:?}: its interface is back but the target is refused: {e}"
+                    );
+                    self.left_out.lock().expect("left-out lock").push(target);
+                }
             }
         }
     }
@@ -365,24 +387,62 @@ impl LbService {
 
     /// Holds map writes: changes are validated and kept, and the maps are
     /// written once, by [`Self::release_writes`]. A kept dataplane's start
-    /// holds them until the registry is restored: a first write with only
-    /// the admin/file part would sweep the registry's kept VIPs out of the
-    /// maps until the registry wrote them again.
+    /// holds them until every source restored its part (the registry, the
+    /// catalog's EDS endpoints): a first write with only the admin/file part
+    /// would sweep their kept VIPs out of the maps until they wrote again.
     pub async fn hold_writes(&self) {
         self.spec.lock().await.held = true;
     }
 
-    /// Writes what was held, every source's part at once.
+    /// Writes what was held, every source's part at once. If that fails,
+    /// it goes as without the hold: the admin/file part first (a saved part
+    /// that no longer applies is set aside for the file's), then the rest.
     pub async fn release_writes(&self) -> Result<(), LbServiceError> {
         let mut sources = self.spec.lock().await;
         if !sources.held {
             return Ok(());
         }
         sources.held = false;
+        let Err(e) = self.write_sources(&mut sources).await else {
+            return Ok(());
+        };
+        tracing::warn!(
+            "the first LB write of every source failed ({e}); the admin/file part goes first"
+        );
+        let others = std::mem::take(&mut sources.others);
+        if let Err(e) = self.write_sources(&mut sources).await {
+            let (aside, file) = {
+                let store = self.store.lock().expect("store lock");
+                let saved = self.own_saved.load(std::sync::atomic::Ordering::Relaxed);
+                (saved.then(|| store.set_aside()), store.file())
+            };
+            let Some(aside) = aside else {
+                sources.others = others;
+                return Err(e);
+            };
+            let kept = aside.map_or(String::new(), |p| format!(" (kept as {})", p.display()));
+            tracing::warn!(
+                "the saved LB configuration no longer applies ({e}); applying the file's{kept}"
+            );
+            sources.own = file;
+            if let Err(e) = self.write_sources(&mut sources).await {
+                sources.others = others;
+                return Err(e);
+            }
+            self.store.lock().expect("store lock").save(&sources.own);
+        }
+        sources.others = others;
+        self.write_sources(&mut sources).await
+    }
+
+    /// Validates every source's part as it stands and writes the maps.
+    async fn write_sources(&self, sources: &mut Sources) -> Result<(), LbServiceError> {
         let merged = sources.merged(&sources.own);
         let capacity = self.dataplane.lb_capacity();
         sources.tables.set_capacity(capacity);
         let valid = validate_with(&merged, &mut sources.tables)?;
+        checks::check_node(&merged, self.tunnel().address, &self.static_peers())?;
+        self.prepare_local(&merged)?;
         self.dataplane
             .apply_lb(&lb_tables(&valid), self.tunnel())
             .await?;
@@ -826,7 +886,8 @@ impl Plugin for LbPlugin {
 
     async fn start(&self, scope: CancellationToken) -> Result<(), PluginError> {
         if self.service.dataplane.kept().await {
-            // Released by the nsp plugin once its registry is restored.
+            // Released by the catalog plugin, the last source to restore its
+            // part (after the registry and the cluster).
             self.service.hold_writes().await;
         }
         let (mut initial, saved) = self.service.store.lock().expect("store lock").initial();
@@ -860,6 +921,9 @@ impl Plugin for LbPlugin {
             }
             Ok(()) => {
                 *self.service.left_out.lock().expect("left-out lock") = left_out;
+                self.service
+                    .own_saved
+                    .store(saved, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
             other => other,

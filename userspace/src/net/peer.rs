@@ -134,6 +134,23 @@ pub fn local_peer(ifname: &str) -> Option<String> {
     }
 }
 
+/// The MAC of veth `ifname`'s peer, wherever it is; None when `ifname` is
+/// not a veth or its peer's namespace is not in sight.
+pub fn peer_mac(ifname: &str) -> Option<[u8; 6]> {
+    let link = super::link::by_name(ifname).ok()?;
+    let facts = facts(link.index).ok()?;
+    let (true, Some(peer_index)) = (facts.veth, facts.peer_index) else {
+        return None;
+    };
+    let netns = match facts.peer_nsid {
+        None => File::open("/proc/thread-self/ns/net").ok()?,
+        Some(nsid) => namespace_of(nsid)?,
+    };
+    super::netns::run_in(&netns, || super::link::by_index(peer_index).ok()?.address)
+        .ok()
+        .flatten()
+}
+
 /// The peer of veth `ifname` (current namespace) when it cannot receive
 /// what a native XDP program sends out of `ifname` (XDP_TX, a redirect):
 /// neither a native XDP program nor GRO there, so no NAPI. None when

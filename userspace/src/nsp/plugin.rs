@@ -146,11 +146,6 @@ impl Plugin for NspPlugin {
         nsp.start(config)
             .await
             .map_err(|e| PluginError::new(e.to_string()))?;
-        // The LB's first write on a kept dataplane waited for the registry.
-        self.lb
-            .release_writes()
-            .await
-            .map_err(|e| PluginError::new(format!("the first LB write: {e}")))?;
         if let Some(path) = &settings.config_file {
             let detail = format!("applied {}", path.display());
             crate::health::planes().update(PLANE, |h| {
