@@ -761,6 +761,25 @@ pub fn check_bindings(clusters: &[ClusterBinding]) -> Result<(), String> {
             _ => return Err(bad("set exactly one of vip and service_ip".into())),
         }
     }
+    // A service IP inside a VIP: the uplink would balance what the overlay
+    // translates (the dataplane refuses the feed after the LB part is written).
+    for c in clusters.iter().filter(|c| !c.service_ip.is_empty()) {
+        let Ok(ip) = c.service_ip.parse::<std::net::Ipv4Addr>() else {
+            continue;
+        };
+        let mapped = std::net::IpAddr::V6(ip.to_ipv6_mapped());
+        let holder = vips.iter().find(|v| {
+            crate::lb::flows::Vip::parse(v).is_ok_and(|p| !p.v6 && p.prefix.contains(mapped))
+        });
+        if let Some(v) = holder {
+            return Err(format!(
+                "xds.clusters: cluster {:?}: service_ip {ip} lies inside vip {} of cluster {:?}",
+                c.name,
+                v.address,
+                v.name.trim_start_matches("eds.")
+            ));
+        }
+    }
     // One address, one VIP: two clusters on one address never get written.
     let spec = crate::lb::model::LbSpec {
         vips,
@@ -1032,6 +1051,14 @@ mod tests {
             (
                 format!("{one}{}", one.replace("\"a\"", "\"c\"")),
                 "VIPs \"eds.a\" and \"eds.c\" both have the address 203.0.113.1",
+            ),
+            (
+                format!(
+                    "{}{}",
+                    one.replace("203.0.113.1", "203.0.113.0/24"),
+                    service.replace("10.30.0.1", "203.0.113.9")
+                ),
+                "cluster \"b\": service_ip 203.0.113.9 lies inside vip 203.0.113.0/24 of cluster \"a\"",
             ),
         ] {
             let e = check(&clusters).unwrap_err();
