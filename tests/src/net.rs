@@ -66,6 +66,23 @@ pub fn run_in<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'st
     }
 }
 
+/// Sends `packets` UDP datagrams from `CLIENT` in `netns` to `to`, one every
+/// `gap` on a fixed schedule (each carries its sequence number), on a thread
+/// of its own: a steady flow for loss across a restart.
+pub fn steady_udp(netns: &str, to: SocketAddrV4, packets: u32, gap: Duration) -> JoinHandle<()> {
+    spawn_in(netns, move || {
+        let socket = UdpSocket::bind(SocketAddrV4::new(CLIENT, 0)).expect("bind");
+        let start = Instant::now();
+        for i in 0..packets {
+            let due = start + gap * i;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            socket.send_to(&i.to_be_bytes(), to).expect("send");
+        }
+    })
+}
+
 /// Polls `done` every 10 ms until it holds or `timeout` passes; returns whether it held.
 pub fn wait_until(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

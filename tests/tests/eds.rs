@@ -177,19 +177,12 @@ fn a_restart_without_the_server_keeps_the_last_endpoints() {
         .iter()
         .map(|t| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(VIP, 7000)))
         .collect();
-    let sender = tapmesh_tests::net::spawn_in(&lab.client.name, || {
-        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(CLIENT, 0)).expect("bind");
-        let start = std::time::Instant::now();
-        for i in 0..PACKETS {
-            let due = start + Duration::from_micros(500) * i;
-            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            socket
-                .send_to(&i.to_be_bytes(), SocketAddrV4::new(VIP, 7000))
-                .expect("send");
-        }
-    });
+    let sender = tapmesh_tests::net::steady_udp(
+        &lab.client.name,
+        SocketAddrV4::new(VIP, 7000),
+        PACKETS,
+        Duration::from_micros(500),
+    );
     std::thread::sleep(Duration::from_secs(1));
     let root = lab.stop_keeping_pins();
     cp.kill();

@@ -3,14 +3,14 @@
 //! SIGKILL leaves forwarding running and the next start adopts the link.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
-    time::{Duration, Instant},
+    net::{Ipv4Addr, SocketAddrV4},
+    time::Duration,
 };
 
 use tapmesh::lb::model::LbSpec;
 use tapmesh_tests::{
     kernel_tests_enabled,
-    net::{flow, spawn_in, stream, vip, LbLab, UdpReceiver, CLIENT},
+    net::{flow, steady_udp, stream, vip, LbLab, UdpReceiver},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -33,19 +33,7 @@ fn a_killed_daemon_with_keep_dataplane_loses_no_packet_and_the_next_start_adopts
     };
     lab.start_with(Some(&spec), &["--keep-dataplane".into()]);
     let receiver = UdpReceiver::start(&lab.targets[0].netns.name, SocketAddrV4::new(VIP, PORT));
-    let sender = spawn_in(&lab.client.name, || {
-        let socket = UdpSocket::bind(SocketAddrV4::new(CLIENT, 0)).expect("bind");
-        let start = Instant::now();
-        for i in 0..PACKETS {
-            let due = start + GAP * i;
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            socket
-                .send_to(&i.to_be_bytes(), SocketAddrV4::new(VIP, PORT))
-                .expect("send");
-        }
-    });
+    let sender = steady_udp(&lab.client.name, SocketAddrV4::new(VIP, PORT), PACKETS, GAP);
     // Mid-way (5 of 10 s): SIGKILL, and at once a new daemon on the same pins.
     std::thread::sleep(Duration::from_secs(5));
     let before_kill = receiver.count();

@@ -395,6 +395,43 @@ fn re_registration_after_expiry_keeps_the_identifier_and_a_restart_keeps_the_reg
     assert!(wait_until(Duration::from_secs(5), || rx.count() == sent));
 }
 
+/// A stream closed while the daemon is away is unregistered once it is
+/// back. Before, the close was acknowledged, its unregister failed, and the
+/// registry restored the entry from its state: it took traffic until it
+/// expired (60 s here), found by an operator tester in a rolling update.
+#[test]
+fn a_close_while_the_daemon_is_away_unregisters_once_it_is_back() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(1, "60s");
+    let (_a, mut tap) = lab.open_stream_a(0, "30s");
+    let b = stream("stream-b", "conduit-a", "trench-a");
+    tap.open(b.clone()).unwrap();
+    assert!(tap.wait_status("stream-b", S::Open, OPEN_WITHIN));
+    assert_eq!(
+        lab.registered("stream-b").len(),
+        1,
+        "{}",
+        lab.registry_list()
+    );
+    lab.stop_daemon();
+    tap.close(b).unwrap();
+    lab.start_daemon();
+    assert!(
+        wait_until(Duration::from_secs(10), || lab
+            .registered("stream-b")
+            .is_empty()),
+        "{}",
+        lab.registry_list()
+    );
+    assert_eq!(
+        lab.registered("stream-a").len(),
+        1,
+        "the other stream stays"
+    );
+}
+
 /// A rolling update on a kept dataplane loses no datagram to a registered
 /// target: the new daemon's first LB write holds the registry's part with
 /// the admin/file one. Before, that write swept the stream's VIP out of the
@@ -418,19 +455,12 @@ fn a_kept_restart_loses_no_datagram_to_a_registered_target() {
         "{}",
         diagnose(&lab)
     );
-    let sender = tapmesh_tests::net::spawn_in(&lab.client.name, || {
-        let socket = std::net::UdpSocket::bind(SocketAddrV4::new(CLIENT, 0)).expect("bind");
-        let start = std::time::Instant::now();
-        for i in 0..PACKETS {
-            let due = start + GAP * i;
-            if let Some(wait) = due.checked_duration_since(std::time::Instant::now()) {
-                std::thread::sleep(wait);
-            }
-            socket
-                .send_to(&i.to_be_bytes(), SocketAddrV4::new(VIP_A, 5000))
-                .expect("send");
-        }
-    });
+    let sender = tapmesh_tests::net::steady_udp(
+        &lab.client.name,
+        SocketAddrV4::new(VIP_A, 5000),
+        PACKETS,
+        GAP,
+    );
     std::thread::sleep(Duration::from_secs(1));
     lab.restart_daemon_kept();
     assert!(

@@ -63,13 +63,20 @@ impl Registration {
         Ok(())
     }
 
-    pub async fn unregister(&mut self) {
+    /// Unregisters; false when the registry could not be reached (no
+    /// answer, or the daemon's socket gone), so the entry may still be there.
+    pub async fn unregister(&mut self) -> bool {
         if self.identifier.is_none() {
-            return;
+            return true;
         }
         let target = self.target(pb::target::Status::Disabled);
-        let _ = tokio::time::timeout(self.timeout, self.client.unregister(target)).await;
+        let answer = tokio::time::timeout(self.timeout, self.client.unregister(target)).await;
         self.enabled = false;
+        match answer {
+            Ok(Ok(_)) => true,
+            Ok(Err(status)) => status.code() != tonic::Code::Unavailable,
+            Err(_) => false,
+        }
     }
 
     /// The stream's targets: (ips, identifier, status) from the first Watch answer.
@@ -176,7 +183,32 @@ pub fn first_state(view: &ConduitView, stream: &str) -> StreamState {
     }
 }
 
+/// A closed stream's registration whose unregister did not reach the
+/// registry (the daemon restarting): its entry would take traffic until it
+/// expired, the registry having restored it.
+pub struct Leftover(Registration);
+
+impl Leftover {
+    /// Unregisters again every second until the registry answers, `cancel`
+    /// (the stream opened again), or `give_up` (the entry has expired by then).
+    pub async fn retry(mut self, give_up: Duration, cancel: CancellationToken) {
+        let until = Instant::now() + give_up;
+        while Instant::now() < until {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(RETRY) => {}
+            }
+            if self.0.unregister().await {
+                tracing::info!(stream = %self.0.key, "unregistered after the close");
+                return;
+            }
+        }
+    }
+}
+
 /// Runs one stream until `cancel`; reports its state through `report`.
+/// Returns the registration when its last unregister did not reach the
+/// registry.
 pub async fn run(
     channel: tonic::transport::Channel,
     key: StreamKey,
@@ -185,7 +217,7 @@ pub async fn run(
     mut view: watch::Receiver<ConduitView>,
     report: impl Fn(StreamState),
     cancel: CancellationToken,
-) {
+) -> Option<Leftover> {
     let mut reg = Registration {
         client: TargetRegistryClient::new(channel),
         key: key.clone(),
@@ -271,5 +303,9 @@ pub async fn run(
             _ = tokio::time::sleep_until(next.max(Instant::now() + Duration::from_millis(1))) => {}
         }
     }
-    reg.unregister().await;
+    if reg.unregister().await {
+        None
+    } else {
+        Some(Leftover(reg))
+    }
 }

@@ -99,7 +99,7 @@ impl StreamState {
 
 struct OpenStream {
     cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Option<super::stream::Leftover>>,
 }
 
 #[derive(Default)]
@@ -107,6 +107,9 @@ struct State {
     trench: Option<String>,
     conduits: BTreeMap<String, Conduit>,
     streams: BTreeMap<StreamKey, OpenStream>,
+    /// Closed streams whose unregister is being tried again; an Open of
+    /// the same stream stops it (it registers afresh).
+    leftovers: BTreeMap<StreamKey, CancellationToken>,
 }
 
 #[derive(Clone)]
@@ -154,6 +157,9 @@ impl Tap {
         if state.streams.contains_key(&key) {
             return Ok(());
         }
+        if let Some(retrying) = state.leftovers.remove(&key) {
+            retrying.cancel();
+        }
         let view = state
             .conduits
             .entry(key.conduit.clone())
@@ -199,7 +205,16 @@ impl Tap {
         // them means a later Open cannot race their last unregister.
         if let Some(s) = state.streams.remove(&key) {
             s.cancel.cancel();
-            let _ = s.task.await;
+            if let Ok(Some(left)) = s.task.await {
+                tracing::warn!(stream = %key, "close: the registry could not be reached; unregistering again every second");
+                let retrying = CancellationToken::new();
+                // Past two entry timeouts the daemon has dropped the entry itself.
+                let give_up = self.settings.entry_timeout * 2 + std::time::Duration::from_secs(10);
+                tokio::spawn(left.retry(give_up, retrying.clone()));
+                if let Some(older) = state.leftovers.insert(key.clone(), retrying) {
+                    older.cancel();
+                }
+            }
         }
         self.statuses
             .send_if_modified(|all| all.remove(&key).is_some());

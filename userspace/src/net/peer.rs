@@ -137,6 +137,15 @@ pub fn local_peer(ifname: &str) -> Option<String> {
 /// The MAC of veth `ifname`'s peer, wherever it is; None when `ifname` is
 /// not a veth or its peer's namespace is not in sight.
 pub fn peer_mac(ifname: &str) -> Option<[u8; 6]> {
+    let (netns, peer_index) = peer_in_sight(ifname)?;
+    super::netns::run_in(&netns, || super::link::by_index(peer_index).ok()?.address)
+        .ok()
+        .flatten()
+}
+
+/// The namespace and index of veth `ifname`'s peer; None when `ifname` is
+/// not a veth or its peer's namespace is not in sight.
+fn peer_in_sight(ifname: &str) -> Option<(File, u32)> {
     let link = super::link::by_name(ifname).ok()?;
     let facts = facts(link.index).ok()?;
     let (true, Some(peer_index)) = (facts.veth, facts.peer_index) else {
@@ -146,9 +155,7 @@ pub fn peer_mac(ifname: &str) -> Option<[u8; 6]> {
         None => File::open("/proc/thread-self/ns/net").ok()?,
         Some(nsid) => namespace_of(nsid)?,
     };
-    super::netns::run_in(&netns, || super::link::by_index(peer_index).ok()?.address)
-        .ok()
-        .flatten()
+    Some((netns, peer_index))
 }
 
 /// The peer of veth `ifname` (current namespace) when it cannot receive
@@ -156,15 +163,7 @@ pub fn peer_mac(ifname: &str) -> Option<[u8; 6]> {
 /// neither a native XDP program nor GRO there, so no NAPI. None when
 /// `ifname` is not a veth, its peer can, or its namespace is not in sight.
 pub fn unready_peer(ifname: &str) -> Option<String> {
-    let link = super::link::by_name(ifname).ok()?;
-    let facts = facts(link.index).ok()?;
-    let (true, Some(peer_index)) = (facts.veth, facts.peer_index) else {
-        return None;
-    };
-    let netns = match facts.peer_nsid {
-        None => File::open("/proc/thread-self/ns/net").ok()?,
-        Some(nsid) => namespace_of(nsid)?,
-    };
+    let (netns, peer_index) = peer_in_sight(ifname)?;
     let (peer, gro) = super::netns::run_in(&netns, || {
         let peer = super::link::by_index(peer_index).ok()?;
         let gro = ethtool::gro_on(&peer.name).ok()?;
