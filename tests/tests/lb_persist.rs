@@ -131,7 +131,14 @@ fn admin_changes_survive_a_restart_until_the_file_changes() {
     assert_eq!(lab.list().config.expect("config"), without);
     lab.node.ip(&["link", "del", &gone]);
 
-    // An edited file wins over the saved changes.
+    // An edited file wins over the saved changes, which are kept aside
+    // (an operator tester lost them in a rolling update with an edited
+    // ConfigMap, told only at INFO).
+    let mut flow = file.flows[0].clone();
+    flow.name = "admin".into();
+    flow.protocols = vec!["tcp".into()];
+    lab.set_flow(&flow).unwrap();
+    let saved = std::fs::read(state.0.join("lb-state.json")).unwrap();
     let mut edited = file.clone();
     edited.flows[0].protocols = vec!["udp".into(), "tcp".into()];
     lab.stop();
@@ -139,4 +146,11 @@ fn admin_changes_survive_a_restart_until_the_file_changes() {
     let config = lab.list().config.expect("config");
     assert_eq!(config, tapmesh::admin::lb_config(edited));
     assert_eq!(lab.spread(DST), vec![200, 0]);
+    let aside = std::fs::read(state.0.join("lb-state.refused.json")).unwrap();
+    assert_eq!(aside, saved, "the admin API's changes, kept");
+    assert!(lab.daemon().log_text().contains(&format!(
+        "WARN tapmesh::lb::persist: the LB file changed since {} was written: its content replaces the admin API's changes (kept as {})",
+        state.0.join("lb-state.json").display(),
+        state.0.join("lb-state.refused.json").display()
+    )));
 }

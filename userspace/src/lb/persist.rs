@@ -55,9 +55,16 @@ impl Store {
         };
         if saved.file == self.file {
             (saved.spec, true)
+        } else if saved.spec == saved.file.clone().unwrap_or_default() {
+            // No admin change was made on top of the old file: nothing is lost.
+            (file, false)
         } else {
-            tracing::info!(
-                "the LB file changed since {} was written: its content replaces the admin API's changes",
+            // The admin API's changes go with the old file: kept for the operator.
+            let kept = self
+                .copy_aside()
+                .map_or(String::new(), |p| format!(" (kept as {})", p.display()));
+            tracing::warn!(
+                "the LB file changed since {} was written: its content replaces the admin API's changes{kept}",
                 path.display()
             );
             (file, false)
