@@ -280,12 +280,18 @@ impl LbService {
                     "target {id} of stream {stream:?}: its interface is back, but its stream is gone or its identifier taken; left out"
                 ),
                 // The link may still be being set up: tried again at its next change.
-                Err(e) => {
+                Err(
+                    e @ (LbServiceError::RedirectTarget { .. }
+                    | LbServiceError::Dataplane(DataplaneError::Interface { .. })),
+                ) => {
                     tracing::warn!(
-                        "target {id} of stream {stream:?}: its interface is back but the target is refused: {e}"
+                        "target {id} of stream {stream:?}: its interface is back but not usable yet: {e}"
                     );
                     self.left_out.lock().expect("left-out lock").push(target);
                 }
+                Err(e) => tracing::warn!(
+                    "target {id} of stream {stream:?}: its interface is back but the target is refused: {e}; set it again"
+                ),
             }
         }
     }
@@ -396,7 +402,10 @@ impl LbService {
 
     /// Writes what was held, every source's part at once. If that fails,
     /// it goes as without the hold: the admin/file part first (a saved part
-    /// that no longer applies is set aside for the file's), then the rest.
+    /// that no longer applies is set aside for the file's), then each other
+    /// source's part; one that cannot be written is left out and logged, as
+    /// the sources drop what they restored when it does not apply (they
+    /// write again with their next change).
     pub async fn release_writes(&self) -> Result<(), LbServiceError> {
         let mut sources = self.spec.lock().await;
         if !sources.held {
@@ -404,6 +413,7 @@ impl LbService {
         }
         sources.held = false;
         let Err(e) = self.write_sources(&mut sources).await else {
+            self.store.lock().expect("store lock").save(&sources.own);
             return Ok(());
         };
         tracing::warn!(
@@ -411,28 +421,40 @@ impl LbService {
         );
         let others = std::mem::take(&mut sources.others);
         if let Err(e) = self.write_sources(&mut sources).await {
-            let (aside, file) = {
-                let store = self.store.lock().expect("store lock");
-                let saved = self.own_saved.load(std::sync::atomic::Ordering::Relaxed);
-                (saved.then(|| store.set_aside()), store.file())
-            };
-            let Some(aside) = aside else {
+            let saved = self
+                .own_saved
+                .swap(false, std::sync::atomic::Ordering::Relaxed);
+            if !saved {
                 sources.others = others;
                 return Err(e);
+            }
+            let (aside, file) = {
+                let store = self.store.lock().expect("store lock");
+                (store.set_aside(), store.file())
             };
             let kept = aside.map_or(String::new(), |p| format!(" (kept as {})", p.display()));
             tracing::warn!(
                 "the saved LB configuration no longer applies ({e}); applying the file's{kept}"
             );
             sources.own = file;
+            self.left_out.lock().expect("left-out lock").clear();
             if let Err(e) = self.write_sources(&mut sources).await {
                 sources.others = others;
                 return Err(e);
             }
-            self.store.lock().expect("store lock").save(&sources.own);
         }
-        sources.others = others;
-        self.write_sources(&mut sources).await
+        self.store.lock().expect("store lock").save(&sources.own);
+        for (source, part) in others {
+            sources.others.insert(source, part);
+            if let Err(e) = self.write_sources(&mut sources).await {
+                tracing::error!(
+                    "the {} part kept from before the restart is not written: {e}",
+                    checks::source_label(source)
+                );
+                sources.others.remove(source);
+            }
+        }
+        Ok(())
     }
 
     /// Validates every source's part as it stands and writes the maps.
@@ -491,13 +513,15 @@ impl LbService {
         let valid = validate_with(&merged, &mut sources.tables)?;
         checks::check_node(&merged, self.tunnel().address, &self.static_peers())?;
         self.prepare_local(&merged)?;
+        // Held: saved once written (the saved file stays whole meanwhile,
+        // for a fallback to set aside).
         if !sources.held {
             self.dataplane
                 .apply_lb(&lb_tables(&valid), self.tunnel())
                 .await?;
             self.nodes_changed.notify_one();
+            self.store.lock().expect("store lock").save(&new);
         }
-        self.store.lock().expect("store lock").save(&new);
         sources.own = new;
         Ok(())
     }
