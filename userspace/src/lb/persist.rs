@@ -28,6 +28,24 @@ pub struct Store {
     file: Option<LbSpec>,
 }
 
+/// Whether `spec` holds something `file` does not (what the admin API
+/// added or changed), in any order. Only removals (a target left out at a
+/// start, say) lose nothing the file does not give back.
+fn adds_to(spec: &LbSpec, file: Option<&LbSpec>) -> bool {
+    fn texts<T: Serialize>(items: &[T]) -> std::collections::BTreeSet<String> {
+        items
+            .iter()
+            .filter_map(|i| serde_json::to_string(i).ok())
+            .collect()
+    }
+    let empty = LbSpec::default();
+    let file = file.unwrap_or(&empty);
+    !texts(&spec.vips).is_subset(&texts(&file.vips))
+        || !texts(&spec.streams).is_subset(&texts(&file.streams))
+        || !texts(&spec.flows).is_subset(&texts(&file.flows))
+        || !texts(&spec.targets).is_subset(&texts(&file.targets))
+}
+
 impl Store {
     pub fn new(state_dir: &Path, file: Option<LbSpec>) -> Self {
         Self {
@@ -55,7 +73,7 @@ impl Store {
         };
         if saved.file == self.file {
             (saved.spec, true)
-        } else if saved.spec == saved.file.clone().unwrap_or_default() {
+        } else if !adds_to(&saved.spec, saved.file.as_ref()) {
             // No admin change was made on top of the old file: nothing is lost.
             (file, false)
         } else {
@@ -123,6 +141,29 @@ impl Store {
 mod tests {
     use super::*;
     use crate::lb::flows::VipSpec;
+
+    #[test]
+    fn only_what_the_file_lacks_counts_as_an_admin_change() {
+        let mut two = spec("203.0.113.1");
+        two.vips.push(VipSpec {
+            name: "w".into(),
+            address: "203.0.113.2".into(),
+        });
+        let mut reordered = two.clone();
+        reordered.vips.reverse();
+        assert!(!adds_to(&reordered, Some(&two)), "order is no change");
+        assert!(
+            !adds_to(&spec("203.0.113.1"), Some(&two)),
+            "a removal loses nothing"
+        );
+        assert!(adds_to(&two, Some(&spec("203.0.113.1"))), "an addition");
+        assert!(
+            adds_to(&spec("203.0.113.9"), Some(&spec("203.0.113.1"))),
+            "a change"
+        );
+        assert!(adds_to(&two, None));
+        assert!(!adds_to(&LbSpec::default(), None));
+    }
 
     fn spec(address: &str) -> LbSpec {
         LbSpec {
