@@ -72,9 +72,15 @@ impl Registration {
         let target = self.target(pb::target::Status::Disabled);
         let answer = tokio::time::timeout(self.timeout, self.client.unregister(target)).await;
         self.enabled = false;
+        // Only an answer that says the entry is gone or can never be
+        // removed this way ends it; a call cut short (the daemon stopping
+        // mid-call reads Unknown) or a failed commit may leave it there.
+        use tonic::Code::{InvalidArgument, NotFound, PermissionDenied};
         match answer {
             Ok(Ok(_)) => true,
-            Ok(Err(status)) => status.code() != tonic::Code::Unavailable,
+            Ok(Err(status)) => {
+                matches!(status.code(), NotFound | InvalidArgument | PermissionDenied)
+            }
             Err(_) => false,
         }
     }
@@ -189,11 +195,11 @@ pub fn first_state(view: &ConduitView, stream: &str) -> StreamState {
 pub struct Leftover(Registration);
 
 impl Leftover {
-    /// Unregisters again every second until the registry answers, `cancel`
-    /// (the stream opened again), or `give_up` (the entry has expired by then).
-    pub async fn retry(mut self, give_up: Duration, cancel: CancellationToken) {
-        let until = Instant::now() + give_up;
-        while Instant::now() < until {
+    /// Unregisters again every second until the registry answers or
+    /// `cancel` (the stream opened again). No time limit: a daemon restores
+    /// the entry with a fresh expiry whenever it comes back.
+    pub async fn retry(mut self, cancel: CancellationToken) {
+        loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(RETRY) => {}

@@ -109,7 +109,7 @@ struct State {
     streams: BTreeMap<StreamKey, OpenStream>,
     /// Closed streams whose unregister is being tried again; an Open of
     /// the same stream stops it (it registers afresh).
-    leftovers: BTreeMap<StreamKey, CancellationToken>,
+    leftovers: BTreeMap<StreamKey, (CancellationToken, tokio::task::JoinHandle<()>)>,
 }
 
 #[derive(Clone)]
@@ -157,8 +157,12 @@ impl Tap {
         if state.streams.contains_key(&key) {
             return Ok(());
         }
-        if let Some(retrying) = state.leftovers.remove(&key) {
+        state.leftovers.retain(|_, (_, task)| !task.is_finished());
+        if let Some((retrying, task)) = state.leftovers.remove(&key) {
+            // A call already sent would remove the new registration (the
+            // registry knows a target by its ips, not its identifier).
             retrying.cancel();
+            let _ = tokio::time::timeout(self.settings.timeout, task).await;
         }
         let view = state
             .conduits
@@ -208,10 +212,8 @@ impl Tap {
             if let Ok(Some(left)) = s.task.await {
                 tracing::warn!(stream = %key, "close: the registry could not be reached; unregistering again every second");
                 let retrying = CancellationToken::new();
-                // Past two entry timeouts the daemon has dropped the entry itself.
-                let give_up = self.settings.entry_timeout * 2 + std::time::Duration::from_secs(10);
-                tokio::spawn(left.retry(give_up, retrying.clone()));
-                if let Some(older) = state.leftovers.insert(key.clone(), retrying) {
+                let task = tokio::spawn(left.retry(retrying.clone()));
+                if let Some((older, _)) = state.leftovers.insert(key.clone(), (retrying, task)) {
                     older.cancel();
                 }
             }
