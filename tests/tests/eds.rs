@@ -171,7 +171,7 @@ fn a_restart_without_the_server_keeps_the_last_endpoints() {
     // A steady flow across the restart loses nothing: the new daemon's
     // first write waits for the kept endpoints (before, it swept the EDS
     // VIP out of the kept maps until the catalog wrote it again).
-    const PACKETS: u32 = 10_000;
+    const PACKETS: u32 = 20_000;
     let rx: Vec<UdpReceiver> = lab
         .targets
         .iter()

@@ -442,7 +442,7 @@ fn a_kept_restart_loses_no_datagram_to_a_registered_target() {
     if !kernel_tests_enabled() {
         return;
     }
-    const PACKETS: u32 = 12_000;
+    const PACKETS: u32 = 20_000;
     const GAP: Duration = Duration::from_micros(500);
     let mut lab = TapaLab::new(1, "60s");
     lab.stop_daemon();
