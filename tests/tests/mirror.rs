@@ -647,16 +647,20 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
             &format!(r#"{{"mac_address": "fa:16:3e:00:00:01", "vhost_id": 0, "interface": "{interface}"}}"#),
         );
     }
+    // What the driver writes after taking the slots: tap_info, then "plug".
+    let plug = |id: &str, mirror_in: &str, mirror_out: &str| {
+        etcd.put(
+            &key("tap_info", id),
+            &format!(
+                r#"{{"service_port": "{service_port}", "source_port": "{source_port}", "mirror_in": {mirror_in}, "mirror_out": {mirror_out}}}"#
+            ),
+        );
+        etcd.put(&key("tap_action", id), "plug");
+    };
     // The driver: take a slot per direction (compare-and-swap), tap_info, then "plug".
     etcd.put(&key("mirror", "0"), tf);
     etcd.put(&key("mirror", "1"), tf);
-    etcd.put(
-        &key("tap_info", tf),
-        &format!(
-            r#"{{"service_port": "{service_port}", "source_port": "{source_port}", "mirror_in": 0, "mirror_out": 1}}"#
-        ),
-    );
-    etcd.put(&key("tap_action", tf), "plug");
+    plug(tf, "0", "1");
     assert!(
         wait_until(Duration::from_secs(10), || etcd
             .get(&key("tap_status", tf))
@@ -738,11 +742,7 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     // Plugged again, then the source port's interface is deleted: the tap
     // goes, and so do its keys, as networking-spp's agent does on port unplug.
     etcd.put(&key("mirror", "0"), tf);
-    etcd.put(
-        &key("tap_info", tf),
-        &format!(r#"{{"service_port": "{service_port}", "source_port": "{source_port}", "mirror_in": 0, "mirror_out": null}}"#),
-    );
-    etcd.put(&key("tap_action", tf), "plug");
+    plug(tf, "0", "null");
     assert!(wait_until(Duration::from_secs(10), || etcd
         .get(&key("tap_status", tf))
         .as_deref()
@@ -764,11 +764,7 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     );
     etcd.put(&key("tap_status", tf), "");
     etcd.put(&key("mirror", "1"), tf);
-    etcd.put(
-        &key("tap_info", tf),
-        &format!(r#"{{"service_port": "{service_port}", "source_port": "{source_port}", "mirror_in": null, "mirror_out": 1}}"#),
-    );
-    etcd.put(&key("tap_action", tf), "plug");
+    plug(tf, "null", "1");
     assert!(
         wait_until(Duration::from_secs(10), || etcd
             .get(&key("tap_status", tf))
@@ -792,11 +788,7 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     let mine = "bbbbbbbb-bbbb-cccc-dddd-eeeeeeeeeeee";
     lab.flow(mine, service_port, "OUT", "").unwrap();
     etcd.put(&key("mirror", "0"), mine);
-    etcd.put(
-        &key("tap_info", mine),
-        &format!(r#"{{"service_port": "{service_port}", "source_port": "{source_port}", "mirror_in": null, "mirror_out": 0}}"#),
-    );
-    etcd.put(&key("tap_action", mine), "plug");
+    plug(mine, "null", "0");
     assert!(
         wait_until(Duration::from_secs(10), || etcd
             .get(&key("tap_status", mine))
