@@ -882,3 +882,108 @@ fn a_node_cannot_send_another_nodes_addresses_through_the_tunnel() {
     );
     assert_eq!(foreign(status()), u64::from(2 * COUNT));
 }
+
+/// Whether `node`'s pinned `tm_ov_owners` holds `addr` as this node's.
+fn owned_here(node: &tapmesh_tests::overlay::Node, addr: Ipv4Addr) -> bool {
+    let root = &node.daemon.as_ref().expect("a running daemon").bpffs_root;
+    let path = root.join(format!(
+        "v{}/{}",
+        tapmesh_common::SCHEMA_VERSION,
+        n::OV_OWNERS
+    ));
+    let map = MapData::from_pin(&path).expect("the pinned owners map");
+    let owners: BpfHashMap<MapData, [u8; 4], [u8; 4]> =
+        BpfHashMap::try_from(aya::maps::Map::HashMap(map)).expect("a hash map");
+    owners.get(&addr.octets(), 0).ok() == Some(tapmesh_common::overlay::OWNER_THIS_NODE)
+}
+
+/// A known node tunnels packets to a container on node 2 with an address
+/// of node 2's uplink as their inner source, which the kernel would drop
+/// as a martian: none arrive while node 2 has the address (added after the
+/// daemon started), each counted once; once the address is gone, the same
+/// packets are an outside client's and arrive.
+#[test]
+fn a_node_cannot_send_this_nodes_other_addresses_through_the_tunnel() {
+    use tapmesh_tests::{
+        daemon::named,
+        overlay::{TwoNodes, NODE1, NODE2},
+        Netns,
+    };
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const WEB: &str = "app.ns.web.ns";
+    const CLIENT: &str = "app.ns.client.ns";
+    const CLIENT_IP: &str = "203.0.113.100";
+    const WEB1_IP: &str = "203.0.113.102";
+    const COUNT: u32 = 500;
+    const WEB_PORT: u16 = 7998;
+    let second: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 77);
+    let nodes = TwoNodes::start();
+    nodes.node1.register("192.0.2.0/26");
+    nodes.node2.register("192.0.2.64/26");
+    let client = Netns::new("owoc");
+    let web1 = Netns::new("owow");
+    let client_ns = nodes
+        .node1
+        .deploy(&client, CLIENT, 0, &[("InstanceNumber", CLIENT_IP)]);
+    let web1_ns = nodes
+        .node2
+        .deploy(&web1, WEB, 1, &[("InstanceNumber", WEB1_IP)]);
+    nodes.node2.table(
+        CLIENT,
+        &[(0, &client_ns, NODE1, &[("InstanceNumber", CLIENT_IP)])],
+    );
+    let web1_addr: Ipv4Addr = web1_ns.parse().unwrap();
+    let send = || {
+        let node1 = nodes.node1.netns.name.clone();
+        std::thread::spawn(move || {
+            tapmesh::net::netns::enter(&node1).expect("entering node 1");
+            let socket = std::net::UdpSocket::bind((NODE1, 0)).expect("bind");
+            let port = tapmesh_common::DEFAULT_TUNNEL_PORT;
+            for i in 0..COUNT {
+                let inner = udp4(second, web1_addr, 40000 + i as u16, WEB_PORT, b"x");
+                socket.send_to(&inner, (NODE2, port)).expect("sending");
+                std::thread::sleep(std::time::Duration::from_micros(300));
+            }
+        })
+        .join()
+        .unwrap();
+    };
+    let wait_until = |want: bool, what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while owned_here(&nodes.node2, second) != want {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let status = || nodes.node2.daemon.as_ref().expect("node 2").status();
+    let foreign = |s| named(&s, "xdp_uplink", "tunnel_foreign_source");
+    let cidr = format!("{second}/32");
+    let uplink = &nodes.node2.uplink;
+
+    nodes.node2.netns.ip(&["addr", "add", &cidr, "dev", uplink]);
+    wait_until(
+        true,
+        "node 2's new address never became its own in tm_ov_owners",
+    );
+    let got = receive(&web1.name, WEB_PORT);
+    send();
+    assert_eq!(
+        got.join().unwrap(),
+        BTreeMap::new(),
+        "node 2's own address arrived"
+    );
+    assert_eq!(foreign(status()), u64::from(COUNT), "each one counted");
+
+    nodes.node2.netns.ip(&["addr", "del", &cidr, "dev", uplink]);
+    wait_until(false, "the removed address stayed in tm_ov_owners");
+    let got = receive(&web1.name, WEB_PORT);
+    send();
+    assert_eq!(
+        got.join().unwrap(),
+        BTreeMap::from([(second, COUNT)]),
+        "an outside client's address, once node 2 no longer has it"
+    );
+    assert_eq!(foreign(status()), u64::from(COUNT), "none of them counted");
+}

@@ -280,6 +280,17 @@ impl DataplaneHandle {
         running.overlay.set_hops(&mut running.ebpf, hops)
     }
 
+    /// Replaces the addresses of this node's interfaces, which no tunnel
+    /// packet for a container here may carry as its inner source.
+    pub async fn set_own_addrs(
+        &self,
+        own: std::collections::BTreeSet<std::net::IpAddr>,
+    ) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let running = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        running.overlay.set_own_addrs(&mut running.ebpf, own)
+    }
+
     /// The nodes of the overlay's remote instances as written.
     pub async fn overlay_remote_nodes(&self) -> Vec<std::net::Ipv4Addr> {
         let guard = self.running.lock().await;

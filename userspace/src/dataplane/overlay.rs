@@ -84,6 +84,8 @@ pub struct OverlayWriter {
     /// An apply failed part way: the maps may differ from `written` until
     /// the next one succeeds, so hops wait for it rather than write over.
     unsettled: bool,
+    /// The addresses of this node's interfaces ([`owners`]).
+    own: BTreeSet<std::net::IpAddr>,
 }
 
 /// Inner sources and the node that may send them through the tunnel
@@ -98,8 +100,11 @@ pub struct Owners {
 /// and instance IP belong to its node (local ones and this node's
 /// containers to this node). An address two nodes claim (tables caught
 /// mid-move) is left out: it is not judged, rather than refused for one of
-/// them.
-pub fn owners(t: &OverlayTables) -> Owners {
+/// them. While containers live here, `own` (the addresses of this node's
+/// interfaces) are this node's whatever the tables say: the kernel drops a
+/// packet from one of them as a martian, and one tunnelled in would skip
+/// that check.
+pub fn owners(t: &OverlayTables, own: &BTreeSet<std::net::IpAddr>) -> Owners {
     fn claim<A: Ord>(map: &mut BTreeMap<A, Option<[u8; 4]>>, addr: A, node: [u8; 4]) {
         let entry = map.entry(addr).or_insert(Some(node));
         if *entry != Some(node) {
@@ -136,6 +141,14 @@ pub fn owners(t: &OverlayTables) -> Owners {
         claim(&mut v6, *addr, OWNER_THIS_NODE);
         if local.instance_addr != [0; 16] {
             claim(&mut v6, local.instance_addr.into(), OWNER_THIS_NODE);
+        }
+    }
+    if !t.locals.is_empty() || !t.locals6.is_empty() {
+        for addr in own {
+            match addr {
+                std::net::IpAddr::V4(a) => v4.insert(*a, Some(OWNER_THIS_NODE)),
+                std::net::IpAddr::V6(a) => v6.insert(*a, Some(OWNER_THIS_NODE)),
+            };
         }
     }
     Owners {
@@ -560,7 +573,7 @@ impl OverlayWriter {
         let during: BTreeSet<_> = self.peers.union(&peers).copied().collect();
         write_peers(ebpf, PEER_OVERLAY, &self.peers, &during)?;
         self.peers = during;
-        let owners = owners(wanted);
+        let owners = owners(wanted, &self.own);
         self.add_owners(ebpf, &owners)?;
         self.add_instances(ebpf, wanted)?;
         self.add_locals(ebpf, wanted)?;
@@ -616,6 +629,26 @@ impl OverlayWriter {
             }
         }
         Ok(())
+    }
+
+    /// Replaces the addresses of this node's interfaces and rewrites the
+    /// owners they change. After a failed apply only the next apply writes
+    /// them, as with hops.
+    pub fn set_own_addrs(
+        &mut self,
+        ebpf: &mut Ebpf,
+        own: BTreeSet<std::net::IpAddr>,
+    ) -> Result<(), DataplaneError> {
+        self.own = own;
+        if self.unsettled || !self.adopted {
+            return Ok(());
+        }
+        let owners = owners(&self.written, &self.own);
+        if owners == self.owners {
+            return Ok(());
+        }
+        self.add_owners(ebpf, &owners)?;
+        self.remove_owners(ebpf, &owners)
     }
 
     /// Takes what the maps hold as written (pins an earlier daemon kept, or
@@ -1192,6 +1225,50 @@ mod tests {
             with_hops(&tables, &BTreeMap::new()),
             Cow::Borrowed(_)
         ));
+    }
+
+    #[test]
+    fn this_nodes_addresses_are_its_own_while_containers_live_here() {
+        let remote = Instance {
+            ns_addr: [192, 0, 2, 70],
+            node_addr: [198, 18, 0, 2],
+            kind: INSTANCE_REMOTE,
+            ..Instance::default()
+        };
+        let mut tables = OverlayTables {
+            instances: BTreeMap::from([(1, remote)]),
+            ..OverlayTables::default()
+        };
+        let v6: std::net::Ipv6Addr = "2001:db8::7".parse().unwrap();
+        let own = BTreeSet::from([
+            std::net::IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)),
+            // A table that places this node's address on another node
+            // does not make it that node's.
+            std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 70)),
+            std::net::IpAddr::V6(v6),
+        ]);
+        // No container here: nothing to judge, the maps stay as they were.
+        assert_eq!(
+            owners(&tables, &own),
+            Owners {
+                v4: BTreeMap::from([(Ipv4Addr::new(192, 0, 2, 70), [198, 18, 0, 2])]),
+                v6: BTreeMap::new(),
+            }
+        );
+        tables
+            .locals
+            .insert(Ipv4Addr::new(192, 0, 2, 10), Local::default());
+        assert_eq!(
+            owners(&tables, &own),
+            Owners {
+                v4: BTreeMap::from([
+                    (Ipv4Addr::new(192, 0, 2, 10), OWNER_THIS_NODE),
+                    (Ipv4Addr::new(192, 0, 2, 70), OWNER_THIS_NODE),
+                    (Ipv4Addr::new(198, 51, 100, 7), OWNER_THIS_NODE),
+                ]),
+                v6: BTreeMap::from([(v6, OWNER_THIS_NODE)]),
+            }
+        );
     }
 
     #[test]

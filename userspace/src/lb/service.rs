@@ -655,9 +655,23 @@ impl LbService {
 #[derive(Default)]
 struct Hops {
     written: Option<BTreeMap<Ipv4Addr, Hop>>,
+    /// This node's addresses as handed to the dataplane.
+    own_written: Option<BTreeSet<IpAddr>>,
     neighbours: BTreeSet<(u32, IpAddr)>,
     nodes: usize,
     resolutions: u64,
+}
+
+/// Every address of this node's interfaces (None, logged, if the kernel
+/// did not answer).
+fn own_addrs() -> Option<BTreeSet<IpAddr>> {
+    match crate::net::addr::all() {
+        Ok(all) => Some(all.into_iter().map(|(_, p)| p.addr).collect()),
+        Err(e) => {
+            tracing::debug!("this node's addresses not read: {e}");
+            None
+        }
+    }
 }
 
 /// Resolves the next hop of each node. XDP can only send to a node whose
@@ -727,9 +741,13 @@ impl LbService {
     pub async fn refresh_hops(&self) {
         let nodes = self.remote_nodes().await;
         let count = nodes.len();
-        let (hops, neighbours) = tokio::task::spawn_blocking(move || resolve_hops(&nodes))
-            .await
-            .unwrap_or_default();
+        let (hops, neighbours, own) = tokio::task::spawn_blocking(move || {
+            let (hops, neighbours) = resolve_hops(&nodes);
+            (hops, neighbours, own_addrs())
+        })
+        .await
+        .unwrap_or_default();
+        self.refresh_own_addrs(own).await;
         let unchanged = {
             let mut state = self.hops.lock().expect("hops lock");
             state.neighbours = neighbours;
@@ -743,6 +761,19 @@ impl LbService {
         match self.dataplane.set_hops(hops.clone()).await {
             Ok(()) => self.hops.lock().expect("hops lock").written = Some(hops),
             Err(e) => tracing::debug!("next hops not written: {e}"),
+        }
+    }
+
+    /// Hands this node's addresses to the dataplane when they changed
+    /// (`None`: not read this time).
+    async fn refresh_own_addrs(&self, own: Option<BTreeSet<IpAddr>>) {
+        let Some(own) = own else { return };
+        if self.hops.lock().expect("hops lock").own_written.as_ref() == Some(&own) {
+            return;
+        }
+        match self.dataplane.set_own_addrs(own.clone()).await {
+            Ok(()) => self.hops.lock().expect("hops lock").own_written = Some(own),
+            Err(e) => tracing::debug!("this node's addresses not written: {e}"),
         }
     }
 
@@ -764,7 +795,8 @@ impl LbService {
 /// configuration's nodes change and when the kernel reports a change of
 /// routes, links or one of the hops' neighbours (a neighbour can change its
 /// MAC, a route its gateway). No polling. A link's change also puts back the
-/// saved targets left out at the start for want of their interface.
+/// saved targets left out at the start for want of their interface, and an
+/// address change reaches the overlay's list of this node's own addresses.
 async fn follow_hops(service: Arc<LbService>, stop: CancellationToken) {
     /// Changes come in bursts (a route and its neighbour, many links):
     /// they are collected this long before resolving once.
