@@ -545,6 +545,16 @@ fn a_kept_restart_detaches_what_the_configuration_no_longer_names() {
         log.contains(&format!("XDP link on {b} detached (no longer an uplink)")),
         "{log}"
     );
+    // The clsact qdiscs the first daemon made, left empty, went too.
+    for interface in [&b, &c] {
+        let out = lab.node.exec(&["tc", "qdisc", "show", "dev", interface]);
+        let qdiscs = String::from_utf8_lossy(&out.stdout);
+        assert!(!qdiscs.contains("clsact"), "{interface}: {qdiscs}");
+        assert!(
+            log.contains(&format!("clsact on {interface} removed (left empty)")),
+            "{log}"
+        );
+    }
     // The uplink that stays took the new program in place and counts on.
     assert_eq!(
         second.status().attachments[0].mode,

@@ -94,6 +94,7 @@ pub fn unconfigured(pin_dir: &Path, uplinks: &[String], tc_interfaces: &[String]
     for link in interfaces {
         let tc_interface = tc_interfaces.contains(&link.name);
         let former_uplink = former_uplinks.contains(&link.name);
+        let mut detached = false;
         for (kind, label) in [
             (TcAttachType::Ingress, "ingress"),
             (TcAttachType::Egress, "egress"),
@@ -115,12 +116,17 @@ pub fn unconfigured(pin_dir: &Path, uplinks: &[String], tc_interfaces: &[String]
                     continue;
                 }
                 if detach(&link.name, kind, f) {
+                    detached = true;
                     removed.push(format!(
                         "TC {label} {} on {} detached (not in the configuration)",
                         f.name, link.name
                     ));
                 }
             }
+        }
+        // As `tapmesh cleanup` does: a qdisc anyone's filter still uses stays.
+        if detached && net::qdisc::delete_clsact_if_empty(&link.name).unwrap_or(false) {
+            removed.push(format!("clsact on {} removed (left empty)", link.name));
         }
     }
     removed
