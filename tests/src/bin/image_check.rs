@@ -381,7 +381,15 @@ fn main() {
         XDP_UPLINK.to_string(),
         "native".to_string(),
     );
-    assert_eq!(status.attachments, vec![xdp], "{status:?}");
+    // The uplink's TC hook copies what its XDP program sends into a tapped
+    // port (`tm_tc_tap_out`).
+    let tap_out = (
+        uplink.clone(),
+        "tc-ingress".to_string(),
+        "tm_tc_tap_out".to_string(),
+        String::new(),
+    );
+    assert_eq!(status.attachments, vec![xdp, tap_out.clone()], "{status:?}");
     assert_eq!(status.pins, node.pins().display().to_string());
     assert!(
         node.pins().is_dir(),
@@ -441,11 +449,12 @@ fn main() {
     let second = Container::start(&image, &lab.node.name, &node, &[]);
     let (status, _) = wait_status(&second, &socket);
     let handover = handover.elapsed();
-    assert_eq!(status.attachments.len(), 1, "{status:?}");
+    assert_eq!(status.attachments.len(), 2, "{status:?}");
     assert_eq!(
         status.attachments[0].3, "native, kept link replaced",
         "{status:?}"
     );
+    assert_eq!(status.attachments[1].2, tap_out.2, "{status:?}");
     let second_prog = xdp_program(&lab.node.name, &uplink);
     assert_ne!(second_prog, 0);
     assert_eq!(
