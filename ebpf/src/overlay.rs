@@ -613,7 +613,10 @@ pub fn ask_about_sender(ctx: &XdpContext) {
     };
     // SAFETY: only whether it is there is read.
     let known = unsafe { tm_ov_services.get(&b4(src)) }.is_some();
-    if version_ihl == 0x45 && in_prefix(config, src) && !known && local_at(dst).is_some() {
+    // Options move nothing read here: the addresses and protocol are at
+    // fixed offsets.
+    let ipv4 = version_ihl >> 4 == 4 && version_ihl & 0x0f >= 5;
+    if ipv4 && in_prefix(config, src) && !known && local_at(dst).is_some() {
         if stranger_may_ask() {
             signal_miss_of(src, dst, 0, protocol, MISS_FROM_STRANGER);
         }

@@ -516,6 +516,65 @@ fn unknown_sources_in_the_service_prefix_wait_for_a_table_that_names_their_node(
     assert_eq!(misses(&mut bpf), [], "tables hold them: nothing asked");
 }
 
+/// A node no table or setting names yet (its packets dropped as
+/// `tunnel_unknown_node`) makes this node ask about the inner source of a
+/// packet for a container here, an instance IP in the service prefix no
+/// table holds, whether or not the inner IPv4 header carries options.
+#[test]
+fn a_strangers_first_packet_is_asked_about_with_or_without_ip_options() {
+    use tapmesh_common::overlay::MISS_FROM_STRANGER;
+    use tapmesh_tests::frames::{ipv4, udp_v4, UDP};
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut bpf = with_tunnel();
+    let mut writer = OverlayWriter::default();
+    writer
+        .apply(&mut bpf.ebpf, &with_prefixes())
+        .expect("apply");
+    let stranger = Ipv4Addr::new(198, 18, 7, 9);
+    let asked = |bpf: &mut Bpf, src: Ipv4Addr, options: &[u8]| {
+        let inner = ipv4(
+            src,
+            HERE,
+            UDP,
+            options,
+            &udp_v4(src, HERE, 40000, 7000, b"x"),
+        );
+        let unknown = DropReason::TunnelUnknownNode;
+        let before = bpf.stats(ProgramSlot::XdpUplink).drops.get(unknown);
+        let run = bpf.run("tm_xdp_uplink", &tunnel(stranger, NODE, PORT, &inner), 1);
+        assert_eq!(run.action, 1, "a stranger's packet is dropped");
+        let after = bpf.stats(ProgramSlot::XdpUplink).drops.get(unknown);
+        assert_eq!(after - before, 1, "counted as from an unknown node");
+        let mut ring =
+            aya::maps::RingBuf::try_from(bpf.ebpf.map_mut(n::OV_MISSES).expect("misses"))
+                .expect("a ring buffer");
+        let mut found = Vec::new();
+        while let Some(item) = ring.next() {
+            // SAFETY: the kernel wrote a `Miss` (IPv4); read unaligned.
+            let m: Miss = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss) };
+            found.push((
+                Ipv4Addr::from(m.service_addr),
+                Ipv4Addr::from(m.client_addr),
+                m.flags,
+            ));
+        }
+        found
+    };
+    let plain = Ipv4Addr::new(198, 19, 200, 81);
+    assert_eq!(
+        asked(&mut bpf, plain, &[]),
+        [(plain, HERE, MISS_FROM_STRANGER)]
+    );
+    // Four no-operation options: a 24-byte header.
+    let with_options = Ipv4Addr::new(198, 19, 200, 82);
+    assert_eq!(
+        asked(&mut bpf, with_options, &[1, 1, 1, 1]),
+        [(with_options, HERE, MISS_FROM_STRANGER)]
+    );
+}
+
 /// Outside the tunnel (routed to the node as plain IP), a packet for a
 /// container here may not carry a source of the service prefix: only the
 /// tunnel carries instance and service IPs between nodes, so such a source
