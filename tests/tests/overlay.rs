@@ -2388,3 +2388,74 @@ fn a_kept_restart_swaps_the_tc_programs_in_place_and_loses_no_datagram() {
         receiver.count()
     );
 }
+
+/// An EDS update whose service-IP cluster lies inside an admin VIP is
+/// refused whole (a NACK that names the overlap): the endpoints of its VIP
+/// cluster are not written either, and every pinned map stays as it was.
+#[test]
+fn an_eds_update_the_overlay_refuses_changes_no_map() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    use tapmesh_tests::xds_peer::{Cla, ControlPlane, Ep};
+    const FED: &str = "203.0.113.50";
+    const API_VIP: &str = "198.51.100.80";
+    let mut cp: Option<ControlPlane> = None;
+    let nodes = TwoNodes::start_with(|netns| {
+        let plane = ControlPlane::start_in(netns, false);
+        let text = format!(
+            "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"60s\"\n\
+             [[xds.clusters]]\nname = \"web\"\nservice_ip = \"{FED}\"\n\
+             [[xds.clusters]]\nname = \"api\"\nvip = \"{API_VIP}\"\n",
+            plane.address()
+        );
+        cp = Some(plane);
+        text
+    });
+    let mut cp = cp.expect("control plane");
+    let n1 = &nodes.node1;
+    n1.register("192.0.2.0/26");
+    let web0 = Netns::new("ovxr");
+    let w0 = n1.deploy(&web0, WEB, 0, &[("InstanceNumber", WEB0_IP)]);
+    let daemon = n1.daemon.as_ref().unwrap();
+    // An admin VIP prefix over the service IP EDS will feed.
+    let via = tapmesh::lb::model::TargetVia::Local {
+        interface: n1.container_links().pop().expect("the container's link"),
+        mac: tapmesh_tests::fmt_mac(web0.mac("tmsvc0")),
+    };
+    let file = std::env::temp_dir().join(tapmesh_tests::unique("tmlbe"));
+    let spec = one_target_spec("203.0.113.48/29", "web", 4, &["udp"], via);
+    std::fs::write(&file, lb_toml(&spec)).unwrap();
+    daemon.cli(&["lb", "apply", file.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&file);
+    let listed = daemon.cli(&["lb", "list", "-o", "json"]);
+    assert!(listed.contains("203.0.113.48/29"), "{listed}");
+    let pins = daemon
+        .bpffs_root
+        .join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    let before = tapmesh_tests::maps::dump_pinned(&pins);
+
+    cp.set(
+        "1",
+        &[
+            ("web", Cla::single(vec![Ep::new(&w0, 7000)])),
+            ("api", Cla::single(vec![Ep::new(&w0, 7000)])),
+        ],
+    );
+    let nack = cp.wait_request(Duration::from_secs(20), "NACK of version 1", |r| {
+        r.error_detail.is_some()
+    });
+    let error = nack.error_detail.unwrap_or_default();
+    assert!(
+        error.contains(&format!(
+            "the overlay's service IP {FED} lies inside VIP \"vip\""
+        )),
+        "{error}"
+    );
+    let after = tapmesh_tests::maps::dump_pinned(&pins);
+    assert_eq!(
+        tapmesh_tests::maps::differences(&before, &after),
+        Vec::<String>::new(),
+        "maps changed by a refused update"
+    );
+}

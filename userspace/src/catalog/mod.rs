@@ -546,7 +546,24 @@ async fn writer(catalog: Arc<Catalog>) {
         // What this write replaces, freed after it is answered.
         let mut garbage: Vec<Box<dyn Send>> = Vec::new();
         let feed = overlay_part(&*catalog.state.lock().await);
-        let (result, replaced) = catalog.lb.set_source_freeing_later(LB_SOURCE, spec).await;
+        // A feed the overlay would refuse (a service IP inside a VIP)
+        // refuses the whole write, before the LB part changes anything.
+        let refused = match catalog.overlay() {
+            Some(_) if !feed.is_empty() => catalog
+                .lb
+                .dataplane()
+                .check_overlay_services(feed.keys().map(|a| std::net::IpAddr::V4(*a)))
+                .await
+                .err(),
+            _ => None,
+        };
+        let (result, replaced) = match refused {
+            None => catalog.lb.set_source_freeing_later(LB_SOURCE, spec).await,
+            Some(e) => (
+                Err(crate::lb::service::LbServiceError::Dataplane(e)),
+                Box::new(spec) as Box<dyn Send>,
+            ),
+        };
         // The dataplane stops last; a write kicked on the way down (the
         // NetManager leaving) finds it stopped. Nothing is lost: no error.
         let stopped = matches!(
@@ -762,7 +779,7 @@ pub fn check_bindings(clusters: &[ClusterBinding]) -> Result<(), String> {
         }
     }
     // A service IP inside a VIP: the uplink would balance what the overlay
-    // translates (the dataplane refuses the feed after the LB part is written).
+    // translates (one inside another source's VIP is refused at each write).
     for c in clusters.iter().filter(|c| !c.service_ip.is_empty()) {
         let Ok(ip) = c.service_ip.parse::<std::net::Ipv4Addr>() else {
             continue;
