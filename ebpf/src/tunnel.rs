@@ -365,6 +365,20 @@ pub fn decapsulate(
     if martian_source(pkt, inner, l3)? {
         return Err(DropReason::TunnelForeignSource);
     }
+    if l3 == L3::V6 {
+        // Forwarded, as a router would: one hop less, none left is the end
+        // of it. A hop limit of 255 is what neighbour discovery trusts as
+        // sent on the link; through the tunnel it never arrives so.
+        let h: *mut [u8; 8] = pkt.header_mut(inner, DropReason::BadTunnelPacket)?;
+        // SAFETY: inside the 8 bytes just checked.
+        unsafe {
+            let hops = (*h)[7];
+            if hops <= 1 {
+                return Err(DropReason::BadTunnelPacket);
+            }
+            (*h)[7] = hops - 1;
+        }
+    }
     let outer: *const [[u8; 4]; 3] = pkt.header(0, DropReason::TruncatedEthernet)?;
     // SAFETY: the header was just checked; the MACs move as three words.
     let macs = unsafe {
@@ -411,7 +425,7 @@ fn check_outer_checksum(pkt: &Packet, inner: usize) -> Result<(), DropReason> {
 /// from any interface but loopback (a martian: IPv4 this network,
 /// loopback, multicast, broadcast; IPv6 multicast, loopback, IPv4-mapped,
 /// which a dual-stack socket would take for the IPv4 address), or IPv6
-/// `::` (no node forwards a packet from it). Decapsulated in XDP, the
+/// `::` or link-local (no node forwards a packet from either). Decapsulated in XDP, the
 /// packet would skip the kernel's check. (This node's own addresses are
 /// judged for packets to its containers: `overlay::from_tunnel`.)
 #[inline(always)]
@@ -421,9 +435,10 @@ fn martian_source(pkt: &Packet, inner: usize, l3: L3) -> Result<bool, DropReason
         // SAFETY: the source (bytes 8..24) is inside the 24 bytes just checked.
         let w = unsafe { [load32(&(*h)[2]), load32(&(*h)[3]), load32(&(*h)[4]), load32(&(*h)[5])] };
         // SAFETY: as above.
-        let first = unsafe { (*h)[2][0] };
+        let (first, second) = unsafe { ((*h)[2][0], (*h)[2][1]) };
         let low = w[0] == 0 && w[1] == 0;
         return Ok(first == 0xff
+            || first == 0xfe && second & 0xc0 == 0x80
             || low && w[2] == 0 && (w[3] == 0 || w[3] == 1u32.to_be())
             || low && w[2] == 0xffffu32.to_be());
     }

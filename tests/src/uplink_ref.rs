@@ -584,12 +584,21 @@ impl Node {
             } else {
                 let src = Ipv6Addr::from(v6(&frame, inner_at + 8));
                 src.is_multicast()
+                    || src.segments()[0] & 0xffc0 == 0xfe80
                     || src.is_unspecified()
                     || src.is_loopback()
                     || src.to_ipv4_mapped().is_some()
             };
             if forged {
                 return Err(bare(D::TunnelForeignSource));
+            }
+            // IPv6 is forwarded one hop on, or not at all.
+            if !v4 {
+                let hops = frame[inner_at + 7];
+                if hops <= 1 {
+                    return Err(bare(D::BadTunnelPacket));
+                }
+                frame[inner_at + 7] = hops - 1;
             }
             let mut inner = frame[..12].to_vec();
             inner.extend_from_slice(&ether_type.to_be_bytes());

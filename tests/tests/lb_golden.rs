@@ -1467,9 +1467,12 @@ fn tunnel_packets_are_decapsulated() {
         flow_hash(CLIENT6.octets(), VIP6.octets(), Some((40000, 53)), UDP),
     );
     let (dst, src) = local_macs(&target);
+    // Forwarded: one hop less (64 → 63), nothing else changed.
+    let mut forwarded6 = inner6.clone();
+    forwarded6[7] = 63;
     let want = Expect {
         action: XDP_REDIRECT,
-        output: Some(ethernet(dst, src, &[], 0x86dd, &inner6)),
+        output: Some(ethernet(dst, src, &[], 0x86dd, &forwarded6)),
         protocols: vec![P::Ipv6, P::Udp],
         drop: None,
         lb: vec![

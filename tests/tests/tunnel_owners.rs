@@ -320,12 +320,18 @@ fn inner_sources_are_checked_against_the_node_that_sent_them() {
     }
     let class_e = Ipv4Addr::new(240, 0, 0, 9);
     assert_eq!(send(&mut bpf, NODE_A, &to_here(class_e)), (true, false));
+    // Just outside fe80::/10 (site-local, deprecated, but forwarded).
+    let site_local = Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 7);
+    assert_eq!(send(&mut bpf, NODE_A, &to_here6(site_local)), (true, false));
     let refused6 = [
         v6(0xfe),
         Ipv6Addr::LOCALHOST,
         Ipv6Addr::UNSPECIFIED,
         Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 0, 1),
         ON_A.to_ipv6_mapped(),
+        // Link-local: no router forwards it (the edges of fe80::/10).
+        Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 7),
+        Ipv6Addr::new(0xfebf, 0xffff, 0, 0, 0, 0, 0, 7),
     ];
     for src in refused6 {
         assert_eq!(
@@ -514,6 +520,51 @@ fn unknown_sources_in_the_service_prefix_wait_for_a_table_that_names_their_node(
     assert_eq!(send(&mut bpf, NODE_B, &to_here(contested)), (true, false));
     assert_eq!(send(&mut bpf, NODE_A, &to_here(rr)), (false, true));
     assert_eq!(misses(&mut bpf), [], "tables hold them: nothing asked");
+}
+
+/// An IPv6 packet through the tunnel is forwarded as a router would: it
+/// reaches the container with one hop less, and one with a hop limit of 1
+/// (or 0) is dropped as `bad_tunnel_packet`. So neighbour discovery from a
+/// node (hop limit 255 on the link only) never arrives as on the link.
+#[test]
+fn ipv6_through_the_tunnel_loses_one_hop_and_none_left_is_dropped() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut bpf = with_tunnel();
+    let mut writer = OverlayWriter::default();
+    writer.apply(&mut bpf.ebpf, &tables()).expect("apply");
+    let with_hops = |hops: u8| {
+        let mut p = udp6(v6(0xa), v6(0x1), 40000, 7000, b"x");
+        p[7] = hops;
+        p
+    };
+    const XDP_REDIRECT: u32 = 4;
+    for (sent, arrived) in [(255u8, 254u8), (64, 63), (2, 1)] {
+        let run = bpf.run(
+            "tm_xdp_uplink",
+            &tunnel(NODE_A, NODE, PORT, &with_hops(sent)),
+            1,
+        );
+        assert_eq!(run.action, XDP_REDIRECT, "hop limit {sent}");
+        // Ethernet, then the IPv6 header: its hop limit is byte 7.
+        assert_eq!(run.output[14 + 7], arrived, "hop limit {sent}");
+        // And nothing else of it changed.
+        let want = with_hops(arrived);
+        assert_eq!(&run.output[14..14 + want.len()], &want[..]);
+    }
+    let bad = DropReason::BadTunnelPacket;
+    for sent in [1u8, 0] {
+        let before = bpf.stats(ProgramSlot::XdpUplink).drops.get(bad);
+        let run = bpf.run(
+            "tm_xdp_uplink",
+            &tunnel(NODE_A, NODE, PORT, &with_hops(sent)),
+            1,
+        );
+        assert_eq!(run.action, 1, "hop limit {sent}: dropped");
+        let after = bpf.stats(ProgramSlot::XdpUplink).drops.get(bad);
+        assert_eq!(after - before, 1, "hop limit {sent}: counted once");
+    }
 }
 
 /// A node no table or setting names yet (its packets dropped as

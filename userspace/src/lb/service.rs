@@ -662,16 +662,40 @@ struct Hops {
     resolutions: u64,
 }
 
-/// Every address of this node's interfaces (None, logged, if the kernel
-/// did not answer).
+/// At most this many of this node's addresses are written (a node with
+/// thousands, such as kube-proxy's IPVS interface, keeps the owner maps
+/// for the overlay's instances).
+const MAX_OWN_ADDRS: usize = 1024;
+
+/// The addresses of this node's interfaces that a packet may come from
+/// through a router: not loopback, link-local or multicast ones, which the
+/// uplink refuses as tunnelled sources anyway (None, logged, if the kernel
+/// did not answer). The lowest [`MAX_OWN_ADDRS`], with a warning beyond.
 fn own_addrs() -> Option<BTreeSet<IpAddr>> {
-    match crate::net::addr::all() {
-        Ok(all) => Some(all.into_iter().map(|(_, p)| p.addr).collect()),
+    let all = match crate::net::addr::all() {
+        Ok(all) => all,
         Err(e) => {
-            tracing::debug!("this node's addresses not read: {e}");
-            None
+            tracing::warn!("this node's addresses not read: {e}");
+            return None;
         }
+    };
+    let routable = |a: &IpAddr| match a {
+        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_multicast()),
+        IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unicast_link_local() || v6.is_multicast()),
+    };
+    let found: BTreeSet<IpAddr> = all
+        .into_iter()
+        .map(|(_, p)| p.addr)
+        .filter(routable)
+        .collect();
+    if found.len() > MAX_OWN_ADDRS {
+        tracing::warn!(
+            "this node has {} addresses; the overlay refuses the lowest {MAX_OWN_ADDRS} as \
+             tunnelled sources, not the others",
+            found.len()
+        );
     }
+    Some(found.into_iter().take(MAX_OWN_ADDRS).collect())
 }
 
 /// Resolves the next hop of each node. XDP can only send to a node whose
@@ -765,7 +789,8 @@ impl LbService {
     }
 
     /// Hands this node's addresses to the dataplane when they changed
-    /// (`None`: not read this time).
+    /// (`None`: not read this time; tried again at the next change or
+    /// [`OWN_ADDRS_RETRY`]).
     async fn refresh_own_addrs(&self, own: Option<BTreeSet<IpAddr>>) {
         let Some(own) = own else { return };
         if self.hops.lock().expect("hops lock").own_written.as_ref() == Some(&own) {
@@ -773,8 +798,13 @@ impl LbService {
         }
         match self.dataplane.set_own_addrs(own.clone()).await {
             Ok(()) => self.hops.lock().expect("hops lock").own_written = Some(own),
-            Err(e) => tracing::debug!("this node's addresses not written: {e}"),
+            Err(e) => tracing::warn!("this node's addresses not written: {e}"),
         }
+    }
+
+    /// Whether this node's addresses were handed to the dataplane.
+    fn own_addrs_written(&self) -> bool {
+        self.hops.lock().expect("hops lock").own_written.is_some()
     }
 
     /// Whether a change the kernel reported may move a next hop.
@@ -797,6 +827,10 @@ impl LbService {
 /// MAC, a route its gateway). No polling. A link's change also puts back the
 /// saved targets left out at the start for want of their interface, and an
 /// address change reaches the overlay's list of this node's own addresses.
+/// How soon this node's addresses are read again after they could not be
+/// read or written.
+const OWN_ADDRS_RETRY: Duration = Duration::from_secs(5);
+
 async fn follow_hops(service: Arc<LbService>, stop: CancellationToken) {
     /// Changes come in bursts (a route and its neighbour, many links):
     /// they are collected this long before resolving once.
@@ -822,6 +856,8 @@ async fn follow_hops(service: Arc<LbService>, stop: CancellationToken) {
         'watching: loop {
             let relevant = tokio::select! {
                 _ = stop.cancelled() => return,
+                // A quiet node brings no change to try again on.
+                _ = tokio::time::sleep(OWN_ADDRS_RETRY), if !service.own_addrs_written() => true,
                 _ = service.nodes_changed.notified() => true,
                 _ = overlay_nodes.notified() => true,
                 change = watch.next() => match change {
@@ -987,6 +1023,10 @@ impl Plugin for LbPlugin {
         applied.map_err(|e| PluginError::new(e.to_string()))?;
         let stop = scope.child_token();
         *self.refresher.lock().expect("refresher lock") = Some(stop.clone());
+        // Before the overlay's first write (its plugin starts later), so a
+        // kept dataplane's entries for them are never dropped meanwhile.
+        let own = tokio::task::spawn_blocking(own_addrs).await.ok().flatten();
+        self.service.refresh_own_addrs(own).await;
         tokio::spawn(follow_hops(self.service.clone(), stop));
         Ok(())
     }
