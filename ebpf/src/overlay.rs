@@ -617,7 +617,11 @@ pub fn ask_about_sender(ctx: &XdpContext) {
     // fixed offsets.
     let ipv4 = version_ihl >> 4 == 4 && version_ihl & 0x0f >= 5;
     if ipv4 && in_prefix(config, src) && !known && local_at(dst).is_some() {
-        if stranger_may_ask() {
+        // An address asked about already (still pending) spends nothing of
+        // the strangers' budget: repeats must not crowd out a new one.
+        // SAFETY: only whether it is there is read.
+        let pending = unsafe { tm_ov_pending.get(&b4(src)) }.is_some();
+        if !pending && stranger_may_ask() {
             signal_miss_of(src, dst, 0, protocol, MISS_FROM_STRANGER);
         }
     }

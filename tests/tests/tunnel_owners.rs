@@ -624,6 +624,14 @@ fn a_strangers_first_packet_is_asked_about_with_or_without_ip_options() {
         asked(&mut bpf, with_options, &[1, 1, 1, 1]),
         [(with_options, HERE, MISS_FROM_STRANGER)]
     );
+    // Repeats of an address asked about already (more than the 32 asks a
+    // second strangers get) are not asked again and leave the budget to a
+    // new address.
+    for _ in 0..40 {
+        assert_eq!(asked(&mut bpf, plain, &[]), []);
+    }
+    let new = Ipv4Addr::new(198, 19, 200, 83);
+    assert_eq!(asked(&mut bpf, new, &[]), [(new, HERE, MISS_FROM_STRANGER)]);
 }
 
 /// Outside the tunnel (routed to the node as plain IP), a packet for a
