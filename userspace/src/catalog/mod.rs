@@ -549,30 +549,30 @@ async fn writer(catalog: Arc<Catalog>) {
         // A feed the overlay would refuse (a service IP inside a VIP)
         // refuses the whole write, before the LB part changes anything.
         let refused = match catalog.overlay() {
-            Some(_) if !feed.is_empty() => catalog
-                .lb
-                .dataplane()
-                .check_overlay_services(feed.keys().map(|a| std::net::IpAddr::V4(*a)))
-                .await
-                .err(),
+            Some(nm) if !feed.is_empty() => nm.check_feed(&feed).await.err(),
             _ => None,
         };
-        let (result, replaced) = match refused {
-            None => catalog.lb.set_source_freeing_later(LB_SOURCE, spec).await,
+        let (result, replaced, stopped) = match refused {
+            None => {
+                let (result, replaced) = catalog.lb.set_source_freeing_later(LB_SOURCE, spec).await;
+                // The dataplane stops last; a write kicked on the way down
+                // (the NetManager leaving) finds it stopped. Nothing is
+                // lost: no error.
+                let stopped = matches!(
+                    result,
+                    Err(crate::lb::service::LbServiceError::Dataplane(
+                        crate::dataplane::DataplaneError::NotRunning
+                    ))
+                );
+                (result.map_err(|e| e.to_string()), replaced, stopped)
+            }
             Some(e) => (
-                Err(crate::lb::service::LbServiceError::Dataplane(e)),
+                Err(format!("overlay: {e}")),
                 Box::new(spec) as Box<dyn Send>,
+                false,
             ),
         };
-        // The dataplane stops last; a write kicked on the way down (the
-        // NetManager leaving) finds it stopped. Nothing is lost: no error.
-        let stopped = matches!(
-            result,
-            Err(crate::lb::service::LbServiceError::Dataplane(
-                crate::dataplane::DataplaneError::NotRunning
-            ))
-        );
-        let mut result = result.map_err(|e| e.to_string());
+        let mut result = result;
         garbage.push(replaced);
         {
             let mut state = catalog.state.lock().await;

@@ -437,20 +437,21 @@ impl DataplaneHandle {
         result
     }
 
-    /// Refuses service IPs among `services` that [`Self::apply_overlay`]
-    /// would refuse as inside a VIP now: a writer that feeds both the LB
-    /// and the overlay asks before writing either.
-    pub async fn check_overlay_services(
+    /// Refuses `tables` as [`Self::apply_overlay`] would now (an address
+    /// of theirs inside a VIP), writing nothing: a writer that feeds both
+    /// the LB and the overlay asks before writing either.
+    pub async fn check_overlay(
         &self,
-        services: impl Iterator<Item = std::net::IpAddr>,
+        tables: &overlay::OverlayTables,
     ) -> Result<(), DataplaneError> {
         let guard = self.running.lock().await;
         let r = guard.as_ref().ok_or(DataplaneError::NotRunning)?;
         let written = vip_overlap::overlay_addresses(r.overlay.written());
-        let wanted = services.map(|a| (a, "service IP")).collect();
-        vip_overlap::check(r.lb.vip_keys(), &wanted, |_, _, addr| {
-            written.iter().any(|(a, _)| *a == addr)
-        })
+        vip_overlap::check(
+            r.lb.vip_keys(),
+            &vip_overlap::overlay_addresses(tables),
+            |_, _, addr| written.iter().any(|(a, _)| *a == addr),
+        )
     }
 
     /// Which of `addrs` the tunnel let in since the last call, as inner

@@ -106,7 +106,7 @@ impl InstanceRecord {
 
 /// Stable ids for instances and services across compiles, and the
 /// generation of each instance slot.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct Ids {
     pub(super) instances: BTreeMap<(String, u32), u32>,
     /// IPv4 and IPv6 service IPs share one id space (slot rows, RR turns, counters).

@@ -437,6 +437,31 @@ impl NetManager {
     }
 
     /// Replaces the catalog's service IPs; on failure the maps keep the last good ones.
+    /// Refuses `feed` where the dataplane would refuse its write as things
+    /// stand (a service IP inside a VIP): compiled as [`Self::set_feed`]
+    /// would, on a copy of the ids, and nothing written. Unregistered,
+    /// nothing would be written: nothing to refuse.
+    pub async fn check_feed(&self, feed: &Feed) -> Result<(), NmError> {
+        let mut state = self.state.lock().await;
+        if state.registration.is_none() {
+            return Ok(());
+        }
+        let before = std::mem::replace(&mut state.feed, feed.clone());
+        let settings = self.settings_for(&state);
+        let owned = self.records(&state);
+        state.feed = before;
+        let records: Vec<&InstanceRecord> = owned.iter().collect();
+        let costs = &self.settings.node_costs;
+        let default_cost = self.settings.default_node_cost;
+        let cost_of = |r: &InstanceRecord| match r.placement {
+            Placement::Local { .. } => 0,
+            Placement::Remote { node, .. } => costs.get(&node).copied().unwrap_or(default_cost),
+        };
+        let tables = state.ids.clone().compile(&records, &settings, &cost_of)?;
+        self.dataplane.check_overlay(&tables).await?;
+        Ok(())
+    }
+
     pub async fn set_feed(&self, feed: Feed) -> Result<(), NmError> {
         let mut state = self.state.lock().await;
         let before = std::mem::replace(&mut state.feed, feed);
