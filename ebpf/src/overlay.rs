@@ -618,14 +618,28 @@ pub fn ask_about_sender(ctx: &XdpContext) {
     let ipv4 = version_ihl >> 4 == 4 && version_ihl & 0x0f >= 5;
     if ipv4 && in_prefix(config, src) && !known && local_at(dst).is_some() {
         // An address asked about already (still pending) spends nothing of
-        // the strangers' budget: repeats must not crowd out a new one.
-        // SAFETY: only whether it is there is read.
-        let pending = unsafe { tm_ov_pending.get(&b4(src)) }.is_some();
+        // the strangers' budget: repeats must not crowd out a new one. The
+        // daemon clears an entry a second after it read it; one older than
+        // `STALE_PENDING_NS` was left by a daemon gone meanwhile: asked again.
+        // SAFETY: a plain helper call; the value is read right away.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let pending = match unsafe { tm_ov_pending.get(&b4(src)) } {
+            Some(at) if now.wrapping_sub(*at) < STALE_PENDING_NS => true,
+            Some(_) => {
+                let _ = tm_ov_pending.remove(&b4(src));
+                false
+            }
+            None => false,
+        };
         if !pending && stranger_may_ask() {
             signal_miss_of(src, dst, 0, protocol, MISS_FROM_STRANGER);
         }
     }
 }
+
+/// How old a stranger's pending ask may be before it is asked again (the
+/// daemon clears its entries after 1 s).
+const STALE_PENDING_NS: u64 = 3_000_000_000;
 
 /// Whether strangers together have asked fewer than
 /// [`STRANGER_ASKS_PER_SECOND`] times this second (counted here): an

@@ -632,6 +632,18 @@ fn a_strangers_first_packet_is_asked_about_with_or_without_ip_options() {
     }
     let new = Ipv4Addr::new(198, 19, 200, 83);
     assert_eq!(asked(&mut bpf, new, &[]), [(new, HERE, MISS_FROM_STRANGER)]);
+    // A pending entry no daemon cleared (stamped at boot, long ago) does
+    // not keep its address from being asked about again.
+    let left = Ipv4Addr::new(198, 19, 200, 84);
+    {
+        let mut map: BpfHashMap<&mut MapData, [u8; 4], u64> =
+            BpfHashMap::try_from(bpf.ebpf.map_mut(n::OV_PENDING).expect("pending")).unwrap();
+        map.insert(left.octets(), 0, 0).expect("a pending entry");
+    }
+    assert_eq!(
+        asked(&mut bpf, left, &[]),
+        [(left, HERE, MISS_FROM_STRANGER)]
+    );
 }
 
 /// Outside the tunnel (routed to the node as plain IP), a packet for a

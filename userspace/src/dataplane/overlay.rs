@@ -647,13 +647,10 @@ impl OverlayWriter {
         if owners == self.owners {
             return Ok(());
         }
-        // As after a failed apply, hops wait for the next apply (entries a
-        // failure part way wrote are not recorded: a full map is the case).
-        self.unsettled = true;
+        // A failure is tried again by the caller; entries a failure part
+        // way wrote are not recorded (a full map is the case).
         self.add_owners(ebpf, &owners)?;
-        self.remove_owners(ebpf, &owners)?;
-        self.unsettled = false;
-        Ok(())
+        self.remove_owners(ebpf, &owners)
     }
 
     /// Takes what the maps hold as written (pins an earlier daemon kept, or

@@ -667,11 +667,14 @@ struct Hops {
 /// for the overlay's instances).
 const MAX_OWN_ADDRS: usize = 1024;
 
-/// The addresses of this node's interfaces that a packet may come from
-/// through a router: not loopback, link-local or multicast ones, which the
-/// uplink refuses as tunnelled sources anyway (None, logged, if the kernel
-/// did not answer). The lowest [`MAX_OWN_ADDRS`], with a warning beyond.
+/// The addresses of this node's interfaces that are not martians anyway
+/// (the uplink refuses a tunnelled loopback, IPv6 link-local or multicast
+/// source itself); None, logged, if the kernel did not answer. Beyond
+/// [`MAX_OWN_ADDRS`], addresses with a subnet (a NIC's) come before host
+/// addresses (/32, /128: IPVS service addresses, VIPs on `lo`), each kind
+/// in address order, with a warning when the count changes.
 fn own_addrs() -> Option<BTreeSet<IpAddr>> {
+    static WARNED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let all = match crate::net::addr::all() {
         Ok(all) => all,
         Err(e) => {
@@ -679,23 +682,36 @@ fn own_addrs() -> Option<BTreeSet<IpAddr>> {
             return None;
         }
     };
-    let routable = |a: &IpAddr| match a {
-        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_link_local() || v4.is_multicast()),
+    let kept = |a: &IpAddr| match a {
+        IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_multicast()),
         IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unicast_link_local() || v6.is_multicast()),
     };
-    let found: BTreeSet<IpAddr> = all
+    let mut found: Vec<(bool, IpAddr)> = all
         .into_iter()
-        .map(|(_, p)| p.addr)
-        .filter(routable)
+        .filter(|(_, p)| kept(&p.addr))
+        .map(|(_, p)| {
+            let host = p.len == if p.addr.is_ipv4() { 32 } else { 128 };
+            (host, p.addr)
+        })
         .collect();
-    if found.len() > MAX_OWN_ADDRS {
+    found.sort();
+    found.dedup_by_key(|(_, a)| *a);
+    if found.len() > MAX_OWN_ADDRS
+        && WARNED.swap(found.len(), std::sync::atomic::Ordering::Relaxed) != found.len()
+    {
         tracing::warn!(
-            "this node has {} addresses; the overlay refuses the lowest {MAX_OWN_ADDRS} as \
-             tunnelled sources, not the others",
+            "this node has {} addresses; the overlay refuses {MAX_OWN_ADDRS} of them as \
+             tunnelled sources (those with a subnet first), not the others",
             found.len()
         );
     }
-    Some(found.into_iter().take(MAX_OWN_ADDRS).collect())
+    Some(
+        found
+            .into_iter()
+            .take(MAX_OWN_ADDRS)
+            .map(|(_, a)| a)
+            .collect(),
+    )
 }
 
 /// Resolves the next hop of each node. XDP can only send to a node whose
@@ -796,10 +812,12 @@ impl LbService {
         if self.hops.lock().expect("hops lock").own_written.as_ref() == Some(&own) {
             return;
         }
-        match self.dataplane.set_own_addrs(own.clone()).await {
-            Ok(()) => self.hops.lock().expect("hops lock").own_written = Some(own),
-            Err(e) => tracing::warn!("this node's addresses not written: {e}"),
+        let written = self.dataplane.set_own_addrs(own.clone()).await;
+        if let Err(e) = &written {
+            tracing::warn!("this node's addresses not written: {e}");
         }
+        // None after a failure: tried again (`follow_hops`).
+        self.hops.lock().expect("hops lock").own_written = written.ok().map(|()| own);
     }
 
     /// Whether this node's addresses were handed to the dataplane.
@@ -853,11 +871,22 @@ async fn follow_hops(service: Arc<LbService>, stop: CancellationToken) {
         service.bring_back_left_out().await;
         service.refresh_hops().await;
         let overlay_nodes = service.dataplane.overlay_nodes_changed();
+        // A quiet node brings no change to try this node's addresses again
+        // on: a deadline, which other changes do not push back.
+        let mut retry_at: Option<tokio::time::Instant> = None;
         'watching: loop {
+            retry_at = match (service.own_addrs_written(), retry_at) {
+                (true, _) => None,
+                (false, None) => Some(tokio::time::Instant::now() + OWN_ADDRS_RETRY),
+                (false, at) => at,
+            };
+            let retry = retry_at.unwrap_or_else(tokio::time::Instant::now);
             let relevant = tokio::select! {
                 _ = stop.cancelled() => return,
-                // A quiet node brings no change to try again on.
-                _ = tokio::time::sleep(OWN_ADDRS_RETRY), if !service.own_addrs_written() => true,
+                _ = tokio::time::sleep_until(retry), if retry_at.is_some() => {
+                    retry_at = None;
+                    true
+                }
                 _ = service.nodes_changed.notified() => true,
                 _ = overlay_nodes.notified() => true,
                 change = watch.next() => match change {
