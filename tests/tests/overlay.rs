@@ -1505,6 +1505,20 @@ fn api_errors_are_clear_and_leave_nothing_behind() {
         "{text}"
     );
     assert_eq!(again("192.0.2.0/30").0, 200);
+    // Nor does it gain an IPv6 subnet it was registered without.
+    let with_v6 = format!(
+        r#"{{"client_id": "{}", "subnetwork": "192.0.2.0/30", "subnetwork_v6": "2001:db8:5::/120"}}"#,
+        n1.netns.name
+    );
+    let (status, text) = n1.api("/register", &with_v6);
+    assert_eq!(
+        (
+            status,
+            text.contains("registered with subnetwork 192.0.2.0/30;")
+        ),
+        (400, true),
+        "{text}"
+    );
     let (status, text) = n1.api(
         "/container/deploy",
         r#"{"pid": 999999999, "serviceName": "a.b.c.d", "instanceNumber": 0}"#,

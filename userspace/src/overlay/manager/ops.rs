@@ -122,18 +122,18 @@ impl NetManager {
             if r.client_id != client_id {
                 return Err(NmError::AlreadyRegistered(r.client_id.clone()));
             }
-            // Said again, a subnet must be the one in use: another is no
-            // change this answer may hide.
+            // Said again, a subnet must be the one in use: another, or one
+            // of a family the node was registered without, is no change
+            // this answer may hide.
             let other = |asked: &Option<String>, held: &str| {
                 asked.as_deref().is_some_and(|a| {
-                    a.parse::<Prefix>().map(|p| p.network().to_string()).ok()
-                        != held.parse::<Prefix>().map(|p| p.network().to_string()).ok()
+                    !a.is_empty()
+                        && a.parse::<Prefix>().map(|p| p.network().to_string()).ok()
+                            != held.parse::<Prefix>().map(|p| p.network().to_string()).ok()
                 })
             };
             let held_v6 = r.subnetwork_v6.clone().unwrap_or_default();
-            if (!r.subnetwork.is_empty() && other(&subnetwork, &r.subnetwork))
-                || (!held_v6.is_empty() && other(&subnetwork_v6, &held_v6))
-            {
+            if other(&subnetwork, &r.subnetwork) || other(&subnetwork_v6, &held_v6) {
                 return Err(NmError::BadRequest(format!(
                     "{client_id} is registered with subnetwork {}{}; a node's subnet does not change while it is registered",
                     r.subnetwork,
