@@ -1028,10 +1028,11 @@ fn owned_here(node: &tapmesh_tests::overlay::Node, addr: Ipv4Addr) -> bool {
 }
 
 /// A known node tunnels packets to a container on node 2 with an address
-/// of node 2's uplink as their inner source, which the kernel would drop
-/// as a martian: none arrive while node 2 has the address (added after the
-/// daemon started), each counted once; once the address is gone, the same
-/// packets are an outside client's and arrive.
+/// of node 2's uplink, or its subnet's broadcast address, as their inner
+/// source, which the kernel would drop as a martian: none arrive while
+/// node 2 has the address (added after the daemon started), each counted
+/// once; once the address is gone, the same packets are an outside
+/// client's and arrive.
 #[test]
 fn a_node_cannot_send_this_nodes_other_addresses_through_the_tunnel() {
     use tapmesh_tests::{
@@ -1049,6 +1050,7 @@ fn a_node_cannot_send_this_nodes_other_addresses_through_the_tunnel() {
     const COUNT: u32 = 500;
     const WEB_PORT: u16 = 7998;
     let second: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 77);
+    let broadcast: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 255);
     let nodes = TwoNodes::start();
     nodes.node1.register("192.0.2.0/26");
     nodes.node2.register("192.0.2.64/26");
@@ -1071,8 +1073,9 @@ fn a_node_cannot_send_this_nodes_other_addresses_through_the_tunnel() {
             tapmesh::net::netns::enter(&node1).expect("entering node 1");
             let socket = std::net::UdpSocket::bind((NODE1, 0)).expect("bind");
             let port = tapmesh_common::DEFAULT_TUNNEL_PORT;
-            for i in 0..COUNT {
-                let inner = udp4(second, web1_addr, 40000 + i as u16, WEB_PORT, b"x");
+            for i in 0..2 * COUNT {
+                let src = if i % 2 == 0 { second } else { broadcast };
+                let inner = udp4(src, web1_addr, 40000 + i as u16, WEB_PORT, b"x");
                 socket.send_to(&inner, (NODE2, port)).expect("sending");
                 std::thread::sleep(std::time::Duration::from_micros(300));
             }
@@ -1082,14 +1085,14 @@ fn a_node_cannot_send_this_nodes_other_addresses_through_the_tunnel() {
     };
     let wait_until = |want: bool, what: &str| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while owned_here(&nodes.node2, second) != want {
+        while [second, broadcast].map(|a| owned_here(&nodes.node2, a)) != [want; 2] {
             assert!(std::time::Instant::now() < deadline, "{what}");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     };
     let status = || nodes.node2.daemon.as_ref().expect("node 2").status();
     let foreign = |s| named(&s, "xdp_uplink", "tunnel_foreign_source");
-    let cidr = format!("{second}/32");
+    let cidr = format!("{second}/24");
     let uplink = &nodes.node2.uplink;
 
     nodes.node2.netns.ip(&["addr", "add", &cidr, "dev", uplink]);
@@ -1104,7 +1107,7 @@ fn a_node_cannot_send_this_nodes_other_addresses_through_the_tunnel() {
         BTreeMap::new(),
         "node 2's own address arrived"
     );
-    assert_eq!(foreign(status()), u64::from(COUNT), "each one counted");
+    assert_eq!(foreign(status()), u64::from(2 * COUNT), "each one counted");
 
     nodes.node2.netns.ip(&["addr", "del", &cidr, "dev", uplink]);
     wait_until(false, "the removed address stayed in tm_ov_owners");
@@ -1112,8 +1115,12 @@ fn a_node_cannot_send_this_nodes_other_addresses_through_the_tunnel() {
     send();
     assert_eq!(
         got.join().unwrap(),
-        BTreeMap::from([(second, COUNT)]),
+        BTreeMap::from([(second, COUNT), (broadcast, COUNT)]),
         "an outside client's address, once node 2 no longer has it"
     );
-    assert_eq!(foreign(status()), u64::from(COUNT), "none of them counted");
+    assert_eq!(
+        foreign(status()),
+        u64::from(2 * COUNT),
+        "none of them counted"
+    );
 }

@@ -686,14 +686,17 @@ fn own_addrs() -> Option<BTreeSet<IpAddr>> {
         IpAddr::V4(v4) => !(v4.is_loopback() || v4.is_multicast()),
         IpAddr::V6(v6) => !(v6.is_loopback() || v6.is_unicast_link_local() || v6.is_multicast()),
     };
-    let mut found: Vec<(bool, IpAddr)> = all
-        .into_iter()
-        .filter(|(_, p)| kept(&p.addr))
-        .map(|(_, p)| {
-            let host = p.len == if p.addr.is_ipv4() { 32 } else { 128 };
-            (host, p.addr)
-        })
-        .collect();
+    let mut found: Vec<(bool, IpAddr)> = Vec::new();
+    for (_, p) in all.into_iter().filter(|(_, p)| kept(&p.addr)) {
+        let host = p.len == if p.addr.is_ipv4() { 32 } else { 128 };
+        found.push((host, p.addr));
+        // An IPv4 subnet's broadcast address is a martian source to the
+        // kernel too (a /31 and a /32 have none).
+        if let (IpAddr::V4(v4), 0..=30) = (p.addr, p.len) {
+            let broadcast = u32::from(v4) | (u32::MAX >> p.len);
+            found.push((false, IpAddr::V4(broadcast.into())));
+        }
+    }
     found.sort();
     found.dedup_by_key(|(_, a)| *a);
     if found.len() > MAX_OWN_ADDRS
