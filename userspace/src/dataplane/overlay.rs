@@ -101,9 +101,9 @@ pub struct Owners {
 /// containers to this node). An address two nodes claim (tables caught
 /// mid-move) is left out: it is not judged, rather than refused for one of
 /// them. While containers live here, `own` (the addresses of this node's
-/// interfaces) are this node's whatever the tables say: the kernel drops a
-/// packet from one of them as a martian, and one tunnelled in would skip
-/// that check.
+/// interfaces) are this node's whatever the tables say: no other node may
+/// pose as this one to its containers (the kernel drops an IPv4 packet
+/// from outside with one of them as a martian; a tunnelled one skips that).
 pub fn owners(t: &OverlayTables, own: &BTreeSet<std::net::IpAddr>) -> Owners {
     fn claim<A: Ord>(map: &mut BTreeMap<A, Option<[u8; 4]>>, addr: A, node: [u8; 4]) {
         let entry = map.entry(addr).or_insert(Some(node));

@@ -811,7 +811,11 @@ impl LbService {
     /// (`None`: not read this time; tried again at the next change or
     /// [`OWN_ADDRS_RETRY`]).
     async fn refresh_own_addrs(&self, own: Option<BTreeSet<IpAddr>>) {
-        let Some(own) = own else { return };
+        let Some(own) = own else {
+            // What was written stays; read again soon all the same.
+            self.hops.lock().expect("hops lock").own_written = None;
+            return;
+        };
         if self.hops.lock().expect("hops lock").own_written.as_ref() == Some(&own) {
             return;
         }
@@ -842,16 +846,16 @@ impl LbService {
     }
 }
 
+/// How soon this node's addresses are read again after they could not be
+/// read or written.
+const OWN_ADDRS_RETRY: Duration = Duration::from_secs(5);
+
 /// Keeps the remote nodes' next hops current: resolved again when the
 /// configuration's nodes change and when the kernel reports a change of
 /// routes, links or one of the hops' neighbours (a neighbour can change its
 /// MAC, a route its gateway). No polling. A link's change also puts back the
 /// saved targets left out at the start for want of their interface, and an
 /// address change reaches the overlay's list of this node's own addresses.
-/// How soon this node's addresses are read again after they could not be
-/// read or written.
-const OWN_ADDRS_RETRY: Duration = Duration::from_secs(5);
-
 async fn follow_hops(service: Arc<LbService>, stop: CancellationToken) {
     /// Changes come in bursts (a route and its neighbour, many links):
     /// they are collected this long before resolving once.
