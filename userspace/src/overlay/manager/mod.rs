@@ -356,18 +356,28 @@ impl NetManager {
             .collect()
     }
 
+    /// An instance's cost for Closest: 0 here, else its node's
+    /// (`netmanager.node_costs`, or `default_node_cost`).
+    fn cost_of(&self, r: &InstanceRecord) -> u32 {
+        match r.placement {
+            Placement::Local { .. } => 0,
+            Placement::Remote { node, .. } => self
+                .settings
+                .node_costs
+                .get(&node)
+                .copied()
+                .unwrap_or(self.settings.default_node_cost),
+        }
+    }
+
     /// Compiles the state and writes it; on failure the maps keep what they had.
     async fn apply_locked(&self, state: &mut State) -> Result<(), NmError> {
         let settings = self.settings_for(state);
         let owned = self.records(state);
         let records: Vec<&InstanceRecord> = owned.iter().collect();
-        let costs = &self.settings.node_costs;
-        let default_cost = self.settings.default_node_cost;
-        let cost_of = |r: &InstanceRecord| match r.placement {
-            Placement::Local { .. } => 0,
-            Placement::Remote { node, .. } => costs.get(&node).copied().unwrap_or(default_cost),
-        };
-        let tables = state.ids.compile(&records, &settings, &cost_of)?;
+        let tables = state
+            .ids
+            .compile(&records, &settings, &|r| self.cost_of(r))?;
         // New nodes get their neighbour entry before packets go their way;
         // after the write, the `lb` plugin's follower (told by the
         // dataplane) resolves their next hops and keeps them current.

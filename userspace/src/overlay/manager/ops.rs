@@ -451,13 +451,10 @@ impl NetManager {
         let owned = self.records(&state);
         state.feed = before;
         let records: Vec<&InstanceRecord> = owned.iter().collect();
-        let costs = &self.settings.node_costs;
-        let default_cost = self.settings.default_node_cost;
-        let cost_of = |r: &InstanceRecord| match r.placement {
-            Placement::Local { .. } => 0,
-            Placement::Remote { node, .. } => costs.get(&node).copied().unwrap_or(default_cost),
-        };
-        let tables = state.ids.clone().compile(&records, &settings, &cost_of)?;
+        let tables = state
+            .ids
+            .clone()
+            .compile(&records, &settings, &|r| self.cost_of(r))?;
         self.dataplane.check_overlay(&tables).await?;
         Ok(())
     }
