@@ -138,6 +138,8 @@ pub fn take(ctx: &TcContext) -> Option<i32> {
         if (*skb).vlan_present != 0 {
             bpf_skb_vlan_pop(skb);
         }
+        // The port's egress takes it as the overlay's delivery.
+        (*skb).mark = crate::overlay::DELIVERY_MARK;
         Some(bpf_redirect(port, 0) as i32)
     }
 }

@@ -12,10 +12,10 @@ use aya_ebpf::{
     macros::{classifier, xdp},
     programs::{TcContext, XdpContext},
 };
-use tapmesh_common::mirror::{
+use tapmesh_common::{ProgramSlot, mirror::{
     filter_bit, CopyHead, MirrorCounter, COPY_MAX_BYTES, COPY_TC_INDEX, DIRECTION_IN,
     DIRECTION_OUT, RULES_PER_PORT,
-};
+}};
 
 use crate::{
     headers::{ETH_P_8021AD, ETH_P_8021Q},
@@ -198,8 +198,14 @@ pub fn tm_tc_tap_out(ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
+/// On a port's egress (what is sent to it): the copies. On a container's
+/// veth, first the overlay's check of where a service-prefix source came
+/// from, counted with the container's service program (`tc_service`).
 #[classifier]
 pub fn tm_tc_tap_in(ctx: TcContext) -> i32 {
+    if let Err(reason) = crate::overlay::check_delivery(&ctx) {
+        return crate::tc::refused(ProgramSlot::TcService, reason, ctx.len() as u64);
+    }
     copy(&ctx, DIRECTION_IN);
     TC_ACT_OK
 }

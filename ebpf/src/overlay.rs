@@ -198,6 +198,47 @@ pub fn check_untunnelled(parsed: &Parsed) -> Result<(), DropReason> {
     }
 }
 
+/// What an overlay delivery carries in `skb->mark` from the TC redirect
+/// that makes it to the egress of the container's veth, where
+/// [`check_delivery`] reads it. Only programs and sockets of the node's
+/// namespace can set a mark: one from a container's namespace is cleared
+/// as its packet crosses the veth.
+pub const DELIVERY_MARK: u32 = 0x746d_6f76;
+
+/// At the egress of a container's host-side veth (what the node's kernel
+/// sends it, whichever interface it came in by): the same refusal as
+/// [`check_untunnelled`] on the uplink, for every other way in (a second
+/// interface, a port mapping's DNAT). A service-prefix source reaches a
+/// container only as the overlay's own delivery: through XDP, which skips
+/// this hook, or a TC redirect that marks it.
+#[inline(always)]
+pub fn check_delivery(ctx: &TcContext) -> Result<(), DropReason> {
+    // SAFETY: fields of the context's __sk_buff.
+    let (mark, protocol) = unsafe { ((*ctx.skb.skb).mark, (*ctx.skb.skb).protocol) };
+    if mark == DELIVERY_MARK {
+        return Ok(());
+    }
+    if protocol == ETH_P_IPV6.to_be() as u32 {
+        return crate::overlay6::check_delivery(ctx);
+    }
+    if protocol != ETH_P_IP.to_be() as u32 {
+        return Ok(());
+    }
+    let Some(config) = tm_ov_config.get(0) else {
+        return Ok(());
+    };
+    // Source and destination; a packet too short to hold them has neither.
+    let Ok(addrs) = ctx.load::<[[u8; 4]; 2]>(ETH_LEN + 12) else {
+        return Ok(());
+    };
+    // SAFETY: both words are inside `addrs`.
+    let (src, dst) = unsafe { (load32(&addrs[0]), load32(&addrs[1])) };
+    if in_prefix(config, src) && local_at(dst).is_some() {
+        return Err(DropReason::ServiceSourceOutsideTunnel);
+    }
+    Ok(())
+}
+
 /// Sends the kernel one notice per unknown service IP in `tm_ov_pending`.
 #[inline(always)]
 fn signal_miss(ip: &Ip4) {
@@ -809,6 +850,7 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         let pkt = Packet::new(ctx.data(), ctx.data_end(), pkt.wire_len);
         let eth: *mut EthHdr = pkt.header_mut(0, DropReason::TruncatedEthernet)?;
         write_macs(eth, &inst.dst_mac, &inst.src_mac, ETH_P_IP.to_be_bytes());
+        ctx.set_mark(DELIVERY_MARK);
         // SAFETY: a plain helper call.
         return Ok(unsafe { bpf_redirect(inst.ifindex, 0) } as i32);
     }

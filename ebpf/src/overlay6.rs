@@ -435,6 +435,7 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         let pkt = Packet::new(ctx.data(), ctx.data_end(), pkt.wire_len);
         let eth: *mut EthHdr = pkt.header_mut(0, DropReason::TruncatedEthernet)?;
         write_macs(eth, &inst.dst_mac, &inst.src_mac, ETH_P_IPV6.to_be_bytes());
+        ctx.set_mark(crate::overlay::DELIVERY_MARK);
         // SAFETY: a plain helper call.
         return Ok(unsafe { bpf_redirect(inst.ifindex, 0) } as i32);
     }
@@ -597,6 +598,25 @@ pub fn check_untunnelled(parsed: &Parsed) -> Result<(), DropReason> {
     let dst = crate::lb::addr_bytes(&parsed.dst_addr);
     // SAFETY: the value is only tested for presence.
     match unsafe { tm_ov_locals6.get(&dst) } {
+        Some(_) => Err(DropReason::ServiceSourceOutsideTunnel),
+        None => Ok(()),
+    }
+}
+
+/// `overlay::check_delivery` for an unmarked IPv6 packet.
+#[inline(always)]
+pub fn check_delivery(ctx: &TcContext) -> Result<(), DropReason> {
+    let Some(config) = tm_ov_config6.get(0) else {
+        return Ok(());
+    };
+    let Ok(addrs) = ctx.load::<[Addr6; 2]>(ETH_LEN + 8) else {
+        return Ok(());
+    };
+    if !in_prefix(config, &addrs[0]) {
+        return Ok(());
+    }
+    // SAFETY: the value is only tested for presence.
+    match unsafe { tm_ov_locals6.get(&addrs[1]) } {
         Some(_) => Err(DropReason::ServiceSourceOutsideTunnel),
         None => Ok(()),
     }

@@ -117,6 +117,13 @@ impl From<Result<i32, DropReason>> for Packed {
     }
 }
 
+/// A drop outside the programs above (`mirror::tm_tc_tap_in`), counted
+/// as theirs are, under `slot`.
+#[inline(always)]
+pub fn refused(slot: ProgramSlot, reason: DropReason, bytes: u64) -> i32 {
+    tc_outcome(&Stats::of(slot), bytes, Err(reason))
+}
+
 #[inline(always)]
 fn tc_outcome(stats: &Stats, bytes: u64, result: Result<i32, DropReason>) -> i32 {
     tc_packed(stats, bytes, Packed::from(result))

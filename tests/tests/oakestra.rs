@@ -417,6 +417,40 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
     let all = wait_until(Duration::from_secs(2), || refused() - before == 20);
     assert!(all, "{} of 20 plain packets refused", refused() - before);
 
+    // Nor by another way in: routed to the node through a second interface,
+    // which no XDP program watches, the same source is refused at web#0's
+    // veth, while a source outside the service prefix gets through there.
+    let side = Netns::new("oas");
+    tapmesh_tests::link(&n1.netns, "198.51.100.1/24", &side, "198.51.100.2/24");
+    side.ip(&["addr", "add", &format!("{OAK_IP}/32"), "dev", "lo"]);
+    side.ip(&["route", "add", &format!("{ns0}/32"), "via", "198.51.100.1"]);
+    let answered = spawn_in(&side.name, move || {
+        let s = UdpSocket::bind(("198.51.100.2", 40002)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(b"side", (ns0, UDP_PORT)).unwrap();
+        let mut buf = [0u8; 64];
+        s.recv_from(&mut buf).map(|(n, _)| buf[..n].to_vec()).ok()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(answered.as_deref(), Some(&b"web0"[..]), "the side way in works");
+    let refused_at_veth = || {
+        let counters = n1.daemon.as_ref().unwrap().status();
+        named(&counters, "tc_service", "service_source_outside_tunnel")
+    };
+    let before = refused_at_veth();
+    spawn_in(&side.name, move || {
+        let s = UdpSocket::bind((OAK_IP, 40003)).unwrap();
+        for _ in 0..20 {
+            s.send_to(b"forged", (ns0, UDP_PORT)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let all = wait_until(Duration::from_secs(2), || refused_at_veth() - before == 20);
+    assert!(all, "{} of 20 refused at the veth", refused_at_veth() - before);
+    drop(side);
+
     // OAK's interest came with the table; unused for 10 s, it is removed
     // (unsubscribed, interest/remove, entries dropped). WEB, deployed here, stays.
     let asked = Instant::now();

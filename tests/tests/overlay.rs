@@ -1723,6 +1723,25 @@ fn port_mappings_forward_node_ports_to_the_container_until_undeploy() {
         .unwrap()
     };
     assert_eq!((udp.as_str(), tcp.as_str()), ("web0", "web0"));
+    // A service-prefix source is the tunnel's alone: sent in plain IP to
+    // the node port, it passes the uplink (its destination is the node)
+    // and the DNAT, and is refused at the container's veth.
+    let refused = || {
+        let status = n1.daemon.as_ref().unwrap().status();
+        named(&status, "tc_service", "service_source_outside_tunnel")
+    };
+    let before = refused();
+    n2.netns.ip(&["addr", "add", "203.0.113.77/32", "dev", "lo"]);
+    spawn_in(&n2.netns.name, || {
+        let s = UdpSocket::bind("203.0.113.77:40000").unwrap();
+        for _ in 0..20 {
+            s.send_to(b"forged", (NODE1, 8080)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let all = tapmesh_tests::net::wait_until(Duration::from_secs(2), || refused() - before == 20);
+    assert!(all, "{} of 20 refused at the veth", refused() - before);
     let (_, rules) = run(
         &n1.netns,
         &["nft", "list", "table", "ip", "tapmesh_netmanager"],
@@ -2083,6 +2102,47 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     assert_eq!(requests, 3, "{copies:?}");
     // Anything else copied (neighbour discovery) is counted too, no more.
     assert_eq!(listing[0]["mirrored_packets"], copies.len(), "{listing}");
+
+    // An IPv6 service-prefix source routed to node 1 through a second
+    // interface (no XDP there) is refused at web#0's veth; another source
+    // gets through the same way.
+    let n1 = &nodes.node1;
+    let side = Netns::new("ov6s");
+    for ns in [&n1.netns, &side] {
+        for key in ["all.disable_ipv6=0", "default.disable_ipv6=0", "default.accept_dad=0"] {
+            ns.exec(&["sysctl", "-qw", &format!("net.ipv6.conf.{key}")]);
+        }
+    }
+    n1.netns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    tapmesh_tests::link(&n1.netns, "2001:db8:99::1/64", &side, "2001:db8:99::2/64");
+    side.ip(&["-6", "addr", "add", "2001:db8:ff::77/128", "dev", "lo"]);
+    side.ip(&["-6", "route", "add", &format!("{}/128", web0_ns.1), "via", "2001:db8:99::1"]);
+    let web0_6: std::net::Ipv6Addr = web0_ns.1.parse().unwrap();
+    let answered = spawn_in(&side.name, move || {
+        let s = UdpSocket::bind("[2001:db8:99::2]:40002").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        s.send_to(b"side", (web0_6, UDP_PORT)).unwrap();
+        let mut buf = [0u8; 64];
+        s.recv_from(&mut buf).map(|(n, _)| buf[..n].to_vec()).ok()
+    })
+    .join()
+    .unwrap();
+    assert_eq!(answered.as_deref(), Some(&b"web0"[..]), "the side way in works");
+    let refused = || {
+        let status = n1.daemon.as_ref().unwrap().status();
+        named(&status, "tc_service", "service_source_outside_tunnel")
+    };
+    let before = refused();
+    spawn_in(&side.name, move || {
+        let s = UdpSocket::bind("[2001:db8:ff::77]:40003").unwrap();
+        for _ in 0..20 {
+            s.send_to(b"forged", (web0_6, UDP_PORT)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let all = tapmesh_tests::net::wait_until(Duration::from_secs(2), || refused() - before == 20);
+    assert!(all, "{} of 20 refused at the veth", refused() - before);
 }
 
 const ECHO_PORT: u16 = 7003;
