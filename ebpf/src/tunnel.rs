@@ -365,10 +365,11 @@ pub fn decapsulate(
     if martian_source(pkt, inner, l3)? {
         return Err(DropReason::TunnelForeignSource);
     }
+    // Forwarded, as a router would: one hop less, none left is the end of
+    // it. A hop limit of 255 is what neighbour discovery trusts as sent on
+    // the link, a TTL of 255 what GTSM (RFC 5082) trusts as one hop away;
+    // through the tunnel neither arrives so.
     if l3 == L3::V6 {
-        // Forwarded, as a router would: one hop less, none left is the end
-        // of it. A hop limit of 255 is what neighbour discovery trusts as
-        // sent on the link; through the tunnel it never arrives so.
         let h: *mut [u8; 8] = pkt.header_mut(inner, DropReason::BadTunnelPacket)?;
         // SAFETY: inside the 8 bytes just checked.
         unsafe {
@@ -377,6 +378,20 @@ pub fn decapsulate(
                 return Err(DropReason::BadTunnelPacket);
             }
             (*h)[7] = hops - 1;
+        }
+    } else {
+        let h: *mut [[u8; 2]; 6] = pkt.header_mut(inner, DropReason::BadTunnelPacket)?;
+        // SAFETY: inside the 12 bytes just checked.
+        unsafe {
+            let ttl = (*h)[4][0];
+            if ttl <= 1 {
+                return Err(DropReason::BadTunnelPacket);
+            }
+            (*h)[4][0] = ttl - 1;
+            // The checksum follows (RFC 1624), as the kernel's
+            // `ip_decrease_ttl`: the TTL's word lost 0x0100.
+            let sum = u32::from(u16::from_be_bytes((*h)[5])) + 0x0100;
+            (*h)[5] = ((sum + u32::from(sum >= 0xffff)) as u16).to_be_bytes();
         }
     }
     let outer: *const [[u8; 4]; 3] = pkt.header(0, DropReason::TruncatedEthernet)?;

@@ -592,13 +592,17 @@ impl Node {
             if forged {
                 return Err(bare(D::TunnelForeignSource));
             }
-            // IPv6 is forwarded one hop on, or not at all.
-            if !v4 {
-                let hops = frame[inner_at + 7];
-                if hops <= 1 {
-                    return Err(bare(D::BadTunnelPacket));
-                }
-                frame[inner_at + 7] = hops - 1;
+            // Forwarded one hop on, or not at all: the hop limit, or the
+            // TTL and the checksum as the kernel's `ip_decrease_ttl` has it.
+            let at = inner_at + if v4 { 8 } else { 7 };
+            if frame[at] <= 1 {
+                return Err(bare(D::BadTunnelPacket));
+            }
+            frame[at] -= 1;
+            if v4 {
+                let sum = u32::from(u16::from_be_bytes([frame[inner_at + 10], frame[inner_at + 11]])) + 0x0100;
+                let sum = (sum + u32::from(sum >= 0xffff)) as u16;
+                frame[inner_at + 10..inner_at + 12].copy_from_slice(&sum.to_be_bytes());
             }
             let mut inner = frame[..12].to_vec();
             inner.extend_from_slice(&ether_type.to_be_bytes());

@@ -1449,15 +1449,37 @@ fn tunnel_packets_are_decapsulated() {
     let inner = udp4(CLIENT, VIP4, 40000, 1500, b"through the tunnel");
     let outer = tunnel(REMOTE_NODE, NODE, TUNNEL_PORT, &inner);
     let (dst, src) = local_macs("s-dst/1");
+    // Forwarded: one TTL less (64 → 63), its header checksum made anew.
+    let mut forwarded = inner.clone();
+    forwarded[8] = 63;
+    forwarded[10..12].fill(0);
+    let sum = tapmesh_tests::frames::internet_checksum(&[&forwarded[..20]]);
+    forwarded[10..12].copy_from_slice(&sum.to_be_bytes());
     let want = Expect {
         action: XDP_REDIRECT,
-        output: Some(ethernet(dst, src, &[], 0x0800, &inner)),
+        output: Some(ethernet(dst, src, &[], 0x0800, &forwarded)),
         protocols: vec![P::Ipv4, P::Udp],
         drop: None,
         lb: strings(&["vip:vip4", "flow:dst-range", "target:s-dst/1"]),
         lb_bytes: (14 + inner.len()) as u64,
     };
     failures.extend(lab.check("inner ipv4 to a local target", &outer, &want));
+    // A TTL of 1 has no hop left: dropped, nothing changed.
+    let mut last_hop = inner.clone();
+    last_hop[8] = 1;
+    last_hop[10..12].fill(0);
+    let sum = tapmesh_tests::frames::internet_checksum(&[&last_hop[..20]]);
+    last_hop[10..12].copy_from_slice(&sum.to_be_bytes());
+    let outer_last = tunnel(REMOTE_NODE, NODE, TUNNEL_PORT, &last_hop);
+    let want = Expect {
+        action: XDP_DROP,
+        output: Some(outer_last.clone()),
+        protocols: vec![],
+        drop: Some(D::BadTunnelPacket),
+        lb: vec![],
+        lb_bytes: 0,
+    };
+    failures.extend(lab.check("inner ipv4 with ttl 1", &outer_last, &want));
 
     // IPv6 inside: the three-target stream, the target the hash picks.
     let inner6 = udp6(CLIENT6, VIP6, 40000, 53, b"v6 through the tunnel");
@@ -1531,5 +1553,5 @@ fn tunnel_packets_are_decapsulated() {
         &other_port,
         &pass(&other_port, &[P::Ipv4, P::Udp]),
     ));
-    assert_all(failures, 6);
+    assert_all(failures, 7);
 }

@@ -567,6 +567,45 @@ fn ipv6_through_the_tunnel_loses_one_hop_and_none_left_is_dropped() {
     }
 }
 
+/// IPv4 as IPv6: one TTL less on the way through the tunnel, with the
+/// header checksum the kernel's `ip_decrease_ttl` gives (computed here
+/// anew), and a TTL of 1 or 0 is the end of it.
+#[test]
+fn ipv4_through_the_tunnel_loses_one_ttl_and_none_left_is_dropped() {
+    use tapmesh_tests::frames::internet_checksum;
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut bpf = with_tunnel();
+    let mut writer = OverlayWriter::default();
+    writer.apply(&mut bpf.ebpf, &tables()).expect("apply");
+    let with_ttl = |ttl: u8| {
+        let mut p = udp4(ON_A, HERE, 40000, 7000, b"x");
+        p[8] = ttl;
+        p[10..12].fill(0);
+        let sum = internet_checksum(&[&p[..20]]);
+        p[10..12].copy_from_slice(&sum.to_be_bytes());
+        p
+    };
+    const XDP_REDIRECT: u32 = 4;
+    for (sent, arrived) in [(255u8, 254u8), (64, 63), (2, 1)] {
+        let run = bpf.run("tm_xdp_uplink", &tunnel(NODE_A, NODE, PORT, &with_ttl(sent)), 1);
+        assert_eq!(run.action, XDP_REDIRECT, "ttl {sent}");
+        // Ethernet, then the IPv4 header: its TTL is byte 8, and the rest
+        // is as a sender with that TTL would have made it.
+        let want = with_ttl(arrived);
+        assert_eq!(&run.output[14..14 + want.len()], &want[..], "ttl {sent}");
+    }
+    let bad = DropReason::BadTunnelPacket;
+    for sent in [1u8, 0] {
+        let before = bpf.stats(ProgramSlot::XdpUplink).drops.get(bad);
+        let run = bpf.run("tm_xdp_uplink", &tunnel(NODE_A, NODE, PORT, &with_ttl(sent)), 1);
+        assert_eq!(run.action, 1, "ttl {sent}: dropped");
+        let after = bpf.stats(ProgramSlot::XdpUplink).drops.get(bad);
+        assert_eq!(after - before, 1, "ttl {sent}: counted once");
+    }
+}
+
 /// A node no table or setting names yet (its packets dropped as
 /// `tunnel_unknown_node`) makes this node ask about the inner source of a
 /// packet for a container here, an instance IP in the service prefix no
