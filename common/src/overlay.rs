@@ -365,7 +365,8 @@ pub struct Miss6 {
     pub client_addr: Addr6,
     pub port: u16,
     pub protocol: u8,
-    pub _pad: u8,
+    /// [`MISS_FROM_STRANGER`], or 0.
+    pub flags: u8,
 }
 
 /// What the kernel tells userspace about a service IP it does not know.

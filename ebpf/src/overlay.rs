@@ -632,7 +632,7 @@ fn unknown_source(ip: &Ip4) -> Result<(), DropReason> {
 
 /// A plain tunnel packet from a node no table or setting names yet
 /// (dropped as `tunnel_unknown_node` by the caller): when its inner IPv4
-/// packet is for a container here from a service-prefix address no table
+/// or IPv6 (`overlay6::ask_about_sender`) packet is for a container here from a service-prefix address no table
 /// holds, that address is asked for as an unknown source from a known node
 /// is ([`unknown_source`]). The cluster's answer places the address on its
 /// node, which may use the tunnel from then on: nodes that join later reach
@@ -644,6 +644,10 @@ pub fn ask_about_sender(ctx: &XdpContext) {
     let Ok(h) = pkt.header::<[u8; 20]>(tunnel::OUTER_LEN, DropReason::BadTunnelPacket) else {
         return;
     };
+    // SAFETY: inside the 20 bytes just checked.
+    if unsafe { (*h)[0] } >> 4 == 6 {
+        return crate::overlay6::ask_about_sender(&pkt, tunnel::OUTER_LEN);
+    }
     // SAFETY: every load is inside the 20 bytes just checked.
     let (version_ihl, protocol, src, dst) = unsafe {
         let w = h as *const [u8; 4];
@@ -680,7 +684,7 @@ pub fn ask_about_sender(ctx: &XdpContext) {
 
 /// How old a stranger's pending ask may be before it is asked again (the
 /// daemon clears its entries after 1 s).
-const STALE_PENDING_NS: u64 = 3_000_000_000;
+pub const STALE_PENDING_NS: u64 = 3_000_000_000;
 
 /// Whether strangers together have asked fewer than
 /// [`STRANGER_ASKS_PER_SECOND`] times this second (counted here): an
@@ -688,7 +692,7 @@ const STALE_PENDING_NS: u64 = 3_000_000_000;
 /// daemon and a query to the cluster. Not atomic: CPUs racing may ask a
 /// few more.
 #[inline(always)]
-fn stranger_may_ask() -> bool {
+pub fn stranger_may_ask() -> bool {
     let Some(slot) = tm_ov_asks.get_ptr_mut(0) else {
         return false;
     };

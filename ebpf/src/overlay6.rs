@@ -231,7 +231,7 @@ fn signal_miss(s: &mut Scratch6) {
         s.miss.client_addr = s.key.src;
         s.miss.port = s.key.dst_port;
         s.miss.protocol = s.key.protocol;
-        s.miss._pad = 0;
+        s.miss.flags = 0;
         if tm_ov_misses.output_untyped::<Miss6>(&s.miss, 0).is_err() {
             let _ = tm_ov_pending6.remove(&s.key.dst);
         }
@@ -649,7 +649,7 @@ fn unknown_source(src: &Addr6, dst: &Addr6, protocol: u8) -> bool {
             s.miss.client_addr = *dst;
             s.miss.port = 0;
             s.miss.protocol = protocol;
-            s.miss._pad = 0;
+            s.miss.flags = 0;
             tm_ov_misses.output_untyped::<Miss6>(&s.miss, 0).is_ok()
         });
         if !told {
@@ -657,6 +657,60 @@ fn unknown_source(src: &Addr6, dst: &Addr6, protocol: u8) -> bool {
         }
     }
     true
+}
+
+/// `overlay::ask_about_sender` for an inner IPv6 packet (its header at
+/// `at`): a service-prefix source no table holds, for a container here, is
+/// asked about within the strangers' budget.
+#[inline(always)]
+pub fn ask_about_sender(pkt: &Packet, at: usize) {
+    let Ok(h) = pkt.header::<[[u8; 4]; 10]>(at, DropReason::BadTunnelPacket) else {
+        return;
+    };
+    let Some(config) = tm_ov_config6.get(0) else {
+        return;
+    };
+    let (mut src, mut dst) = ([0u8; 16], [0u8; 16]);
+    // SAFETY: the addresses (bytes 8..40) are inside the 40 bytes just checked.
+    unsafe {
+        let h = h as *const u8;
+        core::ptr::copy_nonoverlapping(h.add(8), src.as_mut_ptr(), 16);
+        core::ptr::copy_nonoverlapping(h.add(24), dst.as_mut_ptr(), 16);
+    }
+    // SAFETY: the values are only tested for presence.
+    let (known, local) = unsafe {
+        (tm_ov_services6.get(&src).is_some(), tm_ov_locals6.get(&dst).is_some())
+    };
+    if known || !local || !in_prefix(config, &src) {
+        return;
+    }
+    // As for IPv4: a pending address spends nothing, a stale one is asked again.
+    // SAFETY: a plain helper call; the value is read right away.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let pending = match unsafe { tm_ov_pending6.get(&src) } {
+        Some(t) if now.wrapping_sub(*t) < crate::overlay::STALE_PENDING_NS => true,
+        Some(_) => {
+            let _ = tm_ov_pending6.remove(&src);
+            false
+        }
+        None => false,
+    };
+    if pending || !crate::overlay::stranger_may_ask() {
+        return;
+    }
+    if tm_ov_pending6.insert(&src, &now, BPF_NOEXIST as u64).is_ok() {
+        let miss = Miss6 {
+            service_addr: src,
+            client_addr: dst,
+            port: 0,
+            // SAFETY: inside the header checked above.
+            protocol: unsafe { (*h)[1][2] },
+            flags: tapmesh_common::overlay::MISS_FROM_STRANGER,
+        };
+        if tm_ov_misses.output_untyped::<Miss6>(&miss, 0).is_err() {
+            let _ = tm_ov_pending6.remove(&src);
+        }
+    }
 }
 
 /// XDP on the uplink, after `tunnel::decapsulate`: an IPv6 packet for one of this node's containers gets

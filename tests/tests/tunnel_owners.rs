@@ -683,6 +683,38 @@ fn a_strangers_first_packet_is_asked_about_with_or_without_ip_options() {
         asked(&mut bpf, left, &[]),
         [(left, HERE, MISS_FROM_STRANGER)]
     );
+
+    // An inner IPv6 packet the same way: its source asked about once, as a
+    // stranger's; a repeat is not asked again, nor one for no container
+    // here.
+    let asked6 = |bpf: &mut Bpf, src: Ipv6Addr, dst: Ipv6Addr| {
+        let inner = udp6(src, dst, 40000, 7000, b"x");
+        let run = bpf.run("tm_xdp_uplink", &tunnel(stranger, NODE, PORT, &inner), 1);
+        assert_eq!(run.action, 1, "a stranger's packet is dropped");
+        let mut ring =
+            aya::maps::RingBuf::try_from(bpf.ebpf.map_mut(n::OV_MISSES).expect("misses"))
+                .expect("a ring buffer");
+        let mut found = Vec::new();
+        while let Some(item) = ring.next() {
+            assert_eq!(item.len(), std::mem::size_of::<Miss6>(), "an IPv6 report");
+            // SAFETY: the kernel wrote a `Miss6` (size checked); read unaligned.
+            let m: Miss6 = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss6) };
+            found.push((
+                Ipv6Addr::from(m.service_addr),
+                Ipv6Addr::from(m.client_addr),
+                m.protocol,
+                m.flags,
+            ));
+        }
+        found
+    };
+    let (src6, here6) = (v6(0x81), v6(0x1));
+    assert_eq!(
+        asked6(&mut bpf, src6, here6),
+        [(src6, here6, 17, MISS_FROM_STRANGER)]
+    );
+    assert_eq!(asked6(&mut bpf, src6, here6), []);
+    assert_eq!(asked6(&mut bpf, v6(0x82), v6(0x2)), []);
 }
 
 /// Outside the tunnel (routed to the node as plain IP), a packet for a

@@ -301,7 +301,8 @@ async fn read_misses(
                 // SAFETY: the kernel wrote a `Miss6` (size checked); read unaligned.
                 let miss: Miss6 =
                     unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss6) };
-                found.push((std::net::IpAddr::from(miss.service_addr), false));
+                let stranger = miss.flags & tapmesh_common::overlay::MISS_FROM_STRANGER != 0;
+                found.push((std::net::IpAddr::from(miss.service_addr), stranger));
             } else if item.len() >= std::mem::size_of::<Miss>() {
                 // SAFETY: the kernel wrote a `Miss` (size checked); read unaligned.
                 let miss: Miss = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss) };
