@@ -600,7 +600,10 @@ impl Node {
             }
             frame[at] -= 1;
             if v4 {
-                let sum = u32::from(u16::from_be_bytes([frame[inner_at + 10], frame[inner_at + 11]])) + 0x0100;
+                let sum = u32::from(u16::from_be_bytes([
+                    frame[inner_at + 10],
+                    frame[inner_at + 11],
+                ])) + 0x0100;
                 let sum = (sum + u32::from(sum >= 0xffff)) as u16;
                 frame[inner_at + 10..inner_at + 12].copy_from_slice(&sum.to_be_bytes());
             }

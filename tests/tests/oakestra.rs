@@ -433,7 +433,11 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
     })
     .join()
     .unwrap();
-    assert_eq!(answered.as_deref(), Some(&b"web0"[..]), "the side way in works");
+    assert_eq!(
+        answered.as_deref(),
+        Some(&b"web0"[..]),
+        "the side way in works"
+    );
     let refused_at_veth = || {
         let counters = n1.daemon.as_ref().unwrap().status();
         named(&counters, "tc_service", "service_source_outside_tunnel")
@@ -448,7 +452,11 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
     .join()
     .unwrap();
     let all = wait_until(Duration::from_secs(2), || refused_at_veth() - before == 20);
-    assert!(all, "{} of 20 refused at the veth", refused_at_veth() - before);
+    assert!(
+        all,
+        "{} of 20 refused at the veth",
+        refused_at_veth() - before
+    );
     drop(side);
 
     // OAK's interest came with the table; unused for 10 s, it is removed

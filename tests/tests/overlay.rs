@@ -1731,7 +1731,8 @@ fn port_mappings_forward_node_ports_to_the_container_until_undeploy() {
         named(&status, "tc_service", "service_source_outside_tunnel")
     };
     let before = refused();
-    n2.netns.ip(&["addr", "add", "203.0.113.77/32", "dev", "lo"]);
+    n2.netns
+        .ip(&["addr", "add", "203.0.113.77/32", "dev", "lo"]);
     spawn_in(&n2.netns.name, || {
         let s = UdpSocket::bind("203.0.113.77:40000").unwrap();
         for _ in 0..20 {
@@ -2109,14 +2110,26 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     let n1 = &nodes.node1;
     let side = Netns::new("ov6s");
     for ns in [&n1.netns, &side] {
-        for key in ["all.disable_ipv6=0", "default.disable_ipv6=0", "default.accept_dad=0"] {
+        for key in [
+            "all.disable_ipv6=0",
+            "default.disable_ipv6=0",
+            "default.accept_dad=0",
+        ] {
             ns.exec(&["sysctl", "-qw", &format!("net.ipv6.conf.{key}")]);
         }
     }
-    n1.netns.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+    n1.netns
+        .exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
     tapmesh_tests::link(&n1.netns, "2001:db8:99::1/64", &side, "2001:db8:99::2/64");
     side.ip(&["-6", "addr", "add", "2001:db8:ff::77/128", "dev", "lo"]);
-    side.ip(&["-6", "route", "add", &format!("{}/128", web0_ns.1), "via", "2001:db8:99::1"]);
+    side.ip(&[
+        "-6",
+        "route",
+        "add",
+        &format!("{}/128", web0_ns.1),
+        "via",
+        "2001:db8:99::1",
+    ]);
     let web0_6: std::net::Ipv6Addr = web0_ns.1.parse().unwrap();
     let answered = spawn_in(&side.name, move || {
         let s = UdpSocket::bind("[2001:db8:99::2]:40002").unwrap();
@@ -2127,7 +2140,11 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     })
     .join()
     .unwrap();
-    assert_eq!(answered.as_deref(), Some(&b"web0"[..]), "the side way in works");
+    assert_eq!(
+        answered.as_deref(),
+        Some(&b"web0"[..]),
+        "the side way in works"
+    );
     let refused = || {
         let status = n1.daemon.as_ref().unwrap().status();
         named(&status, "tc_service", "service_source_outside_tunnel")

@@ -589,7 +589,11 @@ fn ipv4_through_the_tunnel_loses_one_ttl_and_none_left_is_dropped() {
     };
     const XDP_REDIRECT: u32 = 4;
     for (sent, arrived) in [(255u8, 254u8), (64, 63), (2, 1)] {
-        let run = bpf.run("tm_xdp_uplink", &tunnel(NODE_A, NODE, PORT, &with_ttl(sent)), 1);
+        let run = bpf.run(
+            "tm_xdp_uplink",
+            &tunnel(NODE_A, NODE, PORT, &with_ttl(sent)),
+            1,
+        );
         assert_eq!(run.action, XDP_REDIRECT, "ttl {sent}");
         // Ethernet, then the IPv4 header: its TTL is byte 8, and the rest
         // is as a sender with that TTL would have made it.
@@ -599,7 +603,11 @@ fn ipv4_through_the_tunnel_loses_one_ttl_and_none_left_is_dropped() {
     let bad = DropReason::BadTunnelPacket;
     for sent in [1u8, 0] {
         let before = bpf.stats(ProgramSlot::XdpUplink).drops.get(bad);
-        let run = bpf.run("tm_xdp_uplink", &tunnel(NODE_A, NODE, PORT, &with_ttl(sent)), 1);
+        let run = bpf.run(
+            "tm_xdp_uplink",
+            &tunnel(NODE_A, NODE, PORT, &with_ttl(sent)),
+            1,
+        );
         assert_eq!(run.action, 1, "ttl {sent}: dropped");
         let after = bpf.stats(ProgramSlot::XdpUplink).drops.get(bad);
         assert_eq!(after - before, 1, "ttl {sent}: counted once");
