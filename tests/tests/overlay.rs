@@ -2270,10 +2270,34 @@ fn a_restarted_daemon_takes_its_containers_back_whether_their_links_were_kept_or
     answered(&lab, "before any restart");
 
     // Kept: the links stay and the kernel keeps forwarding with no daemon.
+    // An unknown service IP left pending by the stopped daemon (it read the
+    // notice but stopped before it cleared the entry) is reported again by
+    // the next one.
     let client = &lab.client;
+    let pins = lab
+        .nodes
+        .node1
+        .daemon
+        .as_ref()
+        .unwrap()
+        .bpffs_root
+        .join(format!(
+            "v{}/{}",
+            tapmesh_common::SCHEMA_VERSION,
+            tapmesh_common::map_names::OV_PENDING
+        ));
+    const LEFT_PENDING: &str = "203.0.113.99";
     lab.nodes
         .node1
         .restart(&["--keep-dataplane=false"], |node| {
+            let data = aya::maps::MapData::from_pin(&pins).expect("the pinned pending map");
+            let mut pending: aya::maps::HashMap<_, [u8; 4], u64> =
+                aya::maps::HashMap::try_from(aya::maps::Map::LruHashMap(data))
+                    .expect("an LRU hash");
+            let left: Ipv4Addr = LEFT_PENDING.parse().unwrap();
+            pending
+                .insert(left.octets(), 1, 0)
+                .expect("a pending entry");
             assert_eq!(node.container_links(), links, "kept links while stopped");
             let (ok, text) = run(client, &["ping", "-c", "1", "-W", "2", WEB1_IP]);
             assert!(
@@ -2293,6 +2317,19 @@ fn a_restarted_daemon_takes_its_containers_back_whether_their_links_were_kept_or
         "restored instances (2 local, 1 remote): {status}"
     );
     answered(&lab, "after a restart with kept links");
+    let to: Ipv4Addr = LEFT_PENDING.parse().unwrap();
+    spawn_in(&lab.client.name, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"x", (to, UDP_PORT)).unwrap();
+    })
+    .join()
+    .unwrap();
+    let reported = tapmesh_tests::net::wait_until(Duration::from_secs(2), || {
+        lab.nodes.node1.status()["unresolved"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|v| v == LEFT_PENDING))
+    });
+    assert!(reported, "{}", lab.nodes.node1.status());
 
     // Not kept: the stop removes the links, the next daemon makes new ones
     // in the same namespaces with the same addresses and MACs (what an LB

@@ -487,6 +487,14 @@ impl DataplaneHandle {
         }
     }
 
+    /// Lets every address a previous daemon left pending signal a miss again.
+    pub async fn clear_all_overlay_pending(&self) -> usize {
+        match self.running.lock().await.as_mut() {
+            Some(r) => r.overlay.clear_all_pending(&mut r.ebpf),
+            None => 0,
+        }
+    }
+
     /// The ring buffer of overlay misses (taken once: its reader owns it).
     pub async fn take_overlay_misses(
         &self,

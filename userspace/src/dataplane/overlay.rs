@@ -1125,6 +1125,27 @@ impl OverlayWriter {
         }
     }
 
+    /// Forgets every pending miss (a start's first step): an entry a daemon
+    /// read but had no time to clear (it stopped within the second) would
+    /// keep its address from ever being reported again. Returns how many
+    /// went.
+    pub fn clear_all_pending(&self, ebpf: &mut Ebpf) -> usize {
+        let mut cleared = 0;
+        if let Some(map) = ebpf.map_mut(n::OV_PENDING) {
+            if let Ok(mut pending) = BpfHashMap::<&mut MapData, [u8; 4], u64>::try_from(map) {
+                let keys: Vec<[u8; 4]> = pending.keys().filter_map(Result::ok).collect();
+                cleared += keys.iter().filter(|k| pending.remove(k).is_ok()).count();
+            }
+        }
+        if let Some(map) = ebpf.map_mut(n::OV_PENDING6) {
+            if let Ok(mut pending) = BpfHashMap::<&mut MapData, Addr6, u64>::try_from(map) {
+                let keys: Vec<Addr6> = pending.keys().filter_map(Result::ok).collect();
+                cleared += keys.iter().filter(|k| pending.remove(k).is_ok()).count();
+            }
+        }
+        cleared
+    }
+
     /// Packets and bytes per service id and per instance id, summed over CPUs.
     pub fn counters(
         &self,

@@ -222,6 +222,16 @@ impl Plugin for NetManagerPlugin {
             .take_overlay_misses()
             .await
             .map_err(|e| PluginError::new(e.to_string()))?;
+        // A kept dataplane's pending misses: the daemon that read them is
+        // gone, and so is its timer that would have cleared them. Notices
+        // still in the ring are read below and cleared as usual.
+        let left = self.dataplane.clear_all_overlay_pending().await;
+        if left > 0 {
+            tracing::info!(
+                left,
+                "netmanager: pending misses of the previous daemon cleared"
+            );
+        }
         tokio::spawn(read_misses(
             misses,
             manager.clone(),
