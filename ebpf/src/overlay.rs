@@ -232,8 +232,12 @@ pub fn check_delivery(ctx: &TcContext) -> Result<(), DropReason> {
         return Ok(());
     };
     // SAFETY: both words are inside `addrs`.
-    let (src, dst) = unsafe { (load32(&addrs[0]), load32(&addrs[1])) };
-    if in_prefix(config, src) && local_at(dst).is_some() {
+    let src = unsafe { load32(&addrs[0]) };
+    // Every address a container takes packets for: its own, and multicast
+    // or broadcast, which the node can send to its veth too.
+    let dst = addrs[1];
+    let shared = dst[0] >= 224;
+    if in_prefix(config, src) && (shared || local_at(w4(&dst)).is_some()) {
         return Err(DropReason::ServiceSourceOutsideTunnel);
     }
     Ok(())

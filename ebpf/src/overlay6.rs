@@ -615,11 +615,15 @@ pub fn check_delivery(ctx: &TcContext) -> Result<(), DropReason> {
     if !in_prefix(config, &addrs[0]) {
         return Ok(());
     }
+    // The container's own address, and multicast and link-local, which
+    // the node can send to its veth too.
+    let dst = &addrs[1];
+    let on_link = dst[0] == 0xff || dst[0] == 0xfe && dst[1] & 0xc0 == 0x80;
     // SAFETY: the value is only tested for presence.
-    match unsafe { tm_ov_locals6.get(&addrs[1]) } {
-        Some(_) => Err(DropReason::ServiceSourceOutsideTunnel),
-        None => Ok(()),
+    if on_link || unsafe { tm_ov_locals6.get(dst) }.is_some() {
+        return Err(DropReason::ServiceSourceOutsideTunnel);
     }
+    Ok(())
 }
 
 /// `overlay::unknown_source` for IPv6, for a container here: a source in

@@ -2160,6 +2160,105 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     .unwrap();
     let all = tapmesh_tests::net::wait_until(Duration::from_secs(2), || refused() - before == 20);
     assert!(all, "{} of 20 refused at the veth", refused() - before);
+
+    // Nor to the addresses every container takes packets for: multicast
+    // sent by the node itself out of each container's veth, from a
+    // service-prefix source (a socket free to use any source), IPv6 and IPv4.
+    let links: Vec<u32> = n1.container_link_indexes().iter().map(|l| l.0).collect();
+    assert_eq!(links.len(), 2, "client and web#0 on node 1");
+    let before = refused();
+    spawn_in(&n1.netns.name, move || {
+        for &ifindex in &links {
+            let v6 = transparent_udp("[2001:db8:ff::77]:40005".parse().unwrap());
+            let all_nodes =
+                std::net::SocketAddrV6::new("ff02::1".parse().unwrap(), UDP_PORT, 0, ifindex);
+            let v4 = transparent_udp("203.0.113.77:40005".parse().unwrap());
+            let out = libc::ip_mreqn {
+                imr_multiaddr: libc::in_addr { s_addr: 0 },
+                imr_address: libc::in_addr { s_addr: 0 },
+                imr_ifindex: ifindex as i32,
+            };
+            // SAFETY: a plain setsockopt on a live socket with its struct.
+            let rc = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&v4),
+                    libc::IPPROTO_IP,
+                    libc::IP_MULTICAST_IF,
+                    (&raw const out).cast(),
+                    std::mem::size_of::<libc::ip_mreqn>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(
+                rc,
+                0,
+                "IP_MULTICAST_IF: {}",
+                std::io::Error::last_os_error()
+            );
+            for _ in 0..5 {
+                v6.send_to(b"forged", all_nodes).unwrap();
+                v4.send_to(b"forged", ("224.0.0.1", UDP_PORT)).unwrap();
+            }
+        }
+    })
+    .join()
+    .unwrap();
+    let all = tapmesh_tests::net::wait_until(Duration::from_secs(2), || refused() - before == 20);
+    assert!(
+        all,
+        "{} of 20 multicast refused at the veths",
+        refused() - before
+    );
+}
+
+/// A UDP socket bound to `addr` whether or not the node holds it
+/// (`IP_TRANSPARENT` / `IPV6_TRANSPARENT`, as root).
+fn transparent_udp(addr: SocketAddr) -> UdpSocket {
+    use std::os::fd::FromRawFd;
+    let (family, level, option) = match addr {
+        SocketAddr::V4(_) => (libc::AF_INET, libc::IPPROTO_IP, libc::IP_TRANSPARENT),
+        SocketAddr::V6(_) => (libc::AF_INET6, libc::IPPROTO_IPV6, libc::IPV6_TRANSPARENT),
+    };
+    // SAFETY: plain libc calls; the descriptor is owned by the socket made from it.
+    unsafe {
+        let fd = libc::socket(family, libc::SOCK_DGRAM, 0);
+        assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+        let on: libc::c_int = 1;
+        let rc = libc::setsockopt(fd, level, option, (&raw const on).cast(), 4);
+        assert_eq!(rc, 0, "transparent: {}", std::io::Error::last_os_error());
+        let socket = UdpSocket::from_raw_fd(fd);
+        let (raw, len) = match addr {
+            SocketAddr::V4(a) => {
+                let sin = libc::sockaddr_in {
+                    sin_family: libc::AF_INET as libc::sa_family_t,
+                    sin_port: a.port().to_be(),
+                    sin_addr: libc::in_addr {
+                        s_addr: u32::from(*a.ip()).to_be(),
+                    },
+                    sin_zero: [0; 8],
+                };
+                let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+                std::ptr::write((&raw mut storage).cast(), sin);
+                (storage, std::mem::size_of::<libc::sockaddr_in>())
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = libc::sockaddr_in6 {
+                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                    sin6_port: a.port().to_be(),
+                    sin6_flowinfo: 0,
+                    sin6_addr: libc::in6_addr {
+                        s6_addr: a.ip().octets(),
+                    },
+                    sin6_scope_id: 0,
+                };
+                let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+                std::ptr::write((&raw mut storage).cast(), sin6);
+                (storage, std::mem::size_of::<libc::sockaddr_in6>())
+            }
+        };
+        let rc = libc::bind(fd, (&raw const raw).cast(), len as libc::socklen_t);
+        assert_eq!(rc, 0, "bind {addr}: {}", std::io::Error::last_os_error());
+        socket
+    }
 }
 
 const ECHO_PORT: u16 = 7003;
