@@ -1,6 +1,8 @@
 //! Port mirroring: copies of a source interface's packets, by direction and
-//! VLAN, cloned to each tap service's interface. The production packet is
-//! never changed, delayed or dropped here; a failed copy is only counted.
+//! VLAN, cloned to each tap service's interface. The copies never change,
+//! delay or drop the production packet; a failed copy is only counted.
+//! (`tm_tc_tap_in` runs the overlay's delivery check first, on every port
+//! it is attached to: a packet it refuses is dropped, and not copied.)
 //! Copies for a mirror ring go straight into `tm_mirror_copy` (one copy of
 //! the bytes, no clone) unless the ring is fed through AF_XDP.
 
@@ -207,5 +209,14 @@ pub fn tm_tc_tap_in(ctx: TcContext) -> i32 {
         return crate::tc::refused(ProgramSlot::TcService, reason, ctx.len() as u64);
     }
     copy(&ctx, DIRECTION_IN);
+    // The mark was for the check alone: a port whose peer is in this
+    // namespace would hand it on to the node's firewall and routing (a
+    // copy keeps it, so another container's veth takes it too).
+    // SAFETY: fields of the context's __sk_buff; mark is writable from TC.
+    unsafe {
+        if (*ctx.skb.skb).mark == crate::overlay::DELIVERY_MARK {
+            (*ctx.skb.skb).mark = 0;
+        }
+    }
     TC_ACT_OK
 }

@@ -227,9 +227,17 @@ pub fn check_delivery(ctx: &TcContext) -> Result<(), DropReason> {
     let Some(config) = tm_ov_config.get(0) else {
         return Ok(());
     };
-    // Source and destination; a packet too short to hold them has neither.
-    let Ok(addrs) = ctx.load::<[[u8; 4]; 2]>(ETH_LEN + 12) else {
-        return Ok(());
+    // Source and destination, read in place when the headers are linear
+    // (a helper call costs more than the rest of the check); a packet too
+    // short to hold them has neither.
+    let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
+    let addrs = match pkt.header::<[[u8; 4]; 2]>(ETH_LEN + 12, DropReason::TruncatedIpv4) {
+        // SAFETY: the 8 bytes were just checked.
+        Ok(p) => unsafe { *p },
+        Err(_) => match ctx.load::<[[u8; 4]; 2]>(ETH_LEN + 12) {
+            Ok(a) => a,
+            Err(_) => return Ok(()),
+        },
     };
     // SAFETY: both words are inside `addrs`.
     let src = unsafe { load32(&addrs[0]) };

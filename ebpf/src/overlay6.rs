@@ -609,8 +609,15 @@ pub fn check_delivery(ctx: &TcContext) -> Result<(), DropReason> {
     let Some(config) = tm_ov_config6.get(0) else {
         return Ok(());
     };
-    let Ok(addrs) = ctx.load::<[Addr6; 2]>(ETH_LEN + 8) else {
-        return Ok(());
+    // In place when linear, as for IPv4.
+    let pkt = Packet::new(ctx.data(), ctx.data_end(), 0);
+    let addrs = match pkt.header::<[Addr6; 2]>(ETH_LEN + 8, DropReason::TruncatedIpv6) {
+        // SAFETY: the 32 bytes were just checked.
+        Ok(p) => unsafe { *p },
+        Err(_) => match ctx.load::<[Addr6; 2]>(ETH_LEN + 8) {
+            Ok(a) => a,
+            Err(_) => return Ok(()),
+        },
     };
     if !in_prefix(config, &addrs[0]) {
         return Ok(());

@@ -600,6 +600,23 @@ fn ipv4_through_the_tunnel_loses_one_ttl_and_none_left_is_dropped() {
         let want = with_ttl(arrived);
         assert_eq!(&run.output[14..14 + want.len()], &want[..], "ttl {sent}");
     }
+    // Every checksum the header can carry, through the carries of the
+    // incremental update (the identification field moves it): the result
+    // is the checksum computed anew, every time.
+    for id in 0..=u16::MAX {
+        let mut sent = with_ttl(64);
+        sent[4..6].copy_from_slice(&id.to_be_bytes());
+        sent[10..12].fill(0);
+        let sum = internet_checksum(&[&sent[..20]]);
+        sent[10..12].copy_from_slice(&sum.to_be_bytes());
+        let run = bpf.run("tm_xdp_uplink", &tunnel(NODE_A, NODE, PORT, &sent), 1);
+        let mut want = sent.clone();
+        want[8] = 63;
+        want[10..12].fill(0);
+        let sum = internet_checksum(&[&want[..20]]);
+        want[10..12].copy_from_slice(&sum.to_be_bytes());
+        assert_eq!(&run.output[14..14 + want.len()], &want[..], "id {id}");
+    }
     let bad = DropReason::BadTunnelPacket;
     for sent in [1u8, 0] {
         let before = bpf.stats(ProgramSlot::XdpUplink).drops.get(bad);

@@ -179,6 +179,30 @@ pub fn rows(bpf: &mut Bpf, tma_index: u32, tma_mac: [u8; 6]) -> Vec<Row> {
     );
     let (raw, floor) = measure_loop(bpf, "tm_tc_service", &to_outside);
     rows.push(("TC service: not a service IP, pass", raw, floor));
+    // What every packet into a container pays at its veth's egress: the
+    // check of where a service-prefix source came from.
+    let into_container = |src: Ipv4Addr| {
+        ethernet(
+            MAC_A,
+            OUR_MAC,
+            &[],
+            0x0800,
+            &udp4(src, client, 53, 40000, &payload),
+        )
+    };
+    for (src, action, row) in [
+        (outside, 0, "TC container veth egress (tm_tc_tap_in): source outside the service prefix, pass"),
+        (
+            Ipv4Addr::new(203, 0, 113, 77),
+            2,
+            "TC container veth egress (tm_tc_tap_in): service-prefix source, not the overlay's delivery, drop",
+        ),
+    ] {
+        let frame = into_container(src);
+        assert_eq!(bpf.run("tm_tc_tap_in", &frame, 1).action, action, "{row}");
+        let (raw, floor) = measure_loop(bpf, "tm_tc_tap_in", &frame);
+        rows.push((row, raw, floor));
+    }
     let first = bpf.run("tm_tc_service", &to_local, 1);
     assert_eq!(
         first.action, TC_ACT_REDIRECT,
