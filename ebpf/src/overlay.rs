@@ -46,6 +46,7 @@ const ICMP_ECHO: u8 = 8;
 /// An IPv4 packet as the overlay sees it. Addresses are words in memory
 /// order (as they are compared and written back; maps hold their bytes),
 /// ports host order.
+#[derive(Clone, Copy)]
 struct Ip4 {
     /// Offset of the IPv4 header.
     l3: usize,
@@ -64,6 +65,8 @@ struct Ip4 {
     fragment: u8,
     /// The identification field, network order (fragments of a datagram share it).
     id: u16,
+    /// ICMP: the type.
+    icmp_type: u8,
 }
 
 pub const NOT_FRAGMENT: u8 = 0;
@@ -105,7 +108,122 @@ fn ip4_of(p: &Parsed) -> Ip4 {
         header_len: p.l4_offset - p.l3_offset,
         fragment,
         id: p.frag_id as u16,
+        icmp_type: p.icmp_type,
     }
+}
+
+/// The packet an ICMP error quotes (its IPv4 header, 20 bytes, and ports),
+/// addresses as words in memory order.
+#[derive(Clone, Copy)]
+struct Quoted {
+    /// Offset of its IPv4 header.
+    at: usize,
+    protocol: u8,
+    src: u32,
+    dst: u32,
+    src_port: u16,
+    dst_port: u16,
+}
+
+/// The quoted packet of an ICMP error about a TCP or UDP flow (destination
+/// unreachable, time exceeded, parameter problem), when it has a plain
+/// 20-byte header and its ports.
+#[inline(always)]
+fn quoted(pkt: &Packet, ip: &Ip4) -> Option<Quoted> {
+    if ip.protocol != IPPROTO_ICMP
+        || ip.fragment != NOT_FRAGMENT
+        || !(ip.icmp_type == 3 || ip.icmp_type == 11 || ip.icmp_type == 12)
+    {
+        return None;
+    }
+    let at = ip.l4 + 8;
+    let h: *const [[u8; 4]; 6] = pkt.header(at, DropReason::TruncatedIcmp).ok()?;
+    // SAFETY: every load is inside the 24 bytes just checked.
+    let (first, protocol, src, dst, ports) = unsafe {
+        let b = h as *const u8;
+        (
+            *b,
+            *b.add(9),
+            load32(&(*h)[3]),
+            load32(&(*h)[4]),
+            (*h)[5],
+        )
+    };
+    // Its first fragment (offset 0) is the one with ports.
+    // SAFETY: as above.
+    let offset = unsafe { u16::from_be_bytes([(*h)[1][2], (*h)[1][3]]) } & 0x1fff;
+    if first != 0x45 || offset != 0 || !(protocol == IPPROTO_TCP || protocol == IPPROTO_UDP) {
+        return None;
+    }
+    Some(Quoted {
+        at,
+        protocol,
+        src,
+        dst,
+        src_port: u16::from_be_bytes([ports[0], ports[1]]),
+        dst_port: u16::from_be_bytes([ports[2], ports[3]]),
+    })
+}
+
+/// An ICMP error from an instance about a packet it got (the quoted packet
+/// went from the error's destination to its source) seen as the reply it
+/// stands for: the flow, conntrack and translation of that reply.
+#[inline(always)]
+fn as_reply(ip: &Ip4, q: &Quoted) -> Option<Ip4> {
+    (q.src == ip.dst && q.dst == ip.src).then_some(Ip4 {
+        protocol: q.protocol,
+        src_port: q.dst_port,
+        dst_port: q.src_port,
+        tracked: true,
+        ..*ip
+    })
+}
+
+/// Gives the quoted packet the addresses `src`, `dst` (its IPv4 checksum,
+/// its L4 checksum if the error holds it, and the ICMP checksum over them
+/// follow). The ICMP checksum covers no pseudo header: the outer addresses
+/// are the caller's.
+#[inline(always)]
+fn rewrite_quoted(pkt: &Packet, ip: &Ip4, q: &Quoted, src: u32, dst: u32) -> Result<(), DropReason> {
+    // The ICMP header and the quoted IPv4 header through one pointer.
+    // `black_box`: the compiler knows these bytes were checked in `quoted`,
+    // through another pointer, and would drop the check the verifier needs.
+    let l4 = core::hint::black_box(ip.l4);
+    let h: *mut [[u8; 2]; 14] = pkt.header_mut(l4, DropReason::TruncatedIcmp)?;
+    let addrs = csum::diff([q.src, q.dst], [src, dst]);
+    let mut icmp = addrs as u64;
+    // SAFETY: every field is inside the 28 bytes just checked.
+    unsafe {
+        let w = (h as *mut u8).add(8) as *mut [u8; 4];
+        store32(w.add(3), src);
+        store32(w.add(4), dst);
+        let old = load16(&(*h)[9]);
+        let new = csum::apply(old, addrs);
+        store16(&raw mut (*h)[9], new);
+        icmp += csum::diff([old as u32], [new as u32]) as u64;
+    }
+    // The quoted L4 checksum covers the addresses too (a pseudo header);
+    // UDP's is in the 8 bytes every error holds, TCP's only in a longer quote.
+    let at = q.at + 20 + if q.protocol == IPPROTO_UDP { 6 } else { 16 };
+    if let Ok(field) = pkt.header_mut::<[u8; 2]>(at, DropReason::TruncatedIcmp) {
+        // SAFETY: inside the field just checked.
+        unsafe {
+            let old = load16(field);
+            if !(q.protocol == IPPROTO_UDP && old == 0) {
+                let mut new = csum::apply(old, addrs);
+                if q.protocol == IPPROTO_UDP && new == 0 {
+                    new = 0xffff;
+                }
+                store16(field, new);
+                icmp += csum::diff([old as u32], [new as u32]) as u64;
+            }
+        }
+    }
+    let icmp = (icmp & 0xffff_ffff) + (icmp >> 32);
+    let icmp = ((icmp & 0xffff_ffff) + (icmp >> 32)) as u32;
+    // SAFETY: the ICMP checksum (bytes 2..4) is inside the 28 bytes checked above.
+    unsafe { store16(&raw mut (*h)[1], csum::apply(load16(&(*h)[1]), icmp)) };
+    Ok(())
 }
 
 /// An address word as the maps hold it.
@@ -725,6 +843,29 @@ pub fn stranger_may_ask() -> bool {
     }
 }
 
+/// The service IP a container dialled for the flow an ICMP error quotes,
+/// when the error comes from the instance the quoted packet went to: its
+/// reply's reverse entry.
+#[inline(always)]
+fn reverse_quoted(ip: &Ip4, q: &Quoted) -> Option<u32> {
+    if q.src != ip.dst || q.dst != ip.src {
+        return None;
+    }
+    let key = ConntrackKey {
+        src: b4(q.dst),
+        dst: b4(q.src),
+        src_port: q.dst_port,
+        dst_port: q.src_port,
+        protocol: q.protocol,
+        _pad: [0; 3],
+    };
+    // SAFETY: the value is read right away.
+    match unsafe { tm_ov_ct.get(&key) } {
+        Some(ct) if ct.kind == CT_REVERSE && w4(&ct.service_addr) != q.dst => Some(w4(&ct.service_addr)),
+        _ => None,
+    }
+}
+
 /// The reverse translation for a reply about to be delivered: its source
 /// becomes the service IP the client dialled.
 #[inline(always)]
@@ -785,10 +926,18 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     if config.flags & CONFIG_SERVICES_OUTSIDE_PREFIX == 0 && !in_prefix(config, ip.dst) {
         return Ok(TC_ACT_OK);
     }
-    let key = key_of(&ip);
+    // An ICMP error about a flow (a closed port, say) goes as the reply it
+    // stands for, and the packet it quotes is translated with it: the
+    // client's kernel finds its socket by that packet.
+    let quote = match ip.tracked {
+        true => None,
+        false => quoted(&pkt, &ip).and_then(|q| as_reply(&ip, &q).map(|f| (f, q))),
+    };
+    let flow = quote.map_or(ip, |(f, _)| f);
+    let key = key_of(&flow);
     let found = match ip.fragment {
         LATER_FRAGMENT => fragment_binding(&ip),
-        _ => ip.tracked.then(|| established(&key)).flatten(),
+        _ => flow.tracked.then(|| established(&key)).flatten(),
     };
     let binding = match found {
         Some(b) => {
@@ -800,12 +949,12 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
             let service = match unsafe { tm_ov_services.get(&b4(ip.dst)) } {
                 Some(s) => s,
                 None if in_prefix(config, ip.dst) => {
-                    signal_miss(&ip);
+                    signal_miss(&flow);
                     return Err(DropReason::UnknownService);
                 }
                 None => return Ok(TC_ACT_OK),
             };
-            if !ip.tracked {
+            if !flow.tracked {
                 return Err(DropReason::UnsupportedServicePacket);
             }
             let (sender, slot) = sender?;
@@ -817,7 +966,7 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
                     }
                 }
             }
-            bind(&ip, &key, service, w4(&sender.instance_addr))?
+            bind(&flow, &key, service, w4(&sender.instance_addr))?
         }
     };
     let (id, inst) = (binding.id, binding.instance);
@@ -860,6 +1009,11 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     let diff = rewrite_addresses(&pkt, &ip, new_src, new_dst)?;
     if ip.fragment != LATER_FRAGMENT {
         fix_l4_skb(ctx, &ip, diff);
+    }
+    if let Some((_, q)) = quote {
+        // The quoted packet went from the client to the instance.
+        let pkt = Packet::new(ctx.data(), ctx.data_end(), pkt.wire_len);
+        rewrite_quoted(&pkt, &ip, &q, new_dst, new_src)?;
     }
 
     if inst.kind == INSTANCE_LOCAL {
@@ -1047,6 +1201,15 @@ pub fn from_tunnel(ctx: &XdpContext, node: u32) -> Result<Option<u32>, DropReaso
         let diff = rewrite_addresses(pkt, &ip, service_addr, ip.dst)?;
         if ip.fragment != LATER_FRAGMENT {
             fix_l4_full(pkt, &ip, diff)?;
+        }
+    } else if dialled && !ip.tracked {
+        // An ICMP error about a flow the container dialled: from the
+        // service IP it dialled, and so is the packet it quotes.
+        if let Some(q) = quoted(pkt, &ip) {
+            if let Some(service_addr) = reverse_quoted(&ip, &q) {
+                rewrite_addresses(pkt, &ip, service_addr, ip.dst)?;
+                rewrite_quoted(pkt, &ip, &q, q.src, service_addr)?;
+            }
         }
     }
     let eth: *mut EthHdr = pkt.header_mut(0, DropReason::BadTunnelPacket)?;

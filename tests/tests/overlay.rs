@@ -737,6 +737,75 @@ fn a_tap_flow_copies_what_the_tunnel_delivers_into_a_containers_port() {
     assert_eq!(lines.len(), 6, "{lines:?}");
 }
 
+/// An instance's ICMP error (a closed port) reaches the client as the
+/// kernel's NAT delivers one: from the service IP dialled, quoting the
+/// client's own packet, so its connected socket gets ECONNREFUSED, through
+/// an instance on this node and one on the other, by instance IP and RR.
+#[test]
+fn a_closed_port_behind_a_service_ip_is_refused_not_silent() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    use tapmesh_tests::frames::internet_checksum;
+    let lab = lab();
+    let errors = tapmesh_tests::net::IcmpReceiver::start(&lab.client.name);
+    let mut sent = Vec::new();
+    for to in [WEB0_IP, WEB1_IP, RR, RR] {
+        let to: Ipv4Addr = to.parse().unwrap();
+        let (got, from) = spawn_in(&lab.client.name, move || {
+            let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+            s.connect((to, 9)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send(b"anyone?").unwrap();
+            let mut buf = [0u8; 16];
+            (
+                s.recv(&mut buf).map_err(|e| e.kind()),
+                s.local_addr().unwrap(),
+            )
+        })
+        .join()
+        .unwrap();
+        assert_eq!(got, Err(std::io::ErrorKind::ConnectionRefused), "to {to}:9");
+        sent.push((to, from.port()));
+    }
+    // The bytes: each error from the address dialled, quoting the client's
+    // datagram as it left (to that address), the IP and ICMP checksums
+    // valid (the client's kernel checks only the outer ones).
+    let mut quoted: Vec<(Ipv4Addr, u16)> = Vec::new();
+    for p in errors
+        .packets()
+        .iter()
+        .filter(|p| p.len() > 20 && p[20] == 3)
+    {
+        assert_eq!(internet_checksum(&[&p[..20]]), 0, "IP checksum {p:02x?}");
+        assert_eq!(internet_checksum(&[&p[20..]]), 0, "ICMP checksum {p:02x?}");
+        let inner = &p[28..];
+        assert_eq!(
+            internet_checksum(&[&inner[..20]]),
+            0,
+            "quoted IP checksum {p:02x?}"
+        );
+        assert_eq!(
+            &inner[12..16],
+            &p[16..20],
+            "quoted source: the client {p:02x?}"
+        );
+        assert_eq!(
+            &inner[16..20],
+            &p[12..16],
+            "quoted destination: the error's source {p:02x?}"
+        );
+        // (Its UDP checksum is not checked: a datagram that crossed veth
+        // with its checksum offloaded is quoted with the partial one.)
+        let udp = &inner[20..];
+        let dialled = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
+        quoted.push((dialled, u16::from_be_bytes([udp[0], udp[1]])));
+    }
+    quoted.sort();
+    sent.sort();
+    assert_eq!(quoted, sent);
+}
+
 #[test]
 fn a_source_port_used_again_for_another_service_ip_gets_its_answers_from_that_one() {
     if !kernel_tests_enabled() {
