@@ -49,6 +49,7 @@ const QUOTE_LEN: usize = IP6_LEN + 256;
 /// An IPv6 packet as the overlay sees it (`parse` read it). Its addresses
 /// and ports are in the scratch key, its datagram in the scratch fragment
 /// key.
+#[derive(Clone, Copy)]
 struct Ip6 {
     l3: usize,
     l4: usize,
@@ -59,6 +60,95 @@ struct Ip6 {
     total_len: u16,
     /// [`NOT_FRAGMENT`], [`FIRST_FRAGMENT`] or [`LATER_FRAGMENT`].
     fragment: u8,
+}
+
+/// The packet an ICMPv6 error quotes: its header's offset, protocol and
+/// ports (its addresses are the error's, the other way round).
+#[derive(Clone, Copy)]
+struct Quoted6 {
+    at: usize,
+    protocol: u8,
+    src_port: u16,
+    dst_port: u16,
+}
+
+/// `overlay::quoted` for ICMPv6 (destination unreachable, packet too big,
+/// time exceeded, parameter problem, `kind`): the quoted TCP or UDP packet,
+/// with no extension header, that went from the error's destination to its
+/// source (`s.key`, as the packet arrived).
+#[inline(always)]
+fn quoted(pkt: &Packet, ip: &Ip6, kind: u8, s: &Scratch6) -> Option<Quoted6> {
+    if ip.protocol != IPPROTO_ICMPV6 || ip.fragment != NOT_FRAGMENT || !(1..=4).contains(&kind) {
+        return None;
+    }
+    let at = ip.l4 + 8;
+    let h: *const [[u8; 4]; 11] = pkt.header(at, DropReason::TruncatedIcmp).ok()?;
+    let (src, dst) = (words(&s.key.dst), words(&s.key.src));
+    // SAFETY: every load is inside the 44 bytes just checked.
+    unsafe {
+        let (first, protocol) = ((*h)[0][0], (*h)[1][2]);
+        if first >> 4 != 6 || !(protocol == IPPROTO_TCP || protocol == IPPROTO_UDP) {
+            return None;
+        }
+        for i in 0..4 {
+            if load32(&(*h)[2 + i]) != src[i] || load32(&(*h)[6 + i]) != dst[i] {
+                return None;
+            }
+        }
+        let ports = (*h)[10];
+        Some(Quoted6 {
+            at,
+            protocol,
+            src_port: u16::from_be_bytes([ports[0], ports[1]]),
+            dst_port: u16::from_be_bytes([ports[2], ports[3]]),
+        })
+    }
+}
+
+/// Makes `s.key` the reply an error with quote `q` stands for (`ip`'s
+/// protocol and ports become the quoted flow's, the other way round).
+#[inline(always)]
+fn as_reply(ip: &Ip6, q: &Quoted6, s: &mut Scratch6) -> Ip6 {
+    s.key.protocol = q.protocol;
+    s.key.src_port = q.dst_port;
+    s.key.dst_port = q.src_port;
+    Ip6 {
+        protocol: q.protocol,
+        tracked: true,
+        ..*ip
+    }
+}
+
+/// Gives the quoted packet the addresses `src`, `dst`, whose change from
+/// what it holds adds up to `diff` (as the error's own addresses: they are
+/// the same two, swapped), and its L4 checksum if quoted. Returns what the
+/// ICMPv6 checksum must add for the quote.
+#[inline(always)]
+fn rewrite_quoted(pkt: &Packet, q: &Quoted6, src: &Addr6, dst: &Addr6, diff: u64) -> Result<u64, DropReason> {
+    // `black_box`: `quoted` checked these bytes through another pointer,
+    // and the compiler would drop the check the verifier needs.
+    let at = core::hint::black_box(q.at);
+    let h: *mut Ipv6Hdr = pkt.header_mut(at, DropReason::TruncatedIcmp)?;
+    // SAFETY: both fields are inside the header just checked.
+    unsafe {
+        store_addr(&raw mut (*h).src, src);
+        store_addr(&raw mut (*h).dst, dst);
+    }
+    let mut icmp = diff;
+    let l4 = at + IP6_LEN + if q.protocol == IPPROTO_UDP { 6 } else { 16 };
+    if let Ok(field) = pkt.header_mut::<[u8; 2]>(l4, DropReason::TruncatedIcmp) {
+        // SAFETY: inside the field just checked.
+        unsafe {
+            let old = load16(field);
+            let mut new = csum::apply(old, fold32(diff));
+            if q.protocol == IPPROTO_UDP && new == 0 {
+                new = 0xffff;
+            }
+            store16(field, new);
+            icmp += (!old as u32 & 0xffff) as u64 + new as u64;
+        }
+    }
+    Ok(icmp)
 }
 
 /// This CPU's working space.
@@ -398,7 +488,17 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     if config6.flags & CONFIG_SERVICES_OUTSIDE_PREFIX == 0 && !in_prefix(config6, &s.key.dst) {
         return Ok(TC_ACT_OK);
     }
-    let Some((id, service, inst)) = binding(s, &ip, config6, sender)? else {
+    // An ICMPv6 error about a flow goes as the reply it stands for, its
+    // quoted packet translated with it (`overlay::try_from_container`).
+    let quote = match ip.tracked {
+        true => None,
+        false => quoted(pkt, &ip, parsed.icmp_type, s),
+    };
+    let flow = match &quote {
+        Some(q) => as_reply(&ip, q, s),
+        None => ip,
+    };
+    let Some((id, service, inst)) = binding(s, &flow, config6, sender)? else {
         return Ok(TC_ACT_OK);
     };
     let bytes = ctx.len() as u64;
@@ -421,6 +521,10 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     unsafe {
         store_addr(&raw mut (*hdr).src, &s.new_src);
         store_addr(&raw mut (*hdr).dst, &s.new_dst);
+    }
+    if let Some(q) = &quote {
+        // The quoted packet went from the client to the instance.
+        sum += rewrite_quoted(pkt, q, &s.new_dst, &s.new_src, sum)?;
     }
     if let Some(at) = l4_checksum(&ip) {
         let mut flags = BPF_F_PSEUDO_HDR as u64;
@@ -746,6 +850,23 @@ pub fn from_tunnel(ctx: &XdpContext) -> Result<Option<u32>, DropReason> {
         (_, true) => unsafe { tm_ov_ct6.get(&s.key) },
         _ => None,
     };
+    // An ICMPv6 error about a flow the container dialled: its reply's
+    // reverse entry, for the error and its quote (`overlay::reverse_quoted`).
+    let quote = match ip.tracked {
+        true => None,
+        false => quoted(pkt, &ip, parsed.icmp_type, s),
+    };
+    let reverse = match &quote {
+        Some(q) => {
+            s.other = s.key;
+            s.other.protocol = q.protocol;
+            s.other.src_port = q.dst_port;
+            s.other.dst_port = q.src_port;
+            // SAFETY: the value is read right away.
+            unsafe { tm_ov_ct6.get(&s.other) }
+        }
+        None => reverse,
+    };
     if let Some(ct) =
         reverse.filter(|ct| ct.kind == CT_REVERSE && !same(&ct.service_addr, &s.key.src))
     {
@@ -759,6 +880,11 @@ pub fn from_tunnel(ctx: &XdpContext) -> Result<Option<u32>, DropReason> {
         add_diff(&mut sum, &s.key.src, &ct.service_addr);
         // SAFETY: the field is inside the header just checked.
         unsafe { store_addr(&raw mut (*hdr).src, &ct.service_addr) };
+        if let Some(q) = &quote {
+            // And the quote's destination, the same address.
+            let to = ct.service_addr;
+            sum += rewrite_quoted(pkt, q, &s.key.dst, &to, sum)?;
+        }
         if let Some(at) = l4_checksum(&ip) {
             let field: *mut [u8; 2] = pkt.header_mut(at, DropReason::BadTunnelPacket)?;
             // SAFETY: inside the field just checked.

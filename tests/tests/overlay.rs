@@ -2173,6 +2173,28 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     // Anything else copied (neighbour discovery) is counted too, no more.
     assert_eq!(listing[0]["mirrored_packets"], copies.len(), "{listing}");
 
+    // A closed port behind an IPv6 service IP: the instance's ICMPv6
+    // error reaches the client translated, so its connected socket gets
+    // ECONNREFUSED (an instance on this node and one on the other).
+    for to in [WEB0_IP6, WEB1_IP6, RR6, RR6] {
+        let to: std::net::Ipv6Addr = to.parse().unwrap();
+        let got = spawn_in(&client.name, move || {
+            let s = UdpSocket::bind("[::]:0").unwrap();
+            s.connect((to, 9)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s.send(b"anyone?").unwrap();
+            let mut buf = [0u8; 16];
+            s.recv(&mut buf).map_err(|e| e.kind())
+        })
+        .join()
+        .unwrap();
+        assert_eq!(
+            got,
+            Err(std::io::ErrorKind::ConnectionRefused),
+            "to [{to}]:9"
+        );
+    }
+
     // An IPv6 service-prefix source routed to node 1 through a second
     // interface (no XDP there) is refused at web#0's veth; another source
     // gets through the same way.
