@@ -165,6 +165,15 @@ fn quoted(pkt: &Packet, ip: &Ip4) -> Option<Quoted> {
     })
 }
 
+/// Whether the quote, its L4 checksum included, lies inside the datagram:
+/// bytes after it (a frame longer than its IP packet) are no part of the
+/// error, nor of its checksum. (Decapsulation leaves none.)
+#[inline(always)]
+fn quote_in_datagram(ip: &Ip4, q: &Quoted) -> bool {
+    let l4_end = q.at + 20 + if q.protocol == IPPROTO_UDP { 8 } else { 18 };
+    l4_end <= ip.l3 + ip.total_len as usize
+}
+
 /// An ICMP error from an instance about a packet it got (the quoted packet
 /// went from the error's destination to its source) seen as the reply it
 /// stands for: the flow, conntrack and translation of that reply.
@@ -202,9 +211,9 @@ fn rewrite_quoted(pkt: &Packet, ip: &Ip4, q: &Quoted, src: u32, dst: u32) -> Res
         store16(&raw mut (*h)[9], new);
         icmp += csum::diff([old as u32], [new as u32]) as u64;
     }
-    // The quoted L4 checksum covers the addresses too (a pseudo header);
-    // UDP's is in the 8 bytes every error holds, TCP's only in a longer quote.
+    // The quoted L4 checksum covers the addresses too (a pseudo header).
     let at = q.at + 20 + if q.protocol == IPPROTO_UDP { 6 } else { 16 };
+    // Inside the datagram (`quote_in_datagram`).
     if let Ok(field) = pkt.header_mut::<[u8; 2]>(at, DropReason::TruncatedIcmp) {
         // SAFETY: inside the field just checked.
         unsafe {
@@ -931,7 +940,9 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     // client's kernel finds its socket by that packet.
     let quote = match ip.tracked {
         true => None,
-        false => quoted(&pkt, &ip).and_then(|q| as_reply(&ip, &q).map(|f| (f, q))),
+        false => quoted(&pkt, &ip)
+            .filter(|q| quote_in_datagram(&ip, q))
+            .and_then(|q| as_reply(&ip, &q).map(|f| (f, q))),
     };
     let flow = quote.map_or(ip, |(f, _)| f);
     let key = key_of(&flow);

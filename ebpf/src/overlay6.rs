@@ -74,14 +74,18 @@ struct Quoted6 {
 
 /// `overlay::quoted` for ICMPv6 (destination unreachable, packet too big,
 /// time exceeded, parameter problem, `kind`): the quoted TCP or UDP packet,
-/// with no extension header, that went from the error's destination to its
-/// source (`s.key`, as the packet arrived).
+/// with no extension header and its L4 checksum quoted, that went from the
+/// error's destination to its source (`s.key`, as the packet arrived).
 #[inline(always)]
 fn quoted(pkt: &Packet, ip: &Ip6, kind: u8, s: &Scratch6) -> Option<Quoted6> {
     if ip.protocol != IPPROTO_ICMPV6 || ip.fragment != NOT_FRAGMENT || !(1..=4).contains(&kind) {
         return None;
     }
     let at = ip.l4 + 8;
+    // Inside the datagram, not in bytes after it.
+    if at + 44 > ip.l3 + ip.total_len as usize {
+        return None;
+    }
     let h: *const [[u8; 4]; 11] = pkt.header(at, DropReason::TruncatedIcmp).ok()?;
     let (src, dst) = (words(&s.key.dst), words(&s.key.src));
     // SAFETY: every load is inside the 44 bytes just checked.
@@ -94,6 +98,11 @@ fn quoted(pkt: &Packet, ip: &Ip6, kind: u8, s: &Scratch6) -> Option<Quoted6> {
             if load32(&(*h)[2 + i]) != src[i] || load32(&(*h)[6 + i]) != dst[i] {
                 return None;
             }
+        }
+        // Its L4 checksum must be quoted too, inside the datagram.
+        let l4_end = at + IP6_LEN + if protocol == IPPROTO_UDP { 8 } else { 18 };
+        if l4_end > ip.l3 + ip.total_len as usize {
+            return None;
         }
         let ports = (*h)[10];
         Some(Quoted6 {
@@ -124,7 +133,13 @@ fn as_reply(ip: &Ip6, q: &Quoted6, s: &mut Scratch6) -> Ip6 {
 /// the same two, swapped), and its L4 checksum if quoted. Returns what the
 /// ICMPv6 checksum must add for the quote.
 #[inline(always)]
-fn rewrite_quoted(pkt: &Packet, q: &Quoted6, src: &Addr6, dst: &Addr6, diff: u64) -> Result<u64, DropReason> {
+fn rewrite_quoted(
+    pkt: &Packet,
+    q: &Quoted6,
+    src: &Addr6,
+    dst: &Addr6,
+    diff: u64,
+) -> Result<u64, DropReason> {
     // `black_box`: `quoted` checked these bytes through another pointer,
     // and the compiler would drop the check the verifier needs.
     let at = core::hint::black_box(q.at);
@@ -136,6 +151,7 @@ fn rewrite_quoted(pkt: &Packet, q: &Quoted6, src: &Addr6, dst: &Addr6, diff: u64
     }
     let mut icmp = diff;
     let l4 = at + IP6_LEN + if q.protocol == IPPROTO_UDP { 6 } else { 16 };
+    // Inside the datagram (`quoted`).
     if let Ok(field) = pkt.header_mut::<[u8; 2]>(l4, DropReason::TruncatedIcmp) {
         // SAFETY: inside the field just checked.
         unsafe {

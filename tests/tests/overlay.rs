@@ -768,6 +768,12 @@ fn a_closed_port_behind_a_service_ip_is_refused_not_silent() {
         assert_eq!(got, Err(std::io::ErrorKind::ConnectionRefused), "to {to}:9");
         sent.push((to, from.port()));
     }
+    // The raw socket's thread may still be storing the last error.
+    let four = tapmesh_tests::net::wait_until(Duration::from_secs(2), || {
+        let errors = errors.packets();
+        errors.iter().filter(|p| p.len() > 20 && p[20] == 3).count() >= 4
+    });
+    assert!(four, "{} ICMP errors seen", errors.packets().len());
     // The bytes: each error from the address dialled, quoting the client's
     // datagram as it left (to that address), the IP and ICMP checksums
     // valid (the client's kernel checks only the outer ones).
@@ -796,7 +802,8 @@ fn a_closed_port_behind_a_service_ip_is_refused_not_silent() {
             "quoted destination: the error's source {p:02x?}"
         );
         // (Its UDP checksum is not checked: a datagram that crossed veth
-        // with its checksum offloaded is quoted with the partial one.)
+        // with its checksum offloaded is quoted with a partial one, which
+        // no kernel checks, translated as if it were whole.)
         let udp = &inner[20..];
         let dialled = Ipv4Addr::new(p[12], p[13], p[14], p[15]);
         quoted.push((dialled, u16::from_be_bytes([udp[0], udp[1]])));
