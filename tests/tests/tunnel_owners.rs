@@ -553,18 +553,22 @@ fn ipv6_through_the_tunnel_loses_one_hop_and_none_left_is_dropped() {
         let want = with_hops(arrived);
         assert_eq!(&run.output[14..14 + want.len()], &want[..]);
     }
-    let bad = DropReason::BadTunnelPacket;
     for sent in [1u8, 0] {
-        let before = bpf.stats(ProgramSlot::XdpUplink).drops.get(bad);
-        let run = bpf.run(
-            "tm_xdp_uplink",
-            &tunnel(NODE_A, NODE, PORT, &with_hops(sent)),
-            1,
-        );
-        assert_eq!(run.action, 1, "hop limit {sent}: dropped");
-        let after = bpf.stats(ProgramSlot::XdpUplink).drops.get(bad);
-        assert_eq!(after - before, 1, "hop limit {sent}: counted once");
+        dropped_once(&mut bpf, &with_hops(sent), DropReason::BadTunnelPacket);
     }
+}
+
+/// Tunnels `inner` from node A: dropped, and counted once as `reason`.
+fn dropped_once(bpf: &mut Bpf, inner: &[u8], reason: DropReason) {
+    let before = bpf.stats(ProgramSlot::XdpUplink).drops.get(reason);
+    let run = bpf.run("tm_xdp_uplink", &tunnel(NODE_A, NODE, PORT, inner), 1);
+    assert_eq!(run.action, 1, "dropped: {inner:02x?}");
+    let after = bpf.stats(ProgramSlot::XdpUplink).drops.get(reason);
+    assert_eq!(
+        after - before,
+        1,
+        "counted once as {reason:?}: {inner:02x?}"
+    );
 }
 
 /// IPv4 as IPv6: one TTL less on the way through the tunnel, with the
@@ -617,17 +621,8 @@ fn ipv4_through_the_tunnel_loses_one_ttl_and_none_left_is_dropped() {
         want[10..12].copy_from_slice(&sum.to_be_bytes());
         assert_eq!(&run.output[14..14 + want.len()], &want[..], "id {id}");
     }
-    let bad = DropReason::BadTunnelPacket;
     for sent in [1u8, 0] {
-        let before = bpf.stats(ProgramSlot::XdpUplink).drops.get(bad);
-        let run = bpf.run(
-            "tm_xdp_uplink",
-            &tunnel(NODE_A, NODE, PORT, &with_ttl(sent)),
-            1,
-        );
-        assert_eq!(run.action, 1, "ttl {sent}: dropped");
-        let after = bpf.stats(ProgramSlot::XdpUplink).drops.get(bad);
-        assert_eq!(after - before, 1, "ttl {sent}: counted once");
+        dropped_once(&mut bpf, &with_ttl(sent), DropReason::BadTunnelPacket);
     }
 }
 
