@@ -4,9 +4,10 @@
 //! passed to the stack with a mark in its metadata (the daemon's random key
 //! and the port's ifindex), and the uplink's TC ingress (`tm_tc_tap_out`,
 //! or `tm_tc_ingress` on an uplink that is also a TC interface) redirects it
-//! to the port's egress, where the copies are taken. Only tapped ports take
-//! this way; a driver without XDP metadata keeps the plain redirect (no
-//! copy). The key is what makes the mark trusted: metadata can also come
+//! to the port's egress, where the copies are taken. Tapped ports take this
+//! way, and frames whose L4 checksum a sender left unfinished (`offload`:
+//! the skb carries the note that it is); a driver without XDP metadata
+//! keeps the plain redirect. The key is what makes the mark trusted: metadata can also come
 //! from a veth peer's XDP program, which cannot know it.
 
 use aya_ebpf::{
@@ -17,6 +18,7 @@ use aya_ebpf::{
 use tapmesh_common::mirror::{filter_bit, DETOUR_META_LEN, DIRECTION_IN, RULES_PER_PORT};
 
 use crate::{
+    offload,
     maps::{tm_detour_key, tm_mirror_bits, tm_mirror_ports, tm_uplink_bits},
     packet::{load32, store32},
 };
@@ -45,11 +47,13 @@ pub fn port_call(ifindex: u32) -> i64 {
 }
 
 /// The XDP program's last step for a frame bound for port `ifindex`: a
-/// redirect, unless the port's bit in `tm_mirror_bits` is set.
+/// redirect, unless the port's IN copies or an unfinished L4 checksum
+/// (`offload`) need the skb the TC side has.
 #[inline(always)]
 pub fn to_port(ctx: &XdpContext, ifindex: u32) -> u32 {
     let (word, bit) = filter_bit(ifindex);
-    if tm_mirror_bits.get(word).is_some_and(|w| w & bit != 0) && detour(ctx, ifindex) {
+    let tapped = tm_mirror_bits.get(word).is_some_and(|w| w & bit != 0);
+    if detour(ctx, ifindex, tapped) {
         return xdp_action::XDP_PASS;
     }
     // SAFETY: a plain helper call.
@@ -57,25 +61,30 @@ pub fn to_port(ctx: &XdpContext, ifindex: u32) -> u32 {
 }
 
 /// Marks the frame for its detour if a tap flow of port `ifindex` takes
-/// the packets sent to it. Not inlined: only tapped ports get here, and the
-/// uplink's main frame has no stack to spare.
+/// the packets sent to it, or its L4 checksum is unfinished. Not inlined:
+/// the uplink's main frame has no stack to spare.
 #[inline(never)]
-fn detour(ctx: &XdpContext, ifindex: u32) -> bool {
+fn detour(ctx: &XdpContext, ifindex: u32, tapped: bool) -> bool {
+    let finish = offload::check(ctx.ctx);
+    (finish != 0 || tapped && takes_in(ifindex)) && mark(ctx, ifindex, finish)
+}
+
+/// Whether a tap flow of port `ifindex` takes the packets sent to it.
+#[inline(always)]
+fn takes_in(ifindex: u32) -> bool {
     // SAFETY: a map value, read in place under RCU.
     let Some(port) = (unsafe { tm_mirror_ports.get(&ifindex) }) else {
         return false;
     };
-    let mut takes_in = false;
     for i in 0..RULES_PER_PORT {
         if i as u32 >= port.count {
             break;
         }
         if port.rules[i].directions & DIRECTION_IN != 0 {
-            takes_in = true;
-            break;
+            return true;
         }
     }
-    takes_in && mark(ctx, ifindex)
+    false
 }
 
 /// This start's key; 0 (none written yet) turns detours off.
@@ -84,9 +93,10 @@ fn key() -> u64 {
     tm_detour_key.get(0).copied().unwrap_or(0)
 }
 
-/// Puts the key and `ifindex` in front of the frame.
+/// Puts the key, `ifindex` and `finish` (`offload::check`'s word) in
+/// front of the frame.
 #[inline(always)]
-fn mark(ctx: &XdpContext, ifindex: u32) -> bool {
+fn mark(ctx: &XdpContext, ifindex: u32, finish: u32) -> bool {
     let key = key();
     if key == 0 {
         return false;
@@ -103,7 +113,7 @@ fn mark(ctx: &XdpContext, ifindex: u32) -> bool {
         store32(meta as *mut [u8; 4], key as u32);
         store32((meta + 4) as *mut [u8; 4], (key >> 32) as u32);
         store32((meta + 8) as *mut [u8; 4], ifindex);
-        store32((meta + 12) as *mut [u8; 4], 0);
+        store32((meta + 12) as *mut [u8; 4], finish);
     }
     true
 }
@@ -130,9 +140,13 @@ pub fn take(ctx: &TcContext) -> Option<i32> {
             return None;
         }
         let port = load32((meta + 8) as *const [u8; 4]);
+        let finish = load32((meta + 12) as *const [u8; 4]);
         // The metadata may travel on with the frame: the key must not.
         store32(meta as *mut [u8; 4], 0);
         store32((meta + 4) as *mut [u8; 4], 0);
+        if finish & offload::FINISH != 0 {
+            offload::finish(ctx, finish);
+        }
         // A tag the NIC took off is no part of the frame XDP rewrote for the
         // port (in-frame tags it dropped); the plain redirect drops it too.
         if (*skb).vlan_present != 0 {

@@ -12,6 +12,7 @@ mod headers;
 mod lb;
 mod maps;
 mod mirror;
+mod offload;
 mod overlay;
 mod overlay6;
 mod packet;

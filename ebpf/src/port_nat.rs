@@ -24,7 +24,8 @@ use crate::{
     lb::{self, addr_bytes},
     maps::{tm_lb_config, tm_nat_pick, tm_port_nat_rev, tm_port_nats, tm_targets, tm_xdp_tails},
     packet::Packet,
-    parse::{parse, Fragment, Parsed},
+    offload,
+    parse::{parse, Fragment, Parsed, L3},
     stats::Stats,
     xdp::{packet_of, xdp_outcome},
 };
@@ -135,7 +136,8 @@ fn to_target_port(ctx: &XdpContext, pick: &PortNatPick) -> Result<u32, DropReaso
 }
 
 /// Writes the destination port and updates the checksum (RFC 1624); a UDP
-/// datagram without one (0) keeps none.
+/// datagram without one (0) keeps none, and an unfinished one (the pseudo
+/// header's sum, `offload`) stays as it is: the ports are not in it.
 #[inline(always)]
 fn set_dst_port(pkt: &Packet, parsed: &Parsed, sum_at: usize, port: u16) -> Result<(), DropReason> {
     let at = parsed.l4_offset;
@@ -145,7 +147,7 @@ fn set_dst_port(pkt: &Packet, parsed: &Parsed, sum_at: usize, port: u16) -> Resu
     // SAFETY: both lie inside the packet (checked above).
     unsafe {
         let field = u16::from_ne_bytes(*sum);
-        if !(parsed.protocol == IPPROTO_UDP && field == 0) {
+        if !(parsed.protocol == IPPROTO_UDP && field == 0) && !unfinished(parsed, field) {
             let diff = csum::diff(
                 [u16::from_ne_bytes(*dst) as u32],
                 [u16::from_ne_bytes(new) as u32],
@@ -159,4 +161,22 @@ fn set_dst_port(pkt: &Packet, parsed: &Parsed, sum_at: usize, port: u16) -> Resu
         *dst = new;
     }
     Ok(())
+}
+
+/// Whether `field` holds only the pseudo header's sum (`offload`).
+#[inline(always)]
+fn unfinished(parsed: &Parsed, field: u16) -> bool {
+    let (s, d) = (&parsed.src_addr, &parsed.dst_addr);
+    let addresses = match parsed.l3 {
+        L3::V4 => s[3] as u64 + d[3] as u64,
+        _ => {
+            let mut sum = 0u64;
+            for i in 0..4 {
+                sum += s[i] as u64 + d[i] as u64;
+            }
+            sum
+        }
+    };
+    let len = parsed.l3_end.wrapping_sub(parsed.l4_offset) as u16;
+    offload::unfinished(field, offload::pseudo(addresses, parsed.protocol, len))
 }

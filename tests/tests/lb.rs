@@ -235,6 +235,76 @@ fn udp_and_tcp_flows_spread_over_three_targets() {
     eprintln!("run time {:.1} s", began.elapsed().as_secs_f64());
 }
 
+/// A client that leaves its checksums to its veth (CHECKSUM_PARTIAL, a
+/// veth's default) gets its datagrams and connections through: the uplink
+/// detours frames whose checksum holds only the pseudo header's sum (an XDP
+/// redirect would drop the skb's note that it is unfinished, and the
+/// target's stack would drop them as UdpInCsumErrors), and only those.
+#[test]
+fn a_veth_clients_offloaded_checksums_reach_local_targets() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (lab, receivers) = three_targets(3, &["tcp", "udp"]);
+    lab.client
+        .exec(&["ethtool", "-K", &lab.client_if, "tx", "on"]);
+    // 50 flows per payload length: empty, odd, around the 256-byte blocks
+    // the TC side would sum in, and near the MTU.
+    let mut sent = 0;
+    for (k, len) in [0usize, 1, 7, 255, 256, 257, 1000, 1472]
+        .into_iter()
+        .enumerate()
+    {
+        let first = 30_000 + 100 * k as u16;
+        let ports: Vec<u16> = (first..first + 50).collect();
+        sent += send_udp_flows(&lab.client.name, CLIENT, &ports, DST, 1, &vec![0xa5; len]);
+    }
+    wait_received(&receivers, sent);
+    let daemon = lab.daemon();
+    let s = daemon.status_when(|s| packets(s, "xdp_uplink", "pass") >= sent);
+    assert_eq!(packets(&s, "xdp_uplink", "pass"), sent, "all detoured");
+    assert_eq!(packets(&s, "xdp_uplink", "redirect"), 0);
+    assert_eq!(packets(&s, "xdp_uplink", "drop"), 0);
+
+    // TCP: every segment's checksum is unfinished too.
+    let _servers: Vec<_> = lab
+        .targets
+        .iter()
+        .map(|t| TcpEchoServer::start(&t.netns.name, DST))
+        .collect();
+    let messages: Vec<Vec<u8>> = (0..12)
+        .map(|i| {
+            format!("offloaded {i:>3} ")
+                .repeat(1 + 300 * i)
+                .into_bytes()
+        })
+        .collect();
+    for (i, (m, a)) in messages
+        .iter()
+        .zip(tcp_echo(&lab.client.name, DST, &messages))
+        .enumerate()
+    {
+        assert_eq!(a.as_ref(), Ok(m), "connection {i}");
+    }
+
+    // A complete checksum keeps the plain redirect.
+    lab.client
+        .exec(&["ethtool", "-K", &lab.client_if, "tx", "off"]);
+    let before = daemon.status();
+    let ports: Vec<u16> = (40_000..40_100).collect();
+    let plain = send_udp_flows(&lab.client.name, CLIENT, &ports, DST, 1, &[0x5a; 100]);
+    wait_received(&receivers, sent + plain);
+    let redirected = packets(&before, "xdp_uplink", "redirect") + plain;
+    let s = daemon.status_when(|s| packets(s, "xdp_uplink", "redirect") >= redirected);
+    assert_eq!(packets(&s, "xdp_uplink", "redirect"), redirected);
+    assert_eq!(
+        packets(&s, "xdp_uplink", "pass"),
+        packets(&before, "xdp_uplink", "pass"),
+        "no detour"
+    );
+    assert_eq!(received(&receivers), sent + plain);
+}
+
 /// Datagrams on one flow and where they must go.
 struct Case {
     src: Ipv4Addr,
