@@ -236,8 +236,9 @@ pub fn well_formed(target: &Target) -> Result<(), RegistryError> {
     if t.ips != target.ips {
         return Err(RegistryError::NotCanonical(target.ips.clone()));
     }
+    // One spelling per number: "01" and "1" would be two claims' keys.
     match (target.context.get(IDENTIFIER), target.identifier()) {
-        (Some(_), Some(id)) if id >= 1 => Ok(()),
+        (Some(value), Some(id)) if id >= 1 && *value == id.to_string() => Ok(()),
         (None, _) => Ok(()),
         (Some(value), _) => Err(RegistryError::NotAnIdentifier(value.clone())),
     }
@@ -292,6 +293,22 @@ mod tests {
                 conduit: "c".into(),
                 stream: "s".into(),
             }),
+        }
+    }
+
+    /// Found by a tester: another node's target with identifier "01" was
+    /// listed as such beside the claim of "1".
+    #[test]
+    fn an_identifier_has_one_spelling() {
+        let ok = target("172.16.0.2/24", "1", Status::Enabled);
+        assert_eq!(well_formed(&ok), Ok(()));
+        for id in ["01", "+1", " 1", "0", "x"] {
+            let t = target("172.16.0.2/24", id, Status::Enabled);
+            assert_eq!(
+                well_formed(&t),
+                Err(RegistryError::NotAnIdentifier(id.into())),
+                "{id:?}"
+            );
         }
     }
 

@@ -171,6 +171,17 @@ impl Nsp {
         if inner.remote == remote {
             return Ok(());
         }
+        for r in &remote {
+            if let Some(why) = unusable_here(&inner.config, r) {
+                if !inner.remote.contains(r) {
+                    tracing::warn!(
+                        node = r.node,
+                        "its target {}: {why}; listed DISABLED here",
+                        r.target.key()
+                    );
+                }
+            }
+        }
         let before = std::mem::replace(&mut inner.remote, remote);
         if let Err(e) = self.commit(&mut inner).await {
             inner.remote = before;
@@ -277,7 +288,11 @@ impl Nsp {
             config: inner.config.clone(),
             targets: persisted.targets,
             node: self.cluster_node(),
-            remote: inner.remote.clone(),
+            remote: inner
+                .remote
+                .iter()
+                .map(|r| as_seen_here(&inner.config, r))
+                .collect(),
         };
         self.published.send_if_modified(|old| {
             let changed = *old != snapshot;
@@ -757,6 +772,44 @@ fn lb_targets(inner: &Inner) -> Vec<TargetSpec> {
     out
 }
 
+/// Why an ENABLED DEFAULT target of another node takes no traffic here
+/// whatever its node does: this node's configuration has no such stream, or
+/// a smaller `max_targets` (configurations differ during a rollout).
+fn unusable_here(config: &NspConfig, r: &RemoteTarget) -> Option<String> {
+    let t = &r.target;
+    let (Status::Enabled, Kind::Default, Some(path)) = (t.status, t.kind, &t.stream) else {
+        return None;
+    };
+    let Some(stream) = config.stream(path) else {
+        return Some(format!(
+            "stream {} is not configured on this node",
+            path.full_name()
+        ));
+    };
+    match t.identifier() {
+        Some(id) if (1..=stream.max_targets).contains(&id) => None,
+        _ => Some(format!(
+            "identifier {:?} is not in 1..={} (max_targets of {} on this node)",
+            t.context
+                .get(crate::nsp::registry::IDENTIFIER)
+                .map_or("", String::as_str),
+            stream.max_targets,
+            path.full_name()
+        )),
+    }
+}
+
+/// A target of another node as this node's watchers see it: DISABLED where
+/// it takes no traffic here ([`unusable_here`]), as a local target above
+/// `max_targets` is.
+fn as_seen_here(config: &NspConfig, r: &RemoteTarget) -> RemoteTarget {
+    let mut r = r.clone();
+    if unusable_here(config, &r).is_some() {
+        r.target.status = Status::Disabled;
+    }
+    r
+}
+
 /// ENABLED DEFAULT targets of other nodes that their node serves, through
 /// the tunnel to that node; an identifier already taken (a partition let two
 /// nodes enable it) keeps its first holder, in an order every node shares.
@@ -823,7 +876,74 @@ fn to_json(value: &Persisted) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::canonical;
+    use super::{as_seen_here, canonical, unusable_here, RemoteTarget};
+    use crate::nsp::config::{NspConfig, StreamPath};
+    use crate::nsp::registry::{Kind, Status, Target, IDENTIFIER};
+
+    /// Another node's ENABLED target of stream `stream` with identifier `id`.
+    fn remote(stream: &str, id: &str) -> RemoteTarget {
+        RemoteTarget {
+            node: "n9".into(),
+            address: Some("198.51.100.9".parse().unwrap()),
+            served: true,
+            target: Target {
+                ips: vec!["198.19.9.2/30".into()],
+                context: [(IDENTIFIER.to_string(), id.to_string())].into(),
+                status: Status::Enabled,
+                kind: Kind::Default,
+                stream: Some(StreamPath {
+                    trench: "t".into(),
+                    conduit: "c".into(),
+                    stream: stream.into(),
+                }),
+            },
+        }
+    }
+
+    /// Found by a tester: another node's target above this node's
+    /// `max_targets`, or of a stream this node does not have, was listed
+    /// ENABLED though it takes no traffic here.
+    #[test]
+    fn other_nodes_targets_that_take_no_traffic_here_are_listed_disabled() {
+        let mut config: NspConfig = toml::from_str(
+            "[[trenches]]\nname = \"t\"\n[[conduits]]\nname = \"c\"\n\
+             [[streams]]\nname = \"s\"\nconduit = \"c\"\nmax_targets = 4\n",
+        )
+        .unwrap();
+        config.fill_trenches();
+        for (stream, id, usable) in [
+            ("s", "1", true),
+            ("s", "4", true),
+            ("s", "5", false),
+            ("s", "7", false),
+            ("z", "2", false),
+        ] {
+            let r = remote(stream, id);
+            assert_eq!(
+                unusable_here(&config, &r).is_none(),
+                usable,
+                "{stream} {id}"
+            );
+            let want = if usable {
+                Status::Enabled
+            } else {
+                Status::Disabled
+            };
+            assert_eq!(
+                as_seen_here(&config, &r).target.status,
+                want,
+                "{stream} {id}"
+            );
+        }
+        let why = unusable_here(&config, &remote("s", "7")).unwrap();
+        assert!(why.contains("1..=4"), "{why}");
+        let why = unusable_here(&config, &remote("z", "2")).unwrap();
+        assert!(why.contains("not configured"), "{why}");
+        // A DISABLED one stays as it is.
+        let mut r = remote("s", "7");
+        r.target.status = Status::Disabled;
+        assert!(unusable_here(&config, &r).is_none());
+    }
 
     #[test]
     fn ips_compare_as_the_registry_keeps_them() {
