@@ -44,6 +44,9 @@ struct FlowTuple {
     /// Ports were read (TCP, UDP, SCTP, not a fragment): only then do port
     /// tables, byte matches and the hash use them.
     ports_known: bool,
+    /// An ICMP error's quote: the reply, whose bytes say nothing of the
+    /// request's, so byte matches are not judged on it.
+    quoted: bool,
     l4_offset: usize,
     l4_end: usize,
 }
@@ -128,6 +131,7 @@ fn icmp_error_tuple(pkt: &Packet, parsed: &Parsed) -> Option<FlowTuple> {
         dst_port: inner_sport,
         protocol,
         ports_known: ports.is_some(),
+        quoted: true,
         l4_offset: l4,
         l4_end: parsed.l3_end,
     })
@@ -146,6 +150,7 @@ fn tuple_of(pkt: &Parsed) -> FlowTuple {
         dst_port: pkt.dst_port,
         protocol: pkt.protocol,
         ports_known,
+        quoted: false,
         l4_offset: pkt.l4_offset,
         l4_end: pkt.l3_end,
     }
@@ -350,9 +355,12 @@ fn classify(
         let flow = tm_flows
             .get(config_id * MAX_FLOWS_PER_VIP + bit)
             .ok_or(DropReason::NoFlowMatch)?;
+        // An error's flow is the best one by its tuple alone. Masked, not
+        // branched: the uplink is at the verifier's limit of states.
+        let byte_matches = flow.byte_match_count & 0u32.wrapping_sub(!t.quoted as u32);
         let mut all = true;
         for i in 0..MAX_BYTE_MATCHES {
-            if i as u32 >= flow.byte_match_count {
+            if i as u32 >= byte_matches {
                 break;
             }
             if !byte_match(ctx, t, class, &flow.byte_matches[i]) {

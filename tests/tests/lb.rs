@@ -459,6 +459,35 @@ fn priority_ports_sources_and_byte_matches_choose_the_flow() {
     assert_eq!(packets(&s, "xdp_uplink", "redirect"), sent);
     assert_eq!(packets(&s, "xdp_uplink", "drop"), 0);
     eprintln!("flows {:?}; targets {target_want:?}", flow_want);
+
+    // An ICMP error about the b-bytes flow quotes the target's reply, whose
+    // bytes say nothing of the request's: the flow is the best one by its
+    // tuple alone (found by a tester: it went to a-any).
+    let before = s;
+    let reply = ipv4(
+        VIP,
+        CLIENT,
+        UDP,
+        &[],
+        &udp_v4(VIP, CLIENT, 6000, 40_004, b"reply"),
+    );
+    let error = ipv4(CLIENT, VIP, ICMP, &[], &icmp_frag_needed(1400, &reply));
+    let frame = ethernet(lab.uplink_mac(), lab.client_mac(), &[], 0x0800, &error);
+    send_frames(&lab.client.name, &lab.client_if, &[frame]);
+    let s = daemon.status_when(|s| lb_packets(&s.vips, "vip") > lb_packets(&before.vips, "vip"));
+    for (name, want) in [
+        ("b-bytes", 1),
+        ("a-any", 0),
+        ("c-source", 0),
+        ("b-ports", 0),
+    ] {
+        let moved = lb_packets(&s.flows, name) - lb_packets(&before.flows, name);
+        assert_eq!(moved, want, "the error counted under flow {name}");
+    }
+    assert_eq!(
+        lb_packets(&s.targets, "b/1") - lb_packets(&before.targets, "b/1"),
+        1
+    );
 }
 
 #[test]
