@@ -1,8 +1,9 @@
 //! Configurations that cannot work are refused, each with its reason, and
 //! leave every map as it was (issue 20): a VIP of every address (the node
 //! stopped answering on its uplink), a VIP holding the node's own address, a
-//! remote target that is this node (100 % drop), an IPv6 VIP in a flow whose
-//! source subnets are all IPv4.
+//! remote target that is this node (100 % drop), a local target on the
+//! loopback or the uplink, an IPv6 VIP in a flow whose source subnets are
+//! all IPv4.
 
 use std::{
     net::{Ipv4Addr, SocketAddrV4},
@@ -65,6 +66,18 @@ fn configurations_that_cannot_work_are_refused() {
     node_in_vip.targets[1].via = TargetVia::Remote {
         node: DST.to_string(),
     };
+    // A local target on the loopback or on the uplink itself (found by a
+    // tester: both were taken, and every packet was lost).
+    let on = |interface: &str| {
+        let mut s = good.clone();
+        let mut t = lab.targets[0].local("s", 2);
+        if let TargetVia::Local { interface: i, .. } = &mut t.via {
+            *i = interface.into();
+        }
+        s.targets.push(t);
+        s
+    };
+    let (on_lo, on_uplink) = (on("lo"), on(&lab.uplink));
     let mut v6_only_v4 = with_vip("v6", "2001:db8::10");
     v6_only_v4.flows[0].source_subnets = vec!["198.18.0.0/24".into()];
     let cases = [
@@ -102,6 +115,16 @@ fn configurations_that_cannot_work_are_refused() {
             "a remote target's node inside a VIP",
             node_in_vip,
             &format!("its node {DST} is inside VIP \"v\""),
+        ),
+        (
+            "a local target on the loopback",
+            on_lo,
+            "interface \"lo\" is the loopback",
+        ),
+        (
+            "a local target on the uplink",
+            on_uplink,
+            "is an uplink (it runs tm_xdp_uplink)",
         ),
         (
             "IPv6 VIP, IPv4 sources",

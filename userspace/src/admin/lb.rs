@@ -19,7 +19,9 @@ pub fn status_of(e: LbServiceError) -> Status {
         e @ (LbServiceError::OwnedElsewhere { .. }
         | LbServiceError::InUse { .. }
         | LbServiceError::RedirectTarget { .. }) => Status::failed_precondition(e.to_string()),
-        e @ LbServiceError::File { .. } => Status::invalid_argument(e.to_string()),
+        e @ (LbServiceError::File { .. } | LbServiceError::UnworkableInterface { .. }) => {
+            Status::invalid_argument(e.to_string())
+        }
         LbServiceError::Dataplane(crate::dataplane::DataplaneError::NotRunning) => {
             Status::unavailable("the dataplane is not running")
         }

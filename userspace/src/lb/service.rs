@@ -43,6 +43,8 @@ pub enum LbServiceError {
     },
     #[error("local target interface {interface:?} is a veth whose peer cannot take native XDP redirects (they would all be dropped): {reason}; turn on GRO at the peer (ethtool -K PEER gro on) or attach an XDP program there")]
     RedirectTarget { interface: String, reason: String },
+    #[error("local target interface {interface:?} {reason}")]
+    UnworkableInterface { interface: String, reason: String },
     #[error("{kind} {name:?} comes from {owner}; change it there")]
     OwnedElsewhere {
         kind: &'static str,
@@ -92,18 +94,42 @@ pub fn check_with_settings(
 pub fn check_local_interfaces(path: &Path, spec: &LbSpec) -> Result<(), LbServiceError> {
     for t in &spec.targets {
         if let super::model::TargetVia::Local { interface, .. } = &t.via {
-            if crate::net::link::index(interface).is_none() {
-                return Err(LbServiceError::File {
-                    path: path.display().to_string(),
-                    message: format!(
-                        "target {} of stream {:?}: interface {interface:?} does not exist",
-                        t.identifier, t.stream
-                    ),
-                });
-            }
+            let message = if crate::net::link::index(interface).is_none() {
+                format!("interface {interface:?} does not exist")
+            } else if let Some(reason) = unworkable_interface(interface) {
+                format!("interface {interface:?} {reason}")
+            } else {
+                continue;
+            };
+            return Err(LbServiceError::File {
+                path: path.display().to_string(),
+                message: format!(
+                    "target {} of stream {:?}: {message}",
+                    t.identifier, t.stream
+                ),
+            });
         }
     }
     Ok(())
+}
+
+/// Why a local target cannot be on `interface` (found by a tester: both
+/// were taken, and every packet was lost): a loopback or other link without
+/// Ethernet takes no frame redirected from XDP; an uplink would send a
+/// VIP's packets back out where they came in.
+fn unworkable_interface(interface: &str) -> Option<String> {
+    let link = crate::net::link::by_name(interface).ok()?;
+    // The loopback is index 1 in every namespace (LOOPBACK_IFINDEX).
+    if link.index == 1 || !link.ethernet {
+        return Some("is the loopback or not an Ethernet link: it has no peer to deliver to; name the interface toward the target".into());
+    }
+    let id = link.xdp_program?;
+    let program = aya::programs::loaded_programs()
+        .flatten()
+        .find(|p| p.id() == id)?;
+    (program.name_as_str() == Some(tapmesh_common::program_names::XDP_UPLINK)).then(|| {
+        "is an uplink (it runs tm_xdp_uplink): VIP packets would go back out where they came in; name the interface toward the target".into()
+    })
 }
 
 /// Leaves out of a saved part its local targets on interfaces gone since it
@@ -548,6 +574,12 @@ impl LbService {
             };
             if prepared.contains(&(interface.clone(), index)) {
                 continue;
+            }
+            if let Some(reason) = unworkable_interface(interface) {
+                return Err(LbServiceError::UnworkableInterface {
+                    interface: interface.clone(),
+                    reason,
+                });
             }
             match crate::net::peer::prepare_redirect_target(interface) {
                 Ok(Some(peer)) => {
