@@ -36,10 +36,12 @@ pub mod program_names {
     pub const TC_TAP_IN: &str = "tm_tc_tap_in";
     /// On a container's host-side veth: service-IP translation and tunnel.
     pub const TC_SERVICE: &str = "tm_tc_service";
-    /// On the `xdp:xdp_devmap_xmit` and `xdp:xdp_redirect_err` tracepoints:
-    /// redirected frames a device refused.
+    /// On the `xdp:xdp_devmap_xmit`, `xdp:xdp_redirect_err` and
+    /// `xdp:xdp_bulk_tx` tracepoints: redirected or sent-back frames a
+    /// device refused.
     pub const TP_XMIT: &str = "tm_tp_xmit";
     pub const TP_REDIRECT_ERR: &str = "tm_tp_redir_err";
+    pub const TP_BULK_TX: &str = "tm_tp_bulk_tx";
     /// On a conduit's node-side veth: replies get their port NAT undone.
     pub const TC_CONDUIT: &str = "tm_tc_conduit";
     /// The uplink's tail call for a packet whose flow translates ports: the

@@ -3,8 +3,10 @@
 //! program there). The kernel acts on a redirect after the program has
 //! returned, so only its tracepoints see the loss: `xdp:xdp_redirect_err`
 //! (refused at once: -EOPNOTSUPP from such a veth) and `xdp:xdp_devmap_xmit`
-//! (refused when the queued frames are sent). Both become the uplink
-//! program's `redirect_failed` drop counter.
+//! (refused when the queued frames are sent); and a frame sent back out of
+//! the uplink (XDP_TX) that the device refused, `xdp:xdp_bulk_tx` (a veth
+//! whose peer has no NAPI again; found by a tester: counted as sent, lost
+//! unseen). All become the uplink program's `redirect_failed` drop counter.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext, EbpfContext};
 use tapmesh_common::{mirror::filter_bit, DropReason, ProgramSlot};
@@ -16,6 +18,8 @@ use crate::{maps::tm_uplink_bits, stats::Stats};
 const FROM_IFINDEX: usize = 8;
 const DROPS: usize = 20;
 const ERR_IFINDEX: usize = 16;
+const BULK_IFINDEX: usize = 8;
+const BULK_DROPS: usize = 16;
 
 /// A 4-byte field of the tracepoint's record, loaded straight from the
 /// context: the verifier allows aligned reads of a tracepoint's record, and
@@ -48,6 +52,17 @@ pub fn tm_tp_xmit(ctx: TracePointContext) -> u32 {
 pub fn tm_tp_redir_err(ctx: TracePointContext) -> u32 {
     // SAFETY: an offset inside the record of the tracepoint this is attached to.
     count(unsafe { field(&ctx, ERR_IFINDEX) }, 1);
+    0
+}
+
+#[tracepoint]
+pub fn tm_tp_bulk_tx(ctx: TracePointContext) -> u32 {
+    // SAFETY: offsets inside the record of the tracepoint this is attached
+    // to. The device is the one that sent back what it received.
+    let drops = unsafe { field(&ctx, BULK_DROPS) };
+    if drops > 0 {
+        count(unsafe { field(&ctx, BULK_IFINDEX) }, drops as u64);
+    }
     0
 }
 

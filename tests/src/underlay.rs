@@ -26,6 +26,7 @@ pub fn remote_hop(
         dst_mac: REMOTE_MAC,
         src_mac: mac,
         mtu: 1500,
+        veth: false,
     };
     std::collections::BTreeMap::from([(REMOTE_NODE, hop)])
 }

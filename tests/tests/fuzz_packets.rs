@@ -363,6 +363,7 @@ impl Lab {
             dst_mac: REMOTE_MAC,
             src_mac: HOP_MAC,
             mtu: HOP_MTU,
+            veth: false,
         };
         writer
             .set_hops(&mut bpf.ebpf, BTreeMap::from([(REMOTE_NODE, hop)]))

@@ -49,6 +49,7 @@ fn a_resolved_next_hop_skips_the_fib_lookup() {
         dst_mac: [2, 0, 0, 0, 7, 2],
         src_mac: [2, 0, 0, 0, 7, 1],
         mtu: 1500,
+        veth: false,
     };
     writer
         .set_hops(&mut bpf.ebpf, BTreeMap::from([(REMOTE, hop)]))

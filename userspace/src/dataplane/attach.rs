@@ -122,7 +122,11 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
             .map_err(|source| DataplaneError::Program { name, source })?;
     }
     install_tails(ebpf)?;
-    for name in [program_names::TP_XMIT, program_names::TP_REDIRECT_ERR] {
+    for name in [
+        program_names::TP_XMIT,
+        program_names::TP_REDIRECT_ERR,
+        program_names::TP_BULK_TX,
+    ] {
         let program: &mut TracePoint = ebpf
             .program_mut(name)
             .ok_or(DataplaneError::Map {
@@ -755,6 +759,7 @@ pub fn redirect_failures(ebpf: &mut Ebpf, uplinks: &[Attachment]) {
     for (name, event) in [
         (program_names::TP_XMIT, "xdp_devmap_xmit"),
         (program_names::TP_REDIRECT_ERR, "xdp_redirect_err"),
+        (program_names::TP_BULK_TX, "xdp_bulk_tx"),
     ] {
         let attached = ebpf
             .program_mut(name)

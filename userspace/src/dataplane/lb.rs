@@ -1278,6 +1278,10 @@ impl LbWriter {
         let hop = self.hops.get(&node);
         (target.ifindex, target.dst_mac, target.src_mac) = Hop::entry(hop);
         target.mtu = hop.map_or(0, |h| h.mtu);
+        target.hop_flags = match hop {
+            Some(h) if h.veth => tapmesh_common::lb::HOP_BACK_BY_REDIRECT,
+            _ => 0,
+        };
     }
 
     /// Replaces the known next hops and rewrites the remote targets whose hop

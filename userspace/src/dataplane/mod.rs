@@ -875,6 +875,7 @@ mod tests {
             p::TC_SERVICE,
             p::TP_XMIT,
             p::TP_REDIRECT_ERR,
+            p::TP_BULK_TX,
             p::TC_CONDUIT,
             p::XDP_PORT_NAT,
         ];

@@ -1223,6 +1223,7 @@ mod tests {
             dst_mac: [2, 0, 0, 0, 0, 2],
             src_mac: [2, 0, 0, 0, 0, 1],
             mtu: 1500,
+            veth: false,
         };
         let hops = BTreeMap::from([(Ipv4Addr::new(198, 18, 0, 2), hop)]);
         let with = with_hops(&tables, &hops);

@@ -592,7 +592,8 @@ mod tests {
                 mtu: 0,
                 dst_mac: [2, 0, 0, 0, 0, 1],
                 src_mac: [2, 0, 0, 0, 0, 0xaa],
-                _pad2: [0; 4],
+                hop_flags: 0,
+                _pad2: [0; 3],
                 node_addr: [0; 16]
             }
         );

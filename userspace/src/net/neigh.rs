@@ -74,6 +74,8 @@ pub struct Hop {
     pub src_mac: [u8; 6],
     /// The egress interface's MTU.
     pub mtu: u32,
+    /// The egress interface is a veth.
+    pub veth: bool,
 }
 
 impl Hop {
@@ -658,16 +660,17 @@ impl Resolver {
     /// the egress interface's MAC, and the neighbour's address.
     pub fn next_hops(&mut self, nodes: &[IpAddr]) -> Result<NextHops, NetError> {
         let resolved = self.resolve(nodes, true)?;
-        let mut links: HashMap<u32, Option<([u8; 6], u32)>> = HashMap::new();
+        let mut links: HashMap<u32, Option<([u8; 6], u32, bool)>> = HashMap::new();
         Ok(resolved
             .into_iter()
             .map(|r| {
                 let n = r?;
                 let link = links.entry(n.ifindex).or_insert_with(|| {
                     let l = link::by_index(n.ifindex).ok()?;
-                    Some((l.mac().ok()?, l.mtu))
+                    let veth = super::peer::facts(n.ifindex).is_ok_and(|f| f.veth);
+                    Some((l.mac().ok()?, l.mtu, veth))
                 });
-                let (src_mac, mtu) = link.ok_or_else(|| {
+                let (src_mac, mtu, veth) = link.ok_or_else(|| {
                     Unresolved::Route(format!("interface {} has no Ethernet address", n.ifindex))
                 })?;
                 let hop = Hop {
@@ -675,6 +678,7 @@ impl Resolver {
                     dst_mac: n.mac,
                     src_mac,
                     mtu,
+                    veth,
                 };
                 Ok((hop, n.address))
             })
