@@ -603,6 +603,14 @@ impl Agent {
                 self.lease.store(id, Ordering::Relaxed);
                 return Ok(id);
             }
+            // Found by a tester: with a lease shorter than a start (the
+            // programs' load takes seconds), every restart did this unseen.
+            tracing::warn!(
+                "cluster: lease {id:x} expired (a restart or a time away from etcd longer \
+                 than lease_ttl, {:?}): this node's targets and claims are written again \
+                 under a new one, and other nodes see them go and come back",
+                self.settings.lease_ttl
+            );
         }
         let ttl = self.settings.lease_ttl.as_secs() as i64;
         let id = timed(client.lease_grant(ttl, None)).await?.id();
