@@ -295,20 +295,21 @@ pub struct Target {
     /// target's and ours; remote: the next hop's and the egress interface's).
     pub dst_mac: [u8; 6],
     pub src_mac: [u8; 6],
-    /// Remote: [`HOP_BACK_BY_REDIRECT`] or 0. Was padding: a map pinned
-    /// before holds 0 there.
+    /// Remote: [`HOP_TX`] or 0. Was padding: a map pinned before holds 0
+    /// there (a redirect, until the daemon writes its hops).
     pub hop_flags: u8,
     pub _pad2: [u8; 3],
     /// Remote: the node to tunnel to (IPv4 mapped `::ffff:a.b.c.d`).
     pub node_addr: [u8; 16],
 }
 
-/// In `Target::hop_flags`: the hop's interface is a veth, where a frame
-/// sent back out of the interface it came in on goes by redirect, not
-/// XDP_TX: a veth's XDP_TX does not wake its peer unless the peer runs an
-/// XDP program, so the frames wait in the peer's ring (found by a tester:
-/// counted as sent, never seen).
-pub const HOP_BACK_BY_REDIRECT: u8 = 1;
+/// In `Target::hop_flags`: the resolved hop's interface is not a veth, so
+/// a frame sent back out of the interface it came in on may go by XDP_TX.
+/// Otherwise (a veth, or no hop resolved: the FIB's answer is not known to
+/// be one or the other) it goes by redirect: a veth's XDP_TX does not wake
+/// its peer unless the peer runs an XDP program, so the frames wait in the
+/// peer's ring (found by a tester: counted as sent, never seen).
+pub const HOP_TX: u8 = 1;
 
 /// Value of `tm_lb_config` (one entry): settings of the load balancer as a whole.
 #[repr(C)]

@@ -13,7 +13,7 @@ use aya_ebpf::{
 use tapmesh_common::{
     lb::{
         ByteMatch, FlowEntry, PortData, PortNatPick, PortIntervals, SourceData, Target, VipAddr,
-        VipValue, HOP_BACK_BY_REDIRECT,
+        VipValue, HOP_TX,
         LOOKUP_DST_PORTS, LOOKUP_SOURCES, LOOKUP_SRC_PORTS, MAX_BYTE_MATCHES, MAX_FLOWS_PER_VIP,
         MAX_MATCH_OFFSET, NO_TARGET, PORT_INTERVALS, PROTO_ICMP, PROTO_OTHER, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
         SLOT_ONE, SLOT_SHARED, TARGET_LOCAL, TARGET_REMOTE,
@@ -516,7 +516,7 @@ fn to_remote(
     };
     let ingress = ctx.ingress_ifindex() as u32;
     let egress = tunnel::next_hop(ctx.ctx as *mut _, ingress, eth, &hop, &outer, true)?;
-    if egress == ingress && target.hop_flags & HOP_BACK_BY_REDIRECT == 0 {
+    if egress == ingress && target.hop_flags & HOP_TX != 0 {
         return Ok(xdp_action::XDP_TX);
     }
     // SAFETY: a plain helper call.

@@ -123,11 +123,12 @@ pub fn finish(ctx: &TcContext, word: u32) {
     let flags = BPF_F_PSEUDO_HDR as u64 | 4;
     let before = field(ctx, field_at);
     // SAFETY: the helper checks the offset against the packet.
-    unsafe { bpf_l4_csum_replace(skb, field_at, 0, PROBE, flags) };
+    let added = unsafe { bpf_l4_csum_replace(skb, field_at, 0, PROBE, flags) };
     let after = field(ctx, field_at);
     // SAFETY: as above.
-    unsafe { bpf_l4_csum_replace(skb, field_at, PROBE, 0, flags) };
-    let (Some(before), Some(after)) = (before, after) else {
+    let undone = unsafe { bpf_l4_csum_replace(skb, field_at, PROBE, 0, flags) };
+    // A failed probe says nothing: the frame goes on as it is.
+    let (0, 0, Some(before), Some(after)) = (added, undone, before, after) else {
         return;
     };
     if after == csum::fold(before as u64 + PROBE) {

@@ -163,9 +163,13 @@ fn set_dst_port(pkt: &Packet, parsed: &Parsed, sum_at: usize, port: u16) -> Resu
     Ok(())
 }
 
-/// Whether `field` holds only the pseudo header's sum (`offload`).
+/// Whether `field` holds only the pseudo header's sum (`offload`), in a
+/// packet `offload::check` looks at too (IPv6 without extension headers).
 #[inline(always)]
 fn unfinished(parsed: &Parsed, field: u16) -> bool {
+    if parsed.l3 == L3::V6 && parsed.l4_offset != parsed.l3_offset + 40 {
+        return false;
+    }
     let (s, d) = (&parsed.src_addr, &parsed.dst_addr);
     let addresses = match parsed.l3 {
         L3::V4 => s[3] as u64 + d[3] as u64,

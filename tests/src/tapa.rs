@@ -171,6 +171,8 @@ pub struct TapaLab {
     /// Stopped daemons of a kept dataplane: dropping one removes the pins.
     retired: Vec<Daemon>,
     pub client: Netns,
+    /// The client's veth.
+    pub client_if: String,
     pub node: Netns,
     pub apps: Vec<Netns>,
     pub uplink: String,
@@ -227,6 +229,7 @@ impl TapaLab {
             node,
             apps,
             uplink: n.interface,
+            client_if: c.interface,
             dir,
             bin,
             daemon_config,

@@ -149,6 +149,24 @@ fn clients_dial_the_vip_port_targets_answer_from_the_target_port() {
         assert_eq!(&got.unwrap(), want, "{}", lab.ambassadors[a].log_text());
     }
     assert_eq!(server.echoed(), messages.len() as u64);
+
+    // The same through the NAT from a client that leaves its checksums to
+    // its veth: the NAT keeps the unfinished sum, the uplink detours it.
+    lab.client
+        .exec(&["ethtool", "-K", &lab.client_if, "tx", "on"]);
+    let long: Vec<Vec<u8>> = (0..5)
+        .map(|i| format!("offloaded {i} ").repeat(1 + 400 * i).into_bytes())
+        .collect();
+    let got = tcp_echo(&lab.client.name, SocketAddrV4::new(VIP_A, TCP_PORT), &long);
+    for (i, (got, want)) in got.into_iter().zip(&long).enumerate() {
+        assert_eq!(
+            got.as_ref(),
+            Ok(want),
+            "connection {i} with offloaded checksums"
+        );
+    }
+    lab.client
+        .exec(&["ethtool", "-K", &lab.client_if, "tx", "off"]);
     drop(server);
     let status = lab.daemon().status();
     let replies = packets(&status, "tc_conduit", "pass");

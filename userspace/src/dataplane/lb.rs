@@ -1279,7 +1279,7 @@ impl LbWriter {
         (target.ifindex, target.dst_mac, target.src_mac) = Hop::entry(hop);
         target.mtu = hop.map_or(0, |h| h.mtu);
         target.hop_flags = match hop {
-            Some(h) if h.veth => tapmesh_common::lb::HOP_BACK_BY_REDIRECT,
+            Some(h) if !h.veth => tapmesh_common::lb::HOP_TX,
             _ => 0,
         };
     }

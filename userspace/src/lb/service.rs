@@ -136,17 +136,28 @@ fn unworkable_interface(interface: &str) -> Option<String> {
 /// was saved (a pod deleted while the daemon was down): the rest of the
 /// operator's changes still apply, as they would have had the daemon seen
 /// the interface go. Whether any was left out.
+/// A target saved before such interfaces were refused (the loopback, an
+/// uplink: [`unworkable_interface`]) is left out the same way, not the
+/// whole part (found by a review).
 fn leave_out_gone_interfaces(spec: &mut LbSpec) -> Vec<TargetSpec> {
+    let why = |t: &TargetSpec| {
+        let i = local_interface(t)?;
+        if crate::net::link::index(i).is_none() {
+            return Some("is gone; left out until it is back".to_string());
+        }
+        unworkable_interface(i).map(|reason| format!("{reason}; left out"))
+    };
     let (gone, here) = std::mem::take(&mut spec.targets)
         .into_iter()
-        .partition(|t| local_interface(t).is_some_and(|i| crate::net::link::index(i).is_none()));
+        .partition(|t| why(t).is_some());
     spec.targets = here;
     for t in &gone {
         tracing::warn!(
-            "target {} of stream {:?}: interface {:?} is gone; left out until it is back",
+            "target {} of stream {:?}: interface {:?} {}",
             t.identifier,
             t.stream,
-            local_interface(t).unwrap_or_default()
+            local_interface(t).unwrap_or_default(),
+            why(t).unwrap_or_default()
         );
     }
     gone

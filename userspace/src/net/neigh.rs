@@ -667,7 +667,8 @@ impl Resolver {
                 let n = r?;
                 let link = links.entry(n.ifindex).or_insert_with(|| {
                     let l = link::by_index(n.ifindex).ok()?;
-                    let veth = super::peer::facts(n.ifindex).is_ok_and(|f| f.veth);
+                    // Unknown: taken as a veth (a redirect works on both).
+                    let veth = super::peer::facts(n.ifindex).map_or(true, |f| f.veth);
                     Some((l.mac().ok()?, l.mtu, veth))
                 });
                 let (src_mac, mtu, veth) = link.ok_or_else(|| {

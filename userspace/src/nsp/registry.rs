@@ -153,7 +153,11 @@ impl Registry {
             let max_targets = stream.max_targets;
             if let Some(value) = target.context.get(IDENTIFIER) {
                 match value.parse::<u32>() {
-                    Ok(id) if (1..=max_targets).contains(&id) => {}
+                    // Kept in one spelling ("01" is 1), as the cluster's
+                    // records and claims need it (found by a review).
+                    Ok(id) if (1..=max_targets).contains(&id) => {
+                        target.context.insert(IDENTIFIER.into(), id.to_string());
+                    }
                     _ => {
                         return Err(RegistryError::BadIdentifier {
                             stream: path.full_name(),
@@ -310,6 +314,19 @@ mod tests {
                 "{id:?}"
             );
         }
+    }
+
+    /// A local target registered as "01" is kept as "1": the spelling the
+    /// other nodes accept (found by a review).
+    #[test]
+    fn a_registered_identifier_is_kept_in_one_spelling() {
+        let (c, now) = (config(), Instant::now());
+        let mut r = Registry::new(Duration::from_secs(60));
+        r.register(target("198.18.0.2/24", "01", Status::Enabled), &c, now)
+            .unwrap();
+        let kept = &r.targets()[0];
+        assert_eq!(kept.context[IDENTIFIER], "1");
+        assert_eq!(well_formed(kept), Ok(()));
     }
 
     #[test]
