@@ -44,9 +44,9 @@ pub fn unfinished(field: u16, pseudo: u64) -> bool {
 /// (`FINISH`, TCP or not, the L4 header's offset and length), or 0. Only
 /// unfragmented IPv4 and IPv6 without extension headers, right after an
 /// untagged Ethernet header: how the uplink hands frames to a port.
-/// The context is read with volatile loads: otherwise LLVM passes the
+/// The context is read with volatile loads: as a call, LLVM passed the
 /// packet pointers instead, as 32-bit values the verifier cannot take back.
-#[inline(never)]
+#[inline(always)]
 pub fn check(ctx: *mut xdp_md) -> u32 {
     // SAFETY: the program's context.
     let (start, end) = unsafe {
