@@ -347,6 +347,8 @@ pub struct Tuple {
     pub protocol: u8,
     /// Ports were read (TCP/UDP/SCTP, not a fragment).
     pub ports_known: bool,
+    /// An ICMP error's quote: byte matches are not judged on it.
+    pub quoted: bool,
     pub l4_offset: usize,
     pub l4_end: usize,
 }
@@ -403,6 +405,7 @@ fn icmp_error_tuple(f: &[u8], p: &Parsed) -> Option<Tuple> {
         dst_port: sport,
         protocol,
         ports_known: ports.is_some(),
+        quoted: true,
         l4_offset: l4,
         l4_end: p.l3_end,
     })
@@ -416,6 +419,7 @@ pub fn tuple(f: &[u8], p: &Parsed) -> Tuple {
         dst_port: p.dst_port,
         protocol: p.protocol,
         ports_known: p.has_l4 && has_ports(p.protocol) && p.fragment == Fragment::None,
+        quoted: false,
         l4_offset: p.l4_offset,
         l4_end: p.l3_end,
     })
@@ -431,7 +435,8 @@ fn port_free(vip: &CompiledVip) -> u64 {
 
 /// The flow the classifier picks, or why none: [`CompiledVip::classify`]
 /// with the documented limits ([`MAX_CANDIDATES`] candidates; ports
-/// unknown: port-free flows only, and no byte match passes).
+/// unknown: port-free flows only, and no byte match passes; an ICMP
+/// error's quote: every byte match passes).
 pub fn classify<'a>(vip: &'a CompiledVip, f: &[u8], t: &Tuple) -> Result<&'a CompiledFlow, D> {
     let class = ProtoClass::of(t.protocol, vip.v6);
     let l4 = f.get(t.l4_offset..t.l4_end.min(f.len())).unwrap_or(&[]);
@@ -447,10 +452,13 @@ pub fn classify<'a>(vip: &'a CompiledVip, f: &[u8], t: &Tuple) -> Result<&'a Com
     } else {
         vip.protocol_masks[class as usize] & port_free(vip) & vip.sources.lookup(&t.src)
     };
+    // An ICMP error's flow is the best by its quoted tuple alone.
     let passes = |flow: &CompiledFlow| {
-        flow.byte_matches
-            .iter()
-            .all(|b| t.ports_known && b.matches(class, l4))
+        t.quoted
+            || flow
+                .byte_matches
+                .iter()
+                .all(|b| t.ports_known && b.matches(class, l4))
     };
     for _ in 0..MAX_CANDIDATES {
         if mask == 0 {
@@ -458,7 +466,7 @@ pub fn classify<'a>(vip: &'a CompiledVip, f: &[u8], t: &Tuple) -> Result<&'a Com
         }
         let flow = &vip.flows[mask.trailing_zeros() as usize];
         if passes(flow) {
-            if t.ports_known {
+            if t.ports_known && !t.quoted {
                 // The userspace reference agrees where it applies.
                 assert_eq!(vip.classify(&view).map(|f| &f.name), Some(&flow.name));
             }
