@@ -9,7 +9,8 @@ use aya::{
         tc::{self, NlOptions, TcAttachOptions},
         tc::{SchedClassifierLink, SchedClassifierLinkId},
         xdp::XdpLinkId,
-        ProgramError, SchedClassifier, TcAttachType, TracePoint, Xdp, XdpMode as AyaXdpMode,
+        Program, ProgramError, SchedClassifier, TcAttachType, TracePoint, Xdp,
+        XdpMode as AyaXdpMode,
     },
     Ebpf,
 };
@@ -110,49 +111,81 @@ impl Links {
     }
 }
 
-/// Loads every program of the object into the kernel (the verifier runs here).
+/// Every program the daemon loads, the longest to verify first.
+const PROGRAMS: [&str; 14] = [
+    program_names::XDP_UPLINK,
+    program_names::TC_SERVICE,
+    program_names::TC_INGRESS,
+    program_names::TC_TAP_OUT,
+    program_names::TC_CONDUIT,
+    program_names::TC_EGRESS,
+    program_names::XDP_PORT_NAT,
+    program_names::TC_TAP_IN,
+    program_names::XDP_FLOOR,
+    program_names::XDP_MIRROR,
+    program_names::TC_FLOOR,
+    program_names::TP_XMIT,
+    program_names::TP_REDIRECT_ERR,
+    program_names::TP_BULK_TX,
+];
+
+/// Loads every program of the object into the kernel (the verifier runs
+/// here), each on its own thread: verification is most of a start (the
+/// uplink alone takes seconds), and the kernel verifies privileged loads in
+/// parallel, so a start or a kept restart takes about the longest program's
+/// time rather than the sum.
 pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
-    for name in [
-        program_names::XDP_UPLINK,
-        program_names::XDP_FLOOR,
-        program_names::XDP_MIRROR,
-    ] {
-        xdp_program(ebpf, name)?
-            .load()
-            .map_err(|source| DataplaneError::Program { name, source })?;
+    let mut found: Vec<(&'static str, &mut Program)> = Vec::with_capacity(PROGRAMS.len());
+    for (name, program) in ebpf.programs_mut() {
+        if let Some(&name) = PROGRAMS.iter().find(|&&n| n == name) {
+            found.push((name, program));
+        }
     }
-    install_tails(ebpf)?;
-    for name in [
-        program_names::TP_XMIT,
-        program_names::TP_REDIRECT_ERR,
-        program_names::TP_BULK_TX,
-    ] {
-        let program: &mut TracePoint = ebpf
-            .program_mut(name)
-            .ok_or(DataplaneError::Map {
-                name,
-                message: "program missing from the object".into(),
-            })?
-            .try_into()
-            .map_err(|source| DataplaneError::Program { name, source })?;
-        program
-            .load()
-            .map_err(|source| DataplaneError::Program { name, source })?;
+    if let Some(&name) = PROGRAMS
+        .iter()
+        .find(|&&n| !found.iter().any(|(f, _)| *f == n))
+    {
+        return Err(DataplaneError::Map {
+            name,
+            message: "program missing from the object".into(),
+        });
     }
-    for name in [
-        program_names::TC_INGRESS,
-        program_names::TC_EGRESS,
-        program_names::TC_FLOOR,
-        program_names::TC_TAP_OUT,
-        program_names::TC_SERVICE,
-        program_names::TC_TAP_IN,
-        program_names::TC_CONDUIT,
-    ] {
-        tc_program(ebpf, name)?
-            .load()
-            .map_err(|source| DataplaneError::Program { name, source })?;
+    found.sort_by_key(|(name, _)| PROGRAMS.iter().position(|n| n == name));
+    let results: Vec<(&'static str, Result<(), ProgramError>)> = std::thread::scope(|scope| {
+        let running: Vec<_> = found
+            .into_iter()
+            .map(|(name, program)| (name, scope.spawn(move || load_one(name, program))))
+            .collect();
+        running
+            .into_iter()
+            .map(|(name, thread)| {
+                let result = thread
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+                (name, result)
+            })
+            .collect()
+    });
+    for (name, result) in results {
+        result.map_err(|source| DataplaneError::Program { name, source })?;
     }
-    Ok(())
+    install_tails(ebpf)
+}
+
+fn load_one(name: &'static str, program: &mut Program) -> Result<(), ProgramError> {
+    match program {
+        Program::Xdp(p) => p.load(),
+        Program::SchedClassifier(p) => p.load(),
+        Program::TracePoint(p) => p.load(),
+        other => {
+            tracing::error!(
+                program = name,
+                "unexpected program type {:?}",
+                other.prog_type()
+            );
+            Err(ProgramError::UnexpectedProgramType)
+        }
+    }
 }
 
 /// Loads the uplink's tail programs and puts them in `tm_xdp_tails`
@@ -160,9 +193,11 @@ pub fn load_programs(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
 pub fn install_tails(ebpf: &mut Ebpf) -> Result<(), DataplaneError> {
     let name = program_names::XDP_PORT_NAT;
     let program = xdp_program(ebpf, name)?;
-    program
-        .load()
-        .map_err(|source| DataplaneError::Program { name, source })?;
+    if program.fd().is_err() {
+        program
+            .load()
+            .map_err(|source| DataplaneError::Program { name, source })?;
+    }
     let fd = program
         .fd()
         .map_err(|source| DataplaneError::Program { name, source })?
