@@ -101,7 +101,9 @@ impl Daemon {
     }
 
     fn wait_ready(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        // Generous: most of a start is the verifier, and parallel tests on
+        // a loaded machine make it many times slower.
+        let deadline = Instant::now() + Duration::from_secs(60);
         while Instant::now() < deadline {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().expect("try_wait") {
                 panic!("daemon exited early ({status}): {}", self.log_text());
@@ -111,7 +113,7 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("daemon not ready after 20 s: {}", self.log_text());
+        panic!("daemon not ready after 60 s: {}", self.log_text());
     }
 
     /// The daemon's process id.
@@ -182,12 +184,12 @@ impl Daemon {
         self.stop_with(libc::SIGTERM)
     }
 
-    /// Sends `signal` and waits (10 s at most) for the daemon to exit.
+    /// Sends `signal` and waits (30 s at most) for the daemon to exit.
     pub fn stop_with(&mut self, signal: libc::c_int) -> ExitStatus {
         let mut child = self.child.take().expect("daemon already stopped");
         // SAFETY: signalling our own child.
         unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().expect("try_wait") {
                 return status;
@@ -195,7 +197,7 @@ impl Daemon {
             if Instant::now() > deadline {
                 let _ = child.kill();
                 panic!(
-                    "daemon ignored signal {signal} for 10 s: {}",
+                    "daemon ignored signal {signal} for 30 s: {}",
                     self.log_text()
                 );
             }

@@ -66,21 +66,52 @@ pub fn run_in<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'st
     }
 }
 
-/// Sends `packets` UDP datagrams from `CLIENT` in `netns` to `to`, one every
-/// `gap` on a fixed schedule (each carries its sequence number), on a thread
-/// of its own: a steady flow for loss across a restart.
-pub fn steady_udp(netns: &str, to: SocketAddrV4, packets: u32, gap: Duration) -> JoinHandle<()> {
-    spawn_in(netns, move || {
+/// A steady UDP flow from `CLIENT` to one address, one datagram every `gap`
+/// on a fixed schedule (each carries its sequence number), on a thread of
+/// its own until [`SteadyUdp::finish`]: a flow for loss across a restart,
+/// however long the restart takes.
+pub struct SteadyUdp {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    thread: JoinHandle<()>,
+}
+
+impl SteadyUdp {
+    /// Datagrams sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// Stops the flow; returns how many datagrams it sent.
+    pub fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Err(panic) = self.thread.join() {
+            std::panic::resume_unwind(panic);
+        }
+        self.sent.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts a [`SteadyUdp`] flow from `netns` to `to`.
+pub fn steady_udp(netns: &str, to: SocketAddrV4, gap: Duration) -> SteadyUdp {
+    let stop = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let (stopping, counting) = (stop.clone(), sent.clone());
+    let thread = spawn_in(netns, move || {
         let socket = UdpSocket::bind(SocketAddrV4::new(CLIENT, 0)).expect("bind");
         let start = Instant::now();
-        for i in 0..packets {
+        let mut i: u32 = 0;
+        while !stopping.load(Ordering::SeqCst) {
             let due = start + gap * i;
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
                 std::thread::sleep(wait);
             }
             socket.send_to(&i.to_be_bytes(), to).expect("send");
+            i += 1;
+            counting.store(u64::from(i), Ordering::SeqCst);
         }
-    })
+    });
+    SteadyUdp { stop, sent, thread }
 }
 
 /// Polls `done` every 10 ms until it holds or `timeout` passes; returns whether it held.
