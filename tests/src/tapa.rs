@@ -65,8 +65,9 @@ protocols = ["udp", "tcp"]
 pub const VIP_A: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 pub const VIP_B: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
 pub const UNPRIVILEGED: u32 = 65534;
-/// How long an opened stream may take to become OPEN.
-pub const OPEN_WITHIN: Duration = Duration::from_secs(10);
+/// How long an opened stream may take to become OPEN (a budget for a
+/// loaded machine; the benches measure the latency).
+pub const OPEN_WITHIN: Duration = Duration::from_secs(30);
 
 /// `tapmesh ambassador` running in an application namespace.
 pub struct Ambassador {

@@ -247,7 +247,7 @@ fn readiness_waits_for_the_xds_server_and_says_why() {
     .unwrap();
     let daemon = Daemon::start(&node.name, &["--config", config.to_str().unwrap()]);
     let mut m = scrape(&node.name, LISTEN);
-    assert!(wait_until(std::time::Duration::from_secs(5), || {
+    assert!(wait_until(std::time::Duration::from_secs(20), || {
         m = scrape(&node.name, LISTEN);
         m.readyz.1.contains("refused")
     }));
@@ -309,12 +309,12 @@ fn a_stream_open_without_a_response_is_connected_and_says_so() {
     let daemon = Daemon::start(&node.name, &["--config", config.to_str().unwrap()]);
     let _ = std::fs::remove_file(&config);
     cp.wait_request(
-        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(30),
         "the subscription",
         |r| r.response_nonce.is_empty(),
     );
     let mut m = scrape(&node.name, LISTEN);
-    assert!(wait_until(std::time::Duration::from_secs(5), || {
+    assert!(wait_until(std::time::Duration::from_secs(20), || {
         m = scrape(&node.name, LISTEN);
         m.value("tapmesh_control_plane_connected", &[("plane", "xds")]) == 1
     }));

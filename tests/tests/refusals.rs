@@ -192,7 +192,7 @@ fn where_the_hosts_bpffs_is_not_mounted_it_refuses_unless_told() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let answered = tapmesh_tests::net::wait_until(std::time::Duration::from_secs(20), || {
+    let answered = tapmesh_tests::net::wait_until(std::time::Duration::from_secs(60), || {
         Command::new(tapmesh_bin())
             .args(["status", "--admin-socket"])
             .arg(&socket)

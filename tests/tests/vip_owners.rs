@@ -183,7 +183,8 @@ fn the_readme_examples_together_are_refused_at_start() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting the daemon");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // The refusal comes after the programs are verified: a whole start.
+    let deadline = Instant::now() + Duration::from_secs(90);
     let pid = child.id() as i32;
     let waiter = std::thread::spawn(move || child.wait_with_output());
     while !waiter.is_finished() && Instant::now() < deadline {
