@@ -132,7 +132,7 @@ fn binary(release: bool) -> PathBuf {
 }
 
 /// Builds for release, then runs the tapmesh-tests binary `bin` with `args`
-/// against that daemon.
+/// against that daemon (the bench: timings of a dev build would mislead).
 fn run_tests_bin(bin: &str, args: &[PathBuf]) -> Result<()> {
     let object = build(true)?;
     run(cargo(&object)
@@ -203,7 +203,14 @@ fn main() -> Result<()> {
             cases,
             seed,
         } => fuzz(seconds, cases, seed)?,
-        Task::Demo => run_tests_bin("tapmesh-demo", &[])?,
+        // The dev profile: the build `cargo xtask test` already made (CI runs the demo after
+        // it), and a fresh machine's first demo compiles in about half a release build's time.
+        Task::Demo => {
+            let object = build(false)?;
+            run(Command::new(root().join("target/debug/tapmesh-demo"))
+                .env("TAPMESH_BPF_OBJECT", &object)
+                .env("TAPMESH_BIN", binary(false)))?
+        }
         Task::Image(args) => image::image(args)?,
         Task::Bench => run_tests_bin("tapmesh-bench", &[root().join("BENCHMARKS.md")])?,
     }
