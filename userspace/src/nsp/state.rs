@@ -264,7 +264,7 @@ impl Nsp {
     async fn commit(&self, inner: &mut Inner) -> Result<(), NspError> {
         let mut spec = inner.config.lb_spec();
         spec.targets = lb_targets(inner);
-        remote_lb_targets(inner, &mut spec.targets);
+        let left_out = remote_lb_targets(inner, &mut spec.targets);
         self.lb
             .set_source(LB_SOURCE, spec)
             .await
@@ -291,7 +291,14 @@ impl Nsp {
             remote: inner
                 .remote
                 .iter()
-                .map(|r| as_seen_here(&inner.config, r))
+                .enumerate()
+                .map(|(i, r)| {
+                    let mut r = as_seen_here(&inner.config, r);
+                    if left_out.contains(&i) {
+                        r.target.status = Status::Disabled;
+                    }
+                    r
+                })
                 .collect(),
         };
         self.published.send_if_modified(|old| {
@@ -813,8 +820,11 @@ fn as_seen_here(config: &NspConfig, r: &RemoteTarget) -> RemoteTarget {
 /// ENABLED DEFAULT targets of other nodes that their node serves, through
 /// the tunnel to that node; an identifier already taken (a partition let two
 /// nodes enable it) keeps its first holder, in an order every node shares.
-fn remote_lb_targets(inner: &Inner, out: &mut Vec<TargetSpec>) {
-    for r in &inner.remote {
+/// Returns the indices in `inner.remote` of those left out for that reason:
+/// they take no traffic here, so watchers see them DISABLED.
+fn remote_lb_targets(inner: &Inner, out: &mut Vec<TargetSpec>) -> Vec<usize> {
+    let mut left_out = Vec::new();
+    for (i, r) in inner.remote.iter().enumerate() {
         let t = &r.target;
         let (true, Some(address), Status::Enabled, Kind::Default, Some(path), Some(id)) = (
             r.served,
@@ -836,6 +846,7 @@ fn remote_lb_targets(inner: &Inner, out: &mut Vec<TargetSpec>) {
                 node = r.node,
                 "identifier {id} of {stream} is taken; its target there is left out"
             );
+            left_out.push(i);
             continue;
         }
         out.push(TargetSpec {
@@ -846,6 +857,7 @@ fn remote_lb_targets(inner: &Inner, out: &mut Vec<TargetSpec>) {
             },
         });
     }
+    left_out
 }
 
 /// `ips` as the registry keeps them: each CIDR in its canonical form,
@@ -876,7 +888,7 @@ fn to_json(value: &Persisted) -> Vec<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::{as_seen_here, canonical, unusable_here, RemoteTarget};
+    use super::{as_seen_here, canonical, remote_lb_targets, unusable_here, Inner, RemoteTarget};
     use crate::nsp::config::{NspConfig, StreamPath};
     use crate::nsp::registry::{Kind, Status, Target, IDENTIFIER};
 
@@ -943,6 +955,39 @@ mod tests {
         let mut r = remote("s", "7");
         r.target.status = Status::Disabled;
         assert!(unusable_here(&config, &r).is_none());
+    }
+
+    /// Found by a review: when a partition let two nodes enable one
+    /// identifier, the second holder took no traffic here and was listed ENABLED.
+    #[test]
+    fn a_remote_target_that_loses_its_identifier_is_left_out() {
+        let mut config: NspConfig = toml::from_str(
+            "[[trenches]]\nname = \"t\"\n[[conduits]]\nname = \"c\"\n\
+             [[streams]]\nname = \"s\"\nconduit = \"c\"\nmax_targets = 4\n",
+        )
+        .unwrap();
+        config.fill_trenches();
+        let mut second = remote("s", "2");
+        second.node = "n8".into();
+        second.address = Some("198.51.100.8".parse().unwrap());
+        let inner = Inner {
+            config: std::sync::Arc::new(config),
+            registry: crate::nsp::registry::Registry::new(std::time::Duration::from_secs(60)),
+            connections: Vec::new(),
+            next_link: 0,
+            persisted: Vec::new(),
+            remote: vec![remote("s", "1"), remote("s", "2"), second],
+        };
+        let mut out = Vec::new();
+        assert_eq!(remote_lb_targets(&inner, &mut out), [2]);
+        let held: Vec<_> = out
+            .iter()
+            .map(|t| (t.identifier, format!("{:?}", t.via)))
+            .collect();
+        assert_eq!(held.len(), 2);
+        assert_eq!(held[0].0, 1);
+        assert_eq!(held[1].0, 2);
+        assert!(held[1].1.contains("198.51.100.9"), "{:?}", held[1]);
     }
 
     #[test]
