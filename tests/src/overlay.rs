@@ -62,6 +62,10 @@ pub struct Node {
     retired: Vec<Daemon>,
 }
 
+/// One instance in a table update: its number, namespace IP, node's address,
+/// and its service IPs as (IpType, Address) pairs.
+pub type TableRow<'a> = (u32, &'a str, &'a str, &'a [(&'a str, &'a str)]);
+
 impl Node {
     pub fn api(&self, path: &str, body: &str) -> (u16, String) {
         http(&self.socket, "POST", path, body)
@@ -114,7 +118,7 @@ impl Node {
     }
 
     /// Tells this node about instances of `job` on `node` (the cluster's table update).
-    pub fn table(&self, job: &str, instances: &[(u32, &str, &str, &[(&str, &str)])]) {
+    pub fn table(&self, job: &str, instances: &[TableRow]) {
         let list: Vec<String> = instances
             .iter()
             .map(|(number, ns, node, sips)| {

@@ -22,6 +22,9 @@ use tapmesh_common::{
 use super::{map_err, map_mut, map_ref, tunnel::write_peers, DataplaneError};
 use crate::net::Hop;
 
+/// Packets and bytes by service or instance id, summed over CPUs.
+pub type CountersById = BTreeMap<u32, PacketCounter>;
+
 /// An IPv4 address as the maps hold it: its bytes.
 pub fn addr_word(addr: std::net::Ipv4Addr) -> [u8; 4] {
     addr.octets()
@@ -1147,10 +1150,7 @@ impl OverlayWriter {
     }
 
     /// Packets and bytes per service id and per instance id, summed over CPUs.
-    pub fn counters(
-        &self,
-        ebpf: &Ebpf,
-    ) -> Result<(BTreeMap<u32, PacketCounter>, BTreeMap<u32, PacketCounter>), DataplaneError> {
+    pub fn counters(&self, ebpf: &Ebpf) -> Result<(CountersById, CountersById), DataplaneError> {
         let read = |name: &'static str, ids: Vec<u32>| {
             let map = ebpf.map(name).ok_or(DataplaneError::Map {
                 name,

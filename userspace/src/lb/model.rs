@@ -230,22 +230,16 @@ pub enum LbError {
 /// A stream whose `max_targets` and `table_size` are the same again reuses
 /// the builder (its base table is a full Maglev fill, a few ms for 1000
 /// targets); with the same active slots too, it gets its table back.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Tables {
     built: HashMap<String, Built>,
     capacity: Capacity,
 }
 
-impl Default for Tables {
-    fn default() -> Self {
-        Self {
-            built: HashMap::new(),
-            capacity: Capacity::default(),
-        }
-    }
-}
-
 pub use crate::config::LbCapacity as Capacity;
+
+/// A stream's Maglev table (target slot per entry), shared, not copied.
+type SharedTable = Arc<Vec<u32>>;
 
 #[derive(Debug)]
 struct Built {
@@ -263,11 +257,7 @@ impl Tables {
     }
 
     /// The builder and, when `active` is the same, the table of stream `s`.
-    fn get(
-        &self,
-        s: &StreamSpec,
-        active: &[u32],
-    ) -> Option<(&Arc<Maglev>, Option<&Arc<Vec<u32>>>)> {
+    fn get(&self, s: &StreamSpec, active: &[u32]) -> Option<(&Arc<Maglev>, Option<&SharedTable>)> {
         let b = self
             .built
             .get(&s.name)

@@ -205,7 +205,7 @@ impl Nsp {
         let persisted: Persisted = bytes
             .as_ref()
             .and_then(|b| {
-                serde_json::from_slice(&b)
+                serde_json::from_slice(b)
                     .map_err(|e| {
                         tracing::warn!(
                             "registry state {}",
