@@ -588,11 +588,20 @@ pub fn python() -> PathBuf {
 fn script() -> PathBuf {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tapmesh-xds-peer");
     std::fs::create_dir_all(&dir).expect("script dir");
-    let path = dir.join(format!("xds_server_{}.py", std::process::id()));
-    // Once per process, and atomically: parallel tests start servers at once.
+    // Named by its content (FNV-1a), so runs share one file instead of
+    // leaving one per test process behind.
+    let hash = SERVER.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    let path = dir.join(format!("xds_server_{hash:016x}.py"));
+    // Once per process, and atomically: parallel tests and processes start
+    // servers at once, and a rename never shows a half-written file.
     static WRITTEN: std::sync::Once = std::sync::Once::new();
     WRITTEN.call_once(|| {
-        let tmp = path.with_extension("tmp");
+        if std::fs::read_to_string(&path).is_ok_and(|s| s == SERVER) {
+            return;
+        }
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
         std::fs::write(&tmp, SERVER).expect("writing the server script");
         std::fs::rename(&tmp, &path).expect("placing the server script");
     });

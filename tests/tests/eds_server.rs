@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -94,15 +93,11 @@ struct EdsClient {
 impl EdsClient {
     fn start(netns: &str, address: &str, names: &[&str]) -> Self {
         let python = python();
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/tapmesh-xds-peer");
-        std::fs::create_dir_all(&dir).expect("script dir");
-        let script = dir.join(format!("eds_client_{}.py", std::process::id()));
-        std::fs::write(&script, CLIENT).expect("writing the client script");
+        // The script as an argument: no file to share between parallel tests or to leave behind.
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns])
             .arg(&python)
-            .arg("-u")
-            .arg(&script)
+            .args(["-u", "-c", CLIENT])
             .arg(address)
             .arg(names.join(","))
             .stdin(Stdio::null())

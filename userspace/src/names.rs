@@ -34,9 +34,30 @@ pub fn validate_name(field: &str, value: &str) -> Result<(), NameError> {
     })
 }
 
+/// `text` cut to at most `limit` bytes (at a character boundary) for a log
+/// line or an error message: untrusted input may be megabytes long.
+pub fn cut(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= limit {
+        return text.into();
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… (cut, {} bytes in all)", &text[..end], text.len()).into()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cut_keeps_short_text_and_whole_characters() {
+        assert_eq!(cut("abc", 3), "abc");
+        assert_eq!(cut("abcd", 3), "abc… (cut, 4 bytes in all)");
+        // 'é' is two bytes: a cut inside it backs off to the boundary.
+        assert_eq!(cut("aéb", 2), "a… (cut, 4 bytes in all)");
+    }
 
     #[test]
     fn names() {

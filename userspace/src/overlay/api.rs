@@ -25,6 +25,8 @@ pub const BODY_LIMIT: usize = 1 << 20;
 /// The longest message answered: a message that quotes a client's value
 /// (serde's "invalid type: string ...", a bad name) must not send megabytes back.
 const MESSAGE_LIMIT: usize = 300;
+/// A file name's limit (NAME_MAX), which a named network namespace is.
+const NETNS_NAME_MAX: usize = 255;
 
 pub struct ApiError(StatusCode, String);
 
@@ -36,15 +38,15 @@ impl std::fmt::Display for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut message = self.1;
-        if message.len() > MESSAGE_LIMIT {
-            let mut end = MESSAGE_LIMIT;
-            while !message.is_char_boundary(end) {
-                end -= 1;
-            }
-            message.truncate(end);
-            message.push_str("… (cut)");
+        // The caller sees a cut message; the log keeps what the daemon failed at.
+        if self.0.is_server_error() {
+            tracing::warn!(
+                "netmanager API: {}: {}",
+                self.0,
+                crate::names::cut(&self.1, 4096)
+            );
         }
+        let message = crate::names::cut(&self.1, MESSAGE_LIMIT);
         (self.0, Json(serde_json::json!({ "message": message }))).into_response()
     }
 }
@@ -198,7 +200,12 @@ fn deployed_job_name(nm: &NetManager, name: &str) -> Result<String, ApiError> {
 }
 
 fn instance_number(n: i64) -> Result<u32, ApiError> {
-    u32::try_from(n).map_err(|_| bad(format!("instanceNumber {n} must be 0 or more")))
+    u32::try_from(n).map_err(|_| {
+        bad(format!(
+            "instanceNumber {n} must be in 0..={} (an unsigned 32-bit number)",
+            u32::MAX
+        ))
+    })
 }
 
 fn service_ips(list: Vec<ServiceIpJson>) -> Result<Vec<ServiceIp>, ApiError> {
@@ -336,6 +343,15 @@ async fn unikernel_deploy(
     let Json(r) = body?;
     let job = deployed_job_name(&nm, &r.service_name)?;
     let number = instance_number(r.instance_number)?;
+    // The namespace is a file under /run/netns: its name has the file system's limit.
+    let netns = super::manager::unikernel::netns_name(&job, number);
+    if netns.len() > NETNS_NAME_MAX {
+        return Err(bad(format!(
+            "serviceName is too long for a unikernel: its network namespace {} would be {} bytes, over {NETNS_NAME_MAX}",
+            crate::names::cut(&netns, 80),
+            netns.len()
+        )));
+    }
     let ports = super::ports::parse(&r.port_mappings).map_err(|e| bad(e.to_string()))?;
     let service_ips = service_ips(r.service_ip)?;
     let weight = r.weight.unwrap_or(1).max(1);

@@ -20,6 +20,9 @@ use super::manager::NetManager;
 pub const DEFAULT_PORT: u16 = 10003;
 /// A job neither deployed here nor used for this long loses its interest.
 pub const INTEREST_IDLE: Duration = Duration::from_secs(10);
+/// How much of a peer's bad message a log line quotes: anyone who may
+/// publish to the broker chooses its size.
+const LOG_LIMIT: usize = 1024;
 /// The same table query is not sent again within this time.
 const QUERY_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// Table queries by address open at once (answered or not within
@@ -527,7 +530,10 @@ async fn work(
                         tracing::error!("netmanager: the cluster's subnet: {e}");
                     }
                 }
-                Err(e) => tracing::warn!("netmanager: subnet reply is not readable: {e}"),
+                Err(e) => tracing::warn!(
+                    "netmanager: subnet reply is not readable: {}",
+                    crate::names::cut(&e.to_string(), LOG_LIMIT)
+                ),
             },
             // Oakestra's answer for an address no job holds: nothing to do
             // (the address is asked again at its next miss, not sooner).
@@ -539,10 +545,17 @@ async fn work(
                     cluster.queried.lock().expect("lock").remove(&key);
                     cluster.add_interest(&job).await;
                     if let Err(e) = manager.update_table(job.clone(), instances).await {
-                        tracing::warn!(%job, "netmanager: the cluster's table: {e}");
+                        tracing::warn!(
+                            job = %crate::names::cut(&job, LOG_LIMIT),
+                            "netmanager: the cluster's table: {}",
+                            crate::names::cut(&e.to_string(), LOG_LIMIT)
+                        );
                     }
                 }
-                Err(e) => tracing::warn!("netmanager: table query result: {e}"),
+                Err(e) => tracing::warn!(
+                    "netmanager: table query result: {}",
+                    crate::names::cut(&e.to_string(), LOG_LIMIT)
+                ),
             },
             // Not while the same query is open (sent and not answered in
             // the last 2 s), as Oakestra: a burst of updates asks once.
