@@ -130,6 +130,78 @@ fn an_opened_stream_gets_the_vip_traffic_and_close_stops_it() {
     assert_eq!(rx.count(), sent, "nothing more reached the application");
 }
 
+/// Found by a tester: when an application's namespace was deleted, the
+/// daemon forgot the conduit but kept listing its two TC programs as "gone"
+/// (in `tapmesh status` and as `tapmesh_attached 0`), one pair per pod, forever.
+#[test]
+fn a_deleted_application_namespace_takes_its_conduit_and_its_programs_along() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = TapaLab::new(1, "60s");
+    let before: Vec<String> = lab
+        .daemon()
+        .status()
+        .attachments
+        .iter()
+        .map(|a| a.interface.clone())
+        .collect();
+    let (a, _tap) = lab.open_stream_a(0, "30s");
+    let mut conduit: Vec<(String, String)> = lab
+        .daemon()
+        .status()
+        .attachments
+        .iter()
+        .filter(|a| !before.contains(&a.interface))
+        .map(|a| (a.interface.clone(), a.hook.clone()))
+        .collect();
+    conduit.sort();
+    let host = conduit.first().map(|c| c.0.clone()).unwrap_or_default();
+    assert_eq!(
+        conduit,
+        [
+            (host.clone(), "tc-egress".to_string()),
+            (host.clone(), "tc-ingress".to_string())
+        ],
+        "the conduit's programs"
+    );
+    assert_eq!(
+        lab.registered("stream-a").len(),
+        1,
+        "{}",
+        lab.registry_list()
+    );
+    // Gone without a word: the ambassador killed, then its namespace deleted.
+    lab.ambassadors[a].kill();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "del", &lab.apps[0].name])
+        .output()
+        .expect("ip netns del");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The daemon looks at its conduits' links every 2 s.
+    let forgotten = || {
+        !lab.daemon()
+            .status()
+            .attachments
+            .iter()
+            .any(|a| a.interface == host)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), forgotten),
+        "{:?}",
+        lab.daemon().status().attachments
+    );
+    assert!(
+        lab.registered("stream-a").is_empty(),
+        "{}",
+        lab.registry_list()
+    );
+}
+
 #[test]
 fn two_applications_on_two_streams_of_one_conduit_and_a_second_trench_refused() {
     if !kernel_tests_enabled() {

@@ -498,6 +498,11 @@ impl Nsp {
             }
             for name in gone {
                 tracing::info!("conduit interface {name} is gone; forgetting its connection");
+                // Its programs went with it; what the dataplane recorded must go too,
+                // or status and metrics list it as detached by someone else forever.
+                if let Err(e) = self.lb.dataplane().detach_container(&name).await {
+                    tracing::debug!("forgetting the conduit programs of {name}: {e}");
+                }
                 if let Some(i) = inner
                     .connections
                     .iter()
