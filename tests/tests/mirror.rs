@@ -864,6 +864,71 @@ fn an_af_xdp_ring_with_no_flow_receives_nothing() {
     );
 }
 
+/// Found by a tester: an AF_XDP ring deleted whatever interface held its
+/// name (an operator's tapped port), and another tap service could send its
+/// copies into a ring's veth, where they landed in that ring's pcap.
+#[test]
+fn an_af_xdp_ring_keeps_to_its_own_interfaces() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::af_xdp();
+    let dir = TempDir::new("tmpcap");
+    let ring = |file: &str| {
+        Destination::Ring(Ring {
+            pcap: dir.0.join(file).display().to_string(),
+            forward: String::new(),
+        })
+    };
+    // The operator's veth, named as ring 0's would be.
+    let out = lab.node.ip(&[
+        "link",
+        "add",
+        "tmr0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "opx",
+        "netns",
+        &lab.vm1.name,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = lab.service("r", ring("r.pcap")).unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("\"tmr0\" exists and is not a mirror ring's pair"),
+        "{}",
+        refused.message()
+    );
+    assert!(lab.node.ip(&["link", "show", "tmr0"]).status.success());
+    assert!(lab.vm1.ip(&["link", "show", "opx"]).status.success());
+    assert!(lab.list().services.is_empty());
+    // Without it, the ring starts on its own pair, which no other service may take.
+    assert!(lab.node.ip(&["link", "del", "tmr0"]).status.success());
+    lab.service("r", ring("r.pcap")).unwrap();
+    for end in ["tmr0", "tmr0p"] {
+        let refused = lab
+            .service("s", Destination::Interface(end.into()))
+            .unwrap_err();
+        assert!(
+            refused
+                .message()
+                .contains(&format!("\"{end}\" is the ring of tap service \"r\"")),
+            "{}",
+            refused.message()
+        );
+    }
+    let listed: Vec<String> = lab.list().services.iter().map(|s| s.id.clone()).collect();
+    assert_eq!(listed, ["r"]);
+}
+
 fn ring_copies_keep_vlan_tags(lab: Lab) {
     let dir = TempDir::new("tmpcap");
     let pcap = dir.0.join("vlan.pcap");

@@ -286,6 +286,16 @@ impl MirrorService {
             Some(_) => true,
             None => false,
         };
+        // A ring's veth belongs to its ring: other copies sent into it would
+        // land in that ring's consumers (its pcap file) as if they were its own.
+        for name in &receives {
+            if let Some(owner) = ring_veth_owner(&state, name) {
+                return Err(MirrorError::Invalid(format!(
+                    "tap service {:?}: {name:?} is the ring of tap service {owner:?}; choose another interface",
+                    spec.id
+                )));
+            }
+        }
         let (ifindex, ring) = match &spec.destination {
             Destination::Interface(name) => (
                 interface_index(name).ok_or_else(|| MirrorError::NoInterface(name.clone()))?,
@@ -441,7 +451,23 @@ impl MirrorService {
         let host = format!("tmr{slot}");
         let peer = format!("tmr{slot}p");
         let net = |e: crate::net::NetError| MirrorError::Dataplane(e.to_string());
-        let _ = crate::net::link::delete(&host).await;
+        // A pair left by a daemon that did not stop goes; anything else by
+        // these names is someone else's, and is never deleted.
+        let exists = |name: &str| crate::net::link::index(name).is_some();
+        match (exists(&host), exists(&peer)) {
+            (false, false) => {}
+            (true, true) if crate::net::peer::local_peer(&host).as_deref() == Some(&peer) => {
+                tracing::info!("removing {host}/{peer}, a mirror ring pair left from before");
+                let _ = crate::net::link::delete(&host).await;
+            }
+            (h, _) => {
+                let taken = if h { &host } else { &peer };
+                return Err(MirrorError::Invalid(format!(
+                    "tap service {id:?}: interface {taken:?} exists and is not a mirror ring's pair \
+                     ({host}/{peer}, the names of AF_XDP ring {slot}); rename or remove it"
+                )));
+            }
+        }
         let (_, peer_ifindex) = crate::net::veth::create_local_pair(&host, &peer)
             .await
             .map_err(net)?;
@@ -644,15 +670,10 @@ impl MirrorService {
             )));
         }
         // A ring's own veth carries copies: a flow on it would copy copies, in a loop.
-        if let Some(s) = state.services.values().find(|s| {
-            s.ring
-                .as_ref()
-                .and_then(|r| r.veth.as_ref())
-                .is_some_and(|v| v.host == spec.source || v.peer == spec.source)
-        }) {
+        if let Some(owner) = ring_veth_owner(state, &spec.source) {
             return Err(MirrorError::Invalid(format!(
-                "tap flow {:?}: {:?} carries the copies of tap service {:?}'s ring; it cannot be a source",
-                spec.id, spec.source, s.spec.id
+                "tap flow {:?}: {:?} carries the copies of tap service {owner:?}'s ring; it cannot be a source",
+                spec.id, spec.source
             )));
         }
         let service =
@@ -1047,6 +1068,20 @@ fn destinations(spec: &TapService) -> Vec<&str> {
 
 /// Where a service's copies come in again: its interfaces, and the veth
 /// peer of each that is in this namespace too.
+/// The tap service whose AF_XDP ring uses `name` as its veth (either end).
+fn ring_veth_owner<'a>(state: &'a State, name: &str) -> Option<&'a str> {
+    state
+        .services
+        .values()
+        .find(|s| {
+            s.ring
+                .as_ref()
+                .and_then(|r| r.veth.as_ref())
+                .is_some_and(|v| v.host == name || v.peer == name)
+        })
+        .map(|s| s.spec.id.as_str())
+}
+
 fn receiving(spec: &TapService) -> Vec<String> {
     let mut all: Vec<String> = destinations(spec).into_iter().map(String::from).collect();
     let peers: Vec<String> = all
