@@ -512,8 +512,8 @@ mod tests {
                     "b",
                     &[
                         "udp[0:1] = 1",
-                        "sctp[1:4] & 0xff = 2",
-                        "tcp[3:1] = 3",
+                        "udp[1:4] & 0xff = 2",
+                        "udp[3:1] = 3",
                         "udp[511:2] = 4",
                     ],
                 ),
@@ -540,8 +540,8 @@ mod tests {
             high.byte_matches,
             [
                 bm(0, 1, PROTO_UDP, 0xff, 1),
-                bm(1, 4, PROTO_SCTP, 0xff, 2),
-                bm(3, 1, PROTO_TCP, 0xff, 3),
+                bm(1, 4, PROTO_UDP, 0xff, 2),
+                bm(3, 1, PROTO_UDP, 0xff, 3),
                 bm(511, 2, PROTO_UDP, 0xffff, 4),
             ]
         );

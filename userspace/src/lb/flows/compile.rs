@@ -836,8 +836,13 @@ mod tests {
         if r.chance(60) {
             f.source_subnets = (0..1 + r.below(3)).map(|_| rand_cidr(r)).collect();
         }
-        if r.chance(25) {
-            let proto = r.pick(&["tcp", "udp", "sctp"]);
+        // On a protocol the flow takes (one that can match at all).
+        let takes: Vec<&str> = ["tcp", "udp", "sctp"]
+            .into_iter()
+            .filter(|p| f.protocols.is_empty() || f.protocols.iter().any(|q| q == p))
+            .collect();
+        if !takes.is_empty() && r.chance(25) {
+            let proto = r.pick(&takes);
             let (off, v) = (r.below(8), r.below(4));
             f.byte_matches.push(format!("{proto}[{off}:1] & 0x3 = {v}"));
         }

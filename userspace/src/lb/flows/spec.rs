@@ -71,6 +71,12 @@ pub enum FlowError {
         value: String,
         reason: String,
     },
+    #[error("flow {flow:?} byte_matches: {value:?} can never match: {reason}")]
+    ByteMatchNeverMatches {
+        flow: String,
+        value: String,
+        reason: String,
+    },
     #[error("flow {flow:?} vips: unknown VIP {vip:?}; define it or remove it from the flow")]
     UnknownVip { flow: String, vip: String },
     #[error("flow {flow:?} is defined twice; flow names must be unique")]
@@ -476,6 +482,31 @@ impl Flow {
                 value: b.clone(),
                 reason,
             })?;
+            // All of a flow's matches must pass, each on its own protocol's packets.
+            let name = |p: Protocol| format!("{p:?}").to_lowercase();
+            let reason = if !protocols.is_empty() && !protocols.contains(&m.protocol) {
+                Some(format!(
+                    "the flow's protocols do not include {}",
+                    name(m.protocol)
+                ))
+            } else {
+                byte_matches
+                    .iter()
+                    .find(|o: &&ByteMatch| o.protocol != m.protocol)
+                    .map(|o| {
+                        format!(
+                            "the flow's other byte matches are on {} packets; a packet is one or the other",
+                            name(o.protocol)
+                        )
+                    })
+            };
+            if let Some(reason) = reason {
+                return Err(FlowError::ByteMatchNeverMatches {
+                    flow: flow.clone(),
+                    value: b.clone(),
+                    reason,
+                });
+            }
             byte_matches.push(m);
         }
 
@@ -924,6 +955,39 @@ mod tests {
         ] {
             assert_eq!(ByteMatch::parse(bad), Err(reason.to_string()), "{bad:?}");
         }
+        // Found by a tester: a match on a protocol the flow does not take
+        // (or beside one on another protocol) was accepted and never matched.
+        for (protocols, matches, reason) in [
+            (
+                &["udp"][..],
+                &["tcp[2:2] = 1"][..],
+                "the flow's protocols do not include tcp",
+            ),
+            (
+                &[],
+                &["udp[0:1] = 1", "tcp[0:1] = 1"],
+                "the flow's other byte matches are on udp packets; a packet is one or the other",
+            ),
+        ] {
+            let mut f = flow("f");
+            f.protocols = s(protocols);
+            f.byte_matches = s(matches);
+            assert_eq!(
+                Flow::parse(&f),
+                Err(FlowError::ByteMatchNeverMatches {
+                    flow: "f".into(),
+                    value: matches[matches.len() - 1].into(),
+                    reason: reason.into()
+                })
+            );
+        }
+        let mut f = flow("f");
+        f.protocols = s(&["tcp", "udp"]);
+        f.byte_matches = s(&["udp[0:1] = 1"]);
+        assert!(
+            Flow::parse(&f).is_ok(),
+            "a match narrows the flow to its protocol"
+        );
         let mut f = flow("f");
         f.byte_matches = s(&["tcp[2:2] = 5001", "tcp[2:2] = 70000"]);
         assert_eq!(
