@@ -1140,6 +1140,68 @@ fn a_ring_that_cannot_start_at_a_restart_is_kept_in_error_until_created_again() 
     assert_eq!(tshark_fields(&pcap, "icmp.type").len(), 30);
 }
 
+/// Found by a tester: renaming a tap service's interface deleted the
+/// service and its flows for good, as a port delete does. A rename now
+/// leaves them DOWN until the name is back, as a restart without it does.
+#[test]
+fn a_renamed_interface_is_no_port_delete() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = Lab::monitored();
+    lab.flow("both", "mon", "BOTH", "").unwrap();
+    let before = lab.monitor_rx();
+    lab.ping(3);
+    lab.expect_monitor(before, 6);
+    let tap = lab.tap_if.interface.as_str();
+    let rename = |from: &str, to: &str| {
+        let out = lab.node.ip(&["link", "set", "dev", from, "name", to]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A renamed interface must be down; up again after it, it could still take copies.
+    lab.node.ip(&["link", "set", "dev", tap, "down"]);
+    rename(tap, "tmrenamed");
+    lab.node.ip(&["link", "set", "dev", "tmrenamed", "up"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || lab.list().services[0].status
+            == "DOWN"),
+        "{:?}",
+        lab.list()
+    );
+    let listing = lab.list();
+    assert!(
+        listing.services[0].error.contains("tmrenamed"),
+        "{listing:?}"
+    );
+    assert_eq!(listing.flows.len(), 1, "{listing:?}");
+    assert_eq!(listing.flows[0].status, "DOWN", "{listing:?}");
+    let before = lab.monitor_rx();
+    lab.ping(3);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        lab.monitor_rx(),
+        before,
+        "no copy into the renamed interface"
+    );
+    // Its name back: the same service and flow copy again.
+    lab.node.ip(&["link", "set", "dev", "tmrenamed", "down"]);
+    rename("tmrenamed", tap);
+    lab.node.ip(&["link", "set", "dev", tap, "up"]);
+    assert!(
+        wait_until(Duration::from_secs(20), || lab.list().flows[0].status
+            == "ACTIVE"),
+        "{:?}",
+        lab.list()
+    );
+    let before = lab.monitor_rx();
+    lab.ping(3);
+    lab.expect_monitor(before, 6);
+}
+
 /// A restart is no port delete: a tap flow whose source port did not exist
 /// at the start (a VM's port at boot) was dropped and lost from the saved
 /// state, and so was a tap service whose interface did not. Both now wait

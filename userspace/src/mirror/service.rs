@@ -809,6 +809,41 @@ impl MirrorService {
     /// for their interface since the restart.
     pub async fn forget_gone_interfaces(&self) {
         let mut state = self.state.lock().await;
+        // A renamed interface is not a deleted port: its taps wait for the
+        // name again (DOWN), as after a restart without it.
+        let mut renamed = false;
+        for f in state.flows.values_mut() {
+            if f.source_ifindex == 0 || interface_index(&f.spec.source) == Some(f.source_ifindex) {
+                continue;
+            }
+            if let Some(now) = crate::net::link::name(f.source_ifindex) {
+                tracing::info!(
+                    "tap flow {}: its source {:?} is now called {now:?}; waits for {:?}",
+                    f.spec.id,
+                    f.spec.source,
+                    f.spec.source
+                );
+                f.source_ifindex = 0;
+                renamed = true;
+            }
+        }
+        for s in state.services.values_mut() {
+            let Destination::Interface(name) = &s.spec.destination else {
+                continue;
+            };
+            if s.status == Status::Down || interface_index(name) == Some(s.ifindex) {
+                continue;
+            }
+            if let Some(now) = crate::net::link::name(s.ifindex) {
+                tracing::info!(
+                    "tap service {}: its interface {name:?} is now called {now:?}; DOWN until {name:?} is back",
+                    s.spec.id
+                );
+                s.status = Status::Down;
+                s.error = format!("its interface {name:?} is now called {now:?}");
+                renamed = true;
+            }
+        }
         let gone_flows: Vec<String> = state
             .flows
             .values()
@@ -859,7 +894,7 @@ impl MirrorService {
                 }
             }
         }
-        if gone_flows.is_empty() && gone_services.is_empty() && !appeared {
+        if gone_flows.is_empty() && gone_services.is_empty() && !appeared && !renamed {
             return;
         }
         let mut removed = Vec::new();
