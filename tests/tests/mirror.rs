@@ -1187,16 +1187,60 @@ fn a_renamed_interface_is_no_port_delete() {
         before,
         "no copy into the renamed interface"
     );
+    // Another interface under the old name is another port: not taken.
+    let out = lab.node.ip(&[
+        "link", "add", tap, "type", "veth", "peer", "name", "tmother",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(lab.list().services[0].status, "DOWN", "{:?}", lab.list());
+    assert!(lab.node.ip(&["link", "del", tap]).status.success());
     // Its name back: the same service and flow copy again.
     lab.node.ip(&["link", "set", "dev", "tmrenamed", "down"]);
     rename("tmrenamed", tap);
     lab.node.ip(&["link", "set", "dev", tap, "up"]);
+    let active = || {
+        let l = lab.list();
+        l.services[0].status == "ACTIVE" && l.flows[0].status == "ACTIVE"
+    };
     assert!(
-        wait_until(Duration::from_secs(20), || lab.list().flows[0].status
-            == "ACTIVE"),
+        wait_until(Duration::from_secs(20), active),
         "{:?}",
         lab.list()
     );
+    let before = lab.monitor_rx();
+    lab.ping(3);
+    lab.expect_monitor(before, 6);
+    // The flow's source renamed: DOWN, naming the new name; back: copies again.
+    let port = lab.port.interface.as_str();
+    lab.node.ip(&["link", "set", "dev", port, "down"]);
+    rename(port, "tmrenport");
+    assert!(
+        wait_until(Duration::from_secs(20), || lab.list().flows[0].status
+            == "DOWN"),
+        "{:?}",
+        lab.list()
+    );
+    assert!(
+        lab.list().flows[0].error.contains("\"tmrenport\""),
+        "{:?}",
+        lab.list()
+    );
+    rename("tmrenport", port);
+    lab.node.ip(&["link", "set", "dev", port, "up"]);
+    assert!(
+        wait_until(Duration::from_secs(20), active),
+        "{:?}",
+        lab.list()
+    );
+    // The port's neighbours went with its carrier: one ping resolves them again
+    // (their ARP frames are copied too), then the count starts.
+    lab.ping(1);
+    std::thread::sleep(Duration::from_millis(300));
     let before = lab.monitor_rx();
     lab.ping(3);
     lab.expect_monitor(before, 6);

@@ -195,8 +195,11 @@ fn a_deleted_application_namespace_takes_its_conduit_and_its_programs_along() {
         "{:?}",
         lab.daemon().status().attachments
     );
+    // Published after the programs are forgotten: waited for too.
     assert!(
-        lab.registered("stream-a").is_empty(),
+        wait_until(Duration::from_secs(10), || lab
+            .registered("stream-a")
+            .is_empty()),
         "{}",
         lab.registry_list()
     );

@@ -29,6 +29,9 @@ pub struct FlowState {
     /// The source interface's index when it was created (a re-created
     /// interface is another port).
     pub source_ifindex: u32,
+    /// What its source port is called now, while another name than the
+    /// flow's (a rename): it waits DOWN for that port to get its name back.
+    pub renamed: Option<String>,
     pub status: Status,
     pub error: String,
 }
@@ -40,6 +43,8 @@ pub struct ServiceState {
     /// The destination interface's index (an AF_XDP ring's own; 0 for a
     /// ring fed from the ring buffer).
     pub ifindex: u32,
+    /// As for a flow: its interface's name now, while renamed (DOWN).
+    pub renamed: Option<String>,
     ring: Option<Ring>,
 }
 
@@ -183,6 +188,7 @@ impl MirrorService {
                             status: Status::Error,
                             error: e.to_string(),
                             ifindex: 0,
+                            renamed: None,
                             ring: None,
                         },
                     );
@@ -196,6 +202,7 @@ impl MirrorService {
                             status: Status::Down,
                             error: waiting_for(&name),
                             ifindex: 0,
+                            renamed: None,
                             ring: None,
                         },
                     );
@@ -240,6 +247,7 @@ impl MirrorService {
                 spec,
                 index,
                 source_ifindex: 0,
+                renamed: None,
                 status: Status::Down,
                 error,
             },
@@ -360,6 +368,7 @@ impl MirrorService {
                 status: Status::Active,
                 error: String::new(),
                 ifindex,
+                renamed: None,
                 ring,
             },
         );
@@ -715,6 +724,7 @@ impl MirrorService {
                 spec,
                 index,
                 source_ifindex,
+                renamed: None,
                 status: Status::Down,
                 error: String::new(),
             },
@@ -752,10 +762,9 @@ impl MirrorService {
     async fn sync(&self, state: &mut State) -> Result<(), MirrorError> {
         let dp = |e: crate::dataplane::DataplaneError| MirrorError::Dataplane(e.to_string());
         let (tables, sources) = mirror_tables(state.flows.values().filter_map(|f| {
-            let service = state
-                .services
-                .get(&f.spec.tap_service)
-                .filter(|s| s.status == Status::Active && f.source_ifindex != 0)?;
+            let service = state.services.get(&f.spec.tap_service).filter(|s| {
+                s.status == Status::Active && f.source_ifindex != 0 && f.renamed.is_none()
+            })?;
             Some(FlowRule {
                 spec: &f.spec,
                 index: f.index,
@@ -791,6 +800,14 @@ impl MirrorService {
                     f.status = Status::Down;
                     f.error = waiting_for(&f.spec.source);
                 }
+                _ if f.renamed.is_some() => {
+                    f.status = Status::Down;
+                    f.error = format!(
+                        "its source {:?} is now called {:?}",
+                        f.spec.source,
+                        f.renamed.as_deref().unwrap_or_default()
+                    );
+                }
                 Some(s) if s.status == Status::Down => {
                     f.status = Status::Down;
                     f.error = format!("its tap service {:?} is DOWN", s.spec.id);
@@ -809,21 +826,34 @@ impl MirrorService {
     /// for their interface since the restart.
     pub async fn forget_gone_interfaces(&self) {
         let mut state = self.state.lock().await;
-        // A renamed interface is not a deleted port: its taps wait for the
-        // name again (DOWN), as after a restart without it.
+        // A renamed interface is not a deleted port: its taps wait DOWN for
+        // that port (its index) to get the name back; another interface
+        // taking the name is another port. The port deleted meanwhile is a
+        // port delete.
         let mut renamed = false;
         for f in state.flows.values_mut() {
-            if f.source_ifindex == 0 || interface_index(&f.spec.source) == Some(f.source_ifindex) {
+            let port = f.source_ifindex;
+            if port == 0 {
                 continue;
             }
-            if let Some(now) = crate::net::link::name(f.source_ifindex) {
-                tracing::info!(
-                    "tap flow {}: its source {:?} is now called {now:?}; waits for {:?}",
-                    f.spec.id,
-                    f.spec.source,
-                    f.spec.source
-                );
-                f.source_ifindex = 0;
+            let now = match interface_index(&f.spec.source) == Some(port) {
+                true => None,
+                false => match crate::net::link::name(port) {
+                    Some(now) => Some(now),
+                    None => continue, // gone: below
+                },
+            };
+            if f.renamed != now {
+                match &now {
+                    Some(now) => tracing::info!(
+                        "tap flow {}: its source {:?} is now called {now:?}; DOWN until it is {:?} again",
+                        f.spec.id,
+                        f.spec.source,
+                        f.spec.source
+                    ),
+                    None => tracing::info!("tap flow {}: its source {:?} is back", f.spec.id, f.spec.source),
+                }
+                f.renamed = now;
                 renamed = true;
             }
         }
@@ -831,25 +861,45 @@ impl MirrorService {
             let Destination::Interface(name) = &s.spec.destination else {
                 continue;
             };
-            if s.status == Status::Down || interface_index(name) == Some(s.ifindex) {
+            if s.ifindex == 0 || s.status == Status::Error {
                 continue;
             }
-            if let Some(now) = crate::net::link::name(s.ifindex) {
-                tracing::info!(
-                    "tap service {}: its interface {name:?} is now called {now:?}; DOWN until {name:?} is back",
-                    s.spec.id
-                );
-                s.status = Status::Down;
-                s.error = format!("its interface {name:?} is now called {now:?}");
+            let now = match interface_index(name) == Some(s.ifindex) {
+                true => None,
+                false => match crate::net::link::name(s.ifindex) {
+                    Some(now) => Some(now),
+                    None => continue, // gone: below
+                },
+            };
+            if s.renamed != now {
+                match &now {
+                    Some(now) => {
+                        tracing::info!(
+                            "tap service {}: its interface {name:?} is now called {now:?}; DOWN until it is {name:?} again",
+                            s.spec.id
+                        );
+                        s.status = Status::Down;
+                        s.error = format!("its interface {name:?} is now called {now:?}");
+                    }
+                    None => {
+                        tracing::info!("tap service {}: its interface {name:?} is back", s.spec.id);
+                        s.status = Status::Active;
+                        s.error.clear();
+                    }
+                }
+                s.renamed = now;
                 renamed = true;
             }
         }
+        let port_gone = |ifindex: u32, name: &str| {
+            ifindex != 0
+                && interface_index(name) != Some(ifindex)
+                && crate::net::link::name(ifindex).is_none()
+        };
         let gone_flows: Vec<String> = state
             .flows
             .values()
-            .filter(|f| {
-                f.source_ifindex != 0 && interface_index(&f.spec.source) != Some(f.source_ifindex)
-            })
+            .filter(|f| port_gone(f.source_ifindex, &f.spec.source))
             .map(|f| f.spec.id.clone())
             .collect();
         let gone_services: Vec<String> = state
@@ -857,7 +907,7 @@ impl MirrorService {
             .values()
             .filter(|s| match &s.spec.destination {
                 Destination::Interface(name) => {
-                    s.status != Status::Down && interface_index(name) != Some(s.ifindex)
+                    s.status != Status::Error && port_gone(s.ifindex, name)
                 }
                 Destination::Ring(r) => {
                     s.ring
@@ -870,10 +920,23 @@ impl MirrorService {
             })
             .map(|s| s.spec.id.clone())
             .collect();
+        // What waited since the restart starts when its interface appears,
+        // unless the name is a ring's own veth now (copies would land in, or
+        // come from, that ring).
+        let ring_veths: BTreeMap<String, String> = state
+            .services
+            .values()
+            .filter_map(|s| Some((s.ring.as_ref()?.veth.as_ref()?, &s.spec.id)))
+            .flat_map(|(v, id)| [(v.host.clone(), id.clone()), (v.peer.clone(), id.clone())])
+            .collect();
         let mut appeared = false;
         for s in state.services.values_mut() {
-            if let (Status::Down, Destination::Interface(name)) = (s.status, &s.spec.destination) {
-                if let Some(ifindex) = interface_index(name) {
+            if let (Status::Down, Destination::Interface(name), 0) =
+                (s.status, &s.spec.destination, s.ifindex)
+            {
+                if let Some(owner) = ring_veths.get(name) {
+                    s.error = format!("{name:?} is the ring of tap service {owner:?}");
+                } else if let Some(ifindex) = interface_index(name) {
                     tracing::info!("tap service {}: its interface {name:?} is here", s.spec.id);
                     (s.ifindex, s.status) = (ifindex, Status::Active);
                     s.error.clear();
@@ -882,7 +945,7 @@ impl MirrorService {
             }
         }
         for f in state.flows.values_mut() {
-            if f.source_ifindex == 0 {
+            if f.source_ifindex == 0 && !ring_veths.contains_key(&f.spec.source) {
                 if let Some(ifindex) = interface_index(&f.spec.source) {
                     tracing::info!(
                         "tap flow {}: its source {:?} is here",
@@ -1101,8 +1164,6 @@ fn destinations(spec: &TapService) -> Vec<&str> {
     }
 }
 
-/// Where a service's copies come in again: its interfaces, and the veth
-/// peer of each that is in this namespace too.
 /// The tap service whose AF_XDP ring uses `name` as its veth (either end).
 fn ring_veth_owner<'a>(state: &'a State, name: &str) -> Option<&'a str> {
     state
@@ -1117,6 +1178,8 @@ fn ring_veth_owner<'a>(state: &'a State, name: &str) -> Option<&'a str> {
         .map(|s| s.spec.id.as_str())
 }
 
+/// Where a service's copies come in again: its interfaces, and the veth
+/// peer of each that is in this namespace too.
 fn receiving(spec: &TapService) -> Vec<String> {
     let mut all: Vec<String> = destinations(spec).into_iter().map(String::from).collect();
     let peers: Vec<String> = all
