@@ -92,6 +92,29 @@ fn a_unikernel_gets_its_namespace_bridge_tap_and_nat_and_its_service_ips_reach_t
     assert!(ns_addr.starts_with("192.0.2."), "{reply}");
     let (status, _) = node_engine_post(&n.socket, "/unikernel/deploy", &body);
     assert_eq!(status, 409, "the namespace exists");
+    // Found by a tester: a name whose namespace cannot exist (over 255
+    // bytes as `<serviceName>.instance.<n>`) was a 500 that hid why.
+    let long = format!("app.ns.{}.ns", "a".repeat(240));
+    let (status, reply) = node_engine_post(
+        &n.socket,
+        "/unikernel/deploy",
+        &deploy_json(0, &long, 4_000_000_000, ""),
+    );
+    assert_eq!(status, 400, "{reply}");
+    let netns_len = long.len() + ".instance.4000000000".len();
+    assert!(
+        reply.contains(&format!("would be {netns_len} bytes, over 255")),
+        "{reply}"
+    );
+    let (status, reply) = node_engine_post(
+        &n.socket,
+        "/unikernel/deploy",
+        &format!(
+            r#"{{"pid":0,"serviceName":"{job}","instanceNumber":4294967296,"portMappings":""}}"#
+        ),
+    );
+    assert_eq!(status, 400, "{reply}");
+    assert!(reply.contains("must be in 0..=4294967295"), "{reply}");
 
     // The namespace as the Node Engine expects it (its qemu path reads one
     // default route, its link's address and tap0's MAC; crosvm tap0's MAC).
