@@ -836,12 +836,14 @@ impl MirrorService {
             if port == 0 {
                 continue;
             }
-            let now = match interface_index(&f.spec.source) == Some(port) {
-                true => None,
-                false => match crate::net::link::name(port) {
-                    Some(now) => Some(now),
-                    None => continue, // gone: below
-                },
+            let now = if interface_index(&f.spec.source) == Some(port) {
+                None
+            } else {
+                // Gone (no name at all): the port delete below.
+                let Some(now) = crate::net::link::name(port) else {
+                    continue;
+                };
+                Some(now)
             };
             if f.renamed != now {
                 match &now {
@@ -864,12 +866,13 @@ impl MirrorService {
             if s.ifindex == 0 || s.status == Status::Error {
                 continue;
             }
-            let now = match interface_index(name) == Some(s.ifindex) {
-                true => None,
-                false => match crate::net::link::name(s.ifindex) {
-                    Some(now) => Some(now),
-                    None => continue, // gone: below
-                },
+            let now = if interface_index(name) == Some(s.ifindex) {
+                None
+            } else {
+                let Some(now) = crate::net::link::name(s.ifindex) else {
+                    continue;
+                };
+                Some(now)
             };
             if s.renamed != now {
                 match &now {
