@@ -84,6 +84,23 @@ impl Node {
         serde_json::from_str(&text).expect("status JSON")
     }
 
+    /// Polls `/status` until `done` holds (up to 30 s, for a loaded
+    /// machine), then returns that status; panics with the last one.
+    pub fn status_when(&self, done: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let status = self.status();
+            if done(&status) {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "status never came: {status}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     pub fn register(&self, subnet: &str) {
         self.post(
             "/register",

@@ -15,11 +15,11 @@ base = sys.argv[1]
 out = {}
 for path in ("healthz", "readyz"):
     try:
-        r = urllib.request.urlopen(base + "/" + path, timeout=5)
+        r = urllib.request.urlopen(base + "/" + path, timeout=30)
         out[path] = [r.status, r.read().decode()]
     except urllib.error.HTTPError as e:
         out[path] = [e.code, e.read().decode()]
-r = urllib.request.urlopen(base + "/metrics", timeout=5)
+r = urllib.request.urlopen(base + "/metrics", timeout=30)
 out["content_type"] = r.headers["Content-Type"]
 families = list(text_string_to_metric_families(r.read().decode()))
 out["samples"] = [[s.name, s.labels, s.value] for f in families for s in f.samples]

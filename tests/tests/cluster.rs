@@ -340,9 +340,15 @@ fn registry_call() {
             Ok(_) => "ok".to_string(),
             Err(e) => format!("{:?}", e.code()),
         };
+        // The test may have stopped listening (it failed, or it is done):
+        // a closed stdout is no reason to panic here.
+        let say = |line: String| {
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "{line}");
+        };
         let first = show(client.register(race_target(&ip, id, false)).await);
         if keep || first != "ok" {
-            println!("result: {first}");
+            say(format!("result: {first}"));
             return;
         }
         if let Some(at) = at {
@@ -352,17 +358,17 @@ fn registry_call() {
                 .as_millis();
             tokio::time::sleep(Duration::from_millis(at.saturating_sub(now) as u64)).await;
         }
-        println!(
+        say(format!(
             "result: {}",
             show(client.register(race_target(&ip, id, true)).await)
-        );
+        ));
         let mut line = String::new();
         let _ = std::io::stdin().read_line(&mut line);
         client
             .unregister(race_target(&ip, id, false))
             .await
             .unwrap();
-        println!("unregistered");
+        say("unregistered".to_string());
     });
 }
 

@@ -313,15 +313,19 @@ fn a_stream_open_without_a_response_is_connected_and_says_so() {
         "the subscription",
         |r| r.response_nonce.is_empty(),
     );
-    let mut m = scrape(&node.name, LISTEN);
-    assert!(wait_until(std::time::Duration::from_secs(20), || {
-        m = scrape(&node.name, LISTEN);
-        m.value("tapmesh_control_plane_connected", &[("plane", "xds")]) == 1
-    }));
     let want = format!(
         "not ready: xds: subscribing at {} (sotw): connected, no response yet",
         cp.address()
     );
+    // The scraper asks /readyz before /metrics: both must have seen the
+    // connection, so wait for the two together.
+    let mut m = scrape(&node.name, LISTEN);
+    let both = wait_until(std::time::Duration::from_secs(30), || {
+        m = scrape(&node.name, LISTEN);
+        m.value("tapmesh_control_plane_connected", &[("plane", "xds")]) == 1
+            && m.readyz.1.trim() == want
+    });
+    assert!(both, "{:?}", m.readyz);
     assert_eq!((m.readyz.0, m.readyz.1.trim()), (503, want.as_str()));
     drop(daemon);
 }
@@ -408,7 +412,7 @@ fn readiness_waits_for_etcd_in_cluster_mode() {
     let daemon = Daemon::start(&node.name, &["--config", config.to_str().unwrap()]);
     let _ = std::fs::remove_file(&config);
     let mut m = scrape(&node.name, LISTEN);
-    assert!(wait_until(std::time::Duration::from_secs(5), || {
+    assert!(wait_until(std::time::Duration::from_secs(20), || {
         m = scrape(&node.name, LISTEN);
         m.readyz.1.contains("etcd")
     }));
@@ -432,7 +436,7 @@ fn readiness_waits_for_etcd_in_cluster_mode() {
 
     etcd.start();
     assert!(
-        wait_until(std::time::Duration::from_secs(10), || {
+        wait_until(std::time::Duration::from_secs(30), || {
             m = scrape(&node.name, LISTEN);
             m.readyz.0 == 200
         }),

@@ -88,7 +88,7 @@ fn ask_from(port: u16, to: IpAddr) -> (String, String) {
         std::net::Ipv6Addr::UNSPECIFIED.into()
     };
     let s = UdpSocket::bind((any, port)).expect("client bind");
-    s.set_read_timeout(Some(Duration::from_millis(1500)))
+    s.set_read_timeout(Some(Duration::from_millis(2500)))
         .unwrap();
     for _ in 0..3 {
         s.send_to(b"hello", (to, UDP_PORT)).unwrap();
@@ -143,7 +143,7 @@ fn ping_df(client: &Netns, to: &str, size: u32, count: u32) -> (bool, String) {
     if to.contains(':') {
         args.push("-6");
     }
-    args.extend(["-M", "do", "-s", &size, "-c", &count, "-W", "2", to]);
+    args.extend(["-M", "do", "-s", &size, "-c", &count, "-W", "5", to]);
     run(client, &args)
 }
 
@@ -1454,6 +1454,9 @@ fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
     })
     .join()
     .unwrap();
+    // The report reaches the daemon in its own time; any second one
+    // would come right behind it.
+    n1.status_when(|s| s["misses"].as_u64() >= Some(1));
     std::thread::sleep(Duration::from_millis(300));
     let status = n1.status();
     assert_eq!(status["misses"], 1, "50 packets, one report: {status}");
@@ -1489,7 +1492,7 @@ fn a_packet_too_big_for_the_tunnel_gets_fragmentation_needed_and_ping_finds_the_
     let (_, link) = run(&lab.client, &["ip", "-o", "link", "show", "tmsvc0"]);
     assert!(link.contains("mtu 1472"), "{link}");
     // Ping through the service IP works (ICMP echo is translated too).
-    let (ok, out) = run(&lab.client, &["ping", "-c", "2", "-W", "2", WEB1_IP]);
+    let (ok, out) = run(&lab.client, &["ping", "-c", "2", "-W", "5", WEB1_IP]);
     assert!(ok, "{out}");
     // A container that sends 1500-byte packets (its own MTU) gets ICMP
     // "fragmentation needed" with the tunnel's MTU ...
@@ -1668,7 +1671,7 @@ fn containers_get_ipv6_addresses_and_a_default_route_too() {
     assert!(addrs.contains("2001:db8:5::2/128"), "{addrs}");
     let (_, routes) = run(&c, &["ip", "-6", "route", "show"]);
     assert!(routes.contains("default via 2001:db8:5::1"), "{routes}");
-    let (ok, out) = run(&c, &["ping", "-6", "-c", "1", "-W", "2", "2001:db8:5::1"]);
+    let (ok, out) = run(&c, &["ping", "-6", "-c", "1", "-W", "5", "2001:db8:5::1"]);
     assert!(ok, "the gateway answers over IPv6: {out}");
 
     // From an IPv6 address that is not the container's: dropped at its veth.
@@ -2069,6 +2072,9 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     })
     .join()
     .unwrap();
+    // The report reaches the daemon in its own time; any second one
+    // would come right behind it.
+    nodes.node1.status_when(|s| s["misses"].as_u64() >= Some(1));
     std::thread::sleep(Duration::from_millis(300));
     let status = nodes.node1.status();
     assert_eq!(status["misses"], 1, "20 packets, one report: {status}");
@@ -2103,7 +2109,7 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     // An IPv6 instance IP reaches exactly its instance, ICMPv6 echo included.
     let only1 = udp_ask(&client, WEB1_IP6, 3);
     assert!(only1.iter().all(|(n, _)| n == "web1"), "{only1:?}");
-    let (ok, out) = run(&client, &["ping", "-6", "-c", "2", "-W", "2", WEB1_IP6]);
+    let (ok, out) = run(&client, &["ping", "-6", "-c", "2", "-W", "5", WEB1_IP6]);
     assert!(ok, "{out}");
     // Fragmented IPv6 datagrams (Fragment header) follow their first
     // fragment both ways and come back whole from the service IP.
@@ -2387,7 +2393,7 @@ fn ask_big(client: &Netns, to: SocketAddr, flows: u8) -> Vec<(String, String, bo
             .map(|flow| {
                 let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
                 let s = UdpSocket::bind(any).unwrap();
-                s.set_read_timeout(Some(Duration::from_millis(1500)))
+                s.set_read_timeout(Some(Duration::from_millis(2500)))
                     .unwrap();
                 let datagram: Vec<u8> = (0..4000u32).map(|i| (i as u8) ^ flow).collect();
                 for _ in 0..3 {
@@ -2496,7 +2502,7 @@ fn a_restarted_daemon_takes_its_containers_back_whether_their_links_were_kept_or
                 .insert(left.octets(), 1, 0)
                 .expect("a pending entry");
             assert_eq!(node.container_links(), links, "kept links while stopped");
-            let (ok, text) = run(client, &["ping", "-c", "1", "-W", "2", WEB1_IP]);
+            let (ok, text) = run(client, &["ping", "-c", "1", "-W", "5", WEB1_IP]);
             assert!(
                 ok,
                 "no daemon, kept dataplane: ping web#1's instance IP: {text}"

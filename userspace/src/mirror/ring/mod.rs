@@ -242,12 +242,18 @@ impl MirrorRing {
     /// after [`STOP_GRACE`] (blocked in a write, e.g. to a FIFO nobody reads)
     /// is left to finish on its own and its copies still queued are not
     /// counted yet.
-    pub fn stop(mut self) -> RingStats {
-        self.halt();
+    pub fn stop(self) -> RingStats {
+        self.stop_within(STOP_GRACE)
+    }
+
+    /// [`MirrorRing::stop`] with another grace than [`STOP_GRACE`] (a test on
+    /// a loaded machine gives a slow consumer the time to finish).
+    pub fn stop_within(mut self, grace: Duration) -> RingStats {
+        self.halt(grace);
         self.shared.stats()
     }
 
-    fn halt(&mut self) {
+    fn halt(&mut self, grace: Duration) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some((feed, slot)) = self.feed.take() {
             feed.detach(slot);
@@ -258,7 +264,7 @@ impl MirrorRing {
                 tracing::error!(ring = %ring, "the receive thread panicked");
             }
         }
-        let deadline = Instant::now() + STOP_GRACE;
+        let deadline = Instant::now() + grace;
         for (index, consumer) in self.consumers.drain(..).enumerate() {
             while !consumer.is_finished() && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(2));
@@ -268,7 +274,7 @@ impl MirrorRing {
                 tracing::warn!(
                     ring = %ring,
                     consumer = %name,
-                    "consumer still busy {STOP_GRACE:?} after the stop; leaving it to finish"
+                    "consumer still busy {grace:?} after the stop; leaving it to finish"
                 );
             } else if consumer.join().is_err() {
                 tracing::error!(ring = %ring, consumer = %name, "the consumer thread panicked");
@@ -279,7 +285,7 @@ impl MirrorRing {
 
 impl Drop for MirrorRing {
     fn drop(&mut self) {
-        self.halt();
+        self.halt(STOP_GRACE);
     }
 }
 
