@@ -20,6 +20,10 @@ use crate::dataplane::DataplaneHandle;
 use crate::names::validate_name;
 use crate::net::link::index as interface_index;
 
+/// The alias of an AF_XDP ring's veth pair: a leftover pair is removed only
+/// with it (an operator's interfaces of the same names are not).
+pub const RING_ALIAS: &str = "tapmesh mirror ring";
+
 /// A tap flow with what the daemon knows of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FlowState {
@@ -460,12 +464,20 @@ impl MirrorService {
         let host = format!("tmr{slot}");
         let peer = format!("tmr{slot}p");
         let net = |e: crate::net::NetError| MirrorError::Dataplane(e.to_string());
-        // A pair left by a daemon that did not stop goes; anything else by
-        // these names is someone else's, and is never deleted.
+        // A pair left by a daemon that did not stop goes (each end the
+        // other's peer, both with the ring's alias); anything else by these
+        // names is someone else's, and is never deleted.
         let exists = |name: &str| crate::net::link::index(name).is_some();
+        let ours = |name: &str| {
+            crate::net::link::by_name(name).is_ok_and(|l| l.alias.as_deref() == Some(RING_ALIAS))
+        };
         match (exists(&host), exists(&peer)) {
             (false, false) => {}
-            (true, true) if crate::net::peer::local_peer(&host).as_deref() == Some(&peer) => {
+            (true, true)
+                if crate::net::peer::local_peer(&host).as_deref() == Some(&peer)
+                    && ours(&host)
+                    && ours(&peer) =>
+            {
                 tracing::info!("removing {host}/{peer}, a mirror ring pair left from before");
                 let _ = crate::net::link::delete(&host).await;
             }
@@ -477,7 +489,7 @@ impl MirrorService {
                 )));
             }
         }
-        let (_, peer_ifindex) = crate::net::veth::create_local_pair(&host, &peer)
+        let (_, peer_ifindex) = crate::net::veth::create_local_pair(&host, &peer, RING_ALIAS)
             .await
             .map_err(net)?;
         // Copies keep an offloaded VLAN tag only if it is written into the frame here.
@@ -912,14 +924,13 @@ impl MirrorService {
                 Destination::Interface(name) => {
                     s.status != Status::Error && port_gone(s.ifindex, name)
                 }
-                Destination::Ring(r) => {
-                    s.ring
-                        .as_ref()
-                        .and_then(|ring| ring.forward)
-                        .is_some_and(|ifindex| {
-                            r.forward.as_deref().and_then(interface_index) != Some(ifindex)
-                        })
-                }
+                // The forward socket is bound to the port's index: a rename
+                // changes nothing for it, a port delete ends the service.
+                Destination::Ring(r) => s
+                    .ring
+                    .as_ref()
+                    .and_then(|ring| ring.forward)
+                    .is_some_and(|ifindex| port_gone(ifindex, r.forward.as_deref().unwrap_or(""))),
             })
             .map(|s| s.spec.id.clone())
             .collect();

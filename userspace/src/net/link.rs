@@ -30,12 +30,15 @@ pub struct Link {
     /// How that program is attached: "native", "generic", "offload" or
     /// "multiple" (the kernel's `IFLA_XDP_ATTACHED`).
     pub xdp_mode: Option<&'static str>,
+    /// Its alias (`IFLA_IFALIAS`), which tapmesh sets on interfaces it owns.
+    pub alias: Option<String>,
 }
 
 const RTM_NEWLINK: u16 = 16;
 const IFLA_ADDRESS: u16 = 1;
 const IFLA_IFNAME: u16 = 3;
 const IFLA_MTU: u16 = 4;
+const IFLA_IFALIAS: u16 = 20;
 const IFLA_XDP: u16 = 43;
 const IFLA_XDP_ATTACHED: u16 = 2;
 const IFLA_XDP_PROG_ID: u16 = 4;
@@ -59,6 +62,7 @@ impl Link {
             ethernet: kind == libc::ARPHRD_ETHER || kind == libc::ARPHRD_LOOPBACK,
             xdp_program: None,
             xdp_mode: None,
+            alias: None,
         };
         for nla in NlasIterator::new(info.get(16..)?) {
             let Ok(nla) = nla else { break };
@@ -72,6 +76,10 @@ impl Link {
                 }
                 IFLA_MTU => link.mtu = u32::from_ne_bytes(value.try_into().ok()?),
                 IFLA_ADDRESS => link.address = value.try_into().ok(),
+                IFLA_IFALIAS => {
+                    let alias = value.split(|b| *b == 0).next().unwrap_or_default();
+                    link.alias = Some(String::from_utf8_lossy(alias).into_owned());
+                }
                 // Nested: the attach mode and the program's id (0 or absent: none).
                 k if k & 0x3fff == IFLA_XDP => {
                     for inner in NlasIterator::new(value).flatten() {
@@ -219,6 +227,20 @@ pub(crate) async fn set_up(handle: &Handle, at: At<'_>) -> Result<(), NetError> 
         .execute()
         .await
         .map_err(at.nl("setting up"))
+}
+
+/// Sets the alias of an interface (what `ip link` shows as "alias").
+pub(crate) async fn set_alias(handle: &Handle, at: At<'_>, alias: &str) -> Result<(), NetError> {
+    let mut message = LinkUnspec::new_with_name(at.ifname).build();
+    message
+        .attributes
+        .push(LinkAttribute::IfAlias(alias.to_string()));
+    handle
+        .link()
+        .set(message)
+        .execute()
+        .await
+        .map_err(at.nl("setting its alias"))
 }
 
 /// Sets the MTU of an interface in the current namespace.

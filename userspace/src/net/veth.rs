@@ -153,8 +153,13 @@ async fn configure(
 /// A veth pair in the current namespace, both ends up (a mirror ring's
 /// interfaces), without IPv6: the kernel's own packets (router
 /// solicitations, MLD, DAD) would reach the ring as copies. Returns their
-/// indices; on failure nothing is left.
-pub async fn create_local_pair(name: &str, peer: &str) -> Result<(u32, u32), NetError> {
+/// indices; on failure nothing is left. Both ends get `alias`, by which
+/// their owner knows them again.
+pub async fn create_local_pair(
+    name: &str,
+    peer: &str,
+    alias: &str,
+) -> Result<(u32, u32), NetError> {
     check_ifname(name)?;
     check_ifname(peer)?;
     let handle = netlink_here()?;
@@ -171,6 +176,8 @@ pub async fn create_local_pair(name: &str, peer: &str) -> Result<(u32, u32), Net
                 tracing::warn!("{e}; the kernel's own IPv6 packets on {end} reach the ring");
             }
         }
+        link::set_alias(&handle, At::here(name), alias).await?;
+        link::set_alias(&handle, At::here(peer), alias).await?;
         link::set_up(&handle, At::here(name)).await?;
         link::set_up(&handle, At::here(peer)).await?;
         let a = link::find(None, At::here(name))?.index;
