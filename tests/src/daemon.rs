@@ -152,9 +152,9 @@ impl Daemon {
             })
     }
 
-    /// Polls the status until `ready` holds (packets may still be in flight), or 5 s pass.
+    /// Polls the status until `ready` holds (packets may still be in flight), or 30 s pass.
     pub fn status_when(&self, ready: impl Fn(&StatusResponse) -> bool) -> StatusResponse {
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let status = self.status();
             if ready(&status) || Instant::now() > deadline {

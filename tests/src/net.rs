@@ -138,7 +138,7 @@ struct Worker {
 impl Worker {
     /// Runs `open` and then `serve` on a thread in `netns`; returns once
     /// `open` succeeded (panics, naming `what`, if it failed or took over
-    /// 5 s). `serve` runs until the flag it is given is set.
+    /// 30 s). `serve` runs until the flag it is given is set.
     fn start<S: 'static>(
         netns: &str,
         what: &str,
@@ -159,7 +159,7 @@ impl Worker {
                 }
             })
         };
-        match opened.recv_timeout(Duration::from_secs(5)) {
+        match opened.recv_timeout(Duration::from_secs(30)) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => panic!("opening {what} in {netns}: {e}"),
             Err(e) => panic!("{what} in {netns} did not start: {e}"),
@@ -803,8 +803,14 @@ pub struct LbLab {
 
 impl LbLab {
     /// 200 UDP flows from the client to `vip`:7000, one datagram each:
-    /// how many each target received (all 200 arrive, or this waits 5 s).
+    /// how many each target received (all 200 arrive, or this waits 30 s).
     pub fn spread(&self, vip: Ipv4Addr) -> Vec<u64> {
+        self.spread_within(vip, Duration::from_secs(30))
+    }
+
+    /// [`Self::spread`], waiting at most `within` (a quiet period where
+    /// none is to arrive).
+    pub fn spread_within(&self, vip: Ipv4Addr, within: Duration) -> Vec<u64> {
         let dst = SocketAddrV4::new(vip, 7000);
         let receivers: Vec<UdpReceiver> = self
             .targets
@@ -814,7 +820,7 @@ impl LbLab {
         let ports: Vec<u16> = (31_000..31_200).collect();
         let sent = send_udp_flows(&self.client.name, CLIENT, &ports, dst, 1, &[0x5a; 32]);
         assert_eq!(sent, 200);
-        wait_until(Duration::from_secs(5), || {
+        wait_until(within, || {
             receivers.iter().map(UdpReceiver::count).sum::<u64>() >= sent
         });
         receivers.into_iter().map(|r| r.stop().total()).collect()

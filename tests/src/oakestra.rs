@@ -176,7 +176,7 @@ fn broker(hub: &Netns, conf: &Path) -> Child {
         .spawn()
         .expect("mosquitto (apt-get install mosquitto)");
     let hub_name = hub.name.clone();
-    let up = wait_until(Duration::from_secs(10), || {
+    let up = wait_until(Duration::from_secs(30), || {
         let name = hub_name.clone();
         crate::net::run_in(&name, || {
             std::net::TcpStream::connect(("127.0.0.1", MQTT_PORT)).is_ok()
@@ -308,7 +308,7 @@ impl Task {
             .expect("named netns")
             .ino();
         let path = format!("/proc/{}/ns/net", task.0.id());
-        let inside = wait_until(Duration::from_secs(5), || {
+        let inside = wait_until(Duration::from_secs(30), || {
             std::fs::metadata(&path).ok().map(|m| m.ino()) == Some(want)
         });
         assert!(inside, "the task did not enter {}", container.name);

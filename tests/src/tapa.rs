@@ -113,7 +113,7 @@ impl Ambassador {
             socket: socket.clone(),
             log,
         };
-        let up = crate::net::wait_until(Duration::from_secs(10), || {
+        let up = crate::net::wait_until(Duration::from_secs(30), || {
             std::os::unix::net::UnixStream::connect(&socket).is_ok()
         });
         assert!(up, "ambassador did not listen: {}", amb.log_text());

@@ -816,7 +816,7 @@ impl ControlPlane {
         stdin.flush().expect("flushing the xds peer's stdin");
         self.sent += 1;
         let seq = self.sent;
-        self.wait(Duration::from_secs(10), |l| l.done >= seq)
+        self.wait(Duration::from_secs(30), |l| l.done >= seq)
             .expect("the xds peer did not acknowledge the command");
     }
 

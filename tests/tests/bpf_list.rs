@@ -109,7 +109,7 @@ fn lb_maps_decode_with_exact_rows_and_maglev_shares() {
         &[0x5a; 32],
     );
     assert_eq!(sent, 80);
-    assert!(wait_until(Duration::from_secs(5), || {
+    assert!(wait_until(Duration::from_secs(30), || {
         json(&root, &node)["vips"][0]["packets"] == 80
     }));
     let listed = json(&root, &node);

@@ -34,7 +34,7 @@ fn no_command_panics_when_its_reader_went_away() {
     let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
     tap.open(stream("stream-a", "conduit-a", "trench-a"))
         .unwrap();
-    assert!(tap.wait_status("stream-a", S::Open, std::time::Duration::from_secs(10)));
+    assert!(tap.wait_status("stream-a", S::Open, std::time::Duration::from_secs(30)));
     let admin = lab.daemon().socket.display().to_string();
     let node = lab.node_socket().display().to_string();
     let ambassador = lab.ambassadors[a].socket.display().to_string();
@@ -101,7 +101,7 @@ fn json_output_carries_what_the_text_shows() {
     let mut tap = TapCaller::new(&lab.ambassadors[a].socket);
     tap.open(stream("stream-a", "conduit-a", "trench-a"))
         .unwrap();
-    assert!(tap.wait_status("stream-a", S::Open, std::time::Duration::from_secs(10)));
+    assert!(tap.wait_status("stream-a", S::Open, std::time::Duration::from_secs(30)));
     let admin = lab.daemon().socket.display().to_string();
     let node = lab.node_socket().display().to_string();
     let admin_args = |args: &[&'static str]| {

@@ -71,7 +71,7 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
         b"eds",
     );
     assert!(
-        wait_until(Duration::from_secs(5), || total(&counts()) == FLOWS as u64),
+        wait_until(Duration::from_secs(30), || total(&counts()) == FLOWS as u64),
         "{:?}",
         counts()
     );
@@ -97,7 +97,7 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
         1,
         b"eds",
     );
-    assert!(wait_until(Duration::from_secs(5), || total(&counts())
+    assert!(wait_until(Duration::from_secs(30), || total(&counts())
         == FLOWS as u64 + 100));
     let now = counts();
     assert!(
@@ -117,7 +117,7 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
         1,
         b"eds",
     );
-    assert!(wait_until(Duration::from_secs(5), || total(&counts())
+    assert!(wait_until(Duration::from_secs(30), || total(&counts())
         == total(&before) + 200));
     let after = counts();
     assert_eq!(after[0], before[0], "the removed backend gets nothing");
@@ -195,7 +195,7 @@ fn a_restart_without_the_server_keeps_the_last_endpoints() {
     );
     let arrived = || rx.iter().map(UdpReceiver::count).sum::<u64>();
     assert!(
-        wait_until(Duration::from_secs(3), || arrived() == sent),
+        wait_until(Duration::from_secs(30), || arrived() == sent),
         "{} of {sent} datagrams arrived across the restart",
         arrived()
     );
@@ -235,7 +235,7 @@ fn delta_eds_changes_and_removals_reach_the_maps() {
     let rx = receivers(&lab, [VIP, VIP2]);
     // rx: [a via VIP, a via VIP2, b via VIP, b via VIP2]
     let counts = || rx.iter().map(UdpReceiver::count).collect::<Vec<u64>>();
-    let send = |vip: Ipv4Addr, n: u16| {
+    let send_within = |vip: Ipv4Addr, n: u16, within: Duration| {
         let before: u64 = counts().iter().sum();
         let ports: Vec<u16> = (30000..30000 + n).collect();
         send_udp_flows(
@@ -246,10 +246,11 @@ fn delta_eds_changes_and_removals_reach_the_maps() {
             1,
             b"delta",
         );
-        wait_until(Duration::from_secs(5), || {
+        wait_until(within, || {
             counts().iter().sum::<u64>() == before + u64::from(n)
         });
     };
+    let send = |vip: Ipv4Addr, n: u16| send_within(vip, n, Duration::from_secs(30));
     send(VIP, 100);
     send(VIP2, 50);
     assert_eq!(counts(), vec![100, 0, 0, 50]);
@@ -265,7 +266,8 @@ fn delta_eds_changes_and_removals_reach_the_maps() {
     cp.remove("3", &["other"]);
     wait_nonce_ack(&cp, "3");
     assert_eq!(cp.responses().last().unwrap().removed, vec!["other"]);
-    send(VIP2, 50);
+    // None arrive: the wait is a quiet period.
+    send_within(VIP2, 50, Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(300));
     send(VIP, 10);
     assert_eq!(counts(), vec![100, 0, 110, 50]);
@@ -329,7 +331,7 @@ fn a_response_refused_at_write_time_leaves_every_cluster_as_it_was() {
             b"whole",
         );
     }
-    wait_until(Duration::from_secs(5), || {
+    wait_until(Duration::from_secs(30), || {
         counts().iter().sum::<u64>() == 200
     });
     std::thread::sleep(Duration::from_millis(200));

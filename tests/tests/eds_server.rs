@@ -185,7 +185,7 @@ fn eds_server_serves_the_catalog_to_a_proxy() {
         &format!("svc{{z/p0/w4[{a}:5000*3:HEALTHY,{b}:5000*1:HEALTHY]}}"),
     );
     assert!(
-        wait_until(Duration::from_secs(5), || client
+        wait_until(Duration::from_secs(30), || client
             .lines()
             .contains(&"ack version=1 nonce=1".to_string())),
         "{:#?}",
@@ -206,9 +206,14 @@ fn eds_server_serves_the_catalog_to_a_proxy() {
     wait_ack(&cp, "4");
     client.expect_response(
         2,
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         &format!("svc{{z/p0/w3[{b}:5000*2:HEALTHY,{a}:5001*1:HEALTHY]}}"),
     );
+    wait_until(Duration::from_secs(30), || {
+        client
+            .lines()
+            .contains(&"ack version=2 nonce=2".to_string())
+    });
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(client.responses().len(), 2, "{:#?}", client.lines());
     assert!(

@@ -34,9 +34,9 @@ fn received(receivers: &[UdpReceiver]) -> u64 {
     receivers.iter().map(UdpReceiver::count).sum()
 }
 
-/// Waits (at most 5 s) until the receivers counted `n` datagrams in all.
+/// Waits (at most 30 s) until the receivers counted `n` datagrams in all.
 fn wait_received(receivers: &[UdpReceiver], n: u64) {
-    let ok = wait_until(Duration::from_secs(5), || received(receivers) >= n);
+    let ok = wait_until(Duration::from_secs(30), || received(receivers) >= n);
     assert!(ok, "receivers got {} of {n} datagrams", received(receivers));
 }
 
@@ -204,7 +204,7 @@ fn udp_and_tcp_flows_spread_over_three_targets() {
             Err(e) => panic!("connection {i}: {e}"),
         }
     }
-    assert!(wait_until(Duration::from_secs(2), || servers
+    assert!(wait_until(Duration::from_secs(30), || servers
         .iter()
         .map(TcpEchoServer::echoed)
         .sum::<u64>()
@@ -561,7 +561,7 @@ fn no_flow_match_and_no_target_are_dropped_and_counted() {
         b"not for a VIP",
     );
     assert!(
-        wait_until(Duration::from_secs(5), || plain.count() >= 3),
+        wait_until(Duration::from_secs(30), || plain.count() >= 3),
         "routed datagrams: {}",
         plain.count()
     );
@@ -580,7 +580,7 @@ fn no_flow_match_and_no_target_are_dropped_and_counted() {
     let server = TcpEchoServer::start(&target.netns.name, DST);
     let answers = tcp_echo(&lab.client.name, DST, &[b"tcp is fine".to_vec()]);
     assert_eq!(answers, [Ok(b"tcp is fine".to_vec())]);
-    assert!(wait_until(Duration::from_secs(2), || server.echoed() == 1));
+    assert!(wait_until(Duration::from_secs(30), || server.echoed() == 1));
     let s =
         daemon.status_when(|s| lb_packets(&s.targets, "s/1") == lb_packets(&s.flows, "tcp-only"));
     assert_eq!(
@@ -769,7 +769,7 @@ fn icmp_fragmentation_needed_reaches_the_flows_target() {
         let ihl = usize::from(p[0] & 0x0f) * 4;
         p.len() >= ihl + 8 && p[ihl] == 3 && p[ihl + 1] == 4
     };
-    let ok = wait_until(Duration::from_secs(5), || {
+    let ok = wait_until(Duration::from_secs(30), || {
         icmp.iter()
             .zip(want_icmp)
             .all(|(r, want)| r.packets().iter().filter(|p| frag_needed(p)).count() >= want)

@@ -102,7 +102,7 @@ fn admin_changes_survive_a_restart_until_the_file_changes() {
         .ip(&["route", "add", "default", "via", "198.18.11.1"]);
     lab.node.ip(&["link", "set", &gone, "up"]);
     assert!(
-        wait_until(Duration::from_secs(5), || lab.list().config.as_ref()
+        wait_until(Duration::from_secs(30), || lab.list().config.as_ref()
             == Some(&changed)),
         "the target is back: {:?}",
         lab.list().config
@@ -121,7 +121,7 @@ fn admin_changes_survive_a_restart_until_the_file_changes() {
     ]);
     lab.node.ip(&["link", "set", &gone, "up"]);
     assert!(
-        wait_until(Duration::from_secs(5), || lab
+        wait_until(Duration::from_secs(30), || lab
             .daemon()
             .log_text()
             .contains("is back with another peer MAC")),

@@ -17,15 +17,20 @@ use tapmesh_tests::{
 
 const DST: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 const XDP: &str = "xdp_uplink";
+/// How long to wait for datagrams that must all arrive, and (a quiet
+/// period) for those that must not.
+const ARRIVE: Duration = Duration::from_secs(30);
+const NONE: Duration = Duration::from_secs(2);
 
-/// `count` datagrams (one flow each) to the VIP; how many arrived.
-fn datagrams(lab: &LbLab, first_port: u16, count: u16) -> u64 {
+/// `count` datagrams (one flow each) to the VIP; how many arrived
+/// (waiting for all of them at most `within`).
+fn datagrams(lab: &LbLab, first_port: u16, count: u16, within: Duration) -> u64 {
     let dst = SocketAddrV4::new(DST, 7000);
     let receiver = UdpReceiver::start(&lab.targets[0].netns.name, dst);
     let ports: Vec<u16> = (first_port..first_port + count).collect();
     let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 1, &[0x5a; 32]);
     assert_eq!(sent, u64::from(count));
-    wait_until(Duration::from_secs(2), || receiver.count() >= sent);
+    wait_until(within, || receiver.count() >= sent);
     receiver.stop().total()
 }
 
@@ -55,14 +60,18 @@ fn redirects_a_veth_refuses() {
         targets: vec![lab.targets[0].local("s", 1)],
     };
     lab.start(Some(&spec));
-    assert_eq!(datagrams(&lab, 30_000, 20), 20, "GRO on: delivered");
+    assert_eq!(datagrams(&lab, 30_000, 20, ARRIVE), 20, "GRO on: delivered");
     let status = lab.daemon().status();
     assert_eq!(named(&status, XDP, "redirect_failed"), 0);
     let redirected = packets(&status, XDP, "redirect");
 
     // GRO off at the peer: no NAPI there, every redirected frame is refused.
     set_gro(&lab, "off");
-    assert_eq!(datagrams(&lab, 31_000, 40), 0, "GRO off: nothing arrives");
+    assert_eq!(
+        datagrams(&lab, 31_000, 40, NONE),
+        0,
+        "GRO off: nothing arrives"
+    );
     let status = lab
         .daemon()
         .status_when(|s| named(s, XDP, "redirect_failed") >= 40);
@@ -76,7 +85,7 @@ fn redirects_a_veth_refuses() {
 
     // Back on: delivered again, and the counter stays.
     set_gro(&lab, "on");
-    assert_eq!(datagrams(&lab, 32_000, 10), 10);
+    assert_eq!(datagrams(&lab, 32_000, 10, ARRIVE), 10);
     let status = lab.daemon().status();
     assert_eq!(named(&status, XDP, "redirect_failed"), 40);
 }
@@ -108,14 +117,12 @@ fn frames_sent_back_out_of_the_uplink_that_a_veth_refuses() {
             .exec(&["ethtool", "-K", &lab.client_if, "gro", on])
     };
     // The tunnel's datagrams to the remote node, counted where they land.
-    let tunnelled = |first_port: u16, count: u16| {
+    let tunnelled = |first_port: u16, count: u16, within: Duration| {
         let receiver = UdpReceiver::start(&lab.client.name, SocketAddrV4::new(node, 50103));
         let ports: Vec<u16> = (first_port..first_port + count).collect();
         let dst = SocketAddrV4::new(DST, 7000);
         send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 1, &[0x5a; 32]);
-        wait_until(Duration::from_secs(2), || {
-            receiver.count() >= u64::from(count)
-        });
+        wait_until(within, || receiver.count() >= u64::from(count));
         receiver.stop().total()
     };
     // The hop is resolved before the first packet.
@@ -125,7 +132,11 @@ fn frames_sent_back_out_of_the_uplink_that_a_veth_refuses() {
             .any(|p| p.detail.contains("next hops of 1/1 remote nodes"))
     });
     gro("on");
-    assert_eq!(tunnelled(30_000, 20), 20, "GRO on: sent back and received");
+    assert_eq!(
+        tunnelled(30_000, 20, ARRIVE),
+        20,
+        "GRO on: sent back and received"
+    );
     let status = lab.daemon().status();
     let shown = tapmesh::cli::status::render(&status);
     assert_eq!(named(&status, XDP, "redirect_failed"), 0, "{shown}");
@@ -133,7 +144,7 @@ fn frames_sent_back_out_of_the_uplink_that_a_veth_refuses() {
     assert_eq!(packets(&status, XDP, "tx"), 0, "{shown}");
 
     gro("off");
-    assert_eq!(tunnelled(31_000, 40), 0, "GRO off: nothing arrives");
+    assert_eq!(tunnelled(31_000, 40, NONE), 0, "GRO off: nothing arrives");
     let status = lab
         .daemon()
         .status_when(|s| named(s, XDP, "redirect_failed") >= 40);

@@ -35,7 +35,7 @@ fn datagrams_cross(lab: &LbLab, when: &str) {
     let ports: Vec<u16> = (30_000..30_200).collect();
     let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 1, &[0x5a; 32]);
     assert_eq!(sent, 200);
-    wait_until(Duration::from_secs(5), || receiver.count() >= sent);
+    wait_until(Duration::from_secs(30), || receiver.count() >= sent);
     assert_eq!(
         receiver.stop().total(),
         sent,

@@ -230,7 +230,7 @@ fn through_the_tunnel(offload: bool) {
             .and_then(|n| n.parse::<u32>().ok())
             .unwrap_or(0)
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while target_field("ifindex") == 0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -323,7 +323,7 @@ fn through_the_tunnel(offload: bool) {
 
     // A smaller MTU on that link is followed (the daemon watches links).
     node1.ip(&["link", "set", &n1_up.interface, "mtu", "1400"]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(6);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while target_field("mtu") != 1400 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }

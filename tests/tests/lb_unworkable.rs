@@ -24,7 +24,7 @@ fn datagrams_cross(lab: &LbLab) {
     let receiver = UdpReceiver::start(&lab.targets[0].netns.name, dst);
     let ports: Vec<u16> = (32_000..32_100).collect();
     let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 1, &[0x5a; 32]);
-    wait_until(Duration::from_secs(5), || receiver.count() >= sent);
+    wait_until(Duration::from_secs(30), || receiver.count() >= sent);
     assert_eq!(receiver.stop().total(), 100);
 }
 

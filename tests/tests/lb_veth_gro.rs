@@ -25,7 +25,7 @@ fn datagrams(lab: &LbLab, first_port: u16, count: u16) -> u64 {
     let ports: Vec<u16> = (first_port..first_port + count).collect();
     let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, dst, 1, &[0x5a; 32]);
     assert_eq!(sent, u64::from(count));
-    wait_until(Duration::from_secs(3), || receiver.count() >= sent);
+    wait_until(Duration::from_secs(30), || receiver.count() >= sent);
     receiver.stop().total()
 }
 

@@ -318,7 +318,7 @@ fn lb_tables_must_fit_the_configured_maglev_space_and_a_refusal_changes_nothing(
         log.contains("tm_maglev") && log.contains("replacing it with tm_maglev"),
         "{log}"
     );
-    wait_until(Duration::from_secs(5), || {
+    wait_until(Duration::from_secs(30), || {
         is_maglev_table(&kernel_table(&pins), 10_009)
     });
     assert!(is_maglev_table(&kernel_table(&pins), 10_009));

@@ -143,7 +143,7 @@ impl Lab {
     /// Waits until the first service's ring consumer delivered `copies`.
     fn wait_delivered(&self, copies: u64) {
         assert!(
-            wait_until(Duration::from_secs(5), || {
+            wait_until(Duration::from_secs(30), || {
                 self.list().services[0]
                     .ring_counters
                     .as_ref()
@@ -215,7 +215,7 @@ impl Lab {
     /// Waits until the monitor received exactly `want` more than `before`.
     fn expect_monitor(&self, before: u64, want: u64) {
         assert!(
-            wait_until(Duration::from_secs(3), || self.monitor_rx() - before
+            wait_until(Duration::from_secs(30), || self.monitor_rx() - before
                 >= want),
             "monitor got {} of {want}",
             self.monitor_rx() - before
@@ -399,7 +399,7 @@ fn a_copy_back_at_a_tapped_port_is_not_copied_again() {
     );
     send_frames(&lab.node.name, &br, &[frame]);
     // The frame and its one copy, flooded back through the bridge.
-    assert!(wait_until(Duration::from_secs(3), || rx() - before >= 2));
+    assert!(wait_until(Duration::from_secs(30), || rx() - before >= 2));
     std::thread::sleep(Duration::from_millis(300));
     let flow = lab
         .list()
@@ -506,14 +506,14 @@ fn bad_requests_are_refused_and_a_gone_port_takes_its_taps() {
 
     // Deleting the port's interface removes its tap flows.
     lab.node.ip(&["link", "del", &lab.port.interface]);
-    assert!(wait_until(Duration::from_secs(5), || lab
+    assert!(wait_until(Duration::from_secs(30), || lab
         .list()
         .flows
         .is_empty()));
     assert_eq!(lab.list().services.len(), 1, "the tap service stays");
     // Deleting the tap service's interface removes the service.
     lab.node.ip(&["link", "del", &lab.tap_if.interface]);
-    assert!(wait_until(Duration::from_secs(5), || lab
+    assert!(wait_until(Duration::from_secs(30), || lab
         .list()
         .services
         .is_empty()));
@@ -662,7 +662,7 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     etcd.put(&key("mirror", "1"), tf);
     plug(tf, "0", "1");
     assert!(
-        wait_until(Duration::from_secs(10), || etcd
+        wait_until(Duration::from_secs(30), || etcd
             .get(&key("tap_status", tf))
             .as_deref()
             == Some("up")),
@@ -722,7 +722,7 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     lab.expect_monitor(before, 4);
 
     etcd.put(&key("tap_action", tf), "unplug");
-    assert!(wait_until(Duration::from_secs(10), || etcd
+    assert!(wait_until(Duration::from_secs(30), || etcd
         .get(&key("tap_info", tf))
         .is_none()
         && etcd.get(&key("tap_action", tf)).is_none()
@@ -743,7 +743,7 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     // goes, and so do its keys, as networking-spp's agent does on port unplug.
     etcd.put(&key("mirror", "0"), tf);
     plug(tf, "0", "null");
-    assert!(wait_until(Duration::from_secs(10), || etcd
+    assert!(wait_until(Duration::from_secs(30), || etcd
         .get(&key("tap_status", tf))
         .as_deref()
         == Some("up")));
@@ -766,7 +766,7 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     etcd.put(&key("mirror", "1"), tf);
     plug(tf, "null", "1");
     assert!(
-        wait_until(Duration::from_secs(10), || etcd
+        wait_until(Duration::from_secs(30), || etcd
             .get(&key("tap_status", tf))
             .as_deref()
             == Some("up")),
@@ -777,7 +777,7 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
         flow_of(&lab),
         [(tf.to_string(), "OUT".into(), "ACTIVE".into())]
     );
-    assert!(wait_until(Duration::from_secs(5), || etcd
+    assert!(wait_until(Duration::from_secs(30), || etcd
         .get(&key("mirror", "0"))
         .as_deref()
         == Some("None")));
@@ -790,7 +790,7 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
     etcd.put(&key("mirror", "0"), mine);
     plug(mine, "null", "0");
     assert!(
-        wait_until(Duration::from_secs(10), || etcd
+        wait_until(Duration::from_secs(30), || etcd
             .get(&key("tap_status", mine))
             .is_some_and(|s| s.starts_with("error:"))),
         "tap_status: {:?}",
@@ -804,7 +804,7 @@ fn the_networking_spp_etcd_handshake_plugs_and_unplugs_a_real_mirror() {
         .expect("the operator's own flow is still the operator's to delete");
     lab.node.ip(&["link", "del", &lab.port.interface]);
     assert!(
-        wait_until(Duration::from_secs(10), || etcd
+        wait_until(Duration::from_secs(30), || etcd
             .get(&key("tap_info", tf))
             .is_none()
             && etcd.get(&key("mirror", "1")).as_deref() == Some("None")),
@@ -910,9 +910,62 @@ fn an_af_xdp_ring_keeps_to_its_own_interfaces() {
     assert!(lab.node.ip(&["link", "show", "tmr0"]).status.success());
     assert!(lab.vm1.ip(&["link", "show", "opx"]).status.success());
     assert!(lab.list().services.is_empty());
-    // Without it, the ring starts on its own pair, which no other service may take.
+    // The operator's own pair under both names, each the other's peer, is
+    // no leftover either: it lacks the ring's alias.
     assert!(lab.node.ip(&["link", "del", "tmr0"]).status.success());
+    let out = lab.node.ip(&[
+        "link", "add", "tmr0", "type", "veth", "peer", "name", "tmr0p",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let refused = lab.service("r", ring("r.pcap")).unwrap_err();
+    assert!(
+        refused
+            .message()
+            .contains("\"tmr0\" exists and is not a mirror ring's pair"),
+        "{}",
+        refused.message()
+    );
+    let link = |name: &str| -> serde_json::Value {
+        let out = lab.node.ip(&["-j", "link", "show", name]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()[0].clone()
+    };
+    let kept = (
+        link("tmr0")["ifindex"].clone(),
+        link("tmr0p")["ifindex"].clone(),
+    );
+    assert!(lab.list().services.is_empty());
+    // With the alias, as a daemon killed mid-way leaves it: removed, and the
+    // ring makes its pair again (new indices, the alias on both ends).
+    for end in ["tmr0", "tmr0p"] {
+        let out = lab
+            .node
+            .ip(&["link", "set", end, "alias", "tapmesh mirror ring"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     lab.service("r", ring("r.pcap")).unwrap();
+    let (host, peer) = (link("tmr0"), link("tmr0p"));
+    assert!(
+        host["ifindex"] != kept.0 && peer["ifindex"] != kept.1,
+        "{host} {peer}"
+    );
+    assert_eq!(
+        (host["ifalias"].as_str(), peer["ifalias"].as_str()),
+        (Some("tapmesh mirror ring"), Some("tapmesh mirror ring"))
+    );
+    // The ring's own pair: no other service may take it.
     for end in ["tmr0", "tmr0p"] {
         let refused = lab
             .service("s", Destination::Interface(end.into()))
@@ -972,7 +1025,7 @@ fn dpdk_testpmd_receives_a_rings_forwarded_copies() {
 
     lab.ping(25);
     assert!(
-        wait_until(Duration::from_secs(5), || {
+        wait_until(Duration::from_secs(30), || {
             lab.list().services[0]
                 .ring_counters
                 .as_ref()
@@ -1330,7 +1383,7 @@ fn taps_whose_interfaces_are_missing_at_a_restart_wait_and_start_when_they_appea
     lab.vm1
         .ip(&["route", "add", "default", "via", "198.18.1.1"]);
     assert!(
-        wait_until(Duration::from_secs(5), || {
+        wait_until(Duration::from_secs(30), || {
             let l = lab.list();
             l.services.iter().all(|s| s.status == "ACTIVE")
                 && l.flows
@@ -1351,7 +1404,7 @@ fn taps_whose_interfaces_are_missing_at_a_restart_wait_and_start_when_they_appea
 /// A ring forwarding to an interface that went away stayed ACTIVE, losing
 /// every copy ("No such device"), and never used the interface again when it
 /// was re-created. Its interface is its destination: it goes with it, as an
-/// interface service does.
+/// interface service does. A rename is no delete (it once was).
 #[test]
 fn a_forward_rings_gone_interface_takes_the_service_and_its_flows() {
     if !kernel_tests_enabled() {
@@ -1382,9 +1435,33 @@ fn a_forward_rings_gone_interface_takes_the_service_and_its_flows() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("ring slot 0"), "{text}");
-    lab.node.ip(&["link", "del", &lab.tap_if.interface]);
+    // Renamed, it is the same port (the ring sends by its index): the
+    // service stays and its copies still go there, past the daemon's
+    // one-second interface check.
+    let tap = lab.tap_if.interface.clone();
+    lab.node.ip(&["link", "set", "dev", &tap, "down"]);
+    let out = lab
+        .node
+        .ip(&["link", "set", "dev", &tap, "name", "tmfwdren"]);
     assert!(
-        wait_until(Duration::from_secs(5), || {
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.node.ip(&["link", "set", "dev", "tmfwdren", "up"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let listing = lab.list();
+    assert_eq!(
+        (listing.services.len(), listing.flows.len()),
+        (1, 1),
+        "{listing:?}"
+    );
+    let before = lab.monitor_rx();
+    lab.ping(2);
+    lab.expect_monitor(before, 4);
+    lab.node.ip(&["link", "del", "tmfwdren"]);
+    assert!(
+        wait_until(Duration::from_secs(30), || {
             let l = lab.list();
             l.services.is_empty() && l.flows.is_empty()
         }),
@@ -1497,7 +1574,7 @@ fn the_spp_agent_touches_only_its_own_taps_and_reconciles_after_a_restart() {
     };
     plug(tf1);
     assert!(
-        wait_until(Duration::from_secs(10), || etcd
+        wait_until(Duration::from_secs(30), || etcd
             .get(&key("tap_status", tf1))
             .as_deref()
             == Some("up")),
@@ -1507,10 +1584,10 @@ fn the_spp_agent_touches_only_its_own_taps_and_reconciles_after_a_restart() {
     // An operator's flow on the agent's tap service.
     lab.flow("by-hand", service_port, "OUT", "").unwrap();
     etcd.put(&key("tap_action", tf1), "unplug");
-    assert!(wait_until(Duration::from_secs(10), || etcd
+    assert!(wait_until(Duration::from_secs(30), || etcd
         .get(&key("tap_info", tf1))
         .is_none()));
-    assert!(wait_until(Duration::from_secs(2), || ids(&lab).0
+    assert!(wait_until(Duration::from_secs(30), || ids(&lab).0
         == vec!["by-hand".to_string()]));
     assert_eq!(
         ids(&lab),
@@ -1524,7 +1601,7 @@ fn the_spp_agent_touches_only_its_own_taps_and_reconciles_after_a_restart() {
 
     // Plugged, then its keys deleted while the daemon is down.
     plug(tf2);
-    assert!(wait_until(Duration::from_secs(10), || etcd
+    assert!(wait_until(Duration::from_secs(30), || etcd
         .get(&key("tap_status", tf2))
         .as_deref()
         == Some("up")));
@@ -1537,7 +1614,7 @@ fn the_spp_agent_touches_only_its_own_taps_and_reconciles_after_a_restart() {
     let args: Vec<&str> = daemon_args.iter().map(String::as_str).collect();
     lab.daemon = Daemon::start(&lab.node.name, &args);
     assert!(
-        wait_until(Duration::from_secs(10), || ids(&lab)
+        wait_until(Duration::from_secs(30), || ids(&lab)
             == (Vec::new(), Vec::new())),
         "{:?}\n{}",
         ids(&lab),
@@ -1563,7 +1640,7 @@ fn copies_to_a_monitor_whose_far_end_is_down_count_as_failed() {
     let frames = vec![lab.vm1_frame(&[]); 100];
     send_frames(&lab.vm1.name, &lab.vm1_if.interface, &frames);
     assert!(
-        wait_until(Duration::from_secs(3), || {
+        wait_until(Duration::from_secs(30), || {
             let f = &lab.list().flows[0];
             f.failed + f.mirrored_packets >= 100
         }),
@@ -1605,7 +1682,7 @@ fn a_ring_that_falls_behind_shows_its_drops_in_tap_flow_list() {
     std::thread::sleep(Duration::from_millis(200));
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let settled = wait_until(Duration::from_secs(5), || {
+    let settled = wait_until(Duration::from_secs(30), || {
         let l = lab.list();
         let c = l.services[0].ring_counters.clone().unwrap_or_default();
         c.received + c.socket_dropped + c.ring_full >= SENT
@@ -1649,7 +1726,7 @@ fn freeze(pid: i32) {
             })
     };
     assert!(
-        wait_until(Duration::from_secs(5), stopped),
+        wait_until(Duration::from_secs(30), stopped),
         "the daemon did not stop"
     );
 }
@@ -1689,7 +1766,7 @@ fn a_full_ring_buffer_counts_the_copies_it_had_no_room_for() {
     );
     // SAFETY: as above.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    let settled = wait_until(Duration::from_secs(10), || {
+    let settled = wait_until(Duration::from_secs(30), || {
         let l = lab.list();
         let c = l.services[0].ring_counters.clone().unwrap_or_default();
         c.consumers
@@ -1828,7 +1905,7 @@ fn a_full_disk_leaves_whole_records_and_exact_counts() {
         )
     };
     let settle = |want: u64| {
-        let done = wait_until(Duration::from_secs(10), || {
+        let done = wait_until(Duration::from_secs(30), || {
             let (received, (delivered, lost)) = counts();
             received == want && delivered + lost == want
         });

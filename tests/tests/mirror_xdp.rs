@@ -114,7 +114,7 @@ fn lb_traffic_redirected_into_a_tapped_port_is_copied() {
     let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, DST, 10, &[0x5a; 32]);
     assert_eq!(sent, 50);
     assert!(
-        wait_until(Duration::from_secs(5), || receiver.count() >= sent
+        wait_until(Duration::from_secs(30), || receiver.count() >= sent
             && rx_packets(&monitor, &mon_if.interface) - monitor_before >= sent),
         "target {} of {sent}, monitor {}",
         receiver.count(),
@@ -180,7 +180,7 @@ fn without_in_copies_the_redirect_stays_in_xdp() {
         let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, DST, 4, &[0x5a; 32]);
         delivered += sent;
         assert!(
-            wait_until(Duration::from_secs(5), || receiver.count() >= delivered),
+            wait_until(Duration::from_secs(30), || receiver.count() >= delivered),
             "target {} of {delivered}",
             receiver.count()
         );
@@ -272,7 +272,7 @@ fn a_tap_flow_on_the_uplink_leaves_the_detour_in_place() {
     let sent = sender.join().expect("sender");
     assert!(sent > 0);
     assert!(
-        wait_until(Duration::from_secs(5), || receiver.count() >= sent),
+        wait_until(Duration::from_secs(30), || receiver.count() >= sent),
         "target {} of {sent}",
         receiver.count()
     );
@@ -297,7 +297,7 @@ fn a_tap_flow_on_the_uplink_leaves_the_detour_in_place() {
     let ports: Vec<u16> = (42_000..42_005).collect();
     let sent = send_udp_flows(&lab.client.name, CLIENT, &ports, DST, 2, &[0x5a; 32]);
     assert!(
-        wait_until(Duration::from_secs(5), || receiver.count() >= sent
+        wait_until(Duration::from_secs(30), || receiver.count() >= sent
             && rx_packets(&monitor, &mon_if.interface) - before >= sent),
         "target {} of {sent}, monitor {}",
         receiver.count(),

@@ -60,7 +60,7 @@ impl Sleeper {
         let pid = child.id();
         // `ip netns exec` runs sleep in its own process once it has entered.
         let target = inode(&format!("/run/netns/{}", netns.name));
-        let entered = tapmesh_tests::net::wait_until(Duration::from_secs(5), || {
+        let entered = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
             std::fs::metadata(format!("/proc/{pid}/ns/net")).is_ok_and(|m| m.ino() == target)
         });
         assert!(entered, "sleep did not enter {}", netns.name);
@@ -315,7 +315,7 @@ fn client_mistakes_get_4xx_and_no_echo() {
             .map(|i| i["location"].as_str().unwrap().to_string())
             .unwrap_or_default()
     };
-    let said = tapmesh_tests::net::wait_until(Duration::from_secs(10), || {
+    let said = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
         location().ends_with("is gone: was its namespace deleted? undeploy it)")
     });
     assert!(said, "{}", location());
@@ -354,6 +354,9 @@ fn a_broker_away_is_said_once_not_every_second() {
     );
     std::thread::sleep(Duration::from_millis(3500));
     let daemon = node.daemon.as_mut().expect("running");
+    tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
+        daemon.log_text().contains("MQTT broker")
+    });
     let log = daemon.log_text();
     assert_eq!(log.matches("MQTT broker").count(), 1, "{log}");
     assert!(daemon.stop().success());

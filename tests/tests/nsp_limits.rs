@@ -198,7 +198,7 @@ fn connections_past_the_limit_of_a_uid_are_closed() {
     let why =
         format!("limit nsp.limits.connections_per_uid = 2 reached: uid {UID} has 2 connections");
     assert_eq!(answers, [Ok(()), Ok(()), Err(why)]);
-    let said = tapmesh_tests::net::wait_until(Duration::from_secs(5), || {
+    let said = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
         lab.daemon().log_text().contains(&format!(
             "limit nsp.limits.connections_per_uid = 2 reached: uid {UID} has 2 connections; closed a new one"
         ))
@@ -209,7 +209,7 @@ fn connections_past_the_limit_of_a_uid_are_closed() {
     assert!(!served(&mut connect_as(UID, &socket, 1).remove(0)));
     // Closing one makes room for exactly one more.
     held.pop();
-    let room = tapmesh_tests::net::wait_until(Duration::from_secs(5), || {
+    let room = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
         served(&mut connect_as(UID, &socket, 1).remove(0))
     });
     assert!(room, "no room after a connection closed");

@@ -206,7 +206,7 @@ fn node_engine_calls_and_the_cluster_over_mqtt_give_rr_and_undeploy_reaches_othe
 
     // Each node's own instance got its service and instance IPs from the
     // table (no serviceIp in the deploy): web#0 is in RR's pool on node 1.
-    let ok = wait_until(Duration::from_secs(10), || {
+    let ok = wait_until(Duration::from_secs(30), || {
         let s = status_services(&n1);
         s.contains(&(WEB0_IP.into(), 1)) && s.contains(&(RR.into(), 2))
     });
@@ -219,7 +219,7 @@ fn node_engine_calls_and_the_cluster_over_mqtt_give_rr_and_undeploy_reaches_othe
     // instance IP, which places it on node 3.
     let first = Instant::now();
     let mut heard = std::collections::BTreeSet::new();
-    let ok = wait_until(Duration::from_secs(10), || {
+    let ok = wait_until(Duration::from_secs(30), || {
         heard.extend(udp_ask(&client, RR, 2).into_iter().map(|(n, _)| n));
         heard.contains("web0") && heard.contains("web1")
     });
@@ -329,7 +329,7 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
     let task = Task::start(&web0);
     let ns0: Ipv4Addr = deploy(&n1, &task, WEB, 0).parse().unwrap();
     who_server(&web0, "web0");
-    let ok = wait_until(Duration::from_secs(10), || {
+    let ok = wait_until(Duration::from_secs(30), || {
         status_services(&n1).contains(&(WEB0_IP.into(), 1))
     });
     assert!(ok, "web#0 has no instance IP: {:?}", status_services(&n1));
@@ -342,7 +342,7 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
         let s = UdpSocket::bind((OAK_NODE, 50103)).unwrap();
         s.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             s.send_to(&inner, ("198.18.2.1", 50103)).unwrap();
             let mut buf = [0u8; 2048];
@@ -414,7 +414,7 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
     })
     .join()
     .unwrap();
-    let all = wait_until(Duration::from_secs(2), || refused() - before == 20);
+    let all = wait_until(Duration::from_secs(30), || refused() - before == 20);
     assert!(all, "{} of 20 plain packets refused", refused() - before);
 
     // Nor by another way in: routed to the node through a second interface,
@@ -451,7 +451,7 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
     })
     .join()
     .unwrap();
-    let all = wait_until(Duration::from_secs(2), || refused_at_veth() - before == 20);
+    let all = wait_until(Duration::from_secs(30), || refused_at_veth() - before == 20);
     assert!(
         all,
         "{} of 20 refused at the veth",
@@ -474,7 +474,7 @@ fn a_proxytun_packet_reaches_a_container_and_the_reply_leaves_as_proxytun_from_t
         .collect();
     assert_eq!(removals, [json!({"appname": OAK})]);
     assert!(took >= Duration::from_secs(8), "removed after {took:?}");
-    let ok = wait_until(Duration::from_secs(2), || {
+    let ok = wait_until(Duration::from_secs(30), || {
         !status_services(&n1).iter().any(|(a, _)| a == OAK_IP)
     });
     assert!(ok, "{:?}", status_services(&n1));
@@ -581,7 +581,7 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
     who_server(&web0, "web0");
     let answered = || udp_ask(&client, WEB0_IP, 1)[0].0 == "web0";
     assert!(
-        wait_until(Duration::from_secs(10), answered),
+        wait_until(Duration::from_secs(30), answered),
         "web#0 never answered; node 3 log: {}",
         n3.daemon.as_ref().unwrap().log_text()
     );
@@ -597,7 +597,7 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
     n1.netns
         .ip(&["addr", "add", "198.18.2.11/24", "dev", &n1.uplink]);
     let moved = Instant::now();
-    let reported = wait_until(Duration::from_secs(5), || {
+    let reported = wait_until(Duration::from_secs(30), || {
         !cluster.received("/net/service/address-changed").is_empty()
     });
     assert!(
@@ -624,7 +624,7 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
     // The cluster tells node 3 (updates_available), node 3 reads WEB's
     // table again and sends to the new address; the replies come from it.
     assert!(
-        wait_until(Duration::from_secs(10), answered),
+        wait_until(Duration::from_secs(30), answered),
         "web#0 unreachable after the move; node 3 log: {}",
         n3.daemon.as_ref().unwrap().log_text()
     );
@@ -641,7 +641,7 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
     });
     // The report of `host_ip` reaches the cluster, and node 3 follows.
     let follows = |n1: &Node, host_ip: &str, when: &str| {
-        let reported = wait_until(Duration::from_secs(10), || {
+        let reported = wait_until(Duration::from_secs(30), || {
             cluster
                 .received("/net/service/address-changed")
                 .iter()
@@ -653,7 +653,7 @@ fn a_node_whose_uplink_address_changes_reports_it_and_traffic_follows() {
             n1.daemon.as_ref().unwrap().log_text()
         );
         assert!(
-            wait_until(Duration::from_secs(10), answered),
+            wait_until(Duration::from_secs(30), answered),
             "web#0 unreachable {when}; node 3 log: {}",
             n3.daemon.as_ref().unwrap().log_text()
         );
@@ -838,7 +838,7 @@ fn a_retained_table_is_ignored_and_a_burst_of_updates_waits_for_the_open_query()
     let web = Netns::new("oarw");
     let task = Task::start(&web);
     deploy(&n1, &task, WEB, 0);
-    let subscribed = wait_until(Duration::from_secs(10), || {
+    let subscribed = wait_until(Duration::from_secs(30), || {
         status_services(&n1).contains(&(RR.into(), 1))
     });
     assert!(subscribed, "{:?}", status_services(&n1));
@@ -884,7 +884,7 @@ fn a_restarted_node_asks_again_for_the_tables_it_kept_hears_their_updates_and_le
     let task = Task::start(&client);
     deploy(&n1, &task, CLIENT, 0);
     // The client dials OAK's instance IP: the node asks by IP and keeps the table.
-    let held = wait_until(Duration::from_secs(10), || {
+    let held = wait_until(Duration::from_secs(30), || {
         udp_ask(&client, OAK_IP, 1);
         status_services(&n1).contains(&(OAK_IP.into(), 1))
     });
@@ -907,7 +907,7 @@ fn a_restarted_node_asks_again_for_the_tables_it_kept_hears_their_updates_and_le
     let client_before = queries_for(CLIENT);
     n1.restart(&[], |_| {});
     assert!(status_services(&n1).contains(&(OAK_IP.into(), 1)));
-    let asked = wait_until(Duration::from_secs(10), || {
+    let asked = wait_until(Duration::from_secs(30), || {
         queries_for(OAK) == before + 1 && queries_for(CLIENT) == client_before + 1
     });
     assert!(
@@ -924,7 +924,7 @@ fn a_restarted_node_asks_again_for_the_tables_it_kept_hears_their_updates_and_le
         false,
         1,
     );
-    let asked = wait_until(Duration::from_secs(5), || queries_for(OAK) == before + 2);
+    let asked = wait_until(Duration::from_secs(30), || queries_for(OAK) == before + 2);
     assert!(
         asked,
         "{} queries for OAK after an update",
@@ -977,7 +977,11 @@ fn a_strangers_inner_sources_are_asked_about_only_so_often() {
     .unwrap();
     let took = started.elapsed();
     std::thread::sleep(Duration::from_millis(500));
-    let status = n1.daemon.as_ref().unwrap().status();
+    let status = n1
+        .daemon
+        .as_ref()
+        .unwrap()
+        .status_when(|s| named(s, "xdp_uplink", "tunnel_unknown_node") >= 2000);
     assert_eq!(named(&status, "xdp_uplink", "tunnel_unknown_node"), 2000);
     let seconds = took.as_secs() + 1;
     let misses = n1.status()["misses"].as_u64().unwrap();

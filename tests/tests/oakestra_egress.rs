@@ -161,8 +161,7 @@ fn echo(internet: &Netns) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
 fn ask_internet(container: &Netns, count: usize) -> Vec<(String, String)> {
     run_in(&container.name, move || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(1000)))
-            .unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         (0..count)
             .map(|_| {
                 s.send_to(b"out", (INTERNET, ECHO_PORT)).unwrap();

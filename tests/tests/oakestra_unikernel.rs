@@ -229,7 +229,7 @@ fn a_unikernel_gets_its_namespace_bridge_tap_and_nat_and_its_service_ips_reach_t
         &deploy_json(task.pid(), &client_job, 0, ""),
     );
     assert_eq!(status, 200, "{reply}");
-    let ok = wait_until(Duration::from_secs(10), || {
+    let ok = wait_until(Duration::from_secs(30), || {
         let s = services(&n);
         // The client's own instance IP too: it is the source replies go to.
         s.contains(&(UK_IP.into(), 1))
@@ -279,7 +279,7 @@ fn a_unikernel_gets_its_namespace_bridge_tap_and_nat_and_its_service_ips_reach_t
     assert_eq!(n.container_links().len(), 1, "the client's link only");
     assert!(!services(&n).iter().any(|(a, _)| a == UK_IP));
     // The notice reaches the cluster's peer asynchronously.
-    let told = wait_until(Duration::from_secs(2), || {
+    let told = wait_until(Duration::from_secs(30), || {
         cluster
             .received("/net/service/undeployed")
             .iter()

@@ -294,7 +294,7 @@ fn round_robin_and_instance_ips_reach_instances_on_both_nodes_through_the_tunnel
     };
     let captures = [capture(n1), capture(&lab.nodes.node2)];
     // tcpdump writes the file header once it captures.
-    let started = tapmesh_tests::net::wait_until(Duration::from_secs(10), || {
+    let started = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
         captures
             .iter()
             .all(|(_, p)| std::fs::metadata(p).map(|m| m.len() >= 24).unwrap_or(false))
@@ -400,7 +400,7 @@ fn until_hop(
     what: &str,
 ) -> tapmesh_common::overlay::Instance {
     let mut last = Vec::new();
-    let found = tapmesh_tests::net::wait_until(Duration::from_secs(3), || {
+    let found = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
         last = remote_instances(n, NODE2);
         last.len() == 1 && (last[0].ifindex, last[0].dst_mac, last[0].src_mac) == want
     });
@@ -769,7 +769,7 @@ fn a_closed_port_behind_a_service_ip_is_refused_not_silent() {
         sent.push((to, from.port()));
     }
     // The raw socket's thread may still be storing the last error.
-    let four = tapmesh_tests::net::wait_until(Duration::from_secs(2), || {
+    let four = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
         let errors = errors.packets();
         errors.iter().filter(|p| p.len() > 20 && p[20] == 3).count() >= 4
     });
@@ -1429,7 +1429,7 @@ fn a_container_that_is_a_load_balancer_target_answers_from_the_vip() {
     let frame = tapmesh_tests::frames::ethernet(host_mac, c.mac("tmsvc0"), &[], 0x86dd, &ip);
     tapmesh_tests::send_frames(&c.name, "tmsvc0", &vec![frame; 3]);
     let dropped = || named(&daemon.status(), "tc_service", "sender_not_deployed");
-    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while dropped() < 8 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1820,7 +1820,7 @@ fn port_mappings_forward_node_ports_to_the_container_until_undeploy() {
     })
     .join()
     .unwrap();
-    let all = tapmesh_tests::net::wait_until(Duration::from_secs(2), || refused() - before == 20);
+    let all = tapmesh_tests::net::wait_until(Duration::from_secs(30), || refused() - before == 20);
     assert!(all, "{} of 20 refused at the veth", refused() - before);
     let (_, rules) = run(
         &n1.netns,
@@ -2154,7 +2154,7 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     })
     .join()
     .unwrap();
-    let learnt = tapmesh_tests::net::wait_until(Duration::from_secs(2), || {
+    let learnt = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
         run(&client, &["ip", "-6", "route", "get", WEB1_IP6])
             .1
             .contains("mtu 1472")
@@ -2262,7 +2262,7 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     })
     .join()
     .unwrap();
-    let all = tapmesh_tests::net::wait_until(Duration::from_secs(2), || refused() - before == 20);
+    let all = tapmesh_tests::net::wait_until(Duration::from_secs(30), || refused() - before == 20);
     assert!(all, "{} of 20 refused at the veth", refused() - before);
 
     // Nor to the addresses every container takes packets for: multicast
@@ -2306,7 +2306,7 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     })
     .join()
     .unwrap();
-    let all = tapmesh_tests::net::wait_until(Duration::from_secs(2), || refused() - before == 20);
+    let all = tapmesh_tests::net::wait_until(Duration::from_secs(30), || refused() - before == 20);
     assert!(
         all,
         "{} of 20 multicast refused at the veths",
@@ -2527,7 +2527,7 @@ fn a_restarted_daemon_takes_its_containers_back_whether_their_links_were_kept_or
     })
     .join()
     .unwrap();
-    let reported = tapmesh_tests::net::wait_until(Duration::from_secs(2), || {
+    let reported = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
         lab.nodes.node1.status()["unresolved"]
             .as_array()
             .is_some_and(|a| a.iter().any(|v| v == LEFT_PENDING))
@@ -2711,7 +2711,7 @@ fn a_kept_restart_swaps_the_tc_programs_in_place_and_loses_no_datagram() {
     let (place_now, id_now) = filter(&lab);
     assert_eq!(place_now, place, "the same preference and handle");
     assert_ne!(id_now, id, "the new daemon's program");
-    let all = tapmesh_tests::net::wait_until(Duration::from_secs(3), || receiver.count() == sent);
+    let all = tapmesh_tests::net::wait_until(Duration::from_secs(30), || receiver.count() == sent);
     assert!(
         all,
         "{} of {sent} datagrams arrived ({before} before the restart, {after_restart} once the \

@@ -19,7 +19,7 @@ use tokio::task::JoinHandle;
 
 const HOST: &str = "compute1";
 /// How long the agent gets to react to a key while etcd is up.
-const REACT: Duration = Duration::from_secs(5);
+const REACT: Duration = Duration::from_secs(30);
 /// How long it gets to come back after an outage (backoff ≤ 5 s, plus a request timeout).
 const RECOVER: Duration = Duration::from_secs(25);
 

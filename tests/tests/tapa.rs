@@ -86,7 +86,7 @@ fn an_opened_stream_gets_the_vip_traffic_and_close_stops_it() {
     let rx = receiver(&lab, 0);
     let sent = send(&lab, VIP_A, 4);
     assert!(
-        wait_until(Duration::from_secs(5), || rx.count() == sent),
+        wait_until(Duration::from_secs(30), || rx.count() == sent),
         "{} of {sent}: {}",
         rx.count(),
         diagnose(&lab)
@@ -109,7 +109,7 @@ fn an_opened_stream_gets_the_vip_traffic_and_close_stops_it() {
     tap.close(stream("stream-a", "conduit-a", "trench-a"))
         .unwrap();
     assert!(tap
-        .watch_until(Duration::from_secs(1), |m| status_of(m, "stream-a")
+        .watch_until(Duration::from_secs(30), |m| status_of(m, "stream-a")
             .is_none())
         .last()
         .is_some_and(|m| m.stream_status.is_empty()));
@@ -197,7 +197,7 @@ fn a_deleted_application_namespace_takes_its_conduit_and_its_programs_along() {
     );
     // Published after the programs are forgotten: waited for too.
     assert!(
-        wait_until(Duration::from_secs(10), || lab
+        wait_until(Duration::from_secs(30), || lab
             .registered("stream-a")
             .is_empty()),
         "{}",
@@ -224,7 +224,7 @@ fn two_applications_on_two_streams_of_one_conduit_and_a_second_trench_refused() 
     let (rx0, rx1) = (receiver(&lab, 0), receiver(&lab, 1));
     let to_a = send(&lab, VIP_A, 2);
     let to_b = send(&lab, VIP_B, 3);
-    assert!(wait_until(Duration::from_secs(5), || rx0.count() == to_a
+    assert!(wait_until(Duration::from_secs(30), || rx0.count() == to_a
         && rx1.count() == to_b));
     assert_eq!(
         (rx0.count(), rx1.count()),
@@ -253,7 +253,7 @@ fn two_applications_on_two_streams_of_one_conduit_and_a_second_trench_refused() 
         "{}",
         lab.ambassadors[2].log_text()
     );
-    assert!(taps[2].wait_status("stream-b", S::Unavailable, Duration::from_secs(1)));
+    assert!(taps[2].wait_status("stream-b", S::Unavailable, Duration::from_secs(30)));
     assert_eq!(
         lab.registered("stream-b").len(),
         1,
@@ -325,7 +325,7 @@ fn identifiers_are_unique_per_stream_and_a_killed_ambassador_expires() {
 
     let receivers: Vec<UdpReceiver> = (0..3).map(|i| receiver(&lab, i)).collect();
     let sent = send(&lab, VIP_A, 4);
-    assert!(wait_until(Duration::from_secs(5), || receivers
+    assert!(wait_until(Duration::from_secs(30), || receivers
         .iter()
         .map(UdpReceiver::count)
         .sum::<u64>()
@@ -337,13 +337,13 @@ fn identifiers_are_unique_per_stream_and_a_killed_ambassador_expires() {
 
     // Killed without Close: its entry expires (3 s) and the others keep all the traffic.
     lab.ambassadors[0].kill();
-    assert!(wait_until(Duration::from_secs(10), || lab
+    assert!(wait_until(Duration::from_secs(30), || lab
         .registered("stream-a")
         .len()
         == 2));
     let before: Vec<u64> = receivers.iter().map(UdpReceiver::count).collect();
     let sent = send(&lab, VIP_A, 4);
-    assert!(wait_until(Duration::from_secs(5), || {
+    assert!(wait_until(Duration::from_secs(30), || {
         receivers[1].count() + receivers[2].count() - before[1] - before[2] == sent
     }));
     assert_eq!(
@@ -369,7 +369,7 @@ fn a_stream_without_a_free_identifier_stays_unavailable_until_one_frees() {
     assert!(taps[0].wait_status("stream-b", S::Open, OPEN_WITHIN));
     taps[1].open(b()).unwrap();
     // Refused once (UNAVAILABLE before that may be its conduit's connect).
-    assert!(wait_until(Duration::from_secs(10), || lab.ambassadors[1]
+    assert!(wait_until(Duration::from_secs(30), || lab.ambassadors[1]
         .log_text()
         .contains("no identifier available")));
     // Three retries' time: the snapshot, and no change after it.
@@ -380,7 +380,7 @@ fn a_stream_without_a_free_identifier_stays_unavailable_until_one_frees() {
         .collect();
     assert_eq!(statuses, [S::Unavailable], "{seen:?}");
     taps[0].close(b()).unwrap();
-    assert!(taps[1].wait_status("stream-b", S::Open, Duration::from_secs(10)));
+    assert!(taps[1].wait_status("stream-b", S::Open, Duration::from_secs(30)));
     let log = lab.ambassadors[1].log_text();
     assert_eq!(log.matches("no identifier available").count(), 1, "{log}");
 }
@@ -421,7 +421,7 @@ fn a_lower_max_targets_disables_the_targets_above_it() {
         1,
     ));
     assert!(
-        wait_until(Duration::from_secs(10), || enabled(&lab) == kept),
+        wait_until(Duration::from_secs(30), || enabled(&lab) == kept),
         "{}",
         lab.registry_list()
     );
@@ -446,12 +446,12 @@ fn re_registration_after_expiry_keeps_the_identifier_and_a_restart_keeps_the_reg
 
     // Frozen past the expiry: the entry goes; thawed, it comes back with its identifier.
     lab.ambassadors[a].signal(libc::SIGSTOP);
-    assert!(wait_until(Duration::from_secs(10), || lab
+    assert!(wait_until(Duration::from_secs(30), || lab
         .registered("stream-a")
         .is_empty()));
     lab.ambassadors[a].signal(libc::SIGCONT);
     assert!(
-        wait_until(Duration::from_secs(10), || {
+        wait_until(Duration::from_secs(30), || {
             lab.registered("stream-a") == vec![(first[0].0.clone(), "ENABLED".to_string())]
         }),
         "{}",
@@ -467,7 +467,7 @@ fn re_registration_after_expiry_keeps_the_identifier_and_a_restart_keeps_the_reg
     );
     let rx = receiver(&lab, 0);
     let sent = send(&lab, VIP_A, 2);
-    assert!(wait_until(Duration::from_secs(5), || rx.count() == sent));
+    assert!(wait_until(Duration::from_secs(30), || rx.count() == sent));
 }
 
 /// A stream closed while the daemon is away is unregistered once it is
@@ -494,7 +494,7 @@ fn a_close_while_the_daemon_is_away_unregisters_once_it_is_back() {
     tap.close(b).unwrap();
     lab.start_daemon();
     assert!(
-        wait_until(Duration::from_secs(10), || lab
+        wait_until(Duration::from_secs(30), || lab
             .registered("stream-b")
             .is_empty()),
         "{}",
@@ -525,7 +525,7 @@ fn a_kept_restart_loses_no_datagram_to_a_registered_target() {
     let rx = receiver(&lab, 0);
     assert_eq!(send(&lab, VIP_A, 1), 50);
     assert!(
-        wait_until(Duration::from_secs(5), || rx.count() == 50),
+        wait_until(Duration::from_secs(30), || rx.count() == 50),
         "{}",
         diagnose(&lab)
     );
@@ -545,7 +545,7 @@ fn a_kept_restart_loses_no_datagram_to_a_registered_target() {
         sent > before + 1000,
         "{before} then {sent}: the flow stalled"
     );
-    let all = wait_until(Duration::from_secs(3), || rx.count() == 50 + sent);
+    let all = wait_until(Duration::from_secs(30), || rx.count() == 50 + sent);
     assert!(
         all,
         "{} of {sent} datagrams arrived across the restart; {}",
@@ -610,7 +610,11 @@ fn a_stream_removed_from_the_configuration_becomes_undefined_and_returns() {
     // A broken edit is refused and the previous configuration stays.
     lab.write_config("[[streams]]\nname = \"x\"\n");
     std::thread::sleep(Duration::from_secs(1));
-    let status = lab.daemon().status();
+    let status = lab.daemon().status_when(|s| {
+        s.plugins
+            .iter()
+            .any(|p| p.name == "nsp" && p.detail.contains("config not reloaded"))
+    });
     let nsp = status.plugins.iter().find(|p| p.name == "nsp").unwrap();
     assert!(nsp.detail.contains("config not reloaded"), "{nsp:?}");
 
@@ -693,7 +697,7 @@ fn a_client_generated_from_meridios_tap_proto_opens_and_closes_a_stream() {
     let rx = receiver(&lab, 0);
     let sent = send(&lab, VIP_A, 2);
     assert!(
-        wait_until(Duration::from_secs(5), || rx.count() == sent),
+        wait_until(Duration::from_secs(30), || rx.count() == sent),
         "{}",
         diagnose(&lab)
     );

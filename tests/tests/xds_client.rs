@@ -615,6 +615,9 @@ fn a_rejected_version_sent_again_is_nacked_with_backoff_and_logged_once() {
             .as_deref()
             .is_some_and(|e| e.contains("port 0"))
     });
+    tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
+        warning_lines(cp.port, "NACK").len() >= 2
+    });
     std::thread::sleep(Duration::from_millis(700));
     let warned = warning_lines(cp.port, "NACK");
     assert_eq!(warned.len(), 2, "{warned:#?}");
