@@ -15,7 +15,7 @@ pub mod tunnel;
 pub use stats::*;
 
 /// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 14;
+pub const SCHEMA_VERSION: u32 = 15;
 
 /// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -109,6 +109,7 @@ pub mod map_names {
     pub const OV_PENDING: &str = "tm_ov_pending";
     pub const OV_ASKS: &str = "tm_ov_asks";
     pub const OV_MISSES: &str = "tm_ov_misses";
+    pub const OV_HELD: &str = "tm_ov_held";
     pub const OV_SERVICE_STATS: &str = "tm_ov_svc_stats";
     pub const OV_INSTANCE_STATS: &str = "tm_ov_ins_stats";
 }

@@ -41,6 +41,15 @@ pub const STRANGER_ASKS_PER_SECOND: u64 = 32;
 pub const MISS_FROM_STRANGER: u8 = 1;
 /// Bytes of the miss ring buffer.
 pub const MISS_RING_BYTES: u32 = 4096 * 16;
+/// A packet to an unknown service IP is kept for the daemon up to this
+/// size (a container's frame at the tunnel MTU fits); a longer one drops.
+pub const HELD_BYTES: u32 = 1536;
+/// Bytes of the ring of held packets (`tm_ov_held`): about 160 packets on
+/// their way to the daemon.
+pub const HELD_RING_BYTES: u32 = 4096 * 64;
+/// Packets held per second, all addresses together (`tm_ov_asks` slot 1):
+/// a container sending to many unknown addresses costs the daemon little.
+pub const HOLDS_PER_SECOND: u64 = 256;
 
 /// [`Service::policy`]: a new flow takes the next slot, in turn.
 pub const POLICY_ROUND_ROBIN: u8 = 1;
@@ -383,6 +392,19 @@ pub struct Miss {
     pub flags: u8,
 }
 
+/// A packet a container sent to a service IP no table names yet, as the
+/// host-side veth received it: the daemon sends it again once the
+/// cluster's answer is in (`tm_ov_held`).
+#[repr(C)]
+#[derive(Copy, Clone, Debug)]
+pub struct Held {
+    /// The host-side veth it came in on.
+    pub ifindex: u32,
+    /// How many bytes of `data` are the frame.
+    pub len: u32,
+    pub data: [u8; HELD_BYTES as usize],
+}
+
 crate::assert_layout!(Service, size = 8, align = 4);
 crate::assert_layout!(Instance, size = 36, align = 4);
 crate::assert_layout!(Local, size = 20, align = 4);
@@ -393,6 +415,7 @@ crate::assert_layout!(LocalSlot, size = 32, align = 4);
 crate::assert_layout!(OwnerSlot, size = 12, align = 4);
 crate::assert_layout!(OwnerSlot6, size = 24, align = 4);
 crate::assert_layout!(Miss, size = 12, align = 4);
+crate::assert_layout!(Held, size = 8 + HELD_BYTES as usize, align = 4);
 crate::assert_layout!(OverlayConfig6, size = 52, align = 4);
 crate::assert_layout!(Instance6, size = 32, align = 4);
 crate::assert_layout!(Local6, size = 32, align = 4);

@@ -114,6 +114,7 @@ counter_set!(
         tunnel_foreign_source => TunnelForeignSource,
         service_source_outside_tunnel => ServiceSourceOutsideTunnel,
         tunnel_unknown_destination => TunnelUnknownDestination,
+        held_for_query => HeldForQuery,
     }
 );
 

@@ -211,15 +211,19 @@ pub static tm_ov_owners6: HashMap<ov::Addr6, [u8; 4], { ov::MAX_OWNERS as usize 
 #[btf_map]
 pub static tm_ov_ct: LruHashMap<ConntrackKey, ConntrackValue, { ov::CONNTRACK_ENTRIES as usize }> =
     LruHashMap::new();
-/// Asks about strangers' inner sources this second: `second << 16 | count`.
+/// Budgets per second, each `second << 16 | count`: slot 0, asks about
+/// strangers' inner sources; slot 1, packets held for the daemon.
 #[btf_map]
-pub static tm_ov_asks: Array<u64, 1> = Array::new();
+pub static tm_ov_asks: Array<u64, 2> = Array::new();
 /// Service IPs signalled as unknown and not answered yet → when.
 #[btf_map]
 pub static tm_ov_pending: LruHashMap<[u8; 4], u64, { ov::PENDING_ENTRIES as usize }> =
     LruHashMap::new();
 #[btf_map]
 pub static tm_ov_misses: RingBuf<Miss, { ov::MISS_RING_BYTES as usize }> = RingBuf::new();
+/// Packets to unknown service IPs, for the daemon to send again once known.
+#[btf_map]
+pub static tm_ov_held: RingBuf<ov::Held, { ov::HELD_RING_BYTES as usize }> = RingBuf::new();
 // The same for IPv6 service IPs (ids, slots, RR turns, instances' kind and
 // generation, counters and the tunnel are shared with IPv4).
 #[btf_map]

@@ -12,13 +12,14 @@ use aya_ebpf::{
     },
     helpers::generated::{
         bpf_ktime_get_ns, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail,
+        bpf_skb_load_bytes,
     },
     programs::{TcContext, XdpContext},
 };
 use tapmesh_common::{
     overlay::{
         local_slot, owner_slot, ConntrackKey, ConntrackValue, FragmentKey, Instance, Local, LocalSlot, Miss,
-        MISS_FROM_STRANGER, STRANGER_ASKS_PER_SECOND,
+        HELD_BYTES, HOLDS_PER_SECOND, MISS_FROM_STRANGER, STRANGER_ASKS_PER_SECOND,
         OverlayConfig, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE,
         INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_EMPTY, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
         OWNER_SLOT_ONE, OWNER_SLOT_SEEN, OWNER_SLOT_SHARED, OWNER_SLOT_STATE,
@@ -376,6 +377,44 @@ pub fn check_delivery(ctx: &TcContext) -> Result<(), DropReason> {
         return Err(DropReason::ServiceSourceOutsideTunnel);
     }
     Ok(())
+}
+
+/// A packet to an unknown service IP (`UnknownService`) goes to the daemon
+/// whole, within the budget: it is sent again once the cluster's table
+/// names the address, so the sender loses nothing to the query (Oakestra
+/// holds it too). Counted as `HeldForQuery`; one not kept stays a drop.
+#[inline(always)]
+pub fn hold_unknown(ctx: &TcContext, packed: crate::tc::Packed) -> crate::tc::Packed {
+    if !packed.is(DropReason::UnknownService) {
+        return packed;
+    }
+    let len = ctx.len();
+    // Bounds the verifier can see: 1..=HELD_BYTES.
+    if len == 0 || len > HELD_BYTES || !within_budget(1, HOLDS_PER_SECOND) {
+        return packed;
+    }
+    let Some(mut entry) = tm_ov_held.reserve(0) else {
+        return packed;
+    };
+    let held = entry.as_mut_ptr();
+    // SAFETY: `held` is the reserved record, HELD_BYTES of data; `ctx.skb`
+    // is the program's own packet.
+    let read = unsafe {
+        (*held).ifindex = (*ctx.skb.skb).ifindex;
+        (*held).len = len;
+        bpf_skb_load_bytes(
+            ctx.skb.skb as *const _,
+            0,
+            core::ptr::addr_of_mut!((*held).data) as *mut _,
+            len,
+        )
+    };
+    if read != 0 {
+        entry.discard(0);
+        return packed;
+    }
+    entry.submit(0);
+    crate::tc::Packed::from(Err(DropReason::HeldForQuery))
 }
 
 /// Sends the kernel one notice per unknown service IP in `tm_ov_pending`.
@@ -832,7 +871,14 @@ pub const STALE_PENDING_NS: u64 = 3_000_000_000;
 /// few more.
 #[inline(always)]
 pub fn stranger_may_ask() -> bool {
-    let Some(slot) = tm_ov_asks.get_ptr_mut(0) else {
+    within_budget(0, STRANGER_ASKS_PER_SECOND)
+}
+
+/// Counts one against budget `index` of `tm_ov_asks`: whether fewer than
+/// `per_second` were counted this second.
+#[inline(always)]
+fn within_budget(index: u32, per_second: u64) -> bool {
+    let Some(slot) = tm_ov_asks.get_ptr_mut(index) else {
         return false;
     };
     // SAFETY: a plain helper call; the value is this map's.
@@ -843,7 +889,7 @@ pub fn stranger_may_ask() -> bool {
         if at != second {
             core::ptr::write_volatile(slot, second << 16 | 1);
             true
-        } else if count < STRANGER_ASKS_PER_SECOND {
+        } else if count < per_second {
             core::ptr::write_volatile(slot, value + 1);
             true
         } else {

@@ -49,6 +49,7 @@ pub fn tm_tc_service(ctx: TcContext) -> i32 {
         Ok(pkt) => overlay::from_container(&ctx, &pkt),
         Err(reason) => Packed::from(Err(reason)),
     };
+    let packed = overlay::hold_unknown(&ctx, packed);
     tc_packed(&stats, ctx.len() as u64, packed)
 }
 
@@ -106,6 +107,14 @@ fn try_tc(ctx: &TcContext, stats: &Stats) -> Result<i32, DropReason> {
 /// caller"). The action, or a drop reason's index with bit 32 set.
 #[derive(Clone, Copy)]
 pub struct Packed(u64);
+
+impl Packed {
+    /// Whether it is a drop for `reason`.
+    #[inline(always)]
+    pub fn is(&self, reason: DropReason) -> bool {
+        self.0 == 1 << 32 | reason as u32 as u64
+    }
+}
 
 impl From<Result<i32, DropReason>> for Packed {
     #[inline(always)]

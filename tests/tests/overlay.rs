@@ -1445,29 +1445,30 @@ fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
     let n1 = &lab.nodes.node1;
     let unknown = "203.0.113.99";
     let target: Ipv4Addr = unknown.parse().unwrap();
-    spawn_in(&lab.client.name, move || {
+    // One datagram, sent once, to an address no table names: the kernel
+    // holds it for the daemon, which asks the cluster.
+    let socket = spawn_in(&lab.client.name, move || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        for _ in 0..50 {
-            s.send_to(b"x", SocketAddrV4::new(target, UDP_PORT))
-                .unwrap();
-        }
+        s.send_to(b"hello", SocketAddrV4::new(target, UDP_PORT))
+            .unwrap();
+        s
     })
     .join()
     .unwrap();
-    // The report reaches the daemon in its own time; any second one
-    // would come right behind it.
-    n1.status_when(|s| s["misses"].as_u64() >= Some(1));
-    std::thread::sleep(Duration::from_millis(300));
-    let status = n1.status();
-    assert_eq!(status["misses"], 1, "50 packets, one report: {status}");
+    let status = n1.status_when(|s| s["misses"].as_u64() >= Some(1) && s["held"]["kept"] == 1);
     assert_eq!(status["unresolved"], serde_json::json!([unknown]));
+    assert_eq!(status["held"]["waiting"], 1, "{status}");
     let counters = n1.daemon.as_ref().unwrap().status();
-    let dropped = named(&counters, "tc_service", "unknown_service");
     assert_eq!(
-        dropped, 50,
-        "every packet to the unknown IP is dropped and counted"
+        (
+            named(&counters, "tc_service", "held_for_query"),
+            named(&counters, "tc_service", "unknown_service")
+        ),
+        (1, 0)
     );
-    // The table learns it: web#1 now also carries .99 (RR).
+    // The table learns it (web#1 now also carries .99, RR): the held
+    // datagram goes on, and its answer comes back to the socket that sent
+    // it, which never sent again.
     n1.table(
         WEB,
         &[(
@@ -1477,9 +1478,53 @@ fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
             &[("RR", unknown), ("InstanceNumber", WEB1_IP)],
         )],
     );
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let (n, from) = socket
+        .recv_from(&mut buf)
+        .expect("the held datagram's answer");
+    assert_eq!(
+        (&buf[..n], from.to_string()),
+        (&b"web1"[..], format!("{unknown}:{UDP_PORT}"))
+    );
+    let status = n1.status_when(|s| s["held"]["sent"] == 1);
+    assert_eq!(status["unresolved"], serde_json::json!([]));
+    assert_eq!(status["held"]["waiting"], 0, "{status}");
     let answers = udp_ask(&lab.client, unknown, 2);
     answered_by(&answers, "web1", unknown);
-    assert_eq!(n1.status()["unresolved"], serde_json::json!([]));
+
+    // Bounded: 20 datagrams to an address never named: one report, 8 kept
+    // (the rest dropped at once), and those 8 given up after 5 s.
+    let never: Ipv4Addr = "203.0.113.98".parse().unwrap();
+    spawn_in(&lab.client.name, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..20 {
+            s.send_to(b"x", SocketAddrV4::new(never, UDP_PORT)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let status = n1.status_when(|s| s["held"]["kept"] == 9);
+    assert_eq!(
+        (
+            &status["held"]["waiting"],
+            &status["held"]["dropped"],
+            &status["misses"]
+        ),
+        (
+            &serde_json::json!(8),
+            &serde_json::json!(12),
+            &serde_json::json!(2)
+        ),
+        "{status}"
+    );
+    let counters = n1.daemon.as_ref().unwrap().status();
+    assert_eq!(named(&counters, "tc_service", "held_for_query"), 21);
+    let status = n1.status_when(|s| s["held"]["waiting"] == 0);
+    assert_eq!(status["held"]["dropped"], 20, "{status}");
+    assert_eq!(status["held"]["sent"], 1, "{status}");
 }
 
 #[test]
@@ -2074,13 +2119,21 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     .unwrap();
     // The report reaches the daemon in its own time; any second one
     // would come right behind it.
-    nodes.node1.status_when(|s| s["misses"].as_u64() >= Some(1));
+    nodes
+        .node1
+        .status_when(|s| s["misses"].as_u64() >= Some(1) && s["held"]["kept"] == 8);
     std::thread::sleep(Duration::from_millis(300));
     let status = nodes.node1.status();
     assert_eq!(status["misses"], 1, "20 packets, one report: {status}");
     assert_eq!(
         status["unresolved"],
         serde_json::json!([unknown.to_string()])
+    );
+    // Held for the answer as IPv4 packets are: 8 of them for this address.
+    assert_eq!(
+        (&status["held"]["waiting"], &status["held"]["dropped"]),
+        (&serde_json::json!(8), &serde_json::json!(12)),
+        "{status}"
     );
 
     // RR over IPv6: flows alternate between the nodes' instances, and every

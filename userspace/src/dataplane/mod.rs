@@ -499,17 +499,28 @@ impl DataplaneHandle {
     pub async fn take_overlay_misses(
         &self,
     ) -> Result<aya::maps::RingBuf<aya::maps::MapData>, DataplaneError> {
+        self.take_ring(map_names::OV_MISSES).await
+    }
+
+    /// The ring buffer of packets held for unknown service IPs (taken once).
+    pub async fn take_overlay_held(
+        &self,
+    ) -> Result<aya::maps::RingBuf<aya::maps::MapData>, DataplaneError> {
+        self.take_ring(map_names::OV_HELD).await
+    }
+
+    async fn take_ring(
+        &self,
+        name: &'static str,
+    ) -> Result<aya::maps::RingBuf<aya::maps::MapData>, DataplaneError> {
         let mut guard = self.running.lock().await;
         let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
-        let map = r
-            .ebpf
-            .take_map(map_names::OV_MISSES)
-            .ok_or(DataplaneError::Map {
-                name: map_names::OV_MISSES,
-                message: "already taken or missing from the object".into(),
-            })?;
+        let map = r.ebpf.take_map(name).ok_or(DataplaneError::Map {
+            name,
+            message: "already taken or missing from the object".into(),
+        })?;
         aya::maps::RingBuf::try_from(map).map_err(|e| DataplaneError::Map {
-            name: map_names::OV_MISSES,
+            name,
             message: e.to_string(),
         })
     }
@@ -956,6 +967,7 @@ mod tests {
             n::OV_CONNTRACK,
             n::OV_PENDING,
             n::OV_MISSES,
+            n::OV_HELD,
             n::OV_SERVICE_STATS,
             n::OV_INSTANCE_STATS,
         ] {

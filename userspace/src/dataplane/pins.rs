@@ -228,8 +228,9 @@ const MAPS: &[MapSpec] = &[
         ov::CONNTRACK_ENTRIES,
     ),
     spec(n::OV_PENDING, 4, 8, ov::PENDING_ENTRIES),
-    spec(n::OV_ASKS, 4, 8, 1),
+    spec(n::OV_ASKS, 4, 8, 2),
     spec(n::OV_MISSES, 0, 0, ov::MISS_RING_BYTES),
+    spec(n::OV_HELD, 0, 0, ov::HELD_RING_BYTES),
     spec(
         n::OV_SERVICE_STATS,
         4,

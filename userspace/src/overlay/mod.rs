@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cluster;
 pub mod egress;
+pub mod held;
 pub mod ipam;
 pub mod manager;
 pub mod model;

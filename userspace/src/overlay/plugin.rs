@@ -238,6 +238,12 @@ impl Plugin for NetManagerPlugin {
             self.dataplane.clone(),
             scope.clone(),
         ));
+        let held = self
+            .dataplane
+            .take_overlay_held()
+            .await
+            .map_err(|e| PluginError::new(e.to_string()))?;
+        tokio::spawn(read_held(held, manager.clone(), scope.clone()));
         let (status, m, stop) = (self.status.clone(), manager.clone(), scope.clone());
         tokio::spawn(async move {
             loop {
@@ -268,6 +274,54 @@ impl Plugin for NetManagerPlugin {
 
     fn status(&self) -> String {
         self.status.lock().expect("lock").clone()
+    }
+}
+
+/// Reads the packets the kernel held for unknown service IPs into the
+/// manager, which sends them again once their address is known.
+async fn read_held(
+    ring: aya::maps::RingBuf<aya::maps::MapData>,
+    manager: Arc<NetManager>,
+    stop: CancellationToken,
+) {
+    use tokio::io::unix::AsyncFd;
+
+    // SAFETY: as in `read_misses`: the ring stays inside the AsyncFd.
+    let registered =
+        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
+    let mut fd = match registered {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::error!("netmanager: watching the held-packet ring: {e}");
+            return;
+        }
+    };
+    loop {
+        let mut guard = tokio::select! {
+            _ = stop.cancelled() => return,
+            g = fd.readable_mut() => match g {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!("netmanager: held-packet ring: {e}");
+                    return;
+                }
+            },
+        };
+        while let Some(item) = guard.get_inner_mut().next() {
+            // `Held`: the veth's index, the frame's length, the frame.
+            let word = |at: usize| {
+                item.get(at..at + 4)
+                    .and_then(|b| b.try_into().ok())
+                    .map(u32::from_ne_bytes)
+            };
+            let (Some(ifindex), Some(len)) = (word(0), word(4)) else {
+                continue;
+            };
+            if let Some(frame) = item.get(8..8 + len as usize) {
+                manager.hold(ifindex, frame);
+            }
+        }
+        guard.clear_ready();
     }
 }
 

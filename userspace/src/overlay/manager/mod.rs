@@ -6,6 +6,7 @@
 
 mod claims;
 mod egress;
+mod holding;
 mod links;
 mod ops;
 mod persist;
@@ -158,6 +159,8 @@ pub struct NetManager {
     state: Mutex<State>,
     /// The MQTT side (Oakestra mode, from registration on).
     cluster: std::sync::Mutex<Option<std::sync::Arc<Cluster>>>,
+    /// Packets to unknown service IPs, waiting for the cluster's table.
+    held: std::sync::Arc<std::sync::Mutex<crate::overlay::held::HeldPackets>>,
 }
 
 impl NetManager {
@@ -172,6 +175,7 @@ impl NetManager {
             settings,
             state: Mutex::new(State::default()),
             cluster: std::sync::Mutex::new(None),
+            held: Default::default(),
         }
     }
 
@@ -408,6 +412,10 @@ impl NetManager {
             state.unresolved.remove(&addr);
             self.dataplane.clear_overlay_pending(addr).await;
         }
+        self.release_held(state, |a| match a {
+            std::net::IpAddr::V4(v4) => tables.services.contains_key(v4),
+            std::net::IpAddr::V6(v6) => tables.services6.contains_key(v6),
+        });
         Ok(())
     }
 

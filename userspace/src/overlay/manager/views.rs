@@ -35,6 +35,20 @@ pub struct Snapshot {
     pub services: Vec<ServiceView>,
     pub unresolved: Vec<String>,
     pub misses: u64,
+    /// Packets to unknown service IPs kept for the cluster's answer.
+    pub held: HeldView,
+}
+
+/// What became of the packets held for unknown service IPs.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HeldView {
+    /// Waiting now.
+    pub waiting: usize,
+    pub kept: u64,
+    /// Sent again once their address was known.
+    pub sent: u64,
+    /// Not kept (no room) or never named in time.
+    pub dropped: u64,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -122,6 +136,7 @@ impl NetManager {
             registration: state.registration.clone(),
             misses: state.misses,
             unresolved: state.unresolved.keys().map(|a| a.to_string()).collect(),
+            held: self.held_view(),
             ..Default::default()
         };
         let owned = self.records(&state);

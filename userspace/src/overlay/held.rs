@@ -1,0 +1,356 @@
+//! Packets a container sent to a service IP no table named yet. The kernel
+//! hands them over (`tm_ov_held`) instead of dropping them; once the
+//! cluster's table names the address they are sent again, from the
+//! container's side of its veth, and the host-side program translates them
+//! as any other. So a first packet is not lost to the query (a TCP
+//! handshake does not wait a second for its retry). Bounded: a few per
+//! address, for as long as a query may take.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+/// Packets kept per address: the first of a flow, and a few retries or
+/// other flows to the same address.
+pub const PER_ADDRESS: usize = 8;
+/// Addresses with packets kept.
+pub const ADDRESSES: usize = 256;
+/// How long a packet waits for its address (Oakestra's blocking table
+/// query gives up after 5 s).
+pub const KEPT: Duration = Duration::from_secs(5);
+
+struct Packet {
+    ifindex: u32,
+    frame: Vec<u8>,
+    at: Instant,
+}
+
+/// The packets waiting, by the service IP they were sent to.
+#[derive(Default)]
+pub struct HeldPackets {
+    by_address: BTreeMap<IpAddr, VecDeque<Packet>>,
+    /// Kept, sent again, and given up (no room, or never named in time).
+    pub kept: u64,
+    pub sent: u64,
+    pub dropped: u64,
+}
+
+impl HeldPackets {
+    /// Keeps `frame`, which came in on host-side veth `ifindex`.
+    pub fn keep(&mut self, ifindex: u32, frame: &[u8], now: Instant) {
+        self.expire(now);
+        let Some(to) = destination(frame) else {
+            self.dropped += 1;
+            return;
+        };
+        if !self.by_address.contains_key(&to) && self.by_address.len() >= ADDRESSES {
+            self.dropped += 1;
+            return;
+        }
+        let queue = self.by_address.entry(to).or_default();
+        if queue.len() >= PER_ADDRESS {
+            self.dropped += 1;
+            return;
+        }
+        queue.push_back(Packet {
+            ifindex,
+            frame: frame.to_vec(),
+            at: now,
+        });
+        self.kept += 1;
+    }
+
+    /// The packets for `addresses`, in the order they came, by veth.
+    pub fn take(&mut self, addresses: &[IpAddr], now: Instant) -> BTreeMap<u32, Vec<Vec<u8>>> {
+        self.expire(now);
+        let mut out: BTreeMap<u32, Vec<Vec<u8>>> = BTreeMap::new();
+        for a in addresses {
+            for p in self.by_address.remove(a).into_iter().flatten() {
+                out.entry(p.ifindex).or_default().push(p.frame);
+            }
+        }
+        out
+    }
+
+    /// Packets waiting.
+    pub fn waiting(&self) -> usize {
+        self.by_address.values().map(VecDeque::len).sum()
+    }
+
+    /// Addresses with packets waiting.
+    pub fn addresses(&self) -> Vec<IpAddr> {
+        self.by_address.keys().copied().collect()
+    }
+
+    /// Gives up the packets that waited [`KEPT`].
+    pub fn expire(&mut self, now: Instant) {
+        let mut dropped = 0;
+        self.by_address.retain(|_, queue| {
+            let before = queue.len();
+            queue.retain(|p| now.duration_since(p.at) < KEPT);
+            dropped += (before - queue.len()) as u64;
+            !queue.is_empty()
+        });
+        self.dropped += dropped;
+    }
+}
+
+const ETH_HEADER: usize = 14;
+
+/// The destination address of an Ethernet frame carrying IPv4 or IPv6.
+pub fn destination(frame: &[u8]) -> Option<IpAddr> {
+    let ip = frame.get(ETH_HEADER..)?;
+    match u16::from_be_bytes([frame[12], frame[13]]) {
+        0x0800 => {
+            let d: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
+            Some(Ipv4Addr::from(d).into())
+        }
+        0x86dd => {
+            let d: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
+            Some(Ipv6Addr::from(d).into())
+        }
+        _ => None,
+    }
+}
+
+/// Completes the TCP, UDP, ICMP or ICMPv6 checksum of an unfragmented
+/// packet: a container's kernel leaves it unfinished for the veth to
+/// offload, and a frame sent again from a packet socket is taken as is.
+/// Anything else (fragments, extension headers) is left alone.
+pub fn finish_checksum(frame: &mut [u8]) {
+    let Some(proto) = frame.get(12..14) else {
+        return;
+    };
+    match u16::from_be_bytes([proto[0], proto[1]]) {
+        0x0800 => finish_v4(frame),
+        0x86dd => finish_v6(frame),
+        _ => {}
+    }
+}
+
+fn finish_v4(frame: &mut [u8]) {
+    let Some(ip) = frame.get(ETH_HEADER..) else {
+        return;
+    };
+    if ip.len() < 20 {
+        return;
+    }
+    let header = usize::from(ip[0] & 0x0f) * 4;
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let fragmented = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0;
+    if header < 20 || total < header || total > ip.len() || fragmented {
+        return;
+    }
+    let (protocol, src, dst) = (
+        ip[9],
+        [ip[12], ip[13], ip[14], ip[15]],
+        [ip[16], ip[17], ip[18], ip[19]],
+    );
+    let l4 = ETH_HEADER + header..ETH_HEADER + total;
+    let length = total - header;
+    let (at, pseudo) = match protocol {
+        6 => (16, true),
+        17 => (6, true),
+        1 => (2, false),
+        _ => return,
+    };
+    if length < at + 2 {
+        return;
+    }
+    let segment = &mut frame[l4];
+    // A UDP datagram sent without a checksum keeps none.
+    if protocol == 17 && segment[6] == 0 && segment[7] == 0 {
+        return;
+    }
+    segment[at] = 0;
+    segment[at + 1] = 0;
+    let mut sum = if pseudo {
+        add(0, &src) + add(0, &dst) + u64::from(protocol) + length as u64
+    } else {
+        0
+    };
+    sum = add(sum, segment);
+    let mut checksum = fold(sum);
+    if protocol == 17 && checksum == 0 {
+        checksum = 0xffff;
+    }
+    segment[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
+}
+
+fn finish_v6(frame: &mut [u8]) {
+    let Some(ip) = frame.get(ETH_HEADER..) else {
+        return;
+    };
+    if ip.len() < 40 {
+        return;
+    }
+    let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    let next = ip[6];
+    if 40 + payload > ip.len() {
+        return;
+    }
+    let mut pseudo = add(0, &ip[8..40]);
+    let at = match next {
+        6 => 16,
+        17 => 6,
+        58 => 2,
+        _ => return,
+    };
+    if payload < at + 2 {
+        return;
+    }
+    pseudo += u64::from(next) + payload as u64;
+    let segment = &mut frame[ETH_HEADER + 40..ETH_HEADER + 40 + payload];
+    segment[at] = 0;
+    segment[at + 1] = 0;
+    let mut checksum = fold(add(pseudo, segment));
+    if next == 17 && checksum == 0 {
+        checksum = 0xffff;
+    }
+    segment[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
+}
+
+/// Adds `bytes` as big-endian 16-bit words (a last odd byte padded).
+fn add(mut sum: u64, bytes: &[u8]) -> u64 {
+    let mut words = bytes.chunks_exact(2);
+    for w in &mut words {
+        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = words.remainder() {
+        sum += u64::from(u16::from_be_bytes([*last, 0]));
+    }
+    sum
+}
+
+/// The one's complement of the folded sum.
+fn fold(mut sum: u64) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// Sends `frames` out of interface `ifname` of namespace `netns` (a
+/// container's own end of its veth), checksums completed. Returns how
+/// many were sent.
+pub fn send_from(netns: &File, ifname: &str, frames: Vec<Vec<u8>>) -> std::io::Result<usize> {
+    let ifname = ifname.to_string();
+    crate::net::netns::run_in(netns, move || {
+        let index = crate::net::link::index(&ifname).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no interface {ifname:?} in the container's namespace"),
+            )
+        })?;
+        let socket = packet_socket()?;
+        let mut sent = 0;
+        for mut frame in frames {
+            finish_checksum(&mut frame);
+            // SAFETY: a zeroed sockaddr_ll naming the interface; the frame is
+            // a live buffer of its length.
+            let rc = unsafe {
+                let mut to: libc::sockaddr_ll = std::mem::zeroed();
+                to.sll_family = libc::AF_PACKET as u16;
+                to.sll_ifindex = index as i32;
+                to.sll_halen = 6;
+                to.sll_addr[..6].copy_from_slice(&frame[..6.min(frame.len())]);
+                libc::sendto(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&to as *const libc::sockaddr_ll).cast(),
+                    std::mem::size_of::<libc::sockaddr_ll>() as u32,
+                )
+            };
+            if rc >= 0 {
+                sent += 1;
+            }
+        }
+        Ok(sent)
+    })?
+}
+
+/// An AF_PACKET socket that only sends (protocol 0 receives nothing).
+fn packet_socket() -> std::io::Result<OwnedFd> {
+    // SAFETY: a plain socket call; the descriptor is owned at once.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn udp4(payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 14 + 20 + 8];
+        f[12..14].copy_from_slice(&[0x08, 0x00]);
+        let total = (20 + 8 + payload.len()) as u16;
+        f[14] = 0x45;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f[14 + 8] = 64;
+        f[14 + 9] = 17;
+        f[14 + 12..14 + 16].copy_from_slice(&[192, 0, 2, 1]);
+        f[14 + 16..14 + 20].copy_from_slice(&[198, 51, 100, 7]);
+        f[34..36].copy_from_slice(&4000u16.to_be_bytes());
+        f[36..38].copy_from_slice(&53u16.to_be_bytes());
+        f[38..40].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// The sum over pseudo-header and segment of a correct checksum is 0xffff.
+    fn verifies_v4(f: &[u8]) -> bool {
+        let ip = &f[14..];
+        let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+        let sum = add(0, &ip[12..20]) + 17 + (total - 20) as u64;
+        fold(add(sum, &ip[20..total])) == 0
+    }
+
+    #[test]
+    fn an_unfinished_udp_checksum_is_completed_and_a_missing_one_stays_missing() {
+        let mut f = udp4(b"hello");
+        // What a container leaves for offload: the pseudo-header sum only.
+        f[40..42].copy_from_slice(&[0x12, 0x34]);
+        finish_checksum(&mut f);
+        assert!(verifies_v4(&f), "{:02x?}", &f[40..42]);
+        let mut none = udp4(b"hello");
+        finish_checksum(&mut none);
+        assert_eq!(&none[40..42], &[0, 0]);
+    }
+
+    #[test]
+    fn a_later_fragment_is_left_alone() {
+        let mut f = udp4(b"hello");
+        f[40..42].copy_from_slice(&[0x12, 0x34]);
+        f[14 + 6..14 + 8].copy_from_slice(&0x2000u16.to_be_bytes());
+        let before = f.clone();
+        finish_checksum(&mut f);
+        assert_eq!(f, before);
+    }
+
+    #[test]
+    fn packets_are_kept_per_address_within_bounds_and_expire() {
+        let mut held = HeldPackets::default();
+        let t0 = Instant::now();
+        let f = udp4(b"x");
+        for _ in 0..PER_ADDRESS + 2 {
+            held.keep(7, &f, t0);
+        }
+        assert_eq!((held.kept, held.dropped), (PER_ADDRESS as u64, 2));
+        let to: IpAddr = Ipv4Addr::new(198, 51, 100, 7).into();
+        assert_eq!(held.addresses(), [to]);
+        let taken = held.take(&[to], t0);
+        assert_eq!(taken[&7].len(), PER_ADDRESS);
+        assert!(held.addresses().is_empty());
+        held.keep(7, &f, t0);
+        assert!(held.take(&[to], t0 + KEPT).is_empty());
+        assert_eq!(held.dropped, 3);
+    }
+}
