@@ -50,6 +50,11 @@ pub const HELD_RING_BYTES: u32 = 4096 * 64;
 /// Packets held per second, all addresses together (`tm_ov_asks` slot 1):
 /// a container sending to many unknown addresses costs the daemon little.
 pub const HOLDS_PER_SECOND: u64 = 256;
+/// Packets held per second for one address (`tm_ov_hold_addrs`): one
+/// sender streaming to an unknown address leaves the budget to the others.
+pub const HOLDS_PER_ADDRESS: u64 = 8;
+/// Addresses whose holds are counted this second.
+pub const HOLD_ADDRESSES: u32 = 1024;
 
 /// [`Service::policy`]: a new flow takes the next slot, in turn.
 pub const POLICY_ROUND_ROBIN: u8 = 1;
@@ -398,6 +403,9 @@ pub struct Miss {
 #[repr(C)]
 #[derive(Copy, Clone, Debug)]
 pub struct Held {
+    /// `CLOCK_MONOTONIC` when held, in nanoseconds: a frame that waited in
+    /// the ring (the daemon away) is not sent again after its time.
+    pub ts_ns: u64,
     /// The host-side veth it came in on.
     pub ifindex: u32,
     /// How many bytes of `data` are the frame.
@@ -415,7 +423,7 @@ crate::assert_layout!(LocalSlot, size = 32, align = 4);
 crate::assert_layout!(OwnerSlot, size = 12, align = 4);
 crate::assert_layout!(OwnerSlot6, size = 24, align = 4);
 crate::assert_layout!(Miss, size = 12, align = 4);
-crate::assert_layout!(Held, size = 8 + HELD_BYTES as usize, align = 4);
+crate::assert_layout!(Held, size = 16 + HELD_BYTES as usize, align = 8);
 crate::assert_layout!(OverlayConfig6, size = 52, align = 4);
 crate::assert_layout!(Instance6, size = 32, align = 4);
 crate::assert_layout!(Local6, size = 32, align = 4);

@@ -224,6 +224,11 @@ pub static tm_ov_misses: RingBuf<Miss, { ov::MISS_RING_BYTES as usize }> = RingB
 /// Packets to unknown service IPs, for the daemon to send again once known.
 #[btf_map]
 pub static tm_ov_held: RingBuf<ov::Held, { ov::HELD_RING_BYTES as usize }> = RingBuf::new();
+/// Service IP (IPv4 as `::ffff:a.b.c.d`) → packets held for it this
+/// second: `second << 16 | count`.
+#[btf_map]
+pub static tm_ov_hold_addrs: LruHashMap<ov::Addr6, u64, { ov::HOLD_ADDRESSES as usize }> =
+    LruHashMap::new();
 // The same for IPv6 service IPs (ids, slots, RR turns, instances' kind and
 // generation, counters and the tunnel are shared with IPv4).
 #[btf_map]

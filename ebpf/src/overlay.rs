@@ -19,7 +19,7 @@ use aya_ebpf::{
 use tapmesh_common::{
     overlay::{
         local_slot, owner_slot, ConntrackKey, ConntrackValue, FragmentKey, Instance, Local, LocalSlot, Miss,
-        HELD_BYTES, HOLDS_PER_SECOND, MISS_FROM_STRANGER, STRANGER_ASKS_PER_SECOND,
+        HELD_BYTES, HOLDS_PER_ADDRESS, HOLDS_PER_SECOND, MISS_FROM_STRANGER, STRANGER_ASKS_PER_SECOND,
         OverlayConfig, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE,
         INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_EMPTY, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
         OWNER_SLOT_ONE, OWNER_SLOT_SEEN, OWNER_SLOT_SHARED, OWNER_SLOT_STATE,
@@ -388,9 +388,15 @@ pub fn hold_unknown(ctx: &TcContext, packed: crate::tc::Packed) -> crate::tc::Pa
     if !packed.is(DropReason::UnknownService) {
         return packed;
     }
+    let skb = ctx.skb.skb;
     let len = ctx.len();
-    // Bounds the verifier can see: 1..=HELD_BYTES.
-    if len == 0 || len > HELD_BYTES || !within_budget(1, HOLDS_PER_SECOND) {
+    // Bounds the verifier can see: 1..=HELD_BYTES. A GSO packet would go
+    // out again as one datagram.
+    // SAFETY: a field of the program's own __sk_buff.
+    if len == 0 || len > HELD_BYTES || unsafe { (*skb).gso_size } != 0 {
+        return packed;
+    }
+    if !address_may_hold(ctx) || !within_budget(1, HOLDS_PER_SECOND) {
         return packed;
     }
     let Some(mut entry) = tm_ov_held.reserve(0) else {
@@ -400,7 +406,8 @@ pub fn hold_unknown(ctx: &TcContext, packed: crate::tc::Packed) -> crate::tc::Pa
     // SAFETY: `held` is the reserved record, HELD_BYTES of data; `ctx.skb`
     // is the program's own packet.
     let read = unsafe {
-        (*held).ifindex = (*ctx.skb.skb).ifindex;
+        (*held).ts_ns = bpf_ktime_get_ns();
+        (*held).ifindex = (*skb).ifindex;
         (*held).len = len;
         bpf_skb_load_bytes(
             ctx.skb.skb as *const _,
@@ -415,6 +422,49 @@ pub fn hold_unknown(ctx: &TcContext, packed: crate::tc::Packed) -> crate::tc::Pa
     }
     entry.submit(0);
     crate::tc::Packed::from(Err(DropReason::HeldForQuery))
+}
+
+/// Counts a hold against the packet's destination (`tm_ov_hold_addrs`):
+/// whether fewer than [`HOLDS_PER_ADDRESS`] were held for it this second.
+#[inline(always)]
+fn address_may_hold(ctx: &TcContext) -> bool {
+    let mut key = [0u8; 16];
+    // SAFETY: a field of the program's own __sk_buff; the loads write
+    // within `key`.
+    let loaded = unsafe {
+        let skb = ctx.skb.skb;
+        match u16::from_be((*skb).protocol as u16) {
+            ETH_P_IP => {
+                key[10] = 0xff;
+                key[11] = 0xff;
+                bpf_skb_load_bytes(skb as *const _, 14 + 16, key.as_mut_ptr().add(12) as *mut _, 4)
+            }
+            ETH_P_IPV6 => bpf_skb_load_bytes(skb as *const _, 14 + 24, key.as_mut_ptr() as *mut _, 16),
+            _ => -1,
+        }
+    };
+    if loaded != 0 {
+        return false;
+    }
+    // SAFETY: a plain helper call.
+    let second = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
+    match tm_ov_hold_addrs.get_ptr_mut(&key) {
+        // SAFETY: the value is this map's; racing CPUs may hold a few more.
+        Some(slot) => unsafe {
+            let value = core::ptr::read_volatile(slot);
+            let (at, count) = (value >> 16, value & 0xffff);
+            if at != second {
+                core::ptr::write_volatile(slot, second << 16 | 1);
+                true
+            } else if count < HOLDS_PER_ADDRESS {
+                core::ptr::write_volatile(slot, value + 1);
+                true
+            } else {
+                false
+            }
+        },
+        None => tm_ov_hold_addrs.insert(&key, &(second << 16 | 1), 0).is_ok(),
+    }
 }
 
 /// Sends the kernel one notice per unknown service IP in `tm_ov_pending`.

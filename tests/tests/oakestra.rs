@@ -212,8 +212,8 @@ fn node_engine_calls_and_the_cluster_over_mqtt_give_rr_and_undeploy_reaches_othe
     });
     assert!(ok, "node 1's services: {:?}", status_services(&n1));
 
-    // Node 3 knows nothing of RR: the first packet is a miss, the daemon
-    // asks the cluster by service IP, and the next packets flow. Nodes 1
+    // Node 3 knows nothing of RR: the first packet is a miss (held), the
+    // daemon asks the cluster by service IP, and the packets flow. Nodes 1
     // and 2 know nothing of node 3 either: its first packet to each is
     // dropped, and they ask the cluster about its source, the client's
     // instance IP, which places it on node 3.

@@ -300,6 +300,18 @@ impl DataplaneHandle {
             .unwrap_or_default()
     }
 
+    /// Whether the next hops of all `nodes` are known (resolved by the
+    /// follower and given with [`DataplaneHandle::set_hops`]).
+    pub async fn overlay_hops_known(
+        &self,
+        nodes: &std::collections::BTreeSet<std::net::Ipv4Addr>,
+    ) -> bool {
+        let guard = self.running.lock().await;
+        guard
+            .as_ref()
+            .is_some_and(|r| nodes.iter().all(|n| r.overlay.has_hop(n)))
+    }
+
     /// Raised when [`DataplaneHandle::overlay_remote_nodes`] changed.
     pub fn overlay_nodes_changed(&self) -> Arc<tokio::sync::Notify> {
         self.overlay_nodes.clone()
@@ -968,6 +980,7 @@ mod tests {
             n::OV_PENDING,
             n::OV_MISSES,
             n::OV_HELD,
+            n::OV_HOLD_ADDRS,
             n::OV_SERVICE_STATS,
             n::OV_INSTANCE_STATS,
         ] {

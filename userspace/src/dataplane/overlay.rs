@@ -605,6 +605,11 @@ impl OverlayWriter {
         &self.peers
     }
 
+    /// Whether the next hop of `node` is known.
+    pub fn has_hop(&self, node: &std::net::Ipv4Addr) -> bool {
+        self.hops.contains_key(node)
+    }
+
     /// Replaces the known next hops and rewrites the remote instances whose
     /// hop changed, in place (same generation: their flows stay bound).
     /// Each entry is one map write: a packet reading it meanwhile may see

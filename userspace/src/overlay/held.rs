@@ -6,7 +6,7 @@
 //! handshake does not wait a second for its retry). Bounded: a few per
 //! address, for as long as a query may take.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fs::File;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -31,6 +31,9 @@ struct Packet {
 #[derive(Default)]
 pub struct HeldPackets {
     by_address: BTreeMap<IpAddr, VecDeque<Packet>>,
+    /// The service IPs the tables named at their last write: a packet for
+    /// one of them that reaches the daemon only now goes on at once.
+    named: BTreeSet<IpAddr>,
     /// Kept, sent again, and given up (no room, or never named in time).
     pub kept: u64,
     pub sent: u64,
@@ -38,28 +41,46 @@ pub struct HeldPackets {
 }
 
 impl HeldPackets {
-    /// Keeps `frame`, which came in on host-side veth `ifindex`.
-    pub fn keep(&mut self, ifindex: u32, frame: &[u8], now: Instant) {
+    /// Keeps `frame`, held at `at`, which came in on host-side veth
+    /// `ifindex`. Returns its address when the tables name it already (the
+    /// caller sends it on).
+    pub fn keep(
+        &mut self,
+        ifindex: u32,
+        frame: &[u8],
+        at: Instant,
+        now: Instant,
+    ) -> Option<IpAddr> {
         self.expire(now);
         let Some(to) = destination(frame) else {
             self.dropped += 1;
-            return;
+            return None;
         };
+        if now.duration_since(at) >= KEPT {
+            self.dropped += 1;
+            return None;
+        }
         if !self.by_address.contains_key(&to) && self.by_address.len() >= ADDRESSES {
             self.dropped += 1;
-            return;
+            return None;
         }
         let queue = self.by_address.entry(to).or_default();
         if queue.len() >= PER_ADDRESS {
             self.dropped += 1;
-            return;
+            return None;
         }
         queue.push_back(Packet {
             ifindex,
             frame: frame.to_vec(),
-            at: now,
+            at,
         });
         self.kept += 1;
+        self.named.contains(&to).then_some(to)
+    }
+
+    /// What the tables name now.
+    pub fn set_named(&mut self, named: BTreeSet<IpAddr>) {
+        self.named = named;
     }
 
     /// The packets for `addresses`, in the order they came, by veth.
@@ -232,6 +253,17 @@ fn fold(mut sum: u64) -> u16 {
     !(sum as u16)
 }
 
+/// `CLOCK_MONOTONIC` in nanoseconds, the kernel's `bpf_ktime_get_ns`.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: writes the given timespec only.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
+}
+
 /// Sends `frames` out of interface `ifname` of namespace `netns` (a
 /// container's own end of its veth), checksums completed. Returns how
 /// many were sent.
@@ -247,15 +279,19 @@ pub fn send_from(netns: &File, ifname: &str, frames: Vec<Vec<u8>>) -> std::io::R
         let socket = packet_socket()?;
         let mut sent = 0;
         for mut frame in frames {
+            if frame.len() < ETH_HEADER {
+                continue;
+            }
             finish_checksum(&mut frame);
             // SAFETY: a zeroed sockaddr_ll naming the interface; the frame is
             // a live buffer of its length.
             let rc = unsafe {
                 let mut to: libc::sockaddr_ll = std::mem::zeroed();
                 to.sll_family = libc::AF_PACKET as u16;
+                to.sll_protocol = u16::from_ne_bytes([frame[12], frame[13]]);
                 to.sll_ifindex = index as i32;
                 to.sll_halen = 6;
-                to.sll_addr[..6].copy_from_slice(&frame[..6.min(frame.len())]);
+                to.sll_addr[..6].copy_from_slice(&frame[..6]);
                 libc::sendto(
                     std::os::fd::AsRawFd::as_raw_fd(&socket),
                     frame.as_ptr().cast(),
@@ -341,7 +377,7 @@ mod tests {
         let t0 = Instant::now();
         let f = udp4(b"x");
         for _ in 0..PER_ADDRESS + 2 {
-            held.keep(7, &f, t0);
+            assert_eq!(held.keep(7, &f, t0, t0), None);
         }
         assert_eq!((held.kept, held.dropped), (PER_ADDRESS as u64, 2));
         let to: IpAddr = Ipv4Addr::new(198, 51, 100, 7).into();
@@ -349,8 +385,15 @@ mod tests {
         let taken = held.take(&[to], t0);
         assert_eq!(taken[&7].len(), PER_ADDRESS);
         assert!(held.addresses().is_empty());
-        held.keep(7, &f, t0);
+        held.keep(7, &f, t0, t0);
         assert!(held.take(&[to], t0 + KEPT).is_empty());
         assert_eq!(held.dropped, 3);
+        // One that waited its time in the ring is not kept; one for an
+        // address named meanwhile is handed back at once.
+        assert_eq!(held.keep(7, &f, t0, t0 + KEPT), None);
+        assert_eq!(held.dropped, 4);
+        held.set_named([to].into());
+        assert_eq!(held.keep(7, &f, t0 + KEPT, t0 + KEPT), Some(to));
+        assert_eq!(held.take(&[to], t0 + KEPT)[&7].len(), 1);
     }
 }

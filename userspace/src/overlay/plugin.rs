@@ -307,21 +307,31 @@ async fn read_held(
                 }
             },
         };
+        let mut records = Vec::new();
         while let Some(item) = guard.get_inner_mut().next() {
-            // `Held`: the veth's index, the frame's length, the frame.
-            let word = |at: usize| {
-                item.get(at..at + 4)
+            // `Held`: when, the veth's index, the frame's length, the frame.
+            let bytes = |at: usize, n: usize| item.get(at..at + n);
+            let ts = bytes(0, 8)
+                .and_then(|b| b.try_into().ok())
+                .map(u64::from_ne_bytes);
+            let word = |at| {
+                bytes(at, 4)
                     .and_then(|b| b.try_into().ok())
                     .map(u32::from_ne_bytes)
             };
-            let (Some(ifindex), Some(len)) = (word(0), word(4)) else {
+            let (Some(ts), Some(ifindex), Some(len)) = (ts, word(8), word(12)) else {
                 continue;
             };
-            if let Some(frame) = item.get(8..8 + len as usize) {
-                manager.hold(ifindex, frame);
+            if let Some(frame) = bytes(16, len as usize) {
+                records.push((ts, ifindex, frame.to_vec()));
             }
         }
         guard.clear_ready();
+        let now = crate::overlay::held::monotonic_ns();
+        for (ts, ifindex, frame) in records {
+            let age = Duration::from_nanos(now.saturating_sub(ts));
+            manager.hold(ifindex, &frame, age).await;
+        }
     }
 }
 

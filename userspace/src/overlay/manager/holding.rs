@@ -1,20 +1,35 @@
 //! Packets held for unknown service IPs (`overlay::held`): kept as the
 //! kernel hands them over, sent again once the tables name their address.
 
-use std::net::IpAddr;
-use std::time::Instant;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::{Duration, Instant};
 
 use super::views::HeldView;
 use super::{NetManager, State};
+use crate::net::netns::NetnsId;
 use crate::overlay::model::Placement;
 
+/// How long a release waits for the next hop of a node the same table
+/// write brought (its neighbour entry is being resolved): sent before,
+/// the packet would drop as `no_neighbour`.
+const HOP_WAIT: Duration = Duration::from_secs(1);
+
 impl NetManager {
-    /// Keeps a packet the kernel held (it came in on host-side veth `ifindex`).
-    pub fn hold(&self, ifindex: u32, frame: &[u8]) {
-        self.held
-            .lock()
-            .expect("lock")
-            .keep(ifindex, frame, Instant::now());
+    /// Keeps a packet the kernel held `age` ago (it came in on host-side
+    /// veth `ifindex`); sends it on at once if its address is named by now.
+    pub async fn hold(&self, ifindex: u32, frame: &[u8], age: Duration) {
+        let now = Instant::now();
+        let at = now.checked_sub(age).unwrap_or(now);
+        let ready = {
+            let mut held = self.held.lock().expect("lock");
+            held.keep(ifindex, frame, at, now)
+                .map(|to| held.take(&[to], now))
+        };
+        if let Some(by_veth) = ready {
+            let state = self.state.lock().await;
+            self.send_held(&state, by_veth, BTreeSet::new());
+        }
     }
 
     pub(super) fn held_view(&self) -> HeldView {
@@ -28,51 +43,90 @@ impl NetManager {
         }
     }
 
-    /// Sends again, from each container's side of its veth, the packets
-    /// held for addresses `known` now says the tables name. A packet whose
-    /// container is gone is dropped.
-    pub(super) fn release_held(&self, state: &State, known: impl Fn(&IpAddr) -> bool) {
+    /// After a table write naming `named`: the packets held for those
+    /// addresses go on (after the next hops of `new_nodes` are known).
+    pub(super) fn tables_written(
+        &self,
+        state: &State,
+        named: BTreeSet<IpAddr>,
+        new_nodes: BTreeSet<Ipv4Addr>,
+    ) {
         let by_veth = {
             let mut held = self.held.lock().expect("lock");
-            let ready: Vec<IpAddr> = held.addresses().into_iter().filter(|a| known(a)).collect();
+            let ready: Vec<IpAddr> = held
+                .addresses()
+                .into_iter()
+                .filter(|a| named.contains(a))
+                .collect();
+            held.set_named(named);
             if ready.is_empty() {
                 return;
             }
             held.take(&ready, Instant::now())
         };
-        let mut sends = Vec::new();
+        self.send_held(state, by_veth, new_nodes);
+    }
+
+    /// Sends each veth's packets from its container's side. A packet whose
+    /// container is gone (or whose namespace path now names another
+    /// namespace) is dropped.
+    fn send_held(
+        &self,
+        state: &State,
+        by_veth: BTreeMap<u32, Vec<Vec<u8>>>,
+        wait_for: BTreeSet<Ipv4Addr>,
+    ) {
+        let mut sends: Vec<(String, Option<NetnsId>, Vec<Vec<u8>>)> = Vec::new();
         let mut lost = 0;
         for (ifindex, frames) in by_veth {
             let container = state.local.values().find(|d| {
                 matches!(d.record.placement, Placement::Local { host_ifindex, .. } if host_ifindex == ifindex)
             });
             match container {
-                Some(d) => sends.push((d.netns.clone(), frames)),
+                Some(d) => sends.push((d.netns.clone(), d.netns_id, frames)),
                 None => lost += frames.len() as u64,
             }
         }
         self.held.lock().expect("lock").dropped += lost;
+        if sends.is_empty() {
+            return;
+        }
         let ifname = self.settings.container_ifname.clone();
         let held = self.held.clone();
-        tokio::task::spawn_blocking(move || {
-            for (netns, frames) in sends {
-                let count = frames.len() as u64;
-                let sent = std::fs::File::open(&netns)
-                    .and_then(|file| crate::overlay::held::send_from(&file, &ifname, frames));
-                let mut held = held.lock().expect("lock");
-                match sent {
-                    Ok(n) => {
-                        held.sent += n as u64;
-                        held.dropped += count - n as u64;
-                    }
-                    Err(e) => {
-                        held.dropped += count;
-                        tracing::warn!(
-                            "netmanager: sending {count} held packets again in {netns}: {e}"
-                        );
+        let dataplane = self.dataplane.clone();
+        tokio::spawn(async move {
+            let deadline = Instant::now() + HOP_WAIT;
+            while !wait_for.is_empty() && Instant::now() < deadline {
+                if dataplane.overlay_hops_known(&wait_for).await {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let _ = tokio::task::spawn_blocking(move || {
+                for (netns, id, frames) in sends {
+                    let count = frames.len() as u64;
+                    let sent = std::fs::File::open(&netns).and_then(|file| {
+                        if id.is_some_and(|id| NetnsId::of_namespace(&file).ok() != Some(id)) {
+                            return Err(std::io::Error::other("it names another namespace now"));
+                        }
+                        crate::overlay::held::send_from(&file, &ifname, frames)
+                    });
+                    let mut held = held.lock().expect("lock");
+                    match sent {
+                        Ok(n) => {
+                            held.sent += n as u64;
+                            held.dropped += count - n as u64;
+                        }
+                        Err(e) => {
+                            held.dropped += count;
+                            tracing::warn!(
+                                "netmanager: sending {count} held packets again in {netns}: {e}"
+                            );
+                        }
                     }
                 }
-            }
+            })
+            .await;
         });
     }
 }

@@ -395,6 +395,7 @@ impl NetManager {
             .filter(|node| !written.contains(node))
             .collect();
         if !nodes.is_empty() {
+            let nodes = nodes.clone();
             let _ = tokio::task::spawn_blocking(move || keep_neighbours(&nodes)).await;
         }
         self.dataplane.apply_overlay(&tables).await?;
@@ -412,10 +413,10 @@ impl NetManager {
             state.unresolved.remove(&addr);
             self.dataplane.clear_overlay_pending(addr).await;
         }
-        self.release_held(state, |a| match a {
-            std::net::IpAddr::V4(v4) => tables.services.contains_key(v4),
-            std::net::IpAddr::V6(v6) => tables.services6.contains_key(v6),
-        });
+        let named = (tables.services.keys().map(|&a| a.into()))
+            .chain(tables.services6.keys().map(|&a| a.into()))
+            .collect();
+        self.tables_written(state, named, nodes);
         Ok(())
     }
 
