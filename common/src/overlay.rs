@@ -53,7 +53,10 @@ pub const HOLDS_PER_SECOND: u64 = 256;
 /// Packets held per second for one address (`tm_ov_hold_addrs`): one
 /// sender streaming to an unknown address leaves the budget to the others.
 pub const HOLDS_PER_ADDRESS: u64 = 8;
-/// Addresses whose holds are counted this second.
+/// Packets held per second from one container (`tm_ov_hold_veths`): one
+/// sending to many unknown addresses leaves the budget to the others.
+pub const HOLDS_PER_VETH: u64 = 32;
+/// Addresses, and veths, whose holds are counted this second.
 pub const HOLD_ADDRESSES: u32 = 1024;
 
 /// [`Service::policy`]: a new flow takes the next slot, in turn.

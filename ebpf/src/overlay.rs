@@ -19,7 +19,7 @@ use aya_ebpf::{
 use tapmesh_common::{
     overlay::{
         local_slot, owner_slot, ConntrackKey, ConntrackValue, FragmentKey, Instance, Local, LocalSlot, Miss,
-        HELD_BYTES, HOLDS_PER_ADDRESS, HOLDS_PER_SECOND, MISS_FROM_STRANGER, STRANGER_ASKS_PER_SECOND,
+        HELD_BYTES, HOLDS_PER_ADDRESS, HOLDS_PER_SECOND, HOLDS_PER_VETH, MISS_FROM_STRANGER, STRANGER_ASKS_PER_SECOND,
         OverlayConfig, Service, CONFIG_SERVICES_OUTSIDE_PREFIX, CT_FORWARD, CT_REVERSE,
         INSTANCE_LOCAL, INSTANCE_REMOTE, LOCAL_SLOT_EMPTY, LOCAL_SLOT_ONE, LOCAL_SLOT_SHARED,
         OWNER_SLOT_ONE, OWNER_SLOT_SEEN, OWNER_SLOT_SHARED, OWNER_SLOT_STATE,
@@ -396,7 +396,7 @@ pub fn hold_unknown(ctx: &TcContext, packed: crate::tc::Packed) -> crate::tc::Pa
     if len == 0 || len > HELD_BYTES || unsafe { (*skb).gso_size } != 0 {
         return packed;
     }
-    if !address_may_hold(ctx) || !within_budget(1, HOLDS_PER_SECOND) {
+    if !may_hold(ctx) || !within_budget(1, HOLDS_PER_SECOND) {
         return packed;
     }
     let Some(mut entry) = tm_ov_held.reserve(0) else {
@@ -424,16 +424,18 @@ pub fn hold_unknown(ctx: &TcContext, packed: crate::tc::Packed) -> crate::tc::Pa
     crate::tc::Packed::from(Err(DropReason::HeldForQuery))
 }
 
-/// Counts a hold against the packet's destination (`tm_ov_hold_addrs`):
-/// whether fewer than [`HOLDS_PER_ADDRESS`] were held for it this second.
+/// Counts a hold against the packet's destination (`tm_ov_hold_addrs`)
+/// and its veth (`tm_ov_hold_veths`): whether fewer than
+/// [`HOLDS_PER_ADDRESS`] and [`HOLDS_PER_VETH`] were held for them this
+/// second.
 #[inline(always)]
-fn address_may_hold(ctx: &TcContext) -> bool {
+fn may_hold(ctx: &TcContext) -> bool {
     let mut key = [0u8; 16];
     // SAFETY: a field of the program's own __sk_buff; the loads write
     // within `key`.
-    let loaded = unsafe {
+    let (loaded, ifindex) = unsafe {
         let skb = ctx.skb.skb;
-        match u16::from_be((*skb).protocol as u16) {
+        let loaded = match u16::from_be((*skb).protocol as u16) {
             ETH_P_IP => {
                 key[10] = 0xff;
                 key[11] = 0xff;
@@ -441,29 +443,39 @@ fn address_may_hold(ctx: &TcContext) -> bool {
             }
             ETH_P_IPV6 => bpf_skb_load_bytes(skb as *const _, 14 + 24, key.as_mut_ptr() as *mut _, 16),
             _ => -1,
-        }
+        };
+        (loaded, (*skb).ifindex)
     };
     if loaded != 0 {
         return false;
     }
     // SAFETY: a plain helper call.
     let second = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
-    match tm_ov_hold_addrs.get_ptr_mut(&key) {
-        // SAFETY: the value is this map's; racing CPUs may hold a few more.
-        Some(slot) => unsafe {
-            let value = core::ptr::read_volatile(slot);
-            let (at, count) = (value >> 16, value & 0xffff);
-            if at != second {
-                core::ptr::write_volatile(slot, second << 16 | 1);
-                true
-            } else if count < HOLDS_PER_ADDRESS {
-                core::ptr::write_volatile(slot, value + 1);
-                true
-            } else {
-                false
-            }
-        },
-        None => tm_ov_hold_addrs.insert(&key, &(second << 16 | 1), 0).is_ok(),
+    count_second(tm_ov_hold_veths.get_ptr_mut(&ifindex), second, HOLDS_PER_VETH)
+        .unwrap_or_else(|| tm_ov_hold_veths.insert(&ifindex, &(second << 16 | 1), 0).is_ok())
+        && count_second(tm_ov_hold_addrs.get_ptr_mut(&key), second, HOLDS_PER_ADDRESS)
+            .unwrap_or_else(|| tm_ov_hold_addrs.insert(&key, &(second << 16 | 1), 0).is_ok())
+}
+
+/// Counts one in `second << 16 | count` at `slot` (None: no entry yet):
+/// whether fewer than `limit` were counted this second. Racing CPUs may
+/// count a few more.
+#[inline(always)]
+fn count_second(slot: Option<*mut u64>, second: u64, limit: u64) -> Option<bool> {
+    let slot = slot?;
+    // SAFETY: a map value of this program's.
+    unsafe {
+        let value = core::ptr::read_volatile(slot);
+        let (at, count) = (value >> 16, value & 0xffff);
+        Some(if at != second {
+            core::ptr::write_volatile(slot, second << 16 | 1);
+            true
+        } else if count < limit {
+            core::ptr::write_volatile(slot, value + 1);
+            true
+        } else {
+            false
+        })
     }
 }
 

@@ -981,6 +981,7 @@ mod tests {
             n::OV_MISSES,
             n::OV_HELD,
             n::OV_HOLD_ADDRS,
+            n::OV_HOLD_VETHS,
             n::OV_SERVICE_STATS,
             n::OV_INSTANCE_STATS,
         ] {

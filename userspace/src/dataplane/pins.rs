@@ -232,6 +232,7 @@ const MAPS: &[MapSpec] = &[
     spec(n::OV_MISSES, 0, 0, ov::MISS_RING_BYTES),
     spec(n::OV_HELD, 0, 0, ov::HELD_RING_BYTES),
     spec(n::OV_HOLD_ADDRS, 16, 8, ov::HOLD_ADDRESSES),
+    spec(n::OV_HOLD_VETHS, 4, 8, ov::HOLD_ADDRESSES),
     spec(
         n::OV_SERVICE_STATS,
         4,

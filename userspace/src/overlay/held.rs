@@ -136,10 +136,12 @@ pub fn destination(frame: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// Completes the TCP, UDP, ICMP or ICMPv6 checksum of an unfragmented
-/// packet: a container's kernel leaves it unfinished for the veth to
-/// offload, and a frame sent again from a packet socket is taken as is.
-/// Anything else (fragments, extension headers) is left alone.
+/// Completes the TCP, UDP or ICMPv6 checksum of an unfragmented packet
+/// that holds the unfinished form a container's kernel leaves for the veth
+/// to offload (the folded pseudo-header sum): a frame sent again from a
+/// packet socket is taken as is. A checksum that is right, or wrong in any
+/// other way, stays (a corrupt packet is not repaired); fragments and
+/// extension headers are left alone.
 pub fn finish_checksum(frame: &mut [u8]) {
     let Some(proto) = frame.get(12..14) else {
         return;
@@ -171,30 +173,33 @@ fn finish_v4(frame: &mut [u8]) {
     );
     let l4 = ETH_HEADER + header..ETH_HEADER + total;
     let length = total - header;
-    let (at, pseudo) = match protocol {
-        6 => (16, true),
-        17 => (6, true),
-        1 => (2, false),
+    let at = match protocol {
+        6 => 16,
+        17 => 6,
         _ => return,
     };
     if length < at + 2 {
         return;
     }
-    let segment = &mut frame[l4];
+    let pseudo = add(0, &src) + add(0, &dst) + u64::from(protocol) + length as u64;
+    complete(&mut frame[l4], at, pseudo, protocol == 17);
+}
+
+/// Writes the checksum at `at` of `segment` if it holds the offload form
+/// of `pseudo` (see [`finish_checksum`]).
+fn complete(segment: &mut [u8], at: usize, pseudo: u64, udp: bool) {
+    let field = u16::from_be_bytes([segment[at], segment[at + 1]]);
     // A UDP datagram sent without a checksum keeps none.
-    if protocol == 17 && segment[6] == 0 && segment[7] == 0 {
+    if udp && field == 0 {
+        return;
+    }
+    if field != !fold(pseudo) {
         return;
     }
     segment[at] = 0;
     segment[at + 1] = 0;
-    let mut sum = if pseudo {
-        add(0, &src) + add(0, &dst) + u64::from(protocol) + length as u64
-    } else {
-        0
-    };
-    sum = add(sum, segment);
-    let mut checksum = fold(sum);
-    if protocol == 17 && checksum == 0 {
+    let mut checksum = fold(add(pseudo, segment));
+    if udp && checksum == 0 {
         checksum = 0xffff;
     }
     segment[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
@@ -223,14 +228,12 @@ fn finish_v6(frame: &mut [u8]) {
         return;
     }
     pseudo += u64::from(next) + payload as u64;
-    let segment = &mut frame[ETH_HEADER + 40..ETH_HEADER + 40 + payload];
-    segment[at] = 0;
-    segment[at + 1] = 0;
-    let mut checksum = fold(add(pseudo, segment));
-    if next == 17 && checksum == 0 {
-        checksum = 0xffff;
-    }
-    segment[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
+    complete(
+        &mut frame[ETH_HEADER + 40..ETH_HEADER + 40 + payload],
+        at,
+        pseudo,
+        next == 17,
+    );
 }
 
 /// Adds `bytes` as big-endian 16-bit words (a last odd byte padded).
@@ -264,18 +267,12 @@ pub fn monotonic_ns() -> u64 {
     (t.tv_sec as u64).saturating_mul(1_000_000_000) + t.tv_nsec as u64
 }
 
-/// Sends `frames` out of interface `ifname` of namespace `netns` (a
-/// container's own end of its veth), checksums completed. Returns how
-/// many were sent.
-pub fn send_from(netns: &File, ifname: &str, frames: Vec<Vec<u8>>) -> std::io::Result<usize> {
-    let ifname = ifname.to_string();
+/// Sends `frames` out of interface `index` of namespace `netns` (a
+/// container's own end of its veth, found from the host side's peer
+/// index, not by a name the container could give another interface),
+/// checksums completed. Returns how many were sent.
+pub fn send_from(netns: &File, index: u32, frames: Vec<Vec<u8>>) -> std::io::Result<usize> {
     crate::net::netns::run_in(netns, move || {
-        let index = crate::net::link::index(&ifname).ok_or_else(|| {
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("no interface {ifname:?} in the container's namespace"),
-            )
-        })?;
         let socket = packet_socket()?;
         let mut sent = 0;
         for mut frame in frames {
@@ -349,13 +346,32 @@ mod tests {
         fold(add(sum, &ip[20..total])) == 0
     }
 
+    /// What a container leaves for offload: the folded pseudo-header sum.
+    fn offload_form(f: &mut [u8]) {
+        let ip = &f[14..];
+        let length = u16::from_be_bytes([ip[2], ip[3]]) - 20;
+        let pseudo = add(0, &ip[12..20]) + 17 + u64::from(length);
+        let partial = !fold(pseudo);
+        f[40..42].copy_from_slice(&partial.to_be_bytes());
+    }
+
     #[test]
-    fn an_unfinished_udp_checksum_is_completed_and_a_missing_one_stays_missing() {
+    fn an_unfinished_udp_checksum_is_completed_and_others_stay() {
         let mut f = udp4(b"hello");
-        // What a container leaves for offload: the pseudo-header sum only.
-        f[40..42].copy_from_slice(&[0x12, 0x34]);
+        offload_form(&mut f);
         finish_checksum(&mut f);
         assert!(verifies_v4(&f), "{:02x?}", &f[40..42]);
+        // Right already: unchanged.
+        let done = f.clone();
+        finish_checksum(&mut f);
+        assert_eq!(f, done);
+        // Corrupt: not repaired.
+        let mut bad = udp4(b"hello");
+        bad[40..42].copy_from_slice(&[0x12, 0x34]);
+        let before = bad.clone();
+        finish_checksum(&mut bad);
+        assert_eq!(bad, before);
+        // None: stays none.
         let mut none = udp4(b"hello");
         finish_checksum(&mut none);
         assert_eq!(&none[40..42], &[0, 0]);
@@ -364,7 +380,7 @@ mod tests {
     #[test]
     fn a_later_fragment_is_left_alone() {
         let mut f = udp4(b"hello");
-        f[40..42].copy_from_slice(&[0x12, 0x34]);
+        offload_form(&mut f);
         f[14 + 6..14 + 8].copy_from_slice(&0x2000u16.to_be_bytes());
         let before = f.clone();
         finish_checksum(&mut f);

@@ -76,14 +76,14 @@ impl NetManager {
         by_veth: BTreeMap<u32, Vec<Vec<u8>>>,
         wait_for: BTreeSet<Ipv4Addr>,
     ) {
-        let mut sends: Vec<(String, Option<NetnsId>, Vec<Vec<u8>>)> = Vec::new();
+        let mut sends: Vec<(u32, String, Option<NetnsId>, Vec<Vec<u8>>)> = Vec::new();
         let mut lost = 0;
         for (ifindex, frames) in by_veth {
             let container = state.local.values().find(|d| {
                 matches!(d.record.placement, Placement::Local { host_ifindex, .. } if host_ifindex == ifindex)
             });
             match container {
-                Some(d) => sends.push((d.netns.clone(), d.netns_id, frames)),
+                Some(d) => sends.push((ifindex, d.netns.clone(), d.netns_id, frames)),
                 None => lost += frames.len() as u64,
             }
         }
@@ -91,7 +91,6 @@ impl NetManager {
         if sends.is_empty() {
             return;
         }
-        let ifname = self.settings.container_ifname.clone();
         let held = self.held.clone();
         let dataplane = self.dataplane.clone();
         tokio::spawn(async move {
@@ -103,13 +102,21 @@ impl NetManager {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             let _ = tokio::task::spawn_blocking(move || {
-                for (netns, id, frames) in sends {
+                for (ifindex, netns, id, frames) in sends {
                     let count = frames.len() as u64;
+                    // The container's end of this veth, by the index its
+                    // host side names (not by a name).
+                    let peer = crate::net::peer::facts(ifindex)
+                        .ok()
+                        .and_then(|f| f.peer_index);
                     let sent = std::fs::File::open(&netns).and_then(|file| {
                         if id.is_some_and(|id| NetnsId::of_namespace(&file).ok() != Some(id)) {
                             return Err(std::io::Error::other("it names another namespace now"));
                         }
-                        crate::overlay::held::send_from(&file, &ifname, frames)
+                        let peer = peer.ok_or_else(|| {
+                            std::io::Error::other(format!("its veth (index {ifindex}) is gone"))
+                        })?;
+                        crate::overlay::held::send_from(&file, peer, frames)
                     });
                     let mut held = held.lock().expect("lock");
                     match sent {
