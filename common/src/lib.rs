@@ -110,8 +110,8 @@ pub mod map_names {
     pub const OV_ASKS: &str = "tm_ov_asks";
     pub const OV_MISSES: &str = "tm_ov_misses";
     pub const OV_HELD: &str = "tm_ov_held";
-    pub const OV_HOLD_ADDRS: &str = "tm_ov_hold_addrs";
-    pub const OV_HOLD_VETHS: &str = "tm_ov_hold_veths";
+    pub const OV_HOLD_ADDRS: &str = "tm_ov_hold_ips";
+    pub const OV_HOLD_VETHS: &str = "tm_ov_hold_ifs";
     pub const OV_SERVICE_STATS: &str = "tm_ov_svc_stats";
     pub const OV_INSTANCE_STATS: &str = "tm_ov_ins_stats";
 }

@@ -50,10 +50,10 @@ pub const HELD_RING_BYTES: u32 = 4096 * 64;
 /// Packets held per second, all addresses together (`tm_ov_asks` slot 1):
 /// a container sending to many unknown addresses costs the daemon little.
 pub const HOLDS_PER_SECOND: u64 = 256;
-/// Packets held per second for one address (`tm_ov_hold_addrs`): one
+/// Packets held per second for one address (`tm_ov_hold_ips`): one
 /// sender streaming to an unknown address leaves the budget to the others.
 pub const HOLDS_PER_ADDRESS: u64 = 8;
-/// Packets held per second from one container (`tm_ov_hold_veths`): one
+/// Packets held per second from one container (`tm_ov_hold_ifs`): one
 /// sending to many unknown addresses leaves the budget to the others.
 pub const HOLDS_PER_VETH: u64 = 32;
 /// Addresses, and veths, whose holds are counted this second.

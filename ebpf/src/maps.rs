@@ -227,11 +227,11 @@ pub static tm_ov_held: RingBuf<ov::Held, { ov::HELD_RING_BYTES as usize }> = Rin
 /// Service IP (IPv4 as `::ffff:a.b.c.d`) → packets held for it this
 /// second: `second << 16 | count`.
 #[btf_map]
-pub static tm_ov_hold_addrs: LruHashMap<ov::Addr6, u64, { ov::HOLD_ADDRESSES as usize }> =
+pub static tm_ov_hold_ips: LruHashMap<ov::Addr6, u64, { ov::HOLD_ADDRESSES as usize }> =
     LruHashMap::new();
 /// Host-side veth index → packets held from it this second, as above.
 #[btf_map]
-pub static tm_ov_hold_veths: LruHashMap<u32, u64, { ov::HOLD_ADDRESSES as usize }> =
+pub static tm_ov_hold_ifs: LruHashMap<u32, u64, { ov::HOLD_ADDRESSES as usize }> =
     LruHashMap::new();
 // The same for IPv6 service IPs (ids, slots, RR turns, instances' kind and
 // generation, counters and the tunnel are shared with IPv4).

@@ -424,8 +424,8 @@ pub fn hold_unknown(ctx: &TcContext, packed: crate::tc::Packed) -> crate::tc::Pa
     crate::tc::Packed::from(Err(DropReason::HeldForQuery))
 }
 
-/// Counts a hold against the packet's destination (`tm_ov_hold_addrs`)
-/// and its veth (`tm_ov_hold_veths`): whether fewer than
+/// Counts a hold against the packet's destination (`tm_ov_hold_ips`)
+/// and its veth (`tm_ov_hold_ifs`): whether fewer than
 /// [`HOLDS_PER_ADDRESS`] and [`HOLDS_PER_VETH`] were held for them this
 /// second.
 #[inline(always)]
@@ -451,10 +451,10 @@ fn may_hold(ctx: &TcContext) -> bool {
     }
     // SAFETY: a plain helper call.
     let second = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
-    count_second(tm_ov_hold_veths.get_ptr_mut(&ifindex), second, HOLDS_PER_VETH)
-        .unwrap_or_else(|| tm_ov_hold_veths.insert(&ifindex, &(second << 16 | 1), 0).is_ok())
-        && count_second(tm_ov_hold_addrs.get_ptr_mut(&key), second, HOLDS_PER_ADDRESS)
-            .unwrap_or_else(|| tm_ov_hold_addrs.insert(&key, &(second << 16 | 1), 0).is_ok())
+    count_second(tm_ov_hold_ifs.get_ptr_mut(&ifindex), second, HOLDS_PER_VETH)
+        .unwrap_or_else(|| tm_ov_hold_ifs.insert(&ifindex, &(second << 16 | 1), 0).is_ok())
+        && count_second(tm_ov_hold_ips.get_ptr_mut(&key), second, HOLDS_PER_ADDRESS)
+            .unwrap_or_else(|| tm_ov_hold_ips.insert(&key, &(second << 16 | 1), 0).is_ok())
 }
 
 /// Counts one in `second << 16 | count` at `slot` (None: no entry yet):

@@ -10,6 +10,10 @@ use super::{NetManager, State};
 use crate::net::netns::NetnsId;
 use crate::overlay::model::Placement;
 
+/// One container's held packets: its host-side veth, its namespace's path
+/// and identity at deploy, the frames.
+type Send = (u32, String, Option<NetnsId>, Vec<Vec<u8>>);
+
 /// How long a release waits for the next hop of a node the same table
 /// write brought (its neighbour entry is being resolved): sent before,
 /// the packet would drop as `no_neighbour`.
@@ -76,7 +80,7 @@ impl NetManager {
         by_veth: BTreeMap<u32, Vec<Vec<u8>>>,
         wait_for: BTreeSet<Ipv4Addr>,
     ) {
-        let mut sends: Vec<(u32, String, Option<NetnsId>, Vec<Vec<u8>>)> = Vec::new();
+        let mut sends: Vec<Send> = Vec::new();
         let mut lost = 0;
         for (ifindex, frames) in by_veth {
             let container = state.local.values().find(|d| {
