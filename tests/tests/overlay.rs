@@ -1527,6 +1527,42 @@ fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
     let status = n1.status_when(|s| s["held"]["waiting"] == 0);
     assert_eq!(status["held"]["dropped"], 8, "{status}");
     assert_eq!(status["held"]["sent"], 1, "{status}");
+
+    // One container's budget: 40 datagrams to 40 unknown addresses within
+    // one second of the kernel's clock (sent just after a second began):
+    // 32 held, the veth's budget, and 8 dropped.
+    spawn_in(&lab.client.name, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        loop {
+            // SAFETY: writes the given timespec only.
+            unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+            if t.tv_nsec < 100_000_000 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for i in 0..40u8 {
+            let to = Ipv4Addr::new(203, 0, 113, 200 + i);
+            s.send_to(b"x", SocketAddrV4::new(to, UDP_PORT)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    n1.status_when(|s| s["held"]["kept"] == 9 + 32);
+    std::thread::sleep(Duration::from_millis(300));
+    let counters = n1.daemon.as_ref().unwrap().status();
+    assert_eq!(
+        (
+            named(&counters, "tc_service", "held_for_query"),
+            named(&counters, "tc_service", "unknown_service")
+        ),
+        (9 + 32, 12 + 8)
+    );
+    assert_eq!(n1.status()["held"]["waiting"], 32);
 }
 
 #[test]
