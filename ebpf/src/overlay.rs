@@ -940,24 +940,9 @@ pub fn stranger_may_ask() -> bool {
 /// `per_second` were counted this second.
 #[inline(always)]
 fn within_budget(index: u32, per_second: u64) -> bool {
-    let Some(slot) = tm_ov_asks.get_ptr_mut(index) else {
-        return false;
-    };
-    // SAFETY: a plain helper call; the value is this map's.
+    // SAFETY: a plain helper call.
     let second = unsafe { bpf_ktime_get_ns() } / 1_000_000_000;
-    unsafe {
-        let value = core::ptr::read_volatile(slot);
-        let (at, count) = (value >> 16, value & 0xffff);
-        if at != second {
-            core::ptr::write_volatile(slot, second << 16 | 1);
-            true
-        } else if count < per_second {
-            core::ptr::write_volatile(slot, value + 1);
-            true
-        } else {
-            false
-        }
-    }
+    count_second(tm_ov_asks.get_ptr_mut(index), second, per_second).unwrap_or(false)
 }
 
 /// The service IP a container dialled for the flow an ICMP error quotes,

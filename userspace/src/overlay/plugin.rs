@@ -277,6 +277,52 @@ impl Plugin for NetManagerPlugin {
     }
 }
 
+/// A ring buffer the kernel fills, read as its records arrive.
+struct RingReader {
+    fd: tokio::io::unix::AsyncFd<aya::maps::RingBuf<aya::maps::MapData>>,
+    what: &'static str,
+}
+
+impl RingReader {
+    fn new(ring: aya::maps::RingBuf<aya::maps::MapData>, what: &'static str) -> Option<Self> {
+        use tokio::io::unix::AsyncFd;
+        // SAFETY: the ring owns its descriptor and stays inside the AsyncFd
+        // until both are dropped together.
+        match unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) } {
+            Ok(fd) => Some(Self { fd, what }),
+            Err(e) => {
+                tracing::error!("netmanager: watching the {}: {e}", what);
+                None
+            }
+        }
+    }
+
+    /// The records that came since the last call, each read by `parse`;
+    /// None once `stop` is cancelled or the ring fails.
+    async fn next<T>(
+        &mut self,
+        stop: &CancellationToken,
+        mut parse: impl FnMut(&[u8]) -> Option<T>,
+    ) -> Option<Vec<T>> {
+        let mut guard = tokio::select! {
+            _ = stop.cancelled() => return None,
+            g = self.fd.readable_mut() => match g {
+                Ok(g) => g,
+                Err(e) => {
+                    tracing::error!("netmanager: {}: {e}", self.what);
+                    return None;
+                }
+            },
+        };
+        let mut found = Vec::new();
+        while let Some(item) = guard.get_inner_mut().next() {
+            found.extend(parse(&item));
+        }
+        guard.clear_ready();
+        Some(found)
+    }
+}
+
 /// Reads the packets the kernel held for unknown service IPs into the
 /// manager, which sends them again once their address is known.
 async fn read_held(
@@ -284,49 +330,18 @@ async fn read_held(
     manager: Arc<NetManager>,
     stop: CancellationToken,
 ) {
-    use tokio::io::unix::AsyncFd;
-
-    // SAFETY: as in `read_misses`: the ring stays inside the AsyncFd.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::error!("netmanager: watching the held-packet ring: {e}");
-            return;
-        }
+    let Some(mut reader) = RingReader::new(ring, "held-packet ring") else {
+        return;
     };
-    loop {
-        let mut guard = tokio::select! {
-            _ = stop.cancelled() => return,
-            g = fd.readable_mut() => match g {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::error!("netmanager: held-packet ring: {e}");
-                    return;
-                }
-            },
-        };
-        let mut records = Vec::new();
-        while let Some(item) = guard.get_inner_mut().next() {
-            // `Held`: when, the veth's index, the frame's length, the frame.
-            let bytes = |at: usize, n: usize| item.get(at..at + n);
-            let ts = bytes(0, 8)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_ne_bytes);
-            let word = |at| {
-                bytes(at, 4)
-                    .and_then(|b| b.try_into().ok())
-                    .map(u32::from_ne_bytes)
-            };
-            let (Some(ts), Some(ifindex), Some(len)) = (ts, word(8), word(12)) else {
-                continue;
-            };
-            if let Some(frame) = bytes(16, len as usize) {
-                records.push((ts, ifindex, frame.to_vec()));
-            }
-        }
-        guard.clear_ready();
+    // `Held`: when, the veth's index, the frame's length, the frame.
+    let parse = |item: &[u8]| {
+        let bytes = |at: usize, n: usize| item.get(at..at + n);
+        let ts = bytes(0, 8)?.try_into().ok().map(u64::from_ne_bytes)?;
+        let word = |at| bytes(at, 4)?.try_into().ok().map(u32::from_ne_bytes);
+        let (ifindex, len) = (word(8)?, word(12)?);
+        Some((ts, ifindex, bytes(16, len as usize)?.to_vec()))
+    };
+    while let Some(records) = reader.next(&stop, parse).await {
         let now = crate::overlay::held::monotonic_ns();
         for (ts, ifindex, frame) in records {
             let age = Duration::from_nanos(now.saturating_sub(ts));
@@ -343,48 +358,30 @@ async fn read_misses(
     dataplane: DataplaneHandle,
     stop: CancellationToken,
 ) {
-    use tapmesh_common::overlay::{Miss, Miss6};
-    use tokio::io::unix::AsyncFd;
+    use tapmesh_common::overlay::{Miss, Miss6, MISS_FROM_STRANGER};
 
-    // SAFETY: the ring owns its descriptor and stays inside the AsyncFd
-    // until both are dropped together.
-    let registered =
-        unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) };
-    let mut fd = match registered {
-        Ok(fd) => fd,
-        Err(e) => {
-            tracing::error!("netmanager: watching the miss ring: {e}");
-            return;
+    let Some(mut reader) = RingReader::new(ring, "miss ring") else {
+        return;
+    };
+    // Told apart by length: an IPv6 report is the longer one.
+    let parse = |item: &[u8]| -> Option<(std::net::IpAddr, bool)> {
+        if item.len() >= std::mem::size_of::<Miss6>() {
+            // SAFETY: the kernel wrote a `Miss6` (size checked); read unaligned.
+            let miss: Miss6 = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss6) };
+            Some((
+                miss.service_addr.into(),
+                miss.flags & MISS_FROM_STRANGER != 0,
+            ))
+        } else if item.len() >= std::mem::size_of::<Miss>() {
+            // SAFETY: the kernel wrote a `Miss` (size checked); read unaligned.
+            let miss: Miss = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss) };
+            let service = Ipv4Addr::from(miss.service_addr).into();
+            Some((service, miss.flags & MISS_FROM_STRANGER != 0))
+        } else {
+            None
         }
     };
-    loop {
-        let mut guard = tokio::select! {
-            _ = stop.cancelled() => return,
-            g = fd.readable_mut() => match g {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::error!("netmanager: miss ring: {e}");
-                    return;
-                }
-            },
-        };
-        let mut found = Vec::new();
-        while let Some(item) = guard.get_inner_mut().next() {
-            // Told apart by length: an IPv6 report is the longer one.
-            if item.len() >= std::mem::size_of::<Miss6>() {
-                // SAFETY: the kernel wrote a `Miss6` (size checked); read unaligned.
-                let miss: Miss6 =
-                    unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss6) };
-                let stranger = miss.flags & tapmesh_common::overlay::MISS_FROM_STRANGER != 0;
-                found.push((std::net::IpAddr::from(miss.service_addr), stranger));
-            } else if item.len() >= std::mem::size_of::<Miss>() {
-                // SAFETY: the kernel wrote a `Miss` (size checked); read unaligned.
-                let miss: Miss = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const Miss) };
-                let stranger = miss.flags & tapmesh_common::overlay::MISS_FROM_STRANGER != 0;
-                found.push((Ipv4Addr::from(miss.service_addr).into(), stranger));
-            }
-        }
-        guard.clear_ready();
+    while let Some(found) = reader.next(&stop, parse).await {
         if found.is_empty() {
             continue;
         }
