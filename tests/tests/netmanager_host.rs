@@ -323,6 +323,89 @@ fn client_mistakes_get_4xx_and_no_echo() {
     assert_eq!(location(), "");
 }
 
+fn jobs(node: &Node) -> Vec<String> {
+    node.status()["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|i| i["job"].as_str().expect("job").to_string())
+        .collect()
+}
+
+/// A namespace whose instance lost its veth is free again: the link was
+/// deleted, or the namespace died and the kernel gave its identity to a
+/// new one (a restarted container's). A deploy into it undeploys the dead
+/// instance instead of answering 409.
+#[test]
+fn a_namespace_whose_instance_lost_its_veth_takes_a_new_deploy() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (node, _peer) = one_node();
+    node.register("192.0.2.0/26");
+    let c = Netns::new("ovr");
+    node.post(
+        "/container/deploy",
+        &deploy_body(&c, JOB, 0, &[("RR", "203.0.113.10")]),
+    );
+    let links = node.container_links();
+    assert_eq!(links.len(), 1, "{links:?}");
+    node.netns.ip(&["link", "del", &links[0]]);
+    let other = "other.ns.web.ns";
+    let answer = node.post(
+        "/container/deploy",
+        &deploy_body(&c, other, 0, &[("RR", "203.0.113.11")]),
+    );
+    assert_eq!(jobs(&node), vec![other.to_string()]);
+    assert_eq!(node.container_links().len(), 1);
+    let address = answer["nsAddress"].as_str().expect("nsAddress");
+    let inside =
+        String::from_utf8_lossy(&c.ip(&["-4", "-o", "address", "show"]).stdout).into_owned();
+    assert!(inside.contains(&format!("inet {address}/32")), "{inside}");
+    let log = node.daemon.as_ref().unwrap().log_text();
+    assert!(
+        log.contains(
+            "its container veth is gone and its network namespace is deployed again: undeployed"
+        ),
+        "{log}"
+    );
+
+    // The namespace dies; a new one may get its identity (the kernel
+    // hands out the lowest free number, which parallel tests may take).
+    let path = format!("/run/netns/{}", c.name);
+    let id = inode(&path);
+    drop(c);
+    let gone = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
+        node.container_links().is_empty()
+    });
+    assert!(gone, "{:?}", node.container_links());
+    let mut tried = Vec::new();
+    let reused = loop {
+        let n = Netns::new("ovr");
+        if inode(&format!("/run/netns/{}", n.name)) == id {
+            break Some(n);
+        }
+        tried.push(n);
+        if tried.len() == 32 {
+            break None;
+        }
+    };
+    drop(tried);
+    match reused {
+        Some(n) => {
+            node.post(
+                "/container/deploy",
+                &deploy_body(&n, "third.ns.web.ns", 0, &[("RR", "203.0.113.12")]),
+            );
+            assert_eq!(jobs(&node), vec!["third.ns.web.ns".to_string()]);
+            assert_eq!(node.container_links().len(), 1);
+        }
+        None => {
+            eprintln!("net:[{id}] was not given to any of 32 new namespaces; that part not run")
+        }
+    }
+}
+
 /// A clean stop with the NetManager on logs no error: an LB write kicked
 /// on the way down (the NetManager leaving the catalog) found the
 /// dataplane stopped and said so as an ERROR, at every rolling update.

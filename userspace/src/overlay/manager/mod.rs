@@ -120,6 +120,20 @@ struct LocalDeployment {
     made_netns: bool,
 }
 
+impl LocalDeployment {
+    /// Its host-side veth still exists under the index it was made with.
+    fn link_alive(&self) -> bool {
+        match &self.record.placement {
+            Placement::Local {
+                host_ifname,
+                host_ifindex,
+                ..
+            } => crate::net::link::index(host_ifname) == Some(*host_ifindex),
+            Placement::Remote { .. } => false,
+        }
+    }
+}
+
 #[derive(Default)]
 struct State {
     registration: Option<Registration>,

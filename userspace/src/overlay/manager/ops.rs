@@ -473,6 +473,7 @@ impl NetManager {
     }
 
     pub async fn deploy(&self, spec: DeploySpec) -> Result<Deployed, NmError> {
+        self.forget_dead_holder(&spec.netns).await?;
         let mut state = self.state.lock().await;
         if state.registration.is_none() {
             return Err(NmError::NotRegistered);
@@ -660,21 +661,72 @@ impl NetManager {
         if state.registration.is_none() {
             return Err(NmError::NotRegistered);
         }
+        let deployment = self.remove_locked(&mut state, job, number, false).await?;
+        drop(state);
+        tracing::info!(job, instance = number, "undeployed");
+        if let Some(c) = self.cluster() {
+            c.undeployed(self.notice(job, number, "UNDEPLOYED", &deployment.lease))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Undeploys the instance deployed in `netns` if its veth is gone. A
+    /// veth dies with its namespace, and only then can the kernel give the
+    /// namespace's identity to a new one (a restarted container's); or its
+    /// link was deleted. Either way it is no container here any more.
+    async fn forget_dead_holder(&self, netns: &NetnsRef) -> Result<(), NmError> {
+        let Ok((_, path, id)) = netns.open() else {
+            return Ok(()); // the deploy says why
+        };
+        let mut state = self.state.lock().await;
+        let dead = state
+            .local
+            .iter()
+            .find(|(_, d)| d.netns_id == Some(id) && !d.link_alive())
+            .map(|(k, _)| k.clone());
+        let Some((job, number)) = dead else {
+            return Ok(());
+        };
+        tracing::warn!(
+            job, instance = number, netns = %path,
+            "its container veth is gone and its network namespace is deployed again: undeployed"
+        );
+        let gone = self.remove_locked(&mut state, &job, number, true).await?;
+        drop(state);
+        if let Some(c) = self.cluster() {
+            c.undeployed(self.notice(&job, number, "UNDEPLOYED", &gone.lease))
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Removes a local instance: maps, port mappings, its link, the
+    /// namespace made for it (unless `namespace_gone`: its identity may
+    /// be a new namespace's now), its lease.
+    async fn remove_locked(
+        &self,
+        state: &mut super::State,
+        job: &str,
+        number: u32,
+        namespace_gone: bool,
+    ) -> Result<LocalDeployment, NmError> {
         let key = (job.to_string(), number);
         let Some(deployment) = state.local.remove(&key) else {
             return Err(NmError::NotDeployed(format!("{job} instance {number}")));
         };
         // Maps first: no packet is sent to the interface about to go.
-        if let Err(e) = self.apply_locked(&mut state).await {
+        if let Err(e) = self.apply_locked(state).await {
             state.local.insert(key, deployment);
             return Err(e);
         }
-        if let Err(e) = self.sync_ports(&mut state).await {
+        if let Err(e) = self.sync_ports(state).await {
             tracing::warn!("port mappings of {job} instance {number} not removed: {e}");
         }
         self.remove_link(&deployment).await;
         // Only the namespace made for it: one of that name made since is another.
-        let same = deployment.netns_id.is_some()
+        let same = !namespace_gone
+            && deployment.netns_id.is_some()
             && File::open(&deployment.netns)
                 .ok()
                 .and_then(|f| NetnsId::of(&f).ok())
@@ -697,17 +749,11 @@ impl NetManager {
         if let Some(ipam) = state.ipam.as_mut() {
             ipam.release(deployment.lease);
         }
-        if let Err(e) = self.sync_egress(&mut state, false).await {
+        if let Err(e) = self.sync_egress(state, false).await {
             tracing::warn!("container egress after the last undeploy: {e}");
         }
-        self.persist(&state);
-        drop(state);
-        tracing::info!(job, instance = number, "undeployed");
-        if let Some(c) = self.cluster() {
-            c.undeployed(self.notice(job, number, "UNDEPLOYED", &deployment.lease))
-                .await;
-        }
-        Ok(())
+        self.persist(state);
+        Ok(deployment)
     }
 
     fn notice(
