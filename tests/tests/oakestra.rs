@@ -807,7 +807,8 @@ fn a_cluster_subnet_over_the_nodes_network_is_refused_and_a_deploy_says_why() {
 }
 
 /// A retained table (an old answer the broker kept) is not applied when
-/// the node subscribes: Oakestra takes answers to its open queries only.
+/// the node subscribes, nor a live one nobody asked for: Oakestra takes
+/// answers to its open queries only.
 /// And a burst of 50 `updates_available` for a job asks for its table
 /// again only once the open query is answered, not 50 times.
 #[test]
@@ -847,6 +848,24 @@ fn a_retained_table_is_ignored_and_a_burst_of_updates_waits_for_the_open_query()
     assert!(
         !services.iter().any(|(a, _)| a == GHOST_RR),
         "the retained table was applied: {services:?}"
+    );
+    // Nor a live one that answers no query the node sent.
+    cluster.publish(
+        &format!("nodes/{}/net/tablequery/result", n1.netns.name),
+        &ghost.to_string(),
+        false,
+        1,
+    );
+    let ignored = wait_until(Duration::from_secs(30), || {
+        n1.daemon.as_ref().unwrap().log_text().contains(
+            "a table that answers no open query (asked in the last 5 s) ignored job=app.ns.ghost.ns query_key=app.ns.ghost.ns",
+        )
+    });
+    assert!(ignored, "{}", n1.daemon.as_ref().unwrap().log_text());
+    let services = status_services(&n1);
+    assert!(
+        !services.iter().any(|(a, _)| a == GHOST_RR),
+        "a table nobody asked for was applied: {services:?}"
     );
 
     let asked = || {

@@ -25,6 +25,9 @@ pub const INTEREST_IDLE: Duration = Duration::from_secs(10);
 const LOG_LIMIT: usize = 1024;
 /// The same table query is not sent again within this time.
 const QUERY_AGAIN_AFTER: Duration = Duration::from_secs(2);
+/// How long an answer is awaited (Oakestra's table query timeout): a
+/// table that answers no query sent within it is not applied.
+const ANSWER_WAIT: Duration = Duration::from_secs(5);
 /// Table queries by address open at once (answered or not within
 /// [`QUERY_AGAIN_AFTER`]).
 const MAX_OPEN_IP_QUERIES: usize = 256;
@@ -115,6 +118,8 @@ pub struct Cluster {
     interests: Mutex<BTreeMap<String, Interest>>,
     /// Query keys (job or service IP) sent and when.
     queried: Mutex<BTreeMap<String, Instant>>,
+    /// Query keys sent and not answered yet, for [`ANSWER_WAIT`].
+    awaiting: Mutex<BTreeMap<String, Instant>>,
     /// The same for queries about strangers' inner sources.
     asked_for_strangers: Mutex<BTreeMap<String, Instant>>,
     /// The node's own topics are subscribed (a result published before
@@ -158,6 +163,7 @@ impl Cluster {
             client_id: client_id.to_string(),
             interests: Mutex::new(BTreeMap::new()),
             queried: Mutex::new(BTreeMap::new()),
+            awaiting: Mutex::new(BTreeMap::new()),
             asked_for_strangers: Mutex::new(BTreeMap::new()),
             subscribed: tokio::sync::watch::channel(false).0,
             reconnect: tokio::sync::Notify::new(),
@@ -318,12 +324,14 @@ impl Cluster {
                 sname: &job,
                 sip: "",
             });
+            self.await_answer(&job);
             let queued = self
                 .client
                 .publish(topic.clone(), QoS::AtLeastOnce, false, query);
             if !matches!(tokio::time::timeout(PUBLISH_WAIT, queued).await, Ok(Ok(()))) {
                 tracing::warn!(%job, "netmanager: table query after connecting not sent: the request queue stayed full (is the broker reachable?)");
                 self.queried.lock().expect("lock").remove(&job);
+                self.awaiting.lock().expect("lock").remove(&job);
             }
         }
     }
@@ -356,6 +364,7 @@ impl Cluster {
     fn query(&self, key: &str, query: &TableQuery) {
         use std::sync::atomic::Ordering::SeqCst;
         let topic = format!("nodes/{}/net/tablequery/request", self.client_id);
+        self.await_answer(key);
         let sent = self.connected.load(SeqCst)
             && self
                 .client
@@ -367,7 +376,26 @@ impl Cluster {
                 false => tracing::debug!(key, "table query not sent: not connected to the broker"),
             }
             self.queried.lock().expect("lock").remove(key);
+            self.awaiting.lock().expect("lock").remove(key);
         }
+    }
+
+    /// Notes a query about to be sent, whose answer is taken for a while.
+    fn await_answer(&self, key: &str) {
+        let mut awaiting = self.awaiting.lock().expect("lock");
+        let now = Instant::now();
+        awaiting.retain(|_, at| now.duration_since(*at) < ANSWER_WAIT);
+        awaiting.insert(key.to_string(), now);
+    }
+
+    /// Whether a table answers a query still awaited (then no longer).
+    /// An answer without a key is taken for a query by its job's name.
+    fn answered(&self, key: &str, job: &str) -> bool {
+        let mut awaiting = self.awaiting.lock().expect("lock");
+        let key = if key.is_empty() { job } else { key };
+        awaiting
+            .remove(key)
+            .is_some_and(|at| at.elapsed() < ANSWER_WAIT)
     }
 
     fn json(value: &impl Serialize) -> String {
@@ -541,15 +569,25 @@ async fn work(
                 tracing::debug!("netmanager: the cluster knows no job for a query");
             }
             Incoming::Table(bytes) => match super::api::parse_table(&bytes) {
+                // As Oakestra: only an answer to an open query is taken,
+                // and only a table taken makes an interest.
                 Ok((job, instances, key)) => {
                     cluster.queried.lock().expect("lock").remove(&key);
-                    cluster.add_interest(&job).await;
-                    if let Err(e) = manager.update_table(job.clone(), instances).await {
-                        tracing::warn!(
+                    if !cluster.answered(&key, &job) {
+                        tracing::info!(
+                            job = %crate::names::cut(&job, LOG_LIMIT),
+                            query_key = %crate::names::cut(&key, LOG_LIMIT),
+                            "netmanager: a table that answers no open query (asked in the last 5 s) ignored"
+                        );
+                        continue;
+                    }
+                    match manager.update_table(job.clone(), instances).await {
+                        Ok(()) => cluster.add_interest(&job).await,
+                        Err(e) => tracing::warn!(
                             job = %crate::names::cut(&job, LOG_LIMIT),
                             "netmanager: the cluster's table: {}",
                             crate::names::cut(&e.to_string(), LOG_LIMIT)
-                        );
+                        ),
                     }
                 }
                 Err(e) => tracing::warn!(
