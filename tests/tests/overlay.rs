@@ -2046,6 +2046,29 @@ fn who_server6(container: &Netns, name: &'static str) {
     std::thread::sleep(Duration::from_millis(100));
 }
 
+/// The container interface's link-local address, once DAD has passed.
+fn wait_for_link_local(c: &Netns) -> std::net::Ipv6Addr {
+    let mut found = None;
+    let ready = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
+        let out = c.ip(&["-j", "address", "show", "dev", "tmsvc0"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        found = v
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|l| l["addr_info"].as_array().into_iter().flatten())
+            .find(|a| a["scope"] == "link" && a["family"] == "inet6" && a["tentative"].is_null())
+            .and_then(|a| a["local"].as_str())
+            .and_then(|a| a.parse().ok());
+        found.is_some()
+    });
+    assert!(
+        ready,
+        "no link-local address on the container's interface: {}",
+        String::from_utf8_lossy(&c.ip(&["-6", "address", "show"]).stdout)
+    );
+    found.unwrap()
+}
 #[test]
 fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     if !kernel_tests_enabled() {
@@ -2131,7 +2154,32 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
             ),
         );
     };
+    // Two datagrams to web#1's instance IP, unknown on node 1 yet: one
+    // from the client's own address, one from its link-local address
+    // (which the kernel holds too). Once the table names the address only
+    // the first is sent again: the other would drop as `sender_not_deployed`.
+    let link_local = wait_for_link_local(&client);
+    let (own, scope) = (client_ns.1.clone(), "tmsvc0");
+    spawn_in(&client.name, move || {
+        let index = tapmesh::net::link::index(scope).expect("the container's interface");
+        let ll = UdpSocket::bind(std::net::SocketAddrV6::new(link_local, 0, 0, index)).unwrap();
+        let from_own = UdpSocket::bind(format!("[{own}]:0")).unwrap();
+        let to: std::net::Ipv6Addr = WEB1_IP6.parse().unwrap();
+        from_own.send_to(b"own", (to, UDP_PORT)).unwrap();
+        ll.send_to(b"link-local", (to, UDP_PORT)).unwrap();
+    })
+    .join()
+    .unwrap();
+    nodes.node1.status_when(|s| s["held"]["kept"] == 2);
     table(&nodes.node1, WEB, 1, &web1_ns, NODE2, &web1_ips);
+    let status = nodes.node1.status_when(|s| {
+        s["held"]["sent"].as_u64().unwrap_or(0) + s["held"]["dropped"].as_u64().unwrap_or(0) == 2
+    });
+    assert_eq!(
+        (&status["held"]["sent"], &status["held"]["dropped"]),
+        (&serde_json::json!(1), &serde_json::json!(1)),
+        "{status}"
+    );
     // Node 1 also learns of a web#2 with no IPv6 address: the IPv6 service
     // IP must never pick it (its IPv4 twin may).
     node1_post_web2(
@@ -2159,10 +2207,13 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     // would come right behind it.
     nodes
         .node1
-        .status_when(|s| s["misses"].as_u64() >= Some(1) && s["held"]["kept"] == 8);
+        .status_when(|s| s["misses"].as_u64() >= Some(2) && s["held"]["kept"] == 10);
     std::thread::sleep(Duration::from_millis(300));
     let status = nodes.node1.status();
-    assert_eq!(status["misses"], 1, "20 packets, one report: {status}");
+    assert_eq!(
+        status["misses"], 2,
+        "web#1's instance IP, then 20 packets with one report: {status}"
+    );
     assert_eq!(
         status["unresolved"],
         serde_json::json!([unknown.to_string()])
@@ -2171,7 +2222,7 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     // (the kernel's budget per address), the other 12 dropped there.
     assert_eq!(
         (&status["held"]["waiting"], &status["held"]["dropped"]),
-        (&serde_json::json!(8), &serde_json::json!(0)),
+        (&serde_json::json!(8), &serde_json::json!(1)),
         "{status}"
     );
     let counters = nodes.node1.daemon.as_ref().unwrap().status();
@@ -2180,7 +2231,7 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
             named(&counters, "tc_service", "held_for_query"),
             named(&counters, "tc_service", "unknown_service")
         ),
-        (8, 12)
+        (10, 12)
     );
 
     // RR over IPv6: flows alternate between the nodes' instances, and every

@@ -122,15 +122,25 @@ const ETH_HEADER: usize = 14;
 
 /// The destination address of an Ethernet frame carrying IPv4 or IPv6.
 pub fn destination(frame: &[u8]) -> Option<IpAddr> {
+    address(frame, 16, 24)
+}
+
+/// The source address, as [`destination`].
+pub fn source(frame: &[u8]) -> Option<IpAddr> {
+    address(frame, 12, 8)
+}
+
+/// The address at `v4` (IPv4 header offset) or `v6` (IPv6).
+fn address(frame: &[u8], v4: usize, v6: usize) -> Option<IpAddr> {
     let ip = frame.get(ETH_HEADER..)?;
     match u16::from_be_bytes([frame[12], frame[13]]) {
         0x0800 => {
-            let d: [u8; 4] = ip.get(16..20)?.try_into().ok()?;
-            Some(Ipv4Addr::from(d).into())
+            let a: [u8; 4] = ip.get(v4..v4 + 4)?.try_into().ok()?;
+            Some(Ipv4Addr::from(a).into())
         }
         0x86dd => {
-            let d: [u8; 16] = ip.get(24..40)?.try_into().ok()?;
-            Some(Ipv6Addr::from(d).into())
+            let a: [u8; 16] = ip.get(v6..v6 + 16)?.try_into().ok()?;
+            Some(Ipv6Addr::from(a).into())
         }
         _ => None,
     }

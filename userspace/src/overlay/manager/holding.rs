@@ -86,9 +86,25 @@ impl NetManager {
             let container = state.local.values().find(|d| {
                 matches!(d.record.placement, Placement::Local { host_ifindex, .. } if host_ifindex == ifindex)
             });
-            match container {
-                Some(d) => sends.push((ifindex, d.netns.clone(), d.netns_id, frames)),
-                None => lost += frames.len() as u64,
+            let Some(d) = container else {
+                lost += frames.len() as u64;
+                continue;
+            };
+            // Only from the container's own address: the kernel drops a
+            // service packet from any other (a link-local one, say) once
+            // its service IP is known, so it would not be sent.
+            let own = [
+                Some(IpAddr::V4(d.record.ns_addr)),
+                d.record.ns_addr_v6.map(IpAddr::V6),
+            ];
+            let count = frames.len();
+            let frames: Vec<Vec<u8>> = frames
+                .into_iter()
+                .filter(|f| own.contains(&crate::overlay::held::source(f)))
+                .collect();
+            lost += (count - frames.len()) as u64;
+            if !frames.is_empty() {
+                sends.push((ifindex, d.netns.clone(), d.netns_id, frames));
             }
         }
         self.held.lock().expect("lock").dropped += lost;
