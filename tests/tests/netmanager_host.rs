@@ -364,17 +364,26 @@ fn a_namespace_whose_instance_lost_its_veth_takes_a_new_deploy() {
     assert!(inside.contains(&format!("inet {address}/32")), "{inside}");
     let log = node.daemon.as_ref().unwrap().log_text();
     assert!(
-        log.contains(
-            "its container veth is gone and its network namespace is deployed again: undeployed"
-        ),
+        log.contains("its container veth is gone and a new deploy takes its place: undeployed"),
         "{log}"
     );
+    // The same job and instance again, in a new namespace (a restarted
+    // container) while the old entry's veth is gone: deployed, not 409.
+    let links = node.container_links();
+    node.netns.ip(&["link", "del", &links[0]]);
+    let c2 = Netns::new("ovr");
+    node.post(
+        "/container/deploy",
+        &deploy_body(&c2, other, 0, &[("RR", "203.0.113.11")]),
+    );
+    assert_eq!(jobs(&node), vec![other.to_string()]);
+    assert_eq!(node.container_links().len(), 1);
+    drop(c);
 
     // The namespace dies; a new one may get its identity (the kernel
     // hands out the lowest free number, which parallel tests may take).
-    let path = format!("/run/netns/{}", c.name);
-    let id = inode(&path);
-    drop(c);
+    let id = inode(&format!("/run/netns/{}", c2.name));
+    drop(c2);
     let gone = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
         node.container_links().is_empty()
     });

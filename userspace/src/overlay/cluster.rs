@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::manager::NetManager;
+use super::manager::{NetManager, RemoteSpec};
 
 /// Oakestra's cluster MQTT port (`ClusterMqttPort`).
 pub const DEFAULT_PORT: u16 = 10003;
@@ -101,7 +101,8 @@ struct InterestRemove<'a> {
 
 enum Incoming {
     Subnet(Vec<u8>),
-    Table(Vec<u8>),
+    /// A table answer, and when it came.
+    Table(Vec<u8>, Instant),
     Updates(String),
 }
 
@@ -118,7 +119,7 @@ pub struct Cluster {
     interests: Mutex<BTreeMap<String, Interest>>,
     /// Query keys (job or service IP) sent and when.
     queried: Mutex<BTreeMap<String, Instant>>,
-    /// Query keys sent and not answered yet, for [`ANSWER_WAIT`].
+    /// Query keys and when each was last asked, for [`ANSWER_WAIT`].
     awaiting: Mutex<BTreeMap<String, Instant>>,
     /// The same for queries about strangers' inner sources.
     asked_for_strangers: Mutex<BTreeMap<String, Instant>>,
@@ -220,7 +221,9 @@ impl Cluster {
                         let payload = p.payload.to_vec();
                         let message = match p.topic.strip_prefix(&prefix) {
                             Some("subnetwork/result") => Some(Incoming::Subnet(payload)),
-                            Some("tablequery/result") => Some(Incoming::Table(payload)),
+                            Some("tablequery/result") => {
+                                Some(Incoming::Table(payload, Instant::now()))
+                            }
                             _ => p
                                 .topic
                                 .strip_prefix("jobs/")
@@ -331,7 +334,9 @@ impl Cluster {
             if !matches!(tokio::time::timeout(PUBLISH_WAIT, queued).await, Ok(Ok(()))) {
                 tracing::warn!(%job, "netmanager: table query after connecting not sent: the request queue stayed full (is the broker reachable?)");
                 self.queried.lock().expect("lock").remove(&job);
-                self.awaiting.lock().expect("lock").remove(&job);
+            } else {
+                // Its window starts when it leaves (the queue may have waited).
+                self.await_answer(&job);
             }
         }
     }
@@ -376,11 +381,11 @@ impl Cluster {
                 false => tracing::debug!(key, "table query not sent: not connected to the broker"),
             }
             self.queried.lock().expect("lock").remove(key);
-            self.awaiting.lock().expect("lock").remove(key);
         }
     }
 
-    /// Notes a query about to be sent, whose answer is taken for a while.
+    /// Notes a query about to be sent: answers are taken for a while.
+    /// (A send that fails leaves it: an earlier query may be open.)
     fn await_answer(&self, key: &str) {
         let mut awaiting = self.awaiting.lock().expect("lock");
         let now = Instant::now();
@@ -388,14 +393,22 @@ impl Cluster {
         awaiting.insert(key.to_string(), now);
     }
 
-    /// Whether a table answers a query still awaited (then no longer).
-    /// An answer without a key is taken for a query by its job's name.
-    fn answered(&self, key: &str, job: &str) -> bool {
-        let mut awaiting = self.awaiting.lock().expect("lock");
-        let key = if key.is_empty() { job } else { key };
-        awaiting
-            .remove(key)
-            .is_some_and(|at| at.elapsed() < ANSWER_WAIT)
+    /// Whether a table that `arrived` answers a query asked less than
+    /// [`ANSWER_WAIT`] before (each answer to repeated queries is taken),
+    /// matched as Oakestra does: by its query key, its job name or any of
+    /// its instances' service IPs.
+    fn answered(&self, key: &str, job: &str, instances: &[RemoteSpec], arrived: Instant) -> bool {
+        let awaiting = self.awaiting.lock().expect("lock");
+        let open = |k: &str| {
+            awaiting
+                .get(k)
+                .is_some_and(|at| arrived.saturating_duration_since(*at) < ANSWER_WAIT)
+        };
+        (!key.is_empty() && open(key))
+            || open(job)
+            || instances.iter().flat_map(|i| &i.service_ips).any(|s| {
+                open(&s.address.to_string()) || s.address_v6.is_some_and(|a| open(&a.to_string()))
+            })
     }
 
     fn json(value: &impl Serialize) -> String {
@@ -565,15 +578,15 @@ async fn work(
             },
             // Oakestra's answer for an address no job holds: nothing to do
             // (the address is asked again at its next miss, not sooner).
-            Incoming::Table(bytes) if no_job(&bytes) => {
+            Incoming::Table(bytes, _) if no_job(&bytes) => {
                 tracing::debug!("netmanager: the cluster knows no job for a query");
             }
-            Incoming::Table(bytes) => match super::api::parse_table(&bytes) {
+            Incoming::Table(bytes, arrived) => match super::api::parse_table(&bytes) {
                 // As Oakestra: only an answer to an open query is taken,
                 // and only a table taken makes an interest.
                 Ok((job, instances, key)) => {
                     cluster.queried.lock().expect("lock").remove(&key);
-                    if !cluster.answered(&key, &job) {
+                    if !cluster.answered(&key, &job, &instances, arrived) {
                         tracing::info!(
                             job = %crate::names::cut(&job, LOG_LIMIT),
                             query_key = %crate::names::cut(&key, LOG_LIMIT),

@@ -83,6 +83,10 @@ impl NetManager {
     pub(super) async fn remove_link(&self, deployment: &LocalDeployment) {
         if let Placement::Local { host_ifname, .. } = &deployment.record.placement {
             let _ = self.dataplane.detach_container(host_ifname).await;
+            // Gone with its namespace, or a link of that name that is not it.
+            if !deployment.link_alive() {
+                return;
+            }
             if let Err(e) = net::link::delete(host_ifname).await {
                 tracing::warn!(interface = %host_ifname, netns = %deployment.netns, "removing the container veth: {e}");
             }

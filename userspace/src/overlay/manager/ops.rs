@@ -473,7 +473,7 @@ impl NetManager {
     }
 
     pub async fn deploy(&self, spec: DeploySpec) -> Result<Deployed, NmError> {
-        self.forget_dead_holder(&spec.netns).await?;
+        self.forget_dead(&spec).await?;
         let mut state = self.state.lock().await;
         if state.registration.is_none() {
             return Err(NmError::NotRegistered);
@@ -671,26 +671,26 @@ impl NetManager {
         Ok(())
     }
 
-    /// Undeploys the instance deployed in `netns` if its veth is gone. A
-    /// veth dies with its namespace, and only then can the kernel give the
-    /// namespace's identity to a new one (a restarted container's); or its
-    /// link was deleted. Either way it is no container here any more.
-    async fn forget_dead_holder(&self, netns: &NetnsRef) -> Result<(), NmError> {
-        let Ok((_, path, id)) = netns.open() else {
-            return Ok(()); // the deploy says why
-        };
+    /// Undeploys the instance that `spec` would replace if its veth is
+    /// gone: the same job and number (a restarted container), or the one
+    /// deployed in its namespace. A veth dies with its namespace, and only
+    /// then can the kernel give the namespace's identity to a new one; or
+    /// its link was deleted. Either way it is no container here any more.
+    async fn forget_dead(&self, spec: &DeploySpec) -> Result<(), NmError> {
+        let id = spec.netns.open().ok().map(|(_, _, id)| id);
         let mut state = self.state.lock().await;
+        let key = (spec.job.clone(), spec.number);
         let dead = state
             .local
             .iter()
-            .find(|(_, d)| d.netns_id == Some(id) && !d.link_alive())
-            .map(|(k, _)| k.clone());
-        let Some((job, number)) = dead else {
+            .find(|(k, d)| (**k == key || (id.is_some() && d.netns_id == id)) && !d.link_alive())
+            .map(|(k, d)| (k.clone(), d.netns.clone()));
+        let Some(((job, number), path)) = dead else {
             return Ok(());
         };
         tracing::warn!(
             job, instance = number, netns = %path,
-            "its container veth is gone and its network namespace is deployed again: undeployed"
+            "its container veth is gone and a new deploy takes its place: undeployed"
         );
         let gone = self.remove_locked(&mut state, &job, number, true).await?;
         drop(state);
@@ -731,7 +731,9 @@ impl NetManager {
                 .ok()
                 .and_then(|f| NetnsId::of(&f).ok())
                 == deployment.netns_id;
-        if deployment.made_netns && !same {
+        if deployment.made_netns && namespace_gone {
+            tracing::warn!("network namespace {} of {job} instance {number} not deleted: its veth is gone, so it may be gone too and its identity another's", deployment.netns);
+        } else if deployment.made_netns && !same {
             tracing::warn!("network namespace {} of {job} instance {number} not deleted: it is not the one made for it", deployment.netns);
         }
         if deployment.made_netns && same {
