@@ -110,8 +110,21 @@ fn json_output_carries_what_the_text_shows() {
         v
     };
     let call = |v: &[String]| both(&v.iter().map(String::as_str).collect::<Vec<_>>());
+    // Loopback is no destination: its copies would be the node's own input.
+    let lo = admin_args(&["tap-service", "create", "ts0", "--interface", "lo"]);
+    let out = Command::new(tapmesh_bin()).args(&lo).output().unwrap();
+    assert_eq!(
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned()),
+        (
+            Some(2),
+            "tapmesh: tap service \"ts0\": \"lo\" is the loopback device: copies sent into it would be received by this node's own stack; choose another interface\n".to_string()
+        )
+    );
+    lab.node.ip(&[
+        "link", "add", "climir0", "type", "veth", "peer", "name", "climir1",
+    ]);
     run(
-        &admin_args(&["tap-service", "create", "ts1", "--interface", "lo"])
+        &admin_args(&["tap-service", "create", "ts1", "--interface", "climir0"])
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
@@ -176,9 +189,9 @@ fn json_output_carries_what_the_text_shows() {
     let (text, json) = call(&admin_args(&["tap-service", "list"]));
     let services = json.as_array().unwrap();
     assert_eq!(services.len(), 1, "{json}");
-    assert_eq!(services[0]["destination"]["Interface"], "lo", "{json}");
+    assert_eq!(services[0]["destination"]["Interface"], "climir0", "{json}");
     let line = format!(
-        "{:<20} {:<7} interface lo",
+        "{:<20} {:<7} interface climir0",
         "ts1",
         str_of(&services[0], "status")
     );

@@ -298,6 +298,17 @@ impl MirrorService {
             Some(_) => true,
             None => false,
         };
+        // Copies sent into loopback would be received by the node's own
+        // stack, as if addressed to it.
+        if let Some(lo) = destinations(&spec)
+            .into_iter()
+            .find(|name| crate::net::link::by_name(name).is_ok_and(|l| l.loopback))
+        {
+            return Err(MirrorError::Invalid(format!(
+                "tap service {:?}: {lo:?} is the loopback device: copies sent into it would be received by this node's own stack; choose another interface",
+                spec.id
+            )));
+        }
         // A ring's veth belongs to its ring: other copies sent into it would
         // land in that ring's consumers (its pcap file) as if they were its own.
         for name in &receives {

@@ -25,6 +25,8 @@ pub struct Link {
     pub address: Option<[u8; 6]>,
     /// An Ethernet link (or loopback, whose address is all zeroes).
     pub ethernet: bool,
+    /// The loopback device: what is sent into it is received by the node.
+    pub loopback: bool,
     /// The id of the XDP program attached to it, if any.
     pub xdp_program: Option<u32>,
     /// How that program is attached: "native", "generic", "offload" or
@@ -60,6 +62,7 @@ impl Link {
             mtu: 0,
             address: None,
             ethernet: kind == libc::ARPHRD_ETHER || kind == libc::ARPHRD_LOOPBACK,
+            loopback: kind == libc::ARPHRD_LOOPBACK,
             xdp_program: None,
             xdp_mode: None,
             alias: None,
