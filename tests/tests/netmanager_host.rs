@@ -415,6 +415,60 @@ fn a_namespace_whose_instance_lost_its_veth_takes_a_new_deploy() {
     }
 }
 
+/// A new instance's counters start at zero, though its id may be one a
+/// gone instance had (ids are reused once the writer emptied them).
+#[test]
+fn a_new_instance_starts_with_no_packets_of_an_earlier_one() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (node, _peer) = one_node();
+    node.register("192.0.2.0/26");
+    let client = Netns::new("ovk");
+    node.post(
+        "/container/deploy",
+        &deploy_body(&client, "app.ns.client.ns", 0, &[]),
+    );
+    let job = "app.ns.c.ns";
+    let sip = "203.0.113.60";
+    node.table(
+        job,
+        &[(
+            3,
+            "198.51.100.70",
+            tapmesh_tests::overlay::NODE2,
+            &[("RR", sip)],
+        )],
+    );
+    tapmesh_tests::net::spawn_in(&client.name, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..5 {
+            s.send_to(b"x", (sip, 7000)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let packets = |number: u64| {
+        node.status()["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["job"] == job && i["number"] == number)
+            .map(|i| (i["packets"].as_u64().unwrap(), i["bytes"].as_u64().unwrap()))
+    };
+    let counted = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
+        packets(3).is_some_and(|(p, _)| p == 5)
+    });
+    assert!(counted, "{:?}", node.status());
+    node.table(job, &[]);
+    let c = Netns::new("ovk");
+    node.post(
+        "/container/deploy",
+        &deploy_body(&c, job, 0, &[("RR", sip)]),
+    );
+    assert_eq!(packets(0), Some((0, 0)), "{}", node.status());
+}
+
 /// A clean stop with the NetManager on logs no error: an LB write kicked
 /// on the way down (the NetManager leaving the catalog) found the
 /// dataplane stopped and said so as an ERROR, at every rolling update.

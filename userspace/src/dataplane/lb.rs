@@ -454,7 +454,13 @@ fn remote_nodes(targets: &TargetBook) -> BTreeSet<std::net::Ipv4Addr> {
         .collect()
 }
 
-fn zero_counter(ebpf: &mut Ebpf, name: &'static str, index: u32) -> Result<(), DataplaneError> {
+/// Sets counter `index` of per-CPU array `name` to zero on every CPU: a
+/// new entry under a reused index starts from nothing.
+pub(super) fn zero_counter(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    index: u32,
+) -> Result<(), DataplaneError> {
     let mut map: PerCpuArray<&mut MapData, PacketCounter> =
         PerCpuArray::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
     let cpus = aya::util::nr_cpus().map_err(|(_, e)| DataplaneError::Map {

@@ -895,6 +895,12 @@ impl OverlayWriter {
         ebpf: &mut Ebpf,
         wanted: &OverlayTables,
     ) -> Result<(), DataplaneError> {
+        // A new id may be a gone instance's: its counters start at zero.
+        for id in wanted.instances.keys() {
+            if !self.written.instances.contains_key(id) {
+                super::lb::zero_counter(ebpf, n::OV_INSTANCE_STATS, *id)?;
+            }
+        }
         let mut instances: Array<&mut MapData, Instance> =
             Array::try_from(map_mut(ebpf, n::OV_INSTANCES)?).map_err(map_err(n::OV_INSTANCES))?;
         for (&id, inst) in &wanted.instances {
@@ -984,6 +990,12 @@ impl OverlayWriter {
             .values()
             .chain(self.written.services6.values())
             .collect();
+        // As for instances: a new service id starts its counters at zero.
+        for service in wanted.services.values().chain(wanted.services6.values()) {
+            if service.id != u32::MAX && !written.iter().any(|s| s.id == service.id) {
+                super::lb::zero_counter(ebpf, n::OV_SERVICE_STATS, service.id)?;
+            }
+        }
         {
             let mut rows: Array<&mut MapData, u32> =
                 Array::try_from(map_mut(ebpf, n::OV_SLOTS)?).map_err(map_err(n::OV_SLOTS))?;
