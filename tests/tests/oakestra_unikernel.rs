@@ -376,6 +376,21 @@ fn a_unikernel_takes_its_service_ips_and_weight_and_undeploy_deletes_only_a_name
     assert_ne!(after, before, "relinked");
     assert_eq!(nat_iif(&made.0), after);
     assert_eq!(nat_iif(&second.0), veth_index(&second.0));
+    // Its veth deleted (the VM side gone), the same unikernel is deployed
+    // again: the dead entry and the namespace made for it go first, not 409.
+    sh("ip", &["-n", &second.0, "link", "del", "tmsvc0"]);
+    n.post(
+        "/unikernel/deploy",
+        &body
+            .replace(r#""instanceNumber": 0"#, r#""instanceNumber": 2"#)
+            .replace(UK_IP, "203.0.113.102"),
+    );
+    assert_eq!(nat_iif(&second.0), veth_index(&second.0));
+    assert!(
+        services(&n).contains(&("203.0.113.102".into(), 1)),
+        "{:?}",
+        services(&n)
+    );
 
     // The unikernel's own namespace goes with it, whichever path undeploys it.
     undeploy(&n, 2, "/container/undeploy");

@@ -671,32 +671,67 @@ impl NetManager {
         Ok(())
     }
 
-    /// Undeploys the instance that `spec` would replace if its veth is
+    /// Undeploys the instances that `spec` would replace if their veth is
     /// gone: the same job and number (a restarted container), or the one
     /// deployed in its namespace. A veth dies with its namespace, and only
     /// then can the kernel give the namespace's identity to a new one; or
     /// its link was deleted. Either way it is no container here any more.
+    /// Nothing is undone for a deploy that is refused at once: a namespace
+    /// that does not open, or one a live instance holds.
     async fn forget_dead(&self, spec: &DeploySpec) -> Result<(), NmError> {
-        let id = spec.netns.open().ok().map(|(_, _, id)| id);
-        let mut state = self.state.lock().await;
+        let Ok((_, _, id)) = spec.netns.open() else {
+            return Ok(());
+        };
+        let state = self.state.lock().await;
+        let held = |d: &LocalDeployment| d.netns_id == Some(id);
+        if state.local.values().any(|d| held(d) && d.link_alive()) {
+            return Ok(());
+        }
         let key = (spec.job.clone(), spec.number);
         let dead = state
             .local
             .iter()
-            .find(|(k, d)| (**k == key || (id.is_some() && d.netns_id == id)) && !d.link_alive())
-            .map(|(k, d)| (k.clone(), d.netns.clone()));
-        let Some(((job, number), path)) = dead else {
-            return Ok(());
+            .filter(|(k, d)| (**k == key || held(d)) && !d.link_alive())
+            .map(|(k, d)| (k.clone(), held(d)))
+            .collect();
+        self.forget(state, dead).await
+    }
+
+    /// [`NetManager::forget_dead`] for a unikernel's instance, before its
+    /// namespace is made again.
+    pub(super) async fn forget_dead_instance(&self, job: &str, number: u32) -> Result<(), NmError> {
+        let state = self.state.lock().await;
+        let key = (job.to_string(), number);
+        let dead = match state.local.get(&key) {
+            Some(d) if !d.link_alive() => vec![(key, false)],
+            _ => Vec::new(),
         };
-        tracing::warn!(
-            job, instance = number, netns = %path,
-            "its container veth is gone and a new deploy takes its place: undeployed"
-        );
-        let gone = self.remove_locked(&mut state, &job, number, true).await?;
+        self.forget(state, dead).await
+    }
+
+    /// Undeploys `dead` ((job, number), whether its namespace identity is
+    /// the new deploy's) and tells the cluster.
+    async fn forget(
+        &self,
+        mut state: tokio::sync::MutexGuard<'_, super::State>,
+        dead: Vec<((String, u32), bool)>,
+    ) -> Result<(), NmError> {
+        let mut gone = Vec::new();
+        for ((job, number), shared) in dead {
+            tracing::warn!(
+                job,
+                instance = number,
+                "its container veth is gone and a new deploy takes its place: undeployed"
+            );
+            let d = self.remove_locked(&mut state, &job, number, shared).await?;
+            gone.push((job, number, d.lease));
+        }
         drop(state);
         if let Some(c) = self.cluster() {
-            c.undeployed(self.notice(&job, number, "UNDEPLOYED", &gone.lease))
-                .await;
+            for (job, number, lease) in gone {
+                c.undeployed(self.notice(&job, number, "UNDEPLOYED", &lease))
+                    .await;
+            }
         }
         Ok(())
     }

@@ -73,6 +73,8 @@ impl NetManager {
         if self.state.lock().await.registration.is_none() {
             return Err(NmError::NotRegistered);
         }
+        // A dead one of the same job and number goes with the namespace made for it.
+        self.forget_dead_instance(&job, number).await?;
         let name = netns_name(&job, number);
         let path = match net::netns::add_named(&name) {
             Ok(p) => p,
