@@ -817,7 +817,20 @@ fn a_retained_table_is_ignored_and_a_burst_of_updates_waits_for_the_open_query()
         return;
     }
     const GHOST_RR: &str = "203.0.113.77";
-    let cluster = Cluster::start(&jobs("198.18.2.9"), "192.0.2.0");
+    const DUP: &str = "app.ns.dup.ns";
+    const DUP_RR: &str = "203.0.113.78";
+    // A job whose table the node refuses: instance 0 listed twice.
+    let mut known = jobs("198.18.2.9");
+    known[DUP] = json!({
+        "service_ip_list": [{"IpType": "RR", "Address": DUP_RR, "Address_v6": ""}],
+        "instances": (0..2).map(|i| json!({
+            "instance_number": 0, "instance_ip": format!("203.0.113.{}", 90 + i),
+            "instance_ip_v6": "", "namespace_ip": format!("198.51.100.{}", 90 + i),
+            "namespace_ip_v6": "", "host_ip": "198.18.2.9", "host_port": "50103",
+            "status": "DEPLOYED"
+        })).collect::<Vec<_>>()
+    });
+    let cluster = Cluster::start(&known, "192.0.2.0");
     // Kept by the broker for the node's topic before the node connects.
     let ghost = json!({
         "app_name": "app.ns.ghost.ns", "query_key": "app.ns.ghost.ns",
@@ -867,6 +880,24 @@ fn a_retained_table_is_ignored_and_a_burst_of_updates_waits_for_the_open_query()
         !services.iter().any(|(a, _)| a == GHOST_RR),
         "a table nobody asked for was applied: {services:?}"
     );
+    // A table the node refuses makes no interest: the one the cluster
+    // noted with the query is removed.
+    let dup_rr: Ipv4Addr = DUP_RR.parse().unwrap();
+    spawn_in(&web.name, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"x", (dup_rr, UDP_PORT)).unwrap();
+    })
+    .join()
+    .unwrap();
+    let removed = wait_until(Duration::from_secs(30), || {
+        cluster
+            .received("/net/interest/remove")
+            .iter()
+            .any(|m| m["payload"]["appname"] == DUP)
+    });
+    let log = n1.daemon.as_ref().unwrap().log_text();
+    assert!(removed, "no interest/remove for the refused table: {log}");
+    assert!(log.contains("instance 0 is listed twice"), "{log}");
 
     let asked = || {
         cluster

@@ -596,11 +596,18 @@ async fn work(
                     }
                     match manager.update_table(job.clone(), instances).await {
                         Ok(()) => cluster.add_interest(&job).await,
-                        Err(e) => tracing::warn!(
-                            job = %crate::names::cut(&job, LOG_LIMIT),
-                            "netmanager: the cluster's table: {}",
-                            crate::names::cut(&e.to_string(), LOG_LIMIT)
-                        ),
+                        Err(e) => {
+                            tracing::warn!(
+                                job = %crate::names::cut(&job, LOG_LIMIT),
+                                "netmanager: the cluster's table: {}",
+                                crate::names::cut(&e.to_string(), LOG_LIMIT)
+                            );
+                            // The cluster noted an interest with the query:
+                            // it goes, unless the node holds one of its own.
+                            if !cluster.interests().contains(&job) {
+                                cluster.remove_interest(&job).await;
+                            }
+                        }
                     }
                 }
                 Err(e) => tracing::warn!(
