@@ -467,6 +467,37 @@ fn a_new_instance_starts_with_no_packets_of_an_earlier_one() {
         &deploy_body(&c, job, 0, &[("RR", sip)]),
     );
     assert_eq!(packets(0), Some((0, 0)), "{}", node.status());
+    drop(packets);
+
+    // From there it counts its own packets, as does the service.
+    tapmesh_tests::net::spawn_in(&client.name, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..2 {
+            s.send_to(b"x", (sip, 7000)).unwrap();
+        }
+    })
+    .join()
+    .unwrap();
+    let counts = |node: &Node| {
+        let status = node.status();
+        let instance = status["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["job"] == job && i["number"] == 0)
+            .map(|i| i["packets"].as_u64().unwrap());
+        let service = status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["address"] == sip)
+            .map(|s| s["packets"].as_u64().unwrap());
+        (instance, service)
+    };
+    let counted = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
+        counts(&node) == (Some(2), Some(2))
+    });
+    assert!(counted, "{:?}", counts(&node));
 }
 
 /// A clean stop with the NetManager on logs no error: an LB write kicked

@@ -990,11 +990,22 @@ impl OverlayWriter {
             .values()
             .chain(self.written.services6.values())
             .collect();
-        // As for instances: a new service id starts its counters at zero.
-        for service in wanted.services.values().chain(wanted.services6.values()) {
-            if service.id != u32::MAX && !written.iter().any(|s| s.id == service.id) {
-                super::lb::zero_counter(ebpf, n::OV_SERVICE_STATS, service.id)?;
-            }
+        // As for instances: a new service id starts its counters at zero. A
+        // service adopted at a restart (a placeholder, id unknown) is not new.
+        let kept = |was: Option<&ServiceTable>, id: u32| {
+            was.is_some_and(|w| w.id == id || w.id == u32::MAX)
+        };
+        let new_ids: Vec<u32> = (wanted.services.iter())
+            .filter(|(a, s)| !kept(self.written.services.get(*a), s.id))
+            .map(|(_, s)| s.id)
+            .chain(
+                (wanted.services6.iter())
+                    .filter(|(a, s)| !kept(self.written.services6.get(*a), s.id))
+                    .map(|(_, s)| s.id),
+            )
+            .collect();
+        for id in new_ids {
+            super::lb::zero_counter(ebpf, n::OV_SERVICE_STATS, id)?;
         }
         {
             let mut rows: Array<&mut MapData, u32> =

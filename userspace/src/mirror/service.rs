@@ -302,7 +302,7 @@ impl MirrorService {
         // stack, as if addressed to it.
         if let Some(lo) = destinations(&spec)
             .into_iter()
-            .find(|name| crate::net::link::by_name(name).is_ok_and(|l| l.loopback))
+            .find(|name| crate::net::link::by_name(name).is_ok_and(|l| l.loopback) || *name == "lo")
         {
             return Err(MirrorError::Invalid(format!(
                 "tap service {:?}: {lo:?} is the loopback device: copies sent into it would be received by this node's own stack; choose another interface",

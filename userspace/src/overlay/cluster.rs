@@ -327,13 +327,14 @@ impl Cluster {
                 sname: &job,
                 sip: "",
             });
-            self.await_answer(&job);
+            let before = self.await_answer(&job);
             let queued = self
                 .client
                 .publish(topic.clone(), QoS::AtLeastOnce, false, query);
             if !matches!(tokio::time::timeout(PUBLISH_WAIT, queued).await, Ok(Ok(()))) {
                 tracing::warn!(%job, "netmanager: table query after connecting not sent: the request queue stayed full (is the broker reachable?)");
                 self.queried.lock().expect("lock").remove(&job);
+                self.not_sent(&job, before);
             } else {
                 // Its window starts when it leaves (the queue may have waited).
                 self.await_answer(&job);
@@ -369,7 +370,7 @@ impl Cluster {
     fn query(&self, key: &str, query: &TableQuery) {
         use std::sync::atomic::Ordering::SeqCst;
         let topic = format!("nodes/{}/net/tablequery/request", self.client_id);
-        self.await_answer(key);
+        let before = self.await_answer(key);
         let sent = self.connected.load(SeqCst)
             && self
                 .client
@@ -381,16 +382,27 @@ impl Cluster {
                 false => tracing::debug!(key, "table query not sent: not connected to the broker"),
             }
             self.queried.lock().expect("lock").remove(key);
+            self.not_sent(key, before);
         }
     }
 
+    /// A query noted by [`Cluster::await_answer`] was not sent: an earlier
+    /// one's window (`before`) stays as it was, and none opens.
+    fn not_sent(&self, key: &str, before: Option<Instant>) {
+        let mut awaiting = self.awaiting.lock().expect("lock");
+        match before {
+            Some(at) => awaiting.insert(key.to_string(), at),
+            None => awaiting.remove(key),
+        };
+    }
+
     /// Notes a query about to be sent: answers are taken for a while.
-    /// (A send that fails leaves it: an earlier query may be open.)
-    fn await_answer(&self, key: &str) {
+    /// Returns the earlier query's time, for a send that fails.
+    fn await_answer(&self, key: &str) -> Option<Instant> {
         let mut awaiting = self.awaiting.lock().expect("lock");
         let now = Instant::now();
         awaiting.retain(|_, at| now.duration_since(*at) < ANSWER_WAIT);
-        awaiting.insert(key.to_string(), now);
+        awaiting.insert(key.to_string(), now)
     }
 
     /// Whether a table that `arrived` answers a query asked less than
@@ -402,7 +414,8 @@ impl Cluster {
         let open = |k: &str| {
             awaiting
                 .get(k)
-                .is_some_and(|at| arrived.saturating_duration_since(*at) < ANSWER_WAIT)
+                .and_then(|at| arrived.checked_duration_since(*at))
+                .is_some_and(|waited| waited < ANSWER_WAIT)
         };
         (!key.is_empty() && open(key))
             || open(job)
@@ -545,6 +558,11 @@ impl Cluster {
     async fn remove_interest(&self, job: &str) {
         self.interests.lock().expect("lock").remove(job);
         let _ = self.client.unsubscribe(topic_of_updates(job)).await;
+        self.withdraw_interest(job).await;
+    }
+
+    /// Tells the cluster the node has no interest in `job`.
+    async fn withdraw_interest(&self, job: &str) {
         self.publish(
             "interest/remove",
             Self::json(&InterestRemove { appname: job }),
@@ -603,9 +621,13 @@ async fn work(
                                 crate::names::cut(&e.to_string(), LOG_LIMIT)
                             );
                             // The cluster noted an interest with the query:
-                            // it goes, unless the node holds one of its own.
-                            if !cluster.interests().contains(&job) {
-                                cluster.remove_interest(&job).await;
+                            // withdrawn, unless the node holds one of its
+                            // own or the job runs here (a deploy adds its
+                            // interest just after; the local one is untouched).
+                            if !cluster.interests().contains(&job)
+                                && !manager.held_jobs().await.contains(&job)
+                            {
+                                cluster.withdraw_interest(&job).await;
                             }
                         }
                     }

@@ -100,7 +100,7 @@ impl NetManager {
             let count = frames.len();
             let frames: Vec<Vec<u8>> = frames
                 .into_iter()
-                .filter(|f| own.contains(&crate::overlay::held::source(f)))
+                .filter(|f| crate::overlay::held::source(f).is_some_and(|a| own.contains(&Some(a))))
                 .collect();
             lost += (count - frames.len()) as u64;
             if !frames.is_empty() {

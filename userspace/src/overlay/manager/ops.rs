@@ -717,14 +717,20 @@ impl NetManager {
         dead: Vec<((String, u32), bool)>,
     ) -> Result<(), NmError> {
         let mut gone = Vec::new();
+        let mut failed = Ok(());
         for ((job, number), shared) in dead {
             tracing::warn!(
                 job,
                 instance = number,
                 "its container veth is gone and a new deploy takes its place: undeployed"
             );
-            let d = self.remove_locked(&mut state, &job, number, shared).await?;
-            gone.push((job, number, d.lease));
+            match self.remove_locked(&mut state, &job, number, shared).await {
+                Ok(d) => gone.push((job, number, d.lease)),
+                Err(e) => {
+                    failed = Err(e);
+                    break;
+                }
+            }
         }
         drop(state);
         if let Some(c) = self.cluster() {
@@ -733,7 +739,8 @@ impl NetManager {
                     .await;
             }
         }
-        Ok(())
+        // Those undeployed are told either way.
+        failed
     }
 
     /// Removes a local instance: maps, port mappings, its link, the
