@@ -416,13 +416,14 @@ fn a_namespace_whose_instance_lost_its_veth_takes_a_new_deploy() {
 }
 
 /// A new instance's counters start at zero, though its id may be one a
-/// gone instance had (ids are reused once the writer emptied them).
+/// gone instance had (ids are reused once the writer emptied them); its
+/// own, and its service's, stay across a restart that keeps the dataplane.
 #[test]
 fn a_new_instance_starts_with_no_packets_of_an_earlier_one() {
     if !kernel_tests_enabled() {
         return;
     }
-    let (node, _peer) = one_node();
+    let (mut node, _peer) = one_node_with("[dataplane]\nkeep_dataplane = true\n");
     node.register("192.0.2.0/26");
     let client = Netns::new("ovk");
     node.post(
@@ -469,7 +470,8 @@ fn a_new_instance_starts_with_no_packets_of_an_earlier_one() {
     assert_eq!(packets(0), Some((0, 0)), "{}", node.status());
     drop(packets);
 
-    // From there it counts its own packets, as does the service.
+    // From there it counts its own packets, as does the service, and
+    // both keep them across a restart that keeps the dataplane.
     tapmesh_tests::net::spawn_in(&client.name, move || {
         let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
         for _ in 0..2 {
@@ -498,6 +500,11 @@ fn a_new_instance_starts_with_no_packets_of_an_earlier_one() {
         counts(&node) == (Some(2), Some(2))
     });
     assert!(counted, "{:?}", counts(&node));
+    node.restart(&[], |_| {});
+    let kept = tapmesh_tests::net::wait_until(Duration::from_secs(30), || {
+        counts(&node) == (Some(2), Some(2))
+    });
+    assert!(kept, "after the restart: {:?}", counts(&node));
 }
 
 /// A clean stop with the NetManager on logs no error: an LB write kicked
