@@ -7,7 +7,7 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO,
         BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
     },
     helpers::generated::{
@@ -1091,15 +1091,21 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     count(binding.service, false, bytes);
     count(id, true, bytes);
 
-    if inst.kind == INSTANCE_REMOTE
-        && ip.total_len > config.tunnel_mtu
+    if inst.kind == INSTANCE_REMOTE {
         // SAFETY: reading a field of the context.
-        && unsafe { (*ctx.skb.skb).gso_size } == 0
-    {
-        if dont_fragment(&pkt, &ip)? {
-            return fragmentation_needed(ctx, &pkt, &ip, config);
+        let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
+        if gso_size == 0 && ip.total_len > config.tunnel_mtu {
+            if dont_fragment(&pkt, &ip)? {
+                return fragmentation_needed(ctx, &pkt, &ip, config);
+            }
+            return Err(DropReason::TooBigForTunnel);
         }
-        return Err(DropReason::TooBigForTunnel);
+        if gso_size != 0
+            && ip.protocol == IPPROTO_UDP
+            && ip.header_len + 8 + gso_size > config.tunnel_mtu as usize
+        {
+            return Err(DropReason::TooBigForTunnel);
+        }
     }
 
     // A reply to a flow the local instance dialled gets that flow's service
@@ -1141,7 +1147,8 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     // A fragment's checksum is complete: the stack checksums a datagram
     // before cutting it (an offloaded one is finished in software first).
     let complete = ip.fragment != NOT_FRAGMENT;
-    to_node(ctx, ip.total_len as usize, inst, tunnel, hash, complete)
+    let udp = ip.protocol == IPPROTO_UDP;
+    to_node(ctx, ip.total_len as usize, inst, tunnel, hash, complete, udp)
 }
 
 /// Sends an IP packet (`inner_len` bytes after Ethernet) through the
@@ -1154,6 +1161,7 @@ pub fn to_node(
     t: &TunnelConfig,
     hash: u32,
     complete_v4: bool,
+    udp: bool,
 ) -> Result<i32, DropReason> {
     let outer = tunnel::Outer {
         src: tunnel::node_addr(t),
@@ -1171,7 +1179,13 @@ pub fn to_node(
         // itself at the first L4 header unless the skb says encapsulated,
         // so the inner one would stay unfinished; an IPv6 inner packet
         // needs the outer IPv4 protocol.
-        let flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
+        let mut flags = (BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP) as u64;
+        if gso && udp {
+            // Each UDP GSO segment is a datagram of the sender's size: the
+            // kernel refuses to shrink it, and the caller checked that it
+            // fits the tunnel as it is (TCP's segments shrink by our 28).
+            flags |= BPF_F_ADJ_ROOM_FIXED_GSO as u64;
+        }
         ctx.adjust_room(TUNNEL_LEN as i32, BPF_ADJ_ROOM_MAC, flags)
             .map_err(|_| DropReason::AdjustRoomFailed)?;
     } else {

@@ -521,12 +521,19 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     count(service, false, bytes);
     count(id, true, bytes);
 
-    if inst.kind == INSTANCE_REMOTE
-        && ip.total_len > config.tunnel_mtu
+    if inst.kind == INSTANCE_REMOTE {
         // SAFETY: reading a field of the context.
-        && unsafe { (*ctx.skb.skb).gso_size } == 0
-    {
-        return packet_too_big(ctx, pkt, &s.key.src, config.tunnel_mtu, config6);
+        let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
+        if gso_size == 0 && ip.total_len > config.tunnel_mtu {
+            return packet_too_big(ctx, pkt, &s.key.src, config.tunnel_mtu, config6);
+        }
+        // A UDP GSO segment keeps its size through the tunnel (`to_node`).
+        if gso_size != 0
+            && ip.protocol == IPPROTO_UDP
+            && ip.l4 - ip.l3 + 8 + gso_size > config.tunnel_mtu as usize
+        {
+            return Err(DropReason::TooBigForTunnel);
+        }
     }
 
     let hdr: *mut Ipv6Hdr = pkt.header_mut(ip.l3, DropReason::TruncatedIpv6)?;
@@ -569,7 +576,8 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         _ => s.fragment.id,
     };
     let hash = words(&s.key.src)[3] ^ words(&s.key.dst)[3] ^ flow ^ id;
-    to_node(ctx, ip.total_len as usize, inst, tunnel, hash, false)
+    let udp = ip.protocol == IPPROTO_UDP;
+    to_node(ctx, ip.total_len as usize, inst, tunnel, hash, false, udp)
 }
 
 /// Answers a packet too big for the tunnel with ICMPv6 "packet too big"

@@ -2266,6 +2266,8 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     // fragment both ways and come back whole from the service IP.
     echo_servers(&[(&web0, "web0"), (&web1, "web1")], true);
     big_datagrams_come_back_whole(&client, SocketAddr::new(RR6.parse().unwrap(), ECHO_PORT));
+    // UDP GSO to the remote instance: 1472 less 40 + 8.
+    gso_sends_arrive_as_their_datagrams(&client, &web1, WEB1_IP6.parse().unwrap(), 1424);
     // Too big for the tunnel: ICMPv6 "packet too big" with the tunnel's MTU,
     // which the sender keeps as the path MTU.
     client.ip(&["link", "set", "tmsvc0", "mtu", "1500"]);
@@ -2582,6 +2584,99 @@ fn big_datagrams_come_back_whole(client: &Netns, to: SocketAddr) {
         answers.iter().all(|(_, f, whole)| *f == from && *whole),
         "every answer whole and from the service IP {from}: {answers:?}"
     );
+}
+
+const GSO_PORT: u16 = 7004;
+
+/// Receives datagrams on [`GSO_PORT`] in `container` until `count` came or
+/// none came for 3 s; returns them.
+fn receive_datagrams(
+    container: &Netns,
+    v6: bool,
+    count: usize,
+) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
+    let bind = if v6 { "[::]" } else { "0.0.0.0" };
+    let socket = tapmesh_tests::net::run_in(&container.name, move || {
+        UdpSocket::bind(format!("{bind}:{GSO_PORT}")).expect("udp bind")
+    });
+    socket
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    std::thread::spawn(move || {
+        let mut got = Vec::new();
+        let mut buf = [0u8; 9000];
+        while got.len() < count {
+            match socket.recv(&mut buf) {
+                Ok(n) => got.push(buf[..n].to_vec()),
+                Err(_) => break,
+            }
+        }
+        got
+    })
+}
+
+/// From inside `client`: one `send` of `total` bytes that the kernel cuts
+/// into datagrams of `segment` bytes (`UDP_SEGMENT`, UDP GSO, as QUIC
+/// stacks send); returns the bytes sent.
+fn send_gso(client: &Netns, to: SocketAddr, segment: u16, total: usize) -> Vec<u8> {
+    let payload: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
+    let sent = payload.clone();
+    spawn_in(&client.name, move || {
+        use std::os::fd::AsRawFd;
+        let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
+        let s = UdpSocket::bind(any).unwrap();
+        let size = libc::c_int::from(segment);
+        // SAFETY: a valid socket and an int option of the right size.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_SEGMENT,
+                (&raw const size).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
+        assert_eq!(s.send_to(&payload, to).expect("GSO send"), total);
+    })
+    .join()
+    .expect("client thread");
+    sent
+}
+
+/// A UDP GSO send to `to` (a remote instance) arrives as the datagrams the
+/// socket asked for, whole: segments of 1000 bytes, then of the largest
+/// size the tunnel carries (`largest`, the container's MTU less the IP and
+/// UDP headers), the last one shorter.
+fn gso_sends_arrive_as_their_datagrams(client: &Netns, server: &Netns, to: IpAddr, largest: u16) {
+    let to = SocketAddr::new(to, GSO_PORT);
+    for (segment, total) in [(1000u16, 5000usize), (largest, 4000)] {
+        let count = total.div_ceil(usize::from(segment));
+        let received = receive_datagrams(server, to.is_ipv6(), count);
+        let sent = send_gso(client, to, segment, total);
+        let got = received.join().unwrap();
+        let want: Vec<Vec<u8>> = sent
+            .chunks(usize::from(segment))
+            .map(<[u8]>::to_vec)
+            .collect();
+        assert!(
+            got == want,
+            "{total} bytes in segments of {segment} to {to}: expected {} datagrams of {:?} bytes, got {:?}",
+            want.len(),
+            want.iter().map(Vec::len).collect::<Vec<_>>(),
+            got.iter().map(Vec::len).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn udp_gso_sends_reach_a_remote_instance_as_their_datagrams() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    // 1472 (the tunnel MTU) less 20 + 8.
+    gso_sends_arrive_as_their_datagrams(&lab.client, &lab.web1, WEB1_IP.parse().unwrap(), 1444);
 }
 
 #[test]
