@@ -2677,6 +2677,15 @@ fn udp_gso_sends_reach_a_remote_instance_as_their_datagrams() {
     let lab = lab();
     // 1472 (the tunnel MTU) less 20 + 8.
     gso_sends_arrive_as_their_datagrams(&lab.client, &lab.web1, WEB1_IP.parse().unwrap(), 1444);
+    // A container on a larger MTU than the tunnel's sends segments that
+    // cannot cross it: the packet is dropped whole, counted, none arrives.
+    lab.client.ip(&["link", "set", "tmsvc0", "mtu", "1500"]);
+    let to = SocketAddr::new(WEB1_IP.parse().unwrap(), GSO_PORT);
+    let received = receive_datagrams(&lab.web1, false, 1);
+    send_gso(&lab.client, to, 1472, 2944);
+    assert_eq!(received.join().unwrap().len(), 0);
+    let counters = lab.nodes.node1.daemon.as_ref().unwrap().status();
+    assert_eq!(named(&counters, "tc_service", "too_big_for_tunnel"), 1);
 }
 
 #[test]
