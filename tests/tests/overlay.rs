@@ -2644,7 +2644,7 @@ fn send_gso(client: &Netns, to: SocketAddr, segment: u16, total: usize) -> Vec<u
     sent
 }
 
-/// A UDP GSO send to `to` (a remote instance) arrives as the datagrams the
+/// A UDP GSO send to `to` (an instance IP) arrives as the datagrams the
 /// socket asked for, whole: segments of 1000 bytes, then of the largest
 /// size the tunnel carries (`largest`, the container's MTU less the IP and
 /// UDP headers), the last one shorter.
@@ -2677,6 +2677,8 @@ fn udp_gso_sends_reach_a_remote_instance_as_their_datagrams() {
     let lab = lab();
     // 1472 (the tunnel MTU) less 20 + 8.
     gso_sends_arrive_as_their_datagrams(&lab.client, &lab.web1, WEB1_IP.parse().unwrap(), 1444);
+    // To the instance on the same node (no tunnel) as well.
+    gso_sends_arrive_as_their_datagrams(&lab.client, &lab.web0, WEB0_IP.parse().unwrap(), 1444);
     // A container on a larger MTU than the tunnel's sends segments that
     // cannot cross it: the packet is dropped whole, counted, none arrives.
     lab.client.ip(&["link", "set", "tmsvc0", "mtu", "1500"]);
