@@ -7,8 +7,9 @@ use core::intrinsics::{atomic_xadd, AtomicOrdering};
 
 use aya_ebpf::{
     bindings::{
-        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_F_ADJ_ROOM_FIXED_GSO, BPF_F_MARK_MANGLED_0,
+        BPF_F_PSEUDO_HDR, BPF_NOEXIST,
     },
     helpers::generated::{
         bpf_ktime_get_ns, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail,
@@ -39,7 +40,10 @@ use crate::{
 };
 
 /// The ICMP error: IPv4 header, ICMP header, the offending IPv4 header and 8 bytes.
-const ICMP_ERROR_LEN: usize = 20 + 8 + 20 + 8;
+/// IPv4, ICMP, then the quote: the offending header and 20 bytes (a TCP
+/// header's fixed part; see `fragmentation_needed`).
+const ICMP_ERROR_LEN: usize = 20 + 8 + QUOTE_LEN;
+const QUOTE_LEN: usize = 20 + 20;
 const IP_DF: u16 = 0x4000;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_ECHO: u8 = 8;
@@ -1094,16 +1098,26 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     if inst.kind == INSTANCE_REMOTE {
         // SAFETY: reading a field of the context.
         let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
-        if gso_size == 0 && ip.total_len > config.tunnel_mtu {
-            if dont_fragment(&pkt, &ip)? {
-                return fragmentation_needed(ctx, &pkt, &ip, config);
-            }
+        // A UDP GSO packet's segments keep their size through the tunnel
+        // (`to_node`): each must fit it. Its own length must leave room for
+        // the outer header's 16-bit length.
+        let udp_gso = gso_size != 0 && ip.protocol == IPPROTO_UDP;
+        if udp_gso && ip.total_len as usize + TUNNEL_LEN > u16::MAX as usize {
             return Err(DropReason::TooBigForTunnel);
         }
-        if gso_size != 0
-            && ip.protocol == IPPROTO_UDP
-            && ip.header_len + 8 + gso_size > config.tunnel_mtu as usize
-        {
+        let too_big = if gso_size == 0 {
+            ip.total_len > config.tunnel_mtu
+        } else {
+            udp_gso && ip.header_len + 8 + gso_size > config.tunnel_mtu as usize
+        };
+        if too_big {
+            // `fragmentation_needed` trims the packet, which ends its GSO.
+            // A UDP GSO packet has no DF (the stack sets it only on a packet
+            // within the MTU) though each datagram sent alone would have it,
+            // and its segments cannot be fragmented here: it is answered too.
+            if udp_gso || dont_fragment(&pkt, &ip)? {
+                return fragmentation_needed(ctx, &pkt, &ip, config);
+            }
             return Err(DropReason::TooBigForTunnel);
         }
     }
@@ -1229,8 +1243,11 @@ fn fragmentation_needed(
     let eth: *const [[u8; 2]; 6] = pkt.header(0, DropReason::TruncatedEthernet)?;
     // SAFETY: the 12 MAC bytes are inside the header just checked.
     let macs = unsafe { *eth };
-    // Keep the offending header and 8 bytes, then make room for ours.
-    let keep = (ETH_LEN + 28) as u32;
+    // Keep the offending header and 20 bytes, then make room for ours. The
+    // kernel trims an offloaded (CHECKSUM_PARTIAL) packet no shorter than
+    // its L4 checksum field: 8 bytes would refuse every TCP segment. A
+    // packet too big for the tunnel always has the 20.
+    let keep = (ETH_LEN + QUOTE_LEN) as u32;
     // SAFETY: the helper checks the length.
     if unsafe { bpf_skb_change_tail(ctx.skb.skb, keep, 0) } != 0 {
         return Err(DropReason::AdjustRoomFailed);
@@ -1241,7 +1258,7 @@ fn fragmentation_needed(
     let out: *mut [[u8; 2]; (ETH_LEN + ICMP_ERROR_LEN) / 2] =
         pkt.header_mut(0, DropReason::AdjustRoomFailed)?;
     let out = out as *mut [u8; 2];
-    let [l0, l1] = ((20 + 8 + 28) as u16).to_be_bytes();
+    let [l0, l1] = (ICMP_ERROR_LEN as u16).to_be_bytes();
     let ip_words = [
         u32::from_ne_bytes([0x45, 0xc0, l0, l1]),
         0,
@@ -1251,7 +1268,7 @@ fn fragmentation_needed(
     ];
     let ip_sum = csum::of_words(&ip_words);
     let [m0, m1] = config.tunnel_mtu.to_be_bytes();
-    // SAFETY: every access is inside the 70 bytes just checked.
+    // SAFETY: every access is inside the 82 bytes just checked.
     unsafe {
         // Back to the sender: the MACs swap.
         for i in 0..3 {
@@ -1266,7 +1283,7 @@ fn fragmentation_needed(
         // ICMP: type 3 code 4, checksum, unused, next-hop MTU, then the quote.
         store32(w.add(5), u32::from_ne_bytes([3, 4, 0, 0]));
         store32(w.add(6), u32::from_ne_bytes([0, 0, m0, m1]));
-        let mut icmp = [0u32; 9];
+        let mut icmp = [0u32; (8 + QUOTE_LEN) / 4];
         for (i, word) in icmp.iter_mut().enumerate() {
             *word = load32(w.add(5 + i));
         }

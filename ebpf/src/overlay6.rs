@@ -524,15 +524,18 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     if inst.kind == INSTANCE_REMOTE {
         // SAFETY: reading a field of the context.
         let gso_size = unsafe { (*ctx.skb.skb).gso_size } as usize;
-        if gso_size == 0 && ip.total_len > config.tunnel_mtu {
-            return packet_too_big(ctx, pkt, &s.key.src, config.tunnel_mtu, config6);
-        }
-        // A UDP GSO segment keeps its size through the tunnel (`to_node`).
-        if gso_size != 0
-            && ip.protocol == IPPROTO_UDP
-            && ip.l4 - ip.l3 + 8 + gso_size > config.tunnel_mtu as usize
-        {
+        // As for IPv4 (`overlay::from_container`).
+        let udp_gso = gso_size != 0 && ip.protocol == IPPROTO_UDP;
+        if udp_gso && ip.total_len as usize + tunnel::TUNNEL_LEN > u16::MAX as usize {
             return Err(DropReason::TooBigForTunnel);
+        }
+        let too_big = if gso_size == 0 {
+            ip.total_len > config.tunnel_mtu
+        } else {
+            udp_gso && ip.l4 - ip.l3 + 8 + gso_size > config.tunnel_mtu as usize
+        };
+        if too_big {
+            return packet_too_big(ctx, pkt, &s.key.src, config.tunnel_mtu, config6);
         }
     }
 

@@ -1596,6 +1596,20 @@ fn a_packet_too_big_for_the_tunnel_gets_fragmentation_needed_and_ping_finds_the_
     assert!(ok, "1472-byte packets fit: {out}");
     let counters = lab.nodes.node1.daemon.as_ref().unwrap().status();
     assert_eq!(named(&counters, "tc_service", "too_big_for_tunnel"), 1);
+
+    // A TCP segment too big for the tunnel (both ends on MTU 1500, one
+    // write of a full segment, not GSO) gets the same answer and is sent
+    // again smaller. Its checksum is left to the veth (CHECKSUM_PARTIAL),
+    // which the kernel will not trim to fewer bytes than the TCP header:
+    // the answer was refused (adjust_room_failed) and the connection hung.
+    const PORT: u16 = 7005;
+    lab.client.ip(&["route", "flush", "cache"]);
+    lab.web1.ip(&["link", "set", "tmsvc0", "mtu", "1500"]);
+    tcp_count_sink(&lab.web1, PORT);
+    assert_eq!(tcp_bulk(&lab.client, WEB1_IP, PORT, 1448), "1448");
+    let counters = lab.nodes.node1.daemon.as_ref().unwrap().status();
+    assert_eq!(named(&counters, "tc_service", "too_big_for_tunnel"), 2);
+    assert_eq!(named(&counters, "tc_service", "adjust_room_failed"), 0);
 }
 
 #[test]
@@ -2283,6 +2297,10 @@ fn ipv6_service_ips_reach_instances_on_both_nodes_and_ping_finds_the_mtu() {
     );
     let (ok, out) = ping_df(&client, WEB1_IP6, 1424, 2);
     assert!(ok, "1472-byte packets fit: {out}");
+    // So does a UDP GSO send whose segments do not fit (1500 bytes each).
+    client.ip(&["-6", "route", "flush", "cache"]);
+    let to = SocketAddr::new(WEB1_IP6.parse().unwrap(), GSO_PORT);
+    gso_too_big_teaches_the_path_mtu(&client, &web1, to, 1452);
     // The "packet too big" quotes enough of a packet with an extension
     // header (destination options) for the sender to take it: its path MTU
     // is learnt again after the cache is flushed.
@@ -2620,7 +2638,18 @@ fn receive_datagrams(
 /// stacks send); returns the bytes sent.
 fn send_gso(client: &Netns, to: SocketAddr, segment: u16, total: usize) -> Vec<u8> {
     let payload: Vec<u8> = (0..total).map(|i| (i % 251) as u8).collect();
-    let sent = payload.clone();
+    let sent = try_send_gso(client, to, segment, payload);
+    assert_eq!(sent.as_ref().ok(), Some(&total), "GSO send: {sent:?}");
+    (0..total).map(|i| (i % 251) as u8).collect()
+}
+
+/// [`send_gso`] of `payload`, which may fail.
+fn try_send_gso(
+    client: &Netns,
+    to: SocketAddr,
+    segment: u16,
+    payload: Vec<u8>,
+) -> std::io::Result<usize> {
     spawn_in(&client.name, move || {
         use std::os::fd::AsRawFd;
         let any = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" };
@@ -2637,11 +2666,24 @@ fn send_gso(client: &Netns, to: SocketAddr, segment: u16, total: usize) -> Vec<u
             )
         };
         assert_eq!(rc, 0, "UDP_SEGMENT: {}", std::io::Error::last_os_error());
-        assert_eq!(s.send_to(&payload, to).expect("GSO send"), total);
+        s.send_to(&payload, to)
     })
     .join()
-    .expect("client thread");
-    sent
+    .expect("client thread")
+}
+
+/// A UDP GSO send to `to` whose segments of `segment` bytes do not fit
+/// the tunnel: none arrives at `server`, and the ICMP answer (the tunnel's
+/// MTU) becomes the client's path MTU, so its next such send fails at once.
+fn gso_too_big_teaches_the_path_mtu(client: &Netns, server: &Netns, to: SocketAddr, segment: u16) {
+    let to = SocketAddr::new(to.ip(), GSO_PORT);
+    let received = receive_datagrams(server, to.is_ipv6(), 1);
+    send_gso(client, to, segment, 2 * usize::from(segment));
+    let learnt = tapmesh_tests::net::wait_until(Duration::from_secs(10), || {
+        try_send_gso(client, to, segment, vec![0; 2 * usize::from(segment)]).is_err()
+    });
+    assert!(learnt, "the path MTU was not learnt from the ICMP answer");
+    assert_eq!(received.join().unwrap().len(), 0);
 }
 
 /// A UDP GSO send to `to` (an instance IP) arrives as the datagrams the
@@ -2675,17 +2717,18 @@ fn udp_gso_sends_reach_a_remote_instance_as_their_datagrams() {
         return;
     }
     let lab = lab();
+    // The hop to node 2 resolved (a GSO packet is never held).
+    answered_by(&udp_ask(&lab.client, WEB1_IP, 1), "web1", WEB1_IP);
     // 1472 (the tunnel MTU) less 20 + 8.
     gso_sends_arrive_as_their_datagrams(&lab.client, &lab.web1, WEB1_IP.parse().unwrap(), 1444);
     // To the instance on the same node (no tunnel) as well.
     gso_sends_arrive_as_their_datagrams(&lab.client, &lab.web0, WEB0_IP.parse().unwrap(), 1444);
     // A container on a larger MTU than the tunnel's sends segments that
-    // cannot cross it: the packet is dropped whole, counted, none arrives.
+    // cannot cross it: the packet is answered with ICMP "fragmentation
+    // needed" (the tunnel's MTU) and counted, none arrives.
     lab.client.ip(&["link", "set", "tmsvc0", "mtu", "1500"]);
     let to = SocketAddr::new(WEB1_IP.parse().unwrap(), GSO_PORT);
-    let received = receive_datagrams(&lab.web1, false, 1);
-    send_gso(&lab.client, to, 1472, 2944);
-    assert_eq!(received.join().unwrap().len(), 0);
+    gso_too_big_teaches_the_path_mtu(&lab.client, &lab.web1, to, 1472);
     let counters = lab.nodes.node1.daemon.as_ref().unwrap().status();
     assert_eq!(named(&counters, "tc_service", "too_big_for_tunnel"), 1);
 }
