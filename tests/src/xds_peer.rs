@@ -708,6 +708,12 @@ impl ControlPlane {
         Self::start_with(0, Some(netns), delta)
     }
 
+    /// [`Self::start_in`] on `port` (a server started again where the
+    /// daemon looks for it).
+    pub fn start_in_on(netns: &str, port: u16, delta: bool) -> Self {
+        Self::start_with(port, Some(netns), delta)
+    }
+
     fn start_with(port: u16, netns: Option<&str>, delta: bool) -> Self {
         Self::start_full(port, netns, delta, None)
     }
@@ -792,6 +798,11 @@ impl ControlPlane {
                 Err("no listening port reported".into())
             }
         }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// `http://127.0.0.1:<port>`

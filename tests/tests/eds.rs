@@ -15,6 +15,8 @@ use tapmesh_tests::{
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
 const FLOWS: u16 = 2000;
 const VIP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
+/// The daemon's metrics and probes, in its namespace.
+const METRICS: &str = "127.0.0.1:9843";
 
 /// A UDP receiver on port 7000 of each VIP in each target, target by
 /// target: [first via vips[0], first via vips[1], second via vips[0], …].
@@ -141,7 +143,8 @@ fn a_restart_without_the_server_keeps_the_last_endpoints() {
     std::fs::write(
         &config,
         format!(
-            "[xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"2s\"\n{}",
+            "[metrics]\nlisten = \"{METRICS}\"\n\
+             [xds]\nserver = \"{}\"\nnode_id = \"node-1\"\nmissing_after = \"2s\"\n{}",
             cp.address(),
             udp_vip_cluster("svc", VIP)
         ),
@@ -158,6 +161,7 @@ fn a_restart_without_the_server_keeps_the_last_endpoints() {
     .to_vec();
     lab.start_with(None, &args);
     let mut cp = cp;
+    let port = cp.port();
     let (a, b) = (
         lab.targets[0].address.to_string(),
         lab.targets[1].address.to_string(),
@@ -207,6 +211,20 @@ fn a_restart_without_the_server_keeps_the_last_endpoints() {
     assert_eq!(lab.spread(VIP), before);
     let listing = lab.daemon().cli(&["catalog", "list"]);
     assert!(listing.contains(&format!("{a}:7000 weight 1")), "{listing}");
+
+    // The server comes back without the cluster (deleted while the node was
+    // away): once it was reached and `missing_after` passed, the plane is
+    // synced and the node ready, with the kept endpoints still in place
+    // (before, it stayed unsynced and /readyz said 503 for good).
+    let scrape = || tapmesh_tests::scrape::scrape(&lab.node.name, METRICS);
+    assert_eq!(scrape().readyz.0, 503);
+    let cp = tapmesh_tests::xds_peer::ControlPlane::start_in_on(&lab.node.name, port, false);
+    cp.wait_request(Duration::from_secs(60), "the subscription", |r| {
+        r.resource_names == ["svc"]
+    });
+    let ready = wait_until(Duration::from_secs(30), || scrape().readyz.0 == 200);
+    assert!(ready, "{:?}", scrape().readyz);
+    assert_eq!(lab.spread(VIP), before);
 }
 
 /// The daemon's default (`protocol = "auto"`) against a server with Delta:

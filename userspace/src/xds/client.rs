@@ -269,6 +269,23 @@ impl Client {
         // synced, so not ready, until it is reached; asked again then.
         let reached = health().snapshot().get(PLANE).is_some_and(|h| h.connected);
         if reached {
+            // A held cluster the server reached did not send within the
+            // wait keeps its endpoints, and counts as settled: else a
+            // cluster deleted while the node was away kept it unready for good.
+            let kept: Vec<String> = self
+                .held
+                .iter()
+                .filter(|c| !self.settled.contains(*c))
+                .cloned()
+                .collect();
+            for cluster in kept {
+                tracing::info!(
+                    %cluster,
+                    "the server did not send a cluster kept from before the restart within {:?}: its endpoints stay until it does",
+                    self.settings.missing_after
+                );
+                self.settled.insert(cluster);
+            }
             self.report_synced(None);
         } else {
             self.missing_done = false;
