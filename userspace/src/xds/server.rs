@@ -72,10 +72,10 @@ pub type Assignments = Arc<BTreeMap<String, ClusterLoadAssignment>>;
 /// locality-weighted and plain load balancing split traffic alike, as the
 /// dataplane does. `drop_overloads` are carried in parts per million.
 pub fn assignment(c: &ClusterEndpoints, unreachable: &BTreeSet<IpAddr>) -> ClusterLoadAssignment {
-    let chosen = c
-        .endpoints
-        .iter()
-        .map(|e| (e, true, unreachable.contains(&e.address)));
+    let chosen = c.endpoints.iter().map(|e| {
+        let down = unreachable.contains(&e.address);
+        (e, !down, down)
+    });
     let standby = c.standby.iter().map(|s| (&s.endpoint, s.usable, false));
     let mut groups: BTreeMap<(u32, &Locality), (u64, Vec<LbEndpoint>)> = BTreeMap::new();
     for (e, usable, down) in chosen.chain(standby) {
@@ -621,6 +621,18 @@ mod tests {
         let reselected = select(&served).unwrap();
         assert_eq!(reselected.endpoints.len(), 1);
         assert_eq!(reselected.endpoints[0].address.to_string(), "10.0.0.2");
+        // Its locality weighs what the dataplane sends it: 10.0.0.2's
+        // share alone (it counted the unreachable one's too).
+        let share = c
+            .endpoints
+            .iter()
+            .find(|e| e.address.to_string() == "10.0.0.2")
+            .unwrap()
+            .weight;
+        assert_eq!(
+            served.endpoints[0].load_balancing_weight,
+            Some(UInt32Value { value: share })
+        );
     }
 
     #[test]
