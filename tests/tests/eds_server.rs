@@ -267,12 +267,14 @@ fn eds_server_serves_priorities_health_and_unreachable_backends_as_the_maps_hold
     cp.set("1", &[("svc", cla)]);
     wait_ack(&cp, "1");
 
+    // The locality weighs its usable endpoints only (3), as the maps split
+    // (it said 4, counting the unreachable one).
     let client = EdsClient::start(&lab.node.name, SERVE, &["svc"]);
     client.expect_response(
         1,
         Duration::from_secs(20),
         &format!(
-            "svc{{near/p0/w4[{a}:5000*3:HEALTHY,198.51.100.77:5000*1:UNHEALTHY,\
+            "svc{{near/p0/w3[{a}:5000*3:HEALTHY,198.51.100.77:5000*1:UNHEALTHY,\
              198.51.100.78:5000*2:DRAINING] far/p1/w1[{b}:5000*1:HEALTHY]}}"
         ),
     );
