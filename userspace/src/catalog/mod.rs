@@ -7,7 +7,7 @@
 //! in another cluster node's published prefixes a remote target through
 //! the tunnel to that node ([`resolve`]). Endpoint
 //! weights become Maglev slots (a backend of weight w holds w of the
-//! stream's identifiers, scaled to at most [`MAX_SLOTS`] in all), so real
+//! stream's identifiers, scaled when they add up to more, see [`slots`]), so real
 //! traffic splits in their proportion; the stream has room for the next
 //! power of two of them ([`stream_size`]). A backend's identifiers are keyed
 //! by its address and port and kept across updates and restarts
@@ -44,8 +44,12 @@ pub const STATE_FILE: &str = "eds-identities.json";
 /// Where the endpoints of the last accepted write are kept, in the state
 /// directory: what a restart writes before the server answers.
 pub const ENDPOINTS_FILE: &str = "eds-endpoints.json";
-/// Maglev slots one EDS service's backends share.
+/// Maglev slots one EDS service's backends share at least when their
+/// weights need more (see [`slots`]).
 pub const MAX_SLOTS: u32 = 100;
+/// Slots per backend an EDS service may take when its weights need more
+/// than [`MAX_SLOTS`] (see [`slots`]).
+pub const SLOTS_PER_BACKEND: u64 = 4;
 /// Updates within this of the first of a burst become one map write (the
 /// timer rounds it up to the next millisecond), and so do updates that come
 /// while the backends are being resolved.
@@ -975,36 +979,77 @@ pub fn stream_size(slots: u32) -> u32 {
         .max(slots)
 }
 
-/// Maglev slots per weight: proportional, at most [`MAX_SLOTS`] in all, at
-/// least one each (largest remainders get the rounding).
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// Maglev slots per weight (in lowest terms), in proportion, at least one each. The slots
+/// in all: the weights' sum if it is at most [`MAX_SLOTS`] or
+/// [`SLOTS_PER_BACKEND`] per backend (exact then), else the larger of the
+/// two, within the Maglev limit. A backend whose share is under one slot
+/// gets one; the others share the rest by weight (largest remainders get
+/// the rounding), so a few heavy backends among many light ones keep their
+/// share (with the slots capped at 100, one of weight 100 among 100 of
+/// weight 1 held a third of the table, not half).
 pub fn slots(weights: &[u32]) -> Vec<u32> {
-    if weights.is_empty() {
-        return Vec::new();
+    let n = weights.len() as u64;
+    // In lowest terms: equal weights take one slot each, whatever their size.
+    let weights: Vec<u64> = weights.iter().map(|&w| u64::from(w.max(1))).collect();
+    let common = weights.iter().fold(0, |g, &w| gcd(g, w)).max(1);
+    let weights: Vec<u64> = weights.iter().map(|&w| w / common).collect();
+    let sum: u64 = weights.iter().sum();
+    let limit = u64::from(crate::lb::maglev::MAX_STREAM_TARGETS);
+    let budget = sum
+        .min(SLOTS_PER_BACKEND * n)
+        .min(limit)
+        .max(u64::from(MAX_SLOTS))
+        .max(n);
+    if sum <= budget {
+        return weights.iter().map(|&w| w as u32).collect();
     }
-    let sum: u64 = weights.iter().map(|&w| u64::from(w.max(1))).sum();
-    if sum <= u64::from(MAX_SLOTS) {
-        return weights.iter().map(|&w| w.max(1)).collect();
-    }
-    let budget = u64::from(MAX_SLOTS).max(weights.len() as u64);
-    let exact: Vec<(u64, u64)> = weights
-        .iter()
-        .map(|&w| {
-            let scaled = u64::from(w.max(1)) * budget;
-            (scaled / sum, scaled % sum)
-        })
-        .collect();
-    let mut out: Vec<u32> = exact.iter().map(|(q, _)| (*q).max(1) as u32).collect();
-    let mut left = budget.saturating_sub(out.iter().map(|&n| u64::from(n)).sum());
-    let mut order: Vec<usize> = (0..exact.len()).collect();
-    order.sort_by(|&a, &b| exact[b].1.cmp(&exact[a].1));
-    for i in order {
-        if left == 0 {
-            break;
+    // Fix at one slot every backend whose share of what is left is under
+    // one, until none is: the largest always has one (budget >= n).
+    let mut fixed = vec![false; weights.len()];
+    loop {
+        let free = budget - fixed.iter().filter(|&&f| f).count() as u64;
+        let free_sum: u64 = (0..weights.len())
+            .filter(|&i| !fixed[i])
+            .map(|i| weights[i])
+            .sum();
+        let mut changed = false;
+        for i in 0..weights.len() {
+            if !fixed[i] && weights[i] * free < free_sum {
+                fixed[i] = true;
+                changed = true;
+            }
         }
-        out[i] += 1;
-        left -= 1;
+        if changed {
+            continue;
+        }
+        let exact: Vec<(u64, u64)> = (0..weights.len())
+            .map(|i| match fixed[i] {
+                true => (1, 0),
+                false => (weights[i] * free / free_sum, weights[i] * free % free_sum),
+            })
+            .collect();
+        let mut out: Vec<u32> = exact.iter().map(|&(q, _)| q as u32).collect();
+        let given: u64 = out.iter().map(|&q| u64::from(q)).sum();
+        let mut left = budget.saturating_sub(given);
+        let mut order: Vec<usize> = (0..exact.len()).filter(|&i| !fixed[i]).collect();
+        order.sort_by(|&a, &b| exact[b].1.cmp(&exact[a].1));
+        for i in order {
+            if left == 0 {
+                break;
+            }
+            out[i] += 1;
+            left -= 1;
+        }
+        return out;
     }
-    out
 }
 
 #[cfg(test)]
@@ -1102,11 +1147,32 @@ mod tests {
     fn weights_become_proportional_slots() {
         assert_eq!(slots(&[3, 1]), vec![3, 1]);
         assert_eq!(slots(&[1, 1, 1]), vec![1, 1, 1]);
-        let s = slots(&[300, 100]);
+        assert_eq!(slots(&[300, 100]), vec![3, 1]);
+        assert_eq!(slots(&[7, 7, 7]), vec![1, 1, 1]);
+        let s = slots(&[301, 100]);
         assert_eq!(s, vec![75, 25]);
         let s = slots(&[1_000_000, 1]);
-        assert_eq!(s.iter().sum::<u32>(), 100);
-        assert_eq!(s[1], 1, "every backend keeps a slot");
+        assert_eq!(s, vec![99, 1], "every backend keeps a slot");
         assert!(slots(&[]).is_empty());
+        // One heavy backend among many light ones keeps its share: exact
+        // while the sum is within 4 slots per backend.
+        let mut w = vec![100];
+        w.extend([1; 100]);
+        let s = slots(&w);
+        assert_eq!((s[0], s[1..].iter().all(|&n| n == 1)), (100, true));
+        // Beyond that: the light ones one each, the heavy ones the rest by weight.
+        let mut w = vec![1000, 500];
+        w.extend([1; 98]);
+        let s = slots(&w);
+        assert_eq!(s.iter().sum::<u32>(), 400);
+        assert_eq!(&s[..2], &[201, 101]);
+        assert!(s[2..].iter().all(|&n| n == 1));
+        // Within the Maglev limit, at least one each.
+        let s = slots(&[u32::MAX; 3000]);
+        assert!(s.iter().all(|&n| n == 1));
+        let mut w = vec![u32::MAX];
+        w.extend([1; 9999]);
+        let s = slots(&w);
+        assert_eq!((s.len(), s.iter().sum::<u32>(), s[0]), (10_000, 10_000, 1));
     }
 }
