@@ -124,6 +124,33 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
     let after = counts();
     assert_eq!(after[0], before[0], "the removed backend gets nothing");
     assert_eq!(after[1], before[1] + 200);
+
+    // drop_overloads are not applied (Envoy drops requests; these are
+    // flows): said once per new policy, and every flow still gets through.
+    let mut with_drops = Cla::single(vec![Ep::new(&b, 5000)]);
+    with_drops.drops = vec![("overload".into(), 500_000)];
+    cp.set("4", &[("svc", with_drops)]);
+    wait_ack(&cp, "4");
+    let mut with_drops = Cla::single(vec![Ep::new(&b, 5000).weight(2)]);
+    with_drops.drops = vec![("overload".into(), 500_000)];
+    cp.set("5", &[("svc", with_drops)]);
+    wait_ack(&cp, "5");
+    let warned = lab
+        .daemon()
+        .log_text()
+        .matches("drop_overloads (overload 500000 ppm) are served to proxies")
+        .count();
+    assert_eq!(warned, 1, "{}", lab.daemon().log_text());
+    send_udp_flows(
+        &lab.client.name,
+        CLIENT,
+        &ports[..200],
+        SocketAddrV4::new(VIP, 7000),
+        1,
+        b"eds",
+    );
+    assert!(wait_until(Duration::from_secs(30), || total(&counts())
+        == total(&after) + 200));
 }
 
 /// A kept dataplane restarted while the xDS server is away lost every packet

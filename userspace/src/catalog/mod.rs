@@ -455,6 +455,28 @@ impl EndpointSink for Catalog {
 
     /// One write for all of them: refused, none of them stays.
     async fn apply_all(&self, updates: Vec<ClusterEndpoints>) -> Result<(), String> {
+        // Said once per new policy: servers resend assignments often.
+        let drops: Vec<(String, String)> = {
+            let state = self.state.lock().await;
+            updates
+                .iter()
+                .filter(|u| {
+                    !u.drop_overloads.is_empty()
+                        && state
+                            .clusters
+                            .get(&u.cluster)
+                            .is_none_or(|old| old.drop_overloads != u.drop_overloads)
+                })
+                .map(|u| {
+                    let list: Vec<String> = u
+                        .drop_overloads
+                        .iter()
+                        .map(|d| format!("{} {} ppm", d.category, d.parts_per_million))
+                        .collect();
+                    (u.cluster.clone(), list.join(", "))
+                })
+                .collect()
+        };
         let (mine, previous) = {
             let mut state = self.state.lock().await;
             if let Some(u) = updates
@@ -499,6 +521,15 @@ impl EndpointSink for Catalog {
             state.wanted += 1;
             drop(state);
             self.kick.notify_one();
+        } else {
+            for (cluster, drops) in drops {
+                // Envoy drops a share of requests; this dataplane balances
+                // flows, and dropping a share of them is not that policy.
+                tracing::warn!(
+                    %cluster,
+                    "drop_overloads ({drops}) are served to proxies (xds.serve) but not applied: this node's load balancer drops no share of the traffic"
+                );
+            }
         }
         result
     }
