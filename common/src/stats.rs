@@ -150,6 +150,13 @@ impl PacketCounter {
         self.bytes += bytes;
     }
 
+    /// `packets` at once (a GSO packet's segments).
+    #[inline(always)]
+    pub fn count_many(&mut self, packets: u64, bytes: u64) {
+        self.packets += packets;
+        self.bytes += bytes;
+    }
+
     pub fn merge(&mut self, other: &Self) {
         self.packets += other.packets;
         self.bytes += other.bytes;

@@ -714,7 +714,7 @@ fn bind(
 }
 
 #[inline(always)]
-pub fn count(map_index: u32, per_instance: bool, bytes: u64) {
+pub fn count(map_index: u32, per_instance: bool, wire: (u64, u64)) {
     let counter = if per_instance {
         tm_ov_ins_stats.get_ptr_mut(map_index)
     } else {
@@ -722,8 +722,32 @@ pub fn count(map_index: u32, per_instance: bool, bytes: u64) {
     };
     if let Some(c) = counter {
         // SAFETY: a per-CPU value only this CPU touches.
-        unsafe { (*c).count(bytes) }
+        unsafe { (*c).count_many(wire.0, wire.1) }
     }
+}
+
+/// The packets and bytes a packet from a container stands for on the
+/// wire: a GSO packet's segments, each with its own copy of the headers
+/// up to the end of the TCP or UDP header at `l4`, as the receiving end
+/// counts them.
+#[inline(always)]
+pub fn on_the_wire(ctx: &TcContext, pkt: &Packet, l4: usize, protocol: u8) -> (u64, u64) {
+    let len = ctx.len() as u64;
+    // SAFETY: reading a field of the context.
+    let segments = unsafe { (*ctx.skb.skb).gso_segs } as u64;
+    if segments <= 1 {
+        return (1, len);
+    }
+    let header = match protocol {
+        IPPROTO_UDP => 8,
+        IPPROTO_TCP => match pkt.header::<[u8; 13]>(l4, DropReason::TruncatedTcp) {
+            // SAFETY: inside the 13 bytes just checked.
+            Ok(h) => usize::from(unsafe { (*h)[12] } >> 4) * 4,
+            Err(_) => return (segments, len),
+        },
+        _ => return (segments, len),
+    };
+    (segments, len + (segments - 1) * (l4 + header) as u64)
 }
 
 /// Rewrites the addresses of the IPv4 header at `ip.l3` and its checksum;
@@ -1091,9 +1115,9 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
         };
         let _ = tm_ov_frags.insert(&fragment_key(&ip), &value, 0);
     }
-    let bytes = ctx.len() as u64;
-    count(binding.service, false, bytes);
-    count(id, true, bytes);
+    let wire = on_the_wire(ctx, &pkt, ip.l4, ip.protocol);
+    count(binding.service, false, wire);
+    count(id, true, wire);
 
     if inst.kind == INSTANCE_REMOTE {
         // SAFETY: reading a field of the context.

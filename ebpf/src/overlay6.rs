@@ -29,7 +29,7 @@ use crate::{
     csum,
     headers::*,
     maps::*,
-    overlay::{count, pick, to_node, FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT},
+    overlay::{count, on_the_wire, pick, to_node, FIRST_FRAGMENT, LATER_FRAGMENT, NOT_FRAGMENT},
     packet::{load16, load32, store16, store32, Packet},
     parse::{parse, Fragment, Parsed, L3},
     tunnel::{self, write_macs},
@@ -517,9 +517,9 @@ fn try_from_container(ctx: &TcContext, pkt: &Packet) -> Result<i32, DropReason> 
     let Some((id, service, inst)) = binding(s, &flow, config6, sender)? else {
         return Ok(TC_ACT_OK);
     };
-    let bytes = ctx.len() as u64;
-    count(service, false, bytes);
-    count(id, true, bytes);
+    let wire = on_the_wire(ctx, pkt, ip.l4, ip.protocol);
+    count(service, false, wire);
+    count(id, true, wire);
 
     if inst.kind == INSTANCE_REMOTE {
         // SAFETY: reading a field of the context.

@@ -2719,8 +2719,28 @@ fn udp_gso_sends_reach_a_remote_instance_as_their_datagrams() {
     let lab = lab();
     // The hop to node 2 resolved (a GSO packet is never held).
     answered_by(&udp_ask(&lab.client, WEB1_IP, 1), "web1", WEB1_IP);
+    let web1_counts = || {
+        let status = lab.nodes.node1.status();
+        let i = status["instances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["job"] == WEB && i["number"] == 1)
+            .cloned()
+            .unwrap_or_else(|| panic!("no web#1 in {status}"));
+        (i["packets"].as_u64().unwrap(), i["bytes"].as_u64().unwrap())
+    };
+    let before = web1_counts();
     // 1472 (the tunnel MTU) less 20 + 8.
     gso_sends_arrive_as_their_datagrams(&lab.client, &lab.web1, WEB1_IP.parse().unwrap(), 1444);
+    // Counted as the datagrams on the wire: 5 of 1000 bytes, then 1444,
+    // 1444 and 1112, each with its 42 bytes of Ethernet, IPv4 and UDP
+    // (one packet of 5042 bytes before).
+    let after = web1_counts();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (8, 5 * 1042 + 2 * 1486 + 1154)
+    );
     // To the instance on the same node (no tunnel) as well.
     gso_sends_arrive_as_their_datagrams(&lab.client, &lab.web0, WEB0_IP.parse().unwrap(), 1444);
     // A container on a larger MTU than the tunnel's sends segments that
