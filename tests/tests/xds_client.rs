@@ -488,6 +488,40 @@ fn missing_cluster_is_applied_empty_once() {
     assert_eq!(endpoints(&update), vec![("198.18.2.1".into(), 80, 1)]);
 }
 
+/// A server reached after the start, before `missing_after` ran out, still
+/// gets the whole wait before a cluster it did not send is applied as
+/// empty (the wait ran from the client's start: a server reached just
+/// before it ended had no time to send, and the cluster's traffic went).
+#[test]
+fn missing_after_runs_from_when_the_server_is_reached() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sink = Recorder::new(true);
+    let mut s = settings(&serving_v1(), &["ghost"]);
+    s.server = format!("http://127.0.0.1:{port}");
+    s.missing_after = Duration::from_secs(6);
+    let client = Client::start(s, sink.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    let cp = ControlPlane::start_on(port);
+    cp.wait_request(WAIT, "the subscription", |r| r.response_nonce.is_empty());
+    let reached = Instant::now();
+    assert!(
+        reached.duration_since(client.started) < Duration::from_secs(6),
+        "the server was reached only after the wait: nothing to test"
+    );
+    assert_eq!(sink.wait_count(1), ClusterEndpoints::empty("ghost"));
+    let at = sink.updates.lock().unwrap()[0].0;
+    assert!(
+        at.duration_since(reached) >= Duration::from_millis(5500),
+        "applied {:?} after the server was reached ({:?} after the start)",
+        at.duration_since(reached),
+        at.duration_since(client.started)
+    );
+}
+
 /// A response carrying only some subscribed clusters leaves the others alone.
 #[test]
 fn absent_cluster_keeps_its_state() {

@@ -430,6 +430,14 @@ impl Client {
                 V::NAME
             );
         });
+        // The server gets the whole wait from when it is reached: the
+        // deadline ran from the start (or an earlier stream) and could
+        // fall at once, applying clusters as missing it had no time to send.
+        if !self.missing_done {
+            self.missing_deadline = self
+                .missing_deadline
+                .max(Instant::now() + self.settings.missing_after);
+        }
         let call = V::call(channel, self.settings.ads, ReceiverStream::new(rx));
         let mut inbound = match self.wait(call).await {
             None => return Ended::Cancelled,
