@@ -386,3 +386,33 @@ fn a_response_refused_at_write_time_leaves_every_cluster_as_it_was() {
         "[a via VIP, a via VIP2, b, b]"
     );
 }
+
+/// A backend on the node's network with no neighbour entry (the node never
+/// sent it a packet) is left out of the first write, then resolved: the
+/// daemon gives it a managed entry, the kernel resolves it, and the next
+/// look (once a second) writes it in. Before, it stayed out until the
+/// cluster changed.
+#[test]
+fn a_backend_without_a_neighbour_entry_is_resolved_and_takes_traffic() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let (lab, mut cp) = eds::lab(&[VIP], &udp_vip_cluster("svc", VIP));
+    let (a, b) = (
+        lab.targets[0].address.to_string(),
+        lab.targets[1].address.to_string(),
+    );
+    // The lab's static entry for b goes: no entry, as on a fresh node.
+    lab.node
+        .ip(&["neigh", "del", &b, "dev", &lab.targets[1].node_if]);
+    cp.set("1", &[("svc", weighted(&[(&a, 7000, 1), (&b, 7000, 1)]))]);
+    wait_ack(&cp, "1");
+    let resolved = wait_until(Duration::from_secs(15), || {
+        lab.daemon()
+            .cli(&["catalog", "list"])
+            .contains(&format!("{b}:7000 weight 1 priority 0 slots 1"))
+    });
+    assert!(resolved, "{}", lab.daemon().cli(&["catalog", "list"]));
+    let spread = lab.spread(VIP);
+    assert!(spread.iter().all(|&n| n > 0), "{spread:?}");
+}

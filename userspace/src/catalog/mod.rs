@@ -54,6 +54,9 @@ pub const SLOTS_PER_BACKEND: u64 = 4;
 /// timer rounds it up to the next millisecond), and so do updates that come
 /// while the backends are being resolved.
 pub const DEBOUNCE: Duration = Duration::from_millis(1);
+/// How often the backends of the last write that had no neighbour are
+/// looked at again: written again once the neighbour table moved.
+pub const UNRESOLVED_RETRY: Duration = Duration::from_secs(1);
 
 pub use crate::config::ClusterBinding;
 
@@ -543,8 +546,41 @@ async fn writer(catalog: Arc<Catalog>) {
     // The identities of the last write the LB accepted: what a refused one
     // gives back (the maps keep the identifiers they hold).
     let mut last_good: Option<Arc<Identities>> = None;
+    // Backends of the last write that had no neighbour, and those given a
+    // managed entry already; the neighbour table's generation the last
+    // resolution saw.
+    let mut asked: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut neighbours_seen: Option<u64> = None;
     loop {
-        catalog.kick.notified().await;
+        let unresolved: BTreeSet<IpAddr> = catalog
+            .accepted
+            .borrow()
+            .unreachable
+            .values()
+            .flatten()
+            .copied()
+            .collect();
+        tokio::select! {
+            _ = catalog.kick.notified() => {}
+            _ = tokio::time::sleep(UNRESOLVED_RETRY), if !unresolved.is_empty() => {
+                let new: Vec<IpAddr> = unresolved.difference(&asked).copied().collect();
+                asked = unresolved;
+                let now = tokio::task::spawn_blocking(move || {
+                    if !new.is_empty() {
+                        resolve::ask_neighbours(&new);
+                    }
+                    neighbour_generation()
+                })
+                .await
+                .ok()
+                .flatten();
+                if now.is_none() || now == neighbours_seen {
+                    continue;
+                }
+                catalog.state.lock().await.wanted += 1;
+            }
+        }
+        let neighbours_now = neighbour_generation();
         // A kick for updates the last write already held writes nothing.
         let Some(Snapshot {
             mut generation,
@@ -557,6 +593,7 @@ async fn writer(catalog: Arc<Catalog>) {
         else {
             continue;
         };
+        neighbours_seen = neighbours_now;
         let (_, mut resolved) = tokio::join!(
             tokio::time::sleep(DEBOUNCE),
             resolve::targets(&mut spec, &nodes)
@@ -658,6 +695,12 @@ async fn writer(catalog: Arc<Catalog>) {
         // Freed once the update is answered (10 000 endpoints take about 1 ms).
         drop(garbage);
     }
+}
+
+/// The kept neighbour table's generation (it moves when a usable MAC may
+/// have changed); none without the kept table.
+fn neighbour_generation() -> Option<u64> {
+    crate::net::neigh_table::with(|_| crate::net::neigh_table::generation())
 }
 
 /// Saves the identities of each successful write, the latest when writes

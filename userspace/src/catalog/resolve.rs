@@ -33,6 +33,32 @@ pub struct RemoteNode {
 /// The one node serving `address`: the longest of the nodes' prefixes that
 /// holds it; none when two nodes publish that prefix length (a node mid-move
 /// would otherwise take traffic the other one serves).
+/// Gives each backend on a directly connected network that has no
+/// neighbour entry a *managed* one, which the kernel resolves and keeps
+/// resolved: nothing else would ask (XDP cannot hand the kernel a packet to
+/// resolve, and this node may never have sent the backend one). Blocking.
+pub fn ask_neighbours(addresses: &[IpAddr]) {
+    let hops = match Resolver::new().and_then(|mut r| r.next_hops(addresses)) {
+        Ok(hops) => hops,
+        Err(e) => {
+            tracing::debug!("backends' neighbours: {e}");
+            return;
+        }
+    };
+    for (&backend, hop) in addresses.iter().zip(hops) {
+        if let Err(crate::net::neigh::Unresolved::NoEntry { ifindex, address }) = hop {
+            if address != backend {
+                continue;
+            }
+            match crate::net::neigh::add_managed(ifindex, address) {
+                Ok(true) => tracing::info!(%backend, ifindex, "managed neighbour entry added"),
+                Ok(false) => {}
+                Err(e) => tracing::debug!(%backend, "{e}"),
+            }
+        }
+    }
+}
+
 pub fn serving(nodes: &[RemoteNode], address: IpAddr) -> Option<&RemoteNode> {
     let mut best: Option<(u8, &RemoteNode)> = None;
     let mut tied = false;
