@@ -59,6 +59,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{ClusterEndpoints, ClusterLoadAssignment, Locality, EDS_TYPE_URL};
 
+/// `policy.overprovisioning_factor` in the served assignments (percent).
+pub const OVERPROVISIONING_FACTOR: u32 = 100_000;
+
 /// What the server serves: assignments by cluster name.
 pub type Assignments = Arc<BTreeMap<String, ClusterLoadAssignment>>;
 
@@ -70,7 +73,9 @@ pub type Assignments = Arc<BTreeMap<String, ClusterLoadAssignment>>;
 /// weight and each locality the sum of its usable endpoints' weights
 /// (saturated at `u32::MAX`; none when it has no usable endpoint), so
 /// locality-weighted and plain load balancing split traffic alike, as the
-/// dataplane does. `drop_overloads` are carried in parts per million.
+/// dataplane does. `drop_overloads` are carried in parts per million, and
+/// an overprovisioning factor that makes Envoy fail over as the dataplane
+/// does ([`OVERPROVISIONING_FACTOR`]).
 pub fn assignment(c: &ClusterEndpoints, unreachable: &BTreeSet<IpAddr>) -> ClusterLoadAssignment {
     let chosen = c.endpoints.iter().map(|e| {
         let down = unreachable.contains(&e.address);
@@ -126,7 +131,17 @@ pub fn assignment(c: &ClusterEndpoints, unreachable: &BTreeSet<IpAddr>) -> Clust
             },
         )
         .collect();
-    let policy = (!c.drop_overloads.is_empty()).then(|| Policy {
+    let policy = Some(Policy {
+        // Envoy's default (1.4) would send part of a priority's load on to
+        // the next one as soon as one of its endpoints is unusable, and
+        // scale localities down the same way; the dataplane uses the best
+        // priority with any usable endpoint, each locality by its usable
+        // endpoints' weights. A factor this large makes Envoy do the same
+        // (any usable endpoint counts the priority, or the locality, as
+        // whole), and stays within 32 bits times 10 000 endpoints.
+        overprovisioning_factor: Some(UInt32Value {
+            value: OVERPROVISIONING_FACTOR,
+        }),
         drop_overloads: c
             .drop_overloads
             .iter()
@@ -632,6 +647,12 @@ mod tests {
         assert_eq!(
             served.endpoints[0].load_balancing_weight,
             Some(UInt32Value { value: share })
+        );
+        // Envoy then keeps the whole load on priority 0 and the locality,
+        // as the dataplane does.
+        assert_eq!(
+            served.policy.unwrap().overprovisioning_factor,
+            Some(UInt32Value { value: 100_000 })
         );
     }
 
