@@ -389,9 +389,9 @@ fn a_response_refused_at_write_time_leaves_every_cluster_as_it_was() {
 
 /// A backend on the node's network with no neighbour entry (the node never
 /// sent it a packet) is left out of the first write, then resolved: the
-/// daemon gives it a managed entry, the kernel resolves it, and the next
-/// look (once a second) writes it in. Before, it stayed out until the
-/// cluster changed.
+/// daemon asks the kernel (as a packet for it would), and the next look
+/// (once a second) writes it in. Before, it stayed out until the cluster
+/// changed.
 #[test]
 fn a_backend_without_a_neighbour_entry_is_resolved_and_takes_traffic() {
     if !kernel_tests_enabled() {
@@ -413,6 +413,13 @@ fn a_backend_without_a_neighbour_entry_is_resolved_and_takes_traffic() {
             .contains(&format!("{b}:7000 weight 1 priority 0 slots 1"))
     });
     assert!(resolved, "{}", lab.daemon().cli(&["catalog", "list"]));
+    // It was left out first, and the kernel asked for it.
+    let asked = format!("asked the kernel to resolve a backend backend={b}");
+    assert!(
+        lab.daemon().log_text().contains(&asked),
+        "{}",
+        lab.daemon().log_text()
+    );
     let spread = lab.spread(VIP);
     assert!(spread.iter().all(|&n| n > 0), "{spread:?}");
 }

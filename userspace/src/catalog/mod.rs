@@ -54,8 +54,9 @@ pub const SLOTS_PER_BACKEND: u64 = 4;
 /// timer rounds it up to the next millisecond), and so do updates that come
 /// while the backends are being resolved.
 pub const DEBOUNCE: Duration = Duration::from_millis(1);
-/// How often the backends of the last write that had no neighbour are
-/// looked at again: written again once the neighbour table moved.
+/// How often the backends the last write left out are looked at again:
+/// the kernel is asked to resolve those on a directly connected network,
+/// and the catalog writes again once one of them resolved.
 pub const UNRESOLVED_RETRY: Duration = Duration::from_secs(1);
 
 pub use crate::config::ClusterBinding;
@@ -546,11 +547,11 @@ async fn writer(catalog: Arc<Catalog>) {
     // The identities of the last write the LB accepted: what a refused one
     // gives back (the maps keep the identifiers they hold).
     let mut last_good: Option<Arc<Identities>> = None;
-    // Backends of the last write that had no neighbour, and those given a
-    // managed entry already; the neighbour table's generation the last
-    // resolution saw.
-    let mut asked: BTreeSet<IpAddr> = BTreeSet::new();
-    let mut neighbours_seen: Option<u64> = None;
+    // Left-out backends found usable since (each forces one write: one
+    // usable on another interface than its route's stays out), and where
+    // the next round of asking starts.
+    let mut found: BTreeSet<IpAddr> = BTreeSet::new();
+    let mut ask_from = 0;
     loop {
         let unresolved: BTreeSet<IpAddr> = catalog
             .accepted
@@ -560,27 +561,30 @@ async fn writer(catalog: Arc<Catalog>) {
             .flatten()
             .copied()
             .collect();
+        found.retain(|a| unresolved.contains(a));
         tokio::select! {
             _ = catalog.kick.notified() => {}
             _ = tokio::time::sleep(UNRESOLVED_RETRY), if !unresolved.is_empty() => {
-                let new: Vec<IpAddr> = unresolved.difference(&asked).copied().collect();
-                asked = unresolved;
-                let now = tokio::task::spawn_blocking(move || {
-                    if !new.is_empty() {
-                        resolve::ask_neighbours(&new);
-                    }
-                    neighbour_generation()
+                // Asked again each time (a solicitation can fail), and
+                // written again only once one of them resolved.
+                let from = ask_from;
+                ask_from += resolve::ASK_AT_ONCE;
+                let usable = tokio::task::spawn_blocking(move || {
+                    let mut list: Vec<IpAddr> = unresolved.iter().copied().collect();
+                    let start = from % list.len();
+                    list.rotate_left(start);
+                    resolve::ask_neighbours(&list);
+                    resolve::usable(&unresolved)
                 })
                 .await
-                .ok()
-                .flatten();
-                if now.is_none() || now == neighbours_seen {
+                .unwrap_or_default();
+                if usable.is_subset(&found) {
                     continue;
                 }
+                found.extend(usable);
                 catalog.state.lock().await.wanted += 1;
             }
         }
-        let neighbours_now = neighbour_generation();
         // A kick for updates the last write already held writes nothing.
         let Some(Snapshot {
             mut generation,
@@ -593,7 +597,6 @@ async fn writer(catalog: Arc<Catalog>) {
         else {
             continue;
         };
-        neighbours_seen = neighbours_now;
         let (_, mut resolved) = tokio::join!(
             tokio::time::sleep(DEBOUNCE),
             resolve::targets(&mut spec, &nodes)
@@ -695,12 +698,6 @@ async fn writer(catalog: Arc<Catalog>) {
         // Freed once the update is answered (10 000 endpoints take about 1 ms).
         drop(garbage);
     }
-}
-
-/// The kept neighbour table's generation (it moves when a usable MAC may
-/// have changed); none without the kept table.
-fn neighbour_generation() -> Option<u64> {
-    crate::net::neigh_table::with(|_| crate::net::neigh_table::generation())
 }
 
 /// Saves the identities of each successful write, the latest when writes

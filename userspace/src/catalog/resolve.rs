@@ -33,11 +33,14 @@ pub struct RemoteNode {
 /// The one node serving `address`: the longest of the nodes' prefixes that
 /// holds it; none when two nodes publish that prefix length (a node mid-move
 /// would otherwise take traffic the other one serves).
-/// Gives each backend on a directly connected network that has no
-/// neighbour entry a *managed* one, which the kernel resolves and keeps
-/// resolved: nothing else would ask (XDP cannot hand the kernel a packet to
-/// resolve, and this node may never have sent the backend one). Blocking.
+/// Asks the kernel to resolve each backend on a directly connected
+/// network whose neighbour is missing or failed, once, as a packet for it
+/// would ([`crate::net::neigh::solicit`]): nothing else would ask (XDP
+/// cannot hand the kernel a packet to resolve, and this node may never
+/// have sent the backend one). At most [`ASK_AT_ONCE`] addresses a call.
+/// Blocking.
 pub fn ask_neighbours(addresses: &[IpAddr]) {
+    let addresses = &addresses[..addresses.len().min(ASK_AT_ONCE)];
     let hops = match Resolver::new().and_then(|mut r| r.next_hops(addresses)) {
         Ok(hops) => hops,
         Err(e) => {
@@ -46,19 +49,45 @@ pub fn ask_neighbours(addresses: &[IpAddr]) {
         }
     };
     for (&backend, hop) in addresses.iter().zip(hops) {
-        if let Err(crate::net::neigh::Unresolved::NoEntry { ifindex, address }) = hop {
-            if address != backend {
-                continue;
-            }
-            match crate::net::neigh::add_managed(ifindex, address) {
-                Ok(true) => tracing::info!(%backend, ifindex, "managed neighbour entry added"),
-                Ok(false) => {}
-                Err(e) => tracing::debug!(%backend, "{e}"),
-            }
+        use crate::net::neigh::Unresolved;
+        let (ifindex, address) = match hop {
+            Err(Unresolved::NoEntry { ifindex, address })
+            | Err(Unresolved::Waiting {
+                ifindex, address, ..
+            }) => (ifindex, address),
+            _ => continue,
+        };
+        if address != backend {
+            continue;
+        }
+        match crate::net::neigh::solicit(ifindex, address) {
+            Ok(()) => tracing::info!(%backend, ifindex, "asked the kernel to resolve a backend"),
+            Err(e) => tracing::debug!(%backend, "{e}"),
         }
     }
 }
 
+/// Backends [`ask_neighbours`] asks about in one call.
+pub const ASK_AT_ONCE: usize = 256;
+
+/// Those of `addresses` with a usable neighbour entry in the kept table
+/// now (none without the kept table: the daemon's own namespace has it).
+pub fn usable(addresses: &BTreeSet<IpAddr>) -> BTreeSet<IpAddr> {
+    crate::net::neigh_table::with(|entries| {
+        entries
+            .iter()
+            .filter(|((_, address), (state, lladdr))| {
+                addresses.contains(address) && crate::net::neigh::usable(*state, lladdr).is_some()
+            })
+            .map(|((_, address), _)| *address)
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+/// The one node serving `address`: the longest of the nodes' prefixes that
+/// holds it; none when two nodes publish that prefix length (a node mid-move
+/// would otherwise take traffic the other one serves).
 pub fn serving(nodes: &[RemoteNode], address: IpAddr) -> Option<&RemoteNode> {
     let mut best: Option<(u8, &RemoteNode)> = None;
     let mut tied = false;

@@ -25,7 +25,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use netlink_packet_route::{
     neighbour::{
-        NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourMessage, NeighbourState,
+        NeighbourAddress, NeighbourAttribute, NeighbourExtFlags, NeighbourFlags, NeighbourMessage,
+        NeighbourState,
     },
     route::{RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteScope, RouteType},
     rule::{RuleAttribute, RuleMessage},
@@ -749,6 +750,34 @@ pub fn add_managed(ifindex: u32, address: IpAddr) -> Result<bool, NetError> {
             "adding a managed neighbour entry for {address} on interface {ifindex}"
         ))(e)),
     }
+}
+
+/// Asks the kernel to resolve `address` on `ifindex` once, as a packet
+/// for it would (`NTF_USE`): an ordinary entry is made if there is none, and
+/// one that failed is probed again. Unlike a managed entry, nothing stays
+/// that the kernel would not age out.
+pub fn solicit(ifindex: u32, address: IpAddr) -> Result<(), NetError> {
+    let mut message = NeighbourMessage::default();
+    message.header.family = match address {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
+    message.header.ifindex = ifindex;
+    message.header.state = NeighbourState::None;
+    message.header.flags = NeighbourFlags::Use;
+    message
+        .attributes
+        .push(NeighbourAttribute::Destination(match address {
+            IpAddr::V4(a) => NeighbourAddress::Inet(a),
+            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
+        }));
+    let mut socket = Netlink::route().map_err(NetError::kernel("opening a netlink socket"))?;
+    socket
+        .request(RouteNetlinkMessage::NewNeighbour(message), NLM_F_CREATE)
+        .map(|_| ())
+        .map_err(NetError::kernel(format!(
+            "asking to resolve {address} on interface {ifindex}"
+        )))
 }
 
 #[cfg(test)]
