@@ -118,6 +118,8 @@ pub(super) struct Client {
     held: HashSet<String>,
     missing_deadline: Instant,
     missing_done: bool,
+    /// The deadline was pushed for a stream since it was last armed.
+    missing_pushed: bool,
     /// The last rejected response and how often it came back.
     pub(super) rejected: Option<Rejected>,
     /// The nonce of the last EDS response on this stream ("" before one).
@@ -169,6 +171,7 @@ impl Client {
             held: HashSet::new(),
             missing_deadline,
             missing_done,
+            missing_pushed: false,
             rejected: None,
             eds_nonce: String::new(),
             eds_reply: None,
@@ -289,6 +292,7 @@ impl Client {
             self.report_synced(None);
         } else {
             self.missing_done = false;
+            self.missing_pushed = false;
             self.missing_deadline = Instant::now() + self.settings.missing_after;
         }
     }
@@ -433,7 +437,10 @@ impl Client {
         // The server gets the whole wait from when it is reached: the
         // deadline ran from the start (or an earlier stream) and could
         // fall at once, applying clusters as missing it had no time to send.
-        if !self.missing_done {
+        // Once until the deadline falls: a server that takes connections and
+        // fails every call must not push it on for ever.
+        if !self.missing_done && !self.missing_pushed {
+            self.missing_pushed = true;
             self.missing_deadline = self
                 .missing_deadline
                 .max(Instant::now() + self.settings.missing_after);
