@@ -60,7 +60,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{ClusterEndpoints, ClusterLoadAssignment, Locality, EDS_TYPE_URL};
 
 /// `policy.overprovisioning_factor` in the served assignments (percent).
-pub const OVERPROVISIONING_FACTOR: u32 = 100_000;
+pub const OVERPROVISIONING_FACTOR: u32 = 1_000_000;
 
 /// What the server serves: assignments by cluster name.
 pub type Assignments = Arc<BTreeMap<String, ClusterLoadAssignment>>;
@@ -138,7 +138,8 @@ pub fn assignment(c: &ClusterEndpoints, unreachable: &BTreeSet<IpAddr>) -> Clust
         // priority with any usable endpoint, each locality by its usable
         // endpoints' weights. A factor this large makes Envoy do the same
         // (any usable endpoint counts the priority, or the locality, as
-        // whole), and stays within 32 bits times 10 000 endpoints.
+        // whole: Envoy takes min(100, factor × usable ÷ all), so one of
+        // 10 000 suffices).
         overprovisioning_factor: Some(UInt32Value {
             value: OVERPROVISIONING_FACTOR,
         }),
@@ -652,7 +653,7 @@ mod tests {
         // as the dataplane does.
         assert_eq!(
             served.policy.unwrap().overprovisioning_factor,
-            Some(UInt32Value { value: 100_000 })
+            Some(UInt32Value { value: 1_000_000 })
         );
     }
 
