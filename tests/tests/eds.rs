@@ -64,14 +64,18 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
     let counts = || rx.iter().map(UdpReceiver::count).collect::<Vec<u64>>();
     let total = |c: &[u64]| c.iter().sum::<u64>();
     let ports: Vec<u16> = (20000..20000 + FLOWS).collect();
-    send_udp_flows(
-        &lab.client.name,
-        CLIENT,
-        &ports,
-        SocketAddrV4::new(VIP, 7000),
-        1,
-        b"eds",
-    );
+    // One datagram from each of the first `n` ports.
+    let send = |n: usize| {
+        send_udp_flows(
+            &lab.client.name,
+            CLIENT,
+            &ports[..n],
+            SocketAddrV4::new(VIP, 7000),
+            1,
+            b"eds",
+        )
+    };
+    send(ports.len());
     assert!(
         wait_until(Duration::from_secs(30), || total(&counts()) == FLOWS as u64),
         "{:?}",
@@ -91,14 +95,7 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
         r.error_detail.is_some()
     });
     assert_eq!(nack.version_info, "1");
-    send_udp_flows(
-        &lab.client.name,
-        CLIENT,
-        &ports[..100],
-        SocketAddrV4::new(VIP, 7000),
-        1,
-        b"eds",
-    );
+    send(100);
     assert!(wait_until(Duration::from_secs(30), || total(&counts())
         == FLOWS as u64 + 100));
     let now = counts();
@@ -111,14 +108,7 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
     cp.set("3", &[("svc", Cla::single(vec![Ep::new(&b, 5000)]))]);
     wait_ack(&cp, "3");
     let before = counts();
-    send_udp_flows(
-        &lab.client.name,
-        CLIENT,
-        &ports[..200],
-        SocketAddrV4::new(VIP, 7000),
-        1,
-        b"eds",
-    );
+    send(200);
     assert!(wait_until(Duration::from_secs(30), || total(&counts())
         == total(&before) + 200));
     let after = counts();
@@ -141,14 +131,7 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
         .matches("drop_overloads (overload 500000 ppm) are served to proxies")
         .count();
     assert_eq!(warned, 1, "{}", lab.daemon().log_text());
-    send_udp_flows(
-        &lab.client.name,
-        CLIENT,
-        &ports[..200],
-        SocketAddrV4::new(VIP, 7000),
-        1,
-        b"eds",
-    );
+    send(200);
     assert!(wait_until(Duration::from_secs(30), || total(&counts())
         == total(&after) + 200));
 }

@@ -720,9 +720,8 @@ pub(crate) fn parse_neighbour(bytes: &[u8]) -> Option<(u32, IpAddr, u16, &[u8])>
     Some((ifindex, address?, state, lladdr))
 }
 
-/// Adds a *managed* neighbour entry (the kernel keeps it resolved) for
-/// `address` on `ifindex`. An entry that exists stays as it is: false.
-pub fn add_managed(ifindex: u32, address: IpAddr) -> Result<bool, NetError> {
+/// A neighbour message for `address` on `ifindex`, in no state.
+fn entry_for(ifindex: u32, address: IpAddr) -> NeighbourMessage {
     let mut message = NeighbourMessage::default();
     message.header.family = match address {
         IpAddr::V4(_) => AddressFamily::Inet,
@@ -736,6 +735,13 @@ pub fn add_managed(ifindex: u32, address: IpAddr) -> Result<bool, NetError> {
             IpAddr::V4(a) => NeighbourAddress::Inet(a),
             IpAddr::V6(a) => NeighbourAddress::Inet6(a),
         }));
+    message
+}
+
+/// Adds a *managed* neighbour entry (the kernel keeps it resolved) for
+/// `address` on `ifindex`. An entry that exists stays as it is: false.
+pub fn add_managed(ifindex: u32, address: IpAddr) -> Result<bool, NetError> {
+    let mut message = entry_for(ifindex, address);
     message
         .attributes
         .push(NeighbourAttribute::ExtFlags(NeighbourExtFlags::Managed));
@@ -757,20 +763,8 @@ pub fn add_managed(ifindex: u32, address: IpAddr) -> Result<bool, NetError> {
 /// one that failed is probed again. Unlike a managed entry, nothing stays
 /// that the kernel would not age out.
 pub fn solicit(ifindex: u32, address: IpAddr) -> Result<(), NetError> {
-    let mut message = NeighbourMessage::default();
-    message.header.family = match address {
-        IpAddr::V4(_) => AddressFamily::Inet,
-        IpAddr::V6(_) => AddressFamily::Inet6,
-    };
-    message.header.ifindex = ifindex;
-    message.header.state = NeighbourState::None;
+    let mut message = entry_for(ifindex, address);
     message.header.flags = NeighbourFlags::Use;
-    message
-        .attributes
-        .push(NeighbourAttribute::Destination(match address {
-            IpAddr::V4(a) => NeighbourAddress::Inet(a),
-            IpAddr::V6(a) => NeighbourAddress::Inet6(a),
-        }));
     let mut socket = Netlink::route().map_err(NetError::kernel("opening a netlink socket"))?;
     socket
         .request(RouteNetlinkMessage::NewNeighbour(message), NLM_F_CREATE)
