@@ -9,7 +9,7 @@ use tapmesh_tests::{
     eds::{self, udp_vip_cluster, wait_ack, wait_nonce_ack, weighted},
     kernel_tests_enabled,
     net::{send_udp_flows, wait_until, UdpReceiver, CLIENT},
-    xds_peer::{Cla, Ep},
+    xds_peer::{Cla, Ep, Loc},
 };
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 30);
@@ -405,4 +405,111 @@ fn a_backend_without_a_neighbour_entry_is_resolved_and_takes_traffic() {
     );
     let spread = lab.spread(VIP);
     assert!(spread.iter().all(|&n| n > 0), "{spread:?}");
+}
+
+/// Localities without weights and DEGRADED endpoints, as Envoy reads them:
+/// without locality weights each endpoint shares by its own weight across
+/// the priority (not by locality first); DEGRADED endpoints take the
+/// traffic only when no endpoint is healthy.
+#[test]
+fn unweighted_localities_and_degraded_endpoints_split_traffic_as_envoy() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    const FLOWS: u16 = 1000;
+    let (lab, mut cp) = eds::lab(&[VIP], &udp_vip_cluster("svc", VIP));
+    let (a, b) = (
+        lab.targets[0].address.to_string(),
+        lab.targets[1].address.to_string(),
+    );
+    let rx: Vec<UdpReceiver> = lab
+        .targets
+        .iter()
+        .map(|t| UdpReceiver::start(&t.netns.name, SocketAddrV4::new(VIP, 7000)))
+        .collect();
+    let counts = || rx.iter().map(UdpReceiver::count).collect::<Vec<u64>>();
+    // One datagram from each of FLOWS new ports; what each target got.
+    let mut next_port = 20000;
+    let mut send = || {
+        let before = counts();
+        let ports: Vec<u16> = (next_port..next_port + FLOWS).collect();
+        next_port += FLOWS;
+        send_udp_flows(
+            &lab.client.name,
+            CLIENT,
+            &ports,
+            SocketAddrV4::new(VIP, 7000),
+            1,
+            b"loc",
+        );
+        let total = |c: &[u64]| c.iter().sum::<u64>();
+        let expected = total(&before) + u64::from(FLOWS);
+        assert!(
+            wait_until(Duration::from_secs(30), || total(&counts()) == expected),
+            "{:?}",
+            counts()
+        );
+        let now = counts();
+        [now[0] - before[0], now[1] - before[1]]
+    };
+    let listing = || lab.daemon().cli(&["catalog", "list"]);
+
+    // a alone in zone x, b (weight 3) in zone y, no locality weights: 1:3.
+    // Split by locality first, a would get half.
+    let split_zones = Cla {
+        localities: vec![
+            Loc::new("x", 0, vec![Ep::new(&a, 5000)]),
+            Loc::new("y", 0, vec![Ep::new(&b, 5000).weight(3)]),
+        ],
+        ..Default::default()
+    };
+    cp.set("1", &[("svc", split_zones)]);
+    wait_ack(&cp, "1");
+    let l = listing();
+    assert!(
+        l.contains(&format!("{a}:5000 weight 1 priority 0 slots 1 locality x")),
+        "{l}"
+    );
+    assert!(
+        l.contains(&format!("{b}:5000 weight 3 priority 0 slots 3 locality y")),
+        "{l}"
+    );
+    let got = send();
+    let light = got[0] as f64 / f64::from(FLOWS);
+    assert!((0.17..=0.33).contains(&light), "1:3 gave {got:?}");
+
+    // Nothing healthy: the DEGRADED endpoint takes every flow.
+    let degraded = |b_health: &str| Cla {
+        localities: vec![
+            Loc::new("x", 0, vec![Ep::new(&a, 5000).health("DEGRADED")]),
+            Loc::new("y", 0, vec![Ep::new(&b, 5000).health(b_health)]),
+        ],
+        ..Default::default()
+    };
+    cp.set("2", &[("svc", degraded("UNHEALTHY"))]);
+    wait_ack(&cp, "2");
+    let l = listing();
+    assert!(
+        l.contains(&format!(
+            "{a}:5000 weight 1 priority 0 slots 1 DEGRADED locality x"
+        )),
+        "{l}"
+    );
+    assert!(
+        l.contains(&format!(
+            "{b}:5000 weight 1 priority 0 UNHEALTHY locality y"
+        )),
+        "{l}"
+    );
+    assert_eq!(send(), [u64::from(FLOWS), 0]);
+
+    // A healthy endpoint back: the DEGRADED one is idle again.
+    cp.set("3", &[("svc", degraded("HEALTHY"))]);
+    wait_ack(&cp, "3");
+    let l = listing();
+    assert!(
+        l.contains(&format!("{a}:5000 weight 1 priority 0 DEGRADED locality x")),
+        "{l}"
+    );
+    assert_eq!(send(), [0, u64::from(FLOWS)]);
 }

@@ -1004,7 +1004,7 @@ fn listing(state: &State, written: &Written) -> Vec<Service> {
                     .get(&SocketAddr::new(e.address, e.port))
                     .copied()
                     .unwrap_or(0);
-                backends.push(if binding.vip.is_empty() {
+                let mut b = if binding.vip.is_empty() {
                     backend(e, 0, "member".into())
                 } else if unreachable.contains(&e.address) {
                     backend(e, 0, "unreachable".into())
@@ -1012,7 +1012,12 @@ fn listing(state: &State, written: &Written) -> Vec<Service> {
                     backend(e, held, format!("on node {node}"))
                 } else {
                     backend(e, held, String::new())
-                });
+                };
+                // Chosen because no endpoint of the cluster is healthy.
+                if e.health == HealthStatus::Degraded as i32 {
+                    b.note = [b.note.as_str(), "DEGRADED"].join(" ").trim().to_string();
+                }
+                backends.push(b);
             }
             for s in &c.standby {
                 let note = match HealthStatus::try_from(s.endpoint.health) {

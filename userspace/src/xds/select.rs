@@ -4,22 +4,28 @@
 //!
 //! Rules (A27 with the choices of /work/shared/reference/xds.md §1.7, §1.8):
 //! * Only endpoints whose `health_status` is `HEALTHY` or `UNKNOWN` are used
-//!   (`DEGRADED`, `DRAINING`, `TIMEOUT`, `UNHEALTHY` and unknown values are not).
+//!   (`DRAINING`, `TIMEOUT`, `UNHEALTHY` and unknown values never are).
+//!   `DEGRADED` endpoints are used when no priority has a `HEALTHY` or
+//!   `UNKNOWN` one: Envoy sends them traffic only when healthy hosts are
+//!   short, and all of it when there are none.
 //! * The highest priority (lowest number) with at least one usable endpoint
 //!   wins; lower priorities are not used (no Envoy overprovisioning maths: the
 //!   client advertises `envoy.lb.does_not_support_overprovisioning`). They,
 //!   and every endpoint that is not usable, are kept as `standby` with their
 //!   health, for the EDS server and the catalog listing.
 //! * Locality weights: when no locality of the assignment has a
-//!   `load_balancing_weight`, every locality weighs 1 (Envoy without
-//!   locality-weighted LB). When any has one, localities without one are
+//!   `load_balancing_weight`, localities do not count and every endpoint of
+//!   the priority shares by its own weight (Envoy without locality-weighted
+//!   LB: one endpoint of weight 1 in a zone of its own gets no more than each
+//!   of nine in another). When any has one, localities without one are
 //!   skipped (A27). An explicit weight 0 is invalid (proto rule `>= 1`).
 //! * Endpoint `load_balancing_weight` defaults to 1; 0 is invalid.
 //! * An address and port may appear once in the whole assignment (a second
 //!   listing is invalid, as in gRPC-Go; it would otherwise count twice).
 //! * The effective weight of an endpoint is its share of the priority's
 //!   traffic, `locality_weight / Σ locality_weights × endpoint_weight /
-//!   Σ endpoint_weights_in_locality`, expressed as the smallest integers with
+//!   Σ endpoint_weights_in_locality` (without locality weights, its
+//!   endpoint weight), expressed as the smallest integers with
 //!   exactly those ratios; only when those do not fit in a `u32` are they
 //!   scaled (proportionally, at least 1 each).
 //! * `drop_overloads` are carried with `drop_percentage` in parts per million.
@@ -233,6 +239,13 @@ pub fn select(cla: &ClusterLoadAssignment) -> Result<ClusterEndpoints, InvalidAs
 
     let drop_overloads = drop_overloads(cla).map_err(invalid)?;
 
+    // No healthy endpoint anywhere: the degraded ones take the traffic.
+    if !groups.iter().flat_map(|g| &g.endpoints).any(|e| e.usable) {
+        for e in groups.iter_mut().flat_map(|g| &mut g.endpoints) {
+            e.usable = e.health == HealthStatus::Degraded as i32;
+        }
+    }
+
     let weighted_localities = groups.iter().any(|g| g.weight.is_some());
     let locality_weight = |g: &Group| {
         if weighted_localities {
@@ -254,13 +267,16 @@ pub fn select(cla: &ClusterLoadAssignment) -> Result<ClusterEndpoints, InvalidAs
         // Exact shares as fractions num/den over a common denominator.
         let mut parts: Vec<(&Group, &Candidate, u64, u64)> = Vec::new();
         for g in groups.iter().filter(|g| g.priority == priority && live(g)) {
-            let lw = u64::from(locality_weight(g).expect("live"));
-            let total: u64 = g
-                .endpoints
-                .iter()
-                .filter(|e| e.usable)
-                .map(|e| u64::from(e.weight))
-                .sum();
+            // Without locality weights an endpoint's share is its own
+            // weight over the priority's (one denominator for all).
+            let (lw, total) = match weighted_localities {
+                true => {
+                    let total = g.endpoints.iter().filter(|e| e.usable);
+                    let total: u64 = total.map(|e| u64::from(e.weight)).sum();
+                    (u64::from(locality_weight(g).expect("live")), total)
+                }
+                false => (1, 1),
+            };
             for e in g.endpoints.iter().filter(|e| e.usable) {
                 parts.push((g, e, lw * u64::from(e.weight), total));
             }
@@ -591,6 +607,77 @@ mod tests {
         let w: Vec<u32> = c.endpoints.iter().map(|e| e.weight).collect();
         assert_eq!(w, vec![1, 1, 6]);
         assert_eq!(c.endpoints[2].locality.zone, "b");
+    }
+
+    #[test]
+    fn degraded_endpoints_serve_only_when_nothing_is_healthy() {
+        let p0 = loc(
+            "p0",
+            0,
+            None,
+            vec![
+                ep("10.0.0.1", 80, Degraded, Some(3)),
+                ep("10.0.0.2", 80, Unhealthy, None),
+            ],
+        );
+        let p1 = |health| loc("p1", 1, None, vec![ep("10.0.1.1", 80, health, None)]);
+        // A healthy endpoint in any priority keeps the degraded one idle.
+        let c = select(&cla(vec![p0.clone(), p1(Healthy)])).unwrap();
+        assert_eq!(addrs(&c), vec![("10.0.1.1".into(), 80, 1, 1)]);
+        let idle: Vec<(String, bool)> = c
+            .standby
+            .iter()
+            .map(|s| (s.endpoint.address.to_string(), s.usable))
+            .collect();
+        assert!(idle.contains(&("10.0.0.1".into(), false)), "{idle:?}");
+
+        // None healthy: the highest priority with a degraded one takes all.
+        let c = select(&cla(vec![p0, p1(Degraded)])).unwrap();
+        assert_eq!(addrs(&c), vec![("10.0.0.1".into(), 80, 1, 0)]);
+        assert_eq!(c.endpoints[0].health, Degraded as i32);
+        let standby: Vec<(String, bool)> = c
+            .standby
+            .iter()
+            .map(|s| (s.endpoint.address.to_string(), s.usable))
+            .collect();
+        assert_eq!(
+            standby,
+            vec![("10.0.0.2".into(), false), ("10.0.1.1".into(), true)]
+        );
+    }
+
+    #[test]
+    fn without_locality_weights_endpoints_share_by_their_own_weight() {
+        // One endpoint alone in zone a, nine in zone b: a tenth each, not
+        // half for a's (Envoy without locality-weighted LB).
+        let nine = (1..=9)
+            .map(|i| ep(&format!("10.0.1.{i}"), 80, Healthy, None))
+            .collect();
+        let c = select(&cla(vec![
+            lone("a", 0, "10.0.0.1"),
+            loc("b", 0, None, nine),
+        ]))
+        .unwrap();
+        let w: Vec<u32> = c.endpoints.iter().map(|e| e.weight).collect();
+        assert_eq!(w, vec![1; 10]);
+
+        // Endpoint weights count across localities; unusable ones do not.
+        let c = select(&cla(vec![
+            loc("a", 0, None, vec![ep("10.0.0.1", 80, Healthy, Some(4))]),
+            loc(
+                "b",
+                0,
+                None,
+                vec![
+                    ep("10.0.1.1", 80, Healthy, Some(2)),
+                    ep("10.0.1.2", 80, Unhealthy, Some(50)),
+                    ep("10.0.1.3", 80, Healthy, Some(6)),
+                ],
+            ),
+        ]))
+        .unwrap();
+        let w: Vec<u32> = c.endpoints.iter().map(|e| e.weight).collect();
+        assert_eq!(w, vec![2, 1, 3]);
     }
 
     #[test]
