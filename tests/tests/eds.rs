@@ -417,7 +417,11 @@ fn unweighted_localities_and_degraded_endpoints_split_traffic_as_envoy() {
         return;
     }
     const FLOWS: u16 = 1000;
-    let (lab, mut cp) = eds::lab(&[VIP], &udp_vip_cluster("svc", VIP));
+    let more = format!(
+        "{}[metrics]\nlisten = \"{METRICS}\"\n",
+        udp_vip_cluster("svc", VIP)
+    );
+    let (lab, mut cp) = eds::lab(&[VIP], &more);
     let (a, b) = (
         lab.targets[0].address.to_string(),
         lab.targets[1].address.to_string(),
@@ -477,6 +481,28 @@ fn unweighted_localities_and_degraded_endpoints_split_traffic_as_envoy() {
     let got = send();
     let light = got[0] as f64 / f64::from(FLOWS);
     assert!((0.17..=0.33).contains(&light), "1:3 gave {got:?}");
+    // Each endpoint's targets (one per identifier) carry its address: their
+    // packets add up to what it received.
+    let scrape = tapmesh_tests::scrape::scrape(&lab.node.name, METRICS);
+    for (endpoint, received, targets) in [(&a, got[0], 1), (&b, got[1], 3)] {
+        let endpoint = format!("{endpoint}:5000");
+        let series: Vec<u64> = scrape
+            .samples
+            .iter()
+            .filter(|(n, l, _)| {
+                n == "tapmesh_target_packets_total"
+                    && l.get("endpoint") == Some(&endpoint)
+                    && l.get("target").is_some_and(|t| t.starts_with("eds.svc/"))
+            })
+            .map(|(_, _, v)| *v as u64)
+            .collect();
+        assert_eq!(series.len(), targets, "{endpoint}: {series:?}");
+        assert_eq!(
+            series.iter().sum::<u64>(),
+            received,
+            "{endpoint}: {series:?}"
+        );
+    }
 
     // Nothing healthy: the DEGRADED endpoint takes every flow.
     let degraded = |b_health: &str| Cla {

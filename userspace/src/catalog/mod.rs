@@ -17,7 +17,7 @@
 pub mod identity;
 pub mod resolve;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -127,6 +127,8 @@ struct Written {
     slots: BTreeMap<String, BTreeMap<SocketAddr, u32>>,
     /// Backends reached through another node, with its name.
     remote: BTreeMap<IpAddr, String>,
+    /// The identifiers each backend holds in the maps.
+    identities: Arc<Identities>,
 }
 
 pub struct Catalog {
@@ -283,6 +285,21 @@ impl Catalog {
 
     fn overlay(&self) -> Option<Arc<NetManager>> {
         self.overlay.lock().expect("lock").clone()
+    }
+
+    /// The EDS backend (`address:port`) behind each LB target the catalog
+    /// wrote, by target name (`eds.<cluster>/<identifier>`), for metrics.
+    pub fn target_endpoints(&self) -> HashMap<String, String> {
+        let written = self.accepted.borrow();
+        let mut out = HashMap::new();
+        for (cluster, backends) in &written.identities.clusters {
+            for (address, ids) in backends {
+                for id in ids {
+                    out.insert(format!("eds.{cluster}/{id}"), address.to_string());
+                }
+            }
+        }
+        out
     }
 
     /// The services of every provider: EDS clusters with their backends,
@@ -649,6 +666,7 @@ async fn writer(catalog: Arc<Catalog>) {
         };
         let mut result = result;
         garbage.push(replaced);
+        let mut accepted_ids = Arc::default();
         {
             let mut state = catalog.state.lock().await;
             let State {
@@ -669,7 +687,8 @@ async fn writer(catalog: Arc<Catalog>) {
                             .send_replace((generation, held.clone(), clusters.clone()));
                     garbage.push(Box::new(old));
                 }
-                garbage.push(Box::new(last_good.replace(held)));
+                garbage.push(Box::new(last_good.replace(held.clone())));
+                accepted_ids = held;
             } else {
                 // `before` is kept while no write was accepted.
                 if let Some(held) = last_good.as_deref().cloned().or(before) {
@@ -688,6 +707,7 @@ async fn writer(catalog: Arc<Catalog>) {
                     unreachable: resolved.unreachable,
                     slots,
                     remote: resolved.remote,
+                    identities: accepted_ids,
                 }));
                 garbage.push(Box::new(old));
             }

@@ -134,6 +134,16 @@ async fn dataplane(registry: &mut Registry, s: &Sources) {
 
 async fn load_balancing(registry: &mut Registry, s: &Sources) {
     let lb = s.dataplane.lb_counters().await.unwrap_or_default();
+    // An EDS backend holds one target per Maglev identifier: the endpoint
+    // label lets a query sum them (`sum by (endpoint)`).
+    let endpoints = s.catalog.target_endpoints();
+    let labels = |key: &'static str, name: &str| {
+        let mut l = label(key, name);
+        if let Some(endpoint) = endpoints.get(name).filter(|_| key == "target") {
+            l.push(("endpoint", endpoint.clone()));
+        }
+        l
+    };
     for (what, key, list) in [
         ("vip", "vip", &lb.vips),
         ("flow", "flow", &lb.flows),
@@ -143,13 +153,13 @@ async fn load_balancing(registry: &mut Registry, s: &Sources) {
             registry,
             &format!("tapmesh_{what}_packets"),
             &format!("Packets per {what}"),
-            list.iter().map(|c| (label(key, &c.name), c.packets)),
+            list.iter().map(|c| (labels(key, &c.name), c.packets)),
         );
         counters(
             registry,
             &format!("tapmesh_{what}_bytes"),
             &format!("Bytes per {what}"),
-            list.iter().map(|c| (label(key, &c.name), c.bytes)),
+            list.iter().map(|c| (labels(key, &c.name), c.bytes)),
         );
     }
     let spec = s.lb.spec().await;
