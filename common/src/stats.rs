@@ -115,6 +115,7 @@ counter_set!(
         service_source_outside_tunnel => ServiceSourceOutsideTunnel,
         tunnel_unknown_destination => TunnelUnknownDestination,
         held_for_query => HeldForQuery,
+        ttl_exceeded => TtlExceeded,
     }
 );
 

@@ -614,6 +614,15 @@ pub fn balance(
     let (index, target) = pick_target(flow, hash)?;
     match target.kind {
         TARGET_LOCAL => {
+            // Forwarded here (a tunnelled packet lost its hop at its
+            // decapsulation; a remote target's loses it at its node).
+            if !tunneled {
+                let short = match parsed.l3 {
+                    L3::V6 => DropReason::TruncatedIpv6,
+                    _ => DropReason::TruncatedIpv4,
+                };
+                tunnel::one_hop_less(pkt, parsed.l3_offset, parsed.l3, short)?;
+            }
             count(tm_target_stats.get_ptr_mut(target.stats_index), bytes);
             // The port is translated where the target is (a tunnelled packet
             // is classified again at its node, by the port the client used).

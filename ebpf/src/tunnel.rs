@@ -321,6 +321,41 @@ pub fn check_peer(src: u32) -> Result<(), DropReason> {
     }
 }
 
+/// Forwarded, as a router would: one hop less (the IPv4 checksum follows,
+/// RFC 1624, as the kernel's `ip_decrease_ttl`), none left is the end of
+/// it. A hop limit of 255 is what neighbour discovery trusts as sent on the
+/// link, a TTL of 255 what GTSM (RFC 5082) trusts as one hop away; a
+/// forwarded packet never arrives so. `short`: the reason for a header cut
+/// short.
+#[inline(always)]
+pub fn one_hop_less(pkt: &Packet, at: usize, l3: L3, short: DropReason) -> Result<(), DropReason> {
+    if l3 == L3::V6 {
+        let h: *mut [u8; 8] = pkt.header_mut(at, short)?;
+        // SAFETY: inside the 8 bytes just checked.
+        unsafe {
+            let hops = (*h)[7];
+            if hops <= 1 {
+                return Err(DropReason::TtlExceeded);
+            }
+            (*h)[7] = hops - 1;
+        }
+    } else {
+        let h: *mut [[u8; 2]; 6] = pkt.header_mut(at, short)?;
+        // SAFETY: inside the 12 bytes just checked.
+        unsafe {
+            let ttl = (*h)[4][0];
+            if ttl <= 1 {
+                return Err(DropReason::TtlExceeded);
+            }
+            (*h)[4][0] = ttl - 1;
+            // The TTL's word lost 0x0100.
+            let sum = u32::from(u16::from_be_bytes((*h)[5])) + 0x0100;
+            (*h)[5] = ((sum + u32::from(sum >= 0xffff)) as u16).to_be_bytes();
+        }
+    }
+    Ok(())
+}
+
 /// Removes the outer headers of a tunnel packet for this node (the inner
 /// packet starts at `inner`, its first byte is `first`), leaving Ethernet
 /// (its MACs kept) and the inner IP packet, whose version it returns. The
@@ -365,35 +400,7 @@ pub fn decapsulate(
     if martian_source(pkt, inner, l3)? {
         return Err(DropReason::TunnelForeignSource);
     }
-    // Forwarded, as a router would: one hop less, none left is the end of
-    // it. A hop limit of 255 is what neighbour discovery trusts as sent on
-    // the link, a TTL of 255 what GTSM (RFC 5082) trusts as one hop away;
-    // through the tunnel neither arrives so.
-    if l3 == L3::V6 {
-        let h: *mut [u8; 8] = pkt.header_mut(inner, DropReason::BadTunnelPacket)?;
-        // SAFETY: inside the 8 bytes just checked.
-        unsafe {
-            let hops = (*h)[7];
-            if hops <= 1 {
-                return Err(DropReason::BadTunnelPacket);
-            }
-            (*h)[7] = hops - 1;
-        }
-    } else {
-        let h: *mut [[u8; 2]; 6] = pkt.header_mut(inner, DropReason::BadTunnelPacket)?;
-        // SAFETY: inside the 12 bytes just checked.
-        unsafe {
-            let ttl = (*h)[4][0];
-            if ttl <= 1 {
-                return Err(DropReason::BadTunnelPacket);
-            }
-            (*h)[4][0] = ttl - 1;
-            // The checksum follows (RFC 1624), as the kernel's
-            // `ip_decrease_ttl`: the TTL's word lost 0x0100.
-            let sum = u32::from(u16::from_be_bytes((*h)[5])) + 0x0100;
-            (*h)[5] = ((sum + u32::from(sum >= 0xffff)) as u16).to_be_bytes();
-        }
-    }
+    one_hop_less(pkt, inner, l3, DropReason::BadTunnelPacket)?;
     let outer: *const [[u8; 4]; 3] = pkt.header(0, DropReason::TruncatedEthernet)?;
     // SAFETY: the header was just checked; the MACs move as three words.
     let macs = unsafe {

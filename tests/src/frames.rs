@@ -221,6 +221,26 @@ pub fn rewritten(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
     out
 }
 
+/// `frame` as a router forwards it to `dst` from `src`: [`rewritten`], with
+/// one hop less (IPv4: the TTL, and the header checksum made anew; IPv6:
+/// the hop limit).
+pub fn forwarded(frame: &[u8], dst: [u8; 6], src: [u8; 6]) -> Vec<u8> {
+    let mut out = rewritten(frame, dst, src);
+    let ip = &mut out[14..];
+    match ip[0] >> 4 {
+        4 => {
+            ip[8] -= 1;
+            ip[10..12].fill(0);
+            let header = usize::from(ip[0] & 0x0f) * 4;
+            let sum = internet_checksum(&[&ip[..header]]);
+            ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        }
+        6 => ip[7] -= 1,
+        _ => {}
+    }
+    out
+}
+
 /// The IP packet a frame carries.
 pub fn ip_packet(frame: &[u8]) -> &[u8] {
     &frame[ether_type_at(frame) + 2..]

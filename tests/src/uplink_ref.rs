@@ -99,6 +99,22 @@ pub struct Parsed {
     pub icmp_type: u8,
 }
 
+/// Forwarded one hop on, or not at all: the hop limit, or the TTL and the
+/// checksum as the kernel's `ip_decrease_ttl` has it (the IP header at `at`).
+fn one_hop_less(frame: &mut [u8], at: usize, v4: bool) -> Result<(), D> {
+    let hops = at + if v4 { 8 } else { 7 };
+    if frame[hops] <= 1 {
+        return Err(D::TtlExceeded);
+    }
+    frame[hops] -= 1;
+    if v4 {
+        let sum = u32::from(u16::from_be_bytes([frame[at + 10], frame[at + 11]])) + 0x0100;
+        let sum = (sum + u32::from(sum >= 0xffff)) as u16;
+        frame[at + 10..at + 12].copy_from_slice(&sum.to_be_bytes());
+    }
+    Ok(())
+}
+
 fn be16(f: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([f[at], f[at + 1]])
 }
@@ -600,21 +616,7 @@ impl Node {
             if forged {
                 return Err(bare(D::TunnelForeignSource));
             }
-            // Forwarded one hop on, or not at all: the hop limit, or the
-            // TTL and the checksum as the kernel's `ip_decrease_ttl` has it.
-            let at = inner_at + if v4 { 8 } else { 7 };
-            if frame[at] <= 1 {
-                return Err(bare(D::BadTunnelPacket));
-            }
-            frame[at] -= 1;
-            if v4 {
-                let sum = u32::from(u16::from_be_bytes([
-                    frame[inner_at + 10],
-                    frame[inner_at + 11],
-                ])) + 0x0100;
-                let sum = (sum + u32::from(sum >= 0xffff)) as u16;
-                frame[inner_at + 10..inner_at + 12].copy_from_slice(&sum.to_be_bytes());
-            }
+            one_hop_less(&mut frame, inner_at, v4).map_err(bare)?;
             let mut inner = frame[..12].to_vec();
             inner.extend_from_slice(&ether_type.to_be_bytes());
             inner.extend_from_slice(&frame[inner_at..]);
@@ -681,6 +683,11 @@ impl Node {
         let name = format!("target:{}/{}", target.stream, target.identifier);
         let output = match &target.via {
             ValidVia::Local { interface, mac } => {
+                // Forwarded here, unless the tunnel's end did it.
+                let mut frame = frame.clone();
+                if !tunneled {
+                    one_hop_less(&mut frame, parsed.l3_offset, !v6).map_err(|r| fail(r, &lb))?;
+                }
                 let (_, ours) = self.interfaces[interface];
                 rewritten(&frame, *mac, ours)
             }

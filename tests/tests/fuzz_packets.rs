@@ -809,6 +809,15 @@ fn tunnel_from(from: Ipv4Addr, inner: &[u8]) -> Vec<u8> {
     tunnel(from, NODE, TUNNEL_PORT, inner)
 }
 
+/// An IPv4 packet with TTL 1 (its header checksum made anew).
+fn last_hop(mut ip: Vec<u8>) -> Vec<u8> {
+    ip[8] = 1;
+    ip[10..12].fill(0);
+    let sum = internet_checksum(&[&ip[..20]]);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    ip
+}
+
 fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let udp = |dport: u16, data: &[u8]| eth(&udp4(CLIENT, VIP4, 40000, dport, data));
     let set = |mut f: Vec<u8>, at: usize, bytes: &[u8]| {
@@ -970,6 +979,16 @@ fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             eth(&tcp4(CLIENT, VIP4, 40000, 80)),
         ),
         (
+            "ttl-exceeded",
+            "TCP 80 to a local target with TTL 1",
+            eth(&last_hop(tcp4(CLIENT, VIP4, 40000, 80))),
+        ),
+        (
+            "ttl-exceeded-tunnel",
+            "decapsulated with TTL 1",
+            tunnel_from(STATIC_PEER, &last_hop(tcp4(CLIENT, VIP4, 40000, 443))),
+        ),
+        (
             "redirect-remote",
             "TCP 9000 to the remote target",
             eth(&tcp4(CLIENT, VIP4, 40000, 9000)),
@@ -1040,6 +1059,7 @@ const COVERED: &[D] = &[
     D::TunnelUnknownNode,
     D::TunnelForeignSource,
     D::TooBigForTunnel,
+    D::TtlExceeded,
 ];
 
 /// `TAPMESH_FUZZ_WRITE_CORPUS=1` (re)writes the seed files from [`seeds`],

@@ -361,7 +361,7 @@ impl Lab {
             .target_by_mac(&run.output[..6])
             .unwrap_or_else(|| panic!("no target has the MAC of {}", hex(&run.output)));
         let (dst, src) = local_macs(&name);
-        assert_eq!(run.output, rewritten(frame, dst, src), "{name}: output");
+        assert_eq!(run.output, forwarded(frame, dst, src), "{name}: output");
         name
     }
 
@@ -499,12 +499,13 @@ fn drop(frame: &[u8], reason: D, protocols: &[P], lb: &[&str]) -> Expect {
     }
 }
 
-/// Redirected to a local target: its MACs, tags gone; VIP, flow and target counted.
+/// Redirected to a local target: its MACs, tags gone, one hop less; VIP,
+/// flow and target counted.
 fn to_local(frame: &[u8], vip: &str, flow: &str, target: &str, protocols: &[P]) -> Expect {
     let (dst, src) = local_macs(target);
     Expect {
         action: XDP_REDIRECT,
-        output: Some(rewritten(frame, dst, src)),
+        output: Some(forwarded(frame, dst, src)),
         protocols: protocols.to_vec(),
         drop: None,
         lb: vec![
@@ -668,7 +669,8 @@ fn vip_hit_local_target_rewrites_macs_and_redirects() {
     for (name, frame, want) in &cases {
         failures.extend(lab.check(name, frame, want));
     }
-    // Spelled out once: exactly the frame with the target's MACs, tag gone.
+    // Spelled out once: exactly the frame with the target's MACs, tag gone,
+    // one hop less.
     let run = lab.bpf.run(UPLINK, &tagged, 1);
     assert_eq!(
         run.output.len(),
@@ -678,13 +680,84 @@ fn vip_hit_local_target_rewrites_macs_and_redirects() {
     assert_eq!(run.output[..6], target_mac(6));
     assert_eq!(run.output[6..12], our_mac(6));
     assert_eq!(run.output[12..14], [0x08, 0x00]);
-    assert_eq!(run.output[14..], tagged[18..]);
+    // The IP packet one hop on: TTL 63, its header checksum made anew.
+    let mut ip = tagged[18..].to_vec();
+    ip[8] = 63;
+    ip[10..12].fill(0);
+    let sum = tapmesh_tests::frames::internet_checksum(&[&ip[..20]]);
+    ip[10..12].copy_from_slice(&sum.to_be_bytes());
+    assert_eq!(run.output[14..], ip);
     assert_eq!(
         lab.bpf.run(UPLINK, &qinq, 1).output.len(),
         qinq.len() - 8,
         "both tags are removed"
     );
     assert_all(failures, cases.len());
+}
+
+/// A local target gets the packet as a router forwards it: one hop less
+/// (IPv4: the header checksum follows), none left is dropped and the target
+/// not counted. So a neighbour advertisement sent to a VIP with hop limit
+/// 255 reaches the target with 254, which neighbour discovery ignores.
+#[test]
+fn a_local_target_gets_the_packet_one_hop_on_and_none_left_is_dropped() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let mut lab = Lab::new();
+    let with_ttl = |ttl: u8| {
+        let mut ip = udp4(CLIENT, VIP4, 40000, 1500, b"hop");
+        ip[8] = ttl;
+        ip[10..12].fill(0);
+        let sum = tapmesh_tests::frames::internet_checksum(&[&ip[..20]]);
+        ip[10..12].copy_from_slice(&sum.to_be_bytes());
+        ip
+    };
+    let (dst, src) = local_macs("s-dst/1");
+    let mut failures = Vec::new();
+    for (sent, arrived) in [(255u8, 254u8), (64, 63), (2, 1)] {
+        let frame = eth(&with_ttl(sent));
+        // Spelled out: the same packet with the arriving TTL, its checksum anew.
+        let want_ip = with_ttl(arrived);
+        let want = to_local(&frame, "vip4", "dst-range", "s-dst/1", &[P::Ipv4, P::Udp]);
+        assert_eq!(want.output, Some(ethernet(dst, src, &[], 0x0800, &want_ip)));
+        failures.extend(lab.check(&format!("ttl {sent}"), &frame, &want));
+    }
+    for sent in [1u8, 0] {
+        let frame = eth(&with_ttl(sent));
+        let want = drop(
+            &frame,
+            D::TtlExceeded,
+            &[P::Ipv4, P::Udp],
+            &["vip:vip4", "flow:dst-range"],
+        );
+        failures.extend(lab.check(&format!("ttl {sent}"), &frame, &want));
+    }
+
+    // IPv6, the three-target stream: the hop limit, nothing else.
+    let with_hops = |hops: u8| {
+        let mut ip = udp6(CLIENT6, VIP6, 40000, 53, b"hop");
+        ip[7] = hops;
+        ip
+    };
+    let target = lab.reference_target(
+        "s-multi",
+        flow_hash(CLIENT6.octets(), VIP6.octets(), Some((40000, 53)), UDP),
+    );
+    let (dst, src) = local_macs(&target);
+    let frame = eth(&with_hops(255));
+    let run = lab.bpf.run(UPLINK, &frame, 1);
+    assert_eq!(run.action, XDP_REDIRECT);
+    assert_eq!(run.output, ethernet(dst, src, &[], 0x86dd, &with_hops(254)));
+    let frame = eth(&with_hops(1));
+    let want = drop(
+        &frame,
+        D::TtlExceeded,
+        &[P::Ipv6, P::Udp],
+        &["vip:vip6", "flow:spread"],
+    );
+    failures.extend(lab.check("hop limit 1", &frame, &want));
+    assert_all(failures, 7);
 }
 
 #[test]
@@ -1475,7 +1548,7 @@ fn tunnel_packets_are_decapsulated() {
         action: XDP_DROP,
         output: Some(outer_last.clone()),
         protocols: vec![],
-        drop: Some(D::BadTunnelPacket),
+        drop: Some(D::TtlExceeded),
         lb: vec![],
         lb_bytes: 0,
     };

@@ -154,9 +154,10 @@ impl Lab {
     }
 }
 
-/// What the target behind `if<n>` receives for an IP packet.
+/// What the target behind `if<n>` receives for an IP packet (forwarded:
+/// one hop less).
 fn at_target(n: u8, ip: &[u8]) -> Vec<u8> {
-    rewritten(&eth(ip), target_mac(n), our_mac(n))
+    forwarded(&eth(ip), target_mac(n), our_mac(n))
 }
 
 fn hex(b: &[u8]) -> String {

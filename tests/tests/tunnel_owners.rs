@@ -554,7 +554,7 @@ fn ipv6_through_the_tunnel_loses_one_hop_and_none_left_is_dropped() {
         assert_eq!(&run.output[14..14 + want.len()], &want[..]);
     }
     for sent in [1u8, 0] {
-        dropped_once(&mut bpf, &with_hops(sent), DropReason::BadTunnelPacket);
+        dropped_once(&mut bpf, &with_hops(sent), DropReason::TtlExceeded);
     }
 }
 
@@ -622,7 +622,7 @@ fn ipv4_through_the_tunnel_loses_one_ttl_and_none_left_is_dropped() {
         assert_eq!(&run.output[14..14 + want.len()], &want[..], "id {id}");
     }
     for sent in [1u8, 0] {
-        dropped_once(&mut bpf, &with_ttl(sent), DropReason::BadTunnelPacket);
+        dropped_once(&mut bpf, &with_ttl(sent), DropReason::TtlExceeded);
     }
 }
 

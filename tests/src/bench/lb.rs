@@ -183,9 +183,10 @@ pub fn compare_frames() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-/// `frame` after a local target's MAC rewrite (VLAN tags dropped).
+/// `frame` as forwarded to a local target: its MACs, VLAN tags dropped,
+/// one hop less.
 fn to_target(frame: &[u8]) -> Vec<u8> {
-    rewritten(frame, TARGET_MAC, OUR_MAC)
+    forwarded(frame, TARGET_MAC, OUR_MAC)
 }
 
 /// The paths that leave the packet unchanged (or rewrite it the same way
@@ -208,19 +209,79 @@ pub fn repeated_rows(
     let mut bad_ihl = udp4_frame(1, 2, b"x");
     bad_ihl[14] = 0x43;
     let vip_miss = vip_frame(Ipv4Addr::new(20, 0, 0, 2), 53);
-    let to_local = vip_frame(VIP_LOCAL, 53);
     // A VIP's address, a port no flow takes.
     let no_flow = vip_frame(VIP_LOCAL, 54);
     let paths = [
-        Path { name: "XDP uplink: IPv4/UDP, parse + count, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: udp4_frame(1000, 53, &[0; 18]), action: XDP_PASS, output: None },
-        Path { name: "XDP uplink: IPv6/TCP, parse + count, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: v6_tcp.clone(), action: XDP_PASS, output: None },
-        Path { name: "XDP uplink: QinQ IPv4/TCP, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: ethernet(MAC_B, MAC_A, &[1, 2], 0x0800, &ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0))), action: XDP_PASS, output: None },
-        Path { name: "XDP uplink: bad IHL, drop", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: bad_ihl, action: XDP_DROP, output: None },
-        Path { name: "XDP uplink: VIP miss, pass", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: vip_miss.clone(), action: XDP_PASS, output: None },
-        Path { name: "XDP uplink: VIP hit, no flow matches, drop", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: no_flow.clone(), action: XDP_DROP, output: None },
-        Path { name: "XDP uplink: VIP hit → local target, untagged (cross-check: the rewrite is idempotent)", program: "tm_xdp_uplink", floor: "tm_xdp_floor", frame: to_local.clone(), action: XDP_REDIRECT, output: Some(to_target(&to_local)) },
-        Path { name: "TC ingress: IPv4/UDP, pass", program: "tm_tc_ingress", floor: "tm_tc_floor", frame: udp4_frame(1000, 53, &[0; 18]), action: 0, output: None },
-        Path { name: "TC egress: IPv6/TCP, pass", program: "tm_tc_egress", floor: "tm_tc_floor", frame: v6_tcp, action: 0, output: None },
+        Path {
+            name: "XDP uplink: IPv4/UDP, parse + count, pass",
+            program: "tm_xdp_uplink",
+            floor: "tm_xdp_floor",
+            frame: udp4_frame(1000, 53, &[0; 18]),
+            action: XDP_PASS,
+            output: None,
+        },
+        Path {
+            name: "XDP uplink: IPv6/TCP, parse + count, pass",
+            program: "tm_xdp_uplink",
+            floor: "tm_xdp_floor",
+            frame: v6_tcp.clone(),
+            action: XDP_PASS,
+            output: None,
+        },
+        Path {
+            name: "XDP uplink: QinQ IPv4/TCP, pass",
+            program: "tm_xdp_uplink",
+            floor: "tm_xdp_floor",
+            frame: ethernet(
+                MAC_B,
+                MAC_A,
+                &[1, 2],
+                0x0800,
+                &ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0)),
+            ),
+            action: XDP_PASS,
+            output: None,
+        },
+        Path {
+            name: "XDP uplink: bad IHL, drop",
+            program: "tm_xdp_uplink",
+            floor: "tm_xdp_floor",
+            frame: bad_ihl,
+            action: XDP_DROP,
+            output: None,
+        },
+        Path {
+            name: "XDP uplink: VIP miss, pass",
+            program: "tm_xdp_uplink",
+            floor: "tm_xdp_floor",
+            frame: vip_miss.clone(),
+            action: XDP_PASS,
+            output: None,
+        },
+        Path {
+            name: "XDP uplink: VIP hit, no flow matches, drop",
+            program: "tm_xdp_uplink",
+            floor: "tm_xdp_floor",
+            frame: no_flow.clone(),
+            action: XDP_DROP,
+            output: None,
+        },
+        Path {
+            name: "TC ingress: IPv4/UDP, pass",
+            program: "tm_tc_ingress",
+            floor: "tm_tc_floor",
+            frame: udp4_frame(1000, 53, &[0; 18]),
+            action: 0,
+            output: None,
+        },
+        Path {
+            name: "TC egress: IPv6/TCP, pass",
+            program: "tm_tc_egress",
+            floor: "tm_tc_floor",
+            frame: v6_tcp,
+            action: 0,
+            output: None,
+        },
     ];
 
     for p in &paths {
