@@ -494,7 +494,8 @@ fn bad_requests_are_refused_and_a_gone_port_takes_its_taps() {
     let e = lab
         .service("x", Destination::Interface("tmnosuchif0".into()))
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::NotFound);
+    // Refused, as `lb apply` refuses an unknown interface (the CLI exits 2).
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
     assert!(lab.list().flows.is_empty());
 
     // Several flows on one source port (TaaS on OVS allows one).
@@ -1124,6 +1125,43 @@ fn a_ring_capture_survives_a_restart_private_and_absolute() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("vlan_filter \"\": empty"), "{err}");
+    assert_eq!(lab.list().flows.len(), 1, "no flow made");
+    // An interface the node does not have is refused (2), not "not found" (1).
+    for args in [
+        &[
+            "tap-service",
+            "create",
+            "nosuch",
+            "--interface",
+            "tmnosuchif0",
+        ][..],
+        &[
+            "tap-service",
+            "create",
+            "nosuch",
+            "--forward",
+            "tmnosuchif0",
+        ],
+        &[
+            "tap-flow",
+            "create",
+            "nosuch",
+            "--tap-service",
+            "ring",
+            "--source",
+            "tmnosuchif0",
+            "--direction",
+            "IN",
+        ],
+    ] {
+        let out = cli(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("interface \"tmnosuchif0\" does not exist"),
+            "{err}"
+        );
+    }
     assert_eq!(lab.list().flows.len(), 1, "no flow made");
 }
 

@@ -9,7 +9,10 @@ use crate::mirror::service::{FlowListing, ServiceListing};
 pub fn status_of(e: MirrorError) -> Status {
     let message = e.to_string();
     match e {
-        MirrorError::NotFound { .. } | MirrorError::NoInterface(_) => Status::not_found(message),
+        MirrorError::NotFound { .. } => Status::not_found(message),
+        // An interface this node does not have is refused (the CLI exits
+        // 2, as for `lb apply`); "not found" is for tap objects.
+        MirrorError::NoInterface(_) => Status::invalid_argument(message),
         MirrorError::Exists { .. } => Status::already_exists(message),
         MirrorError::Dataplane(_) => Status::internal(message),
         MirrorError::PluggedBySpp { .. } => Status::failed_precondition(message),
