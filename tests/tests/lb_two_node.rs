@@ -280,6 +280,7 @@ fn through_the_tunnel(offload: bool) {
         "no_flow_match",
         "target_not_local",
         "bad_tunnel_packet",
+        "ttl_exceeded",
         "fib_lookup_failed",
     ] {
         assert_eq!(named(&s1, "xdp_uplink", reason), 0, "node 1 {reason}");

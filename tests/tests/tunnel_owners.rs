@@ -524,7 +524,7 @@ fn unknown_sources_in_the_service_prefix_wait_for_a_table_that_names_their_node(
 
 /// An IPv6 packet through the tunnel is forwarded as a router would: it
 /// reaches the container with one hop less, and one with a hop limit of 1
-/// (or 0) is dropped as `bad_tunnel_packet`. So neighbour discovery from a
+/// (or 0) is dropped as `ttl_exceeded`. So neighbour discovery from a
 /// node (hop limit 255 on the link only) never arrives as on the link.
 #[test]
 fn ipv6_through_the_tunnel_loses_one_hop_and_none_left_is_dropped() {

@@ -160,6 +160,7 @@ fn tunnel_packets_from_a_node_it_does_not_know_reach_nothing() {
         "no_target",
         "no_flow_match",
         "bad_tunnel_packet",
+        "ttl_exceeded",
         "tunnel_unknown_destination",
     ] {
         assert_eq!(named(&s2, "xdp_uplink", reason), 0, "node 2 {reason}");

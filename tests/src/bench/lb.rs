@@ -41,9 +41,6 @@ struct Path {
     frame: Vec<u8>,
     /// Expected return value, checked on a single run first.
     action: u32,
-    /// Expected output when it is not the frame itself (a rewrite that gives
-    /// the same bytes when run again on its own output, so repeats are valid).
-    output: Option<Vec<u8>>,
 }
 
 /// A path timed with repeat = 1: the first call's return value and output are checked.
@@ -218,7 +215,6 @@ pub fn repeated_rows(
             floor: "tm_xdp_floor",
             frame: udp4_frame(1000, 53, &[0; 18]),
             action: XDP_PASS,
-            output: None,
         },
         Path {
             name: "XDP uplink: IPv6/TCP, parse + count, pass",
@@ -226,7 +222,6 @@ pub fn repeated_rows(
             floor: "tm_xdp_floor",
             frame: v6_tcp.clone(),
             action: XDP_PASS,
-            output: None,
         },
         Path {
             name: "XDP uplink: QinQ IPv4/TCP, pass",
@@ -240,7 +235,6 @@ pub fn repeated_rows(
                 &ipv4(V4_A, V4_B, TCP, &[], &tcp_v4(V4_A, V4_B, 1, 2, 0)),
             ),
             action: XDP_PASS,
-            output: None,
         },
         Path {
             name: "XDP uplink: bad IHL, drop",
@@ -248,7 +242,6 @@ pub fn repeated_rows(
             floor: "tm_xdp_floor",
             frame: bad_ihl,
             action: XDP_DROP,
-            output: None,
         },
         Path {
             name: "XDP uplink: VIP miss, pass",
@@ -256,7 +249,6 @@ pub fn repeated_rows(
             floor: "tm_xdp_floor",
             frame: vip_miss.clone(),
             action: XDP_PASS,
-            output: None,
         },
         Path {
             name: "XDP uplink: VIP hit, no flow matches, drop",
@@ -264,7 +256,6 @@ pub fn repeated_rows(
             floor: "tm_xdp_floor",
             frame: no_flow.clone(),
             action: XDP_DROP,
-            output: None,
         },
         Path {
             name: "TC ingress: IPv4/UDP, pass",
@@ -272,7 +263,6 @@ pub fn repeated_rows(
             floor: "tm_tc_floor",
             frame: udp4_frame(1000, 53, &[0; 18]),
             action: 0,
-            output: None,
         },
         Path {
             name: "TC egress: IPv6/TCP, pass",
@@ -280,13 +270,13 @@ pub fn repeated_rows(
             floor: "tm_tc_floor",
             frame: v6_tcp,
             action: 0,
-            output: None,
         },
     ];
 
     for p in &paths {
         let first = bpf.run(p.program, &p.frame, 1);
-        let want = p.output.as_ref().unwrap_or(&p.frame);
+        // Each leaves the packet as it was.
+        let want = &p.frame;
         assert_eq!(
             first.action, p.action,
             "{}: unexpected return value",

@@ -193,9 +193,9 @@ pub fn report() -> String {
          unchanged are the median of {RUNS} runs of {REPEAT} in-kernel repeats. Paths that \
          rewrite it cannot use an in-kernel repeat (it would run again on its own output), so \
          they are the median of the durations the kernel reports for {LOOP_CALLS} single runs \
-         (repeat = 1). Two paths are timed both ways as a cross-check: the VIP miss, and the \
-         untagged local redirect, whose MAC rewrite gives the same bytes when run on its own \
-         output (repeat = 1 runs see colder caches: each call's syscall work comes between). \
+         (repeat = 1). The VIP miss is timed both ways as a cross-check (repeat = 1 runs see \
+         colder caches: each call's syscall work comes between; the local redirect, timed so \
+         before, lowers the TTL, so a repeat would not run on the same packet). \
          The net column subtracts the empty program of the same hook timed the same way in the same run; \
          for the repeat = 1 rows, in the same loop, one floor call after each path call (the floor row lists the floor of each row). \
          The remote-target row runs in a network namespace with a route and a permanent \

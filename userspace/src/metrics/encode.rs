@@ -135,7 +135,8 @@ async fn dataplane(registry: &mut Registry, s: &Sources) {
 async fn load_balancing(registry: &mut Registry, s: &Sources) {
     let lb = s.dataplane.lb_counters().await.unwrap_or_default();
     // An EDS backend holds one target per Maglev identifier: the endpoint
-    // label lets a query sum them (`sum by (endpoint)`).
+    // label lets a query add up their rates (a freed identifier's counter
+    // goes on under the backend that takes it).
     let endpoints = s.catalog.target_endpoints();
     let labels = |key: &'static str, name: &str| {
         let mut l = label(key, name);

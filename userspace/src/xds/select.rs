@@ -239,14 +239,21 @@ pub fn select(cla: &ClusterLoadAssignment) -> Result<ClusterEndpoints, InvalidAs
 
     let drop_overloads = drop_overloads(cla).map_err(invalid)?;
 
-    // No healthy endpoint anywhere: the degraded ones take the traffic.
-    if !groups.iter().flat_map(|g| &g.endpoints).any(|e| e.usable) {
+    let weighted_localities = groups.iter().any(|g| g.weight.is_some());
+    // No healthy endpoint in a locality that counts: the degraded ones take
+    // the traffic.
+    let counts = |g: &Group| !weighted_localities || g.weight.is_some();
+    if !groups
+        .iter()
+        .filter(|g| counts(g))
+        .flat_map(|g| &g.endpoints)
+        .any(|e| e.usable)
+    {
         for e in groups.iter_mut().flat_map(|g| &mut g.endpoints) {
             e.usable = e.health == HealthStatus::Degraded as i32;
         }
     }
 
-    let weighted_localities = groups.iter().any(|g| g.weight.is_some());
     let locality_weight = |g: &Group| {
         if weighted_localities {
             g.weight
@@ -644,6 +651,18 @@ mod tests {
             standby,
             vec![("10.0.0.2".into(), false), ("10.0.1.1".into(), true)]
         );
+    }
+
+    #[test]
+    fn a_healthy_endpoint_in_a_skipped_locality_does_not_keep_degraded_ones_idle() {
+        // Locality a counts (weighted) and has only a degraded endpoint;
+        // b has no weight, so its healthy endpoint is skipped.
+        let c = select(&cla(vec![
+            loc("a", 0, Some(1), vec![ep("10.0.0.1", 80, Degraded, None)]),
+            lone("b", 0, "10.0.1.1"),
+        ]))
+        .unwrap();
+        assert_eq!(addrs(&c), vec![("10.0.0.1".into(), 80, 1, 0)]);
     }
 
     #[test]
