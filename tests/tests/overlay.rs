@@ -1986,6 +1986,13 @@ fn an_eds_cluster_bound_to_a_service_ip_picks_its_members_and_weights() {
     });
     // The ACK came after the maps were written: the miss is resolved.
     assert_eq!(n1.status()["unresolved"], serde_json::json!([]));
+    // The early packet was held, and goes on now, taking a turn of the
+    // round robin: once it has, the 8 flows below take 8 turns in a row
+    // (under load it went on among them once, and they saw 7:1).
+    n1.status_when(|s| {
+        let held = |k: &str| s["held"][k].as_u64().unwrap_or(0);
+        held("waiting") == 0 && held("kept") == held("sent") + held("dropped")
+    });
     let answers = udp_ask(&client, FED, 8);
     let on = |name: &str| answers.iter().filter(|(n, _)| n == name).count();
     assert_eq!(
