@@ -18,6 +18,12 @@ const VIP2: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 31);
 /// The daemon's metrics and probes, in its namespace.
 const METRICS: &str = "127.0.0.1:9843";
 
+/// The lab's two targets' addresses, as the control plane names them.
+fn addresses(lab: &tapmesh_tests::net::LbLab) -> (String, String) {
+    let address = |i: usize| lab.targets[i].address.to_string();
+    (address(0), address(1))
+}
+
 /// A UDP receiver on port 7000 of each VIP in each target, target by
 /// target: [first via vips[0], first via vips[1], second via vips[0], …].
 fn receivers(lab: &tapmesh_tests::net::LbLab, vips: [Ipv4Addr; 2]) -> Vec<UdpReceiver> {
@@ -35,10 +41,7 @@ fn eds_endpoints_feed_a_vip_and_weights_split_real_traffic() {
         return;
     }
     let (lab, mut cp) = eds::lab(&[VIP], &udp_vip_cluster("svc", VIP));
-    let (a, b) = (
-        lab.targets[0].address.to_string(),
-        lab.targets[1].address.to_string(),
-    );
+    let (a, b) = addresses(&lab);
     cp.set("1", &[("svc", weighted(&[(&a, 5000, 3), (&b, 5000, 1)]))]);
     // The ACK comes once the maps hold the endpoints.
     wait_ack(&cp, "1");
@@ -172,10 +175,7 @@ fn a_restart_without_the_server_keeps_the_last_endpoints() {
     lab.start_with(None, &args);
     let mut cp = cp;
     let port = cp.port();
-    let (a, b) = (
-        lab.targets[0].address.to_string(),
-        lab.targets[1].address.to_string(),
-    );
+    let (a, b) = addresses(&lab);
     cp.set("1", &[("svc", weighted(&[(&a, 7000, 1), (&b, 7000, 1)]))]);
     wait_ack(&cp, "1");
     let before = lab.spread(VIP);
@@ -247,10 +247,7 @@ fn delta_eds_changes_and_removals_reach_the_maps() {
     }
     let clusters = udp_vip_cluster("svc", VIP) + &udp_vip_cluster("other", VIP2);
     let (lab, mut cp) = eds::lab_of(&[VIP, VIP2], &clusters, true);
-    let (a, b) = (
-        lab.targets[0].address.to_string(),
-        lab.targets[1].address.to_string(),
-    );
+    let (a, b) = addresses(&lab);
     cp.set(
         "1",
         &[
@@ -319,10 +316,7 @@ fn a_response_refused_at_write_time_leaves_every_cluster_as_it_was() {
         + &udp_vip_cluster("other", VIP2)
         + "[dataplane]\nmaglev_entries = 16384\n";
     let (lab, mut cp) = eds::lab(&[VIP, VIP2], &clusters);
-    let (a, b) = (
-        lab.targets[0].address.to_string(),
-        lab.targets[1].address.to_string(),
-    );
+    let (a, b) = addresses(&lab);
     cp.set(
         "1",
         &[
@@ -381,10 +375,7 @@ fn a_backend_without_a_neighbour_entry_is_resolved_and_takes_traffic() {
         return;
     }
     let (lab, mut cp) = eds::lab(&[VIP], &udp_vip_cluster("svc", VIP));
-    let (a, b) = (
-        lab.targets[0].address.to_string(),
-        lab.targets[1].address.to_string(),
-    );
+    let (a, b) = addresses(&lab);
     // The lab's static entry for b goes: no entry, as on a fresh node.
     lab.node
         .ip(&["neigh", "del", &b, "dev", &lab.targets[1].node_if]);
@@ -422,10 +413,7 @@ fn unweighted_localities_and_degraded_endpoints_split_traffic_as_envoy() {
         udp_vip_cluster("svc", VIP)
     );
     let (lab, mut cp) = eds::lab(&[VIP], &more);
-    let (a, b) = (
-        lab.targets[0].address.to_string(),
-        lab.targets[1].address.to_string(),
-    );
+    let (a, b) = addresses(&lab);
     let rx: Vec<UdpReceiver> = lab
         .targets
         .iter()
