@@ -15,7 +15,7 @@ pub mod tunnel;
 pub use stats::*;
 
 /// Version of the map layouts; pins live under `<bpffs root>/v<SCHEMA_VERSION>/`.
-pub const SCHEMA_VERSION: u32 = 16;
+pub const SCHEMA_VERSION: u32 = 17;
 
 /// Default UDP port of the node-to-node tunnel (inner IP packet as UDP payload).
 pub const DEFAULT_TUNNEL_PORT: u16 = 50103;
@@ -112,6 +112,7 @@ pub mod map_names {
     pub const OV_HELD: &str = "tm_ov_held";
     pub const OV_HOLD_ADDRS: &str = "tm_ov_hold_ips";
     pub const OV_HOLD_VETHS: &str = "tm_ov_hold_ifs";
+    pub const OV_RESEND: &str = "tm_ov_resend";
     pub const OV_SERVICE_STATS: &str = "tm_ov_svc_stats";
     pub const OV_INSTANCE_STATS: &str = "tm_ov_ins_stats";
 }

@@ -58,6 +58,9 @@ pub const HOLDS_PER_ADDRESS: u64 = 8;
 pub const HOLDS_PER_VETH: u64 = 32;
 /// Addresses, and veths, whose holds are counted this second.
 pub const HOLD_ADDRESSES: u32 = 1024;
+/// The daemon's sockets sending held packets again (`tm_ov_resend`) at
+/// once: one per container's batch, each gone a moment after its send.
+pub const RESEND_SOCKETS: u32 = 64;
 
 /// [`Service::policy`]: a new flow takes the next slot, in turn.
 pub const POLICY_ROUND_ROBIN: u8 = 1;

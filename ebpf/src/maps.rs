@@ -233,6 +233,10 @@ pub static tm_ov_hold_ips: LruHashMap<ov::Addr6, u64, { ov::HOLD_ADDRESSES as us
 #[btf_map]
 pub static tm_ov_hold_ifs: LruHashMap<u32, u64, { ov::HOLD_ADDRESSES as usize }> =
     LruHashMap::new();
+/// Cookies of the daemon's sockets that send held packets again → the
+/// host-side veth they arrive on: a tap took its copy when it was held.
+#[btf_map]
+pub static tm_ov_resend: HashMap<u64, u32, { ov::RESEND_SOCKETS as usize }> = HashMap::new();
 // The same for IPv6 service IPs (ids, slots, RR turns, instances' kind and
 // generation, counters and the tunnel are shared with IPv4).
 #[btf_map]

@@ -30,6 +30,13 @@ use crate::{
 /// Copies the packet for every tap flow of this interface that takes `direction`.
 #[inline(always)]
 pub fn copy(ctx: &TcContext, direction: u8) {
+    copy_unless(ctx, direction, |_| false);
+}
+
+/// As [`copy`], unless `copied_before` says a tap saw this packet already
+/// (asked only on a tapped port).
+#[inline(always)]
+pub fn copy_unless(ctx: &TcContext, direction: u8, copied_before: impl Fn(&TcContext) -> bool) {
     // SAFETY: the context's __sk_buff is valid for the program's run.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let (word, bit) = filter_bit(ifindex);
@@ -45,6 +52,9 @@ pub fn copy(ctx: &TcContext, direction: u8) {
     if tc_index == COPY_TC_INDEX {
         // A copy back at a tapped port (a veth peer or a bridge of a tap
         // service's interface): copied again, it would circle.
+        return;
+    }
+    if copied_before(ctx) {
         return;
     }
     // Clones take the mark; the packet gets its own back below.

@@ -12,7 +12,7 @@ use aya_ebpf::{
         BPF_F_PSEUDO_HDR, BPF_NOEXIST,
     },
     helpers::generated::{
-        bpf_ktime_get_ns, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_l4_csum_replace, bpf_redirect, bpf_skb_change_head, bpf_skb_change_tail,
         bpf_skb_load_bytes,
     },
     programs::{TcContext, XdpContext},
@@ -426,6 +426,18 @@ pub fn hold_unknown(ctx: &TcContext, packed: crate::tc::Packed) -> crate::tc::Pa
     }
     entry.submit(0);
     crate::tc::Packed::from(Err(DropReason::HeldForQuery))
+}
+
+/// Whether the daemon sends this packet again after holding it: its socket
+/// is in `tm_ov_resend` for this veth (a cookie no container's socket can
+/// have; the veth too, on a kernel whose cookies are per namespace), and a
+/// tap of the port took its copy when it was held.
+#[inline(always)]
+pub fn sent_again(ctx: &TcContext) -> bool {
+    // SAFETY: the program's own __sk_buff; 0 when the packet has no socket.
+    let (cookie, ifindex) = unsafe { (bpf_get_socket_cookie(ctx.skb.skb as *mut _), (*ctx.skb.skb).ifindex) };
+    // SAFETY: a map value read under RCU.
+    cookie != 0 && unsafe { tm_ov_resend.get(&cookie) }.is_some_and(|&at| at == ifindex)
 }
 
 /// Counts a hold against the packet's destination (`tm_ov_hold_ips`)

@@ -42,7 +42,7 @@ pub fn tm_tc_egress(ctx: TcContext) -> i32 {
 /// service-IP translation, local delivery and the tunnel.
 #[classifier]
 pub fn tm_tc_service(ctx: TcContext) -> i32 {
-    mirror::copy(&ctx, DIRECTION_OUT);
+    mirror::copy_unless(&ctx, DIRECTION_OUT, overlay::sent_again);
     let stats = Stats::of(ProgramSlot::TcService);
     let packed = match linear_packet(&ctx) {
         Ok(pkt) if overlay::is_ipv6(&pkt) => overlay6::from_container(&ctx, &pkt),

@@ -156,6 +156,7 @@ fn alternates(names: &[String]) -> bool {
 struct Lab {
     nodes: TwoNodes,
     client: Netns,
+    client_ns: String,
     web0: Netns,
     web1: Netns,
     web1_ns: String,
@@ -201,6 +202,7 @@ fn lab_with(node1_config: &str) -> Lab {
     Lab {
         nodes,
         client,
+        client_ns,
         web0,
         web1,
         web1_ns,
@@ -1445,6 +1447,10 @@ fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
     let n1 = &lab.nodes.node1;
     let unknown = "203.0.113.99";
     let target: Ipv4Addr = unknown.parse().unwrap();
+    // A tap of what the client sends, which sees the held datagram once.
+    let mut ports = n1.container_link_indexes();
+    ports.sort();
+    let (_dir, pcap) = capture_port(n1.daemon.as_ref().unwrap(), &ports[0].1, "OUT");
     // One datagram, sent once, to an address no table names: the kernel
     // holds it for the daemon, which asks the cluster.
     let socket = spawn_in(&lab.client.name, move || {
@@ -1492,6 +1498,21 @@ fn unknown_service_ips_are_reported_once_and_work_once_the_table_knows_them() {
     let status = n1.status_when(|s| s["held"]["sent"] == 1);
     assert_eq!(status["unresolved"], serde_json::json!([]));
     assert_eq!(status["held"]["waiting"], 0, "{status}");
+    // Copied when it was held, not again when the daemon sent it on.
+    n1.daemon
+        .as_ref()
+        .unwrap()
+        .cli(&["tap-service", "delete", "cap"]);
+    let rows = tapmesh_tests::tshark_rows(&pcap, &["ip.src", "ip.dst", "udp.dstport", "data.data"]);
+    let copies: Vec<&String> = rows.iter().filter(|r| r.contains(unknown)).collect();
+    assert_eq!(
+        copies,
+        [&format!(
+            "{}\t{unknown}\t{UDP_PORT}\t68656c6c6f",
+            lab.client_ns
+        )],
+        "{rows:?}"
+    );
     let answers = udp_ask(&lab.client, unknown, 2);
     answered_by(&answers, "web1", unknown);
 

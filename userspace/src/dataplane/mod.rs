@@ -499,6 +499,14 @@ impl DataplaneHandle {
         }
     }
 
+    /// Names a socket that sends held packets again into host-side veth
+    /// `on`, or forgets it (`tm_ov_resend`).
+    pub async fn resend_socket(&self, cookie: u64, on: Option<u32>) -> Result<(), DataplaneError> {
+        let mut guard = self.running.lock().await;
+        let r = guard.as_mut().ok_or(DataplaneError::NotRunning)?;
+        r.overlay.resend_socket(&mut r.ebpf, cookie, on)
+    }
+
     /// Lets every address a previous daemon left pending signal a miss again.
     pub async fn clear_all_overlay_pending(&self) -> usize {
         match self.running.lock().await.as_mut() {
@@ -982,6 +990,7 @@ mod tests {
             n::OV_HELD,
             n::OV_HOLD_ADDRS,
             n::OV_HOLD_VETHS,
+            n::OV_RESEND,
             n::OV_SERVICE_STATS,
             n::OV_INSTANCE_STATS,
         ] {

@@ -1156,6 +1156,36 @@ impl OverlayWriter {
         }
     }
 
+    /// Names a socket of the daemon that sends held packets again into
+    /// host-side veth `on` (`tm_ov_resend`), or forgets it (`None`): a tap
+    /// does not copy them twice. A full map is emptied first (what it holds
+    /// is of sockets long closed, or a batch's copies go twice, as before
+    /// this map).
+    pub fn resend_socket(
+        &self,
+        ebpf: &mut Ebpf,
+        cookie: u64,
+        on: Option<u32>,
+    ) -> Result<(), DataplaneError> {
+        let name = n::OV_RESEND;
+        let mut map: BpfHashMap<&mut MapData, u64, u32> =
+            BpfHashMap::try_from(map_mut(ebpf, name)?).map_err(map_err(name))?;
+        let Some(ifindex) = on else {
+            return match map.remove(&cookie) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+                Err(e) => Err(map_err(name)(e)),
+            };
+        };
+        if map.insert(cookie, ifindex, 0).is_ok() {
+            return Ok(());
+        }
+        let keys: Vec<u64> = map.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = map.remove(&key);
+        }
+        map.insert(cookie, ifindex, 0).map_err(map_err(name))
+    }
+
     /// Forgets every pending miss (a start's first step): an entry a daemon
     /// read but had no time to clear (it stopped within the second) would
     /// keep its address from ever being reported again. Returns how many

@@ -233,6 +233,7 @@ const MAPS: &[MapSpec] = &[
     spec(n::OV_HELD, 0, 0, ov::HELD_RING_BYTES),
     spec(n::OV_HOLD_ADDRS, 16, 8, ov::HOLD_ADDRESSES),
     spec(n::OV_HOLD_VETHS, 4, 8, ov::HOLD_ADDRESSES),
+    spec(n::OV_RESEND, 8, 4, ov::RESEND_SOCKETS),
     spec(
         n::OV_SERVICE_STATS,
         4,

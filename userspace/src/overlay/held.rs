@@ -280,10 +280,19 @@ pub fn monotonic_ns() -> u64 {
 /// Sends `frames` out of interface `index` of namespace `netns` (a
 /// container's own end of its veth, found from the host side's peer
 /// index, not by a name the container could give another interface),
-/// checksums completed. Returns how many were sent.
-pub fn send_from(netns: &File, index: u32, frames: Vec<Vec<u8>>) -> std::io::Result<usize> {
+/// checksums completed. `announce` gets the sending socket's cookie (0 if
+/// unknown) before the first frame goes. Returns how many were sent, and
+/// the cookie.
+pub fn send_from(
+    netns: &File,
+    index: u32,
+    frames: Vec<Vec<u8>>,
+    announce: impl FnOnce(u64) + Send,
+) -> std::io::Result<(usize, u64)> {
     crate::net::netns::run_in(netns, move || {
         let socket = packet_socket()?;
+        let cookie = socket_cookie(&socket);
+        announce(cookie);
         let mut sent = 0;
         for mut frame in frames {
             if frame.len() < ETH_HEADER {
@@ -312,8 +321,30 @@ pub fn send_from(netns: &File, index: u32, frames: Vec<Vec<u8>>) -> std::io::Res
                 sent += 1;
             }
         }
-        Ok(sent)
+        Ok((sent, cookie))
     })?
+}
+
+/// The kernel's cookie of `socket` (what `bpf_get_socket_cookie` reads), 0
+/// if it cannot say.
+fn socket_cookie(socket: &OwnedFd) -> u64 {
+    let mut cookie = 0u64;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: writes at most `len` bytes into `cookie`.
+    let rc = unsafe {
+        libc::getsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(socket),
+            libc::SOL_SOCKET,
+            libc::SO_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        cookie
+    } else {
+        0
+    }
 }
 
 /// An AF_PACKET socket that only sends (protocol 0 receives nothing).

@@ -19,6 +19,9 @@ type Send = (u32, String, Option<NetnsId>, Vec<Vec<u8>>);
 /// the packet would drop as `no_neighbour`.
 const HOP_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a resending socket stays in `tm_ov_resend` after its batch.
+const RESEND_FORGET: Duration = Duration::from_secs(2);
+
 impl NetManager {
     /// Keeps a packet the kernel held `age` ago (it came in on host-side
     /// veth `ifindex`); sends it on at once if its address is named by now.
@@ -121,7 +124,10 @@ impl NetManager {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            let _ = tokio::task::spawn_blocking(move || {
+            let runtime = tokio::runtime::Handle::current();
+            let marks = dataplane.clone();
+            let cookies = tokio::task::spawn_blocking(move || {
+                let mut cookies = Vec::new();
                 for (ifindex, netns, id, frames) in sends {
                     let count = frames.len() as u64;
                     // The container's end of this veth, by the index its
@@ -136,11 +142,26 @@ impl NetManager {
                         let peer = peer.ok_or_else(|| {
                             std::io::Error::other(format!("its veth (index {ifindex}) is gone"))
                         })?;
-                        crate::overlay::held::send_from(&file, peer, frames)
+                        // Named before the first frame goes: a tap of the
+                        // port copied these when they were held.
+                        let announce = |cookie: u64| {
+                            if cookie == 0 {
+                                return;
+                            }
+                            if let Err(e) =
+                                runtime.block_on(marks.resend_socket(cookie, Some(ifindex)))
+                            {
+                                tracing::warn!(
+                                    "netmanager: a tap may copy held packets twice in {netns}: {e}"
+                                );
+                            }
+                        };
+                        crate::overlay::held::send_from(&file, peer, frames, announce)
                     });
                     let mut held = held.lock().expect("lock");
                     match sent {
-                        Ok(n) => {
+                        Ok((n, cookie)) => {
+                            cookies.push(cookie);
                             held.sent += n as u64;
                             held.dropped += count - n as u64;
                         }
@@ -152,8 +173,16 @@ impl NetManager {
                         }
                     }
                 }
+                cookies
             })
-            .await;
+            .await
+            .unwrap_or_default();
+            // The kernel has long seen the frames of a closed socket; its
+            // cookie is never given again, so a late removal harms nothing.
+            tokio::time::sleep(RESEND_FORGET).await;
+            for cookie in cookies.into_iter().filter(|&c| c != 0) {
+                let _ = dataplane.resend_socket(cookie, None).await;
+            }
         });
     }
 }
