@@ -933,6 +933,10 @@ fn a_restarted_node_asks_again_for_the_tables_it_kept_hears_their_updates_and_le
     let client = Netns::new("oarc");
     let task = Task::start(&client);
     deploy(&n1, &task, CLIENT, 0);
+    // A container whose namespace is gone while the daemon is down.
+    let gone = Netns::new("oarg");
+    let gone_task = Task::start(&gone);
+    let gone_ns = deploy(&n1, &gone_task, WEB, 0);
     // The client dials OAK's instance IP: the node asks by IP and keeps the table.
     let held = wait_until(Duration::from_secs(30), || {
         udp_ask(&client, OAK_IP, 1);
@@ -955,8 +959,21 @@ fn a_restarted_node_asks_again_for_the_tables_it_kept_hears_their_updates_and_le
     // Restarted, the node still holds OAK's table (its state file): it asks
     // for it again, and for the job deployed here.
     let client_before = queries_for(CLIENT);
-    n1.restart(&[], |_| {});
+    n1.restart(&[], move |_| drop((gone_task, gone)));
     assert!(status_services(&n1).contains(&(OAK_IP.into(), 1)));
+    // The cluster hears it is undeployed, as when a veth dies (found by a
+    // tester: it kept the instance, and the Node Engine's undeploy then
+    // found nothing here to report).
+    let told = wait_until(Duration::from_secs(30), || {
+        cluster.received("/net/service/undeployed").iter().any(|m| {
+            m["topic"].as_str().unwrap().starts_with(&me)
+                && m["payload"]
+                    == json!({"appname": WEB, "status": "UNDEPLOYED", "instance_number": 0,
+                              "nsip": gone_ns, "nsipv6": "", "host_port": "50103",
+                              "host_ip": "198.18.2.1"})
+        })
+    });
+    assert!(told, "{:?}", cluster.received("/net/service/undeployed"));
     let asked = wait_until(Duration::from_secs(30), || {
         queries_for(OAK) == before + 1 && queries_for(CLIENT) == client_before + 1
     });

@@ -1766,6 +1766,49 @@ fn api_errors_are_clear_and_leave_nothing_behind() {
     assert_eq!(n1.container_links().len(), 1);
 }
 
+/// An undeploy without `instanceNumber` (the seed's `/docker/undeploy`
+/// names the service alone) takes the job's one instance on this node. A
+/// tester found it took instance 0 whatever was deployed: with several it
+/// is refused now, and nothing goes.
+#[test]
+fn an_undeploy_without_an_instance_number_takes_the_only_one_or_none() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    let n1 = &lab.nodes.node1;
+    let web2 = Netns::new("ovu2");
+    n1.deploy(&web2, WEB, 2, &[("RR", RR)]);
+    assert_eq!(n1.container_links().len(), 3);
+    let (status, text) = n1.api(
+        "/container/undeploy",
+        &format!(r#"{{"serviceName": "{WEB}"}}"#),
+    );
+    assert_eq!(
+        (status, text.contains("has instances 0, 2 on this node")),
+        (400, true),
+        "{text}"
+    );
+    assert_eq!(n1.container_links().len(), 3);
+    answered_by(&udp_ask(&lab.client, WEB0_IP, 1), "web0", WEB0_IP);
+    // A job with no instance here: Oakestra's 200, nothing changes.
+    let (status, text) = n1.api(
+        "/container/undeploy",
+        r#"{"serviceName": "app.ns.none.ns"}"#,
+    );
+    assert_eq!((status, text.as_str()), (200, "{}"));
+    assert_eq!(n1.container_links().len(), 3);
+    // The client is its job's one instance here.
+    let (status, text) = n1.api(
+        "/docker/undeploy",
+        &format!(r#"{{"serviceName": "{CLIENT}"}}"#),
+    );
+    assert_eq!((status, text.as_str()), (200, "{}"));
+    let (_, inside) = run(&lab.client, &["ip", "-o", "link", "show"]);
+    assert!(!inside.contains("tmsvc0"), "{inside}");
+    assert_eq!(n1.container_links().len(), 2);
+}
+
 #[test]
 fn containers_get_ipv6_addresses_and_a_default_route_too() {
     if !kernel_tests_enabled() {

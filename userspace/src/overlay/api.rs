@@ -135,8 +135,30 @@ struct DeployRequest {
 struct UndeployRequest {
     #[serde(rename = "serviceName", alias = "appName")]
     service_name: String,
+    /// Optional as in the seed's `/docker/undeploy` (a service name alone):
+    /// then the job's one instance on this node.
     #[serde(rename = "instanceNumber", default)]
-    instance_number: i64,
+    instance_number: Option<i64>,
+}
+
+/// The instance an undeploy names: its number, or without one the job's
+/// only instance here (`None`: none here). Several: refused, none removed.
+async fn undeploy_target(
+    nm: &NetManager,
+    job: &str,
+    number: Option<i64>,
+) -> Result<Option<u32>, ApiError> {
+    if let Some(number) = number {
+        return instance_number(number).map(Some);
+    }
+    match nm.local_instances(job).await?.as_slice() {
+        [] => Ok(None),
+        [only] => Ok(Some(*only)),
+        several => Err(bad(format!(
+            "instanceNumber is missing and {job} has instances {} on this node: name the one to undeploy",
+            several.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+        ))),
+    }
 }
 
 /// One instance of a table. The cluster lists instances scheduled but not
@@ -323,7 +345,10 @@ async fn undeploy(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(r) = body?;
     let job = job_name(&r.service_name)?;
-    let number = instance_number(r.instance_number)?;
+    let Some(number) = undeploy_target(&nm, &job, r.instance_number).await? else {
+        tracing::info!("undeploy: {job} has no instance on this node");
+        return Ok(Json(serde_json::json!({})));
+    };
     match detached(async move { nm.undeploy(&job, number).await }).await {
         // Oakestra answers 200 whether or not the instance was deployed.
         Err(ApiError(StatusCode::NOT_FOUND, message)) => {
@@ -370,7 +395,10 @@ async fn unikernel_undeploy(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let Json(r) = body?;
     let job = job_name(&r.service_name)?;
-    let number = instance_number(r.instance_number)?;
+    let Some(number) = undeploy_target(&nm, &job, r.instance_number).await? else {
+        tracing::info!("unikernel undeploy: {job} has no instance on this node");
+        return Ok(Json(serde_json::json!({})));
+    };
     match detached(async move { nm.undeploy_unikernel(&job, number).await }).await {
         // Oakestra answers 200 whether or not the instance was deployed.
         Err(ApiError(StatusCode::NOT_FOUND, message)) => {

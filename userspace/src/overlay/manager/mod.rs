@@ -161,6 +161,9 @@ struct State {
     subnet_refused: Option<String>,
     /// Subnet answers refused so far (a registration waits for the next).
     subnet_refusals: u64,
+    /// Deployments of the state file whose namespace was gone at start:
+    /// the cluster is told once connected, as for a veth that died live.
+    gone_at_start: Vec<(String, u32, Ipv4Addr, Option<std::net::Ipv6Addr>)>,
 }
 
 /// Service IPs fed by the catalog: service IP → member instances (by

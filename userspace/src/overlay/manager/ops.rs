@@ -302,6 +302,12 @@ impl NetManager {
         if waiting {
             c.request_subnet().await;
         }
+        let gone = std::mem::take(&mut self.state.lock().await.gone_at_start);
+        for (job, number, v4, v6) in gone {
+            tracing::info!(%job, instance = number, "netmanager: telling the cluster it is undeployed (its namespace was gone at start)");
+            c.undeployed(self.notice_at(&job, number, "UNDEPLOYED", v4, v6))
+                .await;
+        }
         // Their tables are asked for once connected (`Cluster::subscribe_all`).
         for job in jobs {
             c.add_interest(&job).await;
@@ -656,6 +662,20 @@ impl NetManager {
         })
     }
 
+    /// The numbers of `job`'s instances deployed on this node.
+    pub async fn local_instances(&self, job: &str) -> Result<Vec<u32>, NmError> {
+        let state = self.state.lock().await;
+        if state.registration.is_none() {
+            return Err(NmError::NotRegistered);
+        }
+        Ok(state
+            .local
+            .keys()
+            .filter(|(j, _)| j == job)
+            .map(|&(_, n)| n)
+            .collect())
+    }
+
     pub async fn undeploy(&self, job: &str, number: u32) -> Result<(), NmError> {
         let mut state = self.state.lock().await;
         if state.registration.is_none() {
@@ -807,12 +827,24 @@ impl NetManager {
         status: &str,
         lease: &crate::overlay::ipam::Lease,
     ) -> DeployNotice {
+        self.notice_at(job, number, status, lease.v4, lease.v6)
+    }
+
+    /// [`Self::notice`] for an instance whose lease is gone.
+    fn notice_at(
+        &self,
+        job: &str,
+        number: u32,
+        status: &str,
+        v4: std::net::Ipv4Addr,
+        v6: Option<std::net::Ipv6Addr>,
+    ) -> DeployNotice {
         DeployNotice {
             appname: job.to_string(),
             status: status.to_string(),
             instance_number: number,
-            nsip: lease.v4.to_string(),
-            nsipv6: lease.v6.map(|a| a.to_string()).unwrap_or_default(),
+            nsip: v4.to_string(),
+            nsipv6: v6.map(|a| a.to_string()).unwrap_or_default(),
             host_ip: self.node_addr().map(|a| a.to_string()).unwrap_or_default(),
             host_port: self.settings.node_port.to_string(),
         }

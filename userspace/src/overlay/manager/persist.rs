@@ -132,10 +132,18 @@ impl NetManager {
         let (mut adopted, mut relinked) = (0, 0);
         for d in persisted.local {
             let (job, number) = (d.record.job.clone(), d.record.number);
+            let addresses = (d.record.ns_addr, d.record.ns_addr_v6);
             match self.restore_deployment(&mut state, d).await {
                 Ok(true) => adopted += 1,
                 Ok(false) => relinked += 1,
-                Err(e) => tracing::warn!(%job, instance = number, "not restored: {e}"),
+                Err(e) => {
+                    tracing::warn!(%job, instance = number, "not restored: {e}");
+                    if matches!(e, NmError::NoNamespace(_)) {
+                        state
+                            .gone_at_start
+                            .push((job, number, addresses.0, addresses.1));
+                    }
+                }
             }
         }
         if let Err(e) = self.apply_locked(&mut state).await {
