@@ -709,6 +709,58 @@ fn a_tap_flow_on_a_containers_port_copies_and_its_delete_leaves_the_ports_progra
     answered_by(&udp_ask(&lab.client, CLOSEST, 2), "web0", CLOSEST);
 }
 
+/// Found by a tester: on an underlay that keeps "checksum pending" (a veth
+/// with its default TX offload, as kind's nodes have, not a NIC that
+/// finishes it), a remote instance's reply arrived with the checksum its
+/// sender left unfinished, and the reverse translation to the RR or
+/// Closest address dialled (in XDP, which cannot tell) left it wrong: the
+/// client's kernel dropped every such answer. The daemon turns a veth
+/// uplink's TX checksum offload off, as the lab used to do itself.
+#[test]
+fn answers_from_the_other_node_survive_a_veth_underlay() {
+    if !kernel_tests_enabled() {
+        return;
+    }
+    let lab = lab();
+    for node in [&lab.nodes.node1, &lab.nodes.node2] {
+        let (_, features) = run(&node.netns, &["ethtool", "-k", &node.uplink]);
+        assert!(features.contains("tx-checksumming: off"), "{features}");
+        let log = node.daemon.as_ref().unwrap().log_text();
+        assert!(
+            log.contains("its TX checksum offload is turned off"),
+            "{log}"
+        );
+    }
+    let answers = udp_ask(&lab.client, RR, 6);
+    let names: Vec<String> = answers.iter().map(|(n, _)| n.clone()).collect();
+    assert!(
+        alternates(&names) && names.contains(&"web1".to_string()),
+        "{answers:?}"
+    );
+    let rr_from = format!("{RR}:{UDP_PORT}");
+    assert!(answers.iter().all(|(_, f)| *f == rr_from), "{answers:?}");
+    let names = tcp_ask(&lab.client, RR, 4);
+    assert!(
+        alternates(&names) && names.contains(&"web1".to_string()),
+        "{names:?}"
+    );
+    // Closest with only the remote instance left to pick.
+    lab.nodes.node1.undeploy(WEB, 0);
+    answered_by(&udp_ask(&lab.client, CLOSEST, 3), "web1", CLOSEST);
+    assert_eq!(tcp_ask(&lab.client, CLOSEST, 2), ["web1", "web1"]);
+    // The client's kernel saw no bad checksum at all.
+    let (_, counters) = run(
+        &lab.client,
+        &["nstat", "-az", "UdpInCsumErrors", "TcpInCsumErrors"],
+    );
+    let errors: Vec<&str> = counters
+        .lines()
+        .filter(|l| l.contains("CsumErrors"))
+        .filter(|l| l.split_whitespace().nth(1) != Some("0"))
+        .collect();
+    assert!(errors.is_empty(), "{counters}");
+}
+
 /// What node 2's uplink decapsulates and redirects into a container's port
 /// in XDP is copied IN there too (`ebpf/src/detour.rs`), bytes as the
 /// container gets them.

@@ -767,6 +767,35 @@ fn is_uplink(attachments: &[Attachment], interface: &str) -> bool {
         .any(|a| a.interface == interface && a.program == tapmesh_common::program_names::XDP_UPLINK)
 }
 
+/// A veth uplink would hand a container's pending (offloaded) checksum to
+/// the other node's XDP program, which cannot carry it and, where it
+/// translates a reply's source, cannot keep it either: the checksums are
+/// finished here instead, as a NIC would (`docs/ARCHITECTURE.md`,
+/// "Native XDP redirect into a veth"). Not fatal: logged.
+fn veth_uplink_checksums(interface: &str) {
+    let veth = crate::net::link::by_name(interface)
+        .ok()
+        .and_then(|l| crate::net::peer::facts(l.index).ok())
+        .is_some_and(|f| f.veth);
+    if !veth {
+        return;
+    }
+    match crate::net::ethtool::tx_checksum_off(interface) {
+        Ok(true) => tracing::info!(
+            uplink = interface,
+            "the uplink is a veth: its TX checksum offload is turned off, so packets leave it with \
+             complete checksums (another node's XDP program cannot finish a pending one)"
+        ),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(
+            uplink = interface,
+            "the uplink is a veth and its TX checksum offload stays on ({e}): replies through \
+             RR or Closest service IPs from another node may arrive with bad checksums; turn it \
+             off (ethtool -K {interface} tx off)"
+        ),
+    }
+}
+
 /// Loads, pins and attaches; on any failure nothing this start attached stays
 /// attached, and pins stay only if an earlier (kept) dataplane owned them.
 fn start_dataplane(
@@ -807,6 +836,9 @@ fn start_dataplane(
             )?);
         }
         attach::redirect_failures(ebpf, &attachments);
+        for interface in &config.uplinks {
+            veth_uplink_checksums(interface);
+        }
         for a in attachments.iter().filter(|a| a.mode.starts_with("native")) {
             if let Some(peer) = crate::net::peer::unready_peer(&a.interface) {
                 tracing::warn!(

@@ -8,6 +8,8 @@ use super::{check_ifname, At, NetError};
 const ETHTOOL_GFLAGS: u32 = 0x25;
 const ETHTOOL_SFLAGS: u32 = 0x26;
 const ETHTOOL_GGRO: u32 = 0x2b;
+const ETHTOOL_GTXCSUM: u32 = 0x16;
+const ETHTOOL_STXCSUM: u32 = 0x17;
 const ETHTOOL_SGRO: u32 = 0x2c;
 const ETH_FLAG_TXVLAN: u32 = 1 << 7;
 const ETHTOOL_GSTRINGS: u32 = 0x1b;
@@ -114,6 +116,27 @@ pub(crate) fn enable_gro(netns: &File, at: At<'_>) -> Result<(), NetError> {
 /// Whether GRO is on for `ifname` in the calling thread's namespace.
 pub(crate) fn gro_on(ifname: &str) -> std::io::Result<bool> {
     ethtool_value(ifname, ETHTOOL_GGRO, 0).map(|v| v != 0)
+}
+
+/// Turns off TX checksum offload on `ifname` (current namespace); true if
+/// it was on. The kernel then finishes a pending L4 checksum, an
+/// encapsulated packet's inner one too, before the frame leaves.
+pub fn tx_checksum_off(ifname: &str) -> Result<bool, NetError> {
+    check_ifname(ifname)?;
+    let at = At::here(ifname);
+    let on =
+        ethtool_value(ifname, ETHTOOL_GTXCSUM, 0).map_err(at.os("reading TX checksum offload"))?;
+    if on == 0 {
+        return Ok(false);
+    }
+    ethtool_value(ifname, ETHTOOL_STXCSUM, 0).map_err(at.os("turning off TX checksum offload"))?;
+    // A driver may keep a feature it cannot drop and still answer 0.
+    match ethtool_value(ifname, ETHTOOL_GTXCSUM, 0).map_err(at.os("reading TX checksum offload"))? {
+        0 => Ok(true),
+        _ => Err(at.os("turning off TX checksum offload")(
+            std::io::Error::other("the driver kept it on"),
+        )),
+    }
 }
 
 /// Turns off TX VLAN offload on `ifname` (current namespace), 802.1Q and
