@@ -1832,6 +1832,13 @@ fn an_undeploy_without_an_instance_number_takes_the_only_one_or_none() {
     let web2 = Netns::new("ovu2");
     n1.deploy(&web2, WEB, 2, &[("RR", RR)]);
     assert_eq!(n1.container_links().len(), 3);
+    let pins = n1
+        .daemon
+        .as_ref()
+        .unwrap()
+        .bpffs_root
+        .join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    let before = tapmesh_tests::maps::dump_pinned(&pins);
     let (status, text) = n1.api(
         "/container/undeploy",
         &format!(r#"{{"serviceName": "{WEB}"}}"#),
@@ -1841,6 +1848,8 @@ fn an_undeploy_without_an_instance_number_takes_the_only_one_or_none() {
         (400, true),
         "{text}"
     );
+    let diff = tapmesh_tests::maps::differences(&before, &tapmesh_tests::maps::dump_pinned(&pins));
+    assert!(diff.is_empty(), "maps changed: {diff:?}");
     assert_eq!(n1.container_links().len(), 3);
     answered_by(&udp_ask(&lab.client, WEB0_IP, 1), "web0", WEB0_IP);
     // A job with no instance here: Oakestra's 200, nothing changes.
