@@ -154,6 +154,15 @@ impl Node {
         );
     }
 
+    /// The running daemon's pinned maps (its `v<schema>` directory).
+    pub fn pins(&self) -> PathBuf {
+        self.daemon
+            .as_ref()
+            .expect("a running daemon")
+            .bpffs_root
+            .join(format!("v{}", tapmesh_common::SCHEMA_VERSION))
+    }
+
     /// Stops the daemon, runs `meanwhile` with no daemon running, then starts
     /// another on the same pins, configuration and state directory with
     /// `extra` arguments.

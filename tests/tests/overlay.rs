@@ -375,12 +375,7 @@ fn remote_instances(
     node: &str,
 ) -> Vec<tapmesh_common::overlay::Instance> {
     use aya::maps::{Array, Map, MapData};
-    let root = &n.daemon.as_ref().expect("a running daemon").bpffs_root;
-    let path = root.join(format!(
-        "v{}/{}",
-        tapmesh_common::SCHEMA_VERSION,
-        tapmesh_common::map_names::OV_INSTANCES
-    ));
+    let path = n.pins().join(tapmesh_common::map_names::OV_INSTANCES);
     let map = MapData::from_pin(&path).expect("the pinned instances map");
     let instances: Array<MapData, tapmesh_common::overlay::Instance> =
         Array::try_from(Map::Array(map)).expect("an array");
@@ -596,12 +591,7 @@ fn closest_prefers_the_local_instance_and_undeploy_removes_every_trace() {
         .unwrap()
         .iter()
         .all(|i| i["number"] != 0 || i["job"] != WEB));
-    let pins = n1
-        .daemon
-        .as_ref()
-        .unwrap()
-        .bpffs_root
-        .join(format!("v{}/tm_ov_locals", tapmesh_common::SCHEMA_VERSION));
+    let pins = n1.pins().join("tm_ov_locals");
     let dump = String::from_utf8_lossy(
         &tapmesh_tests::sh(
             "bpftool",
@@ -991,12 +981,7 @@ fn a_table_that_gives_an_address_a_second_meaning_is_refused_and_changes_nothing
     }
     let lab = lab();
     let n1 = &lab.nodes.node1;
-    let pins = n1
-        .daemon
-        .as_ref()
-        .unwrap()
-        .bpffs_root
-        .join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    let pins = n1.pins();
     let client_ns = n1.status()["instances"]
         .as_array()
         .unwrap()
@@ -1832,12 +1817,7 @@ fn an_undeploy_without_an_instance_number_takes_the_only_one_or_none() {
     let web2 = Netns::new("ovu2");
     n1.deploy(&web2, WEB, 2, &[("RR", RR)]);
     assert_eq!(n1.container_links().len(), 3);
-    let pins = n1
-        .daemon
-        .as_ref()
-        .unwrap()
-        .bpffs_root
-        .join(format!("v{}", tapmesh_common::SCHEMA_VERSION));
+    let pins = n1.pins();
     let before = tapmesh_tests::maps::dump_pinned(&pins);
     let (status, text) = n1.api(
         "/container/undeploy",
@@ -2932,15 +2912,8 @@ fn a_restarted_daemon_takes_its_containers_back_whether_their_links_were_kept_or
     let pins = lab
         .nodes
         .node1
-        .daemon
-        .as_ref()
-        .unwrap()
-        .bpffs_root
-        .join(format!(
-            "v{}/{}",
-            tapmesh_common::SCHEMA_VERSION,
-            tapmesh_common::map_names::OV_PENDING
-        ));
+        .pins()
+        .join(tapmesh_common::map_names::OV_PENDING);
     const LEFT_PENDING: &str = "203.0.113.99";
     lab.nodes
         .node1
